@@ -1,0 +1,116 @@
+"""Every default of transformer_jax, documented once.
+
+Recipes (`configs/smoke.py`, `configs/gpt2.py`, ...) start from `get_config()` here and change
+only what differs. Configs are Python and run as code: load only configs you trust.
+
+Override any key on the command line: `--config.model.num_layers=4`.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds parameter init, dropout and the data order
+
+  # ----------------------------------------------------------------------------------- model
+  m = c.model = ml_collections.ConfigDict()
+  m.family = "decoder"  # decoder (causal LM)
+  m.num_layers = 12
+  m.d_model = 768
+  m.num_heads = 12
+  m.num_kv_heads = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention
+  m.head_dim = 0  # 0 = d_model // num_heads
+  m.d_ff = 0  # 0 = 4 * d_model
+  m.vocab_size = 8192  # must be >= the tokenizer's vocabulary; padded sizes are fine
+  m.max_len = 1024  # longest position a learned position table covers
+  m.position = "learned"  # learned | sinusoidal | rotary
+  m.rope_theta = 10000.0
+  m.norm = "layernorm"  # layernorm | rmsnorm
+  m.norm_position = "pre"  # pre | post
+  m.norm_eps = 1e-5
+  m.activation = "gelu"  # gelu | relu | swiglu
+  m.use_bias = True  # biases in dense layers and norms
+  m.tie_embeddings = True  # output projection = token embedding transposed
+  m.dropout_rate = 0.0
+  m.init_std = 0.02  # normal init; residual projections get init_std / sqrt(2 * num_layers)
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  m.param_dtype = "float32"
+  m.remat = "none"  # none | full (rematerialize each block in the backward pass)
+
+  # ------------------------------------------------------------------------------------ data
+  d = c.data = ml_collections.ConfigDict()
+  d.corpus = "stdlib"  # "stdlib" (this Python's standard library sources) or a glob of files
+  d.format = "text"  # text: one document per file | lines: one per line | jsonl: one per line
+  d.text_field = "text"  # the JSONL field holding the document text
+  d.data_dir = ""  # where TFDS writes the prepared ArrayRecord files; "" = TFDS default
+  d.validation_fraction = 0.02  # documents held out for eval, chosen by a hash of their id
+  d.tokenizer = "runs/tokenizers/stdlib_8192.model"  # SentencePiece .model (make it with transformer_jax.tokenizer)
+  d.seq_len = 256  # tokens per packed row
+  d.add_bos = True
+  d.add_eos = True
+  d.num_workers = 0  # grain worker processes (0 = in the training process)
+
+  # ----------------------------------------------------------------------------------- train
+  t = c.train = ml_collections.ConfigDict()
+  t.batch_size = 32  # global rows per optimizer step (all hosts together)
+  t.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
+  t.steps = 1000
+  t.log_every = 10
+  t.z_loss = 0.0  # coefficient of log(Z)^2, stabilises the softmax normaliser
+  t.sample_prompt = ""  # if set, print a sample from the model at the end of training
+  t.sample_tokens = 64
+
+  # ------------------------------------------------------------------------------- optimizer
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.learning_rate = 3e-4  # peak
+  o.schedule = "cosine"  # cosine | linear | rsqrt | wsd | constant (all after linear warmup)
+  o.warmup_steps = 100
+  o.decay_steps = 0  # 0 = train.steps
+  o.min_lr_ratio = 0.1  # final lr = min_lr_ratio * learning_rate (cosine, linear, wsd)
+  o.wsd_decay_fraction = 0.2  # wsd: fraction of steps spent in the final decay
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.decay_embeddings = False  # biases and norm scales are never decayed; embeddings optional
+  o.grad_clip = 1.0  # global-norm clipping; 0 = off
+
+  # ------------------------------------------------------------------------------ checkpoint
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.every_steps = 500
+  k.keep = 3  # keep the last N checkpoints ...
+  k.keep_period = 0  # ... and every checkpoint whose step is a multiple of this (0 = none)
+  k.async_save = True
+
+  # ------------------------------------------------------------------------------------ eval
+  e = c.eval = ml_collections.ConfigDict()
+  e.every_steps = 500  # 0 = only at the end
+  e.batches = 8  # held-out batches per evaluation (the same ones every time)
+
+  # ------------------------------------------------------------------------------------ mesh
+  # Device mesh; -1 fills with the remaining devices. The product must equal the device count.
+  x = c.mesh = ml_collections.ConfigDict()
+  x.data = -1
+  x.fsdp = 1
+  x.tensor = 1
+  # Logical axis -> mesh axes. Model code only names logical axes; this table places them.
+  # Parameters: embed (model width), mlp, heads, kv_heads, head_dim, vocab.
+  # Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
+  c.sharding_rules = (
+      ("act_batch", ("data", "fsdp")),
+      ("act_length", None),
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_kv_heads", "tensor"),
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("vocab", "tensor"),
+  )
+  return c

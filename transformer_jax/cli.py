@@ -1,0 +1,66 @@
+"""Shared command-line plumbing: `--config=FILE.py[:ARG]`, `--config.KEY=VALUE`, `--name=value`
+flags, and one-line errors (exit code 2, no traceback) for user mistakes."""
+
+import sys
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+
+
+def parse(argv, flags: dict):
+  """Returns (config spec or None, config overrides, flag values). `flags` maps names to
+  defaults; a flag's type is its default's (a bool flag may be given bare: `--data-only`)."""
+  spec, overrides, values = None, [], dict(flags)
+  for arg in argv:
+    if not arg.startswith("--"):
+      raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
+    name, sep, value = arg[2:].partition("=")
+    if name == "config":
+      spec = value
+    elif name.startswith("config."):
+      overrides.append(f"{name[len('config.'):]}={value}")
+    elif name.replace("-", "_") in flags:
+      key = name.replace("-", "_")
+      default = flags[key]
+      if isinstance(default, bool):
+        value = (value.lower() in ("1", "true", "yes")) if sep else True
+      elif not sep:
+        raise ConfigError(f"flag --{name} needs a value: --{name}=VALUE")
+      else:
+        try:
+          value = type(default)(value) if default is not None else value
+        except ValueError:
+          raise ConfigError(f"flag --{name} expects {type(default).__name__}, got {value!r}")
+      values[key] = value
+    else:
+      known = ", ".join(["--config", "--config.KEY"] + [f"--{k}" for k in flags])
+      raise ConfigError(f"unknown flag --{name} (known: {known})")
+  return spec, overrides, values
+
+
+def load_config(spec, overrides, workdir=None):
+  """From --config, or else the workdir's saved config.json (so re-running resumes)."""
+  if spec:
+    return config_lib.load(spec, overrides)
+  if workdir:
+    import os  # pylint: disable=g-import-not-at-top
+    saved = os.path.join(workdir, "config.json")
+    if os.path.isfile(saved):
+      config = config_lib.from_json_file(saved)
+      for item in overrides:
+        key, _, value = item.partition("=")
+        config_lib.set_value(config, key, value)
+      return config
+  raise ConfigError("--config=FILE.py[:ARG] is required (or a --workdir with a saved config.json)")
+
+
+def run(main):
+  """Runs main(argv); a ConfigError becomes `error: ...` on stderr and exit code 2."""
+  try:
+    return main(sys.argv[1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)

@@ -1,0 +1,182 @@
+"""Loading, overriding and validating configs. Every user mistake becomes one ConfigError line.
+
+A config is a Python file with `get_config(arg=None) -> ml_collections.ConfigDict`; it is named on
+the command line as `path/to/file.py[:ARG]` and overridden with `--config.KEY=VALUE`.
+Configs are Python and run as code: only load configs you trust.
+"""
+
+import ast
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A user mistake in a config, flag, file or path; printed as one line, no traceback."""
+
+
+ENUMS = {
+    "model.family": ("decoder",),
+    "model.position": ("learned", "sinusoidal", "rotary"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.activation": ("gelu", "relu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full"),
+    "data.format": ("text", "lines", "jsonl"),
+    "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
+}
+POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
+            "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
+            "train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",
+            "eval.batches")
+NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dropout_rate",
+                "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
+                "optimizer.weight_decay", "optimizer.grad_clip", "eval.every_steps",
+                "checkpoint.keep_period", "train.z_loss", "data.num_workers")
+
+
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads `file.py[:arg]`, applies `KEY=VALUE` overrides (without the `config.` prefix)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # so `from configs import base`
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module_spec = importlib.util.spec_from_file_location(
+      "_tjax_config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config(arg=None)")
+  try:
+    config = module.get_config(arg or None)
+  except (KeyError, ValueError) as e:  # e.g. an unknown size name
+    raise ConfigError(f"{spec}: {e}") from None
+  config.lock()
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override {item!r} is not KEY=VALUE")
+    set_value(config, key, value)
+  return config
+
+
+def set_value(config, key: str, text: str):
+  """Sets a dotted key from its command-line text, keeping the default's type."""
+  *parents, leaf = key.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise ConfigError(f"unknown config key: {'.'.join(parents[:i + 1])}")
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ConfigError(f"unknown config key: {key}")
+  old = node[leaf]
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(old, str):
+    value = text
+  elif isinstance(old, bool) or isinstance(value, bool):
+    lowered = text.lower()
+    if lowered not in ("true", "false", "1", "0"):
+      raise ConfigError(f"config key {key} expects a bool, got {text!r}")
+    value = lowered in ("true", "1")
+  elif isinstance(old, float) and isinstance(value, int):
+    value = float(value)
+  if old is not None and not isinstance(value, type(old)) and not (
+      isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
+    raise ConfigError(f"config key {key} expects {type(old).__name__}, got {text!r}")
+  with node.unlocked():
+    node[leaf] = value
+
+
+def get(config, key):
+  node = config
+  for name in key.split("."):
+    node = node[name]
+  return node
+
+
+def validate(config, num_devices: int | None = None):
+  """Cheap checks of the whole config, run before anything is compiled."""
+  for key, allowed in ENUMS.items():
+    if get(config, key) not in allowed:
+      raise ConfigError(f"{key}={get(config, key)!r} is not one of {', '.join(allowed)}")
+  for key in POSITIVE:
+    value = get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+      raise ConfigError(f"{key} must be positive, got {value!r}")
+  for key in NON_NEGATIVE:
+    value = get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f"{key} must be >= 0, got {value!r}")
+  m = config.model
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} does not divide "
+                      f"model.d_model={m.d_model}")
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f"model.num_kv_heads={kv} does not divide model.num_heads={m.num_heads}")
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if m.position == "rotary" and head_dim % 2:
+    raise ConfigError(f"rotary positions need an even head dim, got {head_dim}")
+  if m.position == "learned" and m.max_len < config.data.seq_len:
+    raise ConfigError(f"model.max_len={m.max_len} is shorter than data.seq_len="
+                      f"{config.data.seq_len} (learned positions)")
+  if not 0 <= m.dropout_rate < 1:
+    raise ConfigError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+  t = config.train
+  if t.batch_size % t.microbatches:
+    raise ConfigError(f"train.microbatches={t.microbatches} does not divide "
+                      f"train.batch_size={t.batch_size}")
+  if num_devices is not None:
+    sizes = mesh_shape(config.mesh, num_devices)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if (t.batch_size // t.microbatches) % batch_shards:
+      raise ConfigError(
+          f"train.batch_size={t.batch_size} (per microbatch {t.batch_size // t.microbatches}) "
+          f"is not divisible by the batch-sharding mesh axes data*fsdp={batch_shards}")
+  return config
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """Resolves the mesh axes (-1 fills the remaining devices); the product must be the count."""
+  sizes = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
+  for name, size in sizes.items():
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{name} must be a positive int or -1, got {size!r}")
+  fill = [k for k, v in sizes.items() if v == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"only one mesh axis may be -1, got {', '.join('mesh.' + k for k in fill)}")
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if fill:
+    if num_devices % known:
+      raise ConfigError(f"mesh axes {sizes} cannot fill {num_devices} devices")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"mesh data*fsdp*tensor = {math.prod(sizes.values())} "
+                      f"({sizes}) does not equal the device count {num_devices}")
+  return sizes
+
+
+def to_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json_file(path: str) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.sharding_rules = tuple(
+      (name, tuple(axes) if isinstance(axes, list) else axes)
+      for name, axes in config.sharding_rules)
+  config.lock()
+  return config

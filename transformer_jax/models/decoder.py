@@ -1,0 +1,47 @@
+"""Decoder-only Transformer language model (GPT-2 / Llama shapes) from the shared layer library."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transformer_jax.models import layers
+from transformer_jax.models.layers import ModelConfig
+
+
+class DecoderLM(nn.Module):
+  """Causal LM over packed rows: attention is block-diagonal over `segment_ids` and positions are
+  per-segment. Returns fp32 logits [B, T, V]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, *, deterministic=True,
+               decode=False):
+    c = self.cfg
+    b, t = tokens_BT.shape
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((b, t), jnp.int32)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      if decode:
+        positions_BT = positions_BT + self._decode_offset(t)
+    mask_BTS = layers.attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+
+    embedder = layers.Embedder(c, name="embed")
+    x_BTD = embedder.embed(tokens_BT, positions_BT)
+    x_BTD = nn.Dropout(c.dropout_rate)(x_BTD, deterministic)
+    block = layers.Block
+    if c.remat == "full":
+      block = nn.remat(layers.Block, static_argnums=(4, 5))
+    for i in range(c.num_layers):
+      x_BTD = block(c, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS, deterministic, decode)
+    if c.norm_position == "pre":
+      x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
+    return embedder.logits(x_BTD)
+
+  def _decode_offset(self, t):
+    """Positions continue from the number of tokens already in the KV cache."""
+    is_init = self.has_variable("cache", "position")
+    index = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+    offset = index.value
+    if is_init:  # model.init(decode=True) only creates the cache
+      index.value = offset + t
+    return offset

@@ -1,0 +1,271 @@
+"""The one layer library every model family is built from.
+
+Conventions: shape-suffixed names (B batch, T query length, S key length, D model width, F ffn width,
+H query heads, N key/value heads, G = H // N query heads per kv head, K head dim, V vocab), einsum
+math, fp32 parameters cast to the compute dtype at use, softmax and norms' statistics in fp32.
+Parameters and key activations carry LOGICAL axis names only; the config's rules table maps them to
+mesh axes (see transformer_jax/parallel/sharding.py).
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Resolved model hyper-parameters (zeros in the user config already replaced)."""
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  d_ff: int = 256
+  vocab_size: int = 256
+  max_len: int = 128
+  position: str = "learned"
+  rope_theta: float = 10000.0
+  norm: str = "layernorm"
+  norm_position: str = "pre"
+  norm_eps: float = 1e-5
+  activation: str = "gelu"
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+
+  @classmethod
+  def from_config(cls, m) -> "ModelConfig":
+    """Builds from the `model` section of a ConfigDict, resolving 0 = default sizes."""
+    d = {f.name: m[f.name] for f in dataclasses.fields(cls) if f.name in m}
+    d["num_kv_heads"] = m.num_kv_heads or m.num_heads
+    d["head_dim"] = m.head_dim or m.d_model // m.num_heads
+    d["d_ff"] = m.d_ff or 4 * m.d_model
+    return cls(**d)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def resid_std(self) -> float:
+    """GPT-2 init: projections into the residual stream scaled by 1/sqrt(2 * num_layers)."""
+    return self.init_std / math.sqrt(2 * self.num_layers)
+
+
+def param(module, name, shape, axes, init):
+  """A float parameter with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(module.cfg.param_dtype))
+
+
+def constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis; statistics in fp32, output in the compute dtype."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    c = self.cfg
+    x = x_BTD.astype(jnp.float32)
+    if c.norm == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + c.norm_eps)
+    x = x * param(self, "scale", (c.d_model,), ("embed",), nn.initializers.ones)
+    if c.use_bias and c.norm == "layernorm":
+      x = x + param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros)
+    return x.astype(c.compute_dtype)
+
+
+def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0):
+  """The original Transformer's sin/cos table, evaluated at (per-segment) positions."""
+  half = dim // 2
+  inv = jnp.exp(-math.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  angles = positions_BT[..., None].astype(jnp.float32) * inv
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def rotary(x_BTHK, positions_BT, theta: float):
+  """Rotary position embedding (RoFormer), rotating the two halves of each head."""
+  k = x_BTHK.shape[-1]
+  inv = 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv
+  sin, cos = jnp.sin(angles_BTK)[:, :, None, :], jnp.cos(angles_BTK)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):
+  """Boolean [B, T, S]: same packed segment, and (if causal) key not after the query."""
+  mask = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  if causal:
+    t, s = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
+    mask &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+  return mask
+
+
+class Attention(nn.Module):
+  """Multi-head (or grouped-query) scaled dot-product attention with an optional KV cache.
+
+  `decode=True` appends this call's keys/values to a cache (variables in the "cache" collection)
+  and attends to every cached position up to each query's own: one code path for prefill (many
+  tokens) and for one-token steps.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, *, deterministic=True, decode=False):
+    c = self.cfg
+    d, h, n, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    dt = c.compute_dtype
+    init, resid = nn.initializers.normal(c.init_std), nn.initializers.normal(c.resid_std)
+    x = x_BTD.astype(dt)
+
+    def project(name, heads, axes):
+      w = param(self, name, (d, heads, k), ("embed",) + axes, init)
+      y = jnp.einsum("BTD,DHK->BTHK", x, w.astype(dt))
+      if c.use_bias:
+        y = y + param(self, name + "_bias", (heads, k), axes, nn.initializers.zeros).astype(dt)
+      return y
+
+    q_BTHK = project("query", h, ("heads", "head_dim"))
+    k_BTNK = project("key", n, ("kv_heads", "head_dim"))
+    v_BTNK = project("value", n, ("kv_heads", "head_dim"))
+    if c.position == "rotary":
+      q_BTHK = rotary(q_BTHK, positions_BT, c.rope_theta)
+      k_BTNK = rotary(k_BTNK, positions_BT, c.rope_theta)
+    q_BTHK = constrain(q_BTHK, ("act_batch", "act_length", "act_heads", None))
+    if decode:
+      k_BTNK, v_BTNK, mask_BTS = self._cache(k_BTNK, v_BTNK)
+
+    b, t = q_BTHK.shape[:2]
+    q_BTNGK = q_BTHK.reshape(b, t, n, h // n, k) * jnp.asarray(k ** -0.5, dt)
+    logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BTNK,
+                              preferred_element_type=jnp.float32)
+    logits_BNGTS = jnp.where(mask_BTS[:, None, None], logits_BNGTS, _NEG_INF)
+    probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
+    out_BTNGK = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BTNK)
+    out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
+                         ("act_batch", "act_length", "act_heads", None))
+    w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
+    y_BTD = jnp.einsum("BTHK,HKD->BTD", out_BTHK, w_o.astype(dt))
+    if c.use_bias:
+      y_BTD = y_BTD + param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros).astype(dt)
+    return y_BTD
+
+  def _cache(self, k_BTNK, v_BTNK):
+    """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
+    is_init = self.has_variable("cache", "key")
+    key = self.variable("cache", "key", jnp.zeros, k_BTNK.shape, k_BTNK.dtype)
+    value = self.variable("cache", "value", jnp.zeros, v_BTNK.shape, v_BTNK.dtype)
+    index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+    t, s = k_BTNK.shape[1], key.value.shape[1]
+    if not is_init:  # model.init(decode=True) only creates the cache (length = the input's)
+      return k_BTNK, v_BTNK, jnp.ones((k_BTNK.shape[0], t, t), bool)
+    i = index.value
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BTNK, (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK, (0, i, 0, 0))
+    index.value = i + t
+    mask_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+    return key.value, value.value, jnp.broadcast_to(mask_TS, (k_BTNK.shape[0], t, s))
+
+
+class MLP(nn.Module):
+  """Position-wise feed-forward network: ReLU, GELU (tanh approximation, as GPT-2) or SwiGLU."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, *, deterministic=True):
+    c = self.cfg
+    dt = c.compute_dtype
+    init, resid = nn.initializers.normal(c.init_std), nn.initializers.normal(c.resid_std)
+    x = x_BTD.astype(dt)
+
+    def up(name):
+      w = param(self, name, (c.d_model, c.d_ff), ("embed", "mlp"), init)
+      y = jnp.einsum("BTD,DF->BTF", x, w.astype(dt))
+      if c.use_bias:
+        y = y + param(self, name + "_bias", (c.d_ff,), ("mlp",), nn.initializers.zeros).astype(dt)
+      return y
+
+    if c.activation == "swiglu":
+      h_BTF = nn.silu(up("gate")) * up("up")
+    elif c.activation == "gelu":
+      h_BTF = nn.gelu(up("up"), approximate=True)
+    else:
+      h_BTF = nn.relu(up("up"))
+    h_BTF = constrain(h_BTF, ("act_batch", "act_length", "act_mlp"))
+    w = param(self, "down", (c.d_ff, c.d_model), ("mlp", "embed"), resid)
+    y_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w.astype(dt))
+    if c.use_bias:
+      y_BTD = y_BTD + param(self, "down_bias", (c.d_model,), ("embed",),
+                            nn.initializers.zeros).astype(dt)
+    return y_BTD
+
+
+class Block(nn.Module):
+  """One Transformer layer: self-attention then FFN, each in a residual, pre- or post-norm."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic=True, decode=False):
+    c = self.cfg
+    drop = nn.Dropout(c.dropout_rate)
+    sublayers = (
+        ("attention", lambda y: Attention(c, name="attention")(
+            y, positions_BT, mask_BTS, deterministic=deterministic, decode=decode)),
+        ("mlp", lambda y: MLP(c, name="mlp")(y, deterministic=deterministic)),
+    )
+    for name, layer in sublayers:
+      if c.norm_position == "pre":
+        x_BTD = x_BTD + drop(layer(Norm(c, name=name + "_norm")(x_BTD)), deterministic)
+      else:
+        x_BTD = Norm(c, name=name + "_norm")(x_BTD + drop(layer(x_BTD), deterministic))
+      x_BTD = constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+    return x_BTD
+
+
+class Embedder(nn.Module):
+  """Token embedding (+ learned or sinusoidal positions) and the output projection to logits."""
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    init = nn.initializers.normal(c.init_std)
+    self.table = param(self, "tokens", (c.vocab_size, c.d_model), ("vocab", "embed"), init)
+    if c.position == "learned":
+      self.pos_table = param(self, "positions", (c.max_len, c.d_model), (None, "embed"), init)
+    if not c.tie_embeddings:
+      self.out = param(self, "logits", (c.d_model, c.vocab_size), ("embed", "vocab"), init)
+
+  def embed(self, tokens_BT, positions_BT):
+    c = self.cfg
+    x_BTD = jnp.take(self.table, tokens_BT, axis=0)
+    if c.position == "learned":
+      x_BTD = x_BTD + jnp.take(self.pos_table, positions_BT, axis=0)
+    elif c.position == "sinusoidal":
+      x_BTD = x_BTD + sinusoidal(positions_BT, c.d_model)
+    return constrain(x_BTD.astype(c.compute_dtype), ("act_batch", "act_length", "act_embed"))
+
+  def logits(self, x_BTD):
+    """fp32 logits: the matmul runs in the compute dtype and accumulates in fp32."""
+    dt = self.cfg.compute_dtype
+    if self.cfg.tie_embeddings:
+      out = jnp.einsum("BTD,VD->BTV", x_BTD.astype(dt), self.table.astype(dt),
+                       preferred_element_type=jnp.float32)
+    else:
+      out = jnp.einsum("BTD,DV->BTV", x_BTD.astype(dt), self.out.astype(dt),
+                       preferred_element_type=jnp.float32)
+    return constrain(out, ("act_batch", "act_length", "act_vocab"))

@@ -1,0 +1,56 @@
+"""Generate text from a workdir's latest checkpoint with a KV cache:
+`python -m transformer_jax.sample --workdir=DIR --prompt="..." [--max_new_tokens=64
+--temperature=0.8 --top_k=0 --top_p=1.0 --seed=0]`."""
+
+import os
+
+from transformer_jax import cli
+from transformer_jax.config import ConfigError
+
+
+def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0.8, top_k=0,
+                top_p=1.0, seed=0) -> str:
+  from transformer_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
+  tok = tok_lib.load(config.data.tokenizer)
+  ids = ([tok.bos_id] if config.data.add_bos else []) + tok.encode(prompt)
+  model = build_model(config)
+  limit = config.model.max_len if config.model.position == "learned" else None
+  if limit is not None and len(ids) + max_new_tokens > limit:
+    raise ConfigError(f"prompt ({len(ids)} tokens) + --max_new_tokens={max_new_tokens} exceeds "
+                      f"model.max_len={limit}")
+  out = sampling.generate(model, params, [ids], max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id)
+  return tok.decode(out[0])
+
+
+def main(argv):
+  _, _, f = cli.parse(argv, {"workdir": "", "prompt": "", "max_new_tokens": 64,
+                             "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0})
+  saved = os.path.join(f["workdir"], "config.json")
+  if not f["workdir"] or not os.path.isfile(saved):
+    raise ConfigError(f"--workdir must be a training workdir with config.json (got {f['workdir']!r})")
+  if f["max_new_tokens"] < 1 or f["temperature"] < 0 or not 0 < f["top_p"] <= 1:
+    raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1")
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
+  config = config_lib.from_json_file(saved)
+  model = build_model(config)
+  abstract = nn.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]))
+  step, params = checkpoint.Checkpoints(f["workdir"], config.checkpoint,
+                                        read_only=True).restore_params(abstract)
+  if params is None:
+    raise ConfigError(f"no checkpoint in {f['workdir']}/checkpoints")
+  text = sample_text(config, params, f["prompt"], max_new_tokens=f["max_new_tokens"],
+                     temperature=f["temperature"], top_k=f["top_k"], top_p=f["top_p"],
+                     seed=f["seed"])
+  print(f"[step {step}] {f['prompt']}{text}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,47 @@
+"""AdamW with a weight-decay mask, global-norm clipping and the learning-rate schedules."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def schedule(opt, total_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine | linear | rsqrt | wsd | constant."""
+  peak, warmup = opt.learning_rate, opt.warmup_steps
+  decay = max((opt.decay_steps or total_steps) - warmup, 1)
+  final = peak * opt.min_lr_ratio
+  warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+  if opt.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay, alpha=opt.min_lr_ratio)
+  elif opt.schedule == "linear":
+    after = optax.linear_schedule(peak, final, decay)
+  elif opt.schedule == "rsqrt":  # the original Transformer's: peak * sqrt(warmup / step)
+    w = max(warmup, 1)
+    after = lambda s: peak * jnp.sqrt(w / (s + w))
+  elif opt.schedule == "wsd":  # warmup-stable-decay: flat, then a linear cool-down at the end
+    cool = max(int(decay * opt.wsd_decay_fraction), 1)
+    after = optax.join_schedules(
+        [optax.constant_schedule(peak), optax.linear_schedule(peak, final, cool)],
+        [decay - cool])
+  else:
+    after = optax.constant_schedule(peak)
+  return optax.join_schedules([warm, after], [warmup])
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """True for matrices; biases, norm scales and (unless asked) embedding tables are not decayed."""
+  def keep(path, leaf):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    is_table = len(names) >= 2 and names[-2] == "embed" and names[-1] in ("tokens", "positions")
+    return leaf.ndim >= 2 and (decay_embeddings or not is_table)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make(opt, total_steps: int):
+  """Returns (optax transformation, schedule)."""
+  lr = schedule(opt, total_steps)
+  parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip > 0 else []
+  parts.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           weight_decay=opt.weight_decay,
+                           mask=lambda p: decay_mask(p, opt.decay_embeddings)))
+  return optax.chain(*parts), lr

@@ -1,0 +1,157 @@
+"""Train state, loss, and the jitted, sharded train/eval steps."""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from transformer_jax.models.decoder import DecoderLM
+from transformer_jax.models.layers import ModelConfig
+from transformer_jax.parallel import sharding
+from transformer_jax.training import optimizer
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def build_model(config):
+  cfg = ModelConfig.from_config(config.model)
+  if config.model.family == "decoder":
+    return DecoderLM(cfg)
+  raise ValueError(config.model.family)
+
+
+def loss_sums(model, params, batch, *, z_loss=0.0, dropout_rng=None):
+  """Sum of token cross-entropies (fp32) and of target weights over one batch."""
+  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                           batch["positions"], deterministic=dropout_rng is None,
+                           rngs={"dropout": dropout_rng} if dropout_rng is not None else None)
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+  token_loss_BT = log_z_BT - target_logit_BT
+  if z_loss:
+    token_loss_BT = token_loss_BT + z_loss * jnp.square(log_z_BT)
+  w_BT = batch["weights"].astype(jnp.float32)
+  return jnp.sum(token_loss_BT * w_BT), jnp.sum(w_BT)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything one run compiles: model, optimizer, shardings and the jitted steps."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: nn.Module = None
+  tx: optax.GradientTransformation = None
+  lr_schedule: Callable = None
+  rules: tuple = ()
+  state_shardings: Any = None
+  abstract_state: Any = None
+  batch_sharding: Any = None
+
+  def __post_init__(self):
+    c = self.config
+    self.model = build_model(c)
+    self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
+    self.rules = sharding.rules(c)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+    self.state_shardings = sharding.shardings(boxed, self.mesh, self.rules)
+    sharding.check_divisible(boxed.params, self.state_shardings.params, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        nn.unbox(boxed), self.state_shardings)
+    self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
+                         out_shardings=self.state_shardings)
+    self._train = jax.jit(self._train_step, in_shardings=(self.state_shardings, None, None),
+                          out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, None))
+
+  # ---- pure functions (traced once)
+  def _init_boxed(self, rng):
+    seq = min(self.config.data.seq_len, 8)
+    params = self.model.init(rng, jnp.zeros((1, seq), jnp.int32))["params"]
+    opt_state = self.tx.init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+  def _train_step(self, state, batch, rng):
+    c = self.config
+    m = c.train.microbatches
+    use_dropout = c.model.dropout_rate > 0
+
+    def micro_grads(params, micro, i):
+      drng = jax.random.fold_in(jax.random.fold_in(rng, state.step), i) if use_dropout else None
+      def f(p):
+        loss, weight = loss_sums(self.model, p, micro, z_loss=c.train.z_loss, dropout_rng=drng)
+        return loss, weight
+      (loss, weight), grads = jax.value_and_grad(f, has_aux=True)(params)
+      return loss, weight, grads
+
+    if m == 1:
+      loss, weight, grads = micro_grads(state.params, batch, 0)
+    else:
+      # Row r goes to microbatch r % m: every device keeps its own rows, no resharding.
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
+                           batch)
+
+      def body(carry, xs):
+        loss, weight, grads = carry
+        mb, i = xs
+        l, w, g = micro_grads(state.params, mb, i)
+        return (loss + l, weight + w, jax.tree.map(jnp.add, grads, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (loss, weight, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), (micro, jnp.arange(m)))
+
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "learning_rate": self.lr_schedule(state.step),
+               "tokens": weight}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _eval_step(self, params, batch):
+    return loss_sums(self.model, params, batch)
+
+  # ---- host-side API
+  def init_state(self, seed: int) -> TrainState:
+    with sharding.context(self.mesh, self.rules):
+      return self._init(jax.random.key(seed))
+
+  def put_batch(self, local_batch):
+    """Process-local numpy rows -> one global array per key, sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
+            for k in BATCH_KEYS}
+
+  def train_step(self, state, batch, rng):
+    with sharding.context(self.mesh, self.rules):
+      return self._train(state, batch, rng)
+
+  def eval_loss(self, params, batches):
+    total, weight = 0.0, 0.0
+    with sharding.context(self.mesh, self.rules):
+      for b in batches:
+        l, w = self._eval(params, self.put_batch(b))
+        total, weight = total + float(l), weight + float(w)
+    return total / max(weight, 1.0)
+
+  def lower_train_step(self):
+    """The train step lowered for this mesh with abstract inputs (for AOT analysis)."""
+    c = self.config
+    shape = (c.train.batch_size, c.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
+                                     sharding=self.batch_sharding) for k in BATCH_KEYS}
+    with sharding.context(self.mesh, self.rules):
+      return self._train.lower(self.abstract_state, batch, jax.random.key(0))
