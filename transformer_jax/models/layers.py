@@ -67,6 +67,11 @@ def param(module, name, shape, axes, init):
                       jnp.dtype(module.cfg.param_dtype))
 
 
+def lead(w, x):
+  """`w` (the trailing dims of `x`) in x's dtype with leading unit dims: an explicit broadcast."""
+  return w.astype(x.dtype).reshape((1,) * (x.ndim - w.ndim) + w.shape)
+
+
 def constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
@@ -82,9 +87,9 @@ class Norm(nn.Module):
     if c.norm == "layernorm":
       x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + c.norm_eps)
-    x = x * param(self, "scale", (c.d_model,), ("embed",), nn.initializers.ones)
+    x = x * lead(param(self, "scale", (c.d_model,), ("embed",), nn.initializers.ones), x)
     if c.use_bias and c.norm == "layernorm":
-      x = x + param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros)
+      x = x + lead(param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros), x)
     return x.astype(c.compute_dtype)
 
 
@@ -92,7 +97,7 @@ def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0):
   """The original Transformer's sin/cos table, evaluated at (per-segment) positions."""
   half = dim // 2
   inv = jnp.exp(-math.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
-  angles = positions_BT[..., None].astype(jnp.float32) * inv
+  angles = positions_BT[..., None].astype(jnp.float32) * inv[None, None]
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
@@ -100,7 +105,7 @@ def rotary(x_BTHK, positions_BT, theta: float):
   """Rotary position embedding (RoFormer), rotating the two halves of each head."""
   k = x_BTHK.shape[-1]
   inv = 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)
-  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv
+  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv[None, None]
   sin, cos = jnp.sin(angles_BTK)[:, :, None, :], jnp.cos(angles_BTK)[:, :, None, :]
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -112,7 +117,7 @@ def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):
   mask = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
   if causal:
     t, s = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
-    mask &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+    mask &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
   return mask
 
 
@@ -137,7 +142,7 @@ class Attention(nn.Module):
       w = param(self, name, (d, heads, k), ("embed",) + axes, init)
       y = jnp.einsum("BTD,DHK->BTHK", x, w.astype(dt))
       if c.use_bias:
-        y = y + param(self, name + "_bias", (heads, k), axes, nn.initializers.zeros).astype(dt)
+        y = y + lead(param(self, name + "_bias", (heads, k), axes, nn.initializers.zeros), y)
       return y
 
     q_BTHK = project("query", h, ("heads", "head_dim"))
@@ -162,7 +167,8 @@ class Attention(nn.Module):
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
     y_BTD = jnp.einsum("BTHK,HKD->BTD", out_BTHK, w_o.astype(dt))
     if c.use_bias:
-      y_BTD = y_BTD + param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros).astype(dt)
+      y_BTD = y_BTD + lead(param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros),
+                           y_BTD)
     return y_BTD
 
   def _cache(self, k_BTNK, v_BTNK):
@@ -179,7 +185,7 @@ class Attention(nn.Module):
     value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK, (0, i, 0, 0))
     index.value = i + t
     mask_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
-    return key.value, value.value, jnp.broadcast_to(mask_TS, (k_BTNK.shape[0], t, s))
+    return key.value, value.value, jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s))
 
 
 class MLP(nn.Module):
@@ -197,7 +203,7 @@ class MLP(nn.Module):
       w = param(self, name, (c.d_model, c.d_ff), ("embed", "mlp"), init)
       y = jnp.einsum("BTD,DF->BTF", x, w.astype(dt))
       if c.use_bias:
-        y = y + param(self, name + "_bias", (c.d_ff,), ("mlp",), nn.initializers.zeros).astype(dt)
+        y = y + lead(param(self, name + "_bias", (c.d_ff,), ("mlp",), nn.initializers.zeros), y)
       return y
 
     if c.activation == "swiglu":
@@ -210,8 +216,8 @@ class MLP(nn.Module):
     w = param(self, "down", (c.d_ff, c.d_model), ("mlp", "embed"), resid)
     y_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w.astype(dt))
     if c.use_bias:
-      y_BTD = y_BTD + param(self, "down_bias", (c.d_model,), ("embed",),
-                            nn.initializers.zeros).astype(dt)
+      y_BTD = y_BTD + lead(param(self, "down_bias", (c.d_model,), ("embed",),
+                                 nn.initializers.zeros), y_BTD)
     return y_BTD
 
 

@@ -28,20 +28,22 @@ def prepare_workdir(workdir: str):
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
 
 
-def setup(config, workdir: str):
+def setup(config, workdir: str, devices=None):
   """All the cheap checks, then the mesh and the trainer (nothing compiled yet)."""
-  config_lib.validate(config, jax.device_count())
+  devices = devices if devices is not None else jax.devices()
+  config_lib.validate(config, len(devices))
   sharding.rules(config)
   pipeline.validate(config)
   prepare_workdir(workdir)
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(config, devices)
   return Trainer(config, mesh)
 
 
-def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = False) -> dict:
+def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = False,
+          devices=None) -> dict:
   """Trains until `train.steps` (or `stop_after` steps into this run, for tests), resuming from
   the latest checkpoint in `workdir`. Returns the last logged metrics."""
-  trainer = setup(config, workdir)
+  trainer = setup(config, workdir, devices)
   c = config
   lead = jax.process_index() == 0
   if lead:
@@ -60,7 +62,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   n_params = metrics_lib.matmul_params(state.params, c.model.tie_embeddings)
   flops_tok = metrics_lib.flops_per_token(trainer.model.cfg, n_params, c.data.seq_len)
   peak, peak_src = metrics_lib.peak_flops_per_device(trainer.model.cfg.compute_dtype)
-  peak_total = peak * jax.device_count()
+  peak_total = peak * trainer.mesh.size
   tokens_per_step = c.train.batch_size * c.data.seq_len
   writer = metrics_lib.Writer(workdir, enabled=lead)
   if lead and not quiet:

@@ -1,0 +1,150 @@
+"""Time training steps after compilation:
+
+  python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10 [--compare=hf]
+      [--rounds=3] [--config.KEY=VALUE ...]
+
+Batches are random tokens of the config's shape (the input pipeline is not timed here). The last
+line printed is one JSON object: tokens_per_s, step_time_s (median), mfu, compile_s,
+peak_memory_bytes, params. With --compare=hf the same shapes also run as Hugging Face
+transformers' GPT2LMHeadModel + torch.optim.AdamW (clip 1.0), interleaved round by round in this
+one process, and the JSON gains hf_tokens_per_s and ratio_vs_hf (ours / theirs, medians).
+"""
+
+import json
+import resource
+import statistics
+import time
+
+from transformer_jax import cli
+from transformer_jax.config import ConfigError
+
+
+def _random_batch(rng, config):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+  x = rng.integers(0, v, (b, t + 1), dtype=np.int32)
+  return {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": np.ones((b, t), np.float32),
+          "segment_ids": np.ones((b, t), np.int32),
+          "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+class JaxRunner:
+  """Our jitted, sharded train step on random batches of the config's shape."""
+
+  def __init__(self, config):
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+    config_lib.validate(config, jax.device_count())
+    self.jax, self.config = jax, config
+    self.trainer = Trainer(config, sharding.make_mesh(config))
+    self.rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    self.state = self.trainer.init_state(config.seed)
+    self._step()
+    self.compile_s = time.perf_counter() - t0
+    n = metrics.matmul_params(self.state.params, config.model.tie_embeddings)
+    self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
+    self.flops_per_token = metrics.flops_per_token(self.trainer.model.cfg, n, config.data.seq_len)
+    self.peak, self.peak_source = metrics.peak_flops_per_device(
+        self.trainer.model.cfg.compute_dtype)
+
+  def _step(self):
+    batch = self.trainer.put_batch(_random_batch(self.rng, self.config))
+    self.state, m = self.trainer.train_step(self.state, batch, self.jax.random.key(0))
+    self.jax.block_until_ready(m)
+
+  def time_steps(self, n):
+    out = []
+    for _ in range(n):
+      t = time.perf_counter()
+      self._step()
+      out.append(time.perf_counter() - t)
+    return out
+
+
+class HFRunner:
+  """Hugging Face GPT-2 + torch AdamW (clip 1.0) on the same shapes, fp32, CPU."""
+
+  def __init__(self, config):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      import transformers  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ConfigError("--compare=hf needs torch and transformers: pip install -e '.[hf]'")
+    m, o = config.model, config.optimizer
+    self.torch, self.config = torch, config
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=m.vocab_size, n_positions=config.data.seq_len, n_embd=m.d_model,
+        n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff or 4 * m.d_model,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
+    self.model = transformers.GPT2LMHeadModel(hf_cfg)
+    self.model.train()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
+                                 eps=o.eps, weight_decay=o.weight_decay)
+    self.gen = torch.Generator().manual_seed(0)
+    self.time_steps(2)  # warm-up
+
+  def time_steps(self, n):
+    torch, c = self.torch, self.config
+    out = []
+    for _ in range(n):
+      x = torch.randint(0, c.model.vocab_size, (c.train.batch_size, c.data.seq_len),
+                        generator=self.gen)
+      t = time.perf_counter()
+      loss = self.model(input_ids=x, labels=x).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+      self.opt.step()
+      self.opt.zero_grad(set_to_none=True)
+      out.append(time.perf_counter() - t)
+    return out
+
+
+def main(argv):
+  spec, overrides, f = cli.parse(argv, {"steps": 10, "rounds": 3, "compare": ""})
+  if not spec:
+    raise ConfigError("--config=FILE.py[:ARG] is required")
+  if f["steps"] < 1 or f["rounds"] < 1:
+    raise ConfigError("--steps and --rounds must be >= 1")
+  if f["compare"] not in ("", "hf"):
+    raise ConfigError(f"--compare={f['compare']!r}: only 'hf' is supported")
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(spec, overrides)
+  ours = JaxRunner(config)
+  theirs = HFRunner(config) if f["compare"] else None
+  ours_t, theirs_t = [], []
+  for r in range(f["rounds"]):  # interleaved, so machine noise hits both alike
+    ours_t += ours.time_steps(f["steps"])
+    if theirs:
+      theirs_t += theirs.time_steps(f["steps"])
+    print(f"round {r}: ours {statistics.median(ours_t):.4f}s/step"
+          + (f", hf {statistics.median(theirs_t):.4f}s/step" if theirs else ""), flush=True)
+  tokens = config.train.batch_size * config.data.seq_len
+  step = statistics.median(ours_t)
+  tps = tokens / step
+  out = {"tokens_per_s": round(tps, 1), "step_time_s": round(step, 5),
+         "mfu": round(tps * ours.flops_per_token / (ours.peak * ours.jax.device_count()), 4),
+         "compile_s": round(ours.compile_s, 2),
+         "peak_memory_bytes": _peak_memory(ours.jax), "params": ours.params,
+         "flops_per_token": ours.flops_per_token, "peak_source": ours.peak_source,
+         "devices": ours.jax.device_count(), "dtype": config.model.dtype}
+  if theirs:
+    hf_tps = tokens / statistics.median(theirs_t)
+    out.update(hf_tokens_per_s=round(hf_tps, 1), ratio_vs_hf=round(tps / hf_tps, 3))
+  print(json.dumps(out))
+
+
+def _peak_memory(jax):
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+
+
+if __name__ == "__main__":
+  cli.run(main)
