@@ -75,18 +75,22 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
                   dynamic_ncols=True)
   last, first_log = {}, {}
   t_mark, steps_since, t0 = None, 0, time.perf_counter()
+  loss_sum, n_loss = 0.0, 0  # device-side running sum: no host sync between log steps
   for step in range(start, end):
     batch = trainer.put_batch(next(data))
     state, m = trainer.train_step(state, batch, rng)
     done = step + 1
     steps_since += 1
+    loss_sum, n_loss = loss_sum + m["loss"], n_loss + 1
     if t_mark is None:  # the first step of this run includes compilation
       jax.block_until_ready(m)
       first_log["compile_s"] = time.perf_counter() - t0
       t_mark, steps_since = time.perf_counter(), 0
     if done % c.train.log_every == 0 or done == end:
       m = jax.device_get(m)
-      if not math.isfinite(float(m["loss"])):
+      m["loss_last"], m["loss"] = m["loss"], float(loss_sum) / n_loss
+      loss_sum, n_loss = 0.0, 0
+      if not math.isfinite(m["loss"]):
         raise FloatingPointError(f"non-finite loss {m['loss']} at step {done}; resume from the "
                                  f"last checkpoint in {ckpts.directory} with a lower learning rate")
       now = time.perf_counter()

@@ -17,7 +17,7 @@ def schedule(opt, total_steps: int) -> optax.Schedule:
     after = optax.linear_schedule(peak, final, decay)
   elif opt.schedule == "rsqrt":  # the original Transformer's: peak * sqrt(warmup / step)
     w = max(warmup, 1)
-    after = lambda s: peak * jnp.sqrt(w / (s + w))
+    after = lambda s: peak * jnp.sqrt(w / jnp.maximum(s + w, 1))
   elif opt.schedule == "wsd":  # warmup-stable-decay: flat, then a linear cool-down at the end
     cool = max(int(decay * opt.wsd_decay_fraction), 1)
     after = optax.join_schedules(

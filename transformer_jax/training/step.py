@@ -117,8 +117,8 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "learning_rate": self.lr_schedule(state.step),
+    metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "learning_rate": self.lr_schedule(state.step),
                "tokens": weight}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

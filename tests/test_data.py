@@ -1,0 +1,367 @@
+"""Tests of the data layer: corpus, tokenizer, TFDS builder and the grain pipeline."""
+
+import collections
+import importlib.util
+import json
+import os
+import random
+import sys
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from transformer_jax import tokenizer as tokenizer_cli
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import pipeline
+from transformer_jax.data import tfds_text
+from transformer_jax.data import tokenizer as tokenizer_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TEXT_DOCS = 36
+SEQ_LEN = 32
+WORDS = ("def", "return", "self", "value", "import", "class", "the", "data", "for", "in",
+         "if", "else", "x", "y", "=", "+", "(", ")", "0", "1", "é")
+
+CODE = ("import os\n\n\nclass A:\n\tdef f(self, x):  \n\t\treturn x\n\n"
+        "    # four spaces\n        eight = [1,  2,   3]\t# tab\n\n\n   \n")
+
+
+def _base_config():
+  spec = importlib.util.spec_from_file_location("base_config", f"{REPO}/configs/base.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _doc(rng: random.Random) -> str:
+  lines = []
+  for _ in range(rng.randint(2, 14)):
+    indent = rng.choice(["", "    ", "        ", "\t", "\t\t"])
+    lines.append(indent + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 7))))
+    if rng.random() < 0.2:
+      lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+  """36 text docs in nested dirs (+ an empty and a binary file), a lines and a JSONL file."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = random.Random(0)
+  for i in range(NUM_TEXT_DOCS):
+    path = root / "code" / f"pkg{i % 3}" / f"m{i:02d}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_doc(rng))
+  (root / "code" / "empty.py").write_text("  \n")
+  (root / "code" / "blob.py").write_bytes(b"\x00\x01binary")
+  (root / "docs.lines").write_text("first line\n\n  \nsecond\tline\nthird line\n")
+  records = [{"text": "alpha beta"}, {"text": "gamma", "other": 1}, {"text": "delta"}]
+  (root / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+  (root / "bad.jsonl").write_text('{"body": "no text field"}\n')
+  return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(corpus_dir, tmp_path_factory):
+  texts = [t for _, t in corpus_lib.iter_documents(f"{corpus_dir}/code/**/*.py")] + [CODE]
+  out = tmp_path_factory.mktemp("tok") / "nested" / "tok.model"
+  return tokenizer_lib.train(texts, 300, str(out))
+
+
+@pytest.fixture(scope="module")
+def config(corpus_dir, tokenizer_path, tmp_path_factory):
+  c = _base_config()
+  c.seed = 7
+  c.data.corpus = f"{corpus_dir}/code/**/*.py"
+  c.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  c.data.validation_fraction = 0.15
+  c.data.tokenizer = tokenizer_path
+  c.data.seq_len = SEQ_LEN
+  c.train.batch_size = 4
+  c.model.vocab_size = 512
+  return c
+
+
+def _with(config, **overrides):
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def _segments(batch):
+  """Token sequences of every segment in a batch."""
+  out = []
+  for inputs, seg in zip(batch["inputs"], batch["segment_ids"]):
+    out += [tuple(inputs[seg == s]) for s in np.unique(seg[seg > 0])]
+  return out
+
+
+def _chunks_by_doc(config, split):
+  """{chunk tokens: doc id} for every chunk of every document of a split."""
+  tok = tokenizer_lib.load(config.data.tokenizer)
+  source = tfds_text.data_source(config.data, split)
+  chunks = {}
+  for i in range(len(source)):
+    ids = [tok.bos_id] + tok.encode(source[i]["text"].decode()) + [tok.eos_id]
+    for start in range(0, len(ids), SEQ_LEN):
+      chunks.setdefault(tuple(ids[start:start + SEQ_LEN]), []).append(source[i]["id"])
+  return chunks
+
+
+# ------------------------------------------------------------------------------- corpus
+
+
+def test_stdlib_files_exclude_tests_and_site_packages():
+  files = corpus_lib.stdlib_files()
+  assert len(files) > 300 and files == sorted(files)
+  assert all(f.endswith(".py") for f in files)
+  for f in files:
+    assert "site-packages" not in f
+    assert not {"test", "tests", "idle_test"} & set(f.split(os.sep))
+
+
+def test_iter_documents_formats(corpus_dir):
+  skipped = corpus_lib.SkipCounts()
+  docs = list(corpus_lib.iter_documents(f"{corpus_dir}/code/**/*.py", skipped=skipped))
+  assert len(docs) == NUM_TEXT_DOCS
+  assert skipped.binary_files == 1 and skipped.empty_docs == 1
+  assert docs[0][0] == os.path.join("pkg0", "m00.py")  # Relative to the glob's fixed root.
+  lines = list(corpus_lib.iter_documents(f"{corpus_dir}/docs.lines", "lines"))
+  assert lines == [("docs.lines:1", "first line"), ("docs.lines:4", "second\tline"),
+                   ("docs.lines:5", "third line")]
+  jsonl = list(corpus_lib.iter_documents(f"{corpus_dir}/docs.jsonl", "jsonl"))
+  assert [t for _, t in jsonl] == ["alpha beta", "gamma", "delta"]
+
+
+def test_iter_documents_errors(corpus_dir):
+  with pytest.raises(ConfigError, match="matches no files"):
+    corpus_lib.iter_documents(f"{corpus_dir}/nothing/*.txt")
+  with pytest.raises(ConfigError, match="data.format"):
+    corpus_lib.iter_documents(f"{corpus_dir}/docs.lines", "csv")
+  with pytest.raises(ConfigError, match="'text' is missing at .*bad.jsonl:1"):
+    list(corpus_lib.iter_documents(f"{corpus_dir}/bad.jsonl", "jsonl"))
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_code_exactly(tokenizer_path):
+  tok = tokenizer_lib.load(tokenizer_path)
+  assert tok.vocab_size <= 300
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+  for text in (CODE, "  leading and trailing  ", "\n\n\t\t\n", "ünïcödé 中文 \x00\r\n"):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.unk_id not in ids  # Byte fallback: nothing is unknown.
+  ids = tok.encode(CODE)
+  assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id, tok.pad_id]) == CODE
+
+
+def test_tokenizer_missing_file_names_the_command(tmp_path):
+  with pytest.raises(ConfigError) as e:
+    tokenizer_lib.load(str(tmp_path / "missing.model"), corpus="stdlib", vocab_size=1024)
+  assert "python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=1024 --out=" in str(e.value)
+
+
+def test_tokenizer_cli(corpus_dir, tmp_path, capsys):
+  out = tmp_path / "cli" / "t.model"
+  assert tokenizer_cli.main([f"--corpus={corpus_dir}/code/**/*.py", "--vocab_size=300",
+                             f"--out={out}"]) == 0
+  printed = capsys.readouterr().out
+  assert str(out) in printed and "vocab_size" in printed and "chars/token" in printed
+  assert tokenizer_cli.main([f"--corpus={corpus_dir}/none/*", "--vocab_size=300",
+                             f"--out={out}"]) == 2
+  assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=x", f"--out={out}"]) == 2
+  errors = capsys.readouterr().err.strip().splitlines()
+  assert len(errors) == 2 and all(e.startswith("error: ") for e in errors)
+
+
+# ------------------------------------------------------------------------------ TFDS builder
+
+
+@pytest.mark.parametrize("pattern,fmt,num_docs", [
+    ("code/**/*.py", "text", NUM_TEXT_DOCS),
+    ("docs.lines", "lines", 3),
+    ("docs.jsonl", "jsonl", 3),
+])
+def test_tfds_builder(corpus_dir, tmp_path, pattern, fmt, num_docs):
+  data = _with(_base_config(), **{"data.corpus": f"{corpus_dir}/{pattern}", "data.format": fmt,
+                                  "data.data_dir": str(tmp_path),
+                                  "data.validation_fraction": 0.1}).data
+  builder = tfds_text.prepare(data)
+  assert builder.info.file_format.value == "array_record"
+  train, val = (tfds_text.data_source(data, s) for s in ("train", "validation"))
+  train_ids = {train[i]["id"] for i in range(len(train))}
+  val_ids = {val[i]["id"] for i in range(len(val))}
+  assert len(train) + len(val) == num_docs == len(train_ids | val_ids)
+  assert not train_ids & val_ids and val_ids  # Disjoint, and validation is never empty.
+  files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+  mtimes = [p.stat().st_mtime_ns for p in files]
+  again = tfds_text.prepare(data)  # A no-op: nothing rewritten.
+  assert again.is_prepared()
+  assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
+  assert [p.stat().st_mtime_ns for p in files] == mtimes
+  assert "tensorflow" not in sys.modules
+
+
+def test_tfds_one_document_has_empty_validation(corpus_dir, tmp_path):
+  data = _with(_base_config(), **{"data.corpus": f"{corpus_dir}/code/pkg0/m00.py",
+                                  "data.data_dir": str(tmp_path)}).data
+  assert len(tfds_text.data_source(data, "train")) == 1
+  assert len(tfds_text.data_source(data, "validation")) == 0
+
+
+def test_tfds_configs_of_different_corpora_differ(corpus_dir):
+  a = tfds_text.make_builder_config(f"{corpus_dir}/docs.lines", "lines", "text", 0.1)
+  b = tfds_text.make_builder_config(f"{corpus_dir}/docs.jsonl", "lines", "text", 0.1)
+  c = tfds_text.make_builder_config(f"{corpus_dir}/docs.lines", "lines", "text", 0.2)
+  assert len({a.name, b.name, c.name}) == 3
+  assert a.name == tfds_text.make_builder_config(f"{corpus_dir}/docs.lines", "lines", "text",
+                                                 0.1).name
+
+
+# ------------------------------------------------------------------------------- pipeline
+
+
+def test_batches_shapes_and_causal_targets(config):
+  batches = _take(pipeline.make_train_iterator(config), 3)
+  for b in batches:
+    expected = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
+                "segment_ids": np.int32, "positions": np.int32}
+    assert {k: v.dtype for k, v in b.items()} == expected
+    assert all(v.shape == (4, SEQ_LEN) for v in b.values())
+    inputs, targets, weights = b["inputs"], b["targets"], b["weights"]
+    seg, pos = b["segment_ids"], b["positions"]
+    same_next = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
+    np.testing.assert_array_equal(weights[:, :-1], same_next)
+    assert not weights[:, -1].any()
+    np.testing.assert_array_equal(np.where(same_next, targets[:, :-1], 0),
+                                  np.where(same_next, inputs[:, 1:], 0))
+    pad = seg == 0
+    assert not inputs[pad].any() and not pos[pad].any() and not weights[pad].any()
+    for r in range(seg.shape[0]):
+      for s in np.unique(seg[r][seg[r] > 0]):
+        np.testing.assert_array_equal(pos[r][seg[r] == s], np.arange((seg[r] == s).sum()))
+    assert weights.sum() > 0
+
+
+def test_one_epoch_loses_no_token(config):
+  """Every chunk of every training document is one segment, exactly once."""
+  c = _with(config, **{"train.batch_size": 1})  # No partial batch to drop.
+  segments = [s for b in pipeline.train_dataset(c, num_epochs=1) for s in _segments(b)]
+  expected = collections.Counter({k: len(v) for k, v in _chunks_by_doc(c, "train").items()})
+  assert collections.Counter(segments) == expected
+
+
+def test_one_document_corpus(config, corpus_dir, tmp_path):
+  c = _with(config, **{"data.corpus": f"{corpus_dir}/code/pkg1/m01.py",
+                       "data.data_dir": str(tmp_path)})
+  assert pipeline.eval_batches(c, 2) == []
+  (batch,) = _take(pipeline.make_train_iterator(c), 1)
+  assert batch["weights"].sum() > 0
+
+
+def test_determinism(config):
+  first = _take(pipeline.make_train_iterator(config), 3)
+  _assert_same(first, _take(pipeline.make_train_iterator(config), 3))
+  other = _take(pipeline.make_train_iterator(_with(config, seed=8)), 3)
+  assert any((a["inputs"] != b["inputs"]).any() for a, b in zip(first, other))
+
+
+def test_iterator_state_round_trip(config):
+  it = pipeline.make_train_iterator(config)
+  assert isinstance(it, grain.DatasetIterator)
+  _take(it, 2)
+  state = it.get_state()
+  expected = _take(it, 3)
+  fresh = pipeline.make_train_iterator(config)
+  fresh.set_state(state)
+  _assert_same(expected, _take(fresh, 3))
+
+
+def test_iterator_orbax_checkpoint(config, tmp_path):
+  it = pipeline.make_train_iterator(config)
+  _take(it, 2)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = _take(it, 3)
+    fresh = pipeline.make_train_iterator(config)
+    manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  _assert_same(expected, _take(fresh, 3))
+
+
+def test_processes_get_disjoint_documents(config):
+  c = _with(config, **{"train.batch_size": 2})
+  chunk_docs = _chunks_by_doc(c, "train")
+  seen = []
+  for index in range(2):
+    batches = pipeline.train_dataset(c, index, 2, num_epochs=1)
+    seen.append({d for b in batches for s in _segments(b) for d in chunk_docs[s]})
+  assert seen[0] and seen[1] and not seen[0] & seen[1]
+  assert all(b["inputs"].shape == (1, SEQ_LEN) for b in pipeline.train_dataset(c, 1, 2, 1))
+
+
+def test_worker_processes_give_the_same_batches(config):
+  with_worker = pipeline.make_train_iterator(_with(config, **{"data.num_workers": 1}))
+  try:
+    _assert_same(_take(pipeline.make_train_iterator(config), 2), _take(with_worker, 2))
+  finally:
+    with_worker.close()
+
+
+def test_eval_batches(config):
+  batches = pipeline.eval_batches(config, 3)
+  assert 1 <= len(batches) <= 3
+  _assert_same(batches, pipeline.eval_batches(config, 3))
+  assert all(b["inputs"].shape == (4, SEQ_LEN) for b in batches)
+  segments = [s for b in batches for s in _segments(b)]
+  assert collections.Counter(segments) <= collections.Counter(
+      {k: len(v) for k, v in _chunks_by_doc(config, "validation").items()})
+  big = _with(config, **{"train.batch_size": 64})  # More rows than validation has: padded.
+  (batch,) = pipeline.eval_batches(big, 5)
+  assert batch["inputs"].shape == (64, SEQ_LEN)
+  assert not batch["weights"][-1].any() and batch["weights"].sum() > 0
+  halves = [pipeline.eval_batches(big, 5, i, 2) for i in range(2)]
+  assert [len(h) for h in halves] == [1, 1]
+  np.testing.assert_array_equal(
+      np.concatenate([h[0]["inputs"] for h in halves]), batch["inputs"])
+
+
+def test_validate_accepts_good_config(config):
+  pipeline.validate(config)
+  pipeline.validate(config, process_count=2)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"data.tokenizer": "/nonexistent/tok.model"},
+     r"python -m transformer_jax.tokenizer --corpus=.* --vocab_size=512 "
+     r"--out=/nonexistent/tok.model"),
+    ({"model.vocab_size": 100}, r"model.vocab_size=100 .*\(\d+\)"),
+    ({"data.corpus": "/nonexistent/**/*.txt"}, "matches no files"),
+    ({"data.seq_len": 1}, "data.seq_len"),
+    ({"train.batch_size": 3}, "train.batch_size=3"),
+])
+def test_validate_errors(config, overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    pipeline.validate(_with(config, **overrides), process_count=2)

@@ -1,0 +1,1 @@
+"""The data layer: corpora, the TFDS text dataset, the tokenizer and the grain pipeline."""

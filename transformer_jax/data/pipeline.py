@@ -1,0 +1,253 @@
+"""The grain input pipeline for language-model pretraining.
+
+Training, per process:
+
+  TFDS ArrayRecord source (train split)
+    -> this process's documents (every process_count-th, from process_index)
+    -> global shuffle, reshuffled every epoch, repeated forever     (seed: config.seed)
+    -> tokenize: [bos] + ids + [eos]                                 (grain map step)
+    -> chunk: documents longer than seq_len become seq_len-long chunks, each its own segment
+    -> window shuffle of chunks (mixes the chunks of long documents)
+    -> first-fit packing into rows of seq_len (grain's FirstFitPackIterDataset)
+    -> objective: causal LM targets and weights                     (`causal_lm`)
+    -> batches of train.batch_size // process_count rows
+
+Every batch is a dict of numpy arrays shaped [rows, seq_len]: `inputs`, `targets`,
+`segment_ids`, `positions` (int32) and `weights` (float32). Segment ids count the packed
+segments of a row from 1 (0 is padding); positions restart at 0 in every segment; padding
+tokens are 0. Other objectives (MLM, span corruption) are meant to replace `causal_lm`.
+"""
+
+import functools
+import itertools
+import os
+
+from absl import flags
+import grain
+import numpy as np
+
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tfds_text
+from transformer_jax.data import tokenizer as tokenizer_lib
+
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+_CHUNK_SHUFFLE_WINDOW = 512  # Chunks shuffled together before packing.
+_MIN_PACKING_BINS = 64  # Rows packed at once; more bins leave less padding.
+_PREFETCH_BATCHES = 2  # Batches computed ahead in a thread (num_workers = 0).
+_PACKED = "inputs"  # The packed feature; packing adds inputs_segment_ids/inputs_positions.
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  """The tokenizer of `config.data.tokenizer` (ConfigError with the command to make it)."""
+  d = config.data
+  return tokenizer_lib.load(d.tokenizer, corpus=d.corpus, vocab_size=config.model.vocab_size,
+                            fmt=d.format, text_field=d.text_field)
+
+
+def _check_tokenizer(config) -> None:
+  tok = load_tokenizer(config)
+  path, model_vocab = config.data.tokenizer, config.model.vocab_size
+  if tok.vocab_size > model_vocab:
+    raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the vocabulary of "
+                      f"{path} ({tok.vocab_size}); set model.vocab_size >= {tok.vocab_size}")
+  if tok.pad_id != 0:
+    raise ConfigError(f"data.tokenizer={path!r} has pad id {tok.pad_id}; packing pads with 0")
+  for flag, special, value in (("add_bos", "bos", tok.bos_id), ("add_eos", "eos", tok.eos_id)):
+    if config.data[flag] and value < 0:
+      raise ConfigError(f"data.{flag} is set but {path} has no {special} token")
+
+
+def validate(config, process_count: int = 1) -> None:
+  """Cheap checks of the data config before anything is compiled; raises ConfigError."""
+  d = config.data
+  if d.seq_len < 2:
+    raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
+  batch = config.train.batch_size
+  if process_count < 1:
+    raise ConfigError(f"process_count={process_count} must be >= 1")
+  if batch < 1 or batch % process_count:
+    raise ConfigError(f"train.batch_size={batch} must be a positive multiple of the process "
+                      f"count ({process_count})")
+  if d.num_workers < 0:
+    raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+  if not 0.0 <= d.validation_fraction < 1.0:
+    raise ConfigError(f"data.validation_fraction={d.validation_fraction} must be in [0, 1)")
+  corpus_lib.check_format(d.format)
+  corpus_lib.corpus_files(d.corpus)
+  _check_tokenizer(config)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.load(path)
+
+
+class Tokenize(grain.transforms.Map):
+  """{"text": bytes|str} -> {"tokens": int32 [bos] + ids + [eos]}; loads the model lazily."""
+
+  def __init__(self, tokenizer_path: str, add_bos: bool, add_eos: bool):
+    self._path = os.path.abspath(tokenizer_path)  # Workers may not share our cwd.
+    self._add_bos = add_bos
+    self._add_eos = add_eos
+
+  def map(self, element):
+    tok = _cached_tokenizer(self._path)  # Once per process (worker), on first use.
+    text = element["text"]
+    if isinstance(text, bytes):
+      text = text.decode("utf-8")
+    ids = tok.encode(text)
+    if self._add_bos:
+      ids = [tok.bos_id] + ids
+    if self._add_eos:
+      ids = ids + [tok.eos_id]
+    return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+class ChunkTokens(grain.experimental.FlatMapTransform):
+  """{"tokens"} -> [{"inputs": tokens[i:i + seq_len]}, ...]; nothing for an empty document."""
+
+  max_fan_out = 1 << 20  # Only bounds MapDataset flat maps; this one runs on an IterDataset.
+
+  def __init__(self, seq_len: int):
+    self._seq_len = seq_len
+
+  def flat_map(self, element):
+    tokens = element["tokens"]
+    return [{_PACKED: tokens[i:i + self._seq_len]} for i in range(0, len(tokens), self._seq_len)]
+
+
+def causal_lm(row: dict) -> dict:
+  """The causal-LM objective on one packed row: predict each next token of the same segment.
+
+  Args:
+    row: {"inputs", "inputs_segment_ids", "inputs_positions"}, each int32 [seq_len].
+
+  Returns:
+    {"inputs", "targets", "weights", "segment_ids", "positions"}: targets[t] = inputs[t + 1]
+    (0 at the end), weights[t] = 1.0 iff segment_ids[t + 1] == segment_ids[t] != 0.
+  """
+  inputs = np.asarray(row[_PACKED], dtype=np.int32)
+  segments = np.asarray(row[f"{_PACKED}_segment_ids"], dtype=np.int32)
+  targets = np.zeros_like(inputs)
+  targets[:-1] = inputs[1:]
+  weights = np.zeros(inputs.shape, dtype=np.float32)
+  weights[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] != 0)
+  return {
+      "inputs": inputs,
+      "targets": targets,
+      "weights": weights,
+      "segment_ids": segments,
+      "positions": np.asarray(row[f"{_PACKED}_positions"], dtype=np.int32),
+  }
+
+
+def _empty_row(seq_len: int) -> dict:
+  """An all-padding row in the objective's format (weight 0 everywhere)."""
+  zeros = np.zeros(seq_len, dtype=np.int32)
+  return causal_lm({_PACKED: zeros, f"{_PACKED}_segment_ids": zeros,
+                    f"{_PACKED}_positions": zeros})
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+def _tokenize(docs: grain.MapDataset, config) -> grain.IterDataset:
+  d = config.data
+  docs = docs.map(Tokenize(d.tokenizer, d.add_bos, d.add_eos))
+  return docs.to_iter_dataset(_READ_OPTIONS)
+
+
+def _chunk_and_pack(ds: grain.IterDataset, seq_len: int, num_bins: int,
+                    seed: int | None) -> grain.IterDataset:
+  """Chunks token sequences and packs them into rows; seed=None keeps the order (eval)."""
+  ds = grain.experimental.FlatMapIterDataset(ds, ChunkTokens(seq_len))
+  if seed is not None:
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=_CHUNK_SHUFFLE_WINDOW, seed=seed)
+  return grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={_PACKED: seq_len}, num_packing_bins=num_bins,
+      seed=seed or 0, shuffle_bins=seed is not None)
+
+
+def _check_process_index(process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+
+
+def train_dataset(config, process_index: int = 0, process_count: int = 1,
+                  num_epochs: int | None = None) -> grain.IterDataset:
+  """This process's batches (see the module docstring); `num_epochs=None` repeats forever."""
+  validate(config, process_count)
+  _check_process_index(process_index, process_count)
+  batch = config.train.batch_size // process_count
+  seq_len = config.data.seq_len
+  docs = grain.MapDataset.source(tfds_text.data_source(config.data, "train"))
+  docs = docs[process_index::process_count]
+  if len(docs) == 0:
+    raise ConfigError(f"data.corpus={config.data.corpus!r} has fewer training documents than "
+                      f"processes ({process_count})")
+  docs = docs.shuffle(seed=config.seed).repeat(num_epochs)
+  rows = _chunk_and_pack(_tokenize(docs, config), seq_len, max(batch, _MIN_PACKING_BINS),
+                         seed=config.seed)
+  return rows.map(causal_lm).batch(batch, drop_remainder=True)
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags, which only `absl.app.run` parses."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # Keep every flag at its default.
+
+
+def make_train_iterator(config, process_index: int = 0, process_count: int = 1):
+  """An endless, checkpointable `grain.DatasetIterator` of this process's training batches.
+
+  Save/restore it with `get_state()`/`set_state()` or orbax's
+  `grain.checkpoint.CheckpointSave(it)`/`CheckpointRestore(it)`.
+  """
+  ds = train_dataset(config, process_index, process_count)
+  workers = config.data.num_workers
+  if workers > 0:
+    _ensure_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  else:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_PREFETCH_BATCHES)
+  return iter(ds)
+
+
+def _eval_rows(config):
+  """Packed, objective-applied rows of the whole validation split, in a fixed order."""
+  source = tfds_text.data_source(config.data, "validation")
+  if len(source) == 0:
+    return iter(())
+  docs = grain.MapDataset.source(source)
+  rows = _chunk_and_pack(_tokenize(docs, config), config.data.seq_len,
+                         max(config.train.batch_size, _MIN_PACKING_BINS), seed=None)
+  return iter(rows.map(causal_lm))
+
+
+def eval_batches(config, num_batches: int, process_index: int = 0,
+                 process_count: int = 1) -> list[dict]:
+  """Up to `num_batches` validation batches for this process: the same on every call.
+
+  The first num_batches * train.batch_size rows of the validation split are cut into global
+  batches and each process takes its rows of each one, so every process gets the same
+  number of batches. The last batch is filled with weight-0 padding rows.
+  """
+  validate(config, process_count)
+  _check_process_index(process_index, process_count)
+  global_batch = config.train.batch_size
+  local = global_batch // process_count
+  rows = list(itertools.islice(_eval_rows(config), num_batches * global_batch))
+  rows += [_empty_row(config.data.seq_len)] * (-len(rows) % global_batch)
+  batches = []
+  for start in range(0, len(rows), global_batch):
+    mine = rows[start + process_index * local:start + (process_index + 1) * local]
+    batches.append({k: np.stack([r[k] for r in mine]) for k in mine[0]})
+  return batches

@@ -1,0 +1,189 @@
+"""A TFDS dataset of local text, written as ArrayRecord and read back without TensorFlow.
+
+`TextCorpus` is a `tfds.core.GeneratorBasedBuilder` whose `BuilderConfig` is made on the fly
+from the `data` section of a config (corpus, format, text_field, validation_fraction). The
+config's name carries a short hash of everything that decides the written records (the
+format, the field, the fraction and the corpus's absolute file paths with their sizes), so
+different corpora, or a corpus whose files were added, removed or resized, never share a
+directory (an edit that keeps a file's size is not noticed: delete the directory then):
+
+  <data_dir>/text_corpus/<format>-<hash>/1.0.0/text_corpus-{train,validation}.array_record-*
+
+Each example is `{"id": str, "text": str}`. A document goes to "validation" when a hash of
+its id falls below `validation_fraction`; if that leaves validation empty while there are at
+least two documents (and the fraction is > 0), the document with the smallest hash goes
+there instead. TFDS writes ArrayRecord with the `array_record` package and reads it back
+with `as_data_source()`: no TensorFlow is imported on either path.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from absl import logging
+from etils import epath
+import tensorflow_datasets as tfds
+
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+
+SPLITS = ("train", "validation")
+_VERSION = "1.0.0"
+
+
+@dataclasses.dataclass(eq=False)
+class TextCorpusConfig(tfds.core.BuilderConfig):
+  """Which documents to read and how to split them."""
+  corpus: str = corpus_lib.STDLIB
+  format: str = "text"
+  text_field: str = "text"
+  validation_fraction: float = 0.02
+
+
+def doc_hash(doc_id: str) -> float:
+  """A stable number in [0, 1) for a document id."""
+  digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _fingerprint(corpus: str, fmt: str, text_field: str, validation_fraction: float) -> str:
+  """A short hash of everything that decides the prepared records."""
+  files = [(f.name, os.path.abspath(f.path), os.path.getsize(f.path))
+           for f in corpus_lib.corpus_files(corpus)]
+  spec = {
+      "version": _VERSION,
+      "format": fmt,
+      "text_field": text_field if fmt == "jsonl" else None,
+      "validation_fraction": float(validation_fraction),
+      "files": files,
+  }
+  return hashlib.sha256(json.dumps(spec).encode("utf-8")).hexdigest()[:12]
+
+
+def make_builder_config(
+    corpus: str, fmt: str, text_field: str, validation_fraction: float
+) -> TextCorpusConfig:
+  """A builder config named `<format>-<hash>`; raises ConfigError for a bad corpus/format."""
+  corpus_lib.check_format(fmt)
+  if not 0.0 <= validation_fraction < 1.0:
+    raise ConfigError(f"data.validation_fraction={validation_fraction} must be in [0, 1)")
+  digest = _fingerprint(corpus, fmt, text_field, validation_fraction)
+  return TextCorpusConfig(
+      name=f"{fmt}-{digest}",
+      version=_VERSION,
+      description=f"corpus={corpus!r} format={fmt} validation_fraction={validation_fraction}",
+      corpus=corpus,
+      format=fmt,
+      text_field=text_field,
+      validation_fraction=float(validation_fraction),
+  )
+
+
+class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Documents of a local corpus as {"id", "text"} examples in train/validation splits.
+
+  Not registered in the TFDS catalog (configs are made on the fly, and the generic name
+  must not collide with catalog datasets): build it with `prepare()` below.
+  """
+
+  name = "text_corpus"
+  VERSION = tfds.core.Version(_VERSION)
+  RELEASE_NOTES = {_VERSION: "First release."}
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10's default needs the `importlib_resources` backport on Python >= 3.9 for
+    # builders defined in a package; this file's path is what it would compute anyway.
+    return epath.Path(__file__)
+
+  def _create_builder_config(self, builder_config, version):
+    # Every config here is made on the fly; TFDS would warn "Using custom data configuration"
+    # each time a builder is constructed.
+    if isinstance(builder_config, TextCorpusConfig):
+      return builder_config
+    return super()._create_builder_config(builder_config, version)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Local text documents for language-model pretraining.",
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "text": tfds.features.Text(),
+        }),
+    )
+
+  def _documents(self):
+    cfg = self.builder_config
+    return corpus_lib.iter_documents(cfg.corpus, cfg.format, cfg.text_field)
+
+  def _validation_docs(self) -> list[tuple[str, str]]:
+    """One pass over the corpus: the (small) validation split, kept in memory."""
+    fraction = self.builder_config.validation_fraction
+    held_out, num_docs = [], 0
+    first, first_hash = None, 1.0  # The document with the smallest hash.
+    for doc_id, text in self._documents():
+      num_docs += 1
+      h = doc_hash(doc_id)
+      if h < first_hash:
+        first, first_hash = (doc_id, text), h
+      if h < fraction:
+        held_out.append((doc_id, text))
+    if num_docs == 0:
+      raise ConfigError(f"data.corpus={self.builder_config.corpus!r} holds no non-empty documents")
+    if not held_out and num_docs >= 2 and fraction > 0:
+      held_out.append(first)
+    if len(held_out) == num_docs:  # Keep at least one training document.
+      held_out.remove(max(held_out, key=lambda doc: doc_hash(doc[0])))
+    logging.info("%s: %d documents, %d held out for validation", self.builder_config.name,
+                 num_docs, len(held_out))
+    return held_out
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    held_out = self._validation_docs()
+    held_out_ids = frozenset(doc_id for doc_id, _ in held_out)
+    train = ((i, t) for i, t in self._documents() if i not in held_out_ids)
+    splits = {"train": self._generate_examples(train)}
+    if held_out:  # TFDS cannot write an empty split; `data_source` serves it as [].
+      splits["validation"] = self._generate_examples(iter(held_out))
+    return splits
+
+  def _generate_examples(self, docs):
+    for doc_id, text in docs:
+      yield doc_id, {"id": doc_id, "text": text}
+
+
+def builder(data_cfg) -> TextCorpus:
+  """The builder for `data_cfg` (a config's `data` section); prepares nothing."""
+  config = make_builder_config(data_cfg.corpus, data_cfg.format, data_cfg.text_field,
+                               data_cfg.validation_fraction)
+  return TextCorpus(config=config, data_dir=data_cfg.data_dir or None, file_format="array_record")
+
+
+def prepare(data_cfg) -> TextCorpus:
+  """Writes the ArrayRecord files for `data_cfg` unless they already exist; returns the builder."""
+  b = builder(data_cfg)
+  if b.is_prepared():
+    return b
+  try:
+    b.download_and_prepare()
+  except OSError:
+    # Another process may have finished the same dataset first (TFDS writes to a temporary
+    # directory and renames it): use theirs.
+    b = builder(data_cfg)
+    if not b.is_prepared():
+      raise
+  return b
+
+
+def data_source(data_cfg, split: str):
+  """A random-access source (len, [i] -> {"id": bytes, "text": bytes}) of one split."""
+  if split not in SPLITS:
+    raise ConfigError(f"split={split!r} is unknown; expected one of {', '.join(SPLITS)}")
+  prepared = prepare(data_cfg)
+  if split not in prepared.info.splits:
+    return []  # A one-document corpus has no validation split.
+  return prepared.as_data_source(split=split)
