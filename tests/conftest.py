@@ -13,3 +13,42 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_threefry_partitionable", True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+import random  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+
+_WORDS = ("def", "return", "self", "value", "import", "class", "the", "data", "for", "in",
+          "if", "else", "x", "y", "=", "+", "(", ")", "0", "1", ":", "print", "name")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+  """A generated code-like corpus of 60 files, its SentencePiece model (vocab 300), a TFDS dir."""
+  from transformer_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny_corpus")
+  rng = random.Random(0)
+  for i in range(60):
+    lines = []
+    for _ in range(rng.randint(3, 20)):
+      indent = rng.choice(["", "    ", "        "])
+      lines.append(indent + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 8))))
+    (root / f"m{i:02d}.py").write_text("\n".join(lines) + "\n")
+  glob = f"{root}/*.py"
+  tok = tokenizer_lib.train([t for _, t in corpus_lib.iter_documents(glob)], 300,
+                            str(tmp_path_factory.mktemp("tok") / "tiny.model"))
+  return {"corpus": glob, "tokenizer": tok, "data_dir": str(tmp_path_factory.mktemp("tfds"))}
+
+
+def tiny_overrides(tiny_data, **extra):
+  """`KEY=VALUE` overrides that point configs/gpt2.py:tiny at the tiny corpus."""
+  kv = {"data.corpus": tiny_data["corpus"], "data.tokenizer": tiny_data["tokenizer"],
+        "data.data_dir": tiny_data["data_dir"], "data.seq_len": 32, "model.vocab_size": 320,
+        "model.max_len": 32, "train.batch_size": 4, "train.steps": 20, "train.log_every": 5,
+        "checkpoint.every_steps": 5, "eval.every_steps": 10, "eval.batches": 2,
+        "checkpoint.async_save": False, "mesh.data": 1,
+        "optimizer.learning_rate": 1e-2}
+  kv.update(extra)
+  return [f"{k}={v}" for k, v in kv.items()]

@@ -1,6 +1,7 @@
 """Shared command-line plumbing: `--config=FILE.py[:ARG]`, `--config.KEY=VALUE`, `--name=value`
 flags, and one-line errors (exit code 2, no traceback) for user mistakes."""
 
+import os
 import sys
 
 from transformer_jax import config as config_lib
@@ -43,7 +44,6 @@ def load_config(spec, overrides, workdir=None):
   if spec:
     return config_lib.load(spec, overrides)
   if workdir:
-    import os  # pylint: disable=g-import-not-at-top
     saved = os.path.join(workdir, "config.json")
     if os.path.isfile(saved):
       config = config_lib.from_json_file(saved)
@@ -55,7 +55,11 @@ def load_config(spec, overrides, workdir=None):
 
 
 def run(main):
-  """Runs main(argv); a ConfigError becomes `error: ...` on stderr and exit code 2."""
+  """Runs main(argv); a ConfigError becomes `error: ...` on stderr and exit code 2.
+  Library chatter (absl INFO/WARNING from TFDS and Orbax) is hidden unless TJAX_VERBOSE=1."""
+  if not os.environ.get("TJAX_VERBOSE"):
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.ERROR)
   try:
     return main(sys.argv[1:])
   except ConfigError as e:

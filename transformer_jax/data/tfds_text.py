@@ -168,7 +168,9 @@ def prepare(data_cfg) -> TextCorpus:
   b = builder(data_cfg)
   if b.is_prepared():
     return b
+  print(f"preparing {data_cfg.corpus} as ArrayRecord under {b.data_dir} (once)", flush=True)
   try:
+    tfds.disable_progress_bar()
     b.download_and_prepare()
   except OSError:
     # Another process may have finished the same dataset first (TFDS writes to a temporary

@@ -45,13 +45,17 @@ class Checkpoints:
     return step, restored["state"]
 
   def restore_params(self, abstract_params, step=None):
-    """Only the parameters (for sampling and evaluation)."""
+    """Only the parameters (for sampling and evaluation); the optimizer state is not read."""
     step = self.latest_step() if step is None else step
     if step is None:
       return None, None
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)))
-    return step, restored["state"]["params"]
+    item = {"params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+    return step, restored["params"]
 
   def wait(self):
     self.manager.wait_until_finished()
