@@ -1,0 +1,131 @@
+"""Configs: every recipe builds and steps at a tiny size; every user mistake is one clean line."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from transformer_jax import cli
+from transformer_jax import config as config_lib
+from transformer_jax import train as train_cli
+from transformer_jax.config import ConfigError
+from transformer_jax.parallel import sharding
+from transformer_jax.training.step import Trainer
+from tests.conftest import REPO, tiny_overrides
+
+CONFIG_FILES = sorted(p for p in glob.glob(f"{REPO}/configs/*.py")
+                      if not p.endswith(("__init__.py", "base.py")))
+SHRINK = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=0",
+          "model.vocab_size=128", "model.max_len=16", "data.seq_len=16", "train.batch_size=2",
+          "train.microbatches=1", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+
+
+def _specs():
+  """Every config file, and every size of those that define SIZES."""
+  for path in CONFIG_FILES:
+    sizes = getattr(_module(path), "SIZES", None)
+    yield from ([f"{path}:{s}" for s in sizes] if sizes else [path])
+
+
+def _module(path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("m_" + os.path.basename(path)[:-3], path)
+  m = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(m)
+  return m
+
+
+@pytest.mark.parametrize("spec", list(_specs()))
+def test_every_config_builds_and_runs_one_step_tiny(spec):
+  full = config_lib.load(spec)
+  config_lib.validate(full, 8)  # the real size validates (any mesh fill on 8 devices)
+  config = config_lib.load(spec, SHRINK)
+  config_lib.validate(config, 1)
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  state = trainer.init_state(0)
+  b, t = 2, 16
+  x = np.random.default_rng(0).integers(0, 128, (b, t + 1)).astype(np.int32)
+  batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": np.ones((b, t), np.float32),
+           "segment_ids": np.ones((b, t), np.int32),
+           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+  state, m = trainer.train_step(state, trainer.put_batch(batch), jax.random.key(0))
+  assert np.isfinite(float(m["loss"])) and int(state.step) == 1
+
+
+@pytest.mark.parametrize("size,millions", [("small", 124), ("medium", 355), ("large", 774),
+                                           ("xl", 1558)])
+def test_gpt2_sizes_have_the_published_parameter_counts(size, millions):
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:{size}")
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
+  # Published counts use vocab 50257; ours pads to 50304 (+47 rows of d_model).
+  assert abs(n - 47 * config.model.d_model - millions * 1e6) < 0.01 * millions * 1e6
+
+
+BAD = [
+    (["model.num_heads=5"], "model.num_heads=5 does not divide model.d_model=64"),
+    (["mesh.data=3"], "does not equal the device count"),
+    (["mesh.data=-1", "mesh.fsdp=-1"], "only one mesh axis may be -1"),
+    (["train.batch_size=3", "mesh.data=2"], "not divisible by the batch-sharding mesh axes"),
+    (["train.steps=0"], "train.steps must be positive"),
+    (["train.batch_size=-4"], "train.batch_size must be positive"),
+    (["model.nope=1"], "unknown config key: model.nope"),
+    (["nothing.here=1"], "unknown config key: nothing"),
+    (["model.num_layers=two"], "model.num_layers expects int"),
+    (["model.position=alibi"], "model.position='alibi' is not one of"),
+    (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the vocabulary"),
+    (["data.tokenizer=/nonexistent/tok.model"], "python -m transformer_jax.tokenizer"),
+    (["data.corpus=/nonexistent/*.txt"], "/nonexistent/*.txt"),
+    (["model.max_len=8"], "model.max_len=8 is shorter than data.seq_len=32"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_config_gives_one_line_error(overrides, message, tiny_data, tmp_path, capsys,
+                                         monkeypatch):
+  argv = [f"--config={REPO}/configs/gpt2.py:tiny", f"--workdir={tmp_path}/w"]
+  argv += [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{"mesh.data": 2})]
+  argv += [f"--config.{kv}" for kv in overrides]
+  monkeypatch.setattr(sys, "argv", ["train"] + argv)
+  monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:2])
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(train_cli.main)
+  err = capsys.readouterr().err.strip()
+  assert exit_info.value.code == 2
+  assert err.startswith("error: ") and "\n" not in err, err
+  assert message in err, err
+  assert not os.path.exists(f"{tmp_path}/w/checkpoints")
+
+
+def test_unwritable_workdir(tiny_data, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data))
+  from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="is not writable"):
+    loop.setup(config, str(blocker / "sub"), devices=jax.devices()[:1])
+
+
+def test_cli_errors_without_traceback_in_a_real_process(tmp_path):
+  cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/smoke.py",
+         f"--workdir={tmp_path}", "--config.model.num_heads=3"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.strip() == "error: model.num_heads=3 does not divide model.d_model=128"
+  assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_parse_flags():
+  spec, overrides, values = cli.parse(
+      ["--config=c.py:x", "--config.model.d_model=8", "--steps=3", "--data-only"],
+      {"steps": 1, "data_only": False})
+  assert spec == "c.py:x" and overrides == ["model.d_model=8"]
+  assert values == {"steps": 3, "data_only": True}
+  with pytest.raises(ConfigError, match="unknown flag --stpes"):
+    cli.parse(["--stpes=3"], {"steps": 1})
+  with pytest.raises(ConfigError, match="--steps expects int"):
+    cli.parse(["--steps=x"], {"steps": 1})
