@@ -38,6 +38,7 @@ def get_config(arg=None):
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   m.param_dtype = "float32"
   m.remat = "none"  # none | full (rematerialize each block in the backward pass)
+  m.attention_chunks = 4  # causal training splits queries into blocks, skipping masked keys; exact
 
   # ------------------------------------------------------------------------------------ data
   d = c.data = ml_collections.ConfigDict()

@@ -1,18 +1,27 @@
 """Time training steps after compilation:
 
   python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10 [--compare=hf]
-      [--rounds=3] [--config.KEY=VALUE ...]
+      [--rounds=3] [--reference_ops=OP,...] [--config.KEY=VALUE ...]
 
 Batches are random tokens of the config's shape (the input pipeline is not timed here). The last
 line printed is one JSON object: tokens_per_s, step_time_s (median), mfu, compile_s,
-peak_memory_bytes, params. With --compare=hf the same shapes also run as Hugging Face
-transformers' GPT2LMHeadModel + torch.optim.AdamW (clip 1.0), interleaved round by round in this
-one process, and the JSON gains hf_tokens_per_s and ratio_vs_hf (ours / theirs, medians).
+peak_memory_bytes, params.
+
+--compare=hf also runs the same shapes as Hugging Face transformers' GPT2LMHeadModel +
+torch.optim.AdamW (clip 1.0), fp32, in a worker process of its own (torch loaded next to JAX in
+one process measurably slows JAX's steps), interleaved with ours round by round so machine noise
+hits both alike; the JSON gains hf_tokens_per_s and ratio_vs_hf (ours / theirs, medians).
+
+--reference_ops=normalize,gelu,... (or `all`) adds, interleaved as well, our step traced with
+those hand-differentiated ops (transformer_jax/models/ops.py) replaced by their plain-autodiff
+reference formulas; the JSON gains reference_step_time_s and speedup_vs_reference.
 """
 
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from transformer_jax import cli
@@ -31,10 +40,11 @@ def _random_batch(rng, config):
 class JaxRunner:
   """Our jitted, sharded train step on random batches of the config's shape."""
 
-  def __init__(self, config):
+  def __init__(self, config, reference_ops=()):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.models import ops  # pylint: disable=g-import-not-at-top
     from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
     from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
     from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
@@ -44,7 +54,11 @@ class JaxRunner:
     self.rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     self.state = self.trainer.init_state(config.seed)
-    self._step()
+    restore = ops.use_references(reference_ops)
+    try:  # the step is traced (and compiled) here, so the swap only affects this runner
+      self._step()
+    finally:
+      restore()
     self.compile_s = time.perf_counter() - t0
     n = metrics.matmul_params(self.state.params, config.model.tie_embeddings)
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
@@ -105,8 +119,43 @@ class HFRunner:
     return out
 
 
+class Worker:
+  """A runner in a child process (`--worker=hf`): same interface, answers over a pipe."""
+
+  def __init__(self, kind, argv):
+    args = [a for a in argv if a.startswith("--config")]
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "transformer_jax.benchmark", f"--worker={kind}"] + args,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self._read()  # "ready" once built and warmed up
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise ConfigError(f"benchmark worker exited with code {self.proc.wait()} (see above)")
+    return json.loads(line)
+
+  def time_steps(self, n):
+    self.proc.stdin.write(f"{n}\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)
+
+
+def _serve(kind, config):
+  """Worker side: build the runner, then time `n` steps for each `n` read from stdin."""
+  runner = {"hf": HFRunner}[kind](config)
+  print(json.dumps("ready"), flush=True)
+  for line in sys.stdin:
+    print(json.dumps(runner.time_steps(int(line))), flush=True)
+
+
 def main(argv):
-  spec, overrides, f = cli.parse(argv, {"steps": 10, "rounds": 3, "compare": ""})
+  spec, overrides, f = cli.parse(argv, {"steps": 10, "rounds": 3, "compare": "",
+                                        "reference_ops": "", "worker": ""})
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   if f["steps"] < 1 or f["rounds"] < 1:
@@ -114,16 +163,33 @@ def main(argv):
   if f["compare"] not in ("", "hf"):
     raise ConfigError(f"--compare={f['compare']!r}: only 'hf' is supported")
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models import ops  # pylint: disable=g-import-not-at-top
   config = config_lib.load(spec, overrides)
+  if f["worker"]:
+    return _serve(f["worker"], config)
+  reference_ops = [o for o in f["reference_ops"].split(",") if o]
+  if reference_ops == ["all"]:
+    reference_ops = list(ops.REFERENCES)
+  for name in reference_ops:
+    if name not in ops.REFERENCES:
+      raise ConfigError(f"--reference_ops: unknown op {name!r} (known: all, "
+                        f"{', '.join(ops.REFERENCES)})")
+  theirs = Worker("hf", argv) if f["compare"] else None  # first: it must not share our memory
   ours = JaxRunner(config)
-  theirs = HFRunner(config) if f["compare"] else None
-  ours_t, theirs_t = [], []
-  for r in range(f["rounds"]):  # interleaved, so machine noise hits both alike
+  reference = JaxRunner(config, reference_ops) if reference_ops else None
+  ours_t, theirs_t, ref_t = [], [], []
+  for r in range(f["rounds"]):  # interleaved, so machine noise hits all alike
     ours_t += ours.time_steps(f["steps"])
+    line = f"round {r}: ours {statistics.median(ours_t):.4f}s/step"
+    if reference:
+      ref_t += reference.time_steps(f["steps"])
+      line += f", reference ops {statistics.median(ref_t):.4f}s/step"
     if theirs:
       theirs_t += theirs.time_steps(f["steps"])
-    print(f"round {r}: ours {statistics.median(ours_t):.4f}s/step"
-          + (f", hf {statistics.median(theirs_t):.4f}s/step" if theirs else ""), flush=True)
+      line += f", hf {statistics.median(theirs_t):.4f}s/step"
+    print(line, flush=True)
+  if theirs:
+    theirs.close()
   tokens = config.train.batch_size * config.data.seq_len
   step = statistics.median(ours_t)
   tps = tokens / step
@@ -136,6 +202,10 @@ def main(argv):
   if theirs:
     hf_tps = tokens / statistics.median(theirs_t)
     out.update(hf_tokens_per_s=round(hf_tps, 1), ratio_vs_hf=round(tps / hf_tps, 3))
+  if reference:
+    ref_step = statistics.median(ref_t)
+    out.update(reference_ops=reference_ops, reference_step_time_s=round(ref_step, 5),
+               speedup_vs_reference=round(ref_step / step, 3))
   print(json.dumps(out))
 
 

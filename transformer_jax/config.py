@@ -34,7 +34,7 @@ ENUMS = {
 POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
             "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
             "train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",
-            "eval.batches")
+            "eval.batches", "model.attention_chunks")
 NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dropout_rate",
                 "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
                 "optimizer.weight_decay", "optimizer.grad_clip", "eval.every_steps",

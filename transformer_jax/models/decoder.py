@@ -32,7 +32,7 @@ class DecoderLM(nn.Module):
     if c.remat == "full":
       block = nn.remat(layers.Block, static_argnums=(4, 5))
     for i in range(c.num_layers):
-      x_BTD = block(c, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS, deterministic, decode)
+      x_BTD = block(c, causal=True, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS, deterministic, decode)
     if c.norm_position == "pre":
       x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
     return embedder.logits(x_BTD)

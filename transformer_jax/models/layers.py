@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
+from transformer_jax.models import ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  attention_chunks: int = 4
 
   @classmethod
   def from_config(cls, m) -> "ModelConfig":
@@ -83,14 +84,13 @@ class Norm(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     c = self.cfg
-    x = x_BTD.astype(jnp.float32)
-    if c.norm == "layernorm":
-      x = x - jnp.mean(x, axis=-1, keepdims=True)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + c.norm_eps)
-    x = x * lead(param(self, "scale", (c.d_model,), ("embed",), nn.initializers.ones), x)
-    if c.use_bias and c.norm == "layernorm":
-      x = x + lead(param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros), x)
-    return x.astype(c.compute_dtype)
+    center = c.norm == "layernorm"
+    scale = param(self, "scale", (c.d_model,), ("embed",), nn.initializers.ones)
+    bias = None
+    if c.use_bias and center:
+      bias = param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros)
+    y = ops.normalize(x_BTD.astype(jnp.float32), scale, bias, c.norm_eps, center)
+    return y.astype(c.compute_dtype)
 
 
 def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0):
@@ -121,14 +121,35 @@ def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):
   return mask
 
 
+def attend(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1):
+  """Scaled dot-product attention (q already scaled), scores and softmax in fp32.
+
+  With `causal_chunks` > 1 (and a causal mask over equal query/key lengths) the queries are split
+  into that many blocks and block i attends only to keys [0, end of block i): the skipped keys are
+  all masked, so the result is exact while the score work falls to (n + 1) / (2 n) of the full one.
+  """
+  t, s = q_BTNGK.shape[1], k_BSNK.shape[1]
+  if causal_chunks > 1 and t == s and t % causal_chunks == 0:
+    c = t // causal_chunks
+    return jnp.concatenate([
+        attend(q_BTNGK[:, i * c:(i + 1) * c], k_BSNK[:, :(i + 1) * c], v_BSNK[:, :(i + 1) * c],
+               mask_BTS[:, i * c:(i + 1) * c, :(i + 1) * c]) for i in range(causal_chunks)], axis=1)
+  logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK,
+                            preferred_element_type=jnp.float32)
+  probs_BNGTS = ops.masked_softmax(logits_BNGTS, mask_BTS[:, None, None]).astype(q_BTNGK.dtype)
+  return jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
+
+
 class Attention(nn.Module):
   """Multi-head (or grouped-query) scaled dot-product attention with an optional KV cache.
 
   `decode=True` appends this call's keys/values to a cache (variables in the "cache" collection)
   and attends to every cached position up to each query's own: one code path for prefill (many
-  tokens) and for one-token steps.
+  tokens) and for one-token steps. `causal=True` promises that `mask_BTS` is causal, which lets
+  training skip the key blocks after each query block (`cfg.attention_chunks`).
   """
   cfg: ModelConfig
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, *, deterministic=True, decode=False):
@@ -157,11 +178,8 @@ class Attention(nn.Module):
 
     b, t = q_BTHK.shape[:2]
     q_BTNGK = q_BTHK.reshape(b, t, n, h // n, k) * jnp.asarray(k ** -0.5, dt)
-    logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BTNK,
-                              preferred_element_type=jnp.float32)
-    logits_BNGTS = jnp.where(mask_BTS[:, None, None], logits_BNGTS, _NEG_INF)
-    probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
-    out_BTNGK = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BTNK)
+    chunks = c.attention_chunks if self.causal and not decode else 1
+    out_BTNGK = attend(q_BTNGK, k_BTNK, v_BTNK, mask_BTS, causal_chunks=chunks)
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
@@ -209,7 +227,7 @@ class MLP(nn.Module):
     if c.activation == "swiglu":
       h_BTF = nn.silu(up("gate")) * up("up")
     elif c.activation == "gelu":
-      h_BTF = nn.gelu(up("up"), approximate=True)
+      h_BTF = ops.gelu(up("up"))
     else:
       h_BTF = nn.relu(up("up"))
     h_BTF = constrain(h_BTF, ("act_batch", "act_length", "act_mlp"))
@@ -224,13 +242,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One Transformer layer: self-attention then FFN, each in a residual, pre- or post-norm."""
   cfg: ModelConfig
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic=True, decode=False):
     c = self.cfg
     drop = nn.Dropout(c.dropout_rate)
     sublayers = (
-        ("attention", lambda y: Attention(c, name="attention")(
+        ("attention", lambda y: Attention(c, causal=self.causal, name="attention")(
             y, positions_BT, mask_BTS, deterministic=deterministic, decode=decode)),
         ("mlp", lambda y: MLP(c, name="mlp")(y, deterministic=deterministic)),
     )
@@ -269,8 +288,7 @@ class Embedder(nn.Module):
     """fp32 logits: the matmul runs in the compute dtype and accumulates in fp32."""
     dt = self.cfg.compute_dtype
     if self.cfg.tie_embeddings:
-      out = jnp.einsum("BTD,VD->BTV", x_BTD.astype(dt), self.table.astype(dt),
-                       preferred_element_type=jnp.float32)
+      out = ops.unembed(x_BTD.astype(dt), self.table.astype(dt))
     else:
       out = jnp.einsum("BTD,DV->BTV", x_BTD.astype(dt), self.out.astype(dt),
                        preferred_element_type=jnp.float32)

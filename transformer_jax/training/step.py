@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer_jax.models import ops
 from transformer_jax.models.decoder import DecoderLM
 from transformer_jax.models.layers import ModelConfig
 from transformer_jax.parallel import sharding
@@ -36,12 +37,7 @@ def loss_sums(model, params, batch, *, z_loss=0.0, dropout_rng=None):
   logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                            batch["positions"], deterministic=dropout_rng is None,
                            rngs={"dropout": dropout_rng} if dropout_rng is not None else None)
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-  token_loss_BT = log_z_BT - target_logit_BT
-  if z_loss:
-    token_loss_BT = token_loss_BT + z_loss * jnp.square(log_z_BT)
+  token_loss_BT, _ = ops.cross_entropy(logits_BTV, batch["targets"], z_loss)
   w_BT = batch["weights"].astype(jnp.float32)
   return jnp.sum(token_loss_BT * w_BT), jnp.sum(w_BT)
 

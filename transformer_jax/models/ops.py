@@ -1,0 +1,228 @@
+"""Hand-differentiated primitives for the hottest element-wise chains of a training step.
+
+Autodiff of the textbook formulas is correct but, on CPU and other memory-bound backends, it
+materialises intermediates the backward pass does not need (the exponentials of a softmax, the
+tanh of a GELU, a normaliser's centred input three times over) and adds passes that a hand-written
+backward folds into one (masking, the softmax's division). Each op here computes exactly the same
+function as its reference (tests/test_ops.py checks values and gradients against autodiff of the
+plain formula) with a `jax.custom_vjp` whose backward reads the saved inputs once.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _sum_leading(x, ndim):
+  """Sums `x` over all but its trailing `ndim` axes (the gradient of a broadcast parameter)."""
+  return jnp.sum(x, axis=tuple(range(x.ndim - ndim)))
+
+
+def _row(v, x):
+  """A [D] vector as [1, ..., 1, D] in x's rank and dtype: an explicit broadcast."""
+  return v.astype(x.dtype).reshape((1,) * (x.ndim - 1) + v.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x, scale, bias, eps: float, center: bool):
+  """(x - mean) * rsqrt(var + eps) * scale + bias over the last axis, in x's dtype (fp32).
+
+  `center=False` is RMSNorm (no mean subtraction); `bias` may be None.
+  """
+  return _normalize_fwd(x, scale, bias, eps, center)[0]
+
+
+def _normalize_fwd(x, scale, bias, eps, center):
+  if center:
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+  r = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  xhat = x * r
+  y = xhat * _row(scale, xhat)
+  if bias is not None:
+    y = y + _row(bias, y)
+  return y, (xhat, r, scale, bias is not None)
+
+
+def _normalize_bwd(eps, center, res, g):
+  del eps
+  xhat, r, scale, has_bias = res
+  gs = g * _row(scale, g)
+  inner = gs - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True)
+  if center:
+    inner = inner - jnp.mean(gs, axis=-1, keepdims=True)
+  d_scale = _sum_leading(g * xhat, 1).astype(scale.dtype)
+  d_bias = _sum_leading(g, 1).astype(scale.dtype) if has_bias else None
+  return r * inner, d_scale, d_bias
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU (tanh approximation, as GPT-2 and BERT)
+# ---------------------------------------------------------------------------------------------
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+@jax.custom_vjp
+def gelu(u):
+  """0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))); the backward recomputes tanh from u."""
+  t = jnp.tanh(_GELU_C * (u + _GELU_A * u * u * u))
+  return 0.5 * u * (1 + t)
+
+
+def _gelu_fwd(u):
+  return gelu(u), u
+
+
+def _gelu_bwd(u, g):
+  uf = u.astype(jnp.float32)
+  t = jnp.tanh(_GELU_C * (uf + _GELU_A * uf * uf * uf))
+  du = 0.5 * (1 + t) + 0.5 * uf * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * uf * uf)
+  return ((g.astype(jnp.float32) * du).astype(u.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked softmax (attention probabilities)
+# ---------------------------------------------------------------------------------------------
+@jax.custom_vjp
+def masked_softmax(logits, mask):
+  """softmax over the last axis restricted to `mask` (bool, broadcastable to logits), fp32.
+
+  Masked entries get probability exactly 0; a row with no allowed entry is all zeros (never NaN).
+  The backward needs only the probabilities: masked entries have p = 0, so no mask pass.
+  """
+  return _masked_softmax_fwd(logits, mask)[0]
+
+
+def _masked_softmax_fwd(logits, mask):
+  s = jnp.where(mask, logits, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  inv = 1.0 / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(e.dtype).tiny)
+  p = e * inv
+  return p, p
+
+
+def _masked_softmax_bwd(p, g):
+  return p * (g - jnp.sum(g * p, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token cross-entropy over the vocabulary
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cross_entropy(logits_BTV, targets_BT, z_loss: float = 0.0):
+  """Per-token -log softmax(logits)[target] + z_loss * logZ^2, fp32. Returns (loss_BT, logZ_BT).
+
+  The forward only reduces over the logits (no exponentials are kept); the backward writes
+  d logits = (softmax * (1 + 2 z logZ) - onehot) * g in a single pass.
+  """
+  return _cross_entropy_fwd(logits_BTV, targets_BT, z_loss)[0]
+
+
+def _cross_entropy_fwd(logits, targets, z_loss):
+  logits = logits.astype(jnp.float32)
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  log_z = jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)) + m[..., 0]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  loss = log_z - target_logit
+  if z_loss:
+    loss = loss + z_loss * jnp.square(log_z)
+  return (loss, log_z), (logits, targets, log_z)
+
+
+def _cross_entropy_bwd(z_loss, res, g):
+  logits, targets, log_z = res
+  g_loss, g_log_z = g
+  coef = g_loss * (1 + 2 * z_loss * log_z) + g_log_z  # d(total)/d(logZ) per token
+  onehot = targets[..., None] == jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  d = jnp.exp(logits - log_z[..., None]) * coef[..., None] - jnp.where(onehot, g_loss[..., None], 0)
+  return d, None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output projection with the embedding table (tied weights)
+# ---------------------------------------------------------------------------------------------
+@jax.custom_vjp
+def unembed(x_BTD, table_VD):
+  """fp32 logits x @ table^T (accumulated in fp32). The backward forms the table's gradient as
+  (x^T g)^T, so the transpose falls on the small [D, V] result, not on the [B*T, V] cotangent."""
+  return jnp.einsum("BTD,VD->BTV", x_BTD, table_VD, preferred_element_type=jnp.float32)
+
+
+def _unembed_fwd(x, table):
+  return unembed(x, table), (x, table)
+
+
+def _unembed_bwd(res, g_BTV):
+  x, table = res
+  g = g_BTV.astype(x.dtype)
+  dx = jnp.einsum("BTV,VD->BTD", g, table, preferred_element_type=jnp.float32)
+  dt_DV = jnp.einsum("BTD,BTV->DV", x, g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dt_DV.T.astype(table.dtype)
+
+
+unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference formulas (plain autodiff): what the ops above must equal, and the benchmark's
+# `--reference_ops` baseline for measuring what each hand-written backward buys.
+# ---------------------------------------------------------------------------------------------
+def normalize_reference(x, scale, bias, eps, center):
+  if center:
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+  y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * _row(scale, x)
+  return y if bias is None else y + _row(bias, y)
+
+
+def gelu_reference(u):
+  return jax.nn.gelu(u, approximate=True)
+
+
+def masked_softmax_reference(logits, mask):
+  return jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
+
+
+def cross_entropy_reference(logits, targets, z_loss=0.0):
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  loss = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return (loss + z_loss * jnp.square(log_z) if z_loss else loss), log_z
+
+
+def unembed_reference(x, table):
+  return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+
+
+REFERENCES = {"normalize": normalize_reference, "gelu": gelu_reference,
+              "masked_softmax": masked_softmax_reference, "cross_entropy": cross_entropy_reference,
+              "unembed": unembed_reference}
+
+
+def use_references(names):
+  """Swaps the named ops for their reference formulas (affects functions traced afterwards);
+  returns a function that restores them. For benchmarks and tests."""
+  saved = {}
+  for name in names:
+    if name not in REFERENCES:
+      raise ValueError(f"unknown op {name!r}; known: {', '.join(REFERENCES)}")
+    saved[name] = globals()[name]
+    globals()[name] = REFERENCES[name]
+  return lambda: globals().update(saved)
