@@ -1,7 +1,7 @@
 """Time training steps after compilation:
 
   python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10 [--compare=hf]
-      [--rounds=3] [--reference_ops=OP,...] [--config.KEY=VALUE ...]
+      [--rounds=3] [--baseline=KEY=VALUE;...] [--reference_ops=OP,...] [--config.KEY=VALUE ...]
 
 Batches are random tokens of the config's shape (the input pipeline is not timed here). The last
 line printed is one JSON object: tokens_per_s, step_time_s (median), mfu, compile_s,
@@ -12,9 +12,10 @@ torch.optim.AdamW (clip 1.0), fp32, in a worker process of its own (torch loaded
 one process measurably slows JAX's steps), interleaved with ours round by round so machine noise
 hits both alike; the JSON gains hf_tokens_per_s and ratio_vs_hf (ours / theirs, medians).
 
---reference_ops=normalize,gelu,... (or `all`) adds, interleaved as well, our step traced with
-those hand-differentiated ops (transformer_jax/models/ops.py) replaced by their plain-autodiff
-reference formulas; the JSON gains reference_step_time_s and speedup_vs_reference.
+A baseline of our own step runs interleaved as well when asked for: --baseline="KEY=VALUE;..."
+overrides config keys for it (e.g. "model.attention_chunks=1"), and --reference_ops=OP,... (or
+`all`) traces it with those hand-differentiated ops (transformer_jax/models/ops.py) replaced by
+their plain-autodiff formulas. The JSON gains baseline_step_time_s and speedup_vs_baseline.
 """
 
 import json
@@ -155,7 +156,7 @@ def _serve(kind, config):
 
 def main(argv):
   spec, overrides, f = cli.parse(argv, {"steps": 10, "rounds": 3, "compare": "",
-                                        "reference_ops": "", "worker": ""})
+                                        "baseline": "", "reference_ops": "", "worker": ""})
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   if f["steps"] < 1 or f["rounds"] < 1:
@@ -176,14 +177,17 @@ def main(argv):
                         f"{', '.join(ops.REFERENCES)})")
   theirs = Worker("hf", argv) if f["compare"] else None  # first: it must not share our memory
   ours = JaxRunner(config)
-  reference = JaxRunner(config, reference_ops) if reference_ops else None
+  baseline_overrides = [o.strip() for o in f["baseline"].split(";") if o.strip()]
+  baseline = None
+  if baseline_overrides or reference_ops:
+    baseline = JaxRunner(config_lib.load(spec, overrides + baseline_overrides), reference_ops)
   ours_t, theirs_t, ref_t = [], [], []
   for r in range(f["rounds"]):  # interleaved, so machine noise hits all alike
     ours_t += ours.time_steps(f["steps"])
     line = f"round {r}: ours {statistics.median(ours_t):.4f}s/step"
-    if reference:
-      ref_t += reference.time_steps(f["steps"])
-      line += f", reference ops {statistics.median(ref_t):.4f}s/step"
+    if baseline:
+      ref_t += baseline.time_steps(f["steps"])
+      line += f", baseline {statistics.median(ref_t):.4f}s/step"
     if theirs:
       theirs_t += theirs.time_steps(f["steps"])
       line += f", hf {statistics.median(theirs_t):.4f}s/step"
@@ -202,10 +206,11 @@ def main(argv):
   if theirs:
     hf_tps = tokens / statistics.median(theirs_t)
     out.update(hf_tokens_per_s=round(hf_tps, 1), ratio_vs_hf=round(tps / hf_tps, 3))
-  if reference:
+  if baseline:
     ref_step = statistics.median(ref_t)
-    out.update(reference_ops=reference_ops, reference_step_time_s=round(ref_step, 5),
-               speedup_vs_reference=round(ref_step / step, 3))
+    out.update(baseline=baseline_overrides, reference_ops=reference_ops,
+               baseline_step_time_s=round(ref_step, 5),
+               speedup_vs_baseline=round(ref_step / step, 3))
   print(json.dumps(out))
 
 

@@ -41,7 +41,7 @@ def flops_per_token(model_cfg, n_matmul_params: int, seq_len: int) -> float:
   return 6.0 * n_matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
-def measure_cpu_peak(dtype=jnp.float32, n: int = 1024, reps: int = 5) -> float:
+def measure_cpu_peak(dtype=jnp.float32, n: int = 1536, reps: int = 10) -> float:
   """FLOP/s of one square matmul through XLA on this host's CPU (best of `reps`)."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
