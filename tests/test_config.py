@@ -129,3 +129,16 @@ def test_parse_flags():
     cli.parse(["--stpes=3"], {"steps": 1})
   with pytest.raises(ConfigError, match="--steps expects int"):
     cli.parse(["--steps=x"], {"steps": 1})
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_entry_points_reexec_with_malloc_tunables(opt_out):
+  """`cli.entry` re-executes the command once with glibc tunables (unless opted out)."""
+  code = ("import os; from transformer_jax import cli; cli.reexec_with_tuned_malloc(); "
+          "print(os.environ.get('GLIBC_TUNABLES'))")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "TJAX_SYSTEM_MALLOC")}
+  if opt_out:
+    env["TJAX_SYSTEM_MALLOC"] = "1"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=60, check=True).stdout.strip()
+  assert out == ("None" if opt_out else cli.MALLOC_TUNABLES)

@@ -222,4 +222,4 @@ def _peak_memory(jax):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.entry(main)

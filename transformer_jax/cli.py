@@ -73,10 +73,15 @@ def reexec_with_tuned_malloc():
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
 
 
+def entry(main):
+  """A `python -m transformer_jax.X` process: tuned malloc (one re-exec), then run(main)."""
+  reexec_with_tuned_malloc()
+  return run(main)
+
+
 def run(main):
   """Runs main(argv); a ConfigError becomes `error: ...` on stderr and exit code 2.
   Library chatter (absl INFO/WARNING from TFDS and Orbax) is hidden unless TJAX_VERBOSE=1."""
-  reexec_with_tuned_malloc()
   if not os.environ.get("TJAX_VERBOSE"):
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.ERROR)
