@@ -172,10 +172,10 @@ def _unembed_fwd(x, table):
 
 def _unembed_bwd(res, g_BTV):
   x, table = res
-  g = g_BTV.astype(x.dtype)
-  dx = jnp.einsum("BTV,VD->BTD", g, table, preferred_element_type=jnp.float32)
-  dt_DV = jnp.einsum("BTD,BTV->DV", x, g, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dt_DV.T.astype(table.dtype)
+  g = g_BTV.astype(x.dtype)  # as autodiff does; the dots return the compute dtype
+  dx = jnp.einsum("BTV,VD->BTD", g, table)
+  dt_DV = jnp.einsum("BTD,BTV->DV", x, g)
+  return dx, dt_DV.T.astype(table.dtype)
 
 
 unembed.defvjp(_unembed_fwd, _unembed_bwd)

@@ -1,0 +1,343 @@
+"""Scaling-law fits of a sweep's runs: pure numpy/scipy (no JAX), so fitting is cheap anywhere.
+
+Each run is (params N, tokens D, final eval loss L, training FLOPs C; C = 6·N·D when not given).
+Three fits, as in the literature (constants to compare with: ../shared/ANCHORS.md §5):
+
+- Chinchilla approach 2 (Hoffmann et al. 2022): group runs into isoFLOP budgets, fit a parabola
+  of L in log N per budget, its minimum is N_opt(C); then N_opt ∝ C^a and D_opt = C/(6·N_opt) ∝ C^b
+  by least squares in log space.
+- Chinchilla approach 3: L(N, D) = E + A/N^alpha + B/D^beta, fitted as
+  LSE(a - alpha·log N, b - beta·log D, e) ≈ log L (a = log A, b = log B, e = log E) under a Huber
+  loss (delta 1e-3) with L-BFGS-B from a grid of initializations; bootstrap resamples of the runs
+  give percentile intervals (Besiroglu et al. 2024 showed why the intervals matter).
+- Kaplan et al. 2020: L = (X_c / X)^exponent on the frontier (best loss at each N, D or C).
+
+`fit_runs` returns one JSON-ready dict (saved as fit.json); `predict` reads that dict back.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+from scipy import optimize
+from scipy import special
+
+from transformer_jax.config import ConfigError
+
+HUBER_DELTA = 1e-3  # on log-loss residuals, as Hoffmann et al. 2022
+BUDGET_RTOL = 0.05  # runs whose FLOPs agree within 5% share an isoFLOP budget
+MIN_RUNS = 6  # approach 3 has five free constants: one run more than that, at the very least
+# Chinchilla's initialization grid (Hoffmann et al. 2022, appendix D.2): 5·5·5·6·6 = 4500 points.
+INIT_GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-1, 1.01, 0.5),
+             "alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5)}
+THETA = ("a", "b", "e", "alpha", "beta")  # the optimizer's parameter vector, in this order
+CONSTANTS = ("E", "A", "B", "alpha", "beta", "a", "b")  # reported; a, b: N_opt ∝ C^a, D_opt ∝ C^b
+# alpha and beta >= 0 keep the law decreasing in N and D; the log-scale constants are free.
+BOUNDS = [(None, None), (None, None), (None, None), (0.0, 4.0), (0.0, 4.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  """A sweep's results as parallel float arrays (one entry per run)."""
+  params: np.ndarray
+  tokens: np.ndarray
+  loss: np.ndarray
+  flops: np.ndarray
+
+  def __len__(self):
+    return len(self.loss)
+
+  def take(self, index):
+    return Runs(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+def make_runs(params, tokens, loss, flops=None) -> Runs:
+  """Runs from sequences; a missing (None) flops entry becomes 6·N·D, the usual estimate."""
+  params, tokens, loss = (np.asarray(x, dtype=np.float64) for x in (params, tokens, loss))
+  estimate = 6.0 * params * tokens
+  if flops is None:
+    return Runs(params, tokens, loss, estimate)
+  given = np.array([np.nan if f is None else f for f in flops], dtype=np.float64)
+  return Runs(params, tokens, loss, np.where(np.isnan(given), estimate, given))
+
+
+def _positive_number(row, key, where):
+  value = row[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+  if not math.isfinite(value) or value <= 0:
+    raise ConfigError(f"{where}: {key} must be positive and finite, got {value!r}")
+  return float(value)
+
+
+def load_runs(path) -> Runs:
+  """Reads RUNS.jsonl: one JSON object per line with params, tokens, loss and optionally flops.
+  Every malformed line is a ConfigError naming the file and line."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"runs file not found: {path}")
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise ConfigError(f"{where}: expected a JSON object with params, tokens, loss")
+      for key in ("params", "tokens", "loss"):
+        if key not in row:
+          raise ConfigError(f"{where}: missing {key!r} (each line needs params, tokens, loss and "
+                            "optionally flops)")
+      flops = _positive_number(row, "flops", where) if row.get("flops") is not None else None
+      rows.append([_positive_number(row, k, where) for k in ("params", "tokens", "loss")] + [flops])
+  if not rows:
+    raise ConfigError(f"runs file is empty: {path} (expected one JSON object per line with params, "
+                      "tokens, loss)")
+  return make_runs(*zip(*rows))
+
+
+def group_close(values, rtol=BUDGET_RTOL):
+  """Index arrays of values that agree within rtol of their group's smallest, ascending. The
+  comparison is against the group's first member, so a slow drift never chains groups together."""
+  order = np.argsort(values, kind="stable")
+  groups = []
+  for i in order:
+    if groups and values[i] <= values[groups[-1][0]] * (1 + rtol):
+      groups[-1].append(i)
+    else:
+      groups.append([i])
+  return [np.array(g) for g in groups]
+
+
+def _geomean(x):
+  return float(np.exp(np.mean(np.log(x))))
+
+
+def _loglog_line(x, y):
+  """Least squares log y = slope·log x + intercept; returns (slope, exp(intercept))."""
+  slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+  return float(slope), float(np.exp(intercept))
+
+
+# --- Chinchilla approach 2 ------------------------------------------------------------------------
+
+def fit_isoflop(runs: Runs, rtol=BUDGET_RTOL) -> dict:
+  """A parabola L(log N) per isoFLOP budget (>= 3 sizes, opening upward), its vertex N_opt(C),
+  then the exponents a, b of N_opt ∝ C^a, D_opt ∝ C^b over the budgets. a and b are None (with a
+  reason) when fewer than two budgets give a minimum, e.g. for an N × D grid."""
+  budgets, skipped = [], []
+  for index in group_close(runs.flops, rtol):
+    flops = _geomean(runs.flops[index])
+    log_n = np.log(runs.params[index])
+    if len(np.unique(log_n)) < 3:
+      skipped.append({"flops": flops, "reason": "fewer than 3 model sizes"})
+      continue
+    coeffs = np.polyfit(log_n, runs.loss[index], 2)
+    if coeffs[0] <= 0:
+      skipped.append({"flops": flops, "reason": "no minimum (the parabola opens downward)"})
+      continue
+    log_n_opt = -coeffs[1] / (2 * coeffs[0])
+    params_opt = float(np.exp(log_n_opt))
+    budgets.append({
+        "flops": flops, "runs": int(len(index)), "params_opt": params_opt,
+        "tokens_opt": flops / (6 * params_opt), "loss_opt": float(np.polyval(coeffs, log_n_opt)),
+        "parabola": [float(c) for c in coeffs],  # L = p0·x² + p1·x + p2, x = ln N
+        "inside_sampled_range": bool(log_n.min() <= log_n_opt <= log_n.max())})
+  result = {"budgets": budgets, "skipped": skipped, "a": None, "b": None}
+  if len(budgets) < 2:
+    result["reason"] = (f"{len(budgets)} isoFLOP budget(s) with a parabola minimum; need at least 2 "
+                        "(3+ model sizes per budget)")
+    return result
+  flops = [b["flops"] for b in budgets]
+  result["a"], result["params_coef"] = _loglog_line(flops, [b["params_opt"] for b in budgets])
+  result["b"], result["tokens_coef"] = _loglog_line(flops, [b["tokens_opt"] for b in budgets])
+  return result
+
+
+# --- Chinchilla approach 3 ------------------------------------------------------------------------
+
+def law(constants, params, tokens):
+  """L(N, D) = E + A/N^alpha + B/D^beta for a dict of constants (scalars or bootstrap arrays)."""
+  c = constants
+  return c["E"] + c["A"] / params ** c["alpha"] + c["B"] / tokens ** c["beta"]
+
+
+def _terms(theta, log_n, log_d):
+  """The three log-terms (..., 3, runs) whose log-sum-exp is the predicted log-loss."""
+  a, b, e, alpha, beta = (theta[..., i, None] for i in range(5))
+  return np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e + 0 * log_n), -2)
+
+
+def _huber(r, delta):
+  """Huber loss scaled by 1/delta² (same minimizer), so that the objective is O(runs) and
+  L-BFGS-B's relative tolerance, taken against max(|f|, 1), does not stop it early."""
+  quadratic = np.abs(r) <= delta
+  return np.where(quadratic, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)) / delta**2
+
+
+def _objective(theta, log_n, log_d, log_l, delta):
+  """Sum of Huber losses of log-loss residuals, and its gradient in theta."""
+  terms = _terms(theta, log_n, log_d)
+  lse = special.logsumexp(terms, axis=0)
+  r = lse - log_l
+  psi = np.clip(r, -delta, delta) / delta**2  # d huber / d r
+  w = np.exp(terms - lse) * psi  # d lse / d term, times psi
+  grad = np.array([w[0].sum(), w[1].sum(), w[2].sum(), -(w[0] * log_n).sum(),
+                   -(w[1] * log_d).sum()])
+  return _huber(r, delta).sum(), grad
+
+
+def _init_grid():
+  mesh = np.meshgrid(*(INIT_GRID[k] for k in THETA), indexing="ij")
+  return np.stack([m.ravel() for m in mesh], -1)
+
+
+def _minimize(runs, delta, starts, extra=()):
+  """L-BFGS-B from the `starts` best grid points (screened by objective value, all at once) and
+  from `extra` points; returns the best theta and its objective."""
+  log_n, log_d, log_l = np.log(runs.params), np.log(runs.tokens), np.log(runs.loss)
+  grid = _init_grid()
+  screen = _huber(special.logsumexp(_terms(grid, log_n, log_d), axis=-2) - log_l, delta).sum(-1)
+  candidates = list(grid[np.argsort(screen)[:starts]]) + list(extra)
+  best = None
+  for x0 in candidates:
+    res = optimize.minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True,
+                            method="L-BFGS-B", bounds=BOUNDS,
+                            options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-9})
+    if best is None or res.fun < best.fun:
+      best = res
+  return best.x, float(best.fun)
+
+
+def constants_of(theta):
+  """E, A, B, alpha, beta and the compute-optimal exponents a, b from a theta (or rows of them)."""
+  theta = np.asarray(theta)
+  alpha, beta = theta[..., 3], theta[..., 4]
+  with np.errstate(divide="ignore", invalid="ignore"):  # alpha = beta = 0: no optimum
+    a, b = beta / (alpha + beta), alpha / (alpha + beta)
+  return {"E": np.exp(theta[..., 2]), "A": np.exp(theta[..., 0]), "B": np.exp(theta[..., 1]),
+          "alpha": alpha, "beta": beta, "a": a, "b": b}
+
+
+def _check_parametric(runs: Runs):
+  if len(runs) < MIN_RUNS:
+    raise ConfigError(f"too few runs for a fit: {len(runs)}; L(N, D) = E + A/N^alpha + B/D^beta "
+                      f"has five constants, so at least {MIN_RUNS} runs are needed")
+  if len(np.unique(runs.params)) < 2 or len(np.unique(runs.tokens)) < 2:
+    raise ConfigError("the runs need at least 2 distinct params and 2 distinct tokens values to "
+                      "fit L(N, D)")
+
+
+def fit_parametric(runs: Runs, delta=HUBER_DELTA, starts=16, bootstrap=200, seed=0, level=0.95):
+  """Approach 3: the best of L-BFGS-B runs from the `starts` best points of Chinchilla's grid, then
+  `bootstrap` refits on runs resampled with replacement (each from its own 4 best grid points and
+  the full fit's optimum), giving percentile intervals at `level` for every constant."""
+  _check_parametric(runs)
+  theta, objective = _minimize(runs, delta, starts)
+  rng = np.random.default_rng(seed)
+  samples = np.array([_minimize(runs.take(rng.integers(0, len(runs), len(runs))), delta, 4,
+                                extra=[theta])[0] for _ in range(bootstrap)]).reshape(-1, 5)
+  point, draws = constants_of(theta), constants_of(samples)
+  tail = 100 * (1 - level) / 2
+  return {
+      "constants": {k: float(v) for k, v in point.items()},
+      "intervals": {k: [float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail))]
+                    for k, v in draws.items()},
+      "level": level, "huber_delta": delta, "objective": objective, "runs": len(runs),
+      "bootstrap": {"resamples": bootstrap, "seed": seed,
+                    "samples": {k: draws[k].tolist() for k in ("E", "A", "B", "alpha", "beta")}}}
+
+
+def holdout_check(runs: Runs, delta=HUBER_DELTA, rtol=BUDGET_RTOL):
+  """Refits approach 3 without the largest FLOP budget and predicts that budget's losses: how far
+  the law extrapolates in compute. None when there are fewer than 3 budgets or too few runs."""
+  groups = group_close(runs.flops, rtol)
+  train = np.concatenate(groups[:-1]) if len(groups) >= 3 else np.array([], int)
+  try:
+    _check_parametric(runs.take(train))
+  except ConfigError:
+    return None
+  constants = constants_of(_minimize(runs.take(train), delta, starts=8)[0])
+  held = runs.take(groups[-1])
+  error = law(constants, held.params, held.tokens) / held.loss - 1
+  return {"flops": _geomean(held.flops), "runs": len(held), "train_runs": int(len(train)),
+          "mean_abs_rel_error": float(np.mean(np.abs(error))),
+          "max_abs_rel_error": float(np.max(np.abs(error)))}
+
+
+# --- Kaplan-style frontier power laws -------------------------------------------------------------
+
+def fit_frontier(x, loss, rtol=BUDGET_RTOL):
+  """L = (x_c / x)^exponent on the lower envelope: the best loss per group of close x values,
+  keeping only points that beat every smaller x (a power law in x can only decrease)."""
+  points = []
+  for index in sorted(group_close(x, rtol), key=lambda i: x[i].min()):
+    best = float(loss[index].min())
+    if not points or best < points[-1][1]:
+      points.append([_geomean(x[index]), best])
+  result = {"points": points, "exponent": None, "scale": None}
+  if len(points) >= 2:
+    slope, coef = _loglog_line(*zip(*points))
+    result["exponent"] = -slope
+    result["scale"] = coef ** (1 / -slope)  # L = coef·x^slope = (scale/x)^exponent
+  return result
+
+
+def fit_kaplan(runs: Runs, rtol=BUDGET_RTOL):
+  return {"params": fit_frontier(runs.params, runs.loss, rtol),
+          "tokens": fit_frontier(runs.tokens, runs.loss, rtol),
+          "flops": fit_frontier(runs.flops, runs.loss, rtol)}
+
+
+# --- All fits, and predictions from them ----------------------------------------------------------
+
+def fit_runs(runs: Runs, bootstrap=200, seed=0, level=0.95, rtol=BUDGET_RTOL) -> dict:
+  """Every fit above, as the JSON-ready dict that is saved as fit.json."""
+  return {"runs": len(runs),
+          "approach3": fit_parametric(runs, bootstrap=bootstrap, seed=seed, level=level),
+          "approach2": fit_isoflop(runs, rtol), "kaplan": fit_kaplan(runs, rtol),
+          "holdout": holdout_check(runs, rtol=rtol), "budget_rtol": rtol}
+
+
+def headline(fit: dict) -> dict:
+  """The CLI's last line: approach 3's constants with their intervals, and approach 2's a, b."""
+  fit3 = fit["approach3"]
+  return dict(fit3["constants"], intervals=fit3["intervals"], level=fit3["level"],
+              approach2={"a": fit["approach2"]["a"], "b": fit["approach2"]["b"]})
+
+
+def compute_optimal(constants, flops):
+  """Approach 3's closed form: minimizing L(N, D) subject to 6·N·D = C gives
+  N_opt = G·(C/6)^a, D_opt = (C/6)^b / G with G = (alpha·A / (beta·B))^(1/(alpha+beta))."""
+  c = constants
+  g = (c["alpha"] * c["A"] / (c["beta"] * c["B"])) ** (1 / (c["alpha"] + c["beta"]))
+  a, b = c["beta"] / (c["alpha"] + c["beta"]), c["alpha"] / (c["alpha"] + c["beta"])
+  params, tokens = g * (flops / 6) ** a, (flops / 6) ** b / g
+  return params, tokens, law(c, params, tokens)
+
+
+def predict(fit: dict, flops: float) -> dict:
+  """Compute-optimal params, tokens and loss for a FLOP budget, with bootstrap intervals (and
+  approach 2's N_opt, D_opt when it was fitted, for comparison)."""
+  if not (math.isfinite(flops) and flops > 0):
+    raise ConfigError(f"--flops must be a positive number of FLOPs, got {flops!r}")
+  fit3 = fit["approach3"]
+  params, tokens, loss = compute_optimal(fit3["constants"], flops)
+  draws = {k: np.asarray(v) for k, v in fit3["bootstrap"]["samples"].items()}
+  with np.errstate(all="ignore"):  # a degenerate resample (alpha = beta = 0) gives nan: skipped
+    samples = compute_optimal(draws, flops)
+  tail = 100 * (1 - fit3["level"]) / 2
+  result = {"flops": flops, "params": float(params), "tokens": float(tokens), "loss": float(loss),
+            "tokens_per_param": float(tokens / params), "level": fit3["level"],
+            "intervals": {k: [float(np.nanpercentile(s, tail)), float(np.nanpercentile(s, 100 - tail))]
+                          for k, s in zip(("params", "tokens", "loss"), samples)}}
+  fit2 = fit.get("approach2") or {}
+  if fit2.get("a") is not None:
+    result["approach2"] = {"params": fit2["params_coef"] * flops ** fit2["a"],
+                           "tokens": fit2["tokens_coef"] * flops ** fit2["b"]}
+  return result
