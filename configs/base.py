@@ -62,6 +62,11 @@ def get_config(arg=None):
   t.z_loss = 0.0  # coefficient of log(Z)^2, stabilises the softmax normaliser
   t.sample_prompt = ""  # if set, print a sample from the model at the end of training
   t.sample_tokens = 64
+  # Anomalies (non-finite loss or gradients, or a loss spike) are caught inside the jitted step,
+  # whose update is then not applied; the policy says what the loop does next.
+  t.on_anomaly = "skip"  # skip (go on with the next batch) | rollback | abort
+  t.spike_factor = 0.0  # > 0: loss > spike_factor * (running mean of loss) is a spike; 0 = off
+  t.spike_warmup_steps = 100  # no spike checks before this step (the running mean settles)
 
   # ------------------------------------------------------------------------------- optimizer
   o = c.optimizer = ml_collections.ConfigDict()

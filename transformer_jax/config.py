@@ -30,6 +30,7 @@ ENUMS = {
     "model.remat": ("none", "full"),
     "data.format": ("text", "lines", "jsonl"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
+    "train.on_anomaly": ("skip", "rollback", "abort"),
 }
 POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
             "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
@@ -38,7 +39,8 @@ POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab
 NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dropout_rate",
                 "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
                 "optimizer.weight_decay", "optimizer.grad_clip", "eval.every_steps",
-                "checkpoint.keep_period", "train.z_loss", "data.num_workers")
+                "checkpoint.keep_period", "train.z_loss",
+                "train.spike_factor", "train.spike_warmup_steps", "data.num_workers")
 
 
 def load(spec: str, overrides=()) -> ml_collections.ConfigDict:

@@ -2,6 +2,7 @@
 [--config.KEY=VALUE ...]`. Re-running the same command in the same workdir resumes exactly."""
 
 import os
+import sys
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
@@ -16,7 +17,13 @@ def main(argv):
     if config.data.tokenizer:
       config.data.tokenizer = os.path.abspath(config.data.tokenizer)
   from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
-  out = loop.train(config, flags["workdir"])
+  try:
+    out = loop.train(config, flags["workdir"])
+  except loop.AnomalyError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  if out.get("preempted"):
+    sys.exit(128 + out["preempted"])  # the conventional status of a signalled process
   if config.train.sample_prompt:
     from transformer_jax import sample  # pylint: disable=g-import-not-at-top
     text = sample.sample_text(config, out["state"].params, config.train.sample_prompt,

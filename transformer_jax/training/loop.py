@@ -1,10 +1,12 @@
 """The training loop: validate, build sharded state, resume, train, evaluate, checkpoint, log."""
 
-import math
 import os
+import signal
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -39,25 +41,55 @@ def setup(config, workdir: str, devices=None):
   return Trainer(config, mesh)
 
 
+class Preemption:
+  """SIGTERM / SIGINT only set a flag: the loop finishes the step in flight, saves a checkpoint
+  (waiting for any async save) and returns, so re-running the same command resumes."""
+
+  def __init__(self):
+    self.signum, self._old = None, {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # a second signal: the user insists
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def close(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _inject_nan(batch):
+  """Test hook (TJAX_TEST_NAN_STEPS): NaN target weights make this batch's loss and grads NaN."""
+  return dict(batch, weights=batch["weights"] * np.float32("nan"))
+
+
 def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = False,
-          devices=None) -> dict:
+          devices=None, nan_steps=()) -> dict:
   """Trains until `train.steps` (or `stop_after` steps into this run, for tests), resuming from
-  the latest checkpoint in `workdir`. Returns the last logged metrics."""
+  the latest readable checkpoint in `workdir`. Returns the last logged metrics, plus
+  `preempted` (the signal number) when a signal stopped it early."""
   trainer = setup(config, workdir, devices)
   c = config
   lead = jax.process_index() == 0
+  say = (lambda msg: tqdm.tqdm.write(msg)) if lead and not quiet else (lambda msg: None)
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(c))
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   data = pipeline.make_train_iterator(c, jax.process_index(), jax.process_count())
-  start, state = ckpts.restore(trainer.abstract_state, data)
+  start, state = ckpts.restore(trainer.abstract_state, data, report=say)
   if state is None:
     start, state = 0, trainer.init_state(c.seed)
-  elif not quiet and lead:
-    print(f"resumed from {ckpts.directory}/{start}")
+  else:
+    say(f"resumed from {ckpts.directory}/{start}")
   eval_batches = pipeline.eval_batches(c, c.eval.batches, jax.process_index(),
                                        jax.process_count())
+  nan_steps = set(nan_steps) | {int(s) for s in os.environ.get("TJAX_TEST_NAN_STEPS", "").split(",")
+                                if s}
 
   n_params = metrics_lib.matmul_params(state.params, c.model.tie_embeddings)
   flops_tok = metrics_lib.flops_per_token(trainer.model.cfg, n_params, c.data.seq_len)
@@ -65,54 +97,114 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   peak_total = peak * trainer.mesh.size
   tokens_per_step = c.train.batch_size * c.data.seq_len
   writer = metrics_lib.Writer(workdir, enabled=lead)
-  if lead and not quiet:
-    print(f"workdir {os.path.abspath(workdir)}: {n_params:,} matmul params, "
-          f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {peak_src}")
+  say(f"workdir {os.path.abspath(workdir)}: {n_params:,} matmul params, "
+      f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {peak_src}")
 
   rng = jax.random.key(c.seed)
   end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
   bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=quiet or not lead,
                   dynamic_ncols=True)
-  last, first_log = {}, {}
+  preemption = Preemption()
+  last, first_log, flags = {}, {}, []  # flags: (step, nonfinite, spike) on device, unchecked
   t_mark, steps_since, t0 = None, 0, time.perf_counter()
-  loss_sum, n_loss = 0.0, 0  # device-side running sum: no host sync between log steps
-  for step in range(start, end):
-    batch = trainer.put_batch(next(data))
-    state, m = trainer.train_step(state, batch, rng)
-    done = step + 1
-    steps_since += 1
-    loss_sum, n_loss = loss_sum + m["loss"], n_loss + 1
-    if t_mark is None:  # the first step of this run includes compilation
-      jax.block_until_ready(m)
-      first_log["compile_s"] = time.perf_counter() - t0
-      t_mark, steps_since = time.perf_counter(), 0
-    if done % c.train.log_every == 0 or done == end:
-      m = jax.device_get(m)
-      m["loss_last"], m["loss"] = m["loss"], float(loss_sum) / n_loss
-      loss_sum, n_loss = 0.0, 0
-      if not math.isfinite(m["loss"]):
-        raise FloatingPointError(f"non-finite loss {m['loss']} at step {done}; resume from the "
-                                 f"last checkpoint in {ckpts.directory} with a lower learning rate")
-      now = time.perf_counter()
-      tps = tokens_per_step * steps_since / max(now - t_mark, 1e-9) if steps_since else 0.0
-      t_mark, steps_since = now, 0
-      last = {k: float(v) for k, v in m.items()}
-      last.update(tokens_per_s=tps, mfu=tps * flops_tok / peak_total, **first_log)
-      first_log = {}
-      writer.write(done, last)
-      bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
-    if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
-      ev = trainer.eval_loss(state.params, eval_batches)
-      writer.write(done, {"eval_loss": ev, "eval_perplexity": float(np.exp(min(ev, 50.0)))})
-      last["eval_loss"] = ev
-      if not quiet and lead:
-        tqdm.tqdm.write(f"step {done}: eval_loss {ev:.4f}")
-    if done % c.checkpoint.every_steps == 0 or done == end:
-      ckpts.save(done, state, data, force=done == end)
-    bar.update(1)
-  bar.close()
-  ckpts.close()
-  writer.close()
-  last["step"] = end
+  loss_sum, n_loss = 0.0, 0  # device-side sums over applied steps: no host sync per step
+  step = start
+  try:
+    while step < end:
+      batch = next(data)
+      state, m = trainer.train_step(
+          state, trainer.put_batch(_inject_nan(batch) if step in nan_steps else batch), rng)
+      bad = m["nonfinite"] | m["spike"]
+      flags.append((step, m["nonfinite"], m["spike"]))
+      loss_sum = loss_sum + jnp.where(bad, 0.0, m["loss"])
+      n_loss = n_loss + (1 - bad.astype(jnp.int32))
+      done, steps_since = step + 1, steps_since + 1
+      if t_mark is None:  # the first step of this run includes compilation
+        jax.block_until_ready(m)
+        first_log["compile_s"] = time.perf_counter() - t0
+        t_mark, steps_since = time.perf_counter(), 0
+      is_log = done % c.train.log_every == 0 or done == end
+      is_save = done % c.checkpoint.every_steps == 0 or done == end
+      stopping = preemption.signum is not None
+      if is_log or is_save or stopping:  # anomalies are checked before anything is saved
+        events = _anomalies(jax.device_get(flags))
+        flags = []
+        for ev in events:
+          writer.write(ev["batch"] + 1, dict(ev, event="anomaly", policy=c.train.on_anomaly))
+        if events and c.train.on_anomaly == "abort":
+          raise AnomalyError(
+              f"{events[0]['reason']} at step {events[0]['batch'] + 1} (batch "
+              f"{events[0]['batch']} of the data order); update not applied. Resume from "
+              f"{ckpts.directory} with a lower learning rate, or set train.on_anomaly=skip")
+        if events and c.train.on_anomaly == "rollback":
+          step, state = _rollback(trainer, ckpts, data, events, writer, say, c.seed)
+          flags, loss_sum, n_loss, t_mark, steps_since = [], 0.0, 0, time.perf_counter(), 0
+          continue
+      if is_log:
+        m = jax.device_get(m)
+        n = int(n_loss)
+        m["loss_last"], m["loss"] = m["loss"], float(loss_sum) / n if n else float("nan")
+        m["skipped"] = int(jax.device_get(state.skipped))
+        loss_sum, n_loss = 0.0, 0
+        now = time.perf_counter()
+        tps = tokens_per_step * steps_since / max(now - t_mark, 1e-9) if steps_since else 0.0
+        t_mark, steps_since = now, 0
+        last = {k: float(v) for k, v in m.items()}
+        last.update(tokens_per_s=tps, mfu=tps * flops_tok / peak_total, **first_log)
+        first_log = {}
+        writer.write(done, last)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
+      if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
+        ev = trainer.eval_loss(state.params, eval_batches)
+        writer.write(done, {"eval_loss": ev, "eval_perplexity": float(np.exp(min(ev, 50.0)))})
+        last["eval_loss"] = ev
+        say(f"step {done}: eval_loss {ev:.4f}")
+      if is_save or stopping:
+        ckpts.save(done, state, data, force=True)
+      bar.update(1)
+      step = done
+      if stopping:
+        ckpts.wait()
+        name = signal.Signals(preemption.signum).name
+        say(f"{name} received: stopped after step {done}, checkpoint {ckpts.directory}/{done} "
+            f"saved; re-run the same command to resume")
+        last["preempted"] = preemption.signum
+        break
+  finally:
+    preemption.close()
+    bar.close()
+    ckpts.close()
+    writer.close()
+  last["step"] = step
   last["state"] = state
   return last
+
+
+class AnomalyError(RuntimeError):
+  """A non-finite or spiking step under train.on_anomaly=abort."""
+
+
+def _anomalies(flags):
+  return [{"batch": int(s), "reason": "non-finite loss or gradient" if nf else "loss spike"}
+          for s, nf, sp in flags if nf or sp]
+
+
+def _rollback(trainer, ckpts, data, events, writer, say, seed):
+  """Restores the newest checkpoint from before the first bad batch and skips the data window
+  up to and including the last bad one. Returns (next step, state)."""
+  first, last_bad = events[0]["batch"], events[-1]["batch"]
+  good = [s for s in ckpts.all_steps() if s <= first]
+  if good:
+    step, state = ckpts.restore(trainer.abstract_state, data, step=max(good), report=say)
+  else:  # nothing saved yet: the initial state and the start of the data
+    step, state = 0, trainer.init_state(seed)
+    data.set_state(pipeline.make_train_iterator(trainer.config, jax.process_index(),
+                                                jax.process_count()).get_state())
+  for _ in range(last_bad + 1 - step):
+    next(data)
+  state = state.replace(step=jax.device_put(jnp.asarray(last_bad + 1, jnp.int32),
+                                            trainer.state_shardings.step))
+  writer.write(last_bad + 1, {"event": "rollback", "restored_step": step,
+                              "skipped_batches": [step, last_bad]})
+  say(f"rollback: restored step {step}, skipped batches {step}..{last_bad}")
+  return last_bad + 1, state

@@ -23,6 +23,16 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  loss_mean: jax.Array  # running mean of the loss over applied steps (the spike reference)
+  skipped: jax.Array  # steps whose update was not applied (anomalies), over the whole run
+
+  @classmethod
+  def create(cls, params, opt_state):
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+               loss_mean=jnp.zeros((), jnp.float32), skipped=jnp.zeros((), jnp.int32))
+
+
+LOSS_MEAN_DECAY = 0.99
 
 
 def build_model(config):
@@ -78,7 +88,7 @@ class Trainer:
     seq = min(self.config.data.seq_len, 8)
     params = self.model.init(rng, jnp.zeros((1, seq), jnp.int32))["params"]
     opt_state = self.tx.init(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+    return TrainState.create(params, opt_state)
 
   def _train_step(self, state, batch, rng):
     c = self.config
@@ -111,12 +121,27 @@ class Trainer:
 
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "learning_rate": self.lr_schedule(state.step),
-               "tokens": weight}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    loss, grad_norm = loss / denom, optax.tree.norm(grads)
+    # Anomaly guard, on device: the update is applied only to a finite loss and gradient that is
+    # not a spike, so a bad batch never reaches the parameters or the optimizer moments.
+    nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    spike = ((c.train.spike_factor > 0) & (state.step >= c.train.spike_warmup_steps)
+             & (loss > c.train.spike_factor * state.loss_mean))
+    bad = nonfinite | spike
+
+    def apply(_):
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      mean = jnp.where(state.step == 0, loss,
+                       LOSS_MEAN_DECAY * state.loss_mean + (1 - LOSS_MEAN_DECAY) * loss)
+      return optax.apply_updates(state.params, updates), opt_state, mean
+
+    params, opt_state, loss_mean = jax.lax.cond(
+        bad, lambda _: (state.params, state.opt_state, state.loss_mean), apply, None)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+               "learning_rate": self.lr_schedule(state.step), "tokens": weight,
+               "nonfinite": nonfinite, "spike": spike}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      loss_mean=loss_mean, skipped=state.skipped + bad), metrics
 
   def _eval_step(self, params, batch):
     return loss_sums(self.model, params, batch)

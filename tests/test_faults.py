@@ -1,0 +1,126 @@
+"""Long runs survive: anomalies (skip / rollback / abort), SIGTERM, unreadable checkpoints."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax.training import loop
+from transformer_jax.training.step import Trainer
+from transformer_jax.parallel import sharding
+from tests.conftest import REPO, tiny_overrides
+
+ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
+
+
+def _config(tiny_data, **extra):
+  return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
+
+
+def _lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_nonfinite_batch_leaves_params_and_optimizer_untouched(tiny_data):
+  config = _config(tiny_data)
+  trainer = Trainer(config, sharding.make_mesh(config, ONE()))
+  state = trainer.init_state(0)
+  b, t = config.train.batch_size, config.data.seq_len
+  batch = {"inputs": np.ones((b, t), np.int32), "targets": np.ones((b, t), np.int32),
+           "weights": np.full((b, t), np.nan, np.float32), "segment_ids": np.ones((b, t), np.int32),
+           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+  before = jax.device_get(state)
+  after, m = trainer.train_step(state, trainer.put_batch(batch), jax.random.key(0))
+  after = jax.device_get(after)
+  assert bool(m["nonfinite"]) and int(after.skipped) == 1 and int(after.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+
+
+def test_skip_policy_completes_and_logs_each_skipped_batch(tiny_data, tmp_path):
+  out = loop.train(_config(tiny_data), str(tmp_path), quiet=True, devices=ONE(), nan_steps={3, 7})
+  events = [r for r in _lines(tmp_path) if r.get("event") == "anomaly"]
+  assert [(e["step"], e["batch"], e["policy"]) for e in events] == [(4, 3, "skip"), (8, 7, "skip")]
+  assert out["step"] == 20 and out["skipped"] == 2 and np.isfinite(out["loss"])
+  losses = [r["loss"] for r in _lines(tmp_path) if "loss" in r]
+  assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+
+
+def test_rollback_policy_restores_and_skips_the_data_window(tiny_data, tmp_path):
+  config = _config(tiny_data, **{"train.on_anomaly": "rollback", "checkpoint.every_steps": 4,
+                                 "train.log_every": 2})
+  out = loop.train(config, str(tmp_path), quiet=True, devices=ONE(), nan_steps={6})
+  rows = _lines(tmp_path)
+  rollback = [r for r in rows if r.get("event") == "rollback"]
+  assert rollback == [{"step": 7, "event": "rollback", "restored_step": 4,
+                       "skipped_batches": [4, 6]}]
+  assert out["step"] == 20 and np.isfinite(out["loss"])
+  assert int(jax.device_get(out["state"].skipped)) == 0  # the bad update was rolled back
+  assert int(jax.device_get(out["state"].step)) == 20
+
+
+def test_abort_policy_stops_with_a_clear_message(tiny_data, tmp_path):
+  config = _config(tiny_data, **{"train.on_anomaly": "abort"})
+  with pytest.raises(loop.AnomalyError, match=r"non-finite loss or gradient at step 3 \(batch 2"):
+    loop.train(config, str(tmp_path), quiet=True, devices=ONE(), nan_steps={2})
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == []  # nothing after the bad batch saved
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_path, capsys):
+  config = _config(tiny_data, **{"train.steps": 10})
+  loop.train(config, str(tmp_path), quiet=True, devices=ONE(), stop_after=10)
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["5", "10"]
+  victim = max(glob.glob(f"{tmp_path}/checkpoints/10/state/**/*", recursive=True),
+               key=lambda p: os.path.getsize(p) if os.path.isfile(p) else -1)
+  with open(victim, "r+b") as f:  # truncate the biggest file of the newest checkpoint
+    f.truncate(os.path.getsize(victim) // 3)
+  config = _config(tiny_data, **{"train.steps": 12})
+  out = loop.train(config, str(tmp_path), devices=ONE())
+  err = capsys.readouterr()
+  assert "checkpoint 10 is unreadable" in err.out + err.err
+  assert out["step"] == 12
+  assert os.listdir(tmp_path / "checkpoints_unreadable")[0].startswith("10-")
+  assert "12" in os.listdir(tmp_path / "checkpoints")
+
+
+def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_path):
+  """SIGTERM mid-run: checkpoint + exit status 143; re-running resumes; every logged loss equals
+  an uninterrupted run's."""
+  flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{"train.log_every": 1,
+                                                                   "train.steps": 40})]
+  ref = str(tmp_path / "ref")
+  loop.train(_config(tiny_data, **{"train.log_every": 1, "train.steps": 40}), ref, quiet=True,
+             devices=ONE())
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
+         f"--workdir={workdir}"] + flags
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline:  # wait until training is under way
+    if os.path.exists(f"{workdir}/metrics.jsonl") and len(_lines(workdir)) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out[-2000:]
+  assert "SIGTERM received: stopped after step" in out
+  stopped = max(int(s) for s in os.listdir(f"{workdir}/checkpoints"))
+  assert 3 <= stopped < 40
+  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  got = {r["step"]: r["loss"] for r in _lines(workdir) if "loss" in r}
+  want = {r["step"]: r["loss"] for r in _lines(ref) if "loss" in r}
+  assert sorted(got) == sorted(want)
+  for step, loss in want.items():
+    assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
