@@ -89,6 +89,10 @@ def get_config(arg=None):
   k.keep = 3  # keep the last N checkpoints ...
   k.keep_period = 0  # ... and every checkpoint whose step is a multiple of this (0 = none)
   k.async_save = True
+  # When WORKDIR's checkpoints were written for another model or tokenizer (config.json differs in
+  # model.* or data.tokenizer): refuse (name the keys) | fresh (set them aside, start over) |
+  # params (start over from their parameters; same shapes needed).
+  k.on_mismatch = "refuse"
 
   # ------------------------------------------------------------------------------------ eval
   e = c.eval = ml_collections.ConfigDict()

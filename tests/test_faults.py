@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
 from transformer_jax.training import loop
+from transformer_jax.training.checkpoint import Checkpoints
 from transformer_jax.training.step import Trainer
 from transformer_jax.parallel import sharding
 from tests.conftest import REPO, tiny_overrides
@@ -124,3 +126,26 @@ def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_pa
   assert sorted(got) == sorted(want)
   for step, loss in want.items():
     assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
+
+
+def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_path):
+  workdir = str(tmp_path)
+  loop.train(_config(tiny_data, **{"train.steps": 5}), workdir, quiet=True, devices=ONE())
+  saved = Checkpoints(workdir, _config(tiny_data).checkpoint).restore_params(
+      Trainer(_config(tiny_data), sharding.make_mesh(_config(tiny_data), ONE()))
+      .abstract_state.params)[1]
+  with pytest.raises(ConfigError, match=r"model\.d_ff: 0 -> 128.*on_mismatch=fresh\|params"):
+    loop.train(_config(tiny_data, **{"model.d_ff": 128}), workdir, quiet=True, devices=ONE())
+  # params: same shapes (dropout differs) -> starts at step 0 from the saved parameters
+  out = loop.train(_config(tiny_data, **{"model.dropout_rate": 0.1,
+                                         "checkpoint.on_mismatch": "params"}),
+                   workdir, quiet=True, devices=ONE(), stop_after=0)
+  assert out["step"] == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(out["state"].params),
+               jax.device_get(saved))
+  # fresh: another shape -> old checkpoints set aside, training starts over
+  out = loop.train(_config(tiny_data, **{"model.d_ff": 128, "train.steps": 5,
+                                         "checkpoint.on_mismatch": "fresh"}),
+                   workdir, quiet=True, devices=ONE())
+  assert out["step"] == 5
+  assert len(glob.glob(f"{workdir}/checkpoints_previous-*")) == 1

@@ -31,6 +31,7 @@ ENUMS = {
     "data.format": ("text", "lines", "jsonl"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
     "train.on_anomaly": ("skip", "rollback", "abort"),
+    "checkpoint.on_mismatch": ("refuse", "fresh", "params"),
 }
 POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
             "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",

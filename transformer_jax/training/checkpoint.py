@@ -10,6 +10,14 @@ import orbax.checkpoint as ocp
 from transformer_jax.config import ConfigError
 
 
+def set_aside(workdir: str) -> str:
+  """Moves WORKDIR/checkpoints to WORKDIR/checkpoints_previous-TIME (kept, never deleted)."""
+  src = os.path.join(os.path.abspath(workdir), "checkpoints")
+  dest = f"{src}_previous-{time.strftime('%Y%m%d-%H%M%S')}"
+  shutil.move(src, dest)
+  return dest
+
+
 class Checkpoints:
   """Async saves, keep-last-N plus a periodic keep, and restore of the latest step."""
 

@@ -1,5 +1,6 @@
 """The training loop: validate, build sharded state, resume, train, evaluate, checkpoint, log."""
 
+import json
 import os
 import signal
 import threading
@@ -67,6 +68,27 @@ def _inject_nan(batch):
   return dict(batch, weights=batch["weights"] * np.float32("nan"))
 
 
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def workdir_mismatch(config, workdir: str) -> list[str]:
+  """`KEY: saved -> now` for each model.* or data.tokenizer value that differs from the config
+  the workdir's checkpoints were written with (none when there are no checkpoints)."""
+  saved_path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
+  if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_dir)
+          and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+    return []
+  with open(saved_path) as f:
+    saved = _flat(json.load(f))
+  now = _flat(json.loads(config_lib.to_json(config)))
+  keys = sorted(k for k in set(saved) | set(now) if k.startswith("model.") or k == "data.tokenizer")
+  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
 def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = False,
           devices=None, nan_steps=()) -> dict:
   """Trains until `train.steps` (or `stop_after` steps into this run, for tests), resuming from
@@ -76,6 +98,17 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   c = config
   lead = jax.process_index() == 0
   say = (lambda msg: tqdm.tqdm.write(msg)) if lead and not quiet else (lambda msg: None)
+  diffs, params = workdir_mismatch(c, workdir), None
+  if diffs and c.checkpoint.on_mismatch == "refuse":
+    raise ConfigError(f"{workdir} holds checkpoints of another model or tokenizer ("
+                      f"{'; '.join(diffs)}); use a new --workdir, or "
+                      f"--config.checkpoint.on_mismatch=fresh|params")
+  if diffs:
+    old = ckpt_lib.Checkpoints(workdir, c.checkpoint)
+    if c.checkpoint.on_mismatch == "params":
+      _, params = old.restore_params(trainer.abstract_state.params)
+    old.close()
+    say(f"checkpoints of the previous config set aside in {ckpt_lib.set_aside(workdir)}")
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(c))
@@ -84,6 +117,9 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   start, state = ckpts.restore(trainer.abstract_state, data, report=say)
   if state is None:
     start, state = 0, trainer.init_state(c.seed)
+    if params is not None:
+      state = state.replace(params=params)
+      say("started from the previous checkpoint's parameters (new optimizer state, step 0)")
   else:
     say(f"resumed from {ckpts.directory}/{start}")
   eval_batches = pipeline.eval_batches(c, c.eval.batches, jax.process_index(),
