@@ -20,9 +20,16 @@ import json
 import math
 import os
 
-import numpy as np
-from scipy import optimize
-from scipy import special
+# L-BFGS-B on five parameters makes ~10⁵ tiny LAPACK calls per bootstrap. With OpenBLAS threads
+# each call waits for a hand-off, and when the cores are busy that costs far more than the math
+# (measured: a 50-resample fit took 65 s instead of 2 s on a loaded 2-core machine). OpenBLAS reads
+# this once, when scipy first loads it, so it is set before that import; a value you set wins, and
+# it does nothing if scipy was imported earlier in the process.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scipy import optimize  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scipy import special  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from transformer_jax.config import ConfigError
 
@@ -32,8 +39,13 @@ MIN_RUNS = 6  # approach 3 has five free constants: one run more than that, at t
 # Chinchilla's initialization grid (Hoffmann et al. 2022, appendix D.2): 5·5·5·6·6 = 4500 points.
 INIT_GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-1, 1.01, 0.5),
              "alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5)}
+# Published fits of L(N, D) to compare with (../shared/ANCHORS.md §5).
+REFERENCE_LAWS = {
+    "Chinchilla": {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},
+    "Epoch AI": {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658},
+}
+FIT_FILE = "fit.json"
 THETA = ("a", "b", "e", "alpha", "beta")  # the optimizer's parameter vector, in this order
-CONSTANTS = ("E", "A", "B", "alpha", "beta", "a", "b")  # reported; a, b: N_opt ∝ C^a, D_opt ∝ C^b
 # alpha and beta >= 0 keep the law decreasing in N and D; the log-scale constants are free.
 BOUNDS = [(None, None), (None, None), (None, None), (0.0, 4.0), (0.0, 4.0)]
 
@@ -114,7 +126,8 @@ def group_close(values, rtol=BUDGET_RTOL):
   return [np.array(g) for g in groups]
 
 
-def _geomean(x):
+def geomean(x):
+  """The geometric mean: the representative value of a group of close FLOP counts or sizes."""
   return float(np.exp(np.mean(np.log(x))))
 
 
@@ -132,7 +145,7 @@ def fit_isoflop(runs: Runs, rtol=BUDGET_RTOL) -> dict:
   reason) when fewer than two budgets give a minimum, e.g. for an N × D grid."""
   budgets, skipped = [], []
   for index in group_close(runs.flops, rtol):
-    flops = _geomean(runs.flops[index])
+    flops = geomean(runs.flops[index])
     log_n = np.log(runs.params[index])
     if len(np.unique(log_n)) < 3:
       skipped.append({"flops": flops, "reason": "fewer than 3 model sizes"})
@@ -150,8 +163,8 @@ def fit_isoflop(runs: Runs, rtol=BUDGET_RTOL) -> dict:
         "inside_sampled_range": bool(log_n.min() <= log_n_opt <= log_n.max())})
   result = {"budgets": budgets, "skipped": skipped, "a": None, "b": None}
   if len(budgets) < 2:
-    result["reason"] = (f"{len(budgets)} isoFLOP budget(s) with a parabola minimum; need at least 2 "
-                        "(3+ model sizes per budget)")
+    result["reason"] = (f"{len(budgets)} isoFLOP budget(s) with a parabola minimum; need at "
+                        "least 2 (3+ model sizes per budget)")
     return result
   flops = [b["flops"] for b in budgets]
   result["a"], result["params_coef"] = _loglog_line(flops, [b["params_opt"] for b in budgets])
@@ -168,28 +181,31 @@ def law(constants, params, tokens):
 
 
 def _terms(theta, log_n, log_d):
-  """The three log-terms (..., 3, runs) whose log-sum-exp is the predicted log-loss."""
+  """The three log-terms (..., 3, runs) whose log-sum-exp is the predicted log-loss, for one theta
+  or a stack of them (the initialization grid)."""
   a, b, e, alpha, beta = (theta[..., i, None] for i in range(5))
   return np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e + 0 * log_n), -2)
 
 
 def _huber(r, delta):
-  """Huber loss scaled by 1/delta² (same minimizer), so that the objective is O(runs) and
-  L-BFGS-B's relative tolerance, taken against max(|f|, 1), does not stop it early."""
-  quadratic = np.abs(r) <= delta
-  return np.where(quadratic, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)) / delta**2
+  """Huber loss of residuals r and its derivative, both scaled by 1/delta² (same minimizer) so
+  that the objective is O(runs) and L-BFGS-B's relative tolerance, taken against max(|f|, 1),
+  does not stop it early."""
+  psi = np.clip(r, -delta, delta)
+  return psi * (r - 0.5 * psi) / delta**2, psi / delta**2
 
 
 def _objective(theta, log_n, log_d, log_l, delta):
-  """Sum of Huber losses of log-loss residuals, and its gradient in theta."""
-  terms = _terms(theta, log_n, log_d)
-  lse = special.logsumexp(terms, axis=0)
-  r = lse - log_l
-  psi = np.clip(r, -delta, delta) / delta**2  # d huber / d r
-  w = np.exp(terms - lse) * psi  # d lse / d term, times psi
-  grad = np.array([w[0].sum(), w[1].sum(), w[2].sum(), -(w[0] * log_n).sum(),
-                   -(w[1] * log_d).sum()])
-  return _huber(r, delta).sum(), grad
+  """Sum of Huber losses of the log-loss residuals, and its gradient in theta. Written out term
+  by term (not with _terms and scipy's logsumexp): it is called ~10⁵ times per bootstrap."""
+  a, b, e, alpha, beta = theta
+  t_n, t_d = a - alpha * log_n, b - beta * log_d
+  top = np.maximum(np.maximum(t_n, t_d), e)
+  x_n, x_d, x_e = np.exp(t_n - top), np.exp(t_d - top), np.exp(e - top)
+  total = x_n + x_d + x_e
+  loss, psi = _huber(top + np.log(total) - log_l, delta)
+  w_n, w_d, w_e = (x * psi / total for x in (x_n, x_d, x_e))  # d loss / d term
+  return loss.sum(), np.array([w_n.sum(), w_d.sum(), w_e.sum(), -(w_n @ log_n), -(w_d @ log_d)])
 
 
 def _init_grid():
@@ -202,13 +218,14 @@ def _minimize(runs, delta, starts, extra=()):
   from `extra` points; returns the best theta and its objective."""
   log_n, log_d, log_l = np.log(runs.params), np.log(runs.tokens), np.log(runs.loss)
   grid = _init_grid()
-  screen = _huber(special.logsumexp(_terms(grid, log_n, log_d), axis=-2) - log_l, delta).sum(-1)
+  residuals = special.logsumexp(_terms(grid, log_n, log_d), axis=-2) - log_l
+  screen = _huber(residuals, delta)[0].sum(-1)
   candidates = list(grid[np.argsort(screen)[:starts]]) + list(extra)
   best = None
   for x0 in candidates:
     res = optimize.minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True,
                             method="L-BFGS-B", bounds=BOUNDS,
-                            options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-9})
+                            options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
     if best is None or res.fun < best.fun:
       best = res
   return best.x, float(best.fun)
@@ -233,24 +250,36 @@ def _check_parametric(runs: Runs):
                       "fit L(N, D)")
 
 
-def fit_parametric(runs: Runs, delta=HUBER_DELTA, starts=16, bootstrap=200, seed=0, level=0.95):
-  """Approach 3: the best of L-BFGS-B runs from the `starts` best points of Chinchilla's grid, then
-  `bootstrap` refits on runs resampled with replacement (each from its own 4 best grid points and
-  the full fit's optimum), giving percentile intervals at `level` for every constant."""
+def fit_law(runs: Runs, delta=HUBER_DELTA, starts=8) -> dict:
+  """Approach 3's point estimate: the best of L-BFGS-B runs from the `starts` best points of
+  Chinchilla's initialization grid. Returns E, A, B, alpha, beta, a, b as floats."""
   _check_parametric(runs)
+  return {k: float(v) for k, v in constants_of(_minimize(runs, delta, starts)[0]).items()}
+
+
+def fit_parametric(runs: Runs, delta=HUBER_DELTA, starts=8, bootstrap=200, seed=0, level=0.95):
+  """Approach 3 with `bootstrap` refits on runs resampled with replacement (each from its own 2
+  best grid points and the full fit's optimum), giving percentile intervals at `level`."""
+  _check_parametric(runs)
+  if bootstrap < 1:
+    raise ConfigError(f"bootstrap intervals need at least 1 resample, got {bootstrap}")
   theta, objective = _minimize(runs, delta, starts)
   rng = np.random.default_rng(seed)
-  samples = np.array([_minimize(runs.take(rng.integers(0, len(runs), len(runs))), delta, 4,
-                                extra=[theta])[0] for _ in range(bootstrap)]).reshape(-1, 5)
-  point, draws = constants_of(theta), constants_of(samples)
-  tail = 100 * (1 - level) / 2
+  samples = np.array([_minimize(runs.take(rng.integers(0, len(runs), len(runs))), delta, 2,
+                                extra=[theta])[0] for _ in range(bootstrap)])
+  draws = constants_of(samples)
   return {
-      "constants": {k: float(v) for k, v in point.items()},
-      "intervals": {k: [float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail))]
-                    for k, v in draws.items()},
+      "constants": {k: float(v) for k, v in constants_of(theta).items()},
+      "intervals": {k: _interval(v, level) for k, v in draws.items()},
       "level": level, "huber_delta": delta, "objective": objective, "runs": len(runs),
       "bootstrap": {"resamples": bootstrap, "seed": seed,
                     "samples": {k: draws[k].tolist() for k in ("E", "A", "B", "alpha", "beta")}}}
+
+
+def _interval(samples, level):
+  """The central `level` percentile interval; a degenerate resample's nan is left out."""
+  tail = 100 * (1 - level) / 2
+  return [float(np.nanpercentile(samples, tail)), float(np.nanpercentile(samples, 100 - tail))]
 
 
 def holdout_check(runs: Runs, delta=HUBER_DELTA, rtol=BUDGET_RTOL):
@@ -262,10 +291,10 @@ def holdout_check(runs: Runs, delta=HUBER_DELTA, rtol=BUDGET_RTOL):
     _check_parametric(runs.take(train))
   except ConfigError:
     return None
-  constants = constants_of(_minimize(runs.take(train), delta, starts=8)[0])
+  constants = fit_law(runs.take(train), delta)
   held = runs.take(groups[-1])
   error = law(constants, held.params, held.tokens) / held.loss - 1
-  return {"flops": _geomean(held.flops), "runs": len(held), "train_runs": int(len(train)),
+  return {"flops": geomean(held.flops), "runs": len(held), "train_runs": int(len(train)),
           "mean_abs_rel_error": float(np.mean(np.abs(error))),
           "max_abs_rel_error": float(np.max(np.abs(error)))}
 
@@ -279,7 +308,7 @@ def fit_frontier(x, loss, rtol=BUDGET_RTOL):
   for index in sorted(group_close(x, rtol), key=lambda i: x[i].min()):
     best = float(loss[index].min())
     if not points or best < points[-1][1]:
-      points.append([_geomean(x[index]), best])
+      points.append([geomean(x[index]), best])
   result = {"points": points, "exponent": None, "scale": None}
   if len(points) >= 2:
     slope, coef = _loglog_line(*zip(*points))
@@ -304,6 +333,32 @@ def fit_runs(runs: Runs, bootstrap=200, seed=0, level=0.95, rtol=BUDGET_RTOL) ->
           "holdout": holdout_check(runs, rtol=rtol), "budget_rtol": rtol}
 
 
+def save_fit(out_dir, fit: dict) -> str:
+  """Writes DIR/fit.json (what `predict` reads); returns its path."""
+  path = os.path.join(out_dir, FIT_FILE)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(fit, f, indent=1)
+  return path
+
+
+def load_fit(path) -> dict:
+  """Reads a fit from DIR (its fit.json) or from a fit.json path."""
+  if os.path.isdir(path):
+    path = os.path.join(path, FIT_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"fit not found: {path} (write one with `python -m transformer_jax.sweep fit "
+                      "--runs=RUNS.jsonl --out=DIR`)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      fit = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e.msg})") from None
+  fit3 = fit.get("approach3") if isinstance(fit, dict) else None
+  if not isinstance(fit3, dict) or not {"constants", "bootstrap", "level"} <= fit3.keys():
+    raise ConfigError(f"{path} is not a fit written by `sweep fit` (no approach 3 constants)")
+  return fit
+
+
 def headline(fit: dict) -> dict:
   """The CLI's last line: approach 3's constants with their intervals, and approach 2's a, b."""
   fit3 = fit["approach3"]
@@ -325,16 +380,15 @@ def predict(fit: dict, flops: float) -> dict:
   """Compute-optimal params, tokens and loss for a FLOP budget, with bootstrap intervals (and
   approach 2's N_opt, D_opt when it was fitted, for comparison)."""
   if not (math.isfinite(flops) and flops > 0):
-    raise ConfigError(f"--flops must be a positive number of FLOPs, got {flops!r}")
+    raise ConfigError(f"flops must be a positive number of FLOPs, got {flops!r}")
   fit3 = fit["approach3"]
   params, tokens, loss = compute_optimal(fit3["constants"], flops)
   draws = {k: np.asarray(v) for k, v in fit3["bootstrap"]["samples"].items()}
   with np.errstate(all="ignore"):  # a degenerate resample (alpha = beta = 0) gives nan: skipped
     samples = compute_optimal(draws, flops)
-  tail = 100 * (1 - fit3["level"]) / 2
   result = {"flops": flops, "params": float(params), "tokens": float(tokens), "loss": float(loss),
             "tokens_per_param": float(tokens / params), "level": fit3["level"],
-            "intervals": {k: [float(np.nanpercentile(s, tail)), float(np.nanpercentile(s, 100 - tail))]
+            "intervals": {k: _interval(s, fit3["level"])
                           for k, s in zip(("params", "tokens", "loss"), samples)}}
   fit2 = fit.get("approach2") or {}
   if fit2.get("a") is not None:

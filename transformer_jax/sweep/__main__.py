@@ -1,0 +1,92 @@
+"""Scaling-law sweeps: `python -m transformer_jax.sweep COMMAND --flag=value ...`
+
+  fit      --runs=RUNS.jsonl --out=DIR [--bootstrap=200] [--seed=0] [--level=0.95]
+           Chinchilla approaches 2 (isoFLOP parabolas) and 3 (L(N, D) = E + A/N^alpha + B/D^beta
+           with bootstrap intervals) and Kaplan-style frontier laws. Writes DIR/fit.json,
+           DIR/report.md and DIR/{isoflop,frontier,optimal}.png. Prints a short table, then as its
+           last line one JSON object: E, A, B, alpha, beta, a, b and "intervals" (key -> [lo, hi]).
+  predict  --fit=DIR --flops=C
+           Compute-optimal params and tokens for C FLOPs and the predicted loss, with intervals;
+           the last line is one JSON object with params, tokens, loss and "intervals".
+
+Each line of RUNS.jsonl is {"params": N, "tokens": D, "loss": final eval loss, "flops": C}
+(flops optional: 6·N·D when absent). Mistakes are one `error: ...` line and exit code 2.
+
+A new subcommand is a function of its argv, registered in COMMANDS with its usage.
+"""
+
+import json
+
+from transformer_jax import cli
+from transformer_jax.config import ConfigError
+
+
+def _flags(command, argv, defaults, required=()):
+  """Parses `--name=value` flags for one subcommand (no --config here) and checks required ones."""
+  spec, overrides, flags = cli.parse(argv, defaults)
+  if spec or overrides:
+    raise ConfigError(f"sweep {command} takes no --config flags (usage: {_usage(command)})")
+  for name in required:
+    if flags[name] is None:
+      raise ConfigError(f"sweep {command} needs --{name} (usage: {_usage(command)})")
+  return flags
+
+
+def fit_command(argv):
+  """Fits the runs, writes fit.json, the plots and report.md, prints the headline JSON."""
+  flags = _flags("fit", argv, {"runs": None, "out": None, "bootstrap": 200, "seed": 0,
+                               "level": 0.95}, required=("runs", "out"))
+  if flags["bootstrap"] < 10:
+    raise ConfigError(f"--bootstrap must be at least 10 resamples (percentile intervals; 200 or "
+                      f"more is better), got {flags['bootstrap']}")
+  if not 0 < flags["level"] < 1:
+    raise ConfigError(f"--level is an interval's coverage in (0, 1), got {flags['level']}")
+  from transformer_jax.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.sweep import report  # pylint: disable=g-import-not-at-top
+  runs = fit_lib.load_runs(flags["runs"])
+  fit = fit_lib.fit_runs(runs, bootstrap=flags["bootstrap"], seed=flags["seed"],
+                         level=flags["level"])
+  paths = report.write(flags["out"], runs, fit, flags["runs"])
+  print(report.text_summary(fit))
+  print("wrote " + ", ".join(paths))
+  print(json.dumps(fit_lib.headline(fit)))
+
+
+def predict_command(argv):
+  """Compute-optimal N, D and loss for one FLOP budget from a saved fit."""
+  flags = _flags("predict", argv, {"fit": None, "flops": None}, required=("fit", "flops"))
+  try:
+    flops = float(flags["flops"])
+  except ValueError:
+    raise ConfigError(f"--flops expects a number of FLOPs such as 1e21, got {flags['flops']!r}")
+  from transformer_jax.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top
+  result = fit_lib.predict(fit_lib.load_fit(flags["fit"]), flops)
+  iv = result["intervals"]
+  print(f"C = {flops:.4g} FLOPs, {result['level']:.0%} intervals:")
+  for key in ("params", "tokens", "loss"):
+    print(f"  {key:<7} {result[key]:.4g}  [{iv[key][0]:.4g}, {iv[key][1]:.4g}]")
+  print(json.dumps(result))
+
+
+COMMANDS = {
+    "fit": (fit_command, "--runs=RUNS.jsonl --out=DIR [--bootstrap=N --seed=S --level=P]"),
+    "predict": (predict_command, "--fit=DIR --flops=C"),
+}
+
+
+def _usage(command):
+  return f"python -m transformer_jax.sweep {command} {COMMANDS[command][1]}"
+
+
+def main(argv):
+  if argv and argv[0] in ("-h", "--help", "help"):
+    print(__doc__)
+    return
+  if not argv or argv[0] not in COMMANDS:
+    problem = f"unknown subcommand {argv[0]!r}" if argv else "no subcommand given"
+    raise ConfigError(f"{problem}; use one of: " + "; ".join(_usage(c) for c in COMMANDS))
+  COMMANDS[argv[0]][0](argv[1:])
+
+
+if __name__ == "__main__":
+  cli.entry(main)
