@@ -1,5 +1,9 @@
 """Scaling-law sweeps: `python -m transformer_jax.sweep COMMAND --flag=value ...`
 
+  plan     --sweep=configs/sweeps/NAME.py --dir=DIR
+           Prints the table of runs (shape, params with and without embeddings, tokens, FLOPs,
+           steps, batch, lr) and writes DIR/NAME/config.json per run and DIR/plan.jsonl.
+
   fit      --runs=RUNS.jsonl --out=DIR [--bootstrap=200] [--seed=0] [--level=0.95]
            Chinchilla approaches 2 (isoFLOP parabolas) and 3 (L(N, D) = E + A/N^alpha + B/D^beta
            with bootstrap intervals) and Kaplan-style frontier laws. Writes DIR/fit.json,
@@ -68,7 +72,24 @@ def predict_command(argv):
   print(json.dumps(result))
 
 
+def plan_command(argv):
+  """Resolves the sweep into runs and writes their configs."""
+  flags = _flags("plan", argv, {"sweep": None, "dir": None}, required=("sweep", "dir"))
+  from transformer_jax.sweep import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  runs, dropped = plan_lib.plan(flags["sweep"])
+  if not runs:
+    raise ConfigError(f"{flags['sweep']} plans no runs ({len(dropped)} left out: "
+                      f"{'; '.join(f'{n}: {why}' for n, why in dropped)})")
+  plan_lib.write(runs, flags["dir"])
+  print(plan_lib.table(runs))
+  for name, why in dropped:
+    print(f"left out {name}: {why}")
+  total = sum(r.flops for r, _ in runs)
+  print(f"{len(runs)} runs, {total:.3g} FLOPs in all, written to {flags['dir']}")
+
+
 COMMANDS = {
+    "plan": (plan_command, "--sweep=configs/sweeps/NAME.py --dir=DIR"),
     "fit": (fit_command, "--runs=RUNS.jsonl --out=DIR [--bootstrap=N --seed=S --level=P]"),
     "predict": (predict_command, "--fit=DIR --flops=C"),
 }

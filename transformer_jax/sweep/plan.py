@@ -1,0 +1,163 @@
+"""Sweep plans: a sweep config (configs/sweeps/NAME.py) → one resolved training config per run.
+
+A sweep config's `get_sweep()` returns a ConfigDict with
+  base         a training config spec, e.g. "configs/smoke.py"
+  overrides    ["KEY=VALUE", ...] applied to it (data, batch, eval, ...)
+  grid         "isoflop": every (budget, size) pair, tokens = budget / FLOPs-per-token;
+               "nd": every (size, tokens) pair
+  budgets      FLOP budgets (isoflop)        tokens   token counts (nd)
+  sizes        target NON-embedding parameter counts
+  aspect       d_model / num_layers (Kaplan et al. find loss flat over a wide range)
+  head_dim     d_model is rounded to a multiple of it; heads = d_model / head_dim
+  lr, lr_ref_params, lr_exponent   lr(N) = lr * (N / lr_ref_params) ** -lr_exponent
+  warmup_fraction                  warmup steps = this fraction of a run's steps
+  min_steps    runs shorter than this are left out of the plan (and reported)
+
+FLOPs per token are the MFU formula's (training/metrics.py): 6·N_matmul + 12·L·H·K·T, with
+N_matmul counted from the model's own parameter shapes, so a plan's FLOPs are the FLOPs the runs
+will report.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  num_layers: int
+  d_model: int
+  num_heads: int
+  params: int  # all parameters
+  params_nonembed: int  # without the token and position tables
+  matmul_params: int  # the N of the FLOP formula
+  flops_per_token: float
+  tokens: int
+  flops: float
+  steps: int
+  batch_size: int
+  seq_len: int
+  learning_rate: float
+  budget: float | None = None
+
+
+def load_sweep(path: str):
+  if not os.path.isfile(path):
+    raise ConfigError(f"sweep config not found: {path}")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location("_tjax_sweep_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise ConfigError(f"{path} defines no get_sweep()")
+  sweep = module.get_sweep()
+  for key in ("base", "overrides", "grid", "sizes", "aspect", "head_dim", "lr"):
+    if key not in sweep:
+      raise ConfigError(f"{path}: sweep key {key!r} is missing")
+  if sweep.grid not in ("isoflop", "nd"):
+    raise ConfigError(f"{path}: grid={sweep.grid!r} is not one of isoflop, nd")
+  base_file, sep, arg = sweep.base.partition(":")
+  if not os.path.isfile(base_file) and os.path.isfile(os.path.join(root, base_file)):
+    with sweep.unlocked():  # a base named relative to the repository, from any directory
+      sweep.base = os.path.join(root, base_file) + sep + arg
+  return sweep
+
+
+def shape_for(target_nonembed: float, aspect: float, head_dim: int):
+  """(num_layers, d_model, heads) whose 12·L·d² non-embedding parameters come closest to the
+  target with d ≈ aspect·L and d a multiple of head_dim."""
+  best = None
+  for layers in range(1, 129):
+    d = max(head_dim, int(round(aspect * layers / head_dim)) * head_dim)
+    err = abs(math.log(12 * layers * d * d / target_nonembed))
+    if best is None or err < best[0]:
+      best = (err, layers, d)
+  _, layers, d = best
+  return layers, d, d // head_dim
+
+
+def count_params(config):
+  """(all, non-embedding, matmul) parameter counts from the model's abstract init (no compute)."""
+  from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
+                                                      jnp.zeros((1, 8), jnp.int32))["params"]))
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  embed = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["embed"]))
+  return total, total - embed, metrics.matmul_params(shapes, config.model.tie_embeddings), model
+
+
+def plan(sweep_path: str):
+  """All runs of the sweep (sorted by FLOPs) and the (name, reason) of those left out."""
+  from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  sweep = load_sweep(sweep_path)
+  pairs = ([(c, n, None) for c in sweep.budgets for n in sweep.sizes] if sweep.grid == "isoflop"
+           else [(None, n, d) for n in sweep.sizes for d in sweep.tokens])
+  runs, dropped = [], []
+  for budget, target, tokens in pairs:
+    layers, d, heads = shape_for(target, sweep.aspect, sweep.head_dim)
+    config = config_lib.load(sweep.base, list(sweep.overrides) + [
+        f"model.num_layers={layers}", f"model.d_model={d}", f"model.num_heads={heads}"])
+    total, nonembed, matmul, model = count_params(config)
+    fpt = metrics.flops_per_token(model.cfg, matmul, config.data.seq_len)
+    tokens = int(budget / fpt) if budget else int(tokens)
+    per_step = config.train.batch_size * config.data.seq_len
+    steps = max(1, round(tokens / per_step))
+    lr = sweep.lr * (nonembed / sweep.get("lr_ref_params", nonembed)) ** -sweep.get(
+        "lr_exponent", 0.0)
+    name = (f"C{budget:.0e}_N{nonembed:.2e}" if budget else f"N{nonembed:.2e}_D{tokens:.2e}")
+    name = name.replace("+", "")
+    run = Run(name=name, num_layers=layers, d_model=d, num_heads=heads, params=total,
+              params_nonembed=nonembed, matmul_params=matmul, flops_per_token=fpt,
+              tokens=steps * per_step, flops=fpt * steps * per_step, steps=steps,
+              batch_size=config.train.batch_size, seq_len=config.data.seq_len,
+              learning_rate=lr, budget=budget)
+    if steps < sweep.get("min_steps", 1):
+      dropped.append((name, f"{steps} steps < min_steps={sweep.min_steps}"))
+      continue
+    config.train.steps = steps
+    config.optimizer.learning_rate = lr
+    config.optimizer.warmup_steps = max(1, int(sweep.get("warmup_fraction", 0.05) * steps))
+    config.checkpoint.every_steps = max(1, min(config.checkpoint.every_steps, steps))
+    config.eval.every_steps = steps  # one held-out evaluation, at the end: the fitted loss
+    runs.append((run, config))
+  runs.sort(key=lambda rc: rc[0].flops)
+  return runs, dropped
+
+
+def write(runs, out_dir: str):
+  """DIR/NAME/config.json per run (train resumes from it: `--workdir=DIR/NAME`) and
+  DIR/plan.jsonl, one line per run."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "plan.jsonl"), "w") as f:
+    for run, config in runs:
+      os.makedirs(os.path.join(out_dir, run.name), exist_ok=True)
+      path = os.path.join(out_dir, run.name, "config.json")
+      if not os.path.exists(path):  # never rewrite the config of a run that may have started
+        with open(path, "w") as g:
+          g.write(config_lib.to_json(config))
+      f.write(json.dumps(dataclasses.asdict(run)) + "\n")
+
+
+def table(runs) -> str:
+  head = (f"{'run':<24}{'layers':>7}{'d':>6}{'heads':>6}{'params':>11}{'non-emb':>11}"
+          f"{'tokens':>11}{'FLOPs':>11}{'steps':>7}{'batch':>6}{'lr':>9}")
+  rows = [f"{r.name:<24}{r.num_layers:>7}{r.d_model:>6}{r.num_heads:>6}{r.params:>11.3g}"
+          f"{r.params_nonembed:>11.3g}{r.tokens:>11.3g}{r.flops:>11.3g}{r.steps:>7}"
+          f"{r.batch_size:>6}{r.learning_rate:>9.2g}" for r, _ in runs]
+  return "\n".join([head] + rows)
