@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -69,3 +71,41 @@ def test_written_configs_resume_as_the_plan_says(planned, tmp_path):
   for line in lines:
     saved = config_lib.from_json_file(str(tmp_path / line["name"] / "config.json"))
     assert saved.train.steps == line["steps"] and saved.model.d_model == line["d_model"]
+
+
+def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_path):
+  """A 2-run sweep at the tests' tiny size: one run is interrupted beforehand (it must resume),
+  `sweep run` finishes both and collects runs.jsonl; a second `sweep run` has nothing to do."""
+  from tests.conftest import tiny_overrides  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  overrides = [o for o in tiny_overrides(tiny_data, **{"train.log_every": 2})
+               if not o.startswith(("train.steps", "checkpoint.every_steps", "eval.every_steps"))]
+  sweep = tmp_path / "micro.py"
+  sweep.write_text(
+      "import ml_collections\n"
+      "def get_sweep():\n"
+      "  return ml_collections.ConfigDict(dict(\n"
+      f"      base={REPO + '/configs/gpt2.py:tiny'!r}, overrides={overrides!r},\n"
+      "      grid='isoflop', budgets=[1.2e8, 2.4e8], sizes=[1.2e4], aspect=32.0, head_dim=32,\n"
+      "      lr=1e-2, min_steps=2))\n")
+  out = str(tmp_path / "sweep")
+  runs, _ = plan_lib.plan(str(sweep))
+  plan_lib.write(runs, out)
+  first = runs[-1][0]
+  config = config_lib.from_json_file(os.path.join(out, first.name, "config.json"))
+  loop.train(config, os.path.join(out, first.name), quiet=True, devices=jax.devices()[:1],
+             stop_after=2)  # interrupted after 2 of its steps
+  cmd = [sys.executable, "-m", "transformer_jax.sweep", "run", f"--dir={out}"]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  a = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
+  assert a.returncode == 0, a.stdout[-2000:] + a.stderr[-2000:]
+  assert "2 runs to go" in a.stdout and f"start {first.name} (interrupted)" in a.stdout
+  assert "resumed from" in open(os.path.join(out, first.name, "train.log")).read()
+  rows = [json.loads(l) for l in open(os.path.join(out, "runs.jsonl"))]
+  assert sorted(r["name"] for r in rows) == sorted(r.name for r, _ in runs)
+  for r, (run, _) in zip(sorted(rows, key=lambda r: r["name"]),
+                         sorted(runs, key=lambda rc: rc[0].name)):
+    assert (r["params"], r["tokens"], r["flops"]) == (run.params_nonembed, run.tokens, run.flops)
+    assert np.isfinite(r["loss"])
+  b = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+  assert b.returncode == 0 and "0 runs to go" in b.stdout and "2 of 2 runs finished" in b.stdout
