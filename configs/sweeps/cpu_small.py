@@ -13,7 +13,7 @@ def get_sweep():
   s.overrides = ["train.sample_prompt=", "train.log_every=20", "eval.batches=8",
                  "checkpoint.every_steps=200"]
   s.grid = "isoflop"
-  s.budgets = [3e12, 1e13, 3e13]  # about 30 min of CPU in all (calibrate with `plan`)
+  s.budgets = [1.5e12, 5e12, 1.5e13]  # about 30 min on 2 cores (~55 GFLOP/s with overheads)
   s.sizes = [2.5e4, 1e5, 4e5, 1.6e6]  # non-embedding parameters
   s.aspect = 32.0  # d_model / num_layers
   s.head_dim = 32

@@ -120,8 +120,8 @@ def plan(sweep_path: str):
     steps = max(1, round(tokens / per_step))
     lr = sweep.lr * (nonembed / sweep.get("lr_ref_params", nonembed)) ** -sweep.get(
         "lr_exponent", 0.0)
-    name = (f"C{budget:.0e}_N{nonembed:.2e}" if budget else f"N{nonembed:.2e}_D{tokens:.2e}")
-    name = name.replace("+", "")
+    name = (f"C{budget:.3g}_N{nonembed:.3g}" if budget else f"N{nonembed:.3g}_D{tokens:.3g}")
+    name = name.replace("e+", "e")
     run = Run(name=name, num_layers=layers, d_model=d, num_heads=heads, params=total,
               params_nonembed=nonembed, matmul_params=matmul, flops_per_token=fpt,
               tokens=steps * per_step, flops=fpt * steps * per_step, steps=steps,
