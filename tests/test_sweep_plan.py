@@ -105,7 +105,8 @@ def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_pat
   assert sorted(r["name"] for r in rows) == sorted(r.name for r, _ in runs)
   for r, (run, _) in zip(sorted(rows, key=lambda r: r["name"]),
                          sorted(runs, key=lambda rc: rc[0].name)):
-    assert (r["params"], r["tokens"], r["flops"]) == (run.params_nonembed, run.tokens, run.flops)
+    assert (r["params"], r["params_nonembed"], r["tokens"], r["flops"]) == (
+        run.matmul_params, run.params_nonembed, run.tokens, run.flops)
     assert np.isfinite(r["loss"])
   b = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert b.returncode == 0 and "0 runs to go" in b.stdout and "2 of 2 runs finished" in b.stdout

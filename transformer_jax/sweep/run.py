@@ -74,14 +74,17 @@ def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
 
 
 def collect(sweep_dir: str) -> str:
-  """DIR/runs.jsonl from the finished runs: params (non-embedding, as Kaplan et al.),
-  params_total, tokens, flops and loss (the final held-out loss): what `sweep fit` reads."""
+  """DIR/runs.jsonl from the finished runs: what `sweep fit` reads. `params` is the N of the
+  FLOP formula (matmul parameters, the tied output table included, as Chinchilla counts), so
+  C ≈ 6·N·D holds for the fit's isoFLOP algebra even when embeddings dominate a small model;
+  params_nonembed (Kaplan's N) and params_total ride along. `loss` is the final held-out loss."""
   path = os.path.join(sweep_dir, "runs.jsonl")
   with open(path, "w") as f:
     for run in load_plan(sweep_dir):
       loss = final_eval(os.path.join(sweep_dir, run["name"]), run["steps"])
       if loss is not None:
-        f.write(json.dumps({"name": run["name"], "params": run["params_nonembed"],
+        f.write(json.dumps({"name": run["name"], "params": run["matmul_params"],
+                            "params_nonembed": run["params_nonembed"],
                             "params_total": run["params"], "tokens": run["tokens"],
                             "flops": run["flops"], "loss": loss}) + "\n")
   return path
