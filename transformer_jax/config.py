@@ -44,18 +44,24 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "train.spike_factor", "train.spike_warmup_steps", "data.num_workers")
 
 
-def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
-  """Loads `file.py[:arg]`, applies `KEY=VALUE` overrides (without the `config.` prefix)."""
-  path, _, arg = spec.partition(":")
+def exec_python_file(path: str, kind: str, root: str):
+  """Runs a Python config file (it is code) with `root` on sys.path, so that it can say
+  `from configs import base`; returns the module."""
   if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path}")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # so `from configs import base`
+    raise ConfigError(f"{kind} file not found: {path}")
   if root not in sys.path:
     sys.path.insert(0, root)
   module_spec = importlib.util.spec_from_file_location(
-      "_tjax_config_" + os.path.basename(path)[:-3], path)
+      f"_tjax_{kind}_" + os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads `file.py[:arg]`, applies `KEY=VALUE` overrides (without the `config.` prefix)."""
+  path, _, arg = spec.partition(":")
+  module = exec_python_file(path, "config", os.path.dirname(os.path.dirname(os.path.abspath(path))))
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg=None)")
   try:

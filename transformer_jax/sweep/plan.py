@@ -19,11 +19,9 @@ will report.
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -53,14 +51,8 @@ class Run:
 
 
 def load_sweep(path: str):
-  if not os.path.isfile(path):
-    raise ConfigError(f"sweep config not found: {path}")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location("_tjax_sweep_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.exec_python_file(path, "sweep", root)
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"{path} defines no get_sweep()")
   sweep = module.get_sweep()
