@@ -59,9 +59,16 @@ def get_config(arg=None):
 
   # ------------------------------------------------------------------------------------ data
   d = c.data = ml_collections.ConfigDict()
-  d.corpus = "stdlib"  # "stdlib" (this Python's standard library sources) or a glob of files
-  d.format = "text"  # text: one document per file | lines: one per line | jsonl: one per line
-  d.text_field = "text"  # the JSONL field holding the document text
+  # "stdlib" (this Python's standard library sources), a glob of files, or "tfds:NAME[/CONFIG]"
+  # (a TFDS catalog dataset, downloaded and prepared once, e.g. "tfds:wmt14_translate/de-en")
+  d.corpus = "stdlib"
+  # Documents: text: one per file | lines: one per line | jsonl: one per line (text_field).
+  # Pairs, for data.objective=seq2seq: tsv: source<TAB>target per line | jsonl_pairs: one per line
+  # (source_field, target_field) | functions: Python functions' def + docstring -> body.
+  d.format = "text"
+  d.text_field = "text"  # the JSONL (or TFDS) field holding the document text
+  d.source_field = "source"  # jsonl_pairs and TFDS pairs: the source text's field (e.g. "de")
+  d.target_field = "target"  # ... and the target text's (e.g. "en")
   d.data_dir = ""  # where TFDS writes the prepared ArrayRecord files; "" = TFDS default
   d.validation_fraction = 0.02  # documents held out for eval, chosen by a hash of their id
   d.tokenizer = "runs/tokenizers/stdlib_8192.model"  # SentencePiece .model (make it with transformer_jax.tokenizer)
@@ -78,12 +85,16 @@ def get_config(arg=None):
   # (clm: to each packed row). clm: causal LM (decoder) | prefix_lm: a decoder's prefix LM
   # (a random prefix of each chunk attended bidirectionally) | mlm: BERT masked LM (encoder-only) |
   # span: T5 span corruption | denoise: BART text infilling + sentence permutation | ul2: UL2's
-  # mixture of R/S/X denoisers (span, denoise, ul2: encoder-decoder). mlm/denoise need [MASK],
+  # mixture of R/S/X denoisers | seq2seq: (source, target) pairs of a pair format or a TFDS
+  # dataset (span, denoise, ul2, seq2seq: encoder-decoder). mlm/denoise need [MASK],
   # span/ul2 sentinels and ul2 the mode tokens: make the tokenizer with
   # `python -m transformer_jax.tokenizer ... --special=mask,sentinels:100,ul2`.
   d.objective = "clm"
   d.target_len = 0  # decoder tokens per packed row (encoder-decoder); 0 = automatic (objectives.py)
   d.mlm_rate = 0.15  # mlm: fraction of ordinary tokens predicted (80% [MASK], 10% random, 10% kept)
+  # mlm: "" | nsp (BERT's next-sentence prediction: B is another chunk's half) | sop (ALBERT's
+  # sentence order: A and B swapped); trains the model's sentence head (model.sentence_head)
+  d.sentence_pair = ""
   d.noise_density = 0.15  # span and UL2's R: fraction of tokens in noise spans
   d.mean_span_length = 3.0  # span and UL2's R: mean noise span length
   d.denoise_rate = 0.3  # denoise: fraction of tokens masked by Poisson-length spans

@@ -28,13 +28,13 @@ ENUMS = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "outputs"),
-    "data.format": ("text", "lines", "jsonl"),
-    "data.objective": ("clm", "prefix_lm", "mlm", "span", "denoise", "ul2"),
+    "data.format": ("text", "lines", "jsonl", "tsv", "jsonl_pairs", "functions"),
+    "data.objective": ("clm", "prefix_lm", "mlm", "span", "denoise", "ul2", "seq2seq"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
     "train.on_anomaly": ("skip", "rollback", "abort"),
     "checkpoint.on_mismatch": ("refuse", "fresh", "params"),
 }
-FAMILY_OBJECTIVES = {"decoder": ("clm", "prefix_lm"), "encoder": ("mlm",), "encdec": ("span", "denoise", "ul2")}
+FAMILY_OBJECTIVES = {"decoder": ("clm", "prefix_lm"), "encoder": ("mlm",), "encdec": ("span", "denoise", "ul2", "seq2seq")}
 POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
             "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
             "train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",

@@ -28,6 +28,9 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
   start = tok.bos_id if config.model.family == "encdec" else None
   if start is not None:
     ids = _with_control_pieces(tok, prompt)
+    if config.data.objective == "seq2seq":  # The source as training framed it.
+      d = config.data
+      ids = [tok.bos_id] * d.add_bos + ids + [tok.eos_id] * d.add_eos
   if beam_size > 0:
     if start is None:
       raise ConfigError("--beam_size is for encoder-decoder workdirs")

@@ -3,8 +3,11 @@
   python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=8192 \\
       --out=runs/tokenizers/stdlib_8192.model
 
---corpus is "stdlib" or a glob of files (quote it); --format is text (a document per file),
-lines (a document per line) or jsonl (a document per line, text in --text_field). --special adds
+--corpus is "stdlib", a glob of files (quote it) or tfds:NAME (a TFDS catalog dataset's train
+split, under TFDS's default data dir); --format is text (a document per file), lines (a document
+per line) or jsonl (a document per line, text in --text_field), or a pair format (tsv,
+jsonl_pairs with --source_field/--target_field, functions) whose sources and targets are read as
+documents. --special adds
 the control pieces other pretraining objectives need (e.g. --special=mask,sentinels:100,ul2 for
 data.objective = mlm, span, denoise or ul2; see data/tokenizer.py). Prints the
 model path, its vocabulary size and the average characters per token on a sample of the
@@ -44,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
                  "corpus, vocabulary size, output path and control pieces from")
   p.add_argument("--if_missing", action="store_true", help="skip when the output exists")
   p.add_argument("--corpus", help='"stdlib" or a glob of files')
-  p.add_argument("--format", default="text", help="text | lines | jsonl")
+  p.add_argument("--format", default="text",
+                 help="text | lines | jsonl | tsv | jsonl_pairs | functions")
   p.add_argument("--text_field", default="text", help="JSONL field holding the text")
+  p.add_argument("--source_field", default="source", help="jsonl_pairs/TFDS source field")
+  p.add_argument("--target_field", default="target", help="jsonl_pairs/TFDS target field")
   p.add_argument("--vocab_size", type=int, help="pieces, specials included")
   p.add_argument("--out", help="the .model file to write")
   p.add_argument("--special", default="",
@@ -77,8 +83,9 @@ def from_config(args: argparse.Namespace, overrides) -> argparse.Namespace:
   d = c.data
   return argparse.Namespace(**dict(
       vars(args), corpus=d.corpus, format=d.format, text_field=d.text_field,
+      source_field=d.source_field, target_field=d.target_field,
       vocab_size=c.model.vocab_size, out=d.tokenizer,
-      special=args.special or ("" if d.get("objective", "clm") == "clm"
+      special=args.special or ("" if d.get("objective", "clm") in ("clm", "seq2seq")
                                else SPECIAL_FOR_OBJECTIVES)))
 
 
@@ -93,7 +100,9 @@ def run(args: argparse.Namespace) -> None:
   tokenizer_lib.special_pieces(args.special)  # Bad groups fail before reading the corpus.
 
   def docs():
-    return corpus_lib.iter_documents(args.corpus, args.format, args.text_field)
+    return corpus_lib.iter_documents(args.corpus, args.format, args.text_field,
+                                     source_field=args.source_field,
+                                     target_field=args.target_field)
 
   start = time.time()
   texts = (text for _, text in docs())

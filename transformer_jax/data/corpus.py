@@ -1,24 +1,38 @@
 """Document sources: this Python's standard library, or local files matched by a glob.
 
 A corpus is named by a string: "stdlib" (the running interpreter's standard-library `.py`
-sources, tests excluded) or a file glob (`**` matches any depth). Its files are read in one of
-three formats:
+sources, tests excluded) or a file glob (`**` matches any depth). ("tfds:NAME" corpora, datasets
+of the TFDS catalog, are read by tfds_text.py.) Its files are read in one of these formats:
 
   text:  one document per file.
   lines: one document per non-empty line.
   jsonl: one document per non-empty line, a JSON object whose `text_field` holds the text.
 
+and, for sequence-to-sequence training (data.objective=seq2seq), as (source, target) pairs:
+
+  tsv:         one pair per non-empty line, `source<TAB>target`; in both, the escapes \\n, \\t
+               and \\\\ stand for a newline, a tab and a backslash.
+  jsonl_pairs: one pair per non-empty line, a JSON object with `source_field` and
+               `target_field` strings.
+  functions:   Python sources: every function or method with a docstring and a body after it
+               gives (its `def` line(s) and docstring, the rest of its body), both dedented.
+               Files that do not parse are skipped.
+
 Documents come out as `(doc_id, text)` pairs in a deterministic order. A doc id is the file's
 path relative to the corpus root (the stdlib directory, or the glob's fixed leading
 directories), with `:LINE` appended for the line formats, so ids do not depend on where the
-corpus is checked out.
+corpus is checked out. Pairs come out as `(pair_id, source, target)` (`iter_pairs`); read as
+documents (to train a tokenizer), a pair is two documents, `ID:source` and `ID:target`.
 """
 
+import ast
 import dataclasses
 import glob
 import json
 import os
 import sysconfig
+import textwrap
+import warnings
 from collections.abc import Iterator
 
 from absl import logging
@@ -26,7 +40,11 @@ from absl import logging
 from transformer_jax.config import ConfigError
 
 STDLIB = "stdlib"
-FORMATS = ("text", "lines", "jsonl")
+DOC_FORMATS = ("text", "lines", "jsonl")
+PAIR_FORMATS = ("tsv", "jsonl_pairs", "functions")
+FORMATS = DOC_FORMATS + PAIR_FORMATS
+TFDS_PREFIX = "tfds:"  # "tfds:NAME[/CONFIG][:VERSION]": a dataset of the TFDS catalog
+_TSV_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 # Directory names that hold test suites inside the standard library (test/, tests/,
 # idlelib/idle_test, lib2to3/tests, ...). Whole subtrees under them are skipped.
@@ -41,6 +59,7 @@ class SkipCounts:
   binary_files: int = 0
   empty_docs: int = 0
   invalid_utf8_docs: int = 0  # kept, with each invalid byte sequence replaced by U+FFFD
+  unparsable_files: int = 0  # functions: Python files that do not parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +148,8 @@ def _line_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
     yield f"{file.name}:{lineno}", line
 
 
-def _jsonl_docs(file: CorpusFile, text_field: str) -> Iterator[tuple[str, str]]:
+def _json_records(file: CorpusFile) -> Iterator[tuple[str, str, dict]]:
+  """(`NAME:LINE`, `path:LINE`, object) for each non-empty line of a JSONL file; ConfigError for bad JSON."""
   for lineno, line in _numbered_lines(file.path):
     if not line.strip():
       continue
@@ -138,12 +158,23 @@ def _jsonl_docs(file: CorpusFile, text_field: str) -> Iterator[tuple[str, str]]:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ConfigError(f"data.corpus: {where} is not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or text_field not in record:
-      raise ConfigError(f"data.text_field={text_field!r} is missing at {where}")
-    text = record[text_field]
-    if not isinstance(text, str):
-      raise ConfigError(f"data.text_field={text_field!r} at {where} is not a string")
-    yield f"{file.name}:{lineno}", text
+    if not isinstance(record, dict):
+      raise ConfigError(f"data.corpus: {where} is not a JSON object")
+    yield f"{file.name}:{lineno}", where, record
+
+
+def _field(record: dict, key: str, field: str, where: str) -> str:
+  """record[field] as a string; ConfigError naming data.KEY and the line otherwise."""
+  if field not in record:
+    raise ConfigError(f"data.{key}={field!r} is missing at {where}")
+  if not isinstance(record[field], str):
+    raise ConfigError(f"data.{key}={field!r} at {where} is not a string")
+  return record[field]
+
+
+def _jsonl_docs(file: CorpusFile, text_field: str) -> Iterator[tuple[str, str]]:
+  for doc_id, where, record in _json_records(file):
+    yield doc_id, _field(record, "text_field", text_field, where)
 
 
 def _file_docs(file: CorpusFile, fmt: str, text_field: str) -> Iterator[tuple[str, str]]:
@@ -154,9 +185,123 @@ def _file_docs(file: CorpusFile, fmt: str, text_field: str) -> Iterator[tuple[st
   return _jsonl_docs(file, text_field)
 
 
+# ---------------------------------------------------------------------------------- pairs
+
+
+def _unescape(text: str, where: str) -> str:
+  out, i = [], 0
+  while i < len(text):
+    c = text[i]
+    if c == "\\":
+      nxt = text[i + 1:i + 2]
+      if nxt not in _TSV_ESCAPES:
+        raise ConfigError(f"data.corpus: {where} has an unknown escape \\{nxt} (use \\n, \\t "
+                          f"or \\\\)")
+      out.append(_TSV_ESCAPES[nxt])
+      i += 2
+    else:
+      out.append(c)
+      i += 1
+  return "".join(out)
+
+
+def _tsv_pairs(file: CorpusFile) -> Iterator[tuple[str, str, str]]:
+  for lineno, line in _numbered_lines(file.path):
+    if not line.strip():
+      continue
+    where = f"{file.path}:{lineno}"
+    fields = line.split("\t")
+    if len(fields) != 2:
+      raise ConfigError(f"data.corpus: {where} has {len(fields) - 1} tabs; data.format=tsv "
+                        f"expects source<TAB>target (escape tabs inside a text as \\t)")
+    yield f"{file.name}:{lineno}", _unescape(fields[0], where), _unescape(fields[1], where)
+
+
+def _jsonl_pairs(file: CorpusFile, source_field: str,
+                 target_field: str) -> Iterator[tuple[str, str, str]]:
+  for pair_id, where, record in _json_records(file):
+    yield (pair_id, _field(record, "source_field", source_field, where),
+           _field(record, "target_field", target_field, where))
+
+
+def _has_docstring(node: ast.AST) -> bool:
+  first = node.body[0]
+  return (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+          and isinstance(first.value.value, str))
+
+
+def function_pairs(name: str, text: str) -> Iterator[tuple[str, str, str]] | None:
+  """(`NAME:LINE:function`, def line(s) + docstring, the rest of the body) for every function
+  of Python source `text` with a docstring and more after it; None if `text` does not parse."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # e.g. SyntaxWarning: invalid escape sequence
+      tree = ast.parse(text)
+  except (SyntaxError, ValueError):
+    return None
+  lines = text.splitlines(keepends=True)
+  nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+  nodes.sort(key=lambda n: n.lineno)
+
+  def piece(start, stop):  # 1-based lines [start, stop], dedented
+    return textwrap.dedent("".join(lines[start - 1:stop]))
+
+  return ((f"{name}:{n.lineno}:{n.name}", piece(n.lineno, n.body[0].end_lineno),
+           piece(n.body[1].lineno, n.end_lineno))
+          for n in nodes if len(n.body) > 1 and _has_docstring(n))
+
+
+def _function_pairs(file: CorpusFile, counts: SkipCounts) -> Iterator[tuple[str, str, str]]:
+  with open(file.path, "rb") as f:
+    text = _decode(f.read())
+  pairs = function_pairs(file.name, text)
+  if pairs is None:
+    counts.unparsable_files += 1
+    return iter(())
+  return pairs
+
+
+def _file_pairs(file, fmt, source_field, target_field, counts):
+  if fmt == "tsv":
+    return _tsv_pairs(file)
+  if fmt == "jsonl_pairs":
+    return _jsonl_pairs(file, source_field, target_field)
+  return _function_pairs(file, counts)
+
+
 def _is_binary_file(path: str) -> bool:
   with open(path, "rb") as f:
     return _looks_binary(f.read(_BINARY_PROBE_BYTES))
+
+
+def iter_pairs(
+    corpus: str,
+    fmt: str,
+    source_field: str = "source",
+    target_field: str = "target",
+    skipped: SkipCounts | None = None,
+) -> Iterator[tuple[str, str, str]]:
+  """Yields `(pair_id, source, target)` for every pair of `corpus` whose source and target are
+  both non-empty, in a fixed order (`fmt`: one of PAIR_FORMATS; see the module docstring)."""
+  if fmt not in PAIR_FORMATS:
+    raise ConfigError(f"data.format={fmt!r} holds documents, not pairs; data.objective=seq2seq "
+                      f"needs one of {', '.join(PAIR_FORMATS)}")
+  files = corpus_files(corpus)
+  counts = skipped if skipped is not None else SkipCounts()
+  return _pairs(files, fmt, source_field, target_field, counts)
+
+
+def _pairs(files, fmt, source_field, target_field, counts):
+  for file in files:
+    if _is_binary_file(file.path):
+      counts.binary_files += 1
+      continue
+    for pair_id, source, target in _file_pairs(file, fmt, source_field, target_field, counts):
+      if source.strip() and target.strip():
+        counts.invalid_utf8_docs += "\ufffd" in source + target
+        yield pair_id, source, target
+      else:
+        counts.empty_docs += 1
 
 
 def iter_documents(
@@ -164,19 +309,29 @@ def iter_documents(
     fmt: str = "text",
     text_field: str = "text",
     skipped: SkipCounts | None = None,
+    source_field: str = "source",
+    target_field: str = "target",
 ) -> Iterator[tuple[str, str]]:
   """Yields `(doc_id, text)` for every non-empty document of `corpus`, in a fixed order.
 
   Args:
-    corpus: "stdlib" or a glob (`**` recurses).
-    fmt: "text", "lines" or "jsonl" (see the module docstring).
+    corpus: "stdlib", a glob (`**` recurses) or "tfds:NAME" (its train split).
+    fmt: a document format, or a pair format whose sources and targets become documents.
     text_field: the JSONL field holding the text.
     skipped: if given, counts the binary files and empty documents left out.
+    source_field, target_field: the fields of a pair (jsonl_pairs, tfds pairs).
 
   Raises:
     ConfigError: unknown format, a glob matching no files, or bad JSONL.
   """
   check_format(fmt)
+  if corpus.startswith(TFDS_PREFIX):
+    from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+    return tfds_text.catalog_documents(corpus, text_field, source_field, target_field)
+  if fmt in PAIR_FORMATS:
+    pairs = iter_pairs(corpus, fmt, source_field, target_field, skipped)
+    return ((f"{i}:{side}", text) for i, *texts in pairs
+            for side, text in zip(("source", "target"), texts))
   files = corpus_files(corpus)  # Raises before the first document, not lazily at the end.
   counts = skipped if skipped is not None else SkipCounts()
   return _documents(files, fmt, text_field, counts, corpus)

@@ -6,7 +6,12 @@
   mlm      masked LM (BERT), encoder-only: each ordinary token is selected with probability
            data.mlm_rate; a selected token becomes [MASK] (80%), a random ordinary token (10%) or
            stays (10%). Specials (pad, bos, eos, control pieces) are never selected nor drawn.
-           Sentence pairs (next-sentence or sentence-order prediction) are not produced.
+           With data.sentence_pair (nsp or sop) each chunk (seq_len - 3 tokens) is cut at a
+           random sentence end (the denoise rule below; else at a random token) into A and B and
+           becomes [bos] A [eos] B [eos] (bos/eos as BERT's [CLS]/[SEP]) with token types 0 for
+           [CLS] A [SEP] and 1 after, masked as above. sop (ALBERT): A and B swap places with
+           probability 1/2 (label 1). nsp (BERT): with probability 1/2, B is replaced by the
+           second part of the next chunk in the (shuffled) stream, cut to fit (label 1).
   span     T5 span corruption, encoder-decoder: round(len * data.noise_density) noise tokens in
            round(noise / data.mean_span_length) spans placed like T5's `random_spans_noise_mask`
            (the chunk starts with kept tokens, ends with noise); the i-th span becomes the sentinel
@@ -17,6 +22,10 @@
            original chunk. Sentence rule: a sentence ends after a token whose piece contains a
            newline (so code is permuted line by line), or ends in ".", "!" or "?" when the next
            piece starts with a space; a leading bos and a trailing eos stay in place.
+  seq2seq  sequence-to-sequence on (source, target) pairs (data.format tsv, jsonl_pairs or
+           functions, or a TFDS catalog dataset): encoder inputs = [bos] source [eos], targets =
+           target [eos] (bos/eos as data.add_bos/add_eos), each cut to seq_len / target_len (a
+           cut target has no eos). No chunking and no randomness.
   ul2      UL2's mixture of denoisers, encoder-decoder: per chunk, with probabilities
            data.ul2_mix, R (span corruption with data.noise_density / data.mean_span_length), S
            (prefix LM: the target is a suffix of uniformly drawn length, inputs the prefix) or X
@@ -33,6 +42,8 @@ Packed rows (the train step reads these keys; int32 unless said, padding 0, segm
 the examples of a row from 1, positions restart at 0 in every example):
   clm, mlm  inputs, targets, weights (float32), segment_ids, positions: [seq_len]. For mlm the
             targets are the original tokens everywhere and weights are 1 only where selected.
+            With sentence pairs also types, sentence_labels and sentence_weights (float32): the
+            pair's label and weight 1 at its [CLS] position, 0 elsewhere.
   span, denoise, ul2
             encoder_inputs, encoder_segment_ids, encoder_positions: [seq_len];
             decoder_inputs, decoder_targets, decoder_weights (float32), decoder_segment_ids,
@@ -43,7 +54,7 @@ the examples of a row from 1, positions restart at 0 in every example):
 Lengths: documents are cut into chunks of `chunk_len` tokens, the longest such that the
 examples of every chunk (tails included) fit seq_len / target_len in the worst case.
 data.target_len = 0 picks: span, the longest decoder sequence of a chunk whose inputs fill seq_len
-(T5's `random_spans_helper`); denoise and ul2, seq_len.
+(T5's `random_spans_helper`); denoise, ul2 and seq2seq, seq_len.
 """
 
 import dataclasses
@@ -53,11 +64,12 @@ import numpy as np
 
 from transformer_jax.config import ConfigError
 
-ENCODER_DECODER = ("span", "denoise", "ul2")
+ENCODER_DECODER = ("span", "denoise", "ul2", "seq2seq")
 UL2_MODES = ("R", "S", "X")
 _PACKED = "inputs"  # The chunk feature (and clm's packed feature).
 _ENCODER_KEYS = ("encoder_inputs",)
 _DECODER_KEYS = ("decoder_inputs", "decoder_targets")
+_PAIR_KEYS = ("types", "sentence_labels", "sentence_weights")  # mlm with sentence pairs
 _MAX_CHUNK_FACTOR = 64  # chunk_len search stops at this many times seq_len.
 
 
@@ -79,6 +91,7 @@ class Spec:
   sentence_permutation: bool = True
   ul2_mix: tuple = (0.5, 0.25, 0.25)
   ul2_x: tuple = (32.0, 0.5)
+  sentence_pair: str = ""  # mlm: "", "nsp" or "sop"
 
   @property
   def span_modes(self) -> list[tuple[float, float]]:
@@ -105,6 +118,14 @@ def _check_params(d) -> None:
     fraction("denoise_rate", d.denoise_rate)
     if d.poisson_lambda <= 0:
       raise ConfigError(f"data.poisson_lambda={d.poisson_lambda} must be > 0")
+  pair = d.get("sentence_pair", "")
+  if pair not in ("", "nsp", "sop"):
+    raise ConfigError(f"data.sentence_pair={pair!r} must be '', 'nsp' or 'sop'")
+  if pair and d.objective != "mlm":
+    raise ConfigError(f"data.sentence_pair={pair!r} is for data.objective='mlm', not "
+                      f"{d.objective!r}")
+  if pair and d.seq_len < 5:
+    raise ConfigError(f"data.seq_len={d.seq_len} is too short for sentence pairs (>= 5)")
   if d.objective == "ul2":
     mix = tuple(d.ul2_mix)
     if len(mix) != 3 or min(mix) < 0 or not np.isclose(sum(mix), 1.0):
@@ -119,12 +140,16 @@ def spec(d) -> Spec:
   _check_params(d)
   s = Spec(d.objective, d.seq_len, d.target_len, d.seq_len, d.mlm_rate, d.noise_density,
            d.mean_span_length, d.denoise_rate, d.poisson_lambda, bool(d.sentence_permutation),
-           tuple(d.ul2_mix), tuple(d.ul2_x))
+           tuple(d.ul2_mix), tuple(d.ul2_x), d.get("sentence_pair", ""))
+  if s.sentence_pair:  # Room for [CLS] A [SEP] B [SEP].
+    return dataclasses.replace(s, target_len=0, chunk_len=s.seq_len - 3)
   if s.objective not in ENCODER_DECODER:
     return dataclasses.replace(s, target_len=0)
   if not s.target_len:
     target = _longest_target(s) if s.objective == "span" else s.seq_len
     s = dataclasses.replace(s, target_len=target)
+  if s.objective == "seq2seq":
+    return s  # Pairs are cut, not chunked.
   chunk = _longest_chunk(s)
   if chunk < 1:
     raise ConfigError(f"data.target_len={s.target_len} is too short for data.objective="
@@ -189,7 +214,8 @@ def length_struct(s: Spec) -> dict:
   if s.objective == "clm":
     return {_PACKED: s.seq_len}
   if s.objective == "mlm":
-    return {k: s.seq_len for k in ("inputs", "targets", "weights")}
+    return {k: s.seq_len for k in ("inputs", "targets", "weights") + _PAIR_KEYS * bool(
+        s.sentence_pair)}
   if s.objective == "prefix_lm":
     return {k: s.seq_len for k in ("inputs", "targets", "weights", "prefix")}
   return {**{k: s.seq_len for k in _ENCODER_KEYS}, **{k: s.target_len for k in _DECODER_KEYS}}
@@ -335,6 +361,17 @@ def encoder_decoder(inputs: np.ndarray, targets: np.ndarray, vocab: Vocab) -> di
           "decoder_targets": targets}
 
 
+def seq2seq(source_ids, target_ids, *, bos_id: int, eos_id: int, add_bos: bool, add_eos: bool,
+            seq_len: int, target_len: int) -> dict:
+  """One (source, target) pair of token ids as an encoder-decoder example (the module docstring);
+  bos also starts the decoder."""
+  inputs = ([bos_id] if add_bos else []) + list(source_ids) + ([eos_id] if add_eos else [])
+  targets = (list(target_ids) + ([eos_id] if add_eos else []))[:target_len]
+  return {"encoder_inputs": np.asarray(inputs[:seq_len], np.int32),
+          "decoder_inputs": np.asarray([bos_id] + targets[:-1], np.int32),
+          "decoder_targets": np.asarray(targets, np.int32)}
+
+
 def span_corruption(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab,
                     density: float, mean: float) -> dict:
   """T5's span corruption of one chunk (an encoder-decoder example)."""
@@ -342,18 +379,64 @@ def span_corruption(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab
   return encoder_decoder(*sentinel_corruption(tokens_l, noise_l, vocab), vocab)
 
 
+def _body(tokens_l: np.ndarray, vocab: Vocab) -> tuple[int, int]:
+  """[head, tail): the chunk without a leading bos and a trailing eos."""
+  head = int(len(tokens_l) > 0 and tokens_l[0] == vocab.bos_id)
+  return head, len(tokens_l) - int(len(tokens_l) > head and tokens_l[-1] == vocab.eos_id)
+
+
+def _sentence_starts(body_l: np.ndarray, vocab: Vocab) -> np.ndarray:
+  """Indices (> 0) where a new sentence of `body_l` starts (the rule: the module docstring)."""
+  ends_l = vocab.ends_line[body_l]
+  ends_l[:-1] |= vocab.ends_stop[body_l[:-1]] & vocab.starts_space[body_l[1:]]
+  return np.flatnonzero(ends_l[:-1]) + 1
+
+
 def permute_sentences(tokens_l: np.ndarray, rng: np.random.Generator,
                       vocab: Vocab) -> np.ndarray:
   """The chunk with its sentences in random order (the rule: the module docstring)."""
   tokens_l = np.asarray(tokens_l, dtype=np.int32)
-  head = int(len(tokens_l) > 0 and tokens_l[0] == vocab.bos_id)
-  tail = len(tokens_l) - int(len(tokens_l) > head and tokens_l[-1] == vocab.eos_id)
+  head, tail = _body(tokens_l, vocab)
   body_l = tokens_l[head:tail]
-  ends_l = vocab.ends_line[body_l]
-  ends_l[:-1] |= vocab.ends_stop[body_l[:-1]] & vocab.starts_space[body_l[1:]]
-  sentences = np.split(body_l, np.flatnonzero(ends_l[:-1]) + 1)
+  sentences = np.split(body_l, _sentence_starts(body_l, vocab))
   order = rng.permutation(len(sentences))
   return np.concatenate([tokens_l[:head]] + [sentences[i] for i in order] + [tokens_l[tail:]])
+
+
+def split_sentences(tokens_l: np.ndarray, rng: np.random.Generator,
+                    vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+  """(A, B): the chunk's body cut at a random sentence start (else a random token)."""
+  tokens_l = np.asarray(tokens_l, dtype=np.int32)
+  body_l = tokens_l[slice(*_body(tokens_l, vocab))]
+  starts = _sentence_starts(body_l, vocab)
+  if len(starts):
+    cut = int(rng.choice(starts))
+  else:
+    cut = int(rng.integers(1, len(body_l))) if len(body_l) >= 2 else len(body_l)
+  return body_l[:cut], body_l[cut:]
+
+
+def sentence_pair(tokens_l: np.ndarray, next_l: np.ndarray | None, rng: np.random.Generator,
+                  vocab: Vocab, s: Spec) -> dict:
+  """One mlm example with a sentence pair (the module docstring); `next_l`: the next chunk in
+  the stream (nsp's random B), None for the last one."""
+  a_l, b_l = split_sentences(tokens_l, rng, vocab)
+  label = int(rng.random() < 0.5)
+  if label and s.sentence_pair == "sop":
+    a_l, b_l = b_l, a_l
+  elif label and next_l is not None and len(next_l) > 1:
+    other_l = split_sentences(next_l, rng, vocab)[1]
+    b_l = other_l[:s.chunk_len - len(a_l)]
+  else:
+    label = 0  # nsp without a next chunk: keep the true B.
+  cls, sep = [vocab.bos_id], [vocab.eos_id]
+  tokens_l = np.concatenate([cls, a_l, sep, b_l, sep]).astype(np.int32)
+  example = mlm(tokens_l, rng, vocab, s.mlm_rate)
+  example["types"] = (np.arange(len(tokens_l)) > len(a_l) + 1).astype(np.int32)
+  example["sentence_labels"] = np.zeros(len(tokens_l), np.int32)
+  example["sentence_labels"][0] = label
+  example["sentence_weights"] = (np.arange(len(tokens_l)) == 0).astype(np.float32)
+  return example
 
 
 def poisson_span_lengths(num_masked: int, lam: float, rng: np.random.Generator) -> np.ndarray:
@@ -439,6 +522,19 @@ def corrupt(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, s: Spe
   raise ValueError(f"no per-chunk transform for objective {s.objective!r}")
 
 
+class SentencePairs(grain.transforms.RandomMap):
+  """[chunk, next chunk] (or [last chunk]) -> [its sentence-pair example, the next's]: each
+  chunk's nsp partner is the other."""
+
+  def __init__(self, s: Spec, vocab: Vocab):
+    self._spec, self._vocab = s, vocab
+
+  def random_map(self, elements, rng: np.random.Generator):
+    chunks = [e[_PACKED] for e in elements]
+    partners = chunks[1:] + chunks[:1] if len(chunks) > 1 else [None]
+    return [sentence_pair(c, p, rng, self._vocab, self._spec) for c, p in zip(chunks, partners)]
+
+
 class Corrupt(grain.transforms.RandomMap):
   """{"inputs": chunk} -> the objective's example (`corrupt`), with grain's seeded Generator."""
 
@@ -464,6 +560,9 @@ def from_packed(s: Spec, row: dict) -> dict:
            "segment_ids": int32("inputs_segment_ids"), "positions": int32("inputs_positions")}
     if s.objective == "prefix_lm":
       out["prefix"] = int32("prefix")
+    if s.sentence_pair:
+      out.update(types=int32("types"), sentence_labels=int32("sentence_labels"),
+                 sentence_weights=np.asarray(row["sentence_weights"], dtype=np.float32))
     return out
   decoder_segments = int32("decoder_targets_segment_ids")
   return {"encoder_inputs": int32("encoder_inputs"),

@@ -6,6 +6,7 @@ Training, per process:
     -> one logical data shard's documents (every S-th, from shard k; S = data.shards)
     -> global shuffle, reshuffled every epoch, repeated forever     (seed: config.seed)
     -> tokenize: [bos] + ids + [eos]                                 (grain map step)
+       (seq2seq: each (source, target) pair becomes one example, cut to length; no chunking)
     -> chunk: documents longer than the chunk length (seq_len for clm and mlm) become chunks of
        that length, each its own segment
     -> objective, per chunk (mlm, span, denoise, ul2): a seeded random map   (objectives.py)
@@ -93,6 +94,22 @@ def _check_objective_tokens(config, tok) -> None:
                       f"data.tokenizer={d.tokenizer!r} lacks; make one with: {command}")
 
 
+def _check_pairs(config) -> None:
+  """Pairs (a pair format or a catalog dataset's two fields) exactly when the objective is
+  seq2seq; the corpus exists."""
+  d = config.data
+  seq2seq = d.objective == "seq2seq"
+  if tfds_text.is_catalog(d):
+    tfds_text.check_catalog_fields(d, seq2seq)
+    return
+  if seq2seq != (d.format in corpus_lib.PAIR_FORMATS):
+    raise ConfigError(
+        f"data.format={d.format!r} holds {'documents' if seq2seq else 'pairs'}: data.objective="
+        f"{d.objective!r} needs " + (f"one of {', '.join(corpus_lib.PAIR_FORMATS)}" if seq2seq
+                                     else f"data.objective='seq2seq' (or a document format)"))
+  corpus_lib.corpus_files(d.corpus)
+
+
 def validate(config, process_count: int = 1) -> None:
   """Cheap checks of the data config before anything is compiled; raises ConfigError."""
   d = config.data
@@ -112,7 +129,7 @@ def validate(config, process_count: int = 1) -> None:
   if not 0.0 <= d.validation_fraction < 1.0:
     raise ConfigError(f"data.validation_fraction={d.validation_fraction} must be in [0, 1)")
   corpus_lib.check_format(d.format)
-  corpus_lib.corpus_files(d.corpus)
+  _check_pairs(config)
   _check_tokenizer(config)
 
 
@@ -125,16 +142,17 @@ def _cached_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
 
 
 class Tokenize(grain.transforms.Map):
-  """{"text": bytes|str} -> {"tokens": int32 [bos] + ids + [eos]}; loads the model lazily."""
+  """{field: bytes|str} -> {"tokens": int32 [bos] + ids + [eos]}; loads the model lazily."""
 
-  def __init__(self, tokenizer_path: str, add_bos: bool, add_eos: bool):
+  def __init__(self, tokenizer_path: str, add_bos: bool, add_eos: bool, field: str = "text"):
     self._path = os.path.abspath(tokenizer_path)  # Workers may not share our cwd.
     self._add_bos = add_bos
     self._add_eos = add_eos
+    self._field = field
 
   def map(self, element):
     tok = _cached_tokenizer(self._path)  # Once per process (worker), on first use.
-    text = element["text"]
+    text = element[self._field]
     if isinstance(text, bytes):
       text = text.decode("utf-8")
     ids = tok.encode(text)
@@ -143,6 +161,23 @@ class Tokenize(grain.transforms.Map):
     if self._add_eos:
       ids = ids + [tok.eos_id]
     return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+class TokenizePair(grain.transforms.Map):
+  """A {source, target} record -> an encoder-decoder example (objectives.seq2seq)."""
+
+  def __init__(self, tokenizer_path: str, fields: tuple[str, str], data_cfg, target_len: int):
+    self._path = os.path.abspath(tokenizer_path)
+    self._fields = fields
+    self._options = dict(add_bos=data_cfg.add_bos, add_eos=data_cfg.add_eos,
+                         seq_len=data_cfg.seq_len, target_len=target_len)
+
+  def map(self, element):
+    tok = _cached_tokenizer(self._path)
+    source, target = (element[f].decode("utf-8") if isinstance(element[f], bytes) else element[f]
+                      for f in self._fields)
+    return objectives.seq2seq(tok.encode(source), tok.encode(target), bos_id=tok.bos_id,
+                              eos_id=tok.eos_id, **self._options)
 
 
 class ChunkTokens(grain.experimental.FlatMapTransform):
@@ -159,12 +194,24 @@ class ChunkTokens(grain.experimental.FlatMapTransform):
     return [{_PACKED: tokens[i:i + n]} for i in range(0, len(tokens), n)]
 
 
+class _Unbatch(grain.experimental.FlatMapTransform):
+  max_fan_out = 2
+
+  def flat_map(self, element):
+    return element
+
+
 # ---------------------------------------------------------------------------- datasets
 
 
 def _tokenize(docs: grain.MapDataset, config) -> grain.IterDataset:
   d = config.data
-  docs = docs.map(Tokenize(d.tokenizer, d.add_bos, d.add_eos))
+  if d.objective == "seq2seq":
+    target_len = objectives.spec(d).target_len
+    docs = docs.map(TokenizePair(d.tokenizer, tfds_text.pair_fields(d), d, target_len))
+  else:
+    field = d.text_field if tfds_text.is_catalog(d) else "text"
+    docs = docs.map(Tokenize(d.tokenizer, d.add_bos, d.add_eos, field))
   return docs.to_iter_dataset(_READ_OPTIONS)
 
 
@@ -173,13 +220,19 @@ def chunk_and_pack(ds: grain.IterDataset, config, num_bins: int, seed: int | Non
   """Chunks token sequences, applies the objective and packs them into rows in the batch format;
   seed=None keeps the order (eval); objective_seed seeds the objective's random map."""
   s = objectives.spec(config.data)
-  ds = grain.experimental.FlatMapIterDataset(ds, ChunkTokens(s.chunk_len))
-  if s.objective != "clm":
+  if s.objective != "seq2seq":  # Pairs arrive as examples, cut to length.
+    ds = grain.experimental.FlatMapIterDataset(ds, ChunkTokens(s.chunk_len))
+  if s.objective not in ("clm", "seq2seq"):
     vocab = objectives.Vocab.from_tokenizer(load_tokenizer(config))
+  if s.objective not in ("clm", "seq2seq") and not s.sentence_pair:
     ds = ds.random_map(objectives.Corrupt(s, vocab), seed=objective_seed)
   if seed is not None:
     ds = grain.experimental.WindowShuffleIterDataset(
         ds, window_size=_CHUNK_SHUFFLE_WINDOW, seed=seed)
+  if s.sentence_pair:  # After the shuffle: nsp pairs each chunk with a random other.
+    ds = ds.batch(2, batch_fn=list).random_map(objectives.SentencePairs(s, vocab),
+                                               seed=objective_seed)
+    ds = grain.experimental.FlatMapIterDataset(ds, _Unbatch())
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=objectives.length_struct(s), num_packing_bins=num_bins,
       seed=seed or 0, shuffle_bins=seed is not None)

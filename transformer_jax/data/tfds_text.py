@@ -9,11 +9,18 @@ directory (an edit that keeps a file's size is not noticed: delete the directory
 
   <data_dir>/text_corpus/<format>-<hash>/1.0.0/text_corpus-{train,validation}.array_record-*
 
-Each example is `{"id": str, "text": str}`. A document goes to "validation" when a hash of
+Each example is `{"id": str, "text": str}`; `PairCorpus` (data.format a pair format: tsv,
+jsonl_pairs, functions) writes `{"id", "source", "target"}` examples under pair_corpus/ instead. A document goes to "validation" when a hash of
 its id falls below `validation_fraction`; if that leaves validation empty while there are at
 least two documents (and the fraction is > 0), the document with the smallest hash goes
 there instead. TFDS writes ArrayRecord with the `array_record` package and reads it back
 with `as_data_source()`: no TensorFlow is imported on either path.
+
+A corpus "tfds:NAME[/CONFIG][:VERSION]" is a dataset of the TFDS catalog instead (e.g.
+"tfds:wmt14_translate/de-en"): `prepare` downloads and prepares it as ArrayRecord, once, under
+data.data_dir; its "train" split trains and its "validation" split (else "test") evaluates.
+Documents are its data.text_field feature; pairs (data.objective=seq2seq) its data.source_field
+and data.target_field features (for a translation dataset, language codes such as "de", "en").
 """
 
 import dataclasses
@@ -22,6 +29,7 @@ import json
 import os
 
 from etils import epath
+import ml_collections
 import tensorflow_datasets as tfds
 
 from transformer_jax.config import ConfigError
@@ -38,6 +46,8 @@ class TextCorpusConfig(tfds.core.BuilderConfig):
   format: str = "text"
   text_field: str = "text"
   validation_fraction: float = 0.02
+  source_field: str = "source"
+  target_field: str = "target"
 
 
 def doc_hash(doc_id: str) -> float:
@@ -46,28 +56,32 @@ def doc_hash(doc_id: str) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _fingerprint(corpus: str, fmt: str, text_field: str, validation_fraction: float) -> str:
+def _fingerprint(corpus: str, fmt: str, fields: tuple, validation_fraction: float) -> str:
   """A short hash of everything that decides the prepared records."""
   files = [(f.name, os.path.abspath(f.path), os.path.getsize(f.path))
            for f in corpus_lib.corpus_files(corpus)]
   spec = {
       "version": _VERSION,
       "format": fmt,
-      "text_field": text_field if fmt == "jsonl" else None,
+      "text_field": fields[0] if fmt == "jsonl" else None,
       "validation_fraction": float(validation_fraction),
       "files": files,
   }
+  if fmt == "jsonl_pairs":  # Older names stay valid: the key only exists for this format.
+    spec["pair_fields"] = list(fields[1:])
   return hashlib.sha256(json.dumps(spec).encode("utf-8")).hexdigest()[:12]
 
 
 def make_builder_config(
-    corpus: str, fmt: str, text_field: str, validation_fraction: float
+    corpus: str, fmt: str, text_field: str, validation_fraction: float,
+    source_field: str = "source", target_field: str = "target",
 ) -> TextCorpusConfig:
   """A builder config named `<format>-<hash>`; raises ConfigError for a bad corpus/format."""
   corpus_lib.check_format(fmt)
   if not 0.0 <= validation_fraction < 1.0:
     raise ConfigError(f"data.validation_fraction={validation_fraction} must be in [0, 1)")
-  digest = _fingerprint(corpus, fmt, text_field, validation_fraction)
+  digest = _fingerprint(corpus, fmt, (text_field, source_field, target_field),
+                        validation_fraction)
   return TextCorpusConfig(
       name=f"{fmt}-{digest}",
       version=_VERSION,
@@ -76,6 +90,8 @@ def make_builder_config(
       format=fmt,
       text_field=text_field,
       validation_fraction=float(validation_fraction),
+      source_field=source_field,
+      target_field=target_field,
   )
 
 
@@ -136,10 +152,12 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       held_out.append(first)
     if len(held_out) == num_docs:  # Keep at least one training document.
       held_out.remove(max(held_out, key=lambda doc: doc_hash(doc[0])))
-    print(f"{num_docs} documents ({len(held_out)} held out for validation); skipped "
+    unit = "pairs" if isinstance(self, PairCorpus) else "documents"
+    print(f"{num_docs} {unit} ({len(held_out)} held out for validation); skipped "
           f"{skipped.binary_files} binary files and {skipped.empty_docs} empty documents; "
-          f"{skipped.invalid_utf8_docs} documents had invalid UTF-8 (replaced by U+FFFD)",
-          flush=True)
+          f"{skipped.invalid_utf8_docs} documents had invalid UTF-8 (replaced by U+FFFD)"
+          + (f"; {skipped.unparsable_files} Python files did not parse"
+             if skipped.unparsable_files else ""), flush=True)
     return held_out
 
   def _split_generators(self, dl_manager):
@@ -157,11 +175,87 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield doc_id, {"id": doc_id, "text": text}
 
 
-def builder(data_cfg) -> TextCorpus:
+class PairCorpus(TextCorpus, skip_registration=True):
+  """(source, target) pairs of a local corpus as {"id", "source", "target"} examples; split into
+  train/validation like TextCorpus, by a hash of the pair id."""
+
+  name = "pair_corpus"
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Local source/target text pairs for sequence-to-sequence training.",
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "source": tfds.features.Text(),
+            "target": tfds.features.Text(),
+        }),
+    )
+
+  def _documents(self, skipped=None):
+    cfg = self.builder_config
+    pairs = corpus_lib.iter_pairs(cfg.corpus, cfg.format, cfg.source_field, cfg.target_field,
+                                  skipped=skipped)
+    return ((pair_id, (source, target)) for pair_id, source, target in pairs)
+
+  def _generate_examples(self, docs):
+    for pair_id, (source, target) in docs:
+      yield pair_id, {"id": pair_id, "source": source, "target": target}
+
+
+def is_catalog(data_cfg) -> bool:
+  return data_cfg.corpus.startswith(corpus_lib.TFDS_PREFIX)
+
+
+def pair_fields(data_cfg) -> tuple[str, str]:
+  """The record keys of a pair's source and target."""
+  if is_catalog(data_cfg):
+    return data_cfg.source_field, data_cfg.target_field
+  return "source", "target"
+
+
+def _catalog_builder(name: str, data_dir: str):
+  try:
+    return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"data.corpus={corpus_lib.TFDS_PREFIX}{name}: {first_line}") from None
+
+
+def builder(data_cfg):
   """The builder for `data_cfg` (a config's `data` section); prepares nothing."""
+  if is_catalog(data_cfg):
+    return _catalog_builder(data_cfg.corpus[len(corpus_lib.TFDS_PREFIX):], data_cfg.data_dir)
   config = make_builder_config(data_cfg.corpus, data_cfg.format, data_cfg.text_field,
-                               data_cfg.validation_fraction)
-  return TextCorpus(config=config, data_dir=data_cfg.data_dir or None, file_format="array_record")
+                               data_cfg.validation_fraction, data_cfg.get("source_field", "source"),
+                               data_cfg.get("target_field", "target"))
+  cls = PairCorpus if data_cfg.format in corpus_lib.PAIR_FORMATS else TextCorpus
+  return cls(config=config, data_dir=data_cfg.data_dir or None, file_format="array_record")
+
+
+def check_catalog_fields(data_cfg, seq2seq: bool) -> None:
+  """ConfigError unless a catalog dataset has the features the objective reads."""
+  features = builder(data_cfg).info.features
+  keys = [("source_field", data_cfg.source_field), ("target_field", data_cfg.target_field)]
+  for key, field in keys if seq2seq else [("text_field", data_cfg.text_field)]:
+    if field not in features:
+      raise ConfigError(f"data.{key}={field!r} is not a feature of {data_cfg.corpus} (it has "
+                        f"{', '.join(features.keys())})")
+
+
+def catalog_documents(corpus: str, text_field: str, source_field: str, target_field: str):
+  """(id, text) documents of a catalog dataset's train split, under TFDS's default data_dir:
+  its text_field feature, or else both of source_field and target_field (to train a tokenizer)."""
+  data_cfg = ml_collections.ConfigDict(dict(corpus=corpus, data_dir="", text_field=text_field,
+                                            source_field=source_field, target_field=target_field))
+  source = data_source(data_cfg, "train")
+  features = builder(data_cfg).info.features
+  fields = [text_field] if text_field in features else [source_field, target_field]
+  for i in range(len(source)):
+    record = source[i]
+    for field in fields:
+      text = record[field]
+      yield f"{i}:{field}", text.decode("utf-8") if isinstance(text, bytes) else text
 
 
 def prepare(data_cfg) -> TextCorpus:
@@ -183,10 +277,13 @@ def prepare(data_cfg) -> TextCorpus:
 
 
 def data_source(data_cfg, split: str):
-  """A random-access source (len, [i] -> {"id": bytes, "text": bytes}) of one split."""
+  """A random-access source (len, [i] -> {"id": bytes, "text": bytes}, or the pair / catalog
+  features) of one split."""
   if split not in SPLITS:
     raise ConfigError(f"split={split!r} is unknown; expected one of {', '.join(SPLITS)}")
   prepared = prepare(data_cfg)
+  if split == "validation" and is_catalog(data_cfg) and split not in prepared.info.splits:
+    split = "test"  # Catalog datasets without a validation split evaluate on test.
   if split not in prepared.info.splits:
     return []  # A one-document corpus has no validation split.
   return prepared.as_data_source(split=split)

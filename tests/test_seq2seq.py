@@ -1,0 +1,177 @@
+"""Sequence-to-sequence data: pair formats (tsv, jsonl_pairs, functions), the PairCorpus TFDS
+builder, TFDS catalog datasets, the seq2seq objective's packed batches, and a short training run."""
+
+import json
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import REPO, tiny_overrides
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import pipeline
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.training import loop
+
+_WORDS = ("alpha", "beta", "gamma", "delta", "one", "two", "three", "red", "green", "blue")
+
+
+class TjaxTestPairs(tfds.core.GeneratorBasedBuilder):
+  """A catalog-style dataset (registered by name) with "de"/"en" features, like TFDS's
+  translation datasets, and train/validation splits."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"de": tfds.features.Text(), "en": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(40), "validation": self._generate_examples(6)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      words = [_WORDS[(i + j) % len(_WORDS)] for j in range(1 + i % 5)]
+      yield i, {"de": " ".join(words), "en": " ".join(reversed(words))}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+  """A TSV corpus of 80 pairs (target = the source's words reversed) with escaped newlines."""
+  root = tmp_path_factory.mktemp("pairs")
+  rng = np.random.default_rng(0)
+  lines = []
+  for _ in range(80):
+    words = list(rng.choice(_WORDS, rng.integers(1, 9)))
+    lines.append(" ".join(words) + "\\n=\t" + " ".join(reversed(words)))
+  (root / "train.tsv").write_text("\n".join(lines) + "\n\n")
+  texts = [t for _, t in corpus_lib.iter_documents(f"{root}/*.tsv", "tsv")]
+  tok = tokenizer_lib.train(texts * 5, 300, str(root / "tok.model"))
+  return {"corpus": f"{root}/*.tsv", "tokenizer": tok, "root": root}
+
+
+def _config(tiny_data, pairs, **extra):
+  kv = {"data.corpus": pairs["corpus"], "data.tokenizer": pairs["tokenizer"],
+        "data.format": "tsv", "data.objective": "seq2seq", "data.target_len": 16,
+        "model.vocab_size": 320, **extra}
+  return config_lib.load(f"{REPO}/configs/transformer.py:tiny", tiny_overrides(tiny_data, **kv))
+
+
+def test_tsv_jsonl_and_function_pairs(tmp_path):
+  (tmp_path / "a.tsv").write_text("x\\ty\\\\z\tout\\n\n\nno tab here\n")
+  it = corpus_lib.iter_pairs(f"{tmp_path}/*.tsv", "tsv")
+  assert next(it) == ("a.tsv:1", "x\ty\\z", "out\n")
+  with pytest.raises(ConfigError, match=r"a\.tsv:3 has 0 tabs; data.format=tsv expects"):
+    next(it)
+  (tmp_path / "b.jsonl").write_text(json.dumps({"q": "src", "a": "tgt"}) + "\n"
+                                    + json.dumps({"q": "src"}) + "\n")
+  it = corpus_lib.iter_pairs(f"{tmp_path}/*.jsonl", "jsonl_pairs", "q", "a")
+  assert next(it) == ("b.jsonl:1", "src", "tgt")
+  with pytest.raises(ConfigError, match=r"data.target_field='a' is missing at .*b\.jsonl:2"):
+    next(it)
+  (tmp_path / "m.py").write_text(textwrap.dedent('''\
+      def f(x):
+        """Doubles x."""
+        return 2 * x
+
+      class C:
+        @staticmethod
+        def g(a,
+              b):
+          """Adds.
+
+          Really.
+          """
+          s = a + b
+          return s
+
+        def only_doc(self):
+          """Nothing else."""
+
+      def no_doc():
+        return 1
+      '''))
+  (tmp_path / "bad.py").write_text("def broken(:\n")
+  skipped = corpus_lib.SkipCounts()
+  got = list(corpus_lib.iter_pairs(f"{tmp_path}/*.py", "functions", skipped=skipped))
+  assert got == [
+      ("m.py:1:f", 'def f(x):\n  """Doubles x."""\n', "return 2 * x\n"),
+      ("m.py:7:g", 'def g(a,\n      b):\n  """Adds.\n\n  Really.\n  """\n',
+       "s = a + b\nreturn s\n")]
+  assert skipped.unparsable_files == 1
+  docs = list(corpus_lib.iter_documents(f"{tmp_path}/m.py", "functions"))
+  assert [d[0] for d in docs] == ["m.py:1:f:source", "m.py:1:f:target", "m.py:7:g:source",
+                                  "m.py:7:g:target"]
+
+
+def _examples(batch, tok):
+  """(source text, target text) of every packed example of a batch; checks the decoder shift."""
+  out = []
+  for r in range(batch["encoder_inputs"].shape[0]):
+    es, ds = batch["encoder_segment_ids"][r], batch["decoder_segment_ids"][r]
+    for k in np.unique(es[es > 0]):
+      enc, tgt = batch["encoder_inputs"][r][es == k], batch["decoder_targets"][r][ds == k]
+      dec_in = batch["decoder_inputs"][r][ds == k]
+      assert dec_in[0] == tok.bos_id and (dec_in[1:] == tgt[:-1]).all()
+      np.testing.assert_array_equal(batch["decoder_positions"][r][ds == k], np.arange(len(tgt)))
+      assert enc[0] == tok.bos_id and enc[-1] == tok.eos_id
+      if tgt[-1] == tok.eos_id:
+        out.append((tok.decode(enc[1:-1].tolist()), tok.decode(tgt[:-1].tolist())))
+  return out
+
+
+def test_pipeline_packs_whole_pairs(tiny_data, pairs):
+  c = _config(tiny_data, pairs, **{"train.batch_size": 8})
+  tok = pipeline.load_tokenizer(c)
+  it = pipeline.make_train_iterator(c)
+  batches = [next(it) for _ in range(3)]
+  assert batches[0]["decoder_targets"].shape == (8, 16)
+  known = {tuple(f.replace("\\n", "\n") for f in line.split("\t"))
+           for line in (pairs["root"] / "train.tsv").read_text().splitlines() if line}
+  examples = [e for b in batches for e in _examples(b, tok)]
+  assert len(examples) > 20 and all(e in known for e in examples)
+  resumed = pipeline.make_train_iterator(c)
+  resumed.set_state(pipeline.make_train_iterator(c).get_state())
+  np.testing.assert_array_equal(next(resumed)["encoder_inputs"], batches[0]["encoder_inputs"])
+  (ev,) = pipeline.eval_batches(c, 1)
+  assert all(e in known for e in _examples(ev, tok))
+
+
+def test_format_and_objective_must_agree(tiny_data, pairs):
+  with pytest.raises(ConfigError, match=r"data.format='text' holds documents: data.objective="
+                     r"'seq2seq' needs one of tsv, jsonl_pairs, functions"):
+    pipeline.validate(_config(tiny_data, pairs, **{"data.format": "text"}))
+  with pytest.raises(ConfigError, match=r"data.format='tsv' holds pairs: data.objective='span'"):
+    pipeline.validate(_config(tiny_data, pairs, **{"data.objective": "span"}))
+  with pytest.raises(ConfigError, match=r"data.objective='seq2seq' does not train model.family"):
+    config_lib.validate(config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
+                                        tiny_overrides(tiny_data, **{"data.objective": "seq2seq"})))
+
+
+def test_tfds_catalog_pairs(tiny_data, pairs, tmp_path):
+  extra = {"data.corpus": "tfds:tjax_test_pairs", "data.source_field": "de",
+           "data.target_field": "en", "data.data_dir": str(tmp_path)}
+  c = _config(tiny_data, pairs, **extra)
+  tok = pipeline.load_tokenizer(c)
+  examples = _examples(next(pipeline.make_train_iterator(c)), tok)
+  assert examples and all(s.split() == t.split()[::-1] for s, t in examples)
+  assert _examples(pipeline.eval_batches(c, 1)[0], tok)  # the validation split
+  with pytest.raises(ConfigError, match=r"data.target_field='fr' is not a feature of "
+                     r"tfds:tjax_test_pairs \(it has de, en\)"):
+    pipeline.validate(_config(tiny_data, pairs, **{**extra, "data.target_field": "fr"}))
+  with pytest.raises(ConfigError, match=r"data.corpus=tfds:no_such_dataset_xyz: "):
+    pipeline.validate(_config(tiny_data, pairs, **{**extra, "data.corpus": "tfds:no_such_dataset_xyz"}))
+
+
+def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path):
+  c = _config(tiny_data, pairs, **{"train.steps": 16, "train.log_every": 4,
+                                   "eval.every_steps": 16, "checkpoint.every_steps": 16,
+                                   "optimizer.warmup_steps": 4})
+  loop.train(c, str(tmp_path), quiet=True, devices=jax.devices()[:1])
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
+  assert any("eval_loss" in r and np.isfinite(r["eval_loss"]) for r in rows)
