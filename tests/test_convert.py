@@ -357,3 +357,30 @@ def test_bert_t5_inputs_and_configs_are_checked(hf_seq_ckpt, tmp_path):
   with pytest.raises(ConfigError, match="relu") as e:
     from_hf(str(tmp_path))
   assert "\n" not in str(e.value)
+
+
+def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_path):
+  """The import/export commands for the sequence families (objective picked from the family)."""
+  from transformer_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  family, path, ref = hf_seq_ckpt
+  texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
+  tok = tokenizer_lib.train(texts, 400, str(tmp_path / "tok.model"), special="mask,sentinels:100")
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "hf")
+  overrides = tiny_overrides(tiny_data, **{"data.tokenizer": tok, "model.max_len": 64,
+                                           "model.vocab_size": 448})
+  convert_cli.main(["import", "--hf_dir", path, "--workdir", workdir]
+                   + [f"--config.{o}" for o in overrides])
+  config = config_lib.from_json_file(f"{workdir}/config.json")
+  assert (config.model.family, config.data.objective, config.model.vocab_size) == (
+      {"bert": ("encoder", "mlm", 448), "t5": ("encdec", "span", 448)}[family])
+  convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out])
+  original, exported = load_file(f"{path}/model.safetensors"), load_file(f"{out}/model.safetensors")
+  for name, value in original.items():  # The first 100 vocabulary rows are the checkpoint's.
+    np.testing.assert_array_equal(exported[name][tuple(slice(0, n) for n in value.shape)], value,
+                                  err_msg=name)
+  auto = (transformers.AutoModelForMaskedLM if family == "bert"
+          else transformers.AutoModelForSeq2SeqLM)
+  inputs = _seq_inputs(family)
+  got = _hf_logits(auto.from_pretrained(out).eval(), inputs)[..., :100]
+  assert _max_diff(got, ref, _compared(family, inputs)) < 1e-5
