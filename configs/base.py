@@ -112,6 +112,10 @@ def get_config(arg=None):
   t.process_log = False  # every process also prints a heartbeat line (its tokens/s) at each log
   t.z_loss = 0.0  # coefficient of log(Z)^2, stabilises the softmax normaliser
   t.label_smoothing = 0.0  # e: targets are (1 - e) one-hot + e uniform (the Transformer: 0.1)
+  # Chunked cross-entropy: > 0 forms the [tokens, vocab] logits this many tokens (of the
+  # microbatch's B*T) at a time, recomputed in the backward pass, so they never exist at full size
+  # (large vocabularies); the same loss and gradients. 0 = off (one [B, T, V] logits array).
+  t.loss_chunk = 0
   t.sample_prompt = ""  # if set, print a sample from the model at the end of training
   t.sample_tokens = 64
   # Anomalies (non-finite loss or gradients, or a loss spike) are caught inside the jitted step,

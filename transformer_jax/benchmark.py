@@ -22,7 +22,9 @@ their plain-autodiff formulas. The JSON gains baseline_step_time_s and speedup_v
 
 --compile_only runs no step: it lowers (traces) and compiles the train step from abstract inputs,
 once per round (and the --baseline config's, interleaved), and prints lower_s and compile_s
-(medians over rounds), plus baseline_lower_s, baseline_compile_s and compile_ratio_vs_baseline.
+(medians over rounds) and temp_bytes (the compiled step's scratch memory per device, from XLA's
+memory_analysis()), plus baseline_lower_s, baseline_compile_s, baseline_temp_bytes and
+compile_ratio_vs_baseline.
 """
 
 import json
@@ -97,7 +99,9 @@ class JaxRunner:
 
 
 def _compile_times(config):
-  """(lower_s, compile_s) of the train step for `config`, from abstract inputs (no state)."""
+  """(lower_s, compile_s, temp_bytes) of the train step for `config`, from abstract inputs (no
+  state); temp_bytes is XLA's memory_analysis() of the compiled step: its scratch (activations,
+  gradients in flight) on one device, beside the arguments and outputs."""
   import jax  # pylint: disable=g-import-not-at-top
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
@@ -107,8 +111,10 @@ def _compile_times(config):
   t0 = time.perf_counter()
   lowered = trainer.lower_train_step()
   t1 = time.perf_counter()
-  lowered.compile()
-  return t1 - t0, time.perf_counter() - t1
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  memory = compiled.memory_analysis()
+  return t1 - t0, t2 - t1, getattr(memory, "temp_size_in_bytes", -1)
 
 
 def _time_async_save(runner, rounds, step_s):
@@ -171,18 +177,20 @@ def _compile_only(config, baseline_config, baseline_overrides, rounds):
   ours, ref = [], []
   for r in range(rounds):  # interleaved, so machine noise hits both alike
     ours.append(_compile_times(config))
-    line = f"round {r}: ours lower {ours[-1][0]:.2f}s compile {ours[-1][1]:.2f}s"
+    line = (f"round {r}: ours lower {ours[-1][0]:.2f}s compile {ours[-1][1]:.2f}s "
+            f"temp {ours[-1][2] / 2**20:.1f} MiB")
     if baseline_config:
       ref.append(_compile_times(baseline_config))
-      line += f", baseline lower {ref[-1][0]:.2f}s compile {ref[-1][1]:.2f}s"
+      line += (f", baseline lower {ref[-1][0]:.2f}s compile {ref[-1][1]:.2f}s "
+               f"temp {ref[-1][2] / 2**20:.1f} MiB")
     print(line, flush=True)
   med = lambda xs, i: round(statistics.median(x[i] for x in xs), 3)
   m = config.model
-  out = {"lower_s": med(ours, 0), "compile_s": med(ours, 1), "num_layers": m.num_layers,
-         "scan_layers": m.scan_layers, "remat": m.remat}
+  out = {"lower_s": med(ours, 0), "compile_s": med(ours, 1), "temp_bytes": ours[-1][2],
+         "num_layers": m.num_layers, "scan_layers": m.scan_layers, "remat": m.remat}
   if baseline_config:
     out.update(baseline=baseline_overrides, baseline_lower_s=med(ref, 0),
-               baseline_compile_s=med(ref, 1),
+               baseline_compile_s=med(ref, 1), baseline_temp_bytes=ref[-1][2],
                compile_ratio_vs_baseline=round(med(ours, 1) / med(ref, 1), 3))
   print(json.dumps(out))
 

@@ -155,6 +155,8 @@ def validate(config, num_devices: int | None = None):
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.microbatches={t.microbatches} does not divide "
                       f"train.batch_size={t.batch_size}")
+  if isinstance(t.loss_chunk, bool) or not isinstance(t.loss_chunk, int) or t.loss_chunk < 0:
+    raise ConfigError(f"train.loss_chunk must be an int >= 0 (tokens), got {t.loss_chunk!r}")
   if num_devices is not None:
     sizes = mesh_shape(config.mesh, num_devices)
     batch_shards = sizes["data"] * sizes["fsdp"]

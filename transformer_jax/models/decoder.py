@@ -9,14 +9,22 @@ from transformer_jax.models.layers import ModelConfig
 
 class DecoderLM(nn.Module):
   """Causal LM over packed rows: attention is block-diagonal over `segment_ids` and positions are
-  per-segment. Returns fp32 logits [B, T, V]."""
+  per-segment. Returns fp32 logits [B, T, V] (or, with `hidden`, the final hidden states [B, T, D]
+  that the `logits` method maps to them)."""
   cfg: ModelConfig
   INPUTS = ("inputs", "segment_ids", "positions")  # batch keys, in call order
   TARGETS = ("targets", "weights")
 
+  def setup(self):
+    self.embed = layers.Embedder(self.cfg)  # the head's modules live in setup: see `logits`
+
+  def logits(self, x_BTD):
+    """The output head alone (callable as model.apply(..., method="logits"))."""
+    return self.embed.logits(x_BTD)
+
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, *, prefix_BT=None,
-               deterministic=True, decode=False):
+               deterministic=True, decode=False, hidden=False):
     """`prefix_BT` (1 = in its segment's prefix) makes a prefix LM: every position also sees the
     whole prefix of its segment, so the prefix is attended bidirectionally."""
     c = self.cfg
@@ -29,11 +37,10 @@ class DecoderLM(nn.Module):
       mask_BTS |= (layers.attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
                    & (prefix_BT[:, None, :] > 0))
 
-    embedder = layers.Embedder(c, name="embed")
-    x_BTD = embedder.embed(tokens_BT, positions_BT)
+    x_BTD = self.embed.embed(tokens_BT, positions_BT)
     x_BTD = nn.Dropout(c.dropout_rate)(x_BTD, deterministic)
     x_BTD = stack.apply_blocks(c, x_BTD, positions_BT, mask_BTS, deterministic, decode,
                                causal=prefix_BT is None)
     if c.norm_position == "pre":
       x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
-    return embedder.logits(x_BTD)
+    return x_BTD if hidden else self.logits(x_BTD)

@@ -48,11 +48,12 @@ class EncoderDecoder(nn.Module):
 
   def __call__(self, encoder_inputs, decoder_inputs, encoder_segment_ids=None,
                encoder_positions=None, decoder_segment_ids=None, decoder_positions=None, *,
-               deterministic=True, decode=False):
+               deterministic=True, decode=False, hidden=False):
     encoded_BSD = self.encode(encoder_inputs, encoder_segment_ids, encoder_positions,
                               deterministic=deterministic)
     return self.decode(encoded_BSD, encoder_segment_ids, decoder_inputs, decoder_segment_ids,
-                       decoder_positions, deterministic=deterministic, decode=decode)
+                       decoder_positions, deterministic=deterministic, decode=decode,
+                       hidden=hidden)
 
   def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None, *, deterministic=True):
     segment_ids_BS, positions_BS = layers.default_positions(segment_ids_BS, positions_BS,
@@ -62,9 +63,11 @@ class EncoderDecoder(nn.Module):
     return self.encoder(x_BSD, positions_BS, mask_BSS, deterministic, False)
 
   def decode(self, encoded_BSD, encoder_segment_ids_BS, tokens_BT, segment_ids_BT=None,
-             positions_BT=None, *, deterministic=True, decode=False):
-    """Logits [B, T, V] for decoder tokens given the encoder's output; with `decode` the decoder's
-    self-attention keys/values are cached (one code path for the prompt and each new token)."""
+             positions_BT=None, *, deterministic=True, decode=False, hidden=False):
+    """Logits [B, T, V] for decoder tokens given the encoder's output (with `hidden`, the
+    decoder's final hidden states [B, T, D] that `logits` maps to them); with `decode` the
+    decoder's self-attention keys/values are cached (one code path for the prompt and each new
+    token)."""
     b, t = tokens_BT.shape
     offset = self.decode_offset(t) if decode and positions_BT is None else 0
     segment_ids_BT, positions_BT = layers.default_positions(segment_ids_BT, positions_BT, b, t)
@@ -76,4 +79,8 @@ class EncoderDecoder(nn.Module):
     x_BTD = self.dropout(self.embed.embed(tokens_BT, positions_BT), deterministic)
     x_BTD = self.decoder(x_BTD, positions_BT, mask_BTT, deterministic, decode, encoded_BSD,
                          cross_BTS)
+    return x_BTD if hidden else self.logits(x_BTD)
+
+  def logits(self, x_BTD):
+    """The output head alone (callable as model.apply(..., method="logits"))."""
     return self.embed.logits(x_BTD)

@@ -11,42 +11,57 @@ from transformer_jax.models.layers import ModelConfig
 
 
 class EncoderLM(nn.Module):
-  """Bidirectional attention within each packed segment; returns fp32 MLM logits [B, T, V].
-  BERT's head: dense + GELU + norm, then the tied embedding with an output bias."""
+  """Bidirectional attention within each packed segment; returns fp32 MLM logits [B, T, V] (or,
+  with `hidden`, the encoder's final hidden states [B, T, D] that the `logits` method maps to
+  them). BERT's head: dense + GELU + norm, then the tied embedding with an output bias."""
   cfg: ModelConfig
   INPUTS = ("inputs", "segment_ids", "positions")
   TARGETS = ("targets", "weights")
 
+  def setup(self):
+    """The head's modules and parameters (in setup, so `logits` can run on its own); the
+    relative table is made first, keeping this scope's parameter init order (and values)."""
+    c = self.cfg
+    self.embed = layers.Embedder(c)
+    self.rel_table = relative_table(self, c)
+    self.mlm_dense_DE = layers.param(self, "mlm_dense", (c.d_model, c.d_model), ("embed", "mlp"),
+                                     nn.initializers.normal(c.init_std))
+    if c.use_bias:
+      self.mlm_dense_bias_E = layers.param(self, "mlm_dense_bias", (c.d_model,), ("mlp",),
+                                           nn.initializers.zeros)
+    self.mlm_norm = layers.Norm(c)
+    if c.use_bias:
+      self.mlm_bias_V = layers.param(self, "mlm_bias", (c.vocab_size,), ("vocab",),
+                                     nn.initializers.zeros)
+
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, types_BT=None, *,
-               deterministic=True, decode=False):
+               deterministic=True, decode=False, hidden=False):
     del decode  # nothing to cache: every position sees every other
     c = self.cfg
     segment_ids_BT, positions_BT = layers.default_positions(segment_ids_BT, positions_BT,
                                                             *tokens_BT.shape)
     mask_BTS = layers.attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
-    embedder = layers.Embedder(c, name="embed")
-    x_BTD = nn.Dropout(c.dropout_rate)(embedder.embed(tokens_BT, positions_BT, types_BT),
+    x_BTD = nn.Dropout(c.dropout_rate)(self.embed.embed(tokens_BT, positions_BT, types_BT),
                                        deterministic)
-    rel_table = relative_table(self, c)
     x_BTD = stack.apply_blocks(c, x_BTD, positions_BT, mask_BTS, deterministic, False,
-                               causal=False, rel_table=rel_table)
+                               causal=False, rel_table=self.rel_table)
     if c.norm_position == "pre":
       x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
-    # The MLM transform: dense + GELU + norm before the (tied) output projection.
-    w = layers.param(self, "mlm_dense", (c.d_model, c.d_model), ("embed", "mlp"),
-                     nn.initializers.normal(c.init_std))
-    h_BTD = jnp.einsum("BTD,DE->BTE", x_BTD, w.astype(c.compute_dtype))
+    return x_BTD if hidden else self.logits(x_BTD)
+
+  def logits(self, x_BTD):
+    """The MLM head alone (callable as model.apply(..., method="logits")): dense + GELU + norm
+    before the (tied) output projection, plus the output bias."""
+    c = self.cfg
+    h_BTD = jnp.einsum("BTD,DE->BTE", x_BTD, self.mlm_dense_DE.astype(c.compute_dtype))
     if c.use_bias:
-      h_BTD = h_BTD + layers.lead(layers.param(self, "mlm_dense_bias", (c.d_model,), ("mlp",),
-                                               nn.initializers.zeros), h_BTD)
+      h_BTD = h_BTD + layers.lead(self.mlm_dense_bias_E, h_BTD)
     act = ops.gelu if c.activation != "gelu_exact" else (
         lambda u: jax.nn.gelu(u, approximate=False))  # BERT's erf GELU, as the MLP's
-    h_BTD = layers.Norm(c, name="mlm_norm")(act(h_BTD))
-    logits_BTV = embedder.logits(h_BTD)
+    logits_BTV = self.embed.logits(self.mlm_norm(act(h_BTD)))
     if c.use_bias:
-      logits_BTV = logits_BTV + layers.lead(layers.param(
-          self, "mlm_bias", (c.vocab_size,), ("vocab",), nn.initializers.zeros), logits_BTV)
+      logits_BTV = logits_BTV + layers.lead(self.mlm_bias_V, logits_BTV)
     return logits_BTV
 
 

@@ -1,4 +1,9 @@
-"""The model families by `model.family`, and the dummy inputs that initialise any of them."""
+"""The model families by `model.family`, and the dummy inputs that initialise any of them.
+
+Every family returns fp32 logits [B, T, V]; with `hidden=True` it returns its final hidden states
+[B, T, D] instead, and its `logits` method (`model.apply(..., x_BTD, method="logits")`) is the
+output head alone, so a loss can form the logits a few tokens at a time (train.loss_chunk).
+"""
 
 import flax.linen as nn
 import jax

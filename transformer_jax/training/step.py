@@ -55,20 +55,60 @@ def build_model(config):
   return families.FAMILIES[config.model.family](ModelConfig.from_config(config.model))
 
 
-def loss_sums(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_rng=None):
+def loss_sums(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_rng=None,
+              chunk=0):
   """Sum of token cross-entropies (fp32) and of target weights over one batch. With label
-  smoothing e the target distribution is (1 - e) one-hot + e uniform over the vocabulary."""
+  smoothing e the target distribution is (1 - e) one-hot + e uniform over the vocabulary.
+  `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a time (chunked_loss_sum)."""
   extra = {"prefix_BT": batch["prefix"]} if "prefix" in batch else {}
-  logits_BTV = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS], **extra,
-                           deterministic=dropout_rng is None,
-                           rngs={"dropout": dropout_rng} if dropout_rng is not None else None)
+  out = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS], **extra,
+                    deterministic=dropout_rng is None, hidden=chunk > 0,
+                    rngs={"dropout": dropout_rng} if dropout_rng is not None else None)
   targets_key, weights_key = type(model).TARGETS
-  token_loss_BT, log_z_BT = ops.cross_entropy(logits_BTV, batch[targets_key], z_loss)
+  w_BT = batch[weights_key].astype(jnp.float32)
+  if chunk:
+    loss = chunked_loss_sum(model, params, out, batch[targets_key], w_BT, chunk, z_loss,
+                            label_smoothing)
+  else:
+    loss = jnp.sum(token_loss(out, batch[targets_key], z_loss, label_smoothing) * w_BT)
+  return loss, jnp.sum(w_BT)
+
+
+def token_loss(logits_BTV, targets_BT, z_loss, label_smoothing):
+  """Per-token cross-entropy (+ z_loss, label smoothing), fp32 [B, T]."""
+  token_loss_BT, log_z_BT = ops.cross_entropy(logits_BTV, targets_BT, z_loss)
   if label_smoothing:
     token_loss_BT = ((1 - label_smoothing) * token_loss_BT
                      + label_smoothing * (log_z_BT - jnp.mean(logits_BTV, axis=-1)))
-  w_BT = batch[weights_key].astype(jnp.float32)
-  return jnp.sum(token_loss_BT * w_BT), jnp.sum(w_BT)
+  return token_loss_BT
+
+
+def chunked_loss_sum(model, params, x_BTD, targets_BT, w_BT, chunk, z_loss, label_smoothing):
+  """sum(w * token_loss) from the final hidden states, with the model's head applied to `chunk`
+  tokens at a time in a scan, so no more than [chunk, V] logits exist at once. The B*T tokens are
+  padded with weight-0 tokens to n * chunk and token i goes to chunk i % n: a chunk is strided
+  over the whole batch, so it stays spread over the batch shards (as microbatches are). Each
+  chunk's body is rematerialized: the backward recomputes its logits instead of keeping them."""
+  b, t = targets_BT.shape
+  chunk = min(chunk, b * t)
+  n = -(-b * t // chunk)
+
+  def split(a_BT):  # [B, T, ...] -> [n, chunk, 1, ...]: chunk k holds tokens k, k + n, ...
+    a = a_BT.reshape(b * t, *a_BT.shape[2:])
+    a = jnp.pad(a, [(0, n * chunk - b * t)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape(chunk, n, 1, *a.shape[1:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def body(total, xs):
+    x_C1D, targets_C1, w_C1 = xs
+    x_C1D = nn.with_logical_constraint(x_C1D, ("act_batch", "act_length", "act_embed"))
+    logits_C1V = model.apply({"params": params}, x_C1D, method="logits")
+    loss_C1 = token_loss(logits_C1V, targets_C1, z_loss, label_smoothing)
+    return total + jnp.sum(loss_C1 * w_C1), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (split(x_BTD), split(targets_BT), split(w_BT)))
+  return total
 
 
 @dataclasses.dataclass
@@ -118,7 +158,8 @@ class Trainer:
       drng = jax.random.fold_in(jax.random.fold_in(rng, state.step), i) if use_dropout else None
       def f(p):
         loss, weight = loss_sums(self.model, p, micro, z_loss=c.train.z_loss,
-                                 label_smoothing=c.train.label_smoothing, dropout_rng=drng)
+                                 label_smoothing=c.train.label_smoothing, dropout_rng=drng,
+                                 chunk=c.train.loss_chunk)
         return loss, weight
       (loss, weight), grads = jax.value_and_grad(f, has_aux=True)(params)
       return loss, weight, grads
@@ -164,7 +205,7 @@ class Trainer:
                       loss_mean=loss_mean, skipped=state.skipped + bad), metrics
 
   def _eval_step(self, params, batch):
-    return loss_sums(self.model, params, batch)
+    return loss_sums(self.model, params, batch, chunk=self.config.train.loss_chunk)
 
   # ---- host-side API
   def init_state(self, seed: int) -> TrainState:
