@@ -56,6 +56,7 @@ def get_config(arg=None):
   # models/stack.py stack_layers / unstack_layers).
   m.scan_layers = False
   m.attention_chunks = 4  # causal training splits queries into blocks, skipping masked keys; exact
+  m.sentence_head = False  # encoder: BERT's pooler + sentence-pair classifier (data.sentence_pair)
 
   # ------------------------------------------------------------------------------------ data
   d = c.data = ml_collections.ConfigDict()

@@ -9,7 +9,9 @@ embeddings, post-norm blocks (LayerNorm eps 1e-12), GELU, tied output embedding 
 BERT's dense + GELU + LayerNorm transform. BERT's 30522-token WordPiece vocabulary is rounded up
 to 30592 (a multiple of 64) for any SentencePiece model up to that size; the tokenizer needs the
 [MASK] piece (`python -m transformer_jax.tokenizer ... --special=mask,sentinels:100,ul2`, which
-launch/local.sh runs for you). The next-sentence / sentence-order head is not implemented.
+launch/local.sh runs for you). BERT's next-sentence prediction (or ALBERT's sentence order) is
+`--config.data.sentence_pair=nsp|sop --config.model.sentence_head=true`: a pooler + 2-way head
+on each pair's [CLS], its mean loss added to the MLM loss.
 """
 
 from configs import base

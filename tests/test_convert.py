@@ -384,3 +384,30 @@ def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_
   inputs = _seq_inputs(family)
   got = _hf_logits(auto.from_pretrained(out).eval(), inputs)[..., :100]
   assert _max_diff(got, ref, _compared(family, inputs)) < 1e-5
+
+
+def test_bert_pretraining_checkpoint_brings_its_next_sentence_head(tmp_path):
+  """BertForPreTraining: the pooler and NSP head map to model.sentence_head (logits match, the
+  export is exact and loads as BertForPreTraining)."""
+  torch.manual_seed(0)
+  bert = _hf_seq_model("bert")
+  model = transformers.BertForPreTraining(bert.config)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.eval().save_pretrained(str(tmp_path / "hf"))
+  inputs = _seq_inputs("bert")
+  with torch.no_grad():
+    ref = model(**{k: torch.tensor(v) for k, v in inputs.items()})
+  ours, params = from_hf(str(tmp_path / "hf"))
+  assert ours.cfg.sentence_head
+  mask = inputs["attention_mask"]
+  assert _max_diff(hf_forward(ours, params, **inputs), ref.prediction_logits.numpy(), mask) < TOL
+  x = ours.apply({"params": params}, inputs["input_ids"], mask, None,
+                 inputs["token_type_ids"], hidden=True)
+  nsp = np.asarray(ours.apply({"params": params}, x, method="sentence_logits"))[:, 0]
+  # Rows 0 and 1 start with a real token ([CLS]); row 2 is left-padded.
+  np.testing.assert_allclose(nsp[:2], ref.seq_relationship_logits.numpy()[:2], atol=TOL)
+  _assert_round_trip_exact("bert", str(tmp_path / "hf"), str(tmp_path / "out"))
+  again = transformers.AutoModelForPreTraining.from_pretrained(str(tmp_path / "out")).eval()
+  assert type(again).__name__ == "BertForPreTraining"

@@ -173,6 +173,35 @@ def test_label_smoothing_mixes_in_the_uniform_distribution():
   assert float(weight) == 12 and float(got) == pytest.approx(float(want), rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_sentence_head_adds_the_mean_pair_loss_and_reads_token_types(chunk):
+  model = EncoderLM(dataclasses.replace(BERT, sentence_head=True))
+  ids = _ids(2, 6, 0)
+  params = _params(model, ids)
+  cls_BT = jnp.asarray([[1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0]], jnp.float32)  # 3 pairs
+  labels = jnp.asarray([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], jnp.int32)
+  types = jnp.asarray([[0, 1, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1]], jnp.int32)
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  batch = {"inputs": ids, "segment_ids": segments, "targets": ids,
+           "positions": jnp.asarray([[0, 1, 2, 0, 1, 2], list(range(6))], jnp.int32),
+           "weights": jnp.ones(ids.shape, jnp.float32), "types": types,
+           "sentence_labels": labels, "sentence_weights": cls_BT}
+  mlm_only = {k: v for k, v in batch.items() if not k.startswith("sentence")}
+  x = model.apply({"params": params}, ids, segments, batch["positions"], types, hidden=True)
+  logp = jax.nn.log_softmax(model.apply({"params": params}, x, method="sentence_logits"))
+  pair_nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
+  want_pairs = float(jnp.sum(pair_nll * cls_BT) / 3)
+  got, weight = step_lib.loss_sums(model, params, batch, chunk=chunk)
+  mlm, _ = step_lib.loss_sums(model, params, mlm_only, chunk=chunk)
+  assert float(got) == pytest.approx(float(mlm) + want_pairs * float(weight), rel=1e-5)
+  no_types, _ = step_lib.loss_sums(model, params, dict(mlm_only, types=jnp.zeros_like(types)))
+  assert abs(float(no_types) - float(mlm)) > 1e-3  # The types reach the embedding.
+  grads = jax.grad(lambda p: step_lib.loss_sums(model, p, batch, chunk=chunk)[0])(params)
+  assert all(float(jnp.abs(grads[k]).max()) > 0 for k in ("pooler", "sentence", "sentence_bias"))
+  assert step_lib.batch_keys(model, "mlm")[-3:] == ("types", "sentence_labels",
+                                                     "sentence_weights")
+
+
 @pytest.mark.parametrize("name", ["bert", "t5"])
 def test_jit_equals_no_jit(name):
   cfg = {"bert": BERT, **ENCDEC}[name]

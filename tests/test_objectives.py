@@ -267,6 +267,37 @@ def test_ul2_modes_and_reconstruction(docs, vocab):
              for a, b in zip(firsts, others))
 
 
+@pytest.mark.parametrize("mode", ["sop", "nsp"])
+def test_sentence_pairs_reconstruct_and_label_half(docs, vocab, mode):
+  s = _spec("mlm", sentence_pair=mode)
+  assert s.chunk_len == 61
+  chunks = _chunks(docs, s.chunk_len, 600)
+  labels = []
+  for i, chunk in enumerate(chunks):
+    nxt = chunks[(i + 1) % len(chunks)]
+    ex = objectives.sentence_pair(chunk, nxt, np.random.default_rng(i), vocab, s)
+    t, types, w = ex["targets"], ex["types"], ex["weights"]
+    assert len(t) <= 64 and t[0] == vocab.bos_id and t[-1] == vocab.eos_id
+    first_b = int(np.argmax(types))
+    assert (types[:first_b] == 0).all() and (types[first_b:] == 1).all()
+    assert t[first_b - 1] == vocab.eos_id and not w[[0, first_b - 1, -1]].any()
+    assert (ex["inputs"][w == 0] == t[w == 0]).all()  # Only selected tokens change.
+    np.testing.assert_array_equal(ex["sentence_weights"], np.arange(len(t)) == 0)
+    label = int(ex["sentence_labels"][0])
+    assert not ex["sentence_labels"][1:].any()
+    labels.append(label)
+    a, b = t[1:first_b - 1].tolist(), t[first_b:-1].tolist()
+    head = int(chunk[0] == vocab.bos_id)
+    body = chunk[head:len(chunk) - int(chunk[-1] == vocab.eos_id)].tolist()
+    if not label:
+      assert a + b == body
+    elif mode == "sop":
+      assert b + a == body
+    else:  # nsp: A is this chunk's start, B a piece of the next chunk
+      assert a == body[:len(a)] and b and " ".join(map(str, b)) in " ".join(map(str, nxt))
+  _within(sum(labels), len(labels), 0.5, f"{mode} label 1")
+
+
 # ------------------------------------------------------------------------------ packing
 
 

@@ -151,6 +151,11 @@ def validate(config, num_devices: int | None = None):
   if objective not in FAMILY_OBJECTIVES[m.family]:
     raise ConfigError(f"data.objective={objective!r} does not train model.family={m.family!r}; "
                       f"use one of {', '.join(FAMILY_OBJECTIVES[m.family])}")
+  pair = config.data.get("sentence_pair", "")
+  if bool(pair) != bool(m.get("sentence_head", False)):
+    raise ConfigError(f"data.sentence_pair={pair!r} and model.sentence_head="
+                      f"{m.get('sentence_head', False)} go together: set both (an encoder with "
+                      f"data.objective=mlm and --config.model.sentence_head=true) or neither")
   t = config.train
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.microbatches={t.microbatches} does not divide "

@@ -67,6 +67,8 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   config.model.update(values)
   if not spec:  # configs/base.py trains a decoder: BERT / T5 checkpoints get their objective
     config.data.objective = OBJECTIVES.get(values["family"], config.data.objective)
+  if values.get("sentence_head"):  # BertForPreTraining: keep training its NSP head
+    config.data.sentence_pair = config.data.sentence_pair or "nsp"
   for item in overrides:
     key, _, value = item.partition("=")
     config_lib.set_value(config, key, value)

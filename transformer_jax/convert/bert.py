@@ -1,20 +1,24 @@
-"""BERT (`BertForMaskedLM`, model_type "bert") <-> EncoderLM: the config and parameter tables.
+"""BERT (`BertForMaskedLM` or `BertForPreTraining`, model_type "bert") <-> EncoderLM: the config
+and parameter tables.
 
 Post-norm LayerNorm blocks, learned positions, token-type embeddings and a LayerNorm after the
 embedding sum; projections are torch nn.Linear weights ([out, in], transposed to our [in, out]);
 the MLM head is dense + GELU + LayerNorm, then the tied token table with an output bias
 (cls.predictions.bias). hidden_act "gelu" is the exact erf GELU (our activation "gelu_exact");
-"gelu_new" / "gelu_pytorch_tanh" the tanh approximation (our "gelu"). No pooler / NSP head.
+"gelu_new" / "gelu_pytorch_tanh" the tanh approximation (our "gelu"). A BertForPreTraining
+checkpoint (architectures in config.json) also brings its pooler and next-sentence head: our
+model.sentence_head; exporting a model with one writes BertForPreTraining.
 """
 
 from transformer_jax.convert.tables import P
 
 MODEL_TYPE = "bert"
 ARCHITECTURE = "BertForMaskedLM"
+PRETRAINING = "BertForPreTraining"  # + pooler and next-sentence head (model.sentence_head)
 BASE_PREFIX = "bert."
 HEAD_PREFIXES = ("cls.",)  # names of the MLM head (the rest gain BASE_PREFIX when saved without)
-# The position-id buffer of old checkpoints, the pooler (BertModel / BertForPreTraining), the NSP
-# head, and the decoder weight / bias tied to the token table and cls.predictions.bias.
+# The position-id buffer of old checkpoints, the pooler and NSP head (unless the model has a
+# sentence head), and the decoder weight / bias tied to the token table and cls.predictions.bias.
 IGNORED = (r"\.position_ids$", r"^bert\.pooler\.", r"^cls\.seq_relationship\.",
            r"^cls\.predictions\.decoder\.")
 
@@ -46,7 +50,8 @@ def read(hf):
   act = hf.get("hidden_act", "gelu")
   if act not in ACTIVATIONS:
     raise ValueError(f"hidden_act={act!r}; supported: {', '.join(map(repr, ACTIVATIONS))}")
-  return {"activation": ACTIVATIONS[act], "head_dim": 0}
+  return {"activation": ACTIVATIONS[act], "head_dim": 0,
+          "sentence_head": PRETRAINING in (hf.get("architectures") or [])}
 
 
 def write(cfg):
@@ -59,7 +64,8 @@ def write(cfg):
     raise ValueError("BERT needs token types (model.type_vocab_size >= 1)")
   p = cfg.dropout_rate
   return {"hidden_act": "gelu" if cfg.activation == "gelu_exact" else "gelu_new",
-          "hidden_dropout_prob": p, "attention_probs_dropout_prob": 0.0}
+          "hidden_dropout_prob": p, "attention_probs_dropout_prob": 0.0,
+          "architectures": [PRETRAINING if cfg.sentence_head else ARCHITECTURE]}
 
 
 GLOBAL = (
@@ -73,6 +79,10 @@ GLOBAL = (
     P("mlm_norm/scale", "cls.predictions.transform.LayerNorm.weight"),
     P("mlm_norm/bias", "cls.predictions.transform.LayerNorm.bias"),
     P("mlm_bias", "cls.predictions.bias", vocab=0),
+    P("pooler", "bert.pooler.dense.weight", 1, linear=True, when="sentence"),
+    P("pooler_bias", "bert.pooler.dense.bias", when="sentence"),
+    P("sentence", "cls.seq_relationship.weight", 1, linear=True, when="sentence"),
+    P("sentence_bias", "cls.seq_relationship.bias", when="sentence"),
 )
 _L = "bert.encoder.layer.{i}."
 LAYER = (

@@ -27,10 +27,12 @@ class P(NamedTuple):
   in_axes: int = 0  # our leaf's leading axes that make the HF matrix's rows (0: a vector)
   linear: bool = False  # HF stores [out, in] (torch nn.Linear): transposed
   vocab: int | None = None  # the [in, out] matrix's vocabulary axis: zero-padded / sliced
-  when: str = ""  # "bias": only with model.use_bias; "untied": only without tie_embeddings
+  when: str = ""  # "bias": only with model.use_bias; "untied": only without tie_embeddings;
+  # "sentence": only with model.sentence_head (BERT's pooler and NSP head)
 
 
-WHEN = {"": lambda c: True, "bias": lambda c: c.use_bias, "untied": lambda c: not c.tie_embeddings}
+WHEN = {"": lambda c: True, "bias": lambda c: c.use_bias, "untied": lambda c: not c.tie_embeddings,
+        "sentence": lambda c: c.sentence_head}
 # ModelConfig features a family has only where its FIXED says so (BERT: embed_norm, token types).
 PLAIN = {"scale_embeddings": False, "embed_norm": False, "query_scale": 0.0, "type_vocab_size": 0}
 

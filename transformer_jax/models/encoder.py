@@ -33,6 +33,13 @@ class EncoderLM(nn.Module):
     if c.use_bias:
       self.mlm_bias_V = layers.param(self, "mlm_bias", (c.vocab_size,), ("vocab",),
                                      nn.initializers.zeros)
+    if c.sentence_head:  # BERT's pooler (dense + tanh) and 2-way sentence-pair classifier
+      init, zeros = nn.initializers.normal(c.init_std), nn.initializers.zeros
+      self.pooler_DE = layers.param(self, "pooler", (c.d_model, c.d_model), ("embed", "mlp"),
+                                    init)
+      self.pooler_bias_E = layers.param(self, "pooler_bias", (c.d_model,), ("mlp",), zeros)
+      self.sentence_EC = layers.param(self, "sentence", (c.d_model, 2), ("mlp", None), init)
+      self.sentence_bias_C = layers.param(self, "sentence_bias", (2,), (None,), zeros)
 
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, types_BT=None, *,
@@ -63,6 +70,15 @@ class EncoderLM(nn.Module):
     if c.use_bias:
       logits_BTV = logits_BTV + layers.lead(self.mlm_bias_V, logits_BTV)
     return logits_BTV
+
+  def sentence_logits(self, x_BTD):
+    """The sentence-pair head (model.sentence_head) at every position, fp32 [B, T, 2]; a pair's
+    prediction is the one at its [CLS] (first) token (model.apply(..., method=...))."""
+    dt = self.cfg.compute_dtype
+    pooled_BTE = jnp.einsum("BTD,DE->BTE", x_BTD, self.pooler_DE.astype(dt))
+    pooled_BTE = jnp.tanh(pooled_BTE + layers.lead(self.pooler_bias_E, pooled_BTE))
+    logits_BTC = jnp.einsum("BTE,EC->BTC", pooled_BTE, self.sentence_EC.astype(dt))
+    return (logits_BTC + layers.lead(self.sentence_bias_C, logits_BTC)).astype(jnp.float32)
 
 
 def relative_table(module, c: ModelConfig, name="relative_bias"):

@@ -51,6 +51,7 @@ class ModelConfig:
   relative_buckets: int = 32  # position="relative" (T5): log-spaced distance buckets ...
   relative_max_distance: int = 128  # ... up to this distance
   type_vocab_size: int = 0  # BERT token types (segment A/B); 0 = none
+  sentence_head: bool = False  # BERT's pooler + 2-way sentence-pair (NSP / SOP) classifier
   embed_norm: bool = False  # a Norm right after the embedding sum (BERT)
   scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Transformer)
   query_scale: float = 0.0  # attention logits scale; 0 = 1/sqrt(head_dim) (T5 uses 1.0)

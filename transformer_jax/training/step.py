@@ -20,9 +20,11 @@ from transformer_jax.training import optimizer
 
 def batch_keys(model, objective: str = "clm") -> tuple:
   """The batch arrays a model family trains on: its inputs, then its targets and weights (and a
-  prefix LM's `prefix`)."""
-  return type(model).INPUTS + type(model).TARGETS + (("prefix",) if objective == "prefix_lm"
-                                                     else ())
+  prefix LM's `prefix`, a sentence head's token types, pair labels and weights)."""
+  extra = ("prefix",) if objective == "prefix_lm" else ()
+  if getattr(model.cfg, "sentence_head", False):
+    extra += ("types", "sentence_labels", "sentence_weights")
+  return type(model).INPUTS + type(model).TARGETS + extra
 
 
 def batch_shapes(config, model) -> dict:
@@ -61,8 +63,11 @@ def loss_sums(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_
   smoothing e the target distribution is (1 - e) one-hot + e uniform over the vocabulary.
   `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a time (chunked_loss_sum)."""
   extra = {"prefix_BT": batch["prefix"]} if "prefix" in batch else {}
+  if "types" in batch:
+    extra["types_BT"] = batch["types"]
+  sentence = "sentence_labels" in batch
   out = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS], **extra,
-                    deterministic=dropout_rng is None, hidden=chunk > 0,
+                    deterministic=dropout_rng is None, hidden=chunk > 0 or sentence,
                     rngs={"dropout": dropout_rng} if dropout_rng is not None else None)
   targets_key, weights_key = type(model).TARGETS
   w_BT = batch[weights_key].astype(jnp.float32)
@@ -70,8 +75,21 @@ def loss_sums(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_
     loss = chunked_loss_sum(model, params, out, batch[targets_key], w_BT, chunk, z_loss,
                             label_smoothing)
   else:
-    loss = jnp.sum(token_loss(out, batch[targets_key], z_loss, label_smoothing) * w_BT)
+    logits = model.apply({"params": params}, out, method="logits") if sentence else out
+    loss = jnp.sum(token_loss(logits, batch[targets_key], z_loss, label_smoothing) * w_BT)
+  if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
+    loss = loss + sentence_loss_mean(model, params, out, batch) * jnp.sum(w_BT)
   return loss, jnp.sum(w_BT)
+
+
+def sentence_loss_mean(model, params, x_BTD, batch):
+  """Mean cross-entropy of the sentence-pair head (NSP / SOP) over the pairs of a batch."""
+  logits_BTC = model.apply({"params": params}, x_BTD, method="sentence_logits")
+  log_p_BTC = jax.nn.log_softmax(logits_BTC)
+  labels_BT1 = batch["sentence_labels"][..., None]
+  w_BT = batch["sentence_weights"].astype(jnp.float32)
+  nll_BT = -jnp.take_along_axis(log_p_BTC, labels_BT1, axis=-1)[..., 0]
+  return jnp.sum(nll_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
 
 
 def token_loss(logits_BTV, targets_BT, z_loss, label_smoothing):
