@@ -57,6 +57,12 @@ def get_config(arg=None):
   m.scan_layers = False
   m.attention_chunks = 4  # causal training splits queries into blocks, skipping masked keys; exact
   m.sentence_head = False  # encoder: BERT's pooler + sentence-pair classifier (data.sentence_pair)
+  # Attention kernel (models/attention.py): xla (the reference: einsums, fp32 scores) |
+  # dot_product (jax.nn.dot_product_attention, XLA) | cudnn (its cuDNN flash attention: CUDA GPU,
+  # bfloat16) | splash (Pallas TPU splash attention: no relative bias, encdec or prefix LM; lengths
+  # a multiple of 128) | auto (TPU: splash, GPU: cudnn, where the layer allows; else xla).
+  # KV-cache decoding always uses xla (dot_product: itself).
+  m.attention_impl = "xla"
 
   # ------------------------------------------------------------------------------------ data
   d = c.data = ml_collections.ConfigDict()

@@ -169,6 +169,9 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
       .abstract_state.params)[1]
   with pytest.raises(ConfigError, match=r"model\.d_ff: 0 -> 128.*on_mismatch=fresh\|params"):
     loop.train(_config(tiny_data, **{"model.d_ff": 128}), workdir, quiet=True, devices=ONE())
+  # How the step computes may change on resume (another attention kernel, remat)
+  assert not loop.workdir_mismatch(_config(tiny_data, **{
+      "model.attention_impl": "dot_product", "model.remat": "full"}), workdir)
   # params: same shapes (dropout differs) -> starts at step 0 from the saved parameters
   out = loop.train(_config(tiny_data, **{"model.dropout_rate": 0.1,
                                          "checkpoint.on_mismatch": "params"}),

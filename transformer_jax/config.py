@@ -28,6 +28,7 @@ ENUMS = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "outputs"),
+    "model.attention_impl": ("xla", "dot_product", "cudnn", "splash", "auto"),
     "data.format": ("text", "lines", "jsonl", "tsv", "jsonl_pairs", "functions"),
     "data.objective": ("clm", "prefix_lm", "mlm", "span", "denoise", "ul2", "seq2seq"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
@@ -151,6 +152,15 @@ def validate(config, num_devices: int | None = None):
   if objective not in FAMILY_OBJECTIVES[m.family]:
     raise ConfigError(f"data.objective={objective!r} does not train model.family={m.family!r}; "
                       f"use one of {', '.join(FAMILY_OBJECTIVES[m.family])}")
+  if m.attention_impl == "splash":  # the rest (platform, lengths) is checked at trace time
+    why = ("model.position=relative (a bias)" if m.position == "relative" else
+           "model.family=encdec (cross-attention)" if m.family == "encdec" else
+           "data.objective=prefix_lm (its mask)" if objective == "prefix_lm" else None)
+    if why:
+      raise ConfigError(f"model.attention_impl=splash cannot serve {why}; use auto, xla or "
+                        f"dot_product")
+  if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
+    raise ConfigError(f"model.attention_impl=cudnn needs model.dtype=bfloat16, got {m.dtype}")
   pair = config.data.get("sentence_pair", "")
   if bool(pair) != bool(m.get("sentence_head", False)):
     raise ConfigError(f"data.sentence_pair={pair!r} and model.sentence_head="

@@ -86,6 +86,8 @@ def main(argv):
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
   config = config_lib.from_json_file(saved)
+  if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
+    config.model.attention_impl = "auto"  # The kernel trained with, where this machine has it.
   if (config.model.family == "encoder") != bool(f["fill_mask"]):
     raise ConfigError("an encoder (BERT) workdir takes --fill_mask=TEXT (with [MASK]s), other "
                       "families --prompt=TEXT")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from transformer_jax.models import attention
 from transformer_jax.models import ops
 
 # Activations tagged with jax.ad_checkpoint.checkpoint_name: what remat="outputs" keeps.
@@ -47,6 +48,7 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False
   attention_chunks: int = 4
+  attention_impl: str = "xla"  # xla | dot_product | cudnn | splash | auto (models/attention.py)
   num_decoder_layers: int = 0  # encoder-decoder: the decoder's depth (0 = num_layers)
   relative_buckets: int = 32  # position="relative" (T5): log-spaced distance buckets ...
   relative_max_distance: int = 128  # ... up to this distance
@@ -259,8 +261,15 @@ class Attention(nn.Module):
       bias_BTSH = jnp.take(rel_table.astype(jnp.float32), buckets_BTS, axis=0)
       bias_BNGTS = bias_BTSH.transpose(0, 3, 1, 2).reshape(b, n, h // n, t, -1)
     chunks = c.attention_chunks if self.causal and not decode and kv_BSD is None else 1
-    out_BTNGK = attend(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks=chunks,
-                       bias_BNGTS=bias_BNGTS)
+    impl = "xla" if self.is_initializing() else attention.choose(  # init: only shapes matter
+        c.attention_impl, q_BTNGK, k_BSNK, bias_BNGTS, causal=self.causal,
+        self_attention=kv_BSD is None, decode=decode)
+    if impl == "xla":
+      out_BTNGK = attend(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks=chunks,
+                         bias_BNGTS=bias_BNGTS)
+    else:
+      out_BTNGK = attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
+                                   causal=self.causal and not decode)
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)

@@ -98,9 +98,14 @@ def _flat(d, prefix=""):
   return out
 
 
+# How a step computes, not what: a run may resume with other values of these.
+EXECUTION_KEYS = ("model.attention_impl", "model.attention_chunks", "model.remat")
+
+
 def workdir_mismatch(config, workdir: str) -> list[str]:
-  """`KEY: saved -> now` for each model.* or data.tokenizer value that differs from the config
-  the workdir's checkpoints were written with (none when there are no checkpoints)."""
+  """`KEY: saved -> now` for each model.* (but EXECUTION_KEYS) or data.tokenizer value that
+  differs from the config the workdir's checkpoints were written with (none when there are no
+  checkpoints)."""
   saved_path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
   if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_dir)
           and any(d.isdigit() for d in os.listdir(ckpt_dir))):
@@ -108,7 +113,8 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   with open(saved_path) as f:
     saved = _flat(json.load(f))
   now = _flat(json.loads(config_lib.to_json(config)))
-  keys = sorted(k for k in set(saved) | set(now) if k.startswith("model.") or k == "data.tokenizer")
+  keys = sorted(k for k in set(saved) | set(now) if (k.startswith("model.") or
+                                                     k == "data.tokenizer") and k not in EXECUTION_KEYS)
   # A key newer than the saved config counts as its default there (e.g. model.scan_layers=False).
   defaults = {f"model.{f.name}": f.default for f in dataclasses.fields(ModelConfig)}
   saved.update({k: defaults[k] for k in keys if k not in saved and k in defaults})

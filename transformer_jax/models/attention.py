@@ -1,0 +1,165 @@
+"""Attention implementations behind one interface, picked by `model.attention_impl` and platform.
+
+  xla          layers.attend: the reference (einsums, fp32 scores, ops.masked_softmax, causal
+               key-block skipping); serves every layer
+  dot_product  jax.nn.dot_product_attention(implementation="xla"): any mask, bias, GQA, decoding
+  cudnn        the same with implementation="cudnn" (cuDNN flash attention): CUDA GPU, bf16
+  splash       Pallas TPU splash attention: causal or full self-attention within packed segments;
+               no bias; lengths a multiple of 128
+  auto         TPU: splash, GPU: cudnn, for each layer they serve (auto's splash: causal
+               self-attention only, see `choose`); xla for the rest
+
+`choose` resolves the setting for one attention call at trace time (it knows the platform and the
+shapes), before anything is compiled: "auto" falls back to xla where the kernel cannot serve the
+call, an explicit kernel raises a one-line ConfigError instead (config.validate already refuses the
+combinations a config alone shows: splash with relative positions, encoder-decoders or a prefix
+LM; cudnn without bfloat16). KV-cache decoding (one token at a time, tiny) always uses xla for
+splash and cudnn, so a workdir trained with them still samples.
+
+Layouts follow layers.py: q_BTNGK (already scaled), k_BSNK, v_BSNK, mask_BTS (True = attend),
+bias_BNGTS (added to the scores). Query head h = n * G + g uses key/value head n, as in
+jax.nn.dot_product_attention's and splash's grouped-query layouts.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
+
+from transformer_jax.config import ConfigError
+
+KERNELS = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}  # platform -> auto's kernel
+SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence length is used
+
+
+def platform() -> str:
+  """The platform being compiled for: the context mesh's devices (an AOT compile for a TPU
+  topology runs on a CPU host), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool):
+  """Why kernel `impl` cannot serve this call on platform `where`, or None if it can."""
+  t, s, k = q_BTNGK.shape[1], k_BSNK.shape[1], q_BTNGK.shape[-1]
+  if impl == "splash":
+    if where != "tpu":
+      return f"needs a TPU (compiling for {where})"
+    if bias_BNGTS is not None:
+      return "takes no attention bias (model.position=relative)"
+    if not self_attention:
+      return "serves self-attention only (no cross-attention)"
+    if t % SPLASH_BLOCKS[-1]:
+      return f"needs a sequence length divisible by {SPLASH_BLOCKS[-1]}, got {t}"
+  if impl == "cudnn":
+    if where not in ("gpu", "cuda"):
+      return f"needs a CUDA GPU (compiling for {where})"
+    if q_BTNGK.dtype not in (jnp.bfloat16, jnp.float16):
+      return f"needs model.dtype=bfloat16, got {q_BTNGK.dtype}"
+    if k % 8 or k > 128:
+      return f"needs a head dim <= 128 divisible by 8, got {k}"
+    if bias_BNGTS is not None and (t % 2 or s % 2):
+      return f"needs even sequence lengths with a bias, got {t} and {s}"
+  return None
+
+
+def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_attention: bool,
+           decode: bool, where: str | None = None) -> str:
+  """The implementation ("xla", "dot_product", "cudnn" or "splash") for one attention call.
+  `causal`: the Attention layer's promise that its mask is causal; `self_attention`: keys come
+  from the queries' own sequence (no cross-attention). Auto's splash also needs `causal`: a
+  non-causal self-attention mask may be a prefix LM's, which segment ids cannot express."""
+  if impl in ("xla", "dot_product"):
+    return impl
+  if decode:  # KV-cache steps attend from a few tokens: nothing for a kernel to gain
+    return "xla"
+  where = where or platform()
+  if impl == "auto":
+    kernel = KERNELS.get(where)
+    if kernel is None or (kernel == "splash" and not causal) or unsupported(
+        kernel, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention):
+      return "xla"
+    return kernel
+  reason = unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention)
+  if reason:
+    raise ConfigError(f"model.attention_impl={impl} {reason}; use auto, xla or dot_product")
+  return impl
+
+
+def attend(impl: str, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal: bool):
+  """Attention output [B, T, N, G, K] by kernel `impl` (from `choose`, not "xla")."""
+  if impl == "splash":
+    return splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids(mask_BTS), causal=causal)
+  cudnn = impl == "cudnn"
+  return dot_product(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS, causal=causal and cudnn,
+                     implementation="cudnn" if cudnn else "xla")
+
+
+def dot_product(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal=False,
+                implementation="xla"):
+  """jax.nn.dot_product_attention over the [B, T, H, K] query layout (q is already scaled).
+  cuDNN takes the mask as an additive bias in the compute dtype; `causal` (keys after the query
+  masked as well) lets it skip those blocks. A query that sees no key at all (only a padding row
+  of cross-attention can, and its loss weight is 0) gets the mean of the values, not zeros."""
+  b, t, n, g, k = q_BTNGK.shape
+  s = k_BSNK.shape[1]
+  bias_BHTS = None
+  if bias_BNGTS is not None:
+    bias_BHTS = jnp.broadcast_to(bias_BNGTS, (b, n, g, t, s)).reshape(b, n * g, t, s)
+    if implementation == "cudnn":
+      bias_BHTS = bias_BHTS.astype(q_BTNGK.dtype)
+  out_BTHK = jax.nn.dot_product_attention(
+      q_BTNGK.reshape(b, t, n * g, k), k_BSNK, v_BSNK, bias=bias_BHTS, mask=mask_BTS[:, None],
+      scale=1.0, is_causal=causal, implementation=implementation)
+  return out_BTHK.reshape(b, t, n, g, k)
+
+
+def segment_ids(mask_BTS):
+  """Segment ids [B, T] of a self-attention mask that is `same segment` (and causal): each
+  query's first visible key, the start of its segment. Exact for any packing, since a query
+  always sees itself; O(B T S) compares, little next to attention's O(B H T S K)."""
+  return jnp.argmax(mask_BTS, axis=-1).astype(jnp.int32)
+
+
+def splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, interpret: bool = False):
+  """Pallas splash self-attention (S = T; the multi-head kernel, whose key/value heads serve G
+  query heads each) within packed segments, causal or full. Under a mesh the kernel runs per
+  shard in shard_map over the batch and head axes (their logical names act_batch and act_heads,
+  mapped by the config's rules); `interpret` runs the Pallas kernel in Python (tests on CPU)."""
+  b, t, n, g, k = q_BTNGK.shape
+  block = next(x for x in SPLASH_BLOCKS if t % x == 0)
+  sizes = splash_lib.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+  def kernel(q_BHTK, k_BNSK, v_BNSK, segment_ids_BT):
+    mask = (splash_lib.CausalMask if causal else splash_lib.FullMask)((t, t))
+    masks = splash_lib.MultiHeadMask([mask] * q_BHTK.shape[1])
+    fn = splash_lib.make_splash_mha(masks, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+    one = lambda q, k, v, ids: fn(q, k, v, segment_ids=splash_lib.SegmentIds(ids, ids))
+    return jax.vmap(one)(q_BHTK, k_BNSK, v_BNSK, segment_ids_BT)
+
+  q_BHTK = q_BTNGK.transpose(0, 2, 3, 1, 4).reshape(b, n * g, t, k)
+  k_BNSK, v_BNSK = k_BSNK.transpose(0, 2, 1, 3), v_BSNK.transpose(0, 2, 1, 3)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    batch, heads = _mesh_axes(mesh, "act_batch", b), _mesh_axes(mesh, "act_heads", n)
+    spec = jax.sharding.PartitionSpec(batch, heads, None, None)
+    kernel = jax.shard_map(kernel, mesh=mesh, out_specs=spec, check_vma=False, in_specs=(
+        spec, spec, spec, jax.sharding.PartitionSpec(batch, None)))
+  out_BHTK = kernel(q_BHTK, k_BNSK, v_BNSK, segment_ids_BT)
+  return out_BHTK.reshape(b, n, g, t, k).transpose(0, 3, 1, 2, 4)
+
+
+def _mesh_axes(mesh, logical: str, size: int):
+  """The mesh axes the config's rules map `logical` to, if their product divides `size` (else
+  None: that dimension stays whole on every device, correct if redundant). For the heads, `size`
+  is the key/value heads: each shard then holds whole groups of G query heads."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  shards = math.prod(mesh.shape[a] for a in names)
+  return axes if names and size % shards == 0 else None
