@@ -411,3 +411,17 @@ def test_bert_pretraining_checkpoint_brings_its_next_sentence_head(tmp_path):
   _assert_round_trip_exact("bert", str(tmp_path / "hf"), str(tmp_path / "out"))
   again = transformers.AutoModelForPreTraining.from_pretrained(str(tmp_path / "out")).eval()
   assert type(again).__name__ == "BertForPreTraining"
+
+
+def test_t5_saved_by_transformers_itself_imports_its_tied_head(tmp_path):
+  """transformers 5 ties T5's lm_head to the shared table and saves no lm_head.weight."""
+  torch.manual_seed(0)
+  cfg = _hf_seq_model("t5").config
+  model = transformers.T5ForConditionalGeneration(cfg).eval()
+  model.save_pretrained(str(tmp_path))
+  assert "lm_head.weight" not in load_file(f"{tmp_path}/model.safetensors")
+  inputs = _seq_inputs("t5")
+  ours, params = from_hf(str(tmp_path))
+  diff = _max_diff(hf_forward(ours, params, **inputs), _hf_logits(model, inputs),
+                   _compared("t5", inputs))
+  assert diff < TOL, diff

@@ -35,11 +35,20 @@ CONFIG = (
 )
 REQUIRE = (
     ("feed_forward_proj", ("gated-gelu",), "gated-gelu"),
-    ("tie_word_embeddings", (False,), False),
     ("is_encoder_decoder", (True,), True),
 )
 # What T5Config assumes when config.json lacks a key (REQUIRE's absent = accepted would be wrong).
 HF_DEFAULTS = {"feed_forward_proj": "relu", "tie_word_embeddings": True}
+
+
+def complete(tensors: dict) -> dict:
+  """A checkpoint that transformers >= 5 saved itself has no lm_head.weight: that version ties
+  lm_head to the shared table (tie_word_embeddings true) and says whether it scales the decoder
+  output apart (scale_decoder_outputs); unscaled, the head it ran is the shared table, which we
+  import as an untied copy."""
+  if "lm_head.weight" not in tensors and "shared.weight" in tensors:
+    return {**tensors, "lm_head.weight": tensors["shared.weight"]}
+  return tensors
 
 
 def read(hf):
@@ -47,6 +56,10 @@ def read(hf):
     if key not in hf:
       raise ValueError(f"config.json lacks {key} (T5Config's default {default!r} is not "
                        f"supported)")
+  # transformers < 5 scaled the decoder output by d_model**-0.5 exactly when the head was tied.
+  if hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", False)):
+    raise ValueError("the decoder output is scaled by d_model**-0.5 (T5 v1.0's tied head); "
+                     "supported: scale_decoder_outputs=false / tie_word_embeddings=false")
   return {"init_std": float(hf.get("initializer_factor", 1.0)) * hf.get("d_model", 512) ** -0.5,
           "max_len": int(hf.get("n_positions", 512))}
 
@@ -56,7 +69,8 @@ def write(cfg):
     raise ValueError("T5 has no grouped-query attention")
   return {"num_decoder_layers": cfg.num_decoder_layers or cfg.num_layers,
           "dropout_rate": cfg.dropout_rate, "dense_act_fn": "gelu_new", "is_gated_act": True,
-          "decoder_start_token_id": 0, "n_positions": cfg.max_len}
+          "decoder_start_token_id": 0, "n_positions": cfg.max_len,
+          "tie_word_embeddings": False, "scale_decoder_outputs": False}
 
 
 GLOBAL = (

@@ -132,6 +132,7 @@ def canonical_names(fam, tensors: dict) -> dict:
 def from_hf_tensors(fam, cfg, tensors: dict, shapes: dict, dtype) -> dict:
   """{our path: array} (unrolled layout) from {HF name: array}; `shapes` are our leaves'."""
   tensors = canonical_names(fam, tensors)
+  tensors = getattr(fam, "complete", lambda t: t)(tensors)
   out, used = {}, set()
   for ours, name, p in rows(fam, cfg):
     if name not in tensors:
