@@ -6,7 +6,8 @@ tiny | bench_cpu | small | medium | large | xl.
 
 The vocabulary is GPT-2's 50257 rounded up to 50304 (a multiple of 128) for fast matmuls; any
 tokenizer up to that size fits. `bench_cpu` is the reference CPU benchmark shape of
-benchmarks/RESULTS.md; `tiny` is what the tests use.
+benchmarks/RESULTS.md; `tiny` is what the tests use. The full sizes pack rows by concatenation
+(data.packing=concat: no padding, documents continue across rows), as GPT-2 was trained.
 """
 
 from configs import base
@@ -40,6 +41,7 @@ def get_config(arg=None):
     c.train.steps = 100
     c.checkpoint.every_steps = 50
     c.eval.update(every_steps=50, batches=2)
-  else:
+  else:  # GPT-2's own layout: documents concatenated into full rows (data/packing.py)
     c.model.dtype = "bfloat16"
+    c.data.packing = "concat"
   return c

@@ -1,6 +1,7 @@
 """Configs: every recipe builds and steps at a tiny size; every user mistake is one clean line."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -146,3 +147,17 @@ def test_entry_points_reexec_with_malloc_tunables(opt_out):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=60, check=True).stdout.strip()
   assert out == ("None" if opt_out else cli.MALLOC_TUNABLES)
+
+
+def test_older_saved_config_gains_new_keys_at_their_defaults(tmp_path):
+  """A workdir's config.json written before a key existed still loads, validates and resumes."""
+  saved = json.loads(config_lib.to_json(config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
+                                                        ["model.d_model=96"])))
+  for section, key in (("model", "attention_impl"), ("model", "sentence_head"),
+                       ("data", "packing"), ("data", "pretokenize")):
+    del saved[section][key]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = config_lib.from_json_file(str(tmp_path / "config.json"))
+  config_lib.validate(config)
+  assert (config.model.attention_impl, config.data.packing, config.model.d_model) == (
+      "xla", "first_fit", 96)

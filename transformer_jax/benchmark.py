@@ -144,7 +144,8 @@ def _time_async_save(runner, rounds, step_s):
 
 def _data_only(config, steps, rounds):
   """Input-pipeline throughput of one process reading every row of the global batch: documents
-  from the TFDS ArrayRecord source -> SentencePiece -> objective -> packing -> batches (with
+  from the TFDS ArrayRecord source -> SentencePiece (unless data.pretokenize: ids read as written
+  when the dataset was prepared) -> objective -> packing (data.packing) -> batches (with
   data.num_workers grain workers). No model, no device."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -168,7 +169,8 @@ def _data_only(config, steps, rounds):
          "non_padding_fraction": round(statistics.median(real), 4),
          "first_batch_s": round(first_s, 2), "rows": config.train.batch_size,
          "seq_len": config.data.seq_len, "objective": config.data.objective,
-         "num_workers": config.data.num_workers}
+         "num_workers": config.data.num_workers, "pretokenize": config.data.pretokenize,
+         "packing": config.data.packing}
   print(json.dumps(out))
   return out
 

@@ -234,9 +234,27 @@ def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "base.py")
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved`, with each key it lacks (one newer than the file) at its default."""
+  out = dict(defaults)
+  for key, value in saved.items():
+    both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+    out[key] = _with_defaults(value, defaults[key]) if both else value
+  return out
+
+
 def from_json_file(path: str) -> ml_collections.ConfigDict:
+  """A saved config (a workdir's config.json); keys added since it was written get
+  configs/base.py's defaults (when that file is there), so older workdirs still resume."""
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  if os.path.isfile(BASE_CONFIG):
+    saved = _with_defaults(saved, json.loads(to_json(load(BASE_CONFIG))))
+  config = ml_collections.ConfigDict(saved)
   config.sharding_rules = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.sharding_rules)

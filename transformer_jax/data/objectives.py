@@ -272,7 +272,8 @@ def causal_lm(row: dict) -> dict:
   """The causal-LM objective on one packed row: predict each next token of the same segment.
 
   Args:
-    row: {"inputs", "inputs_segment_ids", "inputs_positions"}, each int32 [seq_len].
+    row: {"inputs", "inputs_segment_ids", "inputs_positions"}, each int32 [seq_len] (or a batch
+      of rows, [rows, seq_len]: the same, row by row).
 
   Returns:
     {"inputs", "targets", "weights", "segment_ids", "positions"}: targets[t] = inputs[t + 1]
@@ -281,9 +282,9 @@ def causal_lm(row: dict) -> dict:
   inputs = np.asarray(row[_PACKED], dtype=np.int32)
   segments = np.asarray(row[f"{_PACKED}_segment_ids"], dtype=np.int32)
   targets = np.zeros_like(inputs)
-  targets[:-1] = inputs[1:]
+  targets[..., :-1] = inputs[..., 1:]
   weights = np.zeros(inputs.shape, dtype=np.float32)
-  weights[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] != 0)
+  weights[..., :-1] = (segments[..., 1:] == segments[..., :-1]) & (segments[..., :-1] != 0)
   return {
       "inputs": inputs,
       "targets": targets,
@@ -549,8 +550,8 @@ class Corrupt(grain.transforms.RandomMap):
 
 
 def from_packed(s: Spec, row: dict) -> dict:
-  """A packed row (grain's `{key}`, `{key}_segment_ids`, `{key}_positions`) in the batch format
-  of the objective (the module docstring)."""
+  """A packed row (grain's `{key}`, `{key}_segment_ids`, `{key}_positions`), or a batch of them
+  (each [rows, length]), in the batch format of the objective (the module docstring)."""
   if s.objective == "clm":
     return causal_lm(row)
   int32 = lambda key: np.asarray(row[key], dtype=np.int32)

@@ -2,19 +2,23 @@
 
 Training, per process:
 
-  TFDS ArrayRecord source (train split)
+  TFDS ArrayRecord source (train split); data.pretokenize (documents): token ids written once,
+       when the dataset is prepared (tfds_text.TokenizedCorpus), so the tokenize step is skipped
     -> one logical data shard's documents (every S-th, from shard k; S = data.shards)
     -> global shuffle, reshuffled every epoch, repeated forever     (seed: config.seed)
     -> tokenize: [bos] + ids + [eos]                                 (grain map step)
        (seq2seq: each (source, target) pair becomes one example, cut to length; no chunking)
+    -> data.packing = "concat" (clm only) instead of the next four steps: the documents, in
+       stream order, concatenated and cut into full rows of seq_len (packing.py: no padding; a
+       document's tail continues as a new segment in the next row)
     -> chunk: documents longer than the chunk length (seq_len for clm and mlm) become chunks of
        that length, each its own segment
     -> objective, per chunk (mlm, span, denoise, ul2): a seeded random map   (objectives.py)
     -> window shuffle of chunks (mixes the chunks of long documents)
     -> first-fit packing into rows of seq_len (and target_len for the decoder features of
        encoder-decoder objectives; grain's FirstFitPackIterDataset)
-    -> the batch format; clm: causal LM targets and weights of the packed row (`causal_lm`)
     -> batches of train.batch_size // S rows
+    -> the batch format; clm: causal LM targets and weights of the packed rows (`causal_lm`)
     -> this process's shards, concatenated (`ShardedBatches`): shard k fills rows
        k * B/S .. (k + 1) * B/S of every global batch of B rows, whoever reads it, so the data
        order is the same for any number of processes (and a checkpoint restores on any number)
@@ -37,15 +41,19 @@ import numpy as np
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
+from transformer_jax.data import packing as packing_lib
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenizer as tokenizer_lib
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+# Pretokenized records are cheap to read: more threads and a deeper buffer only cost GIL time.
+_TOKEN_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 _CHUNK_SHUFFLE_WINDOW = 512  # Chunks shuffled together before packing.
 _MIN_PACKING_BINS = 64  # Rows packed at once; more bins leave less padding.
 _PREFETCH_BATCHES = 2  # Batches computed ahead in a thread (num_workers = 0).
 _PACKED = "inputs"  # The chunk feature; packing adds inputs_segment_ids/inputs_positions.
 causal_lm = objectives.causal_lm  # The clm objective (moved to objectives.py).
+PACKINGS = ("first_fit", "concat")
 
 
 # ------------------------------------------------------------------------------ checks
@@ -128,6 +136,14 @@ def validate(config, process_count: int = 1) -> None:
     raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
   if not 0.0 <= d.validation_fraction < 1.0:
     raise ConfigError(f"data.validation_fraction={d.validation_fraction} must be in [0, 1)")
+  if not isinstance(d.get("pretokenize", False), bool):
+    raise ConfigError(f"data.pretokenize={d.pretokenize!r} must be True or False")
+  packing = d.get("packing", "first_fit")
+  if packing not in PACKINGS:
+    raise ConfigError(f"data.packing={packing!r} is unknown; use one of {', '.join(PACKINGS)}")
+  if packing == "concat" and d.objective != "clm":
+    raise ConfigError(f"data.packing='concat' packs causal LM rows only; data.objective="
+                      f"{d.objective!r} needs data.packing='first_fit'")
   corpus_lib.check_format(d.format)
   _check_pairs(config)
   _check_tokenizer(config)
@@ -180,6 +196,11 @@ class TokenizePair(grain.transforms.Map):
                               eos_id=tok.eos_id, **self._options)
 
 
+def _doc_tokens(element) -> dict:
+  """A pretokenized record -> {"tokens"}: a writable copy of its int32 ids."""
+  return {"tokens": np.array(element["tokens"], dtype=np.int32)}
+
+
 class ChunkTokens(grain.experimental.FlatMapTransform):
   """{"tokens"} -> [{"inputs": tokens[i:i + chunk_len]}, ...]; nothing for an empty document."""
 
@@ -204,8 +225,21 @@ class _Unbatch(grain.experimental.FlatMapTransform):
 # ---------------------------------------------------------------------------- datasets
 
 
+def _pretokenized(config) -> bool:
+  """Whether documents are read as token ids (data.pretokenize; never seq2seq pairs)."""
+  return config.data.get("pretokenize", False) and config.data.objective != "seq2seq"
+
+
+def _documents(config, split: str) -> grain.MapDataset:
+  """One split's records: text (or pairs), or token ids when pretokenized."""
+  source = tfds_text.data_source(config.data, split, tokenized=_pretokenized(config))
+  return grain.MapDataset.source(source)
+
+
 def _tokenize(docs: grain.MapDataset, config) -> grain.IterDataset:
   d = config.data
+  if _pretokenized(config):
+    return docs.map(_doc_tokens).to_iter_dataset(_TOKEN_READ_OPTIONS)
   if d.objective == "seq2seq":
     target_len = objectives.spec(d).target_len
     docs = docs.map(TokenizePair(d.tokenizer, tfds_text.pair_fields(d), d, target_len))
@@ -216,10 +250,22 @@ def _tokenize(docs: grain.MapDataset, config) -> grain.IterDataset:
 
 
 def chunk_and_pack(ds: grain.IterDataset, config, num_bins: int, seed: int | None,
-                   objective_seed: int) -> grain.IterDataset:
-  """Chunks token sequences, applies the objective and packs them into rows in the batch format;
-  seed=None keeps the order (eval); objective_seed seeds the objective's random map."""
+                   objective_seed: int, batch_size: int = 0) -> grain.IterDataset:
+  """Chunks token sequences, applies the objective and packs them into rows in the batch format
+  (batch_size > 0: batches of that many rows, the last partial one dropped); seed=None keeps the
+  order (eval); objective_seed seeds the objective's random map."""
   s = objectives.spec(config.data)
+  if config.data.get("packing", "first_fit") == "concat":
+    ds = packing_lib.ConcatRows(ds, s.seq_len)
+  else:
+    ds = _first_fit(ds, config, s, num_bins, seed, objective_seed)
+  if batch_size:  # Before the format: it works on whole batches (one numpy call per key).
+    ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.map(functools.partial(objectives.from_packed, s))
+
+
+def _first_fit(ds, config, s, num_bins, seed, objective_seed) -> grain.IterDataset:
+  """Chunks, objective, chunk shuffle and first-fit packing (grain's packed row format)."""
   if s.objective != "seq2seq":  # Pairs arrive as examples, cut to length.
     ds = grain.experimental.FlatMapIterDataset(ds, ChunkTokens(s.chunk_len))
   if s.objective not in ("clm", "seq2seq"):
@@ -233,10 +279,9 @@ def chunk_and_pack(ds: grain.IterDataset, config, num_bins: int, seed: int | Non
     ds = ds.batch(2, batch_fn=list).random_map(objectives.SentencePairs(s, vocab),
                                                seed=objective_seed)
     ds = grain.experimental.FlatMapIterDataset(ds, _Unbatch())
-  ds = grain.experimental.FirstFitPackIterDataset(
+  return grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=objectives.length_struct(s), num_packing_bins=num_bins,
       seed=seed or 0, shuffle_bins=seed is not None)
-  return ds.map(functools.partial(objectives.from_packed, s))
 
 
 def shard_count(config, readers: int = 1) -> int:
@@ -268,16 +313,15 @@ def train_dataset(config, shard: int = 0, num_shards: int = 1,
   if not 0 <= shard < num_shards:
     raise ValueError(f"shard={shard} is not in [0, {num_shards})")
   batch = config.train.batch_size // num_shards
-  docs = grain.MapDataset.source(tfds_text.data_source(config.data, "train"))
-  docs = docs[shard::num_shards]
+  docs = _documents(config, "train")[shard::num_shards]
   if len(docs) == 0:
     raise ConfigError(f"data.corpus={config.data.corpus!r} has fewer training documents than "
                       f"data shards ({num_shards})")
   docs = docs.shuffle(seed=config.seed).repeat(num_epochs)
-  rows = chunk_and_pack(_tokenize(docs, config), config, max(batch, _MIN_PACKING_BINS),
+  return chunk_and_pack(_tokenize(docs, config), config, max(batch, _MIN_PACKING_BINS),
                         seed=config.seed,
-                        objective_seed=objectives.seed_for(config.seed, "train", shard))
-  return rows.batch(batch, drop_remainder=True)
+                        objective_seed=objectives.seed_for(config.seed, "train", shard),
+                        batch_size=batch)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -328,7 +372,11 @@ class ShardedBatches:
       raise ConfigError(f"the saved data position has no state for data shard(s) {missing} "
                         f"(of {self.num_shards})")
     for k, it in zip(self.shards, self._iterators):
-      it.set_state(state[str(k)])
+      try:
+        it.set_state(state[str(k)])
+      except (KeyError, TypeError) as e:  # Another pipeline's state (e.g. data.packing changed).
+        raise ConfigError(f"the saved data position of data shard {k} does not fit this input "
+                          f"pipeline (data.packing or data.objective changed?): {e!r}") from None
 
   def close(self):
     for it in self._iterators:
@@ -345,10 +393,9 @@ def make_train_iterator(config, rows: tuple[int, int] | None = None) -> ShardedB
 
 def _eval_rows(config):
   """Packed, objective-applied rows of the whole validation split, in a fixed order."""
-  source = tfds_text.data_source(config.data, "validation")
-  if len(source) == 0:
+  docs = _documents(config, "validation")
+  if len(docs) == 0:
     return iter(())
-  docs = grain.MapDataset.source(source)
   rows = chunk_and_pack(_tokenize(docs, config), config,
                         max(config.train.batch_size, _MIN_PACKING_BINS), seed=None,
                         objective_seed=objectives.seed_for(config.seed, "validation"))

@@ -16,6 +16,12 @@ least two documents (and the fraction is > 0), the document with the smallest ha
 there instead. TFDS writes ArrayRecord with the `array_record` package and reads it back
 with `as_data_source()`: no TensorFlow is imported on either path.
 
+`TokenizedCorpus` (data.pretokenize, documents only) tokenizes such a text dataset once, when it
+is prepared: examples `{"id": str, "tokens": int32 [bos] + ids + [eos]}` (bos/eos as data.add_bos
+/ add_eos), in the text dataset's order (index i of a split is its document i), under
+tokenized_corpus/<format>-<hash>/, where the hash also covers the SHA-256 of the tokenizer file's
+content and add_bos/add_eos: a changed tokenizer file is a new dataset, never stale tokens.
+
 A corpus "tfds:NAME[/CONFIG][:VERSION]" is a dataset of the TFDS catalog instead (e.g.
 "tfds:wmt14_translate/de-en"): `prepare` downloads and prepares it as ArrayRecord, once, under
 data.data_dir; its "train" split trains and its "validation" split (else "test") evaluates.
@@ -30,6 +36,8 @@ import os
 
 from etils import epath
 import ml_collections
+import numpy as np
+import sentencepiece as spm
 import tensorflow_datasets as tfds
 
 from transformer_jax.config import ConfigError
@@ -116,7 +124,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _create_builder_config(self, builder_config, version):
     # Every config here is made on the fly; TFDS would warn "Using custom data configuration"
     # each time a builder is constructed.
-    if isinstance(builder_config, TextCorpusConfig):
+    if isinstance(builder_config, (TextCorpusConfig, TokenizedCorpusConfig)):
       return builder_config
     return super()._create_builder_config(builder_config, version)
 
@@ -203,6 +211,96 @@ class PairCorpus(TextCorpus, skip_registration=True):
       yield pair_id, {"id": pair_id, "source": source, "target": target}
 
 
+@dataclasses.dataclass(eq=False)
+class TokenizedCorpusConfig(tfds.core.BuilderConfig):
+  """Which text dataset to tokenize (its data config as JSON), and how."""
+  text_data: str = "{}"
+  text_field: str = "text"
+  tokenizer: str = ""
+  tokenizer_sha256: str = ""
+  add_bos: bool = True
+  add_eos: bool = True
+
+
+_ENCODE_BATCH = 256  # Documents SentencePiece encodes at once, on every core.
+_TEXT_KEYS = ("corpus", "format", "text_field", "source_field", "target_field", "data_dir",
+              "validation_fraction")
+
+
+class TokenizedCorpus(TextCorpus, skip_registration=True):
+  """The documents of a text dataset (`builder`) as {"id", "tokens"} examples, tokenized once;
+  written in the text dataset's order (no TFDS shuffling). Build it with `prepare(...,
+  tokenized=True)`."""
+
+  name = "tokenized_corpus"
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Token ids of a text dataset's documents for language-model pretraining.",
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding="bytes"),
+        }),
+        disable_shuffling=True,  # Index i is the text dataset's document i.
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    with open(cfg.tokenizer, "rb") as f:
+      proto = f.read()
+    if hashlib.sha256(proto).hexdigest() != cfg.tokenizer_sha256:
+      raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} changed while being read; run again")
+    text_cfg = ml_collections.ConfigDict(json.loads(cfg.text_data))
+    sources = {split: data_source(text_cfg, split) for split in SPLITS}
+    return {split: self._generate_examples((source, proto))
+            for split, source in sources.items() if len(source)}  # TFDS cannot write empty ones.
+
+  def _generate_examples(self, docs):
+    source, proto = docs
+    cfg = self.builder_config
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    bos, eos = [sp.bos_id()] * cfg.add_bos, [sp.eos_id()] * cfg.add_eos
+    for first in range(0, len(source), _ENCODE_BATCH):
+      records = [source[i] for i in range(first, min(first + _ENCODE_BATCH, len(source)))]
+      texts = [_text(r[cfg.text_field]) for r in records]
+      for i, (record, ids) in enumerate(zip(records, sp.encode(texts,
+                                                               num_threads=os.cpu_count()))):
+        doc_id = _text(record["id"]) if "id" in record else str(first + i)
+        yield first + i, {"id": doc_id, "tokens": np.asarray(bos + ids + eos, np.int32)}
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def tokenizer_sha256(path: str) -> str:
+  """The SHA-256 of a tokenizer file's content."""
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def tokenized_builder(data_cfg) -> TokenizedCorpus:
+  """The builder of `data_cfg`'s documents tokenized with data.tokenizer; prepares nothing."""
+  text = builder(data_cfg)
+  field = data_cfg.text_field if is_catalog(data_cfg) else "text"
+  sha = tokenizer_sha256(data_cfg.tokenizer)
+  spec = {"version": _VERSION, "text": text.info.full_name, "text_field": field,
+          "tokenizer_sha256": sha, "add_bos": bool(data_cfg.add_bos),
+          "add_eos": bool(data_cfg.add_eos)}
+  digest = hashlib.sha256(json.dumps(spec).encode("utf-8")).hexdigest()[:12]
+  fmt = "tfds" if is_catalog(data_cfg) else data_cfg.format
+  config = TokenizedCorpusConfig(
+      name=f"{fmt}-{digest}", version=_VERSION,
+      description=f"{text.info.full_name} tokenized with {data_cfg.tokenizer} ({sha[:12]})",
+      text_data=json.dumps({k: data_cfg.get(k) for k in _TEXT_KEYS if k in data_cfg}),
+      text_field=field, tokenizer=os.path.abspath(data_cfg.tokenizer), tokenizer_sha256=sha,
+      add_bos=bool(data_cfg.add_bos), add_eos=bool(data_cfg.add_eos))
+  return TokenizedCorpus(config=config, data_dir=data_cfg.data_dir or None,
+                         file_format="array_record")
+
+
 def is_catalog(data_cfg) -> bool:
   return data_cfg.corpus.startswith(corpus_lib.TFDS_PREFIX)
 
@@ -258,31 +356,35 @@ def catalog_documents(corpus: str, text_field: str, source_field: str, target_fi
       yield f"{i}:{field}", text.decode("utf-8") if isinstance(text, bytes) else text
 
 
-def prepare(data_cfg) -> TextCorpus:
-  """Writes the ArrayRecord files for `data_cfg` unless they already exist; returns the builder."""
-  b = builder(data_cfg)
+def prepare(data_cfg, tokenized: bool = False) -> TextCorpus:
+  """Writes the ArrayRecord files for `data_cfg` (tokenized: its documents' token ids, see
+  TokenizedCorpus) unless they already exist; returns the builder."""
+  make = tokenized_builder if tokenized else builder
+  b = make(data_cfg)
   if b.is_prepared():
     return b
-  print(f"preparing {data_cfg.corpus} as ArrayRecord under {b.data_dir} (once)", flush=True)
+  what = f"tokenized with {data_cfg.tokenizer}" if tokenized else "ArrayRecord"
+  print(f"preparing {data_cfg.corpus} as {what} under {b.data_dir} (once)", flush=True)
   try:
     tfds.disable_progress_bar()
     b.download_and_prepare()
   except OSError:
     # Another process may have finished the same dataset first (TFDS writes to a temporary
     # directory and renames it): use theirs.
-    b = builder(data_cfg)
+    b = make(data_cfg)
     if not b.is_prepared():
       raise
   return b
 
 
-def data_source(data_cfg, split: str):
+def data_source(data_cfg, split: str, tokenized: bool = False):
   """A random-access source (len, [i] -> {"id": bytes, "text": bytes}, or the pair / catalog
-  features) of one split."""
+  features; tokenized: {"id": bytes, "tokens": int32 array}) of one split."""
   if split not in SPLITS:
     raise ConfigError(f"split={split!r} is unknown; expected one of {', '.join(SPLITS)}")
-  prepared = prepare(data_cfg)
-  if split == "validation" and is_catalog(data_cfg) and split not in prepared.info.splits:
+  prepared = prepare(data_cfg, tokenized)
+  if (split == "validation" and is_catalog(data_cfg) and not tokenized
+      and split not in prepared.info.splits):
     split = "test"  # Catalog datasets without a validation split evaluate on test.
   if split not in prepared.info.splits:
     return []  # A one-document corpus has no validation split.

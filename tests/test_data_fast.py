@@ -1,0 +1,145 @@
+"""Tests of the fast input pipeline: data.pretokenize (token ids written once, when the TFDS dataset
+is prepared) and data.packing = "concat" (documents concatenated and cut into full rows)."""
+
+import json
+import shutil
+
+import grain
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_overrides
+from tests.test_data import _assert_same, _take
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import pipeline
+from transformer_jax.data import tfds_text
+from transformer_jax.data import tokenizer as tokenizer_lib
+
+SEQ_LEN = 32
+
+
+def _config(tiny_data, **extra):
+  return config_lib.load("configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
+
+
+def test_pretokenized_batches_equal_the_text_path(tiny_data):
+  text = _config(tiny_data, **{"data.pretokenize": False})
+  tokens = _config(tiny_data, **{"data.pretokenize": True})
+  _assert_same(_take(pipeline.make_train_iterator(text), 4),
+               _take(pipeline.make_train_iterator(tokens), 4))
+  _assert_same(pipeline.eval_batches(text, 2), pipeline.eval_batches(tokens, 2))
+  tok = tokenizer_lib.load(tiny_data["tokenizer"])
+  texts, ids = (tfds_text.data_source(tokens.data, "train", tokenized=t) for t in (False, True))
+  assert len(texts) == len(ids)
+  for i in range(len(ids)):  # Index i is text document i, tokenized.
+    assert ids[i]["id"] == texts[i]["id"]
+    assert list(ids[i]["tokens"]) == [2] + tok.encode(texts[i]["text"].decode()) + [3]
+
+
+def _doc_stream(config):
+  """The training documents' tokens in the shuffled order of one epoch (one data shard)."""
+  source = tfds_text.data_source(config.data, "train", tokenized=True)
+  docs = grain.MapDataset.source(source).shuffle(seed=config.seed)
+  return [np.asarray(docs[i]["tokens"]) for i in range(len(docs))]
+
+
+def _check_rows(batches, seq_len):
+  """Segments 1, 2, .. follow each other in a row; positions restart at 0 and count up in every
+  segment; targets and weights are clm's."""
+  for b in batches:
+    seg, pos = b["segment_ids"], b["positions"]
+    for r in range(seg.shape[0]):
+      real = seg[r][seg[r] > 0]
+      assert (np.diff(real) >= 0).all() and (np.unique(real) == np.arange(1, real.max() + 1)).all()
+      for s in np.unique(real):
+        np.testing.assert_array_equal(pos[r][seg[r] == s], np.arange((seg[r] == s).sum()))
+    same_next = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
+    np.testing.assert_array_equal(b["weights"][:, :-1], same_next)
+    np.testing.assert_array_equal(np.where(same_next, b["targets"][:, :-1], 0),
+                                  np.where(same_next, b["inputs"][:, 1:], 0))
+    assert b["inputs"].shape[1] == seq_len
+
+
+def test_concat_rows_are_full_and_reconstruct_the_documents(tiny_data):
+  c = _config(tiny_data, **{"data.packing": "concat", "train.batch_size": 1})
+  rows = list(pipeline.train_dataset(c, num_epochs=1))
+  _check_rows(rows, SEQ_LEN)
+  seg = np.concatenate([r["segment_ids"] for r in rows])
+  assert (seg[:-1] > 0).all()  # Every row is full; only the last one may be padded.
+  docs = _doc_stream(c)
+  stream = np.concatenate(docs)
+  inputs = np.concatenate([r["inputs"] for r in rows])
+  np.testing.assert_array_equal(inputs[seg > 0], stream)  # In order, nothing lost.
+  # Inside a row, a new piece (segment) starts exactly where a document ends.
+  new_piece = (seg[:, 1:] != seg[:, :-1]) & (seg[:, 1:] > 0)
+  starts = {r * SEQ_LEN + j + 1 for r, j in zip(*np.nonzero(new_piece))}
+  doc_ends = np.cumsum([len(d) for d in docs])
+  assert starts == {e for e in doc_ends.tolist() if e % SEQ_LEN and e < len(stream)}
+
+
+def test_concat_infinite_stream_has_no_padding(tiny_data):
+  c = _config(tiny_data, **{"data.packing": "concat"})
+  batches = _take(pipeline.make_train_iterator(c), 12)  # Several epochs of the tiny corpus.
+  _check_rows(batches, SEQ_LEN)
+  assert all((b["segment_ids"] > 0).all() for b in batches)
+  assert any(len(np.unique(b["segment_ids"][r])) > 1 for b in batches for r in range(4))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"data.packing": "concat"},
+    {"data.packing": "concat", "data.shards": 2},
+    {"data.pretokenize": True},
+])
+def test_resume_gives_the_same_batches(tiny_data, overrides):
+  c = _config(tiny_data, **overrides)
+  it = pipeline.make_train_iterator(c)
+  first = _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))  # As the checkpoint writes it.
+  expected = _take(it, 4)
+  fresh = pipeline.make_train_iterator(c)
+  fresh.set_state(state)
+  _assert_same(expected, _take(fresh, 4))
+  _assert_same(first, _take(pipeline.make_train_iterator(c), 3))  # Deterministic per seed.
+  other = _take(pipeline.make_train_iterator(_config(tiny_data, seed=1, **overrides)), 3)
+  assert any((a["inputs"] != b["inputs"]).any() for a, b in zip(first, other))
+
+
+def test_changed_tokenizer_file_reprepares(tiny_data, tmp_path):
+  path = tmp_path / "tok.model"
+  shutil.copy(tiny_data["tokenizer"], path)
+  c = _config(tiny_data, **{"data.tokenizer": str(path), "data.data_dir": str(tmp_path / "tfds")})
+  old = tfds_text.data_source(c.data, "train", tokenized=True)
+  old_name = tfds_text.tokenized_builder(c.data).builder_config.name
+  texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
+  tokenizer_lib.train(texts, 310, str(path))  # Another model at the same path.
+  new_name = tfds_text.tokenized_builder(c.data).builder_config.name
+  assert new_name != old_name
+  new = tfds_text.data_source(c.data, "train", tokenized=True)
+  tok = tokenizer_lib.load(str(path))
+  text = tfds_text.data_source(c.data, "train")
+  assert [list(new[i]["tokens"]) for i in range(len(new))] == [
+      [2] + tok.encode(text[i]["text"].decode()) + [3] for i in range(len(text))]
+  assert any(len(old[i]["tokens"]) != len(new[i]["tokens"]) for i in range(len(new)))
+  c.data.add_eos = False
+  assert tfds_text.tokenized_builder(c.data).builder_config.name not in (old_name, new_name)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"data.packing": "best"}, "data.packing='best' is unknown"),
+    ({"data.packing": "concat", "data.objective": "prefix_lm"}, "causal LM rows only"),
+])
+def test_validate_errors(tiny_data, overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    pipeline.validate(_config(tiny_data, **overrides))
+
+
+def test_a_saved_position_of_the_other_packing_is_refused(tiny_data):
+  its = {p: pipeline.make_train_iterator(_config(tiny_data, **{"data.packing": p}))
+         for p in pipeline.PACKINGS}
+  states = {p: (next(it), it.get_state())[1] for p, it in its.items()}
+  for p, it in its.items():
+    other = next(q for q in pipeline.PACKINGS if q != p)
+    with pytest.raises(ConfigError, match="does not fit this input pipeline"):
+      it.set_state(states[other])
