@@ -7,4 +7,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/_venv.sh
 . launch/_venv.sh
 tjax_venv "test"
-exec python -m pytest tests -q -n 2 "$@"
+exec python -m pytest tests -q -n 2 --dist worksteal "$@"

