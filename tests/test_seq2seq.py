@@ -14,6 +14,7 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import pipeline
+from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.training import loop
 
@@ -164,6 +165,14 @@ def test_tfds_catalog_pairs(tiny_data, pairs, tmp_path):
     pipeline.validate(_config(tiny_data, pairs, **{**extra, "data.target_field": "fr"}))
   with pytest.raises(ConfigError, match=r"data.corpus=tfds:no_such_dataset_xyz: "):
     pipeline.validate(_config(tiny_data, pairs, **{**extra, "data.corpus": "tfds:no_such_dataset_xyz"}))
+
+
+def test_transformer_base_reads_wmt14_from_the_catalog():
+  """configs/transformer.py:base names TFDS's WMT14 and its fields (checked without a download)."""
+  c = config_lib.load(f"{REPO}/configs/transformer.py:base")
+  tfds_text.check_catalog_fields(c.data, seq2seq=True)
+  assert (c.data.corpus, c.data.source_field, c.data.target_field) == (
+      "tfds:wmt14_translate/de-en", "en", "de")
 
 
 def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path):

@@ -31,6 +31,7 @@ and data.target_field features (for a translation dataset, language codes such a
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 
@@ -312,9 +313,19 @@ def pair_fields(data_cfg) -> tuple[str, str]:
   return "source", "target"
 
 
+# TFDS's older catalog sections (WMT among them) register their datasets only when imported.
+_LEGACY_SECTIONS = ("translate", "text", "summarization", "question_answering")
+
+
 def _catalog_builder(name: str, data_dir: str):
+  kwargs = dict(data_dir=data_dir or None, file_format="array_record")
   try:
-    return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    try:
+      return tfds.builder(name, **kwargs)
+    except tfds.core.registered.DatasetNotFoundError:
+      for section in _LEGACY_SECTIONS:
+        importlib.import_module(f"tensorflow_datasets.{section}")
+      return tfds.builder(name, **kwargs)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f"data.corpus={corpus_lib.TFDS_PREFIX}{name}: {first_line}") from None
