@@ -4,10 +4,10 @@
       --out=runs/tokenizers/stdlib_8192.model
 
 --corpus is "stdlib", a glob of files (quote it) or tfds:NAME (a TFDS catalog dataset's train
-split, under TFDS's default data dir); --format is text (a document per file), lines (a document
-per line) or jsonl (a document per line, text in --text_field), or a pair format (tsv,
-jsonl_pairs with --source_field/--target_field, functions) whose sources and targets are read as
-documents. --special adds
+split, prepared under --data_dir; with --config, its data.data_dir); --format is text (a
+document per file), lines (a document per line) or jsonl (a document per line, text in
+--text_field), or a pair format (tsv, jsonl_pairs with --source_field/--target_field,
+functions) whose sources and targets are read as documents. --special adds
 the control pieces other pretraining objectives need (e.g. --special=mask,sentinels:100,ul2 for
 data.objective = mlm, span, denoise or ul2; see data/tokenizer.py). Prints the
 model path, its vocabulary size and the average characters per token on a sample of the
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--text_field", default="text", help="JSONL field holding the text")
   p.add_argument("--source_field", default="source", help="jsonl_pairs/TFDS source field")
   p.add_argument("--target_field", default="target", help="jsonl_pairs/TFDS target field")
+  p.add_argument("--data_dir", default="", help='where a tfds: corpus is prepared ("" = default)')
   p.add_argument("--vocab_size", type=int, help="pieces, specials included")
   p.add_argument("--out", help="the .model file to write")
   p.add_argument("--special", default="",
@@ -83,7 +84,7 @@ def from_config(args: argparse.Namespace, overrides) -> argparse.Namespace:
   d = c.data
   return argparse.Namespace(**dict(
       vars(args), corpus=d.corpus, format=d.format, text_field=d.text_field,
-      source_field=d.source_field, target_field=d.target_field,
+      source_field=d.source_field, target_field=d.target_field, data_dir=d.data_dir,
       vocab_size=c.model.vocab_size, out=d.tokenizer,
       special=args.special or ("" if d.get("objective", "clm") in ("clm", "seq2seq")
                                else SPECIAL_FOR_OBJECTIVES)))
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
   def docs():
     return corpus_lib.iter_documents(args.corpus, args.format, args.text_field,
                                      source_field=args.source_field,
-                                     target_field=args.target_field)
+                                     target_field=args.target_field, data_dir=args.data_dir)
 
   start = time.time()
   texts = (text for _, text in docs())

@@ -352,10 +352,12 @@ def check_catalog_fields(data_cfg, seq2seq: bool) -> None:
                         f"{', '.join(features.keys())})")
 
 
-def catalog_documents(corpus: str, text_field: str, source_field: str, target_field: str):
-  """(id, text) documents of a catalog dataset's train split, under TFDS's default data_dir:
+def catalog_documents(corpus: str, text_field: str, source_field: str, target_field: str,
+                      data_dir: str = ""):
+  """(id, text) documents of a catalog dataset's train split (prepared under `data_dir`, "" =
+  TFDS's default):
   its text_field feature, or else both of source_field and target_field (to train a tokenizer)."""
-  data_cfg = ml_collections.ConfigDict(dict(corpus=corpus, data_dir="", text_field=text_field,
+  data_cfg = ml_collections.ConfigDict(dict(corpus=corpus, data_dir=data_dir, text_field=text_field,
                                             source_field=source_field, target_field=target_field))
   source = data_source(data_cfg, "train")
   features = builder(data_cfg).info.features
