@@ -292,14 +292,20 @@ def iter_pairs(
 
 
 def _pairs(files, fmt, source_field, target_field, counts):
+  return _kept(files, counts, lambda f: _file_pairs(f, fmt, source_field, target_field, counts))
+
+
+def _kept(files, counts: SkipCounts, read) -> Iterator[tuple]:
+  """The `(id, text, ...)` items `read(file)` gives for each non-binary file, those with an empty
+  text left out; `counts` counts what was skipped (and texts with invalid UTF-8)."""
   for file in files:
     if _is_binary_file(file.path):
       counts.binary_files += 1
       continue
-    for pair_id, source, target in _file_pairs(file, fmt, source_field, target_field, counts):
-      if source.strip() and target.strip():
-        counts.invalid_utf8_docs += "\ufffd" in source + target
-        yield pair_id, source, target
+    for item in read(file):
+      if all(text.strip() for text in item[1:]):
+        counts.invalid_utf8_docs += any("\ufffd" in text for text in item[1:])
+        yield item
       else:
         counts.empty_docs += 1
 
@@ -340,15 +346,6 @@ def iter_documents(
 
 
 def _documents(files, fmt, text_field, counts, corpus) -> Iterator[tuple[str, str]]:
-  for file in files:
-    if _is_binary_file(file.path):
-      counts.binary_files += 1
-      continue
-    for doc_id, text in _file_docs(file, fmt, text_field):
-      if text.strip():
-        counts.invalid_utf8_docs += "\ufffd" in text
-        yield doc_id, text
-      else:
-        counts.empty_docs += 1
+  yield from _kept(files, counts, lambda f: _file_docs(f, fmt, text_field))
   if counts.binary_files:
     logging.info("corpus %s: skipped %d binary files", corpus, counts.binary_files)

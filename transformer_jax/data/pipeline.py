@@ -244,7 +244,7 @@ def _tokenize(docs: grain.MapDataset, config) -> grain.IterDataset:
     target_len = objectives.spec(d).target_len
     docs = docs.map(TokenizePair(d.tokenizer, tfds_text.pair_fields(d), d, target_len))
   else:
-    field = d.text_field if tfds_text.is_catalog(d) else "text"
+    field = tfds_text.text_key(d)
     docs = docs.map(Tokenize(d.tokenizer, d.add_bos, d.add_eos, field))
   return docs.to_iter_dataset(_READ_OPTIONS)
 

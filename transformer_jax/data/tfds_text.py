@@ -129,15 +129,17 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return builder_config
     return super()._create_builder_config(builder_config, version)
 
+  DESCRIPTION = "Local text documents for language-model pretraining."
+  FEATURES = ("text",)  # besides "id"; Text features unless _features says otherwise
+  DISABLE_SHUFFLING = False
+
+  def _features(self) -> dict:
+    return {k: tfds.features.Text() for k in ("id",) + self.FEATURES}
+
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Local text documents for language-model pretraining.",
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "text": tfds.features.Text(),
-        }),
-    )
+    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                 features=tfds.features.FeaturesDict(self._features()),
+                                 disable_shuffling=self.DISABLE_SHUFFLING)
 
   def _documents(self, skipped=None):
     cfg = self.builder_config
@@ -189,17 +191,8 @@ class PairCorpus(TextCorpus, skip_registration=True):
   train/validation like TextCorpus, by a hash of the pair id."""
 
   name = "pair_corpus"
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Local source/target text pairs for sequence-to-sequence training.",
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "source": tfds.features.Text(),
-            "target": tfds.features.Text(),
-        }),
-    )
+  DESCRIPTION = "Local source/target text pairs for sequence-to-sequence training."
+  FEATURES = ("source", "target")
 
   def _documents(self, skipped=None):
     cfg = self.builder_config
@@ -234,17 +227,12 @@ class TokenizedCorpus(TextCorpus, skip_registration=True):
   tokenized=True)`."""
 
   name = "tokenized_corpus"
+  DESCRIPTION = "Token ids of a text dataset's documents for language-model pretraining."
+  DISABLE_SHUFFLING = True  # Index i is the text dataset's document i.
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Token ids of a text dataset's documents for language-model pretraining.",
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding="bytes"),
-        }),
-        disable_shuffling=True,  # Index i is the text dataset's document i.
-    )
+  def _features(self) -> dict:
+    return {"id": tfds.features.Text(),
+            "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding="bytes")}
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -285,7 +273,7 @@ def tokenizer_sha256(path: str) -> str:
 def tokenized_builder(data_cfg) -> TokenizedCorpus:
   """The builder of `data_cfg`'s documents tokenized with data.tokenizer; prepares nothing."""
   text = builder(data_cfg)
-  field = data_cfg.text_field if is_catalog(data_cfg) else "text"
+  field = text_key(data_cfg)
   sha = tokenizer_sha256(data_cfg.tokenizer)
   spec = {"version": _VERSION, "text": text.info.full_name, "text_field": field,
           "tokenizer_sha256": sha, "add_bos": bool(data_cfg.add_bos),
@@ -304,6 +292,11 @@ def tokenized_builder(data_cfg) -> TokenizedCorpus:
 
 def is_catalog(data_cfg) -> bool:
   return data_cfg.corpus.startswith(corpus_lib.TFDS_PREFIX)
+
+
+def text_key(data_cfg) -> str:
+  """The record key of a document's text."""
+  return data_cfg.text_field if is_catalog(data_cfg) else "text"
 
 
 def pair_fields(data_cfg) -> tuple[str, str]:
