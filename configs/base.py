@@ -183,6 +183,9 @@ def get_config(arg=None):
   x.dcn_data = 1
   x.dcn_fsdp = 1
   x.dcn_tensor = 1
+  # CPU only: split the host's cores into this many XLA devices (0 = XLA's default, one). The
+  # train step then runs data-parallel across them; see benchmarks/RESULTS.md for when it pays.
+  x.cpu_devices = 0
   # Logical axis -> mesh axes. Model code only names logical axes; this table places them.
   # Parameters: embed (model width), mlp, heads, kv_heads, head_dim, vocab, layers (the stacked
   # axis of model.scan_layers).

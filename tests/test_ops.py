@@ -71,6 +71,17 @@ def test_unembed():
   _check(ops.unembed, ops.unembed_reference, (x, table), argnums=(0, 1))
 
 
+@pytest.mark.parametrize("n,w_shape", [(1, (16, 24)), (1, (16, 3, 8)), (2, (5, 16, 12))])
+def test_dense(n, w_shape):
+  """One flat 2-D matmul = the einsum over the trailing dims, for weights with head axes (q/k/v:
+  [D, H, K]) and two contracted dims (the attention output: [H, K, D] from [B, T, H, K])."""
+  x, w = _normal(0, (2, 7, 5, 16) if n == 2 else (2, 7, 16)), _normal(1, w_shape)
+  f = lambda a, b: ops.dense(a, b, n=n)
+  ref = lambda a, b: ops.dense_reference(a, b, n=n)
+  assert f(x, w).shape == x.shape[:x.ndim - n] + w.shape[n:]
+  _check(f, ref, (x, w), argnums=(0, 1))
+
+
 def test_use_references_swaps_and_restores():
   restore = ops.use_references(["gelu"])
   try:

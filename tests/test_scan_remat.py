@@ -94,21 +94,26 @@ def test_loss_and_grads_equal_plain(plain, remat, scan):
 
 def test_remat_policies_save_what_they_say(plain, capsys):
   """Per-layer residuals kept for the backward pass of the scanned stack: q/k/v projections
-  [L, B, T, H, K], the MLP hidden [L, B, T, F], and block-width activations [L, B, T, D]."""
+  [L, B, T, H, K], the MLP hidden [L, B, T, F], and block-width activations [L, B, T, D]; the
+  matmuls' own outputs (ops.dense: rows flattened) are [L, B*T, H*K] and [L, B*T, F]."""
   p = stack.stack_layers(plain[0], L)
   shapes = {"qkv": f"f32[{L},{B},{T},4,8]", "hidden": f"f32[{L},{B},{T},64]",
-            "width": f"f32[{L},{B},{T},32]"}
+            "width": f"f32[{L},{B},{T},32]", "dot_proj": f"f32[{L},{B * T},32]",
+            "dot_hidden": f"f32[{L},{B * T},64]"}
   saved = {}
   for remat in ("full", "dots", "outputs"):
     model = _model(remat=remat, scan_layers=True)
     jax.ad_checkpoint.print_saved_residuals(
         lambda q, m=model: jnp.mean(m.apply({"params": q}, TOKENS)), p)
-    text = capsys.readouterr().out
-    saved[remat] = {k: text.count(s) for k, s in shapes.items()}
-  assert saved["full"] == {"qkv": 0, "hidden": 0, "width": 1}  # the block's input only
-  assert saved["dots"]["qkv"] == 3 and saved["dots"]["hidden"] == 1  # every projection
-  # input + attention_out (mlp_out is not needed by a pre-norm backward pass); hidden recomputed
-  assert saved["outputs"] == {"qkv": 3, "hidden": 0, "width": 2}
+    lines = [x for x in capsys.readouterr().out.splitlines() if "from the argument" not in x]
+    saved[remat] = {k: sum(x.startswith(s + " ") for x in lines) for k, s in shapes.items()}
+  nothing = {"dot_proj": 0, "dot_hidden": 0}
+  assert saved["full"] == {"qkv": 0, "hidden": 0, "width": 1, **nothing}  # the block's input
+  # q, k, v and the attention output projection, the MLP's up projection (its down projection's
+  # output is not needed by a pre-norm backward pass)
+  assert saved["dots"]["dot_proj"] == 4 and saved["dots"]["dot_hidden"] == 1
+  # input + attention_out (mlp_out is not needed either); hidden recomputed
+  assert saved["outputs"] == {"qkv": 3, "hidden": 0, "width": 2, **nothing}
 
 
 def test_kv_cache_decoding_with_scan(plain):

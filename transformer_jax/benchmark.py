@@ -2,6 +2,7 @@
 
   python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10 [--compare=hf]
       [--compile_only] [--rounds=3] [--baseline=KEY=VALUE;...] [--reference_ops=OP,...] [--config.KEY=VALUE ...]
+      [--matmul_floor]
 
 Batches are random tokens of the config's shape (the input pipeline is not timed here;
 --checkpoint also times async Orbax saves of the train state: save_block_s (how long the loop
@@ -19,6 +20,11 @@ A baseline of our own step runs interleaved as well when asked for: --baseline="
 overrides config keys for it (e.g. "model.attention_chunks=1"), and --reference_ops=OP,... (or
 `all`) traces it with those hand-differentiated ops (transformer_jax/models/ops.py) replaced by
 their plain-autodiff formulas. The JSON gains baseline_step_time_s and speedup_vs_baseline.
+
+--matmul_floor also times every matmul of the compiled step on its own (transformer_jax/matmuls.py)
+and prints them, largest total first; the JSON gains matmul_floor_s (their sum: the step time if
+nothing but the matmuls ran, at the speed the matmul kernels reach alone), matmul_gflops (per
+step) and other_s (step_time_s - matmul_floor_s). One device only (no mesh.cpu_devices).
 
 --compile_only runs no step: it lowers (traces) and compiles the train step from abstract inputs,
 once per round (and the --baseline config's, interleaved), and prints lower_s and compile_s
@@ -58,6 +64,8 @@ class JaxRunner:
     from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
     from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
     from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+    from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+    distributed.use_cpu_devices(config.mesh.cpu_devices)
     config_lib.validate(config, jax.device_count())
     self.jax, self.config = jax, config
     self.trainer = Trainer(config, sharding.make_mesh(config))
@@ -274,7 +282,7 @@ def main(argv):
   spec, overrides, f = cli.parse(argv, {"steps": 10, "rounds": 3, "compare": "",
                                         "baseline": "", "reference_ops": "", "worker": "",
                                         "compile_only": False, "data_only": False,
-                                        "checkpoint": False})
+                                        "checkpoint": False, "matmul_floor": False})
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   if f["steps"] < 1 or f["rounds"] < 1:
@@ -300,6 +308,8 @@ def main(argv):
     baseline_config = (config_lib.load(spec, overrides + baseline_overrides)
                        if baseline_overrides else None)
     return _compile_only(config, baseline_config, baseline_overrides, f["rounds"])
+  if f["matmul_floor"] and config.mesh.cpu_devices > 1:
+    raise ConfigError("--matmul_floor times one device's program: drop mesh.cpu_devices")
   theirs = Worker("hf", argv) if f["compare"] else None  # first: it must not share our memory
   ours = JaxRunner(config)
   baseline = None
@@ -330,6 +340,8 @@ def main(argv):
          "devices": ours.jax.device_count(), "dtype": config.model.dtype}
   if f["checkpoint"]:
     out.update(_time_async_save(ours, f["rounds"], step))
+  if f["matmul_floor"]:
+    out.update(_matmul_floor(ours, step))
   if theirs:
     hf_tps = tokens / statistics.median(theirs_t)
     out.update(hf_tokens_per_s=round(hf_tps, 1), ratio_vs_hf=round(tps / hf_tps, 3))
@@ -339,6 +351,27 @@ def main(argv):
                baseline_step_time_s=round(ref_step, 5),
                speedup_vs_baseline=round(ref_step / step, 3))
   print(json.dumps(out))
+
+
+def _matmul_floor(runner, step_s):
+  """Each matmul of the runner's compiled step timed alone; their sum against the step time."""
+  from transformer_jax import matmuls  # pylint: disable=g-import-not-at-top
+  if runner.jax.device_count() > 1:
+    raise ConfigError("--matmul_floor times one device's program; run it on one device")
+  hlo = runner.trainer.lower_train_step().compile().as_text()
+  try:
+    timed = matmuls.time_dots(matmuls.dots(hlo))
+  except ValueError as e:
+    raise ConfigError(f"--matmul_floor: {e}") from None
+  timed.sort(key=lambda x: -x[1] * x[2])
+  print(f"{'count':>5} {'ms each':>8} {'ms total':>9} {'GFLOP/s':>8}  dot")
+  for dot, count, t in timed:
+    print(f"{count:5d} {t * 1e3:8.2f} {count * t * 1e3:9.1f} {dot.flops / t / 1e9:8.1f}  "
+          f"{dot.describe()}")
+  floor = sum(count * t for _, count, t in timed)
+  flops = sum(count * dot.flops for dot, count, _ in timed)
+  return {"matmul_floor_s": round(floor, 4), "matmul_gflops": round(flops / 1e9, 2),
+          "other_s": round(step_s - floor, 4)}
 
 
 def _peak_memory(jax):

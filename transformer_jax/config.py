@@ -46,7 +46,8 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "checkpoint.keep_period", "train.z_loss",
                 "train.spike_factor", "train.spike_warmup_steps", "data.num_workers",
                 "data.shards", "data.target_len", "model.num_decoder_layers",
-                "model.type_vocab_size", "model.query_scale", "train.label_smoothing")
+                "model.type_vocab_size", "model.query_scale", "train.label_smoothing",
+                "mesh.cpu_devices")
 
 
 def exec_python_file(path: str, kind: str, root: str):

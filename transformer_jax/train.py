@@ -19,6 +19,7 @@ def main(argv):
     raise ConfigError("--workdir=DIR is required")
   config = cli.load_config(spec, overrides, flags["workdir"])
   from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))
   distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"])
   with config.unlocked():  # a workdir's saved config must work from any current directory
     if config.data.tokenizer:

@@ -61,7 +61,7 @@ class EncoderLM(nn.Module):
     """The MLM head alone (callable as model.apply(..., method="logits")): dense + GELU + norm
     before the (tied) output projection, plus the output bias."""
     c = self.cfg
-    h_BTD = jnp.einsum("BTD,DE->BTE", x_BTD, self.mlm_dense_DE.astype(c.compute_dtype))
+    h_BTD = ops.dense(x_BTD, self.mlm_dense_DE.astype(c.compute_dtype))
     if c.use_bias:
       h_BTD = h_BTD + layers.lead(self.mlm_dense_bias_E, h_BTD)
     act = ops.gelu if c.activation != "gelu_exact" else (
@@ -75,9 +75,9 @@ class EncoderLM(nn.Module):
     """The sentence-pair head (model.sentence_head) at every position, fp32 [B, T, 2]; a pair's
     prediction is the one at its [CLS] (first) token (model.apply(..., method=...))."""
     dt = self.cfg.compute_dtype
-    pooled_BTE = jnp.einsum("BTD,DE->BTE", x_BTD, self.pooler_DE.astype(dt))
+    pooled_BTE = ops.dense(x_BTD, self.pooler_DE.astype(dt))
     pooled_BTE = jnp.tanh(pooled_BTE + layers.lead(self.pooler_bias_E, pooled_BTE))
-    logits_BTC = jnp.einsum("BTE,EC->BTC", pooled_BTE, self.sentence_EC.astype(dt))
+    logits_BTC = ops.dense(pooled_BTE, self.sentence_EC.astype(dt))
     return (logits_BTC + layers.lead(self.sentence_bias_C, logits_BTC)).astype(jnp.float32)
 
 

@@ -231,7 +231,7 @@ class Attention(nn.Module):
 
     def project(name, source, heads, axes):
       w = param(self, name, (d, heads, k), ("embed",) + axes, init)
-      y = jnp.einsum("BTD,DHK->BTHK", source, w.astype(dt))
+      y = ops.dense(source, w.astype(dt))
       if c.use_bias:
         y = y + lead(param(self, name + "_bias", (heads, k), axes, nn.initializers.zeros), y)
       return y
@@ -273,7 +273,7 @@ class Attention(nn.Module):
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
-    y_BTD = jnp.einsum("BTHK,HKD->BTD", out_BTHK, w_o.astype(dt))
+    y_BTD = ops.dense(out_BTHK, w_o.astype(dt), n=2)
     if c.use_bias:
       y_BTD = y_BTD + lead(param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros),
                            y_BTD)
@@ -310,7 +310,7 @@ class MLP(nn.Module):
 
     def up(name):
       w = param(self, name, (c.d_model, c.d_ff), ("embed", "mlp"), init)
-      y = jnp.einsum("BTD,DF->BTF", x, w.astype(dt))
+      y = ops.dense(x, w.astype(dt))
       if c.use_bias:
         y = y + lead(param(self, name + "_bias", (c.d_ff,), ("mlp",), nn.initializers.zeros), y)
       return y
@@ -327,7 +327,7 @@ class MLP(nn.Module):
       h_BTF = nn.relu(up("up"))
     h_BTF = constrain(h_BTF, ("act_batch", "act_length", "act_mlp"))
     w = param(self, "down", (c.d_ff, c.d_model), ("mlp", "embed"), resid)
-    y_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w.astype(dt))
+    y_BTD = ops.dense(h_BTF, w.astype(dt))
     if c.use_bias:
       y_BTD = y_BTD + lead(param(self, "down_bias", (c.d_model,), ("embed",),
                                  nn.initializers.zeros), y_BTD)
@@ -403,6 +403,5 @@ class Embedder(nn.Module):
     if self.cfg.tie_embeddings:
       out = ops.unembed(x_BTD.astype(dt), self.table.astype(dt))
     else:
-      out = jnp.einsum("BTD,DV->BTV", x_BTD.astype(dt), self.out.astype(dt),
-                       preferred_element_type=jnp.float32)
+      out = ops.dense(x_BTD.astype(dt), self.out.astype(dt), preferred_element_type=jnp.float32)
     return constrain(out, ("act_batch", "act_length", "act_vocab"))

@@ -156,6 +156,18 @@ def _cross_entropy_bwd(z_loss, res, g):
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
+# Dense projections
+# ---------------------------------------------------------------------------------------------
+def dense(x, w, n: int = 1, **kwargs):
+  """x's last `n` dims contracted with w's first `n`, as one 2-D matmul [rows, in] @ [in, out].
+  Flattening first keeps the backward's dots plain 2-D ones (weight gradient x^T g): from an
+  einsum such as BTD,DF->BTF, whose weight gradient contracts two dims (B and T), XLA:CPU
+  transposes the [B*T, F] cotangent and runs a slower dot (benchmarks/RESULTS.md)."""
+  lead, inner = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:])
+  y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1), **kwargs)
+  return y.reshape(lead + w.shape[n:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Output projection with the embedding table (tied weights)
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +175,10 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 def unembed(x_BTD, table_VD):
   """fp32 logits x @ table^T (accumulated in fp32). The backward forms the table's gradient as
   (x^T g)^T, so the transpose falls on the small [D, V] result, not on the [B*T, V] cotangent."""
-  return jnp.einsum("BTD,VD->BTV", x_BTD, table_VD, preferred_element_type=jnp.float32)
+  x = x_BTD.reshape(-1, x_BTD.shape[-1])
+  logits = jax.lax.dot_general(x, table_VD, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  return logits.reshape(x_BTD.shape[:-1] + (-1,))
 
 
 def _unembed_fwd(x, table):
@@ -173,8 +188,9 @@ def _unembed_fwd(x, table):
 def _unembed_bwd(res, g_BTV):
   x, table = res
   g = g_BTV.astype(x.dtype)  # as autodiff does; the dots return the compute dtype
-  dx = jnp.einsum("BTV,VD->BTD", g, table)
-  dt_DV = jnp.einsum("BTD,BTV->DV", x, g)
+  g = g.reshape(-1, g.shape[-1])  # 2-D dots, as in `dense`
+  dx = (g @ table).reshape(x.shape)
+  dt_DV = x.reshape(-1, x.shape[-1]).T @ g
   return dx, dt_DV.T.astype(table.dtype)
 
 
@@ -207,13 +223,18 @@ def cross_entropy_reference(logits, targets, z_loss=0.0):
   return (loss + z_loss * jnp.square(log_z) if z_loss else loss), log_z
 
 
+def dense_reference(x, w, n=1, **kwargs):
+  """The einsum form (e.g. BTD,DF->BTF): batch and length dims kept apart."""
+  return jnp.tensordot(x, w, axes=n, **kwargs)
+
+
 def unembed_reference(x, table):
   return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
 
 
 REFERENCES = {"normalize": normalize_reference, "gelu": gelu_reference,
               "masked_softmax": masked_softmax_reference, "cross_entropy": cross_entropy_reference,
-              "unembed": unembed_reference}
+              "unembed": unembed_reference, "dense": dense_reference}
 
 
 def use_references(names):

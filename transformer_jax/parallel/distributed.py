@@ -55,6 +55,15 @@ def detect(coordinator="", num_processes=0, process_id=-1, environ=None):
   return None
 
 
+def use_cpu_devices(count: int):
+  """Splits this host's CPU into `count` XLA devices (`mesh.cpu_devices`; 0 leaves XLA's
+  default). Must run before JAX starts its backends; other platforms ignore it."""
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    raise ConfigError(f"mesh.cpu_devices must be an int >= 0, got {count!r}")
+  if count:
+    jax.config.update("jax_num_cpu_devices", int(count))
+
+
 def initialize(coordinator="", num_processes=0, process_id=-1):
   """Starts JAX's distributed runtime when the job has several processes; returns
   (process_index, process_count). CPU processes talk over gloo (loopback or TCP)."""

@@ -1,0 +1,96 @@
+"""The benchmark's matmul floor (transformer_jax/matmuls.py) and mesh.cpu_devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from transformer_jax import matmuls
+from transformer_jax.config import ConfigError
+from transformer_jax.parallel import distributed
+
+
+def _hlo(f, *shapes):
+  args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def test_dots_of_a_compiled_program_with_their_flops():
+  def f(x, w, q, k):
+    h = jnp.tanh(x @ w)  # [64, 48] @ [48, 32]
+    h = jnp.tanh(h @ w.T[:, :32].T)  # a second, different dot: [64, 32] @ [32, 32]
+    s = jnp.einsum("bqd,bkd->bqk", q, k)  # batched: [4, 16, 8] x [4, 24, 8]
+    return h.sum() + s.sum()
+  found = matmuls.dots(_hlo(jax.grad(f, argnums=(0, 1)), (64, 48), (48, 32), (4, 16, 8),
+                            (4, 24, 8)))
+  # forward 2 dots; backward 2 more per dot (the batched one feeds nothing differentiated)
+  assert sum(found.values()) == 6
+  expected = 3 * (2 * 64 * 48 * 32) + 3 * (2 * 64 * 32 * 32)
+  assert sum(n * d.flops for d, n in found.items()) == expected
+  for d in found:
+    assert d.dtype == "f32" and len(d.lhs_contract) == len(d.rhs_contract) == 1
+  plain = matmuls.dots(_hlo(f, (64, 48), (48, 32), (4, 16, 8), (4, 24, 8)))
+  batched = [d for d in plain if d.lhs_batch]
+  assert len(batched) == 1 and batched[0].flops == 2 * 4 * 16 * 24 * 8
+
+
+def test_dots_read_physical_layouts_and_group_repeats():
+  """An operand stored column-major ({0,1}) is timed as its row-major transpose, with the
+  contracting dims moved along; identical dots are counted, not listed twice."""
+  text = """
+  %p0 = f32[32,64]{0,1} parameter(0)
+  %p1 = f32[32,16]{1,0} parameter(1)
+  %dot.1 = f32[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  %dot.2 = f32[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  """
+  (dot, count), = matmuls.dots(text).items()
+  assert count == 2
+  assert dot.lhs == (64, 32) and dot.lhs_contract == (1,)  # physically [64, 32], contract 1
+  assert dot.rhs == (32, 16) and dot.rhs_contract == (0,)
+  assert dot.flops == 2 * 64 * 32 * 16
+  (timed_dot, timed_count, seconds), = matmuls.time_dots({dot: count}, reps=2)
+  assert timed_dot == dot and timed_count == 2 and seconds > 0
+
+
+def test_programs_with_loops_are_refused():
+  def f(x, w):
+    return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w), x)
+  with pytest.raises(ValueError, match="while loop"):
+    matmuls.dots(_hlo(f, (8, 8), (8, 8)))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_cpu_devices_must_be_a_non_negative_int(bad):
+  with pytest.raises(ConfigError, match="mesh.cpu_devices"):
+    distributed.use_cpu_devices(bad)
+
+
+def test_cpu_devices_split_the_host():
+  code = ("from transformer_jax.parallel import distributed; import jax; "
+          "distributed.use_cpu_devices(3); print(jax.device_count(), jax.default_backend())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert out.stdout.split() == ["3", "cpu"], out.stderr[-2000:]
+
+
+def test_benchmark_matmul_floor_counts_the_steps_matmuls():
+  """The floor's FLOPs lie between the parameter matmuls' 6N per token and the model's FLOPs
+  per token (attention's blocks skip masked key blocks, so fewer)."""
+  cmd = [sys.executable, "-m", "transformer_jax.benchmark", "--config=configs/gpt2.py:tiny",
+         "--steps=1", "--rounds=1", "--matmul_floor"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  tokens = 8 * 64  # configs/gpt2.py:tiny
+  n = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 64 * 8192  # 2 layers: q, k, v, o, MLP; the tied table
+  assert 6 * n * tokens <= r["matmul_gflops"] * 1e9 <= r["flops_per_token"] * tokens
+  assert 0 < r["matmul_floor_s"] and r["other_s"] == pytest.approx(
+      r["step_time_s"] - r["matmul_floor_s"], abs=1e-3)
+  bad = subprocess.run(cmd + ["--config.mesh.cpu_devices=2"], capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 2 and "--matmul_floor" in bad.stderr
