@@ -29,17 +29,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
 from transformer_jax.config import ConfigError
+from transformer_jax.models import ops
 
 KERNELS = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}  # platform -> auto's kernel
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence length is used
-
-
-def platform() -> str:
-  """The platform being compiled for: the context mesh's devices (an AOT compile for a TPU
-  topology runs on a CPU host), else JAX's default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else mesh.abstract_device
-  return device.platform if device is not None else jax.default_backend()
 
 
 def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool):
@@ -76,7 +69,7 @@ def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_at
     return impl
   if decode:  # KV-cache steps attend from a few tokens: nothing for a kernel to gain
     return "xla"
-  where = where or platform()
+  where = where or ops.platform()
   if impl == "auto":
     kernel = KERNELS.get(where)
     if kernel is None or (kernel == "splash" and not causal) or unsupported(

@@ -15,6 +15,14 @@ import jax
 import jax.numpy as jnp
 
 
+def platform() -> str:
+  """The platform being compiled for: the context mesh's devices (an AOT compile for a TPU
+  topology runs on a CPU host), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 def _sum_leading(x, ndim):
   """Sums `x` over all but its trailing `ndim` axes (the gradient of a broadcast parameter)."""
   return jnp.sum(x, axis=tuple(range(x.ndim - ndim)))
@@ -159,13 +167,25 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 # Dense projections
 # ---------------------------------------------------------------------------------------------
 def dense(x, w, n: int = 1, **kwargs):
-  """x's last `n` dims contracted with w's first `n`, as one 2-D matmul [rows, in] @ [in, out].
-  Flattening first keeps the backward's dots plain 2-D ones (weight gradient x^T g): from an
-  einsum such as BTD,DF->BTF, whose weight gradient contracts two dims (B and T), XLA:CPU
-  transposes the [B*T, F] cotangent and runs a slower dot (benchmarks/RESULTS.md)."""
+  """x's last `n` dims contracted with w's first `n`. On CPU as one 2-D matmul [rows, in] @
+  [in, out]: flattening first keeps the backward's dots plain 2-D ones (weight gradient x^T g),
+  where from an einsum such as BTD,DF->BTF, whose weight gradient contracts two dims (B and T),
+  XLA:CPU transposes the [B*T, F] cotangent and runs a slower dot. Elsewhere the einsum form
+  (`dense_reference`), which XLA:TPU compiles to fewer HBM bytes (benchmarks/RESULTS.md)."""
+  if platform() != "cpu":
+    return dense_reference(x, w, n, **kwargs)
   lead, inner = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:])
   y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1), **kwargs)
   return y.reshape(lead + w.shape[n:])
+
+
+def weight_grad(x, g):
+  """x^T g summed over all leading (row) dims: [..., I], [..., O] -> [I, O]; 2-D on CPU, as in
+  `dense`."""
+  if platform() != "cpu":
+    rows = tuple(range(x.ndim - 1))
+    return jnp.tensordot(x, g, axes=(rows, rows))
+  return x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,10 +195,7 @@ def dense(x, w, n: int = 1, **kwargs):
 def unembed(x_BTD, table_VD):
   """fp32 logits x @ table^T (accumulated in fp32). The backward forms the table's gradient as
   (x^T g)^T, so the transpose falls on the small [D, V] result, not on the [B*T, V] cotangent."""
-  x = x_BTD.reshape(-1, x_BTD.shape[-1])
-  logits = jax.lax.dot_general(x, table_VD, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-  return logits.reshape(x_BTD.shape[:-1] + (-1,))
+  return dense(x_BTD, table_VD.T, preferred_element_type=jnp.float32)
 
 
 def _unembed_fwd(x, table):
@@ -188,10 +205,7 @@ def _unembed_fwd(x, table):
 def _unembed_bwd(res, g_BTV):
   x, table = res
   g = g_BTV.astype(x.dtype)  # as autodiff does; the dots return the compute dtype
-  g = g.reshape(-1, g.shape[-1])  # 2-D dots, as in `dense`
-  dx = (g @ table).reshape(x.shape)
-  dt_DV = x.reshape(-1, x.shape[-1]).T @ g
-  return dx, dt_DV.T.astype(table.dtype)
+  return dense(g, table), weight_grad(x, g).T.astype(table.dtype)
 
 
 unembed.defvjp(_unembed_fwd, _unembed_bwd)
