@@ -82,6 +82,19 @@ def test_dense(n, w_shape):
   _check(f, ref, (x, w), argnums=(0, 1))
 
 
+@pytest.mark.parametrize("where,flat", [("cpu", True), ("tpu", False), ("gpu", False)])
+def test_dense_is_flat_on_cpu_only(monkeypatch, where, flat):
+  """The 2-D form is for XLA:CPU; TPU and GPU compile the einsum (dense_reference)."""
+  monkeypatch.setattr(ops, "platform", lambda: where)
+  x, w = _normal(0, (2, 7, 16)), _normal(1, (16, 24))
+  # fresh lambdas: JAX caches traces per function, and the platform is not part of the key
+  jaxpr = jax.make_jaxpr(lambda a, b: ops.dense(a, b))(x, w)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert [e.invars[0].aval.ndim for e in dots] == [2 if flat else 3], jaxpr
+  jaxpr = jax.make_jaxpr(lambda a, g: ops.weight_grad(a, g))(x, ops.dense_reference(x, w))
+  assert ("reshape" in str(jaxpr)) == flat, jaxpr
+
+
 def test_use_references_swaps_and_restores():
   restore = ops.use_references(["gelu"])
   try:

@@ -205,7 +205,10 @@ def _unembed_fwd(x, table):
 def _unembed_bwd(res, g_BTV):
   x, table = res
   g = g_BTV.astype(x.dtype)  # as autodiff does; the dots return the compute dtype
-  return dense(g, table), weight_grad(x, g).T.astype(table.dtype)
+  dt_DV = weight_grad(x, g)
+  if platform() == "cpu":  # keep XLA from folding the transpose into the dot: g^T x is slower
+    dt_DV = jax.lax.optimization_barrier(dt_DV)
+  return dense(g, table), dt_DV.T.astype(table.dtype)
 
 
 unembed.defvjp(_unembed_fwd, _unembed_bwd)
