@@ -143,3 +143,21 @@ def test_a_saved_position_of_the_other_packing_is_refused(tiny_data):
     other = next(q for q in pipeline.PACKINGS if q != p)
     with pytest.raises(ConfigError, match="does not fit this input pipeline"):
       it.set_state(states[other])
+
+
+def test_missing_tokenizer_command_carries_the_corpus_fields(tmp_path):
+  """The "create it with" command reads the same documents the run will: pair fields and the
+  TFDS data dir for catalog corpora and jsonl pairs, nothing extra for plain text."""
+  config = config_lib.load("configs/transformer.py:base", [
+      f"data.tokenizer={tmp_path / 'missing.model'}", f"data.data_dir={tmp_path / 'tfds'}"])
+  with pytest.raises(ConfigError) as e:
+    pipeline.load_tokenizer(config)
+  assert (f"--corpus=tfds:wmt14_translate/de-en --source_field=en --target_field=de "
+          f"--data_dir={tmp_path / 'tfds'} --vocab_size=37000 --out=") in str(e.value)
+  command = tokenizer_lib.create_command("t.model", corpus="pairs/*.jsonl", fmt="jsonl_pairs",
+                                         source_field="q", target_field="a", data_dir="/ignored")
+  assert command == ("python -m transformer_jax.tokenizer --corpus='pairs/*.jsonl' "
+                     "--format=jsonl_pairs --source_field=q --target_field=a --vocab_size=8192 "
+                     "--out=t.model")
+  assert tokenizer_lib.create_command("t.model", source_field="q") == (
+      "python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=8192 --out=t.model")

@@ -59,11 +59,17 @@ PACKINGS = ("first_fit", "concat")
 # ------------------------------------------------------------------------------ checks
 
 
+def _command_flags(config) -> dict:
+  """create_command's corpus keywords for the tokenizer `config` trains with."""
+  d = config.data
+  return dict(corpus=d.corpus, vocab_size=config.model.vocab_size, fmt=d.format,
+              text_field=d.text_field, source_field=d.source_field,
+              target_field=d.target_field, data_dir=d.data_dir)
+
+
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
   """The tokenizer of `config.data.tokenizer` (ConfigError with the command to make it)."""
-  d = config.data
-  return tokenizer_lib.load(d.tokenizer, corpus=d.corpus, vocab_size=config.model.vocab_size,
-                            fmt=d.format, text_field=d.text_field)
+  return tokenizer_lib.load(config.data.tokenizer, **_command_flags(config))
 
 
 def _check_tokenizer(config) -> None:
@@ -96,8 +102,8 @@ def _check_objective_tokens(config, tok) -> None:
   if s.objective in objectives.ENCODER_DECODER and (tok.bos_id < 0 or tok.eos_id < 0):
     needed.append("bos and eos")
   if needed:
-    command = tokenizer_lib.create_command(d.tokenizer, d.corpus, config.model.vocab_size,
-                                           d.format, d.text_field, special)
+    command = tokenizer_lib.create_command(d.tokenizer, special=special,
+                                           **_command_flags(config))
     raise ConfigError(f"data.objective={s.objective!r} needs {', '.join(needed)}, which "
                       f"data.tokenizer={d.tokenizer!r} lacks; make one with: {command}")
 

@@ -68,13 +68,22 @@ def special_pieces(spec: str) -> list[str]:
 
 
 def create_command(out_path: str, corpus: str = "stdlib", vocab_size: int = 8192,
-                   fmt: str = "text", text_field: str = "text", special: str = "") -> str:
-  """The shell command that trains the tokenizer `out_path` should hold."""
+                   fmt: str = "text", text_field: str = "text", special: str = "",
+                   source_field: str = "source", target_field: str = "target",
+                   data_dir: str = "") -> str:
+  """The shell command that trains the tokenizer `out_path` should hold: the corpus flags that
+  differ from the CLI's defaults and matter for this corpus and format."""
+  catalog = corpus.startswith("tfds:")
   flags = [("corpus", corpus)]
   if fmt != "text":
     flags.append(("format", fmt))
-  if fmt == "jsonl" and text_field != "text":
+  if (fmt == "jsonl" or catalog) and text_field != "text":
     flags.append(("text_field", text_field))
+  if fmt == "jsonl_pairs" or catalog:
+    flags += [(k, v) for k, v, default in (("source_field", source_field, "source"),
+                                           ("target_field", target_field, "target")) if v != default]
+  if catalog and data_dir:
+    flags.append(("data_dir", data_dir))
   flags.append(("vocab_size", vocab_size))
   if special:
     flags.append(("special", special))
@@ -293,15 +302,13 @@ class Tokenizer:
     return self._sp.decode(kept)
 
 
-def load(path: str, *, corpus: str = "stdlib", vocab_size: int = 8192, fmt: str = "text",
-         text_field: str = "text", special: str = "") -> Tokenizer:
+def load(path: str, **command) -> Tokenizer:
   """Loads `path`; a missing or unreadable file raises ConfigError with the command to make it.
 
-  The keyword arguments only fill in that command.
+  The keyword arguments only fill in that command (`create_command`'s).
   """
   if not path or not os.path.isfile(path):
-    command = create_command(path or "runs/tokenizers/tokenizer.model", corpus, vocab_size, fmt,
-                             text_field, special)
+    command = create_command(path or "runs/tokenizers/tokenizer.model", **command)
     raise ConfigError(f"data.tokenizer={path!r} does not exist; create it with: {command}")
   with open(path, "rb") as f:
     proto = f.read()
