@@ -194,12 +194,44 @@ def test_sentence_head_adds_the_mean_pair_loss_and_reads_token_types(chunk):
   got, weight = step_lib.loss_sums(model, params, batch, chunk=chunk)
   mlm, _ = step_lib.loss_sums(model, params, mlm_only, chunk=chunk)
   assert float(got) == pytest.approx(float(mlm) + want_pairs * float(weight), rel=1e-5)
+  _, _, sums = step_lib.loss_parts(model, params, batch, chunk=chunk)  # the eval metrics' sums
+  right = jnp.argmax(logp, -1) == labels
+  assert float(sums["sentence_pairs"]) == 3
+  assert float(sums["sentence_nll"]) == pytest.approx(want_pairs * 3, rel=1e-5)
+  assert float(sums["sentence_correct"]) == float(jnp.sum(right * cls_BT))
   no_types, _ = step_lib.loss_sums(model, params, dict(mlm_only, types=jnp.zeros_like(types)))
   assert abs(float(no_types) - float(mlm)) > 1e-3  # The types reach the embedding.
   grads = jax.grad(lambda p: step_lib.loss_sums(model, p, batch, chunk=chunk)[0])(params)
   assert all(float(jnp.abs(grads[k]).max()) > 0 for k in ("pooler", "sentence", "sentence_bias"))
   assert step_lib.batch_keys(model, "mlm")[-3:] == ("types", "sentence_labels",
                                                      "sentence_weights")
+
+
+def test_evaluate_reports_sentence_pair_loss_and_accuracy():
+  """Trainer.evaluate: token loss per target token over all batches, and with a sentence head
+  the pair loss and accuracy over all pairs, from the same sums as training's loss."""
+  config = config_lib.load(f"{REPO}/configs/bert.py:tiny", [
+      "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.vocab_size=128",
+      "model.max_len=32", "data.seq_len=32", "train.batch_size=4", "model.head_dim=8",
+      "model.sentence_head=true", "data.sentence_pair=sop"])
+  trainer = step_lib.Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  params = trainer.init_state(0).params
+  batches = []
+  for seed, pairs_per_row in ((0, 1), (1, 2)):
+    b = synthetic_batch(config, trainer.model, seed=seed)
+    b["sentence_labels"], b["types"] = b["sentence_labels"] % 2, b["types"] % 2
+    b["sentence_weights"][:] = 0
+    b["sentence_weights"][:, :pairs_per_row * 16:16] = 1  # [CLS] of 1 or 2 pairs per row
+    batches.append(b)
+  got = trainer.evaluate(params, batches)
+  parts = [step_lib.loss_parts(trainer.model, params, jax.device_put(b)) for b in batches]
+  total = lambda key: sum(float(p[2][key]) for p in parts)
+  assert total("sentence_pairs") == 4 + 8
+  assert got["eval_loss"] == pytest.approx(sum(float(p[0]) for p in parts) /
+                                           sum(float(p[1]) for p in parts), rel=1e-5)
+  assert got["eval_sentence_loss"] == pytest.approx(total("sentence_nll") / 12, rel=1e-5)
+  assert got["eval_sentence_accuracy"] == pytest.approx(total("sentence_correct") / 12)
+  assert 0 <= got["eval_sentence_accuracy"] <= 1
 
 
 @pytest.mark.parametrize("name", ["bert", "t5"])

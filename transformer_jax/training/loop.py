@@ -232,10 +232,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
                 file=sys.stderr, flush=True)
         bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
       if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
-        ev = trainer.eval_loss(state.params, eval_batches)
-        writer.write(done, {"eval_loss": ev, "eval_perplexity": float(np.exp(min(ev, 50.0)))})
-        last["eval_loss"] = ev
-        say(f"step {done}: eval_loss {ev:.4f}")
+        evals = trainer.evaluate(state.params, eval_batches)
+        ev = evals["eval_loss"]
+        writer.write(done, {**evals, "eval_perplexity": float(np.exp(min(ev, 50.0)))})
+        last.update(evals)
+        say(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
       if is_save or stopping:
         ckpts.save(done, state, data, force=True, data_writes=data_writes)
       bar.update(1)

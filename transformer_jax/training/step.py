@@ -57,11 +57,19 @@ def build_model(config):
   return families.FAMILIES[config.model.family](ModelConfig.from_config(config.model))
 
 
-def loss_sums(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_rng=None,
-              chunk=0):
-  """Sum of token cross-entropies (fp32) and of target weights over one batch. With label
-  smoothing e the target distribution is (1 - e) one-hot + e uniform over the vocabulary.
-  `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a time (chunked_loss_sum)."""
+def loss_sums(model, params, batch, **kwargs):
+  """Sum of token cross-entropies (fp32) and of target weights over one batch (`loss_parts`)."""
+  loss, weight, _ = loss_parts(model, params, batch, **kwargs)
+  return loss, weight
+
+
+def loss_parts(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_rng=None,
+               chunk=0):
+  """(Sum of token cross-entropies (fp32), sum of target weights, sums for metrics) over one
+  batch. With label smoothing e the target distribution is (1 - e) one-hot + e uniform over the
+  vocabulary. `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a time
+  (chunked_loss_sum). A sentence head adds its mean pair loss, weighted like the mean token
+  loss, and reports sentence_nll, sentence_correct and sentence_pairs (sums over the pairs)."""
   extra = {"prefix_BT": batch["prefix"]} if "prefix" in batch else {}
   if "types" in batch:
     extra["types_BT"] = batch["types"]
@@ -77,19 +85,24 @@ def loss_sums(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_
   else:
     logits = model.apply({"params": params}, out, method="logits") if sentence else out
     loss = jnp.sum(token_loss(logits, batch[targets_key], z_loss, label_smoothing) * w_BT)
+  aux = {}
   if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
-    loss = loss + sentence_loss_mean(model, params, out, batch) * jnp.sum(w_BT)
-  return loss, jnp.sum(w_BT)
+    aux = sentence_sums(model, params, out, batch)
+    loss = loss + aux["sentence_nll"] / jnp.maximum(aux["sentence_pairs"], 1.0) * jnp.sum(w_BT)
+  return loss, jnp.sum(w_BT), aux
 
 
-def sentence_loss_mean(model, params, x_BTD, batch):
-  """Mean cross-entropy of the sentence-pair head (NSP / SOP) over the pairs of a batch."""
+def sentence_sums(model, params, x_BTD, batch) -> dict:
+  """The sentence-pair head (NSP / SOP) over the pairs of a batch (their [CLS] positions):
+  sums of cross-entropy, of correct argmax predictions, and of pair weights."""
   logits_BTC = model.apply({"params": params}, x_BTD, method="sentence_logits")
   log_p_BTC = jax.nn.log_softmax(logits_BTC)
-  labels_BT1 = batch["sentence_labels"][..., None]
+  labels_BT = batch["sentence_labels"]
   w_BT = batch["sentence_weights"].astype(jnp.float32)
-  nll_BT = -jnp.take_along_axis(log_p_BTC, labels_BT1, axis=-1)[..., 0]
-  return jnp.sum(nll_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+  nll_BT = -jnp.take_along_axis(log_p_BTC, labels_BT[..., None], axis=-1)[..., 0]
+  correct_BT = (jnp.argmax(logits_BTC, axis=-1) == labels_BT).astype(jnp.float32)
+  return {"sentence_nll": jnp.sum(nll_BT * w_BT), "sentence_correct": jnp.sum(correct_BT * w_BT),
+          "sentence_pairs": jnp.sum(w_BT)}
 
 
 def token_loss(logits_BTV, targets_BT, z_loss, label_smoothing):
@@ -223,7 +236,8 @@ class Trainer:
                       loss_mean=loss_mean, skipped=state.skipped + bad), metrics
 
   def _eval_step(self, params, batch):
-    return loss_sums(self.model, params, batch, chunk=self.config.train.loss_chunk)
+    loss, weight, aux = loss_parts(self.model, params, batch, chunk=self.config.train.loss_chunk)
+    return {"loss": loss, "weight": weight, **aux}
 
   # ---- host-side API
   def init_state(self, seed: int) -> TrainState:
@@ -239,13 +253,20 @@ class Trainer:
     with sharding.context(self.mesh, self.rules):
       return self._train(state, batch, rng)
 
-  def eval_loss(self, params, batches):
-    total, weight = 0.0, 0.0
+  def evaluate(self, params, batches) -> dict:
+    """eval_loss (mean per target token) over `batches`; with a sentence head also
+    eval_sentence_loss and eval_sentence_accuracy (means over the pairs)."""
+    sums = {}
     with sharding.context(self.mesh, self.rules):
       for b in batches:
-        l, w = self._eval(params, self.put_batch(b))
-        total, weight = total + float(l), weight + float(w)
-    return total / max(weight, 1.0)
+        for k, v in self._eval(params, self.put_batch(b)).items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+    out = {"eval_loss": sums.get("loss", 0.0) / max(sums.get("weight", 0.0), 1.0)}
+    if "sentence_pairs" in sums:
+      pairs = max(sums["sentence_pairs"], 1.0)
+      out.update(eval_sentence_loss=sums["sentence_nll"] / pairs,
+                 eval_sentence_accuracy=sums["sentence_correct"] / pairs)
+    return out
 
   def lower_train_step(self):
     """The train step lowered for this mesh with abstract inputs (for AOT analysis)."""
