@@ -85,10 +85,10 @@ def test_padding_never_reaches_the_loss():
   other["targets"][batch["weights"] == 0] = 3
   trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
   state = trainer.init_state(0)
-  l1, w1 = trainer._eval(state.params, trainer.put_batch(batch))  # pylint: disable=protected-access
-  l2, w2 = trainer._eval(state.params, trainer.put_batch(other))  # pylint: disable=protected-access
-  assert float(w1) == float(w2) == float(batch["weights"].sum())
-  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  s1 = trainer._eval(state.params, trainer.put_batch(batch))  # pylint: disable=protected-access
+  s2 = trainer._eval(state.params, trainer.put_batch(other))  # pylint: disable=protected-access
+  assert float(s1["weight"]) == float(s2["weight"]) == float(batch["weights"].sum())
+  np.testing.assert_allclose(float(s1["loss"]), float(s2["loss"]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "rsqrt", "wsd", "constant"])
