@@ -7,6 +7,7 @@ The AOT runs compile configs/gpt2.py:tiny for small TPU slices on this CPU; they
 import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -180,3 +181,28 @@ def test_missing_libtpu_is_one_line(monkeypatch):
   monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ConfigError, match=r"libtpu is not installed.*pip install -e \.\[tpu\]"):
     aot.topology_devices(aot.parse_topology("v5e-8"), 1)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("order", ["cpu_first", "tpu_first"])
+def test_one_process_traces_cpu_and_tpu_forms(order):
+  """The projections are flat 2-D dots when compiling for CPU and einsums for TPU (ops.dense).
+  The platform comes from the trace's mesh, so one process that lowers the same step for both,
+  in either order, gets each its own form: no trace made for one is reused for the other."""
+  from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+  config = tiny()
+
+  def rank3_dots(devices):
+    text = Trainer(config, sharding.make_mesh(config, devices)).lower_train_step().as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots
+    return sum(bool(re.search(r"\(tensor<\d+x\d+x\d+xf32>, tensor<\d+x\d+xf32>\)", d))
+               for d in dots)
+
+  cpu = lambda: rank3_dots(jax.devices("cpu")[:1])
+  tpu = lambda: rank3_dots(aot.topology_devices(aot.parse_topology("v5e-8"), 1))
+  if order == "cpu_first":
+    got_cpu, got_tpu = cpu(), tpu()
+  else:
+    got_tpu, got_cpu = tpu(), cpu()
+  assert got_cpu == 0 and got_tpu > 0, (got_cpu, got_tpu)
