@@ -2,7 +2,7 @@
 
   python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10 [--compare=hf]
       [--compile_only] [--rounds=3] [--baseline=KEY=VALUE;...] [--reference_ops=OP,...] [--config.KEY=VALUE ...]
-      [--matmul_floor]
+      [--matmul_floor] [--grid="KEY=V1,V2;KEY2=V3,V4" [--grid_timeout=SECONDS]]
 
 Batches are random tokens of the config's shape (the input pipeline is not timed here;
 --checkpoint also times async Orbax saves of the train state: save_block_s (how long the loop
@@ -26,6 +26,16 @@ and prints them, largest total first; the JSON gains matmul_floor_s (their sum: 
 nothing but the matmuls ran, at the speed the matmul kernels reach alone), matmul_gflops (per
 step) and other_s (step_time_s - matmul_floor_s). One device only (no mesh.cpu_devices).
 
+--grid runs this same command once per combination of the listed config values (KEY=V1,V2,...
+per axis, axes separated by `;`; values hold no `,` or `;`), each in a fresh process (its own
+peak memory and compile; one that fails or runs out of memory is recorded and the grid goes on;
+each gets --grid_timeout seconds, default 900). Every point's config is loaded and validated
+before the first runs. It prints one line per point as it finishes, then a table fastest first,
+and last one JSON object: grid (each point's overrides with its JSON, or its error) and best
+(the fastest point's overrides). Exit code 1 if every point failed. E.g. the GPU sweep of
+benchmarks/RESULTS.md: --grid="train.batch_size=4,8,16;model.remat=none,dots,full;
+model.attention_impl=xla,cudnn".
+
 --compile_only runs no step: it lowers (traces) and compiles the train step from abstract inputs,
 once per round (and the --baseline config's, interleaved), and prints lower_s and compile_s
 (medians over rounds) and temp_bytes (the compiled step's scratch memory per device, from XLA's
@@ -33,6 +43,7 @@ memory_analysis()), plus baseline_lower_s, baseline_compile_s, baseline_temp_byt
 compile_ratio_vs_baseline.
 """
 
+import itertools
 import json
 import resource
 import statistics
@@ -282,7 +293,8 @@ def main(argv):
   spec, overrides, f = cli.parse(argv, {"steps": 10, "rounds": 3, "compare": "",
                                         "baseline": "", "reference_ops": "", "worker": "",
                                         "compile_only": False, "data_only": False,
-                                        "checkpoint": False, "matmul_floor": False})
+                                        "checkpoint": False, "matmul_floor": False,
+                                        "grid": "", "grid_timeout": 900})
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   if f["steps"] < 1 or f["rounds"] < 1:
@@ -292,6 +304,10 @@ def main(argv):
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import ops  # pylint: disable=g-import-not-at-top
   config = config_lib.load(spec, overrides)
+  if f["grid"]:
+    if f["compile_only"] or f["data_only"] or f["worker"]:
+      raise ConfigError("--grid times training steps: drop --compile_only / --data_only")
+    return _grid(argv, _grid_points(spec, overrides, f["grid"]), f["grid_timeout"])
   if f["worker"]:
     return _serve(f["worker"], config)
   reference_ops = [o for o in f["reference_ops"].split(",") if o]
@@ -337,7 +353,8 @@ def main(argv):
          "compile_s": round(ours.compile_s, 2),
          "peak_memory_bytes": _peak_memory(ours.jax), "params": ours.params,
          "flops_per_token": ours.flops_per_token, "peak_source": ours.peak_source,
-         "devices": ours.jax.device_count(), "dtype": config.model.dtype}
+         "devices": ours.jax.device_count(), "dtype": config.model.dtype,
+         "batch_size": config.train.batch_size, "seq_len": config.data.seq_len}
   if f["checkpoint"]:
     out.update(_time_async_save(ours, f["rounds"], step))
   if f["matmul_floor"]:
@@ -351,6 +368,64 @@ def main(argv):
                baseline_step_time_s=round(ref_step, 5),
                speedup_vs_baseline=round(ref_step / step, 3))
   print(json.dumps(out))
+
+
+def _grid_points(spec, overrides, grid):
+  """Every combination of --grid's values as override lists, each loaded and validated here,
+  so that a bad key or value is one line before anything runs."""
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  axes = []
+  for item in (x.strip() for x in grid.split(";")):
+    key, sep, values = item.partition("=")
+    values = [v.strip() for v in values.split(",") if v.strip()]
+    if not (sep and key.strip() and values):
+      raise ConfigError(f"--grid: {item!r} is not KEY=V1,V2,... (axes separated by ';')")
+    axes.append([f"{key.strip()}={v}" for v in values])
+  points = [list(p) for p in itertools.product(*axes)]
+  for point in points:
+    try:
+      config_lib.validate(config_lib.load(spec, overrides + point))
+    except ConfigError as e:
+      raise ConfigError(f"--grid point {' '.join(point)}: {e}") from None
+  return points
+
+
+def _grid(argv, points, timeout_s):
+  """Runs this command once per point in a child process; see the module doc."""
+  if timeout_s <= 0:
+    raise ConfigError(f"--grid_timeout must be > 0, got {timeout_s}")
+  grid_flags = ("--grid=", "--grid_timeout=", "--grid-timeout=")
+  base = [sys.executable, "-m", "transformer_jax.benchmark"] + [
+      a for a in argv if not a.startswith(grid_flags)]
+  results = []
+  for i, point in enumerate(points):
+    name = " ".join(point)
+    try:
+      proc = subprocess.run(base + [f"--config.{o}" for o in point], capture_output=True,
+                            text=True, timeout=timeout_s)
+      lines = proc.stdout.strip().splitlines()
+      if proc.returncode == 0 and lines:
+        result = {"overrides": point, **json.loads(lines[-1])}
+      else:
+        err = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+        err = err[-1].removeprefix("error: ") if err else f"exit code {proc.returncode}"
+        result = {"overrides": point, "error": err[:300]}
+    except subprocess.TimeoutExpired:
+      result = {"overrides": point, "error": f"timed out after {timeout_s} s"}
+    results.append(result)
+    print(f"[{i + 1}/{len(points)}] {name}: " + (
+        f"failed: {result['error']}" if "error" in result else
+        f"{result['tokens_per_s']:,.0f} tokens/s, step {result['step_time_s']:.4f} s, "
+        f"MFU {result['mfu']:.3f}, peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB"),
+          flush=True)
+  done = sorted((r for r in results if "error" not in r), key=lambda r: -r["tokens_per_s"])
+  print(f"{'tokens/s':>12} {'step s':>8} {'MFU':>6}  overrides")
+  for r in done:
+    print(f"{r['tokens_per_s']:12,.0f} {r['step_time_s']:8.4f} {r['mfu']:6.3f}  "
+          f"{' '.join(r['overrides'])}")
+  print(json.dumps({"grid": results, "best": done[0]["overrides"] if done else None}))
+  if not done:
+    sys.exit(1)
 
 
 def _matmul_floor(runner, step_s):

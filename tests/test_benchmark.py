@@ -1,0 +1,66 @@
+"""The benchmark command's modes (transformer_jax/benchmark.py) on configs/gpt2.py:tiny: what each
+reports, and one-line errors. Timings are only checked for being positive and consistent; speed
+claims live in benchmarks/RESULTS.md."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = "--config=configs/gpt2.py:tiny"
+
+
+def bench(*args, timeout=300):
+  out = subprocess.run([sys.executable, "-m", "transformer_jax.benchmark", TINY, *args],
+                       capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "XLA_FLAGS": ""})
+  report = None
+  if out.stdout.strip():
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+  return out, report
+
+
+def test_grid_runs_every_point_and_records_failures():
+  out, r = bench("--steps=1", "--rounds=1",
+                 "--grid=model.attention_impl=xla,splash;train.batch_size=4")
+  assert out.returncode == 0, out.stderr[-3000:]
+  xla, splash = r["grid"]
+  assert xla["overrides"] == ["model.attention_impl=xla", "train.batch_size=4"]
+  assert xla["batch_size"] == 4 and xla["seq_len"] == 64  # the override reached the child
+  assert xla["tokens_per_s"] == pytest.approx(4 * 64 / xla["step_time_s"], rel=1e-3)
+  assert splash["error"].startswith("model.attention_impl=splash needs a TPU")
+  assert r["best"] == xla["overrides"]
+  assert "[2/2] model.attention_impl=splash train.batch_size=4: failed:" in out.stdout
+
+
+def test_grid_errors_before_running_and_times_out():
+  out, _ = bench("--grid=model.nope=1,2")
+  assert out.returncode == 2 and not out.stdout
+  assert out.stderr.strip() == "error: --grid point model.nope=1: unknown config key: model.nope"
+  out, _ = bench("--grid=train.batch_size")
+  assert out.returncode == 2 and "is not KEY=V1,V2" in out.stderr
+  out, r = bench("--grid=train.batch_size=4", "--grid_timeout=1")
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert r == {"grid": [{"overrides": ["train.batch_size=4"], "error": "timed out after 1 s"}],
+               "best": None}
+
+
+def test_baseline_reference_ops_and_async_checkpoint():
+  out, r = bench("--steps=1", "--rounds=2", "--baseline=model.attention_chunks=1",
+                 "--reference_ops=all", "--checkpoint")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert r["baseline"] == ["model.attention_chunks=1"] and "gelu" in r["reference_ops"]
+  assert r["speedup_vs_baseline"] == pytest.approx(
+      r["baseline_step_time_s"] / r["step_time_s"], rel=1e-2)
+  assert 0 < r["save_block_s"] <= r["save_total_s"]
+  assert 0 < r["mfu"] < 1 and r["params"] > 0 and r["peak_memory_bytes"] > 0
+
+
+def test_compile_only_reports_compile_times():
+  out, r = bench("--compile_only", "--rounds=1", "--baseline=model.num_layers=1")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert r["lower_s"] > 0 and r["compile_s"] > 0 and r["temp_bytes"] > 0
+  assert r["num_layers"] == 2 and r["baseline"] == ["model.num_layers=1"]
+  assert r["compile_ratio_vs_baseline"] > 0
