@@ -90,7 +90,10 @@ def get_config(arg=None):
   # (clm only: the shuffled documents concatenated and cut into full rows of seq_len, a document
   # continuing as a new segment in the next row; no padding, the fastest; data/packing.py)
   d.packing = "first_fit"
-  d.num_workers = 0  # grain worker processes (0 = in the training process)
+  # grain worker processes (0 = in the training process). With 2 or more, each worker packs its
+  # own documents, so the batches depend on the count; a run resumes only with the count its
+  # checkpoint was saved with.
+  d.num_workers = 0
   # Logical data shards: shard k reads every S-th document and fills rows k*B/S..(k+1)*B/S of
   # every batch. 0 = one per process. A fixed S (a multiple of every process count you will use)
   # makes the data order independent of the process count, so a run can resume on more or fewer

@@ -355,6 +355,34 @@ def test_worker_processes_give_the_same_batches(config):
     with_worker.close()
 
 
+def test_resume_with_another_worker_count_is_refused(config, tmp_path):
+  """grain accepts a position saved by another number of workers and fails steps later (or
+  reads from the wrong place): the restore names data.num_workers instead."""
+  two = pipeline.make_train_iterator(_with(config, **{"data.num_workers": 2}))
+  try:
+    _take(two, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+      manager.save(2, args=ocp.args.Composite(data=checkpoint.data_save_args(two)))
+      manager.wait_until_finished()
+      expected = _take(two, 2)
+      for workers in (0, 3):
+        other = pipeline.make_train_iterator(_with(config, **{"data.num_workers": workers}))
+        try:
+          with pytest.raises(ConfigError, match=f"saved with data.num_workers=2, this run uses "
+                                                f"{workers}: set --config.data.num_workers=2"):
+            manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(other)))
+        finally:
+          other.close()
+      same = pipeline.make_train_iterator(_with(config, **{"data.num_workers": 2}))
+      try:
+        manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(same)))
+        _assert_same(expected, _take(same, 2))
+      finally:
+        same.close()
+  finally:
+    two.close()
+
+
 def test_eval_batches(config):
   batches = pipeline.eval_batches(config, 3)
   assert 1 <= len(batches) <= 3

@@ -336,6 +336,14 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()  # Keep every flag at its default.
 
 
+def _saved_workers(state) -> int:
+  """How many grain worker processes a shard's saved position was written with: mp_prefetch's
+  state cycles over one iterator per worker (`iterators_in_use_states`); the in-process
+  pipeline's state has no such list."""
+  in_use = state.get("iterators_in_use_states") if isinstance(state, dict) else None
+  return len(in_use) if isinstance(in_use, list) else 0
+
+
 class ShardedBatches:
   """This process's rows of every global batch: the batches of the logical data shards it reads,
   concatenated in shard order. Shard k always yields the same rows (rows k * B/S .. (k+1) * B/S
@@ -347,6 +355,7 @@ class ShardedBatches:
 
   def __init__(self, config, num_shards: int, shards):
     self.num_shards, self.shards = num_shards, list(shards)
+    self.num_workers = config.data.num_workers
     self._iterators = [self._shard_iterator(config, k) for k in self.shards]
 
   def _shard_iterator(self, config, shard):
@@ -378,6 +387,11 @@ class ShardedBatches:
       raise ConfigError(f"the saved data position has no state for data shard(s) {missing} "
                         f"(of {self.num_shards})")
     for k, it in zip(self.shards, self._iterators):
+      saved = _saved_workers(state[str(k)])
+      if saved != self.num_workers:  # grain would take the state and fail steps later
+        raise ConfigError(f"the checkpoint's data position was saved with data.num_workers="
+                          f"{saved}, this run uses {self.num_workers}: set "
+                          f"--config.data.num_workers={saved} to resume exactly")
       try:
         it.set_state(state[str(k)])
       except (KeyError, TypeError) as e:  # Another pipeline's state (e.g. data.packing changed).
