@@ -48,7 +48,7 @@ def test_grid_errors_before_running_and_times_out():
 
 
 def test_baseline_reference_ops_and_async_checkpoint():
-  out, r = bench("--steps=1", "--rounds=2", "--baseline=model.attention_chunks=1",
+  out, r = bench("--steps=1", "--rounds=1", "--baseline=model.attention_chunks=1",
                  "--reference_ops=all", "--checkpoint")
   assert out.returncode == 0, out.stderr[-3000:]
   assert r["baseline"] == ["model.attention_chunks=1"] and "gelu" in r["reference_ops"]
