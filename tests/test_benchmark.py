@@ -9,13 +9,15 @@ import sys
 
 import pytest
 
+from tests.conftest import TEST_XLA_FLAGS
+
 TINY = "--config=configs/gpt2.py:tiny"
 
 
 def bench(*args, timeout=300):
   out = subprocess.run([sys.executable, "-m", "transformer_jax.benchmark", TINY, *args],
                        capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "XLA_FLAGS": ""})
+                       env={**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS})
   report = None
   if out.stdout.strip():
     report = json.loads(out.stdout.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ from transformer_jax.training import loop
 from transformer_jax.training.checkpoint import Checkpoints
 from transformer_jax.training.step import Trainer
 from transformer_jax.parallel import sharding
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
 
@@ -138,7 +138,7 @@ def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_pa
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
          f"--workdir={workdir}"] + flags
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
@@ -198,7 +198,7 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_losses(tiny_data, 
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
          f"--workdir={workdir}"] + [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **extra)]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
   rng = np.random.default_rng(0)
   for _ in range(2):
     seen = len(_lines(workdir)) if os.path.exists(f"{workdir}/metrics.jsonl") else 0
@@ -241,7 +241,7 @@ def test_full_or_read_only_workdir_gives_a_clear_error_and_keeps_checkpoints(tin
            f"--config={REPO}/configs/gpt2.py:tiny", f"--workdir={workdir}"] + [
                f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{
                    "train.steps": 30, "eval.every_steps": 0, "checkpoint.async_save": True})]
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
     full = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert full.returncode == 4, full.stderr[-3000:]
     (last,) = [line for line in full.stderr.splitlines() if line.startswith("error:")]

@@ -11,7 +11,7 @@ import pytest
 
 from transformer_jax import config as config_lib
 from transformer_jax.training import loop
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
 
 
 def _config(tiny_data, **extra):
@@ -51,11 +51,19 @@ def test_trains_logs_evaluates_and_checkpoints(full_run):
 
 
 def test_resume_gives_the_same_losses(full_run, tiny_data, tmp_path):
-  """Stop after 10 steps, re-run in the same workdir: every logged loss equals the full run's."""
+  """Stop after 10 steps, re-run in the same workdir: every logged loss equals the full run's
+  (and a run refused at restore in between leaves config.json as it was)."""
   workdir = str(tmp_path)
   config = _config(tiny_data)
   first = loop.train(config, workdir, quiet=True, stop_after=10, devices=jax.devices()[:1])
   assert first["step"] == 10
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = f.read()
+  with pytest.raises(config_lib.ConfigError, match="data.num_workers=0, this run uses 2"):
+    loop.train(_config(tiny_data, **{"data.num_workers": 2}), workdir, quiet=True,
+               devices=jax.devices()[:1])
+  with open(os.path.join(workdir, "config.json")) as f:  # the refused run's values not written
+    assert f.read() == saved
   loop.train(_config(tiny_data), workdir, quiet=True, devices=jax.devices()[:1])
   got = {r["step"]: r["loss"] for r in _lines(workdir) if "loss" in r}
   want = {r["step"]: r["loss"] for r in _lines(full_run[0]) if "loss" in r}
@@ -68,7 +76,7 @@ def test_sample_cli_uses_the_checkpoint(full_run):
   workdir, _ = full_run
   cmd = [sys.executable, "-m", "transformer_jax.sample", f"--workdir={workdir}",
          "--prompt=def value(", "--max_new_tokens=12", "--temperature=0", "--seed=3"]
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)
   a = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
   assert a.returncode == 0, a.stderr[-2000:]
   assert a.stdout.startswith("[step 20] def value(")

@@ -79,7 +79,8 @@ def test_cpu_devices_split_the_host():
 
 def test_benchmark_matmul_floor_counts_the_steps_matmuls():
   """The floor's FLOPs lie between the parameter matmuls' 6N per token and the model's FLOPs
-  per token (attention's blocks skip masked key blocks, so fewer)."""
+  per token (attention's blocks skip masked key blocks, so fewer). Compiled as users run it, with
+  XLA's default code generation (not the suite's TEST_XLA_FLAGS)."""
   cmd = [sys.executable, "-m", "transformer_jax.benchmark", "--config=configs/gpt2.py:tiny",
          "--steps=1", "--rounds=1", "--matmul_floor"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
 
 STEPS = 30
 
@@ -27,7 +27,7 @@ def _local(workdir, processes, devices, flags):
   return subprocess.Popen(
       ["bash", "launch/local.sh", "configs/gpt2.py:tiny", "--workdir", workdir, "--processes",
        str(processes), "--devices-per-process", str(devices)] + flags,
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS="", TJAX_HEARTBEAT_TIMEOUT_S="10"),
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, TJAX_HEARTBEAT_TIMEOUT_S="10"),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -84,7 +84,7 @@ def test_a_dead_process_stops_the_others_within_bounded_time(tiny_data, tmp_path
   """kill -9 of process 1: process 0 is told by JAX's coordination service and exits non-zero
   (heartbeat timeout 10 s here) instead of hanging in a collective."""
   run = str(tmp_path / "run")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
              JAX_PLATFORMS="cpu", TJAX_HEARTBEAT_TIMEOUT_S="10", TJAX_NUM_PROCESSES="2",
              TJAX_COORDINATOR=f"127.0.0.1:{_free_port()}")
   cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",

@@ -14,7 +14,7 @@ from transformer_jax.parallel import sharding
 from transformer_jax.sweep import plan as plan_lib
 from transformer_jax.training import metrics
 from transformer_jax.training.step import Trainer
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_XLA_FLAGS
 
 SWEEP = f"{REPO}/configs/sweeps/cpu_small.py"
 
@@ -96,7 +96,7 @@ def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_pat
   loop.train(config, os.path.join(out, first.name), quiet=True, devices=jax.devices()[:1],
              stop_after=2)  # interrupted after 2 of its steps
   cmd = [sys.executable, "-m", "transformer_jax.sweep", "run", f"--dir={out}"]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
   a = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
   assert a.returncode == 0, a.stdout[-2000:] + a.stderr[-2000:]
   assert "2 runs to go" in a.stdout and f"start {first.name} (interrupted)" in a.stdout

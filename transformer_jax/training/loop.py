@@ -143,9 +143,6 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
       _, params = old.restore_params(trainer.abstract_state.params)
     old.close()
     say(f"checkpoints of the previous config set aside in {ckpt_lib.set_aside(workdir)}")
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(c))
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   all_rows = distributed.batch_rows(trainer.batch_sharding, c.train.batch_size, c.data.seq_len)
   rows = all_rows[jax.process_index()]
@@ -153,6 +150,9 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   data = new_data()
   data_writes = None if distributed.data_writers(all_rows, jax.process_index()) else ()
   start, state = ckpts.restore(trainer.abstract_state, data, report=say)
+  if lead:  # only once the restore has accepted this config: a refused run leaves it as it was
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(c))
   if state is None:
     start, state = 0, trainer.init_state(c.seed)
     if params is not None:
