@@ -1,12 +1,14 @@
 """Multi-slice meshes and the ahead-of-time TPU check (transformer_jax.aot).
 
-The AOT runs compile configs/gpt2.py:tiny for small TPU slices on this CPU; they need libtpu
-(`pip install -e .[tpu]`, also in the `test` extra on Linux x86-64) and are skipped without it.
+The AOT runs compile configs/gpt2.py:tiny for small TPU slices and GPU hosts on this CPU. They
+need libtpu (`pip install -e .[tpu]`, also in the `test` extra on Linux x86-64) and JAX's CUDA
+plugin (launch/test.sh installs it in .venv/cuda_aot, $TJAX_CUDA_AOT), and are skipped without.
 """
 
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,9 +24,13 @@ from transformer_jax.parallel import sharding
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e .[tpu])")
+CUDA_AOT = os.environ.get("TJAX_CUDA_AOT", os.path.join(REPO, ".venv", "cuda_aot"))
+needs_cuda_plugin = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(CUDA_AOT, "jax_plugins", "xla_cuda12")),
+    reason="JAX's CUDA plugin not in $TJAX_CUDA_AOT (launch/test.sh installs it)")
 
 
-@pytest.mark.parametrize("name, generation, chips, libtpu_name", [
+@pytest.mark.parametrize("name, generation, chips, compiler_topology", [
     ("v5p-8", "v5p", 4, "v5p:2x2x1"),
     ("v5p-16", "v5p", 8, "v5p:2x2x2"),
     ("v5p-256", "v5p", 128, "v5p:4x4x8"),
@@ -37,16 +43,23 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
     ("v5e-256", "v5e", 256, "v5e:16x16"),
     ("v6e-32", "v6e", 32, "v6e:4x8"),
     ("v5p:4x4x12", "v5p", 192, "v5p:4x4x12"),
+    ("h100-1", "h100", 1, "1x1x1"),
+    ("H100-8", "h100", 8, "1x1x8"),
+    ("h100-64", "h100", 64, "1x8x8"),
+    ("h200-4", "h200", 4, "1x1x4"),
+    ("h100:2x4", "h100", 8, "1x2x4"),
 ])
-def test_parse_topology(name, generation, chips, libtpu_name):
+def test_parse_topology(name, generation, chips, compiler_topology):
   topo = aot.parse_topology(name)
-  assert (topo.generation, topo.chips, topo.libtpu_name) == (generation, chips, libtpu_name)
+  assert (topo.generation, topo.chips, topo.compiler_topology) == (generation, chips,
+                                                                   compiler_topology)
   if ":" not in name:  # the canonical name parses back
     assert aot.parse_topology(topo.name) == topo
 
 
 @pytest.mark.parametrize("name", ["v5p-6", "v5p-4", "v5p-12", "v5e-2", "v5e-512", "v7-8",
-                                  "tpu", "v5p", "v5e:2x2x2", "v5p:2x2", "v4-0"])
+                                  "tpu", "v5p", "v5e:2x2x2", "v5p:2x2", "v4-0", "h100-0", "h100-3",
+                                  "h100-12", "h100:1x16", "h100:2x2x2", "a100-8"])
 def test_bad_topology_names(name):
   with pytest.raises(ConfigError, match="valid: v4-8"):
     aot.parse_topology(name)
@@ -120,7 +133,7 @@ def run_aot(*args):
 def test_bad_topology_is_one_line_before_compiling():
   out = run_aot("--topology=v5p-6")
   assert out.returncode == 2
-  assert out.stderr.startswith("error: --topology='v5p-6' is not a TPU slice")
+  assert out.stderr.startswith("error: --topology='v5p-6' is not a TPU slice or GPU host")
   assert len(out.stderr.strip().splitlines()) == 1 and not out.stdout
 
 
@@ -206,3 +219,62 @@ def test_one_process_traces_cpu_and_tpu_forms(order):
   else:
     got_tpu, got_cpu = tpu(), cpu()
   assert got_cpu == 0 and got_tpu > 0, (got_cpu, got_tpu)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--topology=h100-8", "--slices=2"], {}, "--slices is for TPU slices; several GPU hosts are "
+                                                "one topology: --topology=h100-16"),
+    (["--topology=h100-8"], {"XLA_PYTHON_CLIENT_MEM_FRACTION": "1.5"},
+     "XLA_PYTHON_CLIENT_MEM_FRACTION='1.5': expected a number in (0, 1]"),
+])
+def test_gpu_flag_errors_are_one_line(args, env, message):
+  out = subprocess.run([sys.executable, "-m", "transformer_jax.aot",
+                        f"--config={REPO}/configs/gpt2.py:tiny", *args], capture_output=True,
+                       text=True, cwd=REPO, timeout=300, env={**os.environ, **env})
+  assert out.returncode == 2 and out.stderr == f"error: {message}\n" and not out.stdout
+
+
+@needs_cuda_plugin
+def test_aot_for_an_h100_host_checks_the_fit_against_the_allocators_share():
+  """8 H100s, no GPU here: the step compiles data-parallel over them; the fit is checked against
+  XLA_PYTHON_CLIENT_MEM_FRACTION of the memory; a GPU compile has no cost analysis. The CUDA
+  plugin's complaint that this machine has no driver stays out of stderr."""
+  env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
+         "PYTHONPATH": os.pathsep.join(filter(None, [CUDA_AOT, os.environ.get("PYTHONPATH")]))}
+  cmd = [sys.executable, "-m", "transformer_jax.aot", f"--config={REPO}/configs/gpt2.py:tiny",
+         "--config.model.num_layers=1", "--topology=h100-8"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["chips"] == 8 and report["compiler_topology"] == "1x1x8"
+  assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert report["hbm_capacity_bytes"] == int(0.5 * 81559 * 2 ** 20)
+  assert 0 < report["hbm_per_chip_bytes"] < report["hbm_capacity_bytes"] and report["fits"]
+  assert report["mfu_estimate"] is None and report["cost_source"].startswith("none")
+  big = subprocess.run(cmd + ["--config.train.batch_size=1048576"], capture_output=True,
+                       text=True, cwd=REPO, timeout=300, env=env)
+  assert big.returncode == 1, big.stderr[-2000:]
+  assert json.loads(big.stdout.strip().splitlines()[-1])["fits"] is False
+  assert re.fullmatch(r"error: needs [\d.]+ GiB per chip, h100 has 39\.8 GiB "
+                      r"\(XLA_PYTHON_CLIENT_MEM_FRACTION=0\.5 of its memory\): [\d.]+ GiB over; "
+                      r"try .*\n", big.stderr), big.stderr
+
+
+def test_missing_cuda_plugin_or_cudnn_is_one_line(monkeypatch):
+  """Without JAX's CUDA plugin, or when cuDNN attention cannot be traced for want of cuDNN (the
+  lowering stubbed to raise what jax raises then), the check says what to install in one line."""
+  from transformer_jax.training import step  # pylint: disable=g-import-not-at-top
+  config = tiny("model.num_layers=1", "mesh.data=1", "model.dtype=bfloat16",
+                "model.attention_impl=cudnn")
+  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ConfigError, match=r"^JAX's CUDA plugin is not installed; GPU AOT checks "
+                                        r"need it: pip install -e \.\[gpu\]"):
+    aot.check(config, aot.parse_topology("h100-1"), 1)
+  monkeypatch.setattr(aot, "topology_devices", lambda topo, slices: jax.devices("cpu")[:1])
+
+  def no_cudnn(self):
+    raise RuntimeError("cuDNN not found.")
+  monkeypatch.setattr(step.Trainer, "lower_train_step", no_cudnn)
+  with pytest.raises(ConfigError, match=r"^model.attention_impl=cudnn needs cuDNN to compile for "
+                                        r"h100 \(cuDNN not found.\): pip install -e \.\[gpu\]$"):
+    aot.check(config, aot.parse_topology("h100-1"), 1)

@@ -1,22 +1,27 @@
-"""Ahead-of-time check of a TPU pod config from any machine (no TPU needed):
-`python -m transformer_jax.aot --config=configs/NAME.py[:ARG] --topology=v5p-256 [--slices=N]
-[--config.KEY=VALUE ...]`.
+"""Ahead-of-time check of a TPU pod or GPU host config from any machine (no TPU or GPU needed):
+`python -m transformer_jax.aot --config=configs/NAME.py[:ARG] --topology=v5p-256|h100-8
+[--slices=N] [--config.KEY=VALUE ...]`.
 
-libtpu (`pip install -e .[tpu]`) describes the slice's chips; the real train step is compiled for
-them with the config's mesh and shardings, then the compiled program tells whether it fits in HBM
-and what one step costs. Prints a summary, then as its last line one JSON object. Exit status 0
-when it fits, 1 when it does not (one line says by how much, after the JSON), 2 for a bad config,
-flag or topology name (before anything is compiled).
+libtpu (`pip install -e .[tpu]`) describes a TPU slice's chips; JAX's CUDA plugin describes GPUs
+from a target description of the chip (`jax[cuda12-local]` suffices; cuDNN attention also needs
+cuDNN: `pip install -e .[gpu]`). The real train step is compiled for them with the config's mesh
+and shardings, then the compiled program tells whether it fits in HBM and what one step costs.
+Prints a summary, then as its last line one JSON object. Exit status 0 when it fits, 1 when it
+does not (one line says by how much, after the JSON), 2 for a bad config, flag or topology name
+(before anything is compiled).
 
 The step-time estimate is a per-chip roofline, max(FLOPs / peak FLOP/s, HBM bytes / HBM
 bandwidth), of the compiled program; it leaves out collectives over ICI/DCN and kernel
 inefficiency, so it is a lower bound and the MFU it implies an upper bound. A scanned model's
 FLOPs take two more (small) compiles; `--estimate=false` skips them and checks the fit only.
+A GPU compile without a device has no cost analysis: for GPUs the check is the fit alone, against
+XLA_PYTHON_CLIENT_MEM_FRACTION (0.9 unless set, as launch/gpu_slurm.sh sets it) of the memory.
 """
 
 import contextlib
 import copy
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -58,6 +63,29 @@ ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
 
 @dataclasses.dataclass(frozen=True)
+class Gpu:
+  """One NVIDIA GPU, as XLA's GPU compiler needs it described when no device is present (a
+  GpuTargetConfig). Memory: the total CUDA reports (nvidia-smi's MiB); SMs, clock, L2, bandwidth
+  and dense bf16 peak: NVIDIA's SXM data sheets."""
+  description: str
+  memory_bytes: int
+  hbm_gbps: float
+  peak_tflops: float
+  sms: int
+  clock_ghz: float
+  l2_bytes: int
+  compute_capability: tuple[int, int]
+
+
+GPUS = {
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 81559 * 2 ** 20, 3350.0, 989.0, 132, 1.98, 50 * 2 ** 20,
+                (9, 0)),
+    "h200": Gpu("NVIDIA H200", 143771 * 2 ** 20, 4800.0, 989.0, 132, 1.98, 50 * 2 ** 20, (9, 0)),
+}
+GPUS_PER_HOST = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class Topology:
   name: str  # Cloud TPU name, e.g. v5p-256
   generation: str
@@ -65,17 +93,45 @@ class Topology:
   shape: str  # e.g. 4x4x8
 
   @property
-  def chip(self) -> Chip:
-    return CHIPS[self.generation]
+  def platform(self) -> str:
+    return "cuda" if self.generation in GPUS else "tpu"
 
   @property
-  def libtpu_name(self) -> str:
+  def chip(self) -> Chip | Gpu:
+    return GPUS[self.generation] if self.platform == "cuda" else CHIPS[self.generation]
+
+  @property
+  def compiler_topology(self) -> str:
+    """The topology as the compiler's plugin names it: libtpu's GEN:AxBxC, or the CUDA plugin's
+    partitions x hosts x GPUs per host."""
+    if self.platform == "cuda":
+      return f"1x{self.shape}"
     return f"{self.chip.topology_prefix}:{self.shape}"
+
+  @property
+  def capacity_bytes(self) -> float:
+    """What one program may use per chip: libtpu's available HBM, or the share of a GPU's memory
+    that JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION)."""
+    if self.platform == "tpu":
+      return self.chip.hbm_usable_gib * GiB
+    return gpu_mem_fraction() * self.chip.memory_bytes
+
+
+def gpu_mem_fraction() -> float:
+  value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  try:
+    fraction = float(value)
+  except ValueError:
+    fraction = -1.0
+  if not 0 < fraction <= 1:
+    raise ConfigError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: expected a number in (0, 1]")
+  return fraction
 
 
 def valid_topologies() -> str:
   return ("v4-8 .. v4-8192, v5p-8 .. v5p-8192 (TensorCores, 2 per chip), v5e-1, v5e-4 .. "
-          "v5e-256, v6e-1, v6e-4 .. v6e-256 (chips), powers of two; or GEN:AxBxC / GEN:AxB")
+          "v5e-256, v6e-1, v6e-4 .. v6e-256 (chips), powers of two; or GEN:AxBxC / GEN:AxB; "
+          "h100-N / h200-N GPUs (1, 2, 4, 8, then hosts of 8), or h100:HOSTSxGPUS")
 
 
 def torus_shape(chips: int, dims: int) -> str:
@@ -94,14 +150,28 @@ def torus_shape(chips: int, dims: int) -> str:
 
 
 def parse_topology(name: str) -> Topology:
-  """`v5p-8` (Cloud TPU accelerator type) or `v5p:2x2x1` (generation:torus shape)."""
-  error = ConfigError(f"--topology={name!r} is not a TPU slice this tool knows; valid: "
-                      f"{valid_topologies()}")
+  """`v5p-8` (Cloud TPU accelerator type) or `v5p:2x2x1` (generation:torus shape); `h100-16`
+  (GPUs: two hosts of 8) or `h100:2x8` (hosts x GPUs per host)."""
+  error = ConfigError(f"--topology={name!r} is not a TPU slice or GPU host this tool knows; "
+                      f"valid: {valid_topologies()}")
   name = name.strip().lower()
   m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+){1,2}))", name)
   if not m:
     raise error
   gen = ALIASES.get(m.group(1), m.group(1))
+  if gen in GPUS:
+    if m.group(3):
+      sizes = [int(v) for v in m.group(3).split("x")]
+      if len(sizes) != 2 or min(sizes) < 1 or sizes[1] > GPUS_PER_HOST:
+        raise error
+      hosts, per_host = sizes
+    else:
+      count = int(m.group(2))
+      per_host = min(count, GPUS_PER_HOST)
+      hosts, odd = divmod(count, per_host) if count else (0, 1)
+      if odd or per_host & (per_host - 1) or hosts > 512:
+        raise error
+    return Topology(f"{gen}-{hosts * per_host}", gen, hosts * per_host, f"{hosts}x{per_host}")
   if gen not in CHIPS:
     raise error
   chip = CHIPS[gen]
@@ -139,7 +209,41 @@ def quiet_fd2():
       os.close(saved)
 
 
+def gpu_target_config(gpu: Gpu) -> str:
+  """The GpuTargetConfig text XLA compiles against when no GPU is present. The cuDNN and CUDA
+  runtime versions are those of the installed NVIDIA wheels (the `gpu` extra), else 9.8 / 12.8."""
+  def version(package, default):
+    try:
+      return tuple(int(v) for v in importlib.metadata.version(package).split(".")[:2])
+    except importlib.metadata.PackageNotFoundError:
+      return default
+  dnn, runtime = version("nvidia-cudnn-cu12", (9, 8)), version("nvidia-cuda-runtime-cu12", (12, 8))
+  major, minor = gpu.compute_capability
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: {gpu.sms} fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {int(gpu.hbm_gbps * 1e9)} l2_cache_size: {gpu.l2_bytes}
+  clock_rate_ghz: {gpu.clock_ghz} device_memory_size: {gpu.memory_bytes}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: {dnn[0]} minor: {dnn[1]} }}
+runtime_version {{ major: {runtime[0]} minor: {runtime[1]} }}
+device_description_str: "{gpu.description}"
+"""
+
+
 def topology_devices(topo: Topology, slices: int):
+  if topo.platform == "cuda":
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+      raise ConfigError("JAX's CUDA plugin is not installed; GPU AOT checks need it: "
+                        "pip install -e .[gpu] (or jax[cuda12-local])")
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    with quiet_fd2():  # the plugin logs that this machine has no CUDA driver
+      return topologies.get_topology_desc(platform="cuda", topology=topo.compiler_topology,
+                                          target_config=gpu_target_config(topo.chip)).devices
   if importlib.util.find_spec("libtpu") is None:
     raise ConfigError("libtpu is not installed; AOT checks need it: pip install -e .[tpu]")
   # libtpu reads these when it loads: skip the metadata server, tolerate other processes that
@@ -148,7 +252,7 @@ def topology_devices(topo: Topology, slices: int):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   with quiet_fd2():
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.libtpu_name,
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.compiler_topology,
                                         chip_config_name=topo.chip.chip_config,
                                         num_slices=slices)
   return desc.devices
@@ -234,9 +338,9 @@ def check(config, topo: Topology, slices: int, estimate: bool = True) -> dict:
   n_matmul = metrics.matmul_params(trainer.abstract_state.params, c.model.tie_embeddings)
   tokens = c.train.batch_size * c.data.seq_len
   model_flops = metrics.flops_per_token(model_cfg, n_matmul, c.data.seq_len) * tokens
-  capacity = chip.hbm_usable_gib * GiB
+  capacity = topo.capacity_bytes
   report = {
-      "topology": topo.name, "libtpu_topology": topo.libtpu_name, "slices": slices,
+      "topology": topo.name, "compiler_topology": topo.compiler_topology, "slices": slices,
       "chips": len(devices), "generation": topo.generation,
       "mesh": dict(mesh.shape), "mesh_dcn": config_lib.mesh_dcn_shape(c.mesh),
       "params": sum(int(math.prod(p.shape)) for p in params),
@@ -246,7 +350,13 @@ def check(config, topo: Topology, slices: int, estimate: bool = True) -> dict:
       "model_flops_per_step": model_flops, "hbm_capacity_bytes": int(capacity),
   }
   t0 = time.perf_counter()
-  lowered = trainer.lower_train_step()
+  try:
+    lowered = trainer.lower_train_step()
+  except RuntimeError as e:  # jax checks for the library when it traces cuDNN attention
+    if "cuDNN" not in str(e):
+      raise
+    raise ConfigError(f"model.attention_impl={c.model.attention_impl} needs cuDNN to compile "
+                      f"for {topo.generation} ({e}): pip install -e .[gpu]") from None
   try:
     with quiet_fd2():
       compiled = lowered.compile()
@@ -275,9 +385,11 @@ def check(config, topo: Topology, slices: int, estimate: bool = True) -> dict:
       hbm_breakdown={"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
                      "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
                      "code": mem.generated_code_size_in_bytes})
-  if not estimate and report["scan_layers"]:
+  if topo.platform == "cuda" or (not estimate and report["scan_layers"]):
+    how = ("none (a GPU compile without a device has no cost analysis)"
+           if topo.platform == "cuda" else "skipped (--estimate=false)")
     report.update(flops_per_step=None, flops_per_step_per_chip=None, step_time_estimate_s=None,
-                  mfu_estimate=None, cost_source="skipped (--estimate=false)")
+                  mfu_estimate=None, cost_source=how)
     return report
   # The SPMD program is one chip's: its costs are per chip.
   flops_chip, bytes_chip, report["cost_source"] = step_cost(config, mesh, compiled)
@@ -304,8 +416,9 @@ def summary(r: dict) -> str:
     return f"{b / GiB:.1f} GiB" if b >= GiB // 10 else f"{b / 2 ** 20:.1f} MiB"
   mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
   lines = [
-      f"topology   {r['topology']} ({r['libtpu_topology']}) x {r['slices']} slice(s): "
-      f"{r['chips']} chips; mesh {mesh} (dcn {r['mesh_dcn']})",
+      f"topology   {r['topology']} ({r['compiler_topology']}) x {r['slices']} slice(s): "
+      f"{r['chips']} {'GPUs' if r['generation'] in GPUS else 'chips'}; mesh {mesh} "
+      f"(dcn {r['mesh_dcn']})",
       f"model      {r['params'] / 1e9:.2f}B params, batch {r['batch_size']} x {r['seq_len']}, "
       f"microbatches {r['microbatches']}, remat {r['remat']}, scan_layers {r['scan_layers']}, "
       f"{r['dtype']}",
@@ -318,6 +431,8 @@ def summary(r: dict) -> str:
     lines.append(f"           arguments {gib(b['arguments'])} + outputs {gib(b['outputs'])} - "
                  f"aliased {gib(b['aliased'])} + temporaries {gib(b['temporaries'])} + code "
                  f"{gib(b['code'])}")
+  if r.get("cost_source", "").startswith("none"):
+    lines.append(f"roofline   {r['cost_source']}")
   if r.get("step_time_estimate_s"):
     lines += [
         f"FLOPs      {r['flops_per_step_per_chip']:.3e} per chip per step, "
@@ -339,6 +454,13 @@ def main(argv):
   slices = flags["slices"]
   if slices < 1:
     raise ConfigError(f"--slices must be >= 1, got {slices}")
+  if slices > 1 and topo.platform == "cuda":
+    raise ConfigError(f"--slices is for TPU slices; several GPU hosts are one topology: "
+                      f"--topology={topo.generation}-{GPUS_PER_HOST * slices}")
+  if topo.platform == "cuda":
+    gpu_mem_fraction()  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION stops here, before compiling
+    with quiet_fd2():  # importing jax loads the CUDA plugin, which logs that there is no driver
+      import jax  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   config = config_lib.load(spec, overrides)
@@ -357,8 +479,10 @@ def main(argv):
   sys.stdout.flush()
   if not report["fits"]:
     need, cap = report["hbm_per_chip_bytes"], report["hbm_capacity_bytes"]
-    size = (f"needs {need / GiB:.1f} GiB per chip, {topo.generation} has {cap / GiB:.1f} GiB: "
-            f"{(need - cap) / GiB:.1f} GiB over" if need else
+    share = (f" (XLA_PYTHON_CLIENT_MEM_FRACTION={gpu_mem_fraction()} of its memory)"
+             if topo.platform == "cuda" else "")
+    size = (f"needs {need / GiB:.1f} GiB per chip, {topo.generation} has {cap / GiB:.1f} GiB"
+            f"{share}: {(need - cap) / GiB:.1f} GiB over" if need else
             f"does not fit ({report['compiler_message']})")
     print(f"error: {size}; try --config.model.remat=full, more mesh.fsdp, more "
           f"train.microbatches or a smaller batch", file=sys.stderr)
