@@ -20,8 +20,9 @@ import numpy as np
 PEAK_TFLOPS = (
     ("v6 lite", 918.0), ("v6e", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0),
     ("tpu v5", 459.0),  # v5p chips report device_kind "TPU v5"
-    ("v4", 275.0), ("h200", 989.0), ("h100", 989.0), ("a100", 312.0),
-)
+    ("v4", 275.0), ("h200", 989.0), ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", 989.0),
+    ("a100", 312.0),
+)  # the first key found in device_kind wins: H100 PCIe and NVL before the SXM part
 
 
 def matmul_params(params, tie_embeddings: bool) -> int:
