@@ -110,6 +110,7 @@ def test_auto_picks_the_platform_kernel_where_it_serves_the_layer():
                  {"self_attention": False}):
     assert _choose("auto", "tpu", **kwargs) == "xla", kwargs
   assert _choose("auto", "gpu", dtype=jnp.float32) == "xla"
+  assert _choose("auto", "gpu", t=29, self_attention=False) == "xla"  # e.g. T5's targets
   assert _choose("auto", "gpu", causal=False, bias=True) == "cudnn"
   assert _choose("splash", "tpu", decode=True) == _choose("cudnn", "gpu", decode=True) == "xla"
   assert _choose("dot_product", "cpu", decode=True, bias=True) == "dot_product"
@@ -121,6 +122,7 @@ def test_auto_picks_the_platform_kernel_where_it_serves_the_layer():
     ("splash", "cpu", {}, "needs a TPU (compiling for cpu)"),
     ("cudnn", "cpu", {}, "needs a CUDA GPU (compiling for cpu)"),
     ("cudnn", "gpu", {"dtype": jnp.float32}, "needs model.dtype=bfloat16, got float32"),
+    ("cudnn", "gpu", {"t": 29}, "needs even query and key lengths, got 29 and 29"),
 ])
 def test_explicit_kernel_that_cannot_serve_is_one_config_error(impl, where, kwargs, message):
   with pytest.raises(ConfigError) as e:
