@@ -65,12 +65,11 @@ ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 @dataclasses.dataclass(frozen=True)
 class Gpu:
   """One NVIDIA GPU, as XLA's GPU compiler needs it described when no device is present (a
-  GpuTargetConfig). Memory: the total CUDA reports (nvidia-smi's MiB); SMs, clock, L2, bandwidth
-  and dense bf16 peak: NVIDIA's SXM data sheets."""
+  GpuTargetConfig). Memory: the total CUDA reports (nvidia-smi's MiB); SMs, clock, L2 and
+  bandwidth: NVIDIA's SXM data sheets."""
   description: str
   memory_bytes: int
   hbm_gbps: float
-  peak_tflops: float
   sms: int
   clock_ghz: float
   l2_bytes: int
@@ -78,19 +77,18 @@ class Gpu:
 
 
 GPUS = {
-    "h100": Gpu("NVIDIA H100 80GB HBM3", 81559 * 2 ** 20, 3350.0, 989.0, 132, 1.98, 50 * 2 ** 20,
-                (9, 0)),
-    "h200": Gpu("NVIDIA H200", 143771 * 2 ** 20, 4800.0, 989.0, 132, 1.98, 50 * 2 ** 20, (9, 0)),
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 81559 * 2 ** 20, 3350.0, 132, 1.98, 50 * 2 ** 20, (9, 0)),
+    "h200": Gpu("NVIDIA H200", 143771 * 2 ** 20, 4800.0, 132, 1.98, 50 * 2 ** 20, (9, 0)),
 }
 GPUS_PER_HOST = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-  name: str  # Cloud TPU name, e.g. v5p-256
+  name: str  # Cloud TPU name, e.g. v5p-256, or GPUs: h100-8
   generation: str
   chips: int  # per slice
-  shape: str  # e.g. 4x4x8
+  shape: str  # e.g. 4x4x8; GPUs: hosts x GPUs per host, e.g. 2x8
 
   @property
   def platform(self) -> str:
@@ -168,9 +166,9 @@ def parse_topology(name: str) -> Topology:
     else:
       count = int(m.group(2))
       per_host = min(count, GPUS_PER_HOST)
-      hosts, odd = divmod(count, per_host) if count else (0, 1)
-      if odd or per_host & (per_host - 1) or hosts > 512:
+      if count < 1 or count % per_host or per_host & (per_host - 1) or count > 4096:
         raise error
+      hosts = count // per_host
     return Topology(f"{gen}-{hosts * per_host}", gen, hosts * per_host, f"{hosts}x{per_host}")
   if gen not in CHIPS:
     raise error
