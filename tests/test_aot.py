@@ -150,6 +150,32 @@ def test_aot_fits_on_v5e_8():
   assert 0.9 < report["hardware_flops_ratio"] < 1.2
   assert report["flops_per_step"] == pytest.approx(8 * report["flops_per_step_per_chip"])
   assert report["step_time_estimate_s"] > 0 and 0 < report["mfu_estimate"] < 1
+  # Data parallel over all 8 chips (2x4: one link along x, a ring both ways along y): each chip
+  # sends at least 2 * 7/8 of the fp32 gradients for their all-reduce, at most twice that (the
+  # tied table's lookup and output gradients are reduced apart).
+  grads = 4 * report["params"]
+  assert 2 * 7 / 8 * grads <= report["ici_bytes_per_chip"] <= 2 * 2 * 7 / 8 * grads
+  assert report["communication_time_s"] == pytest.approx(
+      report["ici_bytes_per_chip"] / (3 * aot.CHIPS["v5e"].ici_link_gbps * 1e9))
+  assert report["dcn_bytes_per_chip"] == 0 and report["dcn_time_s"] == 0
+
+
+@needs_libtpu
+def test_aot_prices_what_crosses_slices_over_the_dcn():
+  out = run_aot("--topology=v5p-8", "--slices=2", "--config.mesh.fsdp=4", "--config.mesh.data=1")
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  # Each slice holds the whole model, sharded 4 ways: the gradients are summed across the two
+  # slices, at least this chip's quarter of them (2 * 1/2 of it for two slices).
+  grads = 4 * report["params"]
+  assert report["dcn_bytes_per_chip"] >= grads / 4
+  assert report["dcn_time_s"] == pytest.approx(
+      report["dcn_bytes_per_chip"] / (aot.CHIPS["v5p"].dcn_gbps * 1e9))
+  assert report["ici_bytes_per_chip"] > 0
+  assert report["communication_time_s"] == pytest.approx(report["ici_time_s"] +
+                                                         report["dcn_time_s"])
+  assert "DCN" in out.stdout.splitlines()[-2] and "ICI" in out.stdout.splitlines()[-2]
 
 
 @needs_libtpu

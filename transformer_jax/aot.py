@@ -11,8 +11,10 @@ does not (one line says by how much, after the JSON), 2 for a bad config, flag o
 (before anything is compiled).
 
 The step-time estimate is a per-chip roofline, max(FLOPs / peak FLOP/s, HBM bytes / HBM
-bandwidth), of the compiled program; it leaves out collectives over ICI/DCN and kernel
-inefficiency, so it is a lower bound and the MFU it implies an upper bound. A scanned model's
+bandwidth, collective bytes / link bandwidth), of the compiled program (collectives.py prices the
+program's all-gathers, reduce-scatters and all-reduces over the torus links their groups span, and
+over the DCN across slices); it leaves out latency, contention and kernel inefficiency, so it is a
+lower bound and the MFU it implies an upper bound. A scanned model's
 FLOPs take two more (small) compiles; `--estimate=false` skips them and checks the fit only.
 A GPU compile without a device has no cost analysis: for GPUs the check is the fit alone, against
 XLA_PYTHON_CLIENT_MEM_FRACTION (0.9 unless set, as launch/gpu_slurm.sh sets it) of the memory.
@@ -51,13 +53,18 @@ class Chip:
   hbm_gbps: float  # HBM bandwidth, GB/s
   peak_tflops: float  # dense bf16
   max_chips: int  # the largest single slice this tool names
+  # One ICI link, one way, GB/s: the docs' bidirectional ICI bandwidth per chip / 2 / links per
+  # chip (6 on a 3-D torus, 4 on a 2-D one); and the DCN bandwidth per chip, GB/s (v5p: 50 Gbps;
+  # v5e, v6e: the host's NICs, 2 x 100 and 4 x 200 Gbps, over its 8 chips). 0: not published.
+  ici_link_gbps: float = 0.0
+  dcn_gbps: float = 0.0
 
 
 CHIPS = {
     "v4": Chip("v4", 2, 3, "megacore", 30.75, 1200.0, 275.0, 4096),
-    "v5p": Chip("v5p", 2, 3, "megacore", 95.74, 2765.0, 459.0, 4096),
-    "v5e": Chip("v5e", 1, 2, "default", 15.75, 819.0, 197.0, 256),
-    "v6e": Chip("v6e", 1, 2, "default", 31.25, 1638.0, 918.0, 256),
+    "v5p": Chip("v5p", 2, 3, "megacore", 95.74, 2765.0, 459.0, 4096, 1200 / 12, 50 / 8),
+    "v5e": Chip("v5e", 1, 2, "default", 15.75, 819.0, 197.0, 256, 400 / 8, 200 / 8 / 8),
+    "v6e": Chip("v6e", 1, 2, "default", 31.25, 1638.0, 918.0, 256, 800 / 8, 800 / 8 / 8),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
@@ -284,25 +291,37 @@ def parse_oom(message: str, argument_bytes: int):
   return None, None
 
 
-def program_cost(compiled) -> tuple[float, float]:
-  """(FLOPs, HBM bytes accessed) of a compiled program, from XLA's cost analysis."""
+COSTS = ("flops", "bytes", "ici_s", "dcn_s", "ici_bytes", "dcn_bytes")
+
+
+def program_cost(compiled, devices, chip: Chip) -> dict:
+  """Per-chip COSTS of a compiled program: FLOPs and HBM bytes accessed from XLA's cost analysis,
+  and its collectives' seconds and bytes over ICI and DCN (collectives.py)."""
+  from transformer_jax import collectives  # pylint: disable=g-import-not-at-top
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0]
-  return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+  comm = collectives.link_time(collectives.collectives(compiled.as_text()), devices,
+                               chip.ici_link_gbps, chip.dcn_gbps)
+  return {"flops": float(analysis.get("flops", 0.0)),
+          "bytes": float(analysis.get("bytes accessed", 0.0)),
+          **{k: comm[k] for k in COSTS[2:]}}
 
 
-def step_cost(config, mesh, compiled) -> tuple[float, float, str]:
-  """(FLOPs, HBM bytes accessed, how) per chip of one train step. XLA's cost analysis counts a
+def step_cost(config, mesh, compiled, chip: Chip) -> tuple[dict, str]:
+  """(COSTS, how) per chip of one train step. XLA's cost analysis (and the HLO text) counts a
   loop body once, not once per iteration, so a microbatch scan is multiplied out here, and a
   scanned layer stack (whose program's cost is no simple sum of its parts) is replaced by two more
   compiles, unrolled with 1 and 2 layers and one microbatch of the same rows: cost(L) = c1 +
-  (L - 1)(c2 - c1). Times the microbatches, which counts the optimizer update that many times (a
-  small excess)."""
+  (L - 1)(c2 - c1). Times the microbatches, which counts the optimizer update and the gradient
+  reduction that many times (a small excess for FLOPs, an over-count for a data-parallel
+  gradient all-reduce, which runs once)."""
   m, layers = config.train.microbatches, config.model.num_layers
+  devices = list(mesh.devices.flat)  # the programs' device ids index this order
   if not config.model.get("scan_layers", False):
-    flops, bytes_ = program_cost(compiled)
-    return m * flops, m * bytes_, "compiled program" + (f" x {m} microbatches" if m > 1 else "")
+    cost = program_cost(compiled, devices, chip)
+    return ({k: m * v for k, v in cost.items()},
+            "compiled program" + (f" x {m} microbatches" if m > 1 else ""))
   from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
   probes = []
   for n in (1, 2):
@@ -312,9 +331,10 @@ def step_cost(config, mesh, compiled) -> tuple[float, float, str]:
                        ("train.batch_size", config.train.batch_size // m)):
       config_lib.set_value(probe, key, str(value))
     with quiet_fd2():
-      probes.append(program_cost(Trainer(probe, mesh).lower_train_step().compile()))
-  (f1, b1), (f2, b2) = probes
-  return (m * (f1 + (layers - 1) * (f2 - f1)), m * (b1 + (layers - 1) * (b2 - b1)),
+      probes.append(program_cost(Trainer(probe, mesh).lower_train_step().compile(), devices,
+                                 chip))
+  c1, c2 = probes
+  return ({k: m * (c1[k] + (layers - 1) * (c2[k] - c1[k])) for k in COSTS},
           "unrolled 1- and 2-layer compiles, extrapolated to all layers")
 
 
@@ -390,28 +410,48 @@ def check(config, topo: Topology, slices: int, estimate: bool = True) -> dict:
                   mfu_estimate=None, cost_source=how)
     return report
   # The SPMD program is one chip's: its costs are per chip.
-  flops_chip, bytes_chip, report["cost_source"] = step_cost(config, mesh, compiled)
+  cost, report["cost_source"] = step_cost(config, mesh, compiled, chip)
+  flops_chip, bytes_chip = cost["flops"], cost["bytes"]
   n = len(devices)
   # A chip does at least its share of the model's FLOPs; XLA's count can be lower (on v5e it
   # reports 0.65-0.85x the model's for models that count 1.2x on v5p).
   compute_s = max(flops_chip, model_flops / n) / (chip.peak_tflops * 1e12)
   memory_s = bytes_chip / (chip.hbm_gbps * 1e9)
-  step_s = max(compute_s, memory_s)
+  # Collectives: only where the chip's link bandwidths are published (not v4).
+  comm_s = cost["ici_s"] + cost["dcn_s"] if chip.ici_link_gbps else None
+  terms = {"compute": compute_s, "memory": memory_s, "communication": comm_s or 0.0}
+  bound = max(terms, key=terms.get)
+  step_s = terms[bound]
   report.update(
       flops_per_step_per_chip=flops_chip, flops_per_step=flops_chip * n,
       bytes_accessed_per_chip=bytes_chip, compute_time_s=compute_s, memory_time_s=memory_s,
-      step_time_estimate_s=step_s, bound="compute" if compute_s >= memory_s else "memory",
+      communication_time_s=comm_s, ici_time_s=cost["ici_s"] if comm_s is not None else None,
+      dcn_time_s=cost["dcn_s"] if comm_s is not None else None,
+      ici_bytes_per_chip=cost["ici_bytes"], dcn_bytes_per_chip=cost["dcn_bytes"],
+      step_time_estimate_s=step_s, bound=bound,
       tokens_per_s_estimate=tokens / step_s if step_s else None,
       mfu_estimate=model_flops / (step_s * n * chip.peak_tflops * 1e12) if step_s else None,
       hardware_flops_ratio=flops_chip * n / model_flops if model_flops else None)
   return report
 
 
+def gib(b) -> str:
+  if b is None:
+    return "?"
+  return f"{b / GiB:.1f} GiB" if b >= GiB // 10 else f"{b / 2 ** 20:.1f} MiB"
+
+
+def comm(r: dict) -> str:
+  """The collectives' part of the roofline line."""
+  if r.get("communication_time_s") is None:
+    return f"collectives not priced ({r['generation']}'s link bandwidth is not published)"
+  text = f"ICI {r['ici_time_s'] * 1e3:.1f} ms for {gib(r['ici_bytes_per_chip'])} per chip"
+  if r["dcn_bytes_per_chip"]:
+    text += f", DCN {r['dcn_time_s'] * 1e3:.1f} ms for {gib(r['dcn_bytes_per_chip'])}"
+  return text
+
+
 def summary(r: dict) -> str:
-  def gib(b):
-    if b is None:
-      return "?"
-    return f"{b / GiB:.1f} GiB" if b >= GiB // 10 else f"{b / 2 ** 20:.1f} MiB"
   mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
   lines = [
       f"topology   {r['topology']} ({r['compiler_topology']}) x {r['slices']} slice(s): "
@@ -437,8 +477,8 @@ def summary(r: dict) -> str:
         f"{r['flops_per_step']:.3e} in all ({r['hardware_flops_ratio']:.2f}x the model's "
         f"{r['model_flops_per_step']:.3e})",
         f"roofline   {r['step_time_estimate_s'] * 1e3:.1f} ms per step ({r['bound']}-bound: "
-        f"compute {r['compute_time_s'] * 1e3:.1f} ms, HBM {r['memory_time_s'] * 1e3:.1f} ms; "
-        f"no communication), {r['tokens_per_s_estimate']:,.0f} tokens/s, "
+        f"compute {r['compute_time_s'] * 1e3:.1f} ms, HBM {r['memory_time_s'] * 1e3:.1f} ms, "
+        f"{comm(r)}), {r['tokens_per_s_estimate']:,.0f} tokens/s, "
         f"MFU <= {100 * r['mfu_estimate']:.1f}%",
     ]
   return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""collectives.py: reading an SPMD program's collectives and pricing them over a torus's links.
+
+The HLO lines below are in the forms XLA:TPU prints them (libtpu 0.0.42); tests/test_aot.py checks
+the same code on programs compiled for TPU slices.
+"""
+
+import dataclasses
+
+import pytest
+
+from transformer_jax import collectives as co
+
+HLO = """\
+HloModule jit__train_step
+
+%all-reduce-scatter (input: f32[8192,64]) -> f32[8192,16] {
+  %input = f32[8192,64]{0,1:T(8,128)} parameter(0)
+  %all-reduce.193 = f32[8192,64]{0,1:T(8,128)} all-reduce(%input), channel_id=143, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add.1.clone
+  ROOT %dynamic-slice.137 = f32[8192,16]{0,1:T(8,128)} dynamic-slice(%all-reduce.193, %c, %m), dynamic_slice_sizes={8192,16}
+}
+
+ENTRY %main.1 (p0: bf16[16,64]) -> f32[8192,16] {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.6 = bf16[64,64]{1,0:T(4,128)(2,1)} all-gather(%p0), channel_id=98, replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=1] {'axis_0'}, dimensions={0}, use_global_device_ids=true
+  %all-gather.7 = bf16[32,64]{1,0} all-gather(%p0), channel_id=99, replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_0'}, dimensions={0}, use_global_device_ids=true
+  %all-reduce.205 = (f32[]{:T(128)}, f32[]{:T(128)}) all-reduce(%a, %b), channel_id=7, replica_groups=[2,2]<=[4], use_global_device_ids=true, to_apply=%add
+  %all-to-all.1 = f32[4,128]{1,0} all-to-all(%x), channel_id=8, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}
+  %collective-permute-start.1 = (f32[256]{0}, f32[256]{0}, u32[], u32[]) collective-permute-start(%y), channel_id=9, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %collective-permute-done.1 = f32[256]{0} collective-permute-done(%collective-permute-start.1)
+  ROOT %fusion = f32[8192,16]{0,1:T(8,128)} fusion(%z), kind=kCustom, calls=%all-reduce-scatter
+}
+"""
+
+
+def test_reads_every_form_of_collective_and_group():
+  found = co.collectives(HLO)
+  kinds = [c.kind for c in found]
+  # The all-reduce inside the reduce-scatter fusion is not counted apart; -done ops not at all.
+  assert kinds == ["all-gather", "all-gather", "all-reduce", "all-to-all", "collective-permute",
+                   "reduce-scatter"]
+  gather, gather2, reduce, a2a, permute, scatter = found
+  assert gather.bytes == 64 * 64 * 2 and gather.groups == ((0, 1, 2, 3),)
+  # devices arranged [[0, 2], [1, 3]] as a 2x1x2 mesh; groups along axis_0
+  assert gather2.bytes == 32 * 64 * 2 and gather2.groups == ((0, 1), (2, 3))
+  assert reduce.bytes == 8 and reduce.groups == ((0, 1), (2, 3))
+  assert a2a.groups == ((0, 2), (1, 3))
+  assert permute.bytes == 256 * 4
+  assert scatter.bytes == 8192 * 64 * 4 and scatter.groups == ((0, 1, 2, 3),)
+
+
+def test_mesh_groups_over_several_axes_and_plain_reduce_scatter():
+  line = ("  %r = f32[8,16]{1,0} reduce-scatter(%x), replica_groups=mesh['axis_0'=2,'axis_1'=2,"
+          "'axis_2'=2] {'axis_0','axis_2'}, dimensions={0}\n")
+  (c,) = co.collectives("ENTRY %m () -> f32[8,16] {\n" + line + "}\n")
+  assert c.groups == ((0, 1, 4, 5), (2, 3, 6, 7))
+  assert c.bytes == 8 * 16 * 4 * 4  # the input: the result times the group size
+
+
+@dataclasses.dataclass
+class Dev:
+  id: int
+  coords: tuple
+  slice_index: int = 0
+
+
+def torus(x, y, z=1, slices=1):
+  """Devices of `slices` x*y*z slices, numbered in order, with their torus coordinates."""
+  n = x * y * z
+  return [Dev(s * n + i, (i % x, i // x % y, i // (x * y)), s)
+          for s in range(slices) for i in range(n)]
+
+
+def test_link_time_is_ring_traffic_over_the_links_the_group_spans():
+  devices = torus(2, 2)  # v5p-8: 2x2x1, one link along each of two dims
+  gb = 1e9
+  every = tuple(range(4))
+  gather = co.Collective("all-gather", 4 * gb, (every,))
+  t = co.link_time([gather], devices, link_gbps=100, dcn_gbps=6.25)
+  # 3/4 of the gathered bytes over 2 links of 100 GB/s
+  assert t["ici_bytes"] == pytest.approx(3 * gb)
+  assert t["ici_s"] == pytest.approx(3 / 200)
+  # an all-reduce moves twice that; a pair along one dim has one link
+  reduce = co.Collective("all-reduce", 4 * gb, ((0, 1), (2, 3)))
+  t = co.link_time([reduce], devices, 100, 6.25)
+  assert t["ici_bytes"] == pytest.approx(4 * gb) and t["ici_s"] == pytest.approx(4 / 100)
+  # four chips in a row (v5e 1x4): two links (a ring both ways)
+  row = co.link_time([gather], torus(1, 4), 50, 3.0)
+  assert row["ici_s"] == pytest.approx(3 / 100)
+  # groups across slices go over the DCN at its per-chip bandwidth
+  two = torus(2, 2, slices=2)
+  across = co.Collective("all-reduce", 2 * gb, ((0, 4),))
+  t = co.link_time([across], two, 100, 6.25)
+  assert t["dcn_bytes"] == pytest.approx(2 * gb) and t["dcn_s"] == pytest.approx(2 / 6.25)
+  assert t["ici_s"] == 0 and t["by_kind_s"] == {"all-reduce": pytest.approx(2 / 6.25)}
+
+
+def test_a_group_of_one_moves_nothing():
+  t = co.link_time([co.Collective("all-reduce", 10 ** 9, ((0,), (1,)))], torus(2, 1), 100, 6)
+  assert t["ici_bytes"] == 0 and t["ici_s"] == 0
+
+
+def test_megascale_sends_are_priced_over_the_dcn():
+  """A multi-slice program is one slice's: what crosses slices is a host send per collective."""
+  tag = ('is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name='
+         '"xla_megascale_runtime",_xla_megascale_target="{1,2}x{0:3}",'
+         '_xla_megascale_transfer_type="TYPE"}')
+  hlo = ("ENTRY %m () -> f32[] {\n"
+         "  %send.2 = (f32[128,8,128]{2,1,0}, u32[], token[]) send(%g, %a), channel_id=7, "
+         + tag.replace("TYPE", "ALL_REDUCE") + "\n"
+         "  %send.3 = (f32[1,64,64]{2,1,0}, u32[], token[]) send(%p, %a), channel_id=9, "
+         + tag.replace("TYPE", "ALL_GATHER") + "\n"
+         "  %recv.3 = (f32[2,64,64]{2,1,0}, u32[], token[]) recv(%a), channel_id=8, "
+         + tag.replace("TYPE", "ALL_GATHER") + "\n}\n")
+  reduce, gather = co.collectives(hlo)
+  assert (reduce.kind, reduce.bytes, reduce.dcn) == ("all-reduce", 128 * 8 * 128 * 4, True)
+  assert (gather.kind, gather.bytes, gather.dcn) == ("all-gather", 64 * 64 * 4, True)
+  for slices in (2, 4):
+    t = co.link_time([reduce, gather], torus(2, 2, slices=slices), 100, 6.25)
+    n = slices
+    want = 2 * (n - 1) / n * reduce.bytes + (n - 1) * gather.bytes
+    assert t["dcn_bytes"] == pytest.approx(want) and t["ici_bytes"] == 0
+    assert t["dcn_s"] == pytest.approx(want / 6.25e9)
