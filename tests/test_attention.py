@@ -3,6 +3,7 @@ gradients on CPU (splash as a Pallas kernel in interpret mode), the dispatch and
 errors, a model-level loss, and (with libtpu) splash lowered for a TPU topology."""
 
 import importlib.util
+import types
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +95,9 @@ def test_splash_sharded_under_mesh(n, g):
 
 
 def _choose(impl, where, *, t=128, dtype=jnp.bfloat16, bias=False, causal=True, decode=False,
-            self_attention=True):
-  q = jax.ShapeDtypeStruct((2, t, 2, 2, 64), dtype)
-  k = jax.ShapeDtypeStruct((2, t, 2, 64), dtype)
+            self_attention=True, head_dim=64):
+  q = jax.ShapeDtypeStruct((2, t, 2, 2, head_dim), dtype)
+  k = jax.ShapeDtypeStruct((2, t, 2, head_dim), dtype)
   b = jax.ShapeDtypeStruct((2, 2, 2, t, t), jnp.float32) if bias else None
   return attention.choose(impl, q, k, b, causal=causal, self_attention=self_attention,
                           decode=decode, where=where)
@@ -114,6 +115,23 @@ def test_auto_picks_the_platform_kernel_where_it_serves_the_layer():
   assert _choose("auto", "gpu", causal=False, bias=True) == "cudnn"
   assert _choose("splash", "tpu", decode=True) == _choose("cudnn", "gpu", decode=True) == "xla"
   assert _choose("dot_product", "cpu", decode=True, bias=True) == "dot_product"
+
+
+@pytest.mark.parametrize("capability, limit", [(None, 128), ("8.0", 128), ("9.0", 256),
+                                               ("10.0", 256)])
+def test_cudnn_head_dim_limit_follows_the_local_gpu(monkeypatch, capability, limit):
+  """jax's cuDNN attention takes head dims up to 256 on Hopper and later, 128 before; with no GPU
+  in the process (an AOT compile), 128, as jax's own check decides."""
+  def local_devices(backend=None):
+    if capability is None:
+      raise RuntimeError("Unknown backend gpu")
+    return [types.SimpleNamespace(compute_capability=capability)]
+  monkeypatch.setattr(jax, "local_devices", local_devices)
+  assert attention.cudnn_head_dim_limit() == limit
+  assert _choose("auto", "gpu", head_dim=limit) == "cudnn"
+  assert _choose("auto", "gpu", head_dim=limit + 8) == "xla"
+  with pytest.raises(ConfigError, match=f"needs a head dim <= {limit} divisible by 8, got 264"):
+    _choose("cudnn", "gpu", head_dim=264)
 
 
 @pytest.mark.parametrize("impl, where, kwargs, message", [

@@ -52,11 +52,24 @@ def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool):
       return f"needs a CUDA GPU (compiling for {where})"
     if q_BTNGK.dtype not in (jnp.bfloat16, jnp.float16):
       return f"needs model.dtype=bfloat16, got {q_BTNGK.dtype}"
-    if k % 8 or k > 128:
-      return f"needs a head dim <= 128 divisible by 8, got {k}"
+    limit = cudnn_head_dim_limit()
+    if k % 8 or k > limit:
+      return f"needs a head dim <= {limit} divisible by 8, got {k}"
     if t % 2 or s % 2:  # cuDNN trains with a bias only at even lengths; the mask is one
       return f"needs even query and key lengths, got {t} and {s}"
   return None
+
+
+def cudnn_head_dim_limit() -> int:
+  """The largest head dim jax's cuDNN flash attention takes: 256 when this process's GPU is a
+  Hopper or later (compute capability 9.0+), else 128, as jax itself decides (from the local
+  GPU: an AOT compile on a machine without one gets 128 too)."""
+  try:
+    gpus = jax.local_devices(backend="gpu")
+  except RuntimeError:  # no GPU backend in this process
+    return 128
+  capability = str(getattr(gpus[0], "compute_capability", "0")) if gpus else "0"
+  return 256 if int(capability.split(".")[0]) >= 9 else 128
 
 
 def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_attention: bool,
