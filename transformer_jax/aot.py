@@ -291,7 +291,8 @@ def parse_oom(message: str, argument_bytes: int):
   return None, None
 
 
-COSTS = ("flops", "bytes", "ici_s", "dcn_s", "ici_bytes", "dcn_bytes")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+COSTS = ("flops", "bytes", "ici_s", "dcn_s", "ici_bytes", "dcn_bytes") + COLLECTIVES  # kinds: s
 
 
 def program_cost(compiled, devices, chip: Chip) -> dict:
@@ -305,7 +306,8 @@ def program_cost(compiled, devices, chip: Chip) -> dict:
                                chip.ici_link_gbps, chip.dcn_gbps)
   return {"flops": float(analysis.get("flops", 0.0)),
           "bytes": float(analysis.get("bytes accessed", 0.0)),
-          **{k: comm[k] for k in COSTS[2:]}}
+          **{k: comm[k] for k in COSTS[2:6]},
+          **{k: comm["by_kind_s"].get(k, 0.0) for k in COLLECTIVES}}
 
 
 def step_cost(config, mesh, compiled, chip: Chip) -> tuple[dict, str]:
@@ -428,6 +430,7 @@ def check(config, topo: Topology, slices: int, estimate: bool = True) -> dict:
       communication_time_s=comm_s, ici_time_s=cost["ici_s"] if comm_s is not None else None,
       dcn_time_s=cost["dcn_s"] if comm_s is not None else None,
       ici_bytes_per_chip=cost["ici_bytes"], dcn_bytes_per_chip=cost["dcn_bytes"],
+      communication_by_kind_s={k: cost[k] for k in COLLECTIVES if cost[k]},
       step_time_estimate_s=step_s, bound=bound,
       tokens_per_s_estimate=tokens / step_s if step_s else None,
       mfu_estimate=model_flops / (step_s * n * chip.peak_tflops * 1e12) if step_s else None,
@@ -481,6 +484,9 @@ def summary(r: dict) -> str:
         f"{comm(r)}), {r['tokens_per_s_estimate']:,.0f} tokens/s, "
         f"MFU <= {100 * r['mfu_estimate']:.1f}%",
     ]
+    if r.get("communication_by_kind_s"):
+      lines.append("           collectives: " + ", ".join(
+          f"{k} {v * 1e3:.1f} ms" for k, v in r["communication_by_kind_s"].items()))
   return "\n".join(lines)
 
 
