@@ -175,7 +175,11 @@ def test_aot_prices_what_crosses_slices_over_the_dcn():
   assert report["ici_bytes_per_chip"] > 0
   assert report["communication_time_s"] == pytest.approx(report["ici_time_s"] +
                                                          report["dcn_time_s"])
-  assert "DCN" in out.stdout.splitlines()[-2] and "ICI" in out.stdout.splitlines()[-2]
+  (roofline,) = [line for line in out.stdout.splitlines() if line.startswith("roofline")]
+  assert "ICI" in roofline and "DCN" in roofline
+  assert set(report["communication_by_kind_s"]) <= set(aot.COLLECTIVES)
+  assert sum(report["communication_by_kind_s"].values()) == pytest.approx(
+      report["communication_time_s"])
 
 
 @needs_libtpu
