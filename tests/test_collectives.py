@@ -120,3 +120,47 @@ def test_megascale_sends_are_priced_over_the_dcn():
     want = 2 * (n - 1) / n * reduce.bytes + (n - 1) * gather.bytes
     assert t["dcn_bytes"] == pytest.approx(want) and t["ici_bytes"] == 0
     assert t["dcn_s"] == pytest.approx(want / 6.25e9)
+
+
+LOOP = """\
+%cond (p: (u32[], f32[256])) -> pred[] {
+  %p = (u32[], f32[256]) parameter(0)
+  %constant.7 = u32[]{:T(128)} constant(16)
+  %i = u32[] get-tuple-element(%p), index=0
+  ROOT %compare.1 = pred[]{:T(512)} compare(%i, %constant.7), direction=LT
+}
+
+%async_collective_fusion.3 (q: bf16[64,64]) -> bf16[256,64] {
+  %q = bf16[64,64]{1,0} parameter(0)
+  ROOT %all-gather.9 = bf16[256,64]{1,0} all-gather(%q), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%body (p: (u32[], f32[256])) -> (u32[], f32[256]) {
+  %p = (u32[], f32[256]) parameter(0)
+  %x = f32[256]{0} get-tuple-element(%p), index=1
+  %collective-permute.4 = f32[256]{0} collective-permute(%x), channel_id=4, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %fusion.5 = bf16[256,64]{1,0} fusion(%y), kind=kCustom, calls=%async_collective_fusion.3
+  ROOT %t = (u32[], f32[256]) tuple(%i, %collective-permute.4)
+}
+
+%body2 (p: (u32[], f32[256])) -> (u32[], f32[256]) {
+  %p = (u32[], f32[256]) parameter(0)
+  %all-reduce.6 = f32[256]{0} all-reduce(%x), channel_id=6, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %t = (u32[], f32[256]) tuple(%i, %all-reduce.6)
+}
+
+ENTRY %main (a: f32[256]) -> f32[256] {
+  %while.1 = (u32[], f32[256]) while(%init), condition=%cond, body=%body
+  %while.2 = (u32[], f32[256]) while(%init), condition=%cond, body=%body2, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[256]{0} get-tuple-element(%while.2), index=1
+}
+"""
+
+
+def test_collectives_in_loops_count_once_per_trip():
+  counts = {c.kind: c.count for c in co.collectives(LOOP)}
+  # `i < 16` in the condition; the known trip count wins over the condition; a collective XLA
+  # sank into the loop as an async_collective_fusion is one collective, counted once.
+  assert counts == {"collective-permute": 16, "all-reduce": 3, "all-gather": 1}
+  t = co.link_time(co.collectives(LOOP), torus(2, 2), 100, 6.25)
+  assert t["ici_bytes"] == pytest.approx(16 * 1024 + 3 * 2 * 3 / 4 * 1024 + 3 / 4 * 256 * 64 * 2)

@@ -311,8 +311,8 @@ def program_cost(compiled, devices, chip: Chip) -> dict:
 
 
 def step_cost(config, mesh, compiled, chip: Chip) -> tuple[dict, str]:
-  """(COSTS, how) per chip of one train step. XLA's cost analysis (and the HLO text) counts a
-  loop body once, not once per iteration, so a microbatch scan is multiplied out here, and a
+  """(COSTS, how) per chip of one train step. XLA's cost analysis counts a loop body once, not
+  once per iteration, so a microbatch scan is multiplied out here, and a
   scanned layer stack (whose program's cost is no simple sum of its parts) is replaced by two more
   compiles, unrolled with 1 and 2 layers and one microbatch of the same rows: cost(L) = c1 +
   (L - 1)(c2 - c1). Times the microbatches, which counts the optimizer update and the gradient
@@ -321,8 +321,8 @@ def step_cost(config, mesh, compiled, chip: Chip) -> tuple[dict, str]:
   m, layers = config.train.microbatches, config.model.num_layers
   devices = list(mesh.devices.flat)  # the programs' device ids index this order
   if not config.model.get("scan_layers", False):
-    cost = program_cost(compiled, devices, chip)
-    return ({k: m * v for k, v in cost.items()},
+    cost = program_cost(compiled, devices, chip)  # collectives.py counts the loop's trips itself
+    return ({k: m * v if k in ("flops", "bytes") else v for k, v in cost.items()},
             "compiled program" + (f" x {m} microbatches" if m > 1 else ""))
   from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
   probes = []

@@ -1,25 +1,31 @@
-"""The collectives of a compiled SPMD program and a lower bound on their time over the chips' links.
+"""The collectives of a compiled SPMD program, and an estimate of their time over the chips' links.
 
 `collectives(hlo_text)` reads every all-gather, all-reduce, reduce-scatter (on TPU a fusion that
 calls an `all-reduce-scatter` computation: an all-reduce whose result is sliced), all-to-all and
-collective-permute of an optimized HLO module (`compiled.as_text()`), with the bytes of its data
-and its replica groups (explicit lists, iota `[G,N]<=[...]T(...)` and `mesh[...] {axes}` forms).
-A multi-slice program is compiled per slice; what crosses slices appears as host `send`s to the
-megascale runtime, tagged with the collective they carry (`_xla_megascale_transfer_type`).
+collective-permute of an optimized HLO module (`compiled.as_text()`), with the bytes of its data,
+its replica groups (explicit lists, iota `[G,N]<=[...]T(...)` and `mesh[...] {axes}` forms) and
+how often it runs. A multi-slice program is compiled per slice; what crosses slices appears as
+host `send`s to the megascale runtime, tagged with the collective they carry
+(`_xla_megascale_transfer_type`).
 
 `link_time` prices them on a torus: each collective's per-chip traffic, the bandwidth-optimal
 (ring) amount — all-gather and all-to-all (n-1)/n of the gathered bytes, reduce-scatter (n-1)/n of
 its input, all-reduce twice that, a permute its bytes — over the links its group spans: along a
-torus dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways).
-A group that spans slices, and every megascale send, goes over the data-center network at the
-chip's DCN bandwidth instead (a send carries the chip's piece: an all-gather moves it to the n - 1
-other slices).
-The collectives are summed as if none overlapped another (XLA may overlap them with compute, so
-this is a term of a max(), not an addition to the step). It is a lower bound: no latency, no
-contention, every link at its full one-way bandwidth.
+torus dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways);
+a permute (a shift to a neighbour) one link. A group that spans slices, and every megascale send,
+goes over the data-center network at the chip's DCN bandwidth instead (a send carries the chip's
+piece: an all-gather moves it to the n - 1 other slices). The collectives are summed as if none
+overlapped another; XLA overlaps them with compute, so this is a term of a max(), not an addition
+to the step. Latency and contention are left out and every link runs at its full one-way
+bandwidth; on the other side, the permutes of XLA:TPU's windowed einsums go both ways at once,
+which this counts as two shifts one after the other.
 
-What it cannot see: a collective inside a while loop runs once per trip but appears once in the
-text (aot.py counts scanned layers from unrolled compiles for this reason).
+A collective inside a while loop (a windowed einsum's ring shifts, a microbatch scan's steps)
+counts once per trip: the loop's `known_trip_count`, else the bound its condition compares the
+counter with (`i < N`). Computations reached through calls, fusions and branches count as often
+as their callers run (both branches of a conditional are counted: an upper bound for the anomaly
+guard's skipped update), except an `async_collective_fusion`: XLA:TPU sinks a collective it
+overlaps with a loop's work into the loop body that way, one collective spread over the trips.
 """
 
 import dataclasses
@@ -44,6 +50,7 @@ class Collective:
   bytes: int  # all-gather: the gathered result; reduce-scatter: its input; else the operand
   groups: tuple  # tuples of device ids (indices into the program's devices); () = all
   dcn: bool = False  # a megascale send: across slices, `bytes` being what this chip sends
+  count: float = 1  # times it runs per program execution (loop trips)
 
 
 def shape_bytes(text: str) -> list[int]:
@@ -88,16 +95,62 @@ def replica_groups(attrs: str) -> tuple:
   return ()
 
 
+def _trip_count(attrs: str, comps: dict) -> int:
+  """Iterations of a while loop: its known_trip_count, else N of its condition's `i < N`."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r"condition=%?([\w.\-]+)", attrs)
+  lines = comps.get(cond.group(1), []) if cond else []
+  consts = dict(re.findall(r"%([\w.\-]+) = [su]\d+\[\]\S* constant\((\d+)\)", "\n".join(lines)))
+  for line in lines:
+    m = re.search(r"ROOT .* compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
+    if m and m.group(1) in consts:
+      return int(consts[m.group(1)])
+  return 1
+
+
+def _multiplicity(comps: dict, entry: str) -> dict:
+  """How many times each computation runs per execution of `entry` (loops multiply)."""
+  calls = {}
+  for comp, lines in comps.items():
+    edges = []
+    for line in lines:
+      trips = _trip_count(line, comps) if re.search(r" while\(", line) else 1
+      for key, callee in re.findall(r"\b(calls|body|condition|true_computation|"
+                                    r"false_computation)=%?([\w.\-]+)", line):
+        edges.append((callee, trips if key in ("body", "condition") else 1))
+      for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
+        edges += [(b, 1) for b in re.findall(r"%?([\w.\-]+)", branches)]
+    calls[comp] = edges
+  runs = {entry: 1}
+  order, seen = [], set()
+  def visit(comp):  # callers before callees (the call graph is a DAG)
+    if comp in seen:
+      return
+    seen.add(comp)
+    for callee, _ in calls.get(comp, ()):
+      visit(callee)
+    order.append(comp)
+  visit(entry)
+  for comp in reversed(order):
+    for callee, factor in calls.get(comp, ()):
+      runs[callee] = runs.get(callee, 0) + runs.get(comp, 0) * factor
+  return runs
+
+
 def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective of an optimized HLO module, once per instruction in the text."""
-  comps, name = {}, None
+  """Every collective of an optimized HLO module, with how often it runs."""
+  comps, name, entry = {}, None, None
   for line in hlo_text.splitlines():
-    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
     if head:
-      name = head.group(1)
+      name = head.group(2)
+      entry = name if head.group(1) else entry
       comps[name] = []
     elif name is not None:
       comps[name].append(line)
+  runs = _multiplicity(comps, entry) if entry else {}
   scatter = {}  # all-reduce-scatter computations: (input bytes, groups) of their all-reduce
   for comp, lines in comps.items():
     if comp.startswith("all-reduce-scatter"):
@@ -109,6 +162,9 @@ def collectives(hlo_text: str) -> list[Collective]:
   for comp, lines in comps.items():
     if comp in scatter:
       continue
+    # XLA:TPU sinks async collectives it overlaps with a loop's work into the loop body as an
+    # async_collective_fusion that is one collective spread over the trips: count it once.
+    count = 1 if comp.startswith("async_collective_fusion") else runs.get(comp, 1)
     for line in lines:
       m = _INSTR.match(line)
       if not m:
@@ -118,12 +174,12 @@ def collectives(hlo_text: str) -> list[Collective]:
         called = re.search(r"calls=%?([\w.\-]+)", attrs)
         if called and called.group(1) in scatter:
           size, groups = scatter[called.group(1)]
-          found.append(Collective("reduce-scatter", size, groups))
+          found.append(Collective("reduce-scatter", size, groups, count=count))
         continue
       transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', attrs)
       if op == "send" and transfer:
         kind = _MEGASCALE.get(transfer.group(1), "collective-permute")
-        found.append(Collective(kind, shape_bytes(result)[0], (), dcn=True))
+        found.append(Collective(kind, shape_bytes(result)[0], (), dcn=True, count=count))
         continue
       kind = op[:-len("-start")] if op.endswith("-start") else op
       if kind not in _KINDS:
@@ -136,7 +192,7 @@ def collectives(hlo_text: str) -> list[Collective]:
         size = sum(sizes) * (len(groups[0]) if groups else 1)
       else:
         size = sum(sizes)
-      found.append(Collective(kind, size, replica_groups(attrs)))
+      found.append(Collective(kind, size, replica_groups(attrs), count=count))
   return found
 
 
@@ -176,9 +232,12 @@ def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: floa
       links, across = 0, True
       piece = c.kind == "all-gather"  # the send is this chip's piece of the gathered result
       sent = traffic(dataclasses.replace(c, bytes=c.bytes * slices if piece else c.bytes), slices)
+    elif c.kind == "collective-permute":  # to a neighbour: one link
+      links, across, sent = 1, False, traffic(c, len(group))
     else:
-      links, across = (1, False) if c.kind == "collective-permute" else links_spanned(group, devices)
+      links, across = links_spanned(group, devices)
       sent = traffic(c, len(group))
+    sent *= c.count
     if not sent:
       continue
     if across:
