@@ -164,3 +164,9 @@ def test_collectives_in_loops_count_once_per_trip():
   assert counts == {"collective-permute": 16, "all-reduce": 3, "all-gather": 1}
   t = co.link_time(co.collectives(LOOP), torus(2, 2), 100, 6.25)
   assert t["ici_bytes"] == pytest.approx(16 * 1024 + 3 * 2 * 3 / 4 * 1024 + 3 / 4 * 256 * 64 * 2)
+
+
+def test_a_shift_is_priced_as_half_of_a_two_way_pair():
+  shift = co.Collective("collective-permute", 10 ** 9, ())
+  t = co.link_time([shift, shift], torus(4, 4), 50, 3)
+  assert t["ici_bytes"] == 2 * 10 ** 9 and t["ici_s"] == pytest.approx(2 * 10 ** 9 / (2 * 50e9))

@@ -12,13 +12,14 @@ host `send`s to the megascale runtime, tagged with the collective they carry
 (ring) amount — all-gather and all-to-all (n-1)/n of the gathered bytes, reduce-scatter (n-1)/n of
 its input, all-reduce twice that, a permute its bytes — over the links its group spans: along a
 torus dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways);
-a permute (a shift to a neighbour) one link. A group that spans slices, and every megascale send,
+a permute (a shift to the neighbours) two: XLA:TPU's windowed einsums shift both ways at once, so
+a shift is priced as half of such a pair (a lone shift in one direction would take twice as long).
+A group that spans slices, and every megascale send,
 goes over the data-center network at the chip's DCN bandwidth instead (a send carries the chip's
 piece: an all-gather moves it to the n - 1 other slices). The collectives are summed as if none
 overlapped another; XLA overlaps them with compute, so this is a term of a max(), not an addition
 to the step. Latency and contention are left out and every link runs at its full one-way
-bandwidth; on the other side, the permutes of XLA:TPU's windowed einsums go both ways at once,
-which this counts as two shifts one after the other.
+bandwidth: a lower bound.
 
 A collective inside a while loop (a windowed einsum's ring shifts, a microbatch scan's steps)
 counts once per trip: the loop's `known_trip_count`, else the bound its condition compares the
@@ -232,8 +233,8 @@ def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: floa
       links, across = 0, True
       piece = c.kind == "all-gather"  # the send is this chip's piece of the gathered result
       sent = traffic(dataclasses.replace(c, bytes=c.bytes * slices if piece else c.bytes), slices)
-    elif c.kind == "collective-permute":  # to a neighbour: one link
-      links, across, sent = 1, False, traffic(c, len(group))
+    elif c.kind == "collective-permute":  # to the neighbours, both ways at once: two links
+      links, across, sent = 2, False, traffic(c, len(group))
     else:
       links, across = links_spanned(group, devices)
       sent = traffic(c, len(group))
