@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -308,3 +309,16 @@ def test_missing_cuda_plugin_or_cudnn_is_one_line(monkeypatch):
   with pytest.raises(ConfigError, match=r"^model.attention_impl=cudnn needs cuDNN to compile for "
                                         r"h100 \(cuDNN not found.\): pip install -e \.\[gpu\]$"):
     aot.check(config, aot.parse_topology("h100-1"), 1)
+
+
+def test_collectives_are_priced_only_where_the_links_are_published():
+  """v4 publishes no per-chip ICI figure: its collectives are not priced (and nothing divides by
+  a zero bandwidth); v5p's are."""
+  from tests.test_collectives import HLO, torus  # pylint: disable=import-outside-toplevel
+  compiled = types.SimpleNamespace(cost_analysis=lambda: {"flops": 1.0, "bytes accessed": 2.0},
+                                   as_text=lambda: HLO)
+  v4 = aot.program_cost(compiled, torus(2, 2), aot.CHIPS["v4"])
+  assert v4["ici_s"] == v4["ici_bytes"] == v4["dcn_s"] == 0 and v4["flops"] == 1.0
+  v5p = aot.program_cost(compiled, torus(2, 2), aot.CHIPS["v5p"])
+  assert v5p["ici_bytes"] > 0 and v5p["ici_s"] == pytest.approx(
+      sum(v5p[k] for k in aot.COLLECTIVES))

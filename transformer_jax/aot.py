@@ -302,8 +302,11 @@ def program_cost(compiled, devices, chip: Chip) -> dict:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0]
-  comm = collectives.link_time(collectives.collectives(compiled.as_text()), devices,
-                               chip.ici_link_gbps, chip.dcn_gbps)
+  if chip.ici_link_gbps:
+    comm = collectives.link_time(collectives.collectives(compiled.as_text()), devices,
+                                 chip.ici_link_gbps, chip.dcn_gbps)
+  else:  # no published link bandwidth (v4): not priced
+    comm = dict.fromkeys(COSTS[2:6], 0.0) | {"by_kind_s": {}}
   return {"flops": float(analysis.get("flops", 0.0)),
           "bytes": float(analysis.get("bytes accessed", 0.0)),
           **{k: comm[k] for k in COSTS[2:6]},
@@ -427,9 +430,10 @@ def check(config, topo: Topology, slices: int, estimate: bool = True) -> dict:
   report.update(
       flops_per_step_per_chip=flops_chip, flops_per_step=flops_chip * n,
       bytes_accessed_per_chip=bytes_chip, compute_time_s=compute_s, memory_time_s=memory_s,
-      communication_time_s=comm_s, ici_time_s=cost["ici_s"] if comm_s is not None else None,
-      dcn_time_s=cost["dcn_s"] if comm_s is not None else None,
-      ici_bytes_per_chip=cost["ici_bytes"], dcn_bytes_per_chip=cost["dcn_bytes"],
+      communication_time_s=comm_s,
+      **{key: cost[k] if comm_s is not None else None for key, k in (
+          ("ici_time_s", "ici_s"), ("dcn_time_s", "dcn_s"), ("ici_bytes_per_chip", "ici_bytes"),
+          ("dcn_bytes_per_chip", "dcn_bytes"))},
       communication_by_kind_s={k: cost[k] for k in COLLECTIVES if cost[k]},
       step_time_estimate_s=step_s, bound=bound,
       tokens_per_s_estimate=tokens / step_s if step_s else None,
