@@ -34,6 +34,7 @@ import tempfile
 import time
 
 from transformer_jax import cli
+from transformer_jax import collectives
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 
@@ -291,14 +292,13 @@ def parse_oom(message: str, argument_bytes: int):
   return None, None
 
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+COLLECTIVES = collectives.KINDS
 COSTS = ("flops", "bytes", "ici_s", "dcn_s", "ici_bytes", "dcn_bytes") + COLLECTIVES  # kinds: s
 
 
 def program_cost(compiled, devices, chip: Chip) -> dict:
   """Per-chip COSTS of a compiled program: FLOPs and HBM bytes accessed from XLA's cost analysis,
   and its collectives' seconds and bytes over ICI and DCN (collectives.py)."""
-  from transformer_jax import collectives  # pylint: disable=g-import-not-at-top
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0]

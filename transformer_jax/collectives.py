@@ -14,9 +14,9 @@ its input, all-reduce twice that, a permute its bytes — over the links its gro
 torus dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways);
 a permute (a shift to the neighbours) two: XLA:TPU's windowed einsums shift both ways at once, so
 a shift is priced as half of such a pair (a lone shift in one direction would take twice as long).
-A group that spans slices, and every megascale send,
-goes over the data-center network at the chip's DCN bandwidth instead (a send carries the chip's
-piece: an all-gather moves it to the n - 1 other slices). The collectives are summed as if none
+A group that spans slices, and every megascale send, goes over the data-center network at the
+chip's DCN bandwidth instead (a send carries the chip's piece: an all-gather moves it to the
+n - 1 other slices). The collectives are summed as if none
 overlapped another; XLA overlaps them with compute, so this is a term of a max(), not an addition
 to the step. Latency and contention are left out and every link runs at its full one-way
 bandwidth: a lower bound.
@@ -38,7 +38,7 @@ import numpy as np
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
           "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
           "c128": 16}
-_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _MEGASCALE = {"ALL_GATHER": "all-gather", "ALL_REDUCE": "all-reduce",
               "REDUCE_SCATTER": "reduce-scatter", "ALL_TO_ALL": "all-to-all"}
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z][a-z\-]*)\((.*)$")
@@ -47,7 +47,7 @@ _SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-  kind: str  # one of _KINDS
+  kind: str  # one of KINDS
   bytes: int  # all-gather: the gathered result; reduce-scatter: its input; else the operand
   groups: tuple  # tuples of device ids (indices into the program's devices); () = all
   dcn: bool = False  # a megascale send: across slices, `bytes` being what this chip sends
@@ -183,17 +183,16 @@ def collectives(hlo_text: str) -> list[Collective]:
         found.append(Collective(kind, shape_bytes(result)[0], (), dcn=True, count=count))
         continue
       kind = op[:-len("-start")] if op.endswith("-start") else op
-      if kind not in _KINDS:
+      if kind not in KINDS:
         continue
-      sizes = shape_bytes(result)
+      sizes, groups = shape_bytes(result), replica_groups(attrs)
       if op.endswith("-start"):  # (operands..., results...) or the result itself: the largest
         size = max(sizes)
       elif kind == "reduce-scatter":  # the result is one n-th of the input
-        groups = replica_groups(attrs)
         size = sum(sizes) * (len(groups[0]) if groups else 1)
       else:
         size = sum(sizes)
-      found.append(Collective(kind, size, replica_groups(attrs), count=count))
+      found.append(Collective(kind, size, groups, count=count))
   return found
 
 
@@ -229,12 +228,12 @@ def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: floa
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   for c in found:
     group = c.groups[0] if c.groups else everyone
+    links, across = 0, c.dcn
     if c.dcn:
-      links, across = 0, True
       piece = c.kind == "all-gather"  # the send is this chip's piece of the gathered result
       sent = traffic(dataclasses.replace(c, bytes=c.bytes * slices if piece else c.bytes), slices)
     elif c.kind == "collective-permute":  # to the neighbours, both ways at once: two links
-      links, across, sent = 2, False, traffic(c, len(group))
+      links, sent = 2, traffic(c, len(group))
     else:
       links, across = links_spanned(group, devices)
       sent = traffic(c, len(group))
