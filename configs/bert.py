@@ -14,7 +14,7 @@ launch/local.sh runs for you). BERT's next-sentence prediction (or ALBERT's sent
 on each pair's [CLS], its mean loss added to the MLM loss.
 """
 
-from configs import base
+from transformer_jax.config import base
 
 # name: (num_layers, d_model, num_heads, vocab_size, seq_len, batch_size, dropout)
 SIZES = {

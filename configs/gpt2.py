@@ -10,7 +10,7 @@ benchmarks/RESULTS.md; `tiny` is what the tests use. The full sizes pack rows by
 (data.packing=concat: no padding, documents continue across rows), as GPT-2 was trained.
 """
 
-from configs import base
+from transformer_jax.config import base
 
 # name: (num_layers, d_model, num_heads, vocab_size, seq_len, batch_size)
 SIZES = {

@@ -14,7 +14,7 @@ Layers are scanned (model.scan_layers), parameters and optimizer state sharded o
 "TPU pods, ahead-of-time from CPU".
 """
 
-from configs import base
+from transformer_jax.config import base
 
 # name: (num_layers, d_model, num_heads, head_dim, batch_size, learning_rate, remat); xl's 24
 # heads of 128 are wider (3072) than its model width, as in the paper.

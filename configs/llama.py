@@ -17,7 +17,7 @@ parameters and optimizer state over every chip (mesh.fsdp=-1) and compute in bfl
 parameters. Which slices they fit: benchmarks/RESULTS.md "TPU pods, ahead-of-time from CPU".
 """
 
-from configs import base
+from transformer_jax.config import base
 
 # name: (num_layers, d_model, num_heads, num_kv_heads, d_ff, vocab, seq_len, batch, lr, remat)
 SIZES = {

@@ -7,7 +7,7 @@ sources, a CODE corpus) on CPU in a couple of minutes.
 Expected on a 2-core CPU: loss from ~9.0 to below 5 in 300 steps, eval_loss ~5, ~2 minutes.
 """
 
-from configs import base
+from transformer_jax.config import base
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ decoder may have different depths (tiny: 2 and 1). T5 trained with Adafactor; he
 inverse-square-root schedule. The tokenizer needs the sentinel pieces (launch/local.sh makes it).
 """
 
-from configs import base
+from transformer_jax.config import base
 
 # name: (enc layers, dec layers, d_model, num_heads, head_dim, d_ff, vocab, seq, batch, lr)
 SIZES = {

@@ -18,7 +18,7 @@ Any local pairs work too: --config.data.corpus='pairs/*.tsv' --config.data.forma
 jsonl_pairs with data.source_field / data.target_field), and a tokenizer trained on them.
 """
 
-from configs import base
+from transformer_jax.config import base
 
 # name: (layers, d_model, num_heads, d_ff, vocab, seq, batch, dropout, lr)
 SIZES = {

@@ -16,6 +16,8 @@ import pytest
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.training import loop
+from transformer_jax.training import resume
+from transformer_jax.training.anomaly import AnomalyError
 from transformer_jax.training.checkpoint import Checkpoints
 from transformer_jax.training.step import Trainer
 from transformer_jax.parallel import sharding
@@ -38,6 +40,22 @@ def _batch(config, weight):
   return {"inputs": np.ones((b, t), np.int32), "targets": np.ones((b, t), np.int32),
           "weights": np.full((b, t), weight, np.float32), "segment_ids": np.ones((b, t), np.int32),
           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+  """poison(steps): the train steps at these state.step values get NaN target weights, so their
+  loss and gradients are NaN (the loop's data and state are otherwise untouched)."""
+  def at(steps):
+    train_step = Trainer.train_step
+
+    def poisoned(self, state, batch, rng):
+      if int(jax.device_get(state.step)) in steps:
+        batch = {k: v * np.float32("nan") if k.endswith("weights") else v
+                 for k, v in batch.items()}
+      return train_step(self, state, batch, rng)
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+  return at
 
 
 def _assert_untouched(after, before):
@@ -81,8 +99,9 @@ def test_loss_spike_is_caught_in_the_step_and_not_applied(tiny_data):
       assert any(jax.tree.leaves(moved))
 
 
-def test_skip_policy_completes_and_logs_each_skipped_batch(tiny_data, tmp_path):
-  out = loop.train(_config(tiny_data), str(tmp_path), quiet=True, devices=ONE(), nan_steps={3, 7})
+def test_skip_policy_completes_and_logs_each_skipped_batch(tiny_data, tmp_path, poison):
+  poison({3, 7})
+  out = loop.train(_config(tiny_data), str(tmp_path), quiet=True, devices=ONE())
   events = [r for r in _lines(tmp_path) if r.get("event") == "anomaly"]
   assert [(e["step"], e["batch"], e["policy"]) for e in events] == [(4, 3, "skip"), (8, 7, "skip")]
   assert out["step"] == 20 and out["skipped"] == 2 and np.isfinite(out["loss"])
@@ -90,10 +109,11 @@ def test_skip_policy_completes_and_logs_each_skipped_batch(tiny_data, tmp_path):
   assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
 
 
-def test_rollback_policy_restores_and_skips_the_data_window(tiny_data, tmp_path):
+def test_rollback_policy_restores_and_skips_the_data_window(tiny_data, tmp_path, poison):
   config = _config(tiny_data, **{"train.on_anomaly": "rollback", "checkpoint.every_steps": 4,
                                  "train.log_every": 2})
-  out = loop.train(config, str(tmp_path), quiet=True, devices=ONE(), nan_steps={6})
+  poison({6})
+  out = loop.train(config, str(tmp_path), quiet=True, devices=ONE())
   rows = _lines(tmp_path)
   rollback = [r for r in rows if r.get("event") == "rollback"]
   assert rollback == [{"step": 7, "event": "rollback", "restored_step": 4,
@@ -103,10 +123,11 @@ def test_rollback_policy_restores_and_skips_the_data_window(tiny_data, tmp_path)
   assert int(jax.device_get(out["state"].step)) == 20
 
 
-def test_abort_policy_stops_with_a_clear_message(tiny_data, tmp_path):
+def test_abort_policy_stops_with_a_clear_message(tiny_data, tmp_path, poison):
   config = _config(tiny_data, **{"train.on_anomaly": "abort"})
-  with pytest.raises(loop.AnomalyError, match=r"non-finite loss or gradient at step 3 \(batch 2"):
-    loop.train(config, str(tmp_path), quiet=True, devices=ONE(), nan_steps={2})
+  poison({2})
+  with pytest.raises(AnomalyError, match=r"non-finite loss or gradient at step 3 \(batch 2"):
+    loop.train(config, str(tmp_path), quiet=True, devices=ONE())
   assert sorted(os.listdir(tmp_path / "checkpoints")) == []  # nothing after the bad batch saved
 
 
@@ -170,7 +191,7 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
   with pytest.raises(ConfigError, match=r"model\.d_ff: 0 -> 128.*on_mismatch=fresh\|params"):
     loop.train(_config(tiny_data, **{"model.d_ff": 128}), workdir, quiet=True, devices=ONE())
   # How the step computes may change on resume (another attention kernel, remat)
-  assert not loop.workdir_mismatch(_config(tiny_data, **{
+  assert not resume.workdir_mismatch(_config(tiny_data, **{
       "model.attention_impl": "dot_product", "model.remat": "full"}), workdir)
   # params: same shapes (dropout differs) -> starts at step 0 from the saved parameters
   out = loop.train(_config(tiny_data, **{"model.dropout_rate": 0.1,

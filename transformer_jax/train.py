@@ -26,9 +26,10 @@ def main(argv):
       config.data.tokenizer = os.path.abspath(config.data.tokenizer)
   from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import anomaly  # pylint: disable=g-import-not-at-top
   try:
     out = loop.train(config, flags["workdir"])
-  except loop.AnomalyError as e:
+  except anomaly.AnomalyError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   except checkpoint.WriteError as e:

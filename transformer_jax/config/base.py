@@ -1,7 +1,10 @@
 """Every default of transformer_jax, documented once.
 
-Recipes (`configs/smoke.py`, `configs/gpt2.py`, ...) start from `get_config()` here and change
-only what differs. Configs are Python and run as code: load only configs you trust.
+Recipes (`configs/smoke.py`, `configs/gpt2.py`, ...) start from `get_config()` here
+(`from transformer_jax.config import base`) and change only what differs. It ships inside the
+package, so a workdir's saved config.json gets the defaults of keys added since it was written
+(config.from_json_file) in an installed package too. Configs are Python and run as code: load
+only configs you trust.
 
 Override any key on the command line: `--config.model.num_layers=4`.
 """
@@ -9,13 +12,41 @@ Override any key on the command line: `--config.model.num_layers=4`.
 import ml_collections
 
 
+# Logical axis -> mesh axes. Model code only names logical axes; this table places them.
+# Parameters: embed (model width), mlp, heads, kv_heads, head_dim, vocab, layers (the stacked
+# axis of model.scan_layers).
+# Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
+SHARDING_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
 def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds parameter init, dropout and the data order
+  c.model, c.data, c.train, c.optimizer = _model(), _data(), _train(), _optimizer()
+  c.checkpoint, c.eval, c.mesh = _checkpoint(), _eval(), _mesh()
+  c.sharding_rules = SHARDING_RULES
+  return c
 
+
+def _model():
   # ----------------------------------------------------------------------------------- model
-  m = c.model = ml_collections.ConfigDict()
+  m = ml_collections.ConfigDict()
   m.family = "decoder"  # decoder (causal LM) | encoder (BERT, masked LM) | encdec (seq2seq)
   m.num_layers = 12
   m.d_model = 768
@@ -64,8 +95,12 @@ def get_config(arg=None):
   # KV-cache decoding always uses xla (dot_product: itself).
   m.attention_impl = "xla"
 
+  return m
+
+
+def _data():
   # ------------------------------------------------------------------------------------ data
-  d = c.data = ml_collections.ConfigDict()
+  d = ml_collections.ConfigDict()
   # "stdlib" (this Python's standard library sources), a glob of files, or "tfds:NAME[/CONFIG]"
   # (a TFDS catalog dataset, downloaded and prepared once, e.g. "tfds:wmt14_translate/de-en")
   d.corpus = "stdlib"
@@ -121,8 +156,12 @@ def get_config(arg=None):
   d.ul2_mix = (0.5, 0.25, 0.25)  # ul2: probabilities of the R, S (prefix LM), X denoisers
   d.ul2_x = (32.0, 0.5)  # ul2: X's (mean span length, noise density)
 
+  return d
+
+
+def _train():
   # ----------------------------------------------------------------------------------- train
-  t = c.train = ml_collections.ConfigDict()
+  t = ml_collections.ConfigDict()
   t.batch_size = 32  # global rows per optimizer step (all hosts together)
   t.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
   t.steps = 1000
@@ -142,8 +181,12 @@ def get_config(arg=None):
   t.spike_factor = 0.0  # > 0: loss > spike_factor * (running mean of loss) is a spike; 0 = off
   t.spike_warmup_steps = 100  # no spike checks before this step (the running mean settles)
 
+  return t
+
+
+def _optimizer():
   # ------------------------------------------------------------------------------- optimizer
-  o = c.optimizer = ml_collections.ConfigDict()
+  o = ml_collections.ConfigDict()
   o.learning_rate = 3e-4  # peak
   o.schedule = "cosine"  # cosine | linear | rsqrt | wsd | constant (all after linear warmup)
   o.warmup_steps = 100
@@ -157,8 +200,12 @@ def get_config(arg=None):
   o.decay_embeddings = False  # biases and norm scales are never decayed; embeddings optional
   o.grad_clip = 1.0  # global-norm clipping; 0 = off
 
+  return o
+
+
+def _checkpoint():
   # ------------------------------------------------------------------------------ checkpoint
-  k = c.checkpoint = ml_collections.ConfigDict()
+  k = ml_collections.ConfigDict()
   k.every_steps = 500
   k.keep = 3  # keep the last N checkpoints ...
   k.keep_period = 0  # ... and every checkpoint whose step is a multiple of this (0 = none)
@@ -168,18 +215,26 @@ def get_config(arg=None):
   # params (start over from their parameters; same shapes needed).
   k.on_mismatch = "refuse"
 
+  return k
+
+
+def _eval():
   # ------------------------------------------------------------------------------------ eval
-  e = c.eval = ml_collections.ConfigDict()
+  e = ml_collections.ConfigDict()
   e.every_steps = 500  # 0 = only at the end
   e.batches = 8  # held-out batches per evaluation (the same ones every time)
 
+  return e
+
+
+def _mesh():
   # ------------------------------------------------------------------------------------ mesh
   # Device mesh; -1 fills with the remaining devices. The product must equal the device count.
   # Multi-slice (several TPU slices joined by the data-center network, DCN): data/fsdp/tensor are
   # the sizes within one slice (ICI) and dcn_* the number of slices each axis spans; each mesh
   # axis is then ici * dcn long and slices * devices per slice = the device count. Data
   # parallelism across slices (dcn_data) needs the least DCN traffic: one gradient all-reduce.
-  x = c.mesh = ml_collections.ConfigDict()
+  x = ml_collections.ConfigDict()
   x.data = -1
   x.fsdp = 1
   x.tensor = 1
@@ -189,27 +244,7 @@ def get_config(arg=None):
   # CPU only: split the host's cores into this many XLA devices (0 = XLA's default, one). The
   # train step then runs data-parallel across them; see benchmarks/RESULTS.md for when it pays.
   x.cpu_devices = 0
-  # Logical axis -> mesh axes. Model code only names logical axes; this table places them.
-  # Parameters: embed (model width), mlp, heads, kv_heads, head_dim, vocab, layers (the stacked
-  # axis of model.scan_layers).
-  # Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
-  c.sharding_rules = (
-      ("act_batch", ("data", "fsdp")),
-      ("act_length", None),
-      ("act_embed", None),
-      ("act_heads", "tensor"),
-      ("act_kv_heads", "tensor"),
-      ("act_mlp", "tensor"),
-      ("act_vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("head_dim", None),
-      ("vocab", "tensor"),
-      ("layers", None),
-  )
-  return c
+  return x
 
 
 def cpu_sized(c, steps: int = 300, warmup_steps: int = 20):

@@ -14,6 +14,8 @@ import sys
 
 import ml_collections
 
+from transformer_jax.config import base
+
 
 class ConfigError(ValueError):
   """A user mistake in a config, flag, file or path; printed as one line, no traceback."""
@@ -187,9 +189,8 @@ MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
 
 
 def mesh_dcn_shape(mesh_cfg) -> dict:
-  """Slices each mesh axis spans over the data-center network (mesh.dcn_*; 1 = within a slice).
-  A config saved before these keys existed reads as one slice."""
-  dcn = {a: mesh_cfg.get(f"dcn_{a}", 1) for a in MESH_AXIS_NAMES}
+  """Slices each mesh axis spans over the data-center network (mesh.dcn_*; 1 = within a slice)."""
+  dcn = {a: mesh_cfg[f"dcn_{a}"] for a in MESH_AXIS_NAMES}
   for name, size in dcn.items():
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
       raise ConfigError(f"mesh.dcn_{name} must be a positive int, got {size!r}")
@@ -235,27 +236,26 @@ def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                           "base.py")
+def defaults() -> dict:
+  """Every key at its default (config/base.py, the one source of defaults), as plain data."""
+  return json.loads(to_json(base.get_config()))
 
 
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-  """`saved`, with each key it lacks (one newer than the file) at its default."""
-  out = dict(defaults)
+def with_defaults(saved: dict, default: dict | None = None) -> dict:
+  """`saved` (e.g. a workdir's config.json), with each key it lacks (one newer than the file)
+  at its default."""
+  out = dict(defaults() if default is None else default)
   for key, value in saved.items():
-    both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
-    out[key] = _with_defaults(value, defaults[key]) if both else value
+    both = isinstance(value, dict) and isinstance(out.get(key), dict)
+    out[key] = with_defaults(value, out[key]) if both else value
   return out
 
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
-  """A saved config (a workdir's config.json); keys added since it was written get
-  configs/base.py's defaults (when that file is there), so older workdirs still resume."""
+  """A saved config (a workdir's config.json); keys added since it was written get their
+  defaults (config/base.py, inside the package), so older workdirs still resume."""
   with open(path) as f:
-    saved = json.load(f)
-  if os.path.isfile(BASE_CONFIG):
-    saved = _with_defaults(saved, json.loads(to_json(load(BASE_CONFIG))))
-  config = ml_collections.ConfigDict(saved)
+    config = ml_collections.ConfigDict(with_defaults(json.load(f)))
   config.sharding_rules = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.sharding_rules)

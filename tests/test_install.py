@@ -1,0 +1,32 @@
+"""The package as pip installs it (not editable): it carries its own defaults."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_installed_package_fills_new_keys_of_a_saved_config(tmp_path):
+  """A workdir's config.json written before a key existed gets that key's default from
+  transformer_jax/config/base.py in a non-editable install run away from the checkout."""
+  target = tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                  "--no-build-isolation", "--no-compile", "--target", str(target), REPO],
+                 check=True, capture_output=True, timeout=300)
+  saved = tmp_path / "config.json"
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  old = json.loads(config_lib.to_json(config_lib.base.get_config()))
+  del old["model"]["scan_layers"], old["mesh"]["dcn_data"]  # "newer" keys
+  old["model"]["d_model"] = 96
+  saved.write_text(json.dumps(old))
+  code = ("import json, sys; from transformer_jax import config as c; "
+          "x = c.from_json_file(sys.argv[1]); print(c.__file__); "
+          "print(json.dumps([x.model.scan_layers, x.mesh.dcn_data, x.model.d_model]))")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["PYTHONPATH"] = str(target)
+  out = subprocess.run([sys.executable, "-c", code, str(saved)], cwd=tmp_path, env=env,
+                       check=True, capture_output=True, text=True, timeout=120).stdout.split("\n")
+  assert out[0].startswith(str(target)), out  # the installed copy, not the checkout
+  assert json.loads(out[1]) == [False, 1, 96]

@@ -1,0 +1,51 @@
+"""Preemption: SIGTERM / SIGINT let the step in flight finish, then the loop saves and returns."""
+
+import os
+import signal
+import threading
+
+import jax
+from jax.experimental import multihost_utils
+
+
+class Preemption:
+  """SIGTERM / SIGINT only set a flag: the loop finishes the step in flight, saves a checkpoint
+  (waiting for any async save) and returns, so re-running the same command resumes.
+
+  With several processes they must all stop after the same step: SIGTERM then goes to JAX's
+  preemption notifier (jax.distributed installs it), which agrees on that step with the other
+  processes (`reached`), and SIGINT is turned into a SIGTERM to this process."""
+
+  def __init__(self):
+    self.signum, self._old = None, {}
+    self.multi = jax.process_count() > 1
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # a second signal: the user insists
+      raise KeyboardInterrupt
+    if self.multi:
+      self.signum = signal.SIGTERM
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.signum = signum
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step` (the same step on every process)."""
+    if self.multi:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+        return True
+      return False
+    return self.signum is not None
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name
+
+  def close(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)

@@ -1,0 +1,85 @@
+"""The resume policy: whose checkpoints a workdir holds, and the state a run starts from.
+
+Re-running a command in its workdir resumes from the newest readable checkpoint. Checkpoints
+written for another model or tokenizer are refused, set aside (`checkpoint.on_mismatch=fresh`),
+or their parameters reused with a new optimizer state (`params`)."""
+
+import json
+import os
+
+import jax
+from jax.experimental import multihost_utils
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.training import checkpoint as ckpt_lib
+
+# How a step computes, not what: a run may resume with other values of these.
+EXECUTION_KEYS = ("model.attention_impl", "model.attention_chunks", "model.remat")
+
+
+def prepare_workdir(workdir: str):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test-{os.getpid()}-{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def workdir_mismatch(config, workdir: str) -> list[str]:
+  """`KEY: saved -> now` for each model.* (but EXECUTION_KEYS) or data.tokenizer value that
+  differs from the config the workdir's checkpoints were written with (none when there are no
+  checkpoints). A key newer than the saved config counts as its default there."""
+  saved_path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
+  if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_dir)
+          and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+    return []
+  with open(saved_path) as f:
+    saved = _flat(config_lib.with_defaults(json.load(f)))
+  now = _flat(json.loads(config_lib.to_json(config)))
+  keys = sorted(k for k in set(saved) | set(now) if (k.startswith("model.") or
+                                                     k == "data.tokenizer") and k not in EXECUTION_KEYS)
+  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def start(trainer, workdir: str, data, say):
+  """(first step, state, Checkpoints) for a run in `workdir`: restored from its newest readable
+  checkpoint (and `data` moved to its position), or freshly initialised. Writes config.json
+  only once the checkpoints have accepted this config, so a refused run leaves it as it was."""
+  c = trainer.config
+  diffs, params = workdir_mismatch(c, workdir), None
+  if diffs and c.checkpoint.on_mismatch == "refuse":
+    raise ConfigError(f"{workdir} holds checkpoints of another model or tokenizer ("
+                      f"{'; '.join(diffs)}); use a new --workdir, or "
+                      f"--config.checkpoint.on_mismatch=fresh|params")
+  if jax.process_count() > 1:  # every process has read config.json before process 0 rewrites it
+    multihost_utils.sync_global_devices("workdir checked")
+  if diffs:
+    old = ckpt_lib.Checkpoints(workdir, c.checkpoint)
+    if c.checkpoint.on_mismatch == "params":
+      _, params = old.restore_params(trainer.abstract_state.params)
+    old.close()
+    say(f"checkpoints of the previous config set aside in {ckpt_lib.set_aside(workdir)}")
+  ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
+  step, state = ckpts.restore(trainer.abstract_state, data, report=say)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(c))
+  if state is not None:
+    say(f"resumed from {ckpts.directory}/{step}")
+    return step, state, ckpts
+  state = trainer.init_state(c.seed)
+  if params is not None:
+    state = state.replace(params=params)
+    say("started from the previous checkpoint's parameters (new optimizer state, step 0)")
+  return 0, state, ckpts

@@ -1,0 +1,58 @@
+"""The throughput meter: tokens/s and MFU per log window, the first step's compile time, and the
+window's mean loss over the steps whose update was applied (device-side sums: no host sync per
+step)."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.training import metrics as metrics_lib
+
+
+class Meter:
+
+  def __init__(self, trainer, params):
+    c = trainer.config
+    self.matmul_params = metrics_lib.matmul_params(params, c.model.tie_embeddings)
+    self.flops_per_token = metrics_lib.flops_per_token(trainer.model.cfg, self.matmul_params,
+                                                       c.data.seq_len)
+    peak, self.peak_source = metrics_lib.peak_flops_per_device(trainer.model.cfg.compute_dtype)
+    self.peak_total = peak * trainer.mesh.size
+    self.tokens_per_step = c.train.batch_size * c.data.seq_len
+    self._t0, self._mark, self._first = time.perf_counter(), None, {}
+    self.restart()
+
+  def restart(self):
+    """A new window from now (after a rollback)."""
+    self._loss_sum, self._applied, self._steps = 0.0, 0, 0
+    if self._mark is not None:
+      self._mark = time.perf_counter()
+
+  def step(self, m: dict):
+    """Counts one step's on-device metrics. The run's first step includes compilation: it is
+    timed alone (compile_s) and left out of the first window."""
+    bad = m["nonfinite"] | m["spike"]
+    self._loss_sum = self._loss_sum + jnp.where(bad, 0.0, m["loss"])
+    self._applied = self._applied + (1 - bad.astype(jnp.int32))
+    self._steps += 1
+    if self._mark is None:
+      jax.block_until_ready(m)
+      self._first["compile_s"] = time.perf_counter() - self._t0
+      self._mark, self._steps = time.perf_counter(), 0
+
+  def read(self, m: dict, skipped) -> dict:
+    """The log line's values: the last step's metrics (its loss as loss_last), the window's mean
+    loss, skipped steps so far, tokens_per_s and mfu (and compile_s once). Starts a new window."""
+    m = jax.device_get(m)
+    n = int(self._applied)
+    m["loss_last"], m["loss"] = m["loss"], float(self._loss_sum) / n if n else float("nan")
+    m["skipped"] = int(jax.device_get(skipped))
+    now = time.perf_counter()
+    tps = self.tokens_per_step * self._steps / max(now - self._mark, 1e-9) if self._steps else 0.0
+    out = {k: float(v) for k, v in m.items()}
+    out.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak_total, **self._first)
+    self._first = {}
+    self.restart()
+    self._mark = now
+    return out
