@@ -136,6 +136,19 @@ def test_parse_flags():
     cli.parse(["--steps=x"], {"steps": 1})
 
 
+def test_parse_flags_with_space_separated_values():
+  """`--workdir runs/x` as launch/local.sh takes it; a bare bool flag does not eat what follows."""
+  spec, overrides, values = cli.parse(
+      ["--config", "c.py:x", "--config.model.d_model", "8", "--workdir", "runs/x", "--data-only",
+       "--steps", "3"], {"steps": 1, "data_only": False, "workdir": ""})
+  assert spec == "c.py:x" and overrides == ["model.d_model=8"]
+  assert values == {"steps": 3, "data_only": True, "workdir": "runs/x"}
+  with pytest.raises(ConfigError, match="unexpected argument 'x'"):
+    cli.parse(["--data-only", "x"], {"data_only": False})
+  with pytest.raises(ConfigError, match="flag --workdir needs a value"):
+    cli.parse(["--workdir"], {"workdir": ""})
+
+
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_entry_points_reexec_with_malloc_tunables(opt_out):
   """`cli.entry` re-executes the command once with glibc tunables (unless opted out)."""

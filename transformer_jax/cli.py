@@ -13,9 +13,10 @@ from transformer_jax.config import ConfigError
 
 def parse(argv, flags: dict):
   """Returns (config spec or None, config overrides, flag values). `flags` maps names to
-  defaults; a flag's type is its default's (a bool flag may be given bare: `--data-only`)."""
+  defaults; a flag's type is its default's (a bool flag may be given bare: `--data-only`).
+  A value follows its flag after `=` or as the next argument (`--workdir runs/x`)."""
   spec, overrides, values = None, [], dict(flags)
-  for arg in argv:
+  for arg in _joined(argv, flags):
     if not arg.startswith("--"):
       raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
     name, sep, value = arg[2:].partition("=")
@@ -25,21 +26,36 @@ def parse(argv, flags: dict):
       overrides.append(f"{name[len('config.'):]}={value}")
     elif name.replace("-", "_") in flags:
       key = name.replace("-", "_")
-      default = flags[key]
-      if isinstance(default, bool):
-        value = (value.lower() in ("1", "true", "yes")) if sep else True
-      elif not sep:
-        raise ConfigError(f"flag --{name} needs a value: --{name}=VALUE")
-      else:
-        try:
-          value = type(default)(value) if default is not None else value
-        except ValueError:
-          raise ConfigError(f"flag --{name} expects {type(default).__name__}, got {value!r}")
-      values[key] = value
+      values[key] = _flag_value(name, flags[key], sep, value)
     else:
       known = ", ".join(["--config", "--config.KEY"] + [f"--{k}" for k in flags])
       raise ConfigError(f"unknown flag --{name} (known: {known})")
   return spec, overrides, values
+
+
+def _joined(argv, flags: dict) -> list:
+  """`--name value` -> `--name=value` for every flag that takes a value (not a bare bool)."""
+  out = []
+  for arg in argv:
+    prev = out[-1][2:] if out and out[-1].startswith("--") and "=" not in out[-1] else None
+    takes_value = prev is not None and (prev == "config" or prev.startswith("config.") or not
+                                        isinstance(flags.get(prev.replace("-", "_"), True), bool))
+    if takes_value and not arg.startswith("--"):
+      out[-1] += "=" + arg
+    else:
+      out.append(arg)
+  return out
+
+
+def _flag_value(name: str, default, sep: str, value: str):
+  if isinstance(default, bool):
+    return (value.lower() in ("1", "true", "yes")) if sep else True
+  if not sep:
+    raise ConfigError(f"flag --{name} needs a value: --{name}=VALUE or --{name} VALUE")
+  try:
+    return type(default)(value) if default is not None else value
+  except ValueError:
+    raise ConfigError(f"flag --{name} expects {type(default).__name__}, got {value!r}") from None
 
 
 def load_config(spec, overrides, workdir=None):

@@ -236,6 +236,27 @@ def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
+def write_json(config, path: str):
+  """Writes the config as JSON atomically (a temporary file renamed over `path`): a crash
+  mid-write leaves the previous file, never half of one."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(to_json(config))
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+  """A saved config.json as a dict; invalid JSON is a one-line ConfigError."""
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); delete it and re-run "
+                      f"with --config=FILE.py, the recipe of this workdir (the checkpoints' shapes "
+                      f"are still checked when they are restored)") from None
+
+
 def defaults() -> dict:
   """Every key at its default (config/base.py, the one source of defaults), as plain data."""
   return json.loads(to_json(base.get_config()))
@@ -254,8 +275,7 @@ def with_defaults(saved: dict, default: dict | None = None) -> dict:
 def from_json_file(path: str) -> ml_collections.ConfigDict:
   """A saved config (a workdir's config.json); keys added since it was written get their
   defaults (config/base.py, inside the package), so older workdirs still resume."""
-  with open(path) as f:
-    config = ml_collections.ConfigDict(with_defaults(json.load(f)))
+  config = ml_collections.ConfigDict(with_defaults(read_json(path)))
   config.sharding_rules = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.sharding_rules)

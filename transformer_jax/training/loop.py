@@ -14,6 +14,7 @@ from transformer_jax.data import pipeline
 from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 from transformer_jax.training import anomaly
+from transformer_jax.training import lock
 from transformer_jax.training import metrics as metrics_lib
 from transformer_jax.training import resume
 from transformer_jax.training import throughput
@@ -31,13 +32,20 @@ def setup(config, workdir: str, devices=None):
   mesh = sharding.make_mesh(config, devices)
   return Trainer(config, mesh)
 
+
 def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = False,
           devices=None) -> dict:
   """Trains until `train.steps` (or `stop_after` steps into this run, for tests), resuming from
   the latest readable checkpoint in `workdir`. Returns the last logged metrics, plus
-  `preempted` (the signal number) when a signal stopped it early."""
+  `preempted` (the signal number) when a signal stopped it early. Refused while another live
+  run owns the workdir (lock.py)."""
   trainer = setup(config, workdir, devices)
-  c, lead = config, jax.process_index() == 0
+  with lock.hold(workdir):
+    return _run(trainer, workdir, stop_after, quiet)
+
+
+def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
+  c, lead = trainer.config, jax.process_index() == 0
   say = (lambda msg: tqdm.tqdm.write(msg)) if lead and not quiet else (lambda msg: None)
   all_rows = distributed.batch_rows(trainer.batch_sharding, c.train.batch_size, c.data.seq_len)
   rows = all_rows[jax.process_index()]

@@ -12,7 +12,10 @@ from jax.experimental import multihost_utils
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.data import tfds_text
 from transformer_jax.training import checkpoint as ckpt_lib
+
+TOKENIZER_SHA = "tokenizer.sha256"  # the SHA-256 of the tokenizer the checkpoints were trained with
 
 # How a step computes, not what: a run may resume with other values of these.
 EXECUTION_KEYS = ("model.attention_impl", "model.attention_chunks", "model.remat")
@@ -39,17 +42,25 @@ def _flat(d, prefix=""):
 def workdir_mismatch(config, workdir: str) -> list[str]:
   """`KEY: saved -> now` for each model.* (but EXECUTION_KEYS) or data.tokenizer value that
   differs from the config the workdir's checkpoints were written with (none when there are no
-  checkpoints). A key newer than the saved config counts as its default there."""
+  checkpoints), and the tokenizer file's content when it changed at the same path (its SHA-256,
+  saved beside config.json). A key newer than the saved config counts as its default there."""
   saved_path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
   if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_dir)
           and any(d.isdigit() for d in os.listdir(ckpt_dir))):
     return []
-  with open(saved_path) as f:
-    saved = _flat(config_lib.with_defaults(json.load(f)))
+  saved = _flat(config_lib.with_defaults(config_lib.read_json(saved_path)))
   now = _flat(json.loads(config_lib.to_json(config)))
   keys = sorted(k for k in set(saved) | set(now) if (k.startswith("model.") or
                                                      k == "data.tokenizer") and k not in EXECUTION_KEYS)
-  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+  diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+  sha_path = os.path.join(workdir, TOKENIZER_SHA)
+  if os.path.isfile(sha_path) and config.data.tokenizer:
+    with open(sha_path) as f:
+      old = f.read().strip()
+    new = tfds_text.tokenizer_sha256(config.data.tokenizer)
+    if old != new:
+      diffs.append(f"the content of data.tokenizer (sha256 {old[:12]}... -> {new[:12]}...)")
+  return diffs
 
 
 def start(trainer, workdir: str, data, say):
@@ -73,8 +84,10 @@ def start(trainer, workdir: str, data, say):
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   step, state = ckpts.restore(trainer.abstract_state, data, report=say)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(c))
+    config_lib.write_json(c, os.path.join(workdir, "config.json"))
+    if c.data.tokenizer:
+      with open(os.path.join(workdir, TOKENIZER_SHA), "w") as f:
+        f.write(tfds_text.tokenizer_sha256(c.data.tokenizer) + "\n")
   if state is not None:
     say(f"resumed from {ckpts.directory}/{step}")
     return step, state, ckpts

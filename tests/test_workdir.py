@@ -1,0 +1,89 @@
+"""A workdir holds one run's history: one live owner, the tokenizer's content checked on resume,
+config.json written atomically and read with a one-line error."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.training import lock
+from transformer_jax.training import loop
+from tests.conftest import REPO, tiny_overrides
+
+ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
+
+
+def _config(tiny_data, **extra):
+  extra = {"train.steps": 2, "checkpoint.every_steps": 2, "eval.every_steps": 0, **extra}
+  return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
+
+
+def test_a_live_run_owns_its_workdir_and_a_dead_one_does_not(tiny_data, tmp_path):
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  with lock.hold(workdir):  # another live run (here: this process, through another descriptor)
+    with pytest.raises(ConfigError, match=rf"{workdir} is in use by pid {os.getpid()} on "):
+      loop.train(_config(tiny_data), workdir, quiet=True, devices=ONE())
+  assert not os.path.exists(os.path.join(workdir, "config.json"))  # refused before any write
+  # A run killed while holding the workdir leaves the lock file behind, but not the lock.
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from transformer_jax.training import lock\n"
+       "with lock.hold(sys.argv[1]):\n  print('held', flush=True); time.sleep(600)", workdir],
+      stdout=subprocess.PIPE, text=True, cwd=REPO)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match=rf"in use by pid {holder.pid} "):
+      loop.train(_config(tiny_data), workdir, quiet=True, devices=ONE())
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+  assert os.path.isfile(os.path.join(workdir, "lock"))
+  out = loop.train(_config(tiny_data), workdir, quiet=True, devices=ONE())
+  assert out["step"] == 2
+
+
+def test_a_tokenizer_replaced_at_the_same_path_is_refused(tiny_data, tmp_path):
+  tok = str(tmp_path / "tok.model")
+  shutil.copy(tiny_data["tokenizer"], tok)
+  workdir = str(tmp_path / "w")
+  loop.train(_config(tiny_data, **{"data.tokenizer": tok}), workdir, quiet=True, devices=ONE())
+  docs = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
+  tokenizer_lib.train(docs, 296, str(tmp_path / "other.model"))
+  shutil.copy(tmp_path / "other.model", tok)  # new content, same file name
+  config = _config(tiny_data, **{"data.tokenizer": tok, "train.steps": 4})
+  with pytest.raises(ConfigError, match=r"holds checkpoints of another model or tokenizer "
+                     r"\(the content of data.tokenizer \(sha256 [0-9a-f]{12}\.\.\. -> "):
+    loop.train(config, workdir, quiet=True, devices=ONE())
+
+
+def test_config_json_is_written_atomically_and_read_with_a_one_line_error(tmp_path, monkeypatch):
+  path = str(tmp_path / "config.json")
+  config = config_lib.base.get_config()
+  config_lib.write_json(config, path)
+  before = open(path).read()
+
+  def crash(_):
+    raise OSError("disk full")
+  monkeypatch.setattr(config_lib, "to_json", crash)
+  with pytest.raises(OSError):
+    config_lib.write_json(config, path)  # a crash mid-write ...
+  assert open(path).read() == before  # ... leaves the previous file whole
+  monkeypatch.undo()
+  with open(path, "w") as f:
+    f.write(before[:len(before) // 2])
+  with pytest.raises(ConfigError, match=rf"^{path} is not valid JSON \(.*line \d+\); delete it"):
+    config_lib.from_json_file(path)
+  out = subprocess.run([sys.executable, "-m", "transformer_jax.train", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 2 and out.stderr.startswith(f"error: {path} is not valid JSON")
+  assert "Traceback" not in out.stderr
+  json.loads(before)
