@@ -17,6 +17,7 @@ from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
+from transformer_jax.training import metrics as metrics_lib
 from tests.conftest import REPO, tiny_overrides
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
@@ -87,3 +88,24 @@ def test_config_json_is_written_atomically_and_read_with_a_one_line_error(tmp_pa
   assert out.returncode == 2 and out.stderr.startswith(f"error: {path} is not valid JSON")
   assert "Traceback" not in out.stderr
   json.loads(before)
+
+
+def test_a_resumed_run_replays_into_one_clean_metrics_history(tiny_data, tmp_path):
+  workdir = str(tmp_path)
+  extra = {"train.steps": 10, "train.log_every": 5, "checkpoint.every_steps": 5}
+  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "10"))  # as if killed before that save
+  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())  # replays 6..10
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f if "loss" in json.loads(line)]
+  assert steps == [5, 10]
+
+
+def test_metrics_file_deleted_during_a_run_is_created_again(tmp_path):
+  w = metrics_lib.Writer(str(tmp_path))
+  w.write(1, {"loss": 1.0})
+  os.remove(tmp_path / "metrics.jsonl")
+  w.write(2, {"loss": 0.5})
+  w.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(line) for line in f] == [{"step": 2, "loss": 0.5}]

@@ -54,7 +54,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
   data_writes = None if distributed.data_writers(all_rows, jax.process_index()) else ()
   start, state, ckpts = resume.start(trainer, workdir, data, say)
   eval_batches = pipeline.eval_batches(c, c.eval.batches, rows)
-  writer = metrics_lib.Writer(workdir, enabled=lead)
+  writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
   say(f"workdir {os.path.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
       f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {meter.peak_source}")

@@ -70,15 +70,21 @@ def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
 
 
 class Writer:
-  """metrics.jsonl (one JSON object per line) + TensorBoard events; only process 0 writes."""
+  """metrics.jsonl (one JSON object per line) + TensorBoard events; only process 0 writes.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  A run resumed from step `resume_step` first drops the lines (and TensorBoard events) of later
+  steps, which an earlier run logged after its last checkpoint and this one replays: the file
+  stays one clean history. A metrics.jsonl deleted during the run is created again."""
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self._jsonl = self._tb = None
+    self.path = os.path.join(workdir, "metrics.jsonl")
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      _drop_after(self.path, resume_step)
+      self._jsonl = open(self.path, "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, values: dict):
     if not self.enabled:
@@ -87,11 +93,14 @@ class Writer:
     row.update({k: (float(v) if isinstance(v, (int, float, np.number, jax.Array)) else v)
                 for k, v in values.items()})
     try:
+      if not os.path.exists(self.path):  # deleted under us: lines to the unlinked file are lost
+        self._jsonl.close()
+        self._jsonl = open(self.path, "a")
       self._jsonl.write(json.dumps(row) + "\n")
       self._jsonl.flush()
     except OSError as e:
       from transformer_jax.training.checkpoint import WriteError  # pylint: disable=g-import-not-at-top
-      raise WriteError(f"writing {self._jsonl.name} failed: {e.strerror or e}; free space or fix "
+      raise WriteError(f"writing {self.path} failed: {e.strerror or e}; free space or fix "
                        "the workdir, then re-run the same command to resume from its latest "
                        "checkpoint") from None
     for k, v in row.items():
@@ -102,3 +111,30 @@ class Writer:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_after(path: str, step: int):
+  """Rewrites metrics.jsonl (atomically) without its lines of steps after `step`. A run that
+  starts at step 0 (a new run in a workdir whose checkpoints were set aside or lost) keeps the
+  old lines in metrics-<time>.jsonl instead."""
+  if not os.path.isfile(path):
+    return
+  if step == 0:
+    os.replace(path, path[:-len(".jsonl")] + time.strftime("-%Y%m%d-%H%M%S.jsonl"))
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if _step(line) <= step]
+  if len(keep) == len(lines):
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+def _step(line: str) -> float:
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")  # a torn last line of a killed run: dropped
