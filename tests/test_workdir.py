@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -18,6 +19,7 @@ from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
 from transformer_jax.training import metrics as metrics_lib
+from transformer_jax.training.checkpoint import Checkpoints, WriteError
 from tests.conftest import REPO, tiny_overrides
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
@@ -109,3 +111,39 @@ def test_metrics_file_deleted_during_a_run_is_created_again(tmp_path):
   w.close()
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line) for line in f] == [{"step": 2, "loss": 0.5}]
+
+
+def _read_only(path: str) -> list:
+  """Makes a folder unwritable for this process (root ignores modes: the immutable attribute);
+  returns the command that undoes it."""
+  if os.geteuid() == 0:
+    subprocess.run(["chattr", "+i", path], check=True)
+    return ["chattr", "-i", path]
+  os.chmod(path, 0o555)
+  return ["chmod", "755", path]
+
+
+def test_checkpoints_folder_made_read_only_mid_run_fails_at_once_naming_step_and_cause(
+    tiny_data, tmp_path, monkeypatch):
+  """Orbax's background threads waited 300 s for each other, then named the previous step and a
+  timeout; the probe before each save fails within seconds with the cause."""
+  undo = []
+  save = Checkpoints.save
+
+  def save_then_lock(self, step, *args, **kwargs):
+    if step == 4:
+      self.wait()
+      undo.append(_read_only(self.directory))
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(Checkpoints, "save", save_then_lock)
+  config = _config(tiny_data, **{"train.steps": 6, "checkpoint.every_steps": 2,
+                                 "checkpoint.async_save": True})
+  t0 = time.monotonic()
+  try:
+    with pytest.raises(WriteError, match=r"saving checkpoint 4 to .* failed: (Operation not "
+                       r"permitted|Permission denied); complete checkpoints on disk: 2 "):
+      loop.train(config, str(tmp_path), quiet=True, devices=ONE())
+  finally:
+    for cmd in undo:
+      subprocess.run(cmd, check=True)
+  assert time.monotonic() - t0 < 120  # not Orbax's 300 s barrier timeout

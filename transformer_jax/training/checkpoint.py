@@ -22,7 +22,7 @@ class WriteError(RuntimeError):
 
 
 _WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                   "Permission denied", "No such file or directory")
+                   "Permission denied", "Operation not permitted", "No such file or directory")
 
 
 def write_failure(e: BaseException):
@@ -131,10 +131,20 @@ class Checkpoints:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = data_save_args(data_iterator, data_writes)
-    with self._writing():  # an earlier async save's failure surfaces here
-      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.wait()  # an earlier async save's failure surfaces here, under its own step
     self._pending = step
-    return saved
+    with self._writing():
+      self._probe()
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def _probe(self):
+    """Creates and removes a file in the checkpoints folder: a folder that cannot be written
+    fails here, at once, with its cause, instead of in Orbax's background threads (which wait
+    for each other for minutes, then report a timeout)."""
+    path = os.path.join(self.directory, f".probe-{jax.process_index()}-{os.getpid()}")
+    with open(path, "w"):
+      pass
+    os.remove(path)
 
   @contextlib.contextmanager
   def _writing(self):
