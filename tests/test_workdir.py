@@ -147,3 +147,13 @@ def test_checkpoints_folder_made_read_only_mid_run_fails_at_once_naming_step_and
     for cmd in undo:
       subprocess.run(cmd, check=True)
   assert time.monotonic() - t0 < 120  # not Orbax's 300 s barrier timeout
+
+
+def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path):
+  config = _config(tiny_data, **{"train.steps": 4, "train.log_every": 2, "eval.every_steps": 2})
+  first = loop.train(config, str(tmp_path), quiet=True, devices=ONE())
+  again = loop.train(config, str(tmp_path), quiet=True, devices=ONE())
+  assert again["complete"] and again["step"] == 4
+  assert again["loss"] == first["loss"] and again["eval_loss"] == first["eval_loss"]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [2, 2, 4, 4]  # nothing appended

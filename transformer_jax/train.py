@@ -47,7 +47,8 @@ def main(argv):
                               max_new_tokens=config.train.sample_tokens, temperature=0.8, top_k=40)
     print(f"--- sample (prompt {config.train.sample_prompt!r}) ---\n"
           f"{config.train.sample_prompt}{text}\n---")
-  print(f"done: step {out['step']}, loss {out.get('loss', float('nan')):.4f}, "
+  print(f"{'already complete' if out.get('complete') else 'done'}: step {out['step']}, "
+        f"loss {out.get('loss', float('nan')):.4f}, "
         f"eval_loss {out.get('eval_loss', float('nan')):.4f}, workdir {flags['workdir']}")
 
 

@@ -53,6 +53,10 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
   data = new_data()
   data_writes = None if distributed.data_writers(all_rows, jax.process_index()) else ()
   start, state, ckpts = resume.start(trainer, workdir, data, say)
+  if start >= c.train.steps:  # nothing left to do: the finished run's last figures
+    say(f"{workdir} already holds the finished run (step {start} = train.steps); raise "
+        f"--config.train.steps to train on")
+    return dict(metrics_lib.last_logged(workdir), step=start, state=state, complete=True)
   eval_batches = pipeline.eval_batches(c, c.eval.batches, rows)
   writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)

@@ -113,6 +113,24 @@ class Writer:
       self._tb.close()
 
 
+def last_logged(workdir: str) -> dict:
+  """Each metric's last logged value in WORKDIR/metrics.jsonl (events left out)."""
+  out = {}
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:  # a torn last line
+          continue
+        if "event" not in row:
+          out.update(row)
+  except OSError:
+    pass
+  out.pop("step", None)
+  return out
+
+
 def _drop_after(path: str, step: int):
   """Rewrites metrics.jsonl (atomically) without its lines of steps after `step`. A run that
   starts at step 0 (a new run in a workdir whose checkpoints were set aside or lost) keeps the
