@@ -1,7 +1,6 @@
 """Tests of the data layer: corpus, tokenizer, TFDS builder and the grain pipeline."""
 
 import collections
-import importlib.util
 import json
 import os
 import random
@@ -11,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from transformer_jax import config as config_lib
 from transformer_jax import tokenizer as tokenizer_cli
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
@@ -30,10 +30,7 @@ CODE = ("import os\n\n\nclass A:\n\tdef f(self, x):  \n\t\treturn x\n\n"
 
 
 def _base_config():
-  spec = importlib.util.spec_from_file_location("base_config", f"{REPO}/configs/base.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.base.get_config()
 
 
 def _doc(rng: random.Random) -> str:

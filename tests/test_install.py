@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,9 +12,14 @@ from tests.conftest import REPO
 def test_installed_package_fills_new_keys_of_a_saved_config(tmp_path):
   """A workdir's config.json written before a key existed gets that key's default from
   transformer_jax/config/base.py in a non-editable install run away from the checkout."""
-  target = tmp_path / "site"
+  target, src = tmp_path / "site", tmp_path / "src"  # built from a copy: no build/ in the repo
+  src.mkdir()
+  shutil.copytree(os.path.join(REPO, "transformer_jax"), src / "transformer_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(REPO, name), src)
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                  "--no-build-isolation", "--no-compile", "--target", str(target), REPO],
+                  "--no-build-isolation", "--no-compile", "--target", str(target), str(src)],
                  check=True, capture_output=True, timeout=300)
   saved = tmp_path / "config.json"
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top

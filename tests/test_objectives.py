@@ -63,7 +63,7 @@ def _chunks(docs, length, count):
 
 
 def _spec(objective, seq_len=64, target_len=0, **params):
-  d = config_lib.load(f"{REPO}/configs/base.py").data
+  d = config_lib.base.get_config().data
   d.unlock()
   d.update(objective=objective, seq_len=seq_len, target_len=target_len, **params)
   return objectives.spec(d)

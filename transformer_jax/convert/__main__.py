@@ -1,10 +1,10 @@
 """Hugging Face checkpoints in and out of training workdirs:
 
   python -m transformer_jax.convert import --hf_dir=DIR --workdir=OUT [--family=gpt2|llama|bert|t5]
-      [--config=configs/base.py] [--config.KEY=VALUE ...]
+      [--config=FILE.py] [--config.KEY=VALUE ...]
   python -m transformer_jax.convert export --workdir=W --hf_dir=OUT [--step=N]
 
-`import` writes OUT/config.json (the --config recipe, configs/base.py by default, with the
+`import` writes OUT/config.json (the --config recipe, transformer_jax/config/base.py by default, with the
 checkpoint's model.* values; --config.KEY=VALUE overrides the rest, e.g. data.*, train.*,
 model.scan_layers, a padded model.vocab_size), OUT/hf_config.json (the source config.json, kept
 for export) and checkpoint 0: the HF weights, a fresh optimizer state and the data position at
@@ -21,6 +21,7 @@ import os
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
+from transformer_jax.config import base
 
 USAGE = ("usage: python -m transformer_jax.convert import --hf_dir=DIR --workdir=OUT "
          "[--family=gpt2|llama|bert|t5] [--config=FILE.py] [--config.KEY=VALUE ...] | export "
@@ -43,11 +44,9 @@ def _join_values(argv):
 def _recipe(spec):
   if spec:
     return cli.load_config(spec, [])
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  base = os.path.join(repo, "configs", "base.py")
-  if not os.path.isfile(base):
-    raise ConfigError("configs/base.py not found next to the package; pass --config=FILE.py")
-  return cli.load_config(base, [])
+  config = base.get_config()
+  config.lock()
+  return config
 
 
 def import_hf(spec, overrides, hf_dir, workdir, family=""):
@@ -65,7 +64,7 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   values = hf_lib.hf_model_config(hf)
   config = _recipe(spec)
   config.model.update(values)
-  if not spec:  # configs/base.py trains a decoder: BERT / T5 checkpoints get their objective
+  if not spec:  # config/base.py trains a decoder: BERT / T5 checkpoints get their objective
     config.data.objective = OBJECTIVES.get(values["family"], config.data.objective)
   if values.get("sentence_head"):  # BertForPreTraining: keep training its NSP head
     config.data.sentence_pair = config.data.sentence_pair or "nsp"
