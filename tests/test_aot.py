@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import REPO
 from transformer_jax import aot
 from transformer_jax import config as config_lib
+from transformer_jax.perf import collectives, hardware, roofline, topology
 from transformer_jax.config import ConfigError
 from transformer_jax.parallel import sharding
 
@@ -51,11 +52,11 @@ needs_cuda_plugin = pytest.mark.skipif(
     ("h100:2x4", "h100", 8, "1x2x4"),
 ])
 def test_parse_topology(name, generation, chips, compiler_topology):
-  topo = aot.parse_topology(name)
+  topo = topology.parse_topology(name)
   assert (topo.generation, topo.chips, topo.compiler_topology) == (generation, chips,
                                                                    compiler_topology)
   if ":" not in name:  # the canonical name parses back
-    assert aot.parse_topology(topo.name) == topo
+    assert topology.parse_topology(topo.name) == topo
 
 
 @pytest.mark.parametrize("name", ["v5p-6", "v5p-4", "v5p-12", "v5e-2", "v5e-512", "v7-8",
@@ -63,7 +64,7 @@ def test_parse_topology(name, generation, chips, compiler_topology):
                                   "h100-12", "h100:1x16", "h100:2x2x2", "a100-8"])
 def test_bad_topology_names(name):
   with pytest.raises(ConfigError, match="valid: v4-8"):
-    aot.parse_topology(name)
+    topology.parse_topology(name)
 
 
 def tiny(*overrides):
@@ -146,7 +147,7 @@ def test_aot_fits_on_v5e_8():
   assert report["fits"] is True and report["topology"] == "v5e-8" and report["chips"] == 8
   assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
   assert 0 < report["hbm_per_chip_bytes"] < report["hbm_capacity_bytes"]
-  assert report["hbm_capacity_bytes"] == int(15.75 * aot.GiB)
+  assert report["hbm_capacity_bytes"] == int(15.75 * hardware.GiB)
   # The per-chip program does about the model's FLOPs / 8 (6N + attention; no remat here).
   assert 0.9 < report["hardware_flops_ratio"] < 1.2
   assert report["flops_per_step"] == pytest.approx(8 * report["flops_per_step_per_chip"])
@@ -157,7 +158,7 @@ def test_aot_fits_on_v5e_8():
   grads = 4 * report["params"]
   assert 2 * 7 / 8 * grads <= report["ici_bytes_per_chip"] <= 2 * 2 * 7 / 8 * grads
   assert report["communication_time_s"] == pytest.approx(
-      report["ici_bytes_per_chip"] / (3 * aot.CHIPS["v5e"].ici_link_gbps * 1e9))
+      report["ici_bytes_per_chip"] / (3 * hardware.CHIPS["v5e"].ici_link_gbps * 1e9))
   assert report["dcn_bytes_per_chip"] == 0 and report["dcn_time_s"] == 0
 
 
@@ -172,13 +173,13 @@ def test_aot_prices_what_crosses_slices_over_the_dcn():
   grads = 4 * report["params"]
   assert report["dcn_bytes_per_chip"] >= grads / 4
   assert report["dcn_time_s"] == pytest.approx(
-      report["dcn_bytes_per_chip"] / (aot.CHIPS["v5p"].dcn_gbps * 1e9))
+      report["dcn_bytes_per_chip"] / (hardware.CHIPS["v5p"].dcn_gbps * 1e9))
   assert report["ici_bytes_per_chip"] > 0
   assert report["communication_time_s"] == pytest.approx(report["ici_time_s"] +
                                                          report["dcn_time_s"])
   (roofline,) = [line for line in out.stdout.splitlines() if line.startswith("roofline")]
   assert "ICI" in roofline and "DCN" in roofline
-  assert set(report["communication_by_kind_s"]) <= set(aot.COLLECTIVES)
+  assert set(report["communication_by_kind_s"]) <= set(collectives.KINDS)
   assert sum(report["communication_by_kind_s"].values()) == pytest.approx(
       report["communication_time_s"])
 
@@ -213,18 +214,18 @@ def test_aot_two_slices_data_parallel_over_dcn():
                                             ("gpt3.py:175b", 174.6)])
 def test_big_config_parameter_counts(spec, billions):
   """The published sizes, from abstract shapes only (nothing is allocated)."""
-  from transformer_jax.training import step  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   config = config_lib.load(f"{REPO}/configs/{spec}")
-  model = step.build_model(config)
+  model = families.build_model(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32")))
   total = sum(x.size for x in jax.tree.leaves(shapes))
   assert total / 1e9 == pytest.approx(billions, rel=2e-3)
 
 
 def test_missing_libtpu_is_one_line(monkeypatch):
-  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ConfigError, match=r"libtpu is not installed.*pip install -e \.\[tpu\]"):
-    aot.topology_devices(aot.parse_topology("v5e-8"), 1)
+    topology.topology_devices(topology.parse_topology("v5e-8"), 1)
 
 
 @needs_libtpu
@@ -244,7 +245,7 @@ def test_one_process_traces_cpu_and_tpu_forms(order):
                for d in dots)
 
   cpu = lambda: rank3_dots(jax.devices("cpu")[:1])
-  tpu = lambda: rank3_dots(aot.topology_devices(aot.parse_topology("v5e-8"), 1))
+  tpu = lambda: rank3_dots(topology.topology_devices(topology.parse_topology("v5e-8"), 1))
   if order == "cpu_first":
     got_cpu, got_tpu = cpu(), tpu()
   else:
@@ -297,28 +298,28 @@ def test_missing_cuda_plugin_or_cudnn_is_one_line(monkeypatch):
   from transformer_jax.training import step  # pylint: disable=g-import-not-at-top
   config = tiny("model.num_layers=1", "mesh.data=1", "model.dtype=bfloat16",
                 "model.attention_impl=cudnn")
-  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ConfigError, match=r"^JAX's CUDA plugin is not installed; GPU AOT checks "
                                         r"need it: pip install -e \.\[gpu\]"):
-    aot.check(config, aot.parse_topology("h100-1"), 1)
-  monkeypatch.setattr(aot, "topology_devices", lambda topo, slices: jax.devices("cpu")[:1])
+    aot.check(config, topology.parse_topology("h100-1"), 1)
+  monkeypatch.setattr(topology, "topology_devices", lambda topo, slices: jax.devices("cpu")[:1])
 
   def no_cudnn(self):
     raise RuntimeError("cuDNN not found.")
   monkeypatch.setattr(step.Trainer, "lower_train_step", no_cudnn)
   with pytest.raises(ConfigError, match=r"^model.attention_impl=cudnn needs cuDNN to compile for "
                                         r"h100 \(cuDNN not found.\): pip install -e \.\[gpu\]$"):
-    aot.check(config, aot.parse_topology("h100-1"), 1)
+    aot.check(config, topology.parse_topology("h100-1"), 1)
 
 
 def test_collectives_are_priced_only_where_the_links_are_published():
   """v4 publishes no per-chip ICI figure: its collectives are not priced (and nothing divides by
   a zero bandwidth); v5p's are."""
-  from tests.test_collectives import HLO, torus  # pylint: disable=import-outside-toplevel
+  from tests.test_perf_collectives import HLO, torus  # pylint: disable=import-outside-toplevel
   compiled = types.SimpleNamespace(cost_analysis=lambda: {"flops": 1.0, "bytes accessed": 2.0},
                                    as_text=lambda: HLO)
-  v4 = aot.program_cost(compiled, torus(2, 2), aot.CHIPS["v4"])
+  v4 = roofline.program_cost(compiled, torus(2, 2), hardware.CHIPS["v4"])
   assert v4["ici_s"] == v4["ici_bytes"] == v4["dcn_s"] == 0 and v4["flops"] == 1.0
-  v5p = aot.program_cost(compiled, torus(2, 2), aot.CHIPS["v5p"])
+  v5p = roofline.program_cost(compiled, torus(2, 2), hardware.CHIPS["v5p"])
   assert v5p["ici_bytes"] > 0 and v5p["ici_s"] == pytest.approx(
-      sum(v5p[k] for k in aot.COLLECTIVES))
+      sum(v5p[k] for k in roofline.COLLECTIVES))

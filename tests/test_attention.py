@@ -16,6 +16,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.models import attention
 from transformer_jax.models import layers
 from transformer_jax.parallel import sharding
+from transformer_jax.models import families
 from transformer_jax.training import step as step_lib
 
 
@@ -167,7 +168,7 @@ def _tiny_gpt2(impl, *overrides):
   config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
                            [f"model.attention_impl={impl}", "model.vocab_size=512",
                             "model.num_layers=1", *overrides])
-  model = step_lib.build_model(config)
+  model = families.build_model(config)
   b, t = 2, config.data.seq_len
   rng = np.random.default_rng(0)
   seg = np.repeat([[1] * 20 + [2] * 30 + [0] * (t - 50)], b, axis=0)
@@ -204,8 +205,8 @@ def test_cudnn_on_cpu_is_a_config_error_before_compiling():
 def test_splash_lowers_for_a_tpu_topology():
   """gpt2.py:tiny's train step lowered for v5e-8: auto and splash put a Pallas kernel
   (tpu_custom_call) in shard_map, xla none. Lowering only (a few seconds), no compile."""
-  from transformer_jax import aot  # pylint: disable=g-import-not-at-top
-  devices = aot.topology_devices(aot.parse_topology("v5e-8"), 1)
+  from transformer_jax.perf import topology  # pylint: disable=g-import-not-at-top
+  devices = topology.topology_devices(topology.parse_topology("v5e-8"), 1)
   texts = {}
   for impl in ("xla", "splash", "auto"):
     config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny",

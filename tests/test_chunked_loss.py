@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import config as config_lib
+from transformer_jax.models import families
 from transformer_jax.training import step as step_lib
 from tests.conftest import REPO, synthetic_batch
 
@@ -43,7 +44,7 @@ def _shapes(jaxpr):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "t5"])
 def test_chunked_loss_and_grads_equal_the_full_logits(family):
   config = config_lib.load(f"{REPO}/configs/{family}.py:tiny", SHRINK)
-  model = step_lib.build_model(config)
+  model = families.build_model(config)
   batch = synthetic_batch(config, model)
   targets_key, weights_key = type(model).TARGETS
   rng = np.random.default_rng(1)
@@ -69,7 +70,7 @@ def test_loss_chunk_is_validated():
 
 def test_full_logits_never_exist_when_chunked():
   config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", SHRINK)
-  model = step_lib.build_model(config)
+  model = families.build_model(config)
   batch = synthetic_batch(config, model)
   params = jax.eval_shape(lambda: _init_params(model, batch, jax.random.key(0)))
   full_BTV = batch["targets"].shape + (config.model.vocab_size,)

@@ -20,7 +20,8 @@ from transformer_jax.models.decoder import DecoderLM
 from transformer_jax.models.layers import ModelConfig
 from transformer_jax.parallel import sharding
 from transformer_jax.sweep import plan
-from transformer_jax.training import metrics, optimizer
+from transformer_jax.perf import counting, hardware
+from transformer_jax.training import optimizer
 from transformer_jax.training.step import Trainer, TrainState, loss_sums
 from tests.conftest import REPO
 
@@ -198,7 +199,7 @@ def test_parameter_counts_do_not_depend_on_the_layout():
     config = _tiny(f"model.scan_layers={scan}")
     total, nonembed, matmul, model = plan.count_params(config)
     counts[scan] = (total, nonembed, matmul,
-                    metrics.flops_per_token(model.cfg, matmul, config.data.seq_len))
+                    counting.flops_per_token(model.cfg, matmul, config.data.seq_len))
   assert counts["True"] == counts["False"]
 
 
@@ -219,5 +220,5 @@ def test_peak_flops_table_picks_the_part(monkeypatch, kind, tflops):
   """MFU's denominator comes from the device kind; the H100's PCIe and NVL parts are slower than
   the SXM one (a stand-in device with that kind, since none is here)."""
   device = type("Device", (), {"device_kind": kind, "platform": "gpu"})()
-  monkeypatch.setattr(metrics.jax, "devices", lambda: [device])
-  assert metrics.peak_flops_per_device(jnp.bfloat16) == (tflops * 1e12, f"table:{kind}")
+  monkeypatch.setattr(jax, "devices", lambda: [device])
+  assert hardware.peak_flops_per_device(jnp.bfloat16) == (tflops * 1e12, f"table:{kind}")

@@ -12,7 +12,7 @@ import pytest
 from transformer_jax import config as config_lib
 from transformer_jax.parallel import sharding
 from transformer_jax.sweep import plan as plan_lib
-from transformer_jax.training import metrics
+from transformer_jax.perf import counting
 from transformer_jax.training.step import Trainer
 from tests.conftest import REPO, TEST_XLA_FLAGS
 
@@ -53,8 +53,8 @@ def test_parameter_counts_are_the_models(planned, index):
   assert run.params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert run.params - run.params_nonembed == sum(
       int(np.prod(x.shape)) for x in jax.tree.leaves(params["embed"]))
-  n = metrics.matmul_params(params, config.model.tie_embeddings)
-  assert run.flops_per_token == metrics.flops_per_token(trainer.model.cfg, n, config.data.seq_len)
+  n = counting.matmul_params(params, config.model.tie_embeddings)
+  assert run.flops_per_token == counting.flops_per_token(trainer.model.cfg, n, config.data.seq_len)
 
 
 def test_shape_rule_hits_the_target_within_the_grid_step():

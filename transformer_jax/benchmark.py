@@ -21,7 +21,7 @@ overrides config keys for it (e.g. "model.attention_chunks=1"), and --reference_
 `all`) traces it with those hand-differentiated ops (transformer_jax/models/ops.py) replaced by
 their plain-autodiff formulas. The JSON gains baseline_step_time_s and speedup_vs_baseline.
 
---matmul_floor also times every matmul of the compiled step on its own (transformer_jax/matmuls.py)
+--matmul_floor also times every matmul of the compiled step on its own (transformer_jax/perf/matmuls.py)
 and prints them, largest total first; the JSON gains matmul_floor_s (their sum: the step time if
 nothing but the matmuls ran, at the speed the matmul kernels reach alone), matmul_gflops (per
 step) and other_s (step_time_s - matmul_floor_s). One device only (no mesh.cpu_devices).
@@ -73,7 +73,7 @@ class JaxRunner:
     from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from transformer_jax.models import ops  # pylint: disable=g-import-not-at-top
     from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-    from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
+    from transformer_jax.perf import counting, hardware  # pylint: disable=g-import-not-at-top
     from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
     from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.use_cpu_devices(config.mesh.cpu_devices)
@@ -89,18 +89,18 @@ class JaxRunner:
     finally:
       restore()
     self.compile_s = time.perf_counter() - t0
-    n = metrics.matmul_params(self.state.params, config.model.tie_embeddings)
+    n = counting.matmul_params(self.state.params, config.model.tie_embeddings)
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
-    self.flops_per_token = metrics.flops_per_token(self.trainer.model.cfg, n, config.data.seq_len)
-    self.peak, self.peak_source = metrics.peak_flops_per_device(
+    self.flops_per_token = counting.flops_per_token(self.trainer.model.cfg, n, config.data.seq_len)
+    self.peak, self.peak_source = hardware.peak_flops_per_device(
         self.trainer.model.cfg.compute_dtype)
 
   def remeasure_peak(self):
     """A measured (CPU) peak is re-taken every round and the best kept: one measurement can
     land in a slow moment of a shared machine and inflate MFU."""
     if self.peak_source.startswith("measured"):
-      from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
-      self.peak = max(self.peak, metrics.peak_flops_per_device(
+      from transformer_jax.perf import hardware  # pylint: disable=g-import-not-at-top
+      self.peak = max(self.peak, hardware.peak_flops_per_device(
           self.trainer.model.cfg.compute_dtype)[0])
 
   def _step(self):
@@ -430,7 +430,7 @@ def _grid(argv, points, timeout_s):
 
 def _matmul_floor(runner, step_s):
   """Each matmul of the runner's compiled step timed alone; their sum against the step time."""
-  from transformer_jax import matmuls  # pylint: disable=g-import-not-at-top
+  from transformer_jax.perf import matmuls  # pylint: disable=g-import-not-at-top
   if runner.jax.device_count() > 1:
     raise ConfigError("--matmul_floor times one device's program; run it on one device")
   hlo = runner.trainer.lower_train_step().compile().as_text()

@@ -17,7 +17,7 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
                 top_p=1.0, seed=0, beam_size=0) -> str:
   from transformer_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load(config.data.tokenizer)
   ids = ([tok.bos_id] if config.data.add_bos else []) + tok.encode(prompt)
   model = build_model(config)
@@ -60,7 +60,7 @@ def fill_mask(config, params, text: str) -> str:
   """An encoder's most likely token at every [MASK] of `text`, written into it."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load(config.data.tokenizer)
   ids = ([tok.bos_id] if config.data.add_bos else []) + _with_control_pieces(tok, text)
   masks = [i for i, t in enumerate(ids) if t == tok.mask_id]
@@ -84,7 +84,7 @@ def main(argv):
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   config = config_lib.from_json_file(saved)
   if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
     config.model.attention_impl = "auto"  # The kernel trained with, where this machine has it.

@@ -113,7 +113,7 @@ def export_hf(workdir, hf_dir, step=-1):
   from transformer_jax.convert import hf as hf_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   saved = os.path.join(workdir or "", "config.json")
   if not workdir or not hf_dir or not os.path.isfile(saved):
     raise ConfigError(f"export needs --workdir=W (a training workdir with config.json; got "

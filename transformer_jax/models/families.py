@@ -12,8 +12,14 @@ import jax.numpy as jnp
 from transformer_jax.models.decoder import DecoderLM
 from transformer_jax.models.encdec import EncoderDecoder
 from transformer_jax.models.encoder import EncoderLM
+from transformer_jax.models.layers import ModelConfig
 
 FAMILIES = {"decoder": DecoderLM, "encoder": EncoderLM, "encdec": EncoderDecoder}
+
+
+def build_model(config):
+  """The model of a config (its `model` section's family, with resolved sizes)."""
+  return FAMILIES[config.model.family](ModelConfig.from_config(config.model))
 
 
 def init_inputs(model, length: int = 8) -> list:

@@ -28,6 +28,8 @@ import numpy as np
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.models import families
+from transformer_jax.perf import counting
 
 
 @dataclasses.dataclass
@@ -81,20 +83,15 @@ def shape_for(target_nonembed: float, aspect: float, head_dim: int):
 
 
 def count_params(config):
-  """(all, non-embedding, matmul) parameter counts from the model's abstract init (no compute)."""
-  from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
-  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training.step import build_model  # pylint: disable=g-import-not-at-top
-  model = build_model(config)
-  shapes = families.abstract_params(model)
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-  embed = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["embed"]))
-  return total, total - embed, metrics.matmul_params(shapes, config.model.tie_embeddings), model
+  """(all, non-embedding, matmul) parameter counts and the model, from the model's abstract init
+  (no compute)."""
+  model = families.build_model(config)
+  counts = counting.param_counts(families.abstract_params(model), config.model.tie_embeddings)
+  return (*counts, model)
 
 
 def plan(sweep_path: str):
   """All runs of the sweep (sorted by FLOPs) and the (name, reason) of those left out."""
-  from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
   sweep = load_sweep(sweep_path)
   pairs = ([(c, n, None) for c in sweep.budgets for n in sweep.sizes] if sweep.grid == "isoflop"
            else [(None, n, d) for n in sweep.sizes for d in sweep.tokens])
@@ -104,7 +101,7 @@ def plan(sweep_path: str):
     config = config_lib.load(sweep.base, list(sweep.overrides) + [
         f"model.num_layers={layers}", f"model.d_model={d}", f"model.num_heads={heads}"])
     total, nonembed, matmul, model = count_params(config)
-    fpt = metrics.flops_per_token(model.cfg, matmul, config.data.seq_len)
+    fpt = counting.flops_per_token(model.cfg, matmul, config.data.seq_len)
     tokens = int(budget / fpt) if budget else int(tokens)
     per_step = config.train.batch_size * config.data.seq_len
     steps = max(1, round(tokens / per_step))

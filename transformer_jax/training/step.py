@@ -12,7 +12,6 @@ import optax
 from transformer_jax.data import objectives
 from transformer_jax.models import ops
 from transformer_jax.models import families
-from transformer_jax.models.layers import ModelConfig
 from transformer_jax.parallel import sharding
 from transformer_jax.training import optimizer
 
@@ -51,10 +50,6 @@ class TrainState:
 
 
 LOSS_MEAN_DECAY = 0.99
-
-
-def build_model(config):
-  return families.FAMILIES[config.model.family](ModelConfig.from_config(config.model))
 
 
 def loss_sums(model, params, batch, **kwargs):
@@ -157,7 +152,7 @@ class Trainer:
 
   def __post_init__(self):
     c = self.config
-    self.model = build_model(c)
+    self.model = families.build_model(c)
     self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
     self.rules = sharding.rules(c)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)

@@ -7,17 +7,18 @@ import time
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.training import metrics as metrics_lib
+from transformer_jax.perf import counting
+from transformer_jax.perf import hardware
 
 
 class Meter:
 
   def __init__(self, trainer, params):
     c = trainer.config
-    self.matmul_params = metrics_lib.matmul_params(params, c.model.tie_embeddings)
-    self.flops_per_token = metrics_lib.flops_per_token(trainer.model.cfg, self.matmul_params,
-                                                       c.data.seq_len)
-    peak, self.peak_source = metrics_lib.peak_flops_per_device(trainer.model.cfg.compute_dtype)
+    self.matmul_params = counting.matmul_params(params, c.model.tie_embeddings)
+    self.flops_per_token = counting.flops_per_token(trainer.model.cfg, self.matmul_params,
+                                                    c.data.seq_len)
+    peak, self.peak_source = hardware.peak_flops_per_device(trainer.model.cfg.compute_dtype)
     self.peak_total = peak * trainer.mesh.size
     self.tokens_per_step = c.train.batch_size * c.data.seq_len
     self._t0, self._mark, self._first = time.perf_counter(), None, {}

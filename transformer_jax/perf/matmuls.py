@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{([\d,]*)[^}]*\})? (\w[\w\-]*)\(")
+from transformer_jax.perf import hlo
+
 _DTYPES = {"f32": np.float32, "bf16": jax.numpy.bfloat16, "f16": np.float16, "f64": np.float64}
 
 
@@ -61,17 +62,14 @@ def dots(hlo_text: str) -> dict:
   shapes = {}  # instruction name -> (dtype, logical dims, minor-to-major layout)
   found = []
   for line in hlo_text.splitlines():
-    m = _DEF.match(line)
-    if not m:
+    i = hlo.instruction(line)
+    if not i or i.result.startswith("("):  # tuples hold no dot operand
       continue
-    name, dtype, dims, layout, op = m.groups()
-    dims = tuple(int(x) for x in dims.split(",") if x)
-    layout = tuple(int(x) for x in layout.split(",") if x) if layout else tuple(
-        reversed(range(len(dims))))
-    shapes[name] = (dtype, dims, layout)
-    if op == "dot":
-      operands = re.match(r"\s*%?([\w.\-]+), %?([\w.\-]+)\)", line[m.end():])
-      found.append((operands.group(1), operands.group(2), line[m.end():]))
+    (dtype, dims, layout), = hlo.arrays(i.result) or [(None, (), ())]
+    shapes[i.name] = (dtype, dims, layout or tuple(reversed(range(len(dims)))))
+    if i.op == "dot":
+      operands = re.match(r"\s*%?([\w.\-]+), %?([\w.\-]+)\)", i.args)
+      found.append((operands.group(1), operands.group(2), i.args))
   counts = {}
   for lhs_name, rhs_name, attrs in found:
     (dtype, lhs, lhs_layout), (_, rhs, rhs_layout) = shapes[lhs_name], shapes[rhs_name]

@@ -1,4 +1,4 @@
-"""The benchmark's matmul floor (transformer_jax/matmuls.py) and mesh.cpu_devices."""
+"""The benchmark's matmul floor (transformer_jax/perf/matmuls.py) and mesh.cpu_devices."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from transformer_jax import matmuls
+from transformer_jax.perf import matmuls
 from transformer_jax.config import ConfigError
 from transformer_jax.parallel import distributed
 

@@ -1,4 +1,4 @@
-"""collectives.py: reading an SPMD program's collectives and pricing them over a torus's links.
+"""perf/collectives.py: reading an SPMD program's collectives and pricing them over a torus's links.
 
 The HLO lines below are in the forms XLA:TPU prints them (libtpu 0.0.42); tests/test_aot.py checks
 the same code on programs compiled for TPU slices.
@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from transformer_jax import collectives as co
+from transformer_jax.perf import collectives as co
 
 HLO = """\
 HloModule jit__train_step

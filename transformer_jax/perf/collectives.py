@@ -35,14 +35,11 @@ import re
 
 import numpy as np
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
-          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-          "c128": 16}
+from transformer_jax.perf import hlo
+
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _MEGASCALE = {"ALL_GATHER": "all-gather", "ALL_REDUCE": "all-reduce",
               "REDUCE_SCATTER": "reduce-scatter", "ALL_TO_ALL": "all-to-all"}
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z][a-z\-]*)\((.*)$")
-_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +49,6 @@ class Collective:
   groups: tuple  # tuples of device ids (indices into the program's devices); () = all
   dcn: bool = False  # a megascale send: across slices, `bytes` being what this chip sends
   count: float = 1  # times it runs per program execution (loop trips)
-
-
-def shape_bytes(text: str) -> list[int]:
-  """Bytes of each array in an HLO type, e.g. `(f32[8,2]{1,0}, bf16[4])` -> [64, 8]."""
-  return [_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-          for dtype, dims in _SHAPE.findall(text) if dtype in _BYTES]
 
 
 def _ints(text: str | None) -> list[int]:
@@ -142,23 +133,15 @@ def _multiplicity(comps: dict, entry: str) -> dict:
 
 def collectives(hlo_text: str) -> list[Collective]:
   """Every collective of an optimized HLO module, with how often it runs."""
-  comps, name, entry = {}, None, None
-  for line in hlo_text.splitlines():
-    head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if head:
-      name = head.group(2)
-      entry = name if head.group(1) else entry
-      comps[name] = []
-    elif name is not None:
-      comps[name].append(line)
+  comps, entry = hlo.computations(hlo_text)
   runs = _multiplicity(comps, entry) if entry else {}
   scatter = {}  # all-reduce-scatter computations: (input bytes, groups) of their all-reduce
   for comp, lines in comps.items():
     if comp.startswith("all-reduce-scatter"):
       for line in lines:
-        m = _INSTR.match(line)
-        if m and m.group(2) in ("all-reduce", "all-reduce-start"):
-          scatter[comp] = (sum(shape_bytes(m.group(1))), replica_groups(m.group(3)))
+        i = hlo.instruction(line)
+        if i and i.op in ("all-reduce", "all-reduce-start"):
+          scatter[comp] = (sum(hlo.shape_bytes(i.result)), replica_groups(i.args))
   found = []
   for comp, lines in comps.items():
     if comp in scatter:
@@ -167,10 +150,10 @@ def collectives(hlo_text: str) -> list[Collective]:
     # async_collective_fusion that is one collective spread over the trips: count it once.
     count = 1 if comp.startswith("async_collective_fusion") else runs.get(comp, 1)
     for line in lines:
-      m = _INSTR.match(line)
-      if not m:
+      i = hlo.instruction(line)
+      if not i:
         continue
-      result, op, attrs = m.groups()
+      result, op, attrs = i.result, i.op, i.args
       if op == "fusion":
         called = re.search(r"calls=%?([\w.\-]+)", attrs)
         if called and called.group(1) in scatter:
@@ -180,12 +163,12 @@ def collectives(hlo_text: str) -> list[Collective]:
       transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', attrs)
       if op == "send" and transfer:
         kind = _MEGASCALE.get(transfer.group(1), "collective-permute")
-        found.append(Collective(kind, shape_bytes(result)[0], (), dcn=True, count=count))
+        found.append(Collective(kind, hlo.shape_bytes(result)[0], (), dcn=True, count=count))
         continue
       kind = op[:-len("-start")] if op.endswith("-start") else op
       if kind not in KINDS:
         continue
-      sizes, groups = shape_bytes(result), replica_groups(attrs)
+      sizes, groups = hlo.shape_bytes(result), replica_groups(attrs)
       if op.endswith("-start"):  # (operands..., results...) or the result itself: the largest
         size = max(sizes)
       elif kind == "reduce-scatter":  # the result is one n-th of the input

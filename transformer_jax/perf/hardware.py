@@ -1,0 +1,104 @@
+"""The hardware catalog: every chip's and GPU's figures in one place (peak FLOP/s, HBM, links),
+what MFU divides by, what the AOT check compiles against and prices with.
+
+Importing it does not import jax: the AOT check must load JAX's CUDA plugin under quiet_fd2
+(topology.py), which it cannot once jax is imported."""
+
+import dataclasses
+import time
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation. `hbm_usable_gib` is the HBM the compiler lets one program use per chip
+  (the 'available HBM' of libtpu 0.0.42's out-of-memory message); the spec sheets give v4 32 GiB,
+  v5e 16 GB, v5p 95 GB, v6e 32 GB. Peak and bandwidth: Cloud TPU docs, per chip."""
+  topology_prefix: str  # the generation's name in libtpu topology strings ("v5p:2x2x1")
+  cores_per_chip: int  # TensorCores per chip, as counted in Cloud TPU names (v5p-8 = 4 chips)
+  torus_dims: int  # 3: v4/v5p (AxBxC), 2: v5e/v6e (AxB)
+  chip_config: str  # libtpu chip_config_name: megacore = one device per chip
+  hbm_usable_gib: float
+  hbm_gbps: float  # HBM bandwidth, GB/s
+  peak_tflops: float  # dense bf16
+  max_chips: int  # the largest single slice this tool names
+  # One ICI link, one way, GB/s: the docs' bidirectional ICI bandwidth per chip / 2 / links per
+  # chip (6 on a 3-D torus, 4 on a 2-D one); and the DCN bandwidth per chip, GB/s (v5p: 50 Gbps;
+  # v5e, v6e: the host's NICs, 2 x 100 and 4 x 200 Gbps, over its 8 chips). 0: not published.
+  ici_link_gbps: float = 0.0
+  dcn_gbps: float = 0.0
+
+
+CHIPS = {
+    "v4": Chip("v4", 2, 3, "megacore", 30.75, 1200.0, 275.0, 4096),
+    "v5p": Chip("v5p", 2, 3, "megacore", 95.74, 2765.0, 459.0, 4096, 1200 / 12, 50 / 8),
+    "v5e": Chip("v5e", 1, 2, "default", 15.75, 819.0, 197.0, 256, 400 / 8, 200 / 8 / 8),
+    "v6e": Chip("v6e", 1, 2, "default", 31.25, 1638.0, 918.0, 256, 800 / 8, 800 / 8 / 8),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """One NVIDIA GPU, as XLA's GPU compiler needs it described when no device is present (a
+  GpuTargetConfig). Memory: the total CUDA reports (nvidia-smi's MiB); SMs, clock, L2 and
+  bandwidth: NVIDIA's SXM data sheets."""
+  description: str
+  memory_bytes: int
+  hbm_gbps: float
+  sms: int
+  clock_ghz: float
+  l2_bytes: int
+  compute_capability: tuple[int, int]
+  peak_tflops: float  # dense bf16
+
+
+GPUS = {
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 81559 * 2 ** 20, 3350.0, 132, 1.98, 50 * 2 ** 20, (9, 0),
+                989.0),
+    "h200": Gpu("NVIDIA H200", 143771 * 2 ** 20, 4800.0, 132, 1.98, 50 * 2 ** 20, (9, 0), 989.0),
+}
+GPUS_PER_HOST = 8
+
+
+# Dense bf16 peak TFLOP/s per device, keyed by a substring of jax's device_kind (lower case); the
+# first key found in device_kind wins (H100 PCIe and NVL before the SXM part). The catalogued
+# chips' figures come from CHIPS and GPUS; the others are NVIDIA's data sheets.
+PEAK_TFLOPS = (
+    ("v6 lite", CHIPS["v6e"].peak_tflops), ("v6e", CHIPS["v6e"].peak_tflops),
+    ("v5p", CHIPS["v5p"].peak_tflops), ("v5 lite", CHIPS["v5e"].peak_tflops),
+    ("v5e", CHIPS["v5e"].peak_tflops),
+    ("tpu v5", CHIPS["v5p"].peak_tflops),  # v5p chips report device_kind "TPU v5"
+    ("v4", CHIPS["v4"].peak_tflops), ("h200", GPUS["h200"].peak_tflops),
+    ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", GPUS["h100"].peak_tflops),
+    ("a100", 312.0),
+)
+
+
+def measure_cpu_peak(dtype="float32", n: int = 1536, reps: int = 10) -> float:
+  """FLOP/s of one square matmul through XLA on this host's CPU (best of `reps`)."""
+  import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  a = jax.numpy.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(dtype="float32") -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from)."""
+  import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  dev = jax.devices()[0]
+  kind = dev.device_kind.lower()
+  for key, tflops in PEAK_TFLOPS:
+    if key in kind:
+      return tflops * 1e12, f"table:{dev.device_kind}"
+  if dev.platform == "cpu":
+    # Forced host devices (--xla_force_host_platform_device_count) share the same cores.
+    return measure_cpu_peak(dtype) / jax.local_device_count(), "measured:cpu_matmul"
+  return float("nan"), f"unknown:{dev.device_kind}"
