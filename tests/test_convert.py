@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from tests.conftest import tiny_overrides
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
-from transformer_jax.convert import from_hf, hf_forward, to_hf
+from transformer_jax.convert.hf import from_hf, hf_forward, to_hf
 from transformer_jax.convert import __main__ as convert_cli
 from transformer_jax.convert import hf as hf_lib
 from transformer_jax.training import loop

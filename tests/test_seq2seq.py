@@ -160,8 +160,8 @@ def test_tfds_catalog_pairs(tiny_data, pairs, tmp_path):
   examples = _examples(next(pipeline.make_train_iterator(c)), tok)
   assert examples and all(s.split() == t.split()[::-1] for s, t in examples)
   assert _examples(pipeline.eval_batches(c, 1)[0], tok)  # the validation split
-  docs = list(corpus_lib.iter_documents("tfds:tjax_test_pairs", source_field="de",
-                                        target_field="en", data_dir=str(tmp_path)))
+  docs = list(tfds_text.documents("tfds:tjax_test_pairs", source_field="de",
+                                  target_field="en", data_dir=str(tmp_path)))
   assert len(docs) == 80 and docs[1][1].split() == docs[0][1].split()[::-1]  # for a tokenizer
   with pytest.raises(ConfigError, match=r"data.target_field='fr' is not a feature of "
                      r"tfds:tjax_test_pairs \(it has de, en\)"):

@@ -28,6 +28,7 @@ import time
 
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenizer as tokenizer_lib
 
 _SAMPLE_EVERY = 10  # Measure characters/token on every 10th document ...
@@ -101,9 +102,9 @@ def run(args: argparse.Namespace) -> None:
   tokenizer_lib.special_pieces(args.special)  # Bad groups fail before reading the corpus.
 
   def docs():
-    return corpus_lib.iter_documents(args.corpus, args.format, args.text_field,
-                                     source_field=args.source_field,
-                                     target_field=args.target_field, data_dir=args.data_dir)
+    return tfds_text.documents(args.corpus, args.format, args.text_field,
+                               source_field=args.source_field, target_field=args.target_field,
+                               data_dir=args.data_dir)
 
   start = time.time()
   texts = (text for _, text in docs())

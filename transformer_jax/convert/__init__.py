@@ -1,6 +1,3 @@
-"""Hugging Face checkpoints <-> transformer_jax: `from_hf`, `to_hf`, `hf_forward` (see hf.py) and
-the `python -m transformer_jax.convert import|export` command (see __main__.py)."""
-
-from transformer_jax.convert.hf import from_hf, hf_forward, to_hf
-
-__all__ = ["from_hf", "to_hf", "hf_forward"]
+"""Hugging Face checkpoints <-> transformer_jax: `from_hf`, `to_hf`, `hf_forward` in hf.py (one
+table per family: gpt2.py, llama.py, bert.py, t5.py, on tables.py's machinery) and the
+`python -m transformer_jax.convert import|export` command (__main__.py)."""

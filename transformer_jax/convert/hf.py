@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from transformer_jax.config import ConfigError
-from transformer_jax.convert import tables
+from transformer_jax.convert import bert, gpt2, llama, t5, tables
 from transformer_jax.models import families
 from transformer_jax.models import stack
 from transformer_jax.models.layers import ModelConfig
@@ -34,6 +34,24 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # our model.family -> module (a table's MODEL_FAMILY)
 MODELS = families.FAMILIES
+TABLES = {f.MODEL_TYPE: f for f in (gpt2, llama, bert, t5)}  # HF model_type -> its table
+
+
+def table(name: str):
+  if name not in TABLES:
+    raise ConfigError(f"no converter for model_type {name!r}; known: {', '.join(TABLES)}")
+  return TABLES[name]
+
+
+def table_for(cfg):
+  """The family table whose fixed choices (positions, norm, activation, ...) this model has."""
+  for fam in TABLES.values():
+    if all(getattr(cfg, k) == v for k, v in tables.fixed(fam).items()):
+      return fam
+  needs = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in f.FIXED.items())
+                    for n, f in TABLES.items())
+  raise ConfigError(f"no Hugging Face family matches this model (position={cfg.position}, "
+                    f"norm={cfg.norm}, activation={cfg.activation}); {needs}")
 
 
 # --------------------------------------------------------------------------------------- I/O
@@ -123,7 +141,7 @@ def _stacked(fam, cfg, params: dict) -> dict:
 def hf_model_config(hf: dict, family: str = "", **overrides) -> dict:
   """Our model.* values for a config.json dict, with `overrides` (e.g. scan_layers=True, or a
   padded vocab_size) applied and checked: the architecture itself cannot be overridden."""
-  fam = tables.family(family or hf.get("model_type", ""))
+  fam = table(family or hf.get("model_type", ""))
   values = tables.config_to_ours(fam, hf)
   check_overrides(values, {**values, **overrides})
   return {**values, **overrides}
@@ -146,7 +164,7 @@ def check_overrides(from_hf: dict, model: dict):
 def load_params(hf_dir: str, cfg: ModelConfig, hf: dict | None = None) -> dict:
   """Our parameters (numpy, cfg.param_dtype, cfg's layout) from an HF directory."""
   hf = read_config(hf_dir) if hf is None else hf
-  fam = tables.family(hf.get("model_type", ""))
+  fam = table(hf.get("model_type", ""))
   shapes = _shapes(fam, cfg)
   flat = tables.from_hf_tensors(fam, cfg, read_tensors(hf_dir), shapes,
                                 jnp.dtype(cfg.param_dtype))
@@ -174,7 +192,7 @@ def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
   rows are cut. Returns the config.json dict written."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   cfg = model_config(model_or_config)
-  fam = tables.family(family) if family else tables.family_for(cfg)
+  fam = table(family) if family else table_for(cfg)
   if isinstance(model_or_config, nn.Module):
     kind = type(model_or_config).__name__
   elif isinstance(model_or_config, ModelConfig):

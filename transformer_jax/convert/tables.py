@@ -44,36 +44,11 @@ def fixed(fam) -> dict:
   return {**{k: v for k, v in PLAIN.items() if k in names and k not in read}, **fam.FIXED}
 
 
-def families():
-  from transformer_jax.convert import bert, gpt2, llama, t5  # pylint: disable=g-import-not-at-top
-  return {f.MODEL_TYPE: f for f in (gpt2, llama, bert, t5)}
-
-
 def stacks(fam):
   """(our layer path with {i}, cfg -> number of layers, rows) for each of the family's stacks."""
   return getattr(fam, "STACKS", None) or (("layer_{i}", lambda c: c.num_layers, fam.LAYER),)
 
 
-def family(name: str):
-  fams = families()
-  if name not in fams:
-    raise ConfigError(f"no converter for model_type {name!r}; known: {', '.join(fams)}")
-  return fams[name]
-
-
-def family_for(cfg):
-  """The family whose fixed choices (positions, norm, activation, ...) this model has."""
-  fams = families()
-  for fam in fams.values():
-    if all(getattr(cfg, k) == v for k, v in fixed(fam).items()):
-      return fam
-  needs = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in f.FIXED.items())
-                    for n, f in fams.items())
-  raise ConfigError(f"no Hugging Face family matches this model (position={cfg.position}, "
-                    f"norm={cfg.norm}, activation={cfg.activation}); {needs}")
-
-
-# ----------------------------------------------------------------------------------- configs
 def config_to_ours(fam, hf: dict) -> dict:
   """Our model.* values from a config.json dict; what we cannot represent is a ConfigError."""
   for key, accepted, _ in fam.REQUIRE:

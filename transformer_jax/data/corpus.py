@@ -317,25 +317,20 @@ def iter_documents(
     skipped: SkipCounts | None = None,
     source_field: str = "source",
     target_field: str = "target",
-    data_dir: str = "",
 ) -> Iterator[tuple[str, str]]:
   """Yields `(doc_id, text)` for every non-empty document of `corpus`, in a fixed order.
 
   Args:
-    corpus: "stdlib", a glob (`**` recurses) or "tfds:NAME" (its train split).
+    corpus: "stdlib" or a glob (`**` recurses); "tfds:NAME" is tfds_text.documents'.
     fmt: a document format, or a pair format whose sources and targets become documents.
     text_field: the JSONL field holding the text.
     skipped: if given, counts the binary files and empty documents left out.
-    source_field, target_field: the fields of a pair (jsonl_pairs, tfds pairs).
-    data_dir: where a tfds: corpus is prepared ("" = TFDS's default).
+    source_field, target_field: the fields of a pair (jsonl_pairs).
 
   Raises:
     ConfigError: unknown format, a glob matching no files, or bad JSONL.
   """
   check_format(fmt)
-  if corpus.startswith(TFDS_PREFIX):
-    from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
-    return tfds_text.catalog_documents(corpus, text_field, source_field, target_field, data_dir)
   if fmt in PAIR_FORMATS:
     pairs = iter_pairs(corpus, fmt, source_field, target_field, skipped)
     return ((f"{i}:{side}", text) for i, *texts in pairs

@@ -345,6 +345,15 @@ def check_catalog_fields(data_cfg, seq2seq: bool) -> None:
                         f"{', '.join(features.keys())})")
 
 
+def documents(corpus: str, fmt: str = "text", text_field: str = "text", skipped=None,
+              source_field: str = "source", target_field: str = "target", data_dir: str = ""):
+  """(id, text) documents of any corpus: files (corpus.iter_documents) or, for "tfds:NAME", a
+  catalog dataset's train split (catalog_documents)."""
+  if corpus.startswith(corpus_lib.TFDS_PREFIX):
+    return catalog_documents(corpus, text_field, source_field, target_field, data_dir)
+  return corpus_lib.iter_documents(corpus, fmt, text_field, skipped, source_field, target_field)
+
+
 def catalog_documents(corpus: str, text_field: str, source_field: str, target_field: str,
                       data_dir: str = ""):
   """(id, text) documents of a catalog dataset's train split (prepared under `data_dir`, "" =
