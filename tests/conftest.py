@@ -12,6 +12,9 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The scaling-law fits' tiny LAPACK calls are slow with OpenBLAS threads on busy cores (see
+# transformer_jax/sweep/__main__.py, which sets the same for its own process).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the test extra) would probe for a TPU
 # Many tests (and the training subprocesses they start) compile the same tiny programs: a
 # persistent compilation cache shared by the xdist workers and subprocesses compiles each once.

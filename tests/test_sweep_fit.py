@@ -212,7 +212,7 @@ def test_cli_fit_then_predict(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (("plot",), "unknown subcommand 'plot'"),
-    (("fit", "--runs=RUNS", "--out=/tmp/unused"), "RUNS:2: not valid JSON"),
+    (("fit", "--runs=RUNS", "--out=/tmp/unused"), "RUNS:2 is not valid JSON"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
   runs = _write_jsonl(tmp_path / "runs.jsonl", [{"params": 1, "tokens": 1, "loss": 1}])
@@ -258,3 +258,12 @@ def test_predict_rejects_non_positive_flops(tmp_path):
   fit_lib.save_fit(str(tmp_path / "fit"), _exact_fit(LAWS["Chinchilla"]))
   with pytest.raises(ConfigError, match="positive number of FLOPs, got -1"):
     sweep_cli.main(["predict", f"--fit={tmp_path / 'fit'}", "--flops=-1"])
+
+
+def test_importing_the_fit_library_leaves_the_environment_alone():
+  env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+  code = ("import os, json; before = dict(os.environ); import transformer_jax.sweep.fit; "
+          "print(json.dumps(dict(os.environ) == before))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=env, timeout=120, check=True)
+  assert out.stdout.strip() == "true"

@@ -148,18 +148,25 @@ def _line_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
     yield f"{file.name}:{lineno}", line
 
 
-def _json_records(file: CorpusFile) -> Iterator[tuple[str, str, dict]]:
-  """(`NAME:LINE`, `path:LINE`, object) for each non-empty line of a JSONL file; ConfigError for bad JSON."""
-  for lineno, line in _numbered_lines(file.path):
+def json_lines(path: str, label: str = "") -> Iterator[tuple[int, str, dict]]:
+  """(line number, `path:LINE`, object) for each non-empty line of a JSONL file. A line that is
+  not a JSON object is a one-line ConfigError naming `label` (e.g. "data.corpus: "), file and line."""
+  for lineno, line in _numbered_lines(path):
     if not line.strip():
       continue
-    where = f"{file.path}:{lineno}"
+    where = f"{path}:{lineno}"
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ConfigError(f"data.corpus: {where} is not valid JSON ({e.msg})") from None
+      raise ConfigError(f"{label}{where} is not valid JSON ({e.msg})") from None
     if not isinstance(record, dict):
-      raise ConfigError(f"data.corpus: {where} is not a JSON object")
+      raise ConfigError(f"{label}{where} is not a JSON object")
+    yield lineno, where, record
+
+
+def _json_records(file: CorpusFile) -> Iterator[tuple[str, str, dict]]:
+  """(`NAME:LINE`, `path:LINE`, object) for each non-empty line of a JSONL corpus file."""
+  for lineno, where, record in json_lines(file.path, "data.corpus: "):
     yield f"{file.name}:{lineno}", where, record
 
 

@@ -20,18 +20,12 @@ import json
 import math
 import os
 
-# L-BFGS-B on five parameters makes ~10⁵ tiny LAPACK calls per bootstrap. With OpenBLAS threads
-# each call waits for a hand-off, and when the cores are busy that costs far more than the math
-# (measured: a 50-resample fit took 65 s instead of 2 s on a loaded 2-core machine). OpenBLAS reads
-# this once, when scipy first loads it, so it is set before that import; a value you set wins, and
-# it does nothing if scipy was imported earlier in the process.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from scipy import optimize  # pylint: disable=g-import-not-at-top,wrong-import-position
-from scipy import special  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from scipy import optimize
+from scipy import special
 
 from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus
 
 HUBER_DELTA = 1e-3  # on log-loss residuals, as Hoffmann et al. 2022
 BUDGET_RTOL = 0.05  # runs whose FLOPs agree within 5% share an isoFLOP budget
@@ -90,23 +84,13 @@ def load_runs(path) -> Runs:
   if not os.path.isfile(path):
     raise ConfigError(f"runs file not found: {path}")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ConfigError(f"{where}: expected a JSON object with params, tokens, loss")
-      for key in ("params", "tokens", "loss"):
-        if key not in row:
-          raise ConfigError(f"{where}: missing {key!r} (each line needs params, tokens, loss and "
-                            "optionally flops)")
-      flops = _positive_number(row, "flops", where) if row.get("flops") is not None else None
-      rows.append([_positive_number(row, k, where) for k in ("params", "tokens", "loss")] + [flops])
+  for _, where, row in corpus.json_lines(path):
+    for key in ("params", "tokens", "loss"):
+      if key not in row:
+        raise ConfigError(f"{where}: missing {key!r} (each line needs params, tokens, loss and "
+                          "optionally flops)")
+    flops = _positive_number(row, "flops", where) if row.get("flops") is not None else None
+    rows.append([_positive_number(row, k, where) for k in ("params", "tokens", "loss")] + [flops])
   if not rows:
     raise ConfigError(f"runs file is empty: {path} (expected one JSON object per line with params, "
                       "tokens, loss)")
