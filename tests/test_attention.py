@@ -1,4 +1,4 @@
-"""Attention implementations (models/attention.py) against the reference layers.attend: values and
+"""Attention implementations (models/attention.py) against the reference attention.reference: values and
 gradients on CPU (splash as a Pallas kernel in interpret mode), the dispatch and its one-line
 errors, a model-level loss, and (with libtpu) splash lowered for a TPU topology."""
 
@@ -14,7 +14,6 @@ from tests.conftest import REPO
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.models import attention
-from transformer_jax.models import layers
 from transformer_jax.parallel import sharding
 from transformer_jax.models import families
 from transformer_jax.training import step as step_lib
@@ -50,17 +49,17 @@ def test_dot_product_matches_reference(causal, bias):
   """GQA (2 kv heads x 2), packed segments, causal (the reference skipping key blocks) or not,
   with and without a bias: values and gradients, fp32."""
   q, k, v, b, seg = _inputs(2, 16, 2, 2, 8)
-  mask = layers.attention_mask(seg, seg, causal)
+  mask = attention.mask(seg, seg, causal)
   args = (q, k, v, b) if bias else (q, k, v)
   chunks = 4 if causal else 1
   _check(lambda *a: attention.dot_product(*a[:3], mask, *a[3:]),
-         lambda *a: layers.attend(*a[:3], mask, chunks, *a[3:]), args)
+         lambda *a: attention.reference(*a[:3], mask, chunks, *a[3:]), args)
 
 
 def test_segment_ids_from_mask():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0, 0], [3, 3, 3, 3, 1, 1, 1]], jnp.int32)
   for causal in (True, False):
-    ids = attention.segment_ids(layers.attention_mask(seg, seg, causal))
+    ids = attention.segment_ids(attention.mask(seg, seg, causal))
     np.testing.assert_array_equal(ids, [[0, 0, 2, 2, 2, 5, 5], [0, 0, 0, 0, 4, 4, 4]])
 
 
@@ -69,10 +68,10 @@ def test_splash_interpret_matches_reference(causal):
   """Splash (Pallas interpret mode on CPU; multi-head kernel with 2 kv heads x 2) within packed
   segments, its ids derived from the mask: values and gradients."""
   q, k, v, _, seg = _inputs(2, 128, 2, 2, 8)
-  mask = layers.attention_mask(seg, seg, causal)
+  mask = attention.mask(seg, seg, causal)
   ids = attention.segment_ids(mask)
   _check(lambda *a: attention.splash(*a, ids, causal=causal, interpret=True),
-         lambda *a: layers.attend(*a, mask), (q, k, v))
+         lambda *a: attention.reference(*a, mask), (q, k, v))
 
 
 @pytest.mark.parametrize("n, g", [(2, 2), (1, 4)])
@@ -84,8 +83,8 @@ def test_splash_sharded_under_mesh(n, g):
                            ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
   mesh = sharding.make_mesh(config)
   q, k, v, _, seg = _inputs(4, 128, n, g, 8)
-  mask = layers.attention_mask(seg, seg, True)
-  ref = layers.attend(q, k, v, mask)
+  mask = attention.mask(seg, seg, True)
+  ref = attention.reference(q, k, v, mask)
   fn = jax.jit(lambda q, k, v, m: attention.splash(q, k, v, attention.segment_ids(m),
                                                   causal=True, interpret=True))
   with sharding.context(mesh, sharding.rules(config)):

@@ -1,6 +1,6 @@
 """Attention implementations behind one interface, picked by `model.attention_impl` and platform.
 
-  xla          layers.attend: the reference (einsums, fp32 scores, ops.masked_softmax, causal
+  xla          `reference`: the reference (einsums, fp32 scores, ops.masked_softmax, causal
                key-block skipping); serves every layer
   dot_product  jax.nn.dot_product_attention(implementation="xla"): any mask, bias, GQA, decoding
   cudnn        the same with implementation="cudnn" (cuDNN flash attention): CUDA GPU, bf16
@@ -16,7 +16,7 @@ combinations a config alone shows: splash with relative positions, encoder-decod
 LM; cudnn without bfloat16). KV-cache decoding (one token at a time, tiny) always uses xla for
 splash and cudnn, so a workdir trained with them still samples.
 
-Layouts follow layers.py: q_BTNGK (already scaled), k_BSNK, v_BSNK, mask_BTS (True = attend),
+Layouts follow layers.py (`mask` builds the masks every family uses): q_BTNGK (already scaled), k_BSNK, v_BSNK, mask_BTS (True = attend),
 bias_BNGTS (added to the scores). Query head h = n * G + g uses key/value head n, as in
 jax.nn.dot_product_attention's and splash's grouped-query layouts.
 """
@@ -95,8 +95,47 @@ def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_at
   return impl
 
 
-def attend(impl: str, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal: bool):
-  """Attention output [B, T, N, G, K] by kernel `impl` (from `choose`, not "xla")."""
+def mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):
+  """Boolean [B, T, S]: same packed segment, and (if causal) key not after the query."""
+  mask = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  if causal:
+    t, s = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
+    mask &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+  return mask
+
+
+def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BNGTS=None):
+  """The xla kernel, the reference every other is tested against: scaled dot-product attention
+  (q already scaled), scores and softmax in fp32; `bias_BNGTS`
+  (e.g. T5's relative position bias, broadcastable) is added to the scores.
+
+  With `causal_chunks` > 1 (and a causal mask over equal query/key lengths) the queries are split
+  into that many blocks and block i attends only to keys [0, end of block i): the skipped keys are
+  all masked, so the result is exact while the score work falls to (n + 1) / (2 n) of the full one.
+  """
+  t, s = q_BTNGK.shape[1], k_BSNK.shape[1]
+  if causal_chunks > 1 and t == s and t % causal_chunks == 0:
+    c = t // causal_chunks
+    return jnp.concatenate([
+        reference(q_BTNGK[:, i * c:(i + 1) * c], k_BSNK[:, :(i + 1) * c], v_BSNK[:, :(i + 1) * c],
+               mask_BTS[:, i * c:(i + 1) * c, :(i + 1) * c],
+               bias_BNGTS=None if bias_BNGTS is None else
+               bias_BNGTS[..., i * c:(i + 1) * c, :(i + 1) * c])
+        for i in range(causal_chunks)], axis=1)
+  logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK,
+                            preferred_element_type=jnp.float32)
+  if bias_BNGTS is not None:
+    logits_BNGTS = logits_BNGTS + bias_BNGTS
+  probs_BNGTS = ops.masked_softmax(logits_BNGTS, mask_BTS[:, None, None]).astype(q_BTNGK.dtype)
+  return jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
+
+
+def attend(impl: str, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal: bool,
+           causal_chunks: int = 1):
+  """Attention output [B, T, N, G, K] by kernel `impl` (from `choose`); `causal_chunks`: the
+  reference's causal key-block skipping (see `reference`)."""
+  if impl == "xla":
+    return reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks, bias_BNGTS)
   if impl == "splash":
     return splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids(mask_BTS), causal=causal)
   cudnn = impl == "cudnn"

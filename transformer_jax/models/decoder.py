@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 
+from transformer_jax.models import attention
 from transformer_jax.models import layers
 from transformer_jax.models import stack
 from transformer_jax.models.layers import ModelConfig
@@ -32,9 +33,9 @@ class DecoderLM(nn.Module):
     offset = layers.DecodeOffset(name="decode_offset")(t) if decode and positions_BT is None else 0
     segment_ids_BT, positions_BT = layers.default_positions(segment_ids_BT, positions_BT, b, t)
     positions_BT = positions_BT + offset
-    mask_BTS = layers.attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+    mask_BTS = attention.mask(segment_ids_BT, segment_ids_BT, causal=True)
     if prefix_BT is not None:
-      mask_BTS |= (layers.attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
+      mask_BTS |= (attention.mask(segment_ids_BT, segment_ids_BT, causal=False)
                    & (prefix_BT[:, None, :] > 0))
 
     x_BTD = self.embed.embed(tokens_BT, positions_BT)

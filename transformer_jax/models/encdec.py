@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 
+from transformer_jax.models import attention
 from transformer_jax.models import layers
 from transformer_jax.models import stack
 from transformer_jax.models.encoder import relative_table
@@ -58,7 +59,7 @@ class EncoderDecoder(nn.Module):
   def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None, *, deterministic=True):
     segment_ids_BS, positions_BS = layers.default_positions(segment_ids_BS, positions_BS,
                                                             *tokens_BS.shape)
-    mask_BSS = layers.attention_mask(segment_ids_BS, segment_ids_BS, causal=False)
+    mask_BSS = attention.mask(segment_ids_BS, segment_ids_BS, causal=False)
     x_BSD = self.dropout(self.embed.embed(tokens_BS, positions_BS), deterministic)
     return self.encoder(x_BSD, positions_BS, mask_BSS, deterministic, False)
 
@@ -74,8 +75,8 @@ class EncoderDecoder(nn.Module):
     positions_BT = positions_BT + offset
     encoder_segment_ids_BS, _ = layers.default_positions(encoder_segment_ids_BS, None,
                                                          *encoded_BSD.shape[:2])
-    mask_BTT = layers.attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
-    cross_BTS = layers.attention_mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
+    mask_BTT = attention.mask(segment_ids_BT, segment_ids_BT, causal=True)
+    cross_BTS = attention.mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
     x_BTD = self.dropout(self.embed.embed(tokens_BT, positions_BT), deterministic)
     x_BTD = self.decoder(x_BTD, positions_BT, mask_BTT, deterministic, decode, encoded_BSD,
                          cross_BTS)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.models import attention
 from transformer_jax.models import layers
 from transformer_jax.models import ops
 from transformer_jax.models import stack
@@ -48,7 +49,7 @@ class EncoderLM(nn.Module):
     c = self.cfg
     segment_ids_BT, positions_BT = layers.default_positions(segment_ids_BT, positions_BT,
                                                             *tokens_BT.shape)
-    mask_BTS = layers.attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
+    mask_BTS = attention.mask(segment_ids_BT, segment_ids_BT, causal=False)
     x_BTD = nn.Dropout(c.dropout_rate)(self.embed.embed(tokens_BT, positions_BT, types_BT),
                                        deterministic)
     x_BTD = stack.apply_blocks(c, x_BTD, positions_BT, mask_BTS, deterministic, False,

@@ -171,40 +171,6 @@ def relative_buckets(q_positions_BT, k_positions_BS, bidirectional: bool, num_bu
   return bucket + jnp.where(rel_BTS < exact, rel_BTS, large)
 
 
-def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):
-  """Boolean [B, T, S]: same packed segment, and (if causal) key not after the query."""
-  mask = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
-  if causal:
-    t, s = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
-    mask &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
-  return mask
-
-
-def attend(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BNGTS=None):
-  """Scaled dot-product attention (q already scaled), scores and softmax in fp32; `bias_BNGTS`
-  (e.g. T5's relative position bias, broadcastable) is added to the scores.
-
-  With `causal_chunks` > 1 (and a causal mask over equal query/key lengths) the queries are split
-  into that many blocks and block i attends only to keys [0, end of block i): the skipped keys are
-  all masked, so the result is exact while the score work falls to (n + 1) / (2 n) of the full one.
-  """
-  t, s = q_BTNGK.shape[1], k_BSNK.shape[1]
-  if causal_chunks > 1 and t == s and t % causal_chunks == 0:
-    c = t // causal_chunks
-    return jnp.concatenate([
-        attend(q_BTNGK[:, i * c:(i + 1) * c], k_BSNK[:, :(i + 1) * c], v_BSNK[:, :(i + 1) * c],
-               mask_BTS[:, i * c:(i + 1) * c, :(i + 1) * c],
-               bias_BNGTS=None if bias_BNGTS is None else
-               bias_BNGTS[..., i * c:(i + 1) * c, :(i + 1) * c])
-        for i in range(causal_chunks)], axis=1)
-  logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK,
-                            preferred_element_type=jnp.float32)
-  if bias_BNGTS is not None:
-    logits_BNGTS = logits_BNGTS + bias_BNGTS
-  probs_BNGTS = ops.masked_softmax(logits_BNGTS, mask_BTS[:, None, None]).astype(q_BTNGK.dtype)
-  return jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
-
-
 class Attention(nn.Module):
   """Multi-head (or grouped-query) scaled dot-product attention with an optional KV cache.
 
@@ -264,12 +230,8 @@ class Attention(nn.Module):
     impl = "xla" if self.is_initializing() else attention.choose(  # init: only shapes matter
         c.attention_impl, q_BTNGK, k_BSNK, bias_BNGTS, causal=self.causal,
         self_attention=kv_BSD is None, decode=decode)
-    if impl == "xla":
-      out_BTNGK = attend(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks=chunks,
-                         bias_BNGTS=bias_BNGTS)
-    else:
-      out_BTNGK = attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
-                                   causal=self.causal and not decode)
+    out_BTNGK = attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
+                                 causal=self.causal and not decode, causal_chunks=chunks)
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
