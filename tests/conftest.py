@@ -87,3 +87,18 @@ def synthetic_batch(config, model, seed=0, rows=None, length=None):
     else:
       out[k] = rng.integers(3, min(config.model.vocab_size, 128), (b, t), dtype=np.int32)
   return out
+
+
+# The tests' small model sizes (the layer tests build ModelConfig directly, without a recipe).
+TINY_MODEL = dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, head_dim=16, d_ff=256,
+                  vocab_size=256, max_len=128)
+
+
+def model_config(**values):
+  """A ModelConfig: config/base.py's model defaults (their one source), TINY_MODEL's sizes, then
+  `values`."""
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  m = config_lib.base.get_config().model
+  m.update({**TINY_MODEL, **values})
+  return ModelConfig.from_config(m)

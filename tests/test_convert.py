@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from safetensors.numpy import load_file
 
-from tests.conftest import tiny_overrides
+from tests.conftest import model_config, tiny_overrides
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.convert.hf import from_hf, hf_forward, to_hf
@@ -216,9 +216,8 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
 
 
 def test_export_refuses_models_transformers_cannot_hold(tmp_path):
-  from transformer_jax.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
-  for cfg, words in ((ModelConfig(position="sinusoidal"), "no Hugging Face family"),
-                     (ModelConfig(num_heads=4, num_kv_heads=2), "grouped-query")):
+  for cfg, words in ((model_config(position="sinusoidal"), "no Hugging Face family"),
+                     (model_config(num_heads=4, num_kv_heads=2), "grouped-query")):
     with pytest.raises(ConfigError, match=words) as e:
       to_hf(cfg, {}, str(tmp_path))
     assert "\n" not in str(e.value)

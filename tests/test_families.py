@@ -15,17 +15,16 @@ from transformer_jax import config as config_lib
 from transformer_jax.models import layers
 from transformer_jax.models.encdec import EncoderDecoder
 from transformer_jax.models.encoder import EncoderLM
-from transformer_jax.models.layers import ModelConfig
 from transformer_jax.parallel import sharding
 from transformer_jax.training import step as step_lib
-from tests.conftest import REPO, synthetic_batch
+from tests.conftest import REPO, model_config, synthetic_batch
 
 SMALL = dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8, d_ff=64,
              vocab_size=97, max_len=32, attention_chunks=2)
-BERT = ModelConfig(**SMALL, norm_position="post", type_vocab_size=2, embed_norm=True)
-T5 = ModelConfig(**dict(SMALL, num_decoder_layers=1), position="relative", norm="rmsnorm",
+BERT = model_config(**SMALL, norm_position="post", type_vocab_size=2, embed_norm=True)
+T5 = model_config(**dict(SMALL, num_decoder_layers=1), position="relative", norm="rmsnorm",
                  activation="geglu", use_bias=False, tie_embeddings=False, query_scale=1.0)
-TRANSFORMER = ModelConfig(**SMALL, position="sinusoidal", norm_position="post",
+TRANSFORMER = model_config(**SMALL, position="sinusoidal", norm_position="post",
                           activation="relu", scale_embeddings=True)
 ENCDEC = {"t5": T5, "transformer": TRANSFORMER}
 
@@ -294,7 +293,7 @@ def test_beam_search(scan):
 
 def test_prefix_lm_attends_to_the_whole_prefix_and_causally_after_it():
   from transformer_jax.models.decoder import DecoderLM  # pylint: disable=g-import-not-at-top
-  cfg = ModelConfig(**SMALL)
+  cfg = model_config(**SMALL)
   params = _params(DecoderLM(cfg), _ids(1, 8, 0))
   model = DecoderLM(dataclasses.replace(cfg, vocab_size=97 + 8))
   seg = jnp.asarray([[1] * 5 + [2] * 3], jnp.int32)

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from transformer_jax.models.decoder import DecoderLM
-from transformer_jax.models.layers import ModelConfig
+from tests.conftest import model_config
 
 VARIANTS = {
-    "gpt2": ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
+    "gpt2": model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
                         d_ff=64, vocab_size=97, max_len=32),
-    "llama_gqa": ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+    "llama_gqa": model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                              d_ff=64, vocab_size=97, max_len=32, position="rotary",
                              norm="rmsnorm", activation="swiglu", use_bias=False,
                              tie_embeddings=False),
-    "post_sinusoidal_relu": ModelConfig(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2,
+    "post_sinusoidal_relu": model_config(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2,
                                         head_dim=16, d_ff=64, vocab_size=97, max_len=32,
                                         position="sinusoidal", norm_position="post",
                                         activation="relu"),

@@ -17,17 +17,16 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.models import stack
 from transformer_jax.models.decoder import DecoderLM
-from transformer_jax.models.layers import ModelConfig
 from transformer_jax.parallel import sharding
 from transformer_jax.sweep import plan
 from transformer_jax.perf import counting, hardware
 from transformer_jax.training import optimizer
 from transformer_jax.training.step import Trainer, TrainState, loss_sums
-from tests.conftest import REPO
+from tests.conftest import REPO, model_config
 
 L, B, T = 2, 2, 16
 # attention_chunks=1: less to compile (the blocked causal path is tested in test_model.py).
-CFG = ModelConfig(num_layers=L, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8, d_ff=64,
+CFG = model_config(num_layers=L, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8, d_ff=64,
                   vocab_size=97, max_len=32, attention_chunks=1)
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(3, 97, (B, T)), jnp.int32)
 SEG = jnp.asarray([[1] * 6 + [2] * 10, [1] * 16], jnp.int32)  # packed rows: segments restart

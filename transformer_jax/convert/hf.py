@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import base
 from transformer_jax.convert import bert, gpt2, llama, t5, tables
 from transformer_jax.models import families
 from transformer_jax.models import stack
@@ -179,7 +180,7 @@ def from_hf(hf_dir: str, family: str = "", **overrides):
   if family:
     hf = {**hf, "model_type": family}
   values = hf_model_config(hf, **overrides)
-  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  defaults = base.get_config().model.to_dict()  # what config.json does not say
   cfg = ModelConfig.from_config(ml_collections.ConfigDict({**defaults, **values}))
   return MODELS[values["family"]](cfg), load_params(hf_dir, cfg, hf)
 

@@ -24,44 +24,45 @@ SAVEABLE_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Resolved model hyper-parameters (zeros in the user config already replaced)."""
-  num_layers: int = 2
-  d_model: int = 64
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 16
-  d_ff: int = 256
-  vocab_size: int = 256
-  max_len: int = 128
-  position: str = "learned"
-  rope_theta: float = 10000.0
-  norm: str = "layernorm"
-  norm_position: str = "pre"
-  norm_eps: float = 1e-5
-  activation: str = "gelu"
-  use_bias: bool = True
-  tie_embeddings: bool = True
-  dropout_rate: float = 0.0
-  init_std: float = 0.02
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: str = "none"
-  scan_layers: bool = False
-  attention_chunks: int = 4
-  attention_impl: str = "xla"  # xla | dot_product | cudnn | splash | auto (models/attention.py)
-  num_decoder_layers: int = 0  # encoder-decoder: the decoder's depth (0 = num_layers)
-  relative_buckets: int = 32  # position="relative" (T5): log-spaced distance buckets ...
-  relative_max_distance: int = 128  # ... up to this distance
-  type_vocab_size: int = 0  # BERT token types (segment A/B); 0 = none
-  sentence_head: bool = False  # BERT's pooler + 2-way sentence-pair (NSP / SOP) classifier
-  embed_norm: bool = False  # a Norm right after the embedding sum (BERT)
-  scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Transformer)
-  query_scale: float = 0.0  # attention logits scale; 0 = 1/sqrt(head_dim) (T5 uses 1.0)
+  """Resolved model hyper-parameters (zeros in the user config already replaced). No defaults:
+  config/base.py is their one source; build it with `from_config`."""
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  vocab_size: int
+  max_len: int
+  position: str
+  rope_theta: float
+  norm: str
+  norm_position: str
+  norm_eps: float
+  activation: str
+  use_bias: bool
+  tie_embeddings: bool
+  dropout_rate: float
+  init_std: float
+  dtype: str
+  param_dtype: str
+  remat: str
+  scan_layers: bool
+  attention_chunks: int
+  attention_impl: str  # xla | dot_product | cudnn | splash | auto (models/attention.py)
+  num_decoder_layers: int  # encoder-decoder: the decoder's depth (0 = num_layers)
+  relative_buckets: int  # position="relative" (T5): log-spaced distance buckets ...
+  relative_max_distance: int  # ... up to this distance
+  type_vocab_size: int  # BERT token types (segment A/B); 0 = none
+  sentence_head: bool  # BERT's pooler + 2-way sentence-pair (NSP / SOP) classifier
+  embed_norm: bool  # a Norm right after the embedding sum (BERT)
+  scale_embeddings: bool  # multiply token embeddings by sqrt(d_model) (Transformer)
+  query_scale: float  # attention logits scale; 0 = 1/sqrt(head_dim) (T5 uses 1.0)
 
   @classmethod
   def from_config(cls, m) -> "ModelConfig":
     """Builds from the `model` section of a ConfigDict, resolving 0 = default sizes."""
-    d = {f.name: m[f.name] for f in dataclasses.fields(cls) if f.name in m}
+    d = {f.name: m[f.name] for f in dataclasses.fields(cls)}
     d["num_kv_heads"] = m.num_kv_heads or m.num_heads
     d["head_dim"] = m.head_dim or m.d_model // m.num_heads
     d["d_ff"] = m.d_ff or 4 * m.d_model
