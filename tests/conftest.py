@@ -70,23 +70,16 @@ def tiny_overrides(tiny_data, **extra):
   return [f"{k}={v}" for k, v in kv.items()]
 
 
-def synthetic_batch(config, model, seed=0, rows=None, length=None):
-  """Random tokens in the batch format `model`'s family trains on (one segment per row)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import step  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  out = {}
-  for k, (b, t) in step.batch_shapes(config, model).items():
-    b, t = rows or b, (length or t) if not k.startswith("decoder_") else t
-    if k.endswith("weights"):
-      out[k] = np.ones((b, t), np.float32)
-    elif k.endswith("segment_ids"):
-      out[k] = np.ones((b, t), np.int32)
-    elif k.endswith("positions"):
-      out[k] = np.tile(np.arange(t, dtype=np.int32), (b, 1))
-    else:
-      out[k] = rng.integers(3, min(config.model.vocab_size, 128), (b, t), dtype=np.int32)
-  return out
+def synthetic_batch(config, model=None, seed=0, rows=None, length=None):
+  """Random tokens in the batch format of the config's objective (objectives.synthetic_batch),
+  `rows` x `length` (decoder-side keys keep data.target_len), ids below 128."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  del model  # the objective says what the model trains on
+  s = objectives.spec(config.data)
+  s = dataclasses.replace(s, seq_len=length or s.seq_len)
+  return objectives.synthetic_batch(s, rows or config.train.batch_size,
+                                    min(config.model.vocab_size, 128), seed)
 
 
 # The tests' small model sizes (the layer tests build ModelConfig directly, without a recipe).

@@ -161,3 +161,16 @@ def test_missing_tokenizer_command_carries_the_corpus_fields(tmp_path):
                      "--out=t.model")
   assert tokenizer_lib.create_command("t.model", source_field="q") == (
       "python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=8192 --out=t.model")
+
+
+def test_the_data_config_is_validated_once_for_all_shards(tiny_data, monkeypatch):
+  """Validation loads the tokenizer and builds the TFDS builder: once per iterator, not once per
+  logical data shard (nor again for the validation batches)."""
+  calls = []
+  validate = pipeline.validate
+  monkeypatch.setattr(pipeline, "validate", lambda *a, **k: calls.append(1) or validate(*a, **k))
+  c = _config(tiny_data, **{"data.shards": 4})
+  it = pipeline.make_train_iterator(c)
+  next(it)
+  pipeline.eval_batches(c, 1)
+  assert len(it.shards) == 4 and len(calls) == 1

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import config as config_lib
+from transformer_jax.data import objectives
 from transformer_jax.models import layers
 from transformer_jax.models.encdec import EncoderDecoder
 from transformer_jax.models.encoder import EncoderLM
@@ -190,20 +191,27 @@ def test_sentence_head_adds_the_mean_pair_loss_and_reads_token_types(chunk):
   logp = jax.nn.log_softmax(model.apply({"params": params}, x, method="sentence_logits"))
   pair_nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
   want_pairs = float(jnp.sum(pair_nll * cls_BT) / 3)
-  got, weight = step_lib.loss_sums(model, params, batch, chunk=chunk)
-  mlm, _ = step_lib.loss_sums(model, params, mlm_only, chunk=chunk)
+  pairs = objectives.Loss(inputs=(("types", "types_BT"),), sentence=True)  # mlm's, with pairs
+  types_only = objectives.Loss(inputs=(("types", "types_BT"),))
+  got, weight = step_lib.loss_sums(model, params, batch, task=pairs, chunk=chunk)
+  mlm, _ = step_lib.loss_sums(model, params, mlm_only, task=types_only, chunk=chunk)
   assert float(got) == pytest.approx(float(mlm) + want_pairs * float(weight), rel=1e-5)
-  _, _, sums = step_lib.loss_parts(model, params, batch, chunk=chunk)  # the eval metrics' sums
+  _, _, sums = step_lib.loss_parts(model, params, batch, task=pairs, chunk=chunk)  # eval's sums
   right = jnp.argmax(logp, -1) == labels
   assert float(sums["sentence_pairs"]) == 3
   assert float(sums["sentence_nll"]) == pytest.approx(want_pairs * 3, rel=1e-5)
   assert float(sums["sentence_correct"]) == float(jnp.sum(right * cls_BT))
-  no_types, _ = step_lib.loss_sums(model, params, dict(mlm_only, types=jnp.zeros_like(types)))
+  no_types, _ = step_lib.loss_sums(model, params, dict(mlm_only, types=jnp.zeros_like(types)),
+                                   task=types_only)
   assert abs(float(no_types) - float(mlm)) > 1e-3  # The types reach the embedding.
-  grads = jax.grad(lambda p: step_lib.loss_sums(model, p, batch, chunk=chunk)[0])(params)
+  grads = jax.grad(lambda p: step_lib.loss_sums(model, p, batch, task=pairs, chunk=chunk)[0])(
+      params)
   assert all(float(jnp.abs(grads[k]).max()) > 0 for k in ("pooler", "sentence", "sentence_bias"))
-  assert step_lib.batch_keys(model, "mlm")[-3:] == ("types", "sentence_labels",
-                                                     "sentence_weights")
+  data = config_lib.load(f"{REPO}/configs/bert.py:tiny", ["data.sentence_pair=sop"]).data
+  s = objectives.spec(data)
+  assert objectives.loss(s) == pairs
+  assert list(objectives.batch_spec(s, 2))[-3:] == ["types", "sentence_labels",
+                                                   "sentence_weights"]
 
 
 def test_evaluate_reports_sentence_pair_loss_and_accuracy():
@@ -223,7 +231,8 @@ def test_evaluate_reports_sentence_pair_loss_and_accuracy():
     b["sentence_weights"][:, :pairs_per_row * 16:16] = 1  # [CLS] of 1 or 2 pairs per row
     batches.append(b)
   got = trainer.evaluate(params, batches)
-  parts = [step_lib.loss_parts(trainer.model, params, jax.device_put(b)) for b in batches]
+  parts = [step_lib.loss_parts(trainer.model, params, jax.device_put(b), task=trainer.task)
+           for b in batches]
   total = lambda key: sum(float(p[2][key]) for p in parts)
   assert total("sentence_pairs") == 4 + 8
   assert got["eval_loss"] == pytest.approx(sum(float(p[0]) for p in parts) /

@@ -1,4 +1,4 @@
-"""Tests of the pretraining objectives (data/objectives.py) and their packing and pipeline.
+"""Tests of the pretraining objectives (data/objectives/) and their packing and pipeline.
 
 Rates are checked against their expectation within 4 standard deviations (binomial sigma of the
 sample), so a correct implementation fails about once in 16,000 runs; every sample is seeded, so
@@ -17,6 +17,9 @@ from transformer_jax import tokenizer as tokenizer_cli
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
+from transformer_jax.data.objectives import denoise, mlm, ul2
+from transformer_jax.data.objectives import spans as spans_lib
+from transformer_jax.data.objectives import vocab as vocab_lib
 from transformer_jax.data import pipeline
 from transformer_jax.data import tokenizer as tokenizer_lib
 
@@ -118,7 +121,7 @@ def test_tokenizer_cli_special(tiny_data, tmp_path, capsys):
 def test_mlm_selection_rate_and_80_10_10(docs, vocab):
   rng = np.random.default_rng(0)
   chunks = _chunks(docs, 128, 1500)
-  outs = [objectives.mlm(c, rng, vocab, 0.15) for c in chunks]
+  outs = [mlm.mlm(c, rng, vocab, 0.15) for c in chunks]
   tokens, inputs, targets, weights = (np.concatenate(x) for x in zip(
       *[(c, o["inputs"], o["targets"], o["weights"]) for c, o in zip(chunks, outs)]))
   np.testing.assert_array_equal(targets, tokens)
@@ -148,12 +151,12 @@ def test_span_corruption_counts_and_exact_reconstruction(docs, vocab, length, de
   noise = spans = total = 0
   span_lengths = collections.Counter()
   for chunk in _chunks(docs, length, 400):
-    out = objectives.span_corruption(chunk, rng, vocab, density, mean)
+    out = spans_lib.span_corruption(chunk, rng, vocab, density, mean)
     enc, dec = out["encoder_inputs"], out["decoder_targets"]
     assert _unsentinel(enc, dec, vocab) == chunk.tolist()
     is_sentinel = np.isin(dec, vocab.sentinel_ids)
     n, k = len(dec) - 1 - is_sentinel.sum(), is_sentinel.sum()
-    assert (n, k) == objectives.span_counts(len(chunk), density, mean)
+    assert (n, k) == spans_lib.span_counts(len(chunk), density, mean)
     np.testing.assert_array_equal(dec[is_sentinel], vocab.sentinel_ids[:k])  # In order.
     np.testing.assert_array_equal(out["decoder_inputs"], np.append(vocab.start_id, dec[:-1]))
     assert enc[0] == chunk[0]  # T5: a chunk starts with kept tokens.
@@ -173,7 +176,7 @@ def test_span_lengths_match_t5():
   vocab = objectives.Vocab(1, 1, 2, -1, np.arange(5, 50, dtype=np.int32), (), np.ones(200, bool),
                            np.arange(200), *[np.zeros(200, bool)] * 3)
   for n in range(1, s.chunk_len + 1):
-    out = objectives.span_corruption(tokens[:n], rng, vocab, s.noise_density, s.mean_span_length)
+    out = spans_lib.span_corruption(tokens[:n], rng, vocab, s.noise_density, s.mean_span_length)
     assert len(out["encoder_inputs"]) <= 64 and len(out["decoder_targets"]) <= 12
   enc, dec = objectives.worst_lengths(s, s.chunk_len + 1)
   assert enc > 64 or dec > 12  # chunk_len is the longest that fits.
@@ -186,9 +189,9 @@ def test_denoise_mask_fraction_spans_and_determinism(docs, vocab):
   rate, lam = 0.3, 3.0
   masked = total = masks = 0
   for seed, chunk in enumerate(_chunks(docs, 200, 300)):
-    out = objectives.denoise(chunk, np.random.default_rng(seed), vocab, rate, lam)
-    again = objectives.denoise(chunk, np.random.default_rng(seed), vocab, rate, lam)
-    other = objectives.denoise(chunk, np.random.default_rng(seed + 1000), vocab, rate, lam)
+    out = denoise.denoise(chunk, np.random.default_rng(seed), vocab, rate, lam)
+    again = denoise.denoise(chunk, np.random.default_rng(seed), vocab, rate, lam)
+    other = denoise.denoise(chunk, np.random.default_rng(seed + 1000), vocab, rate, lam)
     for k in out:
       np.testing.assert_array_equal(out[k], again[k])
     assert (out["encoder_inputs"].shape != other["encoder_inputs"].shape
@@ -206,16 +209,16 @@ def test_denoise_mask_fraction_spans_and_determinism(docs, vocab):
 
 def test_poisson_span_lengths_include_insertions():
   rng = np.random.default_rng(0)
-  lengths = np.concatenate([objectives.poisson_span_lengths(60, 3.0, rng) for _ in range(400)])
+  lengths = np.concatenate([denoise.poisson_span_lengths(60, 3.0, rng) for _ in range(400)])
   assert lengths.sum() == 400 * 60
   _within((lengths == 0).sum(), len(lengths), np.exp(-3.0), "0-length spans")
-  lengths = objectives.poisson_span_lengths(2, 0.05, rng)  # Mostly zeros: only 2 spans kept.
+  lengths = denoise.poisson_span_lengths(2, 0.05, rng)  # Mostly zeros: only 2 spans kept.
   assert lengths.sum() == 2 and len(lengths) <= 2
 
 
 def _permutations(tok, vocab, text, seeds=20):
   ids = np.asarray([tok.bos_id] + tok.encode(text) + [tok.eos_id], np.int32)
-  outs = [objectives.permute_sentences(ids, np.random.default_rng(s), vocab) for s in range(seeds)]
+  outs = [vocab_lib.permute_sentences(ids, np.random.default_rng(s), vocab) for s in range(seeds)]
   assert all(o[0] == tok.bos_id and o[-1] == tok.eos_id for o in outs)  # Kept in place.
   return [tok.decode(o) for o in outs]
 
@@ -244,24 +247,24 @@ def test_ul2_modes_and_reconstruction(docs, vocab):
   counts = collections.Counter()
   chunks = _chunks(docs, s.chunk_len, 2000)
   for i, chunk in enumerate(chunks):
-    out = objectives.ul2(chunk, np.random.default_rng(i), vocab, s)
+    out = ul2.ul2(chunk, np.random.default_rng(i), vocab, s)
     enc, dec = out["encoder_inputs"], out["decoder_targets"]
     assert len(enc) <= 64 and len(dec) <= 48
     mode = vocab.mode_ids.index(enc[0])
     counts[mode] += 1
-    if objectives.UL2_MODES[mode] == "S":
+    if ul2.UL2_MODES[mode] == "S":
       assert enc[1:].tolist() + dec[:-1].tolist() == chunk.tolist() and dec[-1] == vocab.eos_id
       assert len(chunk) < 2 or len(enc) > 1  # A non-empty prefix.
     else:
       assert _unsentinel(enc[1:], dec, vocab) == chunk.tolist()
     if i < 50:
-      again = objectives.ul2(chunk, np.random.default_rng(i), vocab, s)
+      again = ul2.ul2(chunk, np.random.default_rng(i), vocab, s)
       assert all((again[k] == out[k]).all() for k in out)
   for mode, p in enumerate(s.ul2_mix):
-    _within(counts[mode], len(chunks), p, f"mode {objectives.UL2_MODES[mode]}")
-  others = [objectives.ul2(c, np.random.default_rng(10_000 + i), vocab, s)
+    _within(counts[mode], len(chunks), p, f"mode {ul2.UL2_MODES[mode]}")
+  others = [ul2.ul2(c, np.random.default_rng(10_000 + i), vocab, s)
             for i, c in enumerate(chunks[:50])]
-  firsts = [objectives.ul2(c, np.random.default_rng(i), vocab, s)
+  firsts = [ul2.ul2(c, np.random.default_rng(i), vocab, s)
             for i, c in enumerate(chunks[:50])]
   assert any(a["encoder_inputs"].tolist() != b["encoder_inputs"].tolist()
              for a, b in zip(firsts, others))
@@ -275,7 +278,7 @@ def test_sentence_pairs_reconstruct_and_label_half(docs, vocab, mode):
   labels = []
   for i, chunk in enumerate(chunks):
     nxt = chunks[(i + 1) % len(chunks)]
-    ex = objectives.sentence_pair(chunk, nxt, np.random.default_rng(i), vocab, s)
+    ex = mlm.sentence_pair(chunk, nxt, np.random.default_rng(i), vocab, s)
     t, types, w = ex["targets"], ex["types"], ex["weights"]
     assert len(t) <= 64 and t[0] == vocab.bos_id and t[-1] == vocab.eos_id
     first_b = int(np.argmax(types))
@@ -406,4 +409,4 @@ def test_validate_names_the_tokenizer_command(base_config, tiny_data):
   with pytest.raises(ConfigError, match="data.ul2_mix"):
     pipeline.validate(_with(base_config, **{"data.objective": "ul2", "data.ul2_mix": (0.5, 0.5)}))
   with pytest.raises(ConfigError, match="data.objective='bert' is not one of"):
-    config_lib.validate(_with(base_config, **{"data.objective": "bert"}))
+    objectives.check(_with(base_config, **{"data.objective": "bert"}))

@@ -13,6 +13,7 @@ from conftest import REPO, tiny_overrides
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import objectives
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenizer as tokenizer_lib
@@ -148,7 +149,7 @@ def test_format_and_objective_must_agree(tiny_data, pairs):
   with pytest.raises(ConfigError, match=r"data.format='tsv' holds pairs: data.objective='span'"):
     pipeline.validate(_config(tiny_data, pairs, **{"data.objective": "span"}))
   with pytest.raises(ConfigError, match=r"data.objective='seq2seq' does not train model.family"):
-    config_lib.validate(config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
+    objectives.check(config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
                                         tiny_overrides(tiny_data, **{"data.objective": "seq2seq"})))
 
 

@@ -55,15 +55,6 @@ from transformer_jax import cli
 from transformer_jax.config import ConfigError
 
 
-def _random_batch(rng, config):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
-  x = rng.integers(0, v, (b, t + 1), dtype=np.int32)
-  return {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": np.ones((b, t), np.float32),
-          "segment_ids": np.ones((b, t), np.int32),
-          "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-
-
 class JaxRunner:
   """Our jitted, sharded train step on random batches of the config's shape."""
 
@@ -80,7 +71,7 @@ class JaxRunner:
     config_lib.validate(config, jax.device_count())
     self.jax, self.config = jax, config
     self.trainer = Trainer(config, sharding.make_mesh(config))
-    self.rng = np.random.default_rng(0)
+    self.batches = 0
     t0 = time.perf_counter()
     self.state = self.trainer.init_state(config.seed)
     restore = ops.use_references(reference_ops)
@@ -104,7 +95,11 @@ class JaxRunner:
           self.trainer.model.cfg.compute_dtype)[0])
 
   def _step(self):
-    batch = self.trainer.put_batch(_random_batch(self.rng, self.config))
+    self.batches += 1  # a new random batch of the objective's shape every step
+    from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+    batch = self.trainer.put_batch(objectives.synthetic_batch(
+        self.trainer.objective, self.config.train.batch_size, self.config.model.vocab_size,
+        self.batches))
     self.state, m = self.trainer.train_step(self.state, batch, self.jax.random.key(0))
     self.jax.block_until_ready(m)
 

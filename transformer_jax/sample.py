@@ -15,6 +15,7 @@ from transformer_jax.config import ConfigError
 
 def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0.8, top_k=0,
                 top_p=1.0, seed=0, beam_size=0) -> str:
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
@@ -28,7 +29,7 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
   start = tok.bos_id if config.model.family == "encdec" else None
   if start is not None:
     ids = _with_control_pieces(tok, prompt)
-    if config.data.objective == "seq2seq":  # The source as training framed it.
+    if objectives.flag(config.data, "PAIRS"):  # The source as training framed it.
       d = config.data
       ids = [tok.bos_id] * d.add_bos + ids + [tok.eos_id] * d.add_eos
   if beam_size > 0:

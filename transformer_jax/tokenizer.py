@@ -28,6 +28,7 @@ import time
 
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import objectives
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenizer as tokenizer_lib
 
@@ -87,8 +88,8 @@ def from_config(args: argparse.Namespace, overrides) -> argparse.Namespace:
       vars(args), corpus=d.corpus, format=d.format, text_field=d.text_field,
       source_field=d.source_field, target_field=d.target_field, data_dir=d.data_dir,
       vocab_size=c.model.vocab_size, out=d.tokenizer,
-      special=args.special or ("" if d.get("objective", "clm") in ("clm", "seq2seq")
-                               else SPECIAL_FOR_OBJECTIVES)))
+      special=args.special or (SPECIAL_FOR_OBJECTIVES
+                               if objectives.flag(d, "CONTROL_PIECES", True) else "")))
 
 
 def run(args: argparse.Namespace) -> None:

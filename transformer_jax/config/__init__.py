@@ -32,12 +32,10 @@ ENUMS = {
     "model.remat": ("none", "full", "dots", "outputs"),
     "model.attention_impl": ("xla", "dot_product", "cudnn", "splash", "auto"),
     "data.format": ("text", "lines", "jsonl", "tsv", "jsonl_pairs", "functions"),
-    "data.objective": ("clm", "prefix_lm", "mlm", "span", "denoise", "ul2", "seq2seq"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
     "train.on_anomaly": ("skip", "rollback", "abort"),
     "checkpoint.on_mismatch": ("refuse", "fresh", "params"),
 }
-FAMILY_OBJECTIVES = {"decoder": ("clm", "prefix_lm"), "encoder": ("mlm",), "encdec": ("span", "denoise", "ul2", "seq2seq")}
 POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
             "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
             "train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",
@@ -124,7 +122,8 @@ def get(config, key):
 
 
 def validate(config, num_devices: int | None = None):
-  """Cheap checks of the whole config, run before anything is compiled."""
+  """Cheap checks of the config's values, run before anything is compiled (the objective's are
+  data/objectives' `check`, the data's pipeline.validate)."""
   for key, allowed in ENUMS.items():
     if get(config, key) not in allowed:
       raise ConfigError(f"{key}={get(config, key)!r} is not one of {', '.join(allowed)}")
@@ -151,24 +150,14 @@ def validate(config, num_devices: int | None = None):
                       f"{config.data.seq_len} (learned positions)")
   if not 0 <= m.dropout_rate < 1:
     raise ConfigError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
-  objective = config.data.get("objective", "clm")
-  if objective not in FAMILY_OBJECTIVES[m.family]:
-    raise ConfigError(f"data.objective={objective!r} does not train model.family={m.family!r}; "
-                      f"use one of {', '.join(FAMILY_OBJECTIVES[m.family])}")
   if m.attention_impl == "splash":  # the rest (platform, lengths) is checked at trace time
     why = ("model.position=relative (a bias)" if m.position == "relative" else
-           "model.family=encdec (cross-attention)" if m.family == "encdec" else
-           "data.objective=prefix_lm (its mask)" if objective == "prefix_lm" else None)
+           "model.family=encdec (cross-attention)" if m.family == "encdec" else None)
     if why:
       raise ConfigError(f"model.attention_impl=splash cannot serve {why}; use auto, xla or "
                         f"dot_product")
   if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError(f"model.attention_impl=cudnn needs model.dtype=bfloat16, got {m.dtype}")
-  pair = config.data.get("sentence_pair", "")
-  if bool(pair) != bool(m.get("sentence_head", False)):
-    raise ConfigError(f"data.sentence_pair={pair!r} and model.sentence_head="
-                      f"{m.get('sentence_head', False)} go together: set both (an encoder with "
-                      f"data.objective=mlm and --config.model.sentence_head=true) or neither")
   t = config.train
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.microbatches={t.microbatches} does not divide "

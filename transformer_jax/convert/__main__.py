@@ -27,7 +27,6 @@ USAGE = ("usage: python -m transformer_jax.convert import --hf_dir=DIR --workdir
          "[--family=gpt2|llama|bert|t5] [--config=FILE.py] [--config.KEY=VALUE ...] | export "
          "--workdir=W --hf_dir=OUT [--step=N]")
 HF_CONFIG = "hf_config.json"
-OBJECTIVES = {"encoder": "mlm", "encdec": "span"}  # the default recipe's objective per family
 
 
 def _join_values(argv):
@@ -65,7 +64,8 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   config = _recipe(spec)
   config.model.update(values)
   if not spec:  # config/base.py trains a decoder: BERT / T5 checkpoints get their objective
-    config.data.objective = OBJECTIVES.get(values["family"], config.data.objective)
+    from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+    config.data.objective = objectives.default_for(values["family"])
   if values.get("sentence_head"):  # BertForPreTraining: keep training its NSP head
     config.data.sentence_pair = config.data.sentence_pair or "nsp"
   for item in overrides:

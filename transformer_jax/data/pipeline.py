@@ -13,7 +13,7 @@ Training, per process:
        document's tail continues as a new segment in the next row)
     -> chunk: documents longer than the chunk length (seq_len for clm and mlm) become chunks of
        that length, each its own segment
-    -> objective, per chunk (mlm, span, denoise, ul2): a seeded random map   (objectives.py)
+    -> objective, per chunk (all but clm): a seeded random map          (objectives/)
     -> window shuffle of chunks (mixes the chunks of long documents)
     -> first-fit packing into rows of seq_len (and target_len for the decoder features of
        encoder-decoder objectives; grain's FirstFitPackIterDataset)
@@ -27,7 +27,7 @@ Every batch is a dict of numpy arrays shaped [rows, seq_len]: for clm and mlm `i
 `targets`, `segment_ids`, `positions` (int32) and `weights` (float32). Segment ids count the
 packed segments of a row from 1 (0 is padding); positions restart at 0 in every segment; padding
 tokens are 0. Encoder-decoder objectives (span, denoise, ul2) give `encoder_*` [rows, seq_len]
-and `decoder_*` [rows, target_len] features instead (objectives.py documents every format).
+and `decoder_*` [rows, target_len] features instead (objectives/ documents every format).
 """
 
 import functools
@@ -41,6 +41,7 @@ import numpy as np
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
+from transformer_jax.data.objectives import seq2seq
 from transformer_jax.data import packing as packing_lib
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenizer as tokenizer_lib
@@ -51,8 +52,7 @@ _TOKEN_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 _CHUNK_SHUFFLE_WINDOW = 512  # Chunks shuffled together before packing.
 _MIN_PACKING_BINS = 64  # Rows packed at once; more bins leave less padding.
 _PREFETCH_BATCHES = 2  # Batches computed ahead in a thread (num_workers = 0).
-_PACKED = "inputs"  # The chunk feature; packing adds inputs_segment_ids/inputs_positions.
-causal_lm = objectives.causal_lm  # The clm objective (moved to objectives.py).
+_PACKED = objectives.common.CHUNK  # The chunk feature; packing adds its segment ids, positions.
 PACKINGS = ("first_fit", "concat")
 
 
@@ -90,17 +90,9 @@ def _check_objective_tokens(config, tok) -> None:
   """The pieces data.objective needs; ConfigError with the command that makes them."""
   d = config.data
   s = objectives.spec(d)
-  needed = []
-  if s.objective in ("mlm", "denoise") and tok.mask_id < 0:
-    needed.append("[MASK]")
-  spans = objectives.max_spans(s)
-  special = f"mask,sentinels:{max(spans, 100)},ul2"  # Pieces for every objective.
-  if spans > len(tok.sentinel_ids):
-    needed.append(f"{spans} sentinels <extra_id_0>.. (it has {len(tok.sentinel_ids)})")
-  if s.objective == "ul2" and min(tok.mode_ids) < 0:
-    needed.append("the mode tokens [R] [S] [X]")
-  if s.objective in objectives.ENCODER_DECODER and (tok.bos_id < 0 or tok.eos_id < 0):
-    needed.append("bos and eos")
+  needed = objectives.missing_tokens(s, tok)
+  # Pieces for every objective.
+  special = f"mask,sentinels:{max(objectives.sentinels(s), objectives.MIN_SENTINELS)},ul2"
   if needed:
     command = tokenizer_lib.create_command(d.tokenizer, special=special,
                                            **_command_flags(config))
@@ -112,7 +104,7 @@ def _check_pairs(config) -> None:
   """Pairs (a pair format or a catalog dataset's two fields) exactly when the objective is
   seq2seq; the corpus exists."""
   d = config.data
-  seq2seq = d.objective == "seq2seq"
+  seq2seq = objectives.flag(d, "PAIRS")
   if tfds_text.is_catalog(d):
     tfds_text.check_catalog_fields(d, seq2seq)
     return
@@ -142,12 +134,12 @@ def validate(config, process_count: int = 1) -> None:
     raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
   if not 0.0 <= d.validation_fraction < 1.0:
     raise ConfigError(f"data.validation_fraction={d.validation_fraction} must be in [0, 1)")
-  if not isinstance(d.get("pretokenize", False), bool):
+  if not isinstance(d.pretokenize, bool):
     raise ConfigError(f"data.pretokenize={d.pretokenize!r} must be True or False")
-  packing = d.get("packing", "first_fit")
-  if packing not in PACKINGS:
-    raise ConfigError(f"data.packing={packing!r} is unknown; use one of {', '.join(PACKINGS)}")
-  if packing == "concat" and d.objective != "clm":
+  if d.packing not in PACKINGS:
+    raise ConfigError(f"data.packing={d.packing!r} is unknown; use one of {', '.join(PACKINGS)}")
+  objectives.spec(d)  # the objective's parameters (its model family: objectives.check)
+  if d.packing == "concat" and not objectives.flag(d, "CONCAT"):
     raise ConfigError(f"data.packing='concat' packs causal LM rows only; data.objective="
                       f"{d.objective!r} needs data.packing='first_fit'")
   corpus_lib.check_format(d.format)
@@ -186,7 +178,7 @@ class Tokenize(grain.transforms.Map):
 
 
 class TokenizePair(grain.transforms.Map):
-  """A {source, target} record -> an encoder-decoder example (objectives.seq2seq)."""
+  """A {source, target} record -> an encoder-decoder example (objectives/seq2seq.py)."""
 
   def __init__(self, tokenizer_path: str, fields: tuple[str, str], data_cfg, target_len: int):
     self._path = os.path.abspath(tokenizer_path)
@@ -198,8 +190,8 @@ class TokenizePair(grain.transforms.Map):
     tok = _cached_tokenizer(self._path)
     source, target = (element[f].decode("utf-8") if isinstance(element[f], bytes) else element[f]
                       for f in self._fields)
-    return objectives.seq2seq(tok.encode(source), tok.encode(target), bos_id=tok.bos_id,
-                              eos_id=tok.eos_id, **self._options)
+    return seq2seq.example(tok.encode(source), tok.encode(target), bos_id=tok.bos_id,
+                           eos_id=tok.eos_id, **self._options)
 
 
 def _doc_tokens(element) -> dict:
@@ -221,19 +213,12 @@ class ChunkTokens(grain.experimental.FlatMapTransform):
     return [{_PACKED: tokens[i:i + n]} for i in range(0, len(tokens), n)]
 
 
-class _Unbatch(grain.experimental.FlatMapTransform):
-  max_fan_out = 2
-
-  def flat_map(self, element):
-    return element
-
-
 # ---------------------------------------------------------------------------- datasets
 
 
 def _pretokenized(config) -> bool:
-  """Whether documents are read as token ids (data.pretokenize; never seq2seq pairs)."""
-  return config.data.get("pretokenize", False) and config.data.objective != "seq2seq"
+  """Whether documents are read as token ids (data.pretokenize; never pairs)."""
+  return config.data.pretokenize and not objectives.flag(config.data, "PAIRS")
 
 
 def _documents(config, split: str) -> grain.MapDataset:
@@ -246,7 +231,7 @@ def _tokenize(docs: grain.MapDataset, config) -> grain.IterDataset:
   d = config.data
   if _pretokenized(config):
     return docs.map(_doc_tokens).to_iter_dataset(_TOKEN_READ_OPTIONS)
-  if d.objective == "seq2seq":
+  if objectives.flag(d, "PAIRS"):
     target_len = objectives.spec(d).target_len
     docs = docs.map(TokenizePair(d.tokenizer, tfds_text.pair_fields(d), d, target_len))
   else:
@@ -261,7 +246,7 @@ def chunk_and_pack(ds: grain.IterDataset, config, num_bins: int, seed: int | Non
   (batch_size > 0: batches of that many rows, the last partial one dropped); seed=None keeps the
   order (eval); objective_seed seeds the objective's random map."""
   s = objectives.spec(config.data)
-  if config.data.get("packing", "first_fit") == "concat":
+  if config.data.packing == "concat":
     ds = packing_lib.ConcatRows(ds, s.seq_len)
   else:
     ds = _first_fit(ds, config, s, num_bins, seed, objective_seed)
@@ -272,19 +257,17 @@ def chunk_and_pack(ds: grain.IterDataset, config, num_bins: int, seed: int | Non
 
 def _first_fit(ds, config, s, num_bins, seed, objective_seed) -> grain.IterDataset:
   """Chunks, objective, chunk shuffle and first-fit packing (grain's packed row format)."""
-  if s.objective != "seq2seq":  # Pairs arrive as examples, cut to length.
+  if not objectives.flag(s, "PAIRS"):  # Pairs arrive as examples, cut to length.
     ds = grain.experimental.FlatMapIterDataset(ds, ChunkTokens(s.chunk_len))
-  if s.objective not in ("clm", "seq2seq"):
-    vocab = objectives.Vocab.from_tokenizer(load_tokenizer(config))
-  if s.objective not in ("clm", "seq2seq") and not s.sentence_pair:
-    ds = ds.random_map(objectives.Corrupt(s, vocab), seed=objective_seed)
-  if seed is not None:
-    ds = grain.experimental.WindowShuffleIterDataset(
-        ds, window_size=_CHUNK_SHUFFLE_WINDOW, seed=seed)
-  if s.sentence_pair:  # After the shuffle: nsp pairs each chunk with a random other.
-    ds = ds.batch(2, batch_fn=list).random_map(objectives.SentencePairs(s, vocab),
-                                               seed=objective_seed)
-    ds = grain.experimental.FlatMapIterDataset(ds, _Unbatch())
+  vocab = (objectives.Vocab.from_tokenizer(load_tokenizer(config))
+           if objectives.needs_vocab(s) else None)
+
+  def shuffle(chunks):  # Mixes the chunks of long documents (not for eval: seed None).
+    if seed is None:
+      return chunks
+    return grain.experimental.WindowShuffleIterDataset(chunks, window_size=_CHUNK_SHUFFLE_WINDOW,
+                                                       seed=seed)
+  ds = objectives.examples(ds, s, vocab, objective_seed, shuffle)
   return grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=objectives.length_struct(s), num_packing_bins=num_bins,
       seed=seed or 0, shuffle_bins=seed is not None)
@@ -314,8 +297,8 @@ def _check_rows(config, rows):
 def train_dataset(config, shard: int = 0, num_shards: int = 1,
                   num_epochs: int | None = None) -> grain.IterDataset:
   """One logical data shard's batches (train.batch_size // num_shards rows each) from its own
-  documents (every num_shards-th, from `shard`); `num_epochs=None` repeats forever."""
-  validate(config)
+  documents (every num_shards-th, from `shard`); `num_epochs=None` repeats forever. The config
+  is not validated here (make_train_iterator does it once for all shards)."""
   if not 0 <= shard < num_shards:
     raise ValueError(f"shard={shard} is not in [0, {num_shards})")
   batch = config.train.batch_size // num_shards
@@ -406,7 +389,8 @@ class ShardedBatches:
 
 def make_train_iterator(config, rows: tuple[int, int] | None = None) -> ShardedBatches:
   """An endless, checkpointable iterator over this process's rows [start, stop) of each global
-  training batch (default: all of them)."""
+  training batch (default: all of them). Validates the data config once."""
+  validate(config)
   shards, mine = _check_rows(config, rows)
   return ShardedBatches(config, shards, mine)
 
@@ -428,9 +412,8 @@ def eval_batches(config, num_batches: int, rows: tuple[int, int] | None = None) 
 
   The first num_batches * train.batch_size rows of the validation split are cut into global
   batches, so every process gets the same number of batches. The last batch is filled with
-  weight-0 padding rows.
+  weight-0 padding rows. The config is validated (once) by whoever made the training iterator.
   """
-  validate(config)
   global_batch = config.train.batch_size
   start, stop = (0, global_batch) if rows is None else rows
   rows_ = list(itertools.islice(_eval_rows(config), num_batches * global_batch))

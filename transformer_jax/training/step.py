@@ -17,24 +17,6 @@ from transformer_jax.training import optimizer
 
 
 
-def batch_keys(model, objective: str = "clm") -> tuple:
-  """The batch arrays a model family trains on: its inputs, then its targets and weights (and a
-  prefix LM's `prefix`, a sentence head's token types, pair labels and weights)."""
-  extra = ("prefix",) if objective == "prefix_lm" else ()
-  if getattr(model.cfg, "sentence_head", False):
-    extra += ("types", "sentence_labels", "sentence_weights")
-  return type(model).INPUTS + type(model).TARGETS + extra
-
-
-def batch_shapes(config, model) -> dict:
-  """[rows, length] per batch key: decoder-side arrays of an encoder-decoder are data.target_len
-  long, everything else data.seq_len."""
-  rows, d = config.train.batch_size, config.data
-  target_len = objectives.spec(d).target_len
-  return {k: (rows, target_len if k.startswith("decoder_") else d.seq_len)
-          for k in batch_keys(model, d.objective)}
-
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -58,17 +40,17 @@ def loss_sums(model, params, batch, **kwargs):
   return loss, weight
 
 
-def loss_parts(model, params, batch, *, z_loss=0.0, label_smoothing=0.0, dropout_rng=None,
-               chunk=0):
+def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, label_smoothing=0.0,
+               dropout_rng=None, chunk=0):
   """(Sum of token cross-entropies (fp32), sum of target weights, sums for metrics) over one
-  batch. With label smoothing e the target distribution is (1 - e) one-hot + e uniform over the
-  vocabulary. `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a time
-  (chunked_loss_sum). A sentence head adds its mean pair loss, weighted like the mean token
-  loss, and reports sentence_nll, sentence_correct and sentence_pairs (sums over the pairs)."""
-  extra = {"prefix_BT": batch["prefix"]} if "prefix" in batch else {}
-  if "types" in batch:
-    extra["types_BT"] = batch["types"]
-  sentence = "sentence_labels" in batch
+  batch. `task` (the objective's `loss`) names the batch keys the model also takes (a prefix
+  LM's prefix, BERT's token types) and whether a sentence-pair head adds its mean pair loss,
+  weighted like the mean token loss, reporting sentence_nll, sentence_correct and sentence_pairs
+  (sums over the pairs). With label smoothing e the target distribution is (1 - e) one-hot + e
+  uniform over the vocabulary. `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a
+  time (chunked_loss_sum)."""
+  extra = {keyword: batch[key] for key, keyword in task.inputs}
+  sentence = task.sentence
   out = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS], **extra,
                     deterministic=dropout_rng is None, hidden=chunk > 0 or sentence,
                     rngs={"dropout": dropout_rng} if dropout_rng is not None else None)
@@ -152,6 +134,8 @@ class Trainer:
 
   def __post_init__(self):
     c = self.config
+    self.objective = objectives.check(c)  # its Spec
+    self.task = objectives.loss(self.objective)
     self.model = families.build_model(c)
     self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
     self.rules = sharding.rules(c)
@@ -183,7 +167,7 @@ class Trainer:
     def micro_grads(params, micro, i):
       drng = jax.random.fold_in(jax.random.fold_in(rng, state.step), i) if use_dropout else None
       def f(p):
-        loss, weight = loss_sums(self.model, p, micro, z_loss=c.train.z_loss,
+        loss, weight = loss_sums(self.model, p, micro, task=self.task, z_loss=c.train.z_loss,
                                  label_smoothing=c.train.label_smoothing, dropout_rng=drng,
                                  chunk=c.train.loss_chunk)
         return loss, weight
@@ -231,7 +215,8 @@ class Trainer:
                       loss_mean=loss_mean, skipped=state.skipped + bad), metrics
 
   def _eval_step(self, params, batch):
-    loss, weight, aux = loss_parts(self.model, params, batch, chunk=self.config.train.loss_chunk)
+    loss, weight, aux = loss_parts(self.model, params, batch, task=self.task,
+                                   chunk=self.config.train.loss_chunk)
     return {"loss": loss, "weight": weight, **aux}
 
   # ---- host-side API
@@ -242,7 +227,7 @@ class Trainer:
   def put_batch(self, local_batch):
     """Process-local numpy rows -> one global array per key, sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-            for k in batch_keys(self.model, self.config.data.objective)}
+            for k in objectives.batch_spec(self.objective, 1)}
 
   def train_step(self, state, batch, rng):
     with sharding.context(self.mesh, self.rules):
@@ -265,10 +250,9 @@ class Trainer:
 
   def lower_train_step(self):
     """The train step lowered for this mesh with abstract inputs (for AOT analysis)."""
-    c = self.config
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k.endswith("weights") else jnp.int32,
-                                     sharding=self.batch_sharding)
-             for k, shape in batch_shapes(c, self.model).items()}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+             for k, (shape, dtype) in objectives.batch_spec(
+                 self.objective, self.config.train.batch_size).items()}
     rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: the devices may be compile-only
     with sharding.context(self.mesh, self.rules):
       return self._train.lower(self.abstract_state, batch, rng)
