@@ -43,7 +43,7 @@ _WORDS = ("def", "return", "self", "value", "import", "class", "the", "data", "f
 def tiny_data(tmp_path_factory):
   """A generated code-like corpus of 60 files, its SentencePiece model (vocab 300), a TFDS dir."""
   from transformer_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization as tokenizer_lib  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("tiny_corpus")
   rng = random.Random(0)
   for i in range(60):

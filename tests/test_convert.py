@@ -361,7 +361,7 @@ def test_bert_t5_inputs_and_configs_are_checked(hf_seq_ckpt, tmp_path):
 def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_path):
   """The import/export commands for the sequence families (objective picked from the family)."""
   from transformer_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization as tokenizer_lib  # pylint: disable=g-import-not-at-top
   family, path, ref = hf_seq_ckpt
   texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
   tok = tokenizer_lib.train(texts, 400, str(tmp_path / "tok.model"), special="mask,sentinels:100")

@@ -15,7 +15,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
-from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenization as tokenizer_lib
 
 SEQ_LEN = 32
 

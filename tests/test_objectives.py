@@ -21,7 +21,7 @@ from transformer_jax.data.objectives import denoise, mlm, ul2
 from transformer_jax.data.objectives import spans as spans_lib
 from transformer_jax.data.objectives import vocab as vocab_lib
 from transformer_jax.data import pipeline
-from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenization as tokenizer_lib
 
 SIGMAS = 4
 SPECIAL = "mask,sentinels:40,ul2"

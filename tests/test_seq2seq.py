@@ -16,7 +16,7 @@ from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
-from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenization as tokenizer_lib
 from transformer_jax.training import loop
 
 _WORDS = ("alpha", "beta", "gamma", "delta", "one", "two", "three", "red", "green", "blue")

@@ -15,7 +15,7 @@ import pytest
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
-from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenization as tokenizer_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
 from transformer_jax.training import metrics as metrics_lib

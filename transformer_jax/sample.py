@@ -16,7 +16,7 @@ from transformer_jax.config import ConfigError
 def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0.8, top_k=0,
                 top_p=1.0, seed=0, beam_size=0) -> str:
   from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load(config.data.tokenizer)
@@ -60,7 +60,7 @@ def _with_control_pieces(tok, text: str) -> list[int]:
 def fill_mask(config, params, text: str) -> str:
   """An encoder's most likely token at every [MASK] of `text`, written into it."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load(config.data.tokenizer)
   ids = ([tok.bos_id] if config.data.add_bos else []) + _with_control_pieces(tok, text)

@@ -136,7 +136,7 @@ def _export_hf_config(workdir, config) -> dict:
   """The imported config.json (its token ids, and its vocabulary: padded rows are cut), unless
   the workdir trains with a tokenizer of more pieces than that vocabulary: then the model keeps
   model.vocab_size rows and the tokenizer's special ids."""
-  from transformer_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
   hf = {}
   if os.path.isfile(os.path.join(workdir, HF_CONFIG)):
     with open(os.path.join(workdir, HF_CONFIG)) as f:

@@ -44,7 +44,7 @@ from transformer_jax.data import objectives
 from transformer_jax.data.objectives import seq2seq
 from transformer_jax.data import packing as packing_lib
 from transformer_jax.data import tfds_text
-from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenization as tokenizer_lib
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 # Pretokenized records are cheap to read: more threads and a deeper buffer only cost GIL time.

@@ -23,7 +23,7 @@ Every transform is a pure function of (token ids, a numpy Generator): the pipeli
 chunk a Generator seeded by (config.seed, split, data shard, chunk index) through grain's
 `random_map`, so the same seed always makes the same examples. Mask, sentinels and mode tokens are
 control pieces of the tokenizer (`python -m transformer_jax.tokenizer --special=...`, see
-data/tokenizer.py): encoding text never produces them.
+data/tokenization.py): encoding text never produces them.
 
 Packed rows (the train step reads these keys; int32 unless said, padding 0, segment ids count
 the examples of a row from 1, positions restart at 0 in every example): decoder and encoder
