@@ -66,3 +66,31 @@ def test_compile_only_reports_compile_times():
   assert r["lower_s"] > 0 and r["compile_s"] > 0 and r["temp_bytes"] > 0
   assert r["num_layers"] == 2 and r["baseline"] == ["model.num_layers=1"]
   assert r["compile_ratio_vs_baseline"] > 0
+
+
+SHRINK = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.head_dim=16",
+          "model.d_ff=64", "model.vocab_size=128", "model.max_len=32", "data.seq_len=32",
+          "data.target_len=0", "train.batch_size=8", "mesh.data=-1"]
+
+
+@pytest.mark.parametrize("spec, extra", [
+    ("gpt2.py:tiny", []), ("gpt2.py:tiny", ["data.objective=prefix_lm"]),
+    ("bert.py:tiny", []),
+    ("bert.py:tiny", ["data.sentence_pair=sop", "model.sentence_head=true"]),
+    ("t5.py:tiny", ["model.num_decoder_layers=1"]),
+    ("t5.py:tiny", ["model.num_decoder_layers=1", "data.objective=denoise"]),
+    ("t5.py:tiny", ["model.num_decoder_layers=1", "data.objective=ul2"]),
+    ("t5.py:tiny", ["model.num_decoder_layers=1", "data.objective=seq2seq"]),
+])
+def test_every_family_and_objective_is_timed(spec, extra):
+  """The benchmark's batches are the objective's own shape (objectives.synthetic_batch): every
+  family and objective trains a step on them (the causal-LM batch it used to make crashed the
+  encoder-decoder, prefix-LM and sentence-pair configs)."""
+  from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"configs/{spec}", SHRINK + extra)
+  runner = benchmark.JaxRunner(config)
+  (seconds,) = runner.time_steps(1)
+  assert seconds > 0 and runner.flops_per_token > 0
+  assert int(runner.state.step) == 2  # the compile step and the timed one, both applied
+  assert int(runner.state.skipped) == 0

@@ -41,6 +41,11 @@ once per round (and the --baseline config's, interleaved), and prints lower_s an
 (medians over rounds) and temp_bytes (the compiled step's scratch memory per device, from XLA's
 memory_analysis()), plus baseline_lower_s, baseline_compile_s, baseline_temp_bytes and
 compile_ratio_vs_baseline.
+
+Batches are random but of the config's objective's own shape (objectives.synthetic_batch), so
+every family and objective is timed. JAX and the project's modules are imported inside the modes
+that need them: the --grid parent only starts children, and the --compare worker runs PyTorch
+alone, neither with JAX's memory or threads.
 """
 
 import itertools
@@ -321,11 +326,17 @@ def main(argv):
     return _compile_only(config, baseline_config, baseline_overrides, f["rounds"])
   if f["matmul_floor"] and config.mesh.cpu_devices > 1:
     raise ConfigError("--matmul_floor times one device's program: drop mesh.cpu_devices")
+  baseline = config_lib.load(spec, overrides + baseline_overrides) if (
+      baseline_overrides or reference_ops) else None
+  print(json.dumps(_time_training(config, baseline, f, argv, reference_ops, baseline_overrides)))
+
+
+def _time_training(config, baseline_config, f, argv, reference_ops, baseline_overrides) -> dict:
+  """The default mode: our train step (and a baseline's, and Hugging Face's with --compare)
+  timed in interleaved rounds; the report's dict."""
   theirs = Worker("hf", argv) if f["compare"] else None  # first: it must not share our memory
   ours = JaxRunner(config)
-  baseline = None
-  if baseline_overrides or reference_ops:
-    baseline = JaxRunner(config_lib.load(spec, overrides + baseline_overrides), reference_ops)
+  baseline = JaxRunner(baseline_config, reference_ops) if baseline_config else None
   ours_t, theirs_t, ref_t = [], [], []
   for r in range(f["rounds"]):  # interleaved, so machine noise hits all alike
     ours_t += ours.time_steps(f["steps"])
@@ -362,7 +373,7 @@ def main(argv):
     out.update(baseline=baseline_overrides, reference_ops=reference_ops,
                baseline_step_time_s=round(ref_step, 5),
                speedup_vs_baseline=round(ref_step / step, 3))
-  print(json.dumps(out))
+  return out
 
 
 def _grid_points(spec, overrides, grid):
