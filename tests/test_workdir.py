@@ -157,3 +157,17 @@ def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path):
   assert again["loss"] == first["loss"] and again["eval_loss"] == first["eval_loss"]
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [2, 2, 4, 4]  # nothing appended
+
+
+def test_no_held_out_documents_is_said_and_never_logged_as_a_perfect_eval(tiny_data, tmp_path,
+                                                                          capsys):
+  """With no validation data the eval was 0.0 (perplexity 1.0: a perfect model, it read)."""
+  config = _config(tiny_data, **{"data.validation_fraction": 0.0, "train.steps": 4,
+                                 "eval.every_steps": 2, "data.data_dir": str(tmp_path / "tfds")})
+  out = loop.train(config, str(tmp_path / "w"), devices=ONE())
+  said = capsys.readouterr()
+  assert "no validation data: data.corpus=" in said.out + said.err
+  assert "eval_loss" not in out
+  with open(tmp_path / "w" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert rows and not any("eval_loss" in r for r in rows)

@@ -58,6 +58,9 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
         f"--config.train.steps to train on")
     return dict(metrics_lib.last_logged(workdir), step=start, state=state, complete=True)
   eval_batches = pipeline.eval_batches(c, c.eval.batches, rows)
+  if not eval_batches:
+    say(f"no validation data: data.corpus={c.data.corpus!r} holds no held-out document "
+        f"(data.validation_fraction={c.data.validation_fraction}); training without evaluation")
   writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
   say(f"workdir {os.path.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
@@ -120,6 +123,9 @@ def _log(writer, bar, step: int, values: dict, rows, process_log: bool):
 
 def _evaluate(trainer, params, batches, writer, step: int, say) -> dict:
   evals = trainer.evaluate(params, batches)
+  if not evals:  # no validation data (said at start-up): nothing to log
+    return {}
   writer.write(step, {**evals, "eval_perplexity": float(np.exp(min(evals["eval_loss"], 50.0)))})
-  say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+  say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()
+                                   if k != "eval_tokens"))
   return evals

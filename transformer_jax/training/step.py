@@ -234,14 +234,17 @@ class Trainer:
       return self._train(state, batch, rng)
 
   def evaluate(self, params, batches) -> dict:
-    """eval_loss (mean per target token) over `batches`; with a sentence head also
-    eval_sentence_loss and eval_sentence_accuracy (means over the pairs)."""
+    """eval_loss (mean per target token) over `batches` and eval_tokens (how many); with a
+    sentence head also eval_sentence_loss and eval_sentence_accuracy (means over the pairs).
+    No target token at all (no validation data) gives {}: a loss of nothing is no figure."""
     sums = {}
     with sharding.context(self.mesh, self.rules):
       for b in batches:
         for k, v in self._eval(params, self.put_batch(b)).items():
           sums[k] = sums.get(k, 0.0) + float(v)
-    out = {"eval_loss": sums.get("loss", 0.0) / max(sums.get("weight", 0.0), 1.0)}
+    if not sums.get("weight"):
+      return {}
+    out = {"eval_loss": sums["loss"] / sums["weight"], "eval_tokens": sums["weight"]}
     if "sentence_pairs" in sums:
       pairs = max(sums["sentence_pairs"], 1.0)
       out.update(eval_sentence_loss=sums["sentence_nll"] / pairs,
