@@ -85,7 +85,8 @@ BAD = [
     (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the vocabulary"),
     (["data.tokenizer=/nonexistent/tok.model"], "python -m transformer_jax.tokenizer"),
     (["data.corpus=/nonexistent/*.txt"], "/nonexistent/*.txt"),
-    (["model.max_len=8"], "model.max_len=8 is shorter than data.seq_len=32"),
+    (["model.max_len=8"], "model.max_len=8 is shorter than data.seq_len=32 (learned positions): "
+                          "set --config.data.seq_len=8 (or less)"),
 ]
 
 

@@ -440,3 +440,13 @@ def test_bad_documents_are_counted_and_never_crash_training_data(tokenizer_path,
   assert all(b["inputs"].shape == (4, SEQ_LEN) for b in batches)
   assert all(b["weights"].sum() > 0 for b in batches)
   assert max(len(s) for b in batches for s in _segments(b)) == SEQ_LEN  # the huge one, chunked
+
+
+def test_tokenizer_cli_says_why_it_made_fewer_pieces(corpus_dir, tmp_path, capsys):
+  out = tmp_path / "big.model"
+  assert tokenizer_cli.main([f"--corpus={corpus_dir}/code/**/*.py", "--vocab_size=20000",
+                             f"--out={out}"]) == 0
+  made = tokenizer_lib.load(str(out)).vocab_size
+  assert made < 20000
+  assert (f"note: asked for 20000 pieces, made {made}: the corpus has no more distinct pieces"
+          in capsys.readouterr().out)

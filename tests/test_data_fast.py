@@ -174,3 +174,12 @@ def test_the_data_config_is_validated_once_for_all_shards(tiny_data, monkeypatch
   next(it)
   pipeline.eval_batches(c, 1)
   assert len(it.shards) == 4 and len(calls) == 1
+
+
+def test_an_empty_tokenizer_file_is_not_a_sentencepiece_model(tmp_path):
+  """Was: 'has pad id -1; packing pads with 0' (an empty file parses as a model with no pieces)."""
+  path = tmp_path / "empty.model"
+  path.write_bytes(b"")
+  with pytest.raises(ConfigError, match=r"^data.tokenizer='.*empty.model' is not a SentencePiece "
+                                        r"model \(the file is empty\)$"):
+    tokenizer_lib.load(str(path))

@@ -101,6 +101,10 @@ def run(args: dict) -> None:
   tok = tokenizer_lib.load(args['out'])
   print(f"wrote {args['out']}")
   print(f"vocab_size {tok.vocab_size}")
+  if tok.vocab_size < args["vocab_size"]:
+    print(f"note: asked for {args['vocab_size']} pieces, made {tok.vocab_size}: the corpus has no "
+          f"more distinct pieces to learn (SentencePiece stops there). A model needs "
+          f"model.vocab_size >= {tok.vocab_size}; more text gives more pieces")
   print(f"chars/token {chars_per_token(tok, docs()):.3f}")
   print(f"trained in {seconds:.1f}s")
 

@@ -147,7 +147,8 @@ def validate(config, num_devices: int | None = None):
     raise ConfigError(f"rotary positions need an even head dim, got {head_dim}")
   if m.position == "learned" and m.max_len < config.data.seq_len:
     raise ConfigError(f"model.max_len={m.max_len} is shorter than data.seq_len="
-                      f"{config.data.seq_len} (learned positions)")
+                      f"{config.data.seq_len} (learned positions): set --config.data.seq_len="
+                      f"{m.max_len} (or less), or a larger model.max_len for a new model")
   if not 0 <= m.dropout_rate < 1:
     raise ConfigError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
   if m.attention_impl == "splash":  # the rest (platform, lengths) is checked at trace time

@@ -312,8 +312,13 @@ def load(path: str, **command) -> Tokenizer:
     raise ConfigError(f"data.tokenizer={path!r} does not exist; create it with: {command}")
   with open(path, "rb") as f:
     proto = f.read()
+  if not proto:  # SentencePiece would take it as a model without pieces
+    raise ConfigError(f"data.tokenizer={path!r} is not a SentencePiece model (the file is empty)")
   try:
-    return Tokenizer(proto)
+    tok = Tokenizer(proto)
   except (RuntimeError, OSError) as e:
     raise ConfigError(f"data.tokenizer={path!r} is not a SentencePiece model ({_last_line(e)})") \
         from None
+  if not tok.vocab_size:
+    raise ConfigError(f"data.tokenizer={path!r} is not a SentencePiece model (it has no pieces)")
+  return tok
