@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import REPO
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.data import objectives
 from transformer_jax.models import attention
 from transformer_jax.parallel import sharding
 from transformer_jax.models import families
@@ -158,9 +159,11 @@ def test_explicit_kernel_that_cannot_serve_is_one_config_error(impl, where, kwar
     ("gpt2.py:tiny", ["model.attention_impl=flash"], "model.attention_impl='flash' is not one of"),
 ])
 def test_config_validation(spec, overrides, message):
+  """What a config alone shows (its values; its objective against its model: objectives.check)."""
   config = config_lib.load(f"{REPO}/configs/{spec}", overrides)
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
     config_lib.validate(config)
+    objectives.check(config)
 
 
 def _tiny_gpt2(impl, *overrides):
