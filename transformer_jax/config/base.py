@@ -143,7 +143,7 @@ def _data():
   # span/ul2 sentinels and ul2 the mode tokens: make the tokenizer with
   # `python -m transformer_jax.tokenizer ... --special=mask,sentinels:100,ul2`.
   d.objective = "clm"
-  d.target_len = 0  # decoder tokens per packed row (encoder-decoder); 0 = automatic (data/objectives/)
+  d.target_len = 0  # decoder tokens per packed row (encoder-decoder); 0 = automatic (objectives/)
   d.mlm_rate = 0.15  # mlm: fraction of ordinary tokens predicted (80% [MASK], 10% random, 10% kept)
   # mlm: "" | nsp (BERT's next-sentence prediction: B is another chunk's half) | sop (ALBERT's
   # sentence order: A and B swapped); trains the model's sentence head (model.sentence_head)
@@ -152,7 +152,7 @@ def _data():
   d.mean_span_length = 3.0  # span and UL2's R: mean noise span length
   d.denoise_rate = 0.3  # denoise: fraction of tokens masked by Poisson-length spans
   d.poisson_lambda = 3.0  # denoise: mean span length (0-length spans insert a [MASK])
-  d.sentence_permutation = True  # denoise: shuffle sentences/lines first (objectives/vocab.py: the rule)
+  d.sentence_permutation = True  # denoise: shuffle sentences/lines first (objectives/vocab.py)
   d.ul2_mix = (0.5, 0.25, 0.25)  # ul2: probabilities of the R, S (prefix LM), X denoisers
   d.ul2_x = (32.0, 0.5)  # ul2: X's (mean span length, noise density)
 

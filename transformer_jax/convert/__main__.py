@@ -4,8 +4,8 @@
       [--config=FILE.py] [--config.KEY=VALUE ...]
   python -m transformer_jax.convert export --workdir=W --hf_dir=OUT [--step=N]
 
-`import` writes OUT/config.json (the --config recipe, transformer_jax/config/base.py by default, with the
-checkpoint's model.* values; --config.KEY=VALUE overrides the rest, e.g. data.*, train.*,
+`import` writes OUT/config.json (the --config recipe, transformer_jax/config/base.py by default,
+with the checkpoint's model.* values; --config.KEY=VALUE overrides the rest, e.g. data.*, train.*,
 model.scan_layers, a padded model.vocab_size), OUT/hf_config.json (the source config.json, kept
 for export) and checkpoint 0: the HF weights, a fresh optimizer state and the data position at
 the start, so that `python -m transformer_jax.train --workdir=OUT` continues training and
@@ -27,17 +27,6 @@ USAGE = ("usage: python -m transformer_jax.convert import --hf_dir=DIR --workdir
          "[--family=gpt2|llama|bert|t5] [--config=FILE.py] [--config.KEY=VALUE ...] | export "
          "--workdir=W --hf_dir=OUT [--step=N]")
 HF_CONFIG = "hf_config.json"
-
-
-def _join_values(argv):
-  """`--flag value` -> `--flag=value` (cli.parse takes the latter)."""
-  out = []
-  for arg in argv:
-    if out and out[-1].startswith("--") and "=" not in out[-1] and not arg.startswith("--"):
-      out[-1] += "=" + arg
-    else:
-      out.append(arg)
-  return out
 
 
 def _recipe(spec):
@@ -103,8 +92,7 @@ def _save_step0(config, params, workdir):
   finally:
     ckpts.close()
     data.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
+  config_lib.write_json(config, os.path.join(workdir, "config.json"))
 
 
 def export_hf(workdir, hf_dir, step=-1):
@@ -154,7 +142,7 @@ def _export_hf_config(workdir, config) -> dict:
 def main(argv):
   if not argv or argv[0] not in ("import", "export"):
     raise ConfigError(USAGE)
-  spec, overrides, f = cli.parse(_join_values(argv[1:]), {"hf_dir": "", "workdir": "",
+  spec, overrides, f = cli.parse(argv[1:], {"hf_dir": "", "workdir": "",
                                                           "family": "", "step": -1})
   if argv[0] == "export":
     if spec or overrides:

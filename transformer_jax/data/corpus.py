@@ -150,7 +150,8 @@ def _line_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
 
 def json_lines(path: str, label: str = "") -> Iterator[tuple[int, str, dict]]:
   """(line number, `path:LINE`, object) for each non-empty line of a JSONL file. A line that is
-  not a JSON object is a one-line ConfigError naming `label` (e.g. "data.corpus: "), file and line."""
+  not a JSON object is a one-line ConfigError naming `label` (e.g. "data.corpus: "), the file
+  and the line."""
   for lineno, line in _numbered_lines(path):
     if not line.strip():
       continue

@@ -16,9 +16,10 @@ combinations a config alone shows: splash with relative positions, encoder-decod
 LM; cudnn without bfloat16). KV-cache decoding (one token at a time, tiny) always uses xla for
 splash and cudnn, so a workdir trained with them still samples.
 
-Layouts follow layers.py (`mask` builds the masks every family uses): q_BTNGK (already scaled), k_BSNK, v_BSNK, mask_BTS (True = attend),
-bias_BNGTS (added to the scores). Query head h = n * G + g uses key/value head n, as in
-jax.nn.dot_product_attention's and splash's grouped-query layouts.
+Layouts follow layers.py (`mask` builds the masks every family uses): q_BTNGK (already scaled),
+k_BSNK, v_BSNK, mask_BTS (True = attend), bias_BNGTS (added to the scores). Query head
+h = n * G + g uses key/value head n, as in jax.nn.dot_product_attention's and splash's
+grouped-query layouts.
 """
 
 import math

@@ -50,8 +50,8 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
     return []
   saved = _flat(config_lib.with_defaults(config_lib.read_json(saved_path)))
   now = _flat(json.loads(config_lib.to_json(config)))
-  keys = sorted(k for k in set(saved) | set(now) if (k.startswith("model.") or
-                                                     k == "data.tokenizer") and k not in EXECUTION_KEYS)
+  keys = sorted(k for k in set(saved) | set(now)
+                if (k.startswith("model.") or k == "data.tokenizer") and k not in EXECUTION_KEYS)
   diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
   sha_path = os.path.join(workdir, TOKENIZER_SHA)
   if os.path.isfile(sha_path) and config.data.tokenizer:

@@ -77,8 +77,8 @@ def check(config) -> Spec:
                       f"({obj.SPLASH}); use auto, xla or dot_product")
   if bool(d.sentence_pair) != bool(m.sentence_head):
     raise ConfigError(f"data.sentence_pair={d.sentence_pair!r} and model.sentence_head="
-                      f"{m.sentence_head} go together: set both (an encoder with data.objective=mlm "
-                      f"and --config.model.sentence_head=true) or neither")
+                      f"{m.sentence_head} go together: set both (an encoder with "
+                      f"data.objective=mlm and --config.model.sentence_head=true) or neither")
   return spec(d)
 
 

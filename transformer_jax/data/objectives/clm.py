@@ -1,5 +1,6 @@
 """clm: causal LM (GPT), the default. Applied to each packed row, not per chunk: predict each next
-token of the same segment. Documents may also be concatenated into full rows (data.packing=concat)."""
+token of the same segment. Documents may also be concatenated into full rows
+(data.packing=concat)."""
 
 import dataclasses
 

@@ -84,7 +84,8 @@ def with_chunk(s: Spec, worst) -> Spec:
 
 
 def longest_target(s: Spec, worst) -> int:
-  """The longest decoder sequence of a chunk whose inputs fill seq_len (T5's random_spans_helper)."""
+  """The longest decoder sequence of a chunk whose inputs fill seq_len (T5's
+  random_spans_helper)."""
   return max(worst(s, n)[1] for n in range(1, longest_chunk(s, worst, target=False) + 1))
 
 
