@@ -1,8 +1,11 @@
 """Tests of the fast input pipeline: data.pretokenize (token ids written once, when the TFDS dataset
 is prepared) and data.packing = "concat" (documents concatenated and cut into full rows)."""
 
+import glob
 import json
+import os
 import shutil
+import time
 
 import grain
 import numpy as np
@@ -183,3 +186,29 @@ def test_an_empty_tokenizer_file_is_not_a_sentencepiece_model(tmp_path):
   with pytest.raises(ConfigError, match=r"^data.tokenizer='.*empty.model' is not a SentencePiece "
                                         r"model \(the file is empty\)$"):
     tokenizer_lib.load(str(path))
+
+
+def test_ctrl_c_during_preparation_is_one_line_and_dead_leftovers_go(tiny_data, tmp_path,
+                                                                     monkeypatch, capsys):
+  """TFDS's writer turns a Ctrl-C into a RuntimeError (a traceback); a killed preparation's
+  `incomplete.*` folder stayed forever. Now: KeyboardInterrupt (cli.run prints one line), and
+  an untouched leftover is removed by the next preparation (a fresh one is left alone)."""
+  c = _config(tiny_data, **{"data.data_dir": str(tmp_path / "tfds")})
+  version_dir = tfds_text.builder(c.data).data_dir
+  parent = os.path.dirname(os.fspath(version_dir).rstrip("/"))
+  os.makedirs(os.path.join(parent, "incomplete.DEAD01_1.0.0"))
+  os.makedirs(os.path.join(parent, "incomplete.LIVE01_1.0.0"))
+  old = time.time() - 2 * tfds_text.STALE_INCOMPLETE_S
+  os.utime(os.path.join(parent, "incomplete.DEAD01_1.0.0"), (old, old))
+
+  def interrupted(self, *args, **kwargs):
+    try:
+      raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+      raise RuntimeError("Failed to write the shard") from e
+  monkeypatch.setattr(type(tfds_text.builder(c.data)), "download_and_prepare", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    tfds_text.prepare(c.data)
+  left = sorted(os.path.basename(p) for p in glob.glob(os.path.join(parent, "incomplete.*")))
+  assert left == ["incomplete.LIVE01_1.0.0"]
+  assert "left by an unfinished preparation" in capsys.readouterr().out

@@ -30,10 +30,13 @@ and data.target_field features (for a translation dataset, language codes such a
 """
 
 import dataclasses
+import glob
 import hashlib
 import importlib
 import json
 import os
+import shutil
+import time
 
 from etils import epath
 import ml_collections
@@ -380,9 +383,14 @@ def prepare(data_cfg, tokenized: bool = False) -> TextCorpus:
     return b
   what = f"tokenized with {data_cfg.tokenizer}" if tokenized else "ArrayRecord"
   print(f"preparing {data_cfg.corpus} as {what} under {b.data_dir} (once)", flush=True)
+  _remove_stale_incomplete(b.data_dir)
   try:
     tfds.disable_progress_bar()
     b.download_and_prepare()
+  except RuntimeError as e:  # TFDS's writer wraps a Ctrl-C in a RuntimeError
+    if _interrupted(e):
+      raise KeyboardInterrupt from None  # one line (cli.run); the next run prepares it again
+    raise
   except OSError:
     # Another process may have finished the same dataset first (TFDS writes to a temporary
     # directory and renames it): use theirs.
@@ -390,6 +398,31 @@ def prepare(data_cfg, tokenized: bool = False) -> TextCorpus:
     if not b.is_prepared():
       raise
   return b
+
+
+STALE_INCOMPLETE_S = 3600  # an unfinished preparation untouched this long is a dead one's
+
+
+def _interrupted(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, KeyboardInterrupt):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _remove_stale_incomplete(data_dir) -> None:
+  """Removes the `incomplete.*` folders that a killed preparation left beside `data_dir` (TFDS
+  renames one to `data_dir` when it finishes, and removes it on an exception, but not on a
+  kill), once nothing in them has changed for STALE_INCOMPLETE_S: a live preparation of another
+  process keeps writing into its own."""
+  parent = os.path.dirname(os.fspath(data_dir).rstrip("/"))
+  for path in glob.glob(os.path.join(parent, "incomplete.*")):
+    times = [os.path.getmtime(os.path.join(root, f)) for root, _, files in os.walk(path)
+             for f in files] + [os.path.getmtime(path)]
+    if time.time() - max(times) > STALE_INCOMPLETE_S:
+      shutil.rmtree(path, ignore_errors=True)
+      print(f"removed {path}, left by an unfinished preparation", flush=True)
 
 
 def data_source(data_cfg, split: str, tokenized: bool = False):
