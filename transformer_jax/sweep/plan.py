@@ -23,9 +23,6 @@ import json
 import math
 import os
 
-import jax
-import numpy as np
-
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.models import families

@@ -136,6 +136,7 @@ class Trainer:
     c = self.config
     self.objective = objectives.check(c)  # its Spec
     self.task = objectives.loss(self.objective)
+    self.batch_keys = tuple(objectives.batch_spec(self.objective, 1))  # put_batch's, every step
     self.model = families.build_model(c)
     self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
     self.rules = sharding.rules(c)
@@ -227,7 +228,7 @@ class Trainer:
   def put_batch(self, local_batch):
     """Process-local numpy rows -> one global array per key, sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-            for k in objectives.batch_spec(self.objective, 1)}
+            for k in self.batch_keys}
 
   def train_step(self, state, batch, rng):
     with sharding.context(self.mesh, self.rules):
