@@ -159,6 +159,62 @@ def test_iter_documents_errors(corpus_dir):
     list(corpus_lib.iter_documents(f"{corpus_dir}/bad.jsonl", "jsonl"))
 
 
+def test_long_documents_are_read_as_exact_pieces(tmp_path, monkeypatch):
+  """Documents longer than MAX_DOCUMENT_CHARS come out as pieces that join back to the document
+  (line endings split across read blocks, characters split across blocks, any sizes)."""
+  rng = random.Random(0)
+  alphabet = ["a", "b", " ", "\n", "é", "日本", "\r\n", "\r", "x" * 7, "🙂"]
+  path = tmp_path / "f.txt"
+  for trial in range(100):
+    monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", rng.choice([4, 10, 37, 100]))
+    monkeypatch.setattr(corpus_lib, "_READ_BYTES", rng.choice([1, 3, 8, 50]))
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 400)))
+    path.write_text(text, newline="")
+    lines = text.encode().split(b"\n")
+    lines = lines[:-1] if text.endswith("\n") else lines
+    for fmt, expected in (("text", [("f.txt", text)]),
+                          ("lines", [(f"f.txt:{n}", line.rstrip(b"\r").decode())
+                                     for n, line in enumerate(lines, 1)])):
+      docs = list(corpus_lib._file_docs(corpus_lib.CorpusFile(str(path), "f.txt"), fmt, "text"))
+      assert all(len(t) <= corpus_lib.MAX_DOCUMENT_CHARS for _, t in docs), trial
+      joined = collections.defaultdict(str)
+      for doc_id, piece in docs:
+        joined[doc_id.partition("#")[0]] += piece
+      ids = [i for i, _ in docs]
+      split = [i for i in ids if "#" in i]
+      assert len(set(ids)) == len(ids) and all(i.split("#")[0] + "#0" in ids for i in split)
+      assert list(joined.items()) == expected, (trial, fmt)
+
+
+def test_one_huge_document_reads_in_bounded_memory(tmp_path):
+  """A 24 MB single-line file: reading it as text or lines, and sampling it to train a tokenizer,
+  never holds much more than a piece (it used to hold the whole line, decoded, several times)."""
+  import tracemalloc
+  line = ("word " * 200 + "é") * 1000
+  with open(tmp_path / "big.txt", "w") as f:
+    for _ in range(24):
+      f.write(line)
+  bound = 10 * corpus_lib.MAX_DOCUMENT_CHARS  # The file's size is 24 of them.
+  for fmt in ("text", "lines"):
+    tracemalloc.start()
+    try:
+      texts = (t for _, t in corpus_lib.iter_documents(str(tmp_path / "*.txt"), fmt))
+      assert sum(map(len, tokenizer_lib.sample_sentences(texts, 100_000))) > 90_000
+      peak = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert peak < bound, (fmt, peak)
+  assert sum(len(t) for _, t in corpus_lib.iter_documents(str(tmp_path / "*.txt"))) == 24 * len(line)
+
+
+def test_tokenized_corpus_encodes_bounded_batches():
+  source = [{"text": "x" * n} for n in (10, 3 << 20, 3 << 20, 5, 5 << 20, 1, 2)]
+  batches = list(tfds_text._batches(source, "text"))
+  assert [(first, len(records)) for first, records in batches] == [(0, 3), (3, 2), (5, 2)]
+  source = [{"text": "x"}] * 600
+  assert [len(r) for _, r in tfds_text._batches(source, "text")] == [256, 256, 88]
+
+
 # ---------------------------------------------------------------------------- tokenizer
 
 

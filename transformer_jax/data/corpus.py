@@ -21,11 +21,16 @@ and, for sequence-to-sequence training (data.objective=seq2seq), as (source, tar
 Documents come out as `(doc_id, text)` pairs in a deterministic order. A doc id is the file's
 path relative to the corpus root (the stdlib directory, or the glob's fixed leading
 directories), with `:LINE` appended for the line formats, so ids do not depend on where the
-corpus is checked out. Pairs come out as `(pair_id, source, target)` (`iter_pairs`); read as
+corpus is checked out. A document longer than MAX_DOCUMENT_CHARS is read as consecutive pieces of
+at most that many characters (cut after a newline, else a space, where one is near the limit),
+ids `ID#0`, `ID#1`, ...: each piece is a document from then on, so preparation, tokenizer
+training and training stay within a bounded memory for any document size (text and lines are
+read in blocks; a JSONL line is parsed whole). Pairs come out as `(pair_id, source, target)` (`iter_pairs`); read as
 documents (to train a tokenizer), a pair is two documents, `ID:source` and `ID:target`.
 """
 
 import ast
+import codecs
 import dataclasses
 import glob
 import json
@@ -51,6 +56,10 @@ _TSV_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 # Like git: a NUL byte in the first 8 KiB marks a file as binary.
 _BINARY_PROBE_BYTES = 8192
+# Longer documents are cut into pieces (see the module docstring): about 250k tokens each, far
+# above any training row, so only book-sized and larger documents are cut.
+MAX_DOCUMENT_CHARS = 1 << 20
+_READ_BYTES = 1 << 20  # Text and lines files are read in blocks of this size.
 
 
 @dataclasses.dataclass
@@ -133,7 +142,41 @@ def _decode(data: bytes) -> str:
 
 def _text_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
   with open(file.path, "rb") as f:
-    yield file.name, _decode(f.read())
+    yield from _pieces(file.name, _decoded(iter(lambda: f.read(_READ_BYTES), b"")))
+
+
+def _decoded(blocks: Iterator[bytes]) -> Iterator[str]:
+  """UTF-8 text of consecutive byte blocks (a character may span two); invalid bytes -> U+FFFD."""
+  decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+  for block in blocks:
+    yield decoder.decode(block)
+  yield decoder.decode(b"", final=True)
+
+
+def _pieces(doc_id: str, blocks: Iterator[str]) -> Iterator[tuple[str, str]]:
+  """(id, text) of a document given as consecutive text blocks: itself, or pieces `ID#k` of at
+  most MAX_DOCUMENT_CHARS when it is longer. Holds at most one block and one piece."""
+  buf, k = "", 0
+  for block in blocks:
+    buf += block
+    start = 0
+    while len(buf) - start > MAX_DOCUMENT_CHARS:
+      cut = _cut(buf, start)
+      yield f"{doc_id}#{k}", buf[start:cut]
+      start, k = cut, k + 1
+    buf = buf[start:]
+  yield (f"{doc_id}#{k}" if k else doc_id), buf
+
+
+def _cut(text: str, start: int) -> int:
+  """Where the piece of `text` beginning at `start` ends: after the last newline (else space) in
+  the second half of the longest piece, else at its full length."""
+  end = start + MAX_DOCUMENT_CHARS
+  for sep in ("\n", " "):
+    i = text.rfind(sep, end - MAX_DOCUMENT_CHARS // 2, end)
+    if i >= 0:
+      return i + 1
+  return end
 
 
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -144,8 +187,22 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def _line_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
-  for lineno, line in _numbered_lines(file.path):
-    yield f"{file.name}:{lineno}", line
+  """Each line as a document (pieces of a long one), read in blocks: never a whole long line."""
+  with open(file.path, "rb") as f:
+    for lineno, first in enumerate(iter(lambda: f.readline(_READ_BYTES), b""), start=1):
+      yield from _pieces(f"{file.name}:{lineno}", _decoded(_line_blocks(f, first)))
+
+
+def _line_blocks(f, block: bytes) -> Iterator[bytes]:
+  """The byte blocks of the line that `block` starts, its line ending dropped."""
+  while not block.endswith(b"\n"):
+    following = f.readline(_READ_BYTES)
+    if not following:
+      break
+    kept = block.rstrip(b"\r")  # A "\r" may end the line, with its "\n" in the next block.
+    yield kept
+    block = block[len(kept):] + following
+  yield block.rstrip(b"\r\n")
 
 
 def json_lines(path: str, label: str = "") -> Iterator[tuple[int, str, dict]]:
@@ -182,7 +239,7 @@ def _field(record: dict, key: str, field: str, where: str) -> str:
 
 def _jsonl_docs(file: CorpusFile, text_field: str) -> Iterator[tuple[str, str]]:
   for doc_id, where, record in _json_records(file):
-    yield doc_id, _field(record, "text_field", text_field, where)
+    yield from _pieces(doc_id, iter([_field(record, "text_field", text_field, where)]))
 
 
 def _file_docs(file: CorpusFile, fmt: str, text_field: str) -> Iterator[tuple[str, str]]:

@@ -219,7 +219,8 @@ class TokenizedCorpusConfig(tfds.core.BuilderConfig):
   add_eos: bool = True
 
 
-_ENCODE_BATCH = 256  # Documents SentencePiece encodes at once, on every core.
+_ENCODE_BATCH = 256  # Documents SentencePiece encodes at once, on every core,
+_ENCODE_CHARS = 4 << 20  # or fewer when they hold more characters than this.
 _TEXT_KEYS = ("corpus", "format", "text_field", "source_field", "target_field", "data_dir",
               "validation_fraction")
 
@@ -254,13 +255,26 @@ class TokenizedCorpus(TextCorpus, skip_registration=True):
     cfg = self.builder_config
     sp = spm.SentencePieceProcessor(model_proto=proto)
     bos, eos = [sp.bos_id()] * cfg.add_bos, [sp.eos_id()] * cfg.add_eos
-    for first in range(0, len(source), _ENCODE_BATCH):
-      records = [source[i] for i in range(first, min(first + _ENCODE_BATCH, len(source)))]
+    for first, records in _batches(source, cfg.text_field):
       texts = [_text(r[cfg.text_field]) for r in records]
       for i, (record, ids) in enumerate(zip(records, sp.encode(texts,
                                                                num_threads=os.cpu_count()))):
         doc_id = _text(record["id"]) if "id" in record else str(first + i)
         yield first + i, {"id": doc_id, "tokens": np.asarray(bos + ids + eos, np.int32)}
+
+
+def _batches(source, field: str):
+  """(first index, records) of consecutive records, at most _ENCODE_BATCH of them and about
+  _ENCODE_CHARS characters (the encoder's id lists take ~36 bytes a token)."""
+  records, chars = [], 0
+  for i in range(len(source)):
+    records.append(source[i])
+    chars += len(records[-1][field])
+    if len(records) == _ENCODE_BATCH or chars >= _ENCODE_CHARS:
+      yield i + 1 - len(records), records
+      records, chars = [], 0
+  if records:
+    yield len(source) - len(records), records
 
 
 def _text(value) -> str:
