@@ -182,6 +182,38 @@ def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_pa
     assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
 
 
+_CTRL_C_IN_GC_CALLBACK = """
+import gc, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground process
+import transformer_jax
+if sys.argv[1] == "default":
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+fired = []
+def callback(phase, info):  # like jax's: runs on every collection, often while modules import
+  if not fired:
+    fired.append(os.kill(os.getpid(), signal.SIGINT))
+    sum(range(10))  # the handler runs here, inside the callback
+gc.callbacks.append(callback)
+try:
+  gc.collect()
+  time.sleep(1.5)
+  print("lost")
+except KeyboardInterrupt:
+  print("interrupted")
+"""
+
+
+def test_ctrl_c_inside_a_gc_callback_is_not_lost():
+  """A Ctrl-C that lands in a garbage-collector callback (jax registers one) is an "ignored"
+  exception to CPython: seen as a run that went on after Ctrl-C in its first seconds. Importing
+  the package installs a handler that delivers it again outside the collection."""
+  def run(mode):
+    return subprocess.run([sys.executable, "-c", _CTRL_C_IN_GC_CALLBACK, mode], cwd=REPO,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+  assert run("default") == "lost"  # Python's own handler: the fault
+  assert run("ours") == "interrupted"
+
+
 def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_path):
   workdir = str(tmp_path)
   loop.train(_config(tiny_data, **{"train.steps": 5}), workdir, quiet=True, devices=ONE())

@@ -1,11 +1,14 @@
 """Shared command-line plumbing: `--config=FILE.py[:ARG]`, `--config.KEY=VALUE`, `--name=value`
 flags, and one-line errors (exit code 2, no traceback) for user mistakes."""
 
+import gc
 import glob
 import importlib.util
 import os
 import platform
+import signal
 import sys
+import threading
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
@@ -101,6 +104,28 @@ def skip_absent_tpu():
     return
   cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
   os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+
+
+def interrupt(signum, frame):
+  """Python's own SIGINT behaviour (raise KeyboardInterrupt), except where it would be lost:
+  inside a garbage-collector callback (jax registers one, and collections are frequent while
+  modules import), CPython prints an exception as "ignored" and the run goes on. There the signal
+  is sent again a moment later, from outside the collection."""
+  callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks:
+      threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+      return
+    frame = frame.f_back
+  raise KeyboardInterrupt
+
+
+def keep_ctrl_c() -> None:
+  """Installs `interrupt` for SIGINT if Python's default handler is there (the main thread of a
+  process that no one else has set up): a Ctrl-C while jax imports is otherwise dropped."""
+  if (threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def entry(main):

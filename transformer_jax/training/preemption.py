@@ -7,6 +7,8 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+from transformer_jax import cli
+
 
 class Preemption:
   """SIGTERM / SIGINT only set a flag: the loop finishes the step in flight, saves a checkpoint
@@ -24,9 +26,9 @@ class Preemption:
         self._old[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    del frame
     if self.signum is not None:  # a second signal: the user insists
-      raise KeyboardInterrupt
+      cli.interrupt(signum, frame)
+      return
     if self.multi:
       self.signum = signal.SIGTERM
       os.kill(os.getpid(), signal.SIGTERM)
