@@ -214,6 +214,39 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost():
   assert run("ours") == "interrupted"
 
 
+_CTRL_C_DURING_COMPILE = """
+import os, signal, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from transformer_jax import cli
+import jax, jax.numpy as jnp
+
+def main(argv):
+  def f(x):  # ~2 s of XLA compile on a 2-core CPU
+    for i in range(400):
+      x = jnp.sin(x @ x.T + i) if i % 2 else jnp.cumsum(x, axis=i % 2)
+    return x
+  lowered = jax.jit(f).lower(jnp.ones((64, 64)))
+  timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+  timer.start()
+  lowered.compile()
+  timer.cancel()
+  print("compiled")
+
+cli.run(main)
+"""
+
+
+def test_ctrl_c_during_a_compile_exits_130_without_a_crash():
+  """Ctrl-C while XLA compiles: `interrupted`, exit 130. Finalizing the interpreter under the
+  still-running compile threads used to crash (exit 139, SIGSEGV in PjRtLoadedExecutable)."""
+  proc = subprocess.run([sys.executable, "-c", _CTRL_C_DURING_COMPILE], cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=120)
+  assert "compiled" not in proc.stdout  # the signal landed during the compile
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == "interrupted"
+
+
 def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_path):
   workdir = str(tmp_path)
   loop.train(_config(tiny_data, **{"train.steps": 5}), workdir, quiet=True, devices=ONE())

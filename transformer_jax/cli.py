@@ -148,4 +148,8 @@ def run(main):
     sys.exit(2)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
-    sys.exit(130)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: a Ctrl-C during a compile leaves XLA's compile threads running, and
+    # finalizing the interpreter under them crashed (exit 139, "Segmentation fault").
+    os._exit(130)
