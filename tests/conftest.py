@@ -95,3 +95,20 @@ def model_config(**values):
   m = config_lib.base.get_config().model
   m.update({**TINY_MODEL, **values})
   return ModelConfig.from_config(m)
+
+
+def assert_kv_cache_matches(model, params, tokens, prefill: int, tol=2e-5):
+  """Prefilling `prefill` tokens, then one token at a time through the KV cache, gives the full
+  forward pass's logits at every position."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  full = model.apply({"params": params}, tokens)
+  cache = model.init(jax.random.key(0), jnp.zeros(tokens.shape, jnp.int32), decode=True)["cache"]
+  out, mut = model.apply({"params": params, "cache": cache}, tokens[:, :prefill], decode=True,
+                         mutable=["cache"])
+  np.testing.assert_allclose(out, full[:, :prefill], atol=tol, rtol=tol)
+  for t in range(prefill, tokens.shape[1]):
+    out, mut = model.apply({"params": params, "cache": mut["cache"]}, tokens[:, t:t + 1],
+                           decode=True, mutable=["cache"])
+    np.testing.assert_allclose(out[:, 0], full[:, t], atol=tol, rtol=tol)
+  return full

@@ -174,12 +174,17 @@ def test_unsupported_checkpoint_is_one_line(hf_ckpt, tmp_path):
   if family == "gpt2":
     hf["activation_function"] = "relu"
   else:
-    hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}
   (tmp_path / "config.json").write_text(json.dumps(hf))
   os.symlink(f"{path}/model.safetensors", tmp_path / "model.safetensors")
   with pytest.raises(ConfigError) as e:
     from_hf(str(tmp_path))
-  assert "\n" not in str(e.value) and ("relu" in str(e.value) or "llama3" in str(e.value))
+  assert "\n" not in str(e.value) and ("relu" in str(e.value) or "longrope" in str(e.value))
+  if family == "llama":  # a scaling without the keys Hugging Face requires for it
+    hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="llama3.* needs low_freq_factor, high_freq_factor"):
+      from_hf(str(tmp_path))
 
 
 def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from transformer_jax.models.decoder import DecoderLM
-from tests.conftest import model_config
+from tests.conftest import assert_kv_cache_matches, model_config
 
 VARIANTS = {
     "gpt2": model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
@@ -105,16 +105,7 @@ def test_blocked_causal_attention_is_exact(name):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_kv_cache_matches_full_forward(name):
   model, params = _init(VARIANTS[name])
-  tokens = _tokens(2, 9)
-  full = model.apply({"params": params}, tokens)
-  cache = model.init(jax.random.key(0), jnp.zeros((2, 9), jnp.int32), decode=True)["cache"]
-  prefill, mut = model.apply({"params": params, "cache": cache}, tokens[:, :6], decode=True,
-                             mutable=["cache"])
-  np.testing.assert_allclose(prefill, full[:, :6], atol=2e-5, rtol=2e-5)
-  for t in range(6, 9):
-    step, mut = model.apply({"params": params, "cache": mut["cache"]}, tokens[:, t:t + 1],
-                            decode=True, mutable=["cache"])
-    np.testing.assert_allclose(step[:, 0], full[:, t], atol=2e-5, rtol=2e-5)
+  assert_kv_cache_matches(model, params, _tokens(2, 9), prefill=6)
 
 
 def test_jit_equals_no_jit_and_remat_equals_plain():

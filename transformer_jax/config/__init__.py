@@ -31,6 +31,7 @@ ENUMS = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "outputs"),
     "model.attention_impl": ("xla", "dot_product", "cudnn", "splash", "auto"),
+    "model.rope_scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
     "data.format": ("text", "lines", "jsonl", "tsv", "jsonl_pairs", "functions"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
     "train.on_anomaly": ("skip", "rollback", "abort"),
@@ -47,7 +48,8 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "train.spike_factor", "train.spike_warmup_steps", "data.num_workers",
                 "data.shards", "data.target_len", "model.num_decoder_layers",
                 "model.type_vocab_size", "model.query_scale", "train.label_smoothing",
-                "mesh.cpu_devices")
+                "mesh.cpu_devices", "model.attention_window", "model.rope_original_max_len",
+                "model.rope_attention_factor")
 
 
 def exec_python_file(path: str, kind: str, root: str):
@@ -121,6 +123,28 @@ def get(config, key):
   return node
 
 
+def _check_long_context(m):
+  """Sliding windows and RoPE scaling (models/attention.py, models/layers.py)."""
+  if not isinstance(m.attention_window, int):
+    raise ConfigError(f"model.attention_window must be an int, got {m.attention_window!r}")
+  if m.window_pattern.strip("LG") or (m.window_pattern and not m.attention_window):
+    raise ConfigError(f"model.window_pattern={m.window_pattern!r}: letters L (local) and G "
+                      f"(global) only, with a model.attention_window > 0")
+  if m.rope_scaling == "none":
+    return
+  if m.position != "rotary":
+    raise ConfigError(f"model.rope_scaling={m.rope_scaling} needs model.position=rotary, got "
+                      f"{m.position}")
+  if not m.rope_factor >= 1:
+    raise ConfigError(f"model.rope_factor must be >= 1, got {m.rope_factor!r}")
+  if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor > 0:
+    raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                      f"model.rope_low_freq_factor={m.rope_low_freq_factor} > 0")
+  if m.rope_scaling == "yarn" and not m.rope_beta_fast > m.rope_beta_slow > 0:
+    raise ConfigError(f"model.rope_beta_fast={m.rope_beta_fast} must exceed "
+                      f"model.rope_beta_slow={m.rope_beta_slow} > 0")
+
+
 def validate(config, num_devices: int | None = None):
   """Cheap checks of the config's values, run before anything is compiled (the objective's are
   data/objectives' `check`, the data's pipeline.validate)."""
@@ -159,6 +183,7 @@ def validate(config, num_devices: int | None = None):
                         f"dot_product")
   if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError(f"model.attention_impl=cudnn needs model.dtype=bfloat16, got {m.dtype}")
+  _check_long_context(m)
   t = config.train
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.microbatches={t.microbatches} does not divide "

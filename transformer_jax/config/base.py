@@ -94,6 +94,23 @@ def _model():
   # a multiple of 128) | auto (TPU: splash, GPU: cudnn, where the layer allows; else xla).
   # KV-cache decoding always uses xla (dot_product: itself).
   m.attention_impl = "xla"
+  # Sliding-window attention: each query sees the keys within attention_window positions (with
+  # a causal mask: the W most recent, itself included, as Mistral); 0 = full attention.
+  # window_pattern: L (local, windowed) or G (global) per layer, cycled: "" = every layer local,
+  # "LG" alternates (Gemma 2), "LLLLLG" is Gemma 3's 5:1.
+  m.attention_window = 0
+  m.window_pattern = ""
+  # RoPE scaling for longer contexts, exactly as Hugging Face's rope_parameters: none | linear
+  # (positions / factor) | dynamic (NTK: theta grows with the longest position beyond max_len) |
+  # yarn (ramp between interpolated and original frequencies, cos/sin scaled) | llama3.
+  m.rope_scaling = "none"
+  m.rope_factor = 1.0
+  m.rope_original_max_len = 0  # yarn, llama3: the pretraining context; 0 = max_len
+  m.rope_low_freq_factor = 1.0  # llama3
+  m.rope_high_freq_factor = 4.0  # llama3
+  m.rope_beta_fast = 32.0  # yarn
+  m.rope_beta_slow = 1.0  # yarn
+  m.rope_attention_factor = 0.0  # yarn: 0 = 0.1 * ln(factor) + 1
 
   return m
 

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints <-> our models' parameters (GPT-2, Llama: DecoderLM; BERT: EncoderLM;
-T5 v1.1: EncoderDecoder), and HF-style forward passes.
+"""Hugging Face checkpoints <-> our models' parameters (GPT-2, Llama, Mistral: DecoderLM; BERT:
+EncoderLM; T5 v1.1: EncoderDecoder), and HF-style forward passes.
 
   model, params = from_hf("path/to/hf_dir")            # family from config.json's model_type
   to_hf(model, params, "out_dir")                      # model.safetensors + config.json
@@ -25,7 +25,7 @@ import numpy as np
 
 from transformer_jax.config import ConfigError
 from transformer_jax.config import base
-from transformer_jax.convert import bert, gpt2, llama, t5, tables
+from transformer_jax.convert import bert, gpt2, llama, mistral, t5, tables
 from transformer_jax.models import families
 from transformer_jax.models import stack
 from transformer_jax.models.layers import ModelConfig
@@ -35,7 +35,7 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # our model.family -> module (a table's MODEL_FAMILY)
 MODELS = families.FAMILIES
-TABLES = {f.MODEL_TYPE: f for f in (gpt2, llama, bert, t5)}  # HF model_type -> its table
+TABLES = {f.MODEL_TYPE: f for f in (gpt2, llama, mistral, bert, t5)}  # HF model_type -> its table
 
 
 def table(name: str):

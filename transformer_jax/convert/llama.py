@@ -7,6 +7,8 @@ layout); RMSNorm; SwiGLU gate/up/down; untied lm_head unless tie_word_embeddings
 only with attention_bias and mlp_bias (both, as our single model.use_bias).
 """
 
+import math
+
 from transformer_jax.convert.tables import P
 
 MODEL_TYPE = "llama"
@@ -35,26 +37,75 @@ REQUIRE = (
 )
 
 
-def _rope(hf):
-  """transformers 5 keeps rope_theta in rope_parameters; older config.json files at the top."""
+# Hugging Face's rope_parameters keys -> ours, for the scalings we implement (models/layers.py).
+ROPE_KEYS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_len",
+             "low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor",
+             "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow",
+             "attention_factor": "rope_attention_factor"}
+ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
+              "llama3": "llama3"}
+
+
+def read_rope(hf) -> dict:
+  """Our rope_* values from config.json: transformers 5's rope_parameters, or the older
+  rope_scaling with a top-level rope_theta."""
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind != "default":
-    raise ValueError(f"rope_type={kind!r} (scaled rotary positions) is not supported; only "
-                     f"'default'")
-  return rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  if kind not in ROPE_TYPES:
+    raise ValueError(f"rope_type={kind!r} is not supported; only {', '.join(ROPE_TYPES)}")
+  if rope.get("partial_rotary_factor", 1.0) != 1.0 or rope.get("truncate", True) is False:
+    raise ValueError("partial_rotary_factor != 1 or truncate=false is not supported")
+  needs = {"linear": ("factor",), "dynamic": ("factor",),
+           "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                      "original_max_position_embeddings")}.get(kind, ())
+  missing = [key for key in needs if rope.get(key) is None]
+  if missing:
+    raise ValueError(f"rope_type={kind!r} needs {', '.join(missing)} in rope_parameters")
+  out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+         "rope_scaling": ROPE_TYPES[kind]}
+  out.update({ours: rope[key] for key, ours in ROPE_KEYS.items() if rope.get(key) is not None})
+  if kind == "yarn":
+    max_len = hf.get("max_position_embeddings", 2048)
+    original = rope.get("original_max_position_embeddings") or max_len
+    out.update(rope_original_max_len=original,
+               rope_factor=rope.get("factor") or max_len / original)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if rope.get("attention_factor") is None and mscale and mscale_all_dim:  # DeepSeek's form
+      f = out["rope_factor"]
+      m = lambda s: 0.1 * s * math.log(f) + 1.0 if f > 1 else 1.0
+      out["rope_attention_factor"] = m(mscale) / m(mscale_all_dim)
+  return {k: float(v) if k != "rope_scaling" and k != "rope_original_max_len" else v
+          for k, v in out.items()}
+
+
+def write_rope(cfg) -> dict:
+  """rope_parameters for our resolved ModelConfig."""
+  kind = {v: k for k, v in ROPE_TYPES.items()}[cfg.rope_scaling]
+  out = {"rope_type": kind, "rope_theta": cfg.rope_theta}
+  keys = {"linear": ("factor",), "dynamic": ("factor",),
+          "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings"),
+          "yarn": ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings",
+                   "attention_factor")}.get(kind, ())
+  for key in keys:
+    value = getattr(cfg, ROPE_KEYS[key])
+    if key == "original_max_position_embeddings":
+      value = value or cfg.max_len
+    if value or key != "attention_factor":  # 0 = HF's own default
+      out[key] = value
+  return out
 
 
 def read(hf):
   bias = hf.get("attention_bias", False)
   if bias != hf.get("mlp_bias", False):
     raise ValueError("attention_bias != mlp_bias: our model.use_bias covers both")
-  return {"use_bias": bool(bias), "rope_theta": float(_rope(hf))}
+  return {"use_bias": bool(bias), **read_rope(hf)}
 
 
 def write(cfg):
   return {"attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, "attention_dropout": 0.0,
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+          "rope_parameters": write_rope(cfg)}
 
 
 GLOBAL = (

@@ -34,13 +34,15 @@ class P(NamedTuple):
 WHEN = {"": lambda c: True, "bias": lambda c: c.use_bias, "untied": lambda c: not c.tie_embeddings,
         "sentence": lambda c: c.sentence_head}
 # ModelConfig features a family has only where its FIXED says so (BERT: embed_norm, token types).
-PLAIN = {"scale_embeddings": False, "embed_norm": False, "query_scale": 0.0, "type_vocab_size": 0}
+PLAIN = {"scale_embeddings": False, "embed_norm": False, "query_scale": 0.0, "type_vocab_size": 0,
+         "attention_window": 0}
 
 
 def fixed(fam) -> dict:
   """Our model.* values every checkpoint of the family has."""
   names = {f.name for f in dataclasses.fields(ModelConfig)}
-  read = {ours for ours, _, _ in fam.CONFIG}  # e.g. BERT's type_vocab_size
+  # e.g. BERT's type_vocab_size; READS: what the family's `read` hook sets (Mistral's window)
+  read = {ours for ours, _, _ in fam.CONFIG} | set(getattr(fam, "READS", ()))
   return {**{k: v for k, v in PLAIN.items() if k in names and k not in read}, **fam.FIXED}
 
 

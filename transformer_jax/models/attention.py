@@ -16,6 +16,13 @@ combinations a config alone shows: splash with relative positions, encoder-decod
 LM; cudnn without bfloat16). KV-cache decoding (one token at a time, tiny) always uses xla for
 splash and cudnn, so a workdir trained with them still samples.
 
+A sliding window (`window` W > 0, per layer: model.attention_window and model.window_pattern)
+keeps the keys j with |i - j| < W for query i: with a causal mask the W most recent keys, the
+query's own included (Mistral's sliding window). The reference then attends block by block to
+the previous and current key blocks only (O(T W), not O(T^2)); splash uses its LocalMask;
+dot_product and cudnn take it in the mask. A window that varies inside a scanned stack (a mixed
+window_pattern with scan_layers) is a traced value: a mask for every kernel but splash.
+
 Layouts follow layers.py (`mask` builds the masks every family uses): q_BTNGK (already scaled),
 k_BSNK, v_BSNK, mask_BTS (True = attend), bias_BNGTS (added to the scores). Query head
 h = n * G + g uses key/value head n, as in jax.nn.dot_product_attention's and splash's
@@ -36,12 +43,15 @@ KERNELS = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}  # platform -> auto
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence length is used
 
 
-def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool):
+def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool, window=0):
   """Why kernel `impl` cannot serve this call on platform `where`, or None if it can."""
   t, s, k = q_BTNGK.shape[1], k_BSNK.shape[1], q_BTNGK.shape[-1]
   if impl == "splash":
     if where != "tpu":
       return f"needs a TPU (compiling for {where})"
+    if not isinstance(window, int):
+      return ("takes no per-layer window inside a scanned stack (model.window_pattern with "
+              "scan_layers)")
     if bias_BNGTS is not None:
       return "takes no attention bias (model.position=relative)"
     if not self_attention:
@@ -74,7 +84,7 @@ def cudnn_head_dim_limit() -> int:
 
 
 def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_attention: bool,
-           decode: bool, where: str | None = None) -> str:
+           decode: bool, where: str | None = None, window=0) -> str:
   """The implementation ("xla", "dot_product", "cudnn" or "splash") for one attention call.
   `causal`: the Attention layer's promise that its mask is causal; `self_attention`: keys come
   from the queries' own sequence (no cross-attention). Auto's splash also needs `causal`: a
@@ -87,10 +97,10 @@ def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_at
   if impl == "auto":
     kernel = KERNELS.get(where)
     if kernel is None or (kernel == "splash" and not causal) or unsupported(
-        kernel, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention):
+        kernel, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention, window):
       return "xla"
     return kernel
-  reason = unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention)
+  reason = unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention, window)
   if reason:
     raise ConfigError(f"model.attention_impl={impl} {reason}; use auto, xla or dot_product")
   return impl
@@ -103,6 +113,37 @@ def mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):
     t, s = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
     mask &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
   return mask
+
+
+def window_mask(t: int, s: int, window, q_offset=0):
+  """[T, S]: whether key j is inside query i's window, |i - j| < window, where i = q_offset +
+  row (the query's place among the keys; decoding passes the cache index). `window` (a Python
+  int or a traced per-layer scalar) 0 = every key."""
+  d_TS = (q_offset + jnp.arange(t))[:, None] - jnp.arange(s)[None, :]
+  return (jnp.abs(d_TS) < window) | (window == 0)
+
+
+def windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window: int):
+  """The reference under a causal sliding window, in query blocks of `window` rows (T divisible
+  by it): block c attends to key blocks c - 1 and c only, which hold every key its window can
+  reach, so the result is exact at O(T W) score work and memory."""
+  b, t, n, g, k = q_BTNGK.shape
+  w, c = window, q_BTNGK.shape[1] // window
+
+  def previous_and_current(x):  # [B, T, ...] -> [B, C, 2W, ...]
+    pad = [(0, 0), (w, 0)] + [(0, 0)] * (x.ndim - 2)
+    prev = jnp.pad(x, pad)[:, :t].reshape(b, c, w, *x.shape[2:])
+    return jnp.concatenate([prev, x.reshape(b, c, w, *x.shape[2:])], axis=2)
+
+  rows_BCWS = jnp.pad(mask_BTS, [(0, 0), (0, 0), (w, 0)]).reshape(b, c, w, t + w)
+  cols_CS = jnp.arange(c)[:, None] * w + jnp.arange(2 * w)[None, :]  # padded key index
+  mask_BCWS = jnp.take_along_axis(rows_BCWS, cols_CS[None, :, None, :], axis=3)
+  mask_BCWS &= window_mask(w, 2 * w, w, q_offset=w)[None, None]
+  logits = jnp.einsum("BCTNGK,BCSNK->BCNGTS", q_BTNGK.reshape(b, c, w, n, g, k),
+                      previous_and_current(k_BSNK), preferred_element_type=jnp.float32)
+  probs = ops.masked_softmax(logits, mask_BCWS[:, :, None, None]).astype(q_BTNGK.dtype)
+  out = jnp.einsum("BCNGTS,BCSNK->BCTNGK", probs, previous_and_current(v_BSNK))
+  return out.reshape(b, t, n, g, k)
 
 
 def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BNGTS=None):
@@ -132,13 +173,23 @@ def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BN
 
 
 def attend(impl: str, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal: bool,
-           causal_chunks: int = 1):
+           causal_chunks: int = 1, window=0):
   """Attention output [B, T, N, G, K] by kernel `impl` (from `choose`); `causal_chunks`: the
-  reference's causal key-block skipping (see `reference`)."""
+  reference's causal key-block skipping (see `reference`); `window`: the sliding window (see
+  the module docstring; queries and keys aligned, as in training)."""
+  t, s = q_BTNGK.shape[1], k_BSNK.shape[1]
+  static = isinstance(window, int)
+  if static and window >= s:
+    window = 0  # the window holds every key
+  if impl == "splash":
+    return splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids(mask_BTS), causal=causal, window=window)
+  if (impl == "xla" and static and window and causal and bias_BNGTS is None and t == s
+      and t % window == 0):
+    return windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window)
+  if not static or window:
+    mask_BTS = mask_BTS & window_mask(t, s, window)[None]
   if impl == "xla":
     return reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks, bias_BNGTS)
-  if impl == "splash":
-    return splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids(mask_BTS), causal=causal)
   cudnn = impl == "cudnn"
   return dot_product(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS, causal=causal and cudnn,
                      implementation="cudnn" if cudnn else "xla")
@@ -170,11 +221,14 @@ def segment_ids(mask_BTS):
   return jnp.argmax(mask_BTS, axis=-1).astype(jnp.int32)
 
 
-def splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, interpret: bool = False):
+def splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, interpret: bool = False,
+           window: int = 0):
   """Pallas splash self-attention (S = T; the multi-head kernel, whose key/value heads serve G
-  query heads each) within packed segments, causal or full. Under a mesh the kernel runs per
-  shard in shard_map over the batch and head axes (their logical names act_batch and act_heads,
-  mapped by the config's rules); `interpret` runs the Pallas kernel in Python (tests on CPU)."""
+  query heads each) within packed segments, causal or full, within a sliding `window` if > 0
+  (its LocalMask: W - 1 keys back, and forward too when not causal). Under a mesh the kernel runs
+  per shard in shard_map over the batch and head axes (their logical names act_batch and
+  act_heads, mapped by the config's rules); `interpret` runs the Pallas kernel in Python (tests
+  on CPU)."""
   b, t, n, g, k = q_BTNGK.shape
   block = next(x for x in SPLASH_BLOCKS if t % x == 0)
   sizes = splash_lib.BlockSizes(
@@ -182,7 +236,10 @@ def splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, interpret: 
       block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
 
   def kernel(q_BHTK, k_BNSK, v_BNSK, segment_ids_BT):
-    mask = (splash_lib.CausalMask if causal else splash_lib.FullMask)((t, t))
+    if window:
+      mask = splash_lib.LocalMask((t, t), (window - 1, 0 if causal else window - 1), offset=0)
+    else:
+      mask = (splash_lib.CausalMask if causal else splash_lib.FullMask)((t, t))
     masks = splash_lib.MultiHeadMask([mask] * q_BHTK.shape[1])
     fn = splash_lib.make_splash_mha(masks, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                     interpret=interpret)

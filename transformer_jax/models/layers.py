@@ -50,6 +50,16 @@ class ModelConfig:
   scan_layers: bool
   attention_chunks: int
   attention_impl: str  # xla | dot_product | cudnn | splash | auto (models/attention.py)
+  attention_window: int  # sliding window W (|query - key| < W); 0 = full attention
+  window_pattern: str  # which layers are local (L) or global (G), cycled; "" = all local
+  rope_scaling: str  # none | linear | dynamic | yarn | llama3, as Hugging Face defines them
+  rope_factor: float  # the context extension factor of every scaling
+  rope_original_max_len: int  # yarn, llama3: the pretraining context (0 = max_len)
+  rope_low_freq_factor: float  # llama3
+  rope_high_freq_factor: float  # llama3
+  rope_beta_fast: float  # yarn: the ramp's bounds, in rotations
+  rope_beta_slow: float  # yarn
+  rope_attention_factor: float  # yarn: cos/sin scale; 0 = 0.1 ln(factor) + 1
   num_decoder_layers: int  # encoder-decoder: the decoder's depth (0 = num_layers)
   relative_buckets: int  # position="relative" (T5): log-spaced distance buckets ...
   relative_max_distance: int  # ... up to this distance
@@ -140,12 +150,47 @@ def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0):
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def rotary(x_BTHK, positions_BT, theta: float):
-  """Rotary position embedding (RoFormer), rotating the two halves of each head."""
-  k = x_BTHK.shape[-1]
-  inv = 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)
-  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv[None, None]
-  sin, cos = jnp.sin(angles_BTK)[:, :, None, :], jnp.cos(angles_BTK)[:, :, None, :]
+def rope_frequencies(c: ModelConfig, k: int, positions_BT):
+  """RoPE's inverse frequencies [K/2] for head dim `k` under c.rope_scaling, and the scale of
+  cos/sin, as Hugging Face's rope initializers compute them (dynamic: from the longest position
+  in `positions_BT`)."""
+  exponents = jnp.arange(0, k, 2, dtype=jnp.float32) / k
+  inv = 1.0 / c.rope_theta ** exponents
+  kind, factor = c.rope_scaling, c.rope_factor
+  original = c.rope_original_max_len or c.max_len
+  if kind == "linear":
+    return inv / factor, 1.0
+  if kind == "dynamic":  # NTK-aware: a larger theta once positions pass max_len
+    length = jnp.maximum(jnp.max(positions_BT) + 1, c.max_len).astype(jnp.float32)
+    theta = c.rope_theta * (factor * length / c.max_len - (factor - 1)) ** (k / (k - 2))
+    return 1.0 / theta ** exponents, 1.0
+  if kind == "llama3":
+    low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv
+    scaled = jnp.where(wavelength > original / low, inv / factor, inv)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(medium, smoothed, scaled), 1.0
+  if kind == "yarn":
+    def dim(rotations):  # the dimension whose wavelength makes `rotations` turns in `original`
+      return k * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+    low = max(math.floor(dim(c.rope_beta_fast)), 0)
+    high = min(math.ceil(dim(c.rope_beta_slow)), k - 1)
+    ramp = jnp.clip((jnp.arange(k // 2, dtype=jnp.float32) - low)
+                    / ((high - low) or 0.001), 0, 1)
+    inv = inv / factor * ramp + inv * (1 - ramp)
+    scale = c.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv, scale
+  return inv, 1.0
+
+
+def rotary(x_BTHK, positions_BT, inv_K, scale=1.0):
+  """Rotary position embedding (RoFormer), rotating the two halves of each head by
+  position x inverse frequency (`rope_frequencies`); cos and sin are multiplied by `scale`."""
+  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv_K[None, None]
+  sin = (jnp.sin(angles_BTK) * scale)[:, :, None, :]
+  cos = (jnp.cos(angles_BTK) * scale)[:, :, None, :]
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHK.dtype)
@@ -182,13 +227,15 @@ class Attention(nn.Module):
   """
   cfg: ModelConfig
   causal: bool = False
+  window: int = 0  # this layer's sliding window (attention.py); 0 = every key
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, *, kv_BSD=None, rel_table=None,
-               deterministic=True, decode=False):
+               deterministic=True, decode=False, window=None):
     """Self-attention over x, or cross-attention to `kv_BSD` (keys/values from another sequence,
     e.g. the encoder's output; never cached, no rotary). `rel_table` [buckets, H]: T5's
-    relative position bias, looked up from query and key positions."""
+    relative position bias, looked up from query and key positions. `window`: a traced window
+    for this layer (a scanned stack's), instead of the static `self.window`."""
     c = self.cfg
     d, h, n, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     dt = c.compute_dtype
@@ -207,14 +254,17 @@ class Attention(nn.Module):
     k_BSNK = project("key", kv, n, ("kv_heads", "head_dim"))
     v_BSNK = project("value", kv, n, ("kv_heads", "head_dim"))
     if c.position == "rotary" and kv_BSD is None:
-      q_BTHK = rotary(q_BTHK, positions_BT, c.rope_theta)
-      k_BSNK = rotary(k_BSNK, positions_BT, c.rope_theta)
+      inv_K, scale = rope_frequencies(c, k, positions_BT)
+      q_BTHK = rotary(q_BTHK, positions_BT, inv_K, scale)
+      k_BSNK = rotary(k_BSNK, positions_BT, inv_K, scale)
     q_BTHK = checkpoint_name(constrain(q_BTHK, ("act_batch", "act_length", "act_heads", None)),
                              "query_proj")
     k_BSNK, v_BSNK = checkpoint_name(k_BSNK, "key_proj"), checkpoint_name(v_BSNK, "value_proj")
     k_positions_BS = positions_BT
+    window = (self.window if window is None else window) if kv_BSD is None else 0
     if decode and kv_BSD is None:
-      k_BSNK, v_BSNK, mask_BTS = self._cache(k_BSNK, v_BSNK)
+      k_BSNK, v_BSNK, mask_BTS = self._cache(k_BSNK, v_BSNK, window)
+      window = 0  # in the cache's mask
       s_len = k_BSNK.shape[1]
       k_positions_BS = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (x.shape[0], s_len))
 
@@ -230,9 +280,10 @@ class Attention(nn.Module):
     chunks = c.attention_chunks if self.causal and not decode and kv_BSD is None else 1
     impl = "xla" if self.is_initializing() else attention.choose(  # init: only shapes matter
         c.attention_impl, q_BTNGK, k_BSNK, bias_BNGTS, causal=self.causal,
-        self_attention=kv_BSD is None, decode=decode)
+        self_attention=kv_BSD is None, decode=decode, window=window)
     out_BTNGK = attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
-                                 causal=self.causal and not decode, causal_chunks=chunks)
+                                 causal=self.causal and not decode, causal_chunks=chunks,
+                                 window=window)
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
@@ -242,8 +293,9 @@ class Attention(nn.Module):
                            y_BTD)
     return checkpoint_name(y_BTD, "attention_out")
 
-  def _cache(self, k_BTNK, v_BTNK):
-    """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
+  def _cache(self, k_BTNK, v_BTNK, window):
+    """Writes this call's keys/values at the cache index; returns the whole cache and its mask
+    (within the sliding `window`)."""
     is_init = self.has_variable("cache", "key")
     key = self.variable("cache", "key", jnp.zeros, k_BTNK.shape, k_BTNK.dtype)
     value = self.variable("cache", "value", jnp.zeros, v_BTNK.shape, v_BTNK.dtype)
@@ -256,6 +308,7 @@ class Attention(nn.Module):
     value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK, (0, i, 0, 0))
     index.value = i + t
     mask_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+    mask_TS &= attention.window_mask(t, s, window, q_offset=i)
     return key.value, value.value, jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s))
 
 
@@ -303,16 +356,18 @@ class Block(nn.Module):
   cfg: ModelConfig
   causal: bool = False
   cross: bool = False
+  window: int = 0  # the self-attention's sliding window; a scanned stack passes `window`
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic=True, decode=False,
-               encoded_BSD=None, cross_mask_BTS=None, rel_table=None):
+               encoded_BSD=None, cross_mask_BTS=None, rel_table=None, window=None):
     c = self.cfg
     drop = nn.Dropout(c.dropout_rate)
     sublayers = [
-        ("attention", lambda y: Attention(c, causal=self.causal, name="attention")(
+        ("attention", lambda y: Attention(c, causal=self.causal, window=self.window,
+                                          name="attention")(
             y, positions_BT, mask_BTS, rel_table=rel_table, deterministic=deterministic,
-            decode=decode)),
+            decode=decode, window=window)),
         ("mlp", lambda y: MLP(c, name="mlp")(y, deterministic=deterministic)),
     ]
     if self.cross:

@@ -35,6 +35,14 @@ def block_class(c: layers.ModelConfig):
                   prevent_cse=not c.scan_layers)
 
 
+def layer_windows(c: layers.ModelConfig, num_layers: int) -> list[int]:
+  """Each layer's sliding window: c.attention_window where c.window_pattern (cycled over the
+  layers; "" = every layer) says L, 0 (global) where it says G."""
+  pattern = c.window_pattern or "L"
+  return [c.attention_window if pattern[i % len(pattern)] == "L" else 0
+          for i in range(num_layers)]
+
+
 def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, deterministic, decode, *,
                  causal=True, num_layers=None, encoded_BSD=None, cross_mask_BTS=None,
                  rel_table=None):
@@ -45,21 +53,27 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
   num_layers = num_layers or c.num_layers
   cross = encoded_BSD is not None
   extra = (encoded_BSD, cross_mask_BTS, rel_table)
+  windows = layer_windows(c, num_layers)
   if not c.scan_layers:
     for i in range(num_layers):
-      x_BTD = block(c, causal=causal, cross=cross, name=f"layer_{i}")(
+      x_BTD = block(c, causal=causal, cross=cross, window=windows[i], name=f"layer_{i}")(
           x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra)
     return x_BTD
 
   def body(module, x_BTD, *args):
     return module(x_BTD, *args), None
 
+  # One window for every layer stays static (the reference then skips key blocks); windows that
+  # differ are scanned over as a traced per-layer value.
+  mixed = len(set(windows)) > 1
   scan = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                  split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * 7, length=num_layers,
-                 metadata_params={nn.PARTITION_NAME: STACKED})
-  x_BTD, _ = scan(block(c, causal=causal, cross=cross, name=STACKED), x_BTD, positions_BT,
-                  mask_BTS, deterministic, decode, *extra)
+                 in_axes=(nn.broadcast,) * 7 + (0 if mixed else nn.broadcast,),
+                 length=num_layers, metadata_params={nn.PARTITION_NAME: STACKED})
+  x_BTD, _ = scan(block(c, causal=causal, cross=cross, window=0 if mixed else windows[0],
+                        name=STACKED),
+                  x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra,
+                  jnp.asarray(windows, jnp.int32) if mixed else None)
   return x_BTD
 
 

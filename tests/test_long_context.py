@@ -1,0 +1,219 @@
+"""Long context: sliding-window attention (every CPU kernel, by value, gradient and dependency),
+per-layer window patterns (scanned = unrolled, KV cache), RoPE scaling against Hugging Face's
+own initializers, Llama with rope scaling and Mistral against transformers' logits, memory that
+grows linearly with a window, and the one-line config errors."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import assert_kv_cache_matches, model_config
+from tests.test_attention import _check, _inputs
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.models import attention
+from transformer_jax.models import layers
+from transformer_jax.models import stack
+from transformer_jax.models.decoder import DecoderLM
+
+
+def _windowed_reference(mask, window):
+  t = mask.shape[1]
+  full = mask & attention.window_mask(t, t, window)[None]
+  return lambda q, k, v: attention.reference(q, k, v, full)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_cpu_kernel_honours_the_window(causal):
+  """xla (block-skipping when causal), xla with a traced window, dot_product and splash
+  (interpret mode) equal the reference under mask & window: values and gradients, packed."""
+  q, k, v, _, seg = _inputs(2, 128, 2, 2, 8)
+  mask, w = attention.mask(seg, seg, causal), 32
+  want = _windowed_reference(mask, w)
+  kernels = {
+      "xla": lambda *a: attention.attend("xla", *a, mask, causal=causal, window=w),
+      "traced": lambda *a: attention.attend("xla", *a, mask, causal=causal,
+                                            window=jnp.int32(w)),
+      "dot_product": lambda *a: attention.attend("dot_product", *a, mask, causal=causal,
+                                                 window=w),
+      "splash": lambda *a: attention.splash(*a, attention.segment_ids(mask), causal=causal,
+                                            window=w, interpret=True),
+  }
+  for name, fn in kernels.items():
+    _check(fn, want, (q, k, v), tol=2e-5)
+  # The window changes the result (the test would see a kernel that ignored it).
+  assert not np.allclose(kernels["xla"](q, k, v), attention.reference(q, k, v, mask), atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [1, 4, 8])
+def test_a_query_depends_exactly_on_the_keys_its_window_allows(window):
+  """d out[i] / d v[j] != 0 iff j is in i's segment, not after it and within the window."""
+  q, k, v, _, seg = _inputs(1, 16, 1, 1, 4, seed=3)
+  mask = attention.mask(seg, seg, True)
+  jac = jax.jacrev(lambda v: attention.attend("xla", q, k, v, mask, causal=True,
+                                              window=window))(v)  # [1,T,1,1,K, 1,S,1,K]
+  seen = np.abs(np.asarray(jac)).sum(axis=(0, 2, 3, 4, 5, 7, 8)) > 0  # [T, S]
+  allowed = np.asarray(mask[0] & attention.window_mask(16, 16, window))
+  np.testing.assert_array_equal(seen, allowed)
+
+
+def _cfg(**kw):
+  return model_config(**{**dict(num_layers=4, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                                d_ff=64, vocab_size=97, max_len=64, position="rotary",
+                                norm="rmsnorm", activation="swiglu", use_bias=False,
+                                attention_chunks=1), **kw})
+
+
+def test_window_pattern_scanned_equals_unrolled_and_the_kv_cache_keeps_the_window():
+  cfg = _cfg(attention_window=4, window_pattern="LG")
+  assert stack.layer_windows(cfg, 5) == [4, 0, 4, 0, 4]
+  assert stack.layer_windows(dataclasses.replace(cfg, window_pattern=""), 2) == [4, 4]
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, (2, 16)), jnp.int32)
+  model = DecoderLM(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  full = model.apply({"params": params}, tokens)
+  scanned = DecoderLM(dataclasses.replace(cfg, scan_layers=True)).apply(
+      {"params": stack.stack_layers(params, cfg.num_layers)}, tokens)
+  np.testing.assert_allclose(scanned, full, atol=2e-5, rtol=2e-5)
+  for other in ({"attention_window": 0, "window_pattern": ""}, {"window_pattern": "L"}):
+    changed = DecoderLM(dataclasses.replace(cfg, **other)).apply({"params": params}, tokens)
+    assert not np.allclose(changed[:, 8:], full[:, 8:], atol=1e-4)  # every layer counts
+  assert_kv_cache_matches(model, params, tokens, prefill=9)
+
+
+def test_windowed_training_memory_grows_linearly_with_length():
+  """The compiled step's temporaries (CPU memory_analysis) double with the length under a
+  window; without one they grow faster (the T x T scores)."""
+  def temp_bytes(t, window):
+    cfg = _cfg(attention_window=window, num_layers=1, max_len=t)
+    model = DecoderLM(cfg)
+    tokens = jnp.zeros((1, t), jnp.int32)
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
+    grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))
+    return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  windowed = [temp_bytes(t, 64) for t in (512, 1024, 2048)]
+  full = [temp_bytes(t, 0) for t in (1024, 2048)]
+  print("windowed", windowed, "full", full)
+  assert windowed[2] / windowed[1] < 2.3 and windowed[1] / windowed[0] < 2.3
+  assert full[1] / full[0] > 3
+
+
+# ------------------------------------------------------------------------------ RoPE scaling
+ROPES = [
+    ("linear", {"factor": 4.0}),
+    ("dynamic", {"factor": 2.0}),
+    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32}),
+    ("llama3", {"factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                "original_max_position_embeddings": 48}),
+    ("yarn", {"factor": 2.0, "original_max_position_embeddings": 32}),
+    ("yarn", {"factor": 1.6, "original_max_position_embeddings": 40, "beta_fast": 16.0,
+              "beta_slow": 2.0, "attention_factor": 1.3}),
+]
+
+
+def _hf_llama_config(kind, rope, head_dim, theta, max_len=64):
+  transformers = pytest.importorskip("transformers")
+  return transformers.LlamaConfig(
+      num_hidden_layers=2, hidden_size=head_dim * 2, num_attention_heads=2, num_key_value_heads=1,
+      intermediate_size=64, vocab_size=100, max_position_embeddings=max_len, head_dim=head_dim,
+      rope_parameters={"rope_type": kind, "rope_theta": theta, **rope})
+
+
+@pytest.mark.parametrize("kind, rope", ROPES)
+@pytest.mark.parametrize("head_dim, theta", [(16, 10000.0), (64, 500000.0)])
+def test_rope_frequencies_equal_hugging_face(kind, rope, head_dim, theta):
+  # pylint: disable=g-import-not-at-top
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from transformer_jax.convert import llama
+  hf = _hf_llama_config(kind, rope, head_dim, theta)
+  cfg = _cfg(head_dim=head_dim, **llama.read_rope(hf.to_dict()))
+  for length in (32, 64, 200):  # dynamic: within, at and beyond max_len
+    want, want_scale = ROPE_INIT_FUNCTIONS[kind](hf, None, seq_len=length)
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    got, scale = layers.rope_frequencies(cfg, head_dim, positions)
+    np.testing.assert_allclose(got, want.numpy(), rtol=2e-6)
+    assert scale == pytest.approx(want_scale, rel=1e-6)
+
+
+def _save(model, path):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  model.save_pretrained(path)
+  return model.eval()
+
+
+def _hf_logits(model, ids):
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("kind, rope", [ROPES[0], ROPES[1], ROPES[2], ROPES[5]])
+def test_scaled_llama_logits_match_transformers_beyond_the_original_context(kind, rope,
+                                                                             tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from transformer_jax.convert.hf import from_hf, hf_forward  # pylint: disable=g-import-not-at-top
+  # Dynamic scales past max_position_embeddings; the others past the original context.
+  original = rope.get("original_max_position_embeddings", 24)
+  max_len = 24 if kind == "dynamic" else int(original * rope["factor"])
+  hf = _hf_llama_config(kind, rope, 16, 10000.0, max_len=max_len)
+  ref_model = _save(transformers.LlamaForCausalLM(hf), tmp_path)
+  ids = np.random.default_rng(0).integers(0, 100, (2, 56))  # past 24, 32 and 40 (original)
+  model, params = from_hf(str(tmp_path))
+  assert model.cfg.rope_scaling == kind
+  diff = np.abs(hf_forward(model, params, input_ids=ids) - _hf_logits(ref_model, ids)).max()
+  assert diff < 1e-4, diff
+
+
+def test_mistral_sliding_window_round_trip_matches_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from transformer_jax.convert.hf import from_hf, hf_forward, to_hf  # pylint: disable=g-import-not-at-top
+  hf = transformers.MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                  max_position_embeddings=64, sliding_window=5, head_dim=16)
+  ref_model = _save(transformers.MistralForCausalLM(hf), tmp_path / "in")
+  ids = np.random.default_rng(1).integers(0, 100, (2, 20))
+  want = _hf_logits(ref_model, ids)
+  for scan in (False, True):
+    model, params = from_hf(str(tmp_path / "in"), scan_layers=scan)
+    assert model.cfg.attention_window == 5
+    assert np.abs(hf_forward(model, params, input_ids=ids) - want).max() < 1e-4
+  full = DecoderLM(dataclasses.replace(model.cfg, attention_window=0))
+  assert np.abs(hf_forward(full, params, input_ids=ids) - want).max() > 1e-3  # the window counts
+  written = to_hf(model, params, str(tmp_path / "out"), hf_config=ref_model.config.to_dict())
+  assert written["model_type"] == "mistral" and written["sliding_window"] == 5
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  assert np.abs(_hf_logits(again, ids) - want).max() < 1e-6
+
+
+def test_a_windowed_model_is_not_exported_as_a_family_without_windows(tmp_path):
+  from transformer_jax.convert.hf import table_for  # pylint: disable=g-import-not-at-top
+  assert table_for(_cfg()).MODEL_TYPE == "llama"
+  assert table_for(_cfg(attention_window=8)).MODEL_TYPE == "mistral"
+  with pytest.raises(ConfigError, match="no Hugging Face family"):
+    table_for(_cfg(attention_window=8, window_pattern="LG"))
+  with pytest.raises(ConfigError, match="no Hugging Face family"):
+    table_for(model_config(attention_window=8))  # GPT-2 shaped
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.window_pattern=LX", "model.window_pattern='LX': letters L"),
+    ("model.window_pattern=LG", "with a model.attention_window > 0"),
+    ("model.rope_scaling=yarn", "needs model.position=rotary"),
+    ("model.rope_scaling=ntk", "model.rope_scaling='ntk' is not one of"),
+    ("model.attention_window=-1", "model.attention_window must be >= 0"),
+])
+def test_bad_long_context_keys_are_one_line_errors(override, message):
+  config = config_lib.load("configs/gpt2.py:tiny", [override])
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
+    config_lib.validate(config)
+  assert "\n" not in str(e.value)

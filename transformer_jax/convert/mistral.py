@@ -1,0 +1,20 @@
+"""Mistral (`MistralForCausalLM`, model_type "mistral") <-> DecoderLM: Llama's tables with a
+sliding window on every layer (config.json's sliding_window; null = none) and no biases."""
+
+from transformer_jax.convert import llama
+
+MODEL_TYPE = "mistral"
+ARCHITECTURE = "MistralForCausalLM"
+BASE_PREFIX, IGNORED, MODEL_FAMILY = llama.BASE_PREFIX, llama.IGNORED, llama.MODEL_FAMILY
+FIXED = {**llama.FIXED, "use_bias": False, "window_pattern": ""}
+READS = ("attention_window",)
+CONFIG, REQUIRE, GLOBAL, LAYER = llama.CONFIG, llama.REQUIRE, llama.GLOBAL, llama.LAYER
+
+
+def read(hf):
+  return {"attention_window": int(hf.get("sliding_window") or 0), **llama.read_rope(hf)}
+
+
+def write(cfg):
+  return {"sliding_window": cfg.attention_window or None, "attention_dropout": 0.0,
+          "rope_parameters": llama.write_rope(cfg)}
