@@ -36,3 +36,36 @@ def test_installed_package_fills_new_keys_of_a_saved_config(tmp_path):
                        check=True, capture_output=True, text=True, timeout=120).stdout.split("\n")
   assert out[0].startswith(str(target)), out  # the installed copy, not the checkout
   assert json.loads(out[1]) == [False, 1, 96]
+
+
+ENTRY_POINTS = {  # command -> a flag its --help must list
+    "train": "--workdir=''", "sample": "--max_new_tokens=64", "tokenizer": "--vocab_size=0",
+    "aot": "--topology=''", "benchmark": "--steps=10", "convert": "export --workdir=W",
+    "sweep": "predict  --fit=DIR"}
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_every_command_answers_help_and_tjax_lists_and_dispatches_them():
+  """`--help` (or -h) prints the command's usage, flags and defaults, exit 0, nothing else run;
+  `python -m transformer_jax` (the `tjax` console script) lists the commands and dispatches."""
+  import transformer_jax.__main__ as tjax  # pylint: disable=g-import-not-at-top
+  assert set(tjax.COMMANDS) == set(ENTRY_POINTS)
+  for command, flag in ENTRY_POINTS.items():
+    out = _run(f"transformer_jax.{command}", "--help")
+    assert out.returncode == 0 and flag in out.stdout, (command, out.stdout[-500:], out.stderr)
+  assert "--config.KEY=VALUE" in _run("transformer_jax.train", "--workdir", "x", "-h").stdout
+  listing = _run("transformer_jax")
+  assert listing.returncode == 0
+  assert all(f"  {c}" in listing.stdout for c in ENTRY_POINTS), listing.stdout
+  dispatched = _run("transformer_jax", "sample", "--help")
+  assert dispatched.returncode == 0 and "--max_new_tokens=64" in dispatched.stdout
+  assert dispatched.stdout.startswith("Generate text from a workdir")
+  bad = _run("transformer_jax", "trian")
+  assert bad.returncode == 2 and bad.stderr.strip() == (
+      "error: unknown command 'trian'; commands: " + ", ".join(tjax.COMMANDS))
+  with open(os.path.join(REPO, "pyproject.toml")) as f:
+    assert 'tjax = "transformer_jax.__main__:main"' in f.read()

@@ -18,6 +18,9 @@ def parse(argv, flags: dict):
   """Returns (config spec or None, config overrides, flag values). `flags` maps names to
   defaults; a flag's type is its default's (a bool flag may be given bare: `--data-only`).
   A value follows its flag after `=` or as the next argument (`--workdir runs/x`)."""
+  if any(arg in ("--help", "-h") for arg in argv):
+    print(usage(flags))
+    sys.exit(0)
   spec, overrides, values = None, [], dict(flags)
   for arg in _joined(argv, flags):
     if not arg.startswith("--"):
@@ -34,6 +37,17 @@ def parse(argv, flags: dict):
       known = ", ".join(["--config", "--config.KEY"] + [f"--{k}" for k in flags])
       raise ConfigError(f"unknown flag --{name} (known: {known})")
   return spec, overrides, values
+
+
+def usage(flags: dict) -> str:
+  """--help: the running command's docstring, then its flags with their defaults."""
+  doc = (sys.modules["__main__"].__doc__ or "").strip()
+  lines = [doc, "", "flags (--name=value or --name value; defaults shown):",
+           "  --config=FILE.py[:ARG]     a config recipe (configs/*.py)",
+           "  --config.KEY=VALUE         override one config value, e.g. --config.train.steps=100"]
+  lines += [f"  --{name}={default!r}" if isinstance(default, str) else f"  --{name}={default}"
+            for name, default in flags.items()]
+  return "\n".join(lines)
 
 
 def _joined(argv, flags: dict) -> list:

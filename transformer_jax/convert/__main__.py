@@ -140,6 +140,9 @@ def _export_hf_config(workdir, config) -> dict:
 
 
 def main(argv):
+  if argv and argv[0] in ("-h", "--help", "help"):
+    print(__doc__)
+    return
   if not argv or argv[0] not in ("import", "export"):
     raise ConfigError(USAGE)
   spec, overrides, f = cli.parse(argv[1:], {"hf_dir": "", "workdir": "",
