@@ -140,7 +140,7 @@ def test_restore_onto_another_mesh_and_device_count_gives_identical_params(tiny_
   ckpts.close()
   assert step == 3
   assert restored.params["embed"]["tokens"].sharding.mesh.shape == {"data": 2, "fsdp": 1,
-                                                                      "tensor": 2}
+                                                                      "sequence": 1, "tensor": 2}
   flat_saved = jax.tree_util.tree_leaves_with_path(saved["state"])
   flat_restored = jax.tree_util.tree_leaves(restored)
   assert len(flat_saved) == len(flat_restored)

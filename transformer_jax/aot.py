@@ -191,7 +191,7 @@ def main(argv):
   if slices > 1 and math.prod(dcn.values()) == 1:
     config_lib.set_value(config, "mesh.dcn_data", str(slices))  # data parallel across slices
   elif math.prod(dcn.values()) != slices:
-    raise ConfigError(f"mesh.dcn_data*dcn_fsdp*dcn_tensor = {math.prod(dcn.values())} but "
+    raise ConfigError(f"mesh.dcn_* = {math.prod(dcn.values())} slices but "
                       f"--slices={slices}")
   config_lib.validate(config, topo.chips * slices)
   t0 = time.perf_counter()

@@ -145,6 +145,21 @@ def _check_long_context(m):
                       f"model.rope_beta_slow={m.rope_beta_slow} > 0")
 
 
+def _check_sequence_parallel(config):
+  """mesh.sequence > 1: ring attention over packed segments (models/ring.py)."""
+  p, m = config.mesh.sequence, config.model
+  if not isinstance(p, int) or p <= 1:
+    return
+  why = ("model.family=encdec (cross-attention)" if m.family == "encdec" else
+         "model.position=relative (a bias)" if m.position == "relative" else None)
+  if why:
+    raise ConfigError(f"mesh.sequence={p} (ring attention) cannot serve {why}; use "
+                      f"mesh.sequence=1")
+  if config.data.seq_len % (2 * p):
+    raise ConfigError(f"data.seq_len={config.data.seq_len} must be a multiple of "
+                      f"2 * mesh.sequence = {2 * p} (each device holds two balanced chunks)")
+
+
 def validate(config, num_devices: int | None = None):
   """Cheap checks of the config's values, run before anything is compiled (the objective's are
   data/objectives' `check`, the data's pipeline.validate)."""
@@ -184,6 +199,7 @@ def validate(config, num_devices: int | None = None):
   if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError(f"model.attention_impl=cudnn needs model.dtype=bfloat16, got {m.dtype}")
   _check_long_context(m)
+  _check_sequence_parallel(config)
   t = config.train
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.microbatches={t.microbatches} does not divide "
@@ -200,7 +216,8 @@ def validate(config, num_devices: int | None = None):
   return config
 
 
-MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+# Outer to inner: tensor parallelism gets the closest devices, the sequence ring the next.
+MESH_AXIS_NAMES = ("data", "fsdp", "sequence", "tensor")
 
 
 def mesh_dcn_shape(mesh_cfg) -> dict:
@@ -213,12 +230,12 @@ def mesh_dcn_shape(mesh_cfg) -> dict:
 
 
 def mesh_ici_dcn_shape(mesh_cfg, num_devices: int) -> tuple[dict, dict]:
-  """(per-slice ICI sizes, DCN sizes): mesh.data/fsdp/tensor are per slice (-1 fills the slice),
+  """(per-slice ICI sizes, DCN sizes): mesh.data/fsdp/sequence/tensor are per slice (-1 fills it),
   mesh.dcn_* count slices; their products must equal the devices per slice and the slices."""
   dcn = mesh_dcn_shape(mesh_cfg)
   slices = math.prod(dcn.values())
   if num_devices % slices:
-    raise ConfigError(f"mesh.dcn_data*dcn_fsdp*dcn_tensor = {slices} slices ({dcn}) do not "
+    raise ConfigError(f"mesh.dcn_* = {slices} slices ({dcn}) do not "
                       f"divide the device count {num_devices}")
   per_slice = num_devices // slices
   where = f"the devices per slice {per_slice} ({slices} slices)" if slices > 1 else \
@@ -236,7 +253,7 @@ def mesh_ici_dcn_shape(mesh_cfg, num_devices: int) -> tuple[dict, dict]:
       raise ConfigError(f"mesh axes {sizes} cannot fill {where}")
     sizes[fill[0]] = per_slice // known
   if math.prod(sizes.values()) != per_slice:
-    raise ConfigError(f"mesh data*fsdp*tensor = {math.prod(sizes.values())} "
+    raise ConfigError(f"mesh data*fsdp*sequence*tensor = {math.prod(sizes.values())} "
                       f"({sizes}) does not equal {where}")
   return sizes, dcn
 

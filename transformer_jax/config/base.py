@@ -18,7 +18,7 @@ import ml_collections
 # Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
 SHARDING_RULES = (
     ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
+    ("act_length", "sequence"),  # context parallelism: ring attention (models/ring.py)
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -255,8 +255,13 @@ def _mesh():
   x.data = -1
   x.fsdp = 1
   x.tensor = 1
+  # Context (sequence) parallelism: every row's tokens split over this many devices; attention
+  # runs as ring attention (models/ring.py), everything else is per token. seq_len must be a
+  # multiple of 2 * sequence (causal rows are split into 2 * sequence chunks, balanced).
+  x.sequence = 1
   x.dcn_data = 1
   x.dcn_fsdp = 1
+  x.dcn_sequence = 1
   x.dcn_tensor = 1
   # CPU only: split the host's cores into this many XLA devices (0 = XLA's default, one). The
   # train step then runs data-parallel across them; see benchmarks/RESULTS.md for when it pays.

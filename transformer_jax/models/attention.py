@@ -38,6 +38,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
 from transformer_jax.config import ConfigError
 from transformer_jax.models import ops
+from transformer_jax.models import ring as ring_lib
 
 KERNELS = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}  # platform -> auto's kernel
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence length is used
@@ -212,6 +213,32 @@ def dot_product(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal=Fa
       q_BTNGK.reshape(b, t, n * g, k), k_BSNK, v_BSNK, bias=bias_BHTS, mask=mask_BTS[:, None],
       scale=1.0, is_causal=causal, implementation=implementation)
   return out_BTHK.reshape(b, t, n, g, k)
+
+
+def sequence_axis():
+  """The mesh axis the activations' length (act_length) is sharded over, when it has more than
+  one device (context parallelism: attention runs as ring attention), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axes = nn.logical_to_mesh_axes(("act_length",))[0]
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  if math.prod(mesh.shape[a] for a in names) <= 1:
+    return None
+  if len(names) > 1:
+    raise ConfigError(f"sharding_rules: act_length may map to one mesh axis, got {names}")
+  return names[0]
+
+
+def ring(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, window=0):
+  """Ring attention (models/ring.py) over `sequence_axis()`, the batch and key/value heads
+  sharded as the rules shard act_batch and act_heads."""
+  mesh = jax.sharding.get_abstract_mesh()
+  b, n = q_BTNGK.shape[0], k_BSNK.shape[2]
+  return ring_lib.ring_attention(
+      q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, causal=causal, axis=sequence_axis(),
+      batch_axes=_mesh_axes(mesh, "act_batch", b), head_axes=_mesh_axes(mesh, "act_heads", n),
+      window=window)
 
 
 def segment_ids(mask_BTS):

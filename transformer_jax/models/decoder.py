@@ -41,7 +41,7 @@ class DecoderLM(nn.Module):
     x_BTD = self.embed.embed(tokens_BT, positions_BT)
     x_BTD = nn.Dropout(c.dropout_rate)(x_BTD, deterministic)
     x_BTD = stack.apply_blocks(c, x_BTD, positions_BT, mask_BTS, deterministic, decode,
-                               causal=prefix_BT is None)
+                               causal=prefix_BT is None, segment_ids_BT=segment_ids_BT)
     if c.norm_position == "pre":
       x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
     return x_BTD if hidden else self.logits(x_BTD)

@@ -53,7 +53,8 @@ class EncoderLM(nn.Module):
     x_BTD = nn.Dropout(c.dropout_rate)(self.embed.embed(tokens_BT, positions_BT, types_BT),
                                        deterministic)
     x_BTD = stack.apply_blocks(c, x_BTD, positions_BT, mask_BTS, deterministic, False,
-                               causal=False, rel_table=self.rel_table)
+                               causal=False, rel_table=self.rel_table,
+                               segment_ids_BT=segment_ids_BT)
     if c.norm_position == "pre":
       x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
     return x_BTD if hidden else self.logits(x_BTD)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from transformer_jax.config import ConfigError
 from transformer_jax.models import attention
 from transformer_jax.models import ops
 
@@ -231,11 +232,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, *, kv_BSD=None, rel_table=None,
-               deterministic=True, decode=False, window=None):
+               deterministic=True, decode=False, window=None, segment_ids_BT=None):
     """Self-attention over x, or cross-attention to `kv_BSD` (keys/values from another sequence,
     e.g. the encoder's output; never cached, no rotary). `rel_table` [buckets, H]: T5's
     relative position bias, looked up from query and key positions. `window`: a traced window
-    for this layer (a scanned stack's), instead of the static `self.window`."""
+    for this layer (a scanned stack's), instead of the static `self.window`. `segment_ids_BT`:
+    the rows' packed segments, for ring attention (the length sharded over mesh.sequence)."""
     c = self.cfg
     d, h, n, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     dt = c.compute_dtype
@@ -278,12 +280,21 @@ class Attention(nn.Module):
       bias_BTSH = jnp.take(rel_table.astype(jnp.float32), buckets_BTS, axis=0)
       bias_BNGTS = bias_BTSH.transpose(0, 3, 1, 2).reshape(b, n, h // n, t, -1)
     chunks = c.attention_chunks if self.causal and not decode and kv_BSD is None else 1
-    impl = "xla" if self.is_initializing() else attention.choose(  # init: only shapes matter
+    ring = (not (decode or self.is_initializing() or kv_BSD is not None)
+            and attention.sequence_axis())
+    if ring and (segment_ids_BT is None or bias_BNGTS is not None):
+      raise ConfigError("mesh.sequence > 1 (ring attention) needs the rows' segment ids and no "
+                        "attention bias")
+    impl = "ring" if ring else "xla" if self.is_initializing() else attention.choose(  # init: shapes
         c.attention_impl, q_BTNGK, k_BSNK, bias_BNGTS, causal=self.causal,
         self_attention=kv_BSD is None, decode=decode, window=window)
-    out_BTNGK = attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
-                                 causal=self.causal and not decode, causal_chunks=chunks,
+    if impl == "ring":
+      out_BTNGK = attention.ring(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, causal=self.causal,
                                  window=window)
+    else:
+      out_BTNGK = attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
+                                   causal=self.causal and not decode, causal_chunks=chunks,
+                                   window=window)
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
@@ -360,14 +371,15 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic=True, decode=False,
-               encoded_BSD=None, cross_mask_BTS=None, rel_table=None, window=None):
+               encoded_BSD=None, cross_mask_BTS=None, rel_table=None, window=None,
+               segment_ids_BT=None):
     c = self.cfg
     drop = nn.Dropout(c.dropout_rate)
     sublayers = [
         ("attention", lambda y: Attention(c, causal=self.causal, window=self.window,
                                           name="attention")(
             y, positions_BT, mask_BTS, rel_table=rel_table, deterministic=deterministic,
-            decode=decode, window=window)),
+            decode=decode, window=window, segment_ids_BT=segment_ids_BT)),
         ("mlp", lambda y: MLP(c, name="mlp")(y, deterministic=deterministic)),
     ]
     if self.cross:

@@ -45,7 +45,7 @@ def layer_windows(c: layers.ModelConfig, num_layers: int) -> list[int]:
 
 def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, deterministic, decode, *,
                  causal=True, num_layers=None, encoded_BSD=None, cross_mask_BTS=None,
-                 rel_table=None):
+                 rel_table=None, segment_ids_BT=None):
   """Runs `num_layers` (default c.num_layers) blocks inside the calling module, which owns their
   parameters. With `encoded_BSD` every block also attends to it (an encoder-decoder's decoder);
   `rel_table` is the stack's shared relative position bias table (T5)."""
@@ -57,7 +57,7 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
   if not c.scan_layers:
     for i in range(num_layers):
       x_BTD = block(c, causal=causal, cross=cross, window=windows[i], name=f"layer_{i}")(
-          x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra)
+          x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra, None, segment_ids_BT)
     return x_BTD
 
   def body(module, x_BTD, *args):
@@ -68,12 +68,12 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
   mixed = len(set(windows)) > 1
   scan = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                  split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * 7 + (0 if mixed else nn.broadcast,),
+                 in_axes=(nn.broadcast,) * 7 + (0 if mixed else nn.broadcast, nn.broadcast),
                  length=num_layers, metadata_params={nn.PARTITION_NAME: STACKED})
   x_BTD, _ = scan(block(c, causal=causal, cross=cross, window=0 if mixed else windows[0],
                         name=STACKED),
                   x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra,
-                  jnp.asarray(windows, jnp.int32) if mixed else None)
+                  jnp.asarray(windows, jnp.int32) if mixed else None, segment_ids_BT)
   return x_BTD
 
 

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = config_lib.MESH_AXIS_NAMES
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -43,7 +43,7 @@ def hybrid_device_grid(ici: dict, dcn: dict, devices) -> np.ndarray:
     except ValueError as e:
       granule = "slice_index" if by_slice else "process_index"
       found = len({getattr(d, granule) for d in devices})
-      raise ConfigError(f"mesh.dcn_data*dcn_fsdp*dcn_tensor = {slices} slices but the devices "
+      raise ConfigError(f"mesh.dcn_* = {slices} slices but the devices "
                         f"have {found} distinct {granule} values ({e})") from None
   per_slice = len(devices) // slices
   blocks = np.empty(dcn_shape, dtype=object)
@@ -94,6 +94,6 @@ def check_divisible(abstract_tree, shardings_tree, mesh):
 
 
 def batch_sharding(mesh, rule_table) -> NamedSharding:
-  """Rows over the axes the rules give `act_batch`; the sequence dimension replicated."""
-  spec = nn.logical_to_mesh_axes(("act_batch", None), rule_table)
+  """Rows over the axes the rules give `act_batch`, tokens over `act_length`'s (mesh.sequence)."""
+  spec = nn.logical_to_mesh_axes(("act_batch", "act_length"), rule_table)
   return NamedSharding(mesh, P(*spec))

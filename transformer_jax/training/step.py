@@ -109,7 +109,7 @@ def chunked_loss_sum(model, params, x_BTD, targets_BT, w_BT, chunk, z_loss, labe
   @jax.checkpoint
   def body(total, xs):
     x_C1D, targets_C1, w_C1 = xs
-    x_C1D = nn.with_logical_constraint(x_C1D, ("act_batch", "act_length", "act_embed"))
+    x_C1D = nn.with_logical_constraint(x_C1D, ("act_batch", None, "act_embed"))
     logits_C1V = model.apply({"params": params}, x_C1D, method="logits")
     loss_C1 = token_loss(logits_C1V, targets_C1, z_loss, label_smoothing)
     return total + jnp.sum(loss_C1 * w_C1), None

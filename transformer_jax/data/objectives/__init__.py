@@ -75,6 +75,9 @@ def check(config) -> Spec:
   if m.attention_impl == "splash" and getattr(obj, "SPLASH", None):
     raise ConfigError(f"model.attention_impl=splash cannot serve data.objective={obj.NAME} "
                       f"({obj.SPLASH}); use auto, xla or dot_product")
+  if config.mesh.sequence > 1 and getattr(obj, "SPLASH", None):  # ring attention: segments too
+    raise ConfigError(f"mesh.sequence={config.mesh.sequence} (ring attention) cannot serve "
+                      f"data.objective={obj.NAME} ({obj.SPLASH}); use mesh.sequence=1")
   if bool(d.sentence_pair) != bool(m.sentence_head):
     raise ConfigError(f"data.sentence_pair={d.sentence_pair!r} and model.sentence_head="
                       f"{m.sentence_head} go together: set both (an encoder with "
