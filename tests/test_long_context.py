@@ -86,6 +86,55 @@ def test_window_pattern_scanned_equals_unrolled_and_the_kv_cache_keeps_the_windo
   assert_kv_cache_matches(model, params, tokens, prefill=9)
 
 
+def test_global_tokens_and_random_blocks_reach_exactly_the_keys_they_allow():
+  """One layer, packed rows: d logits[i] / d input[j] != 0 iff j == i or j is in i's segment,
+  not after it, and in its window, a global token of it (position < G), or in one of its query
+  block's random key blocks; i's own global status lets it see its whole past segment."""
+  w, g, r, b = 3, 2, 1, 4
+  cfg = _cfg(num_layers=1, attention_window=w, global_tokens=g, random_blocks=r, block_size=b)
+  seg = np.array([1] * 9 + [2] * 7)
+  pos = np.concatenate([np.arange(9), np.arange(7)])
+  model = DecoderLM(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, (1, 16)), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  table = params["embed"]["tokens"]
+  wide = DecoderLM(dataclasses.replace(cfg, vocab_size=97 + 16))
+  if "logits" in params["embed"]:  # untied output: pad the extra vocabulary columns
+    params["embed"]["logits"] = jnp.pad(params["embed"]["logits"], ((0, 0), (0, 16)))
+
+  def logits(inputs_TD):  # the inputs' rows appended to the table, so each has a gradient
+    p = dict(params, embed=dict(params["embed"], tokens=jnp.concatenate([table, inputs_TD])))
+    ids = (97 + jnp.arange(16, dtype=jnp.int32))[None]
+    return wide.apply({"params": p}, ids, jnp.asarray(seg)[None], jnp.asarray(pos)[None])[0]
+
+  jac = jax.jacrev(lambda x: logits(x)[:, :97].sum(-1))(table[tokens[0]])
+  seen = np.abs(np.asarray(jac)).sum(-1) > 0
+  blocks = attention.random_blocks(cfg.num_layers, 4, r, True)[0]
+  assert all(sorted(set(row[row >= 0])) == sorted(row[row >= 0]) and row.max() <= i
+             for i, row in enumerate(blocks))
+  i, j = np.arange(16)[:, None], np.arange(16)[None, :]
+  rand = np.array([[jb in blocks[ib] for jb in range(4)] for ib in range(4)])[i // b, j // b]
+  allowed = ((seg[:, None] == seg[None, :]) & (j <= i)
+             & ((i - j < w) | (pos[:, None] < g) | (pos[None, :] < g) | rand))
+  np.testing.assert_array_equal(seen, allowed | (i == j))
+  assert (allowed & ~((i - j < w) & (j <= i))).any()  # the sparse keys add to the window
+
+
+def test_sparse_patterns_scanned_equal_unrolled_and_decode_through_the_cache():
+  cfg = _cfg(attention_window=3, window_pattern="LG", global_tokens=2, random_blocks=2,
+             block_size=4)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(3, 97, (2, 16)), jnp.int32)
+  model = DecoderLM(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  full = assert_kv_cache_matches(model, params, tokens, prefill=7)
+  scanned = DecoderLM(dataclasses.replace(cfg, scan_layers=True)).apply(
+      {"params": stack.stack_layers(params, cfg.num_layers)}, tokens)
+  np.testing.assert_allclose(scanned, full, atol=2e-5, rtol=2e-5)
+  for other in ({"global_tokens": 0}, {"random_blocks": 0}):
+    changed = DecoderLM(dataclasses.replace(cfg, **other)).apply({"params": params}, tokens)
+    assert not np.allclose(changed, full, atol=1e-4), other
+
+
 def test_windowed_training_memory_grows_linearly_with_length():
   """The compiled step's temporaries (CPU memory_analysis) double with the length under a
   window; without one they grow faster (the T x T scores)."""
@@ -282,6 +331,7 @@ def test_a_windowed_model_is_not_exported_as_a_family_without_windows(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("mesh.sequence=3", "data.seq_len=64 must be a multiple of 2 * mesh.sequence = 6"),
+    ("model.global_tokens=2", "add to a sliding window: set model.attention_window > 0"),
     ("model.window_pattern=LX", "model.window_pattern='LX': letters L"),
     ("model.window_pattern=LG", "with a model.attention_window > 0"),
     ("model.rope_scaling=yarn", "needs model.position=rotary"),

@@ -49,7 +49,7 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "data.shards", "data.target_len", "model.num_decoder_layers",
                 "model.type_vocab_size", "model.query_scale", "train.label_smoothing",
                 "mesh.cpu_devices", "model.attention_window", "model.rope_original_max_len",
-                "model.rope_attention_factor")
+                "model.rope_attention_factor", "model.global_tokens", "model.random_blocks")
 
 
 def exec_python_file(path: str, kind: str, root: str):
@@ -130,6 +130,11 @@ def _check_long_context(m):
   if m.window_pattern.strip("LG") or (m.window_pattern and not m.attention_window):
     raise ConfigError(f"model.window_pattern={m.window_pattern!r}: letters L (local) and G "
                       f"(global) only, with a model.attention_window > 0")
+  if (m.global_tokens or m.random_blocks) and not m.attention_window:
+    raise ConfigError("model.global_tokens and model.random_blocks add to a sliding window: set "
+                      "model.attention_window > 0")
+  if m.random_blocks and not (isinstance(m.block_size, int) and m.block_size > 0):
+    raise ConfigError(f"model.block_size must be a positive int, got {m.block_size!r}")
   if m.rope_scaling == "none":
     return
   if m.position != "rotary":
@@ -151,7 +156,8 @@ def _check_sequence_parallel(config):
   if not isinstance(p, int) or p <= 1:
     return
   why = ("model.family=encdec (cross-attention)" if m.family == "encdec" else
-         "model.position=relative (a bias)" if m.position == "relative" else None)
+         "model.position=relative (a bias)" if m.position == "relative" else
+         "model.global_tokens / random_blocks" if m.global_tokens or m.random_blocks else None)
   if why:
     raise ConfigError(f"mesh.sequence={p} (ring attention) cannot serve {why}; use "
                       f"mesh.sequence=1")

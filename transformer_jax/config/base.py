@@ -100,6 +100,14 @@ def _model():
   # "LG" alternates (Gemma 2), "LLLLLG" is Gemma 3's 5:1.
   m.attention_window = 0
   m.window_pattern = ""
+  # Sparse attention on the local layers: Longformer's global tokens (the first global_tokens
+  # positions of every segment attend to and are attended by the whole segment) and BigBird's
+  # random blocks (each query block of block_size positions also sees random_blocks key blocks,
+  # seeded and fixed per layer). Both are masks: the kernels that cannot take them (splash,
+  # ring) are not used.
+  m.global_tokens = 0
+  m.random_blocks = 0
+  m.block_size = 64
   # RoPE scaling for longer contexts, exactly as Hugging Face's rope_parameters: none | linear
   # (positions / factor) | dynamic (NTK: theta grows with the longest position beyond max_len) |
   # yarn (ramp between interpolated and original frequencies, cos/sin scaled) | llama3.

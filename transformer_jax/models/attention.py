@@ -29,11 +29,13 @@ h = n * G + g uses key/value head n, as in jax.nn.dot_product_attention's and sp
 grouped-query layouts.
 """
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
 from transformer_jax.config import ConfigError
@@ -44,12 +46,15 @@ KERNELS = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}  # platform -> auto
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence length is used
 
 
-def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool, window=0):
+def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool, window=0,
+                sparse: bool = False):
   """Why kernel `impl` cannot serve this call on platform `where`, or None if it can."""
   t, s, k = q_BTNGK.shape[1], k_BSNK.shape[1], q_BTNGK.shape[-1]
   if impl == "splash":
     if where != "tpu":
       return f"needs a TPU (compiling for {where})"
+    if sparse:
+      return "takes no global tokens or random blocks (model.global_tokens, random_blocks)"
     if not isinstance(window, int):
       return ("takes no per-layer window inside a scanned stack (model.window_pattern with "
               "scan_layers)")
@@ -85,7 +90,7 @@ def cudnn_head_dim_limit() -> int:
 
 
 def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_attention: bool,
-           decode: bool, where: str | None = None, window=0) -> str:
+           decode: bool, where: str | None = None, window=0, sparse: bool = False) -> str:
   """The implementation ("xla", "dot_product", "cudnn" or "splash") for one attention call.
   `causal`: the Attention layer's promise that its mask is causal; `self_attention`: keys come
   from the queries' own sequence (no cross-attention). Auto's splash also needs `causal`: a
@@ -98,10 +103,10 @@ def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_at
   if impl == "auto":
     kernel = KERNELS.get(where)
     if kernel is None or (kernel == "splash" and not causal) or unsupported(
-        kernel, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention, window):
+        kernel, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention, window, sparse):
       return "xla"
     return kernel
-  reason = unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention, window)
+  reason = unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention, window, sparse)
   if reason:
     raise ConfigError(f"model.attention_impl={impl} {reason}; use auto, xla or dot_product")
   return impl
@@ -122,6 +127,38 @@ def window_mask(t: int, s: int, window, q_offset=0):
   int or a traced per-layer scalar) 0 = every key."""
   d_TS = (q_offset + jnp.arange(t))[:, None] - jnp.arange(s)[None, :]
   return (jnp.abs(d_TS) < window) | (window == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def random_blocks(layers: int, n_blocks: int, count: int, causal: bool) -> np.ndarray:
+  """BigBird's random attention, fixed per layer: int32 [layers, n_blocks, count], the key blocks
+  query block i sees, drawn without replacement (seeded by layer and i) from all blocks, or with
+  `causal` from blocks 0..i (a draw then does not depend on the length: decoding sees the same
+  blocks as training); -1 pads rows with fewer blocks to draw from."""
+  out = np.full((layers, n_blocks, count), -1, np.int32)
+  for layer in range(layers):
+    for i in range(n_blocks):
+      choices = i + 1 if causal else n_blocks
+      picked = np.random.default_rng((layer, i)).choice(choices, min(count, choices), False)
+      out[layer, i, :len(picked)] = picked
+  return out
+
+
+def sparse_mask(t: int, s: int, window, q_offset, q_positions_BT, k_positions_BS,
+                global_tokens: int, blocks_QR, block_size: int):
+  """[B, T, S]: the keys a query may see under Longformer / BigBird sparsity: its sliding
+  window, every global token (position < global_tokens, in both directions: globals see and
+  are seen by their whole segment), and (`blocks_QR`, from random_blocks) its query block's
+  random key blocks ([n_blocks, count] rows of random_blocks). A window of 0 sees every key."""
+  allowed_BTS = window_mask(t, s, window, q_offset)[None]
+  if global_tokens:
+    allowed_BTS = (allowed_BTS | (q_positions_BT < global_tokens)[:, :, None]
+                   | (k_positions_BS < global_tokens)[:, None, :])
+  if blocks_QR is not None:
+    picked_TR = jnp.take(blocks_QR, (q_offset + jnp.arange(t)) // block_size, axis=0)
+    key_block_S = jnp.arange(s) // block_size
+    allowed_BTS = allowed_BTS | (picked_TR[:, :, None] == key_block_S[None, None]).any(1)[None]
+  return allowed_BTS
 
 
 def windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window: int):

@@ -53,6 +53,9 @@ class ModelConfig:
   attention_impl: str  # xla | dot_product | cudnn | splash | auto (models/attention.py)
   attention_window: int  # sliding window W (|query - key| < W); 0 = full attention
   window_pattern: str  # which layers are local (L) or global (G), cycled; "" = all local
+  global_tokens: int  # local layers: the first G positions of a segment see and are seen by all
+  random_blocks: int  # local layers: BigBird's random key blocks per query block
+  block_size: int  # ... of this many positions
   rope_scaling: str  # none | linear | dynamic | yarn | llama3, as Hugging Face defines them
   rope_factor: float  # the context extension factor of every scaling
   rope_original_max_len: int  # yarn, llama3: the pretraining context (0 = max_len)
@@ -229,14 +232,17 @@ class Attention(nn.Module):
   cfg: ModelConfig
   causal: bool = False
   window: int = 0  # this layer's sliding window (attention.py); 0 = every key
+  layer: int = 0  # its index in the stack: seeds BigBird's random blocks
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, *, kv_BSD=None, rel_table=None,
-               deterministic=True, decode=False, window=None, segment_ids_BT=None):
+               deterministic=True, decode=False, window=None, segment_ids_BT=None,
+               layer=None):
     """Self-attention over x, or cross-attention to `kv_BSD` (keys/values from another sequence,
     e.g. the encoder's output; never cached, no rotary). `rel_table` [buckets, H]: T5's
     relative position bias, looked up from query and key positions. `window`: a traced window
-    for this layer (a scanned stack's), instead of the static `self.window`. `segment_ids_BT`:
+    for this layer (a scanned stack's), instead of the static `self.window` (`layer` likewise).
+    `segment_ids_BT`:
     the rows' packed segments, for ring attention (the length sharded over mesh.sequence)."""
     c = self.cfg
     d, h, n, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
@@ -264,11 +270,18 @@ class Attention(nn.Module):
     k_BSNK, v_BSNK = checkpoint_name(k_BSNK, "key_proj"), checkpoint_name(v_BSNK, "value_proj")
     k_positions_BS = positions_BT
     window = (self.window if window is None else window) if kv_BSD is None else 0
+    sparse = (kv_BSD is None and bool(c.global_tokens or c.random_blocks)
+              and not (isinstance(window, int) and window == 0))
+    offset = 0
     if decode and kv_BSD is None:
-      k_BSNK, v_BSNK, mask_BTS = self._cache(k_BSNK, v_BSNK, window)
-      window = 0  # in the cache's mask
+      k_BSNK, v_BSNK, mask_BTS, offset = self._cache(k_BSNK, v_BSNK, 0 if sparse else window)
+      window = 0 if not sparse else window  # else in the cache's mask
       s_len = k_BSNK.shape[1]
       k_positions_BS = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (x.shape[0], s_len))
+    if sparse:  # the mask carries the whole pattern; kernels see no window
+      mask_BTS &= self._sparse(positions_BT, k_positions_BS, window, offset,
+                               self.layer if layer is None else layer)
+      window = 0
 
     b, t = q_BTHK.shape[:2]
     scale = c.query_scale or k ** -0.5
@@ -279,22 +292,9 @@ class Attention(nn.Module):
                                      c.relative_buckets, c.relative_max_distance)
       bias_BTSH = jnp.take(rel_table.astype(jnp.float32), buckets_BTS, axis=0)
       bias_BNGTS = bias_BTSH.transpose(0, 3, 1, 2).reshape(b, n, h // n, t, -1)
-    chunks = c.attention_chunks if self.causal and not decode and kv_BSD is None else 1
-    ring = (not (decode or self.is_initializing() or kv_BSD is not None)
-            and attention.sequence_axis())
-    if ring and (segment_ids_BT is None or bias_BNGTS is not None):
-      raise ConfigError("mesh.sequence > 1 (ring attention) needs the rows' segment ids and no "
-                        "attention bias")
-    impl = "ring" if ring else "xla" if self.is_initializing() else attention.choose(  # init: shapes
-        c.attention_impl, q_BTNGK, k_BSNK, bias_BNGTS, causal=self.causal,
-        self_attention=kv_BSD is None, decode=decode, window=window)
-    if impl == "ring":
-      out_BTNGK = attention.ring(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, causal=self.causal,
-                                 window=window)
-    else:
-      out_BTNGK = attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
-                                   causal=self.causal and not decode, causal_chunks=chunks,
-                                   window=window)
+    out_BTNGK = self._kernel(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS, segment_ids_BT,
+                             window=window, sparse=sparse, decode=decode,
+                             cross=kv_BSD is not None)
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
@@ -304,23 +304,54 @@ class Attention(nn.Module):
                            y_BTD)
     return checkpoint_name(y_BTD, "attention_out")
 
+  def _kernel(self, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS, segment_ids_BT, *, window,
+              sparse: bool, decode: bool, cross: bool):
+    """The attention output by the kernel this call gets: ring attention when the length is
+    sharded (mesh.sequence), else attention.choose's."""
+    c = self.cfg
+    chunks = c.attention_chunks if self.causal and not decode and not cross else 1
+    if not (decode or self.is_initializing() or cross) and attention.sequence_axis():
+      if segment_ids_BT is None or bias_BNGTS is not None:
+        raise ConfigError("mesh.sequence > 1 (ring attention) needs the rows' segment ids and "
+                          "no attention bias")
+      return attention.ring(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, causal=self.causal,
+                            window=window)
+    impl = "xla" if self.is_initializing() else attention.choose(  # init: only shapes matter
+        c.attention_impl, q_BTNGK, k_BSNK, bias_BNGTS, causal=self.causal,
+        self_attention=not cross, decode=decode, window=window, sparse=sparse)
+    return attention.attend(impl, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
+                            causal=self.causal and not decode, causal_chunks=chunks,
+                            window=window)
+
+  def _sparse(self, q_positions_BT, k_positions_BS, window, q_offset, layer):
+    """The Longformer / BigBird pattern of this layer (attention.sparse_mask)."""
+    c = self.cfg
+    t, s = q_positions_BT.shape[1], k_positions_BS.shape[1]
+    blocks_QR = None
+    if c.random_blocks:
+      table = attention.random_blocks(c.num_layers + c.num_decoder_layers, -(-s // c.block_size),
+                                      c.random_blocks, self.causal)
+      blocks_QR = table[layer] if isinstance(layer, int) else jnp.asarray(table)[layer]
+    return attention.sparse_mask(t, s, window, q_offset, q_positions_BT, k_positions_BS,
+                                 c.global_tokens, blocks_QR, c.block_size)
+
   def _cache(self, k_BTNK, v_BTNK, window):
-    """Writes this call's keys/values at the cache index; returns the whole cache and its mask
-    (within the sliding `window`)."""
+    """Writes this call's keys/values at the cache index; returns the whole cache, its mask
+    (within the sliding `window`) and the index the call's first query has."""
     is_init = self.has_variable("cache", "key")
     key = self.variable("cache", "key", jnp.zeros, k_BTNK.shape, k_BTNK.dtype)
     value = self.variable("cache", "value", jnp.zeros, v_BTNK.shape, v_BTNK.dtype)
     index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
     t, s = k_BTNK.shape[1], key.value.shape[1]
     if not is_init:  # model.init(decode=True) only creates the cache (length = the input's)
-      return k_BTNK, v_BTNK, jnp.ones((k_BTNK.shape[0], t, t), bool)
+      return k_BTNK, v_BTNK, jnp.ones((k_BTNK.shape[0], t, t), bool), 0
     i = index.value
     key.value = jax.lax.dynamic_update_slice(key.value, k_BTNK, (0, i, 0, 0))
     value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK, (0, i, 0, 0))
     index.value = i + t
     mask_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
     mask_TS &= attention.window_mask(t, s, window, q_offset=i)
-    return key.value, value.value, jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s))
+    return key.value, value.value, jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s)), i
 
 
 class MLP(nn.Module):
@@ -368,28 +399,29 @@ class Block(nn.Module):
   causal: bool = False
   cross: bool = False
   window: int = 0  # the self-attention's sliding window; a scanned stack passes `window`
+  layer: int = 0  # the block's index in its stack (a scanned stack passes `layer`)
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic=True, decode=False,
                encoded_BSD=None, cross_mask_BTS=None, rel_table=None, window=None,
-               segment_ids_BT=None):
+               segment_ids_BT=None, layer=None):
     c = self.cfg
     drop = nn.Dropout(c.dropout_rate)
     sublayers = [
         ("attention", lambda y: Attention(c, causal=self.causal, window=self.window,
-                                          name="attention")(
+                                          layer=self.layer, name="attention")(
             y, positions_BT, mask_BTS, rel_table=rel_table, deterministic=deterministic,
-            decode=decode, window=window, segment_ids_BT=segment_ids_BT)),
+            decode=decode, window=window, segment_ids_BT=segment_ids_BT, layer=layer)),
         ("mlp", lambda y: MLP(c, name="mlp")(y, deterministic=deterministic)),
     ]
     if self.cross:
       sublayers.insert(1, ("cross_attention", lambda y: Attention(c, name="cross_attention")(
           y, positions_BT, cross_mask_BTS, kv_BSD=encoded_BSD, deterministic=deterministic)))
-    for name, layer in sublayers:
+    for name, sublayer in sublayers:
       if c.norm_position == "pre":
-        x_BTD = x_BTD + drop(layer(Norm(c, name=name + "_norm")(x_BTD)), deterministic)
+        x_BTD = x_BTD + drop(sublayer(Norm(c, name=name + "_norm")(x_BTD)), deterministic)
       else:
-        x_BTD = Norm(c, name=name + "_norm")(x_BTD + drop(layer(x_BTD), deterministic))
+        x_BTD = Norm(c, name=name + "_norm")(x_BTD + drop(sublayer(x_BTD), deterministic))
       x_BTD = constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
     return x_BTD
 

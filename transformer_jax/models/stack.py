@@ -56,7 +56,8 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
   windows = layer_windows(c, num_layers)
   if not c.scan_layers:
     for i in range(num_layers):
-      x_BTD = block(c, causal=causal, cross=cross, window=windows[i], name=f"layer_{i}")(
+      x_BTD = block(c, causal=causal, cross=cross, window=windows[i], layer=i,
+                    name=f"layer_{i}")(
           x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra, None, segment_ids_BT)
     return x_BTD
 
@@ -64,16 +65,19 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
     return module(x_BTD, *args), None
 
   # One window for every layer stays static (the reference then skips key blocks); windows that
-  # differ are scanned over as a traced per-layer value.
-  mixed = len(set(windows)) > 1
+  # differ are scanned over as a traced per-layer value, as is the layer index when it seeds
+  # random blocks.
+  mixed, indexed = len(set(windows)) > 1, bool(c.random_blocks)
   scan = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                  split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * 7 + (0 if mixed else nn.broadcast, nn.broadcast),
+                 in_axes=(nn.broadcast,) * 7 + (0 if mixed else nn.broadcast, nn.broadcast,
+                                                0 if indexed else nn.broadcast),
                  length=num_layers, metadata_params={nn.PARTITION_NAME: STACKED})
   x_BTD, _ = scan(block(c, causal=causal, cross=cross, window=0 if mixed else windows[0],
                         name=STACKED),
                   x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra,
-                  jnp.asarray(windows, jnp.int32) if mixed else None, segment_ids_BT)
+                  jnp.asarray(windows, jnp.int32) if mixed else None, segment_ids_BT,
+                  jnp.arange(num_layers, dtype=jnp.int32) if indexed else None)
   return x_BTD
 
 
