@@ -1,4 +1,5 @@
-"""Llama shapes: `configs/llama.py:SIZE` with SIZE one of tiny | 1b | 7b | 13b | 70b.
+"""Llama shapes: `configs/llama.py:SIZE` with SIZE one of tiny | 1b | 7b | 13b | 70b, and each as
+SIZE_long: 8x its context by llama3 RoPE scaling (`long_context` below).
 
   python -m transformer_jax.aot --config=configs/llama.py:7b --topology=v5p-8
   python -m transformer_jax.train --config=configs/llama.py:7b --workdir=runs/llama7b
@@ -31,8 +32,11 @@ SIZES = {
 
 def get_config(arg=None):
   size = arg or "7b"
+  if size.endswith("_long") and size[:-len("_long")] in SIZES:
+    return long_context(get_config(size[:-len("_long")]))
   if size not in SIZES:
-    raise KeyError(f"unknown llama size {size!r}; one of {', '.join(SIZES)}")
+    raise KeyError(f"unknown llama size {size!r}; one of {', '.join(SIZES)} (each also as "
+                   f"SIZE_long)")
   layers, d, heads, kv_heads, d_ff, vocab, seq, batch, lr, remat = SIZES[size]
   c = base.get_config()
   c.model.update(num_layers=layers, d_model=d, num_heads=heads, num_kv_heads=kv_heads, d_ff=d_ff,
@@ -54,4 +58,23 @@ def get_config(arg=None):
   else:
     c.model.update(dtype="bfloat16", scan_layers=True)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+  return c
+
+
+def long_context(c, factor: int = 8):
+  """`SIZE_long`: continued pretraining of a SIZE model at `factor` times its context, as Llama
+  3.1 extended 8k to 128k: RoPE scaled by the llama3 rule from the pretraining context, rows of
+  the new length (packed), a short run at a lower learning rate, and (past one device's memory)
+  the sequence split over chips with ring attention. Import or restore the short-context model's
+  parameters first (e.g. `python -m transformer_jax.convert import` of a Llama checkpoint, or
+  `checkpoint.on_mismatch=params` on a workdir of ours); `tiny_long` runs on a CPU."""
+  original = c.data.seq_len
+  c.model.update(rope_scaling="llama3", rope_factor=float(factor), rope_original_max_len=original,
+                 rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, max_len=original * factor)
+  c.data.seq_len = original * factor
+  c.train.batch_size = max(c.train.batch_size // factor, 8 if c.model.num_layers <= 2 else 16)
+  c.train.steps = min(c.train.steps, 1000 if c.model.num_layers > 2 else 100)
+  c.optimizer.update(learning_rate=c.optimizer.learning_rate / 10, warmup_steps=10)
+  if c.model.num_layers > 2:  # pods: 8 chips along the sequence per row
+    c.mesh.update(sequence=8)
   return c

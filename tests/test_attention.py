@@ -210,12 +210,16 @@ def test_splash_lowers_for_a_tpu_topology():
   from transformer_jax.perf import topology  # pylint: disable=g-import-not-at-top
   devices = topology.topology_devices(topology.parse_topology("v5e-8"), 1)
   texts = {}
-  for impl in ("xla", "splash", "auto"):
+  for impl, extra in (("xla", []), ("splash", []), ("auto", []),
+                      ("window", ["model.attention_window=32"]),
+                      ("sparse", ["model.attention_window=32", "model.global_tokens=2"])):
     config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
-                             [f"model.attention_impl={impl}", "data.seq_len=128",
-                              "model.max_len=128", "model.dtype=bfloat16"])
+                             [f"model.attention_impl={'auto' if extra else impl}",
+                              "data.seq_len=128", "model.max_len=128",
+                              "model.dtype=bfloat16"] + extra)
     texts[impl] = step_lib.Trainer(config, sharding.make_mesh(config, devices)
                                    ).lower_train_step().as_text()
   assert "tpu_custom_call" not in texts["xla"]
-  for impl in ("splash", "auto"):
+  for impl in ("splash", "auto", "window"):  # a sliding window: splash's local mask
     assert texts[impl].count("tpu_custom_call") >= 3, impl  # forward, dq and dkv kernels
+  assert "tpu_custom_call" not in texts["sparse"]  # global tokens: auto falls back to xla

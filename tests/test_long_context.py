@@ -329,6 +329,29 @@ def test_a_windowed_model_is_not_exported_as_a_family_without_windows(tmp_path):
     table_for(model_config(attention_window=8))  # GPT-2 shaped
 
 
+def test_long_context_recipes_extend_the_context_by_rope_scaling_and_train():
+  """configs/llama.py:SIZE_long: 8x the context, llama3 RoPE scaling from the original length,
+  the sequence over 8 chips for the big sizes; tiny_long takes two steps on this CPU."""
+  from tests.conftest import REPO, synthetic_batch  # pylint: disable=g-import-not-at-top
+  from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+  for size in ("1b", "7b", "70b"):
+    short = config_lib.load(f"{REPO}/configs/llama.py:{size}")
+    config = config_lib.load(f"{REPO}/configs/llama.py:{size}_long")
+    config_lib.validate(config, 64)
+    assert config.data.seq_len == config.model.max_len == 8 * short.data.seq_len
+    assert config.model.rope_original_max_len == short.data.seq_len
+    assert (config.model.rope_scaling, config.mesh.sequence) == ("llama3", 8)
+  config = config_lib.load(f"{REPO}/configs/llama.py:tiny_long")
+  config_lib.validate(config, 1)
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  state = trainer.init_state(0)
+  for seed in range(2):
+    batch = synthetic_batch(config, trainer.model, seed=seed)
+    state, m = trainer.train_step(state, trainer.put_batch(batch), jax.random.key(0))
+  assert np.isfinite(float(m["loss"])) and int(state.step) == 2
+
+
 @pytest.mark.parametrize("override, message", [
     ("mesh.sequence=3", "data.seq_len=64 must be a multiple of 2 * mesh.sequence = 6"),
     ("model.global_tokens=2", "add to a sliding window: set model.attention_window > 0"),

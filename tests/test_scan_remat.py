@@ -155,7 +155,7 @@ def test_train_step_with_scan_on_a_mesh():
   config_lib.validate(config, 8)
   trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
   spec = trainer.state_shardings.params["layers"]["mlp"]["up"].spec
-  assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert spec == jax.sharding.PartitionSpec(None, ("fsdp", "sequence"), "tensor")
   params0 = random_params(trainer.model, std=0.02)
   state = jax.jit(lambda p: TrainState.create(p, trainer.tx.init(p)), compiler_options=FAST,
                   out_shardings=trainer.state_shardings)(params0)

@@ -74,7 +74,7 @@ def test_params_are_sharded_on_the_mesh():
   config = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
   trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
   up = trainer.state_shardings.params["layer_0"]["mlp"]["up"]
-  assert up.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert up.spec == jax.sharding.PartitionSpec(("fsdp", "sequence"), "tensor")
   assert trainer.batch_sharding.spec[0] == ("data", "fsdp")
 
 

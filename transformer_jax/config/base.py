@@ -24,7 +24,7 @@ SHARDING_RULES = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),  # parameters and optimizer state: ZeRO-3 over both
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

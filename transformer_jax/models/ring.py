@@ -86,8 +86,10 @@ def _ring(q_BTNGK, k_BSNK, v_BSNK, seg_q_BT, pos_q_T, *, causal, axis, p, window
     passed = [jax.lax.ppermute(x, axis, perm) for x in (k_BSNK, v_BSNK, seg_k_BS, pos_k_S)]
     return (stats, *passed), None
 
-  (stats, *_), _ = jax.lax.scan(step, (stats, k_BSNK, v_BSNK, seg_q_BT, pos_q_T), None,
-                                length=p)
+  # Rematerialized per step: the backward pass keeps each step's carry (the running statistics
+  # and the chunk in hand), not its scores, and recomputes them: O(T/P) memory per step.
+  (stats, *_), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False),
+                                (stats, k_BSNK, v_BSNK, seg_q_BT, pos_q_T), None, length=p)
   o_BTNGK, _, l_BNGT = stats
   l_BTNG = l_BNGT.transpose(0, 3, 1, 2)
   return (o_BTNGK / jnp.where(l_BTNG > 0, l_BTNG, 1.0)[..., None]).astype(q_BTNGK.dtype)
