@@ -130,7 +130,7 @@ def test_restore_onto_another_mesh_and_device_count_gives_identical_params(tiny_
     return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **kv))
 
   saved = loop.train(config(fsdp=8), str(tmp_path), quiet=True, devices=jax.devices()[:8])
-  assert saved["state"].params["embed"]["tokens"].sharding.spec[1] == "fsdp"
+  assert saved["state"].params["embed"]["tokens"].sharding.spec[1] == ("fsdp", "sequence")
   c = config(data=2, tensor=2)
   trainer = Trainer(c, sharding.make_mesh(c, jax.devices()[:4]))
   ckpts = Checkpoints(str(tmp_path), c.checkpoint)
