@@ -53,12 +53,19 @@ def ring_attention(q_BTNGK, k_BTNK, v_BTNK, segment_ids_BT, *, causal: bool, axi
 def _ring(q_BTNGK, k_BSNK, v_BSNK, seg_q_BT, pos_q_T, *, causal, axis, p, window):
   """One device's part: its query chunk against every key/value chunk as they come round."""
   b, t, n, g, _ = q_BTNGK.shape
-  stats = (jnp.zeros(q_BTNGK.shape, jnp.float32),  # sum of exp(score - max) * value
-           jnp.full((b, n, g, t), -jnp.inf, jnp.float32),  # running row max
-           jnp.zeros((b, n, g, t), jnp.float32))  # running normaliser
+  # Causal: the zigzag's two half chunks are skipped or computed apiece (of the four pairs of
+  # halves one is never visible and two are only on the diagonal steps), so the ring does about
+  # the causal half of the T x T work.
+  parts = 2 if causal else 1
+  h = t // parts
+  halves = lambda x, i: x[:, i * h:(i + 1) * h]  # pylint: disable=unnecessary-lambda-assignment
+  stats = [(jnp.zeros((b, h) + q_BTNGK.shape[2:], jnp.float32),  # sum of exp(s - max) * value
+            jnp.full((b, n, g, h), -jnp.inf, jnp.float32),  # running row max
+            jnp.zeros((b, n, g, h), jnp.float32))  # running normaliser
+           for _ in range(parts)]
   perm = [(i, (i + 1) % p) for i in range(p)]
 
-  def fold(stats, k_BSNK, v_BSNK, mask_BTS):
+  def fold(stats, q_BTNGK, k_BSNK, v_BSNK, mask_BTS):
     o_BTNGK, m_BNGT, l_BNGT = stats
     s_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK,
                          preferred_element_type=jnp.float32)
@@ -81,8 +88,13 @@ def _ring(q_BTNGK, k_BSNK, v_BSNK, seg_q_BT, pos_q_T, *, causal, axis, p, window
       mask_BTS &= (d_TS >= 0)[None]
     if not isinstance(window, int) or window:
       mask_BTS &= ((jnp.abs(d_TS) < window) | (window == 0))[None]
-    stats = jax.lax.cond(jnp.any(mask_BTS), fold, lambda stats, *_: stats,
-                         stats, k_BSNK, v_BSNK, mask_BTS)
+    stats = list(stats)
+    for i in range(parts):
+      for j in range(parts):
+        sub_BTS = halves(mask_BTS, i)[:, :, j * h:(j + 1) * h]
+        stats[i] = jax.lax.cond(jnp.any(sub_BTS), fold, lambda stats, *_: stats, stats[i],
+                                halves(q_BTNGK, i), halves(k_BSNK, j), halves(v_BSNK, j),
+                                sub_BTS)
     passed = [jax.lax.ppermute(x, axis, perm) for x in (k_BSNK, v_BSNK, seg_k_BS, pos_k_S)]
     return (stats, *passed), None
 
@@ -90,6 +102,6 @@ def _ring(q_BTNGK, k_BSNK, v_BSNK, seg_q_BT, pos_q_T, *, causal, axis, p, window
   # and the chunk in hand), not its scores, and recomputes them: O(T/P) memory per step.
   (stats, *_), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False),
                                 (stats, k_BSNK, v_BSNK, seg_q_BT, pos_q_T), None, length=p)
-  o_BTNGK, _, l_BNGT = stats
-  l_BTNG = l_BNGT.transpose(0, 3, 1, 2)
+  o_BTNGK = jnp.concatenate([o for o, _, _ in stats], axis=1)
+  l_BTNG = jnp.concatenate([l for _, _, l in stats], axis=-1).transpose(0, 3, 1, 2)
   return (o_BTNGK / jnp.where(l_BTNG > 0, l_BTNG, 1.0)[..., None]).astype(q_BTNGK.dtype)
