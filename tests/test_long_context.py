@@ -329,6 +329,44 @@ def test_a_windowed_model_is_not_exported_as_a_family_without_windows(tmp_path):
     table_for(model_config(attention_window=8))  # GPT-2 shaped
 
 
+def test_passkey_prompts_and_their_scoring(tiny_data):
+  """Prompts of the asked length hold the key at the asked depth; scoring counts a key as found
+  exactly when every key token is predicted (an oracle finds all, an off-by-one model none), and
+  runs on a real model."""
+  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization
+  from transformer_jax.evaluation import passkey
+  tok = tokenization.load(tiny_data["tokenizer"])
+  for depth in (0.0, 0.5, 1.0):
+    prompt, key = passkey.example(tok, 400, depth, 71432)
+    assert abs(len(prompt) - 400) <= 2 and tok.decode(key).strip() == "71432"
+    needle = tok.encode(passkey.NEEDLE.format(key=71432))
+    starts = [i for i in range(len(prompt)) if prompt[i:i + len(needle)] == needle]
+    filler = len(prompt) - 1 - len(needle) - len(tok.encode(passkey.QUESTION))
+    assert starts == [1 + round(depth * filler)], (depth, starts, filler)
+    assert tok.decode(prompt).endswith(passkey.QUESTION)
+  pairs = [passkey.example(tok, n, 0.5, k) for n, k in ((60, 12345), (90, 67890))]
+  prompts, keys = [p for p, _ in pairs], [k for _, k in pairs]
+  rows = [p + k for p, k in pairs]
+
+  def oracle(shift):
+    def logits(ids, seg):
+      del seg
+      out = np.zeros(ids.shape + (tok.vocab_size,), np.float32)
+      for i, row in enumerate(rows):
+        for j in range(len(row) - 1):
+          out[i, j, row[min(j + 1 + shift, len(row) - 1)]] = 1.0
+      return jnp.asarray(out)
+    return logits
+
+  assert passkey.retrieved(oracle(0), prompts, keys).tolist() == [True, True]
+  assert passkey.retrieved(oracle(1), prompts, keys).tolist() == [False, False]
+  model = DecoderLM(_cfg(vocab_size=tok.vocab_size, max_len=128))
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  result = passkey.evaluate(model, params, tok, lengths=(64,), depths=(0.5,), trials=2)
+  assert set(result) == {"length=64,depth=0.5", "mean"} and 0.0 <= result["mean"] <= 1.0
+
+
 def test_long_context_recipes_extend_the_context_by_rope_scaling_and_train():
   """configs/llama.py:SIZE_long: 8x the context, llama3 RoPE scaling from the original length,
   the sequence over 8 chips for the big sizes; tiny_long takes two steps on this CPU."""
