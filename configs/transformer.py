@@ -35,8 +35,8 @@ def get_config(arg=None):
   layers, d, heads, d_ff, vocab, seq, batch, dropout, lr = SIZES[size]
   c = base.get_config()
   c.model.update(family="encdec", num_layers=layers, d_model=d, num_heads=heads, d_ff=d_ff,
-                 vocab_size=vocab, max_len=seq, position="sinusoidal", norm="layernorm",
-                 norm_position="post", activation="relu", tie_embeddings=True,
+                 vocab_size=vocab, max_len=seq, position="sinusoidal", sinusoidal_variant="paper",
+                 norm="layernorm", norm_position="post", activation="relu", tie_embeddings=True,
                  scale_embeddings=True, dropout_rate=dropout, init_std=d ** -0.5)
   if size == "tiny":
     c.data.update(corpus="stdlib", format="functions",

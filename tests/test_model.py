@@ -142,3 +142,26 @@ def test_gpt2_init_scales_residual_projections():
   std_out = float(np.std(params["layer_0"]["mlp"]["down"]))
   assert abs(std_in - 0.02) < 0.003
   assert abs(std_out - 0.02 / np.sqrt(16)) < 0.001
+
+
+@pytest.mark.parametrize("dim", [8, 64, 10])
+def test_sinusoidal_positions_follow_their_formulas(dim):
+  """paper: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d));
+  t2t: sin(pos * exp(-ln(10^4) i / (d/2 - 1))) for i < d/2, then the cosines. Loops over the
+  formulas, not the vectorised code."""
+  from transformer_jax.models import layers  # pylint: disable=g-import-not-at-top
+  positions = np.array([[0, 1, 2, 7, 100, 2047]])
+  paper = np.zeros((6, dim))
+  t2t = np.zeros((6, dim))
+  for p_i, pos in enumerate(positions[0]):
+    for j in range(dim):
+      i = j // 2
+      angle = pos / 10000 ** (2 * i / dim)
+      paper[p_i, j] = np.sin(angle) if j % 2 == 0 else np.cos(angle)
+      k = j % (dim // 2)
+      angle = pos * np.exp(-np.log(1e4) * k / (dim // 2 - 1))
+      t2t[p_i, j] = np.sin(angle) if j < dim // 2 else np.cos(angle)
+  for variant, want in (("paper", paper), ("t2t", t2t)):
+    got = layers.sinusoidal(jnp.asarray(positions), dim, variant=variant)[0]
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+  assert not np.allclose(paper, t2t, atol=1e-2)

@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 ENUMS = {
     "model.family": ("decoder", "encoder", "encdec"),
     "model.position": ("learned", "sinusoidal", "rotary", "relative"),
+    "model.sinusoidal_variant": ("paper", "t2t"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.activation": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),

@@ -58,6 +58,10 @@ def _model():
   m.max_len = 1024  # longest position a learned position table covers
   m.position = "learned"  # learned | sinusoidal | rotary | relative (T5's bucketed bias)
   m.rope_theta = 10000.0
+  # position=sinusoidal: "paper" is Vaswani et al.'s formula (sin and cos interleaved),
+  # "t2t" tensor2tensor's (frequencies spread over d/2 - 1 steps, sines then cosines). t2t is the
+  # default so that workdirs saved before the choice existed keep their positions.
+  m.sinusoidal_variant = "t2t"
   m.relative_buckets = 32  # relative: distance buckets (half per direction when bidirectional)
   m.relative_max_distance = 128  # relative: distances beyond this share the last bucket
   m.type_vocab_size = 0  # token-type (segment A/B) embeddings, BERT; 0 = none

@@ -36,6 +36,7 @@ class ModelConfig:
   vocab_size: int
   max_len: int
   position: str
+  sinusoidal_variant: str  # position=sinusoidal: paper (interleaved) | t2t (tensor2tensor)
   rope_theta: float
   norm: str
   norm_position: str
@@ -146,8 +147,16 @@ def default_positions(segment_ids_BT, positions_BT, b: int, t: int):
   return segment_ids_BT, positions_BT
 
 
-def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0):
-  """The original Transformer's sin/cos table, evaluated at (per-segment) positions."""
+def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0, variant: str = "t2t"):
+  """Sinusoidal positions [B, T, dim] at (per-segment) positions. "paper" (Vaswani et al. 2017,
+  section 3.5): PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(same), interleaved.
+  "t2t" (tensor2tensor's, which converted checkpoints use): frequencies
+  exp(-ln(10^4) i / (d/2 - 1)), the sines then the cosines."""
+  if variant == "paper":
+    inv = max_timescale ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = positions_BT[..., None].astype(jnp.float32) * inv[None, None]
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
+        *angles.shape[:-1], -1)[..., :dim]
   half = dim // 2
   inv = jnp.exp(-math.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
   angles = positions_BT[..., None].astype(jnp.float32) * inv[None, None]
@@ -451,7 +460,7 @@ class Embedder(nn.Module):
     if c.position == "learned":
       x_BTD = x_BTD + jnp.take(self.pos_table, positions_BT, axis=0)
     elif c.position == "sinusoidal":
-      x_BTD = x_BTD + sinusoidal(positions_BT, c.d_model)
+      x_BTD = x_BTD + sinusoidal(positions_BT, c.d_model, variant=c.sinusoidal_variant)
     if c.type_vocab_size:
       types_BT = jnp.zeros_like(tokens_BT) if types_BT is None else types_BT
       x_BTD = x_BTD + jnp.take(self.type_table, types_BT, axis=0)
