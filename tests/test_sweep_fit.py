@@ -149,6 +149,27 @@ def test_frontier_power_law_recovered():
   assert worse["exponent"] == pytest.approx(0.076)
 
 
+def test_kaplan_laws_use_non_embedding_params_when_the_runs_have_them(tmp_path):
+  """Losses that follow Kaplan's law in non-embedding N exactly, with a tied embedding that
+  dominates the matmul count at small sizes: fit on params_nonembed the exponent is recovered; on
+  the matmul count it is not. The report says which N it used; Chinchilla's fits keep params."""
+  nonembed = np.geomspace(1e5, 1e8, 7)
+  params = nonembed + 8192 * 256  # + a tied 8192 x 256 embedding
+  rows = [{"params": p, "params_nonembed": n, "tokens": 1e9, "loss": (8.8e13 / n) ** 0.076}
+          for p, n in zip(params, nonembed)]
+  runs = fit_lib.load_runs(_write_jsonl(tmp_path / "runs.jsonl", rows))
+  law = fit_lib.fit_kaplan(runs)["params"]
+  assert law["exponent"] == pytest.approx(0.076) and law["n"].startswith("non-embedding")
+  for row in rows:
+    del row["params_nonembed"]
+  runs = fit_lib.load_runs(_write_jsonl(tmp_path / "old.jsonl", rows))
+  law = fit_lib.fit_kaplan(runs)["params"]
+  assert abs(law["exponent"] - 0.076) > 0.01 and law["n"].startswith("params (")
+  from transformer_jax.sweep import report  # pylint: disable=g-import-not-at-top
+  assert "N here is params (the runs file has no" in "\n".join(
+      report._kaplan_section({"kaplan": fit_lib.fit_kaplan(runs)}))  # pylint: disable=protected-access
+
+
 def test_load_runs_estimates_missing_flops(tmp_path):
   path = _write_jsonl(tmp_path / "runs.jsonl", [
       {"params": 1e6, "tokens": 2e7, "loss": 3.0}, {"params": 2e6, "tokens": 1e7, "loss": 3.1,

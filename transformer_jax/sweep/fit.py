@@ -51,6 +51,7 @@ class Runs:
   tokens: np.ndarray
   loss: np.ndarray
   flops: np.ndarray
+  nonembed: np.ndarray  # non-embedding params (Kaplan's N); NaN where the runs file lacks it
 
   def __len__(self):
     return len(self.loss)
@@ -59,14 +60,16 @@ class Runs:
     return Runs(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
-def make_runs(params, tokens, loss, flops=None) -> Runs:
-  """Runs from sequences; a missing (None) flops entry becomes 6·N·D, the usual estimate."""
+def make_runs(params, tokens, loss, flops=None, nonembed=None) -> Runs:
+  """Runs from sequences; a missing (None) flops entry becomes 6·N·D, the usual estimate; a
+  missing non-embedding count stays NaN."""
   params, tokens, loss = (np.asarray(x, dtype=np.float64) for x in (params, tokens, loss))
-  estimate = 6.0 * params * tokens
-  if flops is None:
-    return Runs(params, tokens, loss, estimate)
-  given = np.array([np.nan if f is None else f for f in flops], dtype=np.float64)
-  return Runs(params, tokens, loss, np.where(np.isnan(given), estimate, given))
+  def optional(xs):
+    xs = [None] * len(params) if xs is None else xs
+    return np.array([np.nan if x is None else x for x in xs], np.float64)
+  given, nonembed = optional(flops), optional(nonembed)
+  return Runs(params, tokens, loss, np.where(np.isnan(given), 6.0 * params * tokens, given),
+              nonembed)
 
 
 def _positive_number(row, key, where):
@@ -89,8 +92,9 @@ def load_runs(path) -> Runs:
       if key not in row:
         raise ConfigError(f"{where}: missing {key!r} (each line needs params, tokens, loss and "
                           "optionally flops)")
-    flops = _positive_number(row, "flops", where) if row.get("flops") is not None else None
-    rows.append([_positive_number(row, k, where) for k in ("params", "tokens", "loss")] + [flops])
+    optional = [_positive_number(row, k, where) if row.get(k) is not None else None
+                for k in ("flops", "params_nonembed")]
+    rows.append([_positive_number(row, k, where) for k in ("params", "tokens", "loss")] + optional)
   if not rows:
     raise ConfigError(f"runs file is empty: {path} (expected one JSON object per line with params, "
                       "tokens, loss)")
@@ -301,8 +305,17 @@ def fit_frontier(x, loss, rtol=BUDGET_RTOL):
   return result
 
 
+def kaplan_n(runs: Runs) -> tuple[np.ndarray, str]:
+  """Kaplan et al.'s N: the non-embedding parameters when every run has them, else `params`."""
+  if not np.isnan(runs.nonembed).any():
+    return runs.nonembed, "non-embedding params (params_nonembed)"
+  return runs.params, "params (the runs file has no params_nonembed for every run)"
+
+
 def fit_kaplan(runs: Runs, rtol=BUDGET_RTOL):
-  return {"params": fit_frontier(runs.params, runs.loss, rtol),
+  """Frontier laws in Kaplan's N (non-embedding), D and C; Chinchilla's fits keep `params`."""
+  n, which = kaplan_n(runs)
+  return {"params": dict(fit_frontier(n, runs.loss, rtol), n=which),
           "tokens": fit_frontier(runs.tokens, runs.loss, rtol),
           "flops": fit_frontier(runs.flops, runs.loss, rtol)}
 

@@ -80,7 +80,7 @@ def plot_frontier(path, runs, fit):
   fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
   for ax, key in zip(axes, ("params", "tokens", "flops")):
     law = fit["kaplan"][key]
-    x = getattr(runs, key)
+    x = fit_lib.kaplan_n(runs)[0] if key == "params" else getattr(runs, key)
     ax.scatter(x, runs.loss, s=10, color="0.7", label="runs")
     points = np.array(law["points"])
     ax.plot(points[:, 0], points[:, 1], "o", color="k", ms=4, label="frontier")
@@ -88,7 +88,8 @@ def plot_frontier(path, runs, fit):
       grid = np.geomspace(x.min(), x.max(), 50)
       ax.plot(grid, (law["scale"] / grid) ** law["exponent"], color="C3",
               label=f"(X_c/X)^{law['exponent']:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel=LABELS[key])
+    ax.set(xscale="log", yscale="log",
+           xlabel=f"N: {law['n']}" if key == "params" else LABELS[key])
     ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
   flops = _compute_range(runs)
@@ -186,6 +187,9 @@ def _kaplan_section(fit):
   for key, law in fit["kaplan"].items():
     lines.append(f"| {LABELS[key]} | {_g(law['exponent'])} | {_g(law['scale'])} | "
                  f"{len(law['points'])} | {KAPLAN_EXPONENTS[key]} |")
+  lines += ["", f"N here is {fit['kaplan']['params'].get('n', 'params')}, as in Kaplan et al.; "
+            "Chinchilla's approaches 2 and 3 above use `params` (every matmul parameter, the "
+            "tied embedding included), as Hoffmann et al. count N."]
   return lines
 
 
