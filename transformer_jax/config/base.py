@@ -98,6 +98,13 @@ def _model():
   # a multiple of 128) | auto (TPU: splash, GPU: cudnn, where the layer allows; else xla).
   # KV-cache decoding always uses xla (dot_product: itself).
   m.attention_impl = "xla"
+  _long_context(m)
+
+  return m
+
+
+def _long_context(m):
+  """model.* keys of sliding-window, sparse and long-context attention."""
   # Sliding-window attention: each query sees the keys within attention_window positions (with
   # a causal mask: the W most recent, itself included, as Mistral); 0 = full attention.
   # window_pattern: L (local, windowed) or G (global) per layer, cycled: "" = every layer local,
@@ -123,8 +130,6 @@ def _model():
   m.rope_beta_fast = 32.0  # yarn
   m.rope_beta_slow = 1.0  # yarn
   m.rope_attention_factor = 0.0  # yarn: 0 = 0.1 * ln(factor) + 1
-
-  return m
 
 
 def _data():
