@@ -4,6 +4,7 @@ own initializers, Llama with rope scaling and Mistral against transformers' logi
 grows linearly with a window, and the one-line config errors."""
 
 import dataclasses
+import json
 import re
 
 import flax.linen as nn
@@ -12,14 +13,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import assert_kv_cache_matches, model_config
+from tests.conftest import (REPO, assert_kv_cache_matches, model_config, synthetic_batch,
+                            tiny_overrides)
 from tests.test_attention import _check, _inputs
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.convert import llama
+from transformer_jax.convert.hf import from_hf, hf_forward, table_for, to_hf
+from transformer_jax.data import tokenization
+from transformer_jax.evaluation import passkey
 from transformer_jax.models import attention
 from transformer_jax.models import layers
+from transformer_jax.models import ring
 from transformer_jax.models import stack
 from transformer_jax.models.decoder import DecoderLM
+from transformer_jax.parallel import sharding
+from transformer_jax.training import loop
+from transformer_jax.training.step import Trainer
 
 
 def _windowed_reference(mask, window):
@@ -159,7 +169,6 @@ def test_windowed_training_memory_grows_linearly_with_length():
 def test_ring_attention_equals_full_attention(causal, window, sequence):
   """Sequence sharded over `sequence` devices of a data x sequence mesh (8 CPU devices): values
   and gradients equal the reference on packed rows, causal (zigzag-balanced) or not, windowed."""
-  from transformer_jax.models import ring  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((8 // sequence, sequence), ("data", "sequence"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   q, k, v, _, seg = _inputs(2, 64, 2, 2, 8, seed=5)
@@ -180,9 +189,6 @@ def test_a_sequence_parallel_train_step_passes_chunks_round_the_ring(family):
   """mesh.sequence=4: the batch's tokens are split over the sequence axis and the compiled step
   holds the ring's collective-permutes (not an all-gather of the whole sequence); its losses
   equal one device's (tests/test_step.py, test_sharded_equals_single_device)."""
-  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
-  from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
   config = config_lib.load(f"{REPO}/configs/{family}", ["mesh.data=2", "mesh.sequence=4"])
   config_lib.validate(config, 8)
   trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
@@ -195,9 +201,6 @@ def test_sequence_parallel_training_equals_one_device_and_resumes_on_another_siz
                                                                                    tmp_path):
   """8 steps on one device vs 4 steps with mesh.sequence=4 (x data 2), resumed for 4 more with
   mesh.sequence=2: every logged loss within 1e-4 (the checkpoint restores across sizes)."""
-  import json  # pylint: disable=g-import-not-at-top
-  from tests.conftest import REPO, tiny_overrides  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
 
   def run(workdir, devices, **mesh):
     extra = {"train.steps": 8, "train.log_every": 1, "checkpoint.every_steps": 4,
@@ -218,7 +221,6 @@ def test_sequence_parallel_training_equals_one_device_and_resumes_on_another_siz
 
 
 def test_zigzag_gives_every_device_the_same_causal_work():
-  from transformer_jax.models import ring  # pylint: disable=g-import-not-at-top
   for p in (2, 4, 8):
     order = ring.zigzag(64, p).reshape(p, -1)
     assert sorted(order.ravel()) == list(range(64))
@@ -251,9 +253,8 @@ def _hf_llama_config(kind, rope, head_dim, theta, max_len=64):
 @pytest.mark.parametrize("kind, rope", ROPES)
 @pytest.mark.parametrize("head_dim, theta", [(16, 10000.0), (64, 500000.0)])
 def test_rope_frequencies_equal_hugging_face(kind, rope, head_dim, theta):
-  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-  from transformer_jax.convert import llama
   hf = _hf_llama_config(kind, rope, head_dim, theta)
   cfg = _cfg(head_dim=head_dim, **llama.read_rope(hf.to_dict()))
   for length in (32, 64, 200):  # dynamic: within, at and beyond max_len
@@ -284,7 +285,6 @@ def _hf_logits(model, ids):
 def test_scaled_llama_logits_match_transformers_beyond_the_original_context(kind, rope,
                                                                              tmp_path):
   transformers = pytest.importorskip("transformers")
-  from transformer_jax.convert.hf import from_hf, hf_forward  # pylint: disable=g-import-not-at-top
   # Dynamic scales past max_position_embeddings; the others past the original context.
   original = rope.get("original_max_position_embeddings", 24)
   max_len = 24 if kind == "dynamic" else int(original * rope["factor"])
@@ -299,8 +299,6 @@ def test_scaled_llama_logits_match_transformers_beyond_the_original_context(kind
 
 def test_mistral_sliding_window_round_trip_matches_transformers(tmp_path):
   transformers = pytest.importorskip("transformers")
-  # pylint: disable-next=g-import-not-at-top
-  from transformer_jax.convert.hf import from_hf, hf_forward, to_hf
   hf = transformers.MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100,
                                   max_position_embeddings=64, sliding_window=5, head_dim=16)
@@ -320,7 +318,6 @@ def test_mistral_sliding_window_round_trip_matches_transformers(tmp_path):
 
 
 def test_a_windowed_model_is_not_exported_as_a_family_without_windows(tmp_path):
-  from transformer_jax.convert.hf import table_for  # pylint: disable=g-import-not-at-top
   assert table_for(_cfg()).MODEL_TYPE == "llama"
   assert table_for(_cfg(attention_window=8)).MODEL_TYPE == "mistral"
   with pytest.raises(ConfigError, match="no Hugging Face family"):
@@ -333,9 +330,6 @@ def test_passkey_prompts_and_their_scoring(tiny_data):
   """Prompts of the asked length hold the key at the asked depth; scoring counts a key as found
   exactly when every key token is predicted (an oracle finds all, an off-by-one model none), and
   runs on a real model."""
-  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenization
-  from transformer_jax.evaluation import passkey
   tok = tokenization.load(tiny_data["tokenizer"])
   for depth in (0.0, 0.5, 1.0):
     prompt, key = passkey.example(tok, 400, depth, 71432)
@@ -370,9 +364,6 @@ def test_passkey_prompts_and_their_scoring(tiny_data):
 def test_long_context_recipes_extend_the_context_by_rope_scaling_and_train():
   """configs/llama.py:SIZE_long: 8x the context, llama3 RoPE scaling from the original length,
   the sequence over 8 chips for the big sizes; tiny_long takes two steps on this CPU."""
-  from tests.conftest import REPO, synthetic_batch  # pylint: disable=g-import-not-at-top
-  from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
   for size in ("1b", "7b", "70b"):
     short = config_lib.load(f"{REPO}/configs/llama.py:{size}")
     config = config_lib.load(f"{REPO}/configs/llama.py:{size}_long")

@@ -63,19 +63,20 @@ def read_rope(hf) -> dict:
     raise ValueError(f"rope_type={kind!r} needs {', '.join(missing)} in rope_parameters")
   out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
          "rope_scaling": ROPE_TYPES[kind]}
-  out.update({ours: rope[key] for key, ours in ROPE_KEYS.items() if rope.get(key) is not None})
+  out.update({ours: float(rope[key]) for key, ours in ROPE_KEYS.items()
+              if rope.get(key) is not None})
   if kind == "yarn":
     max_len = hf.get("max_position_embeddings", 2048)
     original = rope.get("original_max_position_embeddings") or max_len
-    out.update(rope_original_max_len=original,
-               rope_factor=rope.get("factor") or max_len / original)
+    out.update(rope_factor=float(rope.get("factor") or max_len / original))
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if rope.get("attention_factor") is None and mscale and mscale_all_dim:  # DeepSeek's form
       f = out["rope_factor"]
       m = lambda s: 0.1 * s * math.log(f) + 1.0 if f > 1 else 1.0
       out["rope_attention_factor"] = m(mscale) / m(mscale_all_dim)
-  return {k: float(v) if k != "rope_scaling" and k != "rope_original_max_len" else v
-          for k, v in out.items()}
+  if "rope_original_max_len" in out:
+    out["rope_original_max_len"] = int(out["rope_original_max_len"])
+  return out
 
 
 def write_rope(cfg) -> dict:

@@ -258,8 +258,7 @@ def sequence_axis():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
-  axes = nn.logical_to_mesh_axes(("act_length",))[0]
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  names = _axis_names("act_length")
   if math.prod(mesh.shape[a] for a in names) <= 1:
     return None
   if len(names) > 1:
@@ -326,7 +325,12 @@ def _mesh_axes(mesh, logical: str, size: int):
   """The mesh axes the config's rules map `logical` to, if their product divides `size` (else
   None: that dimension stays whole on every device, correct if redundant). For the heads, `size`
   is the key/value heads: each shard then holds whole groups of G query heads."""
-  axes = nn.logical_to_mesh_axes((logical,))[0]
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  names = _axis_names(logical)
   shards = math.prod(mesh.shape[a] for a in names)
-  return axes if names and size % shards == 0 else None
+  return nn.logical_to_mesh_axes((logical,))[0] if names and size % shards == 0 else None
+
+
+def _axis_names(logical: str) -> tuple:
+  """The mesh axes the context's rules map a logical axis to (none: ())."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())

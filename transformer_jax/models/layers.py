@@ -279,15 +279,16 @@ class Attention(nn.Module):
     k_BSNK, v_BSNK = checkpoint_name(k_BSNK, "key_proj"), checkpoint_name(v_BSNK, "value_proj")
     k_positions_BS = positions_BT
     window = (self.window if window is None else window) if kv_BSD is None else 0
-    sparse = (kv_BSD is None and bool(c.global_tokens or c.random_blocks)
-              and not (isinstance(window, int) and window == 0))
+    local = kv_BSD is None and not (isinstance(window, int) and window == 0)
+    sparse = local and bool(c.global_tokens or c.random_blocks)
     offset = 0
     if decode and kv_BSD is None:
-      k_BSNK, v_BSNK, mask_BTS, offset = self._cache(k_BSNK, v_BSNK, 0 if sparse else window)
-      window = 0 if not sparse else window  # else in the cache's mask
+      k_BSNK, v_BSNK, mask_BTS, offset = self._cache(k_BSNK, v_BSNK)
       s_len = k_BSNK.shape[1]
       k_positions_BS = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (x.shape[0], s_len))
-    if sparse:  # the mask carries the whole pattern; kernels see no window
+    # Sparse patterns, and any window while decoding (queries offset in the cache), go in the
+    # mask; the kernels then see no window.
+    if sparse or (decode and local):
       mask_BTS &= self._sparse(positions_BT, k_positions_BS, window, offset,
                                self.layer if layer is None else layer)
       window = 0
@@ -333,7 +334,8 @@ class Attention(nn.Module):
                             window=window)
 
   def _sparse(self, q_positions_BT, k_positions_BS, window, q_offset, layer):
-    """The Longformer / BigBird pattern of this layer (attention.sparse_mask)."""
+    """The keys this layer's window, global tokens and random blocks allow
+    (attention.sparse_mask); `q_offset`: the first query's index among the keys."""
     c = self.cfg
     t, s = q_positions_BT.shape[1], k_positions_BS.shape[1]
     blocks_QR = None
@@ -344,9 +346,9 @@ class Attention(nn.Module):
     return attention.sparse_mask(t, s, window, q_offset, q_positions_BT, k_positions_BS,
                                  c.global_tokens, blocks_QR, c.block_size)
 
-  def _cache(self, k_BTNK, v_BTNK, window):
-    """Writes this call's keys/values at the cache index; returns the whole cache, its mask
-    (within the sliding `window`) and the index the call's first query has."""
+  def _cache(self, k_BTNK, v_BTNK):
+    """Writes this call's keys/values at the cache index; returns the whole cache, its causal
+    mask and the index the call's first query has."""
     is_init = self.has_variable("cache", "key")
     key = self.variable("cache", "key", jnp.zeros, k_BTNK.shape, k_BTNK.dtype)
     value = self.variable("cache", "value", jnp.zeros, v_BTNK.shape, v_BTNK.dtype)
@@ -359,7 +361,6 @@ class Attention(nn.Module):
     value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK, (0, i, 0, 0))
     index.value = i + t
     mask_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
-    mask_TS &= attention.window_mask(t, s, window, q_offset=i)
     return key.value, value.value, jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s)), i
 
 
