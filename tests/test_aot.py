@@ -75,18 +75,18 @@ def test_hybrid_mesh_on_simulated_slices():
   """2 slices of 4 CPU devices (consecutive blocks: no slice_index on CPU): ICI data 2 x fsdp 2
   per slice, dcn_data 2 -> data 4 x fsdp 2; each half of the data axis is one slice."""
   config = tiny("mesh.dcn_data=2", "mesh.data=2", "mesh.fsdp=2")
-  assert config_lib.mesh_shape(config.mesh, 8) == {"data": 4, "fsdp": 2, "sequence": 1,
-                                                   "tensor": 1}
+  assert config_lib.mesh_shape(config.mesh, 8) == {"data": 4, "fsdp": 2, "expert": 1,
+                                                   "sequence": 1, "tensor": 1}
   mesh = sharding.make_mesh(config, jax.devices()[:8])
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
-  ids = [[d.id for d in row] for row in mesh.devices[:, :, 0, 0]]
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+  ids = [[d.id for d in row] for row in mesh.devices[:, :, 0, 0, 0]]
   assert {i for row in ids[:2] for i in row} == {0, 1, 2, 3}
   assert {i for row in ids[2:] for i in row} == {4, 5, 6, 7}
   # fsdp across slices instead: each fsdp row spans both slices, data stays within one.
   mesh = sharding.make_mesh(tiny("mesh.dcn_fsdp=2", "mesh.data=-1", "mesh.fsdp=2"),
                             jax.devices()[:8])
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
-  for row in mesh.devices[:, :, 0, 0]:
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 1}
+  for row in mesh.devices[:, :, 0, 0, 0]:
     assert [d.id < 4 for d in row] == [True, True, False, False]
 
 
@@ -103,20 +103,21 @@ def test_hybrid_grid_groups_by_slice_index():
   """With slice_index (TPU multi-slice) create_hybrid_device_mesh groups by it, whatever the
   device order."""
   devices = [FakeDevice(i, slice_index=i % 2) for i in range(8)]
-  grid = sharding.hybrid_device_grid({"data": 2, "fsdp": 2, "sequence": 1, "tensor": 1},
-                                     {"data": 2, "fsdp": 1, "sequence": 1, "tensor": 1}, devices)
-  assert grid.shape == (4, 2, 1, 1)
+  axes = {"expert": 1, "sequence": 1, "tensor": 1}
+  grid = sharding.hybrid_device_grid({"data": 2, "fsdp": 2, **axes},
+                                     {"data": 2, "fsdp": 1, **axes}, devices)
+  assert grid.shape == (4, 2, 1, 1, 1)
   assert {d.slice_index for d in grid[:2].flat} == {0}
   assert {d.slice_index for d in grid[2:].flat} == {1}
   with pytest.raises(ConfigError, match="4 slices but the devices have 2 distinct slice_index"):
-    sharding.hybrid_device_grid({"data": 2, "fsdp": 1, "sequence": 1, "tensor": 1},
-                                {"data": 4, "fsdp": 1, "sequence": 1, "tensor": 1}, devices)
+    sharding.hybrid_device_grid({"data": 2, "fsdp": 1, **axes}, {"data": 4, "fsdp": 1, **axes},
+                                devices)
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["mesh.dcn_data=0"], "mesh.dcn_data must be a positive int, got 0"),
-    (["mesh.dcn_fsdp=3"], "3 slices ({'data': 1, 'fsdp': 3, 'sequence': 1, 'tensor': 1}) do "
-                          "not divide the device count 8"),
+    (["mesh.dcn_fsdp=3"], "3 slices ({'data': 1, 'fsdp': 3, 'expert': 1, 'sequence': 1, "
+                          "'tensor': 1}) do not divide the device count 8"),
     (["mesh.dcn_data=2", "mesh.data=8"], "does not equal the devices per slice 4 (2 slices)"),
     (["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=3"], "cannot fill the devices per slice 4"),
 ])
@@ -146,7 +147,7 @@ def test_aot_fits_on_v5e_8():
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["fits"] is True and report["topology"] == "v5e-8" and report["chips"] == 8
-  assert report["mesh"] == {"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}
+  assert report["mesh"] == {"data": 8, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}
   assert 0 < report["hbm_per_chip_bytes"] < report["hbm_capacity_bytes"]
   assert report["hbm_capacity_bytes"] == int(15.75 * hardware.GiB)
   # The per-chip program does about the model's FLOPs / 8 (6N + attention; no remat here).
@@ -168,7 +169,7 @@ def test_aot_prices_what_crosses_slices_over_the_dcn():
   out = run_aot("--topology=v5p-8", "--slices=2", "--config.mesh.fsdp=4", "--config.mesh.data=1")
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
-  assert report["mesh"] == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 1}
   # Each slice holds the whole model, sharded 4 ways: the gradients are summed across the two
   # slices, at least this chip's quarter of them (2 * 1/2 of it for two slices).
   grads = 4 * report["params"]
@@ -204,8 +205,8 @@ def test_aot_two_slices_data_parallel_over_dcn():
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["chips"] == 8 and report["slices"] == 2
-  assert report["mesh"] == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
-  assert report["mesh_dcn"] == {"data": 2, "fsdp": 1, "sequence": 1, "tensor": 1}
+  assert report["mesh"] == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+  assert report["mesh_dcn"] == {"data": 2, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}
   assert report["fits"] is True and report["hbm_per_chip_bytes"] > 0
   assert report["scan_layers"] is True and report["flops_per_step"] is None  # --estimate=false
 
@@ -280,7 +281,7 @@ def test_aot_for_an_h100_host_checks_the_fit_against_the_allocators_share():
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["chips"] == 8 and report["compiler_topology"] == "1x1x8"
-  assert report["mesh"] == {"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}
+  assert report["mesh"] == {"data": 8, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}
   assert report["hbm_capacity_bytes"] == int(0.5 * 81559 * 2 ** 20)
   assert 0 < report["hbm_per_chip_bytes"] < report["hbm_capacity_bytes"] and report["fits"]
   assert report["mfu_estimate"] is None and report["cost_source"].startswith("none")

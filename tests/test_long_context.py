@@ -192,7 +192,8 @@ def test_a_sequence_parallel_train_step_passes_chunks_round_the_ring(family):
   config = config_lib.load(f"{REPO}/configs/{family}", ["mesh.data=2", "mesh.sequence=4"])
   config_lib.validate(config, 8)
   trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
-  assert trainer.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "sequence")
+  assert trainer.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"),
+                                                                   "sequence")
   text = trainer.lower_train_step().compile().as_text()
   assert "collective-permute" in text
 

@@ -75,7 +75,7 @@ def test_params_are_sharded_on_the_mesh():
   trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
   up = trainer.state_shardings.params["layer_0"]["mlp"]["up"]
   assert up.spec == jax.sharding.PartitionSpec(("fsdp", "sequence"), "tensor")
-  assert trainer.batch_sharding.spec[0] == ("data", "fsdp")
+  assert trainer.batch_sharding.spec[0] == ("data", "fsdp", "expert")
 
 
 def test_padding_never_reaches_the_loss():

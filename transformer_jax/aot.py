@@ -73,7 +73,7 @@ def describe(config, topo, slices, trainer, mesh) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from transformer_jax.perf import counting  # pylint: disable=g-import-not-at-top
   c = config
-  n_matmul = counting.matmul_params(trainer.abstract_state.params, c.model.tie_embeddings)
+  n_matmul = counting.matmul_params(trainer.abstract_state.params, c.model)
   tokens = c.train.batch_size * c.data.seq_len
   return {
       "topology": topo.name, "compiler_topology": topo.compiler_topology, "slices": slices,

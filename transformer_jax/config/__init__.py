@@ -41,7 +41,8 @@ ENUMS = {
 POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
             "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
             "train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",
-            "eval.batches", "model.attention_chunks")
+            "eval.batches", "model.attention_chunks", "model.experts_per_token",
+            "model.moe_every")
 NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dropout_rate",
                 "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
                 "optimizer.weight_decay", "optimizer.grad_clip", "eval.every_steps",
@@ -50,7 +51,10 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "data.shards", "data.target_len", "model.num_decoder_layers",
                 "model.type_vocab_size", "model.query_scale", "train.label_smoothing",
                 "mesh.cpu_devices", "model.attention_window", "model.rope_original_max_len",
-                "model.rope_attention_factor", "model.global_tokens", "model.random_blocks")
+                "model.rope_attention_factor", "model.global_tokens", "model.random_blocks",
+                "model.num_experts", "model.expert_capacity_factor", "model.expert_d_ff",
+                "model.num_shared_experts", "model.router_aux_loss", "model.router_z_loss",
+                "model.router_jitter")
 
 
 def exec_python_file(path: str, kind: str, root: str):
@@ -151,6 +155,23 @@ def _check_long_context(m):
                       f"model.rope_beta_slow={m.rope_beta_slow} > 0")
 
 
+def _check_moe(m, sizes):
+  """Mixture-of-Experts keys (models/moe.py); `sizes`: the mesh's axis sizes, if known."""
+  if not m.num_experts:
+    return
+  if m.experts_per_token > m.num_experts:
+    raise ConfigError(f"model.experts_per_token={m.experts_per_token} exceeds "
+                      f"model.num_experts={m.num_experts}")
+  if m.scan_layers and m.moe_every > 1:
+    raise ConfigError(f"model.scan_layers needs every layer alike: model.moe_every="
+                      f"{m.moe_every} mixes dense and MoE layers (set scan_layers=False)")
+  if not m.router_jitter < 1:
+    raise ConfigError(f"model.router_jitter must be in [0, 1), got {m.router_jitter}")
+  if sizes and m.num_experts % sizes["expert"]:
+    raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by mesh.expert="
+                      f"{sizes['expert']} (each device holds whole experts)")
+
+
 def _check_sequence_parallel(config):
   """mesh.sequence > 1: ring attention over packed segments (models/ring.py)."""
   p, m = config.mesh.sequence, config.model
@@ -213,18 +234,20 @@ def validate(config, num_devices: int | None = None):
                       f"train.batch_size={t.batch_size}")
   if isinstance(t.loss_chunk, bool) or not isinstance(t.loss_chunk, int) or t.loss_chunk < 0:
     raise ConfigError(f"train.loss_chunk must be an int >= 0 (tokens), got {t.loss_chunk!r}")
-  if num_devices is not None:
-    sizes = mesh_shape(config.mesh, num_devices)
-    batch_shards = sizes["data"] * sizes["fsdp"]
+  sizes = mesh_shape(config.mesh, num_devices) if num_devices is not None else None
+  _check_moe(m, sizes)
+  if sizes:
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if (t.batch_size // t.microbatches) % batch_shards:
       raise ConfigError(
           f"train.batch_size={t.batch_size} (per microbatch {t.batch_size // t.microbatches}) "
-          f"is not divisible by the batch-sharding mesh axes data*fsdp={batch_shards}")
+          f"is not divisible by the batch-sharding mesh axes data*fsdp*expert={batch_shards}")
   return config
 
 
-# Outer to inner: tensor parallelism gets the closest devices, the sequence ring the next.
-MESH_AXIS_NAMES = ("data", "fsdp", "sequence", "tensor")
+# Outer to inner: tensor parallelism gets the closest devices, the sequence ring the next, then
+# the experts' all-to-all.
+MESH_AXIS_NAMES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 def mesh_dcn_shape(mesh_cfg) -> dict:
@@ -260,7 +283,7 @@ def mesh_ici_dcn_shape(mesh_cfg, num_devices: int) -> tuple[dict, dict]:
       raise ConfigError(f"mesh axes {sizes} cannot fill {where}")
     sizes[fill[0]] = per_slice // known
   if math.prod(sizes.values()) != per_slice:
-    raise ConfigError(f"mesh data*fsdp*sequence*tensor = {math.prod(sizes.values())} "
+    raise ConfigError(f"mesh {'*'.join(MESH_AXIS_NAMES)} = {math.prod(sizes.values())} "
                       f"({sizes}) does not equal {where}")
   return sizes, dcn
 

@@ -14,10 +14,10 @@ import ml_collections
 
 # Logical axis -> mesh axes. Model code only names logical axes; this table places them.
 # Parameters: embed (model width), mlp, heads, kv_heads, head_dim, vocab, layers (the stacked
-# axis of model.scan_layers).
+# axis of model.scan_layers), expert (the stacked experts of an MoE FFN).
 # Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
 SHARDING_RULES = (
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),  # outside the experts, expert is data-parallel
     ("act_length", "sequence"),  # context parallelism: ring attention (models/ring.py)
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -31,6 +31,7 @@ SHARDING_RULES = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("expert", "expert"),  # the MoE layers' stacked experts (expert parallelism)
 )
 
 
@@ -99,6 +100,7 @@ def _model():
   # KV-cache decoding always uses xla (dot_product: itself).
   m.attention_impl = "xla"
   _long_context(m)
+  _moe(m)
 
   return m
 
@@ -130,6 +132,29 @@ def _long_context(m):
   m.rope_beta_fast = 32.0  # yarn
   m.rope_beta_slow = 1.0  # yarn
   m.rope_attention_factor = 0.0  # yarn: 0 = 0.1 * ln(factor) + 1
+
+
+def _moe(m):
+  """model.* keys of Mixture-of-Experts FFNs (models/moe.py)."""
+  # num_experts > 0 replaces the FFN of every moe_every-th layer (counted from 1: moe_every=2 is
+  # layers 1, 3, 5, ...) with experts_per_token of num_experts expert FFNs, chosen per token by
+  # a softmax router (fp32), each expert_d_ff wide (0 = d_ff).
+  m.num_experts = 0
+  m.experts_per_token = 2
+  m.expert_d_ff = 0
+  m.moe_every = 1
+  # 0 = dropless: every assignment is computed (sorted by expert, grouped matmuls). > 0 = each
+  # expert takes at most ceil(row length x experts_per_token x factor / num_experts) tokens of a
+  # row; the rest are dropped (the residual carries them). Switch: 1.0-1.25 train, 2.0 eval.
+  m.expert_capacity_factor = 0.0
+  m.router_renormalize = True  # top-k weights sum to 1 (Mixtral); False: raw probs (Switch)
+  m.num_shared_experts = 0  # always-on experts of expert_d_ff each (DeepSeek-MoE, Qwen-MoE)
+  m.shared_expert_gate = False  # Qwen-MoE: the shared experts' output x sigmoid(x . w)
+  # Loss weights, averaged over the MoE layers: Switch's load-balancing loss (1.0 at uniform
+  # routing) and ST-MoE's router z-loss (mean squared log-partition of the router logits).
+  m.router_aux_loss = 0.01
+  m.router_z_loss = 0.001
+  m.router_jitter = 0.0  # train: router inputs x uniform(1 - j, 1 + j) noise (Switch: 0.01)
 
 
 def _data():
@@ -276,8 +301,12 @@ def _mesh():
   # runs as ring attention (models/ring.py), everything else is per token. seq_len must be a
   # multiple of 2 * sequence (causal rows are split into 2 * sequence chunks, balanced).
   x.sequence = 1
+  # Expert parallelism: an MoE layer's experts split over this many devices (num_experts must be
+  # a multiple); everywhere else it is one more data-parallel axis (the rows are split over it).
+  x.expert = 1
   x.dcn_data = 1
   x.dcn_fsdp = 1
+  x.dcn_expert = 1
   x.dcn_sequence = 1
   x.dcn_tensor = 1
   # CPU only: split the host's cores into this many XLA devices (0 = XLA's default, one). The

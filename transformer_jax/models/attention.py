@@ -258,7 +258,7 @@ def sequence_axis():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
-  names = _axis_names("act_length")
+  names = axis_names("act_length")
   if math.prod(mesh.shape[a] for a in names) <= 1:
     return None
   if len(names) > 1:
@@ -273,7 +273,7 @@ def ring(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, window=0):
   b, n = q_BTNGK.shape[0], k_BSNK.shape[2]
   return ring_lib.ring_attention(
       q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, causal=causal, axis=sequence_axis(),
-      batch_axes=_mesh_axes(mesh, "act_batch", b), head_axes=_mesh_axes(mesh, "act_heads", n),
+      batch_axes=mesh_axes(mesh, "act_batch", b), head_axes=mesh_axes(mesh, "act_heads", n),
       window=window)
 
 
@@ -313,7 +313,7 @@ def splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, interpret: 
   k_BNSK, v_BNSK = k_BSNK.transpose(0, 2, 1, 3), v_BSNK.transpose(0, 2, 1, 3)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
-    batch, heads = _mesh_axes(mesh, "act_batch", b), _mesh_axes(mesh, "act_heads", n)
+    batch, heads = mesh_axes(mesh, "act_batch", b), mesh_axes(mesh, "act_heads", n)
     spec = jax.sharding.PartitionSpec(batch, heads, None, None)
     kernel = jax.shard_map(kernel, mesh=mesh, out_specs=spec, check_vma=False, in_specs=(
         spec, spec, spec, jax.sharding.PartitionSpec(batch, None)))
@@ -321,16 +321,16 @@ def splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, *, causal: bool, interpret: 
   return out_BHTK.reshape(b, n, g, t, k).transpose(0, 3, 1, 2, 4)
 
 
-def _mesh_axes(mesh, logical: str, size: int):
+def mesh_axes(mesh, logical: str, size: int):
   """The mesh axes the config's rules map `logical` to, if their product divides `size` (else
   None: that dimension stays whole on every device, correct if redundant). For the heads, `size`
   is the key/value heads: each shard then holds whole groups of G query heads."""
-  names = _axis_names(logical)
+  names = axis_names(logical)
   shards = math.prod(mesh.shape[a] for a in names)
   return nn.logical_to_mesh_axes((logical,))[0] if names and size % shards == 0 else None
 
 
-def _axis_names(logical: str) -> tuple:
+def axis_names(logical: str) -> tuple:
   """The mesh axes the context's rules map a logical axis to (none: ())."""
   axes = nn.logical_to_mesh_axes((logical,))[0]
   return (axes,) if isinstance(axes, str) else tuple(axes or ())

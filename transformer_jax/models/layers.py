@@ -73,6 +73,17 @@ class ModelConfig:
   embed_norm: bool  # a Norm right after the embedding sum (BERT)
   scale_embeddings: bool  # multiply token embeddings by sqrt(d_model) (Transformer)
   query_scale: float  # attention logits scale; 0 = 1/sqrt(head_dim) (T5 uses 1.0)
+  num_experts: int  # Mixture-of-Experts FFN (models/moe.py); 0 = dense
+  experts_per_token: int  # top-k
+  expert_capacity_factor: float  # 0 = dropless; > 0 = slots per expert and row
+  expert_d_ff: int  # each expert's FFN width (0 = d_ff)
+  moe_every: int  # the MoE FFN in every n-th layer (the others dense)
+  num_shared_experts: int  # always-on experts (DeepSeek-MoE / Qwen-MoE)
+  shared_expert_gate: bool  # Qwen-MoE: the shared experts' output x sigmoid(x . g)
+  router_renormalize: bool  # the top-k weights renormalised to sum to 1 (Mixtral)
+  router_jitter: float  # train-time multiplicative noise on the router's inputs (Switch)
+  router_aux_loss: float  # the loss weights of the MoE layers' mean load-balancing loss ...
+  router_z_loss: float  # ... and mean router z-loss (training/step.py adds them)
 
   @classmethod
   def from_config(cls, m) -> "ModelConfig":
@@ -364,37 +375,46 @@ class Attention(nn.Module):
     return key.value, value.value, jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s)), i
 
 
+GATED = ("swiglu", "geglu")  # activations with a gate projection besides `up`
+
+
+def activate(activation: str, up):
+  """The FFN's hidden from `up(name)`, the input's projection by weight `name` ("up", and "gate"
+  for the gated kinds): ReLU, GELU (tanh approximation, as GPT-2; exact erf, as BERT), SwiGLU or
+  gated GELU (T5 v1.1)."""
+  if activation == "swiglu":
+    return nn.silu(up("gate")) * up("up")
+  if activation == "geglu":
+    return ops.gelu(up("gate")) * up("up")
+  if activation == "gelu":
+    return ops.gelu(up("up"))
+  if activation == "gelu_exact":
+    return jax.nn.gelu(up("up"), approximate=False)
+  return nn.relu(up("up"))
+
+
 class MLP(nn.Module):
-  """Position-wise feed-forward network: ReLU, GELU (tanh approximation, as GPT-2; or exact erf,
-  as BERT) or SwiGLU / gated GELU."""
+  """Position-wise feed-forward network (`activate`'s kinds); `d_ff` = 0: the config's width."""
   cfg: ModelConfig
+  d_ff: int = 0
 
   @nn.compact
   def __call__(self, x_BTD, *, deterministic=True):
     c = self.cfg
+    f = self.d_ff or c.d_ff
     dt = c.compute_dtype
     init, resid = nn.initializers.normal(c.init_std), nn.initializers.normal(c.resid_std)
     x = x_BTD.astype(dt)
 
     def up(name):
-      w = param(self, name, (c.d_model, c.d_ff), ("embed", "mlp"), init)
+      w = param(self, name, (c.d_model, f), ("embed", "mlp"), init)
       y = ops.dense(x, w.astype(dt))
       if c.use_bias:
-        y = y + lead(param(self, name + "_bias", (c.d_ff,), ("mlp",), nn.initializers.zeros), y)
+        y = y + lead(param(self, name + "_bias", (f,), ("mlp",), nn.initializers.zeros), y)
       return y
 
-    if c.activation == "swiglu":
-      h_BTF = nn.silu(up("gate")) * up("up")
-    elif c.activation == "geglu":  # T5 v1.1's gated GELU
-      h_BTF = ops.gelu(up("gate")) * up("up")
-    elif c.activation == "gelu":
-      h_BTF = ops.gelu(up("up"))
-    elif c.activation == "gelu_exact":  # erf GELU (BERT's hidden_act="gelu")
-      h_BTF = jax.nn.gelu(up("up"), approximate=False)
-    else:
-      h_BTF = nn.relu(up("up"))
-    h_BTF = constrain(h_BTF, ("act_batch", "act_length", "act_mlp"))
-    w = param(self, "down", (c.d_ff, c.d_model), ("mlp", "embed"), resid)
+    h_BTF = constrain(activate(c.activation, up), ("act_batch", "act_length", "act_mlp"))
+    w = param(self, "down", (f, c.d_model), ("mlp", "embed"), resid)
     y_BTD = ops.dense(h_BTF, w.astype(dt))
     if c.use_bias:
       y_BTD = y_BTD + lead(param(self, "down_bias", (c.d_model,), ("embed",),
@@ -410,6 +430,7 @@ class Block(nn.Module):
   cross: bool = False
   window: int = 0  # the self-attention's sliding window; a scanned stack passes `window`
   layer: int = 0  # the block's index in its stack (a scanned stack passes `layer`)
+  ffn: type | None = None  # the FFN's module class (models/moe.py's MoE); None = MLP
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic=True, decode=False,
@@ -422,7 +443,7 @@ class Block(nn.Module):
                                           layer=self.layer, name="attention")(
             y, positions_BT, mask_BTS, rel_table=rel_table, deterministic=deterministic,
             decode=decode, window=window, segment_ids_BT=segment_ids_BT, layer=layer)),
-        ("mlp", lambda y: MLP(c, name="mlp")(y, deterministic=deterministic)),
+        ("mlp", lambda y: (self.ffn or MLP)(c, name="mlp")(y, deterministic=deterministic)),
     ]
     if self.cross:
       sublayers.insert(1, ("cross_attention", lambda y: Attention(c, name="cross_attention")(

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.models import layers
+from transformer_jax.models import moe
 
 STACKED = "layers"  # the scanned stack's module name and its leading axis' logical name
 
@@ -57,7 +58,7 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
   if not c.scan_layers:
     for i in range(num_layers):
       x_BTD = block(c, causal=causal, cross=cross, window=windows[i], layer=i,
-                    name=f"layer_{i}")(
+                    ffn=moe.MoE if moe.is_moe_layer(c, i) else None, name=f"layer_{i}")(
           x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra, None, segment_ids_BT)
     return x_BTD
 
@@ -68,13 +69,13 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
   # differ are scanned over as a traced per-layer value, as is the layer index when it seeds
   # random blocks.
   mixed, indexed = len(set(windows)) > 1, bool(c.random_blocks)
-  scan = nn.scan(body, variable_axes={"params": 0, "cache": 0},
+  scan = nn.scan(body, variable_axes={"params": 0, "cache": 0, "moe": 0},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * 7 + (0 if mixed else nn.broadcast, nn.broadcast,
                                                 0 if indexed else nn.broadcast),
                  length=num_layers, metadata_params={nn.PARTITION_NAME: STACKED})
   x_BTD, _ = scan(block(c, causal=causal, cross=cross, window=0 if mixed else windows[0],
-                        name=STACKED),
+                        ffn=moe.MoE if c.num_experts else None, name=STACKED),
                   x_BTD, positions_BT, mask_BTS, deterministic, decode, *extra,
                   jnp.asarray(windows, jnp.int32) if mixed else None, segment_ids_BT,
                   jnp.arange(num_layers, dtype=jnp.int32) if indexed else None)

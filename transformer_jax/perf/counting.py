@@ -14,25 +14,40 @@ import math
 import jax
 
 
-def matmul_params(params, tie_embeddings: bool) -> int:
-  """Parameters that take part in matmuls (see the module docstring); `params` may be abstract."""
-  total = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [getattr(k, "key", "") for k in path]
-    if names[-2:] == ["embed", "positions"]:
-      continue
-    if names[-2:] == ["embed", "tokens"] and not tie_embeddings:
-      continue
-    total += math.prod(leaf.shape)
-  return total
+def matmul_params(params, model_cfg) -> int:
+  """Parameters that take part in matmuls, per token (see the module docstring); `params` may be
+  abstract, `model_cfg` is the model's config (tie_embeddings, experts_per_token). In an MoE
+  layer (a module with a "router") each token meets experts_per_token of its E stacked experts:
+  their parameters count k/E of their number (the active parameters); the router and shared
+  experts count whole."""
+  k = model_cfg.experts_per_token
+
+  def count(tree, names, moe_share):
+    if not isinstance(tree, dict) and not hasattr(tree, "items"):
+      if names[-2:] == ["embed", "positions"]:
+        return 0
+      if names[-2:] == ["embed", "tokens"] and not model_cfg.tie_embeddings:
+        return 0
+      return math.prod(tree.shape) * moe_share
+    experts = "router" in tree
+    total = 0
+    for name, sub in tree.items():
+      share = moe_share
+      if experts and name not in ("router", "shared", "shared_gate"):
+        share = k / tree["router"].shape[-1]
+      total += count(sub, names + [name], share)
+    return total
+
+  return round(count(params, [], 1.0))
 
 
-def param_counts(params, tie_embeddings: bool) -> tuple[int, int, int]:
+def param_counts(params, model_cfg) -> tuple[int, int, int]:
   """(all, non-embedding, matmul) parameter counts; non-embedding leaves out everything under
-  params["embed"] (token, position and type tables), as Kaplan et al.'s N does."""
+  params["embed"] (token, position and type tables), as Kaplan et al.'s N does; matmul counts
+  an MoE layer's active parameters (matmul_params), all and non-embedding every expert."""
   total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   embed = sum(math.prod(x.shape) for x in jax.tree.leaves(params["embed"]))
-  return total, total - embed, matmul_params(params, tie_embeddings)
+  return total, total - embed, matmul_params(params, model_cfg)
 
 
 def flops_per_token(model_cfg, n_matmul_params: int, seq_len: int) -> float:

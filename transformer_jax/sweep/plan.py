@@ -83,7 +83,7 @@ def count_params(config):
   """(all, non-embedding, matmul) parameter counts and the model, from the model's abstract init
   (no compute)."""
   model = families.build_model(config)
-  counts = counting.param_counts(families.abstract_params(model), config.model.tie_embeddings)
+  counts = counting.param_counts(families.abstract_params(model), config.model)
   return (*counts, model)
 
 

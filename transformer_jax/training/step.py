@@ -48,12 +48,15 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   weighted like the mean token loss, reporting sentence_nll, sentence_correct and sentence_pairs
   (sums over the pairs). With label smoothing e the target distribution is (1 - e) one-hot + e
   uniform over the vocabulary. `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a
-  time (chunked_loss_sum)."""
+  time (chunked_loss_sum). An MoE model's router losses (moe_sums) are added like the
+  sentence loss."""
   extra = {keyword: batch[key] for key, keyword in task.inputs}
-  sentence = task.sentence
+  sentence, moe = task.sentence, model.cfg.num_experts > 0
   out = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS], **extra,
                     deterministic=dropout_rng is None, hidden=chunk > 0 or sentence,
-                    rngs={"dropout": dropout_rng} if dropout_rng is not None else None)
+                    rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
+                    mutable=["moe"] if moe else False)
+  out, sown = out if moe else (out, None)
   targets_key, weights_key = type(model).TARGETS
   w_BT = batch[weights_key].astype(jnp.float32)
   if chunk:
@@ -66,7 +69,28 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
     aux = sentence_sums(model, params, out, batch)
     loss = loss + aux["sentence_nll"] / jnp.maximum(aux["sentence_pairs"], 1.0) * jnp.sum(w_BT)
+  if moe:
+    c = model.cfg
+    stats = moe_sums(sown["moe"])
+    aux.update(stats)
+    loss = loss + (c.router_aux_loss * stats["moe_aux_loss"]
+                   + c.router_z_loss * stats["moe_z_loss"]) * jnp.sum(w_BT)
   return loss, jnp.sum(w_BT), aux
+
+
+def moe_sums(sown) -> dict:
+  """The MoE layers' sown router statistics (models/moe.py) of one batch: moe_aux_loss,
+  moe_z_loss and moe_dropped_fraction (means over the layers), moe_expert_load (the largest
+  max/mean tokens per expert of any layer), and moe_batches = 1 (sums of these over batches
+  divided by it are their means)."""
+  by_name = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
+    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    by_name.setdefault(name, []).append(jnp.ravel(leaf))
+  values = {k: jnp.concatenate(v) for k, v in by_name.items()}
+  return {"moe_aux_loss": jnp.mean(values["aux_loss"]), "moe_z_loss": jnp.mean(values["z_loss"]),
+          "moe_dropped_fraction": jnp.mean(values["dropped"]),
+          "moe_expert_load": jnp.max(values["load"]), "moe_batches": jnp.ones((), jnp.float32)}
 
 
 def sentence_sums(model, params, x_BTD, batch) -> dict:
@@ -163,20 +187,21 @@ class Trainer:
   def _train_step(self, state, batch, rng):
     c = self.config
     m = c.train.microbatches
-    use_dropout = c.model.dropout_rate > 0
+    use_dropout = c.model.dropout_rate > 0 or c.model.router_jitter > 0
 
     def micro_grads(params, micro, i):
       drng = jax.random.fold_in(jax.random.fold_in(rng, state.step), i) if use_dropout else None
       def f(p):
-        loss, weight = loss_sums(self.model, p, micro, task=self.task, z_loss=c.train.z_loss,
-                                 label_smoothing=c.train.label_smoothing, dropout_rng=drng,
-                                 chunk=c.train.loss_chunk)
-        return loss, weight
-      (loss, weight), grads = jax.value_and_grad(f, has_aux=True)(params)
-      return loss, weight, grads
+        loss, weight, aux = loss_parts(self.model, p, micro, task=self.task,
+                                       z_loss=c.train.z_loss,
+                                       label_smoothing=c.train.label_smoothing, dropout_rng=drng,
+                                       chunk=c.train.loss_chunk)
+        return loss, (weight, {k: v for k, v in aux.items() if k.startswith("moe_")})
+      (loss, (weight, moe)), grads = jax.value_and_grad(f, has_aux=True)(params)
+      return loss, weight, grads, moe
 
     if m == 1:
-      loss, weight, grads = micro_grads(state.params, batch, 0)
+      loss, weight, grads, moe = micro_grads(state.params, batch, 0)
     else:
       # Row r goes to microbatch r % m: every device keeps its own rows, no resharding.
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
@@ -185,11 +210,13 @@ class Trainer:
       def body(carry, xs):
         loss, weight, grads = carry
         mb, i = xs
-        l, w, g = micro_grads(state.params, mb, i)
-        return (loss + l, weight + w, jax.tree.map(jnp.add, grads, g)), None
+        l, w, g, moe = micro_grads(state.params, mb, i)
+        return (loss + l, weight + w, jax.tree.map(jnp.add, grads, g)), moe
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (loss, weight, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), (micro, jnp.arange(m)))
+      (loss, weight, grads), moe = jax.lax.scan(body, (0.0, 0.0, zeros),
+                                                (micro, jnp.arange(m)))
+      moe = {k: jnp.max(v) if k == "moe_expert_load" else jnp.mean(v) for k, v in moe.items()}
 
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -211,7 +238,8 @@ class Trainer:
         bad, lambda _: (state.params, state.opt_state, state.loss_mean), apply, None)
     metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                "learning_rate": self.lr_schedule(state.step), "tokens": weight,
-               "nonfinite": nonfinite, "spike": spike}
+               "nonfinite": nonfinite, "spike": spike,
+               **{k: v for k, v in moe.items() if k != "moe_batches"}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       loss_mean=loss_mean, skipped=state.skipped + bad), metrics
 
@@ -246,6 +274,9 @@ class Trainer:
     if not sums.get("weight"):
       return {}
     out = {"eval_loss": sums["loss"] / sums["weight"], "eval_tokens": sums["weight"]}
+    if "moe_batches" in sums:  # means over the batches (moe_sums)
+      out.update({"eval_" + k: v / sums["moe_batches"] for k, v in sums.items()
+                  if k.startswith("moe_") and k != "moe_batches"})
     if "sentence_pairs" in sums:
       pairs = max(sums["sentence_pairs"], 1.0)
       out.update(eval_sentence_loss=sums["sentence_nll"] / pairs,

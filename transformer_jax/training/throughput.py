@@ -15,7 +15,7 @@ class Meter:
 
   def __init__(self, trainer, params):
     c = trainer.config
-    self.matmul_params = counting.matmul_params(params, c.model.tie_embeddings)
+    self.matmul_params = counting.matmul_params(params, c.model)
     self.flops_per_token = counting.flops_per_token(trainer.model.cfg, self.matmul_params,
                                                     c.data.seq_len)
     peak, self.peak_source = hardware.peak_flops_per_device(trainer.model.cfg.compute_dtype)

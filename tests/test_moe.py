@@ -1,0 +1,226 @@
+"""Mixture-of-Experts (models/moe.py): the layer against a dense reference, capacity and drops,
+the router losses, expert parallelism on a mesh, and the config's guards."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.models import layers
+from transformer_jax.models import moe
+from transformer_jax.parallel import sharding
+from tests.conftest import REPO, model_config
+from tests.test_step import random_batches, run_steps
+
+
+def _cfg(**kw):
+  base = dict(d_model=32, d_ff=48, num_experts=4, experts_per_token=2, activation="swiglu",
+              use_bias=False)
+  return model_config(**{**base, **kw})
+
+
+def _layer(cfg, b=3, t=10, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(b, t, cfg.d_model)), jnp.float32)
+  module = moe.MoE(cfg)
+  params = nn.unbox(module.init(jax.random.key(seed), x)["params"])
+  # Random (not zero) biases so that they are tested too.
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(7), p.shape), params)
+  return module, params, x
+
+
+def _reference(cfg, params, x_BTD):
+  """Every token through its top-k experts one at a time, in numpy float64."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x_BTD, np.float64).reshape(-1, cfg.d_model)
+  logits = x @ p["router"]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  acts = {"swiglu": lambda g, u: g / (1 + np.exp(-g)) * u,
+          "gelu": lambda g, u: 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3))),
+          "relu": lambda g, u: np.maximum(u, 0)}[cfg.activation]
+  bias = lambda name, e: p[name + "_bias"][e] if name + "_bias" in p else 0.0
+  y = np.zeros_like(x)
+  for n in range(x.shape[0]):
+    top = np.argsort(-probs[n], kind="stable")[:cfg.experts_per_token]
+    w = probs[n, top] / (probs[n, top].sum() if cfg.router_renormalize else 1.0)
+    for e, we in zip(top, w):
+      up = x[n] @ p["up"][e] + bias("up", e)
+      gate = x[n] @ p["gate"][e] + bias("gate", e) if "gate" in p else None
+      y[n] += we * (acts(gate, up) @ p["down"][e] + bias("down", e))
+  return y.reshape(x_BTD.shape)
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # Mixtral: SwiGLU, top-2 renormalised
+    {"activation": "gelu", "use_bias": True, "experts_per_token": 1, "router_renormalize": False},
+    {"activation": "relu", "num_experts": 6, "experts_per_token": 3, "expert_d_ff": 24},
+])
+def test_dropless_equals_every_token_through_its_experts(kw):
+  cfg = _cfg(**kw)
+  module, params, x = _layer(cfg)
+  y = module.apply({"params": params}, x)
+  np.testing.assert_allclose(y, _reference(cfg, params, x), rtol=1e-4, atol=1e-5)
+
+
+def test_dropless_gradients_equal_the_reference_formulation():
+  """Gradients (params and input) of the sorted ragged_dot path == of a dense one-hot mixture
+  (every expert on every token, weighted by the gates: zero for the unchosen)."""
+  cfg = _cfg(use_bias=True)
+  module, params, x = _layer(cfg)
+  r = jax.random.normal(jax.random.key(3), x.shape)
+
+  def dense(params, x):
+    logits = jnp.einsum("btd,de->bte", x, params["router"])
+    weights, experts, _ = moe.route(cfg, logits)
+    gates = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts) * weights[..., None], axis=2)
+    bias = lambda name: params[name + "_bias"][None, None]
+    g = jnp.einsum("btd,edf->btef", x, params["gate"]) + bias("gate")
+    u = jnp.einsum("btd,edf->btef", x, params["up"]) + bias("up")
+    out = jnp.einsum("btef,efd->bted", jax.nn.silu(g) * u, params["down"]) + bias("down")
+    return jnp.einsum("bte,bted->btd", gates, out)
+
+  loss = lambda f: lambda p, x: jnp.sum(f(p, x) * r)
+  got = jax.grad(loss(lambda p, x: module.apply({"params": p}, x)), argnums=(0, 1))(params, x)
+  want = jax.grad(loss(dense), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(got[0]["router"]).sum()) > 0  # the gates' gradient reaches the router
+
+
+def test_ample_capacity_equals_dropless():
+  cfg = _cfg()
+  module, params, x = _layer(cfg)
+  roomy = moe.MoE(dataclasses.replace(cfg, expert_capacity_factor=cfg.num_experts / 2))
+  assert moe.capacity(roomy.cfg, x.shape[1]) == x.shape[1]
+  y, sown = roomy.apply({"params": params}, x, mutable=["moe"])
+  np.testing.assert_allclose(y, module.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+  assert float(sown["moe"]["dropped"][0]) == 0.0
+
+
+def test_slots_fill_in_choice_then_position_order():
+  rng = np.random.default_rng(0)
+  e, k, t, cap = 5, 2, 13, 3
+  experts = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
+                      for _ in range(2)])
+  got = np.asarray(moe.slots(jnp.asarray(experts, jnp.int32), e, cap))
+  for b in range(2):
+    fill = [0] * e
+    for choice in range(k):
+      for i in range(t):
+        x = experts[b, i, choice]
+        assert got[b, i, choice] == (fill[x] if fill[x] < cap else cap)
+        fill[x] += 1
+
+
+@pytest.mark.parametrize("factor, t", [(1.0, 16), (0.5, 12), (1.25, 9)])
+def test_capacity_drops_what_the_formula_says(factor, t):
+  """Every token routed to experts 0 then 1: each takes C = ceil(t k factor / E) tokens of a row,
+  the first C, and the output of the dropped rest is zero (the residual carries them)."""
+  cfg = _cfg(expert_capacity_factor=factor)
+  module, params, x = _layer(cfg, t=t)
+  params["router"] = jnp.zeros_like(params["router"]).at[:, 0].set(5.0).at[:, 1].set(4.0)
+  x = jnp.abs(x) + 1.0  # positive inputs: every token prefers expert 0, then 1
+  cap = -(-t * 2 * factor // 4)
+  assert moe.capacity(cfg, t) == cap
+  y, sown = module.apply({"params": params}, x, mutable=["moe"])
+  assert float(sown["moe"]["dropped"][0]) == pytest.approx(1 - 2 * cap / (2 * t))
+  dense = moe.MoE(dataclasses.replace(cfg, expert_capacity_factor=0.0))
+  ref = dense.apply({"params": params}, x)
+  np.testing.assert_allclose(y[:, :int(cap)], ref[:, :int(cap)], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(y[:, int(cap):]).max()) == 0.0
+
+
+def test_router_losses_equal_their_formulas_and_reach_the_router():
+  cfg = _cfg(num_experts=6, experts_per_token=2)
+  module, params, x = _layer(cfg, b=2, t=16)
+  # Uniform routing (a zero router): Switch's loss is exactly 1 whatever the top-k picks.
+  zero = dict(params, router=jnp.zeros_like(params["router"]))
+  _, sown = module.apply({"params": zero}, x, mutable=["moe"])
+  assert float(sown["moe"]["aux_loss"][0]) == pytest.approx(1.0, abs=1e-6)
+  assert float(sown["moe"]["z_loss"][0]) == pytest.approx(np.log(6) ** 2, rel=1e-6)
+  # Any routing: E * sum_e f_e P_e and mean(logsumexp^2), recomputed here.
+  logits = np.asarray(x, np.float64).reshape(-1, 32) @ np.asarray(params["router"], np.float64)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  top = np.argsort(-probs, axis=-1, kind="stable")[:, :2]
+  share = np.bincount(top.ravel(), minlength=6) / top.size
+  _, sown = module.apply({"params": params}, x, mutable=["moe"])
+  assert float(sown["moe"]["aux_loss"][0]) == pytest.approx(
+      6 * np.sum(share * probs.mean(0)), rel=1e-5)
+  lse = np.log(np.exp(logits).sum(-1))
+  assert float(sown["moe"]["z_loss"][0]) == pytest.approx(np.mean(lse ** 2), rel=1e-5)
+  assert float(sown["moe"]["load"][0]) == pytest.approx(
+      np.bincount(top.ravel(), minlength=6).max() / (top.size / 6), rel=1e-6)
+  for name in ("aux_loss", "z_loss"):
+    g = jax.grad(lambda p: module.apply({"params": p}, x, mutable=["moe"])[1]["moe"][name][0])(
+        params)
+    assert float(jnp.abs(g["router"]).sum()) > 0, name
+
+
+def test_shared_experts_add_a_dense_ffn():
+  cfg = _cfg(num_shared_experts=2, shared_expert_gate=True)
+  module, params, x = _layer(cfg)
+  routed = moe.MoE(dataclasses.replace(cfg, num_shared_experts=0))
+  y_routed = routed.apply({"params": {k: v for k, v in params.items()
+                                      if k not in ("shared", "shared_gate")}}, x)
+  shared = layers.MLP(cfg, d_ff=2 * cfg.d_ff).apply({"params": params["shared"]}, x)
+  gate = jax.nn.sigmoid(x @ params["shared_gate"])
+  np.testing.assert_allclose(module.apply({"params": params}, x), y_routed + shared * gate,
+                             rtol=1e-5, atol=1e-6)
+  assert params["shared"]["up"].shape == (32, 96)
+
+
+# ------------------------------------------------------------------------- training on a mesh
+def _tiny(*overrides):
+  return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+      "model.num_experts=4", "model.experts_per_token=2", "model.router_aux_loss=0.01",
+      "model.router_z_loss=0.001", *overrides])
+
+
+@pytest.mark.parametrize("mesh, capacity", [
+    ({"expert": 4}, 0.0), ({"expert": 2, "data": 2}, 0.0),
+    ({"expert": 2, "fsdp": 2, "tensor": 2}, 0.0), ({"expert": 4, "data": 2}, 1.0),
+    ({"expert": 2, "sequence": 2, "tensor": 2}, 1.0)])
+def test_expert_parallel_training_equals_one_device(mesh, capacity):
+  """The same 4 steps on 1 device and on a mesh with an expert axis: losses within 1e-5."""
+  extra = [f"model.expert_capacity_factor={capacity}"]
+  batches = random_batches(_tiny(*extra), 4)
+  ref, ref_params = run_steps(_tiny(*extra), jax.devices()[:1], batches)
+  sizes = {"data": 1, **mesh}
+  n = int(np.prod(list(sizes.values())))
+  got, params = run_steps(_tiny(*extra, *[f"mesh.{k}={v}" for k, v in sizes.items()]),
+                          jax.devices()[:n], batches)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  assert len(set(ref)) == len(ref)
+
+
+def test_experts_are_sharded_over_the_expert_axis():
+  from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+  config = _tiny("mesh.expert=4", "mesh.data=2")
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
+  spec = trainer.state_shardings.params["layer_0"]["mlp"]["up"].spec
+  assert spec[0] == "expert"
+  assert trainer.batch_sharding.spec[0] == ("data", "fsdp", "expert")
+  text = trainer.lower_train_step().compile().as_text()
+  assert "all-gather" in text and "reduce-scatter" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.experts_per_token=5", "model.experts_per_token=5 exceeds model.num_experts=4"),
+    ("model.expert_capacity_factor=-1.0", "model.expert_capacity_factor must be >= 0"),
+    ("mesh.expert=3", "model.num_experts=4 is not divisible by mesh.expert=3"),
+    ("model.scan_layers=True", "model.scan_layers needs every layer alike"),
+])
+def test_bad_moe_configs_fail_in_one_line(override, message):
+  extra = ["model.moe_every=2"] if "scan" in override else []
+  config = _tiny(override, *extra, "mesh.data=1")
+  with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as e:
+    config_lib.validate(config, num_devices=3 if "expert=3" in override else 1)
+  assert "\n" not in str(e.value)
