@@ -35,9 +35,9 @@ class Run:
   num_layers: int
   d_model: int
   num_heads: int
-  params: int  # all parameters
+  params: int  # all parameters (an MoE model's: every expert)
   params_nonembed: int  # without the token and position tables
-  matmul_params: int  # the N of the FLOP formula
+  matmul_params: int  # the N of the FLOP formula (an MoE model's active ones: k of E experts)
   flops_per_token: float
   tokens: int
   flops: float

@@ -48,8 +48,8 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   weighted like the mean token loss, reporting sentence_nll, sentence_correct and sentence_pairs
   (sums over the pairs). With label smoothing e the target distribution is (1 - e) one-hot + e
   uniform over the vocabulary. `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a
-  time (chunked_loss_sum). An MoE model's router losses (moe_sums) are added like the
-  sentence loss."""
+  time (chunked_loss_sum). An MoE model's weighted router losses (moe_sums) are added like the
+  sentence loss; aux["moe_router_loss"] is that addition (metrics report the loss without it)."""
   extra = {keyword: batch[key] for key, keyword in task.inputs}
   sentence, moe = task.sentence, model.cfg.num_experts > 0
   out = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS], **extra,
@@ -71,10 +71,10 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
     loss = loss + aux["sentence_nll"] / jnp.maximum(aux["sentence_pairs"], 1.0) * jnp.sum(w_BT)
   if moe:
     c = model.cfg
-    stats = moe_sums(sown["moe"])
-    aux.update(stats)
-    loss = loss + (c.router_aux_loss * stats["moe_aux_loss"]
-                   + c.router_z_loss * stats["moe_z_loss"]) * jnp.sum(w_BT)
+    aux.update(moe_sums(sown["moe"]))
+    aux["moe_router_loss"] = (c.router_aux_loss * aux["moe_aux_loss"]
+                              + c.router_z_loss * aux["moe_z_loss"]) * jnp.sum(w_BT)
+    loss = loss + aux["moe_router_loss"]
   return loss, jnp.sum(w_BT), aux
 
 
@@ -216,11 +216,15 @@ class Trainer:
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (loss, weight, grads), moe = jax.lax.scan(body, (0.0, 0.0, zeros),
                                                 (micro, jnp.arange(m)))
-      moe = {k: jnp.max(v) if k == "moe_expert_load" else jnp.mean(v) for k, v in moe.items()}
+      moe = {k: jnp.max(v) if k == "moe_expert_load" else
+             jnp.sum(v) if k == "moe_router_loss" else jnp.mean(v) for k, v in moe.items()}
 
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss, grad_norm = loss / denom, optax.tree.norm(grads)
+    # The logged loss is the tokens' (comparable to a dense model's); the router losses have
+    # their own metrics.
+    token_loss_mean = loss - (jnp.sum(moe.pop("moe_router_loss")) / denom if moe else 0.0)
     # Anomaly guard, on device: the update is applied only to a finite loss and gradient that is
     # not a spike, so a bad batch never reaches the parameters or the optimizer moments.
     nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
@@ -236,7 +240,7 @@ class Trainer:
 
     params, opt_state, loss_mean = jax.lax.cond(
         bad, lambda _: (state.params, state.opt_state, state.loss_mean), apply, None)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+    metrics = {"loss": token_loss_mean, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                "learning_rate": self.lr_schedule(state.step), "tokens": weight,
                "nonfinite": nonfinite, "spike": spike,
                **{k: v for k, v in moe.items() if k != "moe_batches"}}
@@ -246,7 +250,7 @@ class Trainer:
   def _eval_step(self, params, batch):
     loss, weight, aux = loss_parts(self.model, params, batch, task=self.task,
                                    chunk=self.config.train.loss_chunk)
-    return {"loss": loss, "weight": weight, **aux}
+    return {"loss": loss - aux.pop("moe_router_loss", 0.0), "weight": weight, **aux}
 
   # ---- host-side API
   def init_state(self, seed: int) -> TrainState:
