@@ -8,8 +8,9 @@ one of tiny | 8x7b | 8x22b.
 A Mistral-style decoder (rotary positions, theta 10^6; grouped-query attention with 8 KV heads;
 pre-RMSNorm, eps 1e-5; no biases; untied output projection) whose every FFN is a sparse mixture
 of 8 SwiGLU experts, 2 per token, routed by a softmax router with the top-2 weights renormalised
-and computed dropless (models/moe.py), with Switch's load-balancing loss (weight 0.02, Hugging
-Face's router_aux_loss_coef). 8x7b: 32 layers, width 4096, 32 heads, experts 14336 wide, 32000
+and computed dropless (models/moe.py), with Switch's load-balancing loss at 0.04: the released
+config.json's router_aux_loss_coef 0.02 in Hugging Face's form, which counts each of a token's 2
+choices and so is 2x ours (convert/ maps between the two). 8x7b: 32 layers, width 4096, 32 heads, experts 14336 wide, 32000
 tokens: 46.7B parameters, 12.9B active per token. 8x22b: 56 layers, width 6144, 48 heads,
 experts 16384 wide, 32768 tokens: 141B parameters, 39B active. Mixtral's context is 32k (8x7b)
 and 64k (8x22b); these pretrain on 4096-token rows. Every dense config becomes an MoE one with
@@ -42,7 +43,7 @@ def get_config(arg=None):
   c.model.update(num_layers=layers, d_model=d, num_heads=heads, num_kv_heads=kv_heads,
                  d_ff=d_ff, vocab_size=vocab, max_len=seq, rope_theta=1e6,
                  num_experts=4 if size == "tiny" else 8, experts_per_token=2,
-                 expert_capacity_factor=0.0, router_renormalize=True, router_aux_loss=0.02,
+                 expert_capacity_factor=0.0, router_renormalize=True, router_aux_loss=0.04,
                  router_z_loss=0.0)
   c.data.seq_len = seq
   c.train.batch_size = batch

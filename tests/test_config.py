@@ -22,7 +22,7 @@ CONFIG_FILES = sorted(p for p in glob.glob(f"{REPO}/configs/*.py")
                       if not p.endswith(("__init__.py", "base.py")))
 SHRINK = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=0",
           "model.vocab_size=128", "model.max_len=16", "data.seq_len=16", "train.batch_size=2",
-          "train.microbatches=1", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
+          "train.microbatches=1", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
           "model.num_decoder_layers=0"]
 
 

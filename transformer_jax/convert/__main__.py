@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out of training workdirs:
 
-  python -m transformer_jax.convert import --hf_dir=DIR --workdir=OUT [--family=gpt2|llama|bert|t5]
-      [--config=FILE.py] [--config.KEY=VALUE ...]
+  python -m transformer_jax.convert import --hf_dir=DIR --workdir=OUT [--family=gpt2|llama|
+      mistral|mixtral|qwen2_moe|bert|t5] [--config=FILE.py] [--config.KEY=VALUE ...]
   python -m transformer_jax.convert export --workdir=W --hf_dir=OUT [--step=N]
 
 `import` writes OUT/config.json (the --config recipe, transformer_jax/config/base.py by default,
@@ -24,8 +24,8 @@ from transformer_jax.config import ConfigError
 from transformer_jax.config import base
 
 USAGE = ("usage: python -m transformer_jax.convert import --hf_dir=DIR --workdir=OUT "
-         "[--family=gpt2|llama|bert|t5] [--config=FILE.py] [--config.KEY=VALUE ...] | export "
-         "--workdir=W --hf_dir=OUT [--step=N]")
+         "[--family=gpt2|llama|mistral|mixtral|qwen2_moe|bert|t5] [--config=FILE.py] "
+         "[--config.KEY=VALUE ...] | export --workdir=W --hf_dir=OUT [--step=N]")
 HF_CONFIG = "hf_config.json"
 
 

@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints <-> our models' parameters (GPT-2, Llama, Mistral: DecoderLM; BERT:
-EncoderLM; T5 v1.1: EncoderDecoder), and HF-style forward passes.
+"""Hugging Face checkpoints <-> our models' parameters (GPT-2, Llama, Mistral, and the
+Mixture-of-Experts Mixtral and Qwen2-MoE: DecoderLM; BERT: EncoderLM; T5 v1.1: EncoderDecoder),
+and HF-style forward passes.
 
   model, params = from_hf("path/to/hf_dir")            # family from config.json's model_type
   to_hf(model, params, "out_dir")                      # model.safetensors + config.json
@@ -25,7 +26,7 @@ import numpy as np
 
 from transformer_jax.config import ConfigError
 from transformer_jax.config import base
-from transformer_jax.convert import bert, gpt2, llama, mistral, t5, tables
+from transformer_jax.convert import bert, gpt2, llama, mistral, mixtral, qwen2_moe, t5, tables
 from transformer_jax.models import families
 from transformer_jax.models import stack
 from transformer_jax.models.layers import ModelConfig
@@ -35,7 +36,10 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # our model.family -> module (a table's MODEL_FAMILY)
 MODELS = families.FAMILIES
-TABLES = {f.MODEL_TYPE: f for f in (gpt2, llama, mistral, bert, t5)}  # HF model_type -> its table
+# HF model_type -> its table
+TABLES = {f.MODEL_TYPE: f for f in (gpt2, llama, mistral, mixtral, qwen2_moe, bert, t5)}
+# model.* values a checkpoint's config.json gives that training may change (not architecture).
+TRAINING = ("router_aux_loss",)
 
 
 def table(name: str):
@@ -150,8 +154,8 @@ def hf_model_config(hf: dict, family: str = "", **overrides) -> dict:
 
 def check_overrides(from_hf: dict, model: dict):
   """Refuses model.* values that contradict the checkpoint (one line naming them); a larger
-  vocab_size (zero rows) and, without learned positions, max_len may differ."""
-  free = {"vocab_size"} | ({"max_len"} if from_hf["position"] != "learned" else set())
+  vocab_size (zero rows), TRAINING and, without learned positions, max_len may differ."""
+  free = {"vocab_size", *TRAINING} | ({"max_len"} if from_hf["position"] != "learned" else set())
   bad = [f"model.{k}={model[k]!r} (checkpoint: {v!r})" for k, v in from_hf.items()
          if k not in free and model[k] != v]
   if bad:
@@ -166,6 +170,10 @@ def load_params(hf_dir: str, cfg: ModelConfig, hf: dict | None = None) -> dict:
   """Our parameters (numpy, cfg.param_dtype, cfg's layout) from an HF directory."""
   hf = read_config(hf_dir) if hf is None else hf
   fam = table(hf.get("model_type", ""))
+  if cfg.scan_layers and cfg.num_experts and cfg.moe_every > 1:
+    raise ConfigError(f"model.scan_layers needs every layer alike: this {fam.MODEL_TYPE} "
+                      f"checkpoint mixes dense and MoE layers (model.moe_every={cfg.moe_every}); "
+                      f"set scan_layers=False")
   shapes = _shapes(fam, cfg)
   flat = tables.from_hf_tensors(fam, cfg, read_tensors(hf_dir), shapes,
                                 jnp.dtype(cfg.param_dtype))

@@ -114,7 +114,7 @@ GLOBAL = (
     P("final_norm/scale", "model.norm.weight"),
     P("embed/logits", "lm_head.weight", 1, linear=True, vocab=1, when="untied"),
 )
-LAYER = (  # {i}: the layer index
+ATTENTION = (  # {i}: the layer index; the norms included (Mixtral and Qwen2-MoE reuse them)
     P("attention_norm/scale", "model.layers.{i}.input_layernorm.weight"),
     P("attention/query", "model.layers.{i}.self_attn.q_proj.weight", 1, linear=True),
     P("attention/key", "model.layers.{i}.self_attn.k_proj.weight", 1, linear=True),
@@ -125,6 +125,8 @@ LAYER = (  # {i}: the layer index
     P("attention/value_bias", "model.layers.{i}.self_attn.v_proj.bias", when="bias"),
     P("attention/out_bias", "model.layers.{i}.self_attn.o_proj.bias", when="bias"),
     P("mlp_norm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+)
+MLP = (
     P("mlp/gate", "model.layers.{i}.mlp.gate_proj.weight", 1, linear=True),
     P("mlp/up", "model.layers.{i}.mlp.up_proj.weight", 1, linear=True),
     P("mlp/down", "model.layers.{i}.mlp.down_proj.weight", 1, linear=True),
@@ -132,3 +134,4 @@ LAYER = (  # {i}: the layer index
     P("mlp/up_bias", "model.layers.{i}.mlp.up_proj.bias", when="bias"),
     P("mlp/down_bias", "model.layers.{i}.mlp.down_proj.bias", when="bias"),
 )
+LAYER = ATTENTION + MLP

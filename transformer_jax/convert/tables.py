@@ -6,7 +6,10 @@ torch nn.Linear weight ([out, in]), pad its vocabulary axis, split its last axis
 (a packed projection such as GPT-2's c_attn) and reshape each part to our leaf's shape (e.g.
 [D, H*K] -> [D, H, K]). Exporting runs the same steps backwards, so a round trip is exact.
 A new family is a new table module plus one line in families(); a family with several layer
-stacks (T5's encoder and decoder) lists them in STACKS instead of one LAYER table.
+stacks (T5's encoder and decoder) lists them in STACKS instead of one LAYER table. A fused
+Mixture-of-Experts tensor [E, out, in] keeps its leading expert axis (`lead`): the transpose and
+the split act on each expert's matrix. A family whose checkpoints name tensors otherwise than its
+rows (one tensor per expert) converts them in `complete` (read) and `to_checkpoint` (write).
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from transformer_jax.config import ConfigError
+from transformer_jax.models import moe
 from transformer_jax.models.layers import ModelConfig
 
 
@@ -25,17 +29,23 @@ class P(NamedTuple):
   ours: str
   hf: str
   in_axes: int = 0  # our leaf's leading axes that make the HF matrix's rows (0: a vector)
-  linear: bool = False  # HF stores [out, in] (torch nn.Linear): transposed
+  linear: bool = False  # HF stores [out, in] (torch nn.Linear): its last two axes transposed
   vocab: int | None = None  # the [in, out] matrix's vocabulary axis: zero-padded / sliced
   when: str = ""  # "bias": only with model.use_bias; "untied": only without tie_embeddings;
-  # "sentence": only with model.sentence_head (BERT's pooler and NSP head)
+  # "sentence": only with model.sentence_head (BERT's pooler and NSP head); in a layer table,
+  # "moe" / "dense": only in the layers with / without the Mixture-of-Experts FFN
+  lead: int = 0  # leading axes HF keeps too (a fused MoE tensor's experts: [E, out, in])
 
 
-WHEN = {"": lambda c: True, "bias": lambda c: c.use_bias, "untied": lambda c: not c.tie_embeddings,
-        "sentence": lambda c: c.sentence_head}
-# ModelConfig features a family has only where its FIXED says so (BERT: embed_norm, token types).
+# (model config, layer index: None outside the layer tables) -> whether the row is there
+WHEN = {"": lambda c, i: True, "bias": lambda c, i: c.use_bias,
+        "untied": lambda c, i: not c.tie_embeddings, "sentence": lambda c, i: c.sentence_head,
+        "moe": lambda c, i: moe.is_moe_layer(c, i),
+        "dense": lambda c, i: not moe.is_moe_layer(c, i)}
+# ModelConfig features a family has only where its FIXED says so (BERT: embed_norm, token types;
+# Mixtral and Qwen2-MoE: experts).
 PLAIN = {"scale_embeddings": False, "embed_norm": False, "query_scale": 0.0, "type_vocab_size": 0,
-         "attention_window": 0}
+         "attention_window": 0, "num_experts": 0}
 
 
 def fixed(fam) -> dict:
@@ -89,12 +99,12 @@ def rows(fam, cfg):
   """(our leaf paths, HF name, row) for every tensor of this model, unrolled layer names."""
   out = []
   for p in fam.GLOBAL:
-    if WHEN[p.when](cfg):
+    if WHEN[p.when](cfg, None):
       out.append((tuple(p.ours.split()), p.hf, p))
   for path, count, table in stacks(fam):
     for i in range(count(cfg)):
       for p in table:
-        if WHEN[p.when](cfg):
+        if WHEN[p.when](cfg, i):
           out.append((tuple(f"{path.format(i=i)}/{o}" for o in p.ours.split()),
                       p.hf.format(i=i), p))
   return out
@@ -116,7 +126,7 @@ def from_hf_tensors(fam, cfg, tensors: dict, shapes: dict, dtype) -> dict:
       raise ConfigError(f"the {fam.MODEL_TYPE} checkpoint has no tensor {name}")
     used.add(name)
     x = np.asarray(tensors[name]).astype(dtype)
-    x = x.T if p.linear else x
+    x = np.swapaxes(x, -1, -2) if p.linear else x
     if p.vocab is not None:
       extra = cfg.vocab_size - x.shape[p.vocab]
       if extra < 0:
@@ -154,10 +164,12 @@ def to_hf_tensors(fam, cfg, flat: dict, vocab_size: int) -> dict:
       parts.append(leaf.reshape(int(np.prod(leaf.shape[:p.in_axes])), -1) if p.in_axes
                    else leaf.reshape(-1))
     x = np.concatenate(parts, axis=-1)
+    if p.lead:
+      x = x.reshape(np.shape(flat[ours[0]])[:p.lead] + (-1, x.shape[-1]))
     if p.vocab is not None:
       x = np.take(x, np.arange(vocab_size), axis=p.vocab)
-    out[name] = np.ascontiguousarray(x.T if p.linear else x)
+    out[name] = np.ascontiguousarray(np.swapaxes(x, -1, -2) if p.linear else x)
   left = sorted(set(flat) - used)
   if left:
     raise ConfigError(f"{fam.MODEL_TYPE} has no place for parameter(s) {', '.join(left[:3])}")
-  return out
+  return getattr(fam, "to_checkpoint", lambda t: t)(out)

@@ -56,7 +56,8 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
                     deterministic=dropout_rng is None, hidden=chunk > 0 or sentence,
                     rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
                     mutable=["moe"] if moe else False)
-  out, sown = out if moe else (out, None)
+  out, sown = out if moe else (out, {})
+  moe = bool(sown.get("moe"))  # False when no layer is MoE (e.g. moe_every > num_layers)
   targets_key, weights_key = type(model).TARGETS
   w_BT = batch[weights_key].astype(jnp.float32)
   if chunk:
@@ -240,8 +241,8 @@ class Trainer:
 
     params, opt_state, loss_mean = jax.lax.cond(
         bad, lambda _: (state.params, state.opt_state, state.loss_mean), apply, None)
-    metrics = {"loss": token_loss_mean, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-               "learning_rate": self.lr_schedule(state.step), "tokens": weight,
+    metrics = {"loss": token_loss_mean, "grad_norm": grad_norm,
+               "param_norm": optax.tree.norm(params), "learning_rate": self.lr_schedule(state.step), "tokens": weight,
                "nonfinite": nonfinite, "spike": spike,
                **{k: v for k, v in moe.items() if k != "moe_batches"}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
