@@ -99,6 +99,10 @@ def _model():
   # a multiple of 128) | auto (TPU: splash, GPU: cudnn, where the layer allows; else xla).
   # KV-cache decoding always uses xla (dot_product: itself).
   m.attention_impl = "xla"
+  # Quantized training (quant/qt.py, through qwix): none | int8 | fp8 runs the attention and MLP
+  # projections' matmuls quantized, forward and backward (absmax scales per row and column); the
+  # fp32 master weights and checkpoints are unchanged (a run may resume with it on or off).
+  m.quantization = "none"
   _long_context(m)
   _moe(m)
 
@@ -239,6 +243,11 @@ def _train():
   t.on_anomaly = "skip"  # skip (go on with the next batch) | rollback | abort
   t.spike_factor = 0.0  # > 0: loss > spike_factor * (running mean of loss) is a spike; 0 = off
   t.spike_warmup_steps = 100  # no spike checks before this step (the running mean settles)
+  # Knowledge distillation (training/distill.py): teacher = a training workdir of ours or a
+  # Hugging Face directory with the student's family and tokenizer ("" = none). The objective is
+  # alpha * the usual loss + (1 - alpha) * temperature^2 * KL(teacher || student) of the
+  # temperature-softened logits; the teacher is frozen and not checkpointed.
+  t.distill = ml_collections.ConfigDict({"teacher": "", "alpha": 0.5, "temperature": 2.0})
 
   return t
 
@@ -282,6 +291,9 @@ def _eval():
   e = ml_collections.ConfigDict()
   e.every_steps = 500  # 0 = only at the end
   e.batches = 8  # held-out batches per evaluation (the same ones every time)
+  # Downstream tasks scored at each evaluation (metrics.jsonl gets eval_TASK_METRIC): SPEC strings
+  # as `python -m transformer_jax.evaluate --tasks` takes them (PATH.jsonl or KIND:PATH).
+  e.tasks = ()
 
   return e
 

@@ -13,6 +13,7 @@ from transformer_jax.data import objectives
 from transformer_jax.models import ops
 from transformer_jax.models import families
 from transformer_jax.parallel import sharding
+from transformer_jax.training import distill
 from transformer_jax.training import optimizer
 
 
@@ -41,18 +42,21 @@ def loss_sums(model, params, batch, **kwargs):
 
 
 def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, label_smoothing=0.0,
-               dropout_rng=None, chunk=0):
+               dropout_rng=None, chunk=0, teacher=None):
   """(Sum of token cross-entropies (fp32), sum of target weights, sums for metrics) over one
   batch. `task` (the objective's `loss`) names the batch keys the model also takes (a prefix
   LM's prefix, BERT's token types) and whether a sentence-pair head adds its mean pair loss,
   weighted like the mean token loss, reporting sentence_nll, sentence_correct and sentence_pairs
   (sums over the pairs). With label smoothing e the target distribution is (1 - e) one-hot + e
   uniform over the vocabulary. `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a
-  time (chunked_loss_sum). An MoE model's weighted router losses (moe_sums) are added like the
-  sentence loss; aux["moe_router_loss"] is that addition (metrics report the loss without it)."""
+  time (chunked_loss_sum). Training-only terms: an MoE model's weighted router losses
+  (moe_sums), added like the sentence loss, and with a `teacher` (training/distill.py) the
+  distillation objective in place of the usual loss (its KL sum as distill_kl);
+  aux["extra_loss"] is what they add (metrics report the loss without it)."""
   extra = {keyword: batch[key] for key, keyword in task.inputs}
   sentence, moe = task.sentence, model.cfg.num_experts > 0
-  out = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS], **extra,
+  inputs = [batch[k] for k in type(model).INPUTS]
+  out = model.apply({"params": params}, *inputs, **extra,
                     deterministic=dropout_rng is None, hidden=chunk > 0 or sentence,
                     rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
                     mutable=["moe"] if moe else False)
@@ -70,12 +74,16 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
     aux = sentence_sums(model, params, out, batch)
     loss = loss + aux["sentence_nll"] / jnp.maximum(aux["sentence_pairs"], 1.0) * jnp.sum(w_BT)
+  base = loss
+  if teacher is not None:
+    loss, aux["distill_kl"] = distill.loss_terms(teacher, inputs, extra, logits, loss, w_BT)
   if moe:
     c = model.cfg
     aux.update(moe_sums(sown["moe"]))
-    aux["moe_router_loss"] = (c.router_aux_loss * aux["moe_aux_loss"]
-                              + c.router_z_loss * aux["moe_z_loss"]) * jnp.sum(w_BT)
-    loss = loss + aux["moe_router_loss"]
+    loss = loss + (c.router_aux_loss * aux["moe_aux_loss"]
+                   + c.router_z_loss * aux["moe_z_loss"]) * jnp.sum(w_BT)
+  if teacher is not None or moe:
+    aux["extra_loss"] = loss - base
   return loss, jnp.sum(w_BT), aux
 
 
@@ -156,6 +164,7 @@ class Trainer:
   state_shardings: Any = None
   abstract_state: Any = None
   batch_sharding: Any = None
+  teacher: distill.Teacher | None = None  # train.distill's frozen teacher, on this mesh
 
   def __post_init__(self):
     c = self.config
@@ -166,6 +175,7 @@ class Trainer:
     self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
     self.rules = sharding.rules(c)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self.teacher = distill.load(c, self.mesh, self.rules)
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     self.state_shardings = sharding.shardings(boxed, self.mesh, self.rules)
     sharding.check_divisible(boxed.params, self.state_shardings.params, self.mesh)
@@ -174,7 +184,8 @@ class Trainer:
         nn.unbox(boxed), self.state_shardings)
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                          out_shardings=self.state_shardings)
-    self._train = jax.jit(self._train_step, in_shardings=(self.state_shardings, None, None),
+    self._train = jax.jit(self._train_step,
+                          in_shardings=(self.state_shardings, None, None, None),
                           out_shardings=(self.state_shardings, None), donate_argnums=(0,))
     self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, None))
 
@@ -185,8 +196,10 @@ class Trainer:
     opt_state = self.tx.init(params)
     return TrainState.create(params, opt_state)
 
-  def _train_step(self, state, batch, rng):
+  def _train_step(self, state, batch, rng, teacher_params):
     c = self.config
+    teacher = (dataclasses.replace(self.teacher, params=teacher_params)
+               if self.teacher is not None else None)
     m = c.train.microbatches
     use_dropout = c.model.dropout_rate > 0 or c.model.router_jitter > 0
 
@@ -196,8 +209,9 @@ class Trainer:
         loss, weight, aux = loss_parts(self.model, p, micro, task=self.task,
                                        z_loss=c.train.z_loss,
                                        label_smoothing=c.train.label_smoothing, dropout_rng=drng,
-                                       chunk=c.train.loss_chunk)
-        return loss, (weight, {k: v for k, v in aux.items() if k.startswith("moe_")})
+                                       chunk=c.train.loss_chunk, teacher=teacher)
+        return loss, (weight, {k: v for k, v in aux.items()
+                               if k.startswith(("moe_", "distill_")) or k == "extra_loss"})
       (loss, (weight, moe)), grads = jax.value_and_grad(f, has_aux=True)(params)
       return loss, weight, grads, moe
 
@@ -218,14 +232,17 @@ class Trainer:
       (loss, weight, grads), moe = jax.lax.scan(body, (0.0, 0.0, zeros),
                                                 (micro, jnp.arange(m)))
       moe = {k: jnp.max(v) if k == "moe_expert_load" else
-             jnp.sum(v) if k == "moe_router_loss" else jnp.mean(v) for k, v in moe.items()}
+             jnp.sum(v) if k in ("extra_loss", "distill_kl") else jnp.mean(v)
+             for k, v in moe.items()}
 
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss, grad_norm = loss / denom, optax.tree.norm(grads)
-    # The logged loss is the tokens' (comparable to a dense model's); the router losses have
-    # their own metrics.
-    token_loss_mean = loss - (jnp.sum(moe.pop("moe_router_loss")) / denom if moe else 0.0)
+    # The logged loss is the usual one (comparable to a dense, undistilled model's); the router
+    # and distillation terms have their own metrics.
+    token_loss_mean = loss - (moe.pop("extra_loss") / denom if "extra_loss" in moe else 0.0)
+    if "distill_kl" in moe:
+      moe["distill_kl"] = moe["distill_kl"] / denom
     # Anomaly guard, on device: the update is applied only to a finite loss and gradient that is
     # not a spike, so a bad batch never reaches the parameters or the optimizer moments.
     nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
@@ -242,7 +259,8 @@ class Trainer:
     params, opt_state, loss_mean = jax.lax.cond(
         bad, lambda _: (state.params, state.opt_state, state.loss_mean), apply, None)
     metrics = {"loss": token_loss_mean, "grad_norm": grad_norm,
-               "param_norm": optax.tree.norm(params), "learning_rate": self.lr_schedule(state.step), "tokens": weight,
+               "param_norm": optax.tree.norm(params),
+               "learning_rate": self.lr_schedule(state.step), "tokens": weight,
                "nonfinite": nonfinite, "spike": spike,
                **{k: v for k, v in moe.items() if k != "moe_batches"}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
@@ -251,7 +269,7 @@ class Trainer:
   def _eval_step(self, params, batch):
     loss, weight, aux = loss_parts(self.model, params, batch, task=self.task,
                                    chunk=self.config.train.loss_chunk)
-    return {"loss": loss - aux.pop("moe_router_loss", 0.0), "weight": weight, **aux}
+    return {"loss": loss - aux.pop("extra_loss", 0.0), "weight": weight, **aux}
 
   # ---- host-side API
   def init_state(self, seed: int) -> TrainState:
@@ -265,7 +283,10 @@ class Trainer:
 
   def train_step(self, state, batch, rng):
     with sharding.context(self.mesh, self.rules):
-      return self._train(state, batch, rng)
+      return self._train(state, batch, rng, self._teacher_params())
+
+  def _teacher_params(self):
+    return self.teacher.params if self.teacher is not None else None
 
   def evaluate(self, params, batches) -> dict:
     """eval_loss (mean per target token) over `batches` and eval_tokens (how many); with a
@@ -295,4 +316,6 @@ class Trainer:
                  self.objective, self.config.train.batch_size).items()}
     rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: the devices may be compile-only
     with sharding.context(self.mesh, self.rules):
-      return self._train.lower(self.abstract_state, batch, rng)
+      teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                             self._teacher_params())
+      return self._train.lower(self.abstract_state, batch, rng, teacher)

@@ -1,0 +1,110 @@
+"""Knowledge distillation (training/distill.py): the objective's limits and formula, a frozen,
+unsaved teacher from a workdir, every family, and the one-line errors."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.data import objectives
+from transformer_jax.models import families
+from transformer_jax.parallel import sharding
+from transformer_jax.training import distill
+from transformer_jax.training import loop
+from transformer_jax.training.step import Trainer, loss_parts
+from tests.conftest import REPO, synthetic_batch, tiny_overrides
+
+
+def _setup(recipe="configs/gpt2.py:tiny", *extra):
+  config = config_lib.load(f"{REPO}/{recipe}", ["data.seq_len=16", "model.max_len=16",
+                                                 "train.batch_size=2", *extra])
+  model = families.build_model(config)
+  init = lambda seed: nn.unbox(model.init(jax.random.key(seed),
+                                          *families.init_inputs(model, 8))["params"])
+  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(config).items()}
+  task = objectives.loss(objectives.check(config))
+  return config, model, init, batch, task
+
+
+def test_kl_matches_its_formula():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(2, 3, 7)) * 3, rng.normal(size=(2, 3, 7)) * 3
+  w = rng.uniform(size=(2, 3))
+  for temp in (1.0, 2.5):
+    p = np.exp(t / temp) / np.exp(t / temp).sum(-1, keepdims=True)
+    q = np.exp(s / temp) / np.exp(s / temp).sum(-1, keepdims=True)
+    want = np.sum(np.sum(p * np.log(p / q), -1) * w)
+    got = distill.kl_sum(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), temp)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["configs/gpt2.py:tiny", "configs/bert.py:tiny",
+                                    "configs/t5.py:tiny"])
+def test_alpha_one_is_the_plain_loss_and_a_twin_teacher_adds_nothing(recipe):
+  """alpha = 1: the loss and gradients are the plain ones. A teacher identical to the student:
+  the KL and its gradient vanish (alpha = 0 leaves only it). Every family."""
+  _, model, init, batch, task = _setup(recipe)
+  params, other = init(0), init(1)
+  grad = lambda teacher: jax.value_and_grad(
+      lambda p: loss_parts(model, p, batch, task=task, teacher=teacher)[0])(params)
+  plain, g_plain = grad(None)
+  one, g_one = grad(distill.Teacher(model, other, 1.0, 2.0))
+  assert float(one) == pytest.approx(float(plain), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g_one), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  twin, g_twin = grad(distill.Teacher(model, params, 0.0, 3.0))
+  assert abs(float(twin)) < 1e-4
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_twin)) < 1e-5
+  soft, _ = grad(distill.Teacher(model, other, 0.0, 3.0))
+  assert float(soft) > 1e-3  # another teacher: a real KL
+
+
+def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_path):
+  """A 2-layer teacher trained 10 steps; a 1-layer student distilled from it: distill_kl is
+  logged, the teacher's checkpoint is unchanged and the student's saved state holds only its
+  own parameters."""
+  teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+  kv = {"train.steps": 10, "eval.every_steps": 0}
+  loop.train(config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **kv)),
+             str(teacher_dir), quiet=True, devices=jax.devices()[:1])
+  student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+      tiny_data, **{**kv, "model.num_layers": 1, "train.distill.teacher": str(teacher_dir),
+                    "train.distill.alpha": 0.3, "train.steps": 5}))
+  trainer = Trainer(student, sharding.make_mesh(student, jax.devices()[:1]))
+  before = jax.device_get(trainer.teacher.params)
+  loop.train(student, str(student_dir), quiet=True, devices=jax.devices()[:1])
+  rows = [json.loads(l) for l in open(student_dir / "metrics.jsonl")]
+  assert all(r["distill_kl"] > 0 for r in rows if "loss" in r)
+  after = jax.device_get(Trainer(student, trainer.mesh).teacher.params)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  saved = jax.tree.leaves(trainer.abstract_state.params)
+  assert len(saved) == len(jax.tree.leaves(families.abstract_params(trainer.model)))
+  assert "layer_1" in trainer.teacher.params and "layer_1" not in trainer.abstract_state.params
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.vocab_size=512"], "a teacher needs the student's family and vocabulary"),
+    (["train.distill.alpha=1.5"], "train.distill.alpha must be in [0, 1]"),
+    (["train.loss_chunk=16"], "train.distill needs the whole logits"),
+    (["data.tokenizer=/nonexistent.model"], "was trained with tokenizer"),
+])
+def test_bad_teachers_fail_in_one_line(tiny_data, tmp_path, extra, message):
+  teacher_dir = tmp_path / "teacher"
+  teacher_dir.mkdir()
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data))
+  (teacher_dir / "checkpoints").mkdir()
+  config_lib.write_json(config, str(teacher_dir / "config.json"))
+  student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+      tiny_data, **{"train.distill.teacher": str(teacher_dir)}) + extra)
+  with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as e:
+    Trainer(student, sharding.make_mesh(student, jax.devices()[:1]))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="neither a training workdir"):
+    bad = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [f"train.distill.teacher={tmp_path}"])
+    distill.load(bad, None, ())
