@@ -11,7 +11,10 @@ for export) and checkpoint 0: the HF weights, a fresh optimizer state and the da
 the start, so that `python -m transformer_jax.train --workdir=OUT` continues training and
 `python -m transformer_jax.sample --workdir=OUT` samples. The data config must therefore be
 valid (corpus, and data.tokenizer with at most model.vocab_size pieces; BERT's objective mlm
-needs its [MASK] piece, T5's span its sentinels). `--family` defaults to
+needs its [MASK] piece, T5's span its sentinels). A checkpoint directory with a tokenizer.json
+has it copied to OUT/tokenizer/ and data.tokenizer pointed there (unless --config.data.tokenizer
+says otherwise), so continued pretraining feeds the model the ids it knows; `export` copies such
+a tokenizer along. `--family` defaults to
 config.json's model_type. `export` writes the latest (or --step) checkpoint's parameters as
 model.safetensors + config.json + generation_config.json. Flags also take `--flag value`.
 """
@@ -27,6 +30,8 @@ USAGE = ("usage: python -m transformer_jax.convert import --hf_dir=DIR --workdir
          "[--family=gpt2|llama|mistral|mixtral|qwen2_moe|bert|t5] [--config=FILE.py] "
          "[--config.KEY=VALUE ...] | export --workdir=W --hf_dir=OUT [--step=N]")
 HF_CONFIG = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"  # an import's copy of the checkpoint's Hugging Face tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _recipe(spec):
@@ -57,6 +62,10 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
     config.data.objective = objectives.default_for(values["family"])
   if values.get("sentence_head"):  # BertForPreTraining: keep training its NSP head
     config.data.sentence_pair = config.data.sentence_pair or "nsp"
+  if not any(item.startswith("data.tokenizer=") for item in overrides):
+    copied = _copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+    if copied:  # the model keeps reading the ids it was trained on
+      config.data.tokenizer = copied
   for item in overrides:
     key, _, value = item.partition("=")
     config_lib.set_value(config, key, value)
@@ -72,6 +81,20 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   with open(os.path.join(workdir, HF_CONFIG), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   return config
+
+
+def _copy_tokenizer(source_dir: str, out_dir: str) -> str:
+  """Copies a Hugging Face tokenizer (tokenizer.json and the files that name its special
+  tokens) from `source_dir` to `out_dir`; returns out_dir's absolute path, or "" if there is
+  none to copy."""
+  if not os.path.isfile(os.path.join(source_dir, "tokenizer.json")):
+    return ""
+  import shutil  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(source_dir, name)):
+      shutil.copyfile(os.path.join(source_dir, name), os.path.join(out_dir, name))
+  return os.path.abspath(out_dir)
 
 
 def _save_step0(config, params, workdir):
@@ -115,6 +138,9 @@ def export_hf(workdir, hf_dir, step=-1):
     raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
   hf = _export_hf_config(workdir, config)
   written = hf_lib.to_hf(model, params, hf_dir, family=hf.get("model_type", ""), hf_config=hf)
+  tokenizer = config.data.tokenizer
+  if os.path.isdir(tokenizer):  # a Hugging Face tokenizer (an import's): it goes along
+    _copy_tokenizer(tokenizer, hf_dir)
   print(f"exported step {got} of {workdir} as {written['model_type']} (vocabulary "
         f"{written['vocab_size']}) to {hf_dir}")
   return written

@@ -78,7 +78,7 @@ def _check_tokenizer(config) -> None:
   if tok.vocab_size > model_vocab:
     raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the vocabulary of "
                       f"{path} ({tok.vocab_size}); set model.vocab_size >= {tok.vocab_size}")
-  if tok.pad_id != 0:
+  if isinstance(tok, tokenizer_lib.Tokenizer) and tok.pad_id != 0:  # ours: pad = 0 by design
     raise ConfigError(f"data.tokenizer={path!r} has pad id {tok.pad_id}; packing pads with 0")
   for flag, special, value in (("add_bos", "bos", tok.bos_id), ("add_eos", "eos", tok.eos_id)):
     if config.data[flag] and value < 0:

@@ -41,11 +41,11 @@ import time
 from etils import epath
 import ml_collections
 import numpy as np
-import sentencepiece as spm
 import tensorflow_datasets as tfds
 
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tokenization
 
 SPLITS = ("train", "validation")
 _VERSION = "1.0.0"
@@ -241,7 +241,7 @@ class TokenizedCorpus(TextCorpus, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
-    with open(cfg.tokenizer, "rb") as f:
+    with open(tokenization.tokenizer_file(cfg.tokenizer), "rb") as f:
       proto = f.read()
     if hashlib.sha256(proto).hexdigest() != cfg.tokenizer_sha256:
       raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} changed while being read; run again")
@@ -253,12 +253,11 @@ class TokenizedCorpus(TextCorpus, skip_registration=True):
   def _generate_examples(self, docs):
     source, proto = docs
     cfg = self.builder_config
-    sp = spm.SentencePieceProcessor(model_proto=proto)
-    bos, eos = [sp.bos_id()] * cfg.add_bos, [sp.eos_id()] * cfg.add_eos
+    tok = tokenization.parse(proto, cfg.tokenizer)
+    bos, eos = [tok.bos_id] * cfg.add_bos, [tok.eos_id] * cfg.add_eos
     for first, records in _batches(source, cfg.text_field):
       texts = [_text(r[cfg.text_field]) for r in records]
-      for i, (record, ids) in enumerate(zip(records, sp.encode(texts,
-                                                               num_threads=os.cpu_count()))):
+      for i, (record, ids) in enumerate(zip(records, tok.encode_batch(texts))):
         doc_id = _text(record["id"]) if "id" in record else str(first + i)
         yield first + i, {"id": doc_id, "tokens": np.asarray(bos + ids + eos, np.int32)}
 
@@ -283,7 +282,7 @@ def _text(value) -> str:
 
 def tokenizer_sha256(path: str) -> str:
   """The SHA-256 of a tokenizer file's content."""
-  with open(path, "rb") as f:
+  with open(tokenization.tokenizer_file(path), "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
 
 

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 import sentencepiece as spm
 
 from transformer_jax.config import ConfigError
+from transformer_jax.data import hf_tokenization
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPE = "bpe"
@@ -295,6 +296,9 @@ class Tokenizer:
     """Token ids of `text` (no bos/eos added)."""
     return self._sp.encode(text)
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts, num_threads=os.cpu_count())
+
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; pad/bos/eos and ids outside the vocabulary are dropped."""
     n = self.vocab_size
@@ -302,11 +306,30 @@ class Tokenizer:
     return self._sp.decode(kept)
 
 
-def load(path: str, **command) -> Tokenizer:
-  """Loads `path`; a missing or unreadable file raises ConfigError with the command to make it.
+def tokenizer_file(path: str) -> str:
+  """The file holding the tokenizer of `path` (a Hugging Face tokenizer's directory: its
+  tokenizer.json)."""
+  return hf_tokenization.path_of(path) if hf_tokenization.is_hf(path) else path
 
-  The keyword arguments only fill in that command (`create_command`'s).
+
+def parse(data: bytes, path: str):
+  """The tokenizer whose file content is `data`, read as the kind `path` names."""
+  if hf_tokenization.is_hf(path):
+    return hf_tokenization.HFTokenizer(data.decode("utf-8"), hf_tokenization.config_beside(path))
+  return Tokenizer(data)
+
+
+def load(path: str, **command):
+  """Loads `path`: a SentencePiece .model, or a Hugging Face tokenizer.json (or a directory with
+  one: data/hf_tokenization.py). A missing or unreadable file raises ConfigError with the
+  command to make one. The keyword arguments only fill in that command (`create_command`'s).
   """
+  if path and hf_tokenization.is_hf(path) and os.path.isfile(tokenizer_file(path)):
+    try:
+      return hf_tokenization.load(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json "
+                        f"({_last_line(e)})") from None
   if not path or not os.path.isfile(path):
     command = create_command(path or "runs/tokenizers/tokenizer.model", **command)
     raise ConfigError(f"data.tokenizer={path!r} does not exist; create it with: {command}")

@@ -1,0 +1,132 @@
+"""Hugging Face tokenizers in the pipeline (data/hf_tokenization.py): the ids transformers' fast
+tokenizer gives, byte-level BPE (GPT-2) and byte-fallback BPE with a template (Llama), special
+tokens, and training on them."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tfds_text
+from transformer_jax.data import tokenization
+from transformer_jax.training import loop
+from tests.conftest import REPO, tiny_overrides
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2_style(texts, out):
+  """A byte-level BPE like GPT-2's: <|endoftext|> is bos, eos (tokenizer_config.json) and no
+  pad."""
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+  tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  out.mkdir()
+  tok.save(str(out / "tokenizer.json"))
+  (out / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+  return out
+
+
+def _llama_style(texts, out):
+  """A byte-fallback BPE with a "▁" metaspace and a "<s> $A" template, like Llama 2's; no
+  tokenizer_config.json: bos comes from the template, eos from the usual name."""
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>", byte_fallback=True))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="\u2581",
+                                                          prepend_scheme="first")
+  tok.decoder = tokenizers.decoders.Sequence([
+      tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+      tokenizers.decoders.Fuse(), tokenizers.decoders.Strip(" ", 1, 0)])
+  tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+      vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=[f"<0x{i:02X}>" for i in range(256)]))
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+  out.mkdir()
+  tok.save(str(out / "tokenizer.json"))
+  return out
+
+
+@pytest.fixture(scope="module")
+def made(tiny_data, tmp_path_factory):
+  texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
+  root = tmp_path_factory.mktemp("hf_tokenizers")
+  return texts, {"gpt2": _gpt2_style(texts, root / "gpt2"),
+                 "llama": _llama_style(texts, root / "llama")}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_ids_and_specials_are_transformers(made, kind):
+  texts, dirs = made
+  ours = tokenization.load(str(dirs[kind]))
+  theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(dirs[kind] / "tokenizer.json"))
+  for text in texts + ["  x = [1, 2]\n\tüñí €\n", ""]:
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+  assert ours.encode_batch(texts[:5]) == [ours.encode(t) for t in texts[:5]]
+  want = {"gpt2": ("<|endoftext|>", "<|endoftext|>"), "llama": ("<s>", "</s>")}[kind]
+  assert (ours.bos_id, ours.eos_id) == tuple(theirs.convert_tokens_to_ids(t) for t in want)
+  assert ours.pad_id == -1  # none: padding is marked by segment ids, not an id
+  assert ours.vocab_size == len(theirs)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_pipeline_pretokenizes_with_transformers_ids_and_trains(made, tiny_data, tmp_path, kind):
+  texts, dirs = made
+  theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(dirs[kind] / "tokenizer.json"))
+  ours = tokenization.load(str(dirs[kind]))
+  overrides = tiny_overrides(tiny_data, **{
+      "data.tokenizer": str(dirs[kind]), "model.vocab_size": 512, "train.steps": 3,
+      "eval.every_steps": 0, "data.data_dir": str(tmp_path / "tfds")})
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", overrides)
+  text_source = tfds_text.data_source(config.data, "train")
+  token_source = tfds_text.data_source(config.data, "train", tokenized=True)
+  assert len(token_source) == len(text_source) > 10
+  by_id = {tfds_text._text(r["id"]): tfds_text._text(r["text"])  # pylint: disable=protected-access
+           for r in (text_source[i] for i in range(len(text_source)))}
+  for i in range(len(token_source)):
+    record = token_source[i]
+    text = by_id[tfds_text._text(record["id"])]  # pylint: disable=protected-access
+    want = [ours.bos_id] + theirs.encode(text, add_special_tokens=False) + [ours.eos_id]
+    np.testing.assert_array_equal(record["tokens"], want)
+  out = loop.train(config, str(tmp_path / "run"), quiet=True, devices=jax.devices()[:1])
+  assert out["step"] == 3 and np.isfinite(out["loss"])
+
+
+def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny_data, tmp_path):
+  """A GPT-2 checkpoint saved with its byte-level tokenizer: import points data.tokenizer at a
+  copy in the workdir, training continues on the checkpoint's ids, export writes it back."""
+  from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
+  texts, dirs = made
+  ckpt = tmp_path / "hf_gpt2"
+  cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=400)
+  transformers.GPT2LMHeadModel(cfg).save_pretrained(str(ckpt))
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (ckpt / name).write_bytes((dirs["gpt2"] / name).read_bytes())
+  workdir = tmp_path / "w"
+  overrides = [o for o in tiny_overrides(tiny_data, **{"train.steps": 2, "eval.every_steps": 0,
+                                                       "data.data_dir": str(tmp_path / "tfds")})
+               if not o.startswith(("data.tokenizer=", "model.vocab_size=", "model.max_len="))]
+  convert_cli.main(["import", "--hf_dir", str(ckpt), "--workdir", str(workdir)]
+                   + [f"--config.{o}" for o in overrides])
+  config = config_lib.from_json_file(str(workdir / "config.json"))
+  assert config.data.tokenizer == str(workdir / "tokenizer")
+  ours = tokenization.load(config.data.tokenizer)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(ckpt))
+  for text in texts[:20]:
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+  result = loop.train(config, str(workdir), quiet=True, devices=jax.devices()[:1])
+  assert result["step"] == 2 and np.isfinite(result["loss"])
+  out = tmp_path / "exported"
+  convert_cli.main(["export", "--workdir", str(workdir), "--hf_dir", str(out)])
+  again = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert again.encode(texts[0]) == theirs.encode(texts[0])

@@ -1,0 +1,134 @@
+"""Hugging Face tokenizers (a `tokenizer.json`, e.g. GPT-2's byte-level BPE or Llama's), read
+with the `tokenizers` library, behind the same interface as our SentencePiece `Tokenizer`
+(data/tokenization.py), so the pipeline, the objectives and sampling take either.
+
+`data.tokenizer` names the tokenizer.json or the directory holding it (an imported checkpoint's).
+Text is encoded without the tokenizer's own special tokens (what transformers' fast tokenizer
+gives with add_special_tokens=False); the pipeline adds bos/eos where data.add_bos/add_eos say.
+bos, eos, pad and unk are those of tokenizer_config.json beside the file (as transformers reads
+them), else the ones its post-processor inserts (bos), else the usual names among its special
+tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with
+segment id 0 and weight 0, whatever token id fills it.
+"""
+
+import json
+import os
+
+import tokenizers
+
+FILE = "tokenizer.json"
+_NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
+          "eos": ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"),
+          "pad": ("<pad>", "[PAD]", "<|pad|>"), "unk": ("<unk>", "[UNK]", "<|unk|>")}
+
+
+def path_of(path: str) -> str:
+  """The tokenizer.json of `path` (the file, or a directory holding one)."""
+  return os.path.join(path, FILE) if os.path.isdir(path) else path
+
+
+def is_hf(path: str) -> bool:
+  """Whether `path` is a Hugging Face tokenizer (a .json file, or a directory with FILE)."""
+  return path.endswith(".json") or os.path.isfile(os.path.join(path, FILE))
+
+
+class HFTokenizer:
+  """A loaded tokenizer.json (+ the special tokens of tokenizer_config.json beside it)."""
+
+  def __init__(self, data: str, config: dict | None = None):
+    self._data, self._config = data, dict(config or {})
+    self._tok = tokenizers.Tokenizer.from_str(data)
+    spec = json.loads(data)
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    self._special_ids = frozenset(specials.values())
+    self._ids = {role: self._special(role, specials, spec.get("post_processor"))
+                 for role in _NAMES}
+    self._skip = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id) if i >= 0)
+
+  def __reduce__(self):  # pickles as its text (grain worker processes)
+    return HFTokenizer, (self._data, self._config)
+
+  def _special(self, role: str, specials: dict, post_processor) -> int:
+    named = self._config.get(f"{role}_token")
+    if isinstance(named, dict):
+      named = named.get("content")
+    if named:
+      return self.piece_id(named)
+    if role == "bos" and isinstance(post_processor, dict):
+      for part in post_processor.get("single", []):  # TemplateProcessing: "<s> $A"
+        if "SpecialToken" in part:
+          return self.piece_id(part["SpecialToken"]["id"])
+    return next((specials[n] for n in _NAMES[role] if n in specials), -1)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._ids["pad"]
+
+  @property
+  def unk_id(self) -> int:
+    return self._ids["unk"]
+
+  @property
+  def bos_id(self) -> int:
+    return self._ids["bos"]
+
+  @property
+  def eos_id(self) -> int:
+    return self._ids["eos"]
+
+  def piece_id(self, piece: str) -> int:
+    i = self._tok.token_to_id(piece)
+    return -1 if i is None else i
+
+  @property
+  def mask_id(self) -> int:
+    return max(self.piece_id("[MASK]"), self.piece_id("<mask>"))
+
+  @property
+  def sentinel_ids(self) -> list[int]:
+    ids = []
+    while (i := self.piece_id(f"<extra_id_{len(ids)}>")) >= 0:
+      ids.append(i)
+    return ids
+
+  @property
+  def mode_ids(self) -> list[int]:
+    return [self.piece_id(p) for p in ("[R]", "[S]", "[X]")]
+
+  def pieces(self) -> list[str]:
+    """Each id's text (its bytes decoded; a partial UTF-8 piece shows U+FFFD)."""
+    return [self._tok.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+
+  def is_normal(self, i: int) -> bool:
+    return i not in self._special_ids
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    n = self.vocab_size
+    kept = [i for i in map(int, ids) if 0 <= i < n and i not in self._skip]
+    return self._tok.decode(kept, skip_special_tokens=False)
+
+
+def config_beside(path: str) -> dict:
+  """tokenizer_config.json beside the tokenizer.json of `path` ({} if none)."""
+  config_file = os.path.join(os.path.dirname(path_of(path)), "tokenizer_config.json")
+  if not os.path.isfile(config_file):
+    return {}
+  with open(config_file, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load(path: str) -> HFTokenizer:
+  """The tokenizer at `path` (tokenizer.json or its directory), with config_beside's special
+  tokens."""
+  with open(path_of(path), encoding="utf-8") as f:
+    return HFTokenizer(f.read(), config_beside(path))
