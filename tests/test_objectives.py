@@ -207,6 +207,40 @@ def test_denoise_mask_fraction_spans_and_determinism(docs, vocab):
   assert abs(masked / masks - lam) < 0.1 * lam  # Poisson(3) spans, the last of each cut short
 
 
+def test_bart_token_masking_deletion_and_rotation(docs, vocab):
+  """Token masking hides exactly round(n * rate) uniformly chosen tokens behind [MASK]; token
+  deletion removes as many and keeps the rest in order; document rotation starts the chunk at
+  a uniformly chosen token. Deterministic per seed; the targets stay the original chunk."""
+  rate, n = 0.2, 50
+  chunk = np.arange(100, 100 + n, dtype=np.int32)  # distinct ids: where each went is visible
+  hits, starts = np.zeros(n), np.zeros(n)
+  for seed in range(400):
+    rng = lambda: np.random.default_rng(seed)
+    masked = denoise.denoise(chunk, rng(), vocab, rate, 3.0, permute=False, noise="mask")
+    enc = masked["encoder_inputs"]
+    np.testing.assert_array_equal(
+        enc, denoise.denoise(chunk, rng(), vocab, rate, 3.0, permute=False,
+                             noise="mask")["encoder_inputs"])
+    np.testing.assert_array_equal(masked["decoder_targets"], chunk)
+    assert len(enc) == n and int((enc == vocab.mask_id).sum()) == round(n * rate)
+    assert ((enc == chunk) | (enc == vocab.mask_id)).all()
+    hits += enc == vocab.mask_id
+    kept = denoise.denoise(chunk, rng(), vocab, rate, 3.0, permute=False,
+                           noise="delete")["encoder_inputs"]
+    assert len(kept) == n - round(n * rate) and (np.diff(kept) > 0).all()  # a subsequence
+    rotated = denoise.document_rotation(chunk, rng())
+    k = int(np.flatnonzero(chunk == rotated[0])[0])
+    np.testing.assert_array_equal(rotated, np.roll(chunk, -k))
+    starts[k] += 1
+  _within(hits.sum(), 400 * n, rate, "masked share")
+  for counts, p in ((hits, rate), (starts, 1 / n)):  # uniform over positions (4-sigma bounds)
+    sigma = np.sqrt(400 * p * (1 - p))
+    assert (np.abs(counts - 400 * p) < 4 * sigma + 1).all(), counts
+  both = denoise.denoise(chunk, np.random.default_rng(0), vocab, rate, 3.0, permute=False,
+                         noise="infill", rotate=True)
+  np.testing.assert_array_equal(both["decoder_targets"], chunk)
+
+
 def test_poisson_span_lengths_include_insertions():
   rng = np.random.default_rng(0)
   lengths = np.concatenate([denoise.poisson_span_lengths(60, 3.0, rng) for _ in range(400)])

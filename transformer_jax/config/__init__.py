@@ -33,6 +33,8 @@ ENUMS = {
     "model.remat": ("none", "full", "dots", "outputs"),
     "model.attention_impl": ("xla", "dot_product", "cudnn", "splash", "auto"),
     "model.rope_scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
+    "model.quantization": ("none", "int8", "fp8"),
+    "data.denoise_noise": ("infill", "mask", "delete"),
     "data.format": ("text", "lines", "jsonl", "tsv", "jsonl_pairs", "functions"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "wsd", "constant"),
     "train.on_anomaly": ("skip", "rollback", "abort"),

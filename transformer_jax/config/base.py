@@ -41,6 +41,10 @@ def get_config(arg=None):
   c.seed = 0  # seeds parameter init, dropout and the data order
   c.model, c.data, c.train, c.optimizer = _model(), _data(), _train(), _optimizer()
   c.checkpoint, c.eval, c.mesh = _checkpoint(), _eval(), _mesh()
+  # Where metrics go besides WORKDIR/metrics.jsonl and TensorBoard: Weights & Biases (the wandb
+  # extra; a run per workdir, resumed with it; WANDB_MODE=offline keeps it in WORKDIR/wandb).
+  c.metrics = ml_collections.ConfigDict({"wandb": False, "wandb_project": "transformer_jax",
+                                         "wandb_entity": ""})
   c.sharding_rules = SHARDING_RULES
   return c
 
@@ -216,6 +220,11 @@ def _data():
   d.denoise_rate = 0.3  # denoise: fraction of tokens masked by Poisson-length spans
   d.poisson_lambda = 3.0  # denoise: mean span length (0-length spans insert a [MASK])
   d.sentence_permutation = True  # denoise: shuffle sentences/lines first (objectives/vocab.py)
+  # denoise: BART's token noising, of data.denoise_rate of the tokens: infill (text infilling,
+  # Poisson spans -> one [MASK] each) | mask (token masking) | delete (token deletion); and
+  # document rotation (the chunk rotated to start at a random token) before it.
+  d.denoise_noise = "infill"
+  d.document_rotation = False
   d.ul2_mix = (0.5, 0.25, 0.25)  # ul2: probabilities of the R, S (prefix LM), X denoisers
   d.ul2_x = (32.0, 0.5)  # ul2: X's (mean span length, noise density)
 

@@ -29,12 +29,15 @@ class Spec:
   ul2_mix: tuple
   ul2_x: tuple
   sentence_pair: str  # mlm: "", "nsp" or "sop"
+  denoise_noise: str  # denoise: infill | mask | delete (BART's noising of the tokens)
+  document_rotation: bool  # denoise: rotate each chunk to start at a random token
 
   @classmethod
   def from_data(cls, d) -> "Spec":
     return cls(d.objective, d.seq_len, d.target_len, d.seq_len, d.mlm_rate, d.noise_density,
                d.mean_span_length, d.denoise_rate, d.poisson_lambda, bool(d.sentence_permutation),
-               tuple(d.ul2_mix), tuple(d.ul2_x), d.sentence_pair)
+               tuple(d.ul2_mix), tuple(d.ul2_x), d.sentence_pair, d.denoise_noise,
+               bool(d.document_rotation))
 
 
 @dataclasses.dataclass(frozen=True)

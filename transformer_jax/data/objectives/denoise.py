@@ -1,7 +1,11 @@
-"""denoise: BART, encoder-decoder. Sentence permutation (vocab.py's rule), then text infilling:
-spans with Poisson(data.poisson_lambda) lengths, 0 included (a 0-length span inserts a [MASK]),
-mask round(len * data.denoise_rate) tokens, each span one [MASK]; targets = the original chunk.
-data.target_len = 0 means seq_len."""
+"""denoise: BART (Lewis et al. 2020, section 2.2), encoder-decoder. In order, each optional:
+sentence permutation (vocab.py's rule; data.sentence_permutation), document rotation (the chunk
+rotated to begin at a uniformly chosen token; data.document_rotation), then one noising of
+round(len * data.denoise_rate) tokens (data.denoise_noise): `infill` (text infilling, BART's
+default: spans with Poisson(data.poisson_lambda) lengths, 0 included (a 0-length span inserts a
+[MASK]), each span one [MASK]), `mask` (token masking: that many random tokens become [MASK], as
+BERT) or `delete` (token deletion: that many random tokens removed, so the model must find
+where). The targets are the original chunk; data.target_len = 0 means seq_len."""
 
 import dataclasses
 
@@ -32,8 +36,7 @@ def resolve(s: common.Spec) -> common.Spec:
 
 
 def missing_tokens(s, tok) -> list:
-  del s
-  return ["[MASK]"] if tok.mask_id < 0 else []
+  return ["[MASK]"] if tok.mask_id < 0 and s.denoise_noise != "delete" else []
 
 
 def poisson_span_lengths(num_masked: int, lam: float, rng: np.random.Generator) -> np.ndarray:
@@ -74,13 +77,42 @@ def text_infilling(tokens_l: np.ndarray, rng: np.random.Generator, mask_id: int,
   return np.concatenate(parts + [tokens_l[start:]]).astype(np.int32)
 
 
+def token_masking(tokens_l: np.ndarray, rng: np.random.Generator, mask_id: int,
+                  rate: float) -> np.ndarray:
+  """round(len * rate) tokens, chosen uniformly without replacement, replaced by [MASK]."""
+  out = np.array(tokens_l, dtype=np.int32)
+  out[rng.choice(len(out), size=int(round(len(out) * rate)), replace=False)] = mask_id
+  return out
+
+
+def token_deletion(tokens_l: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:
+  """The chunk without round(len * rate) tokens chosen uniformly without replacement."""
+  n = len(tokens_l)
+  gone = rng.choice(n, size=int(round(n * rate)), replace=False)
+  return np.delete(np.asarray(tokens_l, dtype=np.int32), gone)
+
+
+def document_rotation(tokens_l: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """The chunk rotated to begin with a token chosen uniformly at random."""
+  return np.roll(np.asarray(tokens_l, dtype=np.int32), -int(rng.integers(len(tokens_l))))
+
+
 def denoise(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, rate: float,
-            lam: float, permute: bool = True) -> dict:
-  """BART: sentence permutation, text infilling; the targets are the original chunk."""
+            lam: float, permute: bool = True, noise: str = "infill",
+            rotate: bool = False) -> dict:
+  """BART's noising (the module docstring); the targets are the original chunk."""
   corrupted_l = vocab_lib.permute_sentences(tokens_l, rng, vocab) if permute else tokens_l
-  return common.encoder_decoder(text_infilling(corrupted_l, rng, vocab.mask_id, rate, lam),
-                                tokens_l, vocab.start_id)
+  if rotate and len(corrupted_l):
+    corrupted_l = document_rotation(corrupted_l, rng)
+  if noise == "mask":
+    corrupted_l = token_masking(corrupted_l, rng, vocab.mask_id, rate)
+  elif noise == "delete":
+    corrupted_l = token_deletion(corrupted_l, rng, rate)
+  else:
+    corrupted_l = text_infilling(corrupted_l, rng, vocab.mask_id, rate, lam)
+  return common.encoder_decoder(corrupted_l, tokens_l, vocab.start_id)
 
 
 def corrupt(tokens_l, rng, vocab: Vocab, s: common.Spec) -> dict:
-  return denoise(tokens_l, rng, vocab, s.denoise_rate, s.poisson_lambda, s.sentence_permutation)
+  return denoise(tokens_l, rng, vocab, s.denoise_rate, s.poisson_lambda, s.sentence_permutation,
+                 s.denoise_noise, s.document_rotation)
