@@ -1,0 +1,94 @@
+"""Corners that were implemented but never asserted: dropout, global-norm clipping, top-k and
+top-p filtering, label smoothing at known logits."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax.inference import sampling
+from transformer_jax.parallel import sharding
+from transformer_jax.training import optimizer
+from transformer_jax.training.step import Trainer, loss_parts, token_loss
+from tests.conftest import REPO
+from tests.test_step import random_batches
+
+
+def test_dropout_trains_noisy_per_step_and_is_off_in_eval_and_sampling():
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", ["model.dropout_rate=0.3"])
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  state = trainer.init_state(0)
+  batch = trainer.put_batch(random_batches(config, 1)[0])
+  loss = lambda s, rng: float(trainer.train_step(s, batch, rng)[1]["loss"])
+  # train_step donates the state: every call gets a fresh copy.
+  fresh = lambda: jax.tree.map(jnp.copy, state)
+  a, b, c = loss(fresh(), jax.random.key(1)), loss(fresh(), jax.random.key(1)), loss(
+      fresh(), jax.random.key(2))
+  assert a == b and a != c  # deterministic per seed; another seed, another mask
+  later = fresh().replace(step=jnp.asarray(5, jnp.int32))
+  assert loss(later, jax.random.key(1)) != a  # the mask changes with the step
+  # Evaluation and sampling run deterministic: the same as the dropout-free model.
+  plain = trainer.model.clone(cfg=dataclasses.replace(trainer.model.cfg, dropout_rate=0.0))
+  host = jax.device_get(batch)
+  ev = [float(loss_parts(m, state.params, host, task=trainer.task)[0])
+        for m in (trainer.model, plain)]
+  assert ev[0] == ev[1]
+  assert float(loss_parts(trainer.model, state.params, host, task=trainer.task,
+                          dropout_rng=jax.random.key(0))[0]) != ev[0]
+  prompt = [[5, 6, 7]]
+  outs = [sampling.generate(m, state.params, prompt, 4, temperature=0.0)
+          for m in (trainer.model, plain)]
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_global_norm_clipping_scales_the_gradient_before_adamw():
+  opt = config_lib.load(f"{REPO}/configs/gpt2.py:tiny").optimizer
+  opt.unlock()
+  opt.update(grad_clip=0.5, weight_decay=0.0)
+  tx, lr = optimizer.make(opt, 100)
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,))}
+  grads = {"w": jnp.full((3, 4), 2.0), "b": jnp.arange(4.0)}
+  norm = float(optax.tree.norm(grads))
+  assert norm > 0.5
+  got, _ = tx.update(grads, tx.init(params), params)
+  clipped = jax.tree.map(lambda g: g * 0.5 / norm, grads)
+  ref = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=0.0)
+  want, _ = ref.update(clipped, ref.init(params), params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  small = jax.tree.map(lambda g: g * 0.1 / norm, grads)  # under the threshold: untouched
+  got, _ = tx.update(small, tx.init(params), params)
+  want, _ = ref.update(small, ref.init(params), params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_top_k_and_top_p_keep_exactly_their_tokens():
+  probs = np.array([[0.05, 0.5, 0.15, 0.3]])
+  logits = jnp.log(jnp.asarray(probs))
+  kept = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits, 1.0, **kw)))[0]
+  assert kept(top_k=2, top_p=1.0).tolist() == [False, True, False, True]
+  assert kept(top_k=3, top_p=1.0).tolist() == [False, True, True, True]
+  # Nucleus: the fewest most likely tokens whose mass reaches p.
+  assert kept(top_k=0, top_p=0.5).tolist() == [False, True, False, False]
+  assert kept(top_k=0, top_p=0.8).tolist() == [False, True, False, True]
+  assert kept(top_k=0, top_p=0.81).tolist() == [False, True, True, True]
+  assert kept(top_k=0, top_p=0.01).tolist() == [False, True, False, False]  # always one
+  out = jax.nn.softmax(sampling.filter_logits(logits, 1.0, top_k=0, top_p=0.8))
+  np.testing.assert_allclose(out[0], [0, 0.5 / 0.8, 0, 0.3 / 0.8], rtol=1e-6)
+  both = kept(top_k=1, top_p=0.9)  # top-k first, then the nucleus of what is left
+  assert both.tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("e", [0.0, 0.1, 0.3])
+def test_label_smoothing_at_known_logits(e):
+  """Logits (0, log 3) over V = 2 with target 1: p = (1/4, 3/4); the loss is
+  (1 - e) (-log 3/4) + e * mean(-log p)."""
+  logits = jnp.asarray([[[0.0, np.log(3.0)]]])
+  got = float(token_loss(logits, jnp.asarray([[1]]), 0.0, e)[0, 0])
+  want = (1 - e) * -np.log(0.75) + e * 0.5 * (-np.log(0.25) - np.log(0.75))
+  assert got == pytest.approx(want, rel=1e-6)
