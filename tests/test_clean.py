@@ -1,0 +1,259 @@
+"""The corpus cleaner (transformer_jax.clean): planted duplicates, languages and low-quality
+documents are removed (and only those), each counted once, the same for any --workers; bad
+input is counted, never fatal; user mistakes are one-line errors."""
+
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+import unicodedata
+
+import pytest
+
+from transformer_jax import clean
+from transformer_jax.config import ConfigError
+from transformer_jax.data import clean as clean_lib
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data.clean import c4
+from transformer_jax.data.clean import gopher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_ENGLISH = (
+    "the of and to in that have with for on was they from this by at but not are which one all "
+    "would there their what about when make like time just know people into year your good some "
+    "could them other than then look only come over think also back after work first well way "
+    "even new want because any these give most river garden winter morning village teacher "
+    "window market history summer letter family city mountain music children evening story "
+    "water friend house road table paper light forest doctor kitchen animal island journey "
+    "quiet bright careful simple heavy gentle early little ancient modern golden narrow "
+    "walked carried opened listened remembered painted followed noticed answered visited").split()
+_GERMAN = (
+    "der die das und ist nicht ein eine zu mit sich auf für von dem den des im auch es an werden "
+    "aus er hat dass sie nach wird bei einer um am sind noch wie einem über einen so zum war "
+    "haben nur oder aber vor zur bis mehr durch man sein wurde sei Haus Garten Winter Morgen "
+    "Dorf Lehrer Fenster Markt Geschichte Sommer Brief Familie Stadt Berg Kinder Abend Wasser "
+    "Freund Straße Tisch Licht Wald Küche Reise ruhig hell einfach schwer früh klein alt").split()
+
+
+def _prose(rng: random.Random, words=_ENGLISH, sentences: int = 24) -> str:
+  """Random sentences of common words in short paragraphs: normal prose for every filter."""
+  out = []
+  for i in range(sentences):
+    sentence = " ".join(rng.choice(words) for _ in range(rng.randint(8, 14)))
+    out.append(sentence[0].upper() + sentence[1:] + ".")
+    out.append("\n\n" if i % 4 == 3 else " ")
+  return "".join(out).strip()
+
+
+def _near_copy(rng: random.Random, text: str) -> str:
+  """`text` with one word replaced: word 5-gram Jaccard ~0.97."""
+  words = text.split(" ")
+  i = rng.randrange(10, len(words) - 10)
+  words[i] = "zebra"
+  return " ".join(words)
+
+
+def _planted_corpus(tmp_path, rng):
+  """A JSONL corpus: 60 distinct English documents, plus planted exact and near duplicates,
+  German documents and low-quality ones. Returns (glob, {reason: planted ids})."""
+  docs, planted = [], {"exact_duplicate": set(), "near_duplicate": set(), "language": set(),
+                       "quality": set()}
+  originals = [_prose(rng) for _ in range(60)]
+  docs += [(f"prose{i}", t) for i, t in enumerate(originals)]
+  for i in range(0, 60, 10):  # exact copies: other whitespace, decomposed accents
+    copy = unicodedata.normalize("NFD", originals[i].replace(" ", "  \n", 3) + "  café")
+    docs.append((f"exact{i}", copy))
+    planted["exact_duplicate"].add(f"exact{i}")
+    docs[i] = (docs[i][0], originals[i] + " café")
+  for i in range(5, 60, 10):
+    docs.append((f"near{i}", _near_copy(rng, originals[i])))
+    planted["near_duplicate"].add(f"near{i}")
+  for i in range(4):
+    docs.append((f"german{i}", _prose(rng, _GERMAN)))
+    planted["language"].add(f"german{i}")
+  bad = {"short": "Too short to be a document at all.",
+         "bullets": "\n".join(f"- {_prose(rng, sentences=1)}" for _ in range(12)),
+         "repeated": "\n".join([_prose(rng, sentences=2)] * 8),
+         "symbols": _prose(rng) + " #tag" * 80}
+  for name, text in bad.items():
+    docs.append((f"quality_{name}", text))
+    planted["quality"].add(f"quality_{name}")
+  rng.shuffle(docs[60:])  # planted ones after their originals
+  path = tmp_path / "corpus" / "docs.jsonl"
+  path.parent.mkdir()
+  path.write_text("".join(json.dumps({"name": n, "text": t}) + "\n" for n, t in docs))
+  ids = {f"docs.jsonl:{k + 1}": name for k, (name, _) in enumerate(docs)}
+  return str(path.parent / "*.jsonl"), planted, ids
+
+
+def _flags(**overrides) -> dict:
+  return dict(clean.FLAGS, **overrides)
+
+
+def _run(corpus, out, fmt="jsonl", workers=1, plots=False, **flags):
+  stages = clean_lib.build_stages(_flags(**flags))
+  return clean_lib.run(corpus, fmt, "text", str(out), stages, workers=workers, plots=plots)
+
+
+def _removed_names(out, reason, ids) -> set:
+  path = os.path.join(out, "removed", f"{reason}.jsonl")
+  if not os.path.exists(path):
+    return set()
+  with open(path, encoding="utf-8") as f:
+    return {ids[json.loads(line)["id"]] for line in f}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("clean")
+  corpus, planted_ids, ids = _planted_corpus(tmp, random.Random(0))
+  outs = {w: tmp / f"out{w}" for w in (1, 2)}
+  summaries = {w: _run(corpus, outs[w], workers=w, languages="en", plots=w == 1)
+               for w in (1, 2)}
+  return planted_ids, ids, outs, summaries
+
+
+def test_planted_documents_are_removed_and_only_those(planted):
+  planted_ids, ids, outs, summaries = planted
+  summary = summaries[1]
+  for reason, names in planted_ids.items():
+    assert _removed_names(outs[1], reason, ids) == names, reason
+    assert summary["removed"][reason] == len(names), reason
+  assert summary["documents_in"] == len(ids)
+  assert summary["documents_out"] == len(ids) - sum(summary["removed"].values()) == 60
+  kept = list(corpus_lib.iter_documents(str(outs[1] / "*.jsonl"), "jsonl"))
+  assert len(kept) == 60  # the shards read back as a corpus
+  records = [json.loads(line) for p in sorted(glob.glob(str(outs[1] / "part-*.jsonl")))
+             for line in open(p, encoding="utf-8")]
+  assert {r["language"] for r in records} == {"en"}
+  assert all(r["language_score"] >= 0.65 for r in records)
+  assert os.path.exists(outs[1] / "report.md")
+  assert len(glob.glob(str(outs[1] / "plots" / "*.png"))) == 4  # a plot per stage
+
+
+def test_result_does_not_depend_on_workers(planted):
+  _, _, outs, summaries = planted
+  def files(out):
+    paths = sorted(glob.glob(str(out / "part-*.jsonl")) + glob.glob(str(out / "removed" / "*")))
+    return {os.path.relpath(p, out): open(p, "rb").read() for p in paths}
+  assert files(outs[1]) == files(outs[2])
+  def counts(summary):
+    return {k: v for k, v in summary.items()
+            if k not in ("seconds", "workers", "cpu_seconds") and "per_s" not in k}
+  assert counts(summaries[1]) == counts(summaries[2])
+
+
+def test_each_removal_counted_once_by_first_failing_stage(tmp_path):
+  rng = random.Random(1)
+  german, english = _prose(rng, _GERMAN), _prose(rng)
+  docs = [german, german, "Short German: das ist nicht gut.", english,
+          english + " " + "\n".join(["Same line again and again, in English."] * 40)]
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+  summary = _run(str(tmp_path / "c" / "*.jsonl"), tmp_path / "out", languages="en",
+                 min_language_score=0.0)
+  # the 2nd German copy: an exact duplicate (first stage), not a language removal
+  assert summary["removed"] == {"exact_duplicate": 1, "language": 2, "quality": 1,
+                                "near_duplicate": 0}
+  assert summary["documents_out"] == 1
+
+
+def test_quality_rules_keep_prose_and_name_the_rule():
+  rng = random.Random(2)
+  limits = gopher.Limits()
+  for _ in range(20):
+    assert gopher.check(_prose(rng), limits)[1] is None
+  assert gopher.check("one two three", limits)[1][0] == "word_count"
+  assert gopher.check(_prose(rng).replace("the ", "").replace("and ", "").replace(
+      "to ", "").replace("of ", "").replace("with ", "").replace("that ", "").replace(
+          "have ", ""), limits)[1][0] == "stop_words"
+  assert gopher.check(_prose(rng), gopher.Limits(min_words=10_000))[1][0] == "word_count"
+  text = _prose(rng)
+  kept, _, failure = c4.check(text + "\nmenu home login\nPlease enable javascript now ok.",
+                              c4.Limits())
+  assert failure is None and kept.replace("\n", " ").split() == text.replace("\n", " ").split()
+  assert c4.check(text + " {x}", c4.Limits())[2][0] == "curly_bracket"
+  assert c4.check("Lorem ipsum dolor sit amet. " + text, c4.Limits())[2][0] == "lorem_ipsum"
+
+
+def test_c4_rules_remove_and_rewrite(tmp_path):
+  rng = random.Random(3)
+  docs = [_prose(rng) + "\nClick here\nThis site uses cookies to improve your visit.",
+          "function f() { return 1; } " + _prose(rng)]
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+  summary = _run(str(tmp_path / "c" / "*.jsonl"), tmp_path / "out", quality="gopher,c4")
+  assert summary["removed"]["quality"] == 1 and summary["quality_rules"] == {
+      "c4:curly_bracket": 1}
+  record = json.loads(open(tmp_path / "out" / "part-00000.jsonl", encoding="utf-8").readline())
+  assert "cookies" not in record["text"] and "Click" not in record["text"]
+
+
+def test_bad_documents_are_counted_not_fatal(tmp_path):
+  rng = random.Random(4)
+  d = tmp_path / "c"
+  d.mkdir()
+  (d / "binary.txt").write_bytes(b"\x00\x01\x02 binary \xff" * 100)
+  (d / "empty.txt").write_text("  \n\n ")
+  (d / "invalid.txt").write_bytes(_prose(rng).encode() + b" \xff\xfe broken \xc3")
+  (d / "prose.txt").write_text(_prose(rng))
+  (d / "huge.txt").write_text((_prose(rng, sentences=40) + "\n") * 800)  # > 1M characters
+  summary = _run(str(d / "*.txt"), tmp_path / "out", fmt="text")
+  bad = summary["bad"]
+  assert bad["binary_files"] == 1 and bad["empty_documents"] == 1
+  assert bad["invalid_utf8_documents"] == 1 and bad["pieces_of_long_documents"] >= 2
+  assert summary["documents_out"] >= 2  # the invalid-UTF-8 one (repaired) and the prose
+  (d / "s.jsonl").write_text(json.dumps({"text": _prose(rng) + " \ud800"}) + "\n")
+  summary = _run(str(d / "*.jsonl"), tmp_path / "out2")
+  assert summary["bad"]["invalid_utf8_documents"] == 1 and summary["documents_out"] == 1
+
+
+def test_config_errors(tmp_path):
+  with pytest.raises(ConfigError, match="matches no files"):
+    clean.main([f"--corpus={tmp_path}/none/*.txt", f"--out={tmp_path}/o"])
+  for flag, message in (("--quality=best", "--quality"), ("--dedup=fuzzy", "--dedup"),
+                        ("--near_threshold=1.5", "near_threshold"), ("--format=tsv", "--format"),
+                        ("--workers=0", "--workers"), ("--bogus=1", "unknown flag"),
+                        ("--languages=english", "english unknown")):
+    with pytest.raises(ConfigError, match=message):
+      clean.main(["--corpus=stdlib", f"--out={tmp_path}/o", flag])
+  with pytest.raises(ConfigError, match="required"):
+    clean.main(["--corpus=stdlib"])
+
+
+def test_cli_one_line_error_and_json_line(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  run = subprocess.run([sys.executable, "-m", "transformer_jax.clean",
+                        f"--corpus={tmp_path}/none/*.jsonl", f"--out={tmp_path}/o"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  assert run.returncode == 2
+  assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: ")
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.txt").write_text(_prose(random.Random(5)))
+  run = subprocess.run([sys.executable, "-m", "transformer_jax.clean",
+                        f"--corpus={tmp_path}/c/*.txt", f"--out={tmp_path}/o", "--languages=none",
+                        "--plots=false"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  assert run.returncode == 0, run.stderr
+  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  assert summary["documents_in"] == summary["documents_out"] == 1
+  assert set(summary["removed"]) == {"exact_duplicate", "near_duplicate", "language", "quality"}
+
+
+def test_workers_read_ahead_is_bounded():
+  """Streaming: with N workers at most 2N batches are read ahead of the one being used."""
+  pulled = []
+
+  def batches():
+    for i in range(40):
+      pulled.append(i)
+      yield [(f"d{i}", f"text {i}")]
+
+  stages = clean_lib.build_stages(_flags(dedup="exact", languages="none", quality="none"))
+  analyzed = clean_lib._analyzed(batches(), stages, workers=2)  # pylint: disable=protected-access
+  for k, (batch, results) in enumerate(analyzed):
+    assert batch[0][0] == results[0]["id"] == f"d{k}"
+    assert len(pulled) <= k + 1 + 2 * 2

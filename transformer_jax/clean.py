@@ -1,0 +1,74 @@
+"""Cleans a corpus: exact dedup, language id, quality rules, near dedup; writes JSONL shards.
+
+  python -m transformer_jax.clean --corpus='web/**/*.jsonl' --format=jsonl --out=runs/clean \\
+      [--text_field=text] [--languages=en,de] [--min_language_score=0.65] \\
+      [--dedup=exact,near] [--near_threshold=0.8] [--quality=gopher|c4|gopher,c4|none] \\
+      [--workers=N]
+
+--corpus is "stdlib" or a glob of files (quote it); --format text (a document per file), lines
+(a document per line) or jsonl (a document per line, text in --text_field). OUT gets the kept
+documents as part-NNNNN.jsonl shards ({"id", "text", "language", "language_score"}: train on
+them with data.corpus=OUT/*.jsonl data.format=jsonl), report.md with a plot per filter, and
+removed/REASON.jsonl with the first --samples documents each stage removed (and why). Stages run
+in the order exact dedup, language, quality, near dedup, and a document is counted by the first
+that removes it. --languages=all tags languages without removing any, none skips the stage;
+--dedup=none and --quality=none turn those off. Every Gopher threshold is a flag of its own
+name (e.g. --min_words=50, --max_duplicate_10gram=0.1), C4's are --c4_NAME; both rule sets
+are English ones (Gopher's stop words are "the", "of", ...: --min_stop_words=0 for other
+languages). --workers runs the per-document work on that many processes; the output is the same
+for any number. Streams: memory holds a few batches per worker, the exact-dedup digests and the
+LSH index, whatever the corpus size.
+The last line printed is one JSON object: documents_in, documents_out, removed (exact_duplicate,
+near_duplicate, language, quality), seconds, throughput and bad-input counts. Bad flags or a
+glob matching nothing print one line and exit with status 2.
+"""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+  # The stages' small numpy products are slower with OpenBLAS threads waiting on busy cores, and
+  # --workers already uses the cores. OpenBLAS reads this once, when numpy loads (just below).
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from transformer_jax import cli
+from transformer_jax.config import ConfigError
+from transformer_jax.data import clean as clean_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+FLAGS = {  # name -> default (its type is the flag's)
+    "corpus": "",  # "stdlib" or a glob of files
+    "format": "text",  # text | lines | jsonl
+    "text_field": "text",  # the JSONL field holding the text
+    "out": "",  # the output directory
+    "workers": 1,  # processes for the per-document stages
+    "samples": 50,  # removed documents kept per reason in OUT/removed/
+    "shard_mb": 256.0,  # output shard size
+    "plots": True,  # draw OUT/plots/*.png for report.md
+    **clean_lib.FLAGS,
+}
+
+
+def main(argv) -> int:
+  spec, overrides, flags = cli.parse(argv, FLAGS)
+  if spec or overrides:
+    raise ConfigError("clean takes no --config; see --help for its flags")
+  missing = [f"--{k}" for k in ("corpus", "out") if not flags[k]]
+  if missing:
+    raise ConfigError(f"{', '.join(missing)} required")
+  if flags["samples"] < 0 or flags["shard_mb"] <= 0:
+    raise ConfigError("need --samples >= 0 and --shard_mb > 0")
+  stages = clean_lib.build_stages(flags)
+  summary = clean_lib.run(flags["corpus"], flags["format"], flags["text_field"], flags["out"],
+                          stages, workers=flags["workers"], samples=flags["samples"],
+                          shard_mb=flags["shard_mb"], plots=flags["plots"])
+  print(f"wrote {summary['documents_out']} documents to {flags['out']} "
+        f"({summary['shards']} shards), report {flags['out']}/report.md")
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(cli.run(main))

@@ -1,0 +1,229 @@
+"""Corpus cleaning: exact dedup -> language -> quality -> near dedup, streamed.
+
+Documents come from data/corpus.py's `iter_documents` (so binary files, empty documents, invalid
+UTF-8 and documents too long to hold are handled and counted there) in batches. The per-document
+halves of the stages (`Stage.analyze`: hashing, language id, quality rules, MinHash signatures)
+run on --workers processes, at most 2 batches per worker in flight; the main process takes the
+results in corpus order and runs each stage's `decide` until one removes the document (so a
+removal is counted once, by its first failing stage, and the result is the same for any
+--workers). The stages are listed once, in STAGES; a new stage is a module with a `Stage` class,
+its FLAGS and a `from_flags`, added there.
+"""
+
+import collections
+import multiprocessing
+import os
+import re
+import resource
+import time
+from collections.abc import Iterator
+
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data.clean import dedup
+from transformer_jax.data.clean import language
+from transformer_jax.data.clean import output
+from transformer_jax.data.clean import quality
+from transformer_jax.data.clean import report
+
+BATCH_DOCUMENTS = 64  # documents per batch sent to a worker ...
+BATCH_CHARS = 4_000_000  # ... or fewer, when they reach this many characters
+_PIECE = re.compile(r"#\d+$")  # the id suffix of a piece of a long document (corpus.py)
+
+
+def _dedup_kinds(flags: dict) -> set:
+  kinds = {k for k in flags["dedup"].split(",") if k and k != "none"}
+  if kinds - {"exact", "near"}:
+    raise ConfigError(f"--dedup={flags['dedup']!r}: expected exact, near, exact,near or none")
+  return kinds
+
+
+def _exact(flags):
+  return dedup.Exact() if "exact" in _dedup_kinds(flags) else None
+
+
+def _language(flags):
+  langs = tuple(x for x in flags["languages"].split(",") if x)
+  if langs in (("none",), ()):
+    return None
+  return language.Language(() if langs == ("all",) else langs, flags["min_language_score"])
+
+
+def _quality(flags):
+  sets = tuple(x for x in flags["quality"].split(",") if x)
+  if sets in (("none",), ()):
+    return None
+  return quality.Quality(sets, *quality.limits_from_flags(flags))
+
+
+def _near(flags):
+  if "near" not in _dedup_kinds(flags):
+    return None
+  return dedup.Near(flags["near_threshold"], flags["num_perm"], flags["ngram"], flags["seed"])
+
+
+# The stages in the order they run: name -> its builder (None when its flags turn it off).
+STAGES = {"exact_duplicate": _exact, "language": _language, "quality": _quality,
+          "near_duplicate": _near}
+
+FLAGS = {  # the stages' flags: name -> default
+    "dedup": "exact,near",  # exact, near, both, or none
+    "near_threshold": 0.8, "num_perm": 128, "ngram": 5, "seed": 0,  # MinHash / LSH
+    "languages": "all",  # comma-separated codes to keep; all (tag only); none (stage off)
+    "min_language_score": 0.65,
+    "quality": "gopher",  # gopher, c4, gopher,c4 or none
+    **quality.limit_flags(),
+}
+
+
+def build_stages(flags: dict) -> list:
+  """The enabled stages, in order; ConfigError for a bad stage flag."""
+  try:
+    stages = [build(flags) for build in STAGES.values()]
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return [s for s in stages if s is not None]
+
+
+def _batches(docs) -> Iterator[list[tuple[str, str]]]:
+  batch, chars = [], 0
+  for item in docs:
+    batch.append(item)
+    chars += len(item[1])
+    if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
+      yield batch
+      batch, chars = [], 0
+  if batch:
+    yield batch
+
+
+def _valid_utf8(text: str) -> tuple[str, bytes, bool]:
+  """(text, its UTF-8, whether it had to be repaired): lone surrogates (JSON escapes such as
+  \\ud800) cannot be written as UTF-8 and become '?'."""
+  try:
+    return text, text.encode("utf-8"), False
+  except UnicodeEncodeError:
+    data = text.encode("utf-8", errors="replace")
+    return data.decode("utf-8"), data, True
+
+
+def analyze_batch(stages, batch) -> list[dict]:
+  """Every stage's `analyze` on each document of a batch, stopping at a failure; the results
+  without the text (unless a stage rewrote it: "new_text")."""
+  results = []
+  for doc_id, raw in batch:
+    text, data, repaired = _valid_utf8(raw)
+    doc = {"id": doc_id, "text": text, "bytes": len(data)}
+    if repaired:
+      doc["new_text"], doc["repaired"] = text, True
+    for stage in stages:
+      if doc.get("failed"):
+        break
+      stage.analyze(doc)
+    del doc["text"]
+    results.append(doc)
+  return results
+
+
+_WORKER_STAGES = []
+
+
+def _init_worker(stages) -> None:
+  _WORKER_STAGES[:] = stages
+
+
+def _analyze_in_worker(batch) -> list[dict]:
+  return analyze_batch(_WORKER_STAGES, batch)
+
+
+def _analyzed(batches, stages, workers: int):
+  """(batch, its analysis) in order; workers > 1: a process pool, 2 batches/worker in flight."""
+  if workers <= 1:
+    for batch in batches:
+      yield batch, analyze_batch(stages, batch)
+    return
+  methods = multiprocessing.get_all_start_methods()
+  context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+  with context.Pool(workers, initializer=_init_worker, initargs=(stages,)) as pool:
+    pending = collections.deque()
+    for batch in batches:
+      pending.append((batch, pool.apply_async(_analyze_in_worker, (batch,))))
+      if len(pending) >= 2 * workers:
+        done, result = pending.popleft()
+        yield done, result.get()
+    while pending:
+      done, result = pending.popleft()
+      yield done, result.get()
+
+
+def _check_out(corpus: str, out: str) -> None:
+  """ConfigError if OUT holds files of the corpus (its shards would be cleared or overwritten)."""
+  real_out = os.path.realpath(out)
+  for f in corpus_lib.corpus_files(corpus):
+    if os.path.dirname(os.path.realpath(f.path)) == real_out:
+      raise ConfigError(f"--out={out} holds files of --corpus={corpus!r} ({f.path}); write the "
+                        f"cleaned corpus to another directory")
+
+
+def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers: int = 1,
+        samples: int = 50, shard_mb: float = 256.0, plots: bool = True) -> dict:
+  """Cleans `corpus` into OUT (shards, removed/ samples, report.md); returns the summary."""
+  start, cpu_start = time.time(), _cpu_seconds()
+  if fmt not in corpus_lib.DOC_FORMATS:
+    raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(corpus_lib.DOC_FORMATS)}")
+  if workers < 1:
+    raise ConfigError(f"--workers={workers} must be >= 1")
+  _check_out(corpus, out)
+  skipped = corpus_lib.SkipCounts()
+  docs = corpus_lib.iter_documents(corpus, fmt, text_field, skipped)
+  output.clear(out)
+  shards, removed_samples = output.Shards(out, shard_mb), output.Samples(out, samples)
+  tally = collections.Counter()
+  removed = {name: 0 for name in STAGES}
+  for batch, results in _analyzed(_batches(docs), stages, workers):
+    for (_, text), doc in zip(batch, results):
+      doc["text"] = doc.pop("new_text", text)
+      tally["documents_in"] += 1
+      tally["bytes_in"] += doc["bytes"]
+      tally["pieces"] += bool(_PIECE.search(doc["id"]))
+      tally["repaired"] += doc.get("repaired", False)
+      for stage in stages:
+        removal = stage.decide(doc)
+        if removal is not None:
+          removed[stage.name] += 1
+          removed_samples.write(stage.name, doc, removal)
+          break
+      else:
+        shards.write(doc)
+  paths = shards.close()
+  seconds = time.time() - start
+  summary = _summary(tally, removed, shards, skipped, stages, workers, seconds)
+  summary["shards"] = len(paths)
+  summary["cpu_seconds"] = {k: round(v - cpu_start[k], 2) for k, v in _cpu_seconds().items()}
+  report.write(out, summary, stages, plots)
+  summary["seconds"] = round(time.time() - start, 3)
+  return summary
+
+
+def _cpu_seconds() -> dict:
+  """User + system CPU seconds of this process ("main") and of its ended children ("workers")."""
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+  return {"main": own.ru_utime + own.ru_stime, "workers": children.ru_utime + children.ru_stime}
+
+
+def _summary(tally, removed, shards, skipped, stages, workers, seconds) -> dict:
+  summary = {
+      "documents_in": tally["documents_in"], "documents_out": shards.documents,
+      "removed": removed, "seconds": round(seconds, 3), "workers": workers,
+      "documents_per_s": round(tally["documents_in"] / max(seconds, 1e-9), 1),
+      "mb_per_s": round(tally["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
+      "mb_in": round(tally["bytes_in"] / 1e6, 3), "mb_out": round(shards.bytes / 1e6, 3),
+      "bad": {"binary_files": skipped.binary_files, "empty_documents": skipped.empty_docs,
+              "invalid_utf8_documents": skipped.invalid_utf8_docs + tally["repaired"],
+              "pieces_of_long_documents": tally["pieces"]},
+      "stages": [s.name for s in stages],
+  }
+  for stage in stages:
+    summary.update(stage.summary())
+  return summary

@@ -1,0 +1,77 @@
+"""What the cleaner writes: the kept documents as JSONL shards, and samples of removed ones.
+
+  OUT/part-00000.jsonl, ...   {"id", "text"[, "language", "language_score"]} per line, a new
+                              shard after every `shard_mb` MB (read them back with
+                              data.corpus=OUT/*.jsonl data.format=jsonl)
+  OUT/removed/REASON.jsonl    the first `samples` documents removed for each reason, with the
+                              rule and its measured value (text cut at SAMPLE_CHARS)
+"""
+
+import glob
+import json
+import os
+
+SHARD_PATTERN = "part-{:05d}.jsonl"
+SAMPLE_CHARS = 20_000
+_FIELDS = ("id", "text", "language", "language_score")
+
+
+def clear(out: str) -> None:
+  """Makes OUT and OUT/removed, removing the shards and samples a previous run left there (only
+  those: a shorter run must not leave stale shards behind for OUT/*.jsonl to read)."""
+  os.makedirs(os.path.join(out, "removed"), exist_ok=True)
+  for path in (glob.glob(os.path.join(out, SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5)))
+               + glob.glob(os.path.join(out, "removed", "*.jsonl"))):
+    os.remove(path)
+
+
+class Shards:
+  """Writes records to numbered JSONL shards of about `shard_mb` MB each."""
+
+  def __init__(self, out: str, shard_mb: float):
+    self.out, self.limit = out, max(1, int(shard_mb * 1e6))
+    self.index, self.size, self.file = 0, 0, None
+    self.documents = self.bytes = 0
+
+  def write(self, doc: dict) -> None:
+    line = json.dumps({k: doc[k] for k in _FIELDS if k in doc}, ensure_ascii=False) + "\n"
+    data = line.encode("utf-8", errors="surrogatepass")
+    if self.file is None or self.size + len(data) > self.limit and self.size:
+      self._next()
+    self.file.write(data)
+    self.size += len(data)
+    self.documents += 1
+    self.bytes += len(data)
+
+  def _next(self) -> None:
+    if self.file is not None:
+      self.file.close()
+      self.index += 1
+    self.file = open(os.path.join(self.out, SHARD_PATTERN.format(self.index)), "wb")
+    self.size = 0
+
+  def close(self) -> list[str]:
+    """Closes the last shard; returns the shard paths."""
+    if self.file is not None:
+      self.file.close()
+    return [os.path.join(self.out, SHARD_PATTERN.format(i))
+            for i in range(self.index + 1 if self.file else 0)]
+
+
+class Samples:
+  """Keeps the first `limit` removed documents of each reason in OUT/removed/REASON.jsonl."""
+
+  def __init__(self, out: str, limit: int):
+    self.dir, self.limit, self.counts = os.path.join(out, "removed"), limit, {}
+
+  def write(self, reason: str, doc: dict, removal: tuple) -> None:
+    n = self.counts.get(reason, 0)
+    if n >= self.limit:
+      return
+    self.counts[reason] = n + 1
+    record = {"id": doc["id"], "reason": reason, "rule": removal[0], "value": removal[1]}
+    record.update({k: doc[k] for k in ("duplicate_of", "language", "language_score") if k in doc})
+    record["text"] = doc["text"][:SAMPLE_CHARS]
+    with open(os.path.join(self.dir, f"{reason}.jsonl"), "a", encoding="utf-8",
+              errors="surrogatepass") as f:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
