@@ -171,3 +171,27 @@ def test_no_held_out_documents_is_said_and_never_logged_as_a_perfect_eval(tiny_d
   with open(tmp_path / "w" / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert rows and not any("eval_loss" in r for r in rows)
+
+
+def test_wandb_logs_offline_beside_metrics_jsonl(tiny_data, tmp_path, monkeypatch):
+  """metrics.wandb=true in wandb's offline mode: a run under WORKDIR/wandb that logged the last
+  losses of metrics.jsonl; a resumed run continues the same wandb run id."""
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  import glob  # pylint: disable=g-import-not-at-top
+  extra = {"train.steps": 4, "train.log_every": 2, "checkpoint.every_steps": 2,
+           "eval.every_steps": 0, "metrics.wandb": True}
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
+  loop.train(config, str(tmp_path), quiet=True, devices=jax.devices()[:1], stop_after=2)
+  run_id = (tmp_path / "wandb_id").read_text()
+  loop.train(config, str(tmp_path), quiet=True, devices=jax.devices()[:1])
+  assert (tmp_path / "wandb_id").read_text() == run_id
+  runs = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
+  assert len(runs) == 2, runs  # the first run and its resumption, one id
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  # Offline runs are wandb's record logs (protobuf), whose history values are JSON text.
+  logged = open(glob.glob(sorted(runs)[-1] + "/run-*.wandb")[0], "rb").read()
+  train = [r for r in rows if "loss" in r][-1]
+  assert train["step"] == 4 and json.dumps(train["loss"]).encode() in logged
+  assert json.dumps(rows[-1]["eval_loss"]).encode() in logged

@@ -11,6 +11,7 @@ import tqdm
 
 from transformer_jax import config as config_lib
 from transformer_jax.data import pipeline
+from transformer_jax.evaluation import harness
 from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 from transformer_jax.training import anomaly
@@ -61,7 +62,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
   if not eval_batches:
     say(f"no validation data: data.corpus={c.data.corpus!r} holds no held-out document "
         f"(data.validation_fraction={c.data.validation_fraction}); training without evaluation")
-  writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start)
+  writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start, wandb_config=c)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
   say(f"workdir {os.path.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
       f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {meter.peak_source}")
@@ -125,6 +126,7 @@ def _evaluate(trainer, params, batches, writer, step: int, say) -> dict:
   evals = trainer.evaluate(params, batches)
   if not evals:  # no validation data (said at start-up): nothing to log
     return {}
+  evals.update(harness.during_training(trainer, params))  # eval.tasks' downstream metrics
   writer.write(step, {**evals, "eval_perplexity": float(np.exp(min(evals["eval_loss"], 50.0)))})
   say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()
                                    if k != "eval_tokens"))

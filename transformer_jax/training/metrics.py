@@ -3,6 +3,7 @@
 import json
 import os
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -15,15 +16,18 @@ class Writer:
   steps, which an earlier run logged after its last checkpoint and this one replays: the file
   stays one clean history. A metrics.jsonl deleted during the run is created again."""
 
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0,
+               wandb_config=None):
     self.enabled = enabled
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._wandb = None
     self.path = os.path.join(workdir, "metrics.jsonl")
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       _drop_after(self.path, resume_step)
       self._jsonl = open(self.path, "a")
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      if wandb_config is not None and wandb_config.metrics.wandb:
+        self._wandb = _wandb_run(workdir, wandb_config, resume_step)
 
   def write(self, step: int, values: dict):
     if not self.enabled:
@@ -42,14 +46,42 @@ class Writer:
       raise WriteError(f"writing {self.path} failed: {e.strerror or e}; free space or fix "
                        "the workdir, then re-run the same command to resume from its latest "
                        "checkpoint") from None
-    for k, v in row.items():
-      if k != "step" and isinstance(v, float):
-        self._tb.add_scalar(k, v, int(step))
+    scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, int(step))
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=int(step))
 
   def close(self):
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _wandb_run(workdir: str, config, resume_step: int):
+  """A Weights & Biases run for metrics.wandb (the wandb extra): one run per workdir, resumed
+  with it (its id is kept in WORKDIR/wandb_id), the resolved config attached. WANDB_MODE=offline
+  keeps it on disk (WORKDIR/wandb/) for `wandb sync`."""
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError("metrics.wandb=true needs the wandb package: pip install -e '.[wandb]'") \
+        from None
+  id_file = os.path.join(workdir, "wandb_id")
+  if os.path.isfile(id_file):
+    with open(id_file) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    with open(id_file, "w") as f:
+      f.write(run_id)
+  m = config.metrics
+  return wandb.init(project=m.wandb_project, entity=m.wandb_entity or None, id=run_id,
+                    resume="allow" if resume_step else None, dir=workdir,
+                    name=os.path.basename(os.path.abspath(workdir)), config=config.to_dict())
 
 
 def last_logged(workdir: str) -> dict:

@@ -1,0 +1,247 @@
+"""Downstream evaluation: log-likelihoods are sums of token log-probabilities (ours and
+transformers' for an imported GPT-2), independent of padding side and batch mates; few-shot
+prompts are deterministic; the CLI prints one JSON line; eval.tasks reach metrics.jsonl; bad
+task files and steps are one-line errors; the lm-eval adapter agrees with `evaluate`."""
+
+import json
+import os
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, TINY_MODEL, tiny_overrides
+from transformer_jax import config as config_lib
+from transformer_jax import evaluate as evaluate_cli
+from transformer_jax.config import ConfigError
+from transformer_jax.evaluation import harness
+from transformer_jax.evaluation import scoring
+from transformer_jax.evaluation import tasks as tasks_lib
+from transformer_jax.models import families
+from transformer_jax.training import loop
+
+MC = [{"context": "def read_config(path", "choices": ["):", "x = 1", "import os"], "label": 0},
+      {"context": "for x in", "choices": ["range(10):", "def", "return self"], "label": 0},
+      {"context": "class Data", "choices": ["(object):", "print name", "1 + 1"], "label": 0},
+      {"context": "import", "choices": ["os", "the data", "else"], "label": 1}]
+
+
+def _write(path, rows):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tasks")
+  texts = [{"text": "def value(self, x):\n    return self.data"},
+           {"text": "for name in data:\n    print name"}]
+  gen = [{"source": "x =", "target": "1"}]
+  return {"mc": _write(d / "mc.jsonl", MC), "mc_train": _write(d / "mc_train.jsonl", MC[::-1]),
+          "cloze": _write(d / "words.jsonl", texts), "ppl": _write(d / "docs.jsonl", texts),
+          "cloze_train": _write(d / "words_train.jsonl", texts[::-1]),
+          "gen": _write(d / "gen.jsonl", gen), "gen_train": _write(d / "gen_train.jsonl", gen),
+          "passkey": _write(d / "keys.jsonl", [{"length": 24, "depth": 0.5, "key": 12345}])}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, files, tmp_path_factory):
+  """A 4-step tiny GPT-2 run (checkpoints 2 and 4) with eval.tasks = the multiple-choice task."""
+  workdir = str(tmp_path_factory.mktemp("eval_run"))
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+      tiny_data, **{"train.steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 0,
+                    "eval.batches": 1, "train.log_every": 2,
+                    "eval.tasks": repr((files["mc"], "cloze:" + files["cloze"]))}))
+  loop.train(config, workdir, quiet=True, devices=jax.devices()[:1])
+  trainer, step, params = harness.load_workdir(workdir, devices=jax.devices()[:1])
+  return workdir, trainer, step, params
+
+
+def _lm(run, **kwargs):
+  _, trainer, _, params = run
+  return harness.text_model(trainer, params, **kwargs)
+
+
+def _reference(model, params, ctx, cont):
+  """log p(cont | ctx) from one unpadded forward pass, summed in numpy."""
+  full = ctx + cont
+  logits = jax.jit(model.apply)({"params": params}, jnp.asarray([full[:-1]], jnp.int32))[0]
+  log_p = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
+  return float(sum(log_p[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
+
+
+def _pairs(seed, n, vocab=300, length=0):
+  """Random (context, continuation) id pairs; `length` > 0: all of that total length."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    ids = rng.integers(3, vocab, length or rng.integers(2, 17)).tolist()
+    cut = int(rng.integers(1, len(ids)))
+    out.append((ids[:cut], ids[cut:]))
+  return out
+
+
+def test_loglikelihood_is_the_sum_of_token_log_probs(run):
+  lm = _lm(run, batch_size=4)
+  pairs = _pairs(0, 6, length=13)  # the reference compiles one shape
+  got = [ll for ll, _ in lm.ids_loglikelihood(pairs)]
+  want = [_reference(lm.model, lm.params, c, x) for c, x in pairs]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_padding_side_and_batch_mates_do_not_change_a_score(run):
+  pairs = _pairs(1, 5)
+  right = _lm(run, batch_size=4).ids_loglikelihood(pairs)
+  left = _lm(run, batch_size=4, padding="left").ids_loglikelihood(pairs)
+  alone = [_lm(run, batch_size=1).ids_loglikelihood([p])[0] for p in pairs[:2]]
+  mixed = _lm(run, batch_size=4).ids_loglikelihood(pairs[:2] + _pairs(2, 5))[:2]
+  np.testing.assert_allclose([s for s, _ in left], [s for s, _ in right], atol=1e-4)
+  np.testing.assert_allclose([s for s, _ in alone], [s for s, _ in right[:2]], atol=1e-4)
+  np.testing.assert_allclose([s for s, _ in mixed], [s for s, _ in right[:2]], atol=1e-4)
+  # A document's rolling log-likelihood = its windows' (the model is 32 tokens long).
+  lm = _lm(run, batch_size=4)
+  ids = list(range(5, 75))
+  windows = lm.rolling_windows(ids)
+  assert [t for _, cont in windows for t in cont] == ids
+  assert all(len(c) + len(x) - 1 <= lm.max_len for c, x in windows)
+
+
+def test_sharded_scores_equal_unsharded(run):
+  """On a data x fsdp = 2 x 2 mesh (parameters sharded as training shards them) the scores are
+  the single device's."""
+  _, trainer, _, params = run
+  config = config_lib.from_json_file(os.path.join(run[0], "config.json"))
+  config.mesh.update(data=2, fsdp=2)
+  sharded = harness.Trainer(config, harness.sharding.make_mesh(config, jax.devices()[:4]))
+  placed = jax.device_put(params, sharded.state_shardings.params)
+  assert not all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(placed))
+  pairs = _pairs(4, 6)
+  got = harness.text_model(sharded, placed).ids_loglikelihood(pairs)
+  want = _lm(run).ids_loglikelihood(pairs)
+  np.testing.assert_allclose([s for s, _ in got], [s for s, _ in want], atol=1e-4)
+
+
+def test_encoder_decoder_scores_the_target_given_the_source():
+  """Context -> encoder, continuation -> decoder (after the start token), any padding."""
+  config = config_lib.base.get_config()
+  config.model.update({**TINY_MODEL, "family": "encdec", "max_len": 32, "num_layers": 1})
+  model = families.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
+  tok = types.SimpleNamespace(bos_id=0, eos_id=1)
+  ids = np.random.default_rng(5).integers(3, 256, (3, 10))
+  pairs = [(row[:6].tolist(), row[6:].tolist()) for row in ids]  # one shape: one compile
+  logits = jax.jit(model.apply)({"params": params}, jnp.asarray(ids[:, :6]),
+                                jnp.asarray(np.concatenate([ids[:, :1] * 0, ids[:, 6:9]], 1)))
+  log_p = np.asarray(jax.nn.log_softmax(logits))
+  want = [sum(log_p[i, j, t] for j, t in enumerate(tgt)) for i, (_, tgt) in enumerate(pairs)]
+  for padding in ("right", "left"):
+    lm = scoring.TextModel(config, params, tok, batch_size=4, padding=padding)
+    got = [ll for ll, _ in lm.ids_loglikelihood(pairs)]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_imported_gpt2_matches_transformers(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from transformer_jax.convert.hf import from_hf  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64))
+  hf.eval()
+  hf.save_pretrained(str(tmp_path))
+  model, params = from_hf(str(tmp_path))
+  config = config_lib.base.get_config()
+  config.model.update(family="decoder", max_len=64)
+  config.data.add_bos = False
+  tok = types.SimpleNamespace(bos_id=0, eos_id=0)
+  lm = scoring.TextModel(config, params, tok, model=model, batch_size=4)
+  pairs = _pairs(3, 5, vocab=100)
+  got = [ll for ll, _ in lm.ids_loglikelihood(pairs)]
+  want = []
+  for ctx, cont in pairs:
+    with torch.no_grad():
+      logits = hf(input_ids=torch.tensor([ctx + cont])).logits[0].double()
+    log_p = torch.log_softmax(logits, -1).numpy()
+    want.append(sum(log_p[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_fewshot_prompts_are_deterministic(files):
+  task = tasks_lib.load(files["mc"], num_fewshot=2)
+  assert task.train  # mc_train.jsonl beside mc.jsonl
+  first = [tasks_lib.fewshot_prefix(task, i, 2, seed=0) for i in range(4)]
+  again = tasks_lib.load(files["mc"], num_fewshot=2)
+  assert first == [tasks_lib.fewshot_prefix(again, i, 2, seed=0) for i in range(4)]
+  assert all(p.count(tasks_lib.SHOT_SEPARATOR) == 2 for p in first)
+  for i, prefix in enumerate(first):  # never the example itself
+    mine = "".join(tasks_lib.join(MC[i]["context"], MC[i]["choices"][MC[i]["label"]]))
+    assert mine + tasks_lib.SHOT_SEPARATOR not in prefix
+  assert len(set(first)) > 1  # drawn per example
+
+
+def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
+  cases = {"lacks field(s) label": [{"context": "a", "choices": ["b"]}, {"context": "a"}],
+           "holds no examples": [],
+           "cannot tell the task kind": [{"question": "?"}]}
+  for message, rows in cases.items():
+    path = _write(tmp_path / "bad.jsonl", rows)
+    spec = path if "field" not in message else f"multiple_choice:{path}"
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+      tasks_lib.load(spec)
+    assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="does not exist"):
+    tasks_lib.load(str(tmp_path / "none.jsonl"))
+  with pytest.raises(ConfigError, match="train split"):
+    tasks_lib.load(_write(tmp_path / "alone.jsonl", MC), num_fewshot=1)
+  with pytest.raises(ConfigError, match=r"no checkpoint for step 99 .*steps: 2, 4\)") as e:
+    harness.load_workdir(run[0], 99, devices=jax.devices()[:1])
+  assert "\n" not in str(e.value)
+
+
+def test_cli_prints_every_tasks_metrics_as_one_json_line(run, files, capsys):
+  specs = [files["mc"], "cloze:" + files["cloze"], files["ppl"], files["gen"], files["passkey"]]
+  evaluate_cli.main([f"--workdir={run[0]}", "--step=2", "--tasks=" + ",".join(specs),
+                     "--num_fewshot=1", "--batch_size=4"])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["step"] == 2
+  t = out["tasks"]
+  assert set(t) == {"mc", "words", "docs", "gen", "keys"}
+  assert t["keys"]["acc"] in (0.0, 1.0)
+  assert 0 <= t["mc"]["acc"] <= 1 and 0 <= t["mc"]["acc_norm"] <= 1
+  assert t["words"]["perplexity"] > 1 and t["docs"]["bits_per_byte"] > 0
+  assert {"exact_match", "bleu", "chrf"} <= set(t["gen"])
+  assert all(m["examples_per_s"] > 0 for m in t.values())
+
+
+def test_eval_tasks_reach_metrics_jsonl(run, files):
+  with open(os.path.join(run[0], "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if "eval_loss" in line]
+  assert rows and {"eval_mc_acc", "eval_mc_acc_norm", "eval_words_acc",
+                   "eval_words_perplexity"} <= set(rows[-1])
+  want = harness.evaluate(_lm(run), [files["mc"]])["mc"]
+  assert rows[-1]["eval_mc_acc"] == pytest.approx(want["acc"])
+
+
+def test_lm_eval_adapter_agrees_with_evaluate(run, files, tmp_path):
+  pytest.importorskip("lm_eval")
+  import lm_eval  # pylint: disable=g-import-not-at-top
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+  from transformer_jax.evaluation import lm_eval_adapter  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+  (tmp_path / "tjax_mc.yaml").write_text(
+      "task: tjax_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+      f"    test: {files['mc']}\ntest_split: test\noutput_type: multiple_choice\n"
+      "doc_to_text: '{{context}}'\ndoc_to_target: '{{label}}'\ndoc_to_choice: '{{choices}}'\n"
+      "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+  lm = _lm(run)
+  out = lm_eval.simple_evaluate(
+      model=lm_eval_adapter.TransformerJaxLM(text_model=lm), tasks=["tjax_mc"],
+      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), num_fewshot=0)
+  got = out["results"]["tjax_mc"]
+  want = harness.evaluate(lm, [files["mc"]])["mc"]
+  assert got["acc,none"] == pytest.approx(want["acc"])
+  assert got["acc_norm,none"] == pytest.approx(want["acc_norm"])

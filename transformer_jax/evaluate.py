@@ -1,0 +1,46 @@
+"""Evaluate a checkpoint on downstream tasks: `python -m transformer_jax.evaluate --workdir=DIR
+--tasks=SPEC[,SPEC...] [--step=N] [--num_fewshot=K] [--limit=N] [--fewshot_file=F]
+[--batch_size=B] [--seed=0] [--init]`.
+
+A SPEC is a JSONL file, its kind recognized from its fields (context/choices/label: multiple
+choice; source/target: generation; length/depth: passkey; text: perplexity), or KIND:PATH
+(kinds multiple_choice, cloze, perplexity, generation, passkey); see evaluation/tasks.py.
+The last line printed is one JSON object: {"step": N, "tasks": {TASK: {METRIC: value}}}.
+--init evaluates the config's initial parameters instead (the before-training baseline)."""
+
+import json
+
+from transformer_jax import cli
+from transformer_jax.config import ConfigError
+
+FLAGS = {"workdir": "", "tasks": "", "step": -1, "num_fewshot": 0, "limit": 0,
+         "fewshot_file": "", "batch_size": 0, "seed": 0, "init": False}
+
+
+def main(argv):
+  _, overrides, f = cli.parse(argv, FLAGS)
+  if overrides:
+    raise ConfigError("evaluate reads the workdir's config.json; it takes no --config.KEY")
+  specs = [s for s in f["tasks"].split(",") if s]
+  if not specs:
+    raise ConfigError("--tasks=SPEC[,SPEC...] is required (PATH.jsonl or KIND:PATH)")
+  if f["num_fewshot"] < 0 or f["limit"] < 0 or f["batch_size"] < 0:
+    raise ConfigError("--num_fewshot, --limit and --batch_size must be >= 0")
+  from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  loaded = harness.load_tasks(specs, num_fewshot=f["num_fewshot"], limit=f["limit"],
+                              fewshot_file=f["fewshot_file"])  # checked before the model loads
+  from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  # The CPU devices the run trained on (mesh.cpu_devices), before JAX starts its backends.
+  distributed.use_cpu_devices(harness.read_config(f["workdir"]).mesh.get("cpu_devices", 0))
+  trainer, step, params = harness.load_workdir(
+      f["workdir"], None if f["step"] < 0 else f["step"], init=f["init"])
+  lm = harness.text_model(trainer, params, batch_size=f["batch_size"])
+  results = harness.evaluate(lm, loaded, num_fewshot=f["num_fewshot"], seed=f["seed"])
+  for name, metrics in results.items():
+    print(f"[step {step}] {name}: " + ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+  print(json.dumps({"step": step, "tasks": results}))
+
+
+if __name__ == "__main__":
+  cli.entry(main)

@@ -1,0 +1,103 @@
+"""Local downstream tasks made from a code corpus (default: the embedded stdlib corpus), so that
+evaluation needs no download:
+
+  python -m transformer_jax.evaluation.corpus_tasks --out=runs/eval_tasks [--corpus=stdlib]
+      [--examples=200] [--seed=0] [--validation_fraction=0.02]
+
+writes into OUT:
+  next_line.jsonl (+ next_line_train.jsonl)  multiple choice: after up to 6 lines of a source
+      file, which of 4 lines comes next (the real one, 3 lines of other files)
+  last_word.jsonl (+ last_word_train.jsonl)  cloze: up to 4 lines whose last word is predicted
+  heldout_text.jsonl                          perplexity: held-out documents (first 2,000 chars)
+Test examples come from the documents training holds out (tfds_text.doc_hash below the
+validation fraction, as training splits them), train examples from the rest.
+"""
+
+import json
+import os
+import random
+import re
+
+from transformer_jax import cli
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tfds_text
+
+CONTEXT_LINES = 6
+WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{2,}$")
+
+
+def _good(line: str) -> bool:
+  s = line.strip()
+  return 8 <= len(s) <= 80 and not s.startswith("#")
+
+
+def _per_doc(n: int, docs) -> int:
+  """Examples per document: enough for n in all (at least 2, so the draw stays varied)."""
+  return max(2, -(-2 * n // max(len(docs), 1)))
+
+
+def next_line(docs, n: int, rng: random.Random) -> list:
+  """Multiple-choice examples: context lines, the real next line and 3 distractors."""
+  pool = [line for _, text in docs for line in text.splitlines() if _good(line)]
+  out = []
+  for doc_id, text in docs:
+    lines = text.splitlines()
+    spots = [i for i in range(1, len(lines)) if _good(lines[i])]
+    for i in rng.sample(spots, min(_per_doc(n, docs), len(spots))):
+      context = "\n".join(lines[max(0, i - CONTEXT_LINES):i]) + "\n"
+      choices = [lines[i]] + [d for d in rng.sample(pool, 8) if d != lines[i]][:3]
+      rng.shuffle(choices)
+      out.append({"id": doc_id, "context": context, "choices": choices,
+                  "label": choices.index(lines[i])})
+  rng.shuffle(out)
+  return out[:n]
+
+
+def last_word(docs, n: int, rng: random.Random) -> list:
+  """Cloze examples: up to 4 lines ending in an identifier-like word of 3+ characters."""
+  out = []
+  for doc_id, text in docs:
+    lines = text.splitlines()
+    spots = [i for i in range(1, len(lines)) if " " in lines[i].strip() and _good(lines[i])
+             and WORD.match(lines[i].rstrip().rsplit(" ", 1)[-1])]
+    for i in rng.sample(spots, min(_per_doc(n, docs), len(spots))):
+      out.append({"id": doc_id, "text": "\n".join(lines[max(0, i - 3):i + 1]).rstrip()})
+  rng.shuffle(out)
+  return out[:n]
+
+
+def write(path: str, rows: list):
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+
+
+def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
+         validation_fraction: float = 0.02) -> dict:
+  """Writes the tasks into `out`; returns {file name: examples written}."""
+  held, train = [], []
+  for doc_id, text in corpus_lib.iter_documents(corpus):
+    (held if tfds_text.doc_hash(doc_id) < validation_fraction else train).append((doc_id, text))
+  rng = random.Random(seed)
+  train = rng.sample(train, min(len(train), 400))
+  files = {"next_line.jsonl": next_line(held, examples, rng),
+           "next_line_train.jsonl": next_line(train, examples, rng),
+           "last_word.jsonl": last_word(held, examples, rng),
+           "last_word_train.jsonl": last_word(train, examples, rng),
+           "heldout_text.jsonl": [{"id": d, "text": t[:2000]} for d, t in held[:examples]]}
+  os.makedirs(out, exist_ok=True)
+  for name, rows in files.items():
+    write(os.path.join(out, name), rows)
+  return {name: len(rows) for name, rows in files.items()}
+
+
+def main(argv):
+  _, _, f = cli.parse(argv, {"out": "runs/eval_tasks", "corpus": "stdlib", "examples": 200,
+                             "seed": 0, "validation_fraction": 0.02})
+  for name, n in make(f["out"], f["corpus"], f["examples"], f["seed"],
+                      f["validation_fraction"]).items():
+    print(f"{os.path.join(f['out'], name)}: {n} examples")
+
+
+if __name__ == "__main__":
+  cli.entry(main)

@@ -1,0 +1,127 @@
+"""Downstream evaluation of a checkpoint (the `evaluate` command) or of a training run's current
+parameters (`eval.tasks`, at each evaluation of the training loop).
+
+A workdir's parameters are restored straight into the training sharding (the Trainer's abstract
+state, on this machine's mesh), so a model evaluates on as many devices as it trained on without
+ever being gathered on one.
+"""
+
+import functools
+import math
+import os
+import time
+
+import jax
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.data import tokenization
+from transformer_jax.evaluation import scoring
+from transformer_jax.evaluation import tasks as tasks_lib
+from transformer_jax.parallel import sharding
+from transformer_jax.training import checkpoint
+from transformer_jax.training.step import Trainer
+
+
+def batch_rows(trainer, batch_size: int = 0) -> int:
+  """Rows per scoring batch: `batch_size` or the train step's microbatch rows, rounded up to a
+  multiple of the number of batch shards."""
+  c = trainer.config
+  rows = batch_size or max(c.train.batch_size // c.train.microbatches, 1)
+  size = trainer.mesh.size
+  shards = size // trainer.batch_sharding.shard_shape((size, scoring.MIN_BUCKET))[0]
+  return -(-rows // shards) * shards
+
+
+def text_model(trainer, params, *, batch_size: int = 0, padding: str = "right"):
+  """A scoring.TextModel over a trainer's model, mesh and rules, with its config's tokenizer."""
+  tok = tokenization.load(trainer.config.data.tokenizer)
+  return scoring.TextModel(trainer.config, params, tok, batch_size=batch_rows(trainer, batch_size),
+                           mesh=trainer.mesh, rules=trainer.rules, padding=padding,
+                           model=trainer.model)
+
+
+def read_config(workdir: str):
+  """A training workdir's saved config (config.json)."""
+  saved = os.path.join(workdir or "", "config.json")
+  if not workdir or not os.path.isfile(saved):
+    raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
+  return config_lib.from_json_file(saved)
+
+
+def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, devices=None):
+  """(trainer, step, params) of a training workdir: its checkpoint at `step` (default the latest)
+  restored into the training sharding, or with `init` the config's initial parameters (step 0,
+  the untrained baseline)."""
+  config = read_config(workdir)
+  if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
+    config.model.attention_impl = "auto"  # The kernel trained with, where this machine has it.
+  devices = devices if devices is not None else jax.devices()
+  trainer = Trainer(config, sharding.make_mesh(config, _mesh_devices(config, devices)))
+  if init:
+    return trainer, 0, trainer.init_state(config.seed).params
+  ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True)
+  steps = ckpts.all_steps()
+  if not steps:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
+  if step is not None and step not in steps:
+    raise ConfigError(f"no checkpoint for step {step} in {workdir}/checkpoints (steps: "
+                      f"{', '.join(map(str, steps))})")
+  step, params = ckpts.restore_params(trainer.abstract_state.params, step)
+  return trainer, step, params
+
+
+def load_tasks(specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: str = "") -> list:
+  """The tasks of SPECs (PATH or KIND:PATH; already loaded tasks pass through), checked."""
+  if not specs:
+    raise ConfigError("--tasks needs at least one task: PATH.jsonl or KIND:PATH")
+  return [s if isinstance(s, tasks_lib.Task) else
+          tasks_lib.load(s, num_fewshot=num_fewshot, fewshot_file=fewshot_file, limit=limit)
+          for s in specs]
+
+
+def _mesh_devices(config, devices):
+  """The devices the saved mesh takes: all of them when an axis fills (-1), else the first
+  data * fsdp * ... (a run trained on fewer devices than this machine has still evaluates)."""
+  sizes = [config.mesh.get(a, 1) for a in sharding.MESH_AXES]
+  sizes += [v for k, v in config.mesh.items() if k.startswith("dcn_")]
+  if -1 in sizes:
+    return devices
+  return devices[:math.prod(sizes)] if math.prod(sizes) <= len(devices) else devices
+
+
+def evaluate(lm, specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: str = "",
+             seed: int = 0, timing: bool = True) -> dict:
+  """{task name: metrics} for each task (a SPEC or a loaded task); with `timing` each task also
+  reports its examples, seconds and examples_per_s."""
+  loaded = load_tasks(specs, num_fewshot=num_fewshot, limit=limit, fewshot_file=fewshot_file)
+  out = {}
+  for task in loaded:
+    name = task.name if task.name not in out else f"{task.name}_{len(out)}"
+    start = time.perf_counter()
+    metrics = tasks_lib.run(task, lm, num_fewshot=num_fewshot, seed=seed)
+    seconds = time.perf_counter() - start
+    if timing:
+      n = len(task.examples)
+      metrics.update(examples=n, seconds=round(seconds, 3), examples_per_s=n / max(seconds, 1e-9))
+    out[name] = metrics
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str):
+  return tokenization.load(path)
+
+
+def during_training(trainer, params) -> dict:
+  """`eval_TASK_METRIC` for each of the config's eval.tasks ({} when it names none): the
+  training loop's hook at each evaluation."""
+  c = trainer.config
+  specs = tuple(c.eval.get("tasks", ()) or ())
+  if not specs:
+    return {}
+  lm = scoring.TextModel(c, params, _tokenizer(c.data.tokenizer), batch_size=batch_rows(trainer),
+                         mesh=trainer.mesh, rules=trainer.rules, model=trainer.model)
+  results = evaluate(lm, specs, timing=False)
+  return {f"eval_{name}_{metric}": value for name, metrics in results.items()
+          for metric, value in metrics.items()}

@@ -1,0 +1,77 @@
+"""EleutherAI's lm-eval harness (`pip install "lm-eval>=0.4.2,<0.5"`) on our checkpoints.
+
+Importing this module registers the model name `transformer_jax`; lm-eval 0.4 finds models only
+in its registry (no entry points), so run its command line through this module:
+
+  python -m transformer_jax.evaluation.lm_eval_adapter --model transformer_jax \\
+      --model_args workdir=runs/smoke[,step=N,batch_size=B] --tasks hellaswag [--include_path DIR]
+
+or from Python: `lm_eval.simple_evaluate(model=TransformerJaxLM(workdir=...), tasks=[...])`.
+Requests go through scoring.TextModel, exactly as `python -m transformer_jax.evaluate` scores
+them: a local multiple-choice task gives both the same accuracies.
+"""
+
+import sys
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from transformer_jax.evaluation import harness
+
+DEFAULT_GEN_TOKENS = 256
+
+
+@register_model("transformer_jax")
+class TransformerJaxLM(LM):
+  """lm-eval's LM over a workdir's checkpoint (model_args: workdir, step, batch_size), or over a
+  scoring.TextModel given as `text_model`."""
+
+  def __init__(self, workdir: str = "", step=None, batch_size=0, text_model=None, **unused):
+    super().__init__()
+    del unused  # lm-eval's device, max_batch_size, ...: the mesh decides placement
+    if text_model is None:
+      trainer, self.step, params = harness.load_workdir(
+          workdir, None if step in (None, "") else int(step))
+      text_model = harness.text_model(trainer, params, batch_size=_rows(batch_size))
+    self.text_model = text_model
+
+  def loglikelihood(self, requests, disable_tqdm: bool = False):
+    del disable_tqdm
+    return self.text_model.loglikelihood([tuple(r.args[:2]) for r in requests])
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+    del disable_tqdm
+    return self.text_model.loglikelihood_rolling([r.args[0] for r in requests])
+
+  def generate_until(self, requests, disable_tqdm: bool = False):
+    """Greedy; each request's gen_kwargs give `until` and `max_gen_toks`."""
+    del disable_tqdm
+    out = []
+    for r in requests:  # one at a time: each has its own stop strings and budget
+      context, kwargs = r.args[0], dict(r.args[1] or {})
+      until = kwargs.get("until") or []
+      until = [until] if isinstance(until, str) else list(until)
+      n = int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKENS))
+      n = min(n, max(self.text_model.max_len - 1, 1))
+      out.extend(self.text_model.generate([context], until=until, max_new_tokens=n))
+    return out
+
+
+def _rows(batch_size) -> int:
+  """lm-eval passes batch_size as an int, a string or "auto"; "auto" and its default 1 become
+  ours (the train step's microbatch rows): scoring one row at a time is only slower."""
+  try:
+    rows = int(batch_size)
+  except (TypeError, ValueError):
+    return 0
+  return rows if rows > 1 else 0
+
+
+def main():
+  from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+  sys.argv[0] = "lm_eval"
+  cli_evaluate()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,243 @@
+"""A model as a text scorer: log-likelihoods of (context, continuation) pairs, rolling
+log-likelihoods of documents, and greedy generation (lm-eval's three requests), batched and jitted.
+
+Requests are sorted by length and scored `batch_size` rows at a time, each batch padded to a
+bucket length (powers of two from 16 up to the model's length), so a task compiles a few shapes.
+Padding tokens get segment id 0 and the real tokens of a row segment 1 with positions 0..n-1, so
+(as in packed training) a row's score does not depend on its padding side or its batch mates.
+With a mesh the batch is sharded over its batch axes and the model traced under its rules, like
+the train step: parameters stay sharded as they were restored.
+"""
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax.config import ConfigError
+from transformer_jax.data import objectives
+from transformer_jax.inference import sampling
+from transformer_jax.models import families
+from transformer_jax.parallel import sharding
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, limit: int) -> int:
+  """The padded length of a batch whose longest row is n: a power of two >= 16, <= limit."""
+  return min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), limit)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _row_scores(model, params, inputs, at_BK, targets_BK, weights_BK):
+  """Per row: sum of the weighted targets' log-probabilities, and whether each weighted target
+  is the argmax (greedy decoding would write the continuation). Only the K scored positions
+  `at_BK` of the final hidden states go through the output head: [B, K, V] logits, not
+  [B, T, V]."""
+  x_BTD = model.apply({"params": params}, *inputs, hidden=True)
+  x_BKD = jnp.take_along_axis(x_BTD, at_BK[..., None], axis=1)
+  logits_BKV = model.apply({"params": params}, x_BKD, method="logits").astype(jnp.float32)
+  log_p_BKV = jax.nn.log_softmax(logits_BKV)
+  token_BK = jnp.take_along_axis(log_p_BKV, targets_BK[..., None], axis=-1)[..., 0]
+  hit_BK = (jnp.argmax(logits_BKV, axis=-1) == targets_BK) | (weights_BK == 0)
+  return jnp.sum(token_BK * weights_BK, axis=-1), jnp.all(hit_BK, axis=-1)
+
+
+class TextModel:
+  """A decoder or encoder-decoder, its parameters and tokenizer, scoring text."""
+
+  def __init__(self, config, params, tokenizer, *, batch_size: int = 8, mesh=None, rules=(),
+               padding: str = "right", model=None):
+    """`model` (default: the config's) may be given, e.g. one imported by convert.hf.from_hf;
+    the config then supplies model.family, model.max_len and data's add_bos/add_eos."""
+    if config.model.family not in ("decoder", "encdec"):
+      raise ConfigError(f"evaluation scores decoders and encoder-decoders, not model.family="
+                        f"{config.model.family}")
+    self.config, self.params, self.tokenizer = config, params, tokenizer
+    self.model = model if model is not None else families.build_model(config)
+    self.is_seq2seq = config.model.family == "encdec"
+    self.max_len = int(config.model.max_len)
+    self.batch_size, self.padding = batch_size, padding
+    self.mesh, self.rules = mesh, rules
+    self._batch_sharding = sharding.batch_sharding(mesh, rules) if mesh is not None else None
+    self.add_bos = bool(config.data.add_bos)
+    self.prefix_id = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+
+  # ---- text -> ids
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text)
+
+  def context_ids(self, ids: list[int]) -> list[int]:
+    """A decoder's context as training framed it (bos first), never empty."""
+    if self.add_bos or not ids:
+      return [self.prefix_id] + ids
+    return ids
+
+  def source_ids(self, text: str) -> list[int]:
+    """An encoder-decoder's source as training framed it (bos/eos around pairs' sources)."""
+    d, tok = self.config.data, self.tokenizer
+    frame = objectives.flag(d, "PAIRS")
+    return ([tok.bos_id] * bool(d.add_bos and frame) + self.encode(text)
+            + [tok.eos_id] * bool(d.add_eos and frame))
+
+  def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces
+    move to the continuation, the pair is encoded whole and the continuation is what follows
+    the context's own encoding."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+      context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, ctx = self.encode(context + continuation), self.encode(context)
+    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self.encode(continuation)
+    return ctx, cont or self.encode(continuation)
+
+  # ---- requests
+  def loglikelihood(self, pairs) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), greedy) of each (context, continuation) string pair."""
+    ids = []
+    for context, continuation in pairs:
+      if self.is_seq2seq:  # the context is the source, the continuation the target
+        ids.append((self.source_ids(context), self.encode(continuation.lstrip())))
+      else:
+        ctx, cont = self.encode_pair(context, continuation)
+        ids.append((self.context_ids(ctx), cont))
+    return self.ids_loglikelihood(ids)
+
+  def loglikelihood_rolling(self, texts, with_counts: bool = False):
+    """Each text's log-likelihood from its first token on (after the prefix token), in windows
+    of the model's length; with `with_counts` (log-likelihood, tokens scored) pairs."""
+    if self.is_seq2seq:
+      raise ConfigError("rolling log-likelihood (perplexity tasks) needs a decoder")
+    pairs, owners = [], []
+    for i, text in enumerate(texts):
+      for pair in self.rolling_windows(self.encode(text)):
+        pairs.append(pair)
+        owners.append(i)
+    out = [[0.0, 0] for _ in texts]
+    for i, (ctx, cont), (ll, _) in zip(owners, pairs, self.ids_loglikelihood(pairs)):
+      out[i][0] += ll
+      out[i][1] += len(cont)
+    return [tuple(o) if with_counts else o[0] for o in out]
+
+  def rolling_windows(self, ids: list[int]) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) id pairs that predict every token of `ids` once: continuations
+    of the model's length, each window filled with as much preceding context as fits."""
+    full, n, length = [self.prefix_id] + ids, len(ids), self.max_len
+    windows = []
+    for a in range(0, n, length):
+      b = min(a + length, n)
+      start = max(0, b - length)
+      windows.append((full[start:a + 1], full[a + 1:b + 1]))
+    return windows
+
+  def ids_loglikelihood(self, pairs) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy) of (context ids, continuation ids) pairs, batched by length."""
+    if not pairs:
+      return []
+    rows = [self._truncate(ctx, cont) for ctx, cont in pairs]
+    order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
+    out = [None] * len(rows)
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      batch = self._seq2seq_batch if self.is_seq2seq else self._decoder_batch
+      inputs, scored = batch([rows[i] for i in chunk])
+      with self._context():
+        ll, greedy = _row_scores(self.model, self.params, tuple(map(self._put, inputs)),
+                                 *map(self._put, scored))
+      ll, greedy = np.asarray(ll), np.asarray(greedy)
+      for j, i in enumerate(chunk):
+        out[i] = (float(ll[j]), bool(greedy[j]))
+    return out
+
+  def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
+    tok = self.tokenizer
+    start = tok.bos_id if self.is_seq2seq else None
+    max_new_tokens = max(min(max_new_tokens, self.max_len - 1), 1)
+    ids = [self.source_ids(p) if self.is_seq2seq else
+           self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
+    out = [""] * len(ids)
+    groups = {}
+    for i, row in enumerate(ids):  # sampling.generate takes equal-length prompts
+      groups.setdefault(len(row), []).append(i)
+    for members in groups.values():
+      for at in range(0, len(members), self.batch_size):
+        chunk = members[at:at + self.batch_size]
+        with self._context():
+          new = sampling.generate(self.model, self.params, [ids[i] for i in chunk],
+                                  max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
+                                  start_id=start)
+        for i, row in zip(chunk, new):
+          out[i] = _cut(tok.decode(row), until)
+    return out
+
+  # ---- batches
+  def _truncate(self, ctx, cont):
+    """Left-truncated so that the model reads at most max_len tokens."""
+    if self.is_seq2seq:
+      return ctx[-self.max_len:], cont[:self.max_len]
+    keep = self.max_len + 1
+    if len(ctx) + len(cont) > keep:
+      cont = cont[-keep + 1:]
+      ctx = ctx[-(keep - len(cont)):]
+    return ctx, cont
+
+  def _offset(self, n: int, t: int) -> int:
+    """Where a row of n tokens starts in a batch row of t (left padding: at the end)."""
+    return t - n if self.padding == "left" else 0
+
+  def _place(self, values, t: int):
+    """[B, t] int32 arrays (values, segment ids, positions) of rows padded on self.padding."""
+    b = self.batch_size
+    arr, seg, pos = (np.zeros((b, t), np.int32) for _ in range(3))
+    for i, row in enumerate(values):
+      n, at = len(row), self._offset(len(row), t)
+      arr[i, at:at + n], seg[i, at:at + n], pos[i, at:at + n] = row, 1, np.arange(n)
+    return arr, seg, pos
+
+  def _scored(self, rows, t: int):
+    """[B, K] (positions, targets, weights) of each row's continuation tokens: `rows` are
+    (first scored position within the row, row length, continuation ids)."""
+    k = min(bucket(max(len(x) for _, _, x in rows), self.max_len), t)
+    b = self.batch_size
+    at_BK, targets_BK = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32)
+    weights_BK = np.zeros((b, k), np.float32)
+    for i, (first, n, cont) in enumerate(rows):
+      start = self._offset(n, t) + first
+      at_BK[i, :len(cont)] = np.arange(start, start + len(cont))
+      targets_BK[i, :len(cont)], weights_BK[i, :len(cont)] = cont, 1.0
+    return at_BK, targets_BK, weights_BK
+
+  def _decoder_batch(self, rows):
+    """The inputs are context + continuation less its last token; the target at position
+    len(context) - 1 + j is continuation token j."""
+    t = bucket(max(len(c) + len(x) - 1 for c, x in rows), self.max_len)
+    inputs = self._place([(c + x)[:-1] for c, x in rows], t)
+    return inputs, self._scored([(len(c) - 1, len(c) + len(x) - 1, x) for c, x in rows], t)
+
+  def _seq2seq_batch(self, rows):
+    """The encoder reads the context; the decoder reads start + continuation[:-1]."""
+    s = bucket(max(len(c) for c, _ in rows), self.max_len)
+    t = bucket(max(len(x) for _, x in rows), self.max_len)
+    enc, enc_seg, enc_pos = self._place([c for c, _ in rows], s)
+    start = self.tokenizer.bos_id
+    dec, dec_seg, dec_pos = self._place([[start] + x[:-1] for _, x in rows], t)
+    return ((enc, dec, enc_seg, enc_pos, dec_seg, dec_pos),
+            self._scored([(0, len(x), x) for _, x in rows], t))
+
+  def _put(self, array):
+    if self._batch_sharding is None:
+      return jnp.asarray(array)
+    return jax.device_put(array, self._batch_sharding)
+
+  def _context(self):
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.context(self.mesh, self.rules)
+
+
+def _cut(text: str, until) -> str:
+  ends = [text.find(u) for u in until if u and u in text]
+  return text[:min(ends)] if ends else text

@@ -1,0 +1,244 @@
+"""Downstream task kinds read from local JSONL: what each asks the model and how it is scored.
+
+A task is a JSONL file, one example per line; its kind is recognized from its fields or named
+(`KIND:PATH`):
+
+  multiple_choice  {"context", "choices", "label"}  acc, acc_norm (log-likelihood of each choice
+                   after the context; acc_norm divides by the choice's length in characters, as
+                   lm-eval does)
+  cloze            {"text"} (LAMBADA): the last word after the rest; acc (greedy would write it)
+                   and perplexity (exp of the mean negative log-likelihood of the word)
+  perplexity       {"text"}: the documents' rolling log-likelihood; perplexity per token,
+                   bits_per_byte (tokenizers compare), byte_perplexity
+  generation       {"source", "target"}: greedy generation; exact_match, bleu, chrf (sacrebleu)
+  passkey          {"length", "depth"[, "key"]}: passkey.py's prompts; acc
+
+`{"text"}` alone is read as perplexity; name cloze tasks `cloze:PATH`. Few-shot examples come from
+the task's train split (NAME_train.jsonl or NAME.train.jsonl next to NAME.jsonl, or a given file),
+drawn with a fixed seed per example, so prompts are deterministic.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Callable
+
+import numpy as np
+
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus
+from transformer_jax.evaluation import passkey
+
+SHOT_SEPARATOR = "\n\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """One task kind: the fields an example needs and the request builder / metric function."""
+  name: str
+  fields: tuple
+  fewshot: bool = True
+
+
+KINDS = {k.name: k for k in (
+    Kind("multiple_choice", ("context", "choices", "label")),
+    Kind("generation", ("source", "target")),
+    Kind("passkey", ("length", "depth"), fewshot=False),
+    Kind("perplexity", ("text",), fewshot=False),
+    Kind("cloze", ("text",)),
+)}
+
+
+@dataclasses.dataclass
+class Task:
+  name: str
+  kind: str
+  path: str
+  examples: list
+  train: list = dataclasses.field(default_factory=list)
+
+
+def _read_jsonl(path: str) -> list:
+  if not os.path.isfile(path):
+    raise ConfigError(f"task file {path!r} does not exist")
+  return [row for _, _, row in corpus.json_lines(path, "task file ")]
+
+
+def recognize(row: dict, path: str) -> str:
+  """The kind whose fields the first example has (the first that fits, in KINDS' order)."""
+  for kind in KINDS.values():
+    if all(f in row for f in kind.fields):
+      return kind.name
+  wanted = "; ".join(f"{k.name}: {', '.join(k.fields)}" for k in KINDS.values())
+  raise ConfigError(f"{path}: cannot tell the task kind from fields {sorted(row)} (want {wanted}"
+                    f"; or name it as KIND:PATH)")
+
+
+def _check(task: Task, rows: list, where: str):
+  fields = KINDS[task.kind].fields
+  for n, row in enumerate(rows, 1):
+    missing = [f for f in fields if f not in row]
+    if missing:
+      raise ConfigError(f"{where}: example {n} lacks field(s) {', '.join(missing)} "
+                        f"(a {task.kind} task needs {', '.join(fields)})")
+    if task.kind == "multiple_choice" and not (
+        isinstance(row["choices"], list) and row["choices"]
+        and isinstance(row["label"], int) and 0 <= row["label"] < len(row["choices"])):
+      raise ConfigError(f"{where}: example {n} needs a non-empty choices list and an integer "
+                        f"label indexing it")
+    if task.kind == "cloze" and len(str(row["text"]).strip().split()) < 2:
+      raise ConfigError(f"{where}: example {n}'s text needs at least two words")
+
+
+def train_split(path: str) -> str:
+  """The default few-shot file of a task: NAME_train.jsonl or NAME.train.jsonl beside it."""
+  stem = path[:-len(".jsonl")] if path.endswith(".jsonl") else path
+  for candidate in (f"{stem}_train.jsonl", f"{stem}.train.jsonl"):
+    if os.path.isfile(candidate):
+      return candidate
+  return ""
+
+
+def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int = 0) -> Task:
+  """A task from SPEC (PATH or KIND:PATH), checked; its train split when few-shot is asked."""
+  kind, sep, path = spec.partition(":")
+  if not sep or kind not in KINDS:
+    kind, path = "", spec
+  rows = _read_jsonl(path)
+  if not rows:
+    raise ConfigError(f"task file {path!r} holds no examples")
+  kind = kind or recognize(rows[0], path)
+  name = os.path.basename(path)
+  name = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
+  task = Task(name=name, kind=kind, path=path, examples=rows[:limit] if limit > 0 else rows)
+  _check(task, task.examples, path)
+  if num_fewshot > 0 and KINDS[kind].fewshot:
+    train = fewshot_file or train_split(path)
+    if not train:
+      raise ConfigError(f"--num_fewshot={num_fewshot} needs {name}'s train split (NAME_train.jsonl "
+                        f"beside {path}) or --fewshot_file")
+    task.train = _read_jsonl(train)
+    _check(task, task.train, train)
+    if len(task.train) < num_fewshot:
+      raise ConfigError(f"{train} holds {len(task.train)} examples, fewer than "
+                        f"--num_fewshot={num_fewshot}")
+  return task
+
+
+# ------------------------------------------------------------------------- prompts
+def join(context: str, continuation: str) -> tuple[str, str]:
+  """(context, continuation) with a space between them unless either side has whitespace there
+  (lm-eval's target_delimiter " " for contexts and choices without it)."""
+  if context and continuation and not context[-1].isspace() and not continuation[0].isspace():
+    continuation = " " + continuation
+  return context, continuation
+
+
+def _split_last_word(text: str) -> tuple[str, str]:
+  text = text.rstrip()
+  cut = text.rfind(" ")
+  return text[:cut], text[cut:]
+
+
+def _answered(kind: str, row: dict) -> str:
+  """A train example written out with its answer (one shot of a few-shot prompt)."""
+  if kind == "multiple_choice":
+    return "".join(join(row["context"], row["choices"][row["label"]]))
+  if kind == "generation":
+    return "".join(join(row["source"], row["target"]))
+  return row["text"].rstrip()
+
+
+def fewshot_prefix(task: Task, index: int, k: int, seed: int = 0) -> str:
+  """The k answered train examples before example `index`'s prompt: drawn without replacement
+  by a generator seeded with (seed, index), skipping a train example equal to the example."""
+  if k <= 0 or not task.train:
+    return ""
+  rng = np.random.default_rng([seed, index])
+  order = rng.permutation(len(task.train))
+  me = task.examples[index]
+  picked = [task.train[i] for i in order if task.train[i] != me][:k]
+  return "".join(_answered(task.kind, row) + SHOT_SEPARATOR for row in picked)
+
+
+# ------------------------------------------------------------------------- running
+def run(task: Task, lm, *, num_fewshot: int = 0, seed: int = 0) -> dict:
+  """The task's metrics with `lm` (scoring.TextModel: loglikelihood, loglikelihood_rolling,
+  generate, ids_loglikelihood)."""
+  return RUNNERS[task.kind](task, lm, num_fewshot, seed)
+
+
+def _multiple_choice(task, lm, k, seed):
+  pairs = []
+  for i, row in enumerate(task.examples):
+    prefix = fewshot_prefix(task, i, k, seed)
+    pairs += [join(prefix + row["context"], choice) for choice in row["choices"]]
+  scores = [ll for ll, _ in lm.loglikelihood(pairs)]
+  acc = acc_norm = 0
+  at = 0
+  for row in task.examples:
+    n = len(row["choices"])
+    ll = np.array(scores[at:at + n])
+    lengths = np.array([float(len(c)) for c in row["choices"]])
+    acc += int(np.argmax(ll) == row["label"])
+    acc_norm += int(np.argmax(ll / np.maximum(lengths, 1.0)) == row["label"])
+    at += n
+  n = len(task.examples)
+  return {"acc": acc / n, "acc_norm": acc_norm / n}
+
+
+def _cloze(task, lm, k, seed):
+  pairs = [_split_last_word(fewshot_prefix(task, i, k, seed) + row["text"])
+           for i, row in enumerate(task.examples)]
+  out = lm.loglikelihood(pairs)
+  lls = np.array([ll for ll, _ in out])
+  return {"acc": float(np.mean([g for _, g in out])),
+          "perplexity": float(math.exp(min(-lls.mean(), 50.0)))}
+
+
+def _perplexity(task, lm, k, seed):
+  del k, seed
+  texts = [row["text"] for row in task.examples]
+  lls, counts = zip(*lm.loglikelihood_rolling(texts, with_counts=True))
+  total, tokens = float(sum(lls)), int(sum(counts))
+  n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+  return {"perplexity": float(math.exp(min(-total / max(tokens, 1), 50.0))),
+          "bits_per_byte": -total / max(n_bytes, 1) / math.log(2),
+          "byte_perplexity": float(math.exp(min(-total / max(n_bytes, 1), 50.0)))}
+
+
+def _generation(task, lm, k, seed):
+  prompts, targets = [], []
+  for i, row in enumerate(task.examples):
+    if lm.is_seq2seq:  # the source alone is the encoder's input
+      prompts.append(row["source"])
+    else:  # the target follows as `join` would put it after the source
+      prompt = fewshot_prefix(task, i, k, seed) + row["source"]
+      prompts.append(prompt + ("" if not prompt or prompt[-1].isspace() else " "))
+    targets.append(str(row["target"]))
+  outs = [o.strip() for o in lm.generate(prompts, until=["\n"], max_new_tokens=max(
+      len(lm.encode(t)) for t in targets) + 8)]
+  exact = float(np.mean([o == t.strip() for o, t in zip(outs, targets)]))
+  metrics = {"exact_match": exact}
+  try:
+    import sacrebleu  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return metrics  # exact match only; `pip install sacrebleu` for BLEU and chrF
+  metrics["bleu"] = float(sacrebleu.corpus_bleu(outs, [targets]).score)
+  metrics["chrf"] = float(sacrebleu.corpus_chrf(outs, [targets]).score)
+  return metrics
+
+
+def _passkey(task, lm, k, seed):
+  del k
+  rng = np.random.default_rng(seed)
+  pairs = []
+  for row in task.examples:
+    key = int(row.get("key") or rng.integers(10_000, 100_000))
+    pairs.append(passkey.example(lm.tokenizer, int(row["length"]), float(row["depth"]), key))
+  return {"acc": float(np.mean([g for _, g in lm.ids_loglikelihood(pairs)]))}
+
+
+RUNNERS: dict[str, Callable] = {"multiple_choice": _multiple_choice, "cloze": _cloze,
+                                "perplexity": _perplexity, "generation": _generation,
+                                "passkey": _passkey}
