@@ -41,7 +41,8 @@ def test_installed_package_fills_new_keys_of_a_saved_config(tmp_path):
 ENTRY_POINTS = {  # command -> a flag its --help must list
     "train": "--workdir=''", "sample": "--max_new_tokens=64", "tokenizer": "--vocab_size=0",
     "aot": "--topology=''", "benchmark": "--steps=10", "convert": "export --workdir=W",
-    "sweep": "predict  --fit=DIR"}
+    "sweep": "predict  --fit=DIR", "evaluate": "--num_fewshot=0", "clean": "--workers=1",
+    "quantize": "--mode='int8'"}
 
 
 def _run(*args):

@@ -15,7 +15,10 @@ import sys
 COMMANDS = {
     "train": ("transformer_jax.train", "pretrain (or resume) a model in a workdir"),
     "sample": ("transformer_jax.sample", "generate text from a workdir's latest checkpoint"),
+    "quantize": ("transformer_jax.quantize", "int8/int4 post-training quantization of a workdir"),
+    "evaluate": ("transformer_jax.evaluate", "score a checkpoint on downstream tasks (JSONL)"),
     "tokenizer": ("transformer_jax.tokenizer", "train a SentencePiece tokenizer for a corpus"),
+    "clean": ("transformer_jax.clean", "dedup, language- and quality-filter a corpus into JSONL"),
     "convert": ("transformer_jax.convert", "Hugging Face checkpoints into and out of workdirs"),
     "aot": ("transformer_jax.aot", "compile a config for a TPU pod or GPU host: does it fit?"),
     "benchmark": ("transformer_jax.benchmark", "time training steps (and compare with peers)"),

@@ -84,7 +84,7 @@ def main(argv):
     raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1")
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   config = config_lib.from_json_file(saved)
   if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
@@ -94,8 +94,8 @@ def main(argv):
                       "families --prompt=TEXT")
   model = build_model(config)
   abstract = families.abstract_params(model)
-  step, params = checkpoint.Checkpoints(f["workdir"], config.checkpoint,
-                                        read_only=True).restore_params(abstract)
+  # A training workdir's latest checkpoint, or a quantized workdir's (dequantized)
+  step, params = store.restore_params(f["workdir"], config.checkpoint, model, abstract)
   if params is None:
     raise ConfigError(f"no checkpoint in {f['workdir']}/checkpoints")
   if f["fill_mask"]:

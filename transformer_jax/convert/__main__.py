@@ -132,8 +132,13 @@ def export_hf(workdir, hf_dir, step=-1):
   config = config_lib.from_json_file(saved)
   model = build_model(config)
   abstract = families.abstract_params(model)
-  got, params = checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True).restore_params(
-      abstract, step=None if step < 0 else step)
+  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
+  if store.is_quantized(workdir):  # quantize's output: exported dequantized
+    got, params = store.restore_params(workdir, config.checkpoint, model, abstract)
+  else:
+    got, params = checkpoint.Checkpoints(workdir, config.checkpoint,
+                                         read_only=True).restore_params(
+                                             abstract, step=None if step < 0 else step)
   if params is None:
     raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
   hf = _export_hf_config(workdir, config)

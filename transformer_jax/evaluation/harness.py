@@ -16,6 +16,7 @@ import jax
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import tokenization
+from transformer_jax.quant import store
 from transformer_jax.evaluation import scoring
 from transformer_jax.evaluation import tasks as tasks_lib
 from transformer_jax.parallel import sharding
@@ -60,6 +61,10 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
   trainer = Trainer(config, sharding.make_mesh(config, _mesh_devices(config, devices)))
   if init:
     return trainer, 0, trainer.init_state(config.seed).params
+  if store.is_quantized(workdir):  # quantize's output: dequantized, placed as training's
+    step, params = store.restore_params(workdir, config.checkpoint, trainer.model,
+                                        trainer.abstract_state.params)
+    return trainer, step, jax.device_put(params, trainer.state_shardings.params)
   ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True)
   steps = ckpts.all_steps()
   if not steps:

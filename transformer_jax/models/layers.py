@@ -84,6 +84,7 @@ class ModelConfig:
   router_jitter: float  # train-time multiplicative noise on the router's inputs (Switch)
   router_aux_loss: float  # the loss weights of the MoE layers' mean load-balancing loss ...
   router_z_loss: float  # ... and mean router z-loss (training/step.py adds them)
+  quantization: str  # none | int8 | fp8: the projections' matmuls quantized (quant/qt.py)
 
   @classmethod
   def from_config(cls, m) -> "ModelConfig":
@@ -273,7 +274,7 @@ class Attention(nn.Module):
 
     def project(name, source, heads, axes):
       w = param(self, name, (d, heads, k), ("embed",) + axes, init)
-      y = ops.dense(source, w.astype(dt))
+      y = ops.dense(source, w.astype(dt), quant=c.quantization)
       if c.use_bias:
         y = y + lead(param(self, name + "_bias", (heads, k), axes, nn.initializers.zeros), y)
       return y
@@ -319,7 +320,7 @@ class Attention(nn.Module):
     out_BTHK = constrain(out_BTNGK.reshape(b, t, h, k),
                          ("act_batch", "act_length", "act_heads", None))
     w_o = param(self, "out", (h, k, d), ("heads", "head_dim", "embed"), resid)
-    y_BTD = ops.dense(out_BTHK, w_o.astype(dt), n=2)
+    y_BTD = ops.dense(out_BTHK, w_o.astype(dt), n=2, quant=c.quantization)
     if c.use_bias:
       y_BTD = y_BTD + lead(param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros),
                            y_BTD)
@@ -408,14 +409,14 @@ class MLP(nn.Module):
 
     def up(name):
       w = param(self, name, (c.d_model, f), ("embed", "mlp"), init)
-      y = ops.dense(x, w.astype(dt))
+      y = ops.dense(x, w.astype(dt), quant=c.quantization)
       if c.use_bias:
         y = y + lead(param(self, name + "_bias", (f,), ("mlp",), nn.initializers.zeros), y)
       return y
 
     h_BTF = constrain(activate(c.activation, up), ("act_batch", "act_length", "act_mlp"))
     w = param(self, "down", (f, c.d_model), ("mlp", "embed"), resid)
-    y_BTD = ops.dense(h_BTF, w.astype(dt))
+    y_BTD = ops.dense(h_BTF, w.astype(dt), quant=c.quantization)
     if c.use_bias:
       y_BTD = y_BTD + lead(param(self, "down_bias", (c.d_model,), ("embed",),
                                  nn.initializers.zeros), y_BTD)

@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.quant import qt
+
 
 def platform() -> str:
   """The platform being compiled for: the context mesh's devices (an AOT compile for a TPU
@@ -166,17 +168,30 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 # Dense projections
 # ---------------------------------------------------------------------------------------------
-def dense(x, w, n: int = 1, **kwargs):
+def dense(x, w, n: int = 1, quant: str = "none", **kwargs):
   """x's last `n` dims contracted with w's first `n`. On CPU as one 2-D matmul [rows, in] @
   [in, out]: flattening first keeps the backward's dots plain 2-D ones (weight gradient x^T g),
   where from an einsum such as BTD,DF->BTF, whose weight gradient contracts two dims (B and T),
   XLA:CPU transposes the [B*T, F] cotangent and runs a slower dot. Elsewhere the einsum form
-  (`dense_reference`), which XLA:TPU compiles to fewer HBM bytes (benchmarks/RESULTS.md)."""
+  (`dense_reference`), which XLA:TPU compiles to fewer HBM bytes (benchmarks/RESULTS.md).
+  `quant` (model.quantization) int8 | fp8: the 2-D matmul quantized, forward and backward
+  (quant/qt.py)."""
+  if quant != "none":
+    return _quantized_dense(x, w, n, quant)
   if platform() != "cpu":
     return dense_reference(x, w, n, **kwargs)
+  return _as_matmul(x, w, n, functools.partial(jnp.dot, **kwargs))
+
+
+def _as_matmul(x, w, n, matmul):
+  """`matmul` of x's last `n` dims flattened, [rows, in], and w's first `n`, [in, out]."""
   lead, inner = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:])
-  y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1), **kwargs)
-  return y.reshape(lead + w.shape[n:])
+  return matmul(x.reshape(-1, inner), w.reshape(inner, -1)).reshape(lead + w.shape[n:])
+
+
+def _quantized_dense(x, w, n, quant):
+  """`dense` with qwix's quantized matmul (any platform: its scales are per row and column)."""
+  return _as_matmul(x, w, n, functools.partial(qt.matmul, mode=quant))
 
 
 def weight_grad(x, g):
@@ -240,8 +255,11 @@ def cross_entropy_reference(logits, targets, z_loss=0.0):
   return (loss + z_loss * jnp.square(log_z) if z_loss else loss), log_z
 
 
-def dense_reference(x, w, n=1, **kwargs):
-  """The einsum form (e.g. BTD,DF->BTF): batch and length dims kept apart."""
+def dense_reference(x, w, n=1, quant="none", **kwargs):
+  """The einsum form (e.g. BTD,DF->BTF): batch and length dims kept apart (quantized: `dense`'s
+  form)."""
+  if quant != "none":
+    return _quantized_dense(x, w, n, quant)
   return jnp.tensordot(x, w, axes=n, **kwargs)
 
 

@@ -57,7 +57,9 @@ class Writer:
       self._jsonl.close()
       self._tb.close()
       if self._wandb is not None:
+        import wandb  # pylint: disable=g-import-not-at-top
         self._wandb.finish()
+        wandb.teardown()  # waits for wandb's service to write everything out
 
 
 def _wandb_run(workdir: str, config, resume_step: int):

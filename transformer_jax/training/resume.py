@@ -17,8 +17,12 @@ from transformer_jax.training import checkpoint as ckpt_lib
 
 TOKENIZER_SHA = "tokenizer.sha256"  # the SHA-256 of the tokenizer the checkpoints were trained with
 
-# How a step computes, not what: a run may resume with other values of these.
-EXECUTION_KEYS = ("model.attention_impl", "model.attention_chunks", "model.remat")
+# How a step computes or what it adds to the loss, not what the parameters are: a run may resume
+# with other values of these (quantized training on or off, another MoE capacity or router-loss
+# weight).
+EXECUTION_KEYS = ("model.attention_impl", "model.attention_chunks", "model.remat",
+                  "model.quantization", "model.expert_capacity_factor", "model.router_aux_loss",
+                  "model.router_z_loss", "model.router_jitter")
 
 
 def prepare_workdir(workdir: str):

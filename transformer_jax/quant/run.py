@@ -1,0 +1,76 @@
+"""Quantize a workdir's latest parameters into a new workdir and measure what it costs: the
+held-out loss of the same evaluation batches (the training loop's) before and after."""
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from transformer_jax import cli
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.data import pipeline
+from transformer_jax.parallel import distributed
+from transformer_jax.parallel import sharding
+from transformer_jax.quant import ptq
+from transformer_jax.quant import store
+from transformer_jax.training import checkpoint
+from transformer_jax.training.step import Trainer
+
+
+def load_source(workdir: str, overrides=()):
+  """(config, trainer, step, params) of a training workdir's latest checkpoint; `overrides`
+  (KEY=VALUE) change its saved config."""
+  if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
+  if store.is_quantized(workdir):
+    raise ConfigError(f"{workdir} is already quantized; quantize its source workdir instead")
+  config = cli.load_config(None, list(overrides), workdir)
+  distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training split the CPU
+  devices = _devices(config.mesh)
+  config_lib.validate(config, len(devices))
+  trainer = Trainer(config, sharding.make_mesh(config, devices))
+  step, params = checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True
+                                        ).restore_params(trainer.abstract_state.params)
+  if params is None:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
+  return config, trainer, step, params
+
+
+def _devices(mesh) -> list:
+  """The devices the workdir's mesh names (all, where an axis is -1 or it wants more)."""
+  sizes = [mesh.get(a, 1) for a in config_lib.MESH_AXIS_NAMES]
+  wanted = math.prod(sizes) if min(sizes) > 0 else 0
+  return jax.devices()[:wanted] if 0 < wanted <= jax.device_count() else jax.devices()
+
+
+def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
+                     overrides=()) -> dict:
+  """Writes the quantized workdir `out`; returns the figures the command prints."""
+  group = ptq.check(mode, group_size)
+  if not out or os.path.abspath(out) == os.path.abspath(workdir):
+    raise ConfigError("--out=DIR is required and must differ from --workdir")
+  if os.path.exists(os.path.join(out, store.ARRAYS)):
+    raise ConfigError(f"{out} already holds a quantized checkpoint; choose another --out")
+  config, trainer, step, params = load_source(workdir, overrides)
+  names = ptq.axis_names(trainer.model)
+  stored = ptq.quantize_tree(jax.device_get(params), names, mode, group)
+  restored = jax.device_put(ptq.dequantize_tree(stored, trainer.abstract_state.params, names),
+                            trainer.state_shardings.params)
+  batches = pipeline.eval_batches(config, config.eval.batches)
+  before, after = trainer.evaluate(params, batches), trainer.evaluate(restored, batches)
+  store.save(out, workdir, stored, {"mode": mode, "group_size": group, "step": step,
+                                    "source": os.path.abspath(workdir)})
+  return {"mode": mode, "group_size": group, "step": step,
+          "param_bytes": ptq.nbytes(jax.device_get(params)),
+          "quantized_param_bytes": ptq.nbytes(stored),
+          "quantized_disk_bytes": store.disk_bytes(out),
+          "eval_loss": _figure(before), "quantized_eval_loss": _figure(after),
+          "eval_tokens": int(before.get("eval_tokens", 0)), "out": os.path.abspath(out)}
+
+
+def _figure(evals: dict):
+  """The eval loss, or None without validation data (JSON null, not NaN)."""
+  loss = evals.get("eval_loss")
+  return None if loss is None or not np.isfinite(loss) else round(float(loss), 6)
