@@ -41,10 +41,16 @@ CASES = {
         num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16,
         shared_expert_intermediate_size=48, num_experts=4, norm_topk_prob=True,
         decoder_sparse_step=2, qkv_bias=False, **_SIZES)),
+    # Qwen1.5-MoE's layout: biases on q/k/v (not o_proj), our model.qkv_bias.
+    "qwen2_moe_qkv_bias": ("Qwen2MoeForCausalLM", transformers.Qwen2MoeConfig(
+        num_hidden_layers=2, intermediate_size=40, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_experts=4, norm_topk_prob=False,
+        qkv_bias=True, **_SIZES)),
 }
 # What each imports as: (model_type, moe_every, num_shared_experts, router_renormalize).
 EXPECTED = {"mixtral": ("mixtral", 1, 0, True), "qwen2_moe": ("qwen2_moe", 1, 2, False),
-            "qwen2_moe_step2": ("qwen2_moe", 2, 3, True)}
+            "qwen2_moe_step2": ("qwen2_moe", 2, 3, True),
+            "qwen2_moe_qkv_bias": ("qwen2_moe", 1, 2, False)}
 
 
 def _hf_logits(model, ids, mask):
@@ -195,8 +201,6 @@ def test_unsupported_checkpoints_are_refused_in_one_line(moe_ckpt, tmp_path):
   if case == "mixtral":
     _refused(path, tmp_path, "num_local_experts=0", num_local_experts=0)
     return
-  _refused(path, tmp_path, "qkv_bias=true", qkv_bias=True)
-  _refused(path, tmp_path, "qkv_bias=true", qkv_bias=None)  # Qwen2MoeConfig's default
   _refused(path, tmp_path, "shared_expert_intermediate_size=40 is not a positive multiple",
            shared_expert_intermediate_size=40)
   _refused(path, tmp_path, "mlp_only_layers=", mlp_only_layers=[1], decoder_sparse_step=1)

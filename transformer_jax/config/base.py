@@ -79,6 +79,7 @@ def _model():
   m.norm_eps = 1e-5
   m.activation = "gelu"  # gelu (tanh) | gelu_exact (erf, BERT) | relu | swiglu | geglu (T5 v1.1)
   m.use_bias = True  # biases in dense layers and norms
+  m.qkv_bias = False  # biases on the attention's query/key/value projections alone (Qwen)
   m.tie_embeddings = True  # output projection = token embedding transposed
   m.dropout_rate = 0.0
   m.init_std = 0.02  # normal init; residual projections get init_std / sqrt(2 * num_layers)

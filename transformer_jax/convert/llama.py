@@ -120,9 +120,9 @@ ATTENTION = (  # {i}: the layer index; the norms included (Mixtral and Qwen2-MoE
     P("attention/key", "model.layers.{i}.self_attn.k_proj.weight", 1, linear=True),
     P("attention/value", "model.layers.{i}.self_attn.v_proj.weight", 1, linear=True),
     P("attention/out", "model.layers.{i}.self_attn.o_proj.weight", 2, linear=True),
-    P("attention/query_bias", "model.layers.{i}.self_attn.q_proj.bias", when="bias"),
-    P("attention/key_bias", "model.layers.{i}.self_attn.k_proj.bias", when="bias"),
-    P("attention/value_bias", "model.layers.{i}.self_attn.v_proj.bias", when="bias"),
+    P("attention/query_bias", "model.layers.{i}.self_attn.q_proj.bias", when="qkv_bias"),
+    P("attention/key_bias", "model.layers.{i}.self_attn.k_proj.bias", when="qkv_bias"),
+    P("attention/value_bias", "model.layers.{i}.self_attn.v_proj.bias", when="qkv_bias"),
     P("attention/out_bias", "model.layers.{i}.self_attn.o_proj.bias", when="bias"),
     P("mlp_norm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
 )

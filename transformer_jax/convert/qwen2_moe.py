@@ -6,9 +6,9 @@ A layer has the MoE FFN where (i + 1) % decoder_sparse_step == 0 and i is not in
 our moe_every (a pattern that is not every k-th layer is refused). Dense layers are
 intermediate_size wide (our d_ff), experts moe_intermediate_size (our expert_d_ff), the shared
 expert shared_expert_intermediate_size = num_shared_experts x expert_d_ff (a width that is not a
-multiple of the experts' is refused). norm_topk_prob is our router_renormalize. Refused too:
-qkv_bias=true, the Qwen1.5-MoE checkpoints' default (biases on q/k/v only: our model.use_bias
-puts one on every projection), and sliding-window layers.
+multiple of the experts' is refused). norm_topk_prob is our router_renormalize, qkv_bias
+(biases on q/k/v, not o_proj: Qwen1.5-MoE's default) our model.qkv_bias. Sliding-window layers
+are refused.
 """
 
 from transformer_jax.convert import experts
@@ -18,6 +18,7 @@ MODEL_TYPE = "qwen2_moe"
 ARCHITECTURE = "Qwen2MoeForCausalLM"
 BASE_PREFIX, IGNORED, MODEL_FAMILY = llama.BASE_PREFIX, llama.IGNORED, llama.MODEL_FAMILY
 FIXED = {**llama.FIXED, "use_bias": False, "shared_expert_gate": True}
+READS = ("qkv_bias",)  # read() sets it (tables.PLAIN keeps the other families' False)
 # Qwen2MoeConfig's defaults where they are not Llama's.
 DEFAULTS = {"num_hidden_layers": 24, "hidden_size": 2048, "num_attention_heads": 16,
             "num_key_value_heads": 16, "intermediate_size": 5632, "vocab_size": 151936,
@@ -48,9 +49,6 @@ def moe_every(hf) -> int:
 
 
 def read(hf):
-  if hf.get("qkv_bias", True):
-    raise ValueError("qkv_bias=true (biases on q/k/v but not o_proj) is not supported: "
-                     "model.use_bias puts a bias on every projection; supported: qkv_bias=false")
   sliding = sorted({t for t in hf.get("layer_types") or () if t != "full_attention"})
   if sliding:
     raise ValueError(f"layer_types {', '.join(sliding)} is not supported (only full_attention)")
@@ -60,6 +58,7 @@ def read(hf):
     raise ValueError(f"shared_expert_intermediate_size={shared} is not a positive multiple of "
                      f"moe_intermediate_size={f} (model.num_shared_experts x model.expert_d_ff)")
   return {"expert_d_ff": f, "num_shared_experts": shared // f, "moe_every": moe_every(hf),
+          "qkv_bias": bool(hf.get("qkv_bias", True)),
           **experts.read_aux_loss(hf, hf.get("num_experts_per_tok", 4)), **llama.read_rope(hf)}
 
 
@@ -69,7 +68,7 @@ def write(cfg):
                      f"{cfg.num_experts}, model.num_shared_experts={cfg.num_shared_experts})")
   f = cfg.expert_d_ff or cfg.d_ff
   return {"moe_intermediate_size": f, "shared_expert_intermediate_size": cfg.num_shared_experts * f,
-          "decoder_sparse_step": cfg.moe_every, "mlp_only_layers": [], "qkv_bias": False,
+          "decoder_sparse_step": cfg.moe_every, "mlp_only_layers": [], "qkv_bias": cfg.qkv_bias,
           "attention_dropout": 0.0, "rope_parameters": llama.write_rope(cfg),
           **experts.write_aux_loss(cfg)}
 

@@ -39,13 +39,14 @@ class P(NamedTuple):
 
 # (model config, layer index: None outside the layer tables) -> whether the row is there
 WHEN = {"": lambda c, i: True, "bias": lambda c, i: c.use_bias,
+        "qkv_bias": lambda c, i: c.use_bias or c.qkv_bias,
         "untied": lambda c, i: not c.tie_embeddings, "sentence": lambda c, i: c.sentence_head,
         "moe": lambda c, i: moe.is_moe_layer(c, i),
         "dense": lambda c, i: not moe.is_moe_layer(c, i)}
 # ModelConfig features a family has only where its FIXED says so (BERT: embed_norm, token types;
 # Mixtral and Qwen2-MoE: experts).
 PLAIN = {"scale_embeddings": False, "embed_norm": False, "query_scale": 0.0, "type_vocab_size": 0,
-         "attention_window": 0, "num_experts": 0}
+         "attention_window": 0, "num_experts": 0, "qkv_bias": False}
 
 
 def fixed(fam) -> dict:

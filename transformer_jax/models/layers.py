@@ -43,6 +43,7 @@ class ModelConfig:
   norm_eps: float
   activation: str
   use_bias: bool
+  qkv_bias: bool  # biases on the query/key/value projections only (Qwen); use_bias: everywhere
   tie_embeddings: bool
   dropout_rate: float
   init_std: float
@@ -275,7 +276,7 @@ class Attention(nn.Module):
     def project(name, source, heads, axes):
       w = param(self, name, (d, heads, k), ("embed",) + axes, init)
       y = ops.dense(source, w.astype(dt), quant=c.quantization)
-      if c.use_bias:
+      if c.use_bias or c.qkv_bias:
         y = y + lead(param(self, name + "_bias", (heads, k), axes, nn.initializers.zeros), y)
       return y
 
