@@ -139,8 +139,8 @@ def test_restore_onto_another_mesh_and_device_count_gives_identical_params(tiny_
   step, restored = ckpts.restore(trainer.abstract_state, data)
   ckpts.close()
   assert step == 3
-  assert restored.params["embed"]["tokens"].sharding.mesh.shape == {"data": 2, "fsdp": 1,
-                                                                      "sequence": 1, "tensor": 2}
+  assert restored.params["embed"]["tokens"].sharding.mesh.shape == {
+      "data": 2, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 2}
   flat_saved = jax.tree_util.tree_leaves_with_path(saved["state"])
   flat_restored = jax.tree_util.tree_leaves(restored)
   assert len(flat_saved) == len(flat_restored)

@@ -170,7 +170,7 @@ def test_train_step_with_scan_on_a_mesh():
   step = trainer.lower_train_step().compile(compiler_options=FAST)
   with sharding.context(trainer.mesh, trainer.rules):
     for _ in range(2):  # warmup: the first step's learning rate is 0
-      state, m = step(state, trainer.put_batch(batch), jax.random.key(0))
+      state, m = step(state, trainer.put_batch(batch), jax.random.key(0), None)  # no teacher
       if int(state.step) == 1:
         np.testing.assert_allclose(float(m["loss"]), float(loss / weight), rtol=1e-5)
   assert not bool(m["nonfinite"]) and int(state.skipped) == 0
