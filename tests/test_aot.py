@@ -325,3 +325,33 @@ def test_collectives_are_priced_only_where_the_links_are_published():
   v5p = roofline.program_cost(compiled, torus(2, 2), hardware.CHIPS["v5p"])
   assert v5p["ici_bytes"] > 0 and v5p["ici_s"] == pytest.approx(
       sum(v5p[k] for k in roofline.COLLECTIVES))
+
+
+@needs_libtpu
+def test_aot_prices_an_moe_layers_all_to_all():
+  """configs/mixtral.py:tiny's one MoE layer with capacity, its 4 experts one per chip of a v5p-8
+  (2x2x1): the dispatch and combine all-to-alls, forward and backward, are priced over the ICI."""
+  out = run_aot(f"--config={REPO}/configs/mixtral.py:tiny", "--config.model.num_layers=1",
+                "--config.model.expert_capacity_factor=1.25", "--config.mesh.expert=4",
+                "--config.mesh.data=1", "--topology=v5p-8")
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["mesh"]["expert"] == 4 and report["fits"] is True
+  # Each all-to-all's operand is [4 experts, 2 rows, 40 slots, 64] (bf16 or fp32): a quarter
+  # stays, a quarter goes 2 hops (mean 4/3 over the three others), over the two links spanned.
+  a2a = report["communication_by_kind_s"]["all-to-all"]
+  link = hardware.CHIPS["v5p"].ici_link_gbps * 1e9
+  assert 4 * 4 * 2 * 40 * 64 * 2 / (2 * link) <= a2a * (1 + 1e-6)
+  assert a2a <= 4 * 4 * 2 * 40 * 64 * 4 / (2 * link) * (1 + 1e-6)
+  assert "all-to-all" in out.stdout.splitlines()[-2]  # the summary's `collectives:` line
+
+
+@needs_libtpu
+def test_a_mesh_axis_the_torus_cannot_hold_is_one_line():
+  """A v5p-128 is 4x4x4: 8 chips are no product of its whole dimensions (jax.make_mesh splits no
+  torus dimension), so data 8 x fsdp 8 is refused in one line, before anything compiles."""
+  out = run_aot("--topology=v5p-128", "--config.mesh.data=8", "--config.mesh.fsdp=8",
+                "--config.train.batch_size=64")
+  assert out.returncode == 2 and not out.stdout
+  assert re.fullmatch(r"error: mesh\.(data|fsdp)=8 is no product of whole torus dimensions of "
+                      r"v5p:4x4x4 \(jax\.make_mesh splits none\)\n", out.stderr), out.stderr

@@ -94,3 +94,29 @@ def test_every_family_and_objective_is_timed(spec, extra):
   assert seconds > 0 and runner.flops_per_token > 0
   assert int(runner.state.step) == 2  # the compile step and the timed one, both applied
   assert int(runner.state.skipped) == 0
+
+
+def test_moe_mode_times_dropless_capacity_and_the_dense_model_of_the_same_active_params():
+  """--moe (perf/moe_bench.py): the three forms of one MoE config, side by side; the dense model's
+  FFNs are experts_per_token experts wide, so it has the MoE's active matmul parameters less the
+  router's."""
+  from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from transformer_jax.perf import moe_bench  # pylint: disable=g-import-not-at-top
+  r = moe_bench.compare(benchmark.JaxRunner, "configs/mixtral.py:tiny", SHRINK, steps=1,
+                        rounds=1, capacity=1.25)
+  assert r["num_experts"] == 4 and r["experts_per_token"] == 2
+  router = 32 * 4  # d_model x experts, one MoE layer
+  assert r["dense"]["active_matmul_params"] + router == r["dropless"]["active_matmul_params"]
+  assert r["capacity"]["active_matmul_params"] == r["dropless"]["active_matmul_params"]
+  assert r["dense"]["params"] < r["dropless"]["params"] == r["capacity"]["params"]
+  step = {f: r[f]["step_time_s"] for f in moe_bench.FORMS}
+  assert r["routing_share_dropless"] == pytest.approx(1 - step["dense"] / step["dropless"],
+                                                      abs=2e-3)
+  assert r["capacity_vs_dropless"] == pytest.approx(step["dropless"] / step["capacity"], rel=1e-2)
+  with pytest.raises(ConfigError, match="model.num_experts=0"):
+    moe_bench.form_overrides(config_lib.load("configs/gpt2.py:tiny"), 1.25)
+  with pytest.raises(ConfigError, match="dense layers stay 256 wide"):
+    moe_bench.form_overrides(config_lib.load("configs/switch.py:tiny",
+                                             ["model.experts_per_token=2"]), 1.25)

@@ -170,3 +170,48 @@ def test_a_shift_is_priced_as_half_of_a_two_way_pair():
   shift = co.Collective("collective-permute", 10 ** 9, ())
   t = co.link_time([shift, shift], torus(4, 4), 50, 3)
   assert t["ici_bytes"] == 2 * 10 ** 9 and t["ici_s"] == pytest.approx(2 * 10 ** 9 / (2 * 50e9))
+
+
+def test_an_all_to_all_crosses_as_many_links_as_its_members_are_hops_away():
+  """Each member gets its own (n-1)/n share: a byte bound 3 hops away loads 3 links."""
+  gb = 1e9
+  ring = co.Collective("all-to-all", 8 * gb, (tuple(range(8)),))
+  # a whole ring of 8 (the shorter way round): hops 1,1,2,2,3,3,4 -> mean 16/7; two links
+  assert co.mean_hops(tuple(range(8)), torus(8, 1), (8, 1, 1)) == pytest.approx(16 / 7)
+  t = co.link_time([ring], torus(8, 1), 100, 6.25)
+  assert t["ici_bytes"] == pytest.approx(7 / 8 * 8 * gb * 16 / 7)  # twice the operand
+  assert t["ici_s"] == pytest.approx(16 * gb / (2 * 100e9))
+  assert t["by_kind_s"] == {"all-to-all": pytest.approx(t["ici_s"])}
+  # 2x2x2: three at 1 hop, three at 2, one at 3 -> 12/7, over three links
+  cube = co.link_time([co.Collective("all-to-all", 8 * gb, (tuple(range(8)),))],
+                      torus(2, 2, 2), 100, 6.25)
+  assert cube["ici_bytes"] == pytest.approx(7 / 8 * 8 * gb * 12 / 7)
+  assert cube["ici_s"] == pytest.approx(12 * gb / (3 * 100e9))
+  # part of a ring of 4 goes the straight way: 0-1, 1-2 one hop, 0-2 two -> 8/6
+  assert co.mean_hops((0, 1, 2), torus(4, 1), (4, 1, 1)) == pytest.approx(8 / 6)
+  # a pair is one hop: as priced for an all-gather of the same bytes
+  pair = [co.Collective(k, gb, ((0, 1), (2, 3))) for k in ("all-to-all", "all-gather")]
+  a2a, gather = (co.link_time([c], torus(2, 2), 100, 6.25) for c in pair)
+  assert a2a["ici_s"] == pytest.approx(gather["ici_s"]) and a2a["ici_bytes"] == gb / 2
+
+
+def test_an_all_to_all_across_slices_sends_the_other_slices_share_over_the_dcn():
+  """As a group spanning slices, or as XLA:TPU compiles it for an expert axis with dcn_expert: a
+  megascale send of the whole operand, its group listed (slice * 100000 + device)."""
+  gb = 1e9
+  two = torus(2, 2, slices=2)
+  t = co.link_time([co.Collective("all-to-all", 4 * gb, ((0, 1, 4, 5), (2, 3, 6, 7)))], two,
+                   100, 6.25)
+  assert t["dcn_bytes"] == pytest.approx(2 * gb) and t["ici_bytes"] == 0
+  hlo = ("ENTRY %m () -> f32[] {\n  %send.3 = (f32[4,1,40,64]{3,2,1,0:T(8,128)}, u32[], token[]) "
+         "send(%x, %a), channel_id=10, is_host_transfer=true, frontend_attributes={"
+         '_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous='
+         '"all_to_all.48_0",_xla_megascale_target={{100000,100001,200000,200001},{100002,100003,'
+         '200002,200003}},_xla_megascale_transfer_type="ALL_TO_ALL"}\n}\n')
+  (a2a,) = co.collectives(hlo)
+  assert (a2a.kind, a2a.dcn, a2a.bytes, a2a.remote) == ("all-to-all", True, 40960, 0.5)
+  # half of the group is in the other slice, however many slices the program has
+  for slices in (2, 4):
+    t = co.link_time([a2a], torus(2, 2, slices=slices), 100, 6.25)
+    assert t["dcn_bytes"] == pytest.approx(40960 / 2) and t["ici_bytes"] == 0
+    assert t["dcn_s"] == pytest.approx(40960 / 2 / 6.25e9)

@@ -12,8 +12,9 @@ does not (one line says by how much, after the JSON), 2 for a bad config, flag o
 
 The step-time estimate is a per-chip roofline, max(FLOPs / peak FLOP/s, HBM bytes / HBM
 bandwidth, collective bytes / link bandwidth), of the compiled program (perf/roofline.py;
-perf/collectives.py prices the program's all-gathers, reduce-scatters and all-reduces over the
-torus links their groups span, and over the DCN across slices); it leaves out latency, contention
+perf/collectives.py prices the program's all-gathers, reduce-scatters, all-reduces, permutes and
+an MoE layer's all-to-alls over the torus links their groups span, and over the DCN across
+slices; `collectives:` lists the time of each kind); it leaves out latency, contention
 and kernel inefficiency, so it is a lower bound and the MFU it implies an upper bound. A scanned
 model's FLOPs take two more (small) compiles; `--estimate=false` skips them and checks the fit only.
 A GPU compile without a device has no cost analysis: for GPUs the check is the fit alone, against
@@ -23,6 +24,7 @@ XLA_PYTHON_CLIENT_MEM_FRACTION (0.9 unless set, as launch/gpu_slurm.sh sets it) 
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -41,7 +43,13 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
   from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
   devices = topology.topology_devices(topo, slices)
-  mesh = sharding.make_mesh(config, devices)
+  try:
+    mesh = sharding.make_mesh(config, devices)
+  except NotImplementedError as e:  # jax.make_mesh: an axis no product of whole torus dimensions
+    m = re.search(r"logical_axis_index (\d+) of size (\d+)", str(e))
+    axis = f"mesh.{sharding.MESH_AXES[int(m.group(1))]}={m.group(2)}" if m else "a mesh axis"
+    raise ConfigError(f"{axis} is no product of whole torus dimensions of "
+                      f"{topo.compiler_topology} (jax.make_mesh splits none)") from None
   trainer = Trainer(config, mesh)
   report = describe(config, topo, slices, trainer, mesh)
   t0 = time.perf_counter()

@@ -3,6 +3,7 @@
   python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10 [--compare=hf]
       [--compile_only] [--rounds=3] [--baseline=KEY=VALUE;...] [--reference_ops=OP,...] [--config.KEY=VALUE ...]
       [--matmul_floor] [--grid="KEY=V1,V2;KEY2=V3,V4" [--grid_timeout=SECONDS]]
+      [--moe [--moe_capacity=1.25]]
 
 Batches are random tokens of the config's shape (the input pipeline is not timed here;
 --checkpoint also times async Orbax saves of the train state: save_block_s (how long the loop
@@ -41,6 +42,9 @@ once per round (and the --baseline config's, interleaved), and prints lower_s an
 (medians over rounds) and temp_bytes (the compiled step's scratch memory per device, from XLA's
 memory_analysis()), plus baseline_lower_s, baseline_compile_s, baseline_temp_bytes and
 compile_ratio_vs_baseline.
+
+--moe times an MoE config's step dropless, with capacity factor --moe_capacity and as the dense
+model of the same active parameters, side by side (transformer_jax/perf/moe_bench.py).
 
 Batches are random but of the config's objective's own shape (objectives.synthetic_batch), so
 every family and objective is timed. JAX and the project's modules are imported inside the modes
@@ -294,7 +298,8 @@ def main(argv):
                                         "baseline": "", "reference_ops": "", "worker": "",
                                         "compile_only": False, "data_only": False,
                                         "checkpoint": False, "matmul_floor": False,
-                                        "grid": "", "grid_timeout": 900})
+                                        "grid": "", "grid_timeout": 900, "moe": False,
+                                        "moe_capacity": 1.25})
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   if f["steps"] < 1 or f["rounds"] < 1:
@@ -310,6 +315,9 @@ def main(argv):
     return _grid(argv, _grid_points(spec, overrides, f["grid"]), f["grid_timeout"])
   if f["worker"]:
     return _serve(f["worker"], config)
+  if f["moe"]:
+    from transformer_jax.perf import moe_bench  # pylint: disable=g-import-not-at-top
+    return moe_bench.main(JaxRunner, spec, overrides, f["steps"], f["rounds"], f["moe_capacity"])
   reference_ops = [o for o in f["reference_ops"].split(",") if o]
   if reference_ops == ["all"]:
     reference_ops = list(ops.REFERENCES)

@@ -9,14 +9,21 @@ host `send`s to the megascale runtime, tagged with the collective they carry
 (`_xla_megascale_transfer_type`).
 
 `link_time` prices them on a torus: each collective's per-chip traffic, the bandwidth-optimal
-(ring) amount — all-gather and all-to-all (n-1)/n of the gathered bytes, reduce-scatter (n-1)/n of
-its input, all-reduce twice that, a permute its bytes — over the links its group spans: along a
-torus dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways);
-a permute (a shift to the neighbours) two: XLA:TPU's windowed einsums shift both ways at once, so
-a shift is priced as half of such a pair (a lone shift in one direction would take twice as long).
+(ring) amount — all-gather (n-1)/n of the gathered bytes, reduce-scatter (n-1)/n of its input,
+all-reduce twice that, a permute its bytes — over the links its group spans: along a torus
+dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways); a
+permute (a shift to the neighbours) two: XLA:TPU's windowed einsums shift both ways at once, so a
+shift is priced as half of such a pair (a lone shift in one direction would take twice as long).
+An all-to-all (an MoE layer's dispatch and combine) sends a distinct (n-1)/n of its operand to
+the other members, not to neighbours: each byte crosses as many links as the member it goes to is
+hops away (dimension-ordered routing; the shorter way round where the group covers a dimension
+of 3 or more whole, the straight way along part of one), so its traffic is (n-1)/n of the operand
+times the mean hops to the others (a ring of 8: 16/7; 2x2x2: 12/7), spread evenly over the links.
 A group that spans slices, and every megascale send, goes over the data-center network at the
 chip's DCN bandwidth instead (a send carries the chip's piece: an all-gather moves it to the
-n - 1 other slices). The collectives are summed as if none
+n - 1 other slices; an all-to-all's send carries its whole operand, of which the share bound for
+the group's members in other slices crosses, `Collective.remote`). The collectives are summed as
+if none
 overlapped another; XLA overlaps them with compute, so this is a term of a max(), not an addition
 to the step. Latency and contention are left out and every link runs at its full one-way
 bandwidth: a lower bound.
@@ -49,6 +56,7 @@ class Collective:
   groups: tuple  # tuples of device ids (indices into the program's devices); () = all
   dcn: bool = False  # a megascale send: across slices, `bytes` being what this chip sends
   count: float = 1  # times it runs per program execution (loop trips)
+  remote: float | None = None  # a megascale all-to-all: its group's share in other slices
 
 
 def _ints(text: str | None) -> list[int]:
@@ -85,6 +93,18 @@ def replica_groups(attrs: str) -> tuple:
     return tuple(tuple(int(i) for i in row)
                  for row in ids.transpose(keep + over).reshape(-1, size))
   return ()
+
+
+def megascale_remote(attrs: str) -> float | None:
+  """The share of a megascale all-to-all's group in other slices than the sender's, from its
+  `_xla_megascale_target={{100000,100001,200000,200001},...}` (slice * 100000 + device: the
+  first group's members in the first member's slice are local), or None when not listed."""
+  m = re.search(r"_xla_megascale_target=\{\{([\d,]+)\}", attrs)
+  if not m:
+    return None
+  group = _ints(m.group(1))
+  local = sum(i // 100000 == group[0] // 100000 for i in group)
+  return 1 - local / len(group)
 
 
 def _trip_count(attrs: str, comps: dict) -> int:
@@ -163,7 +183,8 @@ def collectives(hlo_text: str) -> list[Collective]:
       transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', attrs)
       if op == "send" and transfer:
         kind = _MEGASCALE.get(transfer.group(1), "collective-permute")
-        found.append(Collective(kind, hlo.shape_bytes(result)[0], (), dcn=True, count=count))
+        found.append(Collective(kind, hlo.shape_bytes(result)[0], (), dcn=True, count=count,
+                                remote=megascale_remote(attrs)))
         continue
       kind = op[:-len("-start")] if op.endswith("-start") else op
       if kind not in KINDS:
@@ -202,6 +223,47 @@ def links_spanned(group, devices) -> tuple[int, bool]:
   return links, False
 
 
+def mean_hops(group, devices, extent) -> float:
+  """Mean torus hops from a member of `group` to each other member (see the module doc);
+  `extent`: the slice's size along each torus dimension."""
+  coords = np.array([tuple(getattr(devices[i], "coords", (devices[i].id,)))
+                     for i in group if i < len(devices)])
+  n = len(coords)
+  if n < 2:
+    return 1.0
+  hops = 0
+  for dim, size in enumerate(extent):
+    delta = np.abs(coords[:, None, dim] - coords[None, :, dim])
+    if size >= 3 and len(set(coords[:, dim])) == size:  # the whole ring: the shorter way round
+      delta = np.minimum(delta, size - delta)
+    hops += int(delta.sum())
+  return hops / (n * (n - 1))
+
+
+def _remote_share(group, devices) -> float:
+  """The share of `group` in other slices than its first member's."""
+  slice_of = [getattr(devices[i], "slice_index", 0) for i in group if i < len(devices)]
+  return sum(s != slice_of[0] for s in slice_of) / len(slice_of)
+
+
+def _chip_traffic(c: Collective, group, devices, slices: int, extent) -> tuple[float, int, bool]:
+  """(bytes one chip sends for one run of `c`, the links it drives, whether over the DCN)."""
+  if c.dcn:
+    if c.kind == "all-to-all" and c.remote is not None:
+      return c.bytes * c.remote, 0, True
+    piece = c.kind == "all-gather"  # the send is this chip's piece of the gathered result
+    return traffic(dataclasses.replace(c, bytes=c.bytes * slices if piece else c.bytes),
+                   slices), 0, True
+  if c.kind == "collective-permute":  # to the neighbours, both ways at once: two links
+    return traffic(c, len(group)), 2, False
+  links, across = links_spanned(group, devices)
+  if c.kind != "all-to-all":
+    return traffic(c, len(group)), links, across
+  if across:  # what is bound for the other slices' members
+    return c.bytes * _remote_share(group, devices), 0, True
+  return traffic(c, len(group)) * mean_hops(group, devices, extent), links, False
+
+
 def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: float) -> dict:
   """Seconds and bytes per chip of the collectives over ICI links (`link_gbps`: one link, one
   way, GB/s) and the DCN (`dcn_gbps`: per chip), with the seconds of each kind."""
@@ -209,17 +271,11 @@ def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: floa
          "by_kind_s": {}, "count": len(found)}
   everyone = tuple(range(len(devices)))
   slices = len({getattr(d, "slice_index", 0) for d in devices})
+  coords = np.array([tuple(getattr(d, "coords", (d.id,))) for d in devices])
+  extent = tuple(coords.max(axis=0) + 1) if len(coords) else ()
   for c in found:
     group = c.groups[0] if c.groups else everyone
-    links, across = 0, c.dcn
-    if c.dcn:
-      piece = c.kind == "all-gather"  # the send is this chip's piece of the gathered result
-      sent = traffic(dataclasses.replace(c, bytes=c.bytes * slices if piece else c.bytes), slices)
-    elif c.kind == "collective-permute":  # to the neighbours, both ways at once: two links
-      links, sent = 2, traffic(c, len(group))
-    else:
-      links, across = links_spanned(group, devices)
-      sent = traffic(c, len(group))
+    sent, links, across = _chip_traffic(c, group, devices, slices, extent)
     sent *= c.count
     if not sent:
       continue
