@@ -215,3 +215,16 @@ def test_an_all_to_all_across_slices_sends_the_other_slices_share_over_the_dcn()
     t = co.link_time([a2a], torus(2, 2, slices=slices), 100, 6.25)
     assert t["dcn_bytes"] == pytest.approx(40960 / 2) and t["ici_bytes"] == 0
     assert t["dcn_s"] == pytest.approx(40960 / 2 / 6.25e9)
+
+
+def test_a_multi_slice_programs_groups_number_one_slices_devices_in_mesh_order():
+  """XLA:TPU compiles a multi-slice program per slice: its replica groups number that slice's
+  devices in the mesh's order. With a DCN part inside a mesh axis (mesh.dcn_expert) the mesh's
+  order interleaves the slices; group (1, 2) is still two chips of one slice, over the ICI."""
+  a, b = torus(2, 2), torus(2, 2, slices=2)[4:]
+  mesh_order = [a[0], a[1], b[0], b[1], a[2], a[3], b[2], b[3]]
+  t = co.link_time([co.Collective("all-gather", 4 * 10 ** 9, ((1, 2), (0, 3)))], mesh_order,
+                   100, 6.25)
+  assert t["dcn_bytes"] == 0 and t["ici_bytes"] == pytest.approx(2e9)
+  everyone = co.link_time([co.Collective("all-reduce", 4 * 10 ** 9, ())], mesh_order, 100, 6.25)
+  assert everyone["dcn_bytes"] == 0 and everyone["ici_bytes"] == pytest.approx(6e9)

@@ -6,7 +6,8 @@ collective-permute of an optimized HLO module (`compiled.as_text()`), with the b
 its replica groups (explicit lists, iota `[G,N]<=[...]T(...)` and `mesh[...] {axes}` forms) and
 how often it runs. A multi-slice program is compiled per slice; what crosses slices appears as
 host `send`s to the megascale runtime, tagged with the collective they carry
-(`_xla_megascale_transfer_type`).
+(`_xla_megascale_transfer_type`), and its replica groups number one slice's devices in the mesh's
+order (not the whole mesh's: with mesh.dcn_expert, say, the mesh interleaves the slices).
 
 `link_time` prices them on a torus: each collective's per-chip traffic, the bandwidth-optimal
 (ring) amount — all-gather (n-1)/n of the gathered bytes, reduce-scatter (n-1)/n of its input,
@@ -269,13 +270,17 @@ def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: floa
   way, GB/s) and the DCN (`dcn_gbps`: per chip), with the seconds of each kind."""
   out = {"ici_s": 0.0, "dcn_s": 0.0, "ici_bytes": 0.0, "dcn_bytes": 0.0,
          "by_kind_s": {}, "count": len(found)}
-  everyone = tuple(range(len(devices)))
-  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  slice_of = lambda d: getattr(d, "slice_index", 0)
+  slices = len({slice_of(d) for d in devices})
+  # A multi-slice program's groups number one slice's devices (see the module doc); a group
+  # with ids past a slice's count numbers them all.
+  local = [d for d in devices if slice_of(d) == slice_of(devices[0])] if devices else []
   coords = np.array([tuple(getattr(d, "coords", (d.id,))) for d in devices])
   extent = tuple(coords.max(axis=0) + 1) if len(coords) else ()
   for c in found:
-    group = c.groups[0] if c.groups else everyone
-    sent, links, across = _chip_traffic(c, group, devices, slices, extent)
+    group = c.groups[0] if c.groups else tuple(range(len(local)))
+    pool = local if max(group, default=0) < len(local) else devices
+    sent, links, across = _chip_traffic(c, group, pool, slices, extent)
     sent *= c.count
     if not sent:
       continue
