@@ -17,8 +17,11 @@ and 64k (8x22b); these pretrain on 4096-token rows. Every dense config becomes a
 the same keys (`--config.model.num_experts=8`). `tiny` is a CPU-sized model for tests.
 
 The big sizes scan their layers, compute in bfloat16 and place experts on their own mesh axis
-(mesh.expert: each chip holds whole experts, the tokens go to them by all-to-all) with every
-parameter also sharded over fsdp; which slices they fit: benchmarks/RESULTS.md.
+(mesh.expert: each chip holds whole experts; dropless, an expert group gathers its tokens and
+reduce-scatters the outputs; with a capacity factor the tokens go to the experts by all-to-all)
+with every parameter also sharded over fsdp, and split the batch into microbatches (16 for 8x7b,
+8 for 8x22b: what a v5p-64 and a v5p-256 need, dropless); which slices they fit:
+benchmarks/RESULTS.md.
 """
 
 from configs import llama
@@ -52,5 +55,6 @@ def get_config(arg=None):
     base.cpu_sized(c)
   else:
     c.train.steps = 250_000
+    c.train.microbatches = 16 if size == "8x7b" else 8
     c.mesh.update(data=1, fsdp=-1, expert=8, tensor=1)
   return c
