@@ -15,7 +15,6 @@ the student's bytes, and the vocabulary sizes must agree.
 """
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
@@ -25,6 +24,8 @@ import jax.numpy as jnp
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.data import tfds_text
+from transformer_jax.data import tokenization
 from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 
@@ -92,7 +93,10 @@ def load(config, mesh, rule_table) -> Teacher | None:
 
 
 def _same_tokenizer(student: str, teacher: str, path: str):
-  digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) else p
+  """Same tokenizer file content (tfds_text's digest, which also keys pretokenized data)."""
+  def digest(p):
+    exists = os.path.isfile(tokenization.tokenizer_file(p))
+    return tfds_text.tokenizer_sha256(p) if exists else p
   if digest(student) != digest(teacher):
     raise ConfigError(f"train.distill.teacher={path!r} was trained with tokenizer {teacher!r}, "
                       f"not the student's data.tokenizer={student!r}")
