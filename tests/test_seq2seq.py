@@ -171,6 +171,33 @@ def test_tfds_catalog_pairs(tiny_data, pairs, tmp_path):
     pipeline.validate(_config(tiny_data, pairs, **{**extra, "data.corpus": "tfds:no_such_dataset_xyz"}))
 
 
+def test_a_catalog_dataset_mixes_with_local_pairs(tiny_data, pairs, tmp_path):
+  """data.mixture: a tfds: source beside a local TSV one, encoder-decoder rows tagged by source."""
+  mix = ({"name": "catalog", "corpus": "tfds:tjax_test_pairs", "format": "tsv",
+          "source_field": "de", "target_field": "en", "weight": 1},
+         {"name": "local", "weight": 3})
+  c = _config(tiny_data, pairs, **{"data.mixture": repr(mix), "data.data_dir": str(tmp_path),
+                                   "train.batch_size": 8})
+  pipeline.validate(c)
+  tok = pipeline.load_tokenizer(c)
+  known = {tuple(f.replace("\\n", "\n") for f in line.split("\t"))
+           for line in (pairs["root"] / "train.tsv").read_text().splitlines() if line}
+  it = pipeline.make_train_iterator(c)
+  rows = {0: 0, 1: 0}
+  for _ in range(4):
+    batch = next(it)
+    assert batch["source"].shape == batch["encoder_inputs"].shape
+    for r, source in enumerate(batch["source"][:, 0]):
+      rows[int(source)] += 1
+      one = {k: v[r:r + 1] for k, v in batch.items()}
+      for src, tgt in _examples(one, tok):
+        assert (src.split() == tgt.split()[::-1]) if source == 0 else ((src, tgt) in known)
+  it.close()
+  assert rows == {0: 8, 1: 24}
+  sets = pipeline.eval_sets(c, 1)
+  assert list(sets) == ["catalog", "local"] and _examples(sets["catalog"][0], tok)
+
+
 def test_transformer_base_reads_wmt14_from_the_catalog():
   """configs/transformer.py:base names TFDS's WMT14 and its fields (checked without a download)."""
   c = config_lib.load(f"{REPO}/configs/transformer.py:base")

@@ -29,6 +29,7 @@ from transformer_jax import cli
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import mixture
 from transformer_jax.data import objectives
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
@@ -71,11 +72,19 @@ def from_config(spec: str, overrides, flags: dict) -> dict:
   """`flags` with corpus, format, fields, vocab_size, out and special from a training config."""
   c = config_lib.load(spec, overrides)
   d = c.data
-  return dict(flags, corpus=d.corpus, format=d.format, text_field=d.text_field,
+  mixed = [(src.probability, _corpus_flags(src.config.data)) for src in mixture.sources(c)]
+  return dict(flags, mixture=mixed, corpus=d.corpus, format=d.format, text_field=d.text_field,
               source_field=d.source_field, target_field=d.target_field, data_dir=d.data_dir,
               vocab_size=c.model.vocab_size, out=d.tokenizer,
               special=flags["special"] or (SPECIAL_FOR_OBJECTIVES if objectives.flag(
                   d, "CONTROL_PIECES", True) else ""))
+
+
+def _corpus_flags(d) -> dict:
+  """tfds_text.documents' keywords from data.* keys (or this command's flags)."""
+  return dict(corpus=d["corpus"], fmt=d["format"], text_field=d["text_field"],
+              source_field=d["source_field"], target_field=d["target_field"],
+              data_dir=d["data_dir"])
 
 
 def run(args: dict) -> None:
@@ -85,18 +94,19 @@ def run(args: dict) -> None:
     raise ConfigError(f"{', '.join(missing)} required (or --config=FILE.py[:ARG])")
   if args["vocab_size"] <= 0:
     raise ConfigError(f"--vocab_size={args['vocab_size']} must be positive")
-  corpus_lib.check_format(args['format'])
+  sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
+  for _, corpus_flags in sources:
+    corpus_lib.check_format(corpus_flags["fmt"])
   tokenizer_lib.special_pieces(args['special'])  # Bad groups fail before reading the corpus.
 
-  def docs():
-    return tfds_text.documents(args['corpus'], args['format'], args['text_field'],
-                               source_field=args['source_field'], target_field=args['target_field'],
-                               data_dir=args['data_dir'])
+  def docs(corpus_flags=sources[0][1]):
+    return tfds_text.documents(**corpus_flags)
 
   start = time.time()
-  texts = (text for _, text in docs())
-  tokenizer_lib.train(texts, args['vocab_size'], args['out'], max_chars=args['max_chars'],
-                      special=args['special'])
+  texts = [(text for _, text in docs(flags)) for _, flags in sources]
+  tokenizer_lib.train(texts if len(sources) > 1 else texts[0], args['vocab_size'], args['out'],
+                      max_chars=args['max_chars'], special=args['special'],
+                      shares=[share for share, _ in sources] if len(sources) > 1 else None)
   seconds = time.time() - start
   tok = tokenizer_lib.load(args['out'])
   print(f"wrote {args['out']}")

@@ -180,6 +180,13 @@ def _data():
   d.source_field = "source"  # jsonl_pairs and TFDS pairs: the source text's field (e.g. "de")
   d.target_field = "target"  # ... and the target text's (e.g. "en")
   d.data_dir = ""  # where TFDS writes the prepared ArrayRecord files; "" = TFDS default
+  # A weighted mixture of sources instead of the one above (data/mixture.py): a list of dicts
+  # {name, weight, [corpus, format, text_field, source_field, target_field]} (missing keys take
+  # the data.* values above), e.g. ({"name": "code", "corpus": "stdlib", "weight": 3},
+  # {"name": "wiki", "corpus": "wiki/*.jsonl", "format": "jsonl", "weight": 1}). Packed rows
+  # are drawn from the sources in proportion p_i ∝ weight_i^(1/mixture_temperature).
+  d.mixture = ()
+  d.mixture_temperature = 1.0
   d.validation_fraction = 0.02  # documents held out for eval, chosen by a hash of their id
   d.tokenizer = "runs/tokenizers/stdlib_8192.model"  # SentencePiece .model (make it with transformer_jax.tokenizer)
   d.seq_len = 256  # tokens per packed row

@@ -42,6 +42,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
 from transformer_jax.data.objectives import seq2seq
+from transformer_jax.data import mixture as mixture_lib
 from transformer_jax.data import packing as packing_lib
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
@@ -142,8 +143,14 @@ def validate(config, process_count: int = 1) -> None:
   if d.packing == "concat" and not objectives.flag(d, "CONCAT"):
     raise ConfigError(f"data.packing='concat' packs causal LM rows only; data.objective="
                       f"{d.objective!r} needs data.packing='first_fit'")
-  corpus_lib.check_format(d.format)
-  _check_pairs(config)
+  sources = mixture_lib.sources(config)
+  for src in sources or [None]:
+    where = f"data.mixture source {src.name!r}: " if src else ""
+    try:
+      corpus_lib.check_format(src.config.data.format if src else d.format)
+      _check_pairs(src.config if src else config)
+    except ConfigError as e:
+      raise ConfigError(f"{where}{e}") from None
   _check_tokenizer(config)
 
 
@@ -245,14 +252,35 @@ def chunk_and_pack(ds: grain.IterDataset, config, num_bins: int, seed: int | Non
   """Chunks token sequences, applies the objective and packs them into rows in the batch format
   (batch_size > 0: batches of that many rows, the last partial one dropped); seed=None keeps the
   order (eval); objective_seed seeds the objective's random map."""
+  ds = packed_rows(ds, config, num_bins, seed, objective_seed)
+  return to_batches(ds, objectives.spec(config.data), batch_size)
+
+
+def packed_rows(ds: grain.IterDataset, config, num_bins: int, seed: int | None,
+                objective_seed: int) -> grain.IterDataset:
+  """Token sequences -> packed rows (grain's packed format, before the objective's batch
+  format): concatenated and cut (data.packing=concat) or chunked, objective, first-fit."""
   s = objectives.spec(config.data)
   if config.data.packing == "concat":
-    ds = packing_lib.ConcatRows(ds, s.seq_len)
-  else:
-    ds = _first_fit(ds, config, s, num_bins, seed, objective_seed)
+    return packing_lib.ConcatRows(ds, s.seq_len)
+  return _first_fit(ds, config, s, num_bins, seed, objective_seed)
+
+
+def to_batches(rows: grain.IterDataset, s, batch_size: int = 0) -> grain.IterDataset:
+  """Packed rows -> the objective's batch format (batch_size > 0: batches of that many rows,
+  the last partial one dropped); a mixture's source index passes through."""
   if batch_size:  # Before the format: it works on whole batches (one numpy call per key).
-    ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.map(functools.partial(objectives.from_packed, s))
+    rows = rows.batch(batch_size, drop_remainder=True)
+  return rows.map(functools.partial(_batch_format, s))
+
+
+def _batch_format(s, row: dict) -> dict:
+  row = dict(row)
+  source = row.pop(mixture_lib.SOURCE_KEY, None)
+  out = objectives.from_packed(s, row)
+  if source is not None:
+    out[mixture_lib.SOURCE_KEY] = source
+  return out
 
 
 def _first_fit(ds, config, s, num_bins, seed, objective_seed) -> grain.IterDataset:
@@ -297,20 +325,35 @@ def _check_rows(config, rows):
 def train_dataset(config, shard: int = 0, num_shards: int = 1,
                   num_epochs: int | None = None) -> grain.IterDataset:
   """One logical data shard's batches (train.batch_size // num_shards rows each) from its own
-  documents (every num_shards-th, from `shard`); `num_epochs=None` repeats forever. The config
-  is not validated here (make_train_iterator does it once for all shards)."""
+  documents (every num_shards-th, from `shard`; of each source of a data.mixture, whose rows are
+  mixed by weight: mixture.py); `num_epochs=None` repeats forever. The config is not validated
+  here (make_train_iterator does it once for all shards)."""
   if not 0 <= shard < num_shards:
     raise ValueError(f"shard={shard} is not in [0, {num_shards})")
   batch = config.train.batch_size // num_shards
+  bins = max(batch, _MIN_PACKING_BINS)
+  sources = mixture_lib.sources(config)
+  if not sources:
+    rows = _train_rows(config, config.seed, shard, num_shards, num_epochs, bins)
+  else:
+    parts = {src.name: _train_rows(src.config, mixture_lib.source_seed(config.seed, src.name),
+                                   shard, num_shards, num_epochs, bins,
+                                   f"data.mixture source {src.name!r}: ").map(
+                                       mixture_lib.tag(src.index)) for src in sources}
+    rows = grain.IterDataset.mix(parts, {src.name: src.probability for src in sources})
+  return to_batches(rows, objectives.spec(config.data), batch)
+
+
+def _train_rows(config, seed: int, shard: int, num_shards: int, num_epochs, bins: int,
+                where: str = "") -> grain.IterDataset:
+  """One source's packed training rows of one data shard."""
   docs = _documents(config, "train")[shard::num_shards]
   if len(docs) == 0:
-    raise ConfigError(f"data.corpus={config.data.corpus!r} has fewer training documents than "
-                      f"data shards ({num_shards})")
-  docs = docs.shuffle(seed=config.seed).repeat(num_epochs)
-  return chunk_and_pack(_tokenize(docs, config), config, max(batch, _MIN_PACKING_BINS),
-                        seed=config.seed,
-                        objective_seed=objectives.seed_for(config.seed, "train", shard),
-                        batch_size=batch)
+    raise ConfigError(f"{where}data.corpus={config.data.corpus!r} has fewer training documents "
+                      f"than data shards ({num_shards})")
+  docs = docs.shuffle(seed=seed).repeat(num_epochs)
+  return packed_rows(_tokenize(docs, config), config, bins, seed=seed,
+                     objective_seed=objectives.seed_for(seed, "train", shard))
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -423,3 +466,12 @@ def eval_batches(config, num_batches: int, rows: tuple[int, int] | None = None) 
     mine = rows_[first + start:first + stop]
     batches.append({k: np.stack([r[k] for r in mine]) for k in mine[0]})
   return batches
+
+
+def eval_sets(config, num_batches: int, rows: tuple[int, int] | None = None) -> dict:
+  """{"": eval_batches(...)}, or with a data.mixture each source's own: {name: up to
+  num_batches batches of its validation split}."""
+  sources = mixture_lib.sources(config)
+  if not sources:
+    return {"": eval_batches(config, num_batches, rows)}
+  return {src.name: eval_batches(src.config, num_batches, rows) for src in sources}

@@ -160,11 +160,13 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def train(texts: Iterable[str], vocab_size: int, out_path: str, *, max_chars: int = 5_000_000,
-          seed: int = 0, num_threads: int | None = None, special: str = "") -> str:
+          seed: int = 0, num_threads: int | None = None, special: str = "",
+          shares=None) -> str:
   """Trains a BPE model on a sample of `texts` and writes it to `out_path` atomically.
 
   Args:
-    texts: documents (any iterable; read once, keeping only a bounded reservoir sample).
+    texts: documents (any iterable; read once, keeping only a bounded reservoir sample); with
+      `shares`, one such iterable per source of a mixture, sampled for its share of max_chars.
     vocab_size: pieces in the model, specials and the 256 byte pieces included. A corpus too
       small to fill it gives a smaller vocabulary.
     out_path: the `.model` file to write; parent directories are created.
@@ -178,7 +180,11 @@ def train(texts: Iterable[str], vocab_size: int, out_path: str, *, max_chars: in
     out_path.
   """
   control = special_pieces(special)
-  sentences = sample_sentences(texts, max_chars, seed)
+  if shares is None:
+    sentences = sample_sentences(texts, max_chars, seed)
+  else:  # a mixture: each source's share of the characters, sampled from it alone
+    sentences = [s for i, (t, share) in enumerate(zip(texts, shares))
+                 for s in sample_sentences(t, max(1, int(max_chars * share)), seed + i)]
   if not sentences:
     raise ConfigError("tokenizer: the corpus has no text to train on")
   model = _train_model(sentences, vocab_size, num_threads or os.cpu_count() or 1, control)

@@ -58,7 +58,8 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
   stored = ptq.quantize_tree(jax.device_get(params), names, mode, group)
   restored = jax.device_put(ptq.dequantize_tree(stored, trainer.abstract_state.params, names),
                             trainer.state_shardings.params)
-  batches = pipeline.eval_batches(config, config.eval.batches)
+  # Every validation batch (of each data.mixture source), pooled: one figure per checkpoint.
+  batches = [b for bs in pipeline.eval_sets(config, config.eval.batches).values() for b in bs]
   before, after = trainer.evaluate(params, batches), trainer.evaluate(restored, batches)
   store.save(out, workdir, stored, {"mode": mode, "group_size": group, "step": step,
                                     "source": os.path.abspath(workdir)})

@@ -10,6 +10,7 @@ import numpy as np
 import tqdm
 
 from transformer_jax import config as config_lib
+from transformer_jax.data import mixture
 from transformer_jax.data import pipeline
 from transformer_jax.evaluation import harness
 from transformer_jax.parallel import distributed
@@ -58,8 +59,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
     say(f"{workdir} already holds the finished run (step {start} = train.steps); raise "
         f"--config.train.steps to train on")
     return dict(metrics_lib.last_logged(workdir), step=start, state=state, complete=True)
-  eval_batches = pipeline.eval_batches(c, c.eval.batches, rows)
-  if not eval_batches:
+  eval_sets = pipeline.eval_sets(c, c.eval.batches, rows)  # one per data.mixture source
+  if not any(eval_sets.values()):
     say(f"no validation data: data.corpus={c.data.corpus!r} holds no held-out document "
         f"(data.validation_fraction={c.data.validation_fraction}); training without evaluation")
   writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start, wandb_config=c)
@@ -91,7 +92,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
         last = meter.read(m, state.skipped)
         _log(writer, bar, done, last, rows, c.train.process_log)
       if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
-        last.update(_evaluate(trainer, state.params, eval_batches, writer, done, say))
+        last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
       if is_save or stopping:
         ckpts.save(done, state, data, force=True, data_writes=data_writes)
       bar.update(1)
@@ -122,8 +123,10 @@ def _log(writer, bar, step: int, values: dict, rows, process_log: bool):
           f"{rows[0]}..{rows[1]}", file=sys.stderr, flush=True)
   bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
 
-def _evaluate(trainer, params, batches, writer, step: int, say) -> dict:
-  evals = trainer.evaluate(params, batches)
+def _evaluate(trainer, params, eval_sets, writer, step: int, say) -> dict:
+  per_source = {name: trainer.evaluate(params, b) for name, b in eval_sets.items()}
+  probs = {src.name: src.probability for src in mixture.sources(trainer.config)}
+  evals = mixture.mixed_eval(per_source, probs) if probs else per_source[""]
   if not evals:  # no validation data (said at start-up): nothing to log
     return {}
   evals.update(harness.during_training(trainer, params))  # eval.tasks' downstream metrics

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer_jax.data import mixture
 from transformer_jax.data import objectives
 from transformer_jax.models import ops
 from transformer_jax.models import families
@@ -85,6 +86,14 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   if teacher is not None or moe:
     aux["extra_loss"] = loss - base
   return loss, jnp.sum(w_BT), aux
+
+
+def mixture_tokens(batch, num_sources: int):
+  """float32 [num_sources]: the batch's non-padding tokens (every feature with segment ids, e.g.
+  an encoder-decoder's encoder and decoder tokens) per source of a data.mixture."""
+  tokens_B = sum(jnp.sum(v != 0, axis=-1) for k, v in batch.items() if k.endswith("segment_ids"))
+  onehot_BK = jax.nn.one_hot(batch[mixture.SOURCE_KEY][:, 0], num_sources, dtype=jnp.float32)
+  return jnp.sum(onehot_BK * tokens_B[:, None].astype(jnp.float32), axis=0)
 
 
 def moe_sums(sown) -> dict:
@@ -171,6 +180,9 @@ class Trainer:
     self.objective = objectives.check(c)  # its Spec
     self.task = objectives.loss(self.objective)
     self.batch_keys = tuple(objectives.batch_spec(self.objective, 1))  # put_batch's, every step
+    self.mixture_size = len(c.data.mixture)  # a mixture's batches add their rows' source
+    if self.mixture_size:
+      self.batch_keys += (mixture.SOURCE_KEY,)
     self.model = families.build_model(c)
     self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
     self.rules = sharding.rules(c)
@@ -263,6 +275,8 @@ class Trainer:
                "learning_rate": self.lr_schedule(state.step), "tokens": weight,
                "nonfinite": nonfinite, "spike": spike,
                **{k: v for k, v in moe.items() if k != "moe_batches"}}
+    if mixture.SOURCE_KEY in batch:
+      metrics["mixture_tokens"] = mixture_tokens(batch, self.mixture_size)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       loss_mean=loss_mean, skipped=state.skipped + bad), metrics
 
@@ -279,7 +293,7 @@ class Trainer:
   def put_batch(self, local_batch):
     """Process-local numpy rows -> one global array per key, sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-            for k in self.batch_keys}
+            for k in self.batch_keys if k in local_batch}  # eval batches have no source
 
   def train_step(self, state, batch, rng):
     with sharding.context(self.mesh, self.rules):

@@ -7,6 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.data import mixture
 from transformer_jax.perf import counting
 from transformer_jax.perf import hardware
 
@@ -21,12 +22,13 @@ class Meter:
     peak, self.peak_source = hardware.peak_flops_per_device(trainer.model.cfg.compute_dtype)
     self.peak_total = peak * trainer.mesh.size
     self.tokens_per_step = c.train.batch_size * c.data.seq_len
+    self.sources = [src.name for src in mixture.sources(c)]
     self._t0, self._mark, self._first = time.perf_counter(), None, {}
     self.restart()
 
   def restart(self):
     """A new window from now (after a rollback)."""
-    self._loss_sum, self._applied, self._steps = 0.0, 0, 0
+    self._loss_sum, self._applied, self._steps, self._mixture = 0.0, 0, 0, 0.0
     if self._mark is not None:
       self._mark = time.perf_counter()
 
@@ -37,6 +39,8 @@ class Meter:
     self._loss_sum = self._loss_sum + jnp.where(bad, 0.0, m["loss"])
     self._applied = self._applied + (1 - bad.astype(jnp.int32))
     self._steps += 1
+    if "mixture_tokens" in m:  # the window's tokens per source of a data.mixture
+      self._mixture = self._mixture + m["mixture_tokens"]
     if self._mark is None:
       jax.block_until_ready(m)
       self._first["compile_s"] = time.perf_counter() - self._t0
@@ -44,8 +48,10 @@ class Meter:
 
   def read(self, m: dict, skipped) -> dict:
     """The log line's values: the last step's metrics (its loss as loss_last), the window's mean
-    loss, skipped steps so far, tokens_per_s and mfu (and compile_s once). Starts a new window."""
+    loss, skipped steps so far, tokens_per_s and mfu (and compile_s once); with a data.mixture
+    mixture_tokens, {source: the window's tokens}. Starts a new window."""
     m = jax.device_get(m)
+    mixed = m.pop("mixture_tokens", None)
     n = int(self._applied)
     m["loss_last"], m["loss"] = m["loss"], float(self._loss_sum) / n if n else float("nan")
     m["skipped"] = int(jax.device_get(skipped))
@@ -53,6 +59,8 @@ class Meter:
     tps = self.tokens_per_step * self._steps / max(now - self._mark, 1e-9) if self._steps else 0.0
     out = {k: float(v) for k, v in m.items()}
     out.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak_total, **self._first)
+    if mixed is not None:
+      out["mixture_tokens"] = mixture.window_tokens(self.sources, jax.device_get(self._mixture))
     self._first = {}
     self.restart()
     self._mark = now

@@ -1,0 +1,186 @@
+"""Weighted data mixtures (data/mixture.py): shares, resume, errors, eval and the tokenizer."""
+
+import collections
+import json
+import os
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax import tokenizer as tokenizer_cli
+from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import mixture
+from transformer_jax.data import pipeline
+from transformer_jax.data import tokenization as tokenizer_lib
+from transformer_jax.training import loop
+from transformer_jax.training import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROSE = "the cat sat on a mat and then ran over to see what was there".split()
+CODE = "def return self x y = + ( ) : if else for in".split()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+  """Three sources of different document lengths and formats, and a tokenizer for all."""
+  root = tmp_path_factory.mktemp("mixture")
+  rng = random.Random(0)
+  (root / "prose").mkdir()
+  (root / "code").mkdir()
+  for i in range(40):  # long documents: many chunks each
+    words = (rng.choice(PROSE) for _ in range(rng.randint(20, 200)))
+    (root / "prose" / f"p{i}.txt").write_text(" ".join(words) + "\n")
+    lines = (" ".join(rng.choice(CODE) for _ in range(rng.randint(1, 8)))
+             for _ in range(rng.randint(2, 30)))
+    (root / "code" / f"c{i}.py").write_text("\n".join(lines) + "\n")
+  with open(root / "short.jsonl", "w") as f:  # short documents: many per row
+    for _ in range(300):
+      words = (rng.choice(PROSE + CODE) for _ in range(rng.randint(2, 12)))
+      f.write(json.dumps({"body": " ".join(words)}) + "\n")
+  texts = [t for g in (f"{root}/prose/*.txt", f"{root}/code/*.py")
+           for _, t in corpus_lib.iter_documents(g)]
+  tok = tokenizer_lib.train(texts, 300, str(root / "tok.model"))
+  mix = ({"name": "prose", "corpus": f"{root}/prose/*.txt", "weight": 5},
+         {"name": "code", "corpus": f"{root}/code/*.py", "weight": 3},
+         {"name": "short", "corpus": f"{root}/short.jsonl", "format": "jsonl",
+          "text_field": "body", "weight": 2})
+  return {"root": root, "tokenizer": tok, "mixture": mix,
+          "data_dir": str(tmp_path_factory.mktemp("tfds"))}
+
+
+def _config(sources, **overrides):
+  c = config_lib.base.get_config()
+  c.seed = 3
+  c.data.update(tokenizer=sources["tokenizer"], data_dir=sources["data_dir"], seq_len=64,
+                mixture=sources["mixture"], validation_fraction=0.1)
+  c.train.batch_size = 8
+  c.model.vocab_size = 512
+  for key, value in overrides.items():
+    config_lib.set_value(c, key, value if isinstance(value, str) else repr(value))
+  return c
+
+
+def _source_tokens(batch) -> collections.Counter:
+  counts = collections.Counter()
+  for source, n in zip(batch["source"][:, 0], (batch["segment_ids"] != 0).sum(axis=1)):
+    counts[int(source)] += int(n)
+  return counts
+
+
+@pytest.mark.parametrize("packing,temperature", [("first_fit", 1.0), ("concat", 2.0)])
+def test_token_shares_follow_the_weights(sources, packing, temperature):
+  c = _config(sources, **{"data.packing": packing, "data.mixture_temperature": temperature})
+  pipeline.validate(c)
+  probs = mixture.probabilities([5, 3, 2], temperature)
+  np.testing.assert_allclose(probs, np.array([5, 3, 2]) ** (1 / temperature)
+                             / np.sum(np.array([5, 3, 2]) ** (1 / temperature)))
+  it = pipeline.make_train_iterator(c)
+  counts = collections.Counter()
+  for i in range(60):
+    batch = next(it)
+    counts += _source_tokens(batch)
+    if i == 0:  # the train step's count of the same batch
+      got = jax.jit(step_lib.mixture_tokens, static_argnums=1)(batch, 3)
+      np.testing.assert_array_equal(got, [_source_tokens(batch)[k] for k in range(3)])
+  it.close()
+  shares = np.array([counts[k] for k in range(3)]) / sum(counts.values())
+  np.testing.assert_allclose(shares, probs, atol=0.02)
+  if packing == "concat":  # every row full: the shares are the rows', exact to a row or two
+    np.testing.assert_allclose(shares, probs, atol=2 / 480)
+
+
+def test_resume_on_another_process_count_gives_the_same_batches(sources):
+  c = _config(sources, **{"data.shards": 2})
+  one = pipeline.make_train_iterator(c)
+  for _ in range(5):
+    next(one)
+  state = json.loads(json.dumps(one.get_state()))  # as a checkpoint keeps it
+  expected = [next(one) for _ in range(4)]
+  one.close()
+  halves = [pipeline.make_train_iterator(c, rows) for rows in ((0, 4), (4, 8))]
+  for it in halves:
+    it.set_state(state)
+  for want in expected:
+    parts = [next(it) for it in halves]
+    for key, value in want.items():
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
+  for it in halves:
+    it.close()
+
+
+@pytest.mark.parametrize("change,match", [
+    ({1: {"corpus": "/nonexistent/*.txt"}}, r"source 'code': data.corpus=.*matches no files"),
+    ({0: {"weight": 0}}, r"source 'prose': weight=0 must be a number > 0"),
+    ({2: {"weight": -1.5}}, r"source 'short': weight=-1.5"),
+    ({0: {"weight": 0}, 1: {"weight": 0}, 2: {"weight": 0}}, r"source 'prose': weight=0"),
+    ({1: {"name": "prose"}}, r"name\(s\) 'prose' repeated"),
+    ({2: {"colour": "red"}}, r"source 'short': unknown key\(s\) colour"),
+    ({0: {"name": ""}}, r"data.mixture\[0\] needs a 'name'"),
+    ({2: {"format": "xml"}}, r"source 'short': .*xml"),
+])
+def test_bad_mixtures_are_one_line_errors(sources, change, match):
+  mix = [dict(e, **change.get(i, {})) for i, e in enumerate(sources["mixture"])]
+  c = _config(sources)
+  c.data.mixture = tuple(mix)
+  with pytest.raises(ConfigError, match=match) as e:
+    pipeline.validate(c)
+  assert "\n" not in str(e.value)
+
+
+def test_bad_temperature(sources):
+  with pytest.raises(ConfigError, match="data.mixture_temperature=0.0 must be a number > 0"):
+    pipeline.validate(_config(sources, **{"data.mixture_temperature": 0.0}))
+
+
+def test_mixed_eval_weighs_the_sources():
+  per = {"a": {"eval_loss": 2.0, "eval_tokens": 10.0}, "b": {"eval_loss": 4.0,
+                                                         "eval_tokens": 30.0}, "c": {}}
+  out = mixture.mixed_eval(per, {"a": 0.25, "b": 0.5, "c": 0.25})
+  assert out == {"eval_loss/a": 2.0, "eval_loss/b": 4.0, "eval_loss": (0.25 * 2 + 0.5 * 4) / 0.75,
+                 "eval_tokens": 40.0}
+  assert mixture.mixed_eval({"a": {}}, {"a": 1.0}) == {}
+
+
+def test_tokenizer_trains_on_the_mixture(sources, tmp_path):
+  """Weights decide what the tokenizer learns: a code-heavy mixture's model encodes code in fewer
+  tokens than a prose-heavy one's."""
+  code = "".join(t for _, t in corpus_lib.iter_documents(f"{sources['root']}/code/*.py"))
+  lengths = {}
+  for heavy in ("code", "prose"):
+    mix = [dict(e, weight=1000.0 if e["name"] == heavy else 1.0) for e in sources["mixture"]]
+    out = str(tmp_path / f"{heavy}.model")
+    status = tokenizer_cli.main([f"--config={REPO}/configs/gpt2.py:tiny",
+                                 f"--config.data.mixture={mix!r}",
+                                 f"--config.data.tokenizer={out}",
+                                 "--config.model.vocab_size=300", "--max_chars=20000"])
+    assert status == 0
+    lengths[heavy] = len(tokenizer_lib.load(out).encode(code))
+  assert lengths["code"] < 0.8 * lengths["prose"], lengths
+
+
+def test_training_logs_tokens_and_eval_loss_per_source(sources, tmp_path):
+  c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+      f"data.tokenizer={sources['tokenizer']}", f"data.data_dir={sources['data_dir']}",
+      f"data.mixture={sources['mixture']!r}", "data.validation_fraction=0.1", "data.seq_len=32",
+      "model.vocab_size=320", "model.max_len=32", "train.batch_size=4", "train.steps=6",
+      "train.log_every=3", "checkpoint.every_steps=6", "eval.every_steps=6", "eval.batches=1",
+      "checkpoint.async_save=False", "mesh.data=1"])
+  loop.train(c, str(tmp_path / "run"), quiet=True, devices=jax.devices()[:1])
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  logged = [r["mixture_tokens"] for r in rows if "mixture_tokens" in r]
+  it = pipeline.make_train_iterator(c)  # the same batches, counted here
+  for window in logged:
+    counts = sum((_source_tokens(next(it)) for _ in range(3)), collections.Counter())
+    assert window == {"prose": counts[0], "code": counts[1], "short": counts[2]}
+  it.close()
+  assert len(logged) == 2
+  evals = [r for r in rows if "eval_loss" in r][-1]
+  probs = {s.name: s.probability for s in mixture.sources(c)}
+  have = {n: p for n, p in probs.items() if f"eval_loss/{n}" in evals}
+  assert have, evals
+  expected = sum(p * evals[f"eval_loss/{n}"] for n, p in have.items()) / sum(have.values())
+  assert evals["eval_loss"] == pytest.approx(expected, rel=1e-6)
