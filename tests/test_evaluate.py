@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from tests.conftest import REPO, TINY_MODEL, tiny_overrides
 from transformer_jax import config as config_lib
@@ -245,3 +246,73 @@ def test_lm_eval_adapter_agrees_with_evaluate(run, files, tmp_path):
   want = harness.evaluate(lm, [files["mc"]])["mc"]
   assert got["acc,none"] == pytest.approx(want["acc"])
   assert got["acc_norm,none"] == pytest.approx(want["acc_norm"])
+
+
+def _fake_lm(outputs, seen):
+  """A stand-in TextModel for the scoring tests: `generate` writes the given outputs (and keeps
+  the prompts), `loglikelihood` prefers the continuation that names the context's last word."""
+  def generate(prompts, until, max_new_tokens):
+    seen.extend(prompts)
+    assert until and max_new_tokens > 0
+    return list(outputs)
+  def loglikelihood(pairs):
+    return [(0.0 if ctx.split()[-1] in cont else -5.0, False) for ctx, cont in pairs]
+  return types.SimpleNamespace(is_seq2seq=False, encode=str.split, generate=generate,
+                               loglikelihood=loglikelihood)
+
+
+def test_summaries_are_scored_with_rouge(tmp_path):
+  rows = [{"document": "The cat sat on the mat all day.", "summary": "the cat sat on the mat"},
+          {"document": "Dogs bark.", "summary": "dogs bark loudly"}]
+  task = tasks_lib.load(_write(tmp_path / "sums.jsonl", rows))
+  assert task.kind == "summarization"
+  seen = []
+  exact = tasks_lib.run(task, _fake_lm([r["summary"] for r in rows], seen))
+  assert exact == {"rouge1": 100.0, "rouge2": 100.0, "rougeLsum": 100.0}
+  assert seen == [r["document"] + tasks_lib.SUMMARY_CUE for r in rows]
+  partial = tasks_lib.run(task, _fake_lm(["the cat sat", "cats"], []))
+  # rouge1: P 3/3, R 3/6 -> F 2/3 and "cats" stems to "cat", not in "dogs bark loudly": 0.
+  # rouge2: P 2/2, R 2/5 -> F 4/7; the second has no bigram: 0.
+  assert partial["rouge1"] == pytest.approx(100 * (2 / 3) / 2)
+  assert partial["rouge2"] == pytest.approx(100 * (4 / 7) / 2)
+
+
+class TjaxTestChoices(tfds.core.GeneratorBasedBuilder):
+  """A HellaSwag-shaped catalog dataset (ctx, endings, label), registered by name."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "ctx": tfds.features.Text(), "endings": tfds.features.Sequence(tfds.features.Text()),
+        "label": np.int64}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(5, 0), "validation": self._generate_examples(6, 100)}
+
+  def _generate_examples(self, n, start):
+    for i in range(start, start + n):
+      label = i % 3
+      endings = [f"no{j}" for j in range(3)]
+      endings[label] = f"yes {i}"
+      yield i, {"ctx": f"pick {i}", "endings": endings, "label": label}
+
+
+def test_a_tfds_dataset_is_a_task_with_renamed_fields(tmp_path):
+  spec = "tfds:tjax_test_choices?context=ctx&choices=endings"
+  task = tasks_lib.load(spec, num_fewshot=2, data_dir=str(tmp_path), limit=4)
+  assert (task.name, task.kind, len(task.examples), len(task.train)) == (
+      "tjax_test_choices", "multiple_choice", 4, 5)  # validation by default; train for shots
+  (one,) = [e for e in task.examples if e["ctx"] == "pick 101"] or [
+      e for e in tasks_lib.load(spec, data_dir=str(tmp_path)).examples if e["ctx"] == "pick 101"]
+  assert one == {"ctx": "pick 101", "endings": ["no0", "no1", "yes 101"],
+                              "label": 2, "context": "pick 101",
+                              "choices": ["no0", "no1", "yes 101"]}
+  assert tasks_lib.run(task, _fake_lm([], []))["acc"] == 1.0
+  assert len(tasks_lib.load(spec, data_dir=str(tmp_path)).examples) == 6
+  with pytest.raises(ConfigError, match=r"no split 'dev' \(it has train, validation\)"):
+    tasks_lib.load("tfds:tjax_test_choices@dev", data_dir=str(tmp_path))
+  with pytest.raises(ConfigError, match=r"lacks field\(s\) context"):
+    tasks_lib.load("multiple_choice:tfds:tjax_test_choices?choices=endings",
+                   data_dir=str(tmp_path))
+  with pytest.raises(ConfigError, match=r"'context' is not OURS=THEIRS"):
+    tasks_lib.load("tfds:tjax_test_choices?context", data_dir=str(tmp_path))

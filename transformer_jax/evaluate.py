@@ -3,8 +3,10 @@
 [--batch_size=B] [--seed=0] [--init]`.
 
 A SPEC is a JSONL file, its kind recognized from its fields (context/choices/label: multiple
-choice; source/target: generation; length/depth: passkey; text: perplexity), or KIND:PATH
-(kinds multiple_choice, cloze, perplexity, generation, passkey); see evaluation/tasks.py.
+choice; source/target: generation; document/summary: summarization (ROUGE); length/depth:
+passkey; text: perplexity), or KIND:PATH (kinds multiple_choice, cloze, perplexity, generation,
+summarization, passkey), or a TFDS dataset [KIND:]tfds:NAME[@SPLIT]; any SPEC may end with
+?OURS=THEIRS&... to read fields under other names; see evaluation/tasks.py.
 The last line printed is one JSON object: {"step": N, "tasks": {TASK: {METRIC: value}}}.
 --init evaluates the config's initial parameters instead (the before-training baseline)."""
 
@@ -27,11 +29,13 @@ def main(argv):
   if f["num_fewshot"] < 0 or f["limit"] < 0 or f["batch_size"] < 0:
     raise ConfigError("--num_fewshot, --limit and --batch_size must be >= 0")
   from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  config = harness.read_config(f["workdir"])
   loaded = harness.load_tasks(specs, num_fewshot=f["num_fewshot"], limit=f["limit"],
-                              fewshot_file=f["fewshot_file"])  # checked before the model loads
+                              fewshot_file=f["fewshot_file"],
+                              data_dir=config.data.data_dir)  # checked before the model loads
   from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   # The CPU devices the run trained on (mesh.cpu_devices), before JAX starts its backends.
-  distributed.use_cpu_devices(harness.read_config(f["workdir"]).mesh.get("cpu_devices", 0))
+  distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))
   trainer, step, params = harness.load_workdir(
       f["workdir"], None if f["step"] < 0 else f["step"], init=f["init"])
   lm = harness.text_model(trainer, params, batch_size=f["batch_size"])

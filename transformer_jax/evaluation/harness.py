@@ -76,12 +76,15 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
   return trainer, step, params
 
 
-def load_tasks(specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: str = "") -> list:
-  """The tasks of SPECs (PATH or KIND:PATH; already loaded tasks pass through), checked."""
+def load_tasks(specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: str = "",
+               data_dir: str = "") -> list:
+  """The tasks of SPECs (PATH or KIND:PATH; already loaded tasks pass through), checked;
+  TFDS tasks are prepared under data_dir (the run's data.data_dir)."""
   if not specs:
     raise ConfigError("--tasks needs at least one task: PATH.jsonl or KIND:PATH")
   return [s if isinstance(s, tasks_lib.Task) else
-          tasks_lib.load(s, num_fewshot=num_fewshot, fewshot_file=fewshot_file, limit=limit)
+          tasks_lib.load(s, num_fewshot=num_fewshot, fewshot_file=fewshot_file, limit=limit,
+                         data_dir=data_dir)
           for s in specs]
 
 
@@ -127,6 +130,6 @@ def during_training(trainer, params) -> dict:
     return {}
   lm = scoring.TextModel(c, params, _tokenizer(c.data.tokenizer), batch_size=batch_rows(trainer),
                          mesh=trainer.mesh, rules=trainer.rules, model=trainer.model)
-  results = evaluate(lm, specs, timing=False)
+  results = evaluate(lm, load_tasks(specs, data_dir=c.data.data_dir), timing=False)
   return {f"eval_{name}_{metric}": value for name, metrics in results.items()
           for metric, value in metrics.items()}

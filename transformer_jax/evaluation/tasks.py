@@ -11,16 +11,25 @@ A task is a JSONL file, one example per line; its kind is recognized from its fi
   perplexity       {"text"}: the documents' rolling log-likelihood; perplexity per token,
                    bits_per_byte (tokenizers compare), byte_perplexity
   generation       {"source", "target"}: greedy generation; exact_match, bleu, chrf (sacrebleu)
+  summarization    {"document", "summary"}: greedy generation after the document and "TL;DR:"
+                   (GPT-2's cue; an encoder-decoder reads the document alone); rouge1, rouge2,
+                   rougeLsum F-measures x 100 (Google's `rouge-score`, Porter stemming)
   passkey          {"length", "depth"[, "key"]}: passkey.py's prompts; acc
 
 `{"text"}` alone is read as perplexity; name cloze tasks `cloze:PATH`. Few-shot examples come from
 the task's train split (NAME_train.jsonl or NAME.train.jsonl next to NAME.jsonl, or a given file),
 drawn with a fixed seed per example, so prompts are deterministic.
+
+A TFDS dataset is a task too: `[KIND:]tfds:NAME[/CONFIG][@SPLIT]` (default split validation, else
+test; few-shot examples from its train split), prepared under the run's data.data_dir the first
+time. Any SPEC may end with `?OURS=THEIRS&...` to read a field under another name, e.g.
+`multiple_choice:tfds:hellaswag@validation?context=ctx&choices=endings`.
 """
 
 import dataclasses
 import math
 import os
+import types
 from typing import Callable
 
 import numpy as np
@@ -30,6 +39,8 @@ from transformer_jax.data import corpus
 from transformer_jax.evaluation import passkey
 
 SHOT_SEPARATOR = "\n\n"
+SUMMARY_CUE = "\nTL;DR: "  # what a decoder reads between the document and its summary (GPT-2)
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +54,7 @@ class Kind:
 KINDS = {k.name: k for k in (
     Kind("multiple_choice", ("context", "choices", "label")),
     Kind("generation", ("source", "target")),
+    Kind("summarization", ("document", "summary")),
     Kind("passkey", ("length", "depth"), fewshot=False),
     Kind("perplexity", ("text",), fewshot=False),
     Kind("cloze", ("text",)),
@@ -99,29 +111,83 @@ def train_split(path: str) -> str:
   return ""
 
 
-def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int = 0) -> Task:
-  """A task from SPEC (PATH or KIND:PATH), checked; its train split when few-shot is asked."""
+def _renames(spec: str) -> tuple[str, dict]:
+  """SPEC?OURS=THEIRS&... -> (SPEC, {ours: theirs})."""
+  spec, sep, query = spec.partition("?")
+  renames = {}
+  for item in query.split("&") if sep else ():
+    ours, eq, theirs = item.partition("=")
+    if not (eq and ours and theirs):
+      raise ConfigError(f"task {spec!r}: {item!r} is not OURS=THEIRS (a field read under another "
+                        f"name)")
+    renames[ours] = theirs
+  return spec, renames
+
+
+def _read_tfds(spec: str, data_dir: str, limit: int) -> tuple[list, list]:
+  """(examples, train examples) of a TFDS dataset `tfds:NAME[/CONFIG][@SPLIT]`."""
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+  name, _, split = spec.partition("@")
+  try:  # downloaded and prepared once, as ArrayRecord
+    prepared = tfds_text.prepare(types.SimpleNamespace(corpus=name, data_dir=data_dir))
+  except ConfigError as e:
+    raise ConfigError(f"task {spec!r}: {e}") from None
+  splits = prepared.info.splits
+  split = split or next((s for s in ("validation", "test") if s in splits), "")
+  if split not in splits:
+    raise ConfigError(f"task {spec!r}: no split {split!r} (it has {', '.join(splits)})")
+  def read(which, n=0):
+    source = prepared.as_data_source(split=which)
+    return [_plain(source[i]) for i in range(min(len(source), n) if n > 0 else len(source))]
+  return read(split, limit), read("train") if "train" in splits and split != "train" else []
+
+
+def _plain(record: dict) -> dict:
+  """A TFDS record as JSON-like values: text for bytes, lists for arrays, numbers."""
+  def plain(v):
+    if isinstance(v, bytes):
+      return v.decode("utf-8")
+    if isinstance(v, np.ndarray):
+      return [plain(x) for x in v.tolist()] if v.ndim else plain(v.item())
+    if isinstance(v, np.generic):
+      return v.item()
+    if isinstance(v, list):
+      return [plain(x) for x in v]
+    return v
+  return {k: plain(v) for k, v in record.items()}
+
+
+def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int = 0,
+         data_dir: str = "") -> Task:
+  """A task from SPEC ([KIND:]PATH or [KIND:]tfds:NAME[@SPLIT], optionally ?OURS=THEIRS&...),
+  checked; its train split when few-shot is asked. data_dir: where TFDS datasets are prepared."""
+  spec, renames = _renames(spec)
   kind, sep, path = spec.partition(":")
   if not sep or kind not in KINDS:
     kind, path = "", spec
-  rows = _read_jsonl(path)
+  is_tfds = path.startswith(corpus.TFDS_PREFIX)
+  rows, train = _read_tfds(path, data_dir, limit) if is_tfds else (_read_jsonl(path), None)
+  rename = lambda rows: [{**r, **{o: r[t] for o, t in renames.items() if t in r}} for r in rows]  # pylint: disable=unnecessary-lambda-assignment
+  rows = rename(rows)
   if not rows:
     raise ConfigError(f"task file {path!r} holds no examples")
   kind = kind or recognize(rows[0], path)
-  name = os.path.basename(path)
+  name = (path[len(corpus.TFDS_PREFIX):].partition("@")[0].replace("/", "_") if is_tfds
+          else os.path.basename(path))
   name = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
   task = Task(name=name, kind=kind, path=path, examples=rows[:limit] if limit > 0 else rows)
   _check(task, task.examples, path)
   if num_fewshot > 0 and KINDS[kind].fewshot:
-    train = fewshot_file or train_split(path)
-    if not train:
+    train_file = fewshot_file or ("" if is_tfds else train_split(path))
+    if not train_file and not train:
       raise ConfigError(f"--num_fewshot={num_fewshot} needs {name}'s train split (NAME_train.jsonl "
-                        f"beside {path}) or --fewshot_file")
-    task.train = _read_jsonl(train)
-    _check(task, task.train, train)
+                        f"beside {path}, or a TFDS train split) or --fewshot_file")
+    train = _read_jsonl(train_file) if train_file else rename(train)
+    task.train = train
+    _check(task, task.train, train_file or f"{path} train split")
     if len(task.train) < num_fewshot:
-      raise ConfigError(f"{train} holds {len(task.train)} examples, fewer than "
-                        f"--num_fewshot={num_fewshot}")
+      raise ConfigError(f"{train_file or path + ' train split'} holds {len(task.train)} "
+                        f"examples, fewer than --num_fewshot={num_fewshot}")
   return task
 
 
@@ -146,6 +212,8 @@ def _answered(kind: str, row: dict) -> str:
     return "".join(join(row["context"], row["choices"][row["label"]]))
   if kind == "generation":
     return "".join(join(row["source"], row["target"]))
+  if kind == "summarization":
+    return row["document"] + SUMMARY_CUE + row["summary"]
   return row["text"].rstrip()
 
 
@@ -229,6 +297,19 @@ def _generation(task, lm, k, seed):
   return metrics
 
 
+def _summarization(task, lm, k, seed):
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  prompts = [row["document"] if lm.is_seq2seq else
+             fewshot_prefix(task, i, k, seed) + row["document"] + SUMMARY_CUE
+             for i, row in enumerate(task.examples)]
+  targets = [str(row["summary"]) for row in task.examples]
+  outs = [o.strip() for o in lm.generate(prompts, until=[SHOT_SEPARATOR], max_new_tokens=max(
+      len(lm.encode(t)) for t in targets) + 8)]
+  scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+  scores = [scorer.score(t, o) for o, t in zip(outs, targets)]
+  return {r: 100.0 * float(np.mean([s[r].fmeasure for s in scores])) for r in ROUGE_TYPES}
+
+
 def _passkey(task, lm, k, seed):
   del k
   rng = np.random.default_rng(seed)
@@ -241,4 +322,4 @@ def _passkey(task, lm, k, seed):
 
 RUNNERS: dict[str, Callable] = {"multiple_choice": _multiple_choice, "cloze": _cloze,
                                 "perplexity": _perplexity, "generation": _generation,
-                                "passkey": _passkey}
+                                "summarization": _summarization, "passkey": _passkey}
