@@ -354,4 +354,18 @@ def test_a_mesh_axis_the_torus_cannot_hold_is_one_line():
                 "--config.train.batch_size=64")
   assert out.returncode == 2 and not out.stdout
   assert re.fullmatch(r"error: mesh\.(data|fsdp)=8 is no product of whole torus dimensions of "
-                      r"v5p:4x4x4 \(jax\.make_mesh splits none\)\n", out.stderr), out.stderr
+                      r"v5p:4x4x4 \(jax\.make_mesh splits none; --config\.mesh\."
+                      r"allow_split_physical_axes=true splits them\)\n", out.stderr), out.stderr
+
+
+@needs_libtpu
+def test_split_physical_axes_makes_such_a_mesh():
+  """mesh.allow_split_physical_axes: data 8 x fsdp 8 (or fsdp 8 x expert 8) on a 4x4x4 torus,
+  every chip once."""
+  devices = topology.topology_devices(topology.parse_topology("v5p-128"), 1)
+  for sizes in ({"data": 8, "fsdp": 8}, {"fsdp": 8, "expert": 8}):
+    config = tiny()
+    config.mesh.update({"data": 1, "allow_split_physical_axes": True, **sizes})
+    mesh = sharding.make_mesh(config, devices)
+    assert dict(mesh.shape) == {a: sizes.get(a, 1) for a in sharding.MESH_AXES}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

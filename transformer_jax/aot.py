@@ -49,7 +49,8 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
     m = re.search(r"logical_axis_index (\d+) of size (\d+)", str(e))
     axis = f"mesh.{sharding.MESH_AXES[int(m.group(1))]}={m.group(2)}" if m else "a mesh axis"
     raise ConfigError(f"{axis} is no product of whole torus dimensions of "
-                      f"{topo.compiler_topology} (jax.make_mesh splits none)") from None
+                      f"{topo.compiler_topology} (jax.make_mesh splits none; "
+                      f"--config.mesh.allow_split_physical_axes=true splits them)") from None
   trainer = Trainer(config, mesh)
   report = describe(config, topo, slices, trainer, mesh)
   t0 = time.perf_counter()

@@ -341,6 +341,10 @@ def _mesh():
   # CPU only: split the host's cores into this many XLA devices (0 = XLA's default, one). The
   # train step then runs data-parallel across them; see benchmarks/RESULTS.md for when it pays.
   x.cpu_devices = 0
+  # A TPU torus: jax.make_mesh gives each mesh axis whole torus dimensions (4x4x4: sizes 4, 16,
+  # 64 ...), so data 8 x fsdp 8 does not fit it; true lets an axis span parts of several
+  # dimensions (mesh_utils' allow_split_physical_axes): it runs, its collectives on a sub-torus.
+  x.allow_split_physical_axes = False
   return x
 
 

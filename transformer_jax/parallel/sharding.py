@@ -23,13 +23,17 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
   ici, dcn = config_lib.mesh_ici_dcn_shape(config.mesh, len(devices))
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if math.prod(dcn.values()) == 1:
-    return jax.make_mesh(tuple(ici[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types,
-                         devices=devices)
-  return jax.sharding.Mesh(hybrid_device_grid(ici, dcn, devices), MESH_AXES,
-                           axis_types=axis_types)
+    shape = tuple(ici[a] for a in MESH_AXES)
+    if config.mesh.get("allow_split_physical_axes", False):
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  grid = hybrid_device_grid(ici, dcn, devices,
+                            split=config.mesh.get("allow_split_physical_axes", False))
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def hybrid_device_grid(ici: dict, dcn: dict, devices) -> np.ndarray:
+def hybrid_device_grid(ici: dict, dcn: dict, devices, split: bool = False) -> np.ndarray:
   """Devices in an array of shape ici * dcn per axis. Slices are the devices' slice_index (TPU
   multi-slice), else their processes (several hosts), else consecutive blocks of devices (one
   process: simulated slices, for tests)."""
@@ -39,7 +43,8 @@ def hybrid_device_grid(ici: dict, dcn: dict, devices) -> np.ndarray:
   if by_slice or len({d.process_index for d in devices}) > 1:
     try:
       return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
-                                                  process_is_granule=not by_slice)
+                                                  process_is_granule=not by_slice,
+                                                  allow_split_physical_axes=split)
     except ValueError as e:
       granule = "slice_index" if by_slice else "process_index"
       found = len({getattr(d, granule) for d in devices})
