@@ -42,7 +42,7 @@ ENTRY_POINTS = {  # command -> a flag its --help must list
     "train": "--workdir=''", "sample": "--max_new_tokens=64", "tokenizer": "--vocab_size=0",
     "aot": "--topology=''", "benchmark": "--steps=10", "convert": "export --workdir=W",
     "sweep": "predict  --fit=DIR", "evaluate": "--num_fewshot=0", "clean": "--workers=1",
-    "quantize": "--mode='int8'"}
+    "quantize": "--mode='int8'", "inspect": "--top_k=5"}
 
 
 def _run(*args):

@@ -17,6 +17,7 @@ COMMANDS = {
     "sample": ("transformer_jax.sample", "generate text from a workdir's latest checkpoint"),
     "quantize": ("transformer_jax.quantize", "int8/int4 post-training quantization of a workdir"),
     "evaluate": ("transformer_jax.evaluate", "score a checkpoint on downstream tasks (JSONL)"),
+    "inspect": ("transformer_jax.inspect", "attention maps, logit lens, probes of a checkpoint"),
     "tokenizer": ("transformer_jax.tokenizer", "train a SentencePiece tokenizer for a corpus"),
     "clean": ("transformer_jax.clean", "dedup, language- and quality-filter a corpus into JSONL"),
     "convert": ("transformer_jax.convert", "Hugging Face checkpoints into and out of workdirs"),

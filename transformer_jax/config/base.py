@@ -255,6 +255,9 @@ def _train():
   t.loss_chunk = 0
   t.sample_prompt = ""  # if set, print a sample from the model at the end of training
   t.sample_tokens = 64
+  # Each layer's output RMS and max |x| as metrics (act_rms/layer_I, act_max/layer_I) in
+  # metrics.jsonl and TensorBoard, so a loss spike can be traced to a layer (models/stack.py).
+  t.log_activations = False
   # Anomalies (non-finite loss or gradients, or a loss spike) are caught inside the jitted step,
   # whose update is then not applied; the policy says what the loop does next.
   t.on_anomaly = "skip"  # skip (go on with the next batch) | rollback | abort

@@ -202,12 +202,29 @@ def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BN
                bias_BNGTS=None if bias_BNGTS is None else
                bias_BNGTS[..., i * c:(i + 1) * c, :(i + 1) * c])
         for i in range(causal_chunks)], axis=1)
+  probs_BNGTS = probabilities(q_BTNGK, k_BSNK, mask_BTS, bias_BNGTS).astype(q_BTNGK.dtype)
+  return jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
+
+
+def probabilities(q_BTNGK, k_BSNK, mask_BTS, bias_BNGTS=None):
+  """The reference kernel's attention probabilities, fp32 [B, N, G, T, S]: each query's softmax
+  over the keys its mask allows (exactly 0 elsewhere)."""
   logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK,
                             preferred_element_type=jnp.float32)
   if bias_BNGTS is not None:
     logits_BNGTS = logits_BNGTS + bias_BNGTS
-  probs_BNGTS = ops.masked_softmax(logits_BNGTS, mask_BTS[:, None, None]).astype(q_BTNGK.dtype)
-  return jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
+  return ops.masked_softmax(logits_BNGTS, mask_BTS[:, None, None])
+
+
+def captured(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, window=0):
+  """(output, fp32 probabilities [B, N, G, T, S]) of the reference kernel over the whole mask
+  (no causal block skipping; the sliding window in the mask): what an inspection captures."""
+  t, s = q_BTNGK.shape[1], k_BSNK.shape[1]
+  if not isinstance(window, int) or window:
+    mask_BTS = mask_BTS & window_mask(t, s, window)[None]
+  probs_BNGTS = probabilities(q_BTNGK, k_BSNK, mask_BTS, bias_BNGTS)
+  out = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS.astype(q_BTNGK.dtype), v_BSNK)
+  return out, probs_BNGTS
 
 
 def attend(impl: str, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal: bool,

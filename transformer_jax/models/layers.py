@@ -22,6 +22,12 @@ from transformer_jax.models import ops
 # Activations tagged with jax.ad_checkpoint.checkpoint_name: what remat="outputs" keeps.
 SAVEABLE_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_out")
 
+# Collections sown only when the caller makes them mutable (model.apply(..., mutable=[...])), so
+# the training path never computes them: each Block's output (the residual stream, "residual"),
+# each attention's probabilities from the reference kernel ("probs", fp32 [B, N, G, T, S]), and
+# each Block's output RMS and max |x| (fp32 scalars "rms" and "max_abs"; train.log_activations).
+INTERMEDIATES, ATTENTION_PROBS, ACTIVATIONS = "intermediates", "attention_probs", "activations"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -329,9 +335,15 @@ class Attention(nn.Module):
 
   def _kernel(self, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS, segment_ids_BT, *, window,
               sparse: bool, decode: bool, cross: bool):
-    """The attention output by the kernel this call gets: ring attention when the length is
-    sharded (mesh.sequence), else attention.choose's."""
+    """The attention output by the kernel this call gets: the reference, its probabilities sown,
+    when ATTENTION_PROBS is mutable (an inspection); ring attention when the length is sharded
+    (mesh.sequence); else attention.choose's."""
     c = self.cfg
+    if not (decode or self.is_initializing()) and self.is_mutable_collection(ATTENTION_PROBS):
+      out_BTNGK, probs_BNGTS = attention.captured(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS,
+                                                  window=window)
+      self.sow(ATTENTION_PROBS, "probs", probs_BNGTS)
+      return out_BTNGK
     chunks = c.attention_chunks if self.causal and not decode and not cross else 1
     if not (decode or self.is_initializing() or cross) and attention.sequence_axis():
       if segment_ids_BT is None or bias_BNGTS is not None:
@@ -456,6 +468,13 @@ class Block(nn.Module):
       else:
         x_BTD = Norm(c, name=name + "_norm")(x_BTD + drop(sublayer(x_BTD), deterministic))
       x_BTD = constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+    if self.is_initializing():  # init makes every collection mutable: it returns only params
+      return x_BTD
+    self.sow(INTERMEDIATES, "residual", x_BTD)  # no-ops unless the collection is mutable
+    if self.is_mutable_collection(ACTIVATIONS):
+      x = x_BTD.astype(jnp.float32)
+      self.sow(ACTIVATIONS, "rms", jnp.sqrt(jnp.mean(jnp.square(x))))
+      self.sow(ACTIVATIONS, "max_abs", jnp.max(jnp.abs(x)))
     return x_BTD
 
 

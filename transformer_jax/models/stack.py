@@ -6,6 +6,8 @@ parameters live under `layers`, stacked on a leading axis of size num_layers who
 `stack_layers` / `unstack_layers` convert parameter trees between the two layouts.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import numpy as np
 from transformer_jax.models import layers
 from transformer_jax.models import moe
 
+ACTIVATIONS = layers.ACTIVATIONS  # what train.log_activations makes mutable (activation_metrics)
 STACKED = "layers"  # the scanned stack's module name and its leading axis' logical name
 
 # What a rematerialized block keeps from its forward pass for the backward pass; the rest is
@@ -69,7 +72,9 @@ def apply_blocks(c: layers.ModelConfig, x_BTD, positions_BT, mask_BTS, determini
   # differ are scanned over as a traced per-layer value, as is the layer index when it seeds
   # random blocks.
   mixed, indexed = len(set(windows)) > 1, bool(c.random_blocks)
-  scan = nn.scan(body, variable_axes={"params": 0, "cache": 0, "moe": 0},
+  sown = {name: 0 for name in ("moe", layers.INTERMEDIATES, layers.ATTENTION_PROBS,
+                               layers.ACTIVATIONS)}
+  scan = nn.scan(body, variable_axes={"params": 0, "cache": 0, **sown},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * 7 + (0 if mixed else nn.broadcast, nn.broadcast,
                                                 0 if indexed else nn.broadcast),
@@ -101,4 +106,37 @@ def unstack_layers(params):
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
   for i in range(num_layers):
     out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
+
+
+def sown_layers(sown) -> dict:
+  """A collection sown by the blocks (layers.py's INTERMEDIATES, ATTENTION_PROBS, ACTIVATIONS),
+  per layer: {(stack, name): [layer 0's value, layer 1's, ...]}, `stack` the modules above the
+  blocks ("" in a decoder, "encoder" / "decoder" in an encoder-decoder), `name` the value's path
+  inside a block (e.g. "rms", "attention/probs"). A scanned stack's values (stacked on a leading
+  layer axis) are split per layer; a block that sowed twice gives its last value."""
+  found = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    at = next((i for i, k in enumerate(keys) if k == STACKED or re.fullmatch(r"layer_\d+", k)),
+              None)
+    if at is None:
+      continue
+    layers_of = found.setdefault(("/".join(keys[:at]), "/".join(keys[at + 1:])), {})
+    if keys[at] == STACKED:
+      layers_of.update({i: leaf[i] for i in range(leaf.shape[0])})
+    else:
+      layers_of[int(keys[at][len("layer_"):])] = leaf
+  return {key: [v[i] for i in sorted(v)] for key, v in found.items()}
+
+
+def activation_metrics(sown) -> dict:
+  """train.log_activations' metrics from the ACTIVATIONS collection: `act_rms/layer_I` and
+  `act_max/layer_I` (an encoder-decoder's `act_rms/encoder/layer_I`, ...), each block's output
+  RMS and max |x| over the batch, fp32 scalars."""
+  out = {}
+  for (where, name), values in sown_layers(sown).items():
+    metric = {"rms": "act_rms", "max_abs": "act_max"}[name]
+    for i, value in enumerate(values):
+      out[f"{metric}/{where + '/' if where else ''}layer_{i}"] = value
   return out

@@ -13,6 +13,7 @@ from transformer_jax.data import mixture
 from transformer_jax.data import objectives
 from transformer_jax.models import ops
 from transformer_jax.models import families
+from transformer_jax.models import stack
 from transformer_jax.parallel import sharding
 from transformer_jax.training import distill
 from transformer_jax.training import optimizer
@@ -43,7 +44,7 @@ def loss_sums(model, params, batch, **kwargs):
 
 
 def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, label_smoothing=0.0,
-               dropout_rng=None, chunk=0, teacher=None):
+               dropout_rng=None, chunk=0, teacher=None, activations=False):
   """(Sum of token cross-entropies (fp32), sum of target weights, sums for metrics) over one
   batch. `task` (the objective's `loss`) names the batch keys the model also takes (a prefix
   LM's prefix, BERT's token types) and whether a sentence-pair head adds its mean pair loss,
@@ -53,15 +54,17 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   time (chunked_loss_sum). Training-only terms: an MoE model's weighted router losses
   (moe_sums), added like the sentence loss, and with a `teacher` (training/distill.py) the
   distillation objective in place of the usual loss (its KL sum as distill_kl);
-  aux["extra_loss"] is what they add (metrics report the loss without it)."""
+  aux["extra_loss"] is what they add (metrics report the loss without it). `activations`
+  (train.log_activations) adds each layer's output RMS and max |x| (stack.activation_metrics).
+  """
   extra = {keyword: batch[key] for key, keyword in task.inputs}
   sentence, moe = task.sentence, model.cfg.num_experts > 0
   inputs = [batch[k] for k in type(model).INPUTS]
   out = model.apply({"params": params}, *inputs, **extra,
                     deterministic=dropout_rng is None, hidden=chunk > 0 or sentence,
                     rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
-                    mutable=["moe"] if moe else False)
-  out, sown = out if moe else (out, {})
+                    mutable=["moe"] * moe + [stack.ACTIVATIONS] * activations or False)
+  out, sown = out if moe or activations else (out, {})
   moe = bool(sown.get("moe"))  # False when no layer is MoE (e.g. moe_every > num_layers)
   targets_key, weights_key = type(model).TARGETS
   w_BT = batch[weights_key].astype(jnp.float32)
@@ -85,6 +88,8 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
                    + c.router_z_loss * aux["moe_z_loss"]) * jnp.sum(w_BT)
   if teacher is not None or moe:
     aux["extra_loss"] = loss - base
+  if activations:
+    aux.update(stack.activation_metrics(sown[stack.ACTIVATIONS]))
   return loss, jnp.sum(w_BT), aux
 
 
@@ -221,9 +226,11 @@ class Trainer:
         loss, weight, aux = loss_parts(self.model, p, micro, task=self.task,
                                        z_loss=c.train.z_loss,
                                        label_smoothing=c.train.label_smoothing, dropout_rng=drng,
-                                       chunk=c.train.loss_chunk, teacher=teacher)
+                                       chunk=c.train.loss_chunk, teacher=teacher,
+                                       activations=c.train.log_activations)
         return loss, (weight, {k: v for k, v in aux.items()
-                               if k.startswith(("moe_", "distill_")) or k == "extra_loss"})
+                               if k.startswith(("moe_", "distill_", "act_"))
+                               or k == "extra_loss"})
       (loss, (weight, moe)), grads = jax.value_and_grad(f, has_aux=True)(params)
       return loss, weight, grads, moe
 
@@ -243,7 +250,7 @@ class Trainer:
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (loss, weight, grads), moe = jax.lax.scan(body, (0.0, 0.0, zeros),
                                                 (micro, jnp.arange(m)))
-      moe = {k: jnp.max(v) if k == "moe_expert_load" else
+      moe = {k: jnp.max(v) if k == "moe_expert_load" or k.startswith("act_max") else
              jnp.sum(v) if k in ("extra_loss", "distill_kl") else jnp.mean(v)
              for k, v in moe.items()}
 

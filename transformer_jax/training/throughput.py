@@ -29,6 +29,7 @@ class Meter:
   def restart(self):
     """A new window from now (after a rollback)."""
     self._loss_sum, self._applied, self._steps, self._mixture = 0.0, 0, 0, 0.0
+    self._acts, self._act_steps = {}, 0  # log_activations: act_max's window max, act_rms' sum
     if self._mark is not None:
       self._mark = time.perf_counter()
 
@@ -41,6 +42,12 @@ class Meter:
     self._steps += 1
     if "mixture_tokens" in m:  # the window's tokens per source of a data.mixture
       self._mixture = self._mixture + m["mixture_tokens"]
+    self._act_steps += any(k.startswith("act_") for k in m)
+    for k, v in m.items():
+      if k.startswith("act_"):
+        old = self._acts.get(k)
+        self._acts[k] = v if old is None else (
+            jnp.maximum(old, v) if k.startswith("act_max") else old + v)
     if self._mark is None:
       jax.block_until_ready(m)
       self._first["compile_s"] = time.perf_counter() - self._t0
@@ -49,7 +56,8 @@ class Meter:
   def read(self, m: dict, skipped) -> dict:
     """The log line's values: the last step's metrics (its loss as loss_last), the window's mean
     loss, skipped steps so far, tokens_per_s and mfu (and compile_s once); with a data.mixture
-    mixture_tokens, {source: the window's tokens}. Starts a new window."""
+    mixture_tokens, {source: the window's tokens}; with train.log_activations each act_max/* is
+    the window's largest and each act_rms/* its mean. Starts a new window."""
     m = jax.device_get(m)
     mixed = m.pop("mixture_tokens", None)
     n = int(self._applied)
@@ -61,6 +69,9 @@ class Meter:
     out.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak_total, **self._first)
     if mixed is not None:
       out["mixture_tokens"] = mixture.window_tokens(self.sources, jax.device_get(self._mixture))
+    steps = max(self._act_steps, 1)  # the window's act_max: its largest; act_rms: its mean
+    out.update({k: float(v) if k.startswith("act_max") else float(v) / steps
+                for k, v in jax.device_get(self._acts).items()})
     self._first = {}
     self.restart()
     self._mark = now

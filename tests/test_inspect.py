@@ -1,0 +1,306 @@
+"""Interpretability (`inspect`): attention maps are the reference kernel's probabilities (rows sum
+to 1, zero above the diagonal and across packed segments, equal to an independent numpy
+computation), the logit lens's last layer is the model's logits, a linear probe finds a planted
+feature and not shuffled labels, train.log_activations' metrics equal an independent computation,
+and bad inputs are one-line errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, model_config, synthetic_batch, tiny_overrides
+from transformer_jax import config as config_lib
+from transformer_jax import inspect as inspect_cli
+from transformer_jax.config import ConfigError
+from transformer_jax.data import tokenization
+from transformer_jax.evaluation import harness
+from transformer_jax.evaluation import interpret
+from transformer_jax.evaluation import probe
+from transformer_jax.models import families
+from transformer_jax.models import layers
+from transformer_jax.models import stack
+from transformer_jax.parallel import sharding
+from transformer_jax.training import checkpoint
+from transformer_jax.training import throughput
+from transformer_jax.training.step import Trainer
+
+WORDS_A = ("def", "return", "self", "value", "import", "class")
+WORDS_B = ("print", "name", "for", "data", "else", "the")
+# A packed row: segment 1 (7 tokens), segment 2 (5 tokens), 4 padding tokens.
+SEGMENTS = [1] * 7 + [2] * 5 + [0] * 4
+
+
+def _overrides(tiny_data, **extra):
+  # A large init: peaked attention, so a wrong probability would show.
+  return tiny_overrides(tiny_data, **{"model.init_std": 0.3, "mesh.data": 1, **extra})
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+  """A tiny GPT-2 workdir (config.json and a checkpoint at step 3 of its initial parameters)
+  and what harness.load_workdir gives for it."""
+  workdir = str(tmp_path_factory.mktemp("inspect_run"))
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", _overrides(tiny_data))
+  config_lib.write_json(config, os.path.join(workdir, "config.json"))
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  ckpts = checkpoint.Checkpoints(workdir, config.checkpoint)
+  ckpts.save(3, trainer.init_state(config.seed), force=True)
+  ckpts.close()
+  trainer, step, params = harness.load_workdir(workdir, devices=jax.devices()[:1])
+  assert step == 3
+  return workdir, trainer, params
+
+
+@pytest.fixture(scope="module")
+def packed(run):
+  """forward() on a packed row: (inputs, output logits, embedded, sown collections)."""
+  _, trainer, params = run
+  segments = np.asarray([SEGMENTS], np.int32)
+  positions = np.asarray([list(range(7)) + list(range(5)) + list(range(4))], np.int32)
+  tokens = np.asarray([np.arange(16) * 7 % 300 + 3], np.int32)
+  inputs = tuple(map(jnp.asarray, (tokens, segments, positions)))
+  out, embedded, sown = interpret.forward(trainer.model, params, inputs)
+  return inputs, out, embedded, sown
+
+
+def _layer_norm(x, p, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _numpy_probs(block, x_TD, segments_T, cfg):
+  """One GPT-2 block's attention probabilities [H, T, T] in numpy from its parameters and its
+  input: LayerNorm, biased q/k projections, scaled scores, causal + same-segment softmax."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), block)
+  h = _layer_norm(np.asarray(x_TD, np.float64), p["attention_norm"], cfg.norm_eps)
+  q = np.einsum("TD,DHK->HTK", h, p["attention"]["query"]) + p["attention"]["query_bias"][:, None]
+  k = np.einsum("TD,DHK->HTK", h, p["attention"]["key"]) + p["attention"]["key_bias"][:, None]
+  scores = np.einsum("HTK,HSK->HTS", q, k) / np.sqrt(cfg.head_dim)
+  t = len(segments_T)
+  allowed = (segments_T[:, None] == segments_T[None, :]) & np.tri(t, dtype=bool)
+  scores = np.where(allowed[None], scores, -np.inf)
+  e = np.exp(scores - scores.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True), allowed
+
+
+def test_attention_maps_are_the_reference_kernels_probabilities(run, packed):
+  _, trainer, params = run
+  (_, segments, _), _, embedded, sown = packed
+  cfg = trainer.model.cfg
+  maps = interpret.attention_maps(sown)["attention"]
+  stream = interpret.residual_stream(embedded, sown)
+  assert len(maps) == cfg.num_layers and maps[0].shape == (1, cfg.num_heads, 16, 16)
+  seg = np.asarray(segments[0])
+  for i, probs in enumerate(maps):
+    p = np.asarray(probs[0], np.float64)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)  # over the allowed keys
+    want, allowed = _numpy_probs(params[f"layer_{i}"], stream[i][0], seg, cfg)
+    assert np.all(p[:, ~allowed] == 0.0)  # exactly: above the diagonal and across segments
+    assert np.all(p[:, np.triu_indices(16, 1)[0], np.triu_indices(16, 1)[1]] == 0.0)
+    np.testing.assert_allclose(p, want, atol=2e-5)
+    assert p.max() > 0.5  # peaked, not uniform: a head-order or scaling slip would show
+
+
+def test_scanned_stack_sows_the_same_maps_and_activations(run, packed):
+  """The layer scan (models/stack.py) sows per layer what the unrolled stack does."""
+  _, trainer, params = run
+  inputs, _, embedded, sown = packed
+  config = config_lib.from_json_file(os.path.join(run[0], "config.json"))
+  config.model.scan_layers = True
+  model = families.build_model(config)
+  scanned = stack.stack_layers(params, config.model.num_layers)
+  got = model.apply({"params": scanned}, *inputs, mutable=[
+      layers.INTERMEDIATES, layers.ATTENTION_PROBS, layers.ACTIVATIONS])[1]
+  want = trainer.model.apply({"params": params}, *inputs, mutable=[layers.ACTIVATIONS])[1]
+  for a, b in zip(interpret.attention_maps(got)["attention"],
+                  interpret.attention_maps(sown)["attention"]):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  for a, b in zip(interpret.residual_stream(embedded, got),
+                  interpret.residual_stream(embedded, sown)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  got_m = stack.activation_metrics(got[layers.ACTIVATIONS])
+  want_m = stack.activation_metrics(want[layers.ACTIVATIONS])
+  assert set(got_m) == set(want_m) == {f"act_{k}/layer_{i}" for k in ("rms", "max")
+                                       for i in range(config.model.num_layers)}
+  for k, v in want_m.items():
+    np.testing.assert_allclose(got_m[k], v, rtol=1e-5)
+
+
+def _random_params(model, *inputs, std=0.3):
+  """Random parameters of `model`'s shapes (no initializer run, nothing compiled)."""
+  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"]))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype), shapes)
+
+
+def test_encoder_and_encoder_decoder_maps():
+  """An encoder attends both ways within a segment, never across; an encoder-decoder sows its
+  encoder's, decoder's and cross-attention's maps, and its decoder's lens is its logits."""
+  enc = families.EncoderLM(model_config(num_layers=1))
+  segments = jnp.asarray([SEGMENTS[:12]], jnp.int32)
+  positions = jnp.asarray([list(range(7)) + list(range(5))], jnp.int32)
+  tokens = jnp.arange(3, 15, dtype=jnp.int32)[None]
+  params = _random_params(enc, tokens)
+  _, _, sown = interpret.forward(enc, params, (tokens, segments, positions))
+  p = np.asarray(interpret.attention_maps(sown)["attention"][0][0])
+  seg = np.asarray(segments[0])
+  np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+  assert np.all(p[:, seg[:, None] != seg[None, :]] == 0) and p[:, 0, 6].min() > 0
+  model = families.EncoderDecoder(model_config(num_layers=1, num_decoder_layers=1))
+  params = _random_params(model, tokens, tokens[:, :5])
+  ids = interpret.Inputs([1, 9, 8, 7], source_ids=list(range(3, 15)))
+  inputs = tuple(map(jnp.asarray, interpret.model_inputs(model, ids)))
+  logits, embedded, sown = interpret.forward(model, params, inputs)
+  maps = interpret.attention_maps(sown)
+  assert {k: (len(v), v[0].shape[-2:]) for k, v in maps.items()} == {
+      "encoder/attention": (1, (12, 12)), "decoder/attention": (1, (4, 4)),
+      "decoder/cross_attention": (1, (4, 12))}
+  stream = interpret.residual_stream(embedded, sown, "decoder")
+  norm = interpret.final_norm_params(params, "decoder")
+  np.testing.assert_allclose(interpret.lens_logits(model, params, norm, stream[-1]), logits,
+                             atol=1e-4, rtol=1e-5)
+
+
+def test_logit_lens_last_layer_is_the_models_logits(run, packed):
+  _, trainer, params = run
+  inputs, logits, embedded, sown = packed
+  stream = interpret.residual_stream(embedded, sown)
+  assert len(stream) == trainer.model.cfg.num_layers + 1
+  norm = interpret.final_norm_params(params)
+  last = interpret.lens_logits(trainer.model, params, norm, stream[-1])
+  np.testing.assert_allclose(last, logits, atol=1e-4, rtol=1e-5)
+  ids = [int(i) for i in np.asarray(inputs[0][0])]
+  lens = interpret.logit_lens(trainer.model, params, stream, ids, causal=True)
+  assert [r["layer"] for r in lens["layers"]] == ["embed", "0", "1"]
+  row = np.asarray(logits[0])
+  for t in (0, 5):  # the rank of the next token, and the top tokens, from the logits themselves
+    assert lens["layers"][-1]["rank"][t] == 1 + np.sum(row[t] > row[t, ids[t + 1]])
+    assert lens["layers"][-1]["top"][t][0] == str(int(np.argmax(row[t])))
+  assert lens["layers"][-1]["rank"][-1] == 0  # the last position has no next token
+
+
+def test_cli_writes_maps_lens_and_stats(run, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  inspect_cli.main([f"--workdir={run[0]}", "--step=3", "--text=def value(self):", f"--out={out}"])
+  last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert last["step"] == 3 and last["family"] == "decoder" and last["tokens"] > 3
+  files = last["files"]
+  assert [os.path.basename(p) for p in files["attention"]] == [
+      "attention_layer_0.png", "attention_layer_1.png"]
+  assert all(os.path.getsize(p) > 200 for kind in files.values() for p in kind)
+  with open(os.path.join(out, "logit_lens.json")) as f:
+    lens = json.load(f)
+  assert len(lens["layers"]) == 3 and len(lens["layers"][0]["top"][0]) == 5
+  assert lens["tokens"][0] == "<s>" or lens["tokens"][0].startswith("<")  # bos, as training
+  with open(os.path.join(out, "stats.json")) as f:
+    stats = json.load(f)
+  assert [r["layer"] for r in stats["layers"]] == ["embed", "0", "1"]
+  entropy = np.asarray(stats["attention_entropy"]["attention"])
+  assert entropy.shape == (2, 4) and np.all(entropy >= 0)
+  with open(os.path.join(out, "logit_lens.md")) as f:
+    assert f.read().startswith("# Logit lens (target: the next token)")
+
+
+def _labelled(path, rows):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(path)
+
+
+def test_probe_finds_a_planted_feature_and_not_shuffled_labels(run, tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  rows = [{"text": " ".join(rng.choice(WORDS_B if i % 2 else WORDS_A, rng.integers(3, 9))),
+           "label": ["a", "b"][i % 2]} for i in range(96)]
+  data = _labelled(tmp_path / "planted.jsonl", rows)
+  inspect_cli.main(["probe", f"--workdir={run[0]}", f"--data={data}", f"--out={tmp_path}",
+                    "--batch_size=32"])
+  last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert list(last["heldout_accuracy"]) == ["embed", "0", "1"]
+  assert max(last["heldout_accuracy"].values()) >= 0.95
+  assert os.path.getsize(tmp_path / "probe.png") > 1000
+  _, trainer, params = run
+  x = probe.features(trainer, params, tokenization.load(trainer.config.data.tokenizer),
+                     [r["text"] for r in rows], batch_size=32)
+  assert x.shape == (3, 96, trainer.model.cfg.d_model)
+  labels = [r["label"] for r in rows]
+  shuffled = probe.fit(x, list(rng.permutation(labels)))
+  accuracy = [r["heldout_accuracy"] for r in shuffled["layers"]]
+  assert np.mean(accuracy) < 0.7, accuracy  # chance is 0.5
+  assert max(r["train_accuracy"] for r in shuffled["layers"]) > 0.8  # it can still fit train
+
+
+def test_probe_fit_on_synthetic_features():
+  rng = np.random.default_rng(1)
+  y = rng.integers(0, 3, 300)
+  x = rng.normal(size=(2, 300, 16))
+  x[1, :, 0] += 10.0 * y  # layer 1 holds the label along one direction; layer 0 does not
+  result = probe.fit(x, y.tolist(), seed=2)
+  acc = [r["heldout_accuracy"] for r in result["layers"]]
+  assert acc[1] >= 0.97 and acc[0] < 0.55 and result["classes"] == 3
+  assert result["heldout_examples"] == 75 and 0.3 < result["chance"] < 0.5
+
+
+def test_log_activations_metrics_equal_an_independent_computation(run, tiny_data):
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", _overrides(
+      tiny_data, **{"train.log_activations": True}))
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  state = trainer.init_state(0)
+  batch = synthetic_batch(config)
+  inputs = [jnp.asarray(batch[k]) for k in type(trainer.model).INPUTS]
+  _, captured = trainer.model.apply({"params": state.params}, *inputs,
+                                    capture_intermediates=True)  # flax's own, every module
+  x = np.asarray(captured["intermediates"]["layer_1"]["__call__"][0], np.float64)
+  _, m = trainer.train_step(state, trainer.put_batch(batch), jax.random.key(0))
+  m = jax.device_get(m)
+  assert {f"act_{k}/layer_{i}" for k in ("rms", "max") for i in range(2)} <= set(m)
+  np.testing.assert_allclose(m["act_rms/layer_1"], np.sqrt(np.mean(x ** 2)), rtol=1e-5)
+  np.testing.assert_allclose(m["act_max/layer_1"], np.max(np.abs(x)), rtol=1e-6)
+  # A log line covers its window: the largest act_max and the mean act_rms of its steps.
+  meter = throughput.Meter(trainer, state.params)
+  base = {"loss": jnp.float32(1.0), "nonfinite": jnp.bool_(False), "spike": jnp.bool_(False)}
+  steps = [{**base, "act_rms/layer_0": jnp.float32(r), "act_max/layer_0": jnp.float32(x)}
+           for r, x in ((1.0, 5.0), (3.0, 2.0))]
+  for step_metrics in steps:
+    meter.step(step_metrics)
+  out = meter.read(steps[-1], 0)
+  assert (out["act_rms/layer_0"], out["act_max/layer_0"]) == (2.0, 5.0)
+
+
+def test_bad_inputs_are_one_line_errors(run, tmp_path):
+  workdir = run[0]
+  no_label = _labelled(tmp_path / "bad.jsonl", [{"text": "a"}, {"text": "b", "label": 1}])
+  cases = {
+      "must be a training workdir": [f"--workdir={tmp_path / 'none'}", "--text=x", "--out=o"],
+      r"no checkpoint for step 99 .*steps: 3\)": [f"--workdir={workdir}", "--step=99",
+                                                   "--text=x", f"--out={tmp_path}"],
+      "the text is empty": [f"--workdir={workdir}", "--text=  ", f"--out={tmp_path}"],
+      "--out=DIR is required": [f"--workdir={workdir}", "--text=x"],
+      "line 1 lacks field.s. label": ["probe", f"--workdir={workdir}", f"--data={no_label}"],
+      "does not exist": ["probe", f"--workdir={workdir}", f"--data={tmp_path / 'no.jsonl'}"],
+      "unknown subcommand": ["probes", f"--workdir={workdir}"],
+  }
+  for message, argv in cases.items():
+    with pytest.raises(ConfigError, match=message) as e:
+      inspect_cli.main(argv)
+    assert "\n" not in str(e.value), message
+
+
+def test_probe_help_and_a_one_line_error_from_the_command_line():
+  """(`inspect --help`: tests/test_install.py's ENTRY_POINTS.)"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "transformer_jax.inspect", "probe", "--help"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0 and "--label_field='label'" in out.stdout, out.stderr
+  out = subprocess.run([sys.executable, "-m", "transformer_jax.inspect", "--workdir=/nonexistent",
+                        "--text=x", "--out=/tmp/x"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=env)
+  assert out.returncode == 2 and re.fullmatch(r"error: [^\n]*\n", out.stderr), out.stderr
