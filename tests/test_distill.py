@@ -2,6 +2,7 @@
 unsaved teacher from a workdir, every family, and the one-line errors."""
 
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -12,6 +13,7 @@ import pytest
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import objectives
+from transformer_jax.evaluation import harness
 from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 from transformer_jax.training import distill
@@ -74,24 +76,71 @@ def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_
              str(teacher_dir), quiet=True, devices=jax.devices()[:1])
   student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
       tiny_data, **{**kv, "model.num_layers": 1, "train.distill.teacher": str(teacher_dir),
-                    "train.distill.alpha": 0.3, "train.steps": 5}))
+                    "train.distill.alpha": 0.3, "train.steps": 5,
+                    "train.distill.hidden_weight": 1.0}))
   trainer = Trainer(student, sharding.make_mesh(student, jax.devices()[:1]))
   before = jax.device_get(trainer.teacher.params)
   loop.train(student, str(student_dir), quiet=True, devices=jax.devices()[:1])
   rows = [json.loads(l) for l in open(student_dir / "metrics.jsonl")]
-  assert all(r["distill_kl"] > 0 for r in rows if "loss" in r)
+  assert all(r["distill_kl"] > 0 and r["distill_hidden_mse"] > 0 for r in rows if "loss" in r)
   after = jax.device_get(Trainer(student, trainer.mesh).teacher.params)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
-  saved = jax.tree.leaves(trainer.abstract_state.params)
-  assert len(saved) == len(jax.tree.leaves(families.abstract_params(trainer.model)))
+  saved = jax.tree.leaves(trainer.abstract_state.params)  # + the hidden-state projection
+  assert len(saved) == len(jax.tree.leaves(families.abstract_params(trainer.model))) + 1
+  assert trainer.abstract_state.params[distill.PROJECTION]["kernel"].shape == (64, 64)
   assert "layer_1" in trainer.teacher.params and "layer_1" not in trainer.abstract_state.params
+  shutil.rmtree(teacher_dir)  # evaluating the student needs no teacher
+  _, step, params = harness.load_workdir(str(student_dir), devices=jax.devices()[:1])
+  assert step == 5 and distill.PROJECTION not in params
+
+
+def test_hidden_state_matching_equals_its_formula():
+  """The hidden term is the mean over the uniform map's pairs (1 student block: the teacher's
+  last) of the per-token mean squared error of the projected residual streams over non-padding
+  tokens; a twin teacher through the identity projection adds nothing; the projection learns."""
+  _, model, init, batch, task = _setup()
+  config2, _, _, _, _ = _setup("configs/gpt2.py:tiny", "model.num_layers=1")
+  student = families.build_model(config2)
+  s_params = nn.unbox(student.init(jax.random.key(3), *families.init_inputs(student, 8))["params"])
+  t_params = init(1)
+  w = np.asarray(jax.random.normal(jax.random.key(4), (64, 64))) * 0.2
+  batch = dict(batch, segment_ids=batch["segment_ids"].at[1, -5:].set(0))  # some padding
+  hs = _block_outputs(student, s_params, batch)
+  ht = _block_outputs(model, t_params, batch)
+  mask = np.asarray(batch["segment_ids"] != 0, np.float64)
+  per_token = np.mean((hs[0] @ w - ht[1]) ** 2, axis=-1)
+  want = np.sum(per_token * mask) / mask.sum()
+  teacher = distill.Teacher(model, t_params, 1.0, 2.0, hidden_weight=0.5)
+  params = {**s_params, distill.PROJECTION: {"kernel": jnp.asarray(w, jnp.float32)}}
+  loss, _, aux = loss_parts(student, params, batch, task=task, teacher=teacher)
+  assert float(aux["distill_hidden_mse"]) == pytest.approx(want, rel=1e-4)
+  plain, _, _ = loss_parts(student, s_params, batch, task=task)
+  assert float(loss) == pytest.approx(float(plain) + 0.5 * want * float(
+      jnp.sum(batch["weights"])), rel=1e-4)
+  grads = jax.grad(lambda p: loss_parts(student, p, batch, task=task, teacher=teacher)[0])(params)
+  assert float(jnp.abs(grads[distill.PROJECTION]["kernel"]).max()) > 0
+  twin = distill.Teacher(model, init(0), 1.0, 2.0, hidden_weight=1.0)
+  eye = {**init(0), distill.PROJECTION: {"kernel": jnp.eye(64)}}
+  _, _, aux = loss_parts(model, eye, batch, task=task, teacher=twin)
+  assert float(aux["distill_hidden_mse"]) == 0.0
+
+
+def _block_outputs(model, params, batch):
+  """Each block's output from flax's own capture_intermediates, float64 [B, T, D]."""
+  _, captured = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                            batch["positions"], capture_intermediates=True)
+  inter = captured["intermediates"]
+  return [np.asarray(inter[f"layer_{i}"]["__call__"][0], np.float64)
+          for i in range(model.cfg.num_layers)]
 
 
 @pytest.mark.parametrize("extra, message", [
     (["model.vocab_size=512"], "a teacher needs the student's family and vocabulary"),
     (["train.distill.alpha=1.5"], "train.distill.alpha must be in [0, 1]"),
     (["train.loss_chunk=16"], "train.distill needs the whole logits"),
+    (["train.distill.hidden_layers=((0, 5),)"], "teacher layer 5 does not exist"),
+    (["train.distill.hidden_layers=((0,),)"], "must be pairs .student layer, teacher layer. of layer"),
     (["data.tokenizer=/nonexistent.model"], "was trained with tokenizer"),
 ])
 def test_bad_teachers_fail_in_one_line(tiny_data, tmp_path, extra, message):

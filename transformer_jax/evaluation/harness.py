@@ -55,6 +55,7 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
   restored into the training sharding, or with `init` the config's initial parameters (step 0,
   the untrained baseline)."""
   config = read_config(workdir)
+  config.train.distill.teacher = ""  # a distilled student's teacher only matters in training
   if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
     config.model.attention_impl = "auto"  # The kernel trained with, where this machine has it.
   devices = devices if devices is not None else jax.devices()

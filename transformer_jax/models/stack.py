@@ -17,6 +17,7 @@ from transformer_jax.models import layers
 from transformer_jax.models import moe
 
 ACTIVATIONS = layers.ACTIVATIONS  # what train.log_activations makes mutable (activation_metrics)
+INTERMEDIATES = layers.INTERMEDIATES  # each block's output (distillation's hidden states)
 STACKED = "layers"  # the scanned stack's module name and its leading axis' logical name
 
 # What a rematerialized block keeps from its forward pass for the backward pass; the rest is

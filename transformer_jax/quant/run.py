@@ -27,6 +27,8 @@ def load_source(workdir: str, overrides=()):
   if store.is_quantized(workdir):
     raise ConfigError(f"{workdir} is already quantized; quantize its source workdir instead")
   config = cli.load_config(None, list(overrides), workdir)
+  with config.unlocked():
+    config.train.distill.teacher = ""  # a distilled student's teacher only matters in training
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training split the CPU
   devices = _devices(config.mesh)
   config_lib.validate(config, len(devices))

@@ -12,6 +12,19 @@ not part of the checkpointed train state. The objective per target token is
 (T = train.distill.temperature; T^2 keeps the soft term's gradients on the hard term's scale as
 T changes). Student and teacher share the tokenizer: a workdir teacher's tokenizer file must have
 the student's bytes, and the vocabulary sizes must agree.
+
+Hidden-state matching (TinyBERT's, Jiao et al. 2020), with train.distill.hidden_weight = h > 0,
+adds per token
+
+  h * mean over matched layer pairs (i, j) of mean_d ((H_student_i W - H_teacher_j)_d ^ 2)
+
+over the non-padding tokens of each stack (a decoder's or encoder's blocks; an encoder-decoder's
+encoder and decoder apiece), H_i being block i's output (the residual stream). W [d_student,
+d_teacher] is learned with the student (identity-initialised when the widths agree), kept in the
+student's parameters under PROJECTION, which the model itself ignores (evaluation, sampling and
+export restore the model's own parameters only). The layer pairs are train.distill.hidden_layers,
+((student layer, teacher layer), ...), or by default the uniform map: student block i of L_s
+matches teacher block (i + 1) * L_t // L_s - 1, so the last matches the last.
 """
 
 import dataclasses
@@ -30,12 +43,19 @@ from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 
 
+PROJECTION = "distill_projection"  # the student's learned hidden-state projection (params key)
+_SEGMENTS = {"": "segment_ids", "encoder": "encoder_segment_ids",
+             "decoder": "decoder_segment_ids"}  # each stack's non-padding tokens
+
+
 @dataclasses.dataclass
 class Teacher:
   model: nn.Module
   params: Any  # on the student's mesh; frozen
   alpha: float
   temperature: float
+  hidden_weight: float = 0.0
+  hidden_layers: tuple = ()  # ((student layer, teacher layer), ...); () = the uniform map
 
 
 def check(config):
@@ -49,6 +69,13 @@ def check(config):
     raise ConfigError(f"train.distill.temperature must be > 0, got {d.temperature}")
   if config.train.loss_chunk:
     raise ConfigError("train.distill needs the whole logits: set train.loss_chunk=0")
+  weight, pairs = d.get("hidden_weight", 0.0), d.get("hidden_layers", ())
+  if not weight >= 0:
+    raise ConfigError(f"train.distill.hidden_weight must be >= 0, got {weight}")
+  if any(not (isinstance(p, (list, tuple)) and len(p) == 2 and all(
+      isinstance(i, int) and i >= 0 for i in p)) for p in pairs):
+    raise ConfigError(f"train.distill.hidden_layers={pairs!r} must be pairs (student layer, "
+                      f"teacher layer) of layer indices, e.g. ((0, 1), (1, 3))")
 
 
 def load(config, mesh, rule_table) -> Teacher | None:
@@ -76,6 +103,7 @@ def load(config, mesh, rule_table) -> Teacher | None:
         f"{config.model.vocab_size}: a teacher needs the student's family and vocabulary")
   model = type(model)(dataclasses.replace(model.cfg, dtype=config.model.dtype,
                                           dropout_rate=0.0))
+  _layer_pairs(config, model)  # before the teacher's checkpoint is read
   boxed = jax.eval_shape(lambda: model.init(
       jax.random.key(0), *families.init_inputs(model, min(config.data.seq_len, 8)))["params"])
   shardings = sharding.shardings(boxed, mesh, rule_table)
@@ -89,7 +117,59 @@ def load(config, mesh, rule_table) -> Teacher | None:
                                           read_only=True).restore_params(abstract)
     if params is None:
       raise ConfigError(f"train.distill.teacher={path!r} has no checkpoint")
-  return Teacher(model, params, float(d.alpha), float(d.temperature))
+  return Teacher(model, params, float(d.alpha), float(d.temperature),
+                 float(d.get("hidden_weight", 0.0)), _layer_pairs(config, model))
+
+
+def _layer_pairs(config, teacher_model) -> tuple:
+  """train.distill.hidden_layers as pairs, each layer checked against its model."""
+  pairs = tuple(tuple(p) for p in config.train.distill.get("hidden_layers", ()))
+  for layers, i, who in ((config.model.num_layers, 0, "student"),
+                         (teacher_model.cfg.num_layers, 1, "teacher")):
+    bad = [p for p in pairs if p[i] >= layers]
+    if bad:
+      raise ConfigError(f"train.distill.hidden_layers: {who} layer {bad[0][i]} does not exist "
+                        f"(the {who} has {layers} layers)")
+  return pairs
+
+
+def with_projection(params, teacher: Teacher | None, student_width: int):
+  """The student's parameters plus the hidden-state projection (boxed, sharded along the
+  student's width) when the teacher matches hidden states."""
+  if teacher is None or not teacher.hidden_weight:
+    return params
+  t = teacher.model.cfg.d_model
+  if t == student_width:
+    init = lambda key, shape, dtype: jnp.eye(shape[0], shape[1], dtype=dtype)  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    init = nn.initializers.lecun_normal()
+  kernel = nn.LogicallyPartitioned(init(jax.random.key(0), (student_width, t), jnp.float32),
+                                   names=("embed", None))
+  return {**params, PROJECTION: {"kernel": kernel}}
+
+
+def uniform_pairs(student_layers: int, teacher_layers: int) -> list:
+  """Student block i -> teacher block (i + 1) * L_t // L_s - 1 (the last to the last)."""
+  return [(i, (i + 1) * teacher_layers // student_layers - 1) for i in range(student_layers)]
+
+
+def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch):
+  """The mean over the matched layer pairs of every stack of the per-token mean squared error
+  between the projected student residual stream and the teacher's, over non-padding tokens."""
+  from transformer_jax.models import stack  # pylint: disable=g-import-not-at-top
+  mine, theirs = stack.sown_layers(student_sown), stack.sown_layers(teacher_sown)
+  terms = []
+  for (where, name), hs in mine.items():
+    ht = theirs.get((where, name))
+    if name != "residual" or ht is None:
+      continue
+    mask_BT = (batch[_SEGMENTS[where]] != 0).astype(jnp.float32)
+    for i, j in teacher.hidden_layers or uniform_pairs(len(hs), len(ht)):
+      diff_BTD = (jnp.einsum("BTd,de->BTe", hs[i].astype(jnp.float32), projection)
+                  - jax.lax.stop_gradient(ht[j]).astype(jnp.float32))
+      per_token_BT = jnp.mean(jnp.square(diff_BTD), axis=-1)
+      terms.append(jnp.sum(per_token_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0))
+  return sum(terms) / max(len(terms), 1)
 
 
 def _same_tokenizer(student: str, teacher: str, path: str):
@@ -109,11 +189,25 @@ def kl_sum(student_logits, teacher_logits, w, temperature: float):
   return jnp.sum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * w)
 
 
-def loss_terms(teacher: Teacher, inputs: list, extra: dict, student_logits, base_loss, w):
-  """(The distillation objective's sum, the soft term's KL sum) for one batch: `base_loss` is
-  the usual loss summed over the target tokens, `w` their weights."""
-  logits = jax.lax.stop_gradient(teacher.model.apply({"params": teacher.params}, *inputs,
-                                                     **extra))
+def loss_terms(teacher: Teacher, inputs: list, extra: dict, student_logits, base_loss, w,
+               hidden=None):
+  """(The distillation objective's sum, {distill_kl: the soft term's KL sum[, distill_hidden_mse:
+  hidden_mse]}) for one batch: `base_loss` is the usual loss summed over the target tokens, `w`
+  their weights; `hidden` = (the student's sown intermediates, its projection, the batch) when
+  hidden states are matched (their term counts once per target token, like the mean loss)."""
+  if hidden is None:
+    logits = teacher.model.apply({"params": teacher.params}, *inputs, **extra)
+  else:
+    from transformer_jax.models import layers  # pylint: disable=g-import-not-at-top
+    logits, sown = teacher.model.apply({"params": teacher.params}, *inputs, **extra,
+                                       mutable=[layers.INTERMEDIATES])
+  logits = jax.lax.stop_gradient(logits)
   kl = kl_sum(student_logits, logits, w, teacher.temperature)
   soft = (1.0 - teacher.alpha) * teacher.temperature ** 2 * kl
-  return teacher.alpha * base_loss + soft, kl
+  total, aux = teacher.alpha * base_loss + soft, {"distill_kl": kl}
+  if hidden is not None:
+    student_sown, projection, batch = hidden
+    mse = hidden_mse(teacher, student_sown, sown[layers.INTERMEDIATES], projection, batch)
+    total = total + teacher.hidden_weight * mse * jnp.sum(w)
+    aux["distill_hidden_mse"] = mse
+  return total, aux

@@ -53,18 +53,21 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   uniform over the vocabulary. `chunk` > 0 forms the [tokens, vocab] logits `chunk` tokens at a
   time (chunked_loss_sum). Training-only terms: an MoE model's weighted router losses
   (moe_sums), added like the sentence loss, and with a `teacher` (training/distill.py) the
-  distillation objective in place of the usual loss (its KL sum as distill_kl);
+  distillation objective in place of the usual loss (its KL sum as distill_kl; matched hidden
+  states' mean squared error as distill_hidden_mse);
   aux["extra_loss"] is what they add (metrics report the loss without it). `activations`
   (train.log_activations) adds each layer's output RMS and max |x| (stack.activation_metrics).
   """
   extra = {keyword: batch[key] for key, keyword in task.inputs}
   sentence, moe = task.sentence, model.cfg.num_experts > 0
+  hidden = teacher is not None and teacher.hidden_weight > 0  # distill hidden states
   inputs = [batch[k] for k in type(model).INPUTS]
+  mutable = ["moe"] * moe + [stack.ACTIVATIONS] * activations + [stack.INTERMEDIATES] * hidden
   out = model.apply({"params": params}, *inputs, **extra,
                     deterministic=dropout_rng is None, hidden=chunk > 0 or sentence,
                     rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
-                    mutable=["moe"] * moe + [stack.ACTIVATIONS] * activations or False)
-  out, sown = out if moe or activations else (out, {})
+                    mutable=mutable or False)
+  out, sown = out if mutable else (out, {})
   moe = bool(sown.get("moe"))  # False when no layer is MoE (e.g. moe_every > num_layers)
   targets_key, weights_key = type(model).TARGETS
   w_BT = batch[weights_key].astype(jnp.float32)
@@ -80,7 +83,10 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
     loss = loss + aux["sentence_nll"] / jnp.maximum(aux["sentence_pairs"], 1.0) * jnp.sum(w_BT)
   base = loss
   if teacher is not None:
-    loss, aux["distill_kl"] = distill.loss_terms(teacher, inputs, extra, logits, loss, w_BT)
+    student = (sown[stack.INTERMEDIATES], params[distill.PROJECTION]["kernel"],
+               batch) if hidden else None
+    loss, terms = distill.loss_terms(teacher, inputs, extra, logits, loss, w_BT, hidden=student)
+    aux.update(terms)
   if moe:
     c = model.cfg
     aux.update(moe_sums(sown["moe"]))
@@ -210,6 +216,7 @@ class Trainer:
   def _init_boxed(self, rng):
     seq = min(self.config.data.seq_len, 8)
     params = self.model.init(rng, *families.init_inputs(self.model, seq))["params"]
+    params = distill.with_projection(params, self.teacher, self.model.cfg.d_model)
     opt_state = self.tx.init(params)
     return TrainState.create(params, opt_state)
 
