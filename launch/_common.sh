@@ -84,3 +84,30 @@ tjax_setup() {
     python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=8192 --out="$tokenizer"
   fi
 }
+
+# tjax_check_bucket HEADER PREFIX: for a gs:// TJAX_WORKDIR, that the bucket is writable from
+# here (and holds config.json when no TJAX_CONFIG is given), checked with the project's Python
+# (gcsfs, which honours STORAGE_EMULATOR_HOST) or else gcloud storage; one error line, exit 2,
+# when it is not. With TJAX_DRY_RUN=1 it prints HEADER and the check (each line after PREFIX).
+tjax_check_bucket() {
+  local py=python3 need=() probe out
+  [[ "$TJAX_WORKDIR" == gs://* ]] || return 0
+  [[ -x .venv/bin/python ]] && py=.venv/bin/python
+  [[ -n "$TJAX_CONFIG" ]] || need=(--need=config.json)
+  if (( TJAX_DRY_RUN )); then
+    echo "$1"
+    echo "$2$(tjax_q "$py" -m transformer_jax.config.paths "$TJAX_WORKDIR" ${need[@]+"${need[@]}"})"
+  elif out="$("$py" -m transformer_jax.config.paths "$TJAX_WORKDIR" ${need[@]+"${need[@]}"} 2>&1)"
+  then :
+  elif [[ $? == 2 ]]; then grep -m1 '^error: ' <<<"$out" >&2 || echo "$out" >&2; exit 2
+  elif command -v gcloud >/dev/null; then  # no Python with the project's packages here
+    probe="${TJAX_WORKDIR%/}/.launch-probe-$$"
+    { printf ok | gcloud storage cp - "$probe" && gcloud storage rm "$probe"; } >/dev/null 2>&1 ||
+      tjax_die "workdir $TJAX_WORKDIR is not writable (gcloud storage cp to $probe failed)"
+    [[ ${#need[@]} -eq 0 ]] || gcloud storage ls "${TJAX_WORKDIR%/}/config.json" >/dev/null 2>&1 ||
+      tjax_die "no CONFIG given and ${TJAX_WORKDIR%/}/config.json not found"
+  else
+    echo "note: could not check that $TJAX_WORKDIR is writable (no .venv with gcsfs, no gcloud);" \
+         "the training checks it before compiling" >&2
+  fi
+}

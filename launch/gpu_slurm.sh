@@ -23,8 +23,13 @@
 #                    the same job resumes from the workdir's latest checkpoint.
 #        --dry-run   print the batch script and the sbatch command; write and run nothing
 #
-# The workdir must be on shared storage (checkpoints are written by all processes together).
-# Without CONFIG the workdir's config.json (a sweep plan's, or an earlier run's) is used.
+# The workdir must be on shared storage (checkpoints are written by all processes together), or
+# a gs://BUCKET/PATH URL: Orbax writes the checkpoints straight to the bucket and the rest of the
+# workdir goes there too, so no shared file system is needed for it. Before submitting, this
+# script checks that the bucket is writable from here (with the project's Python and gcsfs, else
+# `gcloud storage`): one error line if not. (STORAGE_EMULATOR_HOST=http://HOST:PORT points both at
+# a Cloud Storage emulator.) Without CONFIG the workdir's config.json (a sweep plan's, or an
+# earlier run's) is used.
 # Environment set unless you set it first: XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (JAX preallocates
 # 75% of GPU memory by default), XLA_FLAGS += --xla_gpu_enable_latency_hiding_scheduler=true
 # (overlaps collectives with compute; JAX's GPU performance tips), NCCL_DEBUG=WARN. Interconnect
@@ -68,9 +73,7 @@ shift
 [[ -n "$nodes" ]] || tjax_die "--nodes N is required"
 [[ -n "$gpus" ]] || tjax_die "--gpus-per-node G is required"
 tjax_train_args "$@"
-[[ "$TJAX_WORKDIR" != gs://* ]] ||
-  tjax_die "--workdir $TJAX_WORKDIR: gs:// paths are not supported; use shared storage"
-if [[ -z "$TJAX_CONFIG" && ! -f "$TJAX_WORKDIR/config.json" ]]; then
+if [[ -z "$TJAX_CONFIG" && "$TJAX_WORKDIR" != gs://* && ! -f "$TJAX_WORKDIR/config.json" ]]; then
   tjax_die "no CONFIG given and $TJAX_WORKDIR/config.json not found (give CONFIG[:ARG] after --)"
 fi
 [[ -n "$job_name" ]] || job_name="tjax-$(basename "$TJAX_WORKDIR")"
@@ -145,6 +148,11 @@ EOF
   echo 'exit "$rc"'
 }
 
+check_bucket() {
+  tjax_check_bucket "# checked before submitting: the bucket is writable" "# "
+}
+
+check_bucket
 if (( TJAX_DRY_RUN )); then
   echo "# $script"
   batch_script

@@ -31,13 +31,18 @@
 #        --setup    a shell command every worker runs before training (e.g. mount shared storage)
 #        --logs     local folder for the workers' logs; default runs/tpu/NAME
 #
-# The workdir. The training code writes it with ordinary file I/O (os.makedirs, open), so it must
-# be a local or mounted path: a gs://bucket/... path is NOT supported. A relative workdir lives on
-# each worker's own disk under ~/transformer_jax: fine for a single-host slice (v5p-8) that is
-# reused, but lost when a preempted VM is re-created, and not shared between the workers of a pod,
-# which Orbax's multi-host checkpoints need. For pods or --retries, give an absolute path on storage
-# that every worker mounts at the same place (a Filestore NFS share, or a GCS bucket through
-# gcsfuse), mounted by --setup, e.g. --setup 'mountpoint -q /mnt/runs || sudo mount ...'.
+# The workdir. Best on a pod or with --retries: a gs://BUCKET/PATH workdir. Orbax writes the
+# checkpoints straight to the bucket and config.json, metrics.jsonl, TensorBoard events and the
+# workdir lock go there too, so no shared file system is needed: every worker reaches the bucket,
+# and a re-created VM resumes from it. The TPU VM's service account needs write access to the
+# bucket (roles/storage.objectAdmin). Before anything runs, this script checks that the bucket is
+# writable from here (with the project's Python and gcsfs, else `gcloud storage`): one error line
+# if not. (STORAGE_EMULATOR_HOST=http://HOST:PORT points both at a Cloud Storage emulator.)
+# A relative local workdir lives on each worker's own disk under ~/transformer_jax: fine for a
+# single-host slice (v5p-8) that is reused, but lost when a preempted VM is re-created, and not
+# shared between the workers of a pod, which Orbax's multi-host checkpoints need. An absolute path
+# must be storage that every worker mounts at the same place (a Filestore NFS share), mounted by
+# --setup, e.g. --setup 'mountpoint -q /mnt/runs || sudo mount ...'.
 # Without CONFIG, the workdir's config.json (a sweep plan's, or an earlier run's) is used; for a
 # relative workdir the local WORKDIR/config.json is sent along with the project.
 #
@@ -65,7 +70,7 @@ on_worker() {
   [[ $# -gt 0 ]] && shift
   if [[ -n "$setup" ]]; then bash -c "$setup"; fi
   tjax_train_args "$@"
-  if [[ -z "$TJAX_CONFIG" && ! -f "$TJAX_WORKDIR/config.json" ]]; then
+  if [[ -z "$TJAX_CONFIG" && "$TJAX_WORKDIR" != gs://* && ! -f "$TJAX_WORKDIR/config.json" ]]; then
     tjax_die "no CONFIG given and $TJAX_WORKDIR/config.json not found on $(hostname)"
   fi
   if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then  # some images lack python3-venv
@@ -141,16 +146,15 @@ fi
 (( spot + preemptible < 2 )) || tjax_die "--spot and --preemptible exclude each other"
 (( ! (queued && preemptible) )) || tjax_die "--preemptible does not apply to --queued; use --spot"
 tjax_train_args "$@"
-[[ "$TJAX_WORKDIR" != gs://* ]] ||
-  tjax_die "--workdir $TJAX_WORKDIR: gs:// paths are not supported (the workdir is written with" \
-           "local file I/O); mount the bucket on every worker (--setup) and give its path"
+shared=0  # the workdir is the same for every worker and survives a re-created VM
+[[ "$TJAX_WORKDIR" == /* || "$TJAX_WORKDIR" == gs://* ]] && shared=1
 extra_files=()
-if [[ -z "$TJAX_CONFIG" && "$TJAX_WORKDIR" != /* ]]; then
+if [[ -z "$TJAX_CONFIG" ]] && (( ! shared )); then
   [[ -f "$TJAX_WORKDIR/config.json" ]] ||
     tjax_die "no CONFIG given and $TJAX_WORKDIR/config.json not found (give CONFIG[:ARG] after --)"
   extra_files=("$TJAX_WORKDIR/config.json")
 fi
-if [[ "$TJAX_WORKDIR" != /* ]]; then
+if (( ! shared )); then
   echo "note: workdir $TJAX_WORKDIR is on each worker's own disk (~/$REMOTE_DIR/$TJAX_WORKDIR):" \
        "lost when the VM is re-created and not shared by a pod's workers; see --help" >&2
 fi
@@ -266,11 +270,16 @@ fetch_logs() {
     --worker=all || echo "(could not fetch the workers' logs)" >&2
 }
 
+# Step 0, for a gs:// workdir: the bucket is writable from here (_common.sh).
+check_bucket() {
+  tjax_check_bucket "# 0. the bucket is writable (checked before anything runs)" ""
+}
+
 if (( TJAX_DRY_RUN )); then
-  ensure_tpu; copy_project; run_train; fetch_logs
+  check_bucket; ensure_tpu; copy_project; run_train; fetch_logs
   if (( retries )); then
     echo "# exit other than 0, 2, 3 (preempted, connection lost): steps 1-4 again, up to $retries" \
-         "times; training resumes from $TJAX_WORKDIR$([[ "$TJAX_WORKDIR" == /* ]] ||
+         "times; training resumes from $TJAX_WORKDIR$( (( shared )) ||
          echo " if the VM survived (a re-created VM has a new disk)")"
   fi
   if (( delete )); then echo "# 5. at the end"; delete_tpu; fi
@@ -278,6 +287,7 @@ if (( TJAX_DRY_RUN )); then
 fi
 
 command -v gcloud >/dev/null || tjax_die "gcloud not found (install the Google Cloud CLI)"
+check_bucket
 attempt=0
 while true; do
   rc=0

@@ -80,8 +80,9 @@ def load_config(spec, overrides, workdir=None):
   if spec:
     return config_lib.load(spec, overrides)
   if workdir:
-    saved = os.path.join(workdir, "config.json")
-    if os.path.isfile(saved):
+    from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
+    saved = paths.join(workdir, "config.json")  # a gs:// workdir's too
+    if paths.isfile(saved):
       config = config_lib.from_json_file(saved)
       for item in overrides:
         key, _, value = item.partition("=")

@@ -301,18 +301,18 @@ def to_json(config) -> str:
 
 
 def write_json(config, path: str):
-  """Writes the config as JSON atomically (a temporary file renamed over `path`): a crash
-  mid-write leaves the previous file, never half of one."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(to_json(config))
-  os.replace(tmp, path)
+  """Writes the config as JSON atomically (locally a temporary file renamed over `path`; a gs://
+  object is written whole or not at all): a crash mid-write leaves the previous file, never half
+  of one."""
+  from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
+  paths.write_text(path, to_json(config))
 
 
 def read_json(path: str) -> dict:
-  """A saved config.json as a dict; invalid JSON is a one-line ConfigError."""
-  with open(path) as f:
-    text = f.read()
+  """A saved config.json (a local path or gs:// URL) as a dict; invalid JSON is a one-line
+  ConfigError."""
+  from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
+  text = paths.read_text(path)
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:

@@ -1,11 +1,14 @@
-"""Orbax checkpoints of {train state, data iterator state} under WORKDIR/checkpoints/STEP."""
+"""Orbax checkpoints of {train state, data iterator state} under WORKDIR/checkpoints/STEP.
+
+The workdir may be a gs:// URL (config/paths.py): Orbax writes through TensorStore straight to the
+bucket, and marks each finished step with a commit file instead of a rename (an unfinished step is
+never listed, never loaded)."""
 
 import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 import time
 from typing import Any
 
@@ -15,6 +18,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 
 
 class WriteError(RuntimeError):
@@ -25,15 +29,24 @@ _WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only 
                    "Permission denied", "Operation not permitted", "No such file or directory")
 
 
-def write_failure(e: BaseException):
+# What TensorStore and the Cloud Storage clients say when a bucket cannot be written or reached.
+_REMOTE_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                    "Forbidden", "Cannot connect to host", "HttpError")
+
+
+def write_failure(e: BaseException, directory: str | None = None):
   """Why writing failed, if `e` (or its cause) is a file-system error: an OSError's message, or
-  the errno text inside TensorStore's errors (which Orbax raises as ValueError)."""
+  the errno text inside TensorStore's errors (which Orbax raises as ValueError); for a gs://
+  `directory` also a storage server's refusal or absence (one line)."""
+  remote = directory is not None and paths.is_remote(directory)
   while e is not None:
     if isinstance(e, OSError):
-      return e.strerror or str(e)
+      return paths.why(e, directory)
     for text in _WRITE_FAILURES:
       if text in str(e):
         return text
+    if remote and any(t in f"{type(e).__name__}: {e}" for t in _REMOTE_FAILURES):
+      return paths.why(e, directory)
     e = e.__cause__ or e.__context__
   return None
 
@@ -91,10 +104,10 @@ def data_save_args(iterator, writes=None) -> DataSave:
 
 def set_aside(workdir: str) -> str:
   """Moves WORKDIR/checkpoints to WORKDIR/checkpoints_previous-TIME (kept, never deleted)."""
-  src = os.path.join(os.path.abspath(workdir), "checkpoints")
+  src = paths.join(paths.abspath(workdir), "checkpoints")
   dest = f"{src}_previous-{time.strftime('%Y%m%d-%H%M%S')}"
   if jax.process_index() == 0:
-    shutil.move(src, dest)
+    paths.move(src, dest)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("set aside checkpoints")
   return dest
@@ -104,7 +117,7 @@ class Checkpoints:
   """Async saves, keep-last-N plus a periodic keep, and restore of the latest step."""
 
   def __init__(self, workdir: str, ckpt_cfg, *, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = paths.join(paths.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep,
         keep_period=ckpt_cfg.keep_period or None,
@@ -117,12 +130,14 @@ class Checkpoints:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": DataHandler()})
     self._pending = None  # the step of the save in flight
+    self._listed = []  # the complete steps, as last listed (named when the storage is gone)
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def all_steps(self):
-    return sorted(self.manager.all_steps())
+    self._listed = sorted(self.manager.all_steps())
+    return self._listed
 
   def save(self, step: int, state, data_iterator=None, *, force: bool = False,
            data_writes=None) -> bool:
@@ -141,10 +156,9 @@ class Checkpoints:
     """Creates and removes a file in the checkpoints folder: a folder that cannot be written
     fails here, at once, with its cause, instead of in Orbax's background threads (which wait
     for each other for minutes, then report a timeout)."""
-    path = os.path.join(self.directory, f".probe-{jax.process_index()}-{os.getpid()}")
-    with open(path, "w"):
-      pass
-    os.remove(path)
+    probe = paths.path(paths.join(self.directory, f".probe-{jax.process_index()}-{os.getpid()}"))
+    probe.write_text("")
+    probe.unlink()
 
   @contextlib.contextmanager
   def _writing(self):
@@ -152,19 +166,29 @@ class Checkpoints:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      reason = write_failure(e)
+      reason = write_failure(e, self.directory)
       if reason is None:
         raise
-      self.manager.reload()
-      # Finalized checkpoints only (a save that failed before its commit is not listed; one
-      # whose data was committed before a later write failed is, and restores).
-      good = self.all_steps()
+      good, where = self._complete(), "on disk"
+      fix = "Free space or fix the workdir"
+      if paths.is_remote(self.directory):
+        where, fix = "in the bucket", "Fix the bucket or the connection to it"
       raise WriteError(
           f"saving checkpoint {self._pending} to {self.directory} failed: {reason}; "
-          + (f"complete checkpoints on disk: {', '.join(map(str, good))} (an unfinished save is "
-             f"never loaded). Free space or fix the workdir, then re-run the same command to "
-             f"resume from step {good[-1]}" if good else "no complete checkpoint exists. Free "
-             "space or fix the workdir, then re-run the same command")) from None
+          + (f"complete checkpoints {where}: {', '.join(map(str, good))} (an unfinished save is "
+             f"never loaded). {fix}, then re-run the same command to resume from step "
+             f"{good[-1]}" if good else f"no complete checkpoint exists. {fix}, then re-run the "
+             "same command")) from None
+
+  def _complete(self):
+    """Finalized checkpoints only (a save that failed before its commit is not listed; one whose
+    data was committed before a later write failed is, and restores). When the storage cannot be
+    listed (a bucket out of reach): the latest step known complete (listed, or saved since)."""
+    try:
+      self.manager.reload()
+      return self.all_steps()
+    except Exception:  # pylint: disable=broad-except
+      return self._listed[-1:]
 
   def restore(self, abstract_state, data_iterator=None, step=None, report=print):
     """Restores `step` (default: the latest) onto the shardings in `abstract_state`; the
@@ -182,6 +206,7 @@ class Checkpoints:
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        self._reachable(s)
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         report(f"checkpoint {s} is unreadable ({type(e).__name__}: {reason}); moved it to "
                f"{self._set_aside(s)} and trying the previous one")
@@ -192,16 +217,27 @@ class Checkpoints:
                         f"are in {self.unreadable_dir}); use a new --workdir to start over")
     return None, None
 
+  def _reachable(self, step):
+    """Raises a one-line WriteError when a gs:// checkpoints folder cannot be listed now: a
+    checkpoint that failed to load then is not set aside for the storage's fault."""
+    if not paths.is_remote(self.directory):
+      return
+    try:
+      paths.listdir(self.directory)
+    except Exception as e:  # pylint: disable=broad-except
+      raise WriteError(f"reading checkpoint {step} from {self.directory} failed: "
+                       f"{paths.why(e, self.directory)}; fix the bucket or the connection to it, "
+                       "then re-run the same command") from None
+
   @property
   def unreadable_dir(self):
-    return os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+    return paths.join(paths.dirname(self.directory), "checkpoints_unreadable")
 
   def _set_aside(self, step):
     """Process 0 moves the checkpoint; every process waits for it, then rescans."""
-    dest = os.path.join(self.unreadable_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dest = paths.join(self.unreadable_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-      os.makedirs(self.unreadable_dir, exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), dest)
+      paths.move(paths.join(self.directory, str(step)), dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     self.manager.reload()
@@ -214,7 +250,7 @@ class Checkpoints:
       return None, None
     item = {"params": abstract_params}
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(self.directory, str(step), "state"),
+        paths.join(self.directory, str(step), "state"),
         args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True))
@@ -223,6 +259,8 @@ class Checkpoints:
   def wait(self):
     with self._writing():
       self.manager.wait_until_finished()
+    if self._pending is not None and self._pending not in self._listed:
+      self._listed = sorted(self._listed + [self._pending])
 
   def close(self):
     try:

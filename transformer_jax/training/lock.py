@@ -1,10 +1,19 @@
 """A live run owns its workdir: two runs writing one workdir would interleave their checkpoints,
 metrics and config.json.
 
-The lock is an exclusive `flock` on WORKDIR/lock, taken by process 0 for the whole job and held
-for the run's life. The kernel drops it when the process dies however it dies (SIGKILL, OOM, a
-lost host), so a dead run's leftover file never holds the workdir; the file only names the owner
-for the refusal's message. Every process of a job learns whether process 0 got it."""
+Process 0 takes the lock for the whole job and holds it for the run's life; every process of a
+job learns whether it got it.
+
+A local workdir: an exclusive `flock` on WORKDIR/lock. The kernel drops it when the process dies
+however it dies (SIGKILL, OOM, a lost host), so a dead run's leftover file never holds the workdir;
+the file only names the owner for the refusal's message.
+
+A gs:// workdir (no flock on an object store): the object WORKDIR/lock names its owner (host, pid,
+command, a random token) and a heartbeat time that a thread of the live run rewrites every
+HEARTBEAT_S seconds. A run that ends deletes its own. A killed run's leftover holds nothing once
+its heartbeat is STALE_S old, or at once on the host that ran it when its pid is gone (re-running
+a killed command there is not refused). Taking it is write-then-read-back: of two runs that start
+within the same second, each may see its own token, a race this simple scheme accepts."""
 
 import contextlib
 import fcntl
@@ -12,13 +21,20 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
+import uuid
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
+
+HEARTBEAT_S = 30.0  # how often a live run on gs:// rewrites its lock's heartbeat
+STALE_S = 120.0  # a gs:// lock not refreshed for this long belongs to a dead run
+_ENDED = set()  # tokens of this process's gs:// locks whose runs ended (a delete may have failed)
 
 
 def _owner() -> dict:
@@ -28,10 +44,11 @@ def _owner() -> dict:
 
 def _describe(path: str) -> str:
   try:
-    with open(path) as f:
-      o = json.load(f)
-    return f"pid {o['pid']} on {o['host']} since {o['since']} ({o['command']})"
-  except (OSError, ValueError, KeyError):
+    o = json.loads(paths.read_text(path))
+    beat = (f", heartbeat {time.time() - float(o['heartbeat']):.0f} s ago (a lock without one "
+            f"for {STALE_S:.0f} s is free)" if "heartbeat" in o else "")
+    return f"pid {o['pid']} on {o['host']} since {o['since']} ({o['command']}){beat}"
+  except Exception:  # pylint: disable=broad-except  # gone, torn, or out of reach
     return "another run"
 
 
@@ -50,20 +67,112 @@ def _take(path: str):
   return f
 
 
+class _ObjectLock:
+  """The gs:// lock: an owner object with a heartbeat (see the module's docstring)."""
+
+  def __init__(self, path: str):
+    self.path, self.token = path, uuid.uuid4().hex
+    self.since = time.strftime("%Y-%m-%d %H:%M:%S")
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _read(self):
+    try:
+      return json.loads(paths.read_text(self.path))
+    except FileNotFoundError:
+      return None
+    except ValueError:  # a torn or foreign object: nobody's
+      return None
+
+  def _write(self):
+    paths.write_text(self.path, json.dumps(dict(_owner(), since=self.since, token=self.token,
+                                                heartbeat=time.time())))
+
+  def take(self) -> bool:
+    """True when this run now holds the lock; False when a live run does."""
+    held = self._read()
+    if held and _alive(held):
+      return False
+    self._write()
+    mine = self._read()
+    if not mine or mine.get("token") != self.token:  # another run wrote it after us
+      return False
+    self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
+    self._thread.start()
+    return True
+
+  def _beat(self):
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        self._write()
+      except Exception:  # pylint: disable=broad-except  # out of reach now: try again later
+        pass
+
+  def release(self):
+    _ENDED.add(self.token)
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+    try:
+      held = self._read()
+      if held and held.get("token") == self.token:
+        paths.remove(self.path)
+    except Exception:  # pylint: disable=broad-except  # left behind: it goes stale by itself
+      pass
+
+
+def _alive(owner: dict) -> bool:
+  """Whether the run that wrote a gs:// lock may still be running."""
+  if owner.get("token") in _ENDED:
+    return False
+  pid = owner.get("pid")
+  if owner.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return False
+    except OSError:  # another user's process: alive
+      pass
+  try:
+    return time.time() - float(owner.get("heartbeat", 0)) < STALE_S
+  except (TypeError, ValueError):
+    return False
+
+
+def _acquire(workdir: str, path: str):
+  """(held, release, why not) for process 0: the lock taken, or who or what prevents it."""
+  try:
+    if paths.is_remote(workdir):
+      obj = _ObjectLock(path)
+      if obj.take():
+        return True, obj.release, None
+    else:
+      f = _take(path)
+      if f is not None:
+        return True, f.close, None
+  except Exception as e:  # pylint: disable=broad-except
+    if not (isinstance(e, OSError) or paths.is_remote(workdir)):
+      raise
+    return False, None, f"cannot take the lock {path}: {paths.why(e, path)}"
+  return False, None, None
+
+
 @contextlib.contextmanager
 def hold(workdir: str):
   """Owns `workdir` for the block; raises a one-line ConfigError naming the owner when a live
   run holds it."""
-  path = os.path.join(workdir, "lock")
-  f = _take(path) if jax.process_index() == 0 else None
-  held = f is not None
+  path = paths.join(workdir, "lock")
+  held, release, error = _acquire(workdir, path) if jax.process_index() == 0 else (
+      False, None, None)
   if jax.process_count() > 1:
     held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
+  if error:
+    raise ConfigError(error)
   if not held:
     raise ConfigError(f"{workdir} is in use by {_describe(path)}: wait for that run or stop it, "
                       f"or use another --workdir")
   try:
     yield
   finally:
-    if f is not None:
-      f.close()  # the flock goes with the descriptor; the file stays, naming the last owner
+    if release is not None:  # a local flock goes with the descriptor; the file stays
+      release()

@@ -2,7 +2,6 @@
 live in their own modules: resume.py (whose checkpoints, which state), anomaly.py (what a refused
 update leads to), preemption.py (stopping on a signal) and throughput.py (tokens/s, MFU)."""
 
-import os
 import sys
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import tqdm
 
 from transformer_jax import config as config_lib
+from transformer_jax.config import paths
 from transformer_jax.data import mixture
 from transformer_jax.data import pipeline
 from transformer_jax.evaluation import harness
@@ -65,7 +65,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
         f"(data.validation_fraction={c.data.validation_fraction}); training without evaluation")
   writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start, wandb_config=c)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
-  say(f"workdir {os.path.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
+  say(f"workdir {paths.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
       f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {meter.peak_source}")
   rng = jax.random.key(c.seed)
   end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
@@ -94,6 +94,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
       if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
         last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
       if is_save or stopping:
+        writer.flush()  # a gs:// metrics.jsonl holds every line up to a step before it is saved
         ckpts.save(done, state, data, force=True, data_writes=data_writes)
       bar.update(1)
       step = done

@@ -1,12 +1,27 @@
-"""The metric writers: metrics.jsonl + TensorBoard (FLOP counting and MFU: perf/counting.py)."""
+"""The metric writers: metrics.jsonl + TensorBoard (FLOP counting and MFU: perf/counting.py).
 
+A local workdir gets each metrics.jsonl line appended and flushed as it is logged. A gs:// workdir
+(config/paths.py) cannot be appended to: an object is only ever written whole. There the lines
+are buffered and metrics.jsonl is rewritten as one object once per window, never once per line:
+when a checkpoint step is logged (so every line up to a saved step is in the bucket before that
+checkpoint can be resumed from), at least every FLUSH_S seconds, at `flush()` and at `close()`.
+TensorBoard's event file is written the same way (buffered, the object rewritten at each of
+tensorboardX's flushes, every FLUSH_S seconds). A run killed between windows loses the lines since
+the last one; the resumed run logs the steps after its checkpoint again."""
+
+import io
 import json
 import os
+import sys
 import time
 import uuid
 
 import jax
 import numpy as np
+
+from transformer_jax.config import paths
+
+FLUSH_S = 60.0  # on gs://: the longest a logged line waits in memory
 
 
 class Writer:
@@ -14,18 +29,29 @@ class Writer:
 
   A run resumed from step `resume_step` first drops the lines (and TensorBoard events) of later
   steps, which an earlier run logged after its last checkpoint and this one replays: the file
-  stays one clean history. A metrics.jsonl deleted during the run is created again."""
+  stays one clean history. A local metrics.jsonl deleted during the run is created again.
+  `wandb_config` (the run's config) also says which steps are checkpoint steps."""
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0,
                wandb_config=None):
     self.enabled = enabled
     self._jsonl = self._tb = self._wandb = None
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self.remote = paths.is_remote(workdir)
+    self._text, self._flushed, self._dirty = "", time.monotonic(), False  # gs:// only
+    ckpt = getattr(wandb_config, "checkpoint", None)
+    self._every = ckpt.every_steps if ckpt is not None else 0
+    self._last = wandb_config.train.steps if ckpt is not None else 0
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      _drop_after(self.path, resume_step)
-      self._jsonl = open(self.path, "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      kept = _drop_after(self.path, resume_step)
+      if self.remote:
+        _use_epath_for_tensorboard()
+        self._text = kept
+      else:
+        self._jsonl = open(self.path, "a")
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=resume_step + 1,
+                               **({"flush_secs": FLUSH_S} if self.remote else {}))
       if wandb_config is not None and wandb_config.metrics.wandb:
         self._wandb = _wandb_run(workdir, wandb_config, resume_step)
 
@@ -35,31 +61,100 @@ class Writer:
     row = {"step": int(step)}
     row.update({k: (float(v) if isinstance(v, (int, float, np.number, jax.Array)) else v)
                 for k, v in values.items()})
-    try:
-      if not os.path.exists(self.path):  # deleted under us: lines to the unlinked file are lost
-        self._jsonl.close()
-        self._jsonl = open(self.path, "a")
-      self._jsonl.write(json.dumps(row) + "\n")
-      self._jsonl.flush()
-    except OSError as e:
-      from transformer_jax.training.checkpoint import WriteError  # pylint: disable=g-import-not-at-top
-      raise WriteError(f"writing {self.path} failed: {e.strerror or e}; free space or fix "
-                       "the workdir, then re-run the same command to resume from its latest "
-                       "checkpoint") from None
+    if self.remote:
+      self._text += json.dumps(row) + "\n"
+      self._dirty = True
+      at_checkpoint = self._every and (step % self._every == 0 or step == self._last)
+      if at_checkpoint or time.monotonic() - self._flushed >= FLUSH_S:
+        self.flush()
+    else:
+      self._append(json.dumps(row) + "\n")
     scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, int(step))
     if self._wandb is not None:
       self._wandb.log(scalars, step=int(step))
 
+  def _append(self, line: str):
+    try:
+      if not os.path.exists(self.path):  # deleted under us: lines to the unlinked file are lost
+        self._jsonl.close()
+        self._jsonl = open(self.path, "a")
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    except OSError as e:
+      self._failed(e)
+
+  def _failed(self, e: BaseException):
+    from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+    fix = "fix the bucket or the connection to it" if self.remote else \
+        "free space or fix the workdir"
+    raise checkpoint.WriteError(f"writing {self.path} failed: {paths.why(e, self.path)}; {fix}, "
+                                "then re-run the same command to resume from its latest "
+                                "checkpoint") from None
+
+  def flush(self):
+    """Puts the lines logged so far in storage (on gs://: rewrites metrics.jsonl once)."""
+    if not (self.enabled and self.remote and self._dirty):
+      return
+    try:
+      paths.write_text(self.path, self._text)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(e)
+    self._flushed, self._dirty = time.monotonic(), False
+
   def close(self):
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-      if self._wandb is not None:
-        import wandb  # pylint: disable=g-import-not-at-top
-        self._wandb.finish()
-        wandb.teardown()  # waits for wandb's service to write everything out
+      try:
+        if self.remote:
+          self.flush()
+        else:
+          self._jsonl.close()
+      finally:
+        self._tb.close()
+        if self._wandb is not None:
+          import wandb  # pylint: disable=g-import-not-at-top
+          self._wandb.finish()
+          wandb.teardown()  # waits for wandb's service to write everything out
+
+
+class _ObjectRecordWriter:
+  """tensorboardX's file for a gs:// event file, through etils.epath: the records are buffered
+  and the object rewritten whole at each flush (tensorboardX's own gs:// writer needs
+  google-cloud-storage). A failed upload is said once on stderr and tried again at the next
+  flush: TensorBoard's events never stop the training."""
+
+  def __init__(self, path: str):
+    self.path, self._buffer, self._said = path, io.BytesIO(), False
+
+  def write(self, data: bytes):
+    self._buffer.write(data)
+
+  def flush(self):
+    try:
+      paths.path(self.path).write_bytes(self._buffer.getvalue())
+    except Exception as e:  # pylint: disable=broad-except
+      if not self._said:
+        print(f"warning: writing {self.path} failed: {paths.why(e, self.path)} (tried again at "
+              "the next flush)", file=sys.stderr, flush=True)
+        self._said = True
+
+  def close(self):
+    self.flush()
+
+
+class _ObjectRecordWriterFactory:
+
+  def open(self, path):
+    return _ObjectRecordWriter(path)
+
+  def directory_check(self, path):
+    del path  # an object store has no folders to create
+
+
+def _use_epath_for_tensorboard():
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory("gs", _ObjectRecordWriterFactory())
 
 
 def _wandb_run(workdir: str, config, resume_step: int):
@@ -72,56 +167,52 @@ def _wandb_run(workdir: str, config, resume_step: int):
     from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError("metrics.wandb=true needs the wandb package: pip install -e '.[wandb]'") \
         from None
-  id_file = os.path.join(workdir, "wandb_id")
-  if os.path.isfile(id_file):
-    with open(id_file) as f:
-      run_id = f.read().strip()
+  id_file = paths.join(workdir, "wandb_id")
+  if paths.isfile(id_file):
+    run_id = paths.read_text(id_file).strip()
   else:
     run_id = uuid.uuid4().hex[:12]
-    with open(id_file, "w") as f:
-      f.write(run_id)
+    paths.write_text(id_file, run_id)
   m = config.metrics
   return wandb.init(project=m.wandb_project, entity=m.wandb_entity or None, id=run_id,
-                    resume="allow" if resume_step else None, dir=workdir,
-                    name=os.path.basename(os.path.abspath(workdir)), config=config.to_dict())
+                    resume="allow" if resume_step else None,
+                    dir=None if paths.is_remote(workdir) else workdir,  # wandb writes locally
+                    name=paths.abspath(workdir).rstrip("/").rsplit("/", 1)[-1],
+                    config=config.to_dict())
 
 
 def last_logged(workdir: str) -> dict:
   """Each metric's last logged value in WORKDIR/metrics.jsonl (events left out)."""
   out = {}
   try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:  # a torn last line
-          continue
-        if "event" not in row:
-          out.update(row)
-  except OSError:
-    pass
+    text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+  except (OSError, ValueError):
+    text = ""
+  for line in text.splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:  # a torn last line
+      continue
+    if "event" not in row:
+      out.update(row)
   out.pop("step", None)
   return out
 
 
-def _drop_after(path: str, step: int):
-  """Rewrites metrics.jsonl (atomically) without its lines of steps after `step`. A run that
-  starts at step 0 (a new run in a workdir whose checkpoints were set aside or lost) keeps the
-  old lines in metrics-<time>.jsonl instead."""
-  if not os.path.isfile(path):
-    return
+def _drop_after(path: str, step: int) -> str:
+  """Rewrites metrics.jsonl (atomically) without its lines of steps after `step`; returns the
+  lines kept. A run that starts at step 0 (a new run in a workdir whose checkpoints were set aside
+  or lost) keeps the old lines in metrics-<time>.jsonl instead."""
+  if not paths.isfile(path):
+    return ""
   if step == 0:
-    os.replace(path, path[:-len(".jsonl")] + time.strftime("-%Y%m%d-%H%M%S.jsonl"))
-    return
-  with open(path) as f:
-    lines = f.readlines()
+    paths.move(path, path[:-len(".jsonl")] + time.strftime("-%Y%m%d-%H%M%S.jsonl"))
+    return ""
+  lines = paths.read_text(path).splitlines(keepends=True)
   keep = [line for line in lines if _step(line) <= step]
-  if len(keep) == len(lines):
-    return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  if len(keep) != len(lines):
+    paths.write_text(path, "".join(keep))
+  return "".join(keep)
 
 
 def _step(line: str) -> float:

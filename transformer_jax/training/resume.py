@@ -5,13 +5,13 @@ written for another model or tokenizer are refused, set aside (`checkpoint.on_mi
 or their parameters reused with a new optimizer state (`params`)."""
 
 import json
-import os
 
 import jax
 from jax.experimental import multihost_utils
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import tfds_text
 from transformer_jax.training import checkpoint as ckpt_lib
 
@@ -26,14 +26,14 @@ EXECUTION_KEYS = ("model.attention_impl", "model.attention_chunks", "model.remat
 
 
 def prepare_workdir(workdir: str):
+  """Creates the workdir (locally) and checks that it can be written: a read-only folder, a
+  missing bucket or an unreachable storage server is one line here, before anything compiles."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test-{os.getpid()}-{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
+    paths.check_writable(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    if not (isinstance(e, OSError) or paths.is_remote(workdir)):
+      raise
+    raise ConfigError(f"workdir {workdir} is not writable: {paths.why(e, workdir)}") from None
 
 
 def _flat(d, prefix=""):
@@ -48,19 +48,17 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   differs from the config the workdir's checkpoints were written with (none when there are no
   checkpoints), and the tokenizer file's content when it changed at the same path (its SHA-256,
   saved beside config.json). A key newer than the saved config counts as its default there."""
-  saved_path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
-  if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_dir)
-          and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+  saved_path, ckpt_dir = paths.join(workdir, "config.json"), paths.join(workdir, "checkpoints")
+  if not (paths.isfile(saved_path) and any(d.isdigit() for d in paths.listdir(ckpt_dir))):
     return []
   saved = _flat(config_lib.with_defaults(config_lib.read_json(saved_path)))
   now = _flat(json.loads(config_lib.to_json(config)))
   keys = sorted(k for k in set(saved) | set(now)
                 if (k.startswith("model.") or k == "data.tokenizer") and k not in EXECUTION_KEYS)
   diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
-  sha_path = os.path.join(workdir, TOKENIZER_SHA)
-  if os.path.isfile(sha_path) and config.data.tokenizer:
-    with open(sha_path) as f:
-      old = f.read().strip()
+  sha_path = paths.join(workdir, TOKENIZER_SHA)
+  if config.data.tokenizer and paths.isfile(sha_path):
+    old = paths.read_text(sha_path).strip()
     new = tfds_text.tokenizer_sha256(config.data.tokenizer)
     if old != new:
       diffs.append(f"the content of data.tokenizer (sha256 {old[:12]}... -> {new[:12]}...)")
@@ -88,10 +86,10 @@ def start(trainer, workdir: str, data, say):
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   step, state = ckpts.restore(trainer.abstract_state, data, report=say)
   if jax.process_index() == 0:
-    config_lib.write_json(c, os.path.join(workdir, "config.json"))
+    config_lib.write_json(c, paths.join(workdir, "config.json"))
     if c.data.tokenizer:
-      with open(os.path.join(workdir, TOKENIZER_SHA), "w") as f:
-        f.write(tfds_text.tokenizer_sha256(c.data.tokenizer) + "\n")
+      paths.write_text(paths.join(workdir, TOKENIZER_SHA),
+                       tfds_text.tokenizer_sha256(c.data.tokenizer) + "\n")
   if state is not None:
     say(f"resumed from {ckpts.directory}/{step}")
     return step, state, ckpts

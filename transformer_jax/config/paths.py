@@ -1,0 +1,207 @@
+"""Workdir paths, local or on Cloud Storage (`gs://BUCKET/PATH`), through one abstraction:
+`etils.epath` (which Orbax and TFDS use too; gcsfs serves gs:// when TensorFlow is absent).
+
+What an object store lacks, and what the training code does instead on gs:// (local paths keep the
+file-system behaviour they always had):
+- atomic rename: an object is written whole or not at all, so files are written in place (locally
+  a temporary file is renamed over the target, as before);
+- directories: nothing is created (mkdir on gs:// could create a missing bucket); a "folder" exists
+  while objects are under it;
+- append: metrics.jsonl and the TensorBoard events are buffered and each rewritten as one object
+  once per window (training/metrics.py), never once per line;
+- flock: the workdir lock is an object with a heartbeat (training/lock.py).
+
+A local GCS emulator is named by STORAGE_EMULATOR_HOST=http://HOST:PORT, the variable Google's
+clients and gcsfs honour. `use_emulator` (run at import, and again before each gs:// access, so a
+variable set later counts) passes it on to TensorStore, which writes Orbax's checkpoints:
+TENSORSTORE_GCS_HTTP_URL (unless set) and its testing token GOOGLE_AUTH_TOKEN_FOR_TESTING; it also
+turns off gcsfs's bucket-type probe (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false), an API emulators
+lack. `python -m transformer_jax.config.paths DIR` checks that a workdir is writable (the launch
+scripts run it): exit 0, or one `error:` line and exit 2.
+"""
+
+import os
+import posixpath
+import shutil
+import sys
+import uuid
+
+
+def use_emulator(environ=None):
+  """With STORAGE_EMULATOR_HOST set: TensorStore's endpoint and token, gcsfs's probe off."""
+  env = os.environ if environ is None else environ
+  host = env.get("STORAGE_EMULATOR_HOST", "")
+  if not host:
+    return
+  if not env.get("TENSORSTORE_GCS_HTTP_URL"):
+    env["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
+    env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  env.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+use_emulator()
+
+
+def is_remote(p) -> bool:
+  """A URL (gs://...) rather than a local path."""
+  return "://" in os.fspath(p)
+
+
+def abspath(p) -> str:
+  """Local paths made absolute; URLs as they are."""
+  p = os.fspath(p)
+  return p if is_remote(p) else os.path.abspath(p)
+
+
+def join(p, *parts) -> str:
+  p = os.fspath(p)
+  return posixpath.join(p, *parts) if is_remote(p) else os.path.join(p, *parts)
+
+
+def dirname(p) -> str:
+  p = os.fspath(p).rstrip("/")
+  return posixpath.dirname(p) if is_remote(p) else os.path.dirname(p)
+
+
+def bucket(p) -> str:
+  """The bucket of a gs:// URL."""
+  return os.fspath(p).split("://", 1)[1].split("/", 1)[0]
+
+
+def path(p):
+  """An `etils.epath.Path` for a local path or URL."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if is_remote(p):
+    use_emulator()
+    _no_listing_cache()
+  return epath.Path(os.fspath(p))
+
+
+def _no_listing_cache():
+  """gcsfs caches folder listings, which other writers (TensorStore, the other processes of a
+  job, another run's lock) make stale: every listing and existence check asks the server."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+def exists(p) -> bool:
+  return path(p).exists()
+
+
+def isfile(p) -> bool:
+  q = path(p)
+  return q.exists() and not q.is_dir()
+
+
+def isdir(p) -> bool:
+  return path(p).is_dir()
+
+
+def listdir(p) -> list[str]:
+  """The names in a folder ([] when it does not exist)."""
+  q = path(p)
+  return sorted(c.name for c in q.iterdir()) if q.is_dir() else []
+
+
+def read_text(p) -> str:
+  return path(p).read_text()
+
+
+def write_text(p, text: str):
+  """Writes `text` atomically: readers see the old content or the new, never half of it (a local
+  temporary file renamed over `p`; an object store's single write)."""
+  p = os.fspath(p)
+  if is_remote(p):
+    path(p).write_text(text)
+    return
+  tmp = f"{p}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, p)
+
+
+def remove(p, missing_ok: bool = True):
+  try:
+    path(p).unlink()
+  except FileNotFoundError:
+    if not missing_ok:
+      raise
+
+
+def makedirs(p):
+  """Creates a local folder (and its parents); nothing on an object store."""
+  if not is_remote(p):
+    os.makedirs(p, exist_ok=True)
+
+
+def move(src, dst):
+  """Moves a file or folder (on an object store: server-side copies, then deletes)."""
+  src, dst = os.fspath(src), os.fspath(dst)
+  if not is_remote(src):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+    return
+  import fsspec  # pylint: disable=g-import-not-at-top
+  path(src)  # the emulator's variables, no listing cache
+  # epath's rename wants the destination's folder to exist; gcsfs's mv tries a moveTo API first
+  # (which emulators lack): copy (server-side) and delete.
+  fs, _ = fsspec.core.url_to_fs(src)
+  fs.copy(src, dst, recursive=True)
+  fs.rm(src, recursive=True)
+
+
+def why(e: BaseException, p=None) -> str:
+  """One line saying why a storage operation failed: an OSError's reason, a gs:// bucket that
+  does not exist, a storage server that cannot be reached (its own first line)."""
+  if p is not None and is_remote(p) and isinstance(e, FileNotFoundError):
+    try:
+      found = path(f"gs://{bucket(p)}").exists()
+    except Exception:  # pylint: disable=broad-except
+      found = True
+    if not found:
+      return f"bucket gs://{bucket(p)} does not exist (or these credentials cannot see it)"
+  text = getattr(e, "strerror", None) if isinstance(e, OSError) else None
+  text = text or (str(e).strip().splitlines() or [type(e).__name__])[0]
+  if "Cannot connect to host" in text or "Connect call failed" in text:
+    return f"cannot reach the storage server ({text})"
+  return text[:300]
+
+
+def check_writable(directory):
+  """Creates (local) and writes, reads back and deletes a probe in `directory`; raises the
+  storage's error (OSError, or a client's own) when it cannot."""
+  directory = os.fspath(directory)
+  makedirs(directory)
+  probe = join(directory, f".write_test-{uuid.uuid4().hex[:12]}")
+  q = path(probe)
+  q.write_text("ok")
+  if q.read_text() != "ok":
+    raise OSError(f"{probe} did not read back what was written")
+  q.unlink()
+
+
+def main(argv) -> int:
+  """`python -m transformer_jax.config.paths DIR [--need=NAME]`: DIR is writable (and holds
+  NAME)."""
+  args = [a for a in argv if not a.startswith("--need=")]
+  need = [a[len("--need="):] for a in argv if a.startswith("--need=")]
+  if len(args) != 1:
+    print("usage: python -m transformer_jax.config.paths DIR [--need=NAME]", file=sys.stderr)
+    return 2
+  directory = args[0]
+  try:
+    check_writable(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"error: workdir {directory} is not writable: {why(e, directory)}", file=sys.stderr)
+    return 2
+  for name in need:
+    if not isfile(join(directory, name)):
+      print(f"error: {join(directory, name)} not found (give CONFIG[:ARG] after --)",
+            file=sys.stderr)
+      return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
