@@ -272,3 +272,21 @@ def test_an_unreadable_checkpoint_in_the_bucket_is_set_aside(gcs, tiny_data, ref
   (aside,) = paths.listdir(f"{workdir}/checkpoints_unreadable")
   assert "state" in paths.listdir(f"{workdir}/checkpoints_unreadable/{aside}")  # kept
 
+
+
+def test_a_tokenizer_in_the_bucket(gcs, tiny_data):
+  """data.tokenizer=gs://...: the same model, the same digest (which keys pretokenized data and
+  the workdir's tokenizer.sha256), the same ids in the pipeline's map."""
+  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  local, remote = tiny_data["tokenizer"], f"gs://{BUCKET}/tokenizers/tiny.model"
+  with open(local, "rb") as f:
+    paths.path(remote).write_bytes(f.read())
+  assert tfds_text.tokenizer_sha256(remote) == tfds_text.tokenizer_sha256(local)
+  text = "def value(self, x):\n    return self.data"
+  assert tokenization.load(remote).encode(text) == tokenization.load(local).encode(text)
+  ids = pipeline.Tokenize(remote, True, True).map({"text": text})["tokens"]
+  assert ids.tolist() == pipeline.Tokenize(local, True, True).map({"text": text})["tokens"].tolist()
+  with pytest.raises(ConfigError, match=r"data.tokenizer='gs://tjax-test/none.model' does not"):
+    tokenization.load(f"gs://{BUCKET}/none.model")

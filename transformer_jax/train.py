@@ -10,6 +10,7 @@ import sys
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 
 
 def main(argv):
@@ -23,7 +24,7 @@ def main(argv):
   distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"])
   with config.unlocked():  # a workdir's saved config must work from any current directory
     if config.data.tokenizer:
-      config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+      config.data.tokenizer = paths.abspath(config.data.tokenizer)  # gs:// as it is
   from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import anomaly  # pylint: disable=g-import-not-at-top

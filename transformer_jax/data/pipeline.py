@@ -32,13 +32,13 @@ and `decoder_*` [rows, target_len] features instead (objectives/ documents every
 
 import functools
 import itertools
-import os
 
 from absl import flags
 import grain
 import numpy as np
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
 from transformer_jax.data.objectives import seq2seq
@@ -166,7 +166,7 @@ class Tokenize(grain.transforms.Map):
   """{field: bytes|str} -> {"tokens": int32 [bos] + ids + [eos]}; loads the model lazily."""
 
   def __init__(self, tokenizer_path: str, add_bos: bool, add_eos: bool, field: str = "text"):
-    self._path = os.path.abspath(tokenizer_path)  # Workers may not share our cwd.
+    self._path = paths.abspath(tokenizer_path)  # Workers may not share our cwd.
     self._add_bos = add_bos
     self._add_eos = add_eos
     self._field = field
@@ -188,7 +188,7 @@ class TokenizePair(grain.transforms.Map):
   """A {source, target} record -> an encoder-decoder example (objectives/seq2seq.py)."""
 
   def __init__(self, tokenizer_path: str, fields: tuple[str, str], data_cfg, target_len: int):
-    self._path = os.path.abspath(tokenizer_path)
+    self._path = paths.abspath(tokenizer_path)
     self._fields = fields
     self._options = dict(add_bos=data_cfg.add_bos, add_eos=data_cfg.add_eos,
                          seq_len=data_cfg.seq_len, target_len=target_len)

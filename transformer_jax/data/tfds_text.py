@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import tokenization
 
@@ -282,8 +283,7 @@ def _text(value) -> str:
 
 def tokenizer_sha256(path: str) -> str:
   """The SHA-256 of a tokenizer file's content."""
-  with open(tokenization.tokenizer_file(path), "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(paths.path(tokenization.tokenizer_file(path)).read_bytes()).hexdigest()
 
 
 def tokenized_builder(data_cfg) -> TokenizedCorpus:

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 import sentencepiece as spm
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import hf_tokenization
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -336,11 +337,10 @@ def load(path: str, **command):
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json "
                         f"({_last_line(e)})") from None
-  if not path or not os.path.isfile(path):
+  if not path or not paths.isfile(path):  # a local file or a gs:// object
     command = create_command(path or "runs/tokenizers/tokenizer.model", **command)
     raise ConfigError(f"data.tokenizer={path!r} does not exist; create it with: {command}")
-  with open(path, "rb") as f:
-    proto = f.read()
+  proto = paths.path(path).read_bytes()
   if not proto:  # SentencePiece would take it as a model without pieces
     raise ConfigError(f"data.tokenizer={path!r} is not a SentencePiece model (the file is empty)")
   try:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization
 from transformer_jax.models import families
@@ -175,7 +176,7 @@ def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch):
 def _same_tokenizer(student: str, teacher: str, path: str):
   """Same tokenizer file content (tfds_text's digest, which also keys pretokenized data)."""
   def digest(p):
-    exists = os.path.isfile(tokenization.tokenizer_file(p))
+    exists = paths.isfile(tokenization.tokenizer_file(p))
     return tfds_text.tokenizer_sha256(p) if exists else p
   if digest(student) != digest(teacher):
     raise ConfigError(f"train.distill.teacher={path!r} was trained with tokenizer {teacher!r}, "
