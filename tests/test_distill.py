@@ -64,6 +64,14 @@ def test_alpha_one_is_the_plain_loss_and_a_twin_teacher_adds_nothing(recipe):
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_twin)) < 1e-5
   soft, _ = grad(distill.Teacher(model, other, 0.0, 3.0))
   assert float(soft) > 1e-3  # another teacher: a real KL
+  # Hidden states (every stack: an encoder-decoder's encoder and decoder): a twin through the
+  # identity adds nothing; another teacher does.
+  width = model.cfg.d_model
+  for teacher, zero in ((params, True), (other, False)):
+    with_eye = {**params, distill.PROJECTION: {"kernel": jnp.eye(width)}}
+    _, _, aux = loss_parts(model, with_eye, batch, task=task,
+                           teacher=distill.Teacher(model, teacher, 1.0, 2.0, hidden_weight=1.0))
+    assert (float(aux["distill_hidden_mse"]) == 0.0) == zero
 
 
 def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_path):
