@@ -14,10 +14,13 @@ file-system behaviour they always had):
 A local GCS emulator is named by STORAGE_EMULATOR_HOST=http://HOST:PORT, the variable Google's
 clients and gcsfs honour. `use_emulator` (run at import, and again before each gs:// access, so a
 variable set later counts) passes it on to TensorStore, which writes Orbax's checkpoints:
-TENSORSTORE_GCS_HTTP_URL (unless set) and its testing token GOOGLE_AUTH_TOKEN_FOR_TESTING; it also
-turns off gcsfs's bucket-type probe (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false), an API emulators
-lack. `python -m transformer_jax.config.paths DIR` checks that a workdir is writable (the launch
-scripts run it): exit 0, or one `error:` line and exit 2.
+TENSORSTORE_GCS_HTTP_URL (unless set) and its testing token GOOGLE_AUTH_TOKEN_FOR_TESTING, and
+to the Google Cloud C++ client that ArrayRecord reads gs:// shards with:
+CLOUD_STORAGE_EMULATOR_ENDPOINT (unless set); it also turns off gcsfs's bucket-type probe
+(GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false), an API emulators lack. `python -m
+transformer_jax.config.paths DIR` checks that a workdir is writable (the launch scripts run it):
+exit 0, or one `error:` line and exit 2. `upload` and `download` copy files between a local folder
+and a gs:// one (for what reads or writes local files only: ArrayRecord's writer, safetensors).
 """
 
 import os
@@ -28,7 +31,8 @@ import uuid
 
 
 def use_emulator(environ=None):
-  """With STORAGE_EMULATOR_HOST set: TensorStore's endpoint and token, gcsfs's probe off."""
+  """With STORAGE_EMULATOR_HOST set: TensorStore's and ArrayRecord's endpoints, TensorStore's
+  token, gcsfs's probe off."""
   env = os.environ if environ is None else environ
   host = env.get("STORAGE_EMULATOR_HOST", "")
   if not host:
@@ -36,6 +40,8 @@ def use_emulator(environ=None):
   if not env.get("TENSORSTORE_GCS_HTTP_URL"):
     env["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
     env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  if not env.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+    env["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = host if "://" in host else f"http://{host}"
   env.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
@@ -149,6 +155,41 @@ def move(src, dst):
   fs, _ = fsspec.core.url_to_fs(src)
   fs.copy(src, dst, recursive=True)
   fs.rm(src, recursive=True)
+
+
+def _fs(url):
+  import fsspec  # pylint: disable=g-import-not-at-top
+  path(url)  # the emulator's variables, no listing cache
+  return fsspec.core.url_to_fs(url)[0]
+
+
+def upload(local_dir, url, last=()):
+  """Copies the files under a local folder to the folder `url` (gs://...), each file whole; the
+  names in `last` (at any depth) go after all the others, in that order, so that a reader that
+  waits for them finds everything else in place."""
+  local_dir = os.fspath(local_dir)
+  files = sorted(os.path.relpath(os.path.join(root, name), local_dir)
+                 for root, _, names in os.walk(local_dir) for name in names)
+
+  def order(rel):
+    name = os.path.basename(rel)
+    return last.index(name) if name in last else -1, rel
+  fs = _fs(url)
+  for rel in sorted(files, key=order):
+    fs.put_file(os.path.join(local_dir, rel),
+                posixpath.join(os.fspath(url), rel.replace(os.sep, "/")))
+
+
+def download(url, names, local_dir):
+  """Copies the files `names` (relative to the folder `url`, gs://...) into the local folder
+  `local_dir`; returns `local_dir`."""
+  local_dir = os.fspath(local_dir)
+  fs = _fs(url)
+  for name in names:
+    target = os.path.join(local_dir, *name.split("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fs.get_file(posixpath.join(os.fspath(url), name), target)
+  return local_dir
 
 
 def why(e: BaseException, p=None) -> str:

@@ -17,14 +17,19 @@ says otherwise), so continued pretraining feeds the model the ids it knows; `exp
 a tokenizer along. `--family` defaults to
 config.json's model_type. `export` writes the latest (or --step) checkpoint's parameters as
 model.safetensors + config.json + generation_config.json. Flags also take `--flag value`.
+
+Any of the directories may be gs:// URLs (config/paths.py): an HF directory in a bucket is read
+through a local temporary copy of its safetensors files and written locally, then uploaded (its
+config.json last). A checkpoint's tokenizer.json is not carried into a gs:// workdir (Hugging Face
+tokenizers are read from local files only): give --config.data.tokenizer there.
 """
 
 import json
-import os
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
 from transformer_jax.config import base
+from transformer_jax.config import paths
 
 USAGE = ("usage: python -m transformer_jax.convert import --hf_dir=DIR --workdir=OUT "
          "[--family=gpt2|llama|mistral|mixtral|qwen2_moe|bert|t5] [--config=FILE.py] "
@@ -48,7 +53,7 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   from transformer_jax.convert import hf as hf_lib  # pylint: disable=g-import-not-at-top
   if not hf_dir or not workdir:
     raise ConfigError("import needs --hf_dir=DIR and --workdir=OUT")
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if paths.isdir(paths.join(workdir, "checkpoints")):
     raise ConfigError(f"{workdir} already has checkpoints; import into a new --workdir")
   hf = hf_lib.read_config(hf_dir)
   hf_lib.weight_files(hf_dir)  # a pickle-only directory is refused before anything else
@@ -63,7 +68,10 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   if values.get("sentence_head"):  # BertForPreTraining: keep training its NSP head
     config.data.sentence_pair = config.data.sentence_pair or "nsp"
   if not any(item.startswith("data.tokenizer=") for item in overrides):
-    copied = _copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+    if paths.is_remote(workdir) and paths.isfile(paths.join(hf_dir, "tokenizer.json")):
+      raise ConfigError(f"--workdir={workdir}: a Hugging Face tokenizer is read from local files "
+                        f"only; import into a local --workdir, or give --config.data.tokenizer")
+    copied = _copy_tokenizer(hf_dir, paths.join(workdir, TOKENIZER_DIR))
     if copied:  # the model keeps reading the ids it was trained on
       config.data.tokenizer = copied
   for item in overrides:
@@ -72,29 +80,28 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   hf_lib.check_overrides(values, config.model.to_dict())
   with config.unlocked():
     if config.data.tokenizer:
-      config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+      config.data.tokenizer = paths.abspath(config.data.tokenizer)
   config_lib.validate(config)
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.validate(config)
   params = hf_lib.load_params(hf_dir, hf_lib.model_config(config), hf)
   _save_step0(config, params, workdir)
-  with open(os.path.join(workdir, HF_CONFIG), "w") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
+  paths.write_text(paths.join(workdir, HF_CONFIG), json.dumps(hf, indent=2, sort_keys=True))
   return config
 
 
 def _copy_tokenizer(source_dir: str, out_dir: str) -> str:
   """Copies a Hugging Face tokenizer (tokenizer.json and the files that name its special
-  tokens) from `source_dir` to `out_dir`; returns out_dir's absolute path, or "" if there is
-  none to copy."""
-  if not os.path.isfile(os.path.join(source_dir, "tokenizer.json")):
+  tokens) from `source_dir` to `out_dir` (either may be gs://...); returns out_dir's absolute
+  path, or "" if there is none to copy."""
+  if not paths.isfile(paths.join(source_dir, "tokenizer.json")):
     return ""
-  import shutil  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   for name in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(source_dir, name)):
-      shutil.copyfile(os.path.join(source_dir, name), os.path.join(out_dir, name))
-  return os.path.abspath(out_dir)
+    if paths.isfile(paths.join(source_dir, name)):
+      paths.path(paths.join(out_dir, name)).write_bytes(
+          paths.path(paths.join(source_dir, name)).read_bytes())
+  return paths.abspath(out_dir)
 
 
 def _save_step0(config, params, workdir):
@@ -104,7 +111,7 @@ def _save_step0(config, params, workdir):
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint, optimizer  # pylint: disable=g-import-not-at-top
   from transformer_jax.training.step import TrainState  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   params = jax.tree.map(jax.numpy.asarray, params)
   tx, _ = optimizer.make(config.optimizer, config.train.steps)
   state = TrainState.create(params, tx.init(params))
@@ -115,7 +122,7 @@ def _save_step0(config, params, workdir):
   finally:
     ckpts.close()
     data.close()
-  config_lib.write_json(config, os.path.join(workdir, "config.json"))
+  config_lib.write_json(config, paths.join(workdir, "config.json"))
 
 
 def export_hf(workdir, hf_dir, step=-1):
@@ -125,8 +132,8 @@ def export_hf(workdir, hf_dir, step=-1):
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
-  saved = os.path.join(workdir or "", "config.json")
-  if not workdir or not hf_dir or not os.path.isfile(saved):
+  saved = paths.join(workdir or "", "config.json")
+  if not workdir or not hf_dir or not paths.isfile(saved):
     raise ConfigError(f"export needs --workdir=W (a training workdir with config.json; got "
                       f"{workdir!r}) and --hf_dir=OUT")
   config = config_lib.from_json_file(saved)
@@ -144,7 +151,7 @@ def export_hf(workdir, hf_dir, step=-1):
   hf = _export_hf_config(workdir, config)
   written = hf_lib.to_hf(model, params, hf_dir, family=hf.get("model_type", ""), hf_config=hf)
   tokenizer = config.data.tokenizer
-  if os.path.isdir(tokenizer):  # a Hugging Face tokenizer (an import's): it goes along
+  if tokenizer and paths.isdir(tokenizer):  # a Hugging Face tokenizer (an import's): it goes along
     _copy_tokenizer(tokenizer, hf_dir)
   print(f"exported step {got} of {workdir} as {written['model_type']} (vocabulary "
         f"{written['vocab_size']}) to {hf_dir}")
@@ -157,10 +164,9 @@ def _export_hf_config(workdir, config) -> dict:
   model.vocab_size rows and the tokenizer's special ids."""
   from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
   hf = {}
-  if os.path.isfile(os.path.join(workdir, HF_CONFIG)):
-    with open(os.path.join(workdir, HF_CONFIG)) as f:
-      hf = json.load(f)
-  if not config.data.tokenizer or not os.path.isfile(config.data.tokenizer):
+  if paths.isfile(paths.join(workdir, HF_CONFIG)):
+    hf = json.loads(paths.read_text(paths.join(workdir, HF_CONFIG)))
+  if not config.data.tokenizer or not paths.isfile(config.data.tokenizer):
     return hf
   tok = tok_lib.load(config.data.tokenizer)
   if hf and tok.vocab_size <= hf.get("vocab_size", 0):

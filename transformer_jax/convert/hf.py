@@ -10,12 +10,15 @@ Weights are read from safetensors only (`model.safetensors` or a sharded index):
 unpickled, and a directory with only `pytorch_model.bin` is refused. No torch or transformers
 import is needed. Parameters come back as a plain dict of numpy arrays in the layout the model's
 `scan_layers` asks for (unrolled `layer_i` or stacked `layers`).
+A directory may be a gs:// URL (config/paths.py): its safetensors files are downloaded to a
+temporary folder to be read; `to_hf` writes into one and uploads it, config.json last.
 """
 
 import dataclasses
 import functools
 import json
 import os
+import tempfile
 
 import flax.linen as nn
 import flax.traverse_util
@@ -26,6 +29,7 @@ import numpy as np
 
 from transformer_jax.config import ConfigError
 from transformer_jax.config import base
+from transformer_jax.config import paths
 from transformer_jax.convert import bert, gpt2, llama, mistral, mixtral, qwen2_moe, t5, tables
 from transformer_jax.models import families
 from transformer_jax.models import stack
@@ -61,29 +65,41 @@ def table_for(cfg):
 
 # --------------------------------------------------------------------------------------- I/O
 def read_config(hf_dir: str) -> dict:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(hf_dir, "config.json")
+  if not paths.isfile(path):
     raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
-def weight_files(hf_dir: str) -> list[str]:
-  if os.path.isfile(os.path.join(hf_dir, INDEX)):
-    with open(os.path.join(hf_dir, INDEX)) as f:
-      return sorted({os.path.join(hf_dir, v) for v in json.load(f)["weight_map"].values()})
-  if os.path.isfile(os.path.join(hf_dir, SAFETENSORS)):
-    return [os.path.join(hf_dir, SAFETENSORS)]
-  if any(os.path.isfile(os.path.join(hf_dir, p)) for p in PICKLES):
+def weight_names(hf_dir: str) -> list[str]:
+  """The safetensors files of a directory (local or gs://), relative to it."""
+  if paths.isfile(paths.join(hf_dir, INDEX)):
+    return sorted(set(json.loads(paths.read_text(paths.join(hf_dir, INDEX)))["weight_map"]
+                      .values()))
+  if paths.isfile(paths.join(hf_dir, SAFETENSORS)):
+    return [SAFETENSORS]
+  if any(paths.isfile(paths.join(hf_dir, p)) for p in PICKLES):
     raise ConfigError(f"{hf_dir} has only pytorch_model.bin (a pickle, never loaded here): "
                       f"convert it to safetensors first, e.g. save_pretrained(DIR, "
                       f"safe_serialization=True) in transformers")
   raise ConfigError(f"{hf_dir} has no {SAFETENSORS} (nor {INDEX})")
 
 
+def weight_files(hf_dir: str) -> list[str]:
+  return [paths.join(hf_dir, name) for name in weight_names(hf_dir)]
+
+
 def read_tensors(hf_dir: str) -> dict:
   """{name: numpy array} from the directory's safetensors file(s), bfloat16 included (read
-  through safetensors' flax backend onto the CPU; numpy has no bfloat16)."""
+  through safetensors' flax backend onto the CPU; numpy has no bfloat16). A gs:// directory's
+  files are downloaded to a temporary folder first (safetensors reads local files)."""
+  if paths.is_remote(hf_dir):
+    with tempfile.TemporaryDirectory(prefix="hf-") as tmp:
+      return _read_tensors(paths.download(hf_dir, weight_names(hf_dir), tmp))
+  return _read_tensors(hf_dir)
+
+
+def _read_tensors(hf_dir: str) -> dict:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   out = {}
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
@@ -198,8 +214,8 @@ def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
   """Writes OUT_DIR/model.safetensors, config.json and generation_config.json that
   transformers' AutoModelForCausalLM.from_pretrained loads. `hf_config` (the config.json the
   model was imported from) keeps its other keys (token ids, ...) and its vocabulary size: padded
-  rows are cut. Returns the config.json dict written."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  rows are cut. `out_dir` may be gs://... (written locally, then uploaded, config.json last).
+  Returns the config.json dict written."""
   cfg = model_config(model_or_config)
   fam = table(family) if family else table_for(cfg)
   if isinstance(model_or_config, nn.Module):
@@ -219,12 +235,22 @@ def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
   hf_config.update(tables.config_to_hf(fam, cfg), vocab_size=vocab)
   flat = flax.traverse_util.flatten_dict(_unrolled(params), sep="/")
   tensors = tables.to_hf_tensors(fam, cfg, flat, vocab)
+  generation = {k: hf_config[k] for k in GENERATION_KEYS if hf_config.get(k) is not None}
+  if not paths.is_remote(out_dir):
+    _write_hf(out_dir, tensors, hf_config, generation)
+    return hf_config
+  with tempfile.TemporaryDirectory(prefix="hf-") as tmp:  # written here, then uploaded
+    _write_hf(tmp, tensors, hf_config, generation)
+    paths.upload(tmp, out_dir, last=("config.json",))
+  return hf_config
+
+
+def _write_hf(out_dir, tensors, hf_config, generation):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
   _write_json(os.path.join(out_dir, "config.json"), hf_config)
-  generation = {k: hf_config[k] for k in GENERATION_KEYS if hf_config.get(k) is not None}
   _write_json(os.path.join(out_dir, "generation_config.json"), generation)
-  return hf_config
 
 
 def hf_forward(model, params, input_ids, attention_mask=None, position_ids=None, *,

@@ -27,6 +27,11 @@ A corpus "tfds:NAME[/CONFIG][:VERSION]" is a dataset of the TFDS catalog instead
 data.data_dir; its "train" split trains and its "validation" split (else "test") evaluates.
 Documents are its data.text_field feature; pairs (data.objective=seq2seq) its data.source_field
 and data.target_field features (for a translation dataset, language codes such as "de", "en").
+
+data.data_dir may be a gs:// URL (config/paths.py): ArrayRecord writes local files only, so a
+dataset is prepared in a local temporary folder (under TMPDIR) and uploaded, its JSON files last
+(a folder with dataset_info.json counts as prepared); the shards are then read from the bucket by
+ArrayRecord's own Cloud Storage client (its credentials: Application Default Credentials).
 """
 
 import dataclasses
@@ -36,6 +41,7 @@ import importlib
 import json
 import os
 import shutil
+import tempfile
 import time
 
 from etils import epath
@@ -242,8 +248,7 @@ class TokenizedCorpus(TextCorpus, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
-    with open(tokenization.tokenizer_file(cfg.tokenizer), "rb") as f:
-      proto = f.read()
+    proto = paths.path(tokenization.tokenizer_file(cfg.tokenizer)).read_bytes()  # or gs://
     if hashlib.sha256(proto).hexdigest() != cfg.tokenizer_sha256:
       raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} changed while being read; run again")
     text_cfg = ml_collections.ConfigDict(json.loads(cfg.text_data))
@@ -300,7 +305,7 @@ def tokenized_builder(data_cfg) -> TokenizedCorpus:
       name=f"{fmt}-{digest}", version=_VERSION,
       description=f"{text.info.full_name} tokenized with {data_cfg.tokenizer} ({sha[:12]})",
       text_data=json.dumps({k: data_cfg.get(k) for k in _TEXT_KEYS if k in data_cfg}),
-      text_field=field, tokenizer=os.path.abspath(data_cfg.tokenizer), tokenizer_sha256=sha,
+      text_field=field, tokenizer=paths.abspath(data_cfg.tokenizer), tokenizer_sha256=sha,
       add_bos=bool(data_cfg.add_bos), add_eos=bool(data_cfg.add_eos))
   return TokenizedCorpus(config=config, data_dir=data_cfg.data_dir or None,
                          file_format="array_record")
@@ -389,13 +394,44 @@ def catalog_documents(corpus: str, text_field: str, source_field: str, target_fi
 
 def prepare(data_cfg, tokenized: bool = False) -> TextCorpus:
   """Writes the ArrayRecord files for `data_cfg` (tokenized: its documents' token ids, see
-  TokenizedCorpus) unless they already exist; returns the builder."""
+  TokenizedCorpus) unless they already exist; returns the builder. A data.data_dir on gs:// is
+  prepared in a local temporary folder and uploaded (ArrayRecord writes local files only; it
+  reads gs:// shards itself)."""
   make = tokenized_builder if tokenized else builder
   b = make(data_cfg)
-  if b.is_prepared():
+  remote = paths.is_remote(b.data_dir)
+  if _checked(remote, data_cfg, b.is_prepared):
     return b
   what = f"tokenized with {data_cfg.tokenizer}" if tokenized else "ArrayRecord"
   print(f"preparing {data_cfg.corpus} as {what} under {b.data_dir} (once)", flush=True)
+  if not remote:
+    return _prepare_here(b, lambda: make(data_cfg))
+  _checked(remote, data_cfg, lambda: paths.check_writable(b.data_dir))  # before the work
+  with tempfile.TemporaryDirectory(prefix="tfds-") as tmp:
+    # The same dataset (config, version) with a local data_dir: its files' names are the same.
+    local = type(b)(config=b.builder_config, version=str(b.version), data_dir=tmp,
+                    file_format="array_record")
+    local = _prepare_here(local, lambda: None)
+    # The JSON files last: TFDS takes a folder with dataset_info.json for a prepared one.
+    _checked(remote, data_cfg, lambda: paths.upload(
+        local.data_dir, b.data_dir, last=("features.json", "dataset_info.json")))
+  return make(data_cfg)
+
+
+def _checked(remote: bool, data_cfg, fn):
+  """fn(); on gs://, a storage error (a missing bucket, no access, no server) is one line."""
+  if not remote:
+    return fn()
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"data.data_dir={data_cfg.data_dir!r} is not usable: "
+                      f"{paths.why(e, data_cfg.data_dir)}") from None
+
+
+def _prepare_here(b, again):
+  """Prepares builder `b` in its (local) data_dir; `again()` rebuilds it after a failure that
+  another process's finished preparation may explain (None: no such retry)."""
   _remove_stale_incomplete(b.data_dir)
   try:
     tfds.disable_progress_bar()
@@ -407,8 +443,8 @@ def prepare(data_cfg, tokenized: bool = False) -> TextCorpus:
   except OSError:
     # Another process may have finished the same dataset first (TFDS writes to a temporary
     # directory and renames it): use theirs.
-    b = make(data_cfg)
-    if not b.is_prepared():
+    b = again()
+    if b is None or not b.is_prepared():
       raise
   return b
 

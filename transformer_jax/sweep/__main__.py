@@ -20,6 +20,10 @@
            Compute-optimal params and tokens for C FLOPs and the predicted loss, with intervals;
            the last line is one JSON object with params, tokens, loss and "intervals".
 
+DIR, RUNS.jsonl and --out may be gs:// URLs (config/paths.py): the plan, the runs' workdirs,
+runs.jsonl, fit.json, the plots and report.md are then objects in the bucket (a run's train.log is
+kept locally while it runs and uploaded when it ends).
+
 Each line of RUNS.jsonl is {"params": N, "tokens": D, "loss": final eval loss, "flops": C}
 (flops optional: 6·N·D when absent). Mistakes are one `error: ...` line and exit code 2.
 

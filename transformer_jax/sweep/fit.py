@@ -19,12 +19,14 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 from scipy import optimize
 from scipy import special
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import corpus
 
 HUBER_DELTA = 1e-3  # on log-loss residuals, as Hoffmann et al. 2022
@@ -84,10 +86,10 @@ def _positive_number(row, key, where):
 def load_runs(path) -> Runs:
   """Reads RUNS.jsonl: one JSON object per line with params, tokens, loss and optionally flops.
   Every malformed line is a ConfigError naming the file and line."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise ConfigError(f"runs file not found: {path}")
   rows = []
-  for _, where, row in corpus.json_lines(path):
+  for _, where, row in _json_lines(path):
     for key in ("params", "tokens", "loss"):
       if key not in row:
         raise ConfigError(f"{where}: missing {key!r} (each line needs params, tokens, loss and "
@@ -330,24 +332,39 @@ def fit_runs(runs: Runs, bootstrap=200, seed=0, level=0.95, rtol=BUDGET_RTOL) ->
           "holdout": holdout_check(runs, rtol=rtol), "budget_rtol": rtol}
 
 
+def _json_lines(path):
+  """corpus.json_lines of a local file or a gs:// object (read from a local copy; the lines and
+  errors name `path`)."""
+  if not paths.is_remote(path):
+    yield from corpus.json_lines(path)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "runs.jsonl")
+    with open(local, "w", encoding="utf-8") as f:
+      f.write(paths.read_text(path))
+    try:
+      for lineno, where, row in corpus.json_lines(local):
+        yield lineno, where.replace(local, path, 1), row
+    except ConfigError as e:
+      raise ConfigError(str(e).replace(local, path, 1)) from None
+
+
 def save_fit(out_dir, fit: dict) -> str:
-  """Writes DIR/fit.json (what `predict` reads); returns its path."""
-  path = os.path.join(out_dir, FIT_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(fit, f, indent=1)
+  """Writes DIR/fit.json (what `predict` reads; DIR local or gs://...); returns its path."""
+  path = paths.join(out_dir, FIT_FILE)
+  paths.write_text(path, json.dumps(fit, indent=1))
   return path
 
 
 def load_fit(path) -> dict:
   """Reads a fit from DIR (its fit.json) or from a fit.json path."""
-  if os.path.isdir(path):
-    path = os.path.join(path, FIT_FILE)
-  if not os.path.isfile(path):
+  if paths.isdir(path):
+    path = paths.join(path, FIT_FILE)
+  if not paths.isfile(path):
     raise ConfigError(f"fit not found: {path} (write one with `python -m transformer_jax.sweep fit "
                       "--runs=RUNS.jsonl --out=DIR`)")
   try:
-    with open(path, encoding="utf-8") as f:
-      fit = json.load(f)
+    fit = json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: not valid JSON ({e.msg})") from None
   fit3 = fit.get("approach3") if isinstance(fit, dict) else None

@@ -25,6 +25,7 @@ import os
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.models import families
 from transformer_jax.perf import counting
 
@@ -126,16 +127,15 @@ def plan(sweep_path: str):
 
 def write(runs, out_dir: str):
   """DIR/NAME/config.json per run (train resumes from it: `--workdir=DIR/NAME`) and
-  DIR/plan.jsonl, one line per run."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "plan.jsonl"), "w") as f:
-    for run, config in runs:
-      os.makedirs(os.path.join(out_dir, run.name), exist_ok=True)
-      path = os.path.join(out_dir, run.name, "config.json")
-      if not os.path.exists(path):  # never rewrite the config of a run that may have started
-        with open(path, "w") as g:
-          g.write(config_lib.to_json(config))
-      f.write(json.dumps(dataclasses.asdict(run)) + "\n")
+  DIR/plan.jsonl, one line per run (DIR may be gs://...: config/paths.py)."""
+  lines = []
+  for run, config in runs:
+    paths.makedirs(paths.join(out_dir, run.name))
+    path = paths.join(out_dir, run.name, "config.json")
+    if not paths.exists(path):  # never rewrite the config of a run that may have started
+      paths.write_text(path, config_lib.to_json(config))
+    lines.append(json.dumps(dataclasses.asdict(run)) + "\n")
+  paths.write_text(paths.join(out_dir, "plan.jsonl"), "".join(lines))
 
 
 def table(runs) -> str:

@@ -3,7 +3,7 @@ display is needed) and report.md, which links them and lists every fitted consta
 interval beside the published ones; plus the short text summary the CLI prints."""
 
 import collections
-import os
+import io
 
 import matplotlib
 
@@ -13,6 +13,7 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-impor
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
 from transformer_jax.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top
 
 PLOTS = {"isoflop.png": "isoFLOP curves with fitted parabolas (approach 2)",
@@ -223,16 +224,21 @@ def markdown(fit, runs, runs_path) -> str:
 
 
 def write(out_dir, runs, fit, runs_path) -> list:
-  """Writes fit.json, the PNGs and report.md into out_dir; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [fit_lib.save_fit(out_dir, fit)]
+  """Writes fit.json, the PNGs and report.md into out_dir (local or gs://...); returns their
+  paths."""
+  paths.makedirs(out_dir)
+  written = [fit_lib.save_fit(out_dir, fit)]
   for name, plot in zip(PLOTS, (plot_isoflop, plot_frontier, plot_optimal)):
-    paths.append(os.path.join(out_dir, name))
-    plot(paths[-1], runs, fit)
-  paths.append(os.path.join(out_dir, "report.md"))
-  with open(paths[-1], "w", encoding="utf-8") as f:
-    f.write(markdown(fit, runs, runs_path))
-  return paths
+    written.append(paths.join(out_dir, name))
+    if paths.is_remote(out_dir):  # drawn in memory, written as one object
+      png = io.BytesIO()
+      plot(png, runs, fit)
+      paths.path(written[-1]).write_bytes(png.getvalue())
+    else:
+      plot(written[-1], runs, fit)
+  written.append(paths.join(out_dir, "report.md"))
+  paths.write_text(written[-1], markdown(fit, runs, runs_path))
+  return written
 
 
 def text_summary(fit) -> str:

@@ -1,53 +1,55 @@
 """Running a planned sweep: each run is an ordinary training workdir, DIR/NAME, whose config.json
 the plan wrote, so `python -m transformer_jax.train --workdir=DIR/NAME` starts it, resumes it when
 it was interrupted, and does nothing new when it is finished. A run is finished when its
-metrics.jsonl holds the held-out evaluation at its last step."""
+metrics.jsonl holds the held-out evaluation at its last step. DIR may be gs://... (config/paths.py):
+the plan, the workdirs and runs.jsonl are in the bucket; a run's train.log is written locally while
+it runs and uploaded when it ends."""
 
 import json
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 
 
 def load_plan(sweep_dir: str) -> list[dict]:
-  path = os.path.join(sweep_dir, "plan.jsonl")
-  if not os.path.isfile(path):
+  path = paths.join(sweep_dir, "plan.jsonl")
+  if not paths.isfile(path):
     raise ConfigError(f"{path} not found; run `python -m transformer_jax.sweep plan` first")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def final_eval(workdir: str, steps: int):
   """The eval loss logged at `steps`, or None while the run is not finished."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.isfile(path):
     return None
   loss = None
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:  # a line cut short by a kill: the rerun logs it again
-        continue
-      if row.get("step") == steps and "eval_loss" in row:
-        loss = row["eval_loss"]
+  for line in paths.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill: the rerun logs it again
+      continue
+    if row.get("step") == steps and "eval_loss" in row:
+      loss = row["eval_loss"]
   return loss
 
 
 def status(sweep_dir: str, run: dict) -> str:
-  workdir = os.path.join(sweep_dir, run["name"])
+  workdir = paths.join(sweep_dir, run["name"])
   if final_eval(workdir, run["steps"]) is not None:
     return "done"
-  return "interrupted" if os.path.isdir(os.path.join(workdir, "checkpoints")) else "pending"
+  return "interrupted" if paths.isdir(paths.join(workdir, "checkpoints")) else "pending"
 
 
 def train_command(sweep_dir: str, run: dict) -> list[str]:
   return [sys.executable, "-m", "transformer_jax.train",
-          f"--workdir={os.path.join(sweep_dir, run['name'])}"]
+          f"--workdir={paths.join(sweep_dir, run['name'])}"]
 
 
 LAUNCHERS = {"tpu_vm": "launch/tpu_vm.sh", "slurm": "launch/gpu_slurm.sh"}
@@ -57,7 +59,7 @@ def launch_command(sweep_dir: str, run: dict, launcher: str = "local",
                    launcher_args: str = "") -> str:
   """One shell line that trains `run`: the plain train command, or a launch script's (its flags
   `launcher_args` go in verbatim) with the run's workdir, whose config.json the plan wrote."""
-  workdir = shlex.quote(os.path.join(sweep_dir, run["name"]))
+  workdir = shlex.quote(paths.join(sweep_dir, run["name"]))
   if launcher == "local":
     return f"python -m transformer_jax.train --workdir={workdir}"
   args = f" {launcher_args.strip()}" if launcher_args.strip() else ""
@@ -72,7 +74,7 @@ def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
   while todo or running:
     while todo and len(running) < jobs:
       run = todo.pop(0)
-      log = open(os.path.join(sweep_dir, run["name"], "train.log"), "a")
+      log = _open_log(sweep_dir, run)
       say(f"start {run['name']} ({status(sweep_dir, run)})")
       running.append((run, log, subprocess.Popen(train_command(sweep_dir, run), stdout=log,
                                                  stderr=subprocess.STDOUT)))
@@ -80,12 +82,30 @@ def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
     for item in [r for r in running if r[2].poll() is not None]:
       run, log, proc = item
       running.remove(item)
-      log.close()
+      _close_log(sweep_dir, run, log)
       ok = proc.returncode == 0
       failed += not ok
       say(f"{'done' if ok else f'FAILED (exit {proc.returncode})'} {run['name']}"
-          + ("" if ok else f"; see {os.path.join(sweep_dir, run['name'], 'train.log')}"))
+          + ("" if ok else f"; see {paths.join(sweep_dir, run['name'], 'train.log')}"))
   return failed
+
+
+def _open_log(sweep_dir: str, run: dict):
+  """The run's train.log, appended to; on gs:// a local temporary file (see _close_log)."""
+  # pylint: disable=consider-using-with
+  if not paths.is_remote(sweep_dir):
+    return open(os.path.join(sweep_dir, run["name"], "train.log"), "a")
+  return tempfile.NamedTemporaryFile("w+", prefix="train-", suffix=".log")
+
+
+def _close_log(sweep_dir: str, run: dict, log):
+  """Closes the log; on gs:// its text is added to the bucket's train.log (one rewrite a run)."""
+  if paths.is_remote(sweep_dir):
+    log.flush()
+    log.seek(0)
+    path = paths.join(sweep_dir, run["name"], "train.log")
+    paths.write_text(path, (paths.read_text(path) if paths.isfile(path) else "") + log.read())
+  log.close()
 
 
 def collect(sweep_dir: str) -> str:
@@ -93,13 +113,13 @@ def collect(sweep_dir: str) -> str:
   FLOP formula (matmul parameters, the tied output table included, as Chinchilla counts), so
   C ≈ 6·N·D holds for the fit's isoFLOP algebra even when embeddings dominate a small model;
   params_nonembed (Kaplan's N) and params_total ride along. `loss` is the final held-out loss."""
-  path = os.path.join(sweep_dir, "runs.jsonl")
-  with open(path, "w") as f:
-    for run in load_plan(sweep_dir):
-      loss = final_eval(os.path.join(sweep_dir, run["name"]), run["steps"])
-      if loss is not None:
-        f.write(json.dumps({"name": run["name"], "params": run["matmul_params"],
-                            "params_nonembed": run["params_nonembed"],
-                            "params_total": run["params"], "tokens": run["tokens"],
-                            "flops": run["flops"], "loss": loss}) + "\n")
+  path, lines = paths.join(sweep_dir, "runs.jsonl"), []
+  for run in load_plan(sweep_dir):
+    loss = final_eval(paths.join(sweep_dir, run["name"]), run["steps"])
+    if loss is not None:
+      lines.append(json.dumps({"name": run["name"], "params": run["matmul_params"],
+                               "params_nonembed": run["params_nonembed"],
+                               "params_total": run["params"], "tokens": run["tokens"],
+                               "flops": run["flops"], "loss": loss}) + "\n")
+  paths.write_text(path, "".join(lines))
   return path
