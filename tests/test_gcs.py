@@ -5,7 +5,7 @@ STORAGE_EMULATOR_HOST like Google's own clients: Orbax's checkpoints, config.jso
 TensorBoard events and the lock all land in the bucket; kill -9 and resume gives an uninterrupted
 run's losses; a missing bucket, and the emulator going away as a save begins, are one-line
 errors; the lock refuses a second live run; an unreadable checkpoint in the bucket is set aside
-there. (Two processes sharing a gs:// workdir: not here, ~35 s alone.)"""
+there; two processes share a gs:// workdir and one process resumes their run."""
 
 import json
 import os
@@ -431,3 +431,35 @@ def test_a_sweep_directory_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch, 
   paths.write_text(f"{out}/bad.jsonl", json.dumps(rows[0]) + "\n{oops\n")
   with pytest.raises(ConfigError, match=rf"^{out}/bad.jsonl:2 is not valid JSON \("):
     sweep_cli.main(["fit", f"--runs={out}/bad.jsonl", f"--out={out}/fit2"])
+
+
+def test_two_processes_share_a_gs_workdir(gcs, tiny_data):
+  """A 2-process job (1 CPU device each, gloo) with its workdir in the bucket: both processes
+  write their parts of each checkpoint there (their data shards, their arrays), process 0 the rest;
+  a 1-process run then resumes from it."""
+  workdir = f"gs://{BUCKET}/two"
+  flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{
+      **EXTRA, "train.steps": 4, "data.shards": 2, "mesh.data": -1})]
+  cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
+         f"--workdir={workdir}"] + flags
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
+             JAX_PLATFORMS="cpu", TJAX_NUM_PROCESSES="2", TJAX_COORDINATOR=f"127.0.0.1:{port}")
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, TJAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert sorted(_losses(workdir)) == [1, 2, 3, 4]
+  assert paths.listdir(f"{workdir}/checkpoints/4/data")[-2:] == [
+      "shard-0-of-2.json", "shard-1-of-2.json"]
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **{
+      **EXTRA, "data.shards": 2}))
+  out = loop.train(config, workdir, quiet=True, devices=ONE())
+  assert out["step"] == STEPS and sorted(_losses(workdir)) == list(range(1, STEPS + 1))
