@@ -380,9 +380,20 @@ def test_a_hugging_face_directory_in_the_bucket(gcs, tiny_data, tmp_path):
   with pytest.raises(ConfigError, match=rf"^gs://{BUCKET}/hf/none is not a Hugging Face model "
                      r"directory \(no config.json\)$"):
     convert_cli.main(["import", f"--hf_dir=gs://{BUCKET}/hf/none", f"--workdir={tmp_path}/x"])
-  paths.write_text(f"{remote}/tokenizer.json", "{}")  # not readable from a gs:// workdir: refused
-  with pytest.raises(ConfigError, match=r"a Hugging Face tokenizer is read from local files only"):
-    convert_cli.main(["import", f"--hf_dir={remote}", f"--workdir={workdir}2"])
+  # A checkpoint's tokenizer.json goes into a gs:// workdir too, and the config names it there.
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  words = {w: i for i, w in enumerate(["[UNK]", "def", "return", "self", "x", "(", ")", ":",
+                                        "<|endoftext|>"])}  # GPT-2's bos and eos
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(["<|endoftext|>"])
+  paths.write_text(f"{remote}/tokenizer.json", tok.to_str())
+  convert_cli.main(["import", f"--hf_dir={remote}", f"--workdir={workdir}2"]
+                   + [f"--config.{o}" for o in overrides if not o.startswith("data.tokenizer=")])
+  config = config_lib.from_json_file(f"{workdir}2/config.json")
+  assert config.data.tokenizer == f"{workdir}2/tokenizer"
+  assert tokenization.load(config.data.tokenizer).encode("def self ( x ) :") == [1, 3, 5, 4, 6, 7]
 
 
 def test_a_sweep_directory_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch, capsys):
@@ -463,3 +474,17 @@ def test_two_processes_share_a_gs_workdir(gcs, tiny_data):
       **EXTRA, "data.shards": 2}))
   out = loop.train(config, workdir, quiet=True, devices=ONE())
   assert out["step"] == STEPS and sorted(_losses(workdir)) == list(range(1, STEPS + 1))
+
+
+def test_a_distillation_teacher_in_the_bucket(gcs, tiny_data, reference):
+  """train.distill.teacher=gs://...: the teacher's config and latest checkpoint are read from the
+  bucket (the reference run there), its parameters exactly those saved."""
+  from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+  student = _config(tiny_data, **{"train.distill.teacher": reference[0]})
+  trainer = Trainer(student, sharding.make_mesh(student, ONE()))
+  ckpts = ckpt_lib.Checkpoints(reference[0], student.checkpoint, read_only=True)
+  step, saved = ckpts.restore_params(trainer.abstract_state.params)
+  assert step == STEPS
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(trainer.teacher.params)):
+    assert (jax.device_get(a) == jax.device_get(b)).all()

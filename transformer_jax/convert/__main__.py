@@ -20,8 +20,7 @@ model.safetensors + config.json + generation_config.json. Flags also take `--fla
 
 Any of the directories may be gs:// URLs (config/paths.py): an HF directory in a bucket is read
 through a local temporary copy of its safetensors files and written locally, then uploaded (its
-config.json last). A checkpoint's tokenizer.json is not carried into a gs:// workdir (Hugging Face
-tokenizers are read from local files only): give --config.data.tokenizer there.
+config.json last); a checkpoint's tokenizer.json is copied into a gs:// workdir like a local one.
 """
 
 import json
@@ -68,9 +67,6 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   if values.get("sentence_head"):  # BertForPreTraining: keep training its NSP head
     config.data.sentence_pair = config.data.sentence_pair or "nsp"
   if not any(item.startswith("data.tokenizer=") for item in overrides):
-    if paths.is_remote(workdir) and paths.isfile(paths.join(hf_dir, "tokenizer.json")):
-      raise ConfigError(f"--workdir={workdir}: a Hugging Face tokenizer is read from local files "
-                        f"only; import into a local --workdir, or give --config.data.tokenizer")
     copied = _copy_tokenizer(hf_dir, paths.join(workdir, TOKENIZER_DIR))
     if copied:  # the model keeps reading the ids it was trained on
       config.data.tokenizer = copied

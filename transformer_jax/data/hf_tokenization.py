@@ -12,9 +12,10 @@ segment id 0 and weight 0, whatever token id fills it.
 """
 
 import json
-import os
 
 import tokenizers
+
+from transformer_jax.config import paths
 
 FILE = "tokenizer.json"
 _NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
@@ -24,12 +25,12 @@ _NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
 
 def path_of(path: str) -> str:
   """The tokenizer.json of `path` (the file, or a directory holding one)."""
-  return os.path.join(path, FILE) if os.path.isdir(path) else path
+  return paths.join(path, FILE) if paths.isdir(path) else path  # local or gs://
 
 
 def is_hf(path: str) -> bool:
   """Whether `path` is a Hugging Face tokenizer (a .json file, or a directory with FILE)."""
-  return path.endswith(".json") or os.path.isfile(os.path.join(path, FILE))
+  return path.endswith(".json") or paths.isfile(paths.join(path, FILE))
 
 
 class HFTokenizer:
@@ -120,15 +121,13 @@ class HFTokenizer:
 
 def config_beside(path: str) -> dict:
   """tokenizer_config.json beside the tokenizer.json of `path` ({} if none)."""
-  config_file = os.path.join(os.path.dirname(path_of(path)), "tokenizer_config.json")
-  if not os.path.isfile(config_file):
+  config_file = paths.join(paths.dirname(path_of(path)), "tokenizer_config.json")
+  if not paths.isfile(config_file):
     return {}
-  with open(config_file, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(config_file))
 
 
 def load(path: str) -> HFTokenizer:
   """The tokenizer at `path` (tokenizer.json or its directory), with config_beside's special
   tokens."""
-  with open(path_of(path), encoding="utf-8") as f:
-    return HFTokenizer(f.read(), config_beside(path))
+  return HFTokenizer(paths.read_text(path_of(path)), config_beside(path))

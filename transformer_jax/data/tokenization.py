@@ -331,7 +331,7 @@ def load(path: str, **command):
   one: data/hf_tokenization.py). A missing or unreadable file raises ConfigError with the
   command to make one. The keyword arguments only fill in that command (`create_command`'s).
   """
-  if path and hf_tokenization.is_hf(path) and os.path.isfile(tokenizer_file(path)):
+  if path and hf_tokenization.is_hf(path) and paths.isfile(tokenizer_file(path)):
     try:
       return hf_tokenization.load(path)
     except Exception as e:  # pylint: disable=broad-except

@@ -28,7 +28,6 @@ matches teacher block (i + 1) * L_t // L_s - 1, so the last matches the last.
 """
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -86,11 +85,11 @@ def load(config, mesh, rule_table) -> Teacher | None:
   if not d.teacher:
     return None
   path, hf_params = d.teacher, None
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    teacher_config = config_lib.from_json_file(os.path.join(path, "config.json"))
+  if paths.isdir(paths.join(path, "checkpoints")):  # a local or gs:// workdir
+    teacher_config = config_lib.from_json_file(paths.join(path, "config.json"))
     _same_tokenizer(config.data.tokenizer, teacher_config.data.tokenizer, path)
     model = families.build_model(teacher_config)
-  elif os.path.isfile(os.path.join(path, "config.json")):
+  elif paths.isfile(paths.join(path, "config.json")):
     from transformer_jax.convert import hf  # pylint: disable=g-import-not-at-top
     model, hf_params = hf.from_hf(path)
   else:
