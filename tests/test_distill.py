@@ -103,6 +103,28 @@ def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_
   assert step == 5 and distill.PROJECTION not in params
 
 
+def test_the_uniform_layer_map():
+  """Each student block to the teacher block that ends its share of the depth, last to last;
+  a student deeper than its teacher never pairs with a block past it (nor wraps round)."""
+  assert distill.uniform_pairs(2, 4) == [(0, 1), (1, 3)]
+  assert distill.uniform_pairs(3, 12) == [(0, 3), (1, 7), (2, 11)]
+  assert distill.uniform_pairs(4, 4) == [(i, i) for i in range(4)]
+  assert distill.uniform_pairs(6, 3) == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 2)]
+
+
+def test_explicit_pairs_are_checked_against_every_stack():
+  """An encoder-decoder's pairs apply to its encoder and its decoder: a layer the shallower
+  stack lacks is refused in one line, not an index error inside the compiled step."""
+  config = config_lib.load(f"{REPO}/configs/t5.py:tiny", [
+      "model.num_layers=4", "model.num_decoder_layers=2", "train.distill.hidden_layers=((3, 1),)"])
+  model = families.build_model(config)
+  with pytest.raises(ConfigError, match=r"student layer 3 does not exist \(the student's stacks "
+                     r"have 2 and 4 layers\)$"):
+    distill._layer_pairs(config, model)  # pylint: disable=protected-access
+  config.train.distill.hidden_layers = ((1, 1),)
+  assert distill._layer_pairs(config, model) == ((1, 1),)  # pylint: disable=protected-access
+
+
 def test_hidden_state_matching_equals_its_formula():
   """The hidden term is the mean over the uniform map's pairs (1 student block: the teacher's
   last) of the per-token mean squared error of the projected residual streams over non-padding

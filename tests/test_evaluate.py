@@ -275,6 +275,11 @@ def test_summaries_are_scored_with_rouge(tmp_path):
   # rouge2: P 2/2, R 2/5 -> F 4/7; the second has no bigram: 0.
   assert partial["rouge1"] == pytest.approx(100 * (2 / 3) / 2)
   assert partial["rouge2"] == pytest.approx(100 * (4 / 7) / 2)
+  # rougeLsum takes the LCS sentence by sentence (split at . ! ? and line breaks): the same two
+  # sentences in the other order score 100 (one LCS over the whole text would give 50).
+  task.examples = [{"document": "x", "summary": "The cat sat. The dog ran!"}]
+  swapped = tasks_lib.run(task, _fake_lm(["The dog ran!  The cat sat."], []))
+  assert swapped["rougeLsum"] == pytest.approx(100.0) and swapped["rouge1"] == 100.0
 
 
 class TjaxTestChoices(tfds.core.GeneratorBasedBuilder):

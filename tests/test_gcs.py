@@ -9,6 +9,7 @@ there; two processes share a gs:// workdir and one process resumes their run."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -250,6 +251,34 @@ def test_the_lock_refuses_a_second_live_run_and_not_a_dead_ones_leftover(gcs, ti
     assert json.loads(paths.read_text(f"{workdir}/lock"))["pid"] == os.getpid()
 
 
+def test_a_run_whose_lock_was_taken_over_writes_nothing_more(gcs, tiny_data, monkeypatch):
+  """A run cut off from the bucket past STALE_S finds, when its heartbeat gets through again,
+  another run's lock: it does not overwrite it, and the next checkpoint is refused, not written
+  over the other run's."""
+  monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+  workdir = f"gs://{BUCKET}/taken"
+  other = {"host": "another-host", "pid": 1, "since": "then", "command": "train", "token": "t"}
+  with lock.hold(workdir) as still_ours:
+    still_ours()
+    paths.write_text(f"{workdir}/lock", json.dumps(dict(other, heartbeat=time.time())))
+    deadline = time.time() + 30
+    while time.time() < deadline:
+      try:
+        still_ours()
+        time.sleep(0.05)
+      except lock.LockLost as e:
+        assert re.fullmatch(rf"{workdir} was taken over by pid 1 on another-host since then "
+                            r"\(train\), heartbeat \d+ s ago \(a lock without one for 120 s is "
+                            r"free\) while this run could not reach it; stopped without writing "
+                            r"to it", str(e)), str(e)
+        break
+    else:
+      raise AssertionError("the lost lock was never noticed")
+    time.sleep(0.2)
+    assert json.loads(paths.read_text(f"{workdir}/lock"))["token"] == "t"  # not rewritten
+  assert json.loads(paths.read_text(f"{workdir}/lock"))["token"] == "t"  # nor deleted
+
+
 def test_an_unreadable_checkpoint_in_the_bucket_is_set_aside(gcs, tiny_data, reference):
   import fsspec  # pylint: disable=g-import-not-at-top
   from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
@@ -259,11 +288,22 @@ def test_an_unreadable_checkpoint_in_the_bucket_is_set_aside(gcs, tiny_data, ref
   fs.copy(f"{reference[0]}/checkpoints", f"{workdir}/checkpoints", recursive=True)
   config = _config(tiny_data)
   kept = SAVED[-config.checkpoint.keep:]
-  fs.rm(f"{workdir}/checkpoints/{kept[-1]}/state/_METADATA")  # the newest one, damaged
+  abstract = Trainer(config, sharding.make_mesh(config, ONE())).abstract_state
   ckpts = ckpt_lib.Checkpoints(workdir, config.checkpoint)
+  read = ckpts.manager.restore
+  def unavailable(*args, **kwargs):  # the bucket out of reach halfway through TensorStore's read
+    raise ValueError("UNAVAILABLE: Error reading "
+                     f"\"{workdir}/checkpoints/{kept[-1]}/state/d/1\": socket closed")
+  ckpts.manager.restore = unavailable
+  with pytest.raises(ckpt_lib.WriteError, match=rf"^reading checkpoint {kept[-1]} from "
+                     rf"{workdir}/checkpoints failed: ValueError: UNAVAILABLE: Error reading .*; "
+                     r"fix the bucket or the connection to it, then re-run the same command$"):
+    ckpts.restore(abstract)
+  assert ckpts.all_steps() == kept  # a good checkpoint is not set aside for an outage
+  ckpts.manager.restore = read
+  fs.rm(f"{workdir}/checkpoints/{kept[-1]}/state/_METADATA")  # the newest one, damaged
   said = []
-  step, _ = ckpts.restore(Trainer(config, sharding.make_mesh(config, ONE())).abstract_state,
-                          report=said.append)
+  step, _ = ckpts.restore(abstract, report=said.append)
   ckpts.close()
   assert step == kept[-2] and len(said) == 1
   assert said[0].startswith(f"checkpoint {kept[-1]} is unreadable (") and \
@@ -363,6 +403,19 @@ def test_a_hugging_face_directory_in_the_bucket(gcs, tiny_data, tmp_path):
   paths.upload(local, remote)
   _, got = hf_lib.from_hf(remote)
   assert jax.tree.structure(got) == jax.tree.structure(made)
+  assert all((a == b).all() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(made)))
+  # The same checkpoint sharded as large ones are (an index and two files) reads the same.
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  tensors, sharded = load_file(str(local / "model.safetensors")), tmp_path / "sharded"
+  sharded.mkdir()
+  (sharded / "config.json").write_text((local / "config.json").read_text())
+  names = sorted(tensors)
+  weight_map = {n: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, n in enumerate(names)}
+  for file in set(weight_map.values()):
+    save_file({n: tensors[n] for n in names if weight_map[n] == file}, str(sharded / file))
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  paths.upload(sharded, f"gs://{BUCKET}/hf/sharded")
+  _, got = hf_lib.from_hf(f"gs://{BUCKET}/hf/sharded")
   assert all((a == b).all() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(made)))
   workdir, out = f"gs://{BUCKET}/converted", f"gs://{BUCKET}/hf/exported"
   overrides = tiny_overrides(tiny_data, **{"model.max_len": 64})
@@ -488,3 +541,23 @@ def test_a_distillation_teacher_in_the_bucket(gcs, tiny_data, reference):
   assert step == STEPS
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(trainer.teacher.params)):
     assert (jax.device_get(a) == jax.device_get(b)).all()
+
+
+def test_reading_commands_take_a_run_in_the_bucket(gcs, tiny_data, reference, capsys):
+  """evaluate's loader, sample and quantize read a gs:// workdir (quantize writes into the
+  bucket too, and sample reads that)."""
+  from transformer_jax import quantize  # pylint: disable=g-import-not-at-top
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
+  ref, out = reference[0], f"gs://{BUCKET}/quantized"
+  _, step, _ = harness.load_workdir(ref, devices=ONE())
+  assert step == SAVED[-1]
+  sample.main([f"--workdir={ref}", "--prompt=def", "--max_new_tokens=2"])
+  assert capsys.readouterr().out.startswith(f"[step {step}] def")
+  quantize.main([f"--workdir={ref}", f"--out={out}", "--mode=int8"])
+  figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert figures["out"] == out and figures["quantized_disk_bytes"] > 0
+  assert store.is_quantized(out) and paths.isfile(f"{out}/config.json")
+  sample.main([f"--workdir={out}", "--prompt=def", "--max_new_tokens=2"])
+  assert capsys.readouterr().out.startswith(f"[step {step}] def")

@@ -150,3 +150,19 @@ def test_restore_onto_another_mesh_and_device_count_gives_identical_params(tiny_
   for _ in range(3):
     next(fresh)
   np.testing.assert_array_equal(next(data)["inputs"], next(fresh)["inputs"])
+
+
+def test_a_sequence_axis_across_processes_trains_like_one_process(tiny_data, tmp_path):
+  """mesh.sequence=4 over 2 processes x 2 devices (each process holds half of every row's
+  tokens, ring attention between hosts) gives 1 process x 4 devices' losses."""
+  flags = _flags(tiny_data, **{"train.steps": 4, "optimizer.decay_steps": 4, "mesh.data": 1,
+                               "mesh.sequence": 4, "checkpoint.every_steps": 4})
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  procs = [_local(ref, 1, 4, flags), _local(run, 2, 2, flags)]
+  for p in procs:
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out[-3000:]
+  got, want = _losses(run), _losses(ref)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  for step, loss in want.items():
+    assert got[step] == pytest.approx(loss, rel=1e-4), step

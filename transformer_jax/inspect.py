@@ -29,6 +29,7 @@ import os
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 
 FLAGS = {"workdir": "", "step": -1, "text": "", "file": "", "out": "", "target": "",
          "top_k": 5, "init": False}
@@ -102,7 +103,8 @@ def probe_main(argv):
   x = probe.features(trainer, params, tokenizer, texts, batch_size=f["batch_size"])
   result = probe.fit(x, labels, holdout=f["holdout"], seed=f["seed"], steps=f["steps"])
   result.update(step=step, data=f["data"], label_field=f["label_field"])
-  out = f["out"] or os.path.join(f["workdir"], "inspect")
+  out = f["out"] or ("inspect" if paths.is_remote(f["workdir"]) else  # written locally
+                     os.path.join(f["workdir"], "inspect"))
   os.makedirs(out, exist_ok=True)
   from transformer_jax.evaluation import interpret_plots  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out, "probe.json"), "w") as fh:

@@ -7,10 +7,10 @@ corruption model, put sentinels like <extra_id_0> where text is missing) and wri
 an encoder (BERT) fills in masks: `--fill_mask="x = [MASK] + 1"`. `--beam_size=K` searches K
 beams with GNMT's length penalty (alpha 0.6) instead of sampling (encoder-decoders)."""
 
-import os
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 
 
 def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0.8, top_k=0,
@@ -77,8 +77,8 @@ def main(argv):
   _, _, f = cli.parse(argv, {"workdir": "", "prompt": "", "max_new_tokens": 64,
                              "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0,
                              "fill_mask": "", "beam_size": 0})
-  saved = os.path.join(f["workdir"], "config.json")
-  if not f["workdir"] or not os.path.isfile(saved):
+  saved = paths.join(f["workdir"], "config.json")  # local or gs://
+  if not f["workdir"] or not paths.isfile(saved):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {f['workdir']!r})")
   if f["max_new_tokens"] < 1 or f["temperature"] < 0 or not 0 < f["top_p"] <= 1:
     raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1")

@@ -55,7 +55,7 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   if paths.isdir(paths.join(workdir, "checkpoints")):
     raise ConfigError(f"{workdir} already has checkpoints; import into a new --workdir")
   hf = hf_lib.read_config(hf_dir)
-  hf_lib.weight_files(hf_dir)  # a pickle-only directory is refused before anything else
+  hf_lib.weight_names(hf_dir)  # a pickle-only directory is refused before anything else
   if family:
     hf = {**hf, "model_type": family}
   values = hf_lib.hf_model_config(hf)
@@ -145,10 +145,10 @@ def export_hf(workdir, hf_dir, step=-1):
   if params is None:
     raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
   hf = _export_hf_config(workdir, config)
-  written = hf_lib.to_hf(model, params, hf_dir, family=hf.get("model_type", ""), hf_config=hf)
   tokenizer = config.data.tokenizer
-  if tokenizer and paths.isdir(tokenizer):  # a Hugging Face tokenizer (an import's): it goes along
-    _copy_tokenizer(tokenizer, hf_dir)
+  if tokenizer and paths.isdir(tokenizer):  # a Hugging Face tokenizer (an import's) goes along,
+    _copy_tokenizer(tokenizer, hf_dir)  # before config.json: a reader waiting for it has both
+  written = hf_lib.to_hf(model, params, hf_dir, family=hf.get("model_type", ""), hf_config=hf)
   print(f"exported step {got} of {workdir} as {written['model_type']} (vocabulary "
         f"{written['vocab_size']}) to {hf_dir}")
   return written

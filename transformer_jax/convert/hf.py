@@ -85,25 +85,22 @@ def weight_names(hf_dir: str) -> list[str]:
   raise ConfigError(f"{hf_dir} has no {SAFETENSORS} (nor {INDEX})")
 
 
-def weight_files(hf_dir: str) -> list[str]:
-  return [paths.join(hf_dir, name) for name in weight_names(hf_dir)]
-
-
 def read_tensors(hf_dir: str) -> dict:
   """{name: numpy array} from the directory's safetensors file(s), bfloat16 included (read
   through safetensors' flax backend onto the CPU; numpy has no bfloat16). A gs:// directory's
   files are downloaded to a temporary folder first (safetensors reads local files)."""
+  names = weight_names(hf_dir)
   if paths.is_remote(hf_dir):
     with tempfile.TemporaryDirectory(prefix="hf-") as tmp:
-      return _read_tensors(paths.download(hf_dir, weight_names(hf_dir), tmp))
-  return _read_tensors(hf_dir)
+      return _read_tensors(paths.download(hf_dir, names, tmp), names)
+  return _read_tensors(hf_dir, names)
 
 
-def _read_tensors(hf_dir: str) -> dict:
+def _read_tensors(hf_dir: str, names: list[str]) -> dict:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   out = {}
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    for path in weight_files(hf_dir):
+    for path in (os.path.join(hf_dir, n) for n in names):
       with safe_open(path, framework="flax") as f:
         for name in f.keys():
           out[name] = np.asarray(f.get_tensor(name))

@@ -8,13 +8,13 @@ ever being gathered on one.
 
 import functools
 import math
-import os
 import time
 
 import jax
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import tokenization
 from transformer_jax.quant import store
 from transformer_jax.evaluation import scoring
@@ -44,8 +44,8 @@ def text_model(trainer, params, *, batch_size: int = 0, padding: str = "right"):
 
 def read_config(workdir: str):
   """A training workdir's saved config (config.json)."""
-  saved = os.path.join(workdir or "", "config.json")
-  if not workdir or not os.path.isfile(saved):
+  saved = paths.join(workdir or "", "config.json")  # local or gs://
+  if not workdir or not paths.isfile(saved):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
   return config_lib.from_json_file(saved)
 
@@ -122,6 +122,9 @@ def _tokenizer(path: str):
   return tokenization.load(path)
 
 
+_TASKS = {}  # (eval.tasks, data.data_dir) -> the loaded tasks
+
+
 def during_training(trainer, params) -> dict:
   """`eval_TASK_METRIC` for each of the config's eval.tasks ({} when it names none): the
   training loop's hook at each evaluation."""
@@ -131,6 +134,9 @@ def during_training(trainer, params) -> dict:
     return {}
   lm = scoring.TextModel(c, params, _tokenizer(c.data.tokenizer), batch_size=batch_rows(trainer),
                          mesh=trainer.mesh, rules=trainer.rules, model=trainer.model)
-  results = evaluate(lm, load_tasks(specs, data_dir=c.data.data_dir), timing=False)
+  key = (specs, c.data.data_dir)  # read once per run, not at every evaluation
+  if key not in _TASKS:
+    _TASKS[key] = load_tasks(specs, data_dir=c.data.data_dir)
+  results = evaluate(lm, _TASKS[key], timing=False)
   return {f"eval_{name}_{metric}": value for name, metrics in results.items()
           for metric, value in metrics.items()}

@@ -29,6 +29,7 @@ time. Any SPEC may end with `?OURS=THEIRS&...` to read a field under another nam
 import dataclasses
 import math
 import os
+import re
 import types
 from typing import Callable
 
@@ -124,8 +125,9 @@ def _renames(spec: str) -> tuple[str, dict]:
   return spec, renames
 
 
-def _read_tfds(spec: str, data_dir: str, limit: int) -> tuple[list, list]:
-  """(examples, train examples) of a TFDS dataset `tfds:NAME[/CONFIG][@SPLIT]`."""
+def _read_tfds(spec: str, data_dir: str, limit: int) -> tuple[list, Callable | None]:
+  """(examples, a reader of its train examples or None) of a TFDS dataset
+  `tfds:NAME[/CONFIG][@SPLIT]`; the train split is read only if few-shot asks for it."""
   from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
   name, _, split = spec.partition("@")
   try:  # downloaded and prepared once, as ArrayRecord
@@ -139,7 +141,8 @@ def _read_tfds(spec: str, data_dir: str, limit: int) -> tuple[list, list]:
   def read(which, n=0):
     source = prepared.as_data_source(split=which)
     return [_plain(source[i]) for i in range(min(len(source), n) if n > 0 else len(source))]
-  return read(split, limit), read("train") if "train" in splits and split != "train" else []
+  has_train = "train" in splits and split != "train"
+  return read(split, limit), (lambda: read("train")) if has_train else None
 
 
 def _plain(record: dict) -> dict:
@@ -182,7 +185,7 @@ def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int 
     if not train_file and not train:
       raise ConfigError(f"--num_fewshot={num_fewshot} needs {name}'s train split (NAME_train.jsonl "
                         f"beside {path}, or a TFDS train split) or --fewshot_file")
-    train = _read_jsonl(train_file) if train_file else rename(train)
+    train = _read_jsonl(train_file) if train_file else rename(train())
     task.train = train
     _check(task, task.train, train_file or f"{path} train split")
     if len(task.train) < num_fewshot:
@@ -297,6 +300,13 @@ def _generation(task, lm, k, seed):
   return metrics
 
 
+def _sentence_lines(text: str) -> str:
+  """One sentence per line (rougeLsum's summary-level LCS is over lines, as the published
+  CNN/DailyMail scores split them): at line breaks and after . ! ? followed by whitespace."""
+  return "\n".join(s for line in text.splitlines()
+                   for s in re.split(r"(?<=[.!?])\s+", line.strip()) if s)
+
+
 def _summarization(task, lm, k, seed):
   from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
   prompts = [row["document"] if lm.is_seq2seq else
@@ -306,7 +316,7 @@ def _summarization(task, lm, k, seed):
   outs = [o.strip() for o in lm.generate(prompts, until=[SHOT_SEPARATOR], max_new_tokens=max(
       len(lm.encode(t)) for t in targets) + 8)]
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-  scores = [scorer.score(t, o) for o, t in zip(outs, targets)]
+  scores = [scorer.score(_sentence_lines(t), _sentence_lines(o)) for o, t in zip(outs, targets)]
   return {r: 100.0 * float(np.mean([s[r].fmeasure for s in scores])) for r in ROUGE_TYPES}
 
 

@@ -2,7 +2,6 @@
 held-out loss of the same evaluation batches (the training loop's) before and after."""
 
 import math
-import os
 
 import jax
 import numpy as np
@@ -10,6 +9,7 @@ import numpy as np
 from transformer_jax import cli
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import pipeline
 from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
@@ -22,7 +22,7 @@ from transformer_jax.training.step import Trainer
 def load_source(workdir: str, overrides=()):
   """(config, trainer, step, params) of a training workdir's latest checkpoint; `overrides`
   (KEY=VALUE) change its saved config."""
-  if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
+  if not workdir or not paths.isfile(paths.join(workdir, "config.json")):  # local or gs://
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
   if store.is_quantized(workdir):
     raise ConfigError(f"{workdir} is already quantized; quantize its source workdir instead")
@@ -51,9 +51,9 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
                      overrides=()) -> dict:
   """Writes the quantized workdir `out`; returns the figures the command prints."""
   group = ptq.check(mode, group_size)
-  if not out or os.path.abspath(out) == os.path.abspath(workdir):
+  if not out or paths.abspath(out) == paths.abspath(workdir):
     raise ConfigError("--out=DIR is required and must differ from --workdir")
-  if os.path.exists(os.path.join(out, store.ARRAYS)):
+  if paths.exists(paths.join(out, store.ARRAYS)):
     raise ConfigError(f"{out} already holds a quantized checkpoint; choose another --out")
   config, trainer, step, params = load_source(workdir, overrides)
   names = ptq.axis_names(trainer.model)
@@ -64,13 +64,13 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
   batches = [b for bs in pipeline.eval_sets(config, config.eval.batches).values() for b in bs]
   before, after = trainer.evaluate(params, batches), trainer.evaluate(restored, batches)
   store.save(out, workdir, stored, {"mode": mode, "group_size": group, "step": step,
-                                    "source": os.path.abspath(workdir)})
+                                    "source": paths.abspath(workdir)})
   return {"mode": mode, "group_size": group, "step": step,
           "param_bytes": ptq.nbytes(jax.device_get(params)),
           "quantized_param_bytes": ptq.nbytes(stored),
           "quantized_disk_bytes": store.disk_bytes(out),
           "eval_loss": _figure(before), "quantized_eval_loss": _figure(after),
-          "eval_tokens": int(before.get("eval_tokens", 0)), "out": os.path.abspath(out)}
+          "eval_tokens": int(before.get("eval_tokens", 0)), "out": paths.abspath(out)}
 
 
 def _figure(evals: dict):

@@ -4,10 +4,10 @@ stored tree). Readers dequantize on load: `restore_params` serves both kinds of 
 
 import json
 import os
-import shutil
 
 import orbax.checkpoint as ocp
 
+from transformer_jax.config import paths
 from transformer_jax.quant import ptq
 from transformer_jax.training import checkpoint
 
@@ -17,33 +17,35 @@ COPIED = ("config.json", "tokenizer.sha256")  # what a reader of the source work
 
 
 def is_quantized(workdir: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, MANIFEST))
+  return paths.isfile(paths.join(workdir, MANIFEST))
 
 
 def save(out: str, source: str, stored: dict, manifest: dict):
-  """Writes the quantized workdir `out` (its source workdir's config beside it)."""
-  os.makedirs(out, exist_ok=True)
-  ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(out), ARRAYS), stored)
+  """Writes the quantized workdir `out` (its source workdir's config beside it; either may be
+  gs://...): the manifest last, so a workdir that has one is complete."""
+  paths.makedirs(out)
+  ocp.PyTreeCheckpointer().save(paths.join(paths.abspath(out), ARRAYS), stored)
   for name in COPIED:
-    if os.path.isfile(os.path.join(source, name)):
-      shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-  with open(os.path.join(out, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
+    if paths.isfile(paths.join(source, name)):
+      paths.write_text(paths.join(out, name), paths.read_text(paths.join(source, name)))
+  paths.write_text(paths.join(out, MANIFEST), json.dumps(manifest, indent=1))
 
 
 def load(workdir: str) -> tuple[dict, dict]:
   """(manifest, stored tree) of a quantized workdir, as numpy arrays."""
-  with open(os.path.join(workdir, MANIFEST)) as f:
-    manifest = json.load(f)
-  return manifest, ocp.PyTreeCheckpointer().restore(os.path.join(os.path.abspath(workdir), ARRAYS))
+  manifest = json.loads(paths.read_text(paths.join(workdir, MANIFEST)))
+  return manifest, ocp.PyTreeCheckpointer().restore(paths.join(paths.abspath(workdir), ARRAYS))
 
 
 def disk_bytes(workdir: str) -> int:
   """Bytes of the files under WORKDIR/quantized (the arrays and Orbax's metadata)."""
-  total = 0
-  for root, _, files in os.walk(os.path.join(workdir, ARRAYS)):
-    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-  return total
+  arrays = paths.join(workdir, ARRAYS)
+  if paths.is_remote(arrays):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fs, _ = fsspec.core.url_to_fs(arrays)
+    return int(fs.du(arrays))
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(arrays)
+             for f in files)
 
 
 def restore_params(workdir: str, ckpt_cfg, model, abstract):

@@ -51,6 +51,16 @@ def write_failure(e: BaseException, directory: str | None = None):
   return None
 
 
+def _storage_failure(e: BaseException):
+  """A gs:// server's or connection's failure in `e` or its causes (its first line), if any."""
+  while e is not None:
+    text = f"{type(e).__name__}: {e}"
+    if any(t in text for t in _REMOTE_FAILURES + ("RESOURCE_EXHAUSTED",)):
+      return (text.strip().splitlines() or [""])[0][:200]
+    e = e.__cause__ or e.__context__
+  return None
+
+
 class DataHandler(grain.checkpoint.CheckpointHandler):
   """The data position as one JSON file per logical data shard (`shard-K-of-S.json`), written by
   the first process that reads shard K. Any set of processes that reads all S shards restores
@@ -206,7 +216,7 @@ class Checkpoints:
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        self._reachable(s)
+        self._reachable(s, e)
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         report(f"checkpoint {s} is unreadable ({type(e).__name__}: {reason}); moved it to "
                f"{self._set_aside(s)} and trying the previous one")
@@ -217,17 +227,20 @@ class Checkpoints:
                         f"are in {self.unreadable_dir}); use a new --workdir to start over")
     return None, None
 
-  def _reachable(self, step):
-    """Raises a one-line WriteError when a gs:// checkpoints folder cannot be listed now: a
-    checkpoint that failed to load then is not set aside for the storage's fault."""
+  def _reachable(self, step, error):
+    """Raises a one-line WriteError when reading a gs:// checkpoint failed for the storage's
+    sake (`error` is a server's or connection's failure, or the folder cannot be listed now): a
+    checkpoint is set aside only for what is wrong with it, never for a passing outage."""
     if not paths.is_remote(self.directory):
       return
+    reason = _storage_failure(error)
     try:
       paths.listdir(self.directory)
     except Exception as e:  # pylint: disable=broad-except
-      raise WriteError(f"reading checkpoint {step} from {self.directory} failed: "
-                       f"{paths.why(e, self.directory)}; fix the bucket or the connection to it, "
-                       "then re-run the same command") from None
+      reason = paths.why(e, self.directory)
+    if reason:
+      raise WriteError(f"reading checkpoint {step} from {self.directory} failed: {reason}; fix "
+                       "the bucket or the connection to it, then re-run the same command")
 
   @property
   def unreadable_dir(self):

@@ -122,14 +122,19 @@ def load(config, mesh, rule_table) -> Teacher | None:
 
 
 def _layer_pairs(config, teacher_model) -> tuple:
-  """train.distill.hidden_layers as pairs, each layer checked against its model."""
+  """train.distill.hidden_layers as pairs, each layer checked against every stack of its model
+  (an encoder-decoder's pairs apply to the encoder and to the decoder)."""
   pairs = tuple(tuple(p) for p in config.train.distill.get("hidden_layers", ()))
-  for layers, i, who in ((config.model.num_layers, 0, "student"),
-                         (teacher_model.cfg.num_layers, 1, "teacher")):
-    bad = [p for p in pairs if p[i] >= layers]
+  student = config.model
+  for m, i, who in ((student, 0, "student"), (teacher_model.cfg, 1, "teacher")):
+    depths = {m.num_layers}
+    if student.family == "encdec":
+      depths.add(m.num_decoder_layers or m.num_layers)
+    bad = [p for p in pairs if not 0 <= p[i] < min(depths)]
     if bad:
       raise ConfigError(f"train.distill.hidden_layers: {who} layer {bad[0][i]} does not exist "
-                        f"(the {who} has {layers} layers)")
+                        f"(the {who}'s stacks have {' and '.join(map(str, sorted(depths)))} "
+                        f"layers)")
   return pairs
 
 
@@ -149,8 +154,10 @@ def with_projection(params, teacher: Teacher | None, student_width: int):
 
 
 def uniform_pairs(student_layers: int, teacher_layers: int) -> list:
-  """Student block i -> teacher block (i + 1) * L_t // L_s - 1 (the last to the last)."""
-  return [(i, (i + 1) * teacher_layers // student_layers - 1) for i in range(student_layers)]
+  """Student block i -> teacher block (i + 1) * L_t // L_s - 1 (the last to the last; a
+  student deeper than its teacher matches its first blocks to the teacher's first)."""
+  return [(i, max(0, (i + 1) * teacher_layers // student_layers - 1))
+          for i in range(student_layers)]
 
 
 def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch):

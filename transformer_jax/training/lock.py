@@ -75,6 +75,7 @@ class _ObjectLock:
     self.since = time.strftime("%Y-%m-%d %H:%M:%S")
     self._stop = threading.Event()
     self._thread = None
+    self.lost = ""  # who holds the lock now, once another run has taken it over
 
   def _read(self):
     try:
@@ -104,6 +105,10 @@ class _ObjectLock:
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
       try:
+        held = self._read()
+        if held and held.get("token") != self.token:  # out of reach past STALE_S: taken over
+          self.lost = _describe(self.path)
+          return
         self._write()
       except Exception:  # pylint: disable=broad-except  # out of reach now: try again later
         pass
@@ -157,13 +162,19 @@ def _acquire(workdir: str, path: str):
   return False, None, None
 
 
+class LockLost(ConfigError):
+  """Another run took over this run's gs:// lock (its heartbeat was out of reach too long)."""
+
+
 @contextlib.contextmanager
 def hold(workdir: str):
   """Owns `workdir` for the block; raises a one-line ConfigError naming the owner when a live
-  run holds it."""
+  run holds it. Yields `check()`, which every process calls before it writes a checkpoint: it
+  raises LockLost on all of them once another run has taken over a gs:// lock."""
   path = paths.join(workdir, "lock")
   held, release, error = _acquire(workdir, path) if jax.process_index() == 0 else (
       False, None, None)
+  owner = getattr(release, "__self__", None)  # the _ObjectLock of a gs:// workdir
   if jax.process_count() > 1:
     held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
   if error:
@@ -171,8 +182,16 @@ def hold(workdir: str):
   if not held:
     raise ConfigError(f"{workdir} is in use by {_describe(path)}: wait for that run or stop it, "
                       f"or use another --workdir")
+  def check():
+    lost = getattr(owner, "lost", "")
+    if jax.process_count() > 1:
+      lost = "another run" if multihost_utils.broadcast_one_to_all(np.int32(bool(lost))) else ""
+    if lost:
+      raise LockLost(f"{workdir} was taken over by {lost} while this run could not reach it; "
+                     f"stopped without writing to it")
+
   try:
-    yield
+    yield check
   finally:
     if release is not None:  # a local flock goes with the descriptor; the file stays
       release()

@@ -42,11 +42,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   `preempted` (the signal number) when a signal stopped it early. Refused while another live
   run owns the workdir (lock.py)."""
   trainer = setup(config, workdir, devices)
-  with lock.hold(workdir):
-    return _run(trainer, workdir, stop_after, quiet)
+  with lock.hold(workdir) as still_ours:
+    return _run(trainer, workdir, stop_after, quiet, still_ours)
 
 
-def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
+def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours) -> dict:
   c, lead = trainer.config, jax.process_index() == 0
   say = (lambda msg: tqdm.tqdm.write(msg)) if lead and not quiet else (lambda msg: None)
   all_rows = distributed.batch_rows(trainer.batch_sharding, c.train.batch_size, c.data.seq_len)
@@ -94,6 +94,11 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool) -> dict:
       if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
         last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
       if is_save or stopping:
+        try:
+          still_ours()  # another run took over the workdir: write nothing more to it
+        except lock.LockLost:
+          writer.enabled = False
+          raise
         writer.flush()  # a gs:// metrics.jsonl holds every line up to a step before it is saved
         ckpts.save(done, state, data, force=True, data_writes=data_writes)
       bar.update(1)

@@ -14,6 +14,7 @@ from transformer_jax.data import objectives
 from transformer_jax.models import ops
 from transformer_jax.models import families
 from transformer_jax.models import stack
+from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 from transformer_jax.training import distill
 from transformer_jax.training import optimizer
@@ -198,6 +199,7 @@ class Trainer:
     self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
     self.rules = sharding.rules(c)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self._row_groups = None
     self.teacher = distill.load(c, self.mesh, self.rules)
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     self.state_shardings = sharding.shardings(boxed, self.mesh, self.rules)
@@ -305,8 +307,15 @@ class Trainer:
       return self._init(jax.random.key(seed))
 
   def put_batch(self, local_batch):
-    """Process-local numpy rows -> one global array per key, sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
+    """Process-local numpy rows (whole rows: a sequence axis across hosts slices them here) ->
+    one global array per key, rows sharded over the batch axes, tokens over the sequence axis."""
+    if self._row_groups is None:  # how many processes' row ranges make up a global batch
+      spans = distributed.batch_rows(self.batch_sharding, self.config.train.batch_size,
+                                     self.config.data.seq_len)
+      self._row_groups = len(set(spans.values()))
+    return {k: jax.make_array_from_process_local_data(
+                self.batch_sharding, local_batch[k],
+                (len(local_batch[k]) * self._row_groups,) + local_batch[k].shape[1:])
             for k in self.batch_keys if k in local_batch}  # eval batches have no source
 
   def train_step(self, state, batch, rng):
