@@ -316,11 +316,13 @@ def _mount_tmpfs(path, size):
 
 
 def test_full_or_read_only_workdir_gives_a_clear_error_and_keeps_checkpoints(tiny_data, tmp_path):
-  """A 3 MB file system fills up during the (async) save of checkpoint 10: exit 4 with one line
-  naming the intact checkpoint; with more space the same command resumes from it. A read-only
-  workdir is refused before anything is compiled."""
+  """A 2.25 MiB file system fills up during the (async) save of checkpoint 10: exit 4 with one
+  line naming the intact checkpoint; with more space the same command resumes from it. A
+  read-only workdir is refused before anything is compiled. (A checkpoint of this model takes
+  1.5 MiB: one fits with room to spare, two do not. With 3 MiB, two fitted within a few KiB, and
+  whether checkpoint 10 failed depended on the other files' sizes: a flaky test.)"""
   fs = tmp_path / "fs"
-  _mount_tmpfs(fs, "3m")
+  _mount_tmpfs(fs, "2304k")
   try:
     workdir = str(fs / "run")
     cmd = [sys.executable, "-m", "transformer_jax.train",
@@ -332,10 +334,9 @@ def test_full_or_read_only_workdir_gives_a_clear_error_and_keeps_checkpoints(tin
     assert full.returncode == 4, full.stderr[-3000:]
     (last,) = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     assert last.startswith("error: saving checkpoint 10 to ") and "No space left on device" in last
-    # Checkpoint 5 is complete; 10 too when its data was committed before a later write (its
-    # metadata) hit the full disk. The message names the step the re-run resumes from.
+    # Checkpoint 5 is complete, 10 is not; the message names the step the re-run resumes from.
     listed = [int(x) for x in re.search(r"on disk: ([\d, ]+) \(", last).group(1).split(", ")]
-    assert listed[0] == 5 and set(listed) <= {5, 10}
+    assert listed == [5]
     assert f"resume from step {listed[-1]}" in last
     # (Orbax's background writers may print "Event loop is closed" traces while they fail.)
     subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
