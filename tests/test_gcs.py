@@ -561,3 +561,33 @@ def test_reading_commands_take_a_run_in_the_bucket(gcs, tiny_data, reference, ca
   assert store.is_quantized(out) and paths.isfile(f"{out}/config.json")
   sample.main([f"--workdir={out}", "--prompt=def", "--max_new_tokens=2"])
   assert capsys.readouterr().out.startswith(f"[step {step}] def")
+
+
+def test_the_compilation_cache_in_the_bucket(gcs):
+  """TJAX_CACHE_DIR=gs://...: JAX stores a compiled program in the bucket and a fresh cache
+  (another host, or the next start) loads it from there."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  from transformer_jax.perf import caches  # pylint: disable=g-import-not-at-top
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_enable_xla_caches)
+  hits = []
+  listener = lambda event, **_: hits.append(event)  # pylint: disable=unnecessary-lambda-assignment
+  jax.monitoring.register_event_listener(listener)
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    where = caches.setup({"TJAX_CACHE_DIR": f"gs://{BUCKET}/cache"})
+    assert where == f"gs://{BUCKET}/cache/jax"
+    program = lambda: (lambda x: jnp.sin(x) * 3.0 + 1.25)  # pylint: disable=unnecessary-lambda-assignment
+    jax.jit(program()).lower(jnp.ones(7)).compile()
+    assert len([n for n in paths.listdir(where) if n.startswith("jit__lambda-")]) == 1
+    assert "/jax/compilation_cache/cache_hits" not in hits
+    compilation_cache.reset_cache()  # a fresh process's view of the same bucket
+    jax.jit(program()).lower(jnp.ones(7)).compile()
+    assert hits.count("/jax/compilation_cache/cache_hits") == 1
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_enable_xla_caches", before[1])
+    compilation_cache.reset_cache()

@@ -225,4 +225,4 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never take a local TPU
-  cli.entry(main)
+  cli.entry(main, compile_cache=False)  # its figures include compile times

@@ -471,4 +471,4 @@ def _peak_memory(jax):
 
 
 if __name__ == "__main__":
-  cli.entry(main)
+  cli.entry(main, compile_cache=False)  # its figures include compile times

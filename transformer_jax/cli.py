@@ -143,11 +143,19 @@ def keep_ctrl_c() -> None:
     signal.signal(signal.SIGINT, interrupt)
 
 
-def entry(main):
-  """A `python -m transformer_jax.X` process: tuned malloc (one re-exec), then run(main)."""
+def entry(main, compile_cache: bool = True):
+  """A `python -m transformer_jax.X` process: tuned malloc (one re-exec), then run(main), with
+  the persistent compilation cache (perf/caches.py) unless `compile_cache` is False."""
   reexec_with_tuned_malloc()
   skip_absent_tpu()
-  return run(main)
+  if not compile_cache:
+    return run(main)
+
+  def cached(argv):
+    from transformer_jax.perf import caches  # pylint: disable=g-import-not-at-top
+    caches.setup()
+    return main(argv)
+  return run(cached)
 
 
 def run(main):

@@ -1,0 +1,59 @@
+"""The persistent compilation cache (perf/caches.py): where it goes, and a second start of the
+same training program loads its compiled steps instead of compiling them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from transformer_jax.config import ConfigError
+from transformer_jax.perf import caches
+from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
+
+
+def test_the_cache_directory():
+  home = os.path.expanduser("~")
+  assert caches.cache_dir({}) == os.path.join(home, ".cache", "transformer_jax")
+  assert caches.cache_dir({"XDG_CACHE_HOME": "/x/cache"}) == "/x/cache/transformer_jax"
+  assert caches.cache_dir({"TJAX_CACHE_DIR": "/shared/c"}) == "/shared/c"
+  assert caches.cache_dir({"TJAX_CACHE_DIR": "~/c"}) == os.path.join(home, "c")
+  assert caches.cache_dir({"TJAX_CACHE_DIR": "gs://b/c"}) == "gs://b/c"
+  for off in ("off", "OFF", "0", ""):
+    assert caches.cache_dir({"TJAX_CACHE_DIR": off}) == ""
+  with pytest.raises(ConfigError, match=r"^TJAX_CACHE_DIR='rel/c' must be an absolute path, a "
+                                        r"gs:// URL or 'off'$"):
+    caches.cache_dir({"TJAX_CACHE_DIR": "rel/c"})
+
+
+def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
+  """Two runs of the same config in two workdirs: the first compiles and stores the train step
+  under TJAX_CACHE_DIR/jax, the second loads it (JAX's own debug log says which);
+  an explicit JAX_COMPILATION_CACHE_DIR wins, and `off` stores nothing."""
+  cache = tmp_path / "cache"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu", TJAX_CACHE_DIR=str(cache),
+             JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+  flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{
+      "train.steps": 1, "checkpoint.every_steps": 1, "eval.every_steps": 0,
+      "train.sample_prompt": ""})]
+  logs = []
+  for name in ("first", "second"):
+    done = subprocess.run(
+        [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
+         f"--workdir={tmp_path / name}"] + flags, cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs.append(done.stderr)
+  for step in ("jit__train_step",):
+    assert f"PERSISTENT COMPILATION CACHE MISS for '{step}'" in logs[0]
+    assert f"Persistent compilation cache hit for '{step}'" in logs[1]
+    assert f"CACHE MISS for '{step}'" not in logs[1]
+    assert any(f.startswith(step + "-") for f in os.listdir(cache / "jax"))
+  probe = [sys.executable, "-c", "from transformer_jax.perf import caches; print(caches.setup())"]
+  def said(**e):
+    return subprocess.run(probe, cwd=REPO, env=dict(env, **e), capture_output=True, text=True,
+                          check=True).stdout.strip()
+  assert said() == str(cache / "jax")
+  assert said(JAX_COMPILATION_CACHE_DIR="/elsewhere") == "/elsewhere"
+  assert said(TJAX_CACHE_DIR="off") == ""

@@ -1,0 +1,58 @@
+"""The persistent compilation cache, on by default for every command that trains or serves (not
+for `benchmark` and `aot`, whose figures include compile times).
+
+A second start of the same program on the same machine (or on any host of a job, with a shared
+directory) loads the compiled step instead of compiling it again: JAX's compilation cache, keyed
+by the program, the devices, jax/jaxlib versions and the XLA flags. On GPUs JAX also keeps XLA's
+per-fusion autotuning results beside it (jax_persistent_cache_enable_xla_caches), written by
+process 0 and read by the others, so the Triton GEMM autotuning of a first start is not redone.
+
+  TJAX_CACHE_DIR   where (default $XDG_CACHE_HOME/transformer_jax, else ~/.cache/transformer_jax);
+                   the compiled programs go in its jax/ folder. `off` turns the cache off. A
+                   gs://BUCKET/PATH is shared by every host of a job (the autotuning results,
+                   which XLA writes with local file I/O only, are then not kept).
+
+An explicit JAX_COMPILATION_CACHE_DIR (or jax.config's jax_compilation_cache_dir) wins. Programs
+that compile in under a second are not stored (JAX's jax_persistent_cache_min_compile_time_secs);
+the folder is not pruned: delete it to reclaim the space.
+"""
+
+import os
+
+from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
+
+ENV = "TJAX_CACHE_DIR"
+OFF = ("off", "none", "0", "false", "")
+
+
+def cache_dir(environ=None) -> str:
+  """The cache directory TJAX_CACHE_DIR names (or the default); "" when it is off."""
+  env = os.environ if environ is None else environ
+  value = env.get(ENV)
+  if value is None:
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "transformer_jax")
+  if value.strip().lower() in OFF:
+    return ""
+  if not paths.is_remote(value) and not os.path.isabs(os.path.expanduser(value)):
+    raise ConfigError(f"{ENV}={value!r} must be an absolute path, a gs:// URL or 'off'")
+  return paths.abspath(os.path.expanduser(value))
+
+
+def setup(environ=None) -> str:
+  """Points JAX's persistent compilation cache at cache_dir()/jax unless something already
+  chose one; returns the directory JAX uses ("" when none). Before the first compile."""
+  import jax  # pylint: disable=g-import-not-at-top
+  chosen = jax.config.jax_compilation_cache_dir
+  if chosen:
+    return chosen
+  d = cache_dir(environ)
+  if not d:
+    return ""
+  where = paths.join(d, "jax")
+  jax.config.update("jax_compilation_cache_dir", where)
+  if paths.is_remote(where):
+    paths.use_emulator()
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+  return where
