@@ -7,9 +7,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from tests.conftest import TEST_XLA_FLAGS
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.models import families
+from tests.conftest import REPO, TEST_XLA_FLAGS
 
 TINY = "--config=configs/gpt2.py:tiny"
 
@@ -120,3 +125,30 @@ def test_moe_mode_times_dropless_capacity_and_the_dense_model_of_the_same_active
   with pytest.raises(ConfigError, match="dense layers stay 256 wide"):
     moe_bench.form_overrides(config_lib.load("configs/switch.py:tiny",
                                              ["model.experts_per_token=2"]), 1.25)
+
+
+@pytest.mark.parametrize("recipe", ["configs/gpt2.py:tiny", "configs/llama.py:tiny",
+                                    "configs/mixtral.py:tiny"])
+def test_the_pytorch_peer_is_our_model_in_hugging_face(recipe):
+  """--compare's peer is transformers' model of the family with exactly our parameters, and
+  trains: its loss falls over a few steps on one repeated batch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformer_jax.perf import peers  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"{REPO}/{recipe}", ["model.vocab_size=320", "data.seq_len=16",
+                                                 "train.batch_size=2"])
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      families.abstract_params(families.build_model(config))))
+  peer = peers.HFRunner(config)
+  assert peer.params == ours
+  assert len(peer.time_steps(1)) == 1
+  x = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+  losses = []
+  for _ in range(4):
+    loss = peer.model(input_ids=x, labels=x).loss
+    loss.backward()
+    peer.opt.step()
+    peer.opt.zero_grad()
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  with pytest.raises(ConfigError, match=r"^--compare='torch': peers are hf, hf_compile$"):
+    peers.check("hf,torch")

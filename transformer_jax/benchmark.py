@@ -1,7 +1,8 @@
 """Time training steps after compilation:
 
-  python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10 [--compare=hf]
-      [--compile_only] [--rounds=3] [--baseline=KEY=VALUE;...] [--reference_ops=OP,...] [--config.KEY=VALUE ...]
+  python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10
+      [--compare=hf[,hf_compile]] [--compile_only] [--rounds=3] [--baseline=KEY=VALUE;...]
+      [--reference_ops=OP,...] [--config.KEY=VALUE ...]
       [--matmul_floor] [--grid="KEY=V1,V2;KEY2=V3,V4" [--grid_timeout=SECONDS]]
       [--moe [--moe_capacity=1.25]]
 
@@ -12,10 +13,12 @@ the global batch, JSON key data_tokens_per_s). The last
 line printed is one JSON object: tokens_per_s, step_time_s (median), mfu, compile_s,
 peak_memory_bytes, params.
 
---compare=hf also runs the same shapes as Hugging Face transformers' GPT2LMHeadModel +
-torch.optim.AdamW (clip 1.0), fp32, in a worker process of its own (torch loaded next to JAX in
-one process measurably slows JAX's steps), interleaved with ours round by round so machine noise
-hits both alike; the JSON gains hf_tokens_per_s and ratio_vs_hf (ours / theirs, medians).
+--compare=hf[,hf_compile] also runs the same shapes as Hugging Face transformers' model of the
+config's family + torch AdamW (clip 1.0), eager and/or under torch.compile (perf/peers.py: the
+dtype policy, attention and optimizer kernels of each side), each in a worker process of its own,
+interleaved with ours round by round so machine noise hits all alike; the JSON gains, per peer,
+PEER_tokens_per_s, PEER_mfu (our formula), PEER_params, PEER_warmup_s and ratio_vs_PEER (ours /
+theirs, medians).
 
 A baseline of our own step runs interleaved as well when asked for: --baseline="KEY=VALUE;..."
 overrides config keys for it (e.g. "model.attention_chunks=1"), and --reference_ops=OP,... (or
@@ -220,54 +223,17 @@ def _compile_only(config, baseline_config, baseline_overrides, rounds):
   print(json.dumps(out))
 
 
-class HFRunner:
-  """Hugging Face GPT-2 + torch AdamW (clip 1.0) on the same shapes, fp32, CPU."""
-
-  def __init__(self, config):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-      import transformers  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ConfigError("--compare=hf needs torch and transformers: pip install -e '.[hf]'")
-    m, o = config.model, config.optimizer
-    self.torch, self.config = torch, config
-    torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=m.vocab_size, n_positions=config.data.seq_len, n_embd=m.d_model,
-        n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff or 4 * m.d_model,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
-    self.model = transformers.GPT2LMHeadModel(hf_cfg)
-    self.model.train()
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
-                                 eps=o.eps, weight_decay=o.weight_decay)
-    self.gen = torch.Generator().manual_seed(0)
-    self.time_steps(2)  # warm-up
-
-  def time_steps(self, n):
-    torch, c = self.torch, self.config
-    out = []
-    for _ in range(n):
-      x = torch.randint(0, c.model.vocab_size, (c.train.batch_size, c.data.seq_len),
-                        generator=self.gen)
-      t = time.perf_counter()
-      loss = self.model(input_ids=x, labels=x).loss
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-      self.opt.step()
-      self.opt.zero_grad(set_to_none=True)
-      out.append(time.perf_counter() - t)
-    return out
-
-
 class Worker:
-  """A runner in a child process (`--worker=hf`): same interface, answers over a pipe."""
+  """A peer (perf/peers.py) in a child process (`--worker=PEER`): same interface, answers over
+  a pipe."""
 
   def __init__(self, kind, argv):
     args = [a for a in argv if a.startswith("--config")]
+    self.kind = kind
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "transformer_jax.benchmark", f"--worker={kind}"] + args,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self._read()  # "ready" once built and warmed up
+    self.ready = self._read()  # once built and warmed up: its parameters and warm-up time
 
   def _read(self):
     line = self.proc.stdout.readline()
@@ -286,9 +252,10 @@ class Worker:
 
 
 def _serve(kind, config):
-  """Worker side: build the runner, then time `n` steps for each `n` read from stdin."""
-  runner = {"hf": HFRunner}[kind](config)
-  print(json.dumps("ready"), flush=True)
+  """Worker side: build the peer, then time `n` steps for each `n` read from stdin."""
+  from transformer_jax.perf import peers  # pylint: disable=g-import-not-at-top
+  runner = peers.runner(kind, config)
+  print(json.dumps({"params": runner.params, "warmup_s": round(runner.warmup_s, 2)}), flush=True)
   for line in sys.stdin:
     print(json.dumps(runner.time_steps(int(line))), flush=True)
 
@@ -304,8 +271,10 @@ def main(argv):
     raise ConfigError("--config=FILE.py[:ARG] is required")
   if f["steps"] < 1 or f["rounds"] < 1:
     raise ConfigError("--steps and --rounds must be >= 1")
-  if f["compare"] not in ("", "hf"):
-    raise ConfigError(f"--compare={f['compare']!r}: only 'hf' is supported")
+  from transformer_jax.perf import peers  # pylint: disable=g-import-not-at-top
+  f["compare"] = peers.check(f["compare"])
+  if f["worker"]:
+    peers.check(f["worker"])
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import ops  # pylint: disable=g-import-not-at-top
   config = config_lib.load(spec, overrides)
@@ -342,10 +311,10 @@ def main(argv):
 def _time_training(config, baseline_config, f, argv, reference_ops, baseline_overrides) -> dict:
   """The default mode: our train step (and a baseline's, and Hugging Face's with --compare)
   timed in interleaved rounds; the report's dict."""
-  theirs = Worker("hf", argv) if f["compare"] else None  # first: it must not share our memory
+  peers = [Worker(k, argv) for k in f["compare"]]  # first: they must not share our memory
   ours = JaxRunner(config)
   baseline = JaxRunner(baseline_config, reference_ops) if baseline_config else None
-  ours_t, theirs_t, ref_t = [], [], []
+  ours_t, ref_t, theirs_t = [], [], {p.kind: [] for p in peers}
   for r in range(f["rounds"]):  # interleaved, so machine noise hits all alike
     ours_t += ours.time_steps(f["steps"])
     ours.remeasure_peak()
@@ -353,12 +322,12 @@ def _time_training(config, baseline_config, f, argv, reference_ops, baseline_ove
     if baseline:
       ref_t += baseline.time_steps(f["steps"])
       line += f", baseline {statistics.median(ref_t):.4f}s/step"
-    if theirs:
-      theirs_t += theirs.time_steps(f["steps"])
-      line += f", hf {statistics.median(theirs_t):.4f}s/step"
+    for p in peers:
+      theirs_t[p.kind] += p.time_steps(f["steps"])
+      line += f", {p.kind} {statistics.median(theirs_t[p.kind]):.4f}s/step"
     print(line, flush=True)
-  if theirs:
-    theirs.close()
+  for p in peers:
+    p.close()
   tokens = config.train.batch_size * config.data.seq_len
   step = statistics.median(ours_t)
   tps = tokens / step
@@ -373,9 +342,13 @@ def _time_training(config, baseline_config, f, argv, reference_ops, baseline_ove
     out.update(_time_async_save(ours, f["rounds"], step))
   if f["matmul_floor"]:
     out.update(_matmul_floor(ours, step))
-  if theirs:
-    hf_tps = tokens / statistics.median(theirs_t)
-    out.update(hf_tokens_per_s=round(hf_tps, 1), ratio_vs_hf=round(tps / hf_tps, 3))
+  for p in peers:  # the same MFU formula on both sides
+    peer_tps = tokens / statistics.median(theirs_t[p.kind])
+    out.update({f"{p.kind}_tokens_per_s": round(peer_tps, 1),
+                f"{p.kind}_mfu": round(peer_tps * ours.flops_per_token / (
+                    ours.peak * ours.jax.device_count()), 4),
+                f"{p.kind}_params": p.ready["params"], f"{p.kind}_warmup_s": p.ready["warmup_s"],
+                f"ratio_vs_{p.kind}": round(tps / peer_tps, 3)})
   if baseline:
     ref_step = statistics.median(ref_t)
     out.update(baseline=baseline_overrides, reference_ops=reference_ops,
