@@ -148,7 +148,7 @@ def test_the_pytorch_peer_is_our_model_in_hugging_face(recipe):
     loss.backward()
     peer.opt.step()
     peer.opt.zero_grad()
-    losses.append(float(loss))
+    losses.append(loss.item())
   assert losses[-1] < losses[0]
   with pytest.raises(ConfigError, match=r"^--compare='torch': peers are hf, hf_compile$"):
     peers.check("hf,torch")
