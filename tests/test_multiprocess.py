@@ -57,10 +57,17 @@ def test_two_processes_train_like_one_then_stop_together_and_resume_on_one(tiny_
   two = _local(run, 2, 2, _flags(tiny_data))
   _wait_for_steps(run, 3, [two])
   pids = subprocess.run(["pgrep", "-f", f"workdir={run}"], capture_output=True, text=True)
-  workers = [int(p) for p in pids.stdout.split()
-             if "TJAX_PROCESS_ID=1" in open(f"/proc/{p}/environ").read().replace("\0", " ")]
-  assert len(workers) == 1, pids.stdout
-  os.kill(workers[0], signal.SIGTERM)
+  workers = {int(p): open(f"/proc/{p}/environ").read().replace("\0", " ")
+             for p in pids.stdout.split()}
+  ones = [p for p, env in workers.items() if "TJAX_PROCESS_ID=1" in env]
+  assert len(workers) == 2 and len(ones) == 1, pids.stdout
+  # Both paused while the signal is sent: however slow this machine is at finding them, the
+  # run cannot have trained on to its last step (and exited 0) before the signal lands.
+  for p in workers:
+    os.kill(p, signal.SIGSTOP)
+  os.kill(ones[0], signal.SIGTERM)
+  for p in workers:
+    os.kill(p, signal.SIGCONT)
   out, _ = two.communicate(timeout=180)
   assert two.returncode == 143, out[-3000:]
   assert "SIGTERM received: stopped after step" in out
