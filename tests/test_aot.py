@@ -276,10 +276,18 @@ def test_aot_for_an_h100_host_checks_the_fit_against_the_allocators_share():
   env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
          "PYTHONPATH": os.pathsep.join(filter(None, [CUDA_AOT, os.environ.get("PYTHONPATH")]))}
   cmd = [sys.executable, "-m", "transformer_jax.aot", f"--config={REPO}/configs/gpt2.py:tiny",
-         "--config.model.num_layers=1", "--topology=h100-8"]
+         "--config.model.num_layers=1", "--config.model.dtype=bfloat16", "--topology=h100-8"]
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
+  # What the GPU program runs: its matmuls are Triton GEMM fusions (no device to autotune
+  # against cuBLAS), most of them in bf16; the summary names any with fp32 operands.
+  k = report["kernels"]
+  assert sum(k["matmuls"].values()) == sum(k["matmuls_by_place"].values()) > 0
+  assert k["matmuls"].get("bf16xbf16->bf16", 0) + k["matmuls"].get("bf16xbf16->f32", 0) > 0
+  assert k["fusions"].get("__triton_nested_gemm_fusion", 0) + k["fusions"].get(
+      "__triton_gemm", 0) > 0
+  assert "\nkernels    " in out.stdout
   assert report["chips"] == 8 and report["compiler_topology"] == "1x1x8"
   assert report["mesh"] == {"data": 8, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}
   assert report["hbm_capacity_bytes"] == int(0.5 * 81559 * 2 ** 20)

@@ -19,6 +19,10 @@ and kernel inefficiency, so it is a lower bound and the MFU it implies an upper 
 model's FLOPs take two more (small) compiles; `--estimate=false` skips them and checks the fit only.
 A GPU compile without a device has no cost analysis: for GPUs the check is the fit alone, against
 XLA_PYTHON_CLIENT_MEM_FRACTION (0.9 unless set, as launch/gpu_slurm.sh sets it) of the memory.
+On every platform `kernels:` (perf/kernels.py) says what the compiled program runs: its matmuls
+by operand and result dtypes, its fusions by kind (Triton GEMMs on GPUs), its custom calls (cuDNN
+attention, cuBLAS, Pallas kernels); in a bfloat16 model the matmuls with fp32 operands are named
+by where they come from.
 """
 
 import json
@@ -32,6 +36,7 @@ from transformer_jax import cli
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.perf import hardware
+from transformer_jax.perf import kernels
 from transformer_jax.perf import roofline
 from transformer_jax.perf import topology
 
@@ -59,6 +64,7 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
   if compiled is None:  # out of memory: report says by how much
     return report
   report.update(roofline.hbm(compiled.memory_analysis(), report["hbm_capacity_bytes"]))
+  report["kernels"] = kernels.census(compiled.as_text())
   if topo.platform == "cuda" or (not estimate and report["scan_layers"]):
     how = ("none (a GPU compile without a device has no cost analysis)"
            if topo.platform == "cuda" else "skipped (--estimate=false)")
@@ -160,6 +166,16 @@ def summary(r: dict) -> str:
     lines.append(f"           arguments {gib(b['arguments'])} + outputs {gib(b['outputs'])} - "
                  f"aliased {gib(b['aliased'])} + temporaries {gib(b['temporaries'])} + code "
                  f"{gib(b['code'])}")
+  if r.get("kernels"):
+    k = r["kernels"]
+    lines.append(f"kernels    {sum(k['matmuls'].values())} matmuls (" + ", ".join(
+        f"{sig} {n}" for sig, n in k["matmuls"].items()) + "); fusions " + ", ".join(
+            f"{kind} {n}" for kind, n in k["fusions"].items()) + "; custom calls " + (", ".join(
+                f"{t} {n}" for t, n in k["custom_calls"].items()) or "none"))
+    wide = kernels.wide_matmuls(k, r["dtype"])
+    if wide:
+      lines.append("           fp32 operands in a bfloat16 model: " + ", ".join(
+          f"{place} {n}" for place, n in wide.items()))
   if r.get("cost_source", "").startswith("none"):
     lines.append(f"roofline   {r['cost_source']}")
   if r.get("step_time_estimate_s"):
