@@ -112,6 +112,46 @@ def test_resume_on_another_process_count_gives_the_same_batches(sources):
     it.close()
 
 
+def test_a_resume_with_other_weights_or_sources_takes_the_new_mixture(sources):
+  """The saved position restores under changed weights (the new shares hold at once, and each
+  source goes on with the rows it would have given next), with a source dropped, and with one
+  added."""
+  c = _config(sources)
+  it = pipeline.make_train_iterator(c)
+  for _ in range(5):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+
+  def rows_of(iterator, source, n):
+    out = []
+    while len(out) < n:
+      b = next(iterator)
+      out += [row for row, s in zip(b["inputs"], b["source"][:, 0]) if s == source]
+    return np.stack(out[:n])
+  code_next = rows_of(it, 1, 4)  # what the code source gives next under the old weights
+  it.close()
+  mix = [dict(s) for s in sources["mixture"]]
+  mix[1]["weight"] = 60
+  codey = pipeline.make_train_iterator(_config(sources, **{"data.mixture": tuple(mix)}))
+  codey.set_state(state)
+  np.testing.assert_array_equal(rows_of(codey, 1, 4), code_next)
+  codey.close()
+  mix[1]["weight"] = 3
+  mix[0]["weight"] = 90  # prose: 90 / 95 of the rows
+  heavy = pipeline.make_train_iterator(_config(sources, **{"data.mixture": tuple(mix)}))
+  heavy.set_state(state)
+  counts = collections.Counter()
+  for _ in range(10):
+    counts += _source_tokens(next(heavy))
+  heavy.close()
+  assert counts[0] / sum(counts.values()) > 0.85, counts
+  for changed in (mix[:2], mix + [dict(mix[1], name="code2")]):
+    other = pipeline.make_train_iterator(_config(sources, **{"data.mixture": tuple(changed)}))
+    other.set_state(state)
+    assert set(np.unique(next(other)["source"])) <= set(range(len(changed)))
+    other.close()
+
+
 @pytest.mark.parametrize("change,match", [
     ({1: {"corpus": "/nonexistent/*.txt"}}, r"source 'code': data.corpus=.*matches no files"),
     ({0: {"weight": 0}}, r"source 'prose': weight=0 must be a number > 0"),
