@@ -137,6 +137,19 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_
   assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["5", "10"]
   victim = max(glob.glob(f"{tmp_path}/checkpoints/10/state/**/*", recursive=True),
                key=lambda p: os.path.getsize(p) if os.path.isfile(p) else -1)
+  # Running out of memory while restoring says nothing against the checkpoint: it is raised,
+  # and nothing is set aside.
+  from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+  ckpts = Checkpoints(str(tmp_path), config.checkpoint)
+  def oom(*args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB.")
+  ckpts.manager.restore = oom
+  with pytest.raises(ValueError, match="Out of memory"):
+    ckpts.restore(Trainer(config, sharding.make_mesh(config, ONE())).abstract_state)
+  ckpts.close()
+  assert not os.path.exists(tmp_path / "checkpoints_unreadable")
   with open(victim, "r+b") as f:  # truncate the biggest file of the newest checkpoint
     f.truncate(os.path.getsize(victim) // 3)
   config = _config(tiny_data, **{"train.steps": 12})

@@ -277,6 +277,16 @@ def test_a_run_whose_lock_was_taken_over_writes_nothing_more(gcs, tiny_data, mon
     time.sleep(0.2)
     assert json.loads(paths.read_text(f"{workdir}/lock"))["token"] == "t"  # not rewritten
   assert json.loads(paths.read_text(f"{workdir}/lock"))["token"] == "t"  # nor deleted
+  # That other run may also have ended (and deleted its lock) while this one was away: the
+  # check before a save reads the lock itself, without waiting for the heartbeat.
+  monkeypatch.setattr(lock, "HEARTBEAT_S", 3600.0)
+  paths.remove(f"{workdir}/lock")
+  with lock.hold(workdir) as still_ours:
+    still_ours()
+    paths.remove(f"{workdir}/lock")
+    with pytest.raises(lock.LockLost, match=rf"^{workdir} was taken over by another run while"):
+      still_ours()
+  assert not paths.exists(f"{workdir}/lock")
 
 
 def test_an_unreadable_checkpoint_in_the_bucket_is_set_aside(gcs, tiny_data, reference):

@@ -257,7 +257,9 @@ def _serve(kind, config):
   runner = peers.runner(kind, config)
   print(json.dumps({"params": runner.params, "warmup_s": round(runner.warmup_s, 2)}), flush=True)
   for line in sys.stdin:
-    print(json.dumps(runner.time_steps(int(line))), flush=True)
+    times = runner.time_steps(int(line))
+    runner.release()
+    print(json.dumps(times), flush=True)
 
 
 def main(argv):
@@ -313,6 +315,12 @@ def _time_training(config, baseline_config, f, argv, reference_ops, baseline_ove
   timed in interleaved rounds; the report's dict."""
   peers = [Worker(k, argv) for k in f["compare"]]  # first: they must not share our memory
   ours = JaxRunner(config)
+  if peers and ours.jax.device_count() > 1:
+    for p in peers:
+      p.close()
+    raise ConfigError(f"--compare runs each peer on one device; this step runs on "
+                      f"{ours.jax.device_count()}: compare on one (e.g. CUDA_VISIBLE_DEVICES=0, "
+                      f"or without mesh.cpu_devices)")
   baseline = JaxRunner(baseline_config, reference_ops) if baseline_config else None
   ours_t, ref_t, theirs_t = [], [], {p.kind: [] for p in peers}
   for r in range(f["rounds"]):  # interleaved, so machine noise hits all alike

@@ -82,10 +82,17 @@ class HFRunner:
     t = time.perf_counter()
     self.time_steps(3 if compiled else 2)  # warm-up (torch.compile: its compilations)
     self.warmup_s = time.perf_counter() - t
+    self.release()
 
   def _sync(self):
     if self.device.type == "cuda":
       self.torch.cuda.synchronize()
+
+  def release(self):
+    """Hands the caching allocator's free blocks back, so that JAX (and the other peer) sharing
+    the GPU between rounds can use them."""
+    if self.device.type == "cuda":
+      self.torch.cuda.empty_cache()
 
   def time_steps(self, n):
     torch, c = self.torch, self.config

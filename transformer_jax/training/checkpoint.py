@@ -55,10 +55,22 @@ def _storage_failure(e: BaseException):
   """A gs:// server's or connection's failure in `e` or its causes (its first line), if any."""
   while e is not None:
     text = f"{type(e).__name__}: {e}"
+    if _out_of_memory(e):
+      return None
     if any(t in text for t in _REMOTE_FAILURES + ("RESOURCE_EXHAUSTED",)):
       return (text.strip().splitlines() or [""])[0][:200]
     e = e.__cause__ or e.__context__
   return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  """Whether `e` or a cause is a device (or host) running out of memory: nothing wrong with the
+  checkpoint or the storage."""
+  while e is not None:
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 class DataHandler(grain.checkpoint.CheckpointHandler):
@@ -216,6 +228,8 @@ class Checkpoints:
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        if _out_of_memory(e):  # the checkpoint is fine: this mesh cannot hold it
+          raise
         self._reachable(s, e)
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         report(f"checkpoint {s} is unreadable ({type(e).__name__}: {reason}); moved it to "

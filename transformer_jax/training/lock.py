@@ -102,13 +102,25 @@ class _ObjectLock:
     self._thread.start()
     return True
 
+  def verify(self):
+    """Sets `lost` when the lock object is no longer this run's: another run's token (it took
+    the workdir while this run was out of reach past STALE_S), or no lock at all (that run
+    also ended, or someone deleted it). A read that fails says nothing: tried again later."""
+    if self.lost:
+      return
+    try:
+      held = self._read()
+    except Exception:  # pylint: disable=broad-except  # out of reach now
+      return
+    if not held or held.get("token") != self.token:
+      self.lost = _describe(self.path)
+
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
+      self.verify()
+      if self.lost:
+        return
       try:
-        held = self._read()
-        if held and held.get("token") != self.token:  # out of reach past STALE_S: taken over
-          self.lost = _describe(self.path)
-          return
         self._write()
       except Exception:  # pylint: disable=broad-except  # out of reach now: try again later
         pass
@@ -183,6 +195,8 @@ def hold(workdir: str):
     raise ConfigError(f"{workdir} is in use by {_describe(path)}: wait for that run or stop it, "
                       f"or use another --workdir")
   def check():
+    if hasattr(owner, "verify"):  # read now: the heartbeat's last look may be 30 s old
+      owner.verify()
     lost = getattr(owner, "lost", "")
     if jax.process_count() > 1:
       lost = "another run" if multihost_utils.broadcast_one_to_all(np.int32(bool(lost))) else ""
