@@ -39,7 +39,7 @@ def write_failure(e: BaseException, directory: str | None = None):
   the errno text inside TensorStore's errors (which Orbax raises as ValueError); for a gs://
   `directory` also a storage server's refusal or absence (one line)."""
   remote = directory is not None and paths.is_remote(directory)
-  while e is not None:
+  for e in _chain(e):
     if isinstance(e, OSError):
       return paths.why(e, directory)
     for text in _WRITE_FAILURES:
@@ -47,30 +47,29 @@ def write_failure(e: BaseException, directory: str | None = None):
         return text
     if remote and any(t in f"{type(e).__name__}: {e}" for t in _REMOTE_FAILURES):
       return paths.why(e, directory)
-    e = e.__cause__ or e.__context__
   return None
+
+
+def _chain(e: BaseException | None):
+  """`e` and the exceptions it was raised from or during, innermost last."""
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__
 
 
 def _storage_failure(e: BaseException):
   """A gs:// server's or connection's failure in `e` or its causes (its first line), if any."""
-  while e is not None:
+  for e in _chain(e):
     text = f"{type(e).__name__}: {e}"
-    if _out_of_memory(e):
-      return None
     if any(t in text for t in _REMOTE_FAILURES + ("RESOURCE_EXHAUSTED",)):
       return (text.strip().splitlines() or [""])[0][:200]
-    e = e.__cause__ or e.__context__
   return None
 
 
 def _out_of_memory(e: BaseException) -> bool:
   """Whether `e` or a cause is a device (or host) running out of memory: nothing wrong with the
   checkpoint or the storage."""
-  while e is not None:
-    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-      return True
-    e = e.__cause__ or e.__context__
-  return False
+  return any(isinstance(c, MemoryError) or "out of memory" in str(c).lower() for c in _chain(e))
 
 
 class DataHandler(grain.checkpoint.CheckpointHandler):

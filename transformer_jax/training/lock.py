@@ -186,7 +186,8 @@ def hold(workdir: str):
   path = paths.join(workdir, "lock")
   held, release, error = _acquire(workdir, path) if jax.process_index() == 0 else (
       False, None, None)
-  owner = getattr(release, "__self__", None)  # the _ObjectLock of a gs:// workdir
+  owner = getattr(release, "__self__", None)
+  owner = owner if isinstance(owner, _ObjectLock) else None  # a gs:// workdir's, on process 0
   if jax.process_count() > 1:
     held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
   if error:
@@ -194,10 +195,12 @@ def hold(workdir: str):
   if not held:
     raise ConfigError(f"{workdir} is in use by {_describe(path)}: wait for that run or stop it, "
                       f"or use another --workdir")
+
   def check():
-    if hasattr(owner, "verify"):  # read now: the heartbeat's last look may be 30 s old
+    lost = ""
+    if owner is not None:  # read now: the heartbeat's last look may be 30 s old
       owner.verify()
-    lost = getattr(owner, "lost", "")
+      lost = owner.lost
     if jax.process_count() > 1:
       lost = "another run" if multihost_utils.broadcast_one_to_all(np.int32(bool(lost))) else ""
     if lost:
