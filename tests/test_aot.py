@@ -302,6 +302,25 @@ def test_aot_for_an_h100_host_checks_the_fit_against_the_allocators_share():
                       r"try .*\n", big.stderr), big.stderr
 
 
+@needs_cuda_plugin
+def test_cudnn_runs_its_own_sliding_window_on_the_window_layers():
+  """For an H100, with no GPU here: a causal windowed layer's cuDNN attention (forward and
+  backward) carries the window itself (sliding_window_length), a global layer's has none."""
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [CUDA_AOT,
+                                                                    os.environ.get("PYTHONPATH")]))}
+  cmd = [sys.executable, "-m", "transformer_jax.aot", f"--config={REPO}/configs/llama.py:tiny",
+         "--config.model.num_layers=2", "--config.model.dtype=bfloat16", "--topology=h100-1",
+         "--config.model.attention_impl=cudnn", "--config.model.attention_window=16",
+         "--config.model.window_pattern=LG", "--config.model.scan_layers=false"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  calls = json.loads(out.stdout.strip().splitlines()[-1])["kernels"]["custom_calls"]
+  fmha = {k: n for k, n in calls.items() if k.startswith("__cudnn$fmha")}
+  assert fmha == {"__cudnn$fmhaScaleBiasSoftmax window=16": 1,
+                  "__cudnn$fmhaScaleBiasSoftmaxBackward window=16": 1,
+                  "__cudnn$fmhaScaleBiasSoftmax": 1, "__cudnn$fmhaScaleBiasSoftmaxBackward": 1}
+
+
 def test_missing_cuda_plugin_or_cudnn_is_one_line(monkeypatch):
   """Without JAX's CUDA plugin, or when cuDNN attention cannot be traced for want of cuDNN (the
   lowering stubbed to raise what jax raises then), the check says what to install in one line."""

@@ -40,8 +40,9 @@ def _windowed_reference(mask, window):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_every_cpu_kernel_honours_the_window(causal):
-  """xla (block-skipping when causal), xla with a traced window, dot_product and splash
-  (interpret mode) equal the reference under mask & window: values and gradients, packed."""
+  """xla (block-skipping when causal), xla with a traced window, dot_product, splash (interpret
+  mode) and, when causal, the window as jax's local_window_size (cuDNN's form of it) equal the
+  reference under mask & window: values and gradients, packed."""
   q, k, v, _, seg = _inputs(2, 128, 2, 2, 8)
   mask, w = attention.mask(seg, seg, causal), 32
   want = _windowed_reference(mask, w)
@@ -54,6 +55,9 @@ def test_every_cpu_kernel_honours_the_window(causal):
       "splash": lambda *a: attention.splash(*a, attention.segment_ids(mask), causal=causal,
                                             window=w, interpret=True),
   }
+  if causal:  # jax's local_window_size, which cuDNN runs as its own sliding window
+    kernels["local_window_size"] = lambda *a: attention.dot_product(*a, mask, causal=True,
+                                                                    window=w)
   for name, fn in kernels.items():
     _check(fn, want, (q, k, v), tol=2e-5)
   # The window changes the result (the test would see a kernel that ignored it).

@@ -25,6 +25,8 @@ ENTRY %main (a: bf16[8,16], b: bf16[16,4], c: f32[4,4]) -> f32[] {
   %fusion.3 = f32[4,4]{1,0} fusion(%c), kind=kLoop, calls=%wide
   %cublas = (bf16[8,4]{1,0}, s8[64]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(_train_step)/jvp(DecoderLM)/layer_1/attention/dot_general"}
   %fmha = (bf16[8,4]{1,0}) custom-call(%a, %b), custom_call_target="__cudnn$fmhaSoftmax"
+  %fmha.1 = (bf16[8,4]{1,0}) custom-call(%a, %b), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config":{"mask_type":"CAUSAL","sliding_window_length":0}}
+  %fmha.2 = (bf16[8,4]{1,0}) custom-call(%a, %b), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config":{"mask_type":"CAUSAL","sliding_window_length":512}}
   ROOT %r = f32[] constant(0)
 }
 """
@@ -36,7 +38,8 @@ def test_census_counts_matmuls_by_dtypes_and_place_fusions_and_custom_calls():
   assert r["matmuls_by_place"] == {"bf16xbf16->f32 layer_N/mlp": 1,
                                    "f32xf32->f32 attention/attention._kernel": 1,
                                    "bf16xbf16->bf16 layer_N/attention": 1}
-  assert r["custom_calls"] == {"__cublas$gemm": 1, "__cudnn$fmhaSoftmax": 1}
+  assert r["custom_calls"] == {"__cublas$gemm": 1, "__cudnn$fmhaSoftmax": 2,
+                               "__cudnn$fmhaSoftmax window=512": 1}
   assert r["fusions"] == {"__triton_nested_gemm_fusion": 1, "kOutput": 1, "kLoop": 1}
   assert kernels.wide_matmuls(r, "bfloat16") == {"attention/attention._kernel": 1}
   assert kernels.wide_matmuls(r, "float32") == {}

@@ -20,8 +20,9 @@ A sliding window (`window` W > 0, per layer: model.attention_window and model.wi
 keeps the keys j with |i - j| < W for query i: with a causal mask the W most recent keys, the
 query's own included (Mistral's sliding window). The reference then attends block by block to
 the previous and current key blocks only (O(T W), not O(T^2)); splash uses its LocalMask;
-dot_product and cudnn take it in the mask. A window that varies inside a scanned stack (a mixed
-window_pattern with scan_layers) is a traced value: a mask for every kernel but splash.
+cudnn its own sliding window when causal (else the mask); dot_product takes it in the mask. A
+window that varies inside a scanned stack (a mixed window_pattern with scan_layers) is a traced
+value: a mask for every kernel but splash.
 
 Layouts follow layers.py (`mask` builds the masks every family uses): q_BTNGK (already scaled),
 k_BSNK, v_BSNK, mask_BTS (True = attend), bias_BNGTS (added to the scores). Query head
@@ -241,21 +242,25 @@ def attend(impl: str, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, cau
   if (impl == "xla" and static and window and causal and bias_BNGTS is None and t == s
       and t % window == 0):
     return windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window)
-  if not static or window:
+  cudnn = impl == "cudnn"
+  native = cudnn and static and window and causal and t == s  # cuDNN's own sliding window
+  if not native and (not static or window):
     mask_BTS = mask_BTS & window_mask(t, s, window)[None]
   if impl == "xla":
     return reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks, bias_BNGTS)
-  cudnn = impl == "cudnn"
   return dot_product(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS, causal=causal and cudnn,
-                     implementation="cudnn" if cudnn else "xla")
+                     implementation="cudnn" if cudnn else "xla", window=window if native else 0)
 
 
 def dot_product(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal=False,
-                implementation="xla"):
+                implementation="xla", window=0):
   """jax.nn.dot_product_attention over the [B, T, H, K] query layout (q is already scaled).
   cuDNN takes the mask as an additive bias in the compute dtype; `causal` (keys after the query
-  masked as well) lets it skip those blocks. A query that sees no key at all (only a padding row
-  of cross-attention can, and its loss weight is 0) gets the mean of the values, not zeros."""
+  masked as well) lets it skip those blocks. `window` W > 0 (causal only): each query's W most
+  recent keys, itself included, as jax's local_window_size (W - 1, 0), which cuDNN runs as its
+  own sliding window (skipping the blocks outside it). A query that sees no key at all (only a
+  padding row of cross-attention can, and its loss weight is 0) gets the mean of the values, not
+  zeros."""
   b, t, n, g, k = q_BTNGK.shape
   s = k_BSNK.shape[1]
   bias_BHTS = None
@@ -265,7 +270,8 @@ def dot_product(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, causal=Fa
       bias_BHTS = bias_BHTS.astype(q_BTNGK.dtype)
   out_BTHK = jax.nn.dot_product_attention(
       q_BTNGK.reshape(b, t, n * g, k), k_BSNK, v_BSNK, bias=bias_BHTS, mask=mask_BTS[:, None],
-      scale=1.0, is_causal=causal, implementation=implementation)
+      scale=1.0, is_causal=causal, implementation=implementation,
+      local_window_size=(window - 1, 0) if window else None)
   return out_BTHK.reshape(b, t, n, g, k)
 
 

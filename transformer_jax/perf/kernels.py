@@ -1,9 +1,10 @@
 """What a compiled program runs, read from its optimized HLO (perf/hlo.py): every matmul with the
 dtypes it multiplies in and where in the model it comes from, the custom calls by target (cuDNN
-fused attention, cuBLAS GEMMs, Pallas kernels), and the fusions by kind (on GPUs a Triton GEMM
-fusion names its kind). `aot` prints it for a deviceless compile, so a GPU or TPU program can be
-checked from a laptop: is the attention kernel there, does any matmul run in fp32 where the
-config asked for bf16, how many kernels does a step launch."""
+fused attention, with its sliding window if any; cuBLAS GEMMs; Pallas kernels), and the fusions
+by kind (on GPUs a Triton GEMM fusion names its kind). `aot` prints it for a deviceless
+compile, so a GPU or TPU program can be checked from a laptop: is the attention kernel there,
+does any matmul run in fp32 where the config asked for bf16, how many kernels does a step
+launch."""
 
 import collections
 import re
@@ -15,6 +16,7 @@ _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _KIND = re.compile(r"\bkind=(k\w+)")
 _BACKEND_KIND = re.compile(r'"kind":"(\w+)"')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
+_WINDOW = re.compile(r'"sliding_window_length":\s*"?(\d+)')
 GEMM_TARGETS = ("gemm", "matmul")  # cuBLAS (`__cublas$gemm`, `__cublas$lt$matmul...`)
 
 
@@ -37,7 +39,8 @@ def _where(args: str) -> str:
 
 def census(text: str) -> dict:
   """{"matmuls": {"LHSxRHS->OUT": count}, "matmuls_by_place": {"LHSxRHS->OUT place": count},
-  "custom_calls": {target: count}, "fusions": {kind: count}} of optimized HLO text."""
+  "custom_calls": {target: count}, "fusions": {kind: count}} of optimized HLO text. A cuDNN
+  attention call with a sliding window counts as "TARGET window=W"."""
   comps, _ = hlo.computations(text)
   matmuls, places = collections.Counter(), collections.Counter()
   targets, fusions = collections.Counter(), collections.Counter()
@@ -50,7 +53,9 @@ def census(text: str) -> dict:
       types[ins.name] = ins.result
       target = _TARGET.search(ins.args) if ins.op == "custom-call" else None
       if target:
-        targets[target.group(1)] += 1
+        window = _WINDOW.search(ins.args)  # cuDNN attention running its own sliding window
+        window = f" window={window.group(1)}" if window and int(window.group(1)) else ""
+        targets[target.group(1) + window] += 1
       if ins.op == "fusion":
         kind = _BACKEND_KIND.search(ins.args) or _KIND.search(ins.args)
         fusions[kind.group(1) if kind else "?"] += 1
