@@ -25,6 +25,7 @@ attention, cuBLAS, Pallas kernels); in a bfloat16 model the matmuls with fp32 op
 by where they come from.
 """
 
+import importlib
 import json
 import math
 import os
@@ -208,7 +209,7 @@ def main(argv):
   if topo.platform == "cuda":
     topology.gpu_mem_fraction()  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION stops here, before compiling
     with topology.quiet_fd2():  # importing jax loads the CUDA plugin: it logs that there is no GPU
-      import jax  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+      importlib.import_module("jax")
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   config = config_lib.load(spec, overrides)

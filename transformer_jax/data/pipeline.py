@@ -113,7 +113,7 @@ def _check_pairs(config) -> None:
     raise ConfigError(
         f"data.format={d.format!r} holds {'documents' if seq2seq else 'pairs'}: data.objective="
         f"{d.objective!r} needs " + (f"one of {', '.join(corpus_lib.PAIR_FORMATS)}" if seq2seq
-                                     else f"data.objective='seq2seq' (or a document format)"))
+                                     else "data.objective='seq2seq' (or a document format)"))
   corpus_lib.corpus_files(d.corpus)
 
 
