@@ -4,6 +4,7 @@ computation), the logit lens's last layer is the model's logits, a linear probe 
 feature and not shuffled labels, train.log_activations' metrics equal an independent computation,
 and bad inputs are one-line errors."""
 
+import collections
 import json
 import os
 import re
@@ -246,7 +247,23 @@ def test_probe_fit_on_synthetic_features():
   result = probe.fit(x, y.tolist(), seed=2)
   acc = [r["heldout_accuracy"] for r in result["layers"]]
   assert acc[1] >= 0.97 and acc[0] < 0.55 and result["classes"] == 3
-  assert result["heldout_examples"] == 75 and 0.3 < result["chance"] < 0.5
+  counts = np.bincount(y)
+  assert result["heldout_examples"] == sum(round(0.25 * c) for c in counts)
+  assert 0.3 < result["chance"] < 0.5
+
+
+def test_probe_split_is_stratified():
+  """Each label keeps its share in the held-out split (a rare one as well); a label seen once
+  stays in training; the splits cover every example once; another seed draws others."""
+  labels = ["a"] * 90 + [{"b": 1}] * 10 + ["c"]
+  train, test = probe.split(labels, 0.2, seed=0)
+  held = collections.Counter(json.dumps(labels[i]) for i in test)
+  assert held == {'"a"': 18, '{"b": 1}': 2}
+  assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(labels)))
+  other = probe.split(labels, 0.2, seed=1)[1]
+  assert len(other) == len(test) and set(other) != set(test)
+  train, test = probe.split(["x", "y"], 0.5, seed=0)  # too rare to hold out: one is, all the same
+  assert len(train) == len(test) == 1
 
 
 def test_log_activations_metrics_equal_an_independent_computation(run, tiny_data):

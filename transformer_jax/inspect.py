@@ -96,7 +96,7 @@ def probe_main(argv):
   f = _parse(argv, PROBE_FLAGS)
   from transformer_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
   texts, labels = probe.read_labelled(f["data"], f["field"], f["label_field"], f["limit"])
-  probe.split(len(texts), f["holdout"], f["seed"])  # checks --holdout before the model loads
+  probe.split(labels, f["holdout"], f["seed"])  # checks --holdout before the model loads
   if f["steps"] < 1:
     raise ConfigError("--steps must be >= 1")
   trainer, step, params, tokenizer = _load(f)

@@ -87,13 +87,27 @@ def _pool(x_LBTD, segments_BT):
   return total / jnp.maximum(jnp.sum(w_BT, axis=1), 1.0)[None, :, None]
 
 
-def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(train, held-out) indices: a seeded permutation, `holdout` of it (at least one) held out."""
+def split(labels, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) indices, stratified: of each label's examples (a seeded permutation),
+  round(holdout x count) are held out, keeping at least one of each in training, so the held-out
+  split has the labels' proportions; at least one example is held out in all."""
   if not 0 < holdout < 1:
     raise ConfigError(f"--holdout must be in (0, 1), got {holdout}")
-  order = np.random.default_rng(seed).permutation(n)
-  cut = min(max(1, int(round(holdout * n))), n - 1)
-  return order[cut:], order[:cut]
+  keys = np.asarray([json.dumps(v) for v in labels])
+  if len(keys) < 2:
+    raise ConfigError(f"a probe needs at least 2 labelled examples, got {len(keys)}")
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for key in sorted(set(keys)):
+    members = rng.permutation(np.flatnonzero(keys == key))
+    cut = min(int(round(holdout * len(members))), len(members) - 1)
+    test.extend(members[:cut])
+    train.extend(members[cut:])
+  if not test:  # every label too rare to hold one out: hold out one of the commonest
+    common = max(set(keys), key=lambda k: (np.sum(keys == k), k))
+    test.append(next(i for i in train if keys[i] == common))
+    train.remove(test[0])
+  return np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(test, np.int64))
 
 
 @functools.partial(jax.jit, static_argnames=("classes", "steps"))
@@ -130,7 +144,7 @@ def fit(features_LND, labels, *, holdout: float = 0.25, seed: int = 0, steps: in
   keys = [json.dumps(v) for v in labels]
   classes = sorted(set(keys))
   y = np.asarray([classes.index(k) for k in keys], np.int32)
-  train, test = split(len(y), holdout, seed)
+  train, test = split(labels, holdout, seed)
   mean = x[:, train].mean(axis=1, keepdims=True)
   std = x[:, train].std(axis=1, keepdims=True) + 1e-6
   x = (x - mean) / std
