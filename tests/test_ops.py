@@ -104,3 +104,28 @@ def test_use_references_swaps_and_restores():
   assert ops.gelu is not ops.gelu_reference
   with pytest.raises(ValueError, match="unknown op 'nope'"):
     ops.use_references(["nope"])
+
+
+def test_einsum_f32_backward_runs_in_the_operands_dtype():
+  """fp32 operands: values and gradients are autodiff's. bf16 operands: the fp32 result is
+  autodiff's, and the gradients are those of the bf16 einsum fed the rounded cotangent, from
+  bf16 dots only (no fp32 matmul in the backward)."""
+  spec = "BTNK,BSNK->BNTS"
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 2, 4), (2, 6, 2, 4)))
+  g = jnp.asarray(rng.normal(size=(2, 2, 8, 6)), jnp.float32)
+  plain = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
+  ours = lambda a, b: ops.einsum_f32(spec, a, b)  # pylint: disable=unnecessary-lambda-assignment
+  for x, y in zip(jax.vjp(ours, a, b)[1](g), jax.vjp(plain, a, b)[1](g)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  out, vjp = jax.vjp(ours, a16, b16)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, plain(a16, b16))
+  want = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a16, b16)[1](g.astype(jnp.bfloat16))
+  for x, y in zip(vjp(g), want):
+    assert x.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  hlo = jax.jit(lambda a, b, g: jax.vjp(ours, a, b)[1](g)).lower(a16, b16, g).as_text()
+  assert "dot_general" in hlo and not any("f32>" in line.split("->")[0].split(":")[-1]
+                                          for line in hlo.splitlines() if "dot_general" in line)

@@ -1,7 +1,8 @@
 """Attention implementations behind one interface, picked by `model.attention_impl` and platform.
 
   xla          `reference`: the reference (einsums, fp32 scores, ops.masked_softmax, causal
-               key-block skipping); serves every layer
+               key-block skipping; the backward's matmuls in the compute dtype); serves every
+               layer
   dot_product  jax.nn.dot_product_attention(implementation="xla"): any mask, bias, GQA, decoding
   cudnn        the same with implementation="cudnn" (cuDNN flash attention): CUDA GPU, bf16
   splash       Pallas TPU splash attention: causal or full self-attention within packed segments;
@@ -178,8 +179,8 @@ def windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window: int):
   cols_CS = jnp.arange(c)[:, None] * w + jnp.arange(2 * w)[None, :]  # padded key index
   mask_BCWS = jnp.take_along_axis(rows_BCWS, cols_CS[None, :, None, :], axis=3)
   mask_BCWS &= window_mask(w, 2 * w, w, q_offset=w)[None, None]
-  logits = jnp.einsum("BCTNGK,BCSNK->BCNGTS", q_BTNGK.reshape(b, c, w, n, g, k),
-                      previous_and_current(k_BSNK), preferred_element_type=jnp.float32)
+  logits = ops.einsum_f32("BCTNGK,BCSNK->BCNGTS", q_BTNGK.reshape(b, c, w, n, g, k),
+                          previous_and_current(k_BSNK))
   probs = ops.masked_softmax(logits, mask_BCWS[:, :, None, None]).astype(q_BTNGK.dtype)
   out = jnp.einsum("BCNGTS,BCSNK->BCTNGK", probs, previous_and_current(v_BSNK))
   return out.reshape(b, t, n, g, k)
@@ -210,8 +211,7 @@ def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BN
 def probabilities(q_BTNGK, k_BSNK, mask_BTS, bias_BNGTS=None):
   """The reference kernel's attention probabilities, fp32 [B, N, G, T, S]: each query's softmax
   over the keys its mask allows (exactly 0 elsewhere)."""
-  logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK,
-                            preferred_element_type=jnp.float32)
+  logits_BNGTS = ops.einsum_f32("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK)
   if bias_BNGTS is not None:
     logits_BNGTS = logits_BNGTS + bias_BNGTS
   return ops.masked_softmax(logits_BNGTS, mask_BTS[:, None, None])

@@ -512,10 +512,9 @@ class Embedder(nn.Module):
     return constrain(x_BTD.astype(c.compute_dtype), ("act_batch", "act_length", "act_embed"))
 
   def logits(self, x_BTD):
-    """fp32 logits: the matmul runs in the compute dtype and accumulates in fp32."""
+    """fp32 logits: the matmul runs in the compute dtype and accumulates in fp32; so do the
+    backward's two (ops.unembed: the fp32 cotangent is cast to the compute dtype first)."""
     dt = self.cfg.compute_dtype
-    if self.cfg.tie_embeddings:
-      out = ops.unembed(x_BTD.astype(dt), self.table.astype(dt))
-    else:
-      out = ops.dense(x_BTD.astype(dt), self.out.astype(dt), preferred_element_type=jnp.float32)
+    table_VD = self.table if self.cfg.tie_embeddings else self.out.T
+    out = ops.unembed(x_BTD.astype(dt), table_VD.astype(dt))
     return constrain(out, ("act_batch", "act_length", "act_vocab"))

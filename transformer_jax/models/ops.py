@@ -229,6 +229,28 @@ def _unembed_bwd(res, g_BTV):
 unembed.defvjp(_unembed_fwd, _unembed_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a, b):
+  """einsum(spec, a, b) accumulated and returned in fp32 (e.g. attention scores from bf16 q and
+  k). Its backward casts the fp32 cotangent to the operands' dtype first, so the two backward
+  matmuls run in that dtype as well (plain autodiff would run them in fp32: TF32 at best on a
+  GPU); with fp32 operands it is autodiff's."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+  return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, res, g):
+  a, b = res
+  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+  return vjp(g.astype(jnp.result_type(a, b)))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference formulas (plain autodiff): what the ops above must equal, and the benchmark's
 # `--reference_ops` baseline for measuring what each hand-written backward buys.
