@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -81,3 +82,24 @@ def test_sample_cli_uses_the_checkpoint(full_run):
   assert a.returncode == 0, a.stderr[-2000:]
   assert a.stdout.startswith("[step 20] def value(")
   assert len(a.stdout.rstrip("\n")) > len("[step 20] def value(")  # new tokens were printed
+
+
+def test_evaluation_and_saves_are_left_out_of_tokens_per_s(tiny_data, tmp_path, monkeypatch):
+  """An evaluation that takes 1.5 s (slowed here) at step 4: the next window's tokens/s counts
+  its two training steps only (its time from tokens/s is far under 1.5 s), and its paused_s holds
+  the 1.5 s. Without the pause the window would take > 1.5 s."""
+  evaluate = loop._evaluate  # pylint: disable=protected-access
+
+  def slow(*args):
+    time.sleep(1.5)
+    return evaluate(*args)
+
+  monkeypatch.setattr(loop, "_evaluate", slow)
+  config = _config(tiny_data, **{"train.steps": 6, "train.log_every": 2, "eval.every_steps": 4,
+                                 "checkpoint.every_steps": 4})
+  loop.train(config, str(tmp_path), quiet=True, devices=jax.devices()[:1])
+  rows = {r["step"]: r for r in _lines(str(tmp_path)) if "tokens_per_s" in r}
+  tokens = config.train.batch_size * config.data.seq_len * 2
+  after = rows[6]
+  assert tokens / after["tokens_per_s"] < 1.0, after
+  assert after["paused_s"] >= 1.5 and "paused_s" not in rows[4], (rows[4], after)

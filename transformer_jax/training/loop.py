@@ -92,7 +92,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         last = meter.read(m, state.skipped)
         _log(writer, bar, done, last, rows, c.train.process_log)
       if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
-        last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
+        with meter.paused(m):
+          last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
       if is_save or stopping:
         try:
           still_ours()  # another run took over the workdir: write nothing more to it
@@ -100,7 +101,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
           writer.enabled = False
           raise
         writer.flush()  # a gs:// metrics.jsonl holds every line up to a step before it is saved
-        ckpts.save(done, state, data, force=True, data_writes=data_writes)
+        with meter.paused(m):
+          ckpts.save(done, state, data, force=True, data_writes=data_writes)
       bar.update(1)
       step = done
       if stopping:

@@ -1,7 +1,9 @@
 """The throughput meter: tokens/s and MFU per log window, the first step's compile time, and the
 window's mean loss over the steps whose update was applied (device-side sums: no host sync per
-step)."""
+step). Evaluation and a checkpoint's blocking part are timed apart (`paused`): a window's
+tokens/s counts its training steps only, and its `paused_s` says how long it stood still."""
 
+import contextlib
 import time
 
 import jax
@@ -30,6 +32,7 @@ class Meter:
     """A new window from now (after a rollback)."""
     self._loss_sum, self._applied, self._steps, self._mixture = 0.0, 0, 0, 0.0
     self._acts, self._act_steps = {}, 0  # log_activations: act_max's window max, act_rms' sum
+    self._paused = 0.0
     if self._mark is not None:
       self._mark = time.perf_counter()
 
@@ -53,9 +56,25 @@ class Meter:
       self._first["compile_s"] = time.perf_counter() - self._t0
       self._mark, self._steps = time.perf_counter(), 0
 
+  @contextlib.contextmanager
+  def paused(self, m):
+    """Leaves the time inside (an evaluation, a checkpoint save's blocking part) out of the
+    window's tokens/s, adding it to the window's paused_s. The steps already queued (`m`: the
+    last step's metrics) finish first, so their time stays in the window."""
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      if self._mark is not None:
+        spent = time.perf_counter() - start
+        self._mark += spent
+        self._paused += spent
+
   def read(self, m: dict, skipped) -> dict:
     """The log line's values: the last step's metrics (its loss as loss_last), the window's mean
-    loss, skipped steps so far, tokens_per_s and mfu (and compile_s once); with a data.mixture
+    loss, skipped steps so far, tokens_per_s and mfu (and compile_s once; paused_s, the seconds
+    spent evaluating and saving, when there were any); with a data.mixture
     mixture_tokens, {source: the window's tokens}; with train.log_activations each act_max/* is
     the window's largest and each act_rms/* its mean. Starts a new window."""
     m = jax.device_get(m)
@@ -67,6 +86,8 @@ class Meter:
     tps = self.tokens_per_step * self._steps / max(now - self._mark, 1e-9) if self._steps else 0.0
     out = {k: float(v) for k, v in m.items()}
     out.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak_total, **self._first)
+    if self._paused:
+      out["paused_s"] = self._paused
     if mixed is not None:
       out["mixture_tokens"] = mixture.window_tokens(self.sources, jax.device_get(self._mixture))
     steps = max(self._act_steps, 1)  # the window's act_max: its largest; act_rms: its mean
