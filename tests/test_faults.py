@@ -345,21 +345,25 @@ def test_full_or_read_only_workdir_gives_a_clear_error_and_keeps_checkpoints(tin
     env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
     full = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert full.returncode == 4, full.stderr[-3000:]
-    (last,) = [line for line in full.stderr.splitlines() if line.startswith("error:")]
-    assert last.startswith("error: saving checkpoint 10 to ") and "No space left on device" in last
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, full.stderr[-3000:]
+    last = errors[0]
+    assert last.startswith("error: saving checkpoint 10 to ") and "No space left on device" in last, (
+        full.stderr[-3000:])
     # Checkpoint 5 is complete, 10 is not; the message names the step the re-run resumes from.
     listed = [int(x) for x in re.search(r"on disk: ([\d, ]+) \(", last).group(1).split(", ")]
-    assert listed == [5]
+    assert listed == [5], full.stderr[-3000:]
     assert f"resume from step {listed[-1]}" in last
     # (Orbax's background writers may print "Event loop is closed" traces while they fail.)
     subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {workdir}/checkpoints/{listed[-1]}" in again.stderr + again.stdout
-    assert "done: step 30" in again.stdout
+    assert f"resumed from {workdir}/checkpoints/{listed[-1]}" in again.stderr + again.stdout, (
+        again.stderr[-3000:])
+    assert "done: step 30" in again.stdout, again.stdout[-3000:]
     subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
     ro = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert ro.returncode == 2
+    assert ro.returncode == 2, ro.stderr[-3000:]
     assert ro.stderr.strip() == (f"error: workdir {workdir} is not writable: Read-only file "
                                  "system")
   finally:
