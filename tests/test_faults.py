@@ -348,8 +348,8 @@ def test_full_or_read_only_workdir_gives_a_clear_error_and_keeps_checkpoints(tin
     errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, full.stderr[-3000:]
     last = errors[0]
-    assert last.startswith("error: saving checkpoint 10 to ") and "No space left on device" in last, (
-        full.stderr[-3000:])
+    assert (last.startswith("error: saving checkpoint 10 to ")
+            and "No space left on device" in last), full.stderr[-3000:]
     # Checkpoint 5 is complete, 10 is not; the message names the step the re-run resumes from.
     listed = [int(x) for x in re.search(r"on disk: ([\d, ]+) \(", last).group(1).split(", ")]
     assert listed == [5], full.stderr[-3000:]
