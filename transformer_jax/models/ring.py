@@ -92,6 +92,11 @@ def _visible(static, seg_q_BT, pos_q_T, seg_k_BS, pos_k_S, window):
   return [_split(m, _parts(static), axis=2) for m in _split(mask_BTS, _parts(static))]
 
 
+def _if_visible(mask_BTS, block, carry, *args):
+  """block(carry, *args, mask_BTS) where the mask lets anything through, else carry as it is."""
+  return jax.lax.cond(jnp.any(mask_BTS), block, lambda carry, *_: carry, carry, *args, mask_BTS)
+
+
 def _scores(q_BTNGK, k_BSNK, mask_BTS):
   s_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK, preferred_element_type=jnp.float32)
   return jnp.where(mask_BTS[:, None, None], s_BNGTS, -jnp.inf)
@@ -122,10 +127,11 @@ def _forward(static, q_BTNGK, k_BSNK, v_BSNK, seg_q_BT, pos_q_T, window):
     k_BSNK, v_BSNK, seg_k_BS, pos_k_S = chunk
     masks = _visible(static, seg_q_BT, pos_q_T, seg_k_BS, pos_k_S, window)
     k_parts, v_parts = _split(k_BSNK, parts), _split(v_BSNK, parts)
-    return [functools.reduce(
-        lambda st, j: jax.lax.cond(jnp.any(masks[i][j]), _fold, lambda st, *_: st, st,
-                                   q_parts[i], k_parts[j], v_parts[j], masks[i][j]),
-        range(parts), stats[i]) for i in range(parts)]
+    stats = list(stats)
+    for i in range(parts):
+      for j in range(parts):
+        stats[i] = _if_visible(masks[i][j], _fold, stats[i], q_parts[i], k_parts[j], v_parts[j])
+    return stats
 
   def step(carry, _):
     stats, chunk = carry
@@ -177,10 +183,9 @@ def _backward(static, residuals, do_BTNGK):
     dq_parts, dk_parts, dv_parts = list(dq_parts), list(dk_parts), list(dv_parts)
     for i in range(parts):
       for j in range(parts):
-        dq_parts[i], dk_parts[j], dv_parts[j] = jax.lax.cond(
-            jnp.any(masks[i][j]), _block_grads, lambda grads, *_: grads,
-            (dq_parts[i], dk_parts[j], dv_parts[j]), q_parts[i], k_parts[j], v_parts[j],
-            do_parts[i], lse_parts[i], delta_parts[i], masks[i][j])
+        dq_parts[i], dk_parts[j], dv_parts[j] = _if_visible(
+            masks[i][j], _block_grads, (dq_parts[i], dk_parts[j], dv_parts[j]), q_parts[i],
+            k_parts[j], v_parts[j], do_parts[i], lse_parts[i], delta_parts[i])
     return dq_parts, [k_BSNK, v_BSNK, seg_k_BS, pos_k_S, dk_parts, dv_parts]
 
   def step(carry, _):
