@@ -2,7 +2,8 @@
 # The second prepared GPU measurement (issue 24), for a later lease than gpu_h200.sh's: which XLA
 # GPU flags, and which attention kernel, help the GPT-2 small step (124M, 1024 tokens, batch 32,
 # bf16). One benchmark process per row, each with its own XLA_FLAGS and timeout, the flags added
-# to JAX's defaults one at a time; every row's JSON (tokens/s, MFU, compile_s) goes to one file.
+# to JAX's defaults one at a time; every row's JSON (tokens/s, MFU, compile_s, and the step's
+# device time by kernel class from --profile) goes to one file.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_flags.sh          # ~10 minutes on an H200
 #   OUT=/tmp/out SMOKE=1 bash benchmarks/gpu_flags.sh  # tiny shapes on CPU (the GPU flags are
@@ -32,11 +33,12 @@ run_rows() {
     # (benchmark compiles cold, without the persistent cache: each row reports its own compile)
     XLA_FLAGS="$flags" timeout --kill-after=10 "$LIMIT" "$PY" -m transformer_jax.benchmark \
       --config="${MODEL[0]}" "${MODEL[@]:1}" --config.model.attention_impl="$IMPL" \
-      --steps="$STEPS" --rounds="$ROUNDS" 2>&1 | tail -1
+      --steps="$STEPS" --rounds="$ROUNDS" --profile 2>&1 | tail -1
   done
   echo "## defaults, attention_impl=xla"
   timeout --kill-after=10 "$LIMIT" "$PY" -m transformer_jax.benchmark --config="${MODEL[0]}" \
-    "${MODEL[@]:1}" --config.model.attention_impl=xla --steps="$STEPS" --rounds="$ROUNDS" 2>&1 \
+    "${MODEL[@]:1}" --config.model.attention_impl=xla --steps="$STEPS" --rounds="$ROUNDS" \
+    --profile 2>&1 \
     | tail -1
 }
 step 05_xla_flags $((LIMIT * 8)) bash -c "$(declare -p ROWS MODEL IMPL STEPS ROUNDS LIMIT PY \

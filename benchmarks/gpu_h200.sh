@@ -11,7 +11,8 @@
 #
 #  01 versions and devices
 #  02 Llama-1B shape at 2048, bf16, cuDNN attention, remat none, batch 8: ours vs Hugging Face
-#     eager and torch.compile, interleaved (benchmark --compare=hf,hf_compile)
+#     eager and torch.compile, interleaved (benchmark --compare=hf,hf_compile), then our step's
+#     device time by kernel class from a profile of 5 more steps (--profile)
 #  03 GPT-2 small end to end (python -m transformer_jax.train, data and checkpoints included):
 #     a cold start (empty compilation cache) then a warm one: each command's wall time, the
 #     compile_s of its first metrics line, tokens/s and MFU of the log windows
@@ -45,7 +46,7 @@ step 04_attention_parity 180 env PYTHONPATH=".:${PYTHONPATH:-}" "$PY" benchmarks
 step 02_llama_vs_torch 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" \
   -m transformer_jax.benchmark --config="${LLAMA[0]}" "${LLAMA[@]:1}" \
   --config.model.attention_impl="$IMPL" --steps="$STEPS" --rounds="$ROUNDS" \
-  --compare=hf,hf_compile
+  --compare=hf,hf_compile --profile
 
 tok="runs/tokenizers/stdlib_$VOCAB.model"
 [[ -f "$tok" ]] || "$PY" -m transformer_jax.tokenizer --corpus=stdlib --vocab_size="$VOCAB" \

@@ -4,7 +4,7 @@
       [--compare=hf[,hf_compile]] [--compile_only] [--rounds=3] [--baseline=KEY=VALUE;...]
       [--reference_ops=OP,...] [--config.KEY=VALUE ...]
       [--matmul_floor] [--grid="KEY=V1,V2;KEY2=V3,V4" [--grid_timeout=SECONDS]]
-      [--moe [--moe_capacity=1.25]]
+      [--moe [--moe_capacity=1.25]] [--profile [--profile_dir=DIR]]
 
 Batches are random tokens of the config's shape (the input pipeline is not timed here;
 --checkpoint also times async Orbax saves of the train state: save_block_s (how long the loop
@@ -45,6 +45,12 @@ once per round (and the --baseline config's, interleaved), and prints lower_s an
 (medians over rounds) and temp_bytes (the compiled step's scratch memory per device, from XLA's
 memory_analysis()), plus baseline_lower_s, baseline_compile_s, baseline_temp_bytes and
 compile_ratio_vs_baseline.
+
+--profile runs --steps more steps under JAX's profiler after the timed rounds and prints where
+the device time of a step goes, by kernel class (matmul, attention, collective, copy, optimizer,
+fusion, idle) and the top ops (transformer_jax/perf/profile.py); the JSON gains profile (that
+breakdown, or {"error": ...} when the trace has no op of the step, e.g. a GPU without CUPTI).
+The trace (for TensorBoard or XProf) is kept in --profile_dir if given.
 
 --moe times an MoE config's step dropless, with capacity factor --moe_capacity and as the dense
 model of the same active parameters, side by side (transformer_jax/perf/moe_bench.py).
@@ -268,7 +274,8 @@ def main(argv):
                                         "compile_only": False, "data_only": False,
                                         "checkpoint": False, "matmul_floor": False,
                                         "grid": "", "grid_timeout": 900, "moe": False,
-                                        "moe_capacity": 1.25})
+                                        "moe_capacity": 1.25, "profile": False,
+                                        "profile_dir": ""})
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
   if f["steps"] < 1 or f["rounds"] < 1:
@@ -350,6 +357,8 @@ def _time_training(config, baseline_config, f, argv, reference_ops, baseline_ove
     out.update(_time_async_save(ours, f["rounds"], step))
   if f["matmul_floor"]:
     out.update(_matmul_floor(ours, step))
+  if f["profile"]:
+    out["profile"] = _profile(ours, f["steps"], f["profile_dir"])
   for p in peers:  # the same MFU formula on both sides
     peer_tps = tokens / statistics.median(theirs_t[p.kind])
     out.update({f"{p.kind}_tokens_per_s": round(peer_tps, 1),
@@ -442,6 +451,29 @@ def _matmul_floor(runner, step_s):
   flops = sum(count * dot.flops for dot, count, _ in timed)
   return {"matmul_floor_s": round(floor, 4), "matmul_gflops": round(flops / 1e9, 2),
           "other_s": round(step_s - floor, 4)}
+
+
+def _profile(runner, steps, trace_dir):
+  """`steps` of the runner's steps under JAX's profiler, broken down by perf/profile.py."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from transformer_jax.perf import profile  # pylint: disable=g-import-not-at-top
+  hlo = runner.trainer.lower_train_step().compile().as_text()  # jit's own (cached) executable
+  with tempfile.TemporaryDirectory() as tmp:
+    where = trace_dir or tmp
+    runner.jax.profiler.start_trace(where)
+    try:
+      for i in range(steps):
+        with runner.jax.profiler.StepTraceAnnotation(profile.STEP, step_num=i):
+          runner.time_steps(1)
+    finally:
+      runner.jax.profiler.stop_trace()
+    try:
+      report = profile.summarize(where, hlo)
+    except ValueError as e:  # e.g. a GPU without CUPTI: no device ops in the trace
+      print(f"profile: {e}", flush=True)
+      return {"error": str(e)}
+  print(profile.table(report), flush=True)
+  return report
 
 
 def _peak_memory(jax):

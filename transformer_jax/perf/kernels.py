@@ -25,7 +25,7 @@ def _dtype(type_text: str) -> str:
   return found[0][0] if found else "?"
 
 
-def _where(args: str) -> str:
+def place(args: str) -> str:
   """The model-side name of an instruction: its op_name without the transforms around it,
   e.g. `layer_0/mlp` or `attention._kernel`."""
   m = _OP_NAME.search(args)
@@ -66,7 +66,7 @@ def census(text: str) -> dict:
             "?", "?")
         sig = f"{lhs}x{rhs}->{_dtype(ins.result)}"
         matmuls[sig] += 1
-        places[f"{sig} {_where(ins.args)}"] += 1
+        places[f"{sig} {place(ins.args)}"] += 1
   return {"matmuls": dict(matmuls.most_common()), "matmuls_by_place": dict(places.most_common()),
           "custom_calls": dict(targets.most_common()), "fusions": dict(fusions.most_common())}
 
