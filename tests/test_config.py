@@ -174,4 +174,4 @@ def test_older_saved_config_gains_new_keys_at_their_defaults(tmp_path):
   config = config_lib.from_json_file(str(tmp_path / "config.json"))
   config_lib.validate(config)
   assert (config.model.attention_impl, config.data.packing, config.model.d_model) == (
-      "xla", "first_fit", 96)
+      "auto", "first_fit", 96)

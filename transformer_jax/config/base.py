@@ -101,9 +101,9 @@ def _model():
   # Attention kernel (models/attention.py): xla (the reference: einsums, fp32 scores) |
   # dot_product (jax.nn.dot_product_attention, XLA) | cudnn (its cuDNN flash attention: CUDA GPU,
   # bfloat16) | splash (Pallas TPU splash attention: no relative bias, encdec or prefix LM; lengths
-  # a multiple of 128) | auto (TPU: splash, GPU: cudnn, where the layer allows; else xla).
-  # KV-cache decoding always uses xla (dot_product: itself).
-  m.attention_impl = "xla"
+  # a multiple of 128) | auto (TPU: splash, GPU: cudnn, where the layer allows; else xla, as on
+  # CPUs). KV-cache decoding always uses xla (dot_product: itself).
+  m.attention_impl = "auto"
   # Quantized training (quant/qt.py, through qwix): none | int8 | fp8 runs the attention and MLP
   # projections' matmuls quantized, forward and backward (absmax scales per row and column); the
   # fp32 master weights and checkpoints are unchanged (a run may resume with it on or off).
