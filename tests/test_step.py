@@ -1,5 +1,7 @@
 """The train step: accumulation == big batch, sharded == unsharded, schedules, decay mask."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from transformer_jax import config as config_lib
 from transformer_jax.parallel import sharding
+from transformer_jax.perf import hlo
 from transformer_jax.training import optimizer
 from transformer_jax.training.step import Trainer
 from tests.conftest import REPO
@@ -53,21 +56,73 @@ def test_accumulation_equals_big_batch():
 
 
 @pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (2, 1, 4, 1),
-                                  (1, 2, 2, 2)])
+                                  (1, 2, 2, 2), (4, 1, 1, 2, 2), (2, 2, 1, 2, 2),
+                                  (2, 1, 2, 2, 2)])
 def test_sharded_equals_single_device(mesh):
   """The same 5 steps on 1 device and on 8 simulated devices (data, fsdp, sequence: ring
-  attention, tensor): losses within 1e-5 relative."""
+  attention, tensor; then microbatches, which each data shard accumulates on its own):
+  losses within 1e-5 relative."""
   if jax.device_count() < 8:
     pytest.fail("needs 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS)")
   batches = random_batches(tiny_config(), 5)
   ref, ref_params = run_steps(tiny_config(), jax.devices()[:1], batches)
-  d, f, s, t = mesh
+  d, f, s, t, m = (*mesh, 1)[:5]
   got, params = run_steps(tiny_config(f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.sequence={s}",
-                                      f"mesh.tensor={t}"), jax.devices()[:8], batches)
+                                      f"mesh.tensor={t}", f"train.microbatches={m}"),
+                          jax.devices()[:8], batches)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
   assert len(set(ref)) == len(ref)  # the steps really changed the parameters
+
+
+def _loop_all_reduces(trainer) -> int:
+  """All-reduces inside the compiled train step's while loops (the microbatch scan's body)."""
+  comps, _ = hlo.computations(trainer.lower_train_step().compile().as_text())
+  ops = [i for lines in comps.values() for i in map(hlo.instruction, lines) if i]
+  bodies = {b for i in ops if i.op == "while" for b in re.findall(r"body=%?([\w.\-]+)", i.args)}
+  return sum(1 for name in bodies for i in map(hlo.instruction, comps[name])
+             if i and i.op.startswith("all-reduce"))
+
+
+def test_data_shards_all_reduce_the_gradients_once_per_step_not_per_microbatch():
+  """With gradient accumulation each data shard sums its own microbatches' gradients and the
+  sum is all-reduced once (for a multi-slice mesh that is the DCN's traffic), where XLA would
+  all-reduce every microbatch's; an MoE model keeps the global form (its balance losses are
+  batch statistics, not sums over rows)."""
+  config = tiny_config("mesh.data=8", "train.microbatches=4", "train.batch_size=32")
+  mesh = sharding.make_mesh(config, jax.devices()[:8])
+  trainer = Trainer(config, mesh)
+  assert trainer._defer_data_reduce  # pylint: disable=protected-access
+  assert _loop_all_reduces(trainer) == 0
+  trainer = Trainer(config, mesh)
+  trainer._defer_data_reduce = False  # pylint: disable=protected-access
+  assert _loop_all_reduces(trainer) == 1  # the gradients', every trip
+  moe = config_lib.load(f"{REPO}/configs/mixtral.py:tiny", ["mesh.data=8",
+                                                            "train.microbatches=2"])
+  moe_trainer = Trainer(moe, sharding.make_mesh(moe, jax.devices()[:8]))
+  assert not moe_trainer._defer_data_reduce  # pylint: disable=protected-access
+
+
+def test_each_data_shards_accumulation_equals_the_global_one_on_a_scanned_stack():
+  """A scanned Llama stack (its gradients summed over the shards layer by layer) with FSDP:
+  the per-shard accumulation's step equals the global one's."""
+  config = config_lib.load(f"{REPO}/configs/llama.py:tiny", [
+      "model.scan_layers=True", "model.remat=full", "mesh.data=4", "mesh.fsdp=2",
+      "train.microbatches=2", "train.batch_size=16"])
+  batch = random_batches(config, 1)[0]
+  out = []
+  for defer in (True, False):
+    trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
+    assert trainer._defer_data_reduce  # pylint: disable=protected-access
+    trainer._defer_data_reduce = defer  # pylint: disable=protected-access
+    state, m = trainer.train_step(trainer.init_state(0), trainer.put_batch(batch),
+                                  jax.random.key(0))
+    out.append((float(m["loss"]), float(m["grad_norm"]), jax.device_get(state.params)))
+  (loss, norm, params), (ref_loss, ref_norm, ref_params) = out
+  assert loss == pytest.approx(ref_loss, rel=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_params_are_sharded_on_the_mesh():

@@ -102,3 +102,30 @@ def batch_sharding(mesh, rule_table) -> NamedSharding:
   """Rows over the axes the rules give `act_batch`, tokens over `act_length`'s (mesh.sequence)."""
   spec = nn.logical_to_mesh_axes(("act_batch", "act_length"), rule_table)
   return NamedSharding(mesh, P(*spec))
+
+
+DATA = "data"  # the data-parallel mesh axis (its outer part spans slices: mesh.dcn_data)
+
+
+def _names(axes) -> tuple:
+  return tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None)
+
+
+def without_axis(rule_table, axis: str):
+  """The rules with mesh `axis` taken out of every entry (inside shard_map manual over it)."""
+  out = []
+  for name, axes in rule_table:
+    kept = tuple(a for a in _names(axes) if a != axis)
+    out.append((name, kept if len(kept) > 1 else (kept[0] if kept else None)))
+  return tuple(out)
+
+
+def rows_own_data_axis(mesh, batch_sharding, *trees) -> bool:
+  """Whether each data shard can run its own rows (vmapped over it): mesh axis data has more
+  than one device and is the rows' outermost mesh axis, and no array of `trees` (shardings or
+  sharded arrays) is split over it."""
+  if mesh.shape[DATA] == 1 or _names(batch_sharding.spec[0])[:1] != (DATA,):
+    return False
+  specs = [getattr(x, "spec", None) or getattr(getattr(x, "sharding", None), "spec", ())
+           for tree in trees for x in jax.tree.leaves(tree)]
+  return not any(DATA in _names(axes) for spec in specs for axes in spec)

@@ -199,7 +199,8 @@ def breakdown(planes, hlo_text: str, top: int = 12) -> dict:
   """Per step, of the program `hlo_text` (its compiled HLO) in a trace's `planes`:
   {"where", "steps", "window_ms" (first op's start to last op's end), "busy_ms" (some op
   running), "classes_ms": {class: ms}, "idle_ms", "top": [[op, class, place, ms, runs], ...],
-  "places": [[place, class, ms], ...]} (the ops summed by where in the model they come from)."""
+  "places": [[place, class, ms], ...]} (the ops summed by where in the model they come from;
+  every place, largest first: `top` limits the ops only)."""
   planes = list(planes)
   classes = op_classes(hlo_text)
   where, ops = _device_ops(planes, module_name(hlo_text))
@@ -228,7 +229,7 @@ def breakdown(planes, hlo_text: str, top: int = 12) -> dict:
           "classes_ms": {c: ms(by_class[c]) for c in CLASSES}, "idle_ms": ms(window - busy),
           "top": [[op, *_class_of(op, classes), ms(t), round(runs[op] / n, 2)]
                   for op, t in by_op.most_common(top)],
-          "places": [[where_, cls, ms(t)] for (where_, cls), t in by_place.most_common(top)]}
+          "places": [[where_, cls, ms(t)] for (where_, cls), t in by_place.most_common()]}
 
 
 def table(report: dict) -> str:
@@ -243,5 +244,6 @@ def table(report: dict) -> str:
   lines += [f"  {op[:32]:<32} {cls:<11} {t:9.3f} {r:6.1f}  {where}"
             for op, cls, where, t, r in report["top"]]
   lines.append(f"  {'top places':<32} {'class':<11} {'ms/step':>9}")
-  lines += [f"  {where[:32]:<32} {cls:<11} {t:9.3f}" for where, cls, t in report["places"]]
+  lines += [f"  {where[:32]:<32} {cls:<11} {t:9.3f}"
+            for where, cls, t in report["places"][:len(report["top"])]]
   return "\n".join(lines)

@@ -40,6 +40,7 @@ def parse_oom(message: str, argument_bytes: int):
 
 COLLECTIVES = collectives.KINDS
 COSTS = ("flops", "bytes", "ici_s", "dcn_s", "ici_bytes", "dcn_bytes") + COLLECTIVES  # kinds: s
+COMM = COSTS[2:]
 
 
 def program_cost(compiled, devices, chip: Chip) -> dict:
@@ -61,29 +62,29 @@ def program_cost(compiled, devices, chip: Chip) -> dict:
 
 def step_cost(config, devices, compiled, chip: Chip, compile_probe) -> tuple[dict, str]:
   """(COSTS, how) per chip of one train step. XLA's cost analysis counts a loop body once, not
-  once per iteration, so a microbatch scan is multiplied out here, and a
-  scanned layer stack (whose program's cost is no simple sum of its parts) is replaced by two more
-  compiles (`compile_probe(config)` -> compiled program), unrolled with 1 and 2 layers and one
-  microbatch of the same rows: cost(L) = c1 + (L - 1)(c2 - c1). Times the microbatches, which
-  counts the optimizer update and the gradient reduction that many times (a small excess for
-  FLOPs, an over-count for a data-parallel gradient all-reduce, which runs once). `devices`: the
-  mesh's devices in order (the programs' device ids index it)."""
+  once per iteration, so a microbatch scan's FLOPs and bytes are multiplied out here (which also
+  counts the optimizer update that many times: a small excess); collectives.py counts each
+  collective once per trip of its loops itself, so a gradient all-reduce inside the microbatch
+  loop counts m times and one after it (each data shard summing its own microbatches first,
+  training/step.py) once. A scanned layer stack (whose program's cost is no simple sum of its
+  parts) is replaced by two more compiles (`compile_probe(config)` -> compiled program),
+  unrolled with 1 and 2 layers and the same microbatches: cost(L) = c1 + (L - 1)(c2 - c1).
+  `devices`: the mesh's devices in order (the programs' device ids index it)."""
   m, layers = config.train.microbatches, config.model.num_layers
+  times = lambda cost: {k: m * v if k in ("flops", "bytes") else v for k, v in cost.items()}
   if not config.model.scan_layers:
-    cost = program_cost(compiled, devices, chip)  # collectives.py counts the loop's trips itself
-    return ({k: m * v if k in ("flops", "bytes") else v for k, v in cost.items()},
+    return (times(program_cost(compiled, devices, chip)),
             "compiled program" + (f" x {m} microbatches" if m > 1 else ""))
   probes = []
   for n in (1, 2):
     probe = copy.deepcopy(config)
-    for key, value in (("model.num_layers", n), ("model.scan_layers", False),
-                       ("train.microbatches", 1),
-                       ("train.batch_size", config.train.batch_size // m)):
+    for key, value in (("model.num_layers", n), ("model.scan_layers", False)):
       config_lib.set_value(probe, key, str(value))
     with topology.quiet_fd2():
-      probes.append(program_cost(compile_probe(probe), devices, chip))
+      probes.append(times(program_cost(compile_probe(probe), devices, chip)))
   c1, c2 = probes
-  return ({k: m * (c1[k] + (layers - 1) * (c2[k] - c1[k])) for k in COSTS},
+  comm = program_cost(compiled, devices, chip)  # the scanned program's own, trips counted
+  return ({k: comm[k] if k in COMM else c1[k] + (layers - 1) * (c2[k] - c1[k]) for k in COSTS},
           "unrolled 1- and 2-layer compiles, extrapolated to all layers")
 
 

@@ -11,6 +11,7 @@ import optax
 
 from transformer_jax.data import mixture
 from transformer_jax.data import objectives
+from transformer_jax.models import attention
 from transformer_jax.models import ops
 from transformer_jax.models import families
 from transformer_jax.models import stack
@@ -19,6 +20,16 @@ from transformer_jax.parallel import sharding
 from transformer_jax.training import distill
 from transformer_jax.training import optimizer
 
+
+
+def aux_kind(key: str) -> str:
+  """How an aux metric combines over microbatches and data shards: max, sum or mean."""
+  if key == "moe_expert_load" or key.startswith("act_max"):
+    return "max"
+  return "sum" if key in ("extra_loss", "distill_kl") else "mean"
+
+
+AUX_REDUCE = {"max": jnp.max, "sum": jnp.sum, "mean": jnp.mean}  # over the microbatches
 
 
 @flax.struct.dataclass
@@ -204,9 +215,22 @@ class Trainer:
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     self.state_shardings = sharding.shardings(boxed, self.mesh, self.rules)
     sharding.check_divisible(boxed.params, self.state_shardings.params, self.mesh)
+    self._stacked = jax.tree.map(  # a scanned stack's parameters: [layers, ...]
+        lambda spec: len(spec) > 0 and spec[0] == "layers", nn.get_partition_spec(boxed.params),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     self.abstract_state = jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
         nn.unbox(boxed), self.state_shardings)
+    # Gradient accumulation sums each data shard's microbatches on the shard and all-reduces
+    # once: for a dense model (its loss is a sum over rows; an MoE's balance losses are not),
+    # and not through cuDNN attention (jax's batching rule for it wants a bias per head).
+    kernel = c.model.attention_impl
+    kernel = attention.KERNELS.get(self.mesh.devices.flat[0].platform) if kernel == "auto" else (
+        kernel)
+    self._defer_data_reduce = (c.train.microbatches > 1 and not c.model.num_experts
+                               and kernel != "cudnn" and sharding.rows_own_data_axis(
+                                   self.mesh, self.batch_sharding, self.state_shardings.params,
+                                   self._teacher_params()))
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                          out_shardings=self.state_shardings)
     self._train = jax.jit(self._train_step,
@@ -224,45 +248,16 @@ class Trainer:
 
   def _train_step(self, state, batch, rng, teacher_params):
     c = self.config
-    teacher = (dataclasses.replace(self.teacher, params=teacher_params)
-               if self.teacher is not None else None)
     m = c.train.microbatches
-    use_dropout = c.model.dropout_rate > 0 or c.model.router_jitter > 0
-
-    def micro_grads(params, micro, i):
-      drng = jax.random.fold_in(jax.random.fold_in(rng, state.step), i) if use_dropout else None
-      def f(p):
-        loss, weight, aux = loss_parts(self.model, p, micro, task=self.task,
-                                       z_loss=c.train.z_loss,
-                                       label_smoothing=c.train.label_smoothing, dropout_rng=drng,
-                                       chunk=c.train.loss_chunk, teacher=teacher,
-                                       activations=c.train.log_activations)
-        return loss, (weight, {k: v for k, v in aux.items()
-                               if k.startswith(("moe_", "distill_", "act_"))
-                               or k == "extra_loss"})
-      (loss, (weight, moe)), grads = jax.value_and_grad(f, has_aux=True)(params)
-      return loss, weight, grads, moe
-
     if m == 1:
-      loss, weight, grads, moe = micro_grads(state.params, batch, 0)
+      loss, weight, grads, moe = self._micro_grads(state.params, batch, 0, rng, state.step,
+                                                   teacher_params)
+    elif self._defer_data_reduce:  # each data shard sums its own microbatches, then one psum
+      loss, weight, grads, moe = self._accumulate_shards(state.params, batch, rng, state.step,
+                                                         teacher_params)
     else:
-      # Row r goes to microbatch r % m: every device keeps its own rows, no resharding.
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
-                           batch)
-
-      def body(carry, xs):
-        loss, weight, grads = carry
-        mb, i = xs
-        l, w, g, moe = micro_grads(state.params, mb, i)
-        return (loss + l, weight + w, jax.tree.map(jnp.add, grads, g)), moe
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (loss, weight, grads), moe = jax.lax.scan(body, (0.0, 0.0, zeros),
-                                                (micro, jnp.arange(m)))
-      moe = {k: jnp.max(v) if k == "moe_expert_load" or k.startswith("act_max") else
-             jnp.sum(v) if k in ("extra_loss", "distill_kl") else jnp.mean(v)
-             for k, v in moe.items()}
-
+      loss, weight, grads, moe = self._accumulate(state.params, batch, rng, state.step,
+                                                  teacher_params)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss, grad_norm = loss / denom, optax.tree.norm(grads)
@@ -296,6 +291,61 @@ class Trainer:
       metrics["mixture_tokens"] = mixture_tokens(batch, self.mixture_size)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       loss_mean=loss_mean, skipped=state.skipped + bad), metrics
+
+  def _micro_grads(self, params, micro, i, rng, step, teacher_params, shard=None):
+    """(loss sum, target weight, gradients, aux metrics) of one microbatch; `shard`: the data
+    shard's index when each shard runs its own rows (its dropout then differs from the others')."""
+    c = self.config
+    teacher = (dataclasses.replace(self.teacher, params=teacher_params)
+               if self.teacher is not None else None)
+    drng = None
+    if c.model.dropout_rate > 0 or c.model.router_jitter > 0:
+      drng = jax.random.fold_in(jax.random.fold_in(rng, step), i)
+      drng = drng if shard is None else jax.random.fold_in(drng, shard)
+
+    def f(p):
+      loss, weight, aux = loss_parts(self.model, p, micro, task=self.task, z_loss=c.train.z_loss,
+                                     label_smoothing=c.train.label_smoothing, dropout_rng=drng,
+                                     chunk=c.train.loss_chunk, teacher=teacher,
+                                     activations=c.train.log_activations)
+      return loss, (weight, {k: v for k, v in aux.items()
+                             if k.startswith(("moe_", "distill_", "act_")) or k == "extra_loss"})
+    (loss, (weight, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return loss, weight, grads, aux
+
+  def _accumulate(self, params, batch, rng, step, teacher_params, shard=None):
+    """_micro_grads summed over train.microbatches (row r of `batch` in microbatch r % m: every
+    device keeps its own rows, no resharding); aux metrics: max, sum or mean over them."""
+    m = self.config.train.microbatches
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def body(carry, xs):
+      loss, weight, grads = carry
+      mb, i = xs
+      l, w, g, aux = self._micro_grads(params, mb, i, rng, step, teacher_params, shard)
+      return (loss + l, weight + w, jax.tree.map(jnp.add, grads, g)), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, weight, grads), aux = jax.lax.scan(body, (0.0, 0.0, zeros), (micro, jnp.arange(m)))
+    return loss, weight, grads, {k: AUX_REDUCE[aux_kind(k)](v) for k, v in aux.items()}
+
+  def _accumulate_shards(self, params, batch, rng, step, teacher_params):
+    """_accumulate by each data shard on its own rows (vmapped over mesh axis data), then the
+    shards' sums added up: one gradient all-reduce over data per step, not one per microbatch."""
+    d = self.mesh.shape[sharding.DATA]
+    shards = jax.tree.map(lambda x: x.reshape(d, x.shape[0] // d, *x.shape[1:]), batch)
+    per_shard = jax.vmap(
+        lambda b, i: self._accumulate(params, b, rng, step, teacher_params, i),
+        spmd_axis_name=sharding.DATA)
+    with nn.logical_axis_rules(sharding.without_axis(self.rules, sharding.DATA)):
+      loss, weight, grads, aux = per_shard(shards, jnp.arange(d))
+    total = lambda x: jnp.sum(x, axis=0)
+
+    def layer_by_layer(g, stacked):  # a loop: each trip's all-reduce reuses one layer's buffers
+      return jax.lax.map(total, jnp.swapaxes(g, 0, 1)) if stacked else total(g)
+    return (total(loss), total(weight), jax.tree.map(layer_by_layer, grads, self._stacked),
+            {k: AUX_REDUCE[aux_kind(k)](v) for k, v in aux.items()})
 
   def _eval_step(self, params, batch):
     loss, weight, aux = loss_parts(self.model, params, batch, task=self.task,
