@@ -143,11 +143,13 @@ def _xspace(planes: str, names: list) -> str:
 
 def test_a_gpu_trace_is_read_from_its_streams_per_step():
   """Two steps on /device:GPU:0: kernels on two streams (overlapping), a memcpy with no HLO op,
-  a kernel of another program, and the derived `XLA Ops` line XProf adds (not counted twice);
-  /device:GPU:1 is another device's."""
+  kernels of another program (by stat and by annotation), the batch's host-to-device copy before
+  the step's first op (it opens no idle time), and the derived `XLA Ops` line XProf adds (not
+  counted twice); /device:GPU:1 is another device's."""
   names = ["tjax_step", "hlo_op", "hlo_module", "jit__train_step", "jit_other",
            "sm90_xmma_gemm", "cudnn_fmha", "ncclDevKernel", "MemcpyDtoD", "annotation",
-           "gemm_fusion_dot.1", "fmha.1", "all-reduce-start.1", "adam_fusion",
+           "gemm_fusion_dot.1", "fmha.1", "all-reduce-start.1", "adam_fusion", "MemcpyHtoD",
+           "gemm_fusion_dot.1:#hlo_op=gemm_fusion_dot.1,hlo_module=jit_other#",
            "gemm_fusion_dot.1:#hlo_op=gemm_fusion_dot.1,hlo_module=jit__train_step#"]
   ids = {n: i for i, n in enumerate(names, 1)}
   ms = 10**9  # ps per ms
@@ -158,8 +160,8 @@ def test_a_gpu_trace_is_read_from_its_streams_per_step():
       stats += f"stats {{ metadata_id: {ids['hlo_op']} ref_value: {ids[op]} }} "
       stats += f"stats {{ metadata_id: {ids['hlo_module']} ref_value: {ids[module]} }} "
     if annotated:  # no hlo_op stat: the op is named in the kernel's annotation
-      stats += (f"stats {{ metadata_id: {ids['annotation']} ref_value: "
-                f"{ids[names[-1]]} }} ")
+      note = names[-1] if module == "jit__train_step" else names[-2]
+      stats += f"stats {{ metadata_id: {ids['annotation']} ref_value: {ids[note]} }} "
     return (f"events {{ metadata_id: {ids[name]} offset_ps: {int(start_ms * ms)} "
             f"duration_ps: {int(dur_ms * ms)} {stats}}}")
 
@@ -171,6 +173,9 @@ def test_a_gpu_trace_is_read_from_its_streams_per_step():
       ("Stream #7(compute)", ev("sm90_xmma_gemm", t + 7, 1, "gemm_fusion_dot.1",
                                 module="jit_other")),
       ("Stream #7(compute)", ev("sm90_xmma_gemm", t + 6.5, 0.25, annotated=True)),
+      ("Stream #7(compute)", ev("sm90_xmma_gemm", t + 6.75, 2, annotated=True,
+                                module="jit_other")),
+      ("Stream #7(compute)", ev("MemcpyHtoD", t + 0.2, 0.3)),
       ("XLA Ops", ev("adam_fusion", t + 1, 5))]
   lines = {}
   for t in (0, 20):

@@ -88,8 +88,8 @@ def _loop_all_reduces(trainer) -> int:
 def test_data_shards_all_reduce_the_gradients_once_per_step_not_per_microbatch():
   """With gradient accumulation each data shard sums its own microbatches' gradients and the
   sum is all-reduced once (for a multi-slice mesh that is the DCN's traffic), where XLA would
-  all-reduce every microbatch's; an MoE model keeps the global form (its balance losses are
-  batch statistics, not sums over rows)."""
+  all-reduce every microbatch's. An MoE model (its balance losses are batch statistics) and a
+  sentence head (its loss a mean per microbatch) keep the global form; an MLM encoder does not."""
   config = tiny_config("mesh.data=8", "train.microbatches=4", "train.batch_size=32")
   mesh = sharding.make_mesh(config, jax.devices()[:8])
   trainer = Trainer(config, mesh)
@@ -98,10 +98,16 @@ def test_data_shards_all_reduce_the_gradients_once_per_step_not_per_microbatch()
   trainer = Trainer(config, mesh)
   trainer._defer_data_reduce = False  # pylint: disable=protected-access
   assert _loop_all_reduces(trainer) == 1  # the gradients', every trip
-  moe = config_lib.load(f"{REPO}/configs/mixtral.py:tiny", ["mesh.data=8",
-                                                            "train.microbatches=2"])
-  moe_trainer = Trainer(moe, sharding.make_mesh(moe, jax.devices()[:8]))
-  assert not moe_trainer._defer_data_reduce  # pylint: disable=protected-access
+  for spec, extra in (("mixtral.py:tiny", []),
+                      ("bert.py:tiny", ["model.sentence_head=True", "data.sentence_pair=nsp"])):
+    other = config_lib.load(f"{REPO}/configs/{spec}", ["mesh.data=8", "train.microbatches=2",
+                                                       "train.batch_size=16"] + extra)
+    other_trainer = Trainer(other, sharding.make_mesh(other, jax.devices()[:8]))
+    assert not other_trainer._defer_data_reduce, spec  # pylint: disable=protected-access
+  mlm = config_lib.load(f"{REPO}/configs/bert.py:tiny", ["mesh.data=8", "train.microbatches=2",
+                                                         "train.batch_size=16"])
+  mlm_trainer = Trainer(mlm, sharding.make_mesh(mlm, jax.devices()[:8]))
+  assert mlm_trainer._defer_data_reduce  # pylint: disable=protected-access
 
 
 def test_each_data_shards_accumulation_equals_the_global_one_on_a_scanned_stack():

@@ -50,6 +50,7 @@ _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
 _MODULE = re.compile(r"^HloModule ([\w.\-]+)", re.M)
 _ANNOTATED = re.compile(r"hlo_op=([^#,]+)")
+_IN_MODULE = re.compile(r"hlo_module=([^#,]+)")
 
 
 def _base(op: str) -> str:
@@ -145,14 +146,14 @@ def _device_ops(planes, module: str | None) -> tuple[str, list]:
   for line in lines:
     for e in line.events:
       stats = dict(e.stats)
-      name = stats.get("hlo_op")
-      if name is None:
-        annotated = next((_ANNOTATED.search(v) for v in stats.values()
-                          if isinstance(v, str) and "hlo_op=" in v), None)
-        name = annotated.group(1) if annotated else (e.name if devices else None)
+      name, program = stats.get("hlo_op"), stats.get("hlo_module")
+      if name is None:  # a GPU kernel's annotation: `NAME:#hlo_op=OP,hlo_module=MODULE#`
+        note = next((v for v in stats.values() if isinstance(v, str) and "hlo_op=" in v), "")
+        name = _ANNOTATED.search(note).group(1) if note else (e.name if devices else None)
+        program = _IN_MODULE.search(note).group(1) if _IN_MODULE.search(note) else None
       if name is None or stats.get("device_ordinal", 0) not in (0, "0"):
         continue
-      if module and stats.get("hlo_module", module) != module:
+      if module and program not in (None, module):
         continue
       key = (e.start_ns, e.duration_ns, name)
       if key not in seen:  # the same kernel on two lines
@@ -185,6 +186,16 @@ def _class_of(name: str, classes: dict) -> tuple | None:
   return None  # a control-flow container, or an op of another program: not counted
 
 
+def _own_span(ops, classes: dict) -> list:
+  """A step's ops from the first to the last of its program's own (an HLO instruction's), so
+  that a name-only event outside them (the batch's host-to-device copy) opens no idle time."""
+  own = [i for i, o in enumerate(ops) if o.name in classes]
+  if not own:
+    return []
+  last_end = max(ops[i].end_ns for i in own)
+  return [o for o in ops[own[0]:] if o.start_ns <= last_end and _class_of(o.name, classes)]
+
+
 def summarize(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
   """breakdown() of the newest profile (.xplane.pb) under `trace_dir`."""
   from jax import profiler  # pylint: disable=g-import-not-at-top
@@ -206,9 +217,11 @@ def breakdown(planes, hlo_text: str, top: int = 12) -> dict:
   where, ops = _device_ops(planes, module_name(hlo_text))
   spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for p in planes
                  if p.name.startswith("/host:") for ln in p.lines for e in ln.events
-                 if e.name == STEP) or [(float("-inf"), float("inf"))]
-  per_step = [[o for o in ops if s <= o.start_ns <= e and _class_of(o.name, classes)]
-              for s, e in spans]
+                 if e.name == STEP)
+  if not spans:
+    raise ValueError(f"the trace has no {STEP!r} annotation: run each step inside "
+                     f"jax.profiler.StepTraceAnnotation({STEP!r}, step_num=i)")
+  per_step = [_own_span([o for o in ops if s <= o.start_ns <= e], classes) for s, e in spans]
   per_step = [s for s in per_step if s]
   if not per_step:
     raise ValueError(f"the trace has no op of {module_name(hlo_text)} on {where}")

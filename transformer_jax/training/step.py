@@ -32,6 +32,12 @@ def aux_kind(key: str) -> str:
 AUX_REDUCE = {"max": jnp.max, "sum": jnp.sum, "mean": jnp.mean}  # over the microbatches
 
 
+def _runs_cudnn(cfg, platform: str) -> bool:
+  """Whether a model's attention may run jax's cuDNN kernel on `platform`."""
+  impl = attention.KERNELS.get(platform) if cfg.attention_impl == "auto" else cfg.attention_impl
+  return impl == "cudnn" and jnp.dtype(cfg.compute_dtype).itemsize == 2
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -222,15 +228,17 @@ class Trainer:
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
         nn.unbox(boxed), self.state_shardings)
     # Gradient accumulation sums each data shard's microbatches on the shard and all-reduces
-    # once: for a dense model (its loss is a sum over rows; an MoE's balance losses are not),
-    # and not through cuDNN attention (jax's batching rule for it wants a bias per head).
-    kernel = c.model.attention_impl
-    kernel = attention.KERNELS.get(self.mesh.devices.flat[0].platform) if kernel == "auto" else (
-        kernel)
-    self._defer_data_reduce = (c.train.microbatches > 1 and not c.model.num_experts
-                               and kernel != "cudnn" and sharding.rows_own_data_axis(
-                                   self.mesh, self.batch_sharding, self.state_shardings.params,
-                                   self._teacher_params()))
+    # once, where the loss is a sum over rows: not an MoE's (its balance losses are batch
+    # statistics), a sentence head's or hidden-state distillation's (means per microbatch); and
+    # not through cuDNN attention (jax's batching rule for it wants a bias per head).
+    platform = self.mesh.devices.flat[0].platform
+    models = [self.model] + ([self.teacher.model] if self.teacher is not None else [])
+    self._defer_data_reduce = (
+        c.train.microbatches > 1 and not c.model.num_experts and not self.task.sentence
+        and not (self.teacher is not None and self.teacher.hidden_weight > 0)
+        and not any(_runs_cudnn(m.cfg, platform) for m in models)
+        and sharding.rows_own_data_axis(self.mesh, self.batch_sharding,
+                                        self.state_shardings.params, self._teacher_params()))
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                          out_shardings=self.state_shardings)
     self._train = jax.jit(self._train_step,
@@ -303,10 +311,13 @@ class Trainer:
       drng = jax.random.fold_in(jax.random.fold_in(rng, step), i)
       drng = drng if shard is None else jax.random.fold_in(drng, shard)
 
+    chunk = c.train.loss_chunk  # in tokens of the global batch: a shard's share of them
+    chunk = -(-chunk // self.mesh.shape[sharding.DATA]) if shard is not None else chunk
+
     def f(p):
       loss, weight, aux = loss_parts(self.model, p, micro, task=self.task, z_loss=c.train.z_loss,
                                      label_smoothing=c.train.label_smoothing, dropout_rng=drng,
-                                     chunk=c.train.loss_chunk, teacher=teacher,
+                                     chunk=chunk, teacher=teacher,
                                      activations=c.train.log_activations)
       return loss, (weight, {k: v for k, v in aux.items()
                              if k.startswith(("moe_", "distill_", "act_")) or k == "extra_loss"})
