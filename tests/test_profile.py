@@ -246,3 +246,23 @@ def test_a_real_cpu_step_is_accounted_for(tmp_path):
   assert top == sorted(top, reverse=True) and len(top) == 12
   places = {(p, cls): t for p, cls, t in report["places"]}
   assert places[("layer_N/mlp", "matmul")] > 0  # both layers' MLP matmuls, summed
+
+
+def test_a_steps_span_ends_with_its_last_op_to_end():
+  """A long collective on one stream and a short kernel starting later on another: the span is
+  the collective's, and no idle time goes negative."""
+  names = ["tjax_step", "hlo_op", "nccl", "gemm", "all-reduce-start.1", "gemm_fusion_dot.1"]
+  ms = 10**9
+  ev = lambda name, op, start, dur: (
+      f"events {{ metadata_id: {names.index(name) + 1} offset_ps: {start * ms} "
+      f"duration_ps: {dur * ms} stats {{ metadata_id: 2 ref_value: {names.index(op) + 1} }} }}")
+  text = _xspace(
+      f"planes {{ id: 1 name: \"/device:GPU:0\"\n"
+      f"  lines {{ id: 1 name: \"Stream #1\" {ev('nccl', 'all-reduce-start.1', 0, 10)} }}\n"
+      f"  lines {{ id: 2 name: \"Stream #2\" {ev('gemm', 'gemm_fusion_dot.1', 1, 1)} }}\n"
+      f"META}}\n"
+      f"planes {{ id: 2 name: \"/host:CPU\"\n  lines {{ id: 1 name: \"python\" "
+      f"events {{ metadata_id: 1 offset_ps: 0 duration_ps: {20 * ms} }} }}\nMETA}}\n", names)
+  report = profile.breakdown(profiler.ProfileData.from_text_proto(text).planes, GPU_HLO)
+  assert (report["window_ms"], report["busy_ms"], report["idle_ms"]) == (10.0, 10.0, 0.0)
+  assert report["classes_ms"]["collective"] == 10.0 and report["classes_ms"]["matmul"] == 1.0

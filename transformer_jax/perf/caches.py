@@ -59,6 +59,7 @@ def setup(environ=None) -> str:
   if paths.is_remote(where):
     paths.use_emulator()
     jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
-  elif MIN_COMPILE_ENV not in os.environ:  # a local cache keeps the small programs too
+  elif MIN_COMPILE_ENV not in (os.environ if environ is None else environ):
+    # a local cache keeps the small programs too
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return where

@@ -226,7 +226,7 @@ def breakdown(planes, hlo_text: str, top: int = 12) -> dict:
   if not per_step:
     raise ValueError(f"the trace has no op of {module_name(hlo_text)} on {where}")
   n = len(per_step)
-  window = sum(s[-1].end_ns - s[0].start_ns for s in per_step)
+  window = sum(max(o.end_ns for o in s) - s[0].start_ns for s in per_step)  # s: by start
   busy = sum(_busy(s) for s in per_step)
   by_class, by_op, runs = collections.Counter(), collections.Counter(), collections.Counter()
   by_place = collections.Counter()

@@ -9,6 +9,7 @@ TensorBoard's event file is written the same way (buffered, the object rewritten
 tensorboardX's flushes, every FLUSH_S seconds). A run killed between windows loses the lines since
 the last one; the resumed run logs the steps after its checkpoint again."""
 
+import importlib
 import io
 import json
 import os
@@ -24,20 +25,23 @@ from transformer_jax.config import paths
 FLUSH_S = 60.0  # on gs://: the longest a logged line waits in memory
 
 
-def _summary_writer():
-  """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX imports torch, where
-  it is installed, only to accept torch tensors, which are never passed here; that import was
-  1.5 of the 7.5 s a warm two-step smoke run took (more with a CUDA build). torch imports as
-  usual afterwards."""
+def _import_tensorboardx():
+  """Imports tensorboardX with torch hidden. tensorboardX imports torch, where it is installed,
+  only to accept torch tensors, which are never passed here; that import was 1.5 of the 7.5 s a
+  warm two-step smoke run took (more with a CUDA build). torch imports as usual afterwards."""
   hide = "torch" not in sys.modules
   if hide:
     sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
   try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    importlib.import_module("tensorboardX")
   finally:
     if hide:
       del sys.modules["torch"]
-  return SummaryWriter
+
+
+# At import, before a run starts threads: while torch is hidden, another thread's `import torch`
+# would fail.
+_import_tensorboardx()
 
 
 class Writer:
@@ -59,7 +63,7 @@ class Writer:
     self._every = ckpt.every_steps if ckpt is not None else 0
     self._last = wandb_config.train.steps if ckpt is not None else 0
     if enabled:
-      SummaryWriter = _summary_writer()  # pylint: disable=invalid-name
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       kept = _drop_after(self.path, resume_step)
       if self.remote:
         _use_epath_for_tensorboard()
