@@ -112,7 +112,7 @@ def _names(axes) -> tuple:
 
 
 def without_axis(rule_table, axis: str):
-  """The rules with mesh `axis` taken out of every entry (inside shard_map manual over it)."""
+  """The rules with mesh `axis` taken out of every entry (for code vmapped over that axis)."""
   out = []
   for name, axes in rule_table:
     kept = tuple(a for a in _names(axes) if a != axis)

@@ -12,6 +12,8 @@ BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](?:\{([\d,]*)[^}]*\})?")
 _HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
+TARGET = re.compile(r'custom_call_target="([^"]+)"')  # a custom call's, in its attributes
+OP_NAME = re.compile(r'op_name="([^"]+)"')  # the JAX name stack in an instruction's metadata
 
 
 @dataclasses.dataclass(frozen=True)

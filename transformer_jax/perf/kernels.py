@@ -12,10 +12,8 @@ import re
 from transformer_jax.perf import hlo
 
 _OPERANDS = re.compile(r"%([\w.\-]+)")
-_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _KIND = re.compile(r"\bkind=(k\w+)")
 _BACKEND_KIND = re.compile(r'"kind":"(\w+)"')
-_OP_NAME = re.compile(r'op_name="([^"]+)"')
 _WINDOW = re.compile(r'"sliding_window_length":\s*"?(\d+)')
 GEMM_TARGETS = ("gemm", "matmul")  # cuBLAS (`__cublas$gemm`, `__cublas$lt$matmul...`)
 
@@ -28,7 +26,7 @@ def _dtype(type_text: str) -> str:
 def place(args: str) -> str:
   """The model-side name of an instruction: its op_name without the transforms around it,
   e.g. `layer_0/mlp` or `attention._kernel`."""
-  m = _OP_NAME.search(args)
+  m = hlo.OP_NAME.search(args)
   if not m:
     return "?"
   parts = [p for p in m.group(1).split("/") if p and not p.startswith(("jit(", "jvp(",
@@ -51,7 +49,7 @@ def census(text: str) -> dict:
       if ins is None:
         continue
       types[ins.name] = ins.result
-      target = _TARGET.search(ins.args) if ins.op == "custom-call" else None
+      target = hlo.TARGET.search(ins.args) if ins.op == "custom-call" else None
       if target:
         window = _WINDOW.search(ins.args)  # cuDNN attention running its own sliding window
         window = f" window={window.group(1)}" if window and int(window.group(1)) else ""

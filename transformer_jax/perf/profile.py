@@ -46,8 +46,6 @@ _MOVES = ("reshape", "broadcast", "slice", "concatenate", "dynamic-slice", "dyna
           "pad", "reverse", "fusion", "async-start", "async-done", "async-update")
 _ATTENTION_TARGETS = ("fmha", "flash", "splash", "attention")
 _CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
-_TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_OP_NAME = re.compile(r'op_name="([^"]+)"')
 _MODULE = re.compile(r"^HloModule ([\w.\-]+)", re.M)
 _ANNOTATED = re.compile(r"hlo_op=([^#,]+)")
 _IN_MODULE = re.compile(r"hlo_module=([^#,]+)")
@@ -73,7 +71,7 @@ def op_classes(text: str) -> dict:
 
   def own(ins) -> set:
     found = set()
-    target = _TARGET.search(ins.args) if ins.op == "custom-call" else None
+    target = hlo.TARGET.search(ins.args) if ins.op == "custom-call" else None
     target = target.group(1).lower() if target else ""
     if _base(ins.op) in _COLLECTIVES or "nccl" in target:
       found.add("collective")
@@ -92,7 +90,7 @@ def op_classes(text: str) -> dict:
   def place(ins) -> str:
     """Where in the model: the instruction's op_name, else the first one in its fusion."""
     named = [ins] + [i for c in _CALLS.findall(ins.args) for i in parsed.get(c, ())]
-    return next((kernels.place(i.args) for i in named if _OP_NAME.search(i.args)), "?")
+    return next((kernels.place(i.args) for i in named if hlo.OP_NAME.search(i.args)), "?")
 
   out = {}
   for instructions in parsed.values():
@@ -100,7 +98,7 @@ def op_classes(text: str) -> dict:
       if ins.op in _CONTROL or ins.op in _FREE:
         continue
       found = own(ins)
-      scope = _OP_NAME.search(ins.args)
+      scope = hlo.OP_NAME.search(ins.args)
       scope = scope.group(1) if scope else ""
       if "collective" in found:
         cls = "collective"
