@@ -75,13 +75,17 @@ def test_alpha_one_is_the_plain_loss_and_a_twin_teacher_adds_nothing(recipe):
 
 
 def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_path):
-  """A 2-layer teacher trained 10 steps; a 1-layer student distilled from it: distill_kl is
-  logged, the teacher's checkpoint is unchanged and the student's saved state holds only its
-  own parameters."""
+  """A 2-layer teacher trained 10 steps (its config then saying splash attention, as a TPU's
+  would); a 1-layer student distilled from it on this machine: distill_kl is logged, the
+  teacher's checkpoint is unchanged and the student's saved state holds only its own
+  parameters."""
   teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
   kv = {"train.steps": 10, "eval.every_steps": 0}
   loop.train(config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **kv)),
              str(teacher_dir), quiet=True, devices=jax.devices()[:1])
+  saved = json.loads((teacher_dir / "config.json").read_text())  # as if trained on a TPU: the
+  saved["model"]["attention_impl"] = "splash"  # teacher runs the kernel this machine has
+  (teacher_dir / "config.json").write_text(json.dumps(saved))
   student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
       tiny_data, **{**kv, "model.num_layers": 1, "train.distill.teacher": str(teacher_dir),
                     "train.distill.alpha": 0.3, "train.steps": 5,

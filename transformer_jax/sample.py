@@ -86,9 +86,7 @@ def main(argv):
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
-  config = config_lib.from_json_file(saved)
-  if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
-    config.model.attention_impl = "auto"  # The kernel trained with, where this machine has it.
+  config = config_lib.any_platform(config_lib.from_json_file(saved))
   if (config.model.family == "encoder") != bool(f["fill_mask"]):
     raise ConfigError("an encoder (BERT) workdir takes --fill_mask=TEXT (with [MASK]s), other "
                       "families --prompt=TEXT")

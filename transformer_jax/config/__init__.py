@@ -345,3 +345,11 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
       for name, axes in config.sharding_rules)
   config.lock()
   return config
+
+
+def any_platform(config) -> ml_collections.ConfigDict:
+  """A saved config made to run where it was not trained: one platform's attention kernel
+  (splash, cudnn) becomes `auto`, which picks that kernel where this machine has it."""
+  if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
+    config.model.attention_impl = "auto"
+  return config

@@ -54,10 +54,8 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
   """(trainer, step, params) of a training workdir: its checkpoint at `step` (default the latest)
   restored into the training sharding, or with `init` the config's initial parameters (step 0,
   the untrained baseline)."""
-  config = read_config(workdir)
+  config = config_lib.any_platform(read_config(workdir))
   config.train.distill.teacher = ""  # a distilled student's teacher only matters in training
-  if config.model.get("attention_impl", "xla") in ("splash", "cudnn"):
-    config.model.attention_impl = "auto"  # The kernel trained with, where this machine has it.
   devices = devices if devices is not None else jax.devices()
   trainer = Trainer(config, sharding.make_mesh(config, _mesh_devices(config, devices)))
   if init:

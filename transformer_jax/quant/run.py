@@ -26,7 +26,7 @@ def load_source(workdir: str, overrides=()):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
   if store.is_quantized(workdir):
     raise ConfigError(f"{workdir} is already quantized; quantize its source workdir instead")
-  config = cli.load_config(None, list(overrides), workdir)
+  config = config_lib.any_platform(cli.load_config(None, list(overrides), workdir))
   with config.unlocked():
     config.train.distill.teacher = ""  # a distilled student's teacher only matters in training
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training split the CPU

@@ -86,7 +86,8 @@ def load(config, mesh, rule_table) -> Teacher | None:
     return None
   path, hf_params = d.teacher, None
   if paths.isdir(paths.join(path, "checkpoints")):  # a local or gs:// workdir
-    teacher_config = config_lib.from_json_file(paths.join(path, "config.json"))
+    teacher_config = config_lib.any_platform(
+        config_lib.from_json_file(paths.join(path, "config.json")))
     _same_tokenizer(config.data.tokenizer, teacher_config.data.tokenizer, path)
     model = families.build_model(teacher_config)
   elif paths.isfile(paths.join(path, "config.json")):
