@@ -24,12 +24,19 @@ def test_the_cache_directory():
   with pytest.raises(ConfigError, match=r"^TJAX_CACHE_DIR='rel/c' must be an absolute path, a "
                                         r"gs:// URL or 'off'$"):
     caches.cache_dir({"TJAX_CACHE_DIR": "rel/c"})
+  assert caches.max_bytes({}) == 20 * 2**30
+  assert caches.max_bytes({"TJAX_CACHE_MAX_GB": "0.5"}) == 2**29
+  for bad in ("0", "-1", "lots", "nan"):
+    with pytest.raises(ConfigError, match=rf"^TJAX_CACHE_MAX_GB='{bad}' must be a number of GB"):
+      caches.max_bytes({"TJAX_CACHE_MAX_GB": bad})
 
 
 def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
   """Two runs of the same config in two workdirs: the first compiles and stores the train step
   under TJAX_CACHE_DIR/jax, the second loads it (JAX's own debug log says which);
-  an explicit JAX_COMPILATION_CACHE_DIR wins, and `off` stores nothing."""
+  an explicit JAX_COMPILATION_CACHE_DIR wins, and `off` stores nothing. A bound smaller
+  than the cache prunes the programs used least recently, those of a cache written without a
+  bound too."""
   cache = tmp_path / "cache"
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env.update(XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu", TJAX_CACHE_DIR=str(cache),
@@ -63,3 +70,21 @@ def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
   env.pop(caches.MIN_COMPILE_ENV, None)
   assert said().splitlines()[-1] == "0.0"
   assert said(**{caches.MIN_COMPILE_ENV: "2.5"}).splitlines()[-1] == "2.5"
+  # Bounded to half its size, with the access times that a cache written without a bound
+  # lacks: a new program is still written, the oldest go, and the rest fits the bound.
+  jax_dir = cache / "jax"
+  for name in os.listdir(jax_dir):
+    if name.endswith("-atime"):
+      os.remove(jax_dir / name)
+  before = {n: os.path.getsize(jax_dir / n) for n in os.listdir(jax_dir) if n.endswith("-cache")}
+  bound = sum(before.values()) // 2
+  probe[-1] = ("from transformer_jax.perf import caches; caches.setup(); import jax; "
+               "jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(7))")
+  del env["JAX_DEBUG_LOG_MODULES"]
+  done = subprocess.run(probe, cwd=REPO, env=dict(env, TJAX_CACHE_MAX_GB=str(bound / 2**30)),
+                        capture_output=True, text=True, check=True)
+  assert "Error writing persistent compilation cache" not in done.stderr, done.stderr
+  after = {n: os.path.getsize(jax_dir / n) for n in os.listdir(jax_dir) if n.endswith("-cache")}
+  new = [n for n in after if n not in before]
+  assert any(n.startswith("jit__lambda-") for n in new), new
+  assert sum(after.values()) <= bound and len(after) < len(before)

@@ -16,8 +16,11 @@ An explicit JAX_COMPILATION_CACHE_DIR (or jax.config's jax_compilation_cache_dir
 cache keeps every program, the small ones too (init, evaluation, metrics: a warm two-step smoke
 run took 4.1 s instead of 4.8 s with JAX's default of keeping only programs that compile in 1 s
 or more); a gs:// cache keeps JAX's default, as small objects cost a round trip each.
-JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, if set, wins. The folder is not pruned: delete it to
-reclaim the space.
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, if set, wins.
+
+  TJAX_CACHE_MAX_GB  bounds a local cache (default 20): past it JAX deletes the programs used
+                   least recently (jax_compilation_cache_max_size, an explicit
+                   JAX_COMPILATION_CACHE_MAX_SIZE wins). A gs:// cache is not pruned.
 """
 
 import os
@@ -27,6 +30,7 @@ from transformer_jax.config import paths
 
 ENV = "TJAX_CACHE_DIR"
 MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+MAX_ENV, JAX_MAX_ENV, MAX_GB = "TJAX_CACHE_MAX_GB", "JAX_COMPILATION_CACHE_MAX_SIZE", 20.0
 OFF = ("off", "none", "0", "false", "")
 
 
@@ -59,7 +63,38 @@ def setup(environ=None) -> str:
   if paths.is_remote(where):
     paths.use_emulator()
     jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
-  elif MIN_COMPILE_ENV not in (os.environ if environ is None else environ):
-    # a local cache keeps the small programs too
+    return where
+  env = os.environ if environ is None else environ
+  if MIN_COMPILE_ENV not in env:  # a local cache keeps the small programs too
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if JAX_MAX_ENV not in env:
+    jax.config.update("jax_compilation_cache_max_size", max_bytes(env))
+    _stamp_unused(where)
   return where
+
+
+def max_bytes(environ=None) -> int:
+  """The bound TJAX_CACHE_MAX_GB puts on a local cache, in bytes."""
+  env = os.environ if environ is None else environ
+  text = env.get(MAX_ENV, str(MAX_GB))
+  try:
+    gb = float(text)
+  except ValueError:
+    gb = -1.0
+  if not gb > 0:
+    raise ConfigError(f"{MAX_ENV}={text!r} must be a number of GB > 0")
+  return int(gb * 2**30)
+
+
+def _stamp_unused(where: str):
+  """Gives each program a cache written without a bound holds the access time that JAX's
+  pruning reads (its file's mtime); without one, every later write to the cache would fail."""
+  if not os.path.isdir(where):
+    return
+  names = set(os.listdir(where))
+  for name in names:
+    key = name.removesuffix("-cache")
+    if name.endswith("-cache") and key + "-atime" not in names:
+      mtime = os.stat(os.path.join(where, name)).st_mtime_ns
+      with open(os.path.join(where, key + "-atime"), "wb") as f:
+        f.write(mtime.to_bytes(8, "little"))
