@@ -277,6 +277,28 @@ def test_tfds_builder(corpus_dir, tmp_path, pattern, fmt, num_docs):
   assert "tensorflow" not in sys.modules
 
 
+def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch):
+  """Pieces of a long document are one document for the split: all on one side (each piece
+  hashed alone put 49 pieces of a book in train and 8 in validation)."""
+  monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 200)
+  rng = random.Random(0)
+  (tmp_path / "c").mkdir()
+  for i in range(6):
+    (tmp_path / "c" / f"book{i}.txt").write_text("\n".join(
+        " ".join(rng.choice(["of", "the", "alpha", "beta"]) for _ in range(10))
+        for _ in range(60)))
+  data = _with(_base_config(), **{"data.corpus": f"{tmp_path}/c/*.txt", "data.format": "text",
+                                  "data.data_dir": str(tmp_path / "tfds"),
+                                  "data.validation_fraction": 0.3}).data
+  sides = {s: [r["id"].decode() for r in tfds_text.data_source(data, s)]
+           for s in ("train", "validation")}
+  books = {s: collections.Counter(corpus_lib.document_of(i) for i in ids)
+           for s, ids in sides.items()}
+  assert set(books["train"]) | set(books["validation"]) == {f"book{i}.txt" for i in range(6)}
+  assert not set(books["train"]) & set(books["validation"]) and books["validation"]
+  assert min(books["train"].values()) > 5  # books of many pieces
+
+
 def test_tfds_one_document_has_empty_validation(corpus_dir, tmp_path):
   data = _with(_base_config(), **{"data.corpus": f"{corpus_dir}/code/pkg0/m00.py",
                                   "data.data_dir": str(tmp_path)}).data

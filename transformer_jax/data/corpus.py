@@ -25,7 +25,8 @@ corpus is checked out. A document longer than MAX_DOCUMENT_CHARS is read as cons
 at most that many characters (cut after a newline, else a space, where one is near the limit),
 ids `ID#0`, `ID#1`, ...: each piece is a document from then on, so preparation, tokenizer
 training and training stay within a bounded memory for any document size (text and lines are
-read in blocks; a JSONL line is parsed whole). Pairs come out as `(pair_id, source, target)` (`iter_pairs`); read as
+read in blocks; a JSONL line is parsed whole); only the train/validation split goes by the whole
+document (`document_of`), so that no document is on both sides. Pairs come out as `(pair_id, source, target)` (`iter_pairs`); read as
 documents (to train a tokenizer), a pair is two documents, `ID:source` and `ID:target`.
 """
 
@@ -35,6 +36,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import sysconfig
 import textwrap
 import warnings
@@ -59,6 +61,7 @@ _BINARY_PROBE_BYTES = 8192
 # Longer documents are cut into pieces (see the module docstring): about 250k tokens each, far
 # above any training row, so only book-sized and larger documents are cut.
 MAX_DOCUMENT_CHARS = 1 << 20
+PIECE = re.compile(r"#\d+$")  # the id suffix of a piece of a long document (_pieces)
 _READ_BYTES = 1 << 20  # Text and lines files are read in blocks of this size.
 
 
@@ -151,6 +154,11 @@ def _decoded(blocks: Iterator[bytes]) -> Iterator[str]:
   for block in blocks:
     yield decoder.decode(block)
   yield decoder.decode(b"", final=True)
+
+
+def document_of(doc_id: str) -> str:
+  """The id of the whole document that `doc_id` (perhaps a piece `ID#k`) belongs to."""
+  return PIECE.sub("", doc_id)
 
 
 def _pieces(doc_id: str, blocks: Iterator[str]) -> Iterator[tuple[str, str]]:

@@ -13,7 +13,6 @@ its FLAGS and a `from_flags`, added there.
 import collections
 import multiprocessing
 import os
-import re
 import resource
 import time
 from collections.abc import Iterator
@@ -28,7 +27,6 @@ from transformer_jax.data.clean import report
 
 BATCH_DOCUMENTS = 64  # documents per batch sent to a worker ...
 BATCH_CHARS = 4_000_000  # ... or fewer, when they reach this many characters
-_PIECE = re.compile(r"#\d+$")  # the id suffix of a piece of a long document (corpus.py)
 
 
 def _dedup_kinds(flags: dict) -> set:
@@ -185,7 +183,7 @@ def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers:
       doc["text"] = doc.pop("new_text", text)
       tally["documents_in"] += 1
       tally["bytes_in"] += doc["bytes"]
-      tally["pieces"] += bool(_PIECE.search(doc["id"]))
+      tally["pieces"] += bool(corpus_lib.PIECE.search(doc["id"]))
       tally["repaired"] += doc.get("repaired", False)
       for stage in stages:
         removal = stage.decide(doc)
