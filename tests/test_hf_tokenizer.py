@@ -73,6 +73,11 @@ def test_ids_and_specials_are_transformers(made, kind):
     assert ids == theirs.encode(text, add_special_tokens=False)
     assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
   assert ours.encode_batch(texts[:5]) == [ours.encode(t) for t in texts[:5]]
+  named = "a document that says <|endoftext|>, <s> and </s> <extra_id_0>"
+  ids = ours.encode(named)  # the names are text, never control ids
+  assert ids == theirs.encode(named, add_special_tokens=False, split_special_tokens=True)
+  assert ours.bos_id not in ids and ours.eos_id not in ids
+  assert kind != "gpt2" or ours.decode(ids) == named  # (byte-level: lossless)
   want = {"gpt2": ("<|endoftext|>", "<|endoftext|>"), "llama": ("<s>", "</s>")}[kind]
   assert (ours.bos_id, ours.eos_id) == tuple(theirs.convert_tokens_to_ids(t) for t in want)
   assert ours.pad_id == -1  # none: padding is marked by segment ids, not an id

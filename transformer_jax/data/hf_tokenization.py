@@ -4,7 +4,9 @@ with the `tokenizers` library, behind the same interface as our SentencePiece `T
 
 `data.tokenizer` names the tokenizer.json or the directory holding it (an imported checkpoint's).
 Text is encoded without the tokenizer's own special tokens (what transformers' fast tokenizer
-gives with add_special_tokens=False); the pipeline adds bos/eos where data.add_bos/add_eos say.
+gives with add_special_tokens=False, split_special_tokens=True): a special token's name written
+in a document ("<|endoftext|>", "<extra_id_0>") is text, never that control id, as with
+SentencePiece; the pipeline adds bos/eos where data.add_bos/add_eos say.
 bos, eos, pad and unk are those of tokenizer_config.json beside the file (as transformers reads
 them), else the ones its post-processor inserts (bos), else the usual names among its special
 tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with
@@ -39,6 +41,7 @@ class HFTokenizer:
   def __init__(self, data: str, config: dict | None = None):
     self._data, self._config = data, dict(config or {})
     self._tok = tokenizers.Tokenizer.from_str(data)
+    self._tok.encode_special_tokens = True  # a special token's name in the text is text
     spec = json.loads(data)
     specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     self._special_ids = frozenset(specials.values())

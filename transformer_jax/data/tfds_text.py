@@ -52,6 +52,7 @@ import tensorflow_datasets as tfds
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import hf_tokenization
 from transformer_jax.data import tokenization
 
 SPLITS = ("train", "validation")
@@ -300,6 +301,8 @@ def tokenized_builder(data_cfg) -> TokenizedCorpus:
   spec = {"version": _VERSION, "text": text.info.full_name, "text_field": field,
           "tokenizer_sha256": sha, "add_bos": bool(data_cfg.add_bos),
           "add_eos": bool(data_cfg.add_eos)}
+  if hf_tokenization.is_hf(data_cfg.tokenizer):  # not the datasets that read special names
+    spec["special_names"] = "text"
   digest = hashlib.sha256(json.dumps(spec).encode("utf-8")).hexdigest()[:12]
   fmt = "tfds" if is_catalog(data_cfg) else data_cfg.format
   config = TokenizedCorpusConfig(
