@@ -103,19 +103,52 @@ def test_ample_capacity_equals_dropless():
   assert float(sown["moe"]["dropped"][0]) == 0.0
 
 
-def test_slots_fill_in_choice_then_position_order():
+@pytest.mark.parametrize("causal", [False, True])
+def test_slots_fill_in_priority_order(causal):
+  """Choice rank, then position (an encoder's); position, then choice rank (a causal stack's)."""
   rng = np.random.default_rng(0)
   e, k, t, cap = 5, 2, 13, 3
   experts = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
                       for _ in range(2)])
-  got = np.asarray(moe.slots(jnp.asarray(experts, jnp.int32), e, cap))
+  got = np.asarray(moe.slots(jnp.asarray(experts, jnp.int32), e, cap, causal))
+  order = ([(i, choice) for i in range(t) for choice in range(k)] if causal else
+           [(i, choice) for choice in range(k) for i in range(t)])
   for b in range(2):
     fill = [0] * e
-    for choice in range(k):
-      for i in range(t):
-        x = experts[b, i, choice]
-        assert got[b, i, choice] == (fill[x] if fill[x] < cap else cap)
-        fill[x] += 1
+    for i, choice in order:
+      x = experts[b, i, choice]
+      assert got[b, i, choice] == (fill[x] if fill[x] < cap else cap)
+      fill[x] += 1
+
+
+def test_capacity_in_a_causal_stack_never_lets_the_future_in():
+  """A decoder with drops (capacity factor 1, top-2 of 4): changing token s, or the padding
+  that ends a packed row, changes no logit before s (the encoder's order let a later token's
+  first choice take an earlier token's second-choice slot: 7e-3 of change)."""
+  from transformer_jax.models.decoder import DecoderLM  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(expert_capacity_factor=1.0, num_layers=1, vocab_size=64, max_len=16,
+             num_heads=4, num_kv_heads=4, head_dim=8, position="rotary")
+  model, t = DecoderLM(cfg), 16
+  params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, t), jnp.int32))["params"])
+  apply = jax.jit(lambda tokens, seg, pos: model.apply(
+      {"params": params}, tokens, seg, pos, mutable=["moe"]))
+  edits = np.eye(t, dtype=np.int32) * 13  # row s changes token s only
+  seg = np.ones((t, t), np.int32)
+  seg[:, 10:] = 0  # rows whose last 6 tokens are padding ...
+  pos = np.where(seg > 0, np.arange(t), 0)
+  worst, dropped = 0.0, 0.0
+  for seed in range(12):
+    tokens = np.random.default_rng(seed).integers(0, 64, (1, t))
+    base, sown = apply(jnp.asarray(tokens), jnp.ones((1, t), jnp.int32), jnp.arange(t)[None])
+    dropped = max(dropped, float(sown["moe"]["layer_0"]["mlp"]["dropped"][0]))
+    out, _ = apply(jnp.asarray((tokens + edits) % 64), jnp.ones((t, t), jnp.int32),
+                   jnp.broadcast_to(jnp.arange(t), (t, t)))
+    for s in range(1, t):
+      worst = max(worst, float(jnp.abs(out[s, :s] - base[0, :s]).max()))
+    padded = [apply(jnp.asarray(tokens if i == 0 else (tokens + 29 * (seg[:1] == 0)) % 64),
+                    jnp.asarray(seg[:1]), jnp.asarray(pos[:1]))[0][0, :10] for i in range(2)]
+    worst = max(worst, float(jnp.abs(padded[0] - padded[1]).max()))  # ... whatever they hold
+  assert dropped > 0.1 and worst < 1e-6, (dropped, worst)
 
 
 @pytest.mark.parametrize("factor, t", [(1.0, 16), (0.5, 12), (1.25, 9)])
