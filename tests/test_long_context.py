@@ -103,7 +103,8 @@ def test_window_pattern_scanned_equals_unrolled_and_the_kv_cache_keeps_the_windo
 def test_global_tokens_and_random_blocks_reach_exactly_the_keys_they_allow():
   """One layer, packed rows: d logits[i] / d input[j] != 0 iff j == i or j is in i's segment,
   not after it, and in its window, a global token of it (position < G), or in one of its query
-  block's random key blocks; i's own global status lets it see its whole past segment."""
+  block's random key blocks (blocks of positions in the document); i's own global status lets
+  it see its whole past segment. The second document's logits are its logits alone."""
   w, g, r, b = 3, 2, 1, 4
   cfg = _cfg(num_layers=1, attention_window=w, global_tokens=g, random_blocks=r, block_size=b)
   seg = np.array([1] * 9 + [2] * 7)
@@ -127,11 +128,15 @@ def test_global_tokens_and_random_blocks_reach_exactly_the_keys_they_allow():
   assert all(sorted(set(row[row >= 0])) == sorted(row[row >= 0]) and row.max() <= i
              for i, row in enumerate(blocks))
   i, j = np.arange(16)[:, None], np.arange(16)[None, :]
-  rand = np.array([[jb in blocks[ib] for jb in range(4)] for ib in range(4)])[i // b, j // b]
+  rand = np.array([[jb in blocks[ib] for jb in range(4)] for ib in range(4)])[
+      pos[:, None] // b, pos[None, :] // b]
   allowed = ((seg[:, None] == seg[None, :]) & (j <= i)
              & ((i - j < w) | (pos[:, None] < g) | (pos[None, :] < g) | rand))
   np.testing.assert_array_equal(seen, allowed | (i == j))
   assert (allowed & ~((i - j < w) & (j <= i))).any()  # the sparse keys add to the window
+  alone = model.apply({"params": params}, tokens[:, 9:])[0]
+  packed = model.apply({"params": params}, tokens, jnp.asarray(seg)[None], jnp.asarray(pos)[None])
+  np.testing.assert_allclose(packed[0, 9:], alone, atol=2e-5, rtol=2e-5)
 
 
 def test_sparse_patterns_scanned_equal_unrolled_and_decode_through_the_cache():

@@ -151,15 +151,18 @@ def sparse_mask(t: int, s: int, window, q_offset, q_positions_BT, k_positions_BS
   """[B, T, S]: the keys a query may see under Longformer / BigBird sparsity: its sliding
   window, every global token (position < global_tokens, in both directions: globals see and
   are seen by their whole segment), and (`blocks_QR`, from random_blocks) its query block's
-  random key blocks ([n_blocks, count] rows of random_blocks). A window of 0 sees every key."""
+  random key blocks ([n_blocks, count] rows of random_blocks). Blocks count positions within
+  the document, so a document packed anywhere in a row sees what it sees alone. A window of 0
+  sees every key."""
   allowed_BTS = window_mask(t, s, window, q_offset)[None]
   if global_tokens:
     allowed_BTS = (allowed_BTS | (q_positions_BT < global_tokens)[:, :, None]
                    | (k_positions_BS < global_tokens)[:, None, :])
   if blocks_QR is not None:
-    picked_TR = jnp.take(blocks_QR, (q_offset + jnp.arange(t)) // block_size, axis=0)
-    key_block_S = jnp.arange(s) // block_size
-    allowed_BTS = allowed_BTS | (picked_TR[:, :, None] == key_block_S[None, None]).any(1)[None]
+    picked_BTR = jnp.take(blocks_QR, q_positions_BT // block_size, axis=0, mode="clip")
+    key_block_BS = k_positions_BS // block_size
+    for r in range(blocks_QR.shape[1]):
+      allowed_BTS = allowed_BTS | (picked_BTR[:, :, r, None] == key_block_BS[:, None, :])
   return allowed_BTS
 
 
