@@ -212,3 +212,26 @@ def test_ctrl_c_during_preparation_is_one_line_and_dead_leftovers_go(tiny_data, 
   left = sorted(os.path.basename(p) for p in glob.glob(os.path.join(parent, "incomplete.*")))
   assert left == ["incomplete.LIVE01_1.0.0"]
   assert "left by an unfinished preparation" in capsys.readouterr().out
+
+
+def test_each_data_shard_reads_its_documents_in_an_order_of_its_own(tiny_data):
+  """Every shard reads each of its documents (every S-th stored one) once an epoch, in an order
+  of its own: shards sharing one seed read stored neighbours in step (S pi(t) + k) every epoch.
+  One shard keeps the order of the config's seed."""
+  config = _config(tiny_data)
+  stored = pipeline._documents(config, "train")  # pylint: disable=protected-access
+  where = {stored[i]["id"]: i for i in range(len(stored))}
+  s = 4
+  for epoch in range(2):
+    streams = []
+    for k in range(s):
+      docs = pipeline.shard_documents(config, config.seed, k, s)
+      n = len(stored[k::s])
+      streams.append([where[docs[epoch * n + t]["id"]] for t in range(n)])
+      assert sorted(streams[-1]) == list(range(k, len(stored), s))
+    steps = min(map(len, streams))
+    in_step = sum(all(streams[k][t] - k == streams[0][t] for k in range(s)) for t in range(steps))
+    assert steps > 10 and in_step <= 2, (steps, in_step)
+  one = pipeline.shard_documents(config, config.seed, 0, 1)
+  assert [one[t]["id"] for t in range(len(stored))] == [
+      stored.shuffle(seed=config.seed)[t]["id"] for t in range(len(stored))]

@@ -347,13 +347,27 @@ def train_dataset(config, shard: int = 0, num_shards: int = 1,
 def _train_rows(config, seed: int, shard: int, num_shards: int, num_epochs, bins: int,
                 where: str = "") -> grain.IterDataset:
   """One source's packed training rows of one data shard."""
+  docs = shard_documents(config, seed, shard, num_shards, num_epochs, where)
+  return packed_rows(_tokenize(docs, config), config, bins,
+                     seed=_order_seed(seed, shard, num_shards),
+                     objective_seed=objectives.seed_for(seed, "train", shard))
+
+
+def shard_documents(config, seed: int, shard: int, num_shards: int, num_epochs=None,
+                    where: str = "") -> grain.MapDataset:
+  """One data shard's training documents (every num_shards-th stored one), shuffled anew every
+  epoch. Each shard of several has its own order (a seed of its own): with one seed, shard k
+  read stored document S * pi(t) + k at step t, so stored neighbours always met in one batch.
+  A single shard keeps the config's seed."""
   docs = _documents(config, "train")[shard::num_shards]
   if len(docs) == 0:
     raise ConfigError(f"{where}data.corpus={config.data.corpus!r} has fewer training documents "
                       f"than data shards ({num_shards})")
-  docs = docs.shuffle(seed=seed).repeat(num_epochs)
-  return packed_rows(_tokenize(docs, config), config, bins, seed=seed,
-                     objective_seed=objectives.seed_for(seed, "train", shard))
+  return docs.shuffle(seed=_order_seed(seed, shard, num_shards)).repeat(num_epochs)
+
+
+def _order_seed(seed: int, shard: int, num_shards: int) -> int:
+  return seed if num_shards == 1 else objectives.seed_for(seed, "order", shard)
 
 
 def _ensure_absl_flags_parsed() -> None:

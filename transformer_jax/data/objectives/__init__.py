@@ -210,6 +210,6 @@ def default_for(family: str) -> str:
 
 
 def seed_for(seed: int, split: str, shard: int = 0) -> int:
-  """The random-map seed of one split's data shard."""
-  words = [seed % 2**32, {"train": 1, "validation": 2}[split], shard]
+  """The random-map seed of one split's data shard ("order": its training documents' order)."""
+  words = [seed % 2**32, {"train": 1, "validation": 2, "order": 3}[split], shard]
   return int(np.random.SeedSequence(words).generate_state(1)[0])
