@@ -4,6 +4,7 @@ builder, TFDS catalog datasets, the seq2seq objective's packed batches, and a sh
 import json
 import textwrap
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
+from transformer_jax.data.objectives import common
+from transformer_jax.data.objectives import seq2seq
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
@@ -123,6 +126,30 @@ def _examples(batch, tok):
       if tgt[-1] == tok.eos_id:
         out.append((tok.decode(enc[1:-1].tolist()), tok.decode(tgt[:-1].tolist())))
   return out
+
+
+def test_decoder_inputs_are_the_targets_shifted_right_even_when_empty():
+  """For any lengths, eos or not, and an empty target: as many decoder inputs as targets, each
+  the target before it (bos first), so packed pairs stay aligned."""
+  rng = np.random.default_rng(0)
+  for add_eos in (False, True):
+    made = []
+    for _ in range(40):
+      source, target = (list(rng.integers(10, 99, rng.integers(0, 6))) for _ in range(2))
+      e = seq2seq.example(source, target, bos_id=2, eos_id=3, add_bos=True, add_eos=add_eos,
+                          seq_len=8, target_len=int(rng.integers(1, 7)))
+      t = list(e["decoder_targets"])
+      assert list(e["decoder_inputs"]) == ([2] + t)[:len(t)], (source, target)
+      made.append(e)
+    packed = grain.experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source(made).to_iter_dataset(), num_packing_bins=2,
+        length_struct={"encoder_inputs": 32, "decoder_inputs": 32, "decoder_targets": 32})
+    for row in map(common.encdec_row, packed):
+      inputs, targets = row["decoder_inputs"], row["decoder_targets"]
+      starts = np.flatnonzero(row["decoder_positions"] == 0)
+      live = row["decoder_segment_ids"] > 0
+      assert (inputs[1:][live[1:]] == np.where(np.isin(np.arange(1, 32), starts), 2,
+                                               targets[:-1])[live[1:]]).all()
 
 
 def test_pipeline_packs_whole_pairs(tiny_data, pairs):

@@ -27,5 +27,7 @@ def example(source_ids, target_ids, *, bos_id: int, eos_id: int, add_bos: bool, 
   inputs = ([bos_id] if add_bos else []) + list(source_ids) + ([eos_id] if add_eos else [])
   targets = (list(target_ids) + ([eos_id] if add_eos else []))[:target_len]
   return {"encoder_inputs": np.asarray(inputs[:seq_len], np.int32),
-          "decoder_inputs": np.asarray([bos_id] + targets[:-1], np.int32),
+          # the targets shifted right, as long as they are (none for an empty target: one bos
+          # alone would shift every later pair packed in the row against its targets)
+          "decoder_inputs": np.asarray(([bos_id] + targets)[:len(targets)], np.int32),
           "decoder_targets": np.asarray(targets, np.int32)}
