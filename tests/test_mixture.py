@@ -93,6 +93,25 @@ def test_token_shares_follow_the_weights(sources, packing, temperature):
     np.testing.assert_allclose(shares, probs, atol=2 / 480)
 
 
+def test_the_shares_are_those_grain_draws():
+  """grain's mix draws rows in integer proportions (the smallest p scaled to 100, the others
+  truncated); each source's probability is that realised share, and one period of sum(rows)
+  mixed rows holds exactly `rows` of each."""
+  import grain  # pylint: disable=g-import-not-at-top
+  c = config_lib.base.get_config()
+  for weights, rows in (([0.3, 0.7], [100, 233]), ([1, 1.0099], [100, 100]),
+                        ([5, 3, 2], [250, 150, 100])):
+    c.data.mixture = [{"name": f"s{i}", "weight": w, "corpus": "x"} for i, w in enumerate(weights)]
+    got = mixture.sources(c)
+    assert [s.rows for s in got] == rows
+    assert [s.probability for s in got] == pytest.approx(np.array(rows) / sum(rows), abs=1e-12)
+    mixed = grain.IterDataset.mix(
+        {s.name: grain.MapDataset.repeat(grain.MapDataset.source([i]), None).to_iter_dataset()
+         for i, s in enumerate(got)}, {s.name: s.rows for s in got})
+    drawn = collections.Counter(x for _, x in zip(range(sum(rows)), mixed))
+    assert [drawn[i] for i in range(len(rows))] == rows
+
+
 def test_resume_on_another_process_count_gives_the_same_batches(sources):
   c = _config(sources, **{"data.shards": 2})
   one = pipeline.make_train_iterator(c)

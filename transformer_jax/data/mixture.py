@@ -14,8 +14,11 @@ the sources' sizes this is temperature sampling.
 
 Each source runs its own pipeline (documents -> shuffle -> tokenize -> chunk -> objective ->
 packed rows; pipeline.py) and grain's `IterDataset.mix` draws whole packed rows from the sources
-in the proportions p, deterministically (grain picks the source that is furthest behind its
-share), so a source's share of the rows is exact over any window of a few rows per source and its
+in integer proportions, deterministically (grain picks the source that is furthest behind its
+share). grain makes them integers by scaling the smallest p to 100 and truncating the others
+(0.3 : 0.7 is drawn as 100 : 233): each source's `probability` is that realised share, which is
+what metrics and the evaluation weights use. A source's share of the rows is exact over any
+window of a few rows per source and its
 share of the tokens differs from it only by its packing's padding (none with data.packing=concat).
 Every row carries its source's index (`source`, int32 [seq_len]) into the train step, which sums
 the non-padding tokens per source (`mixture_tokens`). The mixed iterator's state holds every
@@ -42,7 +45,8 @@ class Source:
   name: str
   index: int
   weight: float
-  probability: float  # its share of the rows, after data.mixture_temperature
+  probability: float  # its share of the rows, after data.mixture_temperature: rows / sum(rows)
+  rows: int  # its integer proportion, as grain draws rows
   config: object  # the whole config, its data.* keys set to this source's
 
 
@@ -93,6 +97,7 @@ def sources(config) -> list[Source]:
   if repeated:
     raise ConfigError(f"data.mixture: source name(s) {', '.join(map(repr, repeated))} repeated")
   probs = probabilities([w for _, w in checked], t)
+  rows = [int(p * (100 / min(probs))) for p in probs]  # as grain's mix makes them
   out = []
   for i, (entry, (name, weight)) in enumerate(zip(d.mixture, checked)):
     c = config.copy_and_resolve_references()
@@ -101,7 +106,7 @@ def sources(config) -> list[Source]:
       for key in KEYS[2:]:
         if key in entry:
           c.data[key] = entry[key]
-    out.append(Source(name, i, weight, float(probs[i]), c))
+    out.append(Source(name, i, weight, rows[i] / sum(rows), rows[i], c))
   return out
 
 
