@@ -230,6 +230,23 @@ def test_tokenizer_round_trips_code_exactly(tokenizer_path):
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id, tok.pad_id]) == CODE
 
 
+def test_another_sentencepiece_models_specials_are_its_own():
+  """A model with Llama's ids (unk 0, bos 1, eos 2, no pad): decoding drops its bos/eos, and
+  keeps id 3, an ordinary piece there (our models' eos)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([f"the quick brown fox jumps over the lazy dog {i}"
+                              for i in range(200)]), model_writer=buf, vocab_size=60,
+      model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+  tok = tokenizer_lib.Tokenizer(buf.getvalue())
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (-1, 0, 1, 2)
+  ids = tok.encode("he the quick fox")
+  assert 3 in ids and tok.is_normal(3)
+  assert tok.decode([tok.bos_id] + ids + [tok.eos_id]) == "he the quick fox"
+
+
 def test_tokenizer_missing_file_names_the_command(tmp_path):
   with pytest.raises(ConfigError) as e:
     tokenizer_lib.load(str(tmp_path / "missing.model"), corpus="stdlib", vocab_size=1024)

@@ -243,7 +243,8 @@ class Tokenizer:
   def __init__(self, model_proto: bytes):
     self._proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    self._skip = frozenset({PAD_ID, BOS_ID, EOS_ID})
+    sp = self._sp  # the model's own pad/bos/eos (another's, e.g. Llama's, are not ours)
+    self._skip = frozenset(i for i in (sp.pad_id(), sp.bos_id(), sp.eos_id()) if i >= 0)
 
   def __reduce__(self):  # Pickles as the model bytes (for worker processes).
     return Tokenizer, (self._proto,)
