@@ -444,7 +444,7 @@ class Block(nn.Module):
   cross: bool = False
   window: int = 0  # the self-attention's sliding window; a scanned stack passes `window`
   layer: int = 0  # the block's index in its stack (a scanned stack passes `layer`)
-  ffn: type | None = None  # the FFN class (models/moe.py: MoE, given `causal`); None = MLP
+  ffn: type | None = None  # the FFN's module class (models/moe.py's MoE); None = MLP
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic=True, decode=False,
@@ -457,8 +457,7 @@ class Block(nn.Module):
                                           layer=self.layer, name="attention")(
             y, positions_BT, mask_BTS, rel_table=rel_table, deterministic=deterministic,
             decode=decode, window=window, segment_ids_BT=segment_ids_BT, layer=layer)),
-        ("mlp", lambda y: (MLP(c, name="mlp") if self.ffn is None else self.ffn(
-            c, causal=self.causal, name="mlp"))(y, deterministic=deterministic)),
+        ("mlp", lambda y: (self.ffn or MLP)(c, name="mlp")(y, deterministic=deterministic)),
     ]
     if self.cross:
       sublayers.insert(1, ("cross_attention", lambda y: Attention(c, name="cross_attention")(

@@ -9,11 +9,11 @@ as Switch and GShard). Two ways to run the experts:
   each expert multiplies its contiguous group (`jax.lax.ragged_dot`); nothing is dropped.
 - capacity (> 0): each row (the group) gives every expert C = ceil(T K factor / E) slots;
   assignments past C are dropped (the token keeps its residual). Dispatch and combine are one-hot
-  einsums over [B, T, E, C], the experts one batched einsum. The slots fill in order of choice
-  rank, then position (every token's first choice before any second choice, GShard) in an
-  encoder; in a causal stack in order of position, then choice rank, so that what a token keeps
-  depends only on the tokens before it (a later token's first choice taking an earlier token's
-  slot would let the future in, and the padding that ends a packed row take real tokens' slots).
+  einsums over [B, T, E, C], the experts one batched einsum. The slots fill in order of
+  position, then choice rank, so that what a token keeps depends only on the tokens before it.
+  GShard's order (every token's first choice before any second choice) would let a later
+  token's first choice take an earlier token's slot: the future would reach a causal or
+  prefix LM's past, and the padding that ends a packed row would take real tokens' slots.
   A one-token decoding step drops nothing: with drops, sampling runs the model without them.
 
 Expert parallelism: the stacked expert weights' leading axis is logical "expert" and the rules
@@ -67,16 +67,13 @@ def route(c: layers.ModelConfig, logits_BTE):
   return weights_BTK, experts_BTK.astype(jnp.int32), probs_BTE
 
 
-def slots(experts_BTK, num_experts: int, cap: int, causal: bool = False):
-  """Each assignment's slot in its expert within the row, in priority order (choice rank, then
-  position; with `causal` position, then choice rank); `cap` (no slot: dropped) where the expert
-  is full. int32 [B, T, K]."""
+def slots(experts_BTK, num_experts: int, cap: int):
+  """Each assignment's slot in its expert within the row, in priority order (position, then
+  choice rank); `cap` (no slot: dropped) where the expert is full. int32 [B, T, K]."""
   b, t, k = experts_BTK.shape
-  order_BTK = experts_BTK if causal else experts_BTK.transpose(0, 2, 1)  # [B, K, T] if not
-  onehot_BME = jax.nn.one_hot(order_BTK.reshape(b, k * t), num_experts, dtype=jnp.int32)
+  onehot_BME = jax.nn.one_hot(experts_BTK.reshape(b, t * k), num_experts, dtype=jnp.int32)
   position_BM = jnp.sum((jnp.cumsum(onehot_BME, axis=1) - 1) * onehot_BME, axis=-1)
-  position_BTK = (position_BM.reshape(b, t, k) if causal
-                  else position_BM.reshape(b, k, t).transpose(0, 2, 1))
+  position_BTK = position_BM.reshape(b, t, k)
   return jnp.where(position_BTK < cap, position_BTK, cap).astype(jnp.int32)
 
 
@@ -100,10 +97,8 @@ def expert_ffn(activation: str, w: dict, matmul):
 
 
 class MoE(nn.Module):
-  """Router + E stacked expert FFNs (+ shared experts, always on); replaces layers.MLP.
-  `causal`: the block's self-attention is (the order capacity slots fill in)."""
+  """Router + E stacked expert FFNs (+ shared experts, always on); replaces layers.MLP."""
   cfg: layers.ModelConfig
-  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, *, deterministic=True):
@@ -133,7 +128,7 @@ class MoE(nn.Module):
     x_BTD = x_BTD.astype(dt)
     if c.expert_capacity_factor:
       cap = capacity(c, x_BTD.shape[1])
-      slots_BTK = slots(experts_BTK, e, cap, self.causal)
+      slots_BTK = slots(experts_BTK, e, cap)
       kept = jnp.sum((slots_BTK < cap).astype(jnp.float32))
       run = functools.partial(_capacity, c.activation, e, cap)
     else:
