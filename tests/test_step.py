@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import config as config_lib
+from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 from transformer_jax.perf import hlo
 from transformer_jax.training import optimizer
@@ -178,6 +179,17 @@ def test_decay_mask_skips_biases_norms_and_embeddings():
   assert not mask["layer_0"]["mlp"]["up_bias"] and not mask["layer_0"]["attention_norm"]["scale"]
   assert not mask["embed"]["tokens"] and not mask["embed"]["positions"]
   assert optimizer.decay_mask(params, decay_embeddings=True)["embed"]["tokens"]
+  # Every family, scanned or not: biases of any shape, norm scales and tables by their names.
+  for recipe, extra in (("gpt2", []), ("bert", []), ("t5", ["model.scan_layers=true"]),
+                        ("mixtral", []), ("switch", ["model.scan_layers=true"])):
+    c = config_lib.load(f"{REPO}/configs/{recipe}.py:tiny", extra)
+    shapes = families.abstract_params(families.build_model(c))
+    for path, decayed in jax.tree_util.tree_leaves_with_path(optimizer.decay_mask(shapes, False)):
+      names = [k.key for k in path]
+      table = names[0] == "embed" and names[-1] in ("tokens", "positions", "types")
+      assert decayed != (names[-1] == "scale" or names[-1].endswith("bias") or table), names
+  key_bias = trainer.abstract_state.params["layer_0"]["attention"]["key_bias"]
+  assert key_bias.ndim == 2 and not mask["layer_0"]["attention"]["key_bias"]  # [H, K]
   # Decoupled decay really is applied to masked-in leaves only.
   tx, _ = optimizer.make(config.optimizer, 10)
   zeros = jax.tree.map(jnp.zeros_like, params)

@@ -4,8 +4,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from transformer_jax.models import stack
-
 
 def schedule(opt, total_steps: int) -> optax.Schedule:
   """Linear warmup to the peak, then cosine | linear | rsqrt | wsd | constant."""
@@ -30,14 +28,20 @@ def schedule(opt, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warm, after], [warmup])
 
 
+EMBEDDING_TABLES = ("tokens", "positions", "types")
+
+
 def decay_mask(params, decay_embeddings: bool):
-  """True for matrices; biases, norm scales and (unless asked) embedding tables are not decayed.
-  The stacked layer axis of scanned blocks (params["layers"]) does not count as a dimension."""
-  def keep(path, leaf):
+  """True for the weight matrices; never for biases (every name ending in "bias": [H, K]
+  attention biases, T5's relative_bias table) or norm scales, and for the embedding tables
+  (embed/tokens, positions, types) only when asked. By name: a shape cannot tell an attention
+  bias from a matrix, nor a scanned stack's (layers/, encoder/layers/, ...) from an unrolled one's."""
+  def keep(path, _):
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    is_table = len(names) >= 2 and names[-2] == "embed" and names[-1] in ("tokens", "positions")
-    ndim = leaf.ndim - (names[:1] == [stack.STACKED])
-    return ndim >= 2 and (decay_embeddings or not is_table)
+    if names[-1] == "scale" or names[-1].endswith("bias"):
+      return False
+    is_table = len(names) >= 2 and names[-2] == "embed" and names[-1] in EMBEDDING_TABLES
+    return decay_embeddings or not is_table
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
