@@ -75,6 +75,32 @@ def test_nonfinite_batch_leaves_params_and_optimizer_untouched(tiny_data):
   _assert_untouched(after, before)
 
 
+def test_after_a_nonfinite_first_step_the_mean_starts_and_the_schedule_follows_the_step(
+    tiny_data):
+  """Step 0 non-finite (skipped): step 1 is applied at the learning rate of step 1 (the update
+  a fresh state at step 1 makes; the optimizer's own count would give step 0's, 0 in warm-up),
+  its loss starts the running mean (it stayed 0, and every later step was a spike), and the
+  following steps are no spikes."""
+  config = _config(tiny_data, **{"train.spike_factor": 3.0, "train.spike_warmup_steps": 1,
+                                 "optimizer.warmup_steps": 10})
+  trainer = Trainer(config, sharding.make_mesh(config, ONE()))
+  good, key = trainer.put_batch(_batch(config, 1.0)), jax.random.key(0)
+  state, _ = trainer.train_step(trainer.init_state(0), trainer.put_batch(_batch(config, np.nan)),
+                                key)
+  assert float(state.loss_mean) == 0.0 and int(state.skipped) == 1
+  state, m = trainer.train_step(state, good, key)
+  fresh, _ = trainer.train_step(trainer.init_state(0).replace(step=jax.numpy.asarray(1)), good,
+                                key)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+               jax.device_get(fresh.params))
+  assert not np.array_equal(state.params["embed"]["tokens"],  # moved: lr(1) = peak / 10
+                            trainer.init_state(0).params["embed"]["tokens"])
+  assert float(state.loss_mean) == float(m["loss"]) > 0 and int(state.skipped) == 1
+  for _ in range(3):
+    state, m = trainer.train_step(state, good, key)
+    assert not bool(m["spike"]) and int(state.skipped) == 1
+
+
 def test_loss_spike_is_caught_in_the_step_and_not_applied(tiny_data):
   """loss > spike_factor x the running mean, after spike_warmup_steps: flagged, not applied; the
   same batch below the factor, or before the warm-up, is applied."""

@@ -53,3 +53,14 @@ def make(opt, total_steps: int):
                            weight_decay=opt.weight_decay,
                            mask=lambda p: decay_mask(p, opt.decay_embeddings)))
   return optax.chain(*parts), lr
+
+
+def at_step(opt_state, step):
+  """`opt_state` with its schedule's count set to the train step, so that the learning rate
+  follows the step through skipped (anomalous) steps and a rollback's jump over bad batches, as
+  the logged one does; Adam's own count (its bias correction) stays the updates applied."""
+  def is_schedule(x):
+    return isinstance(x, optax.ScaleByScheduleState)
+  return jax.tree.map(
+      lambda s: s._replace(count=jnp.asarray(step, s.count.dtype)) if is_schedule(s) else s,
+      opt_state, is_leaf=is_schedule)

@@ -277,15 +277,19 @@ class Trainer:
     # Anomaly guard, on device: the update is applied only to a finite loss and gradient that is
     # not a spike, so a bad batch never reaches the parameters or the optimizer moments.
     nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    spike = ((c.train.spike_factor > 0) & (state.step >= c.train.spike_warmup_steps)
+    # The running mean starts at the first applied step's loss (0: none yet, as after a
+    # non-finite first step or a rollback to the initial state); no spike is judged before it.
+    seeded = state.loss_mean > 0
+    spike = ((c.train.spike_factor > 0) & (state.step >= c.train.spike_warmup_steps) & seeded
              & (loss > c.train.spike_factor * state.loss_mean))
     bad = nonfinite | spike
 
     def apply(_):
       with jax.named_scope("optimizer"):  # how perf/profile.py tells the update's ops
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        mean = jnp.where(state.step == 0, loss,
-                         LOSS_MEAN_DECAY * state.loss_mean + (1 - LOSS_MEAN_DECAY) * loss)
+        updates, opt_state = self.tx.update(
+            grads, optimizer.at_step(state.opt_state, state.step), state.params)
+        mean = jnp.where(seeded, LOSS_MEAN_DECAY * state.loss_mean + (1 - LOSS_MEAN_DECAY) * loss,
+                         loss)
         return optax.apply_updates(state.params, updates), opt_state, mean
 
     params, opt_state, loss_mean = jax.lax.cond(
