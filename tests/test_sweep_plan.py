@@ -53,8 +53,8 @@ def test_parameter_counts_are_the_models(planned, index):
   assert run.params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert run.params - run.params_nonembed == sum(
       int(np.prod(x.shape)) for x in jax.tree.leaves(params["embed"]))
-  n = counting.matmul_params(params, config.model)
-  assert run.flops_per_token == counting.flops_per_token(trainer.model.cfg, n, config.data.seq_len)
+  assert run.flops_per_token == counting.flops_per_token(trainer.model.cfg, params,
+                                                         config.data.seq_len)
 
 
 def test_shape_rule_hits_the_target_within_the_grid_step():

@@ -89,7 +89,6 @@ def describe(config, topo, slices, trainer, mesh) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from transformer_jax.perf import counting  # pylint: disable=g-import-not-at-top
   c = config
-  n_matmul = counting.matmul_params(trainer.abstract_state.params, c.model)
   tokens = c.train.batch_size * c.data.seq_len
   return {
       "topology": topo.name, "compiler_topology": topo.compiler_topology, "slices": slices,
@@ -99,8 +98,8 @@ def describe(config, topo, slices, trainer, mesh) -> dict:
       "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
       "microbatches": c.train.microbatches, "remat": c.model.remat,
       "scan_layers": bool(c.model.scan_layers), "dtype": c.model.dtype,
-      "model_flops_per_step": counting.flops_per_token(trainer.model.cfg, n_matmul,
-                                                       c.data.seq_len) * tokens,
+      "model_flops_per_step": counting.for_config(c, trainer.model.cfg,
+                                                  trainer.abstract_state.params) * tokens,
       "hbm_capacity_bytes": int(topo.capacity_bytes),
   }
 

@@ -98,9 +98,8 @@ class JaxRunner:
     finally:
       restore()
     self.compile_s = time.perf_counter() - t0
-    n = counting.matmul_params(self.state.params, config.model)
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
-    self.flops_per_token = counting.flops_per_token(self.trainer.model.cfg, n, config.data.seq_len)
+    self.flops_per_token = counting.for_config(config, self.trainer.model.cfg, self.state.params)
     self.peak, self.peak_source = hardware.peak_flops_per_device(
         self.trainer.model.cfg.compute_dtype)
 

@@ -50,6 +50,25 @@ def param_counts(params, model_cfg) -> tuple[int, int, int]:
   return total, total - embed, matmul_params(params, model_cfg)
 
 
-def flops_per_token(model_cfg, n_matmul_params: int, seq_len: int) -> float:
+def flops_per_token(model_cfg, params, seq_len: int, target_len: int = 0) -> float:
+  """Model FLOPs per counted token: 6 N + 12 L H K T (the module docstring). An encoder-decoder
+  counts seq_len (S, the encoder's) tokens a row, and its decoder runs target_len (T) of them:
+  6 N_enc S + 6 N_dec T + 12 H K (L_enc S^2 + L_dec (T^2 + T S)) a row (the decoder's
+  self-attention and cross-attention, and its side of N, the output projection included, at
+  T tokens), per S tokens. `params` may be abstract."""
   c = model_cfg
-  return 6.0 * n_matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+  n, hk = matmul_params(params, c), 12.0 * c.num_heads * c.head_dim
+  if not (c.num_decoder_layers or "decoder" in params):
+    return 6.0 * n + hk * c.num_layers * seq_len
+  s, t = seq_len, target_len or seq_len
+  n_enc = matmul_params(params["encoder"], c)
+  row = (6.0 * n_enc * s + 6.0 * (n - n_enc) * t
+         + hk * (c.num_layers * s * s + (c.num_decoder_layers or c.num_layers) * (t * t + t * s)))
+  return row / s
+
+
+def for_config(config, model_cfg, params) -> float:
+  """flops_per_token of a config's model (`model_cfg`, the built model's) and its data lengths."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  return flops_per_token(model_cfg, params, config.data.seq_len,
+                         objectives.spec(config.data).target_len)

@@ -81,11 +81,12 @@ def shape_for(target_nonembed: float, aspect: float, head_dim: int):
 
 
 def count_params(config):
-  """(all, non-embedding, matmul) parameter counts and the model, from the model's abstract init
-  (no compute)."""
+  """(all, non-embedding, matmul) parameter counts and the model's FLOPs per token, from its
+  abstract init (no compute)."""
   model = families.build_model(config)
-  counts = counting.param_counts(families.abstract_params(model), config.model)
-  return (*counts, model)
+  params = families.abstract_params(model)
+  return (*counting.param_counts(params, config.model),
+          counting.for_config(config, model.cfg, params))
 
 
 def plan(sweep_path: str):
@@ -98,8 +99,7 @@ def plan(sweep_path: str):
     layers, d, heads = shape_for(target, sweep.aspect, sweep.head_dim)
     config = config_lib.load(sweep.base, list(sweep.overrides) + [
         f"model.num_layers={layers}", f"model.d_model={d}", f"model.num_heads={heads}"])
-    total, nonembed, matmul, model = count_params(config)
-    fpt = counting.flops_per_token(model.cfg, matmul, config.data.seq_len)
+    total, nonembed, matmul, fpt = count_params(config)
     tokens = int(budget / fpt) if budget else int(tokens)
     per_step = config.train.batch_size * config.data.seq_len
     steps = max(1, round(tokens / per_step))

@@ -19,8 +19,7 @@ class Meter:
   def __init__(self, trainer, params):
     c = trainer.config
     self.matmul_params = counting.matmul_params(params, c.model)
-    self.flops_per_token = counting.flops_per_token(trainer.model.cfg, self.matmul_params,
-                                                    c.data.seq_len)
+    self.flops_per_token = counting.for_config(c, trainer.model.cfg, params)
     peak, self.peak_source = hardware.peak_flops_per_device(trainer.model.cfg.compute_dtype)
     self.peak_total = peak * trainer.mesh.size
     self.tokens_per_step = c.train.batch_size * c.data.seq_len
