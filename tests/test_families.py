@@ -13,6 +13,7 @@ import pytest
 
 from transformer_jax import config as config_lib
 from transformer_jax.data import objectives
+from transformer_jax.models import families
 from transformer_jax.models import layers
 from transformer_jax.models.encdec import EncoderDecoder
 from transformer_jax.models.encoder import EncoderLM
@@ -298,6 +299,51 @@ def test_beam_search(scan):
   np.testing.assert_allclose(model_logp(best), logp, rtol=1e-4, atol=1e-4)
   greedy_score = model_logp(greedy) / beam.length_penalty(6, 0.6)
   assert all(s >= g - 1e-4 for s, g in zip(score, greedy_score))
+
+
+def _reference_beam(next_logp, k, max_len, eos, alpha):
+  """HF's BeamSearchScorer by hand: the 2K best continuations by log p; those ending in eos
+  among the first K are finished (kept apart), the first K others go on; at the end the best of
+  the finished and the beams still going, by penalised score. (score, log p, tokens)."""
+  from transformer_jax.inference import beam  # pylint: disable=g-import-not-at-top
+  alive, done = [([], 0.0)] + [([], -1e9)] * (k - 1), []
+  for t in range(max_len):
+    lp = next_logp([p for p, _ in alive])
+    cands = sorted(((s + lp[i, v], p + [v]) for i, (p, s) in enumerate(alive)
+                    for v in range(lp.shape[1])), key=lambda x: -x[0])[:2 * k]
+    alive = [(p, s) for s, p in cands if p[-1] != eos][:k]
+    done += [(s / beam.length_penalty(t + 1, alpha), s, p)
+             for s, p in cands[:k] if p[-1] == eos and s > -1e8]
+  done += [(s / beam.length_penalty(max_len, alpha), s, p) for p, s in alive]
+  return max(done, key=lambda x: x[0])
+
+
+def test_beam_search_equals_hf_beam_scorer():
+  """Against _reference_beam on T5 tiny over 6 tokens. Seed 29's beams outrank the finished
+  [eos] early and fall below it later: the old search, which let them push it out of its K
+  slots, returned log p -7.3 where -1.8 had been found."""
+  from transformer_jax.inference import beam  # pylint: disable=g-import-not-at-top
+  model = families.build_model(config_lib.load(f"{REPO}/configs/t5.py:tiny", [
+      "model.init_std=0.15", "model.dtype=float32", "model.vocab_size=6"]))
+  start, eos, k, max_len = 2, 3, 2, 8
+  apply = jax.jit(model.apply)
+  for seed in (29, 0):
+    source = np.random.default_rng(seed).integers(3, 6, (1, 5))
+    params = model.init(jax.random.key(seed), *families.init_inputs(model))["params"]
+
+    def next_logp(prefixes):
+      dec = jnp.asarray([[start] + p for p in prefixes], jnp.int32)
+      logits = apply({"params": params}, jnp.asarray(np.repeat(source, len(prefixes), 0),
+                                                     jnp.int32), dec)
+      return np.asarray(jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)))
+
+    for alpha in (0.0, 0.6):
+      score, logp, hyp = _reference_beam(next_logp, k, max_len, eos, alpha)
+      rows, logps, scores = beam.beam_search(model, params, source.tolist(), beam_size=k,
+                                             max_len=max_len, start_id=start, eos_id=eos,
+                                             alpha=alpha)
+      assert rows[0] == hyp, (seed, alpha, rows[0], hyp)
+      np.testing.assert_allclose([logps[0], scores[0]], [logp, score], rtol=1e-4, atol=1e-4)
 
 
 def test_prefix_lm_attends_to_the_whole_prefix_and_causally_after_it():

@@ -1,6 +1,7 @@
 """Beam search for encoder-decoders: the source is encoded once, each of the K beams keeps its own
-decoder KV cache (rows reordered as beams are re-ranked), and finished hypotheses are ranked with
-GNMT's length penalty: score = log p(y | x) / ((5 + |y|) / 6) ** alpha."""
+decoder KV cache (rows reordered as beams are re-ranked), and finished hypotheses (kept apart
+from the beams) are ranked with GNMT's length penalty: score = log p(y | x) / ((5 + |y|) / 6) **
+alpha, |y| counting eos."""
 
 import functools
 
@@ -40,44 +41,51 @@ def _beam_search(model, params, source_BS, *, beam_size, max_len, start_id, eos_
     return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), mutated["cache"]
 
   # Only beam 0 is live at the start, so the first step does not pick K copies of one token.
-  scores_BK = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (k - 1)), (b, 1))
+  alive_BK = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (k - 1)), (b, 1))  # log p of each beam
   tokens_BKT = jnp.zeros((b, k, max_len), jnp.int32)
-  done_BK = jnp.zeros((b, k), bool)
-  lengths_BK = jnp.zeros((b, k), jnp.int32)
   last_R = jnp.full((b * k,), start_id, jnp.int32)
+  best = (jnp.full((b,), NEG_INF), jnp.full((b,), NEG_INF), jnp.zeros((b, max_len), jnp.int32))
+  rows_B1 = jnp.arange(b)[:, None]
 
   def step(carry, t):
-    cache, scores_BK, tokens_BKT, done_BK, lengths_BK, last_R = carry
+    """Of the 2K best continuations by log p, those ending in eos among the first K are
+    finished (the best, by penalised score, kept apart from the beams); the first K others are
+    the next beams. A finished hypothesis is never pushed out by beams that later fall below it
+    (HF's BeamSearchScorer, fairseq, t5x)."""
+    cache, alive_BK, tokens_BKT, last_R, best = carry
     logp_RV, cache = log_probs(cache, last_R)
     v = logp_RV.shape[-1]
-    logp_BKV = logp_RV.reshape(b, k, v)
-    # A finished beam extends only by one padding token (id 0) at no cost.
-    frozen_V = jnp.full((v,), NEG_INF).at[0].set(0.0)
-    logp_BKV = jnp.where(done_BK[..., None], frozen_V, logp_BKV)
-    total_BKV = scores_BK[..., None] + logp_BKV
-    new_lengths_BKV = jnp.broadcast_to(lengths_BK[..., None] + (~done_BK)[..., None],
-                                       total_BKV.shape)
-    rank_BKV = total_BKV / length_penalty(new_lengths_BKV, alpha)
-    _, best_BK = jax.lax.top_k(rank_BKV.reshape(b, k * v), k)
-    beam_BK, token_BK = best_BK // v, best_BK % v
-    scores_BK = jnp.take_along_axis(total_BKV.reshape(b, k * v), best_BK, axis=1)
-    lengths_BK = jnp.take_along_axis(new_lengths_BKV.reshape(b, k * v), best_BK, axis=1)
-    was_done_BK = jnp.take_along_axis(done_BK, beam_BK, axis=1)
+    total_BKV = alive_BK[..., None] + logp_RV.reshape(b, k, v)
+    top_B2, pos_B2 = jax.lax.top_k(total_BKV.reshape(b, k * v), 2 * k)
+    beam_B2, token_B2 = pos_B2 // v, pos_B2 % v
+    eos_B2 = token_B2 == eos_id  # at most one a beam: at most K of the 2K
+    done_B2 = jnp.where(eos_B2 & (jnp.arange(2 * k) < k)[None] & (top_B2 > NEG_INF / 2),
+                        top_B2 / length_penalty(t + 1, alpha), NEG_INF)
+    i_B = jnp.argmax(done_B2, axis=1)
+    score_B = done_B2[rows_B1[:, 0], i_B]
+    hyp_BT = tokens_BKT[rows_B1[:, 0], beam_B2[rows_B1[:, 0], i_B]].at[:, t].set(eos_id)
+    better_B = score_B > best[0]
+    best = (jnp.where(better_B, score_B, best[0]),
+            jnp.where(better_B, top_B2[rows_B1[:, 0], i_B], best[1]),
+            jnp.where(better_B[:, None], hyp_BT, best[2]))
+    keep_BK = jnp.argsort(jnp.where(eos_B2, 2 * k, jnp.arange(2 * k)[None]), axis=1)[:, :k]
+    beam_BK = jnp.take_along_axis(beam_B2, keep_BK, axis=1)
+    token_BK = jnp.take_along_axis(token_B2, keep_BK, axis=1)
+    alive_BK = jnp.take_along_axis(top_B2, keep_BK, axis=1)
     tokens_BKT = jnp.take_along_axis(tokens_BKT, beam_BK[..., None], axis=1)
     tokens_BKT = tokens_BKT.at[:, :, t].set(token_BK)
-    done_BK = was_done_BK | (token_BK == eos_id)
-    rows_R = (jnp.arange(b)[:, None] * k + beam_BK).reshape(-1)
-    cache = _reorder(cache, rows_R, scanned)
-    return (cache, scores_BK, tokens_BKT, done_BK, lengths_BK, token_BK.reshape(-1)), None
+    cache = _reorder(cache, (rows_B1 * k + beam_BK).reshape(-1), scanned)
+    return (cache, alive_BK, tokens_BKT, token_BK.reshape(-1), best), None
 
-  carry = (cache, scores_BK, tokens_BKT, done_BK, lengths_BK, last_R)
-  carry, _ = jax.lax.scan(step, carry, jnp.arange(max_len))
-  _, scores_BK, tokens_BKT, _, lengths_BK, _ = carry
-  final_BK = scores_BK / length_penalty(lengths_BK, alpha)
-  best_B = jnp.argmax(final_BK, axis=1)
-  pick = lambda x: jnp.take_along_axis(x, best_B[:, None], axis=1)[:, 0]  # pylint: disable=unnecessary-lambda-assignment
-  return (jnp.take_along_axis(tokens_BKT, best_B[:, None, None], axis=1)[:, 0],
-          pick(scores_BK), pick(final_BK))
+  carry = (cache, alive_BK, tokens_BKT, last_R, best)
+  (_, alive_BK, tokens_BKT, _, best), _ = jax.lax.scan(step, carry, jnp.arange(max_len))
+  # The beams still alive at max_len compete with the best finished hypothesis.
+  final_BK = alive_BK / length_penalty(max_len, alpha)
+  top_B = jnp.argmax(final_BK, axis=1)
+  alive_wins_B = final_BK[rows_B1[:, 0], top_B] > best[0]
+  return (jnp.where(alive_wins_B[:, None], tokens_BKT[rows_B1[:, 0], top_B], best[2]),
+          jnp.where(alive_wins_B, alive_BK[rows_B1[:, 0], top_B], best[1]),
+          jnp.where(alive_wins_B, final_BK[rows_B1[:, 0], top_B], best[0]))
 
 
 def beam_search(model, params, source_ids, *, beam_size: int = 4, max_len: int = 32,
