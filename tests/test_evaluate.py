@@ -261,6 +261,22 @@ def _fake_lm(outputs, seen):
                                loglikelihood=loglikelihood)
 
 
+def test_generation_prompts_end_where_the_target_would_start(tmp_path):
+  """A decoder's prompt ends with the source (and a summary's with the cue): the model writes
+  the target's leading space, as lm-eval's generate_until; the shots hold it."""
+  rows = [{"source": "The capital of France is", "target": "Paris"},
+          {"source": "One plus one is", "target": "two"}]
+  task = tasks_lib.load(_write(tmp_path / "gen.jsonl", rows))
+  seen = []
+  assert tasks_lib.run(task, _fake_lm([" Paris", "three"], seen))["exact_match"] == 0.5
+  assert seen == [r["source"] for r in rows]
+  task.train = rows
+  assert tasks_lib.fewshot_prefix(task, 0, 1) == "One plus one is two" + tasks_lib.SHOT_SEPARATOR
+  summary = {"document": "Dogs bark.", "summary": "dogs bark"}
+  answered = tasks_lib._answered  # pylint: disable=protected-access
+  assert answered("summarization", summary) == "Dogs bark.\nTL;DR: dogs bark"
+
+
 def test_summaries_are_scored_with_rouge(tmp_path):
   rows = [{"document": "The cat sat on the mat all day.", "summary": "the cat sat on the mat"},
           {"document": "Dogs bark.", "summary": "dogs bark loudly"}]

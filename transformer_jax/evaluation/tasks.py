@@ -40,7 +40,7 @@ from transformer_jax.data import corpus
 from transformer_jax.evaluation import passkey
 
 SHOT_SEPARATOR = "\n\n"
-SUMMARY_CUE = "\nTL;DR: "  # what a decoder reads between the document and its summary (GPT-2)
+SUMMARY_CUE = "\nTL;DR:"  # what a decoder reads between the document and its summary (GPT-2)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
 
 
@@ -216,7 +216,7 @@ def _answered(kind: str, row: dict) -> str:
   if kind == "generation":
     return "".join(join(row["source"], row["target"]))
   if kind == "summarization":
-    return row["document"] + SUMMARY_CUE + row["summary"]
+    return "".join(join(row["document"] + SUMMARY_CUE, row["summary"]))
   return row["text"].rstrip()
 
 
@@ -283,9 +283,9 @@ def _generation(task, lm, k, seed):
   for i, row in enumerate(task.examples):
     if lm.is_seq2seq:  # the source alone is the encoder's input
       prompts.append(row["source"])
-    else:  # the target follows as `join` would put it after the source
-      prompt = fewshot_prefix(task, i, k, seed) + row["source"]
-      prompts.append(prompt + ("" if not prompt or prompt[-1].isspace() else " "))
+    else:  # the model writes the target's leading space (lm-eval's generate_until): a prompt
+      # ending in a lone " " token would ask for the target's rarer no-space tokens
+      prompts.append(fewshot_prefix(task, i, k, seed) + row["source"])
     targets.append(str(row["target"]))
   outs = [o.strip() for o in lm.generate(prompts, until=["\n"], max_new_tokens=max(
       len(lm.encode(t)) for t in targets) + 8)]
