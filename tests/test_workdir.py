@@ -19,7 +19,9 @@ from transformer_jax.data import tokenization as tokenizer_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
 from transformer_jax.training import metrics as metrics_lib
+from transformer_jax.parallel import sharding
 from transformer_jax.training.checkpoint import Checkpoints, WriteError
+from transformer_jax.training.step import Trainer
 from tests.conftest import REPO, tiny_overrides
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
@@ -63,9 +65,39 @@ def test_a_tokenizer_replaced_at_the_same_path_is_refused(tiny_data, tmp_path):
   tokenizer_lib.train(docs, 296, str(tmp_path / "other.model"))
   shutil.copy(tmp_path / "other.model", tok)  # new content, same file name
   config = _config(tiny_data, **{"data.tokenizer": tok, "train.steps": 4})
-  with pytest.raises(ConfigError, match=r"holds checkpoints of another model or tokenizer "
-                     r"\(the content of data.tokenizer \(sha256 [0-9a-f]{12}\.\.\. -> "):
+  with pytest.raises(ConfigError, match=r"holds checkpoints of another model, tokenizer or "
+                     r"optimizer \(the content of data.tokenizer \(sha256 [0-9a-f]{12}\.\.\. -> "):
     loop.train(config, workdir, quiet=True, devices=ONE())
+
+
+def test_another_optimizer_state_is_refused_and_never_sets_checkpoints_aside(tiny_data, tmp_path):
+  """grad_clip turned on changes the optimizer state's structure: refused in one line naming
+  it, the checkpoints stay where they are (they were set aside as unreadable, and the next run
+  started over from step 0); `on_mismatch=params` reuses the parameters; the saved config
+  resumes."""
+  workdir = str(tmp_path / "w")
+  loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0}), workdir, quiet=True,
+             devices=ONE())
+  saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  clipped = {"optimizer.grad_clip": 1.0, "train.steps": 4}
+  with pytest.raises(ConfigError, match=r"tokenizer or optimizer \(optimizer.grad_clip > 0: "
+                     r"False -> True\)"):
+    loop.train(_config(tiny_data, **clipped), workdir, quiet=True, devices=ONE())
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == saved
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_unreadable"))
+  ckpts = Checkpoints(workdir, _config(tiny_data).checkpoint, read_only=True)
+  trainer = Trainer(_config(tiny_data, **clipped), sharding.make_mesh(_config(tiny_data), ONE()))
+  with pytest.raises(ConfigError, match=r"^checkpoint 2 in .* holds a train state that this "
+                     r"config's does not match \(not saved: opt_state/1/0/count; saved, not "
+                     r"wanted: opt_state/0/0/count\)"):
+    ckpts.restore(trainer.abstract_state)  # the backstop, for a run that reaches the restore
+  ckpts.close()
+  out = loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0, "train.steps": 3}), workdir,
+                   quiet=True, devices=ONE())
+  assert out["step"] == 3  # resumed
+  out = loop.train(_config(tiny_data, **clipped, **{"checkpoint.on_mismatch": "params"}),
+                   workdir, quiet=True, devices=ONE())
+  assert out["step"] == 4
 
 
 def test_config_json_is_written_atomically_and_read_with_a_one_line_error(tmp_path, monkeypatch):

@@ -230,6 +230,13 @@ class Checkpoints:
         if _out_of_memory(e):  # the checkpoint is fine: this mesh cannot hold it
           raise
         self._reachable(s, e)
+        other = self._other_structure(s, abstract_state)
+        if other:  # nothing is wrong with the checkpoint: this config's state differs from it
+          raise ConfigError(
+              f"checkpoint {s} in {self.directory} holds a train state that this config's does "
+              f"not match ({other}): a setting that shapes the optimizer state changed (e.g. "
+              f"optimizer.grad_clip turned on or off); re-run with the saved config.json's, or "
+              f"use a new --workdir") from None
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         report(f"checkpoint {s} is unreadable ({type(e).__name__}: {reason}); moved it to "
                f"{self._set_aside(s)} and trying the previous one")
@@ -239,6 +246,30 @@ class Checkpoints:
       raise ConfigError(f"no readable checkpoint left in {self.directory} (the unreadable ones "
                         f"are in {self.unreadable_dir}); use a new --workdir to start over")
     return None, None
+
+  def _other_structure(self, step, abstract_state) -> str:
+    """How the saved train state's leaves (paths and shapes, from its metadata) differ from
+    `abstract_state`'s, when it holds as many; "" when they do not, or when the metadata cannot
+    be read or lacks leaves (then the checkpoint itself is what is wrong)."""
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return ""
+    def leaves(tree):
+      return {tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+                    for k in path): tuple(getattr(leaf, "shape", ()))
+              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = leaves(saved), leaves(abstract_state)
+    if len(have) != len(want):
+      return ""
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+    parts = ([f"not saved: {'/'.join(missing[0])}"] if missing else []) + (
+        [f"saved, not wanted: {'/'.join(extra[0])}"] if extra else []) + (
+        [f"{'/'.join(shapes[0])} saved as {have[shapes[0]]}, wanted {want[shapes[0]]}"]
+        if shapes else [])
+    return "; ".join(parts)
 
   def _reachable(self, step, error):
     """Raises a one-line WriteError when reading a gs:// checkpoint failed for the storage's

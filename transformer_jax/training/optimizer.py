@@ -35,7 +35,7 @@ def decay_mask(params, decay_embeddings: bool):
   """True for the weight matrices; never for biases (every name ending in "bias": [H, K]
   attention biases, T5's relative_bias table) or norm scales, and for the embedding tables
   (embed/tokens, positions, types) only when asked. By name: a shape cannot tell an attention
-  bias from a matrix, nor a scanned stack's (layers/, encoder/layers/, ...) from an unrolled one's."""
+  bias from a matrix, nor a scanned stack's (layers/, encoder/layers/) from an unrolled one's."""
   def keep(path, _):
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     if names[-1] == "scale" or names[-1].endswith("bias"):

@@ -1,8 +1,9 @@
 """The resume policy: whose checkpoints a workdir holds, and the state a run starts from.
 
 Re-running a command in its workdir resumes from the newest readable checkpoint. Checkpoints
-written for another model or tokenizer are refused, set aside (`checkpoint.on_mismatch=fresh`),
-or their parameters reused with a new optimizer state (`params`)."""
+written for another model, tokenizer or optimizer state are refused, set aside
+(`checkpoint.on_mismatch=fresh`), or their parameters reused with a new optimizer state
+(`params`)."""
 
 import json
 
@@ -43,11 +44,22 @@ def _flat(d, prefix=""):
   return out
 
 
+def _state_layout(flat: dict) -> dict:
+  """What decides the train state's structure besides model.*: a restore onto another one
+  fails, and is no sign of a damaged checkpoint."""
+  def num(key):
+    return float(flat.get(key) or 0)
+  return {"optimizer.grad_clip > 0": num("optimizer.grad_clip") > 0,  # a clipping state
+          "train.distill.hidden_weight > 0 with a teacher":  # the projection's parameters
+              bool(flat.get("train.distill.teacher")) and num("train.distill.hidden_weight") > 0}
+
+
 def workdir_mismatch(config, workdir: str) -> list[str]:
-  """`KEY: saved -> now` for each model.* (but EXECUTION_KEYS) or data.tokenizer value that
-  differs from the config the workdir's checkpoints were written with (none when there are no
-  checkpoints), and the tokenizer file's content when it changed at the same path (its SHA-256,
-  saved beside config.json). A key newer than the saved config counts as its default there."""
+  """`KEY: saved -> now` for each model.* (but EXECUTION_KEYS) or data.tokenizer value, and each
+  _state_layout entry, that differs from the config the workdir's checkpoints were written with
+  (none when there are no checkpoints), and the tokenizer file's content when it changed at the
+  same path (its SHA-256, saved beside config.json). A key newer than the saved config counts
+  as its default there."""
   saved_path, ckpt_dir = paths.join(workdir, "config.json"), paths.join(workdir, "checkpoints")
   if not (paths.isfile(saved_path) and any(d.isdigit() for d in paths.listdir(ckpt_dir))):
     return []
@@ -56,6 +68,8 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   keys = sorted(k for k in set(saved) | set(now)
                 if (k.startswith("model.") or k == "data.tokenizer") and k not in EXECUTION_KEYS)
   diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+  layout = {k: (v, _state_layout(now)[k]) for k, v in _state_layout(saved).items()}
+  diffs += [f"{k}: {was} -> {is_}" for k, (was, is_) in layout.items() if was != is_]
   sha_path = paths.join(workdir, TOKENIZER_SHA)
   if config.data.tokenizer and paths.isfile(sha_path):
     old = paths.read_text(sha_path).strip()
@@ -72,7 +86,7 @@ def start(trainer, workdir: str, data, say):
   c = trainer.config
   diffs, params = workdir_mismatch(c, workdir), None
   if diffs and c.checkpoint.on_mismatch == "refuse":
-    raise ConfigError(f"{workdir} holds checkpoints of another model or tokenizer ("
+    raise ConfigError(f"{workdir} holds checkpoints of another model, tokenizer or optimizer ("
                       f"{'; '.join(diffs)}); use a new --workdir, or "
                       f"--config.checkpoint.on_mismatch=fresh|params")
   if jax.process_count() > 1:  # every process has read config.json before process 0 rewrites it
