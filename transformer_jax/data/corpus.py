@@ -26,8 +26,9 @@ at most that many characters (cut after a newline, else a space, where one is ne
 ids `ID#0`, `ID#1`, ...: each piece is a document from then on, so preparation, tokenizer
 training and training stay within a bounded memory for any document size (text and lines are
 read in blocks; a JSONL line is parsed whole); only the train/validation split goes by the whole
-document (`document_of`), so that no document is on both sides. Pairs come out as `(pair_id, source, target)` (`iter_pairs`); read as
-documents (to train a tokenizer), a pair is two documents, `ID:source` and `ID:target`.
+document (`document_of`), so that no document is on both sides. Pairs come out as
+`(pair_id, source, target)` (`iter_pairs`); read as documents (to train a tokenizer), a pair is
+two documents, `ID:source` and `ID:target`.
 """
 
 import ast
