@@ -6,6 +6,7 @@ grows linearly with a window, and the one-line config errors."""
 import dataclasses
 import json
 import re
+import types
 
 import flax.linen as nn
 import jax
@@ -376,6 +377,9 @@ def test_passkey_prompts_and_their_scoring(tiny_data):
     filler = len(prompt) - 1 - len(needle) - len(tok.encode(passkey.QUESTION))
     assert starts == [1 + round(depth * filler)], (depth, starts, filler)
     assert tok.decode(prompt).endswith(passkey.QUESTION)
+  no_bos = types.SimpleNamespace(encode=tok.encode, bos_id=-1, eos_id=tok.eos_id)
+  prompt, _ = passkey.example(no_bos, 200, 0.5, 12345)  # a Hugging Face tokenizer without bos
+  assert prompt[0] == tok.eos_id and min(prompt) >= 0 and abs(len(prompt) - 200) <= 2
   pairs = [passkey.example(tok, n, 0.5, k) for n, k in ((60, 12345), (90, 67890))]
   prompts, keys = [p for p, _ in pairs], [k for _, k in pairs]
   rows = [p + k for p, k in pairs]

@@ -26,10 +26,12 @@ def example(tokenizer, length: int, depth: float, key: int) -> tuple[list[int], 
   filler = tokenizer.encode(FILLER)
   needle = tokenizer.encode(NEEDLE.format(key=key))
   question = tokenizer.encode(QUESTION)
-  room = max(length - len(needle) - len(question) - 1, 0)
+  # bos first, as training framed documents (eos where the tokenizer has no bos, as scoring)
+  start = next(([i] for i in (tokenizer.bos_id, tokenizer.eos_id) if i >= 0), [])
+  room = max(length - len(needle) - len(question) - len(start), 0)
   text = (filler * (room // len(filler) + 1))[:room]
   cut = int(round(depth * room))
-  prompt = [tokenizer.bos_id] + text[:cut] + needle + text[cut:] + question
+  prompt = start + text[:cut] + needle + text[cut:] + question
   return prompt, tokenizer.encode(f" {key}")
 
 
