@@ -261,6 +261,13 @@ def _fake_lm(outputs, seen):
                                loglikelihood=loglikelihood)
 
 
+def test_cloze_cuts_before_the_last_word():
+  split = tasks_lib._split_last_word  # pylint: disable=protected-access
+  assert split("the cat sat\n") == ("the cat", " sat")
+  assert split("one line\nlast") == ("one line", "\nlast")  # not "line\nlast"
+  assert split("x\tword") == ("x", "\tword") and split("alone") == ("", "alone")
+
+
 def test_generation_prompts_end_where_the_target_would_start(tmp_path):
   """A decoder's prompt ends with the source (and a summary's with the cue): the model writes
   the target's leading space, as lm-eval's generate_until; the shots hold it."""

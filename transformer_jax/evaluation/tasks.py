@@ -204,8 +204,11 @@ def join(context: str, continuation: str) -> tuple[str, str]:
 
 
 def _split_last_word(text: str) -> tuple[str, str]:
+  """(context, " last word"): cut before the whitespace that ends the context (a space, a tab
+  or a line break); a text of one word is all continuation."""
   text = text.rstrip()
-  cut = text.rfind(" ")
+  match = re.search(r"\s\S+$", text)
+  cut = match.start() if match else 0
   return text[:cut], text[cut:]
 
 
