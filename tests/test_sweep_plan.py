@@ -29,6 +29,19 @@ def planned(tmp_path_factory):
     os.chdir(cwd)
 
 
+def test_sizes_that_round_to_one_shape_make_one_run(tmp_path):
+  """2.5e4 and 3e4 both give 1 layer of width 32: planned once (twice, its result counted
+  twice in every fit and its workdir launched twice)."""
+  sweep = tmp_path / "dup.py"
+  sweep.write_text(open(SWEEP).read().replace("def get_sweep():", "def _original():") + (
+      "\n\ndef get_sweep():\n  s = _original()\n  s.budgets = [5e12]\n"
+      "  s.sizes = [2.5e4, 3e4, 1e5]\n  return s\n"))
+  runs, dropped = plan_lib.plan(str(sweep))
+  names = [r.name for r, _ in runs]
+  assert len(names) == len(set(names)) == 2
+  assert [why for _, why in dropped] == ["size 3e+04 has the shape of an earlier size's run"]
+
+
 def test_grid_shapes_and_flop_arithmetic(planned):
   runs, dropped = planned
   sweep = plan_lib.load_sweep(SWEEP)

@@ -115,6 +115,9 @@ def plan(sweep_path: str):
     if steps < sweep.get("min_steps", 1):
       dropped.append((name, f"{steps} steps < min_steps={sweep.min_steps}"))
       continue
+    if any(r.name == name for r, _ in runs):  # sizes that round to one shape: one run, once
+      dropped.append((name, f"size {target:.3g} has the shape of an earlier size's run"))
+      continue
     config.train.steps = steps
     config.optimizer.learning_rate = lr
     config.optimizer.warmup_steps = max(1, int(sweep.get("warmup_fraction", 0.05) * steps))
