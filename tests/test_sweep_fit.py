@@ -91,6 +91,15 @@ def test_approach2_recovers_compute_optimal_exponent(name):
   assert len(fit2["budgets"]) == 5 and fit2["a"] + fit2["b"] == pytest.approx(1)
 
 
+def test_approach2_tokens_use_the_runs_flops_per_token():
+  """Runs whose C counts 20 % more than 6·N·D (attention): D_opt = C / (7.2·N_opt), the tokens a
+  run of that size trains on (C / (6·N_opt) overstated them 20 %)."""
+  runs = isoflop_sweep(LAWS["Chinchilla"], 0, noise=0.0)
+  runs = fit_lib.make_runs(runs.params, runs.tokens / 1.2, runs.loss, runs.flops)
+  for budget in fit_lib.fit_isoflop(runs)["budgets"]:
+    assert budget["tokens_opt"] == pytest.approx(budget["flops"] / (7.2 * budget["params_opt"]))
+
+
 @pytest.mark.parametrize("name", LAWS)
 def test_bootstrap_intervals_contain_true_constants(name):
   truth = _truth(name)

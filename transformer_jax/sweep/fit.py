@@ -4,8 +4,9 @@ Each run is (params N, tokens D, final eval loss L, training FLOPs C; C = 6·N·
 Three fits, as in the literature (constants to compare with: ../shared/ANCHORS.md §5):
 
 - Chinchilla approach 2 (Hoffmann et al. 2022): group runs into isoFLOP budgets, fit a parabola
-  of L in log N per budget, its minimum is N_opt(C); then N_opt ∝ C^a and D_opt = C/(6·N_opt) ∝ C^b
-  by least squares in log space.
+  of L in log N per budget, its minimum is N_opt(C); then N_opt ∝ C^a and D_opt ∝ C^b by least
+  squares in log space, D_opt = C / (the budget's FLOPs per token at N_opt: a power law in N
+  through its runs' C/D; 6·N_opt when C = 6·N·D, and more when C counts attention too).
 - Chinchilla approach 3: L(N, D) = E + A/N^alpha + B/D^beta, fitted as
   LSE(a - alpha·log N, b - beta·log D, e) ≈ log L (a = log A, b = log B, e = log E) under a Huber
   loss (delta 1e-3) with L-BFGS-B from a grid of initializations; bootstrap resamples of the runs
@@ -146,9 +147,11 @@ def fit_isoflop(runs: Runs, rtol=BUDGET_RTOL) -> dict:
       continue
     log_n_opt = -coeffs[1] / (2 * coeffs[0])
     params_opt = float(np.exp(log_n_opt))
+    slope, coef = _loglog_line(runs.params[index], runs.flops[index] / runs.tokens[index])
     budgets.append({
         "flops": flops, "runs": int(len(index)), "params_opt": params_opt,
-        "tokens_opt": flops / (6 * params_opt), "loss_opt": float(np.polyval(coeffs, log_n_opt)),
+        "tokens_opt": flops / (coef * params_opt ** slope),
+        "loss_opt": float(np.polyval(coeffs, log_n_opt)),
         "parabola": [float(c) for c in coeffs],  # L = p0·x² + p1·x + p2, x = ln N
         "inside_sampled_range": bool(log_n.min() <= log_n_opt <= log_n.max())})
   result = {"budgets": budgets, "skipped": skipped, "a": None, "b": None}
