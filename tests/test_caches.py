@@ -26,7 +26,7 @@ def test_the_cache_directory():
     caches.cache_dir({"TJAX_CACHE_DIR": "rel/c"})
   assert caches.max_bytes({}) == 20 * 2**30
   assert caches.max_bytes({"TJAX_CACHE_MAX_GB": "0.5"}) == 2**29
-  for bad in ("0", "-1", "lots", "nan"):
+  for bad in ("0", "-1", "lots", "nan", "inf"):
     with pytest.raises(ConfigError, match=rf"^TJAX_CACHE_MAX_GB='{bad}' must be a number of GB"):
       caches.max_bytes({"TJAX_CACHE_MAX_GB": bad})
 

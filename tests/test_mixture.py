@@ -99,15 +99,16 @@ def test_the_shares_are_those_grain_draws():
   mixed rows holds exactly `rows` of each."""
   import grain  # pylint: disable=g-import-not-at-top
   c = config_lib.base.get_config()
-  for weights, rows in (([0.3, 0.7], [100, 233]), ([1, 1.0099], [100, 100]),
-                        ([5, 3, 2], [250, 150, 100])):
+  for weights, t, rows in (([0.3, 0.7], 1.0, [100, 233]), ([1, 1.0099], 1.0, [100, 100]),
+                           ([5, 3, 2], 1.0, [250, 150, 100]), ([1, 2, 8], 2.0, [99, 141, 282])):
     c.data.mixture = [{"name": f"s{i}", "weight": w, "corpus": "x"} for i, w in enumerate(weights)]
+    c.data.mixture_temperature = t
     got = mixture.sources(c)
-    assert [s.rows for s in got] == rows
+    assert [s.rows for s in got] == rows  # (the last: p_min * (100 / p_min) is 99.99... here)
     assert [s.probability for s in got] == pytest.approx(np.array(rows) / sum(rows), abs=1e-12)
     mixed = grain.IterDataset.mix(
         {s.name: grain.MapDataset.repeat(grain.MapDataset.source([i]), None).to_iter_dataset()
-         for i, s in enumerate(got)}, {s.name: s.rows for s in got})
+         for i, s in enumerate(got)}, mixture.grain_proportions(got))
     drawn = collections.Counter(x for _, x in zip(range(sum(rows)), mixed))
     assert [drawn[i] for i in range(len(rows))] == rows
 

@@ -45,8 +45,9 @@ class Source:
   name: str
   index: int
   weight: float
-  probability: float  # its share of the rows, after data.mixture_temperature: rows / sum(rows)
-  rows: int  # its integer proportion, as grain draws rows
+  asked: float  # its share after data.mixture_temperature, as given to grain's mix
+  probability: float  # the share grain realises: rows / sum(rows)
+  rows: int  # grain's integer proportion of `asked`
   config: object  # the whole config, its data.* keys set to this source's
 
 
@@ -97,7 +98,7 @@ def sources(config) -> list[Source]:
   if repeated:
     raise ConfigError(f"data.mixture: source name(s) {', '.join(map(repr, repeated))} repeated")
   probs = probabilities([w for _, w in checked], t)
-  rows = [int(p * (100 / min(probs))) for p in probs]  # as grain's mix makes them
+  rows = [int(p * (100 / min(probs))) for p in probs]  # as grain's mix makes them of `probs`
   out = []
   for i, (entry, (name, weight)) in enumerate(zip(d.mixture, checked)):
     c = config.copy_and_resolve_references()
@@ -106,8 +107,13 @@ def sources(config) -> list[Source]:
       for key in KEYS[2:]:
         if key in entry:
           c.data[key] = entry[key]
-    out.append(Source(name, i, weight, rows[i] / sum(rows), rows[i], c))
+    out.append(Source(name, i, weight, float(probs[i]), rows[i] / sum(rows), rows[i], c))
   return out
+
+
+def grain_proportions(sources) -> dict:
+  """What grain's IterDataset.mix is given: {name: asked share}, which it draws as `rows`."""
+  return {src.name: src.asked for src in sources}
 
 
 def source_seed(seed: int, name: str) -> int:

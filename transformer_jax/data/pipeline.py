@@ -340,7 +340,7 @@ def train_dataset(config, shard: int = 0, num_shards: int = 1,
                                    shard, num_shards, num_epochs, bins,
                                    f"data.mixture source {src.name!r}: ").map(
                                        mixture_lib.tag(src.index)) for src in sources}
-    rows = grain.IterDataset.mix(parts, {src.name: src.rows for src in sources})
+    rows = grain.IterDataset.mix(parts, mixture_lib.grain_proportions(sources))
   return to_batches(rows, objectives.spec(config.data), batch)
 
 

@@ -87,6 +87,7 @@ def _fingerprint(corpus: str, fmt: str, fields: tuple, validation_fraction: floa
       "text_field": fields[0] if fmt == "jsonl" else None,
       "validation_fraction": float(validation_fraction),
       "files": files,
+      "split": "whole documents",  # (every piece of a long one on one side): prepared anew
   }
   if fmt == "jsonl_pairs":  # Older names stay valid: the key only exists for this format.
     spec["pair_fields"] = list(fields[1:])

@@ -23,6 +23,7 @@ JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, if set, wins.
                    JAX_COMPILATION_CACHE_MAX_SIZE wins). A gs:// cache is not pruned.
 """
 
+import math
 import os
 
 from transformer_jax.config import ConfigError
@@ -81,7 +82,7 @@ def max_bytes(environ=None) -> int:
     gb = float(text)
   except ValueError:
     gb = -1.0
-  if not gb > 0:
+  if not (gb > 0 and math.isfinite(gb)):
     raise ConfigError(f"{MAX_ENV}={text!r} must be a number of GB > 0")
   return int(gb * 2**30)
 
