@@ -275,7 +275,8 @@ def test_seq2seq_greedy_generation_matches_full_forward_argmax():
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_beam_search(scan):
-  """Beam 1 is greedy; a wider beam never finds a worse penalised score than greedy, and the
+  """Beam 1 is greedy (eos is never the top token here: HF's scorer would finish it and go on);
+  a wider beam never finds a worse penalised score than greedy, and the
   log-probability it reports is the model's own for that hypothesis."""
   from transformer_jax.inference import beam  # pylint: disable=g-import-not-at-top
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top

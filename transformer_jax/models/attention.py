@@ -152,8 +152,8 @@ def sparse_mask(t: int, s: int, window, q_offset, q_positions_BT, k_positions_BS
   window, every global token (position < global_tokens, in both directions: globals see and
   are seen by their whole segment), and (`blocks_QR`, from random_blocks) its query block's
   random key blocks ([n_blocks, count] rows of random_blocks). Blocks count positions within
-  the document, so a document packed anywhere in a row sees what it sees alone. A window of 0
-  sees every key."""
+  the document, so a document packed anywhere in a row sees what it sees alone in a row of that
+  length (causal: of any length). A window of 0 sees every key."""
   allowed_BTS = window_mask(t, s, window, q_offset)[None]
   if global_tokens:
     allowed_BTS = (allowed_BTS | (q_positions_BT < global_tokens)[:, :, None]
