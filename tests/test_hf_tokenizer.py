@@ -3,6 +3,7 @@ tokenizer gives, byte-level BPE (GPT-2) and byte-fallback BPE with a template (L
 tokens, and training on them."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -105,6 +106,15 @@ def test_pipeline_pretokenizes_with_transformers_ids_and_trains(made, tiny_data,
     np.testing.assert_array_equal(record["tokens"], want)
   out = loop.train(config, str(tmp_path / "run"), quiet=True, devices=jax.devices()[:1])
   assert out["step"] == 3 and np.isfinite(out["loss"])
+  if kind == "gpt2":  # another eos in tokenizer_config.json: other records, another dataset
+    copy = tmp_path / "tok"
+    shutil.copytree(dirs[kind], copy)
+    with_copy = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", overrides + [
+        f"data.tokenizer={copy}"])
+    name = tfds_text.tokenized_builder(with_copy.data).info.full_name
+    (copy / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "Ġthe"}))
+    assert tfds_text.tokenized_builder(with_copy.data).info.full_name != name
 
 
 def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny_data, tmp_path):
