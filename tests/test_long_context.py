@@ -21,6 +21,7 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.convert import llama
 from transformer_jax.convert.hf import from_hf, hf_forward, table_for, to_hf
+from transformer_jax.data import objectives
 from transformer_jax.data import tokenization
 from transformer_jax.evaluation import passkey
 from transformer_jax.models import attention
@@ -422,8 +423,22 @@ def test_long_context_recipes_extend_the_context_by_rope_scaling_and_train():
   assert np.isfinite(float(m["loss"])) and int(state.step) == 2
 
 
+def test_a_sequence_axis_from_dcn_or_a_fill_is_checked_as_mesh_sequence():
+  """mesh.dcn_sequence=2, or mesh.sequence=-1 filling 4 devices, is ring attention too: sparse
+  patterns and a prefix LM are refused (they attended densely, and to the future)."""
+  sparse = ["model.attention_window=8", "model.global_tokens=2"]
+  for mesh, devices in ((["mesh.dcn_sequence=2"], None), (["mesh.data=1", "mesh.sequence=-1"], 4)):
+    config = config_lib.load("configs/gpt2.py:tiny", mesh + sparse)
+    with pytest.raises(ConfigError, match=r"^a sequence axis of (2|4) .* cannot serve "
+                                          r"model.global_tokens"):
+      config_lib.validate(config, devices)
+    prefix = config_lib.load("configs/gpt2.py:tiny", mesh + ["data.objective=prefix_lm"])
+    with pytest.raises(ConfigError, match=r"cannot serve data.objective=prefix_lm"):
+      objectives.check(prefix, sequence=config_lib.sequence_size(prefix.mesh, devices))
+
+
 @pytest.mark.parametrize("override, message", [
-    ("mesh.sequence=3", "data.seq_len=64 must be a multiple of 2 * mesh.sequence = 6"),
+    ("mesh.sequence=3", "data.seq_len=64 must be a multiple of twice the sequence axis, 6"),
     ("model.global_tokens=2", "add to a sliding window: set model.attention_window > 0"),
     ("model.window_pattern=LX", "model.window_pattern='LX': letters L"),
     ("model.window_pattern=LG", "with a model.attention_window > 0"),

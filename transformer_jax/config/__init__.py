@@ -174,20 +174,29 @@ def _check_moe(m, sizes):
                       f"{sizes['expert']} (each device holds whole experts)")
 
 
-def _check_sequence_parallel(config):
-  """mesh.sequence > 1: ring attention over packed segments (models/ring.py)."""
-  p, m = config.mesh.sequence, config.model
-  if not isinstance(p, int) or p <= 1:
+def sequence_size(mesh_cfg, num_devices: int | None = None) -> int:
+  """The mesh's sequence axis (ICI x DCN): mesh.sequence=-1 fills it when the device count is
+  known (else counts as 1), and mesh.dcn_sequence multiplies it."""
+  if num_devices is not None:
+    return mesh_shape(mesh_cfg, num_devices)["sequence"]
+  p, dcn = mesh_cfg.sequence, mesh_cfg.get("dcn_sequence", 1)
+  return (p if isinstance(p, int) and p > 1 else 1) * (dcn if isinstance(dcn, int) else 1)
+
+
+def _check_sequence_parallel(config, num_devices=None):
+  """A sequence axis > 1: ring attention over packed segments (models/ring.py)."""
+  p, m = sequence_size(config.mesh, num_devices), config.model
+  if p <= 1:
     return
   why = ("model.family=encdec (cross-attention)" if m.family == "encdec" else
          "model.position=relative (a bias)" if m.position == "relative" else
          "model.global_tokens / random_blocks" if m.global_tokens or m.random_blocks else None)
   if why:
-    raise ConfigError(f"mesh.sequence={p} (ring attention) cannot serve {why}; use "
-                      f"mesh.sequence=1")
+    raise ConfigError(f"a sequence axis of {p} (mesh.sequence x mesh.dcn_sequence: ring "
+                      f"attention) cannot serve {why}; use mesh.sequence=1")
   if config.data.seq_len % (2 * p):
-    raise ConfigError(f"data.seq_len={config.data.seq_len} must be a multiple of "
-                      f"2 * mesh.sequence = {2 * p} (each device holds two balanced chunks)")
+    raise ConfigError(f"data.seq_len={config.data.seq_len} must be a multiple of twice the "
+                      f"sequence axis, {2 * p} (each device holds two balanced chunks)")
 
 
 def validate(config, num_devices: int | None = None):
@@ -229,7 +238,7 @@ def validate(config, num_devices: int | None = None):
   if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError(f"model.attention_impl=cudnn needs model.dtype=bfloat16, got {m.dtype}")
   _check_long_context(m)
-  _check_sequence_parallel(config)
+  _check_sequence_parallel(config, num_devices)
   t = config.train
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.microbatches={t.microbatches} does not divide "

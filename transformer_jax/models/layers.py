@@ -346,9 +346,10 @@ class Attention(nn.Module):
       return out_BTNGK
     chunks = c.attention_chunks if self.causal and not decode and not cross else 1
     if not (decode or self.is_initializing() or cross) and attention.sequence_axis():
-      if segment_ids_BT is None or bias_BNGTS is not None:
-        raise ConfigError("mesh.sequence > 1 (ring attention) needs the rows' segment ids and "
-                          "no attention bias")
+      if segment_ids_BT is None or bias_BNGTS is not None or sparse:
+        raise ConfigError("mesh.sequence > 1 (ring attention) needs the rows' segment ids, no "
+                          "attention bias and no global tokens or random blocks (it would "
+                          "attend densely)")
       return attention.ring(q_BTNGK, k_BSNK, v_BSNK, segment_ids_BT, causal=self.causal,
                             window=window)
     impl = "xla" if self.is_initializing() else attention.choose(  # init: only shapes matter

@@ -206,7 +206,7 @@ class Trainer:
 
   def __post_init__(self):
     c = self.config
-    self.objective = objectives.check(c)  # its Spec
+    self.objective = objectives.check(c, self.mesh.shape.get("sequence", 1))  # its Spec
     self.task = objectives.loss(self.objective)
     self.batch_keys = tuple(objectives.batch_spec(self.objective, 1))  # put_batch's, every step
     self.mixture_size = len(c.data.mixture)  # a mixture's batches add their rows' source

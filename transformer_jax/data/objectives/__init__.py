@@ -39,6 +39,7 @@ of every chunk (tails included) fit seq_len / target_len in the worst case.
 
 import numpy as np
 
+from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data.objectives import clm, denoise, mlm, prefix_lm, seq2seq, span, ul2
 from transformer_jax.data.objectives import common
@@ -64,10 +65,12 @@ def for_family(family: str) -> list[str]:
   return [n for n, m in OBJECTIVES.items() if family in m.FAMILIES]
 
 
-def check(config) -> Spec:
+def check(config, sequence: int | None = None) -> Spec:
   """Every check of data.objective against the rest of the config (its model family, attention
-  kernel and sentence head) and of its parameters; returns its Spec."""
+  kernel, sequence axis (`sequence`: the mesh's, else read from mesh.*) and sentence head) and
+  of its parameters; returns its Spec."""
   d, m = config.data, config.model
+  sequence = config_lib.sequence_size(config.mesh) if sequence is None else sequence
   obj = get(d.objective)
   if m.family not in obj.FAMILIES:
     raise ConfigError(f"data.objective={d.objective!r} does not train model.family={m.family!r}; "
@@ -75,8 +78,8 @@ def check(config) -> Spec:
   if m.attention_impl == "splash" and getattr(obj, "SPLASH", None):
     raise ConfigError(f"model.attention_impl=splash cannot serve data.objective={obj.NAME} "
                       f"({obj.SPLASH}); use auto, xla or dot_product")
-  if config.mesh.sequence > 1 and getattr(obj, "SPLASH", None):  # ring attention: segments too
-    raise ConfigError(f"mesh.sequence={config.mesh.sequence} (ring attention) cannot serve "
+  if sequence > 1 and getattr(obj, "SPLASH", None):  # ring attention: segments too
+    raise ConfigError(f"a sequence axis of {sequence} (ring attention) cannot serve "
                       f"data.objective={obj.NAME} ({obj.SPLASH}); use mesh.sequence=1")
   if bool(d.sentence_pair) != bool(m.sentence_head):
     raise ConfigError(f"data.sentence_pair={d.sentence_pair!r} and model.sentence_head="
