@@ -178,6 +178,10 @@ def test_format_and_objective_must_agree(tiny_data, pairs):
   with pytest.raises(ConfigError, match=r"data.objective='seq2seq' does not train model.family"):
     objectives.check(config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
                                         tiny_overrides(tiny_data, **{"data.objective": "seq2seq"})))
+  learned = _config(tiny_data, pairs, **{"model.position": "learned", "model.max_len": 32,
+                                         "data.seq_len": 32, "data.target_len": 64})
+  with pytest.raises(ConfigError, match=r"^model.max_len=32 is shorter than the decoder's 64 "):
+    objectives.check(learned)  # (its rows past 32 read no position: NaN logits)
 
 
 def test_tfds_catalog_pairs(tiny_data, pairs, tmp_path):

@@ -81,6 +81,11 @@ def check(config, sequence: int | None = None) -> Spec:
   if sequence > 1 and getattr(obj, "SPLASH", None):  # ring attention: segments too
     raise ConfigError(f"a sequence axis of {sequence} (ring attention) cannot serve "
                       f"data.objective={obj.NAME} ({obj.SPLASH}); use mesh.sequence=1")
+  target_len = spec(d).target_len
+  if m.family == "encdec" and m.position == "learned" and target_len > m.max_len:
+    raise ConfigError(f"model.max_len={m.max_len} is shorter than the decoder's {target_len} "
+                      f"tokens (data.target_len, learned positions: the rows past it read no "
+                      f"position and the loss is NaN); set data.target_len <= {m.max_len}")
   if bool(d.sentence_pair) != bool(m.sentence_head):
     raise ConfigError(f"data.sentence_pair={d.sentence_pair!r} and model.sentence_head="
                       f"{m.sentence_head} go together: set both (an encoder with "
