@@ -19,8 +19,9 @@
 #        --script    where the batch script is written; default runs/slurm/<job-name>.sbatch
 #        --requeue   preemptible-friendly: sbatch --requeue, and the tasks get SIGTERM 300 s before
 #                    the time limit (--signal); a run stopped by a signal saves a checkpoint,
-#                    exits 128+signal, and the job requeues itself. Re-running (or requeueing)
-#                    the same job resumes from the workdir's latest checkpoint.
+#                    exits 128+signal, and the job requeues itself (at most TJAX_MAX_REQUEUES
+#                    times, default 10: a crash by a signal every time does not loop forever).
+#                    Re-running (or requeueing) the same job resumes from the latest checkpoint.
 #        --dry-run   print the batch script and the sbatch command; write and run nothing
 #
 # The workdir must be on shared storage (checkpoints are written by all processes together), or
@@ -140,7 +141,12 @@ EOF
   if (( requeue )); then
     cat <<'EOF'
 if (( rc >= 128 )); then  # stopped by a signal (time limit, preemption): checkpoint saved
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  if (( ${SLURM_RESTART_COUNT:-0} < ${TJAX_MAX_REQUEUES:-10} )); then
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+  fi
+  echo "not requeued: the job restarted ${SLURM_RESTART_COUNT:-0} times already" \
+    "(TJAX_MAX_REQUEUES=${TJAX_MAX_REQUEUES:-10}); a signal every time (an out-of-memory" \
+    "kill?) needs a look before it is resubmitted"
 fi
 EOF
   fi

@@ -181,6 +181,20 @@ def test_slurm_dry_run_one_process_per_gpu(fake_bin):
     assert out.stdout.strip() == expected, (visible, out)
   assert "scontrol requeue" in script
   assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+  # After the run: a signal requeues the job, at most TJAX_MAX_REQUEUES times (a crash by a
+  # signal every time, e.g. an out-of-memory kill, looped forever); other failures do not.
+  ending = script[script.index("if (( rc >= 128 ))"):]
+  (fake_bin / "scontrol").write_text("#!/bin/sh\necho \"scontrol $*\"\n")
+  (fake_bin / "scontrol").chmod(0o755)
+  for rc, restarts, status, said in ((143, "0", 0, "scontrol requeue 7"),
+                                     (137, "9", 0, "scontrol requeue 7"),
+                                     (137, "10", 137, "not requeued: the job restarted 10 times"),
+                                     (1, "0", 1, "")):
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="7",
+               SLURM_RESTART_COUNT=restarts)
+    out = subprocess.run(["bash", "-c", f"rc={rc}\n{ending}"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == status and out.stdout.startswith(said), (rc, restarts, out)
   assert shlex.split(r.stdout.splitlines()[-1]) == ["sbatch", "runs/slurm/tjax-gpt2s.sbatch"]
 
 
