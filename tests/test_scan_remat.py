@@ -19,7 +19,7 @@ from transformer_jax.models import stack
 from transformer_jax.models.decoder import DecoderLM
 from transformer_jax.parallel import sharding
 from transformer_jax.sweep import plan
-from transformer_jax.perf import counting, hardware
+from transformer_jax.perf import hardware
 from transformer_jax.training import optimizer
 from transformer_jax.training.step import Trainer, TrainState, loss_sums
 from tests.conftest import REPO, model_config
