@@ -45,7 +45,7 @@ def _beam_search(model, params, source_BS, *, beam_size, max_len, start_id, eos_
   tokens_BKT = jnp.zeros((b, k, max_len), jnp.int32)
   last_R = jnp.full((b * k,), start_id, jnp.int32)
   best = (jnp.full((b,), NEG_INF), jnp.full((b,), NEG_INF), jnp.zeros((b, max_len), jnp.int32))
-  rows_B1 = jnp.arange(b)[:, None]
+  rows_B = jnp.arange(b)
 
   def step(carry, t):
     """Of the 2K best continuations by log p, those ending in eos among the first K are
@@ -62,11 +62,11 @@ def _beam_search(model, params, source_BS, *, beam_size, max_len, start_id, eos_
     done_B2 = jnp.where(eos_B2 & (jnp.arange(2 * k) < k)[None] & (top_B2 > NEG_INF / 2),
                         top_B2 / length_penalty(t + 1, alpha), NEG_INF)
     i_B = jnp.argmax(done_B2, axis=1)
-    score_B = done_B2[rows_B1[:, 0], i_B]
-    hyp_BT = tokens_BKT[rows_B1[:, 0], beam_B2[rows_B1[:, 0], i_B]].at[:, t].set(eos_id)
+    score_B = done_B2[rows_B, i_B]
+    hyp_BT = tokens_BKT[rows_B, beam_B2[rows_B, i_B]].at[:, t].set(eos_id)
     better_B = score_B > best[0]
     best = (jnp.where(better_B, score_B, best[0]),
-            jnp.where(better_B, top_B2[rows_B1[:, 0], i_B], best[1]),
+            jnp.where(better_B, top_B2[rows_B, i_B], best[1]),
             jnp.where(better_B[:, None], hyp_BT, best[2]))
     keep_BK = jnp.argsort(jnp.where(eos_B2, 2 * k, jnp.arange(2 * k)[None]), axis=1)[:, :k]
     beam_BK = jnp.take_along_axis(beam_B2, keep_BK, axis=1)
@@ -74,7 +74,7 @@ def _beam_search(model, params, source_BS, *, beam_size, max_len, start_id, eos_
     alive_BK = jnp.take_along_axis(top_B2, keep_BK, axis=1)
     tokens_BKT = jnp.take_along_axis(tokens_BKT, beam_BK[..., None], axis=1)
     tokens_BKT = tokens_BKT.at[:, :, t].set(token_BK)
-    cache = _reorder(cache, (rows_B1 * k + beam_BK).reshape(-1), scanned)
+    cache = _reorder(cache, (rows_B[:, None] * k + beam_BK).reshape(-1), scanned)
     return (cache, alive_BK, tokens_BKT, token_BK.reshape(-1), best), None
 
   carry = (cache, alive_BK, tokens_BKT, last_R, best)
@@ -82,10 +82,10 @@ def _beam_search(model, params, source_BS, *, beam_size, max_len, start_id, eos_
   # The beams still alive at max_len compete with the best finished hypothesis.
   final_BK = alive_BK / length_penalty(max_len, alpha)
   top_B = jnp.argmax(final_BK, axis=1)
-  alive_wins_B = final_BK[rows_B1[:, 0], top_B] > best[0]
-  return (jnp.where(alive_wins_B[:, None], tokens_BKT[rows_B1[:, 0], top_B], best[2]),
-          jnp.where(alive_wins_B, alive_BK[rows_B1[:, 0], top_B], best[1]),
-          jnp.where(alive_wins_B, final_BK[rows_B1[:, 0], top_B], best[0]))
+  alive_wins_B = final_BK[rows_B, top_B] > best[0]
+  return (jnp.where(alive_wins_B[:, None], tokens_BKT[rows_B, top_B], best[2]),
+          jnp.where(alive_wins_B, alive_BK[rows_B, top_B], best[1]),
+          jnp.where(alive_wins_B, final_BK[rows_B, top_B], best[0]))
 
 
 def beam_search(model, params, source_ids, *, beam_size: int = 4, max_len: int = 32,

@@ -68,8 +68,8 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   keys = sorted(k for k in set(saved) | set(now)
                 if (k.startswith("model.") or k == "data.tokenizer") and k not in EXECUTION_KEYS)
   diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
-  layout = {k: (v, _state_layout(now)[k]) for k, v in _state_layout(saved).items()}
-  diffs += [f"{k}: {was} -> {is_}" for k, (was, is_) in layout.items() if was != is_]
+  was, is_ = _state_layout(saved), _state_layout(now)
+  diffs += [f"{k}: {was[k]} -> {is_[k]}" for k in was if was[k] != is_[k]]
   sha_path = paths.join(workdir, TOKENIZER_SHA)
   if config.data.tokenizer and paths.isfile(sha_path):
     old = paths.read_text(sha_path).strip()

@@ -81,16 +81,17 @@ def check(config, sequence: int | None = None) -> Spec:
   if sequence > 1 and getattr(obj, "SPLASH", None):  # ring attention: segments too
     raise ConfigError(f"a sequence axis of {sequence} (ring attention) cannot serve "
                       f"data.objective={obj.NAME} ({obj.SPLASH}); use mesh.sequence=1")
-  target_len = spec(d).target_len
-  if m.family == "encdec" and m.position == "learned" and target_len > m.max_len:
-    raise ConfigError(f"model.max_len={m.max_len} is shorter than the decoder's {target_len} "
-                      f"tokens (data.target_len, learned positions: the rows past it read no "
-                      f"position and the loss is NaN); set data.target_len <= {m.max_len}")
+  resolved = spec(d)
+  if m.family == "encdec" and m.position == "learned" and resolved.target_len > m.max_len:
+    raise ConfigError(f"model.max_len={m.max_len} is shorter than the decoder's "
+                      f"{resolved.target_len} tokens (data.target_len, learned positions: the "
+                      f"rows past it read no position and the loss is NaN); set "
+                      f"data.target_len <= {m.max_len}")
   if bool(d.sentence_pair) != bool(m.sentence_head):
     raise ConfigError(f"data.sentence_pair={d.sentence_pair!r} and model.sentence_head="
                       f"{m.sentence_head} go together: set both (an encoder with "
                       f"data.objective=mlm and --config.model.sentence_head=true) or neither")
-  return spec(d)
+  return resolved
 
 
 def spec(d) -> Spec:
