@@ -34,9 +34,12 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   except checkpoint.WriteError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(4)  # now: Orbax's failed background writers would only add noise at shutdown
+    sys.stderr.flush()
+    # One write(2), starting a fresh line: Orbax's failing background writers may be printing
+    # tracebacks right now, and a print could be split into pieces among theirs.
+    os.write(2, f"\nerror: {e}\n".encode())
+    os._exit(4)  # now: those writers would only add noise at shutdown
   if out.get("preempted"):
     sys.exit(128 + out["preempted"])  # the conventional status of a signalled process
   import jax  # pylint: disable=g-import-not-at-top
