@@ -103,19 +103,76 @@ def test_ample_capacity_equals_dropless():
   assert float(sown["moe"]["dropped"][0]) == 0.0
 
 
-def test_slots_fill_in_position_then_choice_order():
+@pytest.mark.parametrize("padded", [False, True])
+def test_slots_fill_in_position_then_choice_order(padded):
+  """... over the real tokens: padding anywhere in a row takes no slot."""
   rng = np.random.default_rng(0)
   e, k, t, cap = 5, 2, 13, 3
   experts = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
                       for _ in range(2)])
-  got = np.asarray(moe.slots(jnp.asarray(experts, jnp.int32), e, cap))
+  real = rng.random((2, t)) < 0.6 if padded else np.ones((2, t), bool)
+  got = np.asarray(moe.slots(jnp.asarray(experts, jnp.int32), e, cap,
+                             jnp.asarray(real) if padded else None))
   for b in range(2):
     fill = [0] * e
     for i in range(t):
       for choice in range(k):
         x = experts[b, i, choice]
+        if not real[b, i]:
+          assert got[b, i, choice] == cap
+          continue
         assert got[b, i, choice] == (fill[x] if fill[x] < cap else cap)
         fill[x] += 1
+
+
+@pytest.mark.parametrize("family, capacity", [("decoder", 0.0), ("encoder", 8.0),
+                                              ("encdec", 0.0)])
+def test_router_statistics_leave_the_padding_out(family, capacity):
+  """Packed rows whose tails are padding (segment id 0) give the router losses and statistics of
+  the same rows without their padding, whatever the padding holds (the padding used to count: a
+  load-balancing loss that trained the router on pad tokens)."""
+  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(num_layers=2, moe_every=1, vocab_size=64, max_len=16, num_heads=4,
+             num_kv_heads=4, head_dim=8, position="rotary", family=family,
+             expert_capacity_factor=capacity)
+  model = families.FAMILIES[family](cfg)
+  params = nn.unbox(model.init(jax.random.key(3), *families.init_inputs(model, 16))["params"])
+  rng = np.random.default_rng(5)
+
+  def row(t, real, fill):
+    tokens = np.where(np.arange(t) < real, rng.integers(1, 64, t), fill)[None]
+    seg = np.where(np.arange(t) < real, 1 + (np.arange(t) >= real // 2), 0)[None]
+    pos = np.where(seg[0] == 2, np.arange(t) - real // 2, np.arange(t))[None] * (seg > 0)
+    return [jnp.asarray(a, jnp.int32) for a in (tokens, seg, pos)]
+
+  def stats(*sides):  # one (tokens, segment ids, positions) per side
+    if family == "encdec":
+      (et, es, ep), (dt, ds, dp) = sides
+      args = (et, dt, es, ep, ds, dp)
+    else:
+      args = sides[0]
+    _, sown = model.apply({"params": params}, *args, mutable=["moe"])
+    return {n: float(v) for n, v in
+            moe_sums_of(jax.tree_util.tree_leaves_with_path(sown["moe"])).items()}
+
+  sides = [(16, 11), (12, 7)][:2 if family == "encdec" else 1]
+  padded = [row(t, real, 0) for t, real in sides]
+  other = [[a.at[0, real:].set(37) if i == 0 else a for i, a in enumerate(r)]
+           for r, (_, real) in zip(padded, sides)]
+  short = [[a[:, :real] for a in r] for r, (_, real) in zip(padded, sides)]
+  want = stats(*short)
+  for got in (stats(*padded), stats(*other)):
+    for name in moe.STATS:
+      assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (name, got, want)
+
+
+def moe_sums_of(leaves) -> dict:
+  """Each statistic summed over the MoE layers (both stacks of an encoder-decoder)."""
+  out = {}
+  for path, leaf in leaves:
+    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    out[name] = out.get(name, 0.0) + jnp.sum(leaf)
+  return out
 
 
 def test_capacity_never_lets_the_future_in():

@@ -18,12 +18,12 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, deterministic, decode, encoded_BSD=None,
-               cross_mask_BTS=None):
+               cross_mask_BTS=None, segment_ids_BT=None):
     c = self.cfg
     x_BTD = stack.apply_blocks(c, x_BTD, positions_BT, mask_BTS, deterministic, decode,
                                causal=self.causal, num_layers=self.num_layers,
                                encoded_BSD=encoded_BSD, cross_mask_BTS=cross_mask_BTS,
-                               rel_table=relative_table(self, c))
+                               rel_table=relative_table(self, c), segment_ids_BT=segment_ids_BT)
     if c.norm_position == "pre":
       x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
     return x_BTD
@@ -61,7 +61,8 @@ class EncoderDecoder(nn.Module):
                                                             *tokens_BS.shape)
     mask_BSS = attention.mask(segment_ids_BS, segment_ids_BS, causal=False)
     x_BSD = self.dropout(self.embed.embed(tokens_BS, positions_BS), deterministic)
-    return self.encoder(x_BSD, positions_BS, mask_BSS, deterministic, False)
+    return self.encoder(x_BSD, positions_BS, mask_BSS, deterministic, False,
+                        segment_ids_BT=segment_ids_BS)
 
   def decode(self, encoded_BSD, encoder_segment_ids_BS, tokens_BT, segment_ids_BT=None,
              positions_BT=None, *, deterministic=True, decode=False, hidden=False):
@@ -79,7 +80,7 @@ class EncoderDecoder(nn.Module):
     cross_BTS = attention.mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
     x_BTD = self.dropout(self.embed.embed(tokens_BT, positions_BT), deterministic)
     x_BTD = self.decoder(x_BTD, positions_BT, mask_BTT, deterministic, decode, encoded_BSD,
-                         cross_BTS)
+                         cross_BTS, segment_ids_BT)
     return x_BTD if hidden else self.logits(x_BTD)
 
   def logits(self, x_BTD):

@@ -414,7 +414,8 @@ class MLP(nn.Module):
   d_ff: int = 0
 
   @nn.compact
-  def __call__(self, x_BTD, *, deterministic=True):
+  def __call__(self, x_BTD, *, deterministic=True, segment_ids_BT=None):
+    del segment_ids_BT  # every position alike (MoE's routing leaves the padding out)
     c = self.cfg
     f = self.d_ff or c.d_ff
     dt = c.compute_dtype
@@ -458,7 +459,8 @@ class Block(nn.Module):
                                           layer=self.layer, name="attention")(
             y, positions_BT, mask_BTS, rel_table=rel_table, deterministic=deterministic,
             decode=decode, window=window, segment_ids_BT=segment_ids_BT, layer=layer)),
-        ("mlp", lambda y: (self.ffn or MLP)(c, name="mlp")(y, deterministic=deterministic)),
+        ("mlp", lambda y: (self.ffn or MLP)(c, name="mlp")(y, deterministic=deterministic,
+                                                           segment_ids_BT=segment_ids_BT)),
     ]
     if self.cross:
       sublayers.insert(1, ("cross_attention", lambda y: Attention(c, name="cross_attention")(

@@ -26,7 +26,8 @@ experts on theirs, and reduce-scatters the outputs back. The FFN width may be sh
 Each MoE layer sows into the "moe" collection (model.apply(..., mutable=["moe"])): `aux_loss`
 (Switch's E * sum_e f_e P_e, f_e the share of the N K assignments routed to e and P_e its mean
 router probability: 1 at uniform routing), `z_loss` (ST-MoE: mean squared log-partition),
-`dropped` (the share of assignments dropped) and `load` (max / mean assignments per expert).
+`dropped` (the share of assignments dropped) and `load` (max / mean assignments per expert), all
+over the real tokens: the padding (segment id 0) is routed but takes no slot and is not counted.
 
 Letters: E experts, K experts per token, C capacity slots, N = B T tokens, M = N K assignments.
 """
@@ -67,27 +68,37 @@ def route(c: layers.ModelConfig, logits_BTE):
   return weights_BTK, experts_BTK.astype(jnp.int32), probs_BTE
 
 
-def slots(experts_BTK, num_experts: int, cap: int):
+def slots(experts_BTK, num_experts: int, cap: int, real_BT=None):
   """Each assignment's slot in its expert within the row, in priority order (position, then
-  choice rank); `cap` (no slot: dropped) where the expert is full. int32 [B, T, K]."""
+  choice rank); `cap` (no slot: dropped) where the expert is full, and for the padding (where
+  `real_BT` is False), which takes no slot. int32 [B, T, K]."""
   b, t, k = experts_BTK.shape
   onehot_BME = jax.nn.one_hot(experts_BTK.reshape(b, t * k), num_experts, dtype=jnp.int32)
+  if real_BT is not None:
+    onehot_BME = onehot_BME * jnp.repeat(real_BT, k, axis=1)[..., None].astype(jnp.int32)
   position_BM = jnp.sum((jnp.cumsum(onehot_BME, axis=1) - 1) * onehot_BME, axis=-1)
   position_BTK = position_BM.reshape(b, t, k)
+  if real_BT is not None:
+    position_BTK = jnp.where(real_BT[..., None], position_BTK, cap)
   return jnp.where(position_BTK < cap, position_BTK, cap).astype(jnp.int32)
 
 
-def router_stats(c: layers.ModelConfig, logits_BTE, probs_BTE, experts_BTK, kept) -> dict:
-  """This layer's aux_loss, z_loss, dropped and load (see the module docstring)."""
-  e = c.num_experts
-  counts_E = jnp.sum(jax.nn.one_hot(experts_BTK, e, dtype=jnp.float32), axis=(0, 1, 2))
-  share_E = counts_E / jnp.sum(counts_E)
-  mean_prob_E = jnp.mean(probs_BTE, axis=(0, 1))
+def router_stats(c: layers.ModelConfig, logits_BTE, probs_BTE, experts_BTK, slots_BTK,
+                 real_BT) -> dict:
+  """This layer's aux_loss, z_loss, dropped and load (see the module docstring), over the real
+  tokens (`real_BT`; the padding is routed but neither trains the router nor counts)."""
+  e, w_BT = c.num_experts, real_BT.astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(w_BT), 1.0)
+  counts_E = jnp.einsum("btke,bt->e", jax.nn.one_hot(experts_BTK, e, dtype=jnp.float32), w_BT)
+  assigned = jnp.maximum(jnp.sum(counts_E), 1.0)
+  kept = assigned if slots_BTK is None else jnp.sum(
+      (slots_BTK < capacity(c, slots_BTK.shape[1])) * w_BT[..., None])
+  mean_prob_E = jnp.einsum("bte,bt->e", probs_BTE, w_BT) / tokens
   log_z_BT = jax.nn.logsumexp(logits_BTE, axis=-1)
-  return {"aux_loss": e * jnp.sum(share_E * mean_prob_E),
-          "z_loss": jnp.mean(jnp.square(log_z_BT)),
-          "dropped": 1.0 - kept / jnp.sum(counts_E),
-          "load": jnp.max(counts_E) / jnp.mean(counts_E)}
+  return {"aux_loss": e * jnp.sum(counts_E / assigned * mean_prob_E),
+          "z_loss": jnp.sum(jnp.square(log_z_BT) * w_BT) / tokens,
+          "dropped": 1.0 - kept / assigned,
+          "load": jnp.max(counts_E) / jnp.maximum(jnp.mean(counts_E), 1e-9)}
 
 
 def expert_ffn(activation: str, w: dict, matmul):
@@ -101,7 +112,9 @@ class MoE(nn.Module):
   cfg: layers.ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, *, deterministic=True):
+  def __call__(self, x_BTD, *, deterministic=True, segment_ids_BT=None):
+    """`segment_ids_BT`: the rows' packed segments; the padding (0) takes no capacity slot and
+    is left out of the router's losses and statistics."""
     c = self.cfg
     e, f, dt = c.num_experts, c.expert_d_ff or c.d_ff, c.compute_dtype
     init, resid = nn.initializers.normal(c.init_std), nn.initializers.normal(c.resid_std)
@@ -126,16 +139,18 @@ class MoE(nn.Module):
                                     nn.initializers.zeros)
     w = {n: v.astype(dt) for n, v in w.items()}
     x_BTD = x_BTD.astype(dt)
+    real_BT = (jnp.ones(x_BTD.shape[:2], bool) if segment_ids_BT is None
+               else segment_ids_BT > 0)
     if c.expert_capacity_factor:
       cap = capacity(c, x_BTD.shape[1])
-      slots_BTK = slots(experts_BTK, e, cap)
-      kept = jnp.sum((slots_BTK < cap).astype(jnp.float32))
+      slots_BTK = slots(experts_BTK, e, cap, real_BT)
       run = functools.partial(_capacity, c.activation, e, cap)
     else:
-      slots_BTK, kept = None, jnp.asarray(experts_BTK.size, jnp.float32)
+      slots_BTK = None
       run = functools.partial(_dropless, c.activation, e)
     y_BTD = _sharded(run, x_BTD, experts_BTK, weights_BTK.astype(dt), slots_BTK, w)
-    for name, value in router_stats(c, logits_BTE, probs_BTE, experts_BTK, kept).items():
+    for name, value in router_stats(c, logits_BTE, probs_BTE, experts_BTK, slots_BTK,
+                                    real_BT).items():
       self.sow("moe", name, value)
     if c.num_shared_experts:  # always-on experts: one dense FFN of their summed width
       shared_BTD = layers.MLP(c, d_ff=c.num_shared_experts * f, name="shared")(x_BTD)
