@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by launch/tpu_vm.sh and launch/gpu_slurm.sh: flag helpers, the train arguments after
+# Sourced by the launch scripts: flag helpers, the train arguments after
 # `--`, quoting, dry-run printing and the per-machine setup. Defines functions only.
 
 tjax_die() { echo "error: $*" >&2; exit 2; }
@@ -110,4 +110,42 @@ tjax_check_bucket() {
     echo "note: could not check that $TJAX_WORKDIR is writable (no .venv with gcsfs, no gcloud);" \
          "the training checks it before compiling" >&2
   fi
+}
+
+# The processes of a job on this machine (launch/local.sh): their pids in the array `pids`.
+tjax_stop_all() {  # $1: the signal, to every process still running
+  local p
+  for p in "${pids[@]}"; do if [[ -n "$p" ]]; then kill "-$1" "$p" 2>/dev/null || true; fi; done
+}
+
+# tjax_wait_all LOGDIR: waits for every process in `pids` (process i logs to
+# LOGDIR/process_i.log) and exits with the job's status: the first failure's (a status other
+# than 0 and 143, a stop after a signal), else 143 if any process stopped so, else 0. A failure
+# stops the others: SIGTERM, then SIGKILL to whoever is still running (stuck in a collective)
+# 60 s later (TJAX_KILL_AFTER_S).
+tjax_wait_all() {
+  local logdir="$1" status=0 deadline=0 alive i pid rc
+  while true; do
+    alive=0
+    for i in "${!pids[@]}"; do
+      pid=${pids[$i]}
+      [[ -z "$pid" ]] && continue
+      if kill -0 "$pid" 2>/dev/null; then alive=1; continue; fi
+      rc=0; wait "$pid" || rc=$?
+      pids[i]=""
+      [[ $rc == 0 ]] && continue
+      # A failure outranks a stop: the job must not look preempted (and be requeued as such).
+      if [[ $status == 0 || ( $status == 143 && $rc != 143 ) ]]; then status=$rc; fi
+      if [[ $rc != 143 && $deadline == 0 ]]; then
+        echo "error: process $i exited with status $rc (log: $logdir/process_$i.log);" \
+             "stopping the others" >&2
+        tjax_stop_all TERM
+        deadline=$((SECONDS + ${TJAX_KILL_AFTER_S:-60}))
+      fi
+    done
+    [[ $alive == 0 ]] && break
+    if [[ $deadline != 0 && $SECONDS -gt $deadline ]]; then tjax_stop_all KILL; fi
+    sleep 0.5
+  done
+  exit "$status"
 }

@@ -18,6 +18,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/_venv.sh
 . launch/_venv.sh
+# shellcheck source=launch/_common.sh
+. launch/_common.sh
 
 config="configs/smoke.py"
 workdir=""
@@ -75,32 +77,5 @@ for ((i = 0; i < processes; i++)); do
   pids+=($!)
 done
 # Ctrl-C / SIGTERM: every process gets SIGTERM; they agree on a step, save and exit.
-trap 'stop_all TERM' INT TERM
-status=0
-deadline=0
-stop_all() {  # $1: signal
-  local p
-  for p in "${pids[@]}"; do if [[ -n "$p" ]]; then kill "-$1" "$p" 2>/dev/null || true; fi; done
-}
-while true; do  # a failure (not a preemption stop, 143) stops the others; wait for everyone
-  alive=0
-  for i in "${!pids[@]}"; do
-    pid=${pids[$i]}
-    [[ -z "$pid" ]] && continue
-    if kill -0 "$pid" 2>/dev/null; then alive=1; continue; fi
-    rc=0; wait "$pid" || rc=$?
-    pids[i]=""
-    [[ $rc == 0 ]] && continue
-    if [[ $status == 0 ]]; then status=$rc; fi
-    if [[ $rc != 143 && $deadline == 0 ]]; then
-      echo "error: process $i exited with status $rc (log: $workdir/logs/process_$i.log);" \
-           "stopping the others" >&2
-      stop_all TERM
-      deadline=$((SECONDS + 60))  # then SIGKILL whoever is still stuck in a collective
-    fi
-  done
-  [[ $alive == 0 ]] && break
-  if [[ $deadline != 0 && $SECONDS -gt $deadline ]]; then stop_all KILL; fi
-  sleep 0.5
-done
-exit "$status"
+trap 'tjax_stop_all TERM' INT TERM
+tjax_wait_all "$workdir/logs"

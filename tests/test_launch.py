@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -313,3 +314,31 @@ def test_sweep_print_commands_with_launchers(tmp_path):
                          (["--launcher=slurm"], "--print-commands")]:
     r = sweep_run(*flags)
     assert r.returncode == 2 and culprit in r.stderr and r.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("statuses, want", [
+    ((0, 0, 0), 0),
+    ((143, 143, 143), 143),  # a stop after a signal
+    ((143, 1, None), 1),  # a failure after another process's stop: not a preemption
+    ((3, 143, None), 3),
+])
+def test_local_job_status_is_its_first_failure_and_a_failure_stops_the_others(statuses, want):
+  """launch/local.sh's supervision (_common.sh's tjax_wait_all) over stand-in processes that exit
+  in turn with `statuses` (None: runs until it is signalled)."""
+  starts = " ".join(
+      "sleep 60 & pids+=($!);" if s is None else  # SIGTERM: 143
+      f"(sleep {0.3 * (i + 1)}; exit {s}) & pids+=($!);" for i, s in enumerate(statuses))
+  script = f". launch/_common.sh; pids=(); {starts} TJAX_KILL_AFTER_S=20 tjax_wait_all LOGS"
+  t0 = time.time()
+  r = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == want, (r.returncode, r.stderr)
+  assert time.time() - t0 < 15  # the still-running process was stopped, not waited for
+  failures = [i for i, s in enumerate(statuses) if s not in (0, 143, None)]
+  lines = r.stderr.splitlines()
+  if failures:
+    i = failures[0]
+    assert lines == [f"error: process {i} exited with status {statuses[i]} (log: "
+                     f"LOGS/process_{i}.log); stopping the others"], r.stderr
+  else:
+    assert lines == [], r.stderr
