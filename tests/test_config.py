@@ -163,6 +163,21 @@ def test_entry_points_reexec_with_malloc_tunables(opt_out):
   assert out == ("None" if opt_out else cli.MALLOC_TUNABLES)
 
 
+@pytest.mark.parametrize("given", [None, "0.6"])
+def test_entry_points_give_jax_the_gpu_memory_share_that_aot_checks(given):
+  """JAX alone would take 0.75 of a GPU's memory; `aot --topology=GPU` proves the fit in
+  topology.gpu_mem_fraction(): every entry point sets the same share (a user's value wins)."""
+  code = ("import os; from transformer_jax import cli; from transformer_jax.perf import topology; "
+          "cli.entry(lambda argv: print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'], "
+          "topology.gpu_mem_fraction()), compile_cache=False)")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+  env.update({"TJAX_SYSTEM_MALLOC": "1", **({"XLA_PYTHON_CLIENT_MEM_FRACTION": given}
+                                              if given else {})})
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=60, check=True).stdout.split()
+  assert out == [given or "0.9", str(float(given or "0.9"))]
+
+
 def test_older_saved_config_gains_new_keys_at_their_defaults(tmp_path):
   """A workdir's config.json written before a key existed still loads, validates and resumes."""
   saved = json.loads(config_lib.to_json(config_lib.load(f"{REPO}/configs/gpt2.py:tiny",

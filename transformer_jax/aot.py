@@ -18,7 +18,8 @@ slices; `collectives:` lists the time of each kind); it leaves out latency, cont
 and kernel inefficiency, so it is a lower bound and the MFU it implies an upper bound. A scanned
 model's FLOPs take two more (small) compiles; `--estimate=false` skips them and checks the fit only.
 A GPU compile without a device has no cost analysis: for GPUs the check is the fit alone, against
-XLA_PYTHON_CLIENT_MEM_FRACTION (0.9 unless set, as launch/gpu_slurm.sh sets it) of the memory.
+XLA_PYTHON_CLIENT_MEM_FRACTION (0.9 unless set, as every `python -m transformer_jax.X` and
+launch/gpu_slurm.sh set it) of the memory.
 On every platform `kernels:` (perf/kernels.py) says what the compiled program runs: its matmuls
 by operand and result dtypes, its fusions by kind (Triton GEMMs on GPUs), its custom calls (cuDNN
 attention, cuBLAS, Pallas kernels); in a bfloat16 model the matmuls with fp32 operands are named

@@ -145,9 +145,14 @@ def keep_ctrl_c() -> None:
 
 def entry(main, compile_cache: bool = True):
   """A `python -m transformer_jax.X` process: tuned malloc (one re-exec), then run(main), with
-  the persistent compilation cache (perf/caches.py) unless `compile_cache` is False."""
+  the persistent compilation cache (perf/caches.py) unless `compile_cache` is False. On a GPU
+  JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION of its memory; ours default it (yours win) to the
+  share that `aot --topology=GPU` checks a program against and launch/gpu_slurm.sh sets, not
+  to JAX's 0.75: a program that fits there fits here."""
   reexec_with_tuned_malloc()
   skip_absent_tpu()
+  from transformer_jax.perf import topology  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", topology.GPU_MEM_FRACTION)
   if not compile_cache:
     return run(main)
 

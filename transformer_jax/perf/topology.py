@@ -47,8 +47,11 @@ class Topology:
     return gpu_mem_fraction() * self.chip.memory_bytes
 
 
+GPU_MEM_FRACTION = "0.9"  # our commands' XLA_PYTHON_CLIENT_MEM_FRACTION unless set (cli.entry)
+
+
 def gpu_mem_fraction() -> float:
-  value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)
   try:
     fraction = float(value)
   except ValueError:
