@@ -228,3 +228,30 @@ def test_a_multi_slice_programs_groups_number_one_slices_devices_in_mesh_order()
   assert t["dcn_bytes"] == 0 and t["ici_bytes"] == pytest.approx(2e9)
   everyone = co.link_time([co.Collective("all-reduce", 4 * 10 ** 9, ())], mesh_order, 100, 6.25)
   assert everyone["dcn_bytes"] == 0 and everyone["ici_bytes"] == pytest.approx(6e9)
+
+
+def test_slices_without_wraparound_links_drive_one_link_per_dimension():
+  """A v5p slice smaller than a 4x4x4 cube has no wraparound links: a ring folded onto a line of
+  4 uses each link both ways (one link's bandwidth, not two), and an all-to-all's bytes go the
+  straight way. Whole cubes, and v5e/v6e, wrap."""
+  from transformer_jax.perf import hardware  # pylint: disable=g-import-not-at-top
+  v5p, v5e = hardware.CHIPS["v5p"], hardware.CHIPS["v5e"]
+  assert v5p.wraps((2, 4, 4)) == (False,) * 3 and v5p.wraps((4, 4, 8)) == (True,) * 3
+  assert v5p.wraps((4, 4, 4)) == (True,) * 3 and v5e.wraps((4, 4, 1)) == (True,) * 3
+  gb = 1e9
+  line = torus(2, 4, 4)  # v5p-64
+  row = tuple(i for i, d in enumerate(line) if d.coords[0] == 0 and d.coords[2] == 0)
+  gather = co.Collective("all-gather", 4 * gb, (row,))
+  folded = co.link_time([gather], line, 100, 6.25, v5p.wraps)
+  assert folded["ici_s"] == pytest.approx(3 * gb / 100e9)
+  assert co.link_time([gather], line, 100, 6.25)["ici_s"] == pytest.approx(3 * gb / 200e9)
+  a2a = co.Collective("all-to-all", 4 * gb, (row,))
+  # 0-1, 1-2, 2-3 one hop, 0-2, 1-3 two, 0-3 three: 20/12 (the ring's shorter way: 16/12)
+  assert co.mean_hops(row, line, (2, 4, 4), (False,) * 3) == pytest.approx(20 / 12)
+  straight = co.link_time([a2a], line, 100, 6.25, v5p.wraps)
+  assert straight["ici_bytes"] == pytest.approx(3 * gb * 20 / 12)
+  assert straight["ici_s"] == pytest.approx(3 * gb * 20 / 12 / 100e9)
+  cube = torus(4, 4, 4)
+  row = tuple(i for i, d in enumerate(cube) if d.coords[1] == 0 and d.coords[2] == 0)
+  ring = co.link_time([co.Collective("all-gather", 4 * gb, (row,))], cube, 100, 6.25, v5p.wraps)
+  assert ring["ici_s"] == pytest.approx(3 * gb / 200e9)

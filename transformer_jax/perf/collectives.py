@@ -12,13 +12,15 @@ order (not the whole mesh's: with mesh.dcn_expert, say, the mesh interleaves the
 `link_time` prices them on a torus: each collective's per-chip traffic, the bandwidth-optimal
 (ring) amount — all-gather (n-1)/n of the gathered bytes, reduce-scatter (n-1)/n of its input,
 all-reduce twice that, a permute its bytes — over the links its group spans: along a torus
-dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways); a
+dimension where the group covers 2 coordinates, one link; 3 or more, two (a ring both ways),
+unless the slice has no wraparound links there (`wraps`: a v5p slice smaller than a 4x4x4 cube):
+then one, as a ring folded onto a line uses each link both ways; a
 permute (a shift to the neighbours) two: XLA:TPU's windowed einsums shift both ways at once, so a
 shift is priced as half of such a pair (a lone shift in one direction would take twice as long).
 An all-to-all (an MoE layer's dispatch and combine) sends a distinct (n-1)/n of its operand to
 the other members, not to neighbours: each byte crosses as many links as the member it goes to is
-hops away (dimension-ordered routing; the shorter way round where the group covers a dimension
-of 3 or more whole, the straight way along part of one), so its traffic is (n-1)/n of the operand
+hops away (dimension-ordered routing; the shorter way round where the group covers a wrapping
+dimension of 3 or more whole, the straight way along part of one or a line), so its traffic is (n-1)/n of the operand
 times the mean hops to the others (a ring of 8: 16/7; 2x2x2: 12/7), spread evenly over the links.
 A group that spans slices, and every megascale send, goes over the data-center network at the
 chip's DCN bandwidth instead (a send carries the chip's piece: an all-gather moves it to the
@@ -211,8 +213,9 @@ def traffic(c: Collective, n: int) -> float:
   return 2 * share if c.kind == "all-reduce" else share
 
 
-def links_spanned(group, devices) -> tuple[int, bool]:
-  """(torus links one chip of `group` can drive, whether the group spans slices)."""
+def links_spanned(group, devices, wraps=None) -> tuple[int, bool]:
+  """(torus links one chip of `group` can drive, whether the group spans slices); `wraps`: which
+  dimensions have wraparound links (default: all)."""
   members = [devices[i] for i in group if i < len(devices)]
   if len({getattr(d, "slice_index", 0) for d in members}) > 1:
     return 0, True
@@ -220,13 +223,14 @@ def links_spanned(group, devices) -> tuple[int, bool]:
   links = 0
   for dim in range(len(coords[0]) if coords else 0):
     spread = len({c[dim] for c in coords})
-    links += 0 if spread <= 1 else 1 if spread == 2 else 2
+    ring = wraps is None or wraps[dim]
+    links += 0 if spread <= 1 else 1 if spread == 2 or not ring else 2
   return links, False
 
 
-def mean_hops(group, devices, extent) -> float:
+def mean_hops(group, devices, extent, wraps=None) -> float:
   """Mean torus hops from a member of `group` to each other member (see the module doc);
-  `extent`: the slice's size along each torus dimension."""
+  `extent`: the slice's size along each torus dimension, `wraps`: which of them wrap (all)."""
   coords = np.array([tuple(getattr(devices[i], "coords", (devices[i].id,)))
                      for i in group if i < len(devices)])
   n = len(coords)
@@ -235,7 +239,8 @@ def mean_hops(group, devices, extent) -> float:
   hops = 0
   for dim, size in enumerate(extent):
     delta = np.abs(coords[:, None, dim] - coords[None, :, dim])
-    if size >= 3 and len(set(coords[:, dim])) == size:  # the whole ring: the shorter way round
+    ring = size >= 3 and (wraps is None or wraps[dim]) and len(set(coords[:, dim])) == size
+    if ring:  # the whole ring: the shorter way round
       delta = np.minimum(delta, size - delta)
     hops += int(delta.sum())
   return hops / (n * (n - 1))
@@ -247,7 +252,8 @@ def _remote_share(group, devices) -> float:
   return sum(s != slice_of[0] for s in slice_of) / len(slice_of)
 
 
-def _chip_traffic(c: Collective, group, devices, slices: int, extent) -> tuple[float, int, bool]:
+def _chip_traffic(c: Collective, group, devices, slices: int, extent,
+                  wraps) -> tuple[float, int, bool]:
   """(bytes one chip sends for one run of `c`, the links it drives, whether over the DCN)."""
   if c.dcn:
     if c.kind == "all-to-all" and c.remote is not None:
@@ -257,17 +263,19 @@ def _chip_traffic(c: Collective, group, devices, slices: int, extent) -> tuple[f
                    slices), 0, True
   if c.kind == "collective-permute":  # to the neighbours, both ways at once: two links
     return traffic(c, len(group)), 2, False
-  links, across = links_spanned(group, devices)
+  links, across = links_spanned(group, devices, wraps)
   if c.kind != "all-to-all":
     return traffic(c, len(group)), links, across
   if across:  # what is bound for the other slices' members
     return c.bytes * _remote_share(group, devices), 0, True
-  return traffic(c, len(group)) * mean_hops(group, devices, extent), links, False
+  return traffic(c, len(group)) * mean_hops(group, devices, extent, wraps), links, False
 
 
-def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: float) -> dict:
+def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: float,
+              wraps=None) -> dict:
   """Seconds and bytes per chip of the collectives over ICI links (`link_gbps`: one link, one
-  way, GB/s) and the DCN (`dcn_gbps`: per chip), with the seconds of each kind."""
+  way, GB/s) and the DCN (`dcn_gbps`: per chip), with the seconds of each kind. `wraps(extent)`:
+  which dimensions of a slice of that extent have wraparound links (default: all)."""
   out = {"ici_s": 0.0, "dcn_s": 0.0, "ici_bytes": 0.0, "dcn_bytes": 0.0,
          "by_kind_s": {}, "count": len(found)}
   slice_of = lambda d: getattr(d, "slice_index", 0)
@@ -277,10 +285,11 @@ def link_time(found: list[Collective], devices, link_gbps: float, dcn_gbps: floa
   local = [d for d in devices if slice_of(d) == slice_of(devices[0])] if devices else []
   coords = np.array([tuple(getattr(d, "coords", (d.id,))) for d in devices])
   extent = tuple(coords.max(axis=0) + 1) if len(coords) else ()
+  closed = wraps(extent) if wraps else None
   for c in found:
     group = c.groups[0] if c.groups else tuple(range(len(local)))
     pool = local if max(group, default=0) < len(local) else devices
-    sent, links, across = _chip_traffic(c, group, pool, slices, extent)
+    sent, links, across = _chip_traffic(c, group, pool, slices, extent, closed)
     sent *= c.count
     if not sent:
       continue

@@ -29,6 +29,15 @@ class Chip:
   ici_link_gbps: float = 0.0
   dcn_gbps: float = 0.0
 
+  def wraps(self, extent) -> tuple[bool, ...]:
+    """Which dimensions of a slice `extent` chips long close into rings: a v4 or v5p slice of
+    whole 4x4x4 cubes is a full 3-D torus, a smaller one has no wraparound links (Cloud TPU v5p
+    docs). v5e and v6e are taken to wrap along every dimension (unpublished for their smaller
+    slices; the links' time stays a lower bound)."""
+    if self.torus_dims == 3:
+      return (all(e % 4 == 0 for e in extent),) * len(extent)
+    return (True,) * len(extent)
+
 
 CHIPS = {
     "v4": Chip("v4", 2, 3, "megacore", 30.75, 1200.0, 275.0, 4096),

@@ -51,7 +51,7 @@ def program_cost(compiled, devices, chip: Chip) -> dict:
     analysis = analysis[0]
   if chip.ici_link_gbps:
     comm = collectives.link_time(collectives.collectives(compiled.as_text()), devices,
-                                 chip.ici_link_gbps, chip.dcn_gbps)
+                                 chip.ici_link_gbps, chip.dcn_gbps, chip.wraps)
   else:  # no published link bandwidth (v4): not priced
     comm = dict.fromkeys(COSTS[2:6], 0.0) | {"by_kind_s": {}}
   return {"flops": float(analysis.get("flops", 0.0)),
