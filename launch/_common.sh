@@ -149,3 +149,24 @@ tjax_wait_all() {
   done
   exit "$status"
 }
+
+# tjax_workers_status FILE RC: the exit status of a train command that `gcloud ... ssh
+# --worker=all` ran on every worker of a TPU (launch/tpu_vm.sh), from the lines "tjax: worker W
+# exit S" the workers print last, in its output FILE. gcloud's own status RC drops theirs when
+# there are several workers (each failure is only printed), and is 0 when a worker's connection
+# is lost. The job's status: the first failure's (not 0, not 143), else 143 if a worker stopped
+# after a signal, else RC if it is not 0, else 255 (lost: retried) unless worker 0 said 0.
+tjax_workers_status() {
+  local status="" done0=0 w s
+  while read -r w s; do
+    if [[ $s != 0 && $s != 143 ]]; then [[ -z $status || $status == 143 ]] && status=$s
+    elif [[ $s == 143 && -z $status ]]; then status=143
+    fi
+    [[ $w == 0 && $s == 0 ]] && done0=1
+  done < <(grep -aoE 'tjax: worker [0-9]+ exit [0-9]+' "$1" | awk '{print $3, $5}')
+  if [[ -n $status ]]; then echo "$status"
+  elif [[ $2 != 0 ]]; then echo "$2"
+  elif (( done0 )); then echo 0
+  else echo 255
+  fi
+}

@@ -47,8 +47,9 @@
 # relative workdir the local WORKDIR/config.json is sent along with the project.
 #
 # For pods, gcloud needs your key in ssh-agent first: ssh-add ~/.ssh/google_compute_engine.
-# Exit status: the train command's (0 done, 2 user error, 3 anomaly, 128+signal preempted), 2 for
-# a mistake on this command line.
+# Exit status: the train command's (0 done, 2 user error, 3 anomaly, 128+signal preempted; the
+# first worker's that failed, read from each worker's last line, since gcloud's own status drops
+# theirs on a pod; 255 when worker 0's connection was lost), 2 for a mistake on this command line.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/_common.sh
@@ -97,6 +98,7 @@ on_worker() {
       tail -n 20 "$log"
     fi
   fi
+  echo "tjax: worker $wid exit $rc"  # read back by tjax_workers_status (_common.sh)
   exit "$rc"
 }
 if [[ "${1:-}" == --on-worker ]]; then shift; on_worker "$@"; fi
@@ -252,15 +254,20 @@ copy_project() {
   (( TJAX_DRY_RUN )) || rm -f "$bundle.gz"
 }
 
-# Step 3: the same train command on every worker; returns its exit status.
+# Step 3: the same train command on every worker; returns the job's exit status, read from the
+# workers' own lines (gcloud's status does not carry theirs when there are several workers).
 run_train() {
-  local worker=(bash launch/tpu_vm.sh --on-worker)
+  local worker=(bash launch/tpu_vm.sh --on-worker) out rc=0
   [[ -z "$setup" ]] || worker+=(--setup "$setup")
   worker+=(-- "${TJAX_TRAIN[@]:3}")
   (( TJAX_DRY_RUN )) && echo "# 3. on every worker: [--setup], .venv (tpu extra), then" \
                              "$(tjax_q "${TJAX_TRAIN[@]}")"
+  out="$(mktemp)"
   tjax_do "${tpu[@]}" ssh "$name" "${gc_zone[@]}" --worker=all \
-    --command="cd $REMOTE_DIR && $(tjax_q "${worker[@]}")"
+    --command="cd $REMOTE_DIR && $(tjax_q "${worker[@]}")" | tee "$out" || rc=$?
+  (( TJAX_DRY_RUN )) || rc="$(tjax_workers_status "$out" "$rc")"
+  rm -f "$out"
+  return "$rc"
 }
 
 fetch_logs() {

@@ -26,7 +26,10 @@ TRAIN_CMD = ["python", "-m", "transformer_jax.train", "--config=configs/gpt2.py:
 def fake_bin(tmp_path):
   """A PATH whose gcloud and sbatch only record their arguments (one call per line) and emulate a
   TPU: describe prints tmp/state ("MISSING": fails), create -> READY, delete -> MISSING; the train
-  ssh exits with the next status of tmp/rcs and marks the TPU PREEMPTED when that is not 0."""
+  ssh takes the next line of tmp/rcs, each worker's status ("-": its connection is lost), prints
+  each worker's last line as launch/tpu_vm.sh's on_worker does, and exits as gcloud does: with
+  the one worker's status (255 when lost), 0 with several; it marks the TPU PREEMPTED unless
+  every worker's status is 0."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (tmp_path / "state").write_text("MISSING\n")
@@ -37,8 +40,13 @@ case " $* " in
   *" describe "*) s="$(cat "$d/state")"; [ "$s" = MISSING ] && exit 1; echo "$s" ;;
   *" create "*) echo READY > "$d/state" ;;
   *" delete "*) echo MISSING > "$d/state" ;;
-  *"--on-worker"*) rc="$(head -n1 "$d/rcs")"; sed -i 1d "$d/rcs"
-                   [ "$rc" = 0 ] || echo PREEMPTED > "$d/state"; exit "$rc" ;;
+  *"--on-worker"*) read -ra rcs < "$d/rcs"; sed -i 1d "$d/rcs"; w=0
+                   for rc in "${{rcs[@]}}"; do
+                     [ "$rc" = - ] || echo "tjax: worker $w exit $rc"; w=$((w + 1))
+                     [ "$rc" = 0 ] || echo PREEMPTED > "$d/state"
+                   done
+                   [ "${{#rcs[@]}}" -gt 1 ] && exit 0
+                   [ "${{rcs[0]}}" = - ] && exit 255; exit "${{rcs[0]}}" ;;
 esac
 exit 0
 """
@@ -149,6 +157,38 @@ def test_tpu_does_not_retry_user_errors_or_anomalies(fake_bin, rc):
     assert (r.returncode, len(trains)) == (0, 2)
   else:
     assert (r.returncode, len(trains)) == (rc, 1)
+
+
+@pytest.mark.parametrize("workers, want, runs", [
+    ("0 3", 3, 1),  # gcloud says 0; worker 1's anomaly (3) is the job's: not retried
+    ("0 2 143", 2, 1),
+    ("143 143", 0, 2),  # stopped after a signal: retried, then done
+    ("0 -", 0, 1),  # worker 0 finished: the lost worker's connection does not matter
+    ("- 0", 0, 2),  # worker 0's connection lost, gcloud says 0: retried
+])
+def test_tpu_job_status_comes_from_every_worker_not_from_gcloud(fake_bin, workers, want, runs):
+  """With several workers `gcloud ... ssh --worker=all` exits 0 whatever the workers did (each
+  failure is only printed); the workers' own last lines decide."""
+  (fake_bin / "state").write_text("READY\n")
+  (fake_bin / "rcs").write_text(f"{workers}\n0 0\n")
+  r = launch("tpu_vm.sh", "--name", "t1", "--zone", "z", "--retries", "1", "--repo", "u",
+             "--logs", str(fake_bin / "logs"), "--", *TRAIN, fake=fake_bin)
+  trains = [l for l in (fake_bin / "calls").read_text().splitlines() if "--on-worker" in l]
+  assert (r.returncode, len(trains)) == (want, runs), r.stderr
+
+
+def test_workers_status_rule():
+  """_common.sh's tjax_workers_status over gcloud's output (markers anywhere in a line)."""
+  def status(text, rc):
+    return subprocess.run(["bash", "-c", f'. launch/_common.sh; tjax_workers_status <(printf '
+                           f'%s {shlex.quote(text)}) {rc}'], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  assert status("tjax: worker 0 exit 0\nxx tjax: worker 1 exit 143\n", 0) == "143"
+  assert status("tjax: worker 1 exit 143\ntjax: worker 0 exit 1\n", 0) == "1"
+  assert status("tjax: worker 0 exit 0\n", 0) == "0"
+  assert status("loss 3.1\n", 0) == "255"
+  assert status("loss 3.1\n", 255) == "255"
+  assert status("tjax: worker 0 exit 0\n", 1) == "1"
 
 
 def slurm_script(stdout):
