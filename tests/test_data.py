@@ -294,9 +294,12 @@ def test_tfds_builder(corpus_dir, tmp_path, pattern, fmt, num_docs):
   assert "tensorflow" not in sys.modules
 
 
-def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fraction", [0.3, 1e-9, 1 - 1e-9])
+def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch, fraction):
   """Pieces of a long document are one document for the split: all on one side (each piece
-  hashed alone put 49 pieces of a book in train and 8 in validation)."""
+  hashed alone put 49 pieces of a book in train and 8 in validation), also where no hash is
+  under the fraction (the smallest-hash book is held out) or every one is (the largest-hash
+  book goes back): those fallbacks moved one piece of the book."""
   monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 200)
   rng = random.Random(0)
   (tmp_path / "c").mkdir()
@@ -306,7 +309,7 @@ def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch):
         for _ in range(60)))
   data = _with(_base_config(), **{"data.corpus": f"{tmp_path}/c/*.txt", "data.format": "text",
                                   "data.data_dir": str(tmp_path / "tfds"),
-                                  "data.validation_fraction": 0.3}).data
+                                  "data.validation_fraction": fraction}).data
   sides = {s: [r["id"].decode() for r in tfds_text.data_source(data, s)]
            for s in ("train", "validation")}
   books = {s: collections.Counter(corpus_lib.document_of(i) for i in ids)
@@ -314,6 +317,11 @@ def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch):
   assert set(books["train"]) | set(books["validation"]) == {f"book{i}.txt" for i in range(6)}
   assert not set(books["train"]) & set(books["validation"]) and books["validation"]
   assert min(books["train"].values()) > 5  # books of many pieces
+  hashes = {b: tfds_text.doc_hash(b) for b in books["train"] | books["validation"]}
+  if fraction < 0.01:
+    assert list(books["validation"]) == [min(hashes, key=hashes.get)]
+  if fraction > 0.99:
+    assert list(books["train"]) == [max(hashes, key=hashes.get)]
 
 
 def test_tfds_one_document_has_empty_validation(corpus_dir, tmp_path):
