@@ -64,6 +64,45 @@ def made(tiny_data, tmp_path_factory):
                  "llama": _llama_style(texts, root / "llama")}
 
 
+def _other_style(texts, out, kind):
+  """T5's Metaspace decoder or BERT's WordPiece one: neither gives a word's space to an id
+  decoded alone."""
+  if kind == "t5":
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = (tokenizers.pre_tokenizers.Metaspace(),
+                                      tokenizers.decoders.Metaspace())
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>",
+                                                                             "<unk>"])
+  else:
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = (tokenizers.pre_tokenizers.BertPreTokenizer(),
+                                      tokenizers.decoders.WordPiece())
+    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=400, special_tokens=[
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+  tok.train_from_iterator(texts, trainer)
+  out.mkdir()
+  tok.save(str(out / "tokenizer.json"))
+  return out
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "bert"])
+def test_the_sentence_rule_finds_sentences_with_every_decoder(made, tmp_path, kind):
+  """The objectives' sentence rule (a stop, then a piece that starts with a space) needs each
+  piece's text as it reads inside text: Llama's and T5's decoders strip the space of an id
+  decoded alone, BERT's adds it only between words, and the rule found no sentence at all."""
+  from transformer_jax.data.objectives import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  prose = ["The cat sat on the mat. The dog ran to it! Is it here? Yes it is."] * 50
+  texts, out = made[0] + prose, tmp_path / kind
+  where = (_gpt2_style(texts, out) if kind == "gpt2" else _llama_style(texts, out)
+           if kind == "llama" else _other_style(texts, out, kind))
+  tok = tokenization.load(str(where))
+  vocab = vocab_lib.Vocab.from_tokenizer(tok)
+  ids = np.asarray(tok.encode(prose[0]), np.int32)
+  starts = vocab_lib.sentence_starts(ids, vocab)
+  assert [tok.decode(ids[a:b]).strip() for a, b in zip([0, *starts], [*starts, len(ids)])] == [
+      "The cat sat on the mat.", "The dog ran to it!", "Is it here?", "Yes it is."]
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_ids_and_specials_are_transformers(made, kind):
   texts, dirs = made
