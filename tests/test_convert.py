@@ -379,6 +379,9 @@ def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_
   assert (config.model.family, config.data.objective, config.model.vocab_size) == (
       {"bert": ("encoder", "mlm", 448), "t5": ("encdec", "span", 448)}[family])
   convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out])
+  if family == "t5":  # the decoder start this workdir trains with (its tokenizer's bos), not 0
+    written = json.loads(open(f"{out}/config.json").read())
+    assert written["decoder_start_token_id"] == tokenizer_lib.load(tok).bos_id == 2
   original, exported = load_file(f"{path}/model.safetensors"), load_file(f"{out}/model.safetensors")
   for name, value in original.items():  # The first 100 vocabulary rows are the checkpoint's.
     np.testing.assert_array_equal(exported[name][tuple(slice(0, n) for n in value.shape)], value,

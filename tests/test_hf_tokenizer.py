@@ -85,6 +85,25 @@ def _other_style(texts, out, kind):
   return out
 
 
+def test_a_special_token_after_the_text_is_no_bos_and_t5_starts_from_pad(made, tmp_path):
+  """T5's template "$A </s>" puts eos after the text: no bos (as transformers says), so the
+  decoder starts from pad, T5's decoder_start_token_id (</s> was taken for bos: documents began
+  with it and the decoder started from it)."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  where = _other_style(made[0], tmp_path / "t5", "t5")
+  spec = json.loads((where / "tokenizer.json").read_text())
+  eos = spec["model"]["vocab"]["</s>"]
+  spec["post_processor"] = {"type": "TemplateProcessing", "single": [
+      {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+      "pair": [], "special_tokens": {"</s>": {"id": "</s>", "ids": [eos], "tokens": ["</s>"]}}}
+  (where / "tokenizer.json").write_text(json.dumps(spec))
+  ours = tokenization.load(str(where))
+  theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(where / "tokenizer.json"))
+  assert theirs.bos_token_id is None and ours.bos_id == -1 and ours.eos_id == eos
+  assert objectives.decoder_start(ours) == objectives.Vocab.from_tokenizer(ours).start_id == 0
+  assert ours.pad_id == 0
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "bert"])
 def test_the_sentence_rule_finds_sentences_with_every_decoder(made, tmp_path, kind):
   """The objectives' sentence rule (a stop, then a piece that starts with a space) needs each

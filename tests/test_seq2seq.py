@@ -130,16 +130,17 @@ def _examples(batch, tok):
 
 def test_decoder_inputs_are_the_targets_shifted_right_even_when_empty():
   """For any lengths, eos or not, and an empty target: as many decoder inputs as targets, each
-  the target before it (bos first), so packed pairs stay aligned."""
+  the target before it (the decoder start first), so packed pairs stay aligned."""
   rng = np.random.default_rng(0)
   for add_eos in (False, True):
     made = []
     for _ in range(40):
       source, target = (list(rng.integers(10, 99, rng.integers(0, 6))) for _ in range(2))
-      e = seq2seq.example(source, target, bos_id=2, eos_id=3, add_bos=True, add_eos=add_eos,
-                          seq_len=8, target_len=int(rng.integers(1, 7)))
+      e = seq2seq.example(source, target, bos_id=2, eos_id=3, start_id=5, add_bos=True,
+                          add_eos=add_eos, seq_len=8, target_len=int(rng.integers(1, 7)))
       t = list(e["decoder_targets"])
-      assert list(e["decoder_inputs"]) == ([2] + t)[:len(t)], (source, target)
+      assert list(e["decoder_inputs"]) == ([5] + t)[:len(t)], (source, target)
+      assert e["encoder_inputs"][0] == 2
       made.append(e)
     packed = grain.experimental.FirstFitPackIterDataset(
         grain.MapDataset.source(made).to_iter_dataset(), num_packing_bins=2,
@@ -148,7 +149,7 @@ def test_decoder_inputs_are_the_targets_shifted_right_even_when_empty():
       inputs, targets = row["decoder_inputs"], row["decoder_targets"]
       starts = np.flatnonzero(row["decoder_positions"] == 0)
       live = row["decoder_segment_ids"] > 0
-      assert (inputs[1:][live[1:]] == np.where(np.isin(np.arange(1, 32), starts), 2,
+      assert (inputs[1:][live[1:]] == np.where(np.isin(np.arange(1, 32), starts), 5,
                                                targets[:-1])[live[1:]]).all()
 
 

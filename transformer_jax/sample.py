@@ -26,7 +26,7 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
   if limit is not None and len(ids) + max_new_tokens > limit:
     raise ConfigError(f"prompt ({len(ids)} tokens) + --max_new_tokens={max_new_tokens} exceeds "
                       f"model.max_len={limit}")
-  start = tok.bos_id if config.model.family == "encdec" else None
+  start = objectives.decoder_start(tok) if config.model.family == "encdec" else None
   if start is not None:
     ids = _with_control_pieces(tok, prompt)
     if objectives.flag(config.data, "PAIRS"):  # The source as training framed it.

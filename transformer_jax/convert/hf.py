@@ -230,6 +230,10 @@ def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
     raise ConfigError(f"hf_config's vocab_size={vocab} exceeds model.vocab_size={cfg.vocab_size}")
   hf_config.pop("torch_dtype", None)
   hf_config.update(tables.config_to_hf(fam, cfg), vocab_size=vocab)
+  if fam.MODEL_FAMILY == "encdec" and hf_config.get("decoder_start_token_id") is None:
+    # the decoder start our training used (objectives.decoder_start); T5's pad, 0, by default
+    starts = [hf_config.get(k) for k in ("bos_token_id", "pad_token_id")]
+    hf_config["decoder_start_token_id"] = next((i for i in starts if i is not None and i >= 0), 0)
   flat = flax.traverse_util.flatten_dict(_unrolled(params), sep="/")
   tensors = tables.to_hf_tensors(fam, cfg, flat, vocab)
   generation = {k: hf_config[k] for k in GENERATION_KEYS if hf_config.get(k) is not None}

@@ -6,7 +6,8 @@ width num_heads * d_kv (our head_dim = d_kv), gated GELU (tanh approximation: wi
 wi_1 the up projection). The relative position bias [buckets, heads] lives in block 0's
 SelfAttention of each stack (our encoder/ and decoder/relative_bias). One shared token table
 serves both stacks; lm_head is our embed/logits, unscaled (the untied case). The decoder starts
-from decoder_start_token_id = pad (0).
+from decoder_start_token_id: pad (0) in Google's checkpoints, whose tokenizer has no bos; an
+export writes the start its training used (objectives.decoder_start: bos, else pad; hf.py).
 """
 
 from transformer_jax.convert.tables import P
@@ -69,7 +70,7 @@ def write(cfg):
     raise ValueError("T5 has no grouped-query attention")
   return {"num_decoder_layers": cfg.num_decoder_layers or cfg.num_layers,
           "dropout_rate": cfg.dropout_rate, "dense_act_fn": "gelu_new", "is_gated_act": True,
-          "decoder_start_token_id": 0, "n_positions": cfg.max_len,
+          "n_positions": cfg.max_len,
           "tie_word_embeddings": False, "scale_decoder_outputs": False}
 
 

@@ -8,7 +8,7 @@ gives with add_special_tokens=False, split_special_tokens=True): a special token
 in a document ("<|endoftext|>", "<extra_id_0>") is text, never that control id, as with
 SentencePiece; the pipeline adds bos/eos where data.add_bos/add_eos say.
 bos, eos, pad and unk are those of tokenizer_config.json beside the file (as transformers reads
-them), else the ones its post-processor inserts (bos), else the usual names among its special
+them), else the one its post-processor puts before the text (bos), else the usual names among its special
 tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with
 segment id 0 and weight 0, whatever token id fills it.
 """
@@ -60,6 +60,8 @@ class HFTokenizer:
       return self.piece_id(named)
     if role == "bos" and isinstance(post_processor, dict):
       for part in post_processor.get("single", []):  # TemplateProcessing: "<s> $A"
+        if "Sequence" in part:  # what follows the text ("$A </s>", T5's) is no bos
+          break
         if "SpecialToken" in part:
           return self.piece_id(part["SpecialToken"]["id"])
     return next((specials[n] for n in _NAMES[role] if n in specials), -1)

@@ -198,7 +198,8 @@ class TokenizePair(grain.transforms.Map):
     source, target = (element[f].decode("utf-8") if isinstance(element[f], bytes) else element[f]
                       for f in self._fields)
     return seq2seq.example(tok.encode(source), tok.encode(target), bos_id=tok.bos_id,
-                           eos_id=tok.eos_id, **self._options)
+                           eos_id=tok.eos_id, start_id=objectives.decoder_start(tok),
+                           **self._options)
 
 
 def _doc_tokens(element) -> dict:

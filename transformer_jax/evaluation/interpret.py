@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import ConfigError
+from transformer_jax.data import objectives
 from transformer_jax.evaluation import harness
 from transformer_jax.evaluation import interpret_plots as plots
 from transformer_jax.models import layers
@@ -59,8 +60,7 @@ def text_inputs(config, tokenizer, text: str, target: str = "") -> Inputs:
   reads the start token + `target`."""
   if config.model.family != "encdec":
     return Inputs(encode(config, tokenizer, text))
-  start = tokenizer.bos_id if tokenizer.bos_id >= 0 else 0
-  decoder = [start] + (tokenizer.encode(target) if target else [])
+  decoder = [objectives.decoder_start(tokenizer)] + (tokenizer.encode(target) if target else [])
   return Inputs(decoder[:int(config.model.max_len)],
                 encode(config, tokenizer, text, framed=False))
 

@@ -154,7 +154,7 @@ class TextModel:
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
     """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
     tok = self.tokenizer
-    start = tok.bos_id if self.is_seq2seq else None
+    start = objectives.decoder_start(tok) if self.is_seq2seq else None
     max_new_tokens = max(min(max_new_tokens, self.max_len - 1), 1)
     ids = [self.source_ids(p) if self.is_seq2seq else
            self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
@@ -222,7 +222,7 @@ class TextModel:
     s = bucket(max(len(c) for c, _ in rows), self.max_len)
     t = bucket(max(len(x) for _, x in rows), self.max_len)
     enc, enc_seg, enc_pos = self._place([c for c, _ in rows], s)
-    start = self.tokenizer.bos_id
+    start = objectives.decoder_start(self.tokenizer)
     dec, dec_seg, dec_pos = self._place([[start] + x[:-1] for _, x in rows], t)
     return ((enc, dec, enc_seg, enc_pos, dec_seg, dec_pos),
             self._scored([(0, len(x), x) for _, x in rows], t))

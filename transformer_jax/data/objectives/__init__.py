@@ -44,13 +44,13 @@ from transformer_jax.config import ConfigError
 from transformer_jax.data.objectives import clm, denoise, mlm, prefix_lm, seq2seq, span, ul2
 from transformer_jax.data.objectives import common
 from transformer_jax.data.objectives.common import Loss, Spec
-from transformer_jax.data.objectives.vocab import Vocab
+from transformer_jax.data.objectives.vocab import Vocab, decoder_start
 
 OBJECTIVES = {m.NAME: m for m in (clm, prefix_lm, mlm, span, denoise, ul2, seq2seq)}
 SENTENCE_PAIR_KINDS = ("", "nsp", "sop")
 MIN_SENTINELS = 100  # a tokenizer made for these objectives has at least this many sentinels
 
-__all__ = ["OBJECTIVES", "Loss", "Spec", "Vocab"]
+__all__ = ["OBJECTIVES", "Loss", "Spec", "Vocab", "decoder_start"]
 
 
 def get(name: str):
@@ -130,8 +130,8 @@ def missing_tokens(s: Spec, tok) -> list[str]:
   missing = list(obj.missing_tokens(s, tok)) if hasattr(obj, "missing_tokens") else []
   if sentinels(s) > len(tok.sentinel_ids):
     missing.append(f"{sentinels(s)} sentinels <extra_id_0>.. (it has {len(tok.sentinel_ids)})")
-  if encoder_decoder(s) and (tok.bos_id < 0 or tok.eos_id < 0):
-    missing.append("bos and eos")
+  if encoder_decoder(s) and (decoder_start(tok) < 0 or tok.eos_id < 0):
+    missing.append("a decoder start (bos, else pad) and eos")
   return missing
 
 

@@ -15,10 +15,17 @@ def _piece_text(piece: str) -> str:
   return piece.replace("\u2581", " ")
 
 
+def decoder_start(tok) -> int:
+  """An encoder-decoder's decoder start, the same in training, sampling, scoring and an export's
+  decoder_start_token_id: the tokenizer's bos, else its pad (T5's, whose tokenizer has no bos);
+  -1 if it has neither."""
+  return tok.bos_id if tok.bos_id >= 0 else tok.pad_id
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Vocab:
   """What the transforms need to know about a tokenizer (plain numpy; pickles small)."""
-  start_id: int  # decoder start: bos
+  start_id: int  # decoder start: decoder_start(tok)
   bos_id: int
   eos_id: int
   mask_id: int
@@ -35,7 +42,7 @@ class Vocab:
     texts = [_piece_text(p) for p in tok.pieces()]
     normal = np.array([tok.is_normal(i) for i in range(tok.vocab_size)])
     flags = lambda f: normal & np.array([f(t) for t in texts], dtype=bool)
-    return cls(start_id=tok.bos_id, bos_id=tok.bos_id, eos_id=tok.eos_id, mask_id=tok.mask_id,
+    return cls(start_id=decoder_start(tok), bos_id=tok.bos_id, eos_id=tok.eos_id, mask_id=tok.mask_id,
                sentinel_ids=np.asarray(tok.sentinel_ids, np.int32), mode_ids=tuple(tok.mode_ids),
                normal=normal, normal_ids=np.flatnonzero(normal).astype(np.int32),
                ends_line=flags(lambda t: "\n" in t),
