@@ -130,10 +130,26 @@ def test_export_then_import_is_exact_and_transformers_loads_it(hf_ckpt, tmp_path
 
 
 def test_padded_vocabulary_round_trip(hf_ckpt, tmp_path):
+  """Zero rows pad the vocabulary; their ids take no probability (logits of 0 took nearly all of
+  it from a checkpoint whose logits are negative) and no share of label smoothing."""
+  from transformer_jax.training.step import token_loss  # pylint: disable=g-import-not-at-top
   family, path, _ = hf_ckpt
   model, params = from_hf(path, vocab_size=128)
+  assert model.cfg.output_vocab == 100
   table = params["embed"]["tokens"]
   assert table.shape == (128, 64) and not table[100:].any()
+  plain, plain_params = from_hf(path)
+  ids = np.asarray(_batch()[0], np.int32)
+  shift = lambda p: jax.tree_util.tree_map_with_path(  # every real logit far below 0
+      lambda k, v: v - 40.0 * (k[-1].key == "bias" and "final_norm" in str(k)), p)
+  padded_logits, logits = (np.asarray(m.apply({"params": shift(p)}, ids)) for m, p in (
+      (model, params), (plain, plain_params)))
+  np.testing.assert_allclose(jax.nn.log_softmax(padded_logits)[..., :100],
+                             jax.nn.log_softmax(logits), atol=2e-4)
+  assert float(jax.nn.softmax(padded_logits)[..., 100:].sum(-1).max()) == 0.0
+  targets = ids % 100
+  np.testing.assert_allclose(token_loss(padded_logits, targets, 1e-4, 0.1, 100),
+                             token_loss(logits, targets, 1e-4, 0.1), rtol=1e-5)
   if family == "llama":  # untied: the output projection [D, V] is padded too
     logits = params["embed"]["logits"]
     assert logits.shape == (64, 128) and not logits[:, 100:].any()
@@ -378,6 +394,8 @@ def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_
   config = config_lib.from_json_file(f"{workdir}/config.json")
   assert (config.model.family, config.data.objective, config.model.vocab_size) == (
       {"bert": ("encoder", "mlm", 448), "t5": ("encdec", "span", 448)}[family])
+  pieces = tokenizer_lib.load(tok).vocab_size  # more than the checkpoint's 100: they train
+  assert config.model.output_vocab == (pieces if pieces < 448 else 0)
   convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out])
   if family == "t5":  # the decoder start this workdir trains with (its tokenizer's bos), not 0
     written = json.loads(open(f"{out}/config.json").read())

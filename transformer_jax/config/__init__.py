@@ -56,7 +56,7 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "model.rope_attention_factor", "model.global_tokens", "model.random_blocks",
                 "model.num_experts", "model.expert_capacity_factor", "model.expert_d_ff",
                 "model.num_shared_experts", "model.router_aux_loss", "model.router_z_loss",
-                "model.router_jitter")
+                "model.router_jitter", "model.output_vocab")
 
 
 def exec_python_file(path: str, kind: str, root: str):
@@ -223,6 +223,9 @@ def validate(config, num_devices: int | None = None):
   head_dim = m.head_dim or m.d_model // m.num_heads
   if m.position == "rotary" and head_dim % 2:
     raise ConfigError(f"rotary positions need an even head dim, got {head_dim}")
+  if m.output_vocab > m.vocab_size:
+    raise ConfigError(f"model.output_vocab={m.output_vocab} exceeds model.vocab_size="
+                      f"{m.vocab_size}")
   if m.position == "learned" and m.max_len < config.data.seq_len:
     raise ConfigError(f"model.max_len={m.max_len} is shorter than data.seq_len="
                       f"{config.data.seq_len} (learned positions): set --config.data.seq_len="

@@ -60,6 +60,10 @@ def _model():
   m.head_dim = 0  # 0 = d_model // num_heads
   m.d_ff = 0  # 0 = 4 * d_model
   m.vocab_size = 8192  # must be >= the tokenizer's vocabulary; padded sizes are fine
+  # The ids that can be predicted: the logits of ids from this one on are masked (-1e9), so an
+  # imported checkpoint's padded (zero) rows take no probability. 0 = every id; `convert
+  # import` sets it when model.vocab_size pads the vocabulary.
+  m.output_vocab = 0
   m.max_len = 1024  # longest position a learned position table covers
   m.position = "learned"  # learned | sinusoidal | rotary | relative (T5's bucketed bias)
   m.rope_theta = 10000.0

@@ -77,6 +77,7 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   with config.unlocked():
     if config.data.tokenizer:
       config.data.tokenizer = paths.abspath(config.data.tokenizer)
+  _mask_padding(config, values["vocab_size"])
   config_lib.validate(config)
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.validate(config)
@@ -84,6 +85,18 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   _save_step0(config, params, workdir)
   paths.write_text(paths.join(workdir, HF_CONFIG), json.dumps(hf, indent=2, sort_keys=True))
   return config
+
+
+def _mask_padding(config, checkpoint_vocab: int):
+  """model.output_vocab where model.vocab_size pads past what can be predicted: the checkpoint's
+  vocabulary, or the tokenizer's when larger (its new rows train). The padded rows are zero,
+  and their logits of 0 would take most of the probability of a trained model's."""
+  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  real = checkpoint_vocab
+  if config.data.tokenizer:  # (a missing one is refused here, in one line)
+    real = max(real, tokenization.load(config.data.tokenizer).vocab_size)
+  if config.model.vocab_size > real and not config.model.output_vocab:
+    config.model.output_vocab = real
 
 
 def _copy_tokenizer(source_dir: str, out_dir: str) -> str:

@@ -162,6 +162,8 @@ def hf_model_config(hf: dict, family: str = "", **overrides) -> dict:
   fam = table(family or hf.get("model_type", ""))
   values = tables.config_to_ours(fam, hf)
   check_overrides(values, {**values, **overrides})
+  if overrides.get("vocab_size", 0) > values["vocab_size"]:  # the padded rows predict nothing
+    overrides = {"output_vocab": values["vocab_size"], **overrides}
   return {**values, **overrides}
 
 

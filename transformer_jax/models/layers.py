@@ -40,6 +40,7 @@ class ModelConfig:
   head_dim: int
   d_ff: int
   vocab_size: int
+  output_vocab: int  # 0 = vocab_size; logits of ids >= it are masked (an import's padded rows)
   max_len: int
   position: str
   sinusoidal_variant: str  # position=sinusoidal: paper (interleaved) | t2t (tensor2tensor)
@@ -110,6 +111,9 @@ class ModelConfig:
   def resid_std(self) -> float:
     """GPT-2 init: projections into the residual stream scaled by 1/sqrt(2 * num_layers)."""
     return self.init_std / math.sqrt(2 * self.num_layers)
+
+
+MASKED_LOGIT = -1e9  # finite: a softmax gives it 0 and no NaN anywhere
 
 
 def param(module, name, shape, axes, init):
@@ -517,7 +521,9 @@ class Embedder(nn.Module):
   def logits(self, x_BTD):
     """fp32 logits: the matmul runs in the compute dtype and accumulates in fp32; so do the
     backward's two (ops.unembed: the fp32 cotangent is cast to the compute dtype first)."""
-    dt = self.cfg.compute_dtype
-    table_VD = self.table if self.cfg.tie_embeddings else self.out.T
-    out = ops.unembed(x_BTD.astype(dt), table_VD.astype(dt))
+    c = self.cfg
+    table_VD = self.table if c.tie_embeddings else self.out.T
+    out = ops.unembed(x_BTD.astype(c.compute_dtype), table_VD.astype(c.compute_dtype))
+    if 0 < c.output_vocab < c.vocab_size:  # padded rows: no probability, no gradient
+      out = jnp.where(jnp.arange(c.vocab_size) < c.output_vocab, out, MASKED_LOGIT)
     return constrain(out, ("act_batch", "act_length", "act_vocab"))

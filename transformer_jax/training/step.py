@@ -94,7 +94,8 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
                             label_smoothing)
   else:
     logits = model.apply({"params": params}, out, method="logits") if sentence else out
-    loss = jnp.sum(token_loss(logits, batch[targets_key], z_loss, label_smoothing) * w_BT)
+    loss = jnp.sum(token_loss(logits, batch[targets_key], z_loss, label_smoothing,
+                              model.cfg.output_vocab) * w_BT)
   aux = {}
   if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
     aux = sentence_sums(model, params, out, batch)
@@ -153,12 +154,14 @@ def sentence_sums(model, params, x_BTD, batch) -> dict:
           "sentence_pairs": jnp.sum(w_BT)}
 
 
-def token_loss(logits_BTV, targets_BT, z_loss, label_smoothing):
-  """Per-token cross-entropy (+ z_loss, label smoothing), fp32 [B, T]."""
+def token_loss(logits_BTV, targets_BT, z_loss, label_smoothing, vocab=0):
+  """Per-token cross-entropy (+ z_loss, label smoothing spread over the first `vocab` ids, the
+  model's output_vocab; 0 = all), fp32 [B, T]."""
   token_loss_BT, log_z_BT = ops.cross_entropy(logits_BTV, targets_BT, z_loss)
   if label_smoothing:
+    mean_BT = jnp.mean(logits_BTV[..., :vocab or logits_BTV.shape[-1]], axis=-1)
     token_loss_BT = ((1 - label_smoothing) * token_loss_BT
-                     + label_smoothing * (log_z_BT - jnp.mean(logits_BTV, axis=-1)))
+                     + label_smoothing * (log_z_BT - mean_BT))
   return token_loss_BT
 
 
@@ -182,7 +185,7 @@ def chunked_loss_sum(model, params, x_BTD, targets_BT, w_BT, chunk, z_loss, labe
     x_C1D, targets_C1, w_C1 = xs
     x_C1D = nn.with_logical_constraint(x_C1D, ("act_batch", None, "act_embed"))
     logits_C1V = model.apply({"params": params}, x_C1D, method="logits")
-    loss_C1 = token_loss(logits_C1V, targets_C1, z_loss, label_smoothing)
+    loss_C1 = token_loss(logits_C1V, targets_C1, z_loss, label_smoothing, model.cfg.output_vocab)
     return total + jnp.sum(loss_C1 * w_C1), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
