@@ -236,8 +236,29 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
   assert 0 < max(jax.tree.leaves(drift)) < 1e-2, drift
 
 
+def test_config_values_transformers_would_read_otherwise():
+  """What a config.json leaves implicit is read as transformers reads it: Mistral's absent
+  sliding_window is 4096; yarn's pretraining length is the top-level
+  original_max_position_embeddings (Phi-3's), else rope's, else max_position_embeddings (it
+  followed model.max_len, which an import may change); and dynamic RoPE's max_len is fixed."""
+  from transformer_jax.convert import llama, mistral  # pylint: disable=g-import-not-at-top
+  assert mistral.read({})["attention_window"] == 4096
+  assert mistral.read({"sliding_window": None})["attention_window"] == 0
+  yarn = {"rope_scaling": {"type": "yarn", "factor": 4.0}, "max_position_embeddings": 64}
+  assert llama.read_rope(yarn)["rope_original_max_len"] == 64
+  assert llama.read_rope({**yarn, "original_max_position_embeddings": 16})[
+      "rope_original_max_len"] == 16
+  values = hf_lib.hf_model_config({"model_type": "llama", "max_position_embeddings": 64,
+                                   "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+  with pytest.raises(ConfigError, match="max_len"):
+    hf_lib.check_overrides(values, {**values, "max_len": 128})
+
+
 def test_export_refuses_models_transformers_cannot_hold(tmp_path):
   for cfg, words in ((model_config(position="sinusoidal"), "no Hugging Face family"),
+                     (model_config(position="rotary", norm="rmsnorm", activation="swiglu",
+                                   use_bias=False, attention_window=4, global_tokens=2),
+                      "no Hugging Face family"),
                      (model_config(num_heads=4, num_kv_heads=2), "grouped-query")):
     with pytest.raises(ConfigError, match=words) as e:
       to_hf(cfg, {}, str(tmp_path))

@@ -169,8 +169,10 @@ def hf_model_config(hf: dict, family: str = "", **overrides) -> dict:
 
 def check_overrides(from_hf: dict, model: dict):
   """Refuses model.* values that contradict the checkpoint (one line naming them); a larger
-  vocab_size (zero rows), TRAINING and, without learned positions, max_len may differ."""
-  free = {"vocab_size", *TRAINING} | ({"max_len"} if from_hf["position"] != "learned" else set())
+  vocab_size (zero rows), TRAINING and, without learned positions or dynamic RoPE (whose
+  pretraining length it is), max_len may differ."""
+  fixed_len = from_hf["position"] == "learned" or from_hf.get("rope_scaling") == "dynamic"
+  free = {"vocab_size", "output_vocab", *TRAINING} | (set() if fixed_len else {"max_len"})
   bad = [f"model.{k}={model[k]!r} (checkpoint: {v!r})" for k, v in from_hf.items()
          if k not in free and model[k] != v]
   if bad:

@@ -65,10 +65,12 @@ def read_rope(hf) -> dict:
          "rope_scaling": ROPE_TYPES[kind]}
   out.update({ours: float(rope[key]) for key, ours in ROPE_KEYS.items()
               if rope.get(key) is not None})
-  if kind == "yarn":
+  if kind == "yarn":  # the pretraining length: top-level (Phi-3's), rope's, else the table's
     max_len = hf.get("max_position_embeddings", 2048)
-    original = rope.get("original_max_position_embeddings") or max_len
-    out.update(rope_factor=float(rope.get("factor") or max_len / original))
+    original = (hf.get("original_max_position_embeddings")
+                or rope.get("original_max_position_embeddings") or max_len)
+    out.update(rope_factor=float(rope.get("factor") or max_len / original),
+               rope_original_max_len=original)
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if rope.get("attention_factor") is None and mscale and mscale_all_dim:  # DeepSeek's form
       f = out["rope_factor"]

@@ -1,5 +1,6 @@
 """Mistral (`MistralForCausalLM`, model_type "mistral") <-> DecoderLM: Llama's tables with a
-sliding window on every layer (config.json's sliding_window; null = none) and no biases."""
+sliding window on every layer (config.json's sliding_window; null = none, absent = 4096 as
+MistralConfig's default) and no biases."""
 
 from transformer_jax.convert import llama
 
@@ -12,7 +13,7 @@ CONFIG, REQUIRE, GLOBAL, LAYER = llama.CONFIG, llama.REQUIRE, llama.GLOBAL, llam
 
 
 def read(hf):
-  return {"attention_window": int(hf.get("sliding_window") or 0), **llama.read_rope(hf)}
+  return {"attention_window": int(hf.get("sliding_window", 4096) or 0), **llama.read_rope(hf)}
 
 
 def write(cfg):

@@ -46,7 +46,8 @@ WHEN = {"": lambda c, i: True, "bias": lambda c, i: c.use_bias,
 # ModelConfig features a family has only where its FIXED says so (BERT: embed_norm, token types;
 # Mixtral and Qwen2-MoE: experts).
 PLAIN = {"scale_embeddings": False, "embed_norm": False, "query_scale": 0.0, "type_vocab_size": 0,
-         "attention_window": 0, "num_experts": 0, "qkv_bias": False}
+         "attention_window": 0, "num_experts": 0, "qkv_bias": False, "global_tokens": 0,
+         "random_blocks": 0}
 
 
 def fixed(fam) -> dict:
