@@ -84,6 +84,23 @@ def test_top_k_and_top_p_keep_exactly_their_tokens():
   assert both.tolist() == [False, True, False, False]
 
 
+@pytest.mark.parametrize("e, z", [(0.1, 1e-2), (0.3, 0.1), (0.0, 1e-2)])
+def test_z_loss_keeps_its_weight_under_label_smoothing(e, z):
+  """optax's smoothed cross-entropy + z logZ^2, loss and gradient (the z-term was mixed in before
+  the smoothing and so weighted 1 - e)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 4)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 5)))
+  ours = lambda lg: jnp.sum(token_loss(lg, targets, z, e))
+  def ref(lg):
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, 11), e)
+    return jnp.sum(optax.softmax_cross_entropy(lg, labels)
+                   + z * jnp.square(jax.nn.logsumexp(lg, axis=-1)))
+  assert float(ours(logits)) == pytest.approx(float(ref(logits)), rel=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), atol=1e-6)
+
+
 @pytest.mark.parametrize("e", [0.0, 0.1, 0.3])
 def test_label_smoothing_at_known_logits(e):
   """Logits (0, log 3) over V = 2 with target 1: p = (1/4, 3/4); the loss is

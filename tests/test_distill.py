@@ -74,6 +74,20 @@ def test_alpha_one_is_the_plain_loss_and_a_twin_teacher_adds_nothing(recipe):
     assert (float(aux["distill_hidden_mse"]) == 0.0) == zero
 
 
+def test_the_z_loss_keeps_its_full_weight_whatever_alpha():
+  """alpha scales the hard-label loss, not train.z_loss's term (alpha = 0 dropped it)."""
+  _, model, init, batch, task = _setup()
+  params, other = init(0), init(1)
+  w = batch["weights"].astype(jnp.float32)
+  logits = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS])
+  z_sum = 1e-2 * float(jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w))
+  for alpha in (0.0, 0.5, 1.0):
+    teacher = distill.Teacher(model, other, alpha, 2.0)
+    with_z, without = (float(loss_parts(model, params, batch, task=task, teacher=teacher,
+                                        z_loss=z)[0]) for z in (1e-2, 0.0))
+    assert with_z - without == pytest.approx(z_sum, rel=1e-4), alpha
+
+
 def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_path):
   """A 2-layer teacher trained 10 steps (its config then saying splash attention, as a TPU's
   would); a 1-layer student distilled from it on this machine: distill_kl is logged, the

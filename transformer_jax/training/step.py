@@ -104,7 +104,11 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   if teacher is not None:
     student = (sown[stack.INTERMEDIATES], params[distill.PROJECTION]["kernel"],
                batch) if hidden else None
-    loss, terms = distill.loss_terms(teacher, inputs, extra, logits, loss, w_BT, hidden=student)
+    z_sum = (z_loss * jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w_BT)
+             if z_loss else 0.0)  # at its full weight, not train.distill's alpha's share
+    loss, terms = distill.loss_terms(teacher, inputs, extra, logits, loss - z_sum, w_BT,
+                                     hidden=student)
+    loss = loss + z_sum
     aux.update(terms)
   if moe:
     c = model.cfg
@@ -155,14 +159,14 @@ def sentence_sums(model, params, x_BTD, batch) -> dict:
 
 
 def token_loss(logits_BTV, targets_BT, z_loss, label_smoothing, vocab=0):
-  """Per-token cross-entropy (+ z_loss, label smoothing spread over the first `vocab` ids, the
-  model's output_vocab; 0 = all), fp32 [B, T]."""
-  token_loss_BT, log_z_BT = ops.cross_entropy(logits_BTV, targets_BT, z_loss)
+  """Per-token cross-entropy with label smoothing spread over the first `vocab` ids (the model's
+  output_vocab; 0 = all), + z_loss * logZ^2 at its full weight, fp32 [B, T]."""
+  token_loss_BT, log_z_BT = ops.cross_entropy(logits_BTV, targets_BT)
   if label_smoothing:
     mean_BT = jnp.mean(logits_BTV[..., :vocab or logits_BTV.shape[-1]], axis=-1)
     token_loss_BT = ((1 - label_smoothing) * token_loss_BT
                      + label_smoothing * (log_z_BT - mean_BT))
-  return token_loss_BT
+  return token_loss_BT + z_loss * jnp.square(log_z_BT) if z_loss else token_loss_BT
 
 
 def chunked_loss_sum(model, params, x_BTD, targets_BT, w_BT, chunk, z_loss, label_smoothing):
@@ -237,7 +241,8 @@ class Trainer:
     platform = self.mesh.devices.flat[0].platform
     models = [self.model] + ([self.teacher.model] if self.teacher is not None else [])
     self._defer_data_reduce = (
-        c.train.microbatches > 1 and not c.model.num_experts and not self.task.sentence
+        c.train.microbatches > 1 and not any(m.cfg.num_experts for m in models)
+        and not self.task.sentence
         and not (self.teacher is not None and self.teacher.hidden_weight > 0)
         and not any(_runs_cudnn(m.cfg, platform) for m in models)
         and sharding.rows_own_data_axis(self.mesh, self.batch_sharding,
