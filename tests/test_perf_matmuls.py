@@ -101,13 +101,19 @@ def test_benchmark_matmul_floor_counts_the_steps_matmuls():
   assert bad.returncode == 2 and "--matmul_floor" in bad.stderr
 
 
-@pytest.mark.parametrize("recipe", ["t5", "transformer", "gpt2"])
-def test_model_flops_are_the_compiled_steps_matmuls(recipe):
+@pytest.mark.parametrize("recipe, extra", [
+    ("t5", []), ("transformer", []), ("gpt2", []),
+    ("gpt2", ["model.position=rotary", "model.attention_window=16", "data.seq_len=512",
+              "model.d_model=64", "model.num_heads=1"]),
+])
+def test_model_flops_are_the_compiled_steps_matmuls(recipe, extra):
   """MFU's model FLOPs per token against the dots the compiled train step runs: within a few
   percent for a decoder and for encoder-decoders whose decoder is shorter (T5: 29 target tokens
-  for 128 inputs) or as long. Counting the decoder at the encoder's length and leaving out its
-  attention overstated T5's 2.4 times."""
-  c = config_lib.load(f"configs/{recipe}.py:tiny", ["mesh.data=1", "train.batch_size=2"])
+  for 128 inputs) or as long, and for sliding-window layers (their band's keys). Counting the
+  decoder at the encoder's length and leaving out its attention overstated T5's 2.4 times; a
+  window's layers were counted at every key."""
+  c = config_lib.load(f"configs/{recipe}.py:tiny", ["mesh.data=1", "train.batch_size=2",
+                                                     *extra])
   trainer = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
   dots = matmuls.dots(trainer.lower_train_step().compile().as_text())
   per_token = sum(n * d.flops for d, n in dots.items()) / (2 * c.data.seq_len)

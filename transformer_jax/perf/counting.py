@@ -5,7 +5,9 @@ MFU = model FLOPs per second / peak FLOPs per second of the devices used. Model 
 PaLM's (appendix B) 6*N + 12*L*H*K*T, where N counts the parameters that take part in matmuls
 (the token table counts only when tied, as the output projection; lookups and the learned position
 table do not) and T is the sequence length. The causal attention term is NOT halved (as in PaLM and
-nanoGPT; MaxText and Megatron halve it, which gives lower figures). Rematerialization is not
+nanoGPT; MaxText and Megatron halve it, which gives lower figures). A sliding-window layer
+(model.attention_window W) counts the keys of its band instead of T: min(T, 2W - 1 + the global
+tokens + the random blocks' keys), halved for neither side either. Rematerialization is not
 counted: MFU measures useful model work, not hardware work.
 """
 
@@ -59,12 +61,22 @@ def flops_per_token(model_cfg, params, seq_len: int, target_len: int = 0) -> flo
   c = model_cfg
   n, hk = matmul_params(params, c), 12.0 * c.num_heads * c.head_dim
   if not (c.num_decoder_layers or "decoder" in params):
-    return 6.0 * n + hk * c.num_layers * seq_len
+    return 6.0 * n + hk * keys(c, c.num_layers, seq_len)
   s, t = seq_len, target_len or seq_len
-  n_enc = matmul_params(params["encoder"], c)
+  n_enc, decoder_layers = matmul_params(params["encoder"], c), c.num_decoder_layers or c.num_layers
   row = (6.0 * n_enc * s + 6.0 * (n - n_enc) * t
-         + hk * (c.num_layers * s * s + (c.num_decoder_layers or c.num_layers) * (t * t + t * s)))
+         + hk * (s * keys(c, c.num_layers, s) + t * keys(c, decoder_layers, t)
+                 + decoder_layers * t * s))  # the cross-attention: every source key
   return row / s
+
+
+def keys(c, num_layers: int, length: int) -> int:
+  """Keys a query is counted against, summed over a stack's self-attention layers (the module
+  docstring): `length` in a global layer, its band in a sliding-window one."""
+  from transformer_jax.models import stack  # pylint: disable=g-import-not-at-top
+  extra = c.global_tokens + c.random_blocks * c.block_size
+  return sum(min(length, 2 * w - 1 + extra) if w else length
+             for w in stack.layer_windows(c, num_layers))
 
 
 def for_config(config, model_cfg, params) -> float:
