@@ -111,6 +111,41 @@ def test_padding_side_and_batch_mates_do_not_change_a_score(run):
   assert all(len(c) + len(x) - 1 <= lm.max_len for c, x in windows)
 
 
+@pytest.mark.parametrize("family", ["decoder", "encdec"])
+def test_a_capacity_moe_scores_and_samples_without_drops(family):
+  """With expert_capacity_factor, a row's padded length set its experts' capacity: its score
+  moved with a longer batch mate (0.07 nats), and a prompt's prefill dropped tokens that the
+  one-token steps never drop. Scoring and sampling run the model dropless."""
+  from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
+  config = config_lib.base.get_config()
+  config.model.update({**TINY_MODEL, "family": family, "max_len": 64, "num_layers": 1,
+                       "num_experts": 4, "experts_per_token": 1, "moe_every": 1,
+                       "expert_capacity_factor": 1.0})
+  model = families.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0)
+  rng = np.random.default_rng(0)
+  pair = (rng.integers(3, 256, 8).tolist(), rng.integers(3, 256, 6).tolist())
+  mate = (rng.integers(3, 256, 30).tolist(), rng.integers(3, 256, 10).tolist())
+  lm = scoring.TextModel(config, params, tok, batch_size=2)
+  alone, with_mate = lm.ids_loglikelihood([pair])[0][0], lm.ids_loglikelihood([pair, mate])[0][0]
+  assert alone == pytest.approx(with_mate, abs=1e-4)
+  dropless = families.for_inference(model)  # the unpadded row's own forward pass, no drops
+  ctx, cont = pair
+  if family == "decoder":
+    logits = dropless.apply({"params": params}, jnp.asarray([ctx + cont[:-1]]))[0, len(ctx) - 1:]
+  else:
+    logits = dropless.apply({"params": params}, jnp.asarray([ctx]),
+                            jnp.asarray([[1] + cont[:-1]]))[0]
+  want = float(np.sum(np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(cont)[:, None],
+                                         axis=-1)))
+  assert alone == pytest.approx(want, abs=1e-4)
+  if family == "decoder":  # greedy: the prefill's last logits vs one token at a time
+    prompt = rng.integers(3, 256, (1, 24)).tolist()
+    want = [int(np.argmax(dropless.apply({"params": params}, jnp.asarray(prompt))[0, -1]))]
+    assert sampling.generate(model, params, prompt, 1, temperature=0.0) == [want]
+
+
 def test_sharded_scores_equal_unsharded(run):
   """On a data x fsdp = 2 x 2 mesh (parameters sharded as training shards them) the scores are
   the single device's."""

@@ -56,7 +56,8 @@ class TextModel:
       raise ConfigError(f"evaluation scores decoders and encoder-decoders, not model.family="
                         f"{config.model.family}")
     self.config, self.params, self.tokenizer = config, params, tokenizer
-    self.model = model if model is not None else families.build_model(config)
+    self.model = families.for_inference(model if model is not None
+                                        else families.build_model(config))
     self.is_seq2seq = config.model.family == "encdec"
     self.max_len = int(config.model.max_len)
     self.batch_size, self.padding = batch_size, padding

@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.models import families
+
 NEG_INF = -1e9
 
 
@@ -93,7 +95,7 @@ def beam_search(model, params, source_ids, *, beam_size: int = 4, max_len: int =
   """The best hypothesis per source (a list of equal-length id lists) under the length penalty:
   (token lists cut after eos, log-probabilities, penalised scores)."""
   tokens_BT, logp_B, score_B = _beam_search(
-      model, params, jnp.asarray(source_ids, jnp.int32), beam_size=int(beam_size),
+      families.for_inference(model), params, jnp.asarray(source_ids, jnp.int32), beam_size=int(beam_size),
       max_len=int(max_len), start_id=int(start_id), eos_id=int(eos_id), alpha=float(alpha))
   rows = []
   for row in jax.device_get(tokens_BT).tolist():

@@ -5,6 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.models import families
+
 
 def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
   """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf."""
@@ -89,6 +91,7 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
   of new ids, cut at the first `eos_id`. temperature 0 = greedy. With `start_id` the model is an
   encoder-decoder, the prompts are its source and decoding starts from start_id."""
   prompt_BT = jnp.asarray(prompt_ids, jnp.int32)
+  model = families.for_inference(model)
   kwargs = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p))
   if start_id is None:

@@ -5,6 +5,8 @@ Every family returns fp32 logits [B, T, V]; with `hidden=True` it returns its fi
 output head alone, so a loss can form the logits a few tokens at a time (train.loss_chunk).
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,16 @@ from transformer_jax.models.encoder import EncoderLM
 from transformer_jax.models.layers import ModelConfig
 
 FAMILIES = {"decoder": DecoderLM, "encoder": EncoderLM, "encdec": EncoderDecoder}
+
+
+def for_inference(model):
+  """The model as sampling, beam search and scoring run it: an MoE's experts drop nothing. With
+  model.expert_capacity_factor, what a token keeps depends on its row's length, and a batch's
+  rows are padded to the longest: a score would depend on the other rows, and a prompt's prefill
+  would drop tokens that the one-token steps after it never drop. Same parameters."""
+  if not model.cfg.expert_capacity_factor:
+    return model
+  return type(model)(dataclasses.replace(model.cfg, expert_capacity_factor=0.0))
 
 
 def build_model(config):

@@ -14,7 +14,7 @@ as Switch and GShard). Two ways to run the experts:
   GShard's order (every token's first choice before any second choice) would let a later
   token's first choice take an earlier token's slot: the future would reach a causal or
   prefix LM's past, and the padding that ends a packed row would take real tokens' slots.
-  A one-token decoding step drops nothing: with drops, sampling runs the model without them.
+  Sampling, beam search and scoring run the model without drops (families.for_inference).
 
 Expert parallelism: the stacked expert weights' leading axis is logical "expert" and the rules
 map it to mesh.expert; the experts run inside `shard_map` over the whole mesh. With the tokens
