@@ -253,6 +253,16 @@ def test_cli_prints_every_tasks_metrics_as_one_json_line(run, files, capsys):
   assert all(m["examples_per_s"] > 0 for m in t.values())
 
 
+def test_a_passkey_longer_than_the_model_is_refused_not_cut(run, tmp_path):
+  """Scoring keeps a row's last model.max_len tokens: a longer passkey prompt lost its start
+  (the needle, at depth 0) and was still reported under its length."""
+  spec = _write(tmp_path / "long_keys.jsonl", [{"length": 200, "depth": 0.0, "key": 12345}])
+  with pytest.raises(ConfigError, match=r"passkey length=200 needs \d+ prompt tokens, more than "
+                                        r"model.max_len=32") as e:
+    harness.evaluate(_lm(run), [spec])
+  assert "\n" not in str(e.value)
+
+
 def test_eval_tasks_reach_metrics_jsonl(run, files):
   with open(os.path.join(run[0], "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if "eval_loss" in line]

@@ -330,6 +330,11 @@ def _passkey(task, lm, k, seed):
   for row in task.examples:
     key = int(row.get("key") or rng.integers(10_000, 100_000))
     pairs.append(passkey.example(lm.tokenizer, int(row["length"]), float(row["depth"]), key))
+    if len(pairs[-1][0]) + len(pairs[-1][1]) - 1 > lm.max_len:  # scoring would cut its start
+      raise ConfigError(f"passkey length={row['length']} needs {len(pairs[-1][0])} prompt "
+                        f"tokens, more than model.max_len={lm.max_len} can score whole (the "
+                        f"start, and a needle near it, would be cut off); use lengths up to "
+                        f"{lm.max_len - len(pairs[-1][1]) + 1}")
   return {"acc": float(np.mean([g for _, g in lm.ids_loglikelihood(pairs)]))}
 
 
