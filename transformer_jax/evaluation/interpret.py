@@ -43,12 +43,15 @@ class Inputs:
   source_ids: list | None = None
 
 
-def encode(config, tokenizer, text: str, *, framed: bool = True) -> list:
-  """A text's ids as training framed them (bos first with data.add_bos), cut to the model's
-  length; a one-line error when nothing is left."""
+def encode(config, tokenizer, text: str) -> list:
+  """A text's ids as training framed them (a decoder's or encoder's: bos first with
+  data.add_bos; an encoder-decoder's source: objectives.source_ids), cut to the model's length;
+  a one-line error when nothing is left."""
   ids = tokenizer.encode(text)
   prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
-  if framed and config.data.add_bos and prefix >= 0:
+  if config.model.family == "encdec":
+    ids = objectives.source_ids(config.data, tokenizer, ids)
+  elif config.data.add_bos and prefix >= 0:
     ids = [prefix] + ids
   if not ids:
     raise ConfigError(f"the text {text[:40]!r} has no tokens: give some text")
@@ -61,8 +64,7 @@ def text_inputs(config, tokenizer, text: str, target: str = "") -> Inputs:
   if config.model.family != "encdec":
     return Inputs(encode(config, tokenizer, text))
   decoder = [objectives.decoder_start(tokenizer)] + (tokenizer.encode(target) if target else [])
-  return Inputs(decoder[:int(config.model.max_len)],
-                encode(config, tokenizer, text, framed=False))
+  return Inputs(decoder[:int(config.model.max_len)], encode(config, tokenizer, text))
 
 
 def row_arrays(rows: list, length: int, batch: int):

@@ -60,7 +60,7 @@ def features(trainer, params, tokenizer, texts, *, batch_size: int = 0) -> np.nd
   tokens (an encoder-decoder's encoder)."""
   config, model = trainer.config, trainer.model
   encdec = config.model.family == "encdec"
-  ids = [interpret.encode(config, tokenizer, t, framed=not encdec) for t in texts]
+  ids = [interpret.encode(config, tokenizer, t) for t in texts]
   rows = harness.batch_rows(trainer, batch_size or 8)
   out = []
   for start in range(0, len(ids), rows):

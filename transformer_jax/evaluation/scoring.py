@@ -78,10 +78,7 @@ class TextModel:
 
   def source_ids(self, text: str) -> list[int]:
     """An encoder-decoder's source as training framed it (bos/eos around pairs' sources)."""
-    d, tok = self.config.data, self.tokenizer
-    frame = objectives.flag(d, "PAIRS")
-    return ([tok.bos_id] * bool(d.add_bos and frame) + self.encode(text)
-            + [tok.eos_id] * bool(d.add_eos and frame))
+    return objectives.source_ids(self.config.data, self.tokenizer, self.encode(text))
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces

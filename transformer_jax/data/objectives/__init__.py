@@ -114,6 +114,13 @@ def flag(d_or_spec, name: str, default=False):
   return getattr(get(d_or_spec.objective), name, default)
 
 
+def source_ids(d, tok, ids: list) -> list:
+  """An encoder-decoder's source as training framed it: bos/eos around a (source, target) pair
+  objective's source with data.add_bos/add_eos (seq2seq.example); as it is otherwise."""
+  frame = flag(d, "PAIRS")
+  return [tok.bos_id] * bool(d.add_bos and frame) + ids + [tok.eos_id] * bool(d.add_eos and frame)
+
+
 def encoder_decoder(s) -> bool:
   return "encdec" in get(s.objective).FAMILIES
 
