@@ -141,6 +141,24 @@ def test_global_tokens_and_random_blocks_reach_exactly_the_keys_they_allow():
   np.testing.assert_allclose(packed[0, 9:], alone, atol=2e-5, rtol=2e-5)
 
 
+def test_bidirectional_random_blocks_do_not_depend_on_the_padding():
+  """An encoder's random key blocks are drawn over model.max_len's blocks: a document padded to
+  16 or to 40 positions (a scoring batch's bucket) gets the same logits (drawn over the padded
+  row's blocks, they changed with it)."""
+  from transformer_jax.models.encoder import EncoderLM  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(num_layers=2, attention_window=2, random_blocks=1, block_size=2, init_std=0.3)
+  model = EncoderLM(cfg)
+  doc = np.random.default_rng(2).integers(3, 97, 12)
+  def logits(length):
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :12] = doc
+    seg = (np.arange(length) < 12).astype(np.int32)[None]
+    return model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(seg),
+                       jnp.asarray(np.arange(length) * seg))[0, :12]
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
+  np.testing.assert_allclose(logits(16), logits(40), atol=2e-5, rtol=2e-5)
+
+
 def test_sparse_patterns_scanned_equal_unrolled_and_decode_through_the_cache():
   cfg = _cfg(attention_window=3, window_pattern="LG", global_tokens=2, random_blocks=2,
              block_size=4)

@@ -136,7 +136,9 @@ def random_blocks(layers: int, n_blocks: int, count: int, causal: bool) -> np.nd
   """BigBird's random attention, fixed per layer: int32 [layers, n_blocks, count], the key blocks
   query block i sees, drawn without replacement (seeded by layer and i) from all blocks, or with
   `causal` from blocks 0..i (a draw then does not depend on the length: decoding sees the same
-  blocks as training); -1 pads rows with fewer blocks to draw from."""
+  blocks as training); -1 pads rows with fewer blocks to draw from. Bidirectional layers draw
+  over model.max_len's blocks (layers.py), so that a row's padding (a scoring batch's bucket)
+  changes nothing; a block past a document's end is nobody's, and that draw sees nothing."""
   out = np.full((layers, n_blocks, count), -1, np.int32)
   for layer in range(layers):
     for i in range(n_blocks):
@@ -152,8 +154,8 @@ def sparse_mask(t: int, s: int, window, q_offset, q_positions_BT, k_positions_BS
   window, every global token (position < global_tokens, in both directions: globals see and
   are seen by their whole segment), and (`blocks_QR`, from random_blocks) its query block's
   random key blocks ([n_blocks, count] rows of random_blocks). Blocks count positions within
-  the document, so a document packed anywhere in a row sees what it sees alone in a row of that
-  length (causal: of any length). A window of 0 sees every key."""
+  the document, so a document packed anywhere in a row sees what it sees alone in a row of any
+  length. A window of 0 sees every key."""
   allowed_BTS = window_mask(t, s, window, q_offset)[None]
   if global_tokens:
     allowed_BTS = (allowed_BTS | (q_positions_BT < global_tokens)[:, :, None]

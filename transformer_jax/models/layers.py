@@ -369,8 +369,9 @@ class Attention(nn.Module):
     c = self.cfg
     t, s = q_positions_BT.shape[1], k_positions_BS.shape[1]
     blocks_QR = None
-    if c.random_blocks:
-      table = attention.random_blocks(c.num_layers + c.num_decoder_layers, -(-s // c.block_size),
+    if c.random_blocks:  # bidirectional: drawn over model.max_len's blocks, whatever the padding
+      blocks = -(-(s if self.causal else max(s, c.max_len)) // c.block_size)
+      table = attention.random_blocks(c.num_layers + c.num_decoder_layers, blocks,
                                       c.random_blocks, self.causal)
       blocks_QR = table[layer] if isinstance(layer, int) else jnp.asarray(table)[layer]
     return attention.sparse_mask(t, s, window, q_offset, q_positions_BT, k_positions_BS,
