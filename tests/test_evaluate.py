@@ -146,6 +146,23 @@ def test_a_capacity_moe_scores_and_samples_without_drops(family):
     assert sampling.generate(model, params, prompt, 1, temperature=0.0) == [want]
 
 
+def test_a_seq2seq_source_longer_than_the_model_is_cut_as_scoring_cuts_it():
+  """generate fed an encoder-decoder the whole source: past model.max_len learned positions the
+  table lookup gave NaN. It keeps the last max_len tokens, as scoring does."""
+  config = config_lib.base.get_config()
+  config.model.update({**TINY_MODEL, "family": "encdec", "max_len": 32, "num_layers": 1,
+                       "position": "learned"})
+  config.data.update(objective="seq2seq", add_bos=False, add_eos=False)
+  model = families.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0,
+                              encode=lambda t: [3 + ord(c) % 200 for c in t],
+                              decode=lambda ids: "".join(chr(97 + i % 26) for i in ids))
+  lm = scoring.TextModel(config, params, tok, batch_size=1)
+  text = "".join(chr(97 + i % 26) for i in range(50))
+  assert lm.generate([text], max_new_tokens=4) == lm.generate([text[-32:]], max_new_tokens=4)
+
+
 def test_sharded_scores_equal_unsharded(run):
   """On a data x fsdp = 2 x 2 mesh (parameters sharded as training shards them) the scores are
   the single device's."""

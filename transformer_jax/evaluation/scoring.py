@@ -154,7 +154,7 @@ class TextModel:
     tok = self.tokenizer
     start = objectives.decoder_start(tok) if self.is_seq2seq else None
     max_new_tokens = max(min(max_new_tokens, self.max_len - 1), 1)
-    ids = [self.source_ids(p) if self.is_seq2seq else
+    ids = [self.source_ids(p)[-self.max_len:] if self.is_seq2seq else  # as _truncate does
            self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
     out = [""] * len(ids)
     groups = {}
