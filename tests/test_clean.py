@@ -183,6 +183,43 @@ def test_near_duplicates_are_removed_by_their_similarity_not_by_band_collisions(
   assert removed.get("0.86", 0) >= 54 and removed.get("0.73", 0) <= 2, removed
 
 
+def test_quality_rules_read_any_line_ending_and_passage_order():
+  """Paragraphs split at blank lines written as CRLF or holding spaces (the whole document was
+  one paragraph); the top n-gram share takes the longest of equally frequent n-grams (the first
+  seen decided); a C4 sentence may end in a closing quote (a page of quoted speech had none)."""
+  rng = random.Random(4)
+  body = "\n".join(_prose(rng, sentences=1) for _ in range(20))
+  repeated = "The very same paragraph comes back here again and again."
+  for blank in ("\n\n", "\r\n\r\n", "\n \n"):
+    text = blank.join([body] + [repeated] * 3)
+    assert gopher.check(text, gopher.Limits())[1] == ("duplicate_paragraphs", 0.5), repr(blank)
+  words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+  short, long_ = ["the", "of"] * 6, ["extraordinarily", "magnificent"] * 6
+  value = lambda w: gopher._top_ngram(w, 2, sum(map(len, w)))  # pylint: disable=protected-access
+  assert value(short + words + long_) == value(long_ + words + short) > 0.4
+  quoted = "\n".join(f'He said, "I will be there at noon on day {i} of the trip."' for i in range(3))
+  for text in (quoted, quoted.replace('"', "\u201c").replace("trip.\u201c", "trip.\u201d")):
+    _, values, failure = c4.check(text, c4.Limits())
+    assert values["sentences"] == 3 and failure is None
+
+
+def test_a_long_documents_later_pieces_go_with_its_removed_first_piece():
+  """Pieces ID#k of a document over 1 MiB are judged one by one: the tail of a book that failed
+  max_words was short enough to pass and was kept."""
+  from transformer_jax.data.clean import quality  # pylint: disable=g-import-not-at-top
+  stage = quality.Quality(("gopher",), gopher.Limits(max_words=150), c4.Limits())
+  rng = random.Random(5)
+  text = lambda n: _prose(rng, sentences=n) + " The end of it, and that is that."
+  docs = [{"id": "book.txt#0", "text": text(24)}, {"id": "book.txt#1", "text": text(6)},
+          {"id": "other.txt", "text": text(6)}]
+  decisions = []
+  for doc in docs:
+    stage.analyze(doc)
+    decisions.append(stage.decide(doc))
+  assert decisions[0][0] == "gopher:word_count" and decisions[1] == decisions[0]
+  assert decisions[2] is None and "failed" not in docs[1]  # the tail alone passes
+
+
 def test_each_removal_counted_once_by_first_failing_stage(tmp_path):
   rng = random.Random(1)
   german, english = _prose(rng, _GERMAN), _prose(rng)

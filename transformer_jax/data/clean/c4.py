@@ -15,7 +15,7 @@ _TERMINAL = (".", "!", "?", '"', "\u201d")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
            "use cookies")
 _CITATION = re.compile(r"\[\d+\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
+_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?:\s|$)")  # ." and .) end one too
 
 
 @dataclasses.dataclass

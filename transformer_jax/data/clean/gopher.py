@@ -17,7 +17,7 @@ STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("\u2022", "\u2023", "\u25e6", "\u2043", "\u2219", "-", "*", "\u00b7")
 ELLIPSES = ("...", "\u2026")
 _PUNCTUATION = re.compile(r"^\W+$")
-_PARAGRAPHS = re.compile(r"\n{2,}")
+_PARAGRAPHS = re.compile(r"\r?\n(?:[ \t\f\v]*\r?\n)+")  # blank lines (CRLF, or holding spaces)
 _LETTER = re.compile(r"[^\W\d_]")
 
 
@@ -72,12 +72,15 @@ def _duplicates(items: list[str]) -> tuple[float, float]:
 
 
 def _top_ngram(words: list[str], n: int, total_chars: int) -> float:
-  """Share of characters covered by the most frequent n-gram (0 when none repeats)."""
+  """Share of characters covered by the most frequent n-gram (0 when none repeats); among
+  equally frequent ones the largest share, so the order of a document's passages changes
+  nothing."""
   grams = collections.Counter(zip(*(words[i:] for i in range(n))))
   if not grams:
     return 0.0
-  gram, count = grams.most_common(1)[0]
-  return _share(count * sum(map(len, gram)), total_chars) if count > 1 else 0.0
+  count = max(grams.values())  # of the most frequent, the longest: not the first one seen
+  chars = max(sum(map(len, g)) for g, c in grams.items() if c == count)
+  return _share(count * chars, total_chars) if count > 1 else 0.0
 
 
 def _duplicate_ngrams(words: list[str], n: int, total_chars: int, ends: list[int]) -> float:

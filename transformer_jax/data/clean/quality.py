@@ -8,6 +8,7 @@ rule (e.g. "gopher:stop_words", "c4:curly_bracket") and its measured value.
 import collections
 import dataclasses
 
+from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data.clean import c4
 from transformer_jax.data.clean import gopher
 from transformer_jax.data.clean import stage as stage_lib
@@ -58,6 +59,7 @@ class Quality(stage_lib.Stage):
     self.rules = collections.Counter()
     self.histograms = {k: stage_lib.Histogram(lo, hi, log=log)
                        for k, (lo, hi, log, _) in _HISTOGRAMS.items()}
+    self.removed = (None, None)  # (document, its failure): its later pieces go with it
 
   def analyze(self, doc: dict) -> None:
     values, failure = {}, None
@@ -75,12 +77,19 @@ class Quality(stage_lib.Stage):
       doc["failed"], doc["quality_failure"] = self.name, failure
 
   def decide(self, doc: dict):
+    """A document over 1 MiB comes as consecutive pieces ID#k (corpus.py), each judged alone: a
+    piece that fails removes the rest of its document too (a too-long book's last, short piece
+    passed max_words and was kept)."""
     for metric, value in doc["quality"].items():
       self.histograms[metric].add(value)
-    if doc.get("failed") != self.name:
+    document = corpus_lib.document_of(doc["id"])
+    failure = (doc["quality_failure"] if doc.get("failed") == self.name
+               else self.removed[1] if document == self.removed[0] else None)
+    if failure is None:
       return None
-    self.rules[doc["quality_failure"][0]] += 1
-    return doc["quality_failure"]
+    self.removed = (document, failure)
+    self.rules[failure[0]] += 1
+    return failure
 
   def summary(self):
     return {"quality_rules": dict(self.rules.most_common())}
