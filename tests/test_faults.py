@@ -149,6 +149,35 @@ def test_rollback_policy_restores_and_skips_the_data_window(tiny_data, tmp_path,
   assert int(jax.device_get(out["state"].step)) == 20
 
 
+def test_no_evaluation_runs_between_a_bad_batch_and_its_rollback(tiny_data, tmp_path, poison):
+  """An eval step between a bad batch and the next check logged the discarded trajectory's
+  eval_loss, then the replayed step's: two rows for step 7."""
+  config = _config(tiny_data, **{"train.on_anomaly": "rollback", "checkpoint.every_steps": 4,
+                                 "train.log_every": 4, "eval.every_steps": 7,
+                                 "train.steps": 12})
+  poison({5})
+  loop.train(config, str(tmp_path), quiet=True, devices=ONE())
+  rows = _lines(tmp_path)
+  assert [r["restored_step"] for r in rows if r.get("event") == "rollback"] == [4]
+  evals = [r["step"] for r in rows if "eval_loss" in r]
+  assert evals == sorted(set(evals)) == [7, 12]
+
+
+def test_a_resume_from_a_save_between_log_steps_logs_the_uninterrupted_rows(tiny_data, tmp_path):
+  """The log window's sums are not saved: a row at every save step too, so the row after a
+  resume averages what the uninterrupted run's does (it averaged fewer steps)."""
+  config = _config(tiny_data, **{"checkpoint.every_steps": 4, "train.log_every": 5,
+                                 "train.steps": 12, "eval.every_steps": 0})
+  loop.train(config, str(tmp_path / "ref"), quiet=True, devices=ONE())
+  loop.train(config, str(tmp_path / "run"), quiet=True, devices=ONE(), stop_after=4)
+  loop.train(config, str(tmp_path / "run"), quiet=True, devices=ONE())
+  got, want = ({r["step"]: r["loss"] for r in _lines(tmp_path / d) if "loss" in r}
+               for d in ("run", "ref"))
+  assert sorted(want) == [4, 5, 8, 10, 12] and sorted(got) == sorted(want)
+  for step, loss in want.items():
+    assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
+
+
 def test_abort_policy_stops_with_a_clear_message(tiny_data, tmp_path, poison):
   config = _config(tiny_data, **{"train.on_anomaly": "abort"})
   poison({2})

@@ -95,9 +95,20 @@ def test_another_optimizer_state_is_refused_and_never_sets_checkpoints_aside(tin
   out = loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0, "train.steps": 3}), workdir,
                    quiet=True, devices=ONE())
   assert out["step"] == 3  # resumed
+  old = Checkpoints(workdir, _config(tiny_data).checkpoint, read_only=True)
+  _, reused = old.restore_params(trainer.abstract_state.params)
+  old.close()
   out = loop.train(_config(tiny_data, **clipped, **{"checkpoint.on_mismatch": "params"}),
                    workdir, quiet=True, devices=ONE())
   assert out["step"] == 4
+  # The reused parameters are checkpoint 0: a crash or a rollback before the first save came
+  # back to a fresh init (the previous checkpoints set aside, nothing else saved).
+  new = Checkpoints(workdir, _config(tiny_data, **clipped).checkpoint, read_only=True)
+  step, at_zero = new.restore_params(trainer.abstract_state.params, step=0)
+  new.close()
+  assert step == 0
+  for a, b in zip(jax.tree.leaves(at_zero), jax.tree.leaves(reused)):
+    assert (a == b).all()
 
 
 def test_config_json_is_written_atomically_and_read_with_a_one_line_error(tmp_path, monkeypatch):
@@ -156,6 +167,27 @@ def test_the_metrics_writer_starts_without_importing_torch(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["False", "0.0"]
   assert os.listdir(tmp_path / "tensorboard")  # the events were written
+
+
+def test_a_flush_puts_tensorboard_events_on_disk(tmp_path):
+  """The loop flushes the writer before each save; TensorBoard's events were left in
+  tensorboardX's buffer (written every 120 s), and a run killed after a save lost, for good, the
+  steps before it (the resumed run does not log them again)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  writer = metrics_lib.Writer(str(tmp_path))
+  writer.write(3, {"loss": 2.5})
+  writer.flush()
+  tags = []
+  for path in (tmp_path / "tensorboard").iterdir():
+    data, at = path.read_bytes(), 0
+    while at + 12 <= len(data):  # TFRecord: length, its CRC, the event, its CRC
+      (n,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+      tags += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+      at += 16 + n
+  assert tags == [(3, "loss", 2.5)]
+  writer.close()
 
 
 def _read_only(path: str) -> list:

@@ -54,7 +54,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   new_data = lambda: pipeline.make_train_iterator(c, rows)  # pylint: disable=unnecessary-lambda-assignment
   data = new_data()
   data_writes = None if distributed.data_writers(all_rows, jax.process_index()) else ()
-  start, state, ckpts = resume.start(trainer, workdir, data, say)
+  start, state, ckpts = resume.start(trainer, workdir, data, say, data_writes)
   if start >= c.train.steps:  # nothing left to do: the finished run's last figures
     say(f"{workdir} already holds the finished run (step {start} = train.steps); raise "
         f"--config.train.steps to train on")
@@ -79,10 +79,13 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
       guard.track(step, m)
       meter.step(m)
       done = step + 1
-      is_log = done % c.train.log_every == 0 or done == end
       is_save = done % c.checkpoint.every_steps == 0 or done == end
       stopping = preemption.reached(done)
-      if is_log or is_save or stopping:  # anomalies are checked before anything is saved
+      # A row at every checkpoint too: the log window's sums are not saved, so a resume's first
+      # row would average fewer steps than the uninterrupted run's.
+      is_log = done % c.train.log_every == 0 or done == end or is_save or stopping
+      is_eval = c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps
+      if is_log or is_eval:  # anomalies are checked before anything is saved or evaluated
         events = guard.check(ckpts.directory)
         if events:  # train.on_anomaly=rollback
           step, state = anomaly.rollback(trainer, ckpts, data, new_data, events, writer, say)
@@ -91,7 +94,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
       if is_log:
         last = meter.read(m, state.skipped)
         _log(writer, bar, done, last, rows, c.train.process_log)
-      if c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps:
+      if is_eval:
         with meter.paused(m):
           last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
       if is_save or stopping:

@@ -70,8 +70,9 @@ class Writer:
         self._text = kept
       else:
         self._jsonl = open(self.path, "a")
-      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=resume_step + 1,
-                               **({"flush_secs": FLUSH_S} if self.remote else {}))
+      self._tb_args = dict(logdir=paths.join(workdir, "tensorboard"),
+                           **({"flush_secs": FLUSH_S} if self.remote else {}))
+      self._tb, self._reopened = SummaryWriter(purge_step=resume_step + 1, **self._tb_args), 0
       if wandb_config is not None and wandb_config.metrics.wandb:
         self._wandb = _wandb_run(workdir, wandb_config, resume_step)
 
@@ -86,7 +87,7 @@ class Writer:
       self._dirty = True
       at_checkpoint = self._every and (step % self._every == 0 or step == self._last)
       if at_checkpoint or time.monotonic() - self._flushed >= FLUSH_S:
-        self.flush()
+        self._flush_lines()
     else:
       self._append(json.dumps(row) + "\n")
     scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
@@ -114,7 +115,19 @@ class Writer:
                                 "checkpoint") from None
 
   def flush(self):
-    """Puts the lines logged so far in storage (on gs://: rewrites metrics.jsonl once)."""
+    """Before a checkpoint is saved: puts the lines logged so far in storage, and TensorBoard's
+    events (into a new events file from here on). A resume never logs the steps up to its
+    checkpoint again: events still buffered when the run died (tensorboardX writes every 120 s)
+    were lost for good."""
+    if self.enabled:  # tensorboardX's flush leaves its queue to a thread: close it, go on anew
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb.close()
+      self._reopened += 1  # a new name: the closed file's (time and host) may be this second's
+      self._tb = SummaryWriter(filename_suffix=f".{self._reopened}", **self._tb_args)
+    self._flush_lines()
+
+  def _flush_lines(self):
+    """On gs://: rewrites metrics.jsonl once with the lines logged so far."""
     if not (self.enabled and self.remote and self._dirty):
       return
     try:
@@ -127,7 +140,7 @@ class Writer:
     if self.enabled:
       try:
         if self.remote:
-          self.flush()
+          self._flush_lines()
         else:
           self._jsonl.close()
       finally:

@@ -79,10 +79,12 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   return diffs
 
 
-def start(trainer, workdir: str, data, say):
+def start(trainer, workdir: str, data, say, data_writes=None):
   """(first step, state, Checkpoints) for a run in `workdir`: restored from its newest readable
   checkpoint (and `data` moved to its position), or freshly initialised. Writes config.json
-  only once the checkpoints have accepted this config, so a refused run leaves it as it was."""
+  only once the checkpoints have accepted this config, so a refused run leaves it as it was.
+  A start from the previous checkpoints' parameters (on_mismatch=params) is saved as step 0:
+  a crash or a rollback before the first save returns to them, not to a fresh init."""
   c = trainer.config
   diffs, params = workdir_mismatch(c, workdir), None
   if diffs and c.checkpoint.on_mismatch == "refuse":
@@ -110,5 +112,6 @@ def start(trainer, workdir: str, data, say):
   state = trainer.init_state(c.seed)
   if params is not None:
     state = state.replace(params=params)
+    ckpts.save(0, state, data, force=True, data_writes=data_writes)
     say("started from the previous checkpoint's parameters (new optimizer state, step 0)")
   return 0, state, ckpts
