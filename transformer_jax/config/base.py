@@ -249,7 +249,7 @@ def _train():
   t.batch_size = 32  # global rows per optimizer step (all hosts together)
   t.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
   t.steps = 1000
-  t.log_every = 10
+  t.log_every = 10  # a metrics line every this many steps, and at every checkpoint
   t.process_log = False  # every process also prints a heartbeat line (its tokens/s) at each log
   t.z_loss = 0.0  # coefficient of log(Z)^2, stabilises the softmax normaliser
   t.label_smoothing = 0.0  # e: targets are (1 - e) one-hot + e uniform (the Transformer: 0.1)
