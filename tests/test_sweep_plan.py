@@ -39,7 +39,38 @@ def test_sizes_that_round_to_one_shape_make_one_run(tmp_path):
   runs, dropped = plan_lib.plan(str(sweep))
   names = [r.name for r, _ in runs]
   assert len(names) == len(set(names)) == 2
-  assert [why for _, why in dropped] == ["size 3e+04 has the shape of an earlier size's run"]
+  assert [why for _, why in dropped] == ["size 3e+04 make the same run as C5e12_N1.28e04"]
+
+
+def test_token_counts_that_round_to_one_step_count_make_one_run(tmp_path):
+  """An nd grid names a run by the tokens it trains on; 1e5 and 1.01e5 tokens are 49 steps
+  either way: one run (two, each in every fit)."""
+  sweep = tmp_path / "nd.py"
+  sweep.write_text(open(SWEEP).read().replace("def get_sweep():", "def _original():") + (
+      "\n\ndef get_sweep():\n  s = _original()\n  s.grid = 'nd'\n  s.sizes = [1e5]\n"
+      "  s.tokens = [1e5, 1.01e5, 4e5]\n  s.min_steps = 1\n  return s\n"))
+  runs, dropped = plan_lib.plan(str(sweep))
+  assert [(r.steps, r.name) for r, _ in runs] == [
+      (r.steps, f"N{r.params_nonembed:.3g}_D{r.tokens:.3g}".replace("e+", "e")) for r, _ in runs]
+  assert len({r.steps for r, _ in runs}) == len(runs) == 2 and len(dropped) == 1
+
+
+@pytest.mark.parametrize("base, sizes", [("configs/llama.py:tiny", [1e5, 4e5, 1.6e6]),
+                                         ("configs/t5.py:tiny", [4e5, 1.6e6, 6.4e6])])
+def test_every_size_gets_its_own_ffn_heads_and_depths(base, sizes, tmp_path):
+  """The base recipe's fixed d_ff, head_dim, kv heads and decoder depth (Llama's, T5's) stayed
+  the same at every width: the sizes missed their targets ~2x. Every run resolves them from its
+  width, and the shape rule counts the block's real parameters (a gated FFN's 16 d^2)."""
+  sweep = tmp_path / "base.py"
+  sweep.write_text(open(SWEEP).read().replace("def get_sweep():", "def _original():") + (
+      f"\n\ndef get_sweep():\n  s = _original()\n  s.base = {base!r}\n  s.overrides = []\n"
+      f"  s.budgets = [1e13]\n  s.sizes = {sizes}\n  s.min_steps = 1\n  return s\n"))
+  runs, _ = plan_lib.plan(str(sweep))
+  assert len(runs) == 3
+  for (run, config), target in zip(sorted(runs, key=lambda rc: rc[0].params), sizes):
+    m = config.model
+    assert (m.d_ff, m.head_dim, m.num_kv_heads, m.num_decoder_layers) == (0, 0, 0, 0)
+    assert 0.6 < run.params_nonembed / target < 1.6, (run.name, target)
 
 
 def test_grid_shapes_and_flop_arithmetic(planned):

@@ -67,17 +67,34 @@ def load_sweep(path: str):
   return sweep
 
 
-def shape_for(target_nonembed: float, aspect: float, head_dim: int):
-  """(num_layers, d_model, heads) whose 12·L·d² non-embedding parameters come closest to the
-  target with d ≈ aspect·L and d a multiple of head_dim."""
+# Every run's shape follows its width: the base config's fixed sizes would stay the same at
+# every width (a Llama base's d_ff, a GPT-3 base's head_dim, T5's decoder depth).
+SIZE_RESETS = ("model.d_ff=0", "model.head_dim=0", "model.num_kv_heads=0",
+               "model.num_decoder_layers=0")
+
+
+def shape_for(target_nonembed: float, aspect: float, head_dim: int, per_layer: float = 12.0):
+  """(num_layers, d_model, heads) whose per_layer·L·d² non-embedding parameters (12 for a
+  plain block; measured by layer_factor) come closest to the target with d ≈ aspect·L and d a
+  multiple of head_dim."""
   best = None
   for layers in range(1, 129):
     d = max(head_dim, int(round(aspect * layers / head_dim)) * head_dim)
-    err = abs(math.log(12 * layers * d * d / target_nonembed))
+    err = abs(math.log(per_layer * layers * d * d / target_nonembed))
     if best is None or err < best[0]:
       best = (err, layers, d)
   _, layers, d = best
   return layers, d, d // head_dim
+
+
+def layer_factor(sweep, overrides: list) -> float:
+  """Non-embedding parameters a layer adds, over d_model² (12 for a plain block, 16 for a gated
+  FFN of 4 d, 28 for an encoder-decoder's pair of layers), from two abstract inits."""
+  d = 8 * sweep.head_dim
+  counts = [count_params(config_lib.load(sweep.base, overrides + [
+      f"model.num_layers={layers}", f"model.d_model={d}", "model.num_heads=8"]))[1]
+            for layers in (1, 2)]
+  return (counts[1] - counts[0]) / d ** 2
 
 
 def count_params(config):
@@ -95,9 +112,11 @@ def plan(sweep_path: str):
   pairs = ([(c, n, None) for c in sweep.budgets for n in sweep.sizes] if sweep.grid == "isoflop"
            else [(None, n, d) for n in sweep.sizes for d in sweep.tokens])
   runs, dropped = [], []
+  overrides = list(SIZE_RESETS) + list(sweep.overrides)  # the sweep's own still win
+  per_layer = layer_factor(sweep, overrides)
   for budget, target, tokens in pairs:
-    layers, d, heads = shape_for(target, sweep.aspect, sweep.head_dim)
-    config = config_lib.load(sweep.base, list(sweep.overrides) + [
+    layers, d, heads = shape_for(target, sweep.aspect, sweep.head_dim, per_layer)
+    config = config_lib.load(sweep.base, overrides + [
         f"model.num_layers={layers}", f"model.d_model={d}", f"model.num_heads={heads}"])
     total, nonembed, matmul, fpt = count_params(config)
     tokens = int(budget / fpt) if budget else int(tokens)
@@ -105,7 +124,8 @@ def plan(sweep_path: str):
     steps = max(1, round(tokens / per_step))
     lr = sweep.lr * (nonembed / sweep.get("lr_ref_params", nonembed)) ** -sweep.get(
         "lr_exponent", 0.0)
-    name = (f"C{budget:.3g}_N{nonembed:.3g}" if budget else f"N{nonembed:.3g}_D{tokens:.3g}")
+    name = (f"C{budget:.3g}_N{nonembed:.3g}" if budget  # an nd run: the tokens it trains on
+            else f"N{nonembed:.3g}_D{steps * per_step:.3g}")
     name = name.replace("e+", "e")
     run = Run(name=name, num_layers=layers, d_model=d, num_heads=heads, params=total,
               params_nonembed=nonembed, matmul_params=matmul, flops_per_token=fpt,
@@ -115,8 +135,11 @@ def plan(sweep_path: str):
     if steps < sweep.get("min_steps", 1):
       dropped.append((name, f"{steps} steps < min_steps={sweep.min_steps}"))
       continue
-    if any(r.name == name for r, _ in runs):  # sizes that round to one shape: one run, once
-      dropped.append((name, f"size {target:.3g} has the shape of an earlier size's run"))
+    same = [r.name for r, _ in runs if (r.num_layers, r.d_model, r.steps, r.budget) == (
+        layers, d, steps, budget)]
+    if same:  # sizes or token counts that round to one run: planned, trained and fitted once
+      dropped.append((name, f"size {target:.3g}" + ("" if budget else f", {tokens:.3g} tokens")
+                      + f" make the same run as {same[0]}"))
       continue
     config.train.steps = steps
     config.optimizer.learning_rate = lr
