@@ -100,6 +100,28 @@ def test_approach2_tokens_use_the_runs_flops_per_token():
     assert budget["tokens_opt"] == pytest.approx(budget["flops"] / (7.2 * budget["params_opt"]))
 
 
+def test_predict_spends_the_budget_at_the_runs_flops_per_token():
+  """Runs whose C counts 20 % more than 6·N·D: predict's (N, D) costs C at that rate (the closed
+  form's cost 1.2 C), is the constrained optimum of the exact law, and with C = 6·N·D the
+  closed form is what comes back."""
+  truth = LAWS["Chinchilla"]
+  runs = isoflop_sweep(truth, 0, noise=0.0)
+  costly = fit_lib.make_runs(runs.params, runs.tokens / 1.2, runs.loss, runs.flops)
+  fit = fit_lib.fit_runs(costly, bootstrap=2)
+  assert fit["approach3"]["cost"]["slope"] == pytest.approx(1.0)
+  assert fit["approach3"]["cost"]["coef"] == pytest.approx(7.2)
+  fit["approach3"]["constants"] = dict(truth)  # the exact law: the optimum is known
+  c = 1e21
+  got = fit_lib.predict(fit, c)
+  assert 7.2 * got["params"] * got["tokens"] == pytest.approx(c, rel=1e-9)
+  grid = np.exp(np.linspace(np.log(1e8), np.log(1e11), 200001))
+  want = grid[np.argmin(fit_lib.law(truth, grid, c / (7.2 * grid)))]
+  assert got["params"] == pytest.approx(want, rel=2e-3)
+  plain = fit_lib.compute_optimal(truth, c)
+  assert fit_lib.compute_optimal(truth, c, {"slope": 1.0, "coef": 6.0})[0] == pytest.approx(
+      plain[0], rel=2e-3)
+
+
 @pytest.mark.parametrize("name", LAWS)
 def test_bootstrap_intervals_contain_true_constants(name):
   truth = _truth(name)
@@ -235,7 +257,8 @@ def test_cli_fit_then_predict(tmp_path):
   assert done.returncode == 0, done.stderr
   p = json.loads(done.stdout.strip().splitlines()[-1])
   assert {"params", "tokens", "loss", "intervals"} <= p.keys()
-  assert 6 * p["params"] * p["tokens"] == pytest.approx(1e21)
+  cost = json.loads((out / "fit.json").read_text())["approach3"]["cost"]  # ~6.03 N: half 1.01x
+  assert cost["coef"] * p["params"] ** cost["slope"] * p["tokens"] == pytest.approx(1e21)
   for key in ("params", "tokens", "loss"):
     assert p["intervals"][key][0] <= p[key] <= p["intervals"][key][1], key
 

@@ -328,9 +328,13 @@ def fit_kaplan(runs: Runs, rtol=BUDGET_RTOL):
 # --- All fits, and predictions from them ----------------------------------------------------------
 
 def fit_runs(runs: Runs, bootstrap=200, seed=0, level=0.95, rtol=BUDGET_RTOL) -> dict:
-  """Every fit above, as the JSON-ready dict that is saved as fit.json."""
-  return {"runs": len(runs),
-          "approach3": fit_parametric(runs, bootstrap=bootstrap, seed=seed, level=level),
+  """Every fit above, as the JSON-ready dict that is saved as fit.json; approach 3's `cost` is
+  the runs' FLOPs per token as a power law in N (6·N when C = 6·N·D), what compute_optimal
+  spends a budget with."""
+  fit3 = fit_parametric(runs, bootstrap=bootstrap, seed=seed, level=level)
+  slope, coef = _loglog_line(runs.params, runs.flops / runs.tokens)
+  fit3["cost"] = {"slope": slope, "coef": coef}
+  return {"runs": len(runs), "approach3": fit3,
           "approach2": fit_isoflop(runs, rtol), "kaplan": fit_kaplan(runs, rtol),
           "holdout": holdout_check(runs, rtol=rtol), "budget_rtol": rtol}
 
@@ -383,13 +387,25 @@ def headline(fit: dict) -> dict:
               approach2={"a": fit["approach2"]["a"], "b": fit["approach2"]["b"]})
 
 
-def compute_optimal(constants, flops):
-  """Approach 3's closed form: minimizing L(N, D) subject to 6·N·D = C gives
-  N_opt = G·(C/6)^a, D_opt = (C/6)^b / G with G = (alpha·A / (beta·B))^(1/(alpha+beta))."""
+def compute_optimal(constants, flops, cost=None):
+  """Approach 3's compute-optimal (N, D, L) at C. Subject to 6·N·D = C the closed form is
+  N_opt = G·(C/6)^a, D_opt = (C/6)^b / G with G = (alpha·A / (beta·B))^(1/(alpha+beta)).
+  With `cost` (fit_runs': the runs' FLOPs per token, coef·N^slope, which counts attention too)
+  D = C / cost(N), and L(N, D(N)) is minimized over N on a grid around the closed form's,
+  refined once (to 0.1 %), so that the (N, D) it returns spends C, not C·cost(N)/(6·N)."""
   c = constants
   g = (c["alpha"] * c["A"] / (c["beta"] * c["B"])) ** (1 / (c["alpha"] + c["beta"]))
   a, b = c["beta"] / (c["alpha"] + c["beta"]), c["alpha"] / (c["alpha"] + c["beta"])
   params, tokens = g * (flops / 6) ** a, (flops / 6) ** b / g
+  if cost is not None:
+    spend = lambda n: np.asarray(flops)[..., None] / (cost["coef"] * n ** cost["slope"])
+    expanded = {k: np.asarray(v)[..., None] for k, v in c.items()}
+    for width, points in ((4.0, 161), (0.05, 101)):  # ln N steps of 0.05, then 0.001
+      grid = np.asarray(params)[..., None] * np.exp(np.linspace(-width, width, points))
+      losses = law(expanded, grid, spend(grid))
+      best = np.argmin(np.where(np.isnan(losses), np.inf, losses), axis=-1)[..., None]
+      params = np.take_along_axis(grid, best, axis=-1)[..., 0]
+    tokens = flops / (cost["coef"] * params ** cost["slope"])
   return params, tokens, law(c, params, tokens)
 
 
@@ -399,10 +415,11 @@ def predict(fit: dict, flops: float) -> dict:
   if not (math.isfinite(flops) and flops > 0):
     raise ConfigError(f"flops must be a positive number of FLOPs, got {flops!r}")
   fit3 = fit["approach3"]
-  params, tokens, loss = compute_optimal(fit3["constants"], flops)
+  cost = fit3.get("cost")  # (a fit.json written before it had one: C = 6·N·D)
+  params, tokens, loss = compute_optimal(fit3["constants"], flops, cost)
   draws = {k: np.asarray(v) for k, v in fit3["bootstrap"]["samples"].items()}
   with np.errstate(all="ignore"):  # a degenerate resample (alpha = beta = 0) gives nan: skipped
-    samples = compute_optimal(draws, flops)
+    samples = compute_optimal(draws, flops, cost)
   result = {"flops": flops, "params": float(params), "tokens": float(tokens), "loss": float(loss),
             "tokens_per_param": float(tokens / params), "level": fit3["level"],
             "intervals": {k: _interval(s, fit3["level"])

@@ -45,7 +45,7 @@ def _bootstrap_band(fit, flops, level):
   """Percentile bands of approach 3's compute-optimal (N, D, loss) at each C, over resamples."""
   draws = {k: np.asarray(v)[:, None] for k, v in fit["approach3"]["bootstrap"]["samples"].items()}
   with np.errstate(all="ignore"):
-    samples = fit_lib.compute_optimal(draws, flops[None, :])
+    samples = fit_lib.compute_optimal(draws, flops[None, :], fit["approach3"].get("cost"))
   tail = 100 * (1 - level) / 2
   return [np.nanpercentile(s, [tail, 100 - tail], axis=0) for s in samples]
 
@@ -96,7 +96,8 @@ def plot_frontier(path, runs, fit):
   flops = _compute_range(runs)
   fit3 = fit["approach3"]
   _, _, loss_band = _bootstrap_band(fit, flops, fit3["level"])
-  axes[2].plot(flops, fit_lib.compute_optimal(fit3["constants"], flops)[2], color="C0",
+  axes[2].plot(flops, fit_lib.compute_optimal(fit3["constants"], flops, fit3.get("cost"))[2],
+               color="C0",
                label="approach 3 optimum")
   axes[2].fill_between(flops, *loss_band, color="C0", alpha=0.2)
   axes[0].set_ylabel("final eval loss")
@@ -107,12 +108,12 @@ def plot_frontier(path, runs, fit):
 
 
 def plot_optimal(path, runs, fit):
-  """N_opt(C) and D_opt(C): approach 2's per-budget minima and line, approach 3's closed form
-  with its bootstrap band, over the sweep's budgets and a decade beyond."""
+  """N_opt(C) and D_opt(C): approach 2's per-budget minima and line, approach 3's optimum
+  (compute_optimal) with its bootstrap band, over the sweep's budgets and a decade beyond."""
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   flops = _compute_range(runs)
   fit2, fit3 = fit["approach2"], fit["approach3"]
-  closed_form = fit_lib.compute_optimal(fit3["constants"], flops)
+  closed_form = fit_lib.compute_optimal(fit3["constants"], flops, fit3.get("cost"))
   bands = _bootstrap_band(fit, flops, fit3["level"])
   for i, (ax, key, exponent) in enumerate(zip(axes, ("params", "tokens"), ("a", "b"))):
     ax.plot(flops, closed_form[i], color="C0",
@@ -205,7 +206,11 @@ def _predictions_section(fit, runs):
     lines.append(f"| {flops:.3g} | {_g(p['params'])} | {_g(p['tokens'])} | "
                  f"{p['tokens_per_param']:.3g} | {_g(p['loss'])} | {_interval(iv['params'])} | "
                  f"{_interval(iv['tokens'])} | {_interval(iv['loss'])} |")
-  return lines + ["", "`python -m transformer_jax.sweep predict --fit=DIR --flops=C` gives others."]
+  cost = fit["approach3"].get("cost")
+  spent = (f"D = C / ({cost['coef']:.3g}·N^{cost['slope']:.3f}), the runs' FLOPs per token, "
+           "attention included" if cost else "C = 6·N·D")
+  return lines + ["", f"Each (N, D) spends C at {spent}. `python -m transformer_jax.sweep "
+                      "predict --fit=DIR --flops=C` gives others."]
 
 
 def markdown(fit, runs, runs_path) -> str:
