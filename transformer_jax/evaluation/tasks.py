@@ -330,11 +330,15 @@ def _passkey(task, lm, k, seed):
   for row in task.examples:
     key = int(row.get("key") or rng.integers(10_000, 100_000))
     pairs.append(passkey.example(lm.tokenizer, int(row["length"]), float(row["depth"]), key))
-    if len(pairs[-1][0]) + len(pairs[-1][1]) - 1 > lm.max_len:  # scoring would cut its start
-      raise ConfigError(f"passkey length={row['length']} needs {len(pairs[-1][0])} prompt "
-                        f"tokens, more than model.max_len={lm.max_len} can score whole (the "
-                        f"start, and a needle near it, would be cut off); use lengths up to "
-                        f"{lm.max_len - len(pairs[-1][1]) + 1}")
+    prompt, answer = pairs[-1]
+    if len(prompt) + len(answer) - 1 > lm.max_len:  # scoring would cut its start
+      shortest = len(passkey.example(lm.tokenizer, 0, 0.0, key)[0])  # the needle and question
+      fix = (f"use lengths up to {lm.max_len - len(answer) + 1}"
+             if shortest + len(answer) - 1 <= lm.max_len else
+             f"its needle and question alone take {shortest}: the model is too short for it")
+      raise ConfigError(f"passkey length={row['length']} needs {len(prompt)} prompt tokens, more "
+                        f"than model.max_len={lm.max_len} can score whole (the start, and a "
+                        f"needle near it, would be cut off); {fix}")
   return {"acc": float(np.mean([g for _, g in lm.ids_loglikelihood(pairs)]))}
 
 
