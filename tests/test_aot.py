@@ -67,6 +67,14 @@ def test_bad_topology_names(name):
     topology.parse_topology(name)
 
 
+@needs_libtpu
+@pytest.mark.parametrize("name", ["v5e-1", "v6e-1"])
+def test_a_one_chip_slice_has_its_device(name):
+  """libtpu's default host of 2x2 chips cannot hold a 1x1 slice (a raw JaxRuntimeError)."""
+  devices = topology.topology_devices(topology.parse_topology(name), 1)
+  assert len(devices) == 1 and tuple(devices[0].coords) == (0, 0, 0)
+
+
 def tiny(*overrides):
   return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", list(overrides))
 

@@ -184,8 +184,10 @@ def topology_devices(topo: Topology, slices: int):
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # libtpu's hosts default to 2x2 chips; a one-chip slice (v5e-1, v6e-1) is a host of one
+  one_chip = {"chips_per_host_bounds": [1, 1, 1]} if topo.chips == 1 else {}
   with quiet_fd2():
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.compiler_topology,
                                         chip_config_name=topo.chip.chip_config,
-                                        num_slices=slices)
+                                        num_slices=slices, **one_chip)
   return desc.devices
