@@ -333,12 +333,27 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
   assert out["step"] == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(out["state"].params),
                jax.device_get(saved))
-  # fresh: another shape -> old checkpoints set aside, training starts over
+  # fresh: another shape -> old checkpoints set aside, training starts over. The params start
+  # above was saved as checkpoint 0 (so that a crash before its first save comes back to those
+  # parameters): set aside too, in a second folder even within the same second.
   out = loop.train(_config(tiny_data, **{"model.d_ff": 128, "train.steps": 5,
                                          "checkpoint.on_mismatch": "fresh"}),
                    workdir, quiet=True, devices=ONE())
   assert out["step"] == 5
-  assert len(glob.glob(f"{workdir}/checkpoints_previous-*")) == 1
+  aside = sorted(glob.glob(f"{workdir}/checkpoints_previous-*"))
+  assert [sorted(s for s in os.listdir(d) if s.isdigit()) for d in aside] == [["5"], ["0"]]
+
+
+def test_two_set_asides_in_one_second_keep_both(tmp_path):
+  """checkpoints_previous-TIME named to the second: a second set-aside within it was moved
+  into the first folder."""
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  made = []
+  for step in ("3", "7"):
+    os.makedirs(tmp_path / "checkpoints" / step)
+    made.append(checkpoint.set_aside(str(tmp_path)))
+  assert len(set(made)) == 2
+  assert [os.listdir(d) for d in made] == [["3"], ["7"]]
 
 
 def test_kill_9_at_random_moments_then_resume_gives_identical_losses(tiny_data, tmp_path):

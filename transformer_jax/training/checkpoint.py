@@ -6,6 +6,7 @@ never listed, never loaded)."""
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -126,7 +127,11 @@ def data_save_args(iterator, writes=None) -> DataSave:
 def set_aside(workdir: str) -> str:
   """Moves WORKDIR/checkpoints to WORKDIR/checkpoints_previous-TIME (kept, never deleted)."""
   src = paths.join(paths.abspath(workdir), "checkpoints")
-  dest = f"{src}_previous-{time.strftime('%Y%m%d-%H%M%S')}"
+  dest = stamped = f"{src}_previous-{time.strftime('%Y%m%d-%H%M%S')}"
+  for k in itertools.count(1):  # a second set-aside within the same second: moved into the first
+    if not paths.exists(dest):
+      break
+    dest = f"{stamped}-{k}"
   if jax.process_index() == 0:
     paths.move(src, dest)
   if jax.process_count() > 1:
