@@ -7,8 +7,6 @@ import math
 import re
 
 from transformer_jax import config as config_lib
-from transformer_jax.models import stack
-from transformer_jax.models.layers import ModelConfig
 from transformer_jax.perf import collectives
 from transformer_jax.perf import topology
 from transformer_jax.perf.hardware import Chip
@@ -81,6 +79,9 @@ def step_cost(config, devices, compiled, chip: Chip, compile_probe) -> tuple[dic
   if not config.model.scan_layers:
     return (times(program_cost(compiled, devices, chip)),
             "compiled program" + (f" x {m} microbatches" if m > 1 else ""))
+  # (imported here: jax must not load before the AOT check loads its CUDA plugin, hardware.py)
+  from transformer_jax.models import stack  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   probes = []
   windows = stack.layer_windows(ModelConfig.from_config(config.model), layers)
   mixed = [("model.window_pattern", "G")] if len(set(windows)) > 1 else []
