@@ -72,8 +72,8 @@ def step_cost(config, devices, compiled, chip: Chip, compile_probe) -> tuple[dic
   A scanned stack whose layers' windows differ (model.window_pattern) gets each layer's window
   as a traced value and attends to every key under a mask: its probes are all-global layers
   (probes of its pattern's first two layers, static windows skipping key blocks, understated
-  its FLOPs 37 % in one measured case: 6 layers LLLLLG, window 16, 1024 tokens). `devices`: the mesh's devices in order (the programs' device ids
-  index it)."""
+  its FLOPs 37 % in one measured case: 6 layers LLLLLG, window 16, 1024 tokens). `devices`:
+  the mesh's devices in order (the programs' device ids index it)."""
   m, layers = config.train.microbatches, config.model.num_layers
   times = lambda cost: {k: m * v if k in ("flops", "bytes") else v for k, v in cost.items()}
   if not config.model.scan_layers:
