@@ -110,14 +110,11 @@ class HFTokenizer:
     shows U+FFFD): a word-initial piece starts with its space. Alone, an id decodes without it
     wherever the decoder strips a text's leading space (Llama's and T5's Metaspace) or joins
     words with spaces (BERT's WordPiece), and no piece would start a word."""
-    n = self.vocab_size
-    ref = self.encode("a")[:1]
-    alone = self._tok.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
-    if not ref:
-      return alone
+    ref, alone = self.encode("a")[:1], lambda i: self._tok.decode([i], skip_special_tokens=False)
     head = self._tok.decode(ref, skip_special_tokens=False)
-    after = self._tok.decode_batch([ref + [i] for i in range(n)], skip_special_tokens=False)
-    return [a[len(head):] if a.startswith(head) else one for a, one in zip(after, alone)]
+    after = self._tok.decode_batch([ref + [i] for i in range(self.vocab_size)],
+                                   skip_special_tokens=False)
+    return [a[len(head):] if a.startswith(head) else alone(i) for i, a in enumerate(after)]
 
   def is_normal(self, i: int) -> bool:
     return i not in self._special_ids
