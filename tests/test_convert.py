@@ -254,6 +254,34 @@ def test_config_values_transformers_would_read_otherwise():
     hf_lib.check_overrides(values, {**values, "max_len": 128})
 
 
+@pytest.mark.parametrize("name", ["LlamaConfig", "MistralConfig", "MixtralConfig",
+                                  "Qwen2MoeConfig"])
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0}])
+def test_a_config_json_silent_on_a_key_reads_as_transformers_defaults(name, rope):
+  """Every key config.json leaves out is what transformers' config class assumes: a bare
+  {"model_type": ...} reads as that class's full default config.json (Mistral's 131072
+  positions, Mixtral's absent window, yarn's pretraining length from the family's default)."""
+  full = getattr(transformers, name)().to_dict()
+  bare = {"model_type": full["model_type"]}
+  if rope:
+    full["rope_parameters"] = bare["rope_parameters"] = {**full["rope_parameters"], **rope}
+  def resolved(values):  # 0 = derived, as an explicit value transformers writes
+    return {**values, "head_dim": values["head_dim"] or values["d_model"] // values["num_heads"],
+            "num_kv_heads": values["num_kv_heads"] or values["num_heads"]}
+  assert resolved(hf_lib.hf_model_config(bare)) == resolved(hf_lib.hf_model_config(full))
+
+
+def test_a_mistral_window_is_not_dropped_by_reading_it_as_llama():
+  mistral = transformers.MistralConfig(sliding_window=16).to_dict()
+  with pytest.raises(ConfigError, match="sliding_window=16"):
+    hf_lib.hf_model_config(mistral, family="llama")
+  assert hf_lib.hf_model_config({**mistral, "sliding_window": None},
+                                family="llama")["attention_window"] == 0
+  qwen2 = {**transformers.LlamaConfig().to_dict(), "use_sliding_window": False,
+           "sliding_window": 4096}  # a window config.json says is off
+  assert hf_lib.hf_model_config(qwen2)["attention_window"] == 0
+
+
 def test_export_refuses_models_transformers_cannot_hold(tmp_path):
   for cfg, words in ((model_config(position="sinusoidal"), "no Hugging Face family"),
                      (model_config(position="rotary", norm="rmsnorm", activation="swiglu",

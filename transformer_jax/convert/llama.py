@@ -103,6 +103,10 @@ def read(hf):
   bias = hf.get("attention_bias", False)
   if bias != hf.get("mlp_bias", False):
     raise ValueError("attention_bias != mlp_bias: our model.use_bias covers both")
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  if window:  # e.g. a Mistral checkpoint read with --family=llama
+    raise ValueError(f"sliding_window={window}: Llama attends to every position (import it as "
+                     f"mistral)")
   return {"use_bias": bool(bias), **read_rope(hf)}
 
 

@@ -9,7 +9,11 @@ ARCHITECTURE = "MistralForCausalLM"
 BASE_PREFIX, IGNORED, MODEL_FAMILY = llama.BASE_PREFIX, llama.IGNORED, llama.MODEL_FAMILY
 FIXED = {**llama.FIXED, "use_bias": False, "window_pattern": ""}
 READS = ("attention_window",)
-CONFIG, REQUIRE, GLOBAL, LAYER = llama.CONFIG, llama.REQUIRE, llama.GLOBAL, llama.LAYER
+REQUIRE, GLOBAL, LAYER = llama.REQUIRE, llama.GLOBAL, llama.LAYER
+# MistralConfig's defaults where they are not Llama's.
+DEFAULTS = {"num_key_value_heads": 8, "intermediate_size": 14336,
+            "max_position_embeddings": 4096 * 32}
+CONFIG = tuple((ours, key, DEFAULTS.get(key, default)) for ours, key, default in llama.CONFIG)
 
 
 def read(hf):

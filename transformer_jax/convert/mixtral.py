@@ -1,6 +1,6 @@
 """Mixtral (`MixtralForCausalLM`, model_type "mixtral") <-> DecoderLM with an MoE FFN in every
-layer: Mistral's attention, norms, embeddings and sliding window (llama.ATTENTION) and the
-experts' rows (experts.py).
+layer: Mistral's attention, norms, embeddings and sliding window (llama.ATTENTION; absent
+sliding_window = none, as MixtralConfig's default) and the experts' rows (experts.py).
 
 Every layer routes each token to num_experts_per_tok of num_local_experts SwiGLU experts, each
 intermediate_size wide (our expert_d_ff, and d_ff), by a softmax router whose top-k weights are
@@ -33,7 +33,8 @@ NAMES = {"gate": "w1", "up": "w3", "down": "w2"}  # the checkpoints' per-expert 
 def read(hf):
   if not hf.get("num_local_experts", 8):
     raise ValueError("num_local_experts=0 (a dense model: import it as mistral)")
-  return {**mistral.read({"rope_theta": 1e6, **hf}),  # MixtralConfig's default theta
+  # MixtralConfig's default theta, and no window where config.json names none
+  return {**mistral.read({"rope_theta": 1e6, "sliding_window": None, **hf}),
           "expert_d_ff": hf.get("intermediate_size", DEFAULTS["intermediate_size"]),
           **experts.read_aux_loss(hf, hf.get("num_experts_per_tok", 2))}
 

@@ -73,8 +73,10 @@ def config_to_ours(fam, hf: dict) -> dict:
   for ours, key, default in fam.CONFIG:
     value = hf.get(key, default)
     out[ours] = 0 if value is None else value
+  # the read hook sees the table's defaults where config.json is silent (yarn's max_len)
+  filled = {**{key: d for _, key, d in fam.CONFIG if d is not None}, **hf}
   try:
-    out.update(fam.read(hf))
+    out.update(fam.read(filled))
   except ValueError as e:
     raise ConfigError(f"{fam.MODEL_TYPE} checkpoint: {e}") from None
   return out
