@@ -15,6 +15,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import mixture
 from transformer_jax.data import pipeline
+from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
 from transformer_jax.training import loop
 from transformer_jax.training import step as step_lib
@@ -205,6 +206,27 @@ def test_mixed_eval_weighs_the_sources():
   assert mixture.mixed_eval({"a": {}}, {"a": 1.0}) == {}
 
 
+def test_planned_epochs_counts_each_source_and_its_share_of_the_run(sources):
+  """With a sample as large as the source, its tokens are exact ([bos] + ids + [eos] of every
+  training document); the run reads its row share of steps x batch x seq_len tokens."""
+  c = _config(sources, **{"train.steps": 50})
+  tok = tokenizer_lib.load(sources["tokenizer"])
+  planned = pipeline.planned_epochs(c, sample=10**6)
+  assert list(planned) == ["prose", "code", "short"]
+  for src in mixture.sources(c):
+    texts = [e["text"].decode() for e in tfds_text.data_source(src.config.data, "train")]
+    tokens = sum(len(tok.encode(t)) + 2 for t in texts)
+    read = src.probability * 50 * 8 * 64
+    assert planned[src.name] == (len(texts), pytest.approx(tokens), pytest.approx(read / tokens))
+  estimate = pipeline.planned_epochs(c, sample=8)["short"]  # 300 documents of 2-12 words
+  assert estimate[1] == pytest.approx(planned["short"][1], rel=0.25)
+  single = pipeline.planned_epochs(_config(sources, **{"data.mixture": "()",
+                                                        "data.corpus": sources["mixture"][0][
+                                                            "corpus"]}), sample=10**6)
+  assert list(single) == [""] and single[""][:2] == (planned["prose"][0],
+                                                     pytest.approx(planned["prose"][1]))
+
+
 def test_tokenizer_trains_on_the_mixture(sources, tmp_path):
   """Weights decide what the tokenizer learns: a code-heavy mixture's model encodes code in fewer
   tokens than a prose-heavy one's."""
@@ -222,14 +244,18 @@ def test_tokenizer_trains_on_the_mixture(sources, tmp_path):
   assert lengths["code"] < 0.8 * lengths["prose"], lengths
 
 
-def test_training_logs_tokens_and_eval_loss_per_source(sources, tmp_path):
+def test_training_logs_tokens_and_eval_loss_per_source(sources, tmp_path, capsys):
   c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
       f"data.tokenizer={sources['tokenizer']}", f"data.data_dir={sources['data_dir']}",
       f"data.mixture={sources['mixture']!r}", "data.validation_fraction=0.1", "data.seq_len=32",
       "model.vocab_size=320", "model.max_len=32", "train.batch_size=4", "train.steps=6",
       "train.log_every=3", "checkpoint.every_steps=6", "eval.every_steps=6", "eval.batches=1",
       "checkpoint.async_save=False", "mesh.data=1"])
-  loop.train(c, str(tmp_path / "run"), quiet=True, devices=jax.devices()[:1])
+  loop.train(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+  said = capsys.readouterr()
+  for name, (docs, _, epochs) in pipeline.planned_epochs(c).items():
+    assert f"source {name!r}: {docs:,} training documents" in said.out + said.err
+    assert f"read them ~{epochs:.3g} times" in said.out + said.err
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   logged = [r["mixture_tokens"] for r in rows if "mixture_tokens" in r]
   it = pipeline.make_train_iterator(c)  # the same batches, counted here

@@ -483,6 +483,28 @@ def eval_batches(config, num_batches: int, rows: tuple[int, int] | None = None) 
   return batches
 
 
+def planned_epochs(config, sample: int = 64) -> dict:
+  """{source name ("" without a data.mixture): (training documents, their tokens, epochs the
+  run's train.steps read)}, estimated: the tokens from an evenly spaced sample of `sample`
+  documents, the run's reading as its rows' share of steps x batch x seq_len tokens (a row of
+  a padded packing reads fewer). {} for encoder-decoder pair objectives (rows of examples)."""
+  if objectives.flag(config.data, "PAIRS"):
+    return {}
+  sources = mixture_lib.sources(config) or [None]
+  out = {}
+  for src in sources:
+    c, share = (config, 1.0) if src is None else (src.config, src.probability)
+    docs = _documents(c, "train")
+    if len(docs) == 0:
+      continue
+    picked = docs[::max(1, len(docs) // sample)]
+    lengths = [len(e["tokens"]) for e in _tokenize(picked, c)]
+    tokens = len(docs) * float(np.mean(lengths))
+    read = share * config.train.steps * config.train.batch_size * config.data.seq_len
+    out["" if src is None else src.name] = (len(docs), tokens, read / max(tokens, 1.0))
+  return out
+
+
 def eval_sets(config, num_batches: int, rows: tuple[int, int] | None = None) -> dict:
   """{"": eval_batches(...)}, or with a data.mixture each source's own: {name: up to
   num_batches batches of its validation split}."""

@@ -67,6 +67,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
   say(f"workdir {paths.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
       f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {meter.peak_source}")
+  if lead and not quiet:
+    _say_epochs(c, say)
   rng = jax.random.key(c.seed)
   end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
   bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=quiet or not lead,
@@ -125,6 +127,15 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         if finished:  # otherwise the error already on its way says more
           raise
   return dict(last, step=step, state=state)
+
+def _say_epochs(config, say):
+  """How often train.steps repeat each source's documents (estimated: pipeline.planned_epochs)."""
+  for name, (docs, tokens, epochs) in pipeline.planned_epochs(config).items():
+    where = f"data.mixture source {name!r}" if name else f"data.corpus={config.data.corpus!r}"
+    say(f"{where}: {docs:,} training documents, ~{tokens:,.0f} tokens; train.steps="
+        f"{config.train.steps} read them ~{epochs:.3g} times"
+        + (" (repeated data adds less past ~4 epochs)" if epochs > 4 else ""))
+
 
 def _log(writer, bar, step: int, values: dict, rows, process_log: bool):
   writer.write(step, values)
