@@ -67,8 +67,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
   say(f"workdir {paths.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
       f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {meter.peak_source}")
-  if lead and not quiet:
-    _say_epochs(c, say)
+  _say_epochs(c, say, lead and not quiet)
   rng = jax.random.key(c.seed)
   end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
   bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=quiet or not lead,
@@ -128,9 +127,9 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
           raise
   return dict(last, step=step, state=state)
 
-def _say_epochs(config, say):
+def _say_epochs(config, say, enabled: bool):
   """How often train.steps repeat each source's documents (estimated: pipeline.planned_epochs)."""
-  for name, (docs, tokens, epochs) in pipeline.planned_epochs(config).items():
+  for name, (docs, tokens, epochs) in (pipeline.planned_epochs(config) if enabled else {}).items():
     where = f"data.mixture source {name!r}" if name else f"data.corpus={config.data.corpus!r}"
     say(f"{where}: {docs:,} training documents, ~{tokens:,.0f} tokens; train.steps="
         f"{config.train.steps} read them ~{epochs:.3g} times"
