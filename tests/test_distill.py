@@ -12,6 +12,7 @@ import pytest
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import objectives
 from transformer_jax.evaluation import harness
 from transformer_jax.models import families
@@ -205,3 +206,29 @@ def test_bad_teachers_fail_in_one_line(tiny_data, tmp_path, extra, message):
   with pytest.raises(ConfigError, match="neither a training workdir"):
     bad = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [f"train.distill.teacher={tmp_path}"])
     distill.load(bad, None, ())
+
+
+def test_a_teacher_must_cover_the_rows_and_share_the_tokenizer(tiny_data, tmp_path):
+  """A teacher whose learned positions end before the student's rows (its logits would be NaN
+  past them and every such step skipped) and a Hugging Face teacher whose tokenizer gives other
+  ids are refused; a Hugging Face teacher whose tokenizer.json is the student's passes that
+  check (and here fails on the missing weights)."""
+  teacher_dir = tmp_path / "teacher"
+  (teacher_dir / "checkpoints").mkdir(parents=True)
+  teacher = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data))
+  teacher.model.max_len = teacher.data.seq_len // 2
+  config_lib.write_json(teacher, str(teacher_dir / "config.json"))
+  student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+      tiny_data, **{"train.distill.teacher": str(teacher_dir)}))
+  with pytest.raises(ConfigError, match=f"learned positions for {teacher.model.max_len} tokens"):
+    distill.load(student, None, ())
+  from tests import test_hf_tokenizer  # pylint: disable=g-import-not-at-top
+  texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
+  hf_dir = test_hf_tokenizer._gpt2_style(texts, tmp_path / "hf")  # pylint: disable=protected-access
+  (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 400}))
+  for tokenizer, message in ((tiny_data["tokenizer"], "has another tokenizer"),
+                             (str(hf_dir), "safetensors")):
+    student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+        tiny_data, **{"train.distill.teacher": str(hf_dir), "data.tokenizer": tokenizer}))
+    with pytest.raises(ConfigError, match=message):
+      distill.load(student, None, ())

@@ -186,6 +186,15 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   assert os.path.isfile(os.path.join(out, "config.json")) and store.is_quantized(out)
   with pytest.raises(ConfigError, match="already holds"):
     quantize.main([f"--workdir={workdir}", f"--out={out}", "--mode=int4"])
+  other = tmp_path / "other_run"  # another run's workdir is never taken over
+  other.mkdir()
+  (other / "config.json").write_text("{}")
+  with pytest.raises(ConfigError, match="already holds config.json"):
+    quantize.main([f"--workdir={workdir}", f"--out={other}", "--mode=int8"])
+  assert (other / "config.json").read_text() == "{}" and not store.is_quantized(str(other))
+  from transformer_jax.quant import run as quant_run  # pylint: disable=g-import-not-at-top
+  assert [quant_run._figure(e) for e in (  # pylint: disable=protected-access
+      {}, {"eval_loss": 1.25}, {"eval_loss": float("nan")})] == [None, 1.25, "nan"]
   model = families.build_model(config)
   abstract = families.abstract_params(model)
   step, params = store.restore_params(workdir, config.checkpoint, model, abstract)

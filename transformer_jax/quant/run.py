@@ -53,8 +53,10 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
   group = ptq.check(mode, group_size)
   if not out or paths.abspath(out) == paths.abspath(workdir):
     raise ConfigError("--out=DIR is required and must differ from --workdir")
-  if paths.exists(paths.join(out, store.ARRAYS)):
-    raise ConfigError(f"{out} already holds a quantized checkpoint; choose another --out")
+  held = [n for n in (store.ARRAYS, store.MANIFEST, "config.json", "checkpoints")
+          if paths.exists(paths.join(out, n))]
+  if held:  # another run's workdir would be read as this quantized copy from then on
+    raise ConfigError(f"--out={out} already holds {held[0]} (a workdir); choose a new --out")
   config, trainer, step, params = load_source(workdir, overrides)
   names = ptq.axis_names(trainer.model)
   stored = ptq.quantize_tree(jax.device_get(params), names, mode, group)
@@ -74,6 +76,9 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
 
 
 def _figure(evals: dict):
-  """The eval loss, or None without validation data (JSON null, not NaN)."""
+  """The eval loss; None without validation data (JSON null), "nan"/"inf" for a non-finite
+  loss (JSON has no NaN), so that a broken model does not read as one with nothing to score."""
   loss = evals.get("eval_loss")
-  return None if loss is None or not np.isfinite(loss) else round(float(loss), 6)
+  if loss is None:
+    return None
+  return round(float(loss), 6) if np.isfinite(loss) else str(float(loss))

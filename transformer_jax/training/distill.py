@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
+from transformer_jax.data import objectives
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization
 from transformer_jax.models import families
@@ -92,6 +93,7 @@ def load(config, mesh, rule_table) -> Teacher | None:
     model = families.build_model(teacher_config)
   elif paths.isfile(paths.join(path, "config.json")):
     from transformer_jax.convert import hf  # pylint: disable=g-import-not-at-top
+    _same_ids(config.data.tokenizer, path)
     model, hf_params = hf.from_hf(path)
   else:
     raise ConfigError(f"train.distill.teacher={path!r} is neither a training workdir "
@@ -102,6 +104,11 @@ def load(config, mesh, rule_table) -> Teacher | None:
         f"train.distill.teacher={path!r} is a {type(model).__name__} over "
         f"{model.cfg.vocab_size} tokens; the student a {config.model.family} model over "
         f"{config.model.vocab_size}: a teacher needs the student's family and vocabulary")
+  longest = max(config.data.seq_len, objectives.spec(config.data).target_len)
+  if model.cfg.position == "learned" and model.cfg.max_len < longest:
+    raise ConfigError(f"train.distill.teacher={path!r} has learned positions for "
+                      f"{model.cfg.max_len} tokens; the student's rows reach {longest} "
+                      f"(data.seq_len / target_len): set data.seq_len <= {model.cfg.max_len}")
   model = type(model)(dataclasses.replace(model.cfg, dtype=config.model.dtype,
                                           dropout_rate=0.0))
   _layer_pairs(config, model)  # before the teacher's checkpoint is read
@@ -188,6 +195,24 @@ def _same_tokenizer(student: str, teacher: str, path: str):
   if digest(student) != digest(teacher):
     raise ConfigError(f"train.distill.teacher={path!r} was trained with tokenizer {teacher!r}, "
                       f"not the student's data.tokenizer={student!r}")
+
+
+# Text whose ids tell two tokenizers apart: words, digits, accents, CJK, whitespace, code.
+_PROBE = ("The quick brown fox jumps over 13 lazy dogs in 2024. Naïve café, ü, 東京。\n"
+          "  def f(x):\n\treturn x ** 2  # ok?")
+
+
+def _same_ids(student: str, hf_dir: str):
+  """A Hugging Face teacher's tokenizer (its directory's, where it has one) gives the student
+  tokenizer's ids: same vocabulary size, same ids for a probe text (a tokenizer.json and a
+  SentencePiece model of one vocabulary pass)."""
+  if not paths.isfile(paths.join(hf_dir, "tokenizer.json")):
+    return  # a directory of weights only: the vocabulary size check is all there is
+  theirs, ours = tokenization.load(hf_dir), tokenization.load(student)
+  if (theirs.vocab_size, theirs.encode(_PROBE)) != (ours.vocab_size, ours.encode(_PROBE)):
+    raise ConfigError(f"train.distill.teacher={hf_dir!r} has another tokenizer than the "
+                      f"student's data.tokenizer={student!r} (other ids for the same text); "
+                      f"train the student with data.tokenizer={hf_dir}")
 
 
 def kl_sum(student_logits, teacher_logits, w, temperature: float):
