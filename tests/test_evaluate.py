@@ -5,6 +5,7 @@ task files and steps are one-line errors; the lm-eval adapter agrees with `evalu
 
 import json
 import os
+import random
 import re
 import types
 
@@ -18,6 +19,7 @@ from tests.conftest import REPO, TINY_MODEL, tiny_overrides
 from transformer_jax import config as config_lib
 from transformer_jax import evaluate as evaluate_cli
 from transformer_jax.config import ConfigError
+from transformer_jax.evaluation import corpus_tasks
 from transformer_jax.evaluation import harness
 from transformer_jax.evaluation import scoring
 from transformer_jax.evaluation import tasks as tasks_lib
@@ -414,3 +416,34 @@ def test_a_tfds_dataset_is_a_task_with_renamed_fields(tmp_path):
                    data_dir=str(tmp_path))
   with pytest.raises(ConfigError, match=r"'context' is not OURS=THEIRS"):
     tasks_lib.load("tfds:tjax_test_choices?context", data_dir=str(tmp_path))
+
+
+def test_next_line_distractors_come_from_other_files():
+  """The 3 wrong choices are lines of other documents (a line of the example's own file may be
+  a plausible next line), distinct, and the label points at the real next line."""
+  docs = [(f"doc{d}", "\n".join(f"value_{d}_{i} = compute({d}, {i})" for i in range(30)))
+          for d in range(6)]
+  examples = corpus_tasks.next_line(docs, 60, random.Random(0))
+  assert len(examples) == 60
+  lines = {doc_id: text.splitlines() for doc_id, text in docs}
+  for ex in examples:
+    truth = ex["choices"][ex["label"]]
+    assert ex["context"].splitlines()[-1] == lines[ex["id"]][lines[ex["id"]].index(truth) - 1]
+    wrong = [c for c in ex["choices"] if c != truth]
+    assert len(wrong) == len(set(wrong)) == 3
+    assert not set(wrong) & set(lines[ex["id"]]), ex
+
+
+def test_eval_tasks_are_logged_without_validation_data(monkeypatch):
+  """A corpus with no held-out documents still gets eval.tasks' metrics at every evaluation."""
+  written = []
+  trainer = types.SimpleNamespace(config=config_lib.base.get_config(),
+                                  evaluate=lambda params, batches: {})
+  writer = types.SimpleNamespace(write=lambda step, values: written.append((step, values)))
+  monkeypatch.setattr(harness, "during_training", lambda trainer, params: {"eval_mc_acc": 0.5})
+  evaluate = loop._evaluate  # pylint: disable=protected-access
+  out = evaluate(trainer, {}, {"": []}, writer, 4, lambda msg: None)
+  assert out == {"eval_mc_acc": 0.5} and written == [(4, {"eval_mc_acc": 0.5})]
+  monkeypatch.setattr(harness, "during_training", lambda trainer, params: {})
+  assert evaluate(trainer, {}, {"": []}, writer, 6, print) == {}
+  assert len(written) == 1

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, model_config, synthetic_batch, tiny_overrides
+from transformer_jax import cli
 from transformer_jax import config as config_lib
 from transformer_jax import inspect as inspect_cli
 from transformer_jax.config import ConfigError
@@ -339,3 +341,19 @@ def test_probe_help_and_a_one_line_error_from_the_command_line():
                         "--text=x", "--out=/tmp/x"], cwd=REPO, capture_output=True, text=True,
                        timeout=120, env=env)
   assert out.returncode == 2 and re.fullmatch(r"error: [^\n]*\n", out.stderr), out.stderr
+
+
+def test_a_capacity_moe_probe_feature_does_not_depend_on_batch_mates():
+  """Features come from the model as scoring runs it (experts drop nothing): with a capacity,
+  a text's pooled stream would change with the padded length its batch mates set."""
+  c = cli.load_config(f"{REPO}/configs/switch.py:tiny", [
+      "model.vocab_size=256", "model.max_len=64", "model.init_std=0.5", "model.dtype=float32",
+      "train.batch_size=2", "mesh.data=1"], None)
+  assert c.model.expert_capacity_factor > 0
+  trainer = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
+  params = trainer.init_state(0).params
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0,
+                              encode=lambda s: [3 + ord(ch) % 250 for ch in s])
+  alone = probe.features(trainer, params, tok, ["ab" * 14], batch_size=2)
+  with_mate = probe.features(trainer, params, tok, ["ab" * 14, "z" * 60], batch_size=2)
+  np.testing.assert_allclose(alone[:, 0], with_mate[:, 0], atol=1e-4)

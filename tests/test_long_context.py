@@ -419,6 +419,10 @@ def test_passkey_prompts_and_their_scoring(tiny_data):
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   result = passkey.evaluate(model, params, tok, lengths=(64,), depths=(0.5,), trials=2)
   assert set(result) == {"length=64,depth=0.5", "mean"} and 0.0 <= result["mean"] <= 1.0
+  learned = DecoderLM(_cfg(vocab_size=tok.vocab_size, max_len=32, position="learned"))
+  params = nn.unbox(learned.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  with pytest.raises(ConfigError, match="past the 32 learned positions"):  # not 0 % from NaN
+    passkey.evaluate(learned, params, tok, lengths=(64,), depths=(0.5,), trials=1)
 
 
 def test_long_context_recipes_extend_the_context_by_rope_scaling_and_train():

@@ -38,14 +38,15 @@ def _per_doc(n: int, docs) -> int:
 
 def next_line(docs, n: int, rng: random.Random) -> list:
   """Multiple-choice examples: context lines, the real next line and 3 distractors."""
-  pool = [line for _, text in docs for line in text.splitlines() if _good(line)]
+  pool = [(doc_id, line) for doc_id, text in docs for line in text.splitlines() if _good(line)]
   out = []
   for doc_id, text in docs:
     lines = text.splitlines()
     spots = [i for i in range(1, len(lines)) if _good(lines[i])]
     for i in rng.sample(spots, min(_per_doc(n, docs), len(spots))):
       context = "\n".join(lines[max(0, i - CONTEXT_LINES):i]) + "\n"
-      choices = [lines[i]] + [d for d in rng.sample(pool, 8) if d != lines[i]][:3]
+      others = [line for d, line in rng.sample(pool, min(len(pool), 64)) if d != doc_id]
+      choices = [lines[i]] + list(dict.fromkeys(d for d in others if d != lines[i]))[:3]
       rng.shuffle(choices)
       out.append({"id": doc_id, "context": context, "choices": choices,
                   "label": choices.index(lines[i])})

@@ -28,6 +28,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.data import objectives
 from transformer_jax.evaluation import harness
 from transformer_jax.evaluation import interpret_plots as plots
+from transformer_jax.models import families
 from transformer_jax.models import layers
 from transformer_jax.models import stack
 from transformer_jax.parallel import sharding
@@ -228,7 +229,7 @@ def head_entropy(probs_HTS):
 def run(trainer, params, tokenizer, text: str, *, target: str = "", top_k: int = TOP_K) -> dict:
   """Everything `inspect` reports on one text: tokens, attention maps (numpy [H, T, S] per
   layer), logit lens and activation statistics."""
-  config, model = trainer.config, trainer.model
+  config, model = trainer.config, families.for_inference(trainer.model)  # as scoring runs it
   family = config.model.family
   inputs = text_inputs(config, tokenizer, text, target)
   rows = harness.batch_rows(trainer, 1)

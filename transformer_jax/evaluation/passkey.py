@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.config import ConfigError
+
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
           "again. ")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -60,6 +62,10 @@ def evaluate(model, params, tokenizer, lengths=(256, 1024), depths=(0.0, 0.5, 1.
     for depth in depths:
       pairs = [example(tokenizer, length, depth, int(rng.integers(10_000, 100_000)))
                for _ in range(trials)]
+      longest = max(len(p) + len(k) - 1 for p, k in pairs)
+      if model.cfg.position == "learned" and longest > model.cfg.max_len:  # NaN past the table
+        raise ConfigError(f"passkey length={length} reads {longest} tokens, past the "
+                          f"{model.cfg.max_len} learned positions of the model")
       hits = retrieved(logits_fn, [p for p, _ in pairs], [k for _, k in pairs])
       out[f"length={length},depth={depth}"] = float(hits.mean())
   out["mean"] = float(np.mean(list(out.values())))

@@ -20,6 +20,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.evaluation import harness
 from transformer_jax.evaluation import interpret
 from transformer_jax.evaluation import scoring
+from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 
 
@@ -58,7 +59,7 @@ def read_labelled(path: str, field: str = "text", label_field: str = "label",
 def features(trainer, params, tokenizer, texts, *, batch_size: int = 0) -> np.ndarray:
   """float32 [layers, N, D]: each text's residual stream at every layer, mean-pooled over its
   tokens (an encoder-decoder's encoder)."""
-  config, model = trainer.config, trainer.model
+  config, model = trainer.config, families.for_inference(trainer.model)  # as scoring runs it
   encdec = config.model.family == "encdec"
   ids = [interpret.encode(config, tokenizer, t) for t in texts]
   rows = harness.batch_rows(trainer, batch_size or 8)

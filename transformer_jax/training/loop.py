@@ -62,7 +62,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   eval_sets = pipeline.eval_sets(c, c.eval.batches, rows)  # one per data.mixture source
   if not any(eval_sets.values()):
     say(f"no validation data: data.corpus={c.data.corpus!r} holds no held-out document "
-        f"(data.validation_fraction={c.data.validation_fraction}); training without evaluation")
+        f"(data.validation_fraction={c.data.validation_fraction}): no eval_loss")
   writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start, wandb_config=c)
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
   say(f"workdir {paths.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
@@ -147,11 +147,13 @@ def _log(writer, bar, step: int, values: dict, rows, process_log: bool):
 def _evaluate(trainer, params, eval_sets, writer, step: int, say) -> dict:
   per_source = {name: trainer.evaluate(params, b) for name, b in eval_sets.items()}
   probs = {src.name: src.probability for src in mixture.sources(trainer.config)}
-  evals = mixture.mixed_eval(per_source, probs) if probs else per_source[""]
-  if not evals:  # no validation data (said at start-up): nothing to log
-    return {}
+  evals = dict(mixture.mixed_eval(per_source, probs) if probs else per_source[""])
   evals.update(harness.during_training(trainer, params))  # eval.tasks' downstream metrics
-  writer.write(step, {**evals, "eval_perplexity": float(np.exp(min(evals["eval_loss"], 50.0)))})
+  if not evals:  # no validation data (said at start-up) and no eval.tasks: nothing to log
+    return {}
+  perplexity = ({"eval_perplexity": float(np.exp(min(evals["eval_loss"], 50.0)))}
+                if "eval_loss" in evals else {})
+  writer.write(step, {**evals, **perplexity})
   say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()
                                    if k != "eval_tokens"))
   return evals
