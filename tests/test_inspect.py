@@ -173,17 +173,21 @@ def test_encoder_and_encoder_decoder_maps():
                              atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("recipe, framed", [("transformer", True), ("t5", False)])
+@pytest.mark.parametrize("recipe, framed", [("transformer", True), ("t5", False),
+                                            ("t5_ul2", False)])
 def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(recipe, framed):
   """inspect and probe read an encoder-decoder's source as training did: bos/eos around a
-  (source, target) pair objective's source (they read it bare), a span objective's as it is."""
-  import types  # pylint: disable=g-import-not-at-top
+  (source, target) pair objective's source (they read it bare), a span objective's as it is,
+  UL2's after the mode token of its prefix-LM denoiser ([S]; training put one before every
+  source)."""
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
-  config = config_lib.load(f"{REPO}/configs/{recipe}.py:tiny")
-  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0,
+  ul2 = recipe.endswith("_ul2")
+  config = config_lib.load(f"{REPO}/configs/{recipe.removesuffix('_ul2')}.py:tiny",
+                           ["data.objective=ul2"] * ul2)
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mode_ids=[60, 61, 62],
                               encode=lambda s: [ord(c) % 50 + 3 for c in s])
   text = "def f(x):"
-  want = [1] * framed + tok.encode(text) + [2] * framed
+  want = [61] * ul2 + [1] * framed + tok.encode(text) + [2] * framed
   lm = scoring.TextModel.__new__(scoring.TextModel)
   lm.config, lm.tokenizer = config, tok
   assert lm.source_ids(text) == want

@@ -116,9 +116,12 @@ def flag(d_or_spec, name: str, default=False):
 
 def source_ids(d, tok, ids: list) -> list:
   """An encoder-decoder's source as training framed it: bos/eos around a (source, target) pair
-  objective's source with data.add_bos/add_eos (seq2seq.example); as it is otherwise."""
+  objective's source with data.add_bos/add_eos (seq2seq.example); UL2's led by a mode token (its
+  `source_head`); as it is otherwise."""
   frame = flag(d, "PAIRS")
-  return [tok.bos_id] * bool(d.add_bos and frame) + ids + [tok.eos_id] * bool(d.add_eos and frame)
+  head = getattr(get(d.objective), "source_head", lambda tok: [])(tok)
+  return (head + [tok.bos_id] * bool(d.add_bos and frame) + ids
+          + [tok.eos_id] * bool(d.add_eos and frame))
 
 
 def encoder_decoder(s) -> bool:

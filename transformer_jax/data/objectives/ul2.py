@@ -62,6 +62,13 @@ def missing_tokens(s, tok) -> list:
   return ["the mode tokens [R] [S] [X]"] if min(tok.mode_ids) < 0 else []
 
 
+def source_head(tok) -> list[int]:
+  """What a source starts with outside training (scoring, generation, inspect): training put a
+  mode token before every encoder input, and a context -> continuation request is the S (prefix
+  LM) denoiser's task."""
+  return [tok.mode_ids[UL2_MODES.index("S")]]
+
+
 def prefix_lm(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, lo: int,
               hi: int) -> dict:
   """Inputs a prefix, targets the rest + eos; the suffix length is uniform in [lo, hi]."""
