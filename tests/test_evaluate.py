@@ -147,6 +147,53 @@ def test_a_capacity_moe_scores_and_samples_without_drops(family):
     assert sampling.generate(model, params, prompt, 1, temperature=0.0) == [want]
 
 
+def test_a_prefix_lm_scores_and_generates_from_its_context_read_both_ways():
+  """data.objective=prefix_lm trains every prediction on a prefix read bidirectionally: scoring
+  reads the context as that prefix (whatever the padding side or batch mates), rolling windows
+  their context, and generation prefills the prompt as the prefix, then decodes causally (the
+  cached steps equal full forward passes with the prompt as prefix)."""
+  from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
+  config = config_lib.base.get_config()
+  config.data.objective = "prefix_lm"
+  config.model.update({**TINY_MODEL, "max_len": 64, "num_layers": 2, "init_std": 0.2})
+  model = families.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(1), *families.init_inputs(model))["params"]
+  ids = list(range(5, 150))
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, encode=lambda text: ids)
+  apply = jax.jit(model.apply)
+
+  def reference(ctx, cont):  # one unpadded row, the context as its prefix
+    prefix = jnp.asarray([[1] * len(ctx) + [0] * (len(cont) - 1)])
+    logits = apply({"params": params}, jnp.asarray([ctx + cont[:-1]]), prefix_BT=prefix)[0]
+    log_p = np.asarray(jax.nn.log_softmax(logits[len(ctx) - 1:].astype(jnp.float32)))
+    return float(sum(log_p[j, t] for j, t in enumerate(cont)))
+
+  pairs = _pairs(3, 5, vocab=256)
+  want = [reference(c, x) for c, x in pairs]
+  causal = [_reference(model, params, c, x) for c, x in pairs]
+  assert np.max(np.abs(np.subtract(want, causal))) > 1e-1  # the prefix changes the score
+  for padding in ("right", "left"):
+    lm = scoring.TextModel(config, params, tok, batch_size=4, padding=padding)
+    got = [ll for ll, _ in lm.ids_loglikelihood(pairs + _pairs(4, 2, vocab=256))[:5]]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+  windows = lm.rolling_windows(ids)  # rolling windows: each window's context is its prefix
+  assert len(windows) == 3 and lm.loglikelihood_rolling(["any text"])[0] == pytest.approx(
+      sum(reference(c, x) for c, x in windows), abs=1e-3)
+  prompt = np.random.default_rng(5).integers(3, 256, 12).tolist()
+  new = sampling.generate(model, params, [prompt], 6, temperature=0.0, prefix=True)[0]
+  row = list(prompt)
+  for _ in range(6):
+    prefix = jnp.asarray([[1] * len(prompt) + [0] * (len(row) - len(prompt))])
+    row.append(int(jnp.argmax(apply({"params": params}, jnp.asarray([row]),
+                                    prefix_BT=prefix)[0, -1])))
+  assert new == row[len(prompt):]
+  plain = sampling.generate(model, params, [prompt], 6, temperature=0.0)[0]
+  full = list(prompt)  # the causal path is unchanged: the same as full causal forward passes
+  for _ in range(6):
+    full.append(int(jnp.argmax(apply({"params": params}, jnp.asarray([full]))[0, -1])))
+  assert plain == full[len(prompt):]
+
+
 def test_a_seq2seq_source_longer_than_the_model_is_cut_as_scoring_cuts_it():
   """generate fed an encoder-decoder the whole source: past model.max_len learned positions the
   table lookup gave NaN. It keeps the last max_len tokens, as scoring does."""

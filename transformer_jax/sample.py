@@ -40,7 +40,8 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
                                  max_len=max_new_tokens, start_id=start, eos_id=tok.eos_id)
     return tok.decode([t for t in out[0] if t != tok.eos_id])
   out = sampling.generate(model, params, [ids], max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, start_id=start)
+                          top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, start_id=start,
+                          prefix=start is None and objectives.flag(config.data, "PREFIX"))
   return tok.decode(out[0])
 
 

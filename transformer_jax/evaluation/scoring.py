@@ -31,12 +31,13 @@ def bucket(n: int, limit: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _row_scores(model, params, inputs, at_BK, targets_BK, weights_BK):
+def _row_scores(model, params, inputs, at_BK, targets_BK, weights_BK, prefix_BT=None):
   """Per row: sum of the weighted targets' log-probabilities, and whether each weighted target
   is the argmax (greedy decoding would write the continuation). Only the K scored positions
   `at_BK` of the final hidden states go through the output head: [B, K, V] logits, not
-  [B, T, V]."""
-  x_BTD = model.apply({"params": params}, *inputs, hidden=True)
+  [B, T, V]. `prefix_BT`: a prefix LM's prefix (the contexts)."""
+  extra = {} if prefix_BT is None else {"prefix_BT": prefix_BT}
+  x_BTD = model.apply({"params": params}, *inputs, hidden=True, **extra)
   x_BKD = jnp.take_along_axis(x_BTD, at_BK[..., None], axis=1)
   logits_BKV = model.apply({"params": params}, x_BKD, method="logits").astype(jnp.float32)
   log_p_BKV = jax.nn.log_softmax(logits_BKV)
@@ -59,6 +60,8 @@ class TextModel:
     self.model = families.for_inference(model if model is not None
                                         else families.build_model(config))
     self.is_seq2seq = config.model.family == "encdec"
+    # a prefix LM reads a context as its prefix, both ways, as it was trained
+    self.prefix_lm = not self.is_seq2seq and objectives.flag(config.data, "PREFIX")
     self.max_len = int(config.model.max_len)
     self.batch_size, self.padding = batch_size, padding
     self.mesh, self.rules = mesh, rules
@@ -141,9 +144,10 @@ class TextModel:
       chunk = order[start:start + self.batch_size]
       batch = self._seq2seq_batch if self.is_seq2seq else self._decoder_batch
       inputs, scored = batch([rows[i] for i in chunk])
+      prefix = self._prefix([rows[i] for i in chunk], inputs[0].shape[1])
       with self._context():
         ll, greedy = _row_scores(self.model, self.params, tuple(map(self._put, inputs)),
-                                 *map(self._put, scored))
+                                 *map(self._put, scored), prefix_BT=prefix)
       ll, greedy = np.asarray(ll), np.asarray(greedy)
       for j, i in enumerate(chunk):
         out[i] = (float(ll[j]), bool(greedy[j]))
@@ -166,7 +170,7 @@ class TextModel:
         with self._context():
           new = sampling.generate(self.model, self.params, [ids[i] for i in chunk],
                                   max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
-                                  start_id=start)
+                                  start_id=start, prefix=self.prefix_lm)
         for i, row in zip(chunk, new):
           out[i] = _cut(tok.decode(row), until)
     return out
@@ -214,6 +218,16 @@ class TextModel:
     t = bucket(max(len(c) + len(x) - 1 for c, x in rows), self.max_len)
     inputs = self._place([(c + x)[:-1] for c, x in rows], t)
     return inputs, self._scored([(len(c) - 1, len(c) + len(x) - 1, x) for c, x in rows], t)
+
+  def _prefix(self, rows, t: int):
+    """A prefix LM's [B, t] prefix of decoder rows (1 on each context's tokens); else None."""
+    if not self.prefix_lm:
+      return None
+    prefix = np.zeros((self.batch_size, t), np.int32)
+    for i, (ctx, cont) in enumerate(rows):
+      at = self._offset(len(ctx) + len(cont) - 1, t)
+      prefix[i, at:at + len(ctx)] = 1
+    return self._put(prefix)
 
   def _seq2seq_batch(self, rows):
     """The encoder reads the context; the decoder reads start + continuation[:-1]."""

@@ -47,19 +47,22 @@ def _sample_loop(apply_fn, cache, logits_BV, rng, *, max_new_tokens, temperature
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate(model, params, prompt_BT, rng, *, max_new_tokens, temperature, top_k, top_p):
-  """A decoder: prefill the prompt into the KV cache, then one token a step."""
+@functools.partial(jax.jit, static_argnames=_STATIC + ("prefix",))
+def _generate(model, params, prompt_BT, rng, *, max_new_tokens, temperature, top_k, top_p,
+              prefix):
+  """A decoder: prefill the prompt into the KV cache (a prefix LM's prompt read both ways, as
+  its prefix), then one token a step."""
   b, t = prompt_BT.shape
   cache = model.init(jax.random.key(0), jnp.zeros((b, t + max_new_tokens), jnp.int32),
                      decode=True)["cache"]
 
-  def apply_fn(cache, tokens):
+  def apply_fn(cache, tokens, **extra):
     logits, mutated = model.apply({"params": params, "cache": cache}, tokens, decode=True,
-                                  mutable=["cache"])
+                                  mutable=["cache"], **extra)
     return logits, mutated["cache"]
 
-  logits, cache = apply_fn(cache, prompt_BT)
+  logits, cache = apply_fn(cache, prompt_BT,
+                           **({"prefix_BT": jnp.ones_like(prompt_BT)} if prefix else {}))
   return _sample_loop(apply_fn, cache, logits[:, -1], rng, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -86,16 +89,17 @@ def _generate_seq2seq(model, params, source_BS, rng, *, start_id, max_new_tokens
 
 def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             start_id: int | None = None):
+             start_id: int | None = None, prefix: bool = False):
   """Samples `max_new_tokens` after each prompt (a list of equal-length id lists); returns lists
   of new ids, cut at the first `eos_id`. temperature 0 = greedy. With `start_id` the model is an
-  encoder-decoder, the prompts are its source and decoding starts from start_id."""
+  encoder-decoder, the prompts are its source and decoding starts from start_id; `prefix`: a
+  prefix LM's, whose prompt is its prefix."""
   prompt_BT = jnp.asarray(prompt_ids, jnp.int32)
   model = families.for_inference(model)
   kwargs = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p))
   if start_id is None:
-    out = _generate(model, params, prompt_BT, jax.random.key(seed), **kwargs)
+    out = _generate(model, params, prompt_BT, jax.random.key(seed), prefix=prefix, **kwargs)
   else:
     out = _generate_seq2seq(model, params, prompt_BT, jax.random.key(seed), start_id=start_id,
                             **kwargs)

@@ -306,7 +306,7 @@ class Attention(nn.Module):
     sparse = local and bool(c.global_tokens or c.random_blocks)
     offset = 0
     if decode and kv_BSD is None:
-      k_BSNK, v_BSNK, mask_BTS, offset = self._cache(k_BSNK, v_BSNK)
+      k_BSNK, v_BSNK, mask_BTS, offset = self._cache(k_BSNK, v_BSNK, mask_BTS)
       s_len = k_BSNK.shape[1]
       k_positions_BS = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (x.shape[0], s_len))
     # Sparse patterns, and any window while decoding (queries offset in the cache), go in the
@@ -377,9 +377,10 @@ class Attention(nn.Module):
     return attention.sparse_mask(t, s, window, q_offset, q_positions_BT, k_positions_BS,
                                  c.global_tokens, blocks_QR, c.block_size)
 
-  def _cache(self, k_BTNK, v_BTNK):
+  def _cache(self, k_BTNK, v_BTNK, mask_BTT=None):
     """Writes this call's keys/values at the cache index; returns the whole cache, its causal
-    mask and the index the call's first query has."""
+    mask (plus what `mask_BTT`, the call's own mask over its tokens, allows among them: a prefix
+    LM's prompt sees itself both ways) and the index the call's first query has."""
     is_init = self.has_variable("cache", "key")
     key = self.variable("cache", "key", jnp.zeros, k_BTNK.shape, k_BTNK.dtype)
     value = self.variable("cache", "value", jnp.zeros, v_BTNK.shape, v_BTNK.dtype)
@@ -392,7 +393,11 @@ class Attention(nn.Module):
     value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK, (0, i, 0, 0))
     index.value = i + t
     mask_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
-    return key.value, value.value, jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s)), i
+    mask_BTS = jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s))
+    if mask_BTT is not None and t > 1 and mask_BTT.shape == mask_BTS.shape[:2] + (t,):
+      own_BTS = jax.lax.dynamic_update_slice(jnp.zeros_like(mask_BTS), mask_BTT, (0, 0, i))
+      mask_BTS = mask_BTS | own_BTS
+    return key.value, value.value, mask_BTS, i
 
 
 GATED = ("swiglu", "geglu")  # activations with a gate projection besides `up`

@@ -12,6 +12,7 @@ NAME = "prefix_lm"
 FAMILIES = ("decoder",)
 SPLASH = "its mask"  # why Pallas splash attention cannot serve it
 KEYS = ("inputs", "targets", "weights", "prefix")
+PREFIX = True  # outside training too: a context (a prompt) is read as the prefix
 
 
 def resolve(s: common.Spec) -> common.Spec:
