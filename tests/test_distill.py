@@ -175,6 +175,30 @@ def test_hidden_state_matching_equals_its_formula():
   assert float(aux["distill_hidden_mse"]) == 0.0
 
 
+def test_hidden_matching_over_microbatches_adds_up_to_the_whole_batch():
+  """Microbatches holding different numbers of real tokens: each one's hidden term divides by
+  the whole step's token count (step.batch_totals), so their sums are the whole batch's loss
+  (a microbatch's own mean weighted every microbatch alike), and the reported mean adds up."""
+  from transformer_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  _, model, init, batch, task = _setup()
+  # row 0: 3 tokens, 3 targets; row 1: every token, a target at every other one (MLM-like)
+  batch = dict(batch, segment_ids=batch["segment_ids"].at[0, 3:].set(0),
+               weights=batch["weights"].at[0, 3:].set(0.0).at[1, ::2].set(0.0))
+  teacher = distill.Teacher(model, init(1), 0.5, 2.0, hidden_weight=50.0)
+  params = {**init(0), distill.PROJECTION: {"kernel": jnp.eye(64) * 3.0}}
+  whole, weight, aux = loss_parts(model, params, batch, task=task, teacher=teacher)
+  totals = step_lib.batch_totals(model, batch)
+  parts = [loss_parts(model, params, jax.tree.map(lambda x, r=r: x[r:r + 1], batch), task=task,
+                      teacher=teacher, totals=totals) for r in range(2)]
+  assert sum(float(p[0]) for p in parts) == pytest.approx(float(whole), rel=1e-5)
+  assert sum(float(p[1]) for p in parts) == pytest.approx(float(weight))
+  assert sum(float(p[2]["distill_hidden_mse"]) for p in parts) == pytest.approx(
+      float(aux["distill_hidden_mse"]), rel=1e-5)
+  own = [loss_parts(model, params, jax.tree.map(lambda x, r=r: x[r:r + 1], batch), task=task,
+                    teacher=teacher)[0] for r in range(2)]
+  assert abs(sum(map(float, own)) - float(whole)) > 1e-3 * abs(float(whole))  # it mattered
+
+
 def _block_outputs(model, params, batch):
   """Each block's output from flax's own capture_intermediates, float64 [B, T, D]."""
   _, captured = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],

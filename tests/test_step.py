@@ -56,6 +56,49 @@ def test_accumulation_equals_big_batch():
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_a_sentence_pair_head_accumulates_to_the_big_batch():
+  """BERT with SOP over microbatches of very different masked-token counts: the pair loss is
+  the mean over all the step's pairs, as with one batch (each microbatch's own mean, weighted by
+  its tokens, gave its pairs 4/68 of the weight instead of 1/2)."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+
+  def cfg(*more):
+    return config_lib.load(f"{REPO}/configs/bert.py:tiny", [
+        "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.vocab_size=128",
+        "model.head_dim=8", "model.max_len=32", "data.seq_len=32", "train.batch_size=4",
+        "model.sentence_head=true", "data.sentence_pair=sop", "optimizer.warmup_steps=0", *more])
+  trainer = Trainer(cfg(), sharding.make_mesh(cfg(), jax.devices()[:1]))
+  batch = objectives.synthetic_batch(trainer.objective, 4, 128, seed=0)
+  batch["weights"][:] = 0
+  batch["weights"][[0, 2], :2] = 1  # microbatch 0 (rows 0, 2): 4 targets; microbatch 1: 64
+  batch["weights"][[1, 3], :] = 1
+  batch["sentence_weights"][:] = 0
+  batch["sentence_weights"][:, 0] = 1
+  batch["sentence_labels"][:] = np.array([[0], [1], [0], [1]])
+  figures = []
+  for c in (cfg(), cfg("train.microbatches=2")):
+    t = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
+    _, m = t.train_step(t.init_state(0), t.put_batch(batch), jax.random.key(0))
+    figures.append((float(m["loss"]), float(m["grad_norm"])))
+  np.testing.assert_allclose(figures[1], figures[0], rtol=1e-5)
+
+
+def test_bf16_parameters_accumulate_their_gradients_in_fp32():
+  """With model.param_dtype=bfloat16 the microbatches' gradients are summed in fp32 (bf16 sums
+  lost precision with every microbatch) and the update gets the parameters' dtype back."""
+  config = tiny_config("model.param_dtype=bfloat16", "train.microbatches=2")
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  state = trainer.init_state(0)
+  batch = trainer.put_batch(random_batches(config, 1)[0])
+  accumulate = trainer._accumulate  # pylint: disable=protected-access
+  _, _, grads, _ = jax.eval_shape(accumulate, state.params, batch, jax.random.key(0), state.step,
+                                  None)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  new, metrics = trainer.train_step(state, batch, jax.random.key(0))
+  assert jax.tree.map(lambda a: a.dtype, new) == jax.tree.map(lambda a: a.dtype, state)
+  assert np.isfinite(float(metrics["loss"]))
+
+
 @pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (2, 1, 4, 1),
                                   (1, 2, 2, 2), (4, 1, 1, 2, 2), (2, 2, 1, 2, 2),
                                   (2, 1, 2, 2, 2)])

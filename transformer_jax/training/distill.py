@@ -168,9 +168,16 @@ def uniform_pairs(student_layers: int, teacher_layers: int) -> list:
           for i in range(student_layers)]
 
 
-def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch):
+def token_counts(batch) -> dict:
+  """Each stack's non-padding tokens in `batch` ({"" | "encoder" | "decoder": count})."""
+  return {where: jnp.sum((batch[key] != 0).astype(jnp.float32))
+          for where, key in _SEGMENTS.items() if key in batch}
+
+
+def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch, tokens=None):
   """The mean over the matched layer pairs of every stack of the per-token mean squared error
-  between the projected student residual stream and the teacher's, over non-padding tokens."""
+  between the projected student residual stream and the teacher's, over non-padding tokens
+  (`tokens`: the counts to divide by, a whole step's for one of its microbatches)."""
   from transformer_jax.models import stack  # pylint: disable=g-import-not-at-top
   mine, theirs = stack.sown_layers(student_sown), stack.sown_layers(teacher_sown)
   terms = []
@@ -183,7 +190,8 @@ def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch):
       diff_BTD = (jnp.einsum("BTd,de->BTe", hs[i].astype(jnp.float32), projection)
                   - jax.lax.stop_gradient(ht[j]).astype(jnp.float32))
       per_token_BT = jnp.mean(jnp.square(diff_BTD), axis=-1)
-      terms.append(jnp.sum(per_token_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0))
+      count = jnp.sum(mask_BT) if tokens is None else tokens[where]
+      terms.append(jnp.sum(per_token_BT * mask_BT) / jnp.maximum(count, 1.0))
   return sum(terms) / max(len(terms), 1)
 
 
@@ -223,11 +231,12 @@ def kl_sum(student_logits, teacher_logits, w, temperature: float):
 
 
 def loss_terms(teacher: Teacher, inputs: list, extra: dict, student_logits, base_loss, w,
-               hidden=None):
+               hidden=None, totals=None):
   """(The distillation objective's sum, {distill_kl: the soft term's KL sum[, distill_hidden_mse:
   hidden_mse]}) for one batch: `base_loss` is the usual loss summed over the target tokens, `w`
   their weights; `hidden` = (the student's sown intermediates, its projection, the batch) when
-  hidden states are matched (their term counts once per target token, like the mean loss)."""
+  hidden states are matched (their term counts once per target token, like the mean loss);
+  `totals`: the whole step's counts (step.batch_totals) when this batch is a microbatch."""
   if hidden is None:
     logits = teacher.model.apply({"params": teacher.params}, *inputs, **extra)
   else:
@@ -240,7 +249,9 @@ def loss_terms(teacher: Teacher, inputs: list, extra: dict, student_logits, base
   total, aux = teacher.alpha * base_loss + soft, {"distill_kl": kl}
   if hidden is not None:
     student_sown, projection, batch = hidden
-    mse = hidden_mse(teacher, student_sown, sown[layers.INTERMEDIATES], projection, batch)
-    total = total + teacher.hidden_weight * mse * jnp.sum(w)
+    mse = hidden_mse(teacher, student_sown, sown[layers.INTERMEDIATES], projection, batch,
+                     None if totals is None else totals["tokens"])
+    weight = jnp.sum(w) if totals is None else totals["weights"]
+    total = total + teacher.hidden_weight * mse * weight
     aux["distill_hidden_mse"] = mse
   return total, aux

@@ -26,7 +26,7 @@ def aux_kind(key: str) -> str:
   """How an aux metric combines over microbatches and data shards: max, sum or mean."""
   if key == "moe_expert_load" or key.startswith("act_max"):
     return "max"
-  return "sum" if key in ("extra_loss", "distill_kl") else "mean"
+  return "sum" if key in ("extra_loss", "distill_kl", "distill_hidden_mse") else "mean"
 
 
 AUX_REDUCE = {"max": jnp.max, "sum": jnp.sum, "mean": jnp.mean}  # over the microbatches
@@ -62,7 +62,7 @@ def loss_sums(model, params, batch, **kwargs):
 
 
 def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, label_smoothing=0.0,
-               dropout_rng=None, chunk=0, teacher=None, activations=False):
+               dropout_rng=None, chunk=0, teacher=None, activations=False, totals=None):
   """(Sum of token cross-entropies (fp32), sum of target weights, sums for metrics) over one
   batch. `task` (the objective's `loss`) names the batch keys the model also takes (a prefix
   LM's prefix, BERT's token types) and whether a sentence-pair head adds its mean pair loss,
@@ -75,6 +75,9 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   states' mean squared error as distill_hidden_mse);
   aux["extra_loss"] is what they add (metrics report the loss without it). `activations`
   (train.log_activations) adds each layer's output RMS and max |x| (stack.activation_metrics).
+  `totals` (batch_totals of the whole step's batch, when `batch` is one of its microbatches)
+  normalise the batch-mean terms (sentence pairs, hidden states) by the step's counts, so that
+  the microbatches' sums add up to the whole batch's loss.
   """
   extra = {keyword: batch[key] for key, keyword in task.inputs}
   sentence, moe = task.sentence, model.cfg.num_experts > 0
@@ -97,9 +100,11 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
     loss = jnp.sum(token_loss(logits, batch[targets_key], z_loss, label_smoothing,
                               model.cfg.output_vocab) * w_BT)
   aux = {}
+  weight = jnp.sum(w_BT) if totals is None else totals["weights"]
   if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
     aux = sentence_sums(model, params, out, batch)
-    loss = loss + aux["sentence_nll"] / jnp.maximum(aux["sentence_pairs"], 1.0) * jnp.sum(w_BT)
+    pairs = aux["sentence_pairs"] if totals is None else totals["pairs"]
+    loss = loss + aux["sentence_nll"] / jnp.maximum(pairs, 1.0) * weight
   base = loss
   if teacher is not None:
     student = (sown[stack.INTERMEDIATES], params[distill.PROJECTION]["kernel"],
@@ -107,7 +112,7 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
     z_sum = (z_loss * jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w_BT)
              if z_loss else 0.0)  # at its full weight, not train.distill's alpha's share
     loss, terms = distill.loss_terms(teacher, inputs, extra, logits, loss - z_sum, w_BT,
-                                     hidden=student)
+                                     hidden=student, totals=totals)
     loss = loss + z_sum
     aux.update(terms)
   if moe:
@@ -120,6 +125,16 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   if activations:
     aux.update(stack.activation_metrics(sown[stack.ACTIVATIONS]))
   return loss, jnp.sum(w_BT), aux
+
+
+def batch_totals(model, batch) -> dict:
+  """The counts a step's batch-mean terms divide by: target weights, sentence pairs and each
+  stack's non-padding tokens (distill.token_counts)."""
+  out = {"weights": jnp.sum(batch[type(model).TARGETS[1]].astype(jnp.float32)),
+         "tokens": distill.token_counts(batch)}
+  if "sentence_weights" in batch:
+    out["pairs"] = jnp.sum(batch["sentence_weights"].astype(jnp.float32))
+  return out
 
 
 def mixture_tokens(batch, num_sources: int):
@@ -275,7 +290,7 @@ class Trainer:
       loss, weight, grads, moe = self._accumulate(state.params, batch, rng, state.step,
                                                   teacher_params)
     denom = jnp.maximum(weight, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss, grad_norm = loss / denom, optax.tree.norm(grads)
     # The logged loss is the usual one (comparable to a dense, undistilled model's); the router
     # and distillation terms have their own metrics.
@@ -312,9 +327,10 @@ class Trainer:
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       loss_mean=loss_mean, skipped=state.skipped + bad), metrics
 
-  def _micro_grads(self, params, micro, i, rng, step, teacher_params, shard=None):
+  def _micro_grads(self, params, micro, i, rng, step, teacher_params, shard=None, totals=None):
     """(loss sum, target weight, gradients, aux metrics) of one microbatch; `shard`: the data
-    shard's index when each shard runs its own rows (its dropout then differs from the others')."""
+    shard's index when each shard runs its own rows (its dropout then differs from the others');
+    `totals`: the whole step's batch_totals."""
     c = self.config
     teacher = (dataclasses.replace(self.teacher, params=teacher_params)
                if self.teacher is not None else None)
@@ -330,7 +346,7 @@ class Trainer:
       loss, weight, aux = loss_parts(self.model, p, micro, task=self.task, z_loss=c.train.z_loss,
                                      label_smoothing=c.train.label_smoothing, dropout_rng=drng,
                                      chunk=chunk, teacher=teacher,
-                                     activations=c.train.log_activations)
+                                     activations=c.train.log_activations, totals=totals)
       return loss, (weight, {k: v for k, v in aux.items()
                              if k.startswith(("moe_", "distill_", "act_")) or k == "extra_loss"})
     (loss, (weight, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -340,16 +356,19 @@ class Trainer:
     """_micro_grads summed over train.microbatches (row r of `batch` in microbatch r % m: every
     device keeps its own rows, no resharding); aux metrics: max, sum or mean over them."""
     m = self.config.train.microbatches
+    totals = batch_totals(self.model, batch)  # of this shard's rows, per shard (sums over rows)
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
                          batch)
 
     def body(carry, xs):
       loss, weight, grads = carry
       mb, i = xs
-      l, w, g, aux = self._micro_grads(params, mb, i, rng, step, teacher_params, shard)
-      return (loss + l, weight + w, jax.tree.map(jnp.add, grads, g)), aux
+      l, w, g, aux = self._micro_grads(params, mb, i, rng, step, teacher_params, shard, totals)
+      return (loss + l, weight + w,
+              jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)), aux
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    # fp32 sums whatever the parameters' dtype (bf16 partial sums lose the small microbatches)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     (loss, weight, grads), aux = jax.lax.scan(body, (0.0, 0.0, zeros), (micro, jnp.arange(m)))
     return loss, weight, grads, {k: AUX_REDUCE[aux_kind(k)](v) for k, v in aux.items()}
 
