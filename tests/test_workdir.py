@@ -135,15 +135,23 @@ def test_config_json_is_written_atomically_and_read_with_a_one_line_error(tmp_pa
   json.loads(before)
 
 
-def test_a_resumed_run_replays_into_one_clean_metrics_history(tiny_data, tmp_path):
+def test_a_resumed_run_replays_into_one_clean_metrics_history(tiny_data, tmp_path, capsys):
+  """...and a resume whose data order changed (here the seed) says that the saved position
+  indexes another order; a plain resume says nothing of the kind."""
   workdir = str(tmp_path)
   extra = {"train.steps": 10, "train.log_every": 5, "checkpoint.every_steps": 5}
   loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())
   shutil.rmtree(os.path.join(workdir, "checkpoints", "10"))  # as if killed before that save
-  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())  # replays 6..10
+  capsys.readouterr()
+  loop.train(_config(tiny_data, **extra), workdir, devices=ONE())  # replays 6..10
+  said = capsys.readouterr()
+  assert "resumed from" in said.out and "data changed" not in said.out + said.err
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if "loss" in json.loads(line)]
   assert steps == [5, 10]
+  loop.train(_config(tiny_data, **{**extra, "train.steps": 11, "seed": 7}), workdir, devices=ONE())
+  said = capsys.readouterr()
+  assert "warning: the data changed since checkpoint 10 (seed: 0 -> 7)" in said.out + said.err
 
 
 def test_metrics_file_deleted_during_a_run_is_created_again(tmp_path):

@@ -79,6 +79,25 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   return diffs
 
 
+# What decides the order a saved data position indexes (a mixture's weights and sources may
+# change: its sources' positions are kept by name).
+DATA_ORDER_KEYS = ("seed", "data.corpus", "data.format", "data.text_field", "data.packing",
+                   "data.validation_fraction", "data.objective", "data.seq_len", "data.add_bos",
+                   "data.add_eos")
+
+
+def data_order_changes(config, workdir: str) -> list[str]:
+  """`KEY: saved -> now` for each DATA_ORDER_KEYS value that differs from the workdir's saved
+  config (none without one)."""
+  saved_path = paths.join(workdir, "config.json")
+  if not paths.isfile(saved_path):
+    return []
+  saved = _flat(config_lib.with_defaults(config_lib.read_json(saved_path)))
+  now = _flat(json.loads(config_lib.to_json(config)))
+  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in DATA_ORDER_KEYS
+          if saved.get(k) != now.get(k)]
+
+
 def start(trainer, workdir: str, data, say, data_writes=None):
   """(first step, state, Checkpoints) for a run in `workdir`: restored from its newest readable
   checkpoint (and `data` moved to its position), or freshly initialised. Writes config.json
@@ -101,6 +120,7 @@ def start(trainer, workdir: str, data, say, data_writes=None):
     say(f"checkpoints of the previous config set aside in {ckpt_lib.set_aside(workdir)}")
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   step, state = ckpts.restore(trainer.abstract_state, data, report=say)
+  reordered = data_order_changes(c, workdir) if state is not None else []
   if jax.process_index() == 0:
     config_lib.write_json(c, paths.join(workdir, "config.json"))
     if c.data.tokenizer:
@@ -108,6 +128,10 @@ def start(trainer, workdir: str, data, say, data_writes=None):
                        tfds_text.tokenizer_sha256(c.data.tokenizer) + "\n")
   if state is not None:
     say(f"resumed from {ckpts.directory}/{step}")
+    if reordered:
+      say(f"warning: the data changed since checkpoint {step} ({'; '.join(reordered)}): its "
+          f"saved position now indexes another document order, so this epoch may repeat or "
+          f"skip documents")
     return step, state, ckpts
   state = trainer.init_state(c.seed)
   if params is not None:
