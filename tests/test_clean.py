@@ -237,6 +237,18 @@ def test_each_removal_counted_once_by_first_failing_stage(tmp_path):
   assert summary["documents_out"] == 1
 
 
+def test_gopher_reads_stop_words_beside_punctuation_and_letters_only_as_letters():
+  """A stop word in brackets or before a comma is a stop word ("(the", "with,"), and a token of
+  vulgar fractions or superscripts has no letter (Unicode calls them word characters)."""
+  words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split() * 6
+  text = " ".join(words[:30]) + " (the " + " ".join(words[30:]) + " with, end."
+  metrics = gopher._metrics  # pylint: disable=protected-access
+  measure = lambda t: {rule: v for rule, v, _ in metrics(t, gopher.Limits())}
+  assert measure(text)["stop_words"] == 2
+  numbers = " ".join(["\u00bd \u00b2 \u216b 12"] * 10 + words[:20])
+  assert measure(numbers)["alpha_words"] == pytest.approx(20 / 60)
+
+
 def test_quality_rules_keep_prose_and_name_the_rule():
   rng = random.Random(2)
   limits = gopher.Limits()

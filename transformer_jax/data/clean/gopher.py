@@ -5,12 +5,20 @@ ratio, bullet and ellipsis lines, words with a letter, stop words) and the repet
 (duplicate lines and paragraphs, by count and by characters; the share of characters in the most
 frequent 2-, 3- and 4-gram; the share in duplicated 5- to 10-grams). `check(text, limits)`
 evaluates them in that order, cheap ones first, and stops at the first that fails.
+
+The paper names no tokenizer and no line or paragraph rule; the choices here, where datatrove's
+implementation reads it otherwise: words are whitespace tokens that are not all punctuation
+(datatrove: spaCy tokens, punctuation included, which it then counts as words without a
+letter); a stop word may touch punctuation ("(the"), case aside; blank lines are no lines;
+paragraphs split at blank lines of any ending (CRLF, spaces); character shares divide by the
+characters of the items compared.
 """
 
 import collections
 import dataclasses
 import itertools
 import re
+import string
 from collections.abc import Iterator
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -18,7 +26,7 @@ BULLETS = ("\u2022", "\u2023", "\u25e6", "\u2043", "\u2219", "-", "*", "\u00b7")
 ELLIPSES = ("...", "\u2026")
 _PUNCTUATION = re.compile(r"^\W+$")
 _PARAGRAPHS = re.compile(r"\r?\n(?:[ \t\f\v]*\r?\n)+")  # blank lines (CRLF, or holding spaces)
-_LETTER = re.compile(r"[^\W\d_]")
+_QUOTES = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb"  # stripped for stop words
 
 
 @dataclasses.dataclass
@@ -118,9 +126,9 @@ def _metrics(text: str, limits: Limits) -> Iterator[tuple[str, float, bool]]:
   yield "bullet_lines", bullets, bullets <= limits.max_bullet_lines
   ellipses = _share(sum(line.endswith(ELLIPSES) for line in lines), len(lines))
   yield "ellipsis_lines", ellipses, ellipses <= limits.max_ellipsis_lines
-  alpha = _share(sum(1 for w in words if _LETTER.search(w)), n)
+  alpha = _share(sum(1 for w in words if any(c.isalpha() for c in w)), n)  # "½", "²" are no letters
   yield "alpha_words", alpha, alpha >= limits.min_alpha_words
-  stops = len(STOP_WORDS.intersection(w.lower() for w in words))
+  stops = len(STOP_WORDS.intersection(w.lower().strip(_QUOTES) for w in words))  # "(the"
   yield "stop_words", stops, stops >= limits.min_stop_words
   yield from _repetition(text, lines, words, limits)
 
