@@ -25,6 +25,7 @@ from transformer_jax.data import objectives
 from transformer_jax.data import tokenization
 from transformer_jax.evaluation import passkey
 from transformer_jax.models import attention
+from transformer_jax.models import families
 from transformer_jax.models import layers
 from transformer_jax.models import ring
 from transformer_jax.models import stack
@@ -473,3 +474,49 @@ def test_bad_long_context_keys_are_one_line_errors(override, message):
   with pytest.raises(ConfigError, match=re.escape(message)) as e:
     config_lib.validate(config)
   assert "\n" not in str(e.value)
+
+
+def test_prefix_lm_generation_keeps_bidirectional_blocks_and_lengths_are_checked():
+  """A prefix LM's one-token steps run as the prefix LM (BigBird's bidirectional random-block
+  table, as the full forward with the prompt as prefix); generation past learned positions, or a
+  prefix LM's random blocks past max_len, is refused (NaN logits read as token 0, or tables no
+  full forward pass draws)."""
+  from transformer_jax.inference import beam, sampling  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(attention_window=2, random_blocks=2, block_size=2, max_len=32, init_std=0.3)
+  model = DecoderLM(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  apply = jax.jit(model.apply)
+  for length in (5, 11):
+    prompt = np.random.default_rng(length).integers(3, 97, length).tolist()
+    new = sampling.generate(model, params, [prompt], 10, temperature=0.0, prefix=True)[0]
+    row = list(prompt)
+    for _ in range(10):  # full passes over rows padded to 32 (segment 0): one compile
+      n = len(row)
+      pad = lambda values, n=n: jnp.asarray([list(values) + [0] * (32 - n)])
+      logits = apply({"params": params}, pad(row), pad([1] * n), pad(range(n)),
+                     prefix_BT=pad([1] * length + [0] * (n - length)))
+      row.append(int(jnp.argmax(logits[0, n - 1])))
+    assert new == row[length:], length
+  with pytest.raises(ConfigError, match="past model.max_len=32 .prefix LM random blocks"):
+    sampling.generate(model, params, [[5] * 30], 4, temperature=0.0, prefix=True)
+  learned = DecoderLM(_cfg(max_len=16, position="learned"))
+  params = nn.unbox(learned.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  with pytest.raises(ConfigError, match="position 20, past model.max_len=16 .learned positions"):
+    sampling.generate(learned, params, [[5] * 14], 6, temperature=0.0)
+  seq2seq = families.build_model(config_lib.load(f"{REPO}/configs/transformer.py:tiny",
+                                                 ["model.position=learned", "model.max_len=16"]))
+  with pytest.raises(ConfigError, match="learned positions"):
+    beam.beam_search(seq2seq, {}, [[5] * 8], beam_size=2, max_len=20, start_id=1, eos_id=2)
+
+
+def test_a_decoder_with_relative_positions_has_t5s_bias_and_caches_it():
+  """model.position=relative in a decoder-only model: its stack's T5 bias table (the model had
+  no position signal at all), causal buckets, and the KV cache gives the full pass's logits."""
+  cfg = _cfg(position="relative", init_std=0.3)
+  model = DecoderLM(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  assert params["relative_bias"].shape == (cfg.relative_buckets, cfg.num_heads)
+  tokens = jnp.asarray([[5, 6, 7, 5, 6, 7, 5, 9, 11, 12]])
+  full = assert_kv_cache_matches(model, params, tokens, prefill=3)
+  flat = {**params, "relative_bias": jnp.zeros_like(params["relative_bias"])}
+  assert float(jnp.max(jnp.abs(model.apply({"params": flat}, tokens) - full))) > 1e-3

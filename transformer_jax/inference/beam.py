@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.inference import sampling
 from transformer_jax.models import families
 
 NEG_INF = -1e9
@@ -94,8 +95,10 @@ def beam_search(model, params, source_ids, *, beam_size: int = 4, max_len: int =
                 start_id: int, eos_id: int, alpha: float = 0.6):
   """The best hypothesis per source (a list of equal-length id lists) under the length penalty:
   (token lists cut after eos, log-probabilities, penalised scores)."""
+  source_BS = jnp.asarray(source_ids, jnp.int32)
+  sampling.check_length(model.cfg, max(source_BS.shape[1], int(max_len) + 1))
   tokens_BT, logp_B, score_B = _beam_search(
-      families.for_inference(model), params, jnp.asarray(source_ids, jnp.int32), beam_size=int(beam_size),
+      families.for_inference(model), params, source_BS, beam_size=int(beam_size),
       max_len=int(max_len), start_id=int(start_id), eos_id=int(eos_id), alpha=float(alpha))
   rows = []
   for row in jax.device_get(tokens_BT).tolist():

@@ -56,13 +56,15 @@ def _generate(model, params, prompt_BT, rng, *, max_new_tokens, temperature, top
   cache = model.init(jax.random.key(0), jnp.zeros((b, t + max_new_tokens), jnp.int32),
                      decode=True)["cache"]
 
-  def apply_fn(cache, tokens, **extra):
+  def apply_fn(cache, tokens, in_prefix=0):
+    # a prefix LM's steps say "no prefix" (zeros), not nothing: without prefix_BT the model is
+    # causal, and BigBird draws its causal random blocks, not the prefix LM's bidirectional ones
+    extra = {"prefix_BT": jnp.full(tokens.shape, in_prefix, jnp.int32)} if prefix else {}
     logits, mutated = model.apply({"params": params, "cache": cache}, tokens, decode=True,
                                   mutable=["cache"], **extra)
     return logits, mutated["cache"]
 
-  logits, cache = apply_fn(cache, prompt_BT,
-                           **({"prefix_BT": jnp.ones_like(prompt_BT)} if prefix else {}))
+  logits, cache = apply_fn(cache, prompt_BT, in_prefix=1)
   return _sample_loop(apply_fn, cache, logits[:, -1], rng, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -87,6 +89,17 @@ def _generate_seq2seq(model, params, source_BS, rng, *, start_id, max_new_tokens
                       temperature=temperature, top_k=top_k, top_p=top_p)
 
 
+def check_length(cfg, longest: int, prefix: bool = False):
+  """Refuses a generation whose rows reach `longest` positions where the model cannot go: past
+  learned positions (NaN logits, read as token 0), or a prefix LM's BigBird random blocks past
+  max_len (drawn over the cache's length, which no full forward pass matches)."""
+  from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if longest > cfg.max_len and (cfg.position == "learned" or (prefix and cfg.random_blocks)):
+    why = "learned positions" if cfg.position == "learned" else "prefix LM random blocks"
+    raise ConfigError(f"generation reaches position {longest}, past model.max_len="
+                      f"{cfg.max_len} ({why}): shorten the prompt or max_new_tokens")
+
+
 def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
              start_id: int | None = None, prefix: bool = False):
@@ -95,6 +108,8 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
   encoder-decoder, the prompts are its source and decoding starts from start_id; `prefix`: a
   prefix LM's, whose prompt is its prefix."""
   prompt_BT = jnp.asarray(prompt_ids, jnp.int32)
+  check_length(model.cfg, prompt_BT.shape[1] + max_new_tokens if start_id is None else
+               max(prompt_BT.shape[1], max_new_tokens + 1), prefix)
   model = families.for_inference(model)
   kwargs = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p))

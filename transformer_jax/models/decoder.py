@@ -5,6 +5,7 @@ import flax.linen as nn
 from transformer_jax.models import attention
 from transformer_jax.models import layers
 from transformer_jax.models import stack
+from transformer_jax.models.encoder import relative_table
 from transformer_jax.models.layers import ModelConfig
 
 
@@ -41,7 +42,8 @@ class DecoderLM(nn.Module):
     x_BTD = self.embed.embed(tokens_BT, positions_BT)
     x_BTD = nn.Dropout(c.dropout_rate)(x_BTD, deterministic)
     x_BTD = stack.apply_blocks(c, x_BTD, positions_BT, mask_BTS, deterministic, decode,
-                               causal=prefix_BT is None, segment_ids_BT=segment_ids_BT)
+                               causal=prefix_BT is None, segment_ids_BT=segment_ids_BT,
+                               rel_table=relative_table(self, c))  # position=relative: T5's bias
     if c.norm_position == "pre":
       x_BTD = layers.Norm(c, name="final_norm")(x_BTD)
     return x_BTD if hidden else self.logits(x_BTD)
