@@ -207,6 +207,24 @@ def test_one_huge_document_reads_in_bounded_memory(tmp_path):
   assert sum(len(t) for _, t in corpus_lib.iter_documents(str(tmp_path / "*.txt"))) == 24 * len(line)
 
 
+def test_the_tokenizer_sample_keeps_documents_apart_and_its_character_budget():
+  """Training sentences never join two documents (lines/JSONL documents end without a
+  newline); the sample holds at most max_chars characters whatever the line lengths (long lines
+  took up to 4x the budget), uniformly: every sentence when they fit, and a mixture's sources in
+  their shares of the characters."""
+  docs = [f"doc{i} " + "word " * 30 for i in range(400)]  # no trailing newline
+  sample = tokenizer_lib.sample_sentences(docs, 10**9)
+  assert sorted(sample) == sorted(docs)
+  long_lines = ["x" * 3999 + "\n"] * 500  # one 4000-character sentence each
+  for budget in (10_000, 100_000):
+    for texts in (long_lines, ["short line\n" * 80] * 200):
+      got = sum(map(len, tokenizer_lib.sample_sentences(texts, budget)))
+      assert budget - 4000 < got <= budget, (budget, got)  # within a sentence of it
+  picked = tokenizer_lib.sample_sentences([f"{i}\n" * 100 for i in range(1000)], 20_000, seed=1)
+  firsts = [int(p.split()[0]) for p in picked]
+  assert 300 < np.mean(firsts) < 700  # not the corpus's start or end
+
+
 def test_tokenized_corpus_encodes_bounded_batches():
   source = [{"text": "x" * n} for n in (10, 3 << 20, 3 << 20, 5, 5 << 20, 1, 2)]
   batches = list(tfds_text._batches(source, "text"))

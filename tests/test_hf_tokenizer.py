@@ -203,3 +203,30 @@ def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny
   convert_cli.main(["export", "--workdir", str(workdir), "--hf_dir", str(out)])
   again = transformers.AutoTokenizer.from_pretrained(str(out))
   assert again.encode(texts[0]) == theirs.encode(texts[0])
+
+
+def test_a_files_saved_truncation_padding_null_bos_and_id_gaps_are_read_as_transformers_does(
+    tmp_path):
+  """A tokenizer.json saved with truncation and padding on encodes whole documents, alike one
+  by one and in batches; "bos_token": null in tokenizer_config.json means no bos (not a name
+  match on <s>); vocab_size is the highest id + 1 when the ids have gaps."""
+  vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3,
+           **{w: i + 4 for i, w in enumerate("the cat sat on a mat".split())}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.add_special_tokens(["[PAD]", "[UNK]", "<s>", "</s>"])
+  tok.enable_truncation(max_length=4)
+  tok.enable_padding(pad_id=0, pad_token="[PAD]")
+  tok.save(str(tmp_path / "tokenizer.json"))
+  ours = tokenization.load(str(tmp_path))
+  assert ours.encode("the cat sat on a mat") == [4, 5, 6, 7, 8, 9]
+  assert ours.encode_batch(["the cat sat on a mat", "a cat"]) == [[4, 5, 6, 7, 8, 9], [8, 5]]
+  assert ours.bos_id == 2
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None,
+                                                              "eos_token": "</s>"}))
+  ours = tokenization.load(str(tmp_path))
+  assert (ours.bos_id, ours.eos_id) == (-1, 3)
+  gaps = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1, "b": 7},
+                                                          unk_token="[UNK]"))
+  gaps.save(str(tmp_path / "gaps.json"))
+  assert tokenization.load(str(tmp_path / "gaps.json")).vocab_size == 8

@@ -42,6 +42,12 @@ class HFTokenizer:
     self._data, self._config = data, dict(config or {})
     self._tok = tokenizers.Tokenizer.from_str(data)
     self._tok.encode_special_tokens = True  # a special token's name in the text is text
+    # A file saved with truncation or padding on would cut every document to its max_length
+    # and pad encode_batch's rows (transformers turns both off on each call unless asked).
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    # the highest id + 1 (a vocabulary with gaps in its ids has fewer tokens than that)
+    self._size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
     spec = json.loads(data)
     specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     self._special_ids = frozenset(specials.values())
@@ -58,6 +64,8 @@ class HFTokenizer:
       named = named.get("content")
     if named:
       return self.piece_id(named)
+    if f"{role}_token" in self._config:  # "bos_token": null says there is none (Qwen2's)
+      return -1
     if role == "bos" and isinstance(post_processor, dict):
       for part in post_processor.get("single", []):  # TemplateProcessing: "<s> $A"
         if "Sequence" in part:  # what follows the text ("$A </s>", T5's) is no bos
@@ -68,7 +76,7 @@ class HFTokenizer:
 
   @property
   def vocab_size(self) -> int:
-    return self._tok.get_vocab_size(with_added_tokens=True)
+    return self._size
 
   @property
   def pad_id(self) -> int:

@@ -312,6 +312,7 @@ def tokenized_builder(data_cfg) -> TokenizedCorpus:
           "add_eos": bool(data_cfg.add_eos)}
   if hf_tokenization.is_hf(data_cfg.tokenizer):  # not the datasets that read special names
     spec["special_names"] = "text"
+    spec["encoding"] = "untruncated"  # records of files saved with truncation on were cut
     # bos/eos (baked into the records) come from tokenizer_config.json beside tokenizer.json
     spec["tokenizer_config"] = hf_tokenization.config_beside(data_cfg.tokenizer)
   digest = hashlib.sha256(json.dumps(spec).encode("utf-8")).hexdigest()[:12]

@@ -24,6 +24,7 @@ A `.model` file is a SentencePiece protobuf: loading it runs no code.
 """
 
 import collections
+import heapq
 import io
 import itertools
 import os
@@ -95,9 +96,10 @@ def create_command(out_path: str, corpus: str = "stdlib", vocab_size: int = 8192
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:
-  """Cuts documents into pieces of whole lines, newlines kept, of about _SENTENCE_CHARS."""
-  buf, size = [], 0
+  """Cuts documents into pieces of whole lines, newlines kept, of about _SENTENCE_CHARS; a
+  piece never runs from one document into the next (glued, "abc" + "def" would teach "abcdef")."""
   for text in texts:
+    buf, size = [], 0
     for line in text.splitlines(keepends=True):
       for start in range(0, len(line), _MAX_SENTENCE_CHARS):
         piece = line[start:start + _MAX_SENTENCE_CHARS]
@@ -109,23 +111,28 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
         if size >= _SENTENCE_CHARS:
           yield "".join(buf)
           buf, size = [], 0
-  if buf:
-    yield "".join(buf)
+    if buf:
+      yield "".join(buf)
 
 
 def sample_sentences(texts: Iterable[str], max_chars: int, seed: int = 0) -> list[str]:
-  """A uniform sample (reservoir sampling) of about `max_chars` characters of sentences."""
-  capacity = max(1, max_chars // _SENTENCE_CHARS)
+  """A uniform sample of sentences holding at most `max_chars` characters (all of them if they
+  fit): each sentence draws a random key and the sample is the run of smallest keys that fits,
+  kept in a heap as the text streams by (characters counted, not sentences: long lines would
+  have taken up to 4x the budget, and a mixture's shares would have followed line lengths)."""
   rng = random.Random(seed)
-  reservoir = []
+  heap, total, cutoff = [], 0, float("inf")  # max-heap by key (negated); keys >= cutoff lost
   for i, sentence in enumerate(_sentences(texts)):
-    if i < capacity:
-      reservoir.append(sentence)
-    else:
-      j = rng.randrange(i + 1)
-      if j < capacity:
-        reservoir[j] = sentence
-  return reservoir
+    key = rng.random()
+    if key >= cutoff:
+      continue
+    heapq.heappush(heap, (-key, i, sentence))
+    total += len(sentence)
+    while total > max_chars and len(heap) > 1:
+      neg, _, dropped = heapq.heappop(heap)
+      total -= len(dropped)
+      cutoff = min(cutoff, -neg)
+  return [sentence for _, _, sentence in sorted(heap, key=lambda e: e[1])]
 
 
 def _character_coverage(sentences: list[str], vocab_size: int, num_special: int = 0) -> float:
