@@ -23,7 +23,7 @@ CONFIG_FILES = sorted(p for p in glob.glob(f"{REPO}/configs/*.py")
 SHRINK = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=0",
           "model.vocab_size=128", "model.max_len=16", "data.seq_len=16", "train.batch_size=2",
           "train.microbatches=1", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
-          "model.num_decoder_layers=0"]
+          "model.num_decoder_layers=0", "model.moe_every=1"]  # (1 layer: an MoE one)
 
 
 def _specs(first_only=False):
@@ -105,6 +105,25 @@ def test_bad_config_gives_one_line_error(overrides, message, tiny_data, tmp_path
   assert err.startswith("error: ") and "\n" not in err, err
   assert message in err, err
   assert not os.path.exists(f"{tmp_path}/w/checkpoints")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.min_lr_ratio=-1.0"], "optimizer.min_lr_ratio must be in [0, 1], got -1.0"),
+    (["optimizer.wsd_decay_fraction=1.5"], "optimizer.wsd_decay_fraction must be in (0, 1]"),
+    (["optimizer.b2=2.0"], "optimizer.b2 must be in [0, 1)"),
+    (["optimizer.eps=0.0"], "optimizer.eps must be > 0"),
+    (["model.norm_eps=-1.0"], "model.norm_eps must be > 0"),
+    (["model.init_std=-1.0"], "model.init_std must be > 0"),
+    (["model.num_decoder_layers=4"], "model.num_decoder_layers must be 0 for model.family="),
+    (["model.num_experts=4", "model.moe_every=3"], "model.moe_every=3 exceeds the 2 layers"),
+])
+def test_values_out_of_their_range_are_refused(overrides, message):
+  """A negative learning-rate floor (gradient ascent at the end), a cool-down longer than the
+  run, an MoE with no MoE layer, a decoder depth a decoder-only model ignores: refused."""
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", overrides)
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(config)
+  assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_unwritable_workdir(tiny_data, tmp_path):
@@ -190,3 +209,19 @@ def test_older_saved_config_gains_new_keys_at_their_defaults(tmp_path):
   config_lib.validate(config)
   assert (config.model.attention_impl, config.data.packing, config.model.d_model) == (
       "auto", "first_fit", 96)
+
+
+def test_sharding_rules_name_only_logical_axes_once():
+  """A misspelled logical name was no rule (its axis silently replicated: FSDP off), and a
+  second rule for a name never applied (the first wins): both refused."""
+  from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny")
+  rules = tuple(config.sharding_rules)
+  assert sharding.rules(config) == tuple((n, tuple(a) if isinstance(a, list) else a)
+                                         for n, a in rules)
+  config.sharding_rules = tuple(("embedd" if n == "embed" else n, a) for n, a in rules)
+  with pytest.raises(ConfigError, match="'embedd' is not a logical axis"):
+    sharding.rules(config)
+  config.sharding_rules = rules + (("mlp", None),)
+  with pytest.raises(ConfigError, match="'mlp' has 2 rules"):
+    sharding.rules(config)

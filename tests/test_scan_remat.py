@@ -180,7 +180,8 @@ def test_train_step_with_scan_on_a_mesh():
 
 def test_sharding_check_sees_the_layers_axis():
   config = _tiny("mesh.data=2", "mesh.fsdp=4")
-  config.sharding_rules = (("layers", "data"),) + tuple(config.sharding_rules[:-1])
+  config.sharding_rules = tuple(("layers", "data") if name == "layers" else (name, axes)
+                                for name, axes in config.sharding_rules)
   with pytest.raises(ConfigError, match=r"layers/.* dim 3 is not divisible by mesh axes data"):
     Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
 

@@ -157,10 +157,32 @@ def _check_long_context(m):
                       f"model.rope_beta_slow={m.rope_beta_slow} > 0")
 
 
+def _check_ranges(config):
+  """Values with bounds other than a sign: each (key, whether it holds, what it must be)."""
+  o, m = config.optimizer, config.model
+  checks = (("optimizer.min_lr_ratio", 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+            ("optimizer.wsd_decay_fraction", 0 < o.wsd_decay_fraction <= 1, "in (0, 1]"),
+            ("optimizer.b1", 0 <= o.b1 < 1, "in [0, 1)"), ("optimizer.b2", 0 <= o.b2 < 1,
+                                                            "in [0, 1)"),
+            ("optimizer.eps", o.eps > 0, "> 0"), ("model.norm_eps", m.norm_eps > 0, "> 0"),
+            ("model.init_std", m.init_std > 0, "> 0"),
+            ("model.relative_buckets", m.position != "relative" or m.relative_buckets > 1,
+             "> 1 with model.position=relative"),
+            ("model.num_decoder_layers", m.family == "encdec" or not m.num_decoder_layers,
+             f"0 for model.family={m.family} (only an encoder-decoder has a decoder stack)"))
+  for key, holds, want in checks:
+    if not holds:
+      raise ConfigError(f"{key} must be {want}, got {get(config, key)!r}")
+
+
 def _check_moe(m, sizes):
   """Mixture-of-Experts keys (models/moe.py); `sizes`: the mesh's axis sizes, if known."""
   if not m.num_experts:
     return
+  deepest = max(m.num_layers, m.num_decoder_layers if m.family == "encdec" else 0)
+  if m.moe_every > deepest:
+    raise ConfigError(f"model.moe_every={m.moe_every} exceeds the {deepest} layers of the "
+                      f"deepest stack: no layer would get experts")
   if m.experts_per_token > m.num_experts:
     raise ConfigError(f"model.experts_per_token={m.experts_per_token} exceeds "
                       f"model.num_experts={m.num_experts}")
@@ -241,6 +263,7 @@ def validate(config, num_devices: int | None = None):
   if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError(f"model.attention_impl=cudnn needs model.dtype=bfloat16, got {m.dtype}")
   _check_long_context(m)
+  _check_ranges(config)
   _check_sequence_parallel(config, num_devices)
   t = config.train
   if t.batch_size % t.microbatches:

@@ -11,6 +11,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.config import base
 
 MESH_AXES = config_lib.MESH_AXIS_NAMES
 
@@ -62,6 +63,15 @@ def rules(config):
   """The rules table as a tuple of (logical name, mesh axes or None), checked against the mesh."""
   table = tuple((name, tuple(a) if isinstance(a, list) else a)
                 for name, a in config.sharding_rules)
+  names = [name for name, _ in table]
+  known = [name for name, _ in base.SHARDING_RULES]
+  for name in names:  # a misspelled name is no rule at all; a repeated one: the first wins
+    if name not in known:
+      raise ConfigError(f"sharding_rules: {name!r} is not a logical axis; they are "
+                        f"{', '.join(known)}")
+    if names.count(name) > 1:
+      raise ConfigError(f"sharding_rules: {name!r} has {names.count(name)} rules (only the "
+                        f"first would apply); give each logical axis one")
   for name, axes in table:
     for axis in (axes if isinstance(axes, tuple) else (axes,)):
       if axis is not None and axis not in MESH_AXES:
