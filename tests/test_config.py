@@ -87,6 +87,10 @@ BAD = [
     (["data.corpus=/nonexistent/*.txt"], "/nonexistent/*.txt"),
     (["model.max_len=8"], "model.max_len=8 is shorter than data.seq_len=32 (learned positions): "
                           "set --config.data.seq_len=8 (or less)"),
+    # before training, not at its first evaluation or after its last step
+    (["eval.tasks=('/nonexistent.jsonl',)"], "task file '/nonexistent.jsonl' does not exist"),
+    (["train.sample_prompt=def"], "+ train.sample_tokens=64 exceeds model.max_len=32"),
+    (["train.sample_tokens=-3"], "train.sample_tokens must be positive"),
 ]
 
 
@@ -154,6 +158,21 @@ def test_parse_flags():
     cli.parse(["--stpes=3"], {"steps": 1})
   with pytest.raises(ConfigError, match="--steps expects int"):
     cli.parse(["--steps=x"], {"steps": 1})
+  assert cli.parse(["--init=false"], {"init": True})[2] == {"init": False}
+  with pytest.raises(ConfigError, match="flag --init expects a bool .true/false., got 'ture'"):
+    cli.parse(["--init=ture"], {"init": False})  # it read as false
+
+
+def test_commands_refuse_flags_they_would_ignore(tmp_path):
+  """sample/evaluate/inspect read the workdir's config (a --config was dropped), and the
+  tokenizer command takes corpus, sizes and output from a --config (its own flags were)."""
+  from transformer_jax import evaluate, inspect, sample, tokenizer  # pylint: disable=g-import-not-at-top
+  for main in (sample.main, evaluate.main, inspect.main):
+    with pytest.raises(ConfigError, match="it takes no --config"):
+      main([f"--workdir={tmp_path}", "--config=configs/gpt2.py:tiny"])
+  with pytest.raises(ConfigError, match="--vocab_size, --out come.s. from --config"):
+    tokenizer.from_config(f"{REPO}/configs/gpt2.py:tiny", [],
+                          dict(tokenizer.FLAGS, out="x.model", vocab_size=100))
 
 
 def test_parse_flags_with_space_separated_values():
@@ -209,6 +228,10 @@ def test_older_saved_config_gains_new_keys_at_their_defaults(tmp_path):
   config_lib.validate(config)
   assert (config.model.attention_impl, config.data.packing, config.model.d_model) == (
       "auto", "first_fit", 96)
+  saved["train"]["stpes"], saved["mesh"]["dat"] = 5, 2  # a hand edit's typos are no keys
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match="has key.s. mesh.dat, train.stpes that are no config"):
+    config_lib.from_json_file(str(tmp_path / "config.json"))
 
 
 def test_sharding_rules_name_only_logical_axes_once():

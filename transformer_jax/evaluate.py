@@ -20,9 +20,10 @@ FLAGS = {"workdir": "", "tasks": "", "step": -1, "num_fewshot": 0, "limit": 0,
 
 
 def main(argv):
-  _, overrides, f = cli.parse(argv, FLAGS)
-  if overrides:
-    raise ConfigError("evaluate reads the workdir's config.json; it takes no --config.KEY")
+  spec, overrides, f = cli.parse(argv, FLAGS)
+  if spec or overrides:
+    raise ConfigError("evaluate reads the workdir's config.json; it takes no --config or "
+                      "--config.KEY")
   specs = [s for s in f["tasks"].split(",") if s]
   if not specs:
     raise ConfigError("--tasks=SPEC[,SPEC...] is required (PATH.jsonl or KIND:PATH)")

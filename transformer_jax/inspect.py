@@ -52,9 +52,10 @@ def _load(f):
 
 
 def _parse(argv, flags):
-  _, overrides, f = cli.parse(argv, flags)
-  if overrides:
-    raise ConfigError("inspect reads the workdir's config.json; it takes no --config.KEY")
+  spec, overrides, f = cli.parse(argv, flags)
+  if spec or overrides:
+    raise ConfigError("inspect reads the workdir's config.json; it takes no --config or "
+                      "--config.KEY")
   return f
 
 

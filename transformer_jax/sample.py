@@ -13,6 +13,17 @@ from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 
 
+def prompt_ids(config, tok, prompt: str, max_new_tokens: int, flag="--max_new_tokens") -> list:
+  """A decoder prompt's ids as training framed them, checked to fit learned positions with
+  `max_new_tokens` more (`flag`: what sets it, for the error)."""
+  ids = ([tok.bos_id] if config.data.add_bos else []) + tok.encode(prompt)
+  limit = config.model.max_len if config.model.position == "learned" else None
+  if limit is not None and len(ids) + max_new_tokens > limit:
+    raise ConfigError(f"prompt ({len(ids)} tokens) + {flag}={max_new_tokens} exceeds "
+                      f"model.max_len={limit}")
+  return ids
+
+
 def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0.8, top_k=0,
                 top_p=1.0, seed=0, beam_size=0) -> str:
   from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
@@ -20,12 +31,8 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load(config.data.tokenizer)
-  ids = ([tok.bos_id] if config.data.add_bos else []) + tok.encode(prompt)
+  ids = prompt_ids(config, tok, prompt, max_new_tokens)
   model = build_model(config)
-  limit = config.model.max_len if config.model.position == "learned" else None
-  if limit is not None and len(ids) + max_new_tokens > limit:
-    raise ConfigError(f"prompt ({len(ids)} tokens) + --max_new_tokens={max_new_tokens} exceeds "
-                      f"model.max_len={limit}")
   start = objectives.decoder_start(tok) if config.model.family == "encdec" else None
   if start is not None:
     ids = _with_control_pieces(tok, prompt)
@@ -75,14 +82,19 @@ def fill_mask(config, params, text: str) -> str:
 
 
 def main(argv):
-  _, _, f = cli.parse(argv, {"workdir": "", "prompt": "", "max_new_tokens": 64,
-                             "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0,
-                             "fill_mask": "", "beam_size": 0})
+  spec, overrides, f = cli.parse(argv, {"workdir": "", "prompt": "", "max_new_tokens": 64,
+                                        "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0,
+                                        "fill_mask": "", "beam_size": 0})
+  if spec or overrides:
+    raise ConfigError("sample reads the workdir's config.json; it takes no --config or "
+                      "--config.KEY")
   saved = paths.join(f["workdir"], "config.json")  # local or gs://
   if not f["workdir"] or not paths.isfile(saved):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {f['workdir']!r})")
-  if f["max_new_tokens"] < 1 or f["temperature"] < 0 or not 0 < f["top_p"] <= 1:
-    raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1")
+  if (f["max_new_tokens"] < 1 or f["temperature"] < 0 or not 0 < f["top_p"] <= 1
+      or f["top_k"] < 0 or f["beam_size"] < 0):
+    raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1, "
+                      "--top_k >= 0 and --beam_size >= 0")
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top

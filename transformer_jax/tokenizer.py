@@ -68,8 +68,17 @@ def chars_per_token(tok: tokenizer_lib.Tokenizer, docs) -> float:
 SPECIAL_FOR_OBJECTIVES = "mask,sentinels:100,ul2"  # every non-clm objective's pieces, one file
 
 
+# What a training config sets (from_config); given beside --config they would be ignored.
+FROM_CONFIG = ("corpus", "format", "text_field", "source_field", "target_field", "data_dir",
+               "vocab_size", "out")
+
+
 def from_config(spec: str, overrides, flags: dict) -> dict:
   """`flags` with corpus, format, fields, vocab_size, out and special from a training config."""
+  given = [f"--{k}" for k in FROM_CONFIG if flags[k] != FLAGS[k]]
+  if given:
+    raise ConfigError(f"{', '.join(given)} come(s) from --config (data.* and model.vocab_size); "
+                      f"set them as --config.KEY=VALUE instead")
   c = config_lib.load(spec, overrides)
   d = c.data
   mixed = [(src.probability, _corpus_flags(src.config.data)) for src in mixture.sources(c)]

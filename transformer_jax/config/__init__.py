@@ -44,7 +44,7 @@ POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab
             "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
             "train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",
             "eval.batches", "model.attention_chunks", "model.experts_per_token",
-            "model.moe_every")
+            "model.moe_every", "train.sample_tokens")
 NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dropout_rate",
                 "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
                 "optimizer.weight_decay", "optimizer.grad_clip", "eval.every_steps",
@@ -371,10 +371,29 @@ def with_defaults(saved: dict, default: dict | None = None) -> dict:
   return out
 
 
+def unknown_keys(saved: dict, default: dict | None = None, prefix: str = "") -> list[str]:
+  """The dotted keys of `saved` that config/base.py does not have."""
+  default = defaults() if default is None else default
+  out = []
+  for key, value in saved.items():
+    if key not in default:
+      out.append(prefix + key)
+    elif isinstance(value, dict) and isinstance(default[key], dict):
+      out += unknown_keys(value, default[key], f"{prefix}{key}.")
+  return out
+
+
 def from_json_file(path: str) -> ml_collections.ConfigDict:
   """A saved config (a workdir's config.json); keys added since it was written get their
-  defaults (config/base.py, inside the package), so older workdirs still resume."""
-  config = ml_collections.ConfigDict(with_defaults(read_json(path)))
+  defaults (config/base.py, inside the package), so older workdirs still resume. A key the
+  package does not know (a hand edit's typo would be kept, and then accepted on the command
+  line) is a one-line error."""
+  saved = read_json(path)
+  unknown = unknown_keys(saved)
+  if unknown:
+    raise ConfigError(f"{path} has key(s) {', '.join(unknown)} that are no config keys (a typo, "
+                      f"or a key this version no longer has): remove them from the file")
+  config = ml_collections.ConfigDict(with_defaults(saved))
   config.sharding_rules = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.sharding_rules)

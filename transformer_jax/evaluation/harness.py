@@ -123,6 +123,15 @@ def _tokenizer(path: str):
 _TASKS = {}  # (eval.tasks, data.data_dir) -> the loaded tasks
 
 
+def check_tasks(config):
+  """Reads the config's eval.tasks now (cached for the run): a missing or bad task file is a
+  one-line error before training, not at its first evaluation."""
+  specs = tuple(config.eval.get("tasks", ()) or ())
+  key = (specs, config.data.data_dir)
+  if specs and key not in _TASKS:
+    _TASKS[key] = load_tasks(specs, data_dir=config.data.data_dir)
+
+
 def during_training(trainer, params) -> dict:
   """`eval_TASK_METRIC` for each of the config's eval.tasks ({} when it names none): the
   training loop's hook at each evaluation."""
@@ -132,9 +141,7 @@ def during_training(trainer, params) -> dict:
     return {}
   lm = scoring.TextModel(c, params, _tokenizer(c.data.tokenizer), batch_size=batch_rows(trainer),
                          mesh=trainer.mesh, rules=trainer.rules, model=trainer.model)
-  key = (specs, c.data.data_dir)  # read once per run, not at every evaluation
-  if key not in _TASKS:
-    _TASKS[key] = load_tasks(specs, data_dir=c.data.data_dir)
-  results = evaluate(lm, _TASKS[key], timing=False)
+  check_tasks(c)  # read once per run, not at every evaluation
+  results = evaluate(lm, _TASKS[(specs, c.data.data_dir)], timing=False)
   return {f"eval_{name}_{metric}": value for name, metrics in results.items()
           for metric, value in metrics.items()}

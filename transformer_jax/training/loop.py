@@ -30,9 +30,20 @@ def setup(config, workdir: str, devices=None):
   config_lib.validate(config, len(devices))
   sharding.rules(config)
   pipeline.validate(config)
+  _check_extras(config)
   resume.prepare_workdir(workdir)
   mesh = sharding.make_mesh(config, devices)
   return Trainer(config, mesh)
+
+
+def _check_extras(config):
+  """eval.tasks (read now: a bad path failed at the first evaluation) and the end-of-training
+  sample's prompt (it failed after the last step)."""
+  harness.check_tasks(config)
+  if config.train.sample_prompt and config.model.family != "encoder":
+    from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+    sample.prompt_ids(config, pipeline.load_tokenizer(config), config.train.sample_prompt,
+                      config.train.sample_tokens, "train.sample_tokens")
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = False,
