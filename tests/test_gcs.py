@@ -435,7 +435,7 @@ def test_a_sweep_directory_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch, 
   from transformer_jax.sweep import run as run_lib  # pylint: disable=g-import-not-at-top
   sweep, out = tmp_path / "micro.py", f"gs://{BUCKET}/sweep"
   overrides = [o for o in tiny_overrides(tiny_data) if not o.startswith(
-      ("train.steps", "checkpoint.every_steps", "eval.every_steps"))]
+      ("train.steps", "checkpoint.every_steps", "eval.every_steps", "optimizer.learning_rate"))]
   sweep.write_text(
       "import ml_collections\ndef get_sweep():\n  return ml_collections.ConfigDict(dict(\n"
       f"      base={REPO + '/configs/gpt2.py:tiny'!r}, overrides={overrides!r},\n"

@@ -42,6 +42,21 @@ def test_sizes_that_round_to_one_shape_make_one_run(tmp_path):
   assert [why for _, why in dropped] == ["size 3e+04 make the same run as C5e12_N1.28e04"]
 
 
+@pytest.mark.parametrize("change, message", [
+    ("s.lr_exponet = 0.5", "unknown sweep key.s. lr_exponet"),
+    ("s.overrides = s.overrides + ['optimizer.warmup_steps=500']",
+     "overrides optimizer.warmup_steps=500 would be replaced"),
+])
+def test_sweep_keys_the_plan_would_not_read_are_refused(tmp_path, change, message):
+  """A misspelled key took its default, and an override of what the plan sets per run was
+  replaced: both silently, before."""
+  sweep = tmp_path / "typo.py"
+  sweep.write_text(open(SWEEP).read().replace("def get_sweep():", "def _original():") + (
+      f"\n\ndef get_sweep():\n  s = _original()\n  {change}\n  return s\n"))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    plan_lib.load_sweep(str(sweep))
+
+
 def test_token_counts_that_round_to_one_step_count_make_one_run(tmp_path):
   """An nd grid names a run by the tokens it trains on; 1e5 and 1.01e5 tokens are 49 steps
   either way: one run (two, each in every fit)."""
@@ -123,7 +138,8 @@ def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_pat
   from tests.conftest import tiny_overrides  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
   overrides = [o for o in tiny_overrides(tiny_data, **{"train.log_every": 2})
-               if not o.startswith(("train.steps", "checkpoint.every_steps", "eval.every_steps"))]
+               if not o.startswith(("train.steps", "checkpoint.every_steps", "eval.every_steps",
+                                    "optimizer.learning_rate"))]
   sweep = tmp_path / "micro.py"
   sweep.write_text(
       "import ml_collections\n"

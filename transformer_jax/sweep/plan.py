@@ -49,15 +49,30 @@ class Run:
   budget: float | None = None
 
 
+REQUIRED = ("base", "overrides", "grid", "sizes", "aspect", "head_dim", "lr")
+OPTIONAL = ("budgets", "tokens", "lr_ref_params", "lr_exponent", "warmup_fraction", "min_steps")
+# What plan() sets for every run (an override of one would be silently replaced).
+PLANNED = ("train.steps", "optimizer.learning_rate", "optimizer.warmup_steps", "eval.every_steps",
+           "model.num_layers", "model.d_model", "model.num_heads")
+
+
 def load_sweep(path: str):
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
   module = config_lib.exec_python_file(path, "sweep", root)
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"{path} defines no get_sweep()")
   sweep = module.get_sweep()
-  for key in ("base", "overrides", "grid", "sizes", "aspect", "head_dim", "lr"):
+  for key in REQUIRED:
     if key not in sweep:
       raise ConfigError(f"{path}: sweep key {key!r} is missing")
+  unknown = sorted(set(sweep) - set(REQUIRED) - set(OPTIONAL))
+  if unknown:  # a misspelled lr_exponent or warmup_fraction silently took its default
+    raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; known: "
+                      f"{', '.join(REQUIRED + OPTIONAL)}")
+  planned = [o for o in sweep.overrides if o.partition("=")[0] in PLANNED]
+  if planned:
+    raise ConfigError(f"{path}: overrides {', '.join(planned)} would be replaced: the plan sets "
+                      f"{', '.join(PLANNED)} for each run (use lr, warmup_fraction, sizes)")
   if sweep.grid not in ("isoflop", "nd"):
     raise ConfigError(f"{path}: grid={sweep.grid!r} is not one of isoflop, nd")
   base_file, sep, arg = sweep.base.partition(":")
