@@ -159,6 +159,12 @@ def test_parse_flags():
   with pytest.raises(ConfigError, match="--steps expects int"):
     cli.parse(["--steps=x"], {"steps": 1})
   assert cli.parse(["--init=false"], {"init": True})[2] == {"init": False}
+  config = config_lib.base.get_config()
+  for text, want in (("''", ""), ('"a b"', "a b"), ("it's", "it's"), ("x", "x")):
+    config_lib.set_value(config, "train.sample_prompt", text)
+    assert config.train.sample_prompt == want
+  with pytest.raises(ConfigError, match="give data.data_dir= .empty. for none, not None"):
+    config_lib.set_value(config, "data.data_dir", "None")  # it became a folder named None
   with pytest.raises(ConfigError, match="flag --init expects a bool .true/false., got 'ture'"):
     cli.parse(["--init=ture"], {"init": False})  # it read as false
 

@@ -145,13 +145,14 @@ def test_a_resumed_run_replays_into_one_clean_metrics_history(tiny_data, tmp_pat
   capsys.readouterr()
   loop.train(_config(tiny_data, **extra), workdir, devices=ONE())  # replays 6..10
   said = capsys.readouterr()
-  assert "resumed from" in said.out and "data changed" not in said.out + said.err
+  assert "resumed from" in said.out and "changed since" not in said.out + said.err
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if "loss" in json.loads(line)]
   assert steps == [5, 10]
   loop.train(_config(tiny_data, **{**extra, "train.steps": 11, "seed": 7}), workdir, devices=ONE())
   said = capsys.readouterr()
   assert "warning: the data changed since checkpoint 10 (seed: 0 -> 7)" in said.out + said.err
+  assert "config changed since checkpoint 10: train.steps: 10 -> 11" in said.out + said.err
 
 
 def test_metrics_file_deleted_during_a_run_is_created_again(tmp_path):

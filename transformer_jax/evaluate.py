@@ -27,8 +27,9 @@ def main(argv):
   specs = [s for s in f["tasks"].split(",") if s]
   if not specs:
     raise ConfigError("--tasks=SPEC[,SPEC...] is required (PATH.jsonl or KIND:PATH)")
-  if f["num_fewshot"] < 0 or f["limit"] < 0 or f["batch_size"] < 0:
-    raise ConfigError("--num_fewshot, --limit and --batch_size must be >= 0")
+  if f["num_fewshot"] < 0 or f["limit"] < 0 or f["batch_size"] < 0 or f["step"] < -1:
+    raise ConfigError("--num_fewshot, --limit and --batch_size must be >= 0, --step >= 0 (or -1, "
+                      "the latest)")
   from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   config = harness.read_config(f["workdir"])
   loaded = harness.load_tasks(specs, num_fewshot=f["num_fewshot"], limit=f["limit"],

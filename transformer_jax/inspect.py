@@ -43,6 +43,8 @@ def _load(f):
   from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  if f["step"] < -1:
+    raise ConfigError(f"--step={f['step']}: a checkpoint's step >= 0, or -1 (the latest)")
   config = harness.read_config(f["workdir"])
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))
   tokenizer = tokenization.load(config.data.tokenizer)

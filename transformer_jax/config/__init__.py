@@ -107,8 +107,11 @@ def set_value(config, key: str, text: str):
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  if isinstance(old, str):
-    value = text
+  if isinstance(old, str):  # as the shell left it; a quoted '' or "x" is that string
+    if text == "None":
+      raise ConfigError(f"config key {key} is a string: give {key}= (empty) for none, not None")
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    value = text[1:-1] if quoted else text
   elif isinstance(old, bool) or isinstance(value, bool):
     lowered = text.lower()
     if lowered not in ("true", "false", "1", "0"):

@@ -59,11 +59,15 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
   devices = devices if devices is not None else jax.devices()
   trainer = Trainer(config, sharding.make_mesh(config, _mesh_devices(config, devices)))
   if init:
+    if step is not None:
+      raise ConfigError("--init evaluates the untrained parameters: give it no --step")
     return trainer, 0, trainer.init_state(config.seed).params
   if store.is_quantized(workdir):  # quantize's output: dequantized, placed as training's
-    step, params = store.restore_params(workdir, config.checkpoint, trainer.model,
-                                        trainer.abstract_state.params)
-    return trainer, step, jax.device_put(params, trainer.state_shardings.params)
+    saved, params = store.restore_params(workdir, config.checkpoint, trainer.model,
+                                         trainer.abstract_state.params)
+    if step is not None and step != saved:
+      raise ConfigError(f"{workdir} holds step {saved} quantized, not step {step}")
+    return trainer, saved, jax.device_put(params, trainer.state_shardings.params)
   ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True)
   steps = ckpts.all_steps()
   if not steps:

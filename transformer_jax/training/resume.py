@@ -86,16 +86,20 @@ DATA_ORDER_KEYS = ("seed", "data.corpus", "data.format", "data.text_field", "dat
                    "data.add_eos")
 
 
-def data_order_changes(config, workdir: str) -> list[str]:
-  """`KEY: saved -> now` for each DATA_ORDER_KEYS value that differs from the workdir's saved
-  config (none without one)."""
+def config_changes(config, workdir: str) -> tuple[list[str], list[str]]:
+  """`KEY: saved -> now` for each value that differs from the workdir's saved config (none
+  without one): (those of DATA_ORDER_KEYS, the others but the model's and the tokenizer's,
+  which workdir_mismatch judges)."""
   saved_path = paths.join(workdir, "config.json")
   if not paths.isfile(saved_path):
-    return []
+    return [], []
   saved = _flat(config_lib.with_defaults(config_lib.read_json(saved_path)))
   now = _flat(json.loads(config_lib.to_json(config)))
-  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in DATA_ORDER_KEYS
-          if saved.get(k) != now.get(k)]
+  keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                and not k.startswith("model.") and k != "data.tokenizer")
+  said = {k: f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys}
+  return ([said[k] for k in keys if k in DATA_ORDER_KEYS],
+          [said[k] for k in keys if k not in DATA_ORDER_KEYS])
 
 
 def start(trainer, workdir: str, data, say, data_writes=None):
@@ -120,7 +124,7 @@ def start(trainer, workdir: str, data, say, data_writes=None):
     say(f"checkpoints of the previous config set aside in {ckpt_lib.set_aside(workdir)}")
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   step, state = ckpts.restore(trainer.abstract_state, data, report=say)
-  reordered = data_order_changes(c, workdir) if state is not None else []
+  reordered, changed = config_changes(c, workdir) if state is not None else ([], [])
   if jax.process_index() == 0:
     config_lib.write_json(c, paths.join(workdir, "config.json"))
     if c.data.tokenizer:
@@ -128,6 +132,8 @@ def start(trainer, workdir: str, data, say, data_writes=None):
                        tfds_text.tokenizer_sha256(c.data.tokenizer) + "\n")
   if state is not None:
     say(f"resumed from {ckpts.directory}/{step}")
+    if changed:  # e.g. a raised train.steps, or a new learning rate: said, not silent
+      say(f"config changed since checkpoint {step}: {'; '.join(changed)}")
     if reordered:
       say(f"warning: the data changed since checkpoint {step} ({'; '.join(reordered)}): its "
           f"saved position now indexes another document order, so this epoch may repeat or "
