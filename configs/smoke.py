@@ -11,7 +11,8 @@ from transformer_jax.config import base
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise KeyError(f"configs/smoke.py takes no :ARG (got {arg!r})")
   c = base.get_config()
   c.model.update(num_layers=2, d_model=128, num_heads=4, max_len=128, vocab_size=8192)
   c.data.seq_len = 128

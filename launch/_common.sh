@@ -36,7 +36,10 @@ tjax_train_args() {
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --workdir|--workdir=*) tjax_flag_value "$@"; TJAX_WORKDIR="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-      --config=*) TJAX_CONFIG="${1#--config=}"; shift ;;
+      --config=*)
+        [[ -z "$TJAX_CONFIG" || "$TJAX_CONFIG" == "${1#--config=}" ]] \
+          || tjax_die "two configs given: $TJAX_CONFIG and ${1#--config=}; give one"
+        TJAX_CONFIG="${1#--config=}"; shift ;;
       --config.*=*) overrides+=("$1"); shift ;;
       --config.*) tjax_die "$1 needs a value: $1=VALUE" ;;
       *) tjax_die "unknown train argument '$1' after -- (expected CONFIG[:ARG] --workdir DIR" \

@@ -159,6 +159,10 @@ def test_parse_flags():
   with pytest.raises(ConfigError, match="--steps expects int"):
     cli.parse(["--steps=x"], {"steps": 1})
   assert cli.parse(["--init=false"], {"init": True})[2] == {"init": False}
+  with pytest.raises(ConfigError, match="--config given twice"):
+    cli.parse(["--config=a.py", "--config=b.py"], {})
+  with pytest.raises(ConfigError, match="smoke.py takes no :ARG"):
+    config_lib.load(f"{REPO}/configs/smoke.py:bogus")
   config = config_lib.base.get_config()
   for text, want in (("''", ""), ('"a b"', "a b"), ("it's", "it's"), ("x", "x")):
     config_lib.set_value(config, "train.sample_prompt", text)

@@ -281,6 +281,8 @@ TRAIN_OK = ["configs/smoke.py", "--workdir", "runs/x"]
     ("tpu_vm.sh", ARGS["tpu_vm.sh"] + ["--queued", "--preemptible", "--"] + TRAIN_OK,
      "--preemptible"),
     ("tpu_vm.sh", ARGS["tpu_vm.sh"] + ["--type", "v9z-8", "--"] + TRAIN_OK, "--runtime"),
+    ("tpu_vm.sh", ARGS["tpu_vm.sh"] + ["--"] + TRAIN_OK + ["--config=configs/gpt2.py:tiny"],
+     "two configs given"),  # the last one won
 ])
 def test_validation_errors_are_one_line_exit_2(script, args, culprit):
   r = launch(script, "--dry-run", *args)

@@ -27,6 +27,8 @@ def parse(argv, flags: dict):
       raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
     name, sep, value = arg[2:].partition("=")
     if name == "config":
+      if spec is not None and spec != value:  # the last one silently won
+        raise ConfigError(f"--config given twice ({spec!r}, {value!r}); give one")
       spec = value
     elif name.startswith("config."):
       overrides.append(f"{name[len('config.'):]}={value}")

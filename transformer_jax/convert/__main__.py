@@ -194,10 +194,13 @@ def main(argv):
   spec, overrides, f = cli.parse(argv[1:], {"hf_dir": "", "workdir": "",
                                                           "family": "", "step": -1})
   if argv[0] == "export":
-    if spec or overrides:
-      raise ConfigError("export takes no --config: the workdir's config.json is used")
+    if spec or overrides or f["family"]:
+      raise ConfigError("export takes no --config or --family: the workdir's config.json says "
+                        "what the model is")
     export_hf(f["workdir"], f["hf_dir"], f["step"])
     return
+  if f["step"] != -1:
+    raise ConfigError("import writes checkpoint 0; --step is for export")
   config = import_hf(spec, overrides, f["hf_dir"], f["workdir"], f["family"])
   print(f"imported {f['hf_dir']} ({config.model.num_layers} layers, d_model "
         f"{config.model.d_model}) into {f['workdir']}: checkpoint 0; continue with "
