@@ -4,6 +4,7 @@ claims live in benchmarks/RESULTS.md."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -152,3 +153,16 @@ def test_the_pytorch_peer_is_our_model_in_hugging_face(recipe):
   assert losses[-1] < losses[0]
   with pytest.raises(ConfigError, match=r"^--compare='torch': peers are hf, hf_compile$"):
     peers.check("hf,torch")
+
+
+def test_a_mode_refuses_the_flags_it_would_ignore():
+  """--data_only, --compile_only and --moe read only some flags; the others were accepted and
+  did nothing (e.g. --profile with --data_only)."""
+  from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
+  for argv, idle in ((["--data_only", "--profile", "--baseline=model.num_layers=1"],
+                      "--baseline, --profile do(es) nothing with --data_only"),
+                     (["--compile_only", "--steps=3"],
+                      "--steps do(es) nothing with --compile_only"),
+                     (["--moe", "--checkpoint"], "--checkpoint do(es) nothing with --moe")):
+    with pytest.raises(ConfigError, match=re.escape(idle)):
+      benchmark.main([f"--config={REPO}/configs/gpt2.py:tiny", *argv])

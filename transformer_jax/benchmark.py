@@ -278,16 +278,24 @@ def _serve(kind, config):
     print(json.dumps(times), flush=True)
 
 
+FLAGS = {"steps": 10, "rounds": 3, "compare": "", "baseline": "", "reference_ops": "",
+         "worker": "", "compile_only": False, "data_only": False, "checkpoint": False,
+         "matmul_floor": False, "grid": "", "grid_timeout": 900, "moe": False,
+         "moe_capacity": 1.25, "profile": False, "profile_dir": ""}
+# The flags each special mode reads (the others, given, would do nothing).
+MODE_FLAGS = {"data_only": ("steps", "rounds"), "compile_only": ("baseline", "rounds"),
+              "moe": ("steps", "rounds", "moe_capacity")}
+
+
 def main(argv):
-  spec, overrides, f = cli.parse(argv, {"steps": 10, "rounds": 3, "compare": "",
-                                        "baseline": "", "reference_ops": "", "worker": "",
-                                        "compile_only": False, "data_only": False,
-                                        "checkpoint": False, "matmul_floor": False,
-                                        "grid": "", "grid_timeout": 900, "moe": False,
-                                        "moe_capacity": 1.25, "profile": False,
-                                        "profile_dir": ""})
+  spec, overrides, f = cli.parse(argv, FLAGS)
   if not spec:
     raise ConfigError("--config=FILE.py[:ARG] is required")
+  for mode, used in MODE_FLAGS.items():
+    idle = [f"--{k}" for k in FLAGS if f[k] != FLAGS[k] and k != mode and k not in used]
+    if f[mode] and idle:
+      raise ConfigError(f"{', '.join(idle)} do(es) nothing with --{mode} (it reads "
+                        f"{', '.join('--' + k for k in used)})")
   if f["steps"] < 1 or f["rounds"] < 1:
     raise ConfigError("--steps and --rounds must be >= 1")
   from transformer_jax.perf import peers  # pylint: disable=g-import-not-at-top
