@@ -173,3 +173,16 @@ def test_a_sequence_axis_across_processes_trains_like_one_process(tiny_data, tmp
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   for step, loss in want.items():
     assert got[step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_explicit_process_flags_are_not_dropped_by_tjax_distributed_off():
+  """Flags win over the environment, and TJAX_DISTRIBUTED=off cannot silently drop them (each
+  process trained alone, on its own copy of the batch)."""
+  from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  flags = ("127.0.0.1:1234", 2, 1)
+  assert distributed.detect(*flags, environ={}) == {
+      "coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
+  assert distributed.detect(environ={"TJAX_DISTRIBUTED": "off"}) is None
+  with pytest.raises(ConfigError, match="TJAX_DISTRIBUTED=off, but --coordinator"):
+    distributed.detect(*flags, environ={"TJAX_DISTRIBUTED": "off"})

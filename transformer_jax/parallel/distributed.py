@@ -38,9 +38,13 @@ def detect(coordinator="", num_processes=0, process_id=-1, environ=None):
   """The keyword arguments for jax.distributed.initialize, or None for a single process.
   Flags win over TJAX_* variables, which win over SLURM and Cloud TPU detection."""
   env = os.environ if environ is None else environ
+  explicit = coordinator or num_processes or process_id >= 0
   if env.get("TJAX_DISTRIBUTED", "auto") == "off":
+    if explicit:  # the flags were dropped: each process ran alone
+      raise ConfigError("TJAX_DISTRIBUTED=off, but --coordinator/--num_processes/--process_id "
+                        "ask for a multi-process run: drop one or the other")
     return None
-  if coordinator or num_processes or process_id >= 0:
+  if explicit:
     return _explicit(coordinator, num_processes, process_id)
   if any(k in env for k in ENV):
     missing = [k for k in ENV if k not in env]
