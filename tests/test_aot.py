@@ -137,8 +137,11 @@ def test_dcn_validation(overrides, message):
 
 
 def run_aot(*args):
-  cmd = [sys.executable, "-m", "transformer_jax.aot", f"--config={REPO}/configs/gpt2.py:tiny",
-         "--config.model.num_layers=1", *args]
+  """aot on gpt2 tiny (one layer), or on the --config among `args`."""
+  recipe = [] if any(a.startswith("--config=") for a in args) else [
+      f"--config={REPO}/configs/gpt2.py:tiny"]
+  cmd = [sys.executable, "-m", "transformer_jax.aot", *recipe, "--config.model.num_layers=1",
+         *args]
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 

@@ -49,9 +49,9 @@ def _wait_for_steps(workdir, n, procs, timeout=240):
 
 
 def test_two_processes_train_like_one_then_stop_together_and_resume_on_one(tiny_data, tmp_path):
-  """2 processes x 2 devices give 1 process x 4 devices' losses (within 1e-4); SIGTERM to ONE
+  """2 processes x 2 devices give 1 process x 4 devices' losses (within 1e-5); SIGTERM to ONE
   process stops both after the same step with a checkpoint; the run resumes on 1 process with a
-  data=2 x tensor=2 mesh and its remaining losses match too."""
+  data=2 x tensor=2 mesh and its remaining losses match too (within 1e-3: other sums)."""
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
   one = _local(ref, 1, 4, _flags(tiny_data))
   two = _local(run, 2, 2, _flags(tiny_data))
@@ -83,8 +83,9 @@ def test_two_processes_train_like_one_then_stop_together_and_resume_on_one(tiny_
   assert one.returncode == 0, out_ref[-3000:]
   got, want = _losses(run), _losses(ref)
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-  for step, loss in want.items():
-    assert got[step] == pytest.approx(loss, rel=1e-4), step
+  for step, loss in want.items():  # the same mesh shape: the same sums; after the resume onto
+    # data=2 x tensor=2, other reduction orders (a step's loss was seen 2e-4 off, the next 1e-7)
+    assert got[step] == pytest.approx(loss, rel=1e-5 if step <= stopped else 1e-3), step
 
 
 def test_a_dead_process_stops_the_others_within_bounded_time(tiny_data, tmp_path):
