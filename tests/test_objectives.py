@@ -201,8 +201,11 @@ def test_denoise_mask_fraction_spans_and_determinism(docs, vocab):
     k = int((enc == vocab.mask_id).sum())
     assert not (np.diff(np.flatnonzero(enc == vocab.mask_id)) == 1).any()  # Never adjacent.
     n = len(chunk) - (len(enc) - k)  # Original tokens hidden behind the masks.
-    assert n == round(len(chunk) * rate)
-    masked, total, masks = masked + n, total + len(chunk), masks + k
+    head, tail = vocab_lib.body(chunk, vocab)  # a document's bos / eos: never noised
+    assert n == round((tail - head) * rate)
+    np.testing.assert_array_equal(enc[:head], chunk[:head])
+    np.testing.assert_array_equal(enc[len(enc) - (len(chunk) - tail):], chunk[tail:])
+    masked, total, masks = masked + n, total + tail - head, masks + k
   assert abs(masked / total - rate) < 0.01
   assert abs(masked / masks - lam) < 0.1 * lam  # Poisson(3) spans, the last of each cut short
 
@@ -239,6 +242,13 @@ def test_bart_token_masking_deletion_and_rotation(docs, vocab):
   both = denoise.denoise(chunk, np.random.default_rng(0), vocab, rate, 3.0, permute=False,
                          noise="infill", rotate=True)
   np.testing.assert_array_equal(both["decoder_targets"], chunk)
+  framed = np.concatenate([[vocab.bos_id], chunk, [vocab.eos_id]]).astype(np.int32)
+  for noise in ("infill", "mask", "delete"):  # fairseq keeps them: the body alone is noised
+    for seed in range(50):
+      enc = denoise.denoise(framed, np.random.default_rng(seed), vocab, 0.5, 3.0, noise=noise,
+                            rotate=True)["encoder_inputs"]
+      assert enc[0] == vocab.bos_id and enc[-1] == vocab.eos_id, (noise, seed, enc)
+      assert (enc[1:-1] != vocab.bos_id).all() and (enc[1:-1] != vocab.eos_id).all()
 
 
 def test_poisson_span_lengths_include_insertions():

@@ -5,7 +5,8 @@ round(len * data.denoise_rate) tokens (data.denoise_noise): `infill` (text infil
 default: spans with Poisson(data.poisson_lambda) lengths, 0 included (a 0-length span inserts a
 [MASK]), each span one [MASK]), `mask` (token masking: that many random tokens become [MASK], as
 BERT) or `delete` (token deletion: that many random tokens removed, so the model must find
-where). The targets are the original chunk; data.target_len = 0 means seq_len."""
+where). A document's bos and eos (on its first and last chunk) are left in place, as fairseq
+does. The targets are the original chunk; data.target_len = 0 means seq_len."""
 
 import dataclasses
 
@@ -100,16 +101,23 @@ def document_rotation(tokens_l: np.ndarray, rng: np.random.Generator) -> np.ndar
 def denoise(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, rate: float,
             lam: float, permute: bool = True, noise: str = "infill",
             rotate: bool = False) -> dict:
-  """BART's noising (the module docstring); the targets are the original chunk."""
-  corrupted_l = vocab_lib.permute_sentences(tokens_l, rng, vocab) if permute else tokens_l
-  if rotate and len(corrupted_l):
-    corrupted_l = document_rotation(corrupted_l, rng)
-  if noise == "mask":
-    corrupted_l = token_masking(corrupted_l, rng, vocab.mask_id, rate)
-  elif noise == "delete":
-    corrupted_l = token_deletion(corrupted_l, rng, rate)
-  else:
-    corrupted_l = text_infilling(corrupted_l, rng, vocab.mask_id, rate, lam)
+  """BART's noising (the module docstring) of the chunk's body: a document's bos and eos stay
+  where they are, never masked, deleted or rotated (fairseq's word_starts and rolling noise);
+  the targets are the original chunk."""
+  permuted_l = vocab_lib.permute_sentences(tokens_l, rng, vocab) if permute else tokens_l
+  permuted_l = np.asarray(permuted_l, dtype=np.int32)
+  head, tail = vocab_lib.body(permuted_l, vocab)
+  body_l = permuted_l[head:tail]
+  if len(body_l):
+    if rotate:
+      body_l = document_rotation(body_l, rng)
+    if noise == "mask":
+      body_l = token_masking(body_l, rng, vocab.mask_id, rate)
+    elif noise == "delete":
+      body_l = token_deletion(body_l, rng, rate)
+    else:
+      body_l = text_infilling(body_l, rng, vocab.mask_id, rate, lam)
+  corrupted_l = np.concatenate([permuted_l[:head], body_l, permuted_l[tail:]]).astype(np.int32)
   return common.encoder_decoder(corrupted_l, tokens_l, vocab.start_id)
 
 
