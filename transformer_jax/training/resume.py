@@ -54,20 +54,33 @@ def _state_layout(flat: dict) -> dict:
               bool(flat.get("train.distill.teacher")) and num("train.distill.hidden_weight") > 0}
 
 
+def _saved_and_now(config, workdir: str):
+  """(the workdir's saved config, `config`), flat and with defaults; None without a saved one."""
+  saved_path = paths.join(workdir, "config.json")
+  if not paths.isfile(saved_path):
+    return None
+  return (_flat(config_lib.with_defaults(config_lib.read_json(saved_path))),
+          _flat(json.loads(config_lib.to_json(config))))
+
+
+def _changed(saved: dict, now: dict) -> set:
+  return {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
+
+
 def workdir_mismatch(config, workdir: str) -> list[str]:
   """`KEY: saved -> now` for each model.* (but EXECUTION_KEYS) or data.tokenizer value, and each
   _state_layout entry, that differs from the config the workdir's checkpoints were written with
   (none when there are no checkpoints), and the tokenizer file's content when it changed at the
   same path (its SHA-256, saved beside config.json). A key newer than the saved config counts
   as its default there."""
-  saved_path, ckpt_dir = paths.join(workdir, "config.json"), paths.join(workdir, "checkpoints")
-  if not (paths.isfile(saved_path) and any(d.isdigit() for d in paths.listdir(ckpt_dir))):
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  flat = _saved_and_now(config, workdir)
+  if flat is None or not any(d.isdigit() for d in paths.listdir(ckpt_dir)):
     return []
-  saved = _flat(config_lib.with_defaults(config_lib.read_json(saved_path)))
-  now = _flat(json.loads(config_lib.to_json(config)))
-  keys = sorted(k for k in set(saved) | set(now)
+  saved, now = flat
+  keys = sorted(k for k in _changed(saved, now)
                 if (k.startswith("model.") or k == "data.tokenizer") and k not in EXECUTION_KEYS)
-  diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+  diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
   was, is_ = _state_layout(saved), _state_layout(now)
   diffs += [f"{k}: {was[k]} -> {is_[k]}" for k in was if was[k] != is_[k]]
   sha_path = paths.join(workdir, TOKENIZER_SHA)
@@ -90,13 +103,12 @@ def config_changes(config, workdir: str) -> tuple[list[str], list[str]]:
   """`KEY: saved -> now` for each value that differs from the workdir's saved config (none
   without one): (those of DATA_ORDER_KEYS, the others but the model's and the tokenizer's,
   which workdir_mismatch judges)."""
-  saved_path = paths.join(workdir, "config.json")
-  if not paths.isfile(saved_path):
+  flat = _saved_and_now(config, workdir)
+  if flat is None:
     return [], []
-  saved = _flat(config_lib.with_defaults(config_lib.read_json(saved_path)))
-  now = _flat(json.loads(config_lib.to_json(config)))
-  keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
-                and not k.startswith("model.") and k != "data.tokenizer")
+  saved, now = flat
+  keys = sorted(k for k in _changed(saved, now)
+                if not k.startswith("model.") and k != "data.tokenizer")
   said = {k: f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys}
   return ([said[k] for k in keys if k in DATA_ORDER_KEYS],
           [said[k] for k in keys if k not in DATA_ORDER_KEYS])
