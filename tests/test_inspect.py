@@ -22,6 +22,7 @@ from tests.conftest import REPO, model_config, synthetic_batch, tiny_overrides
 from transformer_jax import cli
 from transformer_jax import config as config_lib
 from transformer_jax import inspect as inspect_cli
+from transformer_jax import sample
 from transformer_jax.config import ConfigError
 from transformer_jax.data import tokenization
 from transformer_jax.evaluation import harness
@@ -177,9 +178,9 @@ def test_encoder_and_encoder_decoder_maps():
                                             ("t5_ul2", False)])
 def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(recipe, framed):
   """inspect and probe read an encoder-decoder's source as training did: bos/eos around a
-  (source, target) pair objective's source (they read it bare), a span objective's as it is,
-  UL2's after the mode token of its prefix-LM denoiser ([S]; training put one before every
-  source)."""
+  (source, target) pair objective's source (they read it bare), a span objective's with the
+  eos that ends every training input (T5's), UL2's after the mode token of its prefix-LM
+  denoiser ([S]; training put one before every source) and with that eos."""
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   ul2 = recipe.endswith("_ul2")
   config = config_lib.load(f"{REPO}/configs/{recipe.removesuffix('_ul2')}.py:tiny",
@@ -187,12 +188,13 @@ def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(re
   tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mode_ids=[60, 61, 62],
                               encode=lambda s: [ord(c) % 50 + 3 for c in s])
   text = "def f(x):"
-  want = [61] * ul2 + [1] * framed + tok.encode(text) + [2] * framed
+  want = [61] * ul2 + [1] * framed + tok.encode(text) + [2]
   lm = scoring.TextModel.__new__(scoring.TextModel)
   lm.config, lm.tokenizer = config, tok
   assert lm.source_ids(text) == want
   assert interpret.text_inputs(config, tok, text).source_ids == want
   assert interpret.encode(config, tok, text) == want  # probe's features
+  assert sample.source(config, tok, text) == want[ul2:]  # A UL2 prompt names its own mode.
 
 
 def test_logit_lens_last_layer_is_the_models_logits(run, packed):

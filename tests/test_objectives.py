@@ -73,9 +73,11 @@ def _spec(objective, seq_len=64, target_len=0, **params):
 
 
 def _unsentinel(inputs, targets, vocab):
-  """The original chunk from span-corrupted inputs and targets (sentinel i -> span i)."""
+  """The original chunk from span-corrupted inputs and targets (sentinel i -> span i); both end
+  with eos, as T5's."""
   sentinels = set(vocab.sentinel_ids.tolist())
-  assert targets[-1] == vocab.eos_id
+  assert targets[-1] == vocab.eos_id and inputs[-1] == vocab.eos_id
+  inputs = inputs[:-1]
   spans, current = {}, None
   for t in targets[:-1].tolist():
     if t in sentinels:
@@ -169,7 +171,7 @@ def test_span_corruption_counts_and_exact_reconstruction(docs, vocab, length, de
 
 def test_span_lengths_match_t5():
   s = _spec("span", seq_len=512)  # T5's random_spans_helper: 512 inputs -> 114 targets.
-  assert s.target_len == 114 and s.chunk_len == 569  # (T5 keeps one more input for eos.)
+  assert s.target_len == 114 and s.chunk_len == 568  # (568 tokens, as T5's.)
   s = _spec("span", seq_len=64, target_len=12)
   rng = np.random.default_rng(0)
   tokens = np.arange(100, 100 + s.chunk_len, dtype=np.int32)
@@ -297,8 +299,9 @@ def test_ul2_modes_and_reconstruction(docs, vocab):
     mode = vocab.mode_ids.index(enc[0])
     counts[mode] += 1
     if ul2.UL2_MODES[mode] == "S":
-      assert enc[1:].tolist() + dec[:-1].tolist() == chunk.tolist() and dec[-1] == vocab.eos_id
-      assert len(chunk) < 2 or len(enc) > 1  # A non-empty prefix.
+      assert enc[1:-1].tolist() + dec[:-1].tolist() == chunk.tolist()
+      assert dec[-1] == vocab.eos_id and enc[-1] == vocab.eos_id
+      assert len(chunk) < 2 or len(enc) > 2  # A non-empty prefix.
     else:
       assert _unsentinel(enc[1:], dec, vocab) == chunk.tolist()
     if i < 50:

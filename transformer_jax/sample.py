@@ -35,10 +35,7 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
   model = build_model(config)
   start = objectives.decoder_start(tok) if config.model.family == "encdec" else None
   if start is not None:
-    ids = _with_control_pieces(tok, prompt)
-    if objectives.flag(config.data, "PAIRS"):  # The source as training framed it.
-      d = config.data
-      ids = [tok.bos_id] * d.add_bos + ids + [tok.eos_id] * d.add_eos
+    ids = source(config, tok, prompt)
   if beam_size > 0:
     if start is None:
       raise ConfigError("--beam_size is for encoder-decoder workdirs")
@@ -50,6 +47,13 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
                           top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, start_id=start,
                           prefix=start is None and objectives.flag(config.data, "PREFIX"))
   return tok.decode(out[0])
+
+
+def source(config, tok, prompt: str) -> list[int]:
+  """An encoder-decoder's source ids of `prompt` as training framed them (a UL2 prompt names its
+  mode token itself)."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  return objectives.source_ids(config.data, tok, _with_control_pieces(tok, prompt), head=False)
 
 
 def _with_control_pieces(tok, text: str) -> list[int]:

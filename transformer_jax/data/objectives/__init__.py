@@ -114,14 +114,15 @@ def flag(d_or_spec, name: str, default=False):
   return getattr(get(d_or_spec.objective), name, default)
 
 
-def source_ids(d, tok, ids: list) -> list:
+def source_ids(d, tok, ids: list, head: bool = True) -> list:
   """An encoder-decoder's source as training framed it: bos/eos around a (source, target) pair
   objective's source with data.add_bos/add_eos (seq2seq.example); UL2's led by a mode token (its
-  `source_head`); as it is otherwise."""
+  `source_head`, unless not `head`); eos after it where every training input ended with one
+  (SOURCE_EOS: span, ul2); as it is otherwise."""
   frame = flag(d, "PAIRS")
-  head = getattr(get(d.objective), "source_head", lambda tok: [])(tok)
-  return (head + [tok.bos_id] * bool(d.add_bos and frame) + ids
-          + [tok.eos_id] * bool(d.add_eos and frame))
+  head = getattr(get(d.objective), "source_head", lambda tok: [])(tok) if head else []
+  eos = (d.add_eos and frame) or flag(d, "SOURCE_EOS")
+  return head + [tok.bos_id] * bool(d.add_bos and frame) + ids + [tok.eos_id] * bool(eos)
 
 
 def encoder_decoder(s) -> bool:

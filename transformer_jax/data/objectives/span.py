@@ -1,7 +1,8 @@
 """span: T5's span corruption, encoder-decoder. round(len * data.noise_density) noise tokens in
 round(noise / data.mean_span_length) spans placed like T5's `random_spans_noise_mask` (the chunk
 starts with kept tokens, ends with noise); the i-th span becomes the sentinel <extra_id_i> in the
-inputs; targets = <extra_id_0> span_0 <extra_id_1> span_1 ... eos. data.target_len = 0 picks the
+inputs, which end with eos (T5's, and so a source at inference: objectives.source_ids); targets =
+<extra_id_0> span_0 <extra_id_1> span_1 ... eos. data.target_len = 0 picks the
 longest decoder sequence of a chunk whose inputs fill seq_len (T5's `random_spans_helper`)."""
 
 import dataclasses
@@ -11,6 +12,7 @@ from transformer_jax.data.objectives import spans
 
 NAME = "span"
 FAMILIES = ("encdec",)
+SOURCE_EOS = True  # Every encoder input ends with eos.
 
 
 def check(d):

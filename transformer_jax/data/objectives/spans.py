@@ -39,13 +39,14 @@ def random_spans_noise_mask(length: int, density: float, mean: float,
 def sentinel_corruption(tokens_l: np.ndarray, noise_l: np.ndarray,
                         vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
   """(inputs, targets): the i-th noise span of the inputs becomes sentinel i; targets are
-  sentinel i + span i for every span, then eos."""
+  sentinel i + span i for every span. Both end with eos, as T5's (seqio appends one to each
+  feature after the corruption)."""
   tokens_l = np.asarray(tokens_l, dtype=np.int32)
   starts_l = noise_l & ~np.concatenate([[False], noise_l[:-1]])
   span_l = np.cumsum(starts_l) - 1
   sentinels = vocab.sentinel_ids[:int(starts_l.sum())]
   inputs = np.where(starts_l, vocab.sentinel_ids[np.maximum(span_l, 0)], tokens_l)
-  inputs = inputs[~noise_l | starts_l]
+  inputs = np.append(inputs[~noise_l | starts_l], vocab.eos_id)
   targets = np.insert(tokens_l[noise_l], np.flatnonzero(starts_l[noise_l]), sentinels)
   return inputs.astype(np.int32), np.append(targets, vocab.eos_id).astype(np.int32)
 
@@ -63,7 +64,7 @@ def worst_lengths(length: int, modes) -> tuple[int, int]:
   enc = dec = 0
   for density, mean in modes:
     noise, spans = span_counts(length, density, mean)
-    enc, dec = max(enc, length - noise + spans), max(dec, noise + spans + 1)
+    enc, dec = max(enc, length - noise + spans + 1), max(dec, noise + spans + 1)
   return enc, dec
 
 

@@ -1,8 +1,8 @@
 """ul2: UL2's mixture of denoisers, encoder-decoder. Per chunk, with probabilities data.ul2_mix,
 R (span corruption with data.noise_density / data.mean_span_length), S (prefix LM: the target is a
 suffix of uniformly drawn length, inputs the prefix) or X (span corruption with data.ul2_x =
-(mean span length, noise density)); the mode token [R], [S] or [X] is prepended to the inputs and
-targets end with eos. data.target_len = 0 means seq_len."""
+(mean span length, noise density)); the mode token [R], [S] or [X] is prepended to the inputs;
+inputs and targets end with eos (as T5's). data.target_len = 0 means seq_len."""
 
 import dataclasses
 
@@ -15,6 +15,7 @@ from transformer_jax.data.objectives.vocab import Vocab
 NAME = "ul2"
 FAMILIES = ("encdec",)
 UL2_MODES = ("R", "S", "X")
+SOURCE_EOS = True  # Every encoder input ends with eos.
 
 
 def check(d):
@@ -34,7 +35,7 @@ def modes(s) -> list:
 
 def _prefix_bounds(s: common.Spec, length: int) -> tuple[int, int]:
   """UL2's S: the [lo, hi] range of suffix (target) lengths of a chunk of `length` tokens."""
-  lo = max(1, length - (s.seq_len - 1))  # The prefix and [S] fit seq_len ...
+  lo = max(1, length - (s.seq_len - 2))  # The prefix, [S] and eos fit seq_len ...
   hi = min(max(length - 1, 1), s.target_len - 1)  # ... the suffix and eos target_len.
   return lo, hi
 
@@ -45,7 +46,7 @@ def worst_lengths(s, length: int) -> tuple[int, int]:
   lo, hi = _prefix_bounds(s, length)
   if lo > hi:
     return s.seq_len + 1, s.target_len + 1  # Does not fit.
-  return max(enc, length - lo) + 1, max(dec, hi + 1)
+  return max(enc, length - lo + 1) + 1, max(dec, hi + 1)
 
 
 def resolve(s: common.Spec) -> common.Spec:
@@ -71,11 +72,12 @@ def source_head(tok) -> list[int]:
 
 def prefix_lm(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, lo: int,
               hi: int) -> dict:
-  """Inputs a prefix, targets the rest + eos; the suffix length is uniform in [lo, hi]."""
+  """Inputs the prefix + eos, targets the rest + eos; the suffix length is uniform in
+  [lo, hi]."""
   tokens_l = np.asarray(tokens_l, dtype=np.int32)
   split = len(tokens_l) - int(rng.integers(lo, hi + 1))
-  return common.encoder_decoder(tokens_l[:split], np.append(tokens_l[split:], vocab.eos_id),
-                                vocab.start_id)
+  return common.encoder_decoder(np.append(tokens_l[:split], vocab.eos_id),
+                                np.append(tokens_l[split:], vocab.eos_id), vocab.start_id)
 
 
 def ul2(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, s: common.Spec) -> dict:
