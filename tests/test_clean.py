@@ -177,7 +177,9 @@ def test_near_duplicates_are_removed_by_their_similarity_not_by_band_collisions(
       for doc in docs:
         near.analyze(doc)
         out = near.decide(doc)
-        if out is not None:
+        if out is None:
+          near.keep(doc)  # (the pipeline's call for a written document)
+        else:
           assert doc["id"].endswith("b") and doc["duplicate_of"] == doc["id"][:-1] + "a"
           agree = sum(x == y for x, y in zip(doc["signature"], near.kept[doc["duplicate_of"]]))
           assert out == ("near", agree / 128) and agree / 128 >= 0.8
@@ -231,8 +233,8 @@ def test_each_removal_counted_once_by_first_failing_stage(tmp_path):
   (tmp_path / "c" / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
   summary = _run(str(tmp_path / "c" / "*.jsonl"), tmp_path / "out", languages="en",
                  min_language_score=0.0)
-  # the 2nd German copy: an exact duplicate (first stage), not a language removal
-  assert summary["removed"] == {"exact_duplicate": 1, "language": 2, "quality": 1,
+  # the 2nd German copy: a language removal too (dedup remembers only written documents)
+  assert summary["removed"] == {"exact_duplicate": 0, "language": 3, "quality": 1,
                                 "near_duplicate": 0}
   assert summary["documents_out"] == 1
 
@@ -382,3 +384,57 @@ def test_workers_read_ahead_is_bounded():
   for k, (batch, results) in enumerate(analyzed):
     assert batch[0][0] == results[0]["id"] == f"d{k}"
     assert len(pulled) <= k + 1 + 2 * 2
+
+
+def test_a_copy_of_a_document_that_a_later_stage_removed_is_kept(tmp_path):
+  """Dedup remembers only written documents: A fails quality by its line breaks (lines ending
+  in '...'); B, A's words on one line (the same exact-dedup key), passes and is written."""
+  rng = random.Random(1)
+  parts = [_prose(rng, sentences=1).rstrip(".") for _ in range(8)]
+  a = "\n".join(p + "..." for p in parts[:7]) + "\n" + parts[7] + "."
+  b = " ".join(p + "..." for p in parts[:7]) + " " + parts[7] + "."
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (a, b)))
+  summary = _run(str(tmp_path / "c" / "*.jsonl"), tmp_path / "out", languages="none")
+  assert summary["removed"] == {"exact_duplicate": 0, "language": 0, "quality": 1,
+                                "near_duplicate": 0}
+  assert summary["quality_rules"] == {"gopher:ellipsis_lines": 1}
+  lines = (tmp_path / "out" / "part-00000.jsonl").read_text().splitlines()
+  assert [json.loads(x)["text"] for x in lines] == [b]
+
+
+def test_a_long_documents_kept_pieces_are_one_record_read_back_as_one_document(tmp_path,
+                                                                              monkeypatch):
+  """The pieces ID#k of a document over MAX_DOCUMENT_CHARS come out as one record (their texts
+  joined), so training reads them as one document again: one side of the validation split."""
+  monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 300)
+  rng = random.Random(3)
+  texts = {f"doc{i}.txt": "\n".join(_prose(rng, sentences=3) for _ in range(rng.randint(1, 9)))
+           for i in range(12)}
+  (tmp_path / "c").mkdir()
+  for name, text in texts.items():
+    (tmp_path / "c" / name).write_text(text)
+  stages = clean_lib.build_stages(_flags(dedup="none", languages="none", quality="none"))
+  summary = clean_lib.run(str(tmp_path / "c" / "*.txt"), "text", "text", str(tmp_path / "out"),
+                          stages, shard_mb=0.002, plots=False)
+  pieces = summary["bad"]["pieces_of_long_documents"]
+  assert pieces > 12 and summary["documents_out"] == summary["documents_in"]
+  assert summary["records_out"] == 12 and summary["shards"] > 1
+  records = [json.loads(x) for f in sorted(glob.glob(str(tmp_path / "out" / "part-*.jsonl")))
+             for x in open(f, encoding="utf-8")]
+  assert {r["id"]: r["text"] for r in records} == texts
+  read = collections.defaultdict(str)
+  for doc_id, text in corpus_lib.iter_documents(str(tmp_path / "out" / "*.jsonl"), "jsonl"):
+    read[corpus_lib.document_of(doc_id)] += text
+  assert sorted(read.values()) == sorted(texts.values())
+
+
+def test_the_language_threshold_reads_the_unrounded_score():
+  from transformer_jax.data.clean import language  # pylint: disable=g-import-not-at-top
+  text = "Der Hund läuft schnell, the dog runs fast"
+  lang, score = language.Language((), 0.0)._identify(text)  # pylint: disable=protected-access
+  just_above = score + 1e-6
+  assert round(score, 4) >= just_above  # (so a rounded comparison would keep it)
+  doc = {"text": text}
+  language.Language((lang,), just_above).analyze(doc)
+  assert doc.get("failed") == "language" and doc["language_score"] == round(score, 4)

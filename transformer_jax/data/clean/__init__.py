@@ -192,6 +192,8 @@ def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers:
           removed_samples.write(stage.name, doc, removal)
           break
       else:
+        for stage in stages:
+          stage.keep(doc)
         shards.write(doc)
   paths = shards.close()
   seconds = time.time() - start
@@ -213,6 +215,7 @@ def _cpu_seconds() -> dict:
 def _summary(tally, removed, shards, skipped, stages, workers, seconds) -> dict:
   summary = {
       "documents_in": tally["documents_in"], "documents_out": shards.documents,
+      "records_out": shards.records,
       "removed": removed, "seconds": round(seconds, 3), "workers": workers,
       "documents_per_s": round(tally["documents_in"] / max(seconds, 1e-9), 1),
       "mb_per_s": round(tally["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),

@@ -1,4 +1,6 @@
-"""Exact and near-duplicate removal; both keep the first occurrence in corpus order.
+"""Exact and near-duplicate removal; both keep the first occurrence in corpus order, among the
+documents written: a document that a later stage removed (language, quality) is remembered by
+neither, so a copy of it that passes those stages is kept (Stage.keep).
 
 Exact: a 128-bit BLAKE2b digest of the normalized text (Unicode NFC, runs of whitespace made one
 space, ends stripped); the set of digests seen is this stage's only per-document state.
@@ -64,13 +66,12 @@ class Exact(stage_lib.Stage):
     doc["digest"] = digest(doc["text"])
 
   def decide(self, doc: dict):
-    key = doc["digest"]
-    duplicate = key in self.seen
+    duplicate = doc["digest"] in self.seen
     self.trace.step(duplicate)
-    if duplicate:
-      return "exact", 1.0
-    self.seen.add(key)
-    return None
+    return ("exact", 1.0) if duplicate else None
+
+  def keep(self, doc: dict) -> None:
+    self.seen.add(doc["digest"])
 
   def figures(self):
     return [stage_lib.Figure("trace", "Exact duplicates removed", self.trace.x,
@@ -119,9 +120,15 @@ class Near(stage_lib.Stage):
     if matches:
       doc["duplicate_of"] = matches[0]
       return "near", similar[matches[0]]
-    self.lsh.insert(doc["id"], m, check_duplication=False)
-    self.kept[doc["id"]] = signature
     return None
+
+  def keep(self, doc: dict) -> None:
+    if doc.get("signature") is None:
+      return
+    signature = np.asarray(doc["signature"], np.uint32)
+    self.lsh.insert(doc["id"], LeanMinHash(seed=self.seed, hashvalues=signature),
+                    check_duplication=False)
+    self.kept[doc["id"]] = signature
 
   def summary(self):
     return {"lsh_bands": self._bands()[0], "lsh_rows": self._bands()[1]}

@@ -51,12 +51,12 @@ class Language(stage_lib.Stage):
     probs = ident.norm_probs(counts[present].astype(np.float32) @ ident.nb_ptc[present]
                              + ident.nb_pc)
     best = int(np.argmax(probs))
-    return str(ident.nb_classes[best]), round(float(probs[best]), 4)
+    return str(ident.nb_classes[best]), float(probs[best])
 
   def analyze(self, doc: dict) -> None:
-    doc["language"], doc["language_score"] = self._identify(doc["text"])
-    if self.languages and (doc["language"] not in self.languages
-                           or doc["language_score"] < self.min_score):
+    language, score = self._identify(doc["text"])
+    doc["language"], doc["language_score"] = language, round(score, 4)  # (as it is written)
+    if self.languages and (language not in self.languages or score < self.min_score):
       doc["failed"] = self.name
 
   def decide(self, doc: dict):

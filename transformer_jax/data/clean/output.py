@@ -2,7 +2,11 @@
 
   OUT/part-00000.jsonl, ...   {"id", "text"[, "language", "language_score"]} per line, a new
                               shard after every `shard_mb` MB (read them back with
-                              data.corpus=OUT/*.jsonl data.format=jsonl)
+                              data.corpus=OUT/*.jsonl data.format=jsonl). The kept pieces ID#k of
+                              a document over 1 MiB are one record, id ID, their texts joined
+                              in order (language: its first kept piece's), so that training
+                              reads them as one document again (its pieces on one side of the
+                              validation split); the record is written piece by piece.
   OUT/removed/REASON.jsonl    the first `samples` documents removed for each reason, with the
                               rule and its measured value (text cut at SAMPLE_CHARS)
 """
@@ -10,6 +14,8 @@
 import glob
 import json
 import os
+
+from transformer_jax.data import corpus as corpus_lib
 
 SHARD_PATTERN = "part-{:05d}.jsonl"
 SAMPLE_CHARS = 20_000
@@ -25,22 +31,44 @@ def clear(out: str) -> None:
     os.remove(path)
 
 
+def _json(value) -> bytes:
+  return json.dumps(value, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
+
+
 class Shards:
-  """Writes records to numbered JSONL shards of about `shard_mb` MB each."""
+  """Writes records to numbered JSONL shards of about `shard_mb` MB each; `documents` counts the
+  documents (pieces) written, `records` the lines."""
 
   def __init__(self, out: str, shard_mb: float):
     self.out, self.limit = out, max(1, int(shard_mb * 1e6))
     self.index, self.size, self.file = 0, 0, None
-    self.documents = self.bytes = 0
+    self.documents = self.records = self.bytes = 0
+    self.open = None  # the id of the document whose record is still being written
 
   def write(self, doc: dict) -> None:
-    line = json.dumps({k: doc[k] for k in _FIELDS if k in doc}, ensure_ascii=False) + "\n"
-    data = line.encode("utf-8", errors="surrogatepass")
-    if self.file is None or self.size + len(data) > self.limit and self.size:
-      self._next()
+    """Writes a kept document; a piece of the document before it joins that one's record."""
+    document = corpus_lib.document_of(doc["id"])
+    if self.open is None or document != self.open or document == doc["id"]:
+      self._end()
+      head = {k: doc[k] for k in _FIELDS if k in doc and k != "text"}
+      head["id"] = document
+      self._put(_json(head)[:-1] + b', "text": "', new_record=True)
+      self.open = document
+    self._put(_json(doc["text"])[1:-1])
+    self.documents += 1
+
+  def _end(self) -> None:
+    if self.open is not None:
+      self._put(b'"}\n')
+      self.open = None
+
+  def _put(self, data: bytes, new_record: bool = False) -> None:
+    if new_record:
+      if self.file is None or self.size >= self.limit:
+        self._next()
+      self.records += 1
     self.file.write(data)
     self.size += len(data)
-    self.documents += 1
     self.bytes += len(data)
 
   def _next(self) -> None:
@@ -52,6 +80,7 @@ class Shards:
 
   def close(self) -> list[str]:
     """Closes the last shard; returns the shard paths."""
+    self._end()
     if self.file is not None:
       self.file.close()
     return [os.path.join(self.out, SHARD_PATTERN.format(i))

@@ -6,6 +6,8 @@ measured in `doc` (a dict holding "id" and "text"). `decide(doc)` runs in the ma
 corpus order: it may keep state across documents (the dedup stages), and returns None to keep
 the document or `(rule, value)` to remove it. The pipeline runs the stages in a fixed order and
 stops at the first that removes, so every removal is counted once, by its first failing stage.
+`keep(doc)` then runs on every stage for a document that all of them kept (the dedup stages
+remember only documents that are written: a copy of a removed document is no duplicate).
 A stage whose `analyze` already failed a document sets doc["failed"], and later stages' `analyze`
 skip it.
 """
@@ -26,6 +28,9 @@ class Stage:
     """In corpus order, in the main process: None keeps, (rule, value) removes."""
     del doc
     return None
+
+  def keep(self, doc: dict) -> None:
+    """In corpus order, in the main process, after every stage kept `doc` (it is written)."""
 
   def summary(self) -> dict:
     """Extra figures for the final JSON line."""
