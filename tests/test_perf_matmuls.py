@@ -102,7 +102,7 @@ def test_benchmark_matmul_floor_counts_the_steps_matmuls():
 
 
 @pytest.mark.parametrize("recipe, extra", [
-    ("t5", []), ("transformer", []), ("gpt2", []),
+    ("t5", []), ("t5", ["model.vocab_size=256"]), ("transformer", []), ("gpt2", []),
     ("gpt2", ["model.position=rotary", "model.attention_window=16", "data.seq_len=512",
               "model.d_model=64", "model.num_heads=1"]),
 ])
@@ -111,11 +111,13 @@ def test_model_flops_are_the_compiled_steps_matmuls(recipe, extra):
   percent for a decoder and for encoder-decoders whose decoder is shorter (T5: 29 target tokens
   for 128 inputs) or as long, and for sliding-window layers (their band's keys). Counting the
   decoder at the encoder's length and leaving out its attention overstated T5's 2.4 times; a
-  window's layers were counted at every key."""
+  window's layers were counted at every key; the cross-attention's key and value projections
+  were counted at the T decoder tokens, not the S encoder outputs they read (5 % low with a
+  small vocabulary)."""
   c = config_lib.load(f"configs/{recipe}.py:tiny", ["mesh.data=1", "train.batch_size=2",
                                                      *extra])
   trainer = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
   dots = matmuls.dots(trainer.lower_train_step().compile().as_text())
   per_token = sum(n * d.flops for d, n in dots.items()) / (2 * c.data.seq_len)
   counted = counting.for_config(c, trainer.model.cfg, trainer.abstract_state.params)
-  assert 0.95 < per_token / counted < 1.06, (per_token, counted)
+  assert 0.97 < per_token / counted < 1.03, (per_token, counted)

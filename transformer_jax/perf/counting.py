@@ -55,19 +55,32 @@ def param_counts(params, model_cfg) -> tuple[int, int, int]:
 def flops_per_token(model_cfg, params, seq_len: int, target_len: int = 0) -> float:
   """Model FLOPs per counted token: 6 N + 12 L H K T (the module docstring). An encoder-decoder
   counts seq_len (S, the encoder's) tokens a row, and its decoder runs target_len (T) of them:
-  6 N_enc S + 6 N_dec T + 12 H K (L_enc S^2 + L_dec (T^2 + T S)) a row (the decoder's
-  self-attention and cross-attention, and its side of N, the output projection included, at
-  T tokens), per S tokens. `params` may be abstract."""
+  6 N_enc S + 6 N_cross_kv S + 6 (N_dec - N_cross_kv) T + 12 H K (L_enc S^2 + L_dec (T^2 + T S))
+  a row, per S tokens: the cross-attention's key and value projections run on the S encoder
+  outputs, the rest of the decoder's side of N (the output projection included) on its T
+  tokens; its self-attention and cross-attention scores as written. `params` may be abstract."""
   c = model_cfg
   n, hk = matmul_params(params, c), 12.0 * c.num_heads * c.head_dim
   if not (c.num_decoder_layers or "decoder" in params):
     return 6.0 * n + hk * keys(c, c.num_layers, seq_len)
   s, t = seq_len, target_len or seq_len
   n_enc, decoder_layers = matmul_params(params["encoder"], c), c.num_decoder_layers or c.num_layers
-  row = (6.0 * n_enc * s + 6.0 * (n - n_enc) * t
+  n_kv = _cross_kv_params(params["decoder"])
+  row = (6.0 * (n_enc + n_kv) * s + 6.0 * (n - n_enc - n_kv) * t
          + hk * (s * keys(c, c.num_layers, s) + t * keys(c, decoder_layers, t)
                  + decoder_layers * t * s))  # the cross-attention: every source key
   return row / s
+
+
+def _cross_kv_params(decoder) -> int:
+  """The decoder's cross-attention key and value projection parameters (every layer's)."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(decoder):
+    names = [getattr(k, "key", None) for k in path]
+    if "cross_attention" in names and names[names.index("cross_attention") + 1] in ("key",
+                                                                                      "value"):
+      total += math.prod(leaf.shape)
+  return total
 
 
 def keys(c, num_layers: int, length: int) -> int:
