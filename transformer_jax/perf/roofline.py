@@ -72,12 +72,15 @@ def step_cost(config, devices, compiled, chip: Chip, compile_probe) -> tuple[dic
   A scanned stack whose layers' windows differ (model.window_pattern) gets each layer's window
   as a traced value and attends to every key under a mask: its probes are all-global layers
   (probes of its pattern's first two layers, static windows skipping key blocks, understated
-  its FLOPs 37 % in one measured case: 6 layers LLLLLG, window 16, 1024 tokens). `devices`:
-  the mesh's devices in order (the programs' device ids index it)."""
+  its FLOPs 37 % in one measured case: 6 layers LLLLLG, window 16, 1024 tokens). The loss-chunk
+  scan (train.loss_chunk) is multiplied out too: _loss_chunks. `devices`: the mesh's devices in
+  order (the programs' device ids index it)."""
   m, layers = config.train.microbatches, config.model.num_layers
   times = lambda cost: {k: m * v if k in ("flops", "bytes") else v for k, v in cost.items()}
+  price = lambda probe: times(program_cost(compile_probe(probe), devices, chip))
   if not config.model.scan_layers:
-    return (times(program_cost(compiled, devices, chip)),
+    cost = times(program_cost(compiled, devices, chip))
+    return (_loss_chunks(config, cost, price),
             "compiled program" + (f" x {m} microbatches" if m > 1 else ""))
   # (imported here: jax must not load before the AOT check loads its CUDA plugin, hardware.py)
   from transformer_jax.models import stack  # pylint: disable=g-import-not-at-top
@@ -90,11 +93,36 @@ def step_cost(config, devices, compiled, chip: Chip, compile_probe) -> tuple[dic
     for key, value in [("model.num_layers", n), ("model.scan_layers", False)] + mixed:
       config_lib.set_value(probe, key, str(value))
     with topology.quiet_fd2():
-      probes.append(times(program_cost(compile_probe(probe), devices, chip)))
+      probes.append(price(probe))
+    if n == 1:
+      one_layer = probe
   c1, c2 = probes
   comm = program_cost(compiled, devices, chip)  # the scanned program's own, trips counted
-  return ({k: comm[k] if k in COMM else c1[k] + (layers - 1) * (c2[k] - c1[k]) for k in COSTS},
+  cost = {k: comm[k] if k in COMM else c1[k] + (layers - 1) * (c2[k] - c1[k]) for k in COSTS}
+  with topology.quiet_fd2():
+    excess = _loss_chunks(one_layer, c1, price)
+  return ({k: v + excess[k] - c1[k] for k, v in cost.items()},
           "unrolled 1- and 2-layer compiles, extrapolated to all layers")
+
+
+def _loss_chunks(config, cost: dict, price) -> dict:
+  """`cost` (of `config`'s program, microbatches multiplied out) with its loss-chunk scan's body
+  counted once per trip instead of once. The body's cost is priced by one more compile
+  (`price(config)` -> cost) with chunks of C' = min(2C, tokens): body(C) = (cost(C') -
+  cost(C)) / (C'/C - 1), the matmuls of a chunk being linear in its tokens; n = ceil(tokens / C)
+  trips (a microbatch's tokens of the global batch, as training/step.py cuts them)."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  chunk = config.train.loss_chunk
+  tokens = (config.train.batch_size // config.train.microbatches
+            * (objectives.spec(config.data).target_len or config.data.seq_len))
+  if not chunk or chunk >= tokens:
+    return cost
+  wider = min(2 * chunk, tokens)
+  probe = copy.deepcopy(config)
+  config_lib.set_value(probe, "train.loss_chunk", str(wider))
+  body = {k: (v - cost[k]) / (wider / chunk - 1) for k, v in price(probe).items()}
+  trips = -(-tokens // chunk)
+  return {k: v + (trips - 1) * body[k] if k in ("flops", "bytes") else v for k, v in cost.items()}
 
 
 def hbm(mem, capacity: float) -> dict:
