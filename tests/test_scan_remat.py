@@ -212,11 +212,12 @@ def test_config_values():
 
 @pytest.mark.parametrize("kind, tflops", [("NVIDIA H100 80GB HBM3", 989.0),
                                           ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-                                          ("NVIDIA H200", 989.0), ("TPU v5", 459.0),
+                                          ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+                                          ("TPU v5", 459.0),
                                           ("TPU v5 lite", 197.0)])
 def test_peak_flops_table_picks_the_part(monkeypatch, kind, tflops):
-  """MFU's denominator comes from the device kind; the H100's PCIe and NVL parts are slower than
-  the SXM one (a stand-in device with that kind, since none is here)."""
+  """MFU's denominator comes from the device kind; the H100's PCIe and NVL parts and the H200
+  NVL are slower than the SXM ones (a stand-in device with that kind, since none is here)."""
   device = type("Device", (), {"device_kind": kind, "platform": "gpu"})()
   monkeypatch.setattr(jax, "devices", lambda: [device])
   assert hardware.peak_flops_per_device(jnp.bfloat16) == (tflops * 1e12, f"table:{kind}")

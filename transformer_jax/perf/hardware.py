@@ -72,14 +72,15 @@ GPUS_PER_HOST = 8
 
 
 # Dense bf16 peak TFLOP/s per device, keyed by a substring of jax's device_kind (lower case); the
-# first key found in device_kind wins (H100 PCIe and NVL before the SXM part). The catalogued
+# first key found in device_kind wins (the PCIe and NVL parts before the SXM ones). The catalogued
 # chips' figures come from CHIPS and GPUS; the others are NVIDIA's data sheets.
 PEAK_TFLOPS = (
     ("v6 lite", CHIPS["v6e"].peak_tflops), ("v6e", CHIPS["v6e"].peak_tflops),
     ("v5p", CHIPS["v5p"].peak_tflops), ("v5 lite", CHIPS["v5e"].peak_tflops),
     ("v5e", CHIPS["v5e"].peak_tflops),
     ("tpu v5", CHIPS["v5p"].peak_tflops),  # v5p chips report device_kind "TPU v5"
-    ("v4", CHIPS["v4"].peak_tflops), ("h200", GPUS["h200"].peak_tflops),
+    ("v4", CHIPS["v4"].peak_tflops),
+    ("h200 nvl", 835.0), ("h200", GPUS["h200"].peak_tflops),
     ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", GPUS["h100"].peak_tflops),
     ("a100", 312.0),
 )
