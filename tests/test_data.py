@@ -186,6 +186,17 @@ def test_long_documents_are_read_as_exact_pieces(tmp_path, monkeypatch):
       assert list(joined.items()) == expected, (trial, fmt)
 
 
+def test_files_named_like_pieces_stay_documents_of_their_own(tmp_path, monkeypatch):
+  """`notes#1` and `notes#2` are two files, not two pieces of `notes`: their ids get a "#", so
+  document_of (the split, the cleaner's piece rules) keeps them apart, also when they are long."""
+  monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 20)
+  for name, text in (("notes#1", "short"), ("notes#2", "a b c d e f g h i j k l m n o p")):
+    (tmp_path / name).write_text(text)
+  docs = list(corpus_lib.iter_documents(str(tmp_path / "notes*"), "text"))
+  assert [d for d, _ in docs] == ["notes#1#", "notes#2##0", "notes#2##1"]
+  assert [corpus_lib.document_of(d) for d, _ in docs] == ["notes#1#", "notes#2#", "notes#2#"]
+
+
 def test_one_huge_document_reads_in_bounded_memory(tmp_path):
   """A 24 MB single-line file: reading it as text or lines, and sampling it to train a tokenizer,
   never holds much more than a piece (it used to hold the whole line, decoded, several times)."""

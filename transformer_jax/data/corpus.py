@@ -164,7 +164,10 @@ def document_of(doc_id: str) -> str:
 
 def _pieces(doc_id: str, blocks: Iterator[str]) -> Iterator[tuple[str, str]]:
   """(id, text) of a document given as consecutive text blocks: itself, or pieces `ID#k` of at
-  most MAX_DOCUMENT_CHARS when it is longer. Holds at most one block and one piece."""
+  most MAX_DOCUMENT_CHARS when it is longer. Holds at most one block and one piece. An id that
+  itself ends like a piece's (a file named `notes#2`) gets a "#" appended, so `document_of`
+  never takes two files for pieces of one document."""
+  doc_id += "#" * bool(PIECE.search(doc_id))
   buf, k = "", 0
   for block in blocks:
     buf += block
