@@ -90,6 +90,11 @@ def test_logits_match_transformers_scanned_and_unrolled(moe_ckpt):
     diff = _max_diff(outs[scan], ref, mask)
     print(f"{case} scan_layers={scan}: max |ours - transformers| = {diff:.2e}")
     assert diff < TOL, (case, scan, diff)
+  # With a training capacity (an allowed import override), hf_forward still runs dropless, as
+  # transformers does: 2 slots per expert would drop tokens of these rows.
+  model, params = from_hf(path, expert_capacity_factor=0.25)
+  assert model.cfg.expert_capacity_factor == 0.25
+  assert _max_diff(hf_forward(model, params, input_ids=ids, attention_mask=mask), ref, mask) < TOL
   if len(outs) == 2:
     assert _max_diff(outs[False], outs[True], mask) < 1e-5
   else:  # dense and MoE layers differ: one scanned block cannot hold them

@@ -256,3 +256,14 @@ def test_a_teacher_must_cover_the_rows_and_share_the_tokenizer(tiny_data, tmp_pa
         tiny_data, **{"train.distill.teacher": str(hf_dir), "data.tokenizer": tokenizer}))
     with pytest.raises(ConfigError, match=message):
       distill.load(student, None, ())
+
+
+def test_a_teacher_runs_as_at_inference():
+  """An MoE teacher trained with a capacity gives soft targets without drops (a token's must not
+  depend on the rest of the batch), with no dropout, in the student's dtype."""
+  config = config_lib.load(f"{REPO}/configs/mixtral.py:tiny",
+                           ["model.expert_capacity_factor=0.5", "model.dropout_rate=0.1"])
+  teacher = distill.as_teacher(families.build_model(config), "bfloat16")
+  c = teacher.cfg
+  assert (c.expert_capacity_factor, c.dropout_rate, c.dtype) == (0.0, 0.0, "bfloat16")
+  assert c.num_experts == config.model.num_experts

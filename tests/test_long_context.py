@@ -424,6 +424,21 @@ def test_passkey_prompts_and_their_scoring(tiny_data):
   params = nn.unbox(learned.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   with pytest.raises(ConfigError, match="past the 32 learned positions"):  # not 0 % from NaN
     passkey.evaluate(learned, params, tok, lengths=(64,), depths=(0.5,), trials=1)
+  # An MoE trained with a capacity is read without drops, as scoring reads it (a row's logits
+  # must not depend on the other rows' lengths).
+  moe_cfg = _cfg(vocab_size=tok.vocab_size, max_len=128, num_experts=4, experts_per_token=2,
+                 expert_capacity_factor=0.25)
+  moe = DecoderLM(moe_cfg)
+  params = nn.unbox(moe.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+  seen = []
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(passkey, "retrieved", lambda fn, p, k: seen.append(fn) or np.zeros(len(p), bool))
+    passkey.evaluate(moe, params, tok, lengths=(64,), depths=(0.5,), trials=2)
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, tok.vocab_size, (2, 64)), jnp.int32)
+  seg = jnp.ones((2, 64), jnp.int32).at[1, 40:].set(0)
+  dropless = DecoderLM(dataclasses.replace(moe_cfg, expert_capacity_factor=0.0))
+  np.testing.assert_allclose(seen[0](ids, seg)[0], dropless.apply({"params": params}, ids, seg)[0],
+                             atol=1e-5)
 
 
 def test_long_context_recipes_extend_the_context_by_rope_scaling_and_train():

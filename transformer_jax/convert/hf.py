@@ -270,9 +270,11 @@ def hf_forward(model, params, input_ids, attention_mask=None, position_ids=None,
   are not HF's (theirs are meaningless too). `vocab_size` cuts the vocabulary (a model imported
   with padded rows). EncoderLM (BERT) also takes token_type_ids (default 0); EncoderDecoder (T5)
   needs decoder_input_ids (HF's start with decoder_start_token_id, 0) and takes
-  decoder_attention_mask: the logits are the decoder's [B, T_dec, V].
+  decoder_attention_mask: the logits are the decoder's [B, T_dec, V]. An MoE runs without drops
+  (families.for_inference), as HF's Mixtral and Qwen2-MoE do.
   """
   family = {cls: name for name, cls in MODELS.items()}.get(type(model), "decoder")
+  model = families.for_inference(model)
   given = [k for k, v in unused.items() if v is not None]
   if token_type_ids is not None and family != "encoder":
     given.append("token_type_ids")

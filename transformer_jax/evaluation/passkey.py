@@ -53,7 +53,10 @@ def retrieved(logits_fn, prompts: list[list[int]], keys: list[list[int]]) -> np.
 
 def evaluate(model, params, tokenizer, lengths=(256, 1024), depths=(0.0, 0.5, 1.0),
              trials: int = 4, seed: int = 0) -> dict:
-  """{"length=L,depth=D": accuracy over `trials` keys} and "mean", for a DecoderLM."""
+  """{"length=L,depth=D": accuracy over `trials` keys} and "mean", for a DecoderLM (an MoE
+  without drops, as scoring runs it)."""
+  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
+  model = families.for_inference(model)
   apply = jax.jit(functools.partial(model.apply, {"params": params}))
   logits_fn = lambda ids, seg: apply(ids, seg)  # pylint: disable=unnecessary-lambda-assignment
   rng = np.random.default_rng(seed)

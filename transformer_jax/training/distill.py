@@ -79,6 +79,13 @@ def check(config):
                       f"teacher layer) of layer indices, e.g. ((0, 1), (1, 3))")
 
 
+def as_teacher(model, dtype: str):
+  """The model as a teacher runs it: in the student's dtype, as at inference (no dropout; an MoE
+  without drops: a token's soft targets must not depend on the other tokens of the batch)."""
+  return families.for_inference(type(model)(dataclasses.replace(model.cfg, dtype=dtype,
+                                                                dropout_rate=0.0)))
+
+
 def load(config, mesh, rule_table) -> Teacher | None:
   """The teacher of config.train.distill (None without one), its parameters placed on `mesh`."""
   check(config)
@@ -109,8 +116,7 @@ def load(config, mesh, rule_table) -> Teacher | None:
     raise ConfigError(f"train.distill.teacher={path!r} has learned positions for "
                       f"{model.cfg.max_len} tokens; the student's rows reach {longest} "
                       f"(data.seq_len / target_len): set data.seq_len <= {model.cfg.max_len}")
-  model = type(model)(dataclasses.replace(model.cfg, dtype=config.model.dtype,
-                                          dropout_rate=0.0))
+  model = as_teacher(model, config.model.dtype)
   _layer_pairs(config, model)  # before the teacher's checkpoint is read
   boxed = jax.eval_shape(lambda: model.init(
       jax.random.key(0), *families.init_inputs(model, min(config.data.seq_len, 8)))["params"])
