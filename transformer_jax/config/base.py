@@ -110,7 +110,8 @@ def _model():
   m.attention_impl = "auto"
   # Quantized training (quant/qt.py, through qwix): none | int8 | fp8 runs the attention and MLP
   # projections' matmuls quantized, forward and backward (absmax scales per row and column); the
-  # fp32 master weights and checkpoints are unchanged (a run may resume with it on or off).
+  # fp32 master weights and checkpoints are unchanged (a run may resume with it on or off). In an
+  # MoE layer the shared experts' MLP is quantized, the routed experts' grouped matmuls are not.
   m.quantization = "none"
   _long_context(m)
   _moe(m)
