@@ -348,6 +348,38 @@ def test_sentence_pairs_reconstruct_and_label_half(docs, vocab, mode):
   _within(sum(labels), len(labels), 0.5, f"{mode} label 1")
 
 
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_nsp_partners_at_eval_are_far_in_the_stream(docs, vocab, shuffled):
+  """At eval the stream is in order, so the next chunk is mostly the same document's: an nsp
+  negative takes its B from the chunk EVAL_PARTNER_DISTANCE on instead (within windows of twice
+  that; the last, partial one halves its own length). Training pairs neighbours of the
+  shuffled stream, as before."""
+  import grain  # pylint: disable=g-import-not-at-top
+  s = _spec("mlm", sentence_pair="nsp")
+  count = 2 * mlm.EVAL_PARTNER_DISTANCE + 30
+  chunks = _chunks(docs, s.chunk_len, count)
+  ds = grain.MapDataset.source([{"inputs": c} for c in chunks]).to_iter_dataset()
+  shuffle = (lambda d: grain.experimental.WindowShuffleIterDataset(d, window_size=16, seed=1)
+             ) if shuffled else None
+  out = list(objectives.examples(ds, s, vocab, 0, shuffle))
+  assert len(out) == count
+  if shuffled:
+    return
+  window, negatives, in_neighbour = 2 * mlm.EVAL_PARTNER_DISTANCE, 0, 0
+  text = lambda ids: " " + " ".join(map(str, ids)) + " "
+  for i, ex in enumerate(out):
+    first_b = int(np.argmax(ex["types"]))
+    a, b = ex["targets"][1:first_b - 1], ex["targets"][first_b:-1]
+    assert text(a) in text(chunks[i])  # in stream order
+    if ex["sentence_labels"][0]:
+      start, n = i // window * window, min(window, count - i // window * window)
+      partner = start + (i - start + n // 2) % n
+      assert text(b) in text(chunks[partner]), i
+      negatives += 1
+      in_neighbour += text(b) in text(chunks[i + 1 - 2 * (i % 2)])  # (the old partner)
+  assert negatives > 40 and in_neighbour < 0.5 * negatives  # (short Bs recur by chance)
+
+
 # ------------------------------------------------------------------------------ packing
 
 

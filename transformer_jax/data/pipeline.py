@@ -292,11 +292,9 @@ def _first_fit(ds, config, s, num_bins, seed, objective_seed) -> grain.IterDatas
            if objectives.needs_vocab(s) else None)
 
   def shuffle(chunks):  # Mixes the chunks of long documents (not for eval: seed None).
-    if seed is None:
-      return chunks
     return grain.experimental.WindowShuffleIterDataset(chunks, window_size=_CHUNK_SHUFFLE_WINDOW,
                                                        seed=seed)
-  ds = objectives.examples(ds, s, vocab, objective_seed, shuffle)
+  ds = objectives.examples(ds, s, vocab, objective_seed, None if seed is None else shuffle)
   return grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=objectives.length_struct(s), num_packing_bins=num_bins,
       seed=seed or 0, shuffle_bins=seed is not None)

@@ -158,13 +158,13 @@ def needs_vocab(s: Spec) -> bool:
 
 def examples(ds, s: Spec, vocab, seed: int, shuffle):
   """The chunk stream `ds` -> the objective's examples; `shuffle` (the chunk window shuffle, or
-  nothing for eval) goes where the objective needs it."""
+  None for eval: the stream's order) goes where the objective needs it."""
   obj = get(s.objective)
   if hasattr(obj, "examples"):
     return obj.examples(ds, s, vocab, seed, shuffle)
   if hasattr(obj, "corrupt"):
     ds = ds.random_map(common.Corrupt(obj.corrupt, s, vocab), seed=seed)
-  return shuffle(ds)
+  return shuffle(ds) if shuffle else ds
 
 
 def length_struct(s: Spec) -> dict:

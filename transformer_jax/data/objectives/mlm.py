@@ -7,7 +7,9 @@ With data.sentence_pair (nsp or sop) each chunk (seq_len - 3 tokens) is cut at a
 end (vocab.py's rule; else at a random token) into A and B and becomes [bos] A [eos] B [eos]
 (bos/eos as BERT's [CLS]/[SEP]) with token types 0 for [CLS] A [SEP] and 1 after, masked as above.
 sop (ALBERT): A and B swap places with probability 1/2 (label 1). nsp (BERT): with probability 1/2,
-B is replaced by the second part of the next chunk in the (shuffled) stream, cut to fit (label 1).
+B is replaced by the second part of the next chunk in the (shuffled) stream, cut to fit (label 1);
+at eval (the stream in order, where the next chunk is often the same document's) by that of the
+chunk EVAL_PARTNER_DISTANCE chunks on, within windows of twice that.
 The batch then also has types, sentence_labels and sentence_weights (float32): the pair's label
 and weight 1 at its [CLS] position, 0 elsewhere; the model's sentence head is trained on them."""
 
@@ -81,30 +83,39 @@ def corrupt(tokens_l, rng, vocab: Vocab, s: common.Spec) -> dict:
   return mlm(tokens_l, rng, vocab, s.mlm_rate)
 
 
+EVAL_PARTNER_DISTANCE = 64  # chunks between an eval chunk and its nsp partner
+
+
 class SentencePairs(grain.transforms.RandomMap):
-  """[chunk, next chunk] (or [last chunk]) -> [its sentence-pair example, the next's]: each
-  chunk's nsp partner is the other."""
+  """A window of chunks -> their sentence-pair examples: chunk i's nsp partner is chunk
+  i + n/2 (mod n) of the window's n."""
 
   def __init__(self, s: common.Spec, vocab: Vocab):
     self._spec, self._vocab = s, vocab
 
   def random_map(self, elements, rng: np.random.Generator):
     chunks = [e[common.CHUNK] for e in elements]
-    partners = chunks[1:] + chunks[:1] if len(chunks) > 1 else [None]
+    n = len(chunks)
+    partners = [chunks[(i + n // 2) % n] if n > 1 else None for i in range(n)]
     return [sentence_pair(c, p, rng, self._vocab, self._spec) for c, p in zip(chunks, partners)]
 
 
 def examples(ds, s, vocab, seed, shuffle):
-  """Masked chunks; with sentence pairs, pairs made after the shuffle (nsp pairs each chunk with
-  a random other)."""
+  """Masked chunks; with sentence pairs, pairs made after the shuffle, of 2 chunks (nsp pairs
+  each chunk with a random other), or at eval (no shuffle) of 2 * EVAL_PARTNER_DISTANCE chunks
+  of the stream in order (a chunk with one far from it, mostly another document's)."""
   if not s.sentence_pair:
-    return shuffle(ds.random_map(common.Corrupt(corrupt, s, vocab), seed=seed))
-  ds = shuffle(ds).batch(2, batch_fn=list).random_map(SentencePairs(s, vocab), seed=seed)
-  return grain.experimental.FlatMapIterDataset(ds, _Unbatch())
+    ds = ds.random_map(common.Corrupt(corrupt, s, vocab), seed=seed)
+    return shuffle(ds) if shuffle else ds
+  window = 2 if shuffle else 2 * EVAL_PARTNER_DISTANCE
+  ds = (shuffle(ds) if shuffle else ds).batch(window, batch_fn=list)
+  ds = ds.random_map(SentencePairs(s, vocab), seed=seed)
+  return grain.experimental.FlatMapIterDataset(ds, _Unbatch(window))
 
 
 class _Unbatch(grain.experimental.FlatMapTransform):
-  max_fan_out = 2
+  def __init__(self, window: int):
+    self.max_fan_out = window
 
   def flat_map(self, element):
     return element
