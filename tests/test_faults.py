@@ -163,6 +163,25 @@ def test_no_evaluation_runs_between_a_bad_batch_and_its_rollback(tiny_data, tmp_
   assert evals == sorted(set(evals)) == [7, 12]
 
 
+@pytest.mark.parametrize("bad, steps, landing", [(11, 12, 12), (7, 16, 8)])
+def test_a_rollback_landing_on_a_save_or_eval_step_still_saves_and_evaluates(
+    tiny_data, tmp_path, poison, bad, steps, landing):
+  """The step after the last bad batch keeps its own save and eval: a bad last batch left the
+  run with no final checkpoint and no final eval (a sweep re-ran it forever), a mid-run one
+  skipped that step's checkpoint and eval."""
+  from transformer_jax.sweep import run as sweep_run  # pylint: disable=g-import-not-at-top
+  config = _config(tiny_data, **{"train.on_anomaly": "rollback", "checkpoint.every_steps": 4,
+                                 "train.log_every": 4, "eval.every_steps": 8,
+                                 "train.steps": steps})
+  poison({bad})
+  out = loop.train(config, str(tmp_path), quiet=True, devices=ONE())
+  rows = _lines(tmp_path)
+  assert [r["step"] for r in rows if r.get("event") == "rollback"] == [landing]
+  assert landing in [r["step"] for r in rows if "eval_loss" in r]
+  assert str(landing) in os.listdir(tmp_path / "checkpoints")
+  assert out["step"] == steps and sweep_run.final_eval(str(tmp_path), steps) is not None
+
+
 def test_a_resume_from_a_save_between_log_steps_logs_the_uninterrupted_rows(tiny_data, tmp_path):
   """The log window's sums are not saved: a row at every save step too, so the row after a
   resume averages what the uninterrupted run's does (it averaged fewer steps)."""

@@ -91,18 +91,15 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
       guard.track(step, m)
       meter.step(m)
       done = step + 1
-      is_save = done % c.checkpoint.every_steps == 0 or done == end
       stopping = preemption.reached(done)
-      # A row at every checkpoint too: the log window's sums are not saved, so a resume's first
-      # row would average fewer steps than the uninterrupted run's.
-      is_log = done % c.train.log_every == 0 or done == end or is_save or stopping
-      is_eval = c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps
+      is_save, is_log, is_eval = _due(c, done, end, stopping)
       if is_log or is_eval:  # anomalies are checked before anything is saved or evaluated
         events = guard.check(ckpts.directory)
-        if events:  # train.on_anomaly=rollback
-          step, state = anomaly.rollback(trainer, ckpts, data, new_data, events, writer, say)
-          meter.restart()
-          continue
+        if events:  # train.on_anomaly=rollback: on at the step after the last bad batch,
+          done, state = anomaly.rollback(trainer, ckpts, data, new_data, events, writer, say)
+          meter.restart()  # ... with that step's own save and eval (the final one above all)
+          is_save, _, is_eval = _due(c, done, end, stopping)
+          is_log = False  # (its window's updates were undone: no loss row)
       if is_log:
         last = meter.read(m, state.skipped)
         _log(writer, bar, done, last, rows, c.train.process_log)
@@ -118,7 +115,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         writer.flush()  # a gs:// metrics.jsonl holds every line up to a step before it is saved
         with meter.paused(m):
           ckpts.save(done, state, data, force=True, data_writes=data_writes)
-      bar.update(1)
+      bar.update(done - step)
       step = done
       if stopping:
         ckpts.wait()
@@ -137,6 +134,16 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         if finished:  # otherwise the error already on its way says more
           raise
   return dict(last, step=step, state=state)
+
+def _due(c, done: int, end: int, stopping: bool) -> tuple[bool, bool, bool]:
+  """(save, log, eval): what step `done` does (`end`: this run's last step)."""
+  is_save = done % c.checkpoint.every_steps == 0 or done == end
+  # A row at every checkpoint too: the log window's sums are not saved, so a resume's first
+  # row would average fewer steps than the uninterrupted run's.
+  is_log = done % c.train.log_every == 0 or done == end or is_save or stopping
+  is_eval = bool(c.eval.every_steps and done % c.eval.every_steps == 0 or done == c.train.steps)
+  return is_save, is_log, is_eval
+
 
 def _say_epochs(config, say, enabled: bool):
   """How often train.steps repeat each source's documents (estimated: pipeline.planned_epochs)."""
