@@ -307,6 +307,9 @@ def test_a_tokenizer_in_the_bucket(gcs, tiny_data):
   assert ids.tolist() == pipeline.Tokenize(local, True, True).map({"text": text})["tokens"].tolist()
   with pytest.raises(ConfigError, match=r"data.tokenizer='gs://tjax-test/none.model' does not"):
     tokenization.load(f"gs://{BUCKET}/none.model")
+  trained = f"gs://{BUCKET}/tokenizers/trained.model"  # the tokenizer command's --out
+  tokenization.train([text * 20] * 50, 300, trained)
+  assert not os.path.exists("gs:") and tokenization.load(trained).vocab_size <= 300
 
 
 def _first_batch(config):
@@ -538,6 +541,13 @@ def test_reading_commands_take_a_run_in_the_bucket(gcs, tiny_data, reference, ca
   assert store.is_quantized(out) and paths.isfile(f"{out}/config.json")
   sample.main([f"--workdir={out}", "--prompt=def", "--max_new_tokens=2"])
   assert capsys.readouterr().out.startswith(f"[step {step}] def")
+  from transformer_jax import inspect as inspect_cli  # pylint: disable=g-import-not-at-top
+  insp = f"gs://{BUCKET}/inspected"  # inspect's --out in the bucket, nothing written locally
+  inspect_cli.main([f"--workdir={ref}", "--text=def f(x): return x", f"--out={insp}"])
+  listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]
+  assert listed["stats"] == [f"{insp}/stats.json", f"{insp}/stats.md"]
+  assert all(paths.isfile(f) for kind in listed.values() for f in kind)
+  assert not os.path.exists("gs:")
 
 
 def test_the_compilation_cache_in_the_bucket(gcs):

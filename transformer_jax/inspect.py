@@ -87,7 +87,9 @@ def inspect_main(argv):
   from transformer_jax.evaluation import interpret  # pylint: disable=g-import-not-at-top
   result = interpret.run(trainer, params, tokenizer, text, target=f["target"],
                          top_k=f["top_k"])
-  files = interpret.write(result, f["out"])
+  with paths.local_folder(f["out"]) as local:  # (a gs:// --out: uploaded after)
+    files = {kind: [paths.join(f["out"], os.path.relpath(p, local)) for p in written]
+             for kind, written in interpret.write(result, local).items()}
   for row in result["stats"]["layers"]:
     print(f"[step {step}] layer {row['layer']}: rms {row['rms']:.4g}, max |x| "
           f"{row['max_abs']:.4g}")
@@ -108,11 +110,11 @@ def probe_main(argv):
   result.update(step=step, data=f["data"], label_field=f["label_field"])
   out = f["out"] or ("inspect" if paths.is_remote(f["workdir"]) else  # written locally
                      os.path.join(f["workdir"], "inspect"))
-  os.makedirs(out, exist_ok=True)
   from transformer_jax.evaluation import interpret_plots  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(out, "probe.json"), "w") as fh:
-    json.dump(result, fh, indent=1)
-  interpret_plots.probe_accuracy(result, os.path.join(out, "probe.png"))
+  with paths.local_folder(out) as local:  # (a gs:// --out: uploaded after)
+    with open(os.path.join(local, "probe.json"), "w") as fh:
+      json.dump(result, fh, indent=1)
+    interpret_plots.probe_accuracy(result, os.path.join(local, "probe.png"))
   for row in result["layers"]:
     print(f"[step {step}] layer {row['layer']}: held-out accuracy "
           f"{row['heldout_accuracy']:.3f} (train {row['train_accuracy']:.3f})")

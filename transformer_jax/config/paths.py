@@ -20,13 +20,16 @@ CLOUD_STORAGE_EMULATOR_ENDPOINT (unless set); it also turns off gcsfs's bucket-t
 (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false), an API emulators lack. `python -m
 transformer_jax.config.paths DIR` checks that a workdir is writable (the launch scripts run it):
 exit 0, or one `error:` line and exit 2. `upload` and `download` copy files between a local folder
-and a gs:// one (for what reads or writes local files only: ArrayRecord's writer, safetensors).
+and a gs:// one (for what reads or writes local files only: ArrayRecord's writer, safetensors);
+`local_folder` gives such a writer a local folder for a gs:// one.
 """
 
+import contextlib
 import os
 import posixpath
 import shutil
 import sys
+import tempfile
 import uuid
 
 
@@ -178,6 +181,20 @@ def upload(local_dir, url, last=()):
   for rel in sorted(files, key=order):
     fs.put_file(os.path.join(local_dir, rel),
                 posixpath.join(os.fspath(url), rel.replace(os.sep, "/")))
+
+
+@contextlib.contextmanager
+def local_folder(out):
+  """A local folder to write the files of the folder `out` in: `out` itself (made), or for a
+  gs:// `out` a temporary one, uploaded to it when the block ends without an error (for what
+  writes local files only: matplotlib, json.dump)."""
+  if not is_remote(out):
+    os.makedirs(out, exist_ok=True)
+    yield os.fspath(out)
+    return
+  with tempfile.TemporaryDirectory(prefix="out-") as tmp:
+    yield tmp
+    upload(tmp, out)
 
 
 def download(url, names, local_dir):

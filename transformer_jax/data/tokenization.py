@@ -154,6 +154,9 @@ def _character_coverage(sentences: list[str], vocab_size: int, num_special: int 
 
 
 def _write_atomically(path: str, data: bytes) -> None:
+  if paths.is_remote(path):  # an object is written whole or not at all
+    paths.path(path).write_bytes(data)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
