@@ -182,7 +182,8 @@ class LockLost(ConfigError):
 def hold(workdir: str):
   """Owns `workdir` for the block; raises a one-line ConfigError naming the owner when a live
   run holds it. Yields `check()`, which every process calls before it writes a checkpoint: it
-  raises LockLost on all of them once another run has taken over a gs:// lock."""
+  raises LockLost on all of them once another run has taken over a gs:// lock; `check.mine()`
+  is process 0's look alone."""
   path = paths.join(workdir, "lock")
   held, release, error = _acquire(workdir, path) if jax.process_index() == 0 else (
       False, None, None)
@@ -207,6 +208,15 @@ def hold(workdir: str):
       raise LockLost(f"{workdir} was taken over by {lost} while this run could not reach it; "
                      f"stopped without writing to it")
 
+  def mine() -> bool:
+    """Process 0's own look at a gs:// lock, with no collective: whether it is still this
+    run's (the metrics writer's, before it rewrites metrics.jsonl)."""
+    if owner is not None:
+      owner.verify()
+      return not owner.lost
+    return True
+
+  check.mine = mine
   try:
     yield check
   finally:

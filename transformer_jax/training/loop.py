@@ -74,7 +74,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   if not any(eval_sets.values()):
     say(f"no validation data: data.corpus={c.data.corpus!r} holds no held-out document "
         f"(data.validation_fraction={c.data.validation_fraction}): no eval_loss")
-  writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start, wandb_config=c)
+  writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start, wandb_config=c,
+                              still_ours=getattr(still_ours, "mine", None))
   meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
   say(f"workdir {paths.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
       f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {meter.peak_source}")

@@ -50,11 +50,14 @@ class Writer:
   A run resumed from step `resume_step` first drops the lines (and TensorBoard events) of later
   steps, which an earlier run logged after its last checkpoint and this one replays: the file
   stays one clean history. A local metrics.jsonl deleted during the run is created again.
-  `wandb_config` (the run's config) also says which steps are checkpoint steps."""
+  `wandb_config` (the run's config) also says which steps are checkpoint steps. `still_ours`
+  (lock.hold's check.mine) is asked before each gs:// rewrite of metrics.jsonl: once another run
+  has taken the workdir over, this writer writes nothing more (the next checkpoint's lock check
+  then stops the run)."""
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0,
-               wandb_config=None):
-    self.enabled = enabled
+               wandb_config=None, still_ours=None):
+    self.enabled, self._still_ours = enabled, still_ours
     self._jsonl = self._tb = self._wandb = None
     self.path = paths.join(workdir, "metrics.jsonl")
     self.remote = paths.is_remote(workdir)
@@ -129,6 +132,11 @@ class Writer:
   def _flush_lines(self):
     """On gs://: rewrites metrics.jsonl once with the lines logged so far."""
     if not (self.enabled and self.remote and self._dirty):
+      return
+    if self._still_ours is not None and not self._still_ours():
+      print(f"warning: {self.path} is another run's now (the workdir was taken over): not "
+            "written", file=sys.stderr, flush=True)
+      self.enabled = False
       return
     try:
       paths.write_text(self.path, self._text)
