@@ -361,6 +361,10 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
   assert out["step"] == 5
   aside = sorted(glob.glob(f"{workdir}/checkpoints_previous-*"))
   assert [sorted(s for s in os.listdir(d) if s.isdigit()) for d in aside] == [["5"], ["0"]]
+  # Each keeps the config its checkpoints were trained with (the workdir's is the new one's).
+  d_ff = lambda d: json.load(open(os.path.join(d, "config.json")))["model"]["d_ff"]
+  assert [d_ff(d) for d in aside] + [d_ff(workdir)] == [0, 0, 128]
+  assert all(os.path.isfile(os.path.join(d, "tokenizer.sha256")) for d in aside)
 
 
 def test_two_set_asides_in_one_second_keep_both(tmp_path):

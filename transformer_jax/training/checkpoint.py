@@ -124,8 +124,10 @@ def data_save_args(iterator, writes=None) -> DataSave:
   return DataSave({str(k): state[str(k)] for k in writes}, iterator.num_shards)
 
 
-def set_aside(workdir: str) -> str:
-  """Moves WORKDIR/checkpoints to WORKDIR/checkpoints_previous-TIME (kept, never deleted)."""
+def set_aside(workdir: str, describe=()) -> str:
+  """Moves WORKDIR/checkpoints to WORKDIR/checkpoints_previous-TIME (kept, never deleted), with
+  a copy of the workdir's files named in `describe` (config.json, ...: what the checkpoints
+  need to be read, which the new run rewrites)."""
   src = paths.join(paths.abspath(workdir), "checkpoints")
   dest = stamped = f"{src}_previous-{time.strftime('%Y%m%d-%H%M%S')}"
   for k in itertools.count(1):  # a second set-aside within the same second: moved into the first
@@ -134,6 +136,9 @@ def set_aside(workdir: str) -> str:
     dest = f"{stamped}-{k}"
   if jax.process_index() == 0:
     paths.move(src, dest)
+    for name in describe:
+      if paths.isfile(paths.join(workdir, name)):
+        paths.write_text(paths.join(dest, name), paths.read_text(paths.join(workdir, name)))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("set aside checkpoints")
   return dest

@@ -133,7 +133,8 @@ def start(trainer, workdir: str, data, say, data_writes=None):
     if c.checkpoint.on_mismatch == "params":
       _, params = old.restore_params(trainer.abstract_state.params)
     old.close()
-    say(f"checkpoints of the previous config set aside in {ckpt_lib.set_aside(workdir)}")
+    aside = ckpt_lib.set_aside(workdir, ("config.json", TOKENIZER_SHA))
+    say(f"checkpoints of the previous config set aside in {aside} (with its config.json)")
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   step, state = ckpts.restore(trainer.abstract_state, data, report=say)
   reordered, changed = config_changes(c, workdir) if state is not None else ([], [])
