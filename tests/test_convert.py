@@ -220,15 +220,19 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
   assert result["step"] == 2 and np.isfinite(result["loss"])
   assert not os.path.exists(f"{workdir}/checkpoints_unreadable")  # checkpoint 0 was restored
   original = load_file(f"{path}/model.safetensors")
+  with pytest.raises(ConfigError, match=r"no checkpoint for step 1 in .* \(steps: 0, 2\)$"):
+    convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out, "--step", "1"])
   convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out, "--step", "0"])
-  # The workdir's tokenizer (300 pieces) outgrew the checkpoint's 100 ids: all 320 rows are kept.
+  # The workdir's tokenizer (300 pieces) outgrew the checkpoint's 100 ids: its 300 rows are
+  # kept (model.output_vocab; the 20 padded rows, which our model never predicts, are cut:
+  # transformers' model would give them probability).
   exported = load_file(f"{out}/model.safetensors")
   for name, value in original.items():
     rest = exported[name].copy()
     rest[tuple(slice(0, n) for n in value.shape)] = 0
     assert np.array_equal(exported[name][:len(value)], value) and not rest.any(), name
-  assert exported["lm_head.weight"].shape == (320, 64)
-  assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 320
+  assert exported["lm_head.weight"].shape == (300, 64)
+  assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 300
   # The 2 steps trained from the imported weights: a random re-initialisation would be ~0.1 away.
   _, imported = from_hf(path, vocab_size=320, scan_layers=True)
   drift = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),

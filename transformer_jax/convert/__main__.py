@@ -149,14 +149,14 @@ def export_hf(workdir, hf_dir, step=-1):
   model = build_model(config)
   abstract = families.abstract_params(model)
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
+  step = None if step < 0 else step
   if store.is_quantized(workdir):  # quantize's output: exported dequantized
     got, params = store.restore_params(workdir, config.checkpoint, model, abstract)
+    checkpoint.require_step(workdir, [got], step, quantized=True)
   else:
-    got, params = checkpoint.Checkpoints(workdir, config.checkpoint,
-                                         read_only=True).restore_params(
-                                             abstract, step=None if step < 0 else step)
-  if params is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
+    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True)
+    checkpoint.require_step(workdir, ckpts.all_steps(), step)
+    got, params = ckpts.restore_params(abstract, step=step)
   hf = _export_hf_config(workdir, config)
   tokenizer = config.data.tokenizer
   if tokenizer and paths.isdir(tokenizer):  # a Hugging Face tokenizer (an import's) goes along,
@@ -170,7 +170,8 @@ def export_hf(workdir, hf_dir, step=-1):
 def _export_hf_config(workdir, config) -> dict:
   """The imported config.json (its token ids, and its vocabulary: padded rows are cut), unless
   the workdir trains with a tokenizer of more pieces than that vocabulary: then the model keeps
-  model.vocab_size rows and the tokenizer's special ids."""
+  the rows it predicts (model.output_vocab, else model.vocab_size) and the tokenizer's special
+  ids."""
   from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
   hf = {}
   if paths.isfile(paths.join(workdir, HF_CONFIG)):

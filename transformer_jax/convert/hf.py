@@ -229,9 +229,12 @@ def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
   if kind not in (fam.MODEL_FAMILY, MODELS[fam.MODEL_FAMILY].__name__):
     raise ConfigError(f"{fam.MODEL_TYPE} holds a model.family={fam.MODEL_FAMILY} model, not {kind}")
   hf_config = dict(hf_config or {})
-  vocab = hf_config.get("vocab_size", cfg.vocab_size)
-  if vocab > cfg.vocab_size:
-    raise ConfigError(f"hf_config's vocab_size={vocab} exceeds model.vocab_size={cfg.vocab_size}")
+  # Rows past model.output_vocab are padding our model never predicts (its logits are masked):
+  # cut, since transformers' model would give them probability.
+  vocab = hf_config.get("vocab_size", cfg.output_vocab or cfg.vocab_size)
+  if vocab > (cfg.output_vocab or cfg.vocab_size):
+    raise ConfigError(f"hf_config's vocab_size={vocab} exceeds the model's "
+                      f"{cfg.output_vocab or cfg.vocab_size} predicted ids")
   hf_config.pop("torch_dtype", None)
   hf_config.update(tables.config_to_hf(fam, cfg), vocab_size=vocab)
   if fam.MODEL_FAMILY == "encdec" and hf_config.get("decoder_start_token_id") is None:

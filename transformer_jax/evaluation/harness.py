@@ -65,16 +65,10 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
   if store.is_quantized(workdir):  # quantize's output: dequantized, placed as training's
     saved, params = store.restore_params(workdir, config.checkpoint, trainer.model,
                                          trainer.abstract_state.params)
-    if step is not None and step != saved:
-      raise ConfigError(f"{workdir} holds step {saved} quantized, not step {step}")
+    checkpoint.require_step(workdir, [saved], step, quantized=True)
     return trainer, saved, jax.device_put(params, trainer.state_shardings.params)
   ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True)
-  steps = ckpts.all_steps()
-  if not steps:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
-  if step is not None and step not in steps:
-    raise ConfigError(f"no checkpoint for step {step} in {workdir}/checkpoints (steps: "
-                      f"{', '.join(map(str, steps))})")
+  checkpoint.require_step(workdir, ckpts.all_steps(), step)
   step, params = ckpts.restore_params(trainer.abstract_state.params, step)
   return trainer, step, params
 

@@ -124,6 +124,17 @@ def data_save_args(iterator, writes=None) -> DataSave:
   return DataSave({str(k): state[str(k)] for k in writes}, iterator.num_shards)
 
 
+def require_step(workdir: str, steps: list, step, quantized: bool = False) -> None:
+  """A one-line ConfigError unless `step` (None: the latest) is one of the saved `steps` (a
+  quantized workdir's one step)."""
+  if not steps:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
+  if step is not None and step not in steps:
+    raise ConfigError(f"{workdir} holds step {steps[0]} quantized, not step {step}" if quantized
+                      else f"no checkpoint for step {step} in {workdir}/checkpoints (steps: "
+                      f"{', '.join(map(str, steps))})")
+
+
 def set_aside(workdir: str, describe=()) -> str:
   """Moves WORKDIR/checkpoints to WORKDIR/checkpoints_previous-TIME (kept, never deleted), with
   a copy of the workdir's files named in `describe` (config.json, ...: what the checkpoints
