@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 
 import jax
 import numpy as np
@@ -341,6 +342,30 @@ def _compared(family, inputs):
 def _hf_logits(model, inputs):
   with torch.no_grad():
     return model(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_a_tied_checkpoint_with_a_different_head_is_refused(family, tmp_path):
+  """config.json says tie_word_embeddings, the file also holds an output head: equal to the
+  token table it imports; different (transformers then uses it untied) it was dropped silently,
+  now it is refused in one line."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  model = _hf_seq_model("bert") if family == "bert" else _hf_model(family)
+  model.config.tie_word_embeddings = True
+  model.tie_weights()
+  model.save_pretrained(tmp_path)
+  tensors = load_file(f"{tmp_path}/model.safetensors")
+  table = next(k for k in tensors if k.endswith(("wte.weight", "embed_tokens.weight",
+                                                 "word_embeddings.weight")))
+  head = "cls.predictions.decoder.weight" if family == "bert" else "lm_head.weight"
+  for shift, refused in ((0.0, False), (0.5, True)):
+    save_file({**tensors, head: tensors[table] + shift}, f"{tmp_path}/model.safetensors",
+              metadata={"format": "pt"})
+    if not refused:
+      from_hf(str(tmp_path))
+      continue
+    with pytest.raises(ConfigError, match=rf"{re.escape(head)} differs from its .*tie_word_emb"):
+      from_hf(str(tmp_path))
 
 
 @pytest.fixture(scope="module", params=["bert", "t5"])

@@ -21,6 +21,7 @@ HEAD_PREFIXES = ("cls.",)  # names of the MLM head (the rest gain BASE_PREFIX wh
 # sentence head), and the decoder weight / bias tied to the token table and cls.predictions.bias.
 IGNORED = (r"\.position_ids$", r"^bert\.pooler\.", r"^cls\.seq_relationship\.",
            r"^cls\.predictions\.decoder\.")
+TIED_HEAD = "cls.predictions.decoder.weight"  # (checked equal to the token table)
 
 MODEL_FAMILY = "encoder"
 FIXED = {"position": "learned", "norm": "layernorm", "norm_position": "post", "use_bias": True,

@@ -124,6 +124,8 @@ def from_hf_tensors(fam, cfg, tensors: dict, shapes: dict, dtype) -> dict:
   """{our path: array} (unrolled layout) from {HF name: array}; `shapes` are our leaves'."""
   tensors = canonical_names(fam, tensors)
   tensors = getattr(fam, "complete", lambda t: t)(tensors)
+  if cfg.tie_embeddings:
+    _check_tied(fam, cfg, tensors)
   out, used = {}, set()
   for ours, name, p in rows(fam, cfg):
     if name not in tensors:
@@ -154,6 +156,19 @@ def from_hf_tensors(fam, cfg, tensors: dict, shapes: dict, dtype) -> dict:
   if missing:  # a table out of step with the layer library
     raise ConfigError(f"the {fam.MODEL_TYPE} table maps nothing to {', '.join(missing[:3])}")
   return out
+
+
+def _check_tied(fam, cfg, tensors: dict):
+  """A tied model's checkpoint may carry its output head (fam.TIED_HEAD) too, equal to the token
+  table; a different one is refused (transformers would use it, untied; ours would not)."""
+  head = getattr(fam, "TIED_HEAD", "lm_head.weight")
+  table = next(name for ours, name, _ in rows(fam, cfg) if "embed/tokens" in ours)
+  if head in tensors and table in tensors and not np.array_equal(np.asarray(tensors[head]),
+                                                                 np.asarray(tensors[table])):
+    raise ConfigError(f"the {fam.MODEL_TYPE} checkpoint's {head} differs from its {table}, while "
+                      f"config.json says tie_word_embeddings=true (transformers then uses the "
+                      f"head untied); set tie_word_embeddings to false in config.json if the "
+                      f"head is the one to keep")
 
 
 def to_hf_tensors(fam, cfg, flat: dict, vocab_size: int) -> dict:
