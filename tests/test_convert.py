@@ -202,6 +202,16 @@ def test_unsupported_checkpoint_is_one_line(hf_ckpt, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ConfigError, match="llama3.* needs low_freq_factor, high_freq_factor"):
       from_hf(str(tmp_path))
+    # Both forms, saying different things (transformers reads rope_scaling): refused; the
+    # same scaling in both (as transformers writes them) reads as one.
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 300.0}
+    hf["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="rope_parameters .* and rope_scaling .* differ"):
+      from_hf(str(tmp_path))
+    hf["rope_parameters"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 300.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert from_hf(str(tmp_path))[0].cfg.rope_scaling == "linear"
 
 
 def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_path):

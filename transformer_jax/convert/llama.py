@@ -48,8 +48,14 @@ ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn
 
 def read_rope(hf) -> dict:
   """Our rope_* values from config.json: transformers 5's rope_parameters, or the older
-  rope_scaling with a top-level rope_theta."""
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  rope_scaling with a top-level rope_theta. A config.json with both, saying different things, is
+  refused (transformers reads rope_scaling then)."""
+  params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+  same = lambda r: {("rope_type" if k == "type" else k): v for k, v in r.items()
+                    if k != "rope_theta"}
+  if params and scaling and same(params) != same(scaling):
+    raise ValueError(f"rope_parameters {params} and rope_scaling {scaling} differ; keep one")
+  rope = params or scaling
   kind = rope.get("rope_type", rope.get("type", "default"))
   if kind not in ROPE_TYPES:
     raise ValueError(f"rope_type={kind!r} is not supported; only {', '.join(ROPE_TYPES)}")
