@@ -85,6 +85,21 @@ def test_sample_cli_uses_the_checkpoint(full_run):
   assert len(a.stdout.rstrip("\n")) > len("[step 20] def value(")  # new tokens were printed
 
 
+def test_a_window_of_the_compile_step_alone_logs_no_throughput(tiny_data, tmp_path):
+  """With train.log_every=1 the first row (and a resume's first row) holds the compile step
+  only: compile_s, and no tokens_per_s or mfu (they were logged as 0.0, real-looking zeros)."""
+  config = _config(tiny_data, **{"train.steps": 3, "train.log_every": 1,
+                                 "eval.every_steps": 0, "checkpoint.every_steps": 2})
+  for stop_after in (2, None):  # the second run resumes at step 2: its step 3 row is alone
+    loop.train(config, str(tmp_path), quiet=True, devices=jax.devices()[:1],
+               stop_after=stop_after)
+  rows = {r["step"]: r for r in _lines(str(tmp_path)) if "loss" in r}
+  assert sorted(rows) == [1, 2, 3]
+  for step in (1, 3):
+    assert "compile_s" in rows[step] and not {"tokens_per_s", "mfu"} & set(rows[step]), step
+  assert rows[2]["tokens_per_s"] > 0 and rows[2]["mfu"] > 0
+
+
 def test_evaluation_and_saves_are_left_out_of_tokens_per_s(tiny_data, tmp_path, monkeypatch):
   """An evaluation that takes 1.5 s (slowed here) at step 4: the next window's tokens/s counts
   its two training steps only (its time from tokens/s is far under 1.5 s), and its paused_s holds

@@ -159,9 +159,9 @@ def _log(writer, bar, step: int, values: dict, rows, process_log: bool):
   writer.write(step, values)
   if process_log:
     print(f"[process {jax.process_index()}/{jax.process_count()}] step {step}: "
-          f"{values['tokens_per_s'] / jax.process_count():,.0f} tokens/s, batch rows "
+          f"{values.get('tokens_per_s', 0.0) / jax.process_count():,.0f} tokens/s, batch rows "
           f"{rows[0]}..{rows[1]}", file=sys.stderr, flush=True)
-  bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+  bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values.get('tokens_per_s', 0.0):,.0f}")
 
 def _evaluate(trainer, params, eval_sets, writer, step: int, say) -> dict:
   per_source = {name: trainer.evaluate(params, b) for name, b in eval_sets.items()}

@@ -72,7 +72,8 @@ class Meter:
 
   def read(self, m: dict, skipped) -> dict:
     """The log line's values: the last step's metrics (its loss as loss_last), the window's mean
-    loss, skipped steps so far, tokens_per_s and mfu (and compile_s once; paused_s, the seconds
+    loss, skipped steps so far, tokens_per_s and mfu (none for a window of the compile step
+    alone, e.g. a resume's first step logged) (and compile_s once; paused_s, the seconds
     spent evaluating and saving, when there were any); with a data.mixture
     mixture_tokens, {source: the window's tokens}; with train.log_activations each act_max/* is
     the window's largest and each act_rms/* its mean. Starts a new window."""
@@ -82,9 +83,11 @@ class Meter:
     m["loss_last"], m["loss"] = m["loss"], float(self._loss_sum) / n if n else float("nan")
     m["skipped"] = int(jax.device_get(skipped))
     now = time.perf_counter()
-    tps = self.tokens_per_step * self._steps / max(now - self._mark, 1e-9) if self._steps else 0.0
     out = {k: float(v) for k, v in m.items()}
-    out.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak_total, **self._first)
+    if self._steps:  # (a window of the compile step alone has no timed step: no figure)
+      tps = self.tokens_per_step * self._steps / max(now - self._mark, 1e-9)
+      out.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak_total)
+    out.update(self._first)
     if self._paused:
       out["paused_s"] = self._paused
     if mixed is not None:
