@@ -171,6 +171,12 @@ def test_parse_flags():
     config_lib.set_value(config, "data.data_dir", "None")  # it became a folder named None
   with pytest.raises(ConfigError, match="flag --init expects a bool .true/false., got 'ture'"):
     cli.parse(["--init=ture"], {"init": False})  # it read as false
+  # `--workdir=~/run`: the shell leaves ~ alone after `=`; it was a folder ./~/run. Text stays.
+  home = os.path.expanduser("~")
+  spec, _, values = cli.parse(["--workdir=~/run", "--out", "~/o", "--prompt=~/x",
+                               "--config=~/c.py"], {"workdir": "", "out": "", "prompt": ""})
+  assert values == {"workdir": f"{home}/run", "out": f"{home}/o", "prompt": "~/x"}
+  assert spec == f"{home}/c.py"
 
 
 def test_commands_refuse_flags_they_would_ignore(tmp_path):

@@ -27,6 +27,7 @@ def parse(argv, flags: dict):
       raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
     name, sep, value = arg[2:].partition("=")
     if name == "config":
+      value = _home(value)
       if spec is not None and spec != value:  # the last one silently won
         raise ConfigError(f"--config given twice ({spec!r}, {value!r}); give one")
       spec = value
@@ -34,11 +35,21 @@ def parse(argv, flags: dict):
       overrides.append(f"{name[len('config.'):]}={value}")
     elif name.replace("-", "_") in flags:
       key = name.replace("-", "_")
-      values[key] = _flag_value(name, flags[key], sep, value)
+      values[key] = _flag_value(name, flags[key], sep, _home(value) if key in PATH_FLAGS else value)
     else:
       known = ", ".join(["--config", "--config.KEY"] + [f"--{k}" for k in flags])
       raise ConfigError(f"unknown flag --{name} (known: {known})")
   return spec, overrides, values
+
+
+# Flags that name a file or folder: a leading ~/ is the home folder's, as the shell would make
+# it (it does not after `--flag=`, and ./~/... would be a new folder).
+PATH_FLAGS = ("workdir", "out", "hf_dir", "dir", "data_dir", "file", "fewshot_file", "data",
+              "corpus", "profile_dir")
+
+
+def _home(value: str) -> str:
+  return os.path.expanduser(value) if value == "~" or value.startswith("~/") else value
 
 
 def usage(flags: dict) -> str:
