@@ -102,13 +102,14 @@ DATA_ORDER_KEYS = ("seed", "data.corpus", "data.format", "data.text_field", "dat
 def config_changes(config, workdir: str) -> tuple[list[str], list[str]]:
   """`KEY: saved -> now` for each value that differs from the workdir's saved config (none
   without one): (those of DATA_ORDER_KEYS, the others but the model's and the tokenizer's,
-  which workdir_mismatch judges)."""
+  which workdir_mismatch judges; a model.* key of EXECUTION_KEYS, which it lets change, is
+  among the others)."""
   flat = _saved_and_now(config, workdir)
   if flat is None:
     return [], []
   saved, now = flat
-  keys = sorted(k for k in _changed(saved, now)
-                if not k.startswith("model.") and k != "data.tokenizer")
+  keys = sorted(k for k in _changed(saved, now) if k in EXECUTION_KEYS
+                or (not k.startswith("model.") and k != "data.tokenizer"))
   said = {k: f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys}
   return ([said[k] for k in keys if k in DATA_ORDER_KEYS],
           [said[k] for k in keys if k not in DATA_ORDER_KEYS])
