@@ -136,6 +136,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
           raise
   return dict(last, step=step, state=state)
 
+
 def _due(c, done: int, end: int, stopping: bool) -> tuple[bool, bool, bool]:
   """(save, log, eval): what step `done` does (`end`: this run's last step)."""
   is_save = done % c.checkpoint.every_steps == 0 or done == end
