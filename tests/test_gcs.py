@@ -256,26 +256,20 @@ def test_a_run_whose_lock_was_taken_over_writes_nothing_more(gcs, tiny_data, mon
   assert not paths.exists(f"{workdir}/lock")
 
 
-def test_a_run_taken_over_between_checkpoints_leaves_the_new_owners_metrics(gcs, tiny_data,
-                                                                            monkeypatch):
-  """Run B takes the workdir over (and logs) while run A is between checkpoints: A's next
-  metrics.jsonl rewrite (at its checkpoint step) used to put A's history over B's before the
-  lock check stopped A. Now A writes nothing more and stops at that checkpoint."""
+def test_a_run_taken_over_leaves_the_new_owners_metrics(gcs, tiny_data, monkeypatch):
+  """Run B takes the workdir over (and logs) between A's checkpoints: A's next metrics.jsonl
+  rewrite put A's history over B's before its lock check stopped it; now it writes nothing."""
   from transformer_jax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   workdir, theirs = f"gs://{BUCKET}/taken-metrics", '{"step": 1, "loss": 1.0, "run": "B"}\n'
-  write = metrics_lib.Writer.write
+  write, b = metrics_lib.Writer.write, {"host": "h", "pid": 1, "since": "now", "token": "B"}
 
   def taken_at_6(self, step, values):
-    if step == 6 and "loss" in values and not paths.isfile(f"{workdir}/lock.b"):
-      paths.write_text(f"{workdir}/lock.b", "")
-      paths.write_text(f"{workdir}/lock", json.dumps(
-          {"host": "other-host", "pid": 1, "since": "now", "command": "train", "token": "B",
-           "heartbeat": time.time()}))
+    if step == 6 and "loss" in values:  # (written once: the run stops at step 8)
+      paths.write_text(f"{workdir}/lock", json.dumps(dict(b, heartbeat=time.time())))
       paths.write_text(f"{workdir}/metrics.jsonl", theirs)
     return write(self, step, values)
   monkeypatch.setattr(metrics_lib.Writer, "write", taken_at_6)
-  config = _config(tiny_data, **{"train.steps": 8, "checkpoint.every_steps": 4,
-                                 "train.log_every": 1})
+  config = _config(tiny_data, **{"train.steps": 8, "checkpoint.every_steps": 4})
   with pytest.raises(lock.LockLost, match="stopped without writing to it"):
     loop.train(config, workdir, quiet=True, devices=ONE())
   assert paths.read_text(f"{workdir}/metrics.jsonl") == theirs

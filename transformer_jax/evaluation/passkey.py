@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import ConfigError
+from transformer_jax.models import families
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
           "again. ")
@@ -55,7 +56,6 @@ def evaluate(model, params, tokenizer, lengths=(256, 1024), depths=(0.0, 0.5, 1.
              trials: int = 4, seed: int = 0) -> dict:
   """{"length=L,depth=D": accuracy over `trials` keys} and "mean", for a DecoderLM (an MoE
   without drops, as scoring runs it)."""
-  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   model = families.for_inference(model)
   apply = jax.jit(functools.partial(model.apply, {"params": params}))
   logits_fn = lambda ids, seg: apply(ids, seg)  # pylint: disable=unnecessary-lambda-assignment

@@ -85,22 +85,19 @@ def step_cost(config, devices, compiled, chip: Chip, compile_probe) -> tuple[dic
   # (imported here: jax must not load before the AOT check loads its CUDA plugin, hardware.py)
   from transformer_jax.models import stack  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
-  probes = []
   windows = stack.layer_windows(ModelConfig.from_config(config.model), layers)
   mixed = [("model.window_pattern", "G")] if len(set(windows)) > 1 else []
+  unrolled = []
   for n in (1, 2):
     probe = copy.deepcopy(config)
     for key, value in [("model.num_layers", n), ("model.scan_layers", False)] + mixed:
       config_lib.set_value(probe, key, str(value))
-    with topology.quiet_fd2():
-      probes.append(price(probe))
-    if n == 1:
-      one_layer = probe
-  c1, c2 = probes
+    unrolled.append(probe)
+  with topology.quiet_fd2():
+    c1, c2 = map(price, unrolled)
+    excess = _loss_chunks(unrolled[0], c1, price)  # (the same for any number of layers)
   comm = program_cost(compiled, devices, chip)  # the scanned program's own, trips counted
   cost = {k: comm[k] if k in COMM else c1[k] + (layers - 1) * (c2[k] - c1[k]) for k in COSTS}
-  with topology.quiet_fd2():
-    excess = _loss_chunks(one_layer, c1, price)
   return ({k: v + excess[k] - c1[k] for k, v in cost.items()},
           "unrolled 1- and 2-layer compiles, extrapolated to all layers")
 
