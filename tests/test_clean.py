@@ -307,14 +307,18 @@ def test_c4_rules_match_the_reference_implementation(monkeypatch):
 
 
 def test_c4_rules_remove_and_rewrite(tmp_path):
+  """C4 drops lines of the 1st page; the 3rd, the 1st with other boilerplate, is then an exact
+  duplicate of what was written (dedup reads the rewritten text)."""
   rng = random.Random(3)
-  docs = [_prose(rng) + "\nClick here\nThis site uses cookies to improve your visit.",
-          "function f() { return 1; } " + _prose(rng)]
+  prose = _prose(rng)
+  docs = [prose + "\nClick here\nThis site uses cookies to improve your visit.",
+          "function f() { return 1; } " + _prose(rng), "Home | About\n" + prose + "\nShare"]
   (tmp_path / "c").mkdir()
   (tmp_path / "c" / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
   summary = _run(str(tmp_path / "c" / "*.jsonl"), tmp_path / "out", quality="gopher,c4")
   assert summary["removed"]["quality"] == 1 and summary["quality_rules"] == {
       "c4:curly_bracket": 1}
+  assert summary["removed"]["exact_duplicate"] == 1 and summary["documents_out"] == 1
   record = json.loads(open(tmp_path / "out" / "part-00000.jsonl", encoding="utf-8").readline())
   assert "cookies" not in record["text"] and "Click" not in record["text"]
 

@@ -473,6 +473,14 @@ def test_a_sequence_axis_from_dcn_or_a_fill_is_checked_as_mesh_sequence():
     prefix = config_lib.load("configs/gpt2.py:tiny", mesh + ["data.objective=prefix_lm"])
     with pytest.raises(ConfigError, match=r"cannot serve data.objective=prefix_lm"):
       objectives.check(prefix, sequence=config_lib.sequence_size(prefix.mesh, devices))
+  # and the model itself, called without the Trainer's check
+  model, tokens = DecoderLM(model_config()), jnp.ones((2, 16), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  config = config_lib.load("configs/gpt2.py:tiny", ["mesh.data=2", "mesh.sequence=4"])
+  mesh = sharding.make_mesh(config, jax.devices()[:8])
+  with sharding.context(mesh, sharding.rules(config)), pytest.raises(
+      ConfigError, match=r"^a prefix LM cannot run with a "):
+    jax.eval_shape(lambda p: model.apply(p, tokens, prefix_BT=tokens), params)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,4 +1,4 @@
-"""Cleans a corpus: exact dedup, language id, quality rules, near dedup; writes JSONL shards.
+"""Cleans a corpus: language id, quality rules, exact dedup, near dedup; writes JSONL shards.
 
   python -m transformer_jax.clean --corpus='web/**/*.jsonl' --format=jsonl --out=runs/clean \\
       [--text_field=text] [--languages=en,de] [--min_language_score=0.65] \\
@@ -11,9 +11,9 @@ documents as part-NNNNN.jsonl shards ({"id", "text", "language", "language_score
 them with data.corpus=OUT/*.jsonl data.format=jsonl; the kept pieces of a document over 1 MiB
 are one record, so training reads it as one document), report.md with a plot per filter, and
 removed/REASON.jsonl with the first --samples documents each stage removed (and why). Stages run
-in the order exact dedup, language, quality, near dedup, and a document is counted by the first
-that removes it; dedup keeps the first copy that is written (a copy of a removed document is no
-duplicate). --languages=all tags languages without removing any, none skips the stage;
+in the order language, quality, exact dedup, near dedup, and a document is counted by the first
+that removes it; dedup keys on the text as written (after C4's line removal) and keeps the first
+copy that is written (a copy of a removed document is no duplicate). --languages=all tags languages without removing any, none skips the stage;
 --dedup=none and --quality=none turn those off. Every Gopher threshold is a flag of its own
 name (e.g. --min_words=50, --max_duplicate_10gram=0.1), C4's are --c4_NAME; both rule sets
 are English ones (Gopher's stop words are "the", "of", ...: --min_stop_words=0 for other

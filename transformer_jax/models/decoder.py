@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 
+from transformer_jax.config import ConfigError
 from transformer_jax.models import attention
 from transformer_jax.models import layers
 from transformer_jax.models import stack
@@ -36,6 +37,10 @@ class DecoderLM(nn.Module):
     positions_BT = positions_BT + offset
     mask_BTS = attention.mask(segment_ids_BT, segment_ids_BT, causal=True)
     if prefix_BT is not None:
+      if not decode and attention.sequence_axis():  # the ring reads segments, not this mask
+        raise ConfigError("a prefix LM cannot run with a sequence axis (ring attention builds "
+                          "its mask from segment ids: the targets would see the future); use "
+                          "mesh.sequence=1")
       mask_BTS |= (attention.mask(segment_ids_BT, segment_ids_BT, causal=False)
                    & (prefix_BT[:, None, :] > 0))
 

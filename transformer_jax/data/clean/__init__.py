@@ -1,4 +1,4 @@
-"""Corpus cleaning: exact dedup -> language -> quality -> near dedup, streamed.
+"""Corpus cleaning: language -> quality -> exact dedup -> near dedup, streamed.
 
 Documents come from data/corpus.py's `iter_documents` (so binary files, empty documents, invalid
 UTF-8 and documents too long to hold are handled and counted there) in batches. The per-document
@@ -60,8 +60,9 @@ def _near(flags):
   return dedup.Near(flags["near_threshold"], flags["num_perm"], flags["ngram"], flags["seed"])
 
 
-# The stages in the order they run: name -> its builder (None when its flags turn it off).
-STAGES = {"exact_duplicate": _exact, "language": _language, "quality": _quality,
+# The stages in the order they run: name -> its builder (None when its flags turn it off). Both
+# dedups come after quality, whose C4 rules may rewrite a page: they key on the text written.
+STAGES = {"language": _language, "quality": _quality, "exact_duplicate": _exact,
           "near_duplicate": _near}
 
 FLAGS = {  # the stages' flags: name -> default

@@ -1,6 +1,7 @@
 """Exact and near-duplicate removal; both keep the first occurrence in corpus order, among the
-documents written: a document that a later stage removed (language, quality) is remembered by
-neither, so a copy of it that passes those stages is kept (Stage.keep).
+documents written: a document that another stage removed is remembered by neither, so a copy of
+it that passes the stages is kept (Stage.keep). Both run after quality and read the text as it
+is written (C4's rules may drop lines of a page).
 
 Exact: a 128-bit BLAKE2b digest of the normalized text (Unicode NFC, runs of whitespace made one
 space, ends stripped); the set of digests seen is this stage's only per-document state.
