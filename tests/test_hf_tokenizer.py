@@ -104,6 +104,25 @@ def test_a_special_token_after_the_text_is_no_bos_and_t5_starts_from_pad(made, t
   assert ours.pad_id == 0
 
 
+def test_berts_template_gives_cls_and_sep_and_sentence_pairs_need_both(made, tmp_path):
+  """A BERT tokenizer as transformers saves it names no bos or eos: its template "[CLS] $A
+  [SEP]" gives both (eos was -1, and nsp pairs held -1 where [SEP] goes); without them, a
+  sentence-pair objective is refused."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  words = _other_style(made[0], tmp_path / "words", "bert")
+  vocab = json.loads((words / "tokenizer.json").read_text())["model"]["vocab"]
+  theirs = transformers.BertTokenizer(vocab=vocab)
+  theirs.save_pretrained(str(tmp_path / "bert"))
+  ours = tokenization.load(str(tmp_path / "bert"))
+  assert (ours.bos_id, ours.eos_id, ours.mask_id) == (
+      theirs.cls_token_id, theirs.sep_token_id, theirs.mask_token_id) == (2, 3, 4)
+  config = config_lib.load(f"{REPO}/configs/bert.py:tiny", ["data.sentence_pair=nsp"])
+  spec = objectives.spec(config.data)
+  assert objectives.missing_tokens(spec, ours) == []
+  assert objectives.missing_tokens(spec, tokenization.load(str(words))) == [
+      "a bos and an eos ([CLS] A [SEP] B [SEP])"]
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "bert"])
 def test_the_sentence_rule_finds_sentences_with_every_decoder(made, tmp_path, kind):
   """The objectives' sentence rule (a stop, then a piece that starts with a space) needs each

@@ -8,8 +8,8 @@ gives with add_special_tokens=False, split_special_tokens=True): a special token
 in a document ("<|endoftext|>", "<extra_id_0>") is text, never that control id, as with
 SentencePiece; the pipeline adds bos/eos where data.add_bos/add_eos say.
 bos, eos, pad and unk are those of tokenizer_config.json beside the file (as transformers reads
-them), else the one its post-processor puts before the text (bos), else the usual names among its special
-tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with
+them), else the special token its post-processor puts before the text (bos) or after it (eos:
+BERT's [CLS] and [SEP]), else the usual names among its special tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with
 segment id 0 and weight 0, whatever token id fills it.
 """
 
@@ -66,12 +66,15 @@ class HFTokenizer:
       return self.piece_id(named)
     if f"{role}_token" in self._config:  # "bos_token": null says there is none (Qwen2's)
       return -1
-    if role == "bos" and isinstance(post_processor, dict):
-      for part in post_processor.get("single", []):  # TemplateProcessing: "<s> $A"
-        if "Sequence" in part:  # what follows the text ("$A </s>", T5's) is no bos
-          break
-        if "SpecialToken" in part:
-          return self.piece_id(part["SpecialToken"]["id"])
+    if role in ("bos", "eos") and isinstance(post_processor, dict):
+      # TemplateProcessing: bos is the special token before the text ("<s> $A", BERT's
+      # "[CLS] $A [SEP]"), eos the one after it ("$A </s>", T5's; BERT's [SEP])
+      parts = post_processor.get("single", [])
+      text = next((k for k, part in enumerate(parts) if "Sequence" in part), len(parts))
+      side = parts[:text] if role == "bos" else parts[text + 1:]
+      found = [part["SpecialToken"]["id"] for part in side if "SpecialToken" in part]
+      if found:
+        return self.piece_id(found[0])
     return next((specials[n] for n in _NAMES[role] if n in specials), -1)
 
   @property

@@ -41,8 +41,10 @@ def resolve(s: common.Spec) -> common.Spec:
 
 
 def missing_tokens(s, tok) -> list:
-  del s
-  return ["[MASK]"] if tok.mask_id < 0 else []
+  missing = ["[MASK]"] if tok.mask_id < 0 else []
+  if s.sentence_pair and (tok.bos_id < 0 or tok.eos_id < 0):
+    missing.append("a bos and an eos ([CLS] A [SEP] B [SEP])")
+  return missing
 
 
 def mlm(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, rate: float) -> dict:
