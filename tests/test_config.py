@@ -83,6 +83,7 @@ BAD = [
     (["model.num_layers=two"], "model.num_layers expects int"),
     (["model.position=alibi"], "model.position='alibi' is not one of"),
     (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the vocabulary"),
+    (["model.output_vocab=100"], "model.output_vocab=100 is smaller than the vocabulary"),
     (["data.tokenizer=/nonexistent/tok.model"], "python -m transformer_jax.tokenizer"),
     (["data.corpus=/nonexistent/*.txt"], "/nonexistent/*.txt"),
     (["model.max_len=8"], "model.max_len=8 is shorter than data.seq_len=32 (learned positions): "
@@ -189,6 +190,11 @@ def test_commands_refuse_flags_they_would_ignore(tmp_path):
   with pytest.raises(ConfigError, match="--vocab_size, --out come.s. from --config"):
     tokenizer.from_config(f"{REPO}/configs/gpt2.py:tiny", [],
                           dict(tokenizer.FLAGS, out="x.model", vocab_size=100))
+  # the sentinels a config needs (T5's spans at 2048 tokens: 114), not always 100
+  made = lambda *o: tokenizer.from_config(f"{REPO}/configs/t5.py:tiny", o, dict(
+      tokenizer.FLAGS))["special"]
+  assert made() == "mask,sentinels:100,ul2"
+  assert made("data.seq_len=2048") == "mask,sentinels:114,ul2"
 
 
 def test_parse_flags_with_space_separated_values():

@@ -65,9 +65,6 @@ def chars_per_token(tok: tokenizer_lib.Tokenizer, docs) -> float:
   return chars / max(tokens, 1)
 
 
-SPECIAL_FOR_OBJECTIVES = "mask,sentinels:100,ul2"  # every non-clm objective's pieces, one file
-
-
 # What a training config sets (from_config); given beside --config they would be ignored.
 FROM_CONFIG = ("corpus", "format", "text_field", "source_field", "target_field", "data_dir",
                "vocab_size", "out")
@@ -85,8 +82,8 @@ def from_config(spec: str, overrides, flags: dict) -> dict:
   return dict(flags, mixture=mixed, corpus=d.corpus, format=d.format, text_field=d.text_field,
               source_field=d.source_field, target_field=d.target_field, data_dir=d.data_dir,
               vocab_size=c.model.vocab_size, out=d.tokenizer,
-              special=flags["special"] or (SPECIAL_FOR_OBJECTIVES if objectives.flag(
-                  d, "CONTROL_PIECES", True) else ""))
+              special=flags["special"] or (objectives.control_pieces(objectives.spec(d))
+                                           if objectives.flag(d, "CONTROL_PIECES", True) else ""))
 
 
 def _corpus_flags(d) -> dict:

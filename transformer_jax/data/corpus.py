@@ -244,9 +244,14 @@ def _field(record: dict, key: str, field: str, where: str) -> str:
   """record[field] as a string; ConfigError naming data.KEY and the line otherwise."""
   if field not in record:
     raise ConfigError(f"data.{key}={field!r} is missing at {where}")
-  if not isinstance(record[field], str):
+  text = record[field]
+  if not isinstance(text, str):
     raise ConfigError(f"data.{key}={field!r} at {where} is not a string")
-  return record[field]
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:  # a lone surrogate escape ("\ud83d"): U+FFFD, as invalid UTF-8
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+  return text
 
 
 def _jsonl_docs(file: CorpusFile, text_field: str) -> Iterator[tuple[str, str]]:

@@ -79,6 +79,10 @@ def _check_tokenizer(config) -> None:
   if tok.vocab_size > model_vocab:
     raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the vocabulary of "
                       f"{path} ({tok.vocab_size}); set model.vocab_size >= {tok.vocab_size}")
+  if 0 < config.model.output_vocab < tok.vocab_size:  # ids past it could never be predicted
+    raise ConfigError(f"model.output_vocab={config.model.output_vocab} is smaller than the "
+                      f"vocabulary of {path} ({tok.vocab_size}); set it to 0 or >= "
+                      f"{tok.vocab_size}")
   if isinstance(tok, tokenizer_lib.Tokenizer) and tok.pad_id != 0:  # ours: pad = 0 by design
     raise ConfigError(f"data.tokenizer={path!r} has pad id {tok.pad_id}; packing pads with 0")
   for flag, special, value in (("add_bos", "bos", tok.bos_id), ("add_eos", "eos", tok.eos_id)):
@@ -92,10 +96,8 @@ def _check_objective_tokens(config, tok) -> None:
   d = config.data
   s = objectives.spec(d)
   needed = objectives.missing_tokens(s, tok)
-  # Pieces for every objective.
-  special = f"mask,sentinels:{max(objectives.sentinels(s), objectives.MIN_SENTINELS)},ul2"
   if needed:
-    command = tokenizer_lib.create_command(d.tokenizer, special=special,
+    command = tokenizer_lib.create_command(d.tokenizer, special=objectives.control_pieces(s),
                                            **_command_flags(config))
     raise ConfigError(f"data.objective={s.objective!r} needs {', '.join(needed)}, which "
                       f"data.tokenizer={d.tokenizer!r} lacks; make one with: {command}")

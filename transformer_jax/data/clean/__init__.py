@@ -96,25 +96,12 @@ def _batches(docs) -> Iterator[list[tuple[str, str]]]:
     yield batch
 
 
-def _valid_utf8(text: str) -> tuple[str, bytes, bool]:
-  """(text, its UTF-8, whether it had to be repaired): lone surrogates (JSON escapes such as
-  \\ud800) cannot be written as UTF-8 and become '?'."""
-  try:
-    return text, text.encode("utf-8"), False
-  except UnicodeEncodeError:
-    data = text.encode("utf-8", errors="replace")
-    return data.decode("utf-8"), data, True
-
-
 def analyze_batch(stages, batch) -> list[dict]:
   """Every stage's `analyze` on each document of a batch, stopping at a failure; the results
   without the text (unless a stage rewrote it: "new_text")."""
   results = []
-  for doc_id, raw in batch:
-    text, data, repaired = _valid_utf8(raw)
-    doc = {"id": doc_id, "text": text, "bytes": len(data)}
-    if repaired:
-      doc["new_text"], doc["repaired"] = text, True
+  for doc_id, text in batch:  # (corpus.py made any lone surrogate U+FFFD: valid UTF-8)
+    doc = {"id": doc_id, "text": text, "bytes": len(text.encode("utf-8"))}
     for stage in stages:
       if doc.get("failed"):
         break
@@ -185,7 +172,6 @@ def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers:
       tally["documents_in"] += 1
       tally["bytes_in"] += doc["bytes"]
       tally["pieces"] += bool(corpus_lib.PIECE.search(doc["id"]))
-      tally["repaired"] += doc.get("repaired", False)
       for stage in stages:
         removal = stage.decide(doc)
         if removal is not None:
@@ -222,7 +208,7 @@ def _summary(tally, removed, shards, skipped, stages, workers, seconds) -> dict:
       "mb_per_s": round(tally["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
       "mb_in": round(tally["bytes_in"] / 1e6, 3), "mb_out": round(shards.bytes / 1e6, 3),
       "bad": {"binary_files": skipped.binary_files, "empty_documents": skipped.empty_docs,
-              "invalid_utf8_documents": skipped.invalid_utf8_docs + tally["repaired"],
+              "invalid_utf8_documents": skipped.invalid_utf8_docs,
               "pieces_of_long_documents": tally["pieces"]},
       "stages": [s.name for s in stages],
   }

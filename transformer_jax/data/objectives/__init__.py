@@ -135,6 +135,12 @@ def sentinels(s: Spec) -> int:
   return obj.sentinels(s) if hasattr(obj, "sentinels") else 0
 
 
+def control_pieces(s: Spec) -> str:
+  """The tokenizer command's --special for these objectives: every objective's pieces in one
+  file, with the sentinels `s` needs (at least MIN_SENTINELS)."""
+  return f"mask,sentinels:{max(sentinels(s), MIN_SENTINELS)},ul2"
+
+
 def missing_tokens(s: Spec, tok) -> list[str]:
   """The pieces the objective needs that tokenizer `tok` lacks, in words."""
   obj = get(s.objective)
