@@ -123,6 +123,24 @@ def test_berts_template_gives_cls_and_sep_and_sentence_pairs_need_both(made, tmp
       "a bos and an eos ([CLS] A [SEP] B [SEP])"]
 
 
+def test_a_resume_reads_tokenizer_config_json_too(made, tmp_path):
+  """tokenizer_config.json names bos/eos/pad: a workdir trained with one eos refuses a resume
+  whose tokenizer_config.json names another (only tokenizer.json was compared)."""
+  from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
+  where = shutil.copytree(made[1]["gpt2"], tmp_path / "tok")
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [f"data.tokenizer={where}"])
+  workdir = tmp_path / "w"
+  (workdir / "checkpoints" / "1").mkdir(parents=True)
+  config_lib.write_json(config, str(workdir / "config.json"))
+  (workdir / resume.TOKENIZER_SHA).write_text(tfds_text.tokenizer_identity(str(where)) + "\n")
+  assert resume.workdir_mismatch(config, str(workdir)) == []
+  (where / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<|endoftext|>", "eos_token": "a"}))
+  assert tokenization.load(str(where)).eos_id != tokenization.load(str(made[1]["gpt2"])).eos_id
+  assert [d[:40] for d in resume.workdir_mismatch(config, str(workdir))] == [
+      f"the tokenizer data.tokenizer='{where}"[:40]]
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "bert"])
 def test_the_sentence_rule_finds_sentences_with_every_decoder(made, tmp_path, kind):
   """The objectives' sentence rule (a stop, then a piece that starts with a space) needs each

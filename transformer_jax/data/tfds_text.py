@@ -302,6 +302,16 @@ def tokenizer_sha256(path: str) -> str:
   return hashlib.sha256(paths.path(tokenization.tokenizer_file(path)).read_bytes()).hexdigest()
 
 
+def tokenizer_identity(path: str) -> str:
+  """A SHA-256 of what decides a tokenizer's ids: its file's content, and for a Hugging Face
+  tokenizer the tokenizer_config.json beside it (which names bos, eos and pad)."""
+  sha = tokenizer_sha256(path)
+  config = hf_tokenization.config_beside(path) if hf_tokenization.is_hf(path) else {}
+  if config:
+    sha = hashlib.sha256((sha + json.dumps(config, sort_keys=True)).encode("utf-8")).hexdigest()
+  return sha
+
+
 def tokenized_builder(data_cfg) -> TokenizedCorpus:
   """The builder of `data_cfg`'s documents tokenized with data.tokenizer; prepares nothing."""
   text = builder(data_cfg)

@@ -202,10 +202,10 @@ def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch, 
 
 
 def _same_tokenizer(student: str, teacher: str, path: str):
-  """Same tokenizer file content (tfds_text's digest, which also keys pretokenized data)."""
+  """The same tokenizer: file content (and a Hugging Face one's tokenizer_config.json)."""
   def digest(p):
     exists = paths.isfile(tokenization.tokenizer_file(p))
-    return tfds_text.tokenizer_sha256(p) if exists else p
+    return tfds_text.tokenizer_identity(p) if exists else p
   if digest(student) != digest(teacher):
     raise ConfigError(f"train.distill.teacher={path!r} was trained with tokenizer {teacher!r}, "
                       f"not the student's data.tokenizer={student!r}")

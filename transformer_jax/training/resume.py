@@ -78,17 +78,23 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   if flat is None or not any(d.isdigit() for d in paths.listdir(ckpt_dir)):
     return []
   saved, now = flat
+  sha_path = paths.join(workdir, TOKENIZER_SHA)
+  by_content = bool(config.data.tokenizer) and paths.isfile(sha_path)
   keys = sorted(k for k in _changed(saved, now)
-                if (k.startswith("model.") or k == "data.tokenizer") and k not in EXECUTION_KEYS)
+                if (k.startswith("model.") or k == "data.tokenizer" and not by_content
+                    and paths.abspath(saved.get(k) or "") != paths.abspath(now.get(k) or ""))
+                and k not in EXECUTION_KEYS)
   diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
   was, is_ = _state_layout(saved), _state_layout(now)
   diffs += [f"{k}: {was[k]} -> {is_[k]}" for k in was if was[k] != is_[k]]
-  sha_path = paths.join(workdir, TOKENIZER_SHA)
-  if config.data.tokenizer and paths.isfile(sha_path):
+  if by_content:  # the same tokenizer under another path is no change
     old = paths.read_text(sha_path).strip()
-    new = tfds_text.tokenizer_sha256(config.data.tokenizer)
-    if old != new:
-      diffs.append(f"the content of data.tokenizer (sha256 {old[:12]}... -> {new[:12]}...)")
+    new = tfds_text.tokenizer_identity(config.data.tokenizer)
+    # (before stop 37 the file held the tokenizer.json's digest alone: taken as the same)
+    if old not in (new, tfds_text.tokenizer_sha256(config.data.tokenizer)):
+      diffs.append(f"the tokenizer data.tokenizer={config.data.tokenizer!r} (sha256 "
+                   f"{old[:12]}... -> {new[:12]}...: its file, or for a Hugging Face one the "
+                   f"tokenizer_config.json beside it)")
   return diffs
 
 
@@ -143,7 +149,7 @@ def start(trainer, workdir: str, data, say, data_writes=None):
     config_lib.write_json(c, paths.join(workdir, "config.json"))
     if c.data.tokenizer:
       paths.write_text(paths.join(workdir, TOKENIZER_SHA),
-                       tfds_text.tokenizer_sha256(c.data.tokenizer) + "\n")
+                       tfds_text.tokenizer_identity(c.data.tokenizer) + "\n")
   if state is not None:
     say(f"resumed from {ckpts.directory}/{step}")
     if changed:  # e.g. a raised train.steps, or a new learning rate: said, not silent
