@@ -301,8 +301,17 @@ def test_tokenizer_cli(corpus_dir, tmp_path, capsys):
   assert tokenizer_cli.main([f"--corpus={corpus_dir}/none/*", "--vocab_size=300",
                              f"--out={out}"]) == 2
   assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=x", f"--out={out}"]) == 2
+  for bad in (tmp_path / "cli", tmp_path / "tokenizer.json"):  # it writes a model file, no json
+    assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=300", f"--out={bad}"]) == 2
   errors = capsys.readouterr().err.strip().splitlines()
-  assert len(errors) == 2 and all(e.startswith("error: ") for e in errors)
+  assert len(errors) == 4 and all(e.startswith("error: ") for e in errors)
+  assert "is a directory or a .json name" in errors[-1]
+  # a missing tokenizer.json (or a folder without one) gets no SentencePiece --out=that advice
+  for missing in (tmp_path / "cli", tmp_path / "hf" / "tokenizer.json"):
+    with pytest.raises(ConfigError, match=r"holds no Hugging Face tokenizer.json .* set "
+                       r"data.tokenizer=runs/tokenizers/tokenizer.model and make that with: "
+                       r".*--out=runs/tokenizers/tokenizer.model$"):
+      tokenizer_lib.load(str(missing))
 
 
 # ------------------------------------------------------------------------------ TFDS builder

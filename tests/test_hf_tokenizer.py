@@ -121,6 +121,12 @@ def test_berts_template_gives_cls_and_sep_and_sentence_pairs_need_both(made, tmp
   assert objectives.missing_tokens(spec, ours) == []
   assert objectives.missing_tokens(spec, tokenization.load(str(words))) == [
       "a bos and an eos ([CLS] A [SEP] B [SEP])"]
+  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"{REPO}/configs/t5.py:tiny", [f"data.tokenizer={words}"])
+  check = pipeline._check_objective_tokens  # pylint: disable=protected-access
+  with pytest.raises(config_lib.ConfigError, match=r"lacks; add them to its tokenizer.json .*"
+                     r"--special=mask,sentinels:100,ul2 --out=runs/tokenizers/tokenizer.model$"):
+    check(config, tokenization.load(str(words)))
 
 
 def test_a_resume_reads_tokenizer_config_json_too(made, tmp_path):

@@ -28,6 +28,7 @@ import time
 from transformer_jax import cli
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import mixture
 from transformer_jax.data import objectives
@@ -100,6 +101,9 @@ def run(args: dict) -> None:
     raise ConfigError(f"{', '.join(missing)} required (or --config=FILE.py[:ARG])")
   if args["vocab_size"] <= 0:
     raise ConfigError(f"--vocab_size={args['vocab_size']} must be positive")
+  if args["out"].endswith(".json") or paths.isdir(args["out"]):
+    raise ConfigError(f"--out={args['out']} is a directory or a .json name; this command writes "
+                      f"a SentencePiece model file (e.g. --out=runs/tokenizers/tokenizer.model)")
   sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
   for _, corpus_flags in sources:
     corpus_lib.check_format(corpus_flags["fmt"])

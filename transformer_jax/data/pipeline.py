@@ -40,6 +40,7 @@ import numpy as np
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import hf_tokenization
 from transformer_jax.data import objectives
 from transformer_jax.data.objectives import seq2seq
 from transformer_jax.data import mixture as mixture_lib
@@ -97,10 +98,14 @@ def _check_objective_tokens(config, tok) -> None:
   s = objectives.spec(d)
   needed = objectives.missing_tokens(s, tok)
   if needed:
-    command = tokenizer_lib.create_command(d.tokenizer, special=objectives.control_pieces(s),
+    hf = hf_tokenization.is_hf(d.tokenizer)  # the SentencePiece command cannot write there
+    out = tokenizer_lib.SENTENCEPIECE_PATH if hf else d.tokenizer
+    command = tokenizer_lib.create_command(out, special=objectives.control_pieces(s),
                                            **_command_flags(config))
+    make = (f"add them to its {hf_tokenization.FILE} (special added tokens), or set "
+            f"data.tokenizer={out} and make that with: " if hf else "make one with: ")
     raise ConfigError(f"data.objective={s.objective!r} needs {', '.join(needed)}, which "
-                      f"data.tokenizer={d.tokenizer!r} lacks; make one with: {command}")
+                      f"data.tokenizer={d.tokenizer!r} lacks; {make}{command}")
 
 
 def _check_pairs(config) -> None:

@@ -70,6 +70,9 @@ def special_pieces(spec: str) -> list[str]:
   return list(dict.fromkeys(pieces))
 
 
+SENTENCEPIECE_PATH = "runs/tokenizers/tokenizer.model"  # where advice puts a new model
+
+
 def create_command(out_path: str, corpus: str = "stdlib", vocab_size: int = 8192,
                    fmt: str = "text", text_field: str = "text", special: str = "",
                    source_field: str = "source", target_field: str = "target",
@@ -348,8 +351,13 @@ def load(path: str, **command):
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json "
                         f"({_last_line(e)})") from None
+  if path and (path.endswith(".json") or paths.isdir(path)):  # a tokenizer.json is no model
+    command = create_command(SENTENCEPIECE_PATH, **command)
+    raise ConfigError(f"data.tokenizer={path!r} holds no Hugging Face {hf_tokenization.FILE} "
+                      f"(`python -m transformer_jax.convert import` copies a checkpoint's); or "
+                      f"set data.tokenizer={SENTENCEPIECE_PATH} and make that with: {command}")
   if not path or not paths.isfile(path):  # a local file or a gs:// object
-    command = create_command(path or "runs/tokenizers/tokenizer.model", **command)
+    command = create_command(path or SENTENCEPIECE_PATH, **command)
     raise ConfigError(f"data.tokenizer={path!r} does not exist; create it with: {command}")
   proto = paths.path(path).read_bytes()
   if not proto:  # SentencePiece would take it as a model without pieces
