@@ -82,6 +82,27 @@ def test_top_k_and_top_p_keep_exactly_their_tokens():
   np.testing.assert_allclose(out[0], [0, 0.5 / 0.8, 0, 0.3 / 0.8], rtol=1e-6)
   both = kept(top_k=1, top_p=0.9)  # top-k first, then the nucleus of what is left
   assert both.tolist() == [False, True, False, False]
+  assert kept(top_k=9, top_p=1.0).all()  # k past the vocabulary: all (it was a traceback)
+
+
+def test_sampling_filters_keep_what_transformers_keeps_with_ties():
+  """Temperature, top-k then top-p as transformers' warpers, on logits with many ties: the same
+  number of tokens kept with the same values (a tie at the nucleus' edge was kept whole)."""
+  torch = pytest.importorskip("torch")
+  warpers = pytest.importorskip("transformers.generation.logits_process")
+  rng = np.random.default_rng(0)
+  for case in range(60):
+    logits = rng.integers(-3, 3, (4, 12)).astype(np.float32) * (0.5 + case % 3)
+    t, k, p = [1.0, 0.7, 2.0][case % 3], [0, 3, 20][case // 3 % 3], [0.3, 0.6, 0.9][case % 4 % 3]
+    scores = torch.tensor(logits) / t
+    if k:
+      scores = warpers.TopKLogitsWarper(k)(None, scores)
+    want = warpers.TopPLogitsWarper(p)(None, scores).numpy()
+    got = np.asarray(sampling.filter_logits(jnp.asarray(logits), t, top_k=k, top_p=p))
+    for g, w in zip(got, want):
+      assert np.isfinite(g).sum() == np.isfinite(w).sum(), (case, g, w)
+      np.testing.assert_allclose(np.sort(g[np.isfinite(g)]), np.sort(w[np.isfinite(w)]),
+                                 rtol=1e-6)
 
 
 @pytest.mark.parametrize("e, z", [(0.1, 1e-2), (0.3, 0.1), (0.0, 1e-2)])

@@ -11,16 +11,17 @@ from transformer_jax.models import families
 def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
   """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf."""
   logits_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-  if top_k > 0:
-    kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+  if top_k > 0:  # the k largest and any tied with the k-th (transformers' TopKLogitsWarper)
+    kth = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
   if 0.0 < top_p < 1.0:
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    # The smallest logit still inside the nucleus (the first token is always kept).
-    keep = jnp.sum(cum_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_BV, keep - 1, axis=-1)
-    logits_BV = jnp.where(logits_BV < cutoff, -jnp.inf, logits_BV)
+    # The fewest tokens whose mass reaches top_p, by rank (ties: the lower id first), so a tie
+    # at the edge is not kept whole; the first token is always kept (TopPLogitsWarper).
+    order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
+    probs_BV = jax.nn.softmax(jnp.take_along_axis(logits_BV, order_BV, axis=-1), axis=-1)
+    keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
+    rank_BV = jnp.argsort(order_BV, axis=-1)
+    logits_BV = jnp.where(jnp.take_along_axis(keep_BV, rank_BV, axis=-1), logits_BV, -jnp.inf)
   return logits_BV
 
 
