@@ -197,6 +197,17 @@ def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(re
   assert sample.source(config, tok, text) == want[ul2:]  # A UL2 prompt names its own mode.
 
 
+def test_control_pieces_written_in_the_text_are_read_as_sample_reads_them():
+  """[MASK] or <extra_id_0> in an inspected text is that piece's id (it was read as brackets
+  and letters), in a decoder's or encoder's text and in an encoder-decoder's target."""
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, encode=lambda s: [3] * len(s),
+                              piece_id=lambda p: {"[MASK]": 90, "<extra_id_0>": 91}.get(p, -1))
+  bert = config_lib.load(f"{REPO}/configs/bert.py:tiny")
+  assert interpret.encode(bert, tok, "a [MASK]") == [1, 3, 3, 90]
+  t5 = config_lib.load(f"{REPO}/configs/t5.py:tiny")
+  assert interpret.text_inputs(t5, tok, "a", target="<extra_id_0> b").ids[1:] == [91, 3, 3]
+
+
 def test_logit_lens_last_layer_is_the_models_logits(run, packed):
   _, trainer, params = run
   inputs, logits, embedded, sown = packed
@@ -321,6 +332,7 @@ def test_log_activations_metrics_equal_an_independent_computation(run, tiny_data
 def test_bad_inputs_are_one_line_errors(run, tmp_path):
   workdir = run[0]
   no_label = _labelled(tmp_path / "bad.jsonl", [{"text": "a"}, {"text": "b", "label": 1}])
+  good = _labelled(tmp_path / "good.jsonl", [{"text": "ab", "label": i % 2} for i in range(8)])
   cases = {
       "must be a training workdir": [f"--workdir={tmp_path / 'none'}", "--text=x", "--out=o"],
       r"no checkpoint for step 99 .*steps: 3\)": [f"--workdir={workdir}", "--step=99",
@@ -330,6 +342,12 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
       "line 1 lacks field.s. label": ["probe", f"--workdir={workdir}", f"--data={no_label}"],
       "does not exist": ["probe", f"--workdir={workdir}", f"--data={tmp_path / 'no.jsonl'}"],
       "unknown subcommand": ["probes", f"--workdir={workdir}"],
+      "--target is for encoder-decoder": [f"--workdir={workdir}", "--text=x", "--target=y",
+                                          f"--out={tmp_path}"],  # (a decoder: it was ignored)
+      "--batch_size >= 0": ["probe", f"--workdir={workdir}", f"--data={good}",
+                            "--batch_size=-3"],
+      "--limit=-1 must be >= 0": ["probe", f"--workdir={workdir}", f"--data={good}",
+                                  "--limit=-1"],
   }
   for message, argv in cases.items():
     with pytest.raises(ConfigError, match=message) as e:

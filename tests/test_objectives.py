@@ -489,3 +489,18 @@ def test_validate_names_the_tokenizer_command(base_config, tiny_data):
     pipeline.validate(_with(base_config, **{"data.objective": "ul2", "data.ul2_mix": (0.5, 0.5)}))
   with pytest.raises(ConfigError, match="data.objective='bert' is not one of"):
     objectives.check(_with(base_config, **{"data.objective": "bert"}))
+
+
+def test_sample_frames_an_empty_prompt_and_refuses_a_fill_mask_past_learned_positions(tok_path):
+  """An empty prompt without data.add_bos starts from bos (its ids were empty: a traceback); a
+  --fill_mask text past model.max_len (learned positions) is refused: its rows read no position,
+  NaN reached every [MASK], and each was filled with id 0."""
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load(tok_path)
+  gpt2 = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", ["data.add_bos=false"])
+  assert sample.prompt_ids(gpt2, tok, "", 4) == [tok.bos_id]  # as scoring frames it
+  bert = config_lib.load(f"{REPO}/configs/bert.py:tiny", [f"data.tokenizer={tok_path}"])
+  assert bert.model.position == "learned"
+  long = " ".join(["[MASK]"] + ["word"] * bert.model.max_len)
+  with pytest.raises(ConfigError, match=r"^--fill_mask text \(\d+ tokens\) exceeds model.max_len"):
+    sample.fill_mask(bert, None, long)

@@ -100,10 +100,12 @@ def inspect_main(argv):
 def probe_main(argv):
   f = _parse(argv, PROBE_FLAGS)
   from transformer_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
+  if f["limit"] < 0:
+    raise ConfigError(f"--limit={f['limit']} must be >= 0 (0: every example)")
   texts, labels = probe.read_labelled(f["data"], f["field"], f["label_field"], f["limit"])
   probe.split(labels, f["holdout"], f["seed"])  # checks --holdout before the model loads
-  if f["steps"] < 1:
-    raise ConfigError("--steps must be >= 1")
+  if f["steps"] < 1 or f["batch_size"] < 0:
+    raise ConfigError("--steps must be >= 1 and --batch_size >= 0 (0: the model's)")
   trainer, step, params, tokenizer = _load(f)
   x = probe.features(trainer, params, tokenizer, texts, batch_size=f["batch_size"])
   result = probe.fit(x, labels, holdout=f["holdout"], seed=f["seed"], steps=f["steps"])

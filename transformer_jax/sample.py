@@ -17,11 +17,18 @@ def prompt_ids(config, tok, prompt: str, max_new_tokens: int, flag="--max_new_to
   """A decoder prompt's ids as training framed them, checked to fit learned positions with
   `max_new_tokens` more (`flag`: what sets it, for the error)."""
   ids = ([tok.bos_id] if config.data.add_bos else []) + tok.encode(prompt)
-  limit = config.model.max_len if config.model.position == "learned" else None
-  if limit is not None and len(ids) + max_new_tokens > limit:
-    raise ConfigError(f"prompt ({len(ids)} tokens) + {flag}={max_new_tokens} exceeds "
-                      f"model.max_len={limit}")
+  if not ids:  # an empty prompt starts a document: bos, else the eos that ended the last one
+    ids = [tok.bos_id if tok.bos_id >= 0 else tok.eos_id]
+  _check_length(config, len(ids) + max_new_tokens, f"prompt ({len(ids)} tokens) + "
+                f"{flag}={max_new_tokens}")
   return ids
+
+
+def _check_length(config, n: int, what: str) -> None:
+  """ConfigError when `n` tokens pass learned positions (their rows would read no position)."""
+  limit = config.model.max_len if config.model.position == "learned" else None
+  if limit is not None and n > limit:
+    raise ConfigError(f"{what} exceeds model.max_len={limit}")
 
 
 def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0.8, top_k=0,
@@ -53,20 +60,9 @@ def source(config, tok, prompt: str) -> list[int]:
   """An encoder-decoder's source ids of `prompt` as training framed them (a UL2 prompt names its
   mode token itself)."""
   from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
-  return objectives.source_ids(config.data, tok, _with_control_pieces(tok, prompt), head=False)
-
-
-def _with_control_pieces(tok, text: str) -> list[int]:
-  """Ids of `text` where the control pieces ([MASK], <extra_id_N>, [R]/[S]/[X]) written in it
-  become their ids (encoding plain text never produces them)."""
-  import re  # pylint: disable=g-import-not-at-top
-  ids = []
-  for part in re.split(r"(\[MASK\]|<extra_id_\d+>|\[[RSX]\])", text):
-    if not part:
-      continue
-    piece = tok.piece_id(part) if re.fullmatch(r"\[MASK\]|<extra_id_\d+>|\[[RSX]\]", part) else -1
-    ids += [piece] if piece >= 0 else tok.encode(part)
-  return ids
+  from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
+  ids = tok_lib.with_control_pieces(tok, prompt)
+  return objectives.source_ids(config.data, tok, ids, head=False)
 
 
 def fill_mask(config, params, text: str) -> str:
@@ -75,10 +71,11 @@ def fill_mask(config, params, text: str) -> str:
   from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load(config.data.tokenizer)
-  ids = ([tok.bos_id] if config.data.add_bos else []) + _with_control_pieces(tok, text)
+  ids = ([tok.bos_id] if config.data.add_bos else []) + tok_lib.with_control_pieces(tok, text)
   masks = [i for i, t in enumerate(ids) if t == tok.mask_id]
   if not masks:
     raise ConfigError("--fill_mask text has no [MASK]")
+  _check_length(config, len(ids), f"--fill_mask text ({len(ids)} tokens)")
   logits = build_model(config).apply({"params": params}, jnp.asarray([ids], jnp.int32))[0]
   for i in masks:
     ids[i] = int(jnp.argmax(logits[i]))
@@ -95,8 +92,8 @@ def main(argv):
   saved = paths.join(f["workdir"], "config.json")  # local or gs://
   if not f["workdir"] or not paths.isfile(saved):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {f['workdir']!r})")
-  if (f["max_new_tokens"] < 1 or f["temperature"] < 0 or not 0 < f["top_p"] <= 1
-      or f["top_k"] < 0 or f["beam_size"] < 0):
+  if not (f["max_new_tokens"] >= 1 and 0 <= f["temperature"] < float("inf")
+          and 0 < f["top_p"] <= 1 and f["top_k"] >= 0 and f["beam_size"] >= 0):  # (nan too)
     raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1, "
                       "--top_k >= 0 and --beam_size >= 0")
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -104,7 +101,8 @@ def main(argv):
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   config = config_lib.any_platform(config_lib.from_json_file(saved))
-  if (config.model.family == "encoder") != bool(f["fill_mask"]):
+  if (config.model.family == "encoder") != bool(f["fill_mask"]) or (
+      f["fill_mask"] and f["prompt"]):
     raise ConfigError("an encoder (BERT) workdir takes --fill_mask=TEXT (with [MASK]s), other "
                       "families --prompt=TEXT")
   model = build_model(config)

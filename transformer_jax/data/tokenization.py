@@ -70,6 +70,20 @@ def special_pieces(spec: str) -> list[str]:
   return list(dict.fromkeys(pieces))
 
 
+_CONTROL = r"\[MASK\]|<extra_id_\d+>|\[[RSX]\]"
+
+
+def with_control_pieces(tok, text: str) -> list[int]:
+  """Ids of `text` where the control pieces ([MASK], <extra_id_N>, [R]/[S]/[X]) written in it
+  become their ids, as a prompt means them (encoding plain text never produces them)."""
+  ids = []
+  for part in re.split(f"({_CONTROL})", text):
+    if part:
+      piece = tok.piece_id(part) if re.fullmatch(_CONTROL, part) else -1
+      ids += [piece] if piece >= 0 else tok.encode(part)
+  return ids
+
+
 SENTENCEPIECE_PATH = "runs/tokenizers/tokenizer.model"  # where advice puts a new model
 
 

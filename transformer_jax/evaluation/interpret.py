@@ -26,6 +26,7 @@ import numpy as np
 
 from transformer_jax.config import ConfigError
 from transformer_jax.data import objectives
+from transformer_jax.data import tokenization
 from transformer_jax.evaluation import harness
 from transformer_jax.evaluation import interpret_plots as plots
 from transformer_jax.models import families
@@ -47,8 +48,9 @@ class Inputs:
 def encode(config, tokenizer, text: str) -> list:
   """A text's ids as training framed them (a decoder's or encoder's: bos first with
   data.add_bos; an encoder-decoder's source: objectives.source_ids), cut to the model's length;
-  a one-line error when nothing is left."""
-  ids = tokenizer.encode(text)
+  a one-line error when nothing is left. Control pieces written in it ([MASK], <extra_id_0>)
+  are read as sample reads them: their ids."""
+  ids = tokenization.with_control_pieces(tokenizer, text)
   prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
   if config.model.family == "encdec":
     ids = objectives.source_ids(config.data, tokenizer, ids)
@@ -63,8 +65,11 @@ def text_inputs(config, tokenizer, text: str, target: str = "") -> Inputs:
   """The model's inputs for `text`: an encoder-decoder reads it as its source and its decoder
   reads the start token + `target`."""
   if config.model.family != "encdec":
+    if target:
+      raise ConfigError("--target is for encoder-decoder workdirs (a decoder reads --text alone)")
     return Inputs(encode(config, tokenizer, text))
-  decoder = [objectives.decoder_start(tokenizer)] + (tokenizer.encode(target) if target else [])
+  decoder = [objectives.decoder_start(tokenizer)] + tokenization.with_control_pieces(tokenizer,
+                                                                                     target)
   return Inputs(decoder[:int(config.model.max_len)], encode(config, tokenizer, text))
 
 
@@ -161,7 +166,7 @@ def lens_summary(model, params, norm_params, x_TD, targets_T, k: int = TOP_K):
   prediction) and probability, of the logit lens at one layer."""
   logits_TV = lens_logits(model, params, norm_params, x_TD[None])[0]
   probs_TV = jax.nn.softmax(logits_TV, axis=-1)
-  top_p, top_ids = jax.lax.top_k(probs_TV, k)
+  top_p, top_ids = jax.lax.top_k(probs_TV, min(k, probs_TV.shape[-1]))
   target_logit_T = jnp.take_along_axis(logits_TV, targets_T[:, None], axis=-1)
   rank_T = 1 + jnp.sum(logits_TV > target_logit_T, axis=-1)
   target_p = jnp.take_along_axis(probs_TV, targets_T[:, None], axis=-1)[:, 0]
