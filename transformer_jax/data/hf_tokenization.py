@@ -9,8 +9,9 @@ in a document ("<|endoftext|>", "<extra_id_0>") is text, never that control id, 
 SentencePiece; the pipeline adds bos/eos where data.add_bos/add_eos say.
 bos, eos, pad and unk are those of tokenizer_config.json beside the file (as transformers reads
 them), else the special token its post-processor puts before the text (bos) or after it (eos:
-BERT's [CLS] and [SEP]), else the usual names among its special tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with
-segment id 0 and weight 0, whatever token id fills it.
+BERT's [CLS] and [SEP]), else the usual names among its special tokens; -1 where there is
+none. No id is assumed to be padding: packed rows mark padding with segment id 0 and weight 0,
+whatever token id fills it.
 """
 
 import json
