@@ -152,10 +152,14 @@ def test_span_corruption_counts_and_exact_reconstruction(docs, vocab, length, de
   rng = np.random.default_rng(1)
   noise = spans = total = 0
   span_lengths = collections.Counter()
+  ends = 0
   for chunk in _chunks(docs, length, 400):
     out = spans_lib.span_corruption(chunk, rng, vocab, density, mean)
     enc, dec = out["encoder_inputs"], out["decoder_targets"]
+    ends += chunk[-1] == vocab.eos_id  # a document's last chunk: its eos is no text to corrupt
+    chunk = chunk[:-1] if chunk[-1] == vocab.eos_id else chunk
     assert _unsentinel(enc, dec, vocab) == chunk.tolist()
+    assert dec[-2:].tolist() != [vocab.eos_id] * 2  # (the chunk's eos was noise: `</s> </s>`)
     is_sentinel = np.isin(dec, vocab.sentinel_ids)
     n, k = len(dec) - 1 - is_sentinel.sum(), is_sentinel.sum()
     assert (n, k) == spans_lib.span_counts(len(chunk), density, mean)
@@ -167,6 +171,7 @@ def test_span_corruption_counts_and_exact_reconstruction(docs, vocab, length, de
   assert abs(noise / total - density) <= 0.5 / length
   assert abs(noise / spans - mean) <= 0.5 * mean / (spans / 400)
   assert len(span_lengths) > 3  # Random segmentation, not fixed-length spans.
+  assert ends > 0
 
 
 def test_span_lengths_match_t5():
@@ -298,12 +303,14 @@ def test_ul2_modes_and_reconstruction(docs, vocab):
     assert len(enc) <= 64 and len(dec) <= 48
     mode = vocab.mode_ids.index(enc[0])
     counts[mode] += 1
+    text = spans_lib.without_final_eos(chunk, vocab)  # each denoiser appends the one eos
+    assert dec[-2:].tolist() != [vocab.eos_id] * 2
     if ul2.UL2_MODES[mode] == "S":
-      assert enc[1:-1].tolist() + dec[:-1].tolist() == chunk.tolist()
+      assert enc[1:-1].tolist() + dec[:-1].tolist() == text.tolist()
       assert dec[-1] == vocab.eos_id and enc[-1] == vocab.eos_id
-      assert len(chunk) < 2 or len(enc) > 2  # A non-empty prefix.
+      assert len(text) < 2 or len(enc) > 2  # A non-empty prefix.
     else:
-      assert _unsentinel(enc[1:], dec, vocab) == chunk.tolist()
+      assert _unsentinel(enc[1:], dec, vocab) == text.tolist()
     if i < 50:
       again = ul2.ul2(chunk, np.random.default_rng(i), vocab, s)
       assert all((again[k] == out[k]).all() for k in out)
@@ -322,7 +329,7 @@ def test_sentence_pairs_reconstruct_and_label_half(docs, vocab, mode):
   s = _spec("mlm", sentence_pair=mode)
   assert s.chunk_len == 61
   chunks = _chunks(docs, s.chunk_len, 600)
-  labels = []
+  labels, short = [], {0: [], 1: []}
   for i, chunk in enumerate(chunks):
     nxt = chunks[(i + 1) % len(chunks)]
     ex = mlm.sentence_pair(chunk, nxt, np.random.default_rng(i), vocab, s)
@@ -339,6 +346,7 @@ def test_sentence_pairs_reconstruct_and_label_half(docs, vocab, mode):
     a, b = t[1:first_b - 1].tolist(), t[first_b:-1].tolist()
     head = int(chunk[0] == vocab.bos_id)
     body = chunk[head:len(chunk) - int(chunk[-1] == vocab.eos_id)].tolist()
+    short[label].append(len(t) < len(body) + 3)  # [CLS] A [SEP] B [SEP] shorter than it could be
     if not label:
       assert a + b == body
     elif mode == "sop":
@@ -346,6 +354,9 @@ def test_sentence_pairs_reconstruct_and_label_half(docs, vocab, mode):
     else:  # nsp: A is this chunk's start, B a piece of the next chunk
       assert a == body[:len(a)] and b and " ".join(map(str, b)) in " ".join(map(str, nxt))
   _within(sum(labels), len(labels), 0.5, f"{mode} label 1")
+  # a pair is as long as its chunk allows, whatever its label (an nsp negative's B was the
+  # partner's tail, cut to fit: shorter half the time, and its length gave the label away)
+  assert np.mean(short[0]) == 0 and np.mean(short[1]) < 0.05, short
 
 
 @pytest.mark.parametrize("shuffled", [False, True])
@@ -427,7 +438,8 @@ def test_encoder_decoder_packing_isolates_segments_and_loses_nothing(base_config
       dec_in, dec_t = r["decoder_inputs"][ds == k], r["decoder_targets"][ds == k]
       assert dec_in[0] == vocab.start_id and (dec_in[1:] == dec_t[:-1]).all()  # Restarts.
       examples.append(tuple(_unsentinel(r["encoder_inputs"][es == k], dec_t, vocab)))
-  expected = [tuple(d[i:i + s.chunk_len]) for d in docs for i in range(0, len(d), s.chunk_len)]
+  expected = [tuple(spans_lib.without_final_eos(d[i:i + s.chunk_len], vocab))
+              for d in docs for i in range(0, len(d), s.chunk_len)]
   assert collections.Counter(examples) == collections.Counter(expected)
 
 

@@ -7,7 +7,8 @@ With data.sentence_pair (nsp or sop) each chunk (seq_len - 3 tokens) is cut at a
 end (vocab.py's rule; else at a random token) into A and B and becomes [bos] A [eos] B [eos]
 (bos/eos as BERT's [CLS]/[SEP]) with token types 0 for [CLS] A [SEP] and 1 after, masked as above.
 sop (ALBERT): A and B swap places with probability 1/2 (label 1). nsp (BERT): with probability 1/2,
-B is replaced by the second part of the next chunk in the (shuffled) stream, cut to fit (label 1);
+B is replaced by as many tokens of the next chunk in the (shuffled) stream, from one of its
+sentence starts where they fit (label 1: the pair is as long as a true one);
 at eval (the stream in order, where the next chunk is often the same document's) by that of the
 chunk EVAL_PARTNER_DISTANCE chunks on, within windows of twice that.
 The batch then also has types, sentence_labels and sentence_weights (float32): the pair's label
@@ -67,8 +68,7 @@ def sentence_pair(tokens_l: np.ndarray, next_l: np.ndarray | None, rng: np.rando
   if label and s.sentence_pair == "sop":
     a_l, b_l = b_l, a_l
   elif label and next_l is not None and len(next_l) > 1:
-    other_l = vocab_lib.split_sentences(next_l, rng, vocab)[1]
-    b_l = other_l[:s.chunk_len - len(a_l)]
+    b_l = _random_b(next_l, len(b_l), rng, vocab)
   else:
     label = 0  # nsp without a next chunk: keep the true B.
   cls, sep = [vocab.bos_id], [vocab.eos_id]
@@ -79,6 +79,18 @@ def sentence_pair(tokens_l: np.ndarray, next_l: np.ndarray | None, rng: np.rando
   example["sentence_labels"][0] = label
   example["sentence_weights"] = (np.arange(len(tokens_l)) == 0).astype(np.float32)
   return example
+
+
+def _random_b(other_l: np.ndarray, need: int, rng: np.random.Generator,
+              vocab: Vocab) -> np.ndarray:
+  """A negative pair's B: `need` tokens (the true B's length, so that a pair's length says
+  nothing of its label) of another chunk's body, from a random sentence start that leaves that
+  many, else ending at the body's end (all of a shorter body)."""
+  body_l = other_l[slice(*vocab_lib.body(other_l, vocab))]
+  starts = vocab_lib.sentence_starts(body_l, vocab)
+  fits = starts[starts <= len(body_l) - need]
+  start = int(rng.choice(fits)) if len(fits) else max(len(body_l) - need, 0)
+  return body_l[start:start + need]
 
 
 def corrupt(tokens_l, rng, vocab: Vocab, s: common.Spec) -> dict:

@@ -51,9 +51,17 @@ def sentinel_corruption(tokens_l: np.ndarray, noise_l: np.ndarray,
   return inputs.astype(np.int32), np.append(targets, vocab.eos_id).astype(np.int32)
 
 
+def without_final_eos(tokens_l, vocab: Vocab) -> np.ndarray:
+  """A chunk without the eos that ends its document (data.add_eos): the corruption appends its
+  own, and T5's text holds none (a document's last chunk put `</s> </s>` in its targets)."""
+  tokens_l = np.asarray(tokens_l, dtype=np.int32)
+  return tokens_l[:-1] if len(tokens_l) and tokens_l[-1] == vocab.eos_id else tokens_l
+
+
 def span_corruption(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab,
                     density: float, mean: float) -> dict:
   """T5's span corruption of one chunk (an encoder-decoder example)."""
+  tokens_l = without_final_eos(tokens_l, vocab)
   noise_l = random_spans_noise_mask(len(tokens_l), density, mean, rng)
   return common.encoder_decoder(*sentinel_corruption(tokens_l, noise_l, vocab), vocab.start_id)
 

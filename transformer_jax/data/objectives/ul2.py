@@ -82,6 +82,7 @@ def prefix_lm(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, lo: 
 
 def ul2(tokens_l: np.ndarray, rng: np.random.Generator, vocab: Vocab, s: common.Spec) -> dict:
   """UL2: one of R, S, X (probabilities s.ul2_mix), its mode token prepended to the inputs."""
+  tokens_l = spans.without_final_eos(tokens_l, vocab)  # each denoiser appends its own
   mode = int(rng.choice(len(UL2_MODES), p=np.asarray(s.ul2_mix) / sum(s.ul2_mix)))
   if UL2_MODES[mode] == "S":
     example = prefix_lm(tokens_l, rng, vocab, *_prefix_bounds(s, len(tokens_l)))
