@@ -236,8 +236,13 @@ def test_evaluate_reports_sentence_pair_loss_and_accuracy():
            for b in batches]
   total = lambda key: sum(float(p[2][key]) for p in parts)
   assert total("sentence_pairs") == 4 + 8
-  assert got["eval_loss"] == pytest.approx(sum(float(p[0]) for p in parts) /
-                                           sum(float(p[1]) for p in parts), rel=1e-5)
+  # eval_loss: the tokens' cross-entropy alone (it held the pair loss too)
+  tokens_only = dataclasses.replace(trainer.task, sentence=False)
+  plain = [step_lib.loss_parts(trainer.model, params, jax.device_put(b), task=tokens_only)
+           for b in batches]
+  assert got["eval_loss"] == pytest.approx(sum(float(p[0]) for p in plain) /
+                                           sum(float(p[1]) for p in plain), rel=1e-5)
+  assert sum(float(p[0]) for p in parts) > sum(float(p[0]) for p in plain) * 1.01
   assert got["eval_sentence_loss"] == pytest.approx(total("sentence_nll") / 12, rel=1e-5)
   assert got["eval_sentence_accuracy"] == pytest.approx(total("sentence_correct") / 12)
   assert 0 <= got["eval_sentence_accuracy"] <= 1

@@ -104,7 +104,8 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
     aux = sentence_sums(model, params, out, batch)
     pairs = aux["sentence_pairs"] if totals is None else totals["pairs"]
-    loss = loss + aux["sentence_nll"] / jnp.maximum(pairs, 1.0) * weight
+    aux["sentence_term"] = aux["sentence_nll"] / jnp.maximum(pairs, 1.0) * weight
+    loss = loss + aux["sentence_term"]
   base = loss
   if teacher is not None:
     student = (sown[stack.INTERMEDIATES], params[distill.PROJECTION]["kernel"],
@@ -392,7 +393,9 @@ class Trainer:
   def _eval_step(self, params, batch):
     loss, weight, aux = loss_parts(self.model, params, batch, task=self.task,
                                    chunk=self.config.train.loss_chunk)
-    return {"loss": loss - aux.pop("extra_loss", 0.0), "weight": weight, **aux}
+    # eval_loss: the tokens' cross-entropy alone (the pair loss is eval_sentence_loss)
+    loss = loss - aux.pop("extra_loss", 0.0) - aux.pop("sentence_term", 0.0)
+    return {"loss": loss, "weight": weight, **aux}
 
   # ---- host-side API
   def init_state(self, seed: int) -> TrainState:
