@@ -353,6 +353,13 @@ def test_config_errors(tmp_path):
       clean.main(["--corpus=stdlib", f"--out={tmp_path}/o", flag])
   with pytest.raises(ConfigError, match="required"):
     clean.main(["--corpus=stdlib"])
+  for inside in ("", "removed/"):  # OUT's files (its shards, removed/ samples) are cleared
+    (tmp_path / "o" / "removed").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "o" / f"{inside}quality.jsonl").write_text('{"text": "keep me"}\n')
+    with pytest.raises(ConfigError, match=r"holds files of --corpus"):
+      clean.main([f"--corpus={tmp_path}/o/{inside}*.jsonl", "--format=jsonl",
+                  f"--out={tmp_path}/o"])
+    assert (tmp_path / "o" / f"{inside}quality.jsonl").read_text() == '{"text": "keep me"}\n'
 
 
 def test_cli_one_line_error_and_json_line(tmp_path):

@@ -91,6 +91,17 @@ BAD = [
     # before training, not at its first evaluation or after its last step
     (["eval.tasks=('/nonexistent.jsonl',)"], "task file '/nonexistent.jsonl' does not exist"),
     (["train.sample_prompt=def"], "+ train.sample_tokens=64 exceeds model.max_len=32"),
+    (["model.family=encoder", "data.objective=mlm", "train.sample_prompt=def"],
+     "train.sample_prompt must be empty for an encoder"),
+    (["model.position=relative", "model.relative_max_distance=16"],
+     "model.relative_max_distance must be > model.relative_buckets // 2 = 16"),
+    (["model.position=relative", "model.relative_buckets=3"], "model.relative_buckets must be"),
+    (["model.position=rotary", "model.rope_theta=0.0"], "model.rope_theta must be > 0"),
+    (["train.label_smoothing=1.5"], "train.label_smoothing must be in [0, 1)"),
+    (["train.spike_factor=0.5"], "train.spike_factor must be 0 (off) or > 1"),
+    (["model.rope_factor=8.0"], "model.rope_factor=8.0 has no effect with model.rope_scaling=none"),
+    (["model.num_shared_experts=2"], "model.num_shared_experts=2 has no effect with "
+                                     "model.num_experts=0"),
     (["train.sample_tokens=-3"], "train.sample_tokens must be positive"),
 ]
 

@@ -233,6 +233,9 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
   original = load_file(f"{path}/model.safetensors")
   with pytest.raises(ConfigError, match=r"no checkpoint for step 1 in .* \(steps: 0, 2\)$"):
     convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out, "--step", "1"])
+  for taken in (workdir, path):  # a workdir's config.json, a model's weights: not overwritten
+    with pytest.raises(ConfigError, match=r"^--hf_dir=.* already holds (checkpoints|model.saf)"):
+      convert_cli.main(["export", "--workdir", workdir, "--hf_dir", taken, "--step", "0"])
   convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out, "--step", "0"])
   # The workdir's tokenizer (300 pieces) outgrew the checkpoint's 100 ids: its 300 rows are
   # kept (model.output_vocab; the 20 padded rows, which our model never predicts, are cut:

@@ -198,6 +198,9 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="holds step 2 quantized, not step 1$"):  # not step 2's
     convert_cli.main(["export", f"--workdir={out}", f"--hf_dir={tmp_path / 'hf'}", "--step=1"])
+  from transformer_jax import train as train_cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=r"is a quantized workdir"):  # it trained from scratch
+    train_cli.main([f"--workdir={out}", "--config.train.steps=3"])
   from transformer_jax.quant import run as quant_run  # pylint: disable=g-import-not-at-top
   assert [quant_run._figure(e) for e in (  # pylint: disable=protected-access
       {}, {"eval_loss": 1.25}, {"eval_loss": float("nan")})] == [None, 1.25, "nan"]

@@ -18,6 +18,10 @@ def main(argv):
                                             "num_processes": 0, "process_id": -1})
   if not flags["workdir"]:
     raise ConfigError("--workdir=DIR is required")
+  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
+  if store.is_quantized(flags["workdir"]):  # its weights are no checkpoint that training reads
+    raise ConfigError(f"--workdir={flags['workdir']} is a quantized workdir (quantize's output); "
+                      f"train in its source workdir, or a new one")
   config = cli.load_config(spec, overrides, flags["workdir"])
   from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))

@@ -133,6 +133,22 @@ def get(config, key):
   return node
 
 
+ROPE_SCALING_KEYS = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor",
+                     "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow",
+                     "rope_attention_factor")
+EXPERT_KEYS = ("expert_d_ff", "num_shared_experts", "shared_expert_gate",
+               "expert_capacity_factor")
+
+
+def _unused(m, keys, because: str) -> None:
+  """ConfigError naming a model key set off its default that `because` leaves unread."""
+  default = base.get_config().model
+  for key in keys:
+    if m[key] != default[key]:
+      raise ConfigError(f"model.{key}={m[key]!r} has no effect with {because}; leave it at "
+                        f"{default[key]!r}")
+
+
 def _check_long_context(m):
   """Sliding windows and RoPE scaling (models/attention.py, models/layers.py)."""
   if not isinstance(m.attention_window, int):
@@ -146,6 +162,7 @@ def _check_long_context(m):
   if m.random_blocks and not (isinstance(m.block_size, int) and m.block_size > 0):
     raise ConfigError(f"model.block_size must be a positive int, got {m.block_size!r}")
   if m.rope_scaling == "none":
+    _unused(m, ROPE_SCALING_KEYS, "model.rope_scaling=none")
     return
   if m.position != "rotary":
     raise ConfigError(f"model.rope_scaling={m.rope_scaling} needs model.position=rotary, got "
@@ -169,8 +186,18 @@ def _check_ranges(config):
                                                             "in [0, 1)"),
             ("optimizer.eps", o.eps > 0, "> 0"), ("model.norm_eps", m.norm_eps > 0, "> 0"),
             ("model.init_std", m.init_std > 0, "> 0"),
-            ("model.relative_buckets", m.position != "relative" or m.relative_buckets > 1,
-             "> 1 with model.position=relative"),
+            ("model.relative_buckets", m.position != "relative" or m.relative_buckets >= 4,
+             ">= 4 with model.position=relative (T5's exact and log-spaced halves)"),
+            ("model.relative_max_distance", m.position != "relative"
+             or m.relative_max_distance > m.relative_buckets // 2,
+             f"> model.relative_buckets // 2 = {m.relative_buckets // 2} (the exactly "
+             f"bucketed distances) with model.position=relative"),
+            ("model.rope_theta", m.rope_theta > 0, "> 0"),
+            ("train.label_smoothing", 0 <= config.train.label_smoothing < 1, "in [0, 1)"),
+            ("train.spike_factor", config.train.spike_factor == 0
+             or config.train.spike_factor > 1, "0 (off) or > 1 (a multiple of the recent loss)"),
+            ("train.sample_prompt", not config.train.sample_prompt or m.family != "encoder",
+             "empty for an encoder (BERT generates no text; sample --fill_mask fills masks)"),
             ("model.num_decoder_layers", m.family == "encdec" or not m.num_decoder_layers,
              f"0 for model.family={m.family} (only an encoder-decoder has a decoder stack)"))
   for key, holds, want in checks:
@@ -181,6 +208,7 @@ def _check_ranges(config):
 def _check_moe(m, sizes):
   """Mixture-of-Experts keys (models/moe.py); `sizes`: the mesh's axis sizes, if known."""
   if not m.num_experts:
+    _unused(m, EXPERT_KEYS, "model.num_experts=0")
     return
   deepest = max(m.num_layers, m.num_decoder_layers if m.family == "encdec" else 0)
   if m.moe_every > deepest:

@@ -145,10 +145,16 @@ def export_hf(workdir, hf_dir, step=-1):
   if not workdir or not hf_dir or not paths.isfile(saved):
     raise ConfigError(f"export needs --workdir=W (a training workdir with config.json; got "
                       f"{workdir!r}) and --hf_dir=OUT")
+  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
+  held = [name for name in ("checkpoints", store.MANIFEST, hf_lib.SAFETENSORS,
+                            "model.safetensors.index.json", "pytorch_model.bin")
+          if paths.exists(paths.join(hf_dir, name))]
+  if held:  # its config.json and weights would be overwritten
+    raise ConfigError(f"--hf_dir={hf_dir} already holds {held[0]} (a workdir or a model); "
+                      f"export to a new folder")
   config = config_lib.from_json_file(saved)
   model = build_model(config)
   abstract = families.abstract_params(model)
-  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
   step = None if step < 0 else step
   if store.is_quantized(workdir):  # quantize's output: exported dequantized
     got, params = store.restore_params(workdir, config.checkpoint, model, abstract)

@@ -40,7 +40,7 @@ def _check_extras(config):
   """eval.tasks (read now: a bad path failed at the first evaluation) and the end-of-training
   sample's prompt (it failed after the last step)."""
   harness.check_tasks(config)
-  if config.train.sample_prompt and config.model.family != "encoder":
+  if config.train.sample_prompt:  # (not an encoder's: config_lib.validate)
     from transformer_jax import sample  # pylint: disable=g-import-not-at-top
     sample.prompt_ids(config, pipeline.load_tokenizer(config), config.train.sample_prompt,
                       config.train.sample_tokens, "train.sample_tokens")

@@ -143,10 +143,11 @@ def _analyzed(batches, stages, workers: int):
 
 
 def _check_out(corpus: str, out: str) -> None:
-  """ConfigError if OUT holds files of the corpus (its shards would be cleared or overwritten)."""
-  real_out = os.path.realpath(out)
+  """ConfigError if OUT holds files of the corpus, in it or below it (its shards and removed/
+  samples would be cleared or overwritten)."""
+  real_out = os.path.join(os.path.realpath(out), "")
   for f in corpus_lib.corpus_files(corpus):
-    if os.path.dirname(os.path.realpath(f.path)) == real_out:
+    if os.path.realpath(f.path).startswith(real_out):
       raise ConfigError(f"--out={out} holds files of --corpus={corpus!r} ({f.path}); write the "
                         f"cleaned corpus to another directory")
 
