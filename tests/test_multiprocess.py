@@ -177,6 +177,39 @@ def test_a_sequence_axis_across_processes_trains_like_one_process(tiny_data, tmp
     assert got[step] == pytest.approx(loss, rel=1e-4), step
 
 
+def test_parameters_across_processes_evaluate_tasks_sample_and_take_dcn_axes(tiny_data,
+                                                                            tmp_path):
+  """mesh.dcn_fsdp=2 over 2 processes (the devices all say slice 0: the processes are the
+  slices; it was refused), so the parameters and the rows span both: eval.tasks' scores are
+  gathered (a traceback, and no checkpoint) and train.sample_prompt samples on every process
+  (process 0 alone waited forever on the other's shards). 1 process x 4 devices alike."""
+  task = tmp_path / "mc.jsonl"
+  task.write_text("".join(json.dumps({"context": c, "choices": [" x", " ("], "label": 0}) + "\n"
+                          for c in ("def f(", "import", "for x in", "return")))
+  flags = _flags(tiny_data, **{"train.steps": 2, "optimizer.decay_steps": 2, "mesh.data": 1,
+                               "mesh.fsdp": 2, "mesh.dcn_fsdp": 2, "eval.every_steps": 2,
+                               "checkpoint.every_steps": 2, "eval.tasks": f"('{task}',)",
+                               "train.sample_prompt": "def", "train.sample_tokens": 4})
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  outs = []
+  for p in (_local(ref, 1, 4, flags), _local(run, 2, 2, flags)):
+    try:
+      out, _ = p.communicate(timeout=150)
+    except subprocess.TimeoutExpired:  # (a hang: its processes must not outlive the test)
+      os.killpg(p.pid, signal.SIGKILL)
+      raise
+    assert p.returncode == 0, out[-3000:]
+    outs.append(out)
+  for workdir, out in zip((ref, run), outs):
+    assert os.path.isdir(f"{workdir}/checkpoints/2") and "--- sample (prompt 'def') ---" in out
+  accuracy = [[r["eval_mc_acc"] for r in map(json.loads, open(f"{w}/metrics.jsonl"))
+               if "eval_mc_acc" in r] for w in (ref, run)]
+  assert accuracy[0] == accuracy[1] and len(accuracy[0]) == 1
+  got, want = _losses(run), _losses(ref)
+  for step, loss in want.items():
+    assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
 def test_explicit_process_flags_are_not_dropped_by_tjax_distributed_off():
   """Flags win over the environment, and TJAX_DISTRIBUTED=off cannot silently drop them (each
   process trained alone, on its own copy of the batch)."""

@@ -47,12 +47,14 @@ def main(argv):
   if out.get("preempted"):
     sys.exit(128 + out["preempted"])  # the conventional status of a signalled process
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:
-    return
-  if config.train.sample_prompt:
+  text = None
+  if config.train.sample_prompt:  # on every process: the parameters may span them
     from transformer_jax import sample  # pylint: disable=g-import-not-at-top
     text = sample.sample_text(config, out["state"].params, config.train.sample_prompt,
                               max_new_tokens=config.train.sample_tokens, temperature=0.8, top_k=40)
+  if jax.process_index() != 0:
+    return
+  if text is not None:
     print(f"--- sample (prompt {config.train.sample_prompt!r}) ---\n"
           f"{config.train.sample_prompt}{text}\n---")
   print(f"{'already complete' if out.get('complete') else 'done'}: step {out['step']}, "

@@ -20,6 +20,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.data import objectives
 from transformer_jax.inference import sampling
 from transformer_jax.models import families
+from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 
 MIN_BUCKET = 16
@@ -148,7 +149,7 @@ class TextModel:
       with self._context():
         ll, greedy = _row_scores(self.model, self.params, tuple(map(self._put, inputs)),
                                  *map(self._put, scored), prefix_BT=prefix)
-      ll, greedy = np.asarray(ll), np.asarray(greedy)
+      ll, greedy = distributed.fetch(ll), distributed.fetch(greedy)  # (rows across hosts)
       for j, i in enumerate(chunk):
         out[i] = (float(ll[j]), bool(greedy[j]))
     return out

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.models import families
+from transformer_jax.parallel import distributed
 
 
 def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
@@ -120,7 +121,7 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
     out = _generate_seq2seq(model, params, prompt_BT, jax.random.key(seed), start_id=start_id,
                             **kwargs)
   rows = []
-  for row in jax.device_get(out).tolist():
+  for row in distributed.fetch(out).tolist():  # (params across hosts: so may the output be)
     if eos_id is not None and eos_id in row:
       row = row[:row.index(eos_id)]
     rows.append(row)

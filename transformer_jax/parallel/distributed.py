@@ -13,6 +13,7 @@ import glob
 import os
 
 import jax
+import numpy as np
 
 from transformer_jax.config import ConfigError
 
@@ -104,3 +105,12 @@ def data_writers(rows: dict, process: int) -> bool:
   """Whether `process` writes the data position of the shards it reads: only the first process
   reading a given range of rows does."""
   return all(rows[q] != rows[process] for q in rows if q < process)
+
+
+def fetch(x):
+  """The whole value of a jax.Array as numpy on every process, also where it spans processes
+  (np.asarray cannot fetch the shards other hosts hold)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)

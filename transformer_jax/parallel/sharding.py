@@ -40,7 +40,8 @@ def hybrid_device_grid(ici: dict, dcn: dict, devices, split: bool = False) -> np
   process: simulated slices, for tests)."""
   ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
   slices = math.prod(dcn_shape)
-  by_slice = hasattr(devices[0], "slice_index")
+  # (CPU and GPU devices of several processes all say slice 0: those are grouped by process)
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
   if by_slice or len({d.process_index for d in devices}) > 1:
     try:
       return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
