@@ -110,6 +110,11 @@ def test_padding_side_and_batch_mates_do_not_change_a_score(run):
   windows = lm.rolling_windows(ids)
   assert [t for _, cont in windows for t in cont] == ids
   assert all(len(c) + len(x) - 1 <= lm.max_len for c, x in windows)
+  # a continuation longer than the model is refused, as lm-eval refuses it (its end alone was
+  # scored, its first kept token after a context token)
+  lm.ids_loglikelihood([([5], list(range(6, 6 + lm.max_len)))])
+  with pytest.raises(ConfigError, match=r"^a continuation of 33 tokens is longer than the "):
+    lm.ids_loglikelihood([([5], list(range(6, 6 + lm.max_len + 1)))])
 
 
 @pytest.mark.parametrize("family", ["decoder", "encdec"])
@@ -287,10 +292,17 @@ def test_fewshot_prompts_are_deterministic(files):
 def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
   cases = {"lacks field(s) label": [{"context": "a", "choices": ["b"]}, {"context": "a"}],
            "holds no examples": [],
-           "cannot tell the task kind": [{"question": "?"}]}
+           "cannot tell the task kind": [{"question": "?"}],
+           # wrong types were tracebacks at the first evaluation (mid-training with eval.tasks)
+           "example 1's context is 3, not a string": [{"context": 3, "choices": ["b"],
+                                                       "label": 0}],
+           "list of string choices": [{"context": "a", "choices": [1, 2], "label": 0}],
+           "example 1's text is 7, not a string": [{"text": 7}],
+           "a depth in [0, 1]": [{"length": 10, "depth": 3.0}],  # (it placed the key at 1.0)
+           "an integer length >= 0": [{"length": "long", "depth": 0.5}]}
   for message, rows in cases.items():
     path = _write(tmp_path / "bad.jsonl", rows)
-    spec = path if "field" not in message else f"multiple_choice:{path}"
+    spec = path if "label" not in message else f"multiple_choice:{path}"
     with pytest.raises(ConfigError, match=re.escape(message)) as e:
       tasks_lib.load(spec)
     assert "\n" not in str(e.value)

@@ -25,7 +25,9 @@ QUESTION = "What is the pass key? The pass key is"
 
 def example(tokenizer, length: int, depth: float, key: int) -> tuple[list[int], list[int]]:
   """(prompt ids, key ids) of one passkey prompt of about `length` tokens (at least the needle
-  and the question), the needle `depth` of the way through the filler."""
+  and the question), the needle `depth` (in [0, 1]) of the way through the filler."""
+  if not 0 <= depth <= 1:  # 3.0 acted as 1.0, and -0.5 sliced from the end
+    raise ValueError(f"passkey depth {depth!r} is not in [0, 1]")
   filler = tokenizer.encode(FILLER)
   needle = tokenizer.encode(NEEDLE.format(key=key))
   question = tokenizer.encode(QUESTION)

@@ -178,9 +178,14 @@ class TextModel:
 
   # ---- batches
   def _truncate(self, ctx, cont):
-    """Left-truncated so that the model reads at most max_len tokens."""
+    """Left-truncated so that the model reads at most max_len tokens; a continuation (target)
+    longer than the model is refused, as lm-eval refuses it (scoring only its end was another
+    sum, after the wrong token)."""
+    if len(cont) > self.max_len:
+      raise ConfigError(f"a continuation of {len(cont)} tokens is longer than the model's "
+                        f"{self.max_len} (model.max_len): shorten the task's answers or targets")
     if self.is_seq2seq:
-      return ctx[-self.max_len:], cont[:self.max_len]
+      return ctx[-self.max_len:], cont
     keep = self.max_len + 1
     if len(ctx) + len(cont) > keep:
       cont = cont[-keep + 1:]

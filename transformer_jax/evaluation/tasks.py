@@ -87,6 +87,13 @@ def recognize(row: dict, path: str) -> str:
                     f"; or name it as KIND:PATH)")
 
 
+TEXT_FIELDS = ("context", "source", "target", "document", "summary", "text")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check(task: Task, rows: list, where: str):
   fields = KINDS[task.kind].fields
   for n, row in enumerate(rows, 1):
@@ -94,11 +101,22 @@ def _check(task: Task, rows: list, where: str):
     if missing:
       raise ConfigError(f"{where}: example {n} lacks field(s) {', '.join(missing)} "
                         f"(a {task.kind} task needs {', '.join(fields)})")
+    texts = [f for f in fields if f in TEXT_FIELDS and not isinstance(row[f], str)]
+    if texts:  # (a number reached the tokenizer or a string concatenation: a traceback)
+      raise ConfigError(f"{where}: example {n}'s {texts[0]} is {row[texts[0]]!r}, not a string")
     if task.kind == "multiple_choice" and not (
         isinstance(row["choices"], list) and row["choices"]
-        and isinstance(row["label"], int) and 0 <= row["label"] < len(row["choices"])):
-      raise ConfigError(f"{where}: example {n} needs a non-empty choices list and an integer "
-                        f"label indexing it")
+        and all(isinstance(c, str) for c in row["choices"])
+        and _is_int(row["label"]) and 0 <= row["label"] < len(row["choices"])):
+      raise ConfigError(f"{where}: example {n} needs a non-empty list of string choices and an "
+                        f"integer label indexing it")
+    if task.kind == "passkey" and not (
+        _is_int(row["length"]) and row["length"] >= 0 and isinstance(row["depth"], (int, float))
+        and not isinstance(row["depth"], bool) and 0 <= row["depth"] <= 1
+        and (row.get("key") is None or _is_int(row["key"]))):
+      raise ConfigError(f"{where}: example {n} needs an integer length >= 0, a depth in [0, 1] "
+                        f"and an integer key if any (got length={row['length']!r}, "
+                        f"depth={row['depth']!r})")
     if task.kind == "cloze" and len(str(row["text"]).strip().split()) < 2:
       raise ConfigError(f"{where}: example {n}'s text needs at least two words")
 
