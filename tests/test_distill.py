@@ -44,6 +44,14 @@ def test_kl_matches_its_formula():
     want = np.sum(np.sum(p * np.log(p / q), -1) * w)
     got = distill.kl_sum(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), temp)
     assert float(got) == pytest.approx(want, rel=1e-5)
+    # a student with model.output_vocab=5 (its last 2 ids masked): the teacher's distribution
+    # over its first 5 ids (it cost p x 1e9 / T: KL ~1e7 per token)
+    masked = np.where(np.arange(7) < 5, s, -1e9)
+    p5 = np.exp(t[..., :5] / temp) / np.exp(t[..., :5] / temp).sum(-1, keepdims=True)
+    q5 = np.exp(s[..., :5] / temp) / np.exp(s[..., :5] / temp).sum(-1, keepdims=True)
+    want = np.sum(np.sum(p5 * np.log(p5 / q5), -1) * w)
+    got = distill.kl_sum(jnp.asarray(masked), jnp.asarray(t), jnp.asarray(w), temp)
+    assert float(got) == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("recipe", ["configs/gpt2.py:tiny", "configs/bert.py:tiny",

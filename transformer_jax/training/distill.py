@@ -41,6 +41,7 @@ from transformer_jax.data import objectives
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization
 from transformer_jax.models import families
+from transformer_jax.models import layers
 from transformer_jax.parallel import sharding
 
 
@@ -230,8 +231,12 @@ def _same_ids(student: str, hf_dir: str):
 
 
 def kl_sum(student_logits, teacher_logits, w, temperature: float):
-  """sum over tokens of w * KL(softmax(teacher / T) || softmax(student / T)), fp32."""
-  log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  """sum over tokens of w * KL(softmax(teacher / T) || softmax(student / T)), fp32. The teacher's
+  distribution is renormalized over the ids the student can predict: a student's masked ids
+  (model.output_vocab) would cost p x 1e9 / T each."""
+  masked = student_logits <= layers.MASKED_LOGIT / 2
+  teacher_logits = jnp.where(masked, layers.MASKED_LOGIT, teacher_logits.astype(jnp.float32))
+  log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
   log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
   return jnp.sum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * w)
 
