@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.model.update(family="encoder", num_layers=layers, d_model=d, num_heads=heads,
                  vocab_size=vocab, max_len=seq, position="learned", type_vocab_size=2,
                  embed_norm=True, norm="layernorm", norm_position="post", norm_eps=1e-12,
-                 activation="gelu", tie_embeddings=True, dropout_rate=dropout)
+                 activation="gelu_exact", tie_embeddings=True, dropout_rate=dropout)  # erf
   c.data.update(objective="mlm", seq_len=seq,
                 tokenizer="runs/tokenizers/stdlib_8192_special.model")
   c.train.batch_size = batch
