@@ -6,8 +6,9 @@ xl | 2.7b | 6.7b | 175b.
 GPT-2's architecture at GPT-3's sizes: learned positions, pre-LayerNorm, GELU, 4x MLP, biases,
 tied embeddings, 2048-token context; the vocabulary is 50257 rounded up to 50304. All layers use
 dense attention (GPT-3 alternated dense and locally banded sparse layers). Batch sizes and peak
-learning rates are the paper's (0.5M to 3.2M tokens per batch; cosine to 10%, 375M warmup tokens
-are ~100-200 steps here; AdamW b2 0.95, eps 1e-8, weight decay 0.1, clipping 1.0).
+learning rates are the paper's (0.5M to 3.2M tokens per batch; cosine to 10%, warmup over the
+paper's first 375M tokens: 358 steps for xl and 2.7b, 179 for 6.7b, 119 for 175b; AdamW b2 0.95,
+eps 1e-8, weight decay 0.1, clipping 1.0).
 
 Layers are scanned (model.scan_layers), parameters and optimizer state sharded over every chip
 (mesh.fsdp=-1), bfloat16 compute with fp32 parameters. Which slices they fit: benchmarks/RESULTS.md
@@ -24,6 +25,7 @@ SIZES = {
     "6.7b": (32, 4096, 32, 128, 1024, 1.2e-4, "full"),
     "175b": (96, 12288, 96, 128, 1536, 0.6e-4, "full"),
 }
+WARMUP_TOKENS = 375e6  # the paper's linear warmup
 
 
 def get_config(arg=None):
@@ -40,7 +42,8 @@ def get_config(arg=None):
   c.data.seq_len = 2048
   c.train.batch_size = batch
   c.train.steps = 150_000
-  c.optimizer.update(learning_rate=lr, schedule="cosine", warmup_steps=200, min_lr_ratio=0.1,
+  warmup = round(WARMUP_TOKENS / (batch * c.data.seq_len))
+  c.optimizer.update(learning_rate=lr, schedule="cosine", warmup_steps=warmup, min_lr_ratio=0.1,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   return c
