@@ -46,6 +46,8 @@ def test_sizes_that_round_to_one_shape_make_one_run(tmp_path):
     ("s.lr_exponet = 0.5", "unknown sweep key.s. lr_exponet"),
     ("s.overrides = s.overrides + ['optimizer.warmup_steps=500']",
      "overrides optimizer.warmup_steps=500 would be replaced"),
+    ("s.grid = 'nd'", "grid=nd needs 'tokens'"),  # (a traceback)
+    ("s.tokens = [1e6]", "'tokens' is for the other grid"),  # (ignored)
 ])
 def test_sweep_keys_the_plan_would_not_read_are_refused(tmp_path, change, message):
   """A misspelled key took its default, and an override of what the plan sets per run was
@@ -62,8 +64,8 @@ def test_token_counts_that_round_to_one_step_count_make_one_run(tmp_path):
   either way: one run (two, each in every fit)."""
   sweep = tmp_path / "nd.py"
   sweep.write_text(open(SWEEP).read().replace("def get_sweep():", "def _original():") + (
-      "\n\ndef get_sweep():\n  s = _original()\n  s.grid = 'nd'\n  s.sizes = [1e5]\n"
-      "  s.tokens = [1e5, 1.01e5, 4e5]\n  s.min_steps = 1\n  return s\n"))
+      "\n\ndef get_sweep():\n  s = _original()\n  s.grid = 'nd'\n  del s['budgets']\n"
+      "  s.sizes = [1e5]\n  s.tokens = [1e5, 1.01e5, 4e5]\n  s.min_steps = 1\n  return s\n"))
   runs, dropped = plan_lib.plan(str(sweep))
   assert [(r.steps, r.name) for r, _ in runs] == [
       (r.steps, f"N{r.params_nonembed:.3g}_D{r.tokens:.3g}".replace("e+", "e")) for r, _ in runs]
@@ -130,6 +132,12 @@ def test_written_configs_resume_as_the_plan_says(planned, tmp_path):
   for line in lines:
     saved = config_lib.from_json_file(str(tmp_path / line["name"] / "config.json"))
     assert saved.train.steps == line["steps"] and saved.model.d_model == line["d_model"]
+  plan_lib.write(planned[0], str(tmp_path))  # the same plan again: nothing changes
+  run, config = planned[0][0]
+  config = config_lib.from_json_file(str(tmp_path / run.name / "config.json"))
+  config.optimizer.learning_rate *= 10  # a changed sweep: its run's saved config would win
+  with pytest.raises(config_lib.ConfigError, match=f"holds another config .* run {run.name}"):
+    plan_lib.write([(run, config)] + planned[0][1:], str(tmp_path))
 
 
 def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_path):

@@ -75,6 +75,12 @@ def load_sweep(path: str):
                       f"{', '.join(PLANNED)} for each run (use lr, warmup_fraction, sizes)")
   if sweep.grid not in ("isoflop", "nd"):
     raise ConfigError(f"{path}: grid={sweep.grid!r} is not one of isoflop, nd")
+  wanted, other = ("budgets", "tokens") if sweep.grid == "isoflop" else ("tokens", "budgets")
+  if not sweep.get(wanted):
+    raise ConfigError(f"{path}: grid={sweep.grid} needs {wanted!r} (a list)")
+  if other in sweep:  # it would be ignored
+    raise ConfigError(f"{path}: {other!r} is for the other grid; grid={sweep.grid} reads "
+                      f"{wanted!r}")
   base_file, sep, arg = sweep.base.partition(":")
   if not os.path.isfile(base_file) and os.path.isfile(os.path.join(root, base_file)):
     with sweep.unlocked():  # a base named relative to the repository, from any directory
@@ -169,12 +175,17 @@ def plan(sweep_path: str):
 def write(runs, out_dir: str):
   """DIR/NAME/config.json per run (train resumes from it: `--workdir=DIR/NAME`) and
   DIR/plan.jsonl, one line per run (DIR may be gs://...: config/paths.py)."""
-  lines = []
-  for run, config in runs:
-    paths.makedirs(paths.join(out_dir, run.name))
+  lines, texts = [], {run.name: config_lib.to_json(config) for run, config in runs}
+  for name, text in texts.items():  # never rewrite the config of a run that may have started,
+    path = paths.join(out_dir, name, "config.json")  # and never plan one it contradicts
+    if paths.exists(path) and paths.read_text(path) != text:
+      raise ConfigError(f"{path} holds another config than this plan's for run {name} (the "
+                        f"sweep changed since it was planned): plan into a new directory")
+  for run, _ in runs:
     path = paths.join(out_dir, run.name, "config.json")
-    if not paths.exists(path):  # never rewrite the config of a run that may have started
-      paths.write_text(path, config_lib.to_json(config))
+    if not paths.exists(path):
+      paths.makedirs(paths.join(out_dir, run.name))
+      paths.write_text(path, texts[run.name])
     lines.append(json.dumps(dataclasses.asdict(run)) + "\n")
   paths.write_text(paths.join(out_dir, "plan.jsonl"), "".join(lines))
 
