@@ -17,8 +17,9 @@ tjax_flag_value() {
   [[ -n "$TJAX_VALUE" ]] || tjax_die "$TJAX_FLAG needs a value"
 }
 
-tjax_check_int() {  # NAME VALUE MIN: VALUE must be an integer >= MIN
-  if [[ ! "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 )); then
+tjax_check_int() {  # NAME VALUE MIN: VALUE must be an integer >= MIN (no leading 0: bash
+  # arithmetic would read 010 as 8, and 08 as an error)
+  if [[ ! "$2" =~ ^(0|[1-9][0-9]*)$ ]] || (( $2 < $3 )); then
     tjax_die "$1 must be an integer >= $3, got '$2'"
   fi
 }
@@ -30,7 +31,7 @@ tjax_check_int() {  # NAME VALUE MIN: VALUE must be an integer >= MIN
 # the config.json of an earlier run or a sweep plan (train.py reads it); that is checked by the
 # caller, which knows where the workdir lives.
 tjax_train_args() {
-  TJAX_CONFIG="" TJAX_WORKDIR=""
+  TJAX_CONFIG="" TJAX_WORKDIR="" TJAX_OVERRIDES=()
   local overrides=()
   if [[ $# -gt 0 && "$1" != -* ]]; then TJAX_CONFIG="$1"; shift; fi
   while [[ $# -gt 0 ]]; do
@@ -53,6 +54,7 @@ tjax_train_args() {
   TJAX_TRAIN=(python -m transformer_jax.train)
   [[ -z "$TJAX_CONFIG" ]] || TJAX_TRAIN+=("--config=$TJAX_CONFIG")
   TJAX_TRAIN+=("--workdir=$TJAX_WORKDIR" ${overrides[@]+"${overrides[@]}"})
+  TJAX_OVERRIDES=(${overrides[@]+"${overrides[@]}"})
 }
 
 # tjax_q ARGS...: the arguments as one shell-quoted line (plain words stay unquoted).
@@ -75,12 +77,17 @@ tjax_do() {
   "$@"
 }
 
-# tjax_setup EXTRAS: on the machine that trains: .venv with the project (+ EXTRAS), and the
-# embedded corpus's default SentencePiece model once (as launch/local.sh does).
+# tjax_setup EXTRAS [CONFIG [--config.KEY=VALUE ...]]: on the machine that trains: .venv with
+# the project (+ EXTRAS), and once the SentencePiece model CONFIG names (with the control pieces
+# its objective needs, as launch/local.sh makes it), else the embedded corpus's default one.
 tjax_setup() {
   # shellcheck source=launch/_venv.sh
   . launch/_venv.sh
   tjax_venv "$1"
+  if [[ -n "${2:-}" ]]; then
+    python -m transformer_jax.tokenizer --config="$2" --if_missing "${@:3}"
+    return
+  fi
   local tokenizer="runs/tokenizers/stdlib_8192.model"
   if [[ ! -f "$tokenizer" ]]; then
     echo "training the embedded corpus's SentencePiece model (once) -> $tokenizer"

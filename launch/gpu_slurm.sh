@@ -113,16 +113,19 @@ batch_script() {
     echo "#SBATCH --requeue"
     echo "#SBATCH --signal=TERM@300"
   fi
+  local setup_args=""
+  [[ -z "$TJAX_CONFIG" ]] \
+    || setup_args="$(tjax_q "$TJAX_CONFIG" ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"})"
   cat <<EOF
 set -euo pipefail
 cd $(tjax_q "$repo")
 . launch/_common.sh
-# .venv with the gpu extra and the default tokenizer, once; one job at a time (a sweep's jobs
+# .venv with the gpu extra and the config's tokenizer, once; one job at a time (a sweep's jobs
 # may start together on the same checkout)
 if command -v flock >/dev/null; then
-  (flock 9 && tjax_setup gpu) 9>runs/slurm/.setup.lock
+  (flock 9 && tjax_setup gpu $setup_args) 9>runs/slurm/.setup.lock
 else
-  tjax_setup gpu
+  tjax_setup gpu $setup_args
 fi
 . .venv/bin/activate
 export XLA_PYTHON_CLIENT_MEM_FRACTION="\${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"

@@ -30,9 +30,7 @@ need_int() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "error: $1 needs a positive i
 if [[ $# -gt 0 && "$1" != --* ]]; then config="$1"; shift; fi
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --workdir) [[ $# -ge 2 ]] || { echo "error: --workdir needs a value" >&2; exit 2; }
-               workdir="$2"; shift 2 ;;
-    --workdir=*) workdir="${1#--workdir=}"; shift ;;
+    --workdir|--workdir=*) tjax_flag_value "$@"; workdir="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
     --processes) need_int --processes "${2:-}"; processes="$2"; shift 2 ;;
     --processes=*) processes="${1#--processes=}"; need_int --processes "$processes"; shift ;;
     --devices-per-process) need_int --devices-per-process "${2:-}"; devices="$2"; shift 2 ;;

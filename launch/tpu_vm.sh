@@ -62,6 +62,13 @@ REMOTE_DIR="transformer_jax"  # on every worker, relative to the home directory
 # ---- on a worker (what step 3 runs there) ----
 on_worker() {
   local setup="" wid log rc
+  wid="$(curl -sf -H 'Metadata-Flavor: Google' \
+    http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
+    || hostname)"
+  # every exit says its status, read back by tjax_workers_status (_common.sh): one before the
+  # train command (a bad argument, --setup, the install) too, or a pod's gcloud reports 0 and
+  # the run looks lost (255) and is retried
+  trap 'echo "tjax: worker $wid exit $?"' EXIT
   while [[ $# -gt 0 && "$1" != -- ]]; do
     case "$1" in
       --setup|--setup=*) tjax_flag_value "$@"; setup="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
@@ -77,10 +84,7 @@ on_worker() {
   if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then  # some images lack python3-venv
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
   fi
-  tjax_setup tpu
-  wid="$(curl -sf -H 'Metadata-Flavor: Google' \
-    http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
-    || hostname)"
+  tjax_setup tpu "$TJAX_CONFIG" ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"}
   mkdir -p logs
   export PYTHONUNBUFFERED=1  # stream through the pipe and ssh as it is printed
   log="logs/train-worker${wid}.log"
@@ -98,8 +102,7 @@ on_worker() {
       tail -n 20 "$log"
     fi
   fi
-  echo "tjax: worker $wid exit $rc"  # read back by tjax_workers_status (_common.sh)
-  exit "$rc"
+  exit "$rc"  # (the EXIT trap says it)
 }
 if [[ "${1:-}" == --on-worker ]]; then shift; on_worker "$@"; fi
 
@@ -230,7 +233,9 @@ copy_project() {
   local ssh_all=("${tpu[@]}" ssh "$name" "${gc_zone[@]}" --worker=all)
   if [[ -n "$repo" ]]; then
     (( TJAX_DRY_RUN )) && echo "# 2. the project on every worker: clone (or pull) $repo"
-    tjax_do "${ssh_all[@]}" --command="if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR pull --ff-only; else git clone $(tjax_q "$repo") $REMOTE_DIR; fi"
+    local mkdir=""  # a sweep run's config.json goes to runs/..., which a clone lacks
+    [[ ${#extra_files[@]} -eq 0 ]] || mkdir=" && mkdir -p $(tjax_q "$REMOTE_DIR/$(dirname "${extra_files[0]}")")"
+    tjax_do "${ssh_all[@]}" --command="{ if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR pull --ff-only; else git clone $(tjax_q "$repo") $REMOTE_DIR; fi; }$mkdir"
     if [[ ${#extra_files[@]} -gt 0 ]]; then
       tjax_do "${tpu[@]}" scp "${extra_files[0]}" "$name:$REMOTE_DIR/${extra_files[0]}" "${gc_zone[@]}" --worker=all
     fi

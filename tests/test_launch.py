@@ -121,6 +121,8 @@ def test_tpu_dry_run_queued_resource_and_sweep_workdir(tmp_path):
   assert lines_with(r.stdout, "queued-resources describe q1", "state.state")
   (clone,) = lines_with(r.stdout, "--worker=all", "git clone")
   assert "https://example.com/tjax.git" in ssh_command(clone)
+  # the clone has no runs/ (git-ignored): the folder the config.json goes to is made first
+  assert ssh_command(clone).endswith(f"; }} && mkdir -p transformer_jax/{sweep}/r1")
   assert lines_with(r.stdout, "tpu-vm scp", f"{sweep}/r1/config.json",
                     f"q1:transformer_jax/{sweep}/r1/config.json")
   (train,) = lines_with(r.stdout, "--on-worker")
@@ -177,6 +179,20 @@ def test_tpu_job_status_comes_from_every_worker_not_from_gcloud(fake_bin, worker
   assert (r.returncode, len(trains)) == (want, runs), r.stderr
 
 
+def test_a_workers_early_error_is_its_status_and_counts_have_no_leading_zero(fake_bin):
+  """A mistake on a worker before the train command (here: no CONFIG and no config.json) says
+  its status line too: with several workers gcloud exits 0, and without the line the run looked
+  lost (255) and was retried. --retries 08 was read as octal (an endless retry loop)."""
+  r = subprocess.run(["bash", "launch/tpu_vm.sh", "--on-worker", "--", "--workdir",
+                      str(fake_bin / "none")], cwd=REPO, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 2 and re.search(r"^tjax: worker \S+ exit 2$", r.stdout, re.M), r
+  for flag in ("08", "010"):
+    r = launch("tpu_vm.sh", "--name", "t1", "--zone", "z", "--retries", flag, "--dry-run",
+               "--", *TRAIN, fake=fake_bin)
+    assert r.returncode == 2 and "--retries must be an integer >= 0, got" in r.stderr, r
+
+
 def test_workers_status_rule():
   """_common.sh's tjax_workers_status over gcloud's output (markers anywhere in a line)."""
   def status(text, rc):
@@ -208,7 +224,10 @@ def test_slurm_dry_run_one_process_per_gpu(fake_bin):
   assert sbatch["gpus-per-node"] == "8" and sbatch["partition"] == "a100"
   assert sbatch["account"] == "lab" and sbatch["time"] == "04:00:00"
   assert "requeue" in sbatch and sbatch["signal"].startswith("TERM@")
-  assert "tjax_setup gpu" in script and ". .venv/bin/activate" in script and "XLA_PYTHON_CLIENT_MEM_FRACTION" in script
+  assert ". .venv/bin/activate" in script and "XLA_PYTHON_CLIENT_MEM_FRACTION" in script
+  # the tokenizer the config names, with its objective's pieces (only the default one was made)
+  setup = re.search(r"flock 9 && tjax_setup gpu (.*)\) 9>", script).group(1)
+  assert shlex.split(setup) == [TRAIN[0], *TRAIN[3:]]
   srun = script[script.index("srun "):].split("\nrc=")[0].replace("\\\n", " ")
   argv = shlex.split(srun)
   assert argv[argv.index("--ntasks-per-node=8")] and "--nodes=2" in argv
