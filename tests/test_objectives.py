@@ -391,6 +391,32 @@ def test_nsp_partners_at_eval_are_far_in_the_stream(docs, vocab, shuffled):
   assert negatives > 40 and in_neighbour < 0.5 * negatives  # (short Bs recur by chance)
 
 
+def test_nsp_training_negatives_come_from_another_document(docs, vocab):
+  """Chunks carry their document (pipeline.ChunkTokens): a training negative's B is another
+  document's whenever one is among the TRAIN_WINDOW shuffled chunks (a long document's chunks
+  sit together in the shuffle window, and 21 % of negatives paired a document with itself)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  s = _spec("mlm", sentence_pair="nsp")
+  assert objectives.document_ids(s) and not objectives.document_ids(_spec("mlm"))
+  long_docs = [np.concatenate([d] * 6) for d in docs[:12]]  # 6+ chunks each: neighbours alike
+  chunk = pipeline.ChunkTokens(s.chunk_len, documents=True)
+  chunks = [c for d in long_docs for c in chunk.flat_map({"tokens": d})]
+  assert len({c[objectives.DOCUMENT] for c in chunks}) == 12
+  ds = grain.MapDataset.source(chunks).to_iter_dataset()
+  shuffle = lambda d: grain.experimental.WindowShuffleIterDataset(d, window_size=64, seed=1)
+  text = lambda ids: " " + " ".join(map(str, ids)) + " "
+  owner = {k: text(d) for k, d in enumerate(long_docs)}
+  negatives = same = 0
+  for ex in objectives.examples(ds, s, vocab, 0, shuffle):
+    first_b = int(np.argmax(ex["types"]))
+    a, b = ex["targets"][1:first_b - 1], ex["targets"][first_b:-1]
+    if ex["sentence_labels"][0] and len(a) >= 8 and len(b) >= 8:
+      (doc_a,) = [k for k, t in owner.items() if text(a) in t]
+      negatives += 1
+      same += text(b) in owner[doc_a]
+  assert negatives > 20 and same == 0, (negatives, same)
+
+
 # ------------------------------------------------------------------------------ packing
 
 
@@ -516,3 +542,21 @@ def test_sample_frames_an_empty_prompt_and_refuses_a_fill_mask_past_learned_posi
   long = " ".join(["[MASK]"] + ["word"] * bert.model.max_len)
   with pytest.raises(ConfigError, match=r"^--fill_mask text \(\d+ tokens\) exceeds model.max_len"):
     sample.fill_mask(bert, None, long)
+
+
+def test_nsp_batches_resume_exactly(base_config):
+  """The nsp pipeline (chunks with their documents, pairs within TRAIN_WINDOW shuffled chunks)
+  resumes from a saved position with the same batches."""
+  import json  # pylint: disable=g-import-not-at-top
+  c = _with(base_config, **{"model.family": "encoder", "data.objective": "mlm",
+                            "data.sentence_pair": "nsp", "model.sentence_head": True})
+  it = pipeline.make_train_iterator(c)
+  for _ in range(2):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(3)]
+  fresh = pipeline.make_train_iterator(c)
+  fresh.set_state(state)
+  for a, b in zip(want, [next(fresh) for _ in range(3)]):
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+  assert any(b["sentence_labels"].any() for b in want)

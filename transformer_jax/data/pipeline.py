@@ -32,6 +32,7 @@ and `decoder_*` [rows, target_len] features instead (objectives/ documents every
 
 import functools
 import itertools
+import zlib
 
 from absl import flags
 import grain
@@ -215,17 +216,24 @@ def _doc_tokens(element) -> dict:
 
 
 class ChunkTokens(grain.experimental.FlatMapTransform):
-  """{"tokens"} -> [{"inputs": tokens[i:i + chunk_len]}, ...]; nothing for an empty document."""
+  """{"tokens"} -> [{"inputs": tokens[i:i + chunk_len]}, ...]; nothing for an empty document.
+  With `documents`, each chunk also says which document it came from ("document": a CRC-32 of
+  the document's tokens; equal documents share it)."""
 
   max_fan_out = 1 << 20  # Only bounds MapDataset flat maps; this one runs on an IterDataset.
 
-  def __init__(self, chunk_len: int):
-    self._chunk_len = chunk_len
+  def __init__(self, chunk_len: int, documents: bool = False):
+    self._chunk_len, self._documents = chunk_len, documents
 
   def flat_map(self, element):
     tokens = element["tokens"]
     n = self._chunk_len
-    return [{_PACKED: tokens[i:i + n]} for i in range(0, len(tokens), n)]
+    chunks = [{_PACKED: tokens[i:i + n]} for i in range(0, len(tokens), n)]
+    if self._documents:
+      document = zlib.crc32(np.ascontiguousarray(tokens, np.int32).tobytes())
+      for chunk in chunks:
+        chunk[objectives.DOCUMENT] = document
+    return chunks
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -294,7 +302,8 @@ def _batch_format(s, row: dict) -> dict:
 def _first_fit(ds, config, s, num_bins, seed, objective_seed) -> grain.IterDataset:
   """Chunks, objective, chunk shuffle and first-fit packing (grain's packed row format)."""
   if not objectives.flag(s, "PAIRS"):  # Pairs arrive as examples, cut to length.
-    ds = grain.experimental.FlatMapIterDataset(ds, ChunkTokens(s.chunk_len))
+    ds = grain.experimental.FlatMapIterDataset(ds, ChunkTokens(s.chunk_len,
+                                                               objectives.document_ids(s)))
   vocab = (objectives.Vocab.from_tokenizer(load_tokenizer(config))
            if objectives.needs_vocab(s) else None)
 

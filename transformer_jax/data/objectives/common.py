@@ -11,6 +11,7 @@ from transformer_jax.config import ConfigError
 
 _MAX_CHUNK_FACTOR = 64  # chunk_len search stops at this many times seq_len.
 CHUNK = "inputs"  # The chunk feature (and clm's packed feature).
+DOCUMENT = "document"  # A chunk's document, where the objective asks (objectives.document_ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,8 @@ With data.sentence_pair (nsp or sop) each chunk (seq_len - 3 tokens) is cut at a
 end (vocab.py's rule; else at a random token) into A and B and becomes [bos] A [eos] B [eos]
 (bos/eos as BERT's [CLS]/[SEP]) with token types 0 for [CLS] A [SEP] and 1 after, masked as above.
 sop (ALBERT): A and B swap places with probability 1/2 (label 1). nsp (BERT): with probability 1/2,
-B is replaced by as many tokens of the next chunk in the (shuffled) stream, from one of its
-sentence starts where they fit (label 1: the pair is as long as a true one);
+B is replaced by as many tokens of another document's chunk near it in the (shuffled) stream,
+from one of its sentence starts where they fit (label 1: the pair is as long as a true one);
 at eval (the stream in order, where the next chunk is often the same document's) by that of the
 chunk EVAL_PARTNER_DISTANCE chunks on, within windows of twice that.
 The batch then also has types, sentence_labels and sentence_weights (float32): the pair's label
@@ -98,30 +98,45 @@ def corrupt(tokens_l, rng, vocab: Vocab, s: common.Spec) -> dict:
 
 
 EVAL_PARTNER_DISTANCE = 64  # chunks between an eval chunk and its nsp partner
+TRAIN_WINDOW = 16  # shuffled chunks among which training's nsp partners are found
+
+
+def document_ids(s) -> bool:
+  return s.sentence_pair == "nsp"  # a negative's B comes from another document
 
 
 class SentencePairs(grain.transforms.RandomMap):
-  """A window of chunks -> their sentence-pair examples: chunk i's nsp partner is chunk
-  i + n/2 (mod n) of the window's n."""
+  """A window of chunks -> their sentence-pair examples: chunk i's nsp partner is the first of
+  chunks i + n/2, i + n/2 + 1, ... (mod n) of the window's n from another document (as BERT's
+  random B), else chunk i + n/2."""
 
   def __init__(self, s: common.Spec, vocab: Vocab):
     self._spec, self._vocab = s, vocab
 
   def random_map(self, elements, rng: np.random.Generator):
     chunks = [e[common.CHUNK] for e in elements]
+    docs = [e.get(common.DOCUMENT) for e in elements]
     n = len(chunks)
-    partners = [chunks[(i + n // 2) % n] if n > 1 else None for i in range(n)]
-    return [sentence_pair(c, p, rng, self._vocab, self._spec) for c, p in zip(chunks, partners)]
+
+    def partner(i):
+      if n < 2:
+        return None
+      order = [(i + n // 2 + k) % n for k in range(n)]
+      return chunks[next((j for j in order if docs[j] is None or docs[j] != docs[i]),
+                         order[0])]
+    return [sentence_pair(c, partner(i), rng, self._vocab, self._spec)
+            for i, c in enumerate(chunks)]
 
 
 def examples(ds, s, vocab, seed, shuffle):
-  """Masked chunks; with sentence pairs, pairs made after the shuffle, of 2 chunks (nsp pairs
-  each chunk with a random other), or at eval (no shuffle) of 2 * EVAL_PARTNER_DISTANCE chunks
-  of the stream in order (a chunk with one far from it, mostly another document's)."""
+  """Masked chunks; with sentence pairs, pairs made after the shuffle, within TRAIN_WINDOW
+  chunks (nsp pairs each chunk with a random other, of another document), or at eval (no
+  shuffle) of 2 * EVAL_PARTNER_DISTANCE chunks of the stream in order (a chunk with one far from
+  it, of another document)."""
   if not s.sentence_pair:
     ds = ds.random_map(common.Corrupt(corrupt, s, vocab), seed=seed)
     return shuffle(ds) if shuffle else ds
-  window = 2 if shuffle else 2 * EVAL_PARTNER_DISTANCE
+  window = TRAIN_WINDOW if shuffle else 2 * EVAL_PARTNER_DISTANCE
   ds = (shuffle(ds) if shuffle else ds).batch(window, batch_fn=list)
   ds = ds.random_map(SentencePairs(s, vocab), seed=seed)
   return grain.experimental.FlatMapIterDataset(ds, _Unbatch(window))
