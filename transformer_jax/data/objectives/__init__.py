@@ -43,7 +43,7 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data.objectives import clm, denoise, mlm, prefix_lm, seq2seq, span, ul2
 from transformer_jax.data.objectives import common
-from transformer_jax.data.objectives.common import DOCUMENT, Loss, Spec
+from transformer_jax.data.objectives.common import Loss, Spec
 from transformer_jax.data.objectives.vocab import Vocab, decoder_start
 
 OBJECTIVES = {m.NAME: m for m in (clm, prefix_lm, mlm, span, denoise, ul2, seq2seq)}
@@ -155,6 +155,9 @@ def missing_tokens(s: Spec, tok) -> list[str]:
 def worst_lengths(s: Spec, length: int) -> tuple[int, int]:
   """The longest (encoder, decoder) sequences a chunk of `length` tokens can give."""
   return get(s.objective).worst_lengths(s, length)
+
+
+DOCUMENT = common.DOCUMENT  # the chunk key of its document, where document_ids(spec)
 
 
 def document_ids(s: Spec) -> bool:
