@@ -163,6 +163,9 @@ def test_a_mode_refuses_the_flags_it_would_ignore():
                       "--baseline, --profile do(es) nothing with --data_only"),
                      (["--compile_only", "--steps=3"],
                       "--steps do(es) nothing with --compile_only"),
-                     (["--moe", "--checkpoint"], "--checkpoint do(es) nothing with --moe")):
+                     (["--moe", "--checkpoint"], "--checkpoint do(es) nothing with --moe"),
+                     (["--profile_dir=x"], "--profile_dir does nothing without --profile"),
+                     (["--grid_timeout=5"], "--grid_timeout does nothing without --grid"),
+                     (["--moe_capacity=2"], "--moe_capacity does nothing without --moe")):
     with pytest.raises(ConfigError, match=re.escape(idle)):
       benchmark.main([f"--config={REPO}/configs/gpt2.py:tiny", *argv])

@@ -173,6 +173,9 @@ def test_parse_flags():
   assert cli.parse(["--init=false"], {"init": True})[2] == {"init": False}
   with pytest.raises(ConfigError, match="--config given twice"):
     cli.parse(["--config=a.py", "--config=b.py"], {})
+  with pytest.raises(ConfigError, match="--workdir given twice .'a', 'b'."):  # (b won)
+    cli.parse(["--workdir=a", "--workdir", "b"], {"workdir": ""})
+  assert cli.parse(["--steps=3", "--steps", "3"], {"steps": 1})[2] == {"steps": 3}
   with pytest.raises(ConfigError, match="smoke.py takes no :ARG"):
     config_lib.load(f"{REPO}/configs/smoke.py:bogus")
   config = config_lib.base.get_config()

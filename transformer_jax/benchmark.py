@@ -296,6 +296,10 @@ def main(argv):
     if f[mode] and idle:
       raise ConfigError(f"{', '.join(idle)} do(es) nothing with --{mode} (it reads "
                         f"{', '.join('--' + k for k in used)})")
+  for child, parent in (("profile_dir", "profile"), ("grid_timeout", "grid"),
+                        ("moe_capacity", "moe")):
+    if f[child] != FLAGS[child] and not f[parent]:
+      raise ConfigError(f"--{child} does nothing without --{parent}")
   if f["steps"] < 1 or f["rounds"] < 1:
     raise ConfigError("--steps and --rounds must be >= 1")
   from transformer_jax.perf import peers  # pylint: disable=g-import-not-at-top

@@ -21,7 +21,7 @@ def parse(argv, flags: dict):
   if any(arg in ("--help", "-h") for arg in argv):
     print(usage(flags))
     sys.exit(0)
-  spec, overrides, values = None, [], dict(flags)
+  spec, overrides, values, given = None, [], dict(flags), set()
   for arg in _joined(argv, flags):
     if not arg.startswith("--"):
       raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
@@ -35,7 +35,11 @@ def parse(argv, flags: dict):
       overrides.append(f"{name[len('config.'):]}={value}")
     elif name.replace("-", "_") in flags:
       key = name.replace("-", "_")
-      values[key] = _flag_value(name, flags[key], sep, _home(value) if key in PATH_FLAGS else value)
+      value = _flag_value(name, flags[key], sep, _home(value) if key in PATH_FLAGS else value)
+      if key in given and values[key] != value:  # the last one silently won
+        raise ConfigError(f"--{name} given twice ({values[key]!r}, {value!r}); give one")
+      values[key] = value
+      given.add(key)
     else:
       known = ", ".join(["--config", "--config.KEY"] + [f"--{k}" for k in flags])
       raise ConfigError(f"unknown flag --{name} (known: {known})")

@@ -30,6 +30,8 @@ def main(argv):
   if f["num_fewshot"] < 0 or f["limit"] < 0 or f["batch_size"] < 0 or f["step"] < -1:
     raise ConfigError("--num_fewshot, --limit and --batch_size must be >= 0, --step >= 0 (or -1, "
                       "the latest)")
+  if f["fewshot_file"] and not f["num_fewshot"]:  # it was read by nothing
+    raise ConfigError("--fewshot_file gives the examples of --num_fewshot=K; set K > 0")
   from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   config = harness.read_config(f["workdir"])
   loaded = harness.load_tasks(specs, num_fewshot=f["num_fewshot"], limit=f["limit"],
