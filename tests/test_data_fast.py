@@ -188,6 +188,25 @@ def test_an_empty_tokenizer_file_is_not_a_sentencepiece_model(tmp_path):
     tokenizer_lib.load(str(path))
 
 
+def test_a_sentencepiece_model_without_pad_trains(tiny_data, tmp_path):
+  """Llama's tokenizer.model layout (unk 0, bos 1, eos 2, no pad) was refused ("has pad id -1;
+  packing pads with 0"): padding is marked by segment id 0 and weight 0, whatever id fills it."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
+  path = str(tmp_path / "llama_layout.model")
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=path[:-6],
+                                 vocab_size=300, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                 pad_id=-1, minloglevel=2)
+  tok = tokenizer_lib.load(path)
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (-1, 0, 1, 2)
+  c = _config(tiny_data, **{"data.tokenizer": path, "data.data_dir": str(tmp_path / "tfds")})
+  pipeline.validate(c)
+  (batch,) = _take(pipeline.make_train_iterator(c), 1)
+  real = batch["segment_ids"] > 0
+  assert real.any() and not batch["weights"][~real].any() and (batch["inputs"][real] >= 0).all()
+  assert (batch["inputs"][real] == 1).any()  # documents start with bos (id 1)
+
+
 def test_ctrl_c_during_preparation_is_one_line_and_dead_leftovers_go(tiny_data, tmp_path,
                                                                      monkeypatch, capsys):
   """TFDS's writer turns a Ctrl-C into a RuntimeError (a traceback); a killed preparation's

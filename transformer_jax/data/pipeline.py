@@ -85,8 +85,6 @@ def _check_tokenizer(config) -> None:
     raise ConfigError(f"model.output_vocab={config.model.output_vocab} is smaller than the "
                       f"vocabulary of {path} ({tok.vocab_size}); set it to 0 or >= "
                       f"{tok.vocab_size}")
-  if isinstance(tok, tokenizer_lib.Tokenizer) and tok.pad_id != 0:  # ours: pad = 0 by design
-    raise ConfigError(f"data.tokenizer={path!r} has pad id {tok.pad_id}; packing pads with 0")
   for flag, special, value in (("add_bos", "bos", tok.bos_id), ("add_eos", "eos", tok.eos_id)):
     if config.data[flag] and value < 0:
       raise ConfigError(f"data.{flag} is set but {path} has no {special} token")
