@@ -6,9 +6,10 @@ xl | 2.7b | 6.7b | 175b.
 GPT-2's architecture at GPT-3's sizes: learned positions, pre-LayerNorm, GELU, 4x MLP, biases,
 tied embeddings, 2048-token context; the vocabulary is 50257 rounded up to 50304. All layers use
 dense attention (GPT-3 alternated dense and locally banded sparse layers). Batch sizes and peak
-learning rates are the paper's (0.5M to 3.2M tokens per batch; cosine to 10%, warmup over the
-paper's first 375M tokens: 358 steps for xl and 2.7b, 179 for 6.7b, 119 for 175b; AdamW b2 0.95,
-eps 1e-8, weight decay 0.1, clipping 1.0).
+learning rates are the paper's (0.5M to 3.2M tokens per batch; 300B tokens: 286k steps for xl
+and 2.7b, 143k for 6.7b, 95k for 175b; cosine to 10% over the first 260B, warmup over the first
+375M: 358 steps for xl and 2.7b, 179 for 6.7b, 119 for 175b; AdamW b2 0.95, eps 1e-8, weight
+decay 0.1, clipping 1.0).
 
 Layers are scanned (model.scan_layers), parameters and optimizer state sharded over every chip
 (mesh.fsdp=-1), bfloat16 compute with fp32 parameters. Which slices they fit: benchmarks/RESULTS.md
@@ -25,7 +26,8 @@ SIZES = {
     "6.7b": (32, 4096, 32, 128, 1024, 1.2e-4, "full"),
     "175b": (96, 12288, 96, 128, 1536, 0.6e-4, "full"),
 }
-WARMUP_TOKENS = 375e6  # the paper's linear warmup
+# The paper's token counts: the training run, the cosine decay (then 10 % to the end), warmup.
+TRAIN_TOKENS, DECAY_TOKENS, WARMUP_TOKENS = 300e9, 260e9, 375e6
 
 
 def get_config(arg=None):
@@ -41,9 +43,10 @@ def get_config(arg=None):
                  remat=remat, scan_layers=True)
   c.data.seq_len = 2048
   c.train.batch_size = batch
-  c.train.steps = 150_000
-  warmup = round(WARMUP_TOKENS / (batch * c.data.seq_len))
-  c.optimizer.update(learning_rate=lr, schedule="cosine", warmup_steps=warmup, min_lr_ratio=0.1,
+  steps = lambda tokens: round(tokens / (batch * c.data.seq_len))
+  c.train.steps = steps(TRAIN_TOKENS)
+  c.optimizer.update(learning_rate=lr, schedule="cosine", warmup_steps=steps(WARMUP_TOKENS),
+                     decay_steps=steps(DECAY_TOKENS), min_lr_ratio=0.1,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   return c
