@@ -308,6 +308,9 @@ def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
     assert "\n" not in str(e.value)
   with pytest.raises(ConfigError, match="does not exist"):
     tasks_lib.load(str(tmp_path / "none.jsonl"))
+  with pytest.raises(ConfigError, match=r"--num_fewshot=2: no task here takes few-shot .*"
+                                        r"\(perplexity are scored without\)"):
+    harness.load_tasks([files["ppl"]], num_fewshot=2)  # (ignored)
   with pytest.raises(ConfigError, match="--fewshot_file gives the examples of --num_fewshot"):
     evaluate_cli.main([f"--workdir={run[0]}", f"--tasks={files['mc']}",
                        f"--fewshot_file={files['mc']}"])  # (read by nothing)

@@ -79,10 +79,14 @@ def load_tasks(specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: str
   TFDS tasks are prepared under data_dir (the run's data.data_dir)."""
   if not specs:
     raise ConfigError("--tasks needs at least one task: PATH.jsonl or KIND:PATH")
-  return [s if isinstance(s, tasks_lib.Task) else
-          tasks_lib.load(s, num_fewshot=num_fewshot, fewshot_file=fewshot_file, limit=limit,
-                         data_dir=data_dir)
-          for s in specs]
+  loaded = [s if isinstance(s, tasks_lib.Task) else
+            tasks_lib.load(s, num_fewshot=num_fewshot, fewshot_file=fewshot_file, limit=limit,
+                           data_dir=data_dir)
+            for s in specs]
+  if num_fewshot and not any(tasks_lib.KINDS[t.kind].fewshot for t in loaded):  # read by none
+    raise ConfigError(f"--num_fewshot={num_fewshot}: no task here takes few-shot examples "
+                      f"({', '.join(sorted({t.kind for t in loaded}))} are scored without)")
+  return loaded
 
 
 def _mesh_devices(config, devices):
