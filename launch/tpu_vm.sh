@@ -233,9 +233,9 @@ copy_project() {
   local ssh_all=("${tpu[@]}" ssh "$name" "${gc_zone[@]}" --worker=all)
   if [[ -n "$repo" ]]; then
     (( TJAX_DRY_RUN )) && echo "# 2. the project on every worker: clone (or pull) $repo"
-    local mkdir=""  # a sweep run's config.json goes to runs/..., which a clone lacks
-    [[ ${#extra_files[@]} -eq 0 ]] || mkdir=" && mkdir -p $(tjax_q "$REMOTE_DIR/$(dirname "${extra_files[0]}")")"
-    tjax_do "${ssh_all[@]}" --command="{ if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR pull --ff-only; else git clone $(tjax_q "$repo") $REMOTE_DIR; fi; }$mkdir"
+    local make_dir=""  # a sweep run's config.json goes to runs/..., which a clone lacks
+    [[ ${#extra_files[@]} -eq 0 ]] || make_dir=" && mkdir -p $(tjax_q "$REMOTE_DIR/$(dirname "${extra_files[0]}")")"
+    tjax_do "${ssh_all[@]}" --command="{ if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR pull --ff-only; else git clone $(tjax_q "$repo") $REMOTE_DIR; fi; }$make_dir"
     if [[ ${#extra_files[@]} -gt 0 ]]; then
       tjax_do "${tpu[@]}" scp "${extra_files[0]}" "$name:$REMOTE_DIR/${extra_files[0]}" "${gc_zone[@]}" --worker=all
     fi

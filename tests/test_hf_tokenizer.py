@@ -129,6 +129,17 @@ def test_berts_template_gives_cls_and_sep_and_sentence_pairs_need_both(made, tmp
     check(config, tokenization.load(str(words)))
 
 
+def test_a_missing_tokenizer_json_gets_no_sentencepiece_advice_for_its_path(tmp_path):
+  """A missing tokenizer.json (or a folder without one) gets no SentencePiece --out=that advice:
+  that command writes a model file, which loads as no tokenizer.json."""
+  (tmp_path / "cli").mkdir()
+  for missing in (tmp_path / "cli", tmp_path / "hf" / "tokenizer.json"):
+    with pytest.raises(config_lib.ConfigError, match=r"holds no Hugging Face tokenizer.json .* "
+                       r"set data.tokenizer=runs/tokenizers/tokenizer.model and make that with: "
+                       r".*--out=runs/tokenizers/tokenizer.model$"):
+      tokenization.load(str(missing))
+
+
 def test_a_resume_reads_tokenizer_config_json_too(made, tmp_path):
   """tokenizer_config.json names bos/eos/pad: a workdir trained with one eos refuses a resume
   whose tokenizer_config.json names another (only tokenizer.json was compared)."""

@@ -81,9 +81,10 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   sha_path = paths.join(workdir, TOKENIZER_SHA)
   by_content = bool(config.data.tokenizer) and paths.isfile(sha_path)
   keys = sorted(k for k in _changed(saved, now)
-                if (k.startswith("model.") or k == "data.tokenizer" and not by_content
-                    and paths.abspath(saved.get(k) or "") != paths.abspath(now.get(k) or ""))
-                and k not in EXECUTION_KEYS)
+                if k.startswith("model.") and k not in EXECUTION_KEYS)
+  path = lambda flat: paths.abspath(flat.get("data.tokenizer") or "")
+  if not by_content and path(saved) != path(now):  # (with a digest, content decides below)
+    keys.insert(0, "data.tokenizer")
   diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
   was, is_ = _state_layout(saved), _state_layout(now)
   diffs += [f"{k}: {was[k]} -> {is_[k]}" for k in was if was[k] != is_[k]]
