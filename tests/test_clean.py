@@ -440,6 +440,30 @@ def test_a_long_documents_kept_pieces_are_one_record_read_back_as_one_document(t
   assert sorted(read.values()) == sorted(texts.values())
 
 
+
+def test_a_long_document_whose_later_piece_fails_quality_is_not_written(tmp_path, monkeypatch):
+  """A failing piece ID#k removes the pieces before it too: nothing of the book is written (its
+  first pieces used to be), they count as removed, and exact dedup does not remember them (a
+  copy of the first piece, a document of its own, is kept)."""
+  monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 1000)
+  rng = random.Random(4)
+  good = [" ".join(_prose(rng, sentences=12).split()[:70]) for _ in range(4)]
+  junk = " ".join("".join(rng.choice("qxzv") for _ in range(12)) for _ in range(80))
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a_book.txt").write_text("\n".join(good + [junk]))
+  pieces = list(corpus_lib.iter_documents(str(tmp_path / "c" / "a_book.txt"), "text"))
+  assert len(pieces) >= 3 and pieces[0][0] == "a_book.txt#0"
+  assert gopher.check(pieces[0][1], gopher.Limits())[1] is None  # the first piece alone passes
+  (tmp_path / "c" / "b_copy.txt").write_text(pieces[0][1])
+  (tmp_path / "c" / "c_other.txt").write_text(good[0] + "\n" + good[2])
+  summary = _run(str(tmp_path / "c" / "*.txt"), tmp_path / "out", fmt="text", languages="none",
+                 quality="gopher")
+  assert summary["removed"]["quality"] == len(pieces), summary
+  assert sum(summary["quality_rules"].values()) == len(pieces)
+  records = [json.loads(x) for x in open(tmp_path / "out" / "part-00000.jsonl", encoding="utf-8")]
+  assert [r["id"] for r in records] == ["b_copy.txt", "c_other.txt"]
+  assert summary["documents_out"] == 2 and summary["removed"]["exact_duplicate"] == 0
+
 def test_the_language_threshold_reads_the_unrounded_score():
   from transformer_jax.data.clean import language  # pylint: disable=g-import-not-at-top
   text = "Der Hund läuft schnell, the dog runs fast"

@@ -167,22 +167,23 @@ def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers:
   shards, removed_samples = output.Shards(out, shard_mb), output.Samples(out, samples)
   tally = collections.Counter()
   removed = {name: 0 for name in STAGES}
+  kept = _Kept(stages, shards)
   for batch, results in _analyzed(_batches(docs), stages, workers):
     for (_, text), doc in zip(batch, results):
       doc["text"] = doc.pop("new_text", text)
       tally["documents_in"] += 1
       tally["bytes_in"] += doc["bytes"]
       tally["pieces"] += bool(corpus_lib.PIECE.search(doc["id"]))
+      kept.next_document(doc)
       for stage in stages:
         removal = stage.decide(doc)
         if removal is not None:
-          removed[stage.name] += 1
+          removed[stage.name] += 1 + kept.drop_if(stage.removes_document(removal, len(kept.held)))
           removed_samples.write(stage.name, doc, removal)
           break
       else:
-        for stage in stages:
-          stage.keep(doc)
-        shards.write(doc)
+        kept.held.append(doc)
+  kept.next_document(None)
   paths = shards.close()
   seconds = time.time() - start
   summary = _summary(tally, removed, shards, skipped, stages, workers, seconds)
@@ -191,6 +192,32 @@ def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers:
   report.write(out, summary, stages, plots)
   summary["seconds"] = round(time.time() - start, 3)
   return summary
+
+
+class _Kept:
+  """Holds the kept pieces ID#k of the document being read until its last one is judged: a later
+  piece that fails quality removes the earlier ones too, and only then are they written (and
+  remembered by the dedup stages, which remember written documents only)."""
+
+  def __init__(self, stages, shards):
+    self.stages, self.shards, self.held = stages, shards, []
+
+  def next_document(self, doc) -> None:
+    """Writes the held pieces once `doc` (None: the end) starts another document."""
+    if self.held and (doc is None or corpus_lib.document_of(doc["id"])
+                      != corpus_lib.document_of(self.held[0]["id"])):
+      for piece in self.held:
+        for stage in self.stages:
+          stage.keep(piece)
+        self.shards.write(piece)
+      self.held.clear()
+
+  def drop_if(self, whole_document: bool) -> int:
+    """Drops the held pieces if the removal takes the whole document; returns how many."""
+    dropped = len(self.held) if whole_document else 0
+    if dropped:
+      self.held.clear()
+    return dropped
 
 
 def _cpu_seconds() -> dict:

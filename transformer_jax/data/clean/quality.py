@@ -79,7 +79,7 @@ class Quality(stage_lib.Stage):
   def decide(self, doc: dict):
     """A document over 1 MiB comes as consecutive pieces ID#k (corpus.py), each judged alone: a
     piece that fails removes the rest of its document too (a too-long book's last, short piece
-    passed max_words and was kept)."""
+    passed max_words and was kept), and the pieces before it (`removes_document`)."""
     for metric, value in doc["quality"].items():
       self.histograms[metric].add(value)
     document = corpus_lib.document_of(doc["id"])
@@ -90,6 +90,10 @@ class Quality(stage_lib.Stage):
     self.removed = (document, failure)
     self.rules[failure[0]] += 1
     return failure
+
+  def removes_document(self, removal, earlier_pieces):
+    self.rules[removal[0]] += earlier_pieces
+    return True
 
   def summary(self):
     return {"quality_rules": dict(self.rules.most_common())}

@@ -32,6 +32,12 @@ class Stage:
   def keep(self, doc: dict) -> None:
     """In corpus order, in the main process, after every stage kept `doc` (it is written)."""
 
+  def removes_document(self, removal: tuple, earlier_pieces: int) -> bool:
+    """Whether removing a piece ID#k (a long document's) also removes the `earlier_pieces` kept
+    before it; a stage that says so counts them."""
+    del removal, earlier_pieces
+    return False
+
   def summary(self) -> dict:
     """Extra figures for the final JSON line."""
     return {}
