@@ -325,7 +325,9 @@ def test_cli_prints_every_tasks_metrics_as_one_json_line(run, files, capsys):
   specs = [files["mc"], "cloze:" + files["cloze"], files["ppl"], files["gen"]]
   evaluate_cli.main([f"--workdir={run[0]}", "--step=2", "--tasks=" + ",".join(specs),
                      "--num_fewshot=1", "--batch_size=4"])
-  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  printed = capsys.readouterr()
+  out = json.loads(printed.out.strip().splitlines()[-1])
+  assert "note: --num_fewshot=1 does not apply to docs: scored without examples" in printed.err
   assert out["step"] == 2
   t = out["tasks"]
   assert set(t) == {"mc", "words", "docs", "gen"}
@@ -333,6 +335,16 @@ def test_cli_prints_every_tasks_metrics_as_one_json_line(run, files, capsys):
   assert t["words"]["perplexity"] > 1 and t["docs"]["bits_per_byte"] > 0
   assert {"exact_match", "bleu", "chrf"} <= set(t["gen"])
   assert all(m["examples_per_s"] > 0 for m in t.values())
+
+
+def test_only_tasks_that_read_the_examples_count_as_few_shot():
+  """An encoder-decoder's generation and summarization feed the source alone to the encoder;
+  perplexity and passkey take no examples (evaluate notes these when --num_fewshot is set)."""
+  kinds = {k: tasks_lib.Task(name=k, kind=k, path="", examples=[]) for k in tasks_lib.KINDS}
+  for seq2seq, reads in ((False, {"multiple_choice", "generation", "summarization", "cloze"}),
+                         (True, {"multiple_choice", "cloze"})):
+    lm = types.SimpleNamespace(is_seq2seq=seq2seq)
+    assert {k for k, t in kinds.items() if tasks_lib.uses_fewshot(t, lm)} == reads
 
 
 def test_a_passkey_longer_than_the_model_is_refused_not_cut(run, tmp_path):

@@ -254,6 +254,13 @@ def fewshot_prefix(task: Task, index: int, k: int, seed: int = 0) -> str:
 
 
 # ------------------------------------------------------------------------- running
+def uses_fewshot(task: Task, lm) -> bool:
+  """Whether `task` on `lm` reads --num_fewshot's examples: not a passkey or perplexity task, and
+  not an encoder-decoder's generation or summarization (its encoder reads the source alone)."""
+  return KINDS[task.kind].fewshot and not (
+      lm.is_seq2seq and task.kind in ("generation", "summarization"))
+
+
 def run(task: Task, lm, *, num_fewshot: int = 0, seed: int = 0) -> dict:
   """The task's metrics with `lm` (scoring.TextModel: loglikelihood, loglikelihood_rolling,
   generate, ids_loglikelihood)."""
