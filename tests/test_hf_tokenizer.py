@@ -284,3 +284,20 @@ def test_a_files_saved_truncation_padding_null_bos_and_id_gaps_are_read_as_trans
                                                           unk_token="[UNK]"))
   gaps.save(str(tmp_path / "gaps.json"))
   assert tokenization.load(str(tmp_path / "gaps.json")).vocab_size == 8
+
+
+def test_an_older_layouts_special_tokens_map_json_names_the_specials_as_transformers_reads_it(
+    made, tmp_path):
+  """Without added_tokens_decoder in tokenizer_config.json, transformers reads
+  special_tokens_map.json and its tokens win; with it, the map is not read."""
+  copy = tmp_path / "tok"
+  shutil.copytree(made[1]["llama"], copy)
+  (copy / "special_tokens_map.json").write_text(json.dumps(
+      {"bos_token": {"content": "</s>", "special": True}, "eos_token": "<unk>"}))
+  (copy / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<s>"}))
+  theirs, ours = transformers.AutoTokenizer.from_pretrained(str(copy)), tokenization.load(str(copy))
+  assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id) == (2, 0)
+  (copy / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<s>",
+                                                          "added_tokens_decoder": {}}))
+  theirs, ours = transformers.AutoTokenizer.from_pretrained(str(copy)), tokenization.load(str(copy))
+  assert ours.eos_id == theirs.eos_token_id == 1  # the config's own "<s>"

@@ -7,10 +7,10 @@ Text is encoded without the tokenizer's own special tokens (what transformers' f
 gives with add_special_tokens=False, split_special_tokens=True): a special token's name written
 in a document ("<|endoftext|>", "<extra_id_0>") is text, never that control id, as with
 SentencePiece; the pipeline adds bos/eos where data.add_bos/add_eos say.
-bos, eos, pad and unk are those of tokenizer_config.json beside the file (as transformers reads
-them), else the special token its post-processor puts before the text (bos) or after it (eos:
-BERT's [CLS] and [SEP]), else the usual names among its special tokens; -1 where there is
-none. No id is assumed to be padding: packed rows mark padding with segment id 0 and weight 0,
+bos, eos, pad and unk are those of tokenizer_config.json (or of an older layout's
+special_tokens_map.json) beside the file, as transformers reads them, else the special token
+its post-processor puts before the text (bos) or after it (eos: BERT's [CLS] and [SEP]), else
+the usual names among its special tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with segment id 0 and weight 0,
 whatever token id fills it.
 """
 
@@ -144,11 +144,17 @@ class HFTokenizer:
 
 
 def config_beside(path: str) -> dict:
-  """tokenizer_config.json beside the tokenizer.json of `path` ({} if none)."""
-  config_file = paths.join(paths.dirname(path_of(path)), "tokenizer_config.json")
-  if not paths.isfile(config_file):
-    return {}
-  return json.loads(paths.read_text(config_file))
+  """tokenizer_config.json beside the tokenizer.json of `path` ({} if none), with the tokens of
+  a special_tokens_map.json there over its own where it has no added_tokens_decoder (the older
+  layout, in which transformers reads the map, and the map wins)."""
+  folder = paths.dirname(path_of(path))
+  config_file, map_file = (paths.join(folder, name) for name in (
+      "tokenizer_config.json", "special_tokens_map.json"))
+  config = json.loads(paths.read_text(config_file)) if paths.isfile(config_file) else {}
+  if "added_tokens_decoder" not in config and paths.isfile(map_file):
+    config.update({k: v for k, v in json.loads(paths.read_text(map_file)).items()
+                   if k.endswith("_token")})
+  return config
 
 
 def load(path: str) -> HFTokenizer:
