@@ -19,6 +19,7 @@ from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
+from transformer_jax.training import checkpoint
 
 SEQ_LEN = 32
 
@@ -44,7 +45,8 @@ def test_pretokenized_batches_equal_the_text_path(tiny_data):
 def _doc_stream(config):
   """The training documents' tokens in the shuffled order of one epoch (one data shard)."""
   source = tfds_text.data_source(config.data, "train", tokenized=True)
-  docs = grain.MapDataset.source(source).shuffle(seed=config.seed)
+  seed = pipeline._order_seed(config.seed, 0, 1)  # pylint: disable=protected-access
+  docs = grain.MapDataset.source(source).shuffle(seed=seed)
   return [np.asarray(docs[i]["tokens"]) for i in range(len(docs))]
 
 
@@ -252,5 +254,39 @@ def test_each_data_shard_reads_its_documents_in_an_order_of_its_own(tiny_data):
     in_step = sum(all(streams[k][t] - k == streams[0][t] for k in range(s)) for t in range(steps))
     assert steps > 10 and in_step <= 2, (steps, in_step)
   one = pipeline.shard_documents(config, config.seed, 0, 1)
-  assert [one[t]["id"] for t in range(len(stored))] == [
-      stored.shuffle(seed=config.seed)[t]["id"] for t in range(len(stored))]
+  assert sorted(one[t]["id"] for t in range(len(stored))) == sorted(where)
+
+
+def test_consecutive_seeds_read_unrelated_orders_in_every_epoch(tiny_data):
+  """grain seeds epoch e's shuffle with seed + e: the raw seed s that one shard used to take
+  read in epoch 1 the order that seed s + 1 read in epoch 0."""
+  config = _config(tiny_data)
+  n = len(pipeline._documents(config, "train"))  # pylint: disable=protected-access
+  def epochs(seed, legacy=False):
+    docs = pipeline.shard_documents(config, seed, 0, 1, legacy_order=legacy)
+    return [[docs[e * n + t]["id"] for t in range(n)] for e in range(3)]
+  seven, eight = epochs(7), epochs(8)
+  assert all(a != b for a in seven for b in eight)
+  old_seven, old_eight = epochs(7, legacy=True), epochs(8, legacy=True)
+  assert old_seven[1:] == old_eight[:2]  # what the raw seeds did
+
+
+def test_a_data_position_saved_before_the_hashed_order_seeds_resumes_in_its_order(tiny_data,
+                                                                                  tmp_path):
+  """A one-shard data position file without the order mark (grain's state alone, as written
+  before) restores into the raw seed's order, exactly; a new one into the hashed order."""
+  c = _config(tiny_data)
+  old = pipeline.make_train_iterator(c)
+  old.set_state(old.get_state(), legacy_order=True)  # the order a run before the change read
+  new = pipeline.make_train_iterator(c)
+  assert any((a["inputs"] != b["inputs"]).any() for a, b in zip(_take(old, 3), _take(new, 3)))
+  handler = checkpoint.DataHandler()
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "shard-0-of-1.json").write_text(json.dumps(old.get_state()["0"]))
+  (tmp_path / "new").mkdir()
+  handler.save(tmp_path / "new", args=checkpoint.data_save_args(new))
+  assert checkpoint.ORDER_MARK in json.loads((tmp_path / "new" / "shard-0-of-1.json").read_text())
+  for name, it in (("old", old), ("new", new)):
+    expected, fresh = _take(it, 4), pipeline.make_train_iterator(c)
+    handler.restore(tmp_path / name, args=checkpoint.DataRestore(fresh))
+    _assert_same(expected, _take(fresh, 4))

@@ -335,8 +335,8 @@ def _check_rows(config, rows):
   return shards, range(start // per, stop // per)
 
 
-def train_dataset(config, shard: int = 0, num_shards: int = 1,
-                  num_epochs: int | None = None) -> grain.IterDataset:
+def train_dataset(config, shard: int = 0, num_shards: int = 1, num_epochs: int | None = None,
+                  legacy_order: bool = False) -> grain.IterDataset:
   """One logical data shard's batches (train.batch_size // num_shards rows each) from its own
   documents (every num_shards-th, from `shard`; of each source of a data.mixture, whose rows are
   mixed by weight: mixture.py); `num_epochs=None` repeats forever. The config is not validated
@@ -347,40 +347,44 @@ def train_dataset(config, shard: int = 0, num_shards: int = 1,
   bins = max(batch, _MIN_PACKING_BINS)
   sources = mixture_lib.sources(config)
   if not sources:
-    rows = _train_rows(config, config.seed, shard, num_shards, num_epochs, bins)
+    rows = _train_rows(config, config.seed, shard, num_shards, num_epochs, bins,
+                       legacy_order=legacy_order)
   else:
     parts = {src.name: _train_rows(src.config, mixture_lib.source_seed(config.seed, src.name),
                                    shard, num_shards, num_epochs, bins,
-                                   f"data.mixture source {src.name!r}: ").map(
+                                   f"data.mixture source {src.name!r}: ", legacy_order).map(
                                        mixture_lib.tag(src.index)) for src in sources}
     rows = grain.IterDataset.mix(parts, mixture_lib.grain_proportions(sources))
   return to_batches(rows, objectives.spec(config.data), batch)
 
 
 def _train_rows(config, seed: int, shard: int, num_shards: int, num_epochs, bins: int,
-                where: str = "") -> grain.IterDataset:
+                where: str = "", legacy_order: bool = False) -> grain.IterDataset:
   """One source's packed training rows of one data shard."""
-  docs = shard_documents(config, seed, shard, num_shards, num_epochs, where)
+  docs = shard_documents(config, seed, shard, num_shards, num_epochs, where, legacy_order)
   return packed_rows(_tokenize(docs, config), config, bins,
-                     seed=_order_seed(seed, shard, num_shards),
+                     seed=_order_seed(seed, shard, num_shards, legacy_order),
                      objective_seed=objectives.seed_for(seed, "train", shard))
 
 
 def shard_documents(config, seed: int, shard: int, num_shards: int, num_epochs=None,
-                    where: str = "") -> grain.MapDataset:
+                    where: str = "", legacy_order: bool = False) -> grain.MapDataset:
   """One data shard's training documents (every num_shards-th stored one), shuffled anew every
-  epoch. Each shard of several has its own order (a seed of its own): with one seed, shard k
-  read stored document S * pi(t) + k at step t, so stored neighbours always met in one batch.
-  A single shard keeps the config's seed."""
+  epoch, in an order of its own (_order_seed): with one seed, shard k read stored document
+  S * pi(t) + k at step t, so stored neighbours always met in one batch."""
   docs = _documents(config, "train")[shard::num_shards]
   if len(docs) == 0:
     raise ConfigError(f"{where}data.corpus={config.data.corpus!r} has fewer training documents "
                       f"than data shards ({num_shards})")
-  return docs.shuffle(seed=_order_seed(seed, shard, num_shards)).repeat(num_epochs)
+  return docs.shuffle(seed=_order_seed(seed, shard, num_shards, legacy_order)).repeat(num_epochs)
 
 
-def _order_seed(seed: int, shard: int, num_shards: int) -> int:
-  return seed if num_shards == 1 else objectives.seed_for(seed, "order", shard)
+def _order_seed(seed: int, shard: int, num_shards: int, legacy: bool = False) -> int:
+  """The seed of a shard's document order and packing: a hash of (seed, "order", shard). grain
+  seeds epoch e with seed + e, so the raw seed s that one shard used to take read in epoch 1
+  the order that seed s + 1 read in epoch 0 (a seed sweep's runs saw the same orders, one epoch
+  apart). `legacy`: the raw seed, for a one-shard position saved before (checkpoint.py)."""
+  return seed if legacy and num_shards == 1 else objectives.seed_for(seed, "order", shard)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -407,12 +411,12 @@ class ShardedBatches:
   """
 
   def __init__(self, config, num_shards: int, shards):
-    self.num_shards, self.shards = num_shards, list(shards)
+    self.num_shards, self.shards, self._config = num_shards, list(shards), config
     self.num_workers = config.data.num_workers
     self._iterators = [self._shard_iterator(config, k) for k in self.shards]
 
-  def _shard_iterator(self, config, shard):
-    ds = train_dataset(config, shard, self.num_shards)
+  def _shard_iterator(self, config, shard, legacy_order: bool = False):
+    ds = train_dataset(config, shard, self.num_shards, legacy_order=legacy_order)
     workers = config.data.num_workers
     if workers > 0:
       _ensure_absl_flags_parsed()
@@ -434,7 +438,9 @@ class ShardedBatches:
   def get_state(self) -> dict:
     return {str(k): it.get_state() for k, it in zip(self.shards, self._iterators)}
 
-  def set_state(self, state: dict) -> None:
+  def set_state(self, state: dict, legacy_order: bool = False) -> None:
+    """`legacy_order`: the position was saved before the order seeds were hashed (one shard's
+    order then followed the raw seed), and is restored into that order."""
     missing = [k for k in self.shards if str(k) not in state]
     if missing:
       raise ConfigError(f"the saved data position has no state for data shard(s) {missing} "
@@ -445,6 +451,10 @@ class ShardedBatches:
         raise ConfigError(f"the checkpoint's data position was saved with data.num_workers="
                           f"{saved}, this run uses {self.num_workers}: set "
                           f"--config.data.num_workers={saved} to resume exactly")
+      if legacy_order and self.num_shards == 1:
+        self.close()
+        self._iterators = [self._shard_iterator(self._config, k, legacy_order=True)]
+        it = self._iterators[0]
       try:
         it.set_state(state[str(k)])
       except (KeyError, TypeError) as e:  # Another pipeline's state (e.g. data.packing changed).

@@ -73,21 +73,27 @@ def _out_of_memory(e: BaseException) -> bool:
   return any(isinstance(c, MemoryError) or "out of memory" in str(c).lower() for c in _chain(e))
 
 
+ORDER_MARK = "order_seed"  # in a data position file: its shard's order seed is hashed
+
+
 class DataHandler(grain.checkpoint.CheckpointHandler):
   """The data position as one JSON file per logical data shard (`shard-K-of-S.json`), written by
   the first process that reads shard K. Any set of processes that reads all S shards restores
   it, whatever their number; a different S is refused. Checkpoints from before data shards
-  (grain's `process_I-of-N.json`, one process per shard) still restore."""
+  (grain's `process_I-of-N.json`, one process per shard) still restore, and a file without
+  ORDER_MARK (grain's state alone, from before the hashed order seeds) restores into the order
+  it indexes."""
 
   def save(self, directory, item=None, args=None):
     del item
     for k, state in args.states.items():
-      (directory / f"shard-{k}-of-{args.num_shards}.json").write_text(json.dumps(state, indent=1))
+      (directory / f"shard-{k}-of-{args.num_shards}.json").write_text(
+          json.dumps({ORDER_MARK: "hashed", "grain": state}, indent=1))
 
   def restore(self, directory, item=None, args=None):
     del item
     it = args.item
-    states = {}
+    states, legacy = {}, False
     for k in it.shards:
       path = directory / f"shard-{k}-of-{it.num_shards}.json"
       if not path.exists():
@@ -98,8 +104,13 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
         raise ConfigError(f"the checkpoint's data position was saved with data.shards="
                           f"{'/'.join(saved) or '?'}, this run uses {it.num_shards}: set "
                           f"--config.data.shards={saved[0] if saved else '...'} to resume exactly")
-      states[str(k)] = json.loads(path.read_text())
-    it.set_state(states)
+      saved = json.loads(path.read_text())
+      if isinstance(saved, dict) and ORDER_MARK in saved:
+        saved = saved["grain"]
+      else:  # written before the order seeds were hashed (pipeline._order_seed)
+        legacy = True
+      states[str(k)] = saved
+    it.set_state(states, legacy_order=legacy)
     return it
 
 
