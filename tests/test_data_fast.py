@@ -290,3 +290,8 @@ def test_a_data_position_saved_before_the_hashed_order_seeds_resumes_in_its_orde
     expected, fresh = _take(it, 4), pipeline.make_train_iterator(c)
     handler.restore(tmp_path / name, args=checkpoint.DataRestore(fresh))
     _assert_same(expected, _take(fresh, 4))
+    (tmp_path / "again").mkdir(exist_ok=True)  # saved again (unmarked if old) and restored
+    handler.save(tmp_path / "again", args=checkpoint.data_save_args(fresh))
+    expected, again = _take(fresh, 3), pipeline.make_train_iterator(c)
+    handler.restore(tmp_path / "again", args=checkpoint.DataRestore(again))
+    _assert_same(expected, _take(again, 3))

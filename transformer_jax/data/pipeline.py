@@ -412,6 +412,7 @@ class ShardedBatches:
 
   def __init__(self, config, num_shards: int, shards):
     self.num_shards, self.shards, self._config = num_shards, list(shards), config
+    self.legacy_order = False  # restored into the order from before the hashed seeds
     self.num_workers = config.data.num_workers
     self._iterators = [self._shard_iterator(config, k) for k in self.shards]
 
@@ -451,10 +452,10 @@ class ShardedBatches:
         raise ConfigError(f"the checkpoint's data position was saved with data.num_workers="
                           f"{saved}, this run uses {self.num_workers}: set "
                           f"--config.data.num_workers={saved} to resume exactly")
-      if legacy_order and self.num_shards == 1:
+      if legacy_order != self.legacy_order and self.num_shards == 1:
         self.close()
-        self._iterators = [self._shard_iterator(self._config, k, legacy_order=True)]
-        it = self._iterators[0]
+        self._iterators = [self._shard_iterator(self._config, k, legacy_order)]
+        self.legacy_order, it = legacy_order, self._iterators[0]
       try:
         it.set_state(state[str(k)])
       except (KeyError, TypeError) as e:  # Another pipeline's state (e.g. data.packing changed).

@@ -87,8 +87,9 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
   def save(self, directory, item=None, args=None):
     del item
     for k, state in args.states.items():
-      (directory / f"shard-{k}-of-{args.num_shards}.json").write_text(
-          json.dumps({ORDER_MARK: "hashed", "grain": state}, indent=1))
+      if not args.legacy_order:
+        state = {ORDER_MARK: "hashed", "grain": state}
+      (directory / f"shard-{k}-of-{args.num_shards}.json").write_text(json.dumps(state, indent=1))
 
   def restore(self, directory, item=None, args=None):
     del item
@@ -119,6 +120,7 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
 class DataSave(ocp.args.CheckpointArgs):
   states: dict[str, Any]  # shard -> grain state, only the shards this process writes
   num_shards: int
+  legacy_order: bool = False  # a position in the order from before the hashed seeds: no mark
 
 
 @ocp.args.register_with_handler(DataHandler, for_restore=True)
@@ -132,7 +134,8 @@ def data_save_args(iterator, writes=None) -> DataSave:
   `writes` (default: all of this process's shards)."""
   state = iterator.get_state()
   writes = iterator.shards if writes is None else writes
-  return DataSave({str(k): state[str(k)] for k in writes}, iterator.num_shards)
+  return DataSave({str(k): state[str(k)] for k in writes}, iterator.num_shards,
+                  iterator.legacy_order)
 
 
 def require_step(workdir: str, steps: list, step, quantized: bool = False) -> None:
