@@ -150,8 +150,13 @@ def test_iter_documents_formats(corpus_dir):
   assert [t for _, t in jsonl] == ["alpha beta", "gamma", "delta"]
 
 
-def test_a_lone_surrogate_escape_in_jsonl_reads_as_invalid_utf8(tmp_path):
-  """Half a surrogate pair ("\\ud83d", no UTF-8 encoder takes it) reads as U+FFFD."""
+def test_a_lone_surrogate_escape_reads_as_invalid_utf8_and_a_byte_order_mark_as_nothing(tmp_path):
+  """Half a surrogate pair ("\\ud83d", no UTF-8 encoder takes it) reads as U+FFFD; a file's
+  leading BOM is no text (a JSONL file's first line did not parse)."""
+  for fmt, data, want in (("jsonl", b'{"text": "x"}\n', ["x"]), ("lines", b"x\r\ny", ["x", "y"]),
+                          ("text", b"x y", ["x y"])):
+    (tmp_path / f"b.{fmt}").write_bytes(b"\xef\xbb\xbf" + data)
+    assert [t for _, t in corpus_lib.iter_documents(str(tmp_path / f"b.{fmt}"), fmt)] == want
   (tmp_path / "s.jsonl").write_text('{"text": "a \\ud83d b"}\n{"text": "c \\ud83d\\ude00"}\n')
   skipped = corpus_lib.SkipCounts()
   docs = list(corpus_lib.iter_documents(str(tmp_path / "s.jsonl"), "jsonl", skipped=skipped))
@@ -335,7 +340,8 @@ def test_tfds_builder(corpus_dir, tmp_path, pattern, fmt, num_docs):
 
 
 @pytest.mark.parametrize("fraction", [0.3, 1e-9, 1 - 1e-9])
-def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch, fraction):
+def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch, capsys,
+                                                         fraction):
   """Pieces of a long document are one document for the split: all on one side (each piece
   hashed alone put 49 pieces of a book in train and 8 in validation), also where no hash is
   under the fraction (the smallest-hash book is held out) or every one is (the largest-hash
@@ -360,6 +366,7 @@ def test_a_long_document_is_held_out_whole_or_not_at_all(tmp_path, monkeypatch, 
   hashes = {b: tfds_text.doc_hash(b) for b in books["train"] | books["validation"]}
   if fraction < 0.01:
     assert list(books["validation"]) == [min(hashes, key=hashes.get)]
+  assert ("the one of smallest hash is held out" in capsys.readouterr().out) == (fraction < 0.01)
   if fraction > 0.99:
     assert list(books["train"]) == [max(hashes, key=hashes.get)]
 

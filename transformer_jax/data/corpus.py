@@ -144,8 +144,17 @@ def _decode(data: bytes) -> str:
   return data.decode("utf-8", errors="replace")
 
 
+def _open(path: str):
+  """The file in binary mode, past a leading UTF-8 byte-order mark (not text: kept, it began
+  the first document with U+FEFF, and a JSONL file's first line did not parse)."""
+  f = open(path, "rb")  # pylint: disable=consider-using-with
+  if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+    f.seek(0)
+  return f
+
+
 def _text_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
-  with open(file.path, "rb") as f:
+  with _open(file.path) as f:
     yield from _pieces(file.name, _decoded(iter(lambda: f.read(_READ_BYTES), b"")))
 
 
@@ -193,14 +202,14 @@ def _cut(text: str, start: int) -> int:
 
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
   """(1-based line number, line without its line ending) for each line of a file."""
-  with open(path, "rb") as f:
+  with _open(path) as f:
     for lineno, raw in enumerate(f, start=1):
       yield lineno, _decode(raw.rstrip(b"\r\n"))
 
 
 def _line_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
   """Each line as a document (pieces of a long one), read in blocks: never a whole long line."""
-  with open(file.path, "rb") as f:
+  with _open(file.path) as f:
     for lineno, first in enumerate(iter(lambda: f.readline(_READ_BYTES), b""), start=1):
       yield from _pieces(f"{file.name}:{lineno}", _decoded(_line_blocks(f, first)))
 
@@ -334,7 +343,7 @@ def function_pairs(name: str, text: str) -> Iterator[tuple[str, str, str]] | Non
 
 
 def _function_pairs(file: CorpusFile, counts: SkipCounts) -> Iterator[tuple[str, str, str]]:
-  with open(file.path, "rb") as f:
+  with _open(file.path) as f:
     text = _decode(f.read())
   pairs = function_pairs(file.name, text)
   if pairs is None:

@@ -176,7 +176,8 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       last = document
     if num_docs == 0:
       raise ConfigError(f"data.corpus={self.builder_config.corpus!r} holds no non-empty documents")
-    if not held_out and num_docs >= 2 and fraction > 0:
+    fallback = not held_out and num_docs >= 2 and fraction > 0
+    if fallback:
       held_out = first
     held_docs = {corpus_lib.document_of(i) for i, _ in held_out}
     if len(held_docs) == num_docs:  # Keep at least one training document.
@@ -189,7 +190,10 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           f"{skipped.binary_files} binary files and {skipped.empty_docs} empty documents; "
           f"{skipped.invalid_utf8_docs} documents had invalid UTF-8 (replaced by U+FFFD)"
           + (f"; {skipped.unparsable_files} Python files did not parse"
-             if skipped.unparsable_files else ""), flush=True)
+             if skipped.unparsable_files else "")
+          + (f"; no document hashed under data.validation_fraction={fraction}, so the one of "
+             f"smallest hash is held out (a document added later may take its place)"
+             if fallback else ""), flush=True)
     return held_out
 
   def _split_generators(self, dl_manager):

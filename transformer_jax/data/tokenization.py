@@ -2,9 +2,9 @@
 
 The model keeps text exactly: identity normalization, no dummy prefix, no whitespace
 collapsing, so `decode(encode(x)) == x` for any string, tabs, runs of spaces and blank lines
-included. Runs of spaces (indentation) may become single pieces and pieces may contain
-newlines; characters outside the learned alphabet fall back to their UTF-8 bytes, so nothing
-is ever <unk>. Special ids: pad=0, unk=1, bos=2, eos=3.
+included, but for U+2581 ("▁"): SentencePiece's own mark for a space, it decodes as " ". Runs
+of spaces (indentation) may become single pieces and pieces may contain newlines; characters
+outside the learned alphabet fall back to their UTF-8 bytes, so nothing is ever <unk>. Special ids: pad=0, unk=1, bos=2, eos=3.
 
 Pretraining objectives other than causal LM need extra pieces, added at training time with
 `special` (`--special=` on the command line, a comma-separated list of groups):
