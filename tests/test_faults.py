@@ -197,6 +197,23 @@ def test_a_resume_from_a_save_between_log_steps_logs_the_uninterrupted_rows(tiny
     assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
 
 
+def test_a_diverged_run_stops_after_max_anomalies_in_a_row(tiny_data, tmp_path, poison, capsys):
+  """skip went on to the last step of a run whose every update was refused (NaN metrics, and
+  checkpoints of the broken state); train.max_anomalies_in_a_row stops it at the first check
+  past the limit, and each check says its refused updates in one line."""
+  poison(set(range(7, 20)) - {8})  # a good step (8) starts the count again
+  config = _config(tiny_data, **{"train.max_anomalies_in_a_row": 6})
+  with pytest.raises(AnomalyError, match=r"^6 updates in a row were not applied \(non-finite "
+                                         r"loss or gradient, last at step 15\): the run has "
+                                         r"diverged\. Resume from .*max_anomalies_in_a_row=6"):
+    loop.train(config, str(tmp_path), quiet=False, devices=ONE())
+  said = capsys.readouterr().out
+  assert "2 update(s) not applied (non-finite loss or gradient) at step(s) 8, 10; " in said
+  assert "5 update(s) not applied (non-finite loss or gradient) at step(s) 11, 12, 13, 14, 15; " \
+      "train.on_anomaly=skip" in said
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [5, 10]
+
+
 def test_abort_policy_stops_with_a_clear_message(tiny_data, tmp_path, poison):
   config = _config(tiny_data, **{"train.on_anomaly": "abort"})
   poison({2})

@@ -50,6 +50,7 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "optimizer.weight_decay", "optimizer.grad_clip", "eval.every_steps",
                 "checkpoint.keep_period", "train.z_loss",
                 "train.spike_factor", "train.spike_warmup_steps", "data.num_workers",
+                "train.max_anomalies_in_a_row",
                 "data.shards", "data.target_len", "model.num_decoder_layers",
                 "model.type_vocab_size", "model.query_scale", "train.label_smoothing",
                 "mesh.cpu_devices", "model.attention_window", "model.rope_original_max_len",

@@ -268,6 +268,9 @@ def _train():
   t.on_anomaly = "skip"  # skip (go on with the next batch) | rollback | abort
   t.spike_factor = 0.0  # > 0: loss > spike_factor * (running mean of loss) is a spike; 0 = off
   t.spike_warmup_steps = 100  # no spike checks before this step (the running mean settles)
+  # This many refused updates in a row stop the run (AnomalyError) under skip and rollback too:
+  # a diverged run refuses every update. 0 = no limit.
+  t.max_anomalies_in_a_row = 10
   # Knowledge distillation (training/distill.py): teacher = a training workdir of ours or a
   # Hugging Face directory with the student's family and tokenizer ("" = none). The objective is
   # alpha * the usual loss + (1 - alpha) * temperature^2 * KL(teacher || student) of the

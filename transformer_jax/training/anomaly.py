@@ -11,10 +11,13 @@ class AnomalyError(RuntimeError):
 
 class Guard:
   """Collects each step's on-device anomaly flags without a host sync, and reads them only when
-  the loop is about to log or save (`check`), so nothing is saved past an unchecked step."""
+  the loop is about to log or save (`check`), so nothing is saved past an unchecked step.
+  `limit` > 0: that many refused updates in a row stop the run under any policy (a diverged
+  run refuses every update, and skip or rollback would go on to the last step)."""
 
-  def __init__(self, policy: str, writer):
-    self.policy, self.writer, self._flags = policy, writer, []
+  def __init__(self, policy: str, writer, say=print, limit: int = 0):
+    self.policy, self.writer, self.say, self.limit = policy, writer, say, limit
+    self._flags, self.in_a_row = [], 0
 
   def track(self, step: int, metrics: dict):
     self._flags.append((step, metrics["nonfinite"], metrics["spike"]))
@@ -23,10 +26,15 @@ class Guard:
     self._flags = []
 
   def check(self, directory: str) -> list[dict]:
-    """The anomalies since the last check, each logged as an event; raises AnomalyError under
-    the abort policy. Returns the events (for `rollback`)."""
-    events = [{"batch": int(s), "reason": "non-finite loss or gradient" if nf else "loss spike"}
-              for s, nf, sp in jax.device_get(self._flags) if nf or sp]
+    """The anomalies since the last check, each logged as an event and said in one line;
+    raises AnomalyError under the abort policy, or past `limit` in a row. Returns the events
+    (for `rollback`)."""
+    events = []
+    for s, nf, sp in jax.device_get(self._flags):
+      self.in_a_row = self.in_a_row + 1 if nf or sp else 0
+      if nf or sp:
+        events.append({"batch": int(s), "reason": "non-finite loss or gradient" if nf
+                       else "loss spike"})
     self._flags = []
     for ev in events:
       self.writer.write(ev["batch"] + 1, dict(ev, event="anomaly", policy=self.policy))
@@ -35,6 +43,15 @@ class Guard:
           f"{events[0]['reason']} at step {events[0]['batch'] + 1} (batch "
           f"{events[0]['batch']} of the data order); update not applied. Resume from "
           f"{directory} with a lower learning rate, or set train.on_anomaly=skip")
+    if events:
+      steps = ", ".join(str(e["batch"] + 1) for e in events[:8]) + ", ..." * (len(events) > 8)
+      self.say(f"{len(events)} update(s) not applied ({events[-1]['reason']}) at step(s) "
+               f"{steps}; train.on_anomaly={self.policy}")
+    if self.limit and self.in_a_row >= self.limit:
+      raise AnomalyError(
+          f"{self.in_a_row} updates in a row were not applied ({events[-1]['reason']}, last at "
+          f"step {events[-1]['batch'] + 1}): the run has diverged. Resume from {directory} with "
+          f"a lower learning rate (train.max_anomalies_in_a_row={self.limit}; 0 = no limit)")
     return events if self.policy == "rollback" else []
 
 

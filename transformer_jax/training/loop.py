@@ -76,7 +76,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         f"(data.validation_fraction={c.data.validation_fraction}): no eval_loss")
   writer = metrics_lib.Writer(workdir, enabled=lead, resume_step=start, wandb_config=c,
                               still_ours=getattr(still_ours, "mine", None))
-  meter, guard = throughput.Meter(trainer, state.params), anomaly.Guard(c.train.on_anomaly, writer)
+  meter = throughput.Meter(trainer, state.params)
+  guard = anomaly.Guard(c.train.on_anomaly, writer, say, c.train.max_anomalies_in_a_row)
   say(f"workdir {paths.abspath(workdir)}: {meter.matmul_params:,} matmul params, "
       f"{jax.device_count()} devices, mesh {dict(trainer.mesh.shape)}, peak {meter.peak_source}")
   _say_epochs(c, say, lead and not quiet)
