@@ -18,7 +18,8 @@ config's family + torch AdamW (clip 1.0), eager and/or under torch.compile (perf
 dtype policy, attention and optimizer kernels of each side), each in a worker process of its own,
 interleaved with ours round by round so machine noise hits all alike; the JSON gains, per peer,
 PEER_tokens_per_s, PEER_mfu (our formula), PEER_params, PEER_warmup_s and ratio_vs_PEER (ours /
-theirs, medians).
+theirs, medians); a peer that fails (e.g. out of memory beside ours) is dropped and its error
+is PEER_error, so our own figures and profile still come out.
 
 A baseline of our own step runs interleaved as well when asked for: --baseline="KEY=VALUE;..."
 overrides config keys for it (e.g. "model.attention_chunks=1"), and --reference_ops=OP,... (or
@@ -263,7 +264,10 @@ class Worker:
     return self._read()
 
   def close(self):
-    self.proc.stdin.close()
+    try:
+      self.proc.stdin.close()
+    except BrokenPipeError:  # it exited already
+      pass
     self.proc.wait(timeout=60)
 
 
@@ -342,7 +346,12 @@ def main(argv):
 def _time_training(config, baseline_config, f, argv, reference_ops, baseline_overrides) -> dict:
   """The default mode: our train step (and a baseline's, and Hugging Face's with --compare)
   timed in interleaved rounds; the report's dict."""
-  peers = [Worker(k, argv) for k in f["compare"]]  # first: they must not share our memory
+  peers, failed = [], {}  # built first: they must not share our memory
+  for kind in f["compare"]:
+    try:
+      peers.append(Worker(kind, argv))
+    except (ConfigError, ValueError, OSError) as e:  # (e.g. out of memory): ours still count
+      failed[kind] = str(e)
   ours = JaxRunner(config)
   if peers and ours.jax.device_count() > 1:
     for p in peers:
@@ -359,8 +368,14 @@ def _time_training(config, baseline_config, f, argv, reference_ops, baseline_ove
     if baseline:
       ref_t += baseline.time_steps(f["steps"])
       line += f", baseline {statistics.median(ref_t):.4f}s/step"
-    for p in peers:
-      theirs_t[p.kind] += p.time_steps(f["steps"])
+    for p in list(peers):
+      try:
+        theirs_t[p.kind] += p.time_steps(f["steps"])
+      except (ConfigError, ValueError, OSError) as e:  # a peer failing mid-run: dropped, said
+        failed[p.kind] = str(e)
+        peers.remove(p)
+        p.close()
+        continue
       line += f", {p.kind} {statistics.median(theirs_t[p.kind]):.4f}s/step"
     print(line, flush=True)
   for p in peers:
@@ -381,6 +396,7 @@ def _time_training(config, baseline_config, f, argv, reference_ops, baseline_ove
     out.update(_matmul_floor(ours, step))
   if f["profile"]:
     out["profile"] = _profile(ours, f["steps"], f["profile_dir"])
+  out.update({f"{kind}_error": error for kind, error in failed.items()})
   for p in peers:  # the same MFU formula on both sides
     peer_tps = tokens / statistics.median(theirs_t[p.kind])
     out.update({f"{p.kind}_tokens_per_s": round(peer_tps, 1),
