@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The second prepared GPU measurement (issue 24), for a later lease than gpu_h200.sh's: which XLA
 # GPU flags, and which attention kernel, help the GPT-2 small step (124M, 1024 tokens, batch 32,
-# bf16). One benchmark process per row, each with its own XLA_FLAGS and timeout, the flags added
-# to JAX's defaults one at a time; every row's JSON (tokens/s, MFU, compile_s, and the step's
-# device time by kernel class from --profile) goes to one file.
+# bf16). One benchmark process per row, each a step of its own (its XLA_FLAGS, its timeout, its
+# file OUT/05_rowN.txt: tokens/s, MFU, compile_s, and the step's device time by kernel class
+# from --profile), the flags added to JAX's defaults one at a time, most likely to matter
+# first. The rows left when DEADLINE (570 s) nears are skipped: ROWS_FROM=N starts at row N (a
+# second lease finishes the table).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_flags.sh          # ~10 minutes on an H200
+#   OUT=/tmp/out bash benchmarks/gpu_flags.sh          # ~10 minutes on an H200 (two leases)
 #   OUT=/tmp/out SMOKE=1 bash benchmarks/gpu_flags.sh  # tiny shapes on CPU (the GPU flags are
 #                                                      # parsed there too)
+# (--profile runs op by op, without command buffers: XLA's default while profiling, so its idle
+# and span describe such a step; tokens/s and MFU are of the timed steps, with them.)
+[[ -n "${SMOKE:-}" ]] && : "${DEADLINE:=1500}"
 # shellcheck source=benchmarks/_gpu_steps.sh
 . "$(dirname "${BASH_SOURCE[0]}")/_gpu_steps.sh"
 
@@ -16,30 +21,26 @@ if [[ -n "${SMOKE:-}" ]]; then
 else
   MODEL=(configs/gpt2.py:small --config.model.dtype=bfloat16 --config.data.seq_len=1024
          --config.train.batch_size=32 --config.model.vocab_size=50304)
-  IMPL=cudnn STEPS=10 ROUNDS=2 LIMIT=150
+  IMPL=cudnn STEPS=10 ROUNDS=2 LIMIT=180
 fi
-ROWS=(
-  "defaults|"
-  "latency hiding scheduler|--xla_gpu_enable_latency_hiding_scheduler=true"
-  "no command buffers|--xla_gpu_enable_command_buffer="
-  "no Triton GEMM|--xla_gpu_enable_triton_gemm=false"
-  "autotune level 0|--xla_gpu_autotune_level=0"
-  "while-loop double buffering (scanned layers)|--xla_gpu_enable_while_loop_double_buffering=true"
+SCAN=--config.model.scan_layers=true
+ROWS=(  # name|XLA_FLAGS|extra config flags
+  "defaults||"
+  "no Triton GEMM|--xla_gpu_enable_triton_gemm=false|"
+  "latency hiding scheduler|--xla_gpu_enable_latency_hiding_scheduler=true|"
+  "no command buffers|--xla_gpu_enable_command_buffer=|"
+  "autotune level 0|--xla_gpu_autotune_level=0|"
+  "defaults, attention_impl=xla||--config.model.attention_impl=xla"
+  "defaults, scanned layers||$SCAN"
+  "double buffering, scanned layers|--xla_gpu_enable_while_loop_double_buffering=true|$SCAN"
 )
-run_rows() {
-  for row in "${ROWS[@]}"; do
-    local name="${row%%|*}" flags="${row#*|}"
-    echo "## $name: XLA_FLAGS=$flags"
-    # (benchmark compiles cold, without the persistent cache: each row reports its own compile)
-    XLA_FLAGS="$flags" timeout --kill-after=10 "$LIMIT" "$PY" -m transformer_jax.benchmark \
-      --config="${MODEL[0]}" "${MODEL[@]:1}" --config.model.attention_impl="$IMPL" \
-      --steps="$STEPS" --rounds="$ROUNDS" --profile 2>&1 | tail -1
-  done
-  echo "## defaults, attention_impl=xla"
-  timeout --kill-after=10 "$LIMIT" "$PY" -m transformer_jax.benchmark --config="${MODEL[0]}" \
-    "${MODEL[@]:1}" --config.model.attention_impl=xla --steps="$STEPS" --rounds="$ROUNDS" \
-    --profile 2>&1 \
-    | tail -1
-}
-step 05_xla_flags $((LIMIT * 8)) bash -c "$(declare -p ROWS MODEL IMPL STEPS ROUNDS LIMIT PY \
-  TJAX_CACHE_DIR); $(declare -f run_rows); run_rows"
+for ((i = ${ROWS_FROM:-0}; i < ${#ROWS[@]}; i++)); do
+  IFS="|" read -r name flags extra <<< "${ROWS[$i]}"
+  # (benchmark compiles cold, without the persistent cache: each row reports its own compile)
+  # shellcheck disable=SC2086  # $extra: zero or one flag
+  step "05_row$i" "$LIMIT" env XLA_FLAGS="$flags" "$PY" -m transformer_jax.benchmark \
+    --config="${MODEL[0]}" "${MODEL[@]:1}" \
+    $([[ "$extra" == *attention_impl* ]] || echo "--config.model.attention_impl=$IMPL") $extra \
+    --steps="$STEPS" --rounds="$ROUNDS" --profile
+  sed -i "1i ## row $i, $name: XLA_FLAGS=$flags $extra" "$OUT/05_row$i.txt"
+done

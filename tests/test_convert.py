@@ -24,6 +24,8 @@ from transformer_jax.config import ConfigError
 from transformer_jax.convert.hf import from_hf, hf_forward, to_hf
 from transformer_jax.convert import __main__ as convert_cli
 from transformer_jax.convert import hf as hf_lib
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tokenization
 from transformer_jax.training import loop
 
 TOL = 1e-4  # fp32 logits, ours vs transformers'
@@ -247,6 +249,16 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
     assert np.array_equal(exported[name][:len(value)], value) and not rest.any(), name
   assert exported["lm_head.weight"].shape == (300, 64)
   assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 300
+  # The workdir's SentencePiece tokenizer went along as a tokenizer.json with the same ids
+  ours, back = tokenization.load(config.data.tokenizer), tokenization.load(out)
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])][:60] + [
+      "  x\t\n\u2581y 日本 😀 <s></s> [MASK]", "a\r\n\n   b"]
+  for text in texts:
+    ids = ours.encode(text)
+    assert theirs.encode(text, add_special_tokens=False) == back.encode(text) == ids, text
+    assert theirs.encode(text)[:1] == [ours.bos_id] and theirs.decode(ids) == ours.decode(ids)
+  assert (back.bos_id, back.eos_id, back.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
   # The 2 steps trained from the imported weights: a random re-initialisation would be ~0.1 away.
   _, imported = from_hf(path, vocab_size=320, scan_layers=True)
   drift = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
@@ -472,11 +484,9 @@ def test_bert_t5_inputs_and_configs_are_checked(hf_seq_ckpt, tmp_path):
 
 def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_path):
   """The import/export commands for the sequence families (objective picked from the family)."""
-  from transformer_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenization as tokenizer_lib  # pylint: disable=g-import-not-at-top
   family, path, ref = hf_seq_ckpt
   texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
-  tok = tokenizer_lib.train(texts, 400, str(tmp_path / "tok.model"), special="mask,sentinels:100")
+  tok = tokenization.train(texts, 400, str(tmp_path / "tok.model"), special="mask,sentinels:100")
   workdir, out = str(tmp_path / "w"), str(tmp_path / "hf")
   overrides = tiny_overrides(tiny_data, **{"data.tokenizer": tok, "model.max_len": 64,
                                            "model.vocab_size": 448})
@@ -485,12 +495,12 @@ def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_
   config = config_lib.from_json_file(f"{workdir}/config.json")
   assert (config.model.family, config.data.objective, config.model.vocab_size) == (
       {"bert": ("encoder", "mlm", 448), "t5": ("encdec", "span", 448)}[family])
-  pieces = tokenizer_lib.load(tok).vocab_size  # more than the checkpoint's 100: they train
+  pieces = tokenization.load(tok).vocab_size  # more than the checkpoint's 100: they train
   assert config.model.output_vocab == (pieces if pieces < 448 else 0)
   convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out])
   if family == "t5":  # the decoder start this workdir trains with (its tokenizer's bos), not 0
     written = json.loads(open(f"{out}/config.json").read())
-    assert written["decoder_start_token_id"] == tokenizer_lib.load(tok).bos_id == 2
+    assert written["decoder_start_token_id"] == tokenization.load(tok).bos_id == 2
   original, exported = load_file(f"{path}/model.safetensors"), load_file(f"{out}/model.safetensors")
   for name, value in original.items():  # The first 100 vocabulary rows are the checkpoint's.
     np.testing.assert_array_equal(exported[name][tuple(slice(0, n) for n in value.shape)], value,

@@ -14,9 +14,11 @@ valid (corpus, and data.tokenizer with at most model.vocab_size pieces; BERT's o
 needs its [MASK] piece, T5's span its sentinels). A checkpoint directory with a tokenizer.json
 has it copied to OUT/tokenizer/ and data.tokenizer pointed there (unless --config.data.tokenizer
 says otherwise), so continued pretraining feeds the model the ids it knows; `export` copies such
-a tokenizer along. `--family` defaults to
-config.json's model_type. `export` writes the latest (or --step) checkpoint's parameters as
-model.safetensors + config.json + generation_config.json. Flags also take `--flag value`.
+a tokenizer along, and writes a SentencePiece model as the tokenizer.json and
+tokenizer_config.json that AutoTokenizer reads with the same ids (bos first with special tokens
+when data.add_bos). `--family` defaults to config.json's model_type. `export` writes the latest
+(or --step) checkpoint's parameters as model.safetensors + config.json +
+generation_config.json. Flags also take `--flag value`.
 
 Any of the directories may be gs:// URLs (config/paths.py): an HF directory in a bucket is read
 through a local temporary copy of its safetensors files and written locally, then uploaded (its
@@ -164,13 +166,31 @@ def export_hf(workdir, hf_dir, step=-1):
     checkpoint.require_step(workdir, ckpts.all_steps(), step)
     got, params = ckpts.restore_params(abstract, step=step)
   hf = _export_hf_config(workdir, config)
-  tokenizer = config.data.tokenizer
-  if tokenizer and paths.isdir(tokenizer):  # a Hugging Face tokenizer (an import's) goes along,
-    _copy_tokenizer(tokenizer, hf_dir)  # before config.json: a reader waiting for it has both
+  _export_tokenizer(config, hf_dir)  # before config.json: a reader waiting for it has both
   written = hf_lib.to_hf(model, params, hf_dir, family=hf.get("model_type", ""), hf_config=hf)
   print(f"exported step {got} of {workdir} as {written['model_type']} (vocabulary "
         f"{written['vocab_size']}) to {hf_dir}")
   return written
+
+
+def _export_tokenizer(config, hf_dir: str) -> None:
+  """A Hugging Face tokenizer (an import's, or a tokenizer.json) is copied with the files beside
+  it; a SentencePiece model is written as the tokenizer.json that encodes as it does."""
+  from transformer_jax.data import hf_tokenization  # pylint: disable=g-import-not-at-top
+  tokenizer = config.data.tokenizer
+  if not tokenizer:
+    return
+  if hf_tokenization.is_hf(tokenizer):
+    source = hf_tokenization.path_of(tokenizer)
+    if not _copy_tokenizer(paths.dirname(source), hf_dir):  # a .json of another name
+      paths.makedirs(hf_dir)
+      paths.write_text(paths.join(hf_dir, hf_tokenization.FILE), paths.read_text(source))
+    return
+  paths.makedirs(hf_dir)
+  files = hf_tokenization.from_sentencepiece(paths.path(tokenizer).read_bytes(),
+                                             config.data.add_bos, config.model.max_len)
+  for name, text in files.items():
+    paths.write_text(paths.join(hf_dir, name), text)
 
 
 def _export_hf_config(workdir, config) -> dict:

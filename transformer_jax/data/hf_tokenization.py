@@ -10,8 +10,9 @@ SentencePiece; the pipeline adds bos/eos where data.add_bos/add_eos say.
 bos, eos, pad and unk are those of tokenizer_config.json (or of an older layout's
 special_tokens_map.json) beside the file, as transformers reads them, else the special token
 its post-processor puts before the text (bos) or after it (eos: BERT's [CLS] and [SEP]), else
-the usual names among its special tokens; -1 where there is none. No id is assumed to be padding: packed rows mark padding with segment id 0 and weight 0,
-whatever token id fills it.
+the usual names among its special tokens; -1 where there is none. No id is assumed to be
+padding: packed rows mark padding with segment id 0 and weight 0, whatever token id fills it.
+`from_sentencepiece` writes our SentencePiece model as such a tokenizer (convert export).
 """
 
 import json
@@ -161,3 +162,42 @@ def load(path: str) -> HFTokenizer:
   """The tokenizer at `path` (tokenizer.json or its directory), with config_beside's special
   tokens."""
   return HFTokenizer(paths.read_text(path_of(path)), config_beside(path))
+
+
+def from_sentencepiece(model_proto: bytes, add_bos: bool, max_len: int) -> dict[str, str]:
+  """{file name: text}: a tokenizer.json and tokenizer_config.json that transformers'
+  AutoTokenizer (and `load`) read as the SentencePiece BPE model `model_proto` (ours: identity
+  normalization, no dummy prefix, byte fallback): a space is U+2581, the merges come in the
+  merged pieces' score order (ties as transformers' converter orders them), control pieces are
+  special tokens, and with `add_bos` encoding with special tokens puts bos first, as training
+  did. Encoding without them gives SentencePiece's ids (tests/test_convert.py)."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_proto=model_proto)
+  vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+  special = [i for i in vocab.values() if sp.is_control(i) or sp.is_unknown(i)]
+  normal = {p: i for p, i in vocab.items() if i not in special and not sp.is_byte(i)}
+  merges = sorted(((p[:k], p[k:], i) for p, i in normal.items() for k in range(1, len(p))
+                   if p[:k] in normal and p[k:] in normal),
+                  key=lambda m: (m[2], len(m[0]), len(m[1]), vocab[m[0]], vocab[m[1]]))
+  models, decoders = tokenizers.models, tokenizers.decoders
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[m[:2] for m in merges],
+                                        unk_token=sp.id_to_piece(sp.unk_id()),
+                                        byte_fallback=True))
+  tok.normalizer = tokenizers.normalizers.Replace(" ", "\u2581")
+  tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                          for i in special])
+  roles = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
+  config = {f"{role}_token": sp.id_to_piece(i) for role, i in roles.items() if i >= 0}
+  if add_bos and sp.bos_id() >= 0:
+    bos = sp.id_to_piece(sp.bos_id())
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, sp.bos_id())])
+  if "[MASK]" in vocab:
+    config["mask_token"] = "[MASK]"
+  # a control piece's name in the text is text (as SentencePiece and training read it), and
+  # decoding keeps spaces before punctuation
+  config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_len,
+                split_special_tokens=True, clean_up_tokenization_spaces=False)
+  return {FILE: tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1)}

@@ -142,15 +142,32 @@ def quiet_fd2():
       os.close(saved)
 
 
+def cuda_plugin() -> int | None:
+  """The CUDA major version of JAX's installed CUDA plugin (jax_plugins.xla_cuda12 or 13)."""
+  for major in (12, 13):
+    try:
+      if importlib.util.find_spec(f"jax_plugins.xla_cuda{major}") is not None:
+        return major
+    except ModuleNotFoundError:  # no jax_plugins package at all
+      return None
+  return None
+
+
 def gpu_target_config(gpu: Gpu) -> str:
   """The GpuTargetConfig text XLA compiles against when no GPU is present. The cuDNN and CUDA
-  runtime versions are those of the installed NVIDIA wheels (the `gpu` extra), else 9.8 / 12.8."""
-  def version(package, default):
-    try:
-      return tuple(int(v) for v in importlib.metadata.version(package).split(".")[:2])
-    except importlib.metadata.PackageNotFoundError:
-      return default
-  dnn, runtime = version("nvidia-cudnn-cu12", (9, 8)), version("nvidia-cuda-runtime-cu12", (12, 8))
+  runtime versions are those of the NVIDIA wheels for the plugin's CUDA (the `gpu` extra: cu12),
+  else 9.8 / 12.8."""
+  cuda = cuda_plugin() or 12
+  def version(packages, default):
+    for package in packages:
+      try:
+        return tuple(int(v) for v in importlib.metadata.version(package).split(".")[:2])
+      except importlib.metadata.PackageNotFoundError:
+        pass
+    return default
+  dnn = version([f"nvidia-cudnn-cu{cuda}"], (9, 8))
+  runtime = version([f"nvidia-cuda-runtime-cu{cuda}"] + ["nvidia-cuda-runtime"] * (cuda > 12),
+                    (12, 8))
   major, minor = gpu.compute_capability
   return f"""gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -170,7 +187,7 @@ device_description_str: "{gpu.description}"
 
 def topology_devices(topo: Topology, slices: int):
   if topo.platform == "cuda":
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if cuda_plugin() is None:
       raise ConfigError("JAX's CUDA plugin is not installed; GPU AOT checks need it: "
                         "pip install -e .[gpu] (or jax[cuda12-local])")
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
