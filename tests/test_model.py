@@ -152,11 +152,12 @@ def test_gpt2_init_scales_residual_projections():
   assert abs(std_out - 0.02 / np.sqrt(16)) < 0.001
 
 
-@pytest.mark.parametrize("dim", [8, 64, 10])
+@pytest.mark.parametrize("dim", [8, 64, 10, 33])
 def test_sinusoidal_positions_follow_their_formulas(dim):
   """paper: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d));
-  t2t: sin(pos * exp(-ln(10^4) i / (d/2 - 1))) for i < d/2, then the cosines. Loops over the
-  formulas, not the vectorised code."""
+  t2t: sin(pos * exp(-ln(10^4) i / (d/2 - 1))) for i < d/2, then the cosines, then a zero
+  channel for an odd d (tensor2tensor's padding; it was d - 1 wide, and the model's first
+  forward pass a traceback). Loops over the formulas, not the vectorised code."""
   from transformer_jax.models import layers  # pylint: disable=g-import-not-at-top
   positions = np.array([[0, 1, 2, 7, 100, 2047]])
   paper = np.zeros((6, dim))
@@ -168,7 +169,7 @@ def test_sinusoidal_positions_follow_their_formulas(dim):
       paper[p_i, j] = np.sin(angle) if j % 2 == 0 else np.cos(angle)
       k = j % (dim // 2)
       angle = pos * np.exp(-np.log(1e4) * k / (dim // 2 - 1))
-      t2t[p_i, j] = np.sin(angle) if j < dim // 2 else np.cos(angle)
+      t2t[p_i, j] = (np.sin(angle) if j < dim // 2 else np.cos(angle)) * (j < dim - dim % 2)
   for variant, want in (("paper", paper), ("t2t", t2t)):
     got = layers.sinusoidal(jnp.asarray(positions), dim, variant=variant)[0]
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)

@@ -174,7 +174,8 @@ def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0, variant: 
   """Sinusoidal positions [B, T, dim] at (per-segment) positions. "paper" (Vaswani et al. 2017,
   section 3.5): PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(same), interleaved.
   "t2t" (tensor2tensor's, which converted checkpoints use): frequencies
-  exp(-ln(10^4) i / (d/2 - 1)), the sines then the cosines."""
+  exp(-ln(10^4) i / (d/2 - 1)), the sines then the cosines (and a zero channel for an odd d, as
+  tensor2tensor's get_timing_signal_1d pads)."""
   if variant == "paper":
     inv = max_timescale ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
     angles = positions_BT[..., None].astype(jnp.float32) * inv[None, None]
@@ -183,7 +184,8 @@ def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0, variant: 
   half = dim // 2
   inv = jnp.exp(-math.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
   angles = positions_BT[..., None].astype(jnp.float32) * inv[None, None]
-  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  signal = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(signal, [(0, 0)] * (signal.ndim - 1) + [(0, dim % 2)])
 
 
 def rope_frequencies(c: ModelConfig, k: int, positions_BT):
