@@ -120,6 +120,25 @@ def test_sharded_equals_single_device(mesh):
   assert len(set(ref)) == len(ref)  # the steps really changed the parameters
 
 
+@pytest.mark.parametrize("kv_heads, mesh", [(1, (4, 2)), (2, (2, 4))])
+def test_fewer_key_value_heads_than_mesh_tensor_are_kept_whole_not_refused(kv_heads, mesh):
+  """MQA, or GQA under a wider mesh.tensor (Llama-70B's 8 KV heads on tensor 16): the key and
+  value projections stay whole on every device (their dimension used to be refused as not
+  divisible), the query heads are split; the steps equal one device's."""
+  overrides = [f"model.num_kv_heads={kv_heads}"]
+  batches = random_batches(tiny_config(*overrides), 3)
+  ref, ref_params = run_steps(tiny_config(*overrides), jax.devices()[:1], batches)
+  sharded = tiny_config(*overrides, f"mesh.data={mesh[0]}", f"mesh.tensor={mesh[1]}")
+  trainer = Trainer(sharded, sharding.make_mesh(sharded, jax.devices()[:8]))
+  attention = trainer.state_shardings.params["layer_0"]["attention"]
+  assert "tensor" not in str(attention["key"].spec) + str(attention["value"].spec)
+  assert "tensor" in str(attention["query"].spec)
+  got, params = run_steps(sharded, jax.devices()[:8], batches)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def _loop_all_reduces(trainer) -> int:
   """All-reduces inside the compiled train step's while loops (the microbatch scan's body)."""
   comps, _ = hlo.computations(trainer.lower_train_step().compile().as_text())

@@ -60,8 +60,11 @@ def hybrid_device_grid(ici: dict, dcn: dict, devices, split: bool = False) -> np
   return np.block(blocks.tolist())
 
 
-def rules(config):
-  """The rules table as a tuple of (logical name, mesh axes or None), checked against the mesh."""
+def rules(config, mesh=None):
+  """The rules table as a tuple of (logical name, mesh axes or None), checked against the mesh
+  axes. With `mesh`, kv_heads stays whole where its mesh axes do not divide the model's
+  key/value heads (MQA, or GQA under a wider mesh.tensor: every device holds every key/value
+  head, as the attention's activations already do: mesh_axes), instead of a refusal."""
   table = tuple((name, tuple(a) if isinstance(a, list) else a)
                 for name, a in config.sharding_rules)
   names = [name for name, _ in table]
@@ -78,6 +81,10 @@ def rules(config):
       if axis is not None and axis not in MESH_AXES:
         raise ConfigError(f"sharding_rules: rule for {name!r} names mesh axis {axis!r}; "
                           f"mesh axes are {', '.join(MESH_AXES)}")
+  if mesh is not None:
+    kv_heads = config.model.num_kv_heads or config.model.num_heads
+    table = tuple((name, None if name == "kv_heads" and kv_heads % math.prod(
+        mesh.shape[a] for a in _names(axes)) else axes) for name, axes in table)
   return table
 
 

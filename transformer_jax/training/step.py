@@ -237,7 +237,7 @@ class Trainer:
       self.batch_keys += (mixture.SOURCE_KEY,)
     self.model = families.build_model(c)
     self.tx, self.lr_schedule = optimizer.make(c.optimizer, c.train.steps)
-    self.rules = sharding.rules(c)
+    self.rules = sharding.rules(c, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self._row_groups = None
     self.teacher = distill.load(c, self.mesh, self.rules)
