@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
 from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 from transformer_jax.perf import hlo
@@ -137,6 +138,17 @@ def test_fewer_key_value_heads_than_mesh_tensor_are_kept_whole_not_refused(kv_he
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_vocabulary_mesh_tensor_does_not_divide_gets_the_padding_that_fixes_it():
+  odd = tiny_config("model.vocab_size=8191", "mesh.data=4", "mesh.tensor=2")
+  with pytest.raises(ConfigError, match=r"embed/tokens dim 8191 is not divisible by mesh axes "
+                                        r"tensor .*, or pad model.vocab_size to 8192 with "
+                                        r"model.output_vocab=8191"):
+    Trainer(odd, sharding.make_mesh(odd, jax.devices()[:8]))
+  padded = tiny_config("model.vocab_size=8192", "model.output_vocab=8191", "mesh.data=4",
+                       "mesh.tensor=2")
+  Trainer(padded, sharding.make_mesh(padded, jax.devices()[:8]))
 
 
 def _loop_all_reduces(trainer) -> int:

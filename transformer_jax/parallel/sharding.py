@@ -101,8 +101,9 @@ def shardings(abstract_tree, mesh, rule_table):
   return nn.logical_to_mesh_sharding(specs, mesh, rule_table)
 
 
-def check_divisible(abstract_tree, shardings_tree, mesh):
-  """Every sharded dimension must divide evenly; names the parameter and the rule if not."""
+def check_divisible(abstract_tree, shardings_tree, mesh, vocab_size: int = 0):
+  """Every sharded dimension must divide evenly; names the parameter and the rule if not (and,
+  for the vocabulary, the padding that fixes it)."""
   leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_tree))
   sh_leaves = jax.tree_util.tree_leaves(shardings_tree)
   for (path, leaf), sharding in zip(leaves, sh_leaves):
@@ -112,8 +113,11 @@ def check_divisible(abstract_tree, shardings_tree, mesh):
       size = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
       if dim % size:
         name = jax.tree_util.keystr(path, simple=True, separator="/")
+        pad = (f", or pad model.vocab_size to {-(-dim // size) * size} with "
+               f"model.output_vocab={dim} (the padded ids are never predicted)"
+               if dim == vocab_size else "")
         raise ConfigError(f"parameter {name} dim {dim} is not divisible by mesh axes {axes} "
-                          f"(size {size}); change the mesh or sharding_rules")
+                          f"(size {size}); change the mesh or sharding_rules{pad}")
 
 
 def batch_sharding(mesh, rule_table) -> NamedSharding:

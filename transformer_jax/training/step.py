@@ -243,7 +243,8 @@ class Trainer:
     self.teacher = distill.load(c, self.mesh, self.rules)
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     self.state_shardings = sharding.shardings(boxed, self.mesh, self.rules)
-    sharding.check_divisible(boxed.params, self.state_shardings.params, self.mesh)
+    sharding.check_divisible(boxed.params, self.state_shardings.params, self.mesh,
+                             c.model.vocab_size)
     self._stacked = jax.tree.map(  # a scanned stack's parameters: [layers, ...]
         lambda spec: len(spec) > 0 and spec[0] == "layers", nn.get_partition_spec(boxed.params),
         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
