@@ -220,7 +220,7 @@ def test_report_for_an_n_by_d_grid(tmp_path):
   assert fit["approach2"]["a"] is None and fit["approach3"]["constants"]["alpha"] == pytest.approx(
       0.34, rel=1e-4)
   paths = report.write(str(tmp_path), runs, fit, "grid.jsonl")
-  assert all(os.path.getsize(p) > 0 for p in paths) and len(paths) == 5
+  assert all(os.path.getsize(p) > 0 for p in paths) and len(paths) == 6
   assert "No exponents" in (tmp_path / "report.md").read_text()
 
 
@@ -252,6 +252,9 @@ def test_cli_fit_then_predict(tmp_path):
   report = (out / "report.md").read_text()
   assert "(isoflop.png)" in report and "| alpha |" in report
   assert len(json.loads((out / "fit.json").read_text())["approach2"]["budgets"]) == 5
+  again = _cli("fit", f"--runs={out / 'runs.jsonl'}", f"--out={out}", "--bootstrap=20",
+               "--seed=1")  # the runs written beside the report refit it exactly
+  assert json.loads(again.stdout.strip().splitlines()[-1]) == headline
 
   done = _cli("predict", f"--fit={out}", "--flops=1e21")
   assert done.returncode == 0, done.stderr

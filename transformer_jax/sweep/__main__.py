@@ -14,7 +14,8 @@
   fit      --runs=RUNS.jsonl --out=DIR [--bootstrap=200] [--seed=0] [--level=0.95]
            Chinchilla approaches 2 (isoFLOP parabolas) and 3 (L(N, D) = E + A/N^alpha + B/D^beta
            with bootstrap intervals) and Kaplan-style frontier laws. Writes DIR/fit.json,
-           DIR/report.md and DIR/{isoflop,frontier,optimal}.png. Prints a short table, then as its
+           DIR/report.md, DIR/{isoflop,frontier,optimal}.png and DIR/runs.jsonl (the runs
+           fitted, so that the folder refits itself). Prints a short table, then as its
            last line one JSON object: E, A, B, alpha, beta, a, b and "intervals" (key -> [lo, hi]).
   predict  --fit=DIR --flops=C
            Compute-optimal params and tokens for C FLOPs and the predicted loss, with intervals;

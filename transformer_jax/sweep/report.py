@@ -1,9 +1,12 @@
 """What `sweep fit` writes next to fit.json: three PNG plots (matplotlib's Agg backend, so no
-display is needed) and report.md, which links them and lists every fitted constant with its
-interval beside the published ones; plus the short text summary the CLI prints."""
+display is needed), report.md, which links them and lists every fitted constant with its
+interval beside the published ones, and runs.jsonl, the runs fitted; plus the short text
+summary the CLI prints."""
 
 import collections
 import io
+import json
+import math
 
 import matplotlib
 
@@ -229,10 +232,19 @@ def markdown(fit, runs, runs_path) -> str:
 
 
 def write(out_dir, runs, fit, runs_path) -> list:
-  """Writes fit.json, the PNGs and report.md into out_dir (local or gs://...); returns their
-  paths."""
+  """Writes fit.json, the PNGs, report.md and the runs fitted (runs.jsonl, unless that is
+  `runs_path`: `sweep fit --runs=OUT/runs.jsonl` refits the report from its own folder) into
+  out_dir (local or gs://...); returns their paths."""
   paths.makedirs(out_dir)
   written = [fit_lib.save_fit(out_dir, fit)]
+  copy = paths.join(out_dir, "runs.jsonl")
+  if paths.abspath(copy) != paths.abspath(runs_path):
+    rows = [{"params": float(n), "tokens": float(d), "loss": float(l), "flops": float(c),
+             **({} if math.isnan(e) else {"params_nonembed": float(e)})}
+            for n, d, l, c, e in zip(runs.params, runs.tokens, runs.loss, runs.flops,
+                                     runs.nonembed)]
+    paths.write_text(copy, "".join(json.dumps(r) + "\n" for r in rows))
+    written.append(copy)
   for name, plot in zip(PLOTS, (plot_isoflop, plot_frontier, plot_optimal)):
     written.append(paths.join(out_dir, name))
     if paths.is_remote(out_dir):  # drawn in memory, written as one object
