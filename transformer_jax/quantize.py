@@ -3,8 +3,8 @@
 
 Writes W8, a workdir that `sample` reads (dequantizing on load): W's config.json, and its latest
 parameters with every matmul weight quantized (quant/ptq.py): int8 with an absmax scale per
-output channel, or int4 with one per output channel and group of G input rows (default 32;
---group_size=0 with int8: whole channels). The last line printed is one JSON object: param_bytes
+output channel, or int4 with one per output channel and group of G input rows
+(--group_size=0, the default, means 32 for int4 and whole channels for int8). The last line printed is one JSON object: param_bytes
 and quantized_param_bytes (the arrays), quantized_disk_bytes (W8/quantized on disk), eval_loss
 and quantized_eval_loss (the held-out loss of the same evaluation batches, eval.batches of them,
 before and after), the mode, group size and source step. `--config.KEY=VALUE` overrides the
