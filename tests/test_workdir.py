@@ -1,6 +1,7 @@
 """A workdir holds one run's history: one live owner, the tokenizer's content checked on resume,
 config.json written atomically and read with a one-line error."""
 
+import glob
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from transformer_jax.data import tokenization as tokenizer_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
 from transformer_jax.training import metrics as metrics_lib
+from transformer_jax.training import resume
 from transformer_jax.parallel import sharding
 from transformer_jax.training.checkpoint import Checkpoints, WriteError
 from transformer_jax.training.step import Trainer
@@ -162,6 +164,26 @@ def test_a_resumed_run_replays_into_one_clean_metrics_history(tiny_data, tmp_pat
   # A model.* key a run may change (EXECUTION_KEYS) is said too (it went unsaid).
   assert re.search(r"config changed since checkpoint 10: model.remat: '\w+' -> 'full'; "
                    r"train.steps: 10 -> 11", said.out + said.err), said
+
+
+def test_a_resume_after_the_corpus_files_changed_says_so(tiny_data, tmp_path, capsys):
+  """Files added under the same data.corpus glob make another prepared corpus, whose order the
+  saved position does not index (it resumed without a word); a mixture source counts alone."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for f in glob.glob(tiny_data["corpus"]):
+    shutil.copy(f, corpus)
+  extra = {"train.steps": 5, "data.corpus": f"{corpus}/*.py", "data.data_dir": str(tmp_path / "d")}
+  workdir = str(tmp_path / "w")
+  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())
+  (corpus / "added.py").write_text("def added():\n  return 'a new file'\n" * 20)
+  capsys.readouterr()
+  loop.train(_config(tiny_data, **{**extra, "train.steps": 6}), workdir, devices=ONE())
+  said = capsys.readouterr()
+  assert re.search(r"warning: the data changed since checkpoint 5 \(the files of data.corpus: "
+                   r"text-\w+ -> text-\w+\)", said.out + said.err), said
+  assert resume._corpus_changes("a=x b=y", "a=x b=z c=w") == [  # pylint: disable=protected-access
+      "the files of source 'b': y -> z"]
 
 
 def test_metrics_file_deleted_during_a_run_is_created_again(tmp_path):

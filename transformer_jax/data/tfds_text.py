@@ -386,6 +386,17 @@ def builder(data_cfg):
   return cls(config=config, data_dir=data_cfg.data_dir or None, file_format="array_record")
 
 
+def corpus_identity(data_cfg) -> str:
+  """What names the prepared documents: a catalog dataset's name, else the builder config's
+  name (the format and a hash of the files' names and sizes, and the split): another one means
+  another document order under the same data.corpus glob."""
+  if is_catalog(data_cfg):
+    return data_cfg.corpus
+  return make_builder_config(data_cfg.corpus, data_cfg.format, data_cfg.text_field,
+                             data_cfg.validation_fraction, data_cfg.get("source_field", "source"),
+                             data_cfg.get("target_field", "target")).name
+
+
 def check_catalog_fields(data_cfg, seq2seq: bool) -> None:
   """ConfigError unless a catalog dataset has the features the objective reads."""
   features = builder(data_cfg).info.features

@@ -17,6 +17,7 @@ from transformer_jax.data import tfds_text
 from transformer_jax.training import checkpoint as ckpt_lib
 
 TOKENIZER_SHA = "tokenizer.sha256"  # the SHA-256 of the tokenizer the checkpoints were trained with
+CORPUS = "corpus_identity.txt"  # the prepared corpus (or mixture sources) they were trained on
 
 # How a step computes or what it adds to the loss, not what the parameters are: a run may resume
 # with other values of these (quantized training on or off, another MoE capacity or router-loss
@@ -122,6 +123,25 @@ def config_changes(config, workdir: str) -> tuple[list[str], list[str]]:
           [said[k] for k in keys if k not in DATA_ORDER_KEYS])
 
 
+def _corpus_identity(config) -> str:
+  """tfds_text.corpus_identity of the corpus, or `NAME=identity` per data.mixture source."""
+  from transformer_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  sources = mixture.sources(config)
+  if not sources:
+    return tfds_text.corpus_identity(config.data)
+  return " ".join(f"{s.name}={tfds_text.corpus_identity(s.config.data)}" for s in sources)
+
+
+def _corpus_changes(old: str, new: str) -> list[str]:
+  """One line per corpus (or mixture source of both) whose prepared documents changed: files
+  added to its glob, removed or changed, which reorders its documents (a source added or
+  removed is no change: positions are kept by source)."""
+  pairs = lambda line: dict(p.split("=", 1) if "=" in p else ("", p) for p in line.split())
+  was, now = pairs(old), pairs(new)
+  return [f"the files of {f'source {k!r}' if k else 'data.corpus'}: {was[k]} -> {now[k]}"
+          for k in was if k in now and was[k] != now[k]]
+
+
 def start(trainer, workdir: str, data, say, data_writes=None):
   """(first step, state, Checkpoints) for a run in `workdir`: restored from its newest readable
   checkpoint (and `data` moved to its position), or freshly initialised. Writes config.json
@@ -141,12 +161,17 @@ def start(trainer, workdir: str, data, say, data_writes=None):
     if c.checkpoint.on_mismatch == "params":
       _, params = old.restore_params(trainer.abstract_state.params)
     old.close()
-    aside = ckpt_lib.set_aside(workdir, ("config.json", TOKENIZER_SHA))
+    aside = ckpt_lib.set_aside(workdir, ("config.json", TOKENIZER_SHA, CORPUS))
     say(f"checkpoints of the previous config set aside in {aside} (with its config.json)")
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   step, state = ckpts.restore(trainer.abstract_state, data, report=say)
   reordered, changed = config_changes(c, workdir) if state is not None else ([], [])
+  corpus, corpus_path = _corpus_identity(c), paths.join(workdir, CORPUS)
+  if state is not None and paths.isfile(corpus_path) and not any(
+      r.startswith(("data.corpus", "data.format", "data.validation_fraction")) for r in reordered):
+    reordered += _corpus_changes(paths.read_text(corpus_path).strip(), corpus)
   if jax.process_index() == 0:
+    paths.write_text(corpus_path, corpus + "\n")
     config_lib.write_json(c, paths.join(workdir, "config.json"))
     if c.data.tokenizer:
       paths.write_text(paths.join(workdir, TOKENIZER_SHA),
