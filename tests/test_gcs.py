@@ -486,7 +486,7 @@ def test_a_sweep_directory_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch, 
                                                                    runs.loss)]
   paths.write_text(f"{out}/all.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
   sweep_cli.main(["fit", f"--runs={out}/all.jsonl", f"--out={out}/fit", "--bootstrap=10"])
-  assert {"fit.json", "report.md", "isoflop.png", "frontier.png", "optimal.png"} == \
+  assert {"fit.json", "report.md", "isoflop.png", "frontier.png", "optimal.png", "runs.jsonl"} == \
       set(paths.listdir(f"{out}/fit"))
   assert paths.path(f"{out}/fit/isoflop.png").read_bytes().startswith(b"\x89PNG")
   capsys.readouterr()
