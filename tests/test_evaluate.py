@@ -337,6 +337,13 @@ def test_cli_prints_every_tasks_metrics_as_one_json_line(run, files, capsys):
   assert all(m["examples_per_s"] > 0 for m in t.values())
 
 
+def test_a_passkey_rows_own_key_is_used_even_zero():
+  rng = np.random.default_rng(0)
+  assert [tasks_lib.passkey_key(r, rng) for r in ({"key": 0}, {"key": 7}, {"key": None})][:2] \
+      == [0, 7]
+  assert 10_000 <= tasks_lib.passkey_key({}, rng) < 100_000
+
+
 def test_only_tasks_that_read_the_examples_count_as_few_shot():
   """An encoder-decoder's generation and summarization feed the source alone to the encoder;
   perplexity and passkey take no examples (evaluate notes these when --num_fewshot is set)."""

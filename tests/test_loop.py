@@ -83,6 +83,8 @@ def test_sample_cli_uses_the_checkpoint(full_run):
   assert a.returncode == 0, a.stderr[-2000:]
   assert a.stdout.startswith("[step 20] def value(")
   assert len(a.stdout.rstrip("\n")) > len("[step 20] def value(")  # new tokens were printed
+  # greedy decoding reads no seed: said (it was dropped without a word)
+  assert "note: --seed do(es) nothing with --temperature=0" in a.stderr
 
 
 def test_a_window_of_the_compile_step_alone_logs_no_throughput(tiny_data, tmp_path):

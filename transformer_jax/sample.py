@@ -7,6 +7,7 @@ corruption model, put sentinels like <extra_id_0> where text is missing) and wri
 an encoder (BERT) fills in masks: `--fill_mask="x = [MASK] + 1"`. `--beam_size=K` searches K
 beams with GNMT's length penalty (alpha 0.6) instead of sampling (encoder-decoders)."""
 
+import sys
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
@@ -82,10 +83,24 @@ def fill_mask(config, params, text: str) -> str:
   return tok.decode(ids[1:] if config.data.add_bos else ids)
 
 
+FLAGS = {"workdir": "", "prompt": "", "max_new_tokens": 64, "temperature": 0.8, "top_k": 0,
+         "top_p": 1.0, "seed": 0, "fill_mask": "", "beam_size": 0}
+
+
+def _note_unread(f) -> None:
+  """A note naming the sampling flags that greedy decoding, beam search or fill-mask ignore
+  (they take the most likely tokens), as transformers warns."""
+  mode = ("--beam_size" if f["beam_size"] else "--fill_mask" if f["fill_mask"]
+          else "--temperature=0" if f["temperature"] == 0 else "")
+  unread = [f"--{k}" for k in ("temperature", "top_k", "top_p", "seed")
+            if mode and f[k] != FLAGS[k] and not (k == "temperature" and f[k] == 0)]
+  if unread:
+    print(f"note: {', '.join(unread)} do(es) nothing with {mode}: it takes the most likely "
+          f"tokens", file=sys.stderr)
+
+
 def main(argv):
-  spec, overrides, f = cli.parse(argv, {"workdir": "", "prompt": "", "max_new_tokens": 64,
-                                        "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0,
-                                        "fill_mask": "", "beam_size": 0})
+  spec, overrides, f = cli.parse(argv, FLAGS)
   if spec or overrides:
     raise ConfigError("sample reads the workdir's config.json; it takes no --config or "
                       "--config.KEY")
@@ -96,6 +111,7 @@ def main(argv):
           and 0 < f["top_p"] <= 1 and f["top_k"] >= 0 and f["beam_size"] >= 0):  # (nan too)
     raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1, "
                       "--top_k >= 0 and --beam_size >= 0")
+  _note_unread(f)
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top

@@ -348,12 +348,17 @@ def _summarization(task, lm, k, seed):
   return {r: 100.0 * float(np.mean([s[r].fmeasure for s in scores])) for r in ROUGE_TYPES}
 
 
+def passkey_key(row: dict, rng) -> int:
+  """A passkey row's key: its own (0 too: it read as none), else a seeded 5-digit one."""
+  return int(row["key"]) if row.get("key") is not None else int(rng.integers(10_000, 100_000))
+
+
 def _passkey(task, lm, k, seed):
   del k
   rng = np.random.default_rng(seed)
   pairs = []
   for row in task.examples:
-    key = int(row.get("key") or rng.integers(10_000, 100_000))
+    key = passkey_key(row, rng)
     pairs.append(passkey.example(lm.tokenizer, int(row["length"]), float(row["depth"]), key))
     prompt, answer = pairs[-1]
     if len(prompt) + len(answer) - 1 > lm.max_len:  # scoring would cut its start
