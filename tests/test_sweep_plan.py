@@ -178,3 +178,31 @@ def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_pat
     assert np.isfinite(r["loss"])
   b = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert b.returncode == 0 and "0 runs to go" in b.stdout and "2 of 2 runs finished" in b.stdout
+
+
+def test_a_stopped_sweep_stops_its_trains_so_a_rerun_resumes_them(tmp_path, monkeypatch):
+  """SIGTERM to `sweep run` alone (a scheduler's, `timeout`'s) left its train running without
+  a parent, holding the workdir's lock: now the train gets SIGTERM (and saves), the sweep
+  waits for it and exits 143."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from transformer_jax.sweep import run as run_lib  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a").mkdir()
+  child = ("import signal, sys, time\n"
+           "def stop(s, f):\n"
+           f"  open({str(tmp_path / 'saved')!r}, 'w').write(str(s)); sys.exit(143)\n"
+           "signal.signal(signal.SIGTERM, stop)\n"
+           "print('training', flush=True)\n"
+           "time.sleep(60)\n")
+  monkeypatch.setattr(run_lib, "load_plan", lambda d: [{"name": "a"}])
+  monkeypatch.setattr(run_lib, "status", lambda d, r: "pending")
+  monkeypatch.setattr(run_lib, "train_command", lambda d, r: [sys.executable, "-c", child])
+  threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+  said = []
+  with pytest.raises(SystemExit) as e:
+    run_lib.run_all(str(tmp_path), say=said.append)
+  assert e.value.code == 143 and (tmp_path / "saved").read_text() == str(int(signal.SIGTERM))
+  assert said[-1].startswith("SIGTERM: stopped 1 running train(s)")
+  assert "training" in (tmp_path / "a" / "train.log").read_text()
+  handler = signal.getsignal(signal.SIGTERM)
+  assert handler is not run_lib._raise_stopped  # pylint: disable=protected-access

@@ -8,6 +8,7 @@ it runs and uploaded when it ends."""
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,11 +67,51 @@ def launch_command(sweep_dir: str, run: dict, launcher: str = "local",
   return f"bash {LAUNCHERS[launcher]}{args} -- --workdir={workdir}"
 
 
+STOP_WAIT_S = 300  # how long a stopped sweep waits for its trains' checkpoints before SIGKILL
+
+
+class _Stopped(Exception):
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+  del frame
+  raise _Stopped(signum)
+
+
 def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
-  """Runs every unfinished run, `jobs` at a time; returns how many failed."""
+  """Runs every unfinished run, `jobs` at a time; returns how many failed. On SIGTERM (passed on
+  to the running trains; Ctrl-C's SIGINT reaches them from the terminal) the sweep waits for
+  them to save their checkpoints and exits with 128 + the signal, so a re-run resumes them (an
+  orphaned train kept its workdir's lock, and the re-run called its run failed)."""
   todo = [r for r in load_plan(sweep_dir) if status(sweep_dir, r) != "done"]
   say(f"{len(todo)} runs to go")
-  running, failed = [], 0
+  running = []
+  previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    return _run_loop(sweep_dir, todo, running, jobs, say)
+  except _Stopped as e:
+    for _, _, proc in running if e.signum == signal.SIGTERM else ():  # (a 2nd SIGINT: kill)
+      proc.send_signal(signal.SIGTERM)
+    for run, log, proc in running:
+      try:
+        proc.wait(timeout=STOP_WAIT_S)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      _close_log(sweep_dir, run, log)
+    say(f"{signal.Signals(e.signum).name}: stopped {len(running)} running train(s) (each "
+        f"saved a checkpoint); run `sweep run` again to resume")
+    raise SystemExit(128 + e.signum) from None
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def _run_loop(sweep_dir, todo, running, jobs, say) -> int:
+  failed = 0
   while todo or running:
     while todo and len(running) < jobs:
       run = todo.pop(0)
