@@ -6,7 +6,10 @@
                               a document over 1 MiB are one record, id ID, their texts joined
                               in order (language: its first kept piece's), so that training
                               reads them as one document again (its pieces on one side of the
-                              validation split); the record is written piece by piece.
+                              validation split); the record is written piece by piece. Shards
+                              are written as part-NNNNN.jsonl.partial and renamed when the run
+                              ends, so a killed run leaves no shard that OUT/*.jsonl would read
+                              as a complete corpus.
   OUT/removed/REASON.jsonl    the first `samples` documents removed for each reason, with the
                               rule and its measured value (text cut at SAMPLE_CHARS)
 """
@@ -18,6 +21,7 @@ import os
 from transformer_jax.data import corpus as corpus_lib
 
 SHARD_PATTERN = "part-{:05d}.jsonl"
+PARTIAL = ".partial"  # a shard's suffix until the run ends
 SAMPLE_CHARS = 20_000
 _FIELDS = ("id", "text", "language", "language_score")
 
@@ -26,7 +30,8 @@ def clear(out: str) -> None:
   """Makes OUT and OUT/removed, removing the shards and samples a previous run left there (only
   those: a shorter run must not leave stale shards behind for OUT/*.jsonl to read)."""
   os.makedirs(os.path.join(out, "removed"), exist_ok=True)
-  for path in (glob.glob(os.path.join(out, SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5)))
+  shards = os.path.join(out, SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5))
+  for path in (glob.glob(shards) + glob.glob(shards + PARTIAL)
                + glob.glob(os.path.join(out, "removed", "*.jsonl"))):
     os.remove(path)
 
@@ -75,16 +80,19 @@ class Shards:
     if self.file is not None:
       self.file.close()
       self.index += 1
-    self.file = open(os.path.join(self.out, SHARD_PATTERN.format(self.index)), "wb")
+    self.file = open(os.path.join(self.out, SHARD_PATTERN.format(self.index) + PARTIAL), "wb")
     self.size = 0
 
   def close(self) -> list[str]:
-    """Closes the last shard; returns the shard paths."""
+    """Closes the last shard and renames every shard into place; returns their paths."""
     self._end()
     if self.file is not None:
       self.file.close()
-    return [os.path.join(self.out, SHARD_PATTERN.format(i))
-            for i in range(self.index + 1 if self.file else 0)]
+    shards = [os.path.join(self.out, SHARD_PATTERN.format(i))
+              for i in range(self.index + 1 if self.file else 0)]
+    for path in shards:
+      os.replace(path + PARTIAL, path)
+    return shards
 
 
 class Samples:
