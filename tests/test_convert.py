@@ -229,6 +229,18 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
   assert config.model.vocab_size == 320 and config.model.num_kv_heads == 2
   with pytest.raises(ConfigError, match="already has checkpoints"):
     convert_cli.main(["import", "--hf_dir", path, "--workdir", workdir])
+  from transformer_jax.training import lock  # pylint: disable=g-import-not-at-top
+  with lock.hold(workdir):  # another import (or a run) in it: one line, not orbax's traceback
+    with pytest.raises(ConfigError, match=r"is in use by"):
+      convert_cli.main(["import", "--hf_dir", path, "--workdir", workdir])
+  killed = str(tmp_path / "killed")  # an import killed before its config.json (written last)
+  convert_cli.main(["import", "--hf_dir", path, "--workdir", killed]
+                   + [f"--config.{o}" for o in overrides])
+  os.remove(f"{killed}/config.json")
+  convert_cli.main(["import", "--hf_dir", path, "--workdir", killed]
+                   + [f"--config.{o}" for o in overrides])  # was refused: "has checkpoints"
+  assert os.path.isfile(f"{killed}/config.json") and any(
+      n.startswith("checkpoints_previous") for n in os.listdir(killed))
   result = loop.train(config, workdir, quiet=True, stop_after=2, devices=jax.devices()[:1])
   assert result["step"] == 2 and np.isfinite(result["loss"])
   assert not os.path.exists(f"{workdir}/checkpoints_unreadable")  # checkpoint 0 was restored

@@ -192,6 +192,11 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   with pytest.raises(ConfigError, match="already holds config.json"):
     quantize.main([f"--workdir={workdir}", f"--out={other}", "--mode=int8"])
   assert (other / "config.json").read_text() == "{}" and not store.is_quantized(str(other))
+  from transformer_jax.training import lock  # pylint: disable=g-import-not-at-top
+  (tmp_path / "busy").mkdir()
+  with lock.hold(str(tmp_path / "busy")):  # another quantize writing there (a traceback)
+    with pytest.raises(ConfigError, match=r"busy is in use by .*use another --workdir"):
+      quantize.main([f"--workdir={workdir}", f"--out={tmp_path / 'busy'}", "--mode=int8"])
   from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="holds step 2 quantized, not step 999"):
     harness.load_workdir(out, 999, devices=jax.devices()[:1])  # it evaluated step 2

@@ -50,12 +50,23 @@ def _recipe(spec):
 
 def import_hf(spec, overrides, hf_dir, workdir, family=""):
   """The `import` command; returns the workdir's config."""
-  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.convert import hf as hf_lib  # pylint: disable=g-import-not-at-top
   if not hf_dir or not workdir:
     raise ConfigError("import needs --hf_dir=DIR and --workdir=OUT")
-  if paths.isdir(paths.join(workdir, "checkpoints")):
-    raise ConfigError(f"{workdir} already has checkpoints; import into a new --workdir")
+  from transformer_jax.training import checkpoint, lock  # pylint: disable=g-import-not-at-top
+  paths.makedirs(workdir)
+  with lock.hold(workdir):  # a second import (or a run) into it is refused in one line
+    if paths.isdir(paths.join(workdir, "checkpoints")):
+      if paths.isfile(paths.join(workdir, "config.json")):
+        raise ConfigError(f"{workdir} already has checkpoints; import into a new --workdir")
+      # an import killed before its config.json (written last): set aside, imported again
+      print(f"{workdir} holds an unfinished import: its checkpoints set aside in "
+            f"{checkpoint.set_aside(workdir)}")
+    return _import_into(spec, overrides, hf_dir, workdir, family)
+
+
+def _import_into(spec, overrides, hf_dir, workdir, family):
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.convert import hf as hf_lib  # pylint: disable=g-import-not-at-top
   hf = hf_lib.read_config(hf_dir)
   hf_lib.weight_names(hf_dir)  # a pickle-only directory is refused before anything else
   if family:
@@ -84,8 +95,8 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.validate(config)
   params = hf_lib.load_params(hf_dir, hf_lib.model_config(config), hf)
-  _save_step0(config, params, workdir)
   paths.write_text(paths.join(workdir, HF_CONFIG), json.dumps(hf, indent=2, sort_keys=True))
+  _save_step0(config, params, workdir)  # config.json last: an import without it is unfinished
   return config
 
 

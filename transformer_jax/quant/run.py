@@ -16,6 +16,7 @@ from transformer_jax.parallel import sharding
 from transformer_jax.quant import ptq
 from transformer_jax.quant import store
 from transformer_jax.training import checkpoint
+from transformer_jax.training import lock
 from transformer_jax.training.step import Trainer
 
 
@@ -53,6 +54,12 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
   group = ptq.check(mode, group_size)
   if not out or paths.abspath(out) == paths.abspath(workdir):
     raise ConfigError("--out=DIR is required and must differ from --workdir")
+  paths.makedirs(out)
+  with lock.hold(out):  # a second quantize into the same --out is refused in one line
+    return _quantize_into(workdir, out, mode, group, overrides)
+
+
+def _quantize_into(workdir: str, out: str, mode: str, group: int, overrides) -> dict:
   held = [n for n in (store.ARRAYS, store.MANIFEST, "config.json", "checkpoints")
           if paths.exists(paths.join(out, n))]
   if held:  # another run's workdir would be read as this quantized copy from then on
