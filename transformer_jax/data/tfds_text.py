@@ -375,26 +375,27 @@ def _catalog_builder(name: str, data_dir: str):
     raise ConfigError(f"data.corpus={corpus_lib.TFDS_PREFIX}{name}: {first_line}") from None
 
 
+def _builder_config(data_cfg) -> TextCorpusConfig:
+  """The builder config of a file corpus (not a catalog dataset)."""
+  return make_builder_config(data_cfg.corpus, data_cfg.format, data_cfg.text_field,
+                             data_cfg.validation_fraction, data_cfg.get("source_field", "source"),
+                             data_cfg.get("target_field", "target"))
+
+
 def builder(data_cfg):
   """The builder for `data_cfg` (a config's `data` section); prepares nothing."""
   if is_catalog(data_cfg):
     return _catalog_builder(data_cfg.corpus[len(corpus_lib.TFDS_PREFIX):], data_cfg.data_dir)
-  config = make_builder_config(data_cfg.corpus, data_cfg.format, data_cfg.text_field,
-                               data_cfg.validation_fraction, data_cfg.get("source_field", "source"),
-                               data_cfg.get("target_field", "target"))
   cls = PairCorpus if data_cfg.format in corpus_lib.PAIR_FORMATS else TextCorpus
-  return cls(config=config, data_dir=data_cfg.data_dir or None, file_format="array_record")
+  return cls(config=_builder_config(data_cfg), data_dir=data_cfg.data_dir or None,
+             file_format="array_record")
 
 
 def corpus_identity(data_cfg) -> str:
   """What names the prepared documents: a catalog dataset's name, else the builder config's
   name (the format and a hash of the files' names and sizes, and the split): another one means
   another document order under the same data.corpus glob."""
-  if is_catalog(data_cfg):
-    return data_cfg.corpus
-  return make_builder_config(data_cfg.corpus, data_cfg.format, data_cfg.text_field,
-                             data_cfg.validation_fraction, data_cfg.get("source_field", "source"),
-                             data_cfg.get("target_field", "target")).name
+  return data_cfg.corpus if is_catalog(data_cfg) else _builder_config(data_cfg).name
 
 
 def check_catalog_fields(data_cfg, seq2seq: bool) -> None:

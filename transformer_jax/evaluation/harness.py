@@ -105,8 +105,8 @@ def evaluate(lm, specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: s
   """{task name: metrics} for each task (a SPEC or a loaded task); with `timing` each task also
   reports its examples, seconds and examples_per_s."""
   loaded = load_tasks(specs, num_fewshot=num_fewshot, limit=limit, fewshot_file=fewshot_file)
-  without = [t.name for t in loaded if not tasks_lib.uses_fewshot(t, lm)]
-  if num_fewshot and without:
+  without = [t.name for t in loaded if num_fewshot and not tasks_lib.uses_fewshot(t, lm)]
+  if without:
     print(f"note: --num_fewshot={num_fewshot} does not apply to {', '.join(without)}: scored "
           f"without examples", file=sys.stderr)
   out = {}
