@@ -69,6 +69,11 @@ class TextModel:
     self._batch_sharding = sharding.batch_sharding(mesh, rules) if mesh is not None else None
     self.add_bos = bool(config.data.add_bos)
     self.prefix_id = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+    # T5's span corruption taught the model to fill masked spans: a continuation is asked for
+    # as the first span, the source ending with <extra_id_0> (before its eos) and the target led
+    # by it (given, not scored), as every span was framed in training
+    as_span = self.is_seq2seq and objectives.flag(config.data, "CONTINUATION_AS_SPAN")
+    self.target_head = list(tokenizer.sentinel_ids[:1]) if as_span else []
 
   # ---- text -> ids
   def encode(self, text: str) -> list[int]:
@@ -82,7 +87,8 @@ class TextModel:
 
   def source_ids(self, text: str) -> list[int]:
     """An encoder-decoder's source as training framed it (bos/eos around pairs' sources)."""
-    return objectives.source_ids(self.config.data, self.tokenizer, self.encode(text))
+    return objectives.source_ids(self.config.data, self.tokenizer,
+                                 self.encode(text) + self.target_head)
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces
@@ -158,7 +164,8 @@ class TextModel:
     """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
     tok = self.tokenizer
     start = objectives.decoder_start(tok) if self.is_seq2seq else None
-    max_new_tokens = max(min(max_new_tokens, self.max_len - 1), 1)
+    head = self.target_head  # generated first, then dropped, as is what follows the next span
+    max_new_tokens = max(min(max_new_tokens + len(head), self.max_len - 1), 1)
     ids = [self.source_ids(p)[-self.max_len:] if self.is_seq2seq else  # as _truncate does
            self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
     out = [""] * len(ids)
@@ -173,15 +180,22 @@ class TextModel:
                                   max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
                                   start_id=start, prefix=self.prefix_lm)
         for i, row in zip(chunk, new):
-          out[i] = _cut(tok.decode(row), until)
+          out[i] = _cut(tok.decode(self._span_text(row) if head else row), until)
     return out
+
+  def _span_text(self, row: list[int]) -> list[int]:
+    """A span-corruption model's generated first span: without its leading <extra_id_0>, cut
+    before the next sentinel."""
+    row = row[len(self.target_head):] if row[:len(self.target_head)] == self.target_head else row
+    sentinels = set(self.tokenizer.sentinel_ids)
+    return next((row[:k] for k, t in enumerate(row) if t in sentinels), row)
 
   # ---- batches
   def _truncate(self, ctx, cont):
     """Left-truncated so that the model reads at most max_len tokens; a continuation (target)
     longer than the model is refused, as lm-eval refuses it (scoring only its end was another
     sum, after the wrong token)."""
-    if len(cont) > self.max_len:
+    if len(self.target_head) + len(cont) > self.max_len:
       raise ConfigError(f"a continuation of {len(cont)} tokens is longer than the model's "
                         f"{self.max_len} (model.max_len): shorten the task's answers or targets")
     if self.is_seq2seq:
@@ -236,14 +250,16 @@ class TextModel:
     return self._put(prefix)
 
   def _seq2seq_batch(self, rows):
-    """The encoder reads the context; the decoder reads start + continuation[:-1]."""
+    """The encoder reads the context; the decoder reads start (+ target_head) +
+    continuation[:-1]."""
+    head = self.target_head
     s = bucket(max(len(c) for c, _ in rows), self.max_len)
-    t = bucket(max(len(x) for _, x in rows), self.max_len)
+    t = bucket(max(len(head) + len(x) for _, x in rows), self.max_len)
     enc, enc_seg, enc_pos = self._place([c for c, _ in rows], s)
     start = objectives.decoder_start(self.tokenizer)
-    dec, dec_seg, dec_pos = self._place([[start] + x[:-1] for _, x in rows], t)
+    dec, dec_seg, dec_pos = self._place([[start] + head + x[:-1] for _, x in rows], t)
     return ((enc, dec, enc_seg, enc_pos, dec_seg, dec_pos),
-            self._scored([(0, len(x), x) for _, x in rows], t))
+            self._scored([(len(head), len(head) + len(x), x) for _, x in rows], t))
 
   def _put(self, array):
     if self._batch_sharding is None:

@@ -13,6 +13,7 @@ from transformer_jax.data.objectives import spans
 NAME = "span"
 FAMILIES = ("encdec",)
 SOURCE_EOS = True  # Every encoder input ends with eos.
+CONTINUATION_AS_SPAN = True  # Evaluation asks for a continuation as span <extra_id_0>.
 
 
 def check(d):
