@@ -1,7 +1,8 @@
 """Chunked cross-entropy (train.loss_chunk): the head applied to a few tokens at a time gives the
 same loss sums and gradients as the full [B, T, V] logits, for every family's head (tied GPT-2,
 untied Llama, BERT's MLM transform + bias, the encoder-decoder's decoder), with z_loss and label
-smoothing on and a token count that is not a multiple of the chunk."""
+smoothing on (and the plain cross-entropy beside them) and a token count that is not a multiple
+of the chunk."""
 
 import flax.linen as nn
 import jax
@@ -25,8 +26,10 @@ def _init_params(model, batch, key):
 
 
 def _loss_and_grads(model, batch, params, chunk):
-  def f(p):
-    return step_lib.loss_sums(model, p, batch, z_loss=1e-2, label_smoothing=0.1, chunk=chunk)
+  def f(p):  # (the loss, (its weight, the plain cross-entropy sum))
+    loss, weight, aux = step_lib.loss_parts(model, p, batch, z_loss=1e-2, label_smoothing=0.1,
+                                            chunk=chunk)
+    return loss, (weight, aux["cross_entropy"])
   return jax.value_and_grad(f, has_aux=True)(params)
 
 
@@ -54,10 +57,12 @@ def test_chunked_loss_and_grads_equal_the_full_logits(family):
   def run(key):  # one compilation: init, then both losses and their gradients
     params = _init_params(model, batch, key)
     return _loss_and_grads(model, batch, params, 0), _loss_and_grads(model, batch, params, 7)
-  ((loss, weight), grads), ((loss_c, weight_c), grads_c) = jax.jit(
+  ((loss, (weight, ce)), grads), ((loss_c, (weight_c, ce_c)), grads_c) = jax.jit(
       run, compiler_options=FAST)(jax.random.key(0))
   assert float(weight_c) == float(weight) == batch[weights_key].sum()
   np.testing.assert_allclose(float(loss_c), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(ce_c), float(ce), rtol=1e-5)
+  assert float(ce) < float(loss)  # smoothing and z-loss on top of the cross-entropy
   for (path, g), g_c in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_c)):
     scale = float(np.max(np.abs(g))) or 1.0
     np.testing.assert_allclose(g_c, g, rtol=1e-5, atol=1e-6 * scale, err_msg=str(path))

@@ -152,7 +152,7 @@ def test_padded_vocabulary_round_trip(hf_ckpt, tmp_path):
   assert float(jax.nn.softmax(padded_logits)[..., 100:].sum(-1).max()) == 0.0
   targets = ids % 100
   np.testing.assert_allclose(token_loss(padded_logits, targets, 1e-4, 0.1, 100),
-                             token_loss(logits, targets, 1e-4, 0.1), rtol=1e-5)
+                             token_loss(logits, targets, 1e-4, 0.1), rtol=1e-5)  # both parts
   if family == "llama":  # untied: the output projection [D, V] is padded too
     logits = params["embed"]["logits"]
     assert logits.shape == (64, 128) and not logits[:, 100:].any()

@@ -321,12 +321,13 @@ def test_log_activations_metrics_equal_an_independent_computation(run, tiny_data
   # A log line covers its window: the largest act_max and the mean act_rms of its steps.
   meter = throughput.Meter(trainer, state.params)
   base = {"loss": jnp.float32(1.0), "nonfinite": jnp.bool_(False), "spike": jnp.bool_(False)}
-  steps = [{**base, "act_rms/layer_0": jnp.float32(r), "act_max/layer_0": jnp.float32(x)}
-           for r, x in ((1.0, 5.0), (3.0, 2.0))]
+  steps = [{**base, "act_rms/layer_0": jnp.float32(r), "act_max/layer_0": jnp.float32(x),
+            "cross_entropy": jnp.float32(r + 1)} for r, x in ((1.0, 5.0), (3.0, 2.0))]
   for step_metrics in steps:
     meter.step(step_metrics)
   out = meter.read(steps[-1], 0)
   assert (out["act_rms/layer_0"], out["act_max/layer_0"]) == (2.0, 5.0)
+  assert out["cross_entropy"] == 3.0  # (the window's mean too, as the loss)
 
 
 def test_bad_inputs_are_one_line_errors(run, tmp_path):

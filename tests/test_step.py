@@ -80,8 +80,11 @@ def test_a_sentence_pair_head_accumulates_to_the_big_batch():
   for c in (cfg(), cfg("train.microbatches=2")):
     t = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
     _, m = t.train_step(t.init_state(0), t.put_batch(batch), jax.random.key(0))
-    figures.append((float(m["loss"]), float(m["grad_norm"])))
+    figures.append((float(m["loss"]), float(m["grad_norm"]), float(m["cross_entropy"])))
   np.testing.assert_allclose(figures[1], figures[0], rtol=1e-5)
+  # beside the loss (with the pair loss) the tokens' plain cross-entropy: eval_loss's figure
+  eval_loss = t.evaluate(t.init_state(0).params, [batch])["eval_loss"]
+  assert figures[0][2] == pytest.approx(eval_loss, rel=1e-5) and figures[0][2] < figures[0][0]
 
 
 def test_bf16_parameters_accumulate_their_gradients_in_fp32():

@@ -26,7 +26,8 @@ def aux_kind(key: str) -> str:
   """How an aux metric combines over microbatches and data shards: max, sum or mean."""
   if key == "moe_expert_load" or key.startswith("act_max"):
     return "max"
-  return "sum" if key in ("extra_loss", "distill_kl", "distill_hidden_mse") else "mean"
+  return "sum" if key in ("extra_loss", "cross_entropy", "distill_kl",
+                          "distill_hidden_mse") else "mean"
 
 
 AUX_REDUCE = {"max": jnp.max, "sum": jnp.sum, "mean": jnp.mean}  # over the microbatches
@@ -73,7 +74,9 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   (moe_sums), added like the sentence loss, and with a `teacher` (training/distill.py) the
   distillation objective in place of the usual loss (its KL sum as distill_kl; matched hidden
   states' mean squared error as distill_hidden_mse);
-  aux["extra_loss"] is what they add (metrics report the loss without it). `activations`
+  aux["extra_loss"] is what they add (metrics report the loss without it). Where the loss is
+  more than the tokens' cross-entropy (label smoothing, z-loss, a sentence head) aux
+  ["cross_entropy"] is their plain cross-entropy sum (eval_loss's kind). `activations`
   (train.log_activations) adds each layer's output RMS and max |x| (stack.activation_metrics).
   `totals` (batch_totals of the whole step's batch, when `batch` is one of its microbatches)
   normalise the batch-mean terms (sentence pairs, hidden states) by the step's counts, so that
@@ -93,12 +96,13 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   targets_key, weights_key = type(model).TARGETS
   w_BT = batch[weights_key].astype(jnp.float32)
   if chunk:
-    loss = chunked_loss_sum(model, params, out, batch[targets_key], w_BT, chunk, z_loss,
-                            label_smoothing)
+    loss, cross_entropy = chunked_loss_sum(model, params, out, batch[targets_key], w_BT, chunk,
+                                           z_loss, label_smoothing)
   else:
     logits = model.apply({"params": params}, out, method="logits") if sentence else out
-    loss = jnp.sum(token_loss(logits, batch[targets_key], z_loss, label_smoothing,
-                              model.cfg.output_vocab) * w_BT)
+    loss_BT, ce_BT = token_loss(logits, batch[targets_key], z_loss, label_smoothing,
+                                model.cfg.output_vocab)
+    loss, cross_entropy = jnp.sum(loss_BT * w_BT), jnp.sum(ce_BT * w_BT)
   aux = {}
   weight = jnp.sum(w_BT) if totals is None else totals["weights"]
   if sentence:  # + the mean sentence-pair loss, weighted like the mean token loss
@@ -106,6 +110,8 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
     pairs = aux["sentence_pairs"] if totals is None else totals["pairs"]
     aux["sentence_term"] = aux["sentence_nll"] / jnp.maximum(pairs, 1.0) * weight
     loss = loss + aux["sentence_term"]
+  if z_loss or label_smoothing or sentence:
+    aux["cross_entropy"] = cross_entropy
   base = loss
   if teacher is not None:
     student = (sown[stack.INTERMEDIATES], params[distill.PROJECTION]["kernel"],
@@ -175,18 +181,22 @@ def sentence_sums(model, params, x_BTD, batch) -> dict:
 
 
 def token_loss(logits_BTV, targets_BT, z_loss, label_smoothing, vocab=0):
-  """Per-token cross-entropy with label smoothing spread over the first `vocab` ids (the model's
-  output_vocab; 0 = all), + z_loss * logZ^2 at its full weight, fp32 [B, T]."""
-  token_loss_BT, log_z_BT = ops.cross_entropy(logits_BTV, targets_BT)
+  """(The per-token loss: cross-entropy with label smoothing spread over the first `vocab` ids
+  (the model's output_vocab; 0 = all), + z_loss * logZ^2 at its full weight; the plain
+  cross-entropy), fp32 [B, T] each."""
+  ce_BT, log_z_BT = ops.cross_entropy(logits_BTV, targets_BT)
+  token_loss_BT = ce_BT
   if label_smoothing:
     mean_BT = jnp.mean(logits_BTV[..., :vocab or logits_BTV.shape[-1]], axis=-1)
-    token_loss_BT = ((1 - label_smoothing) * token_loss_BT
-                     + label_smoothing * (log_z_BT - mean_BT))
-  return token_loss_BT + z_loss * jnp.square(log_z_BT) if z_loss else token_loss_BT
+    token_loss_BT = ((1 - label_smoothing) * ce_BT + label_smoothing * (log_z_BT - mean_BT))
+  if z_loss:
+    token_loss_BT = token_loss_BT + z_loss * jnp.square(log_z_BT)
+  return token_loss_BT, ce_BT
 
 
 def chunked_loss_sum(model, params, x_BTD, targets_BT, w_BT, chunk, z_loss, label_smoothing):
-  """sum(w * token_loss) from the final hidden states, with the model's head applied to `chunk`
+  """sum(w * token_loss)s (the loss, the cross-entropy) from the final hidden states, with the
+  model's head applied to `chunk`
   tokens at a time in a scan, so no more than [chunk, V] logits exist at once. The B*T tokens are
   padded with weight-0 tokens to n * chunk and token i goes to chunk i % n: a chunk is strided
   over the whole batch, so it stays spread over the batch shards (as microbatches are). Each
@@ -201,16 +211,16 @@ def chunked_loss_sum(model, params, x_BTD, targets_BT, w_BT, chunk, z_loss, labe
     return a.reshape(chunk, n, 1, *a.shape[1:]).swapaxes(0, 1)
 
   @jax.checkpoint
-  def body(total, xs):
+  def body(totals, xs):
     x_C1D, targets_C1, w_C1 = xs
     x_C1D = nn.with_logical_constraint(x_C1D, ("act_batch", None, "act_embed"))
     logits_C1V = model.apply({"params": params}, x_C1D, method="logits")
-    loss_C1 = token_loss(logits_C1V, targets_C1, z_loss, label_smoothing, model.cfg.output_vocab)
-    return total + jnp.sum(loss_C1 * w_C1), None
+    losses = token_loss(logits_C1V, targets_C1, z_loss, label_smoothing, model.cfg.output_vocab)
+    return tuple(t + jnp.sum(l_C1 * w_C1) for t, l_C1 in zip(totals, losses)), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (split(x_BTD), split(targets_BT), split(w_BT)))
-  return total
+  zero = jnp.zeros((), jnp.float32)
+  totals, _ = jax.lax.scan(body, (zero, zero), (split(x_BTD), split(targets_BT), split(w_BT)))
+  return totals
 
 
 @dataclasses.dataclass
@@ -297,8 +307,9 @@ class Trainer:
     # The logged loss is the usual one (comparable to a dense, undistilled model's); the router
     # and distillation terms have their own metrics.
     token_loss_mean = loss - (moe.pop("extra_loss") / denom if "extra_loss" in moe else 0.0)
-    if "distill_kl" in moe:
-      moe["distill_kl"] = moe["distill_kl"] / denom
+    for key in ("distill_kl", "cross_entropy"):
+      if key in moe:
+        moe[key] = moe[key] / denom
     # Anomaly guard, on device: the update is applied only to a finite loss and gradient that is
     # not a spike, so a bad batch never reaches the parameters or the optimizer moments.
     nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
@@ -350,7 +361,8 @@ class Trainer:
                                      chunk=chunk, teacher=teacher,
                                      activations=c.train.log_activations, totals=totals)
       return loss, (weight, {k: v for k, v in aux.items()
-                             if k.startswith(("moe_", "distill_", "act_")) or k == "extra_loss"})
+                             if k.startswith(("moe_", "distill_", "act_"))
+                             or k in ("extra_loss", "cross_entropy")})
     (loss, (weight, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
     return loss, weight, grads, aux
 
@@ -396,6 +408,7 @@ class Trainer:
                                    chunk=self.config.train.loss_chunk)
     # eval_loss: the tokens' cross-entropy alone (the pair loss is eval_sentence_loss)
     loss = loss - aux.pop("extra_loss", 0.0) - aux.pop("sentence_term", 0.0)
+    aux.pop("cross_entropy", None)  # (= loss here: eval adds no smoothing or z-loss)
     return {"loss": loss, "weight": weight, **aux}
 
   # ---- host-side API

@@ -14,6 +14,9 @@ from transformer_jax.perf import counting
 from transformer_jax.perf import hardware
 
 
+WINDOW_MEANS = ("loss", "cross_entropy")  # each log line's figure: the window's mean
+
+
 class Meter:
 
   def __init__(self, trainer, params):
@@ -29,7 +32,7 @@ class Meter:
 
   def restart(self):
     """A new window from now (after a rollback)."""
-    self._loss_sum, self._applied, self._steps, self._mixture = 0.0, 0, 0, 0.0
+    self._sums, self._applied, self._steps, self._mixture = {"loss": 0.0}, 0, 0, 0.0
     self._acts, self._act_steps = {}, 0  # log_activations: act_max's window max, act_rms' sum
     self._paused = 0.0
     if self._mark is not None:
@@ -39,7 +42,9 @@ class Meter:
     """Counts one step's on-device metrics. The run's first step includes compilation: it is
     timed alone (compile_s) and left out of the first window."""
     bad = m["nonfinite"] | m["spike"]
-    self._loss_sum = self._loss_sum + jnp.where(bad, 0.0, m["loss"])
+    for k in WINDOW_MEANS:
+      if k in m:
+        self._sums[k] = self._sums.get(k, 0.0) + jnp.where(bad, 0.0, m[k])
     self._applied = self._applied + (1 - bad.astype(jnp.int32))
     self._steps += 1
     if "mixture_tokens" in m:  # the window's tokens per source of a data.mixture
@@ -72,15 +77,16 @@ class Meter:
 
   def read(self, m: dict, skipped) -> dict:
     """The log line's values: the last step's metrics (its loss as loss_last), the window's mean
-    loss, skipped steps so far, tokens_per_s and mfu (none for a window of the compile step
-    alone, e.g. a resume's first step logged) (and compile_s once; paused_s, the seconds
-    spent evaluating and saving, when there were any); with a data.mixture
-    mixture_tokens, {source: the window's tokens}; with train.log_activations each act_max/* is
-    the window's largest and each act_rms/* its mean. Starts a new window."""
+    loss (and cross_entropy, where logged), skipped steps so far, tokens_per_s and mfu (none for
+    a window of the compile step alone, e.g. a resume's first step logged) (and compile_s once;
+    paused_s, the seconds spent evaluating and saving, when there were any); with a
+    data.mixture mixture_tokens, {source: the window's tokens}; with train.log_activations each
+    act_max/* is the window's largest and each act_rms/* its mean. Starts a new window."""
     m = jax.device_get(m)
     mixed = m.pop("mixture_tokens", None)
     n = int(self._applied)
-    m["loss_last"], m["loss"] = m["loss"], float(self._loss_sum) / n if n else float("nan")
+    m["loss_last"] = m["loss"]
+    m.update({k: float(v) / n if n else float("nan") for k, v in self._sums.items()})
     m["skipped"] = int(jax.device_get(skipped))
     now = time.perf_counter()
     out = {k: float(v) for k, v in m.items()}
