@@ -1,5 +1,6 @@
 """The train step: accumulation == big batch, sharded == unsharded, schedules, decay mask."""
 
+import functools
 import re
 
 import jax
@@ -103,6 +104,12 @@ def test_bf16_parameters_accumulate_their_gradients_in_fp32():
   assert np.isfinite(float(metrics["loss"]))
 
 
+@functools.lru_cache(maxsize=1)
+def _single_device_reference():
+  """test_sharded_equals_single_device's reference: its 5 steps on one device, run once."""
+  return run_steps(tiny_config(), jax.devices()[:1], random_batches(tiny_config(), 5))
+
+
 @pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (2, 1, 4, 1),
                                   (1, 2, 2, 2), (4, 1, 1, 2, 2), (2, 2, 1, 2, 2),
                                   (2, 1, 2, 2, 2)])
@@ -113,7 +120,7 @@ def test_sharded_equals_single_device(mesh):
   if jax.device_count() < 8:
     pytest.fail("needs 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS)")
   batches = random_batches(tiny_config(), 5)
-  ref, ref_params = run_steps(tiny_config(), jax.devices()[:1], batches)
+  ref, ref_params = _single_device_reference()
   d, f, s, t, m = (*mesh, 1)[:5]
   got, params = run_steps(tiny_config(f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.sequence={s}",
                                       f"mesh.tensor={t}", f"train.microbatches={m}"),
