@@ -85,10 +85,11 @@ class TextModel:
       return [self.prefix_id] + ids
     return ids
 
-  def source_ids(self, text: str) -> list[int]:
-    """An encoder-decoder's source as training framed it (bos/eos around pairs' sources)."""
+  def source_ids(self, text: str, head: list[int] = ()) -> list[int]:
+    """An encoder-decoder's source as training framed it (bos/eos around pairs' sources), with
+    the ids `head` (target_head) after the text."""
     return objectives.source_ids(self.config.data, self.tokenizer,
-                                 self.encode(text) + self.target_head)
+                                 self.encode(text) + list(head))
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces
@@ -107,7 +108,8 @@ class TextModel:
     ids = []
     for context, continuation in pairs:
       if self.is_seq2seq:  # the context is the source, the continuation the target
-        ids.append((self.source_ids(context), self.encode(continuation.lstrip())))
+        ids.append((self.source_ids(context, self.target_head),
+                    self.encode(continuation.lstrip())))
       else:
         ctx, cont = self.encode_pair(context, continuation)
         ids.append((self.context_ids(ctx), cont))
@@ -166,7 +168,7 @@ class TextModel:
     start = objectives.decoder_start(tok) if self.is_seq2seq else None
     head = self.target_head  # generated first, then dropped, as is what follows the next span
     max_new_tokens = max(min(max_new_tokens + len(head), self.max_len - 1), 1)
-    ids = [self.source_ids(p)[-self.max_len:] if self.is_seq2seq else  # as _truncate does
+    ids = [self.source_ids(p, head)[-self.max_len:] if self.is_seq2seq else  # as _truncate does
            self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
     out = [""] * len(ids)
     groups = {}
