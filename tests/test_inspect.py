@@ -197,6 +197,36 @@ def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(re
   assert sample.source(config, tok, text) == want[ul2:]  # A UL2 prompt names its own mode.
 
 
+def test_a_prefix_lm_reads_the_text_as_its_prefix_and_the_target_after_it(tiny_data):
+  """Attention maps: the text's tokens see each other both ways, the target's causally; the
+  lens scores the next token only where a position cannot see it; probe features read each
+  text as a prefix (not causally)."""
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", _overrides(
+      tiny_data, **{"data.objective": "prefix_lm", "model.num_layers": 1}))
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  model = trainer.model
+  params = _random_params(model, jnp.zeros((1, 8), jnp.int32))
+  tok = tokenization.load(tiny_data["tokenizer"])
+  result = interpret.run(trainer, params, tok, "def f(x):", target=" return x")
+  n = len(interpret.encode(config, tok, "def f(x):"))
+  p = result["attention"]["attention"][0]  # [H, T, S]
+  t = p.shape[-1]
+  allowed = np.tril(np.ones((t, t), bool))
+  allowed[:n, :n] = True
+  assert t > n > 1 and np.all(p[:, ~allowed] == 0) and p[:, 0, n - 1].min() > 0
+  np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+  for row in result["logit_lens"]["layers"]:
+    assert row["rank"][:n - 1] == [0] * (n - 1) and min(row["rank"][n - 1:-1]) > 0
+  markdown = interpret.lens_markdown(result["logit_lens"])  # (means over the scored ones)
+  assert "| 0 | " in markdown and "inf" not in markdown and "nan" not in markdown
+  causal = Trainer(config_lib.load(f"{REPO}/configs/gpt2.py:tiny", _overrides(
+      tiny_data, **{"model.num_layers": 1})), trainer.mesh)
+  texts = ["def f(x):", "import os"]
+  got, read_causally = (probe.features(tr, params, tok, texts) for tr in (trainer, causal))
+  np.testing.assert_allclose(got[0], read_causally[0], atol=1e-6)  # the embedding alike
+  assert np.abs(got[-1] - read_causally[-1]).max() > 1e-3  # block 0 read the texts both ways
+
+
 def test_control_pieces_written_in_the_text_are_read_as_sample_reads_them():
   """[MASK] or <extra_id_0> in an inspected text is that piece's id (it was read as brackets
   and letters), in a decoder's or encoder's text and in an encoder-decoder's target."""

@@ -10,7 +10,8 @@
                             head's mean entropy
 
 --file reads the text from a file instead of --text. An encoder-decoder reads the text as its
-source and --target (default: nothing) after its start token. Layers are "embed" (the
+source and --target (default: nothing) after its start token; a prefix LM reads the text as its
+prefix (both ways, as it reads a prompt) and --target after it (causally). Layers are "embed" (the
 embedding's output) and block I's output "I" (its parameters `layer_I`, as in
 train.log_activations' act_rms/layer_I). --init inspects the config's initial parameters.
 

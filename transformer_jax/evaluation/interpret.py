@@ -12,7 +12,9 @@ block i's output as "i" (block i's parameters are `layer_i`, its train.log_activ
 `act_rms/layer_i`, its attention maps attention_layer_i.png). The logit lens decodes each
 through the final norm (of a pre-norm stack) and the output head: its last layer's logits are
 the model's. A decoder's lens ranks the next token; an encoder's (MLM head) the input token
-itself.
+itself. A prefix LM (data.objective=prefix_lm) reads the text as its prefix, both ways, as
+scoring and sampling read a prompt, and --target after it causally; its lens ranks the next
+token where a position cannot see it (the prefix's last token on).
 """
 
 import dataclasses
@@ -43,6 +45,7 @@ class Inputs:
   own) and, for an encoder-decoder, the encoder's source ids."""
   ids: list
   source_ids: list | None = None
+  prefix: int = 0  # a prefix LM's: how many of `ids` it reads both ways
 
 
 def encode(config, tokenizer, text: str) -> list:
@@ -63,11 +66,16 @@ def encode(config, tokenizer, text: str) -> list:
 
 def text_inputs(config, tokenizer, text: str, target: str = "") -> Inputs:
   """The model's inputs for `text`: an encoder-decoder reads it as its source and its decoder
-  reads the start token + `target`."""
+  reads the start token + `target`; a prefix LM reads it as its prefix and `target` after it."""
   if config.model.family != "encdec":
-    if target:
-      raise ConfigError("--target is for encoder-decoder workdirs (a decoder reads --text alone)")
-    return Inputs(encode(config, tokenizer, text))
+    if not objectives.flag(config.data, "PREFIX"):
+      if target:
+        raise ConfigError("--target is for encoder-decoder and prefix LM workdirs (a decoder "
+                          "reads --text alone)")
+      return Inputs(encode(config, tokenizer, text))
+    ids = encode(config, tokenizer, text)
+    rest = tokenization.with_control_pieces(tokenizer, target) if target else []
+    return Inputs((ids + rest)[:int(config.model.max_len)], prefix=len(ids))
   decoder = [objectives.decoder_start(tokenizer)] + tokenization.with_control_pieces(tokenizer,
                                                                                      target)
   return Inputs(decoder[:int(config.model.max_len)], encode(config, tokenizer, text))
@@ -90,10 +98,12 @@ def _embed(module, tokens_BT, positions_BT):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "probs", "encoder_only"))
-def forward(model, params, inputs, *, probs: bool = True, encoder_only: bool = False):
+def forward(model, params, inputs, *, probs: bool = True, encoder_only: bool = False,
+            prefix_BT=None):
   """(output, embedded [B, T, D] of the lens side, sown collections) of one batch: `inputs` in
   the model's INPUTS order. With `probs` the attention probabilities are captured too;
-  `encoder_only` runs only an encoder-decoder's encoder (its output is then the encoding)."""
+  `encoder_only` runs only an encoder-decoder's encoder (its output is then the encoding);
+  `prefix_BT`: a prefix LM's prefix (1 where it reads both ways)."""
   mutable = [layers.INTERMEDIATES] + [layers.ATTENTION_PROBS] * probs
   variables = {"params": params}
   if encoder_only:
@@ -101,7 +111,8 @@ def forward(model, params, inputs, *, probs: bool = True, encoder_only: bool = F
     out, sown = model.apply(variables, tokens, segments, positions, method="encode",
                             mutable=mutable)
   else:
-    out, sown = model.apply(variables, *inputs, mutable=mutable)
+    extra = {} if prefix_BT is None else {"prefix_BT": prefix_BT}
+    out, sown = model.apply(variables, *inputs, mutable=mutable, **extra)
     tokens, positions = _lens_side(model, inputs)
   return out, model.apply(variables, tokens, positions, method=_embed), sown
 
@@ -184,10 +195,11 @@ def layer_names(count: int) -> list:
 
 
 def logit_lens(model, params, stream, ids: list, *, causal: bool, where: str = "",
-               pieces=None, k: int = TOP_K) -> dict:
+               pieces=None, k: int = TOP_K, seen: int = 0) -> dict:
   """Per layer of `stream` (residual_stream's, row 0): the top-k tokens and the rank and
   probability of each position's target (a causal model's next token: the last position has
-  none, rank 0; otherwise the input token itself)."""
+  none, rank 0; otherwise the input token itself). The first `seen` positions (a prefix LM's,
+  which see their next token) are not scored either: rank 0."""
   norm = final_norm_params(params, where)
   targets = ids[1:] + [ids[-1]] if causal else list(ids)
   name = functools.partial(piece, pieces) if pieces is not None else str
@@ -198,6 +210,7 @@ def logit_lens(model, params, stream, ids: list, *, causal: bool, where: str = "
     rank, target_p = rank.tolist(), target_p.tolist()
     if causal:
       rank[-1], target_p[-1] = 0, 0.0
+    rank[:seen], target_p[:seen] = [0] * seen, [0.0] * seen
     rows.append({"layer": label, "top": [[name(int(i)) for i in row] for row in top_ids],
                  "top_p": np.round(top_p, 4).tolist(), "rank": rank,
                  "target_p": [round(p, 4) for p in target_p]})
@@ -240,15 +253,21 @@ def run(trainer, params, tokenizer, text: str, *, target: str = "", top_k: int =
   rows = harness.batch_rows(trainer, 1)
   arrays = [jax.device_put(a, trainer.batch_sharding)
             for a in model_inputs(model, inputs, rows)]
+  prefix = None
+  if objectives.flag(config.data, "PREFIX"):  # (a prefix LM takes one, even an empty one)
+    prefix = np.zeros(arrays[0].shape, np.int32)
+    prefix[:, :inputs.prefix] = 1
+    prefix = jax.device_put(prefix, trainer.batch_sharding)
   with sharding.context(trainer.mesh, trainer.rules):
-    _, embedded, sown = forward(model, params, tuple(arrays))
+    _, embedded, sown = forward(model, params, tuple(arrays), prefix_BT=prefix)
   where = "decoder" if family == "encdec" else ""
   stream = [np.asarray(x[:1], np.float32) for x in residual_stream(embedded, sown, where)]
   maps = {k: [np.asarray(p[0]) for p in v] for k, v in attention_maps(sown).items()}
   pieces = tokenizer.pieces()
   with sharding.context(trainer.mesh, trainer.rules):
     lens = logit_lens(model, params, [jnp.asarray(x) for x in stream], inputs.ids,
-                      causal=family != "encoder", where=where, pieces=pieces, k=top_k)
+                      causal=family != "encoder", where=where, pieces=pieces, k=top_k,
+                      seen=max(inputs.prefix - 1, 0))
   encoder = ([np.asarray(x[:1]) for x in stack.sown_layers(sown[layers.INTERMEDIATES])[
       ("encoder", "residual")]] if family == "encdec" else [])
   stats = activation_stats(stream, {k: [p[None] for p in v] for k, v in maps.items()},
@@ -290,22 +309,24 @@ def _cell(piece: str) -> str:
 
 
 def lens_markdown(lens: dict, max_positions: int = 24) -> str:
-  """The logit lens as markdown: per layer the mean log rank of the targets, then the top-1
-  token per layer and position (the first `max_positions`), with the target's rank."""
+  """The logit lens as markdown: per layer the mean log rank of the scored targets (rank > 0),
+  then the top-1 token per layer and position (the first `max_positions`), with the target's
+  rank."""
   tokens, rows = lens["tokens"], lens["layers"]
   n = min(len(tokens), max_positions)
   scored = len(lens["target_tokens"])
   lines = [f"# Logit lens (target: the {lens['targets']})", "",
            "| layer | mean log2 rank | top-1 = target |", "|---|---|---|"]
   for row in rows:
-    ranks = np.asarray(row["rank"][:scored], np.float64)
-    lines.append(f"| {row['layer']} | {np.mean(np.log2(ranks)):.2f} | "
-                 f"{np.mean(ranks == 1):.2f} |")
+    ranks = np.asarray([r for r in row["rank"][:scored] if r > 0], np.float64)
+    figures = (f"{np.mean(np.log2(ranks)):.2f} | {np.mean(ranks == 1):.2f}" if ranks.size
+               else "– | –")  # (no position scored: a prefix LM's text alone)
+    lines.append(f"| {row['layer']} | {figures} |")
   lines += ["", "Top-1 token (target rank) per position:", "",
             "| layer | " + " | ".join(_cell(t) for t in tokens[:n]) + " |",
             "|---" * (n + 1) + "|"]
   for row in rows:
-    cells = [f"{_cell(row['top'][t][0])} ({row['rank'][t]})" if t < scored else
+    cells = [f"{_cell(row['top'][t][0])} ({row['rank'][t]})" if row["rank"][t] > 0 else
              _cell(row["top"][t][0]) for t in range(n)]
     lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
   if scored:

@@ -82,14 +82,15 @@ def attention_grids(result: dict, out: str) -> list:
 
 
 def logit_lens(lens: dict, path: str) -> str:
-  """Heat map of log2(rank) of each position's target per layer (0 = the lens's top token),
-  the layers' top-1 tokens written in the cells of short texts."""
+  """Heat map of log2(rank) of each position's target per layer (0 = the lens's top token;
+  blank where not scored: rank 0, a prefix LM's prefix), the layers' top-1 tokens written in the
+  cells of short texts."""
   rows = lens["layers"]
   scored = len(lens["target_tokens"])
   ranks = np.asarray([r["rank"][:scored] for r in rows], np.float64).reshape(len(rows), scored)
   fig, ax = plt.subplots(figsize=(2 + 0.45 * max(scored, 4), 1.2 + 0.45 * len(rows)))
-  image = ax.imshow(np.log2(np.maximum(ranks, 1)), cmap="magma_r", aspect="auto",
-                    interpolation="nearest")
+  image = ax.imshow(np.ma.masked_less(np.log2(np.maximum(ranks, 0.5)), 0), cmap="magma_r",
+                    aspect="auto", interpolation="nearest")
   if scored <= 32:
     for i, row in enumerate(rows):
       for t in range(scored):

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from transformer_jax.config import ConfigError
+from transformer_jax.data import objectives
 from transformer_jax.evaluation import harness
 from transformer_jax.evaluation import interpret
 from transformer_jax.evaluation import scoring
@@ -58,7 +59,7 @@ def read_labelled(path: str, field: str = "text", label_field: str = "label",
 
 def features(trainer, params, tokenizer, texts, *, batch_size: int = 0) -> np.ndarray:
   """float32 [layers, N, D]: each text's residual stream at every layer, mean-pooled over its
-  tokens (an encoder-decoder's encoder)."""
+  tokens (an encoder-decoder's encoder; a prefix LM reads the text as its prefix)."""
   config, model = trainer.config, families.for_inference(trainer.model)  # as scoring runs it
   encdec = config.model.family == "encdec"
   ids = [interpret.encode(config, tokenizer, t) for t in texts]
@@ -72,9 +73,12 @@ def features(trainer, params, tokenizer, texts, *, batch_size: int = 0) -> np.nd
     if encdec:  # the encoder's inputs in the model's INPUTS order; the decoder is not run
       arrays = (tokens, tokens[:, :1], segments, positions, segments[:, :1], positions[:, :1])
     arrays = tuple(jax.device_put(a, trainer.batch_sharding) for a in arrays)
+    prefix = None  # a prefix LM reads each text as its prefix, both ways (as a prompt)
+    if objectives.flag(config.data, "PREFIX"):
+      prefix = jax.device_put((segments > 0).astype(np.int32), trainer.batch_sharding)
     with sharding.context(trainer.mesh, trainer.rules):
       _, embedded, sown = interpret.forward(model, params, arrays, probs=False,
-                                            encoder_only=encdec)
+                                            encoder_only=encdec, prefix_BT=prefix)
     stream = interpret.residual_stream(embedded, sown, "encoder" if encdec else "")
     pooled = jax.device_get(_pool(jnp.stack(stream), jnp.asarray(segments)))
     out.append(pooled[:, :len(chunk)])
