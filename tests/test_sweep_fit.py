@@ -222,6 +222,22 @@ def test_report_for_an_n_by_d_grid(tmp_path):
   paths = report.write(str(tmp_path), runs, fit, "grid.jsonl")
   assert all(os.path.getsize(p) > 0 for p in paths) and len(paths) == 6
   assert "No exponents" in (tmp_path / "report.md").read_text()
+  assert fit["approach3"]["at_bound"] == [] and "warning" not in fit_lib.predict(fit, 1e22)
+
+
+def test_an_exponent_the_runs_do_not_pin_is_said_not_predicted_silently(tmp_path):
+  """Losses flat in N (L = 2 + 400/D^0.3): alpha goes to its bound (4) and N_opt follows from the
+  bound. The fit, its summary, report.md and predict say so (N_opt 135 was printed, no word)."""
+  from transformer_jax.sweep import report  # pylint: disable=g-import-not-at-top
+  params, tokens = (x.ravel() for x in np.meshgrid(np.geomspace(1e6, 1e8, 3),
+                                                   np.geomspace(1e8, 1e10, 3)))
+  runs = fit_lib.make_runs(params, tokens, 2.0 + 400.0 / tokens ** 0.3)
+  fit = fit_lib.fit_runs(runs, bootstrap=4)
+  assert fit["approach3"]["at_bound"] == ["alpha"]
+  assert "alpha sit on the fit's bound" in fit_lib.predict(fit, 1e20)["warning"]
+  assert "alpha sit on the fit's bound" in report.text_summary(fit)
+  report.write(str(tmp_path), runs, fit, "flat.jsonl")
+  assert "alpha sit on the fit's bound" in (tmp_path / "report.md").read_text()
 
 
 # --- The CLI --------------------------------------------------------------------------------------

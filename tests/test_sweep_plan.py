@@ -72,6 +72,21 @@ def test_token_counts_that_round_to_one_step_count_make_one_run(tmp_path):
   assert len({r.steps for r, _ in runs}) == len(runs) == 2 and len(dropped) == 1
 
 
+@pytest.mark.parametrize("change, message", [
+    ("s.budgets = [5e12, 5.004e12]\n  s.sizes = [1e5]",
+     r"two runs get the name C5e12_N1e05: 619 and 620 steps at budgets 5e\+12 and 5.004e\+12"),
+    ("s.grid = 'nd'\n  del s['budgets']\n  s.sizes = [1e5]\n  s.tokens = [4879 * 2048, "
+     "4880 * 2048]", "two runs get the name N1e05_D9.99e06: 4879 and 4880 steps .* tokens")])
+def test_two_runs_that_would_share_a_name_are_refused(tmp_path, change, message):
+  """Budgets or token counts equal to 3 significant figures but not to a step gave two runs one
+  name, so one workdir: one result was lost and `sweep run` relaunched the other forever."""
+  sweep = tmp_path / "clash.py"
+  sweep.write_text(open(SWEEP).read().replace("def get_sweep():", "def _original():") + (
+      f"\n\ndef get_sweep():\n  s = _original()\n  {change}\n  s.min_steps = 1\n  return s\n"))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    plan_lib.plan(str(sweep))
+
+
 @pytest.mark.parametrize("base, sizes", [("configs/llama.py:tiny", [1e5, 4e5, 1.6e6]),
                                          ("configs/t5.py:tiny", [4e5, 1.6e6, 6.4e6])])
 def test_every_size_gets_its_own_ffn_heads_and_depths(base, sizes, tmp_path):

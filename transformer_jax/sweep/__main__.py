@@ -82,6 +82,8 @@ def predict_command(argv):
   print(f"C = {flops:.4g} FLOPs, {result['level']:.0%} intervals:")
   for key in ("params", "tokens", "loss"):
     print(f"  {key:<7} {result[key]:.4g}  [{iv[key][0]:.4g}, {iv[key][1]:.4g}]")
+  if "warning" in result:
+    print(result["warning"])
   print(json.dumps(result))
 
 

@@ -263,16 +263,35 @@ def fit_parametric(runs: Runs, delta=HUBER_DELTA, starts=8, bootstrap=200, seed=
   draws = constants_of(samples)
   return {
       "constants": {k: float(v) for k, v in constants_of(theta).items()},
+      "at_bound": at_bound(theta),
       "intervals": {k: _interval(v, level) for k, v in draws.items()},
       "level": level, "huber_delta": delta, "objective": objective, "runs": len(runs),
       "bootstrap": {"resamples": bootstrap, "seed": seed,
                     "samples": {k: draws[k].tolist() for k in ("E", "A", "B", "alpha", "beta")}}}
 
 
+def at_bound(theta) -> list[str]:
+  """The exponents (alpha, beta) that the optimizer left on a bound of BOUNDS: the runs do not
+  pin them (e.g. a loss flat in N), and N_opt, D_opt follow from the bound, not from the data."""
+  return [THETA[i] for i in (3, 4)
+          if any(b is not None and abs(theta[i] - b) < 1e-6 for b in BOUNDS[i])]
+
+
+def bound_warning(fit3: dict) -> str:
+  """One line on a fit whose exponents sit on a bound ("" when none does)."""
+  names = fit3.get("at_bound") or []
+  if not names:
+    return ""
+  return (f"warning: {' and '.join(names)} sit on the fit's bound ({BOUNDS[3][0]:g} or "
+          f"{BOUNDS[3][1]:g}): the runs do not determine them, and the compute-optimal N and D "
+          "follow from the bound, not the data (vary what the loss does not yet depend on)")
+
+
 def _interval(samples, level):
   """The central `level` percentile interval; a degenerate resample's nan is left out."""
   tail = 100 * (1 - level) / 2
-  return [float(np.nanpercentile(samples, tail)), float(np.nanpercentile(samples, 100 - tail))]
+  with np.errstate(invalid="ignore"):  # (inf - inf between infinite samples: an unpinned fit's)
+    return [float(np.nanpercentile(samples, tail)), float(np.nanpercentile(samples, 100 - tail))]
 
 
 def holdout_check(runs: Runs, delta=HUBER_DELTA, rtol=BUDGET_RTOL):
@@ -424,6 +443,8 @@ def predict(fit: dict, flops: float) -> dict:
             "tokens_per_param": float(tokens / params), "level": fit3["level"],
             "intervals": {k: _interval(s, fit3["level"])
                           for k, s in zip(("params", "tokens", "loss"), samples)}}
+  if bound_warning(fit3):
+    result["warning"] = bound_warning(fit3)
   fit2 = fit.get("approach2") or {}
   if fit2.get("a") is not None:
     result["approach2"] = {"params": fit2["params_coef"] * flops ** fit2["a"],

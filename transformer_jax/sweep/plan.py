@@ -162,6 +162,14 @@ def plan(sweep_path: str):
       dropped.append((name, f"size {target:.3g}" + ("" if budget else f", {tokens:.3g} tokens")
                       + f" make the same run as {same[0]}"))
       continue
+    clash = [r for r, _ in runs if r.name == name]
+    if clash:  # one workdir for two runs: one result would be lost, the other rerun forever
+      other = clash[0]
+      raise ConfigError(
+          f"two runs get the name {name}: {other.steps} and {steps} steps"
+          + (f" at budgets {other.budget:.6g} and {budget:.6g}" if budget else "")
+          + " (the names keep 3 significant figures): space the sweep's "
+          + ("budgets" if budget else "tokens") + " further apart")
     config.train.steps = steps
     config.optimizer.learning_rate = lr
     config.optimizer.warmup_steps = max(1, int(sweep.get("warmup_fraction", 0.05) * steps))

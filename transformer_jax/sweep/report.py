@@ -47,10 +47,10 @@ def _compute_range(runs):
 def _bootstrap_band(fit, flops, level):
   """Percentile bands of approach 3's compute-optimal (N, D, loss) at each C, over resamples."""
   draws = {k: np.asarray(v)[:, None] for k, v in fit["approach3"]["bootstrap"]["samples"].items()}
-  with np.errstate(all="ignore"):
-    samples = fit_lib.compute_optimal(draws, flops[None, :], fit["approach3"].get("cost"))
   tail = 100 * (1 - level) / 2
-  return [np.nanpercentile(s, [tail, 100 - tail], axis=0) for s in samples]
+  with np.errstate(all="ignore"):  # (degenerate resamples: nan; an unpinned fit's: inf too)
+    samples = fit_lib.compute_optimal(draws, flops[None, :], fit["approach3"].get("cost"))
+    return [np.nanpercentile(s, [tail, 100 - tail], axis=0) for s in samples]
 
 
 def plot_isoflop(path, runs, fit):
@@ -151,6 +151,8 @@ def _approach3_section(fit):
   for key, value in fit3["constants"].items():
     lines.append(f"| {key} | {_g(value)} | {_interval(fit3['intervals'][key])} | "
                  + " | ".join(_g(r[key]) for r in refs.values()) + " |")
+  if fit_lib.bound_warning(fit3):
+    lines += ["", "**" + fit_lib.bound_warning(fit3) + "**"]
   holdout = fit.get("holdout")
   if holdout:
     lines += ["", "Held-out check: refitted without the largest budget (C = "
@@ -265,6 +267,7 @@ def text_summary(fit) -> str:
            f"({fit3['level']:.0%} intervals, {fit3['bootstrap']['resamples']} resamples)"]
   lines += [f"  {key:<6} {_g(value):>10}  {_interval(fit3['intervals'][key])}"
             for key, value in fit3["constants"].items()]
+  lines += [fit_lib.bound_warning(fit3)] * bool(fit_lib.bound_warning(fit3))
   if fit2["a"] is None:
     lines.append(f"approach 2: {fit2['reason']}")
   else:
