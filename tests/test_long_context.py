@@ -65,6 +65,9 @@ def test_every_cpu_kernel_honours_the_window(causal):
     _check(fn, want, (q, k, v), tol=2e-5)
   # The window changes the result (the test would see a kernel that ignored it).
   assert not np.allclose(kernels["xla"](q, k, v), attention.reference(q, k, v, mask), atol=1e-3)
+  if causal:  # a window that does not divide T (128 = 2 x 48 + 32): padded blocks, still exact
+    _check(lambda *a: attention.attend("xla", *a, mask, causal=True, window=48),
+           _windowed_reference(mask, 48), (q, k, v), tol=2e-5)
 
 
 @pytest.mark.parametrize("window", [1, 4, 8])
@@ -177,7 +180,7 @@ def test_sparse_patterns_scanned_equal_unrolled_and_decode_through_the_cache():
 
 def test_windowed_training_memory_grows_linearly_with_length():
   """The compiled step's temporaries (CPU memory_analysis) double with the length under a
-  window; without one they grow faster (the T x T scores)."""
+  window, one it does not divide too; without one they grow faster (the T x T scores)."""
   def temp_bytes(t, window):
     cfg = _cfg(attention_window=window, num_layers=1, max_len=t)
     model = DecoderLM(cfg)
@@ -188,9 +191,10 @@ def test_windowed_training_memory_grows_linearly_with_length():
 
   windowed = [temp_bytes(t, 64) for t in (512, 1024, 2048)]
   full = [temp_bytes(t, 0) for t in (1024, 2048)]
-  print("windowed", windowed, "full", full)
+  odd = temp_bytes(2047, 64)  # a length the window does not divide (it fell back to T x T)
+  print("windowed", windowed, "full", full, "odd", odd)
   assert windowed[2] / windowed[1] < 2.3 and windowed[1] / windowed[0] < 2.3
-  assert full[1] / full[0] > 3
+  assert full[1] / full[0] > 3 and odd < 1.2 * windowed[2]
 
 
 # ------------------------------------------------------------------------------ ring attention

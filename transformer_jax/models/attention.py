@@ -169,9 +169,17 @@ def sparse_mask(t: int, s: int, window, q_offset, q_positions_BT, k_positions_BS
 
 
 def windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window: int):
-  """The reference under a causal sliding window, in query blocks of `window` rows (T divisible
-  by it): block c attends to key blocks c - 1 and c only, which hold every key its window can
-  reach, so the result is exact at O(T W) score work and memory."""
+  """The reference under a causal sliding window, in query blocks of `window` rows: block c
+  attends to key blocks c - 1 and c only, which hold every key its window can reach, so the
+  result is exact at O(T W) score work and memory. A T that `window` does not divide is padded up
+  to a multiple of it with keys no query sees (mask False) and queries cut off after."""
+  t = q_BTNGK.shape[1]
+  if t % window:
+    pad = -t % window
+    grow = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    out = windowed(grow(q_BTNGK), grow(k_BSNK), grow(v_BSNK),
+                   jnp.pad(mask_BTS, [(0, 0), (0, pad), (0, pad)]), window)
+    return out[:, :t]
   b, t, n, g, k = q_BTNGK.shape
   w, c = window, q_BTNGK.shape[1] // window
 
@@ -244,8 +252,7 @@ def attend(impl: str, q_BTNGK, k_BSNK, v_BSNK, mask_BTS, bias_BNGTS=None, *, cau
     window = 0  # the window holds every key
   if impl == "splash":
     return splash(q_BTNGK, k_BSNK, v_BSNK, segment_ids(mask_BTS), causal=causal, window=window)
-  if (impl == "xla" and static and window and causal and bias_BNGTS is None and t == s
-      and t % window == 0):
+  if impl == "xla" and static and window and causal and bias_BNGTS is None and t == s:
     return windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window)
   cudnn = impl == "cudnn"
   native = cudnn and static and window and causal and t == s  # cuDNN's own sliding window
