@@ -280,7 +280,7 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
 
 def test_config_values_transformers_would_read_otherwise():
   """What a config.json leaves implicit is read as transformers reads it: Mistral's absent
-  sliding_window is 4096; yarn's pretraining length is the top-level
+  sliding_window is 4096; yarn's and llama3's pretraining length is the top-level
   original_max_position_embeddings (Phi-3's), else rope's, else max_position_embeddings (it
   followed model.max_len, which an import may change); and dynamic RoPE's max_len is fixed."""
   from transformer_jax.convert import llama, mistral  # pylint: disable=g-import-not-at-top
@@ -290,6 +290,14 @@ def test_config_values_transformers_would_read_otherwise():
   assert llama.read_rope(yarn)["rope_original_max_len"] == 64
   assert llama.read_rope({**yarn, "original_max_position_embeddings": 16})[
       "rope_original_max_len"] == 16
+  llama3 = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+            "max_position_embeddings": 64}  # llama3 likewise (rope's 32 was read, or refused)
+  assert llama.read_rope(llama3)["rope_original_max_len"] == 32
+  assert llama.read_rope({**llama3, "original_max_position_embeddings": 16})[
+      "rope_original_max_len"] == 16
+  del llama3["rope_scaling"]["original_max_position_embeddings"]
+  assert llama.read_rope(llama3)["rope_original_max_len"] == 64
   values = hf_lib.hf_model_config({"model_type": "llama", "max_position_embeddings": 64,
                                    "rope_scaling": {"type": "dynamic", "factor": 2.0}})
   with pytest.raises(ConfigError, match="max_len"):

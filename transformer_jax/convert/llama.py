@@ -61,9 +61,13 @@ def read_rope(hf) -> dict:
     raise ValueError(f"rope_type={kind!r} is not supported; only {', '.join(ROPE_TYPES)}")
   if rope.get("partial_rotary_factor", 1.0) != 1.0 or rope.get("truncate", True) is False:
     raise ValueError("partial_rotary_factor != 1 or truncate=false is not supported")
+  max_len = hf.get("max_position_embeddings", 2048)
+  if kind in ("llama3", "yarn"):  # the pretraining length as transformers reads it: top-level
+    rope = dict(rope, original_max_position_embeddings=(  # (Phi-3's), rope's, else the table's
+        hf.get("original_max_position_embeddings")
+        or rope.get("original_max_position_embeddings") or max_len))
   needs = {"linear": ("factor",), "dynamic": ("factor",),
-           "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                      "original_max_position_embeddings")}.get(kind, ())
+           "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(kind, ())
   missing = [key for key in needs if rope.get(key) is None]
   if missing:
     raise ValueError(f"rope_type={kind!r} needs {', '.join(missing)} in rope_parameters")
@@ -71,10 +75,8 @@ def read_rope(hf) -> dict:
          "rope_scaling": ROPE_TYPES[kind]}
   out.update({ours: float(rope[key]) for key, ours in ROPE_KEYS.items()
               if rope.get(key) is not None})
-  if kind == "yarn":  # the pretraining length: top-level (Phi-3's), rope's, else the table's
-    max_len = hf.get("max_position_embeddings", 2048)
-    original = (hf.get("original_max_position_embeddings")
-                or rope.get("original_max_position_embeddings") or max_len)
+  if kind == "yarn":
+    original = rope["original_max_position_embeddings"]
     out.update(rope_factor=float(rope.get("factor") or max_len / original),
                rope_original_max_len=original)
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
