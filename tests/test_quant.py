@@ -192,6 +192,15 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   with pytest.raises(ConfigError, match="already holds config.json"):
     quantize.main([f"--workdir={workdir}", f"--out={other}", "--mode=int8"])
   assert (other / "config.json").read_text() == "{}" and not store.is_quantized(str(other))
+  for key in ("model.num_layers=1", "model.activation=relu", "data.tokenizer=x.model"):
+    with pytest.raises(ConfigError, match=f"--config.{key.split('=')[0]}: quantize keeps"):
+      quantize.main([f"--workdir={workdir}", f"--out={tmp_path / 'changed'}", "--mode=int8",
+                     f"--config.{key}"])  # (it dropped layer 1, or measured another model)
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  deeper = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", ["model.num_layers=3"])
+  with pytest.raises(ConfigError, match=r"has no parameter \['layer_2'\]"):  # (abstract leaves)
+    checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True).restore_params(
+        families.abstract_params(families.build_model(deeper)))
   from transformer_jax.training import lock  # pylint: disable=g-import-not-at-top
   (tmp_path / "busy").mkdir()
   with lock.hold(str(tmp_path / "busy")):  # another quantize writing there (a traceback)

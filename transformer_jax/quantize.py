@@ -8,7 +8,9 @@ output channel, or int4 with one per output channel and group of G input rows
 and quantized_param_bytes (the arrays), quantized_disk_bytes (W8/quantized on disk), eval_loss
 and quantized_eval_loss (the held-out loss of the same evaluation batches, eval.batches of them,
 before and after), the mode, group size and source step. `--config.KEY=VALUE` overrides the
-workdir's config for this command (e.g. --config.eval.batches=16); W8 keeps W's config.json."""
+workdir's config for this command (e.g. --config.eval.batches=16), but not the model or its
+tokenizer (model.* keys, but how a step runs, and data.tokenizer are refused); W8 keeps W's
+config.json."""
 
 import json
 

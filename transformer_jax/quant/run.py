@@ -17,6 +17,7 @@ from transformer_jax.quant import ptq
 from transformer_jax.quant import store
 from transformer_jax.training import checkpoint
 from transformer_jax.training import lock
+from transformer_jax.training import resume
 from transformer_jax.training.step import Trainer
 
 
@@ -27,6 +28,10 @@ def load_source(workdir: str, overrides=()):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
   if store.is_quantized(workdir):
     raise ConfigError(f"{workdir} is already quantized; quantize its source workdir instead")
+  for key in (kv.split("=", 1)[0] for kv in overrides):  # the checkpoint's model, as it is
+    if (key.startswith("model.") and key not in resume.EXECUTION_KEYS) or key == "data.tokenizer":
+      raise ConfigError(f"--config.{key}: quantize keeps the model and tokenizer the checkpoint "
+                        f"was trained with (it would quantize, measure and save another); drop it")
   config = config_lib.any_platform(cli.load_config(None, list(overrides), workdir))
   with config.unlocked():
     config.train.distill.teacher = ""  # a distilled student's teacher only matters in training

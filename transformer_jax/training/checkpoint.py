@@ -346,6 +346,13 @@ class Checkpoints:
         args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True))
+    missing = [jax.tree_util.keystr(path) for path, leaf in
+               jax.tree_util.tree_leaves_with_path(restored["params"])
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:  # (orbax leaves what the checkpoint lacks abstract)
+      raise ConfigError(f"checkpoint {step} in {self.directory} has no parameter "
+                        f"{missing[0]} of this config's model ({len(missing)} missing): the "
+                        f"config does not describe the checkpoint")
     return step, restored["params"]
 
   def wait(self):
