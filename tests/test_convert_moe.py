@@ -203,6 +203,9 @@ def _refused(path, tmp_path, words, **changes):
 def test_unsupported_checkpoints_are_refused_in_one_line(moe_ckpt, tmp_path):
   case, path, _, _ = moe_ckpt
   _refused(path, tmp_path, "hidden_act='gelu'", hidden_act="gelu")
+  experts = hf_lib.read_config(path)["num_local_experts" if case == "mixtral" else "num_experts"]
+  _refused(path, tmp_path, f"experts_per_token={experts + 1} exceeds model.num_experts={experts}",
+           num_experts_per_tok=experts + 1)  # (jax's top_k, a traceback)
   if case == "mixtral":
     _refused(path, tmp_path, "num_local_experts=0", num_local_experts=0)
     return

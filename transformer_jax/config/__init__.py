@@ -228,6 +228,13 @@ def _check_moe(m, sizes):
                       f"{sizes['expert']} (each device holds whole experts)")
 
 
+def check_model(m):
+  """The checks of model.* alone (RoPE, windows, experts) that need no mesh or data: for a
+  model built without a whole config (convert.hf.from_hf)."""
+  _check_long_context(m)
+  _check_moe(m, None)
+
+
 def sequence_size(mesh_cfg, num_devices: int | None = None) -> int:
   """The mesh's sequence axis (ICI x DCN): mesh.sequence=-1 fills it when the device count is
   known (else counts as 1), and mesh.dcn_sequence multiplies it."""

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.config import base
 from transformer_jax.config import paths
@@ -206,7 +207,9 @@ def from_hf(hf_dir: str, family: str = "", **overrides):
     hf = {**hf, "model_type": family}
   values = hf_model_config(hf, **overrides)
   defaults = base.get_config().model.to_dict()  # what config.json does not say
-  cfg = ModelConfig.from_config(ml_collections.ConfigDict({**defaults, **values}))
+  model = ml_collections.ConfigDict({**defaults, **values})
+  config_lib.check_model(model)  # (e.g. more experts per token than experts: a traceback)
+  cfg = ModelConfig.from_config(model)
   return MODELS[values["family"]](cfg), load_params(hf_dir, cfg, hf)
 
 
