@@ -462,6 +462,13 @@ def test_bert_t5_logits_match_transformers(hf_seq_ckpt):
     # Token types reach the embedding.
     no_types = {k: v for k, v in inputs.items() if k != "token_type_ids"}
     assert _max_diff(hf_forward(model, params, **no_types), ref, mask) > 1e-2
+    # Ids past a table are one line, as transformers' IndexError (NaN or wrapped logits before).
+    vocab, types = model.cfg.vocab_size, model.cfg.type_vocab_size
+    for key, bad, size in (("input_ids", vocab, vocab), ("input_ids", -1, vocab),
+                           ("token_type_ids", types, types)):
+      wrong = dict(inputs, **{key: np.full_like(np.asarray(inputs[key]), bad)})
+      with pytest.raises(ConfigError, match=rf"must be in \[0, {size}\): got {bad}$"):
+        hf_forward(model, params, **wrong)
   else:
     enc = params["encoder"]
     swapped = dict(params, encoder=dict(enc, layer_0=enc["layer_1"], layer_1=enc["layer_0"]))

@@ -295,6 +295,7 @@ def hf_forward(model, params, input_ids, attention_mask=None, position_ids=None,
   if family == "encoder":
     types = (np.zeros_like(ids) if token_type_ids is None
              else np.asarray(token_type_ids, np.int32).reshape(ids.shape))
+    _in_range("token_type_ids", types, max(model.cfg.type_vocab_size, 1))
     out = _apply(model, params, ids, seg, pos, types)
   elif family == "encdec":
     if decoder_input_ids is None:
@@ -317,7 +318,16 @@ def _inputs(model, input_ids, attention_mask, position_ids):
          else np.broadcast_to(np.asarray(position_ids, np.int32), (b, t)))
   if model.cfg.position == "learned" and pos.max(initial=0) >= model.cfg.max_len:
     raise ConfigError(f"position {pos.max()} is beyond the model's {model.cfg.max_len} positions")
+  _in_range("input ids", ids, model.cfg.vocab_size)
   return ids, seg, pos
+
+
+def _in_range(name: str, ids, size: int):
+  """A one-line error for ids outside [0, size) (a lookup gives NaN past the table and wraps
+  below it; transformers raises an IndexError)."""
+  bad = ids[(ids < 0) | (ids >= size)]
+  if bad.size:
+    raise ConfigError(f"{name} must be in [0, {size}): got {int(bad.flat[0])}")
 
 
 @functools.partial(jax.jit, static_argnames="model")
