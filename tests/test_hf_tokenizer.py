@@ -156,6 +156,15 @@ def test_a_resume_reads_tokenizer_config_json_too(made, tmp_path):
   assert tokenization.load(str(where)).eos_id != tokenization.load(str(made[1]["gpt2"])).eos_id
   assert [d[:40] for d in resume.workdir_mismatch(config, str(workdir))] == [
       f"the tokenizer data.tokenizer='{where}"[:40]]
+  # A bare tokenizer.json, then a special_tokens_map.json beside it naming another eos: its
+  # identity was the file's plain SHA-256, which resume takes as an old workdir's (no change).
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    (where / name).unlink(missing_ok=True)
+  (workdir / resume.TOKENIZER_SHA).write_text(tfds_text.tokenizer_identity(str(where)) + "\n")
+  assert resume.workdir_mismatch(config, str(workdir)) == []
+  (where / "special_tokens_map.json").write_text(json.dumps({"eos_token": "a"}))
+  assert [d[:40] for d in resume.workdir_mismatch(config, str(workdir))] == [
+      f"the tokenizer data.tokenizer='{where}"[:40]]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "bert"])

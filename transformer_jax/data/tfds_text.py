@@ -308,11 +308,14 @@ def tokenizer_sha256(path: str) -> str:
 
 def tokenizer_identity(path: str) -> str:
   """A SHA-256 of what decides a tokenizer's ids: its file's content, and for a Hugging Face
-  tokenizer the tokenizer_config.json beside it (which names bos, eos and pad)."""
+  tokenizer the tokenizer_config.json (and special_tokens_map.json) beside it, which name bos,
+  eos and pad. A Hugging Face one's is never its file's plain SHA-256, even with no config
+  beside it: resume takes that as a workdir's from before stop 37, so a config added later would
+  have gone unseen."""
   sha = tokenizer_sha256(path)
-  config = hf_tokenization.config_beside(path) if hf_tokenization.is_hf(path) else {}
-  if config:
-    sha = hashlib.sha256((sha + json.dumps(config, sort_keys=True)).encode("utf-8")).hexdigest()
+  if hf_tokenization.is_hf(path):
+    config = json.dumps(hf_tokenization.config_beside(path), sort_keys=True)
+    sha = hashlib.sha256((sha + config).encode("utf-8")).hexdigest()
   return sha
 
 
