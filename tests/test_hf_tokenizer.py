@@ -266,6 +266,18 @@ def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny
   convert_cli.main(["export", "--workdir", str(workdir), "--hf_dir", str(out)])
   again = transformers.AutoTokenizer.from_pretrained(str(out))
   assert again.encode(texts[0]) == theirs.encode(texts[0])
+  # data.tokenizer=DIR/mine.json beside another tokenizer.json: that file is exported, with the
+  # config beside it (the other tokenizer.json was copied)
+  mixed = tmp_path / "mixed"
+  shutil.copytree(dirs["llama"], mixed)
+  (mixed / "mine.json").write_bytes((dirs["gpt2"] / "tokenizer.json").read_bytes())
+  (mixed / "tokenizer_config.json").write_bytes(
+      (dirs["gpt2"] / "tokenizer_config.json").read_bytes())
+  config.data.tokenizer = str(mixed / "mine.json")
+  convert_cli._export_tokenizer(config, str(tmp_path / "mine"))  # pylint: disable=protected-access
+  for name, source in (("tokenizer.json", "mine.json"),
+                       ("tokenizer_config.json", "tokenizer_config.json")):
+    assert (tmp_path / "mine" / name).read_bytes() == (mixed / source).read_bytes(), name
 
 
 def test_a_files_saved_truncation_padding_null_bos_and_id_gaps_are_read_as_transformers_does(

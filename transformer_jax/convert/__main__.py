@@ -112,17 +112,19 @@ def _mask_padding(config, checkpoint_vocab: int):
     config.model.output_vocab = real
 
 
-def _copy_tokenizer(source_dir: str, out_dir: str) -> str:
-  """Copies a Hugging Face tokenizer (tokenizer.json and the files that name its special
-  tokens) from `source_dir` to `out_dir` (either may be gs://...); returns out_dir's absolute
-  path, or "" if there is none to copy."""
-  if not paths.isfile(paths.join(source_dir, "tokenizer.json")):
+def _copy_tokenizer(source_dir: str, out_dir: str, tokenizer_file: str = "") -> str:
+  """Copies a Hugging Face tokenizer (tokenizer.json, or `tokenizer_file` of another name as
+  tokenizer.json, and the files beside it that name its special tokens) from `source_dir` to
+  `out_dir` (either may be gs://...); returns out_dir's absolute path, or "" if there is none to
+  copy."""
+  sources = {name: paths.join(source_dir, name) for name in TOKENIZER_FILES}
+  sources["tokenizer.json"] = tokenizer_file or sources["tokenizer.json"]
+  if not paths.isfile(sources["tokenizer.json"]):
     return ""
   paths.makedirs(out_dir)
-  for name in TOKENIZER_FILES:
-    if paths.isfile(paths.join(source_dir, name)):
-      paths.path(paths.join(out_dir, name)).write_bytes(
-          paths.path(paths.join(source_dir, name)).read_bytes())
+  for name, source in sources.items():
+    if paths.isfile(source):
+      paths.path(paths.join(out_dir, name)).write_bytes(paths.path(source).read_bytes())
   return paths.abspath(out_dir)
 
 
@@ -192,10 +194,8 @@ def _export_tokenizer(config, hf_dir: str) -> None:
   if not tokenizer:
     return
   if hf_tokenization.is_hf(tokenizer):
-    source = hf_tokenization.path_of(tokenizer)
-    if not _copy_tokenizer(paths.dirname(source), hf_dir):  # a .json of another name
-      paths.makedirs(hf_dir)
-      paths.write_text(paths.join(hf_dir, hf_tokenization.FILE), paths.read_text(source))
+    source = hf_tokenization.path_of(tokenizer)  # (a .json of another name: that file)
+    _copy_tokenizer(paths.dirname(source), hf_dir, tokenizer_file=source)
     return
   paths.makedirs(hf_dir)
   files = hf_tokenization.from_sentencepiece(paths.path(tokenizer).read_bytes(),
