@@ -185,6 +185,23 @@ def test_the_sentence_rule_finds_sentences_with_every_decoder(made, tmp_path, ki
       "The cat sat on the mat.", "The dog ran to it!", "Is it here?", "Yes it is."]
 
 
+def test_control_pieces_in_a_prompt_are_read_as_transformers_reads_the_prompt(made, tmp_path):
+  """A Metaspace that prepends its "▁" to the input's first section only (Llama-2's): the text
+  after a control piece got one as well (encoded alone); RoBERTa's <mask> (and [MASK], our
+  notation for the mask) in a prompt is the mask's id (it was read as text: fill_mask refused)."""
+  tok = tokenizers.Tokenizer.from_file(str(made[1]["llama"] / "tokenizer.json"))
+  tok.add_special_tokens(["<extra_id_0>", "<mask>"])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  ours = tokenization.load(str(tmp_path))
+  theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+  for text in ("x<extra_id_0>y", "<extra_id_0> def f(x):", "a<mask>b", "import os<mask>"):
+    assert tokenization.with_control_pieces(ours, text) == theirs.encode(
+        text, add_special_tokens=False), text
+  assert tokenization.with_control_pieces(ours, "a[MASK]b") == theirs.encode(
+      "a<mask>b", add_special_tokens=False)
+  assert ours.mask_id == theirs.convert_tokens_to_ids("<mask>")
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_ids_and_specials_are_transformers(made, kind):
   texts, dirs = made

@@ -42,12 +42,8 @@ class HFTokenizer:
 
   def __init__(self, data: str, config: dict | None = None):
     self._data, self._config = data, dict(config or {})
-    self._tok = tokenizers.Tokenizer.from_str(data)
-    self._tok.encode_special_tokens = True  # a special token's name in the text is text
-    # A file saved with truncation or padding on would cut every document to its max_length
-    # and pad encode_batch's rows (transformers turns both off on each call unless asked).
-    self._tok.no_truncation()
-    self._tok.no_padding()
+    self._tok = _backend(data)
+    self._after = None  # encode_after's, made when first asked for
     # the highest id + 1 (a vocabulary with gaps in its ids has fewer tokens than that)
     self._size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
     spec = json.loads(data)
@@ -135,6 +131,17 @@ class HFTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
+  def encode_after(self, text: str) -> list[int]:
+    """`text`'s ids as a section that follows other text in one input (after a control piece
+    of a prompt): a Metaspace pre-tokenizer that puts its "▁" before the input's first section
+    only (prepend_scheme "first": Llama-2's and Mistral's, legacy off) puts none here, as
+    transformers encodes the whole prompt."""
+    if self._after is None:
+      spec = json.loads(self._data)
+      self._after = _backend(json.dumps(spec)) if _no_first_prepend(
+          spec.get("pre_tokenizer")) else self._tok
+    return self._after.encode(text, add_special_tokens=False).ids
+
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -142,6 +149,29 @@ class HFTokenizer:
     n = self.vocab_size
     kept = [i for i in map(int, ids) if 0 <= i < n and i not in self._skip]
     return self._tok.decode(kept, skip_special_tokens=False)
+
+
+def _backend(data: str) -> tokenizers.Tokenizer:
+  tok = tokenizers.Tokenizer.from_str(data)
+  tok.encode_special_tokens = True  # a special token's name in the text is text
+  # A file saved with truncation or padding on would cut every document to its max_length and
+  # pad encode_batch's rows (transformers turns both off on each call unless asked).
+  tok.no_truncation()
+  tok.no_padding()
+  return tok
+
+
+def _no_first_prepend(pre) -> bool:
+  """Turns a Metaspace's prepend_scheme "first" (in `pre`, a tokenizer.json pre_tokenizer, or
+  a Sequence of them) to "never", in place; whether there was one."""
+  if not isinstance(pre, dict):
+    return False
+  if pre.get("type") == "Sequence":
+    return any([_no_first_prepend(p) for p in pre.get("pretokenizers", [])])
+  if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+    pre["prepend_scheme"] = "never"
+    return True
+  return False
 
 
 def config_beside(path: str) -> dict:

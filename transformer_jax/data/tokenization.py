@@ -70,17 +70,22 @@ def special_pieces(spec: str) -> list[str]:
   return list(dict.fromkeys(pieces))
 
 
-_CONTROL = r"\[MASK\]|<extra_id_\d+>|\[[RSX]\]"
+_CONTROL = r"\[MASK\]|<mask>|<extra_id_\d+>|\[[RSX]\]"
 
 
 def with_control_pieces(tok, text: str) -> list[int]:
   """Ids of `text` where the control pieces ([MASK], <extra_id_N>, [R]/[S]/[X]) written in it
-  become their ids, as a prompt means them (encoding plain text never produces them)."""
-  ids = []
+  become their ids, as a prompt means them (encoding plain text never produces them): [MASK]
+  is the tokenizer's mask whatever its piece (RoBERTa's <mask>, which is read too). Text after
+  the start is encoded as a later section of one input (HFTokenizer.encode_after)."""
+  ids, at = [], 0
   for part in re.split(f"({_CONTROL})", text):
     if part:
-      piece = tok.piece_id(part) if re.fullmatch(_CONTROL, part) else -1
-      ids += [piece] if piece >= 0 else tok.encode(part)
+      piece = -1 if not re.fullmatch(_CONTROL, part) else (
+          tok.mask_id if part == "[MASK]" else tok.piece_id(part))
+      ids += [piece] if piece >= 0 else (
+          getattr(tok, "encode_after", tok.encode)(part) if at else tok.encode(part))
+    at += len(part)
   return ids
 
 
