@@ -570,6 +570,18 @@ def test_reading_commands_take_a_run_in_the_bucket(gcs, tiny_data, reference, ca
   assert not os.path.exists("gs:")
 
 
+def test_the_tokenizer_command_sees_a_tokenizer_in_the_bucket(gcs, tiny_data):
+  """--if_missing with a gs:// --out that exists does nothing (os.path.exists said no: it
+  retrained over a .model, and refused a tokenizer.json, exit 2, which stopped a launch)."""
+  from transformer_jax import tokenizer as tokenizer_cli  # pylint: disable=g-import-not-at-top
+  model = open(tiny_data["tokenizer"], "rb").read()
+  for out in (f"gs://{BUCKET}/tokenizers/tiny.model", f"gs://{BUCKET}/hf/tokenizer.json"):
+    paths.path(out).write_bytes(model)
+    assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=300", f"--out={out}",
+                               "--if_missing"]) == 0
+    assert paths.path(out).read_bytes() == model
+
+
 def test_the_compilation_cache_in_the_bucket(gcs):
   """TJAX_CACHE_DIR=gs://...: JAX stores a compiled program in the bucket and a fresh cache
   (another host, or the next start) loads it from there."""

@@ -21,7 +21,6 @@ model.vocab_size pieces and the control pieces its data.objective needs); --if_m
 nothing when that file exists (what launch/local.sh runs before training).
 """
 
-import os
 import sys
 import time
 
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
     if overrides and not spec:
       raise ConfigError(f"--config.{overrides[0]} needs --config=FILE.py[:ARG]")
     args = from_config(spec, overrides, flags) if spec else flags
-    if args["if_missing"] and args["out"] and os.path.exists(args["out"]):
+    if args["if_missing"] and args["out"] and paths.exists(args["out"]):  # (gs:// too)
       return 0
     run(args)
   except ConfigError as e:
