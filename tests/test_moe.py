@@ -224,6 +224,20 @@ def test_capacity_drops_what_the_formula_says(factor, t):
   assert float(jnp.abs(y[:, int(cap):]).max()) == 0.0
 
 
+def test_capacity_is_exact_and_padding_alone_drops_nothing():
+  """ceil(100 x 1 x 1.1 / 2) is 55 slots (floats said 110.00000000000001 / 2: 56); a capacity
+  layer that sees only padding reports 0 dropped, as the dropless one does (it said 100 %)."""
+  assert moe.capacity(_cfg(num_experts=2, experts_per_token=1, expert_capacity_factor=1.1),
+                      100) == 55
+  assert moe.capacity(_cfg(num_experts=8, experts_per_token=2, expert_capacity_factor=2.2),
+                      100) == 55
+  for factor in (1.0, 0.0):
+    module, params, x = _layer(_cfg(expert_capacity_factor=factor))
+    _, sown = module.apply({"params": params}, x, mutable=["moe"],
+                           segment_ids_BT=jnp.zeros(x.shape[:2], jnp.int32))
+    assert float(sown["moe"]["dropped"][0]) == 0.0, factor
+
+
 def test_router_losses_equal_their_formulas_and_reach_the_router():
   cfg = _cfg(num_experts=6, experts_per_token=2)
   module, params, x = _layer(cfg, b=2, t=16)
@@ -310,6 +324,7 @@ def test_experts_are_sharded_over_the_expert_axis():
 
 @pytest.mark.parametrize("override, message", [
     ("model.experts_per_token=5", "model.experts_per_token=5 exceeds model.num_experts=4"),
+    ("model.shared_expert_gate=True", "model.shared_expert_gate gates the shared experts"),
     ("model.expert_capacity_factor=-1.0", "model.expert_capacity_factor must be >= 0"),
     ("mesh.expert=3", "model.num_experts=4 is not divisible by mesh.expert=3"),
     ("model.scan_layers=True", "model.scan_layers needs every layer alike"),

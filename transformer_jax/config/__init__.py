@@ -215,6 +215,9 @@ def _check_moe(m, sizes):
   if m.moe_every > deepest:
     raise ConfigError(f"model.moe_every={m.moe_every} exceeds the {deepest} layers of the "
                       f"deepest stack: no layer would get experts")
+  if m.shared_expert_gate and not m.num_shared_experts:
+    raise ConfigError("model.shared_expert_gate gates the shared experts: set "
+                      "model.num_shared_experts > 0, or leave the gate off")
   if m.experts_per_token > m.num_experts:
     raise ConfigError(f"model.experts_per_token={m.experts_per_token} exceeds "
                       f"model.num_experts={m.num_experts}")

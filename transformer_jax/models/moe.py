@@ -55,8 +55,10 @@ def is_moe_layer(c: layers.ModelConfig, i: int) -> bool:
 
 
 def capacity(c: layers.ModelConfig, t: int) -> int:
-  """Slots per expert in a group (row) of t tokens: ceil(t K factor / E), at most t."""
-  return min(math.ceil(t * c.experts_per_token * c.expert_capacity_factor / c.num_experts), t)
+  """Slots per expert in a group (row) of t tokens: ceil(t K factor / E), at most t (rounded to
+  9 digits first: 100 x 1.1 is 110.00000000000001 in floats, one slot too many)."""
+  exact = round(t * c.experts_per_token * c.expert_capacity_factor / c.num_experts, 9)
+  return min(math.ceil(exact), t)
 
 
 def route(c: layers.ModelConfig, logits_BTE):
@@ -91,13 +93,13 @@ def router_stats(c: layers.ModelConfig, logits_BTE, probs_BTE, experts_BTK, slot
   tokens = jnp.maximum(jnp.sum(w_BT), 1.0)
   counts_E = jnp.einsum("btke,bt->e", jax.nn.one_hot(experts_BTK, e, dtype=jnp.float32), w_BT)
   assigned = jnp.maximum(jnp.sum(counts_E), 1.0)
-  kept = assigned if slots_BTK is None else jnp.sum(
+  kept = jnp.sum(counts_E) if slots_BTK is None else jnp.sum(  # (none on padding alone)
       (slots_BTK < capacity(c, slots_BTK.shape[1])) * w_BT[..., None])
   mean_prob_E = jnp.einsum("bte,bt->e", probs_BTE, w_BT) / tokens
   log_z_BT = jax.nn.logsumexp(logits_BTE, axis=-1)
   return {"aux_loss": e * jnp.sum(counts_E / assigned * mean_prob_E),
           "z_loss": jnp.sum(jnp.square(log_z_BT) * w_BT) / tokens,
-          "dropped": 1.0 - kept / assigned,
+          "dropped": (jnp.sum(counts_E) - kept) / assigned,
           "load": jnp.max(counts_E) / jnp.maximum(jnp.mean(counts_E), 1e-9)}
 
 
