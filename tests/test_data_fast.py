@@ -295,3 +295,12 @@ def test_a_data_position_saved_before_the_hashed_order_seeds_resumes_in_its_orde
     expected, again = _take(fresh, 3), pipeline.make_train_iterator(c)
     handler.restore(tmp_path / "again", args=checkpoint.DataRestore(again))
     _assert_same(expected, _take(again, 3))
+
+
+def test_only_replaced_bytes_count_as_invalid_utf8(tmp_path):
+  """A U+FFFD written in the text is valid UTF-8: not counted (counting the character's presence
+  took it for a replaced byte); the invalid byte is."""
+  (tmp_path / "t.lines").write_bytes("a \ufffd\n".encode() + b"c \xff\n")
+  skipped = corpus_lib.SkipCounts()
+  docs = list(corpus_lib.iter_documents(str(tmp_path / "t.lines"), "lines", skipped=skipped))
+  assert [t for _, t in docs] == ["a \ufffd", "c \ufffd"] and skipped.invalid_utf8_docs == 1

@@ -140,8 +140,21 @@ def _looks_binary(head: bytes) -> bool:
   return b"\0" in head[:_BINARY_PROBE_BYTES]
 
 
+_REPLACED = [0]  # invalid byte sequences (or lone surrogates) replaced by U+FFFD so far
+
+
+def _count_replaced(error: UnicodeError):
+  """The "replace" error handler that also counts (a U+FFFD written in the text is no invalid
+  UTF-8: the SkipCounts count replacements, not the character)."""
+  _REPLACED[0] += 1
+  return "\ufffd", error.end
+
+
+codecs.register_error("tjax_replace", _count_replaced)
+
+
 def _decode(data: bytes) -> str:
-  return data.decode("utf-8", errors="replace")
+  return data.decode("utf-8", errors="tjax_replace")
 
 
 def _open(path: str):
@@ -160,7 +173,7 @@ def _text_docs(file: CorpusFile) -> Iterator[tuple[str, str]]:
 
 def _decoded(blocks: Iterator[bytes]) -> Iterator[str]:
   """UTF-8 text of consecutive byte blocks (a character may span two); invalid bytes -> U+FFFD."""
-  decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+  decoder = codecs.getincrementaldecoder("utf-8")(errors="tjax_replace")
   for block in blocks:
     yield decoder.decode(block)
   yield decoder.decode(b"", final=True)
@@ -259,7 +272,7 @@ def _field(record: dict, key: str, field: str, where: str) -> str:
   try:
     text.encode("utf-8")
   except UnicodeEncodeError:  # a lone surrogate escape ("\ud83d"): U+FFFD, as invalid UTF-8
-    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "tjax_replace")
   return text
 
 
@@ -388,14 +401,17 @@ def _pairs(files, fmt, source_field, target_field, counts):
 
 def _kept(files, counts: SkipCounts, read) -> Iterator[tuple]:
   """The `(id, text, ...)` items `read(file)` gives for each non-binary file, those with an empty
-  text left out; `counts` counts what was skipped (and texts with invalid UTF-8)."""
+  text left out; `counts` counts what was skipped (and texts with invalid UTF-8: replacements
+  made while an item was read; a long document's piece may take its neighbour's)."""
   for file in files:
     if _is_binary_file(file.path):
       counts.binary_files += 1
       continue
+    seen = _REPLACED[0]
     for item in read(file):
+      replaced, seen = _REPLACED[0] > seen, _REPLACED[0]
       if all(text.strip() for text in item[1:]):
-        counts.invalid_utf8_docs += any("\ufffd" in text for text in item[1:])
+        counts.invalid_utf8_docs += replaced and any("\ufffd" in text for text in item[1:])
         yield item
       else:
         counts.empty_docs += 1
