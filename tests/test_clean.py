@@ -185,6 +185,16 @@ def test_near_duplicates_are_removed_by_their_similarity_not_by_band_collisions(
           assert out == ("near", agree / 128) and agree / 128 >= 0.8
           removed[label] = removed.get(label, 0) + 1
   assert removed.get("0.86", 0) >= 54 and removed.get("0.73", 0) <= 2, removed
+  # A match of several kept documents is named by the first kept (ids sorted as strings named
+  # d:10 before d:9)
+  text = " ".join(f"w{rng.randrange(10 ** 6)}" for _ in range(50))
+  docs = [{"id": f"d:{i}", "text": text} for i in (9, 10, 11)]
+  for doc in docs:
+    near.analyze(doc)
+  assert near.decide(docs[0]) is None
+  near.keep(docs[0])
+  near.keep(docs[1])  # (kept, as a document below the threshold would be)
+  assert near.decide(docs[2]) == ("near", 1.0) and docs[2]["duplicate_of"] == "d:9"
 
 
 def test_quality_rules_read_any_line_ending_and_passage_order():

@@ -92,10 +92,11 @@ class Near(stage_lib.Stage):
     self.permutations = MinHash(num_perm=num_perm, seed=seed).permutations
     self.lsh = None  # built in the main process only (decide)
     self.kept = {}  # id -> signature (uint32: MinHash values are < 2^32) of each kept document
+    self.rank = {}  # id -> its place in the corpus order among the kept
     self.trace = stage_lib.Trace()
 
   def __getstate__(self):  # Workers get the permutations, never the index.
-    return dict(self.__dict__, lsh=None, kept={})
+    return dict(self.__dict__, lsh=None, kept={}, rank={})
 
   def analyze(self, doc: dict) -> None:
     grams = shingles(doc["text"], self.ngram)
@@ -116,7 +117,8 @@ class Near(stage_lib.Stage):
     m = LeanMinHash(seed=self.seed, hashvalues=doc["signature"])
     signature = np.asarray(doc["signature"], np.uint32)
     similar = {i: float(np.mean(self.kept[i] == signature)) for i in self.lsh.query(m)}
-    matches = sorted(i for i, s in similar.items() if s >= self.threshold)
+    matches = sorted((i for i, s in similar.items() if s >= self.threshold),
+                     key=self.rank.__getitem__)  # duplicate_of: the first kept, in corpus order
     self.trace.step(bool(matches))
     if matches:
       doc["duplicate_of"] = matches[0]
@@ -130,6 +132,7 @@ class Near(stage_lib.Stage):
     self.lsh.insert(doc["id"], LeanMinHash(seed=self.seed, hashvalues=signature),
                     check_duplication=False)
     self.kept[doc["id"]] = signature
+    self.rank[doc["id"]] = len(self.rank)
 
   def summary(self):
     return {"lsh_bands": self._bands()[0], "lsh_rows": self._bands()[1]}
