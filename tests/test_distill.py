@@ -240,6 +240,20 @@ def test_bad_teachers_fail_in_one_line(tiny_data, tmp_path, extra, message):
     distill.load(bad, None, ())
 
 
+def test_a_workdir_teachers_record_of_its_tokenizer_decides(tiny_data, tmp_path):
+  """WORKDIR/tokenizer.sha256, not the file now at the teacher's data.tokenizer: a teacher trained
+  on another machine (its path gone) with the student's tokenizer passes (it was refused), one
+  whose tokenizer was since replaced at that path is refused (it passed)."""
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
+  tok, record = tiny_data["tokenizer"], tmp_path / resume.TOKENIZER_SHA
+  record.write_text(tfds_text.tokenizer_identity(tok) + "\n")
+  distill._same_tokenizer(tok, "/home/alice/tiny.model", str(tmp_path))  # pylint: disable=protected-access
+  record.write_text("0" * 64 + "\n")
+  with pytest.raises(ConfigError, match="was trained with another tokenizer .*tokenizer.sha256"):
+    distill._same_tokenizer(tok, tok, str(tmp_path))  # pylint: disable=protected-access
+
+
 def test_a_teacher_must_cover_the_rows_and_share_the_tokenizer(tiny_data, tmp_path):
   """A teacher whose learned positions end before the student's rows (its logits would be NaN
   past them and every such step skipped) and a Hugging Face teacher whose tokenizer gives other

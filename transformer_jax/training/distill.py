@@ -203,10 +203,22 @@ def hidden_mse(teacher: Teacher, student_sown, teacher_sown, projection, batch, 
 
 
 def _same_tokenizer(student: str, teacher: str, path: str):
-  """The same tokenizer: file content (and a Hugging Face one's tokenizer_config.json)."""
+  """The same tokenizer: file content (and a Hugging Face one's tokenizer_config.json). The
+  teacher workdir's record of the one it trained with decides (the file at its data.tokenizer
+  may since be another, or on another machine); a workdir without one, that file."""
+  from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
   def digest(p):
     exists = paths.isfile(tokenization.tokenizer_file(p))
     return tfds_text.tokenizer_identity(p) if exists else p
+  recorded = paths.join(path, resume.TOKENIZER_SHA)
+  if paths.isfile(recorded):
+    theirs, mine = paths.read_text(recorded).strip(), digest(student)
+    same = theirs == mine or (mine != student and theirs == tfds_text.tokenizer_sha256(student))
+    if not same:  # (a workdir from before stop 37 recorded the file's SHA-256 alone)
+      raise ConfigError(f"train.distill.teacher={path!r} was trained with another tokenizer "
+                        f"(its {resume.TOKENIZER_SHA}: {theirs[:12]}...) than the student's "
+                        f"data.tokenizer={student!r}")
+    return
   if digest(student) != digest(teacher):
     raise ConfigError(f"train.distill.teacher={path!r} was trained with tokenizer {teacher!r}, "
                       f"not the student's data.tokenizer={student!r}")
