@@ -196,6 +196,25 @@ def test_metrics_file_deleted_during_a_run_is_created_again(tmp_path):
     assert [json.loads(line) for line in f] == [{"step": 2, "loss": 0.5}]
 
 
+def test_a_full_disk_under_tensorboards_events_is_a_write_error(tmp_path):
+  """tensorboardX's close before a save (or at the end) raising ENOSPC is the one-line
+  WriteError (exit 4) that metrics.jsonl's gives; it was an OSError traceback (exit 1), when the
+  disk filled during an async save and the events came first."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+
+  def full():
+    raise OSError(errno.ENOSPC, "No space left on device")
+  for finish in ("flush", "close"):
+    (tmp_path / finish).mkdir()
+    w = metrics_lib.Writer(str(tmp_path / finish))
+    w.write(1, {"loss": 1.0})
+    real, w._tb.close = w._tb.close, full  # pylint: disable=protected-access
+    with pytest.raises(checkpoint.WriteError, match=r"tensorboard failed: .*No space left"):
+      getattr(w, finish)()
+    real()
+
+
 def test_the_metrics_writer_starts_without_importing_torch(tmp_path):
   """tensorboardX imports torch where it is installed (1.5 s of a warm two-step start here);
   the writer hides it, and torch imports as usual afterwards."""

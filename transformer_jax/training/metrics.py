@@ -109,11 +109,12 @@ class Writer:
     except OSError as e:
       self._failed(e)
 
-  def _failed(self, e: BaseException):
+  def _failed(self, e: BaseException, path: str = ""):
     from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
     fix = "fix the bucket or the connection to it" if self.remote else \
         "free space or fix the workdir"
-    raise checkpoint.WriteError(f"writing {self.path} failed: {paths.why(e, self.path)}; {fix}, "
+    path = path or self.path
+    raise checkpoint.WriteError(f"writing {path} failed: {paths.why(e, path)}; {fix}, "
                                 "then re-run the same command to resume from its latest "
                                 "checkpoint") from None
 
@@ -124,9 +125,12 @@ class Writer:
     were lost for good."""
     if self.enabled:  # tensorboardX's flush leaves its queue to a thread: close it, go on anew
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb.close()
-      self._reopened += 1  # a new name: the closed file's (time and host) may be this second's
-      self._tb = SummaryWriter(filename_suffix=f".{self._reopened}", **self._tb_args)
+      try:
+        self._tb.close()
+        self._reopened += 1  # a new name: the closed file's (time and host) may be this second's
+        self._tb = SummaryWriter(filename_suffix=f".{self._reopened}", **self._tb_args)
+      except OSError as e:  # a full disk: one line, as for metrics.jsonl (a traceback, exit 1)
+        self._failed(e, self._tb_args["logdir"])
     self._flush_lines()
 
   def _flush_lines(self):
@@ -151,8 +155,13 @@ class Writer:
           self._flush_lines()
         else:
           self._jsonl.close()
+      except OSError as e:
+        self._failed(e)
       finally:
-        self._tb.close()
+        try:
+          self._tb.close()
+        except OSError as e:
+          self._failed(e, self._tb_args["logdir"])
         if self._wandb is not None:
           import wandb  # pylint: disable=g-import-not-at-top
           self._wandb.finish()
