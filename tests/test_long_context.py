@@ -495,9 +495,12 @@ def test_a_sequence_axis_from_dcn_or_a_fill_is_checked_as_mesh_sequence():
     ("model.rope_scaling=yarn", "needs model.position=rotary"),
     ("model.rope_scaling=ntk", "model.rope_scaling='ntk' is not one of"),
     ("model.attention_window=-1", "model.attention_window must be >= 0"),
+    ("model.position=rotary model.attention_window=4 model.random_blocks=1 model.max_len=32",
+     "model.random_blocks are drawn over model.max_len=32's blocks in scoring and generation, "
+     "over data.seq_len=64's in training"),  # (its eval and generation: other blocks, silently)
 ])
 def test_bad_long_context_keys_are_one_line_errors(override, message):
-  config = config_lib.load("configs/gpt2.py:tiny", [override])
+  config = config_lib.load("configs/gpt2.py:tiny", override.split())
   with pytest.raises(ConfigError, match=re.escape(message)) as e:
     config_lib.validate(config)
   assert "\n" not in str(e.value)

@@ -294,6 +294,10 @@ def validate(config, num_devices: int | None = None):
     raise ConfigError(f"model.max_len={m.max_len} is shorter than data.seq_len="
                       f"{config.data.seq_len} (learned positions): set --config.data.seq_len="
                       f"{m.max_len} (or less), or a larger model.max_len for a new model")
+  if m.random_blocks and m.max_len < config.data.seq_len:  # (a bidirectional layer's draw)
+    raise ConfigError(f"model.random_blocks are drawn over model.max_len={m.max_len}'s blocks "
+                      f"in scoring and generation, over data.seq_len={config.data.seq_len}'s in "
+                      f"training: set model.max_len >= data.seq_len")
   if not 0 <= m.dropout_rate < 1:
     raise ConfigError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
   if m.attention_impl == "splash":  # the rest (platform, lengths) is checked at trace time
