@@ -293,6 +293,13 @@ def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path):
   assert again["loss"] == first["loss"] and again["eval_loss"] == first["eval_loss"]
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [2, 2, 4, 4]  # nothing appended
+  # A run its first step refuses (splash needs a TPU: found when tracing) leaves config.json as
+  # it was: it saved its own, and the plain resume command then failed with it every time
+  saved = (tmp_path / "config.json").read_text()
+  splash = _config(tiny_data, **{"train.steps": 6, "model.attention_impl": "splash"})
+  with pytest.raises(ConfigError, match="needs a TPU"):
+    loop.train(splash, str(tmp_path), quiet=True, devices=ONE())
+  assert (tmp_path / "config.json").read_text() == saved
 
 
 def test_no_held_out_documents_is_said_and_never_logged_as_a_perfect_eval(tiny_data, tmp_path,

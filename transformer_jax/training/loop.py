@@ -9,6 +9,7 @@ import numpy as np
 import tqdm
 
 from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.data import mixture
 from transformer_jax.data import pipeline
@@ -65,6 +66,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   new_data = lambda: pipeline.make_train_iterator(c, rows)  # pylint: disable=unnecessary-lambda-assignment
   data = new_data()
   data_writes = None if distributed.data_writers(all_rows, jax.process_index()) else ()
+  before = resume.written_files(workdir) if lead else {}
   start, state, ckpts = resume.start(trainer, workdir, data, say, data_writes)
   if start >= c.train.steps:  # nothing left to do: the finished run's last figures
     say(f"{workdir} already holds the finished run (step {start} = train.steps); raise "
@@ -89,7 +91,12 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   step, last, finished = start, {}, False
   try:
     while step < end:
-      state, m = trainer.train_step(state, trainer.put_batch(next(data)), rng)
+      try:
+        state, m = trainer.train_step(state, trainer.put_batch(next(data)), rng)
+      except ConfigError:  # refused when traced: this config never ran here
+        if step == start:
+          resume.put_back(workdir, before)
+        raise
       guard.track(step, m)
       meter.step(m)
       done = step + 1

@@ -142,6 +142,27 @@ def _corpus_changes(old: str, new: str) -> list[str]:
           for k in was if k in now and was[k] != now[k]]
 
 
+WRITTEN = ("config.json", TOKENIZER_SHA, CORPUS)  # what `start` writes beside the checkpoints
+
+
+def written_files(workdir: str) -> dict:
+  """{name: text or None} of the WRITTEN files as they are now (process 0's to put back)."""
+  files = {name: paths.join(workdir, name) for name in WRITTEN}
+  return {name: paths.read_text(p) if paths.isfile(p) else None for name, p in files.items()}
+
+
+def put_back(workdir: str, before: dict):
+  """The WRITTEN files as `before` (written_files') had them: a run that `start` accepted but
+  its first step refused (a kernel the platform lacks, found when tracing) leaves the workdir's
+  config as it was (it saved its own, and the plain resume command failed with it)."""
+  for name, text in before.items():
+    path = paths.join(workdir, name)
+    if text is not None:
+      paths.write_text(path, text)
+    elif paths.isfile(path):
+      paths.remove(path)
+
+
 def start(trainer, workdir: str, data, say, data_writes=None):
   """(first step, state, Checkpoints) for a run in `workdir`: restored from its newest readable
   checkpoint (and `data` moved to its position), or freshly initialised. Writes config.json
