@@ -160,6 +160,24 @@ def test_cli_errors_without_traceback_in_a_real_process(tmp_path):
   assert "Traceback" not in out.stderr + out.stdout
 
 
+def test_a_file_where_a_folder_or_a_python_config_belongs_is_one_line(tmp_path):
+  """--config=W/config.json (importlib has no loader for it: AttributeError), and an output
+  folder at or under a file (inspect --out, clean --out, convert export --hf_dir: tracebacks)."""
+  from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data.clean import output  # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(ConfigError, match=r"config.json is no Python file: give FILE.py"):
+    config_lib.load(str(tmp_path / "config.json"))
+  for make, where in ((paths.makedirs, tmp_path / "config.json"),
+                      (paths.makedirs, tmp_path / "config.json" / "x"),
+                      (output.clear, tmp_path / "config.json")):
+    with pytest.raises(ConfigError, match="cannot be made a folder: it or a folder above it is"):
+      make(str(where))
+  with pytest.raises(ConfigError, match="cannot be made a folder"):
+    with paths.local_folder(str(tmp_path / "config.json" / "out")):
+      pass
+
+
 def test_parse_flags():
   spec, overrides, values = cli.parse(
       ["--config=c.py:x", "--config.model.d_model=8", "--steps=3", "--data-only"],

@@ -65,6 +65,9 @@ def exec_python_file(path: str, kind: str, root: str):
   `from transformer_jax.config import base`; returns the module."""
   if not os.path.isfile(path):
     raise ConfigError(f"{kind} file not found: {path}")
+  if not path.endswith(".py"):  # (importlib finds no loader: an AttributeError traceback)
+    raise ConfigError(f"{kind} file {path} is no Python file: give FILE.py[:ARG] (a workdir's "
+                      f"config.json is read with --workdir alone)")
   if root not in sys.path:
     sys.path.insert(0, root)
   module_spec = importlib.util.spec_from_file_location(

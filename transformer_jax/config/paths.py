@@ -139,9 +139,15 @@ def remove(p, missing_ok: bool = True):
 
 
 def makedirs(p):
-  """Creates a local folder (and its parents); nothing on an object store."""
+  """Creates a local folder (and its parents); nothing on an object store. A file where the
+  folder or a parent should be is one line (a ConfigError naming the path)."""
   if not is_remote(p):
-    os.makedirs(p, exist_ok=True)
+    try:
+      os.makedirs(p, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+      from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError(f"{p} cannot be made a folder: it or a folder above it is a "
+                        f"file") from None
 
 
 def move(src, dst):
@@ -189,7 +195,7 @@ def local_folder(out):
   gs:// `out` a temporary one, uploaded to it when the block ends without an error (for what
   writes local files only: matplotlib, json.dump)."""
   if not is_remote(out):
-    os.makedirs(out, exist_ok=True)
+    makedirs(out)
     yield os.fspath(out)
     return
   with tempfile.TemporaryDirectory(prefix="out-") as tmp:
