@@ -66,7 +66,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   new_data = lambda: pipeline.make_train_iterator(c, rows)  # pylint: disable=unnecessary-lambda-assignment
   data = new_data()
   data_writes = None if distributed.data_writers(all_rows, jax.process_index()) else ()
-  before = resume.written_files(workdir) if lead else {}
+  first_step = _first_step(trainer, workdir, lead)  # (before start writes config.json)
   start, state, ckpts = resume.start(trainer, workdir, data, say, data_writes)
   if start >= c.train.steps:  # nothing left to do: the finished run's last figures
     say(f"{workdir} already holds the finished run (step {start} = train.steps); raise "
@@ -91,12 +91,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   step, last, finished = start, {}, False
   try:
     while step < end:
-      try:
-        state, m = trainer.train_step(state, trainer.put_batch(next(data)), rng)
-      except ConfigError:  # refused when traced: this config never ran here
-        if step == start:
-          resume.put_back(workdir, before)
-        raise
+      state, m = (first_step if step == start else trainer.train_step)(
+          state, trainer.put_batch(next(data)), rng)
       guard.track(step, m)
       meter.step(m)
       done = step + 1
@@ -116,11 +112,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         with meter.paused(m):
           last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
       if is_save or stopping:
-        try:
-          still_ours()  # another run took over the workdir: write nothing more to it
-        except lock.LockLost:
-          writer.enabled = False
-          raise
+        _check_ours(still_ours, writer)
         writer.flush()  # a gs:// metrics.jsonl holds every line up to a step before it is saved
         with meter.paused(m):
           ckpts.save(done, state, data, force=True, data_writes=data_writes)
@@ -143,6 +135,29 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         if finished:  # otherwise the error already on its way says more
           raise
   return dict(last, step=step, state=state)
+
+
+def _first_step(trainer, workdir: str, lead: bool):
+  """trainer.train_step for a run's first step: a config it refuses when traced (a kernel the
+  platform lacks) puts back the files resume.start wrote, as they are now (process 0's)."""
+  before = resume.written_files(workdir) if lead else {}
+
+  def step(*args):
+    try:
+      return trainer.train_step(*args)
+    except ConfigError:  # this config never ran here
+      resume.put_back(workdir, before)
+      raise
+  return step
+
+
+def _check_ours(still_ours, writer):
+  """Before a save: another run took over the workdir? Then write nothing more to it."""
+  try:
+    still_ours()
+  except lock.LockLost:
+    writer.enabled = False
+    raise
 
 
 def _due(c, done: int, end: int, stopping: bool) -> tuple[bool, bool, bool]:
