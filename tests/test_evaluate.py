@@ -328,6 +328,7 @@ def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
                                                        "label": 0}],
            "list of string choices": [{"context": "a", "choices": [1, 2], "label": 0}],
            "example 1's text is 7, not a string": [{"text": 7}],
+           "every text is empty: nothing to score": [{"text": ""}, {"text": ""}],  # (ppl 1.0)
            "a depth in [0, 1]": [{"length": 10, "depth": 3.0}],  # (it placed the key at 1.0)
            "an integer length >= 0": [{"length": "long", "depth": 0.5}]}
   for message, rows in cases.items():

@@ -119,6 +119,9 @@ def _check(task: Task, rows: list, where: str):
                         f"depth={row['depth']!r})")
     if task.kind == "cloze" and len(str(row["text"]).strip().split()) < 2:
       raise ConfigError(f"{where}: example {n}'s text needs at least two words")
+  if task.kind == "perplexity" and rows and not any(row["text"] for row in rows):
+    raise ConfigError(f"{where}: every text is empty: nothing to score (its perplexity was "
+                      f"1.0, a perfect score of nothing)")
 
 
 def train_split(path: str) -> str:
