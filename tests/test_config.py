@@ -103,6 +103,8 @@ BAD = [
     (["model.num_shared_experts=2"], "model.num_shared_experts=2 has no effect with "
                                      "model.num_experts=0"),
     (["train.sample_tokens=-3"], "train.sample_tokens must be positive"),
+    (["eval.tasks=(1,2)"], "eval.tasks=(1, 2) must name tasks as strings"),  # (tracebacks)
+    (["sharding_rules=(1,2)"], "sharding_rules: 1 is not a (logical axis, mesh axes) pair"),
 ]
 
 

@@ -134,6 +134,9 @@ def check_tasks(config):
   """Reads the config's eval.tasks now (cached for the run): a missing or bad task file is a
   one-line error before training, not at its first evaluation."""
   specs = tuple(config.eval.get("tasks", ()) or ())
+  if not all(isinstance(spec, str) for spec in specs):  # (a traceback reading them)
+    raise ConfigError(f"eval.tasks={specs!r} must name tasks as strings, e.g. "
+                      f"\"('a.jsonl','cloze:b.jsonl')\"")
   key = (specs, config.data.data_dir)
   if specs and key not in _TASKS:
     _TASKS[key] = load_tasks(specs, data_dir=config.data.data_dir)

@@ -65,6 +65,11 @@ def rules(config, mesh=None):
   axes. With `mesh`, kv_heads stays whole where its mesh axes do not divide the model's
   key/value heads (MQA, or GQA under a wider mesh.tensor: every device holds every key/value
   head, as the attention's activations already do: mesh_axes), instead of a refusal."""
+  bad = [r for r in config.sharding_rules
+         if not (isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str))]
+  if bad:  # (unpacked below: a TypeError traceback)
+    raise ConfigError(f"sharding_rules: {bad[0]!r} is not a (logical axis, mesh axes) pair, "
+                      f"e.g. ('embed', 'fsdp') or ('mlp', ('tensor', 'sequence'))")
   table = tuple((name, tuple(a) if isinstance(a, list) else a)
                 for name, a in config.sharding_rules)
   names = [name for name, _ in table]
