@@ -248,10 +248,11 @@ def test_a_workdir_teachers_record_of_its_tokenizer_decides(tiny_data, tmp_path)
   from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
   tok, record = tiny_data["tokenizer"], tmp_path / resume.TOKENIZER_SHA
   record.write_text(tfds_text.tokenizer_identity(tok) + "\n")
-  distill._same_tokenizer(tok, "/home/alice/tiny.model", str(tmp_path))  # pylint: disable=protected-access
+  same = distill._same_tokenizer  # pylint: disable=protected-access
+  same(tok, "/home/alice/tiny.model", str(tmp_path))
   record.write_text("0" * 64 + "\n")
   with pytest.raises(ConfigError, match="was trained with another tokenizer .*tokenizer.sha256"):
-    distill._same_tokenizer(tok, tok, str(tmp_path))  # pylint: disable=protected-access
+    same(tok, tok, str(tmp_path))
 
 
 def test_a_teacher_must_cover_the_rows_and_share_the_tokenizer(tiny_data, tmp_path):

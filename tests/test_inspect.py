@@ -231,7 +231,8 @@ def test_control_pieces_written_in_the_text_are_read_as_sample_reads_them():
   """[MASK] or <extra_id_0> in an inspected text is that piece's id (it was read as brackets
   and letters), in a decoder's or encoder's text and in an encoder-decoder's target."""
   tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mask_id=90,
-                              encode=lambda s: [3] * len(s), piece_id=lambda p: {"[MASK]": 90, "<extra_id_0>": 91}.get(p, -1))
+                              encode=lambda s: [3] * len(s),
+                              piece_id=lambda p: {"[MASK]": 90, "<extra_id_0>": 91}.get(p, -1))
   bert = config_lib.load(f"{REPO}/configs/bert.py:tiny")
   assert interpret.encode(bert, tok, "a [MASK]") == [1, 3, 3, 90]
   t5 = config_lib.load(f"{REPO}/configs/t5.py:tiny")
