@@ -339,6 +339,9 @@ def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
     assert "\n" not in str(e.value)
   with pytest.raises(ConfigError, match="does not exist"):
     tasks_lib.load(str(tmp_path / "none.jsonl"))
+  with pytest.raises(ConfigError, match=r"\?nosuch= names no field a multiple_choice task reads "
+                                        r"\(context, choices, label\)$"):  # (it was ignored)
+    tasks_lib.load(_write(tmp_path / "mc.jsonl", MC) + "?nosuch=x")
   with pytest.raises(ConfigError, match=r"--num_fewshot=2: no task here takes few-shot .*"
                                         r"\(perplexity are scored without\)"):
     harness.load_tasks([files["ppl"]], num_fewshot=2)  # (ignored)

@@ -196,6 +196,11 @@ def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int 
   if not rows:
     raise ConfigError(f"task file {path!r} holds no examples")
   kind = kind or recognize(rows[0], path)
+  read = KINDS[kind].fields + ("key",) * (kind == "passkey")
+  unknown = [ours for ours in renames if ours not in read]
+  if unknown:  # (ignored: the task ran on the fields it found)
+    raise ConfigError(f"task {spec!r}: ?{unknown[0]}= names no field a {kind} task reads "
+                      f"({', '.join(read)})")
   name = (path[len(corpus.TFDS_PREFIX):].partition("@")[0].replace("/", "_") if is_tfds
           else os.path.basename(path))
   name = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
