@@ -165,19 +165,21 @@ def test_cli_errors_without_traceback_in_a_real_process(tmp_path):
 def test_a_file_where_a_folder_or_a_python_config_belongs_is_one_line(tmp_path):
   """--config=W/config.json (importlib has no loader for it: AttributeError), and an output
   folder at or under a file (inspect --out, clean --out, convert export --hf_dir: tracebacks)."""
-  from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data.clean import output  # pylint: disable=g-import-not-at-top
-  (tmp_path / "config.json").write_text("{}")
+  from transformer_jax import clean, inspect  # pylint: disable=g-import-not-at-top
+  from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
+  file = tmp_path / "config.json"
+  file.write_text("{}")
   with pytest.raises(ConfigError, match=r"config.json is no Python file: give FILE.py"):
-    config_lib.load(str(tmp_path / "config.json"))
-  for make, where in ((paths.makedirs, tmp_path / "config.json"),
-                      (paths.makedirs, tmp_path / "config.json" / "x"),
-                      (output.clear, tmp_path / "config.json")):
-    with pytest.raises(ConfigError, match="cannot be made a folder: it or a folder above it is"):
-      make(str(where))
-  with pytest.raises(ConfigError, match="cannot be made a folder"):
-    with paths.local_folder(str(tmp_path / "config.json" / "out")):
-      pass
+    config_lib.load(str(file))
+  (tmp_path / "w" / "checkpoints").mkdir(parents=True)  # (refused before it is read)
+  (tmp_path / "w" / "config.json").write_text("{}")
+  for main, argv in (
+      (clean.main, ["--corpus=x", f"--out={file}"]),
+      (inspect.main, [f"--workdir={tmp_path}", "--text=x", f"--out={file}/sub"]),
+      (inspect.main, ["probe", f"--workdir={tmp_path}", f"--data={file}", f"--out={file}"]),
+      (convert_cli.main, ["export", f"--workdir={tmp_path / 'w'}", f"--hf_dir={file}/hf"])):
+    with pytest.raises(ConfigError, match=f"cannot be made a folder: {file} is a file$"):
+      main(argv)
 
 
 def test_parse_flags():

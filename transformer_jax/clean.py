@@ -64,6 +64,7 @@ def main(argv) -> int:
     raise ConfigError(f"{', '.join(missing)} required")
   if flags["samples"] < 0 or flags["shard_mb"] <= 0:
     raise ConfigError("need --samples >= 0 and --shard_mb > 0")
+  cli.output_folder("out", flags["out"])
   stages = clean_lib.build_stages(flags)
   summary = clean_lib.run(flags["corpus"], flags["format"], flags["text_field"], flags["out"],
                           stages, workers=flags["workers"], samples=flags["samples"],

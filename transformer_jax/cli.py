@@ -52,6 +52,20 @@ PATH_FLAGS = ("workdir", "out", "hf_dir", "dir", "data_dir", "file", "fewshot_fi
               "corpus", "profile_dir")
 
 
+def output_folder(flag: str, path: str) -> str:
+  """Checks, before any work, that the local folder a command writes to (--out, --hf_dir) can be
+  made: a file where it or a folder above it should be is one line (NotADirectoryError or
+  FileExistsError tracebacks at the end). A gs:// one is as it is."""
+  if "://" in path:
+    return path
+  at = os.path.abspath(path)
+  while not os.path.exists(at) and os.path.dirname(at) != at:
+    at = os.path.dirname(at)
+  if not os.path.isdir(at):
+    raise ConfigError(f"--{flag}={path} cannot be made a folder: {at} is a file")
+  return path
+
+
 def _home(value: str) -> str:
   return os.path.expanduser(value) if value == "~" or value.startswith("~/") else value
 

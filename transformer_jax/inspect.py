@@ -84,6 +84,7 @@ def inspect_main(argv):
     raise ConfigError("--out=DIR is required (where the maps, lens and statistics go)")
   if f["top_k"] < 1:
     raise ConfigError("--top_k must be >= 1")
+  cli.output_folder("out", f["out"])
   trainer, step, params, tokenizer = _load(f)
   from transformer_jax.evaluation import interpret  # pylint: disable=g-import-not-at-top
   result = interpret.run(trainer, params, tokenizer, text, target=f["target"],
@@ -100,6 +101,8 @@ def inspect_main(argv):
 
 def probe_main(argv):
   f = _parse(argv, PROBE_FLAGS)
+  if f["out"]:
+    cli.output_folder("out", f["out"])
   from transformer_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
   if f["limit"] < 0:
     raise ConfigError(f"--limit={f['limit']} must be >= 0 (0: every example)")

@@ -139,15 +139,9 @@ def remove(p, missing_ok: bool = True):
 
 
 def makedirs(p):
-  """Creates a local folder (and its parents); nothing on an object store. A file where the
-  folder or a parent should be is one line (a ConfigError naming the path)."""
+  """Creates a local folder (and its parents); nothing on an object store."""
   if not is_remote(p):
-    try:
-      os.makedirs(p, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-      from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-      raise ConfigError(f"{p} cannot be made a folder: it or a folder above it is a "
-                        f"file") from None
+    os.makedirs(p, exist_ok=True)
 
 
 def move(src, dst):
@@ -195,7 +189,7 @@ def local_folder(out):
   gs:// `out` a temporary one, uploaded to it when the block ends without an error (for what
   writes local files only: matplotlib, json.dump)."""
   if not is_remote(out):
-    makedirs(out)
+    os.makedirs(out, exist_ok=True)
     yield os.fspath(out)
     return
   with tempfile.TemporaryDirectory(prefix="out-") as tmp:

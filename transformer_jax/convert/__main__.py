@@ -160,6 +160,7 @@ def export_hf(workdir, hf_dir, step=-1):
   if not workdir or not hf_dir or not paths.isfile(saved):
     raise ConfigError(f"export needs --workdir=W (a training workdir with config.json; got "
                       f"{workdir!r}) and --hf_dir=OUT")
+  cli.output_folder("hf_dir", hf_dir)
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
   held = [name for name in ("checkpoints", store.MANIFEST, hf_lib.SAFETENSORS,
                             "model.safetensors.index.json", "pytorch_model.bin")

@@ -18,7 +18,6 @@ import glob
 import json
 import os
 
-from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 
 SHARD_PATTERN = "part-{:05d}.jsonl"
@@ -30,7 +29,7 @@ _FIELDS = ("id", "text", "language", "language_score")
 def clear(out: str) -> None:
   """Makes OUT and OUT/removed, removing the shards and samples a previous run left there (only
   those: a shorter run must not leave stale shards behind for OUT/*.jsonl to read)."""
-  paths.makedirs(os.path.join(out, "removed"))  # (a file in the way: one line)
+  os.makedirs(os.path.join(out, "removed"), exist_ok=True)
   shards = os.path.join(out, SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5))
   for path in (glob.glob(shards) + glob.glob(shards + PARTIAL)
                + glob.glob(os.path.join(out, "removed", "*.jsonl"))):
