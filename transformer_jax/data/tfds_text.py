@@ -319,6 +319,12 @@ def tokenizer_identity(path: str) -> str:
   return sha
 
 
+def matches_identity(recorded: str, path: str) -> bool:
+  """Whether a workdir's recorded tokenizer identity is the tokenizer at `path`'s: its
+  tokenizer_identity, or its file's plain SHA-256 (what a workdir from before stop 37 holds)."""
+  return recorded in (tokenizer_identity(path), tokenizer_sha256(path))
+
+
 def tokenized_builder(data_cfg) -> TokenizedCorpus:
   """The builder of `data_cfg`'s documents tokenized with data.tokenizer; prepares nothing."""
   text = builder(data_cfg)

@@ -212,9 +212,9 @@ def _same_tokenizer(student: str, teacher: str, path: str):
     return tfds_text.tokenizer_identity(p) if exists else p
   recorded = paths.join(path, resume.TOKENIZER_SHA)
   if paths.isfile(recorded):
-    theirs, mine = paths.read_text(recorded).strip(), digest(student)
-    same = theirs == mine or (mine != student and theirs == tfds_text.tokenizer_sha256(student))
-    if not same:  # (a workdir from before stop 37 recorded the file's SHA-256 alone)
+    theirs = paths.read_text(recorded).strip()
+    if not (paths.isfile(tokenization.tokenizer_file(student))
+            and tfds_text.matches_identity(theirs, student)):
       raise ConfigError(f"train.distill.teacher={path!r} was trained with another tokenizer "
                         f"(its {resume.TOKENIZER_SHA}: {theirs[:12]}...) than the student's "
                         f"data.tokenizer={student!r}")

@@ -91,9 +91,8 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   diffs += [f"{k}: {was[k]} -> {is_[k]}" for k in was if was[k] != is_[k]]
   if by_content:  # the same tokenizer under another path is no change
     old = paths.read_text(sha_path).strip()
-    new = tfds_text.tokenizer_identity(config.data.tokenizer)
-    # (before stop 37 the file held the tokenizer.json's digest alone: taken as the same)
-    if old not in (new, tfds_text.tokenizer_sha256(config.data.tokenizer)):
+    if not tfds_text.matches_identity(old, config.data.tokenizer):
+      new = tfds_text.tokenizer_identity(config.data.tokenizer)
       diffs.append(f"the tokenizer data.tokenizer={config.data.tokenizer!r} (sha256 "
                    f"{old[:12]}... -> {new[:12]}...: its file, or for a Hugging Face one the "
                    f"tokenizer_config.json beside it)")
