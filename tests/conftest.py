@@ -58,6 +58,15 @@ def tiny_data(tmp_path_factory):
   return {"corpus": glob, "tokenizer": tok, "data_dir": str(tmp_path_factory.mktemp("tfds"))}
 
 
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """A Cloud Storage emulator for the module, with bucket tests.gcs_emulator.BUCKET;
+  STORAGE_EMULATOR_HOST points at it while the module's tests run."""
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+  with gcs_emulator.serving(tmp_path_factory.mktemp("gcs")) as emulator:
+    yield emulator
+
+
 def tiny_overrides(tiny_data, **extra):
   """`KEY=VALUE` overrides that point configs/gpt2.py:tiny at the tiny corpus."""
   kv = {"data.corpus": tiny_data["corpus"], "data.tokenizer": tiny_data["tokenizer"],

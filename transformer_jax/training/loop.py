@@ -156,7 +156,7 @@ def _check_ours(still_ours, writer):
   try:
     still_ours()
   except lock.LockLost:
-    writer.enabled = False
+    writer.stop_writing()
     raise
 
 

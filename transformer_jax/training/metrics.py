@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import uuid
+import weakref
 
 import jax
 import numpy as np
@@ -91,6 +92,8 @@ class Writer:
       at_checkpoint = self._every and (step % self._every == 0 or step == self._last)
       if at_checkpoint or time.monotonic() - self._flushed >= FLUSH_S:
         self._flush_lines()
+        if not self.enabled:  # taken over: no events either (add_scalar would reopen a file)
+          return
     else:
       self._append(json.dumps(row) + "\n")
     scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
@@ -140,7 +143,7 @@ class Writer:
     if self._still_ours is not None and not self._still_ours():
       print(f"warning: {self.path} is another run's now (the workdir was taken over): not "
             "written", file=sys.stderr, flush=True)
-      self.enabled = False
+      self.stop_writing()
       return
     try:
       paths.write_text(self.path, self._text)
@@ -148,24 +151,38 @@ class Writer:
       self._failed(e)
     self._flushed, self._dirty = time.monotonic(), False
 
+  def stop_writing(self):
+    """Another run has taken the workdir over: nothing more goes into it. TensorBoard's buffered
+    events are dropped, not flushed there when its writer is closed (or at exit)."""
+    if self.enabled and self.remote:
+      logdir = self._tb_args["logdir"] + "/"
+      for record_writer in list(_OPEN):
+        if record_writer.path.startswith(logdir) and not record_writer.closed:
+          record_writer.dropped = True
+      self._tb.close()
+    self.enabled = False
+
   def close(self):
-    if self.enabled:
-      try:
-        if self.remote:
-          self._flush_lines()
-        else:
-          self._jsonl.close()
-      except OSError as e:
-        self._failed(e)
-      finally:
+    try:
+      if self.enabled:
         try:
-          self._tb.close()
+          if self.remote:
+            self._flush_lines()
+          else:
+            self._jsonl.close()
         except OSError as e:
-          self._failed(e, self._tb_args["logdir"])
-        if self._wandb is not None:
-          import wandb  # pylint: disable=g-import-not-at-top
-          self._wandb.finish()
-          wandb.teardown()  # waits for wandb's service to write everything out
+          self._failed(e)
+        finally:
+          try:
+            self._tb.close()
+          except OSError as e:
+            self._failed(e, self._tb_args["logdir"])
+    finally:
+      if self._wandb is not None:  # (its own service's files, not the workdir's)
+        import wandb  # pylint: disable=g-import-not-at-top
+        self._wandb.finish()
+        wandb.teardown()  # waits for wandb's service to write everything out
+        self._wandb = None
 
 
 class _ObjectRecordWriter:
@@ -176,11 +193,15 @@ class _ObjectRecordWriter:
 
   def __init__(self, path: str):
     self.path, self._buffer, self._said = path, io.BytesIO(), False
+    self.dropped = self.closed = False  # dropped: Writer.stop_writing
+    _OPEN.add(self)
 
   def write(self, data: bytes):
     self._buffer.write(data)
 
   def flush(self):
+    if self.dropped:
+      return
     try:
       paths.path(self.path).write_bytes(self._buffer.getvalue())
     except Exception as e:  # pylint: disable=broad-except
@@ -191,6 +212,10 @@ class _ObjectRecordWriter:
 
   def close(self):
     self.flush()
+    self.closed = True
+
+
+_OPEN = weakref.WeakSet()  # the _ObjectRecordWriters not yet collected
 
 
 class _ObjectRecordWriterFactory:
