@@ -209,6 +209,21 @@ def test_a_sentencepiece_model_without_pad_trains(tiny_data, tmp_path):
   assert (batch["inputs"][real] == 1).any()  # documents start with bos (id 1)
 
 
+def test_a_builder_not_yet_prepared_leaves_nothing_in_the_temporary_folder(tiny_data, tmp_path,
+                                                                          monkeypatch):
+  """TFDS's catalog-metadata lookup made an empty folder there at each construction (1,400 of
+  them after one test suite); a local corpus has no catalog metadata to look up."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
+  os.mkdir(tempfile.tempdir)
+  for pretokenize in (False, True):
+    c = _config(tiny_data, **{"data.data_dir": str(tmp_path / "tfds"),
+                              "data.pretokenize": pretokenize})
+    made = tfds_text.tokenized_builder(c.data) if pretokenize else tfds_text.builder(c.data)
+    assert not os.path.exists(os.fspath(made.data_dir))  # not prepared
+  assert os.listdir(tempfile.tempdir) == []
+
+
 def test_ctrl_c_during_preparation_is_one_line_and_dead_leftovers_go(tiny_data, tmp_path,
                                                                      monkeypatch, capsys):
   """TFDS's writer turns a Ctrl-C into a RuntimeError (a traceback); a killed preparation's

@@ -117,6 +117,15 @@ def make_builder_config(
   )
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """A local corpus's DatasetInfo: nothing to look up in TFDS's bucket of catalog metadata. (Its
+  lookup, at each construction of a builder not yet prepared, left an empty folder in the
+  temporary directory every time, even with that bucket off, as it is by default.)"""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Documents of a local corpus as {"id", "text"} examples in train/validation splits.
 
@@ -150,9 +159,9 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {k: tfds.features.Text() for k in ("id",) + self.FEATURES}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
-                                 features=tfds.features.FeaturesDict(self._features()),
-                                 disable_shuffling=self.DISABLE_SHUFFLING)
+    return _LocalInfo(builder=self, description=self.DESCRIPTION,
+                      features=tfds.features.FeaturesDict(self._features()),
+                      disable_shuffling=self.DISABLE_SHUFFLING)
 
   def _documents(self, skipped=None):
     cfg = self.builder_config
