@@ -134,10 +134,13 @@ def test_bad_config_gives_one_line_error(overrides, message, tiny_data, tmp_path
     (["model.init_std=-1.0"], "model.init_std must be > 0"),
     (["model.num_decoder_layers=4"], "model.num_decoder_layers must be 0 for model.family="),
     (["model.num_experts=4", "model.moe_every=3"], "model.moe_every=3 exceeds the 2 layers"),
+    (["train.distill.hidden_layers=((0, 1),)"], "train.distill.hidden_layers=((0, 1),) has no "
+                                                 "effect with no train.distill.teacher"),
 ])
 def test_values_out_of_their_range_are_refused(overrides, message):
   """A negative learning-rate floor (gradient ascent at the end), a cool-down longer than the
-  run, an MoE with no MoE layer, a decoder depth a decoder-only model ignores: refused."""
+  run, an MoE with no MoE layer, a decoder depth a decoder-only model ignores, distillation
+  settings without a teacher: refused."""
   config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", overrides)
   with pytest.raises(ConfigError) as e:
     config_lib.validate(config)

@@ -144,13 +144,20 @@ EXPERT_KEYS = ("expert_d_ff", "num_shared_experts", "shared_expert_gate",
                "expert_capacity_factor")
 
 
-def _unused(m, keys, because: str) -> None:
-  """ConfigError naming a model key set off its default that `because` leaves unread."""
-  default = base.get_config().model
+def _unused(m, keys, because: str, section: str = "model") -> None:
+  """ConfigError naming a key of `section` (m) set off its default that `because` leaves
+  unread."""
+  default = get(base.get_config(), section)
   for key in keys:
-    if m[key] != default[key]:
-      raise ConfigError(f"model.{key}={m[key]!r} has no effect with {because}; leave it at "
+    if key in m and _off_default(m[key], default[key]):
+      raise ConfigError(f"{section}.{key}={m[key]!r} has no effect with {because}; leave it at "
                         f"{default[key]!r}")
+
+
+def _off_default(value, default) -> bool:
+  if default == ():  # (read back from config.json: [])
+    return bool(value)
+  return value != default
 
 
 def _check_long_context(m):
@@ -312,6 +319,9 @@ def validate(config, num_devices: int | None = None):
   if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError(f"model.attention_impl=cudnn needs model.dtype=bfloat16, got {m.dtype}")
   _check_long_context(m)
+  if not config.train.distill.teacher:
+    _unused(config.train.distill, ("alpha", "temperature", "hidden_weight", "hidden_layers"),
+            "no train.distill.teacher", "train.distill")
   _check_ranges(config)
   _check_sequence_parallel(config, num_devices)
   t = config.train
@@ -447,6 +457,14 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.sharding_rules)
   config.lock()
+  return config
+
+
+def without_teacher(config) -> ml_collections.ConfigDict:
+  """A distilled student's config as every command but training reads it: its teacher (and the
+  teacher's weights in the loss) only matter in training."""
+  with config.unlocked():
+    config.train.distill = base.get_config().train.distill
   return config
 
 

@@ -55,8 +55,7 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
   """(trainer, step, params) of a training workdir: its checkpoint at `step` (default the latest)
   restored into the training sharding, or with `init` the config's initial parameters (step 0,
   the untrained baseline)."""
-  config = config_lib.any_platform(read_config(workdir))
-  config.train.distill.teacher = ""  # a distilled student's teacher only matters in training
+  config = config_lib.without_teacher(config_lib.any_platform(read_config(workdir)))
   devices = devices if devices is not None else jax.devices()
   trainer = Trainer(config, sharding.make_mesh(config, _mesh_devices(config, devices)))
   if init:

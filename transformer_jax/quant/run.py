@@ -32,9 +32,8 @@ def load_source(workdir: str, overrides=()):
     if (key.startswith("model.") and key not in resume.EXECUTION_KEYS) or key == "data.tokenizer":
       raise ConfigError(f"--config.{key}: quantize keeps the model and tokenizer the checkpoint "
                         f"was trained with (it would quantize, measure and save another); drop it")
-  config = config_lib.any_platform(cli.load_config(None, list(overrides), workdir))
-  with config.unlocked():
-    config.train.distill.teacher = ""  # a distilled student's teacher only matters in training
+  config = config_lib.without_teacher(config_lib.any_platform(
+      cli.load_config(None, list(overrides), workdir)))
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training split the CPU
   devices = _devices(config.mesh)
   config_lib.validate(config, len(devices))
