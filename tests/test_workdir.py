@@ -285,7 +285,7 @@ def test_checkpoints_folder_made_read_only_mid_run_fails_at_once_naming_step_and
   assert time.monotonic() - t0 < 120  # not Orbax's 300 s barrier timeout
 
 
-def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path):
+def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path, capsys):
   config = _config(tiny_data, **{"train.steps": 4, "train.log_every": 2, "eval.every_steps": 2})
   first = loop.train(config, str(tmp_path), quiet=True, devices=ONE())
   again = loop.train(config, str(tmp_path), quiet=True, devices=ONE())
@@ -297,9 +297,11 @@ def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path):
   # it was: it saved its own, and the plain resume command then failed with it every time
   saved = (tmp_path / "config.json").read_text()
   splash = _config(tiny_data, **{"train.steps": 6, "model.attention_impl": "splash"})
+  capsys.readouterr()
   with pytest.raises(ConfigError, match="needs a TPU"):
-    loop.train(splash, str(tmp_path), quiet=True, devices=ONE())
+    loop.train(splash, str(tmp_path), devices=ONE())
   assert (tmp_path / "config.json").read_text() == saved
+  assert capsys.readouterr().err == ""  # no progress bar before its one line (cli.run's)
 
 
 def test_no_held_out_documents_is_said_and_never_logged_as_a_perfect_eval(tiny_data, tmp_path,

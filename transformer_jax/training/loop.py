@@ -85,8 +85,9 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   _say_epochs(c, say, lead and not quiet)
   rng = jax.random.key(c.seed)
   end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
+  # (delay: no bar before the first step, whose compile may refuse the config in one line)
   bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=quiet or not lead,
-                  dynamic_ncols=True)
+                  dynamic_ncols=True, delay=0.1)
   preemption = Preemption()
   step, last, finished = start, {}, False
   try:
