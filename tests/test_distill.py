@@ -52,6 +52,17 @@ def test_kl_matches_its_formula():
     want = np.sum(np.sum(p5 * np.log(p5 / q5), -1) * w)
     got = distill.kl_sum(jnp.asarray(masked), jnp.asarray(t), jnp.asarray(w), temp)
     assert float(got) == pytest.approx(want, rel=1e-5)
+    # tables with other padding rows: a teacher's 5 rows under a student's 7 (its last 2 at 0
+    # probability), and a teacher's 7 over a student's 5 (renormalized over those 5)
+    p_pad = np.concatenate([p5, np.zeros_like(p5[..., :2])], -1)
+    want = np.sum(np.sum(np.where(p_pad > 0, p_pad * np.log(p_pad / q), 0.0), -1) * w)
+    got = distill.kl_sum(jnp.asarray(s), distill.padded_to(jnp.asarray(t[..., :5]), 7),
+                         jnp.asarray(w), temp)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    want = np.sum(np.sum(p5 * np.log(p5 / q5), -1) * w)
+    got = distill.kl_sum(jnp.asarray(s[..., :5]), distill.padded_to(jnp.asarray(t), 5),
+                         jnp.asarray(w), temp)
+    assert float(got) == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("recipe", ["configs/gpt2.py:tiny", "configs/bert.py:tiny",
@@ -99,9 +110,9 @@ def test_the_z_loss_keeps_its_full_weight_whatever_alpha():
 
 def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_path):
   """A 2-layer teacher trained 10 steps (its config then saying splash attention, as a TPU's
-  would); a 1-layer student distilled from it on this machine: distill_kl is logged, the
-  teacher's checkpoint is unchanged and the student's saved state holds only its own
-  parameters."""
+  would); a 1-layer student with more padding rows distilled from it on this machine: distill_kl
+  is logged, the teacher's checkpoint is unchanged and the student's saved state holds only its
+  own parameters."""
   teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
   kv = {"train.steps": 10, "eval.every_steps": 0}
   loop.train(config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **kv)),
@@ -111,6 +122,7 @@ def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_
   (teacher_dir / "config.json").write_text(json.dumps(saved))
   student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
       tiny_data, **{**kv, "model.num_layers": 1, "train.distill.teacher": str(teacher_dir),
+                    "model.vocab_size": 384,  # the teacher's 320
                     "train.distill.alpha": 0.3, "train.steps": 5,
                     "train.distill.hidden_weight": 1.0}))
   trainer = Trainer(student, sharding.make_mesh(student, jax.devices()[:1]))
@@ -217,7 +229,7 @@ def _block_outputs(model, params, batch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["model.vocab_size=512"], "a teacher needs the student's family and vocabulary"),
+    (["model.vocab_size=512"], "has no checkpoint"),  # other padding rows: accepted
     (["train.distill.alpha=1.5"], "train.distill.alpha must be in [0, 1]"),
     (["train.loss_chunk=16"], "train.distill needs the whole logits"),
     (["train.distill.hidden_layers=((0, 5),)"], "teacher layer 5 does not exist"),
@@ -268,6 +280,12 @@ def test_a_teacher_must_cover_the_rows_and_share_the_tokenizer(tiny_data, tmp_pa
   student = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
       tiny_data, **{"train.distill.teacher": str(teacher_dir)}))
   with pytest.raises(ConfigError, match=f"learned positions for {teacher.model.max_len} tokens"):
+    distill.load(student, None, ())
+  teacher.model.max_len, teacher.model.vocab_size = teacher.data.seq_len, 256  # < 300 tokens
+  config_lib.write_json(teacher, str(teacher_dir / "config.json"))
+  with pytest.raises(ConfigError, match=r"over 256 tokens; the student a decoder model over 320 "
+                     r"\(its tokenizer 300\): a teacher needs the student's family and a row for "
+                     r"every token$"):
     distill.load(student, None, ())
   from tests import test_hf_tokenizer  # pylint: disable=g-import-not-at-top
   texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]

@@ -11,7 +11,8 @@ not part of the checkpointed train state. The objective per target token is
 
 (T = train.distill.temperature; T^2 keeps the soft term's gradients on the hard term's scale as
 T changes). Student and teacher share the tokenizer: a workdir teacher's tokenizer file must have
-the student's bytes, and the vocabulary sizes must agree.
+the student's bytes (a Hugging Face teacher's tokenizer the same ids); their tables may have other
+padding rows past the tokenizer's vocabulary (GPT-2's 50,257 rows and a student's 50,304).
 
 Hidden-state matching (TinyBERT's, Jiao et al. 2020), with train.distill.hidden_weight = h > 0,
 adds per token
@@ -106,12 +107,7 @@ def load(config, mesh, rule_table) -> Teacher | None:
   else:
     raise ConfigError(f"train.distill.teacher={path!r} is neither a training workdir "
                       f"(config.json + checkpoints/) nor a Hugging Face directory (config.json)")
-  if model.cfg.vocab_size != config.model.vocab_size or (
-      type(model).__name__ != families.FAMILIES[config.model.family].__name__):
-    raise ConfigError(
-        f"train.distill.teacher={path!r} is a {type(model).__name__} over "
-        f"{model.cfg.vocab_size} tokens; the student a {config.model.family} model over "
-        f"{config.model.vocab_size}: a teacher needs the student's family and vocabulary")
+  _same_family_and_vocabulary(config, model, path, hf_params is not None)
   longest = max(config.data.seq_len, objectives.spec(config.data).target_len)
   if model.cfg.position == "learned" and model.cfg.max_len < longest:
     raise ConfigError(f"train.distill.teacher={path!r} has learned positions for "
@@ -134,6 +130,34 @@ def load(config, mesh, rule_table) -> Teacher | None:
       raise ConfigError(f"train.distill.teacher={path!r} has no checkpoint")
   return Teacher(model, params, float(d.alpha), float(d.temperature),
                  float(d.get("hidden_weight", 0.0)), _layer_pairs(config, model))
+
+
+def _same_family_and_vocabulary(config, model, path: str, hf: bool):
+  """The student's family, and a table with a row for every id of the student's tokenizer (the
+  tokenizers are the same: rows past its vocabulary are padding, which each side may have in
+  other numbers). A Hugging Face directory of weights alone has no tokenizer to compare: its
+  table must be the student's size."""
+  tokens = tokenization.load(config.data.tokenizer).vocab_size
+  weights_only = hf and not paths.isfile(paths.join(path, "tokenizer.json"))
+  vocab = model.cfg.vocab_size
+  if (vocab != config.model.vocab_size if weights_only else vocab < tokens) or (
+      type(model).__name__ != families.FAMILIES[config.model.family].__name__):
+    raise ConfigError(
+        f"train.distill.teacher={path!r} is a {type(model).__name__} over {vocab} tokens; the "
+        f"student a {config.model.family} model over {config.model.vocab_size} (its tokenizer "
+        f"{tokens}): a teacher needs the student's family and a row for every token" +
+        (" (a directory without tokenizer.json: the student's vocabulary size)"
+         if weights_only else ""))
+
+
+def padded_to(teacher_logits, vocab: int):
+  """The teacher's logits over the student's `vocab` rows: its padding rows cut, or the student's
+  padding rows added at MASKED_LOGIT (kl_sum renormalizes over the ids the student predicts)."""
+  have = teacher_logits.shape[-1]
+  if have >= vocab:
+    return teacher_logits[..., :vocab]
+  pad = [(0, 0)] * (teacher_logits.ndim - 1) + [(0, vocab - have)]
+  return jnp.pad(teacher_logits, pad, constant_values=layers.MASKED_LOGIT)
 
 
 def _layer_pairs(config, teacher_model) -> tuple:
@@ -266,7 +290,7 @@ def loss_terms(teacher: Teacher, inputs: list, extra: dict, student_logits, base
     from transformer_jax.models import layers  # pylint: disable=g-import-not-at-top
     logits, sown = teacher.model.apply({"params": teacher.params}, *inputs, **extra,
                                        mutable=[layers.INTERMEDIATES])
-  logits = jax.lax.stop_gradient(logits)
+  logits = padded_to(jax.lax.stop_gradient(logits), student_logits.shape[-1])
   kl = kl_sum(student_logits, logits, w, teacher.temperature)
   soft = (1.0 - teacher.alpha) * teacher.temperature ** 2 * kl
   total, aux = teacher.alpha * base_loss + soft, {"distill_kl": kl}
