@@ -265,17 +265,19 @@ def test_a_span_corruption_t5_is_asked_for_its_first_masked_span():
   lm = scoring.TextModel(config, params, tok, batch_size=2)
   pairs = [("abcdef", " xyz"), ("hello", " you")]
   got = [ll for ll, _ in lm.loglikelihood(pairs)]
+  forward = jax.jit(lambda source, target: model.apply({"params": params}, source, target))
   for (context, continuation), ll in zip(pairs, got):
     cont = tok.encode(continuation.lstrip())
-    logits = model.apply({"params": params}, jnp.asarray([tok.encode(context) + [s0, 1]]),
-                         jnp.asarray([[0, s0] + cont[:-1]]))
+    logits = forward(jnp.asarray([tok.encode(context) + [s0, 1]]),
+                     jnp.asarray([[0, s0] + cont[:-1]]))
     log_p = np.asarray(jax.nn.log_softmax(logits[0]))
     assert ll == pytest.approx(sum(log_p[1 + j, t] for j, t in enumerate(cont)), abs=1e-4)
   assert lm._span_text([s0, 7, 8, s1, 9]) == [7, 8] and lm._span_text([7, s0, 9]) == [7]
   source = jnp.asarray([tok.encode("abcdef") + [s0, 1]])
   row = [0]  # greedy decoding (4 tokens + the sentinel) by full forward passes, then the cuts
-  for _ in range(5):
-    row.append(int(jnp.argmax(model.apply({"params": params}, source, jnp.asarray([row]))[0, -1])))
+  for _ in range(5):  # (the decoder is causal: the zeros after the row change nothing before)
+    logits = forward(source, jnp.asarray([row + [0] * (5 - len(row))]))
+    row.append(int(jnp.argmax(logits[0, len(row) - 1])))
   new = row[1:row.index(1)] if 1 in row else row[1:]
   assert lm.generate(["abcdef"], max_new_tokens=4) == [",".join(map(str, lm._span_text(new)))]
 

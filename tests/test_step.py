@@ -110,9 +110,8 @@ def _single_device_reference():
   return run_steps(tiny_config(), jax.devices()[:1], random_batches(tiny_config(), 5))
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (2, 1, 4, 1),
-                                  (1, 2, 2, 2), (4, 1, 1, 2, 2), (2, 2, 1, 2, 2),
-                                  (2, 1, 2, 2, 2)])
+@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 1, 4, 1), (1, 2, 2, 2),
+                                  (2, 2, 1, 2, 2), (2, 1, 2, 2, 2)])
 def test_sharded_equals_single_device(mesh):
   """The same 5 steps on 1 device and on 8 simulated devices (data, fsdp, sequence: ring
   attention, tensor; then microbatches, which each data shard accumulates on its own):
