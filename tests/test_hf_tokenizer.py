@@ -165,6 +165,18 @@ def test_a_resume_reads_tokenizer_config_json_too(made, tmp_path):
   (where / "special_tokens_map.json").write_text(json.dumps({"eos_token": "a"}))
   assert [d[:40] for d in resume.workdir_mismatch(config, str(workdir))] == [
       f"the tokenizer data.tokenizer='{where}"[:40]]
+  # What does not decide the ids is no change (a chat template, add_bos_token: the whole config
+  # was hashed), and a workdir that recorded that whole-config identity still resumes.
+  (where / "special_tokens_map.json").unlink()
+  (where / "tokenizer_config.json").write_text(json.dumps({"eos_token": "a"}))
+  (workdir / resume.TOKENIZER_SHA).write_text(tfds_text.tokenizer_identity(str(where)) + "\n")
+  (where / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "a", "add_bos_token": True, "chat_template": "{{ messages }}"}))
+  assert resume.workdir_mismatch(config, str(workdir)) == []
+  old = tfds_text.tokenizer_identity(str(where), whole_config=True)
+  assert old != tfds_text.tokenizer_identity(str(where))
+  (workdir / resume.TOKENIZER_SHA).write_text(old + "\n")
+  assert resume.workdir_mismatch(config, str(workdir)) == []
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "bert"])

@@ -25,6 +25,8 @@ FILE = "tokenizer.json"
 _NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
           "eos": ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"),
           "pad": ("<pad>", "[PAD]", "<|pad|>"), "unk": ("<unk>", "[UNK]", "<|unk|>")}
+# The keys of tokenizer_config.json that the ids depend on (HFTokenizer reads no other)
+SPECIAL_KEYS = frozenset(f"{role}_token" for role in _NAMES)
 
 
 def path_of(path: str) -> str:

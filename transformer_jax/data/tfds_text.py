@@ -315,23 +315,28 @@ def tokenizer_sha256(path: str) -> str:
   return hashlib.sha256(paths.path(tokenization.tokenizer_file(path)).read_bytes()).hexdigest()
 
 
-def tokenizer_identity(path: str) -> str:
+def tokenizer_identity(path: str, whole_config: bool = False) -> str:
   """A SHA-256 of what decides a tokenizer's ids: its file's content, and for a Hugging Face
-  tokenizer the tokenizer_config.json (and special_tokens_map.json) beside it, which name bos,
-  eos and pad. A Hugging Face one's is never its file's plain SHA-256, even with no config
-  beside it: resume takes that as a workdir's from before stop 37, so a config added later would
-  have gone unseen."""
+  tokenizer the special tokens that the tokenizer_config.json (and special_tokens_map.json)
+  beside it name (bos, eos, pad, ...; `whole_config`: all of that config, as stops 37-39 hashed
+  it, so that a chat template or add_bos_token changed the identity). A Hugging Face one's is
+  never its file's plain SHA-256, even with no config beside it: resume takes that as a
+  workdir's from before stop 37, so a config added later would have gone unseen."""
   sha = tokenizer_sha256(path)
   if hf_tokenization.is_hf(path):
-    config = json.dumps(hf_tokenization.config_beside(path), sort_keys=True)
-    sha = hashlib.sha256((sha + config).encode("utf-8")).hexdigest()
+    config = hf_tokenization.config_beside(path)
+    if not whole_config:
+      config = {k: v for k, v in config.items() if k in hf_tokenization.SPECIAL_KEYS}
+    sha = hashlib.sha256((sha + json.dumps(config, sort_keys=True)).encode("utf-8")).hexdigest()
   return sha
 
 
 def matches_identity(recorded: str, path: str) -> bool:
   """Whether a workdir's recorded tokenizer identity is the tokenizer at `path`'s: its
-  tokenizer_identity, or its file's plain SHA-256 (what a workdir from before stop 37 holds)."""
-  return recorded in (tokenizer_identity(path), tokenizer_sha256(path))
+  tokenizer_identity, the whole-config one of stops 37-39, or its file's plain SHA-256 (what a
+  workdir from before stop 37 holds)."""
+  return recorded in (tokenizer_identity(path), tokenizer_identity(path, whole_config=True),
+                      tokenizer_sha256(path))
 
 
 def tokenized_builder(data_cfg) -> TokenizedCorpus:
