@@ -554,6 +554,20 @@ def test_next_line_distractors_come_from_other_files():
     assert not set(wrong) & set(lines[ex["id"]]), ex
 
 
+def test_corpus_tasks_hold_out_what_training_holds_out(tiny_data, tmp_path):
+  """No document hashes under the fraction: training holds out the one of smallest hash, and so
+  do the tasks' test files (they came out empty, that document going to the few-shot files)."""
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+  c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+      tiny_data, **{"data.validation_fraction": 0.001}))
+  held = [doc_id for doc_id, _ in tfds_text.builder(c.data)._validation_docs()]  # pylint: disable=protected-access
+  corpus_tasks.make(str(tmp_path), tiny_data["corpus"], examples=20, validation_fraction=0.001)
+  rows = [json.loads(line) for line in open(tmp_path / "heldout_text.jsonl")]
+  assert len(held) == 1 and [r["id"] for r in rows] == held
+  fewshot = [json.loads(line)["id"] for line in open(tmp_path / "last_word_train.jsonl")]
+  assert fewshot and held[0] not in fewshot
+
+
 def test_eval_tasks_are_logged_without_validation_data(monkeypatch):
   """A corpus with no held-out documents still gets eval.tasks' metrics at every evaluation."""
   written = []

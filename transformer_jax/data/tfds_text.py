@@ -126,6 +126,32 @@ class _LocalInfo(tfds.core.DatasetInfo):
     pass
 
 
+def held_out_split(docs, fraction: float) -> tuple[list, int, bool]:
+  """(held-out (id, text) pieces, documents seen, whether the fallback chose them) of (id, text)
+  pieces: whole documents (every piece `ID#k` of a long one) go to one side: those whose hash is
+  under the fraction; else, with 2 or more documents, the one of smallest hash; never every
+  document (the one of largest hash goes back)."""
+  held_out, num_docs = [], 0
+  first, first_hash, last = [], 1.0, None  # The pieces of the document of smallest hash.
+  for doc_id, text in docs:
+    document, h = corpus_lib.document_of(doc_id), doc_hash(doc_id)
+    num_docs += document != last  # a document's pieces come one after another
+    if h < first_hash or (h == first_hash and document == last):
+      first = (first if h == first_hash else []) + [(doc_id, text)]
+      first_hash = h
+    if h < fraction:
+      held_out.append((doc_id, text))
+    last = document
+  fallback = not held_out and num_docs >= 2 and fraction > 0
+  if fallback:
+    held_out = first
+  held_docs = {corpus_lib.document_of(i) for i, _ in held_out}
+  if held_docs and len(held_docs) == num_docs:  # Keep at least one training document.
+    back = max(held_docs, key=doc_hash)
+    held_out = [(i, t) for i, t in held_out if corpus_lib.document_of(i) != back]
+  return held_out, num_docs, fallback
+
+
 class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Documents of a local corpus as {"id", "text"} examples in train/validation splits.
 
@@ -168,31 +194,14 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return corpus_lib.iter_documents(cfg.corpus, cfg.format, cfg.text_field, skipped=skipped)
 
   def _validation_docs(self) -> list[tuple[str, str]]:
-    """One pass over the corpus: the (small) validation split, kept in memory. Whole documents
-    (every piece `ID#k` of a long one) go to one side: those whose hash is under the fraction;
-    else, with 2 or more documents, the one of smallest hash; never every document."""
+    """One pass over the corpus: the (small) validation split (held_out_split's), kept in
+    memory."""
     fraction = self.builder_config.validation_fraction
-    held_out, num_docs, skipped = [], 0, corpus_lib.SkipCounts()
-    first, first_hash, last = [], 1.0, None  # The pieces of the document of smallest hash.
-    for doc_id, text in self._documents(skipped):
-      document, h = corpus_lib.document_of(doc_id), doc_hash(doc_id)
-      num_docs += document != last  # a document's pieces come one after another
-      if h < first_hash or (h == first_hash and document == last):
-        first = (first if h == first_hash else []) + [(doc_id, text)]
-        first_hash = h
-      if h < fraction:
-        held_out.append((doc_id, text))
-      last = document
+    skipped = corpus_lib.SkipCounts()
+    held_out, num_docs, fallback = held_out_split(self._documents(skipped), fraction)
     if num_docs == 0:
       raise ConfigError(f"data.corpus={self.builder_config.corpus!r} holds no non-empty documents")
-    fallback = not held_out and num_docs >= 2 and fraction > 0
-    if fallback:
-      held_out = first
     held_docs = {corpus_lib.document_of(i) for i, _ in held_out}
-    if len(held_docs) == num_docs:  # Keep at least one training document.
-      back = max(held_docs, key=doc_hash)
-      held_out = [(i, t) for i, t in held_out if corpus_lib.document_of(i) != back]
-      held_docs.discard(back)
     unit = "pairs" if isinstance(self, PairCorpus) else "documents"
     pieces = (f", {len(held_out)} pieces" if len(held_out) != len(held_docs) else "")
     print(f"{num_docs} {unit} ({len(held_docs)} held out for validation{pieces}); skipped "

@@ -9,8 +9,9 @@ writes into OUT:
       file, which of 4 lines comes next (the real one, 3 lines of other files)
   last_word.jsonl (+ last_word_train.jsonl)  cloze: up to 4 lines whose last word is predicted
   heldout_text.jsonl                          perplexity: held-out documents (first 2,000 chars)
-Test examples come from the documents training holds out (tfds_text.doc_hash below the
-validation fraction, as training splits them), train examples from the rest.
+Test examples come from the documents training holds out (tfds_text.held_out_split: those whose
+hash is below the validation fraction, else the one of smallest hash), train examples from the
+rest.
 """
 
 import json
@@ -76,9 +77,10 @@ def write(path: str, rows: list):
 def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
          validation_fraction: float = 0.02) -> dict:
   """Writes the tasks into `out`; returns {file name: examples written}."""
-  held, train = [], []
-  for doc_id, text in corpus_lib.iter_documents(corpus):
-    (held if tfds_text.doc_hash(doc_id) < validation_fraction else train).append((doc_id, text))
+  docs = list(corpus_lib.iter_documents(corpus))
+  held, _, _ = tfds_text.held_out_split(docs, validation_fraction)  # training's validation split
+  held_ids = {doc_id for doc_id, _ in held}
+  train = [(doc_id, text) for doc_id, text in docs if doc_id not in held_ids]
   rng = random.Random(seed)
   train = rng.sample(train, min(len(train), 400))
   files = {"next_line.jsonl": next_line(held, examples, rng),
