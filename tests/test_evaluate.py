@@ -214,6 +214,12 @@ def test_a_seq2seq_source_longer_than_the_model_is_cut_as_scoring_cuts_it():
   lm = scoring.TextModel(config, params, tok, batch_size=1)
   text = "".join(chr(97 + i % 26) for i in range(50))
   assert lm.generate([text], max_new_tokens=4) == lm.generate([text[-32:]], max_new_tokens=4)
+  # A pair model's bos and eos (or UL2's mode token) stay: the text loses its start instead
+  config.data.update(add_bos=True, add_eos=True)
+  framed = scoring.TextModel(config, params, tok, batch_size=1).source_ids(text)
+  assert framed == [1] + tok.encode(text[-30:]) + [2]
+  with pytest.raises(ConfigError, match="a continuation with no tokens cannot be scored"):
+    lm.loglikelihood([("abc", "  ")])  # (the target drops spaces: log p 0, every choice's best)
 
 
 def test_sharded_scores_equal_unsharded(run):
@@ -332,7 +338,10 @@ def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
            "example 1's text is 7, not a string": [{"text": 7}],
            "every text is empty: nothing to score": [{"text": ""}, {"text": ""}],  # (ppl 1.0)
            "a depth in [0, 1]": [{"length": 10, "depth": 3.0}],  # (it placed the key at 1.0)
-           "an integer length >= 0": [{"length": "long", "depth": 0.5}]}
+           "an integer length >= 0": [{"length": "long", "depth": 0.5}],
+           # no token to score: log p 0, the best of every example's choices
+           "example 1's choice 1 is '': a choice needs text to score": [
+               {"context": "a", "choices": ["b", ""], "label": 0}]}
   for message, rows in cases.items():
     path = _write(tmp_path / "bad.jsonl", rows)
     spec = path if "label" not in message else f"multiple_choice:{path}"
@@ -352,6 +361,16 @@ def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
                        f"--fewshot_file={files['mc']}"])  # (read by nothing)
   with pytest.raises(ConfigError, match="train split"):
     tasks_lib.load(_write(tmp_path / "alone.jsonl", MC), num_fewshot=1)
+  for spec in (files["ppl"], "passkey:" + _write(tmp_path / "pk.jsonl",
+                                                  [{"length": 10, "depth": 0.5}])):
+    with pytest.raises(ConfigError, match=r"task '\w+' is a (perplexity|passkey) task, which "
+                       r"scores a decoder's text from its first token; this model is an "
+                       r"encoder-decoder"):  # (passkey's prompt reached T5 unframed)
+      harness.load_tasks([spec], family="encdec")
+  # A lone surrogate escape (valid JSON) is U+FFFD, as in a corpus (the tokenizer's traceback)
+  with open(tmp_path / "surrogate.jsonl", "w") as f:
+    f.write('{"context": "a \\ud83d b", "choices": ["x", "y"], "label": 0}\n')
+  assert tasks_lib.load(str(tmp_path / "surrogate.jsonl")).examples[0]["context"] == "a \ufffd b"
   with pytest.raises(ConfigError, match=r"no checkpoint for step 99 .*steps: 2, 4\)") as e:
     harness.load_workdir(run[0], 99, devices=jax.devices()[:1])
   assert "\n" not in str(e.value)
@@ -451,6 +470,14 @@ def _fake_lm(outputs, seen):
     return [(0.0 if ctx.split()[-1] in cont else -5.0, False) for ctx, cont in pairs]
   return types.SimpleNamespace(is_seq2seq=False, encode=str.split, generate=generate,
                                loglikelihood=loglikelihood)
+
+
+def test_a_cloze_perplexity_is_not_capped_at_e50():
+  """An untrained model's per-word perplexity (a word of many tokens) is past e^50 (it read
+  5e21 where it was 3e35)."""
+  lm = types.SimpleNamespace(loglikelihood=lambda pairs: [(-81.6, False) for _ in pairs])
+  task = tasks_lib.Task("c", "cloze", "c.jsonl", [{"text": "the cat sat"}])
+  assert tasks_lib.run(task, lm)["perplexity"] == pytest.approx(np.exp(81.6), rel=1e-9)
 
 
 def test_cloze_cuts_before_the_last_word():

@@ -36,7 +36,8 @@ def main(argv):
   config = harness.read_config(f["workdir"])
   loaded = harness.load_tasks(specs, num_fewshot=f["num_fewshot"], limit=f["limit"],
                               fewshot_file=f["fewshot_file"],
-                              data_dir=config.data.data_dir)  # checked before the model loads
+                              data_dir=config.data.data_dir,
+                              family=config.model.family)  # checked before the model loads
   from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   # The CPU devices the run trained on (mesh.cpu_devices), before JAX starts its backends.
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))

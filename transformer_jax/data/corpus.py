@@ -269,9 +269,15 @@ def _field(record: dict, key: str, field: str, where: str) -> str:
   text = record[field]
   if not isinstance(text, str):
     raise ConfigError(f"data.{key}={field!r} at {where} is not a string")
+  return valid_text(text)
+
+
+def valid_text(text: str) -> str:
+  """`text` with each lone surrogate (a JSON escape like "\ud83d", valid JSON but no Unicode
+  text: the tokenizers refuse it) replaced by U+FFFD, as invalid UTF-8 is."""
   try:
     text.encode("utf-8")
-  except UnicodeEncodeError:  # a lone surrogate escape ("\ud83d"): U+FFFD, as invalid UTF-8
+  except UnicodeEncodeError:
     text = text.encode("utf-16", "surrogatepass").decode("utf-16", "tjax_replace")
   return text
 

@@ -74,15 +74,18 @@ def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, d
 
 
 def load_tasks(specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: str = "",
-               data_dir: str = "") -> list:
-  """The tasks of SPECs (PATH or KIND:PATH; already loaded tasks pass through), checked;
-  TFDS tasks are prepared under data_dir (the run's data.data_dir)."""
+               data_dir: str = "", family: str = "") -> list:
+  """The tasks of SPECs (PATH or KIND:PATH; already loaded tasks pass through), checked (against
+  model.family `family` too, where given); TFDS tasks are prepared under data_dir (the run's
+  data.data_dir)."""
   if not specs:
     raise ConfigError("--tasks needs at least one task: PATH.jsonl or KIND:PATH")
   loaded = [s if isinstance(s, tasks_lib.Task) else
             tasks_lib.load(s, num_fewshot=num_fewshot, fewshot_file=fewshot_file, limit=limit,
                            data_dir=data_dir)
             for s in specs]
+  for task in loaded:
+    tasks_lib.check_family(task, family)
   if num_fewshot and not any(tasks_lib.KINDS[t.kind].fewshot for t in loaded):  # read by none
     raise ConfigError(f"--num_fewshot={num_fewshot}: no task here takes few-shot examples "
                       f"({', '.join(sorted({t.kind for t in loaded}))} are scored without)")
@@ -138,7 +141,8 @@ def check_tasks(config):
                       f"\"('a.jsonl','cloze:b.jsonl')\"")
   key = (specs, config.data.data_dir)
   if specs and key not in _TASKS:
-    _TASKS[key] = load_tasks(specs, data_dir=config.data.data_dir)
+    _TASKS[key] = load_tasks(specs, data_dir=config.data.data_dir,
+                             family=config.model.family)
 
 
 def during_training(trainer, params) -> dict:

@@ -86,10 +86,15 @@ class TextModel:
     return ids
 
   def source_ids(self, text: str, head: list[int] = ()) -> list[int]:
-    """An encoder-decoder's source as training framed it (bos/eos around pairs' sources), with
-    the ids `head` (target_head) after the text."""
-    return objectives.source_ids(self.config.data, self.tokenizer,
-                                 self.encode(text) + list(head))
+    """An encoder-decoder's source as training framed it (bos/eos around pairs' sources, UL2's
+    mode token first), with the ids `head` (target_head) after the text; a text too long for
+    the model loses its start, the framing none of its tokens."""
+    ids = self.encode(text) + list(head)
+    framed = objectives.source_ids(self.config.data, self.tokenizer, ids)
+    over = len(framed) - self.max_len
+    if over > 0:
+      framed = objectives.source_ids(self.config.data, self.tokenizer, ids[over:])
+    return framed
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces
@@ -146,6 +151,9 @@ class TextModel:
     """(log-likelihood, greedy) of (context ids, continuation ids) pairs, batched by length."""
     if not pairs:
       return []
+    if not all(cont for _, cont in pairs):  # log p 0: above every real continuation
+      raise ConfigError("a continuation with no tokens cannot be scored (an empty answer, or "
+                        "for an encoder-decoder one of spaces only, which its target drops)")
     rows = [self._truncate(ctx, cont) for ctx, cont in pairs]
     order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
     out = [None] * len(rows)
@@ -168,7 +176,7 @@ class TextModel:
     start = objectives.decoder_start(tok) if self.is_seq2seq else None
     head = self.target_head  # generated first, then dropped, as is what follows the next span
     max_new_tokens = max(min(max_new_tokens + len(head), self.max_len - 1), 1)
-    ids = [self.source_ids(p, head)[-self.max_len:] if self.is_seq2seq else  # as _truncate does
+    ids = [self.source_ids(p, head) if self.is_seq2seq else
            self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
     out = [""] * len(ids)
     groups = {}

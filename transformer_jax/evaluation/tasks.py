@@ -104,12 +104,19 @@ def _check(task: Task, rows: list, where: str):
     texts = [f for f in fields if f in TEXT_FIELDS and not isinstance(row[f], str)]
     if texts:  # (a number reached the tokenizer or a string concatenation: a traceback)
       raise ConfigError(f"{where}: example {n}'s {texts[0]} is {row[texts[0]]!r}, not a string")
+    row.update({f: corpus.valid_text(row[f]) for f in fields if f in TEXT_FIELDS})
     if task.kind == "multiple_choice" and not (
         isinstance(row["choices"], list) and row["choices"]
         and all(isinstance(c, str) for c in row["choices"])
         and _is_int(row["label"]) and 0 <= row["label"] < len(row["choices"])):
       raise ConfigError(f"{where}: example {n} needs a non-empty list of string choices and an "
                         f"integer label indexing it")
+    if task.kind == "multiple_choice":
+      row["choices"] = [corpus.valid_text(c) for c in row["choices"]]
+      empty = [k for k, c in enumerate(row["choices"]) if not c]
+      if empty:  # no token to score: log p 0, above every real choice (lm-eval refuses it too)
+        raise ConfigError(f"{where}: example {n}'s choice {empty[0]} is "
+                          f"{row['choices'][empty[0]]!r}: a choice needs text to score")
     if task.kind == "passkey" and not (
         _is_int(row["length"]) and row["length"] >= 0 and isinstance(row["depth"], (int, float))
         and not isinstance(row["depth"], bool) and 0 <= row["depth"] <= 1
@@ -122,6 +129,17 @@ def _check(task: Task, rows: list, where: str):
   if task.kind == "perplexity" and rows and not any(row["text"] for row in rows):
     raise ConfigError(f"{where}: every text is empty: nothing to score (its perplexity was "
                       f"1.0, a perfect score of nothing)")
+
+
+DECODER_KINDS = ("perplexity", "passkey")  # a text scored from its first token: no source
+
+
+def check_family(task: Task, family: str):
+  """A task the model of model.family `family` can be asked ("" = not known yet)."""
+  if family == "encdec" and task.kind in DECODER_KINDS:
+    raise ConfigError(f"task {task.name!r} is a {task.kind} task, which scores a decoder's text "
+                      f"from its first token; this model is an encoder-decoder "
+                      f"(model.family=encdec): use a decoder, or a task with a source")
 
 
 def train_split(path: str) -> str:
@@ -294,13 +312,19 @@ def _multiple_choice(task, lm, k, seed):
   return {"acc": acc / n, "acc_norm": acc_norm / n}
 
 
+def _exp(nats: float) -> float:
+  """A perplexity: e^nats, capped at e^700 (~1e304; float64 overflows past e^709). A cap of e^50
+  cut an untrained model's per-word cloze perplexity, 1e35, to 5e21."""
+  return float(math.exp(min(float(nats), 700.0)))
+
+
 def _cloze(task, lm, k, seed):
   pairs = [_split_last_word(fewshot_prefix(task, i, k, seed) + row["text"])
            for i, row in enumerate(task.examples)]
   out = lm.loglikelihood(pairs)
   lls = np.array([ll for ll, _ in out])
   return {"acc": float(np.mean([g for _, g in out])),
-          "perplexity": float(math.exp(min(-lls.mean(), 50.0)))}
+          "perplexity": _exp(-lls.mean())}
 
 
 def _perplexity(task, lm, k, seed):
@@ -309,9 +333,9 @@ def _perplexity(task, lm, k, seed):
   lls, counts = zip(*lm.loglikelihood_rolling(texts, with_counts=True))
   total, tokens = float(sum(lls)), int(sum(counts))
   n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-  return {"perplexity": float(math.exp(min(-total / max(tokens, 1), 50.0))),
+  return {"perplexity": _exp(-total / max(tokens, 1)),
           "bits_per_byte": -total / max(n_bytes, 1) / math.log(2),
-          "byte_perplexity": float(math.exp(min(-total / max(n_bytes, 1), 50.0)))}
+          "byte_perplexity": _exp(-total / max(n_bytes, 1))}
 
 
 def _generation(task, lm, k, seed):
@@ -363,6 +387,7 @@ def passkey_key(row: dict, rng) -> int:
 
 def _passkey(task, lm, k, seed):
   del k
+  check_family(task, lm.config.model.family)
   rng = np.random.default_rng(seed)
   pairs = []
   for row in task.examples:
