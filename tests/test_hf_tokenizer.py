@@ -179,6 +179,21 @@ def test_a_resume_reads_tokenizer_config_json_too(made, tmp_path):
   assert resume.workdir_mismatch(config, str(workdir)) == []
 
 
+def test_sample_keeps_the_space_before_a_metaspace_continuation(made, monkeypatch):
+  """A Metaspace tokenizer decodes "▁in" alone as "in": `sample` printed "defin x" for "def"
+  and the new tokens of " in x"; it decodes them with the prompt now."""
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
+  where = str(made[1]["llama"])
+  tok = tokenization.load(where)
+  whole, prompt = tok.encode("def in x"), tok.encode("def")
+  assert whole[:len(prompt)] == prompt and tok.decode(whole[len(prompt):]) == "in x"
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [f"data.tokenizer={where}",
+                                                           "data.add_bos=false"])
+  monkeypatch.setattr(sampling, "generate", lambda *a, **kw: [whole[len(prompt):]])
+  assert sample.sample_text(config, None, "def", max_new_tokens=4) == " in x"
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "bert"])
 def test_the_sentence_rule_finds_sentences_with_every_decoder(made, tmp_path, kind):
   """The objectives' sentence rule (a stop, then a piece that starts with a space) needs each

@@ -529,6 +529,24 @@ def test_validate_names_the_tokenizer_command(base_config, tiny_data):
     objectives.check(_with(base_config, **{"data.objective": "bert"}))
 
 
+def test_sample_lets_an_encoder_decoders_source_and_target_each_fill_learned_positions(
+    tok_path, monkeypatch):
+  """A source of 25-64 tokens and 40 new tokens under max_len=64: each fits (it was refused as a
+  decoder's prompt + continuation)."""
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"{REPO}/configs/transformer.py:tiny", [
+      f"data.tokenizer={tok_path}", "model.position=learned", "model.max_len=64"])
+  seen = []
+  monkeypatch.setattr(sampling, "generate", lambda model, params, ids, n, **kw: (
+      seen.append((ids[0], n)) or [[5, 6]]))
+  prompt = " ".join(["word"] * 12)
+  source = sample.source(config, tokenizer_lib.load(tok_path), prompt)
+  assert 24 < len(source) <= 64  # with 40 more, past 64: what a decoder's prompt cannot take
+  sample.sample_text(config, None, prompt, max_new_tokens=40)
+  assert seen == [(source, 40)]
+
+
 def test_sample_frames_an_empty_prompt_and_refuses_a_fill_mask_past_learned_positions(tok_path):
   """An empty prompt without data.add_bos starts from bos (its ids were empty: a traceback); a
   --fill_mask text past model.max_len (learned positions) is refused: its rows read no position,

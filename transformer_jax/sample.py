@@ -39,11 +39,11 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load(config.data.tokenizer)
-  ids = prompt_ids(config, tok, prompt, max_new_tokens)
   model = build_model(config)
   start = objectives.decoder_start(tok) if config.model.family == "encdec" else None
-  if start is not None:
-    ids = source(config, tok, prompt)
+  # (an encoder-decoder's source and target each fit the model: sampling checks them)
+  ids = prompt_ids(config, tok, prompt, max_new_tokens) if start is None else source(
+      config, tok, prompt)
   if beam_size > 0:
     if start is None:
       raise ConfigError("--beam_size is for encoder-decoder workdirs")
@@ -54,7 +54,16 @@ def sample_text(config, params, prompt: str, *, max_new_tokens=64, temperature=0
   out = sampling.generate(model, params, [ids], max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, start_id=start,
                           prefix=start is None and objectives.flag(config.data, "PREFIX"))
-  return tok.decode(out[0])
+  if start is not None:
+    return tok.decode(out[0])
+  return continuation(tok, tok.encode(prompt), out[0])
+
+
+def continuation(tok, prompt: list[int], new: list[int]) -> str:
+  """The text `new` adds after `prompt`: decoded together, as transformers' pipeline does (a
+  Metaspace tokenizer drops the space a text's first word has, so "▁in" alone is "in")."""
+  whole, before = tok.decode(prompt + new), tok.decode(prompt)
+  return whole[len(before):] if whole.startswith(before) else tok.decode(new)
 
 
 def source(config, tok, prompt: str) -> list[int]:
