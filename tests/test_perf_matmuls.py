@@ -1,6 +1,7 @@
 """The benchmark's matmul floor (transformer_jax/perf/matmuls.py) and mesh.cpu_devices."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -123,3 +124,21 @@ def test_model_flops_are_the_compiled_steps_matmuls(recipe, extra):
   per_token = sum(n * d.flops for d, n in dots.items()) / (2 * c.data.seq_len)
   counted = counting.for_config(c, trainer.model.cfg, trainer.abstract_state.params)
   assert 0.97 < per_token / counted < 1.03, (per_token, counted)
+
+
+@pytest.mark.parametrize("recipe, lookups", [
+    ("bert", (("embed", "types"), ("embed", "positions"))), ("t5", (("relative_bias",),))])
+def test_n_leaves_out_the_lookup_tables(recipe, lookups):
+  """N counts matmul parameters: BERT's token-type table and T5's relative-position bias
+  table are read by lookup (they were counted, as the position table is not)."""
+  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
+  c = config_lib.load(f"configs/{recipe}.py:tiny")
+  model = families.build_model(c)
+  params = families.abstract_params(model)
+  sizes = {tuple(k.key for k in path): math.prod(leaf.shape)
+           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  looked_up = sum(n for path, n in sizes.items()
+                  if any(path[-len(names):] == names for names in lookups))
+  untied = 0 if model.cfg.tie_embeddings else sizes[("embed", "tokens")]
+  assert looked_up > 0
+  assert counting.matmul_params(params, model.cfg) == sum(sizes.values()) - looked_up - untied

@@ -249,8 +249,13 @@ def test_schedules_warm_up_then_decay(kind):
   assert np.all(np.diff(values[10:]) <= 1e-7)
   if kind in ("cosine", "linear", "wsd"):
     assert abs(values[100] - 0.1) < 1e-3  # min_lr_ratio
-  if kind == "wsd":
-    assert values[75] == 1.0 and values[90] < 1.0
+  if kind == "wsd":  # 18 steps of cool-down, the last trained one (99) at the final lr
+    assert values[81] == 1.0 and values[82] < 1.0 and abs(values[99] - 0.1) < 1e-6
+    short = tiny_config("optimizer.schedule=wsd", "optimizer.warmup_steps=10",
+                        "optimizer.wsd_decay_fraction=0.1", "train.steps=20")
+    lr = optimizer.schedule(short.optimizer, 20)  # a cool-down of one step: step 19, at 0.1x
+    assert float(lr(18)) == pytest.approx(short.optimizer.learning_rate)
+    assert float(lr(19)) == pytest.approx(0.1 * short.optimizer.learning_rate)
 
 
 def test_decay_mask_skips_biases_norms_and_embeddings():

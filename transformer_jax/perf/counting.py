@@ -3,9 +3,10 @@ check's model FLOPs, the sweep planner's sizes).
 
 MFU = model FLOPs per second / peak FLOPs per second of the devices used. Model FLOPs per token are
 PaLM's (appendix B) 6*N + 12*L*H*K*T, where N counts the parameters that take part in matmuls
-(the token table counts only when tied, as the output projection; lookups and the learned position
-table do not) and T is the sequence length. The causal attention term is NOT halved (as in PaLM and
-nanoGPT; MaxText and Megatron halve it, which gives lower figures). A sliding-window layer
+(the token table counts only when tied, as the output projection; lookups, the learned position
+and token-type tables and T5's relative-position bias table, do not) and T is the sequence
+length. The causal attention term is NOT halved (as in PaLM and nanoGPT; MaxText and Megatron
+halve it, which gives lower figures). A sliding-window layer
 (model.attention_window W) counts the keys of its band instead of T: min(T, 2W - 1 + the global
 tokens + the random blocks' keys), halved for neither side either. Rematerialization is not
 counted: MFU measures useful model work, not hardware work.
@@ -26,7 +27,8 @@ def matmul_params(params, model_cfg) -> int:
 
   def count(tree, names, moe_share):
     if not isinstance(tree, dict) and not hasattr(tree, "items"):
-      if names[-2:] == ["embed", "positions"]:
+      if names[-2:] in (["embed", "positions"], ["embed", "types"]) or (
+          names[-1] == "relative_bias"):  # lookups: BERT's type table, T5's relative buckets
         return 0
       if names[-2:] == ["embed", "tokens"] and not model_cfg.tie_embeddings:
         return 0

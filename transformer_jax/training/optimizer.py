@@ -19,10 +19,12 @@ def schedule(opt, total_steps: int) -> optax.Schedule:
     w = max(warmup, 1)
     after = lambda s: peak * jnp.sqrt(w / jnp.maximum(s + w, 1))
   elif opt.schedule == "wsd":  # warmup-stable-decay: flat, then a linear cool-down at the end
+    # over the last `cool` trained steps, the last at the final lr (ending at step decay, which
+    # is never trained, left one step at the peak: a cool-down of 1 did not cool at all)
     cool = max(int(decay * opt.wsd_decay_fraction), 1)
     after = optax.join_schedules(
         [optax.constant_schedule(peak), optax.linear_schedule(peak, final, cool)],
-        [decay - cool])
+        [decay - cool - 1])
   else:
     after = optax.constant_schedule(peak)
   return optax.join_schedules([warm, after], [warmup])
