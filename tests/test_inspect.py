@@ -190,11 +190,14 @@ def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(re
   text = "def f(x):"
   want = [61] * ul2 + [1] * framed + tok.encode(text) + [2]
   lm = scoring.TextModel.__new__(scoring.TextModel)
-  lm.config, lm.tokenizer = config, tok
+  lm.config, lm.tokenizer, lm.max_len = config, tok, config.model.max_len
   assert lm.source_ids(text) == want
   assert interpret.text_inputs(config, tok, text).source_ids == want
   assert interpret.encode(config, tok, text) == want  # probe's features
   assert sample.source(config, tok, text) == want[ul2:]  # A UL2 prompt names its own mode.
+  long = interpret.encode(config, tok, text * 100)  # its end cut, not the framing (the eos)
+  assert len(long) == config.model.max_len and long[-1] == 2
+  assert long[:len(want) - 1] == want[:-1]
 
 
 def test_a_prefix_lm_reads_the_text_as_its_prefix_and_the_target_after_it(tiny_data):
@@ -330,8 +333,31 @@ def test_probe_split_is_stratified():
   assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(labels)))
   other = probe.split(labels, 0.2, seed=1)[1]
   assert len(other) == len(test) and set(other) != set(test)
-  train, test = probe.split(["x", "y"], 0.5, seed=0)  # too rare to hold out: one is, all the same
-  assert len(train) == len(test) == 1
+  train, test = probe.split(["x", "x", "y"], 0.5, seed=0)  # too rare: one of the commonest
+  assert test.tolist() in ([0], [1]) and 2 in train
+  with pytest.raises(ConfigError, match=r"every label has one distinct text \(2 texts\)"):
+    probe.split(["x", "y"], 0.5, seed=0)  # (y held out, never trained on: chance 1.0)
+  # A text's copies stay on one side (random labels, every line twice, scored 1.0 held out)
+  texts = [f"text {i % 20}" for i in range(40)]
+  labels = [int(v) for v in np.random.default_rng(0).integers(0, 2, 20)] * 2
+  train, test = probe.split(labels, 0.25, seed=0, texts=texts)
+  assert not {texts[i] for i in train} & {texts[i] for i in test}
+  assert sorted(np.concatenate([train, test]).tolist()) == list(range(40)) and len(test) >= 2
+
+
+def test_text_files_and_tokens_are_read_whole(tmp_path, monkeypatch):
+  """Invalid UTF-8 in --file or --data, and a lone surrogate escape in --data or --text, are
+  U+FFFD (tracebacks); a newline token is escaped in logit_lens.md's table (it split a row)."""
+  read = inspect_cli._text  # pylint: disable=protected-access
+  (tmp_path / "t.txt").write_bytes(b"def f(x):\xff return x")
+  assert read({"text": "", "file": str(tmp_path / "t.txt")}) == "def f(x):\ufffd return x"
+  assert read({"text": "a \udcff b", "file": ""}) == "a \ufffd b"
+  (tmp_path / "d.jsonl").write_bytes(b'{"text": "a \\ud800 b", "label": 0}\n'
+                                     b'{"text": "c \xff", "label": 1}\n' * 2)
+  texts, _ = probe.read_labelled(str(tmp_path / "d.jsonl"))
+  assert texts == ["a \ufffd b", "c \ufffd"] * 2
+  cell = interpret._cell  # pylint: disable=protected-access
+  assert cell("\n") == "`\\n`" and cell("a|b") == "`a\\|b`"
 
 
 def test_log_activations_metrics_equal_an_independent_computation(run, tiny_data):
@@ -364,7 +390,8 @@ def test_log_activations_metrics_equal_an_independent_computation(run, tiny_data
 def test_bad_inputs_are_one_line_errors(run, tmp_path):
   workdir = run[0]
   no_label = _labelled(tmp_path / "bad.jsonl", [{"text": "a"}, {"text": "b", "label": 1}])
-  good = _labelled(tmp_path / "good.jsonl", [{"text": "ab", "label": i % 2} for i in range(8)])
+  good = _labelled(tmp_path / "good.jsonl",
+                   [{"text": f"ab {i}", "label": i % 2} for i in range(8)])
   cases = {
       "must be a training workdir": [f"--workdir={tmp_path / 'none'}", "--text=x", "--out=o"],
       r"no checkpoint for step 99 .*steps: 3\)": [f"--workdir={workdir}", "--step=99",

@@ -68,10 +68,12 @@ def _text(f) -> str:
   if f["file"]:
     if not os.path.isfile(f["file"]):
       raise ConfigError(f"--file={f['file']!r} does not exist")
-    with open(f["file"], encoding="utf-8") as fh:
+    with open(f["file"], encoding="utf-8", errors="replace") as fh:  # (invalid UTF-8: U+FFFD)
       text = fh.read()
   else:
     text = f["text"]
+  from transformer_jax.data import corpus  # pylint: disable=g-import-not-at-top
+  text = corpus.valid_text(text)  # (--text's invalid bytes reach Python as lone surrogates)
   if not text.strip():
     raise ConfigError("the text is empty: give --text=\"...\" or --file=F with some text")
   return text
@@ -107,12 +109,13 @@ def probe_main(argv):
   if f["limit"] < 0:
     raise ConfigError(f"--limit={f['limit']} must be >= 0 (0: every example)")
   texts, labels = probe.read_labelled(f["data"], f["field"], f["label_field"], f["limit"])
-  probe.split(labels, f["holdout"], f["seed"])  # checks --holdout before the model loads
+  probe.split(labels, f["holdout"], f["seed"], texts)  # checked before the model loads
   if f["steps"] < 1 or f["batch_size"] < 0:
     raise ConfigError("--steps must be >= 1 and --batch_size >= 0 (0: the model's)")
   trainer, step, params, tokenizer = _load(f)
   x = probe.features(trainer, params, tokenizer, texts, batch_size=f["batch_size"])
-  result = probe.fit(x, labels, holdout=f["holdout"], seed=f["seed"], steps=f["steps"])
+  result = probe.fit(x, labels, holdout=f["holdout"], seed=f["seed"], steps=f["steps"],
+                     texts=texts)
   result.update(step=step, data=f["data"], label_field=f["label_field"])
   out = f["out"] or ("inspect" if paths.is_remote(f["workdir"]) else  # written locally
                      os.path.join(f["workdir"], "inspect"))

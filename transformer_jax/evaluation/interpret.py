@@ -55,13 +55,15 @@ def encode(config, tokenizer, text: str) -> list:
   are read as sample reads them: their ids."""
   ids = tokenization.with_control_pieces(tokenizer, text)
   prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
-  if config.model.family == "encdec":
-    ids = objectives.source_ids(config.data, tokenizer, ids)
+  max_len = int(config.model.max_len)
+  if config.model.family == "encdec":  # a long text loses its end, the framing none of its ids
+    framing = len(objectives.source_ids(config.data, tokenizer, []))
+    ids = objectives.source_ids(config.data, tokenizer, ids[:max(max_len - framing, 1)])
   elif config.data.add_bos and prefix >= 0:
     ids = [prefix] + ids
   if not ids:
     raise ConfigError(f"the text {text[:40]!r} has no tokens: give some text")
-  return ids[:int(config.model.max_len)]
+  return ids[:max_len]
 
 
 def text_inputs(config, tokenizer, text: str, target: str = "") -> Inputs:
@@ -305,7 +307,12 @@ def _text(path: str, text: str) -> str:
 
 
 def _cell(piece: str) -> str:
-  return "`" + piece.replace("|", "\\|").replace("`", "'") + "`" if piece else "` `"
+  """A token as a markdown table cell: one line (a newline piece broke the table's rows)."""
+  if not piece:
+    return "` `"
+  for raw, shown in (("|", "\\|"), ("`", "'"), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+    piece = piece.replace(raw, shown)
+  return "`" + piece + "`"
 
 
 def lens_markdown(lens: dict, max_positions: int = 24) -> str:

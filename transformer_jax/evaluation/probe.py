@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from transformer_jax.config import ConfigError
+from transformer_jax.data import corpus
 from transformer_jax.data import objectives
 from transformer_jax.evaluation import harness
 from transformer_jax.evaluation import interpret
@@ -32,7 +33,7 @@ def read_labelled(path: str, field: str = "text", label_field: str = "label",
   if not path or not os.path.isfile(path):
     raise ConfigError(f"--data={path!r} does not exist (a JSONL file of labelled texts)")
   texts, labels = [], []
-  with open(path) as f:
+  with open(path, encoding="utf-8", errors="replace") as f:  # (invalid UTF-8: U+FFFD)
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -47,7 +48,7 @@ def read_labelled(path: str, field: str = "text", label_field: str = "label",
       if not isinstance(row[field], str) or isinstance(row[label_field], (dict, list)):
         raise ConfigError(f"{path} line {n}: {field} must be a string and {label_field} a "
                           "scalar")
-      texts.append(row[field])
+      texts.append(corpus.valid_text(row[field]))  # (a lone surrogate escape: U+FFFD)
       labels.append(row[label_field])
       if limit and len(texts) >= limit:
         break
@@ -92,27 +93,39 @@ def _pool(x_LBTD, segments_BT):
   return total / jnp.maximum(jnp.sum(w_BT, axis=1), 1.0)[None, :, None]
 
 
-def split(labels, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(train, held-out) indices, stratified: of each label's examples (a seeded permutation),
+def split(labels, holdout: float, seed: int, texts=None) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) indices, stratified: of each label's texts (a seeded permutation),
   round(holdout x count) are held out, keeping at least one of each in training, so the held-out
-  split has the labels' proportions; at least one example is held out in all."""
+  split has the labels' proportions; at least one text is held out in all. A text that occurs
+  more than once goes to one side with all its copies (the probe would remember it: random
+  labels, every line twice, scored 1.0 held out), under its first copy's label."""
   if not 0 < holdout < 1:
     raise ConfigError(f"--holdout must be in (0, 1), got {holdout}")
-  keys = np.asarray([json.dumps(v) for v in labels])
-  if len(keys) < 2:
-    raise ConfigError(f"a probe needs at least 2 labelled examples, got {len(keys)}")
+  if len(labels) < 2:
+    raise ConfigError(f"a probe needs at least 2 labelled examples, got {len(labels)}")
+  copies = {}  # text -> its indices (each index its own text when no texts are given)
+  for i, text in enumerate(range(len(labels)) if texts is None else texts):
+    copies.setdefault(text, []).append(i)
+  units = list(copies.values())
+  keys = np.asarray([json.dumps(labels[unit[0]]) for unit in units])
+  counts = {k: int(np.sum(keys == k)) for k in set(keys)}
+  if max(counts.values()) < 2:  # nothing to train a held-out label on (chance read 1.0)
+    raise ConfigError(f"every label has one distinct text ({len(units)} texts): a probe needs "
+                      f"at least 2 texts of a label (is --label_field right?)")
   rng = np.random.default_rng(seed)
   train, test = [], []
-  for key in sorted(set(keys)):
+  for key in sorted(counts):
     members = rng.permutation(np.flatnonzero(keys == key))
     cut = min(int(round(holdout * len(members))), len(members) - 1)
     test.extend(members[:cut])
     train.extend(members[cut:])
   if not test:  # every label too rare to hold one out: hold out one of the commonest
-    common = max(set(keys), key=lambda k: (np.sum(keys == k), k))
-    test.append(next(i for i in train if keys[i] == common))
+    common = max(counts, key=lambda k: (counts[k], k))
+    test.append(next(u for u in train if keys[u] == common))
     train.remove(test[0])
-  return np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(test, np.int64))
+  def expand(chosen):
+    return np.sort(np.asarray([i for u in chosen for i in units[u]], np.int64))
+  return expand(train), expand(test)
 
 
 @functools.partial(jax.jit, static_argnames=("classes", "steps"))
@@ -142,14 +155,15 @@ def _fit(x_LND, y_N, classes: int, steps: int, l2: float, learning_rate: float):
 
 
 def fit(features_LND, labels, *, holdout: float = 0.25, seed: int = 0, steps: int = 300,
-        l2: float = 1e-3, learning_rate: float = 0.05, layer_names=None) -> dict:
-  """Trains one probe per layer on the training split; per layer its held-out and train
-  accuracy, with the held-out split's majority-class fraction as chance."""
+        l2: float = 1e-3, learning_rate: float = 0.05, layer_names=None, texts=None) -> dict:
+  """Trains one probe per layer on the training split (split's: `texts` keeps a text's copies
+  on one side); per layer its held-out and train accuracy, with the held-out split's
+  majority-class fraction as chance."""
   x = np.asarray(features_LND, np.float32)
   keys = [json.dumps(v) for v in labels]
   classes = sorted(set(keys))
   y = np.asarray([classes.index(k) for k in keys], np.int32)
-  train, test = split(labels, holdout, seed)
+  train, test = split(labels, holdout, seed, texts)
   mean = x[:, train].mean(axis=1, keepdims=True)
   std = x[:, train].std(axis=1, keepdims=True) + 1e-6
   x = (x - mean) / std

@@ -1,0 +1,40 @@
+"""The local tasks that evaluation.corpus_tasks makes from a corpus: next-line distractors from
+other files, and test examples from the documents training holds out."""
+
+import json
+import random
+
+from tests.conftest import REPO, tiny_overrides
+from transformer_jax import config as config_lib
+from transformer_jax.evaluation import corpus_tasks
+
+
+def test_next_line_distractors_come_from_other_files():
+  """The 3 wrong choices are lines of other documents (a line of the example's own file may be
+  a plausible next line), distinct, and the label points at the real next line."""
+  docs = [(f"doc{d}", "\n".join(f"value_{d}_{i} = compute({d}, {i})" for i in range(30)))
+          for d in range(6)]
+  examples = corpus_tasks.next_line(docs, 60, random.Random(0))
+  assert len(examples) == 60
+  lines = {doc_id: text.splitlines() for doc_id, text in docs}
+  for ex in examples:
+    truth = ex["choices"][ex["label"]]
+    assert ex["context"].splitlines()[-1] == lines[ex["id"]][lines[ex["id"]].index(truth) - 1]
+    wrong = [c for c in ex["choices"] if c != truth]
+    assert len(wrong) == len(set(wrong)) == 3
+    assert not set(wrong) & set(lines[ex["id"]]), ex
+
+
+def test_corpus_tasks_hold_out_what_training_holds_out(tiny_data, tmp_path):
+  """No document hashes under the fraction: training holds out the one of smallest hash, and so
+  do the tasks' test files (they came out empty, that document going to the few-shot files)."""
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+  c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+      tiny_data, **{"data.validation_fraction": 0.001}))
+  builder = tfds_text.builder(c.data)
+  held = [doc_id for doc_id, _ in builder._validation_docs()]  # pylint: disable=protected-access
+  corpus_tasks.make(str(tmp_path), tiny_data["corpus"], examples=20, validation_fraction=0.001)
+  rows = [json.loads(line) for line in open(tmp_path / "heldout_text.jsonl")]
+  assert len(held) == 1 and [r["id"] for r in rows] == held
+  fewshot = [json.loads(line)["id"] for line in open(tmp_path / "last_word_train.jsonl")]
+  assert fewshot and held[0] not in fewshot
