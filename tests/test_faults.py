@@ -400,7 +400,7 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_losses(tiny_data, 
   """SIGKILL twice at seeded random moments of a run with async saves every 3 steps (so some
   kills land during a write); re-running resumes from the last complete checkpoint and every
   step's final logged loss equals an uninterrupted run's."""
-  extra = {"train.log_every": 1, "train.steps": 30, "checkpoint.every_steps": 3,
+  extra = {"train.log_every": 1, "train.steps": 20, "checkpoint.every_steps": 3,
            "checkpoint.async_save": True}
   ref = str(tmp_path / "ref")
   loop.train(_config(tiny_data, **extra), ref, quiet=True, devices=ONE())

@@ -13,12 +13,12 @@ import pytest
 
 from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
 
-STEPS = 30
+STEPS = 18
 
 
 def _flags(tiny_data, **extra):
   kv = {"train.log_every": 1, "train.steps": STEPS, "optimizer.decay_steps": STEPS,
-        "data.shards": 2, "mesh.data": -1, "eval.every_steps": 0, "checkpoint.every_steps": 10}
+        "data.shards": 2, "mesh.data": -1, "eval.every_steps": 0, "checkpoint.every_steps": 6}
   kv.update(extra)
   return [f"--config.{x}" for x in tiny_overrides(tiny_data, **kv)]
 
