@@ -2,9 +2,10 @@
 
 import os
 
-# Less effort on the generated CPU code only (the optimized HLO is the same): LLVM's (the cold
-# suite compiled in ~7 instead of ~9.5 minutes), and XLA:CPU's older fusion code generator (the
-# tiny train steps compile in ~25 % less time). Training subprocesses get them too (env
+# Less effort on the generated CPU code: LLVM's (the optimized HLO is the same; the cold suite
+# compiled in ~7 instead of ~9.5 minutes), and XLA:CPU's older fusion code generator (the tiny
+# train steps compile in ~25 % less time; it writes some fusions as while loops, so the test that
+# counts a step's matmuls compiles with the default). Training subprocesses get them too (env
 # XLA_FLAGS=TEST_XLA_FLAGS).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", "")
