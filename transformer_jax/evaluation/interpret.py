@@ -57,8 +57,7 @@ def encode(config, tokenizer, text: str) -> list:
   prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
   max_len = int(config.model.max_len)
   if config.model.family == "encdec":  # a long text loses its end, the framing none of its ids
-    framing = len(objectives.source_ids(config.data, tokenizer, []))
-    ids = objectives.source_ids(config.data, tokenizer, ids[:max(max_len - framing, 1)])
+    ids = objectives.source_ids(config.data, tokenizer, ids, max_len=max_len, cut_start=False)
   elif config.data.add_bos and prefix >= 0:
     ids = [prefix] + ids
   if not ids:

@@ -89,12 +89,8 @@ class TextModel:
     """An encoder-decoder's source as training framed it (bos/eos around pairs' sources, UL2's
     mode token first), with the ids `head` (target_head) after the text; a text too long for
     the model loses its start, the framing none of its tokens."""
-    ids = self.encode(text) + list(head)
-    framed = objectives.source_ids(self.config.data, self.tokenizer, ids)
-    over = len(framed) - self.max_len
-    if over > 0:
-      framed = objectives.source_ids(self.config.data, self.tokenizer, ids[over:])
-    return framed
+    return objectives.source_ids(self.config.data, self.tokenizer,
+                                 self.encode(text) + list(head), max_len=self.max_len)
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces

@@ -114,15 +114,21 @@ def flag(d_or_spec, name: str, default=False):
   return getattr(get(d_or_spec.objective), name, default)
 
 
-def source_ids(d, tok, ids: list, head: bool = True) -> list:
+def source_ids(d, tok, ids: list, head: bool = True, max_len: int = 0,
+               cut_start: bool = True) -> list:
   """An encoder-decoder's source as training framed it: bos/eos around a (source, target) pair
   objective's source with data.add_bos/add_eos (seq2seq.example); UL2's led by a mode token (its
   `source_head`, unless not `head`); eos after it where every training input ended with one
-  (SOURCE_EOS: span, ul2); as it is otherwise."""
+  (SOURCE_EOS: span, ul2); as it is otherwise. With `max_len`, `ids` lose their start (or with
+  not `cut_start` their end) to fit it, the framing none of its tokens."""
   frame = flag(d, "PAIRS")
   head = getattr(get(d.objective), "source_head", lambda tok: [])(tok) if head else []
   eos = (d.add_eos and frame) or flag(d, "SOURCE_EOS")
-  return head + [tok.bos_id] * bool(d.add_bos and frame) + ids + [tok.eos_id] * bool(eos)
+  before, after = head + [tok.bos_id] * bool(d.add_bos and frame), [tok.eos_id] * bool(eos)
+  room = max(max_len - len(before) - len(after), 1)
+  if max_len and len(ids) > room:
+    ids = ids[len(ids) - room:] if cut_start else ids[:room]
+  return before + ids + after
 
 
 def encoder_decoder(s) -> bool:
