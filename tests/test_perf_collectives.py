@@ -166,6 +166,39 @@ def test_collectives_in_loops_count_once_per_trip():
   assert t["ici_bytes"] == pytest.approx(16 * 1024 + 3 * 2 * 3 / 4 * 1024 + 3 / 4 * 256 * 64 * 2)
 
 
+def _split_all_gather(caller: str) -> str:
+  """One all-gather as XLA:TPU overlaps it with other work: a start fusion, continuations
+  (async_collective_fusion) and a done fusion, each repeating it under channel 5, in `caller`."""
+  gather = ("all-gather(%p), channel_id=5, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={1}, "
+            "use_global_device_ids=true")
+  names = ("fused_computation.11", "async_collective_fusion.12", "async_collective_fusion.13",
+           "fused_computation.14")
+  comps = "".join(f"%{name} (p: bf16[1024,8]) -> bf16[1024,64] {{\n  %p = bf16[1024,8]{{1,0}} "
+                  f"parameter(0)\n  ROOT %all-gather.{k} = bf16[1024,64]{{0,1}} {gather}\n}}\n\n"
+                  for k, name in enumerate(names))
+  calls = "".join(f"  %f.{k} = bf16[1024,64]{{0,1}} fusion(%x), kind=kCustom, calls=%{name}\n"
+                  for k, name in enumerate(names))
+  return comps + caller.replace("CALLS\n", calls)
+
+
+def test_a_collective_split_over_async_fusions_counts_once():
+  """Its pieces share a channel: one all-gather, run as often as its start and done (at the top
+  level once, in a loop body once per trip). Each piece counted alone made an FSDP step's
+  all-gathers 4-28 times too many."""
+  top = _split_all_gather("ENTRY %main (x: bf16[1024,8]) -> bf16[1024,64] {\n  %x = "
+                          "bf16[1024,8]{1,0} parameter(0)\nCALLS\n  ROOT %r = bf16[1024,64]{0,1} "
+                          "copy(%f.3)\n}\n")
+  assert co.collectives(top) == [co.Collective("all-gather", 1024 * 64 * 2, (tuple(range(8)),))]
+  looped = _split_all_gather(LOOP.split("%body2")[0].replace(
+      "%body (p: (u32[], f32[256])) -> (u32[], f32[256]) {\n",
+      "%body (p: (u32[], f32[256])) -> (u32[], f32[256]) {\nCALLS\n")
+      + "ENTRY %main (a: f32[256]) -> f32[256] {\n  %while.1 = (u32[], f32[256]) "
+      "while(%init), condition=%cond, body=%body\n}\n")
+  counts = sorted((c.kind, c.bytes, c.count) for c in co.collectives(looped))
+  assert counts == [("all-gather", 256 * 64 * 2, 1), ("all-gather", 1024 * 64 * 2, 16),
+                    ("collective-permute", 256 * 4, 16)]
+
+
 def test_a_shift_is_priced_as_half_of_a_two_way_pair():
   shift = co.Collective("collective-permute", 10 ** 9, ())
   t = co.link_time([shift, shift], torus(4, 4), 50, 3)

@@ -35,8 +35,10 @@ A collective inside a while loop (a windowed einsum's ring shifts, a microbatch 
 counts once per trip: the loop's `known_trip_count`, else the bound its condition compares the
 counter with (`i < N`). Computations reached through calls, fusions and branches count as often
 as their callers run (both branches of a conditional are counted: an upper bound for the anomaly
-guard's skipped update), except an `async_collective_fusion`: XLA:TPU sinks a collective it
-overlaps with a loop's work into the loop body that way, one collective spread over the trips.
+guard's skipped update). A collective XLA:TPU overlaps with other work is spread over fusions
+that each repeat it under one channel_id (a start, `async_collective_fusion` continuations, a
+done): it counts once per run of its start and done, and once where a loop body holds only its
+continuations (one collective spread over the trips).
 """
 
 import dataclasses
@@ -155,52 +157,78 @@ def _multiplicity(comps: dict, entry: str) -> dict:
 
 
 def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective of an optimized HLO module, with how often it runs."""
+  """Every collective of an optimized HLO module, with how often it runs: one per channel_id."""
   comps, entry = hlo.computations(hlo_text)
   runs = _multiplicity(comps, entry) if entry else {}
-  scatter = {}  # all-reduce-scatter computations: (input bytes, groups) of their all-reduce
+  scatter = {}  # all-reduce-scatter computations: (input bytes, groups, channel) of their all-reduce
   for comp, lines in comps.items():
     if comp.startswith("all-reduce-scatter"):
       for line in lines:
         i = hlo.instruction(line)
         if i and i.op in ("all-reduce", "all-reduce-start"):
-          scatter[comp] = (sum(hlo.shape_bytes(i.result)), replica_groups(i.args))
-  found = []
+          scatter[comp] = (sum(hlo.shape_bytes(i.result)), replica_groups(i.args), _channel(i.args))
+  found = []  # (channel id or None, whether in an async_collective_fusion, Collective)
   for comp, lines in comps.items():
     if comp in scatter:
       continue
-    # XLA:TPU sinks async collectives it overlaps with a loop's work into the loop body as an
-    # async_collective_fusion that is one collective spread over the trips: count it once.
-    count = 1 if comp.startswith("async_collective_fusion") else runs.get(comp, 1)
+    sunk = comp.startswith("async_collective_fusion")
+    count = runs.get(comp, 1)
     for line in lines:
       i = hlo.instruction(line)
-      if not i:
-        continue
-      result, op, attrs = i.result, i.op, i.args
-      if op == "fusion":
-        called = re.search(r"calls=%?([\w.\-]+)", attrs)
-        if called and called.group(1) in scatter:
-          size, groups = scatter[called.group(1)]
-          found.append(Collective("reduce-scatter", size, groups, count=count))
-        continue
-      transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', attrs)
-      if op == "send" and transfer:
-        kind = _MEGASCALE.get(transfer.group(1), "collective-permute")
-        found.append(Collective(kind, hlo.shape_bytes(result)[0], (), dcn=True, count=count,
-                                remote=megascale_remote(attrs)))
-        continue
-      kind = op[:-len("-start")] if op.endswith("-start") else op
-      if kind not in KINDS:
-        continue
-      sizes, groups = hlo.shape_bytes(result), replica_groups(attrs)
-      if op.endswith("-start"):  # (operands..., results...) or the result itself: the largest
-        size = max(sizes)
-      elif kind == "reduce-scatter":  # the result is one n-th of the input
-        size = sum(sizes) * (len(groups[0]) if groups else 1)
-      else:
-        size = sum(sizes)
-      found.append(Collective(kind, size, groups, count=count))
-  return found
+      if i:
+        c = _collective(i, count, scatter)
+        found += [(c[0], sunk, c[1])] if c else []
+  return _once_per_channel(found)
+
+
+def _channel(attrs: str) -> int | None:
+  m = re.search(r"\bchannel_id=(\d+)", attrs)
+  return int(m.group(1)) if m else None
+
+
+def _collective(i, count: float, scatter: dict) -> tuple | None:
+  """(channel id, Collective) of instruction `i`, or None where it is no collective."""
+  result, op, attrs = i.result, i.op, i.args
+  if op == "fusion":
+    called = re.search(r"calls=%?([\w.\-]+)", attrs)
+    if called and called.group(1) in scatter:
+      size, groups, channel = scatter[called.group(1)]
+      return channel, Collective("reduce-scatter", size, groups, count=count)
+    return None
+  transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', attrs)
+  if op == "send" and transfer:
+    kind = _MEGASCALE.get(transfer.group(1), "collective-permute")
+    return None, Collective(kind, hlo.shape_bytes(result)[0], (), dcn=True, count=count,
+                            remote=megascale_remote(attrs))
+  kind = op[:-len("-start")] if op.endswith("-start") else op
+  if kind not in KINDS:
+    return None
+  sizes, groups = hlo.shape_bytes(result), replica_groups(attrs)
+  if op.endswith("-start"):  # (operands..., results...) or the result itself: the largest
+    size = max(sizes)
+  elif kind == "reduce-scatter":  # the result is one n-th of the input
+    size = sum(sizes) * (len(groups[0]) if groups else 1)
+  else:
+    size = sum(sizes)
+  return _channel(attrs), Collective(kind, size, groups, count=count)
+
+
+def _once_per_channel(found: list) -> list[Collective]:
+  """One collective per channel_id. XLA:TPU spreads a collective it overlaps with other work
+  over fusions that each repeat it under the same channel: the start, continuations
+  (async_collective_fusion computations) and the done. It runs as often as its start and done
+  do; one sunk into a loop body as continuations alone (started and finished outside) once."""
+  by_channel, out = {}, []
+  for channel, sunk, c in found:
+    if channel is None:
+      out.append(dataclasses.replace(c, count=1) if sunk else c)
+    else:
+      by_channel.setdefault(channel, []).append((sunk, c))
+  for parts in by_channel.values():
+    ends = [c for sunk, c in parts if not sunk]
+    out.append(dataclasses.replace(ends[0], count=max(c.count for c in ends)) if ends
+               else dataclasses.replace(parts[0][1], count=1))
+  return out
 
 
 def traffic(c: Collective, n: int) -> float:
