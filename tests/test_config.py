@@ -102,6 +102,8 @@ BAD = [
     (["model.rope_factor=8.0"], "model.rope_factor=8.0 has no effect with model.rope_scaling=none"),
     (["model.num_shared_experts=2"], "model.num_shared_experts=2 has no effect with "
                                      "model.num_experts=0"),
+    (["model.router_aux_loss=0.1"], "model.router_aux_loss=0.1 has no effect with "
+                                    "model.num_experts=0"),
     (["train.sample_tokens=-3"], "train.sample_tokens must be positive"),
     (["eval.tasks=(1,2)"], "eval.tasks=(1, 2) must name tasks as strings"),  # (tracebacks)
     (["sharding_rules=(1,2)"], "sharding_rules: 1 is not a (logical axis, mesh axes) pair"),

@@ -140,8 +140,9 @@ def get(config, key):
 ROPE_SCALING_KEYS = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor",
                      "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow",
                      "rope_attention_factor")
-EXPERT_KEYS = ("expert_d_ff", "num_shared_experts", "shared_expert_gate",
-               "expert_capacity_factor")
+EXPERT_KEYS = ("experts_per_token", "expert_d_ff", "moe_every", "expert_capacity_factor",
+               "router_renormalize", "num_shared_experts", "shared_expert_gate",
+               "router_aux_loss", "router_z_loss", "router_jitter")
 
 
 def _unused(m, keys, because: str, section: str = "model") -> None:

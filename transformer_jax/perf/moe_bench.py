@@ -17,6 +17,7 @@ one-hot einsums, the grouped matmuls' inefficiency; also the capacity form's pad
 import json
 import statistics
 
+from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 
 FORMS = ("dropless", "capacity", "dense")
@@ -36,16 +37,17 @@ def form_overrides(config, capacity: float) -> dict:
                       f"{m.d_ff} wide, so no dense model has the MoE layers' active width {width}")
   if m.num_shared_experts:
     raise ConfigError("--moe: shared experts are not compared (model.num_shared_experts > 0)")
+  defaults = config_lib.base.get_config().model  # the expert keys a dense model leaves unread
   return {"dropless": ["model.expert_capacity_factor=0"],
           "capacity": [f"model.expert_capacity_factor={capacity}"],
-          "dense": ["model.num_experts=0", f"model.d_ff={width}", "model.expert_d_ff=0"]}
+          "dense": ["model.num_experts=0", f"model.d_ff={width}"]
+                   + [f"model.{k}={defaults[k]}" for k in config_lib.EXPERT_KEYS]}
 
 
 def compare(runner, spec: str, overrides: list, steps: int, rounds: int, capacity: float) -> dict:
   """The three forms timed in interleaved rounds; the report's dict (see the module doc).
   `runner(config)`: a built train step with time_steps(n), compile_s, params, state and jax
   (benchmark.JaxRunner)."""
-  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.perf import counting  # pylint: disable=g-import-not-at-top
   base = config_lib.load(spec, overrides)
   configs = {name: config_lib.load(spec, overrides + extra)
