@@ -318,6 +318,60 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost():
   assert run("ours") == "interrupted"
 
 
+_CTRL_C_IN_AN_IMPORT = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground process
+import transformer_jax
+if sys.argv[1] == "default":
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.path.insert(0, sys.argv[2])
+try:
+  import slow_module  # sends itself SIGINT halfway through its own code
+  time.sleep(1.5)
+  print("lost")
+except KeyboardInterrupt:
+  print("after the import" if "slow_module" in sys.modules else "inside the import")
+"""
+
+
+def test_ctrl_c_inside_an_import_is_delivered_after_it(tmp_path):
+  """A KeyboardInterrupt raised inside an import leaves a module half-initialized: numpy's and
+  jaxlib's extensions made it an ImportError traceback, or a crash (exit 139), in a command's
+  first second. The package's handler delivers it once the import is done."""
+  (tmp_path / "slow_module.py").write_text(
+      "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nsum(range(10))\nDONE = 1\n")
+  def run(mode):
+    return subprocess.run([sys.executable, "-c", _CTRL_C_IN_AN_IMPORT, mode, str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60).stdout.strip()
+  assert run("default") == "inside the import"  # Python's own handler: the fault
+  assert run("ours") == "after the import"
+
+
+_CTRL_C_OVER_AN_EXEC = """
+import os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import transformer_jax
+if sys.argv[1] == "parent":  # a Ctrl-C deferred (transformer_jax.interrupt) when re-executing
+  threading.Timer(30, print).start()  # another thread, as the deferring timers are
+  transformer_jax._deferred.append(signal.SIGINT)
+  transformer_jax.execve(sys.executable, [sys.executable, "-c", sys.argv[2], "child", ""], os.environ)
+try:
+  time.sleep(1.5)
+  print("lost")
+except KeyboardInterrupt:
+  print("interrupted")
+"""
+
+
+def test_a_deferred_ctrl_c_survives_the_re_exec():
+  """cli.reexec_with_tuned_malloc re-executes a command, often while a Ctrl-C waits for an import
+  to finish: it stays pending (blocked) on the exec-ing thread, and the new program gets it. Sent
+  to the process, another thread took it and it died with the old program."""
+  out = subprocess.run([sys.executable, "-c", _CTRL_C_OVER_AN_EXEC, "parent",
+                        _CTRL_C_OVER_AN_EXEC], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert out.stdout.strip() == "interrupted", out.stderr[-2000:]
+
+
 _CTRL_C_DURING_COMPILE = """
 import os, signal, threading
 signal.signal(signal.SIGINT, signal.default_int_handler)

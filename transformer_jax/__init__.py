@@ -1,7 +1,62 @@
-"""transformer_jax: pretraining Transformer language models with JAX, Flax, Optax and Orbax."""
+"""transformer_jax: pretraining Transformer language models with JAX, Flax, Optax and Orbax.
+
+Importing the package installs its Ctrl-C handler first (`keep_ctrl_c`, before anything else
+loads: this module imports only the standard library). SIGINT raises KeyboardInterrupt, as
+Python's own handler does, except where that would lose it or break the program:
+
+- Inside a garbage-collector callback (jax registers one, and collections are frequent while
+  modules import), CPython prints the exception as "ignored" and the run goes on.
+- Inside an import, it leaves a module half-initialized: numpy's and jaxlib's extensions turn it
+  into an ImportError, and the interpreter can crash (exit 139) on its way out.
+
+There the signal is sent again a moment later, until it lands outside both. A command that
+re-executes itself (cli.reexec_with_tuned_malloc) keeps a signal so deferred, or one that comes
+during the exec, pending for the new program (`execve`).
+"""
+
+import gc
+import os
+import signal
+import threading
 
 __version__ = "0.1.0"
 
-from transformer_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+_BLOCKED = "TJAX_SIGINT_BLOCKED"  # set for a program started by execve with SIGINT held for it
+_deferred = []  # signals delivered again later: not yet raised as KeyboardInterrupt
 
-_cli.keep_ctrl_c()  # Before anything imports jax: see cli.interrupt.
+
+def interrupt(signum, frame):
+  """SIGINT handler: raise KeyboardInterrupt, or deliver the signal again 10 ms later from inside
+  a garbage-collector callback or an import (see the module doc)."""
+  callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+  while frame is not None:
+    code = frame.f_code
+    if code in callbacks or code.co_filename.startswith("<frozen importlib"):
+      _deferred.append(signum)
+      threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+      return
+    frame = frame.f_back
+  _deferred.clear()
+  raise KeyboardInterrupt
+
+
+def keep_ctrl_c() -> None:
+  """Installs `interrupt` for SIGINT if Python's default handler is there (the main thread of a
+  process that no one else has set up)."""
+  if (threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+    signal.signal(signal.SIGINT, interrupt)
+  if os.environ.pop(_BLOCKED, None):  # a Ctrl-C held over the exec arrives now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def execve(path: str, args: list, env: dict):
+  """os.execve with SIGINT blocked across it and a deferred Ctrl-C pending: the new program,
+  once it has imported the package, gets it (a timer would die with this program)."""
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+  if _deferred:  # (its timer may have fired, its handler not yet run: that one would be lost)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # pending on this thread
+  os.execve(path, args, {**env, _BLOCKED: "1"})
+
+
+keep_ctrl_c()

@@ -1,16 +1,14 @@
 """Shared command-line plumbing: `--config=FILE.py[:ARG]`, `--config.KEY=VALUE`, `--name=value`
 flags, and one-line errors (exit code 2, no traceback) for user mistakes."""
 
-import gc
 import glob
 import importlib.util
 import os
 import platform
-import signal
 import sys
-import threading
 
 from transformer_jax import config as config_lib
+import transformer_jax
 from transformer_jax.config import ConfigError
 
 
@@ -141,7 +139,7 @@ def reexec_with_tuned_malloc():
       or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"):
     return
   env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  transformer_jax.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
 
 
 def skip_absent_tpu():
@@ -156,63 +154,47 @@ def skip_absent_tpu():
   os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
 
 
-def interrupt(signum, frame):
-  """Python's own SIGINT behaviour (raise KeyboardInterrupt), except where it would be lost:
-  inside a garbage-collector callback (jax registers one, and collections are frequent while
-  modules import), CPython prints an exception as "ignored" and the run goes on. There the signal
-  is sent again a moment later, from outside the collection."""
-  callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-  while frame is not None:
-    if frame.f_code in callbacks:
-      threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
-      return
-    frame = frame.f_back
-  raise KeyboardInterrupt
-
-
-def keep_ctrl_c() -> None:
-  """Installs `interrupt` for SIGINT if Python's default handler is there (the main thread of a
-  process that no one else has set up): a Ctrl-C while jax imports is otherwise dropped."""
-  if (threading.current_thread() is threading.main_thread()
-      and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-    signal.signal(signal.SIGINT, interrupt)
-
-
 def entry(main, compile_cache: bool = True):
   """A `python -m transformer_jax.X` process: tuned malloc (one re-exec), then run(main), with
   the persistent compilation cache (perf/caches.py) unless `compile_cache` is False. On a GPU
   JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION of its memory; ours default it (yours win) to the
   share that `aot --topology=GPU` checks a program against and launch/gpu_slurm.sh sets, not
   to JAX's 0.75: a program that fits there fits here."""
-  reexec_with_tuned_malloc()
-  skip_absent_tpu()
-  from transformer_jax.perf import topology  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", topology.GPU_MEM_FRACTION)
-  if not compile_cache:
-    return run(main)
+  try:
+    reexec_with_tuned_malloc()
+    skip_absent_tpu()
+  except KeyboardInterrupt:
+    _interrupted()
 
-  def cached(argv):
-    from transformer_jax.perf import caches  # pylint: disable=g-import-not-at-top
-    caches.setup()
+  def prepared(argv):  # inside run: a Ctrl-C while these import is `interrupted` too
+    from transformer_jax.perf import topology  # pylint: disable=g-import-not-at-top
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", topology.GPU_MEM_FRACTION)
+    if compile_cache:
+      from transformer_jax.perf import caches  # pylint: disable=g-import-not-at-top
+      caches.setup()
     return main(argv)
-  return run(cached)
+  return run(prepared)
 
 
 def run(main):
   """Runs main(argv); a ConfigError becomes `error: ...` on stderr and exit code 2.
   Library chatter (absl INFO/WARNING from TFDS and Orbax) is hidden unless TJAX_VERBOSE=1."""
-  if not os.environ.get("TJAX_VERBOSE"):
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.set_verbosity(logging.FATAL)  # our errors say what happened; TJAX_VERBOSE=1 for theirs
   try:
+    if not os.environ.get("TJAX_VERBOSE"):
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.set_verbosity(logging.FATAL)  # our errors say what happened; TJAX_VERBOSE=1: theirs
     return main(sys.argv[1:])
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Not sys.exit: a Ctrl-C during a compile leaves XLA's compile threads running, and
-    # finalizing the interpreter under them crashed (exit 139, "Segmentation fault").
-    os._exit(130)
+    _interrupted()
+
+
+def _interrupted():
+  print("interrupted", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Not sys.exit: a Ctrl-C during a compile leaves XLA's compile threads running, and
+  # finalizing the interpreter under them crashed (exit 139, "Segmentation fault").
+  os._exit(130)

@@ -7,7 +7,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-from transformer_jax import cli
+import transformer_jax
 
 
 class Preemption:
@@ -27,7 +27,7 @@ class Preemption:
 
   def _handle(self, signum, frame):
     if self.signum is not None:  # a second signal: the user insists
-      cli.interrupt(signum, frame)
+      transformer_jax.interrupt(signum, frame)
       return
     if self.multi:
       self.signum = signal.SIGTERM
