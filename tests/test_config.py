@@ -105,6 +105,7 @@ BAD = [
     (["model.router_aux_loss=0.1"], "model.router_aux_loss=0.1 has no effect with "
                                     "model.num_experts=0"),
     (["train.sample_tokens=-3"], "train.sample_tokens must be positive"),
+    (["seed=4294967296"], "seed must be in [0, 2**32) (JAX's keys keep 32 bits"),
     (["eval.tasks=(1,2)"], "eval.tasks=(1, 2) must name tasks as strings"),  # (tracebacks)
     (["sharding_rules=(1,2)"], "sharding_rules: 1 is not a (logical axis, mesh axes) pair"),
 ]

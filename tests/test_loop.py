@@ -85,6 +85,9 @@ def test_sample_cli_uses_the_checkpoint(full_run):
   assert len(a.stdout.rstrip("\n")) > len("[step 20] def value(")  # new tokens were printed
   # greedy decoding reads no seed: said (it was dropped without a word)
   assert "note: --seed do(es) nothing with --temperature=0" in a.stderr
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match=r"--seed must be in \[0, 2\*\*32\).*got 9\d{18}$"):
+    sample.main([f"--workdir={workdir}", f"--seed={2 ** 63}"])  # was JAX's traceback
 
 
 def test_a_window_of_the_compile_step_alone_logs_no_throughput(tiny_data, tmp_path):

@@ -122,6 +122,8 @@ def main(argv):
                       "--top_k >= 0 and --beam_size >= 0")
   _note_unread(f)
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if not 0 <= f["seed"] < config_lib.SEEDS:
+    raise ConfigError(f"--seed must be {config_lib.SEEDS_RANGE}, got {f['seed']}")
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top

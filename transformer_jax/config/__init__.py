@@ -189,10 +189,15 @@ def _check_long_context(m):
                       f"model.rope_beta_slow={m.rope_beta_slow} > 0")
 
 
+SEEDS = 2 ** 32  # jax.random.key keeps a seed's low 32 bits (without jax_enable_x64)
+SEEDS_RANGE = "in [0, 2**32) (JAX's keys keep 32 bits: 2**32 + s would be seed s)"
+
+
 def _check_ranges(config):
   """Values with bounds other than a sign: each (key, whether it holds, what it must be)."""
   o, m = config.optimizer, config.model
-  checks = (("optimizer.min_lr_ratio", 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+  checks = (("seed", 0 <= config.seed < SEEDS, SEEDS_RANGE),
+            ("optimizer.min_lr_ratio", 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
             ("optimizer.wsd_decay_fraction", 0 < o.wsd_decay_fraction <= 1, "in (0, 1]"),
             ("optimizer.b1", 0 <= o.b1 < 1, "in [0, 1)"), ("optimizer.b2", 0 <= o.b2 < 1,
                                                             "in [0, 1)"),

@@ -38,7 +38,7 @@ SHARDING_RULES = (
 def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
-  c.seed = 0  # seeds parameter init, dropout and the data order
+  c.seed = 0  # seeds parameter init, dropout and the data order; in [0, 2**32)
   c.model, c.data, c.train, c.optimizer = _model(), _data(), _train(), _optimizer()
   c.checkpoint, c.eval, c.mesh = _checkpoint(), _eval(), _mesh()
   # Where metrics go besides WORKDIR/metrics.jsonl and TensorBoard: Weights & Biases (the wandb
