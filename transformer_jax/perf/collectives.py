@@ -160,13 +160,14 @@ def collectives(hlo_text: str) -> list[Collective]:
   """Every collective of an optimized HLO module, with how often it runs: one per channel_id."""
   comps, entry = hlo.computations(hlo_text)
   runs = _multiplicity(comps, entry) if entry else {}
-  scatter = {}  # all-reduce-scatter computations: (input bytes, groups, channel) of their all-reduce
+  scatter = {}  # all-reduce-scatter computations: their all-reduce's (input bytes, groups, channel)
   for comp, lines in comps.items():
     if comp.startswith("all-reduce-scatter"):
       for line in lines:
         i = hlo.instruction(line)
         if i and i.op in ("all-reduce", "all-reduce-start"):
-          scatter[comp] = (sum(hlo.shape_bytes(i.result)), replica_groups(i.args), _channel(i.args))
+          scatter[comp] = (sum(hlo.shape_bytes(i.result)), replica_groups(i.args),
+                           _channel(i.args))
   found = []  # (channel id or None, whether in an async_collective_fusion, Collective)
   for comp, lines in comps.items():
     if comp in scatter:
