@@ -354,7 +354,8 @@ import transformer_jax
 if sys.argv[1] == "parent":  # a Ctrl-C deferred (transformer_jax.interrupt) when re-executing
   threading.Timer(30, print).start()  # another thread, as the deferring timers are
   transformer_jax._deferred.append(signal.SIGINT)
-  transformer_jax.execve(sys.executable, [sys.executable, "-c", sys.argv[2], "child", ""], os.environ)
+  transformer_jax.execve(sys.executable, [sys.executable, "-c", sys.argv[2], "child", ""],
+                         os.environ)
 try:
   time.sleep(1.5)
   print("lost")

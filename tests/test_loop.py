@@ -86,7 +86,8 @@ def test_sample_cli_uses_the_checkpoint(full_run):
   # greedy decoding reads no seed: said (it was dropped without a word)
   assert "note: --seed do(es) nothing with --temperature=0" in a.stderr
   from transformer_jax import sample  # pylint: disable=g-import-not-at-top
-  with pytest.raises(config_lib.ConfigError, match=r"--seed must be in \[0, 2\*\*32\).*got 9\d{18}$"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"--seed must be in \[0, 2\*\*32\).*got 9\d{18}$"):
     sample.main([f"--workdir={workdir}", f"--seed={2 ** 63}"])  # was JAX's traceback
 
 

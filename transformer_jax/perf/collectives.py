@@ -20,8 +20,9 @@ shift is priced as half of such a pair (a lone shift in one direction would take
 An all-to-all (an MoE layer's dispatch and combine) sends a distinct (n-1)/n of its operand to
 the other members, not to neighbours: each byte crosses as many links as the member it goes to is
 hops away (dimension-ordered routing; the shorter way round where the group covers a wrapping
-dimension of 3 or more whole, the straight way along part of one or a line), so its traffic is (n-1)/n of the operand
-times the mean hops to the others (a ring of 8: 16/7; 2x2x2: 12/7), spread evenly over the links.
+dimension of 3 or more whole, the straight way along part of one or a line), so its traffic is
+(n-1)/n of the operand times the mean hops to the others (a ring of 8: 16/7; 2x2x2: 12/7), spread
+evenly over the links.
 A group that spans slices, and every megascale send, goes over the data-center network at the
 chip's DCN bandwidth instead (a send carries the chip's piece: an all-gather moves it to the
 n - 1 other slices; an all-to-all's send carries its whole operand, of which the share bound for
