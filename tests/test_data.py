@@ -369,9 +369,15 @@ def test_shards_make_the_batches_independent_of_the_readers(config, tmp_path):
     fresh = pipeline.make_train_iterator(c)
     manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(fresh)))
     _assert_same(expected, _take(fresh, 2))
-    with pytest.raises(ConfigError, match="data.shards=2, this run uses 4"):
+    with pytest.raises(ConfigError, match="data.shards=2, this run uses 4: set --config.data.s"):
       manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
           pipeline.make_train_iterator(_with(config, **{"data.shards": 4})))))
+    # 4 processes (data.shards=0: one each) cannot read 2 shards whole, so data.shards=2 is no
+    # advice there (the pipeline refuses it): the process counts that can resume are named
+    quarter = pipeline.make_train_iterator(_with(config, **{"data.shards": 0}), (0, 1))
+    with pytest.raises(ConfigError, match=r"data.shards=2, this run uses 4, and its 4 processes "
+                                          r"cannot read 2 shards whole: resume on 1 or 2 proc"):
+      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(quarter)))
   with pytest.raises(ConfigError, match="not a whole number of shards"):
     pipeline.make_train_iterator(c, (0, 1))
 

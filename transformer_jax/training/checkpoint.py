@@ -102,9 +102,7 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
       if not path.exists():
         saved = sorted({m.group(1) for p in directory.iterdir()
                         if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json", p.name))})
-        raise ConfigError(f"the checkpoint's data position was saved with data.shards="
-                          f"{'/'.join(saved) or '?'}, this run uses {it.num_shards}: set "
-                          f"--config.data.shards={saved[0] if saved else '...'} to resume exactly")
+        raise ConfigError(_shards_advice(saved, it.num_shards, it.num_shards // len(it.shards)))
       saved = json.loads(path.read_text())
       if isinstance(saved, dict) and ORDER_MARK in saved:
         saved = saved["grain"]
@@ -113,6 +111,19 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
       states[str(k)] = saved
     it.set_state(states, legacy_order=legacy)
     return it
+
+
+def _shards_advice(saved: list, num_shards: int, readers: int) -> str:
+  """Why a checkpoint's data position (saved with data.shards in `saved`) does not fit this run
+  (`num_shards` shards, `readers` processes reading them), and what does."""
+  said = (f"the checkpoint's data position was saved with data.shards={'/'.join(saved) or '?'}, "
+          f"this run uses {num_shards}")
+  if not saved or int(saved[0]) % readers == 0:
+    return f"{said}: set --config.data.shards={saved[0] if saved else '...'} to resume exactly"
+  fits = [n for n in range(1, int(saved[0]) + 1) if int(saved[0]) % n == 0]
+  return (f"{said}, and its {readers} processes cannot read {saved[0]} shards whole: resume on "
+          f"{' or '.join(map(str, fits))} processes (a data.shards set to a multiple of the "
+          f"largest process count before the first step resumes on any of its divisors)")
 
 
 @ocp.args.register_with_handler(DataHandler, for_save=True)
