@@ -563,6 +563,19 @@ def test_a_tfds_dataset_is_a_task_with_renamed_fields(tmp_path):
     tasks_lib.load("tfds:tjax_test_choices?context", data_dir=str(tmp_path))
 
 
+def test_eval_tasks_too_long_for_the_model_are_refused_before_training(run, files, tmp_path):
+  """Measured at start-up (harness.check_tasks): they stopped the run at its first evaluation."""
+  config = run[1].config.copy_and_resolve_references()
+  long_answer = [{"context": "x =", "choices": ["1", " value" * config.model.max_len], "label": 0}]
+  for rows, message in ((long_answer, "a continuation of .* is longer than the model's"),
+                        ([{"length": 4 * config.model.max_len, "depth": 0.5}], "passkey length")):
+    config.eval.tasks = (_write(tmp_path / f"{len(message)}.jsonl", rows),)
+    with pytest.raises(ConfigError, match=message):
+      harness.check_tasks(config)
+  config.eval.tasks = (files["mc"], "generation:" + files["gen"])
+  harness.check_tasks(config)  # (scores nothing: no params)
+
+
 def test_eval_tasks_are_logged_without_validation_data(monkeypatch):
   """A corpus with no held-out documents still gets eval.tasks' metrics at every evaluation."""
   written = []

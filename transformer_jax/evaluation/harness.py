@@ -141,8 +141,11 @@ def check_tasks(config):
                       f"\"('a.jsonl','cloze:b.jsonl')\"")
   key = (specs, config.data.data_dir)
   if specs and key not in _TASKS:
-    _TASKS[key] = load_tasks(specs, data_dir=config.data.data_dir,
-                             family=config.model.family)
+    loaded = load_tasks(specs, data_dir=config.data.data_dir, family=config.model.family)
+    # every example measured against model.max_len now: a passkey or answer too long for the
+    # model stopped the run at its first evaluation, before that step's checkpoint
+    evaluate(scoring.Lengths(config, _tokenizer(config.data.tokenizer)), loaded, timing=False)
+    _TASKS[key] = loaded
 
 
 def during_training(trainer, params) -> dict:

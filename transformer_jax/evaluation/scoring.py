@@ -147,10 +147,7 @@ class TextModel:
     """(log-likelihood, greedy) of (context ids, continuation ids) pairs, batched by length."""
     if not pairs:
       return []
-    if not all(cont for _, cont in pairs):  # log p 0: above every real continuation
-      raise ConfigError("a continuation with no tokens cannot be scored (an empty answer, or "
-                        "for an encoder-decoder one of spaces only, which its target drops)")
-    rows = [self._truncate(ctx, cont) for ctx, cont in pairs]
+    rows = self.rows(pairs)
     order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
     out = [None] * len(rows)
     for start in range(0, len(order), self.batch_size):
@@ -165,6 +162,14 @@ class TextModel:
       for j, i in enumerate(chunk):
         out[i] = (float(ll[j]), bool(greedy[j]))
     return out
+
+  def rows(self, pairs) -> list[tuple[list[int], list[int]]]:
+    """The (context, continuation) ids the model reads for each pair, or a one-line error for
+    one it cannot score."""
+    if not all(cont for _, cont in pairs):  # log p 0: above every real continuation
+      raise ConfigError("a continuation with no tokens cannot be scored (an empty answer, or "
+                        "for an encoder-decoder one of spaces only, which its target drops)")
+    return [self._truncate(ctx, cont) for ctx, cont in pairs]
 
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
     """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
@@ -276,6 +281,20 @@ class TextModel:
     if self.mesh is None:
       return contextlib.nullcontext()
     return sharding.context(self.mesh, self.rules)
+
+
+class Lengths(TextModel):
+  """Runs no model: every request is tokenized and checked as scoring checks it (a task a run's
+  evaluations could not score is refused before it trains), each scored 0 and generating ""."""
+
+  def __init__(self, config, tokenizer):
+    super().__init__(config, None, tokenizer)
+
+  def ids_loglikelihood(self, pairs) -> list[tuple[float, bool]]:
+    return [(0.0, False)] * len(self.rows(pairs)) if pairs else []
+
+  def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
+    return [""] * len(prompts)
 
 
 def _cut(text: str, until) -> str:
