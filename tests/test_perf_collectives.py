@@ -176,8 +176,9 @@ def _split_all_gather(caller: str) -> str:
   comps = "".join(f"%{name} (p: bf16[1024,8]) -> bf16[1024,64] {{\n  %p = bf16[1024,8]{{1,0}} "
                   f"parameter(0)\n  ROOT %all-gather.{k} = bf16[1024,64]{{0,1}} {gather}\n}}\n\n"
                   for k, name in enumerate(names))
-  calls = "".join(f"  %f.{k} = bf16[1024,64]{{0,1}} fusion(%x), kind=kCustom, calls=%{name}\n"
-                  for k, name in enumerate(names))
+  callers = ("async-collective-start.1", "fusion.2", "fusion.3", "async-collective-done.1")
+  calls = "".join(f"  %{at} = bf16[1024,64]{{0,1}} fusion(%x), kind=kCustom, calls=%{name}\n"
+                  for at, name in zip(callers, names))
   return comps + caller.replace("CALLS\n", calls)
 
 
@@ -187,7 +188,7 @@ def test_a_collective_split_over_async_fusions_counts_once():
   all-gathers 4-28 times too many."""
   top = _split_all_gather("ENTRY %main (x: bf16[1024,8]) -> bf16[1024,64] {\n  %x = "
                           "bf16[1024,8]{1,0} parameter(0)\nCALLS\n  ROOT %r = bf16[1024,64]{0,1} "
-                          "copy(%f.3)\n}\n")
+                          "copy(%async-collective-done.1)\n}\n")
   assert co.collectives(top) == [co.Collective("all-gather", 1024 * 64 * 2, (tuple(range(8)),))]
   looped = _split_all_gather(LOOP.split("%body2")[0].replace(
       "%body (p: (u32[], f32[256])) -> (u32[], f32[256]) {\n",
@@ -197,6 +198,12 @@ def test_a_collective_split_over_async_fusions_counts_once():
   counts = sorted((c.kind, c.bytes, c.count) for c in co.collectives(looped))
   assert counts == [("all-gather", 256 * 64 * 2, 1), ("all-gather", 1024 * 64 * 2, 16),
                     ("collective-permute", 256 * 4, 16)]
+  # two collectives of their own under one channel_id (a scanned layer's two ring shifts): two
+  twin = LOOP.replace("  ROOT %t = (u32[], f32[256]) tuple(%i, %collective-permute.4)",
+                      "  %collective-permute.5 = f32[256]{0} collective-permute(%x), channel_id=4, "
+                      "source_target_pairs={{0,1},{1,2},{2,3},{3,0}}\n"
+                      "  ROOT %t = (u32[], f32[256]) tuple(%i, %collective-permute.4)")
+  assert [c.count for c in co.collectives(twin) if c.kind == "collective-permute"] == [16, 16]
 
 
 def test_a_shift_is_priced_as_half_of_a_two_way_pair():

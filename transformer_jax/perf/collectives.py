@@ -37,9 +37,10 @@ counts once per trip: the loop's `known_trip_count`, else the bound its conditio
 counter with (`i < N`). Computations reached through calls, fusions and branches count as often
 as their callers run (both branches of a conditional are counted: an upper bound for the anomaly
 guard's skipped update). A collective XLA:TPU overlaps with other work is spread over fusions
-that each repeat it under one channel_id (a start, `async_collective_fusion` continuations, a
-done): it counts once per run of its start and done, and once where a loop body holds only its
-continuations (one collective spread over the trips).
+that each repeat it under one channel_id (the fusions an `async-collective-start` and `-done`
+call, and `async_collective_fusion` continuations): it counts once per run of its start and
+done, and once where a loop body holds only its continuations (one collective spread over the
+trips). Other collective instructions count alone, even where two share a channel_id.
 """
 
 import dataclasses
@@ -169,7 +170,8 @@ def collectives(hlo_text: str) -> list[Collective]:
         if i and i.op in ("all-reduce", "all-reduce-start"):
           scatter[comp] = (sum(hlo.shape_bytes(i.result)), replica_groups(i.args),
                            _channel(i.args))
-  found = []  # (channel id or None, whether in an async_collective_fusion, Collective)
+  pieces = _async_pieces(comps)
+  found = []  # (the piece's key or None, whether a continuation, Collective)
   for comp, lines in comps.items():
     if comp in scatter:
       continue
@@ -177,10 +179,24 @@ def collectives(hlo_text: str) -> list[Collective]:
     count = runs.get(comp, 1)
     for line in lines:
       i = hlo.instruction(line)
-      if i:
-        c = _collective(i, count, scatter)
-        found += [(c[0], sunk, c[1])] if c else []
-  return _once_per_channel(found)
+      c = _collective(i, count, scatter) if i else None
+      if c:  # pieces of one collective repeat its channel, kind and shape
+        key = (c[0], c[1].kind, re.sub(r"\{[^}]*\}", "", i.result)) if comp in pieces else None
+        found.append((key, sunk, c[1]))
+  return _once_per_piece(found)
+
+
+def _async_pieces(comps: dict) -> set:
+  """The computations XLA:TPU spreads an overlapped collective over: its continuations
+  (async_collective_fusion) and the fusions its async-collective-start and -done call."""
+  pieces = {comp for comp in comps if comp.startswith("async_collective_fusion")}
+  for lines in comps.values():
+    for line in lines:
+      i = hlo.instruction(line)
+      if i and i.op == "fusion" and re.match(r"async-collective-(start|done)", i.name):
+        called = re.search(r"calls=%?([\w.\-]+)", i.args)
+        pieces |= {called.group(1)} if called else set()
+  return pieces
 
 
 def _channel(attrs: str) -> int | None:
@@ -215,18 +231,18 @@ def _collective(i, count: float, scatter: dict) -> tuple | None:
   return _channel(attrs), Collective(kind, size, groups, count=count)
 
 
-def _once_per_channel(found: list) -> list[Collective]:
-  """One collective per channel_id. XLA:TPU spreads a collective it overlaps with other work
-  over fusions that each repeat it under the same channel: the start, continuations
-  (async_collective_fusion computations) and the done. It runs as often as its start and done
-  do; one sunk into a loop body as continuations alone (started and finished outside) once."""
-  by_channel, out = {}, []
-  for channel, sunk, c in found:
-    if channel is None:
+def _once_per_piece(found: list) -> list[Collective]:
+  """One collective per set of async pieces (see _async_pieces; keyed by channel, kind and
+  shape): it runs as often as its start and done do; one sunk into a loop body as continuations
+  alone (started and finished outside) once. Any other collective instruction counts alone (two
+  of them may share a channel_id: a scanned layer's two ring shifts do)."""
+  by_key, out = {}, []
+  for key, sunk, c in found:
+    if key is None:
       out.append(dataclasses.replace(c, count=1) if sunk else c)
     else:
-      by_channel.setdefault(channel, []).append((sunk, c))
-  for parts in by_channel.values():
+      by_key.setdefault(key, []).append((sunk, c))
+  for parts in by_key.values():
     ends = [c for sunk, c in parts if not sunk]
     out.append(dataclasses.replace(ends[0], count=max(c.count for c in ends)) if ends
                else dataclasses.replace(parts[0][1], count=1))
