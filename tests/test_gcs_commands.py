@@ -5,6 +5,7 @@ tokenizer command's --out and the compilation cache."""
 
 import json
 import os
+import re
 import sys
 
 import jax
@@ -245,3 +246,32 @@ def test_the_compilation_cache_in_the_bucket(gcs):
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_enable_xla_caches", before[1])
     compilation_cache.reset_cache()
+
+
+def test_a_bucket_path_orbax_would_cut_is_refused_before_anything_runs():
+  """TensorStore reads a gs:// path as a URL: in `gs://b/run#1` the '#' ended the name, the
+  checkpoint's arrays went to gs://b/run/d/... (outside the workdir) and the save never
+  finished. Refused at once (no storage is reached here), as a workdir, a source and --out."""
+  from transformer_jax.quant import run as quant_run  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
+  cut = r"holds '{}', which Orbax's storage \(TensorStore\) reads as the end of a gs:// name"
+  for mark in "#?":
+    with pytest.raises(ConfigError, match=r"^workdir gs://b/run{}1 ".format(re.escape(mark))
+                       + cut.format(re.escape(mark))):
+      resume.prepare_workdir(f"gs://b/run{mark}1")
+    with pytest.raises(ConfigError, match=cut.format(re.escape(mark))):
+      checkpoint.Checkpoints(f"gs://b/run{mark}1", config_lib.base.get_config().checkpoint)
+    with pytest.raises(ConfigError, match=r"^--out=gs://b/q" + re.escape(mark)):
+      quant_run.quantize_workdir("gs://b/w", f"gs://b/q{mark}", "int8")
+  assert not paths.orbax_refusal("/tmp/run#1")  # a local path is a path (Orbax keeps it)
+
+
+def test_an_output_folder_in_a_missing_bucket_is_one_line_before_any_work(gcs):
+  """inspect --out and convert export --hf_dir: a traceback naming the emulator's upload URL,
+  after the work."""
+  from transformer_jax import cli  # pylint: disable=g-import-not-at-top
+  assert cli.output_folder("out", f"gs://{BUCKET}/figures") == f"gs://{BUCKET}/figures"
+  with pytest.raises(ConfigError, match=r"^--hf_dir=gs://no-such-bucket-tjax/hf is not writable: "
+                                        r"bucket gs://no-such-bucket-tjax does not exist"):
+    cli.output_folder("hf_dir", "gs://no-such-bucket-tjax/hf")

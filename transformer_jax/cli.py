@@ -53,8 +53,14 @@ PATH_FLAGS = ("workdir", "out", "hf_dir", "dir", "data_dir", "file", "fewshot_fi
 def output_folder(flag: str, path: str) -> str:
   """Checks, before any work, that the local folder a command writes to (--out, --hf_dir) can be
   made: a file where it or a folder above it should be is one line (NotADirectoryError or
-  FileExistsError tracebacks at the end). A gs:// one is as it is."""
+  FileExistsError tracebacks at the end). A gs:// one is written to and read back (a missing
+  bucket was a traceback naming the storage server's upload URL, after the work)."""
   if "://" in path:
+    from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
+    try:
+      paths.check_writable(path)
+    except Exception as e:  # pylint: disable=broad-except  # (the storage client's own errors)
+      raise ConfigError(f"--{flag}={path} is not writable: {paths.why(e, path)}") from None
     return path
   at = os.path.abspath(path)
   while not os.path.exists(at) and os.path.dirname(at) != at:

@@ -56,6 +56,15 @@ def is_remote(p) -> bool:
   return "://" in os.fspath(p)
 
 
+def orbax_refusal(p) -> str:
+  """Why Orbax cannot keep checkpoints under `p`, or "": its storage (TensorStore) reads a gs://
+  path as a URL, so a '#' or '?' in it ends the name (the arrays went outside the workdir, and
+  the save never finished)."""
+  cut = [c for c in "#?" if c in os.fspath(p)] if is_remote(p) else []
+  return (f"{p} holds {cut[0]!r}, which Orbax's storage (TensorStore) reads as the end of a "
+          f"gs:// name: choose a path without '#' or '?'") if cut else ""
+
+
 def abspath(p) -> str:
   """Local paths made absolute; URLs as they are."""
   p = os.fspath(p)
