@@ -197,11 +197,15 @@ def test_tokenizer_cli(corpus_dir, tmp_path, capsys):
   assert tokenizer_cli.main([f"--corpus={corpus_dir}/none/*", "--vocab_size=300",
                              f"--out={out}"]) == 2
   assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=x", f"--out={out}"]) == 2
-  for bad in (tmp_path / "cli", tmp_path / "tokenizer.json"):  # it writes a model file, no json
+  (tmp_path / "a_file").write_text("x")
+  for bad in (tmp_path / "cli", tmp_path / "tokenizer.json",  # it writes a model file, no json
+              tmp_path / "a_file" / "t.model"):  # (a traceback after training)
     assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=300", f"--out={bad}"]) == 2
   errors = capsys.readouterr().err.strip().splitlines()
-  assert len(errors) == 4 and all(e.startswith("error: ") for e in errors)
-  assert "is a directory or a .json name" in errors[-1]
+  assert len(errors) == 5 and all(e.startswith("error: ") for e in errors)
+  assert "is a directory or a .json name" in errors[-2]
+  assert errors[-1] == f"error: --out={tmp_path / 'a_file'} cannot be made a folder: " \
+                       f"{tmp_path / 'a_file'} is a file"
 
 
 # ------------------------------------------------------------------------------ TFDS builder

@@ -221,3 +221,11 @@ def test_a_stopped_sweep_stops_its_trains_so_a_rerun_resumes_them(tmp_path, monk
   assert "training" in (tmp_path / "a" / "train.log").read_text()
   handler = signal.getsignal(signal.SIGTERM)
   assert handler is not run_lib._raise_stopped  # pylint: disable=protected-access
+
+
+def test_plan_into_a_folder_that_cannot_be_made_is_one_line(tmp_path):
+  """(a NotADirectoryError traceback after planning)"""
+  from transformer_jax.sweep import __main__ as sweep_cli  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(config_lib.ConfigError, match=r"--dir=.*a_file/plan cannot be made a folder"):
+    sweep_cli.main(["plan", f"--sweep={SWEEP}", f"--dir={tmp_path / 'a_file' / 'plan'}"])

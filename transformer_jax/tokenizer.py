@@ -103,6 +103,7 @@ def run(args: dict) -> None:
   if args["out"].endswith(".json") or paths.isdir(args["out"]):
     raise ConfigError(f"--out={args['out']} is a directory or a .json name; this command writes "
                       f"a SentencePiece model file (e.g. --out=runs/tokenizers/tokenizer.model)")
+  cli.output_folder("out", paths.dirname(paths.abspath(args["out"])))  # (a traceback at the end)
   sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
   for _, corpus_flags in sources:
     corpus_lib.check_format(corpus_flags["fmt"])

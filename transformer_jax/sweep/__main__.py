@@ -91,6 +91,7 @@ def plan_command(argv):
   """Resolves the sweep into runs and writes their configs."""
   flags = _flags("plan", argv, {"sweep": None, "dir": None}, required=("sweep", "dir"))
   from transformer_jax.sweep import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  cli.output_folder("dir", flags["dir"])  # (a traceback after planning)
   runs, dropped = plan_lib.plan(flags["sweep"])
   if not runs:
     raise ConfigError(f"{flags['sweep']} plans no runs ({len(dropped)} left out: "
