@@ -312,6 +312,18 @@ def test_a_data_position_saved_before_the_hashed_order_seeds_resumes_in_its_orde
     _assert_same(expected, _take(again, 3))
 
 
+def test_an_unmarked_position_of_several_shards_says_its_order_may_differ(tiny_data, capsys):
+  """Such files were written in two orders (the raw seed until 30cc40f, then the hashed one):
+  resumed in the hashed order, with a warning (a run from before 30cc40f went on silently in
+  another order). One shard's is restored into its own order, without a word."""
+  for shards, warned in ((2, True), (1, False)):
+    it = pipeline.make_train_iterator(_config(tiny_data, **{"data.shards": shards}))
+    it.set_state(it.get_state(), legacy_order=True)
+    err = capsys.readouterr().err
+    assert ("warning: the saved data position (2 shards) has no order mark" in err) == warned, err
+    it.close()
+
+
 def test_only_replaced_bytes_count_as_invalid_utf8(tmp_path):
   """A U+FFFD written in the text is valid UTF-8: not counted (counting the character's presence
   took it for a replaced byte); the invalid byte is."""

@@ -32,6 +32,7 @@ and `decoder_*` [rows, target_len] features instead (objectives/ documents every
 
 import functools
 import itertools
+import sys
 import zlib
 
 from absl import flags
@@ -379,6 +380,15 @@ def shard_documents(config, seed: int, shard: int, num_shards: int, num_epochs=N
   return docs.shuffle(seed=_order_seed(seed, shard, num_shards, legacy_order)).repeat(num_epochs)
 
 
+# Unmarked positions of several shards were written by two orders: the raw seed for every shard
+# (until 30cc40f) and the hashed one (30cc40f to dee6b9b). The file cannot tell which: the hashed.
+LEGACY_SHARDS_WARNING = (
+    "warning: the saved data position ({n} shards) has no order mark: saved before 2026-12-05 "
+    "18:00 UTC (dee6b9b). It resumes in each shard's hashed order, which a run started before "
+    "2026-12-05 06:06 UTC (30cc40f) did not read: such a run goes on with the same documents "
+    "in another order")
+
+
 def _order_seed(seed: int, shard: int, num_shards: int, legacy: bool = False) -> int:
   """The seed of a shard's document order and packing: a hash of (seed, "order", shard). grain
   seeds epoch e with seed + e, so the raw seed s that one shard used to take read in epoch 1
@@ -446,6 +456,8 @@ class ShardedBatches:
     if missing:
       raise ConfigError(f"the saved data position has no state for data shard(s) {missing} "
                         f"(of {self.num_shards})")
+    if legacy_order and self.num_shards > 1:
+      print(LEGACY_SHARDS_WARNING.format(n=self.num_shards), file=sys.stderr, flush=True)
     for k, it in zip(self.shards, self._iterators):
       saved = _saved_workers(state[str(k)])
       if saved != self.num_workers:  # grain would take the state and fail steps later
