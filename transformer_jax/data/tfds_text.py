@@ -331,7 +331,11 @@ def tokenizer_identity(path: str, whole_config: bool = False) -> str:
   it, so that a chat template or add_bos_token changed the identity). A Hugging Face one's is
   never its file's plain SHA-256, even with no config beside it: resume takes that as a
   workdir's from before stop 37, so a config added later would have gone unseen."""
-  sha = tokenizer_sha256(path)
+  return _identity(tokenizer_sha256(path), path, whole_config)
+
+
+def _identity(sha: str, path: str, whole_config: bool) -> str:
+  """tokenizer_identity from the file's SHA-256 `sha`."""
   if hf_tokenization.is_hf(path):
     config = hf_tokenization.config_beside(path)
     if not whole_config:
@@ -344,8 +348,8 @@ def matches_identity(recorded: str, path: str) -> bool:
   """Whether a workdir's recorded tokenizer identity is the tokenizer at `path`'s: its
   tokenizer_identity, the whole-config one of stops 37-39, or its file's plain SHA-256 (what a
   workdir from before stop 37 holds)."""
-  return recorded in (tokenizer_identity(path), tokenizer_identity(path, whole_config=True),
-                      tokenizer_sha256(path))
+  sha = tokenizer_sha256(path)  # (read once)
+  return recorded in (_identity(sha, path, False), _identity(sha, path, True), sha)
 
 
 def tokenized_builder(data_cfg) -> TokenizedCorpus:

@@ -159,7 +159,7 @@ def _multiplicity(comps: dict, entry: str) -> dict:
 
 
 def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective of an optimized HLO module, with how often it runs: one per channel_id."""
+  """Every collective of an optimized HLO module, with how often it runs (see the module doc)."""
   comps, entry = hlo.computations(hlo_text)
   runs = _multiplicity(comps, entry) if entry else {}
   scatter = {}  # all-reduce-scatter computations: their all-reduce's (input bytes, groups, channel)
@@ -170,33 +170,24 @@ def collectives(hlo_text: str) -> list[Collective]:
         if i and i.op in ("all-reduce", "all-reduce-start"):
           scatter[comp] = (sum(hlo.shape_bytes(i.result)), replica_groups(i.args),
                            _channel(i.args))
-  pieces = _async_pieces(comps)
-  found = []  # (the piece's key or None, whether a continuation, Collective)
+  # the computations XLA:TPU spreads an overlapped collective over: its continuations and the
+  # fusions its async-collective-start and -done call
+  pieces = {comp for comp in comps if comp.startswith("async_collective_fusion")}
+  found = []  # (computation, shape, (channel, Collective))
   for comp, lines in comps.items():
     if comp in scatter:
       continue
-    sunk = comp.startswith("async_collective_fusion")
-    count = runs.get(comp, 1)
     for line in lines:
       i = hlo.instruction(line)
-      c = _collective(i, count, scatter) if i else None
-      if c:  # pieces of one collective repeat its channel, kind and shape
-        key = (c[0], c[1].kind, re.sub(r"\{[^}]*\}", "", i.result)) if comp in pieces else None
-        found.append((key, sunk, c[1]))
-  return _once_per_piece(found)
-
-
-def _async_pieces(comps: dict) -> set:
-  """The computations XLA:TPU spreads an overlapped collective over: its continuations
-  (async_collective_fusion) and the fusions its async-collective-start and -done call."""
-  pieces = {comp for comp in comps if comp.startswith("async_collective_fusion")}
-  for lines in comps.values():
-    for line in lines:
-      i = hlo.instruction(line)
-      if i and i.op == "fusion" and re.match(r"async-collective-(start|done)", i.name):
+      if not i:
+        continue
+      if i.op == "fusion" and re.match(r"async-collective-(start|done)", i.name):
         called = re.search(r"calls=%?([\w.\-]+)", i.args)
         pieces |= {called.group(1)} if called else set()
-  return pieces
+      c = _collective(i, runs.get(comp, 1), scatter)
+      if c:
+        found.append((comp, re.sub(r"\{[^}]*\}", "", i.result), c))
+  return _once_per_piece(found, pieces)
 
 
 def _channel(attrs: str) -> int | None:
@@ -231,17 +222,19 @@ def _collective(i, count: float, scatter: dict) -> tuple | None:
   return _channel(attrs), Collective(kind, size, groups, count=count)
 
 
-def _once_per_piece(found: list) -> list[Collective]:
-  """One collective per set of async pieces (see _async_pieces; keyed by channel, kind and
-  shape): it runs as often as its start and done do; one sunk into a loop body as continuations
-  alone (started and finished outside) once. Any other collective instruction counts alone (two
-  of them may share a channel_id: a scanned layer's two ring shifts do)."""
+def _once_per_piece(found: list, pieces: set) -> list[Collective]:
+  """One collective per set of async pieces (the computations in `pieces`, repeating it under
+  one channel, kind and shape): it runs as often as its start and done do; one sunk into a loop
+  body as continuations alone (started and finished outside) once. Any other collective
+  instruction counts alone (two of them may share a channel_id: a scanned layer's two ring
+  shifts do)."""
   by_key, out = {}, []
-  for key, sunk, c in found:
-    if key is None:
-      out.append(dataclasses.replace(c, count=1) if sunk else c)
+  for comp, shape, (channel, c) in found:
+    sunk = comp.startswith("async_collective_fusion")
+    if comp in pieces and channel is not None:
+      by_key.setdefault((channel, c.kind, shape), []).append((sunk, c))
     else:
-      by_key.setdefault(key, []).append((sunk, c))
+      out.append(dataclasses.replace(c, count=1) if sunk else c)
   for parts in by_key.values():
     ends = [c for sunk, c in parts if not sunk]
     out.append(dataclasses.replace(ends[0], count=max(c.count for c in ends)) if ends

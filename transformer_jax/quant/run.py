@@ -58,8 +58,8 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
   group = ptq.check(mode, group_size)
   if not out or paths.abspath(out) == paths.abspath(workdir):
     raise ConfigError("--out=DIR is required and must differ from --workdir")
-  if paths.orbax_refusal(out):
-    raise ConfigError(f"--out={paths.orbax_refusal(out)}")
+  if refusal := paths.orbax_refusal(out):
+    raise ConfigError(f"--out={refusal}")
   paths.makedirs(out)
   with lock.hold(out):  # a second quantize into the same --out is refused in one line
     return _quantize_into(workdir, out, mode, group, overrides)

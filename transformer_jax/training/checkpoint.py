@@ -184,8 +184,8 @@ class Checkpoints:
   """Async saves, keep-last-N plus a periodic keep, and restore of the latest step."""
 
   def __init__(self, workdir: str, ckpt_cfg, *, read_only: bool = False):
-    if paths.orbax_refusal(workdir):  # (a teacher's, a workdir to evaluate, ...)
-      raise ConfigError(f"workdir {paths.orbax_refusal(workdir)}")
+    if refusal := paths.orbax_refusal(workdir):  # (a teacher's, a workdir to evaluate, ...)
+      raise ConfigError(f"workdir {refusal}")
     self.directory = paths.join(paths.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep,

@@ -30,8 +30,8 @@ EXECUTION_KEYS = ("model.attention_impl", "model.attention_chunks", "model.remat
 def prepare_workdir(workdir: str):
   """Creates the workdir (locally) and checks that it can be written: a read-only folder, a
   missing bucket or an unreachable storage server is one line here, before anything compiles."""
-  if paths.orbax_refusal(workdir):
-    raise ConfigError(f"workdir {paths.orbax_refusal(workdir)}")
+  if refusal := paths.orbax_refusal(workdir):
+    raise ConfigError(f"workdir {refusal}")
   try:
     paths.check_writable(workdir)
   except Exception as e:  # pylint: disable=broad-except
