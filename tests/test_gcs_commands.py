@@ -1,7 +1,7 @@
 """Commands other than train with their files in a bucket (the local Cloud Storage emulator of
 tests/gcs_emulator.py; training's gs:// workdirs are tests/test_gcs.py's): data.tokenizer,
-data.data_dir, a Hugging Face directory for convert import and export, a sweep directory, the
-tokenizer command's --out and the compilation cache."""
+data.corpus (and clean's --corpus and --out), data.data_dir, a Hugging Face directory for convert
+import and export, a sweep directory, the tokenizer command's --out and the compilation cache."""
 
 import json
 import os
@@ -79,6 +79,73 @@ def test_a_tfds_data_dir_in_the_bucket(gcs, tiny_data, tmp_path):
                           "gs://no-such-bucket-tjax does not exist (or these credentials cannot "
                           "see it)")
 
+
+
+def test_a_corpus_in_the_bucket(gcs, tiny_data, tmp_path):
+  """data.corpus=gs://.../*.py: listed and read through fsspec, with the local glob's names,
+  sizes and documents (a hidden object left out, as Python's glob leaves a hidden file out), so
+  the first batch is the local corpus's; a glob in a missing bucket, or matching nothing, is one
+  line."""
+  from transformer_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  local_dir = os.path.dirname(tiny_data["corpus"])
+  paths.upload(local_dir, f"gs://{BUCKET}/corpus")
+  paths.write_text(f"gs://{BUCKET}/corpus/.draft.py", "print('not part of it')\n")
+  remote = f"gs://{BUCKET}/corpus/*.py"
+  local_files = corpus_lib.corpus_files(tiny_data["corpus"])
+  remote_files = corpus_lib.corpus_files(remote)
+  assert [(f.name, f.size) for f in remote_files] == [(f.name, f.size) for f in local_files]
+  assert [f.path for f in remote_files][:1] == [f"gs://{BUCKET}/corpus/m00.py"]
+  assert corpus_lib.corpus_files(f"gs://{BUCKET}/corpus/.*.py")[0].name == ".draft.py"
+  for fmt in ("text", "lines"):
+    assert (list(corpus_lib.iter_documents(remote, fmt))
+            == list(corpus_lib.iter_documents(tiny_data["corpus"], fmt)))
+  got = _first_batch(_config(tiny_data, **{"data.corpus": remote, "data.data_dir": tmp_path}))
+  want = _first_batch(_config(tiny_data))
+  assert sorted(got) == sorted(want) and all((got[k] == want[k]).all() for k in want)
+  with pytest.raises(ConfigError, match=r"^data.corpus='gs://tjax-test/none/\*.py' matches no"):
+    corpus_lib.corpus_files(f"gs://{BUCKET}/none/*.py")
+  with pytest.raises(ConfigError) as e:
+    corpus_lib.corpus_files("gs://no-such-bucket-tjax/c/*.py")
+  assert str(e.value) == ("data.corpus='gs://no-such-bucket-tjax/c/*.py' cannot be listed: bucket "
+                          "gs://no-such-bucket-tjax does not exist (or these credentials cannot "
+                          "see it)")
+
+
+def test_clean_reads_and_writes_the_bucket(gcs, tmp_path):
+  """clean --corpus=gs://... --out=gs://...: the shards and samples of the local run, uploaded
+  once the run ends; a second, shorter run leaves none of the first's shards; an OUT that holds
+  the corpus is refused."""
+  from transformer_jax import clean as clean_cli  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import clean as clean_lib  # pylint: disable=g-import-not-at-top
+  corpus = tmp_path / "raw"
+  corpus.mkdir()
+  for i in range(12):
+    (corpus / f"d{i:02d}.txt").write_text(f"document {i % 9} " * 100)  # 3 exact duplicates
+  paths.upload(corpus, f"gs://{BUCKET}/raw")
+
+  def clean(src, out, files="*.txt"):
+    flags = dict(clean_cli.FLAGS, dedup="exact", languages="none", quality="none")
+    return clean_lib.run(f"{src}/{files}", "text", "text", out, clean_lib.build_stages(flags),
+                         shard_mb=0.001, plots=False)
+  want = clean(corpus, str(tmp_path / "out"))
+  got = clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/clean")
+  assert (got["documents_out"], got["shards"]) == (want["documents_out"], want["shards"]) == (9, 9)
+  names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")
+                 if p.is_file())
+  uploaded = paths.filesystem(f"gs://{BUCKET}").find(f"gs://{BUCKET}/clean")
+  assert [n.split("/clean/", 1)[1] for n in sorted(uploaded)] == names
+  assert "removed/exact_duplicate.jsonl" in names and "report.md" in names
+  for name in names:
+    if name != "report.md":  # (its timings differ)
+      assert (paths.path(f"gs://{BUCKET}/clean/{name}").read_bytes()
+              == (tmp_path / "out" / name).read_bytes()), name
+  assert clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/clean", "d0*.txt")["shards"] == 9
+  assert clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/clean", "d1*.txt")["shards"] == 2
+  assert [n for n in paths.listdir(f"gs://{BUCKET}/clean") if n.startswith("part-")] == [
+      "part-00000.jsonl", "part-00001.jsonl"]
+  assert not paths.listdir(f"gs://{BUCKET}/clean/removed")  # no duplicates among d10, d11
+  with pytest.raises(ConfigError, match=r"^--out=gs://tjax-test/raw/ holds files of --corpus"):
+    clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/raw/")
 
 
 def _tiny_gpt2(out):

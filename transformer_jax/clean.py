@@ -5,22 +5,23 @@
       [--dedup=exact,near] [--near_threshold=0.8] [--quality=gopher|c4|gopher,c4|none] \\
       [--workers=N]
 
---corpus is "stdlib" or a glob of files (quote it); --format text (a document per file), lines
-(a document per line) or jsonl (a document per line, text in --text_field). OUT gets the kept
-documents as part-NNNNN.jsonl shards ({"id", "text", "language", "language_score"}: train on
-them with data.corpus=OUT/*.jsonl data.format=jsonl; the kept pieces of a document over 1 MiB
-are one record, so training reads it as one document), report.md with a plot per filter, and
-removed/REASON.jsonl with the first --samples documents each stage removed (and why). Stages run
-in the order language, quality, exact dedup, near dedup, and a document is counted by the first
-that removes it; dedup keys on the text as written (after C4's line removal) and keeps the first
-copy that is written (a copy of a removed document is no duplicate). --languages=all tags
-languages without removing any, none skips the stage; --dedup=none and --quality=none turn
-those off. Every Gopher threshold is a flag of its own
-name (e.g. --min_words=50, --max_duplicate_10gram=0.1), C4's are --c4_NAME; both rule sets
-are English ones (Gopher's stop words are "the", "of", ...: --min_stop_words=0 for other
-languages). --workers runs the per-document work on that many processes; the output is the same
-for any number. Streams: memory holds a few batches per worker, the exact-dedup digests and the
-LSH index, whatever the corpus size.
+--corpus is "stdlib" or a glob of files (quote it; gs://BUCKET/... too); --format text (a document
+per file), lines (a document per line) or jsonl (a document per line, text in --text_field). OUT
+gets the kept documents as part-NNNNN.jsonl shards ({"id", "text", "language", "language_score"}:
+train on them with data.corpus=OUT/*.jsonl data.format=jsonl; the kept pieces of a document over 1
+MiB are one record, so training reads it as one document), report.md with a plot per filter, and
+removed/REASON.jsonl with the first --samples documents each stage removed (and why). Stages run in
+the order language, quality, exact dedup, near dedup, and a document is counted by the first that
+removes it; dedup keys on the text as written (after C4's line removal) and keeps the first copy
+that is written (a copy of a removed document is no duplicate). --languages=all tags languages
+without removing any, none skips the stage; --dedup=none and --quality=none turn those off. Every
+Gopher threshold is a flag of its own name (e.g. --min_words=50, --max_duplicate_10gram=0.1), C4's
+are --c4_NAME; both rule sets are English ones (Gopher's stop words are "the", "of", ...:
+--min_stop_words=0 for other languages). --workers runs the per-document work on that many
+processes; the output is the same for any number. A gs:// OUT is written in a local temporary
+folder (TMPDIR needs room for the output), then uploaded: the shards a previous run left there are
+removed first, and the new ones are renamed into place once all are uploaded. Streams: memory holds
+a few batches per worker, the exact-dedup digests and the LSH index, whatever the corpus size.
 The last line printed is one JSON object: documents_in, documents_out (pieces of long documents
 count one each), records_out (lines written), removed (exact_duplicate,
 near_duplicate, language, quality), seconds, throughput and bad-input counts. Bad flags or a

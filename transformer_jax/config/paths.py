@@ -160,16 +160,16 @@ def move(src, dst):
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     shutil.move(src, dst)
     return
-  import fsspec  # pylint: disable=g-import-not-at-top
-  path(src)  # the emulator's variables, no listing cache
   # epath's rename wants the destination's folder to exist; gcsfs's mv tries a moveTo API first
   # (which emulators lack): copy (server-side) and delete.
-  fs, _ = fsspec.core.url_to_fs(src)
+  fs = filesystem(src)
   fs.copy(src, dst, recursive=True)
   fs.rm(src, recursive=True)
 
 
-def _fs(url):
+def filesystem(url):
+  """The fsspec file system of a URL (gcsfs for gs://), with the emulator's variables and no
+  listing cache."""
   import fsspec  # pylint: disable=g-import-not-at-top
   path(url)  # the emulator's variables, no listing cache
   return fsspec.core.url_to_fs(url)[0]
@@ -186,7 +186,7 @@ def upload(local_dir, url, last=()):
   def order(rel):
     name = os.path.basename(rel)
     return last.index(name) if name in last else -1, rel
-  fs = _fs(url)
+  fs = filesystem(url)
   for rel in sorted(files, key=order):
     fs.put_file(os.path.join(local_dir, rel),
                 posixpath.join(os.fspath(url), rel.replace(os.sep, "/")))
@@ -210,7 +210,7 @@ def download(url, names, local_dir):
   """Copies the files `names` (relative to the folder `url`, gs://...) into the local folder
   `local_dir`; returns `local_dir`."""
   local_dir = os.fspath(local_dir)
-  fs = _fs(url)
+  fs = filesystem(url)
   for name in names:
     target = os.path.join(local_dir, *name.split("/"))
     os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -1,7 +1,9 @@
-"""Document sources: this Python's standard library, or local files matched by a glob.
+"""Document sources: this Python's standard library, or files matched by a glob.
 
 A corpus is named by a string: "stdlib" (the running interpreter's standard-library `.py`
-sources, tests excluded) or a file glob (`**` matches any depth). ("tfds:NAME" corpora, datasets
+sources, tests excluded) or a file glob (`**` matches any depth), local or in a bucket
+(`gs://BUCKET/PATH/**/*.jsonl`, listed and read through fsspec; there as here, `*` and `**` skip
+names that begin with '.' unless the pattern's part does too). ("tfds:NAME" corpora, datasets
 of the TFDS catalog, are read by tfds_text.py.) Its files are read in one of these formats:
 
   text:  one document per file.
@@ -34,9 +36,12 @@ two documents, `ID:source` and `ID:target`.
 import ast
 import codecs
 import dataclasses
+import fnmatch
 import glob
+import io
 import json
 import os
+import posixpath
 import re
 import sysconfig
 import textwrap
@@ -46,6 +51,7 @@ from collections.abc import Iterator
 from absl import logging
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths as paths_lib
 
 STDLIB = "stdlib"
 DOC_FORMATS = ("text", "lines", "jsonl")
@@ -77,9 +83,10 @@ class SkipCounts:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusFile:
-  """One file of a corpus: where it is and the name its doc ids start with."""
+  """One file of a corpus: where it is, the name its doc ids start with, and its size in bytes."""
   path: str
   name: str
+  size: int = -1
 
 
 def check_format(fmt: str) -> None:
@@ -107,9 +114,9 @@ def stdlib_files() -> list[str]:
   return sorted(paths)
 
 
-def _glob_root(pattern: str) -> str:
+def _glob_root(pattern: str, sep: str = os.sep) -> str:
   """The leading directories of `pattern` that contain no glob magic."""
-  parts = pattern.split(os.sep)
+  parts = pattern.split(sep)
   fixed = []
   for part in parts[:-1]:
     if glob.has_magic(part):
@@ -117,7 +124,27 @@ def _glob_root(pattern: str) -> str:
     fixed.append(part)
   if not fixed:
     return "."
-  return os.sep.join(fixed) or os.sep
+  return sep.join(fixed) or sep
+
+
+def _bucket_files(corpus: str) -> tuple[str, list[tuple[str, int]]]:
+  """The root and the (URL, size) of each file of a gs:// glob, the hidden ones left out as
+  Python's glob leaves them out locally (fsspec's glob keeps them)."""
+  root = _glob_root(corpus.rstrip("/"), "/")
+  wanted = corpus[len(root):].strip("/").split("/")
+  try:
+    fs = paths_lib.filesystem(corpus)
+    found = fs.glob(corpus, detail=True)
+  except Exception as e:  # pylint: disable=broad-except  # (the storage client's own errors)
+    raise ConfigError(f"data.corpus={corpus!r} cannot be listed: {paths_lib.why(e, corpus)}")
+  files = []
+  for name, info in found.items():
+    url = fs.unstrip_protocol(name)
+    hidden = [p for p in url[len(root):].strip("/").split("/") if p.startswith(".")]
+    if info["type"] == "file" and all(
+        any(w.startswith(".") and fnmatch.fnmatchcase(p, w) for w in wanted) for p in hidden):
+      files.append((url, info["size"]))
+  return root, sorted(files)
 
 
 def corpus_files(corpus: str) -> list[CorpusFile]:
@@ -125,15 +152,18 @@ def corpus_files(corpus: str) -> list[CorpusFile]:
   if not corpus:
     raise ConfigError("data.corpus is empty; use 'stdlib' or a glob of files")
   if corpus == STDLIB:
-    root = stdlib_root()
-    paths = stdlib_files()
+    root, found = stdlib_root(), [(p, os.path.getsize(p)) for p in stdlib_files()]
+  elif paths_lib.is_remote(corpus):
+    root, found = _bucket_files(corpus)
   else:
     pattern = os.path.expanduser(corpus)
     root = _glob_root(pattern)
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-  if not paths:
+    found = [(p, os.path.getsize(p))
+             for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+  if not found:
     raise ConfigError(f"data.corpus={corpus!r} matches no files")
-  return [CorpusFile(path=p, name=os.path.relpath(p, root)) for p in paths]
+  rel = posixpath.relpath if paths_lib.is_remote(root) else os.path.relpath
+  return [CorpusFile(path=p, name=rel(p, root), size=size) for p, size in found]
 
 
 def _looks_binary(head: bytes) -> bool:
@@ -160,7 +190,10 @@ def _decode(data: bytes) -> str:
 def _open(path: str):
   """The file in binary mode, past a leading UTF-8 byte-order mark (not text: kept, it began
   the first document with U+FEFF, and a JSONL file's first line did not parse)."""
-  f = open(path, "rb")  # pylint: disable=consider-using-with
+  if paths_lib.is_remote(path):  # (fsspec's own readline takes no size)
+    f = io.BufferedReader(paths_lib.filesystem(path).open(path, "rb"), _READ_BYTES)
+  else:
+    f = open(path, "rb")  # pylint: disable=consider-using-with
   if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
     f.seek(0)
   return f
@@ -380,7 +413,7 @@ def _file_pairs(file, fmt, source_field, target_field, counts):
 
 
 def _is_binary_file(path: str) -> bool:
-  with open(path, "rb") as f:
+  with _open(path) as f:
     return _looks_binary(f.read(_BINARY_PROBE_BYTES))
 
 

@@ -79,8 +79,7 @@ def doc_hash(doc_id: str) -> float:
 
 def _fingerprint(corpus: str, fmt: str, fields: tuple, validation_fraction: float) -> str:
   """A short hash of everything that decides the prepared records."""
-  files = [(f.name, os.path.abspath(f.path), os.path.getsize(f.path))
-           for f in corpus_lib.corpus_files(corpus)]
+  files = [(f.name, paths.abspath(f.path), f.size) for f in corpus_lib.corpus_files(corpus)]
   spec = {
       "version": _VERSION,
       "format": fmt,

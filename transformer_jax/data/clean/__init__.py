@@ -14,10 +14,12 @@ import collections
 import multiprocessing
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Iterator
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths as paths_lib
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data.clean import dedup
 from transformer_jax.data.clean import language
@@ -145,22 +147,36 @@ def _analyzed(batches, stages, workers: int):
 def _check_out(corpus: str, out: str) -> None:
   """ConfigError if OUT holds files of the corpus, in it or below it (its shards and removed/
   samples would be cleared or overwritten)."""
-  real_out = os.path.join(os.path.realpath(out), "")
+  if paths_lib.is_remote(out):
+    real_out, real = out.rstrip("/") + "/", lambda p: p
+  else:
+    real_out, real = os.path.join(os.path.realpath(out), ""), os.path.realpath
   for f in corpus_lib.corpus_files(corpus):
-    if os.path.realpath(f.path).startswith(real_out):
+    if real(f.path).startswith(real_out):
       raise ConfigError(f"--out={out} holds files of --corpus={corpus!r} ({f.path}); write the "
                         f"cleaned corpus to another directory")
 
 
 def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers: int = 1,
         samples: int = 50, shard_mb: float = 256.0, plots: bool = True) -> dict:
-  """Cleans `corpus` into OUT (shards, removed/ samples, report.md); returns the summary."""
-  start, cpu_start = time.time(), _cpu_seconds()
+  """Cleans `corpus` into OUT (shards, removed/ samples, report.md); returns the summary. A
+  gs:// OUT is written in a local temporary folder (under TMPDIR), then uploaded."""
   if fmt not in corpus_lib.DOC_FORMATS:
     raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(corpus_lib.DOC_FORMATS)}")
   if workers < 1:
     raise ConfigError(f"--workers={workers} must be >= 1")
   _check_out(corpus, out)
+  args = (corpus, fmt, text_field, stages, workers, samples, shard_mb, plots)
+  if not paths_lib.is_remote(out):
+    return _clean(out, *args)
+  with tempfile.TemporaryDirectory(prefix="clean-") as local:
+    summary = _clean(local, *args)
+    output.upload(local, out)
+  return summary
+
+
+def _clean(out, corpus, fmt, text_field, stages, workers, samples, shard_mb, plots) -> dict:
+  start, cpu_start = time.time(), _cpu_seconds()
   skipped = corpus_lib.SkipCounts()
   docs = corpus_lib.iter_documents(corpus, fmt, text_field, skipped)
   output.clear(out)
@@ -184,10 +200,10 @@ def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers:
       else:
         kept.held.append(doc)
   kept.next_document(None)
-  paths = shards.close()
+  written = shards.close()
   seconds = time.time() - start
   summary = _summary(tally, removed, shards, skipped, stages, workers, seconds)
-  summary["shards"] = len(paths)
+  summary["shards"] = len(written)
   summary["cpu_seconds"] = {k: round(v - cpu_start[k], 2) for k, v in _cpu_seconds().items()}
   report.write(out, summary, stages, plots)
   summary["seconds"] = round(time.time() - start, 3)

@@ -18,9 +18,11 @@ import glob
 import json
 import os
 
+from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 
 SHARD_PATTERN = "part-{:05d}.jsonl"
+SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5)
 PARTIAL = ".partial"  # a shard's suffix until the run ends
 SAMPLE_CHARS = 20_000
 _FIELDS = ("id", "text", "language", "language_score")
@@ -30,10 +32,30 @@ def clear(out: str) -> None:
   """Makes OUT and OUT/removed, removing the shards and samples a previous run left there (only
   those: a shorter run must not leave stale shards behind for OUT/*.jsonl to read)."""
   os.makedirs(os.path.join(out, "removed"), exist_ok=True)
-  shards = os.path.join(out, SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5))
+  shards = os.path.join(out, SHARD_GLOB)
   for path in (glob.glob(shards) + glob.glob(shards + PARTIAL)
                + glob.glob(os.path.join(out, "removed", "*.jsonl"))):
     os.remove(path)
+
+
+def upload(local: str, out: str) -> None:
+  """Puts the output written in the local folder `local` into the gs:// folder OUT the way
+  `clear` and `Shards.close` leave a local one: the shards and samples a previous run left there
+  are removed, the new shards are uploaded as .partial objects and renamed once all are there
+  (a killed upload leaves no set of shards that OUT/*.jsonl reads as the corpus), then the
+  rest, report.md last."""
+  fs, base = paths.filesystem(out), out.rstrip("/")
+  stale = [name for pattern in (SHARD_GLOB, SHARD_GLOB + PARTIAL, "removed/*.jsonl")
+           for name in fs.glob(f"{base}/{pattern}")]
+  if stale:
+    fs.rm(stale)
+  shards = [os.path.basename(p) for p in sorted(glob.glob(os.path.join(local, SHARD_GLOB)))]
+  for name in shards:
+    fs.put_file(os.path.join(local, name), f"{base}/{name}{PARTIAL}")
+    os.remove(os.path.join(local, name))
+  for name in shards:
+    paths.move(f"{base}/{name}{PARTIAL}", f"{base}/{name}")
+  paths.upload(local, out, last=("report.md",))
 
 
 def _json(value) -> bytes:
