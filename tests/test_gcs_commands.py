@@ -1,6 +1,6 @@
 """Commands other than train with their files in a bucket (the local Cloud Storage emulator of
 tests/gcs_emulator.py; training's gs:// workdirs are tests/test_gcs.py's): data.tokenizer,
-data.corpus (and clean's --corpus and --out), data.data_dir, a Hugging Face directory for convert
+data.corpus (and clean's --corpus and --out), evaluation tasks, data.data_dir, a Hugging Face directory for convert
 import and export, a sweep directory, the tokenizer command's --out and the compilation cache."""
 
 import json
@@ -146,6 +146,27 @@ def test_clean_reads_and_writes_the_bucket(gcs, tmp_path):
   assert not paths.listdir(f"gs://{BUCKET}/clean/removed")  # no duplicates among d10, d11
   with pytest.raises(ConfigError, match=r"^--out=gs://tjax-test/raw/ holds files of --corpus"):
     clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/raw/")
+
+
+def test_evaluation_tasks_in_the_bucket(gcs, tiny_data, tmp_path, capsys):
+  """corpus_tasks --out=gs://...: the local command's files, uploaded (they went to a local
+  folder named 'gs:'); a task and its few-shot split read from the bucket as from the folder."""
+  from transformer_jax.evaluation import corpus_tasks  # pylint: disable=g-import-not-at-top
+  from transformer_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
+  out, flags = f"gs://{BUCKET}/eval_tasks", [f"--corpus={tiny_data['corpus']}", "--examples=8"]
+  corpus_tasks.main([f"--out={tmp_path}", *flags])
+  corpus_tasks.main([f"--out={out}", *flags])
+  assert f"{out}/next_line.jsonl: 8 examples" in capsys.readouterr().out
+  assert paths.listdir(out) == sorted(os.listdir(tmp_path)) and not os.path.exists("gs:")
+  for name in ("next_line", "cloze:last_word"):
+    kind, _, stem = name.rpartition(":")
+    prefix = f"{kind}:" if kind else ""
+    got = tasks.load(f"{prefix}{out}/{stem}.jsonl", num_fewshot=2)
+    want = tasks.load(f"{prefix}{tmp_path}/{stem}.jsonl", num_fewshot=2)
+    assert (got.kind, got.examples, got.train) == (want.kind, want.examples, want.train)
+    assert len(got.train) == 8
+  with pytest.raises(ConfigError, match=r"^task file 'gs://tjax-test/none.jsonl' does not exist"):
+    tasks.load(f"gs://{BUCKET}/none.jsonl")
 
 
 def _tiny_gpt2(out):

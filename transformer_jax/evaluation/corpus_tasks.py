@@ -4,7 +4,7 @@ evaluation needs no download:
   python -m transformer_jax.evaluation.corpus_tasks --out=runs/eval_tasks [--corpus=stdlib]
       [--examples=200] [--seed=0] [--validation_fraction=0.02]
 
-writes into OUT:
+writes into OUT (a folder, or gs://BUCKET/PATH):
   next_line.jsonl (+ next_line_train.jsonl)  multiple choice: after up to 6 lines of a source
       file, which of 4 lines comes next (the real one, 3 lines of other files)
   last_word.jsonl (+ last_word_train.jsonl)  cloze: up to 4 lines whose last word is predicted
@@ -20,6 +20,7 @@ import random
 import re
 
 from transformer_jax import cli
+from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import tfds_text
 
@@ -88,18 +89,19 @@ def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
            "last_word.jsonl": last_word(held, examples, rng),
            "last_word_train.jsonl": last_word(train, examples, rng),
            "heldout_text.jsonl": [{"id": d, "text": t[:2000]} for d, t in held[:examples]]}
-  os.makedirs(out, exist_ok=True)
-  for name, rows in files.items():
-    write(os.path.join(out, name), rows)
+  with paths.local_folder(out) as folder:  # (a gs:// OUT: written here, then uploaded)
+    for name, rows in files.items():
+      write(os.path.join(folder, name), rows)
   return {name: len(rows) for name, rows in files.items()}
 
 
 def main(argv):
   _, _, f = cli.parse(argv, {"out": "runs/eval_tasks", "corpus": "stdlib", "examples": 200,
                              "seed": 0, "validation_fraction": 0.02})
+  cli.output_folder("out", f["out"])
   for name, n in make(f["out"], f["corpus"], f["examples"], f["seed"],
                       f["validation_fraction"]).items():
-    print(f"{os.path.join(f['out'], name)}: {n} examples")
+    print(f"{paths.join(f['out'], name)}: {n} examples")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Downstream task kinds read from local JSONL: what each asks the model and how it is scored.
+"""Downstream task kinds read from JSONL (local or gs://): what each asks the model and how it is
+scored.
 
 A task is a JSONL file, one example per line; its kind is recognized from its fields or named
 (`KIND:PATH`):
@@ -36,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import corpus
 from transformer_jax.evaluation import passkey
 
@@ -72,7 +74,7 @@ class Task:
 
 
 def _read_jsonl(path: str) -> list:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):  # (local or gs://)
     raise ConfigError(f"task file {path!r} does not exist")
   return [row for _, _, row in corpus.json_lines(path, "task file ")]
 
@@ -146,7 +148,7 @@ def train_split(path: str) -> str:
   """The default few-shot file of a task: NAME_train.jsonl or NAME.train.jsonl beside it."""
   stem = path[:-len(".jsonl")] if path.endswith(".jsonl") else path
   for candidate in (f"{stem}_train.jsonl", f"{stem}.train.jsonl"):
-    if os.path.isfile(candidate):
+    if paths.isfile(candidate):
       return candidate
   return ""
 
