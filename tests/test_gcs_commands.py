@@ -1,7 +1,8 @@
 """Commands other than train with their files in a bucket (the local Cloud Storage emulator of
 tests/gcs_emulator.py; training's gs:// workdirs are tests/test_gcs.py's): data.tokenizer,
-data.corpus (and clean's --corpus and --out), evaluation tasks, data.data_dir, a Hugging Face directory for convert
-import and export, a sweep directory, the tokenizer command's --out and the compilation cache."""
+data.corpus (and clean's --corpus and --out), evaluation tasks, data.data_dir, a Hugging Face
+directory for convert import and export, a sweep directory, the tokenizer command's --out and the
+compilation cache."""
 
 import json
 import os
