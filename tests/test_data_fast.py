@@ -305,7 +305,7 @@ def test_a_data_position_saved_before_the_hashed_order_seeds_resumes_in_its_orde
     expected, fresh = _take(it, 4), pipeline.make_train_iterator(c)
     handler.restore(tmp_path / name, args=checkpoint.DataRestore(fresh))
     _assert_same(expected, _take(fresh, 4))
-    (tmp_path / "again").mkdir(exist_ok=True)  # saved again (unmarked if old) and restored
+    (tmp_path / "again").mkdir(exist_ok=True)  # saved again (marked "raw" if old), restored
     handler.save(tmp_path / "again", args=checkpoint.data_save_args(fresh))
     expected, again = _take(fresh, 3), pipeline.make_train_iterator(c)
     handler.restore(tmp_path / "again", args=checkpoint.DataRestore(again))
@@ -322,6 +322,42 @@ def test_an_unmarked_position_of_several_shards_says_its_order_may_differ(tiny_d
     err = capsys.readouterr().err
     assert ("warning: the saved data position (2 shards) has no order mark" in err) == warned, err
     it.close()
+
+
+def test_a_position_says_when_its_rows_were_made_another_way(tiny_data, tmp_path, capsys):
+  """A position records the rows version it indexes (pipeline.ROWS_VERSION): a file of another
+  version resumes with a warning naming both, one of this version (or marked without one) in
+  silence; an unmarked one (from before dee6b9b) warns only where its objective's rows changed
+  before then (span and UL2 went on silently on other rows); a restored "raw" order is saved
+  marked, and resumes in that order without a second warning."""
+  base = config_lib.base.get_config().data
+  for objective, pair, warned in (("span", "", True), ("ul2", "", True), ("mlm", "nsp", True),
+                                  ("mlm", "sop", False), ("clm", "", False)):
+    cfg = base.copy_and_resolve_references()
+    cfg.objective, cfg.sentence_pair = objective, pair
+    text = pipeline.rows_warning(cfg, None)
+    assert bool(text) == warned and (not text or f"data.objective={objective}'s rows" in text)
+    assert not pipeline.rows_warning(cfg, pipeline.ROWS_VERSION)
+  c = _config(tiny_data)
+  it, handler = pipeline.make_train_iterator(c), checkpoint.DataHandler()
+  grain_state = it.get_state()["0"]
+  for name, saved, said in (
+      ("other", {"order_seed": "hashed", "rows": 0, "grain": grain_state}, "of version 0; this"),
+      ("marked", {"order_seed": "hashed", "grain": grain_state}, ""),
+      ("raw", {"order_seed": "raw", "rows": pipeline.ROWS_VERSION, "grain": grain_state}, "")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "shard-0-of-1.json").write_text(json.dumps(saved))
+    fresh = pipeline.make_train_iterator(c)
+    handler.restore(tmp_path / name, args=checkpoint.DataRestore(fresh))
+    err = capsys.readouterr().err
+    assert (said in err if said else "warning" not in err), (name, err)
+    assert fresh.legacy_order == (name == "raw")
+    handler.save(tmp_path / name, args=checkpoint.data_save_args(fresh))
+    again = json.loads((tmp_path / name / "shard-0-of-1.json").read_text())
+    order = "raw" if name == "raw" else "hashed"
+    assert (again["order_seed"], again["rows"]) == (order, pipeline.ROWS_VERSION)
+    fresh.close()
+  it.close()
 
 
 def test_only_replaced_bytes_count_as_invalid_utf8(tmp_path):

@@ -389,6 +389,27 @@ LEGACY_SHARDS_WARNING = (
     "in another order")
 
 
+# The version of the rows a config makes from its documents: bump it with any change that alters
+# them. A saved data position records it (checkpoint.py), and a resume under another says so.
+ROWS_VERSION = 1
+
+
+def rows_warning(data_cfg, saved_rows) -> str:
+  """What a resume from a position saved with rows version `saved_rows` (None: unmarked, from
+  before dee6b9b) is told, or "": its rows from here on are made another way."""
+  if saved_rows is None:
+    changes = objectives.rows_changed(data_cfg)
+    return (f"warning: the saved data position has no version (saved before 2026-12-05 18:00 "
+            f"UTC, dee6b9b), and data.objective={data_cfg.objective}'s rows changed at "
+            f"{changes}: a run started before that goes on with rows made another way"
+            ) if changes else ""
+  if saved_rows != ROWS_VERSION:
+    return (f"warning: the saved data position indexes rows of version {saved_rows}; this code "
+            f"makes version {ROWS_VERSION} (pipeline.ROWS_VERSION): the run goes on with rows "
+            f"made another way")
+  return ""
+
+
 def _order_seed(seed: int, shard: int, num_shards: int, legacy: bool = False) -> int:
   """The seed of a shard's document order and packing: a hash of (seed, "order", shard). grain
   seeds epoch e with seed + e, so the raw seed s that one shard used to take read in epoch 1
@@ -423,6 +444,7 @@ class ShardedBatches:
   def __init__(self, config, num_shards: int, shards):
     self.num_shards, self.shards, self._config = num_shards, list(shards), config
     self.legacy_order = False  # restored into the order from before the hashed seeds
+    self.rows_version = ROWS_VERSION
     self.num_workers = config.data.num_workers
     self._iterators = [self._shard_iterator(config, k) for k in self.shards]
 
@@ -449,15 +471,20 @@ class ShardedBatches:
   def get_state(self) -> dict:
     return {str(k): it.get_state() for k, it in zip(self.shards, self._iterators)}
 
-  def set_state(self, state: dict, legacy_order: bool = False) -> None:
+  def set_state(self, state: dict, legacy_order: bool = False,
+                rows: int | None = ROWS_VERSION) -> None:
     """`legacy_order`: the position was saved before the order seeds were hashed (one shard's
-    order then followed the raw seed), and is restored into that order."""
+    order then followed the raw seed), and is restored into that order. `rows`: the rows
+    version it was saved with (None: unmarked)."""
     missing = [k for k in self.shards if str(k) not in state]
     if missing:
       raise ConfigError(f"the saved data position has no state for data shard(s) {missing} "
                         f"(of {self.num_shards})")
+    warnings = [rows_warning(self._config.data, rows)]
     if legacy_order and self.num_shards > 1:
-      print(LEGACY_SHARDS_WARNING.format(n=self.num_shards), file=sys.stderr, flush=True)
+      warnings.append(LEGACY_SHARDS_WARNING.format(n=self.num_shards))
+    for warning in filter(None, warnings):
+      print(warning, file=sys.stderr, flush=True)
     for k, it in zip(self.shards, self._iterators):
       saved = _saved_workers(state[str(k)])
       if saved != self.num_workers:  # grain would take the state and fail steps later

@@ -73,7 +73,8 @@ def _out_of_memory(e: BaseException) -> bool:
   return any(isinstance(c, MemoryError) or "out of memory" in str(c).lower() for c in _chain(e))
 
 
-ORDER_MARK = "order_seed"  # in a data position file: its shard's order seed is hashed
+ORDER_MARK = "order_seed"  # in a data position file: "hashed", or "raw" (the order from before)
+ROWS_MARK = "rows"  # in a data position file: the pipeline's ROWS_VERSION that wrote it
 
 
 class DataHandler(grain.checkpoint.CheckpointHandler):
@@ -82,19 +83,20 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
   it, whatever their number; a different S is refused. Checkpoints from before data shards
   (grain's `process_I-of-N.json`, one process per shard) still restore, and a file without
   ORDER_MARK (grain's state alone, from before the hashed order seeds) restores into the order
-  it indexes."""
+  it indexes. Every file says its order and the rows version it was read with
+  (pipeline.ROWS_VERSION; a file with the mark and without the version: 1)."""
 
   def save(self, directory, item=None, args=None):
     del item
     for k, state in args.states.items():
-      if not args.legacy_order:
-        state = {ORDER_MARK: "hashed", "grain": state}
+      state = {ORDER_MARK: "raw" if args.legacy_order else "hashed", ROWS_MARK: args.rows,
+               "grain": state}
       (directory / f"shard-{k}-of-{args.num_shards}.json").write_text(json.dumps(state, indent=1))
 
   def restore(self, directory, item=None, args=None):
     del item
     it = args.item
-    states, legacy = {}, False
+    states, legacy, versions = {}, False, set()
     for k in it.shards:
       path = directory / f"shard-{k}-of-{it.num_shards}.json"
       if not path.exists():
@@ -105,11 +107,15 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
         raise ConfigError(_shards_advice(saved, it.num_shards, it.num_shards // len(it.shards)))
       saved = json.loads(path.read_text())
       if isinstance(saved, dict) and ORDER_MARK in saved:
+        legacy |= saved[ORDER_MARK] == "raw"
+        versions.add(saved.get(ROWS_MARK, 1))
         saved = saved["grain"]
       else:  # written before the order seeds were hashed (pipeline._order_seed)
         legacy = True
+        versions.add(None)
       states[str(k)] = saved
-    it.set_state(states, legacy_order=legacy)
+    rows = None if None in versions else max(versions - {it.rows_version}, default=it.rows_version)
+    it.set_state(states, legacy_order=legacy, rows=rows)
     return it
 
 
@@ -131,7 +137,8 @@ def _shards_advice(saved: list, num_shards: int, readers: int) -> str:
 class DataSave(ocp.args.CheckpointArgs):
   states: dict[str, Any]  # shard -> grain state, only the shards this process writes
   num_shards: int
-  legacy_order: bool = False  # a position in the order from before the hashed seeds: no mark
+  legacy_order: bool = False  # a position in the order from before the hashed seeds ("raw")
+  rows: int = 1  # the rows version the position indexes
 
 
 @ocp.args.register_with_handler(DataHandler, for_restore=True)
@@ -146,7 +153,7 @@ def data_save_args(iterator, writes=None) -> DataSave:
   state = iterator.get_state()
   writes = iterator.shards if writes is None else writes
   return DataSave({str(k): state[str(k)] for k in writes}, iterator.num_shards,
-                  iterator.legacy_order)
+                  iterator.legacy_order, iterator.rows_version)
 
 
 def require_step(workdir: str, steps: list, step, quantized: bool = False) -> None:

@@ -8,13 +8,14 @@
   ul2        UL2's mixture of R, S and X denoisers; encoder-decoder
   seq2seq    (source, target) pairs; encoder-decoder
 
-An objective module declares NAME and FAMILIES (the model families it trains) and
-`resolve(spec)` (its lengths), and where it differs from the defaults: `check(data)` (its
-parameters' one-line errors), `corrupt(chunk, rng, vocab, spec)` (its seeded per-chunk transform)
-or `examples(...)` (a transform over the chunk stream), `missing_tokens(spec, tokenizer)` and
-`sentinels(spec)` (the control pieces it needs), `length_struct(spec)` and `from_packed(spec, row)`
-(its packed features and batch format; default: the encoder-decoder one), `loss(spec)` (what the
-train step adds to the model call and to the token loss), and the flags PAIRS (reads pairs, not
+An objective module declares NAME and FAMILIES (the model families it trains) and `resolve(spec)`
+(its lengths), and where it differs from the defaults: `check(data)` (its parameters' one-line
+errors), `corrupt(chunk, rng, vocab, spec)` (its seeded per-chunk transform) or `examples(...)` (a
+transform over the chunk stream), `missing_tokens(spec, tokenizer)` and `sentinels(spec)` (the
+control pieces it needs), `length_struct(spec)` and `from_packed(spec, row)` (its packed features
+and batch format; default: the encoder-decoder one), `loss(spec)` (what the train step adds to the
+model call and to the token loss), `rows_changed(data)` (the changes to its rows from before data
+positions recorded a version: pipeline.rows_warning), and the flags PAIRS (reads pairs, not
 documents), CONTROL_PIECES, CONCAT (data.packing=concat can make its rows), SENTENCE_PAIRS and
 SPLASH (why Pallas splash attention cannot serve it). Pipeline, train step, sampler, tokenizer
 command and benchmark ask this package; none of them compares objective names.
@@ -58,6 +59,12 @@ def get(name: str):
   if name not in OBJECTIVES:
     raise ConfigError(f"data.objective={name!r} is not one of {', '.join(OBJECTIVES)}")
   return OBJECTIVES[name]
+
+
+def rows_changed(d) -> str:
+  """The changes to config.data `d`'s rows made before positions recorded a rows version (the
+  commits and what they changed), or ""."""
+  return getattr(get(d.objective), "rows_changed", lambda d: "")(d)
 
 
 def for_family(family: str) -> list[str]:

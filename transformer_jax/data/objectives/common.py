@@ -12,6 +12,9 @@ from transformer_jax.config import ConfigError
 _MAX_CHUNK_FACTOR = 64  # chunk_len search stops at this many times seq_len.
 CHUNK = "inputs"  # The chunk feature (and clm's packed feature).
 DOCUMENT = "document"  # A chunk's document, where the objective asks (objectives.document_ids)
+# The span corruption's changes before positions recorded a rows version (objectives.rows_changed)
+SPAN_ROWS_CHANGED = ("e13c3d6 and 9e75a62 (2026-12-05 14:00 and 15:44 UTC: every encoder input "
+                     "ends with eos, and a document's eos is left out of the corruption)")
 
 
 @dataclasses.dataclass(frozen=True)

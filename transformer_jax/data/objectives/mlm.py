@@ -35,6 +35,11 @@ def check(d):
   common.fraction("mlm_rate", d.mlm_rate)
 
 
+def rows_changed(d) -> str:
+  return ("9e75a62 (2026-12-05 15:44 UTC: an nsp negative's B is as long as the true B)"
+          if d.sentence_pair == "nsp" else "")
+
+
 def resolve(s: common.Spec) -> common.Spec:
   if s.sentence_pair:  # Room for [CLS] A [SEP] B [SEP].
     return dataclasses.replace(s, target_len=0, chunk_len=s.seq_len - 3)

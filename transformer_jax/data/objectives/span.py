@@ -20,6 +20,11 @@ def check(d):
   spans.check(d)
 
 
+def rows_changed(d) -> str:
+  del d
+  return common.SPAN_ROWS_CHANGED
+
+
 def modes(s) -> list:
   return [(s.noise_density, s.mean_span_length)]
 

@@ -28,6 +28,11 @@ def check(d):
                              f"noise density in (0, 1))")
 
 
+def rows_changed(d) -> str:
+  del d
+  return common.SPAN_ROWS_CHANGED
+
+
 def modes(s) -> list:
   """(noise density, mean span length) of R and X."""
   return [(s.noise_density, s.mean_span_length), (s.ul2_x[1], s.ul2_x[0])]
