@@ -117,3 +117,27 @@ def test_tokenized_corpus_encodes_bounded_batches():
   assert [(first, len(records)) for first, records in batches] == [(0, 3), (3, 2), (5, 2)]
   source = [{"text": "x"}] * 600
   assert [len(r) for _, r in tfds_text._batches(source, "text")] == [256, 256, 88]
+
+
+def test_a_glob_matches_as_pythons_glob_in_a_bucket_too(tmp_path):
+  """`_glob_matches` (which filters fsspec's gs:// listing) against Python's glob on a local tree
+  with hidden names at several depths, for patterns with `*`, `**`, `?`, `[]` and '.'-parts; and
+  a file that two `**` match two ways is read once (Python's glob lists it twice)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  names = ["a.txt", ".h.txt", "d/b.txt", "d/.x.txt", ".cfg/z.txt", ".cfg/.y.txt", "d/e/c.txt",
+           "d/.e/f.txt", "x/sub/b.txt", "x/sub/deeper/sub/c.txt", "s1/t.md", "s2/.u/t.md"]
+  for name in names:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(f"text of {name}\n")
+  every = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+  matches = corpus_lib._glob_matches  # pylint: disable=protected-access
+  patterns = ["*.txt", "**/*.txt", "**", ".*", ".*/*.txt", "*/.*", "**/.*", "d/**/*.txt",
+              "?/*.txt", "[ds]*/**/*", "**/sub/**/*.txt", ".cfg/*", "*/*/*.md", "**/t.md"]
+  for pattern in patterns:
+    want = sorted({os.path.relpath(p, tmp_path) for p in glob.glob(f"{tmp_path}/{pattern}",
+                                                                   recursive=True)
+                   if os.path.isfile(p)})
+    got = [n for n in every if matches(n.split("/"), pattern.split("/"))]
+    assert got == want, pattern
+  docs = [d for d, _ in corpus_lib.iter_documents(f"{tmp_path}/**/sub/**/*.txt")]
+  assert docs == ["x/sub/b.txt", "x/sub/deeper/sub/c.txt"]

@@ -112,10 +112,11 @@ def test_a_corpus_in_the_bucket(gcs, tiny_data, tmp_path):
                           "see it)")
 
 
-def test_clean_reads_and_writes_the_bucket(gcs, tmp_path):
+def test_clean_reads_and_writes_the_bucket(gcs, tmp_path, monkeypatch):
   """clean --corpus=gs://... --out=gs://...: the shards and samples of the local run, uploaded
-  once the run ends; a second, shorter run leaves none of the first's shards; an OUT that holds
-  the corpus is refused."""
+  once the run ends; a second, shorter run leaves none of the first's shards, samples, plots or
+  report; an OUT that holds the corpus is refused, a local one above the working folder is not
+  (the bucket's URLs were read as local paths under it)."""
   from transformer_jax import clean as clean_cli  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import clean as clean_lib  # pylint: disable=g-import-not-at-top
   corpus = tmp_path / "raw"
@@ -141,10 +142,15 @@ def test_clean_reads_and_writes_the_bucket(gcs, tmp_path):
       assert (paths.path(f"gs://{BUCKET}/clean/{name}").read_bytes()
               == (tmp_path / "out" / name).read_bytes()), name
   assert clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/clean", "d0*.txt")["shards"] == 9
+  paths.write_text(f"gs://{BUCKET}/clean/plots/quality.png", "a plot of the last run")
+  paths.write_text(f"gs://{BUCKET}/clean/report.md", "the last run's report")
   assert clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/clean", "d1*.txt")["shards"] == 2
-  assert [n for n in paths.listdir(f"gs://{BUCKET}/clean") if n.startswith("part-")] == [
-      "part-00000.jsonl", "part-00001.jsonl"]
-  assert not paths.listdir(f"gs://{BUCKET}/clean/removed")  # no duplicates among d10, d11
+  assert paths.listdir(f"gs://{BUCKET}/clean") == ["part-00000.jsonl", "part-00001.jsonl",
+                                                    "report.md"]  # (no duplicates in d10, d11)
+  assert paths.read_text(f"gs://{BUCKET}/clean/report.md").startswith("# ")
+  (tmp_path / "here").mkdir()
+  monkeypatch.chdir(tmp_path / "here")
+  assert clean(f"gs://{BUCKET}/raw", str(tmp_path), "d1*.txt")["shards"] == 2
   with pytest.raises(ConfigError, match=r"^--out=gs://tjax-test/raw/ holds files of --corpus"):
     clean(f"gs://{BUCKET}/raw", f"gs://{BUCKET}/raw/")
 

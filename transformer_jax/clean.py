@@ -19,9 +19,10 @@ Gopher threshold is a flag of its own name (e.g. --min_words=50, --max_duplicate
 are --c4_NAME; both rule sets are English ones (Gopher's stop words are "the", "of", ...:
 --min_stop_words=0 for other languages). --workers runs the per-document work on that many
 processes; the output is the same for any number. A gs:// OUT is written in a local temporary
-folder (TMPDIR needs room for the output), then uploaded: the shards a previous run left there are
-removed first, and the new ones are renamed into place once all are uploaded. Streams: memory holds
-a few batches per worker, the exact-dedup digests and the LSH index, whatever the corpus size.
+folder (TMPDIR needs room for the output), then uploaded: what a previous run left there is removed
+first, the new shards are renamed into place once all are uploaded, and report.md comes last (a
+bucket renames objects one by one: report.md says the output is whole). Streams: memory holds a few
+batches per worker, the exact-dedup digests and the LSH index, whatever the corpus size.
 The last line printed is one JSON object: documents_in, documents_out (pieces of long documents
 count one each), records_out (lines written), removed (exact_duplicate,
 near_duplicate, language, quality), seconds, throughput and bad-input counts. Bad flags or a

@@ -128,8 +128,8 @@ def _glob_root(pattern: str, sep: str = os.sep) -> str:
 
 
 def _bucket_files(corpus: str) -> tuple[str, list[tuple[str, int]]]:
-  """The root and the (URL, size) of each file of a gs:// glob, the hidden ones left out as
-  Python's glob leaves them out locally (fsspec's glob keeps them)."""
+  """The root and the (URL, size) of each file of a gs:// glob, matched as Python's glob matches
+  local files (fsspec's glob also takes hidden names for `*` and `**`)."""
   root = _glob_root(corpus.rstrip("/"), "/")
   wanted = corpus[len(root):].strip("/").split("/")
   try:
@@ -137,14 +137,23 @@ def _bucket_files(corpus: str) -> tuple[str, list[tuple[str, int]]]:
     found = fs.glob(corpus, detail=True)
   except Exception as e:  # pylint: disable=broad-except  # (the storage client's own errors)
     raise ConfigError(f"data.corpus={corpus!r} cannot be listed: {paths_lib.why(e, corpus)}")
-  files = []
-  for name, info in found.items():
-    url = fs.unstrip_protocol(name)
-    hidden = [p for p in url[len(root):].strip("/").split("/") if p.startswith(".")]
-    if info["type"] == "file" and all(
-        any(w.startswith(".") and fnmatch.fnmatchcase(p, w) for w in wanted) for p in hidden):
-      files.append((url, info["size"]))
-  return root, sorted(files)
+  urls = {fs.unstrip_protocol(name): info for name, info in found.items()}
+  return root, sorted((url, info["size"]) for url, info in urls.items() if info["type"] == "file"
+                      and _glob_matches(url[len(root):].strip("/").split("/"), wanted))
+
+
+def _glob_matches(parts: list, wanted: list) -> bool:
+  """Whether a path's parts match a glob's parts as Python's glob matches them: `**` any number
+  of parts (none hidden), any other part one, and a name that begins with '.' only a part that
+  does too."""
+  if not wanted:
+    return not parts
+  w, rest = wanted[0], wanted[1:]
+  if w == "**":
+    return any(_glob_matches(parts[i:], rest) for i in range(len(parts) + 1)
+               if not any(p.startswith(".") for p in parts[:i]))
+  return (bool(parts) and (w.startswith(".") or not parts[0].startswith("."))
+          and fnmatch.fnmatchcase(parts[0], w) and _glob_matches(parts[1:], rest))
 
 
 def corpus_files(corpus: str) -> list[CorpusFile]:
@@ -158,8 +167,8 @@ def corpus_files(corpus: str) -> list[CorpusFile]:
   else:
     pattern = os.path.expanduser(corpus)
     root = _glob_root(pattern)
-    found = [(p, os.path.getsize(p))
-             for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+    found = [(p, os.path.getsize(p))  # (a path matched two ways by two `**` comes twice)
+             for p in sorted(set(glob.glob(pattern, recursive=True))) if os.path.isfile(p)]
   if not found:
     raise ConfigError(f"data.corpus={corpus!r} matches no files")
   rel = posixpath.relpath if paths_lib.is_remote(root) else os.path.relpath

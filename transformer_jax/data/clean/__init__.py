@@ -151,8 +151,9 @@ def _check_out(corpus: str, out: str) -> None:
     real_out, real = out.rstrip("/") + "/", lambda p: p
   else:
     real_out, real = os.path.join(os.path.realpath(out), ""), os.path.realpath
-  for f in corpus_lib.corpus_files(corpus):
-    if real(f.path).startswith(real_out):
+  for f in corpus_lib.corpus_files(corpus):  # (a local folder holds no bucket's files)
+    same_kind = paths_lib.is_remote(f.path) == paths_lib.is_remote(out)
+    if same_kind and real(f.path).startswith(real_out):
       raise ConfigError(f"--out={out} holds files of --corpus={corpus!r} ({f.path}); write the "
                         f"cleaned corpus to another directory")
 

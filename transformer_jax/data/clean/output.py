@@ -39,13 +39,14 @@ def clear(out: str) -> None:
 
 
 def upload(local: str, out: str) -> None:
-  """Puts the output written in the local folder `local` into the gs:// folder OUT the way
-  `clear` and `Shards.close` leave a local one: the shards and samples a previous run left there
-  are removed, the new shards are uploaded as .partial objects and renamed once all are there
-  (a killed upload leaves no set of shards that OUT/*.jsonl reads as the corpus), then the
-  rest, report.md last."""
+  """Puts the output written in the local folder `local` into the gs:// folder OUT: the shards,
+  samples, plots and report a previous run left there are removed, the new shards are uploaded as
+  .partial objects and renamed once all are there, then the rest, report.md last. A bucket has
+  no atomic rename of many objects: a kill during the renames (server-side copies) leaves some
+  shards in place, and OUT/report.md is what says the output is whole."""
   fs, base = paths.filesystem(out), out.rstrip("/")
-  stale = [name for pattern in (SHARD_GLOB, SHARD_GLOB + PARTIAL, "removed/*.jsonl")
+  stale = [name for pattern in ("report.md", SHARD_GLOB, SHARD_GLOB + PARTIAL, "removed/*.jsonl",
+                                "plots/*.png")
            for name in fs.glob(f"{base}/{pattern}")]
   if stale:
     fs.rm(stale)
