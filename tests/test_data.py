@@ -198,7 +198,7 @@ def test_tokenizer_cli(corpus_dir, tmp_path, capsys):
                              f"--out={out}"]) == 2
   assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=x", f"--out={out}"]) == 2
   (tmp_path / "a_file").write_text("x")
-  for bad in (tmp_path / "cli", tmp_path / "tokenizer.json",  # it writes a model file, no json
+  for bad in (tmp_path / "cli", tmp_path / "tok.json",  # a model file, or DIR/tokenizer.json
               tmp_path / "a_file" / "t.model"):  # (a traceback after training)
     assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=300", f"--out={bad}"]) == 2
   errors = capsys.readouterr().err.strip().splitlines()

@@ -130,14 +130,49 @@ def test_berts_template_gives_cls_and_sep_and_sentence_pairs_need_both(made, tmp
 
 
 def test_a_missing_tokenizer_json_gets_no_sentencepiece_advice_for_its_path(tmp_path):
-  """A missing tokenizer.json (or a folder without one) gets no SentencePiece --out=that advice:
-  that command writes a model file, which loads as no tokenizer.json."""
+  """A folder without a tokenizer.json gets no SentencePiece --out=that advice (that command
+  writes a model file, which loads as no tokenizer.json); a missing DIR/tokenizer.json gets the
+  command that trains a byte-level BPE there."""
   (tmp_path / "cli").mkdir()
-  for missing in (tmp_path / "cli", tmp_path / "hf" / "tokenizer.json"):
-    with pytest.raises(config_lib.ConfigError, match=r"holds no Hugging Face tokenizer.json .* "
-                       r"set data.tokenizer=runs/tokenizers/tokenizer.model and make that with: "
-                       r".*--out=runs/tokenizers/tokenizer.model$"):
-      tokenization.load(str(missing))
+  with pytest.raises(config_lib.ConfigError, match=r"holds no Hugging Face tokenizer.json .* "
+                     r"set data.tokenizer=runs/tokenizers/tokenizer.model and make that with: "
+                     r".*--out=runs/tokenizers/tokenizer.model$"):
+    tokenization.load(str(tmp_path / "cli"))
+  missing = tmp_path / "hf" / "tokenizer.json"
+  with pytest.raises(config_lib.ConfigError, match=r"does not exist; train a byte-level BPE there "
+                     rf"with: python -m transformer_jax.tokenizer .*--out={missing} \(or"):
+    tokenization.load(str(missing))
+
+
+def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, capsys):
+  """--out=DIR/tokenizer.json: a byte-level BPE of the `tokenizers` library, with its
+  tokenizer_config.json; transformers' AutoTokenizer reads the folder with our ids (a control
+  piece's name in the text is text), every string round-trips, the special ids come first,
+  training again writes the same bytes, and a vocabulary too small for the bytes is one line."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from transformer_jax import tokenizer as tokenizer_cli  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "bpe" / "tokenizer.json"
+  flags = [f"--corpus={tiny_data['corpus']}", "--vocab_size=300", "--special=mask,sentinels:3"]
+  assert tokenizer_cli.main([*flags, f"--out={out}"]) == 0
+  assert "vocab_size 300" in capsys.readouterr().out
+  tok, hf = tokenization.load(str(out.parent)), AutoTokenizer.from_pretrained(str(out.parent))
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, -1, 3)
+  assert tok.sentinel_ids == [4, 5, 6] and tok.vocab_size == 300
+  for text in ("def value(self, x):\n\treturn  self.data", "  [MASK] <extra_id_0> x",
+               "caf\u00e9 \u4e2d\u6587 \u2581 \U0001f600\x00\r\n\n", ""):
+    ids = tok.encode(text)
+    assert ids == hf(text, add_special_tokens=False)["input_ids"], text
+    assert tok.decode(ids) == text and hf.decode(ids) == text
+    assert not set(ids) & {0, 1, 2, 3, 4, 5, 6}
+  again = tmp_path / "again" / "tokenizer.json"
+  tokenization.train([t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])], 300,
+                     str(again), special="mask,sentinels:3")
+  assert again.read_bytes() == out.read_bytes()
+  small = f"--out={tmp_path}/s/tokenizer.json"
+  assert tokenizer_cli.main([*flags[:1], "--vocab_size=200", small]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "error: --vocab_size=200 is too small for a byte-level BPE: its 256 bytes and 3 special "
+      "tokens need at least 259")
 
 
 def test_a_resume_reads_tokenizer_config_json_too(made, tmp_path):

@@ -1,7 +1,12 @@
-"""Trains the SentencePiece tokenizer a config's `data.tokenizer` points at.
+"""Trains the tokenizer a config's `data.tokenizer` points at: SentencePiece, or byte-level BPE.
 
   python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=8192 \\
       --out=runs/tokenizers/stdlib_8192.model
+
+writes a SentencePiece BPE model (data/tokenization.py); an --out named tokenizer.json (e.g.
+--out=runs/tokenizers/bpe_8192/tokenizer.json) a byte-level BPE of Hugging Face's `tokenizers`
+library instead (GPT-2's pre-tokenizer and decoder; <pad> <s> </s> first), with the
+tokenizer_config.json that transformers' AutoTokenizer reads beside it.
 
 --corpus is "stdlib", a glob of files (quote it) or tfds:NAME (a TFDS catalog dataset's train
 split, prepared under --data_dir; with --config, its data.data_dir); --format is text (a
@@ -46,7 +51,7 @@ FLAGS = {  # name -> default (its type is the flag's); "" / 0 = not given
     "source_field": "source", "target_field": "target",  # jsonl_pairs / TFDS pair fields
     "data_dir": "",  # where a tfds: corpus is prepared ("" = TFDS's default)
     "vocab_size": 0,  # pieces, specials included
-    "out": "",  # the .model file to write
+    "out": "",  # the .model file to write (DIR/tokenizer.json: a byte-level BPE)
     "special": "",  # extra pieces: comma-separated mask, sentinels[:N], ul2
     "max_chars": 5_000_000,  # characters sampled to train
 }
@@ -100,9 +105,12 @@ def run(args: dict) -> None:
     raise ConfigError(f"{', '.join(missing)} required (or --config=FILE.py[:ARG])")
   if args["vocab_size"] <= 0:
     raise ConfigError(f"--vocab_size={args['vocab_size']} must be positive")
-  if args["out"].endswith(".json") or paths.isdir(args["out"]):
-    raise ConfigError(f"--out={args['out']} is a directory or a .json name; this command writes "
-                      f"a SentencePiece model file (e.g. --out=runs/tokenizers/tokenizer.model)")
+  out = args["out"]
+  if paths.isdir(out) or out.endswith(".json") and not tokenizer_lib.is_byte_level_out(out):
+    raise ConfigError(f"--out={out} is a directory or a .json name other than tokenizer.json; "
+                      f"this command writes a SentencePiece model file (e.g. "
+                      f"--out=runs/tokenizers/tokenizer.model) or a byte-level BPE "
+                      f"(--out=runs/tokenizers/bpe/tokenizer.json)")
   cli.output_folder("out", paths.dirname(paths.abspath(args["out"])))  # (a traceback at the end)
   sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
   for _, corpus_flags in sources:
@@ -123,7 +131,7 @@ def run(args: dict) -> None:
   print(f"vocab_size {tok.vocab_size}")
   if tok.vocab_size < args["vocab_size"]:
     print(f"note: asked for {args['vocab_size']} pieces, made {tok.vocab_size}: the corpus has no "
-          f"more distinct pieces to learn (SentencePiece stops there). A model needs "
+          f"more distinct pieces to learn (training stops there). A model needs "
           f"model.vocab_size >= {tok.vocab_size}; more text gives more pieces")
   print(f"chars/token {chars_per_token(tok, docs()):.3f}")
   print(f"trained in {seconds:.1f}s")

@@ -196,6 +196,36 @@ def load(path: str) -> HFTokenizer:
   return HFTokenizer(paths.read_text(path_of(path)), config_beside(path))
 
 
+BYTE_LEVEL_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 of a trained byte-level BPE
+
+
+def train_byte_level(sentences, vocab_size: int, control: list) -> dict[str, str]:
+  """{file name: text}: a byte-level BPE tokenizer.json (GPT-2's pre-tokenizer, regex and
+  decoder: every string round-trips and nothing is unknown) trained with the `tokenizers`
+  library on `sentences`, and its tokenizer_config.json. Ids: <pad> 0, <s> 1 (bos), </s> 2
+  (eos), the `control` pieces (special tokens: their names in a text stay text, as
+  SentencePiece's control symbols), the 256 bytes, then the merges; `vocab_size` counts them
+  all."""
+  pre = tokenizers.pre_tokenizers
+  specials = [*BYTE_LEVEL_SPECIALS, *control]
+  if vocab_size < len(specials) + 256:
+    raise ValueError(f"--vocab_size={vocab_size} is too small for a byte-level BPE: its 256 "
+                     f"bytes and {len(specials)} special tokens need at least "
+                     f"{len(specials) + 256}")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator(sentences, tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre.ByteLevel.alphabet(),
+      show_progress=False))
+  config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": None}
+  if "[MASK]" in control:
+    config["mask_token"] = "[MASK]"
+  config.update(tokenizer_class="PreTrainedTokenizerFast", split_special_tokens=True,
+                clean_up_tokenization_spaces=False)
+  return {FILE: tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1)}
+
+
 def from_sentencepiece(model_proto: bytes, add_bos: bool, max_len: int) -> dict[str, str]:
   """{file name: text}: a tokenizer.json and tokenizer_config.json that transformers'
   AutoTokenizer (and `load`) read as the SentencePiece BPE model `model_proto` (ours: identity

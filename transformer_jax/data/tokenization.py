@@ -1,4 +1,5 @@
-"""A SentencePiece BPE tokenizer for code and prose: training and loading.
+"""A SentencePiece BPE tokenizer for code and prose: training and loading (and, for an output
+named tokenizer.json, a byte-level BPE of the `tokenizers` library: hf_tokenization.py).
 
 The model keeps text exactly: identity normalization, no dummy prefix, no whitespace
 collapsing, so `decode(encode(x)) == x` for any string, tabs, runs of spaces and blank lines
@@ -28,6 +29,7 @@ import heapq
 import io
 import itertools
 import os
+import posixpath
 import random
 import re
 import shlex
@@ -202,7 +204,9 @@ def train(texts: Iterable[str], vocab_size: int, out_path: str, *, max_chars: in
       `shares`, one such iterable per source of a mixture, sampled for its share of max_chars.
     vocab_size: pieces in the model, specials and the 256 byte pieces included. A corpus too
       small to fill it gives a smaller vocabulary.
-    out_path: the `.model` file to write; parent directories are created.
+    out_path: the `.model` file to write, or DIR/tokenizer.json for a byte-level BPE of the
+      `tokenizers` library (hf_tokenization.train_byte_level; tokenizer_config.json is written
+      beside it); parent directories are created.
     max_chars: characters sampled for training.
     seed: seeds the sample.
     num_threads: trainer threads (default: all cores).
@@ -220,9 +224,23 @@ def train(texts: Iterable[str], vocab_size: int, out_path: str, *, max_chars: in
                  for s in sample_sentences(t, max(1, int(max_chars * share)), seed + i)]
   if not sentences:
     raise ConfigError("tokenizer: the corpus has no text to train on")
-  model = _train_model(sentences, vocab_size, num_threads or os.cpu_count() or 1, control)
-  _write_atomically(out_path, model)
+  if not is_byte_level_out(out_path):
+    model = _train_model(sentences, vocab_size, num_threads or os.cpu_count() or 1, control)
+    _write_atomically(out_path, model)
+    return out_path
+  try:
+    files = hf_tokenization.train_byte_level(sentences, vocab_size, control)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for name in ("tokenizer_config.json", hf_tokenization.FILE):  # the one loads look for last
+    _write_atomically(paths.join(paths.dirname(out_path), name), files[name].encode("utf-8"))
   return out_path
+
+
+def is_byte_level_out(out_path: str) -> bool:
+  """Whether `train` writes `out_path` as a byte-level BPE tokenizer.json (its name is
+  tokenizer.json: tokenizer_config.json goes beside it), not a SentencePiece model."""
+  return posixpath.basename(os.fspath(out_path)) == hf_tokenization.FILE
 
 
 def _train_model(sentences: list[str], vocab_size: int, num_threads: int,
@@ -370,6 +388,10 @@ def load(path: str, **command):
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json "
                         f"({_last_line(e)})") from None
+  if path and is_byte_level_out(path):
+    raise ConfigError(f"data.tokenizer={path!r} does not exist; train a byte-level BPE there "
+                      f"with: {create_command(path, **command)} (or `python -m "
+                      f"transformer_jax.convert import` copies a checkpoint's)")
   if path and (path.endswith(".json") or paths.isdir(path)):  # a tokenizer.json is no model
     command = create_command(SENTENCEPIECE_PATH, **command)
     raise ConfigError(f"data.tokenizer={path!r} holds no Hugging Face {hf_tokenization.FILE} "
