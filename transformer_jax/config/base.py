@@ -193,7 +193,9 @@ def _data():
   d.mixture = ()
   d.mixture_temperature = 1.0
   d.validation_fraction = 0.02  # documents held out for eval, chosen by a hash of their id
-  d.tokenizer = "runs/tokenizers/stdlib_8192.model"  # SentencePiece .model (make it with transformer_jax.tokenizer)
+  # a SentencePiece .model, or a Hugging Face tokenizer.json (or its folder); the tokenizer
+  # command makes either (DIR/tokenizer.json: a byte-level BPE)
+  d.tokenizer = "runs/tokenizers/stdlib_8192.model"
   d.seq_len = 256  # tokens per packed row
   d.add_bos = True
   d.add_eos = True
