@@ -148,7 +148,8 @@ def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, caps
   """--out=DIR/tokenizer.json: a byte-level BPE of the `tokenizers` library, with its
   tokenizer_config.json; transformers' AutoTokenizer reads the folder with our ids (a control
   piece's name in the text is text), every string round-trips, the special ids come first,
-  training again writes the same bytes, and a vocabulary too small for the bytes is one line."""
+  training again writes the same bytes, and a vocabulary too small for the bytes is one line
+  before the corpus is read."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   from transformer_jax import tokenizer as tokenizer_cli  # pylint: disable=g-import-not-at-top
   out = tmp_path / "bpe" / "tokenizer.json"
@@ -169,7 +170,8 @@ def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, caps
                      str(again), special="mask,sentinels:3")
   assert again.read_bytes() == out.read_bytes()
   small = f"--out={tmp_path}/s/tokenizer.json"
-  assert tokenizer_cli.main([*flags[:1], "--vocab_size=200", small]) == 2
+  missing = f"--corpus={tmp_path}/none/*.txt"  # (refused before the corpus is read)
+  assert tokenizer_cli.main([missing, "--vocab_size=200", small]) == 2
   assert capsys.readouterr().err.strip() == (
       "error: --vocab_size=200 is too small for a byte-level BPE: its 256 bytes and 3 special "
       "tokens need at least 259")

@@ -34,6 +34,7 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import hf_tokenization
 from transformer_jax.data import mixture
 from transformer_jax.data import objectives
 from transformer_jax.data import tfds_text
@@ -115,7 +116,10 @@ def run(args: dict) -> None:
   sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
   for _, corpus_flags in sources:
     corpus_lib.check_format(corpus_flags["fmt"])
-  tokenizer_lib.special_pieces(args['special'])  # Bad groups fail before reading the corpus.
+  control = tokenizer_lib.special_pieces(args['special'])  # before reading the corpus
+  if tokenizer_lib.is_byte_level_out(out) and (
+      too_small := hf_tokenization.byte_level_vocab_error(args["vocab_size"], control)):
+    raise ConfigError(too_small)
 
   def docs(corpus_flags=sources[0][1]):
     return tfds_text.documents(**corpus_flags)

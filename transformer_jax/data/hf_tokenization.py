@@ -199,6 +199,13 @@ def load(path: str) -> HFTokenizer:
 BYTE_LEVEL_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 of a trained byte-level BPE
 
 
+def byte_level_vocab_error(vocab_size: int, control: list) -> str:
+  """Why `vocab_size` cannot hold a byte-level BPE's bytes and special tokens, or ""."""
+  need = len(BYTE_LEVEL_SPECIALS) + len(control) + 256
+  return (f"--vocab_size={vocab_size} is too small for a byte-level BPE: its 256 bytes and "
+          f"{need - 256} special tokens need at least {need}") if vocab_size < need else ""
+
+
 def train_byte_level(sentences, vocab_size: int, control: list) -> dict[str, str]:
   """{file name: text}: a byte-level BPE tokenizer.json (GPT-2's pre-tokenizer, regex and
   decoder: every string round-trips and nothing is unknown) trained with the `tokenizers`
@@ -208,10 +215,8 @@ def train_byte_level(sentences, vocab_size: int, control: list) -> dict[str, str
   all."""
   pre = tokenizers.pre_tokenizers
   specials = [*BYTE_LEVEL_SPECIALS, *control]
-  if vocab_size < len(specials) + 256:
-    raise ValueError(f"--vocab_size={vocab_size} is too small for a byte-level BPE: its 256 "
-                     f"bytes and {len(specials)} special tokens need at least "
-                     f"{len(specials) + 256}")
+  if too_small := byte_level_vocab_error(vocab_size, control):
+    raise ValueError(too_small)
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
