@@ -27,7 +27,8 @@ def test_next_line_distractors_come_from_other_files():
 
 def test_corpus_tasks_hold_out_what_training_holds_out(tiny_data, tmp_path):
   """No document hashes under the fraction: training holds out the one of smallest hash, and so
-  do the tasks' test files (they came out empty, that document going to the few-shot files)."""
+  do the tasks' test files (they came out empty, that document going to the few-shot files);
+  its next-line questions still have 4 choices."""
   from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
   c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
       tiny_data, **{"data.validation_fraction": 0.001}))
@@ -38,3 +39,6 @@ def test_corpus_tasks_hold_out_what_training_holds_out(tiny_data, tmp_path):
   assert len(held) == 1 and [r["id"] for r in rows] == held
   fewshot = [json.loads(line)["id"] for line in open(tmp_path / "last_word_train.jsonl")]
   assert fewshot and held[0] not in fewshot
+  # one held-out document: the distractors come from the others (its questions had one choice)
+  questions = [json.loads(line) for line in open(tmp_path / "next_line.jsonl")]
+  assert questions and all(len(q["choices"]) == 4 == len(set(q["choices"])) for q in questions)

@@ -206,6 +206,9 @@ def test_tokenizer_cli(corpus_dir, tmp_path, capsys):
   assert "is a directory or a .json name" in errors[-2]
   assert errors[-1] == f"error: --out={tmp_path / 'a_file'} cannot be made a folder: " \
                        f"{tmp_path / 'a_file'} is a file"
+  assert tokenizer_cli.main([f"--corpus={corpus_dir}/code/**/*.py", "--vocab_size=300",
+                             f"--out={tmp_path}/new/"]) == 2  # (a traceback after training)
+  assert "is a directory" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 # ------------------------------------------------------------------------------ TFDS builder

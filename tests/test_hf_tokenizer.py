@@ -148,8 +148,9 @@ def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, caps
   """--out=DIR/tokenizer.json: a byte-level BPE of the `tokenizers` library, with its
   tokenizer_config.json; transformers' AutoTokenizer reads the folder with our ids (a control
   piece's name in the text is text), every string round-trips, the special ids come first,
-  training again writes the same bytes, and a vocabulary too small for the bytes is one line
-  before the corpus is read."""
+  an export puts bos first where training did and names the special ids in config.json (a
+  folder's were left out), training again writes the same bytes, and a vocabulary too small for
+  the bytes is one line before the corpus is read."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   from transformer_jax import tokenizer as tokenizer_cli  # pylint: disable=g-import-not-at-top
   out = tmp_path / "bpe" / "tokenizer.json"
@@ -165,6 +166,17 @@ def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, caps
     assert ids == hf(text, add_special_tokens=False)["input_ids"], text
     assert tok.decode(ids) == text and hf.decode(ids) == text
     assert not set(ids) & {0, 1, 2, 3, 4, 5, 6}
+  from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
+  export_tokenizer = convert_cli._export_tokenizer  # pylint: disable=protected-access
+  export_config = convert_cli._export_hf_config  # pylint: disable=protected-access
+  for add_bos in (True, False):  # export: bos first with special tokens, as training fed it
+    config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+        f"data.tokenizer={out.parent}", f"data.add_bos={add_bos}"])
+    export_tokenizer(config, str(tmp_path / f"hf{add_bos}"))
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / f"hf{add_bos}"))
+    assert exported("x = 1")["input_ids"] == [1] * add_bos + tok.encode("x = 1")
+  assert export_config(str(tmp_path), config) == {
+      "model_type": "", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
   again = tmp_path / "again" / "tokenizer.json"
   tokenization.train([t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])], 300,
                      str(again), special="mask,sentinels:3")

@@ -26,6 +26,7 @@ model.vocab_size pieces and the control pieces its data.objective needs); --if_m
 nothing when that file exists (what launch/local.sh runs before training).
 """
 
+import os
 import sys
 import time
 
@@ -107,7 +108,8 @@ def run(args: dict) -> None:
   if args["vocab_size"] <= 0:
     raise ConfigError(f"--vocab_size={args['vocab_size']} must be positive")
   out = args["out"]
-  if paths.isdir(out) or out.endswith(".json") and not tokenizer_lib.is_byte_level_out(out):
+  if (paths.isdir(out) or out.endswith(("/", os.sep))
+      or out.endswith(".json") and not tokenizer_lib.is_byte_level_out(out)):
     raise ConfigError(f"--out={out} is a directory or a .json name other than tokenizer.json; "
                       f"this command writes a SentencePiece model file (e.g. "
                       f"--out=runs/tokenizers/tokenizer.model) or a byte-level BPE "

@@ -196,7 +196,11 @@ def _export_tokenizer(config, hf_dir: str) -> None:
     return
   if hf_tokenization.is_hf(tokenizer):
     source = hf_tokenization.path_of(tokenizer)  # (a .json of another name: that file)
-    _copy_tokenizer(paths.dirname(source), hf_dir, tokenizer_file=source)
+    if _copy_tokenizer(paths.dirname(source), hf_dir, tokenizer_file=source) and (
+        config.data.add_bos):  # encoding with special tokens puts bos first, as training did
+      exported = paths.join(hf_dir, hf_tokenization.FILE)
+      paths.write_text(exported, hf_tokenization.bos_first(paths.read_text(exported),
+                                                           hf_tokenization.config_beside(hf_dir)))
     return
   paths.makedirs(hf_dir)
   files = hf_tokenization.from_sentencepiece(paths.path(tokenizer).read_bytes(),
@@ -214,8 +218,8 @@ def _export_hf_config(workdir, config) -> dict:
   hf = {}
   if paths.isfile(paths.join(workdir, HF_CONFIG)):
     hf = json.loads(paths.read_text(paths.join(workdir, HF_CONFIG)))
-  if not config.data.tokenizer or not paths.isfile(config.data.tokenizer):
-    return hf
+  if not config.data.tokenizer or not paths.isfile(tok_lib.tokenizer_file(config.data.tokenizer)):
+    return hf  # (a Hugging Face tokenizer's folder: its tokenizer.json)
   tok = tok_lib.load(config.data.tokenizer)
   if hf and tok.vocab_size <= hf.get("vocab_size", 0):
     return hf

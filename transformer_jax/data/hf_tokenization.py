@@ -196,6 +196,20 @@ def load(path: str) -> HFTokenizer:
   return HFTokenizer(paths.read_text(path_of(path)), config_beside(path))
 
 
+def bos_first(data: str, config: dict) -> str:
+  """`data` (a tokenizer.json) with a post-processor that puts its bos first when it adds
+  special tokens (what training with data.add_bos fed the model), if it has no post-processor
+  at all (ours, train_byte_level's); else (GPT-2's, Llama's, BERT's own) unchanged."""
+  bos = HFTokenizer(data, config).bos_id
+  if json.loads(data).get("post_processor") is not None or bos < 0:
+    return data
+  tok = tokenizers.Tokenizer.from_str(data)
+  piece = tok.id_to_token(bos)
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single=f"{piece} $A", pair=f"{piece} $A $B", special_tokens=[(piece, bos)])
+  return tok.to_str()
+
+
 BYTE_LEVEL_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 of a trained byte-level BPE
 
 

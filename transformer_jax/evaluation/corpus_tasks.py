@@ -38,22 +38,38 @@ def _per_doc(n: int, docs) -> int:
   return max(2, -(-2 * n // max(len(docs), 1)))
 
 
-def next_line(docs, n: int, rng: random.Random) -> list:
-  """Multiple-choice examples: context lines, the real next line and 3 distractors."""
-  pool = [(doc_id, line) for doc_id, text in docs for line in text.splitlines() if _good(line)]
+def _lines(docs) -> list:
+  return [(doc_id, line) for doc_id, text in docs for line in text.splitlines() if _good(line)]
+
+
+def next_line(docs, n: int, rng: random.Random, spare=()) -> list:
+  """Multiple-choice examples: context lines, the real next line and 3 distractors, lines of the
+  other documents of `docs`, else of `spare` (other (id, text) documents: one held-out document
+  has no other lines); a question without 3 is left out (it scored acc 1.0 with one choice)."""
+  pool, spare = _lines(docs), _lines(spare)
   out = []
   for doc_id, text in docs:
     lines = text.splitlines()
     spots = [i for i in range(1, len(lines)) if _good(lines[i])]
     for i in rng.sample(spots, min(_per_doc(n, docs), len(spots))):
       context = "\n".join(lines[max(0, i - CONTEXT_LINES):i]) + "\n"
-      others = [line for d, line in rng.sample(pool, min(len(pool), 64)) if d != doc_id]
-      choices = [lines[i]] + list(dict.fromkeys(d for d in others if d != lines[i]))[:3]
+      wrong = _distractors(pool, doc_id, lines[i], rng)
+      if len(wrong) < 3 and spare:
+        wrong = list(dict.fromkeys(wrong + _distractors(spare, doc_id, lines[i], rng)))[:3]
+      if len(wrong) < 3:
+        continue
+      choices = [lines[i]] + wrong
       rng.shuffle(choices)
       out.append({"id": doc_id, "context": context, "choices": choices,
                   "label": choices.index(lines[i])})
   rng.shuffle(out)
   return out[:n]
+
+
+def _distractors(pool, doc_id: str, line: str, rng: random.Random) -> list:
+  """Up to 3 distinct lines of other documents than `doc_id`, none equal to `line`."""
+  others = [other for d, other in rng.sample(pool, min(len(pool), 64)) if d != doc_id]
+  return list(dict.fromkeys(other for other in others if other != line))[:3]
 
 
 def last_word(docs, n: int, rng: random.Random) -> list:
@@ -84,7 +100,7 @@ def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
   train = [(doc_id, text) for doc_id, text in docs if doc_id not in held_ids]
   rng = random.Random(seed)
   train = rng.sample(train, min(len(train), 400))
-  files = {"next_line.jsonl": next_line(held, examples, rng),
+  files = {"next_line.jsonl": next_line(held, examples, rng, spare=train),
            "next_line_train.jsonl": next_line(train, examples, rng),
            "last_word.jsonl": last_word(held, examples, rng),
            "last_word_train.jsonl": last_word(train, examples, rng),
