@@ -3,7 +3,8 @@
 #
 #   bash launch/tpu_vm.sh --name NAME --zone ZONE [--type v5p-8] [--project P] [--runtime VERSION]
 #       [--spot | --preemptible] [--queued] [--retries N] [--repo URL] [--setup CMD] [--logs DIR]
-#       [--delete] [--dry-run] -- [CONFIG[:ARG]] --workdir DIR [--config.KEY=VALUE ...]
+#       [--env KEY=VALUE ...] [--delete] [--dry-run] -- [CONFIG[:ARG]] --workdir DIR
+#       [--config.KEY=VALUE ...]
 #
 # Steps (--dry-run prints each command and runs nothing; gcloud is not needed for it):
 #   1. the TPU: reuse NAME when it is READY (ACTIVE for --queued); else create it with
@@ -28,8 +29,13 @@
 #                   v5p: v2-alpha-tpuv5, v5e: v2-alpha-tpuv5-lite, v6e: v2-alpha-tpuv6e)
 #        --spot / --preemptible   cheaper, can be preempted (use with --retries)
 #        --queued   go through a queued resource (waits for capacity); --spot allowed
-#        --setup    a shell command every worker runs before training (e.g. mount shared storage)
+#        --setup    a shell command every worker runs before training (e.g. mount shared storage;
+#                   it runs in a shell of its own: what it exports does not reach training)
 #        --logs     local folder for the workers' logs; default runs/tpu/NAME
+#        --env KEY=VALUE   an environment variable for the train command on every worker
+#                   (repeatable; e.g. LIBTPU_INIT_ARGS=...). TJAX_CACHE_DIR, TJAX_CACHE_MAX_GB,
+#                   TJAX_HEARTBEAT_TIMEOUT_S and TJAX_VERBOSE, when set here, are passed on too
+#                   (a gs:// TJAX_CACHE_DIR: one compilation cache for every worker).
 #
 # The workdir. Best on a pod or with --retries: a gs://BUCKET/PATH workdir. Orbax writes the
 # checkpoints straight to the bucket and config.json, metrics.jsonl, TensorBoard events and the
@@ -109,6 +115,11 @@ if [[ "${1:-}" == --on-worker ]]; then shift; on_worker "$@"; fi
 # ---- on this machine ----
 name="" zone="" type="v5p-8" project="" runtime="" spot=0 preemptible=0 queued=0 delete=0
 retries=0 repo="" setup="" logdir=""
+worker_env=()  # KEY=VALUE for the train command on every worker (--env, and FORWARDED below)
+FORWARDED=(TJAX_CACHE_DIR TJAX_CACHE_MAX_GB TJAX_HEARTBEAT_TIMEOUT_S TJAX_VERBOSE)
+for key in "${FORWARDED[@]}"; do
+  if [[ -n "${!key+set}" ]]; then worker_env+=("$key=${!key}"); fi
+done
 TJAX_DRY_RUN=0
 while [[ $# -gt 0 && "$1" != -- ]]; do
   case "$1" in
@@ -123,6 +134,10 @@ while [[ $# -gt 0 && "$1" != -- ]]; do
     --repo|--repo=*) tjax_flag_value "$@"; repo="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
     --setup|--setup=*) tjax_flag_value "$@"; setup="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
     --logs|--logs=*) tjax_flag_value "$@"; logdir="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
+    --env|--env=*) tjax_flag_value "$@"; shift "$TJAX_SHIFT"
+                   [[ "$TJAX_VALUE" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+                     tjax_die "--env '$TJAX_VALUE' is not KEY=VALUE"
+                   worker_env+=("$TJAX_VALUE") ;;
     --spot) spot=1; shift ;;
     --preemptible) preemptible=1; shift ;;
     --queued) queued=1; shift ;;
@@ -263,6 +278,7 @@ copy_project() {
 # workers' own lines (gcloud's status does not carry theirs when there are several workers).
 run_train() {
   local worker=(bash launch/tpu_vm.sh --on-worker) out rc=0
+  if [[ ${#worker_env[@]} -gt 0 ]]; then worker=(env "${worker_env[@]}" "${worker[@]}"); fi
   [[ -z "$setup" ]] || worker+=(--setup "$setup")
   worker+=(-- "${TJAX_TRAIN[@]:3}")
   (( TJAX_DRY_RUN )) && echo "# 3. on every worker: [--setup], .venv (tpu extra), then" \

@@ -56,8 +56,12 @@ exit 0
   return tmp_path
 
 
+FORWARDED = ("TJAX_CACHE_DIR", "TJAX_CACHE_MAX_GB", "TJAX_HEARTBEAT_TIMEOUT_S", "TJAX_VERBOSE")
+
+
 def launch(script, *args, fake=None, env=None):
-  environ = dict(os.environ, TJAX_POLL_S="0", **(env or {}))
+  environ = {k: v for k, v in os.environ.items() if k not in FORWARDED}  # (tpu_vm.sh passes them)
+  environ.update(TJAX_POLL_S="0", **(env or {}))
   if fake is not None:
     environ["PATH"] = f"{fake / 'bin'}:{environ['PATH']}"
   return subprocess.run(["bash", f"{REPO}/launch/{script}", *args], capture_output=True,
@@ -99,6 +103,24 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(fake_bin):
   assert lines_with(r.stdout, "tpu-vm scp", "logs/train-worker*.log", "runs/tpu/my-tpu/")
   assert "up to 3 times" in r.stdout
   assert shlex.split(lines_with(r.stdout, "tpu-vm delete")[0])[-1] == "--quiet"
+
+
+def test_tpu_workers_get_the_cache_and_env_variables(fake_bin):
+  """TJAX_CACHE_DIR set here (a gs:// cache shared by the workers) and --env KEY=VALUE reach the
+  train command on every worker: the worker command began with `bash`, so the cache variable
+  stayed here, and an export in --setup runs in a shell of its own. A bad --env is one line."""
+  env = {"TJAX_CACHE_DIR": "gs://b/cache", "TJAX_VERBOSE": "1"}
+  r = launch("tpu_vm.sh", "--name", "t1", "--zone", "z", "--env", "LIBTPU_INIT_ARGS=--a=1 --b",
+             "--env=WANDB_MODE=offline", "--dry-run", "--", *TRAIN, fake=fake_bin, env=env)
+  assert r.returncode == 0, r.stderr
+  (train,) = lines_with(r.stdout, "tpu-vm ssh t1", "--on-worker")
+  worker = shlex.split(ssh_command(train))[3:]
+  assert worker[:6] == ["env", "TJAX_CACHE_DIR=gs://b/cache", "TJAX_VERBOSE=1",
+                        "LIBTPU_INIT_ARGS=--a=1 --b", "WANDB_MODE=offline", "bash"]
+  assert worker[6:8] == ["launch/tpu_vm.sh", "--on-worker"]
+  r = launch("tpu_vm.sh", "--name", "t1", "--zone", "z", "--env", "1BAD", "--dry-run", "--",
+             *TRAIN, fake=fake_bin)
+  assert r.returncode == 2 and r.stderr.strip() == "error: --env '1BAD' is not KEY=VALUE"
 
 
 def test_tpu_dry_run_queued_resource_and_sweep_workdir(tmp_path):
