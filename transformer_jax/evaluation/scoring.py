@@ -74,6 +74,9 @@ class TextModel:
     # by it (given, not scored), as every span was framed in training
     as_span = self.is_seq2seq and objectives.flag(config.data, "CONTINUATION_AS_SPAN")
     self.target_head = list(tokenizer.sentinel_ids[:1]) if as_span else []
+    # span and UL2 targets are the text after their source (a masked word kept its space): a
+    # context and continuation are split as one text; a pair's target is a text of its own
+    self.continues_source = self.is_seq2seq and objectives.flag(config.data, "CONTINUES_SOURCE")
 
   # ---- text -> ids
   def encode(self, text: str) -> list[int]:
@@ -85,12 +88,13 @@ class TextModel:
       return [self.prefix_id] + ids
     return ids
 
-  def source_ids(self, text: str, head: list[int] = ()) -> list[int]:
+  def source_ids(self, text, head: list[int] = ()) -> list[int]:
     """An encoder-decoder's source as training framed it (bos/eos around pairs' sources, UL2's
-    mode token first), with the ids `head` (target_head) after the text; a text too long for
-    the model loses its start, the framing none of its tokens."""
-    return objectives.source_ids(self.config.data, self.tokenizer,
-                                 self.encode(text) + list(head), max_len=self.max_len)
+    mode token first), with the ids `head` (target_head) after the text (or its ids); a text
+    too long for the model loses its start, the framing none of its tokens."""
+    ids = self.encode(text) if isinstance(text, str) else list(text)
+    return objectives.source_ids(self.config.data, self.tokenizer, ids + list(head),
+                                 max_len=self.max_len)
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces
@@ -108,9 +112,11 @@ class TextModel:
     """(log p(continuation | context), greedy) of each (context, continuation) string pair."""
     ids = []
     for context, continuation in pairs:
-      if self.is_seq2seq:  # the context is the source, the continuation the target
-        ids.append((self.source_ids(context, self.target_head),
-                    self.encode(continuation.lstrip())))
+      if self.continues_source:  # the context is the source, the continuation the target
+        ctx, cont = self.encode_pair(context, continuation)
+        ids.append((self.source_ids(ctx, self.target_head), cont))
+      elif self.is_seq2seq:
+        ids.append((self.source_ids(context), self.encode(continuation.lstrip())))
       else:
         ctx, cont = self.encode_pair(context, continuation)
         ids.append((self.context_ids(ctx), cont))

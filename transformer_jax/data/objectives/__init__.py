@@ -16,9 +16,10 @@ control pieces it needs), `length_struct(spec)` and `from_packed(spec, row)` (it
 and batch format; default: the encoder-decoder one), `loss(spec)` (what the train step adds to the
 model call and to the token loss), `rows_changed(data)` (the changes to its rows from before data
 positions recorded a version: pipeline.rows_warning), and the flags PAIRS (reads pairs, not
-documents), CONTROL_PIECES, CONCAT (data.packing=concat can make its rows), SENTENCE_PAIRS and
-SPLASH (why Pallas splash attention cannot serve it). Pipeline, train step, sampler, tokenizer
-command and benchmark ask this package; none of them compares objective names.
+documents), CONTROL_PIECES, CONCAT (data.packing=concat can make its rows), CONTINUES_SOURCE (a
+target is the text after its source: evaluation keeps a continuation's leading space),
+SENTENCE_PAIRS and SPLASH (why Pallas splash attention cannot serve it). Pipeline, train step,
+sampler, tokenizer command and benchmark ask this package; none of them compares objective names.
 
 Every transform is a pure function of (token ids, a numpy Generator): the pipeline gives each
 chunk a Generator seeded by (config.seed, split, data shard, chunk index) through grain's
