@@ -514,8 +514,10 @@ def test_pipeline_encoder_decoder_batches(base_config, objective):
 
 def test_validate_names_the_tokenizer_command(base_config, tiny_data):
   for objective in ("mlm", "span", "denoise", "ul2"):
-    with pytest.raises(ConfigError, match=r"lacks; make one with: python -m transformer_jax"
-                       r"\.tokenizer .*--special=mask,sentinels:100,ul2 --out="):
+    with pytest.raises(ConfigError, match=r"lacks; set data.tokenizer=.*tiny_special.model \(the "
+                       r"file at .* stays as other runs read it\) and make that with: python -m "
+                       r"transformer_jax\.tokenizer .*--special=mask,sentinels:100,ul2 "
+                       r"--out=.*tiny_special.model$"):
       pipeline.validate(_with(base_config, **{"data.objective": objective,
                                               "data.tokenizer": tiny_data["tokenizer"]}))
   pipeline.validate(_with(base_config, **{"data.tokenizer": tiny_data["tokenizer"]}))  # clm

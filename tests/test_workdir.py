@@ -60,6 +60,7 @@ def test_a_live_run_owns_its_workdir_and_a_dead_one_does_not(tiny_data, tmp_path
 
 
 def test_a_tokenizer_replaced_at_the_same_path_is_refused(tiny_data, tmp_path):
+  """By a resume, and by sample, evaluate, inspect, export and quantize."""
   tok = str(tmp_path / "tok.model")
   shutil.copy(tiny_data["tokenizer"], tok)
   workdir = str(tmp_path / "w")
@@ -76,6 +77,25 @@ def test_a_tokenizer_replaced_at_the_same_path_is_refused(tiny_data, tmp_path):
                      r"optimizer \(the tokenizer data.tokenizer='.*tok.model' \(sha256 "
                      r"[0-9a-f]{12}\.\.\. -> "):
     loop.train(config, workdir, quiet=True, devices=ONE())
+  # and the commands that read the workdir (they read the model through other ids, silently);
+  # its config.json names same.model since the resume
+  shutil.copy(tmp_path / "same.model", tmp_path / "kept.model")
+  shutil.copy(tmp_path / "other.model", tmp_path / "same.model")
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
+  from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  from transformer_jax.quant import run as quant_run  # pylint: disable=g-import-not-at-top
+  for command in (lambda: harness.read_config(workdir),  # evaluate and inspect
+                  lambda: sample.main([f"--workdir={workdir}", "--prompt=def"]),
+                  lambda: convert_cli.export_hf(workdir, str(tmp_path / "hf")),
+                  lambda: quant_run.quantize_workdir(workdir, str(tmp_path / "q"), "int8")):
+    with pytest.raises(ConfigError, match=r"^data.tokenizer='.*same.model' is not the tokenizer "
+                       r".* was trained with \(its tokenizer.sha256: [0-9a-f]{12}\.\.\.; .*: put "
+                       r"that tokenizer back at that path$"):
+      command()
+  assert not (tmp_path / "hf").exists() and not (tmp_path / "q").exists()
+  shutil.copy(tmp_path / "kept.model", tmp_path / "same.model")  # the right one back: read
+  assert harness.read_config(workdir).data.tokenizer == str(tmp_path / "same.model")
 
 
 def test_another_optimizer_state_is_refused_and_never_sets_checkpoints_aside(tiny_data, tmp_path):

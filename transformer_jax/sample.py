@@ -128,6 +128,8 @@ def main(argv):
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   config = config_lib.any_platform(config_lib.from_json_file(saved))
+  from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
+  resume.check_tokenizer(f["workdir"], config.data.tokenizer)
   if (config.model.family == "encoder") != bool(f["fill_mask"]) or (
       f["fill_mask"] and f["prompt"]):
     raise ConfigError("an encoder (BERT) workdir takes --fill_mask=TEXT (with [MASK]s), other "

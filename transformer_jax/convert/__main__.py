@@ -154,7 +154,7 @@ def export_hf(workdir, hf_dir, step=-1):
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.convert import hf as hf_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint, resume  # pylint: disable=g-import-not-at-top
   from transformer_jax.models.families import build_model  # pylint: disable=g-import-not-at-top
   saved = paths.join(workdir or "", "config.json")
   if not workdir or not hf_dir or not paths.isfile(saved):
@@ -169,6 +169,7 @@ def export_hf(workdir, hf_dir, step=-1):
     raise ConfigError(f"--hf_dir={hf_dir} already holds {held[0]} (a workdir or a model); "
                       f"export to a new folder")
   config = config_lib.from_json_file(saved)
+  resume.check_tokenizer(workdir, config.data.tokenizer)  # (exported with the model)
   model = build_model(config)
   abstract = families.abstract_params(model)
   step = None if step < 0 else step

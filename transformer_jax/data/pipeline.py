@@ -32,6 +32,7 @@ and `decoder_*` [rows, target_len] features instead (objectives/ documents every
 
 import functools
 import itertools
+import os
 import sys
 import zlib
 
@@ -99,11 +100,15 @@ def _check_objective_tokens(config, tok) -> None:
   needed = objectives.missing_tokens(s, tok)
   if needed:
     hf = hf_tokenization.is_hf(d.tokenizer)  # the SentencePiece command cannot write there
-    out = tokenizer_lib.SENTENCEPIECE_PATH if hf else d.tokenizer
+    stem, ext = os.path.splitext(d.tokenizer)
+    # a new path: workdirs trained with the file at data.tokenizer go on reading it
+    out = tokenizer_lib.SENTENCEPIECE_PATH if hf else f"{stem}_special{ext or '.model'}"
     command = tokenizer_lib.create_command(out, special=objectives.control_pieces(s),
                                            **_command_flags(config))
     make = (f"add them to its {hf_tokenization.FILE} (special added tokens), or set "
-            f"data.tokenizer={out} and make that with: " if hf else "make one with: ")
+            f"data.tokenizer={out} and make that with: " if hf else
+            f"set data.tokenizer={out} (the file at {d.tokenizer} stays as other runs read "
+            f"it) and make that with: ")
     raise ConfigError(f"data.objective={s.objective!r} needs {', '.join(needed)}, which "
                       f"data.tokenizer={d.tokenizer!r} lacks; {make}{command}")
 

@@ -22,6 +22,7 @@ from transformer_jax.evaluation import scoring
 from transformer_jax.evaluation import tasks as tasks_lib
 from transformer_jax.parallel import sharding
 from transformer_jax.training import checkpoint
+from transformer_jax.training import resume
 from transformer_jax.training.step import Trainer
 
 
@@ -48,7 +49,9 @@ def read_config(workdir: str):
   saved = paths.join(workdir or "", "config.json")  # local or gs://
   if not workdir or not paths.isfile(saved):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
-  return config_lib.from_json_file(saved)
+  config = config_lib.from_json_file(saved)
+  resume.check_tokenizer(workdir, config.data.tokenizer)
+  return config
 
 
 def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, devices=None):

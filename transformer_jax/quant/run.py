@@ -21,13 +21,21 @@ from transformer_jax.training import resume
 from transformer_jax.training.step import Trainer
 
 
-def load_source(workdir: str, overrides=()):
-  """(config, trainer, step, params) of a training workdir's latest checkpoint; `overrides`
-  (KEY=VALUE) change its saved config."""
-  if not workdir or not paths.isfile(paths.join(workdir, "config.json")):  # local or gs://
+def _check_source(workdir: str) -> None:
+  """A training workdir, not quantized, whose tokenizer is the one it trained with (quantize
+  evaluates the model on its data)."""
+  saved = paths.join(workdir or "", "config.json")
+  if not workdir or not paths.isfile(saved):  # local or gs://
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
   if store.is_quantized(workdir):
     raise ConfigError(f"{workdir} is already quantized; quantize its source workdir instead")
+  resume.check_tokenizer(workdir, config_lib.from_json_file(saved).data.tokenizer)
+
+
+def load_source(workdir: str, overrides=()):
+  """(config, trainer, step, params) of a training workdir's latest checkpoint; `overrides`
+  (KEY=VALUE) change its saved config."""
+  _check_source(workdir)
   for key in (kv.split("=", 1)[0] for kv in overrides):  # the checkpoint's model, as it is
     if (key.startswith("model.") and key not in resume.EXECUTION_KEYS) or key == "data.tokenizer":
       raise ConfigError(f"--config.{key}: quantize keeps the model and tokenizer the checkpoint "
@@ -60,6 +68,7 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
     raise ConfigError("--out=DIR is required and must differ from --workdir")
   if refusal := paths.orbax_refusal(out):
     raise ConfigError(f"--out={refusal}")
+  _check_source(workdir)  # before --out is made
   paths.makedirs(out)
   with lock.hold(out):  # a second quantize into the same --out is refused in one line
     return _quantize_into(workdir, out, mode, group, overrides)

@@ -101,6 +101,25 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   return diffs
 
 
+def check_tokenizer(workdir: str, tokenizer: str) -> None:
+  """ConfigError unless `tokenizer` (the workdir's data.tokenizer) is the one its checkpoints
+  were trained with, by WORKDIR/tokenizer.sha256 (a workdir without it passes): one trained
+  again at the same path gives other ids, through which sample, evaluate, inspect, quantize and
+  export read the model without a word (before the tokenizer is loaded: a missing one's advice
+  makes a new one)."""
+  recorded = paths.join(workdir, TOKENIZER_SHA)
+  if not tokenizer or not paths.isfile(recorded):
+    return
+  old = paths.read_text(recorded).strip()
+  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  if (paths.isfile(tokenization.tokenizer_file(tokenizer))
+      and tfds_text.matches_identity(old, tokenizer)):
+    return
+  raise ConfigError(f"data.tokenizer={tokenizer!r} is not the tokenizer {workdir} was trained "
+                    f"with (its {TOKENIZER_SHA}: {old[:12]}...; the file was changed, trained "
+                    f"again or removed): put that tokenizer back at that path")
+
+
 # What decides the order a saved data position indexes (a mixture's weights and sources may
 # change: its sources' positions are kept by name).
 DATA_ORDER_KEYS = ("seed", "data.corpus", "data.format", "data.text_field", "data.packing",
