@@ -42,3 +42,38 @@ def test_corpus_tasks_hold_out_what_training_holds_out(tiny_data, tmp_path):
   # one held-out document: the distractors come from the others (its questions had one choice)
   questions = [json.loads(line) for line in open(tmp_path / "next_line.jsonl")]
   assert questions and all(len(q["choices"]) == 4 == len(set(q["choices"])) for q in questions)
+
+
+def test_a_jsonl_corpus_is_read_as_training_reads_it(tiny_data, tmp_path):
+  """--format=jsonl: documents are the records, and the test examples come from the records
+  training holds out (read as text, a shard was one document, JSON and all, and its split
+  another); prose with no short lines is refused; --config (ignored before) is refused."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+  docs = [text for _, text in corpus_lib.iter_documents(tiny_data["corpus"])]
+  (tmp_path / "c").mkdir()
+  for shard in range(2):
+    (tmp_path / "c" / f"part-{shard}.jsonl").write_text("".join(
+        json.dumps({"body": text}) + "\n" for text in docs[shard::2]))
+  corpus = f"{tmp_path}/c/*.jsonl"
+  c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **{
+      "data.corpus": corpus, "data.format": "jsonl", "data.text_field": "body",
+      "data.validation_fraction": 0.1}))
+  builder = tfds_text.builder(c.data)
+  held = [i for i, _ in builder._validation_docs()]  # pylint: disable=protected-access
+  flags = [f"--corpus={corpus}", "--format=jsonl", "--text_field=body", "--examples=20",
+           "--validation_fraction=0.1"]
+  corpus_tasks.main([f"--out={tmp_path}/tasks", *flags])
+  rows = [json.loads(line) for line in open(tmp_path / "tasks" / "heldout_text.jsonl")]
+  assert len(held) >= 2 and [r["id"] for r in rows] == held[:20]
+  by_id = {f"part-{s}.jsonl:{k + 1}": text for s in range(2) for k, text in enumerate(docs[s::2])}
+  assert all(r["text"] == by_id[r["id"]][:2000] for r in rows)
+  with pytest.raises(ConfigError, match=r"^corpus_tasks takes no --config"):
+    corpus_tasks.main([f"--out={tmp_path}/t2", *flags, "--config.data.format=jsonl"])
+  (tmp_path / "prose").mkdir()
+  for i in range(8):
+    (tmp_path / "prose" / f"{i}.txt").write_text(" ".join(["word"] * 40 + [str(i)]) + "\n")
+  with pytest.raises(ConfigError, match=r"gives no next-line or last-word example"):
+    corpus_tasks.make(str(tmp_path / "t3"), f"{tmp_path}/prose/*.txt", validation_fraction=0.5)

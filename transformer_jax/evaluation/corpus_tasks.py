@@ -2,7 +2,8 @@
 evaluation needs no download:
 
   python -m transformer_jax.evaluation.corpus_tasks --out=runs/eval_tasks [--corpus=stdlib]
-      [--examples=200] [--seed=0] [--validation_fraction=0.02]
+      [--format=text|lines|jsonl] [--text_field=text] [--examples=200] [--seed=0]
+      [--validation_fraction=0.02]
 
 writes into OUT (a folder, or gs://BUCKET/PATH):
   next_line.jsonl (+ next_line_train.jsonl)  multiple choice: after up to 6 lines of a source
@@ -11,7 +12,9 @@ writes into OUT (a folder, or gs://BUCKET/PATH):
   heldout_text.jsonl                          perplexity: held-out documents (first 2,000 chars)
 Test examples come from the documents training holds out (tfds_text.held_out_split: those whose
 hash is below the validation fraction, else the one of smallest hash), train examples from the
-rest.
+rest: give the corpus as training reads it (data.corpus, data.format, data.text_field; a JSONL
+corpus read as text was one document per file, JSON and all). The next-line and last-word tasks
+take lines of 8 to 80 characters (code; prose in long paragraphs gives none: refused).
 """
 
 import json
@@ -20,6 +23,7 @@ import random
 import re
 
 from transformer_jax import cli
+from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import tfds_text
@@ -92,9 +96,11 @@ def write(path: str, rows: list):
 
 
 def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
-         validation_fraction: float = 0.02) -> dict:
+         validation_fraction: float = 0.02, fmt: str = "text", text_field: str = "text") -> dict:
   """Writes the tasks into `out`; returns {file name: examples written}."""
-  docs = list(corpus_lib.iter_documents(corpus))
+  if fmt not in corpus_lib.DOC_FORMATS:
+    raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(corpus_lib.DOC_FORMATS)}")
+  docs = list(corpus_lib.iter_documents(corpus, fmt, text_field))
   held, _, _ = tfds_text.held_out_split(docs, validation_fraction)  # training's validation split
   held_ids = {doc_id for doc_id, _ in held}
   train = [(doc_id, text) for doc_id, text in docs if doc_id not in held_ids]
@@ -105,6 +111,10 @@ def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
            "last_word.jsonl": last_word(held, examples, rng),
            "last_word_train.jsonl": last_word(train, examples, rng),
            "heldout_text.jsonl": [{"id": d, "text": t[:2000]} for d, t in held[:examples]]}
+  if not files["next_line.jsonl"] and not files["last_word.jsonl"]:
+    raise ConfigError(f"--corpus={corpus!r} (--format={fmt}) gives no next-line or last-word "
+                      f"example: they need held-out documents ({len(held)} here) with lines of "
+                      f"8 to 80 characters")
   with paths.local_folder(out) as folder:  # (a gs:// OUT: written here, then uploaded)
     for name, rows in files.items():
       write(os.path.join(folder, name), rows)
@@ -112,11 +122,15 @@ def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
 
 
 def main(argv):
-  _, _, f = cli.parse(argv, {"out": "runs/eval_tasks", "corpus": "stdlib", "examples": 200,
-                             "seed": 0, "validation_fraction": 0.02})
+  spec, overrides, f = cli.parse(argv, {
+      "out": "runs/eval_tasks", "corpus": "stdlib", "format": "text", "text_field": "text",
+      "examples": 200, "seed": 0, "validation_fraction": 0.02})
+  if spec or overrides:  # (they were ignored)
+    raise ConfigError("corpus_tasks takes no --config: give --corpus, --format, --text_field and "
+                      "--validation_fraction as the training config's data.* has them")
   cli.output_folder("out", f["out"])
-  for name, n in make(f["out"], f["corpus"], f["examples"], f["seed"],
-                      f["validation_fraction"]).items():
+  for name, n in make(f["out"], f["corpus"], f["examples"], f["seed"], f["validation_fraction"],
+                      f["format"], f["text_field"]).items():
     print(f"{paths.join(f['out'], name)}: {n} examples")
 
 
