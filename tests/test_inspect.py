@@ -174,13 +174,13 @@ def test_encoder_and_encoder_decoder_maps():
                              atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("recipe, framed", [("transformer", True), ("t5", False),
-                                            ("t5_ul2", False)])
-def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(recipe, framed):
+@pytest.mark.parametrize("recipe", ["transformer", "t5", "t5_ul2"])
+def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(recipe):
   """inspect and probe read an encoder-decoder's source as training did: bos/eos around a
-  (source, target) pair objective's source (they read it bare), a span objective's with the
+  (source, target) pair objective's source (they read it bare), a span objective's with the bos
+  of a document's start (data.add_bos: the pipeline put one there; they left it out) and the
   eos that ends every training input (T5's), UL2's after the mode token of its prefix-LM
-  denoiser ([S]; training put one before every source) and with that eos."""
+  denoiser ([S]; training put one before every source) and with that bos and eos."""
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   ul2 = recipe.endswith("_ul2")
   config = config_lib.load(f"{REPO}/configs/{recipe.removesuffix('_ul2')}.py:tiny",
@@ -188,7 +188,7 @@ def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(re
   tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mode_ids=[60, 61, 62],
                               encode=lambda s: [ord(c) % 50 + 3 for c in s])
   text = "def f(x):"
-  want = [61] * ul2 + [1] * framed + tok.encode(text) + [2]
+  want = [61] * ul2 + [1] + tok.encode(text) + [2]
   lm = scoring.TextModel.__new__(scoring.TextModel)
   lm.config, lm.tokenizer, lm.max_len = config, tok, config.model.max_len
   assert lm.source_ids(text) == want

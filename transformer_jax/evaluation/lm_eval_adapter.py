@@ -8,7 +8,11 @@ in its registry (no entry points), so run its command line through this module:
 
 or from Python: `lm_eval.simple_evaluate(model=TransformerJaxLM(workdir=...), tasks=[...])`.
 Requests go through scoring.TextModel, exactly as `python -m transformer_jax.evaluate` scores
-them: a local multiple-choice task gives both the same accuracies.
+them: a local multiple-choice task gives both the same accuracies where lm-eval builds the same
+requests. lm-eval puts its task's target_delimiter (" ") before every choice; `evaluate` puts a
+space there only where neither the context nor the choice has whitespace (tasks.join): for
+contexts that end in a newline or a space (corpus_tasks' next_line), give the lm-eval task
+`target_delimiter: ""`, or the two score other texts.
 """
 
 import sys

@@ -74,9 +74,10 @@ class TextModel:
     # by it (given, not scored), as every span was framed in training
     as_span = self.is_seq2seq and objectives.flag(config.data, "CONTINUATION_AS_SPAN")
     self.target_head = list(tokenizer.sentinel_ids[:1]) if as_span else []
-    # span and UL2 targets are the text after their source (a masked word kept its space): a
-    # context and continuation are split as one text; a pair's target is a text of its own
-    self.continues_source = self.is_seq2seq and objectives.flag(config.data, "CONTINUES_SOURCE")
+    # a document objective's targets are running text (span, UL2, BART's infilling: a word
+    # keeps its space): a context and continuation are split as one text, as a decoder's are; a
+    # (source, target) pair's target is a text of its own
+    self.continues_source = self.is_seq2seq and not objectives.flag(config.data, "PAIRS")
 
   # ---- text -> ids
   def encode(self, text: str) -> list[int]:
@@ -183,7 +184,10 @@ class TextModel:
     start = objectives.decoder_start(tok) if self.is_seq2seq else None
     head = self.target_head  # generated first, then dropped, as is what follows the next span
     max_new_tokens = max(min(max_new_tokens + len(head), self.max_len - 1), 1)
-    ids = [self.source_ids(p, head) if self.is_seq2seq else
+    # (a prompt's trailing space moves into what is generated, as a context's does when scored:
+    # training never put a lone space before a sentinel or eos)
+    strip = str.rstrip if self.continues_source else str
+    ids = [self.source_ids(strip(p), head) if self.is_seq2seq else
            self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
     out = [""] * len(ids)
     groups = {}

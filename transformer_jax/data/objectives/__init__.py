@@ -16,10 +16,9 @@ control pieces it needs), `length_struct(spec)` and `from_packed(spec, row)` (it
 and batch format; default: the encoder-decoder one), `loss(spec)` (what the train step adds to the
 model call and to the token loss), `rows_changed(data)` (the changes to its rows from before data
 positions recorded a version: pipeline.rows_warning), and the flags PAIRS (reads pairs, not
-documents), CONTROL_PIECES, CONCAT (data.packing=concat can make its rows), CONTINUES_SOURCE (a
-target is the text after its source: evaluation keeps a continuation's leading space),
-SENTENCE_PAIRS and SPLASH (why Pallas splash attention cannot serve it). Pipeline, train step,
-sampler, tokenizer command and benchmark ask this package; none of them compares objective names.
+documents), CONTROL_PIECES, CONCAT (data.packing=concat can make its rows), SENTENCE_PAIRS and
+SPLASH (why Pallas splash attention cannot serve it). Pipeline, train step, sampler, tokenizer
+command and benchmark ask this package; none of them compares objective names.
 
 Every transform is a pure function of (token ids, a numpy Generator): the pipeline gives each
 chunk a Generator seeded by (config.seed, split, data shard, chunk index) through grain's
@@ -124,15 +123,18 @@ def flag(d_or_spec, name: str, default=False):
 
 def source_ids(d, tok, ids: list, head: bool = True, max_len: int = 0,
                cut_start: bool = True) -> list:
-  """An encoder-decoder's source as training framed it: bos/eos around a (source, target) pair
-  objective's source with data.add_bos/add_eos (seq2seq.example); UL2's led by a mode token (its
-  `source_head`, unless not `head`); eos after it where every training input ended with one
-  (SOURCE_EOS: span, ul2); as it is otherwise. With `max_len`, `ids` lose their start (or with
-  not `cut_start` their end) to fit it, the framing none of its tokens."""
+  """An encoder-decoder's source as training framed it: bos first with data.add_bos (a pair's
+  source, or a document's start: a context is one), after UL2's mode token (its `source_head`,
+  unless not `head`); eos after it with data.add_eos for a (source, target) pair objective
+  (seq2seq.example), and where every training input ended with one (SOURCE_EOS: span, ul2). With
+  `max_len`, `ids` lose their start (or with not `cut_start` their end) to fit it, the framing
+  none of its tokens."""
   frame = flag(d, "PAIRS")
   head = getattr(get(d.objective), "source_head", lambda tok: [])(tok) if head else []
   eos = (d.add_eos and frame) or flag(d, "SOURCE_EOS")
-  before, after = head + [tok.bos_id] * bool(d.add_bos and frame), [tok.eos_id] * bool(eos)
+  # bos: a pair's source, or a document's start (the pipeline's Tokenize put it there)
+  before = head + [tok.bos_id] * bool(d.add_bos and tok.bos_id >= 0)
+  after = [tok.eos_id] * bool(eos)
   room = max(max_len - len(before) - len(after), 1)
   if max_len and len(ids) > room:
     ids = ids[len(ids) - room:] if cut_start else ids[:room]

@@ -14,7 +14,6 @@ NAME = "span"
 FAMILIES = ("encdec",)
 SOURCE_EOS = True  # Every encoder input ends with eos.
 CONTINUATION_AS_SPAN = True  # Evaluation asks for a continuation as span <extra_id_0>.
-CONTINUES_SOURCE = True  # A target is the text after its source (a word keeps its space).
 
 
 def check(d):

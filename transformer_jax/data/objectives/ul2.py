@@ -16,7 +16,6 @@ NAME = "ul2"
 FAMILIES = ("encdec",)
 UL2_MODES = ("R", "S", "X")
 SOURCE_EOS = True  # Every encoder input ends with eos.
-CONTINUES_SOURCE = True  # A target is the text after its source (a word keeps its space).
 
 
 def check(d):
