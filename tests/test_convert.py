@@ -127,7 +127,10 @@ def test_export_then_import_is_exact_and_transformers_loads_it(hf_ckpt, tmp_path
   ids, mask = _batch()
   with torch.no_grad():
     got = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  assert _max_diff(got, ref, mask) < 1e-6
+  # (the weights are byte-identical above; two forward passes of one torch process differ by
+  # up to 6.4e-5 here, by the state its math library is in: 1e-6 failed one run in two when
+  # other test files ran first in the worker)
+  assert _max_diff(got, ref, mask) < TOL
   with open(tmp_path / "generation_config.json") as f:
     assert json.load(f)["eos_token_id"] == hf_lib.read_config(path)["eos_token_id"]
 

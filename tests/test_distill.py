@@ -250,6 +250,13 @@ def test_bad_teachers_fail_in_one_line(tiny_data, tmp_path, extra, message):
   with pytest.raises(ConfigError, match="neither a training workdir"):
     bad = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [f"train.distill.teacher={tmp_path}"])
     distill.load(bad, None, ())
+  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
+  (tmp_path / "q").mkdir()  # a quantized workdir (its config.json was read as an HF model's)
+  config_lib.write_json(config, str(tmp_path / "q" / "config.json"))
+  (tmp_path / "q" / store.MANIFEST).write_text("{}")
+  with pytest.raises(ConfigError, match="is a quantized workdir; give its source"):
+    q = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [f"train.distill.teacher={tmp_path}/q"])
+    distill.load(q, None, ())
 
 
 def test_a_workdir_teachers_record_of_its_tokenizer_decides(tiny_data, tmp_path):

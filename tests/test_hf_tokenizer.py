@@ -349,6 +349,10 @@ def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny
                    + [f"--config.{o}" for o in overrides])
   config = config_lib.from_json_file(str(workdir / "config.json"))
   assert config.data.tokenizer == str(workdir / "tokenizer")
+  # its digest is recorded as training records it (import wrote none: a tokenizer replaced
+  # after the import was read, and trained on, without a word)
+  assert ((workdir / "tokenizer.sha256").read_text().strip()
+          == tfds_text.tokenizer_identity(config.data.tokenizer))
   ours = tokenization.load(config.data.tokenizer)
   theirs = transformers.AutoTokenizer.from_pretrained(str(ckpt))
   for text in texts[:20]:
@@ -359,6 +363,16 @@ def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny
   convert_cli.main(["export", "--workdir", str(workdir), "--hf_dir", str(out)])
   again = transformers.AutoTokenizer.from_pretrained(str(out))
   assert again.encode(texts[0]) == theirs.encode(texts[0])
+  from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  beside = workdir / "tokenizer" / "tokenizer_config.json"
+  kept = beside.read_text()
+  beside.write_text(kept.replace('"', "'", 2))  # no JSON: one line (it was a traceback)
+  with pytest.raises(config_lib.ConfigError, match=r"^data.tokenizer='.*' cannot be read \("):
+    harness.read_config(str(workdir))
+  beside.write_text(kept.replace('"<|endoftext|>"', '"Ġthe"', 1))  # another bos
+  with pytest.raises(config_lib.ConfigError, match=r"is not the tokenizer .* was trained with"):
+    harness.read_config(str(workdir))
+  beside.write_text(kept)
   # data.tokenizer=DIR/mine.json beside another tokenizer.json: that file is exported, with the
   # config beside it (the other tokenizer.json was copied)
   mixed = tmp_path / "mixed"

@@ -131,7 +131,6 @@ def _copy_tokenizer(source_dir: str, out_dir: str, tokenizer_file: str = "") -> 
 def _save_step0(config, params, workdir):
   """config.json + checkpoint 0 = what the first save of a training run would hold."""
   import jax  # pylint: disable=g-import-not-at-top
-  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint, optimizer  # pylint: disable=g-import-not-at-top
   from transformer_jax.training.step import TrainState  # pylint: disable=g-import-not-at-top
@@ -146,7 +145,8 @@ def _save_step0(config, params, workdir):
   finally:
     ckpts.close()
     data.close()
-  config_lib.write_json(config, paths.join(workdir, "config.json"))
+  from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
+  resume.record(config, workdir)  # config.json, and the tokenizer's digest that readers check
 
 
 def export_hf(workdir, hf_dir, step=-1):

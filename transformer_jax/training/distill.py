@@ -95,6 +95,10 @@ def load(config, mesh, rule_table) -> Teacher | None:
   if not d.teacher:
     return None
   path, hf_params = d.teacher, None
+  from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
+  if store.is_quantized(path):  # (its config.json read as a Hugging Face one's)
+    raise ConfigError(f"train.distill.teacher={path!r} is a quantized workdir; give its source "
+                      f"(a training workdir) as the teacher")
   if paths.isdir(paths.join(path, "checkpoints")):  # a local or gs:// workdir
     teacher_config = config_lib.any_platform(
         config_lib.from_json_file(paths.join(path, "config.json")))

@@ -101,6 +101,17 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   return diffs
 
 
+def record(c, workdir: str, corpus: str = "") -> None:
+  """Writes what the workdir's checkpoints are trained with beside them: the corpus's identity,
+  the tokenizer's digest (resume and every command that reads the workdir compare them), and
+  config.json last (an import without it is unfinished)."""
+  paths.write_text(paths.join(workdir, CORPUS), (corpus or _corpus_identity(c)) + "\n")
+  if c.data.tokenizer:
+    paths.write_text(paths.join(workdir, TOKENIZER_SHA),
+                     tfds_text.tokenizer_identity(c.data.tokenizer) + "\n")
+  config_lib.write_json(c, paths.join(workdir, "config.json"))
+
+
 def check_tokenizer(workdir: str, tokenizer: str) -> None:
   """ConfigError unless `tokenizer` (the workdir's data.tokenizer) is the one its checkpoints
   were trained with, by WORKDIR/tokenizer.sha256 (a workdir without it passes): one trained
@@ -112,12 +123,17 @@ def check_tokenizer(workdir: str, tokenizer: str) -> None:
     return
   old = paths.read_text(recorded).strip()
   from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
-  if (paths.isfile(tokenization.tokenizer_file(tokenizer))
-      and tfds_text.matches_identity(old, tokenizer)):
-    return
+  try:
+    if (paths.isfile(tokenization.tokenizer_file(tokenizer))
+        and tfds_text.matches_identity(old, tokenizer)):
+      return
+  except (ValueError, OSError) as e:  # e.g. a tokenizer_config.json that is no JSON
+    raise ConfigError(f"data.tokenizer={tokenizer!r} cannot be read ({paths.why(e)})") from None
   raise ConfigError(f"data.tokenizer={tokenizer!r} is not the tokenizer {workdir} was trained "
                     f"with (its {TOKENIZER_SHA}: {old[:12]}...; the file was changed, trained "
-                    f"again or removed): put that tokenizer back at that path")
+                    f"again or removed): put that tokenizer back at that path, or, where it "
+                    f"moved, set data.tokenizer in {paths.join(workdir, 'config.json')} to its "
+                    f"new path")
 
 
 # What decides the order a saved data position indexes (a mixture's weights and sources may
@@ -212,11 +228,7 @@ def start(trainer, workdir: str, data, say, data_writes=None):
       r.startswith(("data.corpus", "data.format", "data.validation_fraction")) for r in reordered):
     reordered += _corpus_changes(paths.read_text(corpus_path).strip(), corpus)
   if jax.process_index() == 0:
-    paths.write_text(corpus_path, corpus + "\n")
-    config_lib.write_json(c, paths.join(workdir, "config.json"))
-    if c.data.tokenizer:
-      paths.write_text(paths.join(workdir, TOKENIZER_SHA),
-                       tfds_text.tokenizer_identity(c.data.tokenizer) + "\n")
+    record(c, workdir, corpus)
   if state is not None:
     say(f"resumed from {ckpts.directory}/{step}")
     if changed:  # e.g. a raised train.steps, or a new learning rate: said, not silent
