@@ -70,6 +70,8 @@ def test_a_jsonl_corpus_is_read_as_training_reads_it(tiny_data, tmp_path):
   assert len(held) >= 2 and [r["id"] for r in rows] == held[:20]
   by_id = {f"part-{s}.jsonl:{k + 1}": text for s in range(2) for k, text in enumerate(docs[s::2])}
   assert all(r["text"] == by_id[r["id"]][:2000] for r in rows)
+  with pytest.raises(ConfigError, match=r"^--format='lines': expected text or jsonl"):
+    corpus_tasks.main([f"--out={tmp_path}/t1", f"--corpus={corpus}", "--format=lines"])
   with pytest.raises(ConfigError, match=r"^corpus_tasks takes no --config"):
     corpus_tasks.main([f"--out={tmp_path}/t2", *flags, "--config.data.format=jsonl"])
   (tmp_path / "prose").mkdir()

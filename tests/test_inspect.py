@@ -195,6 +195,9 @@ def test_a_seq2seq_source_is_framed_as_training_scoring_and_sampling_frame_it(re
   assert interpret.text_inputs(config, tok, text).source_ids == want
   assert interpret.encode(config, tok, text) == want  # probe's features
   assert sample.source(config, tok, text) == want[ul2:]  # A UL2 prompt names its own mode.
+  if ul2:  # and keeps it first, before the bos (it went after a bos training never put there)
+    tok.piece_id = lambda p: {"[R]": 60, "[S]": 61, "[X]": 62}.get(p, -1)
+    assert sample.source(config, tok, "[S]" + text) == want
   long = interpret.encode(config, tok, text * 100)  # its end cut, not the framing (the eos)
   assert len(long) == config.model.max_len and long[-1] == 2
   assert long[:len(want) - 1] == want[:-1]

@@ -2,7 +2,7 @@
 evaluation needs no download:
 
   python -m transformer_jax.evaluation.corpus_tasks --out=runs/eval_tasks [--corpus=stdlib]
-      [--format=text|lines|jsonl] [--text_field=text] [--examples=200] [--seed=0]
+      [--format=text|jsonl] [--text_field=text] [--examples=200] [--seed=0]
       [--validation_fraction=0.02]
 
 writes into OUT (a folder, or gs://BUCKET/PATH):
@@ -98,8 +98,8 @@ def write(path: str, rows: list):
 def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
          validation_fraction: float = 0.02, fmt: str = "text", text_field: str = "text") -> dict:
   """Writes the tasks into `out`; returns {file name: examples written}."""
-  if fmt not in corpus_lib.DOC_FORMATS:
-    raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(corpus_lib.DOC_FORMATS)}")
+  if fmt not in ("text", "jsonl"):  # (a document of one line has no next line nor context)
+    raise ConfigError(f"--format={fmt!r}: expected text or jsonl (documents of several lines)")
   docs = list(corpus_lib.iter_documents(corpus, fmt, text_field))
   held, _, _ = tfds_text.held_out_split(docs, validation_fraction)  # training's validation split
   held_ids = {doc_id for doc_id, _ in held}
@@ -113,8 +113,8 @@ def make(out: str, corpus: str = "stdlib", examples: int = 200, seed: int = 0,
            "heldout_text.jsonl": [{"id": d, "text": t[:2000]} for d, t in held[:examples]]}
   if not files["next_line.jsonl"] and not files["last_word.jsonl"]:
     raise ConfigError(f"--corpus={corpus!r} (--format={fmt}) gives no next-line or last-word "
-                      f"example: they need held-out documents ({len(held)} here) with lines of "
-                      f"8 to 80 characters")
+                      f"example: they need held-out documents ({len(held)} here) of two lines or "
+                      f"more, lines of 8 to 80 characters")
   with paths.local_folder(out) as folder:  # (a gs:// OUT: written here, then uploaded)
     for name, rows in files.items():
       write(os.path.join(folder, name), rows)

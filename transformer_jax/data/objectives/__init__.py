@@ -124,13 +124,18 @@ def flag(d_or_spec, name: str, default=False):
 def source_ids(d, tok, ids: list, head: bool = True, max_len: int = 0,
                cut_start: bool = True) -> list:
   """An encoder-decoder's source as training framed it: bos first with data.add_bos (a pair's
-  source, or a document's start: a context is one), after UL2's mode token (its `source_head`,
-  unless not `head`); eos after it with data.add_eos for a (source, target) pair objective
-  (seq2seq.example), and where every training input ended with one (SOURCE_EOS: span, ul2). With
-  `max_len`, `ids` lose their start (or with not `cut_start` their end) to fit it, the framing
-  none of its tokens."""
+  source, or a document's start: a context is one), after UL2's mode token (its `source_head`;
+  with not `head`, the one `ids` start with, if any); eos after it with data.add_eos for a
+  (source, target) pair objective (seq2seq.example), and where every training input ended with
+  one (SOURCE_EOS: span, ul2). With `max_len`, `ids` lose their start (or with not `cut_start`
+  their end) to fit it, the framing none of its tokens."""
   frame = flag(d, "PAIRS")
-  head = getattr(get(d.objective), "source_head", lambda tok: [])(tok) if head else []
+  mode = getattr(get(d.objective), "source_head", None)
+  if head:
+    head = mode(tok) if mode else []
+  else:  # a prompt that names its own mode token keeps it first, before the bos (as training)
+    named = bool(mode and ids and ids[0] in getattr(tok, "mode_ids", ()))
+    head, ids = list(ids[:1]) * named, ids[named:]
   eos = (d.add_eos and frame) or flag(d, "SOURCE_EOS")
   # bos: a pair's source, or a document's start (the pipeline's Tokenize put it there)
   before = head + [tok.bos_id] * bool(d.add_bos and tok.bos_id >= 0)
