@@ -3,6 +3,7 @@ builder, TFDS catalog datasets, the seq2seq objective's packed batches, and a sh
 
 import json
 import textwrap
+import types
 
 import grain
 import jax
@@ -247,3 +248,30 @@ def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path):
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
   assert any("eval_loss" in r and np.isfinite(r["eval_loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("recipe, objective", [("t5", "denoise"), ("t5", "ul2"),
+                                               ("transformer", "seq2seq")])
+def test_an_encoder_decoder_request_reads_as_its_training_rows(recipe, objective, monkeypatch):
+  """A document objective's target is running text (BART's infilling and UL2 kept a word's
+  space; denoise's was stripped, scored as pieces it never saw there): a context and
+  continuation are split as one text, the context's trailing space moved on; a pair's target is
+  a text of its own (stripped). Generation drops a prompt's trailing space from the source (a
+  lone space before eos, which training never made). Sources start with bos (data.add_bos)."""
+  config = config_lib.load(f"{REPO}/configs/{recipe}.py:tiny", [f"data.objective={objective}"])
+  from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mode_ids=[60, 61, 62],
+                              sentinel_ids=[99, 98], encode=lambda t: [3 + ord(c) % 50 for c in t],
+                              decode=lambda ids: "")
+  lm, seen = scoring.Lengths(config, tok), []
+  monkeypatch.setattr(lm, "ids_loglikelihood", lambda pairs: seen.extend(pairs) or [(0, 0)])
+  lm.loglikelihood([("the cat ", "sat")])
+  head = [61] * (objective == "ul2") + [1]
+  eos = [2] * (objective != "denoise")
+  want = tok.encode(" sat") if objective != "seq2seq" else tok.encode("sat")
+  context = "the cat" if objective != "seq2seq" else "the cat "
+  assert seen == [(head + tok.encode(context) + eos, want)]
+  monkeypatch.setattr(scoring.sampling, "generate",
+                      lambda model, params, ids, *a, **k: seen.append(ids) or [[2]] * len(ids))
+  scoring.TextModel.generate(lm, ["the cat "], max_new_tokens=2)  # (Lengths generates nothing)
+  assert seen[-1] == [head + tok.encode(context) + eos]
