@@ -42,7 +42,7 @@ def main(argv):
   # The CPU devices the run trained on (mesh.cpu_devices), before JAX starts its backends.
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))
   trainer, step, params = harness.load_workdir(
-      f["workdir"], None if f["step"] < 0 else f["step"], init=f["init"])
+      f["workdir"], None if f["step"] < 0 else f["step"], init=f["init"], config=config)
   lm = harness.text_model(trainer, params, batch_size=f["batch_size"])
   results = harness.evaluate(lm, loaded, num_fewshot=f["num_fewshot"], seed=f["seed"])
   for name, metrics in results.items():

@@ -50,7 +50,7 @@ def _load(f):
   distributed.use_cpu_devices(config.mesh.get("cpu_devices", 0))
   tokenizer = tokenization.load(config.data.tokenizer)
   trainer, step, params = harness.load_workdir(
-      f["workdir"], None if f["step"] < 0 else f["step"], init=f["init"])
+      f["workdir"], None if f["step"] < 0 else f["step"], init=f["init"], config=config)
   return trainer, step, params, tokenizer
 
 

@@ -114,7 +114,7 @@ def run(args: dict) -> None:
                       f"this command writes a SentencePiece model file (e.g. "
                       f"--out=runs/tokenizers/tokenizer.model) or a byte-level BPE "
                       f"(--out=runs/tokenizers/bpe/tokenizer.json)")
-  cli.output_folder("out", paths.dirname(paths.abspath(args["out"])))  # (a traceback at the end)
+  cli.output_folder("out", paths.dirname(paths.abspath(out)))  # (a traceback at the end)
   sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
   for _, corpus_flags in sources:
     corpus_lib.check_format(corpus_flags["fmt"])
@@ -128,12 +128,12 @@ def run(args: dict) -> None:
 
   start = time.time()
   texts = [(text for _, text in docs(flags)) for _, flags in sources]
-  tokenizer_lib.train(texts if len(sources) > 1 else texts[0], args['vocab_size'], args['out'],
+  tokenizer_lib.train(texts if len(sources) > 1 else texts[0], args['vocab_size'], out,
                       max_chars=args['max_chars'], special=args['special'],
                       shares=[share for share, _ in sources] if len(sources) > 1 else None)
   seconds = time.time() - start
-  tok = tokenizer_lib.load(args['out'])
-  print(f"wrote {args['out']}")
+  tok = tokenizer_lib.load(out)
+  print(f"wrote {out}")
   print(f"vocab_size {tok.vocab_size}")
   if tok.vocab_size < args["vocab_size"]:
     print(f"note: asked for {args['vocab_size']} pieces, made {tok.vocab_size}: the corpus has no "

@@ -54,11 +54,13 @@ def read_config(workdir: str):
   return config
 
 
-def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, devices=None):
+def load_workdir(workdir: str, step: int | None = None, *, init: bool = False, devices=None,
+                 config=None):
   """(trainer, step, params) of a training workdir: its checkpoint at `step` (default the latest)
   restored into the training sharding, or with `init` the config's initial parameters (step 0,
-  the untrained baseline)."""
-  config = config_lib.without_teacher(config_lib.any_platform(read_config(workdir)))
+  the untrained baseline). `config`: its read_config, where the caller has it already."""
+  config = read_config(workdir) if config is None else config
+  config = config_lib.without_teacher(config_lib.any_platform(config))
   devices = devices if devices is not None else jax.devices()
   trainer = Trainer(config, sharding.make_mesh(config, _mesh_devices(config, devices)))
   if init:

@@ -33,9 +33,8 @@ def _check_source(workdir: str) -> None:
 
 
 def load_source(workdir: str, overrides=()):
-  """(config, trainer, step, params) of a training workdir's latest checkpoint; `overrides`
-  (KEY=VALUE) change its saved config."""
-  _check_source(workdir)
+  """(config, trainer, step, params) of a training workdir's latest checkpoint (_check_source'd
+  by the caller); `overrides` (KEY=VALUE) change its saved config."""
   for key in (kv.split("=", 1)[0] for kv in overrides):  # the checkpoint's model, as it is
     if (key.startswith("model.") and key not in resume.EXECUTION_KEYS) or key == "data.tokenizer":
       raise ConfigError(f"--config.{key}: quantize keeps the model and tokenizer the checkpoint "

@@ -14,6 +14,7 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.data import tfds_text
+from transformer_jax.data import tokenization
 from transformer_jax.training import checkpoint as ckpt_lib
 
 TOKENIZER_SHA = "tokenizer.sha256"  # the SHA-256 of the tokenizer the checkpoints were trained with
@@ -122,7 +123,6 @@ def check_tokenizer(workdir: str, tokenizer: str) -> None:
   if not tokenizer or not paths.isfile(recorded):
     return
   old = paths.read_text(recorded).strip()
-  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   try:
     if (paths.isfile(tokenization.tokenizer_file(tokenizer))
         and tfds_text.matches_identity(old, tokenizer)):
