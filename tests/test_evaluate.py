@@ -258,7 +258,7 @@ def test_a_span_corruption_t5_is_asked_for_its_first_masked_span():
   """A span-corruption T5 was trained to fill <extra_id_0>: the source ends with it and eos, the
   target starts with it (given, not scored) and then holds the span as the text had it, its
   leading space included (it was stripped: scored as pieces the model never saw there);
-  generation drops it and stops at the next sentinel."""
+  generation is given it too and stops at the next sentinel."""
   config = config_lib.base.get_config()
   config.model.update({**TINY_MODEL, "family": "encdec", "max_len": 32, "num_layers": 1})
   config.data.update(objective="span")
@@ -280,13 +280,13 @@ def test_a_span_corruption_t5_is_asked_for_its_first_masked_span():
                      jnp.asarray([[0, s0] + cont[:-1]]))
     log_p = np.asarray(jax.nn.log_softmax(logits[0]))
     assert ll == pytest.approx(sum(log_p[1 + j, t] for j, t in enumerate(cont)), abs=1e-4)
-  assert lm._span_text([s0, 7, 8, s1, 9]) == [7, 8] and lm._span_text([7, s0, 9]) == [7]
+  assert lm._span_text([7, 8, s1, 9]) == [7, 8] and lm._span_text([7, s0, 9]) == [7]
   source = jnp.asarray([tok.encode("abcdef") + [s0, 1]])
-  row = [0]  # greedy decoding (4 tokens + the sentinel) by full forward passes, then the cuts
-  for _ in range(5):  # (the decoder is causal: the zeros after the row change nothing before)
-    logits = forward(source, jnp.asarray([row + [0] * (5 - len(row))]))
+  row = [0, s0]  # greedy decoding (4 tokens after the given sentinel) by full forward passes
+  for _ in range(4):  # (the decoder is causal: the zeros after the row change nothing before)
+    logits = forward(source, jnp.asarray([row + [0] * (6 - len(row))]))
     row.append(int(jnp.argmax(logits[0, len(row) - 1])))
-  new = row[1:row.index(1)] if 1 in row else row[1:]
+  new = row[2:row.index(1)] if 1 in row else row[2:]
   assert lm.generate(["abcdef"], max_new_tokens=4) == [",".join(map(str, lm._span_text(new)))]
 
 

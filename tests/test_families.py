@@ -264,18 +264,20 @@ def test_jit_equals_no_jit():
                jitted[1])
 
 
-def test_seq2seq_greedy_generation_matches_full_forward_argmax():
+@pytest.mark.parametrize("forced", [[], [7, 9, 11]])
+def test_seq2seq_greedy_generation_matches_full_forward_argmax(forced):
+  """From the start token, or a forced decoder prefix (prefilled in one call)."""
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   model = EncoderDecoder(T5)
   source = _ids(2, 7, 0)
   params = _params(model, source, _ids(2, 5, 1))
   got = sampling.generate(model, params, np.asarray(source).tolist(), 5, temperature=0.0,
-                          start_id=2)
-  dec = jnp.full((2, 1), 2, jnp.int32)
+                          start_id=2, decoder_ids=[[2] + forced] * 2 if forced else None)
+  dec = jnp.asarray([[2] + forced] * 2, jnp.int32)
   for _ in range(5):  # greedy by hand: the whole decoder input each time, no cache
     nxt = jnp.argmax(model.apply({"params": params}, source, dec)[:, -1], -1).astype(jnp.int32)
     dec = jnp.concatenate([dec, nxt[:, None]], axis=1)
-  assert got == np.asarray(dec[:, 1:]).tolist()
+  assert got == np.asarray(dec[:, 1 + len(forced):]).tolist()
 
 
 @pytest.mark.parametrize("scan", [False, True])

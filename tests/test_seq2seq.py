@@ -7,6 +7,7 @@ import types
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -21,6 +22,8 @@ from transformer_jax.data.objectives import seq2seq
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
+from transformer_jax.inference import sampling
+from transformer_jax.models import families
 from transformer_jax.training import loop
 
 _WORDS = ("alpha", "beta", "gamma", "delta", "one", "two", "three", "red", "green", "blue")
@@ -250,28 +253,62 @@ def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path):
   assert any("eval_loss" in r and np.isfinite(r["eval_loss"]) for r in rows)
 
 
-@pytest.mark.parametrize("recipe, objective", [("t5", "denoise"), ("t5", "ul2"),
-                                               ("transformer", "seq2seq")])
-def test_an_encoder_decoder_request_reads_as_its_training_rows(recipe, objective, monkeypatch):
+@pytest.mark.parametrize("recipe, objective, noise", [
+    ("t5", "denoise", "infill"), ("t5", "denoise", "delete"), ("t5", "ul2", ""),
+    ("t5", "span", ""), ("transformer", "seq2seq", "")])
+def test_an_encoder_decoder_request_reads_as_its_training_rows(recipe, objective, noise,
+                                                               monkeypatch):
   """A document objective's target is running text (BART's infilling and UL2 kept a word's
   space; denoise's was stripped, scored as pieces it never saw there): a context and
   continuation are split as one text, the context's trailing space moved on; a pair's target is
   a text of its own (stripped). Generation drops a prompt's trailing space from the source (a
-  lone space before eos, which training never made). Sources start with bos (data.add_bos)."""
-  config = config_lib.load(f"{REPO}/configs/{recipe}.py:tiny", [f"data.objective={objective}"])
+  lone space before eos, which training never made). Sources start with bos (data.add_bos).
+  BART rebuilt its whole source: its decoder is given the source's text (bos, the context)
+  before the continuation, and an infilling source ends with [MASK]; a span T5's decoder is
+  given <extra_id_0>, which ends its source."""
+  overrides = [f"data.objective={objective}"] + [f"data.denoise_noise={noise}"] * bool(noise)
+  config = config_lib.load(f"{REPO}/configs/{recipe}.py:tiny", overrides)
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
-  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mode_ids=[60, 61, 62],
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mask_id=97, mode_ids=[60, 61, 62],
                               sentinel_ids=[99, 98], encode=lambda t: [3 + ord(c) % 50 for c in t],
                               decode=lambda ids: "")
   lm, seen = scoring.Lengths(config, tok), []
   monkeypatch.setattr(lm, "ids_loglikelihood", lambda pairs: seen.extend(pairs) or [(0, 0)])
   lm.loglikelihood([("the cat ", "sat")])
+  text = tok.encode("the cat" if objective != "seq2seq" else "the cat ")
   head = [61] * (objective == "ul2") + [1]
-  eos = [2] * (objective != "denoise")
+  tail = {"ul2": [2], "span": [99, 2], "seq2seq": [2]}.get(objective, [97] * (noise == "infill"))
+  given = {"denoise": head + text, "span": [99]}.get(objective, [])
   want = tok.encode(" sat") if objective != "seq2seq" else tok.encode("sat")
-  context = "the cat" if objective != "seq2seq" else "the cat "
-  assert seen == [(head + tok.encode(context) + eos, want)]
+  source = head + text + tail
+  assert seen == [(source, given, want) if objective != "seq2seq" else (source, want)]
   monkeypatch.setattr(scoring.sampling, "generate",
-                      lambda model, params, ids, *a, **k: seen.append(ids) or [[2]] * len(ids))
+                      lambda model, params, ids, *a, **k: seen.append((ids, k["decoder_ids"]))
+                      or [[2]] * len(ids))
   scoring.TextModel.generate(lm, ["the cat "], max_new_tokens=2)  # (Lengths generates nothing)
-  assert seen[-1] == [head + tok.encode(context) + eos]
+  assert seen[-1] == ([source], [[1] + given])
+
+
+def test_bart_scores_and_generates_in_its_training_frame():
+  """A denoise model's score is its loss's: the source bos + context + [MASK], the decoder
+  given start + bos + context and scored on the continuation alone; greedy generation goes on
+  from that same given prefix; a context too long for the model loses its start in both."""
+  config = config_lib.load(f"{REPO}/configs/t5.py:tiny", ["data.objective=denoise"])
+  config.model.update({"max_len": 16, "num_layers": 1})
+  from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  model = families.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mask_id=4, sentinel_ids=[],
+                              encode=lambda t: [5 + ord(c) % 60 for c in t], decode=list)
+  lm = scoring.TextModel(config, params, tok, batch_size=2)
+  ctx, cont = tok.encode("abcdefghijklmnopqrstu"), tok.encode(" vw")
+  got = lm.loglikelihood([("abcdefghijklmnopqrstu", " vw"), ("ab", " vw")])
+  for kept, (ll, _) in zip([ctx[-(16 - 1 - 3):], ctx[:2]], got):
+    start = objectives.decoder_start(tok)
+    enc, dec = [[1] + kept + [4]], [[start, 1] + kept + cont[:-1]]
+    log_p = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(enc),
+                                           jnp.asarray(dec))[0, -len(cont):])
+    assert ll == pytest.approx(float(sum(log_p[j, t] for j, t in enumerate(cont))), abs=1e-4)
+  new = sampling.generate(model, params, [[1] + ctx[:2] + [4]], 3, temperature=0.0,
+                          start_id=start, decoder_ids=[[start, 1] + ctx[:2]])
+  assert lm.generate(["ab"], max_new_tokens=3) == [new[0]]

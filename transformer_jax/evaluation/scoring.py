@@ -74,6 +74,12 @@ class TextModel:
     # by it (given, not scored), as every span was framed in training
     as_span = self.is_seq2seq and objectives.flag(config.data, "CONTINUATION_AS_SPAN")
     self.target_head = list(tokenizer.sentinel_ids[:1]) if as_span else []
+    # BART's denoise rebuilt its whole source (targets: the original chunk): the decoder is
+    # given the context, as its source's text, before the continuation; with infilling the
+    # source ends with a [MASK] (text was taken from there)
+    self.rebuilds_source = self.is_seq2seq and objectives.flag(config.data, "REBUILDS_SOURCE")
+    self.source_tail = (objectives.get(config.data.objective).source_tail(config.data, tokenizer)
+                        if self.rebuilds_source else self.target_head)
     # a document objective's targets are running text (span, UL2, BART's infilling: a word
     # keeps its space): a context and continuation are split as one text, as a decoder's are; a
     # (source, target) pair's target is a text of its own
@@ -108,6 +114,18 @@ class TextModel:
     cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self.encode(continuation)
     return ctx, cont or self.encode(continuation)
 
+  def request(self, ctx: list[int], room: int) -> tuple[list[int], list[int]]:
+    """A document-trained encoder-decoder's (source, decoder head) for context ids `ctx`: the
+    source as training framed it, ending with source_tail; the head (given to the decoder after
+    its start token) is target_head, or where the objective rebuilds its source, the source less
+    its tail, the context losing its start so that `room` decoder positions follow the head."""
+    if not self.rebuilds_source:
+      return self.source_ids(ctx, self.source_tail), list(self.target_head)
+    tail = self.source_tail
+    src = objectives.source_ids(self.config.data, self.tokenizer, ctx + tail,
+                                max_len=max(self.max_len - room, 1) + len(tail))
+    return src, src[:len(src) - len(tail)]
+
   # ---- requests
   def loglikelihood(self, pairs) -> list[tuple[float, bool]]:
     """(log p(continuation | context), greedy) of each (context, continuation) string pair."""
@@ -115,7 +133,7 @@ class TextModel:
     for context, continuation in pairs:
       if self.continues_source:  # the context is the source, the continuation the target
         ctx, cont = self.encode_pair(context, continuation)
-        ids.append((self.source_ids(ctx, self.target_head), cont))
+        ids.append((*self.request(ctx, len(cont)), cont))
       elif self.is_seq2seq:
         ids.append((self.source_ids(context), self.encode(continuation.lstrip())))
       else:
@@ -151,7 +169,8 @@ class TextModel:
     return windows
 
   def ids_loglikelihood(self, pairs) -> list[tuple[float, bool]]:
-    """(log-likelihood, greedy) of (context ids, continuation ids) pairs, batched by length."""
+    """(log-likelihood, greedy) of (context ids, continuation ids) pairs, batched by length; an
+    encoder-decoder's may be (source, decoder head, continuation) triples (request())."""
     if not pairs:
       return []
     rows = self.rows(pairs)
@@ -170,57 +189,65 @@ class TextModel:
         out[i] = (float(ll[j]), bool(greedy[j]))
     return out
 
-  def rows(self, pairs) -> list[tuple[list[int], list[int]]]:
-    """The (context, continuation) ids the model reads for each pair, or a one-line error for
-    one it cannot score."""
-    if not all(cont for _, cont in pairs):  # log p 0: above every real continuation
+  def rows(self, pairs) -> list[tuple[list[int], ...]]:
+    """The (context, continuation) ids the model reads for each pair, an encoder-decoder's
+    (source, decoder head, continuation), or a one-line error for one it cannot score."""
+    if not all(pair[-1] for pair in pairs):  # log p 0: above every real continuation
       raise ConfigError("a continuation with no tokens cannot be scored (an empty answer, or "
                         "for an encoder-decoder one of spaces only, which its target drops)")
-    return [self._truncate(ctx, cont) for ctx, cont in pairs]
+    if self.is_seq2seq:
+      pairs = [(p[0], self.target_head, p[1]) if len(p) == 2 else p for p in pairs]
+    return [self._truncate(*pair) for pair in pairs]
 
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
     """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
     tok = self.tokenizer
     start = objectives.decoder_start(tok) if self.is_seq2seq else None
-    head = self.target_head  # generated first, then dropped, as is what follows the next span
-    max_new_tokens = max(min(max_new_tokens + len(head), self.max_len - 1), 1)
+    reserve = len(self.request([], 0)[1]) + self.rebuilds_source  # the decoder head's framing
+    max_new_tokens = max(min(max_new_tokens, self.max_len - 1 - reserve), 1)
     # (a prompt's trailing space moves into what is generated, as a context's does when scored:
     # training never put a lone space before a sentinel or eos)
     strip = str.rstrip if self.continues_source else str
-    ids = [self.source_ids(strip(p), head) if self.is_seq2seq else
-           self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):] for p in prompts]
-    out = [""] * len(ids)
+    if self.is_seq2seq:  # (the decoder is given its start token and head: forced, not generated)
+      requests = [self.request(self.encode(strip(p)), max_new_tokens + 1)
+                  if self.continues_source else (self.source_ids(p), []) for p in prompts]
+    else:
+      requests = [(self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):], None)
+                  for p in prompts]
+    out = [""] * len(requests)
     groups = {}
-    for i, row in enumerate(ids):  # sampling.generate takes equal-length prompts
-      groups.setdefault(len(row), []).append(i)
+    for i, (row, head) in enumerate(requests):  # sampling.generate takes equal-length prompts
+      groups.setdefault((len(row), len(head or ())), []).append(i)
     for members in groups.values():
       for at in range(0, len(members), self.batch_size):
         chunk = members[at:at + self.batch_size]
+        heads = None if start is None else [[start] + requests[i][1] for i in chunk]
         with self._context():
-          new = sampling.generate(self.model, self.params, [ids[i] for i in chunk],
+          new = sampling.generate(self.model, self.params, [requests[i][0] for i in chunk],
                                   max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
-                                  start_id=start, prefix=self.prefix_lm)
+                                  start_id=start, prefix=self.prefix_lm, decoder_ids=heads)
         for i, row in zip(chunk, new):
-          out[i] = _cut(tok.decode(self._span_text(row) if head else row), until)
+          out[i] = _cut(tok.decode(self._span_text(row) if self.target_head else row), until)
     return out
 
   def _span_text(self, row: list[int]) -> list[int]:
-    """A span-corruption model's generated first span: without its leading <extra_id_0>, cut
-    before the next sentinel."""
-    row = row[len(self.target_head):] if row[:len(self.target_head)] == self.target_head else row
+    """A span-corruption model's generated first span (after the <extra_id_0> it was given):
+    cut before the next sentinel."""
     sentinels = set(self.tokenizer.sentinel_ids)
     return next((row[:k] for k, t in enumerate(row) if t in sentinels), row)
 
   # ---- batches
-  def _truncate(self, ctx, cont):
+  def _truncate(self, ctx, *cont):
     """Left-truncated so that the model reads at most max_len tokens; a continuation (target)
     longer than the model is refused, as lm-eval refuses it (scoring only its end was another
-    sum, after the wrong token)."""
-    if len(self.target_head) + len(cont) > self.max_len:
+    sum, after the wrong token). `cont`: the continuation, or an encoder-decoder's (decoder
+    head, continuation)."""
+    head, cont = cont if len(cont) == 2 else ([], cont[0])
+    if len(head) + len(cont) > self.max_len:
       raise ConfigError(f"a continuation of {len(cont)} tokens is longer than the model's "
                         f"{self.max_len} (model.max_len): shorten the task's answers or targets")
     if self.is_seq2seq:
-      return ctx[-self.max_len:], cont
+      return ctx[-self.max_len:], head, cont
     keep = self.max_len + 1
     if len(ctx) + len(cont) > keep:
       cont = cont[-keep + 1:]
@@ -271,16 +298,15 @@ class TextModel:
     return self._put(prefix)
 
   def _seq2seq_batch(self, rows):
-    """The encoder reads the context; the decoder reads start (+ target_head) +
-    continuation[:-1]."""
-    head = self.target_head
-    s = bucket(max(len(c) for c, _ in rows), self.max_len)
-    t = bucket(max(len(head) + len(x) for _, x in rows), self.max_len)
-    enc, enc_seg, enc_pos = self._place([c for c, _ in rows], s)
+    """(source, head, continuation) rows: the encoder reads the source; the decoder reads start
+    + head + continuation[:-1]."""
+    s = bucket(max(len(c) for c, _, _ in rows), self.max_len)
+    t = bucket(max(len(h) + len(x) for _, h, x in rows), self.max_len)
+    enc, enc_seg, enc_pos = self._place([c for c, _, _ in rows], s)
     start = objectives.decoder_start(self.tokenizer)
-    dec, dec_seg, dec_pos = self._place([[start] + head + x[:-1] for _, x in rows], t)
+    dec, dec_seg, dec_pos = self._place([[start] + h + x[:-1] for _, h, x in rows], t)
     return ((enc, dec, enc_seg, enc_pos, dec_seg, dec_pos),
-            self._scored([(len(head), len(head) + len(x), x) for _, x in rows], t))
+            self._scored([(len(h), len(h) + len(x), x) for _, h, x in rows], t))
 
   def _put(self, array):
     if self._batch_sharding is None:

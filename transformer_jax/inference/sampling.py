@@ -71,14 +71,15 @@ def _generate(model, params, prompt_BT, rng, *, max_new_tokens, temperature, top
                       temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("start_id",))
-def _generate_seq2seq(model, params, source_BS, rng, *, start_id, max_new_tokens, temperature,
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_seq2seq(model, params, source_BS, decoder_BP, rng, *, max_new_tokens, temperature,
                       top_k, top_p):
-  """An encoder-decoder: the source is encoded once; the decoder starts from `start_id` and
-  attends to that cached encoder output (its own keys/values in the KV cache)."""
-  b = source_BS.shape[0]
+  """An encoder-decoder: the source is encoded once; the decoder is given decoder_BP (its start
+  token, then any forced prefix) in one prefill, attending to that cached encoder output (its
+  own keys/values in the KV cache), then one token a step."""
+  b, p = decoder_BP.shape
   encoded_BSD = model.apply({"params": params}, source_BS, method=model.encode)
-  cache = model.init(jax.random.key(0), source_BS, jnp.zeros((b, max_new_tokens + 1), jnp.int32),
+  cache = model.init(jax.random.key(0), source_BS, jnp.zeros((b, p + max_new_tokens), jnp.int32),
                      decode=True)["cache"]
 
   def apply_fn(cache, tokens):
@@ -86,7 +87,7 @@ def _generate_seq2seq(model, params, source_BS, rng, *, start_id, max_new_tokens
                                   decode=True, mutable=["cache"], method=model.decode)
     return logits, mutated["cache"]
 
-  logits, cache = apply_fn(cache, jnp.full((b, 1), start_id, jnp.int32))
+  logits, cache = apply_fn(cache, decoder_BP)
   return _sample_loop(apply_fn, cache, logits[:, -1], rng, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -104,22 +105,25 @@ def check_length(cfg, longest: int, prefix: bool = False):
 
 def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             start_id: int | None = None, prefix: bool = False):
+             start_id: int | None = None, prefix: bool = False, decoder_ids=None):
   """Samples `max_new_tokens` after each prompt (a list of equal-length id lists); returns lists
   of new ids, cut at the first `eos_id`. temperature 0 = greedy. With `start_id` the model is an
-  encoder-decoder, the prompts are its source and decoding starts from start_id; `prefix`: a
-  prefix LM's, whose prompt is its prefix."""
+  encoder-decoder, the prompts are its source and decoding starts from start_id, or from each
+  row of `decoder_ids` (equal-length id lists the decoder is given, start token included);
+  `prefix`: a prefix LM's, whose prompt is its prefix."""
   prompt_BT = jnp.asarray(prompt_ids, jnp.int32)
+  if start_id is not None and decoder_ids is None:
+    decoder_ids = [[start_id]] * prompt_BT.shape[0]
   check_length(model.cfg, prompt_BT.shape[1] + max_new_tokens if start_id is None else
-               max(prompt_BT.shape[1], max_new_tokens + 1), prefix)
+               max(prompt_BT.shape[1], len(decoder_ids[0]) + max_new_tokens), prefix)
   model = families.for_inference(model)
   kwargs = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p))
   if start_id is None:
     out = _generate(model, params, prompt_BT, jax.random.key(seed), prefix=prefix, **kwargs)
   else:
-    out = _generate_seq2seq(model, params, prompt_BT, jax.random.key(seed), start_id=start_id,
-                            **kwargs)
+    out = _generate_seq2seq(model, params, prompt_BT, jnp.asarray(decoder_ids, jnp.int32),
+                            jax.random.key(seed), **kwargs)
   rows = []
   for row in distributed.fetch(out).tolist():  # (params across hosts: so may the output be)
     if eos_id is not None and eos_id in row:

@@ -18,6 +18,17 @@ from transformer_jax.data.objectives.vocab import Vocab
 
 NAME = "denoise"
 FAMILIES = ("encdec",)
+# Evaluation's frame: as a chunk's targets are the whole chunk, the decoder is given the
+# context (its source, framing included, the source's rebuilt text) before a continuation is
+# scored or generated; with infilling the source ends with one [MASK] (a span of any length
+# was taken from there).
+REBUILDS_SOURCE = True
+
+
+def source_tail(d, tok) -> list:
+  """What an evaluation source ends with: [MASK] after infilling (the continuation is missing
+  text); nothing after token masking (a [MASK] stood for one token) or deletion."""
+  return [tok.mask_id] if d.denoise_noise == "infill" and tok.mask_id >= 0 else []
 
 
 def check(d):
