@@ -148,9 +148,12 @@ class HFTokenizer:
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids) -> str:
+    """Text of `ids`, special tokens ([MASK], sentinels, ...) and ids outside the vocabulary
+    dropped, as SentencePiece drops its control pieces (and transformers' text generation and
+    lm-eval decode with skip_special_tokens)."""
     n = self.vocab_size
     kept = [i for i in map(int, ids) if 0 <= i < n and i not in self._skip]
-    return self._tok.decode(kept, skip_special_tokens=False)
+    return self._tok.decode(kept, skip_special_tokens=True)
 
 
 def _backend(data: str) -> tokenizers.Tokenizer:
