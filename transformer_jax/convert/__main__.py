@@ -83,6 +83,9 @@ def _import_into(spec, overrides, hf_dir, workdir, family):
     copied = _copy_tokenizer(hf_dir, paths.join(workdir, TOKENIZER_DIR))
     if copied:  # the model keeps reading the ids it was trained on
       config.data.tokenizer = copied
+      from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+      if tokenization.load(copied).bos_id < 0:  # T5's: its documents never started with one
+        config.data.add_bos = False
   for item in overrides:
     key, _, value = item.partition("=")
     config_lib.set_value(config, key, value)
