@@ -7,12 +7,13 @@ on the same mesh with the same logical rules (its parameters sharded like the st
 gathered), in the student's compute dtype, under stop_gradient: it has no optimizer state and is
 not part of the checkpointed train state. The objective per target token is
 
-  alpha * (the usual loss) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+  alpha * (cross-entropy) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 (T = train.distill.temperature; T^2 keeps the soft term's gradients on the hard term's scale as
-T changes). Student and teacher share the tokenizer: a workdir teacher's tokenizer file must have
-the student's bytes (a Hugging Face teacher's tokenizer the same ids); their tables may have other
-padding rows past the tokenizer's vocabulary (GPT-2's 50,257 rows and a student's 50,304).
+T changes; a train.z_loss term is added at its full weight). Student and teacher share the
+tokenizer: a workdir teacher's tokenizer file must have the student's bytes (a Hugging Face
+teacher's tokenizer the same ids); their tables may have other padding rows past the
+tokenizer's vocabulary (GPT-2's 50,257 rows and a student's 50,304).
 
 Hidden-state matching (TinyBERT's, Jiao et al. 2020), with train.distill.hidden_weight = h > 0,
 adds per token
