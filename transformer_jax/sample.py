@@ -20,7 +20,8 @@ def prompt_ids(config, tok, prompt: str, max_new_tokens: int, flag="--max_new_to
   ids = ([tok.bos_id] if config.data.add_bos else []) + tok.encode(prompt)
   if not ids:  # an empty prompt starts a document: bos, else the eos that ended the last one
     ids = [tok.bos_id if tok.bos_id >= 0 else tok.eos_id]
-  _check_length(config, len(ids) + max_new_tokens, f"prompt ({len(ids)} tokens) + "
+  # (the last new token is never fed back: T + N - 1 positions are read)
+  _check_length(config, len(ids) + max_new_tokens - 1, f"prompt ({len(ids)} tokens) + "
                 f"{flag}={max_new_tokens}")
   return ids
 

@@ -202,7 +202,6 @@ class TextModel:
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
     """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
     tok = self.tokenizer
-    start = objectives.decoder_start(tok) if self.is_seq2seq else None
     reserve = len(self.request([], 0)[1]) + self.rebuilds_source  # the decoder head's framing
     max_new_tokens = max(min(max_new_tokens, self.max_len - 1 - reserve), 1)
     # (a prompt's trailing space moves into what is generated, as a context's does when scored:
@@ -214,8 +213,16 @@ class TextModel:
     else:
       requests = [(self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):], None)
                   for p in prompts]
-    out = [""] * len(requests)
-    groups = {}
+    rows = self.generate_ids(requests, max_new_tokens)
+    return [_cut(tok.decode(self._span_text(row) if self.target_head else row), until)
+            for row in rows]
+
+  def generate_ids(self, requests, max_new_tokens: int) -> list[list[int]]:
+    """Greedy new ids (cut at eos) of (prompt ids, decoder head) requests: a decoder's prompt
+    (head None), or an encoder-decoder's source and the ids its decoder is given after its start
+    token."""
+    start = objectives.decoder_start(self.tokenizer) if self.is_seq2seq else None
+    out, groups = [None] * len(requests), {}
     for i, (row, head) in enumerate(requests):  # sampling.generate takes equal-length prompts
       groups.setdefault((len(row), len(head or ())), []).append(i)
     for members in groups.values():
@@ -224,10 +231,10 @@ class TextModel:
         heads = None if start is None else [[start] + requests[i][1] for i in chunk]
         with self._context():
           new = sampling.generate(self.model, self.params, [requests[i][0] for i in chunk],
-                                  max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
+                                  max_new_tokens, temperature=0.0, eos_id=self.tokenizer.eos_id,
                                   start_id=start, prefix=self.prefix_lm, decoder_ids=heads)
         for i, row in zip(chunk, new):
-          out[i] = _cut(tok.decode(self._span_text(row) if self.target_head else row), until)
+          out[i] = row
     return out
 
   def _span_text(self, row: list[int]) -> list[int]:

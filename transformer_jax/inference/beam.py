@@ -96,7 +96,8 @@ def beam_search(model, params, source_ids, *, beam_size: int = 4, max_len: int =
   """The best hypothesis per source (a list of equal-length id lists) under the length penalty:
   (token lists cut after eos, log-probabilities, penalised scores)."""
   source_BS = jnp.asarray(source_ids, jnp.int32)
-  sampling.check_length(model.cfg, max(source_BS.shape[1], int(max_len) + 1))
+  # (the decoder reads its start token and max_len - 1 picks: the last pick is never fed)
+  sampling.check_length(model.cfg, max(source_BS.shape[1], int(max_len)))
   tokens_BT, logp_B, score_B = _beam_search(
       families.for_inference(model), params, source_BS, beam_size=int(beam_size),
       max_len=int(max_len), start_id=int(start_id), eos_id=int(eos_id), alpha=float(alpha))

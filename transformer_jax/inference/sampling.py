@@ -27,8 +27,9 @@ def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
 
 
 def _sample_loop(apply_fn, cache, logits_BV, rng, *, max_new_tokens, temperature, top_k, top_p):
-  """Picks a token from logits_BV, feeds it through apply_fn(cache, tokens_B1) -> (logits_B1V,
-  cache), max_new_tokens times; returns the picked tokens [B, N]."""
+  """Picks a token from logits_BV, then max_new_tokens - 1 times feeds the last pick through
+  apply_fn(cache, tokens_B1) -> (logits_B1V, cache) and picks from its logits (the last pick is
+  never fed: a prompt of T tokens reads T + N - 1 positions); returns the picks [B, N]."""
   def pick(logits_BV, key):
     if temperature == 0.0:
       return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -36,14 +37,15 @@ def _sample_loop(apply_fn, cache, logits_BV, rng, *, max_new_tokens, temperature
                                   axis=-1).astype(jnp.int32)
 
   def step(carry, key):
-    cache, logits_BV = carry
-    token_B = pick(logits_BV, key)
+    cache, token_B = carry
     logits, cache = apply_fn(cache, token_B[:, None])
-    return (cache, logits[:, -1]), token_B
+    token_B = pick(logits[:, -1], key)
+    return (cache, token_B), token_B
 
   keys = jax.random.split(rng, max_new_tokens)
-  _, tokens_NB = jax.lax.scan(step, (cache, logits_BV), keys)
-  return tokens_NB.T
+  first_B = pick(logits_BV, keys[0])
+  _, tokens_NB = jax.lax.scan(step, (cache, first_B), keys[1:])
+  return jnp.concatenate([first_B[:, None], tokens_NB.T], axis=1)
 
 
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p")
@@ -93,13 +95,13 @@ def _generate_seq2seq(model, params, source_BS, decoder_BP, rng, *, max_new_toke
 
 
 def check_length(cfg, longest: int, prefix: bool = False):
-  """Refuses a generation whose rows reach `longest` positions where the model cannot go: past
+  """Refuses a generation whose rows read `longest` positions where the model cannot go: past
   learned positions (NaN logits, read as token 0), or a prefix LM's BigBird random blocks past
   max_len (drawn over the cache's length, which no full forward pass matches)."""
   from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   if longest > cfg.max_len and (cfg.position == "learned" or (prefix and cfg.random_blocks)):
     why = "learned positions" if cfg.position == "learned" else "prefix LM random blocks"
-    raise ConfigError(f"generation reaches position {longest}, past model.max_len="
+    raise ConfigError(f"generation reads {longest} positions, past model.max_len="
                       f"{cfg.max_len} ({why}): shorten the prompt or max_new_tokens")
 
 
@@ -114,8 +116,8 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
   prompt_BT = jnp.asarray(prompt_ids, jnp.int32)
   if start_id is not None and decoder_ids is None:
     decoder_ids = [[start_id]] * prompt_BT.shape[0]
-  check_length(model.cfg, prompt_BT.shape[1] + max_new_tokens if start_id is None else
-               max(prompt_BT.shape[1], len(decoder_ids[0]) + max_new_tokens), prefix)
+  check_length(model.cfg, prompt_BT.shape[1] + max_new_tokens - 1 if start_id is None else
+               max(prompt_BT.shape[1], len(decoder_ids[0]) + max_new_tokens - 1), prefix)
   model = families.for_inference(model)
   kwargs = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p))

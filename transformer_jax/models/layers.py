@@ -190,8 +190,9 @@ def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0, variant: 
 
 def rope_frequencies(c: ModelConfig, k: int, positions_BT):
   """RoPE's inverse frequencies [K/2] for head dim `k` under c.rope_scaling, and the scale of
-  cos/sin, as Hugging Face's rope initializers compute them (dynamic: from the longest position
-  in `positions_BT`)."""
+  cos/sin, as Hugging Face's rope initializers compute them. Dynamic NTK's are [B, K/2], each
+  row's from its own longest position (Hugging Face's forward of that row alone), so a row's
+  logits never depend on its batch mates' lengths."""
   exponents = jnp.arange(0, k, 2, dtype=jnp.float32) / k
   inv = 1.0 / c.rope_theta ** exponents
   kind, factor = c.rope_scaling, c.rope_factor
@@ -199,9 +200,10 @@ def rope_frequencies(c: ModelConfig, k: int, positions_BT):
   if kind == "linear":
     return inv / factor, 1.0
   if kind == "dynamic":  # NTK-aware: a larger theta once positions pass max_len
-    length = jnp.maximum(jnp.max(positions_BT) + 1, c.max_len).astype(jnp.float32)
-    theta = c.rope_theta * (factor * length / c.max_len - (factor - 1)) ** (k / (k - 2))
-    return 1.0 / theta ** exponents, 1.0
+    length_B1 = jnp.maximum(jnp.max(positions_BT, axis=-1, keepdims=True) + 1, c.max_len)
+    theta_B1 = c.rope_theta * (factor * length_B1.astype(jnp.float32) / c.max_len
+                               - (factor - 1)) ** (k / (k - 2))
+    return 1.0 / theta_B1 ** exponents[None], 1.0
   if kind == "llama3":
     low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
     wavelength = 2 * math.pi / inv
@@ -225,8 +227,10 @@ def rope_frequencies(c: ModelConfig, k: int, positions_BT):
 
 def rotary(x_BTHK, positions_BT, inv_K, scale=1.0):
   """Rotary position embedding (RoFormer), rotating the two halves of each head by
-  position x inverse frequency (`rope_frequencies`); cos and sin are multiplied by `scale`."""
-  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv_K[None, None]
+  position x inverse frequency (`rope_frequencies`: [K/2], or [B, K/2] per row); cos and sin
+  are multiplied by `scale`."""
+  inv_BTK = inv_K[None, None] if inv_K.ndim == 1 else inv_K[:, None]
+  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv_BTK
   sin = (jnp.sin(angles_BTK) * scale)[:, :, None, :]
   cos = (jnp.cos(angles_BTK) * scale)[:, :, None, :]
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
