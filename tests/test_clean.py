@@ -470,6 +470,39 @@ def test_a_long_documents_kept_pieces_are_one_record_read_back_as_one_document(t
 
 
 
+def test_c4_judges_a_long_documents_page_whole_and_its_pieces_join_as_lines(tmp_path,
+                                                                            monkeypatch):
+  """C4's page rule (3 sentences) counts a long document's pieces together: a page whose short
+  last piece held one sentence was removed, and a page of 2 sentences in 2 pieces is; the kept
+  pieces join as the page's lines (C4 rewrote each without its closing newline: two lines ran
+  together at every cut). The output is C4's text of the whole page."""
+  monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 300)
+  rng = random.Random(5)
+  words = "the river carried small boats past quiet towns toward open sea".split()
+
+  def line(n):  # one sentence of n words
+    return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
+
+  pages = {"a_page.txt": "\n".join([line(12) for _ in range(9)] + ["Too short.", line(30)]),
+           "b_two.txt": line(35) + "\n" + line(35)}
+  (tmp_path / "c").mkdir()
+  for name, text in pages.items():
+    (tmp_path / "c" / name).write_text(text)
+  pieces = list(corpus_lib.iter_documents(str(tmp_path / "c" / "*.txt"), "text"))
+  last = [(i, t) for i, t in pieces if i.startswith("a_")][-1]
+  assert last[0] != "a_page.txt"  # alone, the last piece fails the page rule
+  assert (c4.check(last[1], c4.Limits())[2] or ("",))[0] == "too_few_sentences"
+  assert [i for i, _ in pieces if i.startswith("b_")] == ["b_two.txt#0", "b_two.txt#1"]
+  summary = _run(str(tmp_path / "c" / "*.txt"), tmp_path / "out", fmt="text", languages="none",
+                 quality="c4")
+  records = [json.loads(x) for x in open(tmp_path / "out" / "part-00000.jsonl", encoding="utf-8")]
+  assert [(r["id"], r["text"]) for r in records] == [
+      ("a_page.txt", c4.check(pages["a_page.txt"], c4.Limits())[0])]
+  assert summary["removed"]["quality"] == 2 == summary["quality_rules"]["c4:too_few_sentences"]
+  removed = [json.loads(x) for x in open(tmp_path / "out" / "removed" / "quality.jsonl")]
+  assert [(r["id"], r["value"]) for r in removed] == [("b_two.txt", 2.0)]
+
+
 def test_a_long_document_whose_later_piece_fails_quality_is_not_written(tmp_path, monkeypatch):
   """A failing piece ID#k removes the pieces before it too: nothing of the book is written (its
   first pieces used to be), they count as removed, and exact dedup does not remember them (a

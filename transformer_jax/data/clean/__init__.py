@@ -184,7 +184,7 @@ def _clean(out, corpus, fmt, text_field, stages, workers, samples, shard_mb, plo
   shards, removed_samples = output.Shards(out, shard_mb), output.Samples(out, samples)
   tally = collections.Counter()
   removed = {name: 0 for name in STAGES}
-  kept = _Kept(stages, shards)
+  kept = _Kept(stages, shards, removed, removed_samples)
   for batch, results in _analyzed(_batches(docs), stages, workers):
     for (_, text), doc in zip(batch, results):
       doc["text"] = doc.pop("new_text", text)
@@ -213,16 +213,26 @@ def _clean(out, corpus, fmt, text_field, stages, workers, samples, shard_mb, plo
 
 class _Kept:
   """Holds the kept pieces ID#k of the document being read until its last one is judged: a later
-  piece that fails quality removes the earlier ones too, and only then are they written (and
-  remembered by the dedup stages, which remember written documents only)."""
+  piece that fails quality removes the earlier ones too, the stages then judge the pieces
+  together (C4's page rule), and only then are they written (and remembered by the dedup
+  stages, which remember written documents only)."""
 
-  def __init__(self, stages, shards):
+  def __init__(self, stages, shards, removed: dict, samples):
     self.stages, self.shards, self.held = stages, shards, []
+    self.removed, self.samples = removed, samples
 
   def next_document(self, doc) -> None:
     """Writes the held pieces once `doc` (None: the end) starts another document."""
     if self.held and (doc is None or corpus_lib.document_of(doc["id"])
                       != corpus_lib.document_of(self.held[0]["id"])):
+      for stage in self.stages:
+        removal = stage.judge_pieces(self.held)
+        if removal is not None:
+          self.removed[stage.name] += len(self.held)
+          whole = {**self.held[0], "id": corpus_lib.document_of(self.held[0]["id"])}
+          self.samples.write(stage.name, whole, removal)
+          self.held.clear()
+          return
       for piece in self.held:
         for stage in self.stages:
           stage.keep(piece)

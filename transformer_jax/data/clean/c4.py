@@ -56,8 +56,11 @@ def sentences(line: str) -> int:
   return max(1, len(_segmenter().segment(line)))
 
 
-def check(text: str, limits: Limits) -> tuple[str, dict, tuple[str, float] | None]:
-  """(the kept lines' text, {metric: value}, (rule, value) of the failing rule or None)."""
+def check(text: str, limits: Limits,
+          page: bool = True) -> tuple[str, dict, tuple[str, float] | None]:
+  """(the kept lines' text, {metric: value}, (rule, value) of the failing rule or None). With
+  not `page` the text is a piece of a long document: the page rule is left to the whole
+  document (quality.py sums its pieces' sentences)."""
   kept, nonempty = [], 0
   for line in text.splitlines():
     line = line.strip()
@@ -84,6 +87,6 @@ def check(text: str, limits: Limits) -> tuple[str, dict, tuple[str, float] | Non
   else:  # past the limit anyway: the cheap count of sentence ends (segmenting is ~1 ms a line)
     count = sum(max(1, len(_SENTENCE_END.findall(line))) for line in kept)
   values = {"c4_kept_lines": len(kept) / nonempty if nonempty else 0.0, "sentences": count}
-  if count < limits.min_sentences:
+  if page and count < limits.min_sentences:
     return text, values, ("too_few_sentences", float(count))
   return "\n".join(kept), values, None

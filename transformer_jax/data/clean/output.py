@@ -72,9 +72,12 @@ class Shards:
     self.index, self.size, self.file = 0, 0, None
     self.documents = self.records = self.bytes = 0
     self.open = None  # the id of the document whose record is still being written
+    self.cut = ""  # what goes between its last piece and the next
 
   def write(self, doc: dict) -> None:
-    """Writes a kept document; a piece of the document before it joins that one's record."""
+    """Writes a kept document; a piece of the document before it joins that one's record, after
+    the earlier piece's "cut" where its text was rewritten (C4's lines drop the newline the
+    piece was cut after)."""
     document = corpus_lib.document_of(doc["id"])
     if self.open is None or document != self.open or document == doc["id"]:
       self._end()
@@ -82,7 +85,10 @@ class Shards:
       head["id"] = document
       self._put(_json(head)[:-1] + b', "text": "', new_record=True)
       self.open = document
+    elif self.cut:
+      self._put(_json(self.cut)[1:-1])
     self._put(_json(doc["text"])[1:-1])
+    self.cut = doc.get("cut", "")
     self.documents += 1
 
   def _end(self) -> None:

@@ -67,8 +67,14 @@ class Quality(stage_lib.Stage):
       values, failure = gopher.check(doc["text"], self.gopher)
       failure = failure and (f"gopher:{failure[0]}", failure[1])
     if failure is None and "c4" in self.rule_sets:
-      text, c4_values, failure = c4.check(doc["text"], self.c4)
+      piece = bool(corpus_lib.PIECE.search(doc["id"]))
+      text, c4_values, failure = c4.check(doc["text"], self.c4, page=not piece)
       values.update(c4_values)
+      if piece:  # C4's page rule is the whole document's (judge_pieces)
+        doc["c4_sentences"] = c4_values["sentences"]
+        # the cut (corpus.py's: after a newline, else a space) goes between this piece's lines
+        # and the next's, which C4's text of each piece drops (output.Shards)
+        doc["cut"] = doc["text"][-1:] if doc["text"][-1:] in ("\n", " ") else ""
       failure = failure and (f"c4:{failure[0]}", failure[1])
       if failure is None and text != doc["text"]:
         doc["text"] = doc["new_text"] = text
@@ -94,6 +100,17 @@ class Quality(stage_lib.Stage):
   def removes_document(self, removal, earlier_pieces):
     self.rules[removal[0]] += earlier_pieces
     return True
+
+  def judge_pieces(self, pieces):
+    """C4's page rule over a long document's kept pieces: their sentences together (a piece
+    alone, e.g. a short last one, failed the rule for the page)."""
+    if "c4" not in self.rule_sets or not any("c4_sentences" in p for p in pieces):
+      return None
+    count = sum(p.get("c4_sentences", 0) for p in pieces)
+    if count >= self.c4.min_sentences:
+      return None
+    self.rules["c4:too_few_sentences"] += len(pieces)
+    return "c4:too_few_sentences", float(count)
 
   def summary(self):
     return {"quality_rules": dict(self.rules.most_common())}

@@ -38,6 +38,12 @@ class Stage:
     del removal, earlier_pieces
     return False
 
+  def judge_pieces(self, pieces: list) -> tuple[str, float] | None:
+    """A long document's rules over its kept pieces ID#k together, once its last is read (before
+    any is written): None keeps them, (rule, value) removes them all (the stage counts them)."""
+    del pieces
+    return None
+
   def summary(self) -> dict:
     """Extra figures for the final JSON line."""
     return {}
