@@ -459,6 +459,10 @@ def test_lm_eval_adapter_agrees_with_evaluate(run, files, tmp_path):
   want = harness.evaluate(lm, [files["mc"]])["mc"]
   assert got["acc,none"] == pytest.approx(want["acc"])
   assert got["acc_norm,none"] == pytest.approx(want["acc_norm"])
+  # the command line's own batch_size (always given) does not clash with model_args'
+  made = lm_eval_adapter.TransformerJaxLM.create_from_arg_string(
+      f"workdir={run[0]},batch_size=4", {"batch_size": 1, "device": None})
+  assert made.text_model.batch_size == 4
 
 
 def _fake_lm(outputs, seen):

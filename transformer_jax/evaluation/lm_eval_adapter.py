@@ -39,6 +39,18 @@ class TransformerJaxLM(LM):
       text_model = harness.text_model(trainer, params, batch_size=_rows(batch_size))
     self.text_model = text_model
 
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str, additional_config=None):
+    """--model_args win over the command line's own settings (it always passes its batch_size,
+    default 1: a batch_size in model_args was a duplicate keyword, a traceback)."""
+    from lm_eval import utils  # pylint: disable=g-import-not-at-top
+    return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict, additional_config=None):
+    given = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    return cls(**{**given, **arg_dict})
+
   def loglikelihood(self, requests, disable_tqdm: bool = False):
     del disable_tqdm
     return self.text_model.loglikelihood([tuple(r.args[:2]) for r in requests])
