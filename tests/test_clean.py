@@ -484,7 +484,9 @@ def test_c4_judges_a_long_documents_page_whole_and_its_pieces_join_as_lines(tmp_
     return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
 
   pages = {"a_page.txt": "\n".join([line(12) for _ in range(9)] + ["Too short.", line(30)]),
-           "b_two.txt": line(35) + "\n" + line(35)}
+           "b_two.txt": line(35) + "\n" + line(35),  # (a piece C4 empties adds no line below)
+           "c_nav.txt": "\n".join(["Home | News | Sport | Weather | Contact us"] * 7
+                                  + [line(12) for _ in range(9)])}
   (tmp_path / "c").mkdir()
   for name, text in pages.items():
     (tmp_path / "c" / name).write_text(text)
@@ -497,7 +499,7 @@ def test_c4_judges_a_long_documents_page_whole_and_its_pieces_join_as_lines(tmp_
                  quality="c4")
   records = [json.loads(x) for x in open(tmp_path / "out" / "part-00000.jsonl", encoding="utf-8")]
   assert [(r["id"], r["text"]) for r in records] == [
-      ("a_page.txt", c4.check(pages["a_page.txt"], c4.Limits())[0])]
+      (name, c4.check(pages[name], c4.Limits())[0]) for name in ("a_page.txt", "c_nav.txt")]
   assert summary["removed"]["quality"] == 2 == summary["quality_rules"]["c4:too_few_sentences"]
   removed = [json.loads(x) for x in open(tmp_path / "out" / "removed" / "quality.jsonl")]
   assert [(r["id"], r["value"]) for r in removed] == [("b_two.txt", 2.0)]

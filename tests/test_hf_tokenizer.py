@@ -167,8 +167,15 @@ def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, caps
     assert ids == hf(text, add_special_tokens=False)["input_ids"], text
     assert tok.decode(ids) == text and hf.decode(ids) == text
     assert not set(ids) & {0, 1, 2, 3, 4, 5, 6}
-  # generated special tokens are not text (SentencePiece drops its control pieces alike)
+  # generated special tokens are not text (SentencePiece drops its control pieces alike), and
+  # one an lm-eval task names as a stop string ("<|im_end|>") still stops generation
   assert tok.decode(tok.encode("a b") + [3, 4, 1] + tok.encode(" c")) == "a b c"
+  from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  lm = scoring.TextModel(config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+      f"data.tokenizer={out.parent}"]), None, tok)
+  lm.generate_ids = lambda requests, n: [tok.encode("a b") + [4] + tok.encode(" c")]
+  assert lm.generate(["x"], until=["<extra_id_0>"]) == ["a b"]
+  assert lm.generate(["x"], until=["<extra_id_1>"]) == ["a b c"]
   from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
   export_tokenizer = convert_cli._export_tokenizer  # pylint: disable=protected-access
   export_config = convert_cli._export_hf_config  # pylint: disable=protected-access

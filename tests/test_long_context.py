@@ -496,7 +496,7 @@ def test_prefix_lm_generation_keeps_bidirectional_blocks_and_lengths_are_checked
   model = DecoderLM(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   apply = jax.jit(model.apply)
-  for length in (5, 11):
+  for length in (5, 11, 23):  # (23 + 10 reads all 32 positions: the cache's blocks are max_len's)
     prompt = np.random.default_rng(length).integers(3, 97, length).tolist()
     new = sampling.generate(model, params, [prompt], 10, temperature=0.0, prefix=True)[0]
     row = list(prompt)

@@ -312,3 +312,6 @@ def test_bart_scores_and_generates_in_its_training_frame():
   new = sampling.generate(model, params, [[1] + ctx[:2] + [4]], 3, temperature=0.0,
                           start_id=start, decoder_ids=[[start, 1] + ctx[:2]])
   assert lm.generate(["ab"], max_new_tokens=3) == [new[0]]
+  with pytest.raises(ConfigError, match="^a continuation of 16 tokens after the 1 its decoder "
+                                        "is given first is longer than the model's 16"):
+    lm.loglikelihood([("ab", " " + "c" * 15)])  # (bos, then the continuation: 17 positions)

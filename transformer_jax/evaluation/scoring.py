@@ -213,9 +213,19 @@ class TextModel:
     else:
       requests = [(self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):], None)
                   for p in prompts]
-    rows = self.generate_ids(requests, max_new_tokens)
+    rows = [_cut_ids(row, self._stop_ids(until))
+            for row in self.generate_ids(requests, max_new_tokens)]
     return [_cut(tok.decode(self._span_text(row) if self.target_head else row), until)
             for row in rows]
+
+  def _stop_ids(self, until) -> set[int]:
+    """The special tokens `until` names (lm-eval's "<|im_end|>"): decoding drops them from the
+    text, so generation stops at their ids."""
+    tok = self.tokenizer
+    if not hasattr(tok, "piece_id"):
+      return set()
+    ids = {tok.piece_id(u) for u in until if u}
+    return {i for i in ids if i >= 0 and not tok.is_normal(i)}
 
   def generate_ids(self, requests, max_new_tokens: int) -> list[list[int]]:
     """Greedy new ids (cut at eos) of (prompt ids, decoder head) requests: a decoder's prompt
@@ -240,8 +250,7 @@ class TextModel:
   def _span_text(self, row: list[int]) -> list[int]:
     """A span-corruption model's generated first span (after the <extra_id_0> it was given):
     cut before the next sentinel."""
-    sentinels = set(self.tokenizer.sentinel_ids)
-    return next((row[:k] for k, t in enumerate(row) if t in sentinels), row)
+    return _cut_ids(row, set(self.tokenizer.sentinel_ids))
 
   # ---- batches
   def _truncate(self, ctx, *cont):
@@ -251,8 +260,10 @@ class TextModel:
     head, continuation)."""
     head, cont = cont if len(cont) == 2 else ([], cont[0])
     if len(head) + len(cont) > self.max_len:
-      raise ConfigError(f"a continuation of {len(cont)} tokens is longer than the model's "
-                        f"{self.max_len} (model.max_len): shorten the task's answers or targets")
+      given = f" after the {len(head)} its decoder is given first" if head else ""
+      raise ConfigError(f"a continuation of {len(cont)} tokens{given} is longer than the "
+                        f"model's {self.max_len} (model.max_len): shorten the task's answers or "
+                        "targets")
     if self.is_seq2seq:
       return ctx[-self.max_len:], head, cont
     keep = self.max_len + 1
@@ -338,6 +349,10 @@ class Lengths(TextModel):
 
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
     return [""] * len(prompts)
+
+
+def _cut_ids(row: list[int], stops) -> list[int]:
+  return next((row[:k] for k, t in enumerate(row) if t in stops), row)
 
 
 def _cut(text: str, until) -> str:

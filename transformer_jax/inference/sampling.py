@@ -57,7 +57,9 @@ def _generate(model, params, prompt_BT, rng, *, max_new_tokens, temperature, top
   """A decoder: prefill the prompt into the KV cache (a prefix LM's prompt read both ways, as
   its prefix), then one token a step."""
   b, t = prompt_BT.shape
-  cache = model.init(jax.random.key(0), jnp.zeros((b, t + max_new_tokens), jnp.int32),
+  # (the cache holds what is fed: the prompt and all picks but the last; a prefix LM's random
+  # blocks are drawn over its length, which must not pass max_len where full passes stop)
+  cache = model.init(jax.random.key(0), jnp.zeros((b, t + max_new_tokens - 1), jnp.int32),
                      decode=True)["cache"]
 
   def apply_fn(cache, tokens, in_prefix=0):
@@ -81,7 +83,8 @@ def _generate_seq2seq(model, params, source_BS, decoder_BP, rng, *, max_new_toke
   own keys/values in the KV cache), then one token a step."""
   b, p = decoder_BP.shape
   encoded_BSD = model.apply({"params": params}, source_BS, method=model.encode)
-  cache = model.init(jax.random.key(0), source_BS, jnp.zeros((b, p + max_new_tokens), jnp.int32),
+  cache = model.init(jax.random.key(0), source_BS,
+                     jnp.zeros((b, p + max_new_tokens - 1), jnp.int32),
                      decode=True)["cache"]
 
   def apply_fn(cache, tokens):

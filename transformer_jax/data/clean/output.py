@@ -72,23 +72,24 @@ class Shards:
     self.index, self.size, self.file = 0, 0, None
     self.documents = self.records = self.bytes = 0
     self.open = None  # the id of the document whose record is still being written
-    self.cut = ""  # what goes between its last piece and the next
+    self.cut = None  # what goes between its last text and the next (None: no text yet)
 
   def write(self, doc: dict) -> None:
     """Writes a kept document; a piece of the document before it joins that one's record, after
-    the earlier piece's "cut" where its text was rewritten (C4's lines drop the newline the
-    piece was cut after)."""
+    the earlier text's "cut" where it was rewritten (C4's lines drop the newline the piece was
+    cut after), between two texts only (a piece C4 left empty adds nothing)."""
     document = corpus_lib.document_of(doc["id"])
     if self.open is None or document != self.open or document == doc["id"]:
       self._end()
       head = {k: doc[k] for k in _FIELDS if k in doc and k != "text"}
       head["id"] = document
       self._put(_json(head)[:-1] + b', "text": "', new_record=True)
-      self.open = document
-    elif self.cut:
-      self._put(_json(self.cut)[1:-1])
-    self._put(_json(doc["text"])[1:-1])
-    self.cut = doc.get("cut", "")
+      self.open, self.cut = document, None
+    if doc["text"]:
+      if self.cut:
+        self._put(_json(self.cut)[1:-1])
+      self._put(_json(doc["text"])[1:-1])
+      self.cut = doc.get("cut", "")
     self.documents += 1
 
   def _end(self) -> None:

@@ -72,9 +72,9 @@ class Quality(stage_lib.Stage):
       values.update(c4_values)
       if piece:  # C4's page rule is the whole document's (judge_pieces)
         doc["c4_sentences"] = c4_values["sentences"]
-        # the cut (corpus.py's: after a newline, else a space) goes between this piece's lines
-        # and the next's, which C4's text of each piece drops (output.Shards)
-        doc["cut"] = doc["text"][-1:] if doc["text"][-1:] in ("\n", " ") else ""
+        # its text is now lines: the next piece's go on a new line (output.Shards; a line that
+        # corpus.py cut at a space, past half a piece, was judged as its two fragments)
+        doc["cut"] = "\n"
       failure = failure and (f"c4:{failure[0]}", failure[1])
       if failure is None and text != doc["text"]:
         doc["text"] = doc["new_text"] = text
