@@ -79,9 +79,10 @@ def predict_command(argv):
   from transformer_jax.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top
   result = fit_lib.predict(fit_lib.load_fit(flags["fit"]), flops)
   iv = result["intervals"]
-  print(f"C = {flops:.4g} FLOPs, {result['level']:.0%} intervals:")
-  for key in ("params", "tokens", "loss"):
-    print(f"  {key:<7} {result[key]:.4g}  [{iv[key][0]:.4g}, {iv[key][1]:.4g}]")
+  if iv is not None:
+    print(f"C = {flops:.4g} FLOPs, {result['level']:.0%} intervals:")
+    for key in ("params", "tokens", "loss"):
+      print(f"  {key:<7} {result[key]:.4g}  [{iv[key][0]:.4g}, {iv[key][1]:.4g}]")
   if "warning" in result:
     print(result["warning"])
   print(json.dumps(result))

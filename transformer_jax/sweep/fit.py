@@ -45,6 +45,11 @@ FIT_FILE = "fit.json"
 THETA = ("a", "b", "e", "alpha", "beta")  # the optimizer's parameter vector, in this order
 # alpha and beta >= 0 keep the law decreasing in N and D; the log-scale constants are free.
 BOUNDS = [(None, None), (None, None), (None, None), (0.0, 4.0), (0.0, 4.0)]
+# An exponent whose term moves the loss by less than this share of it across the runs' N (or
+# D) is not pinned by them: a loss flat in N fits alpha ~ 5e-4 with A ~ 1, a constant.
+PINNED_SHARE = 0.01
+# An isoFLOP parabola whose minimum lies further than this outside the sampled ln N is skipped.
+VERTEX_REACH = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +151,10 @@ def fit_isoflop(runs: Runs, rtol=BUDGET_RTOL) -> dict:
       skipped.append({"flops": flops, "reason": "no minimum (the parabola opens downward)"})
       continue
     log_n_opt = -coeffs[1] / (2 * coeffs[0])
+    if not log_n.min() - VERTEX_REACH <= log_n_opt <= log_n.max() + VERTEX_REACH:
+      skipped.append({"flops": flops, "reason": "its minimum lies far outside the sampled sizes "
+                                                f"(ln N = {log_n_opt:.4g})"})
+      continue
     params_opt = float(np.exp(log_n_opt))
     slope, coef = _loglog_line(runs.params[index], runs.flops[index] / runs.tokens[index])
     budgets.append({
@@ -263,28 +272,37 @@ def fit_parametric(runs: Runs, delta=HUBER_DELTA, starts=8, bootstrap=200, seed=
   draws = constants_of(samples)
   return {
       "constants": {k: float(v) for k, v in constants_of(theta).items()},
-      "at_bound": at_bound(theta),
+      "unpinned": unpinned(theta, runs),
       "intervals": {k: _interval(v, level) for k, v in draws.items()},
       "level": level, "huber_delta": delta, "objective": objective, "runs": len(runs),
       "bootstrap": {"resamples": bootstrap, "seed": seed,
                     "samples": {k: draws[k].tolist() for k in ("E", "A", "B", "alpha", "beta")}}}
 
 
-def at_bound(theta) -> list[str]:
-  """The exponents (alpha, beta) that the optimizer left on a bound of BOUNDS: the runs do not
-  pin them (e.g. a loss flat in N), and N_opt, D_opt follow from the bound, not from the data."""
-  return [THETA[i] for i in (3, 4)
-          if any(b is not None and abs(theta[i] - b) < 1e-6 for b in BOUNDS[i])]
+def unpinned(theta, runs: Runs) -> list[str]:
+  """The exponents (alpha, beta) the runs do not pin: left on a bound of BOUNDS, or whose term
+  (A/N^alpha over the runs' N; B/D^beta over their D) moves the loss by less than PINNED_SHARE
+  of it (e.g. a loss flat in N). N_opt and D_opt would follow from the bound or the noise."""
+  c = constants_of(np.asarray(theta))
+  names = []
+  for i, (name, scale, x) in enumerate((("alpha", "A", runs.params), ("beta", "B", runs.tokens)),
+                                       start=3):
+    on_bound = any(b is not None and abs(theta[i] - b) < 1e-6 for b in BOUNDS[i])
+    term = c[scale] * np.asarray([x.min(), x.max()], float) ** -c[name]
+    if on_bound or term[0] - term[1] < PINNED_SHARE * float(np.mean(runs.loss)):
+      names.append(name)
+  return names
 
 
 def bound_warning(fit3: dict) -> str:
-  """One line on a fit whose exponents sit on a bound ("" when none does)."""
-  names = fit3.get("at_bound") or []
+  """One line on a fit whose exponents the runs do not pin ("" when they pin both)."""
+  names = fit3.get("unpinned", fit3.get("at_bound")) or []  # (at_bound: an older fit.json's)
   if not names:
     return ""
-  return (f"warning: {' and '.join(names)} sit on the fit's bound ({BOUNDS[3][0]:g} or "
-          f"{BOUNDS[3][1]:g}): the runs do not determine them, and the compute-optimal N and D "
-          "follow from the bound, not the data (vary what the loss does not yet depend on)")
+  return (f"warning: the runs do not pin {' and '.join(names)} (on the fit's bound "
+          f"{BOUNDS[3][0]:g} or {BOUNDS[3][1]:g}, or a term that moves the loss by under "
+          f"{PINNED_SHARE:.0%} across them): no compute-optimal N and D follow (vary what the "
+          "loss does not yet depend on)")
 
 
 def _interval(samples, level):
@@ -325,7 +343,9 @@ def fit_frontier(x, loss, rtol=BUDGET_RTOL):
   if len(points) >= 2:
     slope, coef = _loglog_line(*zip(*points))
     result["exponent"] = -slope
-    result["scale"] = coef ** (1 / -slope)  # L = coef·x^slope = (scale/x)^exponent
+    log_scale = math.log(coef) / -slope  # L = coef·x^slope = (scale/x)^exponent
+    # (an exponent near 0, a flat frontier: X_c past any float, none given)
+    result["scale"] = math.exp(log_scale) if abs(log_scale) < 700 else None
   return result
 
 
@@ -412,20 +432,21 @@ def compute_optimal(constants, flops, cost=None):
   With `cost` (fit_runs': the runs' FLOPs per token, coef·N^slope, which counts attention too)
   D = C / cost(N), and L(N, D(N)) is minimized over N on a grid around the closed form's,
   refined once (to 0.1 %), so that the (N, D) it returns spends C, not C·cost(N)/(6·N)."""
-  c = constants
-  g = (c["alpha"] * c["A"] / (c["beta"] * c["B"])) ** (1 / (c["alpha"] + c["beta"]))
-  a, b = c["beta"] / (c["alpha"] + c["beta"]), c["alpha"] / (c["alpha"] + c["beta"])
-  params, tokens = g * (flops / 6) ** a, (flops / 6) ** b / g
-  if cost is not None:
-    spend = lambda n: np.asarray(flops)[..., None] / (cost["coef"] * n ** cost["slope"])
-    expanded = {k: np.asarray(v)[..., None] for k, v in c.items()}
-    for width, points in ((4.0, 161), (0.05, 101)):  # ln N steps of 0.05, then 0.001
-      grid = np.asarray(params)[..., None] * np.exp(np.linspace(-width, width, points))
-      losses = law(expanded, grid, spend(grid))
-      best = np.argmin(np.where(np.isnan(losses), np.inf, losses), axis=-1)[..., None]
-      params = np.take_along_axis(grid, best, axis=-1)[..., 0]
-    tokens = flops / (cost["coef"] * params ** cost["slope"])
-  return params, tokens, law(c, params, tokens)
+  c = {k: np.asarray(v, float) for k, v in constants.items()}  # (0 exponents: inf/nan, no error)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    g = (c["alpha"] * c["A"] / (c["beta"] * c["B"])) ** (1 / (c["alpha"] + c["beta"]))
+    a, b = c["beta"] / (c["alpha"] + c["beta"]), c["alpha"] / (c["alpha"] + c["beta"])
+    params, tokens = g * (flops / 6) ** a, (flops / 6) ** b / g
+    if cost is not None:
+      spend = lambda n: np.asarray(flops)[..., None] / (cost["coef"] * n ** cost["slope"])
+      expanded = {k: np.asarray(v)[..., None] for k, v in c.items()}
+      for width, points in ((4.0, 161), (0.05, 101)):  # ln N steps of 0.05, then 0.001
+        grid = np.asarray(params)[..., None] * np.exp(np.linspace(-width, width, points))
+        losses = law(expanded, grid, spend(grid))
+        best = np.argmin(np.where(np.isnan(losses), np.inf, losses), axis=-1)[..., None]
+        params = np.take_along_axis(grid, best, axis=-1)[..., 0]
+      tokens = flops / (cost["coef"] * params ** cost["slope"])
+    return params, tokens, law(c, params, tokens)
 
 
 def predict(fit: dict, flops: float) -> dict:
@@ -434,17 +455,21 @@ def predict(fit: dict, flops: float) -> dict:
   if not (math.isfinite(flops) and flops > 0):
     raise ConfigError(f"flops must be a positive number of FLOPs, got {flops!r}")
   fit3 = fit["approach3"]
-  cost = fit3.get("cost")  # (a fit.json written before it had one: C = 6·N·D)
-  params, tokens, loss = compute_optimal(fit3["constants"], flops, cost)
-  draws = {k: np.asarray(v) for k, v in fit3["bootstrap"]["samples"].items()}
-  with np.errstate(all="ignore"):  # a degenerate resample (alpha = beta = 0) gives nan: skipped
-    samples = compute_optimal(draws, flops, cost)
-  result = {"flops": flops, "params": float(params), "tokens": float(tokens), "loss": float(loss),
-            "tokens_per_param": float(tokens / params), "level": fit3["level"],
-            "intervals": {k: _interval(s, fit3["level"])
-                          for k, s in zip(("params", "tokens", "loss"), samples)}}
-  if bound_warning(fit3):
-    result["warning"] = bound_warning(fit3)
+  if bound_warning(fit3):  # (an exponent the runs do not pin: no optimum follows from them)
+    result = {"flops": flops, "params": None, "tokens": None, "loss": None,
+              "tokens_per_param": None, "level": fit3["level"], "intervals": None,
+              "warning": bound_warning(fit3)}
+  else:
+    cost = fit3.get("cost")  # (a fit.json written before it had one: C = 6·N·D)
+    params, tokens, loss = compute_optimal(fit3["constants"], flops, cost)
+    draws = {k: np.asarray(v) for k, v in fit3["bootstrap"]["samples"].items()}
+    with np.errstate(all="ignore"):  # a degenerate resample (alpha = beta = 0): nan, skipped
+      samples = compute_optimal(draws, flops, cost)
+    result = {"flops": flops, "params": float(params), "tokens": float(tokens),
+              "loss": float(loss), "tokens_per_param": float(tokens / params),
+              "level": fit3["level"],
+              "intervals": {k: _interval(s, fit3["level"])
+                            for k, s in zip(("params", "tokens", "loss"), samples)}}
   fit2 = fit.get("approach2") or {}
   if fit2.get("a") is not None:
     result["approach2"] = {"params": fit2["params_coef"] * flops ** fit2["a"],

@@ -88,7 +88,7 @@ def plot_frontier(path, runs, fit):
     ax.scatter(x, runs.loss, s=10, color="0.7", label="runs")
     points = np.array(law["points"])
     ax.plot(points[:, 0], points[:, 1], "o", color="k", ms=4, label="frontier")
-    if law["exponent"] is not None:
+    if law["scale"] is not None:  # (a frontier too flat for a finite X_c has none)
       grid = np.geomspace(x.min(), x.max(), 50)
       ax.plot(grid, (law["scale"] / grid) ** law["exponent"], color="C3",
               label=f"(X_c/X)^{law['exponent']:.3f}")
@@ -207,9 +207,9 @@ def _predictions_section(fit, runs):
            "|---|---|---|---|---|---|---|---|"]
   for flops in runs.flops.max() * np.array([1, 10, 100]):
     p = fit_lib.predict(fit, float(flops))
-    iv = p["intervals"]
+    iv = p["intervals"] or dict.fromkeys(("params", "tokens", "loss"), (None, None))
     lines.append(f"| {flops:.3g} | {_g(p['params'])} | {_g(p['tokens'])} | "
-                 f"{p['tokens_per_param']:.3g} | {_g(p['loss'])} | {_interval(iv['params'])} | "
+                 f"{_g(p['tokens_per_param'])} | {_g(p['loss'])} | {_interval(iv['params'])} | "
                  f"{_interval(iv['tokens'])} | {_interval(iv['loss'])} |")
   cost = fit["approach3"].get("cost")
   spent = (f"D = C / ({cost['coef']:.3g}·N^{cost['slope']:.3f}), the runs' FLOPs per token, "
