@@ -139,6 +139,36 @@ def test_scanned_stack_sows_the_same_maps_and_activations(run, packed):
     np.testing.assert_allclose(got_m[k], v, rtol=1e-5)
 
 
+def test_a_sequence_sharded_workdir_is_inspected_scored_and_probed_as_one_device(tiny_data):
+  """mesh.sequence=3 (ring attention: a batch's length a multiple of 6): inspect's one text (of
+  no multiple of 6 tokens), scoring's power-of-two buckets and probe's features failed to shard
+  (or to zigzag); they are padded to the multiple and give one device's figures."""
+  from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", _overrides(tiny_data, **{
+      "model.d_model": 48, "model.num_heads": 4, "model.max_len": 48, "data.seq_len": 48}))
+  trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  params = _random_params(trainer.model, jnp.zeros((1, 8), jnp.int32))
+  config.mesh.update(sequence=3)
+  ring = Trainer(config, sharding.make_mesh(config, jax.devices()[:3]))
+  assert sharding.length_multiple(ring.mesh, ring.rules) == 6
+  placed = jax.device_put(params, ring.state_shardings.params)
+  tok = tokenization.load(tiny_data["tokenizer"])
+  text = "def f(x): return x + 1"
+  want, got = (interpret.run(tr, p, tok, text) for tr, p in ((trainer, params), (ring, placed)))
+  assert len(got["tokens"]) % 6 and got["tokens"] == want["tokens"]
+  for a, b in zip(got["attention"]["attention"], want["attention"]["attention"]):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert [r["top"] for r in got["logit_lens"]["layers"]] == [
+      r["top"] for r in want["logit_lens"]["layers"]]
+  pairs = [([5, 6, 7], [8, 9]), (list(range(3, 20)), [21])]
+  np.testing.assert_allclose(
+      [s for s, _ in harness.text_model(ring, placed, batch_size=3).ids_loglikelihood(pairs)],
+      [s for s, _ in harness.text_model(trainer, params).ids_loglikelihood(pairs)], atol=1e-4)
+  texts = ["def f(x):", "import os", "x = 1"]
+  np.testing.assert_allclose(probe.features(ring, placed, tok, texts, batch_size=3),
+                             probe.features(trainer, params, tok, texts), atol=1e-4)
+
+
 def _random_params(model, *inputs, std=0.3):
   """Random parameters of `model`'s shapes (no initializer run, nothing compiled)."""
   shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"]))

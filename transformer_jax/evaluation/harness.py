@@ -32,7 +32,9 @@ def batch_rows(trainer, batch_size: int = 0) -> int:
   c = trainer.config
   rows = batch_size or max(c.train.batch_size // c.train.microbatches, 1)
   size = trainer.mesh.size
-  shards = size // trainer.batch_sharding.shard_shape((size, scoring.MIN_BUCKET))[0]
+  length = scoring.bucket(0, scoring.MIN_BUCKET, sharding.length_multiple(trainer.mesh,
+                                                                          trainer.rules))
+  shards = size // trainer.batch_sharding.shard_shape((size, length))[0]
   return -(-rows // shards) * shards
 
 

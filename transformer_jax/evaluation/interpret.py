@@ -127,12 +127,14 @@ def _lens_side(model, inputs):
   return inputs[0], inputs[names.index("positions")]
 
 
-def model_inputs(model, inputs: Inputs, batch: int = 1):
-  """The model's INPUTS (numpy) for one text, `batch` rows (repeats of it)."""
-  tokens, segments, positions = row_arrays([inputs.ids], len(inputs.ids), batch)
+def model_inputs(model, inputs: Inputs, batch: int = 1, multiple: int = 1):
+  """The model's INPUTS (numpy) for one text, `batch` rows (repeats of it), padded to a length
+  `multiple` (a sequence-sharded batch's: sharding.length_multiple)."""
+  padded = lambda n: -(-n // multiple) * multiple  # pylint: disable=unnecessary-lambda-assignment
+  tokens, segments, positions = row_arrays([inputs.ids], padded(len(inputs.ids)), batch)
   if inputs.source_ids is None:
     return tokens, segments, positions
-  src, src_seg, src_pos = row_arrays([inputs.source_ids], len(inputs.source_ids), batch)
+  src, src_seg, src_pos = row_arrays([inputs.source_ids], padded(len(inputs.source_ids)), batch)
   by_name = {"encoder_inputs": src, "decoder_inputs": tokens, "encoder_segment_ids": src_seg,
              "encoder_positions": src_pos, "decoder_segment_ids": segments,
              "decoder_positions": positions}
@@ -252,8 +254,8 @@ def run(trainer, params, tokenizer, text: str, *, target: str = "", top_k: int =
   family = config.model.family
   inputs = text_inputs(config, tokenizer, text, target)
   rows = harness.batch_rows(trainer, 1)
-  arrays = [jax.device_put(a, trainer.batch_sharding)
-            for a in model_inputs(model, inputs, rows)]
+  arrays = [jax.device_put(a, trainer.batch_sharding) for a in model_inputs(
+      model, inputs, rows, sharding.length_multiple(trainer.mesh, trainer.rules))]
   prefix = None
   if objectives.flag(config.data, "PREFIX"):  # (a prefix LM takes one, even an empty one)
     prefix = np.zeros(arrays[0].shape, np.int32)
@@ -262,14 +264,18 @@ def run(trainer, params, tokenizer, text: str, *, target: str = "", top_k: int =
   with sharding.context(trainer.mesh, trainer.rules):
     _, embedded, sown = forward(model, params, tuple(arrays), prefix_BT=prefix)
   where = "decoder" if family == "encdec" else ""
-  stream = [np.asarray(x[:1], np.float32) for x in residual_stream(embedded, sown, where)]
-  maps = {k: [np.asarray(p[0]) for p in v] for k, v in attention_maps(sown).items()}
+  n = len(inputs.ids)  # (less any padding a sequence-sharded batch needed)
+  s = n if inputs.source_ids is None else len(inputs.source_ids)
+  stream = [np.asarray(x[:1, :n], np.float32) for x in residual_stream(embedded, sown, where)]
+  maps = {k: [np.asarray(p[0][:, :s if k.startswith("encoder") else n,
+                               :s if k in ("encoder/attention", "decoder/cross_attention") else n])
+              for p in v] for k, v in attention_maps(sown).items()}
   pieces = tokenizer.pieces()
   with sharding.context(trainer.mesh, trainer.rules):
     lens = logit_lens(model, params, [jnp.asarray(x) for x in stream], inputs.ids,
                       causal=family != "encoder", where=where, pieces=pieces, k=top_k,
                       seen=max(inputs.prefix - 1, 0))
-  encoder = ([np.asarray(x[:1]) for x in stack.sown_layers(sown[layers.INTERMEDIATES])[
+  encoder = ([np.asarray(x[:1, :s]) for x in stack.sown_layers(sown[layers.INTERMEDIATES])[
       ("encoder", "residual")]] if family == "encdec" else [])
   stats = activation_stats(stream, {k: [p[None] for p in v] for k, v in maps.items()},
                            prefix="decoder/" if encoder else "", encoder=encoder)

@@ -68,7 +68,8 @@ def features(trainer, params, tokenizer, texts, *, batch_size: int = 0) -> np.nd
   out = []
   for start in range(0, len(ids), rows):
     chunk = ids[start:start + rows]
-    length = scoring.bucket(max(map(len, chunk)), int(config.model.max_len))
+    length = scoring.bucket(max(map(len, chunk)), int(config.model.max_len),
+                            sharding.length_multiple(trainer.mesh, trainer.rules))
     tokens, segments, positions = interpret.row_arrays(chunk, length, rows)
     arrays = (tokens, segments, positions)
     if encdec:  # the encoder's inputs in the model's INPUTS order; the decoder is not run

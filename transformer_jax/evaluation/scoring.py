@@ -26,9 +26,11 @@ from transformer_jax.parallel import sharding
 MIN_BUCKET = 16
 
 
-def bucket(n: int, limit: int) -> int:
-  """The padded length of a batch whose longest row is n: a power of two >= 16, <= limit."""
-  return min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), limit)
+def bucket(n: int, limit: int, multiple: int = 1) -> int:
+  """The padded length of a batch whose longest row is n: a power of two >= 16, <= limit,
+  rounded up to a `multiple` (sharding.length_multiple: a sequence-sharded batch's; the
+  padding past limit is position 0, read by no row)."""
+  return -(-min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), limit) // multiple) * multiple
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -67,6 +69,7 @@ class TextModel:
     self.batch_size, self.padding = batch_size, padding
     self.mesh, self.rules = mesh, rules
     self._batch_sharding = sharding.batch_sharding(mesh, rules) if mesh is not None else None
+    self.multiple = sharding.length_multiple(mesh, rules) if mesh is not None else 1
     self.add_bos = bool(config.data.add_bos)
     self.prefix_id = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
     # T5's span corruption taught the model to fill masked spans: a continuation is asked for
@@ -288,7 +291,7 @@ class TextModel:
   def _scored(self, rows, t: int):
     """[B, K] (positions, targets, weights) of each row's continuation tokens: `rows` are
     (first scored position within the row, row length, continuation ids)."""
-    k = min(bucket(max(len(x) for _, _, x in rows), self.max_len), t)
+    k = min(bucket(max(len(x) for _, _, x in rows), self.max_len, self.multiple), t)
     b = self.batch_size
     at_BK, targets_BK = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32)
     weights_BK = np.zeros((b, k), np.float32)
@@ -301,7 +304,7 @@ class TextModel:
   def _decoder_batch(self, rows):
     """The inputs are context + continuation less its last token; the target at position
     len(context) - 1 + j is continuation token j."""
-    t = bucket(max(len(c) + len(x) - 1 for c, x in rows), self.max_len)
+    t = bucket(max(len(c) + len(x) - 1 for c, x in rows), self.max_len, self.multiple)
     inputs = self._place([(c + x)[:-1] for c, x in rows], t)
     return inputs, self._scored([(len(c) - 1, len(c) + len(x) - 1, x) for c, x in rows], t)
 
@@ -318,8 +321,8 @@ class TextModel:
   def _seq2seq_batch(self, rows):
     """(source, head, continuation) rows: the encoder reads the source; the decoder reads start
     + head + continuation[:-1]."""
-    s = bucket(max(len(c) for c, _, _ in rows), self.max_len)
-    t = bucket(max(len(h) + len(x) for _, h, x in rows), self.max_len)
+    s = bucket(max(len(c) for c, _, _ in rows), self.max_len, self.multiple)
+    t = bucket(max(len(h) + len(x) for _, h, x in rows), self.max_len, self.multiple)
     enc, enc_seg, enc_pos = self._place([c for c, _, _ in rows], s)
     start = objectives.decoder_start(self.tokenizer)
     dec, dec_seg, dec_pos = self._place([[start] + h + x[:-1] for _, h, x in rows], t)

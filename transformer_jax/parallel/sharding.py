@@ -131,6 +131,14 @@ def batch_sharding(mesh, rule_table) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
+def length_multiple(mesh, rule_table) -> int:
+  """What a batch's length must be a multiple of: twice the shards of `act_length` (ring
+  attention's zigzag halves, models/ring.py), or 1 when tokens are not sharded."""
+  spec = nn.logical_to_mesh_axes(("act_length",), rule_table)[0]
+  shards = math.prod(mesh.shape[a] for a in _names(spec))
+  return 2 * shards if shards > 1 else 1
+
+
 DATA = "data"  # the data-parallel mesh axis (its outer part spans slices: mesh.dcn_data)
 
 
