@@ -401,6 +401,8 @@ def test_processes_get_disjoint_documents(config):
 
 
 def test_worker_processes_give_the_same_batches(config):
+  with pytest.raises(ConfigError, match=r"^data.num_workers=1000 is more than this host's \d+ "):
+    pipeline.validate(_with(config, **{"data.num_workers": 1000}))  # (a process each)
   with_worker = pipeline.make_train_iterator(_with(config, **{"data.num_workers": 1}))
   try:
     _assert_same(_take(pipeline.make_train_iterator(config), 2), _take(with_worker, 2))

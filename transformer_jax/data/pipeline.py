@@ -145,6 +145,10 @@ def validate(config, process_count: int = 1) -> None:
                       f"train.batch_size={batch}")
   if d.num_workers < 0:
     raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+  if d.num_workers > (os.cpu_count() or 1):  # (1000 swapped the host out: a process each)
+    raise ConfigError(f"data.num_workers={d.num_workers} is more than this host's "
+                      f"{os.cpu_count()} CPUs: grain starts a process (with its own copy of the "
+                      "pipeline) per worker and data shard")
   if not 0.0 <= d.validation_fraction < 1.0:
     raise ConfigError(f"data.validation_fraction={d.validation_fraction} must be in [0, 1)")
   if not isinstance(d.pretokenize, bool):
