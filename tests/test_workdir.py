@@ -314,6 +314,13 @@ def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path, 
   assert again["loss"] == first["loss"] and again["eval_loss"] == first["eval_loss"]
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [2, 2, 4, 4]  # nothing appended
+  # nor is its config.json rewritten by a flag the finished run never trained with (the next
+  # resume read it, and trained on at another seq_len without a word)
+  saved = (tmp_path / "config.json").read_text()
+  other = _config(tiny_data, **{"train.steps": 4, "train.log_every": 2, "eval.every_steps": 2,
+                                "optimizer.learning_rate": 0.5})
+  assert loop.train(other, str(tmp_path), quiet=True, devices=ONE())["complete"]
+  assert (tmp_path / "config.json").read_text() == saved
   # A run its first step refuses (splash needs a TPU: found when tracing) leaves config.json as
   # it was: it saved its own, and the plain resume command then failed with it every time
   saved = (tmp_path / "config.json").read_text()

@@ -202,7 +202,8 @@ def put_back(workdir: str, before: dict):
 def start(trainer, workdir: str, data, say, data_writes=None):
   """(first step, state, Checkpoints) for a run in `workdir`: restored from its newest readable
   checkpoint (and `data` moved to its position), or freshly initialised. Writes config.json
-  only once the checkpoints have accepted this config, so a refused run leaves it as it was.
+  only once the checkpoints have accepted this config and steps remain, so a refused or
+  finished run leaves it as it was.
   A start from the previous checkpoints' parameters (on_mismatch=params) is saved as step 0:
   a crash or a rollback before the first save returns to them, not to a fresh init."""
   c = trainer.config
@@ -227,7 +228,9 @@ def start(trainer, workdir: str, data, say, data_writes=None):
   if state is not None and paths.isfile(corpus_path) and not any(
       r.startswith(("data.corpus", "data.format", "data.validation_fraction")) for r in reordered):
     reordered += _corpus_changes(paths.read_text(corpus_path).strip(), corpus)
-  if jax.process_index() == 0:
+  finished = state is not None and step >= c.train.steps  # (trains nothing: records nothing,
+  # or a mistaken flag on a finished run's command became the config its next resume reads)
+  if jax.process_index() == 0 and not finished:
     record(c, workdir, corpus)
   if state is not None:
     say(f"resumed from {ckpts.directory}/{step}")
