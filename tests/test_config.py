@@ -98,6 +98,8 @@ BAD = [
     (["model.position=relative", "model.relative_buckets=3"], "model.relative_buckets must be"),
     (["model.position=rotary", "model.rope_theta=0.0"], "model.rope_theta must be > 0"),
     (["train.label_smoothing=1.5"], "train.label_smoothing must be in [0, 1)"),
+    (["optimizer.learning_rate=1e999"], "optimizer.learning_rate=inf must be a finite number"),
+    (["model.init_std=-1e999"], "model.init_std=-inf must be a finite number"),
     (["train.spike_factor=0.5"], "train.spike_factor must be 0 (off) or > 1"),
     (["model.rope_factor=8.0"], "model.rope_factor=8.0 has no effect with model.rope_scaling=none"),
     (["model.num_shared_experts=2"], "model.num_shared_experts=2 has no effect with "

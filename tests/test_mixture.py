@@ -195,6 +195,9 @@ def test_bad_mixtures_are_one_line_errors(sources, change, match):
 def test_bad_temperature(sources):
   with pytest.raises(ConfigError, match="data.mixture_temperature=0.0 must be a number > 0"):
     pipeline.validate(_config(sources, **{"data.mixture_temperature": 0.0}))
+  with pytest.raises(ConfigError, match=r"data.mixture_temperature=0.001 gives source '\w+' a "
+                                        r"share of 0, under 1e-06"):  # (w^1000: inf, then NaN)
+    pipeline.validate(_config(sources, **{"data.mixture_temperature": 0.001}))
 
 
 def test_mixed_eval_weighs_the_sources():

@@ -279,9 +279,23 @@ def _check_sequence_parallel(config, num_devices=None):
                       f"sequence axis, {2 * p} (each device holds two balanced chunks)")
 
 
+def _numbers(tree, prefix=""):
+  """(dotted key, float) of every float in a config dict, in tuples and lists too."""
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      yield from _numbers(value, name + ".")
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(v, float):
+        yield name, v
+
+
 def validate(config, num_devices: int | None = None):
   """Cheap checks of the config's values, run before anything is compiled (the objective's are
   data/objectives' `check`, the data's pipeline.validate)."""
+  for key, value in _numbers(config.to_dict()):  # ("1e999" reads as inf: NaN losses, exit 0)
+    if not math.isfinite(value):
+      raise ConfigError(f"{key}={value!r} must be a finite number")
   for key, allowed in ENUMS.items():
     if get(config, key) not in allowed:
       raise ConfigError(f"{key}={get(config, key)!r} is not one of {', '.join(allowed)}")

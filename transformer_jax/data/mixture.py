@@ -76,9 +76,17 @@ def _check_entry(i: int, entry) -> tuple[str, float]:
   return name, float(weight)
 
 
+MIN_SHARE = 1e-6  # the smallest share a source may have
+
+
 def probabilities(weights, temperature: float) -> np.ndarray:
-  """p_i ∝ w_i^(1/T), summing to 1."""
-  w = np.asarray(weights, np.float64) ** (1.0 / temperature)
+  """p_i ∝ w_i^(1/T), summing to 1 (in log space where a small T takes w^(1/T) past float's
+  range; elsewhere as before, to the bit: grain's integer proportions come from these)."""
+  with np.errstate(over="ignore"):
+    w = np.asarray(weights, np.float64) ** (1.0 / temperature)
+  if not np.all(np.isfinite(w)):
+    log_w = np.log(np.asarray(weights, np.float64)) / temperature
+    w = np.exp(log_w - log_w.max())
   return w / w.sum()
 
 
@@ -98,6 +106,10 @@ def sources(config) -> list[Source]:
   if repeated:
     raise ConfigError(f"data.mixture: source name(s) {', '.join(map(repr, repeated))} repeated")
   probs = probabilities([w for _, w in checked], t)
+  if min(probs) < MIN_SHARE:  # (grain mixes in integer proportions of the smallest share)
+    raise ConfigError(f"data.mixture_temperature={t!r} gives source "
+                      f"{names[int(np.argmin(probs))]!r} a share of {min(probs):.3g}, under "
+                      f"{MIN_SHARE:g}: raise the temperature (or drop the source)")
   rows = [int(p * (100 / min(probs))) for p in probs]  # as grain's mix makes them of `probs`
   out = []
   for i, (entry, (name, weight)) in enumerate(zip(d.mixture, checked)):
