@@ -232,6 +232,8 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
   assert config.model.vocab_size == 320 and config.model.num_kv_heads == 2
   with pytest.raises(ConfigError, match="already has checkpoints"):
     convert_cli.main(["import", "--hf_dir", path, "--workdir", workdir])
+  with pytest.raises(ConfigError, match="^--workdir=.* cannot be made a folder: .* is a file"):
+    convert_cli.main(["import", "--hf_dir", path, "--workdir", f"{workdir}/config.json"])
   from transformer_jax.training import lock  # pylint: disable=g-import-not-at-top
   with lock.hold(workdir):  # another import (or a run) in it: one line, not orbax's traceback
     with pytest.raises(ConfigError, match=r"is in use by"):

@@ -463,6 +463,10 @@ def test_lm_eval_adapter_agrees_with_evaluate(run, files, tmp_path):
   made = lm_eval_adapter.TransformerJaxLM.create_from_arg_string(
       f"workdir={run[0]},batch_size=4", {"batch_size": 1, "device": None})
   assert made.text_model.batch_size == 4
+  for args, match in ((f"workdri={run[0]}", "workdri: unknown"), (f"workdir={run[0]},step=x",
+                                                                  "step='x' must be")):
+    with pytest.raises(ConfigError, match=f"^--model_args {match}"):  # (not a typo's "got ''")
+      lm_eval_adapter.TransformerJaxLM.create_from_arg_string(args, {"batch_size": 1})
 
 
 def _fake_lm(outputs, seen):

@@ -192,6 +192,8 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   with pytest.raises(ConfigError, match="already holds config.json"):
     quantize.main([f"--workdir={workdir}", f"--out={other}", "--mode=int8"])
   assert (other / "config.json").read_text() == "{}" and not store.is_quantized(str(other))
+  with pytest.raises(ConfigError, match="^--out=.* cannot be made a folder: .* is a file"):
+    quantize.main([f"--workdir={workdir}", f"--out={other / 'config.json'}", "--mode=int8"])
   for key in ("model.num_layers=1", "model.activation=relu", "data.tokenizer=x.model"):
     with pytest.raises(ConfigError, match=f"--config.{key.split('=')[0]}: quantize keeps"):
       quantize.main([f"--workdir={workdir}", f"--out={tmp_path / 'changed'}", "--mode=int8",

@@ -55,6 +55,8 @@ def output_folder(flag: str, path: str) -> str:
   made: a file where it or a folder above it should be is one line (NotADirectoryError or
   FileExistsError tracebacks at the end). A gs:// one is written to and read back (a missing
   bucket was a traceback naming the storage server's upload URL, after the work)."""
+  if not path:
+    raise ConfigError(f"--{flag} is empty: give a folder to write to")
   if "://" in path:
     from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
     try:

@@ -53,6 +53,7 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   if not hf_dir or not workdir:
     raise ConfigError("import needs --hf_dir=DIR and --workdir=OUT")
   from transformer_jax.training import checkpoint, lock  # pylint: disable=g-import-not-at-top
+  cli.output_folder("workdir", workdir)  # (a file there: a FileExistsError traceback)
   paths.makedirs(workdir)
   with lock.hold(workdir):  # a second import (or a run) into it is refused in one line
     if paths.isdir(paths.join(workdir, "checkpoints")):

@@ -145,6 +145,9 @@ def validate(config, process_count: int = 1) -> None:
                       f"train.batch_size={batch}")
   if d.num_workers < 0:
     raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+  if d.data_dir and "://" not in d.data_dir and os.path.isfile(d.data_dir):
+    raise ConfigError(f"data.data_dir={d.data_dir} is a file: give a folder for the prepared "
+                      "data (a NotADirectoryError when TFDS wrote there)")
   if d.num_workers > (os.cpu_count() or 1):  # (1000 swapped the host out: a process each)
     raise ConfigError(f"data.num_workers={d.num_workers} is more than this host's "
                       f"{os.cpu_count()} CPUs: grain starts a process (with its own copy of the "

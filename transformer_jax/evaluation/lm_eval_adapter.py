@@ -20,6 +20,8 @@ import sys
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from transformer_jax import cli
+from transformer_jax.config import ConfigError
 from transformer_jax.evaluation import harness
 
 DEFAULT_GEN_TOKENS = 256
@@ -34,8 +36,7 @@ class TransformerJaxLM(LM):
     super().__init__()
     del unused  # lm-eval's device, max_batch_size, ...: the mesh decides placement
     if text_model is None:
-      trainer, self.step, params = harness.load_workdir(
-          workdir, None if step in (None, "") else int(step))
+      trainer, self.step, params = harness.load_workdir(workdir, _step(step))
       text_model = harness.text_model(trainer, params, batch_size=_rows(batch_size))
     self.text_model = text_model
 
@@ -48,6 +49,10 @@ class TransformerJaxLM(LM):
 
   @classmethod
   def create_from_arg_obj(cls, arg_dict, additional_config=None):
+    unknown = sorted(set(arg_dict) - set(MODEL_ARGS))  # (a typo was taken for lm-eval's own)
+    if unknown:
+      raise ConfigError(f"--model_args {', '.join(unknown)}: unknown (use "
+                        f"{', '.join(MODEL_ARGS)})")
     given = {k: v for k, v in (additional_config or {}).items() if v is not None}
     return cls(**{**given, **arg_dict})
 
@@ -73,6 +78,21 @@ class TransformerJaxLM(LM):
     return out
 
 
+MODEL_ARGS = ("workdir", "step", "batch_size")
+
+
+def _step(step):
+  """model_args' step: None (the latest) or a whole number >= 0."""
+  if step in (None, ""):
+    return None
+  try:
+    if int(step) >= 0:
+      return int(step)
+  except (TypeError, ValueError):
+    pass
+  raise ConfigError(f"--model_args step={step!r} must be a checkpoint step (a number >= 0)")
+
+
 def _rows(batch_size) -> int:
   """lm-eval passes batch_size as an int, a string or "auto"; "auto" and its default 1 become
   ours (the train step's microbatch rows): scoring one row at a time is only slower."""
@@ -83,11 +103,13 @@ def _rows(batch_size) -> int:
   return rows if rows > 1 else 0
 
 
-def main():
+def main(argv=None):
+  """lm-eval's command line (its own flags), our errors as one line (cli.run)."""
+  del argv  # (lm-eval reads sys.argv)
   from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
   sys.argv[0] = "lm_eval"
   cli_evaluate()
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

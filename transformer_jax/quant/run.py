@@ -68,6 +68,7 @@ def quantize_workdir(workdir: str, out: str, mode: str, group_size: int = 0,
   if refusal := paths.orbax_refusal(out):
     raise ConfigError(f"--out={refusal}")
   _check_source(workdir)  # before --out is made
+  cli.output_folder("out", out)  # (a file there: a FileExistsError traceback)
   paths.makedirs(out)
   with lock.hold(out):  # a second quantize into the same --out is refused in one line
     return _quantize_into(workdir, out, mode, group, overrides)
