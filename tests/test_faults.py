@@ -417,6 +417,11 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
   # How the step computes may change on resume (another attention kernel, remat)
   assert not resume.workdir_mismatch(_config(tiny_data, **{
       "model.attention_impl": "dot_product", "model.remat": "full"}), workdir)
+  # params: another shape is one line (orbax's ValueError), the workdir as it was
+  with pytest.raises(ConfigError, match=r"^checkpoint 5 in .* holds parameters of other shapes "):
+    loop.train(_config(tiny_data, **{"model.d_ff": 128, "checkpoint.on_mismatch": "params"}),
+               workdir, quiet=True, devices=ONE())
+  assert Checkpoints(workdir, _config(tiny_data).checkpoint).latest_step() == 5
   # params: same shapes (dropout differs) -> starts at step 0 from the saved parameters
   out = loop.train(_config(tiny_data, **{"model.dropout_rate": 0.1,
                                          "checkpoint.on_mismatch": "params"}),

@@ -199,7 +199,8 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
       quantize.main([f"--workdir={workdir}", f"--out={tmp_path / 'changed'}", "--mode=int8",
                      f"--config.{key}"])  # (it dropped layer 1, or measured another model)
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  deeper = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", ["model.num_layers=3"])
+  deeper = config_lib.from_json_file(os.path.join(workdir, "config.json"))
+  deeper.model.num_layers = 3
   with pytest.raises(ConfigError, match=r"has no parameter \['layer_2'\]"):  # (abstract leaves)
     checkpoint.Checkpoints(workdir, config.checkpoint, read_only=True).restore_params(
         families.abstract_params(families.build_model(deeper)))

@@ -187,6 +187,24 @@ def set_aside(workdir: str, describe=()) -> str:
   return dest
 
 
+def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
+  """One line when a saved parameter's shape is not the model's (orbax's restore raised a
+  ValueError, its background reads more): read from the checkpoint's metadata first."""
+  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+  if not isinstance(tree, dict) or "params" not in tree:
+    return
+  saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
+           for p, leaf in jax.tree_util.tree_leaves_with_path(tree["params"])
+           if hasattr(leaf, "shape")}
+  for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    name = jax.tree_util.keystr(p)
+    if name in saved and saved[name] != tuple(leaf.shape):
+      raise ConfigError(f"{what} holds parameters of other shapes than this config's model "
+                        f"({name}: {saved[name]}, the model's {tuple(leaf.shape)}): the config "
+                        "does not describe the checkpoint")
+
+
 class Checkpoints:
   """Async saves, keep-last-N plus a periodic keep, and restore of the latest step."""
 
@@ -361,11 +379,20 @@ class Checkpoints:
     if step is None:
       return None, None
     item = {"params": abstract_params}
-    restored = ocp.PyTreeCheckpointer().restore(
-        paths.join(self.directory, str(step), "state"),
-        args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True))
+    _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
+                  f"checkpoint {step} in {self.directory}")
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(
+          paths.join(self.directory, str(step), "state"),
+          args=ocp.args.PyTreeRestore(
+              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True))
+    except ValueError as e:  # (orbax's "Requested shape ... is not compatible", a traceback)
+      if "shape" not in str(e):
+        raise
+      raise ConfigError(f"checkpoint {step} in {self.directory} holds parameters of other "
+                        f"shapes than this config's model ({str(e).splitlines()[0][:160]}): "
+                        "the config does not describe the checkpoint") from None
     missing = [jax.tree_util.keystr(path) for path, leaf in
                jax.tree_util.tree_leaves_with_path(restored["params"])
                if isinstance(leaf, jax.ShapeDtypeStruct)]
