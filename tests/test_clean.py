@@ -358,7 +358,8 @@ def test_config_errors(tmp_path):
   for flag, message in (("--quality=best", "--quality"), ("--dedup=fuzzy", "--dedup"),
                         ("--near_threshold=1.5", "near_threshold"), ("--format=tsv", "--format"),
                         ("--workers=0", "--workers"), ("--bogus=1", "unknown flag"),
-                        ("--languages=english", "english unknown")):
+                        ("--languages=english", "english unknown"),
+                        ("--shard_mb=inf", "a finite --shard_mb > 0")):  # (an OverflowError)
     with pytest.raises(ConfigError, match=message):
       clean.main(["--corpus=stdlib", f"--out={tmp_path}/o", flag])
   with pytest.raises(ConfigError, match="required"):

@@ -529,6 +529,8 @@ def test_bert_t5_cli_import_then_export_round_trips(hf_seq_ckpt, tiny_data, tmp_
       {"bert": ("encoder", "mlm", 448), "t5": ("encdec", "span", 448)}[family])
   pieces = tokenization.load(tok).vocab_size  # more than the checkpoint's 100: they train
   assert config.model.output_vocab == (pieces if pieces < 448 else 0)
+  with pytest.raises(ConfigError, match=r"^--step=-7: give a checkpoint step"):  # (the latest)
+    convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out, "--step=-7"])
   convert_cli.main(["export", "--workdir", workdir, "--hf_dir", out])
   if family == "t5":  # the decoder start this workdir trains with (its tokenizer's bos), not 0
     written = json.loads(open(f"{out}/config.json").read())

@@ -72,6 +72,9 @@ def test_a_jsonl_corpus_is_read_as_training_reads_it(tiny_data, tmp_path):
   assert all(r["text"] == by_id[r["id"]][:2000] for r in rows)
   with pytest.raises(ConfigError, match=r"^--format='lines': expected text or jsonl"):
     corpus_tasks.main([f"--out={tmp_path}/t1", f"--corpus={corpus}", "--format=lines"])
+  for bad in ("--validation_fraction=1.5", "--examples=-1"):  # (training refuses the fraction)
+    with pytest.raises(ConfigError, match=r"^need --examples >= 1 and 0 <= --validation_"):
+      corpus_tasks.main([f"--out={tmp_path}/t3", f"--corpus={corpus}", bad])
   with pytest.raises(ConfigError, match=r"^corpus_tasks takes no --config"):
     corpus_tasks.main([f"--out={tmp_path}/t2", *flags, "--config.data.format=jsonl"])
   (tmp_path / "prose").mkdir()

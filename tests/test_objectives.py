@@ -527,6 +527,8 @@ def test_validate_names_the_tokenizer_command(base_config, tiny_data):
     pipeline.validate(_with(base_config, **{"data.objective": "mlm", "data.mlm_rate": 1.5}))
   with pytest.raises(ConfigError, match="data.ul2_mix"):
     pipeline.validate(_with(base_config, **{"data.objective": "ul2", "data.ul2_mix": (0.5, 0.5)}))
+  with pytest.raises(ConfigError, match="data.ul2_mix"):  # (a TypeError)
+    pipeline.validate(_with(base_config, **{"data.objective": "ul2", "data.ul2_mix": "abc"}))
   with pytest.raises(ConfigError, match="data.objective='bert' is not one of"):
     objectives.check(_with(base_config, **{"data.objective": "bert"}))
 

@@ -64,8 +64,8 @@ def main(argv) -> int:
   missing = [f"--{k}" for k in ("corpus", "out") if not flags[k]]
   if missing:
     raise ConfigError(f"{', '.join(missing)} required")
-  if flags["samples"] < 0 or flags["shard_mb"] <= 0:
-    raise ConfigError("need --samples >= 0 and --shard_mb > 0")
+  if not (flags["samples"] >= 0 and 0 < flags["shard_mb"] < float("inf")):  # (nan, inf too)
+    raise ConfigError("need --samples >= 0 and a finite --shard_mb > 0")
   cli.output_folder("out", flags["out"])
   stages = clean_lib.build_stages(flags)
   summary = clean_lib.run(flags["corpus"], flags["format"], flags["text_field"], flags["out"],

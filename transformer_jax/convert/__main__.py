@@ -245,6 +245,8 @@ def main(argv):
     if spec or overrides or f["family"]:
       raise ConfigError("export takes no --config or --family: the workdir's config.json says "
                         "what the model is")
+    if f["step"] < -1:  # (-7 exported the latest)
+      raise ConfigError(f"--step={f['step']}: give a checkpoint step (default: the latest)")
     export_hf(f["workdir"], f["hf_dir"], f["step"])
     return
   if f["step"] != -1:

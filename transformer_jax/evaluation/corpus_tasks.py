@@ -128,6 +128,9 @@ def main(argv):
   if spec or overrides:  # (they were ignored)
     raise ConfigError("corpus_tasks takes no --config: give --corpus, --format, --text_field and "
                       "--validation_fraction as the training config's data.* has them")
+  if f["examples"] < 1 or not 0 <= f["validation_fraction"] < 1:  # (nan too; as training's)
+    raise ConfigError(f"need --examples >= 1 and 0 <= --validation_fraction < 1 (got "
+                      f"{f['examples']} and {f['validation_fraction']})")
   cli.output_folder("out", f["out"])
   for name, n in make(f["out"], f["corpus"], f["examples"], f["seed"], f["validation_fraction"],
                       f["format"], f["text_field"]).items():

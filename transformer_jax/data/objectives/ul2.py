@@ -21,7 +21,8 @@ SOURCE_EOS = True  # Every encoder input ends with eos.
 def check(d):
   spans.check(d)
   mix = tuple(d.ul2_mix)
-  if len(mix) != 3 or min(mix) < 0 or not np.isclose(sum(mix), 1.0):
+  numbers = all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in mix)
+  if len(mix) != 3 or not numbers or min(mix) < 0 or not np.isclose(sum(mix), 1.0):
     raise common.ConfigError(f"data.ul2_mix={mix} must be 3 probabilities (R, S, X) summing to 1")
   if len(d.ul2_x) != 2 or d.ul2_x[0] < 1 or not 0 < d.ul2_x[1] < 1:
     raise common.ConfigError(f"data.ul2_x={tuple(d.ul2_x)} must be (mean span length >= 1, "
