@@ -254,42 +254,6 @@ def test_encoder_decoder_scores_the_target_given_the_source():
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_a_span_corruption_t5_is_asked_for_its_first_masked_span():
-  """A span-corruption T5 was trained to fill <extra_id_0>: the source ends with it and eos, the
-  target starts with it (given, not scored) and then holds the span as the text had it, its
-  leading space included (it was stripped: scored as pieces the model never saw there);
-  generation is given it too and stops at the next sentinel."""
-  config = config_lib.base.get_config()
-  config.model.update({**TINY_MODEL, "family": "encdec", "max_len": 32, "num_layers": 1})
-  config.data.update(objective="span")
-  model = families.build_model(config)
-  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
-  s0, s1 = 250, 249
-  tok = types.SimpleNamespace(bos_id=-1, eos_id=1, pad_id=0, sentinel_ids=[s0, s1],
-                              encode=lambda t: [3 + ord(c) % 200 for c in t],
-                              decode=lambda ids: ",".join(map(str, ids)))
-  lm = scoring.TextModel(config, params, tok, batch_size=2)
-  pairs = [("abcdef", " xyz"), ("hello ", "you")]
-  got = [ll for ll, _ in lm.loglikelihood(pairs)]
-  forward = jax.jit(lambda source, target: model.apply({"params": params}, source, target))
-  # the masked span kept its word's space (a tokenizer without a dummy prefix: " xyz" is not
-  # "xyz"), and a context's trailing space moves to the continuation, as lm-eval splits them
-  for (context, continuation), ll in zip([("abcdef", " xyz"), ("hello", " you")], got):
-    cont = tok.encode(continuation)
-    logits = forward(jnp.asarray([tok.encode(context) + [s0, 1]]),
-                     jnp.asarray([[0, s0] + cont[:-1]]))
-    log_p = np.asarray(jax.nn.log_softmax(logits[0]))
-    assert ll == pytest.approx(sum(log_p[1 + j, t] for j, t in enumerate(cont)), abs=1e-4)
-  assert lm._span_text([7, 8, s1, 9]) == [7, 8] and lm._span_text([7, s0, 9]) == [7]
-  source = jnp.asarray([tok.encode("abcdef") + [s0, 1]])
-  row = [0, s0]  # greedy decoding (4 tokens after the given sentinel) by full forward passes
-  for _ in range(4):  # (the decoder is causal: the zeros after the row change nothing before)
-    logits = forward(source, jnp.asarray([row + [0] * (6 - len(row))]))
-    row.append(int(jnp.argmax(logits[0, len(row) - 1])))
-  new = row[2:row.index(1)] if 1 in row else row[2:]
-  assert lm.generate(["abcdef"], max_new_tokens=4) == [",".join(map(str, lm._span_text(new)))]
-
-
 def test_imported_gpt2_matches_transformers(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, TINY_MODEL, tiny_overrides
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.data import corpus as corpus_lib
@@ -22,6 +22,7 @@ from transformer_jax.data.objectives import seq2seq
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
+from transformer_jax.evaluation import scoring
 from transformer_jax.inference import sampling
 from transformer_jax.models import families
 from transformer_jax.training import loop
@@ -268,7 +269,6 @@ def test_an_encoder_decoder_request_reads_as_its_training_rows(recipe, objective
   given <extra_id_0>, which ends its source."""
   overrides = [f"data.objective={objective}"] + [f"data.denoise_noise={noise}"] * bool(noise)
   config = config_lib.load(f"{REPO}/configs/{recipe}.py:tiny", overrides)
-  from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mask_id=97, mode_ids=[60, 61, 62],
                               sentinel_ids=[99, 98], encode=lambda t: [3 + ord(c) % 50 for c in t],
                               decode=lambda ids: "")
@@ -295,7 +295,6 @@ def test_bart_scores_and_generates_in_its_training_frame():
   from that same given prefix; a context too long for the model loses its start in both."""
   config = config_lib.load(f"{REPO}/configs/t5.py:tiny", ["data.objective=denoise"])
   config.model.update({"max_len": 16, "num_layers": 1})
-  from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   model = families.build_model(config)
   params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
   tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, mask_id=4, sentinel_ids=[],
@@ -315,3 +314,39 @@ def test_bart_scores_and_generates_in_its_training_frame():
   with pytest.raises(ConfigError, match="^a continuation of 16 tokens after the 1 its decoder "
                                         "is given first is longer than the model's 16"):
     lm.loglikelihood([("ab", " " + "c" * 15)])  # (bos, then the continuation: 17 positions)
+
+
+def test_a_span_corruption_t5_is_asked_for_its_first_masked_span():
+  """A span-corruption T5 was trained to fill <extra_id_0>: the source ends with it and eos, the
+  target starts with it (given, not scored) and then holds the span as the text had it, its
+  leading space included (it was stripped: scored as pieces the model never saw there);
+  generation is given it too and stops at the next sentinel."""
+  config = config_lib.base.get_config()
+  config.model.update({**TINY_MODEL, "family": "encdec", "max_len": 32, "num_layers": 1})
+  config.data.update(objective="span")
+  model = families.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
+  s0, s1 = 250, 249
+  tok = types.SimpleNamespace(bos_id=-1, eos_id=1, pad_id=0, sentinel_ids=[s0, s1],
+                              encode=lambda t: [3 + ord(c) % 200 for c in t],
+                              decode=lambda ids: ",".join(map(str, ids)))
+  lm = scoring.TextModel(config, params, tok, batch_size=2)
+  pairs = [("abcdef", " xyz"), ("hello ", "you")]
+  got = [ll for ll, _ in lm.loglikelihood(pairs)]
+  forward = jax.jit(lambda source, target: model.apply({"params": params}, source, target))
+  # the masked span kept its word's space (a tokenizer without a dummy prefix: " xyz" is not
+  # "xyz"), and a context's trailing space moves to the continuation, as lm-eval splits them
+  for (context, continuation), ll in zip([("abcdef", " xyz"), ("hello", " you")], got):
+    cont = tok.encode(continuation)
+    logits = forward(jnp.asarray([tok.encode(context) + [s0, 1]]),
+                     jnp.asarray([[0, s0] + cont[:-1]]))
+    log_p = np.asarray(jax.nn.log_softmax(logits[0]))
+    assert ll == pytest.approx(sum(log_p[1 + j, t] for j, t in enumerate(cont)), abs=1e-4)
+  assert lm._span_text([7, 8, s1, 9]) == [7, 8] and lm._span_text([7, s0, 9]) == [7]
+  source = jnp.asarray([tok.encode("abcdef") + [s0, 1]])
+  row = [0, s0]  # greedy decoding (4 tokens after the given sentinel) by full forward passes
+  for _ in range(4):  # (the decoder is causal: the zeros after the row change nothing before)
+    logits = forward(source, jnp.asarray([row + [0] * (6 - len(row))]))
+    row.append(int(jnp.argmax(logits[0, len(row) - 1])))
+  new = row[2:row.index(1)] if 1 in row else row[2:]
+  assert lm.generate(["abcdef"], max_new_tokens=4) == [",".join(map(str, lm._span_text(new)))]
