@@ -368,3 +368,16 @@ def test_wandb_logs_offline_beside_metrics_jsonl(tiny_data, tmp_path, monkeypatc
   train = [r for r in rows if "loss" in r][-1]
   assert train["step"] == 4 and json.dumps(train["loss"]).encode() in logged
   assert json.dumps(rows[-1]["eval_loss"]).encode() in logged
+
+
+def test_wandb_without_an_api_key_is_one_line(tiny_data, tmp_path, monkeypatch):
+  """metrics.wandb=true online with no key was wandb's UsageError traceback."""
+  pytest.importorskip("wandb")
+  for name in ("WANDB_MODE", "WANDB_API_KEY", "NETRC"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
+                           tiny_overrides(tiny_data, **{"metrics.wandb": True}))
+  with pytest.raises(ConfigError, match="metrics.wandb=true: No API key"):
+    loop.train(config, str(tmp_path / "w"), quiet=True, devices=jax.devices()[:1])

@@ -249,11 +249,16 @@ def _wandb_run(workdir: str, config, resume_step: int):
     run_id = uuid.uuid4().hex[:12]
     paths.write_text(id_file, run_id)
   m = config.metrics
-  return wandb.init(project=m.wandb_project, entity=m.wandb_entity or None, id=run_id,
-                    resume="allow" if resume_step else None,
-                    dir=None if paths.is_remote(workdir) else workdir,  # wandb writes locally
-                    name=paths.abspath(workdir).rstrip("/").rsplit("/", 1)[-1],
-                    config=config.to_dict())
+  try:
+    return wandb.init(project=m.wandb_project, entity=m.wandb_entity or None, id=run_id,
+                      resume="allow" if resume_step else None,
+                      dir=None if paths.is_remote(workdir) else workdir,  # wandb writes locally
+                      name=paths.abspath(workdir).rstrip("/").rsplit("/", 1)[-1],
+                      config=config.to_dict())
+  except wandb.errors.UsageError as e:  # no API key, a bad entity: before any compile
+    from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"metrics.wandb=true: {e} (WANDB_MODE=offline logs without one)") \
+        from None
 
 
 def last_logged(workdir: str) -> dict:

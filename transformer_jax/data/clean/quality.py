@@ -36,6 +36,14 @@ def limit_flags() -> dict:
 
 
 def limits_from_flags(flags: dict) -> tuple[gopher.Limits, c4.Limits]:
+  """The rule sets' Limits; ValueError for a NaN threshold or a --min_X above its --max_X."""
+  for name in limit_flags():
+    if flags[name] != flags[name]:
+      raise ValueError(f"--{name}=nan: expected a number")
+    high = name.replace("min_", "max_", 1)
+    if name.startswith("min_") and high in flags and flags[name] > flags[high]:
+      raise ValueError(f"--{name}={flags[name]} is above --{high}={flags[high]}: "
+                       "every document would be removed")
   return (gopher.Limits(**{f.name: flags[f.name] for f in dataclasses.fields(gopher.Limits)}),
           c4.Limits(**{f.name: flags[f"c4_{f.name}"] for f in dataclasses.fields(c4.Limits)}))
 
