@@ -155,7 +155,7 @@ def test_the_pytorch_peer_is_our_model_in_hugging_face(recipe):
     peers.check("hf,torch")
 
 
-def test_a_mode_refuses_the_flags_it_would_ignore():
+def test_a_mode_refuses_the_flags_it_would_ignore(tmp_path):
   """--data_only, --compile_only and --moe read only some flags; the others were accepted and
   did nothing (e.g. --profile with --data_only)."""
   from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
@@ -169,6 +169,10 @@ def test_a_mode_refuses_the_flags_it_would_ignore():
                      (["--moe_capacity=2"], "--moe_capacity does nothing without --moe")):
     with pytest.raises(ConfigError, match=re.escape(idle)):
       benchmark.main([f"--config={REPO}/configs/gpt2.py:tiny", *argv])
+  (tmp_path / "trace").write_text("a file")  # was a profile "error" in the JSON, after timing
+  with pytest.raises(ConfigError, match="--profile_dir=.*trace cannot be made a folder"):
+    benchmark.main([f"--config={REPO}/configs/gpt2.py:tiny", "--profile",
+                    f"--profile_dir={tmp_path}/trace"])
 
 
 def test_a_failing_peer_is_dropped_and_our_figures_still_come_out():

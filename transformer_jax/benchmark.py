@@ -309,6 +309,8 @@ def main(argv):
       raise ConfigError(f"--{child} does nothing without --{parent}")
   if f["steps"] < 1 or f["rounds"] < 1:
     raise ConfigError("--steps and --rounds must be >= 1")
+  if f["profile_dir"]:  # (a file there was a profile "error" in the JSON, after the timings)
+    cli.output_folder("profile_dir", f["profile_dir"])
   from transformer_jax.perf import peers  # pylint: disable=g-import-not-at-top
   f["compare"] = peers.check(f["compare"])
   if f["worker"]:
