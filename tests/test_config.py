@@ -314,3 +314,23 @@ def test_sharding_rules_name_only_logical_axes_once():
   config.sharding_rules = rules + (("mlp", None),)
   with pytest.raises(ConfigError, match="'mlp' has 2 rules"):
     sharding.rules(config)
+
+
+def test_out_of_device_memory_is_one_last_line(capsys, monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED (e.g. sample --max_new_tokens=10**8 on a RoPE model) was a
+  traceback; its account of the memory stays, above the one line. Other errors still raise."""
+  def oom(argv):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.\n"
+                                     "Buffer 1: 8 bytes")
+  monkeypatch.delenv("TJAX_VERBOSE", raising=False)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(oom)
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[0] == "Buffer 1: 8 bytes" and len(err) == 2
+  assert err[1].startswith("error: out of memory: RESOURCE_EXHAUSTED: Out of memory allocating 8")
+  monkeypatch.setenv("TJAX_VERBOSE", "1")
+  with pytest.raises(jax.errors.JaxRuntimeError):
+    cli.run(oom)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    cli.run(lambda argv: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: boom")))

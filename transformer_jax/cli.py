@@ -197,6 +197,21 @@ def run(main):
     sys.exit(2)
   except KeyboardInterrupt:
     _interrupted()
+  except Exception as e:  # pylint: disable=broad-except
+    if not out_of_memory(e) or os.environ.get("TJAX_VERBOSE"):
+      raise
+    first, *details = str(e).strip().splitlines()
+    if details:  # XLA's account of the memory (a GPU's allocations), then our one line
+      print("\n".join(details), file=sys.stderr)
+    print(f"error: out of memory: {first} (a smaller batch, length or --max_new_tokens fits; "
+          "TJAX_VERBOSE=1 shows the traceback)", file=sys.stderr)
+    sys.exit(1)
+
+
+def out_of_memory(e: BaseException) -> bool:
+  """XLA's RESOURCE_EXHAUSTED (an allocation or a compiled program past the device's memory)."""
+  return (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+          and "RESOURCE_EXHAUSTED" in str(e))
 
 
 def _interrupted():
