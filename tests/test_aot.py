@@ -67,6 +67,26 @@ def test_bad_topology_names(name):
     topology.parse_topology(name)
 
 
+@pytest.mark.parametrize("name,message", [
+    ("v5e:1x2", "first two sizes must be even"), ("v4:3x2x1", "first two sizes must be even"),
+    ("v5e:32x32", "a v5e slice has at most 256 chips")])  # (libtpu: a traceback, an abort)
+def test_explicit_shapes_libtpu_cannot_make_are_one_line(name, message):
+  with pytest.raises(ConfigError, match=f"--topology='{name}': .*{message}"):
+    topology.parse_topology(name)
+
+
+@needs_libtpu
+def test_a_shape_libtpu_refuses_is_one_line(monkeypatch):
+  """Whatever else libtpu refuses is its first line, not its traceback (exit 1: "no fit")."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  def refuse(**kwargs):
+    raise jax.errors.JaxRuntimeError(f"INVALID_ARGUMENT: {kwargs['topology_name']} no\nmore")
+  monkeypatch.setattr(topologies, "get_topology_desc", refuse)
+  with pytest.raises(ConfigError, match=r"--topology=v5p:2x2x5: libtpu refuses it: "
+                                        r"INVALID_ARGUMENT: v5p:2x2x5 no$"):
+    topology.topology_devices(topology.parse_topology("v5p:2x2x5"), 1)
+
+
 @needs_libtpu
 @pytest.mark.parametrize("name", ["v5e-1", "v6e-1"])
 def test_a_one_chip_slice_has_its_device(name):

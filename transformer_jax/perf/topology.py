@@ -113,6 +113,11 @@ def parse_topology(name: str) -> Topology:
     if len(sizes) != chip.torus_dims or min(sizes) < 1:
       raise error
     chips = math.prod(sizes)
+    if chips > 1 and (sizes[0] % 2 or sizes[1] % 2):  # (libtpu's traceback)
+      raise ConfigError(f"--topology={name!r}: a slice of more than one chip is made of hosts "
+                        "of 2x2 chips, so its first two sizes must be even")
+    if chip.torus_dims == 2 and chips > chip.max_chips:  # (some larger ones abort libtpu)
+      raise ConfigError(f"--topology={name!r}: a {gen} slice has at most {chip.max_chips} chips")
     return Topology(f"{gen}-{chips * chip.cores_per_chip}", gen, chips, m.group(3))
   count = int(m.group(2))
   chips, odd = divmod(count, chip.cores_per_chip)
@@ -203,8 +208,12 @@ def topology_devices(topo: Topology, slices: int):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   # libtpu's hosts default to 2x2 chips; a one-chip slice (v5e-1, v6e-1) is a host of one
   one_chip = {"chips_per_host_bounds": [1, 1, 1]} if topo.chips == 1 else {}
-  with quiet_fd2():
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.compiler_topology,
-                                        chip_config_name=topo.chip.chip_config,
-                                        num_slices=slices, **one_chip)
+  try:
+    with quiet_fd2():
+      desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.compiler_topology,
+                                          chip_config_name=topo.chip.chip_config,
+                                          num_slices=slices, **one_chip)
+  except Exception as e:  # pylint: disable=broad-except  # (JaxRuntimeError: a shape it refuses)
+    raise ConfigError(f"--topology={topo.generation}:{topo.shape}: libtpu refuses it: "
+                      f"{str(e).strip().splitlines()[0]}") from None
   return desc.devices
