@@ -77,21 +77,18 @@ tjax_do() {
   "$@"
 }
 
-# tjax_setup EXTRAS [CONFIG [--config.KEY=VALUE ...]]: on the machine that trains: .venv with
-# the project (+ EXTRAS), and once the SentencePiece model CONFIG names (with the control pieces
-# its objective needs, as launch/local.sh makes it), else the embedded corpus's default one.
+# tjax_setup EXTRAS CONFIG|--workdir=DIR [--config.KEY=VALUE ...]: on the machine that trains:
+# .venv with the project (+ EXTRAS), and once the tokenizer CONFIG names (with the control pieces
+# its objective needs, as launch/local.sh makes it), or the one DIR/config.json names (a sweep's
+# run, a resume).
 tjax_setup() {
   # shellcheck source=launch/_venv.sh
   . launch/_venv.sh
   tjax_venv "$1"
-  if [[ -n "${2:-}" ]]; then
+  if [[ "$2" == --workdir=* ]]; then
+    python -m transformer_jax.tokenizer "$2" --if_missing "${@:3}"
+  else
     python -m transformer_jax.tokenizer --config="$2" --if_missing "${@:3}"
-    return
-  fi
-  local tokenizer="runs/tokenizers/stdlib_8192.model"
-  if [[ ! -f "$tokenizer" ]]; then
-    echo "training the embedded corpus's SentencePiece model (once) -> $tokenizer"
-    python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=8192 --out="$tokenizer"
   fi
 }
 

@@ -113,9 +113,9 @@ batch_script() {
     echo "#SBATCH --requeue"
     echo "#SBATCH --signal=TERM@300"
   fi
-  local setup_args=""
-  [[ -z "$TJAX_CONFIG" ]] \
-    || setup_args="$(tjax_q "$TJAX_CONFIG" ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"})"
+  local setup_args  # the config's tokenizer, or the one the workdir's config.json names
+  setup_args="$(tjax_q "${TJAX_CONFIG:-"--workdir=$TJAX_WORKDIR"}" \
+    ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"})"
   cat <<EOF
 set -euo pipefail
 cd $(tjax_q "$repo")

@@ -90,7 +90,8 @@ on_worker() {
   if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then  # some images lack python3-venv
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
   fi
-  tjax_setup tpu "$TJAX_CONFIG" ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"}
+  tjax_setup tpu "${TJAX_CONFIG:-"--workdir=$TJAX_WORKDIR"}" \
+    ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"}
   mkdir -p logs
   export PYTHONUNBUFFERED=1  # stream through the pipe and ssh as it is printed
   log="logs/train-worker${wid}.log"

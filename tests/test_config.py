@@ -239,6 +239,14 @@ def test_commands_refuse_flags_they_would_ignore(tmp_path):
       tokenizer.FLAGS))["special"]
   assert made() == "mask,sentinels:100,ul2"
   assert made("data.seq_len=2048") == "mask,sentinels:114,ul2"
+  # --workdir: the config it saved (launch scripts given no CONFIG, e.g. a sweep's runs, made
+  # the default tokenizer only, and the run then failed on its own)
+  saved = config_lib.load(f"{REPO}/configs/t5.py:tiny", [f"data.tokenizer={tmp_path}/t.model"])
+  (tmp_path / "config.json").write_text(saved.to_json())
+  args = tokenizer.from_config("", ["data.seq_len=2048"], dict(tokenizer.FLAGS,
+                                                               workdir=str(tmp_path)))
+  assert (args["out"], args["special"]) == (f"{tmp_path}/t.model", "mask,sentinels:114,ul2")
+  assert tokenizer.main([f"--workdir={tmp_path}", f"--config={REPO}/configs/t5.py:tiny"]) == 2
 
 
 def test_parse_flags_with_space_separated_values():

@@ -391,6 +391,9 @@ def test_sweep_print_commands_with_launchers(tmp_path):
                        cwd=REPO, timeout=60)
   assert out.returncode == 0, out.stderr
   assert f"python -m transformer_jax.train --workdir={sweep}/small" in out.stdout
+  # ... after making the tokenizer that config.json names (it made the default one only)
+  setup = re.search(r"flock 9 && tjax_setup gpu (.*)\) 9>", out.stdout).group(1)
+  assert shlex.split(setup) == [f"--workdir={sweep}/small"]
   r = sweep_run("--print-commands", "--launcher=tpu_vm", "--launcher_args=--name t --zone z")
   assert r.stdout.splitlines()[1] == f"bash launch/tpu_vm.sh --name t --zone z -- --workdir={sweep}/big"
   for flags, culprit in [(["--print-commands", "--launcher=aws"], "--launcher"),

@@ -23,7 +23,8 @@ corpus. Bad input prints one line and exits with status 2.
 
 trains the tokenizer a training config names (data.tokenizer, from its data.corpus, with
 model.vocab_size pieces and the control pieces its data.objective needs); --if_missing does
-nothing when that file exists (what launch/local.sh runs before training).
+nothing when that file exists (what launch/local.sh runs before training). --workdir=DIR in
+place of --config reads the config DIR/config.json saved (a sweep plan's run, a run to resume).
 """
 
 import os
@@ -31,7 +32,6 @@ import sys
 import time
 
 from transformer_jax import cli
-from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
@@ -56,6 +56,7 @@ FLAGS = {  # name -> default (its type is the flag's); "" / 0 = not given
     "out": "",  # the .model file to write (DIR/tokenizer.json: a byte-level BPE)
     "special": "",  # extra pieces: comma-separated mask, sentinels[:N], ul2
     "max_chars": 5_000_000,  # characters sampled to train
+    "workdir": "",  # without --config: the config saved in WORKDIR/config.json
 }
 
 
@@ -78,12 +79,13 @@ FROM_CONFIG = ("corpus", "format", "text_field", "source_field", "target_field",
 
 
 def from_config(spec: str, overrides, flags: dict) -> dict:
-  """`flags` with corpus, format, fields, vocab_size, out and special from a training config."""
+  """`flags` with corpus, format, fields, vocab_size, out and special from a training config
+  (--config, or the one saved in --workdir)."""
   given = [f"--{k}" for k in FROM_CONFIG if flags[k] != FLAGS[k]]
   if given:
     raise ConfigError(f"{', '.join(given)} come(s) from --config (data.* and model.vocab_size); "
                       f"set them as --config.KEY=VALUE instead")
-  c = config_lib.load(spec, overrides)
+  c = cli.load_config(spec, overrides, flags["workdir"])
   d = c.data
   mixed = [(src.probability, _corpus_flags(src.config.data)) for src in mixture.sources(c)]
   return dict(flags, mixture=mixed, corpus=d.corpus, format=d.format, text_field=d.text_field,
@@ -147,9 +149,11 @@ def main(argv=None) -> int:
   """Returns the exit status: 0, or 2 after one `error: ...` line."""
   try:
     spec, overrides, flags = cli.parse(sys.argv[1:] if argv is None else argv, FLAGS)
-    if overrides and not spec:
-      raise ConfigError(f"--config.{overrides[0]} needs --config=FILE.py[:ARG]")
-    args = from_config(spec, overrides, flags) if spec else flags
+    if spec and flags["workdir"]:
+      raise ConfigError("give --config or --workdir (its saved config.json), not both")
+    if overrides and not (spec or flags["workdir"]):
+      raise ConfigError(f"--config.{overrides[0]} needs --config=FILE.py[:ARG] or --workdir")
+    args = from_config(spec, overrides, flags) if spec or flags["workdir"] else flags
     if args["if_missing"] and args["out"] and paths.exists(args["out"]):  # (gs:// too)
       return 0
     run(args)
