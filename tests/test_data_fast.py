@@ -166,6 +166,10 @@ def test_missing_tokenizer_command_carries_the_corpus_fields(tmp_path):
                      "--out=t.model")
   assert tokenizer_lib.create_command("t.model", source_field="q") == (
       "python -m transformer_jax.tokenizer --corpus=stdlib --vocab_size=8192 --out=t.model")
+  # and the control pieces the objective needs (a T5 run told to make a tokenizer without them)
+  config = config_lib.load("configs/t5.py:tiny", [f"data.tokenizer={tmp_path / 'm.model'}"])
+  with pytest.raises(ConfigError, match=r"--vocab_size=\d+ --special=mask,sentinels:100,ul2 "):
+    pipeline.load_tokenizer(config)
 
 
 def test_the_data_config_is_validated_once_for_all_shards(tiny_data, monkeypatch):

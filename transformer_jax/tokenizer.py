@@ -91,8 +91,7 @@ def from_config(spec: str, overrides, flags: dict) -> dict:
   return dict(flags, mixture=mixed, corpus=d.corpus, format=d.format, text_field=d.text_field,
               source_field=d.source_field, target_field=d.target_field, data_dir=d.data_dir,
               vocab_size=c.model.vocab_size, out=d.tokenizer,
-              special=flags["special"] or (objectives.control_pieces(objectives.spec(d))
-                                           if objectives.flag(d, "CONTROL_PIECES", True) else ""))
+              special=flags["special"] or objectives.special_for(d))
 
 
 def _corpus_flags(d) -> dict:

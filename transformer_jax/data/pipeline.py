@@ -69,7 +69,8 @@ def _command_flags(config) -> dict:
   d = config.data
   return dict(corpus=d.corpus, vocab_size=config.model.vocab_size, fmt=d.format,
               text_field=d.text_field, source_field=d.source_field,
-              target_field=d.target_field, data_dir=d.data_dir)
+              target_field=d.target_field, data_dir=d.data_dir,
+              special=objectives.special_for(d))
 
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:

@@ -162,6 +162,11 @@ def control_pieces(s: Spec) -> str:
   return f"mask,sentinels:{max(sentinels(s), MIN_SENTINELS)},ul2"
 
 
+def special_for(d) -> str:
+  """The tokenizer command's --special for config.data `d` ("" for an objective without any)."""
+  return control_pieces(spec(d)) if flag(d, "CONTROL_PIECES", True) else ""
+
+
 def missing_tokens(s: Spec, tok) -> list[str]:
   """The pieces the objective needs that tokenizer `tok` lacks, in words."""
   obj = get(s.objective)
