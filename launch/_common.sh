@@ -92,6 +92,26 @@ tjax_setup() {
   fi
 }
 
+# tjax_check_config HEADER PREFIX: that CONFIG and its overrides pass the checks that need no
+# devices or data (python -m transformer_jax.config), with this checkout's .venv if it has one:
+# a bad key or value is one error line here, exit 2, not one on every worker after its setup.
+# With TJAX_DRY_RUN=1 it prints HEADER and the check (after PREFIX) instead.
+tjax_check_config() {
+  local check out
+  [[ -n "$TJAX_CONFIG" && -x .venv/bin/python ]] || return 0
+  check=(.venv/bin/python -m transformer_jax.config "--config=$TJAX_CONFIG"
+         ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"})
+  if (( TJAX_DRY_RUN )); then
+    echo "$1"
+    echo "$2$(tjax_q "${check[@]}")"
+  elif out="$("${check[@]}" 2>&1)"; then :
+  elif [[ $? == 2 ]]; then grep -m1 '^error: ' <<<"$out" >&2 || echo "$out" >&2; exit 2
+  else
+    echo "note: could not check the config here (.venv/bin/python failed); the training" \
+         "checks it before compiling" >&2
+  fi
+}
+
 # tjax_check_bucket HEADER PREFIX: for a gs:// TJAX_WORKDIR, that the bucket is writable from
 # here (and holds config.json when no TJAX_CONFIG is given), checked with the project's Python
 # (gcsfs, which honours STORAGE_EMULATOR_HOST) or else gcloud storage; one error line, exit 2,

@@ -158,6 +158,7 @@ EOF
 }
 
 check_bucket() {
+  tjax_check_config "# checked before submitting: the config passes its checks" "# "
   tjax_check_bucket "# checked before submitting: the bucket is writable" "# "
 }
 

@@ -301,6 +301,7 @@ fetch_logs() {
 
 # Step 0, for a gs:// workdir: the bucket is writable from here (_common.sh).
 check_bucket() {
+  tjax_check_config "# 0. the config passes its checks (this checkout's .venv)" ""
   tjax_check_bucket "# 0. the bucket is writable (checked before anything runs)" ""
 }
 
