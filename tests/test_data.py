@@ -385,6 +385,12 @@ def test_shards_make_the_batches_independent_of_the_readers(config, tmp_path):
     with pytest.raises(ConfigError, match=r"data.shards=2, this run uses 4, and its 4 processes "
                                           r"cannot read 2 shards whole: resume on 1 or 2 proc"):
       manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(quarter)))
+    # a file missing beside others of the same count is damage (Checkpoints sets the checkpoint
+    # aside), not advice to set the data.shards the run has: every resume stopped there
+    os.remove(tmp_path / "ckpt" / "2" / "data" / "shard-1-of-2.json")
+    with pytest.raises(FileNotFoundError, match="shard-1-of-2.json is missing"):
+      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
+          pipeline.make_train_iterator(c))))
   with pytest.raises(ConfigError, match="not a whole number of shards"):
     pipeline.make_train_iterator(c, (0, 1))
 

@@ -104,6 +104,8 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
       if not path.exists():
         saved = sorted({m.group(1) for p in directory.iterdir()
                         if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json", p.name))})
+        if not saved or str(it.num_shards) in saved:  # a damaged checkpoint: set aside
+          raise FileNotFoundError(f"{directory}/shard-{k}-of-{it.num_shards}.json is missing")
         raise ConfigError(_shards_advice(saved, it.num_shards, it.num_shards // len(it.shards)))
       saved = json.loads(path.read_text())
       if isinstance(saved, dict) and ORDER_MARK in saved:
