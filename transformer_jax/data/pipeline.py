@@ -104,8 +104,8 @@ def _check_objective_tokens(config, tok) -> None:
     stem, ext = os.path.splitext(d.tokenizer)
     # a new path: workdirs trained with the file at data.tokenizer go on reading it
     out = tokenizer_lib.SENTENCEPIECE_PATH if hf else f"{stem}_special{ext or '.model'}"
-    command = tokenizer_lib.create_command(out, special=objectives.control_pieces(s),
-                                           **_command_flags(config))
+    command = tokenizer_lib.create_command(
+        out, **dict(_command_flags(config), special=objectives.control_pieces(s)))
     make = (f"add them to its {hf_tokenization.FILE} (special added tokens), or set "
             f"data.tokenizer={out} and make that with: " if hf else
             f"set data.tokenizer={out} (the file at {d.tokenizer} stays as other runs read "
