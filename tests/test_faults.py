@@ -421,6 +421,11 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
   with pytest.raises(ConfigError, match=r"^checkpoint 5 in .* holds parameters of other shapes "):
     loop.train(_config(tiny_data, **{"model.d_ff": 128, "checkpoint.on_mismatch": "params"}),
                workdir, quiet=True, devices=ONE())
+  # ... and so is a smaller model (its restore read the first layers and dropped the rest)
+  with pytest.raises(ConfigError, match=r"holds parameters this config's model lacks "
+                                        r"\(\['layer_1'\].*; \d+ in all\)"):
+    loop.train(_config(tiny_data, **{"model.num_layers": 1, "checkpoint.on_mismatch": "params"}),
+               workdir, quiet=True, devices=ONE())
   assert Checkpoints(workdir, _config(tiny_data).checkpoint).latest_step() == 5
   # params: same shapes (dropout differs) -> starts at step 0 from the saved parameters
   out = loop.train(_config(tiny_data, **{"model.dropout_rate": 0.1,

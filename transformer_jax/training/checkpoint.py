@@ -189,9 +189,16 @@ def set_aside(workdir: str, describe=()) -> str:
   return dest
 
 
+# Saved parameters a run trains beside its model, which the model alone (sample, evaluate, a
+# teacher) leaves unread: distillation's hidden-state projection (training/distill.py).
+TRAINING_ONLY = ("['distill_projection']",)
+
+
 def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
   """One line when a saved parameter's shape is not the model's (orbax's restore raised a
-  ValueError, its background reads more): read from the checkpoint's metadata first."""
+  ValueError, its background reads more), or the model lacks saved parameters (a partial
+  restore dropped them: a smaller model took the first layers of a larger one's checkpoint):
+  read from the checkpoint's metadata first."""
   meta = ocp.PyTreeCheckpointer().metadata(state_dir)
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
   if not isinstance(tree, dict) or "params" not in tree:
@@ -199,12 +206,17 @@ def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
   saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
            for p, leaf in jax.tree_util.tree_leaves_with_path(tree["params"])
            if hasattr(leaf, "shape")}
+  ours = set()
   for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
     name = jax.tree_util.keystr(p)
+    ours.add(name)
     if name in saved and saved[name] != tuple(leaf.shape):
       raise ConfigError(f"{what} holds parameters of other shapes than this config's model "
                         f"({name}: {saved[name]}, the model's {tuple(leaf.shape)}): the config "
                         "does not describe the checkpoint")
+  if extra := sorted(n for n in set(saved) - ours if not n.startswith(TRAINING_ONLY)):
+    raise ConfigError(f"{what} holds parameters this config's model lacks ({extra[0]}; "
+                      f"{len(extra)} in all): the config does not describe the checkpoint")
 
 
 class Checkpoints:
