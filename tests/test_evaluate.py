@@ -327,6 +327,14 @@ def test_bad_tasks_and_steps_are_one_line_errors(files, run, tmp_path):
                        f"--fewshot_file={files['mc']}"])  # (read by nothing)
   with pytest.raises(ConfigError, match="train split"):
     tasks_lib.load(_write(tmp_path / "alone.jsonl", MC), num_fewshot=1)
+  # an encoder-decoder's generation reads no examples: no train split asked for (it was), and
+  # alone it is the same refusal as perplexity's
+  gen = _write(tmp_path / "g.jsonl", [{"source": "a b", "target": "c"}])
+  assert tasks_lib.load(gen, num_fewshot=1, family="encdec").train == []
+  with pytest.raises(ConfigError, match=r"\(generation are scored without on an encoder-dec"):
+    harness.load_tasks([gen], num_fewshot=1, family="encdec")
+  with pytest.raises(ConfigError, match="train split"):
+    harness.load_tasks([gen], num_fewshot=1, family="decoder")
   for spec in (files["ppl"], "passkey:" + _write(tmp_path / "pk.jsonl",
                                                   [{"length": 10, "depth": 0.5}])):
     with pytest.raises(ConfigError, match=r"task '\w+' is a (perplexity|passkey) task, which "

@@ -89,13 +89,14 @@ def load_tasks(specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: str
     raise ConfigError("--tasks needs at least one task: PATH.jsonl or KIND:PATH")
   loaded = [s if isinstance(s, tasks_lib.Task) else
             tasks_lib.load(s, num_fewshot=num_fewshot, fewshot_file=fewshot_file, limit=limit,
-                           data_dir=data_dir)
+                           data_dir=data_dir, family=family)
             for s in specs]
   for task in loaded:
     tasks_lib.check_family(task, family)
-  if num_fewshot and not any(tasks_lib.KINDS[t.kind].fewshot for t in loaded):  # read by none
+  if num_fewshot and not any(tasks_lib.takes_fewshot(t.kind, family) for t in loaded):
+    on = " on an encoder-decoder" if family == "encdec" else ""  # (read by none: refused)
     raise ConfigError(f"--num_fewshot={num_fewshot}: no task here takes few-shot examples "
-                      f"({', '.join(sorted({t.kind for t in loaded}))} are scored without)")
+                      f"({', '.join(sorted({t.kind for t in loaded}))} are scored without{on})")
   return loaded
 
 
@@ -113,7 +114,8 @@ def evaluate(lm, specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: s
              seed: int = 0, timing: bool = True) -> dict:
   """{task name: metrics} for each task (a SPEC or a loaded task); with `timing` each task also
   reports its examples, seconds and examples_per_s."""
-  loaded = load_tasks(specs, num_fewshot=num_fewshot, limit=limit, fewshot_file=fewshot_file)
+  loaded = load_tasks(specs, num_fewshot=num_fewshot, limit=limit, fewshot_file=fewshot_file,
+                      family="encdec" if lm.is_seq2seq else "")
   without = [t.name for t in loaded if num_fewshot and not tasks_lib.uses_fewshot(t, lm)]
   if without:
     print(f"note: --num_fewshot={num_fewshot} does not apply to {', '.join(without)}: scored "

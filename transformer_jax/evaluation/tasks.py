@@ -202,9 +202,10 @@ def _plain(record: dict) -> dict:
 
 
 def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int = 0,
-         data_dir: str = "") -> Task:
+         data_dir: str = "", family: str = "") -> Task:
   """A task from SPEC ([KIND:]PATH or [KIND:]tfds:NAME[@SPLIT], optionally ?OURS=THEIRS&...),
-  checked; its train split when few-shot is asked. data_dir: where TFDS datasets are prepared."""
+  checked; its train split when few-shot is asked and a model.family `family` model reads it.
+  data_dir: where TFDS datasets are prepared."""
   spec, renames = _renames(spec)
   kind, sep, path = spec.partition(":")
   if not sep or kind not in KINDS:
@@ -226,7 +227,7 @@ def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int 
   name = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
   task = Task(name=name, kind=kind, path=path, examples=rows[:limit] if limit > 0 else rows)
   _check(task, task.examples, path)
-  if num_fewshot > 0 and KINDS[kind].fewshot:
+  if num_fewshot > 0 and takes_fewshot(kind, family):
     train_file = fewshot_file or ("" if is_tfds else train_split(path))
     if not train_file and not train:
       raise ConfigError(f"--num_fewshot={num_fewshot} needs {name}'s train split (NAME_train.jsonl "
@@ -282,11 +283,17 @@ def fewshot_prefix(task: Task, index: int, k: int, seed: int = 0) -> str:
 
 
 # ------------------------------------------------------------------------- running
+def takes_fewshot(kind: str, family: str = "") -> bool:
+  """Whether a `kind` task on a model.family `family` model reads --num_fewshot's examples: not
+  a passkey or perplexity task, and not an encoder-decoder's generation or summarization (its
+  encoder reads the source alone)."""
+  return KINDS[kind].fewshot and not (
+      family == "encdec" and kind in ("generation", "summarization"))
+
+
 def uses_fewshot(task: Task, lm) -> bool:
-  """Whether `task` on `lm` reads --num_fewshot's examples: not a passkey or perplexity task, and
-  not an encoder-decoder's generation or summarization (its encoder reads the source alone)."""
-  return KINDS[task.kind].fewshot and not (
-      lm.is_seq2seq and task.kind in ("generation", "summarization"))
+  """takes_fewshot for `task` on `lm` (a scoring.TextModel)."""
+  return takes_fewshot(task.kind, "encdec" if lm.is_seq2seq else "")
 
 
 def run(task: Task, lm, *, num_fewshot: int = 0, seed: int = 0) -> dict:
