@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -103,7 +104,8 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
         path = directory / f"process_{k}-of-{it.num_shards}.json"  # the pre-shard format
       if not path.exists():
         saved = sorted({m.group(1) for p in directory.iterdir()
-                        if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json", p.name))})
+                        if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json",
+                                              p.name))})
         if not saved or str(it.num_shards) in saved:  # a damaged checkpoint: set aside
           raise FileNotFoundError(f"{directory}/shard-{k}-of-{it.num_shards}.json is missing")
         raise ConfigError(_shards_advice(saved, it.num_shards, it.num_shards // len(it.shards)))
@@ -187,6 +189,26 @@ def set_aside(workdir: str, describe=()) -> str:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("set aside checkpoints")
   return dest
+
+
+def _drop_closed_loop_reports():
+  """Orbax's reads still in flight when a restore fails finish later on TensorStore's threads,
+  each reporting `RuntimeError: Event loop is closed` through sys.unraisablehook: ~100
+  tracebacks around the one line that says the checkpoint is unreadable. Those are dropped (for
+  this process); any other report goes on to the hook that was there."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop", False):
+    return
+  def hook(report):
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 # Saved parameters a run trains beside its model, which the model alone (sample, evaluate, a
@@ -305,6 +327,7 @@ class Checkpoints:
     is reported in one line, moved to WORKDIR/checkpoints_unreadable/ (never deleted, never
     loaded) and the next older one is tried."""
     steps = [s for s in self.all_steps() if step is None or s <= step]
+    _drop_closed_loop_reports()
     for s in reversed(steps):
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
@@ -324,8 +347,7 @@ class Checkpoints:
               f"not match ({other}): a setting that shapes the optimizer state changed (e.g. "
               f"optimizer.grad_clip turned on or off); re-run with the saved config.json's, or "
               f"use a new --workdir") from None
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        report(f"checkpoint {s} is unreadable ({type(e).__name__}: {reason}); moved it to "
+        report(f"checkpoint {s} is unreadable ({_first_line(e)}); moved it to "
                f"{self._set_aside(s)} and trying the previous one")
         continue
       return s, restored["state"]
@@ -393,6 +415,7 @@ class Checkpoints:
     if step is None:
       return None, None
     item = {"params": abstract_params}
+    _drop_closed_loop_reports()
     _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
                   f"checkpoint {step} in {self.directory}")
     try:
@@ -401,12 +424,18 @@ class Checkpoints:
           args=ocp.args.PyTreeRestore(
               item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))
-    except ValueError as e:  # (orbax's "Requested shape ... is not compatible", a traceback)
-      if "shape" not in str(e):
+    except Exception as e:  # pylint: disable=broad-except
+      if _out_of_memory(e):
         raise
-      raise ConfigError(f"checkpoint {step} in {self.directory} holds parameters of other "
-                        f"shapes than this config's model ({str(e).splitlines()[0][:160]}): "
-                        "the config does not describe the checkpoint") from None
+      self._reachable(step, e)
+      if isinstance(e, ValueError) and "Requested shape" in str(e):  # (_check_shapes' misses)
+        raise ConfigError(f"checkpoint {step} in {self.directory} holds parameters of other "
+                          f"shapes than this config's model ({str(e).splitlines()[0][:160]}): "
+                          "the config does not describe the checkpoint") from None
+      raise ConfigError(f"checkpoint {step} in {self.directory} is unreadable ({_first_line(e)})"
+                        f"; saved steps: {', '.join(map(str, self.all_steps()))} (a training run "
+                        "resumed in this workdir sets it aside and goes on from the one before)"
+                        ) from None
     missing = [jax.tree_util.keystr(path) for path, leaf in
                jax.tree_util.tree_leaves_with_path(restored["params"])
                if isinstance(leaf, jax.ShapeDtypeStruct)]
