@@ -525,6 +525,18 @@ def _mount_tmpfs(path, size):
     pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
 
 
+@pytest.mark.parametrize("name,made", [("metrics.jsonl", "a folder"), ("config.json", "a folder"),
+                                       ("tensorboard", "a file"), ("checkpoints", "a file")])
+def test_a_file_where_the_run_writes_a_folder_or_the_reverse_is_one_line(tmp_path, name, made):
+  """Each was a traceback (IsADirectoryError, NotADirectoryError) once the run wrote there."""
+  if made == "a folder":
+    (tmp_path / name).mkdir()
+  else:
+    (tmp_path / name).write_text("x")
+  with pytest.raises(ConfigError, match=f"{name} is {made}, where a run writes its {name}"):
+    resume.prepare_workdir(str(tmp_path))
+
+
 def test_full_or_read_only_workdir_gives_a_clear_error_and_keeps_checkpoints(tiny_data, tmp_path):
   """A 2.25 MiB file system fills up during the (async) save of checkpoint 10: exit 4 with one
   line naming the intact checkpoint; with more space the same command resumes from it. A

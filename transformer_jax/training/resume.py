@@ -6,6 +6,7 @@ written for another model, tokenizer or optimizer state are refused, set aside
 (`params`)."""
 
 import json
+import os
 
 import jax
 from jax.experimental import multihost_utils
@@ -39,6 +40,14 @@ def prepare_workdir(workdir: str):
     if not (isinstance(e, OSError) or paths.is_remote(workdir)):
       raise
     raise ConfigError(f"workdir {workdir} is not writable: {paths.why(e, workdir)}") from None
+  if paths.is_remote(workdir):  # (a bucket has objects and prefixes: nothing to swap)
+    return
+  for names, is_wrong, what in ((WRITTEN + ("metrics.jsonl", "lock"), os.path.isdir, "a folder"),
+                                (FOLDERS, os.path.isfile, "a file")):
+    for name in names:  # (each was a traceback once the run wrote it)
+      if is_wrong(os.path.join(workdir, name)):
+        raise ConfigError(f"{os.path.join(workdir, name)} is {what}, where a run writes its "
+                          f"{name}: move it out of the workdir")
 
 
 def _flat(d, prefix=""):
@@ -179,6 +188,7 @@ def _corpus_changes(old: str, new: str) -> list[str]:
 
 
 WRITTEN = ("config.json", TOKENIZER_SHA, CORPUS)  # what `start` writes beside the checkpoints
+FOLDERS = ("checkpoints", "checkpoints_unreadable", "tensorboard")  # the folders a run makes
 
 
 def written_files(workdir: str) -> dict:
