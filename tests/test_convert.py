@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from tests.conftest import model_config, tiny_overrides
 from transformer_jax import config as config_lib
@@ -443,7 +443,7 @@ def hf_seq_ckpt(request, tmp_path_factory):
   return family, path, _hf_logits(model, _seq_inputs(family))
 
 
-def test_bert_t5_logits_match_transformers(hf_seq_ckpt):
+def test_bert_t5_logits_match_transformers(hf_seq_ckpt, tmp_path):
   family, path, ref = hf_seq_ckpt
   inputs = _seq_inputs(family)
   mask = _compared(family, inputs)
@@ -474,6 +474,14 @@ def test_bert_t5_logits_match_transformers(hf_seq_ckpt):
       wrong = dict(inputs, **{key: np.full_like(np.asarray(inputs[key]), bad)})
       with pytest.raises(ConfigError, match=rf"must be in \[0, {size}\): got {bad}$"):
         hf_forward(model, params, **wrong)
+    # TensorFlow-era names (the Hub's bert-base-*: LayerNorm.gamma / .beta) were refused
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    save_file({re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma",
+                      re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+               for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    with open(tmp_path / "config.json", "w") as f:
+      f.write(open(os.path.join(path, "config.json")).read())
+    assert _max_diff(hf_forward(*from_hf(str(tmp_path)), **inputs), ref, mask) < TOL
   else:
     enc = params["encoder"]
     swapped = dict(params, encoder=dict(enc, layer_0=enc["layer_1"], layer_1=enc["layer_0"]))

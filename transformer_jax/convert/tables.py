@@ -114,10 +114,20 @@ def rows(fam, cfg):
   return out
 
 
+# Older checkpoints' LayerNorm names (TensorFlow's, e.g. the Hub's bert-base-uncased), renamed as
+# transformers renames them on load
+_LEGACY_NAMES = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
+
+
 def canonical_names(fam, tensors: dict) -> dict:
-  """Adds the base model's prefix to names saved without it (a bare GPT2Model / LlamaModel)."""
+  """Adds the base model's prefix to names saved without it (a bare GPT2Model / LlamaModel), and
+  gives legacy LayerNorm.gamma / .beta their names of today."""
   keep = (fam.BASE_PREFIX,) + getattr(fam, "HEAD_PREFIXES", ("lm_head.",))
-  return {k if k.startswith(keep) else fam.BASE_PREFIX + k: v for k, v in tensors.items()}
+  def name(k):
+    for old, new in _LEGACY_NAMES:
+      k = k[:-len(old)] + new if k.endswith(old) else k
+    return k if k.startswith(keep) else fam.BASE_PREFIX + k
+  return {name(k): v for k, v in tensors.items()}
 
 
 def from_hf_tensors(fam, cfg, tensors: dict, shapes: dict, dtype) -> dict:
