@@ -342,3 +342,13 @@ def test_out_of_device_memory_is_one_last_line(capsys, monkeypatch):
     cli.run(oom)
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
     cli.run(lambda argv: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: boom")))
+
+
+def test_a_model_built_without_a_whole_config_gets_the_models_range_checks():
+  """convert's from_hf checks model.* alone (check_model): a T5 config.json with
+  relative_attention_max_distance <= num_buckets // 2 was NaN logits past that distance."""
+  m = config_lib.load(f"{REPO}/configs/t5.py:tiny").model
+  with m.unlocked():
+    m.relative_buckets, m.relative_max_distance = 32, 16
+  with pytest.raises(ConfigError, match=r"^model.relative_max_distance must be > model.relati"):
+    config_lib.check_model(m)

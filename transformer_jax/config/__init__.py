@@ -193,6 +193,26 @@ SEEDS = 2 ** 32  # jax.random.key keeps a seed's low 32 bits (without jax_enable
 SEEDS_RANGE = "in [0, 2**32) (JAX's keys keep 32 bits: 2**32 + s would be seed s)"
 
 
+def _model_ranges(m) -> tuple:
+  """model.* values with bounds other than a sign: (key, whether it holds, what it must be)."""
+  return (("model.norm_eps", m.norm_eps > 0, "> 0"), ("model.init_std", m.init_std > 0, "> 0"),
+          ("model.relative_buckets", m.position != "relative" or m.relative_buckets >= 4,
+           ">= 4 with model.position=relative (T5's exact and log-spaced halves)"),
+          ("model.relative_max_distance", m.position != "relative"
+           or m.relative_max_distance > m.relative_buckets // 2,
+           f"> model.relative_buckets // 2 = {m.relative_buckets // 2} (the exactly "
+           f"bucketed distances) with model.position=relative"),
+          ("model.rope_theta", m.rope_theta > 0, "> 0"),
+          ("model.num_decoder_layers", m.family == "encdec" or not m.num_decoder_layers,
+           f"0 for model.family={m.family} (only an encoder-decoder has a decoder stack)"))
+
+
+def _raise_unless(checks, value) -> None:
+  for key, holds, want in checks:
+    if not holds:
+      raise ConfigError(f"{key} must be {want}, got {value(key)!r}")
+
+
 def _check_ranges(config):
   """Values with bounds other than a sign: each (key, whether it holds, what it must be)."""
   o, m = config.optimizer, config.model
@@ -201,25 +221,13 @@ def _check_ranges(config):
             ("optimizer.wsd_decay_fraction", 0 < o.wsd_decay_fraction <= 1, "in (0, 1]"),
             ("optimizer.b1", 0 <= o.b1 < 1, "in [0, 1)"), ("optimizer.b2", 0 <= o.b2 < 1,
                                                             "in [0, 1)"),
-            ("optimizer.eps", o.eps > 0, "> 0"), ("model.norm_eps", m.norm_eps > 0, "> 0"),
-            ("model.init_std", m.init_std > 0, "> 0"),
-            ("model.relative_buckets", m.position != "relative" or m.relative_buckets >= 4,
-             ">= 4 with model.position=relative (T5's exact and log-spaced halves)"),
-            ("model.relative_max_distance", m.position != "relative"
-             or m.relative_max_distance > m.relative_buckets // 2,
-             f"> model.relative_buckets // 2 = {m.relative_buckets // 2} (the exactly "
-             f"bucketed distances) with model.position=relative"),
-            ("model.rope_theta", m.rope_theta > 0, "> 0"),
+            ("optimizer.eps", o.eps > 0, "> 0"),
             ("train.label_smoothing", 0 <= config.train.label_smoothing < 1, "in [0, 1)"),
             ("train.spike_factor", config.train.spike_factor == 0
              or config.train.spike_factor > 1, "0 (off) or > 1 (a multiple of the recent loss)"),
             ("train.sample_prompt", not config.train.sample_prompt or m.family != "encoder",
-             "empty for an encoder (BERT generates no text; sample --fill_mask fills masks)"),
-            ("model.num_decoder_layers", m.family == "encdec" or not m.num_decoder_layers,
-             f"0 for model.family={m.family} (only an encoder-decoder has a decoder stack)"))
-  for key, holds, want in checks:
-    if not holds:
-      raise ConfigError(f"{key} must be {want}, got {get(config, key)!r}")
+             "empty for an encoder (BERT generates no text; sample --fill_mask fills masks)"))
+  _raise_unless(checks + _model_ranges(m), lambda key: get(config, key))
 
 
 def _check_moe(m, sizes):
@@ -250,6 +258,7 @@ def _check_moe(m, sizes):
 def check_model(m):
   """The checks of model.* alone (RoPE, windows, experts) that need no mesh or data: for a
   model built without a whole config (convert.hf.from_hf)."""
+  _raise_unless(_model_ranges(m), lambda key: m[key.partition(".")[2]])
   _check_long_context(m)
   _check_moe(m, None)
 
