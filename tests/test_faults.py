@@ -449,6 +449,15 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
     loop.train(_config(tiny_data, **{"model.num_layers": 1, "checkpoint.on_mismatch": "params"}),
                workdir, quiet=True, devices=ONE())
   assert Checkpoints(workdir, _config(tiny_data).checkpoint).latest_step() == 5
+  # ... but a whole head the new model has none of is left unread (a BERT's sentence head
+  # turned off, a distillation projection): it was refused too
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  def droppable(name, *tops):
+    return checkpoint._droppable(name, set(tops))  # pylint: disable=protected-access
+  assert droppable("['pooler']['dense']['kernel']", "embed", "layer_0")
+  assert droppable("['distill_projection']['kernel']", "embed", "layers")
+  assert not droppable("['layer_1']['mlp']['wi']['kernel']", "embed", "layer_0")
+  assert not droppable("['decoder']['layer_1']['mlp']['wi']['kernel']", "encoder", "decoder")
   # params: same shapes (dropout differs) -> starts at step 0 from the saved parameters
   out = loop.train(_config(tiny_data, **{"model.dropout_rate": 0.1,
                                          "checkpoint.on_mismatch": "params"}),

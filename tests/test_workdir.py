@@ -381,3 +381,6 @@ def test_wandb_without_an_api_key_is_one_line(tiny_data, tmp_path, monkeypatch):
                            tiny_overrides(tiny_data, **{"metrics.wandb": True}))
   with pytest.raises(ConfigError, match="metrics.wandb=true: No API key"):
     loop.train(config, str(tmp_path / "w"), quiet=True, devices=jax.devices()[:1])
+  monkeypatch.setenv("WANDB_API_KEY", "abc")  # (wandb's AuthenticationError, no UsageError)
+  with pytest.raises(ConfigError, match="metrics.wandb=true: WANDB_API_KEY invalid"):
+    loop.train(config, str(tmp_path / "w"), quiet=True, devices=jax.devices()[:1])

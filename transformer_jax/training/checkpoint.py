@@ -211,16 +211,22 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
-# Saved parameters a run trains beside its model, which the model alone (sample, evaluate, a
-# teacher) leaves unread: distillation's hidden-state projection (training/distill.py).
-TRAINING_ONLY = ("['distill_projection']",)
+def _top(name: str) -> str:
+  return name[2:].partition("']")[0]  # (a keystr: ['top']['...'])
+
+
+def _droppable(name: str, our_tops: set) -> bool:
+  """Whether saved parameter `name` is of a head the model has none of, left unread: a whole
+  top-level module the model lacks (a distillation projection, a BERT sentence head turned off
+  for on_mismatch=params), never a layer of a stack."""
+  return _top(name) not in our_tops and not re.fullmatch(r"layer_\d+", _top(name))
 
 
 def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
   """One line when a saved parameter's shape is not the model's (orbax's restore raised a
-  ValueError, its background reads more), or the model lacks saved parameters (a partial
-  restore dropped them: a smaller model took the first layers of a larger one's checkpoint):
-  read from the checkpoint's metadata first."""
+  ValueError, its background reads more), or the model lacks saved parameters other than
+  whole heads (a partial restore dropped them: a smaller model took the first layers of a
+  larger one's checkpoint): read from the checkpoint's metadata first."""
   meta = ocp.PyTreeCheckpointer().metadata(state_dir)
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
   if not isinstance(tree, dict) or "params" not in tree:
@@ -236,7 +242,8 @@ def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
       raise ConfigError(f"{what} holds parameters of other shapes than this config's model "
                         f"({name}: {saved[name]}, the model's {tuple(leaf.shape)}): the config "
                         "does not describe the checkpoint")
-  if extra := sorted(n for n in set(saved) - ours if not n.startswith(TRAINING_ONLY)):
+  tops = {_top(n) for n in ours}
+  if extra := sorted(n for n in set(saved) - ours if not _droppable(n, tops)):
     raise ConfigError(f"{what} holds parameters this config's model lacks ({extra[0]}; "
                       f"{len(extra)} in all): the config does not describe the checkpoint")
 

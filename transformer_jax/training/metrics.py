@@ -255,9 +255,9 @@ def _wandb_run(workdir: str, config, resume_step: int):
                       dir=None if paths.is_remote(workdir) else workdir,  # wandb writes locally
                       name=paths.abspath(workdir).rstrip("/").rsplit("/", 1)[-1],
                       config=config.to_dict())
-  except wandb.errors.UsageError as e:  # no API key, a bad entity: before any compile
+  except wandb.errors.Error as e:  # no API key, a malformed one, a bad entity: before compiling
     from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-    raise ConfigError(f"metrics.wandb=true: {e} (WANDB_MODE=offline logs without one)") \
+    raise ConfigError(f"metrics.wandb=true: {e} (WANDB_MODE=offline logs without a login)") \
         from None
 
 
