@@ -264,8 +264,8 @@ def test_the_closed_event_loop_reports_of_a_failed_restore_are_dropped(monkeypat
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  checkpoint._drop_closed_loop_reports()  # pylint: disable=protected-access
-  checkpoint._drop_closed_loop_reports()  # pylint: disable=protected-access  # (no chain)
+  checkpoint.drop_closed_loop_reports()
+  checkpoint.drop_closed_loop_reports()  # (once: no chain of hooks)
   report = lambda e: types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=None,
                                            err_msg=None, object=None)
   sys.unraisablehook(report(RuntimeError("Event loop is closed")))

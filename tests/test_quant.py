@@ -2,6 +2,7 @@
 and quantized training (model.quantization=int8, quant/qt.py through qwix)."""
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -233,3 +234,10 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   with contextlib.redirect_stdout(printed):
     sample.main([f"--workdir={out}", "--prompt=def", "--max_new_tokens=3"])
   assert printed.getvalue().startswith("[step 2] def")
+  # a damaged one is one line (it was orbax's traceback and ~100 closed-loop reports)
+  victim = max(glob.glob(f"{out}/quantized/**/*", recursive=True),
+               key=lambda p: os.path.getsize(p) if os.path.isfile(p) else -1)
+  with open(victim, "r+b") as f:
+    f.truncate(os.path.getsize(victim) // 3)
+  with pytest.raises(ConfigError, match=r"^the quantized weights in .*w8/quantized are unread"):
+    store.restore_params(out, config.checkpoint, model, abstract)

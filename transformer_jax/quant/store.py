@@ -7,6 +7,7 @@ import os
 
 import orbax.checkpoint as ocp
 
+from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.quant import ptq
 from transformer_jax.training import checkpoint
@@ -32,9 +33,17 @@ def save(out: str, source: str, stored: dict, manifest: dict):
 
 
 def load(workdir: str) -> tuple[dict, dict]:
-  """(manifest, stored tree) of a quantized workdir, as numpy arrays."""
+  """(manifest, stored tree) of a quantized workdir, as numpy arrays; a damaged one is one
+  ConfigError line (it was orbax's traceback)."""
   manifest = json.loads(paths.read_text(paths.join(workdir, MANIFEST)))
-  return manifest, ocp.PyTreeCheckpointer().restore(paths.join(paths.abspath(workdir), ARRAYS))
+  arrays = paths.join(paths.abspath(workdir), ARRAYS)
+  checkpoint.drop_closed_loop_reports()
+  try:
+    return manifest, ocp.PyTreeCheckpointer().restore(arrays)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"the quantized weights in {arrays} are unreadable "
+                      f"({checkpoint.first_line(e)}): quantize the source workdir "
+                      f"{manifest.get('source', '')} again") from None
 
 
 def disk_bytes(workdir: str) -> int:

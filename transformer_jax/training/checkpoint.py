@@ -191,7 +191,7 @@ def set_aside(workdir: str, describe=()) -> str:
   return dest
 
 
-def _drop_closed_loop_reports():
+def drop_closed_loop_reports():
   """Orbax's reads still in flight when a restore fails finish later on TensorStore's threads,
   each reporting `RuntimeError: Event loop is closed` through sys.unraisablehook: ~100
   tracebacks around the one line that says the checkpoint is unreadable. Those are dropped (for
@@ -207,7 +207,7 @@ def _drop_closed_loop_reports():
   sys.unraisablehook = hook
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
@@ -334,7 +334,7 @@ class Checkpoints:
     is reported in one line, moved to WORKDIR/checkpoints_unreadable/ (never deleted, never
     loaded) and the next older one is tried."""
     steps = [s for s in self.all_steps() if step is None or s <= step]
-    _drop_closed_loop_reports()
+    drop_closed_loop_reports()
     for s in reversed(steps):
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
@@ -354,7 +354,7 @@ class Checkpoints:
               f"not match ({other}): a setting that shapes the optimizer state changed (e.g. "
               f"optimizer.grad_clip turned on or off); re-run with the saved config.json's, or "
               f"use a new --workdir") from None
-        report(f"checkpoint {s} is unreadable ({_first_line(e)}); moved it to "
+        report(f"checkpoint {s} is unreadable ({first_line(e)}); moved it to "
                f"{self._set_aside(s)} and trying the previous one")
         continue
       return s, restored["state"]
@@ -422,7 +422,7 @@ class Checkpoints:
     if step is None:
       return None, None
     item = {"params": abstract_params}
-    _drop_closed_loop_reports()
+    drop_closed_loop_reports()
     _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
                   f"checkpoint {step} in {self.directory}")
     try:
@@ -439,7 +439,7 @@ class Checkpoints:
         raise ConfigError(f"checkpoint {step} in {self.directory} holds parameters of other "
                           f"shapes than this config's model ({str(e).splitlines()[0][:160]}): "
                           "the config does not describe the checkpoint") from None
-      raise ConfigError(f"checkpoint {step} in {self.directory} is unreadable ({_first_line(e)})"
+      raise ConfigError(f"checkpoint {step} in {self.directory} is unreadable ({first_line(e)})"
                         f"; saved steps: {', '.join(map(str, self.all_steps()))} (a training run "
                         "resumed in this workdir sets it aside and goes on from the one before)"
                         ) from None
