@@ -391,6 +391,11 @@ def test_shards_make_the_batches_independent_of_the_readers(config, tmp_path):
     with pytest.raises(FileNotFoundError, match="shard-1-of-2.json is missing"):
       manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
           pipeline.make_train_iterator(c))))
+    # ... for every process, also one that reads shard 0 alone (the others hung in set-aside)
+    assert pipeline.make_train_iterator(c, (0, 2)).shards == [0]
+    with pytest.raises(FileNotFoundError, match="shard-1-of-2.json is missing"):
+      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
+          pipeline.make_train_iterator(c, (0, 2)))))
   with pytest.raises(ConfigError, match="not a whole number of shards"):
     pipeline.make_train_iterator(c, (0, 1))
 

@@ -97,18 +97,12 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
   def restore(self, directory, item=None, args=None):
     del item
     it = args.item
+    _check_whole(directory, it)
     states, legacy, versions = {}, False, set()
     for k in it.shards:
       path = directory / f"shard-{k}-of-{it.num_shards}.json"
       if not path.exists():
         path = directory / f"process_{k}-of-{it.num_shards}.json"  # the pre-shard format
-      if not path.exists():
-        saved = sorted({m.group(1) for p in directory.iterdir()
-                        if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json",
-                                              p.name))})
-        if not saved or str(it.num_shards) in saved:  # a damaged checkpoint: set aside
-          raise FileNotFoundError(f"{directory}/shard-{k}-of-{it.num_shards}.json is missing")
-        raise ConfigError(_shards_advice(saved, it.num_shards, it.num_shards // len(it.shards)))
       saved = json.loads(path.read_text())
       if isinstance(saved, dict) and ORDER_MARK in saved:
         legacy |= saved[ORDER_MARK] == "raw"
@@ -121,6 +115,24 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
     rows = None if None in versions else max(versions - {it.rows_version}, default=it.rows_version)
     it.set_state(states, legacy_order=legacy, rows=rows)
     return it
+
+
+def _check_whole(directory, it) -> None:
+  """That the position files of all of the run's data shards are there, read from one listing:
+  every process (each reads some shards) comes to the same verdict. One missing beside others
+  of the run's shard count (or with none) is damage: FileNotFoundError, which sets the
+  checkpoint aside; files of another count only are a ConfigError naming what resumes."""
+  names = {p.name for p in directory.iterdir()}
+  n = it.num_shards
+  missing = [k for k in range(n)
+             if f"shard-{k}-of-{n}.json" not in names and f"process_{k}-of-{n}.json" not in names]
+  if not missing:
+    return
+  saved = sorted({m.group(1) for name in names
+                  if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json", name))})
+  if not saved or str(n) in saved:
+    raise FileNotFoundError(f"{directory}/shard-{missing[0]}-of-{n}.json is missing")
+  raise ConfigError(_shards_advice(saved, n, n // len(it.shards)))
 
 
 def _shards_advice(saved: list, num_shards: int, readers: int) -> str:
