@@ -239,6 +239,9 @@ def test_commands_refuse_flags_they_would_ignore(tmp_path):
       tokenizer.FLAGS))["special"]
   assert made() == "mask,sentinels:100,ul2"
   assert made("data.seq_len=2048") == "mask,sentinels:114,ul2"
+  for objective in ("clm", "prefix_lm"):  # a decoder's: none (prefix_lm's asked for T5's)
+    assert tokenizer.from_config(f"{REPO}/configs/gpt2.py:tiny", [f"data.objective={objective}"],
+                                 dict(tokenizer.FLAGS))["special"] == ""
   # --workdir: the config it saved (launch scripts given no CONFIG, e.g. a sweep's runs, made
   # the default tokenizer only, and the run then failed on its own)
   saved = config_lib.load(f"{REPO}/configs/t5.py:tiny", [f"data.tokenizer={tmp_path}/t.model"])

@@ -13,6 +13,7 @@ FAMILIES = ("decoder",)
 SPLASH = "its mask"  # why Pallas splash attention cannot serve it
 KEYS = ("inputs", "targets", "weights", "prefix")
 PREFIX = True  # outside training too: a context (a prompt) is read as the prefix
+CONTROL_PIECES = False  # needs no [MASK], sentinels or mode tokens (the clm tokenizer serves)
 
 
 def resolve(s: common.Spec) -> common.Spec:
