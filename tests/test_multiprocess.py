@@ -221,3 +221,48 @@ def test_explicit_process_flags_are_not_dropped_by_tjax_distributed_off():
   assert distributed.detect(environ={"TJAX_DISTRIBUTED": "off"}) is None
   with pytest.raises(ConfigError, match="TJAX_DISTRIBUTED=off, but --coordinator"):
     distributed.detect(*flags, environ={"TJAX_DISTRIBUTED": "off"})
+
+
+POISONED_TRAIN = """
+import jax, numpy as np
+from transformer_jax import cli, train
+from transformer_jax.training.step import Trainer
+put, step = Trainer.put_batch, Trainer.train_step
+def put_batch(self, batch):
+  self.host_batch = batch
+  return put(self, batch)
+def train_step(self, state, batch, rng):
+  if int(jax.device_get(state.step)) == 3:  # NaN target weights: a non-finite loss
+    batch = put(self, {k: v * np.float32("nan") if k.endswith("weights") else v
+                       for k, v in self.host_batch.items()})
+  return step(self, state, batch, rng)
+Trainer.put_batch, Trainer.train_step = put_batch, train_step
+cli.run(train.main)
+"""
+
+
+def test_a_rollback_across_processes_restores_and_goes_on(tiny_data, tmp_path):
+  """train.on_anomaly=rollback with 2 processes: the step it put back was one device's array,
+  which a sharding over both processes' devices cannot take (a traceback, exit 1, on both)."""
+  (tmp_path / "poisoned_train.py").write_text(POISONED_TRAIN)
+  run = str(tmp_path / "run")
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
+             JAX_PLATFORMS="cpu", TJAX_HEARTBEAT_TIMEOUT_S="10", TJAX_NUM_PROCESSES="2",
+             TJAX_COORDINATOR=f"127.0.0.1:{_free_port()}")
+  cmd = [sys.executable, str(tmp_path / "poisoned_train.py"),
+         f"--config={REPO}/configs/gpt2.py:tiny", f"--workdir={run}"] + _flags(
+             tiny_data, **{"train.steps": 5, "optimizer.decay_steps": 5, "data.shards": 0,
+                           "checkpoint.every_steps": 2, "train.on_anomaly": "rollback"})
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, TJAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=150)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    rollbacks = [r for r in map(json.loads, f) if r.get("event") == "rollback"]
+  assert [(r["restored_step"], r["skipped_batches"]) for r in rollbacks] == [(2, [2, 3])]
+  assert sorted(_losses(run)) == [1, 2, 3, 5]  # step 4's batch was the bad one: not logged

@@ -2,7 +2,7 @@
 step refused to apply (a non-finite loss or gradient, or a loss spike; see step.py)."""
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 
 class AnomalyError(RuntimeError):
@@ -67,7 +67,9 @@ def rollback(trainer, ckpts, data, new_data, events, writer, say):
     data.set_state(new_data().get_state())
   for _ in range(last_bad + 1 - step):
     next(data)
-  state = state.replace(step=jax.device_put(jnp.asarray(last_bad + 1, jnp.int32),
+  # (from the host: a jnp array is one device's, which a sharding over several processes'
+  # devices cannot take: every multi-process rollback was a traceback)
+  state = state.replace(step=jax.device_put(np.asarray(last_bad + 1, np.int32),
                                             trainer.state_shardings.step))
   writer.write(last_bad + 1, {"event": "rollback", "restored_step": step,
                               "skipped_batches": [step, last_bad]})
