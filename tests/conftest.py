@@ -124,3 +124,25 @@ def assert_kv_cache_matches(model, params, tokens, prefill: int, tol=2e-5):
                            decode=True, mutable=["cache"])
     np.testing.assert_allclose(out[:, 0], full[:, t], atol=tol, rtol=tol)
   return full
+
+
+def two_process_job(cmd, timeout: float, **env):
+  """Runs `cmd` as processes 0 and 1 of a 2-process JAX job (1 CPU device each, gloo over a
+  free loopback port, `env` added); returns ([exit codes], [outputs])."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
+             JAX_PLATFORMS="cpu", TJAX_NUM_PROCESSES="2", TJAX_COORDINATOR=f"127.0.0.1:{port}",
+             **env)
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, TJAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [p.returncode for p in procs], outs

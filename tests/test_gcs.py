@@ -26,7 +26,7 @@ from transformer_jax.config import paths
 from transformer_jax.training import checkpoint as ckpt_lib
 from transformer_jax.training import lock
 from transformer_jax.training import loop
-from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
+from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides, two_process_job
 from tests.gcs_emulator import BUCKET
 from tests.test_launch import fake_bin, launch  # pylint: disable=unused-import
 
@@ -305,20 +305,8 @@ def test_two_processes_share_a_gs_workdir(gcs, tiny_data):
       **EXTRA, "train.steps": 4, "data.shards": 2, "mesh.data": -1})]
   cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
          f"--workdir={workdir}"] + flags
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
-             JAX_PLATFORMS="cpu", TJAX_NUM_PROCESSES="2", TJAX_COORDINATOR=f"127.0.0.1:{port}")
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, TJAX_PROCESS_ID=str(i)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  codes, outs = two_process_job(cmd, 240)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert sorted(_losses(workdir)) == [1, 2, 3, 4]
   assert paths.listdir(f"{workdir}/checkpoints/4/data")[-2:] == [
       "shard-0-of-2.json", "shard-1-of-2.json"]

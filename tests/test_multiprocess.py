@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
+from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides, two_process_job
 
 STEPS = 18
 
@@ -246,22 +246,12 @@ def test_a_rollback_across_processes_restores_and_goes_on(tiny_data, tmp_path):
   which a sharding over both processes' devices cannot take (a traceback, exit 1, on both)."""
   (tmp_path / "poisoned_train.py").write_text(POISONED_TRAIN)
   run = str(tmp_path / "run")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
-             JAX_PLATFORMS="cpu", TJAX_HEARTBEAT_TIMEOUT_S="10", TJAX_NUM_PROCESSES="2",
-             TJAX_COORDINATOR=f"127.0.0.1:{_free_port()}")
   cmd = [sys.executable, str(tmp_path / "poisoned_train.py"),
          f"--config={REPO}/configs/gpt2.py:tiny", f"--workdir={run}"] + _flags(
              tiny_data, **{"train.steps": 5, "optimizer.decay_steps": 5, "data.shards": 0,
                            "checkpoint.every_steps": 2, "train.on_anomaly": "rollback"})
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, TJAX_PROCESS_ID=str(i)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=150)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+  codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="10")
+  assert codes == [0, 0], [o[-2000:] for o in outs]
   with open(os.path.join(run, "metrics.jsonl")) as f:
     rollbacks = [r for r in map(json.loads, f) if r.get("event") == "rollback"]
   assert [(r["restored_step"], r["skipped_batches"]) for r in rollbacks] == [(2, [2, 3])]
