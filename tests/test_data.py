@@ -391,9 +391,14 @@ def test_shards_make_the_batches_independent_of_the_readers(config, tmp_path):
     with pytest.raises(FileNotFoundError, match="shard-1-of-2.json is missing"):
       manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
           pipeline.make_train_iterator(c))))
-    # ... for every process, also one that reads shard 0 alone (the others hung in set-aside)
+    # ... for every process, also one that reads shard 0 alone (the others hung in set-aside),
+    # and so is a damaged file of another process's shard
     assert pipeline.make_train_iterator(c, (0, 2)).shards == [0]
     with pytest.raises(FileNotFoundError, match="shard-1-of-2.json is missing"):
+      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
+          pipeline.make_train_iterator(c, (0, 2)))))
+    (tmp_path / "ckpt" / "2" / "data" / "shard-1-of-2.json").write_text('{"order_se')
+    with pytest.raises(ValueError):  # (json's)
       manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
           pipeline.make_train_iterator(c, (0, 2)))))
   with pytest.raises(ConfigError, match="not a whole number of shards"):

@@ -97,13 +97,10 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
   def restore(self, directory, item=None, args=None):
     del item
     it = args.item
-    _check_whole(directory, it)
+    every = _read_whole(directory, it)
     states, legacy, versions = {}, False, set()
     for k in it.shards:
-      path = directory / f"shard-{k}-of-{it.num_shards}.json"
-      if not path.exists():
-        path = directory / f"process_{k}-of-{it.num_shards}.json"  # the pre-shard format
-      saved = json.loads(path.read_text())
+      saved = every[k]
       if isinstance(saved, dict) and ORDER_MARK in saved:
         legacy |= saved[ORDER_MARK] == "raw"
         versions.add(saved.get(ROWS_MARK, 1))
@@ -117,17 +114,20 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
     return it
 
 
-def _check_whole(directory, it) -> None:
-  """That the position files of all of the run's data shards are there, read from one listing:
-  every process (each reads some shards) comes to the same verdict. One missing beside others
-  of the run's shard count (or with none) is damage: FileNotFoundError, which sets the
-  checkpoint aside; files of another count only are a ConfigError naming what resumes."""
+def _read_whole(directory, it) -> dict:
+  """{shard: its parsed position file} for ALL of the run's data shards, not only the shards
+  this process reads: every process comes to the same verdict on a damaged file (one that saw
+  none hung in the set-aside's barrier). A missing or unparsable file beside others of the
+  run's shard count (or with none) is damage: OSError or ValueError, which sets the checkpoint
+  aside; files of another count only are a ConfigError naming what resumes."""
   names = {p.name for p in directory.iterdir()}
   n = it.num_shards
   missing = [k for k in range(n)
              if f"shard-{k}-of-{n}.json" not in names and f"process_{k}-of-{n}.json" not in names]
-  if not missing:
-    return
+  if not missing:  # (the pre-shard format: process_K-of-N.json)
+    return {k: json.loads((directory / (f"shard-{k}-of-{n}.json" if f"shard-{k}-of-{n}.json"
+                                        in names else f"process_{k}-of-{n}.json")).read_text())
+            for k in range(n)}
   saved = sorted({m.group(1) for name in names
                   if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json", name))})
   if not saved or str(n) in saved:
