@@ -460,6 +460,7 @@ def test_checkpoints_of_another_model_are_refused_or_set_aside(tiny_data, tmp_pa
   assert droppable("['pooler']['dense']['kernel']", "embed", "layer_0")
   assert droppable("['distill_projection']['kernel']", "embed", "layers")
   assert not droppable("['layer_1']['mlp']['wi']['kernel']", "embed", "layer_0")
+  assert not droppable("['final_norm']['scale']", "embed", "layer_0")  # (post-norm: no head)
   assert not droppable("['decoder']['layer_1']['mlp']['wi']['kernel']", "encoder", "decoder")
   # params: same shapes (dropout differs) -> starts at step 0 from the saved parameters
   out = loop.train(_config(tiny_data, **{"model.dropout_rate": 0.1,

@@ -234,10 +234,22 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   with contextlib.redirect_stdout(printed):
     sample.main([f"--workdir={out}", "--prompt=def", "--max_new_tokens=3"])
   assert printed.getvalue().startswith("[step 2] def")
+  # a host too small for it is no damage: raised as it is (not "quantize again")
+  with pytest.MonkeyPatch.context() as patch:
+    def too_big(*args, **kwargs):
+      raise MemoryError("Unable to allocate 14.2 GiB for an array")
+    patch.setattr(store.ocp.PyTreeCheckpointer, "restore", too_big)
+    with pytest.raises(MemoryError):
+      store.restore_params(out, config.checkpoint, model, abstract)
   # a damaged one is one line (it was orbax's traceback and ~100 closed-loop reports)
   victim = max(glob.glob(f"{out}/quantized/**/*", recursive=True),
                key=lambda p: os.path.getsize(p) if os.path.isfile(p) else -1)
   with open(victim, "r+b") as f:
     f.truncate(os.path.getsize(victim) // 3)
   with pytest.raises(ConfigError, match=r"^the quantized weights in .*w8/quantized are unread"):
+    store.restore_params(out, config.checkpoint, model, abstract)
+  manifest = os.path.join(out, store.MANIFEST)  # and a manifest cut short (a JSONDecodeError)
+  with open(manifest, "r+b") as f:
+    f.truncate(os.path.getsize(manifest) // 2)
+  with pytest.raises(ConfigError, match=r"quantization.json is unreadable \(JSONDecodeError"):
     store.restore_params(out, config.checkpoint, model, abstract)

@@ -314,8 +314,8 @@ def _checkpoint():
   k.async_save = True
   # When WORKDIR's checkpoints were written for another model or tokenizer (config.json differs in
   # model.* or data.tokenizer): refuse (name the keys) | fresh (set them aside, start over) |
-  # params (start over from their parameters; same shapes needed: a saved head the new model
-  # has none of, e.g. a BERT sentence head turned off, is left behind; a missing layer is not).
+  # params (start over from their parameters; same shapes needed: a saved BERT sentence head
+  # the new model has none of is left behind; any other parameter it lacks is refused).
   k.on_mismatch = "refuse"
 
   return k

@@ -35,12 +35,18 @@ def save(out: str, source: str, stored: dict, manifest: dict):
 def load(workdir: str) -> tuple[dict, dict]:
   """(manifest, stored tree) of a quantized workdir, as numpy arrays; a damaged one is one
   ConfigError line (it was orbax's traceback)."""
-  manifest = json.loads(paths.read_text(paths.join(workdir, MANIFEST)))
+  try:
+    manifest = json.loads(paths.read_text(paths.join(workdir, MANIFEST)))
+  except ValueError as e:  # (a copy cut short: JSONDecodeError or bad UTF-8)
+    raise ConfigError(f"{paths.join(workdir, MANIFEST)} is unreadable "
+                      f"({checkpoint.first_line(e)}): quantize the source workdir again") from None
   arrays = paths.join(paths.abspath(workdir), ARRAYS)
   checkpoint.drop_closed_loop_reports()
   try:
     return manifest, ocp.PyTreeCheckpointer().restore(arrays)
   except Exception as e:  # pylint: disable=broad-except
+    if checkpoint.out_of_memory(e):  # nothing wrong with them: this host cannot hold them
+      raise
     raise ConfigError(f"the quantized weights in {arrays} are unreadable "
                       f"({checkpoint.first_line(e)}): quantize the source workdir "
                       f"{manifest.get('source', '')} again") from None

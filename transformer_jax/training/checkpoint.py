@@ -68,7 +68,7 @@ def _storage_failure(e: BaseException):
   return None
 
 
-def _out_of_memory(e: BaseException) -> bool:
+def out_of_memory(e: BaseException) -> bool:
   """Whether `e` or a cause is a device (or host) running out of memory: nothing wrong with the
   checkpoint or the storage."""
   return any(isinstance(c, MemoryError) or "out of memory" in str(c).lower() for c in _chain(e))
@@ -227,11 +227,16 @@ def _top(name: str) -> str:
   return name[2:].partition("']")[0]  # (a keystr: ['top']['...'])
 
 
+# The saved modules a model may leave unread when it has none of them: BERT's sentence head
+# (models/encoder.py, model.sentence_head) and distillation's projection (training/distill.py).
+HEADS = ("pooler", "pooler_bias", "sentence", "sentence_bias", "distill_projection")
+
+
 def _droppable(name: str, our_tops: set) -> bool:
-  """Whether saved parameter `name` is of a head the model has none of, left unread: a whole
-  top-level module the model lacks (a distillation projection, a BERT sentence head turned off
-  for on_mismatch=params), never a layer of a stack."""
-  return _top(name) not in our_tops and not re.fullmatch(r"layer_\d+", _top(name))
+  """Whether saved parameter `name` is of a head the model has none of (HEADS), left unread: a
+  sentence head turned off for on_mismatch=params, a distilled student's projection read by
+  sample or a teacher. Anything else the model lacks (a layer, a final norm) is refused."""
+  return _top(name) not in our_tops and _top(name) in HEADS
 
 
 def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
@@ -356,7 +361,7 @@ class Checkpoints:
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        if _out_of_memory(e):  # the checkpoint is fine: this mesh cannot hold it
+        if out_of_memory(e):  # the checkpoint is fine: this mesh cannot hold it
           raise
         self._reachable(s, e)
         other = self._other_structure(s, abstract_state)
@@ -444,7 +449,7 @@ class Checkpoints:
               item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))
     except Exception as e:  # pylint: disable=broad-except
-      if _out_of_memory(e):
+      if out_of_memory(e):
         raise
       self._reachable(step, e)
       if isinstance(e, ValueError) and "Requested shape" in str(e):  # (_check_shapes' misses)
