@@ -92,41 +92,43 @@ tjax_setup() {
   fi
 }
 
+# tjax_python_check HEADER PREFIX CMD...: a check by the project's Python. With TJAX_DRY_RUN=1
+# it prints HEADER and CMD (after PREFIX); else it runs CMD: exit status 2 there (a bad value)
+# is its error line here and exit 2; another failure returns 1 (for the caller's fallback).
+tjax_python_check() {
+  local out
+  if (( TJAX_DRY_RUN )); then
+    echo "$1"
+    echo "$2$(tjax_q "${@:3}")"
+    return 0
+  fi
+  out="$("${@:3}" 2>&1)" && return 0
+  if [[ $? == 2 ]]; then grep -m1 '^error: ' <<<"$out" >&2 || echo "$out" >&2; exit 2; fi
+  return 1
+}
+
 # tjax_check_config HEADER PREFIX: that CONFIG and its overrides pass the checks that need no
 # devices or data (python -m transformer_jax.config), with this checkout's .venv if it has one:
 # a bad key or value is one error line here, exit 2, not one on every worker after its setup.
-# With TJAX_DRY_RUN=1 it prints HEADER and the check (after PREFIX) instead.
 tjax_check_config() {
-  local check out
   [[ -n "$TJAX_CONFIG" && -x .venv/bin/python ]] || return 0
-  check=(.venv/bin/python -m transformer_jax.config "--config=$TJAX_CONFIG"
-         ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"})
-  if (( TJAX_DRY_RUN )); then
-    echo "$1"
-    echo "$2$(tjax_q "${check[@]}")"
-  elif out="$("${check[@]}" 2>&1)"; then :
-  elif [[ $? == 2 ]]; then grep -m1 '^error: ' <<<"$out" >&2 || echo "$out" >&2; exit 2
-  else
+  tjax_python_check "$1" "$2" .venv/bin/python -m transformer_jax.config "--config=$TJAX_CONFIG" \
+    ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"} ||
     echo "note: could not check the config here (.venv/bin/python failed); the training" \
          "checks it before compiling" >&2
-  fi
 }
 
 # tjax_check_bucket HEADER PREFIX: for a gs:// TJAX_WORKDIR, that the bucket is writable from
 # here (and holds config.json when no TJAX_CONFIG is given), checked with the project's Python
 # (gcsfs, which honours STORAGE_EMULATOR_HOST) or else gcloud storage; one error line, exit 2,
-# when it is not. With TJAX_DRY_RUN=1 it prints HEADER and the check (each line after PREFIX).
+# when it is not.
 tjax_check_bucket() {
-  local py=python3 need=() probe out
+  local py=python3 need=() probe
   [[ "$TJAX_WORKDIR" == gs://* ]] || return 0
   [[ -x .venv/bin/python ]] && py=.venv/bin/python
   [[ -n "$TJAX_CONFIG" ]] || need=(--need=config.json)
-  if (( TJAX_DRY_RUN )); then
-    echo "$1"
-    echo "$2$(tjax_q "$py" -m transformer_jax.config.paths "$TJAX_WORKDIR" ${need[@]+"${need[@]}"})"
-  elif out="$("$py" -m transformer_jax.config.paths "$TJAX_WORKDIR" ${need[@]+"${need[@]}"} 2>&1)"
-  then :
-  elif [[ $? == 2 ]]; then grep -m1 '^error: ' <<<"$out" >&2 || echo "$out" >&2; exit 2
+  if tjax_python_check "$1" "$2" "$py" -m transformer_jax.config.paths "$TJAX_WORKDIR" \
+       ${need[@]+"${need[@]}"}; then :
   elif command -v gcloud >/dev/null; then  # no Python with the project's packages here
     probe="${TJAX_WORKDIR%/}/.launch-probe-$$"
     { printf ok | gcloud storage cp - "$probe" && gcloud storage rm "$probe"; } >/dev/null 2>&1 ||

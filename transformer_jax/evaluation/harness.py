@@ -35,7 +35,7 @@ def batch_rows(trainer, batch_size: int = 0) -> int:
   length = scoring.bucket(0, scoring.MIN_BUCKET, sharding.length_multiple(trainer.mesh,
                                                                           trainer.rules))
   shards = size // trainer.batch_sharding.shard_shape((size, length))[0]
-  return -(-rows // shards) * shards
+  return sharding.round_up(rows, shards)
 
 
 def text_model(trainer, params, *, batch_size: int = 0, padding: str = "right"):

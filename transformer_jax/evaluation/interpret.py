@@ -130,11 +130,12 @@ def _lens_side(model, inputs):
 def model_inputs(model, inputs: Inputs, batch: int = 1, multiple: int = 1):
   """The model's INPUTS (numpy) for one text, `batch` rows (repeats of it), padded to a length
   `multiple` (a sequence-sharded batch's: sharding.length_multiple)."""
-  padded = lambda n: -(-n // multiple) * multiple  # pylint: disable=unnecessary-lambda-assignment
-  tokens, segments, positions = row_arrays([inputs.ids], padded(len(inputs.ids)), batch)
+  tokens, segments, positions = row_arrays(
+      [inputs.ids], sharding.round_up(len(inputs.ids), multiple), batch)
   if inputs.source_ids is None:
     return tokens, segments, positions
-  src, src_seg, src_pos = row_arrays([inputs.source_ids], padded(len(inputs.source_ids)), batch)
+  src, src_seg, src_pos = row_arrays(
+      [inputs.source_ids], sharding.round_up(len(inputs.source_ids), multiple), batch)
   by_name = {"encoder_inputs": src, "decoder_inputs": tokens, "encoder_segment_ids": src_seg,
              "encoder_positions": src_pos, "decoder_segment_ids": segments,
              "decoder_positions": positions}

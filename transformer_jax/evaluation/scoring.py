@@ -30,7 +30,7 @@ def bucket(n: int, limit: int, multiple: int = 1) -> int:
   """The padded length of a batch whose longest row is n: a power of two >= 16, <= limit,
   rounded up to a `multiple` (sharding.length_multiple: a sequence-sharded batch's; the
   padding past limit is position 0, read by no row)."""
-  return -(-min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), limit) // multiple) * multiple
+  return sharding.round_up(min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), limit), multiple)
 
 
 @functools.partial(jax.jit, static_argnames="model")

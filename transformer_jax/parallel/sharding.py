@@ -118,7 +118,7 @@ def check_divisible(abstract_tree, shardings_tree, mesh, vocab_size: int = 0):
       size = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
       if dim % size:
         name = jax.tree_util.keystr(path, simple=True, separator="/")
-        pad = (f", or pad model.vocab_size to {-(-dim // size) * size} with "
+        pad = (f", or pad model.vocab_size to {round_up(dim, size)} with "
                f"model.output_vocab={dim} (the padded ids are never predicted)"
                if dim == vocab_size else "")
         raise ConfigError(f"parameter {name} dim {dim} is not divisible by mesh axes {axes} "
@@ -129,6 +129,11 @@ def batch_sharding(mesh, rule_table) -> NamedSharding:
   """Rows over the axes the rules give `act_batch`, tokens over `act_length`'s (mesh.sequence)."""
   spec = nn.logical_to_mesh_axes(("act_batch", "act_length"), rule_table)
   return NamedSharding(mesh, P(*spec))
+
+
+def round_up(n: int, multiple: int) -> int:
+  """The least multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
 
 
 def length_multiple(mesh, rule_table) -> int:
