@@ -207,18 +207,37 @@ def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BN
   With `causal_chunks` > 1 (and a causal mask over equal query/key lengths) the queries are split
   into that many blocks and block i attends only to keys [0, end of block i): the skipped keys are
   all masked, so the result is exact while the score work falls to (n + 1) / (2 n) of the full one.
+  q, k and v are put head-major once ([B, N, (G,) T, K]), so that every block's matmuls are plain
+  batched ones over (B, N) that need no transposes of their own.
   """
-  t, s = q_BTNGK.shape[1], k_BSNK.shape[1]
+  b, t, n, g, k = q_BTNGK.shape
+  q_BNRK = q_BTNGK.transpose(0, 2, 3, 1, 4).reshape(b, n, g * t, k)  # row r = g * T + t
+  out_BNRK = _head_major(q_BNRK, k_BSNK.transpose(0, 2, 1, 3), v_BSNK.transpose(0, 2, 1, 3),
+                         mask_BTS, causal_chunks, bias_BNGTS, g)
+  return out_BNRK.reshape(b, n, g, t, k).transpose(0, 3, 1, 2, 4)
+
+
+def _head_major(q_BNRK, k_BNSK, v_BNSK, mask_BTS, causal_chunks, bias_BNGTS, g):
+  """`reference` over head-major q [B, N, G*T, K] (G query heads per key/value head stacked
+  along the rows), k and v [B, N, S, K]: out [B, N, G*T, K]."""
+  b, n, r, k = q_BNRK.shape
+  t, s = r // g, k_BNSK.shape[2]
   if causal_chunks > 1 and t == s and t % causal_chunks == 0:
     c = t // causal_chunks
+    q_BNGTK = q_BNRK.reshape(b, n, g, t, k)
     return jnp.concatenate([
-        reference(q_BTNGK[:, i * c:(i + 1) * c], k_BSNK[:, :(i + 1) * c], v_BSNK[:, :(i + 1) * c],
-               mask_BTS[:, i * c:(i + 1) * c, :(i + 1) * c],
-               bias_BNGTS=None if bias_BNGTS is None else
-               bias_BNGTS[..., i * c:(i + 1) * c, :(i + 1) * c])
-        for i in range(causal_chunks)], axis=1)
-  probs_BNGTS = probabilities(q_BTNGK, k_BSNK, mask_BTS, bias_BNGTS).astype(q_BTNGK.dtype)
-  return jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
+        _head_major(q_BNGTK[:, :, :, i * c:(i + 1) * c].reshape(b, n, g * c, k),
+                    k_BNSK[:, :, :(i + 1) * c], v_BNSK[:, :, :(i + 1) * c],
+                    mask_BTS[:, i * c:(i + 1) * c, :(i + 1) * c], 1,
+                    None if bias_BNGTS is None else
+                    bias_BNGTS[..., i * c:(i + 1) * c, :(i + 1) * c], g).reshape(b, n, g, c, k)
+        for i in range(causal_chunks)], axis=3).reshape(b, n, r, k)
+  logits_BNRS = ops.einsum_f32("BNRK,BNSK->BNRS", q_BNRK, k_BNSK)
+  if bias_BNGTS is not None:
+    logits_BNRS = (logits_BNRS.reshape(b, n, g, t, s) + bias_BNGTS).reshape(b, n, r, s)
+  mask_BRS = jnp.tile(mask_BTS, (1, g, 1)) if g > 1 else mask_BTS
+  probs_BNRS = ops.masked_softmax(logits_BNRS, mask_BRS[:, None])
+  return jnp.einsum("BNRS,BNSK->BNRK", probs_BNRS.astype(q_BNRK.dtype), v_BNSK)
 
 
 def probabilities(q_BTNGK, k_BSNK, mask_BTS, bias_BNGTS=None):
