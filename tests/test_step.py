@@ -1,6 +1,7 @@
 """The train step: accumulation == big batch, sharded == unsharded, schedules, decay mask."""
 
 import functools
+import platform
 import re
 
 import jax
@@ -12,6 +13,7 @@ from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.models import families
 from transformer_jax.parallel import sharding
+from transformer_jax.perf import compiler
 from transformer_jax.perf import hlo
 from transformer_jax.training import optimizer
 from transformer_jax.training.step import Trainer
@@ -283,3 +285,30 @@ def test_decay_mask_skips_biases_norms_and_embeddings():
   zeros = jax.tree.map(jnp.zeros_like, params)
   upd, _ = tx.update(zeros, tx.init(params), params)
   assert float(jnp.abs(upd["embed"]["tokens"]).max()) == 0.0
+
+
+def test_train_cpu_onednn_runs_a_cpu_steps_dots_as_onednn_matmuls():
+  """perf/compiler.py's options reach the compiled train step (on an x86-64 host) and the
+  benchmark's peak; by default XLA keeps its own dots."""
+  def trainer(*overrides):
+    config = tiny_config("model.num_layers=1", *overrides)
+    return Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
+  on = trainer("train.cpu_onednn=true")
+  x86 = platform.machine().lower() in compiler.X86
+  assert ("__onednn_fusion" in on.lower_train_step().compile().as_text()) == x86
+  assert (on.compiler_options == compiler.ONEDNN) == x86
+  assert "__onednn_fusion" not in trainer().lower_train_step().compile().as_text()
+
+
+def test_the_compiler_options_are_for_x86_cpus_and_yield_to_xla_flags(monkeypatch):
+  on = tiny_config("train.cpu_onednn=true")
+  monkeypatch.setattr(compiler.host, "machine", lambda: "x86_64")
+  assert compiler.options(on, "cpu", environ={}) == compiler.ONEDNN
+  assert compiler.options(on, "cpu", environ={"XLA_FLAGS": "--xla_cpu_use_onednn=false"}) is None
+  assert compiler.options(on, "cpu", environ={"XLA_FLAGS": "--xla_force_host_platform_device_"
+                                              "count=8"}) == compiler.ONEDNN
+  assert compiler.options(on, "gpu", environ={}) is None
+  assert compiler.options(on, "tpu", environ={}) is None
+  assert compiler.options(tiny_config(), "cpu", environ={}) is None  # off by default
+  monkeypatch.setattr(compiler.host, "machine", lambda: "aarch64")
+  assert compiler.options(on, "cpu", environ={}) is None

@@ -102,7 +102,7 @@ class JaxRunner:
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
     self.flops_per_token = counting.for_config(config, self.trainer.model.cfg, self.state.params)
     self.peak, self.peak_source = hardware.peak_flops_per_device(
-        self.trainer.model.cfg.compute_dtype)
+        self.trainer.model.cfg.compute_dtype, self.trainer.compiler_options)
 
   def remeasure_peak(self):
     """A measured (CPU) peak is re-taken every round and the best kept: one measurement can
@@ -110,7 +110,7 @@ class JaxRunner:
     if self.peak_source.startswith("measured"):
       from transformer_jax.perf import hardware  # pylint: disable=g-import-not-at-top
       self.peak = max(self.peak, hardware.peak_flops_per_device(
-          self.trainer.model.cfg.compute_dtype)[0])
+          self.trainer.model.cfg.compute_dtype, self.trainer.compiler_options)[0])
 
   def next_batch(self):
     """A new random batch of the objective's shape, on the devices."""
@@ -482,7 +482,7 @@ def _matmul_floor(runner, step_s):
     raise ConfigError("--matmul_floor times one device's program; run it on one device")
   hlo = runner.program_text()
   try:
-    timed = matmuls.time_dots(matmuls.dots(hlo))
+    timed = matmuls.time_dots(matmuls.dots(hlo), options=runner.trainer.compiler_options)
   except ValueError as e:
     raise ConfigError(f"--matmul_floor: {e}") from None
   timed.sort(key=lambda x: -x[1] * x[2])

@@ -86,11 +86,12 @@ PEAK_TFLOPS = (
 )
 
 
-def measure_cpu_peak(dtype="float32", n: int = 1536, reps: int = 10) -> float:
-  """FLOP/s of one square matmul through XLA on this host's CPU (best of `reps`)."""
+def measure_cpu_peak(dtype="float32", n: int = 1536, reps: int = 10, options=None) -> float:
+  """FLOP/s of one square matmul through XLA on this host's CPU (best of `reps`), compiled with
+  the step's compiler `options` (perf/compiler.py): the peak of the matmuls the step runs."""
   import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   a = jax.numpy.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
+  f = jax.jit(lambda x: x @ x, compiler_options=options)
   f(a).block_until_ready()
   best = float("inf")
   for _ in range(reps):
@@ -100,8 +101,9 @@ def measure_cpu_peak(dtype="float32", n: int = 1536, reps: int = 10) -> float:
   return 2.0 * n ** 3 / best
 
 
-def peak_flops_per_device(dtype="float32") -> tuple[float, str]:
-  """(peak FLOP/s of one device, where the figure comes from)."""
+def peak_flops_per_device(dtype="float32", options=None) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from); `options`: the step's compiler
+  options, for a CPU's measured peak."""
   import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   dev = jax.devices()[0]
   kind = dev.device_kind.lower()
@@ -110,5 +112,6 @@ def peak_flops_per_device(dtype="float32") -> tuple[float, str]:
       return tflops * 1e12, f"table:{dev.device_kind}"
   if dev.platform == "cpu":
     # Forced host devices (--xla_force_host_platform_device_count) share the same cores.
-    return measure_cpu_peak(dtype) / jax.local_device_count(), "measured:cpu_matmul"
+    return (measure_cpu_peak(dtype, options=options) / jax.local_device_count(),
+            "measured:cpu_matmul")
   return float("nan"), f"unknown:{dev.device_kind}"

@@ -89,8 +89,9 @@ def _physical(layout) -> dict:
   return {d: i for i, d in enumerate(reversed(layout))}
 
 
-def time_dots(counts: dict, reps: int = 10) -> list:
-  """[(Dot, count, median seconds of one run)], each dot jitted and timed alone."""
+def time_dots(counts: dict, reps: int = 10, options=None) -> list:
+  """[(Dot, count, median seconds of one run)], each dot jitted (with the step's compiler
+  `options`, perf/compiler.py) and timed alone."""
   rng = np.random.default_rng(0)
   out = []
   for dot, count in counts.items():
@@ -98,7 +99,7 @@ def time_dots(counts: dict, reps: int = 10) -> list:
     a = jax.device_put(rng.standard_normal(dot.lhs, np.float32).astype(dtype))
     b = jax.device_put(rng.standard_normal(dot.rhs, np.float32).astype(dtype))
     dims = ((dot.lhs_contract, dot.rhs_contract), (dot.lhs_batch, dot.rhs_batch))
-    f = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims))
+    f = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims), compiler_options=options)
     jax.block_until_ready(f(a, b))
     times = []
     for _ in range(reps):

@@ -17,6 +17,7 @@ from transformer_jax.models import families
 from transformer_jax.models import stack
 from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
+from transformer_jax.perf import compiler
 from transformer_jax.training import distill
 from transformer_jax.training import optimizer
 
@@ -276,10 +277,13 @@ class Trainer:
                                         self.state_shardings.params, self._teacher_params()))
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                          out_shardings=self.state_shardings)
+    self.compiler_options = compiler.options(c, platform)
     self._train = jax.jit(self._train_step,
                           in_shardings=(self.state_shardings, None, None, None),
-                          out_shardings=(self.state_shardings, None), donate_argnums=(0,))
-    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, None))
+                          out_shardings=(self.state_shardings, None), donate_argnums=(0,),
+                          compiler_options=self.compiler_options)
+    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, None),
+                         compiler_options=self.compiler_options)
 
   # ---- pure functions (traced once)
   def _init_boxed(self, rng):

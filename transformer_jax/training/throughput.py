@@ -23,7 +23,8 @@ class Meter:
     c = trainer.config
     self.matmul_params = counting.matmul_params(params, c.model)
     self.flops_per_token = counting.for_config(c, trainer.model.cfg, params)
-    peak, self.peak_source = hardware.peak_flops_per_device(trainer.model.cfg.compute_dtype)
+    peak, self.peak_source = hardware.peak_flops_per_device(trainer.model.cfg.compute_dtype,
+                                                            trainer.compiler_options)
     self.peak_total = peak * trainer.mesh.size
     self.tokens_per_step = c.train.batch_size * c.data.seq_len
     self.sources = [src.name for src in mixture.sources(c)]
