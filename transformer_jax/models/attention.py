@@ -172,7 +172,9 @@ def windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window: int):
   """The reference under a causal sliding window, in query blocks of `window` rows: block c
   attends to key blocks c - 1 and c only, which hold every key its window can reach, so the
   result is exact at O(T W) score work and memory. A T that `window` does not divide is padded up
-  to a multiple of it with keys no query sees (mask False) and queries cut off after."""
+  to a multiple of it with keys no query sees (mask False) and queries cut off after. Head-major
+  blocks as in `reference` (attention alone, fwd + bwd, 4 x 1024 tokens, 6 heads, W 128, on
+  XLA:CPU: 80 ms against 116 ms with [B, C, W, N, G, K] einsums)."""
   t = q_BTNGK.shape[1]
   if t % window:
     pad = -t % window
@@ -181,22 +183,24 @@ def windowed(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, window: int):
                    jnp.pad(mask_BTS, [(0, 0), (0, pad), (0, pad)]), window)
     return out[:, :t]
   b, t, n, g, k = q_BTNGK.shape
-  w, c = window, q_BTNGK.shape[1] // window
+  w, c = window, t // window
 
-  def previous_and_current(x):  # [B, T, ...] -> [B, C, 2W, ...]
-    pad = [(0, 0), (w, 0)] + [(0, 0)] * (x.ndim - 2)
-    prev = jnp.pad(x, pad)[:, :t].reshape(b, c, w, *x.shape[2:])
-    return jnp.concatenate([prev, x.reshape(b, c, w, *x.shape[2:])], axis=2)
+  def previous_and_current(x_BSNK):  # -> [B, C, N, 2W, K], head-major as in `reference`
+    prev = jnp.pad(x_BSNK, [(0, 0), (w, 0), (0, 0), (0, 0)])[:, :t].reshape(b, c, w, n, k)
+    both = jnp.concatenate([prev, x_BSNK.reshape(b, c, w, n, k)], axis=2)
+    return both.transpose(0, 1, 3, 2, 4)
 
   rows_BCWS = jnp.pad(mask_BTS, [(0, 0), (0, 0), (w, 0)]).reshape(b, c, w, t + w)
   cols_CS = jnp.arange(c)[:, None] * w + jnp.arange(2 * w)[None, :]  # padded key index
   mask_BCWS = jnp.take_along_axis(rows_BCWS, cols_CS[None, :, None, :], axis=3)
   mask_BCWS &= window_mask(w, 2 * w, w, q_offset=w)[None, None]
-  logits = ops.einsum_f32("BCTNGK,BCSNK->BCNGTS", q_BTNGK.reshape(b, c, w, n, g, k),
-                          previous_and_current(k_BSNK))
-  probs = ops.masked_softmax(logits, mask_BCWS[:, :, None, None]).astype(q_BTNGK.dtype)
-  out = jnp.einsum("BCNGTS,BCSNK->BCTNGK", probs, previous_and_current(v_BSNK))
-  return out.reshape(b, t, n, g, k)
+  mask_BCRS = jnp.tile(mask_BCWS, (1, 1, g, 1)) if g > 1 else mask_BCWS  # row r = g * W + i
+  q_BCNRK = q_BTNGK.reshape(b, c, w, n, g, k).transpose(0, 1, 3, 4, 2, 5).reshape(
+      b, c, n, g * w, k)
+  logits_BCNRS = ops.einsum_f32("BCNRK,BCNSK->BCNRS", q_BCNRK, previous_and_current(k_BSNK))
+  probs = ops.masked_softmax(logits_BCNRS, mask_BCRS[:, :, None]).astype(q_BTNGK.dtype)
+  out_BCNRK = jnp.einsum("BCNRS,BCNSK->BCNRK", probs, previous_and_current(v_BSNK))
+  return out_BCNRK.reshape(b, c, n, g, w, k).transpose(0, 1, 4, 2, 3, 5).reshape(b, t, n, g, k)
 
 
 def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BNGTS=None):
