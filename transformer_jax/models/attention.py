@@ -211,8 +211,10 @@ def reference(q_BTNGK, k_BSNK, v_BSNK, mask_BTS, causal_chunks: int = 1, bias_BN
   With `causal_chunks` > 1 (and a causal mask over equal query/key lengths) the queries are split
   into that many blocks and block i attends only to keys [0, end of block i): the skipped keys are
   all masked, so the result is exact while the score work falls to (n + 1) / (2 n) of the full one.
-  q, k and v are put head-major once ([B, N, (G,) T, K]), so that every block's matmuls are plain
-  batched ones over (B, N) that need no transposes of their own.
+  q, k and v are put head-major once (q as [B, N, G*T, K]: a key/value head's G query heads
+  stacked along the rows, the mask tiled to match), so that every block's matmuls are plain
+  batched ones over (B, N) with no transposes of their own, and no array has a size-1 group dim:
+  on XLA:CPU such a dim made the dots and the softmax markedly slower (benchmarks/RESULTS.md).
   """
   b, t, n, g, k = q_BTNGK.shape
   q_BNRK = q_BTNGK.transpose(0, 2, 3, 1, 4).reshape(b, n, g * t, k)  # row r = g * T + t
