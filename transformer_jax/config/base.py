@@ -273,9 +273,9 @@ def _train():
   # This many refused updates in a row stop the run (AnomalyError) under skip and rollback too:
   # a diverged run refuses every update. 0 = no limit.
   t.max_anomalies_in_a_row = 10
-  # XLA:CPU on x86-64: the steps' dots run as oneDNN matmuls (perf/compiler.py), a few % faster
-  # steps for a long CPU run, but such a step cannot be kept in the persistent compilation
-  # cache: every start compiles it again. False = XLA's own dots (XNNPACK / Eigen).
+  # XLA:CPU on x86-64: the steps' dots run as oneDNN matmuls (perf/compiler.py; a bench_cpu step
+  # 1.09x faster), but such a step cannot be kept in the persistent compilation cache: every
+  # start compiles it again (a long CPU run's choice). False = XLA's own dots (YNNPACK / Eigen).
   t.cpu_onednn = False
   # Knowledge distillation (training/distill.py): teacher = a training workdir of ours or a
   # Hugging Face directory with the student's family and tokenizer ("" = none). The objective is

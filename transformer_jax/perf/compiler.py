@@ -3,8 +3,8 @@ measured by a benchmark (benchmarks/RESULTS.md, "XLA:CPU oneDNN dots").
 
   cpu (x86-64)  `train.cpu_onednn=True` (off by default): every dot of the step runs as its own
                 oneDNN matmul (xla_cpu_use_onednn with oneDNN library fusions of type
-                INDIVIDUAL_DOT) instead of XLA's XNNPACK or Eigen dots: attention's small batched
-                dots about twice as fast alone, a gpt2.py:bench_cpu step a few % faster. The
+                INDIVIDUAL_DOT) instead of XLA's YNNPACK or Eigen dots: attention's small batched
+                dots about twice as fast alone, a gpt2.py:bench_cpu step 1.09x faster. The
                 cost: XLA cannot serialize a oneDNN fusion ("ToProto is not implemented"), so the
                 step is left out of the persistent compilation cache (perf/caches.py) and
                 compiled at every start; worth it for a long CPU run, not for a smoke run. The
