@@ -1,6 +1,8 @@
 """Long runs survive: anomalies (skip / rollback / abort), SIGTERM, unreadable checkpoints."""
 
 import glob
+import importlib
+import inspect
 import json
 import os
 import re
@@ -239,7 +241,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_
   ckpts = Checkpoints(str(tmp_path), config.checkpoint)
   def oom(*args, **kwargs):
     raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB.")
-  ckpts.manager.restore = oom
+  ckpts._reader.restore = oom  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="Out of memory"):
     ckpts.restore(Trainer(config, sharding.make_mesh(config, ONE())).abstract_state)
   ckpts.close()
@@ -263,18 +265,30 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_
 
 def test_the_closed_event_loop_reports_of_a_failed_restore_are_dropped(monkeypatch):
   """Orbax's in-flight reads of a failed restore each reported "Event loop is closed" through
-  sys.unraisablehook: ~100 tracebacks around the one line. Other reports still get through."""
+  sys.unraisablehook: ~100 tracebacks around the one line, as did (at times) the reads it had
+  not awaited yet when collected. Other reports still get through."""
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
   checkpoint.drop_closed_loop_reports()
   checkpoint.drop_closed_loop_reports()  # (once: no chain of hooks)
-  report = lambda e: types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=None,
-                                           err_msg=None, object=None)
+  report = lambda e, o=None: types.SimpleNamespace(
+      exc_type=type(e), exc_value=e, exc_traceback=None, err_msg=None, object=o)
   sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+  # a read that Orbax's failed restore never awaited, collected with its error
+  ser = importlib.import_module("orbax.checkpoint._src.serialization.serialization")
+  read = ser._read_array_index_and_device_put  # pylint: disable=protected-access
+  read = read(**dict.fromkeys(inspect.signature(read).parameters))  # (a coroutine, never run)
+  sys.unraisablehook(report(ValueError("OUT_OF_RANGE: Error reading"), read))
+  read.close()
   assert seen == []
+  async def ours():
+    pass
+  mine = ours()
   sys.unraisablehook(report(RuntimeError("another")))
-  assert [str(r.exc_value) for r in seen] == ["another"]
+  sys.unraisablehook(report(ValueError("not orbax's"), mine))
+  mine.close()
+  assert [str(r.exc_value) for r in seen] == ["another", "not orbax's"]
 
 
 def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_path):

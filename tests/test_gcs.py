@@ -272,17 +272,17 @@ def test_an_unreadable_checkpoint_in_the_bucket_is_set_aside(gcs, tiny_data, ref
   kept = SAVED[-config.checkpoint.keep:]
   abstract = Trainer(config, sharding.make_mesh(config, ONE())).abstract_state
   ckpts = ckpt_lib.Checkpoints(workdir, config.checkpoint)
-  read = ckpts.manager.restore
+  read = ckpts._reader.restore  # pylint: disable=protected-access
   def unavailable(*args, **kwargs):  # the bucket out of reach halfway through TensorStore's read
     raise ValueError("UNAVAILABLE: Error reading "
                      f"\"{workdir}/checkpoints/{kept[-1]}/state/d/1\": socket closed")
-  ckpts.manager.restore = unavailable
+  ckpts._reader.restore = unavailable  # pylint: disable=protected-access
   with pytest.raises(ckpt_lib.WriteError, match=rf"^reading checkpoint {kept[-1]} from "
                      rf"{workdir}/checkpoints failed: ValueError: UNAVAILABLE: Error reading .*; "
                      r"fix the bucket or the connection to it, then re-run the same command$"):
     ckpts.restore(abstract)
   assert ckpts.all_steps() == kept  # a good checkpoint is not set aside for an outage
-  ckpts.manager.restore = read
+  ckpts._reader.restore = read  # pylint: disable=protected-access
   fs.rm(f"{workdir}/checkpoints/{kept[-1]}/state/_METADATA")  # the newest one, damaged
   said = []
   step, _ = ckpts.restore(abstract, report=said.append)

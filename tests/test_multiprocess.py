@@ -2,6 +2,7 @@
 losses as one process, a coordinated SIGTERM, restore onto fewer processes and another mesh, and
 a bounded exit when a peer dies."""
 
+import glob
 import json
 import os
 import signal
@@ -256,3 +257,34 @@ def test_a_rollback_across_processes_restores_and_goes_on(tiny_data, tmp_path):
     rollbacks = [r for r in map(json.loads, f) if r.get("event") == "rollback"]
   assert [(r["restored_step"], r["skipped_batches"]) for r in rollbacks] == [(2, [2, 3])]
   assert sorted(_losses(run)) == [1, 2, 3, 5]  # step 4's batch was the bad one: not logged
+
+
+def test_a_checkpoint_damaged_in_one_processs_shards_is_set_aside_by_both(tiny_data, tmp_path):
+  """mesh.fsdp=2 over 2 processes: each process reads only its own parameter shards, so a file
+  damaged in process 1's shards fails its restore alone. Both processes must come to that
+  verdict (process 0 trained on from the damaged step while process 1 waited for it in the
+  set-aside's barrier: a hang), set the checkpoint aside, and resume from the previous one."""
+  run = str(tmp_path / "run")
+  def job(steps):
+    cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
+           f"--workdir={run}"] + _flags(
+               tiny_data, **{"train.steps": steps, "optimizer.decay_steps": 8, "data.shards": 0,
+                             "mesh.data": 1, "mesh.fsdp": 2, "checkpoint.every_steps": 4})
+    return two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="10")
+  codes, outs = job(8)
+  assert codes == [0, 0], [o[-2000:] for o in outs]
+  victims = [p for p in glob.glob(f"{run}/checkpoints/8/state/ocdbt.process_1/d/*")]
+  assert victims
+  for path in victims:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  before = _losses(run)
+  codes, outs = job(8)
+  assert codes == [0, 0], [o[-2000:] for o in outs]
+  assert ("checkpoint 8 is unreadable (OSError: process 1 could not read its part of it)"
+          in outs[0] and f"resumed from {run}/checkpoints/4" in outs[0]), outs[0][-2000:]
+  assert os.listdir(f"{run}/checkpoints_unreadable")[0].startswith("8-")
+  assert os.path.isdir(f"{run}/checkpoints/8")  # trained again from step 4 and saved
+  after = _losses(run)
+  for step in range(5, 9):  # the same steps from the same checkpoint: the same losses
+    assert after[step] == pytest.approx(before[step], rel=1e-6), step

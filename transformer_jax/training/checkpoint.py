@@ -17,6 +17,7 @@ from typing import Any
 import grain
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from transformer_jax.config import ConfigError
@@ -206,14 +207,18 @@ def set_aside(workdir: str, describe=()) -> str:
 def drop_closed_loop_reports():
   """Orbax's reads still in flight when a restore fails finish later on TensorStore's threads,
   each reporting `RuntimeError: Event loop is closed` through sys.unraisablehook: ~100
-  tracebacks around the one line that says the checkpoint is unreadable. Those are dropped (for
-  this process); any other report goes on to the hook that was there."""
+  tracebacks around the one line that says the checkpoint is unreadable; and its reads that
+  were never awaited report their errors when collected. Those are dropped (for this process);
+  any other report goes on to the hook that was there."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop", False):
     return
   def hook(report):
-    if not (isinstance(report.exc_value, RuntimeError)
-            and str(report.exc_value) == "Event loop is closed"):
+    closed = (isinstance(report.exc_value, RuntimeError)
+              and str(report.exc_value) == "Event loop is closed")
+    # (and a read Orbax left un-awaited when another failed: its error, collected with it)
+    code = getattr(report.object, "cr_code", None)
+    if not (closed or "orbax" in getattr(code, "co_filename", "")):
       previous(report)
   hook.drops_closed_loop = True
   sys.unraisablehook = hook
@@ -265,6 +270,14 @@ def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
                       f"{len(extra)} in all): the config does not describe the checkpoint")
 
 
+class _Stop(Exception):
+  """A restore's error that is not the checkpoint's fault: raised, never set aside."""
+
+  def __init__(self, error: BaseException):
+    super().__init__(str(error))
+    self.error = error
+
+
 class Checkpoints:
   """Async saves, keep-last-N plus a periodic keep, and restore of the latest step."""
 
@@ -283,6 +296,8 @@ class Checkpoints:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": DataHandler()})
+    self._reader = ocp.CompositeCheckpointHandler(  # (restore: the manager's, less a barrier)
+        state=ocp.StandardCheckpointHandler(), data=DataHandler())
     self._pending = None  # the step of the save in flight
     self._listed = []  # the complete steps, as last listed (named when the storage is gone)
 
@@ -349,36 +364,68 @@ class Checkpoints:
     iterator's position is restored in place. Returns (step, state), or (None, None) when there
     is no checkpoint. A checkpoint that cannot be read (truncated or missing file, missing item)
     is reported in one line, moved to WORKDIR/checkpoints_unreadable/ (never deleted, never
-    loaded) and the next older one is tried."""
+    loaded) and the next older one is tried.
+
+    Each process reads only its own shards, so a damaged file may fail one process's read
+    alone: the processes agree on every verdict (`_verdicts`) before any acts on it. Orbax's
+    CheckpointManager.restore ends in a barrier that a process whose read failed never
+    reaches; the reads here go through the same handlers without it."""
     steps = [s for s in self.all_steps() if step is None or s <= step]
     drop_closed_loop_reports()
     for s in reversed(steps):
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items["data"] = DataRestore(data_iterator)
+      restored, failure = None, None
       try:
-        restored = self.manager.restore(s, args=ocp.args.Composite(**items))
-      except ConfigError:
-        raise
+        restored = self._reader.restore(paths.path(paths.join(self.directory, str(s))),
+                                        args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
-        if out_of_memory(e):  # the checkpoint is fine: this mesh cannot hold it
-          raise
-        self._reachable(s, e)
-        other = self._other_structure(s, abstract_state)
-        if other:  # nothing is wrong with the checkpoint: this config's state differs from it
-          raise ConfigError(
-              f"checkpoint {s} in {self.directory} holds a train state that this config's does "
-              f"not match ({other}): a setting that shapes the optimizer state changed (e.g. "
-              f"optimizer.grad_clip turned on or off); re-run with the saved config.json's, or "
-              f"use a new --workdir") from None
-        report(f"checkpoint {s} is unreadable ({first_line(e)}); moved it to "
-               f"{self._set_aside(s)} and trying the previous one")
-        continue
-      return s, restored["state"]
+        failure = self._why_unreadable(s, e, abstract_state)
+      if not (failure := self._verdicts(s, failure)):
+        return s, restored["state"]
+      report(f"checkpoint {s} is unreadable ({first_line(failure)}); moved it to "
+             f"{self._set_aside(s)} and trying the previous one")
     if steps:
       raise ConfigError(f"no readable checkpoint left in {self.directory} (the unreadable ones "
                         f"are in {self.unreadable_dir}); use a new --workdir to start over")
     return None, None
+
+  def _why_unreadable(self, step, error, abstract_state) -> BaseException:
+    """`error`, from reading checkpoint `step`, when the checkpoint itself is at fault; else the
+    one-line error to stop with: a config's (a mismatched train state), memory, storage."""
+    if isinstance(error, ConfigError) or out_of_memory(error):  # (OOM: this mesh cannot hold it)
+      return _Stop(error)
+    try:
+      self._reachable(step, error)
+    except WriteError as e:
+      return _Stop(e)
+    if other := self._other_structure(step, abstract_state):
+      # nothing is wrong with the checkpoint: this config's state differs from it
+      return _Stop(ConfigError(
+          f"checkpoint {step} in {self.directory} holds a train state that this config's does "
+          f"not match ({other}): a setting that shapes the optimizer state changed (e.g. "
+          f"optimizer.grad_clip turned on or off); re-run with the saved config.json's, or "
+          f"use a new --workdir"))
+    return error
+
+  def _verdicts(self, step, failure):
+    """Every process's verdict on reading checkpoint `step` (one collective, taken on every
+    path): None when all read it; the error to stop with when any must stop (its own, or one
+    naming the process that stopped); else the reason it is unreadable (its own, or one naming
+    a process that could not read it)."""
+    if jax.process_count() > 1:
+      code = 0 if failure is None else 2 if isinstance(failure, _Stop) else 1
+      codes = [int(c) for c in multihost_utils.process_allgather(np.int32(code))]
+      if max(codes) == 2 and not isinstance(failure, _Stop):
+        failure = _Stop(ConfigError(
+            f"process {codes.index(2)} stopped while restoring checkpoint {step} from "
+            f"{self.directory}: its log says why"))
+      elif max(codes) == 1 and failure is None:
+        failure = OSError(f"process {codes.index(1)} could not read its part of it")
+    if isinstance(failure, _Stop):
+      raise failure.error from None
+    return failure
 
   def _other_structure(self, step, abstract_state) -> str:
     """How the saved train state's leaves (paths and shapes, from its metadata) differ from
