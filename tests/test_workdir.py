@@ -332,6 +332,19 @@ def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path, 
   assert capsys.readouterr().err == ""  # no progress bar before its one line (cli.run's)
 
 
+def test_a_kernel_for_another_platform_is_refused_before_the_workdir_and_the_data(tiny_data,
+                                                                                   tmp_path):
+  """attention_impl=splash on CPU devices: refused before anything is written or prepared (it
+  was found when the first step was traced, after the corpus had been built into data_dir)."""
+  for impl, why in (("splash", "needs a TPU"), ("cudnn", "needs a CUDA GPU")):
+    config = _config(tiny_data, **{"model.attention_impl": impl, "model.dtype": "bfloat16",
+                                   "data.data_dir": str(tmp_path / "tfds")})
+    with pytest.raises(ConfigError, match=f"^model.attention_impl={impl} {why} \\(compiling "
+                                          "for cpu\\); use auto, xla or dot_product$"):
+      loop.train(config, str(tmp_path / "w"), devices=ONE())
+    assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
+
+
 def test_no_held_out_documents_is_said_and_never_logged_as_a_perfect_eval(tiny_data, tmp_path,
                                                                           capsys):
   """With no validation data the eval was 0.0 (perplexity 1.0: a perfect model, it read)."""

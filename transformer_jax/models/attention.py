@@ -52,9 +52,9 @@ def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool, 
                 sparse: bool = False):
   """Why kernel `impl` cannot serve this call on platform `where`, or None if it can."""
   t, s, k = q_BTNGK.shape[1], k_BSNK.shape[1], q_BTNGK.shape[-1]
+  if wrong := wrong_platform(impl, where):
+    return wrong
   if impl == "splash":
-    if where != "tpu":
-      return f"needs a TPU (compiling for {where})"
     if sparse:
       return "takes no global tokens or random blocks (model.global_tokens, random_blocks)"
     if not isinstance(window, int):
@@ -67,8 +67,6 @@ def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool, 
     if t % SPLASH_BLOCKS[-1]:
       return f"needs a sequence length divisible by {SPLASH_BLOCKS[-1]}, got {t}"
   if impl == "cudnn":
-    if where not in ("gpu", "cuda"):
-      return f"needs a CUDA GPU (compiling for {where})"
     if q_BTNGK.dtype not in (jnp.bfloat16, jnp.float16):
       return f"needs model.dtype=bfloat16, got {q_BTNGK.dtype}"
     limit = cudnn_head_dim_limit()
@@ -76,6 +74,16 @@ def unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention: bool, 
       return f"needs a head dim <= {limit} divisible by 8, got {k}"
     if t % 2 or s % 2:  # cuDNN trains with a bias only at even lengths; the mask is one
       return f"needs even query and key lengths, got {t} and {s}"
+  return None
+
+
+def wrong_platform(impl: str, where: str) -> str | None:
+  """Why kernel `impl` cannot run on platform `where` at all (None if it can, or is no kernel):
+  known from the devices, so a run is refused before its data is prepared."""
+  if impl == "splash" and where != "tpu":
+    return f"needs a TPU (compiling for {where})"
+  if impl == "cudnn" and where not in ("gpu", "cuda"):
+    return f"needs a CUDA GPU (compiling for {where})"
   return None
 
 
@@ -110,8 +118,12 @@ def choose(impl: str, q_BTNGK, k_BSNK, bias_BNGTS=None, *, causal: bool, self_at
     return kernel
   reason = unsupported(impl, where, q_BTNGK, k_BSNK, bias_BNGTS, self_attention, window, sparse)
   if reason:
-    raise ConfigError(f"model.attention_impl={impl} {reason}; use auto, xla or dot_product")
+    raise refusal(impl, reason)
   return impl
+
+
+def refusal(impl: str, reason: str) -> ConfigError:
+  return ConfigError(f"model.attention_impl={impl} {reason}; use auto, xla or dot_product")
 
 
 def mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):

@@ -14,6 +14,7 @@ from transformer_jax.config import paths
 from transformer_jax.data import mixture
 from transformer_jax.data import pipeline
 from transformer_jax.evaluation import harness
+from transformer_jax.models import attention
 from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 from transformer_jax.training import anomaly
@@ -29,6 +30,8 @@ def setup(config, workdir: str, devices=None):
   """All the cheap checks, then the mesh and the trainer (nothing compiled yet)."""
   devices = devices if devices is not None else jax.devices()
   config_lib.validate(config, len(devices))
+  if wrong := attention.wrong_platform(config.model.attention_impl, devices[0].platform):
+    raise attention.refusal(config.model.attention_impl, wrong)  # (before any data is prepared)
   sharding.rules(config)
   pipeline.validate(config)
   _check_extras(config)
