@@ -6,8 +6,9 @@ tiny | bench_cpu | small | medium | large | xl.
 
 The vocabulary is GPT-2's 50257 rounded up to 50304 (a multiple of 128) for fast matmuls; any
 tokenizer up to that size fits. `bench_cpu` is the reference CPU benchmark shape of
-benchmarks/RESULTS.md; `tiny` is what the tests use. The full sizes pack rows by concatenation
-(data.packing=concat: no padding, documents continue across rows), as GPT-2 was trained.
+benchmarks/RESULTS.md (with train.cpu_onednn on); `tiny` is what the tests use. The full sizes
+pack rows by concatenation (data.packing=concat: no padding, documents continue across rows), as
+GPT-2 was trained.
 """
 
 from transformer_jax.config import base
@@ -41,6 +42,9 @@ def get_config(arg=None):
     c.train.steps = 100
     c.checkpoint.every_steps = 50
     c.eval.update(every_steps=50, batches=2)
+    # bench_cpu is a throughput recipe: oneDNN's dots on x86-64, 1.08-1.09x per step, for a
+    # compile at every start (benchmarks/RESULTS.md, "XLA:CPU oneDNN dots")
+    c.train.cpu_onednn = size == "bench_cpu"
   else:  # GPT-2's own layout: documents concatenated into full rows (data/packing.py)
     c.model.dtype = "bfloat16"
     c.data.packing = "concat"
