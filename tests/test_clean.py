@@ -429,6 +429,24 @@ def test_workers_read_ahead_is_bounded():
     assert len(pulled) <= k + 1 + 2 * 2
 
 
+def test_workers_are_forked_only_when_jax_is_not_loaded(monkeypatch):
+  """A process with JAX loaded (a library caller's, the tests') starts its workers from a fork
+  server: JAX's threads make a forked child liable to deadlock (Python warned at each fork). The
+  stages then travel pickled, the language model included."""
+  monkeypatch.delitem(sys.modules, "jax", raising=False)
+  assert clean_lib._start_method() == "fork"  # pylint: disable=protected-access
+  monkeypatch.setitem(sys.modules, "jax", object())
+  assert clean_lib._start_method() == "forkserver"  # pylint: disable=protected-access
+  import pickle  # pylint: disable=g-import-not-at-top
+  language, = clean_lib.build_stages(_flags(dedup="none", languages="en", quality="none"))
+  copy = pickle.loads(pickle.dumps(language))
+  doc = {"id": "d", "text": "This is an ordinary English sentence about the weather today."}
+  language.analyze(doc)
+  again = dict(doc)
+  copy.analyze(again)
+  assert again == doc and doc["language"] == "en"
+
+
 def test_a_copy_of_a_document_that_a_later_stage_removed_is_kept(tmp_path):
   """Dedup remembers only written documents: A fails quality by its line breaks (lines ending
   in '...'); B, A's words on one line (the same exact-dedup key), passes and is written."""

@@ -14,6 +14,7 @@ import collections
 import multiprocessing
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -124,14 +125,22 @@ def _analyze_in_worker(batch) -> list[dict]:
   return analyze_batch(_WORKER_STAGES, batch)
 
 
+def _start_method() -> str:
+  """fork, unless JAX is loaded in this process (a library caller's, the tests'): its threads
+  make a forked child liable to deadlock. Then forkserver (spawn where there is none)."""
+  methods = multiprocessing.get_all_start_methods()
+  if "fork" in methods and "jax" not in sys.modules:
+    return "fork"
+  return "forkserver" if "forkserver" in methods else "spawn"
+
+
 def _analyzed(batches, stages, workers: int):
   """(batch, its analysis) in order; workers > 1: a process pool, 2 batches/worker in flight."""
   if workers <= 1:
     for batch in batches:
       yield batch, analyze_batch(stages, batch)
     return
-  methods = multiprocessing.get_all_start_methods()
-  context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+  context = multiprocessing.get_context(_start_method())
   with context.Pool(workers, initializer=_init_worker, initargs=(stages,)) as pool:
     pending = collections.deque()
     for batch in batches:
