@@ -14,6 +14,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 from transformer_jax.perf import compiler
+from transformer_jax.perf import hardware
 from transformer_jax.perf import hlo
 from transformer_jax.training import optimizer
 from transformer_jax.training.step import Trainer
@@ -287,9 +288,9 @@ def test_decay_mask_skips_biases_norms_and_embeddings():
   assert float(jnp.abs(upd["embed"]["tokens"]).max()) == 0.0
 
 
-def test_train_cpu_onednn_runs_a_cpu_steps_dots_as_onednn_matmuls():
+def test_train_cpu_onednn_runs_a_cpu_steps_dots_as_onednn_matmuls(monkeypatch):
   """perf/compiler.py's options reach the compiled train step (on an x86-64 host) and the
-  benchmark's peak; by default XLA keeps its own dots."""
+  benchmark's peak, whose source says so; by default XLA keeps its own dots."""
   def trainer(*overrides):
     config = tiny_config("model.num_layers=1", *overrides)
     return Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
@@ -298,6 +299,9 @@ def test_train_cpu_onednn_runs_a_cpu_steps_dots_as_onednn_matmuls():
   assert ("__onednn_fusion" in on.lower_train_step().compile().as_text()) == x86
   assert (on.compiler_options == compiler.ONEDNN) == x86
   assert "__onednn_fusion" not in trainer().lower_train_step().compile().as_text()
+  monkeypatch.setattr(hardware, "measure_cpu_peak", lambda dtype, options=None: 1e11)
+  sources = [hardware.peak_flops_per_device("float32", o)[1] for o in (compiler.ONEDNN, None)]
+  assert sources == ["measured:cpu_matmul:onednn", "measured:cpu_matmul"]
 
 
 def test_the_compiler_options_are_for_x86_cpus_and_yield_to_xla_flags(monkeypatch):

@@ -112,6 +112,7 @@ def peak_flops_per_device(dtype="float32", options=None) -> tuple[float, str]:
       return tflops * 1e12, f"table:{dev.device_kind}"
   if dev.platform == "cpu":
     # Forced host devices (--xla_force_host_platform_device_count) share the same cores.
+    onednn = ":onednn" if (options or {}).get("xla_cpu_use_onednn") else ""
     return (measure_cpu_peak(dtype, options=options) / jax.local_device_count(),
-            "measured:cpu_matmul")
+            f"measured:cpu_matmul{onednn}")
   return float("nan"), f"unknown:{dev.device_kind}"
