@@ -265,19 +265,21 @@ def test_a_checkpoint_damaged_in_one_processs_shards_is_set_aside_by_both(tiny_d
   verdict (process 0 trained on from the damaged step while process 1 waited for it in the
   set-aside's barrier: a hang), set the checkpoint aside, and resume from the previous one."""
   run = str(tmp_path / "run")
-  def job(steps):
+  def job(steps, workdir=run, **extra):
     cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
-           f"--workdir={run}"] + _flags(
+           f"--workdir={workdir}"] + _flags(
                tiny_data, **{"train.steps": steps, "optimizer.decay_steps": 8, "data.shards": 0,
-                             "mesh.data": 1, "mesh.fsdp": 2, "checkpoint.every_steps": 4})
-    return two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="10")
+                             "mesh.data": 1, "mesh.fsdp": 2, "checkpoint.every_steps": 4, **extra})
+    return two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="60")
   codes, outs = job(8)
   assert codes == [0, 0], [o[-2000:] for o in outs]
-  victims = [p for p in glob.glob(f"{run}/checkpoints/8/state/ocdbt.process_1/d/*")]
-  assert victims
-  for path in victims:
-    with open(path, "r+b") as f:
-      f.truncate(os.path.getsize(path) // 2)
+  def damage(step):
+    victims = glob.glob(f"{run}/checkpoints/{step}/state/ocdbt.process_1/d/*")
+    assert victims
+    for path in victims:  # (emptied: which arrays a part of a file holds varies by run)
+      with open(path, "r+b") as f:
+        f.truncate(0)
+  damage(8)
   before = _losses(run)
   codes, outs = job(8)
   assert codes == [0, 0], [o[-2000:] for o in outs]
@@ -288,3 +290,15 @@ def test_a_checkpoint_damaged_in_one_processs_shards_is_set_aside_by_both(tiny_d
   after = _losses(run)
   for step in range(5, 9):  # the same steps from the same checkpoint: the same losses
     assert after[step] == pytest.approx(before[step], rel=1e-6), step
+  # Reading the parameters alone (here a distillation teacher's, fsdp-sharded as the student's)
+  # stops both processes, each with one line (process 0 had read its own shards, then waited in
+  # Orbax's barrier for process 1 until JAX's heartbeat ended it)
+  damage(8)
+  t0 = time.time()
+  codes, outs = job(2, str(tmp_path / "student"), **{"train.distill.teacher": run})
+  assert codes == [2, 2] and time.time() - t0 < 50, [o[-2000:] for o in outs]
+  assert outs[0].strip().splitlines()[-1] == (
+      f"error: process 1 stopped while restoring checkpoint 8 from {run}/checkpoints: its log "
+      "says why"), outs[0][-2000:]
+  assert outs[1].strip().splitlines()[-1].startswith(
+      f"error: checkpoint 8 in {run}/checkpoints is unreadable ("), outs[1][-2000:]

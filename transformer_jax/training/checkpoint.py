@@ -489,24 +489,16 @@ class Checkpoints:
     drop_closed_loop_reports()
     _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
                   f"checkpoint {step} in {self.directory}")
-    try:
-      restored = ocp.PyTreeCheckpointer().restore(
-          paths.join(self.directory, str(step), "state"),
+    restored, failure = None, None
+    try:  # (Orbax's handler: its Checkpointer ends in a barrier that a failed read never reaches)
+      restored = ocp.PyTreeCheckpointHandler().restore(
+          paths.path(paths.join(self.directory, str(step), "state")),
           args=ocp.args.PyTreeRestore(
               item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))
     except Exception as e:  # pylint: disable=broad-except
-      if out_of_memory(e):
-        raise
-      self._reachable(step, e)
-      if isinstance(e, ValueError) and "Requested shape" in str(e):  # (_check_shapes' misses)
-        raise ConfigError(f"checkpoint {step} in {self.directory} holds parameters of other "
-                          f"shapes than this config's model ({str(e).splitlines()[0][:160]}): "
-                          "the config does not describe the checkpoint") from None
-      raise ConfigError(f"checkpoint {step} in {self.directory} is unreadable ({first_line(e)})"
-                        f"; saved steps: {', '.join(map(str, self.all_steps()))} (a training run "
-                        "resumed in this workdir sets it aside and goes on from the one before)"
-                        ) from None
+      failure = _Stop(self._params_failure(step, e))
+    self._verdicts(step, failure)  # (every process raises when any failed)
     missing = [jax.tree_util.keystr(path) for path, leaf in
                jax.tree_util.tree_leaves_with_path(restored["params"])
                if isinstance(leaf, jax.ShapeDtypeStruct)]
@@ -515,6 +507,24 @@ class Checkpoints:
                         f"{missing[0]} of this config's model ({len(missing)} missing): the "
                         f"config does not describe the checkpoint")
     return step, restored["params"]
+
+  def _params_failure(self, step, error) -> BaseException:
+    """The one-line error for a failed read of checkpoint `step`'s parameters."""
+    if out_of_memory(error):
+      return error
+    try:
+      self._reachable(step, error)
+    except WriteError as e:
+      return e
+    if isinstance(error, ValueError) and "Requested shape" in str(error):
+      return ConfigError(  # (a shape _check_shapes missed)
+          f"checkpoint {step} in {self.directory} holds parameters of other shapes than this "
+          f"config's model ({str(error).splitlines()[0][:160]}): the config does not describe "
+          "the checkpoint")
+    return ConfigError(
+        f"checkpoint {step} in {self.directory} is unreadable ({first_line(error)}); saved "
+        f"steps: {', '.join(map(str, self.all_steps()))} (a training run resumed in this "
+        "workdir sets it aside and goes on from the one before)")
 
   def wait(self):
     with self._writing():
