@@ -91,8 +91,8 @@ def test_two_processes_train_like_one_then_stop_together_and_resume_on_one(tiny_
 
 
 def test_a_dead_process_stops_the_others_within_bounded_time(tiny_data, tmp_path):
-  """kill -9 of process 1: process 0 is told by JAX's coordination service and exits non-zero
-  (heartbeat timeout 10 s here) instead of hanging in a collective."""
+  """kill -9 of process 1: process 0 is told by JAX's coordination service (heartbeat timeout
+  10 s here) or by its collective and exits non-zero instead of hanging in that collective."""
   run = str(tmp_path / "run")
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
              JAX_PLATFORMS="cpu", TJAX_HEARTBEAT_TIMEOUT_S="10", TJAX_NUM_PROCESSES="2",
@@ -109,7 +109,10 @@ def test_a_dead_process_stops_the_others_within_bounded_time(tiny_data, tmp_path
     out, _ = procs[0].communicate(timeout=90)
     assert procs[0].returncode != 0
     assert time.time() - t0 < 60
-    assert "another task died" in out or "unhealthy" in out, out[-3000:]
+    # the coordination service's word, or gloo's collective's and the line that says it stops
+    assert ("another task died" in out or "unhealthy" in out
+            or "Connection reset by peer" in out and "error: this process of 2 stopped" in out
+            ), out[-3000:]
   finally:
     for p in procs:
       p.kill()
@@ -302,3 +305,33 @@ def test_a_checkpoint_damaged_in_one_processs_shards_is_set_aside_by_both(tiny_d
       "says why"), outs[0][-2000:]
   assert outs[1].strip().splitlines()[-1].startswith(
       f"error: checkpoint 8 in {run}/checkpoints is unreadable ("), outs[1][-2000:]
+
+
+ONE_PROCESS_FAILS = """
+import jax
+from transformer_jax import cli, train
+from transformer_jax.config import ConfigError
+from transformer_jax.training.step import Trainer
+step = Trainer.train_step
+def train_step(self, state, batch, rng):
+  if jax.process_index() == 1 and int(jax.device_get(state.step)) == 3:
+    raise ConfigError("process 1's own refusal")
+  return step(self, state, batch, rng)
+Trainer.train_step = train_step
+cli.run(train.main)
+"""
+
+
+def test_an_error_on_one_process_stops_the_job_within_the_heartbeat(tiny_data, tmp_path):
+  """Process 1 stops on an error of its own while process 0 is in a collective with it: process
+  1 says its one line and leaves at once, and process 0 stops too (here gloo reports the peer
+  gone; elsewhere the heartbeat does). Process 1 waited in JAX's shutdown for process 0 (up to
+  300 s), which waited in the collective: the job hung."""
+  (tmp_path / "fails.py").write_text(ONE_PROCESS_FAILS)
+  cmd = [sys.executable, str(tmp_path / "fails.py"), f"--config={REPO}/configs/gpt2.py:tiny",
+         f"--workdir={tmp_path / 'run'}"] + _flags(
+             tiny_data, **{"train.steps": 8, "data.shards": 0, "checkpoint.every_steps": 100})
+  t0 = time.time()
+  codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="10")
+  assert codes[1] == 2 and codes[0] != 0 and time.time() - t0 < 60, [o[-2000:] for o in outs]
+  assert outs[1].strip().splitlines()[-1] == "error: process 1's own refusal"

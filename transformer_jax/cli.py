@@ -6,6 +6,7 @@ import importlib.util
 import os
 import platform
 import sys
+import traceback
 
 from transformer_jax import config as config_lib
 import transformer_jax
@@ -194,18 +195,40 @@ def run(main):
     return main(sys.argv[1:])
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
   except KeyboardInterrupt:
     _interrupted()
   except Exception as e:  # pylint: disable=broad-except
     if not out_of_memory(e) or os.environ.get("TJAX_VERBOSE"):
-      raise
+      if _job_processes() == 1:
+        raise
+      traceback.print_exc()
+      print(f"error: this process of {_job_processes()} stopped on the error above (it leaves "
+            "at once, so that the others are stopped too)", file=sys.stderr)
+      _exit(1)
     first, *details = str(e).strip().splitlines()
     if details:  # XLA's account of the memory (a GPU's allocations), then our one line
       print("\n".join(details), file=sys.stderr)
     print(f"error: out of memory: {first} (a smaller batch, length or --max_new_tokens fits; "
           "TJAX_VERBOSE=1 shows the traceback)", file=sys.stderr)
-    sys.exit(1)
+    _exit(1)
+
+
+def _job_processes() -> int:
+  distributed = sys.modules.get("transformer_jax.parallel.distributed")  # (no JAX import here)
+  return distributed.processes() if distributed else 1
+
+
+def _exit(code: int):
+  """sys.exit(code); in a job of several processes, os._exit: a process that stops on its own
+  error must not wait in JAX's shutdown for peers still in a collective with it (they waited
+  too: up to its 300 s shutdown timeout, then the heartbeat's). Gone, it is declared dead
+  within the heartbeat timeout and the coordination service stops the others."""
+  if _job_processes() == 1:
+    sys.exit(code)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def out_of_memory(e: BaseException) -> bool:

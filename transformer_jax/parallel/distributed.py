@@ -69,6 +69,14 @@ def use_cpu_devices(count: int):
     jax.config.update("jax_num_cpu_devices", int(count))
 
 
+_JOB = {"processes": 1}  # this process's job, as initialize() started it
+
+
+def processes() -> int:
+  """How many processes this process's job has (1 until initialize() starts a larger one)."""
+  return _JOB["processes"]
+
+
 def initialize(coordinator="", num_processes=0, process_id=-1):
   """Starts JAX's distributed runtime when the job has several processes; returns
   (process_index, process_count). CPU processes talk over gloo (loopback or TCP)."""
@@ -80,6 +88,7 @@ def initialize(coordinator="", num_processes=0, process_id=-1):
   jax.distributed.initialize(**kwargs, initialization_timeout=INIT_TIMEOUT_S,
                              heartbeat_timeout_seconds=int(os.environ.get(
                                  "TJAX_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S)))
+  _JOB["processes"] = jax.process_count()
   return jax.process_index(), jax.process_count()
 
 
