@@ -1,6 +1,7 @@
 """Several JAX processes over loopback (gloo), as launch/local.sh --processes runs them: the same
 losses as one process, a coordinated SIGTERM, restore onto fewer processes and another mesh, and
-a bounded exit when a peer dies."""
+a bounded exit when a peer dies or stops on its own error, and checkpoint verdicts that all the
+processes share."""
 
 import glob
 import json
@@ -265,8 +266,8 @@ def test_a_rollback_across_processes_restores_and_goes_on(tiny_data, tmp_path):
 def test_a_checkpoint_damaged_in_one_processs_shards_is_set_aside_by_both(tiny_data, tmp_path):
   """mesh.fsdp=2 over 2 processes: each process reads only its own parameter shards, so a file
   damaged in process 1's shards fails its restore alone. Both processes must come to that
-  verdict (process 0 trained on from the damaged step while process 1 waited for it in the
-  set-aside's barrier: a hang), set the checkpoint aside, and resume from the previous one."""
+  verdict, set the checkpoint aside and resume from the previous one (process 0 waited in
+  Orbax's end-of-restore barrier while process 1 waited in the set-aside's: a hang)."""
   run = str(tmp_path / "run")
   def job(steps, workdir=run, **extra):
     cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
@@ -295,7 +296,7 @@ def test_a_checkpoint_damaged_in_one_processs_shards_is_set_aside_by_both(tiny_d
     assert after[step] == pytest.approx(before[step], rel=1e-6), step
   # Reading the parameters alone (here a distillation teacher's, fsdp-sharded as the student's)
   # stops both processes, each with one line (process 0 had read its own shards, then waited in
-  # Orbax's barrier for process 1 until JAX's heartbeat ended it)
+  # Orbax's barrier for process 1, which waited in JAX's shutdown: past the 150 s here)
   damage(8)
   t0 = time.time()
   codes, outs = job(2, str(tmp_path / "student"), **{"train.distill.teacher": run})
