@@ -394,12 +394,10 @@ class Checkpoints:
   def _why_unreadable(self, step, error, abstract_state) -> BaseException:
     """`error`, from reading checkpoint `step`, when the checkpoint itself is at fault; else the
     one-line error to stop with: a config's (a mismatched train state), memory, storage."""
-    if isinstance(error, ConfigError) or out_of_memory(error):  # (OOM: this mesh cannot hold it)
+    if isinstance(error, ConfigError):
       return _Stop(error)
-    try:
-      self._reachable(step, error)
-    except WriteError as e:
-      return _Stop(e)
+    if cause := self._not_the_checkpoints(step, error):
+      return _Stop(cause)
     if other := self._other_structure(step, abstract_state):
       # nothing is wrong with the checkpoint: this config's state differs from it
       return _Stop(ConfigError(
@@ -451,20 +449,25 @@ class Checkpoints:
         if shapes else [])
     return "; ".join(parts)
 
-  def _reachable(self, step, error):
-    """Raises a one-line WriteError when reading a gs:// checkpoint failed for the storage's
-    sake (`error` is a server's or connection's failure, or the folder cannot be listed now): a
-    checkpoint is set aside only for what is wrong with it, never for a passing outage."""
+  def _not_the_checkpoints(self, step, error) -> BaseException | None:
+    """The error to stop with when reading checkpoint `step` failed for no fault of its own:
+    `error` itself when memory ran out (this mesh cannot hold it), a one-line WriteError when a
+    gs:// read failed for the storage's sake (a server's or connection's failure, or the folder
+    cannot be listed now). A checkpoint is set aside only for what is wrong with it, never for
+    a passing outage. None otherwise."""
+    if out_of_memory(error):
+      return error
     if not paths.is_remote(self.directory):
-      return
+      return None
     reason = _storage_failure(error)
     try:
       paths.listdir(self.directory)
     except Exception as e:  # pylint: disable=broad-except
       reason = paths.why(e, self.directory)
-    if reason:
-      raise WriteError(f"reading checkpoint {step} from {self.directory} failed: {reason}; fix "
-                       "the bucket or the connection to it, then re-run the same command")
+    if not reason:
+      return None
+    return WriteError(f"reading checkpoint {step} from {self.directory} failed: {reason}; fix "
+                      "the bucket or the connection to it, then re-run the same command")
 
   @property
   def unreadable_dir(self):
@@ -510,12 +513,8 @@ class Checkpoints:
 
   def _params_failure(self, step, error) -> BaseException:
     """The one-line error for a failed read of checkpoint `step`'s parameters."""
-    if out_of_memory(error):
-      return error
-    try:
-      self._reachable(step, error)
-    except WriteError as e:
-      return e
+    if cause := self._not_the_checkpoints(step, error):
+      return cause
     if isinstance(error, ValueError) and "Requested shape" in str(error):
       return ConfigError(  # (a shape _check_shapes missed)
           f"checkpoint {step} in {self.directory} holds parameters of other shapes than this "
