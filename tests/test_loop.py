@@ -125,3 +125,38 @@ def test_evaluation_and_saves_are_left_out_of_tokens_per_s(tiny_data, tmp_path, 
   after = rows[6]
   assert tokens / after["tokens_per_s"] < 1.0, after
   assert after["paused_s"] >= 1.5 and "paused_s" not in rows[4], (rows[4], after)
+
+
+def test_a_full_disk_found_by_a_metrics_write_reports_the_failed_save(tiny_data, tmp_path,
+                                                                      monkeypatch):
+  """The disk fills during checkpoint 10's async save and a TensorBoard write finds it first
+  (the order varies; test_faults's real full disk met it one CI run in many): the one line is
+  still the save's, naming the intact checkpoints and the step to resume from."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  wait, write, disk_full = ocp.CheckpointManager.wait_until_finished, metrics.Writer.write, []
+
+  def write_until_full(self, step, row):
+    if step == 12:
+      disk_full.append(full)
+      self._failed(full, self._tb_args["logdir"])  # pylint: disable=protected-access
+    return write(self, step, row)
+
+  def wait_or_fail(self):
+    if disk_full:  # (once: a failed async save's error is raised once)
+      raise disk_full.pop()
+    return wait(self)
+
+  monkeypatch.setattr(metrics.Writer, "write", write_until_full)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_or_fail)
+  config = _config(tiny_data, **{"train.steps": 15, "train.log_every": 3, "eval.every_steps": 0,
+                                 "checkpoint.every_steps": 5, "checkpoint.async_save": True})
+  with pytest.raises(checkpoint.WriteError) as raised:
+    loop.train(config, str(tmp_path), quiet=True, devices=jax.devices()[:1])
+  line = str(raised.value)
+  assert line.startswith(f"saving checkpoint 10 to {tmp_path}/checkpoints failed: No space left "
+                         "on device; complete checkpoints on disk: 5"), line
+  assert "re-run the same command to resume from step" in line

@@ -18,6 +18,7 @@ from transformer_jax.models import attention
 from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 from transformer_jax.training import anomaly
+from transformer_jax.training import checkpoint
 from transformer_jax.training import lock
 from transformer_jax.training import metrics as metrics_lib
 from transformer_jax.training import resume
@@ -92,7 +93,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=quiet or not lead,
                   dynamic_ncols=True, delay=0.1)
   preemption = Preemption()
-  step, last, finished = start, {}, False
+  step, last, finished, failed = start, {}, False, None
   try:
     while step < end:
       state, m = (first_step if step == start else trainer.train_step)(
@@ -129,16 +130,30 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
         last["preempted"] = preemption.signum
         break
     finished = True
+  except checkpoint.WriteError as e:  # storage failed under a save or a metrics write
+    failed = e
+    raise
   finally:
     preemption.close()
     bar.close()
-    for close in (ckpts.close, writer.close):
-      try:  # the last async save's failure surfaces here
-        close()
-      except Exception:  # pylint: disable=broad-except
-        if finished:  # otherwise the error already on its way says more
-          raise
+    _close(ckpts, writer, finished, failed)
   return dict(last, step=step, state=state)
+
+
+def _close(ckpts, writer, finished: bool, failed):
+  """Closes both; the last async save's failure surfaces here. An error already on its way
+  says more, except when storage failed under it (`failed`: a full disk that a TensorBoard write
+  found first) and the save in flight failed too: the save's line names the intact checkpoints
+  and the step a re-run resumes from."""
+  raising = None
+  for close, saves in ((ckpts.close, True), (writer.close, False)):
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if finished or (failed and saves and isinstance(e, checkpoint.WriteError)):
+        raising = raising or e
+  if raising is not None:
+    raise raising
 
 
 def _first_step(trainer, workdir: str, lead: bool):
