@@ -1,7 +1,7 @@
 """Several JAX processes over loopback (gloo), as launch/local.sh --processes runs them: the same
 losses as one process, a coordinated SIGTERM, restore onto fewer processes and another mesh, and
-a bounded exit when a peer dies or stops on its own error, and checkpoint verdicts that all the
-processes share."""
+a bounded exit when a peer dies or stops on its own error, and checkpoint verdicts (a restore's,
+a save's) that all the processes share."""
 
 import glob
 import json
@@ -336,3 +336,45 @@ def test_an_error_on_one_process_stops_the_job_within_the_heartbeat(tiny_data, t
   codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="10")
   assert codes[1] == 2 and codes[0] != 0 and time.time() - t0 < 60, [o[-2000:] for o in outs]
   assert outs[1].strip().splitlines()[-1] == "error: process 1's own refusal"
+
+
+SAVE_FAILS = """
+import errno, os
+from transformer_jax import cli, train
+from transformer_jax.config import paths
+path, probes = paths.path, []
+class FullDisk:
+  def write_text(self, text):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def path_on_a_full_disk(p):  # process 1's second save (checkpoint 4) finds its disk full
+  if os.environ["TJAX_PROCESS_ID"] == "1" and os.path.basename(str(p)).startswith(".probe-"):
+    probes.append(p)
+    if len(probes) == 2:
+      return FullDisk()
+  return path(p)
+paths.path = path_on_a_full_disk
+cli.run(train.main)
+"""
+
+
+def test_a_save_that_fails_on_one_process_stops_both_with_one_line_each(tiny_data, tmp_path):
+  """Process 1's storage is full when checkpoint 4 is saved (its host's disk, say), process 0's
+  is not: both stop at once with exit 4 and one line naming checkpoint 2 as the one to resume
+  from (process 0 stopped in Orbax's barrier with a traceback of gloo's, exit 1)."""
+  (tmp_path / "fails.py").write_text(SAVE_FAILS)
+  run = tmp_path / "run"
+  cmd = [sys.executable, str(tmp_path / "fails.py"), f"--config={REPO}/configs/gpt2.py:tiny",
+         f"--workdir={run}"] + _flags(
+             tiny_data, **{"train.steps": 8, "data.shards": 0, "checkpoint.every_steps": 2,
+                           "checkpoint.async_save": True})
+  t0 = time.time()
+  codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="60")
+  assert codes == [4, 4] and time.time() - t0 < 60, [o[-2000:] for o in outs]
+  saving = f"error: saving checkpoint 4 to {run}/checkpoints failed: "
+  then = ("; complete checkpoints on disk: 2 (an unfinished save is never loaded). Free space or "
+          "fix the workdir, then re-run the same command to resume from step 2")
+  assert outs[0].strip().splitlines()[-1] == (
+      f"{saving}process 1 could not write to it (its log says why){then}"), outs[0][-2000:]
+  assert outs[1].strip().splitlines()[-1] == f"{saving}No space left on device{then}", (
+      outs[1][-2000:])
+  assert sorted(os.listdir(run / "checkpoints")) == ["2"]

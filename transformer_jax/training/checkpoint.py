@@ -324,10 +324,22 @@ class Checkpoints:
   def _probe(self):
     """Creates and removes a file in the checkpoints folder: a folder that cannot be written
     fails here, at once, with its cause, instead of in Orbax's background threads (which wait
-    for each other for minutes, then report a timeout)."""
+    for each other for minutes, then report a timeout). The processes share their verdicts (one
+    collective): storage that fails one process alone (its host's disk full or read-only) stops
+    every process with its one line (the others stopped in Orbax's barrier, with a traceback)."""
     probe = paths.path(paths.join(self.directory, f".probe-{jax.process_index()}-{os.getpid()}"))
-    probe.write_text("")
-    probe.unlink()
+    failure = None
+    try:
+      probe.write_text("")
+      probe.unlink()
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
+    if jax.process_count() > 1:
+      codes = [int(c) for c in multihost_utils.process_allgather(np.int32(failure is not None))]
+      if failure is None and max(codes):
+        failure = OSError(f"process {codes.index(1)} could not write to it (its log says why)")
+    if failure is not None:
+      raise failure
 
   @contextlib.contextmanager
   def _writing(self):
