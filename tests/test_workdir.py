@@ -397,3 +397,24 @@ def test_wandb_without_an_api_key_is_one_line(tiny_data, tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_API_KEY", "abc")  # (wandb's AuthenticationError, no UsageError)
   with pytest.raises(ConfigError, match="metrics.wandb=true: WANDB_API_KEY invalid"):
     loop.train(config, str(tmp_path / "w"), quiet=True, devices=jax.devices()[:1])
+
+
+def test_a_restore_waits_for_the_save_in_flight(tiny_data, tmp_path):
+  """A rollback right after an async save reads that save's step, which Orbax lists as soon as
+  the save starts: the read raced the write (its folder was still STEP.orbax-checkpoint-tmp),
+  called it unreadable and set aside a folder that was not there (FileNotFoundError)."""
+  config = _config(tiny_data, **{"checkpoint.async_save": True})
+  ckpts = Checkpoints(str(tmp_path), config.checkpoint)
+  state = {"params": {"w": jax.numpy.ones((512, 512))}, "mu": jax.numpy.zeros((512, 512))}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  try:
+    ckpts.save(1, state, force=True)
+    for step in (2, 3):  # restore, then restore_params, as soon as the save has begun
+      ckpts.save(step, jax.tree.map(lambda x, s=step: x + s, state), force=True)
+      got, params = (ckpts.restore(abstract, step=step) if step == 2 else
+                     ckpts.restore_params(abstract["params"], step=step))
+      params = params["params"] if step == 2 else params
+      assert got == step and float(params["w"][0, 0]) == step + 1, (got, params["w"][0, 0])
+    assert not os.path.exists(tmp_path / "checkpoints_unreadable")
+  finally:
+    ckpts.close()

@@ -203,8 +203,9 @@ def run(main):
       if _job_processes() == 1:
         raise
       traceback.print_exc()
-      print(f"error: this process of {_job_processes()} stopped on the error above (it leaves "
-            "at once, so that the others are stopped too)", file=sys.stderr)
+      print(f"error: this process of {_job_processes()} stopped on the error above and leaves "
+            "at once, so that the others stop too (an error that a peer was lost: that peer's "
+            "log says why)", file=sys.stderr)
       _exit(1)
     first, *details = str(e).strip().splitlines()
     if details:  # XLA's account of the memory (a GPU's allocations), then our one line

@@ -339,7 +339,7 @@ def validate(config, num_devices: int | None = None):
                       f"training: set model.max_len >= data.seq_len")
   if not 0 <= m.dropout_rate < 1:
     raise ConfigError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
-  if m.attention_impl == "splash":  # the platform: loop.setup; lengths: at trace time
+  if m.attention_impl == "splash":  # platform: loop.setup (else at trace); lengths: at trace
     why = ("model.position=relative (a bias)" if m.position == "relative" else
            "model.family=encdec (cross-attention)" if m.family == "encdec" else None)
     if why:

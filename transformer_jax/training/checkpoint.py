@@ -325,8 +325,10 @@ class Checkpoints:
     """Creates and removes a file in the checkpoints folder: a folder that cannot be written
     fails here, at once, with its cause, instead of in Orbax's background threads (which wait
     for each other for minutes, then report a timeout). The processes share their verdicts (one
-    collective): storage that fails one process alone (its host's disk full or read-only) stops
-    every process with its one line (the others stopped in Orbax's barrier, with a traceback)."""
+    collective): storage that this probe finds failing on one process alone (its host's disk
+    full or read-only) stops every process with its one line (the others stopped in Orbax's
+    barrier, with a traceback). A failure found before it on one process (the previous async
+    save's, process 0's metrics) stops the others through their collective or the heartbeat."""
     probe = paths.path(paths.join(self.directory, f".probe-{jax.process_index()}-{os.getpid()}"))
     failure = None
     try:
@@ -381,7 +383,9 @@ class Checkpoints:
     Each process reads only its own shards, so a damaged file may fail one process's read
     alone: the processes agree on every verdict (`_verdicts`) before any acts on it. Orbax's
     CheckpointManager.restore ends in a barrier that a process whose read failed never
-    reaches; the reads here go through the same handlers without it."""
+    reaches; the reads here go through the same handlers without it (and without its wait for
+    a save in flight: `self.wait()` here, or a rollback read a checkpoint still being written)."""
+    self.wait()
     steps = [s for s in self.all_steps() if step is None or s <= step]
     drop_closed_loop_reports()
     for s in reversed(steps):
@@ -433,8 +437,10 @@ class Checkpoints:
             f"{self.directory}: its log says why"))
       elif max(codes) == 1 and failure is None:
         failure = OSError(f"process {codes.index(1)} could not read its part of it")
-    if isinstance(failure, _Stop):
-      raise failure.error from None
+    if isinstance(failure, _Stop):  # (our one-line errors alone without their context)
+      if isinstance(failure.error, (ConfigError, WriteError)):
+        raise failure.error from None
+      raise failure.error
     return failure
 
   def _other_structure(self, step, abstract_state) -> str:
@@ -497,20 +503,23 @@ class Checkpoints:
 
   def restore_params(self, abstract_params, step=None):
     """Only the parameters (for sampling and evaluation); the optimizer state is not read."""
+    self.wait()  # (a save in flight: see restore)
     step = self.latest_step() if step is None else step
     if step is None:
       return None, None
     item = {"params": abstract_params}
     drop_closed_loop_reports()
-    _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
-                  f"checkpoint {step} in {self.directory}")
     restored, failure = None, None
     try:  # (Orbax's handler: its Checkpointer ends in a barrier that a failed read never reaches)
+      _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
+                    f"checkpoint {step} in {self.directory}")
       restored = ocp.PyTreeCheckpointHandler().restore(
           paths.path(paths.join(self.directory, str(step), "state")),
           args=ocp.args.PyTreeRestore(
               item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))
+    except ConfigError as e:  # (_check_shapes': the config does not describe the checkpoint)
+      failure = _Stop(e)
     except Exception as e:  # pylint: disable=broad-except
       failure = _Stop(self._params_failure(step, e))
     self._verdicts(step, failure)  # (every process raises when any failed)
