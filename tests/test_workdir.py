@@ -405,7 +405,7 @@ def test_a_restore_waits_for_the_save_in_flight(tiny_data, tmp_path):
   called it unreadable and set aside a folder that was not there (FileNotFoundError)."""
   config = _config(tiny_data, **{"checkpoint.async_save": True})
   ckpts = Checkpoints(str(tmp_path), config.checkpoint)
-  state = {"params": {"w": jax.numpy.ones((512, 512))}, "mu": jax.numpy.zeros((512, 512))}
+  state = {"params": {"w": jax.numpy.ones((1024, 1024))}, "mu": jax.numpy.zeros((1024, 1024))}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   try:
     ckpts.save(1, state, force=True)
@@ -416,5 +416,32 @@ def test_a_restore_waits_for_the_save_in_flight(tiny_data, tmp_path):
       params = params["params"] if step == 2 else params
       assert got == step and float(params["w"][0, 0]) == step + 1, (got, params["w"][0, 0])
     assert not os.path.exists(tmp_path / "checkpoints_unreadable")
+  finally:
+    ckpts.close()
+
+
+def test_a_save_whose_failure_was_raised_is_never_listed_as_complete(tiny_data, tmp_path,
+                                                                      monkeypatch):
+  """Orbax raises a failed async save once; the next wait returned, and listed the step as
+  complete (named so when the storage cannot be listed)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = _config(tiny_data, **{"checkpoint.async_save": True})
+  ckpts = Checkpoints(str(tmp_path), config.checkpoint)
+  wait, failures = ocp.CheckpointManager.wait_until_finished, []
+
+  def wait_once_failing(self):
+    wait(self)
+    if failures:
+      raise failures.pop()
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_once_failing)
+  monkeypatch.setattr(ocp.CheckpointManager, "all_steps", lambda self: [])  # 1 never finalized
+  try:
+    ckpts.save(1, {"w": jax.numpy.ones(4)}, force=True)
+    failures.append(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(WriteError, match="saving checkpoint 1 to .* failed: No space left"):
+      ckpts.wait()
+    ckpts.wait()
+    assert 1 not in ckpts._listed  # pylint: disable=protected-access
   finally:
     ckpts.close()

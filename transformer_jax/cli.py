@@ -204,8 +204,8 @@ def run(main):
         raise
       traceback.print_exc()
       print(f"error: this process of {_job_processes()} stopped on the error above and leaves "
-            "at once, so that the others stop too (an error that a peer was lost: that peer's "
-            "log says why)", file=sys.stderr)
+            "at once, so that the others stop too (if the error says a peer was lost, that "
+            "peer's log says why)", file=sys.stderr)
       _exit(1)
     first, *details = str(e).strip().splitlines()
     if details:  # XLA's account of the memory (a GPU's allocations), then our one line

@@ -317,18 +317,21 @@ class Checkpoints:
       items["data"] = data_save_args(data_iterator, data_writes)
     self.wait()  # an earlier async save's failure surfaces here, under its own step
     self._pending = step
+    failure = self._probe()  # (its collective outside _writing: a lost peer is no storage's)
     with self._writing():
-      self._probe()
+      if failure is not None:
+        raise failure
       return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def _probe(self):
+  def _probe(self) -> BaseException | None:
     """Creates and removes a file in the checkpoints folder: a folder that cannot be written
-    fails here, at once, with its cause, instead of in Orbax's background threads (which wait
-    for each other for minutes, then report a timeout). The processes share their verdicts (one
-    collective): storage that this probe finds failing on one process alone (its host's disk
-    full or read-only) stops every process with its one line (the others stopped in Orbax's
-    barrier, with a traceback). A failure found before it on one process (the previous async
-    save's, process 0's metrics) stops the others through their collective or the heartbeat."""
+    fails here (the error returned), at once, with its cause, instead of in Orbax's background
+    threads (which wait for each other for minutes, then report a timeout). The processes share
+    their verdicts (one collective): storage that this probe finds failing on one process alone
+    (its host's disk full or read-only) stops every process with its one line (the others
+    stopped in Orbax's barrier, with a traceback). A failure found before it on one process (the
+    previous async save's, process 0's metrics) stops the others through their collective or
+    the heartbeat."""
     probe = paths.path(paths.join(self.directory, f".probe-{jax.process_index()}-{os.getpid()}"))
     failure = None
     try:
@@ -340,8 +343,7 @@ class Checkpoints:
       codes = [int(c) for c in multihost_utils.process_allgather(np.int32(failure is not None))]
       if failure is None and max(codes):
         failure = OSError(f"process {codes.index(1)} could not write to it (its log says why)")
-    if failure is not None:
-      raise failure
+    return failure
 
   @contextlib.contextmanager
   def _writing(self):
@@ -356,8 +358,10 @@ class Checkpoints:
       fix = "Free space or fix the workdir"
       if paths.is_remote(self.directory):
         where, fix = "in the bucket", "Fix the bucket or the connection to it"
+      failed, self._pending = self._pending, None  # (never listed as complete by a wait)
       raise WriteError(
-          f"saving checkpoint {self._pending} to {self.directory} failed: {reason}; "
+          f"saving {'a checkpoint' if failed is None else f'checkpoint {failed}'} to "
+          f"{self.directory} failed: {reason}; "
           + (f"complete checkpoints {where}: {', '.join(map(str, good))} (an unfinished save is "
              f"never loaded). {fix}, then re-run the same command to resume from step "
              f"{good[-1]}" if good else f"no complete checkpoint exists. {fix}, then re-run the "
