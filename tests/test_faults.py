@@ -139,8 +139,8 @@ def test_skip_policy_completes_and_logs_each_skipped_batch(tiny_data, tmp_path, 
 
 def test_rollback_policy_restores_and_skips_the_data_window(tiny_data, tmp_path, poison):
   config = _config(tiny_data, **{"train.on_anomaly": "rollback", "checkpoint.every_steps": 4,
-                                 "train.log_every": 2})
-  poison({6})
+                                 "train.log_every": 2, "checkpoint.async_save": True})
+  poison({6})  # (read while step 4's async save may be in flight: restore waits for it)
   out = loop.train(config, str(tmp_path), quiet=True, devices=ONE())
   rows = _lines(tmp_path)
   rollback = [r for r in rows if r.get("event") == "rollback"]
