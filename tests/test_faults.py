@@ -264,8 +264,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_
 
 def test_the_closed_event_loop_reports_of_a_failed_restore_are_dropped(monkeypatch):
   """Orbax's in-flight reads of a failed restore each reported "Event loop is closed" through
-  sys.unraisablehook: ~100 tracebacks around the one line, as did (at times) the reads it had
-  not awaited yet when collected. Other reports still get through."""
+  sys.unraisablehook (~100 tracebacks), its un-awaited reads theirs when collected; others pass."""
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)

@@ -270,6 +270,13 @@ def _check_shapes(state_dir: str, abstract_params, what: str) -> None:
                       f"{len(extra)} in all): the config does not describe the checkpoint")
 
 
+def _every_process(code: int) -> list[int]:
+  """Every process's `code`, by process index (one collective when the job has several)."""
+  if jax.process_count() == 1:
+    return [code]
+  return [int(c) for c in multihost_utils.process_allgather(np.int32(code))]
+
+
 class _Stop(Exception):
   """A restore's error that is not the checkpoint's fault: raised, never set aside."""
 
@@ -339,10 +346,9 @@ class Checkpoints:
       probe.unlink()
     except Exception as e:  # pylint: disable=broad-except
       failure = e
-    if jax.process_count() > 1:
-      codes = [int(c) for c in multihost_utils.process_allgather(np.int32(failure is not None))]
-      if failure is None and max(codes):
-        failure = OSError(f"process {codes.index(1)} could not write to it (its log says why)")
+    codes = _every_process(int(failure is not None))
+    if failure is None and max(codes):
+      failure = OSError(f"process {codes.index(1)} could not write to it (its log says why)")
     return failure
 
   @contextlib.contextmanager
@@ -432,15 +438,13 @@ class Checkpoints:
     path): None when all read it; the error to stop with when any must stop (its own, or one
     naming the process that stopped); else the reason it is unreadable (its own, or one naming
     a process that could not read it)."""
-    if jax.process_count() > 1:
-      code = 0 if failure is None else 2 if isinstance(failure, _Stop) else 1
-      codes = [int(c) for c in multihost_utils.process_allgather(np.int32(code))]
-      if max(codes) == 2 and not isinstance(failure, _Stop):
-        failure = _Stop(ConfigError(
-            f"process {codes.index(2)} stopped while restoring checkpoint {step} from "
-            f"{self.directory}: its log says why"))
-      elif max(codes) == 1 and failure is None:
-        failure = OSError(f"process {codes.index(1)} could not read its part of it")
+    codes = _every_process(0 if failure is None else 2 if isinstance(failure, _Stop) else 1)
+    if max(codes) == 2 and not isinstance(failure, _Stop):
+      failure = _Stop(ConfigError(
+          f"process {codes.index(2)} stopped while restoring checkpoint {step} from "
+          f"{self.directory}: its log says why"))
+    elif max(codes) == 1 and failure is None:
+      failure = OSError(f"process {codes.index(1)} could not read its part of it")
     if isinstance(failure, _Stop):  # (our one-line errors alone without their context)
       if isinstance(failure.error, (ConfigError, WriteError)):
         raise failure.error from None
