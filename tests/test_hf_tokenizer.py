@@ -423,7 +423,8 @@ def test_a_files_saved_truncation_padding_null_bos_and_id_gaps_are_read_as_trans
     tmp_path):
   """A tokenizer.json saved with truncation and padding on encodes whole documents, alike one
   by one and in batches; "bos_token": null in tokenizer_config.json means no bos (not a name
-  match on <s>); vocab_size is the highest id + 1 when the ids have gaps."""
+  match on <s>); vocab_size is the highest id + 1 when the ids have gaps, and a gap is no
+  ordinary piece (MLM never draws it as a random replacement)."""
   vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3,
            **{w: i + 4 for i, w in enumerate("the cat sat on a mat".split())}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
@@ -443,7 +444,9 @@ def test_a_files_saved_truncation_padding_null_bos_and_id_gaps_are_read_as_trans
   gaps = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1, "b": 7},
                                                           unk_token="[UNK]"))
   gaps.save(str(tmp_path / "gaps.json"))
-  assert tokenization.load(str(tmp_path / "gaps.json")).vocab_size == 8
+  gaps = tokenization.load(str(tmp_path / "gaps.json"))
+  assert gaps.vocab_size == 8
+  assert [i for i in range(8) if gaps.is_normal(i)] == [0, 1, 7]
 
 
 def test_an_older_layouts_special_tokens_map_json_names_the_specials_as_transformers_reads_it(

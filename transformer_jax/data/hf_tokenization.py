@@ -128,7 +128,10 @@ class HFTokenizer:
     return [a[len(head):] if a.startswith(head) else alone(i) for i, a in enumerate(after)]
 
   def is_normal(self, i: int) -> bool:
-    return i not in self._special_ids
+    """Ordinary text: not a special token, the unknown token, nor an id with no token (a
+    gap), as SentencePiece's `is_normal` leaves out control, unknown and unused pieces."""
+    return (i not in self._special_ids and i != self.unk_id
+            and self._tok.id_to_token(i) is not None)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
