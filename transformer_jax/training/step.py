@@ -356,7 +356,7 @@ class Trainer:
       drng = jax.random.fold_in(jax.random.fold_in(rng, step), i)
       drng = drng if shard is None else jax.random.fold_in(drng, shard)
 
-    chunk = c.train.loss_chunk  # in tokens of the global batch: a shard's share of them
+    chunk = c.train.loss_chunk  # in tokens of the whole microbatch: a data shard's share of them
     chunk = -(-chunk // self.mesh.shape[sharding.DATA]) if shard is not None else chunk
 
     def f(p):
