@@ -323,14 +323,35 @@ def test_rope_frequencies_equal_hugging_face(kind, rope, head_dim, theta):
     want, want_scale = ROPE_INIT_FUNCTIONS[kind](hf, None, seq_len=length)
     positions = jnp.arange(length, dtype=jnp.int32)[None]
     got, scale = layers.rope_frequencies(cfg, head_dim, positions)
-    np.testing.assert_allclose(np.reshape(got, -1), want.numpy(), rtol=2e-6)
+    got = np.reshape(got, (-1, head_dim // 2))  # dynamic's: one row per token
+    np.testing.assert_allclose(got, np.broadcast_to(want.numpy(), got.shape), rtol=2e-6)
     assert scale == pytest.approx(want_scale, rel=1e-6)
-  if kind == "dynamic":  # each row's own length (padding at position 0), as HF's forward alone
-    rows = jnp.asarray([[*range(40), *[0] * 160], list(range(200))], jnp.int32)
-    got, _ = layers.rope_frequencies(cfg, head_dim, rows)
-    for row, length in zip(got, (64, 200)):
-      np.testing.assert_allclose(row, ROPE_INIT_FUNCTIONS[kind](hf, None, seq_len=length)[0],
-                                 rtol=2e-6)
+  if kind == "dynamic":  # each document's own length, as HF's forward of it alone: two packed
+    # documents (40 and 160 tokens), then padding (segment 0 at position 0), in one row
+    positions = jnp.asarray([[*range(40), *range(160), *[0] * 56], [*range(256)]], jnp.int32)
+    segments = jnp.asarray([[1] * 40 + [2] * 160 + [0] * 56, [1] * 256], jnp.int32)
+    got, _ = layers.rope_frequencies(cfg, head_dim, positions, segments)
+    lengths = [64] * 40 + [160] * 160 + [64] * 56, [256] * 256
+    for row, row_lengths in zip(got, lengths):
+      want = {n: ROPE_INIT_FUNCTIONS[kind](hf, None, seq_len=n)[0] for n in set(row_lengths)}
+      np.testing.assert_allclose(row, np.stack([want[n] for n in row_lengths]), rtol=2e-6)
+
+
+def test_a_packed_document_under_dynamic_rope_gives_its_logits_alone():
+  """Dynamic NTK's theta is each document's own: a short document packed before a long one
+  (past max_len) gets the logits it gets alone, and the long one those of its own row."""
+  cfg = _cfg(rope_scaling="dynamic", rope_factor=4.0, max_len=8, head_dim=16, init_std=0.5)
+  model = DecoderLM(cfg)
+  short, long = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 26))
+  short = short[:6]
+  tokens = jnp.asarray([np.concatenate([short, long])], jnp.int32)
+  segments = jnp.asarray([[1] * 6 + [2] * 26], jnp.int32)
+  positions = jnp.asarray([[*range(6), *range(26)]], jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  packed = model.apply({"params": params}, tokens, segments, positions)[0]
+  for got, doc in ((packed[:6], short), (packed[6:], long)):
+    alone = model.apply({"params": params}, jnp.asarray([doc], jnp.int32))[0]
+    np.testing.assert_allclose(got, alone, atol=2e-5)
 
 
 def _save(model, path):

@@ -136,7 +136,7 @@ def _long_context(m):
   m.random_blocks = 0
   m.block_size = 64
   # RoPE scaling for longer contexts, exactly as Hugging Face's rope_parameters: none | linear
-  # (positions / factor) | dynamic (NTK: theta grows with the longest position beyond max_len) |
+  # (positions / factor) | dynamic (NTK: theta grows with each document's length beyond max_len) |
   # yarn (ramp between interpolated and original frequencies, cos/sin scaled) | llama3.
   m.rope_scaling = "none"
   m.rope_factor = 1.0

@@ -188,11 +188,24 @@ def sinusoidal(positions_BT, dim: int, max_timescale: float = 10000.0, variant: 
   return jnp.pad(signal, [(0, 0)] * (signal.ndim - 1) + [(0, dim % 2)])
 
 
-def rope_frequencies(c: ModelConfig, k: int, positions_BT):
+def document_lengths(positions_BT, segment_ids_BT=None):
+  """Each token's document length [B, T]: the position of its document's last token + 1. A
+  document is a run of one segment id over increasing positions (packing restarts both)."""
+  t = positions_BT.shape[-1]
+  same = positions_BT[:, 1:] > positions_BT[:, :-1]
+  if segment_ids_BT is not None:
+    same &= segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]
+  index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), positions_BT.shape)
+  ends_BT = jnp.where(jnp.pad(same, [(0, 0), (0, 1)]), t, index_BT)
+  last_BT = jax.lax.cummin(ends_BT, axis=1, reverse=True)  # the index of the run's last token
+  return jnp.take_along_axis(positions_BT, last_BT, axis=1) + 1
+
+
+def rope_frequencies(c: ModelConfig, k: int, positions_BT, segment_ids_BT=None):
   """RoPE's inverse frequencies [K/2] for head dim `k` under c.rope_scaling, and the scale of
-  cos/sin, as Hugging Face's rope initializers compute them. Dynamic NTK's are [B, K/2], each
-  row's from its own longest position (Hugging Face's forward of that row alone), so a row's
-  logits never depend on its batch mates' lengths."""
+  cos/sin, as Hugging Face's rope initializers compute them. Dynamic NTK's are [B, T, K/2],
+  each token's from its own document's length (`document_lengths`: Hugging Face's forward of
+  that document alone), so its logits never depend on its batch or row mates' lengths."""
   exponents = jnp.arange(0, k, 2, dtype=jnp.float32) / k
   inv = 1.0 / c.rope_theta ** exponents
   kind, factor = c.rope_scaling, c.rope_factor
@@ -200,10 +213,10 @@ def rope_frequencies(c: ModelConfig, k: int, positions_BT):
   if kind == "linear":
     return inv / factor, 1.0
   if kind == "dynamic":  # NTK-aware: a larger theta once positions pass max_len
-    length_B1 = jnp.maximum(jnp.max(positions_BT, axis=-1, keepdims=True) + 1, c.max_len)
-    theta_B1 = c.rope_theta * (factor * length_B1.astype(jnp.float32) / c.max_len
+    length_BT = jnp.maximum(document_lengths(positions_BT, segment_ids_BT), c.max_len)
+    theta_BT = c.rope_theta * (factor * length_BT.astype(jnp.float32) / c.max_len
                                - (factor - 1)) ** (k / (k - 2))
-    return 1.0 / theta_B1 ** exponents[None], 1.0
+    return 1.0 / theta_BT[..., None] ** exponents[None, None], 1.0
   if kind == "llama3":
     low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
     wavelength = 2 * math.pi / inv
@@ -227,9 +240,9 @@ def rope_frequencies(c: ModelConfig, k: int, positions_BT):
 
 def rotary(x_BTHK, positions_BT, inv_K, scale=1.0):
   """Rotary position embedding (RoFormer), rotating the two halves of each head by
-  position x inverse frequency (`rope_frequencies`: [K/2], or [B, K/2] per row); cos and sin
-  are multiplied by `scale`."""
-  inv_BTK = inv_K[None, None] if inv_K.ndim == 1 else inv_K[:, None]
+  position x inverse frequency (`rope_frequencies`: [K/2], or [B, T, K/2] per token); cos and
+  sin are multiplied by `scale`."""
+  inv_BTK = inv_K[None, None] if inv_K.ndim == 1 else inv_K
   angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv_BTK
   sin = (jnp.sin(angles_BTK) * scale)[:, :, None, :]
   cos = (jnp.cos(angles_BTK) * scale)[:, :, None, :]
@@ -300,7 +313,7 @@ class Attention(nn.Module):
     k_BSNK = project("key", kv, n, ("kv_heads", "head_dim"))
     v_BSNK = project("value", kv, n, ("kv_heads", "head_dim"))
     if c.position == "rotary" and kv_BSD is None:
-      inv_K, scale = rope_frequencies(c, k, positions_BT)
+      inv_K, scale = rope_frequencies(c, k, positions_BT, segment_ids_BT)
       q_BTHK = rotary(q_BTHK, positions_BT, inv_K, scale)
       k_BSNK = rotary(k_BSNK, positions_BT, inv_K, scale)
     q_BTHK = checkpoint_name(constrain(q_BTHK, ("act_batch", "act_length", "act_heads", None)),
