@@ -194,8 +194,17 @@ def test_tokenizer_cli(corpus_dir, tmp_path, capsys):
                              f"--out={out}"]) == 0
   printed = capsys.readouterr().out
   assert str(out) in printed and "vocab_size" in printed and "chars/token" in printed
+  before = out.read_bytes()  # a tokenizer that runs were trained with is never replaced unasked
+  assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=280", f"--out={out}"]) == 2
+  assert capsys.readouterr().err == (f"error: --out={out} already exists (the runs trained with "
+                                     f"it need it as it is): choose another --out, or "
+                                     f"--overwrite to replace it\n")
+  assert out.read_bytes() == before
+  assert tokenizer_cli.main([f"--corpus={corpus_dir}/code/**/*.py", "--vocab_size=320",
+                             f"--out={out}", "--overwrite"]) == 0
+  assert out.read_bytes() != before and "vocab_size 320" in capsys.readouterr().out
   assert tokenizer_cli.main([f"--corpus={corpus_dir}/none/*", "--vocab_size=300",
-                             f"--out={out}"]) == 2
+                             f"--out={out}", "--overwrite"]) == 2
   assert tokenizer_cli.main(["--corpus=stdlib", "--vocab_size=x", f"--out={out}"]) == 2
   (tmp_path / "a_file").write_text("x")
   for bad in (tmp_path / "cli", tmp_path / "tok.json",  # a model file, or DIR/tokenizer.json

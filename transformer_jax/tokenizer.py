@@ -23,7 +23,8 @@ corpus. Bad input prints one line and exits with status 2.
 
 trains the tokenizer a training config names (data.tokenizer, from its data.corpus, with
 model.vocab_size pieces and the control pieces its data.objective needs); --if_missing does
-nothing when that file exists (what launch/local.sh runs before training). --workdir=DIR in
+nothing when that file exists (what launch/local.sh runs before training). An existing --out is
+refused without --overwrite: the runs trained with it need it as it is. --workdir=DIR in
 place of --config reads the config DIR/config.json saved (a sweep plan's run, a run to resume).
 """
 
@@ -47,6 +48,7 @@ _SAMPLE_CHARS = 1_000_000  # ... up to this many characters.
 
 FLAGS = {  # name -> default (its type is the flag's); "" / 0 = not given
     "if_missing": False,  # skip when the output exists
+    "overwrite": False,  # replace an existing output (else refused: runs may depend on it)
     "corpus": "",  # "stdlib", a glob of files or tfds:NAME
     "format": "text",  # text | lines | jsonl | tsv | jsonl_pairs | functions
     "text_field": "text",  # the JSONL field holding the text
@@ -115,6 +117,9 @@ def run(args: dict) -> None:
                       f"this command writes a SentencePiece model file (e.g. "
                       f"--out=runs/tokenizers/tokenizer.model) or a byte-level BPE "
                       f"(--out=runs/tokenizers/bpe/tokenizer.json)")
+  if paths.exists(out) and not args.get("overwrite"):
+    raise ConfigError(f"--out={out} already exists (the runs trained with it need it as it "
+                      f"is): choose another --out, or --overwrite to replace it")
   cli.output_folder("out", paths.dirname(paths.abspath(out)))  # (a traceback at the end)
   sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
   for _, corpus_flags in sources:
