@@ -373,6 +373,12 @@ def test_config_errors(tmp_path):
       clean.main([f"--corpus={tmp_path}/o/{inside}*.jsonl", "--format=jsonl",
                   f"--out={tmp_path}/o"])
     assert (tmp_path / "o" / f"{inside}quality.jsonl").read_text() == '{"text": "keep me"}\n'
+  (tmp_path / "w").mkdir()  # a training workdir is never a clean's OUT
+  (tmp_path / "w" / "config.json").write_text("{}")
+  with pytest.raises(ConfigError, match=r"^--out=\S+/w is a training workdir \(it holds "
+                                        r"config.json\); give a folder of its own"):
+    clean.main(["--corpus=stdlib", f"--out={tmp_path}/w"])
+  assert os.listdir(tmp_path / "w") == ["config.json"]
 
 
 def test_shards_are_read_as_a_corpus_only_once_the_run_ends(tmp_path):
@@ -394,7 +400,7 @@ def test_shards_are_read_as_a_corpus_only_once_the_run_ends(tmp_path):
   assert not glob.glob(str(tmp_path / "part-*"))
 
 
-def test_cli_one_line_error_and_json_line(tmp_path):
+def test_cli_one_line_error_and_json_line(tmp_path, capsys):
   env = dict(os.environ, PYTHONPATH=REPO)
   run = subprocess.run([sys.executable, "-m", "transformer_jax.clean",
                         f"--corpus={tmp_path}/none/*.jsonl", f"--out={tmp_path}/o"],
@@ -411,6 +417,15 @@ def test_cli_one_line_error_and_json_line(tmp_path):
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   assert summary["documents_in"] == summary["documents_out"] == 1
   assert set(summary["removed"]) == {"exact_duplicate", "near_duplicate", "language", "quality"}
+  shard = (tmp_path / "o" / "part-00000.jsonl").read_text()  # an earlier output is kept ...
+  with pytest.raises(ConfigError, match=r"holds an earlier clean's output \(part-00000.jsonl, "
+                                        r"2 files in all\): choose another --out, or --overwrite"):
+    clean.main([f"--corpus={tmp_path}/c/*.txt", f"--out={tmp_path}/o"])
+  assert (tmp_path / "o" / "part-00000.jsonl").read_text() == shard
+  (tmp_path / "c" / "b.txt").write_text(_prose(random.Random(6)))  # ... unless replaced
+  assert clean.main([f"--corpus={tmp_path}/c/*.txt", f"--out={tmp_path}/o", "--languages=none",
+                     "--plots=false", "--overwrite"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["documents_in"] == 2
 
 
 def test_workers_read_ahead_is_bounded():

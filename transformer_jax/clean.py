@@ -18,10 +18,12 @@ without removing any, none skips the stage; --dedup=none and --quality=none turn
 Gopher threshold is a flag of its own name (e.g. --min_words=50, --max_duplicate_10gram=0.1), C4's
 are --c4_NAME; both rule sets are English ones (Gopher's stop words are "the", "of", ...:
 --min_stop_words=0 for other languages). --workers runs the per-document work on that many
-processes; the output is the same for any number. A gs:// OUT is written in a local temporary
-folder (TMPDIR needs room for the output), then uploaded: what a previous run left there is removed
-first, the new shards are renamed into place once all are uploaded, and report.md comes last (a
-bucket renames objects one by one: report.md says the output is whole). Streams: memory holds a few
+processes; the output is the same for any number. An OUT that holds an earlier clean's output
+(report.md, shards) is refused without --overwrite, a training workdir always. A gs:// OUT is
+written in a local temporary folder (TMPDIR needs room for the output), then uploaded: what a
+previous run left there is removed first, the new shards are renamed into place once all are
+uploaded, and report.md comes last (a bucket renames objects one by one: report.md says the
+output is whole). Streams: memory holds a few
 batches per worker, the exact-dedup digests and the LSH index, whatever the corpus size.
 The last line printed is one JSON object: documents_in, documents_out (pieces of long documents
 count one each), records_out (lines written), removed (exact_duplicate,
@@ -29,6 +31,7 @@ near_duplicate, language, quality), seconds, throughput and bad-input counts. Ba
 glob matching nothing print one line and exit with status 2.
 """
 
+import fnmatch
 import json
 import os
 import sys
@@ -41,7 +44,9 @@ if __name__ == "__main__":
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import clean as clean_lib
+from transformer_jax.data.clean import output
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = {  # name -> default (its type is the flag's)
@@ -53,8 +58,24 @@ FLAGS = {  # name -> default (its type is the flag's)
     "samples": 50,  # removed documents kept per reason in OUT/removed/
     "shard_mb": 256.0,  # output shard size
     "plots": True,  # draw OUT/plots/*.png for report.md
+    "overwrite": False,  # replace an earlier clean's output in OUT (else refused)
     **clean_lib.FLAGS,
 }
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  """OUT is new, empty or an earlier clean's output (replaced only with --overwrite); never a
+  training workdir."""
+  names = set(paths.listdir(out))
+  if names & {"config.json", "checkpoints"}:
+    raise ConfigError(f"--out={out} is a training workdir (it holds "
+                      f"{sorted(names & {'config.json', 'checkpoints'})[0]}); give a folder of "
+                      f"its own to the cleaned corpus")
+  earlier = sorted(n for n in names if n == "report.md" or fnmatch.fnmatch(n, output.SHARD_GLOB))
+  if earlier and not overwrite:
+    raise ConfigError(f"--out={out} holds an earlier clean's output ({earlier[0]}, "
+                      f"{len(earlier)} files in all): choose another --out, or --overwrite to "
+                      f"replace it")
 
 
 def main(argv) -> int:
@@ -67,6 +88,7 @@ def main(argv) -> int:
   if not (flags["samples"] >= 0 and 0 < flags["shard_mb"] < float("inf")):  # (nan, inf too)
     raise ConfigError("need --samples >= 0 and a finite --shard_mb > 0")
   cli.output_folder("out", flags["out"])
+  _check_out(flags["out"], flags["overwrite"])
   stages = clean_lib.build_stages(flags)
   summary = clean_lib.run(flags["corpus"], flags["format"], flags["text_field"], flags["out"],
                           stages, workers=flags["workers"], samples=flags["samples"],
