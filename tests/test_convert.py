@@ -234,6 +234,12 @@ def test_cli_import_then_train_continues_and_export_round_trips(tiny_data, tmp_p
     convert_cli.main(["import", "--hf_dir", path, "--workdir", workdir])
   with pytest.raises(ConfigError, match="^--workdir=.* cannot be made a folder: .* is a file"):
     convert_cli.main(["import", "--hf_dir", path, "--workdir", f"{workdir}/config.json"])
+  planned = tmp_path / "planned"  # a sweep's planned run (config.json, no checkpoints yet)
+  planned.mkdir()
+  (planned / "config.json").write_text('{"model": {}}')
+  with pytest.raises(ConfigError, match="^.*planned already holds a config.json .* import into a"):
+    convert_cli.main(["import", "--hf_dir", path, "--workdir", str(planned)])
+  assert (planned / "config.json").read_text() == '{"model": {}}'
   from transformer_jax.training import lock  # pylint: disable=g-import-not-at-top
   with lock.hold(workdir):  # another import (or a run) in it: one line, not orbax's traceback
     with pytest.raises(ConfigError, match=r"is in use by"):

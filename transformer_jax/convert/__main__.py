@@ -56,12 +56,16 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   cli.output_folder("workdir", workdir)  # (a file there: a FileExistsError traceback)
   paths.makedirs(workdir)
   with lock.hold(workdir):  # a second import (or a run) into it is refused in one line
+    has_config = paths.isfile(paths.join(workdir, "config.json"))
     if paths.isdir(paths.join(workdir, "checkpoints")):
-      if paths.isfile(paths.join(workdir, "config.json")):
+      if has_config:
         raise ConfigError(f"{workdir} already has checkpoints; import into a new --workdir")
       # an import killed before its config.json (written last): set aside, imported again
       print(f"{workdir} holds an unfinished import: its checkpoints set aside in "
             f"{checkpoint.set_aside(workdir)}")
+    elif has_config:  # a planned run's (a sweep's) or another's: never replaced
+      raise ConfigError(f"{workdir} already holds a config.json (a planned or earlier run's); "
+                        f"import into a new --workdir")
     return _import_into(spec, overrides, hf_dir, workdir, family)
 
 
