@@ -179,6 +179,15 @@ def test_a_file_where_a_folder_or_a_python_config_belongs_is_one_line(tmp_path):
   file.write_text("{}")
   with pytest.raises(ConfigError, match=r"config.json is no Python file: give FILE.py"):
     config_lib.load(str(file))
+  recipe = tmp_path / "mine.py"  # a recipe's own typo, and a syntax error: one line each
+  recipe.write_text("from transformer_jax.config import base\n\ndef get_config(arg=None):\n"
+                    "  c = base.get_config()\n  c.model.d_modle = 64\n  return c\n")
+  with pytest.raises(ConfigError, match=r"^\S+mine.py sets key\(s\) model.d_modle that are no "
+                                        r"config keys \(a typo"):
+    config_lib.load(str(recipe))
+  recipe.write_text("def get_config(arg=None):\n  return {\n")
+  with pytest.raises(ConfigError, match=r"^config file \S+mine.py, line 2: '\{' was never closed$"):
+    config_lib.load(str(recipe))
   (tmp_path / "w" / "checkpoints").mkdir(parents=True)  # (refused before it is read)
   (tmp_path / "w" / "config.json").write_text("{}")
   for main, argv in (

@@ -73,7 +73,10 @@ def exec_python_file(path: str, kind: str, root: str):
   module_spec = importlib.util.spec_from_file_location(
       f"_tjax_{kind}_" + os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:  # (other errors in it are its code's: their traceback says where)
+    raise ConfigError(f"{kind} file {path}, line {e.lineno}: {e.msg}") from None
   return module
 
 
@@ -87,6 +90,10 @@ def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
     config = module.get_config(arg or None)
   except (KeyError, ValueError) as e:  # e.g. an unknown size name
     raise ConfigError(f"{spec}: {e}") from None
+  unknown = unknown_keys(json.loads(to_json(config)))
+  if unknown:  # a recipe's typo (model.d_modle = 64) was trained with, and saved
+    raise ConfigError(f"{spec} sets key(s) {', '.join(unknown)} that are no config keys (a typo, "
+                      f"or a key this version no longer has; config/base.py has them all)")
   config.lock()
   for item in overrides:
     key, sep, value = item.partition("=")
