@@ -162,6 +162,20 @@ def test_config_json_is_written_atomically_and_read_with_a_one_line_error(tmp_pa
   assert out.returncode == 2 and out.stderr.startswith(f"error: {path} is not valid JSON")
   assert "Traceback" not in out.stderr
   json.loads(before)
+  # Valid JSON that is no config, a value of the wrong type and a model no command can build:
+  # one line each, naming the file (the sample, evaluate and export commands built the model
+  # from it: tracebacks, or a shape error naming neither the file nor the key)
+  for edit, message in (
+      (lambda c: [1, 2], r"holds a JSON list, not a config \(an object\); delete it"),
+      (lambda c: c["model"].update(d_model="sixty-four") or c,
+       r"has model.d_model='sixty-four', not of the type config/base.py gives that key"),
+      (lambda c: c["train"].update(steps=2.5) or c, r"has train.steps=2.5, not of the type"),
+      (lambda c: c["model"].update(num_heads=5) or c,
+       r": model.num_heads=5 does not divide model.d_model=768$")):
+    with open(path, "w") as f:
+      json.dump(edit(json.loads(before)), f)
+    with pytest.raises(ConfigError, match=rf"^{path}\b.*{message}"):
+      config_lib.from_json_file(path)
 
 
 def test_a_resumed_run_replays_into_one_clean_metrics_history(tiny_data, tmp_path, capsys):

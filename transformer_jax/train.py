@@ -59,7 +59,8 @@ def main(argv):
           f"{config.train.sample_prompt}{text}\n---")
   print(f"{'already complete' if out.get('complete') else 'done'}: step {out['step']}, "
         f"loss {out.get('loss', float('nan')):.4f}, "
-        f"eval_loss {out.get('eval_loss', float('nan')):.4f}, workdir {flags['workdir']}")
+        + (f"eval_loss {out['eval_loss']:.4f}, " if "eval_loss" in out else "no eval_loss, ")
+        + f"workdir {flags['workdir']}")
 
 
 if __name__ == "__main__":

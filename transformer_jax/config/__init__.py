@@ -262,9 +262,37 @@ def _check_moe(m, sizes):
                       f"{sizes['expert']} (each device holds whole experts)")
 
 
+def _check_signs(config, positive, non_negative, prefix=""):
+  for keys, holds, want in ((positive, lambda v: v > 0, "positive"),
+                            (non_negative, lambda v: v >= 0, ">= 0")):
+    for key in keys:
+      value = get(config, key[len(prefix):])
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not holds(value):
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _check_heads(m):
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} does not divide "
+                      f"model.d_model={m.d_model}")
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f"model.num_kv_heads={kv} does not divide model.num_heads={m.num_heads}")
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if m.position == "rotary" and head_dim % 2:
+    raise ConfigError(f"rotary positions need an even head dim, got {head_dim}")
+  if m.output_vocab > m.vocab_size:
+    raise ConfigError(f"model.output_vocab={m.output_vocab} exceeds model.vocab_size="
+                      f"{m.vocab_size}")
+
+
 def check_model(m):
-  """The checks of model.* alone (RoPE, windows, experts) that need no mesh or data: for a
-  model built without a whole config (convert.hf.from_hf)."""
+  """The checks of model.* alone (sizes, heads, RoPE, windows, experts) that need no mesh or
+  data: for a model built without a whole config (convert.hf.from_hf, a workdir's config.json
+  read by sample, evaluate, export)."""
+  model_keys = lambda keys: [k for k in keys if k.startswith("model.")]  # pylint: disable=unnecessary-lambda-assignment
+  _check_signs(m, model_keys(POSITIVE), model_keys(NON_NEGATIVE), prefix="model.")
+  _check_heads(m)
   _raise_unless(_model_ranges(m), lambda key: m[key.partition(".")[2]])
   _check_long_context(m)
   _check_moe(m, None)
@@ -315,27 +343,9 @@ def validate(config, num_devices: int | None = None):
   for key, allowed in ENUMS.items():
     if get(config, key) not in allowed:
       raise ConfigError(f"{key}={get(config, key)!r} is not one of {', '.join(allowed)}")
-  for key in POSITIVE:
-    value = get(config, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-      raise ConfigError(f"{key} must be positive, got {value!r}")
-  for key in NON_NEGATIVE:
-    value = get(config, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-      raise ConfigError(f"{key} must be >= 0, got {value!r}")
+  _check_signs(config, POSITIVE, NON_NEGATIVE)
   m = config.model
-  if not m.head_dim and m.d_model % m.num_heads:
-    raise ConfigError(f"model.num_heads={m.num_heads} does not divide "
-                      f"model.d_model={m.d_model}")
-  kv = m.num_kv_heads or m.num_heads
-  if m.num_heads % kv:
-    raise ConfigError(f"model.num_kv_heads={kv} does not divide model.num_heads={m.num_heads}")
-  head_dim = m.head_dim or m.d_model // m.num_heads
-  if m.position == "rotary" and head_dim % 2:
-    raise ConfigError(f"rotary positions need an even head dim, got {head_dim}")
-  if m.output_vocab > m.vocab_size:
-    raise ConfigError(f"model.output_vocab={m.output_vocab} exceeds model.vocab_size="
-                      f"{m.vocab_size}")
+  _check_heads(m)
   if m.position == "learned" and m.max_len < config.data.seq_len:
     raise ConfigError(f"model.max_len={m.max_len} is shorter than data.seq_len="
                       f"{config.data.seq_len} (learned positions): set --config.data.seq_len="
@@ -443,12 +453,16 @@ def read_json(path: str) -> dict:
   ConfigError."""
   from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
   text = paths.read_text(path)
+  redo = ("delete it and re-run with --config=FILE.py, the recipe of this workdir (the "
+          "checkpoints' shapes are still checked when they are restored)")
   try:
-    return json.loads(text)
+    saved = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); delete it and re-run "
-                      f"with --config=FILE.py, the recipe of this workdir (the checkpoints' shapes "
-                      f"are still checked when they are restored)") from None
+    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); {redo}") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config (an object); "
+                      f"{redo}")
+  return saved
 
 
 def defaults() -> dict:
@@ -463,6 +477,29 @@ def with_defaults(saved: dict, default: dict | None = None) -> dict:
   for key, value in saved.items():
     both = isinstance(value, dict) and isinstance(out.get(key), dict)
     out[key] = with_defaults(value, out[key]) if both else value
+  return out
+
+
+def _fits(value, default) -> bool:
+  """Whether a saved value has its default's JSON type (an int where a float is due fits)."""
+  if default is None or isinstance(default, dict):
+    return default is None or isinstance(value, dict)
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, (int, float)):
+    return isinstance(value, int) or isinstance(value, float) and isinstance(default, float)
+  return isinstance(value, type(default))
+
+
+def mistyped_keys(saved: dict, default: dict | None = None, prefix: str = "") -> list[str]:
+  """The dotted keys of `saved` whose value is not of config/base.py's type for them."""
+  default = defaults() if default is None else default
+  out = []
+  for key, value in saved.items():
+    if key in default and isinstance(value, dict) and isinstance(default[key], dict):
+      out += mistyped_keys(value, default[key], f"{prefix}{key}.")
+    elif key in default and not _fits(value, default[key]):
+      out.append(f"{prefix}{key}={value!r}")
   return out
 
 
@@ -488,11 +525,19 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
   if unknown:
     raise ConfigError(f"{path} has key(s) {', '.join(unknown)} that are no config keys (a typo, "
                       f"or a key this version no longer has): remove them from the file")
+  mistyped = mistyped_keys(saved)
+  if mistyped:  # (a hand edit's "d_model": "64" was a traceback in the model)
+    raise ConfigError(f"{path} has {', '.join(mistyped)}, not of the type config/base.py gives "
+                      f"that key: correct it in the file")
   config = ml_collections.ConfigDict(with_defaults(saved))
   config.sharding_rules = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.sharding_rules)
   config.lock()
+  try:  # every command builds its model from it
+    check_model(config.model)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
   return config
 
 
