@@ -290,8 +290,9 @@ def check_model(m):
   """The checks of model.* alone (sizes, heads, RoPE, windows, experts) that need no mesh or
   data: for a model built without a whole config (convert.hf.from_hf, a workdir's config.json
   read by sample, evaluate, export)."""
-  model_keys = lambda keys: [k for k in keys if k.startswith("model.")]  # pylint: disable=unnecessary-lambda-assignment
-  _check_signs(m, model_keys(POSITIVE), model_keys(NON_NEGATIVE), prefix="model.")
+  positive, non_negative = ([k for k in keys if k.startswith("model.")]
+                            for keys in (POSITIVE, NON_NEGATIVE))
+  _check_signs(m, positive, non_negative, prefix="model.")
   _check_heads(m)
   _raise_unless(_model_ranges(m), lambda key: m[key.partition(".")[2]])
   _check_long_context(m)
