@@ -69,7 +69,13 @@ def read_config(hf_dir: str) -> dict:
   path = paths.join(hf_dir, "config.json")
   if not paths.isfile(path):
     raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-  return json.loads(paths.read_text(path))
+  try:
+    hf = json.loads(paths.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not a model config (an object)")
+  return hf
 
 
 def weight_names(hf_dir: str) -> list[str]:
@@ -98,13 +104,16 @@ def read_tensors(hf_dir: str) -> dict:
 
 
 def _read_tensors(hf_dir: str, names: list[str]) -> dict:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
   out = {}
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     for path in (os.path.join(hf_dir, n) for n in names):
-      with safe_open(path, framework="flax") as f:
-        for name in f.keys():
-          out[name] = np.asarray(f.get_tensor(name))
+      try:
+        with safe_open(path, framework="flax") as f:
+          for name in f.keys():
+            out[name] = np.asarray(f.get_tensor(name))
+      except SafetensorError as e:  # (a truncated download: the library's traceback)
+        raise ConfigError(f"{path} is not a whole safetensors file ({e})") from None
   return out
 
 
@@ -162,6 +171,10 @@ def hf_model_config(hf: dict, family: str = "", **overrides) -> dict:
   padded vocab_size) applied and checked: the architecture itself cannot be overridden."""
   fam = table(family or hf.get("model_type", ""))
   values = tables.config_to_ours(fam, hf)
+  mistyped = config_lib.mistyped_keys(values, base.get_config().model.to_dict(), "model.")
+  if mistyped:  # ("n_embd": "abc" was ml_collections' traceback)
+    raise ConfigError(f"the checkpoint's config.json gives {', '.join(mistyped)}, not of the "
+                      f"type config/base.py gives that key")
   check_overrides(values, {**values, **overrides})
   if overrides.get("vocab_size", 0) > values["vocab_size"]:  # the padded rows predict nothing
     overrides = {"output_vocab": values["vocab_size"], **overrides}

@@ -1,0 +1,41 @@
+"""Bad input a user makes, found by trying the commands with it: each is one line that names the
+bad key, flag, file or value, before any compile, and changes nothing already written."""
+
+import json
+
+import pytest
+
+from tests.conftest import tiny_overrides
+from transformer_jax.config import ConfigError
+from transformer_jax.convert import __main__ as convert_cli
+
+
+def test_a_broken_hugging_face_directory_is_one_line_naming_its_file(tiny_data, tmp_path):
+  """A corrupt or non-object config.json, a value of the wrong type and a truncated
+  model.safetensors (a download cut short) were JSON, ml_collections and safetensors
+  tracebacks."""
+  transformers = pytest.importorskip("transformers")
+  hf_dir = tmp_path / "hf"
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_layer=1, n_embd=32, n_head=2, vocab_size=320, n_positions=32)).save_pretrained(hf_dir)
+  good = (hf_dir / "config.json").read_text()
+  weights = (hf_dir / "model.safetensors").read_bytes()
+
+  flags = [f"--config.{o}" for o in tiny_overrides(tiny_data)]
+
+  def refused(message, n):
+    with pytest.raises(ConfigError, match=message):
+      convert_cli.main(["import", f"--hf_dir={hf_dir}", f"--workdir={tmp_path}/w{n}", *flags])
+
+  (hf_dir / "config.json").write_text(good[:40])
+  refused(rf"^{hf_dir}/config.json is not valid JSON \(.*, line \d+\)$", 1)
+  (hf_dir / "config.json").write_text("[1, 2]")
+  refused(rf"^{hf_dir}/config.json holds a JSON list, not a model config", 2)
+  (hf_dir / "config.json").write_text(json.dumps({**json.loads(good), "n_embd": "abc"}))
+  refused(r"^the checkpoint's config.json gives model.d_model='abc', not of the type", 3)
+  (hf_dir / "config.json").write_text(good)
+  (hf_dir / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+  refused(rf"^{hf_dir}/model.safetensors is not a whole safetensors file \(", 4)
+  (hf_dir / "model.safetensors").write_bytes(weights)
+  convert_cli.main(["import", f"--hf_dir={hf_dir}", f"--workdir={tmp_path}/w5", *flags])
+  assert (tmp_path / "w5" / "config.json").is_file()
