@@ -335,6 +335,11 @@ def test_rerunning_a_finished_run_reports_its_last_figures(tiny_data, tmp_path, 
                                 "optimizer.learning_rate": 0.5})
   assert loop.train(other, str(tmp_path), quiet=True, devices=ONE())["complete"]
   assert (tmp_path / "config.json").read_text() == saved
+  fewer = _config(tiny_data, **{"train.steps": 2, "train.log_every": 2, "eval.every_steps": 2})
+  capsys.readouterr()
+  assert loop.train(fewer, str(tmp_path), devices=ONE())["step"] == 4
+  assert (f"{tmp_path} already holds the finished run (step 4, train.steps=2); raise "
+          f"--config.train.steps above 4 to train on") in capsys.readouterr().out
   # A run its first step refuses (splash needs a TPU: found when tracing) leaves config.json as
   # it was: it saved its own, and the plain resume command then failed with it every time
   saved = (tmp_path / "config.json").read_text()

@@ -73,8 +73,8 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
   first_step = _first_step(trainer, workdir, lead)  # (before start writes config.json)
   start, state, ckpts = resume.start(trainer, workdir, data, say, data_writes)
   if start >= c.train.steps:  # nothing left to do: the finished run's last figures
-    say(f"{workdir} already holds the finished run (step {start} = train.steps); raise "
-        f"--config.train.steps to train on")
+    say(f"{workdir} already holds the finished run (step {start}, train.steps="
+        f"{c.train.steps}); raise --config.train.steps above {start} to train on")
     return dict(metrics_lib.last_logged(workdir), step=start, state=state, complete=True)
   eval_sets = pipeline.eval_sets(c, c.eval.batches, rows)  # one per data.mixture source
   if not any(eval_sets.values()):
