@@ -39,3 +39,20 @@ def test_a_broken_hugging_face_directory_is_one_line_naming_its_file(tiny_data, 
   (hf_dir / "model.safetensors").write_bytes(weights)
   convert_cli.main(["import", f"--hf_dir={hf_dir}", f"--workdir={tmp_path}/w5", *flags])
   assert (tmp_path / "w5" / "config.json").is_file()
+
+
+def test_a_flag_out_of_range_is_named_alone(tmp_path):
+  """sample and evaluate said every range of every flag ("need --max_new_tokens >= 1,
+  --temperature >= 0, 0 < --top_p <= 1, ...") for one bad value."""
+  from transformer_jax import evaluate, sample  # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json").write_text("{}")  # (read after the flags are checked)
+  for main, flag, message in (
+      (sample.main, "--temperature=-1.0", "--temperature=-1.0 must be finite and >= 0"),
+      (sample.main, "--top_p=0.0", "--top_p=0.0 must be in (0, 1]"),
+      (sample.main, "--beam_size=-2", "--beam_size=-2 must be >= 0"),
+      (evaluate.main, "--limit=-5", "--limit=-5 must be >= 0"),
+      (evaluate.main, "--step=-3", "--step=-3 must be >= 0 (or -1, the latest)")):
+    task = ["--tasks=t.jsonl"] if main is evaluate.main else ["--prompt=x"]
+    with pytest.raises(ConfigError) as e:
+      main([f"--workdir={tmp_path}", *task, flag])
+    assert str(e.value) == message

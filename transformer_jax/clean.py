@@ -85,8 +85,8 @@ def main(argv) -> int:
   missing = [f"--{k}" for k in ("corpus", "out") if not flags[k]]
   if missing:
     raise ConfigError(f"{', '.join(missing)} required")
-  if not (flags["samples"] >= 0 and 0 < flags["shard_mb"] < float("inf")):  # (nan, inf too)
-    raise ConfigError("need --samples >= 0 and a finite --shard_mb > 0")
+  cli.check_flags(flags, (("samples", flags["samples"] >= 0, ">= 0"),  # (nan, inf too)
+                          ("shard_mb", 0 < flags["shard_mb"] < float("inf"), "finite and > 0")))
   cli.output_folder("out", flags["out"])
   _check_out(flags["out"], flags["overwrite"])
   stages = clean_lib.build_stages(flags)

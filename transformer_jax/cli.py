@@ -51,6 +51,14 @@ PATH_FLAGS = ("workdir", "out", "hf_dir", "dir", "data_dir", "file", "fewshot_fi
               "corpus", "profile_dir")
 
 
+def check_flags(flags: dict, checks) -> None:
+  """Each (name, whether it holds, what it must be) of `checks`: the first that fails is one
+  line naming that flag and its value (a NaN fails every comparison)."""
+  for name, holds, want in checks:
+    if not holds:
+      raise ConfigError(f"--{name}={flags[name]} must be {want}")
+
+
 def output_folder(flag: str, path: str) -> str:
   """Checks, before any work, that the local folder a command writes to (--out, --hf_dir) can be
   made: a file where it or a folder above it should be is one line (NotADirectoryError or

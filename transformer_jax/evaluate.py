@@ -27,9 +27,9 @@ def main(argv):
   specs = [s for s in f["tasks"].split(",") if s]
   if not specs:
     raise ConfigError("--tasks=SPEC[,SPEC...] is required (PATH.jsonl or KIND:PATH)")
-  if f["num_fewshot"] < 0 or f["limit"] < 0 or f["batch_size"] < 0 or f["step"] < -1:
-    raise ConfigError("--num_fewshot, --limit and --batch_size must be >= 0, --step >= 0 (or -1, "
-                      "the latest)")
+  cli.check_flags(f, [(name, f[name] >= 0, ">= 0") for name in ("num_fewshot", "limit",
+                                                                  "batch_size")]
+                  + [("step", f["step"] >= -1, ">= 0 (or -1, the latest)")])
   if f["fewshot_file"] and not f["num_fewshot"]:  # it was read by nothing
     raise ConfigError("--fewshot_file gives the examples of --num_fewshot=K; set K > 0")
   from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top

@@ -117,10 +117,11 @@ def main(argv):
   saved = paths.join(f["workdir"], "config.json")  # local or gs://
   if not f["workdir"] or not paths.isfile(saved):
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {f['workdir']!r})")
-  if not (f["max_new_tokens"] >= 1 and 0 <= f["temperature"] < float("inf")
-          and 0 < f["top_p"] <= 1 and f["top_k"] >= 0 and f["beam_size"] >= 0):  # (nan too)
-    raise ConfigError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1, "
-                      "--top_k >= 0 and --beam_size >= 0")
+  cli.check_flags(f, (("max_new_tokens", f["max_new_tokens"] >= 1, ">= 1"),
+                      ("temperature", 0 <= f["temperature"] < float("inf"), "finite and >= 0"),
+                      ("top_p", 0 < f["top_p"] <= 1, "in (0, 1]"),
+                      ("top_k", f["top_k"] >= 0, ">= 0"), ("beam_size", f["beam_size"] >= 0,
+                                                           ">= 0")))
   _note_unread(f)
   from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   if not 0 <= f["seed"] < config_lib.SEEDS:
