@@ -56,3 +56,23 @@ def test_a_flag_out_of_range_is_named_alone(tmp_path):
     with pytest.raises(ConfigError) as e:
       main([f"--workdir={tmp_path}", *task, flag])
     assert str(e.value) == message
+
+
+def test_a_folder_or_an_unknown_kind_is_named_as_such(tmp_path):
+  """A folder given for a file, and a task spec KIND:PATH with an unknown KIND, were "does not
+  exist" (for a folder that exists) or "task file 'bogus:...' does not exist"."""
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import corpus  # pylint: disable=g-import-not-at-top
+  from transformer_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
+  (tmp_path / "t.jsonl").write_text('{"text": "a b c"}\n')
+  with pytest.raises(ConfigError, match=r"^task 'bogus:\S+t.jsonl': 'bogus' is no task kind "
+                                        r"\(KIND:PATH takes \w+, "):
+    tasks.load(f"bogus:{tmp_path}/t.jsonl")
+  assert tasks.load(f"perplexity:{tmp_path}/t.jsonl").kind == "perplexity"
+  with pytest.raises(ConfigError, match=rf"^task file '{tmp_path}' is a folder, not a file$"):
+    tasks.load(str(tmp_path))
+  with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a folder: give FILE.py"):
+    config_lib.load(str(tmp_path))
+  with pytest.raises(ConfigError, match=rf"matches no files \(a folder: give a glob of its "
+                                        rf"files, e.g. '{tmp_path}/\*\*/\*.txt'\)$"):
+    corpus.corpus_files(str(tmp_path))

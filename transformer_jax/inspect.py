@@ -67,7 +67,7 @@ def _text(f) -> str:
     raise ConfigError("give --text or --file, not both")
   if f["file"]:
     if not os.path.isfile(f["file"]):
-      raise ConfigError(f"--file={f['file']!r} does not exist")
+      raise ConfigError(f"--file={f['file']!r} {paths.not_a_file(f['file'])}")
     with open(f["file"], encoding="utf-8", errors="replace") as fh:  # (invalid UTF-8: U+FFFD)
       text = fh.read()
   else:

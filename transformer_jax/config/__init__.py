@@ -63,6 +63,8 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
 def exec_python_file(path: str, kind: str, root: str):
   """Runs a Python config file (it is code) with `root` on sys.path, so that it can say
   `from transformer_jax.config import base`; returns the module."""
+  if os.path.isdir(path):
+    raise ConfigError(f"{kind} file {path} is a folder: give FILE.py[:ARG]")
   if not os.path.isfile(path):
     raise ConfigError(f"{kind} file not found: {path}")
   if not path.endswith(".py"):  # (importlib finds no loader: an AttributeError traceback)

@@ -112,6 +112,11 @@ def isfile(p) -> bool:
   return q.exists() and not q.is_dir()
 
 
+def not_a_file(p) -> str:
+  """Why `p` cannot be read as a file: a folder is named as one (it said "does not exist")."""
+  return "is a folder, not a file" if isdir(p) else "does not exist"
+
+
 def isdir(p) -> bool:
   return path(p).is_dir()
 

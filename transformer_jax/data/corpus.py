@@ -170,7 +170,10 @@ def corpus_files(corpus: str) -> list[CorpusFile]:
     found = [(p, os.path.getsize(p))  # (a path matched two ways by two `**` comes twice)
              for p in sorted(set(glob.glob(pattern, recursive=True))) if os.path.isfile(p)]
   if not found:
-    raise ConfigError(f"data.corpus={corpus!r} matches no files")
+    folder = not paths_lib.is_remote(corpus) and os.path.isdir(os.path.expanduser(corpus))
+    raise ConfigError(f"data.corpus={corpus!r} matches no files" + (
+        f" (a folder: give a glob of its files, e.g. '{corpus.rstrip('/')}/**/*.txt')"
+        if folder else ""))
   rel = posixpath.relpath if paths_lib.is_remote(root) else os.path.relpath
   return [CorpusFile(path=p, name=rel(p, root), size=size) for p, size in found]
 

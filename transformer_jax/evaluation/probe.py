@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.data import corpus
 from transformer_jax.data import objectives
 from transformer_jax.evaluation import harness
@@ -31,7 +32,8 @@ def read_labelled(path: str, field: str = "text", label_field: str = "label",
   """(texts, labels) of a JSONL file whose lines are objects with `field` (a string) and
   `label_field` (any JSON scalar); one-line errors for anything else."""
   if not path or not os.path.isfile(path):
-    raise ConfigError(f"--data={path!r} does not exist (a JSONL file of labelled texts)")
+    raise ConfigError(f"--data={path!r} {paths.not_a_file(path) if path else 'is empty'} (a "
+                      f"JSONL file of labelled texts)")
   texts, labels = [], []
   with open(path, encoding="utf-8", errors="replace") as f:  # (invalid UTF-8: U+FFFD)
     for n, line in enumerate(f, 1):

@@ -75,7 +75,7 @@ class Task:
 
 def _read_jsonl(path: str) -> list:
   if not paths.isfile(path):  # (local or gs://)
-    raise ConfigError(f"task file {path!r} does not exist")
+    raise ConfigError(f"task file {path!r} {paths.not_a_file(path)}")
   return [row for _, _, row in corpus.json_lines(path, "task file ")]
 
 
@@ -208,6 +208,10 @@ def load(spec: str, *, num_fewshot: int = 0, fewshot_file: str = "", limit: int 
   data_dir: where TFDS datasets are prepared."""
   spec, renames = _renames(spec)
   kind, sep, path = spec.partition(":")
+  if sep and kind not in KINDS and kind.isidentifier() and not path.startswith("//") and (
+      kind != "tfds" and not paths.isfile(spec)):  # (was: "task file 'KIND:...' does not exist")
+    raise ConfigError(f"task {spec!r}: {kind!r} is no task kind (KIND:PATH takes "
+                      f"{', '.join(KINDS)})")
   if not sep or kind not in KINDS:
     kind, path = "", spec
   is_tfds = path.startswith(corpus.TFDS_PREFIX)
