@@ -313,6 +313,10 @@ def test_cli_writes_maps_lens_and_stats(run, tmp_path, capsys):
   assert entropy.shape == (2, 4) and np.all(entropy >= 0)
   with open(os.path.join(out, "logit_lens.md")) as f:
     assert f.read().startswith("# Logit lens (target: the next token)")
+  inspect_cli.main([f"--workdir={run[0]}", "--step=3", f"--out={out}",  # said when it is cut
+                    "--text=" + "def value(self): return self.x\n" * 40])
+  assert re.search(r"^note: the text has \d+ tokens; the model reads its first \(model.max_len="
+                   r"32, ", capsys.readouterr().out, re.M)
 
 
 def _labelled(path, rows):
@@ -440,6 +444,9 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
                             "--batch_size=-3"],
       "--limit=-1 must be >= 0": ["probe", f"--workdir={workdir}", f"--data={good}",
                                   "--limit=-1"],
+      "is a training workdir \\(it holds config.json\\); give a folder of its own": [
+          f"--workdir={workdir}", "--text=x", f"--out={workdir}"],  # (7 files went into it)
+      "is a folder, not a file": ["probe", f"--workdir={workdir}", f"--data={tmp_path}"],
   }
   for message, argv in cases.items():
     with pytest.raises(ConfigError, match=message) as e:

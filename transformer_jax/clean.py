@@ -66,11 +66,8 @@ FLAGS = {  # name -> default (its type is the flag's)
 def _check_out(out: str, overwrite: bool) -> None:
   """OUT is new, empty or an earlier clean's output (replaced only with --overwrite); never a
   training workdir."""
+  cli.not_a_workdir("out", out)
   names = set(paths.listdir(out))
-  if names & {"config.json", "checkpoints"}:
-    raise ConfigError(f"--out={out} is a training workdir (it holds "
-                      f"{sorted(names & {'config.json', 'checkpoints'})[0]}); give a folder of "
-                      f"its own to the cleaned corpus")
   earlier = sorted(n for n in names if n == "report.md" or fnmatch.fnmatch(n, output.SHARD_GLOB))
   if earlier and not overwrite:
     raise ConfigError(f"--out={out} holds an earlier clean's output ({earlier[0]}, "

@@ -59,6 +59,15 @@ def check_flags(flags: dict, checks) -> None:
       raise ConfigError(f"--{name}={flags[name]} must be {want}")
 
 
+def not_a_workdir(flag: str, path: str) -> None:
+  """An output folder that is a training workdir's own (config.json, checkpoints) is refused."""
+  from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
+  held = [n for n in ("config.json", "checkpoints") if paths.exists(paths.join(path, n))]
+  if held:
+    raise ConfigError(f"--{flag}={path} is a training workdir (it holds {held[0]}); give a "
+                      f"folder of its own")
+
+
 def output_folder(flag: str, path: str) -> str:
   """Checks, before any work, that the local folder a command writes to (--out, --hf_dir) can be
   made: a file where it or a folder above it should be is one line (NotADirectoryError or

@@ -87,8 +87,15 @@ def inspect_main(argv):
   if f["top_k"] < 1:
     raise ConfigError("--top_k must be >= 1")
   cli.output_folder("out", f["out"])
+  cli.not_a_workdir("out", f["out"])
   trainer, step, params, tokenizer = _load(f)
   from transformer_jax.evaluation import interpret  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  tokens = len(tokenization.with_control_pieces(tokenizer, text))
+  max_len = trainer.config.model.max_len
+  if tokens >= max_len:
+    print(f"note: the text has {tokens} tokens; the model reads its first (model.max_len="
+          f"{max_len}, a bos or the source's framing included)")
   result = interpret.run(trainer, params, tokenizer, text, target=f["target"],
                          top_k=f["top_k"])
   with paths.local_folder(f["out"]) as local:  # (a gs:// --out: uploaded after)
