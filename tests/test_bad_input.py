@@ -76,3 +76,13 @@ def test_a_folder_or_an_unknown_kind_is_named_as_such(tmp_path):
   with pytest.raises(ConfigError, match=rf"matches no files \(a folder: give a glob of its "
                                         rf"files, e.g. '{tmp_path}/\*\*/\*.txt'\)$"):
     corpus.corpus_files(str(tmp_path))
+
+
+def test_sampling_flags_that_fill_mask_does_not_read_get_a_note(capsys):
+  """sample --fill_mask with --beam_size was silent (the beam was never run)."""
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  f = dict(sample.FLAGS, fill_mask="a [MASK] b", beam_size=4, max_new_tokens=9, top_k=3)
+  sample._note_unread(f)  # pylint: disable=protected-access
+  assert capsys.readouterr().err == ("note: --top_k, --beam_size, --max_new_tokens do(es) "
+                                     "nothing with --fill_mask: it takes the most likely "
+                                     "tokens\n")

@@ -100,9 +100,11 @@ FLAGS = {"workdir": "", "prompt": "", "max_new_tokens": 64, "temperature": 0.8, 
 def _note_unread(f) -> None:
   """A note naming the sampling flags that greedy decoding, beam search or fill-mask ignore
   (they take the most likely tokens), as transformers warns."""
-  mode = ("--beam_size" if f["beam_size"] else "--fill_mask" if f["fill_mask"]
+  mode = ("--fill_mask" if f["fill_mask"] else "--beam_size" if f["beam_size"]
           else "--temperature=0" if f["temperature"] == 0 else "")
-  unread = [f"--{k}" for k in ("temperature", "top_k", "top_p", "seed")
+  keys = ("temperature", "top_k", "top_p", "seed") + (
+      ("beam_size", "max_new_tokens") if f["fill_mask"] else ())  # (it fills the [MASK]s alone)
+  unread = [f"--{k}" for k in keys
             if mode and f[k] != FLAGS[k] and not (k == "temperature" and f[k] == 0)]
   if unread:
     print(f"note: {', '.join(unread)} do(es) nothing with {mode}: it takes the most likely "
