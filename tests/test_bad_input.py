@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 from transformer_jax.config import ConfigError
 from transformer_jax.convert import __main__ as convert_cli
 
@@ -86,3 +86,11 @@ def test_sampling_flags_that_fill_mask_does_not_read_get_a_note(capsys):
   assert capsys.readouterr().err == ("note: --top_k, --beam_size, --max_new_tokens do(es) "
                                      "nothing with --fill_mask: it takes the most likely "
                                      "tokens\n")
+
+
+def test_an_unknown_subcommand_or_a_baseline_that_is_no_override_is_named():
+  from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=r"^unknown subcommand 'exprot'; usage: python -m "):
+    convert_cli.main(["exprot", "--workdir=w"])
+  with pytest.raises(ConfigError, match=r"^--baseline=x.json: 'x.json' is not KEY=VALUE"):
+    benchmark.main([f"--config={REPO}/configs/gpt2.py:tiny", "--baseline=x.json"])

@@ -161,6 +161,8 @@ def test_unwritable_workdir(tiny_data, tmp_path):
   from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="is not writable"):
     loop.setup(config, str(blocker / "sub"), devices=jax.devices()[:1])
+  with pytest.raises(ConfigError, match=rf"^workdir {blocker} is a file, not a folder$"):
+    loop.setup(config, str(blocker), devices=jax.devices()[:1])  # ("File exists")
 
 
 def test_cli_errors_without_traceback_in_a_real_process(tmp_path):

@@ -335,6 +335,9 @@ def main(argv):
       raise ConfigError(f"--reference_ops: unknown op {name!r} (known: all, "
                         f"{', '.join(ops.REFERENCES)})")
   baseline_overrides = [o.strip() for o in f["baseline"].split(";") if o.strip()]
+  if bad := [o for o in baseline_overrides if "=" not in o]:  # (it said: override '...')
+    raise ConfigError(f"--baseline={f['baseline']}: {bad[0]!r} is not KEY=VALUE (the baseline "
+                      f"is this config with the overrides \"KEY=VALUE;...\")")
   if f["data_only"]:
     return _data_only(config, f["steps"], f["rounds"])
   if f["compile_only"]:

@@ -242,7 +242,7 @@ def main(argv):
     print(__doc__)
     return
   if not argv or argv[0] not in ("import", "export"):
-    raise ConfigError(USAGE)
+    raise ConfigError(f"unknown subcommand {argv[0]!r}; {USAGE}" if argv else USAGE)
   spec, overrides, f = cli.parse(argv[1:], {"hf_dir": "", "workdir": "",
                                                           "family": "", "step": -1})
   if argv[0] == "export":

@@ -39,6 +39,8 @@ def prepare_workdir(workdir: str):
   except Exception as e:  # pylint: disable=broad-except
     if not (isinstance(e, OSError) or paths.is_remote(workdir)):
       raise
+    if isinstance(e, FileExistsError) and paths.isfile(workdir):
+      raise ConfigError(f"workdir {workdir} is a file, not a folder") from None
     raise ConfigError(f"workdir {workdir} is not writable: {paths.why(e, workdir)}") from None
   if paths.is_remote(workdir):  # (a bucket has objects and prefixes: nothing to swap)
     return
