@@ -94,3 +94,22 @@ def test_an_unknown_subcommand_or_a_baseline_that_is_no_override_is_named():
     convert_cli.main(["exprot", "--workdir=w"])
   with pytest.raises(ConfigError, match=r"^--baseline=x.json: 'x.json' is not KEY=VALUE"):
     benchmark.main([f"--config={REPO}/configs/gpt2.py:tiny", "--baseline=x.json"])
+
+
+def test_a_corpus_format_mistake_is_said_before_any_preparation(tmp_path, capsys):
+  """.txt files read as jsonl, or a missing text_field: the one line came after four lines of
+  TFDS's progress ("preparing ...", "Downloading and preparing dataset ...")."""
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a.jsonl").write_text('{"body": "some text"}\n')
+  (tmp_path / "b.txt").write_text("plain text\n")
+  for corpus, field, message in (
+      ("a.jsonl", "text", r"^data.text_field='text' is missing at \S+a.jsonl:1"),
+      ("b.txt", "text", r"^data.corpus: \S+b.txt:1 is not valid JSON")):
+    config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+        f"data.corpus={tmp_path}/{corpus}", "data.format=jsonl", f"data.text_field={field}",
+        f"data.data_dir={tmp_path}/tfds"])
+    with pytest.raises(ConfigError, match=message):
+      tfds_text.prepare(config.data)
+    assert "preparing" not in capsys.readouterr().out
+  assert not (tmp_path / "tfds").exists()
