@@ -135,8 +135,6 @@ def test_bad_config_gives_one_line_error(overrides, message, tiny_data, tmp_path
     (["optimizer.wsd_decay_fraction=1.5"], "optimizer.wsd_decay_fraction must be in (0, 1]"),
     (["optimizer.b2=2.0"], "optimizer.b2 must be in [0, 1)"),
     (["optimizer.eps=0.0"], "optimizer.eps must be > 0"),
-    (["optimizer.decay_steps=1", "optimizer.warmup_steps=50"],
-     "optimizer.decay_steps must be 0 (train.steps) or > optimizer.warmup_steps=50"),
     (["model.norm_eps=-1.0"], "model.norm_eps must be > 0"),
     (["model.init_std=-1.0"], "model.init_std must be > 0"),
     (["model.num_decoder_layers=4"], "model.num_decoder_layers must be 0 for model.family="),

@@ -231,10 +231,6 @@ def _check_ranges(config):
             ("optimizer.b1", 0 <= o.b1 < 1, "in [0, 1)"), ("optimizer.b2", 0 <= o.b2 < 1,
                                                             "in [0, 1)"),
             ("optimizer.eps", o.eps > 0, "> 0"),
-            ("optimizer.decay_steps", not o.decay_steps or o.decay_steps > o.warmup_steps
-             or o.schedule in ("rsqrt", "constant"),
-             f"0 (train.steps) or > optimizer.warmup_steps={o.warmup_steps} (the decay ends "
-             f"there)"),
             ("train.label_smoothing", 0 <= config.train.label_smoothing < 1, "in [0, 1)"),
             ("train.spike_factor", config.train.spike_factor == 0
              or config.train.spike_factor > 1, "0 (off) or > 1 (a multiple of the recent loss)"),
