@@ -113,7 +113,7 @@ def test_tokenizer_cli_special(tiny_data, tmp_path, capsys):
                              "--special=mask,sentinels:3", f"--out={out}"]) == 0
   assert tokenizer_lib.load(str(out)).sentinel_ids == [5, 6, 7]
   assert tokenizer_cli.main([f"--corpus={tiny_data['corpus']}", "--vocab_size=400",
-                             "--special=mask,sentinels:x", f"--out={out}"]) == 2
+                             "--special=mask,sentinels:x", f"--out={tmp_path}/u.model"]) == 2
   assert "error: --special: unknown group 'sentinels:x'" in capsys.readouterr().err
 
 

@@ -479,8 +479,8 @@ def prepare(data_cfg, tokenized: bool = False) -> TextCorpus:
   remote = paths.is_remote(b.data_dir)
   if _checked(remote, data_cfg, b.is_prepared):
     return b
-  if data_cfg.format not in ("text", "lines") and not data_cfg.corpus.startswith(
-      corpus_lib.TFDS_PREFIX):  # a format mistake is its one line, before the progress lines
+  if not data_cfg.corpus.startswith(corpus_lib.TFDS_PREFIX) and data_cfg.format not in (
+      "text", "lines"):  # a format mistake is its one line, before the progress lines
     next(iter(corpus_lib.iter_documents(data_cfg.corpus, data_cfg.format, data_cfg.text_field,
                                         None, data_cfg.source_field, data_cfg.target_field)),
          None)
