@@ -174,9 +174,31 @@ tjax_wait_all() {
     done
     [[ $alive == 0 ]] && break
     if [[ $deadline != 0 && $SECONDS -gt $deadline ]]; then tjax_stop_all KILL; fi
-    sleep 0.5
+    sleep 0.5 || true  # (a Ctrl-C kills the sleep too: under set -e the job went unwaited for)
   done
   exit "$status"
+}
+
+# tjax_run_logged LOG SHOW CMD...: runs CMD with its output appended to LOG (SHOW=1: shown here
+# too) and returns its status. A SIGTERM, SIGHUP or SIGINT to this shell reaches CMD as SIGTERM
+# (it saves a checkpoint and exits 143), and the status said is CMD's. The tee that shows the
+# output ignores those signals and a reader that went away (a VM's shutdown signals every
+# process, and an ssh connection can drop: a dead tee failed the train's next write, and it
+# died without its checkpoint).
+tjax_run_logged() {
+  local log="$1" show="$2" pid rc=0
+  shift 2
+  if [[ "$show" == 1 ]]; then
+    "$@" > >(trap '' INT TERM HUP; exec tee -p -a "$log") 2>&1 &
+  else
+    "$@" >>"$log" 2>&1 &
+  fi
+  pid=$!
+  trap 'kill -TERM "$pid" 2>/dev/null' INT TERM HUP
+  wait "$pid" || rc=$?
+  while (( rc > 128 )) && kill -0 "$pid" 2>/dev/null; do rc=0; wait "$pid" || rc=$?; done
+  trap - INT TERM HUP
+  return "$rc"
 }
 
 # tjax_workers_status FILE RC: the exit status of a train command that `gcloud ... ssh

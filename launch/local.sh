@@ -63,17 +63,19 @@ export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices:-1}"
 TJAX_COORDINATOR="127.0.0.1:$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 export TJAX_COORDINATOR TJAX_NUM_PROCESSES="$processes"
-mkdir -p "$workdir/logs"
-echo "$processes processes x ${devices:-1} CPU devices, coordinator $TJAX_COORDINATOR; logs in $workdir/logs/"
+logs="$workdir/logs"  # (a gs:// workdir's logs: here, under runs/logs/BUCKET/PATH)
+[[ "$workdir" != gs://* ]] || logs="runs/logs/${workdir#gs://}"
+mkdir -p "$logs"
+echo "$processes processes x ${devices:-1} CPU devices, coordinator $TJAX_COORDINATOR; logs in $logs/"
 pids=()
 for ((i = 0; i < processes; i++)); do
-  if [[ $i == 0 ]]; then
-    TJAX_PROCESS_ID=0 "${cmd[@]}" > >(tee "$workdir/logs/process_0.log") 2>&1 &
+  if [[ $i == 0 ]]; then  # (its tee outlives a Ctrl-C: a dead one failed process 0's next write)
+    TJAX_PROCESS_ID=0 "${cmd[@]}" > >(trap '' INT TERM HUP; exec tee -p "$logs/process_0.log") 2>&1 &
   else
-    TJAX_PROCESS_ID=$i "${cmd[@]}" > "$workdir/logs/process_$i.log" 2>&1 &
+    TJAX_PROCESS_ID=$i "${cmd[@]}" > "$logs/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done
 # Ctrl-C / SIGTERM: every process gets SIGTERM; they agree on a step, save and exit.
 trap 'tjax_stop_all TERM' INT TERM
-tjax_wait_all "$workdir/logs"
+tjax_wait_all "$logs"

@@ -99,11 +99,10 @@ on_worker() {
   set +e
   if [[ "$wid" == 0 ]]; then
     echo "worker 0 of the TPU: output below and in ~/$REMOTE_DIR/$log (each worker keeps its own)"
-    "${TJAX_TRAIN[@]}" 2>&1 | tee -a "$log"
-    rc=${PIPESTATUS[0]}
-  else
-    "${TJAX_TRAIN[@]}" >>"$log" 2>&1
-    rc=$?
+  fi
+  tjax_run_logged "$log" "$([[ "$wid" == 0 ]] && echo 1 || echo 0)" "${TJAX_TRAIN[@]}"
+  rc=$?
+  if [[ "$wid" != 0 ]]; then
     if [[ $rc != 0 ]]; then
       echo "worker $wid: exit $rc; last lines of ~/$REMOTE_DIR/$log:"
       tail -n 20 "$log"
@@ -239,8 +238,9 @@ ensure_tpu() {
       PREEMPTED|TERMINATED|STOPPED|FAILED|SUSPENDED|SUSPENDING|UNHEALTHY*)
         delete_tpu || return 1
         create_tpu || return 1 ;;
-      *) sleep "$poll_s" ;;  # CREATING, WAITING_FOR_RESOURCES, PROVISIONING, ...
+      *) sleep "$poll_s" || true ;;  # CREATING, WAITING_FOR_RESOURCES, PROVISIONING, ...
     esac
+    (( ! ${interrupted:-0} )) || return 130
   done
 }
 
@@ -251,11 +251,11 @@ copy_project() {
     (( TJAX_DRY_RUN )) && echo "# 2. the project on every worker: clone (or pull) $repo"
     local make_dir=""  # a sweep run's config.json goes to runs/..., which a clone lacks
     [[ ${#extra_files[@]} -eq 0 ]] || make_dir=" && mkdir -p $(tjax_q "$REMOTE_DIR/$(dirname "${extra_files[0]}")")"
-    tjax_do "${ssh_all[@]}" --command="{ if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR pull --ff-only; else git clone $(tjax_q "$repo") $REMOTE_DIR; fi; }$make_dir"
+    tjax_do "${ssh_all[@]}" --command="{ if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR pull --ff-only; else git clone $(tjax_q "$repo") $REMOTE_DIR; fi; }$make_dir" || return 1
     if [[ ${#extra_files[@]} -gt 0 ]]; then
-      tjax_do "${tpu[@]}" scp "${extra_files[0]}" "$name:$REMOTE_DIR/${extra_files[0]}" "${gc_zone[@]}" --worker=all
+      tjax_do "${tpu[@]}" scp "${extra_files[0]}" "$name:$REMOTE_DIR/${extra_files[0]}" "${gc_zone[@]}" --worker=all || return 1
     fi
-    return
+    return 0
   fi
   local bundle tree
   bundle="${TMPDIR:-/tmp}/tjax-$name.tar"
@@ -319,15 +319,20 @@ fi
 command -v gcloud >/dev/null || tjax_die "gcloud not found (install the Google Cloud CLI)"
 check_bucket
 attempt=0
+interrupted=0  # Ctrl-C (or a SIGTERM) here: no retry; the logs, and --delete, all the same
+trap 'interrupted=1' INT TERM HUP
 while true; do
   rc=0
   { ensure_tpu && copy_project && run_train; } || rc=$?
   (( rc == 0 )) || echo "run on $name ended with exit status $rc" >&2
   fetch_logs || true
-  if [[ $rc == 0 || $rc == 2 || $rc == 3 ]] || (( attempt >= retries )); then break; fi
+  if [[ $rc == 0 || $rc == 2 || $rc == 3 ]] || (( interrupted || attempt >= retries )); then
+    break
+  fi
   attempt=$((attempt + 1))
   echo "retry $attempt of $retries: the same command resumes from $TJAX_WORKDIR" >&2
-  sleep "$poll_s"
+  sleep "$poll_s" || true
+  (( ! interrupted )) || break
 done
 if (( delete )); then delete_tpu || true; fi
 exit "$rc"

@@ -439,3 +439,90 @@ def test_local_job_status_is_its_first_failure_and_a_failure_stops_the_others(st
                      f"LOGS/process_{i}.log); stopping the others"], r.stderr
   else:
     assert lines == [], r.stderr
+
+
+FAKE_TRAIN = """import pathlib, signal, sys, time
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append(1))
+pathlib.Path(sys.argv[1] + ".started").write_text("")
+while not got:
+  print("step", flush=True)
+  time.sleep(0.05)
+time.sleep(0.3)  # (a tee killed by the same signal is gone by now)
+for _ in range(5):  # the progress bar's and the save's lines
+  print("saving", flush=True)
+  time.sleep(0.02)
+pathlib.Path(sys.argv[1]).write_text("checkpoint")
+print("saved", flush=True)
+sys.exit(143)
+"""
+
+
+def _stand_in_worker(tmp_path, **popen):
+  """launch/tpu_vm.sh's on_worker around a stand-in train that saves on SIGTERM and writes
+  lines while it does; returns (the shell, the checkpoint marker, the log)."""
+  (tmp_path / "train.py").write_text(FAKE_TRAIN)
+  mark, log = tmp_path / "ckpt", tmp_path / "worker0.log"
+  script = (f"set -euo pipefail; . launch/_common.sh; trap 'echo \"tjax: worker 0 exit $?\"' EXIT;"
+            f" set +e; tjax_run_logged {log} 1 {sys.executable} {tmp_path}/train.py {mark};"
+            f" rc=$?; exit $rc")
+  proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, start_new_session=True, **popen)
+  for _ in range(200):
+    if (tmp_path / "ckpt.started").exists():
+      break
+    time.sleep(0.05)
+  return proc, mark, log
+
+
+def test_a_signalled_or_disconnected_worker_saves_its_checkpoint_and_says_its_status(tmp_path):
+  """A VM's shutdown signals every process, tee included: a dead tee failed the train's next
+  write and it died without its checkpoint, and the worker said "exit 0". An ssh connection
+  that drops leaves tee no reader: the same. Now the train saves, exits 143 and says so."""
+  import signal  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "out", "w") as out:  # every process of the worker gets SIGTERM
+    proc, mark, log = _stand_in_worker(tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+  assert mark.read_text() == "checkpoint" and log.read_text().endswith("saved\n")
+  assert (tmp_path / "out").read_text().splitlines()[-1] == "tjax: worker 0 exit 143"
+  for p in (mark, log, tmp_path / "ckpt.started"):
+    p.unlink()
+  proc, mark, log = _stand_in_worker(tmp_path, stdout=subprocess.PIPE)  # the reader goes away
+  time.sleep(0.3)
+  proc.stdout.close()
+  time.sleep(0.5)  # (the train goes on printing into tee)
+  proc.send_signal(signal.SIGHUP)  # what the worker's shell gets when the connection drops
+  proc.wait(timeout=30)  # (its last line has no reader: SIGPIPE)
+  assert mark.read_text() == "checkpoint" and log.read_text().endswith("saved\n")
+
+
+def test_tpu_a_failed_git_pull_stops_the_attempt_before_the_train(fake_bin):
+  """--repo: a `git pull --ff-only` (or clone) that fails on the workers was ignored, and the
+  train ran on stale code (the attempt then exited 0)."""
+  gcloud = fake_bin / "bin" / "gcloud"
+  gcloud.write_text(gcloud.read_text().replace('  *"--on-worker"*)', '  *"git -C"*) exit 1 ;;\n'
+                                               '  *"--on-worker"*)', 1))
+  (fake_bin / "state").write_text("READY\n")
+  (fake_bin / "rcs").write_text("0\n")
+  r = launch("tpu_vm.sh", "--name", "t1", "--zone", "z", "--repo", "u", "--logs",
+             str(fake_bin / "logs"), "--", *TRAIN, fake=fake_bin)
+  calls = (fake_bin / "calls").read_text()
+  assert r.returncode == 1 and "git -C" in calls and "--on-worker" not in calls, r.stderr
+
+
+def test_a_ctrl_c_to_a_local_job_waits_for_its_processes_to_save():
+  """Ctrl-C to `launch/local.sh --processes N` killed tjax_wait_all's `sleep` as well, and
+  set -e ended the job at once, its processes still saving (nothing waited or killed them)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  saver = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+           "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(2), sys.exit(143))); "
+           "time.sleep(30)")
+  script = (f"set -euo pipefail; . launch/_common.sh; {sys.executable} -c '{saver}' & "
+            f"pids=($!); trap 'tjax_stop_all TERM' INT TERM; tjax_wait_all LOGS")
+  proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, start_new_session=True)
+  time.sleep(1.0)
+  t0 = time.time()
+  os.killpg(proc.pid, signal.SIGINT)
+  assert proc.wait(timeout=30) == 143
+  assert time.time() - t0 > 1.5  # it waited for the save
