@@ -463,9 +463,9 @@ def _stand_in_worker(tmp_path, **popen):
   lines while it does; returns (the shell, the checkpoint marker, the log)."""
   (tmp_path / "train.py").write_text(FAKE_TRAIN)
   mark, log = tmp_path / "ckpt", tmp_path / "worker0.log"
-  script = (f"set -euo pipefail; . launch/_common.sh; trap 'echo \"tjax: worker 0 exit $?\"' EXIT;"
-            f" set +e; tjax_run_logged {log} 1 {sys.executable} {tmp_path}/train.py {mark};"
-            f" rc=$?; exit $rc")
+  script = (f"set -euo pipefail; . launch/_common.sh; "
+            f"trap 'echo \"tjax: worker 0 exit $?\"' EXIT; set +e; "
+            f"tjax_run_logged {log} 1 {sys.executable} {tmp_path}/train.py {mark}; rc=$?; exit $rc")
   proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, start_new_session=True, **popen)
   for _ in range(200):
     if (tmp_path / "ckpt.started").exists():
