@@ -10,7 +10,7 @@ tjax_venv() {
   # shellcheck disable=SC1091
   . .venv/bin/activate
   local hash stamp
-  hash="$(sha1sum pyproject.toml | cut -c1-12)"
+  hash="$({ sha1sum pyproject.toml 2>/dev/null || shasum pyproject.toml; } | cut -c1-12)"  # (macOS: shasum)
   stamp=".venv/.installed-$hash-${extras:-none}"
   # No extras asked for: any install of this pyproject.toml (with extras) will do.
   if [ -z "$extras" ] && compgen -G ".venv/.installed-$hash-*" >/dev/null; then return 0; fi

@@ -53,9 +53,9 @@ fi
 tjax_venv ""
 # The SentencePiece model the config names, trained once from its corpus (with the control
 # pieces its objective needs) when the file is missing.
-python -m transformer_jax.tokenizer --config="$config" --if_missing "${overrides[@]}"
+python -m transformer_jax.tokenizer --config="$config" --if_missing ${overrides[@]+"${overrides[@]}"}
 echo "workdir: $workdir"
-cmd=(python -m transformer_jax.train --config="$config" --workdir="$workdir" "${overrides[@]}")
+cmd=(python -m transformer_jax.train --config="$config" --workdir="$workdir" ${overrides[@]+"${overrides[@]}"})
 if [[ "$processes" == 1 && -z "$devices" ]]; then exec "${cmd[@]}"; fi
 
 # A multi-process job on this machine: CPU devices, a free loopback port for the coordinator.
