@@ -458,13 +458,10 @@ sys.exit(143)
 """
 
 
-def _default_signals():
-  """A child's SIGINT, SIGHUP and SIGTERM as a terminal or ssh session gives them: a suite run
-  under nohup, or as a background job, ignores SIGHUP or SIGINT, and a shell cannot trap a
-  signal ignored when it starts."""
-  import signal  # pylint: disable=g-import-not-at-top
-  for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-    signal.signal(s, signal.SIG_DFL)
+# A child's SIGINT, SIGHUP and SIGTERM as a terminal or ssh session gives them (a suite run under
+# nohup, or as a background job, ignores SIGHUP or SIGINT, and a shell cannot trap a signal
+# ignored when it starts); coreutils' env resets them without a fork in Python.
+DEFAULT_SIGNALS = ["env", "--default-signal=INT,HUP,TERM"]
 
 
 def _stand_in_worker(tmp_path, **popen):
@@ -475,8 +472,8 @@ def _stand_in_worker(tmp_path, **popen):
   script = (f"set -euo pipefail; . launch/_common.sh; "
             f"trap 'echo \"tjax: worker 0 exit $?\"' EXIT; set +e; "
             f"tjax_run_logged {log} 1 {sys.executable} {tmp_path}/train.py {mark}; rc=$?; exit $rc")
-  proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, start_new_session=True,
-                          preexec_fn=_default_signals, **popen)
+  proc = subprocess.Popen([*DEFAULT_SIGNALS, "bash", "-c", script], cwd=REPO,
+                          start_new_session=True, **popen)
   for _ in range(200):
     if (tmp_path / "ckpt.started").exists():
       break
@@ -530,8 +527,8 @@ def test_a_ctrl_c_to_a_local_job_waits_for_its_processes_to_save():
            "time.sleep(30)")
   script = (f"set -euo pipefail; . launch/_common.sh; {sys.executable} -c '{saver}' & "
             f"pids=($!); trap 'tjax_stop_all TERM' INT TERM; tjax_wait_all LOGS")
-  proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, start_new_session=True,
-                          preexec_fn=_default_signals)
+  proc = subprocess.Popen([*DEFAULT_SIGNALS, "bash", "-c", script], cwd=REPO,
+                          start_new_session=True)
   time.sleep(1.0)
   t0 = time.time()
   os.killpg(proc.pid, signal.SIGINT)
