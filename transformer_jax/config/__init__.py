@@ -489,6 +489,8 @@ def _fits(value, default) -> bool:
     return default is None or isinstance(value, dict)
   if isinstance(default, bool) or isinstance(value, bool):
     return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, (list, tuple)):  # (a tuple default is a JSON list)
+    return isinstance(value, (list, tuple))
   if isinstance(default, (int, float)):
     return isinstance(value, int) or isinstance(value, float) and isinstance(default, float)
   return isinstance(value, type(default))
@@ -523,16 +525,16 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
   defaults (config/base.py, inside the package), so older workdirs still resume. A key the
   package does not know (a hand edit's typo would be kept, and then accepted on the command
   line) is a one-line error."""
-  saved = read_json(path)
-  unknown = unknown_keys(saved)
+  saved, default = read_json(path), defaults()
+  unknown = unknown_keys(saved, default)
   if unknown:
     raise ConfigError(f"{path} has key(s) {', '.join(unknown)} that are no config keys (a typo, "
                       f"or a key this version no longer has): remove them from the file")
-  mistyped = mistyped_keys(saved)
+  mistyped = mistyped_keys(saved, default)
   if mistyped:  # (a hand edit's "d_model": "64" was a traceback in the model)
     raise ConfigError(f"{path} has {', '.join(mistyped)}, not of the type config/base.py gives "
                       f"that key: correct it in the file")
-  config = ml_collections.ConfigDict(with_defaults(saved))
+  config = ml_collections.ConfigDict(with_defaults(saved, default))
   config.sharding_rules = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.sharding_rules)

@@ -171,7 +171,7 @@ def hf_model_config(hf: dict, family: str = "", **overrides) -> dict:
   padded vocab_size) applied and checked: the architecture itself cannot be overridden."""
   fam = table(family or hf.get("model_type", ""))
   values = tables.config_to_ours(fam, hf)
-  mistyped = config_lib.mistyped_keys(values, base.get_config().model.to_dict(), "model.")
+  mistyped = config_lib.mistyped_keys(values, config_lib.defaults()["model"], "model.")
   if mistyped:  # ("n_embd": "abc" was ml_collections' traceback)
     raise ConfigError(f"the checkpoint's config.json gives {', '.join(mistyped)}, not of the "
                       f"type config/base.py gives that key")
