@@ -307,6 +307,9 @@ def test_ids_and_specials_are_transformers(made, kind):
   assert (ours.bos_id, ours.eos_id) == tuple(theirs.convert_tokens_to_ids(t) for t in want)
   assert ours.pad_id == -1  # none: padding is marked by segment ids, not an id
   assert ours.vocab_size == len(theirs)
+  # bos first with special tokens: Llama's template, not GPT-2's post-processor (import's
+  # data.add_bos)
+  assert ours.adds_bos() == (theirs.encode("x")[0] == ours.bos_id) == (kind == "llama")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -359,6 +362,7 @@ def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny
                    + [f"--config.{o}" for o in overrides])
   config = config_lib.from_json_file(str(workdir / "config.json"))
   assert config.data.tokenizer == str(workdir / "tokenizer")
+  assert config.data.add_bos is False  # GPT-2's documents never began with <|endoftext|> added
   # its digest is recorded as training records it (import wrote none: a tokenizer replaced
   # after the import was read, and trained on, without a word)
   assert ((workdir / "tokenizer.sha256").read_text().strip()

@@ -89,8 +89,9 @@ def _import_into(spec, overrides, hf_dir, workdir, family):
     if copied:  # the model keeps reading the ids it was trained on
       config.data.tokenizer = copied
       from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
-      if tokenization.load(copied).bos_id < 0:  # T5's: its documents never started with one
-        config.data.add_bos = False
+      # bos first as the tokenizer itself puts it (Llama's), or not (GPT-2's, T5's): scores
+      # and continued training read the ids transformers (and lm-eval's hf model) feed it
+      config.data.add_bos = tokenization.load(copied).adds_bos()
   for item in overrides:
     key, _, value = item.partition("=")
     config_lib.set_value(config, key, value)

@@ -133,6 +133,13 @@ class HFTokenizer:
     return (i not in self._special_ids and i != self.unk_id
             and self._tok.id_to_token(i) is not None)
 
+  def adds_bos(self) -> bool:
+    """Whether the tokenizer puts its bos first when it adds special tokens (transformers'
+    default, and what the checkpoint's documents began with): Llama's and BERT's templates do,
+    GPT-2's byte-level post-processor adds nothing."""
+    special = self._tok.encode("a", add_special_tokens=True).ids
+    return self.bos_id >= 0 and special[:1] == [self.bos_id] != self.encode("a")[:1]
+
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 

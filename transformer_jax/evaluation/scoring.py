@@ -109,13 +109,14 @@ class TextModel:
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces
     move to the continuation, the pair is encoded whole and the continuation is what follows
-    the context's own encoding."""
+    the context's own encoding (also where a token of the whole spans the boundary: the
+    continuation then starts after as many of its tokens as the context has); none left, the
+    continuation's own."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole, ctx = self.encode(context + continuation), self.encode(context)
-    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self.encode(continuation)
-    return ctx, cont or self.encode(continuation)
+    return ctx, whole[len(ctx):] or self.encode(continuation)
 
   def request(self, ctx: list[int], room: int) -> tuple[list[int], list[int]]:
     """A document-trained encoder-decoder's (source, decoder head) for context ids `ctx`: the
