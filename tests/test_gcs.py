@@ -178,6 +178,29 @@ def test_the_emulator_going_away_as_a_save_begins_then_coming_back(gcs, tiny_dat
     assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
 
 
+def test_a_dropped_connection_while_restoring_is_the_storages_fault_not_the_checkpoints(
+    gcs, tiny_data, reference):
+  """gcsfs's reads fail with aiohttp's errors once its retries are spent (a server that
+  disconnects, a reset): an outage, never a reason to set the checkpoint aside (a good one was
+  moved and the run went back to the one before, the bucket reachable again when listed)."""
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  ckpts = ckpt_lib.Checkpoints(reference[0], _config(tiny_data).checkpoint, read_only=True)
+  step = ckpts.latest_step()
+  for cause in (aiohttp.ServerDisconnectedError(), ConnectionResetError(104, "reset by peer"),
+                TimeoutError()):
+    try:
+      try:
+        raise cause
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError("reading the data position failed") from e
+    except ValueError as e:
+      stop = ckpts._not_the_checkpoints(step, e)  # pylint: disable=protected-access
+    assert isinstance(stop, ckpt_lib.WriteError), cause
+    assert str(stop).startswith(f"reading checkpoint {step} from {reference[0]}/checkpoints "
+                                f"failed: {type(cause).__name__}")
+  assert ckpts._not_the_checkpoints(step, ValueError("bad JSON")) is None  # pylint: disable=protected-access
+
+
 def test_the_lock_refuses_a_second_live_run_and_not_a_dead_ones_leftover(gcs, tiny_data):
   workdir = f"gs://{BUCKET}/locked"
   with lock.hold(workdir):

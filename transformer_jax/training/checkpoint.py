@@ -60,11 +60,22 @@ def _chain(e: BaseException | None):
     e = e.__cause__ or e.__context__
 
 
+def _connection_errors() -> tuple[type, ...]:
+  """A dropped or timed-out connection: Python's, and aiohttp's (gcsfs reads with it: a server
+  that disconnects, a reset, a payload cut short), once gcsfs's own retries are spent."""
+  try:
+    import aiohttp  # pylint: disable=g-import-not-at-top
+    return ConnectionError, TimeoutError, aiohttp.ClientError
+  except ImportError:
+    return ConnectionError, TimeoutError
+
+
 def _storage_failure(e: BaseException):
   """A gs:// server's or connection's failure in `e` or its causes (its first line), if any."""
   for e in _chain(e):
     text = f"{type(e).__name__}: {e}"
-    if any(t in text for t in _REMOTE_FAILURES + ("RESOURCE_EXHAUSTED",)):
+    if (isinstance(e, _connection_errors())
+        or any(t in text for t in _REMOTE_FAILURES + ("RESOURCE_EXHAUSTED",))):
       return (text.strip().splitlines() or [""])[0][:200]
   return None
 
