@@ -1,12 +1,14 @@
 """End to end: train on a tiny corpus, metrics, checkpoints, exact resume, sampling CLI."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -104,6 +106,38 @@ def test_a_window_of_the_compile_step_alone_logs_no_throughput(tiny_data, tmp_pa
   for step in (1, 3):
     assert "compile_s" in rows[step] and not {"tokens_per_s", "mfu"} & set(rows[step]), step
   assert rows[2]["tokens_per_s"] > 0 and rows[2]["mfu"] > 0
+
+
+def test_no_window_after_the_first_step_times_a_compile(caplog):
+  """The meter's device-side sums compile with the run's first step (its window is compile_s):
+  the eager adds of Python numbers to arrays compiled anew at the second step, inside the first
+  timed window (its tokens/s read a quarter of the next ones'). Also with a mixture, act_*
+  metrics, a skipped step and a new window (restart)."""
+  from transformer_jax.training import throughput  # pylint: disable=g-import-not-at-top
+  meter = throughput.Meter.__new__(throughput.Meter)  # (the bookkeeping alone: no trainer)
+  meter._t0, meter._mark, meter._first, meter._window = time.perf_counter(), None, {}, None  # pylint: disable=protected-access
+  meter.tokens_per_step, meter.flops_per_token, meter.peak_total = 2, 1.0, 1.0
+  meter.sources = ["a", "b"]
+  meter.restart()
+  step = jax.jit(lambda x: {"loss": x.sum(), "cross_entropy": x.mean(), "nonfinite": x[0] > 9,
+                            "spike": x[1] > 9, "mixture_tokens": x.astype(jnp.int32),
+                            "act_max/layer_0": x.max(), "act_rms/layer_0": x.min()})
+  xs = [jnp.array([10.0 if i == 5 else 1.0, float(i)]) for i in range(6)]
+  caplog.set_level(logging.WARNING)
+  with jax.log_compiles():
+    meter.step(step(xs[1]))
+    compiled_first = sum("Compiling" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    for i in range(2, 6):  # a new window after step 3; step 5's update not applied
+      meter.step(step(xs[i]))
+      if i == 3:
+        meter.restart()
+    out = meter.read(step(xs[1]), 0)
+  assert compiled_first > 0  # (the logging is seen)
+  assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  # steps 4 and 5: the loss of the applied one, act_max the largest, act_rms the mean
+  assert (out["loss"], out["act_max/layer_0"], out["act_rms/layer_0"]) == (5.0, 10.0, 3.0)
+  assert out["mixture_tokens"] == {"a": 11, "b": 9} and out["tokens_per_s"] > 0
 
 
 def test_evaluation_and_saves_are_left_out_of_tokens_per_s(tiny_data, tmp_path, monkeypatch):

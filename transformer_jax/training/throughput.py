@@ -28,13 +28,12 @@ class Meter:
     self.peak_total = peak * trainer.mesh.size
     self.tokens_per_step = c.train.batch_size * c.data.seq_len
     self.sources = [src.name for src in mixture.sources(c)]
-    self._t0, self._mark, self._first = time.perf_counter(), None, {}
+    self._t0, self._mark, self._first, self._window = time.perf_counter(), None, {}, None
     self.restart()
 
   def restart(self):
     """A new window from now (after a rollback)."""
-    self._sums, self._applied, self._steps, self._mixture = {"loss": 0.0}, 0, 0, 0.0
-    self._acts, self._act_steps = {}, 0  # log_activations: act_max's window max, act_rms' sum
+    self._fresh, self._steps, self._act_steps = True, 0, 0  # (_window: zeroed by the next step)
     self._paused = 0.0
     if self._mark is not None:
       self._mark = time.perf_counter()
@@ -42,20 +41,12 @@ class Meter:
   def step(self, m: dict):
     """Counts one step's on-device metrics. The run's first step includes compilation: it is
     timed alone (compile_s) and left out of the first window."""
-    bad = m["nonfinite"] | m["spike"]
-    for k in WINDOW_MEANS:
-      if k in m:
-        self._sums[k] = self._sums.get(k, 0.0) + jnp.where(bad, 0.0, m[k])
-    self._applied = self._applied + (1 - bad.astype(jnp.int32))
+    if self._window is None:  # (compiled with the first step, never inside a timed window)
+      self._window = _empty_window(m)
+    self._window = _accumulate(self._window, m, self._fresh)
+    self._fresh = False
     self._steps += 1
-    if "mixture_tokens" in m:  # the window's tokens per source of a data.mixture
-      self._mixture = self._mixture + m["mixture_tokens"]
     self._act_steps += any(k.startswith("act_") for k in m)
-    for k, v in m.items():
-      if k.startswith("act_"):
-        old = self._acts.get(k)
-        self._acts[k] = v if old is None else (
-            jnp.maximum(old, v) if k.startswith("act_max") else old + v)
     if self._mark is None:
       jax.block_until_ready(m)
       self._first["compile_s"] = time.perf_counter() - self._t0
@@ -83,11 +74,11 @@ class Meter:
     paused_s, the seconds spent evaluating and saving, when there were any); with a
     data.mixture mixture_tokens, {source: the window's tokens}; with train.log_activations each
     act_max/* is the window's largest and each act_rms/* its mean. Starts a new window."""
-    m = jax.device_get(m)
+    m, window = jax.device_get((m, self._window))
     mixed = m.pop("mixture_tokens", None)
-    n = int(self._applied)
+    n = int(window["applied"])
     m["loss_last"] = m["loss"]
-    m.update({k: float(v) / n if n else float("nan") for k, v in self._sums.items()})
+    m.update({k: float(v) / n if n else float("nan") for k, v in window["sums"].items()})
     m["skipped"] = int(jax.device_get(skipped))
     now = time.perf_counter()
     out = {k: float(v) for k, v in m.items()}
@@ -98,11 +89,41 @@ class Meter:
     if self._paused:
       out["paused_s"] = self._paused
     if mixed is not None:
-      out["mixture_tokens"] = mixture.window_tokens(self.sources, jax.device_get(self._mixture))
+      out["mixture_tokens"] = mixture.window_tokens(self.sources, window["mixture"])
     steps = max(self._act_steps, 1)  # the window's act_max: its largest; act_rms: its mean
     out.update({k: float(v) if k.startswith("act_max") else float(v) / steps
-                for k, v in jax.device_get(self._acts).items()})
+                for k, v in window["acts"].items()})
     self._first = {}
     self.restart()
     self._mark = now
     return out
+
+
+@jax.jit
+def _empty_window(m: dict) -> dict:
+  """A window's device-side sums, zero, shaped for the step metrics `m`: the mean losses'
+  sums, the applied steps, a data.mixture's tokens per source, the act_* values."""
+  zero = {k: jnp.zeros((), jnp.float32) for k in WINDOW_MEANS if k in m}
+  window = {"sums": zero, "applied": jnp.zeros((), jnp.int32),
+            "acts": {k: jnp.zeros_like(v) for k, v in m.items() if k.startswith("act_")}}
+  if "mixture_tokens" in m:
+    window["mixture"] = jnp.zeros_like(m["mixture_tokens"])
+  return window
+
+
+@jax.jit
+def _accumulate(window: dict, m: dict, fresh) -> dict:
+  """`window` with one more step's metrics `m` (from zero when `fresh`: a new window): one
+  program for every step, compiled with the first. (Eager adds of Python numbers to arrays were
+  compiled anew at the second step, inside the first timed window: its tokens/s came out at a
+  quarter of the next windows'.) A step whose update was not applied adds no loss."""
+  window = jax.tree.map(lambda x: jnp.where(fresh, jnp.zeros_like(x), x), window)
+  bad = m["nonfinite"] | m["spike"]
+  out = {"sums": {k: v + jnp.where(bad, 0.0, m[k]).astype(v.dtype)
+                  for k, v in window["sums"].items()},
+         "applied": window["applied"] + 1 - bad.astype(jnp.int32),
+         "acts": {k: jnp.where(fresh, m[k], jnp.maximum(v, m[k]) if k.startswith("act_max")
+                                else v + m[k]) for k, v in window["acts"].items()}}
+  if "mixture" in window:
+    out["mixture"] = window["mixture"] + m["mixture_tokens"]
+  return out
