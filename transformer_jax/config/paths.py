@@ -25,6 +25,7 @@ and a gs:// one (for what reads or writes local files only: ArrayRecord's writer
 """
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
@@ -223,21 +224,94 @@ def download(url, names, local_dir):
   return local_dir
 
 
+def missing_bucket(p) -> str:
+  """For a gs:// `p` whose bucket does not exist: one line saying so; else "". Raises the
+  storage's error when it cannot be asked (its server out of reach)."""
+  if not is_remote(p) or path(f"gs://{bucket(p)}").exists():
+    return ""
+  return f"bucket gs://{bucket(p)} does not exist (or these credentials cannot see it)"
+
+
 def why(e: BaseException, p=None) -> str:
   """One line saying why a storage operation failed: an OSError's reason, a gs:// bucket that
   does not exist, a storage server that cannot be reached (its own first line)."""
   if p is not None and is_remote(p) and isinstance(e, FileNotFoundError):
     try:
-      found = path(f"gs://{bucket(p)}").exists()
+      missing = missing_bucket(p)
     except Exception:  # pylint: disable=broad-except
-      found = True
-    if not found:
-      return f"bucket gs://{bucket(p)} does not exist (or these credentials cannot see it)"
+      missing = ""
+    if missing:
+      return missing
   text = getattr(e, "strerror", None) if isinstance(e, OSError) else None
   text = text or (str(e).strip().splitlines() or [type(e).__name__])[0]
   if "Cannot connect to host" in text or "Connect call failed" in text:
     return f"cannot reach the storage server ({text})"
+  if str(e).startswith("Cannot connect to host"):  # aiohttp's, whose strerror is the DNS's
+    return f"cannot reach the storage server ({str(e).splitlines()[0][:300]})"
   return text[:300]
+
+
+@contextlib.contextmanager
+def storage_errors(p, what: str, error=OSError):
+  """For a gs:// `p`: a failure of the storage in the block (its server out of reach, a bucket
+  these credentials cannot read) is raised as one line, error(f"{what}: {why(e, p)}"), not the
+  client's traceback. An `error` raised in the block, and a local path's errors, pass as they
+  are."""
+  try:
+    yield
+  except error:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # (the storage client's own errors)
+    if not is_remote(p):
+      raise
+    raise error(f"{what}: {why(e, p)}") from None
+
+
+def read_generation(p):
+  """(text, generation) of the gs:// object `p`, or None where there is none. The generation
+  is read first: a write conditional on it (write_if_generation) fails if the text read is
+  newer, never the other way round."""
+  fs = filesystem(p)
+  try:
+    info = fs.info(p)
+    if info.get("type") != "file":
+      return None
+    generation = int(info["generation"])
+    return fs.cat_file(p).decode("utf-8", errors="replace"), generation
+  except FileNotFoundError:
+    return None
+
+
+def _object(fs, p):
+  """(the gs:// object's bucket, its name)."""
+  return tuple(fs.split_path(p)[:2])
+
+
+def write_if_generation(p, text: str, generation: int) -> int:
+  """Writes the gs:// object `p` only while its generation is `generation` (0: only while there
+  is none), a precondition the store checks (ifGenerationMatch): it refuses with
+  FileExistsError when another writer came first. Returns the new generation. (A multipart
+  upload, as gcsfs's own; the emulator checks the precondition on those.)"""
+  fs = filesystem(p)
+  name, key = _object(fs, p)
+  meta = json.dumps({"name": key})
+  body = (f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{meta}\n--==0==\n"
+          f"Content-Type: application/octet-stream\n\n{text}\n--==0==--").encode()
+  upload = fs.base.replace("/storage/v1/", "/upload/storage/v1/")
+  out = fs.call("POST", upload + "b/{}/o", name, uploadType="multipart", data=body,
+                headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+                json_out=True, ifGenerationMatch=str(int(generation)))
+  return int(out["generation"])
+
+
+def remove_if_generation(p, generation: int) -> bool:
+  """Deletes the gs:// object `p` only while its generation is `generation`; whether it did."""
+  fs = filesystem(p)
+  try:
+    fs.call("DELETE", "b/{}/o/{}", *_object(fs, p), ifGenerationMatch=str(int(generation)))
+  except (FileNotFoundError, FileExistsError):
+    return False
+  return True
 
 
 def check_writable(directory):

@@ -12,8 +12,11 @@ A gs:// workdir (no flock on an object store): the object WORKDIR/lock names its
 command, a random token) and a heartbeat time that a thread of the live run rewrites every
 HEARTBEAT_S seconds. A run that ends deletes its own. A killed run's leftover holds nothing once
 its heartbeat is STALE_S old, or at once on the host that ran it when its pid is gone (re-running
-a killed command there is not refused). Taking it is write-then-read-back: of two runs that start
-within the same second, each may see its own token, a race this simple scheme accepts."""
+a killed command there is not refused). Every write is conditional on the object's generation,
+which the store checks (ifGenerationMatch): a free lock is created only where there is none, a dead
+run's is replaced, and a heartbeat rewritten, only while it is the one read. Of two runs that take
+the lock at once, one write fails (FileExistsError): that run is refused; a heartbeat that fails
+so has lost the lock and never overwrites the new owner's."""
 
 import contextlib
 import fcntl
@@ -75,32 +78,46 @@ class _ObjectLock:
     self.since = time.strftime("%Y-%m-%d %H:%M:%S")
     self._stop = threading.Event()
     self._thread = None
+    self.generation = 0  # of the lock object this run last wrote
     self.lost = ""  # who holds the lock now, once another run has taken it over
 
   def _read(self):
+    """(owner or None, generation or 0) of the lock object: a torn or foreign object is
+    nobody's, its generation the one to replace."""
+    got = paths.read_generation(self.path)
+    if got is None:
+      return None, 0
     try:
-      return json.loads(paths.read_text(self.path))
-    except FileNotFoundError:
-      return None
-    except ValueError:  # a torn or foreign object: nobody's
-      return None
+      held = json.loads(got[0])
+    except ValueError:
+      held = None
+    return (held if isinstance(held, dict) else None), got[1]
 
-  def _write(self):
-    paths.write_text(self.path, json.dumps(dict(_owner(), since=self.since, token=self.token,
-                                                heartbeat=time.time())))
+  def _put(self, generation: int) -> bool:
+    """Writes this run's owner object while the lock's generation is `generation` (0: while
+    there is none); False when another writer came first."""
+    text = json.dumps(dict(_owner(), since=self.since, token=self.token, heartbeat=time.time()))
+    try:
+      self.generation = paths.write_if_generation(self.path, text, generation)
+      return True
+    except FileExistsError:  # or our own write, retried after its answer was lost
+      held, now = self._read()
+      if held and held.get("token") == self.token:
+        self.generation = now
+        return True
+      return False
 
   def take(self) -> bool:
-    """True when this run now holds the lock; False when a live run does."""
-    held = self._read()
-    if held and _alive(held):
-      return False
-    self._write()
-    mine = self._read()
-    if not mine or mine.get("token") != self.token:  # another run wrote it after us
-      return False
-    self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
-    self._thread.start()
-    return True
+    """True when this run now holds the lock; False when a live run does (or took it first)."""
+    for _ in range(3):  # a dead run's lock that another run replaced first: read again
+      held, generation = self._read()
+      if held and _alive(held):
+        return False
+      if self._put(generation):
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
+        self._thread.start()
+        return True
+    return False
 
   def verify(self):
     """Sets `lost` when the lock object is no longer this run's: another run's token (it took
@@ -109,7 +126,7 @@ class _ObjectLock:
     if self.lost:
       return
     try:
-      held = self._read()
+      held, _ = self._read()
     except Exception:  # pylint: disable=broad-except  # out of reach now
       return
     if not held or held.get("token") != self.token:
@@ -121,7 +138,9 @@ class _ObjectLock:
       if self.lost:
         return
       try:
-        self._write()
+        if not self._put(self.generation):  # replaced since the look above
+          self.lost = _describe(self.path)
+          return
       except Exception:  # pylint: disable=broad-except  # out of reach now: try again later
         pass
 
@@ -131,9 +150,9 @@ class _ObjectLock:
     if self._thread is not None:
       self._thread.join(timeout=30)
     try:
-      held = self._read()
+      held, generation = self._read()
       if held and held.get("token") == self.token:
-        paths.remove(self.path)
+        paths.remove_if_generation(self.path, generation)
     except Exception:  # pylint: disable=broad-except  # left behind: it goes stale by itself
       pass
 
