@@ -315,8 +315,8 @@ def test_cli_writes_maps_lens_and_stats(run, tmp_path, capsys):
     assert f.read().startswith("# Logit lens (target: the next token)")
   inspect_cli.main([f"--workdir={run[0]}", "--step=3", f"--out={out}",  # said when it is cut
                     "--text=" + "def value(self): return self.x\n" * 40])
-  assert re.search(r"^note: the text has \d+ tokens; the model reads its first \(model.max_len="
-                   r"32, ", capsys.readouterr().out, re.M)
+  assert re.search(r"^note: the text is \d+ tokens long; model.max_len=32 cuts its end \(the "
+                   r"model reads 32 of them\)$", capsys.readouterr().out, re.M)
 
 
 def _labelled(path, rows):
@@ -447,6 +447,8 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
       "is a training workdir \\(it holds config.json\\); give a folder of its own": [
           f"--workdir={workdir}", "--text=x", f"--out={workdir}"],  # (7 files went into it)
       "is a folder, not a file": ["probe", f"--workdir={workdir}", f"--data={tmp_path}"],
+      "--out=.* is a training workdir \\(it holds config.json\\)": [
+          "probe", f"--workdir={workdir}", f"--data={good}", f"--out={workdir}"],  # (as above)
   }
   for message, argv in cases.items():
     with pytest.raises(ConfigError, match=message) as e:
@@ -480,3 +482,101 @@ def test_a_capacity_moe_probe_feature_does_not_depend_on_batch_mates():
   alone = probe.features(trainer, params, tok, ["ab" * 14], batch_size=2)
   with_mate = probe.features(trainer, params, tok, ["ab" * 14, "z" * 60], batch_size=2)
   np.testing.assert_allclose(alone[:, 0], with_mate[:, 0], atol=1e-4)
+
+
+def test_probe_keeps_texts_alike_up_to_max_len_on_one_side(run, tmp_path, capsys, monkeypatch):
+  """Texts that differ only past model.max_len are the same ids to the model: split kept them
+  apart by their raw text (random labels scored 0.7-0.9 held out); the cut ones are counted."""
+  _, trainer, _ = run
+  tok = tokenization.load(trainer.config.data.tokenizer)
+  rng = np.random.default_rng(3)
+  heads = [" ".join(rng.choice(WORDS_A + WORDS_B, 40)) for _ in range(20)]
+  rows = [{"text": f"{head} {tail}", "label": int(label)}
+          for head, label in zip(heads, rng.integers(0, 2, 20)) for tail in ("x = 1", "y = 2")]
+  data = _labelled(tmp_path / "pairs.jsonl", rows)
+  splits = []
+  real = probe.split
+  def spy(*args):
+    splits.append(real(*args))
+    return splits[-1]
+  monkeypatch.setattr(probe, "split", spy)
+  inspect_cli.main(["probe", f"--workdir={run[0]}", f"--data={data}", f"--out={tmp_path}",
+                    "--steps=20"])
+  train, test = splits[-1]  # fit's
+  ids = [tuple(interpret.encode(trainer.config, tok, r["text"])) for r in rows]
+  assert len(set(ids)) == 20 and not {ids[i] for i in train} & {ids[i] for i in test}
+  assert "note: 40 of 40 texts are longer than model.max_len=32 tokens" in capsys.readouterr().out
+  with open(tmp_path / "probe.json") as f:
+    assert json.load(f)["cut_texts"] == 40
+
+
+def test_a_note_names_each_input_side_that_max_len_cuts():
+  """The note counts the framed ids each side reads (an encoder-decoder's source with its bos
+  and eos: 31 text tokens, 33 framed, cut without a note; --target after the start token, cut
+  without a note), not the text's bare tokens (a decoder without a bos, exactly max_len: noted
+  though nothing was cut)."""
+  tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, encode=lambda s: [3] * len(s))
+  notes = inspect_cli.cut_notes
+  t5 = config_lib.load(f"{REPO}/configs/t5.py:tiny", ["model.max_len=32"])
+  assert notes(t5, tok, "a" * 30) == []
+  assert notes(t5, tok, "a" * 31) == ["note: the source (the text, framed) is 33 tokens long; "
+                                      "model.max_len=32 cuts its end (the model reads 32 of "
+                                      "them)"]
+  assert len(interpret.encode(t5, tok, "a" * 31)) == 32
+  assert notes(t5, tok, "a", target="b" * 31) == []
+  assert [n.split(" is ")[0] for n in notes(t5, tok, "a" * 40, target="b" * 32)] == [
+      "note: the source (the text, framed)", "note: the decoder's input (its start token and "
+      "--target)"]
+  for add_bos, want in ((False, 0), (True, 1)):
+    gpt2 = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+        "model.max_len=32", f"data.add_bos={add_bos}"])
+    assert len(notes(gpt2, tok, "a" * 32)) == want
+  plm = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+      "model.max_len=32", "data.objective=prefix_lm", "data.add_bos=True"])
+  assert notes(plm, tok, "a" * 20, target="b" * 11) == []
+  assert notes(plm, tok, "a" * 20, target="b" * 12)[0].startswith(
+      "note: the text and --target is 33 tokens long")
+
+
+def test_an_encoder_decoder_cli_run_counts_and_notes_both_sides(tiny_data, tmp_path, capsys):
+  """--init on a T5 workdir (config.json alone): the last line counts the source's tokens too
+  ("tokens" is the decoder's side), and a source of max_len - 1 text tokens (its bos and eos
+  over max_len) and a long --target are each noted as cut."""
+  config = config_lib.load(f"{REPO}/configs/t5.py:tiny", _overrides(tiny_data, **{
+      "model.num_layers": 1, "model.num_decoder_layers": 1}))
+  workdir = str(tmp_path / "t5")
+  os.makedirs(workdir)
+  config_lib.write_json(config, os.path.join(workdir, "config.json"))
+  tok = tokenization.load(tiny_data["tokenizer"])
+  text = ""
+  while len(tokenization.with_control_pieces(tok, text)) < 31:  # (max_len 32)
+    text += "x"
+  assert len(tokenization.with_control_pieces(tok, text)) == 31
+  inspect_cli.main([f"--workdir={workdir}", "--init", f"--text={text}", "--target=" +
+                    "return value " * 20, f"--out={tmp_path / 'out'}"])
+  out = capsys.readouterr().out
+  last = json.loads(out.strip().splitlines()[-1])
+  assert last["family"] == "encdec" and (last["source_tokens"], last["tokens"]) == (32, 32)
+  assert re.search(r"^note: the source \(the text, framed\) is 33 tokens long; ", out, re.M)
+  assert re.search(r"^note: the decoder's input \(its start token and --target\) is \d+ ", out,
+                   re.M)
+
+
+def test_gs_files_data_and_the_default_probe_out(gcs, tmp_path):
+  """--file=gs://... and probe --data=gs://... are read (they "did not exist"), as a local file
+  is (U+FFFD, newlines); probe's default --out of a gs:// workdir is WORKDIR/inspect (it was
+  ./inspect)."""
+  from tests.gcs_emulator import BUCKET  # pylint: disable=g-import-not-at-top
+  from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
+  url, read = f"gs://{BUCKET}/inspect", inspect_cli._text  # pylint: disable=protected-access
+  paths.path(f"{url}/t.txt").write_bytes(b"def f(x):\xff\r\n  return x")
+  assert read({"text": "", "file": f"{url}/t.txt"}) == "def f(x):\ufffd\n  return x"
+  rows = b"".join(json.dumps({"text": f"t {i}", "label": i % 2}).encode() + b"\r\n"
+                  for i in range(4))
+  paths.path(f"{url}/d.jsonl").write_bytes(rows)
+  assert probe.read_labelled(f"{url}/d.jsonl") == ([f"t {i}" for i in range(4)], [0, 1] * 2)
+  with pytest.raises(ConfigError, match=r"--file='gs://.*/none.txt' does not exist"):
+    read({"text": "", "file": f"{url}/none.txt"})
+  assert inspect_cli.probe_out({"out": "", "workdir": f"gs://{BUCKET}/w"}) == (
+      f"gs://{BUCKET}/w/inspect")
+  assert inspect_cli.probe_out({"out": "", "workdir": str(tmp_path)}) == str(tmp_path / "inspect")

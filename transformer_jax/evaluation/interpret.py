@@ -48,21 +48,33 @@ class Inputs:
   prefix: int = 0  # a prefix LM's: how many of `ids` it reads both ways
 
 
-def encode(config, tokenizer, text: str) -> list:
+def encode(config, tokenizer, text: str, *, cut: bool = True) -> list:
   """A text's ids as training framed them (a decoder's or encoder's: bos first with
-  data.add_bos; an encoder-decoder's source: objectives.source_ids), cut to the model's length;
-  a one-line error when nothing is left. Control pieces written in it ([MASK], <extra_id_0>)
-  are read as sample reads them: their ids."""
+  data.add_bos; an encoder-decoder's source: objectives.source_ids), cut to the model's length
+  (with not `cut`: all of them, framed); a one-line error when nothing is left. Control pieces
+  written in it ([MASK], <extra_id_0>) are read as sample reads them: their ids."""
   ids = tokenization.with_control_pieces(tokenizer, text)
   prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
-  max_len = int(config.model.max_len)
+  max_len = int(config.model.max_len) if cut else 0
   if config.model.family == "encdec":  # a long text loses its end, the framing none of its ids
     ids = objectives.source_ids(config.data, tokenizer, ids, max_len=max_len, cut_start=False)
   elif config.data.add_bos and prefix >= 0:
     ids = [prefix] + ids
   if not ids:
     raise ConfigError(f"the text {text[:40]!r} has no tokens: give some text")
-  return ids[:max_len]
+  return ids[:max_len] if cut else ids
+
+
+def framed_lengths(config, tokenizer, text: str, target: str = "") -> dict:
+  """How many ids text_inputs' sides hold before model.max_len cuts them, framing included:
+  {"source": ..., "target": ...} of an encoder-decoder (the decoder's start token counted with
+  its target), {"text": ...} of any other family (a prefix LM's with its target after it; a
+  decoder or encoder reads no target)."""
+  ids = len(encode(config, tokenizer, text, cut=False))
+  rest = len(tokenization.with_control_pieces(tokenizer, target)) if target else 0
+  if config.model.family == "encdec":
+    return {"source": ids, "target": 1 + rest}
+  return {"text": ids + (rest if objectives.flag(config.data, "PREFIX") else 0)}
 
 
 def text_inputs(config, tokenizer, text: str, target: str = "") -> Inputs:

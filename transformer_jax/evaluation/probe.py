@@ -8,8 +8,8 @@ encoder-decoder is probed on its encoder.
 """
 
 import functools
+import io
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +31,12 @@ def read_labelled(path: str, field: str = "text", label_field: str = "label",
                   limit: int = 0) -> tuple[list, list]:
   """(texts, labels) of a JSONL file whose lines are objects with `field` (a string) and
   `label_field` (any JSON scalar); one-line errors for anything else."""
-  if not path or not os.path.isfile(path):
+  if not path or not paths.isfile(path):  # (a local file or a gs:// object)
     raise ConfigError(f"--data={path!r} {paths.not_a_file(path) if path else 'is empty'} (a "
                       f"JSONL file of labelled texts)")
   texts, labels = [], []
-  with open(path, encoding="utf-8", errors="replace") as f:  # (invalid UTF-8: U+FFFD)
-    for n, line in enumerate(f, 1):
+  with paths.path(path).open("rb") as raw:  # (invalid UTF-8: U+FFFD; newlines as open's)
+    for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), 1):
       if not line.strip():
         continue
       try:
@@ -60,12 +60,16 @@ def read_labelled(path: str, field: str = "text", label_field: str = "label",
   return texts, labels
 
 
-def features(trainer, params, tokenizer, texts, *, batch_size: int = 0) -> np.ndarray:
+def features(trainer, params, tokenizer, texts, *, batch_size: int = 0,
+             ids=None) -> np.ndarray:
   """float32 [layers, N, D]: each text's residual stream at every layer, mean-pooled over its
-  tokens (an encoder-decoder's encoder; a prefix LM reads the text as its prefix)."""
+  tokens (an encoder-decoder's encoder; a prefix LM reads the text as its prefix). `ids`: the
+  texts' interpret.encode, when the caller has them."""
   config, model = trainer.config, families.for_inference(trainer.model)  # as scoring runs it
   encdec = config.model.family == "encdec"
-  ids = [interpret.encode(config, tokenizer, t) for t in texts]
+  if ids is None:
+    ids = [interpret.encode(config, tokenizer, t) for t in texts]
+  ids = [list(i) for i in ids]
   rows = harness.batch_rows(trainer, batch_size or 8)
   out = []
   for start in range(0, len(ids), rows):
@@ -99,14 +103,16 @@ def _pool(x_LBTD, segments_BT):
 def split(labels, holdout: float, seed: int, texts=None) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) indices, stratified: of each label's texts (a seeded permutation),
   round(holdout x count) are held out, keeping at least one of each in training, so the held-out
-  split has the labels' proportions; at least one text is held out in all. A text that occurs
-  more than once goes to one side with all its copies (the probe would remember it: random
-  labels, every line twice, scored 1.0 held out), under its first copy's label."""
+  split has the labels' proportions; at least one text is held out in all. Equal `texts` go to
+  one side together, under the first one's label (the probe would remember them: random labels,
+  every line twice, scored 1.0 held out): give the ids the model reads (tuples of
+  interpret.encode), so that texts alike up to model.max_len, read as the same ids, are kept
+  together too (grouped by their raw text they scored 0.7-0.9 held out on random labels)."""
   if not 0 < holdout < 1:
     raise ConfigError(f"--holdout must be in (0, 1), got {holdout}")
   if len(labels) < 2:
     raise ConfigError(f"a probe needs at least 2 labelled examples, got {len(labels)}")
-  copies = {}  # text -> its indices (each index its own text when no texts are given)
+  copies = {}  # text (or ids) -> its indices (each index its own when no texts are given)
   for i, text in enumerate(range(len(labels)) if texts is None else texts):
     copies.setdefault(text, []).append(i)
   units = list(copies.values())
@@ -159,9 +165,9 @@ def _fit(x_LND, y_N, classes: int, steps: int, l2: float, learning_rate: float):
 
 def fit(features_LND, labels, *, holdout: float = 0.25, seed: int = 0, steps: int = 300,
         l2: float = 1e-3, learning_rate: float = 0.05, layer_names=None, texts=None) -> dict:
-  """Trains one probe per layer on the training split (split's: `texts` keeps a text's copies
-  on one side); per layer its held-out and train accuracy, with the held-out split's
-  majority-class fraction as chance."""
+  """Trains one probe per layer on the training split (split's: equal `texts`, best the ids the
+  model reads, stay on one side); per layer its held-out and train accuracy, with the held-out
+  split's majority-class fraction as chance."""
   x = np.asarray(features_LND, np.float32)
   keys = [json.dumps(v) for v in labels]
   classes = sorted(set(keys))
