@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import types
 
 import jax
 import pytest
@@ -17,6 +18,10 @@ from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from tests.conftest import REPO, tiny_overrides
 from tests.gcs_emulator import BUCKET
+from tests import test_gcs
+
+
+fast_retries = test_gcs.fast_retries  # (a fixture: gcsfs's retries without their waits)
 
 
 def _config(tiny_data, **extra):
@@ -370,3 +375,50 @@ def test_an_output_folder_in_a_missing_bucket_is_one_line_before_any_work(gcs):
   with pytest.raises(ConfigError, match=r"^--hf_dir=gs://no-such-bucket-tjax/hf is not writable: "
                                         r"bucket gs://no-such-bucket-tjax does not exist"):
     cli.output_folder("hf_dir", "gs://no-such-bucket-tjax/hf")
+
+
+def test_a_storage_server_out_of_reach_is_one_line(gcs, monkeypatch, fast_retries, capsys, caplog):
+  """train, sample and evaluate with a gs:// --workdir whose storage server cannot be reached:
+  one `error:` line naming --workdir, exit 2 (gcsfs's traceback, exit 1, with its retries'
+  tracebacks logged before it); a DNS failure says the server cannot be reached too."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  from transformer_jax import cli  # pylint: disable=g-import-not-at-top
+  from transformer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  from transformer_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # (discard: nothing there)
+  monkeypatch.delenv("TJAX_VERBOSE", raising=False)
+  workdir, level = f"gs://{BUCKET}/w1", logging.getLogger("gcsfs").level
+  try:
+    for module, extra in ((train, []), (sample, []), (evaluate, ["--tasks=t.jsonl"])):
+      monkeypatch.setattr(sys, "argv", [module.__name__, f"--workdir={workdir}", *extra])
+      caplog.clear()
+      with pytest.raises(SystemExit) as e:
+        cli.run(module.main)
+      assert e.value.code == 2, module
+      assert capsys.readouterr().err == (f"error: --workdir={workdir} cannot be read: cannot "
+                                         "reach the storage server (Connect call failed "
+                                         "('127.0.0.1', 9))\n"), module
+      assert not [r for r in caplog.records if r.name.startswith("gcsfs")], module
+  finally:
+    logging.getLogger("gcsfs").setLevel(level)
+  key = types.SimpleNamespace(host="storage.googleapis.com", port=443, ssl=True)
+  dns = aiohttp.ClientConnectorDNSError(key, OSError(-2, "Name or service not known"))
+  assert paths.why(dns, workdir) == ("cannot reach the storage server (Cannot connect to host "
+                                     "storage.googleapis.com:443 ssl:default [Name or service "
+                                     "not known])")
+
+
+def test_resuming_in_a_missing_bucket_says_so(gcs):
+  """train --workdir=gs://MISSING/x without --config (the resume form) names the bucket, not
+  the --config flag; in a bucket that exists, a workdir without config.json still asks for
+  --config."""
+  from transformer_jax import train  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError) as e:
+    train.main(["--workdir=gs://no-such-bucket-tjax/x"])
+  assert str(e.value) == ("--workdir=gs://no-such-bucket-tjax/x: bucket gs://no-such-bucket-tjax "
+                          "does not exist (or these credentials cannot see it)")
+  with pytest.raises(ConfigError, match=r"^--config=FILE.py\[:ARG\] is required"):
+    train.main([f"--workdir=gs://{BUCKET}/fresh"])
+

@@ -141,12 +141,16 @@ def load_config(spec, overrides, workdir=None):
   if workdir:
     from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
     saved = paths.join(workdir, "config.json")  # a gs:// workdir's too
-    if paths.isfile(saved):
-      config = config_lib.from_json_file(saved)
+    with paths.storage_errors(workdir, f"--workdir={workdir} cannot be read", ConfigError):
+      config = config_lib.from_json_file(saved) if paths.isfile(saved) else None
+      missing = "" if config is not None else paths.missing_bucket(workdir)
+    if config is not None:
       for item in overrides:
         key, _, value = item.partition("=")
         config_lib.set_value(config, key, value)
       return config
+    if missing:  # (not the --config flag's fault)
+      raise ConfigError(f"--workdir={workdir}: {missing}")
   raise ConfigError("--config=FILE.py[:ARG] is required (or a --workdir with a saved config.json)")
 
 
@@ -204,11 +208,14 @@ def entry(main, compile_cache: bool = True):
 
 def run(main):
   """Runs main(argv); a ConfigError becomes `error: ...` on stderr and exit code 2.
-  Library chatter (absl INFO/WARNING from TFDS and Orbax) is hidden unless TJAX_VERBOSE=1."""
+  Library chatter (absl INFO/WARNING from TFDS and Orbax; gcsfs's retries and tracebacks of a
+  storage server out of reach, which our `error:` line names) is hidden unless TJAX_VERBOSE=1."""
   try:
     if not os.environ.get("TJAX_VERBOSE"):
       from absl import logging  # pylint: disable=g-import-not-at-top
       logging.set_verbosity(logging.FATAL)  # our errors say what happened; TJAX_VERBOSE=1: theirs
+      import logging as std_logging  # pylint: disable=g-import-not-at-top
+      std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
     return main(sys.argv[1:])
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -117,7 +117,10 @@ def main(argv):
     raise ConfigError("sample reads the workdir's config.json; it takes no --config or "
                       "--config.KEY")
   saved = paths.join(f["workdir"], "config.json")  # local or gs://
-  if not f["workdir"] or not paths.isfile(saved):
+  with paths.storage_errors(f["workdir"], f"--workdir={f['workdir']} cannot be read",
+                            ConfigError):
+    found = bool(f["workdir"]) and paths.isfile(saved)
+  if not found:
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {f['workdir']!r})")
   cli.check_flags(f, (("max_new_tokens", f["max_new_tokens"] >= 1, ">= 1"),
                       ("temperature", 0 <= f["temperature"] < float("inf"), "finite and >= 0"),

@@ -19,7 +19,10 @@ def main(argv):
   if not flags["workdir"]:
     raise ConfigError("--workdir=DIR is required")
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
-  if store.is_quantized(flags["workdir"]):  # its weights are no checkpoint that training reads
+  workdir = flags["workdir"]
+  with paths.storage_errors(workdir, f"--workdir={workdir} cannot be read", ConfigError):
+    quantized = store.is_quantized(workdir)  # (the first look at a gs:// one's storage)
+  if quantized:  # its weights are no checkpoint that training reads
     raise ConfigError(f"--workdir={flags['workdir']} is a quantized workdir (quantize's output); "
                       f"train in its source workdir, or a new one")
   config = cli.load_config(spec, overrides, flags["workdir"])

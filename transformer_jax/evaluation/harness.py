@@ -49,7 +49,9 @@ def text_model(trainer, params, *, batch_size: int = 0, padding: str = "right"):
 def read_config(workdir: str):
   """A training workdir's saved config (config.json)."""
   saved = paths.join(workdir or "", "config.json")  # local or gs://
-  if not workdir or not paths.isfile(saved):
+  with paths.storage_errors(workdir or "", f"--workdir={workdir} cannot be read", ConfigError):
+    found = bool(workdir) and paths.isfile(saved)
+  if not found:
     raise ConfigError(f"--workdir must be a training workdir with config.json (got {workdir!r})")
   config = config_lib.from_json_file(saved)
   resume.check_tokenizer(workdir, config.data.tokenizer)
