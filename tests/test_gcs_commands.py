@@ -1,8 +1,9 @@
 """Commands other than train with their files in a bucket (the local Cloud Storage emulator of
 tests/gcs_emulator.py; training's gs:// workdirs are tests/test_gcs.py's): data.tokenizer,
 data.corpus (and clean's --corpus and --out), evaluation tasks, data.data_dir, a Hugging Face
-directory for convert import and export, a sweep directory, the tokenizer command's --out and the
-compilation cache."""
+directory for convert import and export, a sweep directory, the tokenizer command's --out, the
+compilation cache and benchmark's --profile_dir; a --workdir whose storage server is out of reach
+or whose bucket is missing."""
 
 import json
 import os
@@ -422,3 +423,19 @@ def test_resuming_in_a_missing_bucket_says_so(gcs):
   with pytest.raises(ConfigError, match=r"^--config=FILE.py\[:ARG\] is required"):
     train.main([f"--workdir=gs://{BUCKET}/fresh"])
 
+
+def test_a_profile_dir_in_the_bucket(gcs):
+  """benchmark --profile --profile_dir=gs://...: the breakdown of the steps (the trace went to a
+  local folder named 'gs:', and the breakdown looked for it on the local disk: an error), and
+  the trace uploaded to the bucket."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
+  step, x = jax.jit(lambda a: jnp.tanh(a @ a) * 2.0), jnp.ones((64, 64))
+  runner = types.SimpleNamespace(jax=jax, program_text=lambda: step.lower(x).compile().as_text(),
+                                 next_batch=lambda: x,
+                                 run_step=lambda batch: step(batch).block_until_ready())
+  out = f"gs://{BUCKET}/profile"
+  report = benchmark._profile(runner, 2, out)  # pylint: disable=protected-access
+  assert "error" not in report and report["steps"] == 2, report
+  assert any(p.endswith(".xplane.pb") for p in paths.filesystem(out).find(out))
+  assert not os.path.exists("gs:")

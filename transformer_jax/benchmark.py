@@ -51,7 +51,8 @@ compile_ratio_vs_baseline.
 the device time of a step goes, by kernel class (matmul, attention, collective, copy, optimizer,
 fusion, idle) and the top ops (transformer_jax/perf/profile.py); the JSON gains profile (that
 breakdown, or {"error": ...} when the trace has no op of the step, e.g. a GPU without CUPTI).
-The trace (for TensorBoard or XProf) is kept in --profile_dir if given.
+The trace (for TensorBoard or XProf) is kept in --profile_dir if given (a gs:// one: written
+locally, read, then uploaded).
 
 --moe times an MoE config's step dropless, with capacity factor --moe_capacity and as the dense
 model of the same active parameters, side by side (transformer_jax/perf/moe_bench.py).
@@ -500,13 +501,15 @@ def _matmul_floor(runner, step_s):
 
 
 def _profile(runner, steps, trace_dir):
-  """`steps` of the runner's steps under JAX's profiler, broken down by perf/profile.py."""
+  """`steps` of the runner's steps under JAX's profiler, broken down by perf/profile.py. The
+  trace is kept in `trace_dir` if given: a gs:// one's is written to a local folder, read there
+  (the breakdown reads local files) and uploaded once read."""
   import tempfile  # pylint: disable=g-import-not-at-top
+  from transformer_jax.config import paths  # pylint: disable=g-import-not-at-top
   from transformer_jax.perf import profile  # pylint: disable=g-import-not-at-top
   hlo = runner.program_text()
-  with tempfile.TemporaryDirectory() as tmp:
-    where = trace_dir or tmp
-    try:  # a failed profile (no CUPTI on a GPU, a profiler already running) loses no timings
+  try:  # a failed profile (no CUPTI on a GPU, a profiler already running) loses no timings
+    with paths.local_folder(trace_dir) if trace_dir else tempfile.TemporaryDirectory() as where:
       runner.jax.profiler.start_trace(where)
       try:
         for i in range(steps):
@@ -516,9 +519,9 @@ def _profile(runner, steps, trace_dir):
       finally:
         runner.jax.profiler.stop_trace()
       report = profile.summarize(where, hlo)
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"profile: {type(e).__name__}: {e}", flush=True)
-      return {"error": f"{type(e).__name__}: {e}"}
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"profile: {type(e).__name__}: {e}", flush=True)
+    return {"error": f"{type(e).__name__}: {e}"}
   print(profile.table(report), flush=True)
   return report
 
