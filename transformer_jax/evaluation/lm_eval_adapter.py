@@ -72,8 +72,7 @@ class TransformerJaxLM(LM):
       context, kwargs = r.args[0], dict(r.args[1] or {})
       until = kwargs.get("until") or []
       until = [until] if isinstance(until, str) else list(until)
-      n = int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKENS))
-      n = min(n, max(self.text_model.max_len - 1, 1))
+      n = int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKENS))  # (generate caps it, and says so)
       out.extend(self.text_model.generate([context], until=until, max_new_tokens=n))
     return out
 

@@ -11,6 +11,7 @@ the train step: parameters stay sharded as they were restored.
 
 import contextlib
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,7 @@ class TextModel:
     self.prefix_lm = not self.is_seq2seq and objectives.flag(config.data, "PREFIX")
     self.max_len = int(config.model.max_len)
     self.batch_size, self.padding = batch_size, padding
+    self._noted_room = False  # generate's note that max_len cut max_new_tokens (said once)
     self.mesh, self.rules = mesh, rules
     self._batch_sharding = sharding.batch_sharding(mesh, rules) if mesh is not None else None
     self.multiple = sharding.length_multiple(mesh, rules) if mesh is not None else 1
@@ -207,7 +209,17 @@ class TextModel:
     """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
     tok = self.tokenizer
     reserve = len(self.request([], 0)[1]) + self.rebuilds_source  # the decoder head's framing
-    max_new_tokens = max(min(max_new_tokens, self.max_len - 1 - reserve), 1)
+    room = self.max_len - 1 - reserve
+    if not self.is_seq2seq:  # a decoder's prompt keeps up to half the model: an answer longer
+      # than the model leaves room for (lm-eval's default max_gen_toks is 256) read the last
+      # token of its prompt alone
+      longest = max((len(self.context_ids(self.encode(p))) for p in prompts), default=1)
+      room = self.max_len - min(longest, self.max_len // 2)
+    if max_new_tokens > room and not self._noted_room:
+      self._noted_room = True
+      print(f"note: generating at most {max(room, 1)} tokens, not {max_new_tokens}: "
+            f"model.max_len={self.max_len} holds the prompt too", file=sys.stderr)
+    max_new_tokens = max(min(max_new_tokens, room), 1)
     # (a prompt's trailing space moves into what is generated, as a context's does when scored:
     # training never put a lone space before a sentinel or eos)
     strip = str.rstrip if self.continues_source else str
