@@ -7,7 +7,11 @@
 # first. The rows left when DEADLINE (570 s) nears are skipped: ROWS_FROM=N starts at row N (a
 # second lease finishes the table).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_flags.sh          # ~10 minutes on an H200 (two leases)
+#   OUT=/tmp/out bash benchmarks/gpu_flags.sh          # ~10 minutes of rows on an H200: more
+#                                                      # than one 570 s command, so a task's
+#                                                      # 15 device minutes (starts included)
+#                                                      # finish the first rows, another task
+#                                                      # the rest with ROWS_FROM=N
 #   OUT=/tmp/out SMOKE=1 bash benchmarks/gpu_flags.sh  # tiny shapes on CPU (the GPU flags are
 #                                                      # parsed there too)
 # (--profile runs op by op, without command buffers: XLA's default while profiling, so its idle

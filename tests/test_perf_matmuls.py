@@ -102,6 +102,16 @@ def test_benchmark_matmul_floor_counts_the_steps_matmuls():
   assert bad.returncode == 2 and "--matmul_floor" in bad.stderr
 
 
+def test_the_matmul_floor_is_refused_off_cpu(monkeypatch):
+  """On a GPU XLA writes most GEMMs as cuBLAS custom-calls, which the floor (dot instructions)
+  does not read: its matmul_floor_s would leave them out. Refused, before any compile."""
+  from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ConfigError, match=r"^--matmul_floor reads XLA:CPU's dot instructions, not "
+                     r"a gpu's matmul kernels: use --profile there$"):
+    benchmark.main(["--config=configs/gpt2.py:tiny", "--matmul_floor"])
+
+
 @pytest.mark.parametrize("recipe, extra", [
     ("t5", []), ("t5", ["model.vocab_size=256"]), ("transformer", []), ("gpt2", []),
     ("gpt2", ["model.position=rotary", "model.attention_window=16", "data.seq_len=512",

@@ -347,6 +347,11 @@ def main(argv):
     return _compile_only(config, baseline_config, baseline_overrides, f["rounds"])
   if f["matmul_floor"] and config.mesh.cpu_devices > 1:
     raise ConfigError("--matmul_floor times one device's program: drop mesh.cpu_devices")
+  if f["matmul_floor"]:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.default_backend() != "cpu":  # (a GPU's GEMMs are cuBLAS custom-calls, not dots)
+      raise ConfigError(f"--matmul_floor reads XLA:CPU's dot instructions, not a "
+                        f"{jax.default_backend()}'s matmul kernels: use --profile there")
   baseline = config_lib.load(spec, overrides + baseline_overrides) if (
       baseline_overrides or reference_ops) else None
   print(json.dumps(_time_training(config, baseline, f, argv, reference_ops, baseline_overrides)))
