@@ -133,6 +133,27 @@ def test_bootstrap_intervals_contain_true_constants(name):
   assert len(fit3["bootstrap"]["samples"]["alpha"]) == 50
 
 
+def test_repeated_runs_count_once_and_are_averaged(tmp_path):
+  """Two sweeps' runs.jsonl joined (each run twice): 3 points passed the 6-run minimum and gave
+  a confident fit, and the bootstrap drew a repeated point twice as if it were two runs. Now
+  MIN_RUNS counts distinct (params, tokens) points, a point's loss is its runs' mean, and the
+  fit and its bootstrap are those of the distinct points."""
+  three = _rows(3)
+  with pytest.raises(ConfigError, match="too few runs for a fit: 6 runs at 3 distinct"):
+    fit_lib.fit_law(fit_lib.load_runs(_write_jsonl(tmp_path / "dup.jsonl", three + three)))
+  runs = isoflop_sweep(LAWS["Chinchilla"], seed=0)
+  twice = fit_lib.make_runs(*(np.r_[x, x] for x in (runs.params, runs.tokens)),
+                            np.r_[runs.loss * 1.01, runs.loss * 0.99],
+                            np.r_[runs.flops, runs.flops])
+  once = fit_lib.make_runs(runs.params, runs.tokens, runs.loss, runs.flops)
+  got, want = (fit_lib.fit_parametric(r, bootstrap=3) for r in (twice, once))
+  assert (got["runs"], got["points"]) == (70, 35)
+  for key, value in want["constants"].items():
+    assert got["constants"][key] == pytest.approx(value, rel=1e-6), key
+  assert got["bootstrap"]["samples"]["alpha"] == pytest.approx(
+      want["bootstrap"]["samples"]["alpha"], rel=1e-6)
+
+
 # --- Prediction, grouping, frontier laws ----------------------------------------------------------
 
 def _exact_fit(law):

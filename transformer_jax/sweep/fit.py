@@ -243,38 +243,60 @@ def constants_of(theta):
           "alpha": alpha, "beta": beta, "a": a, "b": b}
 
 
-def _check_parametric(runs: Runs):
-  if len(runs) < MIN_RUNS:
-    raise ConfigError(f"too few runs for a fit: {len(runs)}; L(N, D) = E + A/N^alpha + B/D^beta "
-                      f"has five constants, so at least {MIN_RUNS} runs are needed")
+def distinct(runs: Runs) -> Runs:
+  """One run per distinct (params, tokens) point, its loss the mean of that point's runs (a
+  rerun, or two sweeps' runs.jsonl joined): repeats are no new information, so counted as runs
+  they passed the MIN_RUNS check and a bootstrap drew the same point twice as if independent,
+  giving a confident fit of as few as 3 points."""
+  keys = np.stack([runs.params, runs.tokens], -1)
+  _, first, index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+  if len(first) == len(runs):
+    return runs
+  index = np.argsort(np.argsort(first))[index.reshape(-1)]  # the points in their runs' order
+  mean = lambda x: np.bincount(index, weights=x) / np.bincount(index)
+  return dataclasses.replace(runs.take(np.sort(first)), loss=mean(runs.loss),
+                             flops=mean(runs.flops))
+
+
+def _check_parametric(runs: Runs) -> Runs:
+  """The runs' distinct points (`distinct`), once they are enough to fit L(N, D)."""
+  points = distinct(runs)
+  if len(points) < MIN_RUNS:
+    raise ConfigError(f"too few runs for a fit: {len(runs)} runs at {len(points)} distinct "
+                      f"(params, tokens) points; L(N, D) = E + A/N^alpha + B/D^beta has five "
+                      f"constants, so at least {MIN_RUNS} distinct points are needed (a "
+                      f"repeated point's losses are averaged)")
   if len(np.unique(runs.params)) < 2 or len(np.unique(runs.tokens)) < 2:
     raise ConfigError("the runs need at least 2 distinct params and 2 distinct tokens values to "
                       "fit L(N, D)")
+  return points
 
 
 def fit_law(runs: Runs, delta=HUBER_DELTA, starts=8) -> dict:
   """Approach 3's point estimate: the best of L-BFGS-B runs from the `starts` best points of
   Chinchilla's initialization grid. Returns E, A, B, alpha, beta, a, b as floats."""
-  _check_parametric(runs)
-  return {k: float(v) for k, v in constants_of(_minimize(runs, delta, starts)[0]).items()}
+  points = _check_parametric(runs)
+  return {k: float(v) for k, v in constants_of(_minimize(points, delta, starts)[0]).items()}
 
 
 def fit_parametric(runs: Runs, delta=HUBER_DELTA, starts=8, bootstrap=200, seed=0, level=0.95):
-  """Approach 3 with `bootstrap` refits on runs resampled with replacement (each from its own 2
-  best grid points and the full fit's optimum), giving percentile intervals at `level`."""
-  _check_parametric(runs)
+  """Approach 3 with `bootstrap` refits on the distinct points resampled with replacement (each
+  from its own 2 best grid points and the full fit's optimum), giving percentile intervals at
+  `level`."""
+  points = _check_parametric(runs)
   if bootstrap < 1:
     raise ConfigError(f"bootstrap intervals need at least 1 resample, got {bootstrap}")
-  theta, objective = _minimize(runs, delta, starts)
+  theta, objective = _minimize(points, delta, starts)
   rng = np.random.default_rng(seed)
-  samples = np.array([_minimize(runs.take(rng.integers(0, len(runs), len(runs))), delta, 2,
-                                extra=[theta])[0] for _ in range(bootstrap)])
+  samples = np.array([_minimize(points.take(rng.integers(0, len(points), len(points))), delta,
+                                2, extra=[theta])[0] for _ in range(bootstrap)])
   draws = constants_of(samples)
   return {
       "constants": {k: float(v) for k, v in constants_of(theta).items()},
-      "unpinned": unpinned(theta, runs),
+      "unpinned": unpinned(theta, points),
       "intervals": {k: _interval(v, level) for k, v in draws.items()},
       "level": level, "huber_delta": delta, "objective": objective, "runs": len(runs),
+      "points": len(points),
       "bootstrap": {"resamples": bootstrap, "seed": seed,
                     "samples": {k: draws[k].tolist() for k in ("E", "A", "B", "alpha", "beta")}}}
 
