@@ -48,6 +48,13 @@ def test_sizes_that_round_to_one_shape_make_one_run(tmp_path):
      "overrides optimizer.warmup_steps=500 would be replaced"),
     ("s.grid = 'nd'", "grid=nd needs 'tokens'"),  # (a traceback)
     ("s.tokens = [1e6]", "'tokens' is for the other grid"),  # (ignored)
+    # (tracebacks: ZeroDivisionError, a math domain error, TypeError, ValueError)
+    ("s.sizes = [0]", r"sweep key sizes\[0\] must be a number > 0, got 0"),
+    ("s.sizes = [-5e4]", r"sweep key sizes\[0\] must be a number > 0, got -50000.0"),
+    ("s.lr_ref_params = 0", "sweep key lr_ref_params must be a number > 0, got 0"),
+    ("s.budgets = ['1.2e8']", r"sweep key budgets\[0\] must be a number, got '1.2e8'"),
+    ("s.budgets = [float('nan')]", r"sweep key budgets\[0\] must be a number > 0, got nan"),
+    ("s.head_dim = 0", "sweep key head_dim must be an int > 0, got 0"),
 ])
 def test_sweep_keys_the_plan_would_not_read_are_refused(tmp_path, change, message):
   """A misspelled key took its default, and an override of what the plan sets per run was
@@ -150,9 +157,29 @@ def test_written_configs_resume_as_the_plan_says(planned, tmp_path):
   plan_lib.write(planned[0], str(tmp_path))  # the same plan again: nothing changes
   run, config = planned[0][0]
   config = config_lib.from_json_file(str(tmp_path / run.name / "config.json"))
-  config.optimizer.learning_rate *= 10  # a changed sweep: its run's saved config would win
-  with pytest.raises(config_lib.ConfigError, match=f"holds another config .* run {run.name}"):
+  config.optimizer.learning_rate *= 10  # a corrected sweep, its runs never started: replanned
+  plan_lib.write([(run, config)] + planned[0][1:], str(tmp_path))  # (refused before)
+  saved = config_lib.from_json_file(str(tmp_path / run.name / "config.json"))
+  assert saved.optimizer.learning_rate == config.optimizer.learning_rate
+  (tmp_path / run.name / "metrics.jsonl").write_text("")  # started: its saved config would win
+  config.optimizer.learning_rate *= 10
+  with pytest.raises(config_lib.ConfigError, match=f"another config .* run {run.name}, which has"):
     plan_lib.write([(run, config)] + planned[0][1:], str(tmp_path))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.dropout_rate=1.5", "model.dropout_rate must be in"),  # (train's refusal, per run)
+    ("data.validation_fraction=0.0", "data.validation_fraction=0 holds out no documents"),
+])
+def test_plan_refuses_configs_train_would_refuse_or_fit_nothing_from(tmp_path, override, message):
+  """Each planned config was written unchecked: train refused every run; and with no held-out
+  data a run exited 0 with no eval_loss, was left out of runs.jsonl and rerun forever."""
+  sweep = tmp_path / "bad.py"
+  sweep.write_text(open(SWEEP).read().replace("def get_sweep():", "def _original():") + (
+      "\n\ndef get_sweep():\n  s = _original()\n  s.budgets = [5e12]\n  s.sizes = [1e5]\n"
+      f"  s.overrides = s.overrides + [{override!r}]\n  return s\n"))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    plan_lib.plan(str(sweep))
 
 
 def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_path):
@@ -195,32 +222,135 @@ def test_run_skips_finished_runs_and_resumes_interrupted_ones(tiny_data, tmp_pat
   assert b.returncode == 0 and "0 runs to go" in b.stdout and "2 of 2 runs finished" in b.stdout
 
 
-def test_a_stopped_sweep_stops_its_trains_so_a_rerun_resumes_them(tmp_path, monkeypatch):
-  """SIGTERM to `sweep run` alone (a scheduler's, `timeout`'s) left its train running without
-  a parent, holding the workdir's lock: now the train gets SIGTERM (and saves), the sweep
-  waits for it and exits 143."""
-  import signal  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
+# A fake train for the driver's tests: it writes each signal it gets to DIR/signals (and its
+# session id to DIR/session), saves (exit 143) 0.5 s after a SIGTERM (time for a second one to
+# land), or with IGNORE ignores SIGTERM; it never trains.
+FAKE_TRAIN = """import os, signal, sys, time
+out = sys.argv[1]
+open(os.path.join(out, 'session'), 'w').write(str(os.getsid(0)))
+def got(s, f):
+  open(os.path.join(out, 'signals'), 'a').write(f'{s} ')
+  if s == signal.SIGTERM and not IGNORE:
+    time.sleep(0.5)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, got)
+signal.signal(signal.SIGINT, got)
+print('training', flush=True)
+time.sleep(60)
+"""
+
+
+def _fake_sweep(tmp_path, monkeypatch, ignore_sigterm=False, code=None):
+  """The driver over one run "a" whose train is FAKE_TRAIN (or, with `code`, one that exits with
+  that status at once); returns the run module and the log files it opened."""
   from transformer_jax.sweep import run as run_lib  # pylint: disable=g-import-not-at-top
   (tmp_path / "a").mkdir()
-  child = ("import signal, sys, time\n"
-           "def stop(s, f):\n"
-           f"  open({str(tmp_path / 'saved')!r}, 'w').write(str(s)); sys.exit(143)\n"
-           "signal.signal(signal.SIGTERM, stop)\n"
-           "print('training', flush=True)\n"
-           "time.sleep(60)\n")
-  monkeypatch.setattr(run_lib, "load_plan", lambda d: [{"name": "a"}])
+  child = (f"import sys; sys.exit({code})" if code is not None else
+           f"IGNORE = {ignore_sigterm}\n" + FAKE_TRAIN)
+  monkeypatch.setattr(run_lib, "load_plan", lambda d: [{"name": "a", "steps": 4}])
   monkeypatch.setattr(run_lib, "status", lambda d, r: "pending")
-  monkeypatch.setattr(run_lib, "train_command", lambda d, r: [sys.executable, "-c", child])
-  threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+  monkeypatch.setattr(run_lib, "train_command",
+                      lambda d, r: [sys.executable, "-c", child, str(tmp_path)])
+  monkeypatch.setattr(run_lib, "STOP_WAIT_S", 20)
+  opened, real_open = [], run_lib._open_log  # pylint: disable=protected-access
+  monkeypatch.setattr(run_lib, "_open_log", lambda d, r: opened.append(real_open(d, r))
+                      or opened[-1])
+  return run_lib, opened
+
+
+def _signal_later(*delays_and_signals):
+  import threading  # pylint: disable=g-import-not-at-top
+  for delay, signum in delays_and_signals:
+    threading.Timer(delay, os.kill, (os.getpid(), signum)).start()
+
+
+@pytest.mark.parametrize("sent", [["SIGINT"], ["SIGTERM"], ["SIGTERM", "SIGTERM"]])
+def test_a_stopped_sweep_passes_one_sigterm_to_each_train_and_says_how_it_ended(
+    tmp_path, monkeypatch, sent):
+  """SIGINT to `sweep run` alone (kill -INT, timeout -s INT, an IDE's stop) was not passed on:
+  the train trained on until it was SIGKILLed, while the driver said it had saved; a SIGTERM to
+  the driver twice (a job's every process) raised in the handler (a traceback). Each train now
+  runs in its own session (a terminal's Ctrl-C reaches the driver alone) and gets exactly one
+  SIGTERM; the driver says how it ended and exits 128 + the first signal."""
+  import signal  # pylint: disable=g-import-not-at-top
+  run_lib, opened = _fake_sweep(tmp_path, monkeypatch)
+  before = signal.getsignal(signal.SIGTERM)
+  _signal_later(*[(3.0 + 0.2 * i, getattr(signal, name)) for i, name in enumerate(sent)])
   said = []
   with pytest.raises(SystemExit) as e:
     run_lib.run_all(str(tmp_path), say=said.append)
-  assert e.value.code == 143 and (tmp_path / "saved").read_text() == str(int(signal.SIGTERM))
-  assert said[-1].startswith("SIGTERM: stopped 1 running train(s)")
+  first = getattr(signal, sent[0])
+  assert e.value.code == 128 + first, said
+  assert (tmp_path / "signals").read_text() == f"{int(signal.SIGTERM)} ", said
+  assert int((tmp_path / "session").read_text()) != os.getsid(0)
+  assert "a: saved a checkpoint and stopped (exit 143)" in said
+  assert said[-1].startswith(f"{sent[0]}: stopped 1 running train(s) (1 saved")
   assert "training" in (tmp_path / "a" / "train.log").read_text()
-  handler = signal.getsignal(signal.SIGTERM)
-  assert handler is not run_lib._raise_stopped  # pylint: disable=protected-access
+  assert all(f.closed for f in opened) and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_second_ctrl_c_kills_the_trains_in_one_line_and_exits_130(tmp_path, monkeypatch):
+  """(a 30-line traceback of _Stopped, exit 1, the train waited for and train.log left open)"""
+  import signal  # pylint: disable=g-import-not-at-top
+  run_lib, opened = _fake_sweep(tmp_path, monkeypatch, ignore_sigterm=True)
+  _signal_later((3.0, signal.SIGINT), (4.0, signal.SIGINT))
+  said = []
+  with pytest.raises(SystemExit) as e:
+    run_lib.run_all(str(tmp_path), say=said.append)
+  assert e.value.code == 130
+  assert said[-1].startswith("SIGINT again: killed 1 running train(s) without waiting")
+  assert (tmp_path / "signals").read_text() == f"{int(signal.SIGTERM)} "
+  assert opened and all(f.closed for f in opened)
+
+
+def test_a_train_that_exits_0_without_a_final_eval_is_a_failure(tmp_path, monkeypatch):
+  """(no held-out data: "done", missing from runs.jsonl, and started again at every rerun)"""
+  run_lib, _ = _fake_sweep(tmp_path, monkeypatch, code=0)
+  said = []
+  assert run_lib.run_all(str(tmp_path), say=said.append) == 1
+  assert said[-1].startswith("FAILED (exit 0 but no eval_loss at its last step 4")
+
+
+def test_a_run_another_live_train_holds_is_skipped_not_failed(tmp_path, monkeypatch):
+  """Two drivers on one sweep, or a rerun after a driver's kill -9 (its trains live on): the
+  run's train was refused the workdir's lock and the run counted FAILED."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  run_lib, _ = _fake_sweep(tmp_path, monkeypatch, code=1)
+  with open(tmp_path / "a" / "lock", "w", encoding="utf-8") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write(json.dumps({"host": "h", "pid": 7, "since": "then", "command": "train"}))
+    held.flush()
+    said = []
+    assert run_lib.run_all(str(tmp_path), say=said.append) == 0
+  assert said == ["1 runs to go", "skip a: running elsewhere (pid 7 on h since then (train))"]
+  said.clear()
+  assert run_lib.run_all(str(tmp_path), say=said.append) == 1  # free again: started (exit 1)
+
+
+def test_a_corrupt_plan_is_one_line(tmp_path):
+  """(a JSONDecodeError traceback)"""
+  from transformer_jax.sweep import run as run_lib  # pylint: disable=g-import-not-at-top
+  (tmp_path / "plan.jsonl").write_text('{"name": "a", "steps": 4}\n{"name": "b", "st\n')
+  with pytest.raises(config_lib.ConfigError, match=r"plan.jsonl:2 is not valid JSON"):
+    run_lib.load_plan(str(tmp_path))
+
+
+def test_a_repeated_sigterm_is_one_preemption_a_repeated_sigint_aborts():
+  """A SIGTERM to a train and to its driver (scancel, systemd, kill -TERM -PGID), which passes
+  one on: the second SIGTERM aborted the train in the middle of its save. Ctrl-C twice still
+  aborts."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.preemption import Preemption  # pylint: disable=g-import-not-at-top
+  for first in (signal.SIGTERM, signal.SIGINT):
+    preemption = Preemption()
+    try:
+      preemption._handle(first, None)  # pylint: disable=protected-access
+      preemption._handle(signal.SIGTERM, None)  # pylint: disable=protected-access
+      assert preemption.reached(1) and preemption.signum == first
+      with pytest.raises(KeyboardInterrupt):
+        preemption._handle(signal.SIGINT, None)  # pylint: disable=protected-access
+    finally:
+      preemption.close()
 
 
 def test_plan_into_a_folder_that_cannot_be_made_is_one_line(tmp_path):

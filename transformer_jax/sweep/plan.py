@@ -26,6 +26,7 @@ import os
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
+from transformer_jax.data import corpus
 from transformer_jax.models import families
 from transformer_jax.perf import counting
 
@@ -81,11 +82,43 @@ def load_sweep(path: str):
   if other in sweep:  # it would be ignored
     raise ConfigError(f"{path}: {other!r} is for the other grid; grid={sweep.grid} reads "
                       f"{wanted!r}")
+  _check_numbers(path, sweep, wanted)
   base_file, sep, arg = sweep.base.partition(":")
   if not os.path.isfile(base_file) and os.path.isfile(os.path.join(root, base_file)):
     with sweep.unlocked():  # a base named relative to the repository, from any directory
       sweep.base = os.path.join(root, base_file) + sep + arg
   return sweep
+
+
+def _number(path, key, value, low=0.0, low_ok=False, high=math.inf, integer=False):
+  """`value` of sweep key `key` when it is a finite number in range; else a one-line error."""
+  kind = "an int" if integer else "a number"
+  if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+    raise ConfigError(f"{path}: sweep key {key} must be {kind}, got {value!r}")
+  if not (math.isfinite(value) and (low <= value if low_ok else low < value) and value < high):
+    bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
+    raise ConfigError(f"{path}: sweep key {key} must be {kind} {bound}, got {value!r}")
+  return value
+
+
+def _check_numbers(path, sweep, listed):
+  """The sweep's numbers, each checked (0 sizes were a ZeroDivisionError, a budget given as a
+  string a TypeError, a nan budget a ValueError: tracebacks, or a plan of nonsense)."""
+  for key in ("sizes", listed):
+    values = sweep[key]
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+      raise ConfigError(f"{path}: sweep key {key} must be a list of numbers, got {values!r}")
+    for i, value in enumerate(values):
+      _number(path, f"{key}[{i}]", value)
+  _number(path, "head_dim", sweep.head_dim, integer=True)
+  for key in ("aspect", "lr") + (("lr_ref_params",) if "lr_ref_params" in sweep else ()):
+    _number(path, key, sweep[key])
+  if "lr_exponent" in sweep:
+    _number(path, "lr_exponent", sweep.lr_exponent, low=-math.inf, low_ok=True)
+  if "warmup_fraction" in sweep:
+    _number(path, "warmup_fraction", sweep.warmup_fraction, low_ok=True, high=1.0)
+  if "min_steps" in sweep:
+    _number(path, "min_steps", sweep.min_steps, low=1, low_ok=True, integer=True)
 
 
 # Every run's shape follows its width: the base config's fixed sizes would stay the same at
@@ -175,23 +208,49 @@ def plan(sweep_path: str):
     config.optimizer.warmup_steps = max(1, int(sweep.get("warmup_fraction", 0.05) * steps))
     config.checkpoint.every_steps = max(1, min(config.checkpoint.every_steps, steps))
     config.eval.every_steps = steps  # one held-out evaluation, at the end: the fitted loss
+    config_lib.validate(config)  # (a config train refuses was planned, written and launched)
+    _check_held_out(config)
     runs.append((run, config))
   runs.sort(key=lambda rc: rc[0].flops)
   return runs, dropped
+
+
+def _check_held_out(config):
+  """A run's result is its final held-out eval_loss: a local corpus with
+  data.validation_fraction=0 has none, so its runs finished with no result (and, counted
+  unfinished, were started again at every `sweep run`)."""
+  sources = list(config.data.mixture) or [{}]
+  local = [s for s in sources if not s.get("corpus", config.data.corpus).startswith(
+      corpus.TFDS_PREFIX)]
+  if local and config.data.validation_fraction <= 0:
+    raise ConfigError("data.validation_fraction=0 holds out no documents of a local corpus: a "
+                      "sweep's runs are fitted on their final held-out eval_loss (leave it at "
+                      "its default, or set one > 0)")
+
+
+def _started(run_dir: str) -> bool:
+  """Whether a train has run in `run_dir` (a checkpoint or a metrics line): its config.json is
+  then the run's own, which a resume must keep."""
+  return (paths.exists(paths.join(run_dir, "checkpoints"))
+          or paths.exists(paths.join(run_dir, "metrics.jsonl")))
 
 
 def write(runs, out_dir: str):
   """DIR/NAME/config.json per run (train resumes from it: `--workdir=DIR/NAME`) and
   DIR/plan.jsonl, one line per run (DIR may be gs://...: config/paths.py)."""
   lines, texts = [], {run.name: config_lib.to_json(config) for run, config in runs}
-  for name, text in texts.items():  # never rewrite the config of a run that may have started,
-    path = paths.join(out_dir, name, "config.json")  # and never plan one it contradicts
+  stale = set()
+  for name, text in texts.items():  # never rewrite the config of a run that has started, and
+    path = paths.join(out_dir, name, "config.json")  # never plan one it contradicts
     if paths.exists(path) and paths.read_text(path) != text:
-      raise ConfigError(f"{path} holds another config than this plan's for run {name} (the "
-                        f"sweep changed since it was planned): plan into a new directory")
+      if _started(paths.join(out_dir, name)):
+        raise ConfigError(f"{path} holds another config than this plan's for run {name}, which "
+                          f"has started (the sweep changed since it was planned): plan into a "
+                          f"new directory")
+      stale.add(name)  # planned, never trained: a corrected sweep is planned again in place
   for run, _ in runs:
     path = paths.join(out_dir, run.name, "config.json")
-    if not paths.exists(path):
+    if run.name in stale or not paths.exists(path):
       paths.makedirs(paths.join(out_dir, run.name))
       paths.write_text(path, texts[run.name])
     lines.append(json.dumps(dataclasses.asdict(run)) + "\n")

@@ -5,6 +5,7 @@ metrics.jsonl holds the held-out evaluation at its last step. DIR may be gs://..
 the plan, the workdirs and runs.jsonl are in the bucket; a run's train.log is written locally while
 it runs and uploaded when it ends."""
 
+import fcntl
 import json
 import os
 import shlex
@@ -16,13 +17,27 @@ import time
 
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
+from transformer_jax.training import lock
 
 
 def load_plan(sweep_dir: str) -> list[dict]:
   path = paths.join(sweep_dir, "plan.jsonl")
   if not paths.isfile(path):
     raise ConfigError(f"{path} not found; run `python -m transformer_jax.sweep plan` first")
-  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+  runs = []
+  for lineno, line in enumerate(paths.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      run = json.loads(line)
+    except json.JSONDecodeError as e:  # (a traceback)
+      raise ConfigError(f"{path}:{lineno} is not valid JSON ({e.msg}): plan the sweep again "
+                        f"into this folder (finished runs are kept)") from None
+    if not isinstance(run, dict) or not {"name", "steps"} <= run.keys():
+      raise ConfigError(f"{path}:{lineno} is not a planned run (no name and steps): plan the "
+                        f"sweep again into this folder")
+    runs.append(run)
+  return runs
 
 
 def final_eval(workdir: str, steps: int):
@@ -68,67 +83,156 @@ def launch_command(sweep_dir: str, run: dict, launcher: str = "local",
 
 
 STOP_WAIT_S = 300  # how long a stopped sweep waits for its trains' checkpoints before SIGKILL
-
-
-class _Stopped(Exception):
-  def __init__(self, signum: int):
-    super().__init__(signum)
-    self.signum = signum
-
-
-def _raise_stopped(signum, frame):
-  del frame
-  raise _Stopped(signum)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
-  """Runs every unfinished run, `jobs` at a time; returns how many failed. On SIGTERM (passed on
-  to the running trains; Ctrl-C's SIGINT reaches them from the terminal) the sweep waits for
-  them to save their checkpoints and exits with 128 + the signal, so a re-run resumes them (an
-  orphaned train kept its workdir's lock, and the re-run called its run failed)."""
+  """Runs every unfinished run, `jobs` at a time; returns how many failed.
+
+  The trains run in their own sessions, so a terminal's Ctrl-C reaches the driver alone, and the
+  driver passes exactly one SIGTERM to each running train for its first SIGINT or SIGTERM (a
+  train's second SIGINT aborts it mid-save; a SIGINT it never got, sent to the driver alone,
+  left it training until STOP_WAIT_S ran out and it was killed unsaved). It then waits for them
+  to save, says how each ended, and exits with 128 + the signal, so a re-run resumes them. A second SIGINT meanwhile kills them (one line, exit 130); a second SIGTERM is
+  the same stop told twice (a job's every process signalled) and changes nothing. The handlers
+  only record the signal: raised from a handler, it could land between a train's start and its
+  bookkeeping (a train nobody stops) or inside a log's write."""
   todo = [r for r in load_plan(sweep_dir) if status(sweep_dir, r) != "done"]
   say(f"{len(todo)} runs to go")
-  running = []
-  previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
+  running, got = [], []
+  previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
   try:
-    return _run_loop(sweep_dir, todo, running, jobs, say)
-  except _Stopped as e:
-    for _, _, proc in running if e.signum == signal.SIGTERM else ():  # (a 2nd SIGINT: kill)
-      proc.send_signal(signal.SIGTERM)
-    for run, log, proc in running:
-      try:
-        proc.wait(timeout=STOP_WAIT_S)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-      _close_log(sweep_dir, run, log)
-    say(f"{signal.Signals(e.signum).name}: stopped {len(running)} running train(s) (each "
-        f"saved a checkpoint); run `sweep run` again to resume")
-    raise SystemExit(128 + e.signum) from None
+    failed = _run_loop(sweep_dir, todo, running, jobs, say, got)
+    if got:
+      _stop(sweep_dir, running, got, say)
+    return failed
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
+    for run, log, proc in running:  # (only after an error of the driver's own: never orphans)
+      proc.terminate()
+      _wait(proc, STOP_WAIT_S)
+      _close_log(sweep_dir, run, log)
 
 
-def _run_loop(sweep_dir, todo, running, jobs, say) -> int:
+def _run_loop(sweep_dir, todo, running, jobs, say, got) -> int:
   failed = 0
-  while todo or running:
-    while todo and len(running) < jobs:
+  while (todo or running) and not got:
+    while todo and len(running) < jobs and not got:
       run = todo.pop(0)
+      workdir = paths.join(sweep_dir, run["name"])
+      now, owner = status(sweep_dir, run), held_by(workdir)
+      if now == "done" or owner:  # (another driver's train: starting it again failed at once)
+        say(f"skip {run['name']}: " + ("finished elsewhere" if now == "done" else
+                                       f"running elsewhere ({owner})"))
+        continue
       log = _open_log(sweep_dir, run)
-      say(f"start {run['name']} ({status(sweep_dir, run)})")
+      say(f"start {run['name']} ({now})")
       running.append((run, log, subprocess.Popen(train_command(sweep_dir, run), stdout=log,
-                                                 stderr=subprocess.STDOUT)))
+                                                 stderr=subprocess.STDOUT,
+                                                 start_new_session=True)))
     time.sleep(0.5)
     for item in [r for r in running if r[2].poll() is not None]:
       run, log, proc = item
       running.remove(item)
       _close_log(sweep_dir, run, log)
-      ok = proc.returncode == 0
-      failed += not ok
-      say(f"{'done' if ok else f'FAILED (exit {proc.returncode})'} {run['name']}"
-          + ("" if ok else f"; see {paths.join(sweep_dir, run['name'], 'train.log')}"))
+      why = _failure(sweep_dir, run, proc.returncode)
+      failed += bool(why)
+      say(f"done {run['name']}" if not why else f"FAILED ({why}) {run['name']}; see "
+          f"{paths.join(sweep_dir, run['name'], 'train.log')}")
   return failed
+
+
+def _failure(sweep_dir: str, run: dict, code: int) -> str:
+  """Why a train that ended with `code` is not a result ("" when it is one)."""
+  if code != 0:
+    return _ending(code)
+  if final_eval(paths.join(sweep_dir, run["name"]), run["steps"]) is None:
+    # (exit 0 with no held-out documents: counted done, left out of runs.jsonl, rerun forever)
+    return (f"exit 0 but no eval_loss at its last step {run['steps']} in metrics.jsonl: no "
+            f"held-out data (data.validation_fraction=0?)")
+  return ""
+
+
+def _ending(code: int) -> str:
+  """A train's exit status in words (train exits 128 + the signal after saving on one)."""
+  if code == 0:
+    return "finished"
+  if code in {128 + s for s in STOP_SIGNALS}:
+    return f"saved a checkpoint and stopped (exit {code})"
+  if code < 0:
+    return f"killed by {signal.Signals(-code).name} before it saved (its last steps are lost)"
+  return f"exit {code}"
+
+
+def _wait(proc, timeout: float, got=()) -> bool:
+  """Waits up to `timeout` s for `proc`, then kills it. A SIGINT in `got` (the driver's signals)
+  after the first ends the wait at once: False (the caller kills), else True."""
+  deadline = time.monotonic() + timeout
+  while proc.poll() is None:
+    if signal.SIGINT in got[1:]:
+      return False
+    if time.monotonic() > deadline:
+      proc.kill()
+      proc.wait()
+      break
+    time.sleep(0.1)
+  return True
+
+
+def _stop(sweep_dir, running, got, say):
+  """One SIGTERM to each running train, then their ends (see run_all); raises SystemExit."""
+  first = signal.Signals(got[0])
+  for _, _, proc in running:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+  if running:
+    say(f"{first.name}: asked {len(running)} running train(s) to save a checkpoint and stop "
+        f"(up to {STOP_WAIT_S} s; Ctrl-C again kills them unsaved)")
+  if not all(_wait(proc, STOP_WAIT_S, got) for _, _, proc in running):
+    for run, log, proc in running:  # a second Ctrl-C: the user will not wait
+      proc.kill()
+      proc.wait()
+      _close_log(sweep_dir, run, log)
+    count = len(running)
+    running.clear()
+    say(f"SIGINT again: killed {count} running train(s) without waiting for their checkpoints; "
+        f"run `sweep run` again to resume them from their last saves")
+    raise SystemExit(128 + signal.SIGINT)
+  saved = 0
+  for run, log, proc in running:
+    _close_log(sweep_dir, run, log)
+    saved += proc.returncode in {0, *(128 + s for s in STOP_SIGNALS)}
+    say(f"{run['name']}: {_ending(proc.returncode)}")
+  count = len(running)
+  running.clear()
+  say(f"{first.name}: stopped {count} running train(s) ({saved} saved or finished); run "
+      f"`sweep run` again to resume")
+  raise SystemExit(128 + first)
+
+
+def held_by(workdir: str) -> str:
+  """Who holds `workdir`'s lock (training/lock.py), or "" when no live train does: a run that
+  another driver (or one killed with -9, whose trains live on) is training. A local lock is
+  probed with a shared flock, released at once (a train's exclusive one excludes it)."""
+  path = paths.join(workdir, "lock")
+  if paths.is_remote(workdir):
+    try:
+      owner = json.loads(paths.read_text(path))
+    except Exception:  # pylint: disable=broad-except  # none, torn or out of reach: not held
+      return ""
+    alive = isinstance(owner, dict) and lock._alive(owner)  # pylint: disable=protected-access
+    return lock._describe(path) if alive else ""  # pylint: disable=protected-access
+  try:
+    with open(path, encoding="utf-8") as f:
+      try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+      except BlockingIOError:
+        return lock._describe(path)  # pylint: disable=protected-access
+      fcntl.flock(f, fcntl.LOCK_UN)
+  except OSError:  # no lock file: never started
+    return ""
+  return ""
 
 
 def _open_log(sweep_dir: str, run: dict):

@@ -12,7 +12,8 @@ import transformer_jax
 
 class Preemption:
   """SIGTERM / SIGINT only set a flag: the loop finishes the step in flight, saves a checkpoint
-  (waiting for any async save) and returns, so re-running the same command resumes.
+  (waiting for any async save) and returns, so re-running the same command resumes. After that,
+  only SIGINT aborts (Ctrl-C twice); a repeated SIGTERM is ignored: one preemption, one save.
 
   With several processes they must all stop after the same step: SIGTERM then goes to JAX's
   preemption notifier (jax.distributed installs it), which agrees on that step with the other
@@ -26,8 +27,12 @@ class Preemption:
         self._old[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    if self.signum is not None:  # a second signal: the user insists
-      transformer_jax.interrupt(signum, frame)
+    if self.signum is not None:
+      # A second SIGINT is a user pressing Ctrl-C again: abort now. A second SIGTERM is the same
+      # preemption told twice (a job's every process signalled, and a parent, such as `sweep
+      # run`, passing its own on): aborting would cut the checkpoint it asked for short.
+      if signum == signal.SIGINT:
+        transformer_jax.interrupt(signum, frame)
       return
     if self.multi:
       self.signum = signal.SIGTERM
