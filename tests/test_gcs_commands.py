@@ -287,12 +287,16 @@ def test_a_sweep_directory_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch, 
   sweep_cli.main(["run", f"--dir={out}", "--print-commands"])
   assert capsys.readouterr().out == \
       f"python -m transformer_jax.train --workdir={out}/{second['name']}\n"
-  monkeypatch.setattr(run_lib, "train_command", lambda d, r: [sys.executable, "-c",
-                                                              f"print('trained {r['name']}')"])
+  # (a stand-in train that logs its final eval_loss into the bucket, as training does: one that
+  # exits 0 without it failed)
+  monkeypatch.setattr(run_lib, "train_command", lambda d, r: [sys.executable, "-c", (
+      "from transformer_jax.config import paths; import json; "
+      f"paths.write_text('{d}/{r['name']}/metrics.jsonl', json.dumps("
+      f"{{'step': {r['steps']}, 'eval_loss': 3.25}}) + '\\n'); print('trained {r['name']}')")])
   assert run_lib.run_all(out, say=lambda _: None) == 0
   assert paths.read_text(f"{out}/{second['name']}/train.log") == f"trained {second['name']}\n"
-  assert [json.loads(l)["loss"] for l in paths.read_text(run_lib.collect(out)).splitlines()] == \
-      [3.5]
+  assert sorted(json.loads(l)["loss"] for l in paths.read_text(
+      run_lib.collect(out)).splitlines()) == [3.25, 3.5]
   runs = isoflop_sweep(LAWS["Chinchilla"], seed=0)
   rows = [{"params": n, "tokens": d, "loss": l} for n, d, l in zip(runs.params, runs.tokens,
                                                                    runs.loss)]
