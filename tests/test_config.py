@@ -187,6 +187,10 @@ def test_a_file_where_a_folder_or_a_python_config_belongs_is_one_line(tmp_path):
   with pytest.raises(ConfigError, match=r"^\S+mine.py sets key\(s\) model.d_modle that are no "
                                         r"config keys \(a typo"):
     config_lib.load(str(recipe))
+  recipe.write_text("from transformer_jax.config import base\n\ndef get_config(arg=None):\n"
+                    "  c = base.get_config()\n  c.model.d_model = 'wide'\n  return c\n")
+  with pytest.raises(ConfigError, match=r"^\S+mine.py: Could not override field 'd_model'"):
+    config_lib.load(str(recipe))  # (ml_collections' TypeError was a traceback)
   recipe.write_text("def get_config(arg=None):\n  return {\n")
   with pytest.raises(ConfigError, match=r"^config file \S+mine.py, line 2: '\{' was never closed$"):
     config_lib.load(str(recipe))

@@ -55,6 +55,7 @@ def test_sizes_that_round_to_one_shape_make_one_run(tmp_path):
     ("s.budgets = ['1.2e8']", r"sweep key budgets\[0\] must be a number, got '1.2e8'"),
     ("s.budgets = [float('nan')]", r"sweep key budgets\[0\] must be a number > 0, got nan"),
     ("s.head_dim = 0", "sweep key head_dim must be an int > 0, got 0"),
+    ("s.budgets = 1.2e8", r"typo.py: Could not override field 'budgets'"),  # (a TypeError)
 ])
 def test_sweep_keys_the_plan_would_not_read_are_refused(tmp_path, change, message):
   """A misspelled key took its default, and an override of what the plan sets per run was

@@ -90,8 +90,8 @@ def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
     raise ConfigError(f"{path} defines no get_config(arg=None)")
   try:
     config = module.get_config(arg or None)
-  except (KeyError, ValueError) as e:  # e.g. an unknown size name
-    raise ConfigError(f"{spec}: {e}") from None
+  except (KeyError, ValueError, TypeError) as e:  # an unknown size name; a key given a value
+    raise ConfigError(f"{spec}: {e}") from None  # of another type (ml_collections' TypeError)
   unknown = unknown_keys(json.loads(to_json(config)))
   if unknown:  # a recipe's typo (model.d_modle = 64) was trained with, and saved
     raise ConfigError(f"{spec} sets key(s) {', '.join(unknown)} that are no config keys (a typo, "

@@ -62,7 +62,10 @@ def load_sweep(path: str):
   module = config_lib.exec_python_file(path, "sweep", root)
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"{path} defines no get_sweep()")
-  sweep = module.get_sweep()
+  try:
+    sweep = module.get_sweep()
+  except (KeyError, ValueError, TypeError) as e:  # e.g. s.budgets = 1.2e8 (ml_collections' type
+    raise ConfigError(f"{path}: {e}") from None  # check: a list was expected)
   for key in REQUIRED:
     if key not in sweep:
       raise ConfigError(f"{path}: sweep key {key!r} is missing")
