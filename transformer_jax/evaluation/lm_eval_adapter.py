@@ -65,15 +65,22 @@ class TransformerJaxLM(LM):
     return self.text_model.loglikelihood_rolling([r.args[0] for r in requests])
 
   def generate_until(self, requests, disable_tqdm: bool = False):
-    """Greedy; each request's gen_kwargs give `until` and `max_gen_toks`."""
+    """Greedy; each request's gen_kwargs give `until` and `max_gen_toks`. The requests that share
+    both are generated together (batched, a decoder's prompts of a length bucket in one
+    program); the results come back in the requests' order."""
     del disable_tqdm
-    out = []
-    for r in requests:  # one at a time: each has its own stop strings and budget
-      context, kwargs = r.args[0], dict(r.args[1] or {})
+    out, groups = [None] * len(requests), {}
+    for i, r in enumerate(requests):
+      kwargs = dict(r.args[1] or {})
       until = kwargs.get("until") or []
-      until = [until] if isinstance(until, str) else list(until)
+      until = (until,) if isinstance(until, str) else tuple(until)
       n = int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKENS))  # (generate caps it, and says so)
-      out.extend(self.text_model.generate([context], until=until, max_new_tokens=n))
+      groups.setdefault((until, n), []).append(i)
+    for (until, n), members in groups.items():
+      texts = self.text_model.generate([requests[i].args[0] for i in members],
+                                       until=list(until), max_new_tokens=n)
+      for i, text in zip(members, texts):
+        out[i] = text
     return out
 
 

@@ -206,7 +206,9 @@ class TextModel:
     return [self._truncate(*pair) for pair in pairs]
 
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations of prompt strings, cut at the first of `until` (and at eos)."""
+    """Greedy continuations of prompt strings, cut at the first of `until` (and at eos). A
+    `max_new_tokens` that model.max_len cannot hold after the call's longest prompt (kept to at
+    most half of it) is cut, for every prompt of the call, with a note."""
     tok = self.tokenizer
     reserve = len(self.request([], 0)[1]) + self.rebuilds_source  # the decoder head's framing
     room = self.max_len - 1 - reserve
@@ -248,17 +250,25 @@ class TextModel:
     (head None), or an encoder-decoder's source and the ids its decoder is given after its start
     token."""
     start = objectives.decoder_start(self.tokenizer) if self.is_seq2seq else None
+    # a decoder's prompts are left-padded to their bucket (one program per bucket, as scoring's);
+    # else sampling.generate takes equal-length prompts
+    padded = start is None and sampling.can_pad(self.model.cfg, self.prefix_lm)
     out, groups = [None] * len(requests), {}
-    for i, (row, head) in enumerate(requests):  # sampling.generate takes equal-length prompts
-      groups.setdefault((len(row), len(head or ())), []).append(i)
-    for members in groups.values():
+    for i, (row, head) in sorted(enumerate(requests), key=lambda r: len(r[1][0])):
+      width = bucket(len(row), self.max_len) if padded else len(row)
+      groups.setdefault((width, len(head or ())), []).append(i)
+    for (width, _), members in groups.items():
       for at in range(0, len(members), self.batch_size):
         chunk = members[at:at + self.batch_size]
         heads = None if start is None else [[start] + requests[i][1] for i in chunk]
+        prompts = [requests[i][0] for i in chunk]
+        if padded:  # (a last, short batch: filled with copies, one shape for the bucket)
+          prompts += prompts[:1] * (self.batch_size - len(prompts))
         with self._context():
-          new = sampling.generate(self.model, self.params, [requests[i][0] for i in chunk],
+          new = sampling.generate(self.model, self.params, prompts,
                                   max_new_tokens, temperature=0.0, eos_id=self.tokenizer.eos_id,
-                                  start_id=start, prefix=self.prefix_lm, decoder_ids=heads)
+                                  start_id=start, prefix=self.prefix_lm, decoder_ids=heads,
+                                  pad_to=width if padded else 0)
         for i, row in zip(chunk, new):
           out[i] = row
     return out

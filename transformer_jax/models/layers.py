@@ -325,9 +325,8 @@ class Attention(nn.Module):
     sparse = local and bool(c.global_tokens or c.random_blocks)
     offset = 0
     if decode and kv_BSD is None:
-      k_BSNK, v_BSNK, mask_BTS, offset = self._cache(k_BSNK, v_BSNK, mask_BTS)
-      s_len = k_BSNK.shape[1]
-      k_positions_BS = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (x.shape[0], s_len))
+      k_BSNK, v_BSNK, mask_BTS, offset, k_positions_BS = self._cache(
+          k_BSNK, v_BSNK, mask_BTS, positions_BT, segment_ids_BT)
     # Sparse patterns, and any window while decoding (queries offset in the cache), go in the
     # mask; the kernels then see no window.
     if sparse or (decode and local):
@@ -396,27 +395,34 @@ class Attention(nn.Module):
     return attention.sparse_mask(t, s, window, q_offset, q_positions_BT, k_positions_BS,
                                  c.global_tokens, blocks_QR, c.block_size)
 
-  def _cache(self, k_BTNK, v_BTNK, mask_BTT=None):
-    """Writes this call's keys/values at the cache index; returns the whole cache, its causal
-    mask (plus what `mask_BTT`, the call's own mask over its tokens, allows among them: a prefix
-    LM's prompt sees itself both ways) and the index the call's first query has."""
+  def _cache(self, k_BTNK, v_BTNK, mask_BTT, positions_BT, segment_ids_BT):
+    """Writes this call's keys/values, their positions and whether each is a token (segment id
+    not 0: a left-padded prompt's padding is none) at the cache index; returns the whole cache,
+    its causal mask over the tokens (plus what `mask_BTT`, the call's own mask over its tokens,
+    allows among them: a prefix LM's prompt sees itself both ways, padding its own padding), the
+    index the call's first query has, and the keys' positions."""
     is_init = self.has_variable("cache", "key")
     key = self.variable("cache", "key", jnp.zeros, k_BTNK.shape, k_BTNK.dtype)
     value = self.variable("cache", "value", jnp.zeros, v_BTNK.shape, v_BTNK.dtype)
+    where = self.variable("cache", "key_positions", jnp.zeros, k_BTNK.shape[:2], jnp.int32)
+    token = self.variable("cache", "key_is_token", jnp.zeros, k_BTNK.shape[:2], bool)
     index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-    t, s = k_BTNK.shape[1], key.value.shape[1]
+    b, t, s = k_BTNK.shape[0], k_BTNK.shape[1], key.value.shape[1]
     if not is_init:  # model.init(decode=True) only creates the cache (length = the input's)
-      return k_BTNK, v_BTNK, jnp.ones((k_BTNK.shape[0], t, t), bool), 0
+      return k_BTNK, v_BTNK, jnp.ones((b, t, t), bool), 0, positions_BT
     i = index.value
     key.value = jax.lax.dynamic_update_slice(key.value, k_BTNK, (0, i, 0, 0))
     value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK, (0, i, 0, 0))
+    where.value = jax.lax.dynamic_update_slice(where.value, positions_BT.astype(jnp.int32), (0, i))
+    is_token_BT = (jnp.ones((b, t), bool) if segment_ids_BT is None else segment_ids_BT != 0)
+    token.value = jax.lax.dynamic_update_slice(token.value, is_token_BT, (0, i))
     index.value = i + t
     mask_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
-    mask_BTS = jnp.broadcast_to(mask_TS[None], (k_BTNK.shape[0], t, s))
+    mask_BTS = mask_TS[None] & token.value[:, None, :]
     if mask_BTT is not None and t > 1 and mask_BTT.shape == mask_BTS.shape[:2] + (t,):
       own_BTS = jax.lax.dynamic_update_slice(jnp.zeros_like(mask_BTS), mask_BTT, (0, 0, i))
       mask_BTS = mask_BTS | own_BTS
-    return key.value, value.value, mask_BTS, i
+    return key.value, value.value, mask_BTS, i, where.value
 
 
 GATED = ("swiglu", "geglu")  # activations with a gate projection besides `up`
