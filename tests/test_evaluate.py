@@ -457,9 +457,9 @@ def test_lm_eval_adapter_agrees_with_evaluate(run, files, tmp_path):
   from lm_eval.api.model import TemplateLM  # pylint: disable=g-import-not-at-top
   theirs = types.SimpleNamespace(backend="causal", tok_encode=lm.encode)
   text = "def value(self, x):\n    return self.data  "
+  split = TemplateLM._encode_pair  # pylint: disable=protected-access
   for cut in range(1, len(text)):
-    assert lm.encode_pair(text[:cut], text[cut:]) == TemplateLM._encode_pair(  # pylint: disable=protected-access
-        theirs, text[:cut], text[cut:]), cut
+    assert lm.encode_pair(text[:cut], text[cut:]) == split(theirs, text[:cut], text[cut:]), cut
   # the command line's own batch_size (always given) does not clash with model_args'
   made = lm_eval_adapter.TransformerJaxLM.create_from_arg_string(
       f"workdir={run[0]},batch_size=4", {"batch_size": 1, "device": None})

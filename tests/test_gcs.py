@@ -198,7 +198,8 @@ def test_a_dropped_connection_while_restoring_is_the_storages_fault_not_the_chec
     assert isinstance(stop, ckpt_lib.WriteError), cause
     assert str(stop).startswith(f"reading checkpoint {step} from {reference[0]}/checkpoints "
                                 f"failed: {type(cause).__name__}")
-  assert ckpts._not_the_checkpoints(step, ValueError("bad JSON")) is None  # pylint: disable=protected-access
+  damaged = ValueError("bad JSON")  # (the checkpoint's own fault: set aside)
+  assert ckpts._not_the_checkpoints(step, damaged) is None  # pylint: disable=protected-access
 
 
 def test_the_lock_refuses_a_second_live_run_and_not_a_dead_ones_leftover(gcs, tiny_data):

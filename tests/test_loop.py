@@ -115,7 +115,8 @@ def test_no_window_after_the_first_step_times_a_compile(caplog):
   metrics, a skipped step and a new window (restart)."""
   from transformer_jax.training import throughput  # pylint: disable=g-import-not-at-top
   meter = throughput.Meter.__new__(throughput.Meter)  # (the bookkeeping alone: no trainer)
-  meter._t0, meter._mark, meter._first, meter._window = time.perf_counter(), None, {}, None  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  meter._t0, meter._mark, meter._first, meter._window = time.perf_counter(), None, {}, None
   meter.tokens_per_step, meter.flops_per_token, meter.peak_total = 2, 1.0, 1.0
   meter.sources = ["a", "b"]
   meter.restart()

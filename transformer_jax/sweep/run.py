@@ -93,8 +93,9 @@ def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
   driver passes exactly one SIGTERM to each running train for its first SIGINT or SIGTERM (a
   train's second SIGINT aborts it mid-save; a SIGINT it never got, sent to the driver alone,
   left it training until STOP_WAIT_S ran out and it was killed unsaved). It then waits for them
-  to save, says how each ended, and exits with 128 + the signal, so a re-run resumes them. A second SIGINT meanwhile kills them (one line, exit 130); a second SIGTERM is
-  the same stop told twice (a job's every process signalled) and changes nothing. The handlers
+  to save, says how each ended, and exits with 128 + the signal, so a re-run resumes them. A
+  second SIGINT meanwhile kills them (one line, exit 130); a second SIGTERM is the same stop
+  told twice (a job's every process signalled) and changes nothing. The handlers
   only record the signal: raised from a handler, it could land between a train's start and its
   bookkeeping (a train nobody stops) or inside a log's write."""
   todo = [r for r in load_plan(sweep_dir) if status(sweep_dir, r) != "done"]
