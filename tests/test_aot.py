@@ -170,18 +170,20 @@ def test_a_scanned_stack_of_mixed_windows_is_priced_as_it_runs():
   """Scanned, layers whose windows differ get them as traced values: every layer attends to all
   keys under a mask, as an all-global stack does. Its probes had static windows (skipping key
   blocks): 31 % of its FLOPs left out."""
-  common = ["--topology=v5e-4", "--config.model.num_layers=4", "--config.model.position=rotary",
-            "--config.model.attention_window=16", "--config.data.seq_len=512",
-            "--config.model.max_len=512", "--config.train.batch_size=4", "--config.mesh.data=4",
+  common = ["--topology=v5e-4", "--config.model.num_layers=2", "--config.model.position=rotary",
+            "--config.model.attention_window=16", "--config.data.seq_len=256",
+            "--config.model.max_len=256", "--config.train.batch_size=4", "--config.mesh.data=4",
             "--config.model.attention_impl=xla"]
   reports = []
-  for extra in (["--config.model.window_pattern=LLLG", "--config.model.scan_layers=True"],
+  for extra in (["--config.model.window_pattern=LG", "--config.model.scan_layers=True"],
                 ["--config.model.window_pattern=G", "--config.model.scan_layers=False"]):
     out = run_aot(*common, *extra)
     assert out.returncode == 0, out.stderr[-2000:]
     reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
   mixed, dense = (r["flops_per_step_per_chip"] for r in reports)
-  assert mixed == pytest.approx(dense, rel=0.03)
+  # (equal here; an all-local stack prices 5.1 % less: probes with static windows left out
+  # about half of that)
+  assert mixed == pytest.approx(dense, rel=0.005)
 
 
 def test_bad_topology_is_one_line_before_compiling():
