@@ -1,9 +1,11 @@
 """Sweep plans: shapes are valid, parameter counts are the model's, FLOPs follow the MFU formula."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -259,10 +261,26 @@ def _fake_sweep(tmp_path, monkeypatch, ignore_sigterm=False, code=None):
   return run_lib, opened
 
 
+@contextlib.contextmanager
 def _signal_later(*delays_and_signals):
+  """Sends this process each signal after its delay, inside the block. One that lands after the
+  code under test has returned (a loaded machine's late timer) is caught here, never by
+  pytest's handlers: a SIGTERM would end the xdist worker, a SIGINT the session."""
+  import signal  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
-  for delay, signum in delays_and_signals:
-    threading.Timer(delay, os.kill, (os.getpid(), signum)).start()
+  old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+  timers = [threading.Timer(delay, os.kill, (os.getpid(), signum))
+            for delay, signum in delays_and_signals]
+  try:
+    for timer in timers:
+      timer.start()
+    yield
+  finally:
+    for timer in timers:
+      timer.join()
+    time.sleep(0.1)  # (a signal just sent is handled at the main thread's next instruction)
+    for s, handler in old.items():
+      signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("sent", [["SIGINT"], ["SIGTERM"], ["SIGTERM", "SIGTERM"]])
@@ -275,11 +293,12 @@ def test_a_stopped_sweep_passes_one_sigterm_to_each_train_and_says_how_it_ended(
   SIGTERM; the driver says how it ended and exits 128 + the first signal."""
   import signal  # pylint: disable=g-import-not-at-top
   run_lib, opened = _fake_sweep(tmp_path, monkeypatch)
-  before = signal.getsignal(signal.SIGTERM)
-  _signal_later(*[(3.0 + 0.2 * i, getattr(signal, name)) for i, name in enumerate(sent)])
   said = []
-  with pytest.raises(SystemExit) as e:
-    run_lib.run_all(str(tmp_path), say=said.append)
+  with _signal_later(*[(3.0 + 0.2 * i, getattr(signal, name)) for i, name in enumerate(sent)]):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+      run_lib.run_all(str(tmp_path), say=said.append)
+    restored = signal.getsignal(signal.SIGTERM) == before
   first = getattr(signal, sent[0])
   assert e.value.code == 128 + first, said
   assert (tmp_path / "signals").read_text() == f"{int(signal.SIGTERM)} ", said
@@ -287,17 +306,17 @@ def test_a_stopped_sweep_passes_one_sigterm_to_each_train_and_says_how_it_ended(
   assert "a: saved a checkpoint and stopped (exit 143)" in said
   assert said[-1].startswith(f"{sent[0]}: stopped 1 running train(s) (1 saved")
   assert "training" in (tmp_path / "a" / "train.log").read_text()
-  assert all(f.closed for f in opened) and signal.getsignal(signal.SIGTERM) == before
+  assert all(f.closed for f in opened) and restored
 
 
 def test_a_second_ctrl_c_kills_the_trains_in_one_line_and_exits_130(tmp_path, monkeypatch):
   """(a 30-line traceback of _Stopped, exit 1, the train waited for and train.log left open)"""
   import signal  # pylint: disable=g-import-not-at-top
   run_lib, opened = _fake_sweep(tmp_path, monkeypatch, ignore_sigterm=True)
-  _signal_later((3.0, signal.SIGINT), (4.0, signal.SIGINT))
   said = []
-  with pytest.raises(SystemExit) as e:
-    run_lib.run_all(str(tmp_path), say=said.append)
+  with _signal_later((3.0, signal.SIGINT), (4.0, signal.SIGINT)):
+    with pytest.raises(SystemExit) as e:
+      run_lib.run_all(str(tmp_path), say=said.append)
   assert e.value.code == 130
   assert said[-1].startswith("SIGINT again: killed 1 running train(s) without waiting")
   assert (tmp_path / "signals").read_text() == f"{int(signal.SIGTERM)} "
