@@ -138,12 +138,14 @@ def test_label_smoothing_at_known_logits(e):
     {"position": "relative", "attention_window": 3},
     {"position": "rotary", "num_kv_heads": 2, "window_pattern": "LG", "attention_window": 3,
      "scan_layers": True, "rope_scaling": "dynamic", "rope_factor": 2.0},
+    {"family": "encdec", "position": "relative"},  # (its sources right-padded)
 ])
 def test_prompts_of_several_lengths_left_padded_in_one_batch_generate_what_each_would_alone(
     extra):
   """Evaluation batches a bucket's prompts (one program per bucket, not one per prompt length):
   each row is left-padded, its padding a segment of its own that no token reads, its positions
-  from 0 after it (in the cache too: windows, relative biases, dynamic RoPE's document length)."""
+  from 0 after it (in the cache too: windows, relative biases, dynamic RoPE's document length);
+  an encoder-decoder's sources are right-padded, as scoring pads them."""
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   config = config_lib.base.get_config()
   config.model.update({"num_layers": 2, "d_model": 64, "num_heads": 4, "num_kv_heads": 4,
@@ -155,11 +157,15 @@ def test_prompts_of_several_lengths_left_padded_in_one_batch_generate_what_each_
       lambda p, x: x * (300 if "relative" in jax.tree_util.keystr(p) else 3), params)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, 64, n).tolist() for n in (5, 19, 1)]
-  alone = [sampling.generate(model, params, [p], 6, temperature=0.0)[0] for p in prompts]
-  assert sampling.generate(model, params, prompts, 6, temperature=0.0, pad_to=32) == alone
+  seq2seq = {"start_id": 0} if "family" in extra else {}
+  alone = [sampling.generate(model, params, [p], 6, temperature=0.0, **seq2seq)[0]
+           for p in prompts]
+  assert sampling.generate(model, params, prompts, 6, temperature=0.0, pad_to=32,
+                           **seq2seq) == alone
   assert len({tuple(a) for a in alone}) == 3  # (three answers, not one)
-  with pytest.raises(ValueError, match="must be of one length"):  # (its prefix read both ways)
-    sampling.generate(model, params, prompts, 2, temperature=0.0, prefix=True)
+  if not seq2seq:
+    with pytest.raises(ValueError, match="must be of one length"):  # (its prefix: both ways)
+      sampling.generate(model, params, prompts, 2, temperature=0.0, prefix=True)
 
 
 def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_buckets():
@@ -188,6 +194,7 @@ def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_
   requests = [types.SimpleNamespace(args=(t, kwargs[j % 2])) for j, t in enumerate(texts)]
   before = sampling._generate._cache_size()  # pylint: disable=protected-access
   got = lm.generate_until(requests)
+  # (two gen_kwargs, one bucket: 4 and 3 rows, the 3 filled to 4)
   assert sampling._generate._cache_size() - before <= 2  # pylint: disable=protected-access
   assert got == [lm.generate_until([r])[0] for r in requests]
   assert len(set(got)) > 3 and {len(g) for g in got[1::2]} == {7}  # ("zz" never written)

@@ -250,9 +250,9 @@ class TextModel:
     (head None), or an encoder-decoder's source and the ids its decoder is given after its start
     token."""
     start = objectives.decoder_start(self.tokenizer) if self.is_seq2seq else None
-    # a decoder's prompts are left-padded to their bucket (one program per bucket, as scoring's);
-    # else sampling.generate takes equal-length prompts
-    padded = start is None and sampling.can_pad(self.model.cfg, self.prefix_lm)
+    # a decoder's prompts are left-padded to their bucket, an encoder-decoder's sources right-
+    # padded (one program per bucket, as scoring's); else sampling.generate takes equal lengths
+    padded = start is not None or sampling.can_pad(self.model.cfg, self.prefix_lm)
     out, groups = [None] * len(requests), {}
     for i, (row, head) in sorted(enumerate(requests), key=lambda r: len(r[1][0])):
       width = bucket(len(row), self.max_len) if padded else len(row)
@@ -262,8 +262,10 @@ class TextModel:
         chunk = members[at:at + self.batch_size]
         heads = None if start is None else [[start] + requests[i][1] for i in chunk]
         prompts = [requests[i][0] for i in chunk]
-        if padded:  # (a last, short batch: filled with copies, one shape for the bucket)
-          prompts += prompts[:1] * (self.batch_size - len(prompts))
+        if padded:  # (a short batch filled with copies to a power of two: few shapes a bucket)
+          fill = min(self.batch_size, 1 << (len(prompts) - 1).bit_length()) - len(prompts)
+          prompts += prompts[:1] * fill
+          heads = heads and heads + heads[:1] * fill
         with self._context():
           new = sampling.generate(self.model, self.params, prompts,
                                   max_new_tokens, temperature=0.0, eos_id=self.tokenizer.eos_id,

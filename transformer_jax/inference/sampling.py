@@ -84,21 +84,22 @@ def _generate(model, params, prompt_BT, rng, pads_B=None, *, max_new_tokens, tem
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_seq2seq(model, params, source_BS, decoder_BP, rng, *, max_new_tokens, temperature,
-                      top_k, top_p):
+def _generate_seq2seq(model, params, source_BS, decoder_BP, rng, sources_BS=None, *,
+                      max_new_tokens, temperature, top_k, top_p):
   """An encoder-decoder: the source is encoded once; the decoder is given decoder_BP (its start
   token, then any forced prefix) in one prefill, attending to that cached encoder output (its
-  own keys/values in the KV cache), then one token a step."""
+  own keys/values in the KV cache), then one token a step. `sources_BS`: the sources' segment
+  ids (0: right padding, which neither the encoder nor the decoder reads)."""
   b, p = decoder_BP.shape
-  encoded_BSD = model.apply({"params": params}, source_BS, method=model.encode)
+  encoded_BSD = model.apply({"params": params}, source_BS, sources_BS, method=model.encode)
   cache = model.init(jax.random.key(0), source_BS,
                      jnp.zeros((b, p + max_new_tokens - 1), jnp.int32),
                      decode=True)["cache"]
 
   def apply_fn(cache, tokens, step=None):
     del step  # (the decoder's positions: the cache's count of tokens fed)
-    logits, mutated = model.apply({"params": params, "cache": cache}, encoded_BSD, None, tokens,
-                                  decode=True, mutable=["cache"], method=model.decode)
+    logits, mutated = model.apply({"params": params, "cache": cache}, encoded_BSD, sources_BS,
+                                  tokens, decode=True, mutable=["cache"], method=model.decode)
     return logits, mutated["cache"]
 
   logits, cache = apply_fn(cache, decoder_BP)
@@ -134,8 +135,13 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
   row of `decoder_ids` (equal-length id lists the decoder is given, start token included);
   `prefix`: a prefix LM's, whose prompt is its prefix. A decoder's prompts (`can_pad`) may
   differ in length: they are left-padded to the longest, or to `pad_to` (one compiled program
-  for the prompts of a bucket), each generating what it would alone."""
-  pads = None
+  for the prompts of a bucket), each generating what it would alone; an encoder-decoder's
+  sources are right-padded alike (segment id 0, as scoring pads them)."""
+  pads = sources = None
+  if start_id is not None and (pad_to or len({len(p) for p in prompt_ids}) > 1):
+    width = max([pad_to] + [len(p) for p in prompt_ids])
+    sources = jnp.asarray([[1] * len(p) + [0] * (width - len(p)) for p in prompt_ids], jnp.int32)
+    prompt_ids = [list(p) + [0] * (width - len(p)) for p in prompt_ids]
   if start_id is None and (pad_to or len({len(p) for p in prompt_ids}) > 1):
     if not can_pad(model.cfg, prefix):
       raise ValueError("this model's prompts must be of one length (no left padding)")
@@ -156,7 +162,7 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
                     **kwargs)
   else:
     out = _generate_seq2seq(model, params, prompt_BT, jnp.asarray(decoder_ids, jnp.int32),
-                            jax.random.key(seed), **kwargs)
+                            jax.random.key(seed), sources, **kwargs)
   rows = []
   for row in distributed.fetch(out).tolist():  # (params across hosts: so may the output be)
     if eos_id is not None and eos_id in row:
