@@ -5,7 +5,6 @@ metrics.jsonl holds the held-out evaluation at its last step. DIR may be gs://..
 the plan, the workdirs and runs.jsonl are in the bucket; a run's train.log is written locally while
 it runs and uploaded when it ends."""
 
-import fcntl
 import json
 import os
 import shlex
@@ -122,7 +121,7 @@ def _run_loop(sweep_dir, todo, running, jobs, say, got) -> int:
     while todo and len(running) < jobs and not got:
       run = todo.pop(0)
       workdir = paths.join(sweep_dir, run["name"])
-      now, owner = status(sweep_dir, run), held_by(workdir)
+      now, owner = status(sweep_dir, run), lock.held_by(workdir)
       if now == "done" or owner:  # (another driver's train: starting it again failed at once)
         say(f"skip {run['name']}: " + ("finished elsewhere" if now == "done" else
                                        f"running elsewhere ({owner})"))
@@ -210,30 +209,6 @@ def _stop(sweep_dir, running, got, say):
   say(f"{first.name}: stopped {count} running train(s) ({saved} saved or finished); run "
       f"`sweep run` again to resume")
   raise SystemExit(128 + first)
-
-
-def held_by(workdir: str) -> str:
-  """Who holds `workdir`'s lock (training/lock.py), or "" when no live train does: a run that
-  another driver (or one killed with -9, whose trains live on) is training. A local lock is
-  probed with a shared flock, released at once (a train's exclusive one excludes it)."""
-  path = paths.join(workdir, "lock")
-  if paths.is_remote(workdir):
-    try:
-      owner = json.loads(paths.read_text(path))
-    except Exception:  # pylint: disable=broad-except  # none, torn or out of reach: not held
-      return ""
-    alive = isinstance(owner, dict) and lock._alive(owner)  # pylint: disable=protected-access
-    return lock._describe(path) if alive else ""  # pylint: disable=protected-access
-  try:
-    with open(path, encoding="utf-8") as f:
-      try:
-        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-      except BlockingIOError:
-        return lock._describe(path)  # pylint: disable=protected-access
-      fcntl.flock(f, fcntl.LOCK_UN)
-  except OSError:  # no lock file: never started
-    return ""
-  return ""
 
 
 def _open_log(sweep_dir: str, run: dict):

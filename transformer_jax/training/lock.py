@@ -193,6 +193,30 @@ def _acquire(workdir: str, path: str):
   return False, None, None
 
 
+def held_by(workdir: str) -> str:
+  """Who holds `workdir`'s lock, or "" when no live run does, without taking it (`sweep run`:
+  a run that another driver, or one killed with -9 whose trains live on, is training). A local
+  lock is probed with a shared flock, released at once (a train's exclusive one excludes it)."""
+  path = paths.join(workdir, "lock")
+  if paths.is_remote(workdir):
+    try:
+      owner = json.loads(paths.read_text(path))
+    except Exception:  # pylint: disable=broad-except  # none, torn or out of reach: not held
+      return ""
+    alive = isinstance(owner, dict) and _alive(owner)
+    return _describe(path) if alive else ""
+  try:
+    with open(path, encoding="utf-8") as f:
+      try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+      except BlockingIOError:
+        return _describe(path)
+      fcntl.flock(f, fcntl.LOCK_UN)
+  except OSError:  # no lock file: never started
+    return ""
+  return ""
+
+
 class LockLost(ConfigError):
   """Another run took over this run's gs:// lock (its heartbeat was out of reach too long)."""
 
