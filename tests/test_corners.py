@@ -2,6 +2,7 @@
 top-p filtering, label smoothing at known logits; generation's left-padded batches."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from transformer_jax.inference import sampling
 from transformer_jax.parallel import sharding
 from transformer_jax.training import optimizer
 from transformer_jax.training.step import Trainer, loss_parts, token_loss
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_MODEL
 from tests.test_step import random_batches
 
 
@@ -173,7 +174,6 @@ def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_
   prompts on a tiny model): the requests sharing gen_kwargs go together, a bucket's prompts in
   one program, each answer the one it gets alone, in the requests' order."""
   pytest.importorskip("lm_eval")
-  import types  # pylint: disable=g-import-not-at-top
   from transformer_jax.evaluation import lm_eval_adapter  # pylint: disable=g-import-not-at-top
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
@@ -198,3 +198,26 @@ def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_
   assert sampling._generate._cache_size() - before <= 2  # pylint: disable=protected-access
   assert got == [lm.generate_until([r])[0] for r in requests]
   assert len(set(got)) > 3 and {len(g) for g in got[1::2]} == {7}  # ("zz" never written)
+
+
+def test_a_decoders_generation_longer_than_the_model_keeps_half_the_model_for_its_prompt(
+    capsys):
+  """lm-eval asks 256 new tokens by default: on a model of max_len 32 the prompt was cut to its
+  last token (32 - 31), whatever it said. It keeps up to half the model (16 tokens here), the
+  answer the rest, with a note (once)."""
+  from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
+  config = config_lib.base.get_config()
+  config.model.update({**TINY_MODEL, "max_len": 32, "num_layers": 1, "position": "learned"})
+  config.data.update(add_bos=False)
+  model = families.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
+  tok = types.SimpleNamespace(bos_id=1, eos_id=-1, pad_id=0,
+                              encode=lambda t: [3 + ord(c) % 200 for c in t],
+                              decode=lambda ids: "".join(chr(97 + i % 26) for i in ids))
+  lm = scoring.TextModel(config, params, tok, batch_size=1)
+  text = "".join(chr(97 + i * 7 % 26) for i in range(40))
+  assert lm.generate([text], max_new_tokens=256) == lm.generate([text[-16:]], max_new_tokens=16)
+  assert len(lm.generate([text[:5]], max_new_tokens=256)[0]) == 32 - 5  # (a short prompt: more)
+  assert capsys.readouterr().err.count(
+      "note: generating at most 16 tokens, not 256: model.max_len=32 holds the prompt too") == 1

@@ -197,27 +197,6 @@ def test_a_prefix_lm_scores_and_generates_from_its_context_read_both_ways():
   assert plain == full[len(prompt):]
 
 
-def test_a_decoders_generation_longer_than_the_model_keeps_half_the_model_for_its_prompt(
-    capsys):
-  """lm-eval asks 256 new tokens by default: on a model of max_len 32 the prompt was cut to its
-  last token (32 - 31), whatever it said. It keeps up to half the model (16 tokens here), the
-  answer the rest, with a note (once)."""
-  config = config_lib.base.get_config()
-  config.model.update({**TINY_MODEL, "max_len": 32, "num_layers": 1, "position": "learned"})
-  config.data.update(add_bos=False)
-  model = families.build_model(config)
-  params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]
-  tok = types.SimpleNamespace(bos_id=1, eos_id=-1, pad_id=0,
-                              encode=lambda t: [3 + ord(c) % 200 for c in t],
-                              decode=lambda ids: "".join(chr(97 + i % 26) for i in ids))
-  lm = scoring.TextModel(config, params, tok, batch_size=1)
-  text = "".join(chr(97 + i * 7 % 26) for i in range(40))
-  assert lm.generate([text], max_new_tokens=256) == lm.generate([text[-16:]], max_new_tokens=16)
-  assert len(lm.generate([text[:5]], max_new_tokens=256)[0]) == 32 - 5  # (a short prompt: more)
-  assert capsys.readouterr().err.count(
-      "note: generating at most 16 tokens, not 256: model.max_len=32 holds the prompt too") == 1
-
-
 def test_a_seq2seq_source_longer_than_the_model_is_cut_as_scoring_cuts_it():
   """generate fed an encoder-decoder the whole source: past model.max_len learned positions the
   table lookup gave NaN. It keeps the last max_len tokens, as scoring does."""
