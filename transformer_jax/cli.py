@@ -190,8 +190,10 @@ def entry(main, compile_cache: bool = True):
   JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION of its memory; ours default it (yours win) to the
   share that `aot --topology=GPU` checks a program against and launch/gpu_slurm.sh sets, not
   to JAX's 0.75: a program that fits there fits here."""
+  helping = any(arg in ("--help", "-h") for arg in sys.argv[1:])  # (parse answers it: no jax)
   try:
-    reexec_with_tuned_malloc()
+    if not helping:
+      reexec_with_tuned_malloc()
     skip_absent_tpu()
   except KeyboardInterrupt:
     _interrupted()
@@ -199,7 +201,7 @@ def entry(main, compile_cache: bool = True):
   def prepared(argv):  # inside run: a Ctrl-C while these import is `interrupted` too
     from transformer_jax.perf import topology  # pylint: disable=g-import-not-at-top
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", topology.GPU_MEM_FRACTION)
-    if compile_cache:
+    if compile_cache and not helping:
       from transformer_jax.perf import caches  # pylint: disable=g-import-not-at-top
       caches.setup()
     return main(argv)
