@@ -123,8 +123,7 @@ def evaluate(lm, specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: s
     print(f"note: --num_fewshot={num_fewshot} does not apply to {', '.join(without)}: scored "
           f"without examples", file=sys.stderr)
   out = {}
-  for task in loaded:
-    name = task.name if task.name not in out else f"{task.name}_{len(out)}"
+  for task, name in zip(loaded, unique_names([t.name for t in loaded])):
     start = time.perf_counter()
     metrics = tasks_lib.run(task, lm, num_fewshot=num_fewshot, seed=seed)
     seconds = time.perf_counter() - start
@@ -132,6 +131,22 @@ def evaluate(lm, specs, *, num_fewshot: int = 0, limit: int = 0, fewshot_file: s
       n = len(task.examples)
       metrics.update(examples=n, seconds=round(seconds, 3), examples_per_s=n / max(seconds, 1e-9))
     out[name] = metrics
+  return out
+
+
+def unique_names(names: list[str]) -> list[str]:
+  """`names` with each repeat renamed NAME_k, k the first from 2 that no task is named and no
+  earlier repeat took (NAME_{position} could be another task's name, whose results it replaced)."""
+  taken, used, out = set(names), set(), []
+  for name in names:
+    new, k = name, 2
+    if name in used:
+      while f"{name}_{k}" in taken:
+        k += 1
+      new = f"{name}_{k}"
+    used.add(new)
+    taken.add(new)
+    out.append(new)
   return out
 
 
