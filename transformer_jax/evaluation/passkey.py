@@ -5,7 +5,8 @@ with "The pass key is 71432. Remember it. 71432 is the pass key." put at a chose
 start, 1 = just before the question), ending in "What is the pass key? The pass key is". The key
 counts as retrieved when the model, fed the prompt and the key (teacher forcing), predicts every
 token of the key: exactly what greedy decoding would write (tasks.py's passkey task scores it;
-`evaluate` reports the accuracy at each (length, depth); keys are seeded).
+`evaluate` reports `acc` over all rows and `acc_lenN_depthD` at each (length, depth), e.g.
+`acc_len80_depth0.5`; keys are seeded).
 """
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "

@@ -15,7 +15,8 @@ A task is a JSONL file, one example per line; its kind is recognized from its fi
   summarization    {"document", "summary"}: greedy generation after the document and "TL;DR:"
                    (GPT-2's cue; an encoder-decoder reads the document alone); rouge1, rouge2,
                    rougeLsum F-measures x 100 (Google's `rouge-score`, Porter stemming)
-  passkey          {"length", "depth"[, "key"]}: passkey.py's prompts; acc
+  passkey          {"length", "depth"[, "key"]}: passkey.py's prompts; acc (all rows) and
+                   acc_lenN_depthD (the rows of length N and depth D, e.g. acc_len80_depth0.5)
 
 `{"text"}` alone is read as perplexity; name cloze tasks `cloze:PATH`. Few-shot examples come from
 the task's train split (NAME_train.jsonl or NAME.train.jsonl next to NAME.jsonl, or a given file),
@@ -415,7 +416,12 @@ def _passkey(task, lm, k, seed):
       raise ConfigError(f"passkey length={row['length']} needs {len(prompt)} prompt tokens, more "
                         f"than model.max_len={lm.max_len} can score whole (the start, and a "
                         f"needle near it, would be cut off); {fix}")
-  return {"acc": float(np.mean([g for _, g in lm.ids_loglikelihood(pairs)]))}
+  found = [g for _, g in lm.ids_loglikelihood(pairs)]
+  at = {}  # (length, depth) -> whether each of its rows' key was found
+  for row, g in zip(task.examples, found):
+    at.setdefault((int(row["length"]), float(row["depth"])), []).append(g)
+  return {"acc": float(np.mean(found)),
+          **{f"acc_len{n}_depth{d:g}": float(np.mean(at[n, d])) for n, d in sorted(at)}}
 
 
 RUNNERS: dict[str, Callable] = {"multiple_choice": _multiple_choice, "cloze": _cloze,
