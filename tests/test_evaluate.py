@@ -559,7 +559,8 @@ def test_eval_tasks_too_long_for_the_model_are_refused_before_training(run, file
   """Measured at start-up (harness.check_tasks): they stopped the run at its first evaluation."""
   config = run[1].config.copy_and_resolve_references()
   long_answer = [{"context": "x =", "choices": ["1", " value" * config.model.max_len], "label": 0}]
-  for rows, message in ((long_answer, "a continuation of .* is longer than the model's"),
+  for rows, message in ((long_answer, r"^task '\d+' \(\S+\), example 1 choice 1: a continuation "
+                                      r"of \d+ tokens is longer than the model's"),
                         ([{"length": 4 * config.model.max_len, "depth": 0.5}], "passkey length")):
     config.eval.tasks = (_write(tmp_path / f"{len(message)}.jsonl", rows),)
     with pytest.raises(ConfigError, match=message):

@@ -198,12 +198,19 @@ class TextModel:
   def rows(self, pairs) -> list[tuple[list[int], ...]]:
     """The (context, continuation) ids the model reads for each pair, an encoder-decoder's
     (source, decoder head, continuation), or a one-line error for one it cannot score."""
-    if not all(pair[-1] for pair in pairs):  # log p 0: above every real continuation
-      raise ConfigError("a continuation with no tokens cannot be scored (an empty answer, or "
-                        "for an encoder-decoder one of spaces only, which its target drops)")
+    empty = next((i for i, pair in enumerate(pairs) if not pair[-1]), None)
+    if empty is not None:  # log p 0: above every real continuation
+      raise _refused(empty, "a continuation with no tokens cannot be scored (an empty answer, or "
+                     "for an encoder-decoder one of spaces only, which its target drops)")
     if self.is_seq2seq:
       pairs = [(p[0], self.target_head, p[1]) if len(p) == 2 else p for p in pairs]
-    return [self._truncate(*pair) for pair in pairs]
+    rows = []
+    for i, pair in enumerate(pairs):
+      try:
+        rows.append(self._truncate(*pair))
+      except ConfigError as e:
+        raise _refused(i, str(e)) from None
+    return rows
 
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
     """Greedy continuations of prompt strings, cut at the first of `until` (and at eos). A
@@ -377,6 +384,14 @@ class Lengths(TextModel):
 
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
     return [""] * len(prompts)
+
+
+def _refused(request: int, message: str) -> ConfigError:
+  """The ConfigError for a request that cannot be scored; its `request` (the pair's index in the
+  call) lets a task name the example it came from."""
+  error = ConfigError(message)
+  error.request = request
+  return error
 
 
 def _cut_ids(row: list[int], stops) -> list[int]:

@@ -307,12 +307,24 @@ def run(task: Task, lm, *, num_fewshot: int = 0, seed: int = 0) -> dict:
   return RUNNERS[task.kind](task, lm, num_fewshot, seed)
 
 
+def _loglikelihood(task, lm, pairs, examples: list[str]) -> list[tuple[float, bool]]:
+  """lm.loglikelihood(pairs); a pair it cannot score (an answer longer than the model) is a
+  one-line error naming the task and `examples[i]`, pair i's example ("example N[ choice K]")."""
+  try:
+    return lm.loglikelihood(pairs)
+  except ConfigError as e:
+    if getattr(e, "request", None) is None:
+      raise
+    raise ConfigError(f"task {task.name!r} ({task.path}), {examples[e.request]}: {e}") from None
+
+
 def _multiple_choice(task, lm, k, seed):
-  pairs = []
+  pairs, examples = [], []
   for i, row in enumerate(task.examples):
     prefix = fewshot_prefix(task, i, k, seed)
     pairs += [join(prefix + row["context"], choice) for choice in row["choices"]]
-  scores = [ll for ll, _ in lm.loglikelihood(pairs)]
+    examples += [f"example {i + 1} choice {c}" for c in range(len(row["choices"]))]
+  scores = [ll for ll, _ in _loglikelihood(task, lm, pairs, examples)]
   acc = acc_norm = 0
   at = 0
   for row in task.examples:
@@ -335,7 +347,7 @@ def _exp(nats: float) -> float:
 def _cloze(task, lm, k, seed):
   pairs = [_split_last_word(fewshot_prefix(task, i, k, seed) + row["text"])
            for i, row in enumerate(task.examples)]
-  out = lm.loglikelihood(pairs)
+  out = _loglikelihood(task, lm, pairs, [f"example {i + 1}" for i in range(len(pairs))])
   lls = np.array([ll for ll, _ in out])
   return {"acc": float(np.mean([g for _, g in out])),
           "perplexity": _exp(-lls.mean())}
