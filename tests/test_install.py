@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,12 @@ def test_every_command_answers_help_and_tjax_lists_and_dispatches_them():
       "error: unknown command 'trian'; commands: " + ", ".join(tjax.COMMANDS))
   with open(os.path.join(REPO, "pyproject.toml")) as f:
     assert 'tjax = "transformer_jax.__main__:main"' in f.read()
+
+
+def test_the_build_needs_the_setuptools_that_reads_its_license():
+  """`license = "Apache-2.0"` (an SPDX string, PEP 639) needs setuptools 77: an older one, as an
+  offline `pip wheel --no-build-isolation` takes, failed on it (metadata-generation-failed)."""
+  with open(os.path.join(REPO, "pyproject.toml")) as f:
+    text = f.read()
+  assert re.search(r'^license = "', text, re.M)
+  assert int(re.search(r'^requires = \["setuptools>=(\d+)', text, re.M).group(1)) >= 77
