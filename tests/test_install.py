@@ -1,4 +1,5 @@
-"""The package as pip installs it (not editable): it carries its own defaults."""
+"""The package as pip installs it (not editable): it carries its own defaults; its commands and
+their shared command line (cli.parse, and how a job's processes find each other)."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -80,3 +83,20 @@ def test_the_build_needs_the_setuptools_that_reads_its_license():
     text = f.read()
   assert re.search(r'^license = "', text, re.M)
   assert int(re.search(r'^requires = \["setuptools>=(\d+)', text, re.M).group(1)) >= 77
+
+
+def test_repeated_and_bare_config_overrides_are_refused_as_the_scripts_refuse_them():
+  from transformer_jax import cli  # pylint: disable=g-import-not-at-top
+  from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  flags = {"workdir": "", "if_missing": False}
+  assert cli.parse(["--config.train.steps=5", "--config.train.steps", "5"], flags)[1] == [
+      "train.steps=5"]  # the same value twice: one override
+  for argv, error in [
+      (["--config.train.steps=5", "--config.train.steps=7"],
+       "--config.train.steps given twice ('5', '7'); give one"),  # (the last one won)
+      (["--config=c.py", "--config.data.tokenizer", "--if_missing"],  # (set to '')
+       "--config.data.tokenizer needs a value: --config.data.tokenizer=VALUE or "
+       "--config.data.tokenizer VALUE")]:
+    with pytest.raises(ConfigError) as e:
+      cli.parse(argv, flags)
+    assert str(e.value) == error
