@@ -100,3 +100,32 @@ def test_repeated_and_bare_config_overrides_are_refused_as_the_scripts_refuse_th
     with pytest.raises(ConfigError) as e:
       cli.parse(argv, flags)
     assert str(e.value) == error
+
+
+def test_how_the_processes_of_a_job_find_each_other():
+  """SLURM: only a job step's processes (srun: SLURM_STEP_NODELIST, which JAX's detection
+  reads) are a multi-process job; a process of the allocation itself (salloc's shell, a batch
+  script's own command) runs alone (it was a 23-line JAX traceback). TJAX_* variables and the
+  flags combine; TJAX_DISTRIBUTED opts out in any spelling of off."""
+  from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  allocation = {"SLURM_JOB_ID": "5", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0"}
+  assert distributed.detect(environ=allocation) is None
+  assert distributed.detect(environ=dict(allocation, SLURM_STEP_NODELIST="n[1-2]")) == {}
+  for off in ("off", "OFF", "no", "0", "false"):
+    assert distributed.detect(environ=dict(allocation, SLURM_STEP_NODELIST="n1",
+                                           TJAX_DISTRIBUTED=off)) is None, off
+  env = {"TJAX_COORDINATOR": "h:1", "TJAX_NUM_PROCESSES": "2"}
+  assert distributed.detect(process_id=1, environ=env) == {
+      "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+  for kwargs, environ, error in [
+      ({"process_id": 1}, dict(env, TJAX_PROCESS_ID="0"),
+       "--process_id=1 and TJAX_PROCESS_ID=0 disagree: drop one"),
+      ({"process_id": 1}, {"TJAX_COORDINATOR": "h:1"}, "--num_processes (or TJAX_NUM_PROCESSES)"
+       " not set (an explicit multi-process run needs all three)"),
+      ({}, {"TJAX_DISTRIBUTED": "maybe"}, "TJAX_DISTRIBUTED='maybe' must be off (or no, 0, "
+       "false) or auto")]:
+    with pytest.raises(ConfigError) as e:
+      distributed.detect(**kwargs, environ=environ)
+    assert str(e.value) == error

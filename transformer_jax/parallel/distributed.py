@@ -2,11 +2,14 @@
 
 Every process of a job runs the same command. How the processes find each other:
   explicit   TJAX_COORDINATOR=HOST:PORT, TJAX_NUM_PROCESSES=N, TJAX_PROCESS_ID=I (launch/local.sh
-             sets these; `python -m transformer_jax.train` also takes them as flags)
-  SLURM      a job step with more than one task: JAX reads SLURM_* itself
+             sets these; `python -m transformer_jax.train` also takes them as flags, each flag
+             in place of its variable)
+  SLURM      a job step (srun) with more than one task: JAX reads SLURM_* itself. A process of
+             an allocation outside any step (salloc's shell, an sbatch script's own commands)
+             is a single process: nothing starts its peers, and JAX finds no step to join
   Cloud TPU  a TPU VM (/dev/accel* or /dev/vfio present): JAX reads the VM's metadata itself
   none       a single process (the default on a laptop)
-TJAX_DISTRIBUTED=off skips all of it.
+TJAX_DISTRIBUTED=off (or no, 0, false; any case) skips all of it.
 """
 
 import glob
@@ -35,25 +38,57 @@ def _explicit(coordinator, num_processes, process_id):
   return {"coordinator_address": coordinator, "num_processes": n, "process_id": i}
 
 
+# What JAX's SLURM detection (jax/_src/clusters/slurm_cluster.py) reads: SLURM_STEP_NODELIST
+# exists inside a job step only (srun), not in an allocation's own shell or batch script.
+SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+              "SLURM_LOCALID")
+OFF, ON = ("off", "no", "0", "false"), ("auto", "on", "yes", "1", "true", "")
+
+
+def _switch(env) -> bool:
+  """Whether TJAX_DISTRIBUTED lets a multi-process start happen (default auto)."""
+  value = env.get("TJAX_DISTRIBUTED", "auto")
+  if value.strip().lower() not in OFF + ON:
+    raise ConfigError(f"TJAX_DISTRIBUTED={value!r} must be off (or no, 0, false) or auto")
+  return value.strip().lower() not in OFF
+
+
+def _merged(flags, env) -> list:
+  """The explicit settings, each from its flag or else its TJAX_* variable ('' when neither);
+  a flag and a variable that disagree are refused (one of them is stale)."""
+  values = []
+  for (flag, value, unset), name in zip(flags, ENV):
+    given = str(value) if value != unset else ""
+    if given and name in env and env[name] != given:
+      raise ConfigError(f"--{flag}={given} and {name}={env[name]} disagree: drop one")
+    values.append(given or env.get(name, ""))
+  return values
+
+
 def detect(coordinator="", num_processes=0, process_id=-1, environ=None):
   """The keyword arguments for jax.distributed.initialize, or None for a single process.
-  Flags win over TJAX_* variables, which win over SLURM and Cloud TPU detection."""
+  Flags and TJAX_* variables (each flag in place of its variable) win over SLURM and Cloud
+  TPU detection."""
   env = os.environ if environ is None else environ
-  explicit = coordinator or num_processes or process_id >= 0
-  if env.get("TJAX_DISTRIBUTED", "auto") == "off":
+  flags = (("coordinator", coordinator, ""), ("num_processes", num_processes, 0),
+           ("process_id", process_id, -1))
+  explicit = any(value != unset for _, value, unset in flags)
+  if not _switch(env):
     if explicit:  # the flags were dropped: each process ran alone
-      raise ConfigError("TJAX_DISTRIBUTED=off, but --coordinator/--num_processes/--process_id "
-                        "ask for a multi-process run: drop one or the other")
+      raise ConfigError(f"TJAX_DISTRIBUTED={env['TJAX_DISTRIBUTED']}, but --coordinator/"
+                        "--num_processes/--process_id ask for a multi-process run: drop one or "
+                        "the other")
     return None
-  if explicit:
-    return _explicit(coordinator, num_processes, process_id)
-  if any(k in env for k in ENV):
-    missing = [k for k in ENV if k not in env]
+  if explicit or any(k in env for k in ENV):
+    values = _merged(flags, env)
+    missing = [f"--{flag} (or {name})" for (flag, _, _), name, value in zip(flags, ENV, values)
+               if value == ""]
     if missing:
-      raise ConfigError(f"{', '.join(missing)} not set (explicit multi-process runs need all of "
-                        f"{', '.join(ENV)})")
-    return _explicit(*(env[k] for k in ENV))
-  if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+      raise ConfigError(f"{', '.join(missing)} not set (an explicit multi-process run needs "
+                        "all three)")
+    return _explicit(*values)
+  if all(k in env for k in SLURM_STEP) and env["SLURM_NTASKS"].isdigit() and int(
+      env["SLURM_NTASKS"]) > 1:
     return {}
   if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
     return {}
