@@ -46,7 +46,7 @@ ENTRY_POINTS = {  # command -> a flag its --help must list
     "train": "--workdir=''", "sample": "--max_new_tokens=64", "tokenizer": "--vocab_size=0",
     "aot": "--topology=''", "benchmark": "--steps=10", "convert": "export --workdir=W",
     "sweep": "predict  --fit=DIR", "evaluate": "--num_fewshot=0", "clean": "--workers=1",
-    "quantize": "--mode='int8'", "inspect": "--top_k=5"}
+    "quantize": "--mode='int8'", "inspect": "--top_k=5", "config": "--workdir=''"}
 
 
 def _run(*args):
@@ -69,6 +69,8 @@ def test_every_command_answers_help_and_tjax_lists_and_dispatches_them():
   dispatched = _run("transformer_jax", "sample", "--help")
   assert dispatched.returncode == 0 and "--max_new_tokens=64" in dispatched.stdout
   assert dispatched.stdout.startswith("Generate text from a workdir")
+  dispatched = _run("transformer_jax", "config", "--help")  # (an unknown command)
+  assert dispatched.stdout.startswith("`python -m transformer_jax.config --config="), dispatched
   bad = _run("transformer_jax", "trian")
   assert bad.returncode == 2 and bad.stderr.strip() == (
       "error: unknown command 'trian'; commands: " + ", ".join(tjax.COMMANDS))

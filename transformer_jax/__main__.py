@@ -24,6 +24,7 @@ COMMANDS = {
     "aot": ("transformer_jax.aot", "compile a config for a TPU pod or GPU host: does it fit?"),
     "benchmark": ("transformer_jax.benchmark", "time training steps (and compare with peers)"),
     "sweep": ("transformer_jax.sweep", "scaling-law sweeps: plan, run, fit, predict"),
+    "config": ("transformer_jax.config", "check a config without devices or data (as train does)"),
 }
 
 
