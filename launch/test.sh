@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole test suite (CPU; 8 simulated devices for the mesh tests), in .venv with the test
 # extras, on two worker processes (pytest-xdist). Extra arguments go to pytest, e.g.
-# `bash launch/test.sh -k resume`.
+# `bash launch/test.sh -k resume`; test paths among them run those tests only
+# (`bash launch/test.sh tests/test_launch.py`; without any, pytest runs pyproject's testpaths).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/_venv.sh
@@ -17,4 +18,4 @@ if [[ "$(uname -sm)" == "Linux x86_64" && ! -f "$TJAX_CUDA_AOT/.jax-$jax_version
   python -m pip install -q --no-deps --target "$TJAX_CUDA_AOT" "jax-cuda12-plugin==$jax_version" \
     "jax-cuda12-pjrt==$jax_version" && touch "$TJAX_CUDA_AOT/.jax-$jax_version"
 fi
-exec python -m pytest tests -q -n 2 --dist worksteal "$@"
+exec python -m pytest -q -n 2 --dist worksteal "$@"

@@ -1,5 +1,6 @@
 """The package as pip installs it (not editable): it carries its own defaults; its commands and
-their shared command line (cli.parse, and how a job's processes find each other)."""
+their shared command line (cli.parse, and how a job's processes find each other); the pytest
+command launch/test.sh runs in the .venv it installs."""
 
 import json
 import os
@@ -131,3 +132,31 @@ def test_how_the_processes_of_a_job_find_each_other():
     with pytest.raises(ConfigError) as e:
       distributed.detect(**kwargs, environ=environ)
     assert str(e.value) == error
+
+
+def test_test_sh_runs_the_paths_it_is_given_and_else_the_whole_suite(tmp_path):
+  """launch/test.sh passed `tests` before the arguments: `bash launch/test.sh tests/x.py` ran
+  the whole suite too. Here in a stand-in checkout whose .venv's python prints its argv."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  venv = tmp_path / ".venv"
+  (venv / "cuda_aot").mkdir(parents=True)
+  (tmp_path / "launch").mkdir()
+  for name in ("launch/test.sh", "launch/_venv.sh", "pyproject.toml"):
+    (tmp_path / name).write_text(open(f"{REPO}/{name}").read())
+  digest = hashlib.sha1((tmp_path / "pyproject.toml").read_bytes()).hexdigest()[:12]
+  for name, text in [(f".installed-{digest}-test", ""), ("cuda_aot/.jax-0.0", ""),
+                     ("bin/activate", f'PATH="{venv}/bin:$PATH"\n'),
+                     ("bin/python", '#!/bin/sh\n[ "$1" = -c ] && echo 0.0 || echo "$@"\n')]:
+    (venv / name).parent.mkdir(exist_ok=True)
+    (venv / name).write_text(text)
+  (venv / "bin" / "python").chmod(0o755)
+
+  def pytest_argv(*args):
+    r = subprocess.run(["bash", f"{tmp_path}/launch/test.sh", *args], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+  # no path: pytest runs pyproject's testpaths (["tests"]) from the checkout's root
+  assert pytest_argv("-ra") == ["-m", "pytest", "-q", "-n", "2", "--dist", "worksteal", "-ra"]
+  assert "tests" not in pytest_argv("tests/test_launch.py::test_help", "-k", "tpu")
