@@ -67,7 +67,8 @@ REMOTE_DIR="transformer_jax"  # on every worker, relative to the home directory
 
 # ---- on a worker (what step 3 runs there) ----
 on_worker() {
-  local setup="" wid log rc
+  local setup="" log rc
+  # (global: the EXIT trap runs after a `set -e` exit has unwound this function's locals)
   wid="$(curl -sf -H 'Metadata-Flavor: Google' \
     http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
     || hostname)"

@@ -205,10 +205,12 @@ def test_a_workers_early_error_is_its_status_and_counts_have_no_leading_zero(fak
   """A mistake on a worker before the train command (here: no CONFIG and no config.json) says
   its status line too: with several workers gcloud exits 0, and without the line the run looked
   lost (255) and was retried. --retries 08 was read as octal (an endless retry loop)."""
-  r = subprocess.run(["bash", "launch/tpu_vm.sh", "--on-worker", "--", "--workdir",
-                      str(fake_bin / "none")], cwd=REPO, capture_output=True, text=True,
-                     timeout=60)
-  assert r.returncode == 2 and re.search(r"^tjax: worker \S+ exit 2$", r.stdout, re.M), r
+  for setup in ([], ["--setup", "exit 2"]):  # a --setup that fails: set -e ends the worker (its
+    # EXIT trap read a local of the function it unwound: `wid: unbound variable`, no line)
+    r = subprocess.run(["bash", "launch/tpu_vm.sh", "--on-worker", *setup, "--", "--workdir",
+                        str(fake_bin / "none")], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and re.search(r"^tjax: worker \S+ exit 2$", r.stdout, re.M), r
   for flag in ("08", "010"):
     r = launch("tpu_vm.sh", "--name", "t1", "--zone", "z", "--retries", flag, "--dry-run",
                "--", *TRAIN, fake=fake_bin)
