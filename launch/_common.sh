@@ -150,8 +150,9 @@ tjax_stop_all() {  # $1: the signal, to every process still running
 # tjax_wait_all LOGDIR: waits for every process in `pids` (process i logs to
 # LOGDIR/process_i.log) and exits with the job's status: the first failure's (a status other
 # than 0 and 143, a stop after a signal), else 143 if any process stopped so, else 0. A failure
-# stops the others: SIGTERM, then SIGKILL to whoever is still running (stuck in a collective)
-# 60 s later (TJAX_KILL_AFTER_S).
+# stops the others: they cannot save without the failed one (a checkpoint is written by all
+# together; a SIGTERM made them try, and wait for it until JAX's heartbeat timeout), so what
+# did not stop on its own within TJAX_KILL_AFTER_S seconds (default 3) gets SIGKILL.
 tjax_wait_all() {
   local logdir="$1" status=0 deadline=0 alive i pid rc
   while true; do
@@ -167,15 +168,14 @@ tjax_wait_all() {
       if [[ $status == 0 || ( $status == 143 && $rc != 143 ) ]]; then status=$rc; fi
       if [[ $rc != 143 && $deadline == 0 ]]; then
         echo "error: process $i exited with status $rc (log: $logdir/process_$i.log);" \
-             "stopping the others" >&2
-        tjax_stop_all TERM
-        deadline=$((SECONDS + ${TJAX_KILL_AFTER_S:-60}))
+             "stopping the others" >&3
+        deadline=$((SECONDS + ${TJAX_KILL_AFTER_S:-3}))
       fi
     done
     [[ $alive == 0 ]] && break
-    if [[ $deadline != 0 && $SECONDS -gt $deadline ]]; then tjax_stop_all KILL; fi
+    if [[ $deadline != 0 && $SECONDS -ge $deadline ]]; then tjax_stop_all KILL; fi
     sleep 0.5 || true  # (a Ctrl-C kills the sleep too: under set -e the job went unwaited for)
-  done
+  done 3>&2 2>/dev/null  # (not bash's own "PID Killed COMMAND" for each process stopped so)
   exit "$status"
 }
 
