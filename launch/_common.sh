@@ -17,6 +17,24 @@ tjax_flag_value() {
   [[ -n "$TJAX_VALUE" ]] || tjax_die "$TJAX_FLAG needs a value"
 }
 
+# tjax_take VAR ARGS...: the value flag at ARGS' $1, as tjax_flag_value takes it, into the
+# variable VAR; the flag given again with another value is refused (as cli.parse does: the last
+# one silently won), with the same value it is one flag.
+tjax_take() {
+  local var="$1" seen="TJAX_SEEN_$1"
+  shift
+  tjax_flag_value "$@"
+  if [[ -n "${!seen:-}" && "${!var}" != "$TJAX_VALUE" ]]; then
+    tjax_die "$TJAX_FLAG given twice ('${!var}', '$TJAX_VALUE'); give one"
+  fi
+  printf -v "$var" '%s' "$TJAX_VALUE"
+  printf -v "$seen" '%s' 1
+}
+
+# tjax_usage SCRIPT: the comment block at the top of SCRIPT (a path from the repository root,
+# the scripts' working directory), for --help.
+tjax_usage() { sed -n '2,/^set -euo/p' "$1" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
 tjax_check_int() {  # NAME VALUE MIN: VALUE must be an integer >= MIN (no leading 0: bash
   # arithmetic would read 010 as 8, and 08 as an error)
   if [[ ! "$2" =~ ^(0|[1-9][0-9]*)$ ]] || (( $2 < $3 )); then
@@ -24,25 +42,45 @@ tjax_check_int() {  # NAME VALUE MIN: VALUE must be an integer >= MIN (no leadin
   fi
 }
 
+# tjax_config_arg ARGS...: whether ARGS' $1 is --config=SPEC, --config.KEY=VALUE or
+# --config.KEY VALUE; if so, takes it (TJAX_SHIFT arguments): the SPEC into TJAX_CONFIG (another
+# one already there is refused), the override, as --config.KEY=VALUE, onto TJAX_OVERRIDES (the
+# key given again with another value is refused, as cli.parse does).
+tjax_config_arg() {
+  local key value o
+  case "$1" in
+    --config=*)
+      [[ -z "$TJAX_CONFIG" || "$TJAX_CONFIG" == "${1#--config=}" ]] ||
+        tjax_die "two configs given: $TJAX_CONFIG and ${1#--config=}; give one"
+      TJAX_CONFIG="${1#--config=}" TJAX_SHIFT=1 ;;
+    --config.*=*) key="${1%%=*}" value="${1#*=}" TJAX_SHIFT=1 ;;
+    --config.*)
+      [[ $# -ge 2 && "$2" != --* ]] || tjax_die "$1 needs a value: $1=VALUE or $1 VALUE"
+      key="$1" value="$2" TJAX_SHIFT=2 ;;
+    *) return 1 ;;
+  esac
+  [[ -n "${key:-}" ]] || return 0
+  for o in ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"}; do
+    [[ "${o%%=*}" != "$key" ]] && continue
+    [[ "$o" == "$key=$value" ]] && return 0
+    tjax_die "$key given twice ('${o#*=}', '$value'); give one"
+  done
+  TJAX_OVERRIDES+=("$key=$value")
+}
+
 # tjax_train_args ARGS...: the train command's arguments after `--`:
 #   [CONFIG[:ARG]] --workdir DIR [--config.KEY=VALUE ...]
-# Sets TJAX_CONFIG, TJAX_WORKDIR and TJAX_TRAIN (the command as an array). CONFIG is checked
-# relative to the current directory (the repository root). Without CONFIG the workdir must hold
-# the config.json of an earlier run or a sweep plan (train.py reads it); that is checked by the
-# caller, which knows where the workdir lives.
+# Sets TJAX_CONFIG, TJAX_WORKDIR, TJAX_OVERRIDES and TJAX_TRAIN (the command as an array).
+# CONFIG is checked relative to the current directory (the repository root). Without CONFIG the
+# workdir must hold the config.json of an earlier run or a sweep plan (train.py reads it); that
+# is checked by the caller, which knows where the workdir lives.
 tjax_train_args() {
-  TJAX_CONFIG="" TJAX_WORKDIR="" TJAX_OVERRIDES=()
-  local overrides=()
+  TJAX_CONFIG="" TJAX_WORKDIR="" TJAX_OVERRIDES=() TJAX_SEEN_TJAX_WORKDIR=""
   if [[ $# -gt 0 && "$1" != -* ]]; then TJAX_CONFIG="$1"; shift; fi
   while [[ $# -gt 0 ]]; do
+    if tjax_config_arg "$@"; then shift "$TJAX_SHIFT"; continue; fi
     case "$1" in
-      --workdir|--workdir=*) tjax_flag_value "$@"; TJAX_WORKDIR="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-      --config=*)
-        [[ -z "$TJAX_CONFIG" || "$TJAX_CONFIG" == "${1#--config=}" ]] \
-          || tjax_die "two configs given: $TJAX_CONFIG and ${1#--config=}; give one"
-        TJAX_CONFIG="${1#--config=}"; shift ;;
-      --config.*=*) overrides+=("$1"); shift ;;
-      --config.*) tjax_die "$1 needs a value: $1=VALUE" ;;
+      --workdir|--workdir=*) tjax_take TJAX_WORKDIR "$@"; shift "$TJAX_SHIFT" ;;
       *) tjax_die "unknown train argument '$1' after -- (expected CONFIG[:ARG] --workdir DIR" \
                   "[--config.KEY=VALUE ...])" ;;
     esac
@@ -53,8 +91,7 @@ tjax_train_args() {
   fi
   TJAX_TRAIN=(python -m transformer_jax.train)
   [[ -z "$TJAX_CONFIG" ]] || TJAX_TRAIN+=("--config=$TJAX_CONFIG")
-  TJAX_TRAIN+=("--workdir=$TJAX_WORKDIR" ${overrides[@]+"${overrides[@]}"})
-  TJAX_OVERRIDES=(${overrides[@]+"${overrides[@]}"})
+  TJAX_TRAIN+=("--workdir=$TJAX_WORKDIR" ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"})
 }
 
 # tjax_q ARGS...: the arguments as one shell-quoted line (plain words stay unquoted).

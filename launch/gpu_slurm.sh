@@ -30,7 +30,8 @@
 # script checks that the bucket is writable from here (with the project's Python and gcsfs, else
 # `gcloud storage`): one error line if not. (STORAGE_EMULATOR_HOST=http://HOST:PORT points both at
 # a Cloud Storage emulator.) Without CONFIG the workdir's config.json (a sweep plan's, or an
-# earlier run's) is used.
+# earlier run's) is used. A relative CONFIG is a path in this checkout. A flag given twice with
+# two values is refused.
 # Environment set unless you set it first: XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (JAX preallocates
 # 75% of GPU memory by default), XLA_FLAGS += --xla_gpu_enable_latency_hiding_scheduler=true
 # (overlaps collectives with compute; JAX's GPU performance tips), NCCL_DEBUG=WARN. Interconnect
@@ -43,27 +44,25 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/_common.sh
 . launch/_common.sh
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
-
 nodes="" gpus="" per="gpu" partition="" account="" time_limit="" job_name="" script="" requeue=0
 TJAX_DRY_RUN=0
 while [[ $# -gt 0 && "$1" != -- ]]; do
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --nodes|--nodes=*) tjax_flag_value "$@"; nodes="$TJAX_VALUE"; shift "$TJAX_SHIFT"
+    -h|--help) tjax_usage launch/gpu_slurm.sh; exit 0 ;;
+    --nodes|--nodes=*) tjax_take nodes "$@"; shift "$TJAX_SHIFT"
                        tjax_check_int --nodes "$nodes" 1 ;;
-    --gpus-per-node|--gpus-per-node=*) tjax_flag_value "$@"; gpus="$TJAX_VALUE"; shift "$TJAX_SHIFT"
+    --gpus-per-node|--gpus-per-node=*) tjax_take gpus "$@"; shift "$TJAX_SHIFT"
                        tjax_check_int --gpus-per-node "$gpus" 1 ;;
-    --per|--per=*) tjax_flag_value "$@"; per="$TJAX_VALUE"; shift "$TJAX_SHIFT"
+    --per|--per=*) tjax_take per "$@"; shift "$TJAX_SHIFT"
                    [[ "$per" == gpu || "$per" == node ]] ||
                      tjax_die "--per must be 'gpu' or 'node', got '$per'" ;;
-    --partition|--partition=*) tjax_flag_value "$@"; partition="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --account|--account=*) tjax_flag_value "$@"; account="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --time|--time=*) tjax_flag_value "$@"; time_limit="$TJAX_VALUE"; shift "$TJAX_SHIFT"
+    --partition|--partition=*) tjax_take partition "$@"; shift "$TJAX_SHIFT" ;;
+    --account|--account=*) tjax_take account "$@"; shift "$TJAX_SHIFT" ;;
+    --time|--time=*) tjax_take time_limit "$@"; shift "$TJAX_SHIFT"
                      [[ "$time_limit" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] ||
                        tjax_die "--time must look like HH:MM:SS or D-HH:MM:SS, got '$time_limit'" ;;
-    --job-name|--job-name=*) tjax_flag_value "$@"; job_name="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --script|--script=*) tjax_flag_value "$@"; script="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
+    --job-name|--job-name=*) tjax_take job_name "$@"; shift "$TJAX_SHIFT" ;;
+    --script|--script=*) tjax_take script "$@"; shift "$TJAX_SHIFT" ;;
     --requeue) requeue=1; shift ;;
     --dry-run) TJAX_DRY_RUN=1; shift ;;
     *) tjax_die "unknown flag '$1' (see: bash launch/gpu_slurm.sh --help)" ;;

@@ -50,7 +50,8 @@
 # must be storage that every worker mounts at the same place (a Filestore NFS share), mounted by
 # --setup, e.g. --setup 'mountpoint -q /mnt/runs || sudo mount ...'.
 # Without CONFIG, the workdir's config.json (a sweep plan's, or an earlier run's) is used; for a
-# relative workdir the local WORKDIR/config.json is sent along with the project.
+# relative workdir the local WORKDIR/config.json is sent along with the project. A relative CONFIG
+# is a path in this checkout, as on the workers. A flag given twice with two values is refused.
 #
 # For pods, gcloud needs your key in ssh-agent first: ssh-add ~/.ssh/google_compute_engine.
 # Exit status: the train command's (0 done, 2 user error, 3 anomaly, 128+signal preempted; the
@@ -60,8 +61,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/_common.sh
 . launch/_common.sh
-
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 REMOTE_DIR="transformer_jax"  # on every worker, relative to the home directory
 
@@ -78,7 +77,7 @@ on_worker() {
   trap 'echo "tjax: worker $wid exit $?"' EXIT
   while [[ $# -gt 0 && "$1" != -- ]]; do
     case "$1" in
-      --setup|--setup=*) tjax_flag_value "$@"; setup="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
+      --setup|--setup=*) tjax_take setup "$@"; shift "$TJAX_SHIFT" ;;
       *) tjax_die "unknown --on-worker argument '$1'" ;;
     esac
   done
@@ -124,17 +123,17 @@ done
 TJAX_DRY_RUN=0
 while [[ $# -gt 0 && "$1" != -- ]]; do
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --name|--name=*) tjax_flag_value "$@"; name="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --zone|--zone=*) tjax_flag_value "$@"; zone="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --type|--type=*) tjax_flag_value "$@"; type="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --project|--project=*) tjax_flag_value "$@"; project="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --runtime|--runtime=*) tjax_flag_value "$@"; runtime="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --retries|--retries=*) tjax_flag_value "$@"; retries="$TJAX_VALUE"; shift "$TJAX_SHIFT"
+    -h|--help) tjax_usage launch/tpu_vm.sh; exit 0 ;;
+    --name|--name=*) tjax_take name "$@"; shift "$TJAX_SHIFT" ;;
+    --zone|--zone=*) tjax_take zone "$@"; shift "$TJAX_SHIFT" ;;
+    --type|--type=*) tjax_take type "$@"; shift "$TJAX_SHIFT" ;;
+    --project|--project=*) tjax_take project "$@"; shift "$TJAX_SHIFT" ;;
+    --runtime|--runtime=*) tjax_take runtime "$@"; shift "$TJAX_SHIFT" ;;
+    --retries|--retries=*) tjax_take retries "$@"; shift "$TJAX_SHIFT"
                            tjax_check_int --retries "$retries" 0 ;;
-    --repo|--repo=*) tjax_flag_value "$@"; repo="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --setup|--setup=*) tjax_flag_value "$@"; setup="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
-    --logs|--logs=*) tjax_flag_value "$@"; logdir="$TJAX_VALUE"; shift "$TJAX_SHIFT" ;;
+    --repo|--repo=*) tjax_take repo "$@"; shift "$TJAX_SHIFT" ;;
+    --setup|--setup=*) tjax_take setup "$@"; shift "$TJAX_SHIFT" ;;
+    --logs|--logs=*) tjax_take logdir "$@"; shift "$TJAX_SHIFT" ;;
     --env|--env=*) tjax_flag_value "$@"; shift "$TJAX_SHIFT"
                    [[ "$TJAX_VALUE" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
                      tjax_die "--env '$TJAX_VALUE' is not KEY=VALUE"

@@ -59,13 +59,13 @@ exit 0
 FORWARDED = ("TJAX_CACHE_DIR", "TJAX_CACHE_MAX_GB", "TJAX_HEARTBEAT_TIMEOUT_S", "TJAX_VERBOSE")
 
 
-def launch(script, *args, fake=None, env=None):
+def launch(script, *args, fake=None, env=None, cwd=REPO):
   environ = {k: v for k, v in os.environ.items() if k not in FORWARDED}  # (tpu_vm.sh passes them)
   environ.update(TJAX_POLL_S="0", **(env or {}))
   if fake is not None:
     environ["PATH"] = f"{fake / 'bin'}:{environ['PATH']}"
   return subprocess.run(["bash", f"{REPO}/launch/{script}", *args], capture_output=True,
-                        text=True, cwd=REPO, env=environ, timeout=60)
+                        text=True, cwd=cwd, env=environ, timeout=60)
 
 
 def lines_with(out, *words):
@@ -326,6 +326,15 @@ TRAIN_OK = ["configs/smoke.py", "--workdir", "runs/x"]
     ("tpu_vm.sh", ARGS["tpu_vm.sh"] + ["--type", "v9z-8", "--"] + TRAIN_OK, "--runtime"),
     ("tpu_vm.sh", ARGS["tpu_vm.sh"] + ["--"] + TRAIN_OK + ["--config=configs/gpt2.py:tiny"],
      "two configs given"),  # the last one won
+    # a flag given twice with two values (the last one silently won), as cli.parse refuses it
+    ("tpu_vm.sh", ARGS["tpu_vm.sh"] + ["--zone=y", "--"] + TRAIN_OK,
+     "--zone given twice ('z', 'y')"),
+    ("gpu_slurm.sh", ARGS["gpu_slurm.sh"] + ["--nodes", "2", "--"] + TRAIN_OK,
+     "--nodes given twice"),
+    ("tpu_vm.sh", ARGS["tpu_vm.sh"] + ["--"] + TRAIN_OK + ["--workdir=runs/y"],
+     "--workdir given twice ('runs/x', 'runs/y')"),
+    ("gpu_slurm.sh", ARGS["gpu_slurm.sh"] + ["--"] + TRAIN_OK + [
+        "--config.train.steps", "5", "--config.train.steps=6"], "--config.train.steps given twice"),
 ])
 def test_validation_errors_are_one_line_exit_2(script, args, culprit):
   r = launch(script, "--dry-run", *args)
@@ -369,9 +378,12 @@ def test_a_bad_config_is_one_line_here_before_any_machine(script, fake_bin):
     ("gpu_slurm.sh", ["--nodes", "--gpus-per-node", "--per", "--partition", "--account", "--time",
                       "--requeue", "--dry-run", "XLA_PYTHON_CLIENT_MEM_FRACTION"]),
 ])
-def test_help(script, flags):
-  for arg in ("--help", "-h"):
-    r = launch(script, arg)
+def test_help(script, flags, tmp_path):
+  """From any directory, by any path (the scripts cd to the checkout, then read their own help
+  from the path they were started by: empty, a sed error, exit 2)."""
+  for arg, cwd in (("--help", REPO), ("-h", f"{REPO}/launch"), ("--help", tmp_path)):
+    r = subprocess.run(["bash", os.path.relpath(f"{REPO}/launch/{script}", cwd), arg],
+                       capture_output=True, text=True, cwd=cwd, timeout=60)
     assert r.returncode == 0 and r.stderr == ""
     assert f"bash launch/{script}" in r.stdout and "set -euo" not in r.stdout
     for flag in flags:
@@ -408,7 +420,8 @@ def test_sweep_print_commands_with_launchers(tmp_path):
   setup = re.search(r"flock 9 && tjax_setup gpu (.*)\) 9>", out.stdout).group(1)
   assert shlex.split(setup) == [f"--workdir={sweep}/small"]
   r = sweep_run("--print-commands", "--launcher=tpu_vm", "--launcher_args=--name t --zone z")
-  assert r.stdout.splitlines()[1] == f"bash launch/tpu_vm.sh --name t --zone z -- --workdir={sweep}/big"
+  assert r.stdout.splitlines()[1] == (
+      f"bash launch/tpu_vm.sh --name t --zone z -- --workdir={sweep}/big")
   for flags, culprit in [(["--print-commands", "--launcher=aws"], "--launcher"),
                          (["--launcher=slurm"], "--print-commands")]:
     r = sweep_run(*flags)
