@@ -129,19 +129,23 @@ tjax_setup() {
   fi
 }
 
-# tjax_python_check HEADER PREFIX CMD...: a check by the project's Python. With TJAX_DRY_RUN=1
-# it prints HEADER and CMD (after PREFIX); else it runs CMD: exit status 2 there (a bad value)
-# is its error line here and exit 2; another failure returns 1 (for the caller's fallback).
+# tjax_python_check [--local] HEADER PREFIX CMD...: a check by the project's Python: runs CMD;
+# exit status 2 there (a bad value) is its error line here and exit 2; another failure returns 1
+# (for the caller's fallback). With TJAX_DRY_RUN=1 it prints HEADER and CMD (after PREFIX), and
+# runs CMD only if --local (it has no effect outside this process: a dry run checks it too).
 tjax_python_check() {
-  local out
+  local out run=1
+  if [[ "$1" == --local ]]; then shift; elif (( TJAX_DRY_RUN )); then run=0; fi
+  if (( run )); then
+    out="$("${@:3}" 2>&1)" || {
+      if [[ $? == 2 ]]; then grep -m1 '^error: ' <<<"$out" >&2 || echo "$out" >&2; exit 2; fi
+      return 1
+    }
+  fi
   if (( TJAX_DRY_RUN )); then
     echo "$1"
     echo "$2$(tjax_q "${@:3}")"
-    return 0
   fi
-  out="$("${@:3}" 2>&1)" && return 0
-  if [[ $? == 2 ]]; then grep -m1 '^error: ' <<<"$out" >&2 || echo "$out" >&2; exit 2; fi
-  return 1
 }
 
 # tjax_check_config HEADER PREFIX: that CONFIG and its overrides pass the checks that need no
@@ -149,7 +153,8 @@ tjax_python_check() {
 # a bad key or value is one error line here, exit 2, not one on every worker after its setup.
 tjax_check_config() {
   [[ -n "$TJAX_CONFIG" && -x .venv/bin/python ]] || return 0
-  tjax_python_check "$1" "$2" .venv/bin/python -m transformer_jax.config "--config=$TJAX_CONFIG" \
+  tjax_python_check --local "$1" "$2" .venv/bin/python -m transformer_jax.config \
+    "--config=$TJAX_CONFIG" \
     ${TJAX_OVERRIDES[@]+"${TJAX_OVERRIDES[@]}"} ||
     echo "note: could not check the config here (.venv/bin/python failed); the training" \
          "checks it before compiling" >&2

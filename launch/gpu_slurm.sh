@@ -22,7 +22,8 @@
 #                    exits 128+signal, and the job requeues itself (at most TJAX_MAX_REQUEUES
 #                    times, default 10: a crash by a signal every time does not loop forever).
 #                    Re-running (or requeueing) the same job resumes from the latest checkpoint.
-#        --dry-run   print the batch script and the sbatch command; write and run nothing
+#        --dry-run   print the batch script and the sbatch command; write and run nothing but
+#                    the local checks of the arguments and the config
 #
 # The workdir must be on shared storage (checkpoints are written by all processes together), or
 # a gs://BUCKET/PATH URL: Orbax writes the checkpoints straight to the bucket and the rest of the

@@ -6,7 +6,8 @@
 #       [--env KEY=VALUE ...] [--delete] [--dry-run] -- [CONFIG[:ARG]] --workdir DIR
 #       [--config.KEY=VALUE ...]
 #
-# Steps (--dry-run prints each command and runs nothing; gcloud is not needed for it):
+# Steps (--dry-run prints each command and runs none of them, only the local checks of the
+# arguments and the config; gcloud is not needed for it):
 #   1. the TPU: reuse NAME when it is READY (ACTIVE for --queued); else create it with
 #      `gcloud compute tpus tpu-vm create` or, with --queued, `gcloud compute tpus queued-resources
 #      create` and wait until the queued resource is ACTIVE. A preempted or failed one is deleted

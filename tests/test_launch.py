@@ -360,10 +360,12 @@ def test_train_argument_errors(script, train, culprit):
   assert line.startswith("error: ") and culprit in line
 
 
-@pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu_slurm.sh"])
-def test_a_bad_config_is_one_line_here_before_any_machine(script, fake_bin):
-  """A bad key or value was found by every worker after its setup (a VM made, a job queued)."""
-  r = launch(script, *ARGS[script], "--", "configs/gpt2.py:tiny", "--workdir", "/mnt/x",
+@pytest.mark.parametrize("script,dry_run", [("tpu_vm.sh", []), ("gpu_slurm.sh", []),
+                                            ("gpu_slurm.sh", ["--dry-run"])])
+def test_a_bad_config_is_one_line_here_before_any_machine(script, dry_run, fake_bin):
+  """A bad key or value was found by every worker after its setup (a VM made, a job queued).
+  A dry run checks it too (it printed the check and exited 0)."""
+  r = launch(script, *ARGS[script], *dry_run, "--", "configs/gpt2.py:tiny", "--workdir", "/mnt/x",
              "--config.model.num_heads=3", fake=fake_bin)
   assert r.returncode == 2, r
   assert r.stderr.splitlines()[-1] == ("error: model.num_heads=3 does not divide "
