@@ -13,8 +13,9 @@
 #      create` and wait until the queued resource is ACTIVE. A preempted or failed one is deleted
 #      and created again.
 #   2. the project on every worker, in ~/transformer_jax: this checkout's tracked files with their
-#      uncommitted changes (`git archive` of `git stash create`; untracked files are not sent),
-#      copied with `tpu-vm scp --worker=all`; or `git clone URL` (then `git pull`) with --repo URL.
+#      uncommitted changes (`git archive` of `git stash create`; untracked files are not sent, and
+#      an untracked CONFIG is refused here), copied with `tpu-vm scp --worker=all`; or
+#      `git clone URL` (then `git pull`) with --repo URL.
 #   3. `tpu-vm ssh --worker=all` runs this script with --on-worker on every worker: --setup CMD (if
 #      any), .venv with the `tpu` extra (launch/_venv.sh), the default tokenizer once, then
 #      `python -m transformer_jax.train ...`. jax.distributed.initialize() finds the other workers
@@ -167,6 +168,13 @@ fi
 (( spot + preemptible < 2 )) || tjax_die "--spot and --preemptible exclude each other"
 (( ! (queued && preemptible) )) || tjax_die "--preemptible does not apply to --queued; use --spot"
 tjax_train_args "$@"
+# The workers get the files git tracks here (step 2): a CONFIG it does not track never reaches them.
+config_file="${TJAX_CONFIG%%:*}"
+if [[ -n "$config_file" && "$config_file" != /* ]] && git rev-parse --git-dir >/dev/null 2>&1 &&
+   ! git ls-files --error-unmatch -- "$config_file" >/dev/null 2>&1; then
+  tjax_die "$config_file is not tracked by git, so the workers would not get it: git add it" \
+           "(with --repo: commit and push it), or give a path that every worker mounts"
+fi
 shared=0  # the workdir is the same for every worker and survives a re-created VM
 [[ "$TJAX_WORKDIR" == /* || "$TJAX_WORKDIR" == gs://* ]] && shared=1
 extra_files=()

@@ -553,3 +553,16 @@ def test_a_ctrl_c_to_a_local_job_waits_for_its_processes_to_save():
   os.killpg(proc.pid, signal.SIGINT)
   assert proc.wait(timeout=30) == 143
   assert time.time() - t0 > 1.5  # it waited for the save
+
+
+def test_tpu_refuses_a_config_git_does_not_track_before_any_gcloud(fake_bin):
+  """The workers get the files git tracks (a `git archive`): an untracked CONFIG passed the
+  check here, then the TPU was made and every worker said the file was not found."""
+  config = f"runs/test_launch_untracked_{os.getpid()}.py"  # (runs/ is git-ignored)
+  open(f"{REPO}/{config}", "w").close()
+  try:
+    r = launch("tpu_vm.sh", *ARGS["tpu_vm.sh"], "--", config, "--workdir", "/x", fake=fake_bin)
+  finally:
+    os.remove(f"{REPO}/{config}")
+  assert r.returncode == 2 and not (fake_bin / "calls").exists(), r
+  assert r.stderr.startswith(f"error: {config} is not tracked by git") and r.stderr.count("\n") == 1
