@@ -189,6 +189,24 @@ tjax_stop_all() {  # $1: the signal, to every process still running
   for p in "${pids[@]}"; do if [[ -n "$p" ]]; then kill "-$1" "$p" 2>/dev/null || true; fi; done
 }
 
+# tjax_start_all LOGDIR N CMD...: starts N copies of CMD, process i with TJAX_PROCESS_ID=i and its
+# output appended to LOGDIR/process_i.log after a line that dates the run (a resumed run keeps
+# the earlier ones' lines); process 0's output is shown here too. Their pids go into `pids`.
+tjax_start_all() {
+  local logs="$1" n="$2" i log
+  shift 2
+  for ((i = 0; i < n; i++)); do
+    log="$logs/process_$i.log"
+    echo "=== $(date -u +%FT%TZ) $(tjax_q "$@")" >>"$log"
+    if [[ $i == 0 ]]; then  # (its tee outlives a Ctrl-C: a dead one failed process 0's next write)
+      TJAX_PROCESS_ID=0 "$@" > >(trap '' INT TERM HUP; exec tee -p -a "$log") 2>&1 &
+    else
+      TJAX_PROCESS_ID=$i "$@" >>"$log" 2>&1 &
+    fi
+    pids+=($!)
+  done
+}
+
 # tjax_wait_all LOGDIR: waits for every process in `pids` (process i logs to
 # LOGDIR/process_i.log) and exits with the job's status: the first failure's (a status other
 # than 0 and 143, a stop after a signal), else 143 if any process stopped so, else 0. A failure

@@ -335,9 +335,15 @@ TRAIN_OK = ["configs/smoke.py", "--workdir", "runs/x"]
      "--workdir given twice ('runs/x', 'runs/y')"),
     ("gpu_slurm.sh", ARGS["gpu_slurm.sh"] + ["--"] + TRAIN_OK + [
         "--config.train.steps", "5", "--config.train.steps=6"], "--config.train.steps given twice"),
+    ("local.sh", ["--processes", "2", "--processes=3"], "--processes given twice ('2', '3')"),
+    ("local.sh", ["--devices-per-process", "2", "--config.mesh.cpu_devices=4"], "disagree"),
+    ("local.sh", ["--config.train.steps"], "--config.train.steps needs a value"),
+    ("local.sh", ["--config.train.steps=1", "--config.train.steps", "2"], "given twice"),
+    ("local.sh", ["--dry-run"], "unknown argument '--dry-run'"),
+    ("local.sh", ["nowhere.py"], "config file not found: nowhere.py"),
 ])
 def test_validation_errors_are_one_line_exit_2(script, args, culprit):
-  r = launch(script, "--dry-run", *args)
+  r = launch(script, *(["--dry-run"] if script != "local.sh" else []), *args)
   assert r.returncode == 2, (r.stdout, r.stderr)
   assert r.stdout == ""
   (line,) = r.stderr.splitlines()
@@ -379,6 +385,7 @@ def test_a_bad_config_is_one_line_here_before_any_machine(script, dry_run, fake_
                    "--dry-run", "gs://"]),
     ("gpu_slurm.sh", ["--nodes", "--gpus-per-node", "--per", "--partition", "--account", "--time",
                       "--requeue", "--dry-run", "XLA_PYTHON_CLIENT_MEM_FRACTION"]),
+    ("local.sh", ["--workdir", "--processes", "--devices-per-process", "TJAX_KILL_AFTER_S"]),
 ])
 def test_help(script, flags, tmp_path):
   """From any directory, by any path (the scripts cd to the checkout, then read their own help
@@ -458,6 +465,26 @@ def test_local_job_status_is_its_first_failure_and_a_failure_stops_the_others(st
                      f"LOGS/process_{i}.log); stopping the others"], r.stderr
   else:
     assert lines == [], r.stderr
+
+
+def test_local_processes_append_to_their_logs(tmp_path):
+  """A re-run (a resume) of `launch/local.sh --processes N` truncated each process's log: the
+  earlier run's lines (a preempted run's last words) were gone. Each run now appends after a
+  line that dates it; process 0's output is shown here too."""
+  script = (f". launch/_common.sh; pids=(); tjax_start_all {tmp_path} 2 bash -c "
+            "'echo run $TJAX_PROCESS_ID'; tjax_wait_all LOGS")
+  for _ in range(2):
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and r.stdout == "run 0\n", r
+  for i in range(2):
+    for _ in range(100):  # (process 0's tee may still be writing)
+      lines = (tmp_path / f"process_{i}.log").read_text().splitlines()
+      if len(lines) == 4:
+        break
+      time.sleep(0.02)
+    assert [l.split()[0] for l in lines] == ["===", "run", "===", "run"], lines
+    assert lines[0].endswith(" bash -c 'echo run $TJAX_PROCESS_ID'") and lines[1] == f"run {i}"
 
 
 FAKE_TRAIN = """import pathlib, signal, sys, time
@@ -566,3 +593,20 @@ def test_tpu_refuses_a_config_git_does_not_track_before_any_gcloud(fake_bin):
     os.remove(f"{REPO}/{config}")
   assert r.returncode == 2 and not (fake_bin / "calls").exists(), r
   assert r.stderr.startswith(f"error: {config} is not tracked by git") and r.stderr.count("\n") == 1
+
+
+def test_local_takes_config_and_workdir_from_the_callers_directory(tmp_path):
+  """`local.sh my.py --workdir out` from another directory: my.py was looked for, and out made,
+  in the checkout. A recipe path (configs/...) not found here is the checkout's."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  with open(f"{REPO}/pyproject.toml", "rb") as f:  # a .venv that _venv.sh takes as it is
+    stamp = f".installed-{hashlib.sha1(f.read()).hexdigest()[:12]}-"
+  if not any(n.startswith(stamp) for n in os.listdir(f"{REPO}/.venv")):
+    pytest.skip("no .venv installed from this pyproject.toml")
+  (tmp_path / "my.py").write_text("")
+  for config in ("my.py:x", "configs/gpt2.py:tiny"):
+    # PYTHON=false: the venv step stops it (exit 2) right after the arguments are resolved
+    r = launch("local.sh", config, "--workdir", "out", cwd=tmp_path, env={"PYTHON": "false"})
+    assert r.returncode == 2 and r.stdout == f"workdir: {tmp_path}/out\n", r
+    assert r.stderr.startswith("error: Python 3.10+ is required"), r
+
