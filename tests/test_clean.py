@@ -367,12 +367,12 @@ def test_config_errors(tmp_path):
       clean.main(["--corpus=stdlib", f"--out={tmp_path}/o", *flag.split()])
   with pytest.raises(ConfigError, match="required"):
     clean.main(["--corpus=stdlib"])
-  for inside in ("", "removed/"):  # OUT's files (its shards, removed/ samples) are cleared
+  for inside in ("", "removed/"):  # OUT's files (its shards, removed/ samples) are replaced
     (tmp_path / "o" / "removed").mkdir(parents=True, exist_ok=True)
     (tmp_path / "o" / f"{inside}quality.jsonl").write_text('{"text": "keep me"}\n')
     with pytest.raises(ConfigError, match=r"holds files of --corpus"):
       clean.main([f"--corpus={tmp_path}/o/{inside}*.jsonl", "--format=jsonl",
-                  f"--out={tmp_path}/o"])
+                  f"--out={tmp_path}/o", "--overwrite"])
     assert (tmp_path / "o" / f"{inside}quality.jsonl").read_text() == '{"text": "keep me"}\n'
   (tmp_path / "w").mkdir()  # a training workdir is never a clean's OUT
   (tmp_path / "w" / "config.json").write_text("{}")
@@ -380,25 +380,6 @@ def test_config_errors(tmp_path):
                                         r"config.json\); give a folder of its own"):
     clean.main(["--corpus=stdlib", f"--out={tmp_path}/w"])
   assert os.listdir(tmp_path / "w") == ["config.json"]
-
-
-def test_shards_are_read_as_a_corpus_only_once_the_run_ends(tmp_path):
-  """A killed clean left its shards under their final names: OUT/*.jsonl read a part of the
-  corpus as the whole. They are .partial until close() renames them; a rerun clears them."""
-  from transformer_jax.data.clean import output  # pylint: disable=g-import-not-at-top
-  output.clear(str(tmp_path))
-  shards = output.Shards(str(tmp_path), shard_mb=1e-4)
-  for i in range(5):
-    shards.write({"id": f"d{i}", "text": "x" * 150})
-  assert not glob.glob(str(tmp_path / "*.jsonl"))
-  assert len(glob.glob(str(tmp_path / "*.partial"))) > 1
-  paths = shards.close()
-  assert sorted(glob.glob(str(tmp_path / "*.jsonl"))) == paths and not glob.glob(
-      str(tmp_path / "*.partial"))
-  assert sum(1 for p in paths for _ in open(p, encoding="utf-8")) == 5
-  (tmp_path / "part-00009.jsonl.partial").write_text("{}\n")  # a killed run's
-  output.clear(str(tmp_path))
-  assert not glob.glob(str(tmp_path / "part-*"))
 
 
 def test_cli_one_line_error_and_json_line(tmp_path, capsys):

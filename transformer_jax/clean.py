@@ -19,11 +19,14 @@ Gopher threshold is a flag of its own name (e.g. --min_words=50, --max_duplicate
 are --c4_NAME; both rule sets are English ones (Gopher's stop words are "the", "of", ...:
 --min_stop_words=0 for other languages). --workers runs the per-document work on that many
 processes; the output is the same for any number. An OUT that holds an earlier clean's output
-(report.md, shards) is refused without --overwrite, a training workdir always. A gs:// OUT is
-written in a local temporary folder (TMPDIR needs room for the output), then uploaded: what a
-previous run left there is removed first, the new shards are renamed into place once all are
-uploaded, and report.md comes last (a bucket renames objects one by one: report.md says the
-output is whole). Streams: memory holds a few
+(report.md, shards, removed/ samples or plots of its stages) is refused without --overwrite, a
+training workdir always; other files in OUT are never touched. The run writes in OUT/.clean-run/
+and replaces the earlier output only once it is complete (a failed or killed run leaves that
+readable); while the files move into place OUT holds clean.unfinished, and data.corpus refuses a
+folder that holds it (a run killed then: re-run clean, no --overwrite needed). A gs:// OUT is
+written in a local temporary folder (TMPDIR needs room for the output), then uploaded the same
+way: the marker, the earlier output removed, the new shards uploaded and renamed into place,
+report.md last, the marker removed. Streams: memory holds a few
 batches per worker, the exact-dedup digests and the LSH index, whatever the corpus size.
 The last line printed is one JSON object: documents_in, documents_out (pieces of long documents
 count one each), records_out (lines written), removed (exact_duplicate,
@@ -31,7 +34,6 @@ near_duplicate, language, quality), seconds, throughput and bad-input counts. Ba
 glob matching nothing print one line and exit with status 2.
 """
 
-import fnmatch
 import json
 import os
 import sys
@@ -44,7 +46,6 @@ if __name__ == "__main__":
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
-from transformer_jax.config import paths
 from transformer_jax.data import clean as clean_lib
 from transformer_jax.data.clean import output
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -64,11 +65,11 @@ FLAGS = {  # name -> default (its type is the flag's)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-  """OUT is new, empty or an earlier clean's output (replaced only with --overwrite); never a
+  """OUT is new, holds no earlier clean's output (its report, shards, samples or plots: replaced
+  only with --overwrite; other files are never touched), or an unfinished run's; never a
   training workdir."""
   cli.not_a_workdir("out", out)
-  names = set(paths.listdir(out))
-  earlier = sorted(n for n in names if n == "report.md" or fnmatch.fnmatch(n, output.SHARD_GLOB))
+  earlier = output.earlier(out, clean_lib.STAGES)
   if earlier and not overwrite:
     raise ConfigError(f"--out={out} holds an earlier clean's output ({earlier[0]}, "
                       f"{len(earlier)} files in all): choose another --out, or --overwrite to "

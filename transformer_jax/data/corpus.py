@@ -70,6 +70,9 @@ _BINARY_PROBE_BYTES = 8192
 MAX_DOCUMENT_CHARS = 1 << 20
 PIECE = re.compile(r"#\d+$")  # the id suffix of a piece of a long document (_pieces)
 _READ_BYTES = 1 << 20  # Text and lines files are read in blocks of this size.
+# In a folder while `clean` moves its output there (data/clean/output.py): its shards are then a
+# mix of the new run's and an earlier one's, or a part, and a corpus with files there is refused.
+UNFINISHED = "clean.unfinished"
 
 
 @dataclasses.dataclass
@@ -174,8 +177,19 @@ def corpus_files(corpus: str) -> list[CorpusFile]:
     raise ConfigError(f"data.corpus={corpus!r} matches no files" + (
         f" (a folder: give a glob of its files, e.g. '{corpus.rstrip('/')}/**/*.txt')"
         if folder else ""))
+  _check_finished(corpus, [p for p, _ in found])
   rel = posixpath.relpath if paths_lib.is_remote(root) else os.path.relpath
   return [CorpusFile(path=p, name=rel(p, root), size=size) for p, size in found]
+
+
+def _check_finished(corpus: str, files: list[str]) -> None:
+  """ConfigError if a folder of the corpus's files holds UNFINISHED: a clean run stopped while
+  moving its output there (killed, or a full disk), so those shards are not the cleaned corpus."""
+  exists = paths_lib.exists if paths_lib.is_remote(corpus) else os.path.exists
+  for folder in sorted({paths_lib.dirname(p) for p in files}):
+    if exists(paths_lib.join(folder, UNFINISHED)):
+      raise ConfigError(f"data.corpus={corpus!r}: {folder or '.'} is an unfinished clean run (it "
+                        f"holds {UNFINISHED}; its shards are not the whole output): re-run clean")
 
 
 def _looks_binary(head: bytes) -> bool:

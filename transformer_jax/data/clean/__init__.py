@@ -153,14 +153,14 @@ def _analyzed(batches, stages, workers: int):
       yield done, result.get()
 
 
-def _check_out(corpus: str, out: str) -> None:
+def _check_out(corpus: str, files: list, out: str) -> None:
   """ConfigError if OUT holds files of the corpus, in it or below it (its shards and removed/
-  samples would be cleared or overwritten)."""
+  samples would be replaced)."""
   if paths_lib.is_remote(out):
     real_out, real = out.rstrip("/") + "/", lambda p: p
   else:
     real_out, real = os.path.join(os.path.realpath(out), ""), os.path.realpath
-  for f in corpus_lib.corpus_files(corpus):  # (a local folder holds no bucket's files)
+  for f in files:  # (a local folder holds no bucket's files)
     same_kind = paths_lib.is_remote(f.path) == paths_lib.is_remote(out)
     if same_kind and real(f.path).startswith(real_out):
       raise ConfigError(f"--out={out} holds files of --corpus={corpus!r} ({f.path}); write the "
@@ -169,27 +169,34 @@ def _check_out(corpus: str, out: str) -> None:
 
 def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers: int = 1,
         samples: int = 50, shard_mb: float = 256.0, plots: bool = True) -> dict:
-  """Cleans `corpus` into OUT (shards, removed/ samples, report.md); returns the summary. A
-  gs:// OUT is written in a local temporary folder (under TMPDIR), then uploaded."""
+  """Cleans `corpus` into OUT (shards, removed/ samples, report.md), replacing an earlier run's
+  output there once complete (output.py); returns the summary. A gs:// OUT is written in a local
+  temporary folder (under TMPDIR), then uploaded."""
   if fmt not in corpus_lib.DOC_FORMATS:
     raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(corpus_lib.DOC_FORMATS)}")
   if workers < 1:
     raise ConfigError(f"--workers={workers} must be >= 1")
-  _check_out(corpus, out)
+  _check_out(corpus, corpus_lib.corpus_files(corpus), out)
   args = (corpus, fmt, text_field, stages, workers, samples, shard_mb, plots)
   if not paths_lib.is_remote(out):
     return _clean(out, *args)
   with tempfile.TemporaryDirectory(prefix="clean-") as local:
     summary = _clean(local, *args)
-    output.upload(local, out)
+    output.upload(local, out, STAGES)
   return summary
 
 
-def _clean(out, corpus, fmt, text_field, stages, workers, samples, shard_mb, plots) -> dict:
+def _clean(out, *args) -> dict:
+  """Cleans into OUT: into a new folder in it, put in place of OUT's earlier output once the
+  run is complete (output.staged)."""
+  with output.staged(out, STAGES) as staging:
+    return _clean_into(staging, *args)
+
+
+def _clean_into(out, corpus, fmt, text_field, stages, workers, samples, shard_mb, plots) -> dict:
   start, cpu_start = time.time(), _cpu_seconds()
   skipped = corpus_lib.SkipCounts()
   docs = corpus_lib.iter_documents(corpus, fmt, text_field, skipped)
-  output.clear(out)
   shards, removed_samples = output.Shards(out, shard_mb), output.Samples(out, samples)
   tally = collections.Counter()
   removed = {name: 0 for name in STAGES}

@@ -6,48 +6,104 @@
                               a document over 1 MiB are one record, id ID, their texts joined
                               in order (language: its first kept piece's), so that training
                               reads them as one document again (its pieces on one side of the
-                              validation split); the record is written piece by piece. Shards
-                              are written as part-NNNNN.jsonl.partial and renamed when the run
-                              ends, so a killed run leaves no shard that OUT/*.jsonl would read
-                              as a complete corpus.
+                              validation split); the record is written piece by piece.
   OUT/removed/REASON.jsonl    the first `samples` documents removed for each reason, with the
                               rule and its measured value (text cut at SAMPLE_CHARS)
+
+A run writes all of it (report.md and plots/ too) in OUT/.clean-run/ (`staged`); an earlier run's
+output stays in OUT, untouched and readable, until the new one is complete. Only then, with
+OUT/clean.unfinished there (corpus.UNFINISHED: the corpus reader refuses a folder holding it),
+are the earlier run's files removed, the new ones moved in, report.md last, and the marker
+removed: a run killed or failed at any point leaves no shards that OUT/*.jsonl reads as the
+cleaned corpus. Only the cleaner's own names (`own_files`) are ever removed or replaced: other
+files in OUT, OUT/removed/ and OUT/plots/ are left alone.
 """
 
+import contextlib
 import glob
 import json
 import os
+import shutil
 
 from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 
 SHARD_PATTERN = "part-{:05d}.jsonl"
 SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5)
-PARTIAL = ".partial"  # a shard's suffix until the run ends
+PARTIAL = ".partial"  # a bucket's shard until all are uploaded (an older version's local ones)
+STAGING = ".clean-run"  # the run's output until it is complete (hidden: no glob of OUT reads it)
+UNFINISHED = corpus_lib.UNFINISHED
 SAMPLE_CHARS = 20_000
 _FIELDS = ("id", "text", "language", "language_score")
 
 
-def clear(out: str) -> None:
-  """Makes OUT and OUT/removed, removing the shards and samples a previous run left there (only
-  those: a shorter run must not leave stale shards behind for OUT/*.jsonl to read)."""
-  os.makedirs(os.path.join(out, "removed"), exist_ok=True)
-  shards = os.path.join(out, SHARD_GLOB)
-  for path in (glob.glob(shards) + glob.glob(shards + PARTIAL)
-               + glob.glob(os.path.join(out, "removed", "*.jsonl"))):
-    os.remove(path)
+def own_files(stages) -> list[str]:
+  """Globs (relative to OUT) of what a clean run writes there, for stage names `stages`: its
+  report, shards (and .partial ones), and each stage's samples and plot."""
+  return (["report.md", SHARD_GLOB, SHARD_GLOB + PARTIAL] + [f"removed/{s}.jsonl" for s in stages]
+          + [f"plots/{s}.png" for s in stages])
 
 
-def upload(local: str, out: str) -> None:
-  """Puts the output written in the local folder `local` into the gs:// folder OUT: the shards,
-  samples, plots and report a previous run left there are removed, the new shards are uploaded as
-  .partial objects and renamed once all are there, then the rest, report.md last. A bucket has
-  no atomic rename of many objects: a kill during the renames (server-side copies) leaves some
-  shards in place, and OUT/report.md is what says the output is whole."""
+def _found(out: str, patterns) -> list[str]:
+  """The files of OUT (local or gs://) that match `patterns`, as names relative to OUT."""
+  if paths.is_remote(out):
+    fs, base = paths.filesystem(out), out.rstrip("/")
+    root = base.split("://", 1)[1] + "/"
+    return sorted(n[len(root):] for p in patterns for n in fs.glob(f"{base}/{p}"))
+  return sorted(os.path.relpath(n, out) for p in patterns for n in glob.glob(os.path.join(out, p)))
+
+
+def earlier(out: str, stages) -> list[str]:
+  """The files (relative to OUT) of an earlier, complete clean run in OUT; none where OUT holds
+  UNFINISHED (a run stopped while moving its output in: nothing whole to keep)."""
+  if paths.exists(paths.join(out, UNFINISHED)):
+    return []
+  return [n for n in _found(out, own_files(stages)) if not n.endswith(PARTIAL)]
+
+
+@contextlib.contextmanager
+def staged(out: str, stages):
+  """Yields a new, empty OUT/STAGING (what a killed run left there removed) with removed/ in it,
+  for the run's output; once the block ends, puts it in place of OUT's earlier output (`commit`).
+  An exception removes it: OUT is as it was."""
+  staging = os.path.join(out, STAGING)
+  if os.path.isdir(staging):
+    shutil.rmtree(staging)
+  os.makedirs(os.path.join(staging, "removed"))
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  commit(out, staging, stages)
+
+
+def commit(out: str, staging: str, stages) -> None:
+  """Replaces the earlier run's files in OUT (own_files) with the complete output in `staging`,
+  with UNFINISHED in OUT meanwhile and report.md moved last; then removes both."""
+  marker = os.path.join(out, UNFINISHED)
+  with open(marker, "w", encoding="utf-8") as f:
+    f.write("clean is moving its output here; if it stopped, re-run it\n")
+  for name in _found(out, own_files(stages)):
+    os.remove(os.path.join(out, name))
+  new = [os.path.relpath(os.path.join(folder, n), staging)
+         for folder, _, names in os.walk(staging) for n in names]
+  for name in sorted(new, key=lambda n: (n == "report.md", n)):
+    os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+    os.replace(os.path.join(staging, name), os.path.join(out, name))
+  os.remove(marker)
+  shutil.rmtree(staging)
+
+
+def upload(local: str, out: str, stages) -> None:
+  """Puts the output written in the local folder `local` into the gs:// folder OUT as `commit`
+  does: OUT/UNFINISHED first, then the earlier run's files removed (own_files), the new shards
+  uploaded as .partial objects and renamed once all are there, the rest, report.md last, and the
+  marker removed (a bucket renames objects one by one: a kill in between leaves the marker)."""
   fs, base = paths.filesystem(out), out.rstrip("/")
-  stale = [name for pattern in ("report.md", SHARD_GLOB, SHARD_GLOB + PARTIAL, "removed/*.jsonl",
-                                "plots/*.png")
-           for name in fs.glob(f"{base}/{pattern}")]
+  marker = f"{base}/{UNFINISHED}"
+  paths.write_text(marker, "clean is moving its output here; if it stopped, re-run it\n")
+  stale = [f"{base}/{name}" for name in _found(out, own_files(stages))]
   if stale:
     fs.rm(stale)
   shards = [os.path.basename(p) for p in sorted(glob.glob(os.path.join(local, SHARD_GLOB)))]
@@ -57,6 +113,7 @@ def upload(local: str, out: str) -> None:
   for name in shards:
     paths.move(f"{base}/{name}{PARTIAL}", f"{base}/{name}")
   paths.upload(local, out, last=("report.md",))
+  paths.remove(marker)
 
 
 def _json(value) -> bytes:
@@ -110,19 +167,16 @@ class Shards:
     if self.file is not None:
       self.file.close()
       self.index += 1
-    self.file = open(os.path.join(self.out, SHARD_PATTERN.format(self.index) + PARTIAL), "wb")
+    self.file = open(os.path.join(self.out, SHARD_PATTERN.format(self.index)), "wb")
     self.size = 0
 
   def close(self) -> list[str]:
-    """Closes the last shard and renames every shard into place; returns their paths."""
+    """Closes the last shard; returns the shards' paths."""
     self._end()
     if self.file is not None:
       self.file.close()
-    shards = [os.path.join(self.out, SHARD_PATTERN.format(i))
-              for i in range(self.index + 1 if self.file else 0)]
-    for path in shards:
-      os.replace(path + PARTIAL, path)
-    return shards
+    return [os.path.join(self.out, SHARD_PATTERN.format(i))
+            for i in range(self.index + 1 if self.file else 0)]
 
 
 class Samples:

@@ -1,6 +1,5 @@
 """OUT/report.md: what the cleaner kept and removed, with a plot per filter (OUT/plots/*.png)."""
 
-import glob
 import os
 
 import matplotlib
@@ -69,11 +68,10 @@ def _overview(summary: dict) -> list[str]:
 
 
 def write(out: str, summary: dict, stages, plots: bool = True) -> str:
-  """Writes OUT/report.md and (unless `plots` is False) a plot per stage in OUT/plots/."""
+  """Writes OUT/report.md and (unless `plots` is False) a plot per stage in OUT/plots/ (OUT: the
+  run's new folder, output.staged's)."""
   plot_dir = os.path.join(out, "plots")
   os.makedirs(plot_dir, exist_ok=True)
-  for old in glob.glob(os.path.join(plot_dir, "*.png")):  # a previous run's
-    os.remove(old)
   lines = ["# Cleaning report", ""] + _overview(summary)
   for stage in stages:
     count = summary["removed"][stage.name]
