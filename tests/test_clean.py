@@ -4,6 +4,7 @@ input is counted, never fatal; user mistakes are one-line errors."""
 
 import collections
 import glob
+import gzip
 import json
 import os
 import random
@@ -367,6 +368,14 @@ def test_config_errors(tmp_path):
       clean.main(["--corpus=stdlib", f"--out={tmp_path}/o", *flag.split()])
   with pytest.raises(ConfigError, match="required"):
     clean.main(["--corpus=stdlib"])
+  (tmp_path / "gz").mkdir()  # (each was skipped as binary: "wrote 0 documents", exit 0)
+  (tmp_path / "gz" / "a.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n'))
+  with pytest.raises(ConfigError, match=r"^--corpus='\S+' matches only compressed files \(e.g. "
+                                        r"\S+/a.jsonl.gz\), which clean does not read"):
+    clean.main([f"--corpus={tmp_path}/gz/*", f"--out={tmp_path}/o"])
+  (tmp_path / "gz" / "b.jsonl").write_text('{"txt": "x"}\n')  # (it said data.text_field, train's)
+  with pytest.raises(ConfigError, match=r"^--text_field='text' is missing at \S+/b.jsonl:1$"):
+    clean.main([f"--corpus={tmp_path}/gz/*.jsonl", "--format=jsonl", f"--out={tmp_path}/o"])
   for inside in ("", "removed/"):  # OUT's files (its shards, removed/ samples) are replaced
     (tmp_path / "o" / "removed").mkdir(parents=True, exist_ok=True)
     (tmp_path / "o" / f"{inside}quality.jsonl").write_text('{"text": "keep me"}\n')

@@ -26,7 +26,8 @@ readable); while the files move into place OUT holds clean.unfinished, and data.
 folder that holds it (a run killed then: re-run clean, no --overwrite needed). A gs:// OUT is
 written in a local temporary folder (TMPDIR needs room for the output), then uploaded the same
 way: the marker, the earlier output removed, the new shards uploaded and renamed into place,
-report.md last, the marker removed. Streams: memory holds a few
+report.md last, the marker removed. A corpus of compressed files only (.gz, .zst, ...) is
+refused: they are not read. Streams: memory holds a few
 batches per worker, the exact-dedup digests and the LSH index, whatever the corpus size.
 The last line printed is one JSON object: documents_in, documents_out (pieces of long documents
 count one each), records_out (lines written), removed (exact_duplicate,

@@ -153,6 +153,20 @@ def _analyzed(batches, stages, workers: int):
       yield done, result.get()
 
 
+# What a compressed file's name ends with: read as a binary file (skipped), as corpus.py reads it.
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip", ".7z")
+
+
+def _check_corpus(corpus: str) -> list:
+  """The corpus's files; ConfigError if every one is compressed (each was skipped as a binary
+  file, and the run wrote nothing, exit 0)."""
+  files = corpus_lib.corpus_files(corpus)
+  if all(f.path.lower().endswith(COMPRESSED) for f in files):
+    raise ConfigError(f"--corpus={corpus!r} matches only compressed files (e.g. {files[0].path}),"
+                      f" which clean does not read: decompress them first")
+  return files
+
+
 def _check_out(corpus: str, files: list, out: str) -> None:
   """ConfigError if OUT holds files of the corpus, in it or below it (its shards and removed/
   samples would be replaced)."""
@@ -176,14 +190,26 @@ def run(corpus: str, fmt: str, text_field: str, out: str, stages: list, workers:
     raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(corpus_lib.DOC_FORMATS)}")
   if workers < 1:
     raise ConfigError(f"--workers={workers} must be >= 1")
-  _check_out(corpus, corpus_lib.corpus_files(corpus), out)
-  args = (corpus, fmt, text_field, stages, workers, samples, shard_mb, plots)
-  if not paths_lib.is_remote(out):
-    return _clean(out, *args)
-  with tempfile.TemporaryDirectory(prefix="clean-") as local:
-    summary = _clean(local, *args)
-    output.upload(local, out, STAGES)
-  return summary
+  try:
+    _check_out(corpus, _check_corpus(corpus), out)
+    args = (corpus, fmt, text_field, stages, workers, samples, shard_mb, plots)
+    if not paths_lib.is_remote(out):
+      return _clean(out, *args)
+    with tempfile.TemporaryDirectory(prefix="clean-") as local:
+      summary = _clean(local, *args)
+      output.upload(local, out, STAGES)
+    return summary
+  except ConfigError as e:  # (the corpus reader's, in train's keys: data.corpus, ...)
+    raise ConfigError(_in_flags(str(e))) from None
+
+
+def _in_flags(message: str) -> str:
+  """A corpus reader's message in clean's flags: data.corpus -> --corpus, data.text_field ->
+  --text_field."""
+  for key in ("corpus", "text_field"):
+    if message.startswith(f"data.{key}"):
+      return f"--{key}" + message[len(f"data.{key}"):]
+  return message
 
 
 def _clean(out, *args) -> dict:
