@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launch scripts: create or reuse .venv and install the project (+ extras) into it.
 # Re-installs only when pyproject.toml or the extras change. Needs Python 3.10+ (set PYTHON=...).
 tjax_venv() {
