@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from safetensors.numpy import load_file, save_file
 
-from tests.conftest import model_config, tiny_overrides
+from tests.conftest import tiny_overrides
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.convert.hf import from_hf, hf_forward, to_hf
@@ -341,18 +341,6 @@ def test_a_mistral_window_is_not_dropped_by_reading_it_as_llama():
   qwen2 = {**transformers.LlamaConfig().to_dict(), "use_sliding_window": False,
            "sliding_window": 4096}  # a window config.json says is off
   assert hf_lib.hf_model_config(qwen2)["attention_window"] == 0
-
-
-def test_export_refuses_models_transformers_cannot_hold(tmp_path):
-  for cfg, words in ((model_config(position="sinusoidal"), "no Hugging Face family"),
-                     (model_config(position="rotary", norm="rmsnorm", activation="swiglu",
-                                   use_bias=False, attention_window=4, global_tokens=2),
-                      "no Hugging Face family"),
-                     (model_config(num_heads=4, num_kv_heads=2), "grouped-query")):
-    with pytest.raises(ConfigError, match=words) as e:
-      to_hf(cfg, {}, str(tmp_path))
-    assert "\n" not in str(e.value)
-  assert not os.listdir(tmp_path)
 
 
 # ------------------------------------------------------------------------- BERT and T5 v1.1

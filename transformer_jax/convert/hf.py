@@ -54,14 +54,16 @@ def table(name: str):
 
 
 def table_for(cfg):
-  """The family table whose fixed choices (positions, norm, activation, ...) this model has."""
-  for fam in TABLES.values():
-    if all(getattr(cfg, k) == v for k, v in tables.fixed(fam).items()):
-      return fam
-  needs = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in f.FIXED.items())
-                    for n, f in TABLES.items())
-  raise ConfigError(f"no Hugging Face family matches this model (position={cfg.position}, "
-                    f"norm={cfg.norm}, activation={cfg.activation}); {needs}")
+  """The family table whose fixed choices (positions, norm, activation, ...) this model has;
+  else a ConfigError naming what the closest families (fewest such values) need changed."""
+  bad = {name: tables.mismatches(fam, cfg) for name, fam in TABLES.items()}
+  for name, keys in bad.items():
+    if not keys:
+      return TABLES[name]
+  fewest = min(map(len, bad.values()))
+  closest = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in bad.items()
+                      if len(keys) == fewest)
+  raise ConfigError(f"no Hugging Face family matches this model; the closest: {closest}")
 
 
 # --------------------------------------------------------------------------------------- I/O

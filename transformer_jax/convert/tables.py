@@ -82,10 +82,15 @@ def config_to_ours(fam, hf: dict) -> dict:
   return out
 
 
+def mismatches(fam, cfg) -> list[str]:
+  """`KEY=VALUE (needs V)` for each of the family's fixed values this model does not have."""
+  return [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in fixed(fam).items()
+          if getattr(cfg, k) != v]
+
+
 def config_to_hf(fam, cfg) -> dict:
   """config.json values for our resolved ModelConfig."""
-  bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in fixed(fam).items()
-         if getattr(cfg, k) != v]
+  bad = mismatches(fam, cfg)
   if bad:
     raise ConfigError(f"{fam.MODEL_TYPE} cannot hold this model: {', '.join(bad)}")
   out = {"model_type": fam.MODEL_TYPE, "architectures": [fam.ARCHITECTURE], "dtype": "float32"}
