@@ -7,10 +7,17 @@ import os
 
 import pytest
 
+transformers = pytest.importorskip("transformers")
+
 # pylint: disable=g-import-not-at-top,wrong-import-position,protected-access
-from tests.conftest import model_config
+from tests.conftest import REPO, model_config
+from transformer_jax import config as config_lib
+from transformer_jax import sample
 from transformer_jax.config import ConfigError
+from transformer_jax.convert import __main__ as convert_cli
 from transformer_jax.convert.hf import to_hf
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import tokenization
 
 
 def test_export_refuses_models_transformers_cannot_hold(tmp_path):
@@ -28,3 +35,29 @@ def test_export_refuses_models_transformers_cannot_hold(tmp_path):
       to_hf(cfg, {}, str(tmp_path))
     assert "\n" not in str(e.value)
   assert not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def special_sp(tiny_data, tmp_path_factory):
+  texts = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
+  return tokenization.train(texts, 400, str(tmp_path_factory.mktemp("sp") / "special.model"),
+                            special="mask,sentinels:100")
+
+
+def test_an_exported_sentencepiece_model_frames_and_reads_prompts_as_training_and_sample(
+    special_sp, tmp_path):
+  """T5's exported tokenizer adds the source eos that span corruption's sources ended with (it
+  added bos alone); [MASK] and <extra_id_N> in a text are those tokens (they were text:
+  transformers' fill-mask pipeline found no mask), as `sample` reads a prompt."""
+  tok = tokenization.load(special_sp)
+  for recipe in ("t5", "bert"):
+    config = config_lib.load(f"{REPO}/configs/{recipe}.py:tiny", [
+        f"data.tokenizer={special_sp}", "model.vocab_size=448"])
+    convert_cli._export_tokenizer(config, str(tmp_path / recipe))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / recipe))
+    prompt = "x = [MASK] + 1" if recipe == "bert" else "def f(<extra_id_0>): return <extra_id_1>"
+    ours = (sample.source(config, tok, prompt) if recipe == "t5"
+            else [tok.bos_id] + tokenization.with_control_pieces(tok, prompt))  # (fill_mask's)
+    assert theirs(prompt)["input_ids"] == ours, recipe
+    # (the fill-mask pipeline looks for mask_token_id in the ids)
+    assert ours[-1] == tok.eos_id if recipe == "t5" else theirs.mask_token_id in ours

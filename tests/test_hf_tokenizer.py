@@ -185,6 +185,11 @@ def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, caps
     export_tokenizer(config, str(tmp_path / f"hf{add_bos}"))
     exported = AutoTokenizer.from_pretrained(str(tmp_path / f"hf{add_bos}"))
     assert exported("x = 1")["input_ids"] == [1] * add_bos + tok.encode("x = 1")
+    # [MASK] and <extra_id_N> in a prompt are those tokens, as `sample` reads them (and as
+    # transformers' fill-mask pipeline needs)
+    prompt = "x = [MASK] + <extra_id_2>(y)"
+    assert exported(prompt, add_special_tokens=False)["input_ids"] == (
+        tokenization.with_control_pieces(tok, prompt))
   assert export_config(str(tmp_path), config) == {
       "model_type": "", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
   again = tmp_path / "again" / "tokenizer.json"

@@ -199,24 +199,45 @@ def export_hf(workdir, hf_dir, step=-1):
 
 def _export_tokenizer(config, hf_dir: str) -> None:
   """A Hugging Face tokenizer (an import's, or a tokenizer.json) is copied with the files beside
-  it; a SentencePiece model is written as the tokenizer.json that encodes as it does."""
+  it; a SentencePiece model is written as the tokenizer.json that encodes as it does. Either
+  adds the special tokens around a text that training put there (hf_tokenization.for_export)."""
   from transformer_jax.data import hf_tokenization  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   tokenizer = config.data.tokenizer
   if not tokenizer:
     return
+  before, after = _framing(config, tokenization.load(tokenizer))
   if hf_tokenization.is_hf(tokenizer):
     source = hf_tokenization.path_of(tokenizer)  # (a .json of another name: that file)
-    if _copy_tokenizer(paths.dirname(source), hf_dir, tokenizer_file=source) and (
-        config.data.add_bos):  # encoding with special tokens puts bos first, as training did
-      exported = paths.join(hf_dir, hf_tokenization.FILE)
-      paths.write_text(exported, hf_tokenization.bos_first(paths.read_text(exported),
-                                                           hf_tokenization.config_beside(hf_dir)))
+    if not _copy_tokenizer(paths.dirname(source), hf_dir, tokenizer_file=source):
+      return
+    exported, beside = (paths.join(hf_dir, name) for name in (hf_tokenization.FILE,
+                                                               "tokenizer_config.json"))
+    config_was = json.loads(paths.read_text(beside)) if paths.isfile(beside) else {}
+    data, tok_config = hf_tokenization.for_export(paths.read_text(exported), config_was,
+                                                  before, after)
+    paths.write_text(exported, data)
+    if tok_config != config_was:
+      paths.write_text(beside, json.dumps(tok_config, indent=1))
     return
   paths.makedirs(hf_dir)
   files = hf_tokenization.from_sentencepiece(paths.path(tokenizer).read_bytes(),
-                                             config.data.add_bos, config.model.max_len)
+                                             config.model.max_len, before, after)
   for name, text in files.items():
     paths.write_text(paths.join(hf_dir, name), text)
+
+
+def _framing(config, tok) -> tuple[list[int], list[int]]:
+  """The special ids training put before and after a text: an encoder-decoder's source framing
+  (objectives.source_ids: bos with data.add_bos, the eos T5's span and UL2's sources end with;
+  a UL2 prompt's mode token, which the prompt names, goes before the bos there), else bos with
+  data.add_bos (a decoder's documents, an encoder's --fill_mask text)."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  if config.model.family != "encdec":
+    return [tok.bos_id] * bool(config.data.add_bos and tok.bos_id >= 0), []
+  marker = tok.vocab_size  # an id that is no piece (nor a mode token)
+  ids = objectives.source_ids(config.data, tok, [marker], head=False)
+  return ids[:ids.index(marker)], ids[ids.index(marker) + 1:]
 
 
 def _export_hf_config(workdir, config) -> dict:

@@ -209,18 +209,27 @@ def load(path: str) -> HFTokenizer:
   return HFTokenizer(paths.read_text(path_of(path)), config_beside(path))
 
 
-def bos_first(data: str, config: dict) -> str:
-  """`data` (a tokenizer.json) with a post-processor that puts its bos first when it adds
-  special tokens (what training with data.add_bos fed the model), if it has no post-processor
-  at all (ours, train_byte_level's); else (GPT-2's, Llama's, BERT's own) unchanged."""
-  bos = HFTokenizer(data, config).bos_id
-  if json.loads(data).get("post_processor") is not None or bos < 0:
-    return data
+def for_export(data: str, config: dict, before: list[int], after: list[int]) -> tuple[str, dict]:
+  """(tokenizer.json, tokenizer_config.json dict) as an export writes them from `data` and
+  `config`: a tokenizer without a post-processor (ours, train_byte_level's) gets one that puts
+  the ids `before` and `after` the text when it adds special tokens, as training framed it (bos
+  first with data.add_bos; an encoder-decoder's source eos too: T5's "<s> $A </s>"; GPT-2's,
+  Llama's, BERT's, T5's own keep theirs). One with a mask or sentinels reads their names in a
+  text as those tokens (split_special_tokens off, as transformers' own BERT and T5 tokenizers
+  do: its fill-mask pipeline needs that, and `sample` reads a prompt's [MASK] and <extra_id_N>
+  so); the names of the others then read as their tokens too."""
+  config, ours = dict(config), HFTokenizer(data, config)
+  if config.get("split_special_tokens") and (ours.mask_id >= 0 or ours.sentinel_ids):
+    config["split_special_tokens"] = False
+  if json.loads(data).get("post_processor") is not None or not before + after:
+    return data, config
   tok = tokenizers.Tokenizer.from_str(data)
-  piece = tok.id_to_token(bos)
+  pieces = lambda ids: [tok.id_to_token(i) for i in ids]
+  single = [*pieces(before), "$A", *pieces(after)]
   tok.post_processor = tokenizers.processors.TemplateProcessing(
-      single=f"{piece} $A", pair=f"{piece} $A $B", special_tokens=[(piece, bos)])
-  return tok.to_str()
+      single=" ".join(single), pair=" ".join(single + ["$B", *pieces(after)]),
+      special_tokens=[(tok.id_to_token(i), i) for i in dict.fromkeys(before + after)])
+  return tok.to_str(), config
 
 
 BYTE_LEVEL_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 of a trained byte-level BPE
@@ -258,13 +267,15 @@ def train_byte_level(sentences, vocab_size: int, control: list) -> dict[str, str
   return {FILE: tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1)}
 
 
-def from_sentencepiece(model_proto: bytes, add_bos: bool, max_len: int) -> dict[str, str]:
+def from_sentencepiece(model_proto: bytes, max_len: int, before: list[int],
+                       after: list[int]) -> dict[str, str]:
   """{file name: text}: a tokenizer.json and tokenizer_config.json that transformers'
   AutoTokenizer (and `load`) read as the SentencePiece BPE model `model_proto` (ours: identity
   normalization, no dummy prefix, byte fallback): a space is U+2581, the merges come in the
   merged pieces' score order (ties as transformers' converter orders them), control pieces are
-  special tokens, and with `add_bos` encoding with special tokens puts bos first, as training
-  did. Encoding without them gives SentencePiece's ids (tests/test_convert.py)."""
+  special tokens, and encoding with special tokens puts the ids `before` and `after` the text,
+  as training framed it (for_export, which also says how a special token's name in a text
+  reads). Encoding plain text without them gives SentencePiece's ids (tests/test_convert.py)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   sp = spm.SentencePieceProcessor(model_proto=model_proto)
   vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -284,14 +295,11 @@ def from_sentencepiece(model_proto: bytes, add_bos: bool, max_len: int) -> dict[
                           for i in special])
   roles = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
   config = {f"{role}_token": sp.id_to_piece(i) for role, i in roles.items() if i >= 0}
-  if add_bos and sp.bos_id() >= 0:
-    bos = sp.id_to_piece(sp.bos_id())
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, sp.bos_id())])
   if "[MASK]" in vocab:
     config["mask_token"] = "[MASK]"
-  # a control piece's name in the text is text (as SentencePiece and training read it), and
-  # decoding keeps spaces before punctuation
+  # a control piece's name in the text is text, as SentencePiece and training read it (but
+  # for_export's mask and sentinels), and decoding keeps spaces before punctuation
   config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_len,
                 split_special_tokens=True, clean_up_tokenization_spaces=False)
-  return {FILE: tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1)}
+  data, config = for_export(tok.to_str(), config, before, after)
+  return {FILE: data, "tokenizer_config.json": json.dumps(config, indent=1)}
