@@ -3,14 +3,18 @@ the tokenizer agree on, a SentencePiece tokenizer framed and read as training an
 an encoder-decoder's decoder start, and the refusals (a model no family holds, an --hf_dir that
 is not empty)."""
 
+import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
+torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position,protected-access
-from tests.conftest import REPO, model_config
+from tests.conftest import REPO, model_config, tiny_overrides
 from transformer_jax import config as config_lib
 from transformer_jax import sample
 from transformer_jax.config import ConfigError
@@ -18,6 +22,13 @@ from transformer_jax.convert import __main__ as convert_cli
 from transformer_jax.convert.hf import to_hf
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import tokenization
+from transformer_jax.models import families
+
+
+def _random_params(model):
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda a: rng.normal(0, 0.02, a.shape).astype(a.dtype),
+                      families.abstract_params(model))
 
 
 def test_export_refuses_models_transformers_cannot_hold(tmp_path):
@@ -35,6 +46,41 @@ def test_export_refuses_models_transformers_cannot_hold(tmp_path):
       to_hf(cfg, {}, str(tmp_path))
     assert "\n" not in str(e.value)
   assert not os.listdir(tmp_path)
+
+
+def test_an_export_names_the_ids_of_the_tokenizer_it_writes(tiny_data, tmp_path, capsys):
+  """A workdir imported from a checkpoint (bos 1, eos 2, 320 ids) but trained with its own
+  SentencePiece model (bos 2, eos 3, pad 0; 300 pieces) exports that tokenizer's ids in
+  config.json and generation_config.json (they kept the checkpoint's, so generate stopped at
+  <s>); quantized training's float weights are exported with a note; an --hf_dir holding
+  anything is refused before anything is written."""
+  config = config_lib.load(f"{REPO}/configs/llama.py:tiny", tiny_overrides(
+      tiny_data, **{"model.quantization": "int8", "model.num_layers": 1}))
+  workdir, out = tmp_path / "w", tmp_path / "hf"
+  workdir.mkdir()
+  imported = {"model_type": "llama", "vocab_size": 320, "bos_token_id": 1, "eos_token_id": 2,
+              "pad_token_id": 7}
+  (workdir / convert_cli.HF_CONFIG).write_text(json.dumps(imported))
+  model = families.build_model(config)
+  convert_cli._save_step0(config, _random_params(model), str(workdir))
+  out.mkdir()
+  (out / "special_tokens_map.json").write_text("{}")  # (a user's, or an older export's)
+  with pytest.raises(ConfigError, match=r"^--hf_dir=.* already holds special_tokens_map.json; "
+                     r"export to a new or empty folder$"):
+    convert_cli.main(["export", f"--workdir={workdir}", f"--hf_dir={out}"])
+  assert os.listdir(out) == ["special_tokens_map.json"]
+  os.remove(out / "special_tokens_map.json")
+  capsys.readouterr()
+  convert_cli.main(["export", f"--workdir={workdir}", f"--hf_dir={out}"])
+  printed = capsys.readouterr().out
+  assert "note: model.quantization=int8: exported the float weights" in printed
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+  ids = (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+  assert ids == (2, 3, 0)
+  for name in ("config.json", "generation_config.json"):
+    written = json.loads((out / name).read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == ids
+  assert json.loads((out / "config.json").read_text())["vocab_size"] == 320
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,7 @@ def test_the_tokenizer_command_trains_a_byte_level_bpe(tiny_data, tmp_path, caps
     assert exported(prompt, add_special_tokens=False)["input_ids"] == (
         tokenization.with_control_pieces(tok, prompt))
   assert export_config(str(tmp_path), config) == {
-      "model_type": "", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+      "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
   again = tmp_path / "again" / "tokenizer.json"
   tokenization.train([t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])], 300,
                      str(again), special="mask,sentinels:3")

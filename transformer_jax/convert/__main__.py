@@ -171,12 +171,14 @@ def export_hf(workdir, hf_dir, step=-1):
                       f"{workdir!r}) and --hf_dir=OUT")
   cli.output_folder("hf_dir", hf_dir)
   from transformer_jax.quant import store  # pylint: disable=g-import-not-at-top
-  held = [name for name in ("checkpoints", store.MANIFEST, hf_lib.SAFETENSORS,
-                            "model.safetensors.index.json", "pytorch_model.bin")
-          if paths.exists(paths.join(hf_dir, name))]
-  if held:  # its config.json and weights would be overwritten
-    raise ConfigError(f"--hf_dir={hf_dir} already holds {held[0]} (a workdir or a model); "
-                      f"export to a new folder")
+  held = paths.listdir(hf_dir)  # a user's config.json or tokenizer would be overwritten, and
+  # files the export does not write left beside the model (an older export's, another's)
+  if held:
+    named = [n for n in ("checkpoints", store.MANIFEST, hf_lib.SAFETENSORS, hf_lib.INDEX,
+                         *hf_lib.PICKLES) if n in held]
+    raise ConfigError(f"--hf_dir={hf_dir} already holds {(named or held)[0]}"
+                      f"{' (a workdir or a model)' * bool(named)}; export to a new or empty "
+                      f"folder")
   config = config_lib.from_json_file(saved)
   resume.check_tokenizer(workdir, config.data.tokenizer)  # (exported with the model)
   model = build_model(config)
@@ -190,8 +192,14 @@ def export_hf(workdir, hf_dir, step=-1):
     checkpoint.require_step(workdir, ckpts.all_steps(), step)
     got, params = ckpts.restore_params(abstract, step=step)
   hf = _export_hf_config(workdir, config)
+  family = hf.get("model_type", "")
+  hf_lib.export_config(model, family=family, hf_config=hf)  # (refused before writing anything)
   _export_tokenizer(config, hf_dir)  # before config.json: a reader waiting for it has both
-  written = hf_lib.to_hf(model, params, hf_dir, family=hf.get("model_type", ""), hf_config=hf)
+  written = hf_lib.to_hf(model, params, hf_dir, family=family, hf_config=hf)
+  if config.model.quantization != "none":  # (quantized training keeps float master weights)
+    print(f"note: model.quantization={config.model.quantization}: exported the float weights; "
+          f"transformers computes without the {config.model.quantization} matmuls that "
+          f"training, evaluate and sample used, so its logits differ a little")
   print(f"exported step {got} of {workdir} as {written['model_type']} (vocabulary "
         f"{written['vocab_size']}) to {hf_dir}")
   return written
@@ -241,22 +249,35 @@ def _framing(config, tok) -> tuple[list[int], list[int]]:
 
 
 def _export_hf_config(workdir, config) -> dict:
-  """The imported config.json (its token ids, and its vocabulary: padded rows are cut), unless
-  the workdir trains with a tokenizer of more pieces than that vocabulary: then the model keeps
-  the rows it predicts (model.output_vocab, else model.vocab_size) and the tokenizer's special
-  ids."""
+  """The imported config.json (its vocabulary: padded rows are cut) with the special ids of the
+  tokenizer the export writes: the checkpoint's own where data.tokenizer is the import's copy
+  of its tokenizer, else that tokenizer's bos, eos and pad; an encoder-decoder's decoder start
+  is the one training used (objectives.decoder_start). With a tokenizer of more pieces than
+  that vocabulary, the model keeps the rows it predicts (model.output_vocab, else
+  model.vocab_size)."""
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import tokenization as tok_lib  # pylint: disable=g-import-not-at-top
   hf = {}
   if paths.isfile(paths.join(workdir, HF_CONFIG)):
     hf = json.loads(paths.read_text(paths.join(workdir, HF_CONFIG)))
-  if not config.data.tokenizer or not paths.isfile(tok_lib.tokenizer_file(config.data.tokenizer)):
+  tokenizer = config.data.tokenizer
+  if not tokenizer or not paths.isfile(tok_lib.tokenizer_file(tokenizer)):
     return hf  # (a Hugging Face tokenizer's folder: its tokenizer.json)
-  tok = tok_lib.load(config.data.tokenizer)
-  if hf and tok.vocab_size <= hf.get("vocab_size", 0):
-    return hf
-  ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-  return {"model_type": hf.get("model_type", ""),
-          **{k: v for k, v in ids.items() if v >= 0}}
+  tok = tok_lib.load(tokenizer)
+  if tok.vocab_size > hf.get("vocab_size", 0):
+    hf.pop("vocab_size", None)
+  imported = paths.join(workdir, TOKENIZER_DIR)
+  if not (paths.isfile(tok_lib.tokenizer_file(imported)) and tfds_text.tokenizer_identity(
+      imported) == tfds_text.tokenizer_identity(tokenizer)):
+    for key, i in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
+                   ("pad_token_id", tok.pad_id)):
+      hf[key] = i
+      if i < 0:
+        del hf[key]
+  if config.model.family == "encdec":
+    hf["decoder_start_token_id"] = objectives.decoder_start(tok)
+  return hf
 
 
 def main(argv):

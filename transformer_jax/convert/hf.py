@@ -38,7 +38,7 @@ from transformer_jax.models.layers import ModelConfig
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 # our model.family -> module (a table's MODEL_FAMILY)
 MODELS = families.FAMILIES
 # HF model_type -> its table
@@ -228,13 +228,9 @@ def from_hf(hf_dir: str, family: str = "", **overrides):
   return MODELS[values["family"]](cfg), load_params(hf_dir, cfg, hf)
 
 
-def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
-          hf_config: dict | None = None):
-  """Writes OUT_DIR/model.safetensors, config.json and generation_config.json that
-  transformers' AutoModelForCausalLM.from_pretrained loads. `hf_config` (the config.json the
-  model was imported from) keeps its other keys (token ids, ...) and its vocabulary size: padded
-  rows are cut. `out_dir` may be gs://... (written locally, then uploaded, config.json last).
-  Returns the config.json dict written."""
+def export_config(model_or_config, *, family: str = "", hf_config: dict | None = None):
+  """(family table, ModelConfig, config.json dict) that to_hf writes; a ConfigError where no
+  Hugging Face family holds the model (before anything is written)."""
   cfg = model_config(model_or_config)
   fam = table(family) if family else table_for(cfg)
   if isinstance(model_or_config, nn.Module):
@@ -259,6 +255,18 @@ def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
     # the decoder start our training used (objectives.decoder_start); T5's pad, 0, by default
     starts = [hf_config.get(k) for k in ("bos_token_id", "pad_token_id")]
     hf_config["decoder_start_token_id"] = next((i for i in starts if i is not None and i >= 0), 0)
+  return fam, cfg, hf_config
+
+
+def to_hf(model_or_config, params, out_dir: str, *, family: str = "",
+          hf_config: dict | None = None):
+  """Writes OUT_DIR/model.safetensors, config.json and generation_config.json that
+  transformers' AutoModelForCausalLM.from_pretrained loads. `hf_config` (the config.json the
+  model was imported from) keeps its other keys (token ids, ...) and its vocabulary size: padded
+  rows are cut. `out_dir` may be gs://... (written locally, then uploaded, config.json last).
+  Returns the config.json dict written."""
+  fam, cfg, hf_config = export_config(model_or_config, family=family, hf_config=hf_config)
+  vocab = hf_config["vocab_size"]
   flat = flax.traverse_util.flatten_dict(_unrolled(params), sep="/")
   tensors = tables.to_hf_tensors(fam, cfg, flat, vocab)
   generation = {k: hf_config[k] for k in GENERATION_KEYS if hf_config.get(k) is not None}
