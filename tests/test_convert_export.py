@@ -5,6 +5,7 @@ is not empty)."""
 
 import json
 import os
+import pickle
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.convert import __main__ as convert_cli
 from transformer_jax.convert.hf import to_hf
 from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import objectives
 from transformer_jax.data import tokenization
 from transformer_jax.models import families
 
@@ -107,3 +109,26 @@ def test_an_exported_sentencepiece_model_frames_and_reads_prompts_as_training_an
     assert theirs(prompt)["input_ids"] == ours, recipe
     # (the fill-mask pipeline looks for mask_token_id in the ids)
     assert ours[-1] == tok.eos_id if recipe == "t5" else theirs.mask_token_id in ours
+
+
+def test_an_imported_checkpoints_decoder_start_is_kept_beside_its_tokenizer(special_sp, tmp_path):
+  """A T5 checkpoint whose tokenizer has a bos but whose decoder starts from pad (0): the
+  import's copy of the tokenizer keeps that start, which training, sampling (decoder_start)
+  and export use; bos was used, and export wrote 0 back."""
+  hf_dir, workdir = tmp_path / "hf", tmp_path / "w"
+  hf_dir.mkdir()
+  convert_cli._export_tokenizer(config_lib.load(f"{REPO}/configs/t5.py:tiny", [
+      f"data.tokenizer={special_sp}"]), str(hf_dir))  # a tokenizer.json with bos <s> (2)
+  hf = {"model_type": "t5", "decoder_start_token_id": 0, "vocab_size": 448}
+  (hf_dir / "config.json").write_text(json.dumps(hf))
+  copied = convert_cli._copy_tokenizer(str(hf_dir), str(workdir / convert_cli.TOKENIZER_DIR))
+  convert_cli._keep_decoder_start(str(hf_dir), hf, copied)
+  tok = tokenization.load(copied)
+  assert tok.bos_id == 2 and objectives.decoder_start(tok) == 0
+  assert objectives.Vocab.from_tokenizer(pickle.loads(pickle.dumps(tok))).start_id == 0
+  (workdir / convert_cli.HF_CONFIG).write_text(json.dumps(hf))
+  config = config_lib.load(f"{REPO}/configs/t5.py:tiny", [f"data.tokenizer={copied}"])
+  assert convert_cli._export_hf_config(str(workdir), config)["decoder_start_token_id"] == 0
+  config = config_lib.load(f"{REPO}/configs/t5.py:tiny", [f"data.tokenizer={special_sp}"])
+  exported = convert_cli._export_hf_config(str(workdir), config)  # another tokenizer: its bos
+  assert (exported["decoder_start_token_id"], exported["eos_token_id"]) == (2, 3)

@@ -408,7 +408,8 @@ def test_import_copies_the_checkpoints_tokenizer_and_training_uses_it(made, tiny
 
 def test_a_t5_checkpoints_tokenizer_without_bos_imports_without_one(made, tiny_data, tmp_path):
   """T5's tokenizer.json has no bos: import turns data.add_bos off (its documents never began
-  with one; the default recipe's add_bos refused the import)."""
+  with one; the default recipe's add_bos refused the import); the checkpoint's
+  decoder_start_token_id is kept beside the tokenizer's copy (test_convert_export.py)."""
   from transformer_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
   ckpt = _other_style(made[0], tmp_path / "hf_t5", "t5")
   tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
@@ -416,7 +417,8 @@ def test_a_t5_checkpoints_tokenizer_without_bos_imports_without_one(made, tiny_d
   tok.save(str(ckpt / "tokenizer.json"))
   cfg = transformers.T5Config(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1,
                               num_decoder_layers=1, vocab_size=tok.get_vocab_size(),
-                              feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+                              feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                              decoder_start_token_id=0)  # (Google's checkpoints name it)
   transformers.T5ForConditionalGeneration(cfg).save_pretrained(str(ckpt))
   workdir = tmp_path / "w"
   overrides = [o for o in tiny_overrides(tiny_data, **{"data.data_dir": str(tmp_path / "tfds")})
@@ -426,6 +428,8 @@ def test_a_t5_checkpoints_tokenizer_without_bos_imports_without_one(made, tiny_d
   config = config_lib.from_json_file(str(workdir / "config.json"))
   assert (config.data.objective, config.data.add_bos) == ("span", False)
   assert tokenization.load(config.data.tokenizer).bos_id == -1
+  kept = workdir / "tokenizer" / "generation_config.json"
+  assert json.loads(kept.read_text()) == {"decoder_start_token_id": 0}
 
 
 def test_a_files_saved_truncation_padding_null_bos_and_id_gaps_are_read_as_transformers_does(

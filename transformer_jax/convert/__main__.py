@@ -13,12 +13,14 @@ the start, so that `python -m transformer_jax.train --workdir=OUT` continues tra
 valid (corpus, and data.tokenizer with at most model.vocab_size pieces; BERT's objective mlm
 needs its [MASK] piece, T5's span its sentinels). A checkpoint directory with a tokenizer.json
 has it copied to OUT/tokenizer/ and data.tokenizer pointed there (unless --config.data.tokenizer
-says otherwise), so continued pretraining feeds the model the ids it knows; `export` copies such
-a tokenizer along, and writes a SentencePiece model as the tokenizer.json and
-tokenizer_config.json that AutoTokenizer reads with the same ids (bos first with special tokens
-when data.add_bos). `--family` defaults to config.json's model_type. `export` writes the latest
-(or --step) checkpoint's parameters as model.safetensors + config.json +
-generation_config.json. Flags also take `--flag value`.
+says otherwise), so continued pretraining feeds the model the ids it knows, and an
+encoder-decoder's decoder_start_token_id kept beside that copy starts its decoder; `export`
+copies such a tokenizer along, and writes a SentencePiece model as the tokenizer.json and
+tokenizer_config.json that AutoTokenizer reads with the same ids (with special tokens: the bos
+and eos training framed a text with). `--family` defaults to config.json's model_type. `export`
+writes the latest (or --step) checkpoint's parameters as model.safetensors + config.json +
+generation_config.json (with that tokenizer's special ids) into a new or empty --hf_dir. Flags
+also take `--flag value`.
 
 Any of the directories may be gs:// URLs (config/paths.py): an HF directory in a bucket is read
 through a local temporary copy of its safetensors files and written locally, then uploaded (its
@@ -92,6 +94,8 @@ def _import_into(spec, overrides, hf_dir, workdir, family):
       # bos first as the tokenizer itself puts it (Llama's), or not (GPT-2's, T5's): scores
       # and continued training read the ids transformers (and lm-eval's hf model) feed it
       config.data.add_bos = tokenization.load(copied).adds_bos()
+      if values["family"] == "encdec":
+        _keep_decoder_start(hf_dir, hf, copied)
   for item in overrides:
     key, _, value = item.partition("=")
     config_lib.set_value(config, key, value)
@@ -107,6 +111,19 @@ def _import_into(spec, overrides, hf_dir, workdir, family):
   paths.write_text(paths.join(workdir, HF_CONFIG), json.dumps(hf, indent=2, sort_keys=True))
   _save_step0(config, params, workdir)  # config.json last: an import without it is unfinished
   return config
+
+
+def _keep_decoder_start(hf_dir: str, hf: dict, tokenizer_dir: str) -> None:
+  """Writes the checkpoint's decoder_start_token_id (generation_config.json's, else
+  config.json's: what transformers' generate starts from) beside the import's copy of its
+  tokenizer, where training, sampling, scoring and export read it (objectives.decoder_start):
+  a tokenizer with a bos would have started the decoder from that."""
+  from transformer_jax.data import hf_tokenization  # pylint: disable=g-import-not-at-top
+  start = hf_tokenization.decoder_start_beside(paths.join(hf_dir, hf_tokenization.FILE))
+  start = start if start >= 0 else hf.get("decoder_start_token_id")
+  if isinstance(start, int) and start >= 0:
+    paths.write_text(paths.join(tokenizer_dir, hf_tokenization.GENERATION),
+                     json.dumps({"decoder_start_token_id": start}))
 
 
 def _mask_padding(config, checkpoint_vocab: int):

@@ -7,7 +7,8 @@ wi_1 the up projection). The relative position bias [buckets, heads] lives in bl
 SelfAttention of each stack (our encoder/ and decoder/relative_bias). One shared token table
 serves both stacks; lm_head is our embed/logits, unscaled (the untied case). The decoder starts
 from decoder_start_token_id: pad (0) in Google's checkpoints, whose tokenizer has no bos; an
-export writes the start its training used (objectives.decoder_start: bos, else pad; hf.py).
+export writes the start its training used (objectives.decoder_start: an import's, else bos,
+else pad; hf.py).
 """
 
 from transformer_jax.convert.tables import P

@@ -12,6 +12,9 @@ special_tokens_map.json) beside the file, as transformers reads them, else the s
 its post-processor puts before the text (bos) or after it (eos: BERT's [CLS] and [SEP]), else
 the usual names among its special tokens; -1 where there is none. No id is assumed to be
 padding: packed rows mark padding with segment id 0 and weight 0, whatever token id fills it.
+An encoder-decoder's decoder start is the decoder_start_token_id of a generation_config.json
+beside the file (what `convert import` writes into its copy of a T5 checkpoint's tokenizer),
+else bos, else pad (objectives.decoder_start).
 `from_sentencepiece` writes our SentencePiece model as such a tokenizer (convert export).
 """
 
@@ -22,6 +25,8 @@ import tokenizers
 from transformer_jax.config import paths
 
 FILE = "tokenizer.json"
+# beside FILE: the decoder_start_token_id of the checkpoint the tokenizer came with
+GENERATION = "generation_config.json"
 _NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
           "eos": ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"),
           "pad": ("<pad>", "[PAD]", "<|pad|>"), "unk": ("<unk>", "[UNK]", "<|unk|>")}
@@ -42,8 +47,9 @@ def is_hf(path: str) -> bool:
 class HFTokenizer:
   """A loaded tokenizer.json (+ the special tokens of tokenizer_config.json beside it)."""
 
-  def __init__(self, data: str, config: dict | None = None):
+  def __init__(self, data: str, config: dict | None = None, decoder_start: int = -1):
     self._data, self._config = data, dict(config or {})
+    self.decoder_start_id = decoder_start  # -1: none named (bos, else pad)
     self._tok = _backend(data)
     self._after = None  # encode_after's, made when first asked for
     # the highest id + 1 (a vocabulary with gaps in its ids has fewer tokens than that)
@@ -56,7 +62,7 @@ class HFTokenizer:
     self._skip = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id) if i >= 0)
 
   def __reduce__(self):  # pickles as its text (grain worker processes)
-    return HFTokenizer, (self._data, self._config)
+    return HFTokenizer, (self._data, self._config, self.decoder_start_id)
 
   def _special(self, role: str, specials: dict, post_processor) -> int:
     named = self._config.get(f"{role}_token")
@@ -203,10 +209,20 @@ def config_beside(path: str) -> dict:
   return config
 
 
+def decoder_start_beside(path: str) -> int:
+  """The decoder_start_token_id of the GENERATION file beside the tokenizer.json of `path`, or
+  -1."""
+  file = paths.join(paths.dirname(path_of(path)), GENERATION)
+  start = json.loads(paths.read_text(file)).get("decoder_start_token_id") if paths.isfile(
+      file) else None
+  return start if isinstance(start, int) and start >= 0 else -1
+
+
 def load(path: str) -> HFTokenizer:
   """The tokenizer at `path` (tokenizer.json or its directory), with config_beside's special
-  tokens."""
-  return HFTokenizer(paths.read_text(path_of(path)), config_beside(path))
+  tokens and decoder_start_beside's start."""
+  return HFTokenizer(paths.read_text(path_of(path)), config_beside(path),
+                     decoder_start_beside(path))
 
 
 def for_export(data: str, config: dict, before: list[int], after: list[int]) -> tuple[str, dict]:

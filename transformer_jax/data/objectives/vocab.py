@@ -17,9 +17,11 @@ def _piece_text(piece: str) -> str:
 
 def decoder_start(tok) -> int:
   """An encoder-decoder's decoder start, the same in training, sampling, scoring and an export's
-  decoder_start_token_id: the tokenizer's bos, else its pad (T5's, whose tokenizer has no bos);
-  -1 if it has neither."""
-  return tok.bos_id if tok.bos_id >= 0 else tok.pad_id
+  decoder_start_token_id: the one an imported checkpoint names (its decoder_start_token_id,
+  kept beside the import's copy of its tokenizer: hf_tokenization.GENERATION), else the
+  tokenizer's bos, else its pad (T5's, whose tokenizer has no bos); -1 if it has neither."""
+  named = getattr(tok, "decoder_start_id", -1)
+  return named if named >= 0 else tok.bos_id if tok.bos_id >= 0 else tok.pad_id
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
