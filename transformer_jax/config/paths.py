@@ -134,15 +134,31 @@ def read_text(p) -> str:
 
 def write_text(p, text: str):
   """Writes `text` atomically: readers see the old content or the new, never half of it (a local
-  temporary file renamed over `p`; an object store's single write)."""
-  p = os.fspath(p)
-  if is_remote(p):
-    path(p).write_text(text)
+  temporary file renamed over `p`, removed when the write fails; an object store's single
+  write)."""
+  write_texts({p: text})
+
+
+def write_texts(texts: dict):
+  """Writes each {path: text} as write_text does; locally every temporary file is written
+  before any is renamed over its target, so a write that fails (a full disk) changes none of
+  them and leaves no temporary file behind."""
+  if any(is_remote(p) for p in texts):
+    for p, text in texts.items():
+      path(p).write_text(text)
     return
-  tmp = f"{p}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, p)
+  tmps = {p: f"{p}.tmp-{os.getpid()}" for p in map(os.fspath, texts)}
+  try:
+    for (p, tmp), text in zip(tmps.items(), texts.values()):
+      with open(tmp, "w") as f:
+        f.write(text)
+  except BaseException:
+    for tmp in tmps.values():
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+    raise
+  for p, tmp in tmps.items():
+    os.replace(tmp, p)
 
 
 def remove(p, missing_ok: bool = True):
@@ -321,10 +337,16 @@ def check_writable(directory):
   makedirs(directory)
   probe = join(directory, f".write_test-{uuid.uuid4().hex[:12]}")
   q = path(probe)
-  q.write_text("ok")
-  if q.read_text() != "ok":
-    raise OSError(f"{probe} did not read back what was written")
+  try:
+    q.write_text("ok")
+    read_back = q.read_text()
+  except BaseException:  # (a full disk creates the file, then fails to write it)
+    with contextlib.suppress(Exception):
+      q.unlink(missing_ok=True)
+    raise
   q.unlink()
+  if read_back != "ok":
+    raise OSError(f"{probe} did not read back what was written")
 
 
 def main(argv) -> int:

@@ -116,12 +116,28 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
 def record(c, workdir: str, corpus: str = "") -> None:
   """Writes what the workdir's checkpoints are trained with beside them: the corpus's identity,
   the tokenizer's digest (resume and every command that reads the workdir compare them), and
-  config.json last (an import without it is unfinished)."""
-  paths.write_text(paths.join(workdir, CORPUS), (corpus or _corpus_identity(c)) + "\n")
+  config.json last (an import without it is unfinished). A write that fails (a full disk) is
+  a one-line WriteError and changes none of them."""
+  texts = {paths.join(workdir, CORPUS): (corpus or _corpus_identity(c)) + "\n"}
   if c.data.tokenizer:
-    paths.write_text(paths.join(workdir, TOKENIZER_SHA),
-                     tfds_text.tokenizer_identity(c.data.tokenizer) + "\n")
-  config_lib.write_json(c, paths.join(workdir, "config.json"))
+    texts[paths.join(workdir, TOKENIZER_SHA)] = (tfds_text.tokenizer_identity(c.data.tokenizer)
+                                                 + "\n")
+  texts[paths.join(workdir, "config.json")] = config_lib.to_json(c)
+  _write(workdir, texts)
+
+
+def _write(workdir: str, texts: dict):
+  """paths.write_texts(texts), a storage's failure raised as a one-line WriteError."""
+  try:
+    paths.write_texts(texts)
+  except Exception as e:  # pylint: disable=broad-except
+    if (reason := ckpt_lib.write_failure(e, workdir)) is None:
+      raise
+    fix = ("fix the bucket or the connection to it" if paths.is_remote(workdir)
+           else "free space or fix the workdir")
+    raise ckpt_lib.WriteError(
+        f"writing {', '.join(os.path.basename(p) for p in texts)} in {workdir} failed: "
+        f"{reason}; {fix}, then re-run the same command") from None
 
 
 def check_tokenizer(workdir: str, tokenizer: str) -> None:
