@@ -3,16 +3,23 @@ any point, a diverged run's saves, a checkpoint deleted while it is read, a full
 Ctrl-C before the first step."""
 
 import errno
+import glob
+import json
 import os
+import shutil
 
 import jax
+import numpy as np
 import pytest
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
+from transformer_jax.data import pipeline
+from transformer_jax.parallel import sharding
 from transformer_jax.training import checkpoint as ckpt_lib
 from transformer_jax.training import resume
+from transformer_jax.training.step import Trainer
 from tests.conftest import REPO, tiny_overrides
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
@@ -20,6 +27,98 @@ ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
 
 def _config(tiny_data, **extra):
   return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
+
+
+class _Cut(Exception):
+  """A crash injected into a storage operation."""
+
+
+def _cut_at(monkeypatch, k):
+  """The k-th storage operation (a write, move, delete or checkpoint save) raises _Cut before it
+  runs; returns the names of those seen so far (read after the run)."""
+  seen = []
+  def wrap(owner, name):
+    real = getattr(owner, name)
+    def op(*args, **kwargs):
+      seen.append(name)
+      if len(seen) == k:
+        raise _Cut(f"cut before {name} #{k}")
+      return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, op)
+  for name in ("write_texts", "move", "rmtree", "remove"):
+    wrap(paths, name)
+  wrap(ckpt_lib.Checkpoints, "save")
+  return seen
+
+
+def test_a_params_start_cut_short_anywhere_is_taken_on_by_the_same_command(
+    tiny_data, tmp_path, monkeypatch):
+  """on_mismatch=params set the old checkpoints aside, wrote the new config.json, then saved
+  step 0: a crash in between left no checkpoint and a config.json without a mismatch, and the
+  re-run trained from a random init without a word. Now a crash before any storage
+  operation of the start leaves a workdir whose re-run starts from the old parameters, as the
+  uninterrupted start did (its state, data position, files and folders); and before the old
+  checkpoints move, the old command still resumes them."""
+  old_cfg = _config(tiny_data, **{"checkpoint.every_steps": 2})
+  new_cfg = _config(tiny_data, **{"checkpoint.every_steps": 2, "model.dropout_rate": 0.1,
+                                  "checkpoint.on_mismatch": "params"})
+  trainer = Trainer(new_cfg, sharding.make_mesh(new_cfg, ONE()))
+  rows = (0, new_cfg.train.batch_size)
+  base = str(tmp_path / "base")
+  old = trainer.init_state(1)  # (the other seed: not what a fresh start makes)
+  old = old.replace(params=jax.tree.map(lambda p: p + 1, old.params))
+  ckpts = ckpt_lib.Checkpoints(base, old_cfg.checkpoint)
+  ckpts.save(2, old, pipeline.make_train_iterator(old_cfg, rows), force=True)
+  ckpts.close()
+  resume.record(old_cfg, base)
+
+  def start(workdir, trainer=trainer):
+    data = pipeline.make_train_iterator(trainer.config, rows)
+    step, state, ckpts = resume.start(trainer, workdir, data, say=lambda msg: None)
+    ckpts.close()
+    return step, jax.device_get(state), data.get_state()
+
+  def layout(workdir):
+    aside = glob.glob(f"{workdir}/checkpoints_previous-*")
+    return (sorted(n.split("-")[0] for n in os.listdir(workdir)),
+            sorted(os.listdir(f"{workdir}/checkpoints")),
+            [sorted(os.listdir(d)) for d in aside],
+            json.load(open(f"{workdir}/config.json"))["model"]["dropout_rate"])
+
+  read = ckpt_lib.Checkpoints.restore_params
+  params = []  # (every copy of `base` holds the same parameters: read once)
+  monkeypatch.setattr(ckpt_lib.Checkpoints, "restore_params",
+                      lambda *a: params[0] if params else params.append(read(*a)) or params[0])
+  ref = str(tmp_path / "ref")
+  shutil.copytree(base, ref)
+  want = start(ref)
+  assert want[0] == 0
+  jax.tree.map(np.testing.assert_array_equal, want[1].params, jax.device_get(old.params))
+  want_layout = layout(ref)
+  assert want_layout[1:] == (["0"], [["2", "config.json", "corpus_identity.txt",
+                                      "tokenizer.sha256"]], 0.1)
+  cuts = 0
+  for k in range(1, 40):
+    workdir = str(tmp_path / f"cut{k}")
+    shutil.copytree(base, workdir)
+    with monkeypatch.context() as m:
+      seen = _cut_at(m, k)
+      try:
+        start(workdir)
+      except _Cut:
+        cuts += 1
+      else:
+        break
+    if os.path.isfile(f"{workdir}/{resume.STAGING}/{resume.RECORD}/config.json") and \
+        os.path.isdir(f"{workdir}/checkpoints/2"):  # (step 0 staged, the old ones not moved)
+      assert start(shutil.copytree(workdir, f"{workdir}-old"),
+                   Trainer(old_cfg, trainer.mesh))[0] == 2
+    got = start(workdir)
+    assert got[0] == 0, k
+    jax.tree.map(np.testing.assert_array_equal, got[1], want[1])
+    assert got[2] == want[2], k
+    assert layout(workdir) == want_layout, (k, seen)
+  assert cuts >= 8, seen  # every operation of the start was cut once
 
 
 def test_a_full_disk_at_start_up_is_one_line_and_leaves_no_temporary_file(

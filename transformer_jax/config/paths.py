@@ -169,6 +169,16 @@ def remove(p, missing_ok: bool = True):
       raise
 
 
+def rmtree(p):
+  """Deletes a folder and everything under it (nothing when it does not exist)."""
+  if not exists(p):
+    return
+  if is_remote(p):
+    filesystem(p).rm(os.fspath(p), recursive=True)
+  else:
+    shutil.rmtree(os.fspath(p))
+
+
 def makedirs(p):
   """Creates a local folder (and its parents); nothing on an object store."""
   if not is_remote(p):

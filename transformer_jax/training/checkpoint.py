@@ -195,24 +195,27 @@ def require_step(workdir: str, steps: list, step, quantized: bool = False) -> No
                       f"{', '.join(map(str, steps))})")
 
 
-def set_aside(workdir: str, describe=()) -> str:
-  """Moves WORKDIR/checkpoints to WORKDIR/checkpoints_previous-TIME (kept, never deleted), with
-  a copy of the workdir's files named in `describe` (config.json, ...: what the checkpoints
-  need to be read, which the new run rewrites)."""
-  src = paths.join(paths.abspath(workdir), "checkpoints")
-  dest = stamped = f"{src}_previous-{time.strftime('%Y%m%d-%H%M%S')}"
-  for k in itertools.count(1):  # a second set-aside within the same second: moved into the first
-    if not paths.exists(dest):
-      break
-    dest = f"{stamped}-{k}"
+def set_aside(workdir: str, describe=(), dest: str = "", every_process: bool = True) -> str:
+  """Moves WORKDIR/checkpoints to `dest` (default: a new aside_path; kept, never deleted), with
+  a copy of the workdir's files named in `describe` (config.json, ...: what the checkpoints need
+  to be read, which the new run rewrites). Process 0 moves, all wait (unless `every_process`)."""
+  dest = dest or aside_path(workdir)
   if jax.process_index() == 0:
-    paths.move(src, dest)
+    paths.move(paths.join(paths.abspath(workdir), "checkpoints"), dest)
     for name in describe:
       if paths.isfile(paths.join(workdir, name)):
         paths.write_text(paths.join(dest, name), paths.read_text(paths.join(workdir, name)))
-  if jax.process_count() > 1:
+  if every_process and jax.process_count() > 1:
     multihost_utils.sync_global_devices("set aside checkpoints")
   return dest
+
+
+def aside_path(workdir: str) -> str:
+  """A new WORKDIR/checkpoints_previous-TIME (-1, -2, ... within the same second)."""
+  stamped = paths.join(paths.abspath(workdir),
+                       f"checkpoints_previous-{time.strftime('%Y%m%d-%H%M%S')}")
+  named = itertools.chain([stamped], (f"{stamped}-{k}" for k in itertools.count(1)))
+  return next(d for d in named if not paths.exists(d))
 
 
 def drop_closed_loop_reports():
@@ -299,10 +302,11 @@ class _Stop(Exception):
 class Checkpoints:
   """Async saves, keep-last-N plus a periodic keep, and restore of the latest step."""
 
-  def __init__(self, workdir: str, ckpt_cfg, *, read_only: bool = False):
+  def __init__(self, workdir: str, ckpt_cfg, *, read_only: bool = False,
+               folder: str = "checkpoints"):
     if refusal := paths.orbax_refusal(workdir):  # (a teacher's, a workdir to evaluate, ...)
       raise ConfigError(f"workdir {refusal}")
-    self.directory = paths.join(paths.abspath(workdir), "checkpoints")
+    self.directory = paths.join(paths.abspath(workdir), folder)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep,
         keep_period=ckpt_cfg.keep_period or None,

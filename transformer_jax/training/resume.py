@@ -231,28 +231,28 @@ def start(trainer, workdir: str, data, say, data_writes=None):
   """(first step, state, Checkpoints) for a run in `workdir`: restored from its newest readable
   checkpoint (and `data` moved to its position), or freshly initialised. Writes config.json
   only once the checkpoints have accepted this config and steps remain, so a refused or
-  finished run leaves it as it was.
-  A start from the previous checkpoints' parameters (on_mismatch=params) is saved as step 0:
-  a crash or a rollback before the first save returns to them, not to a fresh init."""
+  finished run leaves it as it was. A start from the previous checkpoints' parameters
+  (on_mismatch=params) is saved as step 0 (_params_start)."""
   c = trainer.config
-  diffs, params = workdir_mismatch(c, workdir), None
+  finish_params_start(workdir, say)
+  diffs = workdir_mismatch(c, workdir)
   if diffs and c.checkpoint.on_mismatch == "refuse":
     raise ConfigError(f"{workdir} holds checkpoints of another model, tokenizer or optimizer ("
                       f"{'; '.join(diffs)}); use a new --workdir, or "
                       f"--config.checkpoint.on_mismatch=fresh|params")
   if jax.process_count() > 1:  # every process has read config.json before process 0 rewrites it
     multihost_utils.sync_global_devices("workdir checked")
-  if diffs:
-    old = ckpt_lib.Checkpoints(workdir, c.checkpoint)
-    if c.checkpoint.on_mismatch == "params":
-      _, params = old.restore_params(trainer.abstract_state.params)
-    old.close()
-    aside = ckpt_lib.set_aside(workdir, ("config.json", TOKENIZER_SHA, CORPUS))
-    say(f"checkpoints of the previous config set aside in {aside} (with its config.json)")
+  corpus = _corpus_identity(c)
+  if diffs and c.checkpoint.on_mismatch == "params" and (
+      started := _params_start(trainer, workdir, data, say, data_writes, corpus)):
+    return started
+  if diffs:  # (fresh, or params with no parameters listed)
+    say(f"checkpoints of the previous config set aside in {ckpt_lib.set_aside(workdir, WRITTEN)}"
+        f" (with its config.json)")
   ckpts = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   step, state = ckpts.restore(trainer.abstract_state, data, report=say)
   reordered, changed = config_changes(c, workdir) if state is not None else ([], [])
-  corpus, corpus_path = _corpus_identity(c), paths.join(workdir, CORPUS)
+  corpus_path = paths.join(workdir, CORPUS)
   if state is not None and paths.isfile(corpus_path) and not any(
       r.startswith(("data.corpus", "data.format", "data.validation_fraction")) for r in reordered):
     reordered += _corpus_changes(paths.read_text(corpus_path).strip(), corpus)
@@ -260,18 +260,82 @@ def start(trainer, workdir: str, data, say, data_writes=None):
   # or a mistaken flag on a finished run's command became the config its next resume reads)
   if jax.process_index() == 0 and not finished:
     record(c, workdir, corpus)
-  if state is not None:
-    say(f"resumed from {ckpts.directory}/{step}")
-    if changed:  # e.g. a raised train.steps, or a new learning rate: said, not silent
-      say(f"config changed since checkpoint {step}: {'; '.join(changed)}")
-    if reordered:
-      say(f"warning: the data changed since checkpoint {step} ({'; '.join(reordered)}): its "
-          f"saved position now indexes another document order, so this epoch may repeat or "
-          f"skip documents")
-    return step, state, ckpts
-  state = trainer.init_state(c.seed)
-  if params is not None:
-    state = state.replace(params=params)
-    ckpts.save(0, state, data, force=True, data_writes=data_writes)
-    say("started from the previous checkpoint's parameters (new optimizer state, step 0)")
-  return 0, state, ckpts
+  if state is None:
+    return 0, trainer.init_state(c.seed), ckpts
+  say(f"resumed from {ckpts.directory}/{step}")
+  if changed:  # e.g. a raised train.steps, or a new learning rate: said, not silent
+    say(f"config changed since checkpoint {step}: {'; '.join(changed)}")
+  if reordered:
+    say(f"warning: the data changed since checkpoint {step} ({'; '.join(reordered)}): its "
+        f"saved position now indexes another document order, so this epoch may repeat or "
+        f"skip documents")
+  return step, state, ckpts
+
+
+# on_mismatch=params saves step 0 in STAGING (with the files `record` writes for its config, in
+# STAGING/RECORD, the last thing written there, and the folder the old checkpoints go to, in
+# STAGING/ASIDE), before the old checkpoints are set aside and STAGING takes their place.
+STAGING, RECORD, ASIDE = "checkpoints_staging", "record", "set_aside_to.txt"
+
+
+def _params_start(trainer, workdir: str, data, say, data_writes, corpus: str):
+  """(0, state, Checkpoints): the previous checkpoints' parameters with a new optimizer state,
+  saved as step 0, so that a crash or a rollback before the first save returns to them (None
+  when no step is listed). The
+  old checkpoints stay in place while step 0 is made and saved (in STAGING); then they are set
+  aside, STAGING takes their place and the workdir's files are written. A run cut short at any
+  point leaves what its re-run takes on from (finish_params_start): the same start."""
+  c, lead = trainer.config, jax.process_index() == 0
+  old = ckpt_lib.Checkpoints(workdir, c.checkpoint)
+  _, params = old.restore_params(trainer.abstract_state.params)
+  old.close()
+  if params is None:
+    return None
+  staging = paths.join(paths.abspath(workdir), STAGING)
+  state = trainer.init_state(c.seed).replace(params=params)
+  new = ckpt_lib.Checkpoints(workdir, c.checkpoint, folder=STAGING)
+  new.save(0, state, data, force=True, data_writes=data_writes)
+  new.close()
+  aside = ckpt_lib.aside_path(workdir)
+  if lead:
+    paths.makedirs(paths.join(staging, RECORD))
+    _write(workdir, {paths.join(staging, ASIDE): aside})
+    record(c, paths.join(staging, RECORD), corpus)  # (config.json last: STAGING is complete)
+    ckpt_lib.set_aside(workdir, WRITTEN, aside, every_process=False)
+  finish_params_start(workdir, say, cut_short=False)
+  say(f"checkpoints of the previous config set aside in {aside} (with its config.json)")
+  say("started from the previous checkpoint's parameters (new optimizer state, step 0)")
+  return 0, state, ckpt_lib.Checkpoints(workdir, c.checkpoint)
+
+
+def finish_params_start(workdir: str, say=print, cut_short: bool = True):
+  """Takes a params start (_params_start) on from where it was cut short: a STAGING without its
+  config.json is deleted (its step 0 is made again), and so is a complete one while the old
+  checkpoints were not yet being set aside (whatever this run is, it starts from them); once
+  they were, the swap and the workdir's files are finished. Process 0 moves; every process
+  waits for it."""
+  staging = paths.join(paths.abspath(workdir), STAGING)
+  ckpt_dir = paths.join(paths.abspath(workdir), "checkpoints")
+  if jax.process_index() == 0 and paths.exists(staging):
+    staged = paths.isfile(paths.join(staging, RECORD, "config.json"))
+    aside = paths.read_text(paths.join(staging, ASIDE)) if staged else ""
+    if staged and paths.exists(aside):
+      if cut_short:
+        say(f"finishing the start from the previous checkpoint's parameters that an earlier "
+            f"run began (the previous config's checkpoints: {aside})")
+      if paths.exists(ckpt_dir):  # (a bucket's move cut short: its copy, or what is left)
+        ckpt_lib.set_aside(workdir, WRITTEN, every_process=False)
+      for name in WRITTEN:  # (the move's copies, where it was cut short before them)
+        if not paths.isfile(paths.join(aside, name)) and paths.isfile(paths.join(workdir, name)):
+          paths.write_text(paths.join(aside, name), paths.read_text(paths.join(workdir, name)))
+      paths.move(staging, ckpt_dir)
+    else:
+      paths.rmtree(staging)
+  recorded = paths.join(ckpt_dir, RECORD)
+  if jax.process_index() == 0 and paths.isfile(paths.join(recorded, "config.json")):
+    _write(workdir, {paths.join(workdir, n): paths.read_text(paths.join(recorded, n))
+                     for n in reversed(WRITTEN) if paths.isfile(paths.join(recorded, n))})
+    paths.remove(paths.join(ckpt_dir, ASIDE))
+    paths.rmtree(recorded)  # (its config.json, the mark of an unfinished start, last)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("params start finished")
