@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -119,6 +120,40 @@ def test_a_params_start_cut_short_anywhere_is_taken_on_by_the_same_command(
     assert got[2] == want[2], k
     assert layout(workdir) == want_layout, (k, seen)
   assert cuts >= 8, seen  # every operation of the start was cut once
+
+
+def _state(value):
+  return {"params": {"w": np.full((4,), value, np.float32)}}
+
+
+def test_a_step_deleted_while_it_is_read_is_no_unreadable_checkpoint(tmp_path, monkeypatch):
+  """A run's keep-last-N deleted the step that sample or evaluate was reading: "checkpoint N
+  ... is unreadable" with the step list from before. Now the newest step is read instead, or a
+  step asked for is said to be deleted by the run training the workdir."""
+  ckpt_cfg = types.SimpleNamespace(keep=3, keep_period=0, async_save=False)
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), ckpt_cfg)
+  for step in (2, 4, 6):
+    ckpts.save(step, _state(step), force=True)
+  ckpts.close()
+  check_shapes = ckpt_lib._check_shapes  # pylint: disable=protected-access
+
+  def deleting(state_dir, *args):  # the training run's retention, between listing and reading
+    step_dir = os.path.dirname(state_dir)
+    if os.path.basename(step_dir) in ("6", "4"):
+      shutil.rmtree(step_dir)
+    return check_shapes(state_dir, *args)
+  monkeypatch.setattr(ckpt_lib, "_check_shapes", deleting)
+  abstract = {"w": jax.ShapeDtypeStruct((4,), np.float32)}
+  reader = ckpt_lib.Checkpoints(str(tmp_path), ckpt_cfg, read_only=True)
+  step, params = reader.restore_params(abstract)  # 6, then 4, deleted under the read
+  assert step == 2 and params["w"].tolist() == [2.0] * 4
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), ckpt_cfg)
+  ckpts.save(4, _state(4), force=True)
+  ckpts.close()
+  with pytest.raises(ConfigError, match=r"^checkpoint 4 in .* was deleted while it was read, by "
+                                        r"the run training this workdir \(it keeps the newest "
+                                        r"checkpoint\.keep\); saved steps now: 2$"):
+    ckpt_lib.Checkpoints(str(tmp_path), ckpt_cfg, read_only=True).restore_params(abstract, 4)
 
 
 def test_a_full_disk_at_start_up_is_one_line_and_leaves_no_temporary_file(

@@ -524,36 +524,61 @@ class Checkpoints:
     self.manager.reload()
     return dest
 
-  def restore_params(self, abstract_params, step=None):
-    """Only the parameters (for sampling and evaluation); the optimizer state is not read."""
+  def restore_params(self, abstract_params, step=None, reads: int = 5):
+    """Only the parameters (for sampling and evaluation); the optimizer state is not read. A step
+    deleted while it is read (a live run's checkpoint.keep) is no unreadable one: the newest is
+    read instead (`reads` times at most); a `step` asked for is said to be deleted."""
     self.wait()  # (a save in flight: see restore)
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None, None
-    item = {"params": abstract_params}
-    drop_closed_loop_reports()
-    restored, failure = None, None
-    try:  # (Orbax's handler: its Checkpointer ends in a barrier that a failed read never reaches)
-      _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
-                    f"checkpoint {step} in {self.directory}")
-      restored = ocp.PyTreeCheckpointHandler().restore(
-          paths.path(paths.join(self.directory, str(step), "state")),
-          args=ocp.args.PyTreeRestore(
-              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-              partial_restore=True))
-    except ConfigError as e:  # (_check_shapes': the config does not describe the checkpoint)
-      failure = _Stop(e)
-    except Exception as e:  # pylint: disable=broad-except
-      failure = _Stop(self._params_failure(step, e))
-    self._verdicts(step, failure)  # (every process raises when any failed)
+    for attempt in range(1, reads + 1):
+      now = self.latest_step() if step is None else step
+      if now is None:
+        return None, None
+      restored, failure = self._read_params(now, abstract_params)
+      if not (failure := self._verdicts(now, failure)):  # (every process raises when any stops)
+        break
+      if step is not None or attempt == reads:
+        raise ConfigError(
+            f"checkpoint {now} in {self.directory} was deleted while it was read, by the run "
+            f"training this workdir (it keeps the newest checkpoint.keep); saved steps now: "
+            f"{', '.join(map(str, self.all_steps())) or 'none'}"
+            + ("" if step is not None else f" ({reads} deleted in a row: try again)"))
     missing = [jax.tree_util.keystr(path) for path, leaf in
                jax.tree_util.tree_leaves_with_path(restored["params"])
                if isinstance(leaf, jax.ShapeDtypeStruct)]
     if missing:  # (orbax leaves what the checkpoint lacks abstract)
-      raise ConfigError(f"checkpoint {step} in {self.directory} has no parameter "
+      raise ConfigError(f"checkpoint {now} in {self.directory} has no parameter "
                         f"{missing[0]} of this config's model ({len(missing)} missing): the "
                         f"config does not describe the checkpoint")
-    return step, restored["params"]
+    return now, restored["params"]
+
+  def _read_params(self, step, abstract_params):
+    """(restored, None), or (None, a _Stop to raise, or OSError: the step was deleted)."""
+    item = {"params": abstract_params}
+    drop_closed_loop_reports()
+    try:  # (Orbax's handler: its Checkpointer ends in a barrier that a failed read never reaches)
+      _check_shapes(paths.join(self.directory, str(step), "state"), abstract_params,
+                    f"checkpoint {step} in {self.directory}")
+      return ocp.PyTreeCheckpointHandler().restore(
+          paths.path(paths.join(self.directory, str(step), "state")),
+          args=ocp.args.PyTreeRestore(
+              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True)), None
+    except ConfigError as e:  # (_check_shapes': the config does not describe the checkpoint)
+      return None, _Stop(e)
+    except Exception as e:  # pylint: disable=broad-except
+      if self._deleted(step):
+        return None, OSError(f"checkpoint {step} was deleted")
+      return None, _Stop(self._params_failure(step, e))
+
+  def _deleted(self, step) -> bool:
+    """Whether `step` is no longer listed (listed again: a deletion may take a moment)."""
+    for wait in (0.0, 0.5):
+      time.sleep(wait)
+      with contextlib.suppress(Exception):  # (a listing that fails says nothing)
+        self.manager.reload()
+        if step not in self.all_steps():
+          return True
+    return False
 
   def _params_failure(self, step, error) -> BaseException:
     """The one-line error for a failed read of checkpoint `step`'s parameters."""
