@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import types
 
 import jax
@@ -198,3 +199,41 @@ def test_a_full_disk_at_start_up_is_one_line_and_leaves_no_temporary_file(
   with pytest.raises(ConfigError, match=r"is not writable: No space left on device$"):
     resume.prepare_workdir(workdir)
   assert sorted(os.listdir(workdir)) == before[0]
+
+
+def _patch_step(monkeypatch, signals: dict, nan=(), handlers=None):
+  """Trainer.train_step raises signals[state.step] (before the step) and gives the steps at
+  state.step in `nan` NaN target weights (their loss and gradients: non-finite); appends the
+  SIGTERM handler of each call to `handlers`."""
+  train_step = Trainer.train_step
+
+  def step(self, state, batch, rng):
+    at = int(jax.device_get(state.step))
+    if handlers is not None:
+      handlers.append(signal.getsignal(signal.SIGTERM))
+    if at in nan:
+      batch = {k: v * np.float32("nan") if k.endswith("weights") else v
+               for k, v in batch.items()}
+    if at in signals:
+      signal.raise_signal(signals[at])
+    return train_step(self, state, batch, rng)
+  monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def test_ctrl_c_while_the_first_step_compiles_stops_at_once(tiny_data, tmp_path, monkeypatch):
+  """A Ctrl-C while the first step compiled waited for the compile, ran the step and saved it:
+  now it ends the run at once (KeyboardInterrupt: `interrupted`, exit 130), nothing saved,
+  while a SIGTERM (a preemption) is handled from the start."""
+  from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training.preemption import Preemption  # pylint: disable=g-import-not-at-top
+  handlers = []
+  _patch_step(monkeypatch, {0: signal.SIGINT}, handlers=handlers)
+  old = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      loop.train(_config(tiny_data), str(tmp_path), quiet=True, devices=ONE())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (put back)
+  finally:
+    signal.signal(signal.SIGINT, old)
+  assert os.listdir(tmp_path / "checkpoints") == []
+  assert getattr(handlers[0], "__self__", None).__class__ is Preemption  # (SIGTERM: armed)

@@ -98,6 +98,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
     while step < end:
       state, m = (first_step if step == start else trainer.train_step)(
           state, trainer.put_batch(next(data)), rng)
+      preemption.started()  # (a Ctrl-C before: `interrupted` at once, nothing unsaved lost)
       guard.track(step, m)
       meter.step(m)
       done = step + 1

@@ -17,14 +17,27 @@ class Preemption:
 
   With several processes they must all stop after the same step: SIGTERM then goes to JAX's
   preemption notifier (jax.distributed installs it), which agrees on that step with the other
-  processes (`reached`), and SIGINT is turned into a SIGTERM to this process."""
+  processes (`reached`), and SIGINT is turned into a SIGTERM to this process.
+
+  SIGINT is taken over only once the first step has returned (`started`): before, the state is
+  the restored checkpoint or a fresh one, and a Ctrl-C while that step compiles (minutes for a
+  large model) ends the run at once (`interrupted`, exit 130) rather than after the compile, a
+  step and a save. A SIGTERM (a preemption) saves from the start all the same."""
 
   def __init__(self):
     self.signum, self._old = None, {}
     self.multi = jax.process_count() > 1
+    self._take(() if self.multi else (signal.SIGTERM,))
+
+  def _take(self, signals):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
+      for sig in set(signals) - set(self._old):
         self._old[sig] = signal.signal(sig, self._handle)
+
+  def started(self):
+    """The first step returned: from now on a Ctrl-C, too, finishes the step in flight and
+    saves."""
+    self._take((signal.SIGINT,))
 
   def _handle(self, signum, frame):
     if self.signum is not None:
