@@ -207,13 +207,13 @@ def test_a_diverged_run_stops_after_max_anomalies_in_a_row(tiny_data, tmp_path, 
   config = _config(tiny_data, **{"train.max_anomalies_in_a_row": 6})
   with pytest.raises(AnomalyError, match=r"^6 updates in a row were not applied \(non-finite "
                                          r"loss or gradient, last at step 15\): the run has "
-                                         r"diverged\. Resume from .*max_anomalies_in_a_row=6"):
+                                         r"diverged\. .* step 5, saved before .* at step 10 "):
     loop.train(config, str(tmp_path), quiet=False, devices=ONE())
   said = capsys.readouterr().out
   assert "2 update(s) not applied (non-finite loss or gradient) at step(s) 8, 10; " in said
   assert "5 update(s) not applied (non-finite loss or gradient) at step(s) 11, 12, 13, 14, 15; " \
       "train.on_anomaly=skip" in said
-  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [5, 10]
+  assert os.listdir(tmp_path / "checkpoints") == ["5"]  # (none while the last was refused)
 
 
 def test_abort_policy_stops_with_a_clear_message(tiny_data, tmp_path, poison):

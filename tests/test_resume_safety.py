@@ -237,3 +237,19 @@ def test_ctrl_c_while_the_first_step_compiles_stops_at_once(tiny_data, tmp_path,
     signal.signal(signal.SIGINT, old)
   assert os.listdir(tmp_path / "checkpoints") == []
   assert getattr(handlers[0], "__self__", None).__class__ is Preemption  # (SIGTERM: armed)
+
+
+def test_a_preemption_inside_a_streak_of_refused_updates_saves_nothing(tiny_data, tmp_path,
+                                                                      monkeypatch, capsys):
+  """A SIGTERM inside a streak of refused updates saved the parameters they were refused on
+  as the newest checkpoint (the one the exit-3 advice resumes from, and keep-last-N deleted an
+  older one for it): now nothing is saved, and the re-run resumes from the checkpoint before,
+  replaying the streak as the uninterrupted run would have gone on."""
+  from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  _patch_step(monkeypatch, {7: signal.SIGTERM}, nan=(6, 7))
+  out = loop.train(_config(tiny_data), str(tmp_path), devices=ONE())
+  assert out["preempted"] == signal.SIGTERM and out["step"] == 8
+  assert os.listdir(tmp_path / "checkpoints") == ["5"]
+  assert ("SIGTERM received: stopped after step 8, nothing saved: its last 2 updates were not "
+          "applied (train.on_anomaly=skip); re-run the same command to resume from checkpoint "
+          "5") in capsys.readouterr().out

@@ -17,7 +17,15 @@ class Guard:
 
   def __init__(self, policy: str, writer, say=print, limit: int = 0):
     self.policy, self.writer, self.say, self.limit = policy, writer, say, limit
-    self._flags, self.in_a_row = [], 0
+    self._flags, self.in_a_row, self.streak_from = [], 0, 0  # (its first refused step)
+
+  @property
+  def refusing(self) -> bool:
+    """Whether the latest checked update was refused and not rolled back: the state holds the
+    parameters of the last applied update, which a diverged run refuses every update on. The
+    loop saves no periodic checkpoint then: one would be the newest, which the advised resume
+    loads, and keep-last-N would delete one from before the streak for it."""
+    return self.in_a_row > 0 and self.policy != "rollback"
 
   def track(self, step: int, metrics: dict):
     self._flags.append((step, metrics["nonfinite"], metrics["spike"]))
@@ -25,12 +33,14 @@ class Guard:
   def reset(self):
     self._flags = []
 
-  def check(self, directory: str) -> list[dict]:
+  def check(self, ckpts) -> list[dict]:
     """The anomalies since the last check, each logged as an event and said in one line;
-    raises AnomalyError under the abort policy, or past `limit` in a row. Returns the events
-    (for `rollback`)."""
-    events = []
+    raises AnomalyError under the abort policy, or past `limit` in a row (naming the checkpoint
+    a resume starts from, of `ckpts`). Returns the events (for `rollback`)."""
+    events, directory = [], ckpts.directory
     for s, nf, sp in jax.device_get(self._flags):
+      if (nf or sp) and not self.in_a_row:
+        self.streak_from = int(s) + 1
       self.in_a_row = self.in_a_row + 1 if nf or sp else 0
       if nf or sp:
         events.append({"batch": int(s), "reason": "non-finite loss or gradient" if nf
@@ -50,9 +60,21 @@ class Guard:
     if self.limit and self.in_a_row >= self.limit:
       raise AnomalyError(
           f"{self.in_a_row} updates in a row were not applied ({events[-1]['reason']}, last at "
-          f"step {events[-1]['batch'] + 1}): the run has diverged. Resume from {directory} with "
-          f"a lower learning rate (train.max_anomalies_in_a_row={self.limit}; 0 = no limit)")
+          f"step {events[-1]['batch'] + 1}): the run has diverged. {self._advice(ckpts)} "
+          f"(train.max_anomalies_in_a_row={self.limit}; 0 = no limit)")
     return events if self.policy == "rollback" else []
+
+  def _advice(self, ckpts) -> str:
+    """How to resume a diverged run: the checkpoint that a re-run starts from."""
+    ckpts.wait()
+    steps = ckpts.all_steps()
+    if not steps:
+      return ("No checkpoint was saved before it diverged: re-run with a lower learning rate "
+              "(it starts over)")
+    before = (f", saved before these refused updates began at step {self.streak_from}"
+              if steps[-1] < self.streak_from else "")
+    return (f"Resume from {ckpts.directory} with a lower learning rate: it starts from its "
+            f"newest checkpoint, step {steps[-1]}{before}")
 
 
 def rollback(trainer, ckpts, data, new_data, events, writer, say):

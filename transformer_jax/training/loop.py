@@ -105,7 +105,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
       stopping = preemption.reached(done)
       is_save, is_log, is_eval = _due(c, done, end, stopping)
       if is_log or is_eval:  # anomalies are checked before anything is saved or evaluated
-        events = guard.check(ckpts.directory)
+        events = guard.check(ckpts)
         if events:  # train.on_anomaly=rollback: on at the step after the last bad batch,
           done, state = anomaly.rollback(trainer, ckpts, data, new_data, events, writer, say)
           meter.restart()  # ... with that step's own save and eval (the final one above all)
@@ -117,7 +117,10 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
       if is_eval:
         with meter.paused(m):
           last.update(_evaluate(trainer, state.params, eval_sets, writer, done, say))
-      if is_save or stopping:
+      # A refused latest update (guard.refusing): no save but the last step's, so the newest
+      # checkpoint stays one from before the streak (a re-run replays it, as this run did).
+      saving = (is_save or stopping) and not (guard.refusing and done != end)
+      if saving:
         _check_ours(still_ours, writer)
         writer.flush()  # a gs:// metrics.jsonl holds every line up to a step before it is saved
         with meter.paused(m):
@@ -125,9 +128,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
       bar.update(done - step)
       step = done
       if stopping:
-        ckpts.wait()
-        say(f"{preemption.name} received: stopped after step {done}, checkpoint "
-            f"{ckpts.directory}/{done} saved; re-run the same command to resume")
+        say(_stopped(preemption, ckpts, guard, done, saving))
         last["preempted"] = preemption.signum
         break
     finished = True
@@ -169,6 +170,19 @@ def _first_step(trainer, workdir: str, lead: bool):
       resume.put_back(workdir, before)
       raise
   return step
+
+
+def _stopped(preemption, ckpts, guard, done: int, saved: bool) -> str:
+  """The line a signal's stop says, once its save is complete. Inside a streak of refused
+  updates nothing was saved: a re-run resumes from the checkpoint before it and replays it, as
+  this run would have gone on."""
+  ckpts.wait()
+  steps = ckpts.all_steps()
+  return f"{preemption.name} received: stopped after step {done}, " + (
+      f"checkpoint {ckpts.directory}/{done} saved; re-run the same command to resume" if saved
+      else f"nothing saved: its last {guard.in_a_row} updates were not applied (train.on_anomaly"
+      f"={guard.policy}); re-run the same command to resume from "
+      + (f"checkpoint {steps[-1]}" if steps else "the start"))
 
 
 def _check_ours(still_ours, writer):
