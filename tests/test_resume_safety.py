@@ -115,6 +115,7 @@ def test_a_params_start_cut_short_anywhere_is_taken_on_by_the_same_command(
         os.path.isdir(f"{workdir}/checkpoints/2"):  # (step 0 staged, the old ones not moved)
       assert start(shutil.copytree(workdir, f"{workdir}-old"),
                    Trainer(old_cfg, trainer.mesh))[0] == 2
+    os.makedirs(f"{workdir}/checkpoints", exist_ok=True)  # (empty, where it was set aside)
     got = start(workdir)
     assert got[0] == 0, k
     jax.tree.map(np.testing.assert_array_equal, got[1], want[1])

@@ -316,15 +316,17 @@ def finish_params_start(workdir: str, say=print, cut_short: bool = True):
   waits for it."""
   staging = paths.join(paths.abspath(workdir), STAGING)
   ckpt_dir = paths.join(paths.abspath(workdir), "checkpoints")
-  if jax.process_index() == 0 and paths.exists(staging):
+  if jax.process_index() == 0 and paths.listdir(staging):  # (folders that hold anything)
     staged = paths.isfile(paths.join(staging, RECORD, "config.json"))
     aside = paths.read_text(paths.join(staging, ASIDE)) if staged else ""
-    if staged and paths.exists(aside):
+    if staged and paths.listdir(aside):
       if cut_short:
         say(f"finishing the start from the previous checkpoint's parameters that an earlier "
             f"run began (the previous config's checkpoints: {aside})")
-      if paths.exists(ckpt_dir):  # (a bucket's move cut short: its copy, or what is left)
+      if paths.listdir(ckpt_dir):  # (a bucket's move cut short: its copy, or what is left)
         ckpt_lib.set_aside(workdir, WRITTEN, every_process=False)
+      elif paths.isdir(ckpt_dir) and not paths.is_remote(ckpt_dir):
+        os.rmdir(ckpt_dir)  # (empty: the move would go into it)
       for name in WRITTEN:  # (the move's copies, where it was cut short before them)
         if not paths.isfile(paths.join(aside, name)) and paths.isfile(paths.join(workdir, name)):
           paths.write_text(paths.join(aside, name), paths.read_text(paths.join(workdir, name)))
