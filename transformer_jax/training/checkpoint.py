@@ -30,8 +30,6 @@ class WriteError(RuntimeError):
 
 _WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
                    "Permission denied", "Operation not permitted", "No such file or directory")
-
-
 # What TensorStore and the Cloud Storage clients say when a bucket cannot be written or reached.
 _REMOTE_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAUTHENTICATED",
                     "Forbidden", "Cannot connect to host", "HttpError")
@@ -293,7 +291,6 @@ def _every_process(code: int) -> list[int]:
 
 class _Stop(Exception):
   """A restore's error that is not the checkpoint's fault: raised, never set aside."""
-
   def __init__(self, error: BaseException):
     super().__init__(str(error))
     self.error = error
@@ -439,8 +436,7 @@ class Checkpoints:
       return _Stop(error)
     if cause := self._not_the_checkpoints(step, error):
       return _Stop(cause)
-    if other := self._other_structure(step, abstract_state):
-      # nothing is wrong with the checkpoint: this config's state differs from it
+    if other := self._other_structure(step, abstract_state):  # (a sound checkpoint, other state)
       return _Stop(ConfigError(
           f"checkpoint {step} in {self.directory} holds a train state that this config's does "
           f"not match ({other}): a setting that shapes the optimizer state changed (e.g. "
@@ -449,10 +445,9 @@ class Checkpoints:
     return error
 
   def _verdicts(self, step, failure):
-    """Every process's verdict on reading checkpoint `step` (one collective, taken on every
-    path): None when all read it; the error to stop with when any must stop (its own, or one
-    naming the process that stopped); else the reason it is unreadable (its own, or one naming
-    a process that could not read it)."""
+    """Every process's verdict on reading checkpoint `step` (one collective, on every path): None
+    when all read it; the error to stop with when any must stop (its own, or one naming the process
+    that stopped); else why it is unreadable (its own, or one naming a process that could not)."""
     codes = _every_process(0 if failure is None else 2 if isinstance(failure, _Stop) else 1)
     if max(codes) == 2 and not isinstance(failure, _Stop):
       failure = _Stop(ConfigError(
@@ -525,9 +520,8 @@ class Checkpoints:
     return dest
 
   def restore_params(self, abstract_params, step=None, reads: int = 5):
-    """Only the parameters (for sampling and evaluation); the optimizer state is not read. A step
-    deleted while it is read (a live run's checkpoint.keep) is no unreadable one: the newest is
-    read instead (`reads` times at most); a `step` asked for is said to be deleted."""
+    """Only the parameters (sampling, evaluation). A step deleted while it is read (a live run's
+    checkpoint.keep) is no unreadable one: the newest is read instead, `reads` times at most."""
     self.wait()  # (a save in flight: see restore)
     for attempt in range(1, reads + 1):
       now = self.latest_step() if step is None else step
@@ -542,9 +536,8 @@ class Checkpoints:
             f"training this workdir (it keeps the newest checkpoint.keep); saved steps now: "
             f"{', '.join(map(str, self.all_steps())) or 'none'}"
             + ("" if step is not None else f" ({reads} deleted in a row: try again)"))
-    missing = [jax.tree_util.keystr(path) for path, leaf in
-               jax.tree_util.tree_leaves_with_path(restored["params"])
-               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    missing = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(
+        restored["params"]) if isinstance(leaf, jax.ShapeDtypeStruct)]
     if missing:  # (orbax leaves what the checkpoint lacks abstract)
       raise ConfigError(f"checkpoint {now} in {self.directory} has no parameter "
                         f"{missing[0]} of this config's model ({len(missing)} missing): the "
@@ -587,8 +580,8 @@ class Checkpoints:
     if isinstance(error, ValueError) and "Requested shape" in str(error):
       return ConfigError(  # (a shape _check_shapes missed)
           f"checkpoint {step} in {self.directory} holds parameters of other shapes than this "
-          f"config's model ({str(error).splitlines()[0][:160]}): the config does not describe "
-          "the checkpoint")
+          f"config's model ({str(error).splitlines()[0][:160]}): the config does not describe the"
+          " checkpoint")
     return ConfigError(
         f"checkpoint {step} in {self.directory} is unreadable ({first_line(error)}); saved "
         f"steps: {', '.join(map(str, self.all_steps()))} (a training run resumed in this "
