@@ -281,10 +281,10 @@ STAGING, RECORD, ASIDE = "checkpoints_staging", "record", "set_aside_to.txt"
 def _params_start(trainer, workdir: str, data, say, data_writes, corpus: str):
   """(0, state, Checkpoints): the previous checkpoints' parameters with a new optimizer state,
   saved as step 0, so that a crash or a rollback before the first save returns to them (None
-  when no step is listed). The
-  old checkpoints stay in place while step 0 is made and saved (in STAGING); then they are set
-  aside, STAGING takes their place and the workdir's files are written. A run cut short at any
-  point leaves what its re-run takes on from (finish_params_start): the same start."""
+  when no step is listed). The old checkpoints stay in place while step 0 is made and saved (in
+  STAGING); then they are set aside, STAGING takes their place and the workdir's files are
+  written. A run cut short at any point leaves what its re-run takes on from
+  (finish_params_start): the same start."""
   c, lead = trainer.config, jax.process_index() == 0
   old = ckpt_lib.Checkpoints(workdir, c.checkpoint)
   _, params = old.restore_params(trainer.abstract_state.params)

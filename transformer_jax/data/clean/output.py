@@ -30,9 +30,10 @@ from transformer_jax.data import corpus as corpus_lib
 
 SHARD_PATTERN = "part-{:05d}.jsonl"
 SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "[0-9]" * 5)
-PARTIAL = ".partial"  # a bucket's shard until all are uploaded (an older version's local ones)
+PARTIAL = ".partial"  # an older version's shard until its run ended (removed as the run's own)
 STAGING = ".clean-run"  # the run's output until it is complete (hidden: no glob of OUT reads it)
 UNFINISHED = corpus_lib.UNFINISHED
+_MOVING = "clean is moving its output here; if it stopped, re-run it\n"  # (UNFINISHED's text)
 SAMPLE_CHARS = 20_000
 _FIELDS = ("id", "text", "language", "language_score")
 
@@ -83,7 +84,7 @@ def commit(out: str, staging: str, stages) -> None:
   with UNFINISHED in OUT meanwhile and report.md moved last; then removes both."""
   marker = os.path.join(out, UNFINISHED)
   with open(marker, "w", encoding="utf-8") as f:
-    f.write("clean is moving its output here; if it stopped, re-run it\n")
+    f.write(_MOVING)
   for name in _found(out, own_files(stages)):
     os.remove(os.path.join(out, name))
   new = [os.path.relpath(os.path.join(folder, n), staging)
@@ -97,21 +98,14 @@ def commit(out: str, staging: str, stages) -> None:
 
 def upload(local: str, out: str, stages) -> None:
   """Puts the output written in the local folder `local` into the gs:// folder OUT as `commit`
-  does: OUT/UNFINISHED first, then the earlier run's files removed (own_files), the new shards
-  uploaded as .partial objects and renamed once all are there, the rest, report.md last, and the
-  marker removed (a bucket renames objects one by one: a kill in between leaves the marker)."""
-  fs, base = paths.filesystem(out), out.rstrip("/")
+  does: OUT/UNFINISHED first, then the earlier run's files removed (own_files), the new ones
+  uploaded, report.md last, and the marker removed (a kill in between leaves the marker)."""
+  base = out.rstrip("/")
   marker = f"{base}/{UNFINISHED}"
-  paths.write_text(marker, "clean is moving its output here; if it stopped, re-run it\n")
+  paths.write_text(marker, _MOVING)
   stale = [f"{base}/{name}" for name in _found(out, own_files(stages))]
   if stale:
-    fs.rm(stale)
-  shards = [os.path.basename(p) for p in sorted(glob.glob(os.path.join(local, SHARD_GLOB)))]
-  for name in shards:
-    fs.put_file(os.path.join(local, name), f"{base}/{name}{PARTIAL}")
-    os.remove(os.path.join(local, name))
-  for name in shards:
-    paths.move(f"{base}/{name}{PARTIAL}", f"{base}/{name}")
+    paths.filesystem(out).rm(stale)
   paths.upload(local, out, last=("report.md",))
   paths.remove(marker)
 
