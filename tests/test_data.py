@@ -17,7 +17,7 @@ from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
-from transformer_jax.training import checkpoint
+from transformer_jax.training import data_position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEXT_DOCS = 36
@@ -358,11 +358,11 @@ def test_iterator_orbax_checkpoint(config, tmp_path):
   it = pipeline.make_train_iterator(config)
   _take(it, 2)
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(2, args=ocp.args.Composite(data=checkpoint.data_save_args(it)))
+    manager.save(2, args=ocp.args.Composite(data=data_position.data_save_args(it)))
     manager.wait_until_finished()
     expected = _take(it, 3)
     fresh = pipeline.make_train_iterator(config)
-    manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(fresh)))
+    manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(fresh)))
   _assert_same(expected, _take(fresh, 3))
 
 
@@ -378,37 +378,37 @@ def test_shards_make_the_batches_independent_of_the_readers(config, tmp_path):
     for k in batch:
       np.testing.assert_array_equal(batch[k], np.concatenate([p[k] for p in parts]))
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(2, args=ocp.args.Composite(data=checkpoint.DataSave(
+    manager.save(2, args=ocp.args.Composite(data=data_position.DataSave(
         {k: v for h in halves for k, v in h.get_state().items()}, 2)))
     manager.wait_until_finished()
     expected = _take(whole, 2)
     fresh = pipeline.make_train_iterator(c)
-    manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(fresh)))
+    manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(fresh)))
     _assert_same(expected, _take(fresh, 2))
     with pytest.raises(ConfigError, match="data.shards=2, this run uses 4: set --config.data.s"):
-      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
+      manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(
           pipeline.make_train_iterator(_with(config, **{"data.shards": 4})))))
     # 4 processes (data.shards=0: one each) cannot read 2 shards whole, so data.shards=2 is no
     # advice there (the pipeline refuses it): the process counts that can resume are named
     quarter = pipeline.make_train_iterator(_with(config, **{"data.shards": 0}), (0, 1))
     with pytest.raises(ConfigError, match=r"data.shards=2, this run uses 4, and its 4 processes "
                                           r"cannot read 2 shards whole: resume on 1 or 2 proc"):
-      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(quarter)))
+      manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(quarter)))
     # a file missing beside others of the same count is damage (Checkpoints sets the checkpoint
     # aside), not advice to set the data.shards the run has: every resume stopped there
     os.remove(tmp_path / "ckpt" / "2" / "data" / "shard-1-of-2.json")
     with pytest.raises(FileNotFoundError, match="shard-1-of-2.json is missing"):
-      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
+      manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(
           pipeline.make_train_iterator(c))))
     # ... for every process, also one that reads shard 0 alone (the others hung in set-aside),
     # and so is a damaged file of another process's shard
     assert pipeline.make_train_iterator(c, (0, 2)).shards == [0]
     with pytest.raises(FileNotFoundError, match="shard-1-of-2.json is missing"):
-      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
+      manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(
           pipeline.make_train_iterator(c, (0, 2)))))
     (tmp_path / "ckpt" / "2" / "data" / "shard-1-of-2.json").write_text('{"order_se')
     with pytest.raises(ValueError):  # (json's)
-      manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(
+      manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(
           pipeline.make_train_iterator(c, (0, 2)))))
   with pytest.raises(ConfigError, match="not a whole number of shards"):
     pipeline.make_train_iterator(c, (0, 1))
@@ -445,7 +445,7 @@ def test_resume_with_another_worker_count_is_refused(config, tmp_path):
   try:
     _take(two, 2)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-      manager.save(2, args=ocp.args.Composite(data=checkpoint.data_save_args(two)))
+      manager.save(2, args=ocp.args.Composite(data=data_position.data_save_args(two)))
       manager.wait_until_finished()
       expected = _take(two, 2)
       for workers in (0, 1):
@@ -453,12 +453,12 @@ def test_resume_with_another_worker_count_is_refused(config, tmp_path):
         try:
           with pytest.raises(ConfigError, match=f"saved with data.num_workers=2, this run uses "
                                                 f"{workers}: set --config.data.num_workers=2"):
-            manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(other)))
+            manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(other)))
         finally:
           other.close()
       same = pipeline.make_train_iterator(_with(config, **{"data.num_workers": 2}))
       try:
-        manager.restore(2, args=ocp.args.Composite(data=checkpoint.DataRestore(same)))
+        manager.restore(2, args=ocp.args.Composite(data=data_position.DataRestore(same)))
         _assert_same(expected, _take(same, 2))
       finally:
         same.close()

@@ -19,7 +19,7 @@ from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
-from transformer_jax.training import checkpoint
+from transformer_jax.training import data_position
 
 SEQ_LEN = 32
 
@@ -299,20 +299,20 @@ def test_a_data_position_saved_before_the_hashed_order_seeds_resumes_in_its_orde
   old.set_state(old.get_state(), legacy_order=True)  # the order a run before the change read
   new = pipeline.make_train_iterator(c)
   assert any((a["inputs"] != b["inputs"]).any() for a, b in zip(_take(old, 3), _take(new, 3)))
-  handler = checkpoint.DataHandler()
+  handler = data_position.DataHandler()
   (tmp_path / "old").mkdir()
   (tmp_path / "old" / "shard-0-of-1.json").write_text(json.dumps(old.get_state()["0"]))
   (tmp_path / "new").mkdir()
-  handler.save(tmp_path / "new", args=checkpoint.data_save_args(new))
-  assert checkpoint.ORDER_MARK in json.loads((tmp_path / "new" / "shard-0-of-1.json").read_text())
+  handler.save(tmp_path / "new", args=data_position.data_save_args(new))
+  assert data_position.ORDER_MARK in json.loads((tmp_path / "new" / "shard-0-of-1.json").read_text())
   for name, it in (("old", old), ("new", new)):
     expected, fresh = _take(it, 4), pipeline.make_train_iterator(c)
-    handler.restore(tmp_path / name, args=checkpoint.DataRestore(fresh))
+    handler.restore(tmp_path / name, args=data_position.DataRestore(fresh))
     _assert_same(expected, _take(fresh, 4))
     (tmp_path / "again").mkdir(exist_ok=True)  # saved again (marked "raw" if old), restored
-    handler.save(tmp_path / "again", args=checkpoint.data_save_args(fresh))
+    handler.save(tmp_path / "again", args=data_position.data_save_args(fresh))
     expected, again = _take(fresh, 3), pipeline.make_train_iterator(c)
-    handler.restore(tmp_path / "again", args=checkpoint.DataRestore(again))
+    handler.restore(tmp_path / "again", args=data_position.DataRestore(again))
     _assert_same(expected, _take(again, 3))
 
 
@@ -343,7 +343,7 @@ def test_a_position_says_when_its_rows_were_made_another_way(tiny_data, tmp_path
     assert bool(text) == warned and (not text or f"data.objective={objective}'s rows" in text)
     assert not pipeline.rows_warning(cfg, pipeline.ROWS_VERSION)
   c = _config(tiny_data)
-  it, handler = pipeline.make_train_iterator(c), checkpoint.DataHandler()
+  it, handler = pipeline.make_train_iterator(c), data_position.DataHandler()
   grain_state = it.get_state()["0"]
   for name, saved, said in (
       ("other", {"order_seed": "hashed", "rows": 0, "grain": grain_state}, "of version 0; this"),
@@ -352,11 +352,11 @@ def test_a_position_says_when_its_rows_were_made_another_way(tiny_data, tmp_path
     (tmp_path / name).mkdir()
     (tmp_path / name / "shard-0-of-1.json").write_text(json.dumps(saved))
     fresh = pipeline.make_train_iterator(c)
-    handler.restore(tmp_path / name, args=checkpoint.DataRestore(fresh))
+    handler.restore(tmp_path / name, args=data_position.DataRestore(fresh))
     err = capsys.readouterr().err
     assert (said in err if said else "warning" not in err), (name, err)
     assert fresh.legacy_order == (name == "raw")
-    handler.save(tmp_path / name, args=checkpoint.data_save_args(fresh))
+    handler.save(tmp_path / name, args=data_position.data_save_args(fresh))
     again = json.loads((tmp_path / name / "shard-0-of-1.json").read_text())
     order = "raw" if name == "raw" else "hashed"
     assert (again["order_seed"], again["rows"]) == (order, pipeline.ROWS_VERSION)

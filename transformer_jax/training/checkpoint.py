@@ -5,16 +5,11 @@ bucket, and marks each finished step with a commit file instead of a rename (an 
 never listed, never loaded)."""
 
 import contextlib
-import dataclasses
 import itertools
-import json
 import os
-import re
 import sys
 import time
-from typing import Any
 
-import grain
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -22,6 +17,10 @@ import orbax.checkpoint as ocp
 
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
+from transformer_jax.training import integrity
+from transformer_jax.training.data_position import DataHandler
+from transformer_jax.training.data_position import DataRestore
+from transformer_jax.training.data_position import data_save_args
 
 
 class WriteError(RuntimeError):
@@ -82,104 +81,6 @@ def out_of_memory(e: BaseException) -> bool:
   """Whether `e` or a cause is a device (or host) running out of memory: nothing wrong with the
   checkpoint or the storage."""
   return any(isinstance(c, MemoryError) or "out of memory" in str(c).lower() for c in _chain(e))
-
-
-ORDER_MARK = "order_seed"  # in a data position file: "hashed", or "raw" (the order from before)
-ROWS_MARK = "rows"  # in a data position file: the pipeline's ROWS_VERSION that wrote it
-
-
-class DataHandler(grain.checkpoint.CheckpointHandler):
-  """The data position as one JSON file per logical data shard (`shard-K-of-S.json`), written by
-  the first process that reads shard K. Any set of processes that reads all S shards restores
-  it, whatever their number; a different S is refused. Checkpoints from before data shards
-  (grain's `process_I-of-N.json`, one process per shard) still restore, and a file without
-  ORDER_MARK (grain's state alone, from before the hashed order seeds) restores into the order
-  it indexes. Every file says its order and the rows version it was read with
-  (pipeline.ROWS_VERSION; a file with the mark and without the version: 1)."""
-
-  def save(self, directory, item=None, args=None):
-    del item
-    for k, state in args.states.items():
-      state = {ORDER_MARK: "raw" if args.legacy_order else "hashed", ROWS_MARK: args.rows,
-               "grain": state}
-      (directory / f"shard-{k}-of-{args.num_shards}.json").write_text(json.dumps(state, indent=1))
-
-  def restore(self, directory, item=None, args=None):
-    del item
-    it = args.item
-    every = _read_whole(directory, it)
-    states, legacy, versions = {}, False, set()
-    for k in it.shards:
-      saved = every[k]
-      if isinstance(saved, dict) and ORDER_MARK in saved:
-        legacy |= saved[ORDER_MARK] == "raw"
-        versions.add(saved.get(ROWS_MARK, 1))
-        saved = saved["grain"]
-      else:  # written before the order seeds were hashed (pipeline._order_seed)
-        legacy = True
-        versions.add(None)
-      states[str(k)] = saved
-    rows = None if None in versions else max(versions - {it.rows_version}, default=it.rows_version)
-    it.set_state(states, legacy_order=legacy, rows=rows)
-    return it
-
-
-def _read_whole(directory, it) -> dict:
-  """{shard: its parsed position file} for ALL of the run's data shards, not only the shards
-  this process reads: every process comes to the same verdict on a damaged file (one that saw
-  none hung in the set-aside's barrier). A missing or unparsable file beside others of the
-  run's shard count (or with none) is damage: OSError or ValueError, which sets the checkpoint
-  aside; files of another count only are a ConfigError naming what resumes."""
-  names = {p.name for p in directory.iterdir()}
-  n = it.num_shards
-  missing = [k for k in range(n)
-             if f"shard-{k}-of-{n}.json" not in names and f"process_{k}-of-{n}.json" not in names]
-  if not missing:  # (the pre-shard format: process_K-of-N.json)
-    return {k: json.loads((directory / (f"shard-{k}-of-{n}.json" if f"shard-{k}-of-{n}.json"
-                                        in names else f"process_{k}-of-{n}.json")).read_text())
-            for k in range(n)}
-  saved = sorted({m.group(1) for name in names
-                  if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json", name))})
-  if not saved or str(n) in saved:
-    raise FileNotFoundError(f"{directory}/shard-{missing[0]}-of-{n}.json is missing")
-  raise ConfigError(_shards_advice(saved, n, n // len(it.shards)))
-
-
-def _shards_advice(saved: list, num_shards: int, readers: int) -> str:
-  """Why a checkpoint's data position (saved with data.shards in `saved`) does not fit this run
-  (`num_shards` shards, `readers` processes reading them), and what does."""
-  said = (f"the checkpoint's data position was saved with data.shards={'/'.join(saved) or '?'}, "
-          f"this run uses {num_shards}")
-  if not saved or int(saved[0]) % readers == 0:
-    return f"{said}: set --config.data.shards={saved[0] if saved else '...'} to resume exactly"
-  fits = [n for n in range(1, int(saved[0]) + 1) if int(saved[0]) % n == 0]
-  return (f"{said}, and its {readers} processes cannot read {saved[0]} shards whole: resume on "
-          f"{' or '.join(map(str, fits))} processes (a data.shards set to a multiple of the "
-          f"largest process count before the first step resumes on any of its divisors)")
-
-
-@ocp.args.register_with_handler(DataHandler, for_save=True)
-@dataclasses.dataclass
-class DataSave(ocp.args.CheckpointArgs):
-  states: dict[str, Any]  # shard -> grain state, only the shards this process writes
-  num_shards: int
-  legacy_order: bool = False  # a position in the order from before the hashed seeds ("raw")
-  rows: int = 1  # the rows version the position indexes
-
-
-@ocp.args.register_with_handler(DataHandler, for_restore=True)
-@dataclasses.dataclass
-class DataRestore(ocp.args.CheckpointArgs):
-  item: Any  # a pipeline.ShardedBatches; restored in place
-
-
-def data_save_args(iterator, writes=None) -> DataSave:
-  """The iterator's position now (taken before an async save returns), for the shards in
-  `writes` (default: all of this process's shards)."""
-  state = iterator.get_state()
-  writes = iterator.shards if writes is None else writes
-  return DataSave({str(k): state[str(k)] for k in writes}, iterator.num_shards,
-                  iterator.legacy_order, iterator.rows_version)
 
 
 def require_step(workdir: str, steps: list, step, quantized: bool = False) -> None:
@@ -340,7 +241,8 @@ class Checkpoints:
     with self._writing():
       if failure is not None:
         raise failure
-      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                               custom_metadata={integrity.KEY: integrity.fingerprint(state)})
 
   def _probe(self) -> BaseException | None:
     """Creates and removes a file in the checkpoints folder: a folder that cannot be written
@@ -398,9 +300,10 @@ class Checkpoints:
   def restore(self, abstract_state, data_iterator=None, step=None, report=print):
     """Restores `step` (default: the latest) onto the shardings in `abstract_state`; the
     iterator's position is restored in place. Returns (step, state), or (None, None) when there
-    is no checkpoint. A checkpoint that cannot be read (truncated or missing file, missing item)
-    is reported in one line, moved to WORKDIR/checkpoints_unreadable/ (never deleted, never
-    loaded) and the next older one is tried.
+    is no checkpoint. A checkpoint that cannot be read (truncated or missing file, missing item,
+    arrays that are not those saved: their fingerprint, integrity.py) is reported in one line,
+    moved to WORKDIR/checkpoints_unreadable/ (never deleted, never loaded) and the next older
+    one is tried.
 
     Each process reads only its own shards, so a damaged file may fail one process's read
     alone: the processes agree on every verdict (`_verdicts`) before any acts on it. Orbax's
@@ -421,7 +324,8 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         failure = self._why_unreadable(s, e, abstract_state)
       if not (failure := self._verdicts(s, failure)):
-        return s, restored["state"]
+        if not (failure := self._verdicts(s, self._damaged(s, restored["state"]))):
+          return s, restored["state"]
       report(f"checkpoint {s} is unreadable ({first_line(failure)}); moved it to "
              f"{self._set_aside(s)} and trying the previous one")
     if steps:
@@ -529,6 +433,8 @@ class Checkpoints:
         return None, None
       restored, failure = self._read_params(now, abstract_params)
       if not (failure := self._verdicts(now, failure)):  # (every process raises when any stops)
+        if damaged := self._verdicts(now, self._damaged(now, restored)):
+          raise self._params_failure(now, damaged)
         break
       if step is not None or attempt == reads:
         raise ConfigError(
@@ -562,6 +468,17 @@ class Checkpoints:
       if self._deleted(step):
         return None, OSError(f"checkpoint {step} was deleted")
       return None, _Stop(self._params_failure(step, e))
+
+  def _damaged(self, step, tree) -> BaseException | None:
+    """Why the arrays read from checkpoint `step` into `tree` are not those saved (their
+    fingerprint's, training/integrity.py), None when they are or it has none."""
+    try:
+      saved = (self.manager.metadata(step).custom_metadata or {}).get(integrity.KEY)
+    except Exception:  # pylint: disable=broad-except  (no record to compare: nothing compared)
+      saved = None
+    if name := integrity.mismatch(saved, tree):
+      return ValueError(f"its array {name} is not the one saved: its checksum differs")
+    return None
 
   def _deleted(self, step) -> bool:
     """Whether `step` is no longer listed (listed again: a deletion may take a moment)."""
