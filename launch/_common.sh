@@ -45,7 +45,7 @@ tjax_check_int() {  # NAME VALUE MIN: VALUE must be an integer >= MIN (no leadin
 # tjax_config_arg ARGS...: whether ARGS' $1 is --config=SPEC, --config.KEY=VALUE or
 # --config.KEY VALUE; if so, takes it (TJAX_SHIFT arguments): the SPEC into TJAX_CONFIG (another
 # one already there is refused), the override, as --config.KEY=VALUE, onto TJAX_OVERRIDES (the
-# key given again with another value is refused: the train command would take the last one).
+# key given again with another value is refused, as cli.parse does).
 tjax_config_arg() {
   local key value o
   case "$1" in

@@ -117,8 +117,8 @@ BAD = [
 def test_bad_config_gives_one_line_error(overrides, message, tiny_data, tmp_path, capsys,
                                          monkeypatch):
   argv = [f"--config={REPO}/configs/gpt2.py:tiny", f"--workdir={tmp_path}/w"]
-  argv += [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{"mesh.data": 2})]
-  argv += [f"--config.{kv}" for kv in overrides]
+  bad = dict(kv.split("=", 1) for kv in overrides)  # (tiny's value of a key it sets replaced)
+  argv += [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{"mesh.data": 2, **bad})]
   monkeypatch.setattr(sys, "argv", ["train"] + argv)
   monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:2])
   with pytest.raises(SystemExit) as exit_info:
@@ -128,6 +128,18 @@ def test_bad_config_gives_one_line_error(overrides, message, tiny_data, tmp_path
   assert err.startswith("error: ") and "\n" not in err, err
   assert message in err, err
   assert not os.path.exists(f"{tmp_path}/w/checkpoints")
+
+
+def test_a_grid_axis_the_command_also_sets_is_refused():
+  """benchmark --grid's children get the command's overrides, then their point's: a key in both
+  would be given twice (refused by cli.parse; it took the point's value silently before)."""
+  from transformer_jax import benchmark  # pylint: disable=g-import-not-at-top
+  points = benchmark._grid_points  # pylint: disable=protected-access
+  with pytest.raises(ConfigError) as e:
+    points(f"{REPO}/configs/gpt2.py:tiny", ["train.steps=3", "train.batch_size=8"],
+           "model.remat=none; train.batch_size=4,8")
+  assert str(e.value) == ("--grid varies train.batch_size, which --config.train.batch_size=8 "
+                          "also sets: give it in one place")
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -88,16 +88,24 @@ def test_the_build_needs_the_setuptools_that_reads_its_license():
   assert int(re.search(r'^requires = \["setuptools>=(\d+)', text, re.M).group(1)) >= 77
 
 
-def test_a_bare_config_override_is_refused():
-  """`--config.data.tokenizer --if_missing` set the tokenizer to '' silently (and tokenizer then
-  asked for --config, which was given)."""
+def test_repeated_and_bare_config_overrides_are_refused_as_the_scripts_refuse_them():
+  """A --config.KEY given twice with two values took the last one silently (a flag twice is
+  refused); `--config.data.tokenizer --if_missing` set the tokenizer to '' silently (and
+  tokenizer then asked for --config, which was given)."""
   from transformer_jax import cli  # pylint: disable=g-import-not-at-top
   from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ConfigError) as e:
-    cli.parse(["--config=c.py", "--config.data.tokenizer", "--if_missing"],
-              {"workdir": "", "if_missing": False})
-  assert str(e.value) == ("--config.data.tokenizer needs a value: --config.data.tokenizer=VALUE "
-                          "or --config.data.tokenizer VALUE")
+  flags = {"workdir": "", "if_missing": False}
+  assert cli.parse(["--config.train.steps=5", "--config.train.steps", "5"], flags)[1] == [
+      "train.steps=5"]  # the same value twice: one override
+  for argv, error in [
+      (["--config.train.steps=5", "--config.train.steps=7"],
+       "--config.train.steps given twice ('5', '7'); give one"),
+      (["--config=c.py", "--config.data.tokenizer", "--if_missing"],
+       "--config.data.tokenizer needs a value: --config.data.tokenizer=VALUE or "
+       "--config.data.tokenizer VALUE")]:
+    with pytest.raises(ConfigError) as e:
+      cli.parse(argv, flags)
+    assert str(e.value) == error
 
 
 def test_how_the_processes_of_a_job_find_each_other():

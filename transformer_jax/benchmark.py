@@ -436,6 +436,9 @@ def _grid_points(spec, overrides, grid):
     values = [v.strip() for v in values.split(",") if v.strip()]
     if not (sep and key.strip() and values):
       raise ConfigError(f"--grid: {item!r} is not KEY=V1,V2,... (axes separated by ';')")
+    if given := [o for o in overrides if o.partition("=")[0] == key.strip()]:
+      raise ConfigError(f"--grid varies {key.strip()}, which --config.{given[0]} also sets: give "
+                        "it in one place")
     axes.append([f"{key.strip()}={v}" for v in values])
   points = [list(p) for p in itertools.product(*axes)]
   for point in points:

@@ -34,7 +34,7 @@ def parse(argv, flags: dict):
         raise ConfigError(f"--config given twice ({spec!r}, {value!r}); give one")
       spec = value
     elif name.startswith("config."):
-      overrides.append(f"{name[len('config.'):]}={value}")
+      _override(overrides, name[len("config."):], value)
     elif name.replace("-", "_") in flags:
       key = name.replace("-", "_")
       value = _flag_value(name, flags[key], sep, _home(value) if key in PATH_FLAGS else value)
@@ -46,6 +46,18 @@ def parse(argv, flags: dict):
       known = ", ".join(["--config", "--config.KEY"] + [f"--{k}" for k in flags])
       raise ConfigError(f"unknown flag --{name} (known: {known})")
   return spec, overrides, values
+
+
+def _override(overrides: list, key: str, value: str) -> None:
+  """Appends KEY=VALUE; the same key again with another value is refused (the last one
+  silently won, as a flag given twice is refused), with the same value it is one override."""
+  for item in overrides:
+    if item.partition("=")[0] == key:
+      if item != f"{key}={value}":
+        raise ConfigError(f"--config.{key} given twice ({item.partition('=')[2]!r}, {value!r}); "
+                          "give one")
+      return
+  overrides.append(f"{key}={value}")
 
 
 # Flags that name a file or folder: a leading ~/ is the home folder's, as the shell would make
