@@ -202,6 +202,28 @@ def test_a_full_disk_at_start_up_is_one_line_and_leaves_no_temporary_file(
   assert sorted(os.listdir(workdir)) == before[0]
 
 
+def test_a_full_disk_when_the_metrics_writer_starts_is_one_line(tmp_path, monkeypatch):
+  """The metrics writer's first writes (metrics.jsonl cut back to the resumed step, TensorBoard's
+  first events file) on a full disk: an OSError traceback (exit 1); now the one-line WriteError
+  (exit 4) of its later writes."""
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+  def full(*args, **kwargs):
+    del args, kwargs
+    raise OSError(errno.ENOSPC, "No space left on device")
+  (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n{"step": 10}\n')
+  with monkeypatch.context() as m:
+    m.setattr(paths, "write_text", full)
+    with pytest.raises(ckpt_lib.WriteError, match=rf"^writing {tmp_path}/metrics.jsonl failed: "
+                                                  r"No space left on device; free space"):
+      metrics_lib.Writer(str(tmp_path), resume_step=5)
+  monkeypatch.setattr(tensorboardX, "SummaryWriter", full)
+  with pytest.raises(ckpt_lib.WriteError, match=r"No space left on device; free space or fix "
+                                                r"the workdir, then re-run the same command"):
+    metrics_lib.Writer(str(tmp_path), resume_step=5)
+
+
 def _patch_step(monkeypatch, signals: dict, nan=(), handlers=None):
   """Trainer.train_step raises signals[state.step] (before the step) and gives the steps at
   state.step in `nan` NaN target weights (their loss and gradients: non-finite); appends the

@@ -68,15 +68,18 @@ class Writer:
     self._last = wandb_config.train.steps if ckpt is not None else 0
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      kept = _drop_after(self.path, resume_step)
-      if self.remote:
-        _use_epath_for_tensorboard()
-        self._text = kept
-      else:
-        self._jsonl = open(self.path, "a")
       self._tb_args = dict(logdir=paths.join(workdir, "tensorboard"),
                            **({"flush_secs": FLUSH_S} if self.remote else {}))
-      self._tb, self._reopened = SummaryWriter(purge_step=resume_step + 1, **self._tb_args), 0
+      try:  # (a full disk here: one line, as for any later write)
+        kept = _drop_after(self.path, resume_step)
+        if self.remote:
+          _use_epath_for_tensorboard()
+          self._text = kept
+        else:
+          self._jsonl = open(self.path, "a")
+        self._tb, self._reopened = SummaryWriter(purge_step=resume_step + 1, **self._tb_args), 0
+      except OSError as e:
+        self._failed(e, getattr(e, "filename", None) or "")
       if wandb_config is not None and wandb_config.metrics.wandb:
         self._wandb = _wandb_run(workdir, wandb_config, resume_step)
 
