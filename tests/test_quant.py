@@ -6,11 +6,13 @@ import glob
 import io
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint
 import pytest
 
 from transformer_jax import config as config_lib
@@ -185,6 +187,15 @@ def test_quantize_command_writes_a_workdir_that_sample_reads(tiny_data, tmp_path
   assert figures["quantized_disk_bytes"] < figures["param_bytes"] / 2
   assert abs(figures["quantized_eval_loss"] - figures["eval_loss"]) < 0.02
   assert os.path.isfile(os.path.join(out, "config.json")) and store.is_quantized(out)
+  copy = tmp_path / "w8_changed"  # its arrays changed on disk (a bad copy): never read as its own
+  shutil.copytree(out, copy)
+  manifest, stored = store.load(str(copy))
+  stored["embed"]["tokens"]["scale"] = stored["embed"]["tokens"]["scale"] * 1.5
+  shutil.rmtree(copy / store.ARRAYS)
+  orbax.checkpoint.PyTreeCheckpointer().save(str(copy / store.ARRAYS), stored)
+  with pytest.raises(ConfigError, match=r"^the quantized weights in .* are unreadable \(ValueError:"
+                     r" its array embed/tokens/scale is not the one saved: its checksum differs\)"):
+    store.load(str(copy))
   with pytest.raises(ConfigError, match="already holds"):
     quantize.main([f"--workdir={workdir}", f"--out={out}", "--mode=int4"])
   other = tmp_path / "other_run"  # another run's workdir is never taken over

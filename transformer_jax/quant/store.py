@@ -1,5 +1,5 @@
 """A quantized workdir: WORKDIR/config.json (the source's), WORKDIR/quantization.json (mode, group
-size, source step and workdir) and WORKDIR/quantized/ (an Orbax PyTree checkpoint of ptq.py's
+size, source step and workdir, the arrays' fingerprint) and WORKDIR/quantized/ (an Orbax PyTree checkpoint of ptq.py's
 stored tree). Readers dequantize on load: `restore_params` serves both kinds of workdir."""
 
 import json
@@ -11,6 +11,7 @@ from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.quant import ptq
 from transformer_jax.training import checkpoint
+from transformer_jax.training import integrity
 
 MANIFEST = "quantization.json"
 ARRAYS = "quantized"
@@ -26,6 +27,7 @@ def save(out: str, source: str, stored: dict, manifest: dict):
   gs://...): the manifest last, so a workdir that has one is complete."""
   paths.makedirs(out)
   ocp.PyTreeCheckpointer().save(paths.join(paths.abspath(out), ARRAYS), stored)
+  manifest = {**manifest, integrity.KEY: integrity.fingerprint(stored)}
   for name in COPIED:
     if paths.isfile(paths.join(source, name)):
       paths.write_text(paths.join(out, name), paths.read_text(paths.join(source, name)))
@@ -43,7 +45,10 @@ def load(workdir: str) -> tuple[dict, dict]:
   arrays = paths.join(paths.abspath(workdir), ARRAYS)
   checkpoint.drop_closed_loop_reports()
   try:
-    return manifest, ocp.PyTreeCheckpointer().restore(arrays)
+    stored = ocp.PyTreeCheckpointer().restore(arrays)
+    if name := integrity.mismatch(manifest.get(integrity.KEY), stored):
+      raise ValueError(f"its array {name} is not the one saved: its checksum differs")
+    return manifest, stored
   except Exception as e:  # pylint: disable=broad-except
     if checkpoint.out_of_memory(e):  # nothing wrong with them: this host cannot hold them
       raise

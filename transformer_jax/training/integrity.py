@@ -52,8 +52,9 @@ def _checksums(leaves: list) -> list:
 
 
 def _arrays(tree) -> dict:
+  """{name: array} of `tree`'s jax and numpy arrays (a quantized workdir's are read as numpy)."""
   return {leaf_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)
-          if isinstance(x, jax.Array)}
+          if isinstance(x, (jax.Array, np.ndarray))}
 
 
 def _describe(x) -> str:
