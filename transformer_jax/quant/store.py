@@ -1,6 +1,7 @@
 """A quantized workdir: WORKDIR/config.json (the source's), WORKDIR/quantization.json (mode, group
-size, source step and workdir, the arrays' fingerprint) and WORKDIR/quantized/ (an Orbax PyTree checkpoint of ptq.py's
-stored tree). Readers dequantize on load: `restore_params` serves both kinds of workdir."""
+size, source step and workdir, the arrays' fingerprint: training/integrity.py) and
+WORKDIR/quantized/ (an Orbax PyTree checkpoint of ptq.py's stored tree). Readers dequantize on
+load: `restore_params` serves both kinds of workdir."""
 
 import json
 import os
