@@ -110,6 +110,14 @@ BAD = [
     (["seed=4294967296"], "seed must be in [0, 2**32) (JAX's keys keep 32 bits"),
     (["eval.tasks=(1,2)"], "eval.tasks=(1, 2) must name tasks as strings"),  # (tracebacks)
     (["sharding_rules=(1,2)"], "sharding_rules: 1 is not a (logical axis, mesh axes) pair"),
+    # a key the scaling kind never reads (dynamic NTK scales from model.max_len: no scaling
+    # happened below it, silently)
+    (["model.position=rotary", "model.rope_scaling=dynamic", "model.rope_factor=4.0",
+      "model.rope_original_max_len=16"], "model.rope_original_max_len=16 has no effect with "
+     "model.rope_scaling=dynamic; leave it at 0"),
+    (["model.position=rotary", "model.rope_scaling=llama3", "model.rope_factor=4.0",
+      "model.rope_beta_fast=64.0"], "model.rope_beta_fast=64.0 has no effect with "
+     "model.rope_scaling=llama3; leave it at 32.0"),
 ]
 
 

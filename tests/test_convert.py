@@ -309,6 +309,11 @@ def test_config_values_transformers_would_read_otherwise():
       "rope_original_max_len"] == 16
   del llama3["rope_scaling"]["original_max_position_embeddings"]
   assert llama.read_rope(llama3)["rope_original_max_len"] == 64
+  # what transformers leaves unread is not imported (dynamic NTK scales from
+  # max_position_embeddings; model.rope_original_max_len would be refused as unread)
+  assert llama.read_rope({"rope_scaling": {"type": "dynamic", "factor": 2.0,
+                                           "original_max_position_embeddings": 16}}) == {
+      "rope_theta": 10000.0, "rope_scaling": "dynamic", "rope_factor": 2.0}
   values = hf_lib.hf_model_config({"model_type": "llama", "max_position_embeddings": 64,
                                    "rope_scaling": {"type": "dynamic", "factor": 2.0}})
   with pytest.raises(ConfigError, match="max_len"):

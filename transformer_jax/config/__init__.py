@@ -149,6 +149,13 @@ def get(config, key):
 ROPE_SCALING_KEYS = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor",
                      "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow",
                      "rope_attention_factor")
+# The rope_* keys each model.rope_scaling reads (models/layers.py rope_frequencies, as Hugging
+# Face's initializers: dynamic NTK scales from max_len, not a pretraining length).
+ROPE_READS = {"linear": ("rope_factor",), "dynamic": ("rope_factor",),
+              "llama3": ("rope_factor", "rope_original_max_len", "rope_low_freq_factor",
+                         "rope_high_freq_factor"),
+              "yarn": ("rope_factor", "rope_original_max_len", "rope_beta_fast",
+                       "rope_beta_slow", "rope_attention_factor")}
 EXPERT_KEYS = ("experts_per_token", "expert_d_ff", "moe_every", "expert_capacity_factor",
                "router_renormalize", "num_shared_experts", "shared_expert_gate",
                "router_aux_loss", "router_z_loss", "router_jitter")
@@ -188,6 +195,9 @@ def _check_long_context(m):
   if m.position != "rotary":
     raise ConfigError(f"model.rope_scaling={m.rope_scaling} needs model.position=rotary, got "
                       f"{m.position}")
+  reads = ROPE_READS.get(m.rope_scaling, ROPE_SCALING_KEYS)
+  _unused(m, [k for k in ROPE_SCALING_KEYS if k not in reads],
+          f"model.rope_scaling={m.rope_scaling}")
   if not m.rope_factor >= 1:
     raise ConfigError(f"model.rope_factor must be >= 1, got {m.rope_factor!r}")
   if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor > 0:

@@ -9,6 +9,7 @@ only with attention_bias and mlp_bias (both, as our single model.use_bias).
 
 import math
 
+from transformer_jax import config as config_lib
 from transformer_jax.convert.tables import P
 
 MODEL_TYPE = "llama"
@@ -73,8 +74,9 @@ def read_rope(hf) -> dict:
     raise ValueError(f"rope_type={kind!r} needs {', '.join(missing)} in rope_parameters")
   out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
          "rope_scaling": ROPE_TYPES[kind]}
-  out.update({ours: float(rope[key]) for key, ours in ROPE_KEYS.items()
-              if rope.get(key) is not None})
+  out.update({ours: float(rope[key]) for key, ours in ROPE_KEYS.items()  # (what HF reads)
+              if rope.get(key) is not None and ours in config_lib.ROPE_READS.get(out[
+                  "rope_scaling"], ())})
   if kind == "yarn":
     original = rope["original_max_position_embeddings"]
     out.update(rope_factor=float(rope.get("factor") or max_len / original),
