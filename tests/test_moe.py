@@ -279,9 +279,10 @@ def test_shared_experts_add_a_dense_ffn():
 
 # ------------------------------------------------------------------------- training on a mesh
 def _tiny(*overrides):
+  """configs/gpt2.py:tiny with one (MoE) layer: a second alike doubled each compile."""
   return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
-      "model.num_experts=4", "model.experts_per_token=2", "model.router_aux_loss=0.01",
-      "model.router_z_loss=0.001", *overrides])
+      "model.num_layers=1", "model.num_experts=4", "model.experts_per_token=2",
+      "model.router_aux_loss=0.01", "model.router_z_loss=0.001", *overrides])
 
 
 @functools.lru_cache(maxsize=2)
@@ -330,7 +331,7 @@ def test_experts_are_sharded_over_the_expert_axis():
     ("model.scan_layers=True", "model.scan_layers needs every layer alike"),
 ])
 def test_bad_moe_configs_fail_in_one_line(override, message):
-  extra = ["model.moe_every=2"] if "scan" in override else []
+  extra = ["model.moe_every=2", "model.num_layers=2"] if "scan" in override else []
   config = _tiny(override, *extra, "mesh.data=1")
   with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as e:
     config_lib.validate(config, num_devices=3 if "expert=3" in override else 1)
@@ -386,7 +387,7 @@ def test_resume_equals_uninterrupted_and_restores_onto_another_expert_size(tiny_
   def run(workdir, devices, stop_after=None, **mesh):
     extra = {"train.steps": 6, "train.log_every": 1, "checkpoint.every_steps": 3,
              "eval.every_steps": 0, "model.num_experts": 4, "model.experts_per_token": 2,
-             "train.batch_size": 8,
+             "train.batch_size": 8, "model.num_layers": 1,
              **{f"mesh.{k}": v for k, v in mesh.items()}}
     config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
     loop.train(config, str(workdir), quiet=True, devices=jax.devices()[:devices],

@@ -22,7 +22,9 @@ from tests.conftest import REPO
 
 
 def tiny_config(*overrides):
-  return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", list(overrides))
+  """configs/gpt2.py:tiny with one layer (what these checks hold for does not depend on the
+  depth; a second unrolled layer doubled each compile), then `overrides`."""
+  return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", ["model.num_layers=1", *overrides])
 
 
 def random_batches(config, n, seed=0):
@@ -71,7 +73,8 @@ def test_a_sentence_pair_head_accumulates_to_the_big_batch():
     return config_lib.load(f"{REPO}/configs/bert.py:tiny", [
         "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.vocab_size=128",
         "model.head_dim=8", "model.max_len=32", "data.seq_len=32", "train.batch_size=4",
-        "model.sentence_head=true", "data.sentence_pair=sop", "optimizer.warmup_steps=0", *more])
+        "model.num_layers=1", "model.sentence_head=true", "data.sentence_pair=sop",
+        "optimizer.warmup_steps=0", *more])
   trainer = Trainer(cfg(), sharding.make_mesh(cfg(), jax.devices()[:1]))
   batch = objectives.synthetic_batch(trainer.objective, 4, 128, seed=0)
   batch["weights"][:] = 0
@@ -284,7 +287,7 @@ def test_decay_mask_skips_biases_norms_and_embeddings():
   # Decoupled decay really is applied to masked-in leaves only.
   tx, _ = optimizer.make(config.optimizer, 10)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  upd, _ = tx.update(zeros, tx.init(params), params)
+  upd, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(zeros, params)  # (one compile)
   assert float(jnp.abs(upd["embed"]["tokens"]).max()) == 0.0
 
 
@@ -292,7 +295,7 @@ def test_train_cpu_onednn_runs_a_cpu_steps_dots_as_onednn_matmuls(monkeypatch):
   """perf/compiler.py's options reach the compiled train step (on an x86-64 host) and the
   benchmark's peak, whose source says so; by default XLA keeps its own dots."""
   def trainer(*overrides):
-    config = tiny_config("model.num_layers=1", *overrides)
+    config = tiny_config(*overrides)
     return Trainer(config, sharding.make_mesh(config, jax.devices()[:1]))
   on = trainer("train.cpu_onednn=true")
   x86 = platform.machine().lower() in compiler.X86
