@@ -141,7 +141,8 @@ def test_sharded_train_step_equals_one_device(family):
   """configs/FAMILY.py:tiny (shrunk): one train step on a data x fsdp x tensor = 2 x 2 x 2 mesh
   gives the single-device loss and parameters."""
   overrides = ["model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.vocab_size=128",
-               "model.max_len=32", "data.seq_len=32", "train.batch_size=8", "model.head_dim=8"]
+               "model.max_len=32", "data.seq_len=32", "train.batch_size=8", "model.head_dim=8",
+               "model.num_layers=1"]  # (t5: 1 encoder and 1 decoder layer)
   if family == "t5":
     overrides.append("data.target_len=16")
   config = config_lib.load(f"{REPO}/configs/{family}.py:tiny", overrides)
@@ -264,20 +265,24 @@ def test_jit_equals_no_jit():
                jitted[1])
 
 
-@pytest.mark.parametrize("forced", [[], [7, 9, 11]])
-def test_seq2seq_greedy_generation_matches_full_forward_argmax(forced):
+def test_seq2seq_greedy_generation_matches_full_forward_argmax():
   """From the start token, or a forced decoder prefix (prefilled in one call)."""
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   model = EncoderDecoder(T5)
   source = _ids(2, 7, 0)
   params = _params(model, source, _ids(2, 5, 1))
-  got = sampling.generate(model, params, np.asarray(source).tolist(), 5, temperature=0.0,
-                          start_id=2, decoder_ids=[[2] + forced] * 2 if forced else None)
-  dec = jnp.asarray([[2] + forced] * 2, jnp.int32)
-  for _ in range(5):  # greedy by hand: the whole decoder input each time, no cache
-    nxt = jnp.argmax(model.apply({"params": params}, source, dec)[:, -1], -1).astype(jnp.int32)
-    dec = jnp.concatenate([dec, nxt[:, None]], axis=1)
-  assert got == np.asarray(dec[:, 1 + len(forced):]).tolist()
+  # the full forward passes over decoder rows padded to 9 tokens: one compile (the decoder is
+  # causal: the zeros after a row change nothing before them)
+  apply = jax.jit(lambda dec: model.apply({"params": params}, source, dec))
+  forward = lambda dec: apply(jnp.pad(dec, ((0, 0), (0, 9 - dec.shape[1]))))
+  for forced in ([], [7, 9, 11]):
+    got = sampling.generate(model, params, np.asarray(source).tolist(), 5, temperature=0.0,
+                            start_id=2, decoder_ids=[[2] + forced] * 2 if forced else None)
+    dec = jnp.asarray([[2] + forced] * 2, jnp.int32)
+    for _ in range(5):  # greedy by hand: the whole decoder input each time, no cache
+      nxt = jnp.argmax(forward(dec)[:, dec.shape[1] - 1], -1).astype(jnp.int32)
+      dec = jnp.concatenate([dec, nxt[:, None]], axis=1)
+    assert got == np.asarray(dec[:, 1 + len(forced):]).tolist(), forced
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -299,9 +304,11 @@ def test_beam_search(scan):
   best, logp, score = beam.beam_search(model, params, src, beam_size=4, max_len=6, start_id=2,
                                        eos_id=96)
 
+  apply = jax.jit(model.apply)  # (one compile for both uses: the same shapes)
+
   def model_logp(hyp):
     dec = jnp.asarray([[2] + h[:-1] for h in hyp], jnp.int32)
-    lp = jax.nn.log_softmax(model.apply({"params": params}, source, dec))
+    lp = jax.nn.log_softmax(apply({"params": params}, source, dec))
     return np.asarray(jnp.take_along_axis(lp, jnp.asarray(hyp)[..., None], -1)[..., 0].sum(-1))
 
   np.testing.assert_allclose(model_logp(best), logp, rtol=1e-4, atol=1e-4)
@@ -339,11 +346,13 @@ def test_beam_search_equals_hf_beam_scorer():
     source = np.random.default_rng(seed).integers(3, 6, (1, 5))
     params = model.init(jax.random.key(seed), *families.init_inputs(model))["params"]
 
-    def next_logp(prefixes):
-      dec = jnp.asarray([[start] + p for p in prefixes], jnp.int32)
+    def next_logp(prefixes):  # (prefixes of one length, padded to max_len: one compile; the
+      # decoder is causal)
+      t = len(prefixes[0])
+      dec = jnp.asarray([[start] + p + [0] * (max_len - t) for p in prefixes], jnp.int32)
       logits = apply({"params": params}, jnp.asarray(np.repeat(source, len(prefixes), 0),
                                                      jnp.int32), dec)
-      return np.asarray(jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)))
+      return np.asarray(jax.nn.log_softmax(logits[:, t].astype(jnp.float32)))
 
     for alpha in (0.0, 0.6):
       score, logp, hyp = _reference_beam(next_logp, k, max_len, eos, alpha)
