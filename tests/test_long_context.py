@@ -250,7 +250,8 @@ def test_a_sequence_parallel_train_step_passes_chunks_round_the_ring(family):
   """mesh.sequence=4: the batch's tokens are split over the sequence axis and the compiled step
   holds the ring's collective-permutes (not an all-gather of the whole sequence); its losses
   equal one device's (tests/test_step.py, test_sharded_equals_single_device)."""
-  config = config_lib.load(f"{REPO}/configs/{family}", ["mesh.data=2", "mesh.sequence=4"])
+  config = config_lib.load(f"{REPO}/configs/{family}", ["mesh.data=2", "mesh.sequence=4",
+                                                      "model.num_layers=1"])
   config_lib.validate(config, 8)
   trainer = Trainer(config, sharding.make_mesh(config, jax.devices()[:8]))
   assert trainer.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"),
@@ -266,7 +267,8 @@ def test_sequence_parallel_training_equals_one_device_and_resumes_on_another_siz
 
   def run(workdir, devices, **mesh):
     extra = {"train.steps": 8, "train.log_every": 1, "checkpoint.every_steps": 4,
-             "eval.every_steps": 0, **{f"mesh.{k}": v for k, v in mesh.items()}}
+             "eval.every_steps": 0, "model.num_layers": 1,
+             **{f"mesh.{k}": v for k, v in mesh.items()}}
     config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
     loop.train(config, str(workdir), quiet=True, devices=jax.devices()[:devices],
                stop_after=4 if mesh.get("sequence") == 4 else None)
