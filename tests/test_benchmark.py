@@ -31,7 +31,7 @@ def bench(*args, timeout=300):
 
 
 def test_grid_runs_every_point_and_records_failures():
-  out, r = bench("--steps=1", "--rounds=1",
+  out, r = bench("--steps=1", "--rounds=1", "--config.model.num_layers=1",
                  "--grid=model.attention_impl=xla,splash;train.batch_size=4")
   assert out.returncode == 0, out.stderr[-3000:]
   xla, splash = r["grid"]
@@ -57,7 +57,7 @@ def test_grid_errors_before_running_and_times_out():
 
 def test_baseline_reference_ops_and_async_checkpoint():
   out, r = bench("--steps=1", "--rounds=1", "--baseline=model.attention_chunks=1",
-                 "--reference_ops=all", "--checkpoint")
+                 "--reference_ops=all", "--checkpoint", "--config.model.num_layers=1")
   assert out.returncode == 0, out.stderr[-3000:]
   assert r["baseline"] == ["model.attention_chunks=1"] and "gelu" in r["reference_ops"]
   assert r["speedup_vs_baseline"] == pytest.approx(
