@@ -50,11 +50,12 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny_data, files, tmp_path_factory):
-  """A 4-step tiny GPT-2 run (checkpoints 2 and 4) with eval.tasks = the multiple-choice task."""
+  """A 4-step tiny GPT-2 run, one layer (checkpoints 2 and 4) with eval.tasks = the
+  multiple-choice task."""
   workdir = str(tmp_path_factory.mktemp("eval_run"))
   config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
       tiny_data, **{"train.steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 0,
-                    "eval.batches": 1, "train.log_every": 2,
+                    "eval.batches": 1, "train.log_every": 2, "model.num_layers": 1,
                     "eval.tasks": repr((files["mc"], "cloze:" + files["cloze"]))}))
   loop.train(config, workdir, quiet=True, devices=jax.devices()[:1])
   trainer, step, params = harness.load_workdir(workdir, devices=jax.devices()[:1])

@@ -244,7 +244,7 @@ def test_transformer_base_reads_wmt14_from_the_catalog():
 
 
 def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path):
-  c = _config(tiny_data, pairs, **{"train.steps": 16, "train.log_every": 4,
+  c = _config(tiny_data, pairs, **{"train.steps": 16, "train.log_every": 4, "model.num_layers": 1,
                                    "eval.every_steps": 16, "checkpoint.every_steps": 16,
                                    "optimizer.warmup_steps": 4})
   loop.train(c, str(tmp_path), quiet=True, devices=jax.devices()[:1])
