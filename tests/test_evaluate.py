@@ -136,18 +136,18 @@ def test_a_capacity_moe_scores_and_samples_without_drops(family):
   alone, with_mate = lm.ids_loglikelihood([pair])[0][0], lm.ids_loglikelihood([pair, mate])[0][0]
   assert alone == pytest.approx(with_mate, abs=1e-4)
   dropless = families.for_inference(model)  # the unpadded row's own forward pass, no drops
+  forward = jax.jit(dropless.apply)  # (jitted: eagerly it compiled each of its ops)
   ctx, cont = pair
   if family == "decoder":
-    logits = dropless.apply({"params": params}, jnp.asarray([ctx + cont[:-1]]))[0, len(ctx) - 1:]
+    logits = forward({"params": params}, jnp.asarray([ctx + cont[:-1]]))[0, len(ctx) - 1:]
   else:
-    logits = dropless.apply({"params": params}, jnp.asarray([ctx]),
-                            jnp.asarray([[1] + cont[:-1]]))[0]
+    logits = forward({"params": params}, jnp.asarray([ctx]), jnp.asarray([[1] + cont[:-1]]))[0]
   want = float(np.sum(np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(cont)[:, None],
                                          axis=-1)))
   assert alone == pytest.approx(want, abs=1e-4)
   if family == "decoder":  # greedy: the prefill's last logits vs one token at a time
     prompt = rng.integers(3, 256, (1, 24)).tolist()
-    want = [int(np.argmax(dropless.apply({"params": params}, jnp.asarray(prompt))[0, -1]))]
+    want = [int(np.argmax(forward({"params": params}, jnp.asarray(prompt))[0, -1]))]
     assert sampling.generate(model, params, prompt, 1, temperature=0.0) == [want]
 
 
@@ -166,15 +166,22 @@ def test_a_prefix_lm_scores_and_generates_from_its_context_read_both_ways():
   tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, encode=lambda text: ids)
   apply = jax.jit(model.apply)
 
-  def reference(ctx, cont):  # one unpadded row, the context as its prefix
-    prefix = jnp.asarray([[1] * len(ctx) + [0] * (len(cont) - 1)])
-    logits = apply({"params": params}, jnp.asarray([ctx + cont[:-1]]), prefix_BT=prefix)[0]
+  def forward(row, prefix=None):  # one row's logits, the row right-padded to max_len: one
+    # compile with a prefix and one without (every later position, padding included, is
+    # causal and no prefix: it changes nothing before it)
+    pad = lambda values: jnp.asarray([list(values) + [0] * (64 - len(values))])
+    extra = {} if prefix is None else {"prefix_BT": pad(prefix)}
+    return apply({"params": params}, pad(row), **extra)[0, :len(row)]
+
+  def score(ctx, cont, prefix):  # log p(cont | ctx), the context as its prefix or causal
+    logits = forward(ctx + cont[:-1], [1] * len(ctx) + [0] * (len(cont) - 1) if prefix else None)
     log_p = np.asarray(jax.nn.log_softmax(logits[len(ctx) - 1:].astype(jnp.float32)))
     return float(sum(log_p[j, t] for j, t in enumerate(cont)))
 
+  reference = lambda ctx, cont: score(ctx, cont, True)  # one row, the context as its prefix
   pairs = _pairs(3, 5, vocab=256)
   want = [reference(c, x) for c, x in pairs]
-  causal = [_reference(model, params, c, x) for c, x in pairs]
+  causal = [score(c, x, False) for c, x in pairs]
   assert np.max(np.abs(np.subtract(want, causal))) > 1e-1  # the prefix changes the score
   for padding in ("right", "left"):
     lm = scoring.TextModel(config, params, tok, batch_size=4, padding=padding)
@@ -187,14 +194,13 @@ def test_a_prefix_lm_scores_and_generates_from_its_context_read_both_ways():
   new = sampling.generate(model, params, [prompt], 6, temperature=0.0, prefix=True)[0]
   row = list(prompt)
   for _ in range(6):
-    prefix = jnp.asarray([[1] * len(prompt) + [0] * (len(row) - len(prompt))])
-    row.append(int(jnp.argmax(apply({"params": params}, jnp.asarray([row]),
-                                    prefix_BT=prefix)[0, -1])))
+    prefix = [1] * len(prompt) + [0] * (len(row) - len(prompt))
+    row.append(int(jnp.argmax(forward(row, prefix)[-1])))
   assert new == row[len(prompt):]
   plain = sampling.generate(model, params, [prompt], 6, temperature=0.0)[0]
   full = list(prompt)  # the causal path is unchanged: the same as full causal forward passes
   for _ in range(6):
-    full.append(int(jnp.argmax(apply({"params": params}, jnp.asarray([full]))[0, -1])))
+    full.append(int(jnp.argmax(forward(full)[-1])))
   assert plain == full[len(prompt):]
 
 
