@@ -340,7 +340,7 @@ def test_bad_moe_configs_fail_in_one_line(override, message):
 
 @pytest.mark.parametrize("recipe, extra", [
     ("configs/bert.py:tiny", ["model.num_experts=4", "model.experts_per_token=1",
-                              "model.expert_capacity_factor=1.25"]),
+                              "model.expert_capacity_factor=1.25", "model.num_layers=1"]),
     ("configs/switch.py:tiny", ["model.num_layers=2", "model.num_decoder_layers=2"]),
     ("configs/mixtral.py:tiny", ["model.scan_layers=True", "train.microbatches=2",
                                  "model.num_shared_experts=1", "model.router_jitter=0.1"]),

@@ -302,11 +302,12 @@ def test_bart_scores_and_generates_in_its_training_frame():
   lm = scoring.TextModel(config, params, tok, batch_size=2)
   ctx, cont = tok.encode("abcdefghijklmnopqrstu"), tok.encode(" vw")
   got = lm.loglikelihood([("abcdefghijklmnopqrstu", " vw"), ("ab", " vw")])
+  apply = jax.jit(model.apply)  # (eagerly each forward compiled every op on its own)
   for kept, (ll, _) in zip([ctx[-(16 - 1 - 3):], ctx[:2]], got):
     start = objectives.decoder_start(tok)
     enc, dec = [[1] + kept + [4]], [[start, 1] + kept + cont[:-1]]
-    log_p = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(enc),
-                                           jnp.asarray(dec))[0, -len(cont):])
+    log_p = jax.nn.log_softmax(apply({"params": params}, jnp.asarray(enc),
+                                     jnp.asarray(dec))[0, -len(cont):])
     assert ll == pytest.approx(float(sum(log_p[j, t] for j, t in enumerate(cont))), abs=1e-4)
   new = sampling.generate(model, params, [[1] + ctx[:2] + [4]], 3, temperature=0.0,
                           start_id=start, decoder_ids=[[start, 1] + ctx[:2]])
