@@ -109,15 +109,18 @@ def test_encdec_kv_cache_decoding_matches_the_full_forward(name):
   model = EncoderDecoder(cfg)
   enc, dec = _ids(2, 9, 0), _ids(2, 7, 1)
   params = _params(model, enc, dec)
-  full = model.apply({"params": params}, enc, dec)
-  encoded = model.apply({"params": params}, enc, method=model.encode)
-  cache = model.init(jax.random.key(0), enc, jnp.zeros((2, 7), jnp.int32), decode=True)["cache"]
-  out, mut = model.apply({"params": params, "cache": cache}, encoded, None, dec[:, :4],
-                         decode=True, mutable=["cache"], method=model.decode)
+  full = jax.jit(model.apply)({"params": params}, enc, dec)  # (jitted: one compile each, where
+  # eagerly every op compiled on its own)
+  encoded = jax.jit(lambda p: model.apply({"params": p}, enc, method=model.encode))(params)
+  cache = jax.jit(lambda: model.init(jax.random.key(0), enc, jnp.zeros((2, 7), jnp.int32),
+                                     decode=True)["cache"])()
+  step = jax.jit(lambda p, cache, tokens: model.apply(
+      {"params": p, "cache": cache}, encoded, None, tokens, decode=True, mutable=["cache"],
+      method=model.decode))
+  out, mut = step(params, cache, dec[:, :4])
   np.testing.assert_allclose(out, full[:, :4], atol=2e-5, rtol=2e-5)
   for t in range(4, 7):
-    out, mut = model.apply({"params": params, "cache": mut["cache"]}, encoded, None,
-                           dec[:, t:t + 1], decode=True, mutable=["cache"], method=model.decode)
+    out, mut = step(params, mut["cache"], dec[:, t:t + 1])
     np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5, rtol=2e-5)
 
 
