@@ -7,12 +7,13 @@ array's checksum is sum_i mix(bits_i) * w_i mod 2**32: each element's bit patter
 bits) through a bijective mixer (MurmurHash3's finalizer), times an odd weight that depends on
 the element's index. A change confined to one element always changes it; a reordering, or a
 change spread over several elements (even the same change in each), leaves it unchanged with
-probability ~2**-32. It is computed on the devices, over the arrays as they are sharded (one
-pass, no gather), so it does not depend on the mesh, the process count or the host that saves or
-restores."""
+probability ~2**-32. It is a sum of terms, one per element, so each device sums the blocks it
+holds (one pass, no gather, no collective but one at the end) and it does not depend on the mesh,
+the process count or the host that saves or restores."""
 
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,34 +28,45 @@ def leaf_name(path) -> str:
   return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
-def _checksum(x: jax.Array) -> jax.Array:
+def _bits(x: jax.Array) -> jax.Array:
+  """`x`'s elements' bit patterns as uint32 (64-bit words and keys: on new last axes)."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
-  if x.dtype.itemsize > 4:  # (64-bit words: two 32-bit words each, on a new last axis)
-    x = lax.bitcast_convert_type(x, jnp.uint32)
-  else:
-    x = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+  if x.dtype.itemsize > 4:
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+
+
+@jax.jit
+def _block_sum(block: jax.Array, offsets: jax.Array, strides: jax.Array) -> jax.Array:
+  """The checksum's terms summed over one block of an array: the block's elements sit at
+  `offsets` in the whole array (of `_bits` strides `strides`). Runs on the block's device alone:
+  no collective (programs with one, many in flight on XLA:CPU's gloo collectives, hung)."""
+  x = _bits(block)
   for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # (mix: a bijection of 32 bits)
     x = (x ^ (x >> shift)) * jnp.uint32(factor)
   x = x ^ (x >> 16)
   index = jnp.zeros(x.shape, jnp.uint32)
-  for axis, size in enumerate(x.shape):
-    index = index * jnp.uint32(size) + lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+  for axis in range(x.ndim):
+    index += (lax.broadcasted_iota(jnp.uint32, x.shape, axis) + offsets[axis]) * strides[axis]
   weight = (index * jnp.uint32(_GOLDEN)) | jnp.uint32(1)
   return jnp.sum(x * weight, dtype=jnp.uint32)
 
 
-# One program per kind of leaf (dtype, shape, sharding), not one for the whole state, which
-# repeats a few kinds many times: GPT-2 small's train state (593 leaves, 11 kinds) took 15.6 s
-# on a 2-core CPU the first time as one program (its compile), 1.6 s this way; then 1.7 s and
-# 0.3 s a call (configs/gpt2.py:small with model.vocab_size=8192, its state filled with ones).
-_checksum_jit = jax.jit(_checksum)
-
-
-def _checksums(leaves: list) -> list:
-  return [_checksum_jit(x) for x in leaves]
+def _block_sums(x: jax.Array) -> list:
+  """`_block_sum` of each block of `x` that this process holds the first copy of (every block
+  is summed once, on one device of one process)."""
+  shape = jax.eval_shape(_bits, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
+  strides = np.cumprod((shape + (1,))[:0:-1], dtype=np.uint64)[::-1] % 2**32
+  sums = []
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      starts = [s.start or 0 for s in shard.index] + [0] * (len(shape) - x.ndim)
+      sums.append(_block_sum(shard.data, np.asarray(starts, np.uint32),
+                             strides.astype(np.uint32)))
+  return sums
 
 
 def _arrays(tree) -> dict:
@@ -68,17 +80,21 @@ def _describe(x) -> str:
 
 
 def fingerprint(tree) -> dict:
-  """{leaf name: "dtype[shape] checksum"} for every array in `tree` (every process calls it:
-  sharded arrays are summed across the processes that hold them)."""
-  arrays = _arrays(tree)
-  sums = jax.device_get(_checksums(list(arrays.values())))
-  return {name: f"{_describe(x)} {int(np.asarray(s)):08x}"
-          for (name, x), s in zip(arrays.items(), sums)}
+  """{leaf name: "dtype[shape] checksum"} for every array in `tree`. Every process calls it:
+  each sums the blocks it holds first, then the processes add their sums (one collective)."""
+  arrays = {name: x if isinstance(x, jax.Array) else jnp.asarray(x)
+            for name, x in _arrays(tree).items()}
+  blocks = jax.device_get([_block_sums(x) for x in arrays.values()])
+  sums = np.array([sum(int(b) for b in leaf) % 2**32 for leaf in blocks], np.uint64)
+  if jax.process_count() > 1 and len(sums):
+    sums = multihost_utils.process_allgather(sums.astype(np.uint32)).astype(np.uint64).sum(0)
+  return {name: f"{_describe(x)} {int(s) % 2**32:08x}" for (name, x), s in zip(arrays.items(),
+                                                                                 sums)}
 
 
 def mismatch(saved: dict | None, tree) -> str:
   """The first array of `tree` whose values differ from those `saved` recorded (its name), ""
-  when all agree. Every process calls it (the checksums are a collective); arrays the record
+  when all agree. Every process calls it (`fingerprint`: one collective); arrays the record
   lacks, or records of another dtype or shape (a restore that casts, a model resized on load),
   are not compared, and no record (a checkpoint from before fingerprints) compares nothing."""
   ours = fingerprint(tree)
