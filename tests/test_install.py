@@ -88,6 +88,20 @@ def test_the_build_needs_the_setuptools_that_reads_its_license():
   assert int(re.search(r'^requires = \["setuptools>=(\d+)', text, re.M).group(1)) >= 77
 
 
+def test_the_tokenizer_a_config_names_is_found_before_jax_is_imported(tmp_path):
+  """launch/local.sh runs `tokenizer --config=... --if_missing` before every train: with the
+  file there it read it in ~3 s, importing the data modules (grain, jax); now before them."""
+  model = tmp_path / "tok.model"
+  model.write_bytes(b"")
+  code = ("import sys; from transformer_jax import tokenizer; "
+          f"s = tokenizer.main(['--config={REPO}/configs/gpt2.py:tiny', "
+          f"'--config.data.tokenizer={model}', '--if_missing']); "
+          "print(s, 'jax' in sys.modules, 'grain' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+  assert out.stdout.split() == ["0", "False", "False"], out.stderr[-2000:]
+
+
 def test_repeated_and_bare_config_overrides_are_refused_as_the_scripts_refuse_them():
   """A --config.KEY given twice with two values took the last one silently (a flag twice is
   refused); `--config.data.tokenizer --if_missing` set the tokenizer to '' silently (and

@@ -38,8 +38,6 @@ from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import hf_tokenization
 from transformer_jax.data import mixture
-from transformer_jax.data import objectives
-from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
 
 _SAMPLE_EVERY = 10  # Measure characters/token on every 10th document ...
@@ -83,17 +81,23 @@ FROM_CONFIG = ("corpus", "format", "text_field", "source_field", "target_field",
 def from_config(spec: str, overrides, flags: dict) -> dict:
   """`flags` with corpus, format, fields, vocab_size, out and special from a training config
   (--config, or the one saved in --workdir)."""
-  given = [f"--{k}" for k in FROM_CONFIG if flags[k] != FLAGS[k]]
-  if given:
-    raise ConfigError(f"{', '.join(given)} come(s) from --config (data.* and model.vocab_size); "
-                      f"set them as --config.KEY=VALUE instead")
-  c = cli.load_config(spec, overrides, flags["workdir"])
+  from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
+  c = _training_config(spec, overrides, flags)
   d = c.data
   mixed = [(src.probability, _corpus_flags(src.config.data)) for src in mixture.sources(c)]
   return dict(flags, mixture=mixed, corpus=d.corpus, format=d.format, text_field=d.text_field,
               source_field=d.source_field, target_field=d.target_field, data_dir=d.data_dir,
               vocab_size=c.model.vocab_size, out=d.tokenizer,
               special=flags["special"] or objectives.special_for(d))
+
+
+def _training_config(spec: str, overrides, flags: dict):
+  """The config of --config (or --workdir's saved one); flags it sets are refused beside it."""
+  given = [f"--{k}" for k in FROM_CONFIG if flags[k] != FLAGS[k]]
+  if given:
+    raise ConfigError(f"{', '.join(given)} come(s) from --config (data.* and model.vocab_size); "
+                      f"set them as --config.KEY=VALUE instead")
+  return cli.load_config(spec, overrides, flags["workdir"])
 
 
 def _corpus_flags(d) -> dict:
@@ -129,6 +133,8 @@ def run(args: dict) -> None:
       too_small := hf_tokenization.byte_level_vocab_error(args["vocab_size"], control)):
     raise ConfigError(too_small)
 
+  from transformer_jax.data import tfds_text  # pylint: disable=g-import-not-at-top
+
   def docs(corpus_flags=sources[0][1]):
     return tfds_text.documents(**corpus_flags)
 
@@ -157,6 +163,10 @@ def main(argv=None) -> int:
       raise ConfigError("give --config or --workdir (its saved config.json), not both")
     if overrides and not (spec or flags["workdir"]):
       raise ConfigError(f"--config.{overrides[0]} needs --config=FILE.py[:ARG] or --workdir")
+    if flags["if_missing"] and (spec or flags["workdir"]):  # (launch/local.sh's, before every
+      out = _training_config(spec, overrides, flags).data.tokenizer  # train: before the data
+      if out and paths.exists(out):  # modules' imports, jax's among them, ~2 s)
+        return 0
     args = from_config(spec, overrides, flags) if spec or flags["workdir"] else flags
     if args["if_missing"] and args["out"] and paths.exists(args["out"]):  # (gs:// too)
       return 0
