@@ -262,22 +262,30 @@ def _fake_sweep(tmp_path, monkeypatch, ignore_sigterm=False, code=None):
 
 
 @contextlib.contextmanager
-def _signal_later(*delays_and_signals):
-  """Sends this process each signal after its delay, inside the block. One that lands after the
-  code under test has returned (a loaded machine's late timer) is caught here, never by
-  pytest's handlers: a SIGTERM would end the xdist worker, a SIGINT the session."""
+def _signal_later(tmp_path, *delays_and_signals):
+  """Sends this process each signal after its delay, counted from the moment the fake train
+  says `training` in its train.log (its handlers are set by then), inside the block. One that
+  lands after the code under test has returned (a loaded machine's late timer) is caught here,
+  never by pytest's handlers: a SIGTERM would end the xdist worker, a SIGINT the session."""
   import signal  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
   old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
-  timers = [threading.Timer(delay, os.kill, (os.getpid(), signum))
-            for delay, signum in delays_and_signals]
+  log = tmp_path / "a" / "train.log"
+
+  def send():
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "training" in log.read_text()):
+      time.sleep(0.02)
+    start = time.time()
+    for delay, signum in delays_and_signals:
+      time.sleep(max(0.0, start + delay - time.time()))
+      os.kill(os.getpid(), signum)
+  sender = threading.Thread(target=send)
   try:
-    for timer in timers:
-      timer.start()
+    sender.start()
     yield
   finally:
-    for timer in timers:
-      timer.join()
+    sender.join()
     time.sleep(0.1)  # (a signal just sent is handled at the main thread's next instruction)
     for s, handler in old.items():
       signal.signal(s, handler)
@@ -294,7 +302,8 @@ def test_a_stopped_sweep_passes_one_sigterm_to_each_train_and_says_how_it_ended(
   import signal  # pylint: disable=g-import-not-at-top
   run_lib, opened = _fake_sweep(tmp_path, monkeypatch)
   said = []
-  with _signal_later(*[(3.0 + 0.2 * i, getattr(signal, name)) for i, name in enumerate(sent)]):
+  with _signal_later(tmp_path, *[(0.2 * i, getattr(signal, name))
+                                  for i, name in enumerate(sent)]):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
       run_lib.run_all(str(tmp_path), say=said.append)
@@ -314,7 +323,7 @@ def test_a_second_ctrl_c_kills_the_trains_in_one_line_and_exits_130(tmp_path, mo
   import signal  # pylint: disable=g-import-not-at-top
   run_lib, opened = _fake_sweep(tmp_path, monkeypatch, ignore_sigterm=True)
   said = []
-  with _signal_later((3.0, signal.SIGINT), (4.0, signal.SIGINT)):
+  with _signal_later(tmp_path, (0.0, signal.SIGINT), (1.0, signal.SIGINT)):
     with pytest.raises(SystemExit) as e:
       run_lib.run_all(str(tmp_path), say=said.append)
   assert e.value.code == 130
