@@ -11,10 +11,14 @@ probability ~2**-32. It is a sum of terms, one per element, so each device sums 
 holds (one pass, no gather, no collective but one at the end) and it does not depend on the mesh,
 the process count or the host that saves or restores."""
 
+import functools
+
 import jax
 from jax import lax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 KEY = "fingerprint"  # the key in a checkpoint's custom metadata
@@ -39,11 +43,9 @@ def _bits(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
 
 
-@jax.jit
-def _block_sum(block: jax.Array, offsets: jax.Array, strides: jax.Array) -> jax.Array:
+def _terms(block: jax.Array, offsets, strides: jax.Array) -> jax.Array:
   """The checksum's terms summed over one block of an array: the block's elements sit at
-  `offsets` in the whole array (of `_bits` strides `strides`). Runs on the block's device alone:
-  no collective (programs with one, many in flight on XLA:CPU's gloo collectives, hung)."""
+  `offsets` (one per axis of its `_bits`) in the whole array, of `_bits` strides `strides`."""
   x = _bits(block)
   for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # (mix: a bijection of 32 bits)
     x = (x ^ (x >> shift)) * jnp.uint32(factor)
@@ -55,17 +57,53 @@ def _block_sum(block: jax.Array, offsets: jax.Array, strides: jax.Array) -> jax.
   return jnp.sum(x * weight, dtype=jnp.uint32)
 
 
+_block_sum = jax.jit(_terms)  # (one block on its device: an array of another kind of sharding)
+
+
+def _axes(entry) -> tuple:
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh_sums(mesh, spec: tuple):
+  """A program giving each device's sum of the terms of its block of an array sharded as
+  `spec` over `mesh` (a device holding a copy that another holds first gives 0). One program
+  per kind of array, not per device; no collective (programs with one, many in flight on
+  XLA:CPU's gloo collectives, hung)."""
+  copies = [a for a in mesh.axis_names if not any(a in _axes(e) for e in spec)]
+
+  def local(block, strides):
+    offsets = []
+    for size, entry in zip(block.shape, spec):
+      index = jnp.uint32(0)
+      for a in _axes(entry):
+        index = index * jnp.uint32(mesh.shape[a]) + lax.axis_index(a).astype(jnp.uint32)
+      offsets.append(index * jnp.uint32(size))
+    offsets += [jnp.uint32(0)] * (strides.shape[0] - len(offsets))
+    first = jnp.all(jnp.array([lax.axis_index(a) == 0 for a in copies] or [True]))
+    total = jnp.where(first, _terms(block, offsets, strides), jnp.uint32(0))
+    return total.reshape((1,) * len(mesh.axis_names))
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(*spec), P()),
+                               out_specs=P(*mesh.axis_names)))
+
+
 def _block_sums(x: jax.Array) -> list:
-  """`_block_sum` of each block of `x` that this process holds the first copy of (every block
-  is summed once, on one device of one process)."""
+  """Sums of the terms of the blocks of `x` that this process holds the first copy of (every
+  block is summed once, on one device of one process)."""
   shape = jax.eval_shape(_bits, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
-  strides = np.cumprod((shape + (1,))[:0:-1], dtype=np.uint64)[::-1] % 2**32
+  strides = (np.cumprod((shape + (1,))[:0:-1], dtype=np.uint64)[::-1] % 2**32).astype(np.uint32)
+  sharding = x.sharding
+  if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    if all(n % np.prod([sharding.mesh.shape[a] for a in _axes(e)], dtype=int) == 0
+           for n, e in zip(x.shape, spec)):
+      out = _mesh_sums(sharding.mesh, spec)(x, strides)
+      return [s.data for s in out.addressable_shards]
   sums = []
   for shard in x.addressable_shards:
     if shard.replica_id == 0:
       starts = [s.start or 0 for s in shard.index] + [0] * (len(shape) - x.ndim)
-      sums.append(_block_sum(shard.data, np.asarray(starts, np.uint32),
-                             strides.astype(np.uint32)))
+      sums.append(_block_sum(shard.data, np.asarray(starts, np.uint32), strides))
   return sums
 
 
@@ -85,7 +123,8 @@ def fingerprint(tree) -> dict:
   arrays = {name: x if isinstance(x, jax.Array) else jnp.asarray(x)
             for name, x in _arrays(tree).items()}
   blocks = jax.device_get([_block_sums(x) for x in arrays.values()])
-  sums = np.array([sum(int(b) for b in leaf) % 2**32 for leaf in blocks], np.uint64)
+  sums = np.array([sum(int(np.sum(b, dtype=np.uint64)) for b in leaf) % 2**32 for leaf in blocks],
+                  np.uint64)
   if jax.process_count() > 1 and len(sums):
     sums = multihost_utils.process_allgather(sums.astype(np.uint32)).astype(np.uint64).sum(0)
   return {name: f"{_describe(x)} {int(s) % 2**32:08x}" for (name, x), s in zip(arrays.items(),
