@@ -43,7 +43,7 @@ def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
              JAX_DEBUG_LOG_MODULES="jax._src.compiler")
   flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{
       "train.steps": 1, "checkpoint.every_steps": 1, "eval.every_steps": 0,
-      "train.sample_prompt": ""})]
+      "train.sample_prompt": "", "model.num_layers": 1})]  # (1 layer: each compile halves)
   logs = []
   for name in ("first", "second"):
     done = subprocess.run(
@@ -57,19 +57,20 @@ def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
     assert f"Persistent compilation cache hit for '{step}'" in logs[1]
     assert f"CACHE MISS for '{step}'" not in logs[1]
     assert any(f.startswith(step + "-") for f in os.listdir(cache / "jax"))
-  probe = [sys.executable, "-c", "from transformer_jax.perf import caches; print(caches.setup())"]
-  def said(**e):
-    return subprocess.run(probe, cwd=REPO, env=dict(env, **e), capture_output=True, text=True,
-                          check=True).stdout.strip()
-  assert said() == str(cache / "jax")
-  assert said(JAX_COMPILATION_CACHE_DIR="/elsewhere") == "/elsewhere"
-  assert said(TJAX_CACHE_DIR="off") == ""
-  # A local cache keeps the programs that compile in under a second too, unless JAX's own
-  # setting is given.
-  probe[-1] += "; import jax; print(jax.config.jax_persistent_cache_min_compile_time_secs)"
+  # Each probe prints what caches.setup() chose and then JAX's minimum compile time (a local
+  # cache keeps the programs that compile in under a second too, unless JAX's own setting is
+  # given): four probes (each pays a jax import) where five were.
+  probe = [sys.executable, "-c", "from transformer_jax.perf import caches; print(caches.setup())"
+           "; import jax; print(jax.config.jax_persistent_cache_min_compile_time_secs)"]
   env.pop(caches.MIN_COMPILE_ENV, None)
-  assert said().splitlines()[-1] == "0.0"
-  assert said(**{caches.MIN_COMPILE_ENV: "2.5"}).splitlines()[-1] == "2.5"
+  said = [subprocess.run(probe, cwd=REPO, env=dict(env, **e), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+          for e in ({}, {"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, {"TJAX_CACHE_DIR": "off"},
+                    {caches.MIN_COMPILE_ENV: "2.5"})]
+  assert said[0] == [str(cache / "jax"), "0.0"]
+  assert said[1][0] == "/elsewhere" and len(said[1]) == 2
+  assert said[2][0] == "" and len(said[2]) == 2
+  assert said[3] == [str(cache / "jax"), "2.5"]
   # Bounded to half its size, with the access times that a cache written without a bound
   # lacks: a new program is still written, the oldest go, and the rest fits the bound.
   jax_dir = cache / "jax"
