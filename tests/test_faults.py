@@ -285,13 +285,17 @@ def test_the_closed_event_loop_reports_of_a_failed_restore_are_dropped(monkeypat
   assert [str(r.exc_value) for r in seen] == ["another", "not orbax's"]
 
 
+RESUMED = {"train.log_every": 1, "model.num_layers": 1}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, tmp_path_factory):
   """{step: loss} of an uninterrupted 40-step run logging every step, which the SIGTERM and
   kill -9 tests' resumed runs must reproduce (the kill -9 test's 20 steps decay over 40: the
-  same schedule, so its losses are this run's first 20; checkpoint settings change no loss)."""
+  same schedule, so its losses are this run's first 20; checkpoint settings change no loss).
+  One layer (RESUMED): each of those tests' launches compiles its steps in about half the time."""
   ref = str(tmp_path_factory.mktemp("uninterrupted"))
-  loop.train(_config(tiny_data, **{"train.log_every": 1, "train.steps": 40}), ref, quiet=True,
+  loop.train(_config(tiny_data, **RESUMED, **{"train.steps": 40}), ref, quiet=True,
              devices=ONE())
   return {r["step"]: r["loss"] for r in _lines(ref) if "loss" in r}
 
@@ -300,8 +304,8 @@ def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_pa
                                                                uninterrupted):
   """SIGTERM mid-run: checkpoint + exit status 143; re-running resumes; every logged loss equals
   an uninterrupted run's."""
-  flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{"train.log_every": 1,
-                                                                   "train.steps": 40})]
+  flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **RESUMED,
+                                                     **{"train.steps": 40})]
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
          f"--workdir={workdir}"] + flags
@@ -312,7 +316,7 @@ def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_pa
   while time.time() < deadline:  # wait until training is under way
     if os.path.exists(f"{workdir}/metrics.jsonl") and len(_lines(workdir)) >= 3:
       break
-    time.sleep(0.2)
+    time.sleep(0.05)  # (one layer: 37 steps left are a few seconds)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 143, out[-2000:]
@@ -518,7 +522,7 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_losses(tiny_data, 
   """SIGKILL twice at seeded random moments of a run with async saves every 3 steps (so some
   kills land during a write); re-running resumes from the last complete checkpoint and every
   step's final logged loss equals an uninterrupted run's."""
-  extra = {"train.log_every": 1, "train.steps": 20, "optimizer.decay_steps": 40,
+  extra = {**RESUMED, "train.steps": 20, "optimizer.decay_steps": 40,
            "checkpoint.every_steps": 3, "checkpoint.async_save": True}
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
