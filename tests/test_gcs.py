@@ -32,8 +32,9 @@ from tests.test_launch import fake_bin, launch  # pylint: disable=unused-import
 
 ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
 STEPS, EVERY = 6, 2
+# One layer (the tiny recipe has 2): each compile of the module's runs halves; no check reads it.
 EXTRA = {"train.steps": STEPS, "train.log_every": 1, "checkpoint.every_steps": EVERY,
-         "eval.every_steps": 0}
+         "eval.every_steps": 0, "model.num_layers": 1}
 SAVED = list(range(EVERY, STEPS + 1, EVERY))  # the steps an uninterrupted run saves
 
 
