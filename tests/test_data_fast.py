@@ -316,6 +316,34 @@ def test_a_data_position_saved_before_the_hashed_order_seeds_resumes_in_its_orde
     _assert_same(expected, _take(again, 3))
 
 
+def test_a_data_position_changed_on_disk_is_damage_not_a_position(tiny_data, tmp_path):
+  """A position file carries the checksum of what it says: one digit changed (a bad copy) was
+  read as another position; now it is damage (ValueError: the checkpoint is set aside), and
+  a file written before the checksums restores as it did."""
+  c = _config(tiny_data)
+  it, handler = pipeline.make_train_iterator(c), data_position.DataHandler()
+  _take(it, 2)
+  handler.save(tmp_path, args=data_position.data_save_args(it))
+  path = tmp_path / "shard-0-of-1.json"
+  saved = json.loads(path.read_text())
+  expected = _take(it, 3)
+  fresh = pipeline.make_train_iterator(c)
+  handler.restore(tmp_path, args=data_position.DataRestore(fresh))
+  _assert_same(expected, _take(fresh, 3))
+  text = path.read_text()
+  digit = next(i for i, ch in enumerate(text) if ch.isdigit() and ch != "9"
+               and i > text.index('"grain"'))
+  path.write_text(text[:digit] + str(int(text[digit]) + 1) + text[digit + 1:])
+  with pytest.raises(ValueError, match=r"shard-0-of-1\.json is not the one saved: its checksum "
+                                       r"differs"):
+    handler.restore(tmp_path, args=data_position.DataRestore(pipeline.make_train_iterator(c)))
+  del saved[data_position.DIGEST_MARK]  # (from before the checksums)
+  path.write_text(json.dumps(saved))
+  fresh = pipeline.make_train_iterator(c)
+  handler.restore(tmp_path, args=data_position.DataRestore(fresh))
+  _assert_same(expected, _take(fresh, 3))
+
+
 def test_an_unmarked_position_of_several_shards_says_its_order_may_differ(tiny_data, capsys):
   """Such files were written in two orders (the raw seed until 30cc40f, then the hashed one):
   resumed in the hashed order, with a warning (a run from before 30cc40f went on silently in

@@ -2,6 +2,7 @@
 train state (checkpoint.py saves and restores it as the item "data")."""
 
 import dataclasses
+import hashlib
 import json
 import re
 from typing import Any
@@ -14,6 +15,12 @@ from transformer_jax.config import ConfigError
 
 ORDER_MARK = "order_seed"  # in a data position file: "hashed", or "raw" (the order from before)
 ROWS_MARK = "rows"  # in a data position file: the pipeline's ROWS_VERSION that wrote it
+DIGEST_MARK = "sha256"  # in a data position file: of its other keys (none before: not checked)
+
+
+def _digest(saved: dict) -> str:
+  return hashlib.sha256(json.dumps({k: v for k, v in saved.items() if k != DIGEST_MARK},
+                                   sort_keys=True).encode()).hexdigest()
 
 
 class DataHandler(grain.checkpoint.CheckpointHandler):
@@ -28,8 +35,9 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
   def save(self, directory, item=None, args=None):
     del item
     for k, state in args.states.items():
-      state = {ORDER_MARK: "raw" if args.legacy_order else "hashed", ROWS_MARK: args.rows,
-               "grain": state}
+      state = json.loads(json.dumps({ORDER_MARK: "raw" if args.legacy_order else "hashed",
+                                     ROWS_MARK: args.rows, "grain": state}))
+      state[DIGEST_MARK] = _digest(state)
       (directory / f"shard-{k}-of-{args.num_shards}.json").write_text(json.dumps(state, indent=1))
 
   def restore(self, directory, item=None, args=None):
@@ -56,16 +64,22 @@ def _read_whole(directory, it) -> dict:
   """{shard: its parsed position file} for ALL of the run's data shards, not only the shards
   this process reads: every process comes to the same verdict on a damaged file (one that saw
   none hung in the set-aside's barrier). A missing or unparsable file beside others of the
-  run's shard count (or with none) is damage: OSError or ValueError, which sets the checkpoint
-  aside; files of another count only are a ConfigError naming what resumes."""
+  run's shard count (or with none), or one whose checksum differs, is damage: OSError or
+  ValueError, which sets the checkpoint aside; files of another count only are a ConfigError
+  naming what resumes."""
   names = {p.name for p in directory.iterdir()}
   n = it.num_shards
   missing = [k for k in range(n)
              if f"shard-{k}-of-{n}.json" not in names and f"process_{k}-of-{n}.json" not in names]
   if not missing:  # (the pre-shard format: process_K-of-N.json)
-    return {k: json.loads((directory / (f"shard-{k}-of-{n}.json" if f"shard-{k}-of-{n}.json"
-                                        in names else f"process_{k}-of-{n}.json")).read_text())
-            for k in range(n)}
+    every = {}
+    for k in range(n):
+      name = f"shard-{k}-of-{n}.json" if f"shard-{k}-of-{n}.json" in names else \
+          f"process_{k}-of-{n}.json"
+      saved = every[k] = json.loads((directory / name).read_text())
+      if isinstance(saved, dict) and DIGEST_MARK in saved and saved[DIGEST_MARK] != _digest(saved):
+        raise ValueError(f"{directory}/{name} is not the one saved: its checksum differs")
+    return every
   saved = sorted({m.group(1) for name in names
                   if (m := re.fullmatch(r"(?:shard-\d+|process_\d+)-of-(\d+)\.json", name))})
   if not saved or str(n) in saved:
