@@ -374,8 +374,7 @@ class Checkpoints:
     except Exception:  # pylint: disable=broad-except
       return ""
     def leaves(tree):
-      return {tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
-                    for k in path): tuple(getattr(leaf, "shape", ()))
+      return {integrity.leaf_name(path): tuple(getattr(leaf, "shape", ()))
               for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     have, want = leaves(saved), leaves(abstract_state)
     if len(have) != len(want):
@@ -383,10 +382,9 @@ class Checkpoints:
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
-    parts = ([f"not saved: {'/'.join(missing[0])}"] if missing else []) + (
-        [f"saved, not wanted: {'/'.join(extra[0])}"] if extra else []) + (
-        [f"{'/'.join(shapes[0])} saved as {have[shapes[0]]}, wanted {want[shapes[0]]}"]
-        if shapes else [])
+    parts = ([f"not saved: {missing[0]}"] if missing else []) + (
+        [f"saved, not wanted: {extra[0]}"] if extra else []) + (
+        [f"{shapes[0]} saved as {have[shapes[0]]}, wanted {want[shapes[0]]}"] if shapes else [])
     return "; ".join(parts)
 
   def _not_the_checkpoints(self, step, error) -> BaseException | None:
