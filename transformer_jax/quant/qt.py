@@ -11,10 +11,6 @@ fp32 after rounding the operands to fp8): numerics as on hardware, no speed-up.
 """
 
 import jax.numpy as jnp
-# QtProvider's own building block: qwix applies it through module interception, which would
-# also catch the attention kernels' and the MoE experts' dots; here it is applied to exactly the
-# projections that ask for it.
-from qwix._src.core import dot_general_qt
 
 # mode -> (forward operands' type, backward gradient's type)
 QTYPES = {"int8": (jnp.int8, jnp.int8), "fp8": (jnp.float8_e4m3fn, jnp.float8_e5m2)}
@@ -23,17 +19,26 @@ MODES = ("none",) + tuple(QTYPES)
 _MATMUL = (((1,), (0,)), ((), ()))  # [rows, in] x [in, out]
 
 
-def config(mode: str) -> dot_general_qt.DotGeneralQtConfig:
-  """qwix's forward-and-backward configuration for `mode` (int8 | fp8)."""
+def _qt():
+  # QtProvider's own building block: qwix applies it through module interception, which would
+  # also catch the attention kernels' and the MoE experts' dots; here it is applied to exactly
+  # the projections that ask for it. Imported on first use: qwix takes ~0.7 s to import, which
+  # every unquantized run's start would pay.
+  from qwix._src.core import dot_general_qt  # pylint: disable=g-import-not-at-top
+  return dot_general_qt
+
+
+def config(mode: str):
+  """qwix's forward-and-backward configuration (DotGeneralQtConfig) for `mode` (int8 | fp8)."""
   if mode not in QTYPES:
     raise ValueError(f"quantization {mode!r} is not one of {', '.join(MODES)}")
   fwd, bwd = QTYPES[mode]
-  return dot_general_qt.DotGeneralQtConfig(lhs_qtype=fwd, rhs_qtype=fwd, dlhs_grad_qtype=bwd,
-                                           drhs_grad_qtype=bwd)
+  return _qt().DotGeneralQtConfig(lhs_qtype=fwd, rhs_qtype=fwd, dlhs_grad_qtype=bwd,
+                                   drhs_grad_qtype=bwd)
 
 
 def matmul(x_RI, w_IO, mode: str):
   """x @ w with both operands (and, in the backward pass, the gradient) quantized by `mode`;
   the result in x's dtype."""
-  y = dot_general_qt.dot_general_qt(x_RI, w_IO, _MATMUL, config(mode))
+  y = _qt().dot_general_qt(x_RI, w_IO, _MATMUL, config(mode))
   return y.astype(x_RI.dtype)

@@ -10,7 +10,6 @@ import orbax.checkpoint as ocp
 
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
-from transformer_jax.quant import ptq
 from transformer_jax.training import checkpoint
 from transformer_jax.training import integrity
 
@@ -74,5 +73,7 @@ def restore_params(workdir: str, ckpt_cfg, model, abstract):
   `abstract`'s shapes and dtypes); (None, None) when it has neither."""
   if not is_quantized(workdir):
     return checkpoint.Checkpoints(workdir, ckpt_cfg, read_only=True).restore_params(abstract)
+  # Here, not at the top: ptq imports qwix (~0.7 s), which a training run's start never needs.
+  from transformer_jax.quant import ptq  # pylint: disable=g-import-not-at-top
   manifest, stored = load(workdir)
   return manifest["step"], ptq.dequantize_tree(stored, abstract, ptq.axis_names(model))
