@@ -239,6 +239,13 @@ tjax_wait_all() {
   exit "$status"
 }
 
+# tjax_wait_all_saving LOGDIR: tjax_wait_all, while a Ctrl-C, a SIGTERM or a closed terminal
+# (SIGHUP) sends every process SIGTERM: they agree on a step, save and exit (143).
+tjax_wait_all_saving() {
+  trap 'tjax_stop_all TERM' INT TERM HUP
+  tjax_wait_all "$1"
+}
+
 # tjax_run_logged LOG SHOW CMD...: runs CMD with its output appended to LOG (SHOW=1: shown here
 # too) and returns its status. A SIGTERM, SIGHUP or SIGINT to this shell reaches CMD as SIGTERM
 # (it saves a checkpoint and exits 143), and the status said is CMD's. The tee that shows the

@@ -89,6 +89,6 @@ mkdir -p "$logs"
 echo "$processes processes x ${devices:-1} CPU devices, coordinator $TJAX_COORDINATOR; logs in $logs/"
 pids=()
 tjax_start_all "$logs" "$processes" "${cmd[@]}"
-# Ctrl-C / SIGTERM: every process gets SIGTERM; they agree on a step, save and exit.
-trap 'tjax_stop_all TERM' INT TERM
-tjax_wait_all "$logs"
+# Ctrl-C / SIGTERM / a closed terminal (SIGHUP): every process gets SIGTERM; they agree on a
+# step, save and exit.
+tjax_wait_all_saving "$logs"

@@ -63,20 +63,23 @@ def test_local_processes_append_to_their_logs(tmp_path):
 
 
 
-def test_a_ctrl_c_to_a_local_job_waits_for_its_processes_to_save():
+@pytest.mark.parametrize("sent", ["SIGINT", "SIGHUP"])
+def test_a_ctrl_c_to_a_local_job_waits_for_its_processes_to_save(sent):
   """Ctrl-C to `launch/local.sh --processes N` killed tjax_wait_all's `sleep` as well, and
-  set -e ended the job at once, its processes still saving (nothing waited or killed them)."""
+  set -e ended the job at once, its processes still saving (nothing waited or killed them).
+  A closed terminal (SIGHUP) ended the job's shell at once, its processes still training."""
   import signal  # pylint: disable=g-import-not-at-top
   saver = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+           "signal.signal(signal.SIGHUP, signal.SIG_IGN); "
            "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(2), sys.exit(143))); "
            "time.sleep(30)")
   script = (f"set -euo pipefail; . launch/_common.sh; {sys.executable} -c '{saver}' & "
-            f"pids=($!); trap 'tjax_stop_all TERM' INT TERM; tjax_wait_all LOGS")
+            f"pids=($!); tjax_wait_all_saving LOGS")
   proc = subprocess.Popen([*DEFAULT_SIGNALS, "bash", "-c", script], cwd=REPO,
                           start_new_session=True)
   time.sleep(1.0)
   t0 = time.time()
-  os.killpg(proc.pid, signal.SIGINT)
+  os.killpg(proc.pid, getattr(signal, sent))
   assert proc.wait(timeout=30) == 143
   assert time.time() - t0 > 1.5  # it waited for the save
 

@@ -269,7 +269,8 @@ def _signal_later(tmp_path, *delays_and_signals):
   never by pytest's handlers: a SIGTERM would end the xdist worker, a SIGINT the session."""
   import signal  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
-  old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+  old = {s: signal.signal(s, lambda *_: None)
+         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
   log = tmp_path / "a" / "train.log"
 
   def send():
@@ -291,16 +292,20 @@ def _signal_later(tmp_path, *delays_and_signals):
       signal.signal(s, handler)
 
 
-@pytest.mark.parametrize("sent", [["SIGINT"], ["SIGTERM"], ["SIGTERM", "SIGTERM"]])
+@pytest.mark.parametrize("sent", [["SIGINT"], ["SIGTERM"], ["SIGTERM", "SIGTERM"], ["SIGHUP"]])
 def test_a_stopped_sweep_passes_one_sigterm_to_each_train_and_says_how_it_ended(
     tmp_path, monkeypatch, sent):
   """SIGINT to `sweep run` alone (kill -INT, timeout -s INT, an IDE's stop) was not passed on:
   the train trained on until it was SIGKILLed, while the driver said it had saved; a SIGTERM to
-  the driver twice (a job's every process) raised in the handler (a traceback). Each train now
-  runs in its own session (a terminal's Ctrl-C reaches the driver alone) and gets exactly one
-  SIGTERM; the driver says how it ended and exits 128 + the first signal."""
+  the driver twice (a job's every process) raised in the handler (a traceback); a SIGHUP (its
+  terminal closed) ended the driver alone. Each train now runs in its own session (a terminal's
+  Ctrl-C reaches the driver alone) and gets exactly one SIGTERM; the driver says how it ended
+  (to /dev/null after a SIGHUP: hung_up, recorded here) and exits 128 + the first signal."""
   import signal  # pylint: disable=g-import-not-at-top
+  import transformer_jax  # pylint: disable=g-import-not-at-top
   run_lib, opened = _fake_sweep(tmp_path, monkeypatch)
+  hung_up = []
+  monkeypatch.setattr(transformer_jax, "hung_up", lambda: hung_up.append(True))
   said = []
   with _signal_later(tmp_path, *[(0.2 * i, getattr(signal, name))
                                   for i, name in enumerate(sent)]):
@@ -316,6 +321,7 @@ def test_a_stopped_sweep_passes_one_sigterm_to_each_train_and_says_how_it_ended(
   assert said[-1].startswith(f"{sent[0]}: stopped 1 running train(s) (1 saved")
   assert "training" in (tmp_path / "a" / "train.log").read_text()
   assert all(f.closed for f in opened) and restored
+  assert hung_up == [True] * sent.count("SIGHUP")
 
 
 def test_a_second_ctrl_c_kills_the_trains_in_one_line_and_exits_130(tmp_path, monkeypatch):

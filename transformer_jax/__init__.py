@@ -17,6 +17,7 @@ during the exec, pending for the new program (`execve`).
 import gc
 import os
 import signal
+import stat
 import threading
 
 __version__ = "0.1.0"
@@ -57,6 +58,23 @@ def execve(path: str, args: list, env: dict):
   if _deferred:  # (its timer may have fired, its handler not yet run: that one would be lost)
     signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # pending on this thread
   os.execve(path, args, {**env, _BLOCKED: "1"})
+
+
+def hung_up() -> None:
+  """For a SIGHUP handler (the terminal closed): standard output and error that went to a
+  terminal go to /dev/null from now on. Writes to a hung-up terminal fail (EIO), so the next
+  print would end the program, mid-save perhaps. Tested as a character device: a hung-up
+  terminal no longer answers isatty."""
+  null = os.open(os.devnull, os.O_WRONLY)
+  try:
+    for fd in (1, 2):
+      try:
+        if stat.S_ISCHR(os.fstat(fd).st_mode):
+          os.dup2(null, fd)
+      except OSError:  # (a closed descriptor)
+        pass
+  finally:
+    os.close(null)
 
 
 keep_ctrl_c()

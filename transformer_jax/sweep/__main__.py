@@ -11,8 +11,9 @@
            cluster scheduler: plain (local), or `bash launch/tpu_vm.sh FLAGS -- --workdir=...` /
            `bash launch/gpu_slurm.sh FLAGS -- --workdir=...` with the launcher's own flags;
            collects the finished runs' final eval losses into DIR/runs.jsonl. A run another live
-           train holds (a second driver's) is skipped; Ctrl-C or SIGTERM saves and stops every
-           running train (one SIGTERM each), exit 130 or 143; a second Ctrl-C kills them.
+           train holds (a second driver's) is skipped; Ctrl-C, SIGTERM or a closed terminal
+           (SIGHUP) saves and stops every running train (one SIGTERM each), exit 130, 143 or
+           129; a second Ctrl-C kills them.
   fit      --runs=RUNS.jsonl --out=DIR [--bootstrap=200] [--seed=0] [--level=0.95]
            Chinchilla approaches 2 (isoFLOP parabolas) and 3 (L(N, D) = E + A/N^alpha + B/D^beta
            with bootstrap intervals) and Kaplan-style frontier laws. Writes DIR/fit.json,

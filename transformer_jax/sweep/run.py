@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+import transformer_jax
 from transformer_jax.config import ConfigError
 from transformer_jax.config import paths
 from transformer_jax.training import lock
@@ -82,7 +83,7 @@ def launch_command(sweep_dir: str, run: dict, launcher: str = "local",
 
 
 STOP_WAIT_S = 300  # how long a stopped sweep waits for its trains' checkpoints before SIGKILL
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
@@ -94,13 +95,15 @@ def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
   left it training until STOP_WAIT_S ran out and it was killed unsaved). It then waits for them
   to save, says how each ended, and exits with 128 + the signal, so a re-run resumes them. A
   second SIGINT meanwhile kills them (one line, exit 130); a second SIGTERM is the same stop
-  told twice (a job's every process signalled) and changes nothing. The handlers
-  only record the signal: raised from a handler, it could land between a train's start and its
-  bookkeeping (a train nobody stops) or inside a log's write."""
+  told twice (a job's every process signalled) and changes nothing. A SIGHUP (the terminal
+  closed) is a SIGTERM whose words go to /dev/null: it used to end the driver alone, its trains
+  training on unwatched and its remaining runs never started. The handlers only record the
+  signal: raised from a handler, it could land between a train's start and its bookkeeping (a
+  train nobody stops) or inside a log's write."""
   todo = [r for r in load_plan(sweep_dir) if status(sweep_dir, r) != "done"]
   say(f"{len(todo)} runs to go")
   running, got = [], []
-  previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
+  previous = {s: signal.signal(s, lambda signum, frame: _record(got, signum)) for s in STOP_SIGNALS}
   try:
     failed = _run_loop(sweep_dir, todo, running, jobs, say, got)
     if got:
@@ -113,6 +116,12 @@ def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
       proc.terminate()
       _wait(proc, STOP_WAIT_S)
       _close_log(sweep_dir, run, log)
+
+
+def _record(got: list, signum: int):
+  if signum == signal.SIGHUP:
+    transformer_jax.hung_up()  # (a print to the closed terminal would raise, mid-stop)
+  got.append(signum)
 
 
 def _run_loop(sweep_dir, todo, running, jobs, say, got) -> int:

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM / SIGINT let the step in flight finish, then the loop saves and returns."""
+"""Preemption: SIGTERM / SIGINT / SIGHUP let the step in flight finish, then the loop saves and
+returns."""
 
 import os
 import signal
@@ -22,12 +23,16 @@ class Preemption:
   SIGINT is taken over only once the first step has returned (`started`): before, the state is
   the restored checkpoint or a fresh one, and a Ctrl-C while that step compiles (minutes for a
   large model) ends the run at once (`interrupted`, exit 130) rather than after the compile, a
-  step and a save. A SIGTERM (a preemption) saves from the start all the same."""
+  step and a save. A SIGTERM (a preemption) saves from the start all the same.
+
+  SIGHUP (the terminal the run was started from closed, an ssh connection dropped) is a SIGTERM
+  too, the run's output to that terminal going to /dev/null from then on: it used to end the
+  run unsaved, like a kill -9."""
 
   def __init__(self):
     self.signum, self._old = None, {}
     self.multi = jax.process_count() > 1
-    self._take(() if self.multi else (signal.SIGTERM,))
+    self._take((signal.SIGHUP,) if self.multi else (signal.SIGTERM, signal.SIGHUP))
 
   def _take(self, signals):
     if threading.current_thread() is threading.main_thread():
@@ -40,10 +45,13 @@ class Preemption:
     self._take((signal.SIGINT,))
 
   def _handle(self, signum, frame):
+    if signum == signal.SIGHUP:
+      transformer_jax.hung_up()
     if self.signum is not None:
-      # A second SIGINT is a user pressing Ctrl-C again: abort now. A second SIGTERM is the same
-      # preemption told twice (a job's every process signalled, and a parent, such as `sweep
-      # run`, passing its own on): aborting would cut the checkpoint it asked for short.
+      # A second SIGINT is a user pressing Ctrl-C again: abort now. A second SIGTERM (or SIGHUP)
+      # is the same preemption told twice (a job's every process signalled, and a parent, such
+      # as `sweep run`, passing its own on): aborting would cut the checkpoint it asked for
+      # short.
       if signum == signal.SIGINT:
         transformer_jax.interrupt(signum, frame)
       return
