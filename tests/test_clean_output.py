@@ -94,3 +94,39 @@ def test_a_run_stopped_while_moving_its_output_is_never_read_as_the_corpus(tmp_p
   assert sorted(os.listdir(out)) == sorted(["report.md", "removed"] + [
       n for n in _files(out) if n.startswith("part-")])
   assert len(list(corpus_lib.iter_documents(f"{out}/*.jsonl", "jsonl"))) == 6
+
+
+@pytest.mark.parametrize("sent", ["SIGTERM", "SIGHUP"])
+def test_a_signal_mid_run_stops_it_as_an_error_does(tmp_path, monkeypatch, capsys, sent):
+  """A SIGTERM (or a closed terminal's SIGHUP) mid-run ended the process at once and left
+  OUT/.clean-run, as large as the output, until the next run into OUT. Now the run stops as
+  after an error: the staging folder removed, OUT as it was, one line, exit 128 + the signal;
+  a second signal meanwhile is ignored, and the handlers are restored afterwards."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import transformer_jax  # pylint: disable=g-import-not-at-top
+  out = _small_run(tmp_path)
+  before, handlers = _files(out), [signal.getsignal(signal.SIGTERM),
+                                   signal.getsignal(signal.SIGHUP)]
+  hung_up, write, written = [], output.Shards.write, []
+  monkeypatch.setattr(transformer_jax, "hung_up", lambda: hung_up.append(True))
+
+  def signalled_at_the_third(self, doc):
+    written.append(os.listdir(out / output.STAGING))
+    if len(written) == 3:
+      os.kill(os.getpid(), getattr(signal, sent))
+    write(self, doc)
+
+  def told_again(path, **kwargs):  # the staging folder's removal, the signal sent again
+    os.kill(os.getpid(), getattr(signal, sent))
+    rmtree(path, **kwargs)
+  rmtree = output.shutil.rmtree
+  monkeypatch.setattr(output.Shards, "write", signalled_at_the_third)
+  monkeypatch.setattr(output.shutil, "rmtree", told_again)
+  with pytest.raises(SystemExit) as e:
+    _small_run(tmp_path, "--overwrite")
+  assert e.value.code == 128 + getattr(signal, sent) and len(written) == 3
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"{sent} received: stopped; {out} is as it was before this run")
+  assert _files(out) == before and not os.path.exists(out / output.STAGING)
+  assert hung_up == [True] * (sent == "SIGHUP")
+  assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)] == handlers

@@ -22,7 +22,7 @@ processes; the output is the same for any number. An OUT that holds an earlier c
 (report.md, shards, removed/ samples or plots of its stages) is refused without --overwrite, a
 training workdir always; other files in OUT are never touched. The run writes in OUT/.clean-run/
 and replaces the earlier output only once it is complete (a failed or killed run leaves that
-readable); while the files move into place OUT holds clean.unfinished, and data.corpus refuses a
+readable; an error, Ctrl-C, SIGTERM or SIGHUP removes OUT/.clean-run, exit 128 + the signal); while the files move into place OUT holds clean.unfinished, and data.corpus refuses a
 folder that holds it (a run killed then: re-run clean, no --overwrite needed). A gs:// OUT is
 written in a local temporary folder (TMPDIR needs room for the output), then uploaded the same
 way: the marker, the earlier output removed, the new shards uploaded and renamed into place,
@@ -35,8 +35,10 @@ near_duplicate, language, quality), seconds, throughput and bad-input counts. Ba
 glob matching nothing print one line and exit with status 2.
 """
 
+import contextlib
 import json
 import os
+import signal
 import sys
 
 if __name__ == "__main__":
@@ -45,6 +47,7 @@ if __name__ == "__main__":
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import transformer_jax
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
 from transformer_jax.data import clean as clean_lib
@@ -77,6 +80,35 @@ def _check_out(out: str, overwrite: bool) -> None:
                       f"replace it")
 
 
+class _Stopped(BaseException):  # (not an Exception: nothing on the way may take it for an error)
+  pass
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(out: str):
+  """SIGTERM and SIGHUP (a kill, a closed terminal) stop the run as an error would: its staging
+  folder (OUT/.clean-run, or a gs:// OUT's local temporary one), as large as the output, is
+  removed and OUT is as it was. They used to end the process at once and leave it behind (a
+  kill -9 still does; the next run into OUT clears it). After a SIGHUP the output goes to
+  /dev/null; a second signal while the run stops is ignored."""
+  def stop(signum, frame):
+    for s in old:
+      signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGHUP:
+      transformer_jax.hung_up()
+    raise _Stopped(signum)
+  old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+  try:
+    yield
+  except _Stopped as e:
+    name = signal.Signals(e.args[0]).name
+    print(f"{name} received: stopped; {out} is as it was before this run", file=sys.stderr)
+    raise SystemExit(128 + e.args[0]) from None
+  finally:
+    for s, handler in old.items():
+      signal.signal(s, handler)
+
+
 def main(argv) -> int:
   spec, overrides, flags = cli.parse(argv, FLAGS)
   if spec or overrides:
@@ -89,9 +121,10 @@ def main(argv) -> int:
   cli.output_folder("out", flags["out"])
   _check_out(flags["out"], flags["overwrite"])
   stages = clean_lib.build_stages(flags)
-  summary = clean_lib.run(flags["corpus"], flags["format"], flags["text_field"], flags["out"],
-                          stages, workers=flags["workers"], samples=flags["samples"],
-                          shard_mb=flags["shard_mb"], plots=flags["plots"])
+  with _stopped_by_signals(flags["out"]):
+    summary = clean_lib.run(flags["corpus"], flags["format"], flags["text_field"], flags["out"],
+                            stages, workers=flags["workers"], samples=flags["samples"],
+                            shard_mb=flags["shard_mb"], plots=flags["plots"])
   print(f"wrote {summary['documents_out']} documents to {flags['out']} "
         f"({summary['shards']} shards), report {flags['out']}/report.md")
   print(json.dumps(summary))

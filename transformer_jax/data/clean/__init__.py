@@ -14,6 +14,7 @@ import collections
 import multiprocessing
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -118,6 +119,8 @@ _WORKER_STAGES = []
 
 
 def _init_worker(stages) -> None:
+  for s in (signal.SIGTERM, signal.SIGHUP):  # a forked worker inherits clean's handlers, and
+    signal.signal(s, signal.SIG_DFL)  # the pool's terminate() must end it
   _WORKER_STAGES[:] = stages
 
 
