@@ -20,8 +20,8 @@
 # devices: what a pod's hosts do, for tests and demos. Process 0 prints to the terminal; process
 # i appends to WORKDIR/logs/process_i.log (a line dates each run). If one process fails, the
 # others are stopped (killed if still running 3 s later, TJAX_KILL_AFTER_S: a job that lost a
-# process cannot save) and the job exits with the failed process's status; Ctrl-C or SIGTERM
-# makes all of them save a checkpoint after the same step and exit.
+# process cannot save) and the job exits with the failed process's status; Ctrl-C, SIGTERM or a
+# closed terminal (SIGHUP) makes all of them save a checkpoint after the same step and exit.
 set -euo pipefail
 here="$PWD"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
