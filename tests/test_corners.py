@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
 from transformer_jax.inference import sampling
 from transformer_jax.parallel import sharding
 from transformer_jax.training import optimizer
@@ -169,10 +170,8 @@ def test_prompts_of_several_lengths_left_padded_in_one_batch_generate_what_each_
       sampling.generate(model, params, prompts, 2, temperature=0.0, prefix=True)
 
 
-def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_buckets():
-  """generate_until ran one request at a time, compiling once per prompt length (24 s for six
-  prompts on a tiny model): the requests sharing gen_kwargs go together, a bucket's prompts in
-  one program, each answer the one it gets alone, in the requests' order."""
+def _tiny_lm_eval_model():
+  """lm-eval's model over a 1-layer decoder (vocab 64) with a character tokenizer."""
   pytest.importorskip("lm_eval")
   from transformer_jax.evaluation import lm_eval_adapter  # pylint: disable=g-import-not-at-top
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
@@ -186,8 +185,15 @@ def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_
   tok = types.SimpleNamespace(bos_id=1, eos_id=-1, pad_id=0,
                               encode=lambda t: [3 + ord(c) % 60 for c in t],
                               decode=lambda ids: "".join(chr(97 + i % 26) for i in ids))
-  lm = lm_eval_adapter.TransformerJaxLM(text_model=scoring.TextModel(config, params, tok,
-                                                                     batch_size=4))
+  return lm_eval_adapter.TransformerJaxLM(text_model=scoring.TextModel(config, params, tok,
+                                                                       batch_size=4))
+
+
+def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_buckets():
+  """generate_until ran one request at a time, compiling once per prompt length (24 s for six
+  prompts on a tiny model): the requests sharing gen_kwargs go together, a bucket's prompts in
+  one program, each answer the one it gets alone, in the requests' order."""
+  lm = _tiny_lm_eval_model()
   texts = ["".join(chr(97 + (3 * i + j) % 26) for i in range(n)) for j, n in
            enumerate((3, 11, 6, 14, 9, 2, 13))]
   kwargs = [{"until": ["q"], "max_gen_toks": 5}, {"until": "zz", "max_gen_toks": 7}]
@@ -221,3 +227,31 @@ def test_a_decoders_generation_longer_than_the_model_keeps_half_the_model_for_it
   assert len(lm.generate([text[:5]], max_new_tokens=256)[0]) == 32 - 5  # (a short prompt: more)
   assert capsys.readouterr().err.count(
       "note: generating at most 16 tokens, not 256: model.max_len=32 holds the prompt too") == 1
+
+
+def test_lm_eval_sampling_requests_are_drawn_and_each_repeat_is_its_own_draw():
+  """generate_until read only `until` and `max_gen_toks`: `do_sample` and `temperature` were
+  dropped, so a task's `repeats` (pass@k, self-consistency) got one greedy answer k times. They
+  are drawn now: 6 copies in two batches, 6 answers; the same seed, the same answers; top_k=1 or
+  temperature 0 greedy, a temperature without do_sample greedy (as lm-eval's hf model); keys
+  that would be ignored, num_beams > 1 and a bad temperature refused in one line."""
+  from transformer_jax.evaluation import lm_eval_adapter  # pylint: disable=g-import-not-at-top
+  lm = _tiny_lm_eval_model()
+  ask = lambda prompt, **kw: types.SimpleNamespace(  # pylint: disable=unnecessary-lambda-assignment
+      args=(prompt, {"until": ["q"], "max_gen_toks": 6, **kw}))
+  greedy = lm.generate_until([ask("abcdefg")])[0]
+  drawn = {"do_sample": True, "temperature": 2.0}
+  got = lm.generate_until([ask("abcdefg", **drawn)] * 6 + [ask("xyz", **drawn)])
+  assert len(set(got[:6])) == 6 and greedy not in got[:6]
+  again = lm_eval_adapter.TransformerJaxLM(text_model=lm.text_model)
+  assert again.generate_until([ask("abcdefg", **drawn)] * 6 + [ask("xyz", **drawn)]) == got
+  seeded = lm_eval_adapter.TransformerJaxLM(text_model=lm.text_model, seed="7")
+  assert seeded.generate_until([ask("abcdefg", **drawn)] * 6) != got[:6]
+  assert lm.generate_until([ask("abcdefg", **drawn, top_k=1), ask("abcdefg", temperature=0.7),
+                            ask("abcdefg", do_sample=True, temperature=0)]) == [greedy] * 3
+  for kw, match in (({"num_beams": 4}, "num_beams: beam search is not offered"),
+                    ({"repetition_penalty": 1.3}, "repetition_penalty: not read here"),
+                    ({"do_sample": True, "temperature": -1}, "temperature=-1, top_k=None"),
+                    ({"max_gen_toks": "many"}, "max_gen_toks='many' must be a whole number")):
+    with pytest.raises(ConfigError, match=f"^generation_kwargs {match}"):
+      lm.generate_until([ask("abcdefg", **kw)])

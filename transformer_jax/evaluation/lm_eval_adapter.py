@@ -32,13 +32,15 @@ class TransformerJaxLM(LM):
   """lm-eval's LM over a workdir's checkpoint (model_args: workdir, step, batch_size), or over a
   scoring.TextModel given as `text_model`."""
 
-  def __init__(self, workdir: str = "", step=None, batch_size=0, text_model=None, **unused):
+  def __init__(self, workdir: str = "", step=None, batch_size=0, text_model=None, seed=0,
+               **unused):
     super().__init__()
     del unused  # lm-eval's device, max_batch_size, ...: the mesh decides placement
     if text_model is None:
       trainer, self.step, params = harness.load_workdir(workdir, _step(step))
       text_model = harness.text_model(trainer, params, batch_size=_rows(batch_size))
-    self.text_model = text_model
+    self.text_model, self._calls = text_model, 0
+    self.seed = _whole(seed, "--model_args seed")
 
   @classmethod
   def create_from_arg_string(cls, arg_string: str, additional_config=None):
@@ -65,38 +67,82 @@ class TransformerJaxLM(LM):
     return self.text_model.loglikelihood_rolling([r.args[0] for r in requests])
 
   def generate_until(self, requests, disable_tqdm: bool = False):
-    """Greedy; each request's gen_kwargs give `until` and `max_gen_toks`. The requests that share
-    both are generated together (batched, a decoder's prompts of a length bucket in one
-    program); the results come back in the requests' order."""
+    """Each request's gen_kwargs read as lm-eval's own `hf` model reads them (`_generation`):
+    greedy, or sampled with do_sample. The requests that share them are generated together
+    (batched, a decoder's prompts of a length bucket in one program); the results come back in
+    the requests' order. Sampled ones draw from model_args' seed: each batch of each call from
+    its own, so a task's `repeats` copies of a request are independent draws."""
     del disable_tqdm
     out, groups = [None] * len(requests), {}
     for i, r in enumerate(requests):
-      kwargs = dict(r.args[1] or {})
-      until = kwargs.get("until") or []
-      until = (until,) if isinstance(until, str) else tuple(until)
-      n = int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKENS))  # (generate caps it, and says so)
-      groups.setdefault((until, n), []).append(i)
-    for (until, n), members in groups.items():
+      until, n, sample = _generation(r.args[1])
+      groups.setdefault((until, n, tuple(sorted(sample.items()))), []).append(i)
+    for (until, n, sample), members in groups.items():
+      if sample:  # (a call's batches draw from seed + 0, 1, ...)
+        sample = {**dict(sample), "seed": self.seed + _SEED_STRIDE * self._calls}
+        self._calls += 1
       texts = self.text_model.generate([requests[i].args[0] for i in members],
-                                       until=list(until), max_new_tokens=n)
+                                       until=list(until), max_new_tokens=n, **dict(sample))
       for i, text in zip(members, texts):
         out[i] = text
     return out
 
 
-MODEL_ARGS = ("workdir", "step", "batch_size")
+_SEED_STRIDE = 1_000_003  # more batches than one call has
+
+
+def _generation(kwargs) -> tuple:
+  """(until, max new tokens, sampling settings or {} for greedy) of a request's gen_kwargs, as
+  lm-eval's `hf` model reads them: greedy unless do_sample is true (a temperature alone is
+  greedy there too), a temperature of 0 greedy; do_sample with no temperature draws at 1.0;
+  max_new_tokens wins over max_gen_toks. A key that would be ignored, or num_beams > 1 (no beam
+  search here), is refused in one line: tasks that sample (pass@k, self-consistency) were given
+  greedy answers, silently."""
+  kwargs = dict(kwargs or {})
+  until = kwargs.pop("until", None) or []
+  until = (until,) if isinstance(until, str) else tuple(until)
+  n = kwargs.pop("max_gen_toks", DEFAULT_GEN_TOKENS)  # (generate caps it, and says so)
+  n = _whole(kwargs.pop("max_new_tokens", n), "generation_kwargs max_gen_toks")
+  do_sample, temperature = kwargs.pop("do_sample", False), kwargs.pop("temperature", None)
+  top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+  if str(kwargs.pop("num_beams", 1)) != "1":
+    raise ConfigError("generation_kwargs num_beams: beam search is not offered through lm-eval "
+                      "(greedy, or do_sample)")
+  if kwargs:
+    raise ConfigError(f"generation_kwargs {', '.join(sorted(kwargs))}: not read here (read: "
+                      "until, max_gen_toks, max_new_tokens, do_sample, temperature, top_k, top_p)")
+  if str(do_sample).lower() not in ("true", "1") or temperature in (0, 0.0, "0"):
+    return until, n, {}
+  sample = {"temperature": 1.0 if temperature is None else temperature,
+            "top_k": 0 if top_k is None else top_k, "top_p": 1.0 if top_p is None else top_p}
+  try:
+    sample = {"temperature": float(sample["temperature"]), "top_k": int(sample["top_k"]),
+              "top_p": float(sample["top_p"])}
+  except (TypeError, ValueError):
+    sample = {}
+  if not (sample and 0 < sample["temperature"] < float("inf") and sample["top_k"] >= 0
+          and 0 < sample["top_p"] <= 1):
+    raise ConfigError(f"generation_kwargs temperature={temperature!r}, top_k={top_k!r}, "
+                      f"top_p={top_p!r}: need temperature > 0, top_k >= 0, 0 < top_p <= 1")
+  return until, n, sample
+
+
+MODEL_ARGS = ("workdir", "step", "batch_size", "seed")
 
 
 def _step(step):
-  """model_args' step: None (the latest) or a whole number >= 0."""
-  if step in (None, ""):
-    return None
+  """model_args' step: None (the latest) or a checkpoint's (a whole number >= 0)."""
+  return None if step in (None, "") else _whole(step, "--model_args step")
+
+
+def _whole(value, name: str) -> int:
+  """A whole number >= 0 (lm-eval passes strings too), or a one-line error naming it."""
   try:
-    if int(step) >= 0:
-      return int(step)
-  except (TypeError, ValueError):
+    if int(value) >= 0 and float(value) == int(value):
+      return int(value)
+  except (TypeError, ValueError, OverflowError):
     pass
-  raise ConfigError(f"--model_args step={step!r} must be a checkpoint step (a number >= 0)")
+  raise ConfigError(f"{name}={value!r} must be a whole number >= 0")
 
 
 def _rows(batch_size) -> int:

@@ -212,10 +212,11 @@ class TextModel:
         raise _refused(i, str(e)) from None
     return rows
 
-  def generate(self, prompts, *, until=(), max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations of prompt strings, cut at the first of `until` (and at eos). A
-    `max_new_tokens` that model.max_len cannot hold after the call's longest prompt (kept to at
-    most half of it) is cut, for every prompt of the call, with a note."""
+  def generate(self, prompts, *, until=(), max_new_tokens: int = 32, **sample) -> list[str]:
+    """Continuations of prompt strings, cut at the first of `until` (and at eos): greedy, or
+    drawn with `sample` (generate_ids' temperature, top_k, top_p, seed). A `max_new_tokens`
+    that model.max_len cannot hold after the call's longest prompt (kept to at most half of it)
+    is cut, for every prompt of the call, with a note."""
     tok = self.tokenizer
     reserve = len(self.request([], 0)[1]) + self.rebuilds_source  # the decoder head's framing
     room = self.max_len - 1 - reserve
@@ -239,7 +240,7 @@ class TextModel:
       requests = [(self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):], None)
                   for p in prompts]
     rows = [_cut_ids(row, self._stop_ids(until))
-            for row in self.generate_ids(requests, max_new_tokens)]
+            for row in self.generate_ids(requests, max_new_tokens, **sample)]
     return [_cut(tok.decode(self._span_text(row) if self.target_head else row), until)
             for row in rows]
 
@@ -252,15 +253,18 @@ class TextModel:
     ids = {tok.piece_id(u) for u in until if u}
     return {i for i in ids if i >= 0 and not tok.is_normal(i)}
 
-  def generate_ids(self, requests, max_new_tokens: int) -> list[list[int]]:
-    """Greedy new ids (cut at eos) of (prompt ids, decoder head) requests: a decoder's prompt
-    (head None), or an encoder-decoder's source and the ids its decoder is given after its start
-    token."""
+  def generate_ids(self, requests, max_new_tokens: int, *, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """New ids (cut at eos) of (prompt ids, decoder head) requests: a decoder's prompt (head
+    None), or an encoder-decoder's source and the ids its decoder is given after its start
+    token. Greedy, or with temperature > 0 drawn as sampling.generate draws them, the call's
+    n-th batch from seed + n: a request given twice gets two independent draws (lm-eval's
+    `repeats`), and the same call with the same seed the same ones."""
     start = objectives.decoder_start(self.tokenizer) if self.is_seq2seq else None
     # a decoder's prompts are left-padded to their bucket, an encoder-decoder's sources right-
     # padded (one program per bucket, as scoring's); else sampling.generate takes equal lengths
     padded = start is not None or sampling.can_pad(self.model.cfg, self.prefix_lm)
-    out, groups = [None] * len(requests), {}
+    out, groups, draw = [None] * len(requests), {}, seed
     for i, (row, head) in sorted(enumerate(requests), key=lambda r: len(r[1][0])):
       width = bucket(len(row), self.max_len) if padded else len(row)
       groups.setdefault((width, len(head or ())), []).append(i)
@@ -274,10 +278,12 @@ class TextModel:
           prompts += prompts[:1] * fill
           heads = heads and heads + heads[:1] * fill
         with self._context():
-          new = sampling.generate(self.model, self.params, prompts,
-                                  max_new_tokens, temperature=0.0, eos_id=self.tokenizer.eos_id,
-                                  start_id=start, prefix=self.prefix_lm, decoder_ids=heads,
+          new = sampling.generate(self.model, self.params, prompts, max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=draw,
+                                  eos_id=self.tokenizer.eos_id, start_id=start,
+                                  prefix=self.prefix_lm, decoder_ids=heads,
                                   pad_to=width if padded else 0)
+        draw += 1
         for i, row in zip(chunk, new):
           out[i] = row
     return out
