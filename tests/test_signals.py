@@ -2,14 +2,12 @@
 moments (a garbage-collector callback, an import, a re-exec, a compile) is neither lost nor a
 crash, and kill -9 at random moments resumes exactly."""
 
-import fcntl
 import os
 import pty
 import select
 import signal
 import subprocess
 import sys
-import termios
 import threading
 import time
 
@@ -44,11 +42,13 @@ def _on_a_terminal(cmd, **kwargs):
   standard input, output and error; returns (process, the terminal's master side, a thread
   that reads what it writes there into a list until `closing` is set)."""
   master, follower = pty.openpty()
-
-  def controlling_terminal():  # in the child, after start_new_session's setsid
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-  proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower,
-                          start_new_session=True, preexec_fn=controlling_terminal, **kwargs)
+  # In the new session (start_new_session), a small program takes its standard input as the
+  # controlling terminal and becomes `cmd` (a preexec_fn would run Python in a fork of this
+  # multithreaded process).
+  take = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+          "os.execv(sys.argv[1], sys.argv[1:])")
+  proc = subprocess.Popen([sys.executable, "-c", take, *cmd], stdin=follower, stdout=follower,
+                          stderr=follower, start_new_session=True, **kwargs)
   os.close(follower)
   read, closing = [], threading.Event()
 
