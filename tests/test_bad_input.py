@@ -58,6 +58,20 @@ def test_a_flag_out_of_range_is_named_alone(tmp_path):
     assert str(e.value) == message
 
 
+def test_a_beam_for_a_decoder_is_refused_before_its_checkpoint_is_read(tiny_data, tmp_path):
+  """`sample --beam_size` on a decoder workdir said its prompt + the default --max_new_tokens
+  exceeded model.max_len, after restoring the checkpoint: the beam was never the problem named.
+  (No checkpoint here: reading one would fail next.)"""
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data))
+  (tmp_path / "config.json").write_text(config_lib.to_json(config))
+  with pytest.raises(ConfigError, match="^--beam_size is for encoder-decoder workdirs$"):
+    sample.main([f"--workdir={tmp_path}", "--prompt=def", "--beam_size=2"])
+  with pytest.raises(ConfigError, match="^no checkpoint in "):
+    sample.main([f"--workdir={tmp_path}", "--prompt=def"])
+
+
 def test_a_folder_or_an_unknown_kind_is_named_as_such(tmp_path):
   """A folder given for a file, and a task spec KIND:PATH with an unknown KIND, were "does not
   exist" (for a folder that exists) or "task file 'bogus:...' does not exist"."""

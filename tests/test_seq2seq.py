@@ -243,7 +243,8 @@ def test_transformer_base_reads_wmt14_from_the_catalog():
       "tfds:wmt14_translate/de-en", "en", "de")
 
 
-def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path):
+def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path, capsys):
+  """(and `sample` shows its output apart from the source: it printed them run together)"""
   c = _config(tiny_data, pairs, **{"train.steps": 16, "train.log_every": 4, "model.num_layers": 1,
                                    "eval.every_steps": 16, "checkpoint.every_steps": 16,
                                    "optimizer.warmup_steps": 4})
@@ -252,6 +253,11 @@ def test_transformer_trains_on_pairs(tiny_data, pairs, tmp_path):
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
   assert any("eval_loss" in r and np.isfinite(r["eval_loss"]) for r in rows)
+  from transformer_jax import sample  # pylint: disable=g-import-not-at-top
+  capsys.readouterr()
+  sample.main([f"--workdir={tmp_path}", "--prompt=def value", "--max_new_tokens=3",
+               "--temperature=0"])
+  assert capsys.readouterr().out.startswith("[step 16] def value => ")
 
 
 @pytest.mark.parametrize("recipe, objective, noise", [

@@ -141,6 +141,9 @@ def main(argv):
       f["fill_mask"] and f["prompt"]):
     raise ConfigError("an encoder (BERT) workdir takes --fill_mask=TEXT (with [MASK]s), other "
                       "families --prompt=TEXT")
+  if f["beam_size"] and config.model.family != "encdec":  # (before the restore, and before a
+    # length check that the default --max_new_tokens may fail first)
+    raise ConfigError("--beam_size is for encoder-decoder workdirs")
   model = build_model(config)
   abstract = families.abstract_params(model)
   # A training workdir's latest checkpoint, or a quantized workdir's (dequantized)
@@ -153,7 +156,9 @@ def main(argv):
   text = sample_text(config, params, f["prompt"], max_new_tokens=f["max_new_tokens"],
                      temperature=f["temperature"], top_k=f["top_k"], top_p=f["top_p"],
                      seed=f["seed"], beam_size=f["beam_size"])
-  print(f"[step {step}] {f['prompt']}{text}")
+  # a decoder's text goes on from the prompt; an encoder-decoder's is another text (its output)
+  between = " => " if config.model.family == "encdec" else ""
+  print(f"[step {step}] {f['prompt']}{between}{text}")
 
 
 if __name__ == "__main__":
