@@ -130,3 +130,30 @@ def test_a_signal_mid_run_stops_it_as_an_error_does(tmp_path, monkeypatch, capsy
   assert _files(out) == before and not os.path.exists(out / output.STAGING)
   assert hung_up == [True] * (sent == "SIGHUP")
   assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)] == handlers
+
+
+def test_a_signal_while_the_output_moves_into_place_waits_for_the_move(tmp_path, monkeypatch,
+                                                                       capsys):
+  """A SIGTERM that came during the final renames stopped them halfway (the earlier output
+  removed, the new one partly moved) and said OUT was as it was. It now waits for the move:
+  OUT holds the new output whole, and one line says so (exit 143)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  out = _small_run(tmp_path)
+  replace, calls = os.replace, []
+
+  def signalled_at_the_second(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    replace(src, dst)
+  monkeypatch.setattr(output.os, "replace", signalled_at_the_second)
+  with pytest.raises(SystemExit) as e:
+    _small_run(tmp_path, "--overwrite", copies=0)
+  monkeypatch.undo()
+  assert e.value.code == 143 and len(calls) > 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"SIGTERM received as the output moved into place: stopped once it was; {out} holds this "
+      "run's output")
+  assert not (out / output.UNFINISHED).exists() and not (out / output.STAGING).exists()
+  assert (out / "report.md").exists() and not (out / "removed" / "exact_duplicate.jsonl").exists()
+  assert len(list(corpus_lib.iter_documents(f"{out}/*.jsonl", "jsonl"))) == 6

@@ -261,3 +261,42 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_losses(tiny_data, 
   assert sorted(got) == sorted(want) == list(range(1, 21))
   for step, loss in want.items():
     assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
+
+
+_HUNG_UP_ON_A_PIPE = """
+import sys, transformer_jax
+transformer_jax.hung_up()  # its standard output: the test's pipe (as `2>&1 | tee LOG`)
+print("before", flush=True)
+sys.stdin.readline()  # the pipe's reader is gone now, as tee after the same hangup
+for i in range(2000):
+  print("x" * 100, flush=True)
+"""
+
+
+def test_after_a_hangup_a_pipe_whose_reader_went_too_takes_no_write_down():
+  """`train ... 2>&1 | tee LOG` on a terminal that closes: tee ends on the same SIGHUP, and the
+  run's next print raised BrokenPipeError (exit 1, before its save). After hung_up, output to a
+  pipe goes through the process's own, which drops what the old one no longer takes; and what
+  it still takes arrives ("before")."""
+  proc = subprocess.Popen([sys.executable, "-c", _HUNG_UP_ON_A_PIPE], cwd=REPO,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline() == "before\n"
+  proc.stdout.close()
+  _, err = proc.communicate("go\n", timeout=60)
+  assert proc.returncode == 0, err[-2000:]
+
+
+def test_under_nohup_a_hangup_stays_ignored():
+  """nohup (SIGHUP ignored) asks a run to outlive its terminal: the preemption handler took
+  SIGHUP over all the same, and a closed terminal stopped the run."""
+  from transformer_jax.training.preemption import Preemption  # pylint: disable=g-import-not-at-top
+  before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    preemption = Preemption()
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    handle = preemption._handle  # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGTERM) == handle
+    preemption.close()
+  finally:
+    signal.signal(signal.SIGHUP, before)

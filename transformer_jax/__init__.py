@@ -14,10 +14,12 @@ re-executes itself (cli.reexec_with_tuned_malloc) keeps a signal so deferred, or
 during the exec, pending for the new program (`execve`).
 """
 
+import atexit
 import gc
 import os
 import signal
 import stat
+import sys
 import threading
 
 __version__ = "0.1.0"
@@ -60,21 +62,65 @@ def execve(path: str, args: list, env: dict):
   os.execve(path, args, {**env, _BLOCKED: "1"})
 
 
+def watches_hangup() -> bool:
+  """Whether a SIGHUP handler may be installed: not where SIGHUP is ignored (`nohup`, which
+  asked for the run to outlive its terminal)."""
+  return signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+
+
+_relays = {}  # fd -> (thread copying this process's new pipe on to the old descriptor)
+
+
 def hung_up() -> None:
-  """For a SIGHUP handler (the terminal closed): standard output and error that went to a
-  terminal go to /dev/null from now on. Writes to a hung-up terminal fail (EIO), so the next
-  print would end the program, mid-save perhaps. Tested as a character device: a hung-up
-  terminal no longer answers isatty."""
+  """For a SIGHUP handler (the terminal closed). Standard output and error that went to the
+  terminal go to /dev/null from now on: writes to a hung-up terminal fail (EIO), so the next
+  print would end the program, mid-save perhaps (a character device: a hung-up terminal no
+  longer answers isatty). Ones that went to a pipe (`2>&1 | tee LOG`, whose reader the same
+  hangup may end: EPIPE) go to a pipe of this process's own, whose thread copies them on and
+  drops what the old pipe no longer takes. Files are left alone."""
+  for fd in (1, 2):
+    try:
+      mode = os.fstat(fd).st_mode
+    except OSError:  # (a closed descriptor)
+      continue
+    if stat.S_ISCHR(mode):
+      null = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(null, fd)
+      os.close(null)
+    elif stat.S_ISFIFO(mode) and fd not in _relays:
+      _relays[fd] = _relay(fd)
+
+
+def _relay(fd: int) -> threading.Thread:
+  old, (read, write) = os.dup(fd), os.pipe()
+  os.dup2(write, fd)
+  os.close(write)
+
+  def copy():
+    taken = True
+    while data := os.read(read, 65536):
+      while taken and data:
+        try:
+          data = data[os.write(old, data):]
+        except OSError:  # (the reader is gone: drop the rest)
+          taken = False
+  thread = threading.Thread(target=copy, daemon=True)
+  thread.start()
+  atexit.register(_drain, fd, thread)
+  return thread
+
+
+def _drain(fd: int, thread: threading.Thread) -> None:
+  """At exit: the relay's last lines copied before the process ends."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
   null = os.open(os.devnull, os.O_WRONLY)
-  try:
-    for fd in (1, 2):
-      try:
-        if stat.S_ISCHR(os.fstat(fd).st_mode):
-          os.dup2(null, fd)
-      except OSError:  # (a closed descriptor)
-        pass
-  finally:
-    os.close(null)
+  os.dup2(null, fd)  # (closes the relay's last writer: its thread reads the end)
+  os.close(null)
+  thread.join(timeout=2)
 
 
 keep_ctrl_c()

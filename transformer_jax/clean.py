@@ -23,8 +23,9 @@ processes; the output is the same for any number. An OUT that holds an earlier c
 training workdir always; other files in OUT are never touched. The run writes in OUT/.clean-run/
 and replaces the earlier output only once it is complete (a failed or killed run leaves that
 readable; an error, Ctrl-C, SIGTERM or SIGHUP removes OUT/.clean-run, a signal's exit status
-128 + its number); while the files move into place OUT holds clean.unfinished, and data.corpus refuses a
-folder that holds it (a run killed then: re-run clean, no --overwrite needed). A gs:// OUT is
+128 + its number; a SIGTERM or SIGHUP during the final move waits for it); while the files move
+into place OUT holds clean.unfinished, and data.corpus refuses a folder that holds it (a run
+killed then: re-run clean, no --overwrite needed). A gs:// OUT is
 written in a local temporary folder (TMPDIR needs room for the output), then uploaded the same
 way: the marker, the earlier output removed, the new shards uploaded and renamed into place,
 report.md last, the marker removed. A corpus of compressed files only (.gz, .zst, ...) is
@@ -90,15 +91,22 @@ def _stopped_by_signals(out: str):
   """SIGTERM and SIGHUP (a kill, a closed terminal) stop the run as an error would: its staging
   folder (OUT/.clean-run, or a gs:// OUT's local temporary one), as large as the output, is
   removed and OUT is as it was. They used to end the process at once and leave it behind (a
-  kill -9 still does; the next run into OUT clears it). After a SIGHUP the output goes to
-  /dev/null; a second signal while the run stops is ignored."""
+  kill -9 still does; the next run into OUT clears it). One that comes while the output moves
+  into place (output.MOVING) waits for the move to end: stopped halfway, OUT would hold neither
+  output. After a SIGHUP the output goes to /dev/null; a second signal is ignored."""
+  late = []
+
   def stop(signum, frame):
-    for s in old:
-      signal.signal(s, signal.SIG_IGN)
     if signum == signal.SIGHUP:
       transformer_jax.hung_up()
+    for s in old:
+      signal.signal(s, signal.SIG_IGN)
+    if output.MOVING.is_set():
+      late.append(signum)
+      return
     raise _Stopped(signum)
-  old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+  old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)
+         if s != signal.SIGHUP or transformer_jax.watches_hangup()}  # (nohup: left ignored)
   try:
     yield
   except _Stopped as e:
@@ -108,6 +116,10 @@ def _stopped_by_signals(out: str):
   finally:
     for s, handler in old.items():
       signal.signal(s, handler)
+  if late:
+    print(f"{signal.Signals(late[0]).name} received as the output moved into place: stopped "
+          f"once it was; {out} holds this run's output", file=sys.stderr)
+    raise SystemExit(128 + late[0])
 
 
 def main(argv) -> int:

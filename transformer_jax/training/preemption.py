@@ -27,12 +27,13 @@ class Preemption:
 
   SIGHUP (the terminal the run was started from closed, an ssh connection dropped) is a SIGTERM
   too, the run's output to that terminal going to /dev/null from then on: it used to end the
-  run unsaved, like a kill -9."""
+  run unsaved, like a kill -9. Under `nohup` (SIGHUP ignored) it is left ignored."""
 
   def __init__(self):
     self.signum, self._old = None, {}
     self.multi = jax.process_count() > 1
-    self._take((signal.SIGHUP,) if self.multi else (signal.SIGTERM, signal.SIGHUP))
+    hangup = (signal.SIGHUP,) * transformer_jax.watches_hangup()  # (not under nohup)
+    self._take(hangup if self.multi else (signal.SIGTERM, *hangup))
 
   def _take(self, signals):
     if threading.current_thread() is threading.main_thread():

@@ -20,10 +20,12 @@ files in OUT, OUT/removed/ and OUT/plots/ are left alone.
 """
 
 import contextlib
+import functools
 import glob
 import json
 import os
 import shutil
+import threading
 
 from transformer_jax.config import paths
 from transformer_jax.data import corpus as corpus_lib
@@ -79,6 +81,23 @@ def staged(out: str, stages):
   commit(out, staging, stages)
 
 
+MOVING = threading.Event()  # set while commit or upload moves a run's output into OUT
+
+
+def _moving(move):
+  """commit and upload: MOVING is set while they run (clean's SIGTERM handler lets them finish:
+  stopped halfway, OUT would hold neither output)."""
+  @functools.wraps(move)
+  def moving(*args):
+    MOVING.set()
+    try:
+      move(*args)
+    finally:
+      MOVING.clear()
+  return moving
+
+
+@_moving
 def commit(out: str, staging: str, stages) -> None:
   """Replaces the earlier run's files in OUT (own_files) with the complete output in `staging`,
   with UNFINISHED in OUT meanwhile and report.md moved last; then removes both."""
@@ -96,6 +115,7 @@ def commit(out: str, staging: str, stages) -> None:
   shutil.rmtree(staging)
 
 
+@_moving
 def upload(local: str, out: str, stages) -> None:
   """Puts the output written in the local folder `local` into the gs:// folder OUT as `commit`
   does: OUT/UNFINISHED first, then the earlier run's files removed (own_files), the new ones
