@@ -232,9 +232,9 @@ def test_a_decoders_generation_longer_than_the_model_keeps_half_the_model_for_it
 def test_lm_eval_sampling_requests_are_drawn_and_each_repeat_is_its_own_draw():
   """generate_until read only `until` and `max_gen_toks`: `do_sample` and `temperature` were
   dropped, so a task's `repeats` (pass@k, self-consistency) got one greedy answer k times. They
-  are drawn now: 6 copies in two batches, 6 answers; the same seed, the same answers; top_k=1 or
-  temperature 0 greedy, a temperature without do_sample greedy (as lm-eval's hf model); keys
-  that would be ignored, num_beams > 1 and a bad temperature refused in one line."""
+  are drawn now: 6 copies in two batches, 6 answers; the same seed, the same answers; top_k=1,
+  temperature 0 or do_sample=False greedy, a temperature alone drawn (as lm-eval's hf model
+  reads them); keys that would be ignored, num_beams > 1 and bad values refused in one line."""
   from transformer_jax.evaluation import lm_eval_adapter  # pylint: disable=g-import-not-at-top
   lm = _tiny_lm_eval_model()
   ask = lambda prompt, **kw: types.SimpleNamespace(  # pylint: disable=unnecessary-lambda-assignment
@@ -247,11 +247,15 @@ def test_lm_eval_sampling_requests_are_drawn_and_each_repeat_is_its_own_draw():
   assert again.generate_until([ask("abcdefg", **drawn)] * 6 + [ask("xyz", **drawn)]) == got
   seeded = lm_eval_adapter.TransformerJaxLM(text_model=lm.text_model, seed="7")
   assert seeded.generate_until([ask("abcdefg", **drawn)] * 6) != got[:6]
-  assert lm.generate_until([ask("abcdefg", **drawn, top_k=1), ask("abcdefg", temperature=0.7),
-                            ask("abcdefg", do_sample=True, temperature=0)]) == [greedy] * 3
+  assert lm.generate_until([ask("abcdefg", **drawn, top_k=1), ask("abcdefg", temperature=0),
+                            ask("abcdefg", do_sample=False, temperature=2.0),
+                            ask("abcdefg", do_sample=True, temperature=0)]) == [greedy] * 4
+  assert len(set(lm.generate_until([ask("abcdefg", temperature=2.0)] * 4))) == 4
   for kw, match in (({"num_beams": 4}, "num_beams: beam search is not offered"),
                     ({"repetition_penalty": 1.3}, "repetition_penalty: not read here"),
                     ({"do_sample": True, "temperature": -1}, "temperature=-1, top_k=None"),
-                    ({"max_gen_toks": "many"}, "max_gen_toks='many' must be a whole number")):
+                    ({"max_gen_toks": "many"}, "max_gen_toks='many' must be a whole number"),
+                    ({"do_sample": True, "top_k": 2.5}, "do_sample=True, temperature=None, "
+                                                        "top_k=2.5")):
     with pytest.raises(ConfigError, match=f"^generation_kwargs {match}"):
       lm.generate_until([ask("abcdefg", **kw)])

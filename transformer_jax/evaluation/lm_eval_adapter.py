@@ -68,7 +68,7 @@ class TransformerJaxLM(LM):
 
   def generate_until(self, requests, disable_tqdm: bool = False):
     """Each request's gen_kwargs read as lm-eval's own `hf` model reads them (`_generation`):
-    greedy, or sampled with do_sample. The requests that share them are generated together
+    greedy, or sampled. The requests that share them are generated together
     (batched, a decoder's prompts of a length bucket in one program); the results come back in
     the requests' order. Sampled ones draw from model_args' seed: each batch of each call from
     its own, so a task's `repeats` copies of a request are independent draws."""
@@ -91,40 +91,68 @@ class TransformerJaxLM(LM):
 _SEED_STRIDE = 1_000_003  # more batches than one call has
 
 
+_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
 def _generation(kwargs) -> tuple:
-  """(until, max new tokens, sampling settings or {} for greedy) of a request's gen_kwargs, as
-  lm-eval's `hf` model reads them: greedy unless do_sample is true (a temperature alone is
-  greedy there too), a temperature of 0 greedy; do_sample with no temperature draws at 1.0;
-  max_new_tokens wins over max_gen_toks. A key that would be ignored, or num_beams > 1 (no beam
-  search here), is refused in one line: tasks that sample (pass@k, self-consistency) were given
-  greedy answers, silently."""
-  kwargs = dict(kwargs or {})
+  """(until, max new tokens, sampling settings or {} for greedy) of a request's gen_kwargs, read
+  as lm-eval's `hf` model reads them (`_normalized`); a temperature of 0 is greedy, do_sample
+  with no temperature draws at 1.0. A key that would be ignored, num_beams > 1 (no beam search
+  here) or a bad value is refused in one line: tasks that sample (pass@k, self-consistency)
+  were given greedy answers, silently."""
+  kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}  # (yaml's null: unset)
+  for key in _TOKENS:  # (checked here: lm-eval's int() would say less)
+    if kwargs.get(key) is not None:
+      _whole(kwargs[key], f"generation_kwargs {key}")
+  do_sample, top_k, top_p = (kwargs.get(k) for k in ("do_sample", "top_k", "top_p"))
+  temperature = kwargs.get("temperature")
+  try:
+    values = [float(v) for v in (temperature, top_p) if v is not None]
+    ok = all(v == v for v in values) and (top_k is None or _whole(top_k, "") >= 0)
+  except (TypeError, ValueError, ConfigError):
+    ok = False
+  if not ok or str(do_sample).lower() not in ("true", "false", "1", "0", "none"):
+    raise ConfigError(f"generation_kwargs do_sample={do_sample!r}, temperature={temperature!r}, "
+                      f"top_k={top_k!r}, top_p={top_p!r}: need a bool, numbers, a whole top_k")
+  kwargs = _normalized(kwargs)
   until = kwargs.pop("until", None) or []
   until = (until,) if isinstance(until, str) else tuple(until)
-  n = kwargs.pop("max_gen_toks", DEFAULT_GEN_TOKENS)  # (generate caps it, and says so)
-  n = _whole(kwargs.pop("max_new_tokens", n), "generation_kwargs max_gen_toks")
-  do_sample, temperature = kwargs.pop("do_sample", False), kwargs.pop("temperature", None)
+  n = _whole(kwargs.pop("max_gen_toks"), "generation_kwargs max_gen_toks")
+  do_sample = str(kwargs.pop("do_sample", False)).lower() in ("true", "1")
+  temperature = kwargs.pop("temperature", None)
   top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
   if str(kwargs.pop("num_beams", 1)) != "1":
     raise ConfigError("generation_kwargs num_beams: beam search is not offered through lm-eval "
                       "(greedy, or do_sample)")
   if kwargs:
     raise ConfigError(f"generation_kwargs {', '.join(sorted(kwargs))}: not read here (read: "
-                      "until, max_gen_toks, max_new_tokens, do_sample, temperature, top_k, top_p)")
-  if str(do_sample).lower() not in ("true", "1") or temperature in (0, 0.0, "0"):
+                      f"until, {', '.join(_TOKENS)}, do_sample, temperature, top_k, top_p)")
+  if not do_sample or (temperature is not None and float(temperature) == 0):
     return until, n, {}
-  sample = {"temperature": 1.0 if temperature is None else temperature,
-            "top_k": 0 if top_k is None else top_k, "top_p": 1.0 if top_p is None else top_p}
-  try:
-    sample = {"temperature": float(sample["temperature"]), "top_k": int(sample["top_k"]),
-              "top_p": float(sample["top_p"])}
-  except (TypeError, ValueError):
-    sample = {}
-  if not (sample and 0 < sample["temperature"] < float("inf") and sample["top_k"] >= 0
-          and 0 < sample["top_p"] <= 1):
+  sample = {"temperature": 1.0 if temperature is None else float(temperature),
+            "top_k": 0 if top_k is None else int(top_k),
+            "top_p": 1.0 if top_p is None else float(top_p)}
+  if not (0 < sample["temperature"] < float("inf") and 0 < sample["top_p"] <= 1):
     raise ConfigError(f"generation_kwargs temperature={temperature!r}, top_k={top_k!r}, "
                       f"top_p={top_p!r}: need temperature > 0, top_k >= 0, 0 < top_p <= 1")
   return until, n, sample
+
+
+def _normalized(kwargs: dict) -> dict:
+  """gen_kwargs through lm-eval's own normalize_gen_kwargs where it has one (0.4.9 on: a
+  temperature > 0 alone samples, max_gen_toks wins over its aliases); else by the older `hf`
+  model's rules (only do_sample samples; max_new_tokens wins, as transformers' generate
+  reads it)."""
+  try:
+    from lm_eval.models.utils import normalize_gen_kwargs  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    normalize_gen_kwargs = None
+  if normalize_gen_kwargs is not None:
+    return dict(normalize_gen_kwargs(kwargs, DEFAULT_GEN_TOKENS))
+  n = kwargs.pop("max_gen_toks", DEFAULT_GEN_TOKENS)
+  for key in _TOKENS[1:]:
+    n = kwargs.pop(key, None) or n
+  return {**kwargs, "max_gen_toks": n}
 
 
 MODEL_ARGS = ("workdir", "step", "batch_size", "seed")
