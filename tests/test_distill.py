@@ -19,6 +19,7 @@ from transformer_jax.models import families
 from transformer_jax.parallel import sharding
 from transformer_jax.training import distill
 from transformer_jax.training import loop
+from transformer_jax.training import resume
 from transformer_jax.training.step import Trainer, loss_parts
 from tests.conftest import REPO, synthetic_batch, tiny_overrides
 
@@ -137,6 +138,21 @@ def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_
   assert len(saved) == len(jax.tree.leaves(families.abstract_params(trainer.model))) + 1
   assert trainer.abstract_state.params[distill.PROJECTION]["kernel"].shape == (64, 64)
   assert "layer_1" in trainer.teacher.params and "layer_1" not in trainer.abstract_state.params
+  # The teacher trains on (as RESULTS' recipe does): a resume of the student read its newest
+  # checkpoint, other targets from there on, silently; it reads the one its run started from.
+  assert json.loads((student_dir / resume.TEACHER).read_text())["step"] == 10
+  loop.train(config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+      tiny_data, **{**kv, "train.steps": 15})), str(teacher_dir), quiet=True,
+             devices=jax.devices()[:1])
+  assert Trainer(student, trainer.mesh).teacher.step == 15
+  assert Trainer(student, trainer.mesh, workdir=str(student_dir)).teacher.step == 10
+  shutil.rmtree(teacher_dir / "checkpoints" / "10")
+  with pytest.raises(ConfigError, match=r"^train.distill.teacher='\S+': its checkpoint 10, which "
+                                        r"the checkpoints in \S+ were distilled from, is gone"):
+    Trainer(student, trainer.mesh, workdir=str(student_dir))
+  (teacher_dir / "config.json").rename(teacher_dir / "config.moved")
+  with pytest.raises(ConfigError, match=r"has checkpoints/ but no config.json"):
+    Trainer(student, trainer.mesh)  # (a traceback: FileNotFoundError)
   shutil.rmtree(teacher_dir)  # evaluating the student needs no teacher
   _, step, params = harness.load_workdir(str(student_dir), devices=jax.devices()[:1])
   assert step == 5 and distill.PROJECTION not in params

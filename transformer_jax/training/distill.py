@@ -30,6 +30,7 @@ matches teacher block (i + 1) * L_t // L_s - 1, so the last matches the last.
 """
 
 import dataclasses
+import json
 from typing import Any
 
 import flax.linen as nn
@@ -60,6 +61,26 @@ class Teacher:
   temperature: float
   hidden_weight: float = 0.0
   hidden_layers: tuple = ()  # ((student layer, teacher layer), ...); () = the uniform map
+  step: int | None = None  # a workdir teacher's checkpoint (None: a Hugging Face directory)
+
+
+def pinned(config, workdir: str) -> int | None:
+  """The teacher step that `workdir`'s checkpoints were distilled from (resume.TEACHER), when
+  it has checkpoints and a record for this config's teacher (another teacher: config_changes
+  says so; the newest is read). A resume reads that step again, not the newest: a teacher that
+  trained on meanwhile changed the targets mid-run, silently."""
+  from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
+  record, ckpt_dir = paths.join(workdir, resume.TEACHER), paths.join(workdir, "checkpoints")
+  if not (workdir and paths.isfile(record) and paths.isdir(ckpt_dir)
+          and any(d.isdigit() for d in paths.listdir(ckpt_dir))):
+    return None
+  try:
+    saved = json.loads(paths.read_text(record))
+    same = saved["teacher"] == paths.abspath(config.train.distill.teacher)
+    return int(saved["step"]) if same else None
+  except (ValueError, KeyError, TypeError):
+    raise ConfigError(f"{record} is damaged (it names the teacher checkpoint this run reads); "
+                      f"delete it to read the teacher's newest") from None
 
 
 def check(config):
@@ -89,8 +110,9 @@ def as_teacher(model, dtype: str):
                                                                 dropout_rate=0.0)))
 
 
-def load(config, mesh, rule_table) -> Teacher | None:
-  """The teacher of config.train.distill (None without one), its parameters placed on `mesh`."""
+def load(config, mesh, rule_table, workdir: str = "") -> Teacher | None:
+  """The teacher of config.train.distill (None without one), its parameters placed on `mesh`:
+  a workdir teacher's newest checkpoint, or the one the student `workdir` was distilled from."""
   check(config)
   d = config.train.distill
   if not d.teacher:
@@ -101,6 +123,9 @@ def load(config, mesh, rule_table) -> Teacher | None:
     raise ConfigError(f"train.distill.teacher={path!r} is a quantized workdir; give its source "
                       f"(a training workdir) as the teacher")
   if paths.isdir(paths.join(path, "checkpoints")):  # a local or gs:// workdir
+    if not paths.isfile(paths.join(path, "config.json")):
+      raise ConfigError(f"train.distill.teacher={path!r} has checkpoints/ but no config.json "
+                        f"(an unfinished copy or import?)")
     teacher_config = config_lib.any_platform(
         config_lib.from_json_file(paths.join(path, "config.json")))
     _same_tokenizer(config.data.tokenizer, teacher_config.data.tokenizer, path)
@@ -129,12 +154,21 @@ def load(config, mesh, rule_table) -> Teacher | None:
     from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nn.unbox(boxed), shardings)
-    step, params = checkpoint.Checkpoints(path, teacher_config.checkpoint,
-                                          read_only=True).restore_params(abstract)
+    from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
+    ckpts = checkpoint.Checkpoints(path, teacher_config.checkpoint, read_only=True)
+    step = pinned(config, workdir)
+    if step is not None and step not in ckpts.all_steps():
+      raise ConfigError(
+          f"train.distill.teacher={path!r}: its checkpoint {step}, which the checkpoints in "
+          f"{workdir} were distilled from, is gone (it has "
+          f"{', '.join(map(str, ckpts.all_steps())) or 'none'}); to go on from its newest (other "
+          f"targets from here on), delete {paths.join(workdir, resume.TEACHER)}")
+    step, params = ckpts.restore_params(abstract, step=step)
     if params is None:
       raise ConfigError(f"train.distill.teacher={path!r} has no checkpoint")
   return Teacher(model, params, float(d.alpha), float(d.temperature),
-                 float(d.get("hidden_weight", 0.0)), _layer_pairs(config, model))
+                 float(d.get("hidden_weight", 0.0)), _layer_pairs(config, model),
+                 None if hf_params is not None else step)
 
 
 def _same_family_and_vocabulary(config, model, path: str, hf: bool):

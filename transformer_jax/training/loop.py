@@ -38,7 +38,7 @@ def setup(config, workdir: str, devices=None):
   _check_extras(config)
   resume.prepare_workdir(workdir)
   mesh = sharding.make_mesh(config, devices)
-  return Trainer(config, mesh)
+  return Trainer(config, mesh, workdir=workdir)
 
 
 def _check_extras(config):

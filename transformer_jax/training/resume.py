@@ -20,6 +20,8 @@ from transformer_jax.training import checkpoint as ckpt_lib
 
 TOKENIZER_SHA = "tokenizer.sha256"  # the SHA-256 of the tokenizer the checkpoints were trained with
 CORPUS = "corpus_identity.txt"  # the prepared corpus (or mixture sources) they were trained on
+TEACHER = "distill_teacher.json"  # {"teacher": PATH, "step": N}: the teacher checkpoint a
+# distillation's checkpoints were distilled from (distill.pinned)
 
 # How a step computes or what it adds to the loss, not what the parameters are: a run may resume
 # with other values of these (quantized training on or off, another MoE capacity or router-loss
@@ -113,12 +115,16 @@ def workdir_mismatch(config, workdir: str) -> list[str]:
   return diffs
 
 
-def record(c, workdir: str, corpus: str = "") -> None:
+def record(c, workdir: str, corpus: str = "", teacher=None) -> None:
   """Writes what the workdir's checkpoints are trained with beside them: the corpus's identity,
-  the tokenizer's digest (resume and every command that reads the workdir compare them), and
+  the tokenizer's digest (resume and every command that reads the workdir compare them), the
+  teacher checkpoint a distillation reads (TEACHER: a resume reads it again), and
   config.json last (an import without it is unfinished). A write that fails (a full disk) is
   a one-line WriteError and changes none of them."""
   texts = {paths.join(workdir, CORPUS): (corpus or _corpus_identity(c)) + "\n"}
+  if teacher is not None and teacher.step is not None:
+    texts[paths.join(workdir, TEACHER)] = json.dumps(
+        {"teacher": paths.abspath(c.train.distill.teacher), "step": teacher.step})
   if c.data.tokenizer:
     texts[paths.join(workdir, TOKENIZER_SHA)] = (tfds_text.tokenizer_identity(c.data.tokenizer)
                                                  + "\n")
@@ -205,7 +211,8 @@ def _corpus_changes(old: str, new: str) -> list[str]:
           for k in was if k in now and was[k] != now[k]]
 
 
-WRITTEN = ("config.json", TOKENIZER_SHA, CORPUS)  # what `start` writes beside the checkpoints
+WRITTEN = ("config.json", TOKENIZER_SHA, CORPUS, TEACHER)  # what `start` writes beside the
+# checkpoints
 FOLDERS = ("checkpoints", "checkpoints_unreadable", "tensorboard")  # the folders a run makes
 
 
@@ -259,7 +266,7 @@ def start(trainer, workdir: str, data, say, data_writes=None):
   finished = state is not None and step >= c.train.steps  # (trains nothing: records nothing,
   # or a mistaken flag on a finished run's command became the config its next resume reads)
   if jax.process_index() == 0 and not finished:
-    record(c, workdir, corpus)
+    record(c, workdir, corpus, trainer.teacher)
   if state is None:
     return 0, trainer.init_state(c.seed), ckpts
   say(f"resumed from {ckpts.directory}/{step}")
@@ -300,7 +307,8 @@ def _params_start(trainer, workdir: str, data, say, data_writes, corpus: str):
   if lead:
     paths.makedirs(paths.join(staging, RECORD))
     _write(workdir, {paths.join(staging, ASIDE): aside})
-    record(c, paths.join(staging, RECORD), corpus)  # (config.json last: STAGING is complete)
+    record(c, paths.join(staging, RECORD), corpus, trainer.teacher)  # (config.json last:
+    # STAGING is complete)
     ckpt_lib.set_aside(workdir, WRITTEN, aside, every_process=False)
   finish_params_start(workdir, say, cut_short=False)
   say(f"checkpoints of the previous config set aside in {aside} (with its config.json)")

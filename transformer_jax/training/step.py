@@ -237,6 +237,7 @@ class Trainer:
   abstract_state: Any = None
   batch_sharding: Any = None
   teacher: distill.Teacher | None = None  # train.distill's frozen teacher, on this mesh
+  workdir: str = ""  # the run's: a resumed distillation reads the teacher step it started from
 
   def __post_init__(self):
     c = self.config
@@ -251,7 +252,7 @@ class Trainer:
     self.rules = sharding.rules(c, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self._row_groups = None
-    self.teacher = distill.load(c, self.mesh, self.rules)
+    self.teacher = distill.load(c, self.mesh, self.rules, self.workdir)
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     self.state_shardings = sharding.shardings(boxed, self.mesh, self.rules)
     sharding.check_divisible(boxed.params, self.state_shardings.params, self.mesh,
