@@ -96,8 +96,20 @@ def test_a_run_stopped_while_moving_its_output_is_never_read_as_the_corpus(tmp_p
   assert len(list(corpus_lib.iter_documents(f"{out}/*.jsonl", "jsonl"))) == 6
 
 
+@pytest.fixture
+def sighup_handled():
+  """SIGHUP with a handler of the test's own while it runs: a suite run under nohup ignores
+  SIGHUP, and clean leaves an ignored one alone (a terminal's default action would end the
+  test's worker, should clean not take it)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  previous = signal.signal(signal.SIGHUP, lambda *_: None)
+  yield
+  signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.parametrize("sent", ["SIGTERM", "SIGHUP"])
-def test_a_signal_mid_run_stops_it_as_an_error_does(tmp_path, monkeypatch, capsys, sent):
+def test_a_signal_mid_run_stops_it_as_an_error_does(tmp_path, monkeypatch, capsys, sent,
+                                                     sighup_handled):
   """A SIGTERM (or a closed terminal's SIGHUP) mid-run ended the process at once and left
   OUT/.clean-run, as large as the output, until the next run into OUT. Now the run stops as
   after an error: the staging folder removed, OUT as it was, one line, exit 128 + the signal;

@@ -44,9 +44,10 @@ def _on_a_terminal(cmd, **kwargs):
   master, follower = pty.openpty()
   # In the new session (start_new_session), a small program takes its standard input as the
   # controlling terminal and becomes `cmd` (a preexec_fn would run Python in a fork of this
-  # multithreaded process).
-  take = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-          "os.execv(sys.argv[1], sys.argv[1:])")
+  # multithreaded process), with SIGHUP's default action, as a terminal gives it (a suite run
+  # under nohup ignores SIGHUP, and `cmd` would inherit that).
+  take = ("import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+          "signal.signal(signal.SIGHUP, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
   proc = subprocess.Popen([sys.executable, "-c", take, *cmd], stdin=follower, stdout=follower,
                           stderr=follower, start_new_session=True, **kwargs)
   os.close(follower)
