@@ -139,7 +139,7 @@ def _generation(kwargs) -> tuple:
 
 
 def _normalized(kwargs: dict) -> dict:
-  """gen_kwargs through lm-eval's own normalize_gen_kwargs where it has one (0.4.9 on: a
+  """gen_kwargs through lm-eval's own normalize_gen_kwargs where it has one (0.4.13 has: a
   temperature > 0 alone samples, max_gen_toks wins over its aliases); else by the older `hf`
   model's rules (only do_sample samples; max_new_tokens wins, as transformers' generate
   reads it)."""
