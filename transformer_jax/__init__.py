@@ -62,13 +62,14 @@ def execve(path: str, args: list, env: dict):
   os.execve(path, args, {**env, _BLOCKED: "1"})
 
 
-def watches_hangup() -> bool:
-  """Whether a SIGHUP handler may be installed: not where SIGHUP is ignored (`nohup`, which
-  asked for the run to outlive its terminal)."""
-  return signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+def stop_signals(*signals) -> tuple:
+  """`signals` whose handlers a command may install: SIGHUP is left out where it is ignored
+  (`nohup`, which asked for the run to outlive its terminal)."""
+  ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+  return tuple(s for s in signals if not (s == signal.SIGHUP and ignored))
 
 
-_relays = {}  # fd -> (thread copying this process's new pipe on to the old descriptor)
+_relayed = set()  # the descriptors whose output goes through a relay (_relay)
 
 
 def hung_up() -> None:
@@ -87,11 +88,12 @@ def hung_up() -> None:
       null = os.open(os.devnull, os.O_WRONLY)
       os.dup2(null, fd)
       os.close(null)
-    elif stat.S_ISFIFO(mode) and fd not in _relays:
-      _relays[fd] = _relay(fd)
+    elif stat.S_ISFIFO(mode) and fd not in _relayed:
+      _relayed.add(fd)
+      _relay(fd)
 
 
-def _relay(fd: int) -> threading.Thread:
+def _relay(fd: int) -> None:
   old, (read, write) = os.dup(fd), os.pipe()
   os.dup2(write, fd)
   os.close(write)
@@ -107,7 +109,6 @@ def _relay(fd: int) -> threading.Thread:
   thread = threading.Thread(target=copy, daemon=True)
   thread.start()
   atexit.register(_drain, fd, thread)
-  return thread
 
 
 def _drain(fd: int, thread: threading.Thread) -> None:

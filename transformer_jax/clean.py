@@ -105,8 +105,8 @@ def _stopped_by_signals(out: str):
       late.append(signum)
       return
     raise _Stopped(signum)
-  old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)
-         if s != signal.SIGHUP or transformer_jax.watches_hangup()}  # (nohup: left ignored)
+  old = {s: signal.signal(s, stop)
+         for s in transformer_jax.stop_signals(signal.SIGTERM, signal.SIGHUP)}
   try:
     yield
   except _Stopped as e:

@@ -103,8 +103,8 @@ def run_all(sweep_dir: str, jobs: int = 1, say=print) -> int:
   todo = [r for r in load_plan(sweep_dir) if status(sweep_dir, r) != "done"]
   say(f"{len(todo)} runs to go")
   running, got = [], []
-  previous = {s: signal.signal(s, lambda signum, frame: _record(got, signum)) for s in STOP_SIGNALS
-              if s != signal.SIGHUP or transformer_jax.watches_hangup()}  # (nohup: left ignored)
+  previous = {s: signal.signal(s, lambda signum, frame: _record(got, signum))
+              for s in transformer_jax.stop_signals(*STOP_SIGNALS)}
   try:
     failed = _run_loop(sweep_dir, todo, running, jobs, say, got)
     if got:

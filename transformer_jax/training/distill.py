@@ -70,9 +70,8 @@ def pinned(config, workdir: str) -> int | None:
   says so; the newest is read). A resume reads that step again, not the newest: a teacher that
   trained on meanwhile changed the targets mid-run, silently."""
   from transformer_jax.training import resume  # pylint: disable=g-import-not-at-top
-  record, ckpt_dir = paths.join(workdir, resume.TEACHER), paths.join(workdir, "checkpoints")
-  if not (workdir and paths.isfile(record) and paths.isdir(ckpt_dir)
-          and any(d.isdigit() for d in paths.listdir(ckpt_dir))):
+  record = paths.join(workdir, resume.TEACHER)
+  if not (workdir and paths.isfile(record) and resume.has_checkpoints(workdir)):
     return None
   try:
     saved = json.loads(paths.read_text(record))

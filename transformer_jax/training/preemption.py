@@ -32,8 +32,8 @@ class Preemption:
   def __init__(self):
     self.signum, self._old = None, {}
     self.multi = jax.process_count() > 1
-    hangup = (signal.SIGHUP,) * transformer_jax.watches_hangup()  # (not under nohup)
-    self._take(hangup if self.multi else (signal.SIGTERM, *hangup))
+    self._take(transformer_jax.stop_signals(signal.SIGHUP) if self.multi else
+               transformer_jax.stop_signals(signal.SIGTERM, signal.SIGHUP))
 
   def _take(self, signals):
     if threading.current_thread() is threading.main_thread():

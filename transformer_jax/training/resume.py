@@ -84,15 +84,20 @@ def _changed(saved: dict, now: dict) -> set:
   return {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds a step folder."""
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  return paths.isdir(ckpt_dir) and any(d.isdigit() for d in paths.listdir(ckpt_dir))
+
+
 def workdir_mismatch(config, workdir: str) -> list[str]:
   """`KEY: saved -> now` for each model.* (but EXECUTION_KEYS) or data.tokenizer value, and each
   _state_layout entry, that differs from the config the workdir's checkpoints were written with
   (none when there are no checkpoints), and the tokenizer file's content when it changed at the
   same path (its SHA-256, saved beside config.json). A key newer than the saved config counts
   as its default there."""
-  ckpt_dir = paths.join(workdir, "checkpoints")
   flat = _saved_and_now(config, workdir)
-  if flat is None or not any(d.isdigit() for d in paths.listdir(ckpt_dir)):
+  if flat is None or not has_checkpoints(workdir):
     return []
   saved, now = flat
   sha_path = paths.join(workdir, TOKENIZER_SHA)
