@@ -41,7 +41,7 @@ def _params(model, *inputs):
 
 def _influence(f, x_TD):
   """|d f(x)_t / d x_s| summed over features: [T_out, T_in]."""
-  return np.abs(np.asarray(jax.jacrev(f)(x_TD))).sum(-1)
+  return np.abs(np.asarray(jax.jit(jax.jacrev(f))(x_TD))).sum(-1)
 
 
 def _with_inputs(params, table_key, x_TD):

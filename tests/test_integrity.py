@@ -90,6 +90,33 @@ def test_a_fingerprint_does_not_depend_on_the_sharding_and_names_dtype_and_shape
                                                              n=P(None, "b"))]:
     sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
     assert integrity.fingerprint(sharded) == one, specs
+  single = jax.make_mesh((1,), ("a",), devices=jax.devices()[:1])  # (one program over it too)
+  assert integrity.fingerprint({k: jax.device_put(v, NamedSharding(single, P()))
+                                for k, v in values.items()}) == one
+
+
+def test_prepared_checksum_programs_are_the_ones_a_save_runs():
+  """`prepare` compiles, in its thread, every program that fingerprinting arrays of those
+  shardings, shapes and dtypes (made by a jit, as a train step makes them) runs: none is
+  compiled after it, and the checksums are the reference's."""
+  mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices()[:8])
+  shardings = {"w": NamedSharding(mesh, P("b", "a")), "m": NamedSharding(mesh, P(None, "a")),
+               "k": NamedSharding(mesh, P()), "s": NamedSharding(mesh, P())}
+  values = {"w": np.arange(24 * 6, dtype=np.float32).reshape(24, 6) / 3,
+            "m": np.arange(10 * 14, dtype=np.float32).reshape(10, 14).astype(ml_dtypes.bfloat16),
+            "k": np.asarray(jax.random.key_data(jax.random.key(3))),
+            "s": np.asarray(7, np.int32)}
+  made = jax.jit(lambda v: v, out_shardings=shardings)(values)
+  made["k"] = jax.jit(jax.random.wrap_key_data, out_shardings=shardings["k"])(made["k"])
+  integrity.prepare(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                sharding=x.sharding),
+                                 made)).join(timeout=120)
+  before = set(integrity._compiled)  # pylint: disable=protected-access
+  got = integrity.fingerprint(made)
+  assert set(integrity._compiled) == before  # pylint: disable=protected-access
+  for name in ("w", "m", "s"):
+    assert got[name].split()[-1] == _reference(values[name]), name
+  assert got["k"].split()[-1] == _reference(values["k"])
 
 
 def _state(seed: float):

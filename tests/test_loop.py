@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import config as config_lib
+from transformer_jax.training import integrity
 from transformer_jax.training import loop
 from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
 
@@ -144,14 +146,26 @@ def test_no_window_after_the_first_step_times_a_compile(caplog):
 def test_evaluation_and_saves_are_left_out_of_tokens_per_s(tiny_data, tmp_path, monkeypatch):
   """An evaluation that takes 1.5 s (slowed here) at step 4: the next window's tokens/s counts
   its two training steps only (its time from tokens/s is far under 1.5 s), and its paused_s holds
-  the 1.5 s. Without the pause the window would take > 1.5 s."""
+  the 1.5 s. Without the pause the window would take > 1.5 s. The saves' checksum programs were
+  compiled beside the first step (integrity.prepare's thread), none by a save."""
   evaluate = loop._evaluate  # pylint: disable=protected-access
+  mesh_sums, lowered_in = integrity._mesh_sums, []  # pylint: disable=protected-access
 
   def slow(*args):
     time.sleep(1.5)
     return evaluate(*args)
 
+  class Spy:  # (records which thread lowers each checksum program)
+    def __init__(self, jitted):
+      self.jitted = jitted
+
+    def lower(self, *args):
+      lowered_in.append(threading.current_thread().name)
+      return self.jitted.lower(*args)
+
   monkeypatch.setattr(loop, "_evaluate", slow)
+  monkeypatch.setattr(integrity, "_compiled", {})  # (none compiled yet in this process)
+  monkeypatch.setattr(integrity, "_mesh_sums", lambda mesh, spec: Spy(mesh_sums(mesh, spec)))
   config = _config(tiny_data, **{"train.steps": 6, "train.log_every": 2, "eval.every_steps": 4,
                                  "checkpoint.every_steps": 4})
   loop.train(config, str(tmp_path), quiet=True, devices=jax.devices()[:1])
@@ -160,6 +174,7 @@ def test_evaluation_and_saves_are_left_out_of_tokens_per_s(tiny_data, tmp_path, 
   after = rows[6]
   assert tokens / after["tokens_per_s"] < 1.0, after
   assert after["paused_s"] >= 1.5 and "paused_s" not in rows[4], (rows[4], after)
+  assert lowered_in and set(lowered_in) == {"checksum-compiles"}, lowered_in
 
 
 def test_a_full_disk_found_by_a_metrics_write_reports_the_failed_save(tiny_data, tmp_path,

@@ -169,10 +169,13 @@ def _time_async_save(runner, rounds, step_s):
   to the whole write (until it is committed), median over `rounds` saves to a temp dir."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import integrity  # pylint: disable=g-import-not-at-top
   ckpt_cfg = runner.config.checkpoint.copy_and_resolve_references()
   with ckpt_cfg.unlocked():
     ckpt_cfg.update(async_save=True, keep=2)
   block, total = [], []
+  # (compiled before the first save, as training compiles them beside its first step)
+  integrity.prepare(runner.trainer.abstract_state).join()
   with tempfile.TemporaryDirectory() as tmp:
     ckpts = checkpoint.Checkpoints(tmp, ckpt_cfg)
     for r in range(rounds):

@@ -19,6 +19,7 @@ from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 from transformer_jax.training import anomaly
 from transformer_jax.training import checkpoint
+from transformer_jax.training import integrity
 from transformer_jax.training import lock
 from transformer_jax.training import metrics as metrics_lib
 from transformer_jax.training import resume
@@ -76,6 +77,7 @@ def _run(trainer, workdir: str, stop_after: int | None, quiet: bool, still_ours)
     say(f"{workdir} already holds the finished run (step {start}, train.steps="
         f"{c.train.steps}); raise --config.train.steps above {start} to train on")
     return dict(metrics_lib.last_logged(workdir), step=start, state=state, complete=True)
+  integrity.prepare(trainer.abstract_state)  # (the saves' checksums, while the step compiles)
   eval_sets = pipeline.eval_sets(c, c.eval.batches, rows)  # one per data.mixture source
   if not any(eval_sets.values()):
     say(f"no validation data: data.corpus={c.data.corpus!r} holds no held-out document "
