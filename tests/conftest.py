@@ -114,14 +114,16 @@ def assert_kv_cache_matches(model, params, tokens, prefill: int, tol=2e-5):
   forward pass's logits at every position."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  full = model.apply({"params": params}, tokens)
-  cache = model.init(jax.random.key(0), jnp.zeros(tokens.shape, jnp.int32), decode=True)["cache"]
-  out, mut = model.apply({"params": params, "cache": cache}, tokens[:, :prefill], decode=True,
-                         mutable=["cache"])
+  # (jitted: a program per shape, where eagerly every op compiled on its own)
+  full = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, tokens)
+  cache = jax.jit(lambda x: model.init(jax.random.key(0), x, decode=True)["cache"])(
+      jnp.zeros(tokens.shape, jnp.int32))
+  step = jax.jit(lambda p, c, x: model.apply({"params": p, "cache": c}, x, decode=True,
+                                             mutable=["cache"]))
+  out, mut = step(params, cache, tokens[:, :prefill])
   np.testing.assert_allclose(out, full[:, :prefill], atol=tol, rtol=tol)
   for t in range(prefill, tokens.shape[1]):
-    out, mut = model.apply({"params": params, "cache": mut["cache"]}, tokens[:, t:t + 1],
-                           decode=True, mutable=["cache"])
+    out, mut = step(params, mut["cache"], tokens[:, t:t + 1])
     np.testing.assert_allclose(out[:, 0], full[:, t], atol=tol, rtol=tol)
   return full
 

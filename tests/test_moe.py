@@ -139,6 +139,7 @@ def test_router_statistics_leave_the_padding_out(family, capacity):
   model = families.FAMILIES[family](cfg)
   params = nn.unbox(model.init(jax.random.key(3), *families.init_inputs(model, 16))["params"])
   rng = np.random.default_rng(5)
+  apply = jax.jit(lambda p, *args: model.apply({"params": p}, *args, mutable=["moe"]))
 
   def row(t, real, fill):
     tokens = np.where(np.arange(t) < real, rng.integers(1, 64, t), fill)[None]
@@ -152,7 +153,7 @@ def test_router_statistics_leave_the_padding_out(family, capacity):
       args = (et, dt, es, ep, ds, dp)
     else:
       args = sides[0]
-    _, sown = model.apply({"params": params}, *args, mutable=["moe"])
+    _, sown = apply(params, *args)
     return {n: float(v) for n, v in
             moe_sums_of(jax.tree_util.tree_leaves_with_path(sown["moe"])).items()}
 
