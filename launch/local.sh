@@ -82,7 +82,9 @@ if [[ "$processes" == 1 && -z "$devices" ]]; then exec "${cmd[@]}"; fi
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices:-1}"
 TJAX_COORDINATOR="127.0.0.1:$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+# (a config's own mesh.cpu_devices that differs is refused by each process: distributed.py)
 export TJAX_COORDINATOR TJAX_NUM_PROCESSES="$processes"
+export TJAX_CPU_DEVICES_PER_PROCESS="${devices:-1}"
 logs="$workdir/logs"  # (a gs:// workdir's logs: here, under runs/logs/BUCKET/PATH)
 [[ "$workdir" != gs://* ]] || logs="$PWD/runs/logs/${workdir#gs://}"
 mkdir -p "$logs"

@@ -74,6 +74,16 @@ def test_cpu_devices_must_be_a_non_negative_int(bad):
     distributed.use_cpu_devices(bad)
 
 
+def test_a_config_cannot_split_the_host_otherwise_than_local_sh_did():
+  """launch/local.sh --devices-per-process 2 set the job's count: a config file's (or a flag's)
+  mesh.cpu_devices=4 would have won unsaid (each process with 4 devices)."""
+  launched = {"TJAX_CPU_DEVICES_PER_PROCESS": "2"}
+  with pytest.raises(ConfigError, match=r"^mesh.cpu_devices=4 and launch/local.sh's "
+                                        r"--devices-per-process 2 disagree"):
+    distributed.use_cpu_devices(4, environ=launched)
+  distributed.use_cpu_devices(0, environ=launched)  # (0: the launcher's count stands)
+
+
 def test_cpu_devices_split_the_host():
   code = ("from transformer_jax.parallel import distributed; import jax; "
           "distributed.use_cpu_devices(3); print(jax.device_count(), jax.default_backend())")

@@ -95,11 +95,17 @@ def detect(coordinator="", num_processes=0, process_id=-1, environ=None):
   return None
 
 
-def use_cpu_devices(count: int):
+def use_cpu_devices(count: int, environ=None):
   """Splits this host's CPU into `count` XLA devices (`mesh.cpu_devices`; 0 leaves XLA's
-  default). Must run before JAX starts its backends; other platforms ignore it."""
+  default). Must run before JAX starts its backends; other platforms ignore it. In a job that
+  launch/local.sh started with --devices-per-process M (TJAX_CPU_DEVICES_PER_PROCESS), a
+  config's other count is refused: it would win over M unsaid."""
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
     raise ConfigError(f"mesh.cpu_devices must be an int >= 0, got {count!r}")
+  launched = (os.environ if environ is None else environ).get("TJAX_CPU_DEVICES_PER_PROCESS")
+  if count and launched and count != int(launched):
+    raise ConfigError(f"mesh.cpu_devices={count} and launch/local.sh's --devices-per-process "
+                      f"{launched} disagree (each process would get {count} devices); give one")
   if count:
     jax.config.update("jax_num_cpu_devices", int(count))
 
