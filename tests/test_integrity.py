@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 import types
 
 import jax
@@ -117,6 +119,34 @@ def test_prepared_checksum_programs_are_the_ones_a_save_runs():
   for name in ("w", "m", "s"):
     assert got[name].split()[-1] == _reference(values[name]), name
   assert got["k"].split()[-1] == _reference(values["k"])
+
+
+def test_a_save_waiting_on_a_failed_prepared_compile_compiles_the_program_itself(monkeypatch):
+  """The thread's compile fails (say, out of memory beside the first step's) while a save waits
+  for it: the save compiles the program itself (it raised the thread's error)."""
+  mesh_sums, lowered_in = integrity._mesh_sums, []  # pylint: disable=protected-access
+
+  class Failing:  # (the thread's lowering fails after a while; the main thread's works)
+    def __init__(self, jitted):
+      self.jitted = jitted
+
+    def lower(self, *args):
+      lowered_in.append(threading.current_thread().name)
+      if lowered_in[-1] == "checksum-compiles":
+        time.sleep(0.5)
+        raise RuntimeError("the thread's compile failed")
+      return self.jitted.lower(*args)
+
+  monkeypatch.setattr(integrity, "_compiled", {})
+  monkeypatch.setattr(integrity, "_mesh_sums", lambda mesh, spec: Failing(mesh_sums(mesh, spec)))
+  mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices()[:8])
+  x = jax.device_put(np.arange(64, dtype=np.float32).reshape(16, 4), NamedSharding(mesh, P("b")))
+  thread = integrity.prepare({"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)})
+  while not lowered_in:  # (the thread holds the program's entry: the save waits on it)
+    time.sleep(0.01)
+  assert integrity.fingerprint({"x": x})["x"].split()[-1] == _reference(np.asarray(x))
+  thread.join(timeout=60)
+  assert lowered_in == ["checksum-compiles", "MainThread"]
 
 
 def _state(seed: float):

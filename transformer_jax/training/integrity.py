@@ -113,7 +113,7 @@ _compiled = {}  # (sharding, shape, dtype) -> a Future of its compiled _mesh_sum
 _compiling = threading.Lock()
 
 
-def _program(x, spec: tuple):
+def _program(x, spec: tuple, waited: bool = False):
   """The compiled program that sums arrays like `x` (its sharding, shape and dtype), compiled
   once per process by whichever thread asks first (`prepare`'s, or a save's: which then waits
   for it, or compiles it itself if that failed)."""
@@ -123,6 +123,11 @@ def _program(x, spec: tuple):
     mine = compiled is None
     if mine:
       compiled = _compiled[key] = futures.Future()
+  if not mine and not waited:
+    try:
+      return compiled.result()
+    except Exception:  # pylint: disable=broad-except
+      return _program(x, spec, waited=True)  # (its entry is gone: compiled here, or its error)
   if mine:
     try:
       compiled.set_result(_mesh_sums(x.sharding.mesh, spec).lower(
