@@ -146,18 +146,25 @@ def prepare(abstract_tree) -> threading.Thread:
   save does not wait for them (a 2.9 s first save on a 2-core CPU blocked 0.24 s later). No
   collective; a failure is left to the save, which compiles the program itself."""
   leaves = [x for x in jax.tree.leaves(abstract_tree) if _mesh_spec(x) is not None]
+  exiting = threading.Event()
 
   def compile_all():
     try:
       for x in leaves:
+        if exiting.is_set():
+          break
         _program(x, _mesh_spec(x))
     except Exception:  # pylint: disable=broad-except
       pass
     finally:
-      atexit.unregister(thread.join)
+      atexit.unregister(finish)
+
+  def finish():  # an exit while XLA compiles in the thread waits for that one compile only
+    exiting.set()
+    thread.join()
 
   thread = threading.Thread(target=compile_all, name="checksum-compiles", daemon=True)
-  atexit.register(thread.join)  # (an exit while XLA compiles in the thread: its compile ends)
+  atexit.register(finish)
   thread.start()
   return thread
 
