@@ -113,7 +113,13 @@ _compiled = {}  # (sharding, shape, dtype) -> a Future of its compiled _mesh_sum
 _compiling = threading.Lock()
 
 
-def _program(x, spec: tuple, waited: bool = False):
+def _compile(x, spec: tuple):
+  return _mesh_sums(x.sharding.mesh, spec).lower(
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      jax.ShapeDtypeStruct(_bits_strides(x).shape, jnp.uint32)).compile()
+
+
+def _program(x, spec: tuple):
   """The compiled program that sums arrays like `x` (its sharding, shape and dtype), compiled
   once per process by whichever thread asks first (`prepare`'s, or a save's: which then waits
   for it, or compiles it itself if that failed)."""
@@ -123,20 +129,17 @@ def _program(x, spec: tuple, waited: bool = False):
     mine = compiled is None
     if mine:
       compiled = _compiled[key] = futures.Future()
-  if not mine and not waited:
+  if not mine:
     try:
       return compiled.result()
     except Exception:  # pylint: disable=broad-except
-      return _program(x, spec, waited=True)  # (its entry is gone: compiled here, or its error)
-  if mine:
-    try:
-      compiled.set_result(_mesh_sums(x.sharding.mesh, spec).lower(
-          jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-          jax.ShapeDtypeStruct(_bits_strides(x).shape, jnp.uint32)).compile())
-    except BaseException as e:  # pylint: disable=broad-except
-      with _compiling:
-        del _compiled[key]
-      compiled.set_exception(e)
+      return _compile(x, spec)  # (the other thread's compile failed: here, or its own error)
+  try:
+    compiled.set_result(_compile(x, spec))
+  except BaseException as e:  # pylint: disable=broad-except
+    with _compiling:
+      del _compiled[key]
+    compiled.set_exception(e)
   return compiled.result()
 
 
@@ -145,15 +148,16 @@ def prepare(abstract_tree) -> threading.Thread:
   shardings: a trainer's abstract_state) in a thread, while the first step compiles: the first
   save does not wait for them (a 2.9 s first save on a 2-core CPU blocked 0.24 s later). No
   collective; a failure is left to the save, which compiles the program itself."""
-  leaves = [x for x in jax.tree.leaves(abstract_tree) if _mesh_spec(x) is not None]
+  kinds = [(x, spec) for x in jax.tree.leaves(abstract_tree)
+           if (spec := _mesh_spec(x)) is not None]
   exiting = threading.Event()
 
   def compile_all():
     try:
-      for x in leaves:
+      for x, spec in kinds:
         if exiting.is_set():
           break
-        _program(x, _mesh_spec(x))
+        _program(x, spec)
     except Exception:  # pylint: disable=broad-except
       pass
     finally:
