@@ -24,6 +24,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the test extra) would p
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# ... and the project's own cache (perf/caches.py) there too, not in ~/.cache: the CPU's measured
+# matmul peak (perf/hardware.py), which every training run would otherwise measure (~1 s).
+os.environ.setdefault("TJAX_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "tjax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position

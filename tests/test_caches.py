@@ -1,6 +1,8 @@
 """The persistent compilation cache (perf/caches.py): where it goes, and a second start of the
-same training program loads its compiled steps instead of compiling them."""
+same training program loads its compiled steps instead of compiling them; a CPU's measured peak
+is kept beside it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import pytest
 
 from transformer_jax.config import ConfigError
 from transformer_jax.perf import caches
+from transformer_jax.perf import hardware
 from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
 
 
@@ -44,7 +47,7 @@ def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
   flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **{
       "train.steps": 1, "checkpoint.every_steps": 1, "eval.every_steps": 0,
       "train.sample_prompt": "", "model.num_layers": 1})]  # (1 layer: each compile halves)
-  logs = []
+  logs, peaks = [], []
   for name in ("first", "second"):
     done = subprocess.run(
         [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
@@ -52,6 +55,8 @@ def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
         text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     logs.append(done.stderr)
+    peaks.append(os.stat(cache / hardware.CPU_PEAK_FILE).st_mtime_ns)
+  assert peaks[0] == peaks[1]  # the CPU's peak: measured by the first run, read by the second
   for step in ("jit__train_step",):
     assert f"PERSISTENT COMPILATION CACHE MISS for '{step}'" in logs[0]
     assert f"Persistent compilation cache hit for '{step}'" in logs[1]
@@ -89,3 +94,40 @@ def test_a_second_start_loads_the_compiled_steps(tiny_data, tmp_path):
   new = [n for n in after if n not in before]
   assert any(n.startswith("jit__lambda-") for n in new), new
   assert sum(after.values()) <= bound and len(after) < len(before)
+
+
+def test_a_cpu_peak_is_measured_once_per_machine_and_kept_in_the_cache(tmp_path, monkeypatch):
+  """The measured matmul peak (~1 s of both cores here) is kept for the process and in
+  TJAX_CACHE_DIR/cpu_peak.json, keyed by what it depends on (compiler options, XLA_FLAGS, ...);
+  `fresh` measures again and keeps the larger; an unreadable file is measured over; `off`
+  keeps it for the process only."""
+  measured = []
+
+  def measure(dtype, options=None):
+    measured.append(options)
+    return 1e11 * len(measured)
+
+  monkeypatch.setattr(hardware, "measure_cpu_peak", measure)
+  monkeypatch.setattr(hardware, "_CPU_PEAKS", {})
+  monkeypatch.setenv("TJAX_CACHE_DIR", str(tmp_path))
+  path = tmp_path / hardware.CPU_PEAK_FILE
+  assert hardware.cpu_peak("float32") == 1e11 and len(measured) == 1 and path.exists()
+  hardware._CPU_PEAKS.clear()  # pylint: disable=protected-access  (a new process)
+  assert hardware.cpu_peak("float32") == 1e11 and len(measured) == 1
+  assert hardware.cpu_peak("float32", {"xla_cpu_use_onednn": True}) == 2e11
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math")
+  assert hardware.cpu_peak("float32") == 3e11 and len(measured) == 3
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace(
+      " --xla_cpu_enable_fast_math", ""))
+  assert hardware.cpu_peak("float32", fresh=True) == 4e11 and len(measured) == 4
+  hardware._CPU_PEAKS.clear()  # pylint: disable=protected-access
+  assert hardware.cpu_peak("float32") == 4e11 and len(measured) == 4
+  assert len(json.loads(path.read_text())) == 3
+  path.write_text("{not json")
+  hardware._CPU_PEAKS.clear()  # pylint: disable=protected-access
+  assert hardware.cpu_peak("float32") == 5e11 and len(json.loads(path.read_text())) == 1
+  monkeypatch.setenv("TJAX_CACHE_DIR", "off")
+  path.unlink()
+  hardware._CPU_PEAKS.clear()  # pylint: disable=protected-access
+  assert hardware.cpu_peak("float32") == 6e11 and hardware.cpu_peak("float32") == 6e11
+  assert len(measured) == 6 and not path.exists()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from orbax.checkpoint._src.serialization import replica_slices
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -172,6 +173,35 @@ def saved(tmp_path):
   ckpts.close()
   shutil.copytree(tmp_path / "w", tmp_path / "copy")
   return tmp_path / "w", ckpt
+
+
+def test_a_replicated_array_under_a_mib_per_replica_is_written_whole_by_one(tmp_path,
+                                                                              monkeypatch):
+  """Orbax's replica-parallel save cut every replicated array into one eager slice per device
+  (a program per shape and device, compiled at the first save): only arrays whose slices reach
+  MIN_REPLICA_SLICE_BYTES are cut now. Both restore as saved."""
+  data, cut = replica_slices.ReplicaSlice.data, []
+
+  def spy(self):
+    if self.slice_args is not None:
+      cut.append(self.unsliced_data.shape)
+    return data(self)
+
+  monkeypatch.setattr(replica_slices.ReplicaSlice, "data", spy)
+  replicated = NamedSharding(jax.make_mesh((4,), ("d",), devices=jax.devices()[:4]), P())
+  rows = checkpoint.MIN_REPLICA_SLICE_BYTES * 4 // (4 * 256)  # 4 slices of 1 MiB exactly
+  state = {"small": jnp.arange(40 * 48, dtype=jnp.float32).reshape(40, 48),
+           "big": jnp.arange(rows * 256, dtype=jnp.float32).reshape(rows, 256)}
+  state = jax.device_put(state, replicated)
+  ckpt = config_lib.base.get_config().checkpoint
+  ckpt.async_save = False
+  ckpts = Checkpoints(str(tmp_path), ckpt)
+  ckpts.save(1, state)
+  assert cut == [(rows, 256)] * 4
+  step, restored = ckpts.restore(_abstract(state))
+  assert step == 1
+  for name in state:
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(state[name]))
 
 
 def test_a_checkpoint_whose_arrays_changed_on_disk_is_set_aside_and_the_previous_restored(saved):

@@ -103,7 +103,7 @@ class JaxRunner:
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
     self.flops_per_token = counting.for_config(config, self.trainer.model.cfg, self.state.params)
     self.peak, self.peak_source = hardware.peak_flops_per_device(
-        self.trainer.model.cfg.compute_dtype, self.trainer.compiler_options)
+        self.trainer.model.cfg.compute_dtype, self.trainer.compiler_options, fresh=True)
 
   def remeasure_peak(self):
     """A measured (CPU) peak is re-taken every round and the best kept: one measurement can
@@ -111,7 +111,7 @@ class JaxRunner:
     if self.peak_source.startswith("measured"):
       from transformer_jax.perf import hardware  # pylint: disable=g-import-not-at-top
       self.peak = max(self.peak, hardware.peak_flops_per_device(
-          self.trainer.model.cfg.compute_dtype, self.trainer.compiler_options)[0])
+          self.trainer.model.cfg.compute_dtype, self.trainer.compiler_options, fresh=True)[0])
 
   def next_batch(self):
     """A new random batch of the objective's shape, on the devices."""

@@ -18,6 +18,9 @@ run took 4.1 s instead of 4.8 s with JAX's default of keeping only programs that
 or more); a gs:// cache keeps JAX's default, as small objects cost a round trip each.
 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, if set, wins.
 
+A local cache directory also keeps a CPU's measured matmul peak, what MFU divides by on a CPU
+(cpu_peak.json, perf/hardware.py): measured once per machine instead of at every start.
+
   TJAX_CACHE_MAX_GB  bounds a local cache (default 20): past it JAX deletes the programs used
                    least recently (jax_compilation_cache_max_size, an explicit
                    JAX_COMPILATION_CACHE_MAX_SIZE wins). A gs:// cache is not pruned.

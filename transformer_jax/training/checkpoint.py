@@ -23,6 +23,17 @@ from transformer_jax.training.data_position import DataRestore
 from transformer_jax.training.data_position import data_save_args
 
 
+# Orbax's replica-parallel saving (each replica of a replicated array writes 1/R of it) cuts the
+# array on its devices with eager slices: one program per (shape, device), compiled at the first
+# save, and R small writes per array at every save. Below 1 MiB per slice one replica writes the
+# whole array (Orbax's own knob for this; its default splits every array). configs/gpt2.py:tiny
+# with one layer on 4 CPU devices (data=4), sync saves: the first 0.99-1.03 -> 0.19-0.20 s, the
+# next 0.26-0.33 -> 0.16-0.24 s. It changes the chunking only: checkpoints read the same.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
+
 class WriteError(RuntimeError):
   """The workdir could not be written (disk full, read-only, gone): one line, what to do."""
 
