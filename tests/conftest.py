@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 import random  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+import time  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
 
@@ -146,8 +147,14 @@ def two_process_job(cmd, timeout: float, **env):
   procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, TJAX_PROCESS_ID=str(i)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
+  deadline = time.time() + timeout
   try:
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    outs = [p.communicate(timeout=max(deadline - time.time(), 1))[0] for p in procs]
+  except subprocess.TimeoutExpired:  # (a hang: both processes' last words)
+    for p in procs:
+      p.kill()
+    raise AssertionError(f"the 2-process job ran past {timeout} s: " + "\n".join(
+        f"--- process {i} ---\n{p.communicate()[0][-3000:]}" for i, p in enumerate(procs)))
   finally:
     for p in procs:
       p.kill()
