@@ -179,7 +179,7 @@ def test_a_replicated_array_under_a_mib_per_replica_is_written_whole_by_one(tmp_
                                                                               monkeypatch):
   """Orbax's replica-parallel save cut every replicated array into one eager slice per device
   (a program per shape and device, compiled at the first save): only arrays whose slices reach
-  MIN_REPLICA_SLICE_BYTES are cut now. Both restore as saved."""
+  MIN_REPLICA_SLICE_BYTES are cut now. Both restore as saved; the arrays' metadata is kept."""
   data, cut = replica_slices.ReplicaSlice.data, []
 
   def spy(self):
@@ -198,6 +198,7 @@ def test_a_replicated_array_under_a_mib_per_replica_is_written_whole_by_one(tmp_
   ckpts = Checkpoints(str(tmp_path), ckpt)
   ckpts.save(1, state)
   assert cut == [(rows, 256)] * 4
+  assert os.listdir(tmp_path / "checkpoints/1/state/array_metadatas")  # (as Orbax's own handler)
   step, restored = ckpts.restore(_abstract(state))
   assert step == 1
   for name in state:
