@@ -29,7 +29,8 @@ from transformer_jax.training.data_position import data_save_args
 # save, and R small writes per array at every save. Below 1 MiB per slice one replica writes the
 # whole array (Orbax's own knob for this; its default splits every array). configs/gpt2.py:tiny
 # with one layer on 4 CPU devices (data=4), sync saves: the first 0.99-1.03 -> 0.19-0.20 s, the
-# next 0.26-0.33 -> 0.16-0.24 s. It changes the chunking only: checkpoints read the same.
+# next 0.26-0.33 -> 0.16-0.24 s; bench_cpu's async first save blocked 2.2-2.3 -> 0.6 s
+# (benchmarks/RESULTS.md). It changes the chunking only: checkpoints read the same.
 # (Otherwise the handler Orbax registers: with its per-process array metadata store.)
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
