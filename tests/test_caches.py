@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from transformer_jax.config import ConfigError
+from transformer_jax.config import paths
 from transformer_jax.perf import caches
 from transformer_jax.perf import hardware
 from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides
@@ -133,7 +134,19 @@ def test_a_cpu_peak_is_measured_once_per_machine_and_kept_in_the_cache(tmp_path,
   assert len(measured) == 6 and not path.exists()
   # A cache that cannot be written (a full disk here): the figure still comes, no file is left.
   monkeypatch.setenv("TJAX_CACHE_DIR", str(tmp_path))
-  monkeypatch.setattr(hardware.json, "dump", lambda *a, **k: (_ for _ in ()).throw(
-      OSError(28, "No space left on device")))
+  class FullDisk:  # (the file is made; its write fails)
+    def __init__(self, name, *args):
+      open(name, *args).close()  # pylint: disable=unspecified-encoding
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def write(self, text):
+      raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(paths, "open", FullDisk, raising=False)
   hardware._CPU_PEAKS.clear()  # pylint: disable=protected-access
   assert hardware.cpu_peak("float32") == 7e11 and os.listdir(tmp_path) == []

@@ -4,7 +4,6 @@ what MFU divides by, what the AOT check compiles against and prices with.
 Importing it does not import jax: the AOT check must load JAX's CUDA plugin under quiet_fd2
 (topology.py), which it cannot once jax is imported."""
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -154,15 +153,11 @@ def cpu_peak(dtype="float32", options=None, fresh=False) -> float:
   if path:
     stored = _read_peaks(path)  # (another process may have written since)
     stored[key] = max(peak, stored.get(key, 0.0))
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
       os.makedirs(folder, exist_ok=True)
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(stored, f, indent=0)
-      os.replace(tmp, path)
+      paths.write_texts({path: json.dumps(stored, indent=0)})  # (no temporary file left)
     except OSError:  # an unwritable cache (or a full disk): kept for this process only
-      with contextlib.suppress(OSError):
-        os.remove(tmp)
+      pass
   return peak
 
 
