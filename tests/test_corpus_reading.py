@@ -111,6 +111,26 @@ def test_the_tokenizer_sample_keeps_documents_apart_and_its_character_budget():
   assert 300 < np.mean(firsts) < 700  # not the corpus's start or end
 
 
+def test_a_mixtures_sources_keep_their_shares_of_the_sample_whatever_their_sizes():
+  """A source with fewer characters than its share of max_chars is repeated up to it (whole
+  copies, then a sample of one more), as training reads it more epochs; a big one is sampled;
+  a source that fills its share exactly is taken once."""
+  big = [f"big{i} " + "word " * 20 + "\n" for i in range(2000)]  # ~210k characters
+  small = [f"small{i} tiny\n" for i in range(30)]  # ~400 characters
+  size = sum(map(len, small))
+  for max_chars, shares in ((100_000, (0.5, 0.5)), (1_000_000, (0.9, 0.1)),
+                            (20_000, (0.25, 0.75)), (2 * size, (0.5, 0.5))):
+    got = tokenizer_lib.sample_mixture([big, small], list(shares), max_chars, seed=3)
+    chars = {k: sum(len(s) for s in got if s.startswith(k)) for k in ("big", "small")}
+    for k, share in zip(("big", "small"), shares):
+      assert max_chars * share - 110 < chars[k] <= max_chars * share, (max_chars, k, chars)
+    repeats = collections.Counter(s for s in got if s.startswith("small"))
+    copies = int(max_chars * shares[1]) // size
+    assert set(repeats.values()) <= {copies, copies + 1}, repeats  # every sentence, evenly
+    assert len(repeats) == len(small)
+  assert tokenizer_lib.sample_mixture([small, small], [0.5, 0.5], 2 * size) == small * 2
+
+
 def test_tokenized_corpus_encodes_bounded_batches():
   source = [{"text": "x" * n} for n in (10, 3 << 20, 3 << 20, 5, 5 << 20, 1, 2)]
   batches = list(tfds_text._batches(source, "text"))

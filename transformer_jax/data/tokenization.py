@@ -144,9 +144,31 @@ def sample_sentences(texts: Iterable[str], max_chars: int, seed: int = 0) -> lis
   fit): each sentence draws a random key and the sample is the run of smallest keys that fits,
   kept in a heap as the text streams by (characters counted, not sentences: long lines would
   have taken up to 4x the budget, and a mixture's shares would have followed line lengths)."""
+  return _sample(_sentences(texts), max_chars, seed)[0]
+
+
+def sample_mixture(texts: list[Iterable[str]], shares: list[float], max_chars: int,
+                   seed: int = 0) -> list[str]:
+  """Each source's share of `max_chars`, sampled from it alone (sample_sentences). A source
+  with fewer characters than its share is repeated up to it, whole copies then a sample of one
+  more, as training's mixture reads it more epochs: the shares hold whatever the sizes."""
+  sentences = []
+  for i, (text, share) in enumerate(zip(texts, shares)):
+    budget = max(1, int(max_chars * share))
+    got, whole = _sample(_sentences(text), budget, seed + i)
+    have = sum(map(len, got))
+    if whole and 0 < have < budget:
+      copies, rest = divmod(budget, have)
+      got = got * copies + _sample(iter(got), rest, seed + i)[0]
+    sentences += got
+  return sentences
+
+
+def _sample(sentences: Iterable[str], max_chars: int, seed: int) -> tuple[list[str], bool]:
+  """sample_sentences' sample of `sentences`, and whether it holds all of them."""
   rng = random.Random(seed)
   heap, total, cutoff = [], 0, float("inf")  # max-heap by key (negated); keys >= cutoff lost
-  for i, sentence in enumerate(_sentences(texts)):
+  for i, sentence in enumerate(sentences):
     key = rng.random()
     if key >= cutoff:
       continue
@@ -156,7 +178,7 @@ def sample_sentences(texts: Iterable[str], max_chars: int, seed: int = 0) -> lis
       neg, _, dropped = heapq.heappop(heap)
       total -= len(dropped)
       cutoff = min(cutoff, -neg)
-  return [sentence for _, _, sentence in sorted(heap, key=lambda e: e[1])]
+  return [sentence for _, _, sentence in sorted(heap, key=lambda e: e[1])], cutoff == float("inf")
 
 
 def _character_coverage(sentences: list[str], vocab_size: int, num_special: int = 0) -> float:
@@ -201,7 +223,8 @@ def train(texts: Iterable[str], vocab_size: int, out_path: str, *, max_chars: in
 
   Args:
     texts: documents (any iterable; read once, keeping only a bounded reservoir sample); with
-      `shares`, one such iterable per source of a mixture, sampled for its share of max_chars.
+      `shares`, one such iterable per source of a mixture, sampled for its share of max_chars
+      (sample_mixture: a source short of its share is repeated up to it).
     vocab_size: pieces in the model, specials and the 256 byte pieces included. A corpus too
       small to fill it gives a smaller vocabulary.
     out_path: the `.model` file to write, or DIR/tokenizer.json for a byte-level BPE of the
@@ -219,9 +242,8 @@ def train(texts: Iterable[str], vocab_size: int, out_path: str, *, max_chars: in
   control = special_pieces(special)
   if shares is None:
     sentences = sample_sentences(texts, max_chars, seed)
-  else:  # a mixture: each source's share of the characters, sampled from it alone
-    sentences = [s for i, (t, share) in enumerate(zip(texts, shares))
-                 for s in sample_sentences(t, max(1, int(max_chars * share)), seed + i)]
+  else:
+    sentences = sample_mixture(texts, shares, max_chars, seed)
   if not sentences:
     raise ConfigError("tokenizer: the corpus has no text to train on")
   if not is_byte_level_out(out_path):
