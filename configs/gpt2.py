@@ -4,7 +4,9 @@ tiny | bench_cpu | small | medium | large | xl.
   python -m transformer_jax.train --config=configs/gpt2.py:small --workdir=runs/gpt2_small
   python -m transformer_jax.benchmark --config=configs/gpt2.py:bench_cpu --steps=10
 
-The vocabulary is GPT-2's 50257 rounded up to 50304 (a multiple of 128) for fast matmuls; any
+The full sizes keep GPT-2's batch (512 x 1024 tokens) on any devices: train.microbatches=0 splits
+it into the fewest microbatches whose train step fits the device's memory. The vocabulary is
+GPT-2's 50257 rounded up to 50304 (a multiple of 128) for fast matmuls; any
 tokenizer up to that size fits. `bench_cpu` is the reference CPU benchmark shape of
 benchmarks/RESULTS.md (with train.cpu_onednn on); `tiny` is what the tests use. The full sizes
 pack rows by concatenation (data.packing=concat: no padding, documents continue across rows), as
@@ -48,4 +50,7 @@ def get_config(arg=None):
   else:  # GPT-2's own layout: documents concatenated into full rows (data/packing.py)
     c.model.dtype = "bfloat16"
     c.data.packing = "concat"
+    # The published batch on any number of devices: the fewest microbatches whose step fits
+    # the device (training/fit.py; 4 of 128 rows for small on one H100, 1 on a CPU)
+    c.train.microbatches = 0
   return c

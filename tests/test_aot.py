@@ -189,6 +189,29 @@ def test_a_scanned_stack_of_mixed_windows_is_priced_as_it_runs():
   assert mixed == pytest.approx(dense, rel=0.005)
 
 
+@needs_libtpu
+def test_aot_chooses_the_microbatches_against_the_chips_hbm(monkeypatch, capsys):
+  """train.microbatches=0: aot compiles, reports and prices the count training/fit.py chooses
+  against the chip's HBM. (The whole batch's step is refused here as XLA:TPU refuses a program
+  past its HBM, without compiling it: tests/test_fit.py checks the choice on real programs.)"""
+  from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
+  compile_step = fit.compile_step
+
+  def whole_batch_refused(trainer):
+    if trainer.microbatches == 1:
+      return fit.Compiled(None, 10**12, None, "RESOURCE_EXHAUSTED: the test's refusal")
+    return compile_step(trainer)
+  monkeypatch.setattr(fit, "compile_step", whole_batch_refused)
+  config = tiny("model.num_layers=1", "train.batch_size=16", "mesh.data=4",
+                "model.attention_impl=xla", "train.microbatches=0")
+  report = aot.check(config, topology.parse_topology("v5e-4"), 1, estimate=False)
+  assert report["microbatches"] == 4 and report["fits"] is True, report  # 16 rows / 4 shards
+  assert 0 < report["hbm_per_chip_bytes"] < report["hbm_capacity_bytes"]
+  assert "train.microbatches=0: 4 microbatches of 4 rows (the step needs" in capsys.readouterr().err
+  assert report["step_time_estimate_s"] > 0 and report["mfu_estimate"] > 0  # priced at 4
+  assert config.train.microbatches == 0  # (the caller's config is left as it was)
+
+
 def test_bad_topology_is_one_line_before_compiling():
   out = run_aot("--topology=v5p-6")
   assert out.returncode == 2

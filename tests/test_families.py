@@ -250,6 +250,8 @@ def test_evaluate_reports_sentence_pair_loss_and_accuracy():
   assert got["eval_sentence_loss"] == pytest.approx(total("sentence_nll") / 12, rel=1e-5)
   assert got["eval_sentence_accuracy"] == pytest.approx(total("sentence_correct") / 12)
   assert 0 <= got["eval_sentence_accuracy"] <= 1
+  trainer.use_microbatches(2)  # the same sums, a microbatch of the batch at a time
+  assert trainer.evaluate(params, batches) == pytest.approx(got, rel=1e-5)
 
 
 def test_jit_equals_no_jit():

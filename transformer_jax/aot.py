@@ -26,6 +26,7 @@ attention, cuBLAS, Pallas kernels); in a bfloat16 model the matmuls with fp32 op
 by where they come from.
 """
 
+import copy
 import importlib
 import json
 import math
@@ -48,6 +49,7 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
   estimate=False skips the FLOP counting compiles of a scanned model (and the roofline)."""
   # jax (and what imports it) only now: main loads JAX's CUDA plugin quietly first.
   from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
   from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
   devices = topology.topology_devices(topo, slices)
   try:
@@ -61,6 +63,11 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
   trainer = Trainer(config, mesh)
   report = describe(config, topo, slices, trainer, mesh)
   t0 = time.perf_counter()
+  if not config.train.microbatches:  # the fewest that fit this chip's HBM (training/fit.py)
+    say = lambda msg: print(msg, file=sys.stderr)  # pylint: disable=unnecessary-lambda-assignment
+    config = copy.deepcopy(config)
+    config.train.microbatches = report["microbatches"] = fit.choose(
+        trainer, report["hbm_capacity_bytes"], say, lambda t: _compile(t, topo))
   compiled = compile_step(trainer, topo, report)
   report["compile_s"] = time.perf_counter() - t0
   if compiled is None:  # out of memory: report says by how much
@@ -108,29 +115,27 @@ def describe(config, topo, slices, trainer, mesh) -> dict:
 def compile_step(trainer, topo, report: dict):
   """The compiled train step, or None when it does not fit (the report then holds the needed
   and available bytes from XLA's out-of-memory message)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    lowered = trainer.lower_train_step()
-  except RuntimeError as e:  # jax checks for the library when it traces cuDNN attention
-    if "cuDNN" not in str(e):
-      raise
-    raise ConfigError(f"model.attention_impl={trainer.config.model.attention_impl} needs cuDNN to "
-                      f"compile for {topo.generation} ({e}): pip install -e .[gpu]") from None
-  try:
-    with topology.quiet_fd2():
-      return lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    message = str(e)
-    if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
-      raise
-    needed, available = roofline.parse_oom(message, roofline.argument_bytes_per_chip(
-        jax.tree.leaves(trainer.abstract_state)))
+  program, needed, available, refusal = _compile(trainer, topo)
+  if program is None:
     if available:
       report["hbm_capacity_bytes"] = int(available)
     report.update(dict.fromkeys(NO_ESTIMATE), fits=False,
                   hbm_per_chip_bytes=int(needed) if needed else None,
-                  compiler_message=message.splitlines()[0][:300])
-    return None
+                  compiler_message=refusal.splitlines()[0][:300])
+  return program
+
+
+def _compile(trainer, topo):
+  """fit.compile_step quietly (XLA's own lines), a missing cuDNN in one line."""
+  from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
+  try:
+    with topology.quiet_fd2():
+      return fit.compile_step(trainer)
+  except RuntimeError as e:  # jax checks for the library when it traces cuDNN attention
+    if "cuDNN" not in str(e) or "RESOURCE_EXHAUSTED" in str(e):
+      raise
+    raise ConfigError(f"model.attention_impl={trainer.config.model.attention_impl} needs cuDNN to "
+                      f"compile for {topo.generation} ({e}): pip install -e .[gpu]") from None
 
 
 def gib(b) -> str:
@@ -234,8 +239,8 @@ def main(argv):
     size = (f"needs {need / gib_:.1f} GiB per chip, {topo.generation} has {cap / gib_:.1f} GiB"
             f"{share}: {(need - cap) / gib_:.1f} GiB over" if need else
             f"does not fit ({report['compiler_message']})")
-    print(f"error: {size}; try --config.model.remat=full, more mesh.fsdp, more "
-          f"train.microbatches or a smaller batch", file=sys.stderr)
+    print(f"error: {size}; try --config.train.microbatches=0 (the fewest microbatches that "
+          f"fit), --config.model.remat=full, more mesh.fsdp or a smaller batch", file=sys.stderr)
     sys.exit(1)
   return report
 

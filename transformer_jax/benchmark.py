@@ -91,6 +91,10 @@ class JaxRunner:
     config_lib.validate(config, jax.device_count())
     self.jax, self.config = jax, config
     self.trainer = Trainer(config, sharding.make_mesh(config))
+    if not config.train.microbatches:  # the fewest that fit, as training chooses them
+      from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
+      fit.choose(self.trainer, fit.device_memory(jax.devices()),
+                 lambda msg: print(msg, file=sys.stderr))
     self.batches = 0
     t0 = time.perf_counter()
     self.state = self.trainer.init_state(config.seed)

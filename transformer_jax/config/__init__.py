@@ -41,7 +41,7 @@ ENUMS = {
     "checkpoint.on_mismatch": ("refuse", "fresh", "params"),
 }
 POSITIVE = ("model.num_layers", "model.d_model", "model.num_heads", "model.vocab_size",
-            "model.max_len", "data.seq_len", "train.batch_size", "train.microbatches",
+            "model.max_len", "data.seq_len", "train.batch_size",
             "train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",
             "eval.batches", "model.attention_chunks", "model.experts_per_token",
             "model.moe_every", "train.sample_tokens")
@@ -50,7 +50,7 @@ NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.d_ff", "model.dro
                 "optimizer.weight_decay", "optimizer.grad_clip", "eval.every_steps",
                 "checkpoint.keep_period", "train.z_loss",
                 "train.spike_factor", "train.spike_warmup_steps", "data.num_workers",
-                "train.max_anomalies_in_a_row",
+                "train.max_anomalies_in_a_row", "train.microbatches",
                 "data.shards", "data.target_len", "model.num_decoder_layers",
                 "model.type_vocab_size", "model.query_scale", "train.label_smoothing",
                 "mesh.cpu_devices", "model.attention_window", "model.rope_original_max_len",
@@ -384,7 +384,8 @@ def validate(config, num_devices: int | None = None):
   _check_ranges(config)
   _check_sequence_parallel(config, num_devices)
   t = config.train
-  if t.batch_size % t.microbatches:
+  micro = t.microbatches or 1  # (0: training/fit.py chooses a divisor that the mesh allows)
+  if t.batch_size % micro:
     raise ConfigError(f"train.microbatches={t.microbatches} does not divide "
                       f"train.batch_size={t.batch_size}")
   if isinstance(t.loss_chunk, bool) or not isinstance(t.loss_chunk, int) or t.loss_chunk < 0:
@@ -393,9 +394,9 @@ def validate(config, num_devices: int | None = None):
   _check_moe(m, sizes)
   if sizes:
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    if (t.batch_size // t.microbatches) % batch_shards:
+    if (t.batch_size // micro) % batch_shards:
       raise ConfigError(
-          f"train.batch_size={t.batch_size} (per microbatch {t.batch_size // t.microbatches}) "
+          f"train.batch_size={t.batch_size} (per microbatch {t.batch_size // micro}) "
           f"is not divisible by the batch-sharding mesh axes data*fsdp*expert={batch_shards}")
   return config
 

@@ -251,6 +251,8 @@ def _train():
   t = ml_collections.ConfigDict()
   t.batch_size = 32  # global rows per optimizer step (all hosts together)
   t.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
+  # (and evaluation's batches too); 0 = the fewest whose train step fits the device's memory
+  # (training/fit.py: an accelerator's allocator limit; 1 on a CPU)
   t.steps = 1000
   t.log_every = 10  # a metrics line every this many steps, and at every checkpoint
   t.process_log = False  # every process also prints a heartbeat line (its tokens/s) at each log

@@ -30,7 +30,7 @@ def batch_rows(trainer, batch_size: int = 0) -> int:
   """Rows per scoring batch: `batch_size` or the train step's microbatch rows, rounded up to a
   multiple of the number of batch shards."""
   c = trainer.config
-  rows = batch_size or max(c.train.batch_size // c.train.microbatches, 1)
+  rows = batch_size or max(c.train.batch_size // trainer.microbatches, 1)
   size = trainer.mesh.size
   length = scoring.bucket(0, scoring.MIN_BUCKET, sharding.length_multiple(trainer.mesh,
                                                                           trainer.rules))

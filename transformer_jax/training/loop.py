@@ -19,6 +19,7 @@ from transformer_jax.parallel import distributed
 from transformer_jax.parallel import sharding
 from transformer_jax.training import anomaly
 from transformer_jax.training import checkpoint
+from transformer_jax.training import fit
 from transformer_jax.training import integrity
 from transformer_jax.training import lock
 from transformer_jax.training import metrics as metrics_lib
@@ -60,6 +61,9 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   run owns the workdir (lock.py)."""
   trainer = setup(config, workdir, devices)
   with lock.hold(workdir) as still_ours:
+    if not config.train.microbatches:  # (before anything is written: a batch may fit nowhere)
+      fit.choose(trainer, fit.device_memory(list(trainer.mesh.devices.flat)),
+                 tqdm.tqdm.write if jax.process_index() == 0 and not quiet else lambda _: None)
     return _run(trainer, workdir, stop_after, quiet, still_ours)
 
 

@@ -40,6 +40,12 @@ def _runs_cudnn(cfg, platform: str) -> bool:
   return impl == "cudnn" and jnp.dtype(cfg.compute_dtype).itemsize == 2
 
 
+def _split(batch, m: int):
+  """[rows, ...] -> [m, rows / m, ...], row r in microbatch r % m (each device keeps its rows)."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
+                      batch)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -263,6 +269,15 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
         nn.unbox(boxed), self.state_shardings)
+    self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
+                         out_shardings=self.state_shardings)
+    self.compiler_options = compiler.options(c, self.mesh.devices.flat[0].platform)
+    # train.microbatches=0 (auto) runs 1 until training/fit.py chooses (use_microbatches)
+    self.use_microbatches(c.train.microbatches or 1)
+
+  def use_microbatches(self, m: int):
+    """The train and eval steps (jitted anew) split each batch into `m` microbatches."""
+    self.microbatches = m
     # Gradient accumulation sums each data shard's microbatches on the shard and all-reduces
     # once, where the loss is a sum over rows: not an MoE's (its balance losses are batch
     # statistics), a sentence head's or hidden-state distillation's (means per microbatch); and
@@ -270,15 +285,12 @@ class Trainer:
     platform = self.mesh.devices.flat[0].platform
     models = [self.model] + ([self.teacher.model] if self.teacher is not None else [])
     self._defer_data_reduce = (
-        c.train.microbatches > 1 and not any(m.cfg.num_experts for m in models)
+        m > 1 and not any(mod.cfg.num_experts for mod in models)
         and not self.task.sentence
         and not (self.teacher is not None and self.teacher.hidden_weight > 0)
-        and not any(_runs_cudnn(m.cfg, platform) for m in models)
+        and not any(_runs_cudnn(mod.cfg, platform) for mod in models)
         and sharding.rows_own_data_axis(self.mesh, self.batch_sharding,
                                         self.state_shardings.params, self._teacher_params()))
-    self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
-                         out_shardings=self.state_shardings)
-    self.compiler_options = compiler.options(c, platform)
     self._train = jax.jit(self._train_step,
                           in_shardings=(self.state_shardings, None, None, None),
                           out_shardings=(self.state_shardings, None), donate_argnums=(0,),
@@ -296,8 +308,7 @@ class Trainer:
 
   def _train_step(self, state, batch, rng, teacher_params):
     c = self.config
-    m = c.train.microbatches
-    if m == 1:
+    if self.microbatches == 1:
       loss, weight, grads, moe = self._micro_grads(state.params, batch, 0, rng, state.step,
                                                    teacher_params)
     elif self._defer_data_reduce:  # each data shard sums its own microbatches, then one psum
@@ -372,12 +383,11 @@ class Trainer:
     return loss, weight, grads, aux
 
   def _accumulate(self, params, batch, rng, step, teacher_params, shard=None):
-    """_micro_grads summed over train.microbatches (row r of `batch` in microbatch r % m: every
+    """_micro_grads summed over the microbatches (row r of `batch` in microbatch r % m: every
     device keeps its own rows, no resharding); aux metrics: max, sum or mean over them."""
-    m = self.config.train.microbatches
+    m = self.microbatches
     totals = batch_totals(self.model, batch)  # of this shard's rows, per shard (sums over rows)
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
-                         batch)
+    micro = _split(batch, m)
 
     def body(carry, xs):
       loss, weight, grads = carry
@@ -409,12 +419,19 @@ class Trainer:
             {k: AUX_REDUCE[aux_kind(k)](v) for k, v in aux.items()})
 
   def _eval_step(self, params, batch):
-    loss, weight, aux = loss_parts(self.model, params, batch, task=self.task,
-                                   chunk=self.config.train.loss_chunk)
-    # eval_loss: the tokens' cross-entropy alone (the pair loss is eval_sentence_loss)
-    loss = loss - aux.pop("extra_loss", 0.0) - aux.pop("sentence_term", 0.0)
-    aux.pop("cross_entropy", None)  # (= loss here: eval adds no smoothing or z-loss)
-    return {"loss": loss, "weight": weight, **aux}
+    """The batch's sums (evaluate adds them up), a microbatch at a time as the train step goes
+    (its rows' activations and logits would need the memory the microbatches save)."""
+    def sums(rows):
+      loss, weight, aux = loss_parts(self.model, params, rows, task=self.task,
+                                     chunk=self.config.train.loss_chunk)
+      # eval_loss: the tokens' cross-entropy alone (the pair loss is eval_sentence_loss)
+      loss = loss - aux.pop("extra_loss", 0.0) - aux.pop("sentence_term", 0.0)
+      aux.pop("cross_entropy", None)  # (= loss here: eval adds no smoothing or z-loss)
+      return {"loss": loss, "weight": weight, **aux}
+    if self.microbatches == 1:
+      return sums(batch)
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0),
+                        jax.lax.map(sums, _split(batch, self.microbatches)))
 
   # ---- host-side API
   def init_state(self, seed: int) -> TrainState:

@@ -1,0 +1,93 @@
+"""train.microbatches=0 (training/fit.py): the fewest microbatches whose step fits the memory."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from transformer_jax import config as config_lib
+from transformer_jax.config import ConfigError
+from transformer_jax.parallel import sharding
+from transformer_jax.training import fit
+from transformer_jax.training import loop
+from transformer_jax.training.step import Trainer
+from tests.conftest import REPO, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  """A one-layer tiny GPT-2 (vocab 8192: the logits are most of its memory), batch 8 over 2
+  data shards: microbatch counts 1, 2 and 4 (8 would leave 1 row for 2 shards)."""
+  c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+      "model.num_layers=1", "train.batch_size=8", "mesh.data=2", "train.microbatches=0"])
+  return Trainer(c, sharding.make_mesh(c, jax.devices()[:2]))
+
+
+def test_the_fewest_microbatches_that_fit_are_chosen_in_few_compiles(trainer):
+  assert fit.counts(trainer.config, 2) == [1, 2, 4]
+  assert fit.counts(trainer.config, 1) == [1, 2, 4, 8]
+  results = {}
+  for m in (1, 2, 4):  # what each count's compiled step takes per device
+    trainer.use_microbatches(m)
+    results[m] = fit.compile_step(trainer)
+  needed = {m: r.needed for m, r in results.items()}
+  assert needed[1] > needed[2] > needed[4] > 0, needed
+  compiled = []
+
+  def counting(t):  # (each count's figures, compiled once above)
+    compiled.append(t.microbatches)
+    return results[t.microbatches]
+  said = []
+  for capacity, want in ((needed[1], 1), (needed[1] - 1, 2), (needed[2] - 1, 4),
+                         ((needed[2] + needed[4]) // 2, 4), (needed[4], 4)):
+    compiled.clear()
+    assert fit.choose(trainer, capacity, said.append, counting) == want, (capacity, compiled)
+    assert trainer.microbatches == want and compiled[-1] == want and len(compiled) <= 3
+  assert said[-1].startswith("train.microbatches=0: 4 microbatches of 2 rows (the step needs")
+  with pytest.raises(ConfigError, match=r"^train.microbatches=0: the train step fits the "
+                     r"device's .* at no microbatch count: 4 microbatches of 2 rows need"):
+    fit.choose(trainer, needed[4] - 1, said.append, counting)
+  compiled.clear()
+  assert fit.choose(trainer, None, said.append, counting) == 1 and not compiled  # a CPU
+  assert trainer.microbatches == 1
+
+
+def test_a_compiler_that_refuses_for_memory_is_read_from_its_figures(trainer):
+  """XLA:TPU refuses a program past its HBM at compile time: its message's figures (needed,
+  available) take the place of the memory analysis; a refusal without figures doubles."""
+  figures = {1: 400, 2: 220}
+
+  def refusing(t):
+    m = t.microbatches
+    if m == 4:
+      return fit.Compiled("program", 100)
+    return fit.Compiled(None, figures.get(m), 150, "RESOURCE_EXHAUSTED: ...")
+  assert fit.choose(trainer, 10**6, lambda _: None, refusing) == 4  # the device's 150 counts
+  figures.clear()
+  assert fit.choose(trainer, 10**6, lambda _: None, refusing) == 4  # 1 -> 2 (twice) -> 4
+
+
+def test_a_run_with_microbatches_0_trains_at_the_count_it_chose(tiny_data, tmp_path,
+                                                                 monkeypatch, capsys):
+  """loop.train chooses before anything is written, says so, and trains (and evaluates) as a
+  run given that count does; config.json keeps 0, so a resume elsewhere chooses again."""
+  def config(m):
+    return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
+        tiny_data, **{"train.microbatches": m, "train.batch_size": 8, "train.steps": 4,
+                      "train.log_every": 2, "checkpoint.every_steps": 4, "eval.every_steps": 4,
+                      "eval.batches": 1}))
+  t = Trainer(config(0), sharding.make_mesh(config(0), jax.devices()[:1]))
+  t.use_microbatches(2)
+  monkeypatch.setattr(fit, "device_memory", lambda devices: fit.compile_step(t).needed)
+  auto = loop.train(config(0), str(tmp_path / "auto"), devices=jax.devices()[:1])
+  assert "train.microbatches=0: 2 microbatches of 4 rows" in capsys.readouterr().out
+  given = loop.train(config(2), str(tmp_path / "given"), quiet=True, devices=jax.devices()[:1])
+  lines = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+           for name in ("auto", "given")}
+  drop = ("tokens_per_s", "mfu", "compile_s", "eval_s", "time")
+  assert [{k: v for k, v in r.items() if k not in drop} for r in lines["auto"]] == [
+      {k: v for k, v in r.items() if k not in drop} for r in lines["given"]]
+  assert auto["loss"] == given["loss"] and auto["eval_loss"] == given["eval_loss"]
+  with open(os.path.join(tmp_path, "auto", "config.json")) as f:
+    assert json.load(f)["train"]["microbatches"] == 0

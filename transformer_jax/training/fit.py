@@ -1,0 +1,134 @@
+"""`train.microbatches=0`: the fewest microbatches whose train step fits the device's memory.
+
+A recipe's batch is its published one (GPT-2 small: 512 rows of 1024 tokens); how many rows a
+device can take at once depends on the device, its memory and the mesh. With 0, the run compiles
+its train step at a microbatch count, reads the compiled program's memory (XLA's buffer
+assignment: arguments + outputs - aliased + temporaries + code, perf/roofline.hbm) and compares it
+with what the device's allocator may hand out (`memory_stats()["bytes_limit"]`; on a GPU that is
+XLA_PYTHON_CLIENT_MEM_FRACTION of it, the share `aot --topology=GPU` checks against). It starts at
+1 and takes the count a fit of the figures so far predicts to be the first that fits, each count a
+divisor of the batch that leaves every microbatch divisible by the batch shards, compiling until
+one fits: 1 compile when the whole batch fits, 2 or 3 otherwise. Memory falls with the count as
+bytes(m) = F + A / m (activations shrink, the state, gradients and optimizer temporaries stay); a
+compiler that refuses a program for memory (XLA:TPU) gives its needed bytes in its message.
+
+The chosen count's compiled step is the one training runs (jit keeps it); later starts load the
+compiles from the persistent cache. A count that did not fit cost a whole compile (on a GPU with
+its autotuning), so the line that says the choice also says that setting it skips the search. A CPU has no such limit: 1, with nothing compiled. The
+choice holds for this run only: config.json keeps 0, so a resume on other devices chooses again
+(the same loss either way: microbatches change only the order of a sum).
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+
+from transformer_jax.config import ConfigError
+from transformer_jax.perf import roofline
+
+
+def device_memory(devices) -> int | None:
+  """Bytes a program may take on one of `devices` (the smallest of every process's), or None
+  on a platform without a limit (a CPU)."""
+  stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
+  limit = int((stats or {}).get("bytes_limit") or 0)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    limits = multihost_utils.process_allgather(np.int64(limit))
+    limit = int(limits.min()) if limits.all() else 0
+  return limit or None
+
+
+def counts(config, batch_shards: int) -> list[int]:
+  """The microbatch counts the batch allows: divisors m of train.batch_size whose microbatch
+  rows split evenly over the batch shards, ascending."""
+  b = config.train.batch_size
+  return [m for m in range(1, b + 1) if b % m == 0 and (b // m) % batch_shards == 0]
+
+
+class Compiled(NamedTuple):
+  program: Any  # the compiled train step; None when the compiler refused it for memory
+  needed: float | None  # bytes per device (None: a refusal that gave no figure)
+  available: float | None = None  # what the refusal says the device has
+  refusal: str = ""  # the compiler's message
+
+
+def compile_step(trainer) -> Compiled:
+  """The train step compiled (trainer.lower_train_step), or the compiler's refusal for memory
+  (XLA:TPU refuses a program past the HBM, with figures in its message)."""
+  lowered = trainer.lower_train_step()
+  try:
+    program = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
+      raise
+    needed, available = roofline.parse_oom(message, roofline.argument_bytes_per_chip(
+        jax.tree.leaves(trainer.abstract_state)))
+    return Compiled(None, needed, available, message)
+  return Compiled(program, roofline.hbm(program.memory_analysis(), 0)["hbm_per_chip_bytes"])
+
+
+def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) -> int:
+  """Leaves `trainer` running the fewest microbatches whose train step fits `capacity` bytes
+  per device (None: 1, nothing compiled) and returns that count. A batch that fits at no count
+  is a ConfigError naming the least it needed."""
+  if not capacity:
+    trainer.use_microbatches(1)
+    say("train.microbatches=0: 1 (no device memory limit here to fit)")
+    return 1
+  sizes = trainer.mesh.shape
+  shards = math.prod(sizes.get(axis, 1) for axis in ("data", "fsdp", "expert"))
+  allowed, tried = counts(trainer.config, shards), {}
+  m = allowed[0]
+  while True:
+    trainer.use_microbatches(m)
+    _, needed, available, _ = compile_fn(trainer)
+    capacity = int(available or capacity)
+    if needed is not None and needed <= capacity:
+      break
+    tried[m] = needed
+    m = _next(allowed, tried, capacity)
+    if m is None:
+      worst = max(tried)
+      raise ConfigError(
+          f"train.microbatches=0: the train step fits the device's {_gib(capacity)} at no "
+          f"microbatch count: {worst} microbatches of {trainer.config.train.batch_size // worst} "
+          f"rows need " + (_gib(tried[worst]) if tried[worst] else "more") + "; shard the "
+          "model over more devices (mesh.fsdp, mesh.tensor), model.remat=full or "
+          "train.loss_chunk, or a shorter data.seq_len")
+  rows = trainer.config.train.batch_size // m
+  say(f"train.microbatches=0: {m} microbatch{'es' if m > 1 else ''} of {rows} rows (the step "
+      f"needs {_gib(needed)} of the device's {_gib(capacity)}"
+      + "".join(f"; {k}: {_gib(v) if v else 'more'}" for k, v in sorted(tried.items())) + ")"
+      + (f"; train.microbatches={m} skips the search" if tried else ""))
+  return m
+
+
+def _next(allowed: list[int], tried: dict, capacity: int) -> int | None:
+  """The next count to compile: the first allowed above every failed one that the fit bytes(m)
+  = F + A / m through the last two known figures (one: F = 0) predicts to fit; else the first
+  above them (figures missing: twice the last)."""
+  above = [m for m in allowed if m > max(tried)]
+  if not above:
+    return None
+  known = [(m, b) for m, b in sorted(tried.items()) if b]
+  if not known:
+    return next((m for m in above if m >= 2 * max(tried)), above[-1])
+  if len(known) == 1:
+    (m1, b1), = known
+    fixed, per = 0.0, b1 * m1
+  else:
+    (m1, b1), (m2, b2) = known[-2:]
+    per = (b1 - b2) / (1 / m1 - 1 / m2)
+    fixed = b1 - per / m1
+  if per <= 0 or fixed >= capacity:
+    return above[-1]
+  want = math.ceil(per / (capacity - fixed))
+  return next((m for m in above if m >= want), above[-1])
+
+
+def _gib(b) -> str:
+  return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
