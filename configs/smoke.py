@@ -4,7 +4,7 @@ sources, a CODE corpus) on CPU in a couple of minutes.
   bash launch/local.sh                      # = configs/smoke.py, workdir runs/smoke
   python -m transformer_jax.train --config=configs/smoke.py --workdir=runs/smoke
 
-Expected on a 2-core CPU: loss from ~9.0 to below 5 in 300 steps, eval_loss ~5.5, ~2 minutes.
+Expected on a 2-core CPU: loss from ~9.0 to ~4 in 300 steps, eval_loss ~5.5, ~2 minutes.
 """
 
 from transformer_jax.config import base

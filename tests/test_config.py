@@ -285,6 +285,9 @@ def test_commands_refuse_flags_they_would_ignore(tmp_path):
                                                                workdir=str(tmp_path)))
   assert (args["out"], args["special"]) == (f"{tmp_path}/t.model", "mask,sentinels:114,ul2")
   assert tokenizer.main([f"--workdir={tmp_path}", f"--config={REPO}/configs/t5.py:tiny"]) == 2
+  with pytest.raises(ConfigError, match="^--format='txt' is unknown"):  # the flag typed
+    tokenizer.run(dict(tokenizer.FLAGS, corpus="x/*.txt", vocab_size=100, format="txt",
+                       out=f"{tmp_path}/flags.model"))
 
 
 def test_parse_flags_with_space_separated_values():

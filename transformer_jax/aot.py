@@ -144,6 +144,11 @@ def gib(b) -> str:
   return f"{b / hardware.GiB:.1f} GiB" if b >= hardware.GiB // 10 else f"{b / 2 ** 20:.1f} MiB"
 
 
+def _count(n: int) -> str:
+  """A parameter count: 0.12B, 1.14M."""
+  return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def comm(r: dict) -> str:
   """The collectives' part of the roofline line."""
   if r.get("communication_time_s") is None:
@@ -160,7 +165,7 @@ def summary(r: dict) -> str:
       f"topology   {r['topology']} ({r['compiler_topology']}) x {r['slices']} slice(s): "
       f"{r['chips']} {'GPUs' if r['generation'] in hardware.GPUS else 'chips'}; mesh {mesh} "
       f"(dcn {r['mesh_dcn']})",
-      f"model      {r['params'] / 1e9:.2f}B params, batch {r['batch_size']} x {r['seq_len']}, "
+      f"model      {_count(r['params'])} params, batch {r['batch_size']} x {r['seq_len']}, "
       f"microbatches {r['microbatches']}, remat {r['remat']}, scan_layers {r['scan_layers']}, "
       f"{r['dtype']}",
       f"HBM        {gib(r['hbm_per_chip_bytes'])} per chip of {gib(r['hbm_capacity_bytes'])}: "
@@ -239,8 +244,11 @@ def main(argv):
     size = (f"needs {need / gib_:.1f} GiB per chip, {topo.generation} has {cap / gib_:.1f} GiB"
             f"{share}: {(need - cap) / gib_:.1f} GiB over" if need else
             f"does not fit ({report['compiler_message']})")
-    print(f"error: {size}; try --config.train.microbatches=0 (the fewest microbatches that "
-          f"fit), --config.model.remat=full, more mesh.fsdp or a smaller batch", file=sys.stderr)
+    tries = ([] if config.train.microbatches == 0 else
+             ["--config.train.microbatches=0 (the fewest microbatches that fit)"])
+    tries += [] if config.model.remat == "full" else ["--config.model.remat=full"]
+    print(f"error: {size}; try {', '.join(tries + ['more mesh.fsdp', 'a smaller batch'])}",
+          file=sys.stderr)
     sys.exit(1)
   return report
 

@@ -126,8 +126,9 @@ def run(args: dict) -> None:
                       f"is): choose another --out, or --overwrite to replace it")
   cli.output_folder("out", paths.dirname(paths.abspath(out)))  # (a traceback at the end)
   sources = args.get("mixture") or [(1.0, _corpus_flags(args))]
-  for _, corpus_flags in sources:
-    corpus_lib.check_format(corpus_flags["fmt"])
+  for _, corpus_flags in sources:  # (--config's, or this command's flags)
+    corpus_lib.check_format(corpus_flags["fmt"], "data.format" if args.get("mixture") else
+                            "--format")
   control = tokenizer_lib.special_pieces(args['special'])  # before reading the corpus
   if tokenizer_lib.is_byte_level_out(out) and (
       too_small := hf_tokenization.byte_level_vocab_error(args["vocab_size"], control)):

@@ -92,10 +92,10 @@ class CorpusFile:
   size: int = -1
 
 
-def check_format(fmt: str) -> None:
-  """Raises ConfigError unless `fmt` is a known document format."""
+def check_format(fmt: str, key: str = "data.format") -> None:
+  """Raises ConfigError unless `fmt` (the value of `key`) is a known document format."""
   if fmt not in FORMATS:
-    raise ConfigError(f"data.format={fmt!r} is unknown; expected one of {', '.join(FORMATS)}")
+    raise ConfigError(f"{key}={fmt!r} is unknown; expected one of {', '.join(FORMATS)}")
 
 
 def stdlib_root() -> str:
