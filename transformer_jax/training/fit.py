@@ -5,7 +5,8 @@ device can take at once depends on the device, its memory and the mesh. With 0, 
 its train step at a microbatch count, reads the compiled program's memory (XLA's buffer
 assignment: arguments + outputs - aliased + temporaries + code, perf/roofline.hbm) and compares it
 with what the device's allocator may hand out (`memory_stats()["bytes_limit"]`; on a GPU that is
-XLA_PYTHON_CLIENT_MEM_FRACTION of it, the share `aot --topology=GPU` checks against). It starts at
+XLA_PYTHON_CLIENT_MEM_FRACTION of it, the share `aot --topology=GPU` checks against), less
+HEADROOM (5 %) for what runs beside the step. It starts at
 1 and takes the count a fit of the figures so far predicts to be the first that fits, each count a
 divisor of the batch that leaves every microbatch divisible by the batch shards, compiling until
 one fits: 1 compile when the whole batch fits, 2 or 3 otherwise. Memory falls with the count as
@@ -27,6 +28,11 @@ import jax
 from transformer_jax.config import ConfigError
 from transformer_jax.perf import roofline
 
+# The share of the device's memory left free beside the step: the next batch on its way in, the
+# evaluation's program between steps, the runtime's own buffers (a GPU's cuBLAS workspaces, whose
+# autotuned choices a compile without the device does not see), the allocator's fragmentation.
+HEADROOM = 0.05
+
 
 def device_memory(devices) -> int | None:
   """Bytes a program may take on one of `devices` (the smallest of every process's), or None
@@ -39,6 +45,11 @@ def device_memory(devices) -> int | None:
     limits = multihost_utils.process_allgather(np.int64(limit))
     limit = int(limits.min()) if limits.all() else 0
   return limit or None
+
+
+def room_for_step(capacity: int) -> int:
+  """The bytes of `capacity` a step may take: all but HEADROOM."""
+  return capacity - int(capacity * HEADROOM)
 
 
 def counts(config, batch_shards: int) -> list[int]:
@@ -87,27 +98,30 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
     trainer.use_microbatches(m)
     _, needed, available, _ = compile_fn(trainer)
     capacity = int(available or capacity)
-    if needed is not None and needed <= capacity:
+    budget = room_for_step(capacity)
+    if needed is not None and needed <= budget:
       break
     tried[m] = needed
-    m = _next(allowed, tried, capacity)
+    m = _next(allowed, tried, budget)
     if m is None:
       worst = max(tried)
       raise ConfigError(
-          f"train.microbatches=0: the train step fits the device's {_gib(capacity)} at no "
-          f"microbatch count: {worst} microbatches of {trainer.config.train.batch_size // worst} "
-          f"rows need " + (_gib(tried[worst]) if tried[worst] else "more") + "; shard the "
-          "model over more devices (mesh.fsdp, mesh.tensor), model.remat=full or "
-          "train.loss_chunk, or a shorter data.seq_len")
+          f"train.microbatches=0: the train step fits {_gib(budget)} (of the device's "
+          f"{_gib(capacity)}) at no microbatch count: {worst} microbatches of "
+          f"{trainer.config.train.batch_size // worst} rows need "
+          + (_gib(tried[worst]) if tried[worst] else "more") + "; shard the model over more "
+          "devices (mesh.fsdp, mesh.tensor), model.remat=full or train.loss_chunk, or a shorter "
+          "data.seq_len")
   rows = trainer.config.train.batch_size // m
   say(f"train.microbatches=0: {m} microbatch{'es' if m > 1 else ''} of {rows} rows (the step "
-      f"needs {_gib(needed)} of the device's {_gib(capacity)}"
+      f"needs {_gib(needed)} of the {_gib(budget)} it may take of the device's "
+      f"{_gib(capacity)}"
       + "".join(f"; {k}: {_gib(v) if v else 'more'}" for k, v in sorted(tried.items())) + ")"
       + (f"; train.microbatches={m} skips the search" if tried else ""))
   return m
 
 
-def _next(allowed: list[int], tried: dict, capacity: int) -> int | None:
+def _next(allowed: list[int], tried: dict, budget: int) -> int | None:
   """The next count to compile: the first allowed above every failed one that the fit bytes(m)
   = F + A / m through the last two known figures (one: F = 0) predicts to fit; else the first
   above them (figures missing: twice the last)."""
@@ -124,9 +138,9 @@ def _next(allowed: list[int], tried: dict, capacity: int) -> int | None:
     (m1, b1), (m2, b2) = known[-2:]
     per = (b1 - b2) / (1 / m1 - 1 / m2)
     fixed = b1 - per / m1
-  if per <= 0 or fixed >= capacity:
+  if per <= 0 or fixed >= budget:
     return above[-1]
-  want = math.ceil(per / (capacity - fixed))
+  want = math.ceil(per / (budget - fixed))
   return next((m for m in above if m >= want), above[-1])
 
 
