@@ -2,22 +2,23 @@
 
 A recipe's batch is its published one (GPT-2 small: 512 rows of 1024 tokens); how many rows a
 device can take at once depends on the device, its memory and the mesh. With 0, the run compiles
-its train step at a microbatch count, reads the compiled program's memory (XLA's buffer
-assignment: arguments + outputs - aliased + temporaries + code, perf/roofline.hbm) and compares it
-with what the device's allocator may hand out (`memory_stats()["bytes_limit"]`; on a GPU that is
+its train step at a microbatch count and reads the compiled program's memory (XLA's buffer
+assignment: arguments + outputs - aliased + temporaries + code, perf/roofline.hbm). It compares
+that with what the device's allocator may hand out (`memory_stats()["bytes_limit"]`; on a GPU,
 XLA_PYTHON_CLIENT_MEM_FRACTION of it, the share `aot --topology=GPU` checks against), less
-HEADROOM (5 %) for what runs beside the step. It starts at
-1 and takes the count a fit of the figures so far predicts to be the first that fits, each count a
-divisor of the batch that leaves every microbatch divisible by the batch shards, compiling until
-one fits: 1 compile when the whole batch fits, 2 or 3 otherwise. Memory falls with the count as
-bytes(m) = F + A / m (activations shrink, the state, gradients and optimizer temporaries stay); a
-compiler that refuses a program for memory (XLA:TPU) gives its needed bytes in its message.
+HEADROOM for what runs beside the step. It starts at 1 (the whole batch); while a count does not
+fit, the next is the first that a fit of the figures so far predicts to fit, bytes(m) = F + A / m
+(activations shrink with the count; the state, gradients and optimizer temporaries stay). Counts
+are the divisors of the batch that leave each microbatch divisible by the batch shards. A
+compiler that refuses a program for memory (XLA:TPU) gives the needed bytes in its message.
 
-The chosen count's compiled step is the one training runs (jit keeps it); later starts load the
-compiles from the persistent cache. A count that did not fit cost a whole compile (on a GPU with
-its autotuning), so the line that says the choice also says that setting it skips the search. A CPU has no such limit: 1, with nothing compiled. The
-choice holds for this run only: config.json keeps 0, so a resume on other devices chooses again
-(the same loss either way: microbatches change only the order of a sum).
+The chosen count's compiled step is the one training runs (jit keeps it), so a batch that fits
+costs no extra compile; each count that did not fit cost a whole one (on a GPU, with its
+autotuning; the persistent cache keeps them for the next start), and the line that says the
+choice names the count to pin. A CPU has no such limit: 1, nothing compiled. The choice holds for
+this run only: config.json keeps 0, so a resume on other devices chooses again (microbatches
+change how the batch's gradient sum is formed: the same loss to rounding, though dropout's masks
+and an MoE's balance statistics are drawn per microbatch).
 """
 
 import math
@@ -37,8 +38,9 @@ HEADROOM = 0.05
 def device_memory(devices) -> int | None:
   """Bytes a program may take on one of `devices` (the smallest of every process's), or None
   on a platform without a limit (a CPU)."""
-  stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
-  limit = int((stats or {}).get("bytes_limit") or 0)
+  if devices[0].platform == "cpu":  # (every process's: one platform per job)
+    return None
+  limit = int((devices[0].memory_stats() or {}).get("bytes_limit") or 0)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
