@@ -93,7 +93,7 @@ class JaxRunner:
     self.trainer = Trainer(config, sharding.make_mesh(config))
     if not config.train.microbatches:  # the fewest that fit, as training chooses them
       from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
-      fit.choose(self.trainer, fit.device_memory(jax.devices()),
+      fit.choose(self.trainer, fit.device_memory(jax.local_devices()),
                  lambda msg: print(msg, file=sys.stderr))
     self.batches = 0
     t0 = time.perf_counter()

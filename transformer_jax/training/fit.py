@@ -36,8 +36,8 @@ HEADROOM = 0.05
 
 
 def device_memory(devices) -> int | None:
-  """Bytes a program may take on one of `devices` (the smallest of every process's), or None
-  on a platform without a limit (a CPU)."""
+  """Bytes a program may take on one of `devices` (this process's; in a job of several, the
+  smallest of every process's), or None on a platform without a limit (a CPU)."""
   if devices[0].platform == "cpu":  # (every process's: one platform per job)
     return None
   limit = int((devices[0].memory_stats() or {}).get("bytes_limit") or 0)

@@ -62,7 +62,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   trainer = setup(config, workdir, devices)
   with lock.hold(workdir) as still_ours:
     if not config.train.microbatches:  # (before anything is written: a batch may fit nowhere)
-      fit.choose(trainer, fit.device_memory(list(trainer.mesh.devices.flat)),
+      fit.choose(trainer, fit.device_memory(trainer.mesh.local_devices),
                  tqdm.tqdm.write if jax.process_index() == 0 and not quiet else lambda _: None)
     return _run(trainer, workdir, stop_after, quiet, still_ours)
 
