@@ -95,7 +95,9 @@ def test_a_run_with_microbatches_0_trains_at_the_count_it_chose(tiny_data, tmp_p
   given = loop.train(config(2), str(tmp_path / "given"), quiet=True, devices=jax.devices()[:1])
   lines = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
            for name in ("auto", "given")}
-  drop = ("tokens_per_s", "mfu", "compile_s", "eval_s", "time")
+  assert lines["auto"][0]["microbatch_search_s"] > 0  # (its compiles, before compile_s's)
+  assert not any("microbatch_search_s" in r for r in lines["auto"][1:] + lines["given"])
+  drop = ("tokens_per_s", "mfu", "compile_s", "eval_s", "time", "microbatch_search_s")
   assert [{k: v for k, v in r.items() if k not in drop} for r in lines["auto"]] == [
       {k: v for k, v in r.items() if k not in drop} for r in lines["given"]]
   assert auto["loss"] == given["loss"] and auto["eval_loss"] == given["eval_loss"]

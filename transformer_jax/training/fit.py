@@ -13,7 +13,8 @@ are the divisors of the batch that leave each microbatch divisible by the batch 
 compiler that refuses a program for memory (XLA:TPU) gives the needed bytes in its message.
 
 The chosen count's compiled step is the one training runs (jit keeps it), so a batch that fits
-costs no extra compile; each count that did not fit cost a whole one (on a GPU, with its
+costs no extra compile (the search's seconds are the first metrics line's microbatch_search_s,
+beside its compile_s); each count that did not fit cost a whole one (on a GPU, with its
 autotuning; the persistent cache keeps them for the next start), and the line that says the
 choice names the count to pin. A CPU has no such limit: 1, nothing compiled. The choice holds for
 this run only: config.json keeps 0, so a resume on other devices chooses again (microbatches
@@ -22,6 +23,7 @@ and an MoE's balance statistics are drawn per microbatch).
 """
 
 import math
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -92,6 +94,7 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
     trainer.use_microbatches(1)
     say("train.microbatches=0: 1 (no device memory limit here to fit)")
     return 1
+  start = time.perf_counter()
   sizes = trainer.mesh.shape
   shards = math.prod(sizes.get(axis, 1) for axis in ("data", "fsdp", "expert"))
   allowed, tried = counts(trainer.config, shards), {}
@@ -114,6 +117,7 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
           + (_gib(tried[worst]) if tried[worst] else "more") + "; shard the model over more "
           "devices (mesh.fsdp, mesh.tensor), model.remat=full or train.loss_chunk, or a shorter "
           "data.seq_len")
+  trainer.microbatch_search_s = time.perf_counter() - start
   rows = trainer.config.train.batch_size // m
   say(f"train.microbatches=0: {m} microbatch{'es' if m > 1 else ''} of {rows} rows (the step "
       f"needs {_gib(needed)} of the {_gib(budget)} it may take of the device's "

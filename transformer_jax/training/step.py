@@ -244,6 +244,7 @@ class Trainer:
   batch_sharding: Any = None
   teacher: distill.Teacher | None = None  # train.distill's frozen teacher, on this mesh
   workdir: str = ""  # the run's: a resumed distillation reads the teacher step it started from
+  microbatch_search_s: float = 0.0  # train.microbatches=0: seconds training/fit.py compiled
 
   def __post_init__(self):
     c = self.config

@@ -29,6 +29,8 @@ class Meter:
     self.tokens_per_step = c.train.batch_size * c.data.seq_len
     self.sources = [src.name for src in mixture.sources(c)]
     self._t0, self._mark, self._first, self._window = time.perf_counter(), None, {}, None
+    if trainer.microbatch_search_s:  # (compiles before the first step's: fit.py's, timed there)
+      self._first["microbatch_search_s"] = trainer.microbatch_search_s
     self.restart()
 
   def restart(self):
