@@ -17,6 +17,7 @@ from transformer_jax.data import mixture
 from transformer_jax.data import pipeline
 from transformer_jax.data import tfds_text
 from transformer_jax.data import tokenization as tokenizer_lib
+from transformer_jax.parallel import sharding
 from transformer_jax.training import loop
 from transformer_jax.training import step as step_lib
 
@@ -265,6 +266,12 @@ def test_training_logs_tokens_and_eval_loss_per_source(sources, tmp_path, capsys
   for window in logged:
     counts = sum((_source_tokens(next(it)) for _ in range(3)), collections.Counter())
     assert window == {"prose": counts[0], "code": counts[1], "short": counts[2]}
+  # the abstract batch the step is compiled for ahead of time (aot, train.microbatches=0) is
+  # the real one, the source index included: the first step reuses that compile
+  trainer = step_lib.Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
+  real, abstract = trainer.put_batch(next(it)), trainer.abstract_batch()
+  assert {k: (v.shape, v.dtype) for k, v in real.items()} == {
+      k: (v.shape, v.dtype) for k, v in abstract.items()}
   it.close()
   assert len(logged) == 2
   evals = [r for r in rows if "eval_loss" in r][-1]

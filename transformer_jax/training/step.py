@@ -479,11 +479,20 @@ class Trainer:
                  eval_sentence_accuracy=sums["sentence_correct"] / pairs)
     return out
 
+  def abstract_batch(self) -> dict:
+    """A training batch's keys, shapes and dtypes, sharded as put_batch shards them (a
+    mixture's source index too: its rows' longest feature's length, mixture.tag)."""
+    spec = objectives.batch_spec(self.objective, self.config.train.batch_size)
+    if self.mixture_size:
+      rows = self.config.train.batch_size
+      spec[mixture.SOURCE_KEY] = ((rows, max(s[1] for s, _ in spec.values())), jnp.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+            for k, (shape, dtype) in spec.items()}
+
   def lower_train_step(self):
-    """The train step lowered for this mesh with abstract inputs (for AOT analysis)."""
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
-             for k, (shape, dtype) in objectives.batch_spec(
-                 self.objective, self.config.train.batch_size).items()}
+    """The train step lowered for this mesh with abstract inputs (for AOT analysis, and
+    training/fit.py, whose compile the first step then reuses: the same inputs)."""
+    batch = self.abstract_batch()
     rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: the devices may be compile-only
     with sharding.context(self.mesh, self.rules):
       teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
