@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+from jax._src import compiler as jax_compiler
 import pytest
 
 from transformer_jax import config as config_lib
@@ -81,7 +82,8 @@ def test_a_compiler_that_refuses_for_memory_is_read_from_its_figures(trainer):
 def test_a_run_with_microbatches_0_trains_at_the_count_it_chose(tiny_data, tmp_path,
                                                                  monkeypatch, capsys):
   """loop.train chooses before anything is written, says so, and trains (and evaluates) as a
-  run given that count does; config.json keeps 0, so a resume elsewhere chooses again."""
+  run given that count does, with the program it chose (no third compile of the step);
+  config.json keeps 0, so a resume elsewhere chooses again."""
   def config(m):
     return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
         tiny_data, **{"train.microbatches": m, "train.batch_size": 8, "train.steps": 4,
@@ -89,8 +91,16 @@ def test_a_run_with_microbatches_0_trains_at_the_count_it_chose(tiny_data, tmp_p
                       "eval.batches": 1}))
   t = Trainer(config(0), sharding.make_mesh(config(0), jax.devices()[:1]))
   t.use_microbatches(2)
-  monkeypatch.setattr(fit, "device_memory", lambda devices: room(fit.compile_step(t).needed))
+  capacity = room(fit.compile_step(t).needed)
+  monkeypatch.setattr(fit, "device_memory", lambda devices: capacity)
+  compiles, compile_or_get_cached = [], jax_compiler.compile_or_get_cached
+
+  def counting(backend, computation, *args, **kwargs):
+    compiles.append(str(computation.operation.attributes["sym_name"]))
+    return compile_or_get_cached(backend, computation, *args, **kwargs)
+  monkeypatch.setattr(jax_compiler, "compile_or_get_cached", counting)
   auto = loop.train(config(0), str(tmp_path / "auto"), devices=jax.devices()[:1])
+  assert sum("_train_step" in name for name in compiles) == 2, compiles  # 1, then 2 (kept)
   assert "train.microbatches=0: 2 microbatches of 4 rows" in capsys.readouterr().out
   given = loop.train(config(2), str(tmp_path / "given"), quiet=True, devices=jax.devices()[:1])
   lines = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
