@@ -12,7 +12,8 @@ and 2.7b, 143k for 6.7b, 95k for 175b; cosine to 10% over the first 260B, warmup
 decay 0.1, clipping 1.0).
 
 Layers are scanned (model.scan_layers), parameters and optimizer state sharded over every chip
-(mesh.fsdp=-1), bfloat16 compute with fp32 parameters. Which slices they fit: benchmarks/RESULTS.md
+(mesh.fsdp=-1), bfloat16 compute with fp32 parameters, the batch split into the fewest
+microbatches that fit (train.microbatches=0). Which slices they fit: benchmarks/RESULTS.md
 "TPU pods, ahead-of-time from CPU".
 """
 
@@ -49,4 +50,5 @@ def get_config(arg=None):
                      decay_steps=steps(DECAY_TOKENS), min_lr_ratio=0.1,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.train.microbatches = 0  # the paper's batch on any slice: as few as fit (training/fit.py)
   return c

@@ -14,8 +14,9 @@ layers, width 2048, 32 heads / 8 KV heads, SwiGLU 8192, theta 5e5, tied embeddin
 CPU-sized model of the same family for tests.
 
 Big sizes scan their layers (model.scan_layers: compile time independent of depth), shard
-parameters and optimizer state over every chip (mesh.fsdp=-1) and compute in bfloat16 with fp32
-parameters. Which slices they fit: benchmarks/RESULTS.md "TPU pods, ahead-of-time from CPU".
+parameters and optimizer state over every chip (mesh.fsdp=-1), compute in bfloat16 with fp32
+parameters and split the batch into the fewest microbatches that fit (train.microbatches=0).
+Which slices they fit: benchmarks/RESULTS.md "TPU pods, ahead-of-time from CPU".
 """
 
 from transformer_jax.config import base
@@ -58,6 +59,7 @@ def get_config(arg=None):
   else:
     c.model.update(dtype="bfloat16", scan_layers=True)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.train.microbatches = 0  # the published batch anywhere: as few as fit (training/fit.py)
   return c
 
 

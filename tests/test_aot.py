@@ -210,6 +210,19 @@ def test_aot_chooses_the_microbatches_against_the_chips_hbm(monkeypatch, capsys)
   assert "train.microbatches=0: 4 microbatches of 4 rows (the step needs" in capsys.readouterr().err
   assert report["step_time_estimate_s"] > 0 and report["mfu_estimate"] > 0  # priced at 4
   assert config.train.microbatches == 0  # (the caller's config is left as it was)
+  # No count fits: reported as any config that does not fit, at the largest count, from the
+  # compile the search ended at (not compiled again)
+  tried = []
+
+  def every_count_refused(trainer):
+    tried.append(trainer.microbatches)
+    return fit.Compiled(None, 2**40 // trainer.microbatches, None, "RESOURCE_EXHAUSTED: test")
+  monkeypatch.setattr(fit, "compile_step", every_count_refused)
+  report = aot.check(config, topology.parse_topology("v5e-4"), 1, estimate=False)
+  assert (report["fits"], report["microbatches"], report["hbm_per_chip_bytes"]) == (
+      False, 4, 2**38) and tried[-1] == 4 and tried.count(4) == 1, (report, tried)
+  assert "at no microbatch count: 4 microbatches of 4 rows need 256.00 GiB" in (
+      capsys.readouterr().err)
 
 
 def test_bad_topology_is_one_line_before_compiling():

@@ -63,12 +63,17 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
   trainer = Trainer(config, mesh)
   report = describe(config, topo, slices, trainer, mesh)
   t0 = time.perf_counter()
+  chosen = None  # the compile fit.choose ended at, when no count fits
   if not config.train.microbatches:  # the fewest that fit this chip's HBM (training/fit.py)
     say = lambda msg: print(msg, file=sys.stderr)  # pylint: disable=unnecessary-lambda-assignment
     config = copy.deepcopy(config)
-    config.train.microbatches = report["microbatches"] = fit.choose(
-        trainer, report["hbm_capacity_bytes"], say, lambda t: _compile(t, topo))
-  compiled = compile_step(trainer, topo, report)
+    try:
+      m = fit.choose(trainer, report["hbm_capacity_bytes"], say, lambda t: _compile(t, topo))
+    except fit.NoFit as e:  # reported as any config that does not fit: at its largest count
+      say(str(e))
+      m, chosen = e.count, e.result
+    config.train.microbatches = report["microbatches"] = m
+  compiled = compile_step(trainer, topo, report, chosen)
   report["compile_s"] = time.perf_counter() - t0
   if compiled is None:  # out of memory: report says by how much
     return report
@@ -112,10 +117,10 @@ def describe(config, topo, slices, trainer, mesh) -> dict:
   }
 
 
-def compile_step(trainer, topo, report: dict):
-  """The compiled train step, or None when it does not fit (the report then holds the needed
-  and available bytes from XLA's out-of-memory message)."""
-  program, needed, available, refusal = _compile(trainer, topo)
+def compile_step(trainer, topo, report: dict, result=None):
+  """The compiled train step (`result`: its fit.compile_step already), or None when it does not
+  fit (the report then holds the needed and available bytes from XLA's out-of-memory message)."""
+  program, needed, available, refusal = result or _compile(trainer, topo)
   if program is None:
     if available:
       report["hbm_capacity_bytes"] = int(available)

@@ -91,15 +91,15 @@ class JaxRunner:
     config_lib.validate(config, jax.device_count())
     self.jax, self.config = jax, config
     self.trainer = Trainer(config, sharding.make_mesh(config))
-    if not config.train.microbatches:  # the fewest that fit, as training chooses them
-      from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
-      fit.choose(self.trainer, fit.device_memory(jax.local_devices()),
-                 lambda msg: print(msg, file=sys.stderr))
     self.batches = 0
     t0 = time.perf_counter()
     self.state = self.trainer.init_state(config.seed)
     restore = ops.use_references(reference_ops)
     try:  # the step is traced (and compiled) here, so the swap only affects this runner
+      if not config.train.microbatches:  # the fewest that fit, as training chooses (in compile_s)
+        from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
+        fit.choose(self.trainer, fit.device_memory(jax.local_devices()),
+                   lambda msg: print(msg, file=sys.stderr))
       self._step()
     finally:
       restore()

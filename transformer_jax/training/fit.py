@@ -70,6 +70,14 @@ class Compiled(NamedTuple):
   refusal: str = ""  # the compiler's message
 
 
+class NoFit(ConfigError):
+  """The train step fits at no microbatch count; `count`: the largest, `result`: its compile."""
+
+  def __init__(self, count: int, result: Compiled, message: str):
+    super().__init__(message)
+    self.count, self.result = count, result
+
+
 def compile_step(trainer) -> Compiled:
   """The train step compiled (trainer.lower_train_step), or the compiler's refusal for memory
   (XLA:TPU refuses a program past the HBM, with figures in its message)."""
@@ -89,7 +97,7 @@ def compile_step(trainer) -> Compiled:
 def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) -> int:
   """Leaves `trainer` running the fewest microbatches whose train step fits `capacity` bytes
   per device (None: 1, nothing compiled) and returns that count. A batch that fits at no count
-  is a ConfigError naming the least it needed."""
+  is a NoFit (a ConfigError) naming the least it needed."""
   if not capacity:
     trainer.use_microbatches(1)
     say("train.microbatches=0: 1 (no device memory limit here to fit)")
@@ -101,7 +109,8 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
   m = allowed[0]
   while True:
     trainer.use_microbatches(m)
-    _, needed, available, _ = compile_fn(trainer)
+    result = compile_fn(trainer)
+    needed, available = result.needed, result.available
     capacity = int(available or capacity)
     budget = room_for_step(capacity)
     if needed is not None and needed <= budget:
@@ -109,14 +118,14 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
     tried[m] = needed
     m = _next(allowed, tried, budget)
     if m is None:
-      worst = max(tried)
-      raise ConfigError(
+      worst = max(tried)  # (the count the trainer is left at, and `result` is of)
+      need = _gib(tried[worst]) if tried[worst] else "more"
+      raise NoFit(worst, result, (
           f"train.microbatches=0: the train step fits {_gib(budget)} (of the device's "
           f"{_gib(capacity)}) at no microbatch count: {worst} microbatches of "
-          f"{trainer.config.train.batch_size // worst} rows need "
-          + (_gib(tried[worst]) if tried[worst] else "more") + "; shard the model over more "
-          "devices (mesh.fsdp, mesh.tensor), model.remat=full or train.loss_chunk, or a shorter "
-          "data.seq_len")
+          f"{trainer.config.train.batch_size // worst} rows need {need}; shard the model over "
+          f"more devices (mesh.fsdp, mesh.tensor), model.remat=full or train.loss_chunk, or a "
+          f"shorter data.seq_len"))
   trainer.microbatch_search_s = time.perf_counter() - start
   rows = trainer.config.train.batch_size // m
   say(f"train.microbatches=0: {m} microbatch{'es' if m > 1 else ''} of {rows} rows (the step "
