@@ -140,7 +140,7 @@ def _next(allowed: list[int], tried: dict, budget: int) -> int | None:
   """The next count to compile: the first allowed above every failed one that the fit bytes(m)
   = F + A / m through the last two known figures predicts to fit; else the first above them
   (figures missing: twice the last). With one figure F = 0, which understates every larger
-  count's bytes (by F (1 - 1/m)): the count it names is never past the fewest that fit."""
+  count's bytes (by F (1 - m1 / m)): the count it names is never past the fewest that fit."""
   above = [m for m in allowed if m > max(tried)]
   if not above:
     return None
