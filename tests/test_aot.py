@@ -197,10 +197,13 @@ def test_aot_chooses_the_microbatches_against_the_chips_hbm(monkeypatch, capsys)
   from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
   compile_step = fit.compile_step
 
+  compiled = {}
+
   def whole_batch_refused(trainer):
     if trainer.microbatches == 1:
       return fit.Compiled(None, 10**12, None, "RESOURCE_EXHAUSTED: the test's refusal")
-    return compile_step(trainer)
+    compiled[trainer.microbatches] = compile_step(trainer)
+    return compiled[trainer.microbatches]
   monkeypatch.setattr(fit, "compile_step", whole_batch_refused)
   config = tiny("model.num_layers=1", "train.batch_size=16", "mesh.data=4",
                 "model.attention_impl=xla", "train.microbatches=0")
@@ -223,6 +226,13 @@ def test_aot_chooses_the_microbatches_against_the_chips_hbm(monkeypatch, capsys)
       False, 4, 2**38) and tried[-1] == 4 and tried.count(4) == 1, (report, tried)
   assert "at no microbatch count: 4 microbatches of 4 rows need 256.00 GiB" in (
       capsys.readouterr().err)
+  # ... and where the largest count compiles but takes more than fit leaves it (a GPU's
+  # compile, which no memory refuses): not fitting either, as training would refuse it
+  capacity = report["hbm_capacity_bytes"]
+  monkeypatch.setattr(fit, "compile_step", lambda t: fit.Compiled(
+      compiled[4].program, capacity - fit.room_for_step(capacity) // 100))
+  report = aot.check(config, topology.parse_topology("v5e-4"), 1, estimate=False)
+  assert (report["fits"], report["microbatches"]) == (False, 4), report
 
 
 def test_bad_topology_is_one_line_before_compiling():

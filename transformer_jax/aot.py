@@ -63,7 +63,7 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
   trainer = Trainer(config, mesh)
   report = describe(config, topo, slices, trainer, mesh)
   t0 = time.perf_counter()
-  chosen = None  # the compile fit.choose ended at, when no count fits
+  chosen = None  # the compile fit.choose ended at, when no count fits (then it does not fit)
   if not config.train.microbatches:  # the fewest that fit this chip's HBM (training/fit.py)
     say = lambda msg: print(msg, file=sys.stderr)  # pylint: disable=unnecessary-lambda-assignment
     config = copy.deepcopy(config)
@@ -78,6 +78,7 @@ def check(config, topo: topology.Topology, slices: int, estimate: bool = True) -
   if compiled is None:  # out of memory: report says by how much
     return report
   report.update(roofline.hbm(compiled.memory_analysis(), report["hbm_capacity_bytes"]))
+  report["fits"] = report["fits"] and chosen is None  # (fit's 5 % left free counts there)
   report["kernels"] = kernels.census(compiled.as_text())
   if topo.platform == "cuda" or (not estimate and report["scan_layers"]):
     how = ("none (a GPU compile without a device has no cost analysis)"

@@ -110,16 +110,18 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
   while True:
     trainer.use_microbatches(m)
     result = compile_fn(trainer)
-    needed, available = result.needed, result.available
+    needed, available = _agreed(result.needed), result.available
     capacity = int(available or capacity)
     budget = room_for_step(capacity)
-    if needed is not None and needed <= budget:
+    if result.program is not None and needed is not None and needed <= budget:
       break
     tried[m] = needed
     m = _next(allowed, tried, budget)
     if m is None:
       worst = max(tried)  # (the count the trainer is left at, and `result` is of)
-      need = _gib(tried[worst]) if tried[worst] else "more"
+      need = _gib(tried[worst]) if tried[worst] else (
+          f"more (the compiler: {result.refusal.strip().splitlines()[0][:200]})"
+          if result.refusal.strip() else "more")
       raise NoFit(worst, result, (
           f"train.microbatches=0: the train step fits {_gib(budget)} (of the device's "
           f"{_gib(capacity)}) at no microbatch count: {worst} microbatches of "
@@ -134,6 +136,17 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
       + "".join(f"; {k}: {_gib(v) if v else 'more'}" for k, v in sorted(tried.items())) + ")"
       + (f"; train.microbatches={m} skips the search" if tried else ""))
   return m
+
+
+def _agreed(needed: float | None) -> float | None:
+  """In a job of several processes, the largest process's figure (None if any has none), so
+  that every process takes the same count."""
+  if jax.process_count() == 1:
+    return needed
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  figures = multihost_utils.process_allgather(np.float64(-1.0 if needed is None else needed))
+  return None if (figures < 0).any() else float(figures.max())
 
 
 def _next(allowed: list[int], tried: dict, budget: int) -> int | None:
