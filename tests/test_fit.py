@@ -113,3 +113,27 @@ def test_a_run_with_microbatches_0_trains_at_the_count_it_chose(tiny_data, tmp_p
   assert auto["loss"] == given["loss"] and auto["eval_loss"] == given["eval_loss"]
   with open(os.path.join(tmp_path, "auto", "config.json")) as f:
     assert json.load(f)["train"]["microbatches"] == 0
+
+
+def test_evaluating_without_training_chooses_for_the_evaluation_step(monkeypatch):
+  """`evaluate`'s scoring rows and `quantize`'s validation batches (fit.for_evaluation): the
+  fewest microbatches whose evaluation step fits, chosen once; a given count stays."""
+  from transformer_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  c = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+      "model.num_layers=1", "train.batch_size=8", "mesh.data=1", "train.microbatches=0"])
+  t = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
+  needed = {}
+  for m in (1, 2):
+    t.use_microbatches(m)
+    needed[m] = fit.compile_eval(t).needed
+  assert needed[1] > needed[2], needed
+  monkeypatch.setattr(fit, "device_memory", lambda devices: room(needed[2]))
+  said = []
+  t = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
+  assert fit.for_evaluation(t, said.append) == 2 and len(said) == 1
+  assert harness.batch_rows(t) == 4 and len(said) == 1  # (chosen once)
+  given = Trainer(config_lib.load(f"{REPO}/configs/gpt2.py:tiny", [
+      "model.num_layers=1", "train.batch_size=8", "mesh.data=1", "train.microbatches=4"]),
+      t.mesh)
+  assert fit.for_evaluation(given, said.append) == 4 and harness.batch_rows(given) == 2
+  assert len(said) == 1

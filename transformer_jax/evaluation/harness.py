@@ -22,6 +22,7 @@ from transformer_jax.evaluation import scoring
 from transformer_jax.evaluation import tasks as tasks_lib
 from transformer_jax.parallel import sharding
 from transformer_jax.training import checkpoint
+from transformer_jax.training import fit
 from transformer_jax.training import resume
 from transformer_jax.training.step import Trainer
 
@@ -30,6 +31,8 @@ def batch_rows(trainer, batch_size: int = 0) -> int:
   """Rows per scoring batch: `batch_size` or the train step's microbatch rows, rounded up to a
   multiple of the number of batch shards."""
   c = trainer.config
+  if not batch_size:  # (train.microbatches=0 outside training: as many as evaluation needs)
+    fit.for_evaluation(trainer)
   rows = batch_size or max(c.train.batch_size // trainer.microbatches, 1)
   size = trainer.mesh.size
   length = scoring.bucket(0, scoring.MIN_BUCKET, sharding.length_multiple(trainer.mesh,

@@ -16,6 +16,7 @@ from transformer_jax.parallel import sharding
 from transformer_jax.quant import ptq
 from transformer_jax.quant import store
 from transformer_jax.training import checkpoint
+from transformer_jax.training import fit
 from transformer_jax.training import lock
 from transformer_jax.training import resume
 from transformer_jax.training.step import Trainer
@@ -86,6 +87,7 @@ def _quantize_into(workdir: str, out: str, mode: str, group: int, overrides) -> 
                             trainer.state_shardings.params)
   # Every validation batch (of each data.mixture source), pooled: one figure per checkpoint.
   batches = [b for bs in pipeline.eval_sets(config, config.eval.batches).values() for b in bs]
+  fit.for_evaluation(trainer)  # (train.microbatches=0: the evaluation's own count)
   before, after = trainer.evaluate(params, batches), trainer.evaluate(restored, batches)
   store.save(out, workdir, stored, {"mode": mode, "group_size": group, "step": step,
                                     "source": paths.abspath(workdir)})

@@ -23,6 +23,7 @@ and an MoE's balance statistics are drawn per microbatch).
 """
 
 import math
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -81,7 +82,26 @@ class NoFit(ConfigError):
 def compile_step(trainer) -> Compiled:
   """The train step compiled (trainer.lower_train_step), or the compiler's refusal for memory
   (XLA:TPU refuses a program past the HBM, with figures in its message)."""
-  lowered = trainer.lower_train_step()
+  return _compile(trainer.lower_train_step(), trainer.abstract_state)
+
+
+def compile_eval(trainer) -> Compiled:
+  """compile_step's for the evaluation step (the parameters and one validation batch)."""
+  return _compile(trainer.lower_eval_step(), trainer.abstract_state.params)
+
+
+def for_evaluation(trainer, say=None) -> int:
+  """A trainer that evaluates without training (`evaluate`, `quantize`) of a config with
+  train.microbatches=0: the fewest microbatches whose evaluation step fits the device, chosen
+  once (choose with compile_eval); otherwise the count it runs."""
+  if trainer.config.train.microbatches or trainer.microbatches_chosen:
+    return trainer.microbatches
+  say = say or (lambda msg: print(msg, file=sys.stderr))
+  return choose(trainer, device_memory(trainer.mesh.local_devices), say, compile_eval)
+
+
+def _compile(lowered, abstract) -> Compiled:
+  """`lowered` compiled; `abstract`: its arguments' abstract values (a refusal counts them)."""
   try:
     program = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -89,7 +109,7 @@ def compile_step(trainer) -> Compiled:
     if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
       raise
     needed, available = roofline.parse_oom(message, roofline.argument_bytes_per_chip(
-        jax.tree.leaves(trainer.abstract_state)))
+        jax.tree.leaves(abstract)))
     return Compiled(None, needed, available, message)
   return Compiled(program, roofline.hbm(program.memory_analysis(), 0)["hbm_per_chip_bytes"])
 
@@ -98,6 +118,7 @@ def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) ->
   """Leaves `trainer` running the fewest microbatches whose train step fits `capacity` bytes
   per device (None: 1, nothing compiled) and returns that count. A batch that fits at no count
   is a NoFit (a ConfigError) naming the least it needed."""
+  trainer.microbatches_chosen = True
   if not capacity:
     trainer.use_microbatches(1)
     say("train.microbatches=0: 1 (no device memory limit here to fit)")

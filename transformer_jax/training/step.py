@@ -245,6 +245,7 @@ class Trainer:
   teacher: distill.Teacher | None = None  # train.distill's frozen teacher, on this mesh
   workdir: str = ""  # the run's: a resumed distillation reads the teacher step it started from
   microbatch_search_s: float = 0.0  # train.microbatches=0: seconds training/fit.py compiled
+  microbatches_chosen: bool = False  # ... and whether it has chosen
 
   def __post_init__(self):
     c = self.config
@@ -488,6 +489,12 @@ class Trainer:
       spec[mixture.SOURCE_KEY] = ((rows, max(s[1] for s, _ in spec.values())), jnp.int32)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
             for k, (shape, dtype) in spec.items()}
+
+  def lower_eval_step(self):
+    """The evaluation step lowered as lower_train_step (a validation batch has no source)."""
+    batch = {k: v for k, v in self.abstract_batch().items() if k != mixture.SOURCE_KEY}
+    with sharding.context(self.mesh, self.rules):
+      return self._eval.lower(self.abstract_state.params, batch)
 
   def lower_train_step(self):
     """The train step lowered for this mesh with abstract inputs (for AOT analysis, and
