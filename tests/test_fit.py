@@ -137,3 +137,24 @@ def test_evaluating_without_training_chooses_for_the_evaluation_step(monkeypatch
       t.mesh)
   assert fit.for_evaluation(given, said.append) == 4 and harness.batch_rows(given) == 2
   assert len(said) == 1
+
+
+def test_an_moes_evaluation_statistics_combine_over_microbatches_as_training_does():
+  """The eval step in microbatches: sums add up, an MoE's statistics are the microbatches'
+  (max of the expert load, mean of the rest) as in the train step, not sums."""
+  from tests.conftest import synthetic_batch  # pylint: disable=g-import-not-at-top
+  c = config_lib.load(f"{REPO}/configs/mixtral.py:tiny", ["train.batch_size=4", "mesh.data=1"])
+  t = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
+  params = t.init_state(0).params
+  batch = synthetic_batch(c, seed=3)
+  halves = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]  # row r: microbatch r % 2
+  each = [t.evaluate(params, [h]) for h in halves]
+  t.use_microbatches(2)
+  got = t.evaluate(params, [batch])
+  assert got["eval_loss"] == pytest.approx(
+      sum(e["eval_loss"] * e["eval_tokens"] for e in each) / got["eval_tokens"], rel=1e-5)
+  assert got["eval_moe_expert_load"] == pytest.approx(max(e["eval_moe_expert_load"] for e in each))
+  means = [k for k in got if k.startswith("eval_moe_") and k != "eval_moe_expert_load"]
+  assert means, got
+  for key in means:
+    assert got[key] == pytest.approx(sum(e[key] for e in each) / 2, rel=1e-5), key

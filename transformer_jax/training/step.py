@@ -432,8 +432,11 @@ class Trainer:
       return {"loss": loss, "weight": weight, **aux}
     if self.microbatches == 1:
       return sums(batch)
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0),
-                        jax.lax.map(sums, _split(batch, self.microbatches)))
+    parts = jax.lax.map(sums, _split(batch, self.microbatches))
+    # An MoE's statistics are the batch's as training takes them over its microbatches (max
+    # or mean: moe_batches stays 1); the rest are sums.
+    return {k: AUX_REDUCE[aux_kind(k)](v, axis=0) if k.startswith("moe_") else jnp.sum(v, axis=0)
+            for k, v in parts.items()}
 
   # ---- host-side API
   def init_state(self, seed: int) -> TrainState:
