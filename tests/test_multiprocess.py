@@ -384,3 +384,37 @@ def test_a_save_that_fails_on_one_process_stops_both_with_one_line_each(tiny_dat
   assert outs[1].strip().splitlines()[-1] == f"{saving}No space left on device{then}", (
       outs[1][-2000:])
   assert sorted(os.listdir(run / "checkpoints")) == ["2"]
+
+
+FIT_ACROSS_PROCESSES = """
+import os, types
+from transformer_jax import cli, train
+from transformer_jax.training import fit
+pid, GIB = int(os.environ["TJAX_PROCESS_ID"]), 2**30
+memory, compile_step = fit.device_memory, fit.compile_step
+def device_memory(devices):  # an accelerator's limits: 5 and 4.5 GiB (past an int32 of bytes)
+  stats = {"bytes_limit": (5 * GIB, 9 * GIB // 2)[pid]}
+  return memory([types.SimpleNamespace(platform="gpu", memory_stats=lambda: stats)])
+def figures(trainer):  # the whole batch fits process 0's figure (3 GiB), not process 1's (5 GiB)
+  real = compile_step(trainer)
+  return real._replace(needed=(3 + 2 * pid) * GIB if trainer.microbatches == 1 else GIB)
+fit.device_memory, fit.compile_step = device_memory, figures
+cli.run(train.main)
+"""
+
+
+def test_processes_choose_one_microbatch_count_from_the_smallest_memory_and_largest_need(
+    tiny_data, tmp_path):
+  """train.microbatches=0 in a job of two processes whose devices and figures differ: both
+  take the smallest memory limit (exchanged in MiB: 5 GiB is past an int32 of bytes) and, at
+  each count, the largest need, so both choose 2 (process 0 alone would have kept 1), and
+  train."""
+  (tmp_path / "fit.py").write_text(FIT_ACROSS_PROCESSES)
+  cmd = [sys.executable, str(tmp_path / "fit.py"), f"--config={REPO}/configs/gpt2.py:tiny",
+         f"--workdir={tmp_path / 'run'}"] + _flags(
+             tiny_data, **{"train.steps": 2, "train.microbatches": 0, "data.shards": 0,
+                           "checkpoint.every_steps": 100})
+  codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="60")
+  assert codes == [0, 0], [o[-2000:] for o in outs]
+  assert ("train.microbatches=0: 2 microbatches of 2 rows (the step needs 1.00 GiB of the "
+          "4.28 GiB it may take of the device's 4.50 GiB; 1: 5.00 GiB)") in outs[0], outs[0][-2000:]

@@ -36,6 +36,7 @@ from transformer_jax.perf import roofline
 # evaluation's program between steps, the runtime's own buffers (a GPU's cuBLAS workspaces, whose
 # autotuned choices a compile without the device does not see), the allocator's fragmentation.
 HEADROOM = 0.05
+MIB = 2**20  # processes exchange figures in MiB: int32s (JAX without x64 has no int64)
 
 
 def device_memory(devices) -> int | None:
@@ -45,11 +46,16 @@ def device_memory(devices) -> int | None:
     return None
   limit = int((devices[0].memory_stats() or {}).get("bytes_limit") or 0)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    limits = multihost_utils.process_allgather(np.int64(limit))
-    limit = int(limits.min()) if limits.all() else 0
+    limits = _gathered(limit // MIB)
+    limit = int(limits.min()) * MIB if limits.all() else 0
   return limit or None
+
+
+def _gathered(value: int):
+  """Every process's `value` (an int32), as a numpy array in process order."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.int32(value)))
 
 
 def room_for_step(capacity: int) -> int:
@@ -114,11 +120,12 @@ def _compile(lowered, abstract) -> Compiled:
   return Compiled(program, roofline.hbm(program.memory_analysis(), 0)["hbm_per_chip_bytes"])
 
 
-def choose(trainer, capacity: int | None, say=print, compile_fn=compile_step) -> int:
+def choose(trainer, capacity: int | None, say=print, compile_fn=None) -> int:
   """Leaves `trainer` running the fewest microbatches whose train step fits `capacity` bytes
   per device (None: 1, nothing compiled) and returns that count. A batch that fits at no count
-  is a NoFit (a ConfigError) naming the least it needed."""
+  is a NoFit (a ConfigError) naming the least it needed. `compile_fn`: compile_step's kind."""
   trainer.microbatches_chosen = True
+  compile_fn = compile_fn or compile_step
   if not capacity:
     trainer.use_microbatches(1)
     say("train.microbatches=0: 1 (no device memory limit here to fit)")
@@ -164,10 +171,8 @@ def _agreed(needed: float | None) -> float | None:
   that every process takes the same count."""
   if jax.process_count() == 1:
     return needed
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  figures = multihost_utils.process_allgather(np.float64(-1.0 if needed is None else needed))
-  return None if (figures < 0).any() else float(figures.max())
+  figures = _gathered(-1 if needed is None else -(-int(needed) // MIB))  # (MiB, rounded up)
+  return None if (figures < 0).any() else int(figures.max()) * MIB
 
 
 def _next(allowed: list[int], tried: dict, budget: int) -> int | None:
