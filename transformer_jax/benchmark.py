@@ -85,6 +85,7 @@ class JaxRunner:
     from transformer_jax.models import ops  # pylint: disable=g-import-not-at-top
     from transformer_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
     from transformer_jax.perf import counting, hardware  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
     from transformer_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
     from transformer_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.use_cpu_devices(config.mesh.cpu_devices)
@@ -96,10 +97,7 @@ class JaxRunner:
     self.state = self.trainer.init_state(config.seed)
     restore = ops.use_references(reference_ops)
     try:  # the step is traced (and compiled) here, so the swap only affects this runner
-      if not config.train.microbatches:  # the fewest that fit, as training chooses (in compile_s)
-        from transformer_jax.training import fit  # pylint: disable=g-import-not-at-top
-        fit.choose(self.trainer, fit.device_memory(jax.local_devices()),
-                   lambda msg: print(msg, file=sys.stderr))
+      fit.resolve(self.trainer)  # (train.microbatches=0, as training chooses: in compile_s)
       self._step()
     finally:
       restore()

@@ -96,14 +96,19 @@ def compile_eval(trainer) -> Compiled:
   return _compile(trainer.lower_eval_step(), trainer.abstract_state.params)
 
 
-def for_evaluation(trainer, say=None) -> int:
-  """A trainer that evaluates without training (`evaluate`, `quantize`) of a config with
-  train.microbatches=0: the fewest microbatches whose evaluation step fits the device, chosen
-  once (choose with compile_eval); otherwise the count it runs."""
+def resolve(trainer, say=None, compile_fn=None) -> int:
+  """The count `trainer` runs: with train.microbatches=0, chosen once (choose) against the
+  memory of this process's devices (`say`: stderr by default)."""
   if trainer.config.train.microbatches or trainer.microbatches_chosen:
     return trainer.microbatches
   say = say or (lambda msg: print(msg, file=sys.stderr))
-  return choose(trainer, device_memory(trainer.mesh.local_devices), say, compile_eval)
+  return choose(trainer, device_memory(trainer.mesh.local_devices), say, compile_fn)
+
+
+def for_evaluation(trainer, say=None) -> int:
+  """resolve for a trainer that evaluates without training (`evaluate`, `quantize`): the
+  fewest microbatches whose evaluation step fits (compile_eval)."""
+  return resolve(trainer, say, compile_eval)
 
 
 def _compile(lowered, abstract) -> Compiled:

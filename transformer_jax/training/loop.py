@@ -61,9 +61,9 @@ def train(config, workdir: str, *, stop_after: int | None = None, quiet: bool = 
   run owns the workdir (lock.py)."""
   trainer = setup(config, workdir, devices)
   with lock.hold(workdir) as still_ours:
-    if not config.train.microbatches:  # (before anything is written: a batch may fit nowhere)
-      fit.choose(trainer, fit.device_memory(trainer.mesh.local_devices),
-                 tqdm.tqdm.write if jax.process_index() == 0 and not quiet else lambda _: None)
+    # train.microbatches=0: before anything is written (a batch may fit nowhere)
+    fit.resolve(trainer, tqdm.tqdm.write if jax.process_index() == 0 and not quiet else
+                lambda _: None)
     return _run(trainer, workdir, stop_after, quiet, still_ours)
 
 
