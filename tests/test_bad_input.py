@@ -13,7 +13,7 @@ from transformer_jax.convert import __main__ as convert_cli
 def test_a_broken_hugging_face_directory_is_one_line_naming_its_file(tiny_data, tmp_path):
   """A corrupt or non-object config.json, a value of the wrong type and a truncated
   model.safetensors (a download cut short) were JSON, ml_collections and safetensors
-  tracebacks."""
+  tracebacks; the new --workdir each failed import made was left behind."""
   transformers = pytest.importorskip("transformers")
   hf_dir = tmp_path / "hf"
   transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -26,6 +26,7 @@ def test_a_broken_hugging_face_directory_is_one_line_naming_its_file(tiny_data, 
   def refused(message, n):
     with pytest.raises(ConfigError, match=message):
       convert_cli.main(["import", f"--hf_dir={hf_dir}", f"--workdir={tmp_path}/w{n}", *flags])
+    assert not (tmp_path / f"w{n}").exists()  # (it held a lock file, a tokenizer's copy, ...)
 
   (hf_dir / "config.json").write_text(good[:40])
   refused(rf"^{hf_dir}/config.json is not valid JSON \(.*, line \d+\)$", 1)

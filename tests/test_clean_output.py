@@ -55,7 +55,13 @@ def test_files_of_the_users_in_out_are_never_removed(tmp_path):
 
 def test_a_failed_overwrite_leaves_the_earlier_output_whole(tmp_path):
   """--overwrite removed the earlier shards at its start: a run that then failed (a bad line
-  late in the corpus) left the earlier report.md, no shards, and a .partial."""
+  late in the corpus) left the earlier report.md, no shards, and a .partial. A failed first run
+  left an empty OUT behind; it is removed."""
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "a.jsonl").write_text('{"txt": "oops"}\n')
+  with pytest.raises(ConfigError, match=r"text_field='text' is missing"):
+    clean.main([f"--corpus={tmp_path}/bad/*.jsonl", "--format=jsonl", f"--out={tmp_path}/new"])
+  assert not (tmp_path / "new").exists()
   out = _small_run(tmp_path)
   before = _files(out)
   with open(tmp_path / "c" / "a.jsonl", "a") as f:

@@ -89,7 +89,8 @@ def test_top_k_and_top_p_keep_exactly_their_tokens():
 
 def test_sampling_filters_keep_what_transformers_keeps_with_ties():
   """Temperature, top-k then top-p as transformers' warpers, on logits with many ties: the same
-  number of tokens kept with the same values (a tie at the nucleus' edge was kept whole)."""
+  tokens kept with the same values (a tie at the nucleus' edge was kept whole, then its lower
+  ids where transformers keeps the higher)."""
   torch = pytest.importorskip("torch")
   warpers = pytest.importorskip("transformers.generation.logits_process")
   rng = np.random.default_rng(0)
@@ -101,10 +102,9 @@ def test_sampling_filters_keep_what_transformers_keeps_with_ties():
       scores = warpers.TopKLogitsWarper(k)(None, scores)
     want = warpers.TopPLogitsWarper(p)(None, scores).numpy()
     got = np.asarray(sampling.filter_logits(jnp.asarray(logits), t, top_k=k, top_p=p))
-    for g, w in zip(got, want):
-      assert np.isfinite(g).sum() == np.isfinite(w).sum(), (case, g, w)
-      np.testing.assert_allclose(np.sort(g[np.isfinite(g)]), np.sort(w[np.isfinite(w)]),
-                                 rtol=1e-6)
+    for g, w in zip(got, want):  # (the same tokens: of a tie at the edge, the higher ids)
+      assert (np.isfinite(g) == np.isfinite(w)).all(), (case, g, w)
+      np.testing.assert_allclose(g[np.isfinite(g)], w[np.isfinite(w)], rtol=1e-6)
 
 
 @pytest.mark.parametrize("e, z", [(0.1, 1e-2), (0.3, 0.1), (0.0, 1e-2)])
@@ -210,7 +210,8 @@ def test_a_decoders_generation_longer_than_the_model_keeps_half_the_model_for_it
     capsys):
   """lm-eval asks 256 new tokens by default: on a model of max_len 32 the prompt was cut to its
   last token (32 - 31), whatever it said. It keeps up to half the model (16 tokens here), the
-  answer the rest, with a note (once)."""
+  answer the rest, with a note (once); each prompt's own room: a long prompt in the call cut
+  every other answer to its room."""
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   config = config_lib.base.get_config()
@@ -225,6 +226,11 @@ def test_a_decoders_generation_longer_than_the_model_keeps_half_the_model_for_it
   text = "".join(chr(97 + i * 7 % 26) for i in range(40))
   assert lm.generate([text], max_new_tokens=256) == lm.generate([text[-16:]], max_new_tokens=16)
   assert len(lm.generate([text[:5]], max_new_tokens=256)[0]) == 32 - 5  # (a short prompt: more)
+  # a long prompt in the same call cut every answer to its own room (16, not 27 and 22)
+  prompts = [text[:5], text, text[3:13]]
+  together = lm.generate(prompts, max_new_tokens=24)
+  assert together == [lm.generate([p], max_new_tokens=24)[0] for p in prompts]
+  assert [len(t) for t in together] == [24, 16, 22]
   assert capsys.readouterr().err.count(
       "note: generating at most 16 tokens, not 256: model.max_len=32 holds the prompt too") == 1
 
@@ -251,6 +257,10 @@ def test_lm_eval_sampling_requests_are_drawn_and_each_repeat_is_its_own_draw():
                             ask("abcdefg", do_sample=False, temperature=2.0),
                             ask("abcdefg", do_sample=True, temperature=0)]) == [greedy] * 4
   assert len(set(lm.generate_until([ask("abcdefg", temperature=2.0)] * 4))) == 4
+  # (transformers' generate draws from the top 50 unless told: no top_k drew from all)
+  read = lambda **kw: lm_eval_adapter._generation(  # pylint: disable=protected-access
+      dict(drawn, max_gen_toks=3, **kw))[2]["top_k"]
+  assert read() == 50 and read(top_k=0) == 0
   for kw, match in (({"num_beams": 4}, "num_beams: beam search is not offered"),
                     ({"repetition_penalty": 1.3}, "repetition_penalty: not read here"),
                     ({"do_sample": True, "temperature": -1}, "temperature=-1, top_k=None"),

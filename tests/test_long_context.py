@@ -353,7 +353,9 @@ def test_a_packed_document_under_dynamic_rope_gives_its_logits_alone():
   packed = model.apply({"params": params}, tokens, segments, positions)[0]
   for got, doc in ((packed[:6], short), (packed[6:], long)):
     alone = model.apply({"params": params}, jnp.asarray([doc], jnp.int32))[0]
-    np.testing.assert_allclose(got, alone, atol=2e-5)
+    # (fp32 rounding of these logits, up to ~4: 3.1e-5 on an AMD EPYC host, under 2e-5 on
+    # others; the long document under its row's theta (length 32, not 26) is 6.2 off)
+    np.testing.assert_allclose(got, alone, atol=2e-4)
 
 
 def _save(model, path):
@@ -432,6 +434,13 @@ def test_passkey_prompts_and_their_scoring(tiny_data):
   no_bos = types.SimpleNamespace(encode=tok.encode, bos_id=-1, eos_id=tok.eos_id)
   prompt, _ = passkey.example(no_bos, 200, 0.5, 12345)  # a Hugging Face tokenizer without bos
   assert prompt[0] == tok.eos_id and min(prompt) >= 0 and abs(len(prompt) - 200) <= 2
+  # a tokenizer that puts a space before every text (Llama-2's tokenizer.json) encoded the key
+  # alone as a lone space and the number, which greedy decoding never writes after "is"
+  words = {}
+  legacy = types.SimpleNamespace(bos_id=1, eos_id=2, encode=lambda text: [
+      words.setdefault(w, len(words) + 3) for w in re.findall("▁[^▁]*", "▁" + text.replace(
+          " ", "▁"))])
+  assert passkey.example(legacy, 60, 0.5, 71432)[1] == [words["▁71432"]]
   # scoring's greedy flag is greedy decoding's answer: a key is found exactly when the model
   # writes it (here: its own greedy continuation, found; with one token changed, not)
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from transformer_jax import benchmark
 from transformer_jax import config as config_lib
 from transformer_jax import tokenizer as tokenizer_cli
 from transformer_jax.config import ConfigError
@@ -270,8 +271,13 @@ def test_training_logs_tokens_and_eval_loss_per_source(sources, tmp_path, capsys
   # the real one, the source index included: the first step reuses that compile
   trainer = step_lib.Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
   real, abstract = trainer.put_batch(next(it)), trainer.abstract_batch()
-  assert {k: (v.shape, v.dtype) for k, v in real.items()} == {
-      k: (v.shape, v.dtype) for k, v in abstract.items()}
+  shapes = lambda batch: {k: (v.shape, v.dtype) for k, v in batch.items()}
+  assert shapes(real) == shapes(abstract)
+  runner = benchmark.JaxRunner.__new__(benchmark.JaxRunner)  # (its batches only: no compile)
+  runner.trainer, runner.config, runner.batches = trainer, c, 0
+  synthetic = runner.next_batch()  # the benchmark's batches too: its first step is that program
+  assert shapes(synthetic) == shapes(abstract)
+  assert set(np.unique(synthetic[mixture.SOURCE_KEY])) == {0, 1, 2}
   it.close()
   assert len(logged) == 2
   evals = [r for r in rows if "eval_loss" in r][-1]

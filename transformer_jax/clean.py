@@ -22,10 +22,10 @@ processes; the output is the same for any number. An OUT that holds an earlier c
 (report.md, shards, removed/ samples or plots of its stages) is refused without --overwrite, a
 training workdir always; other files in OUT are never touched. The run writes in OUT/.clean-run/
 and replaces the earlier output only once it is complete (a failed or killed run leaves that
-readable; an error, Ctrl-C, SIGTERM or SIGHUP removes OUT/.clean-run, a signal's exit status
-128 + its number; a SIGTERM or SIGHUP during the final move waits for it); while the files move
-into place OUT holds clean.unfinished, and data.corpus refuses a folder that holds it (a run
-killed then: re-run clean, no --overwrite needed). A gs:// OUT is
+readable; an error, Ctrl-C, SIGTERM or SIGHUP removes OUT/.clean-run, and OUT if the run made
+it; a signal's exit status is 128 + its number; a SIGTERM or SIGHUP during the final move waits
+for it); while the files move into place OUT holds clean.unfinished, and data.corpus refuses a
+folder that holds it (a run killed then: re-run clean, no --overwrite needed). A gs:// OUT is
 written in a local temporary folder (TMPDIR needs room for the output), then uploaded the same
 way: the marker, the earlier output removed, the new shards uploaded and renamed into place,
 report.md last, the marker removed. A corpus of compressed files only (.gz, .zst, ...) is

@@ -17,17 +17,19 @@ says otherwise), so continued pretraining feeds the model the ids it knows, and 
 encoder-decoder's decoder_start_token_id kept beside that copy starts its decoder; `export`
 copies such a tokenizer along, and writes a SentencePiece model as the tokenizer.json and
 tokenizer_config.json that AutoTokenizer reads with the same ids (with special tokens: the bos
-and eos training framed a text with). `--family` defaults to config.json's model_type. `export`
-writes the latest (or --step) checkpoint's parameters as model.safetensors + config.json +
-generation_config.json (with that tokenizer's special ids) into a new or empty --hf_dir. Flags
-also take `--flag value`.
+and eos training framed a text with). `--family` defaults to config.json's model_type; an
+import that fails removes the --workdir it made. `export` writes the latest (or --step)
+checkpoint's parameters as model.safetensors + config.json + generation_config.json (with that
+tokenizer's special ids) into a new or empty --hf_dir. Flags also take `--flag value`.
 
 Any of the directories may be gs:// URLs (config/paths.py): an HF directory in a bucket is read
 through a local temporary copy of its safetensors files and written locally, then uploaded (its
 config.json last); a checkpoint's tokenizer.json is copied into a gs:// workdir like a local one.
 """
 
+import contextlib
 import json
+import os
 
 from transformer_jax import cli
 from transformer_jax.config import ConfigError
@@ -54,10 +56,23 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
   """The `import` command; returns the workdir's config."""
   if not hf_dir or not workdir:
     raise ConfigError("import needs --hf_dir=DIR and --workdir=OUT")
-  from transformer_jax.training import checkpoint, lock  # pylint: disable=g-import-not-at-top
   cli.output_folder("workdir", workdir)  # (a file there: a FileExistsError traceback)
+  made = not paths.exists(workdir)
   paths.makedirs(workdir)
-  with lock.hold(workdir):  # a second import (or a run) into it is refused in one line
+  try:
+    return _import_held(spec, overrides, hf_dir, workdir, family, made)
+  except BaseException:
+    if made:  # what the failed import left, its lock file now: the folder is gone again
+      paths.remove(paths.join(workdir, "lock"))
+      if not paths.is_remote(workdir):
+        with contextlib.suppress(OSError):  # (only while empty)
+          os.rmdir(workdir)
+    raise
+
+
+def _import_held(spec, overrides, hf_dir, workdir, family, made):
+  from transformer_jax.training import checkpoint, lock  # pylint: disable=g-import-not-at-top
+  with lock.hold(workdir), _removed_on_failure(workdir if made else ""):
     has_config = paths.isfile(paths.join(workdir, "config.json"))
     if paths.isdir(paths.join(workdir, "checkpoints")):
       if has_config:
@@ -69,6 +84,23 @@ def import_hf(spec, overrides, hf_dir, workdir, family=""):
       raise ConfigError(f"{workdir} already holds a config.json (a planned or earlier run's); "
                         f"import into a new --workdir")
     return _import_into(spec, overrides, hf_dir, workdir, family)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(workdir: str):
+  """An import into a folder it made that fails (a bad key, a missing file, Ctrl-C) removes
+  what it wrote there, under the lock (a copy of the tokenizer, hf_config.json, a checkpoint)."""
+  try:
+    yield
+  except BaseException:
+    for name in paths.listdir(workdir) if workdir else ():
+      if name != "lock":
+        at = paths.join(workdir, name)
+        if paths.isdir(at):
+          paths.rmtree(at)
+        else:
+          paths.remove(at)
+    raise
 
 
 def _import_into(spec, overrides, hf_dir, workdir, family):

@@ -92,12 +92,14 @@ _SEED_STRIDE = 1_000_003  # more batches than one call has
 
 
 _TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+HF_TOP_K = 50  # transformers' generate() draws from the top 50 unless top_k says otherwise
 
 
 def _generation(kwargs) -> tuple:
   """(until, max new tokens, sampling settings or {} for greedy) of a request's gen_kwargs, read
   as lm-eval's `hf` model reads them (`_normalized`); a temperature of 0 is greedy, do_sample
-  with no temperature draws at 1.0. A key that would be ignored, num_beams > 1 (no beam search
+  with no temperature draws at 1.0, with no top_k from the 50 likeliest (transformers' default;
+  top_k=0 for all). A key that would be ignored, num_beams > 1 (no beam search
   here) or a bad value is refused in one line: tasks that sample (pass@k, self-consistency)
   were given greedy answers, silently."""
   kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}  # (yaml's null: unset)
@@ -130,7 +132,7 @@ def _generation(kwargs) -> tuple:
   if not do_sample or (temperature is not None and float(temperature) == 0):
     return until, n, {}
   sample = {"temperature": 1.0 if temperature is None else float(temperature),
-            "top_k": 0 if top_k is None else int(top_k),
+            "top_k": HF_TOP_K if top_k is None else int(top_k),
             "top_p": 1.0 if top_p is None else float(top_p)}
   if not (0 < sample["temperature"] < float("inf") and 0 < sample["top_p"] <= 1):
     raise ConfigError(f"generation_kwargs temperature={temperature!r}, top_k={top_k!r}, "

@@ -29,4 +29,12 @@ def example(tokenizer, length: int, depth: float, key: int) -> tuple[list[int], 
   text = (filler * (room // len(filler) + 1))[:room]
   cut = int(round(depth * room))
   prompt = start + text[:cut] + needle + text[cut:] + question
-  return prompt, tokenizer.encode(f" {key}")
+  return prompt, _after(tokenizer, QUESTION, f" {key}")
+
+
+def _after(tokenizer, text: str, more: str) -> list[int]:
+  """The ids `more` takes after `text`, as greedy decoding would write them: a tokenizer that
+  puts a space before every text it encodes (SentencePiece, Llama-2's tokenizer.json) writes
+  " 71432" alone as a lone space and the number, never read after a word."""
+  head, whole = tokenizer.encode(text), tokenizer.encode(text + more)
+  return whole[len(head):] if whole[:len(head)] == head else tokenizer.encode(more)

@@ -215,32 +215,35 @@ class TextModel:
   def generate(self, prompts, *, until=(), max_new_tokens: int = 32, **sample) -> list[str]:
     """Continuations of prompt strings, cut at the first of `until` (and at eos): greedy, or
     drawn with `sample` (generate_ids' temperature, top_k, top_p, seed). A `max_new_tokens`
-    that model.max_len cannot hold after the call's longest prompt (kept to at most half of it)
-    is cut, for every prompt of the call, with a note."""
+    that model.max_len cannot hold after a prompt (kept to at most half of it) is cut for that
+    prompt, with a note: each prompt's answer is the one it gets alone (prompts given fewer new
+    tokens are generated apart)."""
     tok = self.tokenizer
-    reserve = len(self.request([], 0)[1]) + self.rebuilds_source  # the decoder head's framing
-    room = self.max_len - 1 - reserve
-    if not self.is_seq2seq:  # a decoder's prompt keeps up to half the model: an answer longer
-      # than the model leaves room for (lm-eval's default max_gen_toks is 256) read the last
-      # token of its prompt alone
-      longest = max((len(self.context_ids(self.encode(p))) for p in prompts), default=1)
-      room = self.max_len - min(longest, self.max_len // 2)
-    if max_new_tokens > room and not self._noted_room:
-      self._noted_room = True
-      print(f"note: generating at most {max(room, 1)} tokens, not {max_new_tokens}: "
-            f"model.max_len={self.max_len} holds the prompt too", file=sys.stderr)
-    max_new_tokens = max(min(max_new_tokens, room), 1)
     # (a prompt's trailing space moves into what is generated, as a context's does when scored:
     # training never put a lone space before a sentinel or eos)
     strip = str.rstrip if self.continues_source else str
     if self.is_seq2seq:  # (the decoder is given its start token and head: forced, not generated)
-      requests = [self.request(self.encode(strip(p)), max_new_tokens + 1)
+      reserve = len(self.request([], 0)[1]) + self.rebuilds_source  # the decoder head's framing
+      n = max(min(max_new_tokens, self.max_len - 1 - reserve), 1)
+      budgets = [n] * len(prompts)
+      requests = [self.request(self.encode(strip(p)), n + 1)
                   if self.continues_source else (self.source_ids(p), []) for p in prompts]
-    else:
-      requests = [(self.context_ids(self.encode(p))[-(self.max_len - max_new_tokens):], None)
-                  for p in prompts]
-    rows = [_cut_ids(row, self._stop_ids(until))
-            for row in self.generate_ids(requests, max_new_tokens, **sample)]
+    else:  # a decoder's prompt keeps up to half the model: an answer longer than the model
+      # leaves room for (lm-eval's default max_gen_toks is 256) read the last token of its
+      # prompt alone
+      contexts = [self.context_ids(self.encode(p)) for p in prompts]
+      budgets = [max(min(max_new_tokens, self.max_len - min(len(c), self.max_len // 2)), 1)
+                 for c in contexts]
+      requests = [(c[-(self.max_len - n):], None) for c, n in zip(contexts, budgets)]
+    if min(budgets, default=max_new_tokens) < max_new_tokens and not self._noted_room:
+      self._noted_room = True
+      print(f"note: generating at most {min(budgets)} tokens, not {max_new_tokens}: "
+            f"model.max_len={self.max_len} holds the prompt too", file=sys.stderr)
+    rows = [None] * len(prompts)
+    for n in sorted(set(budgets)):
+      members = [i for i, b in enumerate(budgets) if b == n]
+      for i, row in zip(members, self.generate_ids([requests[i] for i in members], n, **sample)):
+        rows[i] = _cut_ids(row, self._stop_ids(until))
     return [_cut(tok.decode(self._span_text(row) if self.target_head else row), until)
             for row in rows]
 

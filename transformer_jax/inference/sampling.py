@@ -16,9 +16,10 @@ def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
     kth = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
   if 0.0 < top_p < 1.0:
-    # The fewest tokens whose mass reaches top_p, by rank (ties: the lower id first), so a tie
-    # at the edge is not kept whole; the first token is always kept (TopPLogitsWarper).
-    order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
+    # The fewest tokens whose mass reaches top_p, by rank (ties: the higher id first, as
+    # TopPLogitsWarper's ascending sort leaves them), so a tie at the edge is not kept whole;
+    # the first token is always kept.
+    order_BV = jnp.flip(jnp.argsort(logits_BV, axis=-1, stable=True), axis=-1)
     probs_BV = jax.nn.softmax(jnp.take_along_axis(logits_BV, order_BV, axis=-1), axis=-1)
     keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
     rank_BV = jnp.argsort(order_BV, axis=-1)

@@ -68,8 +68,8 @@ def earlier(out: str, stages) -> list[str]:
 def staged(out: str, stages):
   """Yields a new, empty OUT/STAGING (what a killed run left there removed) with removed/ in it,
   for the run's output; once the block ends, puts it in place of OUT's earlier output (`commit`).
-  An exception removes it: OUT is as it was."""
-  staging = os.path.join(out, STAGING)
+  An exception removes it: OUT is as it was (an OUT this run made, gone again)."""
+  staging, made = os.path.join(out, STAGING), not os.path.exists(out)
   if os.path.isdir(staging):
     shutil.rmtree(staging)
   os.makedirs(os.path.join(staging, "removed"))
@@ -77,6 +77,9 @@ def staged(out: str, stages):
     yield staging
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
+    if made:
+      with contextlib.suppress(OSError):  # (only while empty)
+        os.rmdir(out)
     raise
   commit(out, staging, stages)
 
