@@ -222,7 +222,10 @@ def test_moe_layers_of_mlp_only_layers():
   every = lambda **hf: qwen2_moe.moe_every({"num_hidden_layers": 6, **hf})
   assert every() == 1 and every(decoder_sparse_step=3) == 3
   assert every(mlp_only_layers=[0, 2, 4]) == 2  # the same layers as decoder_sparse_step=2
-  assert every(mlp_only_layers=[0, 1, 2, 3, 4, 5]) == 7  # none
+  for none in ({"mlp_only_layers": [0, 1, 2, 3, 4, 5]}, {"decoder_sparse_step": 7},
+               {"num_experts": 0}):  # (a dense model: refused by name, not as moe_every=7)
+    with pytest.raises(ValueError, match=r"leave none of the 6 layers an MoE layer: a dense"):
+      every(**none)
   assert every(decoder_sparse_step=2, mlp_only_layers=[0, 2]) == 2  # dense anyway
   with pytest.raises(ValueError, match="mlp_only_layers=.0, 1.*every k-th"):
     every(mlp_only_layers=[1, 0])

@@ -109,6 +109,26 @@ def test_the_z_loss_keeps_its_full_weight_whatever_alpha():
     assert with_z - without == pytest.approx(z_sum, rel=1e-4), alpha
 
 
+def test_a_sentence_pair_heads_loss_keeps_its_full_weight_whatever_alpha():
+  """No teacher gives BERT's sentence-pair head a soft target: alpha scaled its loss as the
+  hard-label one, so at alpha = 0 the head got no gradient at all (and a quarter of its loss
+  at 0.25)."""
+  _, model, init, batch, task = _setup("configs/bert.py:tiny", "data.sentence_pair=nsp",
+                                       "model.sentence_head=True")
+  params, other = init(0), init(1)
+  _, _, plain = loss_parts(model, params, batch, task=task)
+  for alpha in (0.0, 0.5):
+    teacher = distill.Teacher(model, other, alpha, 2.0)
+    total, _, aux = loss_parts(model, params, batch, task=task, teacher=teacher)
+    soft = (1 - alpha) * 2.0 ** 2 * float(aux["distill_kl"])
+    assert float(total) == pytest.approx(
+        soft + alpha * float(plain["cross_entropy"]) + float(plain["sentence_term"]),
+        rel=1e-5), alpha
+    head = jax.grad(lambda p, t=teacher: loss_parts(model, p, batch, task=task, teacher=t)[0])(
+        params)["sentence"]
+    assert float(jnp.abs(head).max()) > 1e-3, alpha
+
+
 def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_path):
   """A 2-layer teacher trained 10 steps (its config then saying splash attention, as a TPU's
   would); a 1-layer student with more padding rows distilled from it on this machine: distill_kl

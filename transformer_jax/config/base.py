@@ -282,8 +282,8 @@ def _train():
   # Knowledge distillation (training/distill.py): teacher = a training workdir of ours or a
   # Hugging Face directory with the student's family and tokenizer ("" = none). The objective is
   # alpha * the usual cross-entropy + (1 - alpha) * temperature^2 * KL(teacher || student) of
-  # the temperature-softened logits (+ train.z_loss's term at its full weight); the teacher is
-  # frozen and not checkpointed. hidden_weight > 0
+  # the temperature-softened logits (+ train.z_loss's term and a sentence-pair head's loss at
+  # their full weight); the teacher is frozen and not checkpointed. hidden_weight > 0
   # adds TinyBERT's hidden-state matching through a learned projection (hidden_layers: pairs
   # (student layer, teacher layer); () = the uniform map).
   t.distill = ml_collections.ConfigDict({"teacher": "", "alpha": 0.5, "temperature": 2.0,

@@ -41,7 +41,11 @@ def moe_every(hf) -> int:
     raise ValueError(f"decoder_sparse_step={step} (must be >= 1)")
   dense = set(hf.get("mlp_only_layers") or ())
   theirs = [i not in dense and (i + 1) % step == 0 for i in range(n)]
-  for every in range(1, n + 2):  # n + 1: no MoE layer at all
+  if not any(theirs) or not hf.get("num_experts", 60):  # (model.moe_every past the layers)
+    raise ValueError(f"num_experts={hf.get('num_experts', 60)}, decoder_sparse_step={step} and "
+                     f"mlp_only_layers={sorted(dense)} leave none of the {n} layers an MoE "
+                     f"layer: a dense model, which a Qwen2-MoE import does not take")
+  for every in range(1, n + 1):
     if theirs == [(i + 1) % every == 0 for i in range(n)]:
       return every
   raise ValueError(f"mlp_only_layers={sorted(dense)} with decoder_sparse_step={step} leaves MoE "

@@ -123,11 +123,13 @@ def loss_parts(model, params, batch, *, task=objectives.Loss(), z_loss=0.0, labe
   if teacher is not None:
     student = (sown[stack.INTERMEDIATES], params[distill.PROJECTION]["kernel"],
                batch) if hidden else None
-    z_sum = (z_loss * jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w_BT)
-             if z_loss else 0.0)  # at its full weight, not train.distill's alpha's share
-    loss, terms = distill.loss_terms(teacher, inputs, extra, logits, loss - z_sum, w_BT,
+    # the z-loss and a sentence-pair head's loss (no teacher gives it a soft target: at alpha
+    # 0 the head never trained) at their full weight, not train.distill's alpha's share
+    kept = (z_loss * jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w_BT)
+            if z_loss else 0.0) + aux.get("sentence_term", 0.0)
+    loss, terms = distill.loss_terms(teacher, inputs, extra, logits, loss - kept, w_BT,
                                      hidden=student, totals=totals)
-    loss = loss + z_sum
+    loss = loss + kept
     aux.update(terms)
   if moe:
     c = model.cfg
