@@ -196,16 +196,23 @@ def test_near_duplicates_are_removed_by_their_similarity_not_by_band_collisions(
   near.keep(docs[0])
   near.keep(docs[1])  # (kept, as a document below the threshold would be)
   assert near.decide(docs[2]) == ("near", 1.0) and docs[2]["duplicate_of"] == "d:9"
+  # a word keeps its combining marks: Hindi vowel signs were dropped, so texts that differ in
+  # every word's signs had the same shingles (and the second was removed at similarity 1.0)
+  hindi = "हिन्दी भाषा बहुत सुंदर है और इसे करोड़ों लोग बोलते हैं"
+  other = hindi.translate({ord("ि"): "ु", ord("ा"): "े", ord("ं"): "ँ", ord("ै"): "ौ"})
+  assert b" ".join(dedup.shingles(hindi, 20)).decode() == hindi  # (the words whole)
+  assert len(set(dedup.shingles(hindi, 2)) & set(dedup.shingles(other, 2))) == 2  # of 9
 
 
 def test_quality_rules_read_any_line_ending_and_passage_order():
-  """Paragraphs split at blank lines written as CRLF or holding spaces (the whole document was
-  one paragraph); the top n-gram share takes the longest of equally frequent n-grams (the first
-  seen decided); a C4 sentence may end in a closing quote (a page of quoted speech had none)."""
+  """Paragraphs split at blank lines written as CRLF or holding spaces, NBSP included (the whole
+  document was one paragraph); the top n-gram share takes the longest of equally frequent
+  n-grams (the first seen decided); a C4 sentence may end in a closing quote (a page of quoted
+  speech had none)."""
   rng = random.Random(4)
   body = "\n".join(_prose(rng, sentences=1) for _ in range(20))
   repeated = "The very same paragraph comes back here again and again."
-  for blank in ("\n\n", "\r\n\r\n", "\n \n"):
+  for blank in ("\n\n", "\r\n\r\n", "\n \n", "\n\xa0\n", "\n\u3000\n"):
     text = blank.join([body] + [repeated] * 3)
     assert gopher.check(text, gopher.Limits())[1] == ("duplicate_paragraphs", 0.5), repr(blank)
   words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -233,6 +240,11 @@ def test_a_long_documents_later_pieces_go_with_its_removed_first_piece():
     decisions.append(stage.decide(doc))
   assert decisions[0][0] == "gopher:word_count" and decisions[1] == decisions[0]
   assert decisions[2] is None and "failed" not in docs[1]  # the tail alone passes
+  # a piece C4's page rules remove (a curly bracket, lorem ipsum): a KeyError ended the run
+  stage = quality.Quality(("c4",), gopher.Limits(), c4.Limits())
+  piece = {"id": "page.txt#1", "text": text(6) + "\nSome code { x = 1 } in a line of text."}
+  stage.analyze(piece)
+  assert stage.decide(piece) == ("c4:curly_bracket", 1.0)
 
 
 def test_each_removal_counted_once_by_first_failing_stage(tmp_path):
@@ -251,13 +263,16 @@ def test_each_removal_counted_once_by_first_failing_stage(tmp_path):
 
 
 def test_gopher_reads_stop_words_beside_punctuation_and_letters_only_as_letters():
-  """A stop word in brackets or before a comma is a stop word ("(the", "with,"), and a token of
-  vulgar fractions or superscripts has no letter (Unicode calls them word characters)."""
+  """A stop word in brackets or before a comma is a stop word ("(the", "with,"), a token of
+  vulgar fractions or superscripts has no letter (Unicode calls them word characters), and a
+  form's "__________" is no word (it counted as one)."""
   words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split() * 6
   text = " ".join(words[:30]) + " (the " + " ".join(words[30:]) + " with, end."
   metrics = gopher._metrics  # pylint: disable=protected-access
   measure = lambda t: {rule: v for rule, v, _ in metrics(t, gopher.Limits())}
   assert measure(text)["stop_words"] == 2
+  form = " ".join(words[:20] + ["Name:", "__________", "Date:", "__________"])
+  assert measure(form)["word_count"] == 22  # (underscores are punctuation: no word)
   numbers = " ".join(["\u00bd \u00b2 \u216b 12"] * 10 + words[:20])
   assert measure(numbers)["alpha_words"] == pytest.approx(20 / 60)
 

@@ -107,15 +107,30 @@ def test_a_special_token_after_the_text_is_no_bos_and_t5_starts_from_pad(made, t
 def test_berts_template_gives_cls_and_sep_and_sentence_pairs_need_both(made, tmp_path):
   """A BERT tokenizer as transformers saves it names no bos or eos: its template "[CLS] $A
   [SEP]" gives both (eos was -1, and nsp pairs held -1 where [SEP] goes); without them, a
-  sentence-pair objective is refused."""
+  sentence-pair objective is refused. Its text is transformers' ("x , y" was left spaced)."""
   from transformer_jax.data import objectives  # pylint: disable=g-import-not-at-top
-  words = _other_style(made[0], tmp_path / "words", "bert")
+  prose = ["Don't stop, it's fine. Really? Yes! We're sure you've seen what I'm saying."] * 3
+  words = _other_style(made[0] + prose, tmp_path / "words", "bert")
   vocab = json.loads((words / "tokenizer.json").read_text())["model"]["vocab"]
   theirs = transformers.BertTokenizer(vocab=vocab)
   theirs.save_pretrained(str(tmp_path / "bert"))
   ours = tokenization.load(str(tmp_path / "bert"))
   assert (ours.bos_id, ours.eos_id, ours.mask_id) == (
       theirs.cls_token_id, theirs.sep_token_id, theirs.mask_token_id) == (2, 3, 4)
+  # decoded as transformers decodes: clean_up_tokenization_spaces (bert-base-uncased's config
+  # says true) joins "don ' t stop ," into "don't stop,"
+  for clean in (False, True):
+    where = tmp_path / f"bert_{clean}"
+    shutil.copytree(tmp_path / "bert", where)
+    settings = json.loads((where / "tokenizer_config.json").read_text())
+    (where / "tokenizer_config.json").write_text(json.dumps(
+        {**settings, "clean_up_tokenization_spaces": clean}))
+    mine, auto = tokenization.load(str(where)), transformers.AutoTokenizer.from_pretrained(where)
+    for text in prose[:1] + ["print(x, y), if x: return self", "a , b ,c"]:
+      ids = mine.encode(text)
+      assert ids == auto.encode(text, add_special_tokens=False)
+      assert mine.decode(ids) == auto.decode(ids, skip_special_tokens=True)
+    assert (mine.decode(mine.encode(prose[0])) == prose[0].lower()) == clean
   config = config_lib.load(f"{REPO}/configs/bert.py:tiny", ["data.sentence_pair=nsp"])
   spec = objectives.spec(config.data)
   assert objectives.missing_tokens(spec, ours) == []

@@ -30,8 +30,13 @@ GENERATION = "generation_config.json"
 _NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
           "eos": ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"),
           "pad": ("<pad>", "[PAD]", "<|pad|>"), "unk": ("<unk>", "[UNK]", "<|unk|>")}
-# The keys of tokenizer_config.json that the ids depend on (HFTokenizer reads no other)
+# The keys of tokenizer_config.json that the ids depend on (HFTokenizer reads no other, but for
+# decode's clean_up_tokenization_spaces)
 SPECIAL_KEYS = frozenset(f"{role}_token" for role in _NAMES)
+# transformers' clean_up_tokenization: decode's last step where tokenizer_config.json says
+# clean_up_tokenization_spaces (BERT's does), for any model but BPE (whose spaces it would take)
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 def path_of(path: str) -> str:
@@ -60,6 +65,8 @@ class HFTokenizer:
     self._ids = {role: self._special(role, specials, spec.get("post_processor"))
                  for role in _NAMES}
     self._skip = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id) if i >= 0)
+    self._clean_up = (self._config.get("clean_up_tokenization_spaces") is True
+                      and spec.get("model", {}).get("type") != "BPE")
 
   def __reduce__(self):  # pickles as its text (grain worker processes)
     return HFTokenizer, (self._data, self._config, self.decoder_start_id)
@@ -166,10 +173,14 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     """Text of `ids`, special tokens ([MASK], sentinels, ...) and ids outside the vocabulary
     dropped, as SentencePiece drops its control pieces (and transformers' text generation and
-    lm-eval decode with skip_special_tokens)."""
+    lm-eval decode with skip_special_tokens), spaces cleaned up as transformers does ("don ' t"
+    -> "don't" for BERT's WordPiece: _CLEAN_UP)."""
     n = self.vocab_size
     kept = [i for i in map(int, ids) if 0 <= i < n and i not in self._skip]
-    return self._tok.decode(kept, skip_special_tokens=True)
+    text = self._tok.decode(kept, skip_special_tokens=True)
+    for spaced, joined in _CLEAN_UP if self._clean_up else ():
+      text = text.replace(spaced, joined)
+    return text
 
 
 def _backend(data: str) -> tokenizers.Tokenizer:

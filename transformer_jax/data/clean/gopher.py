@@ -24,8 +24,9 @@ from collections.abc import Iterator
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("\u2022", "\u2023", "\u25e6", "\u2043", "\u2219", "-", "*", "\u00b7")
 ELLIPSES = ("...", "\u2026")
-_PUNCTUATION = re.compile(r"^\W+$")
-_PARAGRAPHS = re.compile(r"\r?\n(?:[ \t\f\v]*\r?\n)+")  # blank lines (CRLF, or holding spaces)
+_PUNCTUATION = re.compile(r"^[\W_]+$")  # (an underscore is punctuation: "__________" no word)
+# blank lines: CRLF, or holding any whitespace (spaces, an HTML page's NBSP, U+3000, ...)
+_PARAGRAPHS = re.compile(r"\r?\n(?:[^\S\r\n]*\r?\n)+")
 _QUOTES = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb"  # stripped for stop words
 
 

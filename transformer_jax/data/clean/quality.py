@@ -79,7 +79,7 @@ class Quality(stage_lib.Stage):
       text, c4_values, failure = c4.check(doc["text"], self.c4, page=not piece)
       values.update(c4_values)
       if piece:  # C4's page rule is the whole document's (judge_pieces)
-        doc["c4_sentences"] = c4_values["sentences"]
+        doc["c4_sentences"] = c4_values.get("sentences", 0)  # (none: a page rule removed it)
         # its text is now lines: the next piece's go on a new line (output.Shards; a line that
         # corpus.py cut at a space, past half a piece, was judged as its two fragments)
         doc["cut"] = "\n"
