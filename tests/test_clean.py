@@ -570,6 +570,32 @@ def test_a_long_document_whose_later_piece_fails_quality_is_not_written(tmp_path
   assert [r["id"] for r in records] == ["b_copy.txt", "c_other.txt"]
   assert summary["documents_out"] == 2 and summary["removed"]["exact_duplicate"] == 0
 
+def test_a_long_document_is_deduplicated_whole_not_piece_by_piece(tmp_path, monkeypatch):
+  """A piece ID#k that matched an earlier document's was removed alone, and the kept pieces
+  around it were joined into one record: text that was never written. The pieces of a long
+  document are compared as one document now: kept whole where one piece repeats, removed whole
+  (each piece counted) where all of it does, exactly or nearly."""
+  monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 1000)
+  rng = random.Random(6)
+  paragraph = lambda: " ".join(_prose(rng, sentences=20).split()[:110])  # (a piece each)
+  shared = paragraph()
+  a = "\n".join([paragraph(), shared, paragraph()])
+  b = "\n".join([paragraph(), shared, paragraph()])
+  near = a[:-30] + " and a different ending of the document."
+  (tmp_path / "c").mkdir()
+  for name, text in (("a.txt", a), ("b.txt", b), ("c_copy.txt", a), ("d_near.txt", near)):
+    (tmp_path / "c" / name).write_text(text)
+  pieces = list(corpus_lib.iter_documents(str(tmp_path / "c" / "b.txt"), "text"))
+  assert [t for _, t in pieces][1] == shared + "\n"  # (the same piece as a's)
+  summary = _run(str(tmp_path / "c" / "*.txt"), tmp_path / "out", fmt="text", languages="none",
+                 quality="none", dedup="exact,near")
+  records = [json.loads(x) for x in open(tmp_path / "out" / "part-00000.jsonl", encoding="utf-8")]
+  assert [(r["id"], r["text"]) for r in records] == [("a.txt", a), ("b.txt", b)]
+  assert summary["removed"]["exact_duplicate"] == summary["removed"]["near_duplicate"] == 3
+  removed = json.loads(open(tmp_path / "out" / "removed" / "near_duplicate.jsonl").read())
+  assert (removed["id"], removed["duplicate_of"]) == ("d_near.txt", "a.txt")
+
+
 def test_the_language_threshold_reads_the_unrounded_score():
   from transformer_jax.data.clean import language  # pylint: disable=g-import-not-at-top
   text = "Der Hund läuft schnell, the dog runs fast"

@@ -1,7 +1,10 @@
 """Exact and near-duplicate removal; both keep the first occurrence in corpus order, among the
 documents written: a document that another stage removed is remembered by neither, so a copy of
 it that passes the stages is kept (Stage.keep). Both run after quality and read the text as it
-is written (C4's rules may drop lines of a page).
+is written (C4's rules may drop lines of a page). A document over 1 MiB, read as pieces ID#k,
+is compared whole (judge_pieces): exact on the sequence of its pieces' digests, near on the union
+of their shingles (the minimum of their signatures); a piece alone was removed, and the text
+around it joined into a record.
 
 Exact: a 128-bit BLAKE2b digest of the normalized text (Unicode NFC, runs of whitespace made one
 space, ends stripped); the set of digests seen is this stage's only per-document state.
@@ -35,6 +38,7 @@ from datasketch import MinHash
 from datasketch import MinHashLSH
 import numpy as np
 
+from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data.clean import stage as stage_lib
 
 
@@ -65,6 +69,11 @@ def digest(text: str) -> bytes:
   return hashlib.blake2b(normalized(text).encode("utf-8"), digest_size=16).digest()
 
 
+def _piece(doc: dict) -> bool:
+  """Whether `doc` is a piece ID#k of a document over 1 MiB (corpus.py)."""
+  return bool(corpus_lib.PIECE.search(doc["id"]))
+
+
 def shingles(text: str, n: int) -> list[bytes]:
   """Distinct word n-grams of `text` (lower-cased `_words`), UTF-8 encoded."""
   words = _words().findall(unicodedata.normalize("NFC", text).lower())
@@ -85,12 +94,24 @@ class Exact(stage_lib.Stage):
     doc["digest"] = digest(doc["text"])
 
   def decide(self, doc: dict):
-    duplicate = doc["digest"] in self.seen
+    duplicate = not _piece(doc) and doc["digest"] in self.seen  # (a piece: judge_pieces)
     self.trace.step(duplicate)
     return ("exact", 1.0) if duplicate else None
 
+  def judge_pieces(self, pieces):
+    """A long document's pieces ID#k are one document's: removed together when the sequence of
+    their digests was seen (a piece alone was removed, and the text around it joined)."""
+    if not _piece(pieces[0]):
+      return None
+    whole = hashlib.blake2b(b"".join(p["digest"] for p in pieces), digest_size=16).digest()
+    for p in pieces:  # (keep remembers the whole only)
+      p["digest"] = None
+    pieces[0]["digest"] = whole
+    return ("exact", 1.0) if whole in self.seen else None
+
   def keep(self, doc: dict) -> None:
-    self.seen.add(doc["digest"])
+    if doc["digest"] is not None:
+      self.seen.add(doc["digest"])
 
   def figures(self):
     return [stage_lib.Figure("trace", "Exact duplicates removed", self.trace.x,
@@ -127,9 +148,24 @@ class Near(stage_lib.Stage):
     doc["signature"] = m.hashvalues
 
   def decide(self, doc: dict):
-    if doc.get("signature") is None:  # no words: nothing to compare
+    if doc.get("signature") is None or _piece(doc):  # no words, or a piece (judge_pieces)
       self.trace.step(False)
       return None
+    return self._match(doc)
+
+  def judge_pieces(self, pieces):
+    """A long document's pieces ID#k are one document's: compared as their union (the
+    elementwise minimum of their signatures is the MinHash of the union of their shingles)
+    and removed together."""
+    signatures = [p["signature"] for p in pieces if p.get("signature") is not None]
+    if not _piece(pieces[0]) or not signatures:
+      return None
+    for p in pieces:  # (keep inserts the whole only, under the document's id)
+      p["signature"] = None
+    pieces[0]["signature"] = np.minimum.reduce([np.asarray(s, np.uint32) for s in signatures])
+    return self._match(pieces[0])
+
+  def _match(self, doc: dict):
     if self.lsh is None:
       self.lsh = self._index()
     m = LeanMinHash(seed=self.seed, hashvalues=doc["signature"])
@@ -146,11 +182,11 @@ class Near(stage_lib.Stage):
   def keep(self, doc: dict) -> None:
     if doc.get("signature") is None:
       return
-    signature = np.asarray(doc["signature"], np.uint32)
-    self.lsh.insert(doc["id"], LeanMinHash(seed=self.seed, hashvalues=signature),
+    signature, name = np.asarray(doc["signature"], np.uint32), corpus_lib.document_of(doc["id"])
+    self.lsh.insert(name, LeanMinHash(seed=self.seed, hashvalues=signature),
                     check_duplication=False)
-    self.kept[doc["id"]] = signature
-    self.rank[doc["id"]] = len(self.rank)
+    self.kept[name] = signature
+    self.rank[name] = len(self.rank)
 
   def summary(self):
     return {"lsh_bands": self._bands()[0], "lsh_rows": self._bands()[1]}
