@@ -16,8 +16,9 @@ removes it; dedup keys on the text as written (after C4's line removal; a docume
 whole) and keeps the first copy that is written (a copy of a removed document is no duplicate).
 --languages=all tags languages without removing any, none skips the stage; --dedup=none and
 --quality=none turn those off. Every Gopher threshold is a flag of its own name (e.g.
---min_words=50, --max_duplicate_10gram=0.1), C4's are --c4_NAME; both rule sets are English ones (Gopher's stop words are "the", "of", ...:
---min_stop_words=0 for other languages). --workers runs the per-document work on that many
+--min_words=50, --max_duplicate_10gram=0.1), C4's are --c4_NAME; both rule sets are English
+ones (Gopher's stop words are "the", "of", ...: --min_stop_words=0 for other languages).
+--workers runs the per-document work on that many
 processes; the output is the same for any number. An OUT that holds an earlier clean's output
 (report.md, shards, removed/ samples or plots of its stages) is refused without --overwrite, a
 training workdir always; other files in OUT are never touched. The run writes in OUT/.clean-run/
