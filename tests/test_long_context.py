@@ -353,8 +353,8 @@ def test_a_packed_document_under_dynamic_rope_gives_its_logits_alone():
   packed = model.apply({"params": params}, tokens, segments, positions)[0]
   for got, doc in ((packed[:6], short), (packed[6:], long)):
     alone = model.apply({"params": params}, jnp.asarray([doc], jnp.int32))[0]
-    # (fp32 rounding of these logits, up to ~4: 3.1e-5 on an AMD EPYC host, under 2e-5 on
-    # others; the long document under its row's theta (length 32, not 26) is 6.2 off)
+    # (fp32 rounding of these logits, up to ~4: 3.1e-5 on stop 56's host, under 2e-5 on the
+    # earlier ones; the long document under its row's theta (length 32, not 26) is 6.2 off)
     np.testing.assert_allclose(got, alone, atol=2e-4)
 
 
