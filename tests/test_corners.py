@@ -206,16 +206,18 @@ def test_lm_eval_generation_requests_are_batched_by_their_gen_kwargs_and_length_
   assert len(set(got)) > 3 and {len(g) for g in got[1::2]} == {7}  # ("zz" never written)
 
 
+@pytest.mark.parametrize("position", ["learned", "rotary"])
 def test_a_decoders_generation_longer_than_the_model_keeps_half_the_model_for_its_prompt(
-    capsys):
+    capsys, position):
   """lm-eval asks 256 new tokens by default: on a model of max_len 32 the prompt was cut to its
   last token (32 - 31), whatever it said. It keeps up to half the model (16 tokens here), the
   answer the rest, with a note (once); each prompt's own room: a long prompt in the call cut
-  every other answer to its room."""
+  every other answer to its room. (Rotary positions: the rows of a bucket generated together,
+  each cut to its room; learned ones cannot read past max_len: a program each room.)"""
   from transformer_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
   config = config_lib.base.get_config()
-  config.model.update({**TINY_MODEL, "max_len": 32, "num_layers": 1, "position": "learned"})
+  config.model.update({**TINY_MODEL, "max_len": 32, "num_layers": 1, "position": position})
   config.data.update(add_bos=False)
   model = families.build_model(config)
   params = jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"]

@@ -216,8 +216,9 @@ class TextModel:
     """Continuations of prompt strings, cut at the first of `until` (and at eos): greedy, or
     drawn with `sample` (generate_ids' temperature, top_k, top_p, seed). A `max_new_tokens`
     that model.max_len cannot hold after a prompt (kept to at most half of it) is cut for that
-    prompt, with a note: each prompt's answer is the one it gets alone (prompts given fewer new
-    tokens are generated apart)."""
+    prompt, with a note: each prompt's answer is the one it gets alone (where positions past
+    max_len can be read, a bucket's rows are generated together and each cut to its room; else
+    a program each room)."""
     tok = self.tokenizer
     # (a prompt's trailing space moves into what is generated, as a context's does when scored:
     # training never put a lone space before a sentinel or eos)
@@ -239,11 +240,15 @@ class TextModel:
       self._noted_room = True
       print(f"note: generating at most {min(budgets)} tokens, not {max_new_tokens}: "
             f"model.max_len={self.max_len} holds the prompt too", file=sys.stderr)
-    rows = [None] * len(prompts)
-    for n in sorted(set(budgets)):
-      members = [i for i, b in enumerate(budgets) if b == n]
+    rows, groups = [None] * len(prompts), {}
+    free = not self.is_seq2seq and sampling.reads_past_max_len(self.model.cfg, self.prefix_lm)
+    for i, n in enumerate(budgets):  # (one program a bucket: as many new tokens as the most
+      # any prompt gets, each row then cut to its own, where positions past max_len can be read;
+      # else a program a budget)
+      groups.setdefault(max(budgets) if free else n, []).append(i)
+    for n, members in sorted(groups.items()):
       for i, row in zip(members, self.generate_ids([requests[i] for i in members], n, **sample)):
-        rows[i] = _cut_ids(row, self._stop_ids(until))
+        rows[i] = _cut_ids(row[:budgets[i]], self._stop_ids(until))
     return [_cut(tok.decode(self._span_text(row) if self.target_head else row), until)
             for row in rows]
 

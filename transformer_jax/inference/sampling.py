@@ -113,10 +113,15 @@ def check_length(cfg, longest: int, prefix: bool = False):
   learned positions (NaN logits, read as token 0), or a prefix LM's BigBird random blocks past
   max_len (drawn over the cache's length, which no full forward pass matches)."""
   from transformer_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  if longest > cfg.max_len and (cfg.position == "learned" or (prefix and cfg.random_blocks)):
+  if longest > cfg.max_len and not reads_past_max_len(cfg, prefix):
     why = "learned positions" if cfg.position == "learned" else "prefix LM random blocks"
     raise ConfigError(f"generation reads {longest} positions, past model.max_len="
                       f"{cfg.max_len} ({why}): shorten the prompt or max_new_tokens")
+
+
+def reads_past_max_len(cfg, prefix: bool = False) -> bool:
+  """Whether a generation may read positions past model.max_len (check_length)."""
+  return not (cfg.position == "learned" or (prefix and cfg.random_blocks))
 
 
 def can_pad(cfg, prefix: bool = False) -> bool:
