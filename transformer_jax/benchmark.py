@@ -124,9 +124,9 @@ class JaxRunner:
                                        self.config.model.vocab_size, self.batches)
     if self.trainer.mixture_size:  # a mixture's rows name their source, as the pipeline's do
       from transformer_jax.data import mixture  # pylint: disable=g-import-not-at-top
-      spec = self.trainer.abstract_batch()[mixture.SOURCE_KEY]
-      rows = np.arange(spec.shape[0]) % self.trainer.mixture_size
-      batch[mixture.SOURCE_KEY] = np.repeat(rows[:, None], spec.shape[1], 1).astype(spec.dtype)
+      rows, length = self.config.train.batch_size, max(v.shape[1] for v in batch.values())
+      source = np.arange(rows, dtype=np.int32) % self.trainer.mixture_size  # (mixture.tag's)
+      batch[mixture.SOURCE_KEY] = np.repeat(source[:, None], length, 1)
     return self.trainer.put_batch(batch)
 
   def run_step(self, batch):
