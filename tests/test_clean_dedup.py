@@ -61,6 +61,21 @@ def test_near_duplicates_are_removed_by_their_similarity_not_by_band_collisions(
   other = hindi.translate({ord("ि"): "ु", ord("ा"): "े", ord("ं"): "ँ", ord("ै"): "ौ"})
   assert b" ".join(dedup.shingles(hindi, 20)).decode() == hindi  # (the words whole)
   assert len(set(dedup.shingles(hindi, 2)) & set(dedup.shingles(other, 2))) == 2  # of 9
+  # a script written without spaces: each letter (with its marks) is a word. A Chinese clause was
+  # one word, so one character changed of 131 left its copy at word 5-gram Jaccard 0.09 (kept).
+  chinese = "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(131))
+  copy = chinese[:65] + chr(0x9FA5) + chinese[66:]  # (a character the draw never makes)
+  words = dedup._words().findall("abc中文ok ภาษา हिन्दी カタカナ 한국어")  # pylint: disable=protected-access
+  assert words == ["abc", "中", "文", "ok", "ภ", "า", "ษ", "า", "हिन्दी", "カ", "タ", "カ", "ナ",
+                   "한국어"]
+  a, b = set(dedup.shingles(chinese, 5)), set(dedup.shingles(copy, 5))
+  assert len(a & b) / len(a | b) == (127 - 5) / (127 + 5)  # 0.92: five 5-grams hold the change
+  docs = [{"id": "zh:a", "text": chinese}, {"id": "zh:b", "text": "，".join([copy[:60], copy[60:]])}]
+  for doc in docs:
+    near.analyze(doc)
+  assert near.decide(docs[0]) is None
+  near.keep(docs[0])
+  assert near.decide(docs[1])[0] == "near" and docs[1]["duplicate_of"] == "zh:a"
 
 
 def test_a_long_document_is_deduplicated_whole_not_piece_by_piece(tmp_path, monkeypatch):
