@@ -83,12 +83,12 @@ def test_a_run_with_microbatches_0_trains_at_the_count_it_chose(tiny_data, tmp_p
                                                                  monkeypatch, capsys):
   """loop.train chooses before anything is written, says so, and trains (and evaluates) as a
   run given that count does, with the program it chose (no third compile of the step);
-  config.json keeps 0, so a resume elsewhere chooses again."""
+  config.json keeps 0, so a resume elsewhere chooses again. (One layer: a quarter less CPU.)"""
   def config(m):
     return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(
-        tiny_data, **{"train.microbatches": m, "train.batch_size": 8, "train.steps": 4,
-                      "train.log_every": 2, "checkpoint.every_steps": 4, "eval.every_steps": 4,
-                      "eval.batches": 1}))
+        tiny_data, **{"train.microbatches": m, "model.num_layers": 1, "train.batch_size": 8,
+                      "train.steps": 4, "train.log_every": 2, "checkpoint.every_steps": 4,
+                      "eval.every_steps": 4, "eval.batches": 1}))
   t = Trainer(config(0), sharding.make_mesh(config(0), jax.devices()[:1]))
   t.use_microbatches(2)
   capacity = room(fit.compile_step(t).needed)
@@ -141,9 +141,10 @@ def test_evaluating_without_training_chooses_for_the_evaluation_step(monkeypatch
 
 def test_an_moes_evaluation_statistics_combine_over_microbatches_as_training_does():
   """The eval step in microbatches: sums add up, an MoE's statistics are the microbatches'
-  (max of the expert load, mean of the rest) as in the train step, not sums."""
+  (max of the expert load, mean of the rest) as in the train step, not sums. (One MoE layer.)"""
   from tests.conftest import synthetic_batch  # pylint: disable=g-import-not-at-top
-  c = config_lib.load(f"{REPO}/configs/mixtral.py:tiny", ["train.batch_size=4", "mesh.data=1"])
+  c = config_lib.load(f"{REPO}/configs/mixtral.py:tiny", ["train.batch_size=4", "mesh.data=1",
+                                                          "model.num_layers=1"])
   t = Trainer(c, sharding.make_mesh(c, jax.devices()[:1]))
   params = t.init_state(0).params
   batch = synthetic_batch(c, seed=3)

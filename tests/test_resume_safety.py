@@ -28,7 +28,10 @@ ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
 
 
 def _config(tiny_data, **extra):
-  return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
+  """configs/gpt2.py:tiny on the tiny corpus with one layer (what these tests check does not
+  depend on the depth; a second layer added to each run's trace, compiles, saves and reads)."""
+  return config_lib.load(f"{REPO}/configs/gpt2.py:tiny",
+                         tiny_overrides(tiny_data, **{"model.num_layers": 1, **extra}))
 
 
 class _Cut(Exception):
@@ -99,7 +102,7 @@ def test_a_params_start_cut_short_anywhere_is_taken_on_by_the_same_command(
   want_layout = layout(ref)
   assert want_layout[1:] == (["0"], [["2", "config.json", "corpus_identity.txt",
                                       "tokenizer.sha256"]], 0.1)
-  cuts = 0
+  cuts, old_trainer = 0, Trainer(old_cfg, trainer.mesh)
   for k in range(1, 40):
     workdir = str(tmp_path / f"cut{k}")
     shutil.copytree(base, workdir)
@@ -113,8 +116,7 @@ def test_a_params_start_cut_short_anywhere_is_taken_on_by_the_same_command(
         break
     if os.path.isfile(f"{workdir}/{resume.STAGING}/{resume.RECORD}/config.json") and \
         os.path.isdir(f"{workdir}/checkpoints/2"):  # (step 0 staged, the old ones not moved)
-      assert start(shutil.copytree(workdir, f"{workdir}-old"),
-                   Trainer(old_cfg, trainer.mesh))[0] == 2
+      assert start(shutil.copytree(workdir, f"{workdir}-old"), old_trainer)[0] == 2
     os.makedirs(f"{workdir}/checkpoints", exist_ok=True)  # (empty, where it was set aside)
     got = start(workdir)
     assert got[0] == 0, k

@@ -29,11 +29,12 @@ RESUMED = {"train.log_every": 1, "model.num_layers": 1}
 def uninterrupted(tiny_data, tmp_path_factory):
   """{step: loss} of an uninterrupted 40-step run logging every step, which the SIGTERM and
   kill -9 tests' resumed runs must reproduce (the kill -9 test's 20 steps decay over 40: the
-  same schedule, so its losses are this run's first 20; checkpoint settings change no loss).
-  One layer (RESUMED): each of those tests' launches compiles its steps in about half the time."""
+  same schedule, so its losses are this run's first 20; checkpoint settings change no loss, so
+  this run saves only at its end). One layer (RESUMED): each of those tests' launches compiles
+  its steps in about half the time."""
   ref = str(tmp_path_factory.mktemp("uninterrupted"))
-  loop.train(_config(tiny_data, **RESUMED, **{"train.steps": 40}), ref, quiet=True,
-             devices=ONE())
+  loop.train(_config(tiny_data, **RESUMED, **{"train.steps": 40, "checkpoint.every_steps": 40}),
+             ref, quiet=True, devices=ONE())
   return {r["step"]: r["loss"] for r in _lines(ref) if "loss" in r}
 
 
@@ -65,45 +66,60 @@ def _on_a_terminal(cmd, **kwargs):
   return proc, master, read, (closing, reader)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "a closed terminal"])
-def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_path,
-                                                               uninterrupted, how):
-  """SIGTERM mid-run: checkpoint + exit status 143; re-running resumes; every logged loss equals
-  an uninterrupted run's. The terminal a run was started from closing (its SIGHUP) is the same
-  stop, exit 129: it ended the run unsaved, and the save's own prints would fail on it (EIO)."""
+def _checkpoints(workdir):
+  return sorted(int(s) for s in os.listdir(f"{workdir}/checkpoints") if s.isdigit())
+
+
+def _logged_steps(workdir):
+  if not os.path.exists(f"{workdir}/metrics.jsonl"):
+    return set()
+  return {r["step"] for r in _lines(workdir) if "loss" in r}
+
+
+def test_sigterm_saves_exits_and_resumes_with_identical_losses(tiny_data, tmp_path, uninterrupted,
+                                                               capsys):
+  """The terminal a run was started from closing (its SIGHUP) mid-run: a checkpoint and exit
+  status 129 (it ended the run unsaved, and the save's own prints would fail on it: EIO). The
+  re-run (output to a pipe) resumes from it; SIGTERM mid-run: a checkpoint and exit status 143.
+  Re-running again (here, in this process) resumes from that one, and every logged loss equals
+  an uninterrupted run's."""
   flags = [f"--config.{kv}" for kv in tiny_overrides(tiny_data, **RESUMED,
                                                      **{"train.steps": 40})]
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "transformer_jax.train", f"--config={REPO}/configs/gpt2.py:tiny",
          f"--workdir={workdir}"] + flags
   env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
-  if how == "SIGTERM":
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-  else:
-    proc, master, read, (closing, reader) = _on_a_terminal(cmd, cwd=REPO, env=env)
-  deadline = time.time() + 240
-  while time.time() < deadline:  # wait until training is under way
-    if os.path.exists(f"{workdir}/metrics.jsonl") and len(_lines(workdir)) >= 3:
-      break
-    time.sleep(0.05)  # (one layer: 37 steps left are a few seconds)
-  if how == "SIGTERM":
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out[-2000:]
-    assert "SIGTERM received: stopped after step" in out
-  else:
-    closing.set()
-    reader.join()
-    os.close(master)  # the terminal hangs up: SIGHUP to its session's leader, the run
-    proc.wait(timeout=120)
-    assert proc.returncode == 129, "".join(read)[-2000:]
-    assert "matmul params" in "".join(read)  # (it did write to the terminal before)
-  stopped = max(int(s) for s in os.listdir(f"{workdir}/checkpoints"))
-  assert 3 <= stopped < 40
-  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert again.returncode == 0, again.stderr[-2000:]
-  assert f"resumed from {workdir}/checkpoints/{stopped}" in again.stdout + again.stderr
+
+  def wait_for(proc, steps):  # until training is under way: `steps` logged
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if steps <= _logged_steps(workdir):
+        return
+      time.sleep(0.05)  # (one layer: 37 steps left are a few seconds)
+
+  proc, master, read, (closing, reader) = _on_a_terminal(cmd, cwd=REPO, env=env)
+  wait_for(proc, {1, 2, 3})
+  closing.set()
+  reader.join()
+  os.close(master)  # the terminal hangs up: SIGHUP to its session's leader, the run
+  proc.wait(timeout=120)
+  assert proc.returncode == 129, "".join(read)[-2000:]
+  assert "matmul params" in "".join(read)  # (it did write to the terminal before)
+  hung_up = _checkpoints(workdir)[-1]
+  assert 3 <= hung_up < 40
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  wait_for(proc, {hung_up + 1, hung_up + 2, hung_up + 3})
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out[-2000:]
+  assert f"resumed from {workdir}/checkpoints/{hung_up}" in out
+  assert "SIGTERM received: stopped after step" in out
+  stopped = _checkpoints(workdir)[-1]
+  assert hung_up + 3 <= stopped < 40
+  capsys.readouterr()
+  loop.train(_config(tiny_data, **RESUMED, **{"train.steps": 40}), workdir, devices=ONE())
+  assert f"resumed from {workdir}/checkpoints/{stopped}" in capsys.readouterr().out
   got = {r["step"]: r["loss"] for r in _lines(workdir) if "loss" in r}
   want = uninterrupted
   assert sorted(got) == sorted(want) == list(range(1, 41))
@@ -234,8 +250,8 @@ def test_ctrl_c_during_a_compile_exits_130_without_a_crash():
 def test_kill_9_at_random_moments_then_resume_gives_identical_losses(tiny_data, tmp_path,
                                                                     uninterrupted):
   """SIGKILL twice at seeded random moments of a run with async saves every 3 steps (so some
-  kills land during a write); re-running resumes from the last complete checkpoint and every
-  step's final logged loss equals an uninterrupted run's."""
+  kills land during a write); re-running (here, in this process) resumes from the last complete
+  checkpoint and every step's final logged loss equals an uninterrupted run's."""
   extra = {**RESUMED, "train.steps": 20, "optimizer.decay_steps": 40,
            "checkpoint.every_steps": 3, "checkpoint.async_save": True}
   workdir = str(tmp_path / "run")
@@ -255,8 +271,7 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_losses(tiny_data, 
       time.sleep(0.05)
     proc.kill()
     proc.wait(timeout=60)
-  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
+  assert loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())["step"] == 20
   got = {r["step"]: r["loss"] for r in _lines(workdir) if "loss" in r}  # last write wins
   want = {step: loss for step, loss in uninterrupted.items() if step <= 20}
   assert sorted(got) == sorted(want) == list(range(1, 21))

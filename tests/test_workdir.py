@@ -31,7 +31,10 @@ ONE = lambda: jax.devices()[:1]  # pylint: disable=unnecessary-lambda-assignment
 
 
 def _config(tiny_data, **extra):
-  extra = {"train.steps": 2, "checkpoint.every_steps": 2, "eval.every_steps": 0, **extra}
+  """configs/gpt2.py:tiny on the tiny corpus, one layer (what these tests check does not depend
+  on the depth; a second layer added ~1 s to each run's trace, compiles and saves)."""
+  extra = {"train.steps": 2, "checkpoint.every_steps": 2, "eval.every_steps": 0,
+           "model.num_layers": 1, **extra}
   return config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
 
 
@@ -64,7 +67,9 @@ def test_a_tokenizer_replaced_at_the_same_path_is_refused(tiny_data, tmp_path):
   tok = str(tmp_path / "tok.model")
   shutil.copy(tiny_data["tokenizer"], tok)
   workdir = str(tmp_path / "w")
-  loop.train(_config(tiny_data, **{"data.tokenizer": tok}), workdir, quiet=True, devices=ONE())
+  # (2 of the resume's 3 steps: one program for both)
+  loop.train(_config(tiny_data, **{"data.tokenizer": tok, "train.steps": 3}), workdir, quiet=True,
+             devices=ONE(), stop_after=2)
   shutil.copy(tok, tmp_path / "same.model")  # the same tokenizer at another path resumes
   out = loop.train(_config(tiny_data, **{"data.tokenizer": str(tmp_path / "same.model"),
                                          "train.steps": 3}), workdir, quiet=True, devices=ONE())
@@ -105,8 +110,9 @@ def test_another_optimizer_state_is_refused_and_never_sets_checkpoints_aside(tin
   started over from step 0); `on_mismatch=params` reuses the parameters; the saved config
   resumes."""
   workdir = str(tmp_path / "w")
-  loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0}), workdir, quiet=True,
-             devices=ONE())
+  # (2 of the resume's 3 steps below: one program for both)
+  loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0, "train.steps": 3}), workdir,
+             quiet=True, devices=ONE(), stop_after=2)
   saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   clipped = {"optimizer.grad_clip": 1.0, "train.steps": 4}
   with pytest.raises(ConfigError, match=r"tokenizer or optimizer \(optimizer.grad_clip > 0: "
@@ -208,12 +214,13 @@ def test_a_resume_after_the_corpus_files_changed_says_so(tiny_data, tmp_path, ca
   corpus.mkdir()
   for f in glob.glob(tiny_data["corpus"]):
     shutil.copy(f, corpus)
-  extra = {"train.steps": 5, "data.corpus": f"{corpus}/*.py", "data.data_dir": str(tmp_path / "d")}
+  extra = {"train.steps": 6, "data.corpus": f"{corpus}/*.py", "data.data_dir": str(tmp_path / "d")}
   workdir = str(tmp_path / "w")
-  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())
+  # (5 of the resume's 6 steps: one program for both)
+  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE(), stop_after=5)
   (corpus / "added.py").write_text("def added():\n  return 'a new file'\n" * 20)
   capsys.readouterr()
-  loop.train(_config(tiny_data, **{**extra, "train.steps": 6}), workdir, devices=ONE())
+  loop.train(_config(tiny_data, **extra), workdir, devices=ONE())
   said = capsys.readouterr()
   assert re.search(r"warning: the data changed since checkpoint 5 \(the files of data.corpus: "
                    r"text-\w+ -> text-\w+\)", said.out + said.err), said
@@ -388,7 +395,7 @@ def test_wandb_logs_offline_beside_metrics_jsonl(tiny_data, tmp_path, monkeypatc
   monkeypatch.setenv("WANDB_SILENT", "true")
   import glob  # pylint: disable=g-import-not-at-top
   extra = {"train.steps": 4, "train.log_every": 2, "checkpoint.every_steps": 2,
-           "eval.every_steps": 0, "metrics.wandb": True}
+           "eval.every_steps": 0, "metrics.wandb": True, "model.num_layers": 1}
   config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", tiny_overrides(tiny_data, **extra))
   loop.train(config, str(tmp_path), quiet=True, devices=jax.devices()[:1], stop_after=2)
   run_id = (tmp_path / "wandb_id").read_text()
