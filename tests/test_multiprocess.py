@@ -19,14 +19,29 @@ from tests.conftest import REPO, TEST_XLA_FLAGS, tiny_overrides, two_process_job
 STEPS = 18
 
 
-def _flags(tiny_data, **extra):
+def _overrides(tiny_data, **extra):
   # One layer (the tiny recipe has 2): every process of every job compiles its steps (process 1
-  # never loads them from the compilation cache), in about half the time; no check reads the depth.
+  # loads none of its own programs from the compilation cache: only process 0 writes it), in
+  # about half the time; no check reads the depth.
   kv = {"train.log_every": 1, "train.steps": STEPS, "optimizer.decay_steps": STEPS,
         "data.shards": 2, "mesh.data": -1, "eval.every_steps": 0, "checkpoint.every_steps": 6,
         "model.num_layers": 1}
   kv.update(extra)
-  return [f"--config.{x}" for x in tiny_overrides(tiny_data, **kv)]
+  return tiny_overrides(tiny_data, **kv)
+
+
+def _flags(tiny_data, **extra):
+  return [f"--config.{x}" for x in _overrides(tiny_data, **extra)]
+
+
+def _train_here(tiny_data, workdir, quiet=True, **extra):
+  """What `_local(workdir, 1, 4, _flags(tiny_data, **extra))` trains, in this process on 4 of
+  its 8 devices: 1 process x 4 devices, without a process's start (its imports, ~3 s of CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from transformer_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(f"{REPO}/configs/gpt2.py:tiny", _overrides(tiny_data, **extra))
+  return loop.train(config, workdir, quiet=quiet, devices=jax.devices()[:4])
 
 
 def _local(workdir, processes, devices, flags):
@@ -54,21 +69,59 @@ def _wait_for_steps(workdir, n, procs, timeout=240):
   raise AssertionError(f"{workdir} did not reach {n} logged steps")
 
 
-def test_two_processes_train_like_one_then_stop_together_and_resume_on_one(tiny_data, tmp_path):
+def _workers(workdir, job, timeout=240):
+  """{pid: environment} of the train processes of `job` (a _local of 2 processes) once both
+  have started."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    pids = subprocess.run(["pgrep", "-f", f"workdir={workdir}"], capture_output=True, text=True)
+    if len(pids.stdout.split()) == 2:
+      return {int(p): open(f"/proc/{p}/environ").read().replace("\0", " ")
+              for p in pids.stdout.split()}
+    if job.poll() is not None:
+      raise AssertionError(f"exited early ({job.returncode}): {job.communicate()[0][-3000:]}")
+    time.sleep(0.1)
+  raise AssertionError(f"{workdir}'s 2 train processes did not start")
+
+
+MC_TASK = "".join(json.dumps({"context": c, "choices": [" x", " ("], "label": 0}) + "\n"
+                  for c in ("def f(", "import", "for x in", "return"))
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_data, tmp_path_factory):
+  """The 2-process runs' reference: _flags' STEPS steps on 1 process x 4 devices with a data=4
+  mesh (this process, on 4 of its 8 devices), scoring MC_TASK every 2 steps (evaluation changes
+  no loss). Returns (its {step: loss}, {step: eval_mc_acc}, the task file). A run whose mesh
+  splits the rows' tokens or the parameters instead gives the same losses to 1e-7 (other sums),
+  so one reference serves them all; its train.steps may stop early (the schedule is STEPS')."""
+  tmp = tmp_path_factory.mktemp("one_process")
+  task = tmp / "mc.jsonl"
+  task.write_text(MC_TASK)
+  ref = str(tmp / "ref")
+  _train_here(tiny_data, ref, **{"eval.every_steps": 2, "eval.tasks": f"('{task}',)",
+                                 "checkpoint.every_steps": STEPS})
+  with open(os.path.join(ref, "metrics.jsonl")) as f:
+    rows = list(map(json.loads, f))
+  return ({r["step"]: r["loss"] for r in rows if "loss" in r},
+          {r["step"]: r["eval_mc_acc"] for r in rows if "eval_mc_acc" in r}, str(task))
+
+
+def test_two_processes_train_like_one_then_stop_together_and_resume_on_one(tiny_data, tmp_path,
+                                                                          one_process, capsys):
   """2 processes x 2 devices give 1 process x 4 devices' losses (within 1e-5); SIGTERM to ONE
   process stops both after the same step with a checkpoint; the run resumes on 1 process with a
-  data=2 x tensor=2 mesh and its remaining losses match too (within 1e-3: other sums)."""
-  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-  one = _local(ref, 1, 4, _flags(tiny_data))
+  data=2 x tensor=2 mesh and its remaining losses match too (within 1e-3: other sums). (The
+  1-process runs train in this process, on 4 of its devices.)"""
+  run = str(tmp_path / "run")
   two = _local(run, 2, 2, _flags(tiny_data))
-  _wait_for_steps(run, 3, [two])
-  pids = subprocess.run(["pgrep", "-f", f"workdir={run}"], capture_output=True, text=True)
-  workers = {int(p): open(f"/proc/{p}/environ").read().replace("\0", " ")
-             for p in pids.stdout.split()}
+  # Found before they train: however slow this machine is at finding them, the run cannot have
+  # trained on to its last step (and exited 0) before they are paused below.
+  workers = _workers(run, two)
   ones = [p for p, env in workers.items() if "TJAX_PROCESS_ID=1" in env]
-  assert len(workers) == 2 and len(ones) == 1, pids.stdout
-  # Both paused while the signal is sent: however slow this machine is at finding them, the
-  # run cannot have trained on to its last step (and exited 0) before the signal lands.
+  assert len(ones) == 1, workers
+  _wait_for_steps(run, 3, [two])
+  # Both paused while the signal is sent: neither trains on past a step the other cannot reach.
   for p in workers:
     os.kill(p, signal.SIGSTOP)
   os.kill(ones[0], signal.SIGTERM)
@@ -81,13 +134,10 @@ def test_two_processes_train_like_one_then_stop_together_and_resume_on_one(tiny_
   assert 3 <= stopped < STEPS
   assert sorted(os.listdir(f"{run}/checkpoints/{stopped}/data"))[-2:] == [
       "shard-0-of-2.json", "shard-1-of-2.json"]
-  resumed = _local(run, 1, 4, _flags(tiny_data, **{"mesh.data": 2, "mesh.tensor": 2}))
-  out, _ = resumed.communicate(timeout=240)
-  assert resumed.returncode == 0, out[-3000:]
-  assert f"resumed from {run}/checkpoints/{stopped}" in out
-  out_ref, _ = one.communicate(timeout=240)
-  assert one.returncode == 0, out_ref[-3000:]
-  got, want = _losses(run), _losses(ref)
+  capsys.readouterr()
+  _train_here(tiny_data, run, quiet=False, **{"mesh.data": 2, "mesh.tensor": 2})
+  assert f"resumed from {run}/checkpoints/{stopped}" in capsys.readouterr().out
+  got, want = _losses(run), one_process[0]
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   for step, loss in want.items():  # the same mesh shape: the same sums; after the resume onto
     # data=2 x tensor=2, other reduction orders leave ~1e-7 parameter differences, which a
@@ -172,53 +222,50 @@ def test_restore_onto_another_mesh_and_device_count_gives_identical_params(tiny_
   np.testing.assert_array_equal(next(data)["inputs"], next(fresh)["inputs"])
 
 
-def test_a_sequence_axis_across_processes_trains_like_one_process(tiny_data, tmp_path):
+def test_a_sequence_axis_across_processes_trains_like_one_process(tiny_data, tmp_path,
+                                                                  one_process):
   """mesh.sequence=4 over 2 processes x 2 devices (each process holds half of every row's
-  tokens, ring attention between hosts) gives 1 process x 4 devices' losses."""
-  flags = _flags(tiny_data, **{"train.steps": 4, "optimizer.decay_steps": 4, "mesh.data": 1,
-                               "mesh.sequence": 4, "checkpoint.every_steps": 4})
-  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-  procs = [_local(ref, 1, 4, flags), _local(run, 2, 2, flags)]
-  for p in procs:
-    out, _ = p.communicate(timeout=240)
-    assert p.returncode == 0, out[-3000:]
-  got, want = _losses(run), _losses(ref)
-  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
-  for step, loss in want.items():
-    assert got[step] == pytest.approx(loss, rel=1e-4), step
+  tokens, ring attention between hosts) gives 1 process x 4 devices' losses (one_process's:
+  data parallel, so a ring attention wrong on 1 process too would show)."""
+  run = str(tmp_path / "run")
+  job = _local(run, 2, 2, _flags(tiny_data, **{"train.steps": 4, "mesh.data": 1,
+                                               "mesh.sequence": 4, "checkpoint.every_steps": 4}))
+  out, _ = job.communicate(timeout=240)
+  assert job.returncode == 0, out[-3000:]
+  got, want = _losses(run), one_process[0]
+  assert sorted(got) == [1, 2, 3, 4]
+  for step, loss in got.items():
+    assert loss == pytest.approx(want[step], rel=1e-4), step
 
 
 def test_parameters_across_processes_evaluate_tasks_sample_and_take_dcn_axes(tiny_data,
-                                                                            tmp_path):
+                                                                            tmp_path,
+                                                                            one_process):
   """mesh.dcn_fsdp=2 over 2 processes (the devices all say slice 0: the processes are the
   slices; it was refused), so the parameters and the rows span both: eval.tasks' scores are
   gathered (a traceback, and no checkpoint) and train.sample_prompt samples on every process
-  (process 0 alone waited forever on the other's shards). 1 process x 4 devices alike."""
-  task = tmp_path / "mc.jsonl"
-  task.write_text("".join(json.dumps({"context": c, "choices": [" x", " ("], "label": 0}) + "\n"
-                          for c in ("def f(", "import", "for x in", "return")))
-  flags = _flags(tiny_data, **{"train.steps": 2, "optimizer.decay_steps": 2, "mesh.data": 1,
-                               "mesh.fsdp": 2, "mesh.dcn_fsdp": 2, "eval.every_steps": 2,
-                               "checkpoint.every_steps": 2, "eval.tasks": f"('{task}',)",
-                               "train.sample_prompt": "def", "train.sample_tokens": 4})
-  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-  outs = []
-  for p in (_local(ref, 1, 4, flags), _local(run, 2, 2, flags)):
-    try:
-      out, _ = p.communicate(timeout=150)
-    except subprocess.TimeoutExpired:  # (a hang: its processes must not outlive the test)
-      os.killpg(p.pid, signal.SIGKILL)
-      raise
-    assert p.returncode == 0, out[-3000:]
-    outs.append(out)
-  for workdir, out in zip((ref, run), outs):
-    assert os.path.isdir(f"{workdir}/checkpoints/2") and "--- sample (prompt 'def') ---" in out
-  accuracy = [[r["eval_mc_acc"] for r in map(json.loads, open(f"{w}/metrics.jsonl"))
-               if "eval_mc_acc" in r] for w in (ref, run)]
-  assert accuracy[0] == accuracy[1] and len(accuracy[0]) == 1
-  got, want = _losses(run), _losses(ref)
-  for step, loss in want.items():
-    assert got[step] == pytest.approx(loss, rel=1e-5), step
+  (process 0 alone waited forever on the other's shards). The scores and losses are 1 process
+  x 4 devices' (one_process's)."""
+  want, scores, task = one_process
+  run = str(tmp_path / "run")
+  job = _local(run, 2, 2, _flags(tiny_data, **{
+      "train.steps": 2, "mesh.data": 1, "mesh.fsdp": 2, "mesh.dcn_fsdp": 2,
+      "eval.every_steps": 2, "checkpoint.every_steps": 2, "eval.tasks": f"('{task}',)",
+      "train.sample_prompt": "def", "train.sample_tokens": 4}))
+  try:
+    out, _ = job.communicate(timeout=150)
+  except subprocess.TimeoutExpired:  # (a hang: its processes must not outlive the test)
+    os.killpg(job.pid, signal.SIGKILL)
+    raise
+  assert job.returncode == 0, out[-3000:]
+  assert os.path.isdir(f"{run}/checkpoints/2") and "--- sample (prompt 'def') ---" in out
+  with open(f"{run}/metrics.jsonl") as f:
+    accuracy = [(r["step"], r["eval_mc_acc"]) for r in map(json.loads, f) if "eval_mc_acc" in r]
+  assert accuracy == [(2, scores[2])]
+  got = _losses(run)
+  assert sorted(got) == [1, 2]
+  for step, loss in got.items():
+    assert loss == pytest.approx(want[step], rel=1e-5), step
 
 
 def test_explicit_process_flags_are_not_dropped_by_tjax_distributed_off():
@@ -232,41 +279,6 @@ def test_explicit_process_flags_are_not_dropped_by_tjax_distributed_off():
   assert distributed.detect(environ={"TJAX_DISTRIBUTED": "off"}) is None
   with pytest.raises(ConfigError, match="TJAX_DISTRIBUTED=off, but --coordinator"):
     distributed.detect(*flags, environ={"TJAX_DISTRIBUTED": "off"})
-
-
-POISONED_TRAIN = """
-import jax, numpy as np
-from transformer_jax import cli, train
-from transformer_jax.training.step import Trainer
-put, step = Trainer.put_batch, Trainer.train_step
-def put_batch(self, batch):
-  self.host_batch = batch
-  return put(self, batch)
-def train_step(self, state, batch, rng):
-  if int(jax.device_get(state.step)) == 3:  # NaN target weights: a non-finite loss
-    batch = put(self, {k: v * np.float32("nan") if k.endswith("weights") else v
-                       for k, v in self.host_batch.items()})
-  return step(self, state, batch, rng)
-Trainer.put_batch, Trainer.train_step = put_batch, train_step
-cli.run(train.main)
-"""
-
-
-def test_a_rollback_across_processes_restores_and_goes_on(tiny_data, tmp_path):
-  """train.on_anomaly=rollback with 2 processes: the step it put back was one device's array,
-  which a sharding over both processes' devices cannot take (a traceback, exit 1, on both)."""
-  (tmp_path / "poisoned_train.py").write_text(POISONED_TRAIN)
-  run = str(tmp_path / "run")
-  cmd = [sys.executable, str(tmp_path / "poisoned_train.py"),
-         f"--config={REPO}/configs/gpt2.py:tiny", f"--workdir={run}"] + _flags(
-             tiny_data, **{"train.steps": 5, "optimizer.decay_steps": 5, "data.shards": 0,
-                           "checkpoint.every_steps": 2, "train.on_anomaly": "rollback"})
-  codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="10")
-  assert codes == [0, 0], [o[-2000:] for o in outs]
-  with open(os.path.join(run, "metrics.jsonl")) as f:
-    rollbacks = [r for r in map(json.loads, f) if r.get("event") == "rollback"]
-  assert [(r["restored_step"], r["skipped_batches"]) for r in rollbacks] == [(2, [2, 3])]
-  assert sorted(_losses(run)) == [1, 2, 3, 5]  # step 4's batch was the bad one: not logged
 
 
 def test_a_checkpoint_damaged_in_one_processs_shards_is_set_aside_by_both(tiny_data, tmp_path):
@@ -386,9 +398,23 @@ def test_a_save_that_fails_on_one_process_stops_both_with_one_line_each(tiny_dat
   assert sorted(os.listdir(run / "checkpoints")) == ["2"]
 
 
+POISONED = """
+import jax, numpy as np
+from transformer_jax.training.step import Trainer
+put, step = Trainer.put_batch, Trainer.train_step
+def put_batch(self, batch):
+  self.host_batch = batch
+  return put(self, batch)
+def train_step(self, state, batch, rng):
+  if int(jax.device_get(state.step)) == 3:  # NaN target weights: a non-finite loss
+    batch = put(self, {k: v * np.float32("nan") if k.endswith("weights") else v
+                       for k, v in self.host_batch.items()})
+  return step(self, state, batch, rng)
+Trainer.put_batch, Trainer.train_step = put_batch, train_step
+"""
+
 FIT_ACROSS_PROCESSES = """
 import os, types
-from transformer_jax import cli, train
 from transformer_jax.training import fit
 pid, GIB = int(os.environ["TJAX_PROCESS_ID"]), 2**30
 memory, compile_step = fit.device_memory, fit.compile_step
@@ -399,22 +425,46 @@ def figures(trainer):  # the whole batch fits process 0's figure (3 GiB), not pr
   real = compile_step(trainer)
   return real._replace(needed=(3 + 2 * pid) * GIB if trainer.microbatches == 1 else GIB)
 fit.device_memory, fit.compile_step = device_memory, figures
-cli.run(train.main)
 """
 
 
+@pytest.fixture(scope="module")
+def poisoned_job(tiny_data, tmp_path_factory):
+  """One 2-process job for the next two tests (a job of its own each cost ~20 s of CPU):
+  train.microbatches=0 with devices and figures that differ per process (FIT_ACROSS_PROCESSES)
+  and train.on_anomaly=rollback with step 4's batch poisoned (POISONED), checkpoints every 2
+  steps. Returns ([exit codes], [outputs], its workdir)."""
+  tmp = tmp_path_factory.mktemp("poisoned_job")
+  (tmp / "train.py").write_text(POISONED + FIT_ACROSS_PROCESSES
+                                + "from transformer_jax import cli, train\ncli.run(train.main)\n")
+  run = str(tmp / "run")
+  cmd = [sys.executable, str(tmp / "train.py"), f"--config={REPO}/configs/gpt2.py:tiny",
+         f"--workdir={run}"] + _flags(
+             tiny_data, **{"train.steps": 5, "data.shards": 0, "checkpoint.every_steps": 2,
+                           "train.on_anomaly": "rollback", "train.microbatches": 0})
+  codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="60")
+  return codes, outs, run
+
+
 def test_processes_choose_one_microbatch_count_from_the_smallest_memory_and_largest_need(
-    tiny_data, tmp_path):
+    poisoned_job):
   """train.microbatches=0 in a job of two processes whose devices and figures differ: both
   take the smallest memory limit (exchanged in MiB: 5 GiB is past an int32 of bytes) and, at
   each count, the largest need, so both choose 2 (process 0 alone would have kept 1), and
   train."""
-  (tmp_path / "fit.py").write_text(FIT_ACROSS_PROCESSES)
-  cmd = [sys.executable, str(tmp_path / "fit.py"), f"--config={REPO}/configs/gpt2.py:tiny",
-         f"--workdir={tmp_path / 'run'}"] + _flags(
-             tiny_data, **{"train.steps": 2, "train.microbatches": 0, "data.shards": 0,
-                           "checkpoint.every_steps": 100})
-  codes, outs = two_process_job(cmd, 150, TJAX_HEARTBEAT_TIMEOUT_S="60")
+  codes, outs, _ = poisoned_job
   assert codes == [0, 0], [o[-2000:] for o in outs]
   assert ("train.microbatches=0: 2 microbatches of 2 rows (the step needs 1.00 GiB of the "
           "4.28 GiB it may take of the device's 4.50 GiB; 1: 5.00 GiB)") in outs[0], outs[0][-2000:]
+
+
+def test_a_rollback_across_processes_restores_and_goes_on(poisoned_job):
+  """train.on_anomaly=rollback with 2 processes (poisoned_job's, with 2 microbatches a step): the
+  step it put back was one device's array, which a sharding over both processes' devices cannot
+  take (a traceback, exit 1, on both)."""
+  codes, outs, run = poisoned_job
+  assert codes == [0, 0], [o[-2000:] for o in outs]
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    rollbacks = [r for r in map(json.loads, f) if r.get("event") == "rollback"]
+  assert [(r["restored_step"], r["skipped_batches"]) for r in rollbacks] == [(2, [2, 3])]
+  assert sorted(_losses(run)) == [1, 2, 3, 5]  # step 4's batch was the bad one: not logged
