@@ -58,8 +58,9 @@ def test_a_live_run_owns_its_workdir_and_a_dead_one_does_not(tiny_data, tmp_path
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=60)
   assert os.path.isfile(os.path.join(workdir, "lock"))
-  out = loop.train(_config(tiny_data), workdir, quiet=True, devices=ONE())
-  assert out["step"] == 2
+  # (it starts: no step needed to show that)
+  out = loop.train(_config(tiny_data), workdir, quiet=True, devices=ONE(), stop_after=0)
+  assert out["step"] == 0
 
 
 def test_a_tokenizer_replaced_at_the_same_path_is_refused(tiny_data, tmp_path):
@@ -67,13 +68,12 @@ def test_a_tokenizer_replaced_at_the_same_path_is_refused(tiny_data, tmp_path):
   tok = str(tmp_path / "tok.model")
   shutil.copy(tiny_data["tokenizer"], tok)
   workdir = str(tmp_path / "w")
-  # (2 of the resume's 3 steps: one program for both)
-  loop.train(_config(tiny_data, **{"data.tokenizer": tok, "train.steps": 3}), workdir, quiet=True,
-             devices=ONE(), stop_after=2)
+  loop.train(_config(tiny_data, **{"data.tokenizer": tok}), workdir, quiet=True, devices=ONE())
   shutil.copy(tok, tmp_path / "same.model")  # the same tokenizer at another path resumes
   out = loop.train(_config(tiny_data, **{"data.tokenizer": str(tmp_path / "same.model"),
-                                         "train.steps": 3}), workdir, quiet=True, devices=ONE())
-  assert out["step"] == 3
+                                         "train.steps": 3}), workdir, quiet=True, devices=ONE(),
+                   stop_after=0)  # (resumed: no step needed to show that)
+  assert out["step"] == 2
   docs = [t for _, t in corpus_lib.iter_documents(tiny_data["corpus"])]
   tokenizer_lib.train(docs, 296, str(tmp_path / "other.model"))
   shutil.copy(tmp_path / "other.model", tok)  # new content, same file name
@@ -110,9 +110,8 @@ def test_another_optimizer_state_is_refused_and_never_sets_checkpoints_aside(tin
   started over from step 0); `on_mismatch=params` reuses the parameters; the saved config
   resumes."""
   workdir = str(tmp_path / "w")
-  # (2 of the resume's 3 steps below: one program for both)
-  loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0, "train.steps": 3}), workdir,
-             quiet=True, devices=ONE(), stop_after=2)
+  loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0}), workdir, quiet=True,
+             devices=ONE())
   saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   clipped = {"optimizer.grad_clip": 1.0, "train.steps": 4}
   with pytest.raises(ConfigError, match=r"tokenizer or optimizer \(optimizer.grad_clip > 0: "
@@ -128,8 +127,8 @@ def test_another_optimizer_state_is_refused_and_never_sets_checkpoints_aside(tin
     ckpts.restore(trainer.abstract_state)  # the backstop, for a run that reaches the restore
   ckpts.close()
   out = loop.train(_config(tiny_data, **{"optimizer.grad_clip": 0.0, "train.steps": 3}), workdir,
-                   quiet=True, devices=ONE())
-  assert out["step"] == 3  # resumed
+                   quiet=True, devices=ONE(), stop_after=0)
+  assert out["step"] == 2  # resumed (no step needed to show that)
   old = Checkpoints(workdir, _config(tiny_data).checkpoint, read_only=True)
   _, reused = old.restore_params(trainer.abstract_state.params)
   old.close()
@@ -199,7 +198,7 @@ def test_a_resumed_run_replays_into_one_clean_metrics_history(tiny_data, tmp_pat
     steps = [json.loads(line)["step"] for line in f if "loss" in json.loads(line)]
   assert steps == [5, 10]
   loop.train(_config(tiny_data, **{**extra, "train.steps": 11, "seed": 7, "model.remat": "full"}),
-             workdir, devices=ONE())
+             workdir, devices=ONE(), stop_after=0)  # (said at the start: no step needed)
   said = capsys.readouterr()
   assert "warning: the data changed since checkpoint 10 (seed: 0 -> 7)" in said.out + said.err
   # A model.* key a run may change (EXECUTION_KEYS) is said too (it went unsaid).
@@ -214,13 +213,13 @@ def test_a_resume_after_the_corpus_files_changed_says_so(tiny_data, tmp_path, ca
   corpus.mkdir()
   for f in glob.glob(tiny_data["corpus"]):
     shutil.copy(f, corpus)
-  extra = {"train.steps": 6, "data.corpus": f"{corpus}/*.py", "data.data_dir": str(tmp_path / "d")}
+  extra = {"train.steps": 5, "data.corpus": f"{corpus}/*.py", "data.data_dir": str(tmp_path / "d")}
   workdir = str(tmp_path / "w")
-  # (5 of the resume's 6 steps: one program for both)
-  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE(), stop_after=5)
+  loop.train(_config(tiny_data, **extra), workdir, quiet=True, devices=ONE())
   (corpus / "added.py").write_text("def added():\n  return 'a new file'\n" * 20)
   capsys.readouterr()
-  loop.train(_config(tiny_data, **extra), workdir, devices=ONE())
+  loop.train(_config(tiny_data, **{**extra, "train.steps": 6}), workdir, devices=ONE(),
+             stop_after=0)  # (said at the start: no step needed)
   said = capsys.readouterr()
   assert re.search(r"warning: the data changed since checkpoint 5 \(the files of data.corpus: "
                    r"text-\w+ -> text-\w+\)", said.out + said.err), said
