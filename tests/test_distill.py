@@ -28,8 +28,9 @@ def _setup(recipe="configs/gpt2.py:tiny", *extra):
   config = config_lib.load(f"{REPO}/{recipe}", ["data.seq_len=16", "model.max_len=16",
                                                  "train.batch_size=2", *extra])
   model = families.build_model(config)
-  init = lambda seed: nn.unbox(model.init(jax.random.key(seed),
-                                          *families.init_inputs(model, 8))["params"])
+  # (jitted: one compile for every seed, where eagerly every op compiled on its own)
+  init = jax.jit(lambda seed: nn.unbox(model.init(jax.random.key(seed),
+                                                  *families.init_inputs(model, 8))["params"]))
   batch = {k: jnp.asarray(v) for k, v in synthetic_batch(config).items()}
   task = objectives.loss(objectives.check(config))
   return config, model, init, batch, task
@@ -73,26 +74,30 @@ def test_alpha_one_is_the_plain_loss_and_a_twin_teacher_adds_nothing(recipe):
   the KL and its gradient vanish (alpha = 0 leaves only it). Every family."""
   _, model, init, batch, task = _setup(recipe)
   params, other = init(0), init(1)
-  grad = lambda teacher: jax.value_and_grad(
-      lambda p: loss_parts(model, p, batch, task=task, teacher=teacher)[0])(params)
-  plain, g_plain = grad(None)
-  one, g_one = grad(distill.Teacher(model, other, 1.0, 2.0))
+  # (jitted: a compile without a teacher, one for every teacher `t` (its parameters, alpha and
+  # T traced), one for the hidden states; eagerly every op compiled on its own)
+  grad = jax.jit(lambda p, t: jax.value_and_grad(lambda p: loss_parts(
+      model, p, batch, task=task,
+      teacher=None if t is None else distill.Teacher(model, *t))[0])(p))
+  plain, g_plain = grad(params, None)
+  one, g_one = grad(params, (other, 1.0, 2.0))
   assert float(one) == pytest.approx(float(plain), rel=1e-6)
-  for a, b in zip(jax.tree.leaves(g_one), jax.tree.leaves(g_plain)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  twin, g_twin = grad(distill.Teacher(model, params, 0.0, 3.0))
+  for a, b in zip(jax.tree.leaves(g_one), jax.tree.leaves(g_plain)):  # (two programs: gpt2's
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # differ by 2e-7 past rtol)
+  twin, g_twin = grad(params, (params, 0.0, 3.0))
   assert abs(float(twin)) < 1e-4
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_twin)) < 1e-5
-  soft, _ = grad(distill.Teacher(model, other, 0.0, 3.0))
+  soft, _ = grad(params, (other, 0.0, 3.0))
   assert float(soft) > 1e-3  # another teacher: a real KL
   # Hidden states (every stack: an encoder-decoder's encoder and decoder): a twin through the
   # identity adds nothing; another teacher does.
-  width = model.cfg.d_model
+  with_eye = {**params, distill.PROJECTION: {"kernel": jnp.eye(model.cfg.d_model)}}
+  hidden_mse = jax.jit(lambda p, teacher: loss_parts(
+      model, p, batch, task=task,
+      teacher=distill.Teacher(model, teacher, 1.0, 2.0, hidden_weight=1.0))[2][
+          "distill_hidden_mse"])
   for teacher, zero in ((params, True), (other, False)):
-    with_eye = {**params, distill.PROJECTION: {"kernel": jnp.eye(width)}}
-    _, _, aux = loss_parts(model, with_eye, batch, task=task,
-                           teacher=distill.Teacher(model, teacher, 1.0, 2.0, hidden_weight=1.0))
-    assert (float(aux["distill_hidden_mse"]) == 0.0) == zero
+    assert (float(hidden_mse(with_eye, teacher)) == 0.0) == zero
 
 
 def test_the_z_loss_keeps_its_full_weight_whatever_alpha():
@@ -100,12 +105,14 @@ def test_the_z_loss_keeps_its_full_weight_whatever_alpha():
   _, model, init, batch, task = _setup()
   params, other = init(0), init(1)
   w = batch["weights"].astype(jnp.float32)
-  logits = model.apply({"params": params}, *[batch[k] for k in type(model).INPUTS])
+  logits = jax.jit(model.apply)({"params": params}, *[batch[k] for k in type(model).INPUTS])
   z_sum = 1e-2 * float(jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w))
+  # (jitted, alpha traced: a compile with the z-loss and one without)
+  loss = jax.jit(lambda p, teacher, alpha, z: loss_parts(
+      model, p, batch, task=task, teacher=distill.Teacher(model, teacher, alpha, 2.0),
+      z_loss=z)[0], static_argnums=3)
   for alpha in (0.0, 0.5, 1.0):
-    teacher = distill.Teacher(model, other, alpha, 2.0)
-    with_z, without = (float(loss_parts(model, params, batch, task=task, teacher=teacher,
-                                        z_loss=z)[0]) for z in (1e-2, 0.0))
+    with_z, without = (float(loss(params, other, alpha, z)) for z in (1e-2, 0.0))
     assert with_z - without == pytest.approx(z_sum, rel=1e-4), alpha
 
 
@@ -116,17 +123,21 @@ def test_a_sentence_pair_heads_loss_keeps_its_full_weight_whatever_alpha():
   _, model, init, batch, task = _setup("configs/bert.py:tiny", "data.sentence_pair=nsp",
                                        "model.sentence_head=True")
   params, other = init(0), init(1)
-  _, _, plain = loss_parts(model, params, batch, task=task)
+  _, _, plain = jax.jit(lambda p: loss_parts(model, p, batch, task=task))(params)
+
+  @jax.jit  # (alpha traced: one compile for both)
+  def distilled(p, teacher, alpha):  # ((loss, aux), gradients)
+    f = lambda p: (lambda total, _, aux: (total, aux))(*loss_parts(
+        model, p, batch, task=task, teacher=distill.Teacher(model, teacher, alpha, 2.0)))
+    return jax.value_and_grad(f, has_aux=True)(p)
+
   for alpha in (0.0, 0.5):
-    teacher = distill.Teacher(model, other, alpha, 2.0)
-    total, _, aux = loss_parts(model, params, batch, task=task, teacher=teacher)
+    (total, aux), grads = distilled(params, other, alpha)
     soft = (1 - alpha) * 2.0 ** 2 * float(aux["distill_kl"])
     assert float(total) == pytest.approx(
         soft + alpha * float(plain["cross_entropy"]) + float(plain["sentence_term"]),
         rel=1e-5), alpha
-    head = jax.grad(lambda p, t=teacher: loss_parts(model, p, batch, task=task, teacher=t)[0])(
-        params)["sentence"]
-    assert float(jnp.abs(head).max()) > 1e-3, alpha
+    assert float(jnp.abs(grads["sentence"]).max()) > 1e-3, alpha
 
 
 def test_a_workdir_teacher_trains_the_student_frozen_and_unsaved(tiny_data, tmp_path):
@@ -205,10 +216,8 @@ def test_hidden_state_matching_equals_its_formula():
   last) of the per-token mean squared error of the projected residual streams over non-padding
   tokens; a twin teacher through the identity projection adds nothing; the projection learns."""
   _, model, init, batch, task = _setup()
-  config2, _, _, _, _ = _setup("configs/gpt2.py:tiny", "model.num_layers=1")
-  student = families.build_model(config2)
-  s_params = nn.unbox(student.init(jax.random.key(3), *families.init_inputs(student, 8))["params"])
-  t_params = init(1)
+  _, student, student_init, _, _ = _setup("configs/gpt2.py:tiny", "model.num_layers=1")
+  s_params, t_params = student_init(3), init(1)
   w = np.asarray(jax.random.normal(jax.random.key(4), (64, 64))) * 0.2
   batch = dict(batch, segment_ids=batch["segment_ids"].at[1, -5:].set(0))  # some padding
   hs = _block_outputs(student, s_params, batch)
@@ -216,18 +225,21 @@ def test_hidden_state_matching_equals_its_formula():
   mask = np.asarray(batch["segment_ids"] != 0, np.float64)
   per_token = np.mean((hs[0] @ w - ht[1]) ** 2, axis=-1)
   want = np.sum(per_token * mask) / mask.sum()
-  teacher = distill.Teacher(model, t_params, 1.0, 2.0, hidden_weight=0.5)
   params = {**s_params, distill.PROJECTION: {"kernel": jnp.asarray(w, jnp.float32)}}
-  loss, _, aux = loss_parts(student, params, batch, task=task, teacher=teacher)
+  # (jitted: one compile each, where eagerly every op compiled on its own)
+  f = lambda p, t: (lambda total, _, aux: (total, aux))(*loss_parts(
+      student, p, batch, task=task, teacher=distill.Teacher(model, t, 1.0, 2.0,
+                                                            hidden_weight=0.5)))
+  (loss, aux), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params, t_params)
   assert float(aux["distill_hidden_mse"]) == pytest.approx(want, rel=1e-4)
-  plain, _, _ = loss_parts(student, s_params, batch, task=task)
+  plain, _, _ = jax.jit(lambda p: loss_parts(student, p, batch, task=task))(s_params)
   assert float(loss) == pytest.approx(float(plain) + 0.5 * want * float(
       jnp.sum(batch["weights"])), rel=1e-4)
-  grads = jax.grad(lambda p: loss_parts(student, p, batch, task=task, teacher=teacher)[0])(params)
   assert float(jnp.abs(grads[distill.PROJECTION]["kernel"]).max()) > 0
-  twin = distill.Teacher(model, init(0), 1.0, 2.0, hidden_weight=1.0)
   eye = {**init(0), distill.PROJECTION: {"kernel": jnp.eye(64)}}
-  _, _, aux = loss_parts(model, eye, batch, task=task, teacher=twin)
+  _, _, aux = jax.jit(lambda p, t: loss_parts(  # a twin teacher
+      model, p, batch, task=task, teacher=distill.Teacher(model, t, 1.0, 2.0,
+                                                          hidden_weight=1.0)))(eye, init(0))
   assert float(aux["distill_hidden_mse"]) == 0.0
 
 
@@ -240,25 +252,29 @@ def test_hidden_matching_over_microbatches_adds_up_to_the_whole_batch():
   # row 0: 3 tokens, 3 targets; row 1: every token, a target at every other one (MLM-like)
   batch = dict(batch, segment_ids=batch["segment_ids"].at[0, 3:].set(0),
                weights=batch["weights"].at[0, 3:].set(0.0).at[1, ::2].set(0.0))
-  teacher = distill.Teacher(model, init(1), 0.5, 2.0, hidden_weight=50.0)
-  params = {**init(0), distill.PROJECTION: {"kernel": jnp.eye(64) * 3.0}}
-  whole, weight, aux = loss_parts(model, params, batch, task=task, teacher=teacher)
+  params, teacher = {**init(0), distill.PROJECTION: {"kernel": jnp.eye(64) * 3.0}}, init(1)
+  # (jitted: a compile for the whole batch, one for a row with the step's totals, one without)
+  parts_of = jax.jit(lambda p, t, b, totals: loss_parts(
+      model, p, b, task=task, teacher=distill.Teacher(model, t, 0.5, 2.0, hidden_weight=50.0),
+      totals=totals))
+  whole, weight, aux = parts_of(params, teacher, batch, None)
   totals = step_lib.batch_totals(model, batch)
-  parts = [loss_parts(model, params, jax.tree.map(lambda x, r=r: x[r:r + 1], batch), task=task,
-                      teacher=teacher, totals=totals) for r in range(2)]
+  parts = [parts_of(params, teacher, jax.tree.map(lambda x, r=r: x[r:r + 1], batch), totals)
+           for r in range(2)]
   assert sum(float(p[0]) for p in parts) == pytest.approx(float(whole), rel=1e-5)
   assert sum(float(p[1]) for p in parts) == pytest.approx(float(weight))
   assert sum(float(p[2]["distill_hidden_mse"]) for p in parts) == pytest.approx(
       float(aux["distill_hidden_mse"]), rel=1e-5)
-  own = [loss_parts(model, params, jax.tree.map(lambda x, r=r: x[r:r + 1], batch), task=task,
-                    teacher=teacher)[0] for r in range(2)]
+  own = [parts_of(params, teacher, jax.tree.map(lambda x, r=r: x[r:r + 1], batch), None)[0]
+         for r in range(2)]
   assert abs(sum(map(float, own)) - float(whole)) > 1e-3 * abs(float(whole))  # it mattered
 
 
 def _block_outputs(model, params, batch):
   """Each block's output from flax's own capture_intermediates, float64 [B, T, D]."""
-  _, captured = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                            batch["positions"], capture_intermediates=True)
+  _, captured = jax.jit(lambda p: model.apply(  # (jitted: one compile, not one per op)
+      {"params": p}, batch["inputs"], batch["segment_ids"], batch["positions"],
+      capture_intermediates=True))(params)
   inter = captured["intermediates"]
   return [np.asarray(inter[f"layer_{i}"]["__call__"][0], np.float64)
           for i in range(model.cfg.num_layers)]

@@ -4,6 +4,7 @@ isolated, the KV cache matches the full forward, sharded equals unsharded), from
 library."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -35,8 +36,15 @@ def _ids(b, t, seed):
   return jnp.asarray(np.random.default_rng(seed).integers(3, 97, (b, t)), jnp.int32)
 
 
-def _params(model, *inputs):
-  return nn.unbox(model.init(jax.random.key(0), *inputs)["params"])
+@functools.lru_cache(maxsize=None)
+def _init(model):
+  """The model's parameters (they do not depend on the inputs' shapes): one jitted
+  initialisation per model config for every test (eagerly every op compiled on its own)."""
+  return nn.unbox(jax.jit(model.init)(jax.random.key(0), *families.init_inputs(model))["params"])
+
+
+def _params(model):
+  return jax.tree.map(lambda x: x, _init(model))  # (new dicts: tests edit theirs)
 
 
 def _influence(f, x_TD):
@@ -52,7 +60,7 @@ def _with_inputs(params, table_key, x_TD):
 
 def test_encoder_is_bidirectional_within_a_segment_only():
   model = EncoderLM(dataclasses.replace(BERT, vocab_size=97 + 10))
-  params = _params(EncoderLM(BERT), _ids(1, 10, 0))
+  params = _params(EncoderLM(BERT))
   params["mlm_bias"] = jnp.pad(params["mlm_bias"], (0, 10))
   seg = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
   pos = jnp.asarray([list(range(4)) + list(range(6))], jnp.int32)
@@ -73,7 +81,7 @@ def test_encoder_is_bidirectional_within_a_segment_only():
 def test_encdec_decoder_is_causal_and_sees_only_its_own_segment(name):
   cfg = ENCDEC[name]
   enc, dec = _ids(1, 8, 0), _ids(1, 6, 1)
-  params = _params(EncoderDecoder(cfg), enc, dec)
+  params = _params(EncoderDecoder(cfg))
   model = EncoderDecoder(dataclasses.replace(cfg, vocab_size=97 + 8))
   if "logits" in params["embed"]:
     params["embed"]["logits"] = jnp.pad(params["embed"]["logits"], ((0, 0), (0, 8)))
@@ -108,7 +116,7 @@ def test_encdec_kv_cache_decoding_matches_the_full_forward(name):
   cfg = ENCDEC[name]
   model = EncoderDecoder(cfg)
   enc, dec = _ids(2, 9, 0), _ids(2, 7, 1)
-  params = _params(model, enc, dec)
+  params = _params(model)
   full = jax.jit(model.apply)({"params": params}, enc, dec)  # (jitted: one compile each, where
   # eagerly every op compiled on its own)
   encoded = jax.jit(lambda p: model.apply({"params": p}, enc, method=model.encode))(params)
@@ -166,7 +174,7 @@ def test_sharded_train_step_equals_one_device(family):
 def test_label_smoothing_mixes_in_the_uniform_distribution():
   model = EncoderLM(BERT)
   ids = _ids(2, 6, 0)
-  params = _params(model, ids)
+  params = _params(model)
   batch = {"inputs": ids, "segment_ids": jnp.ones_like(ids), "positions": None,
            "targets": ids, "weights": jnp.ones(ids.shape, jnp.float32)}
   batch["positions"] = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), ids.shape)
@@ -182,7 +190,7 @@ def test_label_smoothing_mixes_in_the_uniform_distribution():
 def test_sentence_head_adds_the_mean_pair_loss_and_reads_token_types(chunk):
   model = EncoderLM(dataclasses.replace(BERT, sentence_head=True))
   ids = _ids(2, 6, 0)
-  params = _params(model, ids)
+  params = _params(model)
   cls_BT = jnp.asarray([[1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0]], jnp.float32)  # 3 pairs
   labels = jnp.asarray([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], jnp.int32)
   types = jnp.asarray([[0, 1, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1]], jnp.int32)
@@ -236,14 +244,15 @@ def test_evaluate_reports_sentence_pair_loss_and_accuracy():
     b["sentence_weights"][:, :pairs_per_row * 16:16] = 1  # [CLS] of 1 or 2 pairs per row
     batches.append(b)
   got = trainer.evaluate(params, batches)
-  parts = [step_lib.loss_parts(trainer.model, params, jax.device_put(b), task=trainer.task)
-           for b in batches]
+  # (jitted: one compile per task, where eagerly every op compiled on its own)
+  loss_parts = jax.jit(lambda p, b, task: step_lib.loss_parts(trainer.model, p, b, task=task),
+                       static_argnums=2)
+  parts = [loss_parts(params, b, trainer.task) for b in batches]
   total = lambda key: sum(float(p[2][key]) for p in parts)
   assert total("sentence_pairs") == 4 + 8
   # eval_loss: the tokens' cross-entropy alone (it held the pair loss too)
   tokens_only = dataclasses.replace(trainer.task, sentence=False)
-  plain = [step_lib.loss_parts(trainer.model, params, jax.device_put(b), task=tokens_only)
-           for b in batches]
+  plain = [loss_parts(params, b, tokens_only) for b in batches]
   assert got["eval_loss"] == pytest.approx(sum(float(p[0]) for p in plain) /
                                            sum(float(p[1]) for p in plain), rel=1e-5)
   assert sum(float(p[0]) for p in parts) > sum(float(p[0]) for p in plain) * 1.01
@@ -259,7 +268,7 @@ def test_jit_equals_no_jit():
   encoder stacks share the layers of tests/test_model.py's gpt2 case)."""
   model = EncoderDecoder(T5)
   inputs = (_ids(2, 8, 0), _ids(2, 5, 1))
-  params = _params(model, *inputs)
+  params = _params(model)
 
   def loss(p):
     return jnp.mean(jax.nn.logsumexp(model.apply({"params": p}, *inputs), -1))
@@ -275,7 +284,7 @@ def test_seq2seq_greedy_generation_matches_full_forward_argmax():
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   model = EncoderDecoder(T5)
   source = _ids(2, 7, 0)
-  params = _params(model, source, _ids(2, 5, 1))
+  params = _params(model)
   # the full forward passes over decoder rows padded to 9 tokens: one compile (the decoder is
   # causal: the zeros after a row change nothing before them)
   apply = jax.jit(lambda dec: model.apply({"params": params}, source, dec))
@@ -299,7 +308,7 @@ def test_beam_search(scan):
   from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   model = EncoderDecoder(dataclasses.replace(T5, scan_layers=scan))
   source = _ids(2, 7, 0)
-  params = _params(model, source, _ids(2, 5, 1))
+  params = _params(model)
   src = np.asarray(source).tolist()
   greedy = sampling.generate(model, params, src, 6, temperature=0.0, start_id=2)
   if not scan:  # (scanned: the beam's own checks below; each decode compiles slowly)
@@ -346,10 +355,10 @@ def test_beam_search_equals_hf_beam_scorer():
   model = families.build_model(config_lib.load(f"{REPO}/configs/t5.py:tiny", [
       "model.init_std=0.15", "model.dtype=float32", "model.vocab_size=6"]))
   start, eos, k, max_len = 2, 3, 2, 8
-  apply = jax.jit(model.apply)
+  apply, init = jax.jit(model.apply), jax.jit(model.init)  # (eagerly every op compiled alone)
   for seed in (29, 0):
     source = np.random.default_rng(seed).integers(3, 6, (1, 5))
-    params = model.init(jax.random.key(seed), *families.init_inputs(model))["params"]
+    params = init(jax.random.key(seed), *families.init_inputs(model))["params"]
 
     def next_logp(prefixes):  # (prefixes of one length, padded to max_len: one compile; the
       # decoder is causal)
@@ -371,7 +380,7 @@ def test_beam_search_equals_hf_beam_scorer():
 def test_prefix_lm_attends_to_the_whole_prefix_and_causally_after_it():
   from transformer_jax.models.decoder import DecoderLM  # pylint: disable=g-import-not-at-top
   cfg = model_config(**SMALL)
-  params = _params(DecoderLM(cfg), _ids(1, 8, 0))
+  params = _params(DecoderLM(cfg))
   model = DecoderLM(dataclasses.replace(cfg, vocab_size=97 + 8))
   seg = jnp.asarray([[1] * 5 + [2] * 3], jnp.int32)
   pos = jnp.asarray([list(range(5)) + list(range(3))], jnp.int32)

@@ -29,10 +29,16 @@ def _layer(cfg, b=3, t=10, seed=0):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(b, t, cfg.d_model)), jnp.float32)
   module = moe.MoE(cfg)
-  params = nn.unbox(module.init(jax.random.key(seed), x)["params"])
+  # (jitted: one compile, where eagerly every op of the initialisation compiled on its own)
+  params = nn.unbox(jax.jit(module.init)(jax.random.key(seed), x)["params"])
   # Random (not zero) biases so that they are tested too.
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(7), p.shape), params)
   return module, params, x
+
+
+def _apply(module, **kwargs):
+  """module.apply({"params": params}, x, **kwargs), jitted (one compile, not one per op)."""
+  return jax.jit(lambda params, x: module.apply({"params": params}, x, **kwargs))
 
 
 def _reference(cfg, params, x_BTD):
@@ -65,7 +71,7 @@ def _reference(cfg, params, x_BTD):
 def test_dropless_equals_every_token_through_its_experts(kw):
   cfg = _cfg(**kw)
   module, params, x = _layer(cfg)
-  y = module.apply({"params": params}, x)
+  y = _apply(module)(params, x)
   np.testing.assert_allclose(y, _reference(cfg, params, x), rtol=1e-4, atol=1e-5)
 
 
@@ -87,8 +93,9 @@ def test_dropless_gradients_equal_the_reference_formulation():
     return jnp.einsum("bte,bted->btd", gates, out)
 
   loss = lambda f: lambda p, x: jnp.sum(f(p, x) * r)
-  got = jax.grad(loss(lambda p, x: module.apply({"params": p}, x)), argnums=(0, 1))(params, x)
-  want = jax.grad(loss(dense), argnums=(0, 1))(params, x)
+  grad = lambda f: jax.jit(jax.grad(loss(f), argnums=(0, 1)))  # (one compile, not one per op)
+  got = grad(lambda p, x: module.apply({"params": p}, x))(params, x)
+  want = grad(dense)(params, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(got[0]["router"]).sum()) > 0  # the gates' gradient reaches the router
@@ -99,8 +106,8 @@ def test_ample_capacity_equals_dropless():
   module, params, x = _layer(cfg)
   roomy = moe.MoE(dataclasses.replace(cfg, expert_capacity_factor=cfg.num_experts / 2))
   assert moe.capacity(roomy.cfg, x.shape[1]) == x.shape[1]
-  y, sown = roomy.apply({"params": params}, x, mutable=["moe"])
-  np.testing.assert_allclose(y, module.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+  y, sown = _apply(roomy, mutable=["moe"])(params, x)
+  np.testing.assert_allclose(y, _apply(module)(params, x), rtol=1e-5, atol=1e-6)
   assert float(sown["moe"]["dropped"][0]) == 0.0
 
 
@@ -133,7 +140,9 @@ def test_router_statistics_leave_the_padding_out(family, capacity):
   the same rows without their padding, whatever the padding holds (the padding used to count: a
   load-balancing loss that trained the router on pad tokens)."""
   from transformer_jax.models import families  # pylint: disable=g-import-not-at-top
-  cfg = _cfg(num_layers=2, moe_every=1, vocab_size=64, max_len=16, num_heads=4,
+  # (one MoE layer a stack: a second's statistics would differ only if the real tokens' outputs
+  # depended on the padding, which test_capacity_never_lets_the_future_in checks)
+  cfg = _cfg(num_layers=1, moe_every=1, vocab_size=64, max_len=16, num_heads=4,
              num_kv_heads=4, head_dim=8, position="rotary", family=family,
              expert_capacity_factor=capacity)
   model = families.FAMILIES[family](cfg)
@@ -199,11 +208,12 @@ def test_capacity_never_lets_the_future_in():
     dropped = max(dropped, float(sown["moe"]["layer_0"]["mlp"]["dropped"][0]))
     out, _ = apply(jnp.asarray((tokens + edits) % 64), jnp.ones((t, t), jnp.int32),
                    jnp.broadcast_to(jnp.arange(t), (t, t)))
+    out, base = np.asarray(out), np.asarray(base)  # (in numpy: no op compiled per slice)
     for s in range(1, t):
-      worst = max(worst, float(jnp.abs(out[s, :s] - base[0, :s]).max()))
-    padded = [apply(jnp.asarray(tokens if i == 0 else (tokens + 29 * (seg[:1] == 0)) % 64),
-                    jnp.asarray(seg[:1]), jnp.asarray(pos[:1]))[0][0, :10] for i in range(2)]
-    worst = max(worst, float(jnp.abs(padded[0] - padded[1]).max()))  # ... whatever they hold
+      worst = max(worst, float(np.abs(out[s, :s] - base[0, :s]).max()))
+    padded = [np.asarray(apply(jnp.asarray(x), jnp.asarray(seg[:1]), jnp.asarray(pos[:1]))[0])
+              for x in (tokens, (tokens + 29 * (seg[:1] == 0)) % 64)]  # ... whatever they hold
+    worst = max(worst, float(np.abs(padded[0][0, :10] - padded[1][0, :10]).max()))
   assert dropped > 0.1 and worst < 1e-6, (dropped, worst)
 
 
@@ -217,10 +227,10 @@ def test_capacity_drops_what_the_formula_says(factor, t):
   x = jnp.abs(x) + 1.0  # positive inputs: every token prefers expert 0, then 1
   cap = -(-t * 2 * factor // 4)
   assert moe.capacity(cfg, t) == cap
-  y, sown = module.apply({"params": params}, x, mutable=["moe"])
+  y, sown = _apply(module, mutable=["moe"])(params, x)
   assert float(sown["moe"]["dropped"][0]) == pytest.approx(1 - 2 * cap / (2 * t))
   dense = moe.MoE(dataclasses.replace(cfg, expert_capacity_factor=0.0))
-  ref = dense.apply({"params": params}, x)
+  ref = _apply(dense)(params, x)
   np.testing.assert_allclose(y[:, :int(cap)], ref[:, :int(cap)], rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(y[:, int(cap):]).max()) == 0.0
 
@@ -234,8 +244,8 @@ def test_capacity_is_exact_and_padding_alone_drops_nothing():
                       100) == 55
   for factor in (1.0, 0.0):
     module, params, x = _layer(_cfg(expert_capacity_factor=factor))
-    _, sown = module.apply({"params": params}, x, mutable=["moe"],
-                           segment_ids_BT=jnp.zeros(x.shape[:2], jnp.int32))
+    _, sown = _apply(module, mutable=["moe"],
+                     segment_ids_BT=jnp.zeros(x.shape[:2], jnp.int32))(params, x)
     assert float(sown["moe"]["dropped"][0]) == 0.0, factor
 
 
@@ -244,7 +254,8 @@ def test_router_losses_equal_their_formulas_and_reach_the_router():
   module, params, x = _layer(cfg, b=2, t=16)
   # Uniform routing (a zero router): Switch's loss is exactly 1 whatever the top-k picks.
   zero = dict(params, router=jnp.zeros_like(params["router"]))
-  _, sown = module.apply({"params": zero}, x, mutable=["moe"])
+  apply = _apply(module, mutable=["moe"])
+  _, sown = apply(zero, x)
   assert float(sown["moe"]["aux_loss"][0]) == pytest.approx(1.0, abs=1e-6)
   assert float(sown["moe"]["z_loss"][0]) == pytest.approx(np.log(6) ** 2, rel=1e-6)
   # Any routing: E * sum_e f_e P_e and mean(logsumexp^2), recomputed here.
@@ -252,7 +263,7 @@ def test_router_losses_equal_their_formulas_and_reach_the_router():
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   top = np.argsort(-probs, axis=-1, kind="stable")[:, :2]
   share = np.bincount(top.ravel(), minlength=6) / top.size
-  _, sown = module.apply({"params": params}, x, mutable=["moe"])
+  _, sown = apply(params, x)
   assert float(sown["moe"]["aux_loss"][0]) == pytest.approx(
       6 * np.sum(share * probs.mean(0)), rel=1e-5)
   lse = np.log(np.exp(logits).sum(-1))
@@ -260,8 +271,7 @@ def test_router_losses_equal_their_formulas_and_reach_the_router():
   assert float(sown["moe"]["load"][0]) == pytest.approx(
       np.bincount(top.ravel(), minlength=6).max() / (top.size / 6), rel=1e-6)
   for name in ("aux_loss", "z_loss"):
-    g = jax.grad(lambda p: module.apply({"params": p}, x, mutable=["moe"])[1]["moe"][name][0])(
-        params)
+    g = jax.jit(jax.grad(lambda p, name=name: apply(p, x)[1]["moe"][name][0]))(params)
     assert float(jnp.abs(g["router"]).sum()) > 0, name
 
 
@@ -269,11 +279,11 @@ def test_shared_experts_add_a_dense_ffn():
   cfg = _cfg(num_shared_experts=2, shared_expert_gate=True)
   module, params, x = _layer(cfg)
   routed = moe.MoE(dataclasses.replace(cfg, num_shared_experts=0))
-  y_routed = routed.apply({"params": {k: v for k, v in params.items()
-                                      if k not in ("shared", "shared_gate")}}, x)
-  shared = layers.MLP(cfg, d_ff=2 * cfg.d_ff).apply({"params": params["shared"]}, x)
+  y_routed = _apply(routed)({k: v for k, v in params.items()
+                             if k not in ("shared", "shared_gate")}, x)
+  shared = _apply(layers.MLP(cfg, d_ff=2 * cfg.d_ff))(params["shared"], x)
   gate = jax.nn.sigmoid(x @ params["shared_gate"])
-  np.testing.assert_allclose(module.apply({"params": params}, x), y_routed + shared * gate,
+  np.testing.assert_allclose(_apply(module)(params, x), y_routed + shared * gate,
                              rtol=1e-5, atol=1e-6)
   assert params["shared"]["up"].shape == (32, 96)
 
@@ -288,7 +298,8 @@ def _tiny(*overrides):
 
 @functools.lru_cache(maxsize=2)
 def _one_device_reference(capacity):
-  """test_expert_parallel_training_equals_one_device's reference: 3 steps on one device, run
+  """test_expert_parallel_training_equals_one_device's reference (and, at capacity 0,
+  test_logged_loss_is_the_tokens_and_the_router_losses_train's): 3 steps on one device, run
   once per capacity factor."""
   config = _tiny(f"model.expert_capacity_factor={capacity}")
   return run_steps(config, jax.devices()[:1], random_batches(config, 3))
@@ -369,10 +380,12 @@ def test_an_moe_model_of_every_family_trains(recipe, extra):
 
 def test_logged_loss_is_the_tokens_and_the_router_losses_train():
   """The logged loss (and eval_loss) leave the router losses out; their weights change the
-  update."""
-  batches = random_batches(_tiny(), 2)
-  runs = [run_steps(_tiny(f"model.router_aux_loss={a}", f"model.router_z_loss={a}"),
-                    jax.devices()[:1], batches) for a in (0.0, 1.0)]
+  update: _tiny's (0.01 and 0.001; _one_device_reference's run, shared with
+  test_expert_parallel_training_equals_one_device) against 1.0 each, over the same 3 batches."""
+  config = _tiny("model.expert_capacity_factor=0.0", "model.router_aux_loss=1.0",
+                 "model.router_z_loss=1.0")
+  runs = [_one_device_reference(0.0),
+          run_steps(config, jax.devices()[:1], random_batches(config, 3))]
   assert runs[0][0][0] == pytest.approx(runs[1][0][0], rel=1e-6)  # step 1: same parameters
   router = [r[1]["layer_0"]["mlp"]["router"] for r in runs]
   assert float(np.abs(router[0] - router[1]).max()) > 1e-5
