@@ -514,13 +514,43 @@ def test_a_long_document_whose_later_piece_fails_quality_is_not_written(tmp_path
   assert [r["id"] for r in records] == ["b_copy.txt", "c_other.txt"]
   assert summary["documents_out"] == 2 and summary["removed"]["exact_duplicate"] == 0
 
+
+def test_a_long_document_is_kept_or_removed_by_the_language_of_its_start(tmp_path, monkeypatch):
+  """--languages=en over pieces ID#k: an English book with a German passage long enough for a
+  piece of its own is written whole (that piece was removed alone and the text around it joined
+  into a record that never existed); a book that starts in German is removed whole."""
+  monkeypatch.setattr(corpus_lib, "MAX_DOCUMENT_CHARS", 1000)
+  rng = random.Random(6)
+  english, german = (lambda w=w: _prose(rng, w, sentences=12) for w in (_ENGLISH, _GERMAN))
+  books = {"a_quote.txt": "\n".join([english(), german() + "\n" + german(), english()]),
+           "b_german.txt": "\n".join([german(), english(), english()])}
+  (tmp_path / "c").mkdir()
+  for name, text in books.items():
+    (tmp_path / "c" / name).write_text(text)
+  identify = clean_lib.build_stages(_flags(dedup="none", languages="all", quality="none"))[0]
+  pieces = {}
+  for doc_id, text in corpus_lib.iter_documents(str(tmp_path / "c" / "*.txt"), "text"):
+    pieces.setdefault(corpus_lib.document_of(doc_id), []).append(
+        identify._identify(text)[0])  # pylint: disable=protected-access
+  assert pieces["a_quote.txt"][0] == "en" and "de" in pieces["a_quote.txt"][1:], pieces
+  assert pieces["b_german.txt"][0] == "de" and "en" in pieces["b_german.txt"][1:], pieces
+  summary = _run(str(tmp_path / "c" / "*.txt"), tmp_path / "out", fmt="text", languages="en",
+                 quality="none", dedup="none")
+  records = [json.loads(x) for x in open(tmp_path / "out" / "part-00000.jsonl", encoding="utf-8")]
+  assert [(r["id"], r["language"], r["text"]) for r in records] == [
+      ("a_quote.txt", "en", books["a_quote.txt"])]
+  assert summary["removed"]["language"] == len(pieces["b_german.txt"]), summary
+  assert summary["languages"] == {"en": len(pieces["a_quote.txt"]),
+                                  "de": len(pieces["b_german.txt"])}
+
+
 def test_the_language_threshold_reads_the_unrounded_score():
   from transformer_jax.data.clean import language  # pylint: disable=g-import-not-at-top
   text = "Der Hund läuft schnell, the dog runs fast"
   lang, score = language.Language((), 0.0)._identify(text)  # pylint: disable=protected-access
   just_above = score + 1e-6
   assert round(score, 4) >= just_above  # (so a rounded comparison would keep it)
-  doc = {"text": text}
+  doc = {"id": "d", "text": text}
   language.Language((lang,), just_above).analyze(doc)
   assert doc.get("failed") == "language" and doc["language_score"] == round(score, 4)
 

@@ -5,6 +5,11 @@ Every document that reaches this stage gets `language` (ISO 639-1) and `language
 probability of that language), kept as fields of the output JSONL. With --languages=en,de a
 document is removed unless its language is one of those with score >= --min_language_score;
 with --languages=all nothing is removed (the fields are still written).
+
+A document read as pieces ID#k (over corpus.py's MAX_DOCUMENT_CHARS, each far longer than
+MAX_CHARS) is identified as any document is, by its start: its first piece. The later pieces take
+that language and score and are kept or removed with it: a piece removed alone (a quotation in
+another language) left the text around it joined into one record, text that never existed.
 """
 
 import collections
@@ -14,6 +19,7 @@ import numpy as np
 from py3langid.langid import LanguageIdentifier
 from py3langid.langid import MODEL_FILE
 
+from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data.clean import stage as stage_lib
 
 # Identification reads at most this many characters of a document (its start): the score
@@ -42,6 +48,7 @@ class Language(stage_lib.Stage):
     self.kept = collections.Counter()
     self.removed = collections.Counter()
     self.scores = {"kept": stage_lib.Histogram(0.0, 1.0), "removed": stage_lib.Histogram(0.0, 1.0)}
+    self.start = (None, {})  # (the last document decided, its language fields)
 
   def __getstate__(self):
     # (forkserver, spawn) a worker loads its own model (0.05 s), and none of the counts go
@@ -62,13 +69,25 @@ class Language(stage_lib.Stage):
     return str(ident.nb_classes[best]), float(probs[best])
 
   def analyze(self, doc: dict) -> None:
+    if not _later_piece(doc["id"]):  # (a later piece takes its first's language: decide)
+      self._judge(doc)
+
+  def _judge(self, doc: dict) -> None:
     language, score = self._identify(doc["text"])
     doc["language"], doc["language_score"] = language, round(score, 4)  # (as it is written)
     if self.languages and (language not in self.languages or score < self.min_score):
       doc["failed"] = self.name
 
   def decide(self, doc: dict):
+    document = corpus_lib.document_of(doc["id"])
+    if "language" not in doc:  # a later piece ID#k: its document's, its first piece's
+      if self.start[0] == document:
+        doc.update(self.start[1])
+      else:  # (its first piece was not decided here: judged alone)
+        self._judge(doc)
     removed = doc.get("failed") == self.name
+    fields = {k: doc[k] for k in ("language", "language_score")}
+    self.start = (document, {**fields, "failed": self.name} if removed else fields)
     (self.removed if removed else self.kept)[doc["language"]] += 1
     self.scores["removed" if removed else "kept"].add(doc["language_score"])
     return (doc["language"], doc["language_score"]) if removed else None
@@ -87,3 +106,7 @@ class Language(stage_lib.Stage):
                          {k: list(h.counts) for k, h in self.scores.items()},
                          xlabel="score", marks=(self.min_score,) if self.languages else ()),
     ]
+
+
+def _later_piece(doc_id: str) -> bool:
+  return bool(corpus_lib.PIECE.search(doc_id)) and not doc_id.endswith("#0")
