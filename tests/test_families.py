@@ -200,25 +200,27 @@ def test_sentence_head_adds_the_mean_pair_loss_and_reads_token_types(chunk):
            "weights": jnp.ones(ids.shape, jnp.float32), "types": types,
            "sentence_labels": labels, "sentence_weights": cls_BT}
   mlm_only = {k: v for k, v in batch.items() if not k.startswith("sentence")}
-  x = model.apply({"params": params}, ids, segments, batch["positions"], types, hidden=True)
-  logp = jax.nn.log_softmax(model.apply({"params": params}, x, method="sentence_logits"))
+  # (jitted: a compile per task and batch keys, where eagerly every op compiled on its own)
+  x = jax.jit(lambda p: model.apply({"params": p}, ids, segments, batch["positions"], types,
+                                    hidden=True))(params)
+  logp = jax.nn.log_softmax(jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                                             method="sentence_logits"))(params, x))
   pair_nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
   want_pairs = float(jnp.sum(pair_nll * cls_BT) / 3)
   pairs = objectives.Loss(inputs=(("types", "types_BT"),), sentence=True)  # mlm's, with pairs
   types_only = objectives.Loss(inputs=(("types", "types_BT"),))
-  got, weight = step_lib.loss_sums(model, params, batch, task=pairs, chunk=chunk)
-  mlm, _ = step_lib.loss_sums(model, params, mlm_only, task=types_only, chunk=chunk)
+  parts = jax.jit(lambda p, b, task: step_lib.loss_parts(model, p, b, task=task, chunk=chunk),
+                  static_argnums=2)
+  got, weight, sums = parts(params, batch, pairs)  # (sums: eval's)
+  mlm, _, _ = parts(params, mlm_only, types_only)
   assert float(got) == pytest.approx(float(mlm) + want_pairs * float(weight), rel=1e-5)
-  _, _, sums = step_lib.loss_parts(model, params, batch, task=pairs, chunk=chunk)  # eval's sums
   right = jnp.argmax(logp, -1) == labels
   assert float(sums["sentence_pairs"]) == 3
   assert float(sums["sentence_nll"]) == pytest.approx(want_pairs * 3, rel=1e-5)
   assert float(sums["sentence_correct"]) == float(jnp.sum(right * cls_BT))
-  no_types, _ = step_lib.loss_sums(model, params, dict(mlm_only, types=jnp.zeros_like(types)),
-                                   task=types_only)
+  no_types, _, _ = parts(params, dict(mlm_only, types=jnp.zeros_like(types)), types_only)
   assert abs(float(no_types) - float(mlm)) > 1e-3  # The types reach the embedding.
-  grads = jax.grad(lambda p: step_lib.loss_sums(model, p, batch, task=pairs, chunk=chunk)[0])(
-      params)
+  grads = jax.jit(jax.grad(lambda p: parts(p, batch, pairs)[0]))(params)
   assert all(float(jnp.abs(grads[k]).max()) > 0 for k in ("pooler", "sentence", "sentence_bias"))
   data = config_lib.load(f"{REPO}/configs/bert.py:tiny", ["data.sentence_pair=sop"]).data
   s = objectives.spec(data)
@@ -266,7 +268,7 @@ def test_evaluate_reports_sentence_pair_loss_and_accuracy():
 def test_jit_equals_no_jit():
   """T5's relative-position bias and cross-attention, eagerly and jitted (the decoder-only and
   encoder stacks share the layers of tests/test_model.py's gpt2 case)."""
-  model = EncoderDecoder(T5)
+  model = EncoderDecoder(dataclasses.replace(T5, num_layers=1))  # (a layer each: eager is slow)
   inputs = (_ids(2, 8, 0), _ids(2, 5, 1))
   params = _params(model)
 
