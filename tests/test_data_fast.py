@@ -357,9 +357,9 @@ def test_an_unmarked_position_of_several_shards_says_its_order_may_differ(tiny_d
 
 
 def test_a_position_says_when_its_rows_were_made_another_way(tiny_data, tmp_path, capsys):
-  """A position records the rows version it indexes (pipeline.ROWS_VERSION): a file of another
-  version resumes with a warning naming both, one of this version (or marked without one) in
-  silence; an unmarked one (from before dee6b9b) warns only where its objective's rows changed
+  """A position records the rows version it indexes (pipeline.ROWS_VERSION): a file of a newer
+  version resumes with a warning naming both, one of this version in silence, and of an older
+  one (marked without one: 1) with a warning only where its objective's rows changed since; an unmarked one (from before dee6b9b) warns only where its objective's rows changed
   before then (span and UL2 went on silently on other rows); a restored "raw" order is saved
   marked, and resumes in that order without a second warning."""
   base = config_lib.base.get_config().data
@@ -370,11 +370,18 @@ def test_a_position_says_when_its_rows_were_made_another_way(tiny_data, tmp_path
     text = pipeline.rows_warning(cfg, None)
     assert bool(text) == warned and (not text or f"data.objective={objective}'s rows" in text)
     assert not pipeline.rows_warning(cfg, pipeline.ROWS_VERSION)
+    # Version 1 (marked, no version): seq2seq's long sources lost their eos until version 2.
+    assert not pipeline.rows_warning(cfg, 1)
+  cfg.objective = "seq2seq"
+  assert "data.objective=seq2seq's rows changed since then (2026-12-08: a source cut" in (
+      pipeline.rows_warning(cfg, 1)) and not pipeline.rows_warning(cfg, 2)
+  assert "a source cut to seq_len keeps its eos" in pipeline.rows_warning(cfg, None)
   c = _config(tiny_data)
   it, handler = pipeline.make_train_iterator(c), data_position.DataHandler()
   grain_state = it.get_state()["0"]
   for name, saved, said in (
-      ("other", {"order_seed": "hashed", "rows": 0, "grain": grain_state}, "of version 0; this"),
+      ("other", {"order_seed": "hashed", "rows": 99, "grain": grain_state},
+       "of version 99; this"),  # (newer code's)
       ("marked", {"order_seed": "hashed", "grain": grain_state}, ""),
       ("raw", {"order_seed": "raw", "rows": pipeline.ROWS_VERSION, "grain": grain_state}, "")):
     (tmp_path / name).mkdir()

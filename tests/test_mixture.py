@@ -114,6 +114,11 @@ def test_the_shares_are_those_grain_draws():
          for i, s in enumerate(got)}, mixture.grain_proportions(got))
     drawn = collections.Counter(x for _, x in zip(range(sum(rows)), mixed))
     assert [drawn[i] for i in range(len(rows))] == rows
+  # Below float's range too: w^(1/T) of 0 gave shares of 0/0, and a subnormal ones off by 3 %.
+  for weights, t, want in (([0.01, 0.01], 0.005, [0.5, 0.5]),
+                           ([0.1, 0.1001], 1 / 322, [1 / (1 + 1.001**322), 0])):
+    want[1] = 1 - want[0]
+    assert mixture.probabilities(weights, t) == pytest.approx(want, rel=1e-9), weights
 
 
 def test_resume_on_another_process_count_gives_the_same_batches(sources):

@@ -135,17 +135,22 @@ def _examples(batch, tok):
 
 def test_decoder_inputs_are_the_targets_shifted_right_even_when_empty():
   """For any lengths, eos or not, and an empty target: as many decoder inputs as targets, each
-  the target before it (the decoder start first), so packed pairs stay aligned."""
+  the target before it (the decoder start first), so packed pairs stay aligned. The source is
+  framed as inference frames it (objectives.source_ids): a source cut to seq_len keeps its eos
+  (it was cut off, where inference put one)."""
   rng = np.random.default_rng(0)
+  tok = types.SimpleNamespace(bos_id=2, eos_id=3)
   for add_eos in (False, True):
     made = []
+    d = types.SimpleNamespace(objective="seq2seq", add_bos=True, add_eos=add_eos)
     for _ in range(40):
-      source, target = (list(rng.integers(10, 99, rng.integers(0, 6))) for _ in range(2))
+      source, target = (list(rng.integers(10, 99, rng.integers(0, 11))) for _ in range(2))
       e = seq2seq.example(source, target, bos_id=2, eos_id=3, start_id=5, add_bos=True,
                           add_eos=add_eos, seq_len=8, target_len=int(rng.integers(1, 7)))
       t = list(e["decoder_targets"])
       assert list(e["decoder_inputs"]) == ([5] + t)[:len(t)], (source, target)
-      assert e["encoder_inputs"][0] == 2
+      assert list(e["encoder_inputs"]) == objectives.source_ids(d, tok, source, max_len=8,
+                                                                cut_start=False), source
       made.append(e)
     packed = grain.experimental.FirstFitPackIterDataset(
         grain.MapDataset.source(made).to_iter_dataset(), num_packing_bins=2,

@@ -81,10 +81,11 @@ MIN_SHARE = 1e-6  # the smallest share a source may have
 
 def probabilities(weights, temperature: float) -> np.ndarray:
   """p_i ∝ w_i^(1/T), summing to 1 (in log space where a small T takes w^(1/T) past float's
-  range; elsewhere as before, to the bit: grain's integer proportions come from these)."""
+  range, above it or below (0 or a subnormal: shares of 0/0, or wrong); elsewhere as before, to
+  the bit: grain's integer proportions come from these)."""
   with np.errstate(over="ignore"):
     w = np.asarray(weights, np.float64) ** (1.0 / temperature)
-  if not np.all(np.isfinite(w)):
+  if not np.all(np.isfinite(w)) or np.any(w < np.finfo(np.float64).tiny):  # (or under it)
     log_w = np.log(np.asarray(weights, np.float64)) / temperature
     w = np.exp(log_w - log_w.max())
   return w / w.sum()

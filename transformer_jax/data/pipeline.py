@@ -403,8 +403,9 @@ LEGACY_SHARDS_WARNING = (
 
 
 # The version of the rows a config makes from its documents: bump it with any change that alters
-# them. A saved data position records it (checkpoint.py), and a resume under another says so.
-ROWS_VERSION = 1
+# them, and name the change in the objective's ROWS_CHANGES. A saved data position records it
+# (checkpoint.py), and a resume from an older one says so where its objective's rows changed.
+ROWS_VERSION = 2
 
 
 def rows_warning(data_cfg, saved_rows) -> str:
@@ -416,11 +417,14 @@ def rows_warning(data_cfg, saved_rows) -> str:
             f"UTC, dee6b9b), and data.objective={data_cfg.objective}'s rows changed at "
             f"{changes}: a run started before that goes on with rows made another way"
             ) if changes else ""
-  if saved_rows != ROWS_VERSION:
+  if saved_rows > ROWS_VERSION:  # (written by newer code)
     return (f"warning: the saved data position indexes rows of version {saved_rows}; this code "
             f"makes version {ROWS_VERSION} (pipeline.ROWS_VERSION): the run goes on with rows "
             f"made another way")
-  return ""
+  changes = objectives.rows_changed(data_cfg, saved_rows)
+  return (f"warning: the saved data position indexes rows of version {saved_rows}, and "
+          f"data.objective={data_cfg.objective}'s rows changed since then ({changes}): the run "
+          f"goes on with rows made another way") if changes else ""
 
 
 def _order_seed(seed: int, shard: int, num_shards: int, legacy: bool = False) -> int:

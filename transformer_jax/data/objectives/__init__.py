@@ -15,7 +15,8 @@ transform over the chunk stream), `missing_tokens(spec, tokenizer)` and `sentine
 control pieces it needs), `length_struct(spec)` and `from_packed(spec, row)` (its packed features
 and batch format; default: the encoder-decoder one), `loss(spec)` (what the train step adds to the
 model call and to the token loss), `rows_changed(data)` (the changes to its rows from before data
-positions recorded a version: pipeline.rows_warning), and the flags PAIRS (reads pairs, not
+positions recorded a version: pipeline.rows_warning) and ROWS_CHANGES ({pipeline.ROWS_VERSION:
+what changed its rows at that version}), and the flags PAIRS (reads pairs, not
 documents), CONTROL_PIECES, CONCAT (data.packing=concat can make its rows), SENTENCE_PAIRS and
 SPLASH (why Pallas splash attention cannot serve it). Pipeline, train step, sampler, tokenizer
 command and benchmark ask this package; none of them compares objective names.
@@ -61,10 +62,15 @@ def get(name: str):
   return OBJECTIVES[name]
 
 
-def rows_changed(d) -> str:
-  """The changes to config.data `d`'s rows made before positions recorded a rows version (the
-  commits and what they changed), or ""."""
-  return getattr(get(d.objective), "rows_changed", lambda d: "")(d)
+def rows_changed(d, saved: int | None = None) -> str:
+  """The changes to config.data `d`'s rows since a data position of rows version `saved` was
+  written (None: one from before positions recorded a version: those made before then too),
+  when and what they changed, or "": its module's `rows_changed(d)` and ROWS_CHANGES."""
+  module = get(d.objective)
+  before = [getattr(module, "rows_changed", lambda d: "")(d)] if saved is None else []
+  later = [what for version, what in sorted(getattr(module, "ROWS_CHANGES", {}).items())
+           if version > (saved or 1)]
+  return "; ".join(filter(None, before + later))
 
 
 def for_family(family: str) -> list[str]:
