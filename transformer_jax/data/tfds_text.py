@@ -10,8 +10,11 @@ directory (an edit that keeps a file's size is not noticed: delete the directory
   <data_dir>/text_corpus/<format>-<hash>/1.0.0/text_corpus-{train,validation}.array_record-*
 
 Each example is `{"id": str, "text": str}`; `PairCorpus` (data.format a pair format: tsv,
-jsonl_pairs, functions) writes `{"id", "source", "target"}` examples under pair_corpus/ instead. A document goes to "validation" when a hash of
-its id falls below `validation_fraction`; if that leaves validation empty while there are at
+jsonl_pairs, functions) writes `{"id", "source", "target"}` examples under pair_corpus/
+instead. A document goes to "validation" when a hash of its text (`content_hash`: a long
+document's first piece, a pair's source and target) falls below `validation_fraction`, so the
+same file read through two globs (a mixture's overlapping sources: its id differs) and every
+exact copy fall on one side (a hash of the id put them on both); if that leaves validation empty while there are at
 least two documents (and the fraction is > 0), the document with the smallest hash goes
 there instead. TFDS writes ArrayRecord with the `array_record` package and reads it back
 with `as_data_source()`: no TensorFlow is imported on either path.
@@ -70,10 +73,11 @@ class TextCorpusConfig(tfds.core.BuilderConfig):
   target_field: str = "target"
 
 
-def doc_hash(doc_id: str) -> float:
-  """A stable number in [0, 1) for a document id: the same for every piece of a long document,
-  which is thus held out whole or not at all."""
-  digest = hashlib.sha256(corpus_lib.document_of(doc_id).encode("utf-8")).digest()
+def content_hash(text) -> float:
+  """A stable number in [0, 1) for a document's (first piece's) text, or a pair's (source,
+  target): the same file read through any glob, and every exact copy, falls on one side."""
+  text = "\0".join(text) if isinstance(text, tuple) else text
+  digest = hashlib.sha256(text.encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -86,7 +90,7 @@ def _fingerprint(corpus: str, fmt: str, fields: tuple, validation_fraction: floa
       "text_field": fields[0] if fmt == "jsonl" else None,
       "validation_fraction": float(validation_fraction),
       "files": files,
-      "split": "whole documents",  # (every piece of a long one on one side): prepared anew
+      "split": "content",  # by the text's hash (any glob, exact copies on one side): anew
   }
   if fmt == "jsonl_pairs":  # Older names stay valid: the key only exists for this format.
     spec["pair_fields"] = list(fields[1:])
@@ -127,26 +131,30 @@ class _LocalInfo(tfds.core.DatasetInfo):
 
 def held_out_split(docs, fraction: float) -> tuple[list, int, bool]:
   """(held-out (id, text) pieces, documents seen, whether the fallback chose them) of (id, text)
-  pieces: whole documents (every piece `ID#k` of a long one) go to one side: those whose hash is
-  under the fraction; else, with 2 or more documents, the one of smallest hash; never every
+  pieces: whole documents (every piece `ID#k` of a long one) go to one side: those whose
+  content_hash is under the fraction; else, with 2 or more documents, the one of smallest hash; never every
   document (the one of largest hash goes back)."""
-  held_out, num_docs = [], 0
-  first, first_hash, last = [], 1.0, None  # The pieces of the document of smallest hash.
+  held_out, num_docs, held_hash = [], 0, {}
+  first, first_hash, last, h = [], 1.0, None, 1.0  # The pieces of the document of smallest hash.
   for doc_id, text in docs:
-    document, h = corpus_lib.document_of(doc_id), doc_hash(doc_id)
-    num_docs += document != last  # a document's pieces come one after another
+    document = corpus_lib.document_of(doc_id)
+    if document != last:  # a document's pieces come one after another: its first one's text
+      num_docs += 1
+      h = content_hash(text)
     if h < first_hash or (h == first_hash and document == last):
       first = (first if h == first_hash else []) + [(doc_id, text)]
       first_hash = h
     if h < fraction:
       held_out.append((doc_id, text))
+      held_hash[document] = h
     last = document
   fallback = not held_out and num_docs >= 2 and fraction > 0
   if fallback:
     held_out = first
+    held_hash = {corpus_lib.document_of(first[0][0]): first_hash}
   held_docs = {corpus_lib.document_of(i) for i, _ in held_out}
   if held_docs and len(held_docs) == num_docs:  # Keep at least one training document.
-    back = max(held_docs, key=doc_hash)
+    back = max(held_docs, key=held_hash.__getitem__)
     held_out = [(i, t) for i, t in held_out if corpus_lib.document_of(i) != back]
   return held_out, num_docs, fallback
 
