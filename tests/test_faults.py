@@ -151,6 +151,13 @@ def test_rollback_policy_restores_and_skips_the_data_window(tiny_data, tmp_path,
   assert out["step"] == 20 and np.isfinite(out["loss"])
   assert int(jax.device_get(out["state"].skipped)) == 0  # the bad update was rolled back
   assert int(jax.device_get(out["state"].step)) == 20
+  # Nothing saved yet (the first checkpoint at step 4): the initial state and the data's start.
+  poison({1})
+  out = loop.train(_config(tiny_data, **{"train.on_anomaly": "rollback", "train.steps": 3,
+                                         "checkpoint.every_steps": 4}),
+                   str(tmp_path / "early"), quiet=True, devices=ONE())
+  assert [(r["restored_step"], r["skipped_batches"]) for r in _lines(tmp_path / "early")
+          if r.get("event") == "rollback"] == [(0, [0, 1])] and out["step"] == 3
 
 
 def test_no_evaluation_runs_between_a_bad_batch_and_its_rollback(tiny_data, tmp_path, poison):

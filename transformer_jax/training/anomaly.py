@@ -86,7 +86,11 @@ def rollback(trainer, ckpts, data, new_data, events, writer, say):
     step, state = ckpts.restore(trainer.abstract_state, data, step=max(good), report=say)
   else:  # nothing saved yet: the initial state and the start of the data
     step, state = 0, trainer.init_state(trainer.config.seed)
-    data.set_state(new_data().get_state())
+    fresh = new_data()
+    try:
+      data.set_state(fresh.get_state())
+    finally:  # (its prefetch threads went on reading)
+      fresh.close()
   for _ in range(last_bad + 1 - step):
     next(data)
   # (from the host: a jnp array is one device's, which a sharding over several processes'
