@@ -102,7 +102,18 @@ def test_tsv_jsonl_and_function_pairs(tmp_path):
           """Nothing else."""
 
       def no_doc():
+        def inner(y):
+          """Held by no pair: one of its own."""
+          return y
+
         return 1
+
+      def outer():
+        """Its target holds inner2's pair: not one of its own (held out apart from outer's)."""
+        def inner2():
+          """Inner."""
+          return 0
+        return inner2
       '''))
   (tmp_path / "bad.py").write_text("def broken(:\n")
   skipped = corpus_lib.SkipCounts()
@@ -110,11 +121,15 @@ def test_tsv_jsonl_and_function_pairs(tmp_path):
   assert got == [
       ("m.py:1:f", 'def f(x):\n  """Doubles x."""\n', "return 2 * x\n"),
       ("m.py:7:g", 'def g(a,\n      b):\n  """Adds.\n\n  Really.\n  """\n',
-       "s = a + b\nreturn s\n")]
+       "s = a + b\nreturn s\n"),
+      ("m.py:20:inner", 'def inner(y):\n  """Held by no pair: one of its own."""\n', "return y\n"),
+      ("m.py:26:outer", 'def outer():\n  """Its target holds inner2\'s pair: not one of its own '
+       '(held out apart from outer\'s)."""\n',
+       'def inner2():\n  """Inner."""\n  return 0\nreturn inner2\n')]
   assert skipped.unparsable_files == 1
   docs = list(corpus_lib.iter_documents(f"{tmp_path}/m.py", "functions"))
-  assert [d[0] for d in docs] == ["m.py:1:f:source", "m.py:1:f:target", "m.py:7:g:source",
-                                  "m.py:7:g:target"]
+  assert [d[0] for d in docs] == [f"m.py:{i}:{side}" for i in ("1:f", "7:g", "20:inner", "26:outer")
+                                  for side in ("source", "target")]
 
 
 def _examples(batch, tok):

@@ -401,7 +401,9 @@ def _has_docstring(node: ast.AST) -> bool:
 
 def function_pairs(name: str, text: str) -> Iterator[tuple[str, str, str]] | None:
   """(`NAME:LINE:function`, def line(s) + docstring, the rest of the body) for every function
-  of Python source `text` with a docstring and more after it; None if `text` does not parse."""
+  of Python source `text` with a docstring and more after it, but those inside such a function
+  (its target holds them: a nested pair was an example of its own, held out or not apart from
+  the one that holds it); None if `text` does not parse."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # e.g. SyntaxWarning: invalid escape sequence
@@ -409,15 +411,21 @@ def function_pairs(name: str, text: str) -> Iterator[tuple[str, str, str]] | Non
   except (SyntaxError, ValueError):
     return None
   lines = text.splitlines(keepends=True)
-  nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+  nodes, stack = [], [(tree, False)]  # (a node, whether a pair's function holds it)
+  while stack:  # (no recursion: a deep expression would pass Python's limit)
+    node, inside = stack.pop()
+    pair = (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.body) > 1
+            and _has_docstring(node))
+    if pair and not inside:
+      nodes.append(node)
+    stack.extend((child, inside or pair) for child in ast.iter_child_nodes(node))
   nodes.sort(key=lambda n: n.lineno)
 
   def piece(start, stop):  # 1-based lines [start, stop], dedented
     return textwrap.dedent("".join(lines[start - 1:stop]))
 
   return ((f"{name}:{n.lineno}:{n.name}", piece(n.lineno, n.body[0].end_lineno),
-           piece(n.body[1].lineno, n.end_lineno))
-          for n in nodes if len(n.body) > 1 and _has_docstring(n))
+           piece(n.body[1].lineno, n.end_lineno)) for n in nodes)
 
 
 def _function_pairs(file: CorpusFile, counts: SkipCounts) -> Iterator[tuple[str, str, str]]:
