@@ -14,10 +14,10 @@ jsonl_pairs, functions) writes `{"id", "source", "target"}` examples under pair_
 instead. A document goes to "validation" when a hash of its text (`content_hash`: a long
 document's first piece, a pair's source and target) falls below `validation_fraction`, so the
 same file read through two globs (a mixture's overlapping sources: its id differs) and every
-exact copy fall on one side (a hash of the id put them on both); if that leaves validation empty while there are at
-least two documents (and the fraction is > 0), the document with the smallest hash goes
-there instead. TFDS writes ArrayRecord with the `array_record` package and reads it back
-with `as_data_source()`: no TensorFlow is imported on either path.
+exact copy fall on one side (a hash of the id put them on both); if that leaves validation
+empty while there are at least two documents (and the fraction is > 0), the document with the
+smallest hash goes there instead. TFDS writes ArrayRecord with the `array_record` package and
+reads it back with `as_data_source()`: no TensorFlow is imported on either path.
 
 `TokenizedCorpus` (data.pretokenize, documents only) tokenizes such a text dataset once, when it
 is prepared: examples `{"id": str, "tokens": int32 [bos] + ids + [eos]}` (bos/eos as data.add_bos
@@ -132,8 +132,8 @@ class _LocalInfo(tfds.core.DatasetInfo):
 def held_out_split(docs, fraction: float) -> tuple[list, int, bool]:
   """(held-out (id, text) pieces, documents seen, whether the fallback chose them) of (id, text)
   pieces: whole documents (every piece `ID#k` of a long one) go to one side: those whose
-  content_hash is under the fraction; else, with 2 or more documents, the one of smallest hash; never every
-  document (the one of largest hash goes back)."""
+  content_hash is under the fraction; else, with 2 or more documents, the one of smallest hash;
+  never every document (the one of largest hash goes back)."""
   held_out, num_docs, held_hash = [], 0, {}
   first, first_hash, last, h = [], 1.0, None, 1.0  # The pieces of the document of smallest hash.
   for doc_id, text in docs:

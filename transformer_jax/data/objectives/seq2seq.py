@@ -1,8 +1,8 @@
 """seq2seq: sequence-to-sequence on (source, target) pairs (data.format tsv, jsonl_pairs or
 functions, or a TFDS catalog dataset): encoder inputs = [bos] source [eos], targets = target [eos]
-(bos/eos as data.add_bos/add_eos), each cut to seq_len / target_len (a cut source keeps its eos, as T5
-and objectives.source_ids frame it; a cut target has none). No
-chunking and no randomness: the pipeline tokenizes each pair into one example (`example`).
+(bos/eos as data.add_bos/add_eos), each cut to seq_len / target_len (a cut source keeps its
+eos, as T5 and objectives.source_ids frame it; a cut target has none). No chunking and no
+randomness: the pipeline tokenizes each pair into one example (`example`).
 data.target_len = 0 means seq_len."""
 
 import dataclasses
